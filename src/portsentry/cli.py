@@ -1,0 +1,209 @@
+"""The `portsentry` command: 1.2's mode flags, the modern `run` spelling, and admin subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__, messages
+from .config import Config, ConfigError, LoadedConfig, format_effective, load_effective
+from .hostinfo import local_addresses
+from .ignore import IgnoreFileError, IgnoreSource
+from .journal.journal import Journal
+from .journal.syslog import DEFAULT_SOCKET, SyslogWriter
+from .probe import Mode
+from .resolver import Resolver
+
+CLASSIC_FLAGS = {f"-{mode}": mode for mode in Mode}
+# PortSentry 2.x spellings: --connect watched real sockets, --stealth captured packets.
+ALIASES = {"--connect": (Mode.TCP, Mode.UDP), "--stealth": (Mode.STCP, Mode.SUDP)}
+SUBCOMMANDS = ("run", "check-config")
+
+USAGE = """\
+usage: portsentry [-tcp] [-udp] [-stcp] [-atcp] [-sudp] [-audp] [options]
+       portsentry run --mode MODE [--mode MODE ...] [options]
+       portsentry check-config [-c FILE]
+       portsentry --version
+
+Port scan detector. Each mode flag watches one kind of traffic (several may be given):
+  -tcp / -udp     bind the TCP_PORTS / UDP_PORTS and report every connection or datagram
+  -stcp / -sudp   watch the same ports for stealth scans without binding them
+  -atcp / -audp   watch every port below ADVANCED_PORTS_TCP/UDP that has no service
+  --connect = -tcp -udp, --stealth = -stcp -sudp (PortSentry 2.x spellings)
+"""
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="configuration file (default /etc/portsentry/portsentry.conf if present, "
+                        "else the built-in default)")
+    parser.add_argument("--log-stderr", action="store_true",
+                        help="also print every log line to standard error")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also log ignored hosts and hits below SCAN_TRIGGER")
+    parser.add_argument("--syslog-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                        help=f"syslog socket to write to (default {DEFAULT_SOCKET})")
+    parser.add_argument("--no-syslog", action="store_true", help="do not write to syslog")
+    parser.add_argument("--daemon", action="store_true",
+                        help="fork into the background like 1.2 (default: stay in the foreground)")
+    parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="portsentry", usage=USAGE, add_help=True,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"portsentry {__version__}")
+    _options(parser)
+    parser.add_argument("--mode", action="append", default=[], choices=[m.value for m in Mode],
+                        help="a mode to run (repeatable); same as the -tcp style flags")
+    parser.add_argument("command", nargs="?", choices=SUBCOMMANDS, help=argparse.SUPPRESS)
+    return parser
+
+
+def split_modes(argv: Sequence[str]) -> tuple[list[Mode], list[str]]:
+    """Takes 1.2's single-dash mode flags out before argparse, which would read -tcp as -t -c p."""
+    modes: list[Mode] = []
+    rest: list[str] = []
+    for arg in argv:
+        if arg in CLASSIC_FLAGS:
+            modes.append(CLASSIC_FLAGS[arg])
+        elif arg in ALIASES:
+            modes.extend(ALIASES[arg])
+        else:
+            rest.append(arg)
+    return modes, rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    modes, rest = split_modes(args_in)
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    modes += [Mode(value) for value in args.mode]
+    modes = list(dict.fromkeys(modes))
+
+    try:
+        loaded = load_effective(args.config)
+    except ConfigError as error:
+        print(f"portsentry: {error}", file=sys.stderr)
+        return 1
+    for warning in loaded.warnings:
+        print(f"portsentry: warning: {warning}", file=sys.stderr)
+
+    if args.command == "check-config":
+        return check_config(loaded, modes)
+    if not modes:
+        print(USAGE, file=sys.stderr)
+        return 2
+    return run(loaded.config, modes, args)
+
+
+def check_config(loaded: LoadedConfig, modes: Sequence[Mode]) -> int:
+    try:
+        validate_for_modes(loaded.config, modes)
+        ignore = IgnoreSource(loaded.config.ignore_file, local_addresses).load()
+    except (ConfigError, IgnoreFileError) as error:
+        print(f"portsentry: {error}", file=sys.stderr)
+        return 1
+    print(format_effective(loaded.config))
+    print(f"ignore list: {len(ignore)} entries (host addresses included)")
+    print("configuration OK")
+    return 0
+
+
+def validate_for_modes(config: Config, modes: Sequence[Mode]) -> None:
+    for mode in modes:
+        if mode in (Mode.TCP, Mode.STCP) and not config.tcp_ports:
+            raise config.error("TCP_PORTS", f"is required by -{mode} but is not set")
+        if mode in (Mode.UDP, Mode.SUDP) and not config.udp_ports:
+            raise config.error("UDP_PORTS", f"is required by -{mode} but is not set")
+
+
+def open_ignore(config: Config) -> IgnoreSource:
+    source = IgnoreSource(config.ignore_file, local_addresses)
+    try:
+        source.load()
+    except OSError as error:
+        raise config.error("IGNORE_FILE", f"cannot read {config.ignore_file}: "
+                           f"{error.strerror or error}") from error
+    return source
+
+
+def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .responders.classic import ClassicResponder
+    from .responders.hostsdeny import HostsDeny
+    from .sensors.capture import CaptureError
+    from .sensors.factory import build_sensors
+
+    syslog = None if args.no_syslog else SyslogWriter(args.syslog_socket)
+    journal = Journal(syslog, config.history_file, config.blocked_file,
+                      sys.stderr if args.log_stderr else None, verbose=args.verbose)
+    journal.log(messages.starting(__version__))
+    try:
+        validate_for_modes(config, modes)
+        ignore = open_ignore(config)
+    except (ConfigError, IgnoreFileError) as error:
+        print(f"portsentry: {error}", file=sys.stderr)
+        journal.log(messages.config_error(str(error)))
+        for line in messages.shutting_down():
+            journal.log(line)
+        return 1
+
+    for warning in ignore.warnings:
+        journal.log(f"adminalert: WARNING: {warning}")
+    if args.daemon:
+        daemonize()
+    if args.pid_file:
+        with open(args.pid_file, "w", encoding="ascii") as handle:
+            handle.write(f"{os.getpid()}\n")
+
+    responder = ClassicResponder(HostsDeny(config.hosts_deny_file), journal.log,
+                                 config.command_timeout,
+                                 verbose_log=lambda text: journal.log(text, verbose=True))
+    resolver = Resolver() if config.resolve_host else None
+    daemon = Daemon(config, modes, journal, ignore, build_sensors(config, modes, journal.log, time.time),
+                    responder, resolver)
+    daemon.install_signal_handlers()
+    status = 0
+    try:
+        opened = daemon.open()
+    except CaptureError as error:
+        journal.log(messages.config_error(str(error)))
+        print(f"portsentry: {error}", file=sys.stderr)
+        opened = False
+    if opened:
+        daemon.run()
+    else:
+        daemon.shutdown()
+        status = 1
+    for line in messages.shutting_down():
+        journal.log(line)
+    journal.close()
+    if args.pid_file:
+        with contextlib.suppress(OSError):
+            os.unlink(args.pid_file)
+    return status
+
+
+def daemonize() -> None:
+    """1.2's daemon(): fork, new session, cwd /, umask 077, standard streams to /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    os.umask(0o077)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

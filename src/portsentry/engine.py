@@ -1,0 +1,150 @@
+"""The decision engine: given a probe and the time, decide what to log and whom to block.
+
+It does no I/O and reads no clock, so every branch is unit-tested with plain lists of probes.
+The order of checks is 1.2's (reference §5.1): ignore list, scan trigger, banner, detection line,
+already-blocked, then BLOCK_TCP/BLOCK_UDP.
+
+SCAN_TRIGGER counts as 1.2 does: each mode remembers the sources of its most recent hits in a
+ring; a hit fires when 1 + (earlier hits from the same source still in the ring) reaches the
+trigger, so 0 and 1 both fire on the first hit and N fires on the N-th hit, repeats to the same
+port included, and every later hit fires again. 1.2's ring held 50 hits and silently misbehaved
+for larger triggers; ours holds max(50, 2 * SCAN_TRIGGER) so any trigger works.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Container
+from dataclasses import dataclass, field
+
+from . import messages
+from .actions import Action, Block, Log, Record, SendBanner, Step, StepKind
+from .config import Config
+from .probe import IPAddress, Mode, Probe, Protocol
+
+RING_CAPACITY = 50
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The part of the configuration the engine decides with."""
+
+    scan_trigger: int = 0
+    block_tcp: int = 0
+    block_udp: int = 0
+    kill_route: str | None = None
+    kill_hosts_deny: str | None = None
+    kill_run_cmd: str | None = None
+    kill_run_cmd_first: bool = False
+    port_banner: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> EngineSettings:
+        return cls(
+            scan_trigger=config.scan_trigger,
+            block_tcp=config.block_tcp,
+            block_udp=config.block_udp,
+            kill_route=config.kill_route,
+            kill_hosts_deny=config.kill_hosts_deny,
+            kill_run_cmd=config.kill_run_cmd,
+            kill_run_cmd_first=config.kill_run_cmd_first,
+            port_banner=config.port_banner,
+        )
+
+    def block_level(self, protocol: Protocol) -> int:
+        return self.block_tcp if protocol is Protocol.TCP else self.block_udp
+
+    def steps(self, level: int) -> tuple[Step, ...]:
+        """The blocking steps for BLOCK_x = level, in 1.2's order (reference §2.4)."""
+        run_cmd = (Step(StepKind.RUN_CMD, self.kill_run_cmd),) if self.kill_run_cmd else ()
+        if level == 2:
+            return run_cmd
+        if level != 1:
+            return ()
+        blocking: tuple[Step, ...] = ()
+        if self.kill_hosts_deny:
+            blocking += (Step(StepKind.HOSTS_DENY, self.kill_hosts_deny),)
+        if self.kill_route:
+            blocking += (Step(StepKind.ROUTE, self.kill_route),)
+        return run_cmd + blocking if self.kill_run_cmd_first else blocking + run_cmd
+
+
+@dataclass
+class TriggerRing:
+    """The most recent hit sources of one mode, with a count per source for O(1) lookups."""
+
+    capacity: int
+    _order: deque[IPAddress] = field(default_factory=deque)
+    _counts: Counter[IPAddress] = field(default_factory=Counter)
+
+    def hit(self, source: IPAddress) -> int:
+        """Record a hit and return its number among the remembered hits of that source."""
+        number = self._counts[source] + 1
+        if len(self._order) >= self.capacity:
+            oldest = self._order.popleft()
+            self._counts[oldest] -= 1
+            if self._counts[oldest] <= 0:
+                del self._counts[oldest]
+        self._order.append(source)
+        self._counts[source] += 1
+        return number
+
+
+class Engine:
+    """Turns probes into actions. `ignore` may be replaced at any time (live-edited ignore file)."""
+
+    def __init__(self, settings: EngineSettings, ignore: Container[IPAddress]) -> None:
+        self.settings = settings
+        self.ignore = ignore
+        capacity = max(RING_CAPACITY, 2 * settings.scan_trigger)
+        self._rings: dict[Mode, TriggerRing] = {mode: TriggerRing(capacity) for mode in Mode}
+        # Blocked (or being blocked) sources per mode: 1.2 kept one blocked file per mode.
+        self._blocked: dict[Mode, set[IPAddress]] = {mode: set() for mode in Mode}
+
+    def is_blocked(self, mode: Mode, source: IPAddress) -> bool:
+        return source in self._blocked[mode]
+
+    def blocked(self, mode: Mode) -> frozenset[IPAddress]:
+        return frozenset(self._blocked[mode])
+
+    def observe(self, probe: Probe, now: float) -> list[Action]:
+        if probe.source in self.ignore:
+            return [Log(messages.ignored_host(probe), verbose=True)]
+
+        trigger = self.settings.scan_trigger
+        number = self._rings[probe.mode].hit(probe.source)
+        if number < trigger:
+            return [Log(messages.below_trigger(probe, number, trigger), verbose=True)]
+
+        actions: list[Action] = []
+        if probe.mode.is_classic and self.settings.port_banner:
+            actions.append(SendBanner(self.settings.port_banner))
+        actions.append(Log(messages.detection(probe)))
+        if probe.ip_options and not probe.mode.is_classic:
+            actions.append(Log(messages.ip_options(probe)))
+
+        blocked = self._blocked[probe.mode]
+        if probe.source in blocked:
+            actions.append(Log(messages.already_blocked(probe)))
+            return actions
+
+        level = self.settings.block_level(probe.mode.protocol)
+        steps = self.settings.steps(level)
+        blocked.add(probe.source)
+        if level == 0:
+            # 1.2 records a log-only host as blocked too, so later hits say "already blocked".
+            actions.append(Log(messages.block_disabled(probe.mode.protocol)))
+            actions.append(Record(probe, now))
+        elif steps:
+            actions.append(Block(probe, steps))
+        else:
+            actions.append(Record(probe, now))
+        return actions
+
+    def finished(self, block: Block, succeeded: bool, now: float) -> list[Action]:
+        """The daemon reports the outcome of a Block it carried out."""
+        if succeeded:
+            return [Record(block.probe, now)]
+        # Forget the attempt so the next hit tries again.
+        self._blocked[block.probe.mode].discard(block.probe.source)
+        return [Log(messages.block_failed(block.probe))]

@@ -1,0 +1,43 @@
+"""The history file and the per-mode blocked files, in 1.2's line format.
+
+fail2ban's stock portsentry filter reads the history file with
+`\\/<HOST> Port\\: [0-9]+ (TCP|UDP) Blocked$` and an epoch at the start of the line, so the line
+format is a contract.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..probe import IPAddress, Protocol
+
+
+def history_line(at: float, name: str, address: IPAddress, port: int, protocol: Protocol) -> str:
+    t = time.localtime(at)
+    return (
+        f"{int(at)} - {t.tm_mon:02d}/{t.tm_mday:02d}/{t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} "
+        f"Host: {name}/{address} Port: {port} {protocol} Blocked"
+    )
+
+
+def append_line(path: str, line: str) -> None:
+    """One O_APPEND write per line, so concurrent readers such as fail2ban never see half a line."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+
+
+def truncate(path: str) -> None:
+    """1.2 starts every session with an empty blocked file."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)

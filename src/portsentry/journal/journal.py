@@ -1,0 +1,71 @@
+"""Where every line goes: syslog, optionally stderr, and the history and blocked files."""
+
+from __future__ import annotations
+
+import threading
+from typing import TextIO
+
+from .. import messages
+from ..probe import Mode, Probe
+from .files import append_line, history_line, truncate
+from .syslog import LOG_INFO, LOG_NOTICE, SyslogWriter
+
+
+class Journal:
+    """Thread-safe: responders log from worker threads while the main loop logs detections."""
+
+    def __init__(
+        self,
+        syslog: SyslogWriter | None,
+        history_file: str | None = None,
+        blocked_file: str | None = None,
+        stderr: TextIO | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.syslog = syslog
+        self.history_file = history_file
+        self.blocked_file = blocked_file
+        self.stderr = stderr
+        self.verbose = verbose
+        self.file_errors = 0
+        self._lock = threading.Lock()
+
+    def log(self, text: str, verbose: bool = False) -> None:
+        if verbose and not self.verbose:
+            return
+        with self._lock:
+            if self.syslog is not None:
+                self.syslog.send(text, LOG_INFO if verbose else LOG_NOTICE)
+            if self.stderr is not None:
+                print(text, file=self.stderr, flush=True)
+
+    def blocked_path(self, mode: Mode) -> str | None:
+        return f"{self.blocked_file}.{mode}" if self.blocked_file else None
+
+    def start_session(self, modes: list[Mode]) -> None:
+        for mode in modes:
+            path = self.blocked_path(mode)
+            if path:
+                try:
+                    truncate(path)
+                except OSError as error:
+                    self._file_error("blocked", path, error)
+
+    def record(self, probe: Probe, at: float) -> None:
+        line = history_line(at, probe.name, probe.source, probe.port, probe.mode.protocol)
+        for kind, path in (("history", self.history_file), ("blocked", self.blocked_path(probe.mode))):
+            if not path:
+                continue
+            try:
+                append_line(path, line)
+            except OSError as error:
+                self._file_error(kind, path, error)
+
+    def _file_error(self, kind: str, path: str, error: OSError) -> None:
+        self.file_errors += 1
+        self.log(messages.file_error(kind, path, error.strerror or str(error)))
+
+    def close(self) -> None:
+        if self.syslog is not None:
+            self.syslog.close()
+

@@ -1,0 +1,67 @@
+"""A minimal syslog client that writes 1.2's framing (ident `portsentry`, LOG_PID, facility daemon).
+
+We write to the log socket ourselves instead of using the stdlib `syslog` module so the socket path
+is configurable: tests point it at a receiver of their own, never at the machine's /dev/log.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+LOG_DAEMON = 3
+LOG_ERR = 3
+LOG_NOTICE = 5
+LOG_INFO = 6
+DEFAULT_SOCKET = "/dev/log"
+
+
+def frame(message: str, severity: int, ident: str, pid: int, at: float) -> bytes:
+    """RFC 3164 as glibc's syslog(3) writes it; the local syslog daemon adds the host name."""
+    stamp = time.strftime("%b %e %H:%M:%S", time.localtime(at))
+    return f"<{LOG_DAEMON * 8 + severity}>{stamp} {ident}[{pid}]: {message}".encode(
+        "utf-8", "replace"
+    )
+
+
+class SyslogWriter:
+    """Sends one datagram per message; reconnects after errors and never raises."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, ident: str = "portsentry") -> None:
+        self.path = path
+        self.ident = ident
+        self.failures = 0
+        self._sock: socket.socket | None = None
+
+    def _connect(self) -> socket.socket:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock = socket.socket(socket.AF_UNIX, kind)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                continue
+            return sock
+        raise OSError(f"no syslog socket at {self.path}")
+
+    def send(self, message: str, severity: int = LOG_NOTICE, at: float | None = None) -> bool:
+        data = frame(message, severity, self.ident, os.getpid(), time.time() if at is None else at)
+        for _attempt in range(2):
+            try:
+                if self._sock is None:
+                    self._sock = self._connect()
+                if self._sock.type == socket.SOCK_STREAM:
+                    self._sock.sendall(data + b"\0")
+                else:
+                    self._sock.send(data)
+                return True
+            except OSError:
+                self.close()
+        self.failures += 1
+        return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -1,0 +1,1 @@
+"""Responders carry out the blocking steps the engine decides on."""

@@ -1,0 +1,87 @@
+"""Carries out a Block the classic way: KILL_HOSTS_DENY, KILL_ROUTE and KILL_RUN_CMD, in the engine's order.
+
+Runs on a worker thread so a slow or hanging command never stalls detection; each command has a
+timeout. A step counts as done only when it really worked (exit 0), unlike 1.2, which logged a
+failed command as a block. The host counts as blocked when at least one blocking step
+(hosts.deny or route) worked, or, for BLOCK_x=2, when the command worked; every failure is logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .. import messages
+from ..actions import Block, StepKind
+from .hostsdeny import HostsDeny, HostsDenyError
+from .shell import CommandResult, run_shell
+from .substitute import hosts_deny_entry, substitute
+
+Logger = Callable[[str], None]
+Runner = Callable[[str, float], CommandResult]
+
+
+class ClassicResponder:
+    def __init__(
+        self,
+        hosts_deny: HostsDeny,
+        log: Logger,
+        timeout: float,
+        runner: Runner = run_shell,
+        verbose_log: Logger | None = None,
+    ) -> None:
+        self.hosts_deny = hosts_deny
+        self.timeout = timeout
+        self._log = log
+        self._verbose = verbose_log or (lambda _text: None)
+        self._run = runner
+
+    def carry_out(self, block: Block) -> bool:
+        probe = block.probe
+        target = str(probe.source)
+        blocking_steps = 0
+        blocking_done = 0
+        command_ok = True
+        for step in block.steps:
+            if step.kind is StepKind.HOSTS_DENY:
+                blocking_steps += 1
+                line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
+                try:
+                    if not self.hosts_deny.add(line):
+                        self._verbose(messages.hosts_deny_present(target))
+                except (OSError, HostsDenyError) as error:
+                    for text in messages.hosts_deny_failed(self.hosts_deny.path, target, str(error)):
+                        self._log(text)
+                    continue
+                blocking_done += 1
+                self._log(messages.blocked_via_wrappers(target, line))
+            else:
+                command = substitute(step.template, probe.source, probe.port, probe.mode)
+                result = self._run(command, self.timeout)
+                detail = _describe(result)
+                if step.kind is StepKind.ROUTE:
+                    blocking_steps += 1
+                    if result.ok:
+                        blocking_done += 1
+                        self._log(messages.blocked_via_route(target, command))
+                    else:
+                        self._log(messages.route_failed(target, detail))
+                else:
+                    command_ok = result.ok
+                    if result.ok:
+                        self._log(messages.external_command(target, command))
+                    else:
+                        self._log(messages.command_failed(target, detail))
+        if blocking_steps:
+            return blocking_done > 0
+        return command_ok
+
+
+def _describe(result: CommandResult) -> str:
+    if result.timed_out:
+        reason = f"timed out after {result.seconds:.1f}s"
+    elif result.returncode is None:
+        reason = "could not be started"
+    else:
+        reason = f"exit status {result.returncode}"
+    output = result.output.strip().replace("\n", " | ")
+    return f'"{result.command}" {reason}' + (f": {output[:300]}" if output else "")

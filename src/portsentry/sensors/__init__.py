@@ -1,0 +1,1 @@
+"""Sensors turn packets and connections into Probe records for the engine."""

@@ -1,0 +1,263 @@
+"""Build the classic BPF program that lets only possible probes through to the packet sensor.
+
+The program runs in the kernel on an AF_PACKET SOCK_DGRAM socket (offsets count from the IP
+header). It passes inbound unicast IPv4/IPv6 TCP segments without ACK or RST and UDP
+datagrams, so established traffic never wakes Python; `parse_packet` re-checks everything.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Collection
+from typing import NamedTuple
+
+from portsentry.probe import Protocol
+from portsentry.sensors.packet import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV6_EXTENSION_HEADERS,
+    IPv4Header,
+    IPv6Header,
+    TcpFlag,
+    TcpHeader,
+    UdpHeader,
+)
+
+# Instruction classes, sizes, modes, operations and sources from linux/filter.h / bpf_common.h.
+BPF_LD = 0x00
+BPF_LDX = 0x01
+BPF_ALU = 0x04
+BPF_JMP = 0x05
+BPF_RET = 0x06
+BPF_MISC = 0x07
+BPF_W = 0x00
+BPF_H = 0x08
+BPF_B = 0x10
+BPF_IMM = 0x00
+BPF_ABS = 0x20
+BPF_IND = 0x40
+BPF_MSH = 0xA0
+BPF_AND = 0x50
+BPF_JA = 0x00
+BPF_JEQ = 0x10
+BPF_JGT = 0x20
+BPF_JGE = 0x30
+BPF_JSET = 0x40
+BPF_K = 0x00
+BPF_X = 0x08
+BPF_TAX = 0x00
+BPF_TXA = 0x80
+
+# Ancillary data: loads at SKF_AD_OFF + n read skb metadata instead of packet bytes.
+SKF_AD_OFF = -0x1000
+SKF_AD_PROTOCOL = 0
+SKF_AD_PKTTYPE = 4
+SKF_AD_VLAN_TAG_PRESENT = 48
+
+PACKET_HOST = 0
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+
+# Bytes handed to the socket for an accepted packet; headers are all the sensor reads, but an
+# IPv6 extension chain can be long, so keep the whole packet and let recv() size decide.
+ACCEPT_ALL_BYTES = 0x40000
+REJECT = 0
+
+_ACK_OR_RST = int(TcpFlag.ACK | TcpFlag.RST)
+_FULL_PROTOCOLS = frozenset(Protocol)
+
+
+class Insn(NamedTuple):
+    """One `struct sock_filter`: opcode, jump-if-true, jump-if-false, constant."""
+
+    code: int
+    jt: int
+    jf: int
+    k: int
+
+
+class _Assembler:
+    """Emit instructions whose jump targets are label names, then resolve them to offsets."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[int, str | int, str | int, int]] = []
+        self._labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        if name in self._labels:
+            raise ValueError(f"label {name!r} defined twice")
+        self._labels[name] = len(self._items)
+
+    def emit(self, code: int, k: int = 0) -> None:
+        self._items.append((code, 0, 0, k & 0xFFFFFFFF))
+
+    def jump(self, op: int, k: int, true: str | int, false: str | int) -> None:
+        """Conditional jump; `true`/`false` are labels, or 0 for the next instruction."""
+        self._items.append((BPF_JMP | op | BPF_K, true, false, k & 0xFFFFFFFF))
+
+    def assemble(self) -> list[Insn]:
+        program = []
+        for index, (code, jt, jf, k) in enumerate(self._items):
+            program.append(Insn(code, self._offset(index, jt), self._offset(index, jf), k))
+        return program
+
+    def _offset(self, index: int, target: str | int) -> int:
+        if isinstance(target, int):
+            return target
+        offset = self._labels[target] - index - 1
+        if not 0 <= offset <= 0xFF:
+            raise ValueError(f"jump from {index} to {target!r} out of range ({offset})")
+        return offset
+
+
+def build_probe_filter(
+    protocols: Collection[Protocol] = _FULL_PROTOCOLS,
+    max_port: int | None = None,
+) -> list[Insn]:
+    """Accept inbound unicast IPv4/IPv6 packets that may be probes; reject everything else.
+
+    Probes are TCP segments without ACK and RST, and UDP datagrams, of the given `protocols`,
+    not IPv4 non-first fragments. With `max_port` (advanced mode) only destination ports below
+    it pass. IPv6 packets whose first next header is an extension header are passed without
+    port or flag checks: walking the chain is left to Python.
+    """
+    if max_port is not None and not 0 <= max_port <= 0x10000:
+        raise ValueError(f"max_port {max_port} is not between 0 and 65536")
+    want_tcp = Protocol.TCP in protocols
+    want_udp = Protocol.UDP in protocols
+    asm = _Assembler()
+    if not (want_tcp or want_udp):
+        asm.emit(BPF_RET | BPF_K, REJECT)
+        return asm.assemble()
+
+    # Only packets addressed to this host's MAC: not our own outgoing copies (ETH_P_ALL sees
+    # them), not broadcast or multicast (1.2 reacted to those; 2.x's pcap filter did not).
+    asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
+    asm.jump(BPF_JEQ, PACKET_HOST, 0, "reject")
+    # A tagged frame is seen again, untagged, on its VLAN device; count it there only.
+    asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT)
+    asm.jump(BPF_JEQ, 0, 0, "reject")
+    asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL)
+    asm.jump(BPF_JEQ, ETH_P_IP, "ipv4", 0)
+    asm.jump(BPF_JEQ, ETH_P_IPV6, "ipv6", "reject")
+
+    asm.label("ipv4")
+    # The link-layer type alone is not enough: the bytes must agree that this is IPv4.
+    asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv4Header.VERSION_IHL)
+    asm.emit(BPF_ALU | BPF_AND | BPF_K, 0xF0)
+    asm.jump(BPF_JEQ, 0x40, 0, "reject")
+    asm.emit(BPF_LD | BPF_H | BPF_ABS, IPv4Header.FLAGS_FRAGMENT)
+    asm.jump(BPF_JSET, IPv4Header.FRAGMENT_OFFSET_MASK, "reject", 0)
+    asm.emit(BPF_LDX | BPF_B | BPF_MSH, IPv4Header.VERSION_IHL)  # X = IHL * 4
+    asm.emit(BPF_MISC | BPF_TXA)
+    asm.jump(BPF_JGE, IPv4Header.SIZE, 0, "reject")
+    asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv4Header.PROTOCOL)
+    asm.jump(BPF_JEQ, IPPROTO_TCP, "tcp4" if want_tcp else "reject", 0)
+    asm.jump(BPF_JEQ, IPPROTO_UDP, "udp4" if want_udp else "reject", "reject")
+    if want_tcp:
+        asm.label("tcp4")
+        asm.emit(BPF_LD | BPF_B | BPF_IND, TcpHeader.FLAGS)
+        asm.jump(BPF_JSET, _ACK_OR_RST, "reject", 0)
+        _port_check(asm, BPF_LD | BPF_H | BPF_IND, TcpHeader.DESTINATION_PORT, max_port)
+    if want_udp:
+        asm.label("udp4")
+        _port_check(asm, BPF_LD | BPF_H | BPF_IND, UdpHeader.DESTINATION_PORT, max_port)
+
+    asm.label("ipv6")
+    asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.VERSION_CLASS_FLOW)
+    asm.emit(BPF_ALU | BPF_AND | BPF_K, 0xF0)
+    asm.jump(BPF_JEQ, 0x60, 0, "reject")
+    asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.NEXT_HEADER)
+    asm.jump(BPF_JEQ, IPPROTO_TCP, "tcp6" if want_tcp else "reject", 0)
+    asm.jump(BPF_JEQ, IPPROTO_UDP, "udp6" if want_udp else "reject", 0)
+    extensions = sorted(IPV6_EXTENSION_HEADERS)
+    for position, header in enumerate(extensions):
+        last = position == len(extensions) - 1
+        asm.jump(BPF_JEQ, header, "accept", "reject" if last else 0)
+    if want_tcp:
+        asm.label("tcp6")
+        asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.SIZE + TcpHeader.FLAGS)
+        asm.jump(BPF_JSET, _ACK_OR_RST, "reject", 0)
+        _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + TcpHeader.DESTINATION_PORT, max_port)
+    if want_udp:
+        asm.label("udp6")
+        _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + UdpHeader.DESTINATION_PORT, max_port)
+
+    asm.label("accept")
+    asm.emit(BPF_RET | BPF_K, ACCEPT_ALL_BYTES)
+    asm.label("reject")
+    asm.emit(BPF_RET | BPF_K, REJECT)
+    return asm.assemble()
+
+
+def _port_check(asm: _Assembler, load: int, offset: int, max_port: int | None) -> None:
+    """Accept if the destination port is below `max_port` (always, without one), else reject."""
+    if max_port is not None:
+        asm.emit(load, offset)
+        asm.jump(BPF_JGE, max_port, "reject", "accept")
+    else:
+        asm.emit(BPF_RET | BPF_K, ACCEPT_ALL_BYTES)
+
+
+def reject_all_filter() -> list[Insn]:
+    """A program that passes nothing; attached first so no packet slips in unfiltered."""
+    return [Insn(BPF_RET | BPF_K, 0, 0, REJECT)]
+
+
+_SOCK_FILTER = struct.Struct("=HBBI")
+
+
+def pack_filter(insns: list[Insn]) -> bytes:
+    """The instructions as the kernel's `struct sock_filter` array, in native byte order.
+
+    SO_ATTACH_FILTER takes a `struct sock_fprog` that points at this array; the socket code
+    builds it, since it must keep the array alive across the setsockopt call.
+    """
+    return b"".join(_SOCK_FILTER.pack(*insn) for insn in insns)
+
+
+_LOAD_SIZE = {BPF_W: "", BPF_H: "h", BPF_B: "b"}
+_JUMP_NAMES = {BPF_JEQ: "jeq", BPF_JGT: "jgt", BPF_JGE: "jge", BPF_JSET: "jset"}
+_ANCILLARY_NAMES = {
+    SKF_AD_PROTOCOL: "proto",
+    SKF_AD_PKTTYPE: "pkttype",
+    SKF_AD_VLAN_TAG_PRESENT: "vlan_avail",
+}
+
+
+def disassemble(insns: list[Insn]) -> str:
+    """The program in tcpdump -d style, one instruction per line, jump targets as indexes."""
+    return "\n".join(f"({index:03d}) {_describe(index, insn)}" for index, insn in enumerate(insns))
+
+
+def _describe(index: int, insn: Insn) -> str:
+    code, jt, jf, k = insn
+    cls = code & 0x07
+    if cls == BPF_LD:
+        size = _LOAD_SIZE.get(code & 0x18, "?")
+        mode = code & 0xE0
+        if mode == BPF_ABS:
+            signed = k - 0x100000000 if k & 0x80000000 else k
+            if signed >= SKF_AD_OFF and signed - SKF_AD_OFF in _ANCILLARY_NAMES:
+                return f"{'ld' + size:<8} #{_ANCILLARY_NAMES[signed - SKF_AD_OFF]}"
+            return f"{'ld' + size:<8} [{k}]"
+        if mode == BPF_IND:
+            return f"{'ld' + size:<8} [x + {k}]"
+        if mode == BPF_IMM:
+            return f"ld       #{k:#x}"
+    if cls == BPF_LDX and code & 0xE0 == BPF_MSH:
+        return f"ldxb     4*([{k}]&0xf)"
+    if cls == BPF_ALU and code & 0xF0 == BPF_AND:
+        return f"and      #{k:#x}"
+    if cls == BPF_MISC:
+        return "txa" if code & 0xF8 == BPF_TXA else "tax"
+    if cls == BPF_JMP:
+        op = code & 0xF0
+        if op == BPF_JA:
+            return f"ja       {index + 1 + k}"
+        name = _JUMP_NAMES.get(op, "j?")
+        operand = "x" if code & BPF_X else f"#{k:#x}"
+        return f"{name:<8} {operand:<8} jt {index + 1 + jt}\tjf {index + 1 + jf}"
+    if cls == BPF_RET:
+        return f"ret      #{k}"
+    return f"unknown  code={code:#x} jt={jt} jf={jf} k={k:#x}"

@@ -1,0 +1,138 @@
+"""Connect modes (-tcp, -udp): real sockets on the watched ports; every connection or datagram is a hit.
+
+Each port gets one dual-stack IPv6 socket (IPv4 clients arrive as ::ffff:a.b.c.d and are reported as
+IPv4), falling back to IPv4 only where the host has IPv6 disabled. A port that cannot be bound is
+skipped with 1.2's message and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import socket
+from collections.abc import Callable, Iterable
+
+from .. import messages
+from ..probe import KIND_CONNECT, IPAddress, Mode, Probe, Protocol
+from .base import Hit, Readable
+
+Logger = Callable[[str], None]
+
+
+def source_address(text: str) -> IPAddress:
+    """An address from accept()/recvfrom(), with IPv4-mapped IPv6 turned back into IPv4."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _bind(protocol: Protocol, port: int) -> socket.socket:
+    kind = socket.SOCK_STREAM if protocol is Protocol.TCP else socket.SOCK_DGRAM
+    try:
+        sock = socket.socket(socket.AF_INET6, kind)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        host = "::"
+    except OSError as error:
+        if error.errno not in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            raise
+        sock = socket.socket(socket.AF_INET, kind)
+        host = "0.0.0.0"
+    try:
+        if protocol is Protocol.TCP:
+            # Lets us rebind right after a restart despite TIME_WAIT; a live listener still conflicts.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        if protocol is Protocol.TCP:
+            sock.listen(64)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ConnectSensor:
+    """The sockets of one connect mode."""
+
+    def __init__(self, mode: Mode, ports: Iterable[int], log: Logger) -> None:
+        if not mode.is_classic:
+            raise ValueError(f"{mode} is not a connect mode")
+        self.mode = mode
+        self.ports = tuple(ports)
+        self._log = log
+        self._sockets: dict[int, tuple[socket.socket, int]] = {}
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.mode.protocol
+
+    def open(self) -> list[Readable]:
+        """Bind every port it can; returns the bound sockets (empty: nothing could be bound)."""
+        for port in self.ports:
+            try:
+                sock = _bind(self.protocol, port)
+            except OSError:
+                self._log(messages.bind_failed(self.protocol, port))
+                continue
+            self._log(messages.listen_mode(self.protocol, port))
+            self._sockets[sock.fileno()] = (sock, port)
+        if not self._sockets:
+            self._log(messages.no_socket_bound(self.protocol))
+        return [sock for sock, _port in self._sockets.values()]
+
+    def bound_ports(self) -> list[int]:
+        return sorted(port for _sock, port in self._sockets.values())
+
+    def read(self, handle: Readable) -> list[Hit]:
+        """Drain one readable socket; the caller owns each Hit until it calls hit.close()."""
+        sock, port = self._sockets[handle.fileno()]
+        if self.protocol is Protocol.TCP:
+            return self._accept(sock, port)
+        return self._receive(sock, port)
+
+    def _probe(self, peer: str, port: int) -> Probe:
+        return Probe(source=source_address(peer), port=port, mode=self.mode, kind=KIND_CONNECT)
+
+    def _accept(self, listener: socket.socket, port: int) -> list[Hit]:
+        hits: list[Hit] = []
+        for _ in range(64):
+            try:
+                conn, peer = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError:
+                self._log(messages.accept_failed(port))
+                break
+            conn.setblocking(False)
+
+            def reply(data: bytes, conn: socket.socket = conn) -> None:
+                with contextlib.suppress(OSError):
+                    conn.send(data)
+
+            hits.append(Hit(self._probe(peer[0], port), reply, conn.close))
+        return hits
+
+    def _receive(self, sock: socket.socket, port: int) -> list[Hit]:
+        hits: list[Hit] = []
+        for _ in range(64):
+            try:
+                _data, peer = sock.recvfrom(1)
+            except BlockingIOError:
+                break
+            except OSError:
+                # e.g. ECONNREFUSED queued from an earlier banner reply: not a probe.
+                continue
+
+            def reply(data: bytes, peer: tuple[str, int] = peer[:2]) -> None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(data, peer)
+
+            hits.append(Hit(self._probe(peer[0], port), reply, lambda: None))
+        return hits
+
+    def close(self) -> None:
+        for sock, _port in self._sockets.values():
+            sock.close()
+        self._sockets.clear()

@@ -1,0 +1,84 @@
+"""Which local ports have a real service, kept current from /proc/net so advanced stealth mode
+never reports hits on them, even for a service started after the daemon (1.2 froze the list).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from portsentry.probe import Protocol
+
+# "  12: 0100007F:0277 00000000:0000 0A ..." -> slot, local address:port, remote, state.
+_LINE = re.compile(
+    r"""\s*[0-9]+:
+        \s+[0-9A-Fa-f]+:(?P<port>[0-9A-Fa-f]{4})
+        \s+[0-9A-Fa-f]+:[0-9A-Fa-f]{4}
+        \s+(?P<state>[0-9A-Fa-f]{2})(?:\s|$)""",
+    re.VERBOSE,
+)
+_TCP_LISTEN = 0x0A
+# Busy servers have huge tcp tables of established sockets; a substring test skips most of them
+# before the regex runs.
+_TCP_LISTEN_FIELDS = (" 0A", " 0a")
+_FILES = {Protocol.TCP: ("tcp", "tcp6"), Protocol.UDP: ("udp", "udp6")}
+
+
+def parse_proc_net(text: str, protocol: Protocol) -> frozenset[int]:
+    """Ports in a /proc/net/{tcp,tcp6,udp,udp6} table that a service holds.
+
+    TCP counts only LISTEN sockets; UDP counts every bound port, since any of them would make
+    1.2's bind test fail too. The header and malformed lines are skipped.
+    """
+    ports: set[int] = set()
+    tcp = protocol is Protocol.TCP
+    for line in text.splitlines():
+        if tcp and not any(field in line for field in _TCP_LISTEN_FIELDS):
+            continue
+        match = _LINE.match(line)
+        if match is None:
+            continue
+        port = int(match["port"], 16)
+        if port == 0:
+            continue
+        if tcp and int(match["state"], 16) != _TCP_LISTEN:
+            continue
+        ports.add(port)
+    return frozenset(ports)
+
+
+class ListeningPorts:
+    """The live set of ports with a listener, refreshed at most every `min_interval` seconds.
+
+    Lookups are plain set membership so the packet path never makes a syscall; the caller
+    drives `refresh(now)` from its loop. Nothing is read until the first refresh.
+    """
+
+    def __init__(self, protocol: Protocol, proc_root: str = "/proc", min_interval: float = 0.5):
+        self.protocol = protocol
+        self.min_interval = min_interval
+        self._paths = tuple(os.path.join(proc_root, "net", name) for name in _FILES[protocol])
+        self._ports: frozenset[int] = frozenset()
+        self._refreshed_at: float | None = None
+
+    def refresh(self, now: float) -> None:
+        """Re-read the tables if `min_interval` has passed (or the clock went backwards)."""
+        last = self._refreshed_at
+        if last is not None and 0 <= now - last < self.min_interval:
+            return
+        self._refreshed_at = now
+        ports: set[int] = set()
+        for path in self._paths:
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                continue  # no tcp6/udp6 when IPv6 is disabled
+            ports.update(parse_proc_net(data.decode("ascii", "replace"), self.protocol))
+        self._ports = frozenset(ports)
+
+    def is_listening(self, port: int) -> bool:
+        return port in self._ports
+
+    def ports(self) -> frozenset[int]:
+        return self._ports

@@ -1,0 +1,182 @@
+"""Stealth modes (-stcp, -sudp, -atcp, -audp): inbound packets to watched ports, never bound.
+
+One capture socket serves every stealth mode of the process. The kernel's BPF filter passes only
+what can be a probe (TCP without ACK/RST, UDP, addressed to this host); Python then parses, drops
+traffic from the host itself or to broadcast addresses, and checks the port against each mode's
+watch list and the live table of listening services (a port with a real service is never a hit,
+also when the service started after us: 1.2's Smart-Verify without a bind() per packet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from .. import messages
+from ..probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
+from .base import Hit, Readable
+from .bpf import build_probe_filter
+from .capture import CaptureSocket
+from .listeners import ListeningPorts
+from .packet import DropCounter, Packet, classify_tcp, parse_packet
+
+Logger = Callable[[str], None]
+Clock = Callable[[], float]
+AddressQuery = Callable[[], Iterable[IPAddress]]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """The ports one stealth mode reports: an explicit list, or every port below a limit."""
+
+    mode: Mode
+    ports: frozenset[int] = frozenset()
+    below: int | None = None
+    exclude: frozenset[int] = frozenset()
+
+    def covers(self, port: int) -> bool:
+        if self.below is not None:
+            return port < self.below and port not in self.exclude
+        return port in self.ports
+
+    def upper_bound(self) -> int:
+        return self.below if self.below is not None else max(self.ports, default=-1) + 1
+
+
+class HostAddresses:
+    """This host's own and broadcast addresses, re-read at most once a second."""
+
+    def __init__(self, local: AddressQuery, broadcast: AddressQuery, min_interval: float = 1.0) -> None:
+        self._query_local = local
+        self._query_broadcast = broadcast
+        self.min_interval = min_interval
+        self.local: frozenset[IPAddress] = frozenset()
+        self.broadcast: frozenset[IPAddress] = frozenset()
+        self._checked_at: float | None = None
+
+    def refresh(self, now: float) -> None:
+        if self._checked_at is not None and 0 <= now - self._checked_at < self.min_interval:
+            return
+        self._checked_at = now
+        try:
+            self.local = frozenset(self._query_local())
+            self.broadcast = frozenset(self._query_broadcast())
+        except OSError:
+            pass  # keep the previous sets; the next refresh tries again
+
+
+class StealthSensor:
+    def __init__(
+        self,
+        watches: Sequence[Watch],
+        log: Logger,
+        clock: Clock,
+        addresses: HostAddresses,
+        listeners: dict[Protocol, ListeningPorts],
+        capture_factory: Callable[[int | None, set[Protocol]], CaptureSocket] | None = None,
+    ) -> None:
+        self.watches = tuple(watches)
+        self._log = log
+        self._clock = clock
+        self.addresses = addresses
+        self.listeners = listeners
+        self.drops = DropCounter()
+        self.packets = 0
+        self._capture: CaptureSocket | None = None
+        self._capture_factory = capture_factory or _open_capture
+        self._by_protocol: dict[Protocol, tuple[Watch, ...]] = {}
+
+    def open(self) -> list[Readable]:
+        now = self._clock()
+        self.addresses.refresh(now)
+        for listener in self.listeners.values():
+            listener.refresh(now)
+        active: list[Watch] = []
+        for watch in self.watches:
+            kept = self._announce(watch)
+            if kept is not None:
+                active.append(kept)
+        self.watches = tuple(active)
+        if not active:
+            return []
+        for protocol in Protocol:
+            self._by_protocol[protocol] = tuple(w for w in active if w.mode.protocol is protocol)
+        protocols = {w.mode.protocol for w in active}
+        max_port = max(w.upper_bound() for w in active)
+        self._capture = self._capture_factory(max_port if max_port <= 0xFFFF else None, protocols)
+        return [self._capture]
+
+    def _announce(self, watch: Watch) -> Watch | None:
+        """1.2's start-up lines; explicit ports with a service already running are dropped."""
+        protocol = watch.mode.protocol
+        listening = self.listeners[protocol]
+        if watch.below is None:
+            kept = []
+            for port in sorted(watch.ports):
+                if listening.is_listening(port):
+                    self._log(messages.port_in_use(port))
+                else:
+                    self._log(messages.stealth_listen_mode(protocol, port))
+                    kept.append(port)
+            if not kept:
+                self._log(messages.all_ports_in_use(protocol))
+                return None
+            return Watch(watch.mode, ports=frozenset(kept))
+        self._log(messages.advanced_monitor(watch.below))
+        for port in sorted(watch.exclude):
+            self._log(messages.advanced_exclude(port))
+        if not watch.exclude:
+            self._log(messages.advanced_exclude_none())
+        for port in sorted(watch.exclude | {p for p in listening.ports() if p < watch.below}):
+            self._log(messages.advanced_excluded(protocol, port))
+        return watch
+
+    def read(self, handle: Readable) -> list[Hit]:
+        assert self._capture is not None
+        batch = self._capture.read_batch()
+        if not batch:
+            return []
+        now = self._clock()
+        self.addresses.refresh(now)
+        for listener in self.listeners.values():
+            listener.refresh(now)
+        hits: list[Hit] = []
+        for data in batch:
+            self.packets += 1
+            packet = parse_packet(data, self.drops)
+            if packet is not None:
+                hits.extend(self.hits_for(packet))
+        return hits
+
+    def hits_for(self, packet: Packet) -> list[Hit]:
+        if packet.source in self.addresses.local or packet.destination in self.addresses.broadcast:
+            return []
+        if self.addresses.local and packet.destination not in self.addresses.local:
+            return []  # passing through (a router's forwarded traffic), not addressed to us
+        if packet.protocol is Protocol.TCP:
+            kind = classify_tcp(packet.tcp_flags)
+            if kind is None:
+                return []
+        else:
+            kind = KIND_UDP
+        port = packet.destination_port
+        watches = self._by_protocol.get(packet.protocol, ())
+        if not any(w.covers(port) for w in watches):
+            return []
+        if self.listeners[packet.protocol].is_listening(port):
+            return []
+        return [
+            Hit(Probe(source=packet.source, port=port, mode=w.mode, kind=kind,
+                      destination=packet.destination, ip_options=packet.ip_options))
+            for w in watches
+            if w.covers(port)
+        ]
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
+
+
+def _open_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
+    return CaptureSocket(build_probe_filter(protocols, max_port=max_port))
