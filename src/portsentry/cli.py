@@ -64,11 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    pass
+
+
 def split_modes(argv: Sequence[str]) -> tuple[list[Mode], list[str]]:
     """Takes 1.2's single-dash mode flags out before argparse, which would read -tcp as -t -c p."""
     modes: list[Mode] = []
     rest: list[str] = []
     for arg in argv:
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2 and arg[1] not in "cvh":
+            if arg not in CLASSIC_FLAGS:
+                raise UsageError(f"unknown mode {arg} (modes: {' '.join(CLASSIC_FLAGS)})")
         if arg in CLASSIC_FLAGS:
             modes.append(CLASSIC_FLAGS[arg])
         elif arg in ALIASES:
@@ -80,7 +87,11 @@ def split_modes(argv: Sequence[str]) -> tuple[list[Mode], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
-    modes, rest = split_modes(args_in)
+    try:
+        modes, rest = split_modes(args_in)
+    except UsageError as error:
+        print(f"portsentry: {error}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(rest)
     modes += [Mode(value) for value in args.mode]
@@ -105,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_config(loaded: LoadedConfig, modes: Sequence[Mode]) -> int:
     try:
         validate_for_modes(loaded.config, modes)
-        ignore = IgnoreSource(loaded.config.ignore_file, local_addresses).load()
+        ignore = open_ignore(loaded.config).load()
     except (ConfigError, IgnoreFileError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1

@@ -780,8 +780,10 @@ class Daemon:
     def start(self, *, wait_ready: bool = True, timeout: float = 20.0) -> Daemon:
         """Write the files and launch; with `wait_ready`, block until the readiness line and fail
         (with stderr and syslog) if the process exits first."""
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
             raise RigError("daemon already started")
+        self.proc = None
+        self.returncode = None
         self.write_files()
         self.start_mark = self.syslog.mark()
         out = self.stdout_path.open("wb")

@@ -48,7 +48,7 @@ class ClassicResponder:
                 try:
                     if not self.hosts_deny.add(line):
                         self._verbose(messages.hosts_deny_present(target))
-                except (OSError, HostsDenyError) as error:
+                except (OSError, ValueError, HostsDenyError) as error:
                     for text in messages.hosts_deny_failed(self.hosts_deny.path, target, str(error)):
                         self._log(text)
                     continue

@@ -1,0 +1,86 @@
+"""The command line: mode flags, check-config, and one clear error per broken configuration."""
+
+from __future__ import annotations
+
+import pytest
+
+from portsentry import __version__
+from portsentry.cli import main, split_modes
+from portsentry.probe import Mode
+
+
+def test_classic_flags_and_aliases_are_taken_out_before_argparse():
+    assert split_modes(["-tcp", "-c", "x.conf", "-sudp"]) == ([Mode.TCP, Mode.SUDP], ["-c", "x.conf"])
+    assert split_modes(["--connect"]) == ([Mode.TCP, Mode.UDP], [])
+    assert split_modes(["--stealth", "-v"]) == ([Mode.STCP, Mode.SUDP], ["-v"])
+
+
+def test_unknown_mode_is_one_clear_error(capsys):
+    assert main(["-tpc"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "portsentry: unknown mode -tpc (modes: -tcp -udp -stcp -sudp -atcp -audp)"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_no_mode_prints_usage(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\n')
+    assert main(["-c", str(conf)]) == 2
+    assert "usage: portsentry [-tcp]" in capsys.readouterr().err
+
+
+def test_check_config_prints_effective_settings(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1,512-515"\nBLOCK_TCP="1"\nKILL_HOSTS_DENY="ALL: $TARGET$"\n')
+    assert main(["check-config", "-c", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "512-515" in out and "configuration OK" in out
+
+
+@pytest.mark.parametrize(
+    "text,line,key,what",
+    [
+        ('TCP_PORTS="1,70000"\n', 1, "TCP_PORTS", "'70000' is not a port"),
+        ('# c\nTCP_PORTS="1,2\n', 2, "TCP_PORTS", "quote"),
+        ('TCP_PORTS="1"\nKILL_ROUTE="/sbin/route add -host reject"\n', 2, "KILL_ROUTE", "$TARGET$"),
+        ('TCP_PORTS="1"\n\nIGNORE_FILE="/nonexistent/portsentry.ignore"\n', 3, "IGNORE_FILE",
+         "cannot read /nonexistent/portsentry.ignore"),
+    ],
+)
+def test_invalid_configs_give_one_error_naming_file_line_and_key(tmp_path, capsys, text, line, key, what):
+    conf = tmp_path / "ps.conf"
+    conf.write_text(text)
+    assert main(["check-config", "-c", str(conf), "-tcp"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"portsentry: {conf}:{line}: {key}: ")
+    assert what in err[0]
+
+
+def test_daemon_refuses_to_start_on_an_unreadable_ignore_file(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{tmp_path}/missing"\n')
+    assert main(["-c", str(conf), "--no-syslog", "-tcp"]) == 1
+    assert f"{conf}:2: IGNORE_FILE: cannot read" in capsys.readouterr().err
+
+
+def test_mode_needs_its_port_list(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text('UDP_PORTS="1"\n')
+    assert main(["check-config", "-c", str(conf), "-stcp"]) == 1
+    assert "TCP_PORTS: is required by -stcp" in capsys.readouterr().err
+
+
+def test_ignore_file_error_names_the_ignore_file_and_line(tmp_path, capsys):
+    ignore = tmp_path / "portsentry.ignore"
+    ignore.write_text("127.0.0.1\nnot-an-address\n")
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{ignore}"\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    assert capsys.readouterr().err.startswith(f"portsentry: {ignore}:2: ")

@@ -1,0 +1,113 @@
+"""Which captured packets become hits for which stealth mode (no root: packets are built by hand)."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+
+from portsentry.probe import KIND_FIN, KIND_SYN, KIND_UDP, Mode, Protocol
+from portsentry.sensors.listeners import ListeningPorts
+from portsentry.sensors.packet import Packet, TcpFlag
+from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch
+
+HOST = ip_address("198.18.0.1")
+SCANNER = ip_address("198.18.0.2")
+
+
+class FixedListeners(ListeningPorts):
+    def __init__(self, protocol: Protocol, ports: set[int]) -> None:
+        super().__init__(protocol)
+        self.fixed = ports
+
+    def refresh(self, now: float) -> None:
+        pass
+
+    def is_listening(self, port: int) -> bool:
+        return port in self.fixed
+
+    def ports(self) -> frozenset[int]:
+        return frozenset(self.fixed)
+
+
+def sensor(watches, tcp_listening=(), udp_listening=(), lines=None):
+    addresses = HostAddresses(lambda: [HOST, ip_address("fd00::1")],
+                              lambda: [ip_address("198.18.0.255")])
+    listeners = {Protocol.TCP: FixedListeners(Protocol.TCP, set(tcp_listening)),
+                 Protocol.UDP: FixedListeners(Protocol.UDP, set(udp_listening))}
+    log = (lines.append if lines is not None else (lambda _t: None))
+    s = StealthSensor(watches, log, lambda: 0.0, addresses, listeners,
+                      capture_factory=lambda _max, _protocols: object())  # type: ignore[arg-type,return-value]
+    s.open()
+    return s
+
+
+def tcp(port, flags=TcpFlag.SYN, source=SCANNER, destination=HOST, options=False) -> Packet:
+    return Packet(source, destination, Protocol.TCP, 40000, port, flags, options)
+
+
+def udp(port, source=SCANNER, destination=HOST) -> Packet:
+    return Packet(source, destination, Protocol.UDP, 40000, port, TcpFlag(0), False)
+
+
+def test_stcp_reports_listed_ports_with_classification():
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1, 111}))])
+    [hit] = s.hits_for(tcp(111, TcpFlag.FIN))
+    assert (hit.probe.mode, hit.probe.kind, hit.probe.port, hit.probe.source) == (
+        Mode.STCP, KIND_FIN, 111, SCANNER)
+    assert s.hits_for(tcp(112)) == []
+
+
+def test_ack_and_rst_are_never_hits():
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
+    for flags in (TcpFlag.ACK, TcpFlag.RST, TcpFlag.SYN | TcpFlag.ACK, TcpFlag.FIN | TcpFlag.ACK):
+        assert s.hits_for(tcp(1, flags)) == []
+
+
+def test_stcp_drops_ports_in_use_at_start_with_1_2_message():
+    lines: list[str] = []
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1, 22}))], tcp_listening={22}, lines=lines)
+    assert "adminalert: ERROR: Socket 22 is in use and will not be monitored. Attempting to continue" in lines
+    assert "adminalert: Going into stealth listen mode on TCP port: 1" in lines
+    assert s.hits_for(tcp(22)) == []
+
+
+def test_atcp_watches_below_limit_except_excluded_and_listening():
+    lines: list[str] = []
+    s = sensor([Watch(Mode.ATCP, below=1024, exclude=frozenset({113}))], tcp_listening={80}, lines=lines)
+    assert [h.probe.kind for h in s.hits_for(tcp(25))] == [KIND_SYN]
+    assert s.hits_for(tcp(113)) == []
+    assert s.hits_for(tcp(80)) == []
+    assert s.hits_for(tcp(1024)) == []
+    assert lines[:2] == ["adminalert: Advanced mode will monitor first 1024 ports",
+                         "adminalert: Advanced mode will manually exclude port: 113 "]
+    assert "adminalert: Advanced Stealth scan detection mode activated. Ignored TCP port: 80" in lines
+
+
+def test_a_listener_started_later_is_honoured():
+    s = sensor([Watch(Mode.ATCP, below=1024)])
+    assert s.hits_for(tcp(80))
+    s.listeners[Protocol.TCP].fixed.add(80)  # type: ignore[attr-defined]
+    assert s.hits_for(tcp(80)) == []
+
+
+def test_udp_modes_and_both_protocols_in_one_sensor():
+    s = sensor([Watch(Mode.SUDP, ports=frozenset({161})), Watch(Mode.AUDP, below=1024),
+                Watch(Mode.STCP, ports=frozenset({161}))])
+    modes = sorted(h.probe.mode for h in s.hits_for(udp(161)))
+    assert modes == [Mode.AUDP, Mode.SUDP]
+    assert all(h.probe.kind == KIND_UDP for h in s.hits_for(udp(161)))
+
+
+def test_own_traffic_broadcasts_and_forwarded_packets_are_not_hits():
+    s = sensor([Watch(Mode.AUDP, below=1024)])
+    assert s.hits_for(udp(137, source=HOST)) == []
+    assert s.hits_for(udp(137, destination=ip_address("198.18.0.255"))) == []
+    assert s.hits_for(udp(137, destination=ip_address("198.18.9.9"))) == []
+    assert s.hits_for(udp(137))
+
+
+def test_ipv6_and_ip_options_are_carried():
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
+    [hit] = s.hits_for(tcp(1, source=ip_address("fd00::2"), destination=ip_address("fd00::1")))
+    assert hit.probe.source == ip_address("fd00::2")
+    [hit] = s.hits_for(tcp(1, options=True))
+    assert hit.probe.ip_options
