@@ -73,9 +73,9 @@ def split_modes(argv: Sequence[str]) -> tuple[list[Mode], list[str]]:
     modes: list[Mode] = []
     rest: list[str] = []
     for arg in argv:
-        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2 and arg[1] not in "cvh":
-            if arg not in CLASSIC_FLAGS:
-                raise UsageError(f"unknown mode {arg} (modes: {' '.join(CLASSIC_FLAGS)})")
+        looks_like_mode = arg.startswith("-") and not arg.startswith("--") and len(arg) > 2
+        if looks_like_mode and arg[1] not in "cvh" and arg not in CLASSIC_FLAGS:
+            raise UsageError(f"unknown mode {arg} (modes: {' '.join(CLASSIC_FLAGS)})")
         if arg in CLASSIC_FLAGS:
             modes.append(CLASSIC_FLAGS[arg])
         elif arg in ALIASES:

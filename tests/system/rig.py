@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -195,6 +195,21 @@ def namespaces_up(prefix: str | None = None) -> Iterator[Namespaces]:
 
 # ---------------------------------------------------------------------------------------------
 # Running commands inside a namespace
+
+
+def eventually(check: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `check` until it returns a true value; files written after a log line need this."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+            detail = ""
+        except AssertionError as error:
+            detail = f": {error}"
+        if time.monotonic() > deadline:
+            raise RigError(f"{what} not met within {timeout}s{detail}")
+        time.sleep(0.05)
 
 
 def ns_argv(ns: str, argv: Sequence[str]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from tests.system.rig import nmap, nmap_ports, run_in, tcp_connect, udp_send
+from tests.system.rig import eventually, nmap, nmap_ports, run_in, tcp_connect, udp_send
 
 ROUTE = "ip route add blackhole $TARGET$"
 FAIL2BAN = re.compile(r"^\d+ - .*\/(?P<host>[0-9a-fA-F.:]+) Port\: [0-9]+ (TCP|UDP) Blocked$")
@@ -18,9 +18,11 @@ def test_admin_scenario_connect_block_by_route_and_wrappers(daemon_factory, name
 
     assert tcp_connect(net.scanner, net.target_ip4, 1).connected
     syslog.wait_for(f"attackalert: Connect from host: {scanner}/{scanner} to TCP port: 1")
-    syslog.wait_for(f'attackalert: Host {scanner} has been blocked via wrappers with string: "ALL: {scanner}"')
+    syslog.wait_for(f'attackalert: Host {scanner} has been blocked via wrappers with string: '
+                    f'"ALL: {scanner}"')
     route = ROUTE.replace("$TARGET$", scanner)
-    syslog.wait_for(f'attackalert: Host {scanner} has been blocked via dropped route using command: "{route}"')
+    syslog.wait_for(f'attackalert: Host {scanner} has been blocked via dropped route using command: '
+                    f'"{route}"')
 
     # The route really blocks: the scanner's next connect fails, the second scanner still gets in.
     assert not tcp_connect(net.scanner, net.target_ip4, 11, timeout=2).connected
@@ -29,6 +31,7 @@ def test_admin_scenario_connect_block_by_route_and_wrappers(daemon_factory, name
     routes = run_in(net.target, ["ip", "route", "show", "type", "blackhole"]).stdout
     assert scanner in routes
 
+    eventually(lambda: len(daemon.history_text().splitlines()) == 2, what="two history lines")
     assert daemon.hosts_deny_text().splitlines() == [f"ALL: {scanner}", f"ALL: {net.scanner2_ip4}"]
     history = daemon.history_text().splitlines()
     assert [FAIL2BAN.match(line)["host"] for line in history] == [scanner, net.scanner2_ip4]  # type: ignore[index]
@@ -57,7 +60,8 @@ def test_nmap_connect_scan_is_detected_and_then_filtered(daemon_factory, namespa
     net = namespaces
     daemon_factory("-tcp", BLOCK_TCP="1", KILL_ROUTE=ROUTE)
     nmap(net.scanner, ["-sT", "-p", "1,11,15,79,111", net.target_ip4])
-    syslog.wait_for(re.compile(rf"attackalert: Connect from host: {re.escape(net.scanner_ip4)}/.* to TCP port: "))
+    scanner = re.escape(net.scanner_ip4)
+    syslog.wait_for(re.compile(rf"attackalert: Connect from host: {scanner}/.* to TCP port: "))
     syslog.wait_for("has been blocked via dropped route")
     follow_up = nmap(net.scanner, ["-sT", "-p", "1,11,15", "--max-retries", "0", net.target_ip4])
     assert set(nmap_ports(follow_up.stdout).values()) == {"filtered"}, follow_up.stdout
@@ -75,7 +79,7 @@ def test_ipv6_connect_is_detected_and_written_bracketed(daemon_factory, namespac
     syslog.wait_for(f'has been blocked via wrappers with string: "ALL: [{scanner}]"')
     syslog.wait_for("has been blocked via dropped route")
     assert not tcp_connect(net.scanner, net.target_ip6, 11, timeout=2).connected
-    assert daemon.hosts_deny_text().splitlines() == [f"ALL: [{scanner}]"]
+    eventually(lambda: daemon.hosts_deny_text().splitlines() == [f"ALL: [{scanner}]"], what="hosts.deny")
 
 
 def test_udp_datagram_is_a_hit_and_gets_the_banner(daemon_factory, namespaces, syslog):
@@ -85,7 +89,7 @@ def test_udp_datagram_is_a_hit_and_gets_the_banner(daemon_factory, namespaces, s
     assert result.reply == b"go away"
     syslog.wait_for(f"attackalert: Connect from host: {net.scanner_ip4}/{net.scanner_ip4} to UDP port: 7")
     syslog.wait_for("has been blocked via wrappers")
-    assert daemon.history_text().rstrip().endswith("Port: 7 UDP Blocked")
+    eventually(lambda: daemon.history_text().rstrip().endswith("Port: 7 UDP Blocked"), what="history")
     assert daemon.blocked_file("udp").exists()
 
 

@@ -260,9 +260,9 @@ args = sys.argv[1:]
 sock_path = args[args.index("--syslog-socket") + 1]
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 def log(msg):
+    print(msg, file=sys.stderr, flush=True)
     s.sendto(f"<29>{time.strftime('%b %e %H:%M:%S')} portsentry[{os.getpid()}]: {msg}".encode(),
              sock_path)
-    print(msg, file=sys.stderr, flush=True)
 conf = open(args[args.index("-c") + 1]).read()
 if "fail" in args:
     print("portsentry.conf:1: broken", file=sys.stderr)

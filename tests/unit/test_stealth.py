@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 
 from portsentry.probe import KIND_FIN, KIND_SYN, KIND_UDP, Mode, Protocol
@@ -28,12 +29,17 @@ class FixedListeners(ListeningPorts):
         return frozenset(self.fixed)
 
 
-def sensor(watches, tcp_listening=(), udp_listening=(), lines=None):
+def sensor(
+    watches: list[Watch], tcp_listening: Iterable[int] = (), udp_listening: Iterable[int] = (),
+    lines: list[str] | None = None,
+) -> StealthSensor:
     addresses = HostAddresses(lambda: [HOST, ip_address("fd00::1")],
                               lambda: [ip_address("198.18.0.255")])
-    listeners = {Protocol.TCP: FixedListeners(Protocol.TCP, set(tcp_listening)),
-                 Protocol.UDP: FixedListeners(Protocol.UDP, set(udp_listening))}
-    log = (lines.append if lines is not None else (lambda _t: None))
+    listeners: dict[Protocol, ListeningPorts] = {
+        Protocol.TCP: FixedListeners(Protocol.TCP, set(tcp_listening)),
+        Protocol.UDP: FixedListeners(Protocol.UDP, set(udp_listening)),
+    }
+    log: Callable[[str], None] = lines.append if lines is not None else (lambda _t: None)
     s = StealthSensor(watches, log, lambda: 0.0, addresses, listeners,
                       capture_factory=lambda _max, _protocols: object())  # type: ignore[arg-type,return-value]
     s.open()
@@ -85,7 +91,9 @@ def test_atcp_watches_below_limit_except_excluded_and_listening():
 def test_a_listener_started_later_is_honoured():
     s = sensor([Watch(Mode.ATCP, below=1024)])
     assert s.hits_for(tcp(80))
-    s.listeners[Protocol.TCP].fixed.add(80)  # type: ignore[attr-defined]
+    listeners = s.listeners[Protocol.TCP]
+    assert isinstance(listeners, FixedListeners)
+    listeners.fixed.add(80)
     assert s.hits_for(tcp(80)) == []
 
 
