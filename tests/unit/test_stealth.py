@@ -25,6 +25,9 @@ class FixedListeners(ListeningPorts):
     def is_listening(self, port: int) -> bool:
         return port in self.fixed
 
+    def confirm(self, port: int, now: float, max_age: float = 0.02) -> bool:
+        return port in self.fixed
+
     def ports(self) -> frozenset[int]:
         return frozenset(self.fixed)
 
@@ -56,16 +59,16 @@ def udp(port, source=SCANNER, destination=HOST) -> Packet:
 
 def test_stcp_reports_listed_ports_with_classification():
     s = sensor([Watch(Mode.STCP, ports=frozenset({1, 111}))])
-    [hit] = s.hits_for(tcp(111, TcpFlag.FIN))
+    [hit] = s.hits_for(tcp(111, TcpFlag.FIN), 0.0)
     assert (hit.probe.mode, hit.probe.kind, hit.probe.port, hit.probe.source) == (
         Mode.STCP, KIND_FIN, 111, SCANNER)
-    assert s.hits_for(tcp(112)) == []
+    assert s.hits_for(tcp(112), 0.0) == []
 
 
 def test_ack_and_rst_are_never_hits():
     s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
     for flags in (TcpFlag.ACK, TcpFlag.RST, TcpFlag.SYN | TcpFlag.ACK, TcpFlag.FIN | TcpFlag.ACK):
-        assert s.hits_for(tcp(1, flags)) == []
+        assert s.hits_for(tcp(1, flags), 0.0) == []
 
 
 def test_stcp_drops_ports_in_use_at_start_with_1_2_message():
@@ -73,16 +76,16 @@ def test_stcp_drops_ports_in_use_at_start_with_1_2_message():
     s = sensor([Watch(Mode.STCP, ports=frozenset({1, 22}))], tcp_listening={22}, lines=lines)
     assert "adminalert: ERROR: Socket 22 is in use and will not be monitored. Attempting to continue" in lines
     assert "adminalert: Going into stealth listen mode on TCP port: 1" in lines
-    assert s.hits_for(tcp(22)) == []
+    assert s.hits_for(tcp(22), 0.0) == []
 
 
 def test_atcp_watches_below_limit_except_excluded_and_listening():
     lines: list[str] = []
     s = sensor([Watch(Mode.ATCP, below=1024, exclude=frozenset({113}))], tcp_listening={80}, lines=lines)
-    assert [h.probe.kind for h in s.hits_for(tcp(25))] == [KIND_SYN]
-    assert s.hits_for(tcp(113)) == []
-    assert s.hits_for(tcp(80)) == []
-    assert s.hits_for(tcp(1024)) == []
+    assert [h.probe.kind for h in s.hits_for(tcp(25), 0.0)] == [KIND_SYN]
+    assert s.hits_for(tcp(113), 0.0) == []
+    assert s.hits_for(tcp(80), 0.0) == []
+    assert s.hits_for(tcp(1024), 0.0) == []
     assert lines[:2] == ["adminalert: Advanced mode will monitor first 1024 ports",
                          "adminalert: Advanced mode will manually exclude port: 113 "]
     assert "adminalert: Advanced Stealth scan detection mode activated. Ignored TCP port: 80" in lines
@@ -90,32 +93,32 @@ def test_atcp_watches_below_limit_except_excluded_and_listening():
 
 def test_a_listener_started_later_is_honoured():
     s = sensor([Watch(Mode.ATCP, below=1024)])
-    assert s.hits_for(tcp(80))
+    assert s.hits_for(tcp(80), 0.0)
     listeners = s.listeners[Protocol.TCP]
     assert isinstance(listeners, FixedListeners)
     listeners.fixed.add(80)
-    assert s.hits_for(tcp(80)) == []
+    assert s.hits_for(tcp(80), 0.0) == []
 
 
 def test_udp_modes_and_both_protocols_in_one_sensor():
     s = sensor([Watch(Mode.SUDP, ports=frozenset({161})), Watch(Mode.AUDP, below=1024),
                 Watch(Mode.STCP, ports=frozenset({161}))])
-    modes = sorted(h.probe.mode for h in s.hits_for(udp(161)))
+    modes = sorted(h.probe.mode for h in s.hits_for(udp(161), 0.0))
     assert modes == [Mode.AUDP, Mode.SUDP]
-    assert all(h.probe.kind == KIND_UDP for h in s.hits_for(udp(161)))
+    assert all(h.probe.kind == KIND_UDP for h in s.hits_for(udp(161), 0.0))
 
 
 def test_own_traffic_broadcasts_and_forwarded_packets_are_not_hits():
     s = sensor([Watch(Mode.AUDP, below=1024)])
-    assert s.hits_for(udp(137, source=HOST)) == []
-    assert s.hits_for(udp(137, destination=ip_address("198.18.0.255"))) == []
-    assert s.hits_for(udp(137, destination=ip_address("198.18.9.9"))) == []
-    assert s.hits_for(udp(137))
+    assert s.hits_for(udp(137, source=HOST), 0.0) == []
+    assert s.hits_for(udp(137, destination=ip_address("198.18.0.255")), 0.0) == []
+    assert s.hits_for(udp(137, destination=ip_address("198.18.9.9")), 0.0) == []
+    assert s.hits_for(udp(137), 0.0)
 
 
 def test_ipv6_and_ip_options_are_carried():
     s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
-    [hit] = s.hits_for(tcp(1, source=ip_address("fd00::2"), destination=ip_address("fd00::1")))
+    [hit] = s.hits_for(tcp(1, source=ip_address("fd00::2"), destination=ip_address("fd00::1")), 0.0)
     assert hit.probe.source == ip_address("fd00::2")
-    [hit] = s.hits_for(tcp(1, options=True))
+    [hit] = s.hits_for(tcp(1, options=True), 0.0)
     assert hit.probe.ip_options

@@ -80,5 +80,20 @@ class ListeningPorts:
     def is_listening(self, port: int) -> bool:
         return port in self._ports
 
+    def confirm(self, port: int, now: float, max_age: float = 0.02) -> bool:
+        """Is `port` in use, with the tables at most `max_age` old?
+
+        Called only before reporting a hit, so a service (or a client socket awaiting a DNS
+        reply) that appeared since the last periodic refresh is still honoured; at most one
+        re-read per `max_age` however many probes arrive.
+        """
+        if port in self._ports:
+            return True
+        last = self._refreshed_at
+        if last is None or not 0 <= now - last < max_age:
+            self._refreshed_at = None
+            self.refresh(now)
+        return port in self._ports
+
     def ports(self) -> frozenset[int]:
         return self._ports

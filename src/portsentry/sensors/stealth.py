@@ -145,10 +145,10 @@ class StealthSensor:
             self.packets += 1
             packet = parse_packet(data, self.drops)
             if packet is not None:
-                hits.extend(self.hits_for(packet))
+                hits.extend(self.hits_for(packet, now))
         return hits
 
-    def hits_for(self, packet: Packet) -> list[Hit]:
+    def hits_for(self, packet: Packet, now: float) -> list[Hit]:
         if packet.source in self.addresses.local or packet.destination in self.addresses.broadcast:
             return []
         if self.addresses.local and packet.destination not in self.addresses.local:
@@ -163,7 +163,7 @@ class StealthSensor:
         watches = self._by_protocol.get(packet.protocol, ())
         if not any(w.covers(port) for w in watches):
             return []
-        if self.listeners[packet.protocol].is_listening(port):
+        if self.listeners[packet.protocol].confirm(port, now):
             return []
         return [
             Hit(Probe(source=packet.source, port=port, mode=w.mode, kind=kind,

@@ -1,0 +1,108 @@
+"""Stealth and advanced modes against real nmap scans, over IPv4 and IPv6."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.system.rig import Listener, Namespaces, SyslogReceiver, eventually, nmap, nmap_ports, run_in
+
+ROUTE = "ip route add blackhole $TARGET$"
+SCANS = {
+    "-sS": "TCP SYN/Normal scan",
+    "-sF": "TCP FIN scan",
+    "-sN": "TCP NULL scan",
+    "-sX": "TCP XMAS scan",
+}
+FAMILIES = ["ipv4", "ipv6"]
+
+
+def addresses(net: Namespaces, family: str) -> tuple[list[str], str, str, str, str]:
+    """nmap flags, target, scanner, second target address, second scanner for one family."""
+    if family == "ipv4":
+        return [], net.target_ip4, net.scanner_ip4, net.target2_ip4, net.scanner2_ip4
+    return ["-6"], net.target_ip6, net.scanner_ip6, net.target2_ip6, net.scanner2_ip6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["-stcp", "-atcp"])
+@pytest.mark.parametrize("scan", list(SCANS))
+def test_tcp_stealth_scan_is_classified_and_blocked(daemon_factory, namespaces, syslog, mode, scan, family):
+    net = namespaces
+    flags, target, scanner, target2, scanner2 = addresses(net, family)
+    daemon_factory(mode, BLOCK_TCP="1", KILL_ROUTE=ROUTE)
+    nmap(net.scanner, [*flags, scan, "-p", "1,111", "--max-retries", "0", target])
+    kind = SCANS[scan]
+    first = syslog.wait_for(re.compile(
+        rf"^attackalert: {re.escape(kind)} from host: {re.escape(scanner)}/{re.escape(scanner)} "
+        r"to TCP port: (1|111)$"))
+    assert first is not None
+    syslog.wait_for(f"attackalert: Host {scanner} has been blocked via dropped route")
+    # Blocked: the follow-up SYN scan sees nothing answer, the second scanner still does.
+    follow_up = nmap(net.scanner, [*flags, "-sS", "-p", "1,111", "--max-retries", "0", target])
+    assert set(nmap_ports(follow_up.stdout).values()) == {"filtered"}, follow_up.stdout
+    clean = nmap(net.scanner2, [*flags, "-sS", "-p", "1,111", "--max-retries", "0", target2])
+    assert set(nmap_ports(clean.stdout).values()) == {"closed"}, clean.stdout
+
+
+@pytest.mark.parametrize("scan", ["-sA", "-sW", "-sM"])
+def test_ack_window_and_maimon_scans_are_not_1_2_hits(daemon_factory, namespaces, syslog, scan):
+    net = namespaces
+    daemon_factory("-atcp", BLOCK_TCP="1", KILL_ROUTE=ROUTE)
+    mark = syslog.mark()
+    nmap(net.scanner, [scan, "-p", "1,25,111", "--max-retries", "0", net.target_ip4])
+    syslog.assert_absent("attackalert:", wait=1.0, since=mark)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["-sudp", "-audp"])
+def test_udp_scan_is_detected_and_blocked(daemon_factory, namespaces, syslog, mode, family):
+    net = namespaces
+    flags, target, scanner, _target2, _scanner2 = addresses(net, family)
+    daemon = daemon_factory(mode, BLOCK_UDP="1", KILL_ROUTE=ROUTE, KILL_HOSTS_DENY="ALL: $TARGET$")
+    nmap(net.scanner, [*flags, "-sU", "-p", "1,7,9", "--max-retries", "0", target])
+    syslog.wait_for(re.compile(
+        rf"^attackalert: UDP scan from host: {re.escape(scanner)}/{re.escape(scanner)} to UDP port: (1|7|9)$"))
+    syslog.wait_for(f"attackalert: Host {scanner} has been blocked via dropped route")
+    entry = f"ALL: {scanner}" if family == "ipv4" else f"ALL: [{scanner}]"
+    eventually(lambda: daemon.hosts_deny_text().splitlines() == [entry], what="hosts.deny line")
+    eventually(lambda: daemon.history_text().rstrip().endswith("UDP Blocked"), what="history line")
+
+
+def test_dns_reply_to_a_watched_port_is_not_a_hit(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon_factory("-audp", BLOCK_UDP="1", KILL_ROUTE=ROUTE)
+    mark = syslog.mark()
+    # A resolver in the scanner namespace answers from port 53; the client on the target uses a
+    # low source port inside the watched range, so only the live socket table keeps it quiet.
+    with Listener(net.scanner, "udp", 53, banner=b"dns-answer"):
+        client = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.bind(('0.0.0.0', 999)); s.settimeout(3)\n"
+            f"s.sendto(b'query', ('{net.scanner_ip4}', 53))\n"
+            "print(s.recvfrom(100)[0].decode())\n"
+        )
+        result = run_in(net.target, ["python3", "-c", client], timeout=10)
+        assert "dns-answer" in result.stdout, result.stderr
+    syslog.assert_absent("attackalert:", wait=1.0, since=mark)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_atcp_honours_a_listener_started_and_stopped_after_the_daemon(
+    daemon_factory, namespaces, syslog: SyslogReceiver, family
+):
+    net = namespaces
+    flags, target, scanner, _t2, _s2 = addresses(net, family)
+    daemon_factory("-atcp", BLOCK_TCP="0")
+    with Listener(net.target, "tcp", 80):
+        # Give the listener table time to see it (it is re-read at most every 0.5 s).
+        eventually(lambda: run_in(net.target, ["ss", "-ltn", "sport = :80"]).stdout.count(":80") > 0)
+        mark = syslog.mark()
+        nmap(net.scanner, [*flags, "-sS", "-p", "80", "--max-retries", "0", target])
+        syslog.assert_absent("to TCP port: 80", wait=1.5, since=mark)
+    mark = syslog.mark()
+    nmap(net.scanner, [*flags, "-sS", "-p", "80", "--max-retries", "0", target])
+    syslog.wait_for(f"attackalert: TCP SYN/Normal scan from host: {scanner}/{scanner} to TCP port: 80",
+                    since=mark)
