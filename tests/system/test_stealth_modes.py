@@ -30,7 +30,7 @@ def addresses(net: Namespaces, family: str) -> tuple[list[str], str, str, str, s
 @pytest.mark.parametrize("scan", list(SCANS))
 def test_tcp_stealth_scan_is_classified_and_blocked(daemon_factory, namespaces, syslog, mode, scan, family):
     net = namespaces
-    flags, target, scanner, target2, scanner2 = addresses(net, family)
+    flags, target, scanner, target2, _scanner2 = addresses(net, family)
     daemon_factory(mode, BLOCK_TCP="1", KILL_ROUTE=ROUTE)
     nmap(net.scanner, [*flags, scan, "-p", "1,111", "--max-retries", "0", target])
     kind = SCANS[scan]
@@ -62,8 +62,8 @@ def test_udp_scan_is_detected_and_blocked(daemon_factory, namespaces, syslog, mo
     flags, target, scanner, _target2, _scanner2 = addresses(net, family)
     daemon = daemon_factory(mode, BLOCK_UDP="1", KILL_ROUTE=ROUTE, KILL_HOSTS_DENY="ALL: $TARGET$")
     nmap(net.scanner, [*flags, "-sU", "-p", "1,7,9", "--max-retries", "0", target])
-    syslog.wait_for(re.compile(
-        rf"^attackalert: UDP scan from host: {re.escape(scanner)}/{re.escape(scanner)} to UDP port: (1|7|9)$"))
+    who = re.escape(scanner)
+    syslog.wait_for(re.compile(rf"^attackalert: UDP scan from host: {who}/{who} to UDP port: (1|7|9)$"))
     syslog.wait_for(f"attackalert: Host {scanner} has been blocked via dropped route")
     entry = f"ALL: {scanner}" if family == "ipv4" else f"ALL: [{scanner}]"
     eventually(lambda: daemon.hosts_deny_text().splitlines() == [entry], what="hosts.deny line")
