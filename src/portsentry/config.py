@@ -66,6 +66,17 @@ class Config:
     port_banner: str | None = None
     hosts_deny_file: str = "/etc/hosts.deny"  # HOSTS_DENY_FILE: our extension
     command_timeout: float = 30.0  # COMMAND_TIMEOUT seconds: our extension
+    # Ban lifecycle (ours). BLOCK_TIME 0 keeps 1.2's "blocked until the admin lifts it".
+    block_time: int = 0
+    block_time_factor: float = 2.0
+    block_time_max: int = 7 * 86400
+    kill_route_undo: str | None = None
+    ban_backend: str = "none"  # none | auto | nftables | ipset | route
+    nft_table: str = "portsentry"
+    nft_hook: str = "input"
+    nft_priority: int = -10
+    ban_set_size: int = 262144
+    state_dir: str = "/var/lib/portsentry"
     # KEY -> line it was set on, so later stages can blame the right line.
     lines: Mapping[str, int] = field(default_factory=dict, hash=False)
 
@@ -160,11 +171,52 @@ def _command_with_target(value: str) -> str | None:
     return value
 
 
+def _factor(value: str) -> float:
+    match = _NUMBER.fullmatch(value)
+    factor = float(match.group(1)) if match else math.nan
+    if not 1 <= factor <= 100:  # also false for nan
+        raise _BadValue(f"{value!r} is not a factor from 1 to 100")
+    return factor
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        if value.strip() not in choices:
+            raise _BadValue(f"{value!r} is not one of {', '.join(choices)}")
+        return value.strip()
+
+    return convert
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}", re.ASCII)
+
+
+def _name(value: str) -> str:
+    # Goes into nft commands: a plain identifier only.
+    if not _NAME.fullmatch(value):
+        raise _BadValue(f"{value!r} is not a name (letters, digits, _ and -, at most 32)")
+    return value
+
+
+def _priority(value: str) -> int:
+    match = re.fullmatch(r"[ \t]*(-?[0-9]{1,4})[ \t]*", value)
+    if match is None:
+        raise _BadValue(f"{value!r} is not a whole number from -9999 to 9999")
+    return int(match.group(1))
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise _BadValue(f"{value!r} is not an absolute path")
+    return value
+
+
 _BLOCK_LABELS: Final = ("log only", "block", "run KILL_RUN_CMD only")
 _BLOCK = _integer(0, 2, "0 (log only), 1 (block) or 2 (run KILL_RUN_CMD only)")
 # 2.x keeps SCAN_TRIGGER in 16 bits and silently wraps larger values; refuse them instead.
 _TRIGGER = _integer(0, 65535, "a whole number of hits from 0 to 65535")
 _PORT_COUNT = _integer(1, 65535, "a number of ports from 1 to 65535")
+_DURATION = _integer(0, 10 * 365 * 86400, "a number of seconds, at most ten years (0 = no limit)")
 
 # The one table of accepted keys, in the order check-config lists them.
 KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
@@ -191,6 +243,16 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "PORT_BANNER": KeySpec("port_banner", _optional),
         "HOSTS_DENY_FILE": KeySpec("hosts_deny_file", _required),
         "COMMAND_TIMEOUT": KeySpec("command_timeout", _seconds),
+        "BLOCK_TIME": KeySpec("block_time", _DURATION),
+        "BLOCK_TIME_FACTOR": KeySpec("block_time_factor", _factor),
+        "BLOCK_TIME_MAX": KeySpec("block_time_max", _DURATION),
+        "KILL_ROUTE_UNDO": KeySpec("kill_route_undo", _command_with_target),
+        "BAN_BACKEND": KeySpec("ban_backend", _choice("none", "auto", "nftables", "ipset", "route")),
+        "NFT_TABLE": KeySpec("nft_table", _name),
+        "NFT_HOOK": KeySpec("nft_hook", _choice("input", "forward", "prerouting")),
+        "NFT_PRIORITY": KeySpec("nft_priority", _priority),
+        "BAN_SET_SIZE": KeySpec("ban_set_size", _integer(1, 16_777_216, "a set size from 1 to 16777216")),
+        "STATE_DIR": KeySpec("state_dir", _absolute_path),
     }
 )
 

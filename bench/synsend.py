@@ -1,0 +1,60 @@
+"""Sends single TCP SYNs on request and prints when each left, for the latency benchmark.
+
+Runs inside the scanner namespace. Each stdin line `SOURCE DESTINATION PORT` sends one SYN from
+SOURCE (an address of this namespace) and answers with the CLOCK_MONOTONIC time just after
+sendto() returned; that clock is system-wide, so the bench compares it with the times at which its
+syslog receiver got the daemon's lines.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import time
+
+_TCP = struct.Struct("!HHIIBBHHH")
+_SYN = 0x02
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def syn_segment(source: str, destination: str, sport: int, dport: int, seq: int) -> bytes:
+    header = _TCP.pack(sport, dport, seq, 0, 5 << 4, _SYN, 64240, 0, 0)
+    pseudo = socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack(
+        "!BBH", 0, socket.IPPROTO_TCP, len(header)
+    )
+    csum = checksum(pseudo + header)
+    return header[:16] + struct.pack("!H", csum) + header[18:]
+
+
+def main() -> int:
+    sockets: dict[str, socket.socket] = {}
+    sport = 40000
+    for line in sys.stdin:
+        fields = line.split()
+        if not fields:
+            continue
+        source, destination, dport = fields[0], fields[1], int(fields[2])
+        sock = sockets.get(source)
+        if sock is None:
+            # The kernel adds the IP header; binding picks the source address.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+            sock.bind((source, 0))
+            sockets[source] = sock
+        sport += 1
+        sock.sendto(syn_segment(source, destination, sport, dport, sport * 7919), (destination, 0))
+        sent = time.monotonic()
+        print(repr(sent), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
