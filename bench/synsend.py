@@ -1,9 +1,8 @@
 """Sends single TCP SYNs on request and prints when each left, for the latency benchmark.
 
 Runs inside the scanner namespace. Each stdin line `SOURCE DESTINATION PORT` sends one SYN from
-SOURCE (an address of this namespace) and answers with the CLOCK_MONOTONIC time just after
-sendto() returned; that clock is system-wide, so the bench compares it with the times at which its
-syslog receiver got the daemon's lines.
+SOURCE (an address of this namespace) and answers with time.time() taken just before sendto(),
+the clock on which the kernel stamps the daemon's syslog datagrams.
 """
 
 from __future__ import annotations
@@ -50,8 +49,9 @@ def main() -> int:
             sock.bind((source, 0))
             sockets[source] = sock
         sport += 1
-        sock.sendto(syn_segment(source, destination, sport, dport, sport * 7919), (destination, 0))
-        sent = time.monotonic()
+        segment = syn_segment(source, destination, sport, dport, sport * 7919)
+        sent = time.time()
+        sock.sendto(segment, (destination, 0))
         print(repr(sent), flush=True)
     return 0
 

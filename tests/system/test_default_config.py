@@ -22,6 +22,8 @@ def test_embedded_default_answers_a_local_connect_as_ignored(namespaces, syslog,
     empty.mkdir()
     hide_etc = (f"mount --bind {shlex.quote(str(empty))} /etc/portsentry && "
                 if os.path.isdir("/etc/portsentry") else "")
+    # The README's run command (scripts/run) is setup + `portsentry --log-stderr -tcp -udp`; setup
+    # cannot run under the tmpfs (it hides dpkg's state), so the daemon is started directly.
     daemon = (f"{shlex.quote(sys.executable)} -m portsentry --log-stderr -v "
               f"--syslog-socket {shlex.quote(str(syslog.path))} -tcp -udp")
     script = f"mount -t tmpfs tmpfs /var/lib && {hide_etc}exec {daemon}"

@@ -1,0 +1,467 @@
+"""The pieces the benchmark is built from: a timestamping syslog receiver, the two daemons under
+test (ours and Debian's 1.2) started in a target namespace, /proc readings, and the scanners.
+
+Everything runs inside network namespaces made by tests/system/rig.py; the only host paths written
+are a private directory under /tmp. Debian's 1.2 reads /etc/portsentry/portsentry.conf and logs to
+/dev/log, so it runs in a private mount namespace where /etc and /dev are overlays whose writable
+layers live in that directory: the host's own /etc and /dev are never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from tests.system import rig
+
+T = TypeVar("T")
+
+REPO_ROOT = rig.REPO_ROOT
+DEBIAN_BINARY = REPO_ROOT / ".cache" / "debian-portsentry" / "usr" / "sbin" / "portsentry"
+DEBIAN_DOCS = REPO_ROOT / ".cache" / "debian-portsentry" / "usr" / "share" / "doc" / "portsentry"
+
+KILL_ROUTE = "/sbin/ip route add blackhole $TARGET$"
+# systemd's default (sysctl.d/50-default.conf); the kernel's own 10 would make the receiver, not the
+# daemon, the bottleneck. Set only inside the target namespace, where the receiver socket lives.
+SYSLOG_QUEUE = 512
+
+DETECTION = re.compile(r" from host: (?P<name>\S+)/(?P<ip>\S+) to TCP port: (?P<port>\d+)")
+BLOCKED = re.compile(r"attackalert: Host (?P<ip>\S+) has been blocked via ")
+ALREADY = re.compile(r"attackalert: Host: (?P<name>\S+)/(?P<ip>\S+) is already blocked")
+
+_CLONE_NEWNET = 0x40000000
+# The kernel stamps each datagram when it is sent (CLOCK_REALTIME), so a receiver thread that gets
+# the CPU late does not stretch the measured times. All bench times are therefore time.time().
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("=qq")
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed; the message carries what is needed to see why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Namespaces
+
+
+def in_namespace(ns: str, make: Callable[[], T]) -> T:
+    """Run `make` on a thread that has joined network namespace `ns` (setns affects only the
+    calling thread), so sockets it creates belong to that namespace; nothing else moves."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(make())
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=work, name=f"setns-{ns}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def add_addresses(ns: str, dev: str, addresses: Sequence[str], prefix_len: int) -> None:
+    for address in addresses:
+        rig.run_in(ns, ["ip", "addr", "add", f"{address}/{prefix_len}", "dev", dev], check=True)
+
+
+def link_counters(ns: str, dev: str) -> tuple[int, int]:
+    """(rx_packets, tx_packets) of `dev` in `ns`."""
+    base = Path("/sys/class/net") / dev / "statistics"
+    out = rig.run_in(ns, ["cat", str(base / "rx_packets"), str(base / "tx_packets")], check=True)
+    rx, tx = out.stdout.split()
+    return int(rx), int(tx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Syslog receiver
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One datagram: when the daemon sent it (kernel stamp, time.time() scale) and its message
+    ('' if not RFC 3164)."""
+
+    at: float
+    pid: int | None
+    message: str
+
+
+class Receiver:
+    """A Unix datagram socket at `path`, created in `namespace` (whose datagram queue limit is
+    raised), keeping every datagram with its kernel send stamp. Parsing waits until a reader asks,
+    so the receiving loop stays short."""
+
+    def __init__(self, path: Path, namespace: str) -> None:
+        rig.run_in(namespace, ["sysctl", "-qw", f"net.unix.max_dgram_qlen={SYSLOG_QUEUE}"], check=True)
+
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.bind(os.fspath(path))
+            return sock
+
+        self.path = path
+        self._sock = in_namespace(namespace, make)
+        self._sock.settimeout(0.2)
+        self._raw: list[tuple[float, bytes]] = []
+        self._parsed: list[Entry] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-syslog", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        recvmsg = self._sock.recvmsg
+        space = socket.CMSG_SPACE(_TIMESPEC.size)
+        raw = self._raw
+        lock = self._lock
+        while not self._stop.is_set():
+            try:
+                data, ancillary, _flags, _addr = recvmsg(65536, space)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            at = time.time()
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = _TIMESPEC.unpack(payload[:_TIMESPEC.size])
+                    at = sec + nsec / 1e9
+            with lock:
+                raw.append((at, data))
+
+    def entries(self, since: int = 0) -> list[Entry]:
+        with self._lock:
+            fresh = self._raw[len(self._parsed):]
+        for at, data in fresh:
+            record = rig.parse_syslog(data)
+            self._parsed.append(Entry(at, record.pid if record else None,
+                                      record.message if record else ""))
+        return self._parsed[since:]
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._raw)
+
+    def last_sent(self) -> float | None:
+        with self._lock:
+            return self._raw[-1][0] if self._raw else None
+
+    def wait_for(self, pattern: re.Pattern[str] | str, timeout: float, since: int = 0) -> Entry:
+        deadline = time.monotonic() + timeout
+        while True:
+            for entry in self.entries(since):
+                if (pattern in entry.message if isinstance(pattern, str)
+                        else pattern.search(entry.message)):
+                    return entry
+            if time.monotonic() > deadline:
+                tail = "\n".join(f"  {e.message}" for e in self.entries()[-15:])
+                raise BenchError(f"no syslog line matching {pattern!r} within {timeout}s; last:\n{tail}")
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc readings
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of the process (all its threads) and of its waited-for children."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    # After the command name: state is field 3, utime/stime/cutime/cstime are fields 14-17.
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return (utime + stime + cutime + cstime) / _TICK
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmHWM in /proc/{pid}/status")
+
+
+def settle(receiver: Receiver, pid: int, quiet: float = 1.0, timeout: float = 60.0) -> float:
+    """Wait until the daemon has caught up: no syslog line for `quiet` seconds and no CPU used
+    in the last half of that. Returns the CPU seconds reading at that point."""
+    deadline = time.monotonic() + timeout
+    last_cpu = cpu_seconds(pid)
+    while True:
+        time.sleep(quiet / 2)
+        cpu = cpu_seconds(pid)
+        last = receiver.last_sent()
+        idle_log = last is None or time.time() - last >= quiet
+        if idle_log and cpu == last_cpu:
+            return cpu
+        if time.monotonic() > deadline:
+            raise BenchError(f"daemon {pid} still busy {timeout}s after the traffic stopped")
+        last_cpu = cpu
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemons under test
+
+
+def config_text(workdir: Path, *, hosts_deny: bool) -> str:
+    """The one configuration both daemons get (1.2 ignores keys it does not know)."""
+    settings = {
+        "TCP_PORTS": rig.CLASSIC_TCP_PORTS,
+        "UDP_PORTS": rig.CLASSIC_UDP_PORTS,
+        "ADVANCED_PORTS_TCP": "1024",
+        "ADVANCED_PORTS_UDP": "1024",
+        "ADVANCED_EXCLUDE_TCP": "113,139",
+        "ADVANCED_EXCLUDE_UDP": "520,138,137,67",
+        "IGNORE_FILE": str(workdir / "portsentry.ignore"),
+        "HISTORY_FILE": str(workdir / "portsentry.history"),
+        "BLOCKED_FILE": str(workdir / "portsentry.blocked"),
+        "RESOLVE_HOST": "0",
+        "BLOCK_TCP": "1",
+        "BLOCK_UDP": "0",
+        "KILL_ROUTE": KILL_ROUTE,
+        "SCAN_TRIGGER": "0",
+    }
+    if hosts_deny:
+        settings["HOSTS_DENY_FILE"] = str(workdir / "hosts.deny")
+    return "".join(f'{key}="{value}"\n' for key, value in settings.items())
+
+
+@dataclass
+class Running:
+    """A started daemon: its pid (the process that does the work) and how to stop it."""
+
+    pid: int
+    proc: subprocess.Popen[bytes] | None
+    stderr_path: Path
+
+
+class Subject:
+    """A PortSentry implementation the bench can start in a namespace."""
+
+    name = "?"
+    label = "?"
+
+    def start(self, net: rig.Namespaces, workdir: Path, receiver: Receiver, ignore: Sequence[str],
+              mode: str = "-atcp") -> Running:
+        raise NotImplementedError
+
+    def stop(self, running: Running) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(running.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10.0
+        while Path(f"/proc/{running.pid}").exists() and time.monotonic() < deadline:
+            if running.proc is not None and running.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        if running.proc is not None:
+            rig.stop_process(running.proc, timeout=2.0)
+
+    def write_common(self, workdir: Path, ignore: Sequence[str]) -> str:
+        (workdir / "portsentry.ignore").write_text("".join(f"{entry}\n" for entry in ignore))
+        (workdir / "hosts.deny").touch()
+        return config_text(workdir, hosts_deny=isinstance(self, Ours))
+
+
+def _wait_ready(receiver: Receiver, since: int, alive: Callable[[], bool], report: Callable[[], str],
+                timeout: float = 20.0) -> Entry:
+    deadline = time.monotonic() + timeout
+    while True:
+        for entry in receiver.entries(since):
+            if rig.READY_TEXT in entry.message:
+                return entry
+        if not alive():
+            raise BenchError(f"daemon exited before it was ready\n{report()}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"daemon not ready after {timeout}s\n{report()}")
+        time.sleep(0.02)
+
+
+class Ours(Subject):
+    name = "ours"
+    label = "this PortSentry"
+
+    def __init__(self, profile_to: Path | None = None, log_stderr: bool = False) -> None:
+        self.profile_to = profile_to
+        self.log_stderr = log_stderr
+
+    def argv(self, conf: Path, receiver: Receiver, mode: str) -> list[str]:
+        python = [sys.executable]
+        if self.profile_to is not None:
+            python += ["-m", "cProfile", "-o", str(self.profile_to)]
+        return [*python, "-m", "portsentry", "-c", str(conf), "--syslog-socket", str(receiver.path),
+                *(["--log-stderr"] if self.log_stderr else []), mode]
+
+    def start(self, net: rig.Namespaces, workdir: Path, receiver: Receiver, ignore: Sequence[str],
+              mode: str = "-atcp") -> Running:
+        conf = workdir / "portsentry.conf"
+        conf.write_text(self.write_common(workdir, ignore))
+        stderr_path = workdir / "ours.stderr"
+        since = receiver.count()
+        with stderr_path.open("wb") as err:
+            proc = rig.popen_in(net.target, self.argv(conf, receiver, mode), stdout=err, stderr=err,
+                                env=rig.daemon_env())
+        _wait_ready(receiver, since, lambda: proc.poll() is None,
+                    lambda: f"exit {proc.returncode}; stderr:\n{_tail(stderr_path)}")
+        return Running(proc.pid, proc, stderr_path)
+
+
+class Debian12(Subject):
+    name = "1.2"
+    label = "Debian PortSentry 1.2"
+
+    def start(self, net: rig.Namespaces, workdir: Path, receiver: Receiver, ignore: Sequence[str],
+              mode: str = "-atcp") -> Running:
+        if not DEBIAN_BINARY.is_file():
+            raise BenchError(f"{DEBIAN_BINARY} missing: run scripts/fetch-debian-portsentry")
+        layers = workdir / "debian"
+        for sub in ("etc-upper/portsentry", "etc-work", "dev-upper", "dev-work"):
+            (layers / sub).mkdir(parents=True, exist_ok=True)
+        (layers / "etc-upper" / "portsentry" / "portsentry.conf").write_text(
+            self.write_common(workdir, ignore))
+        # 1.2 has its config path and /dev/log compiled in. In a private mount namespace both /etc
+        # and /dev become overlays whose upper layers are in `layers`, then the receiver's socket
+        # is bind-mounted on the (overlay-only) /dev/log. The host has no /dev/log to bind onto,
+        # and creating one, or /etc/portsentry, would change the host.
+        script = (
+            "set -e; "
+            f"mount -t overlay overlay -o lowerdir=/etc,upperdir={layers}/etc-upper,"
+            f"workdir={layers}/etc-work /etc; "
+            f"mount -t overlay overlay -o lowerdir=/dev,upperdir={layers}/dev-upper,"
+            f"workdir={layers}/dev-work /dev; "
+            f"touch /dev/log; mount --bind {receiver.path} /dev/log; "
+            f"exec {DEBIAN_BINARY} {mode}"
+        )
+        stderr_path = workdir / "debian.stderr"
+        since = receiver.count()
+        with stderr_path.open("wb") as err:
+            launcher = subprocess.run(
+                rig.ns_argv(net.target, ["unshare", "-m", "--propagation", "private", "sh", "-c", script]),
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err, timeout=30, check=False)
+        if launcher.returncode != 0:
+            raise BenchError(f"1.2 did not start (exit {launcher.returncode}):\n{_tail(stderr_path)}")
+        # It forks into the background; the readiness line comes from the daemon itself.
+        ready = _wait_ready(receiver, since, lambda: True, lambda: _tail(stderr_path))
+        pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", net.target], capture_output=True,
+                                                text=True, check=True, timeout=10).stdout.split()]
+        daemons = [p for p in pids if _comm(p) == "portsentry"]
+        if ready.pid not in daemons:
+            raise BenchError(f"1.2's readiness line came from pid {ready.pid}, namespace has {daemons}")
+        return Running(ready.pid, None, stderr_path)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _tail(path: Path, size: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanners
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRun:
+    started: float
+    finished: float
+    sent: int
+    output: str
+
+
+def nmap_scan(ns: str, target: str, min_rate: int, timeout: float = 180.0) -> ScanRun:
+    """One full SYN scan of every port, no retries; `sent` is nmap's own count of raw packets."""
+    argv = ["nmap", "-sS", "-p-", "--min-rate", str(min_rate), "-n", "-Pn", "--max-retries", "0",
+            "--host-timeout", "120s", "-v", target]
+    started = time.time()
+    proc = rig.run_in(ns, argv, timeout=timeout, check=True)
+    finished = time.time()
+    match = re.search(r"Raw packets sent: (\d+)", proc.stdout)
+    if match is None:
+        raise BenchError(f"nmap printed no packet count:\n{proc.stdout[-2000:]}")
+    return ScanRun(started, finished, int(match[1]), proc.stdout)
+
+
+def hping_flood(ns: str, target: str, source: str, port: int, count: int, interval_us: int,
+                timeout: float = 60.0) -> ScanRun:
+    """`count` SYNs from `source` to one port, `interval_us` apart (hping3 -i uN), killed after
+    `timeout` at the latest."""
+    argv = ["hping3", "-q", "-S", "-p", str(port), "-a", source, "-i", f"u{interval_us}",
+            "-c", str(count), target]
+    started = time.time()
+    proc = rig.run_in(ns, argv, timeout=timeout)
+    finished = time.time()
+    text = proc.stdout + proc.stderr
+    match = re.search(r"(\d+) packets transmitted", text)
+    if match is None:
+        raise BenchError(f"hping3 printed no statistics (exit {proc.returncode}):\n{text[-2000:]}")
+    return ScanRun(started, finished, int(match[1]), text)
+
+
+class SynSender:
+    """bench/synsend.py running in the scanner namespace: one SYN per call, with its send time."""
+
+    def __init__(self, ns: str) -> None:
+        script = Path(__file__).with_name("synsend.py")
+        self._proc = subprocess.Popen(
+            rig.ns_argv(ns, [sys.executable, str(script)]), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def send(self, source: str, destination: str, port: int) -> float:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(f"{source} {destination} {port}\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise BenchError(f"synsend exited ({self._proc.poll()})")
+        return float(line)
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            rig.stop_process(self._proc)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()

@@ -1,0 +1,183 @@
+"""The interface every native ban backend (nftables, ipset, route) implements, the argv runner they
+share, and the automatic choice between them.
+
+Backends build argv lists and run them through a `Runner` without a shell; tests swap the runner
+for a recorder and assert the exact commands ("golden commands"), so no test needs root to check
+what a backend would do. Only `ipaddress` objects are accepted as addresses, and `address_text`
+re-checks that at the point where an address becomes command text.
+"""
+
+from __future__ import annotations
+
+import abc
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, ClassVar
+
+from portsentry.probe import IPAddress
+
+# A command that has not finished in this time is hung (a stuck xtables lock, say), not slow.
+COMMAND_TIMEOUT = 30.0
+AUTO_ORDER = ("nftables", "ipset", "route")
+
+
+class BackendError(Exception):
+    """A backend command failed; the message names the command and what it printed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What one command did: its exit status and its output, decoded as text."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+Runner = Callable[[Sequence[str], "str | None"], RunResult]
+
+
+def run_argv(argv: Sequence[str], stdin: str | None = None) -> RunResult:
+    """Run `argv` without a shell, feeding `stdin`; a missing program is exit status 127 (as a
+    shell would say), a command that outlives COMMAND_TIMEOUT raises BackendError."""
+    try:
+        proc = subprocess.run(
+            list(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        return RunResult(127, "", f"{argv[0]}: command not found")
+    except subprocess.TimeoutExpired as exc:
+        raise BackendError(f"{' '.join(argv)}: no answer after {COMMAND_TIMEOUT:g}s") from exc
+    return RunResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def address_text(address: object) -> str:
+    """The canonical text of an address, refusing anything but an ipaddress object so no string
+    from the network can ever be spliced into a command."""
+    if not isinstance(address, IPv4Address | IPv6Address):
+        raise TypeError(f"ban address must be an IPv4Address or IPv6Address, not {address!r}")
+    return address.compressed
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A ban's lifetime in seconds (None = forever), refusing values no backend can express."""
+    if timeout is None:
+        return None
+    if not timeout > 0 or timeout != timeout or timeout == float("inf"):
+        raise ValueError(f"ban timeout must be a positive number of seconds or None, not {timeout!r}")
+    return float(timeout)
+
+
+def failed(argv: Sequence[str], result: RunResult, stdin: str | None = None) -> BackendError:
+    """A BackendError naming the command, its exit status and its error output."""
+    detail = (result.stderr or result.stdout).strip()
+    shown = " ".join(argv)
+    if stdin is not None:
+        first = stdin.splitlines()[0] if stdin.strip() else ""
+        shown += f" < ({len(stdin.splitlines())} lines: {first[:80]!r}...)"
+    return BackendError(f"{shown} exited {result.returncode}: {detail or '(no output)'}")
+
+
+class BanBackend(abc.ABC):
+    """Blocks addresses natively in the kernel. Every method is idempotent, so the daemon can
+    replay its ban store at start without first asking what the kernel already holds."""
+
+    name: ClassVar[str]
+    families: ClassVar[frozenset[int]] = frozenset({4, 6})
+
+    def __init__(self, runner: Runner = run_argv) -> None:
+        self.runner = runner
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> RunResult:
+        """Run a command that must succeed."""
+        result = self.runner(argv, stdin)
+        if not result.ok:
+            raise failed(argv, result, stdin)
+        return result
+
+    def probe(self, argv: Sequence[str]) -> bool:
+        """Whether a harmless command runs cleanly (for is_supported)."""
+        try:
+            return self.runner(argv, None).ok
+        except (BackendError, OSError):
+            return False
+
+    @abc.abstractmethod
+    def is_supported(self) -> bool:
+        """Whether the tools are present and a harmless command works here."""
+
+    @abc.abstractmethod
+    def setup(self) -> None:
+        """Create what this backend needs; idempotent; touches nothing it did not create."""
+
+    @abc.abstractmethod
+    def add(self, address: IPAddress, timeout: float | None) -> None:
+        """Block `address` for `timeout` seconds (None = until removed); re-adding refreshes it."""
+
+    @abc.abstractmethod
+    def remove(self, address: IPAddress) -> None:
+        """Unblock `address`; an address that is not blocked is fine."""
+
+    @abc.abstractmethod
+    def members(self) -> dict[IPAddress, float | None]:
+        """What the kernel blocks now, with the seconds left (None = no expiry)."""
+
+    def add_many(self, bans: Iterable[tuple[IPAddress, float | None]]) -> None:
+        """Block many addresses; backends with a batch interface override this."""
+        for address, timeout in bans:
+            self.add(address, timeout)
+
+    @abc.abstractmethod
+    def teardown(self) -> None:
+        """Remove everything this backend created (`portsentry flush`); idempotent."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+def _registry() -> dict[str, type[BanBackend]]:
+    # Imported here because the backend modules import this one.
+    from portsentry.responders.iproute import RouteBackend
+    from portsentry.responders.ipset import IpsetBackend
+    from portsentry.responders.nftables import NftablesBackend
+
+    return {"nftables": NftablesBackend, "ipset": IpsetBackend, "route": RouteBackend}
+
+
+def backend_names() -> tuple[str, ...]:
+    return AUTO_ORDER
+
+
+def pick_backend(
+    preferred: str | None, runner: Runner = run_argv, **options: Any
+) -> BanBackend | None:
+    """The backend named `preferred` if it works here, else (with None or "auto") the first of
+    nftables, ipset, route that does; None when nothing works. `options` go to the constructor
+    of whichever backend accepts them (unknown keywords are dropped for the others)."""
+    registry = _registry()
+    if preferred in (None, "auto"):
+        order: Sequence[str] = AUTO_ORDER
+    elif preferred in registry:
+        order = (preferred,)
+    else:
+        raise ValueError(
+            f"unknown ban backend {preferred!r} (choose one of: auto, {', '.join(AUTO_ORDER)})"
+        )
+    for name in order:
+        cls = registry[name]
+        accepted = getattr(cls, "OPTIONS", frozenset())
+        backend = cls(runner=runner, **{k: v for k, v in options.items() if k in accepted})
+        if backend.is_supported():
+            return backend
+    return None

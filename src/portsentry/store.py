@@ -1,0 +1,474 @@
+"""The ban store: which addresses are banned, until when, how often they offended and which
+hosts.deny lines we wrote, kept in SQLite so bans survive restarts and expire on time.
+
+Design
+- One SQLite file (default /var/lib/portsentry/bans.sqlite3) shared by the daemon and the CLI,
+  possibly at the same time. Every change runs in one `BEGIN IMMEDIATE` transaction, which takes
+  the database's write lock before reading, so two writers never act on the same stale read and
+  no update is lost; a writer waits for the other up to BUSY_TIMEOUT. WAL lets readers go on
+  while one writes.
+- Schema versions live in `PRAGMA user_version`; MIGRATIONS lists the scripts that take the file
+  from version n-1 to n and `schema_migrations` records when each ran. A file from a newer
+  portsentry is refused rather than half-understood.
+- Addresses are stored as the text of the ipaddress object; IPv4-mapped IPv6 (::ffff:a.b.c.d) is
+  the IPv4 address, so one host is one row whichever socket family saw it.
+- `bans` holds bans until they are lifted, including expired ones the daemon has not lifted
+  yet; lifting moves the count of bans to `offenders` (escalation outlives the ban) and `history`
+  keeps what happened. `written_lines` remembers every hosts.deny line written for a ban so
+  `hosts-deny tidy` can tell our stale lines from everyone else's.
+- The connection is shared by the daemon's threads, so calls are serialised with a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv6Address, ip_address
+from typing import Literal, cast
+
+from portsentry.probe import IPAddress
+
+DEFAULT_PATH = "/var/lib/portsentry/bans.sqlite3"
+# Milliseconds a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT_MS = 10_000
+
+EventKind = Literal["ban", "extend", "lift", "expire"]
+EVENT_KINDS: tuple[EventKind, ...] = ("ban", "extend", "lift", "expire")
+
+# (version, description, script); each script takes the schema from version-1 to version.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "bans, offenders, history, written hosts.deny lines",
+        """
+        CREATE TABLE bans (
+            address TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            count INTEGER NOT NULL,
+            expires REAL,
+            offences INTEGER NOT NULL,
+            hosts_deny_line TEXT,
+            backends TEXT NOT NULL
+        );
+        CREATE INDEX bans_expires ON bans (expires);
+        CREATE TABLE offenders (
+            address TEXT PRIMARY KEY,
+            offences INTEGER NOT NULL,
+            last_lifted REAL NOT NULL
+        );
+        CREATE TABLE history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            address TEXT NOT NULL,
+            detail TEXT NOT NULL
+        );
+        CREATE TABLE written_lines (
+            line TEXT NOT NULL,
+            address TEXT NOT NULL,
+            written_at REAL NOT NULL,
+            PRIMARY KEY (line, address)
+        );
+        """,
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_BAN_COLUMNS = (
+    "address, reason, mode, port, first_seen, last_seen, count, expires, offences, "
+    "hosts_deny_line, backends"
+)
+# A ban is active at time ? while its expiry lies after it (or it has none).
+_ACTIVE = "(expires IS NULL OR expires > ?)"
+
+
+class StoreError(Exception):
+    """The ban store cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Ban:
+    address: IPAddress
+    reason: str
+    mode: str
+    port: int
+    first_seen: float
+    last_seen: float
+    count: int
+    expires: float | None  # None = forever
+    offences: int  # bans of this address so far, this one included
+    hosts_deny_line: str | None  # the exact line written, so lifting removes exactly that line
+    backends: tuple[str, ...]  # native backends holding the ban ("nftables", ...)
+
+    def active(self, now: float) -> bool:
+        return self.expires is None or self.expires > now
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    kind: EventKind
+    address: IPAddress
+    detail: str
+
+
+def normalise(address: IPAddress | str) -> IPAddress:
+    """The address as stored: parsed if text, IPv4-mapped IPv6 turned into IPv4."""
+    parsed = ip_address(address) if isinstance(address, str) else address
+    if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped
+    return parsed
+
+
+def ban_duration(base: float, factor: float, cap: float, offences: int) -> float | None:
+    """Seconds the next ban lasts after `offences` earlier ones; None = forever.
+
+    base 0 bans forever; otherwise base * factor**offences, at most `cap` (cap 0 = no cap).
+    """
+    if base < 0 or factor < 0 or cap < 0 or offences < 0:
+        raise ValueError(
+            f"ban duration: base {base:g}, factor {factor:g}, cap {cap:g} and offences {offences} "
+            "must not be negative"
+        )
+    if base == 0:
+        return None
+    try:
+        duration = base * factor**offences
+    except OverflowError:
+        duration = float("inf")
+    if cap and duration > cap:
+        return cap
+    if duration == float("inf"):
+        # Uncapped growth past what a float holds: the ban no longer ends.
+        return None
+    return duration
+
+
+def _describe_expiry(expires: float | None) -> str:
+    if expires is None:
+        return "forever"
+    return "until " + time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(expires))
+
+
+class BanStore:
+    """The ban store in one SQLite file; safe to share between processes and threads."""
+
+    def __init__(self, path: str = DEFAULT_PATH) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            # Created here rather than by SQLite so it starts out 0600 whatever the umask.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the ban store: {exc.strerror}") from exc
+        try:
+            self._db = sqlite3.connect(
+                path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,  # transactions are explicit (BEGIN IMMEDIATE)
+                check_same_thread=False,  # the lock below serialises the daemon's threads
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open the ban store: {exc}") from exc
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(
+                f"{path}: not a usable ban store ({exc}); move it away and portsentry starts a new one"
+            ) from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: ban store schema version {version} is newer than this portsentry "
+                    f"understands ({SCHEMA_VERSION}); run the newer portsentry or move the file away"
+                )
+            if version < SCHEMA_VERSION:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
+                )
+            for number, description, script in MIGRATIONS:
+                if number <= version:
+                    continue
+                # executescript() would COMMIT first, so run the statements one by one.
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                    (number, description, time.time()),
+                )
+                db.execute(f"PRAGMA user_version = {number:d}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # -- bans --------------------------------------------------------------------------------
+
+    def ban(
+        self,
+        address: IPAddress | str,
+        *,
+        reason: str,
+        mode: str,
+        port: int,
+        now: float,
+        duration: float | None,
+        hosts_deny_line: str | None = None,
+        backends: Iterable[str] = (),
+    ) -> Ban:
+        """Ban `address` for `duration` seconds (None = forever), or extend its active ban.
+
+        Extending counts the hit, moves last_seen and keeps the later expiry; reason, mode and
+        port become the latest ones. A ban still in the table but expired counts as over: this
+        is then a new offence.
+        """
+        if duration is not None and not duration > 0:
+            raise ValueError(f"ban duration must be positive seconds or None (forever), not {duration!r}")
+        addr = normalise(address)
+        key = str(addr)
+        new_expires = None if duration is None else now + duration
+        with self._transaction() as db:
+            old = self._get(db, key)
+            if old is not None and old.active(now):
+                expires = (
+                    None if old.expires is None or new_expires is None else max(old.expires, new_expires)
+                )
+                merged = tuple(dict.fromkeys((*old.backends, *backends)))
+                ban = Ban(
+                    address=addr,
+                    reason=reason,
+                    mode=mode,
+                    port=port,
+                    first_seen=old.first_seen,
+                    last_seen=now,
+                    count=old.count + 1,
+                    expires=expires,
+                    offences=old.offences,
+                    hosts_deny_line=hosts_deny_line if hosts_deny_line is not None else old.hosts_deny_line,
+                    backends=merged,
+                )
+                kind: EventKind = "extend"
+            else:
+                if old is not None:
+                    self._retire(db, old, now, "expire", "expired before the next ban")
+                ban = Ban(
+                    address=addr,
+                    reason=reason,
+                    mode=mode,
+                    port=port,
+                    first_seen=now,
+                    last_seen=now,
+                    count=1,
+                    expires=new_expires,
+                    offences=self._past_offences(db, key) + 1,
+                    hosts_deny_line=hosts_deny_line,
+                    backends=tuple(dict.fromkeys(backends)),
+                )
+                kind = "ban"
+            db.execute(
+                f"INSERT OR REPLACE INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    ban.reason,
+                    ban.mode,
+                    ban.port,
+                    ban.first_seen,
+                    ban.last_seen,
+                    ban.count,
+                    ban.expires,
+                    ban.offences,
+                    ban.hosts_deny_line,
+                    json.dumps(list(ban.backends)),
+                ),
+            )
+            if hosts_deny_line is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO written_lines (line, address, written_at) VALUES (?, ?, ?)",
+                    (hosts_deny_line, key, now),
+                )
+            detail = f"{mode} port {port}: {reason}; {_describe_expiry(ban.expires)}"
+            if kind == "ban":
+                detail += f"; offence {ban.offences}"
+            self._record(db, kind, key, detail, now)
+        return ban
+
+    def lift(self, address: IPAddress | str, now: float, reason: str) -> Ban | None:
+        """End the ban of `address` (kept as an offence); the lifted ban, or None if there was none.
+
+        Recorded as "expire" when the ban had run out by `now`, else as "lift".
+        """
+        key = str(normalise(address))
+        with self._transaction() as db:
+            old = self._get(db, key)
+            if old is None:
+                return None
+            self._retire(db, old, now, "lift" if old.active(now) else "expire", reason)
+        return old
+
+    def get(self, address: IPAddress | str) -> Ban | None:
+        """The ban of `address` still in the table (it may have expired), or None."""
+        key = str(normalise(address))
+        with self._lock:
+            return self._get(self._db, key)
+
+    def active(self, now: float) -> list[Ban]:
+        """Bans in force at `now`, oldest first."""
+        return self._select(f"WHERE {_ACTIVE} ORDER BY first_seen, address", (now,))
+
+    def expired(self, now: float) -> list[Ban]:
+        """Bans past their expiry at `now` that nobody has lifted yet, earliest expiry first."""
+        return self._select("WHERE expires IS NOT NULL AND expires <= ? ORDER BY expires, address", (now,))
+
+    def offences(self, address: IPAddress | str, now: float | None = None) -> int:
+        """Bans of `address` that are over, for escalation: lifted ones, plus, given `now`, one
+        still in the table but expired by then."""
+        key = str(normalise(address))
+        with self._lock:
+            past = self._past_offences(self._db, key)
+            if now is not None:
+                current = self._get(self._db, key)
+                if current is not None and not current.active(now):
+                    past = max(past, current.offences)
+        return past
+
+    # -- history -----------------------------------------------------------------------------
+
+    def history(self, limit: int = 100) -> list[Event]:
+        """The last `limit` events, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, kind, address, detail FROM "
+                "(SELECT id, at, kind, address, detail FROM history ORDER BY id DESC LIMIT ?) "
+                "ORDER BY id",
+                (limit,),
+            ).fetchall()
+        return [Event(at=r[0], kind=r[1], address=ip_address(r[2]), detail=r[3]) for r in rows]
+
+    def record(self, kind: EventKind, address: IPAddress | str, detail: str, now: float) -> None:
+        """Add an event to the history (ban/lift already record their own)."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"history event kind must be one of {', '.join(EVENT_KINDS)}, not {kind!r}")
+        key = str(normalise(address))
+        with self._transaction() as db:
+            self._record(db, kind, key, detail, now)
+
+    # -- hosts.deny lines --------------------------------------------------------------------
+
+    def stale_lines(self, now: float) -> set[str]:
+        """hosts.deny lines we wrote whose bans are all over: no ban active at `now` is for an
+        address the line was written for, nor has the line as its own."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT line FROM written_lines EXCEPT "
+                "SELECT w.line FROM written_lines w JOIN bans b "
+                "ON b.address = w.address OR b.hosts_deny_line = w.line "
+                "WHERE b.expires IS NULL OR b.expires > ?",
+                (now,),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def forget_lines(self, lines: Iterable[str], now: float) -> None:
+        """Stop tracking `lines` (tidy removed them), except for addresses banned again meanwhile."""
+        with self._transaction() as db:
+            for line in lines:
+                db.execute(
+                    "DELETE FROM written_lines WHERE line = ? AND address NOT IN "
+                    f"(SELECT address FROM bans WHERE {_ACTIVE})",
+                    (line, now),
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> BanStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _select(self, where: str, params: tuple[object, ...]) -> list[Ban]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_BAN_COLUMNS} FROM bans {where}", params).fetchall()
+        return [_ban_from_row(r) for r in rows]
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, key: str) -> Ban | None:
+        row = db.execute(f"SELECT {_BAN_COLUMNS} FROM bans WHERE address = ?", (key,)).fetchone()
+        return None if row is None else _ban_from_row(row)
+
+    @staticmethod
+    def _past_offences(db: sqlite3.Connection, key: str) -> int:
+        row = db.execute("SELECT offences FROM offenders WHERE address = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _retire(self, db: sqlite3.Connection, old: Ban, now: float, kind: EventKind, reason: str) -> None:
+        key = str(old.address)
+        db.execute("DELETE FROM bans WHERE address = ?", (key,))
+        db.execute(
+            "INSERT INTO offenders (address, offences, last_lifted) VALUES (?, ?, ?) "
+            "ON CONFLICT (address) DO UPDATE SET "
+            "offences = max(offences, excluded.offences), last_lifted = excluded.last_lifted",
+            (key, old.offences, now),
+        )
+        self._record(db, kind, key, reason, now)
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, kind: EventKind, key: str, detail: str, now: float) -> None:
+        db.execute(
+            "INSERT INTO history (at, kind, address, detail) VALUES (?, ?, ?, ?)", (now, kind, key, detail)
+        )
+
+
+def _ban_from_row(row: tuple[object, ...]) -> Ban:
+    (address, reason, mode, port, first_seen, last_seen, count, expires, offences, line, backends) = row
+    return Ban(
+        address=ip_address(cast(str, address)),
+        reason=cast(str, reason),
+        mode=cast(str, mode),
+        port=cast(int, port),
+        first_seen=cast(float, first_seen),
+        last_seen=cast(float, last_seen),
+        count=cast(int, count),
+        expires=cast("float | None", expires),
+        offences=cast(int, offences),
+        hosts_deny_line=cast("str | None", line),
+        backends=tuple(json.loads(cast(str, backends))),
+    )
+
