@@ -314,9 +314,17 @@ class Ours(Subject):
     name = "ours"
     label = "this PortSentry"
 
-    def __init__(self, profile_to: Path | None = None, log_stderr: bool = False) -> None:
+    def __init__(self, profile_to: Path | None = None, log_stderr: bool = False,
+                 source: Path | None = None) -> None:
         self.profile_to = profile_to
         self.log_stderr = log_stderr
+        self.source = source or REPO_ROOT / "src"
+
+    def env(self) -> dict[str, str]:
+        env = rig.daemon_env()
+        # Ahead of the editable install, so an exported revision really is what runs.
+        env["PYTHONPATH"] = str(self.source)
+        return env
 
     def argv(self, conf: Path, receiver: Receiver, mode: str) -> list[str]:
         python = [sys.executable]
@@ -333,9 +341,9 @@ class Ours(Subject):
         since = receiver.count()
         with stderr_path.open("wb") as err:
             proc = rig.popen_in(net.target, self.argv(conf, receiver, mode), stdout=err, stderr=err,
-                                env=rig.daemon_env())
+                                env=self.env())
         _wait_ready(receiver, since, lambda: proc.poll() is None,
-                    lambda: f"exit {proc.returncode}; stderr:\n{_tail(stderr_path)}")
+                    lambda: f"exit {proc.returncode}; stderr:\n{tail(stderr_path)}")
         return Running(proc.pid, proc, stderr_path)
 
 
@@ -372,9 +380,9 @@ class Debian12(Subject):
                 rig.ns_argv(net.target, ["unshare", "-m", "--propagation", "private", "sh", "-c", script]),
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, timeout=30, check=False)
         if launcher.returncode != 0:
-            raise BenchError(f"1.2 did not start (exit {launcher.returncode}):\n{_tail(stderr_path)}")
+            raise BenchError(f"1.2 did not start (exit {launcher.returncode}):\n{tail(stderr_path)}")
         # It forks into the background; the readiness line comes from the daemon itself.
-        ready = _wait_ready(receiver, since, lambda: True, lambda: _tail(stderr_path))
+        ready = _wait_ready(receiver, since, lambda: True, lambda: tail(stderr_path))
         pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", net.target], capture_output=True,
                                                 text=True, check=True, timeout=10).stdout.split()]
         daemons = [p for p in pids if _comm(p) == "portsentry"]
@@ -390,11 +398,37 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _tail(path: Path, size: int = 3000) -> str:
+def tail(path: Path, size: int = 3000) -> str:
+    """The end of a log file, for error reports."""
     try:
         return path.read_text(errors="replace")[-size:]
     except OSError:
         return ""
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """`src/` of git revision `rev`, unpacked under `into` (read-only use of the repository)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev, "src"],
+                             capture_output=True, timeout=60, check=False)
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {rev}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
+    return into / "src"
+
+
+def describe_source(rev: str | None) -> str:
+    """Which code 'ours' is: a commit, or the working tree (flagged when src/ has changes)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                             timeout=30, check=False)
+        return out.stdout.strip()
+
+    if rev is not None:
+        return f"git {git('rev-parse', '--short', rev)} ({rev}), src/ exported with git archive"
+    dirty = git("status", "--porcelain", "--", "src")
+    state = "with uncommitted changes in src/" if dirty else "clean"
+    return f"working tree at git {git('rev-parse', '--short', 'HEAD')}, {state}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +496,7 @@ class SynSender:
         try:
             self._proc.wait(5)
         except subprocess.TimeoutExpired:
-            rig.stop_process(self._proc)
+            self._proc.kill()
+            self._proc.wait(5)
         if self._proc.stdout is not None:
             self._proc.stdout.close()

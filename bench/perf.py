@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from tests.system import rig
+
 from bench import harness
 from bench.harness import ALREADY, BLOCKED, DETECTION, BenchError, Receiver, Running, Subject
-from tests.system import rig
 
 DOC = harness.REPO_ROOT / "docs" / "performance.md"
 BEGIN = "<!-- bench:results:begin (written by bench/run; edits inside are overwritten) -->"
@@ -104,12 +105,18 @@ def measure_scan(subject: Subject, rate: int) -> ScanResult:
         cpu1 = harness.settle(fx.receiver, pid)
         rss = harness.peak_rss_kib(pid) / 1024
         entries = fx.receiver.entries(fx.ready_mark)
-    detections = [e for e in entries if DETECTION.search(e.message)]
-    blocks = [e for e in entries if BLOCKED.search(e.message)]
-    if not detections or not blocks:
-        raise BenchError(f"{subject.label}: nmap scan produced {len(detections)} detection and "
-                         f"{len(blocks)} block lines; lines:\n" +
-                         "\n".join(e.message for e in entries[:30]))
+        detections = [e for e in entries if DETECTION.search(e.message)]
+        blocks = [e for e in entries if BLOCKED.search(e.message)]
+        if not detections or not blocks:
+            raise BenchError(
+                f"{subject.label}: nmap scan produced {len(detections)} detection and {len(blocks)} "
+                f"block lines.\nOther lines:\n" + "\n".join(
+                    e.message for e in entries if not (DETECTION.search(e.message)
+                                                       or ALREADY.search(e.message)))
+                + "\nFirst lines:\n" + "\n".join(e.message for e in entries[:6])
+                + f"\nDaemon stderr:\n{harness.tail(fx.running.stderr_path)}"
+                + "\nRoutes in the target:\n"
+                + rig.run_in(fx.net.target, ["ip", "route", "show", "table", "all"]).stdout)
     block_at = blocks[0].at
     return ScanResult(
         sent=scan.sent,
@@ -298,7 +305,6 @@ def flood_section(results: dict[tuple[str, bool], list[FloodResult]], count: int
 
         rows += [
             row(f"{who}: SYNs hping3 sent", "packets", lambda r: r.sent),
-            row(f"{who}: flood duration", "s", lambda r: r.seconds, 2),
             row(f"{who}: daemon CPU, flood start until idle", "s", lambda r: r.cpu, 2),
             row(f"{who}: CPU per 10k probes", "s", lambda r: r.cpu_per_10k, 3),
             row(f"{who}: syslog lines", "lines", lambda r: r.lines),
@@ -355,7 +361,11 @@ def write_doc(path: Path, block: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
 
 
-def machine_info(argv: Sequence[str]) -> dict[str, str]:
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def machine_info(argv: Sequence[str], rev: str | None, load_at_start: str) -> dict[str, str]:
     def first(cmd: list[str], pattern: str = "") -> str:
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
@@ -378,15 +388,15 @@ def machine_info(argv: Sequence[str]) -> dict[str, str]:
         import gzip
         with gzip.open(harness.DEBIAN_DOCS / "changelog.Debian.gz", "rt") as fh:
             debian = fh.readline().split()[1].strip("()")
-    commit = first(["git", "-C", str(harness.REPO_ROOT), "rev-parse", "--short", "HEAD"])
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["bench/run", *argv]),
         "CPUs (nproc)": str(os.cpu_count()),
+        "load average (1, 5, 15 min) at start / end": f"{load_at_start} / {loadavg()}",
         "CPU model": cpu,
         "kernel": platform.release(),
         "Python (ours)": platform.python_version(),
-        "ours": f"portsentry {commit} (git HEAD; uncommitted changes not shown)",
+        "ours": harness.describe_source(rev),
         "1.2": f"Debian package portsentry {debian}, unpacked by scripts/fetch-debian-portsentry",
         "nmap": first(["nmap", "--version"], "Nmap version"),
         "hping3": first(["hping3", "--version"], "version"),
@@ -397,7 +407,7 @@ def machine_info(argv: Sequence[str]) -> dict[str, str]:
 # Profiling (not part of the figures)
 
 
-def profile(directory: Path, rate: int, count: int, interval_us: int) -> str:
+def profile(directory: Path, rate: int, count: int, interval_us: int, source: Path | None) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     report: list[str] = []
     for name, run in (
@@ -405,7 +415,7 @@ def profile(directory: Path, rate: int, count: int, interval_us: int) -> str:
         ("flood", lambda subject: measure_flood(subject, False, count, interval_us)),
     ):
         out = directory / f"ours-{name}.pstats"
-        run(harness.Ours(profile_to=out))
+        run(harness.Ours(profile_to=out, source=source))
         deadline = time.monotonic() + 10
         while not out.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -436,6 +446,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--ours-log-stderr", action="store_true",
                         help="run ours with --log-stderr too (1.2 has no such copy; off by default)")
+    parser.add_argument("--ours-rev", metavar="REV",
+                        help="benchmark our daemon as committed in git revision REV (exported with "
+                        "git archive) instead of the working tree")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="afterwards profile our daemon (cProfile) in a scan and a flood; "
                         "write DIR/*.pstats and print the top functions")
@@ -448,8 +461,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.ours_rev is None:
+        return measure_all(args, argv, None)
+    exported = Path(tempfile.mkdtemp(prefix="ps-bench-src-", dir="/tmp"))
+    try:
+        return measure_all(args, argv, harness.export_revision(args.ours_rev, exported))
+    finally:
+        shutil.rmtree(exported, ignore_errors=True)
+
+
+def measure_all(args: argparse.Namespace, argv: Sequence[str], source: Path | None) -> int:
+    load_at_start = loadavg()
+    if float(load_at_start.split()[0]) > 0.5:
+        print(f"bench/run: warning: load average {load_at_start} - other work on this machine will "
+              "show in the figures", file=sys.stderr)
     only = set(args.only or ("scan", "latency", "flood"))
-    subjects: list[Subject] = [harness.Ours(log_stderr=args.ours_log_stderr), harness.Debian12()]
+    ours = harness.Ours(log_stderr=args.ours_log_stderr, source=source)
+    subjects: list[Subject] = [ours, harness.Debian12()]
     rates = [int(r) for r in args.rates.split(",") if r]
 
     def orders() -> Iterator[list[Subject]]:
@@ -484,7 +512,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         measure_flood(subject, ignored, args.flood_count, args.flood_interval_us))
         sections.append(flood_section(floods, args.flood_count, args.flood_interval_us))
 
-    info = machine_info(argv)
+    info = machine_info(argv, args.ours_rev, load_at_start)
     print(f"\nours = this PortSentry, 1.2 = {info['1.2']}; {info['CPU model']}, "
           f"{info['CPUs (nproc)']} CPUs, kernel {info['kernel']}")
     print(render_text(sections))
@@ -493,7 +521,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"results written to {args.doc}")
     if args.profile is not None:
         print(profile(args.profile, rates[0] if rates else 50_000, args.flood_count,
-                      args.flood_interval_us))
+                      args.flood_interval_us, source))
     return 0
 
 

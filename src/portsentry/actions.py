@@ -24,6 +24,7 @@ class SendBanner:
 
 
 class StepKind(enum.StrEnum):
+    NATIVE = "native"  # the nftables/ipset/route ban backend; template unused
     HOSTS_DENY = "hosts_deny"
     ROUTE = "route"
     RUN_CMD = "run_cmd"

@@ -85,8 +85,99 @@ def split_modes(argv: Sequence[str]) -> tuple[list[Mode], list[str]]:
     return modes, rest
 
 
+ADMIN_COMMANDS = ("block", "unblock", "list", "flush", "hosts-deny", "check")
+
+
+def build_admin_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="portsentry", description="Manage bans without the daemon's help.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-c", "--config", metavar="FILE", help="configuration file")
+        return p
+
+    block = command("block", "block an address now, in every configured backend")
+    block.add_argument("address")
+    block.add_argument("--for", dest="duration", metavar="DURATION",
+                       help="how long: 90, 15m, 2h, 7d or forever (default: BLOCK_TIME)")
+    unblock = command("unblock", "unblock an address everywhere (backend, hosts.deny, KILL_ROUTE_UNDO)")
+    unblock.add_argument("address")
+    listing = command("list", "list active bans")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    command("flush", "remove the native backend's table/sets (bans in the store stay)")
+    tidy = command("hosts-deny", "hosts.deny upkeep")
+    tidy.add_argument("action", choices=["tidy"])
+    tidy.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    command("check", "check the configuration and whether hosts.deny entries can have any effect")
+    return parser
+
+
+def admin_main(argv: Sequence[str]) -> int:
+    from . import admin
+    from .store import BanStore, StoreError
+    from .tidy import format_report, tidy_hosts_deny
+    from .wrappers_check import check_wrappers
+
+    args = build_admin_parser().parse_args(argv)
+    try:
+        loaded = load_effective(args.config)
+        config = loaded.config
+        now = time.time()
+        if args.command == "check":
+            status = check_config(loaded, [])
+            warnings = check_wrappers()
+            for warning in warnings:
+                print(f"warning: {warning}")
+            return status
+        if args.command == "flush":
+            backend = admin.open_backend(config, setup=False)
+            if backend is None:
+                print("no native ban backend configured (BAN_BACKEND)")
+                return 0
+            backend.teardown()
+            print(f"removed {backend.describe()}")
+            return 0
+        if args.command == "hosts-deny":
+            store = BanStore(admin.store_path(config))
+            try:
+                report = tidy_hosts_deny(config.hosts_deny_file, store, now, args.dry_run)
+            finally:
+                store.close()
+            print(format_report(report, path=config.hosts_deny_file, dry_run=args.dry_run))
+            return 0
+        tool = admin.Admin.open(config)
+        try:
+            if args.command == "list":
+                rows = tool.listing(now)
+                print(admin.as_json(rows) if args.json else admin.format_listing(rows))
+                return 0
+            address = admin.parse_address(args.address)
+            if args.command == "block":
+                duration = admin.parse_duration(args.duration) if args.duration else None
+                if args.duration is None:
+                    duration = tool.bans.duration(address, now)
+                done = tool.block(address, duration, now)
+            else:
+                done = tool.unblock(address, now)
+            for line in tool.log:
+                print(line)
+            if not done:
+                print(f"portsentry: {args.command}: nothing to do for {address}"
+                      if args.command == "unblock" else f"portsentry: could not block {address}",
+                      file=sys.stderr)
+            return 0 if done else 1
+        finally:
+            tool.close()
+    except (ConfigError, admin.AdminError, StoreError, OSError) as error:
+        print(f"portsentry: {error}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in and args_in[0] in ADMIN_COMMANDS:
+        return admin_main(args_in)
     try:
         modes, rest = split_modes(args_in)
     except UsageError as error:
@@ -145,11 +236,14 @@ def open_ignore(config: Config) -> IgnoreSource:
 
 
 def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
+    from .admin import open_backend, store_path
+    from .bans import BanManager, BanPolicy
     from .daemon import Daemon
     from .responders.classic import ClassicResponder
     from .responders.hostsdeny import HostsDeny
     from .sensors.capture import CaptureError
     from .sensors.factory import build_sensors
+    from .store import BanStore, StoreError
 
     syslog = None if args.no_syslog else SyslogWriter(args.syslog_socket)
     journal = Journal(syslog, config.history_file, config.blocked_file,
@@ -173,12 +267,22 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         with open(args.pid_file, "w", encoding="ascii") as handle:
             handle.write(f"{os.getpid()}\n")
 
-    responder = ClassicResponder(HostsDeny(config.hosts_deny_file), journal.log,
-                                 config.command_timeout,
-                                 verbose_log=lambda text: journal.log(text, verbose=True))
+    hosts_deny = HostsDeny(config.hosts_deny_file)
+    try:
+        store = BanStore(store_path(config))
+        bans = BanManager(store, open_backend(config), hosts_deny, BanPolicy.from_config(config),
+                          journal.log)
+    except (ConfigError, StoreError) as error:
+        print(f"portsentry: {error}", file=sys.stderr)
+        journal.log(messages.config_error(str(error)))
+        for line in messages.shutting_down():
+            journal.log(line)
+        return 1
+    responder = ClassicResponder(hosts_deny, journal.log, config.command_timeout,
+                                 verbose_log=lambda text: journal.log(text, verbose=True), bans=bans)
     resolver = Resolver() if config.resolve_host else None
     daemon = Daemon(config, modes, journal, ignore, build_sensors(config, modes, journal.log, time.time),
-                    responder, resolver)
+                    responder, resolver, bans=bans)
     daemon.install_signal_handlers()
     status = 0
     try:
@@ -195,6 +299,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     for line in messages.shutting_down():
         journal.log(line)
     journal.close()
+    store.close()
     if args.pid_file:
         with contextlib.suppress(OSError):
             os.unlink(args.pid_file)

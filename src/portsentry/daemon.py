@@ -19,6 +19,7 @@ from types import FrameType
 
 from . import messages
 from .actions import Action, Block, Log, Record, SendBanner
+from .bans import BanManager
 from .config import Config
 from .engine import Engine, EngineSettings
 from .ignore import IgnoreSource
@@ -42,6 +43,8 @@ class Daemon:
         responder: ClassicResponder,
         resolver: Resolver | None = None,
         clock: Clock = time.time,
+        bans: BanManager | None = None,
+        tick: float = 1.0,
     ) -> None:
         self.config = config
         self.modes = tuple(modes)
@@ -51,13 +54,18 @@ class Daemon:
         self.responder = responder
         self.resolver = resolver
         self.clock = clock
+        self.bans = bans
+        self.tick = tick
+        self._next_tick = 0.0
+        self._tick_running = False
         self.engine = Engine(EngineSettings.from_config(config), ignore.current(clock()))
         self._ignore_error: str | None = None
         self.probes_seen = 0
         self._selector = selectors.DefaultSelector()
         self._stopping = False
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="responder")
-        self._finished: queue.SimpleQueue[tuple[Block, bool]] = queue.SimpleQueue()
+        # Work finished on a responder thread that the engine (main thread only) must hear about.
+        self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
@@ -73,6 +81,9 @@ class Daemon:
                 any_open = True
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
         self.journal.start_session(list(self.modes))
+        if self.bans is not None:
+            active = self.bans.restore(self.clock())
+            self.engine.sync_bans({ban.address for ban in active})
         return any_open
 
     def request_stop(self, *_args: object) -> None:
@@ -100,7 +111,8 @@ class Daemon:
                     sensor: Sensor = key.data
                     for hit in sensor.read(key.fileobj):  # type: ignore[arg-type]
                         self.handle(hit)
-            self._collect_finished()
+            self._run_main_calls()
+            self._maybe_tick()
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -108,7 +120,7 @@ class Daemon:
             sensor.close()
         # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded.
         self._workers.shutdown(wait=True)
-        self._collect_finished()
+        self._run_main_calls()
         if self.resolver is not None:
             self.resolver.close()
         self._selector.close()
@@ -154,19 +166,49 @@ class Daemon:
             except Exception as error:  # a responder bug must not lose the outcome
                 self.journal.log(messages.config_error(f"responder failed: {error!r}"))
                 succeeded = False
-            self._finished.put((block, succeeded))
-            with contextlib.suppress(OSError):
-                self._wake_write.send(b"\0")
+            self._call_on_main(
+                lambda: self.perform(self.engine.finished(block, succeeded, self.clock())))
 
         future.add_done_callback(done)
 
-    def _collect_finished(self) -> None:
+    def _call_on_main(self, call: Callable[[], None]) -> None:
+        self._main_calls.put(call)
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+
+    def _run_main_calls(self) -> None:
         while True:
             try:
-                block, succeeded = self._finished.get_nowait()
+                call = self._main_calls.get_nowait()
             except queue.Empty:
                 return
-            self.perform(self.engine.finished(block, succeeded, self.clock()))
+            call()
+
+    def _maybe_tick(self) -> None:
+        """Once a second: lift expired bans and catch up with `block`/`unblock` from the CLI."""
+        now = self.clock()
+        if self.bans is None or self._tick_running or now < self._next_tick:
+            return
+        self._next_tick = now + self.tick
+        self._tick_running = True
+        bans = self.bans
+
+        def tick() -> None:
+            try:
+                bans.expire(now)
+                active = {ban.address for ban in bans.store.active(now)}
+            except Exception as error:  # the store may be unreadable for a while (disk full)
+                self.journal.log(messages.store_failed(repr(error)))
+                active = None
+
+            def apply() -> None:
+                self._tick_running = False
+                if active is not None:
+                    self.engine.sync_bans(active)
+
+            self._call_on_main(apply)
+
+        self._workers.submit(tick)
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):

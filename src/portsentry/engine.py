@@ -37,6 +37,7 @@ class EngineSettings:
     kill_run_cmd: str | None = None
     kill_run_cmd_first: bool = False
     port_banner: str | None = None
+    native_ban: bool = False  # BAN_BACKEND is not "none"
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings:
@@ -49,6 +50,7 @@ class EngineSettings:
             kill_run_cmd=config.kill_run_cmd,
             kill_run_cmd_first=config.kill_run_cmd_first,
             port_banner=config.port_banner,
+            native_ban=config.ban_backend != "none",
         )
 
     def block_level(self, protocol: Protocol) -> int:
@@ -62,6 +64,8 @@ class EngineSettings:
         if level != 1:
             return ()
         blocking: tuple[Step, ...] = ()
+        if self.native_ban:
+            blocking += (Step(StepKind.NATIVE, ""),)
         if self.kill_hosts_deny:
             blocking += (Step(StepKind.HOSTS_DENY, self.kill_hosts_deny),)
         if self.kill_route:
@@ -100,6 +104,8 @@ class Engine:
         self._rings: dict[Mode, TriggerRing] = {mode: TriggerRing(capacity) for mode in Mode}
         # Blocked (or being blocked) sources per mode: 1.2 kept one blocked file per mode.
         self._blocked: dict[Mode, set[IPAddress]] = {mode: set() for mode in Mode}
+        # Sources a Block succeeded for: the ban store decides when they are free again.
+        self._banned: set[IPAddress] = set()
 
     def is_blocked(self, mode: Mode, source: IPAddress) -> bool:
         return source in self._blocked[mode]
@@ -141,9 +147,21 @@ class Engine:
             actions.append(Record(probe, now))
         return actions
 
+    def sync_bans(self, active: set[IPAddress]) -> None:
+        """Make the engine agree with the ban store: lifted bans (expired, or `unblock`) are
+        forgotten so the next hit acts again; bans made elsewhere (`block`) count as blocked."""
+        for source in self._banned - active:
+            for blocked in self._blocked.values():
+                blocked.discard(source)
+        for source in active:
+            for blocked in self._blocked.values():
+                blocked.add(source)
+        self._banned = set(active)
+
     def finished(self, block: Block, succeeded: bool, now: float) -> list[Action]:
         """The daemon reports the outcome of a Block it carried out."""
         if succeeded:
+            self._banned.add(block.probe.source)
             return [Record(block.probe, now)]
         # Forget the attempt so the next hit tries again.
         self._blocked[block.probe.mode].discard(block.probe.source)

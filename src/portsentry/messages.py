@@ -184,3 +184,27 @@ def accept_failed(port: int) -> str:
 
 def file_error(kind: str, path: str, detail: str) -> str:
     return f"adminalert: ERROR: Cannot open {kind} file: {path}. ({detail})"
+
+
+# -- ban lifecycle (ours; 1.2 never lifted a block) --------------------------------------------
+
+
+def blocked_via_native(target: str, backend: str, duration: float | None) -> str:
+    how_long = "forever" if duration is None else f"for {int(duration)} seconds"
+    return f"attackalert: Host {target} has been blocked via {backend} {how_long}"
+
+
+def native_block_failed(target: str, backend: str, detail: str) -> str:
+    return f"adminalert: ERROR: There was an error trying to block host {target} via {backend}: {detail}"
+
+
+def native_unblock_failed(target: str, detail: str) -> str:
+    return f"adminalert: ERROR: There was an error trying to unblock host {target}: {detail}"
+
+
+def unblocked(target: str, reason: str) -> str:
+    return f"attackalert: Host {target} has been unblocked: {reason}"
+
+
+def store_failed(detail: str) -> str:
+    return f"adminalert: ERROR: ban store: {detail}"

@@ -85,8 +85,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _BAN_COLUMNS = (
-    "address, reason, mode, port, first_seen, last_seen, count, expires, offences, "
-    "hosts_deny_line, backends"
+    "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, backends"
 )
 # A ban is active at time ? while its expiry lies after it (or it has none).
 _ACTIVE = "(expires IS NULL OR expires > ?)"
@@ -143,7 +142,7 @@ def ban_duration(base: float, factor: float, cap: float, offences: int) -> float
     if base == 0:
         return None
     try:
-        duration = base * factor**offences
+        duration = float(base) * float(factor) ** offences
     except OverflowError:
         duration = float("inf")
     if cap and duration > cap:
@@ -231,10 +230,11 @@ class BanStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     # -- bans --------------------------------------------------------------------------------
 
@@ -471,4 +471,3 @@ def _ban_from_row(row: tuple[object, ...]) -> Ban:
         hosts_deny_line=cast("str | None", line),
         backends=tuple(json.loads(cast(str, backends))),
     )
-

@@ -767,6 +767,7 @@ class Daemon:
             "HISTORY_FILE": str(self.history_path),
             "BLOCKED_FILE": str(self.blocked_path),
             "HOSTS_DENY_FILE": str(self.hosts_deny_path),
+            "STATE_DIR": str(workdir / "state"),
             "BLOCK_TCP": "0",
             "BLOCK_UDP": "0",
             "SCAN_TRIGGER": "0",

@@ -49,10 +49,12 @@ def test_already_blocked_and_no_duplicate_hosts_deny_lines(daemon_factory, names
     assert tcp_connect(net.scanner, net.target_ip4, 11).connected
     syslog.wait_for(f"attackalert: Host: {scanner} is already blocked. Ignoring")
     daemon.stop()
-    # A restart forgets the session (as 1.2 did) but never writes the same hosts.deny line twice.
+    # Unlike 1.2, a restart remembers the ban (ban store): still blocked, no second hosts.deny line.
     daemon.start()
     assert tcp_connect(net.scanner, net.target_ip4, 15).connected
-    syslog.wait_count("has been blocked via wrappers", 2)
+    syslog.wait_count(f"attackalert: Host: {scanner} is already blocked. Ignoring", 2)
+    assert syslog.find_all("has been blocked via wrappers") and len(
+        syslog.find_all("has been blocked via wrappers")) == 1
     assert daemon.hosts_deny_text().splitlines() == [f"ALL: {scanner}"]
 
 

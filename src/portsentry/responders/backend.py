@@ -95,6 +95,8 @@ class BanBackend(abc.ABC):
 
     name: ClassVar[str]
     families: ClassVar[frozenset[int]] = frozenset({4, 6})
+    # Constructor keywords pick_backend may pass on.
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, runner: Runner = run_argv) -> None:
         self.runner = runner
@@ -155,16 +157,12 @@ def _registry() -> dict[str, type[BanBackend]]:
     return {"nftables": NftablesBackend, "ipset": IpsetBackend, "route": RouteBackend}
 
 
-def backend_names() -> tuple[str, ...]:
-    return AUTO_ORDER
-
-
 def pick_backend(
     preferred: str | None, runner: Runner = run_argv, **options: Any
 ) -> BanBackend | None:
     """The backend named `preferred` if it works here, else (with None or "auto") the first of
     nftables, ipset, route that does; None when nothing works. `options` go to the constructor
-    of whichever backend accepts them (unknown keywords are dropped for the others)."""
+    of whichever backend accepts them; a keyword no backend knows is a ValueError."""
     registry = _registry()
     if preferred in (None, "auto"):
         order: Sequence[str] = AUTO_ORDER
@@ -174,9 +172,14 @@ def pick_backend(
         raise ValueError(
             f"unknown ban backend {preferred!r} (choose one of: auto, {', '.join(AUTO_ORDER)})"
         )
+    known: set[str] = set().union(*(cls.OPTIONS for cls in registry.values()))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown ban backend option(s): {', '.join(unknown)}")
     for name in order:
         cls = registry[name]
-        accepted = getattr(cls, "OPTIONS", frozenset())
+        accepted = cls.OPTIONS
+        # In auto mode each candidate takes the options meant for it and ignores the rest.
         backend = cls(runner=runner, **{k: v for k, v in options.items() if k in accepted})
         if backend.is_supported():
             return backend

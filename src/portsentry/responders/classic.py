@@ -8,7 +8,10 @@ failed command as a block. The host counts as blocked when at least one blocking
 
 from __future__ import annotations
 
+import enum
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .. import messages
 from ..actions import Block, StepKind
@@ -16,7 +19,18 @@ from .hostsdeny import HostsDeny, HostsDenyError
 from .shell import CommandResult, run_shell
 from .substitute import hosts_deny_entry, substitute
 
+if TYPE_CHECKING:
+    from ..bans import BanManager
+
 Logger = Callable[[str], None]
+
+
+class UsePolicy(enum.Enum):
+    """Marks "no override": the ban lasts as long as BLOCK_TIME and escalation say."""
+
+    YES = "yes"
+
+
 Runner = Callable[[str, float], CommandResult]
 
 
@@ -28,21 +42,36 @@ class ClassicResponder:
         timeout: float,
         runner: Runner = run_shell,
         verbose_log: Logger | None = None,
+        bans: BanManager | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.bans = bans
+        self.clock = clock
         self.hosts_deny = hosts_deny
         self.timeout = timeout
         self._log = log
         self._verbose = verbose_log or (lambda _text: None)
         self._run = runner
 
-    def carry_out(self, block: Block) -> bool:
+    def carry_out(self, block: Block, duration: float | UsePolicy | None = UsePolicy.YES) -> bool:
+        """Run the steps; `duration` overrides the ban policy (seconds, or None = forever)."""
         probe = block.probe
         target = str(probe.source)
         blocking_steps = 0
         blocking_done = 0
         command_ok = True
+        hosts_deny_line: str | None = None
+        native = False
+        if isinstance(duration, UsePolicy):
+            duration = self.bans.duration(probe.source, self.clock()) if self.bans else None
         for step in block.steps:
-            if step.kind is StepKind.HOSTS_DENY:
+            if step.kind is StepKind.NATIVE:
+                if self.bans is None:
+                    continue
+                blocking_steps += 1
+                native = self.bans.ban_native(probe.source, duration)
+                blocking_done += native
+            elif step.kind is StepKind.HOSTS_DENY:
                 blocking_steps += 1
                 line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
                 try:
@@ -53,6 +82,7 @@ class ClassicResponder:
                         self._log(text)
                     continue
                 blocking_done += 1
+                hosts_deny_line = line
                 self._log(messages.blocked_via_wrappers(target, line))
             else:
                 command = substitute(step.template, probe.source, probe.port, probe.mode)
@@ -71,9 +101,12 @@ class ClassicResponder:
                         self._log(messages.external_command(target, command))
                     else:
                         self._log(messages.command_failed(target, detail))
-        if blocking_steps:
-            return blocking_done > 0
-        return command_ok
+        succeeded = blocking_done > 0 if blocking_steps else command_ok
+        if succeeded and self.bans is not None:
+            self.bans.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
+                               now=self.clock(), duration=duration, hosts_deny_line=hosts_deny_line,
+                               native=native)
+        return succeeded
 
 
 def _describe(result: CommandResult) -> str:

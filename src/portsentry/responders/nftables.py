@@ -25,6 +25,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -48,6 +49,8 @@ CHAIN = "filter"
 # Elements per netlink message in add_many: a batch of three such messages stays well below the
 # default 208 KiB socket send buffer even for IPv6 (about 40 bytes per element).
 BATCH_ELEMENTS = 1024
+LISTING_ATTEMPTS = 10
+LISTING_RETRY_DELAY = 0.2
 
 # ---------------------------------------------------------------------------------------------
 # nf_tables netlink, declared once (linux/netlink.h, linux/netfilter/nfnetlink.h, nf_tables.h)
@@ -368,8 +371,8 @@ class NftablesBackend(BanBackend):
         for address, timeout in bans:
             address_text(address)
             latest[address] = check_timeout(timeout)
-        v4 = [(a, t) for a, t in latest.items() if a.version == 4]
-        v6 = [(a, t) for a, t in latest.items() if a.version == 6]
+        v4: list[tuple[IPAddress, float | None]] = [(a, t) for a, t in latest.items() if a.version == 4]
+        v6: list[tuple[IPAddress, float | None]] = [(a, t) for a, t in latest.items() if a.version == 6]
         return [(name, items) for name, items in ((SET4, v4), (SET6, v6)) if items]
 
     # -- the interface --------------------------------------------------------------------------
@@ -418,7 +421,17 @@ class NftablesBackend(BanBackend):
         found: dict[IPAddress, float | None] = {}
         for set_name in (SET4, SET6):
             argv = [NFT, "-j", "list", "set", "inet", self.table, set_name]
-            found.update(parse_set_json(self.run(argv).stdout, " ".join(argv)))
+            # A listing taken while the kernel grows the set's hash table can repeat some
+            # elements and miss others (seen right after a 100k restore); a repeat gives it away,
+            # and a later listing is whole again.
+            for attempt in range(LISTING_ATTEMPTS):
+                try:
+                    found.update(parse_set_json(self.run(argv).stdout, " ".join(argv)))
+                    break
+                except InconsistentListing:
+                    if attempt == LISTING_ATTEMPTS - 1:
+                        raise
+                    time.sleep(LISTING_RETRY_DELAY)
         return found
 
     def teardown(self) -> None:
@@ -436,6 +449,10 @@ class NftablesBackend(BanBackend):
                 f"hook {self.hook} priority {self.priority}, bans via {how}")
 
 
+class InconsistentListing(BackendError):
+    """A set listing named an element twice, so it was taken while the set was being rehashed."""
+
+
 def parse_set_json(text: str, source: str = "nft -j") -> dict[IPAddress, float | None]:
     """Elements of one set from `nft -j list set`: address -> seconds left (None = no timeout)."""
     try:
@@ -449,6 +466,8 @@ def parse_set_json(text: str, source: str = "nft -j") -> dict[IPAddress, float |
             continue
         for entry in obj["set"].get("elem", []):
             value, expires = _element_value(entry, source)
+            if value in found:
+                raise InconsistentListing(f"{source}: {value} listed twice (set being resized)")
             found[value] = expires
     return found
 

@@ -1,0 +1,158 @@
+"""The ban lifecycle: how long a ban lasts, putting it in the native backend, lifting it again.
+
+The ban store is the shared truth between the daemon and the `block`/`unblock`/`list` commands:
+whoever bans or lifts writes the store and changes the kernel and hosts.deny; the daemon re-reads
+the store once a second and forgets hosts that were lifted behind its back. Lifting removes an
+address from everything that holds it: the native backend, the exact hosts.deny line we wrote,
+and whatever KILL_ROUTE_UNDO undoes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import messages
+from .config import Config
+from .probe import IPAddress, Mode
+from .responders.backend import BackendError, BanBackend
+from .responders.hostsdeny import HostsDeny, HostsDenyError
+from .responders.shell import CommandResult, run_shell
+from .responders.substitute import substitute
+from .store import Ban, BanStore, StoreError, ban_duration
+
+Logger = Callable[[str], None]
+Runner = Callable[[str, float], CommandResult]
+
+
+@dataclass(frozen=True)
+class BanPolicy:
+    base: int = 0  # BLOCK_TIME seconds; 0 = forever
+    factor: float = 2.0
+    cap: int = 7 * 86400
+    undo: str | None = None  # KILL_ROUTE_UNDO
+    command_timeout: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> BanPolicy:
+        return cls(config.block_time, config.block_time_factor, config.block_time_max,
+                   config.kill_route_undo, config.command_timeout)
+
+
+class BanManager:
+    """Thread-safe: responder threads ban, the expiry tick and the CLI lift."""
+
+    def __init__(
+        self,
+        store: BanStore,
+        backend: BanBackend | None,
+        hosts_deny: HostsDeny,
+        policy: BanPolicy,
+        log: Logger,
+        runner: Runner = run_shell,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.hosts_deny = hosts_deny
+        self.policy = policy
+        self._log = log
+        self._run = runner
+        self._lock = threading.Lock()
+
+    def duration(self, address: IPAddress, now: float) -> float | None:
+        """Seconds the next ban of `address` lasts, grown for repeat offenders."""
+        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap,
+                            self.store.offences(address, now))
+
+    def ban_native(self, address: IPAddress, duration: float | None) -> bool:
+        if self.backend is None:
+            return False
+        try:
+            self.backend.add(address, duration)
+        except (BackendError, OSError) as error:
+            self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
+            return False
+        self._log(messages.blocked_via_native(str(address), self.backend.describe(), duration))
+        return True
+
+    def remember(
+        self, address: IPAddress, *, reason: str, mode: str, port: int, now: float,
+        duration: float | None, hosts_deny_line: str | None, native: bool,
+    ) -> Ban | None:
+        backends = (self.backend.name,) if native and self.backend is not None else ()
+        try:
+            return self.store.ban(address, reason=reason, mode=mode, port=port, now=now,
+                                  duration=duration, hosts_deny_line=hosts_deny_line,
+                                  backends=backends)
+        except (StoreError, OSError) as error:
+            # The block itself stands; only its expiry bookkeeping is lost for now.
+            self._log(messages.store_failed(str(error)))
+            return None
+
+    def lift(self, address: IPAddress, now: float, reason: str) -> bool:
+        """Unblock everywhere; True when the store had a ban for it."""
+        with self._lock:
+            ban = self.store.get(address)
+            self._undo(address, ban)
+            lifted = self.store.lift(address, now, reason)
+        if lifted is not None:
+            self._log(messages.unblocked(str(address), reason))
+        return lifted is not None
+
+    def _undo(self, address: IPAddress, ban: Ban | None) -> None:
+        if self.backend is not None:
+            try:
+                self.backend.remove(address)
+            except (BackendError, OSError) as error:
+                self._log(messages.native_unblock_failed(str(address), str(error)))
+        if ban is not None and ban.hosts_deny_line:
+            try:
+                self.hosts_deny.remove(ban.hosts_deny_line)
+            except (HostsDenyError, OSError, ValueError) as error:
+                self._log(messages.config_error(f"cannot remove {ban.hosts_deny_line!r} from "
+                                                f"{self.hosts_deny.path}: {error}"))
+        if self.policy.undo:
+            command = substitute(self.policy.undo, address, ban.port if ban else 0, _mode_of(ban))
+            result = self._run(command, self.policy.command_timeout)
+            if not result.ok:
+                self._log(messages.command_failed(str(address), f'"{command}" exit status '
+                                                  f"{result.returncode}"))
+
+    def expire(self, now: float) -> list[IPAddress]:
+        """Lift every ban whose time is up; returns the addresses lifted."""
+        lifted = []
+        for ban in self.store.expired(now):
+            if self.lift(ban.address, now, "ban expired"):
+                lifted.append(ban.address)
+        return lifted
+
+    def restore(self, now: float) -> list[Ban]:
+        """At start: lift what expired while we were down, re-apply what is still active.
+
+        Every step is idempotent (set elements, hosts.deny lines), so nothing is duplicated.
+        """
+        self.expire(now)
+        active = self.store.active(now)
+        if self.backend is not None and active:
+            try:
+                self.backend.add_many(
+                    (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
+                    for ban in active
+                )
+            except (BackendError, OSError) as error:
+                self._log(messages.native_block_failed("(restore)", self.backend.describe(), str(error)))
+        for ban in active:
+            if ban.hosts_deny_line:
+                try:
+                    self.hosts_deny.add(ban.hosts_deny_line)
+                except (HostsDenyError, OSError, ValueError) as error:
+                    self._log(messages.config_error(f"cannot restore {ban.hosts_deny_line!r}: {error}"))
+        return active
+
+
+def _mode_of(ban: Ban | None) -> Mode:
+    try:
+        return Mode(ban.mode) if ban is not None else Mode.TCP
+    except ValueError:
+        return Mode.TCP

@@ -1,0 +1,178 @@
+"""The ipset ban backend for iptables hosts: bans are members of two timeout sets (`portsentry4`,
+`portsentry6`) matched by one DROP rule each in iptables and ip6tables, so the packet path costs
+one hash lookup however many bans there are, and the kernel expires them.
+
+ipset timeouts are whole seconds up to MAX_TIMEOUT; longer bans are clamped to it (the daemon,
+which keeps its own ban records, re-adds them at start). `-exist` makes add refresh the timeout
+and del accept an absent member.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from ipaddress import ip_address
+from typing import ClassVar
+
+from portsentry.probe import IPAddress
+from portsentry.responders.backend import (
+    BackendError,
+    BanBackend,
+    Runner,
+    address_text,
+    check_timeout,
+    run_argv,
+)
+
+IPSET = "ipset"
+# The kernel stores ipset timeouts in milliseconds in 32 bits.
+MAX_TIMEOUT = 2147483
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,29}")
+_CHAIN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,28}")
+# iptables -C: 1 means "no such rule"; anything else but 0 is an error.
+_RULE_ABSENT = 1
+
+
+def seconds(timeout: float | None) -> int:
+    """ipset's timeout value: 0 is "forever", otherwise whole seconds rounded up, clamped."""
+    timeout = check_timeout(timeout)
+    if timeout is None:
+        return 0
+    return min(MAX_TIMEOUT, max(1, math.ceil(timeout - 1e-9)))
+
+
+class IpsetBackend(BanBackend):
+    """Bans as ipset members behind one iptables/ip6tables DROP rule per family."""
+
+    name: ClassVar[str] = "ipset"
+    families: ClassVar[frozenset[int]] = frozenset({4, 6})
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({"set_prefix", "chain", "maxelem"})
+
+    def __init__(
+        self,
+        set_prefix: str = "portsentry",
+        chain: str = "INPUT",
+        maxelem: int = 262144,
+        runner: Runner = run_argv,
+    ) -> None:
+        super().__init__(runner)
+        if not _NAME.fullmatch(set_prefix):
+            raise ValueError(f"ipset set_prefix {set_prefix!r} must be a letter then up to 29 "
+                             "letters, digits, '_', '.' or '-'")
+        if not _CHAIN.fullmatch(chain):
+            raise ValueError(f"iptables chain {chain!r} is not a valid chain name")
+        if isinstance(maxelem, bool) or not isinstance(maxelem, int) or maxelem < 1:
+            raise ValueError(f"ipset maxelem must be a positive integer, not {maxelem!r}")
+        self.set4, self.set6 = f"{set_prefix}4", f"{set_prefix}6"
+        self.chain, self.maxelem = chain, maxelem
+
+    def _set_for(self, address: IPAddress) -> str:
+        address_text(address)
+        return self.set4 if address.version == 4 else self.set6
+
+    def _tables(self) -> tuple[tuple[str, str, str], ...]:
+        return (("iptables", self.set4, "inet"), ("ip6tables", self.set6, "inet6"))
+
+    def create_argv(self, set_name: str, family: str) -> list[str]:
+        return [IPSET, "create", set_name, "hash:ip", "family", family, "timeout", "0",
+                "maxelem", str(self.maxelem), "-exist"]
+
+    def rule_argv(self, program: str, action: str, set_name: str) -> list[str]:
+        # -w: wait for the xtables lock rather than fail when another tool holds it.
+        return [program, "-w", action, self.chain, "-m", "set", "--match-set", set_name, "src",
+                "-j", "DROP"]
+
+    def add_argv(self, address: IPAddress, timeout: float | None) -> list[str]:
+        return [IPSET, "add", self._set_for(address), address_text(address),
+                "timeout", str(seconds(timeout)), "-exist"]
+
+    def remove_argv(self, address: IPAddress) -> list[str]:
+        return [IPSET, "del", self._set_for(address), address_text(address), "-exist"]
+
+    def restore_script(self, bans: Iterable[tuple[IPAddress, float | None]]) -> str:
+        return "".join(
+            f"add {self._set_for(a)} {address_text(a)} timeout {seconds(t)}\n" for a, t in bans
+        )
+
+    def _rule_present(self, program: str, set_name: str) -> bool:
+        argv = self.rule_argv(program, "-C", set_name)
+        result = self.runner(argv, None)
+        if result.ok:
+            return True
+        if result.returncode == _RULE_ABSENT:
+            return False
+        raise BackendError(f"{' '.join(argv)} exited {result.returncode}: "
+                           f"{(result.stderr or result.stdout).strip()}")
+
+    def _existing_sets(self) -> set[str]:
+        return set(self.run([IPSET, "list", "-n"]).stdout.split())
+
+    def is_supported(self) -> bool:
+        return all(self.probe(argv) for argv in (
+            [IPSET, "list", "-n"], ["iptables", "-w", "-S", self.chain],
+            ["ip6tables", "-w", "-S", self.chain],
+        ))
+
+    def setup(self) -> None:
+        for program, set_name, family in self._tables():
+            self.run(self.create_argv(set_name, family))
+            if not self._rule_present(program, set_name):
+                self.run(self.rule_argv(program, "-I", set_name))
+
+    def add(self, address: IPAddress, timeout: float | None) -> None:
+        self.run(self.add_argv(address, timeout))
+
+    def remove(self, address: IPAddress) -> None:
+        self.run(self.remove_argv(address))
+
+    def add_many(self, bans: Iterable[tuple[IPAddress, float | None]]) -> None:
+        script = self.restore_script(bans)
+        if script:
+            self.run([IPSET, "restore", "-exist"], script)
+
+    def members(self) -> dict[IPAddress, float | None]:
+        found: dict[IPAddress, float | None] = {}
+        for set_name in (self.set4, self.set6):
+            argv = [IPSET, "save", set_name]
+            found.update(parse_save(self.run(argv).stdout, set_name, " ".join(argv)))
+        return found
+
+    def teardown(self) -> None:
+        # A set that does not exist has no rule either (ipset refuses to destroy a set in use),
+        # and `iptables -C` naming a missing set is an error rather than "absent".
+        existing = self._existing_sets()
+        for program, set_name, _family in self._tables():
+            if set_name not in existing:
+                continue
+            # A rule inserted twice (by hand, or by two daemons racing) needs deleting twice.
+            for _ in range(100):
+                if not self._rule_present(program, set_name):
+                    break
+                self.run(self.rule_argv(program, "-D", set_name))
+            self.run([IPSET, "destroy", set_name])
+
+    def describe(self) -> str:
+        return (f"ipset: sets {self.set4}/{self.set6} (maxelem {self.maxelem}) matched by one "
+                f"DROP rule each in iptables/ip6tables {self.chain}")
+
+
+def parse_save(text: str, set_name: str, source: str = "ipset save") -> dict[IPAddress, float | None]:
+    """Members of `set_name` from `ipset save` output: address -> seconds left (None = forever)."""
+    found: dict[IPAddress, float | None] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if len(words) < 3 or words[0] != "add" or words[1] != set_name:
+            continue
+        try:
+            address = ip_address(words[2])
+        except ValueError as exc:
+            raise BackendError(f"{source}: line {number}: {words[2]!r} is not an address") from exc
+        left: float | None = None
+        if "timeout" in words[3:]:
+            value = words[words.index("timeout", 3) + 1 : words.index("timeout", 3) + 2]
+            if not value or not value[0].isdigit():
+                raise BackendError(f"{source}: line {number}: bad timeout in {line!r}")
+            left = float(value[0]) or None
+        found[address] = left
+    return found
