@@ -73,7 +73,7 @@ class BanManager:
         except (BackendError, OSError) as error:
             self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
             return False
-        self._log(messages.blocked_via_native(str(address), self.backend.describe(), duration))
+        self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
         return True
 
     def remember(

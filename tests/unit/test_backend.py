@@ -3,6 +3,7 @@ Also home of `Recorder`, the fake runner the per-backend golden tests use."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -140,6 +141,5 @@ def test_run_raises_backend_error_naming_the_command() -> None:
         RouteBackend(runner=rec).add(ip_address("198.18.0.1"), None)
 
 
-def _closing_socket():  # type: ignore[no-untyped-def]
-    import socket
+def _closing_socket() -> socket.socket:
     return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

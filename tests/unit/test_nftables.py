@@ -205,8 +205,8 @@ def test_only_address_objects_reach_any_command(bad: object) -> None:
     with pytest.raises(TypeError):
         backend.add_many([(V4, 60), (bad, 60)])  # type: ignore[list-item]
     with pytest.raises(TypeError):
-        element_message("portsentry", ElementOp(NFT_MSG_NEWSETELEM, "blocked4", ((bad, None),)),
-                        1)  # type: ignore[arg-type]
+        op = ElementOp(NFT_MSG_NEWSETELEM, "blocked4", ((bad, None),))  # type: ignore[arg-type]
+        element_message("portsentry", op, 1)
     assert rec.calls == []
 
 
@@ -275,7 +275,7 @@ class FakeNetlink:
         self.sent.append(data)
         offset, index = 0, 0
         while offset < len(data):
-            length, kind, flags, seq, _ = struct.unpack_from("=IHHII", data, offset)
+            length, _kind, flags, seq, _ = struct.unpack_from("=IHHII", data, offset)
             if flags & 0x4:
                 code = self.fail.get(index, 0)
                 header = data[offset:offset + 16]

@@ -1,0 +1,163 @@
+"""One real run of each ban backend that works here, inside throwaway namespaces: a banned scanner
+cannot complete a TCP connect to the target, an unbanned or expired one can, IPv6 too, and
+teardown leaves nothing behind. Every command runs via `ip netns exec <target>`; the nftables
+netlink socket is opened inside the target namespace and checked to be there before use."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from ipaddress import ip_address
+
+import pytest
+
+from portsentry.responders.backend import BanBackend, RunResult, run_argv
+from portsentry.responders.iproute import RouteBackend
+from portsentry.responders.ipset import IpsetBackend
+from portsentry.responders.nftables import NftablesBackend, open_netlink
+from tests.system.rig import Listener, Namespaces, eventually, namespaces_up, ns_argv, run_in, tcp_connect
+
+pytestmark = pytest.mark.system
+
+PORT = 8080
+CLONE_NEWNET = 0x40000000
+
+
+def ns_runner(ns: str) -> Callable[[Sequence[str], str | None], RunResult]:
+    def run(argv: Sequence[str], stdin: str | None = None) -> RunResult:
+        return run_argv(ns_argv(ns, argv), stdin)
+    return run
+
+
+def netns_socket_factory(ns: str) -> Callable[[], socket.socket]:
+    """Opens the netlink socket from a short-lived thread that has joined namespace `ns`; the
+    socket stays bound to that namespace, the test process's own threads never leave theirs."""
+
+    def factory() -> socket.socket:
+        outcome: list[socket.socket | BaseException] = []
+
+        def work() -> None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if libc.setns(fd, CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
+                    # Refuse to hand out a socket unless this thread really is in `ns`.
+                    if os.stat("/proc/thread-self/ns/net").st_ino != os.fstat(fd).st_ino:
+                        raise RuntimeError(f"thread is not in namespace {ns} after setns")
+                    outcome.append(open_netlink())
+                finally:
+                    os.close(fd)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=work, name=f"setns-{ns}")
+        thread.start()
+        thread.join()
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    return factory
+
+
+BACKENDS = ["nftables-netlink", "nftables-cli", "ipset", "route"]
+
+
+def make_backend(kind: str, ns: str) -> BanBackend:
+    runner = ns_runner(ns)
+    if kind == "nftables-netlink":
+        return NftablesBackend(runner=runner, socket_factory=netns_socket_factory(ns))
+    if kind == "nftables-cli":
+        return NftablesBackend(runner=runner, mechanism="cli")
+    if kind == "ipset":
+        return IpsetBackend(runner=runner)
+    return RouteBackend(runner=runner)
+
+
+@pytest.fixture
+def net() -> Iterator[Namespaces]:
+    with namespaces_up() as namespaces:
+        yield namespaces
+
+
+def can_connect(net: Namespaces, target: str, timeout: float = 1.0) -> bool:
+    return tcp_connect(net.scanner, target, PORT, timeout=timeout).connected
+
+
+def leftovers(net: Namespaces) -> dict[str, str]:
+    """What any backend might have left in the target namespace."""
+    out = {
+        "nft": run_in(net.target, ["nft", "list", "tables"]).stdout,
+        "ipset": run_in(net.target, ["ipset", "list", "-n"]).stdout,
+        "iptables": run_in(net.target, ["iptables", "-S"]).stdout
+        + run_in(net.target, ["ip6tables", "-S"]).stdout,
+        "routes": run_in(net.target, ["ip", "-4", "route", "show", "type", "blackhole"]).stdout
+        + run_in(net.target, ["ip", "-6", "route", "show", "type", "blackhole"]).stdout,
+    }
+    return out
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_backend_blocks_unblocks_and_cleans_up(kind: str, net: Namespaces) -> None:
+    backend = make_backend(kind, net.target)
+    if not backend.is_supported():
+        pytest.skip(f"{backend.name} is not supported here")
+    scanner4, scanner6 = ip_address(net.scanner_ip4), ip_address(net.scanner_ip6)
+    # Someone else's nftables table, which nothing of ours may touch.
+    run_in(net.target, ["nft", "add", "table", "inet", "someone_else"], check=True)
+    before = leftovers(net)
+
+    with Listener(net.target, "tcp", PORT):
+        assert can_connect(net, net.target_ip4, 3) and can_connect(net, net.target_ip6, 3)
+
+        backend.setup()
+        backend.setup()
+        backend.add(scanner4, None)
+        backend.add(scanner6, 3600)
+        members = backend.members()
+        assert scanner4 in members and scanner6 in members
+        assert not can_connect(net, net.target_ip4)
+        assert not can_connect(net, net.target_ip6)
+        # The second scanner is not banned and still gets in.
+        assert tcp_connect(net.scanner2, net.target2_ip4, PORT, timeout=3).connected
+
+        backend.remove(scanner4)
+        backend.remove(scanner6)
+        backend.remove(scanner6)  # absent is fine
+        assert scanner4 not in backend.members()
+        assert can_connect(net, net.target_ip4, 3) and can_connect(net, net.target_ip6, 3)
+
+        if kind.startswith("nftables") or kind == "ipset":
+            # The kernel lifts the ban by itself.
+            backend.add_many([(scanner4, 2.0), (scanner6, 2.0)])
+            started = time.monotonic()
+            assert not can_connect(net, net.target_ip4, 0.5)
+            assert not can_connect(net, net.target_ip6, 0.5)
+            eventually(lambda: not backend.members(), timeout=6, what="bans to expire")
+            assert time.monotonic() - started >= 1.0
+            assert can_connect(net, net.target_ip4, 3) and can_connect(net, net.target_ip6, 3)
+        else:
+            backend.add_many([(scanner4, None), (scanner6, None)])
+            assert not can_connect(net, net.target_ip4)
+            assert not can_connect(net, net.target_ip6)
+
+        backend.add(scanner4, None)
+        backend.teardown()
+        backend.teardown()
+        assert can_connect(net, net.target_ip4, 3) and can_connect(net, net.target_ip6, 3)
+
+    after = leftovers(net)
+    assert "someone_else" in after["nft"]
+    assert "portsentry" not in after["nft"] and "portsentry" not in after["ipset"]
+    assert "match-set" not in after["iptables"]
+    assert after["routes"] == ""
+    if kind != "ipset":
+        assert after == before

@@ -1,0 +1,110 @@
+"""Native bans with expiry, kept across restarts and crashes, and the block/unblock/list commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from tests.system.rig import Daemon, daemon_env, eventually, nmap, nmap_ports, run_in, tcp_connect
+
+NFT = {"BAN_BACKEND": "nftables", "BLOCK_TCP": "1", "KILL_HOSTS_DENY": "ALL: $TARGET$"}
+
+
+def nft_set(ns: str, name: str = "blocked4") -> list[str]:
+    """Addresses in our nftables set inside namespace `ns`."""
+    out = run_in(ns, ["nft", "-j", "list", "set", "inet", "portsentry", name]).stdout
+    if not out.strip():
+        return []
+    elements = []
+    for item in json.loads(out)["nftables"]:
+        for element in item.get("set", {}).get("elem", []):
+            value = element["elem"]["val"] if isinstance(element, dict) and "elem" in element else element
+            elements.append(str(value))
+    return elements
+
+
+def admin(daemon: Daemon, *args: str) -> str:
+    argv = [sys.executable, "-m", "portsentry", *args, "-c", str(daemon.conf_path)]
+    result = run_in(daemon.net.target, argv, env=daemon_env())
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_scan_bans_in_nftables_until_block_time_passes(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = daemon_factory("-stcp", BLOCK_TIME="4", **NFT)
+    nmap(net.scanner, ["-sS", "-p", "1,111", "--max-retries", "0", net.target_ip4])
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via nftables")
+    assert nft_set(net.target) == [net.scanner_ip4]
+    follow_up = nmap(net.scanner, ["-sS", "-p", "1,111", "--max-retries", "0", net.target_ip4])
+    assert set(nmap_ports(follow_up.stdout).values()) == {"filtered"}, follow_up.stdout
+    # After BLOCK_TIME the element is gone, the hosts.deny line too, and the scanner gets through.
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been unblocked: ban expired", timeout=15)
+    assert nft_set(net.target) == []
+    assert daemon.hosts_deny_text() == ""
+    again = nmap(net.scanner, ["-sS", "-p", "1", "--max-retries", "0", net.target_ip4])
+    assert set(nmap_ports(again.stdout).values()) == {"closed"}, again.stdout
+
+
+def test_restart_and_kill_9_keep_bans_without_duplicates(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = daemon_factory("-tcp", BLOCK_TIME="600", **NFT)
+    assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+    syslog.wait_for("has been blocked via nftables")
+    eventually(lambda: "ALL: " in daemon.hosts_deny_text(), what="hosts.deny line")
+    daemon.stop()
+    assert nft_set(net.target) == [net.scanner_ip4]  # kept on stop: bans protect while we restart
+    daemon.start()
+    assert nft_set(net.target) == [net.scanner_ip4]
+    assert not tcp_connect(net.scanner, net.target_ip4, 11, timeout=2).connected
+    # kill -9 while a second scanner is being blocked, then start again.
+    assert tcp_connect(net.scanner2, net.target2_ip4, 1).connected
+    syslog.wait_for(f"attackalert: Host {net.scanner2_ip4} has been blocked via nftables")
+    eventually(lambda: len(daemon.hosts_deny_text().splitlines()) == 2, what="two hosts.deny lines")
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.wait_exit()
+    daemon.start()
+    assert sorted(nft_set(net.target)) == sorted([net.scanner_ip4, net.scanner2_ip4])
+    assert sorted(daemon.hosts_deny_text().splitlines()) == sorted(
+        [f"ALL: {net.scanner_ip4}", f"ALL: {net.scanner2_ip4}"])
+    listing = json.loads(admin(daemon, "list", "--json"))
+    assert sorted(row["address"] for row in listing) == sorted([net.scanner_ip4, net.scanner2_ip4])
+
+
+def test_expired_while_down_is_lifted_at_start(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = daemon_factory("-tcp", BLOCK_TIME="2", **NFT)
+    assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+    syslog.wait_for("has been blocked via nftables")
+    eventually(lambda: "ALL: " in daemon.hosts_deny_text(), what="hosts.deny line")
+    daemon.stop()
+    run_in(net.target, ["sleep", "2.5"])
+    daemon.start()
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been unblocked: ban expired")
+    assert daemon.hosts_deny_text() == ""
+    assert nft_set(net.target) == []
+
+
+def test_block_and_unblock_commands_with_and_without_the_daemon(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = daemon_factory("-tcp", BLOCK_TIME="600", **NFT)
+    out = admin(daemon, "block", net.scanner2_ip4, "--for", "10m")
+    assert "has been blocked via nftables for 600 seconds" in out
+    assert nft_set(net.target) == [net.scanner2_ip4]
+    assert daemon.hosts_deny_text().splitlines() == [f"ALL: {net.scanner2_ip4}"]
+    assert not tcp_connect(net.scanner2, net.target2_ip4, 11, timeout=2).connected
+    # The running daemon learns about the ban from the store: a hit is "already blocked".
+    out = admin(daemon, "unblock", net.scanner2_ip4)
+    assert f"Host {net.scanner2_ip4} has been unblocked: unblocked by admin" in out
+    assert nft_set(net.target) == []
+    assert daemon.hosts_deny_text() == ""
+    # Within a second the daemon forgets it too, so a new scan blocks again.
+    run_in(net.target, ["sleep", "1.5"])
+    assert tcp_connect(net.scanner2, net.target2_ip4, 11).connected
+    syslog.wait_for(f"attackalert: Host {net.scanner2_ip4} has been blocked via nftables")
+    daemon.stop()
+    out = admin(daemon, "unblock", net.scanner2_ip4)
+    assert nft_set(net.target) == []
+    assert "no active bans" in admin(daemon, "list")
