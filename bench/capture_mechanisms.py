@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import select
+import signal
 import socket
 import statistics
 import struct
@@ -64,7 +65,9 @@ RCVBUF = 4 << 20  # every mechanism gets the same 4 MiB of kernel buffer
 BATCH = 256  # packets per readiness event, as CaptureSocket.read_batch
 NFLOG_GROUP = 7
 NFT_TABLE = "cmbench"
-MECHANISMS = ("raw", "raw+bpf", "packet", "packet+bpf", "ring+bpf", "nflog")
+# "none" opens nothing: the baseline for the sender's CPU, which includes the target's kernel
+# receive path (veth delivers in the sender's context and softirq time is charged to it).
+MECHANISMS = ("none", "raw", "raw+bpf", "packet", "packet+bpf", "ring+bpf", "nflog")
 
 # ---------------------------------------------------------------------------------------------
 # Capture sources (run inside the target namespace)
@@ -334,7 +337,20 @@ class NflogSource:
         return None
 
 
+class NullSource:
+    def fds(self) -> list[int]:
+        return []
+
+    def read(self, fd: int, out: list[bytes]) -> int:
+        return 0
+
+    def kernel_drops(self) -> int | None:
+        return None
+
+
 def open_source(mechanism: str) -> Source:
+    if mechanism == "none":
+        return NullSource()
     if mechanism in ("raw", "raw+bpf"):
         return RawSource(bpf=mechanism == "raw+bpf")
     if mechanism in ("packet", "packet+bpf"):
@@ -432,6 +448,7 @@ def send(dst: str, proto: str, flags: str, count: int, rate: float) -> None:
         base = sum(struct.unpack(f"!{len(words) // 2}H", words))
     sent = 0
     start = time.monotonic()
+    cpu_start = os.times()
     while sent < count:
         due = min(count, int((time.monotonic() - start) * rate) + 1)
         while sent < due:
@@ -450,7 +467,10 @@ def send(dst: str, proto: str, flags: str, count: int, rate: float) -> None:
         if sent < count:
             time.sleep(0.0002)
     elapsed = time.monotonic() - start
-    print(json.dumps({"sent": sent, "elapsed": elapsed, "rate": sent / elapsed}), flush=True)
+    cpu_end = os.times()
+    cpu = cpu_end.user - cpu_start.user + cpu_end.system - cpu_start.system
+    print(json.dumps({"sent": sent, "elapsed": elapsed, "rate": sent / elapsed, "cpu": cpu}),
+          flush=True)
 
 
 def sink(port: int) -> None:
@@ -631,7 +651,9 @@ def visibility(rig: Any, net: Any) -> list[dict[str, Any]]:
 
 # Cost: CPU of the receiving process and loss, per workload.
 
-WORKLOADS = ("syn20k", "syn50k", "ack50k", "bulk")
+WORKLOADS = ("syn20k", "syn50k", "synmax", "stall50k", "ack50k", "bulk")
+RATES = {"syn20k": 20_000, "syn50k": 50_000, "synmax": 10_000_000, "stall50k": 50_000,
+         "ack50k": 50_000}
 PROBES = 100_000
 BULK_BYTES = 150 << 20  # ~100k MTU-sized segments with GSO off
 
@@ -649,14 +671,19 @@ def one_run(rig: Any, net: Any, mechanism: str, workload: str) -> dict[str, Any]
             sink_proc.stdout.readline()
         with receivers(rig, net.target, (mechanism,)) as (receiver,):
             rx_before = link_rx(rig, net.target)
+            if workload == "stall50k":
+                # A daemon busy elsewhere (a slow KILL_RUN_CMD): what the kernel buffer holds.
+                os.kill(receiver.proc.pid, signal.SIGSTOP)
             if workload == "bulk":
                 argv = _self("bulk", net.target_ip4, "5001", str(BULK_BYTES))
                 out = rig.run_in(net.scanner, argv, timeout=60, check=True, env=_env()).stdout
                 sent = json.loads(out)
             else:
-                rate = 20_000 if workload == "syn20k" else 50_000
+                # synmax: as fast as the Python sender goes, to find where loss starts.
                 sent = send_from(rig, net.scanner, net.target_ip4, "tcp",
-                                 "A" if workload == "ack50k" else "S", PROBES, rate)
+                                 "A" if workload == "ack50k" else "S", PROBES, RATES[workload])
+            if workload == "stall50k":
+                os.kill(receiver.proc.pid, signal.SIGCONT)
             time.sleep(0.5)
             rx = link_rx(rig, net.target) - rx_before
             result = receiver.stop()
@@ -670,7 +697,8 @@ def one_run(rig: Any, net: Any, mechanism: str, workload: str) -> dict[str, Any]
         "mechanism": mechanism, "workload": workload, "cpu": result["cpu"],
         "cpu_user": result["cpu_user"], "cpu_sys": result["cpu_sys"],
         "sent": sent.get("sent") if workload != "bulk" else None,
-        "rate": sent.get("rate"), "link_rx": rx, "delivered": result["delivered"],
+        "rate": sent.get("rate"), "sender_cpu": sent.get("cpu"), "link_rx": rx,
+        "delivered": result["delivered"],
         "probes": probes, "syscalls": result["syscalls"], "kernel_drops": result["kernel_drops"],
         "nflog_overruns": result["nflog_overruns"],
     }
@@ -683,6 +711,8 @@ def costs(rig: Any, net: Any, mechanisms: Sequence[str], workloads: Sequence[str
     for rep in range(reps):
         for workload in workloads:
             for mechanism in mechanisms:
+                if mechanism == "none" and workload not in ("syn50k", "ack50k"):
+                    continue  # the baseline only matters for the sender+kernel columns
                 run = one_run(rig, net, mechanism, workload)
                 run["rep"] = rep
                 log(json.dumps(run))
@@ -691,39 +721,55 @@ def costs(rig: Any, net: Any, mechanisms: Sequence[str], workloads: Sequence[str
 
 
 def summarize(runs: list[dict[str, Any]], mechanisms: Sequence[str], workloads: Sequence[str]) -> str:
+    """Two markdown tables of medians: probe traffic, then non-probe traffic and kernel cost."""
+
     def median(mechanism: str, workload: str, key: str) -> float:
         values = [float(r[key]) for r in runs
                   if r["mechanism"] == mechanism and r["workload"] == workload and r[key] is not None]
         return statistics.median(values) if values else float("nan")
 
-    lines = [
-        "| mechanism | CPU s/100k SYN @20k pps | loss @20k | CPU s/100k SYN @50k pps | loss @50k "
-        "| syscalls/100k SYN @20k | CPU s/100k ACK @50k | ACKs delivered | CPU s bulk TCP (~pkts) |",
+    def per_100k(mechanism: str, workload: str, key: str) -> str:
+        if workload not in workloads:
+            return "-"
+        return f"{median(mechanism, workload, key) * PROBES / median(mechanism, workload, 'sent'):.2f}"
+
+    def loss(mechanism: str, workload: str) -> str:
+        if workload not in workloads:
+            return "-"
+        sent = median(mechanism, workload, "sent")
+        text = f"{1 - median(mechanism, workload, 'probes') / sent:.1%}"
+        if workload == "synmax":
+            text += f" @{median(mechanism, workload, 'rate') / 1000:.0f}k"
+        return text
+
+    def cell(workload: str, text: str) -> str:
+        return text if workload in workloads else "-"
+
+    probes = [
+        "| mechanism | receiver CPU s /100k SYN @20k pps | loss @20k | CPU @50k | loss @50k "
+        "| CPU @max | loss @max rate | syscalls /100k SYN @20k | SYNs kept while stalled (of 100k) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    others = [
+        "| mechanism | receiver CPU s, 100k ACK @50k | ACKs delivered to Python "
+        "| receiver CPU s, bulk TCP (packets) | sender+kernel CPU s /100k ACK | same, /100k SYN @50k |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in mechanisms:
-        cells = [m]
-        if "syn20k" in workloads:
-            sent = median(m, "syn20k", "sent")
-            cells += [f"{median(m, 'syn20k', 'cpu') * PROBES / sent:.2f}",
-                      f"{1 - median(m, 'syn20k', 'probes') / sent:.1%}"]
-        else:
-            cells += ["-", "-"]
-        if "syn50k" in workloads:
-            sent = median(m, "syn50k", "sent")
-            cells += [f"{median(m, 'syn50k', 'cpu') * PROBES / sent:.2f}",
-                      f"{1 - median(m, 'syn50k', 'probes') / sent:.1%}"]
-        else:
-            cells += ["-", "-"]
-        cells.append(f"{median(m, 'syn20k', 'syscalls'):.0f}" if "syn20k" in workloads else "-")
-        if "ack50k" in workloads:
-            cells += [f"{median(m, 'ack50k', 'cpu'):.3f}", f"{median(m, 'ack50k', 'delivered'):.0f}"]
-        else:
-            cells += ["-", "-"]
-        cells.append(f"{median(m, 'bulk', 'cpu'):.3f} ({median(m, 'bulk', 'link_rx'):.0f})"
-                     if "bulk" in workloads else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        if m != "none":
+            probes.append("| " + " | ".join([
+                m, per_100k(m, "syn20k", "cpu"), loss(m, "syn20k"), per_100k(m, "syn50k", "cpu"),
+                loss(m, "syn50k"), per_100k(m, "synmax", "cpu"), loss(m, "synmax"),
+                cell("syn20k", f"{median(m, 'syn20k', 'syscalls'):.0f}"),
+                cell("stall50k", f"{median(m, 'stall50k', 'probes'):.0f}"),
+            ]) + " |")
+        others.append("| " + " | ".join([
+            m, cell("ack50k", f"{median(m, 'ack50k', 'cpu'):.2f}"),
+            cell("ack50k", f"{median(m, 'ack50k', 'delivered'):.0f}"),
+            cell("bulk", f"{median(m, 'bulk', 'cpu'):.2f} ({median(m, 'bulk', 'link_rx'):.0f})"),
+            per_100k(m, "ack50k", "sender_cpu"), per_100k(m, "syn50k", "sender_cpu"),
+        ]) + " |")
+    return "\n".join(probes) + "\n\n" + "\n".join(others)
 
 
 def machine() -> str:

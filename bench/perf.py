@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gzip
+import io
 import math
 import os
 import platform
@@ -278,7 +280,7 @@ def latency_section(results: dict[str, list[LatencyResult]], probes: int) -> Sec
     return Section(
         f"First probe to block, {probes} single SYNs from fresh addresses",
         f"one SYN to port {WATCHED_PORT} from each of 198.18.0.10-198.18.0.{9 + probes} (bench/synsend.py, "
-        "raw socket, send time taken right after sendto); time until the receiver got the line; "
+        "raw socket, send time taken just before sendto); time until the receiver got the line; "
         f"reproduce with `bench/run --only latency --latency-probes {probes}`",
         [
             row("probe sent -> detection line, median", lambda r: r.detect_ms, 50),
@@ -384,10 +386,8 @@ def machine_info(argv: Sequence[str], rev: str | None, load_at_start: str) -> di
                 cpu = line.split(":", 1)[1].strip()
                 break
     debian = "?"
-    with contextlib.suppress(OSError):
-        import gzip
-        with gzip.open(harness.DEBIAN_DOCS / "changelog.Debian.gz", "rt") as fh:
-            debian = fh.readline().split()[1].strip("()")
+    with contextlib.suppress(OSError), gzip.open(harness.DEBIAN_DOCS / "changelog.Debian.gz", "rt") as fh:
+        debian = fh.readline().split()[1].strip("()")
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["bench/run", *argv]),
@@ -413,6 +413,7 @@ def profile(directory: Path, rate: int, count: int, interval_us: int, source: Pa
     for name, run in (
         ("scan", lambda subject: measure_scan(subject, rate)),
         ("flood", lambda subject: measure_flood(subject, False, count, interval_us)),
+        ("flood-ignored", lambda subject: measure_flood(subject, True, count, interval_us)),
     ):
         out = directory / f"ours-{name}.pstats"
         run(harness.Ours(profile_to=out, source=source))
@@ -422,10 +423,9 @@ def profile(directory: Path, rate: int, count: int, interval_us: int, source: Pa
         if not out.exists():
             report.append(f"{name}: no profile written to {out}")
             continue
-        import io
         buffer = io.StringIO()
         stats = pstats.Stats(str(out), stream=buffer)
-        stats.strip_dirs().sort_stats("tottime").print_stats(25)
+        stats.strip_dirs().sort_stats("tottime").print_stats(15)
         report.append(f"==== cProfile of our daemon's main thread, {name} (by own time)\n{buffer.getvalue()}")
     return "\n".join(report)
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
+from typing import Any
 
 from . import messages
 from .actions import Block
@@ -93,36 +95,69 @@ class Admin:
         return responder.carry_out(Block(probe, settings.steps(1)), duration=duration)
 
     def unblock(self, address: IPAddress, now: float) -> bool:
-        lifted = self.bans.lift(address, now, "unblocked by admin")
-        if not lifted and self.config.kill_hosts_deny:
-            # Not in the store (e.g. blocked by an older version): remove our usual line anyway.
-            line = hosts_deny_entry(self.config.kill_hosts_deny, address, 0, Mode.TCP)
-            if self.bans.hosts_deny.remove(line):
-                self.log.append(messages.unblocked(str(address), f"removed {line!r} from hosts.deny"))
-                lifted = True
-        return lifted
+        return unblock(self.bans, self.config, address, now, self.log.append)
 
     def listing(self, now: float) -> list[dict[str, object]]:
-        return [
-            {
-                "address": str(ban.address),
-                "expires": ban.expires,
-                "remaining": None if ban.expires is None else max(0, round(ban.expires - now)),
-                "reason": ban.reason,
-                "mode": ban.mode,
-                "port": ban.port,
-                "count": ban.count,
-                "offences": ban.offences,
-                "first_seen": ban.first_seen,
-                "last_seen": ban.last_seen,
-                "backends": list(ban.backends),
-                "hosts_deny_line": ban.hosts_deny_line,
-            }
-            for ban in self.store.active(now)
-        ]
+        return ban_rows(self.store, now)
 
     def close(self) -> None:
         self.store.close()
+
+
+def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:
+    return [
+        {
+            "address": str(ban.address),
+            "expires": ban.expires,
+            "remaining": None if ban.expires is None else max(0, round(ban.expires - now)),
+            "reason": ban.reason,
+            "mode": ban.mode,
+            "port": ban.port,
+            "count": ban.count,
+            "offences": ban.offences,
+            "first_seen": ban.first_seen,
+            "last_seen": ban.last_seen,
+            "backends": list(ban.backends),
+            "hosts_deny_line": ban.hosts_deny_line,
+        }
+        for ban in store.active(now)
+    ]
+
+
+def admin_request(
+    bans: BanManager, responder: ClassicResponder, config: Config, request: dict[str, Any], now: float
+) -> dict[str, Any]:
+    """list / block / unblock as the control socket receives them (JSON in, JSON out)."""
+    command = request["command"]
+    if command == "list":
+        return {"ok": True, "bans": ban_rows(bans.store, now)}
+    address = parse_address(str(request.get("address", "")))
+    lines: list[str] = []
+    if command == "block":
+        raw = request.get("duration", "policy")
+        duration = bans.duration(address, now) if raw == "policy" else (
+            None if raw is None else float(raw))
+        settings = EngineSettings.from_config(config)
+        probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
+        done = responder.carry_out(Block(probe, settings.steps(1)), duration=duration)
+        return {"ok": done, "error": None if done else f"could not block {address}"}
+    if command == "unblock":
+        done = unblock(bans, config, address, now, lines.append)
+        return {"ok": done, "lines": lines,
+                "error": None if done else f"{address} is not blocked"}
+    return {"ok": False, "error": f"unknown command {command!r}"}
+
+
+def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
+            log: Callable[[str], None]) -> bool:
+    lifted = bans.lift(address, now, "unblocked by admin")
+    if not lifted and config.kill_hosts_deny:
+        # Not in the store (e.g. blocked by an older version): remove our usual line anyway.
+        line = hosts_deny_entry(config.kill_hosts_deny, address, 0, Mode.TCP)
+        if bans.hosts_deny.remove(line):
+            log(messages.unblocked(str(address), f"removed {line!r} from hosts.deny"))
+            lifted = True
+    return lifted
 
 
 def format_listing(rows: list[dict[str, object]]) -> str:

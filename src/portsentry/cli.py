@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, messages
+from . import __version__, control, messages
 from .config import Config, ConfigError, LoadedConfig, format_effective, load_effective
 from .hostinfo import local_addresses
 from .ignore import IgnoreFileError, IgnoreSource
@@ -85,7 +85,8 @@ def split_modes(argv: Sequence[str]) -> tuple[list[Mode], list[str]]:
     return modes, rest
 
 
-ADMIN_COMMANDS = ("block", "unblock", "list", "flush", "hosts-deny", "check")
+ADMIN_COMMANDS = ("block", "unblock", "list", "flush", "hosts-deny", "check", "status", "reload")
+NOT_RUNNING = 3  # LSB / systemctl status: "program is not running"
 
 
 def build_admin_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,9 @@ def build_admin_parser() -> argparse.ArgumentParser:
     tidy.add_argument("action", choices=["tidy"])
     tidy.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
     command("check", "check the configuration and whether hosts.deny entries can have any effect")
+    status = command("status", "is the daemon running, what it watches and blocked (exit 3: not running)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    command("reload", "re-read the configuration and ignore file (same as SIGHUP)")
     return parser
 
 
@@ -146,6 +150,20 @@ def admin_main(argv: Sequence[str]) -> int:
                 store.close()
             print(format_report(report, path=config.hosts_deny_file, dry_run=args.dry_run))
             return 0
+        if args.command == "status":
+            return show_status(config, args.json, now)
+        if args.command == "reload":
+            try:
+                answer = control.request(config.control_socket, {"command": "reload"})
+            except control.NotRunning:
+                print("portsentry is not running", file=sys.stderr)
+                return NOT_RUNNING
+            print("reloaded" if answer.get("ok") else f"portsentry: {answer.get('error')}")
+            return 0 if answer.get("ok") else 1
+        via_daemon = through_daemon(config, args)
+        if via_daemon is not None:
+            return via_daemon
+        print("(the daemon is not running: working on the ban store directly)", file=sys.stderr)
         tool = admin.Admin.open(config)
         try:
             if args.command == "list":
@@ -172,6 +190,105 @@ def admin_main(argv: Sequence[str]) -> int:
     except (ConfigError, admin.AdminError, StoreError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
+
+
+def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
+    """list/block/unblock via the control socket; None when the daemon is not running."""
+    from . import admin
+
+    message: dict[str, object] = {"command": args.command}
+    if args.command in ("block", "unblock"):
+        message["address"] = str(admin.parse_address(args.address))
+    if args.command == "block" and args.duration:
+        message["duration"] = admin.parse_duration(args.duration)
+    try:
+        answer = control.request(config.control_socket, message)
+    except control.NotRunning:
+        return None
+    except PermissionError:
+        print(f"portsentry: {config.control_socket}: permission denied (run as root)", file=sys.stderr)
+        return 1
+    if args.command == "list":
+        rows = answer.get("bans", [])
+        print(admin.as_json(rows) if args.json else admin.format_listing(rows))
+        print("(via the running daemon)", file=sys.stderr)
+        return 0
+    for line in answer.get("lines", []):
+        print(line)
+    if answer.get("ok"):
+        print(f"{args.command}: {args.address} done (via the running daemon)")
+        return 0
+    print(f"portsentry: {answer.get('error')}", file=sys.stderr)
+    return 1
+
+
+def show_status(config: Config, as_json: bool, now: float) -> int:
+    import json
+
+    try:
+        answer = control.request(config.control_socket, {"command": "status"}, timeout=10)
+    except control.NotRunning:
+        answer = {"ok": True, "status": {"running": False, **stored_bans(config, now)}}
+    except PermissionError:
+        print(f"portsentry: {config.control_socket}: permission denied (run as root)", file=sys.stderr)
+        return 4
+    state = answer.get("status", {})
+    if as_json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+    else:
+        print(format_status(state))
+    return 0 if state.get("running") else NOT_RUNNING
+
+
+def stored_bans(config: Config, now: float) -> dict[str, object]:
+    from .admin import store_path
+    from .store import BanStore, StoreError
+
+    if not os.path.exists(store_path(config)):
+        return {"active_bans": 0}
+    try:
+        store = BanStore(store_path(config))
+    except StoreError as error:
+        return {"store_error": str(error)}
+    try:
+        return {"active_bans": len(store.active(now))}
+    finally:
+        store.close()
+
+
+def format_status(state: dict[str, object]) -> str:
+    if not state.get("running"):
+        lines = ["portsentry is not running"]
+        if "active_bans" in state:
+            lines.append(f"active bans in the store: {state['active_bans']} (still enforced by the kernel "
+                         "backend if one is configured)")
+        return "\n".join(lines)
+    rows = [
+        ("state", f"running, pid {state['pid']}, up {_duration(float(str(state['uptime'])))}"),
+        ("config", state["config"]),
+        ("modes", " ".join(f"-{m}" for m in state["modes"])),  # type: ignore[attr-defined]
+        ("ban backend", state["backend"] or "none (classic KILL_* commands only)"),
+        ("ignore list", f"{state['ignore_entries']} entries"),
+        ("active bans", state["active_bans"]),
+        ("probes", f"{state['probes_seen']} since start, {state['probes_last_hour']} in the last hour"),
+        ("hosts blocked", f"{state['hosts_blocked']} since start, {state['hosts_blocked_last_hour']} "
+                          "in the last hour"),
+    ]
+    out = [f"{name + ':':<15}{value}" for name, value in rows]
+    out.append("watching:")
+    out += [f"  {line}" for line in state["watching"]]  # type: ignore[attr-defined]
+    out.append("last events:")
+    events = state["recent_events"] or []
+    out += [f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))} {e['message']}"
+            for e in events] or ["  (none)"]  # type: ignore[attr-defined]
+    return "\n".join(out)
+
+
+def _duration(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,6 +358,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .responders.classic import ClassicResponder
     from .responders.hostsdeny import HostsDeny
+    from .sensors.base import Sensor
     from .sensors.capture import CaptureError
     from .sensors.factory import build_sensors
     from .store import BanStore, StoreError
@@ -281,8 +399,16 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     responder = ClassicResponder(hosts_deny, journal.log, config.command_timeout,
                                  verbose_log=lambda text: journal.log(text, verbose=True), bans=bans)
     resolver = Resolver() if config.resolve_host else None
-    daemon = Daemon(config, modes, journal, ignore, build_sensors(config, modes, journal.log, time.time),
-                    responder, resolver, bans=bans)
+    def reload_config() -> tuple[Config, IgnoreSource]:
+        new = load_effective(args.config).config
+        validate_for_modes(new, modes)
+        return new, open_ignore(new)
+
+    def sensors_for(new: Config) -> list[Sensor]:
+        return build_sensors(new, modes, journal.log, time.time)
+
+    daemon = Daemon(config, modes, journal, ignore, sensors_for(config), responder, resolver, bans=bans,
+                    reloader=reload_config, sensor_factory=sensors_for, control_path=config.control_socket)
     daemon.install_signal_handlers()
     status = 0
     try:

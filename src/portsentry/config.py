@@ -77,6 +77,7 @@ class Config:
     nft_priority: int = -10
     ban_set_size: int = 262144
     state_dir: str = "/var/lib/portsentry"
+    control_socket: str = "/run/portsentry/control.sock"
     # KEY -> line it was set on, so later stages can blame the right line.
     lines: Mapping[str, int] = field(default_factory=dict, hash=False)
 
@@ -253,6 +254,7 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "NFT_PRIORITY": KeySpec("nft_priority", _priority),
         "BAN_SET_SIZE": KeySpec("ban_set_size", _integer(1, 16_777_216, "a set size from 1 to 16777216")),
         "STATE_DIR": KeySpec("state_dir", _absolute_path),
+        "CONTROL_SOCKET": KeySpec("control_socket", _absolute_path),
     }
 )
 

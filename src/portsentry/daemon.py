@@ -8,28 +8,42 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import queue
 import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
+from typing import Any
 
 from . import messages
 from .actions import Action, Block, Log, Record, SendBanner
-from .bans import BanManager
+from .admin import admin_request
+from .bans import BanManager, BanPolicy
 from .config import Config
+from .control import ControlServer, Reply
 from .engine import Engine, EngineSettings
 from .ignore import IgnoreSource
 from .journal.journal import Journal
 from .probe import Mode
 from .resolver import Resolver
 from .responders.classic import ClassicResponder
-from .sensors.base import Hit, Sensor
+from .sensors.base import Hit, Sensor, describe_sensor
 
 Clock = Callable[[], float]
+Reloader = Callable[[], tuple[Config, IgnoreSource]]
+SensorFactory = Callable[[Config], Sequence[Sensor]]
+HOUR = 3600.0
+
+
+def _sensor_settings(config: Config) -> tuple[object, ...]:
+    """What the sensors are built from: a reload re-binds them only when this changes."""
+    return (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
+            config.advanced_exclude_tcp, config.advanced_exclude_udp)
 
 
 class Daemon:
@@ -45,6 +59,9 @@ class Daemon:
         clock: Clock = time.time,
         bans: BanManager | None = None,
         tick: float = 1.0,
+        reloader: Reloader | None = None,
+        sensor_factory: SensorFactory | None = None,
+        control_path: str | None = None,
     ) -> None:
         self.config = config
         self.modes = tuple(modes)
@@ -56,6 +73,14 @@ class Daemon:
         self.clock = clock
         self.bans = bans
         self.tick = tick
+        self.reloader = reloader
+        self.sensor_factory = sensor_factory
+        self.control = ControlServer(control_path, self.on_request) if control_path else None
+        self.started = clock()
+        self.hosts_blocked = 0
+        self._hits_last_hour: deque[float] = deque()
+        self._blocks_last_hour: deque[float] = deque()
+        self._reload_requested = False
         self._next_tick = 0.0
         self._tick_running = False
         self.engine = Engine(EngineSettings.from_config(config), ignore.current(clock()))
@@ -80,6 +105,14 @@ class Daemon:
                 self._selector.register(handle, selectors.EVENT_READ, sensor)
                 any_open = True
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        if self.control is not None:
+            try:
+                for handle in self.control.open():
+                    self._selector.register(handle, selectors.EVENT_READ, self.control)
+            except OSError as error:
+                self.journal.log(messages.config_error(
+                    f"cannot open the control socket {self.control.path}: {error}"))
+                self.control = None
         self.journal.start_session(list(self.modes))
         if self.bans is not None:
             active = self.bans.restore(self.clock())
@@ -95,10 +128,14 @@ class Daemon:
         def on_signal(_signum: int, _frame: FrameType | None) -> None:
             self.request_stop()
 
+        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+            self._reload_requested = True
+            with contextlib.suppress(OSError):
+                self._wake_write.send(b"\0")
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        # 1.2 ignored these; reload on SIGHUP is planned (operations issue).
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, on_hangup)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def run(self) -> None:
@@ -112,12 +149,17 @@ class Daemon:
                     for hit in sensor.read(key.fileobj):  # type: ignore[arg-type]
                         self.handle(hit)
             self._run_main_calls()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
             self._maybe_tick()
         self.shutdown()
 
     def shutdown(self) -> None:
         for sensor in self.sensors:
             sensor.close()
+        if self.control is not None:
+            self.control.close()
         # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded.
         self._workers.shutdown(wait=True)
         self._run_main_calls()
@@ -132,6 +174,7 @@ class Daemon:
     def handle(self, hit: Hit) -> None:
         now = self.clock()
         self.probes_seen += 1
+        self._hits_last_hour.append(now)
         self.engine.ignore = self.ignore.current(now)
         if self.ignore.last_error != self._ignore_error:
             self._ignore_error = self.ignore.last_error
@@ -154,6 +197,8 @@ class Daemon:
                     hit.reply(action.text.encode("utf-8", "replace"))
             elif isinstance(action, Record):
                 self.journal.record(action.probe, action.at)
+                self.hosts_blocked += 1
+                self._blocks_last_hour.append(action.at)
             elif isinstance(action, Block):
                 self._submit(action)
 
@@ -209,6 +254,107 @@ class Daemon:
             self._call_on_main(apply)
 
         self._workers.submit(tick)
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read config and ignore file; a bad new config is refused and the old one stays.
+
+        Bans, trigger counts and blocked hosts survive; sensors are re-bound only when the
+        ports they watch changed.
+        """
+        if self.reloader is None:
+            return False
+        try:
+            config, ignore = self.reloader()
+        except Exception as error:  # ConfigError, IgnoreFileError, OSError: all keep the old config
+            self.journal.log(messages.reload_rejected(str(error)))
+            return False
+        now = self.clock()
+        old = self.config
+        self.config = config
+        self.ignore = ignore
+        self.engine.update_settings(EngineSettings.from_config(config))
+        self.engine.ignore = ignore.current(now)
+        self.responder.timeout = config.command_timeout
+        if self.bans is not None:
+            self.bans.policy = BanPolicy.from_config(config)
+        self.journal.history_file = config.history_file
+        self.journal.blocked_file = config.blocked_file
+        if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
+            self._rebind(self.sensor_factory(config))
+        self.journal.log(messages.reloaded(config.source))
+        return True
+
+    def _rebind(self, sensors: Sequence[Sensor]) -> None:
+        for sensor in self.sensors:
+            for key in list(self._selector.get_map().values()):
+                if key.data is sensor:
+                    self._selector.unregister(key.fileobj)
+            sensor.close()
+        self.sensors = tuple(sensors)
+        for sensor in self.sensors:
+            for handle in sensor.open():
+                self._selector.register(handle, selectors.EVENT_READ, sensor)
+
+    # -- control socket ------------------------------------------------------------------------
+
+    def on_request(self, request: dict[str, Any], reply: Reply) -> None:
+        command = request["command"]
+        now = self.clock()
+        if command == "status":
+            reply({"ok": True, "status": self.status(now)})
+        elif command == "stats":
+            reply({"ok": True, "stats": self.stats(now)})
+        elif command == "reload":
+            ok = self.reload()
+            reply({"ok": ok, "error": None if ok else "the new configuration was refused; see the log"})
+        elif command in ("list", "block", "unblock") and self.bans is not None:
+            bans = self.bans
+
+            def work() -> None:
+                try:
+                    reply(admin_request(bans, self.responder, self.config, request, self.clock()))
+                except Exception as error:
+                    reply({"ok": False, "error": str(error)})
+                self._call_on_main(self._sync_now)
+
+            self._workers.submit(work)
+        else:
+            reply({"ok": False, "error": f"unknown command {command!r}"})
+
+    def _sync_now(self) -> None:
+        self._next_tick = 0.0
+
+    def stats(self, now: float) -> dict[str, Any]:
+        for window in (self._hits_last_hour, self._blocks_last_hour):
+            while window and window[0] < now - HOUR:
+                window.popleft()
+        return {
+            "probes_seen": self.probes_seen,
+            "probes_last_hour": len(self._hits_last_hour),
+            "hosts_blocked": self.hosts_blocked,
+            "hosts_blocked_last_hour": len(self._blocks_last_hour),
+            "log_failures": self.journal.file_errors,
+        }
+
+    def status(self, now: float) -> dict[str, Any]:
+        backend = self.bans.backend if self.bans is not None else None
+        active = len(self.bans.store.active(now)) if self.bans is not None else 0
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "started": self.started,
+            "uptime": round(now - self.started, 1),
+            "config": self.config.source,
+            "modes": [str(mode) for mode in self.modes],
+            "watching": [line for sensor in self.sensors for line in describe_sensor(sensor)],
+            "backend": backend.name if backend is not None else None,
+            "ignore_entries": len(self.engine.ignore) if isinstance(self.engine.ignore, Sized) else None,
+            "active_bans": active,
+            **self.stats(now),
+            "recent_events": self.journal.recent_events(),
+        }
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):

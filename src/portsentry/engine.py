@@ -84,7 +84,7 @@ class TriggerRing:
     def hit(self, source: IPAddress) -> int:
         """Record a hit and return its number among the remembered hits of that source."""
         number = self._counts[source] + 1
-        if len(self._order) >= self.capacity:
+        while len(self._order) >= self.capacity:
             oldest = self._order.popleft()
             self._counts[oldest] -= 1
             if self._counts[oldest] <= 0:
@@ -106,6 +106,12 @@ class Engine:
         self._blocked: dict[Mode, set[IPAddress]] = {mode: set() for mode in Mode}
         # Sources a Block succeeded for: the ban store decides when they are free again.
         self._banned: set[IPAddress] = set()
+
+    def update_settings(self, settings: EngineSettings) -> None:
+        """A reload: new settings, same memory of hits and blocked hosts."""
+        self.settings = settings
+        for ring in self._rings.values():
+            ring.capacity = max(RING_CAPACITY, 2 * settings.scan_trigger)
 
     def is_blocked(self, mode: Mode, source: IPAddress) -> bool:
         return source in self._blocked[mode]

@@ -206,5 +206,13 @@ def unblocked(target: str, reason: str) -> str:
     return f"attackalert: Host {target} has been unblocked: {reason}"
 
 
+def reloaded(source: str) -> str:
+    return f"adminalert: PortSentry reloaded its configuration from {source}"
+
+
+def reload_rejected(detail: str) -> str:
+    return f"adminalert: ERROR: reload refused, the running configuration stays in force: {detail}"
+
+
 def store_failed(detail: str) -> str:
     return f"adminalert: ERROR: ban store: {detail}"

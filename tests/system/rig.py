@@ -768,6 +768,8 @@ class Daemon:
             "BLOCKED_FILE": str(self.blocked_path),
             "HOSTS_DENY_FILE": str(self.hosts_deny_path),
             "STATE_DIR": str(workdir / "state"),
+            # Beside the syslog socket: sun_path is short, test temp dirs are long.
+            "CONTROL_SOCKET": str(syslog.path.parent / f"ctl-{workdir.name}" / "control.sock"),
             "BLOCK_TCP": "0",
             "BLOCK_UDP": "0",
             "SCAN_TRIGGER": "0",

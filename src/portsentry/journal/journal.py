@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from typing import TextIO
 
 from .. import messages
@@ -29,15 +31,23 @@ class Journal:
         self.verbose = verbose
         self.file_errors = 0
         self._lock = threading.Lock()
+        self._recent: deque[tuple[float, str]] = deque(maxlen=10)
 
     def log(self, text: str, verbose: bool = False) -> None:
         if verbose and not self.verbose:
             return
         with self._lock:
+            if text.startswith("attackalert:") and not verbose:
+                self._recent.append((time.time(), text))
             if self.syslog is not None:
                 self.syslog.send(text, LOG_INFO if verbose else LOG_NOTICE)
             if self.stderr is not None:
                 print(text, file=self.stderr, flush=True)
+
+    def recent_events(self) -> list[dict[str, object]]:
+        """The last ten attackalert lines, for `portsentry status`."""
+        with self._lock:
+            return [{"at": at, "message": text} for at, text in self._recent]
 
     def blocked_path(self, mode: Mode) -> str | None:
         return f"{self.blocked_file}.{mode}" if self.blocked_file else None

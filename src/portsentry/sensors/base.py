@@ -22,6 +22,12 @@ class Readable(Protocol):
     def fileno(self) -> int: ...
 
 
+def describe_sensor(sensor: object) -> list[str]:
+    """What a sensor watches, for `portsentry status`."""
+    describe = getattr(sensor, "describe", None)
+    return list(describe()) if callable(describe) else []
+
+
 class Sensor(Protocol):
     def open(self) -> list[Readable]:
         """Start watching; returns the handles to poll (empty: nothing could be watched)."""

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Iterable
 
 from .. import messages
+from ..ports import format_ports
 from ..probe import KIND_CONNECT, IPAddress, Mode, Probe, Protocol
 from .base import Hit, Readable
 
@@ -81,6 +82,11 @@ class ConnectSensor:
         if not self._sockets:
             self._log(messages.no_socket_bound(self.protocol))
         return [sock for sock, _port in self._sockets.values()]
+
+    def describe(self) -> list[str]:
+        families = "IPv4+IPv6" if any(s.family == socket.AF_INET6 for s, _p in self._sockets.values()) \
+            else "IPv4"
+        return [f"-{self.mode}: {self.protocol} ports {format_ports(self.bound_ports())} bound ({families})"]
 
     def bound_ports(self) -> list[int]:
         return sorted(port for _sock, port in self._sockets.values())

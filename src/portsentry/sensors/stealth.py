@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .. import messages
+from ..ports import format_ports
 from ..probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
 from .base import Hit, Readable
 from .bpf import build_probe_filter
@@ -130,6 +131,19 @@ class StealthSensor:
         for port in sorted(watch.exclude | {p for p in listening.ports() if p < watch.below}):
             self._log(messages.advanced_excluded(protocol, port))
         return watch
+
+    def describe(self) -> list[str]:
+        lines = []
+        for watch in self.watches:
+            protocol = watch.mode.protocol
+            if watch.below is None:
+                what = f"{protocol} ports {format_ports(sorted(watch.ports))}"
+            else:
+                what = f"{protocol} ports below {watch.below}"
+                if watch.exclude:
+                    what += f" except {format_ports(sorted(watch.exclude))}"
+            lines.append(f"-{watch.mode}: {what}, ports with a live service skipped (IPv4+IPv6 capture)")
+        return lines
 
     def read(self, handle: Readable) -> list[Hit]:
         assert self._capture is not None

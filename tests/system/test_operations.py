@@ -1,0 +1,100 @@
+"""Operating the daemon: status, the control socket, reload, and what survives a stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from tests.system.rig import Daemon, daemon_env, run_in, tcp_connect
+
+
+def cli(daemon: Daemon, *args: str):
+    argv = [sys.executable, "-m", "portsentry", *args, "-c", str(daemon.conf_path)]
+    return run_in(daemon.net.target, argv, env=daemon_env())
+
+
+def test_status_running_and_stopped(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = daemon_factory("-tcp", "-udp", BLOCK_TCP="1", KILL_HOSTS_DENY="ALL: $TARGET$")
+    assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+    syslog.wait_for("has been blocked via wrappers")
+    result = cli(daemon, "status")
+    assert result.returncode == 0, result.stderr
+    assert f"running, pid {daemon.pid}" in result.stdout
+    assert "-tcp: TCP ports" in result.stdout and "-udp: UDP ports" in result.stdout
+    assert f"Connect from host: {net.scanner_ip4}" in result.stdout
+    state = json.loads(cli(daemon, "status", "--json").stdout)
+    assert state["running"] and state["pid"] == daemon.pid
+    assert state["probes_seen"] == 1 and state["hosts_blocked"] == 1 and state["active_bans"] == 1
+    assert state["modes"] == ["tcp", "udp"]
+    daemon.stop()
+    stopped = cli(daemon, "status")
+    assert stopped.returncode == 3
+    assert "portsentry is not running" in stopped.stdout
+    assert "active bans in the store: 1" in stopped.stdout
+    assert json.loads(cli(daemon, "status", "--json").stdout)["running"] is False
+
+
+def test_block_unblock_and_list_through_the_socket(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = daemon_factory("-tcp", BLOCK_TCP="1", KILL_HOSTS_DENY="ALL: $TARGET$")
+    blocked = cli(daemon, "block", net.scanner2_ip4, "--for", "5m")
+    assert blocked.returncode == 0, blocked.stderr
+    assert "via the running daemon" in blocked.stdout
+    listing = cli(daemon, "list", "--json")
+    assert [row["address"] for row in json.loads(listing.stdout)] == [net.scanner2_ip4]
+    assert "via the running daemon" in listing.stderr
+    # The daemon now treats it as blocked.
+    assert tcp_connect(net.scanner2, net.target2_ip4, 1).connected
+    syslog.wait_for(f"attackalert: Host: {net.scanner2_ip4} is already blocked. Ignoring")
+    unblocked = cli(daemon, "unblock", net.scanner2_ip4)
+    assert unblocked.returncode == 0, unblocked.stderr
+    assert daemon.hosts_deny_text() == ""
+    assert json.loads(cli(daemon, "list", "--json").stdout) == []
+
+
+def test_reload_valid_and_invalid_config(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = daemon_factory("-tcp", TCP_PORTS="1,11")
+    good = daemon.conf_path.read_text().replace('TCP_PORTS="1,11"', 'TCP_PORTS="1,11,2222"')
+    daemon.conf_path.write_text(good)
+    result = cli(daemon, "reload")
+    assert result.returncode == 0, result.stderr
+    syslog.wait_for("adminalert: PortSentry reloaded its configuration from")
+    syslog.wait_for("adminalert: Going into listen mode on TCP port: 2222")
+    assert tcp_connect(net.scanner, net.target_ip4, 2222).connected
+    syslog.wait_for(f"attackalert: Connect from host: {net.scanner_ip4}/{net.scanner_ip4} to TCP port: 2222")
+    # A broken config is refused and the running one stays (port 2222 still watched).
+    daemon.conf_path.write_text(good.replace('TCP_PORTS="1,11,2222"', 'TCP_PORTS="1,99999"'))
+    os.kill(daemon.pid, signal.SIGHUP)
+    refused = syslog.wait_for("adminalert: ERROR: reload refused, the running configuration stays in force")
+    assert "TCP_PORTS" in refused.message and "99999" in refused.message
+    assert cli(daemon, "reload").returncode == 1
+    assert tcp_connect(net.scanner2, net.target2_ip4, 2222).connected
+    syslog.wait_for(f"Connect from host: {net.scanner2_ip4}/{net.scanner2_ip4} to TCP port: 2222")
+    assert daemon.running
+
+
+def test_control_socket_refuses_non_root(daemon_factory, namespaces):
+    daemon = daemon_factory("-tcp")
+    sock_path = daemon.config["CONTROL_SOCKET"]
+    assert oct(os.stat(sock_path).st_mode & 0o777) == "0o600"
+    client = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"try:\n    s.connect({sock_path!r})\nexcept PermissionError:\n    print('refused')\n"
+        "else:\n    try:\n        s.sendall(b'{\"command\": \"status\"}\\n')\n    except OSError:\n        pass\n"
+        "    print(s.recv(4096).decode())\n"
+    )
+    result = run_in(namespaces.target, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                        "python3", "-c", client])
+    assert result.stdout.strip() == "refused", (result.stdout, result.stderr)
+    # Even with the file opened up, the peer's uid is checked.
+    os.chmod(sock_path, 0o666)
+    os.chmod(os.path.dirname(sock_path), 0o755)
+    os.chmod(os.path.dirname(os.path.dirname(sock_path)), 0o755)
+    result = run_in(namespaces.target, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                        "python3", "-c", client])
+    assert "permission denied" in result.stdout, (result.stdout, result.stderr)
