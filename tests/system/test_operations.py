@@ -85,7 +85,8 @@ def test_control_socket_refuses_non_root(daemon_factory, namespaces):
         "import socket, sys\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         f"try:\n    s.connect({sock_path!r})\nexcept PermissionError:\n    print('refused')\n"
-        "else:\n    try:\n        s.sendall(b'{\"command\": \"status\"}\\n')\n    except OSError:\n        pass\n"
+        "else:\n    try:\n        s.sendall(b'{\"command\": \"status\"}\\n')\n"
+        "    except OSError:\n        pass\n"
         "    print(s.recv(4096).decode())\n"
     )
     result = run_in(namespaces.target, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
