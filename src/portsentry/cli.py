@@ -27,6 +27,8 @@ USAGE = """\
 usage: portsentry [-tcp] [-udp] [-stcp] [-atcp] [-sudp] [-audp] [options]
        portsentry run --mode MODE [--mode MODE ...] [options]
        portsentry check-config [-c FILE]
+       portsentry status | list | block ADDR | unblock ADDR | reload | flush   [-c FILE]
+       portsentry hosts-deny tidy [--dry-run] | check | demo
        portsentry --version
 
 Port scan detector. Each mode flag watches one kind of traffic (several may be given):
@@ -295,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in and args_in[0] in ADMIN_COMMANDS:
         return admin_main(args_in)
+    if args_in and args_in[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(args_in[1:])
     try:
         modes, rest = split_modes(args_in)
     except UsageError as error:

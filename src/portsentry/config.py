@@ -78,6 +78,8 @@ class Config:
     ban_set_size: int = 262144
     state_dir: str = "/var/lib/portsentry"
     control_socket: str = "/run/portsentry/control.sock"
+    log_repeat_limit: int = 5  # lines per blocked host and mode per window; 0 = every hit (1.2)
+    log_repeat_window: float = 60.0
     # KEY -> line it was set on, so later stages can blame the right line.
     lines: Mapping[str, int] = field(default_factory=dict, hash=False)
 
@@ -217,6 +219,7 @@ _BLOCK = _integer(0, 2, "0 (log only), 1 (block) or 2 (run KILL_RUN_CMD only)")
 # 2.x keeps SCAN_TRIGGER in 16 bits and silently wraps larger values; refuse them instead.
 _TRIGGER = _integer(0, 65535, "a whole number of hits from 0 to 65535")
 _PORT_COUNT = _integer(1, 65535, "a number of ports from 1 to 65535")
+_LINES = _integer(0, 1_000_000, "a number of lines (0 = no limit)")
 _DURATION = _integer(0, 10 * 365 * 86400, "a number of seconds, at most ten years (0 = no limit)")
 
 # The one table of accepted keys, in the order check-config lists them.
@@ -255,6 +258,8 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "BAN_SET_SIZE": KeySpec("ban_set_size", _integer(1, 16_777_216, "a set size from 1 to 16777216")),
         "STATE_DIR": KeySpec("state_dir", _absolute_path),
         "CONTROL_SOCKET": KeySpec("control_socket", _absolute_path),
+        "LOG_REPEAT_LIMIT": KeySpec("log_repeat_limit", _LINES),
+        "LOG_REPEAT_WINDOW": KeySpec("log_repeat_window", _seconds),
     }
 )
 

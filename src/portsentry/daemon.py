@@ -250,6 +250,7 @@ class Daemon:
                 self._tick_running = False
                 if active is not None:
                     self.engine.sync_bans(active)
+                self.perform(self.engine.tick(self.clock()))
 
             self._call_on_main(apply)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from . import messages
 from .actions import Action, Block, Log, Record, SendBanner, Step, StepKind
 from .config import Config
+from .flood import RepeatLimiter
 from .probe import IPAddress, Mode, Probe, Protocol
 
 RING_CAPACITY = 50
@@ -37,7 +38,9 @@ class EngineSettings:
     kill_run_cmd: str | None = None
     kill_run_cmd_first: bool = False
     port_banner: str | None = None
-    native_ban: bool = False  # BAN_BACKEND is not "none"
+    native_ban: bool = False
+    log_repeat_limit: int = 5
+    log_repeat_window: float = 60.0  # BAN_BACKEND is not "none"
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings:
@@ -51,6 +54,8 @@ class EngineSettings:
             kill_run_cmd_first=config.kill_run_cmd_first,
             port_banner=config.port_banner,
             native_ban=config.ban_backend != "none",
+            log_repeat_limit=config.log_repeat_limit,
+            log_repeat_window=config.log_repeat_window,
         )
 
     def block_level(self, protocol: Protocol) -> int:
@@ -81,6 +86,9 @@ class TriggerRing:
     _order: deque[IPAddress] = field(default_factory=deque)
     _counts: Counter[IPAddress] = field(default_factory=Counter)
 
+    def __len__(self) -> int:
+        return len(self._order)
+
     def hit(self, source: IPAddress) -> int:
         """Record a hit and return its number among the remembered hits of that source."""
         number = self._counts[source] + 1
@@ -106,10 +114,25 @@ class Engine:
         self._blocked: dict[Mode, set[IPAddress]] = {mode: set() for mode in Mode}
         # Sources a Block succeeded for: the ban store decides when they are free again.
         self._banned: set[IPAddress] = set()
+        self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
+
+    def tick(self, now: float) -> list[Action]:
+        """Once a second: summary lines for repeat windows that have ended."""
+        return [Log(text) for text in self._repeats.flush(now)]
+
+    def state_sizes(self) -> dict[str, int]:
+        """Entries per bounded table, for status and metrics."""
+        return {
+            "trigger_ring": sum(len(ring) for ring in self._rings.values()),
+            "blocked": sum(len(blocked) for blocked in self._blocked.values()),
+            "repeat_windows": len(self._repeats),
+        }
 
     def update_settings(self, settings: EngineSettings) -> None:
         """A reload: new settings, same memory of hits and blocked hosts."""
         self.settings = settings
+        self._repeats.limit = settings.log_repeat_limit
+        self._repeats.window = settings.log_repeat_window
         for ring in self._rings.values():
             ring.capacity = max(RING_CAPACITY, 2 * settings.scan_trigger)
 
@@ -131,12 +154,17 @@ class Engine:
         actions: list[Action] = []
         if probe.mode.is_classic and self.settings.port_banner:
             actions.append(SendBanner(self.settings.port_banner))
+        blocked = self._blocked[probe.mode]
+        repeat = probe.source in blocked
+        if repeat:
+            allowed, summaries = self._repeats.allow(probe, now)
+            actions += [Log(text) for text in summaries]
+            if not allowed:
+                return actions
         actions.append(Log(messages.detection(probe)))
         if probe.ip_options and not probe.mode.is_classic:
             actions.append(Log(messages.ip_options(probe)))
-
-        blocked = self._blocked[probe.mode]
-        if probe.source in blocked:
+        if repeat:
             actions.append(Log(messages.already_blocked(probe)))
             return actions
 

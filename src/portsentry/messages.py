@@ -103,6 +103,14 @@ def already_blocked(probe: Probe) -> str:
     return f"attackalert: Host: {probe.name}/{probe.source} is already blocked Ignoring"
 
 
+def repeats_suppressed(probe: Probe, count: int, window: float) -> str:
+    """Ours: replaces `count` pairs of detection + already-blocked lines (LOG_REPEAT_LIMIT)."""
+    return (
+        f"attackalert: Host: {probe.name}/{probe.source} is already blocked: {count} more "
+        f"{probe.mode.protocol} hits in {int(window)} seconds not logged (last to port {probe.port})"
+    )
+
+
 def ignored_host(probe: Probe) -> str:
     """Verbose only: 1.2 was silent about ignored hosts."""
     return f"attackalert: Host: {probe.source} found in ignore file, aborting actions"
