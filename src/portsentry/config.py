@@ -10,6 +10,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -80,6 +81,12 @@ class Config:
     control_socket: str = "/run/portsentry/control.sock"
     log_repeat_limit: int = 5  # lines per blocked host and mode per window; 0 = every hit (1.2)
     log_repeat_window: float = 60.0
+    # Spoofing guards (ours)
+    protect_gateways: bool = True
+    protect_resolvers: bool = True
+    ban_rate_limit: int = 60
+    ban_rate_limit_net: int = 0
+    sensitive_networks: tuple[IPv4Network | IPv6Network, ...] = ()
     # KEY -> line it was set on, so later stages can blame the right line.
     lines: Mapping[str, int] = field(default_factory=dict, hash=False)
 
@@ -219,6 +226,19 @@ _BLOCK = _integer(0, 2, "0 (log only), 1 (block) or 2 (run KILL_RUN_CMD only)")
 # 2.x keeps SCAN_TRIGGER in 16 bits and silently wraps larger values; refuse them instead.
 _TRIGGER = _integer(0, 65535, "a whole number of hits from 0 to 65535")
 _PORT_COUNT = _integer(1, 65535, "a number of ports from 1 to 65535")
+_RATE = _integer(0, 1_000_000, "a number of bans per minute (0 = no cap)")
+
+
+def _networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    found = []
+    for token in value.replace(",", " ").split():
+        try:
+            found.append(ip_network(token, strict=False))
+        except ValueError:
+            raise _BadValue(f"{token!r} is not an address or network (a.b.c.d/nn, x::/nn)") from None
+    return tuple(found)
+
+
 _LINES = _integer(0, 1_000_000, "a number of lines (0 = no limit)")
 _DURATION = _integer(0, 10 * 365 * 86400, "a number of seconds, at most ten years (0 = no limit)")
 
@@ -260,6 +280,11 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "CONTROL_SOCKET": KeySpec("control_socket", _absolute_path),
         "LOG_REPEAT_LIMIT": KeySpec("log_repeat_limit", _LINES),
         "LOG_REPEAT_WINDOW": KeySpec("log_repeat_window", _seconds),
+        "PROTECT_GATEWAYS": KeySpec("protect_gateways", _flag, ("off", "on")),
+        "PROTECT_RESOLVERS": KeySpec("protect_resolvers", _flag, ("off", "on")),
+        "BAN_RATE_LIMIT": KeySpec("ban_rate_limit", _RATE),
+        "BAN_RATE_LIMIT_NET": KeySpec("ban_rate_limit_net", _RATE),
+        "SENSITIVE_NETWORKS": KeySpec("sensitive_networks", _networks),
     }
 )
 
@@ -412,7 +437,9 @@ def _render(value: object) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, tuple):
-        return format_ports(value)
+        if all(isinstance(item, int) for item in value):
+            return format_ports(value)
+        return ",".join(str(item) for item in value)
     if value is None:
         return ""
     return repr(value) if isinstance(value, float) else str(value)
@@ -434,6 +461,7 @@ def format_effective(config: Config) -> str:
         elif isinstance(value, int) and 0 <= value < len(spec.labels):
             notes.append(spec.labels[value])
         elif isinstance(value, tuple):
-            notes.append(f"{len(value)} port{'' if len(value) == 1 else 's'}")
+            kind = "port" if all(isinstance(item, int) for item in value) else "network"
+            notes.append(f"{len(value)} {kind}{'' if len(value) == 1 else 's'}")
         out.append(f"{setting:<48}  # {', '.join(notes)}")
     return "\n".join(out) + "\n"

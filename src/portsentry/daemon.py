@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
-from . import messages
+from . import hostinfo, messages
 from .actions import Action, Block, Log, Record, SendBanner
 from .admin import admin_request
 from .bans import BanManager, BanPolicy
@@ -29,7 +29,7 @@ from .control import ControlServer, Reply
 from .engine import Engine, EngineSettings
 from .ignore import IgnoreSource
 from .journal.journal import Journal
-from .probe import Mode
+from .probe import IPAddress, Mode
 from .resolver import Resolver
 from .responders.classic import ClassicResponder
 from .sensors.base import Hit, Sensor, describe_sensor
@@ -38,6 +38,19 @@ Clock = Callable[[], float]
 Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
 HOUR = 3600.0
+
+
+def protected_addresses(config: Config) -> frozenset[IPAddress]:
+    """Default gateways and DNS resolvers, re-read every tick: DHCP and VPNs change them."""
+    found: set[IPAddress] = set()
+    try:
+        if config.protect_gateways:
+            found |= hostinfo.default_gateways()
+        if config.protect_resolvers:
+            found |= hostinfo.dns_resolvers()
+    except OSError:
+        pass
+    return frozenset(found)
 
 
 def _sensor_settings(config: Config) -> tuple[object, ...]:
@@ -114,6 +127,7 @@ class Daemon:
                     f"cannot open the control socket {self.control.path}: {error}"))
                 self.control = None
         self.journal.start_session(list(self.modes))
+        self.engine.guard.set_protected(protected_addresses(self.config))
         if self.bans is not None:
             active = self.bans.restore(self.clock())
             self.engine.sync_bans({ban.address for ban in active})
@@ -232,24 +246,29 @@ class Daemon:
     def _maybe_tick(self) -> None:
         """Once a second: lift expired bans and catch up with `block`/`unblock` from the CLI."""
         now = self.clock()
-        if self.bans is None or self._tick_running or now < self._next_tick:
+        if self._tick_running or now < self._next_tick:
             return
         self._next_tick = now + self.tick
         self._tick_running = True
         bans = self.bans
 
+        config = self.config
+
         def tick() -> None:
-            try:
-                bans.expire(now)
-                active = {ban.address for ban in bans.store.active(now)}
-            except Exception as error:  # the store may be unreadable for a while (disk full)
-                self.journal.log(messages.store_failed(repr(error)))
-                active = None
+            active: set[IPAddress] | None = None
+            if bans is not None:
+                try:
+                    bans.expire(now)
+                    active = {ban.address for ban in bans.store.active(now)}
+                except Exception as error:  # the store may be unreadable for a while (disk full)
+                    self.journal.log(messages.store_failed(repr(error)))
+            protected = protected_addresses(config)
 
             def apply() -> None:
                 self._tick_running = False
                 if active is not None:
                     self.engine.sync_bans(active)
+                self.engine.guard.set_protected(protected)
                 self.perform(self.engine.tick(self.clock()))
 
             self._call_on_main(apply)

@@ -21,9 +21,11 @@ from . import messages
 from .actions import Action, Block, Log, Record, SendBanner, Step, StepKind
 from .config import Config
 from .flood import RepeatLimiter
+from .guard import BanGuard, BoundedSet, GuardSettings
 from .probe import IPAddress, Mode, Probe, Protocol
 
 RING_CAPACITY = 50
+BLOCKED_CAPACITY = 65536
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class EngineSettings:
     port_banner: str | None = None
     native_ban: bool = False
     log_repeat_limit: int = 5
-    log_repeat_window: float = 60.0  # BAN_BACKEND is not "none"
+    log_repeat_window: float = 60.0
+    guard: GuardSettings = field(default_factory=GuardSettings)  # BAN_BACKEND is not "none"
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings:
@@ -56,6 +59,8 @@ class EngineSettings:
             native_ban=config.ban_backend != "none",
             log_repeat_limit=config.log_repeat_limit,
             log_repeat_window=config.log_repeat_window,
+            guard=GuardSettings(config.ban_rate_limit, config.ban_rate_limit_net,
+                                config.sensitive_networks),
         )
 
     def block_level(self, protocol: Protocol) -> int:
@@ -111,14 +116,34 @@ class Engine:
         capacity = max(RING_CAPACITY, 2 * settings.scan_trigger)
         self._rings: dict[Mode, TriggerRing] = {mode: TriggerRing(capacity) for mode in Mode}
         # Blocked (or being blocked) sources per mode: 1.2 kept one blocked file per mode.
-        self._blocked: dict[Mode, set[IPAddress]] = {mode: set() for mode in Mode}
+        # Bounded: an evicted host is simply acted on again (all blocking steps are idempotent).
+        self._blocked: dict[Mode, BoundedSet] = {mode: BoundedSet(BLOCKED_CAPACITY) for mode in Mode}
+        self.guard = BanGuard(settings.guard)
         # Sources a Block succeeded for: the ban store decides when they are free again.
         self._banned: set[IPAddress] = set()
         self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
 
+    def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> list[Action] | None:
+        """The actions to take instead of blocking, or None when the guard lets the block go."""
+        quiet: list[Action] = [a for a in actions if not isinstance(a, Log)]
+        reason = self.guard.refusal(probe, now)
+        if reason is not None:
+            self.guard.refused_total += 1
+            if self.guard.should_log_refusal(probe.source, now):
+                return [*actions, Log(messages.block_refused(probe, reason))]
+            return quiet
+        if self.guard.rate_limited(probe.source, now):
+            if self.guard.count_rate_limited(now):
+                return [*actions, Log(messages.rate_limit_reached(self.settings.guard.ban_rate_limit))]
+            return quiet
+        return None
+
     def tick(self, now: float) -> list[Action]:
-        """Once a second: summary lines for repeat windows that have ended."""
-        return [Log(text) for text in self._repeats.flush(now)]
+        """Once a second: summary lines for repeat windows and rate-limit minutes that ended."""
+        actions: list[Action] = [Log(text) for text in self._repeats.flush(now)]
+        if count := self.guard.rate_summary(now):
+            actions.append(Log(messages.rate_limit_summary(count)))
+        return actions
 
     def state_sizes(self) -> dict[str, int]:
         """Entries per bounded table, for status and metrics."""
@@ -126,6 +151,7 @@ class Engine:
             "trigger_ring": sum(len(ring) for ring in self._rings.values()),
             "blocked": sum(len(blocked) for blocked in self._blocked.values()),
             "repeat_windows": len(self._repeats),
+            **self.guard.sizes(),
         }
 
     def update_settings(self, settings: EngineSettings) -> None:
@@ -139,12 +165,11 @@ class Engine:
     def is_blocked(self, mode: Mode, source: IPAddress) -> bool:
         return source in self._blocked[mode]
 
-    def blocked(self, mode: Mode) -> frozenset[IPAddress]:
-        return frozenset(self._blocked[mode])
 
     def observe(self, probe: Probe, now: float) -> list[Action]:
         if probe.source in self.ignore:
             return [Log(messages.ignored_host(probe), verbose=True)]
+        self.guard.note(probe, now)
 
         trigger = self.settings.scan_trigger
         number = self._rings[probe.mode].hit(probe.source)
@@ -169,8 +194,12 @@ class Engine:
             return actions
 
         level = self.settings.block_level(probe.mode.protocol)
+        if level > 0:
+            refused = self._guarded(probe, now, actions)
+            if refused is not None:
+                return refused
         steps = self.settings.steps(level)
-        blocked.add(probe.source)
+        blocked.touch(probe.source, now)
         if level == 0:
             # 1.2 records a log-only host as blocked too, so later hits say "already blocked".
             actions.append(Log(messages.block_disabled(probe.mode.protocol)))
@@ -189,7 +218,7 @@ class Engine:
                 blocked.discard(source)
         for source in active:
             for blocked in self._blocked.values():
-                blocked.add(source)
+                blocked.touch(source, 0.0)
         self._banned = set(active)
 
     def finished(self, block: Block, succeeded: bool, now: float) -> list[Action]:

@@ -111,6 +111,19 @@ def repeats_suppressed(probe: Probe, count: int, window: float) -> str:
     )
 
 
+def block_refused(probe: Probe, reason: str) -> str:
+    return f"attackalert: Host: {probe.name}/{probe.source} is not blocked: {reason}"
+
+
+def rate_limit_reached(limit: int) -> str:
+    return (f"attackalert: ban rate limit reached ({limit} new bans per minute): further hits are "
+            "counted, not blocked")
+
+
+def rate_limit_summary(count: int) -> str:
+    return f"attackalert: ban rate limit: {count} hits in the last minute were not acted on"
+
+
 def ignored_host(probe: Probe) -> str:
     """Verbose only: 1.2 was silent about ignored hosts."""
     return f"attackalert: Host: {probe.source} found in ignore file, aborting actions"

@@ -123,17 +123,22 @@ def action_failed_event(
 
 
 def decision_of(probe: Probe, actions: Sequence[Action]) -> str:
-    """Which of DECISIONS the engine's answer to `probe` amounts to, read off its actions."""
+    """Which of DECISIONS the engine's answer to `probe` (Engine.observe) amounts to.
+
+    Read off the actions' shape: a Block or Record is a new detection; verbose-only lines are the
+    ignore list or the scan trigger; anything else (the detection line again, or nothing because
+    repeat lines are being rate-limited) is a host that is already blocked.
+    """
     if any(isinstance(action, Block) for action in actions):
         return DECISION_BLOCK
     if any(isinstance(action, Record) for action in actions):
         return DECISION_LOG
-    texts = {action.text for action in actions if isinstance(action, Log)}
-    if messages.already_blocked(probe) in texts:
-        return EVENT_ALREADY_BLOCKED
-    if messages.ignored_host(probe) in texts:
+    logs = [action for action in actions if isinstance(action, Log)]
+    if any(log.text == messages.ignored_host(probe) for log in logs):
         return EVENT_IGNORED
-    return EVENT_BELOW_TRIGGER
+    if logs and len(logs) == len(actions) and all(log.verbose for log in logs):
+        return EVENT_BELOW_TRIGGER
+    return EVENT_ALREADY_BLOCKED
 
 
 def encode(event: Event) -> str:
