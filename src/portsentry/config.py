@@ -84,6 +84,7 @@ class Config:
     # Spoofing guards (ours)
     protect_gateways: bool = True
     protect_resolvers: bool = True
+    resolv_conf: str = "/etc/resolv.conf"
     ban_rate_limit: int = 60
     ban_rate_limit_net: int = 0
     sensitive_networks: tuple[IPv4Network | IPv6Network, ...] = ()
@@ -282,6 +283,7 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "LOG_REPEAT_WINDOW": KeySpec("log_repeat_window", _seconds),
         "PROTECT_GATEWAYS": KeySpec("protect_gateways", _flag, ("off", "on")),
         "PROTECT_RESOLVERS": KeySpec("protect_resolvers", _flag, ("off", "on")),
+        "RESOLV_CONF": KeySpec("resolv_conf", _absolute_path),
         "BAN_RATE_LIMIT": KeySpec("ban_rate_limit", _RATE),
         "BAN_RATE_LIMIT_NET": KeySpec("ban_rate_limit_net", _RATE),
         "SENSITIVE_NETWORKS": KeySpec("sensitive_networks", _networks),

@@ -47,7 +47,7 @@ def protected_addresses(config: Config) -> frozenset[IPAddress]:
         if config.protect_gateways:
             found |= hostinfo.default_gateways()
         if config.protect_resolvers:
-            found |= hostinfo.dns_resolvers()
+            found |= hostinfo.dns_resolvers(config.resolv_conf)
     except OSError:
         pass
     return frozenset(found)
