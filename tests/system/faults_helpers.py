@@ -12,7 +12,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -193,7 +192,60 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def wait_until(deadline: float) -> None:
-    left = deadline - time.monotonic()
-    if left > 0:
-        time.sleep(left)
+# Answers every PTR query with the name argv[2] maps its question to (else argv[3]) and logs each
+# query, so a test controls exactly what reverse DNS tells the daemon.
+_DNS = r"""
+import json, socket, struct, sys
+names, default = json.loads(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(4096)
+    try:
+        qid, flags = struct.unpack("!HH", data[:4])
+        pos, labels = 12, []
+        while data[pos]:
+            labels.append(data[pos + 1:pos + 1 + data[pos]].decode("latin-1"))
+            pos += 1 + data[pos]
+        qtype = struct.unpack("!H", data[pos + 1:pos + 3])[0]
+        question = data[12:pos + 5]
+    except (IndexError, struct.error):
+        continue
+    qname = ".".join(labels).lower()
+    print("query", qtype, qname, flush=True)
+    answer, count = b"", 0
+    if qtype == 12:
+        name = names.get(qname, default).encode("latin-1")
+        rdata = b"".join(bytes([len(label)]) + label for label in name.split(b".")) + b"\0"
+        answer, count = b"\xc0\x0c" + struct.pack("!HHIH", 12, 1, 60, len(rdata)) + rdata, 1
+    s.sendto(struct.pack("!HHHHHH", qid, 0x8180 | (flags & 0x0100), 1, count, 0, 0)
+             + question + answer, peer)
+"""
+
+
+def reverse_name(address: str) -> str:
+    return ".".join(reversed(address.split("."))) + ".in-addr.arpa"
+
+
+class DnsResponder:
+    """A UDP DNS server on address:53 in `ns` that hands out the PTR names it is told."""
+
+    def __init__(self, ns: str, address: str, names: dict[str, str], default: str) -> None:
+        mapping = {reverse_name(ip): name for ip, name in names.items()}
+        self._proc = popen_in(ns, [sys.executable, "-c", _DNS, address, json.dumps(mapping), default],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], 10.0)
+        if not ready or self._proc.stdout.readline().strip() != b"ready":
+            self.close()
+            raise RigError(f"DNS responder on {ns} {address}:53 did not start")
+
+    def close(self) -> list[str]:
+        """Stop; returns the log of queries ("query <type> <name>")."""
+        stop_process(self._proc, timeout=2.0)
+        out = self._proc.stdout.read().decode(errors="replace") if self._proc.stdout else ""
+        for stream in (self._proc.stdout, self._proc.stderr):
+            if stream is not None:
+                stream.close()
+        return out.splitlines()

@@ -456,7 +456,8 @@ def test_embedded_default_loads_without_warnings() -> None:
     assert config.resolve_host is False
     assert (config.block_tcp, config.block_udp) == (1, 0)
     assert config.kill_hosts_deny == "ALL: $TARGET$"
-    assert config.kill_route == "/sbin/ip route add blackhole $TARGET$"
+    assert config.kill_route is None
+    assert (config.ban_backend, config.block_time) == ("auto", 3600)
     assert config.kill_run_cmd is None
     assert config.scan_trigger == 0
     assert config.port_banner is None

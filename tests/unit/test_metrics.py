@@ -123,7 +123,7 @@ def test_serves_on_ipv6_loopback() -> None:
 
 def test_serve_reports_a_busy_port(served: tuple[Metrics, MetricsServer]) -> None:
     _metrics, server = served
-    with pytest.raises(MetricsError, match="cannot serve metrics on 127.0.0.1:"):
+    with pytest.raises(MetricsError, match=r"cannot serve metrics on 127\.0\.0\.1:"):
         Metrics(CollectorRegistry()).serve(f"127.0.0.1:{server.port}")
 
 

@@ -89,7 +89,8 @@ def event_fields(event: Mapping[str, object]) -> dict[str, object]:
 class JournaldWriter:
     """Sends entries to journald; reconnects after errors and never raises from `send`.
 
-    Has SyslogWriter's `send(message, severity)` and `close()`, so Journal can use either.
+    `send(message, priority)` and `close()` are called like SyslogWriter's, so Journal can hold
+    either.
     """
 
     def __init__(self, path: str = DEFAULT_SOCKET, identifier: str = IDENTIFIER,
@@ -109,13 +110,10 @@ class JournaldWriter:
         base.update({name.upper(): value for name, value in fields.items()})
         return encode_entry(base)
 
-    def send(self, message: str, priority: int = LOG_NOTICE, at: float | None = None,
-             **fields: object) -> bool:
-        """Log `message` with `fields` (names as journald wants them, e.g. PORTSENTRY_SRC).
-
-        `at` is accepted for SyslogWriter's signature and ignored: journald stamps entries itself.
-        """
-        del at
+    def send(self, message: str, priority: int = LOG_NOTICE, **fields: object) -> bool:
+        """Log `message` with `fields` (names as journald wants them, e.g. PORTSENTRY_SRC; lower
+        case is raised). journald stamps the entry itself. Raises ValueError only for a bad
+        field name, which is a programming error."""
         data = self.entry(message, priority, **fields)
         for _attempt in range(2):
             try:
