@@ -17,7 +17,7 @@ def test_embedded_default_answers_a_local_connect_as_ignored(namespaces, syslog,
     default_blocked = "/var/lib/portsentry/portsentry.blocked.tcp"
     existed = os.path.exists(default_blocked)
     # A private mount namespace keeps the default paths (/var/lib/portsentry, /etc/portsentry)
-    # away from the machine's own: tmpfs over /var/lib, an empty dir over /etc/portsentry.
+    # away from the machine's own: tmpfs over /var/lib and /run, an empty dir over /etc/portsentry.
     empty = tmp_path / "empty"
     empty.mkdir()
     hide_etc = (f"mount --bind {shlex.quote(str(empty))} /etc/portsentry && "
@@ -26,7 +26,7 @@ def test_embedded_default_answers_a_local_connect_as_ignored(namespaces, syslog,
     # cannot run under the tmpfs (it hides dpkg's state), so the daemon is started directly.
     daemon = (f"{shlex.quote(sys.executable)} -m portsentry --log-stderr -v "
               f"--syslog-socket {shlex.quote(str(syslog.path))} -tcp -udp")
-    script = f"mount -t tmpfs tmpfs /var/lib && {hide_etc}exec {daemon}"
+    script = f"mount -t tmpfs tmpfs /var/lib && mount -t tmpfs tmpfs /run && {hide_etc}exec {daemon}"
     stderr_path = tmp_path / "stderr"
     with stderr_path.open("wb") as err:
         proc = subprocess.Popen(
