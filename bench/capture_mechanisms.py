@@ -423,6 +423,31 @@ def _fold(total: int) -> int:
     return total
 
 
+def _checksum(data: bytes) -> int:
+    return 0xFFFF - _fold(sum(struct.unpack(f"!{len(data) // 2}H", data)))
+
+
+def send_fragmented6(dst: str, count: int) -> None:
+    """SYNs with 12 bytes of data to ports 1..count, each in two IPv6 fragments of 24 and 8 bytes
+    (nmap cannot fragment IPv6). The first holds the whole TCP header: Linux discards first
+    fragments that do not (RFC 7112), so 8-byte fragments as `nmap -f` sends would probe nothing."""
+    probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    probe.connect((dst, 9))
+    src = socket.inet_pton(socket.AF_INET6, probe.getsockname()[0])
+    probe.close()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 44)  # the kernel adds IPv6, we the rest
+    pseudo = src + socket.inet_pton(socket.AF_INET6, dst) + struct.pack("!IxxxB", 32, 6)
+    for port in range(1, count + 1):
+        segment = struct.pack("!HHIIBBHHH", 40001, port, 1, 0, 0x50, int(TcpFlag.SYN), 64240, 0, 0)
+        segment += b"fragmented!!"
+        segment = segment[:16] + struct.pack("!H", _checksum(pseudo + segment)) + segment[18:]
+        ident = 0x5000 + port
+        sock.sendto(struct.pack("!BBHI", 6, 0, 0 | 1, ident) + segment[:24], (dst, 0))
+        sock.sendto(struct.pack("!BBHI", 6, 0, 3 << 3, ident) + segment[24:], (dst, 0))
+        time.sleep(0.001)
+    print(json.dumps({"sent": count}), flush=True)
+
+
 def send(dst: str, proto: str, flags: str, count: int, rate: float) -> None:
     """Send `count` TCP segments (flag letters S, A, F, ...) or UDP datagrams at `rate` a second to
     destination ports 1, 2, 3, ... through a raw socket; prints what was sent and how fast."""
@@ -630,6 +655,7 @@ def visibility(rig: Any, net: Any) -> list[dict[str, Any]]:
                 # 8-byte fragments: the first holds no TCP flags, so only reassembly shows a SYN.
                 rig.nmap(net.scanner2, ["-sS", "-f", "--max-retries", "0", "-p", "1-100",
                                         net.target2_ip4], timeout=60)
+                send_from(rig, net.scanner2, net.target2_ip6, "tcpfrag", "S", 100, 1000)
                 time.sleep(0.5)
                 results = {r.mechanism: r.stop() for r in started}
         finally:
@@ -644,7 +670,8 @@ def visibility(rig: Any, net: Any) -> list[dict[str, Any]]:
                 "syn6 /1000": seen(result, net.scanner_ip6),
                 "udp4 /500": seen(result, net.scanner_ip4, "udp"),
                 "udp6 /500": seen(result, net.scanner_ip6, "udp"),
-                "nmap -f SYN /100": seen(result, net.scanner2_ip4),
+                "nmap -f SYN4 /100": seen(result, net.scanner2_ip4),
+                "fragmented SYN6 /100": seen(result, net.scanner2_ip6),
             })
     return rows
 
@@ -830,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_recv.add_argument("mechanism", choices=MECHANISMS)
     p_send = sub.add_parser("send")
     p_send.add_argument("dst")
-    p_send.add_argument("proto", choices=("tcp", "udp"))
+    p_send.add_argument("proto", choices=("tcp", "udp", "tcpfrag"))
     p_send.add_argument("flags")
     p_send.add_argument("count", type=int)
     p_send.add_argument("rate", type=float)
@@ -843,6 +870,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "receive":
         receive(args.mechanism)
+    elif args.command == "send" and args.proto == "tcpfrag":
+        send_fragmented6(args.dst, args.count)
     elif args.command == "send":
         send(args.dst, args.proto, args.flags, args.count, args.rate)
     elif args.command == "sink":

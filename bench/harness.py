@@ -237,7 +237,7 @@ def settle(receiver: Receiver, pid: int, quiet: float = 1.0, timeout: float = 60
 # The daemons under test
 
 
-def config_text(workdir: Path, *, hosts_deny: bool) -> str:
+def config_text(workdir: Path, *, ours: bool) -> str:
     """The one configuration both daemons get (1.2 ignores keys it does not know)."""
     settings = {
         "TCP_PORTS": rig.CLASSIC_TCP_PORTS,
@@ -255,8 +255,15 @@ def config_text(workdir: Path, *, hosts_deny: bool) -> str:
         "KILL_ROUTE": KILL_ROUTE,
         "SCAN_TRIGGER": "0",
     }
-    if hosts_deny:
+    if ours:
+        # Keys only ours knows (1.2 would ignore them): keep every file of the run in `workdir`;
+        # without STATE_DIR ours keeps a ban store in the host's /var/lib/portsentry, shared by
+        # all runs.
         settings["HOSTS_DENY_FILE"] = str(workdir / "hosts.deny")
+        settings["STATE_DIR"] = str(workdir / "state")
+        # Log every hit from a blocked host as 1.2 does, so both daemons do the same logging work
+        # (ours' default folds repeats into one summary line per window).
+        settings["LOG_REPEAT_LIMIT"] = "0"
     return "".join(f'{key}="{value}"\n' for key, value in settings.items())
 
 
@@ -293,7 +300,7 @@ class Subject:
     def write_common(self, workdir: Path, ignore: Sequence[str]) -> str:
         (workdir / "portsentry.ignore").write_text("".join(f"{entry}\n" for entry in ignore))
         (workdir / "hosts.deny").touch()
-        return config_text(workdir, hosts_deny=isinstance(self, Ours))
+        return config_text(workdir, ours=isinstance(self, Ours))
 
 
 def _wait_ready(receiver: Receiver, since: int, alive: Callable[[], bool], report: Callable[[], str],

@@ -10,6 +10,7 @@ and whatever KILL_ROUTE_UNDO undoes.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from .responders.hostsdeny import HostsDeny, HostsDenyError
 from .responders.shell import CommandResult, run_shell
 from .responders.substitute import substitute
 from .store import Ban, BanStore, StoreError, ban_duration
+from .telemetry import Telemetry
 
 Logger = Callable[[str], None]
 Runner = Callable[[str, float], CommandResult]
@@ -51,6 +53,7 @@ class BanManager:
         policy: BanPolicy,
         log: Logger,
         runner: Runner = run_shell,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -59,6 +62,7 @@ class BanManager:
         self._log = log
         self._run = runner
         self._lock = threading.Lock()
+        self.telemetry = telemetry or Telemetry()
 
     def duration(self, address: IPAddress, now: float) -> float | None:
         """Seconds the next ban of `address` lasts, grown for repeat offenders."""
@@ -74,6 +78,7 @@ class BanManager:
             self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
             return False
         self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
+        self.telemetry.ban(address, self.backend.name, duration, "scan", time.time())
         return True
 
     def remember(
@@ -98,6 +103,7 @@ class BanManager:
             lifted = self.store.lift(address, now, reason)
         if lifted is not None:
             self._log(messages.unblocked(str(address), reason))
+            self.telemetry.unban(address, reason, now)
         return lifted is not None
 
     def _undo(self, address: IPAddress, ban: Ban | None) -> None:

@@ -14,9 +14,11 @@ from .config import Config, ConfigError, LoadedConfig, format_effective, load_ef
 from .hostinfo import local_addresses
 from .ignore import IgnoreFileError, IgnoreSource
 from .journal.journal import Journal
+from .journal.journald import JournaldWriter, journald_available
 from .journal.syslog import DEFAULT_SOCKET, SyslogWriter
 from .probe import Mode
 from .resolver import Resolver
+from .telemetry import Telemetry
 
 CLASSIC_FLAGS = {f"-{mode}": mode for mode in Mode}
 # PortSentry 2.x spellings: --connect watched real sockets, --stealth captured packets.
@@ -53,6 +55,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--daemon", action="store_true",
                         help="fork into the background like 1.2 (default: stay in the foreground)")
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
+    parser.add_argument("--journald", action="store_true",
+                        help="log to the systemd journal with structured fields instead of syslog")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +366,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     from .admin import open_backend, store_path
     from .bans import BanManager, BanPolicy
     from .daemon import Daemon
+    from .metrics import Metrics, MetricsError
     from .responders.classic import ClassicResponder
     from .responders.hostsdeny import HostsDeny
     from .sensors.base import Sensor
@@ -369,7 +374,11 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     from .sensors.factory import build_sensors
     from .store import BanStore, StoreError
 
-    syslog = None if args.no_syslog else SyslogWriter(args.syslog_socket)
+    syslog: SyslogWriter | JournaldWriter | None = None
+    if args.journald and journald_available(True):
+        syslog = JournaldWriter()
+    elif not args.no_syslog:
+        syslog = SyslogWriter(args.syslog_socket)
     journal = Journal(syslog, config.history_file, config.blocked_file,
                       sys.stderr if args.log_stderr else None, verbose=args.verbose)
     journal.log(messages.starting(__version__))
@@ -392,18 +401,23 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
             handle.write(f"{os.getpid()}\n")
 
     hosts_deny = HostsDeny(config.hosts_deny_file)
+    metrics_server = None
     try:
+        telemetry = open_telemetry(config)
+        if config.metrics_listen and isinstance(telemetry.metrics, Metrics):
+            metrics_server = telemetry.metrics.serve(config.metrics_listen)
         store = BanStore(store_path(config))
         bans = BanManager(store, open_backend(config), hosts_deny, BanPolicy.from_config(config),
-                          journal.log)
-    except (ConfigError, StoreError) as error:
+                          journal.log, telemetry=telemetry)
+    except (ConfigError, StoreError, MetricsError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         journal.log(messages.config_error(str(error)))
         for line in messages.shutting_down():
             journal.log(line)
         return 1
     responder = ClassicResponder(hosts_deny, journal.log, config.command_timeout,
-                                 verbose_log=lambda text: journal.log(text, verbose=True), bans=bans)
+                                 verbose_log=lambda text: journal.log(text, verbose=True), bans=bans,
+                                 telemetry=telemetry)
     resolver = Resolver() if config.resolve_host else None
     def reload_config() -> tuple[Config, IgnoreSource]:
         new = load_effective(args.config).config
@@ -414,7 +428,8 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         return build_sensors(new, modes, journal.log, time.time)
 
     daemon = Daemon(config, modes, journal, ignore, sensors_for(config), responder, resolver, bans=bans,
-                    reloader=reload_config, sensor_factory=sensors_for, control_path=config.control_socket)
+                    reloader=reload_config, sensor_factory=sensors_for, control_path=config.control_socket,
+                    telemetry=telemetry)
     daemon.install_signal_handlers()
     status = 0
     try:
@@ -432,10 +447,28 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         journal.log(line)
     journal.close()
     store.close()
+    telemetry.close()
+    if metrics_server is not None:
+        metrics_server.close()
     if args.pid_file:
         with contextlib.suppress(OSError):
             os.unlink(args.pid_file)
     return status
+
+
+def open_telemetry(config: Config) -> Telemetry:
+    """The event log and metrics the configuration asks for (both off by default)."""
+    from .journal.events import EventLog
+    from .metrics import Metrics
+
+    event_log = None
+    if config.event_log:
+        try:
+            event_log = EventLog(config.event_log)
+        except OSError as error:
+            raise config.error("EVENT_LOG", f"cannot open {config.event_log}: "
+                               f"{error.strerror or error}") from error
+    return Telemetry(event_log, Metrics() if config.metrics_listen else None)
 
 
 def daemonize() -> None:

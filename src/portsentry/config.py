@@ -79,6 +79,8 @@ class Config:
     ban_set_size: int = 262144
     state_dir: str = "/var/lib/portsentry"
     control_socket: str = "/run/portsentry/control.sock"
+    event_log: str | None = None  # EVENT_LOG: JSON lines for SIEMs (docs/events.md)
+    metrics_listen: str | None = None  # METRICS_LISTEN: e.g. 127.0.0.1:9470 for Prometheus
     log_repeat_limit: int = 5  # lines per blocked host and mode per window; 0 = every hit (1.2)
     log_repeat_window: float = 60.0
     # Spoofing guards (ours)
@@ -227,6 +229,18 @@ _BLOCK = _integer(0, 2, "0 (log only), 1 (block) or 2 (run KILL_RUN_CMD only)")
 # 2.x keeps SCAN_TRIGGER in 16 bits and silently wraps larger values; refuse them instead.
 _TRIGGER = _integer(0, 65535, "a whole number of hits from 0 to 65535")
 _PORT_COUNT = _integer(1, 65535, "a number of ports from 1 to 65535")
+def _listen(value: str) -> str | None:
+    if not value:
+        return None
+    from .metrics import MetricsError, parse_listen
+
+    try:
+        parse_listen(value)
+    except MetricsError as error:
+        raise _BadValue(str(error)) from None
+    return value
+
+
 _RATE = _integer(0, 1_000_000, "a number of bans per minute (0 = no cap)")
 
 
@@ -279,6 +293,8 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "BAN_SET_SIZE": KeySpec("ban_set_size", _integer(1, 16_777_216, "a set size from 1 to 16777216")),
         "STATE_DIR": KeySpec("state_dir", _absolute_path),
         "CONTROL_SOCKET": KeySpec("control_socket", _absolute_path),
+        "EVENT_LOG": KeySpec("event_log", _optional),
+        "METRICS_LISTEN": KeySpec("metrics_listen", _listen),
         "LOG_REPEAT_LIMIT": KeySpec("log_repeat_limit", _LINES),
         "LOG_REPEAT_WINDOW": KeySpec("log_repeat_window", _seconds),
         "PROTECT_GATEWAYS": KeySpec("protect_gateways", _flag, ("off", "on")),

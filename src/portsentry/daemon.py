@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
-from . import hostinfo, messages
+from . import hostinfo, messages, sdnotify
 from .actions import Action, Block, Log, Record, SendBanner
 from .admin import admin_request
 from .bans import BanManager, BanPolicy
@@ -33,6 +33,7 @@ from .probe import IPAddress, Mode
 from .resolver import Resolver
 from .responders.classic import ClassicResponder
 from .sensors.base import Hit, Sensor, describe_sensor
+from .telemetry import Telemetry
 
 Clock = Callable[[], float]
 Reloader = Callable[[], tuple[Config, IgnoreSource]]
@@ -75,6 +76,7 @@ class Daemon:
         reloader: Reloader | None = None,
         sensor_factory: SensorFactory | None = None,
         control_path: str | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.modes = tuple(modes)
@@ -86,6 +88,7 @@ class Daemon:
         self.clock = clock
         self.bans = bans
         self.tick = tick
+        self.telemetry = telemetry or Telemetry()
         self.reloader = reloader
         self.sensor_factory = sensor_factory
         self.control = ControlServer(control_path, self.on_request) if control_path else None
@@ -135,6 +138,7 @@ class Daemon:
 
     def request_stop(self, *_args: object) -> None:
         self._stopping = True
+        sdnotify.stopping()
         with contextlib.suppress(OSError):
             self._wake_write.send(b"\0")
 
@@ -154,6 +158,8 @@ class Daemon:
 
     def run(self) -> None:
         self.journal.log(messages.active())
+        sdnotify.ready()
+        sdnotify.status(f"watching: {' '.join(f'-{mode}' for mode in self.modes)}")
         while not self._stopping:
             for key, _events in self._selector.select(timeout=1.0):
                 if key.data is None:
@@ -198,7 +204,9 @@ class Daemon:
         if self.resolver is not None and probe.source not in self.engine.ignore:
             probe = dataclasses.replace(probe, source_name=self.resolver.name(probe.source))
         try:
-            self.perform(self.engine.observe(probe, now), hit)
+            actions = self.engine.observe(probe, now)
+            self.telemetry.probe(probe, self.engine.last_decision, self.engine.last_reason, now)
+            self.perform(actions, hit)
         finally:
             hit.close()
 
@@ -270,6 +278,9 @@ class Daemon:
                     self.engine.sync_bans(active)
                 self.engine.guard.set_protected(protected)
                 self.perform(self.engine.tick(self.clock()))
+                backend = bans.backend.name if bans is not None and bans.backend is not None else "none"
+                self.telemetry.state(self.engine.state_sizes(),
+                                     {backend: len(active or ())}, self.capture_drops())
 
             self._call_on_main(apply)
 
@@ -285,10 +296,13 @@ class Daemon:
         """
         if self.reloader is None:
             return False
+        sdnotify.reloading()
+        self.telemetry.reopen()  # log rotation: SIGHUP reopens the event log
         try:
             config, ignore = self.reloader()
         except Exception as error:  # ConfigError, IgnoreFileError, OSError: all keep the old config
             self.journal.log(messages.reload_rejected(str(error)))
+            sdnotify.ready()
             return False
         now = self.clock()
         old = self.config
@@ -304,6 +318,7 @@ class Daemon:
         if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
             self._rebind(self.sensor_factory(config))
         self.journal.log(messages.reloaded(config.source))
+        sdnotify.ready()
         return True
 
     def _rebind(self, sensors: Sequence[Sensor]) -> None:
@@ -342,6 +357,11 @@ class Daemon:
             self._workers.submit(work)
         else:
             reply({"ok": False, "error": f"unknown command {command!r}"})
+
+    def capture_drops(self) -> int | None:
+        drops = [d for d in (getattr(s, "capture_drops", lambda: None)() for s in self.sensors)
+                 if d is not None]
+        return sum(drops) if drops else None
 
     def _sync_now(self) -> None:
         self._next_tick = 0.0

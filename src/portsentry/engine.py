@@ -119,6 +119,9 @@ class Engine:
         # Bounded: an evicted host is simply acted on again (all blocking steps are idempotent).
         self._blocked: dict[Mode, BoundedSet] = {mode: BoundedSet(BLOCKED_CAPACITY) for mode in Mode}
         self.guard = BanGuard(settings.guard)
+        # What the last observe() decided, for the event log and metrics (one of events.DECISIONS).
+        self.last_decision = "ignored"
+        self.last_reason: str | None = None
         # Sources a Block succeeded for: the ban store decides when they are free again.
         self._banned: set[IPAddress] = set()
         self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
@@ -127,6 +130,8 @@ class Engine:
         """The actions to take instead of blocking, or None when the guard lets the block go."""
         quiet: list[Action] = [a for a in actions if not isinstance(a, Log)]
         reason = self.guard.refusal(probe, now)
+        self.last_decision = "refused"
+        self.last_reason = reason or "ban rate limit reached"
         if reason is not None:
             self.guard.refused_total += 1
             if self.guard.should_log_refusal(probe.source, now):
@@ -167,13 +172,16 @@ class Engine:
 
 
     def observe(self, probe: Probe, now: float) -> list[Action]:
+        self.last_reason = None
         if probe.source in self.ignore:
+            self.last_decision = "ignored"
             return [Log(messages.ignored_host(probe), verbose=True)]
         self.guard.note(probe, now)
 
         trigger = self.settings.scan_trigger
         number = self._rings[probe.mode].hit(probe.source)
         if number < trigger:
+            self.last_decision = "below_trigger"
             return [Log(messages.below_trigger(probe, number, trigger), verbose=True)]
 
         actions: list[Action] = []
@@ -182,6 +190,7 @@ class Engine:
         blocked = self._blocked[probe.mode]
         repeat = probe.source in blocked
         if repeat:
+            self.last_decision = "already_blocked"
             allowed, summaries = self._repeats.allow(probe, now)
             actions += [Log(text) for text in summaries]
             if not allowed:
@@ -200,6 +209,7 @@ class Engine:
                 return refused
         steps = self.settings.steps(level)
         blocked.touch(probe.source, now)
+        self.last_decision = "block" if level > 0 and steps else "log"
         if level == 0:
             # 1.2 records a log-only host as blocked too, so later hits say "already blocked".
             actions.append(Log(messages.block_disabled(probe.mode.protocol)))

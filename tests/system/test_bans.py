@@ -91,13 +91,15 @@ def test_block_and_unblock_commands_with_and_without_the_daemon(daemon_factory, 
     net = namespaces
     daemon = daemon_factory("-tcp", BLOCK_TIME="600", **NFT)
     out = admin(daemon, "block", net.scanner2_ip4, "--for", "10m")
-    assert "has been blocked via nftables for 600 seconds" in out
+    assert "via the running daemon" in out
+    syslog.wait_for(f"attackalert: Host {net.scanner2_ip4} has been blocked via nftables for 600 seconds")
     assert nft_set(net.target) == [net.scanner2_ip4]
     assert daemon.hosts_deny_text().splitlines() == [f"ALL: {net.scanner2_ip4}"]
     assert not tcp_connect(net.scanner2, net.target2_ip4, 11, timeout=2).connected
     # The running daemon learns about the ban from the store: a hit is "already blocked".
     out = admin(daemon, "unblock", net.scanner2_ip4)
-    assert f"Host {net.scanner2_ip4} has been unblocked: unblocked by admin" in out
+    assert "via the running daemon" in out
+    syslog.wait_for(f"attackalert: Host {net.scanner2_ip4} has been unblocked: unblocked by admin")
     assert nft_set(net.target) == []
     assert daemon.hosts_deny_text() == ""
     # Within a second the daemon forgets it too, so a new scan blocks again.
@@ -105,6 +107,12 @@ def test_block_and_unblock_commands_with_and_without_the_daemon(daemon_factory, 
     assert tcp_connect(net.scanner2, net.target2_ip4, 11).connected
     syslog.wait_for(f"attackalert: Host {net.scanner2_ip4} has been blocked via nftables")
     daemon.stop()
+    # Without the daemon the commands work on the store and the kernel directly.
     out = admin(daemon, "unblock", net.scanner2_ip4)
+    assert f"Host {net.scanner2_ip4} has been unblocked: unblocked by admin" in out
     assert nft_set(net.target) == []
     assert "no active bans" in admin(daemon, "list")
+    out = admin(daemon, "block", net.scanner_ip4, "--for", "1h")
+    assert f"Host {net.scanner_ip4} has been blocked via nftables for 3600 seconds" in out
+    assert nft_set(net.target) == [net.scanner_ip4]
+    assert daemon.hosts_deny_text().splitlines() == [f"ALL: {net.scanner_ip4}"]

@@ -90,12 +90,12 @@ def test_control_socket_refuses_non_root(daemon_factory, namespaces):
         "    print(s.recv(4096).decode())\n"
     )
     result = run_in(namespaces.target, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                        "python3", "-c", client])
+                                        "/usr/bin/python3", "-c", client])
     assert result.stdout.strip() == "refused", (result.stdout, result.stderr)
     # Even with the file opened up, the peer's uid is checked.
     os.chmod(sock_path, 0o666)
     os.chmod(os.path.dirname(sock_path), 0o755)
     os.chmod(os.path.dirname(os.path.dirname(sock_path)), 0o755)
     result = run_in(namespaces.target, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                        "python3", "-c", client])
+                                        "/usr/bin/python3", "-c", client])
     assert "permission denied" in result.stdout, (result.stdout, result.stderr)

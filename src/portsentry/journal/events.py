@@ -32,7 +32,9 @@ EVENTS = (EVENT_PROBE, EVENT_BAN, EVENT_UNBAN, EVENT_IGNORED, EVENT_BELOW_TRIGGE
 # decision in "action"); the others are their own event types.
 DECISION_BLOCK = "block"  # blocking steps were started
 DECISION_LOG = "log"  # detected and recorded, but blocking is off for this protocol
-DECISIONS = (DECISION_BLOCK, DECISION_LOG, EVENT_IGNORED, EVENT_BELOW_TRIGGER, EVENT_ALREADY_BLOCKED)
+DECISION_REFUSED = "refused"  # detected, but a spoofing guard kept it from blocking (see reason)
+DECISIONS = (DECISION_BLOCK, DECISION_LOG, DECISION_REFUSED, EVENT_IGNORED, EVENT_BELOW_TRIGGER,
+             EVENT_ALREADY_BLOCKED)
 
 Event = dict[str, object]
 
@@ -56,7 +58,7 @@ def probe_event(
     """
     if decision not in DECISIONS:
         raise ValueError(f"unknown decision {decision!r} (one of {', '.join(DECISIONS)})")
-    detected = decision in (DECISION_BLOCK, DECISION_LOG)
+    detected = decision in (DECISION_BLOCK, DECISION_LOG, DECISION_REFUSED)
     event: Event = {
         "ts": rfc3339(now),
         "event": EVENT_PROBE if detected else decision,

@@ -5,12 +5,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from .. import messages
 from ..probe import Mode, Probe
 from .files import append_line, history_line, truncate
-from .syslog import LOG_INFO, LOG_NOTICE, SyslogWriter
+from .syslog import LOG_INFO, LOG_NOTICE
+
+
+class LogWriter(Protocol):
+    """Syslog or the systemd journal: one message with a syslog severity."""
+
+    def send(self, message: str, severity: int, /) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class Journal:
@@ -18,7 +26,7 @@ class Journal:
 
     def __init__(
         self,
-        syslog: SyslogWriter | None,
+        syslog: LogWriter | None,
         history_file: str | None = None,
         blocked_file: str | None = None,
         stderr: TextIO | None = None,

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import messages
-from ..actions import Block, StepKind
+from ..actions import Block, Step, StepKind
+from ..telemetry import Telemetry
 from .hostsdeny import HostsDeny, HostsDenyError
 from .shell import CommandResult, run_shell
 from .substitute import hosts_deny_entry, substitute
@@ -44,7 +45,9 @@ class ClassicResponder:
         verbose_log: Logger | None = None,
         bans: BanManager | None = None,
         clock: Callable[[], float] = time.time,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self.telemetry = telemetry or Telemetry()
         self.bans = bans
         self.clock = clock
         self.hosts_deny = hosts_deny
@@ -56,7 +59,6 @@ class ClassicResponder:
     def carry_out(self, block: Block, duration: float | UsePolicy | None = UsePolicy.YES) -> bool:
         """Run the steps; `duration` overrides the ban policy (seconds, or None = forever)."""
         probe = block.probe
-        target = str(probe.source)
         blocking_steps = 0
         blocking_done = 0
         command_ok = True
@@ -65,48 +67,59 @@ class ClassicResponder:
         if isinstance(duration, UsePolicy):
             duration = self.bans.duration(probe.source, self.clock()) if self.bans else None
         for step in block.steps:
-            if step.kind is StepKind.NATIVE:
-                if self.bans is None:
-                    continue
-                blocking_steps += 1
-                native = self.bans.ban_native(probe.source, duration)
-                blocking_done += native
-            elif step.kind is StepKind.HOSTS_DENY:
-                blocking_steps += 1
-                line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
-                try:
-                    if not self.hosts_deny.add(line):
-                        self._verbose(messages.hosts_deny_present(target))
-                except (OSError, ValueError, HostsDenyError) as error:
-                    for text in messages.hosts_deny_failed(self.hosts_deny.path, target, str(error)):
-                        self._log(text)
-                    continue
+            if step.kind is StepKind.NATIVE and self.bans is None:
+                continue
+            started = time.monotonic()
+            error = self._step(step, block, duration)
+            self.telemetry.action(probe.source, step.kind.value, time.monotonic() - started, error,
+                                  self.clock(), probe)
+            if step.kind is StepKind.RUN_CMD:
+                command_ok = error is None
+                continue
+            blocking_steps += 1
+            if error is None:
                 blocking_done += 1
-                hosts_deny_line = line
-                self._log(messages.blocked_via_wrappers(target, line))
-            else:
-                command = substitute(step.template, probe.source, probe.port, probe.mode)
-                result = self._run(command, self.timeout)
-                detail = _describe(result)
-                if step.kind is StepKind.ROUTE:
-                    blocking_steps += 1
-                    if result.ok:
-                        blocking_done += 1
-                        self._log(messages.blocked_via_route(target, command))
-                    else:
-                        self._log(messages.route_failed(target, detail))
-                else:
-                    command_ok = result.ok
-                    if result.ok:
-                        self._log(messages.external_command(target, command))
-                    else:
-                        self._log(messages.command_failed(target, detail))
+                native |= step.kind is StepKind.NATIVE
+                if step.kind is StepKind.HOSTS_DENY:
+                    hosts_deny_line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
         succeeded = blocking_done > 0 if blocking_steps else command_ok
         if succeeded and self.bans is not None:
             self.bans.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
                                now=self.clock(), duration=duration, hosts_deny_line=hosts_deny_line,
                                native=native)
         return succeeded
+
+    def _step(self, step: Step, block: Block, duration: float | None) -> str | None:
+        """Carry out one step and log it the 1.2 way; the error text, or None when it worked."""
+        probe = block.probe
+        target = str(probe.source)
+        if step.kind is StepKind.NATIVE:
+            assert self.bans is not None
+            return None if self.bans.ban_native(probe.source, duration) else "native ban failed"
+        if step.kind is StepKind.HOSTS_DENY:
+            line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
+            try:
+                if not self.hosts_deny.add(line):
+                    self._verbose(messages.hosts_deny_present(target))
+            except (OSError, ValueError, HostsDenyError) as error:
+                for text in messages.hosts_deny_failed(self.hosts_deny.path, target, str(error)):
+                    self._log(text)
+                return str(error)
+            self._log(messages.blocked_via_wrappers(target, line))
+            return None
+        command = substitute(step.template, probe.source, probe.port, probe.mode)
+        result = self._run(command, self.timeout)
+        if step.kind is StepKind.ROUTE:
+            if result.ok:
+                self._log(messages.blocked_via_route(target, command))
+                return None
+            self._log(messages.route_failed(target, _describe(result)))
+            return _describe(result)
+        if result.ok:
+            self._log(messages.external_command(target, command))
+            return None
+        self._log(messages.command_failed(target, _describe(result)))
+        return _describe(result)
 
 
 def _describe(result: CommandResult) -> str:

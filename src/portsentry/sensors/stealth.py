@@ -132,6 +132,13 @@ class StealthSensor:
             self._log(messages.advanced_excluded(protocol, port))
         return watch
 
+    def capture_drops(self) -> int | None:
+        """Packets the kernel dropped for want of buffer space (PACKET_STATISTICS)."""
+        try:
+            return self._capture.drops() if self._capture is not None else None
+        except OSError:
+            return None
+
     def describe(self) -> list[str]:
         lines = []
         for watch in self.watches:

@@ -1,0 +1,56 @@
+"""What watches the daemon without steering it: the JSON event log and the Prometheus metrics.
+
+One object the daemon, the responders and the ban lifecycle report to, so none of them needs to
+know whether an event log or a metrics endpoint is configured.
+"""
+
+from __future__ import annotations
+
+from .journal import events
+from .journal.events import EventLog
+from .metrics import MetricSink, NullMetrics
+from .probe import IPAddress, Probe
+
+
+class Telemetry:
+    def __init__(self, event_log: EventLog | None = None, metrics: MetricSink | None = None) -> None:
+        self.event_log = event_log
+        self.metrics: MetricSink = metrics if metrics is not None else NullMetrics()
+
+    def probe(self, probe: Probe, decision: str, reason: str | None, now: float) -> None:
+        self.metrics.probe(probe.mode.value, probe.kind)
+        self.metrics.decision(decision)
+        if self.event_log is not None:
+            self.event_log.write(events.probe_event(probe, decision, now, reason=reason))
+
+    def ban(self, address: IPAddress, backend: str, duration: float | None, reason: str, now: float) -> None:
+        self.metrics.ban(backend)
+        if self.event_log is not None:
+            self.event_log.write(events.ban_event(address, backend, duration, reason, now))
+
+    def unban(self, address: IPAddress, reason: str, now: float) -> None:
+        self.metrics.unban(reason)
+        if self.event_log is not None:
+            self.event_log.write(events.unban_event(address, reason, now))
+
+    def action(self, address: IPAddress, step: str, seconds: float, error: str | None, now: float,
+               probe: Probe | None = None) -> None:
+        self.metrics.action(step, seconds, error is None)
+        if error is not None and self.event_log is not None:
+            self.event_log.write(events.action_failed_event(address, step, error, now, probe=probe))
+
+    def state(self, sizes: dict[str, int], active_bans: dict[str, int], capture_drops: int | None) -> None:
+        for table, count in sizes.items():
+            self.metrics.set_state(table, count)
+        for backend, count in active_bans.items():
+            self.metrics.set_active(backend, count)
+        if capture_drops is not None:
+            self.metrics.capture_drops(capture_drops)
+
+    def reopen(self) -> None:
+        if self.event_log is not None:
+            self.event_log.reopen()
+
+    def close(self) -> None:
+        if self.event_log is not None:
+            self.event_log.close()
