@@ -21,7 +21,7 @@ from .responders.backend import BackendError, BanBackend
 from .responders.hostsdeny import HostsDeny, HostsDenyError
 from .responders.shell import CommandResult, run_shell
 from .responders.substitute import substitute
-from .store import Ban, BanStore, StoreError, ban_duration
+from .store import MEMORY, Ban, BanStore, StoreError, ban_duration
 from .telemetry import Telemetry
 
 Logger = Callable[[str], None]
@@ -40,6 +40,31 @@ class BanPolicy:
     def from_config(cls, config: Config) -> BanPolicy:
         return cls(config.block_time, config.block_time_factor, config.block_time_max,
                    config.kill_route_undo, config.command_timeout)
+
+
+UNSAVED_CAPACITY = 100_000
+
+
+@dataclass(frozen=True)
+class _Unsaved:
+    address: IPAddress
+    reason: str
+    mode: str
+    port: int
+    now: float
+    duration: float | None
+    hosts_deny_line: str | None
+    backends: tuple[str, ...]
+
+
+def open_store(path: str, log: Logger) -> tuple[BanStore, str | None]:
+    """The ban store, or an in-memory stand-in (and the path to retry) when it cannot be opened:
+    detection and blocking must go on with a full or read-only disk."""
+    try:
+        return BanStore(path), None
+    except StoreError as error:
+        log(messages.store_failed(f"{error}; keeping bans in memory until it can be opened"))
+        return BanStore(MEMORY), path
 
 
 class BanManager:
@@ -62,12 +87,19 @@ class BanManager:
         self._log = log
         self._run = runner
         self._lock = threading.Lock()
+        self._unsaved: list[_Unsaved] = []
+        # Set when the store on disk could not be opened and an in-memory one stands in.
+        self.fallback_from: str | None = None
         self.telemetry = telemetry or Telemetry()
 
     def duration(self, address: IPAddress, now: float) -> float | None:
         """Seconds the next ban of `address` lasts, grown for repeat offenders."""
-        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap,
-                            self.store.offences(address, now))
+        try:
+            offences = self.store.offences(address, now)
+        except StoreError as error:
+            self._log(messages.store_failed(str(error)))
+            offences = 0
+        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
 
     def ban_native(self, address: IPAddress, duration: float | None) -> bool:
         if self.backend is None:
@@ -86,14 +118,55 @@ class BanManager:
         duration: float | None, hosts_deny_line: str | None, native: bool,
     ) -> Ban | None:
         backends = (self.backend.name,) if native and self.backend is not None else ()
+        entry = _Unsaved(address, reason, mode, port, now, duration, hosts_deny_line, backends)
         try:
-            return self.store.ban(address, reason=reason, mode=mode, port=port, now=now,
-                                  duration=duration, hosts_deny_line=hosts_deny_line,
-                                  backends=backends)
+            return self._save(entry)
         except (StoreError, OSError) as error:
-            # The block itself stands; only its expiry bookkeeping is lost for now.
-            self._log(messages.store_failed(str(error)))
+            # The block itself stands; its record is kept in memory and saved when the store
+            # can be written again (disk full, read-only file system).
+            self._log(messages.store_failed(f"{error}; will retry"))
+            if len(self._unsaved) < UNSAVED_CAPACITY:
+                self._unsaved.append(entry)
             return None
+
+    def _save(self, entry: _Unsaved) -> Ban:
+        return self.store.ban(entry.address, reason=entry.reason, mode=entry.mode, port=entry.port,
+                              now=entry.now, duration=entry.duration,
+                              hosts_deny_line=entry.hosts_deny_line, backends=entry.backends)
+
+    def abandon(self, address: IPAddress, now: float) -> None:
+        """A block whose every step failed: drop the record made before trying it."""
+        try:
+            self.store.lift(address, now, "block failed")
+        except StoreError as error:
+            self._log(messages.store_failed(str(error)))
+
+    def catch_up(self) -> int:
+        """Called once a second: reopen a store that could not be opened at start, and save
+        records that could not be written; returns how many were saved."""
+        if self.fallback_from is not None:
+            try:
+                disk = BanStore(self.fallback_from)
+            except StoreError:
+                return 0
+            with self._lock:
+                memory, self.store, self.fallback_from = self.store, disk, None
+            now = time.time()
+            for ban in memory.active(now):
+                self._unsaved.append(_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
+                                              None if ban.expires is None else ban.expires - now,
+                                              ban.hosts_deny_line, ban.backends))
+            memory.close()
+            self._log(messages.store_recovered(disk.path))
+        saved = 0
+        while self._unsaved:
+            try:
+                self._save(self._unsaved[0])
+            except (StoreError, OSError, ValueError):
+                break
+            self._unsaved.pop(0)
+            saved += 1
+        return saved
 
     def lift(self, address: IPAddress, now: float, reason: str) -> bool:
         """Unblock everywhere; True when the store had a ban for it."""

@@ -364,7 +364,7 @@ def open_ignore(config: Config) -> IgnoreSource:
 
 def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     from .admin import open_backend, store_path
-    from .bans import BanManager, BanPolicy
+    from .bans import BanManager, BanPolicy, open_store
     from .daemon import Daemon
     from .metrics import Metrics, MetricsError
     from .responders.classic import ClassicResponder
@@ -372,7 +372,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     from .sensors.base import Sensor
     from .sensors.capture import CaptureError
     from .sensors.factory import build_sensors
-    from .store import BanStore, StoreError
+    from .store import StoreError
 
     syslog: SyslogWriter | JournaldWriter | None = None
     if args.journald and journald_available(True):
@@ -406,9 +406,10 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         telemetry = open_telemetry(config)
         if config.metrics_listen and isinstance(telemetry.metrics, Metrics):
             metrics_server = telemetry.metrics.serve(config.metrics_listen)
-        store = BanStore(store_path(config))
+        store, retry_path = open_store(store_path(config), journal.log)
         bans = BanManager(store, open_backend(config), hosts_deny, BanPolicy.from_config(config),
                           journal.log, telemetry=telemetry)
+        bans.fallback_from = retry_path
     except (ConfigError, StoreError, MetricsError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         journal.log(messages.config_error(str(error)))
@@ -446,7 +447,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     for line in messages.shutting_down():
         journal.log(line)
     journal.close()
-    store.close()
+    bans.store.close()
     telemetry.close()
     if metrics_server is not None:
         metrics_server.close()

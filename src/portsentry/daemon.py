@@ -266,6 +266,7 @@ class Daemon:
             active: set[IPAddress] | None = None
             if bans is not None:
                 try:
+                    bans.catch_up()
                     bans.expire(now)
                     active = {ban.address for ban in bans.store.active(now)}
                 except Exception as error:  # the store may be unreadable for a while (disk full)

@@ -26,6 +26,7 @@ from .probe import IPAddress, Mode, Probe, Protocol
 
 RING_CAPACITY = 50
 BLOCKED_CAPACITY = 65536
+PENDING_CAPACITY = 64  # hits kept per host while its block is under way; more are dropped
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class Engine:
         # Sources a Block succeeded for: the ban store decides when they are free again.
         self._banned: set[IPAddress] = set()
         self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
+        # (mode, source) -> hits that arrived while its Block was being carried out.
+        self._pending: dict[tuple[Mode, IPAddress], list[tuple[Probe, float]]] = {}
 
     def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> list[Action] | None:
         """The actions to take instead of blocking, or None when the guard lets the block go."""
@@ -156,6 +159,7 @@ class Engine:
             "trigger_ring": sum(len(ring) for ring in self._rings.values()),
             "blocked": sum(len(blocked) for blocked in self._blocked.values()),
             "repeat_windows": len(self._repeats),
+            "pending_blocks": len(self._pending),
             **self.guard.sizes(),
         }
 
@@ -187,6 +191,19 @@ class Engine:
         actions: list[Action] = []
         if probe.mode.is_classic and self.settings.port_banner:
             actions.append(SendBanner(self.settings.port_banner))
+        waiting = self._pending.get((probe.mode, probe.source))
+        if waiting is not None:
+            # Its block is under way: decide once the outcome is known, so no line claims
+            # "already blocked" before "has been blocked" (1.2 blocked synchronously).
+            self.last_decision = "already_blocked"
+            if len(waiting) < PENDING_CAPACITY:
+                waiting.append((probe, now))
+            return actions
+        return actions + self._decide(probe, now)
+
+    def _decide(self, probe: Probe, now: float) -> list[Action]:
+        """Everything after the ignore list and the scan trigger."""
+        actions: list[Action] = []
         blocked = self._blocked[probe.mode]
         repeat = probe.source in blocked
         if repeat:
@@ -215,6 +232,7 @@ class Engine:
             actions.append(Log(messages.block_disabled(probe.mode.protocol)))
             actions.append(Record(probe, now))
         elif steps:
+            self._pending[(probe.mode, probe.source)] = []
             actions.append(Block(probe, steps))
         else:
             actions.append(Record(probe, now))
@@ -232,10 +250,18 @@ class Engine:
         self._banned = set(active)
 
     def finished(self, block: Block, succeeded: bool, now: float) -> list[Action]:
-        """The daemon reports the outcome of a Block it carried out."""
+        """The daemon reports the outcome of a Block it carried out; hits that arrived
+        meanwhile are decided now, in order."""
+        probe = block.probe
+        waiting = self._pending.pop((probe.mode, probe.source), [])
+        actions: list[Action]
         if succeeded:
-            self._banned.add(block.probe.source)
-            return [Record(block.probe, now)]
-        # Forget the attempt so the next hit tries again.
-        self._blocked[block.probe.mode].discard(block.probe.source)
-        return [Log(messages.block_failed(block.probe))]
+            self._banned.add(probe.source)
+            actions = [Record(probe, now)]
+        else:
+            # Forget the attempt so the next hit tries again.
+            self._blocked[probe.mode].discard(probe.source)
+            actions = [Log(messages.block_failed(probe))]
+        for later, at in waiting:
+            actions += self._decide(later, at)
+        return actions

@@ -235,5 +235,9 @@ def reload_rejected(detail: str) -> str:
     return f"adminalert: ERROR: reload refused, the running configuration stays in force: {detail}"
 
 
+def store_recovered(path: str) -> str:
+    return f"adminalert: ban store {path} is usable again; bans kept in memory were saved"
+
+
 def store_failed(detail: str) -> str:
     return f"adminalert: ERROR: ban store: {detail}"

@@ -22,15 +22,16 @@ Design
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv6Address, ip_address
-from typing import Literal, cast
+from typing import Literal, ParamSpec, TypeVar, cast
 
 from portsentry.probe import IPAddress
 
@@ -159,6 +160,26 @@ def _describe_expiry(expires: float | None) -> str:
     return "until " + time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(expires))
 
 
+MEMORY = ":memory:"  # a store that lives only as long as the process (the daemon's fallback)
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def _store_errors(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """SQLite failures at run time (disk full, read-only, corruption) become StoreError, which
+    the daemon reports and survives; a raw sqlite3 exception would look like a bug."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            store = args[0]
+            raise StoreError(f"{getattr(store, 'path', 'ban store')}: {exc}") from exc
+
+    return wrapper
+
+
 class BanStore:
     """The ban store in one SQLite file; safe to share between processes and threads."""
 
@@ -167,10 +188,11 @@ class BanStore:
         self._lock = threading.Lock()
         directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            # Created here rather than by SQLite so it starts out 0600 whatever the umask.
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.close(fd)
+            if path != MEMORY:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                # Created here rather than by SQLite so it starts out 0600 whatever the umask.
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                os.close(fd)
         except OSError as exc:
             raise StoreError(f"{path}: cannot create the ban store: {exc.strerror}") from exc
         try:
@@ -184,7 +206,8 @@ class BanStore:
             raise StoreError(f"{path}: cannot open the ban store: {exc}") from exc
         try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            if path != MEMORY:
+                self._db.execute("PRAGMA journal_mode = WAL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -238,6 +261,7 @@ class BanStore:
 
     # -- bans --------------------------------------------------------------------------------
 
+    @_store_errors
     def ban(
         self,
         address: IPAddress | str,
@@ -326,6 +350,7 @@ class BanStore:
             self._record(db, kind, key, detail, now)
         return ban
 
+    @_store_errors
     def lift(self, address: IPAddress | str, now: float, reason: str) -> Ban | None:
         """End the ban of `address` (kept as an offence); the lifted ban, or None if there was none.
 
@@ -339,20 +364,24 @@ class BanStore:
             self._retire(db, old, now, "lift" if old.active(now) else "expire", reason)
         return old
 
+    @_store_errors
     def get(self, address: IPAddress | str) -> Ban | None:
         """The ban of `address` still in the table (it may have expired), or None."""
         key = str(normalise(address))
         with self._lock:
             return self._get(self._db, key)
 
+    @_store_errors
     def active(self, now: float) -> list[Ban]:
         """Bans in force at `now`, oldest first."""
         return self._select(f"WHERE {_ACTIVE} ORDER BY first_seen, address", (now,))
 
+    @_store_errors
     def expired(self, now: float) -> list[Ban]:
         """Bans past their expiry at `now` that nobody has lifted yet, earliest expiry first."""
         return self._select("WHERE expires IS NOT NULL AND expires <= ? ORDER BY expires, address", (now,))
 
+    @_store_errors
     def offences(self, address: IPAddress | str, now: float | None = None) -> int:
         """Bans of `address` that are over, for escalation: lifted ones, plus, given `now`, one
         still in the table but expired by then."""
@@ -367,6 +396,7 @@ class BanStore:
 
     # -- history -----------------------------------------------------------------------------
 
+    @_store_errors
     def history(self, limit: int = 100) -> list[Event]:
         """The last `limit` events, oldest first."""
         with self._lock:
@@ -378,6 +408,7 @@ class BanStore:
             ).fetchall()
         return [Event(at=r[0], kind=r[1], address=ip_address(r[2]), detail=r[3]) for r in rows]
 
+    @_store_errors
     def record(self, kind: EventKind, address: IPAddress | str, detail: str, now: float) -> None:
         """Add an event to the history (ban/lift already record their own)."""
         if kind not in EVENT_KINDS:
@@ -388,6 +419,7 @@ class BanStore:
 
     # -- hosts.deny lines --------------------------------------------------------------------
 
+    @_store_errors
     def stale_lines(self, now: float) -> set[str]:
         """hosts.deny lines we wrote whose bans are all over: no ban active at `now` is for an
         address the line was written for, nor has the line as its own."""
@@ -401,6 +433,7 @@ class BanStore:
             ).fetchall()
         return {r[0] for r in rows}
 
+    @_store_errors
     def forget_lines(self, lines: Iterable[str], now: float) -> None:
         """Stop tracking `lines` (tidy removed them), except for addresses banned again meanwhile."""
         with self._transaction() as db:

@@ -126,13 +126,27 @@ def test_block_levels_are_per_protocol():
     assert isinstance(e.observe(probe(source=OTHER), 1.0)[-1], Record)
 
 
-def test_while_a_block_is_under_way_further_hits_say_already_blocked():
+def test_hits_during_a_block_wait_for_its_outcome_then_say_already_blocked():
     e = engine(block_tcp=1, kill_route=ROUTE)
-    e.observe(probe(), 1.0)
-    assert texts(e.observe(probe(port=2), 1.1)) == [
+    block = e.observe(probe(), 1.0)[-1]
+    assert isinstance(block, Block)
+    assert e.observe(probe(port=2), 1.1) == []  # held back while the block runs
+    actions = e.finished(block, True, 1.2)
+    assert actions[0] == Record(probe(), 1.2)
+    assert texts(actions) == [
         "attackalert: Connect from host: 198.18.0.2/198.18.0.2 to TCP port: 2",
         "attackalert: Host: 198.18.0.2 is already blocked. Ignoring",
     ]
+
+
+def test_hits_during_a_failed_block_try_again_in_order():
+    e = engine(block_tcp=1, kill_route=ROUTE)
+    block = e.observe(probe(), 1.0)[-1]
+    assert isinstance(block, Block)
+    e.observe(probe(port=2), 1.1)
+    actions = e.finished(block, False, 1.2)
+    assert texts(actions)[0] == "attackalert: ERROR: Could not block host 198.18.0.2 !!"
+    assert isinstance(actions[-1], Block) and actions[-1].probe.port == 2
 
 
 def test_successful_block_is_recorded_and_failed_block_is_retried():

@@ -62,10 +62,15 @@ class ClassicResponder:
         blocking_steps = 0
         blocking_done = 0
         command_ok = True
-        hosts_deny_line: str | None = None
-        native = False
         if isinstance(duration, UsePolicy):
             duration = self.bans.duration(probe.source, self.clock()) if self.bans else None
+        if self.bans is not None:
+            # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
+            # that the next start completes (restore re-applies it), never a ban nobody knows of.
+            self.bans.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
+                               now=self.clock(), duration=duration,
+                               hosts_deny_line=self._intended_line(block),
+                               native=any(step.kind is StepKind.NATIVE for step in block.steps))
         for step in block.steps:
             if step.kind is StepKind.NATIVE and self.bans is None:
                 continue
@@ -77,17 +82,19 @@ class ClassicResponder:
                 command_ok = error is None
                 continue
             blocking_steps += 1
-            if error is None:
-                blocking_done += 1
-                native |= step.kind is StepKind.NATIVE
-                if step.kind is StepKind.HOSTS_DENY:
-                    hosts_deny_line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
+            blocking_done += error is None
         succeeded = blocking_done > 0 if blocking_steps else command_ok
-        if succeeded and self.bans is not None:
-            self.bans.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
-                               now=self.clock(), duration=duration, hosts_deny_line=hosts_deny_line,
-                               native=native)
+        if not succeeded and self.bans is not None:
+            self.bans.abandon(probe.source, self.clock())
         return succeeded
+
+    @staticmethod
+    def _intended_line(block: Block) -> str | None:
+        for step in block.steps:
+            if step.kind is StepKind.HOSTS_DENY:
+                probe = block.probe
+                return hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
+        return None
 
     def _step(self, step: Step, block: Block, duration: float | None) -> str | None:
         """Carry out one step and log it the 1.2 way; the error text, or None when it worked."""
