@@ -9,6 +9,7 @@ and whatever KILL_ROUTE_UNDO undoes.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,11 +36,12 @@ class BanPolicy:
     cap: int = 7 * 86400
     undo: str | None = None  # KILL_ROUTE_UNDO
     command_timeout: float = 30.0
+    route: str | None = None  # KILL_ROUTE, re-run at start when the kernel forgot its effect
 
     @classmethod
     def from_config(cls, config: Config) -> BanPolicy:
         return cls(config.block_time, config.block_time_factor, config.block_time_max,
-                   config.kill_route_undo, config.command_timeout)
+                   config.kill_route_undo, config.command_timeout, config.kill_route)
 
 
 UNSAVED_CAPACITY = 100_000
@@ -206,13 +208,25 @@ class BanManager:
                 lifted.append(ban.address)
         return lifted
 
-    def restore(self, now: float) -> list[Ban]:
+    def restore(self, now: float, kernel_id_path: str | None = None) -> list[Ban]:
         """At start: lift what expired while we were down, re-apply what is still active.
 
-        Every step is idempotent (set elements, hosts.deny lines), so nothing is duplicated.
+        Native elements and hosts.deny lines are idempotent, so they are simply re-added.
+        KILL_ROUTE is not (a second iptables -I adds a second rule), so it is re-run only when
+        the kernel has forgotten it: after a reboot or in a new network namespace, told apart
+        by `kernel_id_path`, which remembers the boot and namespace the bans were made in.
         """
         self.expire(now)
         active = self.store.active(now)
+        if kernel_id_path is not None and self.policy.route and _kernel_changed(kernel_id_path):
+            for ban in active:
+                command = substitute(self.policy.route, ban.address, ban.port, _mode_of(ban))
+                result = self._run(command, self.policy.command_timeout)
+                if result.ok:
+                    self._log(messages.blocked_via_route(str(ban.address), command))
+                else:
+                    self._log(messages.route_failed(str(ban.address), f'"{command}" exit status '
+                                                    f"{result.returncode}"))
         if self.backend is not None and active:
             try:
                 self.backend.add_many(
@@ -228,6 +242,38 @@ class BanManager:
                 except (HostsDenyError, OSError, ValueError) as error:
                     self._log(messages.config_error(f"cannot restore {ban.hosts_deny_line!r}: {error}"))
         return active
+
+
+def kernel_id() -> str:
+    """Which kernel state we run against: the boot, and the network namespace."""
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+        boot = handle.read().strip()
+    return f"{boot} net:{os.stat('/proc/self/ns/net').st_ino}"
+
+
+def _kernel_changed(path: str) -> bool:
+    """Compare with the id remembered at `path` and remember the current one."""
+    try:
+        current = kernel_id()
+    except OSError:
+        return False
+    try:
+        with open(path, encoding="ascii") as handle:
+            previous = handle.read().strip()
+    except FileNotFoundError:
+        previous = None
+    except OSError:
+        return False
+    if previous == current:
+        return False
+    try:
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(current + "\n")
+    except OSError:
+        pass
+    # No file yet: a first start, or a store from before this check; the bans in it were made
+    # in a kernel that may be gone, so err on the side of blocking.
+    return True
 
 
 def _mode_of(ban: Ban | None) -> Mode:

@@ -132,7 +132,7 @@ class Daemon:
         self.journal.start_session(list(self.modes))
         self.engine.guard.set_protected(protected_addresses(self.config))
         if self.bans is not None:
-            active = self.bans.restore(self.clock())
+            active = self.bans.restore(self.clock(), os.path.join(self.config.state_dir, "kernel-id"))
             self.engine.sync_bans({ban.address for ban in active})
         return any_open
 

@@ -116,3 +116,24 @@ def test_block_and_unblock_commands_with_and_without_the_daemon(daemon_factory, 
     assert f"Host {net.scanner_ip4} has been blocked via nftables for 3600 seconds" in out
     assert nft_set(net.target) == [net.scanner_ip4]
     assert daemon.hosts_deny_text().splitlines() == [f"ALL: {net.scanner_ip4}"]
+
+
+def test_kill_route_is_rerun_at_start_only_when_the_kernel_forgot_it(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = daemon_factory("-tcp", BLOCK_TCP="1", BLOCK_TIME="600",
+                            KILL_ROUTE="ip route add blackhole $TARGET$")
+    assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+    syslog.wait_for("has been blocked via dropped route")
+    daemon.stop()
+    # Same boot, same namespace: the route is still there and is not added twice.
+    mark = syslog.mark()
+    daemon.start()
+    syslog.assert_absent("dropped route", wait=1.0, since=mark)
+    daemon.stop()
+    # As after a reboot: the route is gone and the kernel id differs; the start puts it back.
+    run_in(net.target, ["ip", "route", "del", "blackhole", net.scanner_ip4], check=True)
+    (daemon.workdir / "state" / "kernel-id").write_text("another boot\n")
+    mark = syslog.mark()
+    daemon.start()
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via dropped route", since=mark)
+    assert net.scanner_ip4 in run_in(net.target, ["ip", "route", "show", "type", "blackhole"]).stdout
