@@ -1,5 +1,8 @@
-"""Which local ports have a real service, kept current from /proc/net so advanced stealth mode
-never reports hits on them, even for a service started after the daemon (1.2 froze the list).
+"""Which local ports have a real service, kept current so stealth modes never report hits on
+them, even for a service started after the daemon (1.2 froze the list at start).
+
+The kernel is asked through sock_diag netlink (tens of microseconds); /proc/net is the
+fallback where netlink is not available (its TCP table costs milliseconds to read).
 """
 
 from __future__ import annotations
@@ -8,6 +11,8 @@ import os
 import re
 
 from portsentry.probe import Protocol
+
+from .sockdiag import SockDiag
 
 # "  12: 0100007F:0277 00000000:0000 0A ..." -> slot, local address:port, remote, state.
 _LINE = re.compile(
@@ -60,6 +65,12 @@ class ListeningPorts:
         self._paths = tuple(os.path.join(proc_root, "net", name) for name in _FILES[protocol])
         self._ports: frozenset[int] = frozenset()
         self._refreshed_at: float | None = None
+        self._diag: SockDiag | None = None
+        if proc_root == "/proc":
+            try:
+                self._diag = SockDiag()
+            except OSError:
+                self._diag = None
 
     def refresh(self, now: float) -> None:
         """Re-read the tables if `min_interval` has passed (or the clock went backwards)."""
@@ -67,6 +78,12 @@ class ListeningPorts:
         if last is not None and 0 <= now - last < self.min_interval:
             return
         self._refreshed_at = now
+        if self._diag is not None:
+            try:
+                self._ports = self._diag.ports(self.protocol)
+                return
+            except OSError:
+                self._diag = None  # fall back to /proc from now on
         ports: set[int] = set()
         for path in self._paths:
             try:
