@@ -1,7 +1,7 @@
 """Measure which capture mechanism the stealth sensor should use: raw IP sockets, AF_PACKET with one
 recv() per packet, AF_PACKET with a TPACKET_V3 memory-mapped ring, or NFLOG from an nftables rule.
 
-Run as root from the repository root: `python bench/capture_mechanisms.py` (about 5 minutes). It
+Run as root from the repository root: `python bench/capture_mechanisms.py` (about 6 minutes). It
 builds throwaway namespaces (198.18.0.0/15, fd00::/8) with tests/system/rig.py, checks what each
 mechanism can see, then times each one against bounded, paced floods; docs/capture.md has results.
 The same file is also the receiver, sender and sink run inside the namespaces (subcommands).
