@@ -250,9 +250,21 @@ def test_ipv6_ah_length_uses_four_byte_units():
     assert packet is not None and (packet.source_port, packet.destination_port) == (7, 9)
 
 
-def test_ipv6_fragment_header_dropped():
-    assert dropped(ipv6(ext(6) + tcp(), next_header=44)) is DropReason.FRAGMENT
-    assert dropped(ipv6(ext(44) + ext(6) + tcp(), next_header=60)) is DropReason.FRAGMENT
+def fragment(next_header: int, offset_units: int, more: bool) -> bytes:
+    return struct.pack("!BBHI", next_header, 0, (offset_units << 3) | int(more), 0x1234)
+
+
+def test_ipv6_first_fragment_with_the_tcp_header_is_a_probe():
+    # `nmap -6 -f` style: the first fragment (offset 0) holds the TCP header.
+    packet, _drops = parse(ipv6(fragment(6, 0, True) + tcp(), next_header=44))
+    assert packet is not None and packet.tcp_flags == TcpFlag.SYN
+    packet, _drops = parse(ipv6(ext(44) + fragment(6, 0, True) + tcp(), next_header=60))
+    assert packet is not None
+
+
+def test_ipv6_later_fragments_and_cut_transport_headers_are_dropped():
+    assert dropped(ipv6(fragment(6, 3, False) + tcp(), next_header=44)) is DropReason.FRAGMENT
+    assert dropped(ipv6(fragment(6, 0, True) + tcp()[:8], next_header=44)) is DropReason.TRUNCATED
 
 
 @pytest.mark.parametrize("next_header", [59, 58, 50, 135, 253])

@@ -15,6 +15,7 @@ from portsentry.probe import Protocol
 from portsentry.sensors.packet import (
     IPPROTO_TCP,
     IPPROTO_UDP,
+    IPPROTO_FRAGMENT,
     IPV6_EXTENSION_HEADERS,
     IPv4Header,
     IPv6Header,
@@ -170,7 +171,8 @@ def build_probe_filter(
     asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.NEXT_HEADER)
     asm.jump(BPF_JEQ, IPPROTO_TCP, "tcp6" if want_tcp else "reject", 0)
     asm.jump(BPF_JEQ, IPPROTO_UDP, "udp6" if want_udp else "reject", 0)
-    extensions = sorted(IPV6_EXTENSION_HEADERS)
+    # Fragment headers too: a first fragment holding the TCP header is a probe (Python walks it).
+    extensions = sorted(IPV6_EXTENSION_HEADERS | {IPPROTO_FRAGMENT})
     for position, header in enumerate(extensions):
         last = position == len(extensions) - 1
         asm.jump(BPF_JEQ, header, "accept", "reject" if last else 0)

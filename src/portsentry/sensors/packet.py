@@ -211,6 +211,10 @@ def _parse_ipv4(data: bytes, drops: DropCounter) -> Packet | None:
     )
 
 
+# IPv6 fragment header: next header, reserved, fragment offset (13 bits) + flags, identification.
+_FRAGMENT = struct.Struct("!BBH")
+
+
 def _parse_ipv6(data: bytes, drops: DropCounter) -> Packet | None:
     if len(data) < IPv6Header.SIZE:
         drops.add(DropReason.TRUNCATED)
@@ -229,8 +233,22 @@ def _parse_ipv6(data: bytes, drops: DropCounter) -> Packet | None:
     offset = IPv6Header.SIZE
     walked = 0
     while next_header != IPPROTO_TCP and next_header != IPPROTO_UDP:
+        if next_header == IPPROTO_FRAGMENT:
+            # A first fragment (offset 0) carries the transport header and the kernel answers it
+            # once reassembled, so it is a probe like any other; later fragments are not.
+            if end - offset < 8:
+                drops.add(DropReason.TRUNCATED)
+                return None
+            following, _reserved, offset_flags = _FRAGMENT.unpack_from(data, offset)
+            if offset_flags >> 3:
+                drops.add(DropReason.FRAGMENT)
+                return None
+            offset += 8
+            next_header = following
+            walked += 1
+            continue
         if next_header not in IPV6_EXTENSION_HEADERS:
-            drops.add(DropReason.FRAGMENT if next_header == IPPROTO_FRAGMENT else DropReason.NOT_TCP_UDP)
+            drops.add(DropReason.NOT_TCP_UDP)
             return None
         if next_header == IPPROTO_HOPOPTS and walked:
             # RFC 8200 allows it only first; the kernel discards the packet otherwise.
