@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 from portsentry.probe import Protocol
 from portsentry.sensors.packet import (
+    IPPROTO_FRAGMENT,
     IPPROTO_TCP,
     IPPROTO_UDP,
-    IPPROTO_FRAGMENT,
     IPV6_EXTENSION_HEADERS,
     IPv4Header,
     IPv6Header,
