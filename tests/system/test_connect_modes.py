@@ -189,3 +189,14 @@ def test_kill_run_cmd_first_order(daemon_factory, namespaces, syslog, tmp_path):
              for i in order]
     assert kinds == ["run", "wrappers", "route"]
     assert out.read_text().splitlines() == [f"run {net.scanner_ip4} 1 tcp", f"route {net.scanner_ip4}"]
+
+
+def test_shipped_two_family_iptables_kill_route_blocks_ipv4_and_ipv6(daemon_factory, namespaces, syslog):
+    net = namespaces
+    route = ("/sbin/iptables -I INPUT -s $TARGET$ -j DROP 2>/dev/null || "
+             "/sbin/ip6tables -I INPUT -s $TARGET$ -j DROP")
+    daemon_factory("-tcp", BLOCK_TCP="1", KILL_ROUTE=route)
+    for target, scanner in ((net.target_ip4, net.scanner_ip4), (net.target_ip6, net.scanner_ip6)):
+        assert tcp_connect(net.scanner, target, 1).connected
+        syslog.wait_for(f"attackalert: Host {scanner} has been blocked via dropped route")
+        assert not tcp_connect(net.scanner, target, 11, timeout=2).connected
