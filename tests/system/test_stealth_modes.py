@@ -46,12 +46,14 @@ def test_tcp_stealth_scan_is_classified_and_blocked(daemon_factory, namespaces, 
     assert set(nmap_ports(clean.stdout).values()) == {"closed"}, clean.stdout
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("scan", ["-sA", "-sW", "-sM"])
-def test_ack_window_and_maimon_scans_are_not_1_2_hits(daemon_factory, namespaces, syslog, scan):
+def test_ack_window_and_maimon_scans_are_not_1_2_hits(daemon_factory, namespaces, syslog, scan, family):
     net = namespaces
+    flags, target, _scanner, _t2, _s2 = addresses(net, family)
     daemon_factory("-atcp", BLOCK_TCP="1", KILL_ROUTE=ROUTE)
     mark = syslog.mark()
-    nmap(net.scanner, [scan, "-p", "1,25,111", "--max-retries", "0", net.target_ip4])
+    nmap(net.scanner, [*flags, scan, "-p", "1,25,111", "--max-retries", "0", target])
     syslog.assert_absent("attackalert:", wait=1.0, since=mark)
 
 

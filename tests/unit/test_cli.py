@@ -84,3 +84,34 @@ def test_ignore_file_error_names_the_ignore_file_and_line(tmp_path, capsys):
     conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{ignore}"\n')
     assert main(["check-config", "-c", str(conf)]) == 1
     assert capsys.readouterr().err.startswith(f"portsentry: {ignore}:2: ")
+
+
+def test_hosts_deny_tidy_command_dry_run_then_real(tmp_path, capsys):
+    deny = tmp_path / "hosts.deny"
+    original = "# managed by hand\nALL: 198.18.0.2\nsshd: 198.18.9.9\nALL: 198.18.0.2\n"
+    deny.write_text(original)
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nHOSTS_DENY_FILE="{deny}"\nSTATE_DIR="{tmp_path}/state"\n')
+    assert main(["hosts-deny", "tidy", "--dry-run", "-c", str(conf)]) == 0
+    assert "ALL: 198.18.0.2" in capsys.readouterr().out
+    assert deny.read_text() == original
+    assert main(["hosts-deny", "tidy", "-c", str(conf)]) == 0
+    assert deny.read_text() == "# managed by hand\nALL: 198.18.0.2\nsshd: 198.18.9.9\n"
+    before = deny.stat().st_mtime_ns
+    assert main(["hosts-deny", "tidy", "-c", str(conf)]) == 0
+    assert deny.stat().st_mtime_ns == before  # a clean file is not rewritten
+
+
+def test_check_warns_about_an_allow_all_hosts_allow(tmp_path, capsys, monkeypatch):
+    import portsentry.wrappers_check as wrappers
+
+    allow = tmp_path / "hosts.allow"
+    allow.write_text("ALL : ALL : allow\n")
+    monkeypatch.setattr(wrappers, "DEFAULT_HOSTS_ALLOW", str(allow))
+    real = wrappers.check_wrappers
+    monkeypatch.setattr(wrappers, "check_wrappers", lambda hosts_allow=str(allow): real(hosts_allow))
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\n')
+    assert main(["check", "-c", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "hosts.allow" in out
