@@ -1,12 +1,15 @@
 """Measure the ban backends: time to add and to remove one ban with 0, 10k and 100k bans active
 (nftables via netlink, one `nft` process per ban, a long-lived `nft -i`, and `nft -f -`; ipset; the
-classic one-iptables-rule-per-ban), time to restore 100k bans, and what 100k linear iptables rules
+route backend; and 1.2's classic KILL_ROUTE run through `sh -c` as 1.2's system() does, with
+iptables and with `ip route`), time to restore 100k bans (each backend's bulk path, and the
+daemon's own restart path: ban store read plus nftables), and what 100k linear iptables rules
 cost on the packet path compared with one set lookup (TCP connect latency).
 
-Run as root from the repository root: `python bench/ban_backends.py` (under a minute here; capped
-at 9). It builds throwaway namespaces (198.18.0.0/15, fd00::/8) with tests/system/rig.py and
-re-runs itself inside the target namespace (`--inner`), which refuses to run in the host's
-namespace; nothing is ever done to the host's own firewall or routes.
+Run as root from the repository root: `python bench/ban_backends.py` (about 1.5 minutes here;
+capped at 9), or as part of `bench/run` (`--only bans`). It builds throwaway namespaces
+(198.18.0.0/15, fd00::/8) with tests/system/rig.py and re-runs itself inside the target namespace
+(`--inner`), which refuses to run in the host's namespace; nothing is ever done to the host's own
+firewall or routes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,19 +31,26 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT)]
+# bench/run --ours-rev points this at an exported revision's src/.
+SOURCE_ENV = "PORTSENTRY_BENCH_SRC"
+sys.path[:0] = [os.environ.get(SOURCE_ENV, str(REPO_ROOT / "src")), str(REPO_ROOT)]
 
+from portsentry.bans import BanManager, BanPolicy  # noqa: E402
 from portsentry.responders.backend import run_argv  # noqa: E402
+from portsentry.responders.hostsdeny import HostsDeny  # noqa: E402
+from portsentry.responders.iproute import RouteBackend  # noqa: E402
 from portsentry.responders.ipset import IpsetBackend  # noqa: E402
 from portsentry.responders.nftables import NftablesBackend  # noqa: E402
+from portsentry.store import BanStore  # noqa: E402
 
 FILLS = (0, 10_000, 100_000)
 PORT = 8080
 DEADLINE = 9 * 60.0
-# Fill addresses: 198.18.128.0 upwards (never the rig's 198.18.0.x/198.18.1.x hosts); probes
-# (the single bans being timed) come from 198.19.0.0 upwards.
-FILL_BASE = int(IPv4Address("198.18.128.0"))
-PROBE_BASE = int(IPv4Address("198.19.0.0"))
+# Fill addresses: 198.18.2.0 upwards (never the rig's 198.18.0.x/198.18.1.x hosts; 100k of them
+# end at 198.19.136.161); probes (the single bans being timed, at most 1000) come from
+# 198.19.200.0 upwards, so a timed add never finds its address already banned.
+FILL_BASE = int(IPv4Address("198.18.2.0"))
+PROBE_BASE = int(IPv4Address("198.19.200.0"))
 Row = dict[str, Any]
 
 
@@ -149,19 +160,80 @@ def bench_ipset(fill: int, samples: int) -> Row:
     return {"backend": "ipset (process per ban)", "active": fill, "fill_s": restore, **result}
 
 
+def bench_route(fill: int, samples: int) -> Row:
+    backend = RouteBackend()
+    backend.setup()
+    restore = timed(lambda: backend.add_many([(a, 3600.0) for a in fill_addresses(fill)]))
+    result = measure_single(lambda a: backend.add(a, 3600), backend.remove, samples)
+    backend.teardown()
+    return {"backend": "route (process per ban)", "active": fill, "fill_s": restore, **result}
+
+
 def iptables_fill(fill: int) -> float:
     lines = ["*filter"] + [f"-A INPUT -s {a}/32 -j DROP" for a in fill_addresses(fill)] + ["COMMIT", ""]
     return timed(lambda: must(["iptables-restore", "--noflush"], "\n".join(lines)))
 
 
+def shell(command: str) -> None:
+    """One KILL_ROUTE the way 1.2 runs it: system(3), i.e. `sh -c COMMAND`."""
+    must(["/bin/sh", "-c", command])
+
+
+CLASSIC_IPTABLES = "1.2 KILL_ROUTE iptables"
+CLASSIC_ROUTE = "1.2 KILL_ROUTE ip route"
+
+
 def bench_iptables(fill: int, samples: int) -> Row:
+    """1.2's `KILL_ROUTE="/sbin/iptables -I INPUT -s $TARGET$ -j DROP"`: one rule per ban. 1.2 never
+    removes a ban; the removal timed is the matching `iptables -D` an admin would run."""
     restore = iptables_fill(fill) if fill else 0.0
     result = measure_single(
-        lambda a: must(["iptables", "-w", "-I", "INPUT", "-s", str(a), "-j", "DROP"]),
-        lambda a: must(["iptables", "-w", "-D", "INPUT", "-s", str(a), "-j", "DROP"]),
+        lambda a: shell(f"/sbin/iptables -w -I INPUT -s {a} -j DROP"),
+        lambda a: shell(f"/sbin/iptables -w -D INPUT -s {a} -j DROP"),
         samples)
     must(["iptables", "-F", "INPUT"])
-    return {"backend": "iptables rule per ban", "active": fill, "fill_s": restore, **result}
+    return {"backend": CLASSIC_IPTABLES, "active": fill, "fill_s": restore, **result}
+
+
+def bench_classic_route(fill: int, samples: int) -> Row:
+    """`KILL_ROUTE="/sbin/ip route add blackhole $TARGET$"` (what bench/run gives both daemons)."""
+    script = "".join(f"route add blackhole {a}\n" for a in fill_addresses(fill))
+    restore = timed(lambda: must(["ip", "-batch", "-"], script)) if fill else 0.0
+    result = measure_single(
+        lambda a: shell(f"/sbin/ip route add blackhole {a}"),
+        lambda a: shell(f"/sbin/ip route del blackhole {a}"),
+        samples)
+    must(["ip", "-4", "route", "flush", "type", "blackhole"])
+    return {"backend": CLASSIC_ROUTE, "active": fill, "fill_s": restore, **result}
+
+
+def bench_daemon_restore(count: int) -> Row:
+    """The daemon's restart path (BanManager.restore: expire, read the active bans from the SQLite
+    ban store, one nftables add_many) with `count` bans in the store; also the store's write time
+    per ban while it fills."""
+    with tempfile.TemporaryDirectory(prefix="ps-bench-bans-") as directory:
+        store = BanStore(os.path.join(directory, "bans.sqlite"))
+        now = time.time()
+        writes: list[float] = []
+        for address in fill_addresses(count):
+            writes.append(timed(lambda a=address: store.ban(  # type: ignore[misc]
+                a, reason="bench", mode="atcp", port=79, now=now, duration=3600.0,
+                backends=("nftables",))))
+        backend = NftablesBackend()
+        backend.setup()
+        manager = BanManager(store, backend, HostsDeny(os.path.join(directory, "hosts.deny")),
+                             BanPolicy(), lambda _line: None)
+        try:
+            restored: list[object] = []
+            seconds = timed(lambda: restored.extend(manager.restore(time.time())))
+            members = len(backend.members())
+        finally:
+            backend.teardown()
+            store.close()
+    tail = writes[-min(1000, len(writes)):]
+    return {"backend": "daemon restore (store + nft netlink)", "bans": count,
+            "restore_s": seconds, "restored": len(restored), "members": members,
+            "store_write": summary(tail)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +308,7 @@ def inner(scanner_ns: str, target_ip: str, launcher_netns: str) -> None:
     if str(netns_inode()) == launcher_netns:
         raise SystemExit("ban_backends --inner must run inside a benchmark namespace")
     started = time.monotonic()
-    out: dict[str, list[Row]] = {"single": [], "restore": [], "path": []}
+    out: dict[str, list[Row]] = {"single": [], "restore": [], "path": [], "daemon": []}
     kinds = ["nft netlink (chosen)", "nft -i long-lived", "nft process per ban",
              "nft -f - (fallback)"]
     for fill in FILLS:
@@ -245,19 +317,24 @@ def inner(scanner_ns: str, target_ip: str, launcher_netns: str) -> None:
                 else 20
             out["single"].append(bench_nft(kind, fill, samples))
         out["single"].append(bench_ipset(fill, 50))
+        out["single"].append(bench_route(fill, 50))
+        out["single"].append(bench_classic_route(fill, 50))
         if time.monotonic() - started < DEADLINE / 3:
             out["single"].append(bench_iptables(fill, 5 if fill >= 100_000 else 20))
         print(f"  ... {fill} active done after {time.monotonic() - started:.0f}s", file=sys.stderr)
     bans = [(a, 3600.0) for a in fill_addresses(100_000)]
-    for name, backend in (("nft netlink", NftablesBackend()),
-                          ("nft -f -", NftablesBackend(mechanism="cli")),
-                          ("ipset restore", IpsetBackend())):
+    backends: tuple[tuple[str, NftablesBackend | IpsetBackend | RouteBackend], ...] = (
+        ("nft netlink", NftablesBackend()), ("nft -f -", NftablesBackend(mechanism="cli")),
+        ("ipset restore", IpsetBackend()), ("route ip -batch", RouteBackend()))
+    for name, backend in backends:
         total = timed(lambda b=backend: (b.setup(), b.add_many(bans)))  # type: ignore[misc]
         again = timed(lambda b=backend: b.add_many(bans))  # type: ignore[misc]
         count = len(backend.members())
         backend.teardown()
         out["restore"].append({"backend": name, "setup_and_restore_s": total,
                                "restore_again_s": again, "members": count})
+    out["daemon"].append(bench_daemon_restore(100_000))
+    print(f"  ... restores done after {time.monotonic() - started:.0f}s", file=sys.stderr)
     stop = threading.Event()
     server = threading.Thread(target=serve, args=(stop,), daemon=True)
     server.start()
@@ -282,10 +359,33 @@ def print_tables(out: dict[str, list[Row]]) -> None:
     for r in out["restore"]:
         print(f"{r['backend']:16} {r['setup_and_restore_s']:14.2f} {r['restore_again_s']:16.2f} "
               f"{r['members']:>8}")
+    for r in out.get("daemon", []):
+        print(f"\n{r['backend']}: {r['bans']} bans in the store, restored in {r['restore_s']:.2f} s "
+              f"({r['members']} set members); store write per ban {r['store_write']['median_ms']:.3f} ms "
+              f"median, {r['store_write']['p95_ms']:.3f} ms p95")
     print("\nPacket path: TCP connect latency from an unbanned scanner (milliseconds)")
     print(f"{'setup':34} {'median':>8} {'p95':>8} {'n':>5}")
     for r in out["path"]:
         print(f"{r['setup']:34} {r['median_ms']:8.3f} {r['p95_ms']:8.3f} {r['n']:>5}")
+
+
+def measure(source: Path | None = None) -> dict[str, list[Row]]:
+    """The whole measurement in fresh namespaces (removed afterwards, also on errors); `source`
+    is the src/ directory of the portsentry to measure (default: this working tree)."""
+    from tests.system.rig import namespaces_up, ns_argv
+
+    env = dict(os.environ)
+    if source is not None:
+        env[SOURCE_ENV] = str(source)
+    with namespaces_up() as net:
+        argv = ns_argv(net.target, [sys.executable, __file__, "--inner", net.scanner,
+                                    net.target_ip4, str(netns_inode())])
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=DEADLINE + 60,
+                              check=False, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench/ban_backends.py --inner failed (exit {proc.returncode})")
+    result: dict[str, list[Row]] = json.loads(proc.stdout)
+    return result
 
 
 def main() -> None:
@@ -299,16 +399,10 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         raise SystemExit("bench/ban_backends.py: run as root (network namespaces)")
-    from tests.system.rig import namespaces_up, ns_argv
-
-    with namespaces_up() as net:
-        argv = ns_argv(net.target, [sys.executable, __file__, "--inner", net.scanner,
-                                         net.target_ip4, str(netns_inode())])
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=DEADLINE + 60,
-                              check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"benchmark failed ({proc.returncode})")
-    out = json.loads(proc.stdout)
+    try:
+        out = measure()
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from error
     print_tables(out)
     if args.json:
         print(json.dumps(out, indent=1))

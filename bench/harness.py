@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import signal
@@ -209,11 +210,46 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime + cutime + cstime) / _TICK
 
 
-def peak_rss_kib(pid: int) -> int:
+def _status_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise BenchError(f"no VmHWM in /proc/{pid}/status")
+    raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+def peak_rss_kib(pid: int) -> int:
+    return _status_kib(pid, "VmHWM")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size now (VmRSS)."""
+    return _status_kib(pid, "VmRSS")
+
+
+def control_socket(workdir: Path) -> Path:
+    return workdir / "control.sock"
+
+
+def daemon_status(path: Path, timeout: float = 10.0) -> dict[str, object]:
+    """Our daemon's `status` answer over its control socket (one JSON line each way)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(os.fspath(path))
+            sock.sendall(b'{"command": "status"}\n')
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as error:
+            raise BenchError(f"status from {path}: {error}") from error
+    answer = json.loads(data or b"null")
+    if not isinstance(answer, dict) or not isinstance(answer.get("status"), dict):
+        raise BenchError(f"status from {path}: unexpected answer {answer!r}")
+    status: dict[str, object] = answer["status"]
+    return status
 
 
 def settle(receiver: Receiver, pid: int, quiet: float = 1.0, timeout: float = 60.0) -> float:
@@ -261,6 +297,9 @@ def config_text(workdir: Path, *, ours: bool) -> str:
         # all runs.
         settings["HOSTS_DENY_FILE"] = str(workdir / "hosts.deny")
         settings["STATE_DIR"] = str(workdir / "state")
+        # Its default is /run/portsentry/control.sock on the host; bench/perf.py also asks it for
+        # status (probes seen) through this socket.
+        settings["CONTROL_SOCKET"] = str(control_socket(workdir))
         # Log every hit from a blocked host as 1.2 does, so both daemons do the same logging work
         # (ours' default folds repeats into one summary line per window).
         settings["LOG_REPEAT_LIMIT"] = "0"

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gzip
 import io
+import json
 import math
 import os
 import platform
 import pstats
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -28,13 +31,14 @@ from types import FrameType
 
 from tests.system import rig
 
-from bench import harness
+from bench import ban_backends, harness
 from bench.harness import ALREADY, BLOCKED, DETECTION, BenchError, Receiver, Running, Subject
 
 DOC = harness.REPO_ROOT / "docs" / "performance.md"
 BEGIN = "<!-- bench:results:begin (written by bench/run; edits inside are overwritten) -->"
 END = "<!-- bench:results:end -->"
 
+PARTS = ("scan", "latency", "flood", "spoof", "bans")
 WATCHED_PORT = 79  # below ADVANCED_PORTS_TCP and not excluded: every probe to it is a hit
 EXCLUDED = frozenset({113, 139})
 FLOOD_SOURCE = "198.18.0.3"
@@ -51,6 +55,7 @@ class Fixture:
     receiver: Receiver
     running: Running
     ready_mark: int
+    workdir: Path
 
 
 @contextlib.contextmanager
@@ -65,7 +70,7 @@ def fresh(subject: Subject, ignore: Sequence[str] = BASE_IGNORE,
         harness.add_addresses(net.scanner, "eth0", extra_scanner_addresses, 24)
         receiver = Receiver(workdir / "log", net.target)
         running = subject.start(net, workdir, receiver, ignore)
-        yield Fixture(net, receiver, running, receiver.count())
+        yield Fixture(net, receiver, running, receiver.count(), workdir)
     finally:
         try:
             if running is not None:
@@ -97,6 +102,18 @@ class ScanResult:
     scan_s: float
     catchup_s: float
     peak_rss_mib: float
+    answered: int  # ports nmap saw answered (closed/open): replies that left before the block
+
+
+NMAP_NOT_SHOWN = re.compile(r"(\d+) (closed|open) tcp ports")
+NMAP_PORT_LINE = re.compile(r"^\d+/tcp\s+(closed|open)\b", re.MULTILINE)
+
+
+def answered_ports(nmap_output: str) -> int:
+    """Ports nmap reports closed or open: the target answered those probes, so they were sent
+    before the blackhole route (which drops the replies) was in force."""
+    return (sum(int(m[1]) for m in NMAP_NOT_SHOWN.finditer(nmap_output))
+            + len(NMAP_PORT_LINE.findall(nmap_output)))
 
 
 def measure_scan(subject: Subject, rate: int) -> ScanResult:
@@ -133,6 +150,7 @@ def measure_scan(subject: Subject, rate: int) -> ScanResult:
         scan_s=scan.finished - scan.started,
         catchup_s=max(0.0, entries[-1].at - scan.finished),
         peak_rss_mib=rss,
+        answered=answered_ports(scan.output),
     )
 
 
@@ -197,6 +215,116 @@ def measure_flood(subject: Subject, ignored: bool, count: int, interval_us: int)
     return FloodResult(flood.sent, flood.finished - flood.started, cpu1 - cpu0, lines)
 
 
+@dataclass(frozen=True)
+class SpoofPoint:
+    """The daemon after `sources` spoofed SYNs, once it had caught up with them."""
+
+    sources: int
+    rss_mib: float
+    seen: int  # probes the daemon reported: ours' status probes_seen, 1.2's detection lines
+    blocks: int  # block lines so far
+    cpu: float  # daemon CPU since the flood started
+
+
+@dataclass(frozen=True)
+class SpoofResult:
+    family: int
+    pps: float
+    send_s: float
+    points: list[SpoofPoint]
+    peak_rss_mib: float
+
+    @property
+    def first(self) -> SpoofPoint:
+        return self.points[0]
+
+    @property
+    def last(self) -> SpoofPoint:
+        return self.points[-1]
+
+
+SPOOF_SENDER = Path(__file__).with_name("spoofsend.py")
+SPOOF_IPV4_SOURCES = 131_072 - 512  # 198.18.0.0/15 without the rig's 198.18.0.0/23
+
+
+def measure_spoof(subject: Subject, family: int, count: int, checkpoint: int, pps: float) -> SpoofResult:
+    """One SYN to the watched port from each of `count` distinct forged sources (bench/spoofsend.py
+    in the scanner namespace, AF_PACKET, paced at `pps`), with a pause after `checkpoint` of them:
+    at the pause and at the end, once the daemon is idle again, its RSS and what it saw."""
+    if not 0 < checkpoint < count:
+        raise BenchError(f"spoof checkpoint {checkpoint} must be between 0 and {count}")
+    with fresh(subject) as fx:
+        pid = fx.running.pid
+        # Namespaced: a forged source has no route back, and 1.2's raw socket only sees what
+        # the routing input step accepts (0 is a new namespace's default; made explicit).
+        for key in ("all", "default", "eth0"):
+            rig.run_in(fx.net.target, ["sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0"], check=True)
+        link = rig.run_in(fx.net.target, ["ip", "-j", "link", "show", "dev", "eth0"], check=True)
+        target_mac = str(json.loads(link.stdout)[0]["address"])
+        destination = fx.net.target_ip6 if family == 6 else fx.net.target_ip4
+        max_seconds = count / pps * 2 + 30
+        argv = [sys.executable, str(SPOOF_SENDER), "--family", str(family), "--dst", destination,
+                "--dst-mac", target_mac, "--port", str(WATCHED_PORT), "--count", str(count),
+                "--pps", str(pps), "--checkpoint", str(checkpoint),
+                "--max-seconds", str(max_seconds)]
+        sender = subprocess.Popen(rig.ns_argv(fx.net.scanner, argv), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        deadline = time.monotonic() + max_seconds + 300
+        points: list[SpoofPoint] = []
+
+        def line() -> str:
+            assert sender.stdout is not None
+            ready, _, _ = select.select([sender.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            text = sender.stdout.readline() if ready else ""
+            if not text:
+                assert sender.stderr is not None
+                sender.kill()
+                raise BenchError(f"spoofsend stopped or timed out (exit {sender.wait(5)}): "
+                                 f"{sender.stderr.read()[-2000:]}")
+            return text.strip()
+
+        def point(sources: int, cpu0: float) -> SpoofPoint:
+            cpu = harness.settle(fx.receiver, pid, timeout=180.0)
+            entries = fx.receiver.entries(fx.ready_mark)
+            detections = sum(1 for e in entries if DETECTION.search(e.message))
+            blocks = sum(1 for e in entries if BLOCKED.search(e.message))
+            if isinstance(subject, harness.Ours):
+                seen = harness.daemon_status(harness.control_socket(fx.workdir))["probes_seen"]
+                assert isinstance(seen, int)
+            else:
+                seen = detections
+            return SpoofPoint(sources, harness.rss_kib(pid) / 1024, seen, blocks, cpu - cpu0)
+
+        try:
+            if line() != "ready":
+                raise BenchError("spoofsend did not start")
+            cpu0 = harness.cpu_seconds(pid)
+            while True:
+                words = line().split()
+                if words[0] == "checkpoint":
+                    points.append(point(int(words[1]), cpu0))
+                    assert sender.stdin is not None
+                    sender.stdin.write("go\n")
+                    sender.stdin.flush()
+                elif words[0] == "done":
+                    sent, send_s = int(words[1]), float(words[2])
+                    break
+                else:
+                    raise BenchError(f"spoofsend said {' '.join(words)!r}")
+            sender.wait(10)
+            points.append(point(sent, cpu0))
+            peak = harness.peak_rss_kib(pid) / 1024
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+                sender.wait(5)
+            for stream in (sender.stdin, sender.stdout, sender.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+    return SpoofResult(family, pps, send_s, points, peak)
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 
@@ -226,7 +354,8 @@ class Row:
         a, b = statistics.median(self.ours), statistics.median(self.theirs)
         if b == 0:
             return "-" if a == 0 else "inf"
-        return f"{a / b:.2f}"
+        # Two significant digits for small ratios (0.0007 rather than 0.00).
+        return f"{a / b:.2f}" if abs(a / b) >= 0.1 else f"{a / b:.2g}"
 
 
 @dataclass
@@ -234,6 +363,7 @@ class Section:
     title: str
     how: str
     rows: list[Row]
+    notes: str = ""  # markdown shown after the table (also in the text output)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -254,13 +384,20 @@ def scan_section(results: dict[str, list[ScanResult]], rate: int) -> Section:
         [
             row("probes nmap sent", "packets", lambda r: r.sent),
             row("probes to watched ports (1-1023 minus 113,139)", "packets", lambda r: r.watched),
-            row("detection lines before the first block line", "lines", lambda r: r.before_block),
+            row("watched-port probes missed (no detection line)", "probes",
+                lambda r: r.watched - r.distinct_ports),
+            row("probes answered before the block took effect (ports nmap saw closed)", "probes",
+                lambda r: r.answered),
+            row("detection lines before the block line", "lines", lambda r: r.before_block),
             row("detection lines in total", "lines", lambda r: r.detections),
             row("distinct ports in detection lines", "ports", lambda r: r.distinct_ports),
             row("already-blocked lines", "lines", lambda r: r.already),
             row("daemon CPU, scan start until idle (incl. children)", "s", lambda r: r.cpu, 2),
-            row("first detection line -> block line", "ms", lambda r: r.first_to_block_ms, 1),
+            row("first detection line -> block in force (block line)", "ms",
+                lambda r: r.first_to_block_ms, 1),
             row("nmap launched -> first detection line", "ms", lambda r: r.start_to_first_ms, 1),
+            row("nmap launched -> block in force (block line)", "ms",
+                lambda r: r.start_to_first_ms + r.first_to_block_ms, 1),
             row("nmap run time", "s", lambda r: r.scan_s, 2),
             row("last line arrived after nmap ended", "s", lambda r: r.catchup_s, 2),
             row("peak RSS (VmHWM)", "MiB", lambda r: r.peak_rss_mib, 1),
@@ -285,8 +422,8 @@ def latency_section(results: dict[str, list[LatencyResult]], probes: int) -> Sec
         [
             row("probe sent -> detection line, median", lambda r: r.detect_ms, 50),
             row("probe sent -> detection line, p99", lambda r: r.detect_ms, 99),
-            row("probe sent -> block line, median", lambda r: r.block_ms, 50),
-            row("probe sent -> block line, p99", lambda r: r.block_ms, 99),
+            row("probe sent -> block in force (block line), median", lambda r: r.block_ms, 50),
+            row("probe sent -> block in force (block line), p99", lambda r: r.block_ms, 99),
             Row("probes with no block line within 10 s", "probes",
                 [float(sum(r.missed for r in results["ours"]))],
                 [float(sum(r.missed for r in results["1.2"]))]),
@@ -320,16 +457,221 @@ def flood_section(results: dict[tuple[str, bool], list[FloodResult]], count: int
     )
 
 
+def spoof_section(results: dict[tuple[str, int], list[SpoofResult]], counts: dict[int, int],
+                  checkpoint: int, pps: float) -> Section:
+    rows: list[Row] = []
+    for family in (6, 4):
+        if not results.get(("ours", family)) and not results.get(("1.2", family)):
+            continue
+        who = ("IPv6 fd00::/8" if family == 6 else "IPv4 198.18.0.0/15") + f", {counts[family]} sources"
+
+        def row(label: str, unit: str, get: Callable[[SpoofResult], float], decimals: int = 0,
+                family: int = family, who: str = who) -> Row:
+            return Row(f"{who}: {label}", unit, [get(r) for r in results.get(("ours", family), [])],
+                       [get(r) for r in results.get(("1.2", family), [])], decimals)
+
+        def growth(r: SpoofResult) -> float:
+            extra = r.last.sources - r.first.sources
+            return (r.last.rss_mib - r.first.rss_mib) / extra * 100_000 if extra else math.nan
+
+        rows += [
+            row("SYNs sent", "packets", lambda r: r.last.sources),
+            row("send rate", "pps", lambda r: r.last.sources / r.send_s if r.send_s else math.nan),
+            row("probes the daemon saw", "probes", lambda r: r.last.seen),
+            row(f"RSS after {checkpoint} sources", "MiB", lambda r: r.first.rss_mib, 1),
+            row("RSS after all sources", "MiB", lambda r: r.last.rss_mib, 1),
+            row(f"RSS after all / after {checkpoint} (goal: at most 1.10)", "ratio",
+                lambda r: r.last.rss_mib / r.first.rss_mib, 2),
+            row("RSS growth per 100k further sources", "MiB", growth, 2),
+            row("peak RSS (VmHWM)", "MiB", lambda r: r.peak_rss_mib, 1),
+            row("hosts blocked (block lines)", "hosts", lambda r: r.last.blocks),
+            row("daemon CPU, flood start until idle", "s", lambda r: r.last.cpu, 2),
+            row("daemon CPU per 10k sources", "s", lambda r: r.last.cpu / r.last.sources * 10_000, 3),
+        ]
+    curves = []
+    for (name, family), runs in sorted(results.items()):
+        for r in runs:
+            readings = ", ".join(f"{p.sources // 1000}k: {p.rss_mib:.1f}" for p in r.points[:-1])
+            curves.append(f"- {'ours' if name == 'ours' else name}, IPv{family}: {readings}, "
+                          f"end: {r.last.rss_mib:.1f} MiB")
+    return Section(
+        "Spoofed SYN flood, one SYN from each of many random sources",
+        f"bench/spoofsend.py in the scanner namespace writes Ethernet frames to an AF_PACKET socket at "
+        f"{pps:.0f} pps, one SYN to port {WATCHED_PORT} from each forged source; it pauses after "
+        f"every {checkpoint} sources until the daemon is idle, for a reading. 1.2 has no IPv6, so "
+        f"only ours gets the IPv6 flood; both get the IPv4 one, over all of 198.18.0.0/15 but the "
+        f"rig's 198.18.0.0/23. Ours runs with its default BAN_RATE_LIMIT (60 new bans a minute), "
+        f"1.2 blocks every source it sees. Reproduce with `bench/run --only spoof "
+        f"--spoof-sources {counts[6]} --spoof-pps {pps:.0f}`",
+        rows,
+        "\"Probes the daemon saw\": ours' `probes_seen` from its control socket `status`, 1.2's "
+        "detection lines. RSS is VmRSS of the daemon process, read once the daemon is idle. "
+        "RSS (MiB) after each pause, by sources sent:\n\n" + "\n".join(curves),
+    )
+
+
+def bans_section(out: dict[str, list[dict[str, object]]]) -> Section:
+    """From bench/ban_backends.py's figures: ours' backends at 100k active against 1.2's
+    KILL_ROUTE commands, restores, the packet path; all sizes go in the notes."""
+    def single(backend: str, active: int) -> dict[str, object] | None:
+        for r in out["single"]:
+            if r["backend"] == backend and r["active"] == active:
+                return r
+        return None
+
+    def ms(backend: str, op: str, active: int = 100_000, key: str = "median_ms") -> list[float]:
+        r = single(backend, active)
+        if r is None:
+            return []
+        figures = r[op]
+        assert isinstance(figures, dict)
+        return [float(figures[key])]
+
+    def restore(name: str) -> list[float]:
+        return [float(str(r["setup_and_restore_s"])) for r in out["restore"] if r["backend"] == name]
+
+    def path(prefix: str) -> list[float]:
+        return [float(str(r["median_ms"])) for r in out["path"] if str(r["setup"]).startswith(prefix)]
+
+    ipt, route = "1.2 KILL_ROUTE iptables", "1.2 KILL_ROUTE ip route"
+    rows: list[Row] = []
+    for label, ours_backend, theirs in (
+        ("nftables netlink (default) vs 1.2 iptables -I", "nft netlink (chosen)", ipt),
+        ("ipset vs 1.2 iptables -I", "ipset (process per ban)", ipt),
+        ("route vs 1.2 ip route add blackhole", "route (process per ban)", route),
+        ("nft -f - (fallback) vs 1.2 iptables -I", "nft -f - (fallback)", ipt),
+    ):
+        undo = label.replace(" -I", " -D").replace("route add", "route del")
+        rows.append(Row(f"add one ban, 100k active, median: {label}", "ms", ms(ours_backend, "add"),
+                        ms(theirs, "add"), 3))
+        rows.append(Row(f"remove one ban, 100k active, median: {undo}", "ms",
+                        ms(ours_backend, "remove"), ms(theirs, "remove"), 3))
+    rows.append(Row("add one ban, 100k active, p95: nftables netlink vs 1.2 iptables -I", "ms",
+                    ms("nft netlink (chosen)", "add", key="p95_ms"), ms(ipt, "add", key="p95_ms"), 3))
+    rows.append(Row("remove one ban, 100k active, p95: nftables netlink vs 1.2 iptables -D", "ms",
+                    ms("nft netlink (chosen)", "remove", key="p95_ms"), ms(ipt, "remove", key="p95_ms"), 3))
+    for daemon in out.get("daemon", []):
+        rows.append(Row("restore 100k bans at start: store read + nftables (goal < 2 s)", "s",
+                        [float(str(daemon["restore_s"]))], [], 2))
+        write = daemon["store_write"]
+        assert isinstance(write, dict)
+        rows.append(Row("ban store write per ban, 0-100k stored, median", "ms",
+                        [float(write["median_ms"])], [], 3))
+    rows += [
+        Row("restore 100k bans: nftables netlink add_many", "s", restore("nft netlink"), [], 2),
+        Row("restore 100k bans: ipset restore", "s", restore("ipset restore"), [], 2),
+        Row("restore 100k bans: route ip -batch", "s", restore("route ip -batch"), [], 2),
+        Row("restore 100k bans: nft -f - (fallback)", "s", restore("nft -f -"), [], 2),
+        Row("TCP connect from an unbanned host, 100k bans: nft set vs 1.2's 100k iptables rules",
+            "ms", path("nft set"), path("iptables"), 3),
+    ]
+    detail = ["| mechanism | active | add median | add p95 | remove median | remove p95 | samples | fill |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in out["single"]:
+        add, rem = r["add"], r["remove"]
+        assert isinstance(add, dict) and isinstance(rem, dict)
+        detail.append(f"| {r['backend']} | {r['active']} | {add['median_ms']:.3f} ms "
+                      f"| {add['p95_ms']:.3f} ms | {rem['median_ms']:.3f} ms | {rem['p95_ms']:.3f} ms "
+                      f"| {add['n']} "
+                      f"| {float(str(r['fill_s'])):.2f} s |")
+    return Section(
+        "Bans: add, remove and restore with 100k active",
+        "bench/ban_backends.py in a fresh target namespace (add/remove of one address with 100k "
+        "others banned; 1.2's KILL_ROUTE commands run through `sh -c` as its system() does; 1.2 "
+        "never removes a ban or restores one, so its remove figure is the matching delete an admin "
+        "would run and it has no restore figure); reproduce with `bench/run --only bans` "
+        "(or `python bench/ban_backends.py`)",
+        rows,
+        "All sizes (fill: time to put the other bans in place in bulk):\n\n" + "\n".join(detail),
+    )
+
+
+def capture_section() -> Section:
+    """Rerun bench/capture_mechanisms.py (about 6 minutes) and show its report as the notes."""
+    argv = [sys.executable, str(Path(__file__).with_name("capture_mechanisms.py"))]
+    print("capture mechanisms: bench/capture_mechanisms.py (about 6 minutes) ...", file=sys.stderr,
+          flush=True)
+    proc = subprocess.run(argv, cwd=harness.REPO_ROOT, capture_output=True, text=True, timeout=1200,
+                          check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"capture_mechanisms.py exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return Section(
+        "Capture mechanisms (rerun)",
+        "bench/capture_mechanisms.py, ours only (which kernel interface feeds the stealth sensor); "
+        "reproduce with `bench/run --only capture`; the method and the decision are in "
+        "[capture.md](capture.md)",
+        [],
+        "```\n" + proc.stdout.strip() + "\n```",
+    )
+
+
+# (section title starts with, row label contains all of, label in the summary)
+SUMMARY: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Full SYN scan, nmap --min-rate 50000", ("watched-port probes missed",),
+     "scan 50000/s: watched-port probes missed"),
+    ("Full SYN scan, nmap --min-rate 50000", ("probes answered before",),
+     "scan 50000/s: probes answered before the block took effect"),
+    ("Full SYN scan, nmap --min-rate 50000", ("first detection line -> block",),
+     "scan 50000/s: first detection -> block in force"),
+    ("Full SYN scan, nmap --min-rate 50000", ("daemon CPU",), "scan 50000/s: daemon CPU"),
+    ("Full SYN scan, nmap --min-rate 20000", ("watched-port probes missed",),
+     "scan 20000/s: watched-port probes missed"),
+    ("Full SYN scan, nmap --min-rate 20000", ("probes answered before",),
+     "scan 20000/s: probes answered before the block took effect"),
+    ("Full SYN scan, nmap --min-rate 20000", ("first detection line -> block",),
+     "scan 20000/s: first detection -> block in force"),
+    ("Full SYN scan, nmap --min-rate 20000", ("daemon CPU",), "scan 20000/s: daemon CPU"),
+    ("First probe to block", ("block in force", "median"), "first probe -> block in force, median"),
+    ("First probe to block", ("block in force", "p99"), "first probe -> block in force, p99"),
+    ("CPU per 10k probes", ("blocked source: CPU per 10k",), "CPU per 10k probes, blocked source"),
+    ("CPU per 10k probes", ("ignored source: CPU per 10k",), "CPU per 10k probes, ignored source"),
+    # The first "RSS after" row is the first pause (--spoof-checkpoint sources, 100k by default).
+    ("Spoofed SYN flood", ("IPv6", "RSS after"), "spoofed IPv6 flood: RSS after the first pause"),
+    ("Spoofed SYN flood", ("IPv6", "RSS after all sources"), "spoofed IPv6 flood: RSS after all sources"),
+    ("Spoofed SYN flood", ("IPv6", "RSS after all /"),
+     "spoofed IPv6 flood: RSS after all / after the first pause (goal <= 1.10)"),
+    ("Spoofed SYN flood", ("IPv4", "RSS after all /"),
+     "spoofed IPv4 flood: RSS after all / after the first pause"),
+    ("Spoofed SYN flood", ("IPv4", "probes the daemon saw"), "spoofed IPv4 flood: probes the daemon saw"),
+    ("Bans", ("add one ban", "median: nftables"),
+     "add one ban, 100k active: nftables vs iptables (goal < 1 ms)"),
+    ("Bans", ("remove one ban", "median: nftables"),
+     "remove one ban, 100k active: nftables vs iptables (goal < 1 ms)"),
+    ("Bans", ("restore 100k bans at start",), "restore 100k bans at start (goal < 2 s)"),
+)
+
+
+def summary_section(sections: list[Section]) -> Section | None:
+    """The key rows of the other sections in one table (same values, shorter labels)."""
+    rows: list[Row] = []
+    for title, needles, label in SUMMARY:
+        for sec in sections:
+            if not sec.title.startswith(title):
+                continue
+            found = next((r for r in sec.rows if all(n in r.label for n in needles)), None)
+            if found is not None:
+                rows.append(dataclasses.replace(found, label=label))
+    if not rows:
+        return None
+    return Section("Summary", "key rows of the sections below, which say how each is measured and "
+                   "reproduced; ours/1.2 is the ratio of the medians", rows)
+
+
 def render_text(sections: list[Section]) -> str:
     out: list[str] = []
     for sec in sections:
         out.append(f"\n== {sec.title}\n   {sec.how}")
+        if not sec.rows:
+            out.append("   " + sec.notes.replace("\n", "\n   "))
+            continue
         width = max(len(f"{r.label} [{r.unit}]") for r in sec.rows)
         cols = [(f"{r.label} [{r.unit}]", r.cell(r.ours), r.cell(r.theirs), r.ratio()) for r in sec.rows]
         w1 = max(len("ours"), *(len(c[1]) for c in cols))
         w2 = max(len("1.2"), *(len(c[2]) for c in cols))
         out.append(f"   {'figure':<{width}}  {'ours':>{w1}}  {'1.2':>{w2}}  ours/1.2")
         out.extend(f"   {a:<{width}}  {b:>{w1}}  {c:>{w2}}  {d:>8}" for a, b, c, d in cols)
+        if sec.notes:
+            out.append("   " + sec.notes.replace("\n", "\n   "))
     return "\n".join(out) + "\n"
 
 
@@ -346,10 +688,13 @@ def render_markdown(sections: list[Section], info: dict[str, str], repeat: int) 
         "ours / 1.2 of the medians.",
     ]
     for sec in sections:
-        lines += ["", f"### {sec.title}", "", sec.how + ".", "",
-                  "| figure | unit | ours | 1.2 | ours/1.2 |", "| --- | --- | ---: | ---: | ---: |"]
-        lines += [f"| {r.label} | {r.unit} | {r.cell(r.ours)} | {r.cell(r.theirs)} | {r.ratio()} |"
-                  for r in sec.rows]
+        lines += ["", f"### {sec.title}", "", sec.how + "."]
+        if sec.rows:
+            lines += ["", "| figure | unit | ours | 1.2 | ours/1.2 |", "| --- | --- | ---: | ---: | ---: |"]
+            lines += [f"| {r.label} | {r.unit} | {r.cell(r.ours)} | {r.cell(r.theirs)} | {r.ratio()} |"
+                      for r in sec.rows]
+        if sec.notes:
+            lines += ["", sec.notes]
     return "\n".join(lines) + "\n"
 
 
@@ -435,13 +780,23 @@ def profile(directory: Path, rate: int, count: int, interval_us: int, source: Pa
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
-    parser.add_argument("--only", action="append", choices=("scan", "latency", "flood"),
-                        help="run only this measurement (repeatable; default all)")
+    parser.add_argument("--only", action="append", choices=(*PARTS, "capture"),
+                        help="run only this part (repeatable; default: all but capture)")
+    parser.add_argument("--with-capture", action="store_true",
+                        help="also rerun bench/capture_mechanisms.py (about 6 minutes; figures in "
+                        "docs/capture.md)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure and daemon (default 3)")
     parser.add_argument("--rates", default="50000,20000", help="nmap --min-rate values (default 50000,20000)")
     parser.add_argument("--latency-probes", type=int, default=30)
     parser.add_argument("--flood-count", type=int, default=10_000)
     parser.add_argument("--flood-interval-us", type=int, default=50)
+    parser.add_argument("--spoof-sources", type=int, default=1_000_000,
+                        help="IPv6 sources in the spoofed flood (default 1000000; IPv4 always uses "
+                        f"the {SPOOF_IPV4_SOURCES} addresses of 198.18.0.0/15 outside the rig's /23)")
+    parser.add_argument("--spoof-checkpoint", type=int, default=100_000,
+                        help="first RSS reading after this many sources (default 100000)")
+    parser.add_argument("--spoof-pps", type=float, default=20_000,
+                        help="spoofed SYNs per second (default 20000)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--ours-log-stderr", action="store_true",
@@ -457,6 +812,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--repeat, --latency-probes and --flood-count must be at least 1")
     if args.flood_count > 100_000:
         parser.error("--flood-count is capped at 100000")
+    if not 0 < args.spoof_checkpoint < min(args.spoof_sources, SPOOF_IPV4_SOURCES + 1):
+        parser.error(f"--spoof-checkpoint must be below --spoof-sources and {SPOOF_IPV4_SOURCES}")
+    if args.spoof_sources > 2_000_000 or not 1000 <= args.spoof_pps <= 100_000:
+        parser.error("--spoof-sources is capped at 2000000 and --spoof-pps must be 1000-100000")
     return args
 
 
@@ -475,7 +834,9 @@ def measure_all(args: argparse.Namespace, argv: Sequence[str], source: Path | No
     if float(load_at_start.split()[0]) > 0.5:
         print(f"bench/run: warning: load average {load_at_start} - other work on this machine will "
               "show in the figures", file=sys.stderr)
-    only = set(args.only or ("scan", "latency", "flood"))
+    only = set(args.only or PARTS)
+    if args.with_capture:
+        only.add("capture")
     ours = harness.Ours(log_stderr=args.ours_log_stderr, source=source)
     subjects: list[Subject] = [ours, harness.Debian12()]
     rates = [int(r) for r in args.rates.split(",") if r]
@@ -511,7 +872,28 @@ def measure_all(args: argparse.Namespace, argv: Sequence[str], source: Path | No
                     floods[(subject.name, ignored)].append(
                         measure_flood(subject, ignored, args.flood_count, args.flood_interval_us))
         sections.append(flood_section(floods, args.flood_count, args.flood_interval_us))
+    if "spoof" in only:
+        spoofs: dict[tuple[str, int], list[SpoofResult]] = {}
+        counts = {6: args.spoof_sources, 4: SPOOF_IPV4_SOURCES}
+        plan = [(ours, 6), *((subject, 4) for subject in subjects)]
+        for subject, family in plan:
+            print(f"spoofed flood, IPv{family}, {counts[family]} sources: {subject.label} ...",
+                  file=sys.stderr, flush=True)
+            spoofs.setdefault((subject.name, family), []).append(
+                measure_spoof(subject, family, counts[family], args.spoof_checkpoint, args.spoof_pps))
+        sections.append(spoof_section(spoofs, counts, args.spoof_checkpoint, args.spoof_pps))
+    if "bans" in only:
+        print("bans: bench/ban_backends.py ...", file=sys.stderr, flush=True)
+        try:
+            sections.append(bans_section(ban_backends.measure(source)))
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            raise BenchError(f"ban backends: {error}") from error
+    if "capture" in only:
+        sections.append(capture_section())
 
+    summary = summary_section(sections)
+    if summary is not None and len(sections) > 1:
+        sections.insert(0, summary)
     info = machine_info(argv, args.ours_rev, load_at_start)
     print(f"\nours = this PortSentry, 1.2 = {info['1.2']}; {info['CPU model']}, "
           f"{info['CPUs (nproc)']} CPUs, kernel {info['kernel']}")

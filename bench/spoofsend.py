@@ -4,10 +4,11 @@ Runs inside the scanner namespace (bench/perf.py starts it there) and writes who
 to an AF_PACKET socket, so no route or neighbour entry is needed for the forged sources. Sources
 are distinct: for IPv6 random addresses in fd00::/8 (never the rig's fd00:18::/64 and
 fd00:18:1::/64 links), for IPv4 a seeded shuffle of 198.18.0.0/15 without the rig's
-198.18.0.0/23. Bounded by --count and --max-seconds.
+198.18.0.0/23. Bounded by --count and --max-seconds (not counting pauses).
 
 Protocol on stdout (one line each): `ready`, then `checkpoint SENT` after each --checkpoint
-packets (the sender then waits for any line on stdin before going on), then `done SENT SECONDS`.
+packets (the sender then waits for any line on stdin before going on), then
+`done SENT SECONDS` (seconds spent sending, pauses excluded).
 """
 
 from __future__ import annotations
@@ -94,10 +95,12 @@ def mac(text: str) -> bytes:
 
 
 def send_paced(sock: socket.socket, frames: Iterator[bytes], pps: float, checkpoint: int,
-               deadline: float, report: Callable[[str], None]) -> int:
+               deadline: float, report: Callable[[str], None]) -> tuple[int, float]:
     """Send at `pps` in small batches; pause at every `checkpoint` packets until stdin has a line.
-    Returns how many frames went out before the frames ran out or `deadline` passed."""
+    Returns how many frames went out before the frames ran out or `deadline` passed, and the
+    seconds spent paused."""
     sent = 0
+    paused_total = 0.0
     start = time.perf_counter()
     send = sock.send
     for frame in frames:
@@ -116,17 +119,19 @@ def send_paced(sock: socket.socket, frames: Iterator[bytes], pps: float, checkpo
             report(f"checkpoint {sent}")
             paused = time.perf_counter()
             if not sys.stdin.readline():
-                return sent
-            start += time.perf_counter() - paused
-            deadline += time.perf_counter() - paused
+                return sent, paused_total
+            pause = time.perf_counter() - paused
+            paused_total += pause
+            start += pause
+            deadline += pause
         if sent % BATCH == 0:
             now = time.perf_counter()
             if now > deadline:
-                return sent
+                return sent, paused_total
             due = start + sent / pps
             if due > now:
                 time.sleep(due - now)
-    return sent
+    return sent, paused_total
 
 
 def main() -> int:
@@ -159,8 +164,10 @@ def main() -> int:
 
     report("ready")
     started = time.perf_counter()
-    sent = send_paced(sock, frames, args.pps, args.checkpoint, started + args.max_seconds, report)
-    report(f"done {sent} {time.perf_counter() - started:.3f}")
+    sent, paused = send_paced(sock, frames, args.pps, args.checkpoint, started + args.max_seconds,
+                              report)
+    # Sending time only: the pauses are the bench's measurements.
+    report(f"done {sent} {time.perf_counter() - started - paused:.3f}")
     sock.close()
     return 0
 

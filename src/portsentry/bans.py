@@ -208,6 +208,26 @@ class BanManager:
                 lifted.append(ban.address)
         return lifted
 
+    def repair(self, now: float) -> None:
+        """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans."""
+        repair = getattr(self.backend, "repair_capture", None)
+        if self.backend is None or repair is None:
+            return
+        try:
+            rebuilt = bool(repair())
+        except (BackendError, OSError) as error:
+            self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
+            return
+        if rebuilt:
+            self._log(messages.table_rebuilt(self.backend.describe()))
+            try:
+                active = self.store.active(now)
+                self.backend.add_many(
+                    (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
+                    for ban in active)
+            except (BackendError, OSError, StoreError) as error:
+                self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
+
     def restore(self, now: float, kernel_id_path: str | None = None) -> list[Ban]:
         """At start: lift what expired while we were down, re-apply what is still active.
 

@@ -426,7 +426,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         return new, open_ignore(new)
 
     def sensors_for(new: Config) -> list[Sensor]:
-        return build_sensors(new, modes, journal.log, time.time)
+        return build_sensors(new, modes, journal.log, time.time, bans.backend)
 
     daemon = Daemon(config, modes, journal, ignore, sensors_for(config), responder, resolver, bans=bans,
                     reloader=reload_config, sensor_factory=sensors_for, control_path=config.control_socket,

@@ -13,6 +13,7 @@ import queue
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence, Sized
@@ -38,7 +39,26 @@ from .telemetry import Telemetry
 Clock = Callable[[], float]
 Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
-HOUR = 3600.0
+
+
+class MinuteCounts:
+    """Events in the last hour in 60 per-minute buckets: constant memory at any rate."""
+
+    def __init__(self) -> None:
+        self._buckets: deque[list[int]] = deque()  # [minute, count], oldest first
+
+    def add(self, now: float) -> None:
+        minute = int(now // 60)
+        if self._buckets and self._buckets[-1][0] == minute:
+            self._buckets[-1][1] += 1
+        else:
+            self._buckets.append([minute, 1])
+            while len(self._buckets) > 61:
+                self._buckets.popleft()
+
+    def total(self, now: float) -> int:
+        oldest = int(now // 60) - 59
+        return sum(count for minute, count in self._buckets if minute >= oldest)
 
 
 def protected_addresses(config: Config) -> frozenset[IPAddress]:
@@ -57,7 +77,7 @@ def protected_addresses(config: Config) -> frozenset[IPAddress]:
 def _sensor_settings(config: Config) -> tuple[object, ...]:
     """What the sensors are built from: a reload re-binds them only when this changes."""
     return (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
-            config.advanced_exclude_tcp, config.advanced_exclude_udp)
+            config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture, config.nflog_group)
 
 
 class Daemon:
@@ -94,10 +114,11 @@ class Daemon:
         self.control = ControlServer(control_path, self.on_request) if control_path else None
         self.started = clock()
         self.hosts_blocked = 0
-        self._hits_last_hour: deque[float] = deque()
-        self._blocks_last_hour: deque[float] = deque()
+        self._hits_last_hour = MinuteCounts()
+        self._blocks_last_hour = MinuteCounts()
         self._reload_requested = False
         self._next_tick = 0.0
+        self._next_repair = clock() + 60.0
         self._tick_running = False
         self.engine = Engine(EngineSettings.from_config(config), ignore.current(clock()))
         self._ignore_error: str | None = None
@@ -157,6 +178,9 @@ class Daemon:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def run(self) -> None:
+        # Hand the interpreter lock to a responder thread within 1 ms instead of Python's 5 ms
+        # default, so a ban is not held up while the main thread drains a scan.
+        sys.setswitchinterval(0.001)
         self.journal.log(messages.active())
         sdnotify.ready()
         sdnotify.status(f"watching: {' '.join(f'-{mode}' for mode in self.modes)}")
@@ -194,7 +218,7 @@ class Daemon:
     def handle(self, hit: Hit) -> None:
         now = self.clock()
         self.probes_seen += 1
-        self._hits_last_hour.append(now)
+        self._hits_last_hour.add(now)
         self.engine.ignore = self.ignore.current(now)
         if self.ignore.last_error != self._ignore_error:
             self._ignore_error = self.ignore.last_error
@@ -220,7 +244,7 @@ class Daemon:
             elif isinstance(action, Record):
                 self.journal.record(action.probe, action.at)
                 self.hosts_blocked += 1
-                self._blocks_last_hour.append(action.at)
+                self._blocks_last_hour.add(action.at)
             elif isinstance(action, Block):
                 self._submit(action)
 
@@ -262,8 +286,14 @@ class Daemon:
 
         config = self.config
 
+        repair = now >= self._next_repair
+        if repair:
+            self._next_repair = now + 60.0
+
         def tick() -> None:
             active: set[IPAddress] | None = None
+            if bans is not None and repair:
+                bans.repair(now)
             if bans is not None:
                 try:
                     bans.catch_up()
@@ -368,14 +398,11 @@ class Daemon:
         self._next_tick = 0.0
 
     def stats(self, now: float) -> dict[str, Any]:
-        for window in (self._hits_last_hour, self._blocks_last_hour):
-            while window and window[0] < now - HOUR:
-                window.popleft()
         return {
             "probes_seen": self.probes_seen,
-            "probes_last_hour": len(self._hits_last_hour),
+            "probes_last_hour": self._hits_last_hour.total(now),
             "hosts_blocked": self.hosts_blocked,
-            "hosts_blocked_last_hour": len(self._blocks_last_hour),
+            "hosts_blocked_last_hour": self._blocks_last_hour.total(now),
             "log_failures": self.journal.file_errors,
         }
 

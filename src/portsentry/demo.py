@@ -322,6 +322,7 @@ class Demo:
             "HISTORY_FILE": str(workdir / "portsentry.history"),
             "BLOCKED_FILE": str(workdir / "portsentry.blocked"),
             "STATE_DIR": str(workdir / "state"),
+            "CONTROL_SOCKET": str(workdir / "run" / "control.sock"),
             "IGNORE_FILE": str(workdir / "portsentry.ignore"),
         }
         if self.nft_works():

@@ -235,6 +235,11 @@ def reload_rejected(detail: str) -> str:
     return f"adminalert: ERROR: reload refused, the running configuration stays in force: {detail}"
 
 
+def table_rebuilt(backend: str) -> str:
+    return (f"securityalert: WARNING: our firewall table was gone (ruleset flushed?); rebuilt "
+            f"{backend} and re-added the active bans")
+
+
 def store_recovered(path: str) -> str:
     return f"adminalert: ban store {path} is usable again; bans kept in memory were saved"
 

@@ -205,3 +205,4 @@ def test_ipv6_sources_are_handled_like_ipv4():
     actions = e.observe(probe(source=source), 1.0)
     assert texts(actions)[0] == "attackalert: Connect from host: fd00::2/fd00::2 to TCP port: 1"
     assert isinstance(actions[-1], Block)
+

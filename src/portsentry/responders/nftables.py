@@ -28,12 +28,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import ClassVar
 
-from portsentry.probe import IPAddress
+from portsentry.probe import IPAddress, Protocol
 from portsentry.responders.backend import (
     BackendError,
     BanBackend,
@@ -48,6 +48,9 @@ HOOKS = frozenset({"prerouting", "input", "forward"})
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 SET4, SET6 = "blocked4", "blocked6"
 CHAIN = "filter"
+# The stealth sensor's NFLOG rules (sensors/nflog.py): a base chain on the input hook one priority
+# step after CHAIN, so a packet CHAIN drops never reaches them.
+CAPTURE_CHAIN = "capture"
 # Elements per netlink message in add_many: a batch of three such messages stays well below the
 # default 208 KiB socket send buffer even for IPv6 (about 40 bytes per element).
 BATCH_ELEMENTS = 1024
@@ -290,6 +293,7 @@ class NftablesBackend(BanBackend):
         self.table, self.hook, self.priority, self.set_size = table, hook, priority, set_size
         self.mechanism = mechanism
         self._netlink = NetlinkElements(table, socket_factory) if mechanism == "netlink" else None
+        self._capture: CaptureSpec | None = None
 
     # -- commands as data (the golden tests pin these) ------------------------------------------
 
@@ -311,6 +315,22 @@ class NftablesBackend(BanBackend):
             f"add rule {t} {CHAIN} ip saddr @{SET4} counter drop\n"
             f"add rule {t} {CHAIN} ip6 saddr @{SET6} counter drop\n"
         )
+
+    def capture_script(self, spec: CaptureSpec) -> str:
+        """Re-creates the capture chain with exactly `spec`'s rules in one transaction: the chain
+        is made if missing, then deleted and made again, so re-running never duplicates a rule
+        and a changed NFT_PRIORITY takes effect (a base chain's priority cannot be updated)."""
+        t = f"inet {self.table}"
+        c = f"{t} {CAPTURE_CHAIN}"
+        lines = [
+            f"add table {t}",
+            f"add chain {c}",
+            f"flush chain {c}",
+            f"delete chain {c}",
+            f"add chain {c} {{ type filter hook input priority {self.priority + 1}; policy accept; }}",
+        ]
+        lines += [f"add rule {c} {rule}" for rule in spec.rules()]
+        return "".join(f"{line}\n" for line in lines)
 
     def _element(self, address: IPAddress, timeout: float | None = None) -> str:
         text = address_text(address)
@@ -398,6 +418,52 @@ class NftablesBackend(BanBackend):
         if not rules:
             self.run([NFT, "-f", "-"], self.rules_script())
 
+    def capture_rules(
+        self, group: int, max_port: int | None, protocols: Collection[Protocol]
+    ) -> None:
+        """Log what can be a probe (the nft twin of bpf.build_probe_filter) to NFLOG group
+        `group`, after the drop of blocked hosts; remembered for repair_capture. Needs setup()."""
+        spec = CaptureSpec.of(group, max_port, protocols)
+        self.run([NFT, "-f", "-"], self.capture_script(spec))
+        self._capture = spec
+
+    def drop_capture(self) -> None:
+        """Removes the capture chain if there is one (the sensor went back to AF_PACKET)."""
+        self._capture = None
+        c = f"inet {self.table} {CAPTURE_CHAIN}"
+        self.run([NFT, "-f", "-"], f"add chain {c}\nflush chain {c}\ndelete chain {c}\n")
+
+    def capture_intact(self) -> bool:
+        """Whether the capture chain still holds the rules of the last capture_rules call (an
+        `nft flush ruleset` or `portsentry flush` removes them without telling us)."""
+        spec = self._capture
+        if spec is None:
+            return True
+        result = self.runner([NFT, "-j", "list", "chain", "inet", self.table, CAPTURE_CHAIN], None)
+        if not result.ok:
+            return False
+        try:
+            objects = json.loads(result.stdout).get("nftables", [])
+        except (ValueError, AttributeError):
+            return False
+        logging = [
+            o for o in objects
+            if isinstance(o, dict) and isinstance(o.get("rule"), dict)
+            and {"log": {"group": spec.group}} in o["rule"].get("expr", [])
+        ]
+        return len(logging) == len(spec.rules())
+
+    def repair_capture(self) -> bool:
+        """Re-creates table, sets, drop rules and capture rules if the capture rules have gone;
+        True when it had to (the sets then start empty: re-add the active bans). For the daemon
+        to call about once a minute; BackendError if nft refuses."""
+        spec = self._capture
+        if spec is None or self.capture_intact():
+            return False
+        self.setup()
+        self.run([NFT, "-f", "-"], self.capture_script(spec))
+        return True
+
     def add(self, address: IPAddress, timeout: float | None) -> None:
         if self._netlink is not None:
             self._netlink.transact(self.add_ops([(address, timeout)]))
@@ -439,6 +505,7 @@ class NftablesBackend(BanBackend):
     def teardown(self) -> None:
         if self._netlink is not None:
             self._netlink.close()
+        self._capture = None  # torn down on purpose: repair_capture must not bring it back
         # Only our own table, and only if it is there (`delete` of a missing table fails).
         listing = self.run([NFT, "-j", "list", "tables", "inet"])
         tables = [o["table"] for o in json.loads(listing.stdout).get("nftables", []) if "table" in o]
@@ -449,6 +516,44 @@ class NftablesBackend(BanBackend):
         how = "netlink" if self._netlink is not None else "nft -f"
         return (f"nftables: table inet {self.table}, sets {SET4}/{SET6} (size {self.set_size}), "
                 f"hook {self.hook} priority {self.priority}, bans via {how}")
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSpec:
+    """What the capture rules log: TCP without ACK/RST and UDP, of `protocols`, addressed to this
+    host's link address, to destination ports below `max_port` (None: any port)."""
+
+    group: int
+    max_port: int | None
+    protocols: frozenset[Protocol]
+
+    @classmethod
+    def of(cls, group: int, max_port: int | None, protocols: Collection[Protocol]) -> CaptureSpec:
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group <= 0xFFFF:
+            raise ValueError(f"NFLOG group {group!r} is not between 0 and 65535")
+        if max_port is not None and (isinstance(max_port, bool) or not isinstance(max_port, int)
+                                     or not 0 <= max_port <= 0x10000):
+            raise ValueError(f"max_port {max_port!r} is not between 0 and 65536")
+        wanted = frozenset(protocols)
+        if not wanted <= set(Protocol):
+            raise ValueError(f"protocols {sorted(map(str, protocols))} are not TCP/UDP")
+        # 65536 bounds nothing, and nft cannot spell it for a 16-bit port.
+        return cls(group, None if max_port == 0x10000 else max_port, wanted)
+
+    def rules(self) -> list[str]:
+        """The rule bodies, in order; none when no port can match (max_port 0)."""
+        if self.max_port == 0:
+            return []
+        log = f"log group {self.group}"
+        found = []
+        if Protocol.TCP in self.protocols:
+            bound = "" if self.max_port is None else f" tcp dport < {self.max_port}"
+            # `meta pkttype host`: the BPF filter's PACKET_HOST test (no broadcast/multicast).
+            found.append(f"meta pkttype host tcp flags & (ack | rst) == 0{bound} {log}")
+        if Protocol.UDP in self.protocols:
+            match = "meta l4proto udp" if self.max_port is None else f"udp dport < {self.max_port}"
+            found.append(f"meta pkttype host {match} {log}")
+        return found
 
 
 class InconsistentListing(BackendError):

@@ -1,16 +1,25 @@
-"""Builds the sensors for the requested modes: one per connect mode, one shared by the stealth modes."""
+"""Builds the sensors for the requested modes: one per connect mode, one shared by the stealth modes,
+and picks the stealth sensor's capture: NFLOG from our nftables table, or AF_PACKET with BPF."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from .. import hostinfo
 from ..config import Config
 from ..probe import Mode, Protocol
+from ..responders.backend import BackendError, BanBackend
+from ..responders.nftables import NftablesBackend
 from .base import Sensor
+from .bpf import build_probe_filter
+from .capture import CaptureError, CaptureSocket
 from .connect import ConnectSensor
 from .listeners import ListeningPorts
+from .nflog import NflogCapture, NflogGroupTaken
 from .stealth import HostAddresses, StealthSensor, Watch
+
+CaptureFactory = Callable[[int | None, set[Protocol]], CaptureSocket]
 
 
 def watch_for(mode: Mode, config: Config) -> Watch:
@@ -26,8 +35,14 @@ def watch_for(mode: Mode, config: Config) -> Watch:
 
 
 def build_sensors(
-    config: Config, modes: Sequence[Mode], log: Callable[[str], None], clock: Callable[[], float]
+    config: Config,
+    modes: Sequence[Mode],
+    log: Callable[[str], None],
+    clock: Callable[[], float],
+    ban_backend: BanBackend | None = None,
 ) -> list[Sensor]:
+    """`ban_backend` is the daemon's native backend, already set up; with nftables (and CAPTURE
+    "auto" or "nflog") the stealth sensor reads NFLOG from rules added to its table."""
     sensors: list[Sensor] = []
     for mode in modes:
         if mode is Mode.TCP:
@@ -38,5 +53,67 @@ def build_sensors(
     if watches:
         addresses = HostAddresses(hostinfo.local_addresses, hostinfo.broadcast_addresses)
         listeners = {protocol: ListeningPorts(protocol) for protocol in Protocol}
-        sensors.append(StealthSensor(watches, log, clock, addresses, listeners))
+        capture = capture_factory(config, ban_backend, log)
+        sensors.append(StealthSensor(watches, log, clock, addresses, listeners, capture))
     return sensors
+
+
+def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
+    return CaptureSocket(build_probe_filter(protocols, max_port=max_port))
+
+
+def capture_factory(
+    config: Config, ban_backend: BanBackend | None, log: Callable[[str], None]
+) -> CaptureFactory:
+    """How the stealth sensor will open its capture, from CAPTURE and the backend in use. With
+    "auto" any NFLOG failure falls back to AF_PACKET with a warning; with "nflog" it is fatal."""
+    nft = ban_backend if isinstance(ban_backend, NftablesBackend) else None
+    explicit = config.capture == "nflog"
+    if config.capture == "packet" or nft is None:
+        if explicit:
+            return _refuse(str(config.error(
+                "CAPTURE", 'nflog needs the nftables ban backend (BAN_BACKEND="nftables", or '
+                '"auto" on a host where nftables works)')))
+        if nft is None:
+            return open_packet_capture
+
+        def open_packet(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
+            try:
+                nft.drop_capture()  # rules a previous CAPTURE="auto" run left behind
+            except (BackendError, OSError) as error:
+                log(f"adminalert: WARNING: cannot remove the old NFLOG rules: {error}")
+            return open_packet_capture(max_port, protocols)
+
+        return open_packet
+
+    def open_nflog(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
+        def fail(key: str, error: Exception) -> CaptureSocket:
+            if explicit:
+                raise CaptureError(str(config.error(key, str(error)))) from error
+            log(f"adminalert: WARNING: NFLOG capture unavailable ({error}); using AF_PACKET: "
+                "packets from blocked hosts still reach the daemon, fragmented scans are unseen")
+            return open_packet_capture(max_port, protocols)
+
+        try:
+            capture = NflogCapture(config.nflog_group)
+        except NflogGroupTaken as error:
+            return fail("NFLOG_GROUP", error)
+        except CaptureError as error:
+            return fail("CAPTURE", error)
+        try:
+            nft.capture_rules(config.nflog_group, max_port, protocols)
+        except (BackendError, OSError, ValueError) as error:
+            capture.close()
+            return fail("CAPTURE", CaptureError(f"cannot add the NFLOG rules: {error}"))
+        # NflogCapture has CaptureSocket's interface, not its class; StealthSensor only uses
+        # the interface (its capture_factory annotation should become a Protocol).
+        return cast(CaptureSocket, capture)
+
+    return open_nflog
+
+
+def _refuse(message: str) -> CaptureFactory:
+    def refuse(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
+        raise CaptureError(message)
+
+    return refuse

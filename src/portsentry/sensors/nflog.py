@@ -1,0 +1,361 @@
+"""The stealth sensor's NFLOG source: a NETLINK_NETFILTER socket bound to one nfnetlink_log group,
+fed by the `log group` rules of our nftables table (NftablesBackend.capture_rules).
+
+It offers CaptureSocket's interface. The rules sit after the drop of blocked hosts, so a blocked
+scanner costs the daemon nothing, and IPv4 is reassembled before the input hook, so fragmented
+scans are seen (docs/capture.md has the measurements).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from .capture import SO_RCVBUFFORCE, CaptureError, CaptureStats
+
+# ---------------------------------------------------------------------------------------------
+# Wire formats (linux/netlink.h, linux/netfilter/nfnetlink.h, nfnetlink_log.h), declared once
+
+NETLINK_NETFILTER = 12
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host order)
+NFGENMSG = struct.Struct("!BBH")  # family, version, res_id = log group (big-endian)
+NFATTR = struct.Struct("=HH")  # len, type (host order); the payload follows, padded to 4
+NLMSGERR = struct.Struct("=i")  # negative errno, then the offending message's header
+CFG_CMD = struct.Struct("!B")  # nfulnl_msg_config_cmd
+CFG_MODE = struct.Struct("!IBx")  # nfulnl_msg_config_mode: copy_range, copy_mode, pad
+BE32 = struct.Struct("!I")
+BE16 = struct.Struct("!H")
+
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NFATTR_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+NFNL_SUBSYS_ULOG = 4
+NFNETLINK_V0 = 0
+
+
+class NlMsg(enum.IntEnum):
+    ERROR = 2
+    DONE = 3  # closes a multi-packet batch
+    OVERRUN = 4
+    ULOG_PACKET = (NFNL_SUBSYS_ULOG << 8) | 0  # NFULNL_MSG_PACKET
+    ULOG_CONFIG = (NFNL_SUBSYS_ULOG << 8) | 1  # NFULNL_MSG_CONFIG
+
+
+class CfgAttr(enum.IntEnum):
+    CMD = 1
+    MODE = 2
+    NLBUFSIZ = 3
+    TIMEOUT = 4  # flush timer, hundredths of a second
+    QTHRESH = 5  # packets per message batch
+    FLAGS = 6
+
+
+class CfgCmd(enum.IntEnum):
+    BIND = 1
+    UNBIND = 2
+    # PF_BIND (3) and PF_UNBIND (4) are deliberately not used: they set the namespace's default
+    # logger (net.netfilter.nf_log.N) for everyone, and `log group N` rules never need them.
+
+
+class PacketAttr(enum.IntEnum):
+    PAYLOAD = 9  # the packet from its network header, up to the copy range
+    SEQ = 12  # instance-local sequence number (with CFG_F_SEQ)
+
+
+NFULNL_COPY_PACKET = 2
+NFULNL_CFG_F_SEQ = 0x1
+SEQ_MODULUS = 1 << 32
+
+# Defaults. 256 bytes hold any IPv4 header with options plus TCP (120), and IPv6 with up to 196
+# bytes of extension headers before the TCP/UDP header; SYNs are shorter than that anyway.
+COPY_RANGE = 256
+QTHRESH = 64  # measured: 64 per batch keeps syscalls at ~47 per 1,000 SYNs
+FLUSH_CENTISECONDS = 1  # a lone probe waits at most ~10 ms in the kernel
+NLBUFSIZ = 1 << 16  # room for QTHRESH packets of COPY_RANGE plus metadata (kernel max 128 KiB)
+RCVBUF = 4 << 20
+RECV_SIZE = 1 << 18  # above the kernel's 128 KiB cap on one batch, so nothing is truncated
+CONFIG_TIMEOUT = 2.0
+
+
+def open_nfnetlink() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+
+
+@dataclass(frozen=True, slots=True)
+class NflogBatch:
+    """What one netlink datagram held: packet payloads in order, the count of malformed or
+    unexpected parts skipped, and the first and last NFULA_SEQ seen (None without sequence)."""
+
+    payloads: list[bytes]
+    errors: int
+    first_seq: int | None
+    last_seq: int | None
+
+
+def parse_nflog_batch(data: bytes) -> NflogBatch:
+    """Split a datagram from an nfnetlink_log socket into packet payloads. Never raises: bad
+    lengths and foreign messages are counted in `errors` and skipped (or end the walk, when the
+    length of a message cannot be trusted)."""
+    payloads: list[bytes] = []
+    errors = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    size = len(data)
+    offset = 0
+    header = NLMSGHDR.size
+    while offset + header <= size:
+        length, kind = NLMSGHDR.unpack_from(data, offset)[:2]
+        if length < header or offset + length > size:
+            errors += 1
+            return NflogBatch(payloads, errors, first_seq, last_seq)
+        end = offset + length
+        if kind == NlMsg.ULOG_PACKET:
+            payload, seq, bad = _packet_attributes(data, offset + header + NFGENMSG.size, end)
+            errors += bad
+            if payload is None:
+                errors += 1
+            else:
+                payloads.append(payload)
+            if seq is not None:
+                if first_seq is None:
+                    first_seq = seq
+                last_seq = seq
+        elif kind != NlMsg.DONE:
+            errors += 1
+        offset += (length + 3) & ~3
+    if offset < size:
+        errors += 1  # trailing bytes too short for a header
+    return NflogBatch(payloads, errors, first_seq, last_seq)
+
+
+def _packet_attributes(data: bytes, offset: int, end: int) -> tuple[bytes | None, int | None, int]:
+    """(payload, seq, malformed attribute count) of one NFULNL_MSG_PACKET's attributes."""
+    payload: bytes | None = None
+    seq: int | None = None
+    attr_header = NFATTR.size
+    if offset > end:
+        return None, None, 1
+    while offset + attr_header <= end:
+        length, kind = NFATTR.unpack_from(data, offset)
+        if length < attr_header or offset + length > end:
+            return payload, seq, 1
+        kind &= NFATTR_TYPE_MASK
+        if kind == PacketAttr.PAYLOAD:
+            payload = data[offset + attr_header:offset + length]
+        elif kind == PacketAttr.SEQ and length == attr_header + BE32.size:
+            seq = BE32.unpack_from(data, offset + attr_header)[0]
+        offset += (length + 3) & ~3
+    return payload, seq, 0
+
+
+def parse_nflog(data: bytes) -> tuple[list[bytes], int]:
+    """The IP packets in one nfnetlink_log datagram, and how many malformed parts were skipped."""
+    batch = parse_nflog_batch(data)
+    return batch.payloads, batch.errors
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = NFATTR.size + len(payload)
+    return NFATTR.pack(size, kind) + payload + bytes(-size % 4)
+
+
+def config_message(group: int, seq: int, attributes: bytes) -> bytes:
+    """An NFULNL_MSG_CONFIG request for log group `group`, asking for an acknowledgement."""
+    body = NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, group) + attributes
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), NlMsg.ULOG_CONFIG, NLM_F_REQUEST | NLM_F_ACK,
+                         seq, 0) + body
+
+
+def bind_attributes() -> bytes:
+    return _attr(CfgAttr.CMD, CFG_CMD.pack(CfgCmd.BIND))
+
+
+def mode_attributes(copy_range: int, qthresh: int, flush_cs: int, nlbufsiz: int) -> bytes:
+    return (
+        _attr(CfgAttr.MODE, CFG_MODE.pack(copy_range, NFULNL_COPY_PACKET))
+        + _attr(CfgAttr.NLBUFSIZ, BE32.pack(nlbufsiz))
+        + _attr(CfgAttr.TIMEOUT, BE32.pack(flush_cs))
+        + _attr(CfgAttr.QTHRESH, BE32.pack(qthresh))
+        + _attr(CfgAttr.FLAGS, BE16.pack(NFULNL_CFG_F_SEQ))
+    )
+
+
+def ack_errno(data: bytes, seq: int) -> int | None:
+    """The errno the kernel answered request `seq` with (0 = success), None if `data` holds no
+    answer to it. Never raises."""
+    offset = 0
+    while offset + NLMSGHDR.size <= len(data):
+        length, kind = NLMSGHDR.unpack_from(data, offset)[:2]
+        if length < NLMSGHDR.size or offset + length > len(data):
+            return None
+        if kind == NlMsg.ERROR and length >= NLMSGHDR.size + NLMSGERR.size + NLMSGHDR.size:
+            code: int = NLMSGERR.unpack_from(data, offset + NLMSGHDR.size)[0]
+            original_seq = NLMSGHDR.unpack_from(data, offset + NLMSGHDR.size + NLMSGERR.size)[3]
+            if original_seq == seq:
+                return -code
+        offset += (length + 3) & ~3
+    return None
+
+
+class NflogGroupTaken(CaptureError):
+    """Another socket (ulogd, a second daemon) already holds the log group."""
+
+
+class NflogCapture:
+    """Packets the nftables `log group <group>` rules pass, read without blocking.
+
+    read_batch stops receiving once it holds `limit` packets but never splits a kernel batch
+    (up to `qthresh` packets), so nothing waits in user space where poll() cannot see it.
+    """
+
+    def __init__(
+        self,
+        group: int,
+        *,
+        copy_range: int = COPY_RANGE,
+        qthresh: int = QTHRESH,
+        flush_cs: int = FLUSH_CENTISECONDS,
+        nlbufsiz: int = NLBUFSIZ,
+        rcvbuf: int = RCVBUF,
+        socket_factory: Callable[[], socket.socket] = open_nfnetlink,
+    ) -> None:
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group <= 0xFFFF:
+            raise ValueError(f"NFLOG group {group!r} is not between 0 and 65535")
+        self.group = group
+        self._packets = 0
+        self._gaps = 0
+        self._overruns = 0
+        self._unaccounted_overrun = False
+        self._malformed = 0
+        self._next_seq: int | None = None
+        self._seq = 0
+        try:
+            sock = socket_factory()
+        except OSError as error:
+            raise CaptureError(f"cannot open an nfnetlink_log socket: {error}") from error
+        self._sock = sock
+        try:
+            sock.bind((0, 0))
+            self._set_rcvbuf(rcvbuf)
+            sock.settimeout(CONFIG_TIMEOUT)
+            self._configure(bind_attributes(), "bind")
+            self._configure(mode_attributes(copy_range, qthresh, flush_cs, nlbufsiz), "configure")
+            sock.setblocking(False)
+        except CaptureError:
+            sock.close()
+            raise
+        except OSError as error:
+            sock.close()
+            raise CaptureError(f"cannot set up NFLOG group {group}: {error}") from error
+
+    def _set_rcvbuf(self, rcvbuf: int) -> None:
+        try:
+            # Scan bursts must fit while Python catches up; FORCE may exceed rmem_max.
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+
+    def _configure(self, attributes: bytes, what: str) -> None:
+        self._seq += 1
+        self._sock.send(config_message(self.group, self._seq, attributes))
+        while True:
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except TimeoutError:
+                raise CaptureError(f"NFLOG group {self.group}: no answer to {what}") from None
+            code = ack_errno(data, self._seq)
+            if code is None:
+                # Packets logged between bind and configure: keep the count honest, drop them.
+                self._account(parse_nflog_batch(data))
+                continue
+            if code == 0:
+                return
+            raise self._config_error(code, what)
+
+    def _config_error(self, code: int, what: str) -> CaptureError:
+        if code in (errno.EPERM, errno.EBUSY) and what == "bind":
+            return NflogGroupTaken(
+                f"NFLOG group {self.group} is already in use by another program (ulogd, another "
+                "portsentry?): set NFLOG_GROUP to a free group, or CAPTURE=\"packet\""
+            )
+        if code == errno.EPERM:
+            return CaptureError(f"NFLOG group {self.group}: {what} refused: "
+                                "stealth modes need root or CAP_NET_ADMIN")
+        return CaptureError(f"NFLOG group {self.group}: {what} failed: {os.strerror(code)}")
+
+    def _account(self, batch: NflogBatch) -> None:
+        self._packets += len(batch.payloads)
+        self._malformed += batch.errors
+        if batch.first_seq is not None and batch.last_seq is not None:
+            if self._next_seq is not None:
+                gap = (batch.first_seq - self._next_seq) % SEQ_MODULUS
+                # A "gap" of more than half the sequence space is a restart, not a loss.
+                if gap < SEQ_MODULUS // 2:
+                    self._gaps += gap
+            self._next_seq = (batch.last_seq + 1) % SEQ_MODULUS
+            self._unaccounted_overrun = False
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read_batch(self, limit: int = 256) -> list[bytes]:
+        """Queued packets, IP header first, in whole kernel batches until `limit` is reached;
+        empty when nothing is waiting."""
+        packets: list[bytes] = []
+        recv = self._sock.recv
+        while len(packets) < limit:
+            try:
+                data = recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                if error.errno != errno.ENOBUFS:
+                    raise
+                # The kernel dropped at least one batch; the next sequence number says how much.
+                self._overruns += 1
+                self._unaccounted_overrun = True
+                continue
+            batch = parse_nflog_batch(data)
+            self._account(batch)
+            packets += batch.payloads
+        return packets
+
+    @property
+    def overruns(self) -> int:
+        """ENOBUFS reports: times the kernel found the socket buffer full."""
+        return self._overruns
+
+    @property
+    def malformed(self) -> int:
+        return self._malformed
+
+    def stats(self) -> CaptureStats:
+        drops = self._gaps + (1 if self._unaccounted_overrun else 0)
+        return CaptureStats(self._packets + drops, drops)
+
+    def drops(self) -> int:
+        """Packets logged to us that the kernel dropped for lack of buffer space (from gaps in
+        the sequence numbers; an overrun not yet followed by a batch counts as one)."""
+        return self.stats().drops
+
+    def close(self) -> None:
+        # Closing the socket destroys the kernel instance and frees the group.
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> NflogCapture:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
