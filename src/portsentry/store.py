@@ -208,6 +208,9 @@ class BanStore:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if path != MEMORY:
                 self._db.execute("PRAGMA journal_mode = WAL")
+                # WAL + NORMAL: a commit survives the process being killed (the fault that
+                # matters here) without an fsync on the path of every ban.
+                self._db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             self._db.close()
