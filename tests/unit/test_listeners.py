@@ -174,3 +174,36 @@ def test_refresh_sees_a_real_udp_socket_come_and_go(family: socket.AddressFamily
         assert port in ports.ports()
     ports.refresh(0.5)
     assert not ports.is_listening(port)
+
+
+def test_confirm_sees_a_socket_bound_a_moment_ago_and_is_budgeted() -> None:
+    import socket as socket_module
+
+    from portsentry.sensors import listeners as module
+
+    tracker = module.ListeningPorts(Protocol.UDP)
+    tracker.refresh(100.0)
+    sock = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    try:
+        # The cached table is from before the bind; confirm asks the kernel again.
+        assert not tracker.is_listening(port)
+        assert tracker.confirm(port, 100.001)
+    finally:
+        sock.close()
+    for _ in range(module.CONFIRM_BUDGET):
+        tracker.confirm(1, 200.5)
+    calls = 0
+    original = tracker.refresh
+
+    def counting(now: float) -> None:
+        nonlocal calls
+        calls += 1
+        original(now)
+
+    tracker.refresh = counting  # type: ignore[method-assign]
+    tracker.confirm(1, 200.9)
+    assert calls == 0  # budget for second 200 spent: the cached table answers
+    tracker.confirm(1, 201.0)
+    assert calls == 1  # a new second, a new budget

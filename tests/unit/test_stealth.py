@@ -25,7 +25,7 @@ class FixedListeners(ListeningPorts):
     def is_listening(self, port: int) -> bool:
         return port in self.fixed
 
-    def confirm(self, port: int, now: float, max_age: float = 0.02) -> bool:
+    def confirm(self, port: int, now: float) -> bool:
         return port in self.fixed
 
     def ports(self) -> frozenset[int]:

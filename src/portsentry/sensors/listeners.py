@@ -26,6 +26,7 @@ _TCP_LISTEN = 0x0A
 # Busy servers have huge tcp tables of established sockets; a substring test skips most of them
 # before the regex runs.
 _TCP_LISTEN_FIELDS = (" 0A", " 0a")
+CONFIRM_BUDGET = 2000  # fresh kernel reads per second for confirm(); about 60 ms of CPU at most
 _FILES = {Protocol.TCP: ("tcp", "tcp6"), Protocol.UDP: ("udp", "udp6")}
 
 
@@ -66,6 +67,8 @@ class ListeningPorts:
         self._ports: frozenset[int] = frozenset()
         self._refreshed_at: float | None = None
         self._diag: SockDiag | None = None
+        self._budget_second = -1
+        self._budget = CONFIRM_BUDGET
         if proc_root == "/proc":
             try:
                 self._diag = SockDiag()
@@ -97,17 +100,23 @@ class ListeningPorts:
     def is_listening(self, port: int) -> bool:
         return port in self._ports
 
-    def confirm(self, port: int, now: float, max_age: float = 0.02) -> bool:
-        """Is `port` in use, with the tables at most `max_age` old?
+    def confirm(self, port: int, now: float) -> bool:
+        """Is `port` in use right now? Called only before reporting a hit.
 
-        Called only before reporting a hit, so a service (or a client socket awaiting a DNS
-        reply) that appeared since the last periodic refresh is still honoured; at most one
-        re-read per `max_age` however many probes arrive.
+        The kernel is asked again (about 30 us with sock_diag), so a service or a client socket
+        awaiting a DNS reply that appeared a moment ago is honoured: a cached table, however
+        young, can predate the socket the reply is for. A flood cannot make this expensive:
+        at most CONFIRM_BUDGET fresh reads a second, after which the cached table answers.
         """
         if port in self._ports:
             return True
-        last = self._refreshed_at
-        if last is None or not 0 <= now - last < max_age:
+        second = int(now)
+        if second != self._budget_second:
+            # /proc/net/tcp costs milliseconds a read: far fewer fresh reads without sock_diag.
+            budget = CONFIRM_BUDGET if self._diag is not None else CONFIRM_BUDGET // 100
+            self._budget_second, self._budget = second, budget
+        if self._budget > 0:
+            self._budget -= 1
             self._refreshed_at = None
             self.refresh(now)
         return port in self._ports
