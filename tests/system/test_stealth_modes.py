@@ -72,9 +72,10 @@ def test_udp_scan_is_detected_and_blocked(daemon_factory, namespaces, syslog, mo
     eventually(lambda: daemon.history_text().rstrip().endswith("UDP Blocked"), what="history line")
 
 
-def test_dns_reply_to_a_watched_port_is_not_a_hit(daemon_factory, namespaces, syslog):
+@pytest.mark.parametrize("backend", ["none", "nftables"])  # AF_PACKET capture, NFLOG capture
+def test_dns_reply_to_a_watched_port_is_not_a_hit(daemon_factory, namespaces, syslog, backend):
     net = namespaces
-    daemon_factory("-audp", BLOCK_UDP="1", KILL_ROUTE=ROUTE)
+    daemon_factory("-audp", BLOCK_UDP="1", KILL_ROUTE=ROUTE, BAN_BACKEND=backend)
     mark = syslog.mark()
     # A resolver in the scanner namespace answers from port 53; the client on the target uses a
     # low source port inside the watched range, so only the live socket table keeps it quiet.

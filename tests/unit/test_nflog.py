@@ -388,6 +388,7 @@ CAPTURE_HEAD = (
 )
 TCP_RULE = "add rule inet portsentry capture meta pkttype host tcp flags & (ack | rst) == 0"
 UDP_RULE = "add rule inet portsentry capture meta pkttype host"
+NEW_FLOWS = "ct state != { established, related }"
 
 
 def nft(recorder: Recorder, **kw: Any) -> NftablesBackend:
@@ -399,14 +400,14 @@ def test_capture_rules_for_advanced_modes_bound_the_port() -> None:
     nft(rec).capture_rules(7373, 1024, BOTH)
     assert rec.calls == [(["nft", "-f", "-"], CAPTURE_HEAD
                           + f"{TCP_RULE} tcp dport < 1024 log group 7373\n"
-                          + f"{UDP_RULE} udp dport < 1024 log group 7373\n")]
+                          + f"{UDP_RULE} udp dport < 1024 {NEW_FLOWS} log group 7373\n")]
 
 
 def test_capture_rules_without_a_bound_match_every_port() -> None:
     rec = Recorder()
     nft(rec).capture_rules(0, None, BOTH)
     assert rec.calls[0][1] == (CAPTURE_HEAD + f"{TCP_RULE} log group 0\n"
-                               + f"{UDP_RULE} meta l4proto udp log group 0\n")
+                               + f"{UDP_RULE} meta l4proto udp {NEW_FLOWS} log group 0\n")
     assert CaptureSpec.of(0, 65536, BOTH).max_port is None
 
 
@@ -416,7 +417,8 @@ def test_capture_rules_follow_the_table_and_priority_and_protocols() -> None:
     script = rec.calls[0][1]
     assert script is not None
     assert "add chain inet ps2 capture { type filter hook input priority -149; policy accept; }\n" in script
-    assert script.endswith("add rule inet ps2 capture meta pkttype host udp dport < 40 log group 9\n")
+    assert script.endswith("add rule inet ps2 capture meta pkttype host udp dport < 40 "
+                           "ct state != { established, related } log group 9\n")
     assert "tcp" not in script
 
 

@@ -122,3 +122,15 @@ def test_ipv6_and_ip_options_are_carried():
     assert hit.probe.source == ip_address("fd00::2")
     [hit] = s.hits_for(tcp(1, options=True), 0.0)
     assert hit.probe.ip_options
+
+
+def test_replies_to_our_own_udp_queries_are_not_hits():
+    s = sensor([Watch(Mode.AUDP, below=1024)])
+    resolver = ip_address("198.18.0.53")
+    # Our query leaves from port 999 (seen by the capture as an outgoing datagram)...
+    assert s.hits_for(Packet(HOST, resolver, Protocol.UDP, 999, 53, TcpFlag(0), False), 10.0) == []
+    # ...so the answer coming back to 999 is a reply, even after the client socket closed.
+    assert s.hits_for(Packet(resolver, HOST, Protocol.UDP, 53, 999, TcpFlag(0), False), 10.2) == []
+    # The same datagram from anyone else, or long after, is a probe.
+    assert s.hits_for(Packet(SCANNER, HOST, Protocol.UDP, 53, 999, TcpFlag(0), False), 10.2)
+    assert s.hits_for(Packet(resolver, HOST, Protocol.UDP, 53, 999, TcpFlag(0), False), 100.0)

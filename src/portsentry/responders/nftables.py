@@ -552,7 +552,8 @@ class CaptureSpec:
             found.append(f"meta pkttype host tcp flags & (ack | rst) == 0{bound} {log}")
         if Protocol.UDP in self.protocols:
             match = "meta l4proto udp" if self.max_port is None else f"udp dport < {self.max_port}"
-            found.append(f"meta pkttype host {match} {log}")
+            # Replies to our own queries (DNS, NTP) belong to a tracked flow; probes do not.
+            found.append(f"meta pkttype host {match} ct state != {{ established, related }} {log}")
         return found
 
 

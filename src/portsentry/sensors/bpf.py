@@ -56,6 +56,7 @@ SKF_AD_PKTTYPE = 4
 SKF_AD_VLAN_TAG_PRESENT = 48
 
 PACKET_HOST = 0
+PACKET_OUTGOING = 4
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 
@@ -114,6 +115,7 @@ class _Assembler:
 def build_probe_filter(
     protocols: Collection[Protocol] = _FULL_PROTOCOLS,
     max_port: int | None = None,
+    outgoing_udp: bool = False,
 ) -> list[Insn]:
     """Accept inbound unicast IPv4/IPv6 packets that may be probes; reject everything else.
 
@@ -126,6 +128,10 @@ def build_probe_filter(
         raise ValueError(f"max_port {max_port} is not between 0 and 65536")
     want_tcp = Protocol.TCP in protocols
     want_udp = Protocol.UDP in protocols
+    # With `outgoing_udp`, our own outgoing UDP datagrams pass too: the sensor remembers them so
+    # that the replies (DNS, NTP) are not taken for probes even when the client socket is
+    # already closed by the time the reply is read.
+    outgoing_udp = outgoing_udp and want_udp
     asm = _Assembler()
     if not (want_tcp or want_udp):
         asm.emit(BPF_RET | BPF_K, REJECT)
@@ -134,7 +140,7 @@ def build_probe_filter(
     # Only packets addressed to this host's MAC: not our own outgoing copies (ETH_P_ALL sees
     # them), not broadcast or multicast (1.2 reacted to those; 2.x's pcap filter did not).
     asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
-    asm.jump(BPF_JEQ, PACKET_HOST, 0, "reject")
+    asm.jump(BPF_JEQ, PACKET_HOST, 0, "outgoing" if outgoing_udp else "reject")
     # A tagged frame is seen again, untagged, on its VLAN device; count it there only.
     asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT)
     asm.jump(BPF_JEQ, 0, 0, "reject")
@@ -163,6 +169,18 @@ def build_probe_filter(
     if want_udp:
         asm.label("udp4")
         _port_check(asm, BPF_LD | BPF_H | BPF_IND, UdpHeader.DESTINATION_PORT, max_port)
+
+    if outgoing_udp:
+        asm.label("outgoing")
+        asm.jump(BPF_JEQ, PACKET_OUTGOING, 0, "reject")
+        asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL)
+        asm.jump(BPF_JEQ, ETH_P_IP, 0, "outgoing6")
+        asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv4Header.PROTOCOL)
+        asm.jump(BPF_JEQ, IPPROTO_UDP, "accept", "reject")
+        asm.label("outgoing6")
+        asm.jump(BPF_JEQ, ETH_P_IPV6, 0, "reject")
+        asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.NEXT_HEADER)
+        asm.jump(BPF_JEQ, IPPROTO_UDP, "accept", "reject")
 
     asm.label("ipv6")
     asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.VERSION_CLASS_FLOW)

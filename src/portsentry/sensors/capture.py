@@ -53,7 +53,8 @@ def attach_filter(sock: socket.socket, program: list[Insn]) -> None:
 class CaptureSocket:
     """Inbound packets on every interface that pass `program`, read without blocking."""
 
-    def __init__(self, program: list[Insn], rcvbuf: int = 4 << 20, snaplen: int = 2048) -> None:
+    def __init__(self, program: list[Insn], rcvbuf: int = 4 << 20, snaplen: int = 2048,
+                 ignore_outgoing: bool = True) -> None:
         try:
             # A protocol in socket() starts delivery at once, before any filter is attached;
             # the reject-all filter and drain below close that window.
@@ -76,17 +77,18 @@ class CaptureSocket:
                 pass
             self._read_stats()
             self._packets = self._drops = 0
-            self._set_options(rcvbuf)
+            self._set_options(rcvbuf, ignore_outgoing)
             attach_filter(sock, program)
         except OSError as error:
             sock.close()
             raise CaptureError(f"cannot set up the packet capture socket: {error}") from error
 
-    def _set_options(self, rcvbuf: int) -> None:
+    def _set_options(self, rcvbuf: int, ignore_outgoing: bool) -> None:
         # Our own outgoing packets would be rejected by the filter anyway; this saves the
         # kernel cloning each one to run it. Older kernels lack it; the filter still works.
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        if ignore_outgoing:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         try:
             # A scan burst must fit while Python catches up; FORCE may exceed rmem_max.
             self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)

@@ -12,12 +12,11 @@ from ..probe import Mode, Protocol
 from ..responders.backend import BackendError, BanBackend
 from ..responders.nftables import NftablesBackend
 from .base import Sensor
-from .bpf import build_probe_filter
 from .capture import CaptureError, CaptureSocket
 from .connect import ConnectSensor
 from .listeners import ListeningPorts
 from .nflog import NflogCapture, NflogGroupTaken
-from .stealth import HostAddresses, StealthSensor, Watch
+from .stealth import HostAddresses, StealthSensor, Watch, open_packet_capture
 
 CaptureFactory = Callable[[int | None, set[Protocol]], CaptureSocket]
 
@@ -56,10 +55,6 @@ def build_sensors(
         capture = capture_factory(config, ban_backend, log)
         sensors.append(StealthSensor(watches, log, clock, addresses, listeners, capture))
     return sensors
-
-
-def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
-    return CaptureSocket(build_probe_filter(protocols, max_port=max_port))
 
 
 def capture_factory(

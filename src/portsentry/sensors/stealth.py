@@ -9,6 +9,7 @@ also when the service started after us: 1.2's Smart-Verify without a bind() per 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from .capture import CaptureSocket
 from .listeners import ListeningPorts
 from .packet import DropCounter, Packet, classify_tcp, parse_packet
 
+FLOW_CAPACITY = 65536  # remembered outgoing UDP flows; the oldest is forgotten first
+FLOW_LIFETIME = 30.0  # seconds a reply may take to count as one (conntrack's UDP default)
 Logger = Callable[[str], None]
 Clock = Callable[[], float]
 AddressQuery = Callable[[], Iterable[IPAddress]]
@@ -84,8 +87,11 @@ class StealthSensor:
         self.drops = DropCounter()
         self.packets = 0
         self._capture: CaptureSocket | None = None
-        self._capture_factory = capture_factory or _open_capture
+        self._capture_factory = capture_factory or open_packet_capture
         self._by_protocol: dict[Protocol, tuple[Watch, ...]] = {}
+        # Our own recent outgoing UDP (local port, peer, peer port) -> when: a datagram coming
+        # back on such a flow is a reply (DNS, NTP), even if the client socket is gone by now.
+        self._udp_flows: OrderedDict[tuple[int, IPAddress, int], float] = OrderedDict()
 
     def open(self) -> list[Readable]:
         now = self._clock()
@@ -170,7 +176,13 @@ class StealthSensor:
         return hits
 
     def hits_for(self, packet: Packet, now: float) -> list[Hit]:
-        if packet.source in self.addresses.local or packet.destination in self.addresses.broadcast:
+        if packet.source in self.addresses.local:
+            if packet.protocol is Protocol.UDP:
+                self._remember_flow((packet.source_port, packet.destination, packet.destination_port), now)
+            return []
+        if packet.destination in self.addresses.broadcast:
+            return []
+        if packet.protocol is Protocol.UDP and self._is_reply(packet, now):
             return []
         if self.addresses.local and packet.destination not in self.addresses.local:
             return []  # passing through (a router's forwarded traffic), not addressed to us
@@ -193,11 +205,24 @@ class StealthSensor:
             if w.covers(port)
         ]
 
+    def _remember_flow(self, key: tuple[int, IPAddress, int], now: float) -> None:
+        self._udp_flows[key] = now
+        self._udp_flows.move_to_end(key)
+        while len(self._udp_flows) > FLOW_CAPACITY:
+            self._udp_flows.popitem(last=False)
+
+    def _is_reply(self, packet: Packet, now: float) -> bool:
+        sent = self._udp_flows.get((packet.destination_port, packet.source, packet.source_port))
+        return sent is not None and 0 <= now - sent < FLOW_LIFETIME
+
     def close(self) -> None:
         if self._capture is not None:
             self._capture.close()
             self._capture = None
 
 
-def _open_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
-    return CaptureSocket(build_probe_filter(protocols, max_port=max_port))
+def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
+    """The AF_PACKET capture: BPF-filtered probes, plus our own outgoing UDP when UDP is watched."""
+    udp = Protocol.UDP in protocols
+    return CaptureSocket(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp),
+                         ignore_outgoing=not udp)
