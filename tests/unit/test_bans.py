@@ -1,0 +1,103 @@
+"""The ban lifecycle with an in-memory store and a recording backend: durations, lifting, restore."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+
+from portsentry.bans import BanManager, BanPolicy
+from portsentry.probe import IPAddress
+from portsentry.responders.backend import BanBackend
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.shell import CommandResult
+from portsentry.store import MEMORY, BanStore
+
+A = ip_address("198.18.0.2")
+
+
+class Kernel(BanBackend):
+    name = "fake"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[IPAddress, float | None] = {}
+
+    def is_supported(self) -> bool:
+        return True
+
+    def setup(self) -> None:
+        pass
+
+    def add(self, address: IPAddress, timeout: float | None) -> None:
+        self.held[address] = timeout
+
+    def remove(self, address: IPAddress) -> None:
+        self.held.pop(address, None)
+
+    def members(self) -> dict[IPAddress, float | None]:
+        return dict(self.held)
+
+    def teardown(self) -> None:
+        self.held.clear()
+
+
+def manager(tmp_path, **policy) -> tuple[BanManager, Kernel, list[str], list[str]]:
+    kernel, lines, commands = Kernel(), [], []
+
+    def run(command: str, timeout: float) -> CommandResult:
+        commands.append(command)
+        return CommandResult(command, 0, False, "", 0.0)
+
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(**policy), lines.append, runner=run)
+    return bans, kernel, lines, commands
+
+
+def test_repeat_offenders_get_longer_bans_up_to_the_cap(tmp_path):
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=60, factor=2, cap=200)
+    durations = []
+    now = 0.0
+    for _ in range(4):
+        duration = bans.duration(A, now)
+        durations.append(duration)
+        bans.remember(A, reason="scan", mode="tcp", port=1, now=now, duration=duration,
+                      hosts_deny_line=None, native=True)
+        now += 1000  # past the ban
+        bans.expire(now)
+    assert durations == [60, 120, 200, 200]
+
+
+def test_expiry_lifts_from_kernel_hosts_deny_and_runs_undo(tmp_path):
+    bans, kernel, lines, commands = manager(tmp_path, base=10, undo="ip route del $TARGET$")
+    assert bans.ban_native(A, 10)
+    bans.hosts_deny.add("ALL: 198.18.0.2")
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.expire(5.0) == []
+    assert bans.expire(11.0) == [A]
+    assert kernel.held == {}
+    assert (tmp_path / "hosts.deny").read_text() == ""
+    assert commands == ["ip route del 198.18.0.2"]
+    assert lines[-1] == "attackalert: Host 198.18.0.2 has been unblocked: ban expired"
+
+
+def test_restore_reapplies_active_bans_with_remaining_time(tmp_path):
+    bans, kernel, _lines, _commands = manager(tmp_path, base=100)
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=100,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    restored = bans.restore(40.0)
+    assert [ban.address for ban in restored] == [A]
+    assert kernel.held == {A: 60.0}
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
+    bans.restore(41.0)  # idempotent: nothing doubled
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
+
+
+def test_unsaved_bans_are_written_when_the_store_comes_back(tmp_path):
+    bans, _kernel, lines, _commands = manager(tmp_path)
+    real_path = str(tmp_path / "state" / "bans.sqlite3")
+    bans.fallback_from = real_path  # as when the disk store could not be opened at start
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=None, hosts_deny_line=None,
+                  native=True)
+    bans.catch_up()
+    assert "is usable again" in lines[-1]
+    assert [ban.address for ban in BanStore(real_path).active(1.0)] == [A]
