@@ -41,7 +41,7 @@ class Kernel(BanBackend):
 
 
 def manager(tmp_path, **policy) -> tuple[BanManager, Kernel, list[str], list[str]]:
-    kernel, lines, commands = Kernel(), [], []
+    kernel, lines, commands = Kernel(), list[str](), list[str]()
 
     def run(command: str, timeout: float) -> CommandResult:
         commands.append(command)
