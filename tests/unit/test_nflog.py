@@ -263,7 +263,7 @@ def test_capture_binds_then_configures_copy_range_batching_and_sequence_numbers(
     capture = capture_with(fake)
     assert fake.sent == [
         config_message(7373, 1, bind_attributes()),
-        config_message(7373, 2, mode_attributes(256, 64, 1, 65536)),
+        config_message(7373, 2, mode_attributes(256, 1, 1, 65536)),
     ]
     assert fake.options[socket.SOL_SOCKET, 33] == 4 << 20  # SO_RCVBUFFORCE
     assert fake.blocking is False
