@@ -57,7 +57,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
                         help="fork into the background like 1.2 (default: stay in the foreground)")
     parser.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
     parser.add_argument("--journald", action="store_true",
-                        help="log to the systemd journal with structured fields instead of syslog")
+                        help="log to the systemd journal with structured fields instead of syslog "
+                        "(automatic when systemd runs portsentry)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,7 +307,10 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     from .store import StoreError
 
     syslog: SyslogWriter | JournaldWriter | None = None
-    if args.journald and journald_available(True):
+    # Under systemd (stderr is the journal) or with --journald: structured journal entries;
+    # tests pointing --syslog-socket elsewhere keep plain syslog.
+    custom_socket = args.syslog_socket != DEFAULT_SOCKET
+    if not args.no_syslog and not custom_socket and journald_available(args.journald):
         syslog = JournaldWriter()
     elif not args.no_syslog:
         syslog = SyslogWriter(args.syslog_socket)
