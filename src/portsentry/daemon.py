@@ -229,15 +229,21 @@ class Daemon:
             probe = dataclasses.replace(probe, source_name=self.resolver.name(probe.source))
         try:
             actions = self.engine.observe(probe, now)
-            self.telemetry.probe(probe, self.engine.last_decision, self.engine.last_reason, now)
-            self.perform(actions, hit)
+            decision = self.engine.last_decision
+            self.telemetry.probe(probe, decision, self.engine.last_reason, now)
+            fields: dict[str, object] = {
+                "PORTSENTRY_EVENT": decision, "PORTSENTRY_SRC": probe.source,
+                "PORTSENTRY_PORT": probe.port, "PORTSENTRY_MODE": probe.mode.value,
+            }
+            self.perform(actions, hit, fields)
         finally:
             hit.close()
 
-    def perform(self, actions: list[Action], hit: Hit | None = None) -> None:
+    def perform(self, actions: list[Action], hit: Hit | None = None,
+                fields: dict[str, object] | None = None) -> None:
         for action in actions:
             if isinstance(action, Log):
-                self.journal.log(action.text, verbose=action.verbose)
+                self.journal.log(action.text, verbose=action.verbose, fields=fields)
             elif isinstance(action, SendBanner):
                 if hit is not None:
                     hit.reply(action.text.encode("utf-8", "replace"))

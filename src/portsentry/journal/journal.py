@@ -10,6 +10,7 @@ from typing import Protocol, TextIO
 from .. import messages
 from ..probe import Mode, Probe
 from .files import append_line, history_line, truncate
+from .journald import JournaldWriter
 from .syslog import LOG_INFO, LOG_NOTICE
 
 
@@ -41,14 +42,18 @@ class Journal:
         self._lock = threading.Lock()
         self._recent: deque[tuple[float, str]] = deque(maxlen=10)
 
-    def log(self, text: str, verbose: bool = False) -> None:
+    def log(self, text: str, verbose: bool = False, fields: dict[str, object] | None = None) -> None:
+        """One line; `fields` (PORTSENTRY_SRC etc.) reach the systemd journal when that is the sink."""
         if verbose and not self.verbose:
             return
         with self._lock:
             if text.startswith("attackalert:") and not verbose:
                 self._recent.append((time.time(), text))
-            if self.syslog is not None:
-                self.syslog.send(text, LOG_INFO if verbose else LOG_NOTICE)
+            severity = LOG_INFO if verbose else LOG_NOTICE
+            if isinstance(self.syslog, JournaldWriter) and fields:
+                self.syslog.send(text, severity, **fields)
+            elif self.syslog is not None:
+                self.syslog.send(text, severity)
             if self.stderr is not None:
                 print(text, file=self.stderr, flush=True)
 
