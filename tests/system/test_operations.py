@@ -99,3 +99,24 @@ def test_control_socket_refuses_non_root(daemon_factory, namespaces):
     result = run_in(namespaces.target, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                         "/usr/bin/python3", "-c", client])
     assert "permission denied" in result.stdout, (result.stdout, result.stderr)
+
+
+def test_daemon_flag_forks_like_1_2_and_writes_a_pid_file(daemon_factory, namespaces, syslog, tmp_path):
+    daemon = daemon_factory("-tcp", start=False)
+    daemon.write_files()
+    pid_file = tmp_path / "portsentry.pid"
+    argv = [sys.executable, "-m", "portsentry", "-c", str(daemon.conf_path), "--syslog-socket",
+            str(syslog.path), "--daemon", "--pid-file", str(pid_file), "-tcp"]
+    launcher = run_in(namespaces.target, argv, env=daemon_env(), timeout=20)
+    assert launcher.returncode == 0, launcher.stderr  # the parent returns at once, like 1.2
+    syslog.wait_for("adminalert: PortSentry is now active and listening.")
+    pid = int(pid_file.read_text())
+    try:
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        assert tcp_connect(namespaces.scanner, namespaces.target_ip4, 1).connected
+        syslog.wait_for(f"attackalert: Connect from host: {namespaces.scanner_ip4}")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    syslog.wait_for("adminalert: PortSentry is shutting down")
+    run_in(namespaces.target, ["sleep", "0.5"])
+    assert not pid_file.exists()
