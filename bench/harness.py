@@ -273,8 +273,9 @@ def settle(receiver: Receiver, pid: int, quiet: float = 1.0, timeout: float = 60
 # The daemons under test
 
 
-def config_text(workdir: Path, *, ours: bool) -> str:
-    """The one configuration both daemons get (1.2 ignores keys it does not know)."""
+def config_text(workdir: Path, *, ours: bool, native: bool = False) -> str:
+    """The one configuration both daemons get (1.2 ignores keys it does not know). With `native`
+    ours blocks through its nftables backend instead of KILL_ROUTE (its capture is then NFLOG)."""
     settings = {
         "TCP_PORTS": rig.CLASSIC_TCP_PORTS,
         "UDP_PORTS": rig.CLASSIC_UDP_PORTS,
@@ -303,6 +304,12 @@ def config_text(workdir: Path, *, ours: bool) -> str:
         # Log every hit from a blocked host as 1.2 does, so both daemons do the same logging work
         # (ours' default folds repeats into one summary line per window).
         settings["LOG_REPEAT_LIMIT"] = "0"
+    if native:
+        # The native block: an element in ours' own nftables set, added over netlink. Without
+        # KILL_ROUTE nothing else runs, and CAPTURE=auto then reads probes through NFLOG rules
+        # that sit after the drop of blocked hosts.
+        del settings["KILL_ROUTE"]
+        settings["BAN_BACKEND"] = "nftables"
     return "".join(f'{key}="{value}"\n' for key, value in settings.items())
 
 
@@ -339,7 +346,13 @@ class Subject:
     def write_common(self, workdir: Path, ignore: Sequence[str]) -> str:
         (workdir / "portsentry.ignore").write_text("".join(f"{entry}\n" for entry in ignore))
         (workdir / "hosts.deny").touch()
-        return config_text(workdir, ours=isinstance(self, Ours))
+        return config_text(workdir, ours=isinstance(self, Ours), native=isinstance(self, OursNative))
+
+    def start_modes(self, net: rig.Namespaces, workdir: Path, receiver: Receiver,
+                    ignore: Sequence[str], modes: Sequence[str]) -> list[Running]:
+        """Start the daemon watching all of `modes` (flags like "-atcp"): one process here; a
+        subclass that can run only one mode per process starts one each."""
+        return [self.start(net, workdir, receiver, ignore, " ".join(modes))]
 
 
 def _wait_ready(receiver: Receiver, since: int, alive: Callable[[], bool], report: Callable[[], str],
@@ -377,7 +390,7 @@ class Ours(Subject):
         if self.profile_to is not None:
             python += ["-m", "cProfile", "-o", str(self.profile_to)]
         return [*python, "-m", "portsentry", "-c", str(conf), "--syslog-socket", str(receiver.path),
-                *(["--log-stderr"] if self.log_stderr else []), mode]
+                *(["--log-stderr"] if self.log_stderr else []), *mode.split()]
 
     def start(self, net: rig.Namespaces, workdir: Path, receiver: Receiver, ignore: Sequence[str],
               mode: str = "-atcp") -> Running:
@@ -393,6 +406,13 @@ class Ours(Subject):
         return Running(proc.pid, proc, stderr_path)
 
 
+class OursNative(Ours):
+    """Ours with BAN_BACKEND="nftables" instead of 1.2's KILL_ROUTE (and so NFLOG capture)."""
+
+    name = "ours-nft"
+    label = "this PortSentry, BAN_BACKEND=nftables"
+
+
 class Debian12(Subject):
     name = "1.2"
     label = "Debian PortSentry 1.2"
@@ -401,7 +421,9 @@ class Debian12(Subject):
               mode: str = "-atcp") -> Running:
         if not DEBIAN_BINARY.is_file():
             raise BenchError(f"{DEBIAN_BINARY} missing: run scripts/fetch-debian-portsentry")
-        layers = workdir / "debian"
+        # One set of layers per mode: overlayfs refuses a work directory that is in use, and
+        # 1.2 runs one process per mode.
+        layers = workdir / f"debian{mode.replace(' ', '')}"
         for sub in ("etc-upper/portsentry", "etc-work", "dev-upper", "dev-work"):
             (layers / sub).mkdir(parents=True, exist_ok=True)
         (layers / "etc-upper" / "portsentry" / "portsentry.conf").write_text(
@@ -419,7 +441,7 @@ class Debian12(Subject):
             f"touch /dev/log; mount --bind {receiver.path} /dev/log; "
             f"exec {DEBIAN_BINARY} {mode}"
         )
-        stderr_path = workdir / "debian.stderr"
+        stderr_path = workdir / f"debian{mode.replace(' ', '')}.stderr"
         since = receiver.count()
         with stderr_path.open("wb") as err:
             launcher = subprocess.run(
@@ -435,6 +457,10 @@ class Debian12(Subject):
         if ready.pid not in daemons:
             raise BenchError(f"1.2's readiness line came from pid {ready.pid}, namespace has {daemons}")
         return Running(ready.pid, None, stderr_path)
+
+    def start_modes(self, net: rig.Namespaces, workdir: Path, receiver: Receiver,
+                    ignore: Sequence[str], modes: Sequence[str]) -> list[Running]:
+        return [self.start(net, workdir, receiver, ignore, mode) for mode in modes]
 
 
 def _comm(pid: int) -> str:
