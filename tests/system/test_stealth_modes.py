@@ -109,3 +109,25 @@ def test_atcp_honours_a_listener_started_and_stopped_after_the_daemon(
     nmap(net.scanner, [*flags, "-sS", "-p", "80", "--max-retries", "0", target])
     syslog.wait_for(f"attackalert: TCP SYN/Normal scan from host: {scanner}/{scanner} to TCP port: 80",
                     since=mark)
+
+
+@pytest.mark.parametrize("backend", ["none", "nftables"])  # AF_PACKET capture, NFLOG capture
+def test_a_busy_udp_service_does_not_wake_the_daemon(daemon_factory, namespaces, syslog, backend):
+    from tests.system.test_nflog import IDLE_CPU, cpu_seconds
+
+    net = namespaces
+    with Listener(net.target, "udp", 514):
+        daemon = daemon_factory("-audp", BAN_BACKEND=backend)
+        run_in(net.target, ["sleep", "1.2"])  # the listener table refresh quiets the port
+        before = cpu_seconds(daemon.pid)
+        sender = (
+            "import socket, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for n in range(3000):\n"
+            f"    s.sendto(b'<13>syslog line %d' % n, ('{net.target_ip4}', 514))\n"
+            "    time.sleep(0.0005)\n"
+        )
+        run_in(net.scanner, ["python3", "-c", sender], timeout=30)
+        used = cpu_seconds(daemon.pid) - before
+    assert used < IDLE_CPU * 2, f"the daemon used {used:.2f} s of CPU for a service's own traffic"
+    syslog.assert_absent("attackalert:", wait=0.5)

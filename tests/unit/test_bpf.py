@@ -221,3 +221,12 @@ def test_probes_are_never_filtered_out(data):
     if packet.protocol is Protocol.TCP and packet.tcp_flags & (F.ACK | F.RST):
         return
     assert accepts(data)
+
+
+def test_quiet_udp_ports_are_kept_away_but_others_pass():
+    for max_port in (1024, None):
+        program = build_probe_filter(max_port=max_port, quiet_udp_ports=[514, 123])
+        assert not accepts(ipv4(udp(dport=514), 17), program)
+        assert not accepts(ipv6(udp(dport=123), 17), program)
+        assert accepts(ipv4(udp(dport=515), 17), program)
+        assert accepts(ipv4(tcp(dport=514)), program)  # TCP probes to the same port still pass

@@ -645,3 +645,11 @@ def test_build_sensors_hands_the_choice_to_the_stealth_sensor(opened: list[Opene
     assert backend.installed == [(7373, 3, {Protocol.TCP})]
     sensor.close()
     assert opened[0].closed
+
+
+def test_capture_rules_keep_udp_services_traffic_away() -> None:
+    rec = Recorder()
+    nft(rec).capture_rules(7373, 1024, BOTH, quiet_udp_ports=[514, 53])
+    assert rec.calls[0][1] is not None
+    assert (f"{UDP_RULE} udp dport < 1024 udp dport != {{ 53, 514 }} {NEW_FLOWS} log group 7373\n"
+            in rec.calls[0][1])

@@ -419,11 +419,12 @@ class NftablesBackend(BanBackend):
             self.run([NFT, "-f", "-"], self.rules_script())
 
     def capture_rules(
-        self, group: int, max_port: int | None, protocols: Collection[Protocol]
+        self, group: int, max_port: int | None, protocols: Collection[Protocol],
+        quiet_udp_ports: Collection[int] = (),
     ) -> None:
         """Log what can be a probe (the nft twin of bpf.build_probe_filter) to NFLOG group
         `group`, after the drop of blocked hosts; remembered for repair_capture. Needs setup()."""
-        spec = CaptureSpec.of(group, max_port, protocols)
+        spec = CaptureSpec.of(group, max_port, protocols, quiet_udp_ports)
         self.run([NFT, "-f", "-"], self.capture_script(spec))
         self._capture = spec
 
@@ -526,9 +527,11 @@ class CaptureSpec:
     group: int
     max_port: int | None
     protocols: frozenset[Protocol]
+    quiet_udp_ports: frozenset[int] = frozenset()
 
     @classmethod
-    def of(cls, group: int, max_port: int | None, protocols: Collection[Protocol]) -> CaptureSpec:
+    def of(cls, group: int, max_port: int | None, protocols: Collection[Protocol],
+           quiet_udp_ports: Collection[int] = ()) -> CaptureSpec:
         if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group <= 0xFFFF:
             raise ValueError(f"NFLOG group {group!r} is not between 0 and 65535")
         if max_port is not None and (isinstance(max_port, bool) or not isinstance(max_port, int)
@@ -538,7 +541,10 @@ class CaptureSpec:
         if not wanted <= set(Protocol):
             raise ValueError(f"protocols {sorted(map(str, protocols))} are not TCP/UDP")
         # 65536 bounds nothing, and nft cannot spell it for a 16-bit port.
-        return cls(group, None if max_port == 0x10000 else max_port, wanted)
+        quiet = frozenset(quiet_udp_ports)
+        if any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 0x10000 for p in quiet):
+            raise ValueError(f"quiet UDP ports {sorted(quiet)!r} are not all ports")
+        return cls(group, None if max_port == 0x10000 else max_port, wanted, quiet)
 
     def rules(self) -> list[str]:
         """The rule bodies, in order; none when no port can match (max_port 0)."""
@@ -553,7 +559,11 @@ class CaptureSpec:
         if Protocol.UDP in self.protocols:
             match = "meta l4proto udp" if self.max_port is None else f"udp dport < {self.max_port}"
             # Replies to our own queries (DNS, NTP) belong to a tracked flow; probes do not.
-            found.append(f"meta pkttype host {match} ct state != {{ established, related }} {log}")
+            quiet = ""
+            if self.quiet_udp_ports:
+                # Services' own traffic (a busy syslog server) never reaches the daemon.
+                quiet = f" udp dport != {{ {', '.join(map(str, sorted(self.quiet_udp_ports)))} }}"
+            found.append(f"meta pkttype host {match}{quiet} ct state != {{ established, related }} {log}")
         return found
 
 

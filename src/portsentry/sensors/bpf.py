@@ -55,6 +55,7 @@ SKF_AD_PROTOCOL = 0
 SKF_AD_PKTTYPE = 4
 SKF_AD_VLAN_TAG_PRESENT = 48
 
+QUIET_PORTS_MAX = 64
 PACKET_HOST = 0
 PACKET_OUTGOING = 4
 ETH_P_IP = 0x0800
@@ -116,6 +117,7 @@ def build_probe_filter(
     protocols: Collection[Protocol] = _FULL_PROTOCOLS,
     max_port: int | None = None,
     outgoing_udp: bool = False,
+    quiet_udp_ports: Collection[int] = (),
 ) -> list[Insn]:
     """Accept inbound unicast IPv4/IPv6 packets that may be probes; reject everything else.
 
@@ -132,6 +134,8 @@ def build_probe_filter(
     # that the replies (DNS, NTP) are not taken for probes even when the client socket is
     # already closed by the time the reply is read.
     outgoing_udp = outgoing_udp and want_udp
+    # At most QUIET_PORTS_MAX ports: the program must stay short (jumps reach 255 instructions).
+    quiet = sorted(set(quiet_udp_ports))[:QUIET_PORTS_MAX]
     asm = _Assembler()
     if not (want_tcp or want_udp):
         asm.emit(BPF_RET | BPF_K, REJECT)
@@ -168,7 +172,7 @@ def build_probe_filter(
         _port_check(asm, BPF_LD | BPF_H | BPF_IND, TcpHeader.DESTINATION_PORT, max_port)
     if want_udp:
         asm.label("udp4")
-        _port_check(asm, BPF_LD | BPF_H | BPF_IND, UdpHeader.DESTINATION_PORT, max_port)
+        _port_check(asm, BPF_LD | BPF_H | BPF_IND, UdpHeader.DESTINATION_PORT, max_port, quiet)
 
     if outgoing_udp:
         asm.label("outgoing")
@@ -176,11 +180,15 @@ def build_probe_filter(
         asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL)
         asm.jump(BPF_JEQ, ETH_P_IP, 0, "outgoing6")
         asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv4Header.PROTOCOL)
-        asm.jump(BPF_JEQ, IPPROTO_UDP, "accept", "reject")
+        asm.jump(BPF_JEQ, IPPROTO_UDP, 0, "reject")
+        asm.emit(BPF_LDX | BPF_B | BPF_MSH, IPv4Header.VERSION_IHL)
+        # A busy service's own replies (source port quieted) need no remembering either.
+        _port_check(asm, BPF_LD | BPF_H | BPF_IND, UdpHeader.SOURCE_PORT, None, quiet)
         asm.label("outgoing6")
         asm.jump(BPF_JEQ, ETH_P_IPV6, 0, "reject")
         asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.NEXT_HEADER)
-        asm.jump(BPF_JEQ, IPPROTO_UDP, "accept", "reject")
+        asm.jump(BPF_JEQ, IPPROTO_UDP, 0, "reject")
+        _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + UdpHeader.SOURCE_PORT, None, quiet)
 
     asm.label("ipv6")
     asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.VERSION_CLASS_FLOW)
@@ -201,7 +209,8 @@ def build_probe_filter(
         _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + TcpHeader.DESTINATION_PORT, max_port)
     if want_udp:
         asm.label("udp6")
-        _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + UdpHeader.DESTINATION_PORT, max_port)
+        _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + UdpHeader.DESTINATION_PORT, max_port,
+                    quiet)
 
     asm.label("accept")
     asm.emit(BPF_RET | BPF_K, ACCEPT_ALL_BYTES)
@@ -210,10 +219,18 @@ def build_probe_filter(
     return asm.assemble()
 
 
-def _port_check(asm: _Assembler, load: int, offset: int, max_port: int | None) -> None:
-    """Accept if the destination port is below `max_port` (always, without one), else reject."""
+def _port_check(
+    asm: _Assembler, load: int, offset: int, max_port: int | None, quiet: Collection[int] = ()
+) -> None:
+    """Accept if the destination port is below `max_port` (always, without one) and not one of
+    `quiet` (ports with a live service, whose traffic must not wake the daemon), else reject."""
+    if max_port is None and not quiet:
+        asm.emit(BPF_RET | BPF_K, ACCEPT_ALL_BYTES)
+        return
+    asm.emit(load, offset)
+    for port in sorted(quiet):
+        asm.jump(BPF_JEQ, port, "reject", 0)
     if max_port is not None:
-        asm.emit(load, offset)
         asm.jump(BPF_JGE, max_port, "reject", "accept")
     else:
         asm.emit(BPF_RET | BPF_K, ACCEPT_ALL_BYTES)

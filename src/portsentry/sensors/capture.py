@@ -101,6 +101,10 @@ class CaptureSocket:
         except BlockingIOError:
             return None
 
+    def replace_filter(self, program: list[Insn]) -> None:
+        """Swap the BPF program in place (e.g. to quiet ports that gained a service)."""
+        attach_filter(self._sock, program)
+
     def fileno(self) -> int:
         return self._sock.fileno()
 

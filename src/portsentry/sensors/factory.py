@@ -100,6 +100,10 @@ def capture_factory(
         except (BackendError, OSError, ValueError) as error:
             capture.close()
             return fail("CAPTURE", CaptureError(f"cannot add the NFLOG rules: {error}"))
+        def quiet(ports: frozenset[int]) -> None:
+            nft.capture_rules(config.nflog_group, max_port, protocols, quiet_udp_ports=ports)
+
+        capture.quiet_udp = quiet  # type: ignore[attr-defined]
         # NflogCapture has CaptureSocket's interface, not its class; StealthSensor only uses
         # the interface (its capture_factory annotation should become a Protocol).
         return cast(CaptureSocket, capture)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .. import messages
 from ..ports import format_ports
 from ..probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
+from ..responders.backend import BackendError
 from .base import Hit, Readable
 from .bpf import build_probe_filter
 from .capture import CaptureSocket
@@ -92,6 +93,7 @@ class StealthSensor:
         # Our own recent outgoing UDP (local port, peer, peer port) -> when: a datagram coming
         # back on such a flow is a reply (DNS, NTP), even if the client socket is gone by now.
         self._udp_flows: OrderedDict[tuple[int, IPAddress, int], float] = OrderedDict()
+        self._quieted: frozenset[int] = frozenset()
 
     def open(self) -> list[Readable]:
         now = self._clock()
@@ -167,6 +169,7 @@ class StealthSensor:
         self.addresses.refresh(now)
         for listener in self.listeners.values():
             listener.refresh(now)
+        self._quiet_busy_udp_ports()
         hits: list[Hit] = []
         for data in batch:
             self.packets += 1
@@ -205,6 +208,23 @@ class StealthSensor:
             if w.covers(port)
         ]
 
+    def _quiet_busy_udp_ports(self) -> None:
+        """Tell the kernel filter to keep traffic to UDP services away from us (a syslog server
+        receiving thousands of datagrams a second would otherwise wake the daemon for each).
+        Such datagrams are never hits anyway; TCP needs nothing, its data has ACK set."""
+        quiet = getattr(self._capture, "quiet_udp", None)
+        watches = self._by_protocol.get(Protocol.UDP, ())
+        if quiet is None or not watches:
+            return
+        busy = frozenset(p for p in self.listeners[Protocol.UDP].ports() if any(w.covers(p) for w in watches))
+        if busy == self._quieted:
+            return
+        self._quieted = busy
+        try:
+            quiet(busy)
+        except (OSError, ValueError, BackendError) as error:
+            self._log(f"adminalert: WARNING: cannot update the capture filter: {error}")
+
     def _remember_flow(self, key: tuple[int, IPAddress, int], now: float) -> None:
         self._udp_flows[key] = now
         self._udp_flows.move_to_end(key)
@@ -224,5 +244,12 @@ class StealthSensor:
 def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
     """The AF_PACKET capture: BPF-filtered probes, plus our own outgoing UDP when UDP is watched."""
     udp = Protocol.UDP in protocols
-    return CaptureSocket(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp),
-                         ignore_outgoing=not udp)
+    capture = CaptureSocket(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp),
+                            ignore_outgoing=not udp)
+
+    def quiet(ports: frozenset[int]) -> None:
+        capture.replace_filter(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp,
+                                                  quiet_udp_ports=ports))
+
+    capture.quiet_udp = quiet  # type: ignore[attr-defined]
+    return capture
