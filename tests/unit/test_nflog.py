@@ -532,7 +532,8 @@ class FakeBackend(NftablesBackend):
         self.dropped = 0
         self.fail = fail
 
-    def capture_rules(self, group: int, max_port: int | None, protocols: Any) -> None:
+    def capture_rules(self, group: int, max_port: int | None, protocols: Any,
+                      quiet_udp_ports: Any = ()) -> None:
         if self.fail is not None:
             raise self.fail
         self.installed.append((group, max_port, set(protocols)))
