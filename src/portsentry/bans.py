@@ -96,6 +96,8 @@ class BanManager:
 
     def duration(self, address: IPAddress, now: float) -> float | None:
         """Seconds the next ban of `address` lasts, grown for repeat offenders."""
+        if self.policy.base == 0:
+            return None  # forever: no need to ask the store (this is on the way to the block)
         try:
             offences = self.store.offences(address, now)
         except StoreError as error:
