@@ -87,12 +87,9 @@ class Admin:
         return cls(config, store, bans, lines)
 
     def block(self, address: IPAddress, duration: float | None, now: float) -> bool:
-        """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1)."""
-        settings = EngineSettings.from_config(self.config)
-        probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
         responder = ClassicResponder(self.bans.hosts_deny, self.log.append, self.config.command_timeout,
                                      bans=self.bans, clock=lambda: now)
-        return responder.carry_out(Block(probe, settings.steps(1)), duration=duration)
+        return manual_block(responder, self.config, address, duration)
 
     def unblock(self, address: IPAddress, now: float) -> bool:
         return unblock(self.bans, self.config, address, now, self.log.append)
@@ -102,6 +99,13 @@ class Admin:
 
     def close(self) -> None:
         self.store.close()
+
+
+def manual_block(responder: ClassicResponder, config: Config, address: IPAddress,
+                 duration: float | None) -> bool:
+    """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1)."""
+    probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
+    return responder.carry_out(Block(probe, EngineSettings.from_config(config).steps(1)), duration=duration)
 
 
 def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:
@@ -137,9 +141,7 @@ def admin_request(
         raw = request.get("duration", "policy")
         duration = bans.duration(address, now) if raw == "policy" else (
             None if raw is None else float(raw))
-        settings = EngineSettings.from_config(config)
-        probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
-        done = responder.carry_out(Block(probe, settings.steps(1)), duration=duration)
+        done = manual_block(responder, config, address, duration)
         return {"ok": done, "error": None if done else f"could not block {address}"}
     if command == "unblock":
         done = unblock(bans, config, address, now, lines.append)
