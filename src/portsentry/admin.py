@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Any
 
-from . import messages
 from .actions import Block
+from .addresses import impossible_source
 from .bans import BanManager, BanPolicy
 from .config import Config
 from .engine import EngineSettings
@@ -21,7 +21,6 @@ from .probe import IPAddress, Mode, Probe
 from .responders.backend import BackendError, BanBackend, pick_backend
 from .responders.classic import ClassicResponder
 from .responders.hostsdeny import HostsDeny
-from .responders.substitute import hosts_deny_entry
 from .store import BanStore, normalise
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -104,6 +103,9 @@ class Admin:
 def manual_block(responder: ClassicResponder, config: Config, address: IPAddress,
                  duration: float | None) -> bool:
     """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1)."""
+    if (bad := impossible_source(address)) is not None:
+        raise AdminError(f"{address} is a {bad} address: it cannot be the source of a real packet, "
+                         "so there is nothing to block")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
     return responder.carry_out(Block(probe, EngineSettings.from_config(config).steps(1)), duration=duration)
 
@@ -152,14 +154,9 @@ def admin_request(
 
 def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
             log: Callable[[str], None]) -> bool:
-    lifted = bans.lift(address, now, "unblocked by admin")
-    if not lifted and config.kill_hosts_deny:
-        # Not in the store (e.g. blocked by an older version): remove our usual line anyway.
-        line = hosts_deny_entry(config.kill_hosts_deny, address, 0, Mode.TCP)
-        if bans.hosts_deny.remove(line):
-            log(messages.unblocked(str(address), f"removed {line!r} from hosts.deny"))
-            lifted = True
-    return lifted
+    # Only what the store says we did is undone: a hosts.deny line we did not append is the
+    # admin's (or fail2ban's), even when it reads exactly like ours.
+    return bans.lift(address, now, "unblocked by admin")
 
 
 def format_listing(rows: list[dict[str, object]]) -> str:

@@ -34,6 +34,7 @@ from .probe import IPAddress, Mode
 from .resolver import Resolver
 from .responders.classic import ClassicResponder
 from .sensors.base import Hit, Sensor, describe_sensor
+from .sensors.packet import DropCounter
 from .telemetry import Telemetry
 
 Clock = Callable[[], float]
@@ -317,7 +318,8 @@ class Daemon:
                 self.perform(self.engine.tick(self.clock()))
                 backend = bans.backend.name if bans is not None and bans.backend is not None else "none"
                 self.telemetry.state(self.engine.state_sizes(),
-                                     {backend: len(active or ())}, self.capture_drops())
+                                     {backend: len(active or ())}, self.capture_drops(),
+                                     self.packet_drops())
 
             self._call_on_main(apply)
 
@@ -400,6 +402,16 @@ class Daemon:
                  if d is not None]
         return sum(drops) if drops else None
 
+    def packet_drops(self) -> dict[str, int]:
+        """Packets the sensors dropped before the engine, per reason (malformed or forged)."""
+        totals: dict[str, int] = {}
+        for sensor in self.sensors:
+            counter = getattr(sensor, "drops", None)
+            if isinstance(counter, DropCounter):
+                for reason, count in counter.as_dict().items():
+                    totals[reason] = totals.get(reason, 0) + count
+        return totals
+
     def _sync_now(self) -> None:
         self._next_tick = 0.0
 
@@ -410,6 +422,7 @@ class Daemon:
             "hosts_blocked": self.hosts_blocked,
             "hosts_blocked_last_hour": self._blocks_last_hour.total(now),
             "log_failures": self.journal.file_errors,
+            "packets_dropped": self.packet_drops(),
         }
 
     def status(self, now: float) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
+from .addresses import impossible_source
 from .probe import IPAddress, Probe
 
 IPNetwork = IPv4Network | IPv6Network
@@ -91,6 +92,9 @@ class BanGuard:
 
     def refusal(self, probe: Probe, now: float) -> str | None:
         """Why this hit must not block its source, or None when it may."""
+        # Sensors drop these already; the guard holds for every other way in (admin, fleet).
+        if (bad := impossible_source(probe.source)) is not None:
+            return f"it cannot be the source of a real packet ({bad} address)"
         if probe.source in self.protected:
             return "it is a default gateway or DNS resolver of this host (spoofing guard)"
         if (not probe.mode.is_classic and self.settings.sensitive_networks

@@ -10,7 +10,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -313,8 +313,20 @@ def local_addresses() -> frozenset[IPAddress]:
 
 def broadcast_addresses() -> frozenset[IPv4Address]:
     """Broadcast addresses of this host's IPv4 networks, plus the limited broadcast."""
+    return subnet_broadcasts(interface_addresses())
+
+
+def subnet_broadcasts(addresses: Iterable[InterfaceAddress]) -> frozenset[IPv4Address]:
+    """The limited broadcast, every IFA_BROADCAST, and each subnet's all-ones address computed
+    from its prefix: `ip addr add a.b.c.d/24` without `brd` sets no IFA_BROADCAST, yet the
+    kernel still answers that subnet's directed broadcast, so a packet "from" it is forged."""
     found: set[IPv4Address] = {IPv4Address("255.255.255.255")}
-    found.update(a.broadcast for a in interface_addresses() if a.broadcast is not None)
+    for address in addresses:
+        if address.broadcast is not None:
+            found.add(address.broadcast)
+        if isinstance(address.local, IPv4Address) and address.prefixlen <= 30:
+            host_bits = 32 - address.prefixlen
+            found.add(IPv4Address(int(address.local) | ((1 << host_bits) - 1)))
     return frozenset(found)
 
 

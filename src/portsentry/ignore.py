@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
+from portsentry.addresses import canonical
 from portsentry.probe import IPAddress
 
 IPNetwork = IPv4Network | IPv6Network
@@ -41,13 +42,6 @@ class IgnoreEntry:
     network: IPNetwork
     line: int
     text: str
-
-
-def _unmap(address: IPAddress) -> IPAddress:
-    """::ffff:a.b.c.d is the IPv4 host a.b.c.d (dual-stack sockets report IPv4 peers that way)."""
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def _parse_token(token: str) -> IPNetwork:
@@ -126,7 +120,7 @@ class IgnoreList:
                 nets = by_prefix[network.version].setdefault(network.prefixlen, set())
                 nets.add(int(network.network_address))
         for address in always:
-            plain = _unmap(address)
+            plain = canonical(address)
             # int() drops any IPv6 zone id, which would otherwise make fe80::1%eth0 != fe80::1.
             hosts[plain.version].add(int(plain))
         self._hosts = {version: frozenset(ints) for version, ints in hosts.items()}
@@ -145,7 +139,7 @@ class IgnoreList:
     def __contains__(self, address: object) -> bool:
         if not isinstance(address, IPv4Address | IPv6Address):
             return False
-        plain = _unmap(address)
+        plain = canonical(address)
         value = int(plain)
         if value in self._hosts[plain.version]:
             return True

@@ -75,6 +75,7 @@ class MetricSink(Protocol):
     def set_active(self, backend: str, count: int) -> None: ...
     def set_state(self, table: str, count: int) -> None: ...
     def capture_drops(self, total: int) -> None: ...
+    def packet_drops(self, totals: dict[str, int]) -> None: ...
     def action(self, step: str, seconds: float, ok: bool) -> None: ...
 
 
@@ -100,6 +101,9 @@ class NullMetrics:
         pass
 
     def capture_drops(self, total: int) -> None:
+        pass
+
+    def packet_drops(self, totals: dict[str, int]) -> None:
         pass
 
     def action(self, step: str, seconds: float, ok: bool) -> None:
@@ -158,6 +162,12 @@ class Metrics:
         self._drops = prom.Counter(
             "portsentry_capture_drops", "Packets the kernel dropped before capture read them",
             registry=registry)
+        self._packet_drops = prom.Counter(
+            "portsentry_packets_dropped",
+            "Captured packets dropped before the engine, by reason: malformed, or a source no real "
+            "peer can have (forged: unspecified, loopback, multicast, broadcast, reserved)",
+            ["reason"], registry=registry)
+        self._packet_drops_seen: dict[str, int] = {}
         self._failures = prom.Counter(
             "portsentry_action_failures", "Blocking steps that failed", ["step"], registry=registry)
         self._seconds = prom.Histogram(
@@ -194,6 +204,16 @@ class Metrics:
             self._drops_seen = total
         if grown > 0:
             self._drops.inc(grown)
+
+    def packet_drops(self, totals: dict[str, int]) -> None:
+        """The sensors' cumulative drop counts per reason; only growth is added (see capture_drops)."""
+        for reason, total in totals.items():
+            with self._lock:
+                seen = self._packet_drops_seen.get(reason, 0)
+                grown = total - seen if total >= seen else total
+                self._packet_drops_seen[reason] = total
+            if grown > 0:
+                self._packet_drops.labels(reason=reason).inc(grown)
 
     def action(self, step: str, seconds: float, ok: bool) -> None:
         self._seconds.labels(step=step).observe(max(seconds, 0.0))

@@ -30,9 +30,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv6Address, ip_address
+from ipaddress import ip_address
 from typing import Literal, ParamSpec, TypeVar, cast
 
+from portsentry.addresses import canonical
 from portsentry.probe import IPAddress
 
 DEFAULT_PATH = "/var/lib/portsentry/bans.sqlite3"
@@ -123,11 +124,8 @@ class Event:
 
 
 def normalise(address: IPAddress | str) -> IPAddress:
-    """The address as stored: parsed if text, IPv4-mapped IPv6 turned into IPv4."""
-    parsed = ip_address(address) if isinstance(address, str) else address
-    if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped is not None:
-        return parsed.ipv4_mapped
-    return parsed
+    """The address as stored: parsed if text, IPv4 inside IPv6 turned into IPv4 (addresses.canonical)."""
+    return canonical(ip_address(address) if isinstance(address, str) else address)
 
 
 def ban_duration(base: float, factor: float, cap: float, offences: int) -> float | None:

@@ -39,13 +39,16 @@ class Telemetry:
         if error is not None and self.event_log is not None:
             self.event_log.write(events.action_failed_event(address, step, error, now, probe=probe))
 
-    def state(self, sizes: dict[str, int], active_bans: dict[str, int], capture_drops: int | None) -> None:
+    def state(self, sizes: dict[str, int], active_bans: dict[str, int], capture_drops: int | None,
+              packet_drops: dict[str, int] | None = None) -> None:
         for table, count in sizes.items():
             self.metrics.set_state(table, count)
         for backend, count in active_bans.items():
             self.metrics.set_active(backend, count)
         if capture_drops is not None:
             self.metrics.capture_drops(capture_drops)
+        if packet_drops:
+            self.metrics.packet_drops(packet_drops)
 
     def reopen(self) -> None:
         if self.event_log is not None:

@@ -3,6 +3,11 @@
 usage: python spoof.py DESTINATION PORT FIRST_SOURCE COUNT [RATE_PER_SECOND]
 Sends COUNT SYNs from COUNT consecutive IPv4 source addresses starting at FIRST_SOURCE (the
 caller keeps them inside 198.18.0.0/15), paced to RATE_PER_SECOND, then prints how many it sent.
+
+usage: python spoof.py frame IFACE DESTINATION_MAC DESTINATION PORT SOURCE [SOURCE ...]
+Sends one SYN per SOURCE (IPv4 or IPv6, any address, 0.0.0.0 and ::ffff:a.b.c.d included) as a
+whole Ethernet frame on IFACE, so no IP stack rewrites or refuses the source on the way out, then
+prints how many it sent. DESTINATION's family must match each SOURCE's.
 """
 
 from __future__ import annotations
@@ -31,10 +36,45 @@ def syn(source: bytes, destination: bytes, sport: int, dport: int) -> bytes:
     pseudo = source + destination + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
     ip = IP.pack(0x45, 0, 20 + len(tcp), 1, 0x4000, 64, socket.IPPROTO_TCP, 0, source, destination)
+    # A raw IP socket fills the header checksum in; a frame sent on AF_PACKET must carry it.
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     return ip + tcp
 
 
+IP6 = struct.Struct("!IHBB16s16s")
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+
+
+def syn6(source: bytes, destination: bytes, sport: int, dport: int) -> bytes:
+    tcp = TCP.pack(sport, dport, 1, 0, 5 << 4, 0x02, 1024, 0, 0)
+    pseudo = source + destination + struct.pack("!IxxxB", len(tcp), socket.IPPROTO_TCP)
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    return IP6.pack(0x60000000, len(tcp), socket.IPPROTO_TCP, 64, source, destination) + tcp
+
+
+def main_frame(argv: list[str]) -> int:
+    iface, mac_text, destination, port = argv[0], argv[1], argv[2], int(argv[3])
+    sources = argv[4:]
+    if len(sources) > 1000:
+        raise SystemExit("refusing more than 1,000 frames")
+    mac = bytes.fromhex(mac_text.replace(":", ""))
+    target = ipaddress.ip_address(destination)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM)
+    for n, text in enumerate(sources):
+        source = ipaddress.ip_address(text)
+        sport = 41000 + n
+        if target.version == 4:
+            frame, proto = syn(source.packed, target.packed, sport, port), ETH_P_IP
+        else:
+            frame, proto = syn6(source.packed, target.packed, sport, port), ETH_P_IPV6
+        sock.sendto(frame, (iface, proto, 0, 0, mac))
+    print(len(sources))
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1] == "frame":
+        return main_frame(sys.argv[2:])
     destination, port, first, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     rate = float(sys.argv[5]) if len(sys.argv) > 5 else 5000.0
     if count > 2_000_000:

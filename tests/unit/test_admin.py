@@ -40,3 +40,14 @@ def test_listing_table():
                             "count": 3, "offences": 2, "backends": ["nftables"],
                             "hosts_deny_line": "ALL: 198.18.0.2"}])
     assert "198.18.0.2" in text and "1.5h" in text and "nftables + hosts.deny" in text
+
+
+def test_an_impossible_source_cannot_be_blocked_by_hand():
+    import pytest
+
+    from portsentry import admin
+    from portsentry.config import Config
+
+    for text in ("0.0.0.0", "224.0.0.1", "::"):
+        with pytest.raises(admin.AdminError, match="cannot be the source of a real packet"):
+            admin.manual_block(None, Config(source="t"), admin.parse_address(text), None)  # type: ignore[arg-type]

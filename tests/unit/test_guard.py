@@ -95,3 +95,12 @@ def test_bounded_set_evicts_oldest():
     for n, address in enumerate(["198.18.0.1", "198.18.0.2", "198.18.0.1", "198.18.0.3"]):
         s.touch(ip_address(address), float(n))
     assert ip_address("198.18.0.1") in s and ip_address("198.18.0.2") not in s and len(s) == 2
+
+
+def test_a_source_no_real_peer_can_have_never_blocks_whoever_hands_it_in():
+    # Sensors drop these already; an admin block or a fleet decision reaches the engine directly.
+    e = engine()
+    for source in ("0.0.0.0", "224.0.0.1", "255.255.255.255", "127.0.0.1", "::1", "ff02::1"):
+        actions = e.observe(syn(source), 1.0)
+        assert not any(isinstance(a, Block) for a in actions), source
+        assert "cannot be the source of a real packet" in texts(actions)[-1]

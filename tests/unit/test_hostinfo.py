@@ -384,5 +384,21 @@ def test_real_dumps_inside_a_namespace(namespaces: tuple[str, str, int]) -> None
     assert all(a.version == 6 and a.is_link_local for a in extra), extra  # veth0's fe80:: address
     assert ip_address(f"198.19.{n}.2") not in local  # the point-to-point peer is not ours
     assert ip_address(f"{net4}.2") not in local
-    assert set(facts["broadcast"]) == {"255.255.255.255", f"{net4}.255"}
+    # 127.0.0.1/8 on lo has no IFA_BROADCAST; its all-ones address is computed like any subnet's.
+    assert set(facts["broadcast"]) == {"255.255.255.255", f"{net4}.255", "127.255.255.255"}
     assert set(facts["gateways"]) == {f"{net4}.2", f"{net6}::2", f"{net6}::3"}
+
+
+def test_subnet_broadcasts_are_computed_when_no_brd_was_set():
+    from ipaddress import IPv4Address, IPv6Address
+
+    from portsentry.hostinfo import InterfaceAddress, subnet_broadcasts
+
+    found = subnet_broadcasts([
+        InterfaceAddress(socket.AF_INET, 24, 2, IPv4Address("198.18.0.1"), None),
+        InterfaceAddress(socket.AF_INET, 16, 3, IPv4Address("198.19.4.1"), IPv4Address("198.19.255.255")),
+        InterfaceAddress(socket.AF_INET, 31, 4, IPv4Address("198.18.9.0"), None),  # RFC 3021: none
+        InterfaceAddress(socket.AF_INET6, 64, 2, IPv6Address("fd00::1"), None),
+    ])
+    assert found == {IPv4Address("255.255.255.255"), IPv4Address("198.18.0.255"),
+                     IPv4Address("198.19.255.255")}

@@ -97,6 +97,20 @@ def test_capture_drops_adds_only_growth_and_survives_a_reset() -> None:
     assert drops() == 13
 
 
+def test_packet_drops_per_reason_add_only_growth() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    def dropped(reason: str) -> float | None:
+        return registry.get_sample_value("portsentry_packets_dropped_total", {"reason": reason})
+
+    metrics.packet_drops({"source multicast": 2, "truncated": 1})
+    metrics.packet_drops({"source multicast": 5, "truncated": 1})
+    assert dropped("source multicast") == 5 and dropped("truncated") == 1
+    metrics.packet_drops({"source multicast": 1})  # sensors re-bound on reload: counts restart
+    assert dropped("source multicast") == 6
+
+
 def test_default_registry_is_private_and_has_process_metrics() -> None:
     first, second = Metrics(), Metrics()  # would raise "Duplicated timeseries" if shared
     first.ban("nftables")

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from portsentry.addresses import canonical, impossible_source
 from portsentry.probe import KIND_FIN, KIND_NULL, KIND_SYN, KIND_XMAS, Protocol
 from portsentry.sensors.packet import (
     IPV6_EXTENSION_LIMIT,
@@ -381,6 +382,43 @@ def test_drop_counter():
     assert drops.as_dict() == {"fragment": 2, "truncated": 1}
 
 
+# --- forged sources (issue 9.1) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["::ffff:198.18.102.254", "::198.18.102.254"])
+def test_ipv4_inside_ipv6_comes_out_as_ipv4(source):
+    packet, drops = parse(ipv6(tcp(), src=IPv6Address(source), dst=IPv6Address("::ffff:198.18.0.2")))
+    assert packet is not None and drops.total == 0
+    assert packet.source == IPv4Address("198.18.102.254")
+    assert packet.destination == IPv4Address("198.18.0.2")
+
+
+@pytest.mark.parametrize(("source", "reason"), [
+    ("0.0.0.0", DropReason.SOURCE_UNSPECIFIED),
+    ("0.1.2.3", DropReason.SOURCE_UNSPECIFIED),
+    ("127.0.0.1", DropReason.SOURCE_LOOPBACK),
+    ("224.0.0.1", DropReason.SOURCE_MULTICAST),
+    ("239.255.255.250", DropReason.SOURCE_MULTICAST),
+    ("255.255.255.255", DropReason.SOURCE_BROADCAST),
+    ("240.0.0.1", DropReason.SOURCE_RESERVED),
+])
+def test_impossible_ipv4_sources_are_dropped(source, reason):
+    assert dropped(ipv4(tcp(), src=IPv4Address(source))) is reason
+
+
+@pytest.mark.parametrize(("source", "reason"), [
+    ("::", DropReason.SOURCE_UNSPECIFIED),
+    ("::1", DropReason.SOURCE_LOOPBACK),
+    ("ff02::1", DropReason.SOURCE_MULTICAST),
+    ("::ffff:0.0.0.0", DropReason.SOURCE_UNSPECIFIED),
+    ("::ffff:127.0.0.1", DropReason.SOURCE_LOOPBACK),
+    ("::ffff:224.0.0.1", DropReason.SOURCE_MULTICAST),
+    ("::ffff:255.255.255.255", DropReason.SOURCE_BROADCAST),
+])
+def test_impossible_ipv6_sources_are_dropped(source, reason):
+    assert dropped(ipv6(udp(), 17, src=IPv6Address(source))) is reason
+
+
 # --- properties -----------------------------------------------------------------------------
 
 
@@ -392,7 +430,9 @@ def check_outcome(data: bytes) -> Packet | None:
     else:
         assert drops.total == 0
         assert 0 <= packet.source_port <= 0xFFFF and 0 <= packet.destination_port <= 0xFFFF
-        assert type(packet.source) is type(packet.destination)
+        assert canonical(packet.source) == packet.source
+        assert canonical(packet.destination) == packet.destination
+        assert impossible_source(packet.source) is None
         if packet.protocol is Protocol.UDP:
             assert packet.tcp_flags == 0
     return packet

@@ -134,3 +134,9 @@ def test_replies_to_our_own_udp_queries_are_not_hits():
     # The same datagram from anyone else, or long after, is a probe.
     assert s.hits_for(Packet(SCANNER, HOST, Protocol.UDP, 53, 999, TcpFlag(0), False), 10.2)
     assert s.hits_for(Packet(resolver, HOST, Protocol.UDP, 53, 999, TcpFlag(0), False), 100.0)
+
+
+def test_a_source_equal_to_our_subnet_broadcast_is_forged_and_counted():
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
+    assert s.hits_for(tcp(1, source=ip_address("198.18.0.255")), 0.0) == []
+    assert s.drops.as_dict() == {"source broadcast": 1}

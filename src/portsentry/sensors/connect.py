@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Iterable
 
 from .. import messages
+from ..addresses import canonical
 from ..ports import format_ports
 from ..probe import KIND_CONNECT, IPAddress, Mode, Probe, Protocol
 from .base import Hit, Readable
@@ -23,10 +24,7 @@ Logger = Callable[[str], None]
 
 def source_address(text: str) -> IPAddress:
     """An address from accept()/recvfrom(), with IPv4-mapped IPv6 turned back into IPv4."""
-    address = ipaddress.ip_address(text.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    return canonical(ipaddress.ip_address(text.split("%", 1)[0]))
 
 
 def _bind(protocol: Protocol, port: int) -> socket.socket:

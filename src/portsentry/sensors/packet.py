@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from portsentry.addresses import BadSource, canonical, impossible_source
 from portsentry.probe import (
     KIND_FIN,
     KIND_NULL,
@@ -119,6 +120,21 @@ class DropReason(enum.StrEnum):
     IPV6_EXT_LIMIT = "too many IPv6 extension headers"
     IPV6_EXT_ORDER = "IPv6 hop-by-hop header not first"
     BAD_TCP_OFFSET = "bad TCP data offset"
+    # Sources no real peer can have (addresses.BadSource): forged, dropped before the engine.
+    SOURCE_UNSPECIFIED = "source unspecified"
+    SOURCE_LOOPBACK = "source loopback"
+    SOURCE_MULTICAST = "source multicast"
+    SOURCE_BROADCAST = "source broadcast"
+    SOURCE_RESERVED = "source reserved"
+
+
+BAD_SOURCE_DROPS = {
+    BadSource.UNSPECIFIED: DropReason.SOURCE_UNSPECIFIED,
+    BadSource.LOOPBACK: DropReason.SOURCE_LOOPBACK,
+    BadSource.MULTICAST: DropReason.SOURCE_MULTICAST,
+    BadSource.BROADCAST: DropReason.SOURCE_BROADCAST,
+    BadSource.RESERVED: DropReason.SOURCE_RESERVED,
+}
 
 
 class DropCounter:
@@ -162,17 +178,26 @@ _FLAG_VALUES = tuple(TcpFlag(value) for value in range(256))
 
 
 def parse_packet(data: bytes, drops: DropCounter) -> Packet | None:
-    """The TCP/UDP header of an IP packet, or None (reason counted in `drops`). Never raises."""
+    """The TCP/UDP header of an IP packet, or None (reason counted in `drops`). Never raises.
+
+    Addresses come out canonical (IPv4 inside IPv6 as IPv4), and a packet whose source no real
+    peer can have is dropped here, so nothing after the parser ever sees one.
+    """
     if not data:
         drops.add(DropReason.TRUNCATED)
         return None
     version = data[0] >> 4
     if version == 4:
-        return _parse_ipv4(data, drops)
-    if version == 6:
-        return _parse_ipv6(data, drops)
-    drops.add(DropReason.BAD_VERSION)
-    return None
+        packet = _parse_ipv4(data, drops)
+    elif version == 6:
+        packet = _parse_ipv6(data, drops)
+    else:
+        drops.add(DropReason.BAD_VERSION)
+        return None
+    if packet is not None and (bad := impossible_source(packet.source)) is not None:
+        drops.add(BAD_SOURCE_DROPS[bad])
+        return None
+    return packet
 
 
 def _parse_ipv4(data: bytes, drops: DropCounter) -> Packet | None:
@@ -269,8 +294,8 @@ def _parse_ipv6(data: bytes, drops: DropCounter) -> Packet | None:
         return None
     proto, source_port, destination_port, flags = transport
     return Packet(
-        IPv6Address(source),
-        IPv6Address(destination),
+        canonical(IPv6Address(source)),
+        canonical(IPv6Address(destination)),
         proto,
         source_port,
         destination_port,

@@ -21,7 +21,7 @@ from .base import Hit, Readable
 from .bpf import build_probe_filter
 from .capture import CaptureSocket
 from .listeners import ListeningPorts
-from .packet import DropCounter, Packet, classify_tcp, parse_packet
+from .packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
 
 FLOW_CAPACITY = 65536  # remembered outgoing UDP flows; the oldest is forgotten first
 FLOW_LIFETIME = 30.0  # seconds a reply may take to count as one (conntrack's UDP default)
@@ -184,6 +184,10 @@ class StealthSensor:
                 self._remember_flow((packet.source_port, packet.destination, packet.destination_port), now)
             return []
         if packet.destination in self.addresses.broadcast:
+            return []
+        if packet.source in self.addresses.broadcast:
+            # The parser knows no subnet; a source equal to one of our subnet broadcasts is forged.
+            self.drops.add(DropReason.SOURCE_BROADCAST)
             return []
         if packet.protocol is Protocol.UDP and self._is_reply(packet, now):
             return []

@@ -1,0 +1,77 @@
+"""Forged sources never become bans, on either capture path (issue 9.1).
+
+Each forged SYN goes out of the scanner as a whole Ethernet frame (tests/system/spoof.py frame),
+so its source reaches the target as written: the unspecified, loopback, multicast, broadcast
+and reserved addresses of both families, the target's own subnet broadcast, and the default
+gateway hidden inside IPv6 as ::ffff:a.b.c.d and ::a.b.c.d. The AF_PACKET capture sees such frames
+before the kernel's routing drops martians; NFLOG sees what routing lets through.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.system.rig import daemon_env, eventually, run_in
+
+SPOOF = str(Path(__file__).with_name("spoof.py"))
+GATEWAY = "198.18.0.254"
+FORGED4 = ["0.0.0.0", "0.9.9.9", "127.0.0.1", "224.0.0.1", "255.255.255.255", "198.18.0.255",
+           "240.0.0.1"]
+FORGED6 = ["::", "::1", "ff02::1", f"::ffff:{GATEWAY}", f"::{GATEWAY}"]
+
+
+def mac_of(ns: str, dev: str) -> str:
+    out = run_in(ns, ["ip", "-j", "link", "show", dev], check=True).stdout
+    return str(json.loads(out)[0]["address"])
+
+
+def portsentry(ns: str, conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_in(ns, [sys.executable, "-m", "portsentry", *args, "-c", str(conf)], env=daemon_env())
+
+
+@pytest.mark.parametrize("capture", ["packet", "nflog"])
+def test_forged_sources_are_dropped_and_never_banned(daemon_factory, namespaces, syslog, capture):
+    net = namespaces
+    run_in(net.scanner, ["ip", "addr", "add", f"{GATEWAY}/24", "dev", "eth0"], check=True)
+    run_in(net.target, ["ip", "route", "add", "default", "via", GATEWAY], check=True)
+    daemon = daemon_factory("-stcp", BLOCK_TCP="1", BAN_BACKEND="nftables", CAPTURE=capture,
+                            TCP_PORTS="1")
+    mac = mac_of(net.target, "eth0")
+    for destination, sources in ((net.target_ip4, FORGED4), (net.target_ip6, FORGED6)):
+        sent = run_in(net.scanner, [sys.executable, SPOOF, "frame", "eth0", mac, destination, "1",
+                                    *sources], timeout=20)
+        assert sent.stdout.strip() == str(len(sources)), sent.stderr
+    if capture == "packet":
+        # The gateway inside IPv6 reaches the guard as the gateway, and is refused as one.
+        syslog.wait_for(f"attackalert: Host: {GATEWAY}/{GATEWAY} is not blocked: it is a default "
+                        "gateway or DNS resolver of this host (spoofing guard)")
+
+        def dropped() -> dict[str, int]:
+            status = json.loads(portsentry(net.target, daemon.conf_path, "status", "--json").stdout)
+            return dict(status["packets_dropped"])
+
+        eventually(lambda: sum(v for k, v in dropped().items() if k.startswith("source ")) >= 10,
+                   what="forged sources counted as dropped")
+        counts = dropped()
+        assert counts["source unspecified"] >= 3 and counts["source loopback"] >= 2
+        assert counts["source multicast"] >= 2 and counts["source broadcast"] >= 2
+        assert counts["source reserved"] >= 1
+    # A real scanner is blocked, so the daemon was reading; none of the forged sources was.
+    run_in(net.scanner, ["hping3", "-q", "-S", "-p", "1", "-c", "1", net.target_ip4], timeout=10)
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via nftables")
+    bans = json.loads(portsentry(net.target, daemon.conf_path, "list", "--json").stdout)
+    assert [ban["address"] for ban in bans] == [net.scanner_ip4]
+    for set_name in ("blocked4", "blocked6"):
+        listing = run_in(net.target, ["nft", "-j", "list", "set", "inet", "portsentry", set_name],
+                         check=True).stdout
+        elements = [item for entry in json.loads(listing)["nftables"] if "set" in entry
+                    for item in entry["set"].get("elem", [])]
+        expected = [net.scanner_ip4] if set_name == "blocked4" else []
+        assert [e["elem"]["val"] if isinstance(e, dict) else e for e in elements] == expected, listing
+    assert "has been blocked" not in "\n".join(
+        m for m in syslog.messages() if net.scanner_ip4 not in m)
