@@ -9,7 +9,8 @@ and whatever KILL_ROUTE_UNDO undoes.
 
 from __future__ import annotations
 
-import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -240,7 +241,8 @@ class BanManager:
         """
         self.expire(now)
         active = self.store.active(now)
-        if kernel_id_path is not None and self.policy.route and _kernel_changed(kernel_id_path):
+        changed, current = _kernel_changed(kernel_id_path) if kernel_id_path is not None else (False, None)
+        if changed and self.policy.route:
             for ban in active:
                 command = substitute(self.policy.route, ban.address, ban.port, _mode_of(ban))
                 result = self._run(command, self.policy.command_timeout)
@@ -249,6 +251,8 @@ class BanManager:
                 else:
                     self._log(messages.route_failed(str(ban.address), f'"{command}" exit status '
                                                     f"{result.returncode}"))
+        if kernel_id_path is not None and changed:
+            _remember_kernel(kernel_id_path, current, self._log)
         if self.backend is not None and active:
             try:
                 self.backend.add_many(
@@ -266,36 +270,55 @@ class BanManager:
         return active
 
 
-def kernel_id() -> str:
-    """Which kernel state we run against: the boot, and the network namespace."""
-    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-        boot = handle.read().strip()
-    return f"{boot} net:{os.stat('/proc/self/ns/net').st_ino}"
+# SO_NETNS_COOKIE (Linux 5.14+): a 64-bit id the kernel never hands out twice while it runs.
+SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
+_COOKIE = struct.Struct("=Q")
 
 
-def _kernel_changed(path: str) -> bool:
-    """Compare with the id remembered at `path` and remember the current one."""
+def kernel_id() -> str | None:
+    """Which kernel state we run against: the boot, and the network namespace; None when it
+    cannot be known.
+
+    Not the inode of /proc/self/ns/net: the kernel reuses those numbers, so a namespace deleted
+    and created again (a container restart) looked like the same one and KILL_ROUTE was not
+    re-run. The namespace cookie is unique for the life of the boot.
+    """
     try:
-        current = kernel_id()
-    except OSError:
-        return False
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            cookie = _COOKIE.unpack(probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, _COOKIE.size))[0]
+    except (OSError, struct.error):
+        return None
+    return f"{boot} netns-cookie:{cookie}"
+
+
+def _kernel_changed(path: str) -> tuple[bool, str | None]:
+    """Whether the kernel differs from the one remembered at `path`, and the current id.
+
+    Anything unknown counts as changed: re-running KILL_ROUTE at worst adds a rule twice, while
+    skipping it leaves a recorded ban that is not in force.
+    """
+    current = kernel_id()
+    if current is None:
+        return True, None
     try:
         with open(path, encoding="ascii") as handle:
-            previous = handle.read().strip()
-    except FileNotFoundError:
+            previous: str | None = handle.read().strip()
+    except (OSError, ValueError):
         previous = None
-    except OSError:
-        return False
-    if previous == current:
-        return False
+    return previous != current, current
+
+
+def _remember_kernel(path: str, current: str | None, log: Logger) -> None:
+    """Written only once the re-runs are done, so a crash half-way re-runs them next time."""
+    if current is None:
+        return
     try:
         with open(path, "w", encoding="ascii") as handle:
             handle.write(current + "\n")
-    except OSError:
-        pass
-    # No file yet: a first start, or a store from before this check; the bans in it were made
-    # in a kernel that may be gone, so err on the side of blocking.
-    return True
+    except OSError as error:
+        log(messages.store_failed(f"{path}: {error.strerror or error}"))
 
 
 def _mode_of(ban: Ban | None) -> Mode:

@@ -139,6 +139,38 @@ def _wait_link_up(ns: str, dev: str, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def _add_namespace(name: str) -> None:
+    _ip("netns", "add", name)
+    # No duplicate address detection at all, so link-local and global addresses are usable
+    # at once; a namespaced sysctl, the host's own setting is untouched.
+    for key in ("default", "all"):
+        run_in(name, ["sysctl", "-qw", f"net.ipv6.conf.{key}.accept_dad=0"], check=True)
+    _ip("-n", name, "link", "set", "lo", "up")
+
+
+def _link_target(net: Namespaces) -> None:
+    """The veth pairs from the target to both scanners, addressed, up, with the scanners' routes."""
+    links = (
+        ("eth0", net.scanner, net.target_ip4, net.scanner_ip4, net.target_ip6, net.scanner_ip6),
+        ("eth1", net.scanner2, net.target2_ip4, net.scanner2_ip4, net.target2_ip6,
+         net.scanner2_ip6),
+    )
+    for tdev, peer_ns, t4, s4, t6, s6 in links:
+        _ip("-n", net.target, "link", "add", tdev, "type", "veth",
+            "peer", "name", "eth0", "netns", peer_ns)
+        _ip("-n", net.target, "addr", "add", f"{t4}/24", "dev", tdev)
+        _ip("-n", net.target, "addr", "add", f"{t6}/64", "dev", tdev, "nodad")
+        _ip("-n", peer_ns, "addr", "add", f"{s4}/24", "dev", "eth0")
+        _ip("-n", peer_ns, "addr", "add", f"{s6}/64", "dev", "eth0", "nodad")
+        _ip("-n", net.target, "link", "set", tdev, "up")
+        _ip("-n", peer_ns, "link", "set", "eth0", "up")
+        _ip("-n", peer_ns, "route", "add", "default", "via", t4)
+        _ip("-n", peer_ns, "-6", "route", "add", "default", "via", t6)
+    for ns, dev in ((net.target, "eth0"), (net.target, "eth1"),
+                    (net.scanner, "eth0"), (net.scanner2, "eth0")):
+        _wait_link_up(ns, dev)
+
+
 def create_namespaces(prefix: str) -> Namespaces:
     """Build the three-namespace topology described on `Namespaces`; nothing lands in the host's
     namespace (veth pairs are created inside the target namespace)."""
@@ -150,37 +182,27 @@ def create_namespaces(prefix: str) -> Namespaces:
     created: list[str] = []
     try:
         for name in net.names:
-            _ip("netns", "add", name)
+            _add_namespace(name)
             created.append(name)
-            # No duplicate address detection at all, so link-local and global addresses are usable
-            # at once; a namespaced sysctl, the host's own setting is untouched.
-            for key in ("default", "all"):
-                run_in(name, ["sysctl", "-qw", f"net.ipv6.conf.{key}.accept_dad=0"], check=True)
-            _ip("-n", name, "link", "set", "lo", "up")
-        links = (
-            ("eth0", net.scanner, net.target_ip4, net.scanner_ip4, net.target_ip6, net.scanner_ip6),
-            ("eth1", net.scanner2, net.target2_ip4, net.scanner2_ip4, net.target2_ip6,
-             net.scanner2_ip6),
-        )
-        for tdev, peer_ns, t4, s4, t6, s6 in links:
-            _ip("-n", net.target, "link", "add", tdev, "type", "veth",
-                "peer", "name", "eth0", "netns", peer_ns)
-            _ip("-n", net.target, "addr", "add", f"{t4}/24", "dev", tdev)
-            _ip("-n", net.target, "addr", "add", f"{t6}/64", "dev", tdev, "nodad")
-            _ip("-n", peer_ns, "addr", "add", f"{s4}/24", "dev", "eth0")
-            _ip("-n", peer_ns, "addr", "add", f"{s6}/64", "dev", "eth0", "nodad")
-            _ip("-n", net.target, "link", "set", tdev, "up")
-            _ip("-n", peer_ns, "link", "set", "eth0", "up")
-            _ip("-n", peer_ns, "route", "add", "default", "via", t4)
-            _ip("-n", peer_ns, "-6", "route", "add", "default", "via", t6)
-        for ns, dev in ((net.target, "eth0"), (net.target, "eth1"),
-                        (net.scanner, "eth0"), (net.scanner2, "eth0")):
-            _wait_link_up(ns, dev)
+        _link_target(net)
     except BaseException:
         with contextlib.suppress(RigError):
             destroy_namespaces(created)
         raise
     return net
+
+
+def recreate_target(net: Namespaces) -> None:
+    """Delete the target namespace (and whatever runs in it) and build a new one of the same name
+    and addresses, as a container restart does: its firewall, routes and sockets are all new."""
+    destroy_namespaces([net.target])
+    _add_namespace(net.target)
+    _link_target(net)
+
+
+def namespace_inode(ns: str) -> int:
+    """The inode of the namespace's /proc/<pid>/ns/net; the kernel reuses these numbers."""
+    return int(run_in(ns, ["stat", "-L", "-c", "%i", "/proc/self/ns/net"], check=True).stdout)
 
 
 @contextlib.contextmanager

@@ -101,3 +101,71 @@ def test_unsaved_bans_are_written_when_the_store_comes_back(tmp_path):
     bans.catch_up()
     assert "is usable again" in lines[-1]
     assert [ban.address for ban in BanStore(real_path).active(1.0)] == [A]
+
+
+# --- is a recorded ban in force after a restart? (issue 9.2) ---------------------------------
+
+
+def _banned(tmp_path, route="ip route add blackhole $TARGET$"):
+    bans, _kernel, _lines, commands = manager(tmp_path, route=route)
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=1.0, duration=None, hosts_deny_line=None,
+                  native=False)
+    return bans, commands
+
+
+def test_kill_route_is_rerun_in_a_new_kernel_and_not_in_the_same_one(tmp_path):
+    bans, commands = _banned(tmp_path)
+    path = str(tmp_path / "kernel-id")
+    bans.restore(2.0, path)  # no id remembered yet: the bans may come from another kernel
+    assert commands == ["ip route add blackhole 198.18.0.2"]
+    bans.restore(3.0, path)  # same boot, same namespace
+    assert len(commands) == 1
+    (tmp_path / "kernel-id").write_text("another boot netns-cookie:1\n")
+    bans.restore(4.0, path)
+    assert len(commands) == 2
+
+
+def test_an_unknown_kernel_identity_errs_on_re_applying(tmp_path, monkeypatch):
+    import portsentry.bans as module
+
+    bans, commands = _banned(tmp_path)
+    path = str(tmp_path / "kernel-id")
+    monkeypatch.setattr(module, "kernel_id", lambda: None)
+    bans.restore(2.0, path)
+    bans.restore(3.0, path)
+    assert len(commands) == 2
+
+
+def test_the_identity_is_remembered_only_after_the_re_runs(tmp_path):
+    bans, _commands = _banned(tmp_path)
+    path = tmp_path / "kernel-id"
+
+    def crash(command: str, timeout: float) -> CommandResult:
+        raise KeyboardInterrupt  # killed half-way through the re-runs
+
+    bans._run = crash
+    try:
+        bans.restore(2.0, str(path))
+    except KeyboardInterrupt:
+        pass
+    assert not path.exists()
+
+
+def test_the_namespace_cookie_tells_a_recreated_namespace_apart():
+    # Inodes of /proc/self/ns/net are reused by the kernel; cookies are not.
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from portsentry.bans import kernel_id
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for unshare --net")
+    here = kernel_id()
+    assert here is not None and "netns-cookie:" in here
+    code = "from portsentry.bans import kernel_id; print(kernel_id())"
+    ids = {subprocess.run(["unshare", "--net", sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip() for _ in range(3)}
+    assert len(ids) == 3 and here not in ids
