@@ -52,6 +52,16 @@ def store_path(config: Config) -> str:
     return os.path.join(config.state_dir, "bans.sqlite3")
 
 
+def hosts_deny_lock_path(config: Config) -> str:
+    """Beside the control socket (/run/portsentry), not in /etc: the hardened unit may write
+    hosts.deny itself and nothing else there. Daemon, CLI and tidy share it."""
+    return os.path.join(os.path.dirname(config.control_socket), "hosts.deny.lock")
+
+
+def open_hosts_deny(config: Config) -> HostsDeny:
+    return HostsDeny(config.hosts_deny_file, lock_path=hosts_deny_lock_path(config))
+
+
 def open_backend(config: Config, setup: bool = True) -> BanBackend | None:
     """The configured native backend, set up; None for BAN_BACKEND="none" or when "auto" finds none."""
     if config.ban_backend == "none":
@@ -81,7 +91,7 @@ class Admin:
     def open(cls, config: Config) -> Admin:
         lines: list[str] = []
         store = BanStore(store_path(config))
-        bans = BanManager(store, open_backend(config), HostsDeny(config.hosts_deny_file),
+        bans = BanManager(store, open_backend(config), open_hosts_deny(config),
                           BanPolicy.from_config(config), lines.append)
         return cls(config, store, bans, lines)
 

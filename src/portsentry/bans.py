@@ -91,6 +91,7 @@ class BanManager:
         self._run = runner
         self._lock = threading.Lock()
         self._unsaved: list[_Unsaved] = []
+        self._unsaved_lines: list[tuple[IPAddress, str, float]] = []
         # Set when the store on disk could not be opened and an in-memory one stands in.
         self.fallback_from: str | None = None
         self.telemetry = telemetry or Telemetry()
@@ -139,6 +140,30 @@ class BanManager:
                               now=entry.now, duration=entry.duration,
                               hosts_deny_line=entry.hosts_deny_line, backends=entry.backends)
 
+    def own_line(self, address: IPAddress, line: str, now: float) -> None:
+        """HostsDeny.add's `on_append`: the copy about to be appended is ours. Recorded before the
+        write; if the store cannot take it, it is kept in memory and saved later."""
+        try:
+            self.store.own_line(address, line, now)
+        except StoreError as error:
+            self._log(messages.store_failed(f"{error}; will retry"))
+            if len(self._unsaved_lines) < UNSAVED_CAPACITY:
+                self._unsaved_lines.append((address, line, now))
+
+    def add_line(self, address: IPAddress, line: str, now: float) -> bool:
+        """Append `line` to hosts.deny for `address`, recording it as ours only if we write it;
+        False when an identical line was already there (someone else's)."""
+        return self.hosts_deny.add(line, on_append=lambda: self.own_line(address, line, now))
+
+    def _owns_line(self, address: IPAddress, line: str) -> bool:
+        if any(a == address and text == line for a, text, _ in self._unsaved_lines):
+            return True
+        try:
+            return self.store.owns_line(address, line)
+        except StoreError as error:
+            self._log(messages.store_failed(str(error)))
+            return False
+
     def abandon(self, address: IPAddress, now: float) -> None:
         """A block whose every step failed: drop the record made before trying it."""
         try:
@@ -163,6 +188,13 @@ class BanManager:
                                               ban.hosts_deny_line, ban.backends))
             memory.close()
             self._log(messages.store_recovered(disk.path))
+        while self._unsaved_lines:
+            address, line, at = self._unsaved_lines[0]
+            try:
+                self.store.own_line(address, line, at)
+            except StoreError:
+                break
+            self._unsaved_lines.pop(0)
         saved = 0
         while self._unsaved:
             try:
@@ -190,18 +222,30 @@ class BanManager:
                 self.backend.remove(address)
             except (BackendError, OSError) as error:
                 self._log(messages.native_unblock_failed(str(address), str(error)))
-        if ban is not None and ban.hosts_deny_line:
+        line = ban.hosts_deny_line if ban is not None else None
+        # Only the copy we appended goes; an identical line someone else wrote stays.
+        if line and self._owns_line(address, line):
             try:
-                self.hosts_deny.remove(ban.hosts_deny_line)
+                self.hosts_deny.remove(line)
             except (HostsDenyError, OSError, ValueError) as error:
-                self._log(messages.config_error(f"cannot remove {ban.hosts_deny_line!r} from "
+                # Still recorded as ours, so `hosts-deny tidy` can take it out later.
+                self._log(messages.config_error(f"cannot remove {line!r} from "
                                                 f"{self.hosts_deny.path}: {error}"))
+            else:
+                self._disown_line(address, line)
         if self.policy.undo:
             command = substitute(self.policy.undo, address, ban.port if ban else 0, _mode_of(ban))
             result = self._run(command, self.policy.command_timeout)
             if not result.ok:
                 self._log(messages.command_failed(str(address), f'"{command}" exit status '
                                                   f"{result.returncode}"))
+
+    def _disown_line(self, address: IPAddress, line: str) -> None:
+        self._unsaved_lines = [entry for entry in self._unsaved_lines if entry[:2] != (address, line)]
+        try:
+            self.store.disown_line(address, line)
+        except StoreError as error:
+            self._log(messages.store_failed(str(error)))
 
     def expire(self, now: float) -> list[IPAddress]:
         """Lift every ban whose time is up; returns the addresses lifted."""
@@ -264,7 +308,7 @@ class BanManager:
         for ban in active:
             if ban.hosts_deny_line:
                 try:
-                    self.hosts_deny.add(ban.hosts_deny_line)
+                    self.add_line(ban.address, ban.hosts_deny_line, now)
                 except (HostsDenyError, OSError, ValueError) as error:
                     self._log(messages.config_error(f"cannot restore {ban.hosts_deny_line!r}: {error}"))
         return active

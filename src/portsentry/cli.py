@@ -152,7 +152,8 @@ def admin_main(argv: Sequence[str]) -> int:
         if args.command == "hosts-deny":
             store = BanStore(admin.store_path(config))
             try:
-                report = tidy_hosts_deny(config.hosts_deny_file, store, now, args.dry_run)
+                report = tidy_hosts_deny(config.hosts_deny_file, store, now, args.dry_run,
+                                         lock_path=admin.hosts_deny_lock_path(config))
             finally:
                 store.close()
             print(format_report(report, path=config.hosts_deny_file, dry_run=args.dry_run))
@@ -295,12 +296,11 @@ def open_ignore(config: Config) -> IgnoreSource:
 
 
 def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
-    from .admin import open_backend, store_path
+    from .admin import open_backend, open_hosts_deny, store_path
     from .bans import BanManager, BanPolicy, open_store
     from .daemon import Daemon
     from .metrics import Metrics, MetricsError
     from .responders.classic import ClassicResponder
-    from .responders.hostsdeny import HostsDeny
     from .sensors.base import Sensor
     from .sensors.capture import CaptureError
     from .sensors.factory import build_sensors
@@ -335,7 +335,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         with open(args.pid_file, "w", encoding="ascii") as handle:
             handle.write(f"{os.getpid()}\n")
 
-    hosts_deny = HostsDeny(config.hosts_deny_file)
+    hosts_deny = open_hosts_deny(config)
     metrics_server = None
     try:
         telemetry = open_telemetry(config)

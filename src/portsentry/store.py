@@ -14,8 +14,11 @@ Design
   the IPv4 address, so one host is one row whichever socket family saw it.
 - `bans` holds bans until they are lifted, including expired ones the daemon has not lifted
   yet; lifting moves the count of bans to `offenders` (escalation outlives the ban) and `history`
-  keeps what happened. `written_lines` remembers every hosts.deny line written for a ban so
-  `hosts-deny tidy` can tell our stale lines from everyone else's.
+  keeps what happened. `bans.hosts_deny_line` is the line a ban wants in hosts.deny;
+  `written_lines` holds the copies we appended ourselves (one row per line and address), so
+  lifting, restore and `hosts-deny tidy` touch only those: an identical line the admin or
+  fail2ban wrote first is theirs. Rows written by schema-1 versions, which recorded the line
+  before checking the file, are taken as ours.
 - The connection is shared by the daemon's threads, so calls are serialised with a lock.
 """
 
@@ -340,11 +343,6 @@ class BanStore:
                     json.dumps(list(ban.backends)),
                 ),
             )
-            if hosts_deny_line is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO written_lines (line, address, written_at) VALUES (?, ?, ?)",
-                    (hosts_deny_line, key, now),
-                )
             detail = f"{mode} port {port}: {reason}; {_describe_expiry(ban.expires)}"
             if kind == "ban":
                 detail += f"; offence {ban.offences}"
@@ -421,22 +419,60 @@ class BanStore:
     # -- hosts.deny lines --------------------------------------------------------------------
 
     @_store_errors
-    def stale_lines(self, now: float) -> set[str]:
-        """hosts.deny lines we wrote whose bans are all over: no ban active at `now` is for an
-        address the line was written for, nor has the line as its own."""
+    def own_line(self, address: IPAddress | str, line: str, now: float) -> None:
+        """We are about to append `line` to hosts.deny for `address`: from now on that copy is ours.
+
+        Called under the hosts.deny lock after the file was found not to hold the line, and
+        before the append, so a crash between the two leaves a record of a line that is not
+        there (restore appends it), never a line of ours nobody knows of. A line that was
+        already in the file is someone else's and is never recorded.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO written_lines (line, address, written_at) VALUES (?, ?, ?)",
+                (line, str(normalise(address)), now),
+            )
+
+    @_store_errors
+    def owns_line(self, address: IPAddress | str, line: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM written_lines WHERE line = ? AND address = ?",
+                                   (line, str(normalise(address)))).fetchone()
+        return row is not None
+
+    @_store_errors
+    def disown_line(self, address: IPAddress | str, line: str) -> None:
+        """Our copy of `line` was removed from hosts.deny."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM written_lines WHERE line = ? AND address = ?",
+                       (line, str(normalise(address))))
+
+    @_store_errors
+    def owned_lines(self, now: float) -> tuple[dict[str, int], dict[str, int]]:
+        """The hosts.deny lines we appended and have not removed yet, as copies per line text:
+        (those whose address is banned at `now`, those whose ban is over)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT line FROM written_lines EXCEPT "
-                "SELECT w.line FROM written_lines w JOIN bans b "
-                "ON b.address = w.address OR b.hosts_deny_line = w.line "
-                "WHERE b.expires IS NULL OR b.expires > ?",
+                "SELECT w.line, EXISTS (SELECT 1 FROM bans b WHERE b.address = w.address "
+                f"AND {_ACTIVE}) FROM written_lines w",
                 (now,),
             ).fetchall()
-        return {r[0] for r in rows}
+        active: dict[str, int] = {}
+        stale: dict[str, int] = {}
+        for line, is_active in rows:
+            counts = active if is_active else stale
+            counts[line] = counts.get(line, 0) + 1
+        return active, stale
+
+    @_store_errors
+    def stale_lines(self, now: float) -> set[str]:
+        """hosts.deny lines of ours whose ban is over (lifting failed to remove them)."""
+        return set(self.owned_lines(now)[1])
 
     @_store_errors
     def forget_lines(self, lines: Iterable[str], now: float) -> None:
-        """Stop tracking `lines` (tidy removed them), except for addresses banned again meanwhile."""
+        """Stop tracking our copies of `lines` (tidy removed them), except for addresses banned
+        again meanwhile."""
         with self._transaction() as db:
             for line in lines:
                 db.execute(

@@ -6,16 +6,16 @@ Design
   ending in a backslash continues on the next, so a rule (or comment) can span several lines and
   is kept or dropped whole; dropping one line of it would join its neighbours into a different
   rule. A rule is dropped when an identical rule (same lines, exact text) came earlier, or when
-  it is a one-line rule the store says we wrote for a ban that is over (compared like HostsDeny
-  compares, ignoring trailing blanks and CR). Comments and blank lines are never dropped, even
-  repeated ones: they are layout, not rules.
+  it is a one-line rule the store says we appended for a ban that is over (compared like
+  HostsDeny compares, ignoring trailing blanks and CR). Only the copies we appended count as
+  ours: a rule someone else wrote always keeps one copy. Comments and blank lines are never
+  dropped, even repeated ones: they are layout, not rules.
 - tidy_hosts_deny() does the file part with HostsDeny's own protocol by driving a HostsDeny
   (a subclass, to reach its internals; hostsdeny.py has no public helper for a rewrite): its
-  flock on `<path>.portsentry.lock`, its refusals (symlinks, world-writable files), and its
-  rewrite (temporary file with the original mode, owner and xattrs, fsync, rename, then copying
-  over lines a lockless appender added meanwhile). So tidy, the daemon and the CLI never
-  interleave. The store is read while the lock is held, so a ban the daemon records before it
-  writes its line is seen as active.
+  flock on its lock file, its refusals (symlinks, world-writable files), and its in-place
+  rewrite (keeping what a lockless appender added meanwhile, rolled back on failure). So tidy,
+  the daemon and the CLI never interleave. The store is read while the lock is held, so a ban
+  the daemon records before it writes its line is seen as active.
 - Bytes are kept as they are: the kept lines are written back from the original bytes, so a
   missing final newline, CRs or undecodable bytes survive. Nothing to remove means no write.
 """
@@ -23,8 +23,9 @@ Design
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 from portsentry.responders.hostsdeny import HostsDeny, _read_all, _split
 from portsentry.store import BanStore
@@ -59,30 +60,64 @@ def _is_rule(first_line: str) -> bool:
     return bool(stripped) and not stripped.startswith("#")
 
 
-def _plan(lines: list[str], ours_expired: set[str]) -> tuple[list[int], TidyReport]:
-    stale = {line.rstrip(_TRAILING) for line in ours_expired}
-    seen: set[tuple[str, ...]] = set()
+@dataclass(frozen=True)
+class Ownership:
+    """Copies of one-line rules we appended ourselves, per text (ban store `owned_lines`)."""
+
+    active: Mapping[str, int] = field(default_factory=dict)  # their ban is in force
+    stale: Mapping[str, int] = field(default_factory=dict)  # their ban is over
+
+
+def _plan(lines: list[str], owned: Ownership) -> tuple[list[int], TidyReport]:
+    """Which line indices stay. One-line rules compare as HostsDeny compares (trailing blanks and
+    CR ignored), longer rules by their exact lines. Per rule text with k copies, a of them ours
+    with an active ban and s ours with a ban that is over: a + (1 if any copy is someone else's)
+    stay, the first ones. So our stale copies go, someone else's repeats collapse to one, and a rule someone
+    else wrote is never removed altogether, even when it reads exactly like one of ours."""
+    active = {text.rstrip(_TRAILING): n for text, n in owned.active.items()}
+    stale = {text.rstrip(_TRAILING): n for text, n in owned.stale.items()}
+    spans = list(_rules(lines))
+    copies: Counter[tuple[str, ...]] = Counter()
+    for span in spans:
+        text = tuple(lines[i] for i in span)
+        if _is_rule(text[0]):
+            copies[_key(text)] += 1
+    keep_left: dict[tuple[str, ...], int] = {}
+    stale_left: dict[tuple[str, ...], int] = {}
+    for key, count in copies.items():
+        single = key[0] if len(key) == 1 else None
+        ours_active = min(active.get(single, 0), count) if single is not None else 0
+        ours_stale = min(stale.get(single, 0), count - ours_active) if single is not None else 0
+        foreign = count - ours_active - ours_stale
+        keep_left[key] = ours_active + (1 if foreign > 0 else 0)
+        stale_left[key] = ours_stale
     kept: list[int] = []
     duplicates: list[tuple[int, str]] = []
     expired: list[tuple[int, str]] = []
-    for span in _rules(lines):
+    for span in spans:
         text = tuple(lines[i] for i in span)
         if not _is_rule(text[0]):
             kept.extend(span)
-        elif len(text) == 1 and text[0].rstrip(_TRAILING) in stale:
-            expired.extend((i + 1, lines[i]) for i in span)
-        elif text in seen:
-            duplicates.extend((i + 1, lines[i]) for i in span)
-        else:
-            seen.add(text)
+            continue
+        key = _key(text)
+        if keep_left[key] > 0:
+            keep_left[key] -= 1
             kept.extend(span)
+        elif stale_left[key] > 0:
+            stale_left[key] -= 1
+            expired.extend((i + 1, lines[i]) for i in span)
+        else:
+            duplicates.extend((i + 1, lines[i]) for i in span)
     return kept, TidyReport(removed_duplicates=duplicates, removed_expired=expired, kept=len(kept))
 
 
-def plan_tidy(lines: list[str], ours_expired: set[str]) -> tuple[list[str], TidyReport]:
-    """The tidied lines and what went; `lines` without their newlines, `ours_expired` the lines
-    we wrote for bans that are over."""
-    kept, report = _plan(lines, ours_expired)
+def _key(text: tuple[str, ...]) -> tuple[str, ...]:
+    return (text[0].rstrip(_TRAILING),) if len(text) == 1 else text
+
+
+def plan_tidy(lines: list[str], owned: Ownership) -> tuple[list[str], TidyReport]:
+    """The tidied lines and what went; `lines` without their newlines."""
+    kept, report = _plan(lines, owned)
     return [lines[i] for i in kept], report
 
 
@@ -92,17 +127,17 @@ class _HostsDenyFile(HostsDeny):
     def tidy(self, store: BanStore | None, now: float, dry_run: bool) -> TidyReport:
         with self._locked():
             try:
-                fd = self._open(os.O_RDONLY, create=False)
+                fd = self._open(os.O_RDWR if not dry_run else os.O_RDONLY, create=False)
             except FileNotFoundError:
                 return TidyReport(removed_duplicates=[], removed_expired=[], kept=0)
             try:
                 content = _read_all(fd)
                 raw = _split(content)
                 texts = [r.rstrip(b"\n").decode("utf-8", errors="surrogateescape") for r in raw]
-                ours = store.stale_lines(now) if store is not None else set()
-                kept, report = _plan(texts, ours)
+                active, stale = store.owned_lines(now) if store is not None else ({}, {})
+                kept, report = _plan(texts, Ownership(active, stale))
                 if report.changed and not dry_run:
-                    self._replace(fd, b"".join(raw[i] for i in kept), len(content))
+                    self._rewrite(fd, content, b"".join(raw[i] for i in kept))
             finally:
                 os.close(fd)
         if store is not None and report.removed_expired and not dry_run:
@@ -110,13 +145,14 @@ class _HostsDenyFile(HostsDeny):
         return report
 
 
-def tidy_hosts_deny(path: str, store: BanStore | None, now: float, dry_run: bool) -> TidyReport:
+def tidy_hosts_deny(path: str, store: BanStore | None, now: float, dry_run: bool,
+                    lock_path: str | None = None) -> TidyReport:
     """Tidy the hosts.deny at `path` (see the module docstring); with dry_run only report.
 
     Without a store only repeated rules go. Raises HostsDenyError when the file is unsafe to
     rewrite; a missing file is an empty one.
     """
-    return _HostsDenyFile(path).tidy(store, now, dry_run)
+    return _HostsDenyFile(path, lock_path=lock_path).tidy(store, now, dry_run)
 
 
 def format_report(report: TidyReport, *, path: str = "hosts.deny", dry_run: bool = False) -> str:

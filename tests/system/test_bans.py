@@ -137,3 +137,26 @@ def test_kill_route_is_rerun_at_start_only_when_the_kernel_forgot_it(daemon_fact
     daemon.start()
     syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via dropped route", since=mark)
     assert net.scanner_ip4 in run_in(net.target, ["ip", "route", "show", "type", "blackhole"]).stdout
+
+
+def test_expiry_and_unblock_remove_only_the_hosts_deny_lines_we_appended(daemon_factory, namespaces, syslog):
+    # issue 9.3: the admin wrote "ALL: <scanner>" before our ban; fail2ban uses the same format.
+    net = namespaces
+    daemon = daemon_factory("-tcp", TCP_PORTS="1", BLOCK_TIME="2", start=False, **NFT)
+    daemon.write_files()
+    daemon.hosts_deny_path.write_text(f"sshd: 198.18.9.9\nALL: {net.scanner_ip4}\n")
+    daemon.start()
+    assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+    assert tcp_connect(net.scanner2, net.target2_ip4, 1).connected
+    syslog.wait_for(f"attackalert: Host {net.scanner2_ip4} has been blocked via wrappers")
+    eventually(lambda: admin(daemon, "list", "--json").count('"address"') == 0, timeout=15,
+               what="both bans expired")
+    # Ours (appended for scanner2) is gone; the admin's identical-format line stays.
+    assert daemon.hosts_deny_path.read_text() == f"sshd: 198.18.9.9\nALL: {net.scanner_ip4}\n"
+    # The same through unblock.
+    mark = syslog.mark()
+    assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via nftables", since=mark)
+    eventually(lambda: net.scanner_ip4 in admin(daemon, "list"), what="banned again")
+    admin(daemon, "unblock", net.scanner_ip4)
+    assert daemon.hosts_deny_path.read_text() == f"sshd: 198.18.9.9\nALL: {net.scanner_ip4}\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from ipaddress import ip_address
 
 from portsentry.bans import BanManager, BanPolicy
@@ -69,15 +70,45 @@ def test_repeat_offenders_get_longer_bans_up_to_the_cap(tmp_path):
 def test_expiry_lifts_from_kernel_hosts_deny_and_runs_undo(tmp_path):
     bans, kernel, lines, commands = manager(tmp_path, base=10, undo="ip route del $TARGET$")
     assert bans.ban_native(A, 10)
-    bans.hosts_deny.add("ALL: 198.18.0.2")
     bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
                   hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.add_line(A, "ALL: 198.18.0.2", 0.0)
     assert bans.expire(5.0) == []
     assert bans.expire(11.0) == [A]
     assert kernel.held == {}
     assert (tmp_path / "hosts.deny").read_text() == ""
     assert commands == ["ip route del 198.18.0.2"]
     assert lines[-1] == "attackalert: Host 198.18.0.2 has been unblocked: ban expired"
+
+
+def test_expiry_and_unblock_leave_an_identical_line_someone_else_wrote(tmp_path):
+    # issue 9.3: the admin (or fail2ban, same format) had "ALL: 198.18.0.2" before our ban.
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    deny = tmp_path / "hosts.deny"
+    deny.write_text("ALL: 198.18.0.2\n")
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.add_line(A, "ALL: 198.18.0.2", 0.0) is False  # theirs: nothing appended
+    bans.restore(1.0)  # restore does not take it over either
+    assert bans.expire(11.0) == [A]
+    assert deny.read_text() == "ALL: 198.18.0.2\n"
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=20.0, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.lift(A, 21.0, "unblocked by admin")
+    assert deny.read_text() == "ALL: 198.18.0.2\n"
+
+
+def test_our_copy_goes_and_a_later_identical_one_stays(tmp_path):
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    deny = tmp_path / "hosts.deny"
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.add_line(A, "ALL: 198.18.0.2", 0.0) is True
+    with deny.open("a") as admin:
+        admin.write("ALL: 198.18.0.2\n")
+    assert bans.expire(11.0) == [A]
+    assert deny.read_text() == "ALL: 198.18.0.2\n"
+    assert bans.store.stale_lines(11.0) == set()
 
 
 def test_restore_reapplies_active_bans_with_remaining_time(tmp_path):
@@ -106,7 +137,7 @@ def test_unsaved_bans_are_written_when_the_store_comes_back(tmp_path):
 # --- is a recorded ban in force after a restart? (issue 9.2) ---------------------------------
 
 
-def _banned(tmp_path, route="ip route add blackhole $TARGET$"):
+def _banned(tmp_path, route: str = "ip route add blackhole $TARGET$") -> tuple[BanManager, list[str]]:
     bans, _kernel, _lines, commands = manager(tmp_path, route=route)
     bans.remember(A, reason="scan", mode="tcp", port=1, now=1.0, duration=None, hosts_deny_line=None,
                   native=False)
@@ -144,10 +175,8 @@ def test_the_identity_is_remembered_only_after_the_re_runs(tmp_path):
         raise KeyboardInterrupt  # killed half-way through the re-runs
 
     bans._run = crash
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         bans.restore(2.0, str(path))
-    except KeyboardInterrupt:
-        pass
     assert not path.exists()
 
 

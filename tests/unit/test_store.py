@@ -12,6 +12,7 @@ import threading
 import time
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -189,9 +190,15 @@ def test_history_limit_and_record(store: BanStore) -> None:
         store.record("nuke", A, "x", T0)  # type: ignore[arg-type]
 
 
+def owned_ban(store: BanStore, line: str, **kwargs: Any) -> None:
+    """A ban whose hosts.deny line we appended (HostsDeny.add's on_append)."""
+    ban(store, hosts_deny_line=line, **kwargs)
+    store.own_line(kwargs.get("address", A), line, kwargs.get("now", T0))
+
+
 def test_stale_lines_and_forget(store: BanStore) -> None:
-    ban(store, duration=10, hosts_deny_line="ALL: 198.18.0.5")
-    ban(store, address=B, duration=None, hosts_deny_line="ALL: [fd00::5]")
+    owned_ban(store, "ALL: 198.18.0.5", duration=10)
+    owned_ban(store, "ALL: [fd00::5]", address=B, duration=None)
     assert store.stale_lines(T0 + 5) == set()
     assert store.stale_lines(T0 + 10) == {"ALL: 198.18.0.5"}  # expired, not yet lifted
     store.lift(A, T0 + 11, "expired")
@@ -202,20 +209,20 @@ def test_stale_lines_and_forget(store: BanStore) -> None:
     assert store.stale_lines(T0 + 12) == {"ALL: [fd00::5]"}
 
 
-def test_line_in_use_by_an_active_ban_is_not_stale(store: BanStore) -> None:
-    # The address changed its line (KILL_HOSTS_DENY edited): the old line still belongs to an
-    # active ban of that address, and a line another active ban owns is never stale.
-    ban(store, duration=100, hosts_deny_line="ALL: 198.18.0.5")
-    ban(store, now=T0 + 1, duration=100, hosts_deny_line="ALL: 198.18.0.5 : DENY")
-    assert store.stale_lines(T0 + 2) == set()
-    store.lift(A, T0 + 3, "admin")
-    assert store.stale_lines(T0 + 3) == {"ALL: 198.18.0.5", "ALL: 198.18.0.5 : DENY"}
-    ban(store, address=B, now=T0 + 4, duration=100, hosts_deny_line="ALL: 198.18.0.5")
-    assert store.stale_lines(T0 + 4) == {"ALL: 198.18.0.5 : DENY"}
+def test_a_line_is_ours_only_once_we_appended_it(store: BanStore) -> None:
+    # issue 9.3: recording the ban's intended line does not make an identical line ours.
+    ban(store, duration=10, hosts_deny_line="ALL: 198.18.0.5")
+    assert not store.owns_line(A, "ALL: 198.18.0.5")
+    assert store.owned_lines(T0 + 20) == ({}, {})
+    store.own_line("::ffff:198.18.0.5", "ALL: 198.18.0.5", T0)
+    assert store.owns_line(A, "ALL: 198.18.0.5")
+    assert store.owned_lines(T0 + 1) == ({"ALL: 198.18.0.5": 1}, {})
+    store.disown_line(A, "ALL: 198.18.0.5")
+    assert not store.owns_line(A, "ALL: 198.18.0.5")
 
 
 def test_forget_keeps_rows_of_addresses_banned_again(store: BanStore) -> None:
-    ban(store, duration=10, hosts_deny_line="ALL: 198.18.0.5")
+    owned_ban(store, "ALL: 198.18.0.5", duration=10)
     store.lift(A, T0 + 11, "expired")
     ban(store, now=T0 + 20, duration=10, hosts_deny_line="ALL: 198.18.0.5")
     store.forget_lines(["ALL: 198.18.0.5"], T0 + 21)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from portsentry.responders.hostsdeny import LOCK_SUFFIX, HostsDeny, HostsDenyError
 from portsentry.store import BanStore
-from portsentry.tidy import TidyReport, format_report, plan_tidy, tidy_hosts_deny
+from portsentry.tidy import Ownership, TidyReport, format_report, plan_tidy, tidy_hosts_deny
 
 T0 = 1_700_000_000.0
 
@@ -36,7 +36,7 @@ MESSY = (
     b"ALL: 198.18.0.3\n"  # ours, ban active
     b"in.telnetd: ALL \\\n"
     b"  EXCEPT 198.18.9.9\n"  # repeated two-line rule
-    b"ALL: 198.18.0.2\n"  # ours again
+    b"ALL: 198.18.0.2\n"  # the same text again: one copy is ours, the other someone else's
     b"vsftpd: 198.18.3.3 \\\n"
     b"  EXCEPT 198.18.9.9\n"  # same second line as above, different rule: stays
     b"ALL: 198.18.0.4"  # ours, lifted, no final newline
@@ -47,6 +47,7 @@ TIDY = (
     b"ALL: 198.18.0.1\n"
     b"sshd: 198.18.7.7\n"
     b"\n"
+    b"ALL: 198.18.0.2\n"
     b"#\n"
     b"in.telnetd: ALL \\\n"
     b"  EXCEPT 198.18.9.9\n"
@@ -69,6 +70,7 @@ def store(tmp_path: Path):
             duration=duration,
             hosts_deny_line=f"ALL: 198.18.0.{last}",
         )
+        s.own_line(f"198.18.0.{last}", f"ALL: 198.18.0.{last}", T0)
     s.lift("198.18.0.2", T0 + 1, "admin")
     s.lift("198.18.0.4", T0 + 1, "admin")
     yield s
@@ -85,7 +87,7 @@ def messy(tmp_path: Path) -> Path:
 
 def test_plan_tidy_exact() -> None:
     lines = MESSY.decode().split("\n")
-    out, report = plan_tidy(lines, {"ALL: 198.18.0.2", "ALL: 198.18.0.4", "ALL: 198.18.0.99"})
+    out, report = plan_tidy(lines, stale("ALL: 198.18.0.2", "ALL: 198.18.0.4", "ALL: 198.18.0.99"))
     assert out == TIDY.decode().split("\n")[:-1]
     assert report == TidyReport(
         removed_duplicates=[
@@ -94,21 +96,38 @@ def test_plan_tidy_exact() -> None:
             (13, "in.telnetd: ALL \\"),
             (14, "  EXCEPT 198.18.9.9"),
         ],
-        removed_expired=[(7, "ALL: 198.18.0.2"), (15, "ALL: 198.18.0.2"), (18, "ALL: 198.18.0.4")],
-        kept=11,
+        removed_expired=[(15, "ALL: 198.18.0.2"), (18, "ALL: 198.18.0.4")],
+        kept=12,
     )
+
+
+def stale(*lines: str) -> Ownership:
+    """One copy of each line is ours, for a ban that is over."""
+    return Ownership(stale=dict.fromkeys(lines, 1))
+
+
+def test_a_rule_someone_else_wrote_stays_even_when_it_reads_like_ours() -> None:
+    # issue 9.3: the admin wrote "ALL: 198.18.0.2" first, so our ban never appended a copy.
+    lines = ["ALL: 198.18.0.2", "x: y"]
+    assert plan_tidy(lines, Ownership())[0] == lines
+    # Ours was appended, then the admin added the same rule: one copy stays after our ban ends.
+    out, report = plan_tidy(["ALL: 198.18.0.2", "ALL: 198.18.0.2"], stale("ALL: 198.18.0.2"))
+    assert out == ["ALL: 198.18.0.2"] and len(report.removed_expired) == 1
+    # With our ban still in force, our copy and one of theirs stay.
+    three = ["ALL: 198.18.0.2"] * 3
+    assert plan_tidy(three, Ownership(active={"ALL: 198.18.0.2": 1}))[0] == three[:2]
 
 
 def test_plan_tidy_matches_stale_lines_like_hostsdeny() -> None:
     # HostsDeny ignores trailing blanks/CR when it compares; so does tidy for our lines.
-    out, report = plan_tidy(["ALL: 198.18.0.2 \r", "x: y"], {"ALL: 198.18.0.2"})
+    out, report = plan_tidy(["ALL: 198.18.0.2 \r", "x: y"], stale("ALL: 198.18.0.2"))
     assert out == ["x: y"]
     assert report.removed_expired == [(1, "ALL: 198.18.0.2 \r")]
 
 
 def test_plan_tidy_only_whole_single_lines_are_ours() -> None:
     lines = ["ALL: 198.18.0.2 \\", "  : DENY", "ALL: 198.18.0.2"]
-    out, report = plan_tidy(lines, {"ALL: 198.18.0.2"})
+    out, report = plan_tidy(lines, stale("ALL: 198.18.0.2"))
     assert out == lines[:2]
     assert report.removed_expired == [(3, "ALL: 198.18.0.2")]
 
@@ -118,8 +137,8 @@ def test_tidy_file_exact(messy: Path, store: BanStore) -> None:
     report = tidy_hosts_deny(str(messy), store, T0 + 2, dry_run=False)
     assert messy.read_bytes() == TIDY
     assert [n for n, _ in report.removed_duplicates] == [6, 11, 13, 14]
-    assert [n for n, _ in report.removed_expired] == [7, 15, 18]
-    assert report.kept == 11
+    assert [n for n, _ in report.removed_expired] == [15, 18]
+    assert report.kept == 12
     after = messy.stat()
     assert stat.S_IMODE(after.st_mode) == 0o640
     assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
@@ -145,6 +164,7 @@ def test_expired_but_not_lifted_counts_as_over(tmp_path: Path, store: BanStore) 
     store.ban(
         "198.18.0.5", reason="x", mode="tcp", port=1, now=T0, duration=10, hosts_deny_line="ALL: 198.18.0.5"
     )
+    store.own_line("198.18.0.5", "ALL: 198.18.0.5", T0)
     assert tidy_hosts_deny(str(p), store, T0 + 5, dry_run=False).changed is False
     report = tidy_hosts_deny(str(p), store, T0 + 10, dry_run=False)
     assert report.removed_expired == [(1, "ALL: 198.18.0.5")]
@@ -157,9 +177,11 @@ def test_clean_file_is_not_written(tmp_path: Path, store: BanStore) -> None:
     past = time.time_ns() - 3_600 * 10**9
     os.utime(p, ns=(past, past))
     inode = p.stat().st_ino
+    # As after the tidy that made it: our copies of the lifted bans' lines are gone and forgotten.
+    store.forget_lines(["ALL: 198.18.0.2", "ALL: 198.18.0.4"], T0 + 2)
     report = tidy_hosts_deny(str(p), store, T0 + 2, dry_run=False)
     assert not report.changed
-    assert report.kept == 11
+    assert report.kept == 12
     assert p.stat().st_mtime_ns == past
     assert p.stat().st_ino == inode
     assert p.read_bytes() == TIDY
@@ -171,7 +193,7 @@ def test_dry_run_changes_nothing(messy: Path, store: BanStore) -> None:
     stale = store.stale_lines(T0 + 2)
     report = tidy_hosts_deny(str(messy), store, T0 + 2, dry_run=True)
     assert len(report.removed_duplicates) == 4
-    assert len(report.removed_expired) == 3
+    assert len(report.removed_expired) == 2
     assert messy.read_bytes() == MESSY
     assert messy.stat().st_mtime_ns == past
     assert store.stale_lines(T0 + 2) == stale
@@ -270,8 +292,9 @@ def _is_subsequence(small: list[str], big: list[str]) -> bool:
 
 @given(LINES, st.sets(st.sampled_from([*OURS, "x"])))
 def test_plan_tidy_is_idempotent(lines: list[str], ours: set[str]) -> None:
-    once, report = plan_tidy(lines, ours)
-    twice, again = plan_tidy(once, ours)
+    once, report = plan_tidy(lines, stale(*ours))
+    # What was removed is no longer tracked (tidy forgets it), so the second run owns nothing.
+    twice, again = plan_tidy(once, Ownership())
     assert twice == once
     assert not again.removed_duplicates and not again.removed_expired
     assert report.kept == len(once)
@@ -280,7 +303,7 @@ def test_plan_tidy_is_idempotent(lines: list[str], ours: set[str]) -> None:
 
 @given(LINES, st.sets(st.sampled_from(OURS)))
 def test_plan_tidy_keeps_foreign_lines_in_order(lines: list[str], ours: set[str]) -> None:
-    out, report = plan_tidy(lines, ours)
+    out, report = plan_tidy(lines, stale(*ours))
     assert _is_subsequence(out, lines)
     removed = {n for n, _ in report.removed_duplicates + report.removed_expired}
     # Kept lines are exactly the others, in their order.
@@ -303,7 +326,7 @@ def test_plan_tidy_keeps_foreign_lines_in_order(lines: list[str], ours: set[str]
         and (i == 0 or not lines[i - 1].endswith("\\"))
         and line.rstrip(" \t\r") not in ours
     }
-    assert foreign <= set(out)
+    assert {line.rstrip(" \t\r") for line in foreign} <= {line.rstrip(" \t\r") for line in out}
 
 
 @given(st.lists(st.sampled_from(["ALL: 198.18.0.1", "ALL: 198.18.0.2", "# c", ""]), max_size=20))
@@ -314,7 +337,7 @@ def test_tidy_file_matches_plan(lines: list[str]) -> None:
         p = Path(d) / "hosts.deny"
         p.write_text("".join(line + "\n" for line in lines))
         report = tidy_hosts_deny(str(p), None, T0, dry_run=False)
-        expected, planned = plan_tidy(lines, set())
+        expected, planned = plan_tidy(lines, Ownership())
         assert report == planned
         assert p.read_text() == "".join(line + "\n" for line in expected)
 
@@ -330,5 +353,6 @@ def test_store_lines_are_ipv4_normalised(tmp_path: Path) -> None:
             duration=5,
             hosts_deny_line="ALL: 198.18.0.8",
         )
+        s.own_line("::ffff:198.18.0.8", "ALL: 198.18.0.8", T0)
         assert s.get(IPv4Address("198.18.0.8")) is not None
         assert s.stale_lines(T0 + 5) == {"ALL: 198.18.0.8"}

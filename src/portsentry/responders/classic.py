@@ -106,7 +106,11 @@ class ClassicResponder:
         if step.kind is StepKind.HOSTS_DENY:
             line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
             try:
-                if not self.hosts_deny.add(line):
+                if self.bans is not None:
+                    added = self.bans.add_line(probe.source, line, self.clock())
+                else:
+                    added = self.hosts_deny.add(line)
+                if not added:
                     self._verbose(messages.hosts_deny_present(target))
             except (OSError, ValueError, HostsDenyError) as error:
                 for text in messages.hosts_deny_failed(self.hosts_deny.path, target, str(error)):

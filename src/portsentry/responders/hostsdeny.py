@@ -2,25 +2,28 @@
 without losing lines other tools append at the same time, and without touching any other line.
 
 Design
+- Ownership. A line is ours only when we appended it: add() finds the line absent, tells its
+  caller (`on_append`, which records the copy in the ban store) and then appends. When an
+  identical line is already there (the admin's, fail2ban's, same format) add() writes nothing
+  and nothing is recorded, so lifting our ban never takes their line away. remove() takes out
+  one copy, the first: ours was appended when no copy existed, so later copies are others'.
 - Locking. Each operation holds a `threading.Lock` (threads of this process) and an exclusive
-  `flock` on a separate lock file, `<path>.portsentry.lock` (other PortSentry processes). The lock
-  is not taken on hosts.deny itself because `remove()` replaces hosts.deny by rename: a process
-  that opened the path before the rename would lock the old inode while the next one locks the
-  new inode, and both would proceed. The lock file is never replaced. It is created 0600 and
-  refused if others may open it, because anyone who can open a file can flock it and so stall
-  blocking; waiting for the lock gives up after `lock_timeout` seconds with HostsDenyError.
-- add() reads the file, returns False if the same line is already there (whole line, trailing
-  blanks/CR ignored), otherwise appends it with one write() on an O_APPEND descriptor (after a
-  "\\n" if the file does not end with one) and fsyncs. It appends rather than rewrites, so a tool
+  `flock` on a separate lock file (other PortSentry processes: the daemon, `block`, `tidy`). The
+  daemon keeps it beside its control socket (/run/portsentry/hosts.deny.lock), so the service
+  needs write access to hosts.deny itself and to nothing else in /etc; without a lock path it is
+  `<path>.portsentry.lock`. It is created 0600 and refused if others may open it, because anyone
+  who can open a file can flock it and so stall blocking; waiting gives up after `lock_timeout`
+  seconds with HostsDenyError.
+- add() reads the file and appends the line with one write() on an O_APPEND descriptor (after a
+  "\\n" if the file does not end with one), then fsyncs. A failed or short write is rolled back
+  to the length before it (fileio.append_record): on a full disk a half line like
+  `ALL: 198.18.` would deny all of 198.18.0.0/16. Appending rather than rewriting means a tool
   that appends without our lock (fail2ban's `printf ... >> /etc/hosts.deny`) never loses a line.
-- remove() writes the remaining lines to a temporary file in the same directory with the
-  original mode, owner and (best effort) extended attributes, fsyncs it and renames it over
-  hosts.deny, which is atomic: readers see the old or the new file, never a partial one. Lines a
-  lockless appender added to the old file after our read (it opened the path before the rename)
-  are then copied from the still-open old inode to the end of the new file; copying repeats
-  until the old file has been quiet for REMOVE_SETTLE seconds. An appender that opened the file
-  before the rename and writes only after that can still lose its line; shells and fail2ban write
-  immediately after opening.
+- remove() and tidy rewrite the file in place: same inode, owner, mode, labels, and no rename in
+  /etc (a hardened unit may write hosts.deny but not its directory). The new content is written
+  over the old and the file truncated to it; bytes a lockless appender added after our read are
+  moved to the new end first. If the rewrite fails, the old content is written back. A reader
+  (tcpd) that reads during the microseconds of a rewrite can see a mix of old and new lines.
 - Refusals (HostsDenyError): hosts.deny or the lock file being a symlink (opened with
   O_NOFOLLOW, so there is no check-then-open race), not a regular file, or world-writable; the
   directory being world-writable without the sticky bit. A missing hosts.deny is created 0644 by
@@ -38,12 +41,13 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from ..fileio import append_record, pwrite_all
 
 LOCK_SUFFIX = ".portsentry.lock"
 NEW_FILE_MODE = 0o644
-# How long remove() keeps copying from the replaced file before it assumes no appender is left.
-REMOVE_SETTLE = 0.005
+LOCK_DIRECTORY_MODE = 0o700
 _LOCK_POLL = 0.01
 _TRAILING = b" \t\r"
 
@@ -85,25 +89,19 @@ def _read_all(fd: int, offset: int = 0) -> bytes:
         offset += len(chunk)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    # Regular files practically never take a short write, but if one did, loop rather than
-    # silently drop the tail.
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class HostsDeny:
     """One hosts.deny file (normally /etc/hosts.deny)."""
 
-    def __init__(self, path: str, *, lock_timeout: float = 10.0) -> None:
+    def __init__(self, path: str, *, lock_path: str | None = None, lock_timeout: float = 10.0) -> None:
         self.path = path
-        self.lock_path = path + LOCK_SUFFIX
+        self.lock_path = lock_path or path + LOCK_SUFFIX
         self.lock_timeout = lock_timeout
         self._thread_lock = threading.Lock()
 
-    def add(self, line: str) -> bool:
-        """Append `line`; True if written, False if an identical line was already there."""
+    def add(self, line: str, on_append: Callable[[], None] | None = None) -> bool:
+        """Append `line`; True if written (the copy is ours), False if an identical line was
+        already there (it is not). `on_append` runs under the lock right before the append; if
+        it raises, nothing is written."""
         wanted = _encode_line(line)
         with self._locked():
             fd = self._open(os.O_RDWR | os.O_APPEND, create=True)
@@ -111,34 +109,36 @@ class HostsDeny:
                 content = _read_all(fd)
                 if any(_same(raw, wanted) for raw in _split(content)):
                     return False
+                if on_append is not None:
+                    on_append()
                 # Look at the last byte again right before writing: a lockless appender may have
                 # added to the file since our read.
                 size = os.fstat(fd).st_size
                 needs_newline = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-                _write_all(fd, (b"\n" if needs_newline else b"") + wanted + b"\n")
-                os.fsync(fd)
+                append_record(fd, (b"\n" if needs_newline else b"") + wanted + b"\n", sync=True)
                 return True
             finally:
                 os.close(fd)
 
     def remove(self, line: str) -> bool:
-        """Remove every line equal to `line` (trailing blanks/CR ignored); True if any went."""
+        """Remove the first line equal to `line` (trailing blanks/CR ignored), the copy we own;
+        True if there was one."""
         wanted = _encode_line(line)
         with self._locked():
             try:
-                old = self._open(os.O_RDONLY, create=False)
+                fd = self._open(os.O_RDWR, create=False)
             except FileNotFoundError:
                 return False
             try:
-                content = _read_all(old)
+                content = _read_all(fd)
                 lines = _split(content)
-                kept = [raw for raw in lines if not _same(raw, wanted)]
-                if len(kept) == len(lines):
-                    return False
-                self._replace(old, b"".join(kept), len(content))
-                return True
+                for index, raw in enumerate(lines):
+                    if _same(raw, wanted):
+                        self._rewrite(fd, content, b"".join(lines[:index] + lines[index + 1:]))
+                        return True
+                return False
             finally:
-                os.close(old)
+                os.close(fd)
 
     def lines(self) -> list[str]:
         """The file's lines without their "\\n", otherwise as they are; [] if there is no file."""
@@ -182,6 +182,8 @@ class HostsDeny:
             )
 
     def _open_lock_file(self) -> int:
+        directory = os.path.dirname(os.path.abspath(self.lock_path))
+        os.makedirs(directory, mode=LOCK_DIRECTORY_MODE, exist_ok=True)
         try:
             fd = os.open(
                 self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
@@ -247,61 +249,26 @@ class HostsDeny:
             raise HostsDenyError(f"{self.path}: refusing to use it: {problem}")
         return fd
 
-    def _replace(self, old: int, content: bytes, read_upto: int) -> None:
-        """Atomically put `content` in place of the file open as `old`; carry over late appends."""
-        st = os.fstat(old)
-        directory, name = os.path.split(os.path.abspath(self.path))
-        tmp_path = os.path.join(directory, f".{name}.portsentry-{os.getpid()}-{time.time_ns()}.tmp")
-        new = os.open(
-            tmp_path,
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
-        try:
-            try:
-                _write_all(new, content)
-                self._copy_metadata(old, new, st)
-                os.fsync(new)
-                os.replace(tmp_path, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_path)
-                raise
-            # From here on appenders that open the path get the new file (O_APPEND, like ours);
-            # those that opened it earlier wrote to the old inode, which `old` still reaches.
-            offset = read_upto
-            quiet_since = time.monotonic()
-            while time.monotonic() - quiet_since < REMOVE_SETTLE:
-                late = _read_all(old, offset)
-                if late:
-                    _write_all(new, late)
-                    offset += len(late)
-                    quiet_since = time.monotonic()
-                else:
-                    time.sleep(REMOVE_SETTLE / 5)
-            os.fsync(new)
-        finally:
-            os.close(new)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+    def _rewrite(self, fd: int, old: bytes, new: bytes) -> None:
+        """Put `new` in place of `old` in the file open (without O_APPEND) as `fd`, in place.
 
-    def _copy_metadata(self, old: int, new: int, st: os.stat_result) -> None:
-        new_st = os.fstat(new)
-        if (new_st.st_uid, new_st.st_gid) != (st.st_uid, st.st_gid):
-            try:
-                os.fchown(new, st.st_uid, st.st_gid)
-            except PermissionError as exc:
-                raise HostsDenyError(
-                    f"{self.path}: cannot rewrite it with its owner {st.st_uid}:{st.st_gid} "
-                    "preserved (not permitted); run as root or as the file's owner"
-                ) from exc
-        # After chown, which clears set-id bits.
-        os.fchmod(new, stat.S_IMODE(st.st_mode))
-        # Best effort: SELinux labels and ACLs live in extended attributes.
-        with contextlib.suppress(OSError, AttributeError):
-            for attr in os.listxattr(old):
-                with contextlib.suppress(OSError):
-                    os.setxattr(new, attr, os.getxattr(old, attr))
+        Bytes a lockless writer appends after `old` was read land past its end; they are copied
+        to follow `new` until the size holds still, and the file is cut right after that check.
+        An append in the instant between the last check and the cut is lost; that instant is
+        one system call long. On any failure the old content is written back before the error
+        is raised.
+        """
+        try:
+            pwrite_all(fd, new, 0)
+            seen, end = len(old), len(new)
+            while (size := os.fstat(fd).st_size) > seen:
+                late = _read_all(fd, seen)[: size - seen]
+                pwrite_all(fd, late, end)
+                seen, end = size, end + len(late)
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                pwrite_all(fd, old, 0)
+                os.fsync(fd)
+            raise
