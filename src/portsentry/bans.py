@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import messages
 from .config import Config
+from .journal.failures import BAN_STORE, WriteFailures
 from .probe import IPAddress, Mode
 from .responders.backend import BackendError, BanBackend
 from .responders.hostsdeny import HostsDeny, HostsDenyError
@@ -82,8 +83,10 @@ class BanManager:
         log: Logger,
         runner: Runner = run_shell,
         telemetry: Telemetry | None = None,
+        failures: WriteFailures | None = None,
     ) -> None:
         self.store = store
+        self.failures = failures
         self.backend = backend
         self.hosts_deny = hosts_deny
         self.policy = policy
@@ -96,6 +99,13 @@ class BanManager:
         self.fallback_from: str | None = None
         self.telemetry = telemetry or Telemetry()
 
+    def _store_failed(self, error: Exception, retry: bool = False) -> None:
+        detail = f"{error}; will retry" if retry else str(error)
+        if self.failures is not None:
+            self.failures.failed(BAN_STORE, self.store.path, detail)
+        else:
+            self._log(messages.store_failed(detail))
+
     def duration(self, address: IPAddress, now: float) -> float | None:
         """Seconds the next ban of `address` lasts, grown for repeat offenders."""
         if self.policy.base == 0:
@@ -103,7 +113,7 @@ class BanManager:
         try:
             offences = self.store.offences(address, now)
         except StoreError as error:
-            self._log(messages.store_failed(str(error)))
+            self._store_failed(error)
             offences = 0
         return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
 
@@ -130,7 +140,7 @@ class BanManager:
         except (StoreError, OSError) as error:
             # The block itself stands; its record is kept in memory and saved when the store
             # can be written again (disk full, read-only file system).
-            self._log(messages.store_failed(f"{error}; will retry"))
+            self._store_failed(error, retry=True)
             if len(self._unsaved) < UNSAVED_CAPACITY:
                 self._unsaved.append(entry)
             return None
@@ -146,7 +156,7 @@ class BanManager:
         try:
             self.store.own_line(address, line, now)
         except StoreError as error:
-            self._log(messages.store_failed(f"{error}; will retry"))
+            self._store_failed(error, retry=True)
             if len(self._unsaved_lines) < UNSAVED_CAPACITY:
                 self._unsaved_lines.append((address, line, now))
 
@@ -161,7 +171,7 @@ class BanManager:
         try:
             return self.store.owns_line(address, line)
         except StoreError as error:
-            self._log(messages.store_failed(str(error)))
+            self._store_failed(error)
             return False
 
     def abandon(self, address: IPAddress, now: float) -> None:
@@ -169,7 +179,7 @@ class BanManager:
         try:
             self.store.lift(address, now, "block failed")
         except StoreError as error:
-            self._log(messages.store_failed(str(error)))
+            self._store_failed(error)
 
     def catch_up(self) -> int:
         """Called once a second: reopen a store that could not be opened at start, and save
@@ -245,7 +255,7 @@ class BanManager:
         try:
             self.store.disown_line(address, line)
         except StoreError as error:
-            self._log(messages.store_failed(str(error)))
+            self._store_failed(error)
 
     def expire(self, now: float) -> list[IPAddress]:
         """Lift every ban whose time is up; returns the addresses lifted."""

@@ -13,6 +13,7 @@ from . import __version__, control, messages
 from .config import Config, ConfigError, LoadedConfig, format_effective, load_effective
 from .hostinfo import local_addresses
 from .ignore import IgnoreFileError, IgnoreSource
+from .journal.failures import WriteFailures
 from .journal.journal import Journal
 from .journal.journald import JournaldWriter, journald_available
 from .journal.syslog import DEFAULT_SOCKET, SyslogWriter
@@ -26,20 +27,24 @@ CLASSIC_FLAGS = {f"-{mode}": mode for mode in Mode}
 ALIASES = {"--connect": (Mode.TCP, Mode.UDP), "--stealth": (Mode.STCP, Mode.SUDP)}
 SUBCOMMANDS = ("run", "check-config")
 
-USAGE = """\
-usage: portsentry [-tcp] [-udp] [-stcp] [-atcp] [-sudp] [-audp] [options]
+# The synopsis without "usage: ": argparse adds that itself (it printed "usage: usage:").
+SYNOPSIS = """\
+portsentry [-tcp] [-udp] [-stcp] [-atcp] [-sudp] [-audp] [options]
        portsentry run --mode MODE [--mode MODE ...] [options]
        portsentry check-config [-c FILE]
        portsentry status | list | block ADDR | unblock ADDR | reload | flush   [-c FILE]
        portsentry hosts-deny tidy [--dry-run] | check | demo
-       portsentry --version
+       portsentry --version"""
 
+DESCRIPTION = """\
 Port scan detector. Each mode flag watches one kind of traffic (several may be given):
   -tcp / -udp     bind the TCP_PORTS / UDP_PORTS and report every connection or datagram
   -stcp / -sudp   watch the same ports for stealth scans without binding them
   -atcp / -audp   watch every port below ADVANCED_PORTS_TCP/UDP that has no service
   --connect = -tcp -udp, --stealth = -stcp -sudp (PortSentry 2.x spellings)
 """
+
+USAGE = f"usage: {SYNOPSIS}\n\n{DESCRIPTION}"
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
@@ -62,8 +67,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="portsentry", usage=USAGE, add_help=True,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="portsentry", usage=SYNOPSIS, description=DESCRIPTION,
+                                     add_help=True, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"portsentry {__version__}")
     _options(parser)
     parser.add_argument("--mode", action="append", default=[], choices=[m.value for m in Mode],
@@ -338,12 +343,12 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     hosts_deny = open_hosts_deny(config)
     metrics_server = None
     try:
-        telemetry = open_telemetry(config)
+        telemetry = open_telemetry(config, journal.failures)
         if config.metrics_listen and isinstance(telemetry.metrics, Metrics):
             metrics_server = telemetry.metrics.serve(config.metrics_listen)
         store, retry_path = open_store(store_path(config), journal.log)
         bans = BanManager(store, open_backend(config), hosts_deny, BanPolicy.from_config(config),
-                          journal.log, telemetry=telemetry)
+                          journal.log, telemetry=telemetry, failures=journal.failures)
         bans.fallback_from = retry_path
     except (ConfigError, StoreError, MetricsError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
@@ -353,7 +358,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         return 1
     responder = ClassicResponder(hosts_deny, journal.log, config.command_timeout,
                                  verbose_log=lambda text: journal.log(text, verbose=True), bans=bans,
-                                 telemetry=telemetry)
+                                 telemetry=telemetry, failures=journal.failures)
     resolver = Resolver() if config.resolve_host else None
     def reload_config() -> tuple[Config, IgnoreSource]:
         new = load_effective(args.config).config
@@ -392,8 +397,9 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     return status
 
 
-def open_telemetry(config: Config) -> Telemetry:
-    """The event log and metrics the configuration asks for (both off by default)."""
+def open_telemetry(config: Config, failures: WriteFailures | None = None) -> Telemetry:
+    """The event log and metrics the configuration asks for (both off by default); failed event
+    log writes are reported to `failures`."""
     from .journal.events import EventLog
     from .metrics import Metrics
 
@@ -404,7 +410,7 @@ def open_telemetry(config: Config) -> Telemetry:
         except OSError as error:
             raise config.error("EVENT_LOG", f"cannot open {config.event_log}: "
                                f"{error.strerror or error}") from error
-    return Telemetry(event_log, Metrics() if config.metrics_listen else None)
+    return Telemetry(event_log, Metrics() if config.metrics_listen else None, failures)
 
 
 def daemonize() -> None:

@@ -316,6 +316,7 @@ class Daemon:
                     self.engine.sync_bans(active)
                 self.engine.guard.set_protected(protected)
                 self.perform(self.engine.tick(self.clock()))
+                self.journal.failures.flush()
                 backend = bans.backend.name if bans is not None and bans.backend is not None else "none"
                 self.telemetry.state(self.engine.state_sizes(),
                                      {backend: len(active or ())}, self.capture_drops(),
@@ -423,6 +424,7 @@ class Daemon:
             "hosts_blocked_last_hour": self._blocks_last_hour.total(now),
             "log_failures": self.journal.file_errors,
             "packets_dropped": self.packet_drops(),
+            "write_failures": self.journal.failures.snapshot(),
         }
 
     def status(self, now: float) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class MetricSink(Protocol):
     def set_state(self, table: str, count: int) -> None: ...
     def capture_drops(self, total: int) -> None: ...
     def packet_drops(self, totals: dict[str, int]) -> None: ...
+    def record_failure(self, file: str) -> None: ...
     def action(self, step: str, seconds: float, ok: bool) -> None: ...
 
 
@@ -104,6 +105,9 @@ class NullMetrics:
         pass
 
     def packet_drops(self, totals: dict[str, int]) -> None:
+        pass
+
+    def record_failure(self, file: str) -> None:
         pass
 
     def action(self, step: str, seconds: float, ok: bool) -> None:
@@ -168,6 +172,10 @@ class Metrics:
             "peer can have (forged: unspecified, loopback, multicast, broadcast, reserved)",
             ["reason"], registry=registry)
         self._packet_drops_seen: dict[str, int] = {}
+        self._record_failures = prom.Counter(
+            "portsentry_record_write_failures",
+            "Records that could not be written (and were rolled back), by file: history, blocked, "
+            "hosts_deny, event_log, ban_store", ["file"], registry=registry)
         self._failures = prom.Counter(
             "portsentry_action_failures", "Blocking steps that failed", ["step"], registry=registry)
         self._seconds = prom.Histogram(
@@ -214,6 +222,9 @@ class Metrics:
                 self._packet_drops_seen[reason] = total
             if grown > 0:
                 self._packet_drops.labels(reason=reason).inc(grown)
+
+    def record_failure(self, file: str) -> None:
+        self._record_failures.labels(file=file).inc()
 
     def action(self, step: str, seconds: float, ok: bool) -> None:
         self._seconds.labels(step=step).observe(max(seconds, 0.0))

@@ -65,6 +65,15 @@ def format_status(state: dict[str, object]) -> str:
                           "in the last hour"),
     ]
     out = [f"{name + ':':<15}{value}" for name, value in rows]
+    # Evidence that could not be written is the first thing an admin must hear about.
+    for failure in state.get("write_failures") or []:  # type: ignore[attr-defined]
+        when = time.strftime("%H:%M:%S", time.localtime(float(failure["last_at"])))
+        out.append(f"{'NOT WRITTEN:':<15}{failure['failures']} records to {failure['file']} "
+                   f"{failure['path']}, last at {when}: {failure['last_error']}")
+    dropped = state.get("packets_dropped") or {}
+    if dropped:
+        out.append(f"{'dropped:':<15}" + ", ".join(f"{count} {reason}" for reason, count
+                                                   in sorted(dropped.items())))  # type: ignore[attr-defined]
     out.append("watching:")
     out += [f"  {line}" for line in state["watching"]]  # type: ignore[attr-defined]
     out.append("last events:")

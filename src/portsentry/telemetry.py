@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from .journal import events
 from .journal.events import EventLog
+from .journal.failures import EVENT_LOG, WriteFailures
 from .metrics import MetricSink, NullMetrics
 from .probe import IPAddress, Probe
 
 
 class Telemetry:
-    def __init__(self, event_log: EventLog | None = None, metrics: MetricSink | None = None) -> None:
+    def __init__(self, event_log: EventLog | None = None, metrics: MetricSink | None = None,
+                 failures: WriteFailures | None = None) -> None:
         self.event_log = event_log
         self.metrics: MetricSink = metrics if metrics is not None else NullMetrics()
+        if failures is not None:
+            # Failed record writes are counted in the metrics, and the event log's are reported.
+            failures.count = self.metrics.record_failure
+            if event_log is not None:
+                event_log.reporter = lambda path, error: failures.failed(EVENT_LOG, path, error)
 
     def probe(self, probe: Probe, decision: str, reason: str | None, now: float) -> None:
         self.metrics.probe(probe.mode.value, probe.kind)

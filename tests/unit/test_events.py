@@ -329,3 +329,23 @@ def test_threads_never_interleave_lines(tmp_path: Path) -> None:
     assert len(records) == 800
     for n in range(4):
         assert [r["i"] for r in records if r["writer"] == n] == list(range(200))
+
+
+def test_a_short_write_is_rolled_back_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 9.4/9.5: never a partial JSON line; the failure reaches the daemon's WriteFailures.
+    import os
+
+    path = tmp_path / "events.jsonl"
+    log = events.EventLog(str(path))
+    reported: list[tuple[str, str]] = []
+    log.reporter = lambda where, error: reported.append((where, error))
+    assert log.write({"n": 1})
+    real = os.write
+    monkeypatch.setattr("os.write", lambda fd, data: real(fd, bytes(data)[:5]))
+    assert not log.write({"n": 2, "padding": "x" * 40})
+    monkeypatch.undo()
+    assert path.read_text() == '{"n":1}\n'
+    assert reported and reported[0][0] == str(path) and "short write" in reported[0][1]
+    assert log.write({"n": 3})
+    log.close()
+    assert path.read_text() == '{"n":1}\n{"n":3}\n'

@@ -39,3 +39,40 @@ def test_append_creates_directories_and_truncate_empties(tmp_path):
     assert path.read_text() == "one\ntwo\n"
     truncate(str(path))
     assert path.read_text() == ""
+
+
+def test_a_short_append_is_rolled_back_and_raises(tmp_path, monkeypatch):
+    # issue 9.4: a full disk after a few bytes must not leave half a history line for fail2ban.
+    import os
+
+    import pytest
+
+    from portsentry.journal.files import append_line
+
+    path = tmp_path / "portsentry.history"
+    path.write_text("1 - earlier line\n")
+    real = os.write
+    monkeypatch.setattr("os.write", lambda fd, data: real(fd, bytes(data)[:9]))
+    with pytest.raises(OSError, match="short write"):
+        append_line(str(path), "1700000000 - 11/14/2023 22:13:20 Host: x/198.18.0.2 Port: 1 TCP Blocked")
+    monkeypatch.undo()
+    assert path.read_text() == "1 - earlier line\n"
+
+
+def test_failed_history_writes_are_reported_not_silent(tmp_path):
+    # issue 9.5: the history file cannot be opened (its directory cannot exist): say so, count it.
+    import io
+    from ipaddress import ip_address
+
+    from portsentry.journal.journal import Journal
+    from portsentry.probe import Mode, Probe
+
+    said = io.StringIO()
+    (tmp_path / "file").write_text("")
+    journal = Journal(None, history_file=str(tmp_path / "file" / "sub" / "history"), stderr=said)
+    for _ in range(3):
+        journal.record(Probe(ip_address("198.18.0.2"), 1, Mode.TCP, "Connect"), 0.0)
+    assert said.getvalue().splitlines() == [
+        f"adminalert: ERROR: Cannot open history file: {tmp_path}/file/sub/history. (Not a directory)"]
+    assert journal.file_errors == 3
+    assert journal.failures.snapshot()[0]["failures"] == 3

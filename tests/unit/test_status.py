@@ -25,3 +25,19 @@ def test_stopped_status_says_so_and_counts_stored_bans():
         "portsentry is not running",
         "active bans in the store: 7 (still enforced by the kernel backend if one is configured)",
     ]
+
+
+def test_records_not_written_and_packets_dropped_are_shown():
+    # issue 9.5 and 9.1: lost evidence and forged sources show in the first screen an admin reads.
+    text = format_status({
+        "running": True, "pid": 1, "uptime": 1.0, "config": "c", "modes": ["stcp"], "backend": None,
+        "ignore_entries": 1, "active_bans": 0, "probes_seen": 0, "probes_last_hour": 0,
+        "hosts_blocked": 0, "hosts_blocked_last_hour": 0, "watching": [], "recent_events": [],
+        "write_failures": [{"file": "history", "path": "/var/lib/portsentry/portsentry.history",
+                            "failures": 3, "last_error": "No space left on device", "last_at": 0.0}],
+        "packets_dropped": {"source multicast": 2, "truncated": 1},
+    })
+    assert ("3 records to history /var/lib/portsentry/portsentry.history, last at "
+            in text) and text.rstrip().count("No space left on device") == 1
+    assert "NOT WRITTEN:" in text
+    assert "dropped:       2 source multicast, 1 truncated" in text

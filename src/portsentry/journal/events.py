@@ -11,10 +11,11 @@ import datetime
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .. import messages
 from ..actions import Action, Block, Log, Record
+from ..fileio import append_record
 from ..probe import IPAddress, Probe
 
 # The values of the "event" field.
@@ -162,6 +163,8 @@ class EventLog:
         self.mode = mode
         self.failures = 0
         self.last_error: str | None = None
+        # Told of each failed write (path, error), outside the lock: the daemon's WriteFailures.
+        self.reporter: Callable[[str, str], None] | None = None
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
@@ -193,16 +196,19 @@ class EventLog:
                     self._close()
                     self._open()
                 assert self._fd is not None
-                # O_APPEND and one write() per line: a line is never split by another writer's.
-                written = os.write(self._fd, data)
-                if written != len(data):
-                    raise OSError(f"short write ({written} of {len(data)} bytes)")
+                # O_APPEND and one write() per line: a line is never split by another writer's,
+                # and a short one is cut back, so no reader ever gets half a JSON object.
+                append_record(self._fd, data)
             except OSError as error:
                 self.failures += 1
                 self.last_error = f"{self.path}: {error.strerror or error}"
                 self._close()
-                return False
-            return True
+                failed = error.strerror or str(error)
+            else:
+                return True
+        if self.reporter is not None:
+            self.reporter(self.path, failed)
+        return False
 
     def reopen(self) -> None:
         """Close and open the path again (SIGHUP after rotation); failures show in the next write."""

@@ -7,9 +7,11 @@ format is a contract.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 
+from ..fileio import append_record
 from ..probe import IPAddress, Protocol
 
 
@@ -23,13 +25,16 @@ def history_line(at: float, name: str, address: IPAddress, port: int, protocol: 
 
 
 def append_line(path: str, line: str) -> None:
-    """One O_APPEND write per line, so concurrent readers such as fail2ban never see half a line."""
+    """One O_APPEND write per line, so concurrent readers such as fail2ban never see half a line;
+    a failed or short write is rolled back (under a flock, so another writer's line is not cut)
+    and raises OSError."""
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, (line + "\n").encode("utf-8", "replace"))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        append_record(fd, (line + "\n").encode("utf-8", "replace"))
     finally:
         os.close(fd)
 

@@ -7,8 +7,8 @@ import time
 from collections import deque
 from typing import Protocol, TextIO
 
-from .. import messages
 from ..probe import Mode, Probe
+from .failures import BLOCKED, HISTORY, WriteFailures
 from .files import append_line, history_line, truncate
 from .journald import JournaldWriter
 from .syslog import LOG_INFO, LOG_NOTICE
@@ -38,7 +38,9 @@ class Journal:
         self.blocked_file = blocked_file
         self.stderr = stderr
         self.verbose = verbose
-        self.file_errors = 0
+        # Every failed record write of the daemon is reported here (responders and the ban
+        # lifecycle are handed the same object).
+        self.failures = WriteFailures(self.log)
         self._lock = threading.Lock()
         self._recent: deque[tuple[float, str]] = deque(maxlen=10)
 
@@ -72,23 +74,24 @@ class Journal:
                 try:
                     truncate(path)
                 except OSError as error:
-                    self._file_error("blocked", path, error)
+                    self.failures.failed(BLOCKED, path, error.strerror or str(error))
 
     def record(self, probe: Probe, at: float) -> None:
         line = history_line(at, probe.name, probe.source, probe.port, probe.mode.protocol)
-        for kind, path in (("history", self.history_file), ("blocked", self.blocked_path(probe.mode))):
+        for kind, path in ((HISTORY, self.history_file), (BLOCKED, self.blocked_path(probe.mode))):
             if not path:
                 continue
             try:
                 append_line(path, line)
             except OSError as error:
-                self._file_error(kind, path, error)
+                self.failures.failed(kind, path, error.strerror or str(error))
 
-    def _file_error(self, kind: str, path: str, error: OSError) -> None:
-        self.file_errors += 1
-        self.log(messages.file_error(kind, path, error.strerror or str(error)))
+    @property
+    def file_errors(self) -> int:
+        return self.failures.total
 
     def close(self) -> None:
+        self.failures.close()
         if self.syslog is not None:
             self.syslog.close()
 

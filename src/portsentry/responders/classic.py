@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .. import messages
 from ..actions import Block, Step, StepKind
+from ..journal.failures import HOSTS_DENY, WriteFailures
 from ..telemetry import Telemetry
 from .hostsdeny import HostsDeny, HostsDenyError
 from .shell import CommandResult, run_shell
@@ -46,7 +47,9 @@ class ClassicResponder:
         bans: BanManager | None = None,
         clock: Callable[[], float] = time.time,
         telemetry: Telemetry | None = None,
+        failures: WriteFailures | None = None,
     ) -> None:
+        self.failures = failures
         self.telemetry = telemetry or Telemetry()
         self.bans = bans
         self.clock = clock
@@ -113,8 +116,13 @@ class ClassicResponder:
                 if not added:
                     self._verbose(messages.hosts_deny_present(target))
             except (OSError, ValueError, HostsDenyError) as error:
-                for text in messages.hosts_deny_failed(self.hosts_deny.path, target, str(error)):
-                    self._log(text)
+                admin_line, security_line = messages.hosts_deny_failed(self.hosts_deny.path, target,
+                                                                       str(error))
+                if self.failures is not None:  # said once a minute per file, counted, in status
+                    self.failures.failed(HOSTS_DENY, self.hosts_deny.path, str(error))
+                else:
+                    self._log(admin_line)
+                self._log(security_line)  # which host is not blocked: said every time
                 return str(error)
             self._log(messages.blocked_via_wrappers(target, line))
             return None
