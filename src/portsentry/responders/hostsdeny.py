@@ -21,9 +21,12 @@ Design
   that appends without our lock (fail2ban's `printf ... >> /etc/hosts.deny`) never loses a line.
 - remove() and tidy rewrite the file in place: same inode, owner, mode, labels, and no rename in
   /etc (a hardened unit may write hosts.deny but not its directory). The new content is written
-  over the old and the file truncated to it; bytes a lockless appender added after our read are
-  moved to the new end first. If the rewrite fails, the old content is written back. A reader
-  (tcpd) that reads during the microseconds of a rewrite can see a mix of old and new lines.
+  over the old and the file truncated to it, under a write lease (fcntl F_SETLEASE): while we
+  hold it, another process's open() of hosts.deny waits, so a lockless appender's line lands
+  after the rewrite and a reader (tcpd) sees the old file or the new one, never a mix. Where the
+  file system has no leases, bytes appended after our read are still moved to the new end, and
+  only an append in the instant before the cut can be lost. If the rewrite fails, the old
+  content is written back.
 - Refusals (HostsDenyError): hosts.deny or the lock file being a symlink (opened with
   O_NOFOLLOW, so there is no check-then-open race), not a regular file, or world-writable; the
   directory being world-writable without the sticky bit. A missing hosts.deny is created 0644 by
@@ -38,6 +41,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import stat
 import threading
 import time
@@ -252,23 +256,61 @@ class HostsDeny:
     def _rewrite(self, fd: int, old: bytes, new: bytes) -> None:
         """Put `new` in place of `old` in the file open (without O_APPEND) as `fd`, in place.
 
-        Bytes a lockless writer appends after `old` was read land past its end; they are copied
-        to follow `new` until the size holds still, and the file is cut right after that check.
-        An append in the instant between the last check and the cut is lost; that instant is
-        one system call long. On any failure the old content is written back before the error
-        is raised.
+        Under a write lease (see `_write_lease`) nobody else can open the file meanwhile, so no
+        lockless appender's line can fall between our last look and the cut, and no reader sees
+        half a rewrite. Without one (a file system without leases), bytes appended after `old`
+        was read are still copied to follow `new` until the size holds still, and only an append
+        in the instant between that last check and the cut is lost. On any failure the old
+        content is written back before the error is raised.
         """
-        try:
-            pwrite_all(fd, new, 0)
-            seen, end = len(old), len(new)
-            while (size := os.fstat(fd).st_size) > seen:
-                late = _read_all(fd, seen)[: size - seen]
-                pwrite_all(fd, late, end)
-                seen, end = size, end + len(late)
-            os.ftruncate(fd, end)
-            os.fsync(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                pwrite_all(fd, old, 0)
+        with _write_lease(fd, self.lock_timeout):
+            try:
+                pwrite_all(fd, new, 0)
+                seen, end = len(old), len(new)
+                while (size := os.fstat(fd).st_size) > seen:
+                    late = _read_all(fd, seen)[: size - seen]
+                    pwrite_all(fd, late, end)
+                    seen, end = size, end + len(late)
+                os.ftruncate(fd, end)
                 os.fsync(fd)
-            raise
+            except OSError:
+                with contextlib.suppress(OSError):
+                    pwrite_all(fd, old, 0)
+                    os.fsync(fd)
+                raise
+
+
+# A lease break is signalled to the holder; SIGWINCH's default action is to do nothing, whereas
+# the default SIGIO would kill the process (and setting a handler needs the main thread).
+_LEASE_SIGNAL = signal.SIGWINCH
+_LEASE_RETRY = 0.001
+
+
+@contextlib.contextmanager
+def _write_lease(fd: int, timeout: float) -> Iterator[None]:
+    """Hold a write lease on `fd` while the block runs: another process's open() of the file
+    waits until we let go, so a lockless `printf >> hosts.deny` cannot land in the middle of a
+    rewrite and readers see the old file or the new one. A lease needs the file to be open
+    nowhere else, so a moment of someone else's read is waited out (up to `timeout`, then we go
+    on without); a file system without leases is used without one."""
+    leased = False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, _LEASE_SIGNAL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+                leased = True
+                break
+            except (BlockingIOError, PermissionError) as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EBUSY) or time.monotonic() >= deadline:
+                    break
+                time.sleep(_LEASE_RETRY)
+    except OSError:
+        pass  # no leases here (EINVAL, ENOLCK): the size checks in _rewrite still apply
+    try:
+        yield
+    finally:
+        if leased:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
