@@ -19,6 +19,11 @@ Design
   lifting, restore and `hosts-deny tidy` touch only those: an identical line the admin or
   fail2ban wrote first is theirs. Rows written by schema-1 versions, which recorded the line
   before checking the file, are taken as ours.
+- `history` is also the change feed: every ban, extension, lift and expiry is a row with a
+  monotonic id, its origin (this host, an admin, later a fleet peer) and the ban's expiry. A
+  consumer keeps the last id it applied and asks `changes(after=id)`, which seeks by primary key,
+  so following the feed costs what changed, not what is banned. `prune` bounds history and
+  offenders by age and count; a consumer that fell behind what is kept re-reads `active`.
 - The connection is shared by the daemon's threads, so calls are serialised with a lock.
 """
 
@@ -86,8 +91,27 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        "change feed: origin and expiry on every history row; history indexed by time",
+        """
+        ALTER TABLE history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local';
+        ALTER TABLE history ADD COLUMN expires REAL;
+        CREATE INDEX history_at ON history (at);
+        CREATE INDEX offenders_last_lifted ON offenders (last_lifted)
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# Where a change came from: a ban made here by detection or by an admin; a fleet peer's host id
+# later. Applying a change whose origin is this host again is harmless (bans are idempotent).
+ORIGIN_LOCAL = "local"
+
+# History and offender records are kept this long and no more than this many (HISTORY_RETENTION
+# and HISTORY_MAX_ROWS in the configuration; docs/operations.md says why).
+DEFAULT_RETENTION = 90 * 86400.0
+DEFAULT_MAX_ROWS = 1_000_000
 
 _BAN_COLUMNS = (
     "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, backends"
@@ -124,6 +148,28 @@ class Event:
     kind: EventKind
     address: IPAddress
     detail: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the change feed: a ban made, extended, lifted or expired.
+
+    `id` grows monotonically; a consumer keeps the last id it has seen and asks for what came
+    after. `expires` is the ban's expiry after a "ban" or "extend" (None: forever), and None for
+    "lift" and "expire". `origin` says who made the change (ORIGIN_LOCAL, or a fleet host id).
+    """
+
+    id: int
+    at: float
+    kind: EventKind
+    address: IPAddress
+    expires: float | None
+    origin: str
+    detail: str
+
+    @property
+    def bans(self) -> bool:
+        return self.kind in ("ban", "extend")
 
 
 def normalise(address: IPAddress | str) -> IPAddress:
@@ -277,6 +323,7 @@ class BanStore:
         duration: float | None,
         hosts_deny_line: str | None = None,
         backends: Iterable[str] = (),
+        origin: str = ORIGIN_LOCAL,
     ) -> Ban:
         """Ban `address` for `duration` seconds (None = forever), or extend its active ban.
 
@@ -346,11 +393,12 @@ class BanStore:
             detail = f"{mode} port {port}: {reason}; {_describe_expiry(ban.expires)}"
             if kind == "ban":
                 detail += f"; offence {ban.offences}"
-            self._record(db, kind, key, detail, now)
+            self._record(db, kind, key, detail, now, origin=origin, expires=ban.expires)
         return ban
 
     @_store_errors
-    def lift(self, address: IPAddress | str, now: float, reason: str) -> Ban | None:
+    def lift(self, address: IPAddress | str, now: float, reason: str,
+             origin: str = ORIGIN_LOCAL) -> Ban | None:
         """End the ban of `address` (kept as an offence); the lifted ban, or None if there was none.
 
         Recorded as "expire" when the ban had run out by `now`, else as "lift".
@@ -360,8 +408,51 @@ class BanStore:
             old = self._get(db, key)
             if old is None:
                 return None
-            self._retire(db, old, now, "lift" if old.active(now) else "expire", reason)
+            self._retire(db, old, now, "lift" if old.active(now) else "expire", reason, origin)
         return old
+
+    # -- the change feed ---------------------------------------------------------------------
+
+    @_store_errors
+    def changes(self, after: int, limit: int = 10_000) -> list[Change]:
+        """Changes with an id above `after`, oldest first, at most `limit` of them."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, at, kind, address, expires, origin, detail FROM history "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [Change(id=r[0], at=r[1], kind=r[2], address=ip_address(r[3]), expires=r[4], origin=r[5],
+                       detail=r[6]) for r in rows]
+
+    @_store_errors
+    def last_change(self) -> int:
+        """The id of the newest change (0: none yet); a consumer starting from the current state
+        reads the active bans and then follows the feed from here."""
+        with self._lock:
+            row = self._db.execute("SELECT max(id) FROM history").fetchone()
+        return int(row[0] or 0)
+
+    @_store_errors
+    def active_count(self, now: float) -> int:
+        with self._lock:
+            row = self._db.execute(f"SELECT count(*) FROM bans WHERE {_ACTIVE}", (now,)).fetchone()
+        return int(row[0])
+
+    @_store_errors
+    def prune(self, now: float, retention: float = DEFAULT_RETENTION,
+              max_rows: int = DEFAULT_MAX_ROWS) -> int:
+        """Forget history older than `retention` seconds or beyond the newest `max_rows`, and
+        offenders whose last ban ended more than `retention` ago (escalation starts afresh).
+        Returns the history rows removed. A feed consumer whose cursor falls behind what is
+        kept re-reads the active bans."""
+        with self._transaction() as db:
+            newest = int(db.execute("SELECT coalesce(max(id), 0) FROM history").fetchone()[0])
+            removed = db.execute("DELETE FROM history WHERE at < ? OR id <= ?",
+                                 (now - retention, newest - max_rows)).rowcount
+            db.execute("DELETE FROM offenders WHERE last_lifted < ? AND address NOT IN "
+                       "(SELECT address FROM bans)", (now - retention,))
+        return int(removed)
 
     @_store_errors
     def get(self, address: IPAddress | str) -> Ban | None:
@@ -508,7 +599,8 @@ class BanStore:
         row = db.execute("SELECT offences FROM offenders WHERE address = ?", (key,)).fetchone()
         return 0 if row is None else int(row[0])
 
-    def _retire(self, db: sqlite3.Connection, old: Ban, now: float, kind: EventKind, reason: str) -> None:
+    def _retire(self, db: sqlite3.Connection, old: Ban, now: float, kind: EventKind, reason: str,
+                origin: str = ORIGIN_LOCAL) -> None:
         key = str(old.address)
         db.execute("DELETE FROM bans WHERE address = ?", (key,))
         db.execute(
@@ -517,12 +609,14 @@ class BanStore:
             "offences = max(offences, excluded.offences), last_lifted = excluded.last_lifted",
             (key, old.offences, now),
         )
-        self._record(db, kind, key, reason, now)
+        self._record(db, kind, key, reason, now, origin=origin)
 
     @staticmethod
-    def _record(db: sqlite3.Connection, kind: EventKind, key: str, detail: str, now: float) -> None:
+    def _record(db: sqlite3.Connection, kind: EventKind, key: str, detail: str, now: float, *,
+                origin: str = ORIGIN_LOCAL, expires: float | None = None) -> None:
         db.execute(
-            "INSERT INTO history (at, kind, address, detail) VALUES (?, ?, ?, ?)", (now, kind, key, detail)
+            "INSERT INTO history (at, kind, address, detail, origin, expires) VALUES (?, ?, ?, ?, ?, ?)",
+            (now, kind, key, detail, origin, expires),
         )
 
 

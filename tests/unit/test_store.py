@@ -236,8 +236,8 @@ def test_schema_version_and_migration_table(tmp_path: Path) -> None:
     BanStore(path).close()  # reopening migrates nothing again
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
-        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()
@@ -253,7 +253,8 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as info:
         BanStore(path)
     assert str(info.value) == (
-        f"{path}: ban store schema version 2 is newer than this portsentry understands (1); "
+        f"{path}: ban store schema version {SCHEMA_VERSION + 1} is newer than this portsentry "
+        f"understands ({SCHEMA_VERSION}); "
         "run the newer portsentry or move the file away"
     )
 
@@ -327,3 +328,66 @@ def test_two_processes_lose_no_update(tmp_path: Path) -> None:
         events = s.history(limit=100_000)
         assert len(events) == 2 * n * 3
         assert sum(e.kind == "ban" for e in events) == 1 + 2 * min(n, 250)
+
+
+# --- the change feed and bounded history (issue 10.1, 10.2) ---------------------------------
+
+
+def test_every_ban_extension_and_lift_is_a_change_with_a_growing_id(store: BanStore) -> None:
+    assert store.last_change() == 0
+    ban(store, duration=60)
+    ban(store, now=T0 + 1, duration=120)  # extends
+    store.lift(A, T0 + 2, "unblocked by admin", origin="admin")
+    changes = store.changes(after=0)
+    assert [(c.kind, c.address, c.expires, c.origin) for c in changes] == [
+        ("ban", A, T0 + 60, "local"), ("extend", A, T0 + 121, "local"), ("lift", A, None, "admin")]
+    assert [c.id for c in changes] == sorted(c.id for c in changes)
+    assert changes[0].bans and changes[1].bans and not changes[2].bans
+    assert store.changes(after=changes[1].id) == changes[2:]
+    assert store.last_change() == changes[-1].id
+    assert store.changes(after=0, limit=1) == changes[:1]
+
+
+def test_reading_the_feed_costs_what_changed_not_what_is_banned(store: BanStore) -> None:
+    # The daemon's tick follows the feed instead of reading every active ban each second: the
+    # query must seek by id, not scan the table.
+    plan = " ".join(str(row[-1]) for row in store._db.execute(
+        "EXPLAIN QUERY PLAN SELECT id, at, kind, address, expires, origin, detail FROM history "
+        "WHERE id > ? ORDER BY id LIMIT ?", (0, 10)))
+    assert "SEARCH history USING INTEGER PRIMARY KEY" in plan, plan
+    for n in range(100):
+        ban(store, address=f"198.19.0.{n}", duration=None)
+    cursor = store.last_change()
+    ban(store, address=B)
+    assert [c.address for c in store.changes(after=cursor)] == [B]
+    assert store.active_count(T0) == 101
+
+
+def test_old_v1_stores_are_migrated_and_their_history_becomes_local_changes(tmp_path: Path) -> None:
+    path = str(tmp_path / "v1.sqlite3")
+    db = sqlite3.connect(path)
+    from portsentry.store import MIGRATIONS
+
+    for statement in MIGRATIONS[0][2].split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO history (at, kind, address, detail) VALUES (1.0, 'ban', '198.18.0.5', 'x')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with BanStore(path) as s:
+        [change] = s.changes(after=0)
+        assert (change.kind, change.origin, change.expires) == ("ban", "local", None)
+
+
+def test_history_and_offenders_are_pruned_by_age_and_count(store: BanStore) -> None:
+    for n in range(10):
+        ban(store, now=T0 + n, duration=1)
+        store.lift(A, T0 + n + 0.5, "expired")
+    assert len(store.history(limit=1000)) == 20
+    assert store.prune(T0 + 10, retention=1000, max_rows=6) == 14
+    assert len(store.history(limit=1000)) == 6
+    assert store.offences(A) == 10
+    # Far in the future everything is over: history and escalation memory go.
+    store.prune(T0 + 10_000, retention=1000)
+    assert store.history(limit=1000) == [] and store.offences(A) == 0
