@@ -16,6 +16,7 @@ from .actions import Block
 from .addresses import impossible_source
 from .bans import BanManager, BanPolicy
 from .config import Config
+from .control import Request
 from .engine import EngineSettings
 from .probe import IPAddress, Mode, Probe
 from .responders.backend import BackendError, BanBackend, pick_backend
@@ -141,25 +142,22 @@ def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:
 
 
 def admin_request(
-    bans: BanManager, responder: ClassicResponder, config: Config, request: dict[str, Any], now: float
+    bans: BanManager, responder: ClassicResponder, config: Config, request: Request, now: float
 ) -> dict[str, Any]:
-    """list / block / unblock as the control socket receives them (JSON in, JSON out)."""
-    command = request["command"]
-    if command == "list":
+    """list / block / unblock as the control socket receives them (typed in, JSON out)."""
+    if request.command == "list":
         return {"ok": True, "bans": ban_rows(bans.store, now)}
-    address = parse_address(str(request.get("address", "")))
+    address = parse_address(request.address or "")
     lines: list[str] = []
-    if command == "block":
-        raw = request.get("duration", "policy")
-        duration = bans.duration(address, now) if raw == "policy" else (
-            None if raw is None else float(raw))
+    if request.command == "block":
+        duration = bans.duration(address, now) if request.duration == "policy" else request.duration
         done = manual_block(responder, config, address, duration)
         return {"ok": done, "error": None if done else f"could not block {address}"}
-    if command == "unblock":
+    if request.command == "unblock":
         done = unblock(bans, config, address, now, lines.append)
         return {"ok": done, "lines": lines,
                 "error": None if done else f"{address} is not blocked"}
-    return {"ok": False, "error": f"unknown command {command!r}"}
+    return {"ok": False, "error": f"unknown command {request.command!r}"}
 
 
 def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,

@@ -4,6 +4,14 @@ The daemon answers status, list, stats, block, unblock and reload; `portsentry s
 other admin commands use it when the daemon runs and fall back to the ban store when it does not.
 JSON, never pickle: a request is data, not code. Only root (or the daemon's own user) may talk:
 the socket is 0600 in a 0700 directory, and the peer's uid is checked again with SO_PEERCRED.
+
+Threads and ownership: the server runs on its own thread (`control`), which owns the listening
+socket and every client connection until the request is read. Reads are non-blocking; a request
+has one deadline from its accept (not per recv, so a client sending a byte a second cannot hold
+anything) and a size cap. A complete request is parsed into a typed `Request` and handed to the
+daemon's handler with a `Reply`; the handler may answer from any thread. Anything that goes
+wrong, a bad request, a handler that raises, becomes an error reply; the detection loop never
+reads a client socket.
 """
 
 from __future__ import annotations
@@ -11,23 +19,66 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import socket
 import struct
+import threading
+import time
 from collections.abc import Callable
-from typing import Any
-
-from .sensors.base import Hit, Readable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 DEFAULT_PATH = "/run/portsentry/control.sock"
 MAX_REQUEST = 64 * 1024
+REQUEST_DEADLINE = 5.0  # seconds from accept to a complete request line
+REPLY_TIMEOUT = 5.0  # a client that does not read its reply is dropped after this
+MAX_CLIENTS = 64  # connections being read at once; more are refused with an error reply
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
-Reply = Callable[[dict[str, Any]], None]
-Handler = Callable[[dict[str, Any], Reply], None]
+COMMANDS = ("status", "stats", "reload", "list", "block", "unblock")
+Command = Literal["status", "stats", "reload", "list", "block", "unblock"]
+# "policy": as long as BLOCK_TIME and escalation say; None: forever; else seconds.
+Duration = float | None | Literal["policy"]
 
 
 class NotRunning(Exception):
     """No daemon answers on the control socket."""
+
+
+class BadRequest(ValueError):
+    """A request the daemon cannot act on; the text is the error reply."""
+
+
+@dataclass(frozen=True)
+class Request:
+    command: Command
+    address: str | None = None
+    duration: Duration = "policy"
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line as a typed Request; BadRequest for anything else. Never raises another
+    exception (a hostile request such as 60,000 '[' is a BadRequest, not a RecursionError)."""
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        raise BadRequest("bad request: expected one JSON object and a newline") from None
+    if not isinstance(data, dict) or data.get("command") not in COMMANDS:
+        raise BadRequest(f"bad request: expected {{\"command\": one of {', '.join(COMMANDS)}}}")
+    command: Command = data["command"]
+    address = data.get("address")
+    if command in ("block", "unblock") and not isinstance(address, str):
+        raise BadRequest(f"bad request: {command} needs an \"address\"")
+    duration = data.get("duration", "policy")
+    if not (duration is None or duration == "policy"
+            or (isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0)):
+        raise BadRequest('bad request: "duration" is seconds above 0, null (forever) or "policy"')
+    return Request(command, address if isinstance(address, str) else None,
+                   float(duration) if isinstance(duration, int | float) else duration)
+
+
+Reply = Callable[[dict[str, Any]], None]
+Handler = Callable[[Request, Reply], None]
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -36,33 +87,44 @@ def peer_uid(conn: socket.socket) -> int:
 
 
 def _send(conn: socket.socket, response: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):
-        conn.sendall(json.dumps(response, sort_keys=True).encode() + b"\n")
-    conn.close()
+    """Send the reply and close; safe to call from any thread, once."""
+    try:
+        conn.setblocking(True)
+        conn.settimeout(REPLY_TIMEOUT)
+        conn.sendall(json.dumps(response, sort_keys=True, default=str).encode() + b"\n")
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
-def _read_line(conn: socket.socket, timeout: float) -> bytes:
-    conn.settimeout(timeout)
-    data = b""
-    while b"\n" not in data and len(data) <= MAX_REQUEST:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0]
+@dataclass
+class _Client:
+    conn: socket.socket
+    deadline: float
+    data: bytes = b""
 
 
 class ControlServer:
-    """Polled by the daemon's loop like a sensor; it yields no hits, only answers requests."""
-
-    def __init__(self, path: str, handler: Handler, read_timeout: float = 1.0) -> None:
+    def __init__(self, path: str, handler: Handler, deadline: float = REQUEST_DEADLINE,
+                 max_request: int = MAX_REQUEST, log: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.handler = handler
-        self.read_timeout = read_timeout
-        self.refused = 0
+        self.deadline = deadline
+        self.max_request = max_request
+        self.refused = 0  # peers that are not root
+        self.bad_requests = 0  # malformed, oversized, too slow, or failed in the handler
+        self._log = log or (lambda _text: None)
         self._sock: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._clients: dict[int, _Client] = {}
+        self._stop_read, self._stop_write = socket.socketpair()
+        self._thread: threading.Thread | None = None
 
-    def open(self) -> list[Readable]:
+    # -- lifecycle (the daemon's thread) -----------------------------------------------------
+
+    def start(self) -> None:
+        """Bind (OSError if that fails) and serve on the control thread."""
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -71,46 +133,134 @@ class ControlServer:
         old_umask = os.umask(0o177)  # created 0600: no window where others could connect
         try:
             sock.bind(self.path)
+        except OSError:
+            sock.close()
+            raise
         finally:
             os.umask(old_umask)
         sock.listen(16)
         sock.setblocking(False)
         self._sock = sock
-        return [sock]
-
-    def read(self, handle: Readable) -> list[Hit]:
-        assert self._sock is not None
-        while True:
-            try:
-                conn, _addr = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return []
-            self._serve(conn)
-
-    def _serve(self, conn: socket.socket) -> None:
-        uid = peer_uid(conn)
-        if uid not in (0, os.geteuid()):
-            self.refused += 1
-            _send(conn, {"ok": False, "error": "permission denied: the control socket is for root"})
-            return
-        try:
-            request = json.loads(_read_line(conn, self.read_timeout) or b"null")
-        except (OSError, ValueError):
-            _send(conn, {"ok": False, "error": "bad request: expected one JSON object and a newline"})
-            return
-        if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-            _send(conn, {"ok": False, "error": 'bad request: expected {"command": ...}'})
-            return
-        conn.setblocking(True)
-        conn.settimeout(5.0)
-        self.handler(request, lambda response: _send(conn, response))
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ, None)
+        self._selector.register(self._stop_read, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._serve_forever, name="control", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
+        if self._thread is not None:
+            with contextlib.suppress(OSError):
+                self._stop_write.send(b"\0")
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        for client in list(self._clients.values()):
+            client.conn.close()
+        self._clients.clear()
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        self._stop_read.close()
+        self._stop_write.close()
+
+    # -- the control thread ------------------------------------------------------------------
+
+    def _serve_forever(self) -> None:
+        assert self._selector is not None
+        while True:
+            timeout = max(0.0, min((c.deadline for c in self._clients.values()),
+                                   default=time.monotonic() + 1.0) - time.monotonic())
+            for key, _events in self._selector.select(timeout):
+                if key.fileobj is self._stop_read:
+                    return
+                try:
+                    if key.fileobj is self._sock:
+                        self._accept()
+                    else:
+                        self._read(key.fd)
+                except Exception as error:  # a bug here must not end the control thread
+                    self._log(f"adminalert: ERROR: control socket: {error!r}")
+            now = time.monotonic()
+            for fd in [fd for fd, c in self._clients.items() if c.deadline <= now]:
+                self._fail(fd, f"bad request: no complete request line within {self.deadline:g} s")
+
+    def _accept(self) -> None:
+        assert self._sock is not None and self._selector is not None
+        while True:
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if peer_uid(conn) not in (0, os.geteuid()):
+                self.refused += 1
+                _send(conn, {"ok": False, "error": "permission denied: the control socket is for root"})
+                continue
+            if len(self._clients) >= MAX_CLIENTS:
+                self.bad_requests += 1
+                _send(conn, {"ok": False, "error": "busy: too many control connections at once"})
+                continue
+            conn.setblocking(False)
+            self._clients[conn.fileno()] = _Client(conn, time.monotonic() + self.deadline)
+            self._selector.register(conn, selectors.EVENT_READ, None)
+
+    def _read(self, fd: int) -> None:
+        client = self._clients.get(fd)
+        if client is None:
+            return
+        try:
+            chunk = client.conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        client.data += chunk
+        line, newline, _rest = client.data.partition(b"\n")
+        if not newline:
+            if not chunk:
+                self._fail(fd, "bad request: expected one JSON object and a newline")
+            elif len(client.data) > self.max_request:
+                self._fail(fd, f"bad request: longer than {self.max_request} bytes")
+            return
+        if len(line) > self.max_request:
+            self._fail(fd, f"bad request: longer than {self.max_request} bytes")
+            return
+        conn = self._release(fd)
+        try:
+            request = parse_request(line)
+        except BadRequest as error:
+            self.bad_requests += 1
+            _send(conn, {"ok": False, "error": str(error)})
+            return
+        self._dispatch(request, conn)
+
+    def _dispatch(self, request: Request, conn: socket.socket) -> None:
+        answered = threading.Event()
+
+        def reply(response: dict[str, Any]) -> None:
+            if not answered.is_set():
+                answered.set()
+                _send(conn, response)
+
+        try:
+            self.handler(request, reply)
+        except Exception as error:
+            self.bad_requests += 1
+            reply({"ok": False, "error": f"{request.command} failed: {error}"})
+
+    def _fail(self, fd: int, error: str) -> None:
+        self.bad_requests += 1
+        _send(self._release(fd), {"ok": False, "error": error})
+
+    def _release(self, fd: int) -> socket.socket:
+        client = self._clients.pop(fd)
+        if self._selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(client.conn)
+        return client.conn
 
 
 def request(path: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:

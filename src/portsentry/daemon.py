@@ -26,7 +26,7 @@ from .actions import Action, Block, Log, Record, SendBanner
 from .admin import admin_request
 from .bans import BanManager, BanPolicy
 from .config import Config
-from .control import ControlServer, Reply
+from .control import ControlServer, Reply, Request
 from .engine import Engine, EngineSettings
 from .ignore import IgnoreSource
 from .journal.journal import Journal
@@ -112,7 +112,8 @@ class Daemon:
         self.telemetry = telemetry or Telemetry()
         self.reloader = reloader
         self.sensor_factory = sensor_factory
-        self.control = ControlServer(control_path, self.on_request) if control_path else None
+        self.control = (ControlServer(control_path, self.on_request, log=journal.log)
+                        if control_path else None)
         self.started = clock()
         self.hosts_blocked = 0
         self._hits_last_hour = MinuteCounts()
@@ -124,6 +125,7 @@ class Daemon:
         self.engine = Engine(EngineSettings.from_config(config), ignore.current(clock()))
         self._ignore_error: str | None = None
         self.probes_seen = 0
+        self.internal_errors = 0
         self._selector = selectors.DefaultSelector()
         self._stopping = False
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="responder")
@@ -145,8 +147,7 @@ class Daemon:
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
         if self.control is not None:
             try:
-                for handle in self.control.open():
-                    self._selector.register(handle, selectors.EVENT_READ, self.control)
+                self.control.start()
             except OSError as error:
                 self.journal.log(messages.config_error(
                     f"cannot open the control socket {self.control.path}: {error}"))
@@ -185,20 +186,31 @@ class Daemon:
         self.journal.log(messages.active())
         sdnotify.ready()
         sdnotify.status(f"watching: {' '.join(f'-{mode}' for mode in self.modes)}")
-        while not self._stopping:
-            for key, _events in self._selector.select(timeout=1.0):
-                if key.data is None:
-                    self._drain_wake()
-                else:
-                    sensor: Sensor = key.data
-                    for hit in sensor.read(key.fileobj):  # type: ignore[arg-type]
-                        self.handle(hit)
-            self._run_main_calls()
-            if self._reload_requested:
-                self._reload_requested = False
-                self.reload()
-            self._maybe_tick()
-        self.shutdown()
+        try:
+            while not self._stopping:
+                for key, _events in self._selector.select(timeout=1.0):
+                    if key.data is None:
+                        self._drain_wake()
+                    else:
+                        sensor: Sensor = key.data
+                        for hit in sensor.read(key.fileobj):  # type: ignore[arg-type]
+                            self._guarded(self.handle, hit)
+                self._run_main_calls()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+                self._maybe_tick()
+        finally:
+            # Whatever ends the loop, sensors close, bans under way finish and files are closed.
+            self.shutdown()
+
+    def _guarded(self, work: Callable[[Hit], None], hit: Hit) -> None:
+        """A bug met by one probe is reported and detection goes on with the next."""
+        try:
+            work(hit)
+        except Exception as error:
+            self.internal_errors += 1
+            self.journal.log(messages.config_error(f"internal error on a probe, skipped: {error!r}"))
 
     def shutdown(self) -> None:
         for sensor in self.sensors:
@@ -280,7 +292,12 @@ class Daemon:
                 call = self._main_calls.get_nowait()
             except queue.Empty:
                 return
-            call()
+            try:
+                call()
+            except Exception as error:  # e.g. a tick whose apply() failed: the next tick must run
+                self.internal_errors += 1
+                self._tick_running = False
+                self.journal.log(messages.config_error(f"internal error, skipped: {error!r}"))
 
     def _maybe_tick(self) -> None:
         """Once a second: lift expired bans and catch up with `block`/`unblock` from the CLI."""
@@ -299,22 +316,30 @@ class Daemon:
 
         def tick() -> None:
             active: set[IPAddress] | None = None
-            if bans is not None and repair:
-                bans.repair(now)
-            if bans is not None:
-                try:
-                    bans.catch_up()
-                    bans.expire(now)
-                    active = {ban.address for ban in bans.store.active(now)}
-                except Exception as error:  # the store may be unreadable for a while (disk full)
-                    self.journal.log(messages.store_failed(repr(error)))
-            protected = protected_addresses(config)
+            protected: frozenset[IPAddress] | None = None
+            try:
+                if bans is not None and repair:
+                    bans.repair(now)
+                if bans is not None:
+                    try:
+                        bans.catch_up()
+                        bans.expire(now)
+                        active = {ban.address for ban in bans.store.active(now)}
+                    except Exception as error:  # the store may be unreadable for a while (disk full)
+                        self.journal.log(messages.store_failed(repr(error)))
+                protected = protected_addresses(config)
+            except Exception as error:
+                # Said, and the next tick runs: before, one exception here stopped every later
+                # tick (expiry, guard refresh) without a word.
+                self.internal_errors += 1
+                self.journal.log(messages.config_error(f"internal error in the maintenance tick: {error!r}"))
 
             def apply() -> None:
                 self._tick_running = False
                 if active is not None:
                     self.engine.sync_bans(active)
-                self.engine.guard.set_protected(protected)
+                if protected is not None:
+                    self.engine.guard.set_protected(protected)
                 self.perform(self.engine.tick(self.clock()))
                 self.journal.failures.flush()
                 backend = bans.backend.name if bans is not None and bans.backend is not None else "none"
@@ -374,29 +399,39 @@ class Daemon:
 
     # -- control socket ------------------------------------------------------------------------
 
-    def on_request(self, request: dict[str, Any], reply: Reply) -> None:
-        command = request["command"]
-        now = self.clock()
-        if command == "status":
-            reply({"ok": True, "status": self.status(now)})
-        elif command == "stats":
-            reply({"ok": True, "stats": self.stats(now)})
-        elif command == "reload":
-            ok = self.reload()
-            reply({"ok": ok, "error": None if ok else "the new configuration was refused; see the log"})
-        elif command in ("list", "block", "unblock") and self.bans is not None:
+    def on_request(self, request: Request, reply: Reply) -> None:
+        """On the control thread: engine and sensor state is read on the main loop, ban work on
+        a worker; any exception becomes an error reply."""
+
+        def guarded(work: Callable[[], dict[str, Any]]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    reply(work())
+                except Exception as error:
+                    reply({"ok": False, "error": f"{request.command} failed: {error}"})
+            return run
+
+        if request.command == "status":
+            self._call_on_main(guarded(lambda: {"ok": True, "status": self.status(self.clock())}))
+        elif request.command == "stats":
+            self._call_on_main(guarded(lambda: {"ok": True, "stats": self.stats(self.clock())}))
+        elif request.command == "reload":
+            def reload() -> dict[str, Any]:
+                ok = self.reload()
+                return {"ok": ok, "error": None if ok else "the new configuration was refused; see the log"}
+            self._call_on_main(guarded(reload))
+        elif self.bans is not None:
             bans = self.bans
 
-            def work() -> None:
+            def ban_work() -> dict[str, Any]:
                 try:
-                    reply(admin_request(bans, self.responder, self.config, request, self.clock()))
-                except Exception as error:
-                    reply({"ok": False, "error": str(error)})
-                self._call_on_main(self._sync_now)
+                    return admin_request(bans, self.responder, self.config, request, self.clock())
+                finally:
+                    self._call_on_main(self._sync_now)
 
-            self._workers.submit(work)
+            self._workers.submit(guarded(ban_work))
         else:
-            reply({"ok": False, "error": f"unknown command {command!r}"})
+            reply({"ok": False, "error": f"{request.command}: this daemon keeps no ban store"})
 
     def capture_drops(self) -> int | None:
         drops = [d for d in (getattr(s, "capture_drops", lambda: None)() for s in self.sensors)

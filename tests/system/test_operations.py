@@ -120,3 +120,33 @@ def test_daemon_flag_forks_like_1_2_and_writes_a_pid_file(daemon_factory, namesp
     syslog.wait_for("adminalert: PortSentry is shutting down")
     run_in(namespaces.target, ["sleep", "0.5"])
     assert not pid_file.exists()
+
+
+def test_a_slow_or_hostile_control_client_neither_delays_detection_nor_stops_the_daemon(
+        daemon_factory, namespaces, syslog):
+    # issue 10.5: the control socket was read on the detection loop with a per-recv timeout.
+    import socket
+    import time
+
+    net = namespaces
+    daemon = daemon_factory("-tcp", TCP_PORTS="1")
+    path = daemon.config["CONTROL_SOCKET"]
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(path)  # the socket file is visible here: the rig keeps it in a host temp dir
+    try:
+        slow.send(b"{")
+        sent = time.monotonic()
+        assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+        record = syslog.wait_for(f"attackalert: Connect from host: {net.scanner_ip4}", timeout=3.0)
+        assert record is not None and time.monotonic() - sent < 3.0
+        slow.send(b'"')
+    finally:
+        slow.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hostile:
+        hostile.settimeout(10)
+        hostile.connect(path)
+        hostile.sendall(b"[" * 60_000 + b"\n")
+        answer = json.loads(hostile.recv(65536))
+    assert answer["ok"] is False and "bad request" in answer["error"]
+    assert daemon.running
+    assert json.loads(cli(daemon, "status", "--json").stdout)["running"]
