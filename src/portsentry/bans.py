@@ -91,6 +91,7 @@ class BanManager:
         self.hosts_deny = hosts_deny
         self.policy = policy
         self._log = log
+        self.log = log  # for the lifecycle's other parts (bulk), which report the same way
         self._run = runner
         self._lock = threading.Lock()
         self._unsaved: list[_Unsaved] = []
@@ -105,6 +106,10 @@ class BanManager:
             self.failures.failed(BAN_STORE, self.store.path, detail)
         else:
             self._log(messages.store_failed(detail))
+
+    def duration_after(self, offences: int) -> float | None:
+        """Seconds a ban lasts after `offences` earlier ones (None: forever)."""
+        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
 
     def duration(self, address: IPAddress, now: float) -> float | None:
         """Seconds the next ban of `address` lasts, grown for repeat offenders."""

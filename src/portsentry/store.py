@@ -93,12 +93,13 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     ),
     (
         2,
-        "change feed: origin and expiry on every history row; history indexed by time",
+        "change feed: origin and expiry on every history row; indexes for pruning and bulk lifts",
         """
         ALTER TABLE history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local';
         ALTER TABLE history ADD COLUMN expires REAL;
         CREATE INDEX history_at ON history (at);
-        CREATE INDEX offenders_last_lifted ON offenders (last_lifted)
+        CREATE INDEX offenders_last_lifted ON offenders (last_lifted);
+        CREATE INDEX written_lines_address ON written_lines (address)
         """,
     ),
 )
@@ -148,6 +149,24 @@ class Event:
     kind: EventKind
     address: IPAddress
     detail: str
+
+
+# A BanRequest duration: as long as BLOCK_TIME and escalation say for this address's offences.
+POLICY = "policy"
+_CHUNK = 500  # addresses per IN (...) query, below SQLite's variable limit
+
+
+@dataclass(frozen=True)
+class BanRequest:
+    """What `ban_many` bans: one address and how."""
+
+    address: IPAddress
+    reason: str
+    mode: str
+    port: int
+    duration: float | str | None  # seconds; None = forever; POLICY
+    hosts_deny_line: str | None = None
+    backends: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -331,69 +350,93 @@ class BanStore:
         port become the latest ones. A ban still in the table but expired counts as over: this
         is then a new offence.
         """
+        request = BanRequest(normalise(address), reason, mode, port, duration, hosts_deny_line,
+                             tuple(backends))
+        with self._transaction() as db:
+            return self._ban(db, request, now, origin)
+
+    @_store_errors
+    def ban_many(self, requests: Iterable[BanRequest], now: float, origin: str = ORIGIN_LOCAL,
+                 policy: Callable[[int], float | None] | None = None) -> list[Ban]:
+        """`ban` for many addresses in one transaction (`portsentry block --file`). A request
+        whose duration is POLICY lasts `policy(earlier offences)` seconds (None: forever)."""
+        with self._transaction() as db:
+            return [self._ban(db, request, now, origin, policy) for request in requests]
+
+    @_store_errors
+    def get_many(self, addresses: Iterable[IPAddress]) -> list[Ban]:
+        """The bans still in the table for those of `addresses` that have one."""
+        keys = [str(normalise(a)) for a in addresses]
+        found: list[Ban] = []
+        with self._lock:
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start:start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found += [_ban_from_row(row) for row in self._db.execute(
+                    f"SELECT {_BAN_COLUMNS} FROM bans WHERE address IN ({marks})", chunk)]
+        return found
+
+    def _ban(self, db: sqlite3.Connection, request: BanRequest, now: float, origin: str,
+             policy: Callable[[int], float | None] | None = None) -> Ban:
+        addr = normalise(request.address)
+        key = str(addr)
+        old = self._get(db, key)
+        past: int | None = None  # offences before this ban, looked up at most once
+        duration: float | None
+        if isinstance(request.duration, str):
+            if request.duration != POLICY or policy is None:
+                raise ValueError(f"ban duration {request.duration!r} needs POLICY and a policy")
+            past = self._past_offences(db, key)
+            earlier = past if old is None or old.active(now) else max(past, old.offences)
+            duration = policy(earlier)
+        else:
+            duration = request.duration
         if duration is not None and not duration > 0:
             raise ValueError(f"ban duration must be positive seconds or None (forever), not {duration!r}")
-        addr = normalise(address)
-        key = str(addr)
         new_expires = None if duration is None else now + duration
-        with self._transaction() as db:
-            old = self._get(db, key)
-            if old is not None and old.active(now):
-                expires = (
-                    None if old.expires is None or new_expires is None else max(old.expires, new_expires)
-                )
-                merged = tuple(dict.fromkeys((*old.backends, *backends)))
-                ban = Ban(
-                    address=addr,
-                    reason=reason,
-                    mode=mode,
-                    port=port,
-                    first_seen=old.first_seen,
-                    last_seen=now,
-                    count=old.count + 1,
-                    expires=expires,
-                    offences=old.offences,
-                    hosts_deny_line=hosts_deny_line if hosts_deny_line is not None else old.hosts_deny_line,
-                    backends=merged,
-                )
-                kind: EventKind = "extend"
-            else:
-                if old is not None:
-                    self._retire(db, old, now, "expire", "expired before the next ban")
-                ban = Ban(
-                    address=addr,
-                    reason=reason,
-                    mode=mode,
-                    port=port,
-                    first_seen=now,
-                    last_seen=now,
-                    count=1,
-                    expires=new_expires,
-                    offences=self._past_offences(db, key) + 1,
-                    hosts_deny_line=hosts_deny_line,
-                    backends=tuple(dict.fromkeys(backends)),
-                )
-                kind = "ban"
-            db.execute(
-                f"INSERT OR REPLACE INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    ban.reason,
-                    ban.mode,
-                    ban.port,
-                    ban.first_seen,
-                    ban.last_seen,
-                    ban.count,
-                    ban.expires,
-                    ban.offences,
-                    ban.hosts_deny_line,
-                    json.dumps(list(ban.backends)),
-                ),
+        if old is not None and old.active(now):
+            expires = None if old.expires is None or new_expires is None else max(old.expires, new_expires)
+            ban = Ban(
+                address=addr,
+                reason=request.reason,
+                mode=request.mode,
+                port=request.port,
+                first_seen=old.first_seen,
+                last_seen=now,
+                count=old.count + 1,
+                expires=expires,
+                offences=old.offences,
+                hosts_deny_line=request.hosts_deny_line if request.hosts_deny_line is not None
+                else old.hosts_deny_line,
+                backends=tuple(dict.fromkeys((*old.backends, *request.backends))),
             )
-            detail = f"{mode} port {port}: {reason}; {_describe_expiry(ban.expires)}"
-            if kind == "ban":
-                detail += f"; offence {ban.offences}"
-            self._record(db, kind, key, detail, now, origin=origin, expires=ban.expires)
+            kind: EventKind = "extend"
+        else:
+            if old is not None:
+                self._retire(db, old, now, "expire", "expired before the next ban")
+            ban = Ban(
+                address=addr,
+                reason=request.reason,
+                mode=request.mode,
+                port=request.port,
+                first_seen=now,
+                last_seen=now,
+                count=1,
+                expires=new_expires,
+                offences=(past if past is not None and old is None else self._past_offences(db, key)) + 1,
+                hosts_deny_line=request.hosts_deny_line,
+                backends=tuple(dict.fromkeys(request.backends)),
+            )
+            kind = "ban"
+        db.execute(
+            f"INSERT OR REPLACE INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, ban.reason, ban.mode, ban.port, ban.first_seen, ban.last_seen, ban.count, ban.expires,
+             ban.offences, ban.hosts_deny_line, json.dumps(list(ban.backends))),
+        )
+        detail = f"{ban.mode} port {ban.port}: {ban.reason}; {_describe_expiry(ban.expires)}"
+        if kind == "ban":
+            detail += f"; offence {ban.offences}"
+        self._record(db, kind, key, detail, now, origin=origin, expires=ban.expires)
         return ban
 
     @_store_errors
@@ -403,11 +446,21 @@ class BanStore:
 
         Recorded as "expire" when the ban had run out by `now`, else as "lift".
         """
-        key = str(normalise(address))
         with self._transaction() as db:
-            old = self._get(db, key)
-            if old is None:
-                return None
+            return self._lift(db, normalise(address), now, reason, origin)
+
+    @_store_errors
+    def lift_many(self, addresses: Iterable[IPAddress], now: float, reason: str,
+                  origin: str = ORIGIN_LOCAL) -> list[Ban]:
+        """`lift` for many addresses in one transaction; the bans there were."""
+        with self._transaction() as db:
+            lifted = (self._lift(db, normalise(a), now, reason, origin) for a in addresses)
+            return [ban for ban in lifted if ban is not None]
+
+    def _lift(self, db: sqlite3.Connection, address: IPAddress, now: float, reason: str,
+              origin: str) -> Ban | None:
+        old = self._get(db, str(address))
+        if old is not None:
             self._retire(db, old, now, "lift" if old.active(now) else "expire", reason, origin)
         return old
 
@@ -525,11 +578,39 @@ class BanStore:
             )
 
     @_store_errors
+    def own_lines(self, owned: Iterable[tuple[IPAddress, str]], now: float) -> None:
+        """`own_line` for many (address, line) pairs in one transaction."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO written_lines (line, address, written_at) VALUES (?, ?, ?)",
+                ((line, str(normalise(address)), now) for address, line in owned),
+            )
+
+    @_store_errors
     def owns_line(self, address: IPAddress | str, line: str) -> bool:
         with self._lock:
             row = self._db.execute("SELECT 1 FROM written_lines WHERE line = ? AND address = ?",
                                    (line, str(normalise(address)))).fetchone()
         return row is not None
+
+    @_store_errors
+    def owned_of(self, addresses: Iterable[IPAddress]) -> list[tuple[IPAddress, str]]:
+        """(address, line) for the hosts.deny copies we appended for any of `addresses`."""
+        keys = [str(normalise(a)) for a in addresses]
+        found: list[tuple[IPAddress, str]] = []
+        with self._lock:
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start:start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found += [(ip_address(address), line) for address, line in self._db.execute(
+                    f"SELECT address, line FROM written_lines WHERE address IN ({marks})", chunk)]
+        return found
+
+    @_store_errors
+    def disown_lines(self, owned: Iterable[tuple[IPAddress, str]]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM written_lines WHERE line = ? AND address = ?",
+                           ((line, str(normalise(address))) for address, line in owned))
 
     @_store_errors
     def disown_line(self, address: IPAddress | str, line: str) -> None:

@@ -140,6 +140,11 @@ class BanBackend(abc.ABC):
         for address, timeout in bans:
             self.add(address, timeout)
 
+    def remove_many(self, addresses: Iterable[IPAddress]) -> None:
+        """Lift many bans (`portsentry unblock --file`); backends with a batch form override it."""
+        for address in addresses:
+            self.remove(address)
+
     @abc.abstractmethod
     def teardown(self) -> None:
         """Remove everything this backend created (`portsentry flush`); idempotent."""

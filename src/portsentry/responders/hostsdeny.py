@@ -45,7 +45,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from ..fileio import append_record, pwrite_all
 
@@ -121,6 +121,57 @@ class HostsDeny:
                 needs_newline = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
                 append_record(fd, (b"\n" if needs_newline else b"") + wanted + b"\n", sync=True)
                 return True
+            finally:
+                os.close(fd)
+
+    def add_many(self, lines: Sequence[str],
+                 on_append: Callable[[list[str]], None] | None = None) -> list[str]:
+        """`add` for many lines with one read and one write (`portsentry block --file`); returns
+        the lines appended (ours), told first to `on_append`."""
+        wanted = list(dict.fromkeys(_encode_line(line) for line in lines))
+        with self._locked():
+            fd = self._open(os.O_RDWR | os.O_APPEND, create=True)
+            try:
+                present = {raw.rstrip(b"\n").rstrip(_TRAILING) for raw in _split(_read_all(fd))}
+                absent = [line for line in wanted if line not in present]
+                if not absent:
+                    return []
+                appended = [line.decode("utf-8", errors="surrogateescape") for line in absent]
+                if on_append is not None:
+                    on_append(appended)
+                size = os.fstat(fd).st_size
+                needs_newline = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+                data = b"".join(line + b"\n" for line in absent)
+                append_record(fd, (b"\n" if needs_newline else b"") + data, sync=True)
+                return appended
+            finally:
+                os.close(fd)
+
+    def remove_many(self, lines: Sequence[str]) -> int:
+        """`remove` for many lines (one copy each) with one rewrite; how many were there."""
+        wanted: dict[bytes, int] = {}
+        for line in lines:
+            encoded = _encode_line(line)
+            wanted[encoded] = wanted.get(encoded, 0) + 1
+        with self._locked():
+            try:
+                fd = self._open(os.O_RDWR, create=False)
+            except FileNotFoundError:
+                return 0
+            try:
+                content = _read_all(fd)
+                kept: list[bytes] = []
+                removed = 0
+                for raw in _split(content):
+                    key = raw.rstrip(b"\n").rstrip(_TRAILING)
+                    if wanted.get(key, 0) > 0:
+                        wanted[key] -= 1
+                        removed += 1
+                    else:
+                        kept.append(raw)
+                if removed:
+                    self._rewrite(fd, content, b"".join(kept))
+                return removed
             finally:
                 os.close(fd)
 
