@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import os
+import stat
 import sys
 import time
 from collections.abc import Sequence
 
-from . import __version__, control, messages
+from . import __version__, control, messages, privileges
 from .config import Config, ConfigError, LoadedConfig, format_effective, load_effective
 from .hostinfo import local_addresses
 from .ignore import IgnoreFileError, IgnoreSource
@@ -283,6 +286,11 @@ def check_config(loaded: LoadedConfig, modes: Sequence[Mode]) -> int:
 
 
 def validate_for_modes(config: Config, modes: Sequence[Mode]) -> None:
+    # Checked here rather than by the key table so that check-config, start and reload all refuse it.
+    try:
+        privileges.parse_keep(config.keep_capabilities)
+    except ValueError as error:
+        raise config.error("KEEP_CAPABILITIES", str(error)) from None
     for mode in modes:
         if mode in (Mode.TCP, Mode.STCP) and not config.tcp_ports:
             raise config.error("TCP_PORTS", f"is required by -{mode} but is not set")
@@ -334,11 +342,24 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
 
     for warning in ignore.warnings:
         journal.log(f"adminalert: WARNING: {warning}")
+    pid_file = None
+    if args.pid_file:
+        # Before forking, so that a refusal reaches the terminal; the lock passes to the child.
+        try:
+            pid_file = PidFile.acquire(args.pid_file)
+        except PidFileError as error:
+            print(f"portsentry: {error}", file=sys.stderr)
+            journal.log(messages.config_error(str(error)))
+            for line in messages.shutting_down():
+                journal.log(line)
+            return 1
     if args.daemon:
         daemonize()
-    if args.pid_file:
-        with open(args.pid_file, "w", encoding="ascii") as handle:
-            handle.write(f"{os.getpid()}\n")
+    if pid_file is not None:
+        pid_file.write(os.getpid())
+    # Before anything is opened or any thread started: see privileges.py for why not later.
+    dropped = privileges.restrict(privileges.parse_keep(config.keep_capabilities))
+    journal.log(dropped.message, verbose=dropped.ok)
 
     hosts_deny = open_hosts_deny(config)
     metrics_server = None
@@ -355,6 +376,8 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         journal.log(messages.config_error(str(error)))
         for line in messages.shutting_down():
             journal.log(line)
+        if pid_file is not None:
+            pid_file.release()
         return 1
     responder = ClassicResponder(hosts_deny, journal.log, config.command_timeout,
                                  verbose_log=lambda text: journal.log(text, verbose=True), bans=bans,
@@ -363,6 +386,9 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     def reload_config() -> tuple[Config, IgnoreSource]:
         new = load_effective(args.config).config
         validate_for_modes(new, modes)
+        if new.keep_capabilities != config.keep_capabilities:
+            # Dropped capabilities cannot be taken back; only a new process has them again.
+            journal.log("adminalert: KEEP_CAPABILITIES changed: it takes effect at the next start")
         return new, open_ignore(new)
 
     def sensors_for(new: Config) -> list[Sensor]:
@@ -391,10 +417,94 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     telemetry.close()
     if metrics_server is not None:
         metrics_server.close()
-    if args.pid_file:
-        with contextlib.suppress(OSError):
-            os.unlink(args.pid_file)
+    if pid_file is not None:
+        pid_file.release()
     return status
+
+
+class PidFileError(Exception):
+    """The pid file cannot be used; the message says why."""
+
+
+class PidFile:
+    """--pid-file, held for the daemon's life: opened without following a symlink (a link planted
+    there would make root truncate and write the file it points to) and locked with flock, so a
+    second daemon given the same file refuses to start instead of overwriting the first one's
+    pid, which rc scripts then use to signal it. A stale file from a daemon that died is not
+    locked and is taken over. Removed at exit."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._identity = _identity(os.fstat(fd))
+
+    @classmethod
+    def acquire(cls, path: str) -> PidFile:
+        # A daemon exiting removes the file between our open and our lock: then the inode we
+        # locked is no longer the path's, and we try again with the new one.
+        for _ in range(5):
+            fd = cls._open(path)
+            try:
+                cls._lock(path, fd)
+                try:
+                    current = _identity(os.stat(path, follow_symlinks=False))
+                except FileNotFoundError:
+                    current = None
+                if current == _identity(os.fstat(fd)):
+                    return cls(path, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise PidFileError(f"{path}: the pid file keeps being replaced; is another portsentry starting?")
+
+    @staticmethod
+    def _open(path: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise PidFileError(f"{path}: refusing to use a symlink as the pid file") from None
+            raise PidFileError(f"{path}: cannot open the pid file: {error.strerror or error}") from None
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = "it is not a regular file"
+        elif st.st_nlink != 1:
+            problem = f"it has {st.st_nlink} hard links"  # truncating it would truncate them
+        elif st.st_uid != os.geteuid():
+            problem = f"it belongs to uid {st.st_uid}"
+        if problem:
+            os.close(fd)
+            raise PidFileError(f"{path}: refusing to use it as the pid file: {problem}")
+        return fd
+
+    @staticmethod
+    def _lock(path: str, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise PidFileError(
+                f"{path}: another portsentry (pid {holder}) holds this pid file; "
+                "refusing to start a second daemon with it"
+            ) from None
+
+    def write(self, pid: int) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{pid}\n".encode("ascii"), 0)
+
+    def release(self) -> None:
+        """Remove the file (if it is still ours) and let the lock go."""
+        with contextlib.suppress(OSError):
+            if _identity(os.stat(self.path, follow_symlinks=False)) == self._identity:
+                os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def open_telemetry(config: Config, failures: WriteFailures | None = None) -> Telemetry:

@@ -92,6 +92,7 @@ class Config:
     ban_rate_limit: int = 60
     ban_rate_limit_net: int = 0
     sensitive_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    keep_capabilities: str | None = None  # KEEP_CAPABILITIES: more for KILL_RUN_CMD (privileges.py)
     # KEY -> line it was set on, so later stages can blame the right line.
     lines: Mapping[str, int] = field(default_factory=dict, hash=False)
 
@@ -307,6 +308,7 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "BAN_RATE_LIMIT": KeySpec("ban_rate_limit", _RATE),
         "BAN_RATE_LIMIT_NET": KeySpec("ban_rate_limit_net", _RATE),
         "SENSITIVE_NETWORKS": KeySpec("sensitive_networks", _networks),
+        "KEEP_CAPABILITIES": KeySpec("keep_capabilities", _optional),
     }
 )
 

@@ -1,6 +1,7 @@
 """The service files: the systemd unit passes `systemd-analyze verify` and stays hardened, its
 command lines are ones our CLI accepts, and the daemon started the way the unit starts it tells
-systemd it is ready (sd_notify), reloading and stopping."""
+systemd it is ready (sd_notify), reloading and stopping. However it is started, the daemon keeps
+only the network capabilities, and so do the commands it runs; its pid file is its own."""
 
 from __future__ import annotations
 
@@ -19,13 +20,17 @@ from pathlib import Path
 import pytest
 
 from portsentry.config import Config
+from portsentry.privileges import KEPT, CapabilitySets, names, read_status
 from tests.system.rig import (
     REPO_ROOT,
+    DaemonFactory,
     Namespaces,
     daemon_env,
+    eventually,
     popen_in,
     short_socket_dir,
     stop_process,
+    tcp_connect,
 )
 
 UNIT = REPO_ROOT / "packaging" / "systemd" / "portsentry.service"
@@ -99,8 +104,9 @@ def test_unit_stays_hardened(local_unit: Path) -> None:
     if match is None and "offline" in proc.stderr:
         pytest.skip(f"this systemd-analyze has no --offline: {proc.stderr.strip()}")
     assert match is not None, f"no exposure level in:\n{proc.stdout}\n{proc.stderr}"
-    # 2.8 when written; 10 is "UNSAFE". A rise means a hardening line went missing.
-    assert float(match.group(1)) <= 3.5, proc.stdout
+    # 2.8 when written, 2.3 since issue 9 (docs/service.md); 10 is "UNSAFE". A rise means a
+    # hardening line went missing.
+    assert float(match.group(1)) <= 2.3, proc.stdout
 
 
 def test_unit_settings_match_the_daemon() -> None:
@@ -110,19 +116,69 @@ def test_unit_settings_match_the_daemon() -> None:
     assert SETTINGS["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     caps = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"}
     assert set(SETTINGS["CapabilityBoundingSet"][0].split()) == caps
-    assert set(SETTINGS["AmbientCapabilities"][0].split()) == caps
+    # The daemon drops to the same set when started without systemd.
+    assert set(names(KEPT).split()) == caps
+    # Root gets its bounding set on execve; ambient capabilities would only widen the exposure.
+    assert "AmbientCapabilities" not in SETTINGS
     assert set(SETTINGS["RestrictAddressFamilies"][0].split()) == {
         "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"}
-    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts"):
         assert SETTINGS[key] == ["yes"], key
     assert SETTINGS["ProtectSystem"] == ["strict"]
     # The directories systemd makes for us are the ones the daemon uses by default.
     defaults = Config(source="(defaults)")
     assert defaults.state_dir == "/var/lib/" + SETTINGS["StateDirectory"][0]
     assert os.path.dirname(defaults.control_socket) == "/run/" + SETTINGS["RuntimeDirectory"][0]
-    hosts_deny_dir = os.path.dirname(defaults.hosts_deny_file)
-    assert any(path.lstrip("-") in (defaults.hosts_deny_file, hosts_deny_dir)
-               for path in SETTINGS["ReadWritePaths"][0].split())
+    # The one file outside those directories that the daemon writes; not /etc.
+    assert SETTINGS["ReadWritePaths"] == ["-" + defaults.hosts_deny_file]
+
+
+def hosts_deny_creator() -> str:
+    """The ExecStartPre script that creates a missing hosts.deny outside the sandbox."""
+    (command,) = [line for line in SETTINGS["ExecStartPre"] if "hosts.deny" in line]
+    prefix = "+/bin/sh -c '"
+    assert command.startswith(prefix) and command.endswith("'"), command
+    return command[len(prefix):-1]
+
+
+def test_unit_creates_a_missing_hosts_deny_before_the_sandbox_needs_it() -> None:
+    # The config check comes first, the creation second, both before ExecStart.
+    assert SETTINGS["ExecStartPre"][0].startswith(f"{INSTALLED_COMMAND} check-config")
+    assert "/etc/hosts.deny" in SETTINGS["ExecStartPre"][1]
+    assert Config(source="(defaults)").hosts_deny_file in hosts_deny_creator()
+
+
+def run_creator(path: Path) -> None:
+    script = hosts_deny_creator().replace("/etc/hosts.deny", str(path))
+    # umask 077 as the unit has: the script must still make the file world-readable (tcpd).
+    subprocess.run(["/bin/sh", "-c", f"umask 077; {script}"], check=True, timeout=10)
+
+
+def test_hosts_deny_creator_makes_an_empty_world_readable_file(tmp_path: Path) -> None:
+    deny = tmp_path / "hosts.deny"
+    run_creator(deny)
+    assert deny.read_bytes() == b""
+    assert deny.stat().st_mode & 0o777 == 0o644
+
+
+def test_hosts_deny_creator_leaves_an_existing_file_alone(tmp_path: Path) -> None:
+    deny = tmp_path / "hosts.deny"
+    deny.write_text("ALL: 198.18.0.2\n")
+    deny.chmod(0o640)
+    before = deny.stat()
+    time.sleep(0.01)
+    run_creator(deny)
+    after = deny.stat()
+    assert deny.read_text() == "ALL: 198.18.0.2\n"
+    assert (after.st_ino, after.st_mode, after.st_mtime_ns) == (before.st_ino, before.st_mode,
+                                                                before.st_mtime_ns)
+
+
+def test_hosts_deny_creator_does_not_follow_a_symlink(tmp_path: Path) -> None:
+    deny = tmp_path / "hosts.deny"
+    deny.symlink_to(tmp_path / "elsewhere")
+    run_creator(deny)
+    assert deny.is_symlink() and not (tmp_path / "elsewhere").exists()
 
 
 def write_config(directory: Path, sockets: Path) -> Path:
@@ -286,3 +342,66 @@ def test_daemon_reports_reload_and_stop(unit_daemon: tuple[UnitLikeDaemon, Notif
         assert daemon.proc.wait(10.0) == 0
     except AssertionError as error:
         raise AssertionError(f"{error}\n{daemon.report()}") from None
+
+
+# --- capabilities, however the daemon is started -------------------------------------------------
+
+KEPT_MASK = sum(1 << cap for cap in KEPT)
+
+
+def over_the_kept_set(sets: CapabilitySets) -> str:
+    extra = (sets.effective | sets.permitted | sets.inheritable | sets.bounding) & ~KEPT_MASK
+    return names(extra) if extra else ""
+
+
+def test_daemon_and_the_commands_it_runs_keep_only_the_network_capabilities(
+    daemon_factory: DaemonFactory, namespaces: Namespaces, tmp_path: Path,
+) -> None:
+    """Started as root without systemd: every thread, and a KILL_RUN_CMD's shell, are limited."""
+    caps_out = tmp_path / "command-caps"
+    daemon = daemon_factory("-tcp", BLOCK_TCP="2",
+                            KILL_RUN_CMD=f"grep ^Cap /proc/self/status > {caps_out}")
+    assert tcp_connect(namespaces.scanner, namespaces.target_ip4, 1).connected
+    eventually(lambda: caps_out.exists() and "CapBnd" in caps_out.read_text(),
+               what="KILL_RUN_CMD wrote its capabilities")
+    command = read_status(str(caps_out))
+    assert command.permitted == command.bounding == KEPT_MASK, daemon.report()
+    assert not over_the_kept_set(command)
+    # Every thread, including the responder pool that ran the command.
+    tasks = sorted(Path(f"/proc/{daemon.pid}/task").iterdir())
+    assert len(tasks) > 1
+    for task in tasks:
+        sets = read_status(str(task / "status"))
+        assert not over_the_kept_set(sets), f"{task}: {over_the_kept_set(sets)}"
+        assert sets.permitted == KEPT_MASK, task
+
+
+# --- the pid file ---------------------------------------------------------------------------------
+
+
+def test_second_daemon_with_the_same_pid_file_refuses_to_start(
+    daemon_factory: DaemonFactory, tmp_path: Path,
+) -> None:
+    pid_file = tmp_path / "portsentry.pid"
+    first = daemon_factory("-tcp", extra_args=["--pid-file", str(pid_file)])
+    assert pid_file.read_text() == f"{first.pid}\n"
+    second = daemon_factory("-tcp", start=False, extra_args=["--pid-file", str(pid_file)])
+    second.start(wait_ready=False)
+    assert second.wait_exit(15) == 1, second.report()
+    assert (f"portsentry: {pid_file}: another portsentry (pid {first.pid}) holds this pid file; "
+            "refusing to start a second daemon with it") in second.stderr_text()
+    assert first.running and pid_file.read_text() == f"{first.pid}\n"
+    assert first.stop() == 0
+    assert not pid_file.exists()
+
+
+def test_daemon_refuses_a_symlinked_pid_file(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("not a pid file\n")
+    pid_file = tmp_path / "portsentry.pid"
+    pid_file.symlink_to(victim)
+    daemon = daemon_factory("-tcp", start=False, extra_args=["--pid-file", str(pid_file)])
+    daemon.start(wait_ready=False)
+    assert daemon.wait_exit(15) == 1, daemon.report()
+    assert f"{pid_file}: refusing to use a symlink as the pid file" in daemon.stderr_text()
+    assert victim.read_text() == "not a pid file\n"

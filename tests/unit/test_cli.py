@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from portsentry import __version__
-from portsentry.cli import main, split_modes
+from portsentry.cli import PidFile, PidFileError, main, split_modes
 from portsentry.probe import Mode
 
 
@@ -115,3 +117,110 @@ def test_check_warns_about_an_allow_all_hosts_allow(tmp_path, capsys, monkeypatc
     assert main(["check", "-c", str(conf)]) == 0
     out = capsys.readouterr().out
     assert "warning:" in out and "hosts.allow" in out
+
+
+def test_help_says_usage_once(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: portsentry [-tcp] [-udp]")
+    assert "usage: usage:" not in out
+    assert "Port scan detector." in out and "options:" in out
+
+
+def test_a_bad_option_shows_the_synopsis_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["--mode", "nope"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: portsentry [-tcp]") and err.count("usage:") == 1
+
+
+def test_keep_capabilities_is_checked_by_check_config(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\nKEEP_CAPABILITIES="CAP_DAC_OVERRIDE, cap_nope"\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"portsentry: {conf}:2: KEEP_CAPABILITIES: 'cap_nope' is not a capability")
+    conf.write_text('TCP_PORTS="1"\nKEEP_CAPABILITIES="CAP_DAC_OVERRIDE, setuid"\n')
+    assert main(["check-config", "-c", str(conf)]) == 0
+
+
+# --- --pid-file ---------------------------------------------------------------------------------
+
+
+def test_pid_file_is_created_written_locked_and_removed(tmp_path):
+    path = tmp_path / "portsentry.pid"
+    held = PidFile.acquire(str(path))
+    held.write(4242)
+    assert path.read_text() == "4242\n"
+    assert path.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(PidFileError) as refused:
+        PidFile.acquire(str(path))
+    assert str(refused.value) == (f"{path}: another portsentry (pid 4242) holds this pid file; "
+                                  "refusing to start a second daemon with it")
+    assert path.read_text() == "4242\n"  # the refused one wrote nothing
+    held.release()
+    assert not path.exists()
+
+
+def test_a_stale_pid_file_is_taken_over(tmp_path):
+    path = tmp_path / "portsentry.pid"
+    path.write_text("99999999\n")  # a daemon that died without cleaning up holds no lock
+    held = PidFile.acquire(str(path))
+    held.write(7)
+    assert path.read_text() == "7\n"
+    held.release()
+
+
+def test_a_symlinked_pid_file_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    link = tmp_path / "portsentry.pid"
+    link.symlink_to(target)
+    with pytest.raises(PidFileError) as refused:
+        PidFile.acquire(str(link))
+    assert str(refused.value) == f"{link}: refusing to use a symlink as the pid file"
+    assert target.read_text() == "keep me\n"
+    dangling = tmp_path / "dangling.pid"
+    dangling.symlink_to(tmp_path / "created-through-the-link")
+    with pytest.raises(PidFileError):
+        PidFile.acquire(str(dangling))
+    assert not (tmp_path / "created-through-the-link").exists()
+
+
+def test_a_hard_linked_pid_file_is_refused(tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    link = tmp_path / "portsentry.pid"
+    os.link(target, link)
+    with pytest.raises(PidFileError, match="2 hard links"):
+        PidFile.acquire(str(link))
+    assert target.read_text() == "keep me\n"
+
+
+def test_release_leaves_a_pid_file_that_is_no_longer_ours(tmp_path):
+    path = tmp_path / "portsentry.pid"
+    held = PidFile.acquire(str(path))
+    path.unlink()
+    path.write_text("123\n")  # someone else's now
+    held.release()
+    assert path.read_text() == "123\n"
+
+
+def test_daemon_refuses_to_start_on_a_held_pid_file(tmp_path, capsys):
+    """The whole start path: refused before anything is opened, with the holder's pid."""
+    path = tmp_path / "portsentry.pid"
+    held = PidFile.acquire(str(path))
+    held.write(31337)
+    conf = tmp_path / "ps.conf"
+    ignore = tmp_path / "ignore"
+    ignore.write_text("")
+    conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{ignore}"\nSTATE_DIR="{tmp_path}/state"\n')
+    try:
+        assert main(["-c", str(conf), "--no-syslog", "--pid-file", str(path), "-tcp"]) == 1
+    finally:
+        held.release()
+    err = capsys.readouterr().err
+    assert f"{path}: another portsentry (pid 31337) holds this pid file" in err
+    assert not (tmp_path / "state").exists()  # nothing was opened
