@@ -24,7 +24,7 @@ from .responders.backend import BackendError, BanBackend
 from .responders.hostsdeny import HostsDeny, HostsDenyError
 from .responders.shell import CommandResult, run_shell
 from .responders.substitute import substitute
-from .store import MEMORY, Ban, BanStore, StoreError, ban_duration
+from .store import DEFAULT_MAX_ROWS, DEFAULT_RETENTION, MEMORY, Ban, BanStore, StoreError, ban_duration
 from .telemetry import Telemetry
 
 Logger = Callable[[str], None]
@@ -39,6 +39,8 @@ class BanPolicy:
     undo: str | None = None  # KILL_ROUTE_UNDO
     command_timeout: float = 30.0
     route: str | None = None  # KILL_ROUTE, re-run at start when the kernel forgot its effect
+    history_retention: float = DEFAULT_RETENTION
+    history_max_rows: int = DEFAULT_MAX_ROWS
 
     @classmethod
     def from_config(cls, config: Config) -> BanPolicy:
@@ -261,6 +263,14 @@ class BanManager:
             self.store.disown_line(address, line)
         except StoreError as error:
             self._store_failed(error)
+
+    def prune(self, now: float) -> int:
+        """Once an hour: forget history and offenders past their retention."""
+        try:
+            return self.store.prune(now, self.policy.history_retention, self.policy.history_max_rows)
+        except StoreError as error:
+            self._store_failed(error)
+            return 0
 
     def expire(self, now: float) -> list[IPAddress]:
         """Lift every ban whose time is up; returns the addresses lifted."""

@@ -1,7 +1,16 @@
 """The daemon shell: feeds probes from the sensors to the engine and carries out its actions.
 
-One thread polls every sensor; blocking steps run on worker threads and report back through a
-wake-up socket, so a slow KILL_ROUTE never delays detection of the next probe.
+Threads, each with one job, and what each owns:
+- main (the detection loop): the sensors, the selector, the engine and everything the engine
+  decides; other threads never touch them, they post work to it (`_call_on_main`, woken through a
+  socket pair) and it runs that work between packets.
+- responder-N (blockqueue.BlockQueue): carry out blocks from a bounded queue, so a slow or
+  hanging KILL_ROUTE never delays detection; outcomes are posted to main.
+- maintenance (maintenance.Maintenance): expiry, records held back by a full disk, table repair,
+  history pruning, gateways and resolvers, and the ban store's change feed; posts its Findings.
+- admin-N: the ban work of control requests (list, block, unblock), apart from the blocks, so
+  `portsentry list` answers while KILL_ROUTE commands hang.
+- control (control.ControlServer): reads control requests; never blocks anything else.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence, Sized
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
@@ -25,11 +34,13 @@ from . import hostinfo, messages, sdnotify
 from .actions import Action, Block, Log, Record, SendBanner
 from .admin import admin_request
 from .bans import BanManager, BanPolicy
+from .blockqueue import BlockQueue
 from .config import Config
 from .control import ControlServer, Reply, Request
 from .engine import Engine, EngineSettings
 from .ignore import IgnoreSource
 from .journal.journal import Journal
+from .maintenance import Findings, Maintenance
 from .probe import IPAddress, Mode
 from .resolver import Resolver
 from .responders.classic import ClassicResponder
@@ -120,15 +131,18 @@ class Daemon:
         self._blocks_last_hour = MinuteCounts()
         self._reload_requested = False
         self._next_tick = 0.0
-        self._next_repair = clock() + 60.0
-        self._tick_running = False
+        self.active_bans = 0  # from the maintenance thread's Findings
         self.engine = Engine(EngineSettings.from_config(config), ignore.current(clock()))
         self._ignore_error: str | None = None
         self.probes_seen = 0
         self.internal_errors = 0
         self._selector = selectors.DefaultSelector()
         self._stopping = False
-        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="responder")
+        self._blocks = BlockQueue(responder.carry_out, self._block_done, journal.log)
+        self._admin = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
+        self._maintenance = Maintenance(bans, lambda: protected_addresses(self.config),
+                                        lambda found: self._call_on_main(lambda: self._apply(found)),
+                                        journal.log, interval=tick, clock=clock)
         # Work finished on a responder thread that the engine (main thread only) must hear about.
         self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = socket.socketpair()
@@ -154,9 +168,15 @@ class Daemon:
                 self.control = None
         self.journal.start_session(list(self.modes))
         self.engine.guard.set_protected(protected_addresses(self.config))
+        cursor = 0
         if self.bans is not None:
+            # The cursor first: what changes while restoring is replayed, which is harmless.
+            cursor = self.bans.store.last_change()
             active = self.bans.restore(self.clock(), os.path.join(self.config.state_dir, "kernel-id"))
             self.engine.sync_bans({ban.address for ban in active})
+            self.active_bans = len(active)
+        self._blocks.start()
+        self._maintenance.start(cursor, self.active_bans)
         return any_open
 
     def request_stop(self, *_args: object) -> None:
@@ -217,8 +237,10 @@ class Daemon:
             sensor.close()
         if self.control is not None:
             self.control.close()
+        self._maintenance.stop()
         # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded.
-        self._workers.shutdown(wait=True)
+        self._blocks.close()
+        self._admin.shutdown(wait=True)
         self._run_main_calls()
         if self.resolver is not None:
             self.resolver.close()
@@ -268,18 +290,16 @@ class Daemon:
                 self._submit(action)
 
     def _submit(self, block: Block) -> None:
-        future = self._workers.submit(self.responder.carry_out, block)
+        if not self._blocks.submit(block):
+            # Not started: the engine forgets it, so the host's next hit tries again.
+            self.perform(self.engine.finished(block, False, self.clock()))
 
-        def done(future: Future[bool], block: Block = block) -> None:
-            try:
-                succeeded = future.result()
-            except Exception as error:  # a responder bug must not lose the outcome
-                self.journal.log(messages.config_error(f"responder failed: {error!r}"))
-                succeeded = False
-            self._call_on_main(
-                lambda: self.perform(self.engine.finished(block, succeeded, self.clock())))
-
-        future.add_done_callback(done)
+    def _block_done(self, block: Block, succeeded: bool, error: BaseException | None) -> None:
+        """On a responder thread: hand the outcome to the main loop."""
+        if error is not None:
+            self.journal.log(messages.config_error(f"responder failed: {error!r}"))
+        self._call_on_main(lambda: self.perform(self.engine.finished(block, succeeded, self.clock())))
+        self._maintenance.wake()  # the ban's change reaches status and the gauges at once
 
     def _call_on_main(self, call: Callable[[], None]) -> None:
         self._main_calls.put(call)
@@ -294,62 +314,34 @@ class Daemon:
                 return
             try:
                 call()
-            except Exception as error:  # e.g. a tick whose apply() failed: the next tick must run
+            except Exception as error:  # one failed piece of work must not stop the others
                 self.internal_errors += 1
-                self._tick_running = False
                 self.journal.log(messages.config_error(f"internal error, skipped: {error!r}"))
 
     def _maybe_tick(self) -> None:
-        """Once a second: lift expired bans and catch up with `block`/`unblock` from the CLI."""
+        """Once a second on the main loop: what only the engine can do (summary lines of repeat
+        windows and rate-limit minutes that ended), failed-write summaries, and the gauges.
+        Everything slow is the maintenance thread's."""
         now = self.clock()
-        if self._tick_running or now < self._next_tick:
+        if now < self._next_tick:
             return
         self._next_tick = now + self.tick
-        self._tick_running = True
+        self.perform(self.engine.tick(now))
+        self.journal.failures.flush()
         bans = self.bans
+        backend = bans.backend.name if bans is not None and bans.backend is not None else "none"
+        self.telemetry.state(self.engine.state_sizes(), {backend: self.active_bans},
+                             self.capture_drops(), self.packet_drops())
 
-        config = self.config
-
-        repair = now >= self._next_repair
-        if repair:
-            self._next_repair = now + 60.0
-
-        def tick() -> None:
-            active: set[IPAddress] | None = None
-            protected: frozenset[IPAddress] | None = None
-            try:
-                if bans is not None and repair:
-                    bans.repair(now)
-                if bans is not None:
-                    try:
-                        bans.catch_up()
-                        bans.expire(now)
-                        active = {ban.address for ban in bans.store.active(now)}
-                    except Exception as error:  # the store may be unreadable for a while (disk full)
-                        self.journal.log(messages.store_failed(repr(error)))
-                protected = protected_addresses(config)
-            except Exception as error:
-                # Said, and the next tick runs: before, one exception here stopped every later
-                # tick (expiry, guard refresh) without a word.
-                self.internal_errors += 1
-                self.journal.log(messages.config_error(f"internal error in the maintenance tick: {error!r}"))
-
-            def apply() -> None:
-                self._tick_running = False
-                if active is not None:
-                    self.engine.sync_bans(active)
-                if protected is not None:
-                    self.engine.guard.set_protected(protected)
-                self.perform(self.engine.tick(self.clock()))
-                self.journal.failures.flush()
-                backend = bans.backend.name if bans is not None and bans.backend is not None else "none"
-                self.telemetry.state(self.engine.state_sizes(),
-                                     {backend: len(active or ())}, self.capture_drops(),
-                                     self.packet_drops())
-
-            self._call_on_main(apply)
-
-        self._workers.submit(tick)
+    def _apply(self, found: Findings) -> None:
+        """On the main loop: what the maintenance thread found."""
+        if found.resync is not None:
+            self.engine.sync_bans(set(found.resync))
+        self.engine.apply_ban_changes(found.changes)
+        if found.protected is not None:
+            self.engine.guard.set_protected(found.protected)
+        if found.active is not None:
+            self.active_bans = found.active
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -427,9 +419,9 @@ class Daemon:
                 try:
                     return admin_request(bans, self.responder, self.config, request, self.clock())
                 finally:
-                    self._call_on_main(self._sync_now)
+                    self._maintenance.wake()  # the engine hears of it within this round
 
-            self._workers.submit(guarded(ban_work))
+            self._admin.submit(guarded(ban_work))
         else:
             reply({"ok": False, "error": f"{request.command}: this daemon keeps no ban store"})
 
@@ -448,9 +440,6 @@ class Daemon:
                     totals[reason] = totals.get(reason, 0) + count
         return totals
 
-    def _sync_now(self) -> None:
-        self._next_tick = 0.0
-
     def stats(self, now: float) -> dict[str, Any]:
         return {
             "probes_seen": self.probes_seen,
@@ -464,7 +453,7 @@ class Daemon:
 
     def status(self, now: float) -> dict[str, Any]:
         backend = self.bans.backend if self.bans is not None else None
-        active = len(self.bans.store.active(now)) if self.bans is not None else 0
+        active = self.active_bans
         return {
             "running": True,
             "pid": os.getpid(),

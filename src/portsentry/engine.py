@@ -14,7 +14,7 @@ for larger triggers; ours holds max(50, 2 * SCAN_TRIGGER) so any trigger works.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from . import messages
@@ -248,6 +248,21 @@ class Engine:
             for blocked in self._blocked.values():
                 blocked.touch(source, 0.0)
         self._banned = set(active)
+
+    def apply_ban_changes(self, changes: Iterable[tuple[IPAddress, bool]]) -> None:
+        """The ban store's change feed, in order: (address, True) for a ban made or extended
+        anywhere (`block`, restore, the daemon's own blocks), (address, False) for one lifted
+        (expired, `unblock`), which is forgotten so the next hit acts again. Costs what
+        changed, not what is banned."""
+        for source, banned in changes:
+            if banned:
+                self._banned.add(source)
+                for blocked in self._blocked.values():
+                    blocked.touch(source, 0.0)
+            else:
+                self._banned.discard(source)
+                for blocked in self._blocked.values():
+                    blocked.discard(source)
 
     def finished(self, block: Block, succeeded: bool, now: float) -> list[Action]:
         """The daemon reports the outcome of a Block it carried out; hits that arrived

@@ -198,3 +198,22 @@ def test_the_namespace_cookie_tells_a_recreated_namespace_apart():
     ids = {subprocess.run(["unshare", "--net", sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=30).stdout.strip() for _ in range(3)}
     assert len(ids) == 3 and here not in ids
+
+
+def test_maintenance_follows_the_feed_and_counts_what_is_in_force(tmp_path):
+    # issue 10.1: the tick reads what changed, not every active ban.
+    from portsentry.maintenance import Maintenance
+
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    found: list[object] = []
+    maintenance = Maintenance(bans, frozenset, found.append, print, clock=lambda: 100.0)
+    maintenance.cursor, maintenance.active = bans.store.last_change(), 0
+    B = ip_address("198.18.0.3")
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=95.0, duration=10, hosts_deny_line=None,
+                  native=True)
+    bans.remember(B, reason="scan", mode="stcp", port=1, now=80.0, duration=10, hosts_deny_line=None,
+                  native=True)  # over by 100.0: lifted in this round
+    findings = maintenance.run_once()
+    assert findings.changes == [(A, True), (B, True), (B, False)]
+    assert findings.active == 1 and findings.resync is None
+    assert maintenance.run_once().changes == []

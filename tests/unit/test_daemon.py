@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from portsentry.daemon import MinuteCounts
 
@@ -37,30 +37,47 @@ def _daemon(tmp_path: Path, bans: Any = None, clock: Any = None) -> tuple[Any, A
     return daemon, said
 
 
-def test_an_exception_in_the_tick_is_said_and_the_next_tick_runs(tmp_path):
+def test_an_exception_in_maintenance_is_said_and_the_next_round_runs():
     # issue 10: one exception left _tick_running set, and no tick (expiry, guards) ever ran again.
     import time
+    from ipaddress import ip_address
+
+    from portsentry.maintenance import Findings, Maintenance
 
     class Broken:
         store = None
         backend = None
+        expired: ClassVar[list[float]] = []
 
-        def repair(self, now):
+        def repair(self, now: float) -> None:
             raise RuntimeError("repair broke")
 
-    now = [1000.0]
-    daemon, said = _daemon(tmp_path, bans=Broken(), clock=lambda: now[0])
-    daemon._next_repair = 0.0
-    for _ in range(2):
-        daemon._maybe_tick()
-        deadline = time.monotonic() + 5
-        while daemon._tick_running and time.monotonic() < deadline:
-            daemon._run_main_calls()
-            time.sleep(0.01)
-        assert not daemon._tick_running
-        now[0] += 61
-    assert said.getvalue().count("internal error in the maintenance tick: RuntimeError('repair broke')") == 2
-    daemon.shutdown()
+        def catch_up(self) -> int:
+            return 0
+
+        def expire(self, now: float) -> list[object]:
+            self.expired.append(now)
+            return []
+
+        def prune(self, now: float) -> int:
+            return 0
+
+    said: list[str] = []
+    found: list[Findings] = []
+    gateway = frozenset({ip_address("198.18.0.254")})
+    maintenance = Maintenance(Broken(), lambda: gateway, found.append, said.append,  # type: ignore[arg-type]
+                              interval=0.05, repair_every=0.0, clock=time.time)
+    maintenance._follow = lambda now: ([], None)  # type: ignore[method-assign]
+    maintenance.start(0, 0)
+    deadline = time.monotonic() + 5
+    while len(found) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    maintenance.stop()
+    assert len(found) >= 3 and all(f.protected == gateway for f in found)
+    assert len(Broken.expired) >= 3  # expiry still ran in every round
+    assert said[0] == ("adminalert: ERROR: internal error in the maintenance tick: "
+                       "RuntimeError('repair broke')")
+    assert maintenance.errors >= 3
 
 
 def test_a_probe_that_meets_a_bug_is_skipped_and_detection_goes_on(tmp_path):

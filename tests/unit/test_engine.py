@@ -206,3 +206,22 @@ def test_ipv6_sources_are_handled_like_ipv4():
     assert texts(actions)[0] == "attackalert: Connect from host: fd00::2/fd00::2 to TCP port: 1"
     assert isinstance(actions[-1], Block)
 
+
+
+def test_the_change_feed_marks_bans_made_and_lifted_elsewhere():
+    # issue 10.1: the engine hears ban-made / ban-lifted instead of re-reading every ban.
+    from ipaddress import ip_address
+
+    from portsentry.actions import Block
+    from portsentry.engine import Engine, EngineSettings
+    from portsentry.probe import KIND_SYN, Mode, Probe
+
+    engine = Engine(EngineSettings(block_tcp=1, kill_route="true $TARGET$"), set())
+    source = ip_address("198.18.0.9")
+    probe = Probe(source, 1, Mode.STCP, KIND_SYN)
+    engine.apply_ban_changes([(source, True)])  # `portsentry block` from the CLI
+    assert engine.is_blocked(Mode.STCP, source)
+    assert not any(isinstance(a, Block) for a in engine.observe(probe, 1.0))
+    engine.apply_ban_changes([(source, False), (source, True), (source, False)])  # in feed order
+    assert not engine.is_blocked(Mode.STCP, source)
+    assert any(isinstance(a, Block) for a in engine.observe(probe, 2.0))
