@@ -424,3 +424,18 @@ def test_lock_file_can_live_elsewhere(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["hosts.deny"]  # nothing else in /etc
     assert stat.S_IMODE(lock.stat().st_mode) == 0o600
     assert stat.S_IMODE(lock.parent.stat().st_mode) == 0o700
+
+
+def test_a_read_only_hosts_deny_says_what_to_do(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    real_open = os.open
+
+    def read_only(target: object, flags: int, *args: object) -> int:
+        if str(target) == str(path) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(target, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("os.open", read_only)
+    with pytest.raises(HostsDenyError, match="restart portsentry to write it again"):
+        HostsDeny(str(path)).add("ALL: 198.18.0.4")

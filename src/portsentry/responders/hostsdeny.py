@@ -292,6 +292,14 @@ class HostsDeny:
                     f"{self.path}: refusing to write hosts.deny through a symlink; "
                     "point the configuration at the real file"
                 ) from exc
+            if exc.errno == errno.EROFS:
+                # Under the hardened unit only the file is writable, as a bind mount of its inode;
+                # a tool that replaces it by rename (sed -i, fail2ban's unban) leaves us the new,
+                # read-only one until the service starts again.
+                raise HostsDenyError(
+                    f"{self.path}: read-only here ({exc.strerror}); if it was replaced by rename "
+                    "(sed -i, fail2ban's hostsdeny unban), restart portsentry to write it again"
+                ) from exc
             raise
         st = os.fstat(fd)
         problem = None
