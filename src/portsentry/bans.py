@@ -9,8 +9,6 @@ and whatever KILL_ROUTE_UNDO undoes.
 
 from __future__ import annotations
 
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -95,6 +93,7 @@ class BanManager:
         self._log = log
         self.log = log  # for the lifecycle's other parts (bulk), which report the same way
         self._run = runner
+        self.run = runner  # the shell runner, for the lifecycle's other parts (restore, bulk)
         self._lock = threading.Lock()
         self._unsaved: list[_Unsaved] = []
         self._unsaved_lines: list[tuple[IPAddress, str, float]] = []
@@ -251,7 +250,7 @@ class BanManager:
             else:
                 self._disown_line(address, line)
         if self.policy.undo:
-            command = substitute(self.policy.undo, address, ban.port if ban else 0, _mode_of(ban))
+            command = substitute(self.policy.undo, address, ban.port if ban else 0, mode_of(ban))
             result = self._run(command, self.policy.command_timeout)
             if not result.ok:
                 self._log(messages.command_failed(str(address), f'"{command}" exit status '
@@ -300,97 +299,8 @@ class BanManager:
             except (BackendError, OSError, StoreError) as error:
                 self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
 
-    def restore(self, now: float, kernel_id_path: str | None = None) -> list[Ban]:
-        """At start: lift what expired while we were down, re-apply what is still active.
 
-        Native elements and hosts.deny lines are idempotent, so they are simply re-added.
-        KILL_ROUTE is not (a second iptables -I adds a second rule), so it is re-run only when
-        the kernel has forgotten it: after a reboot or in a new network namespace, told apart
-        by `kernel_id_path`, which remembers the boot and namespace the bans were made in.
-        """
-        self.expire(now)
-        active = self.store.active(now)
-        changed, current = _kernel_changed(kernel_id_path) if kernel_id_path is not None else (False, None)
-        if changed and self.policy.route:
-            for ban in active:
-                command = substitute(self.policy.route, ban.address, ban.port, _mode_of(ban))
-                result = self._run(command, self.policy.command_timeout)
-                if result.ok:
-                    self._log(messages.blocked_via_route(str(ban.address), command))
-                else:
-                    self._log(messages.route_failed(str(ban.address), f'"{command}" exit status '
-                                                    f"{result.returncode}"))
-        if kernel_id_path is not None and changed:
-            _remember_kernel(kernel_id_path, current, self._log)
-        if self.backend is not None and active:
-            try:
-                self.backend.add_many(
-                    (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
-                    for ban in active
-                )
-            except (BackendError, OSError) as error:
-                self._log(messages.native_block_failed("(restore)", self.backend.describe(), str(error)))
-        for ban in active:
-            if ban.hosts_deny_line:
-                try:
-                    self.add_line(ban.address, ban.hosts_deny_line, now)
-                except (HostsDenyError, OSError, ValueError) as error:
-                    self._log(messages.config_error(f"cannot restore {ban.hosts_deny_line!r}: {error}"))
-        return active
-
-
-# SO_NETNS_COOKIE (Linux 5.14+): a 64-bit id the kernel never hands out twice while it runs.
-SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
-_COOKIE = struct.Struct("=Q")
-
-
-def kernel_id() -> str | None:
-    """Which kernel state we run against: the boot, and the network namespace; None when it
-    cannot be known.
-
-    Not the inode of /proc/self/ns/net: the kernel reuses those numbers, so a namespace deleted
-    and created again (a container restart) looked like the same one and KILL_ROUTE was not
-    re-run. The namespace cookie is unique for the life of the boot.
-    """
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            boot = handle.read().strip()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-            cookie = _COOKIE.unpack(probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, _COOKIE.size))[0]
-    except (OSError, struct.error):
-        return None
-    return f"{boot} netns-cookie:{cookie}"
-
-
-def _kernel_changed(path: str) -> tuple[bool, str | None]:
-    """Whether the kernel differs from the one remembered at `path`, and the current id.
-
-    Anything unknown counts as changed: re-running KILL_ROUTE at worst adds a rule twice, while
-    skipping it leaves a recorded ban that is not in force.
-    """
-    current = kernel_id()
-    if current is None:
-        return True, None
-    try:
-        with open(path, encoding="ascii") as handle:
-            previous: str | None = handle.read().strip()
-    except (OSError, ValueError):
-        previous = None
-    return previous != current, current
-
-
-def _remember_kernel(path: str, current: str | None, log: Logger) -> None:
-    """Written only once the re-runs are done, so a crash half-way re-runs them next time."""
-    if current is None:
-        return
-    try:
-        with open(path, "w", encoding="ascii") as handle:
-            handle.write(current + "\n")
-    except OSError as error:
-        log(messages.store_failed(f"{path}: {error.strerror or error}"))
-
-
-def _mode_of(ban: Ban | None) -> Mode:
+def mode_of(ban: Ban | None) -> Mode:
     try:
         return Mode(ban.mode) if ban is not None else Mode.TCP
     except ValueError:

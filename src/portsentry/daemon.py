@@ -23,6 +23,7 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence, Sized
@@ -44,6 +45,7 @@ from .maintenance import Findings, Maintenance
 from .probe import IPAddress, Mode
 from .resolver import Resolver
 from .responders.classic import ClassicResponder
+from .restore import rerun_routes, restore_bans
 from .sensors.base import Hit, Sensor, describe_sensor
 from .sensors.packet import DropCounter
 from .telemetry import Telemetry
@@ -172,9 +174,12 @@ class Daemon:
         if self.bans is not None:
             # The cursor first: what changes while restoring is replayed, which is harmless.
             cursor = self.bans.store.last_change()
-            active = self.bans.restore(self.clock(), os.path.join(self.config.state_dir, "kernel-id"))
-            self.engine.sync_bans({ban.address for ban in active})
-            self.active_bans = len(active)
+            restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"))
+            self.engine.sync_bans({ban.address for ban in restored.active})
+            self.active_bans = len(restored.active)
+            if restored.rerun:  # after READY, a few at a time: many bans must not delay the start
+                threading.Thread(target=rerun_routes, args=(self.bans, restored), name="route-rerun",
+                                 daemon=True).start()
         self._blocks.start()
         self._maintenance.start(cursor, self.active_bans)
         return any_open

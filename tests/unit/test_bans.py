@@ -10,6 +10,7 @@ from portsentry.probe import IPAddress
 from portsentry.responders.backend import BanBackend
 from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.responders.shell import CommandResult
+from portsentry.restore import rerun_routes, restore_bans
 from portsentry.store import MEMORY, BanStore
 
 A = ip_address("198.18.0.2")
@@ -89,7 +90,7 @@ def test_expiry_and_unblock_leave_an_identical_line_someone_else_wrote(tmp_path)
     bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
                   hosts_deny_line="ALL: 198.18.0.2", native=True)
     assert bans.add_line(A, "ALL: 198.18.0.2", 0.0) is False  # theirs: nothing appended
-    bans.restore(1.0)  # restore does not take it over either
+    restore_bans(bans, 1.0)  # restore does not take it over either
     assert bans.expire(11.0) == [A]
     assert deny.read_text() == "ALL: 198.18.0.2\n"
     bans.remember(A, reason="scan", mode="stcp", port=1, now=20.0, duration=10,
@@ -115,11 +116,11 @@ def test_restore_reapplies_active_bans_with_remaining_time(tmp_path):
     bans, kernel, _lines, _commands = manager(tmp_path, base=100)
     bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=100,
                   hosts_deny_line="ALL: 198.18.0.2", native=True)
-    restored = bans.restore(40.0)
-    assert [ban.address for ban in restored] == [A]
+    restored = restore_bans(bans, 40.0)
+    assert [ban.address for ban in restored.active] == [A]
     assert kernel.held == {A: 60.0}
     assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
-    bans.restore(41.0)  # idempotent: nothing doubled
+    restore_bans(bans, 41.0)  # idempotent: nothing doubled
     assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
 
 
@@ -144,26 +145,28 @@ def _banned(tmp_path, route: str = "ip route add blackhole $TARGET$") -> tuple[B
     return bans, commands
 
 
+def restart(bans: BanManager, now: float, path: str) -> None:
+    rerun_routes(bans, restore_bans(bans, now, path))
+
+
 def test_kill_route_is_rerun_in_a_new_kernel_and_not_in_the_same_one(tmp_path):
     bans, commands = _banned(tmp_path)
     path = str(tmp_path / "kernel-id")
-    bans.restore(2.0, path)  # no id remembered yet: the bans may come from another kernel
+    restart(bans, 2.0, path)  # no id remembered yet: the bans may come from another kernel
     assert commands == ["ip route add blackhole 198.18.0.2"]
-    bans.restore(3.0, path)  # same boot, same namespace
+    restart(bans, 3.0, path)  # same boot, same namespace
     assert len(commands) == 1
     (tmp_path / "kernel-id").write_text("another boot netns-cookie:1\n")
-    bans.restore(4.0, path)
+    restart(bans, 4.0, path)
     assert len(commands) == 2
 
 
 def test_an_unknown_kernel_identity_errs_on_re_applying(tmp_path, monkeypatch):
-    import portsentry.bans as module
-
     bans, commands = _banned(tmp_path)
     path = str(tmp_path / "kernel-id")
-    monkeypatch.setattr(module, "kernel_id", lambda: None)
-    bans.restore(2.0, path)
-    bans.restore(3.0, path)
+    monkeypatch.setattr("portsentry.restore.kernel_id", lambda: None)
+    restart(bans, 2.0, path)
+    restart(bans, 3.0, path)
     assert len(commands) == 2
 
 
@@ -174,9 +177,9 @@ def test_the_identity_is_remembered_only_after_the_re_runs(tmp_path):
     def crash(command: str, timeout: float) -> CommandResult:
         raise KeyboardInterrupt  # killed half-way through the re-runs
 
-    bans._run = crash
+    bans.run = crash
     with contextlib.suppress(KeyboardInterrupt):
-        bans.restore(2.0, str(path))
+        restart(bans, 2.0, str(path))
     assert not path.exists()
 
 
@@ -188,13 +191,13 @@ def test_the_namespace_cookie_tells_a_recreated_namespace_apart():
 
     import pytest
 
-    from portsentry.bans import kernel_id
+    from portsentry.restore import kernel_id
 
     if os.geteuid() != 0:
         pytest.skip("needs root for unshare --net")
     here = kernel_id()
     assert here is not None and "netns-cookie:" in here
-    code = "from portsentry.bans import kernel_id; print(kernel_id())"
+    code = "from portsentry.restore import kernel_id; print(kernel_id())"
     ids = {subprocess.run(["unshare", "--net", sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=30).stdout.strip() for _ in range(3)}
     assert len(ids) == 3 and here not in ids
@@ -217,3 +220,20 @@ def test_maintenance_follows_the_feed_and_counts_what_is_in_force(tmp_path):
     assert findings.changes == [(A, True), (B, True), (B, False)]
     assert findings.active == 1 and findings.resync is None
     assert maintenance.run_once().changes == []
+
+
+def test_restore_puts_bans_in_force_without_running_commands_and_leaves_them_for_later(tmp_path):
+    # issue 10.6: READY=1 once the native set is restored; KILL_ROUTE re-runs come after.
+    bans, commands = _banned(tmp_path)
+    B = ip_address("198.18.0.3")
+    bans.remember(B, reason="scan", mode="tcp", port=1, now=1.0, duration=None,
+                  hosts_deny_line="ALL: 198.18.0.3", native=True)
+    restored = restore_bans(bans, 2.0, str(tmp_path / "kernel-id"))
+    assert commands == [] and restored.rerun
+    assert set(bans.backend.members()) == {A, B}  # type: ignore[union-attr]
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.3\n"
+    assert bans.store.owns_line(B, "ALL: 198.18.0.3")
+    assert not (tmp_path / "kernel-id").exists()  # remembered only after the re-runs
+    assert rerun_routes(bans, restored) == 0
+    assert sorted(commands) == ["ip route add blackhole 198.18.0.2", "ip route add blackhole 198.18.0.3"]
+    assert (tmp_path / "kernel-id").exists()
