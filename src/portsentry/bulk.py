@@ -127,7 +127,7 @@ def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAdd
         bans.store.disown_lines(ours)
     result.failed_commands = _run_each(bans, [steps.undo] if steps.undo else [],
                                        [ban.address for ban in held], run)
-    result.done = len(bans.store.lift_many((ban.address for ban in held), now, "unblocked by admin"))
+    result.done = bans.store.lift_many((ban.address for ban in held), now, "unblocked by admin")
     result.skipped = [f"{a}: not blocked" for a in sorted(set(addresses) - {b.address for b in held},
                                                           key=str)]
     return result

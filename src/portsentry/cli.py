@@ -114,11 +114,15 @@ def build_admin_parser() -> argparse.ArgumentParser:
         return p
 
     block = command("block", "block an address now, in every configured backend")
-    block.add_argument("address")
+    block.add_argument("address", nargs="?")
     block.add_argument("--for", dest="duration", metavar="DURATION",
                        help="how long: 90, 15m, 2h, 7d or forever (default: BLOCK_TIME)")
     unblock = command("unblock", "unblock an address everywhere (backend, hosts.deny, KILL_ROUTE_UNDO)")
-    unblock.add_argument("address")
+    unblock.add_argument("address", nargs="?")
+    for bulk in (block, unblock):
+        bulk.add_argument("--file", metavar="FILE",
+                          help="one address per line (# comments fine), - for standard input: all in "
+                               "one go, one store transaction and one kernel batch")
     listing = command("list", "list active bans")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     command("flush", "remove the native backend's table/sets (bans in the store stay)")
@@ -176,6 +180,12 @@ def admin_main(argv: Sequence[str]) -> int:
                 return NOT_RUNNING
             print("reloaded" if answer.get("ok") else f"portsentry: {answer.get('error')}")
             return 0 if answer.get("ok") else 1
+        if args.command in ("block", "unblock"):
+            if (args.address is None) == (args.file is None):
+                print(f"portsentry: {args.command}: give an ADDRESS or --file FILE", file=sys.stderr)
+                return 2
+            if args.file is not None:
+                return bulk_main(config, args, now)
         via_daemon = through_daemon(config, args)
         if via_daemon is not None:
             return via_daemon
@@ -206,6 +216,49 @@ def admin_main(argv: Sequence[str]) -> int:
     except (ConfigError, admin.AdminError, StoreError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
+
+
+def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
+    """block/unblock --file: straight on the ban store and the kernel, running daemon or not
+    (it follows the store's change feed, so it hears of every ban within a second)."""
+    from . import admin, bulk
+    from .responders.shell import run_shell
+
+    source = "<stdin>" if args.file == "-" else args.file
+    try:
+        if args.file == "-":
+            addresses = bulk.read_addresses(sys.stdin, source)
+        else:
+            with open(args.file, encoding="utf-8", errors="replace") as handle:
+                addresses = bulk.read_addresses(handle, source)
+    except bulk.AddressListError as error:
+        print(f"portsentry: {error}", file=sys.stderr)
+        return 1
+    duration: bulk.Duration = "policy"
+    if args.command == "block" and args.duration:
+        duration = admin.parse_duration(args.duration)
+    tool = admin.Admin.open(config)
+    try:
+        steps = bulk.ManualSteps.from_config(config)
+        started = time.monotonic()
+        if args.command == "block":
+            result = bulk.block_many(tool.bans, steps, addresses, now, duration, run_shell)
+        else:
+            result = bulk.unblock_many(tool.bans, steps, addresses, now, run_shell)
+        seconds = time.monotonic() - started
+    finally:
+        tool.close()
+    for line in tool.log:
+        print(line)
+    verb = "blocked" if args.command == "block" else "unblocked"
+    print(f"{verb} {result.done} of {len(addresses)} addresses from {source} in {seconds:.1f} s"
+          + (f"; {len(result.skipped)} skipped" if result.skipped else "")
+          + (f"; {result.failed_commands} commands failed" if result.failed_commands else ""))
+    for reason in result.skipped[:20]:
+        print(f"  skipped {reason}")
+    if len(result.skipped) > 20:
+        print(f"  ... and {len(result.skipped) - 20} more")
+    return 1 if result.failed_commands else 0
 
 
 def through_daemon(config: Config, args: argparse.Namespace) -> int | None:

@@ -160,3 +160,31 @@ def test_expiry_and_unblock_remove_only_the_hosts_deny_lines_we_appended(daemon_
     eventually(lambda: net.scanner_ip4 in admin(daemon, "list"), what="banned again")
     admin(daemon, "unblock", net.scanner_ip4)
     assert daemon.hosts_deny_path.read_text() == f"sshd: 198.18.9.9\nALL: {net.scanner_ip4}\n"
+
+
+def test_block_and_unblock_many_from_a_file_while_the_daemon_runs(daemon_factory, namespaces, tmp_path):
+    # issue 10.3: one store transaction, one kernel batch; the running daemon follows the store.
+    net = namespaces
+    daemon = daemon_factory("-stcp", TCP_PORTS="1", BLOCK_TIME="600", BAN_SET_SIZE="65536", **NFT)
+    feed = tmp_path / "feed.txt"
+    addresses = [f"198.19.{n >> 8}.{n & 255}" for n in range(1, 20_001)]
+    feed.write_text("# a threat feed\n" + "\n".join(addresses) + f"\n{net.scanner_ip4}\n224.0.0.9\n")
+    out = admin(daemon, "block", "--file", str(feed))
+    assert f"blocked 20001 of 20002 addresses from {feed}" in out, out
+    assert "skipped 224.0.0.9: a multicast address" in out
+    assert len(nft_set(net.target)) == 20_001
+    # The daemon heard of it through the store: a probe from the scanner is not a new block.
+    eventually(lambda: json.loads(admin(daemon, "status", "--json"))["active_bans"] == 20_001,
+               what="the daemon counting the bulk bans")
+    lines = daemon.hosts_deny_text().splitlines()
+    assert len(lines) == 20_001 and lines[0] == "ALL: 198.19.0.1"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("198.19.0.1\nnot-an-address\n")
+    result = run_in(net.target, [sys.executable, "-m", "portsentry", "block", "--file", str(bad), "-c",
+                                 str(daemon.conf_path)], env=daemon_env())
+    assert result.returncode == 1 and f"{bad}:2: 'not-an-address' is not an IP address" in result.stderr
+    out = admin(daemon, "unblock", "--file", str(feed))
+    assert f"unblocked 20001 of 20002 addresses from {feed}" in out, out
+    assert nft_set(net.target) == [] and daemon.hosts_deny_text() == ""
+    eventually(lambda: json.loads(admin(daemon, "status", "--json"))["active_bans"] == 0,
+               what="the daemon hearing of the lifts")

@@ -63,9 +63,13 @@ def test_many_bans_in_one_go_and_back(tmp_path):
     assert len(changes) == 1000 and {c.kind for c in changes} == {"ban"}
 
     ran.clear()
+    cursor = bans.store.last_change()
     result = unblock_many(bans, steps, [*addresses, ip_address("198.18.5.5")], T0 + 1, recorder(ran))
     assert result.done == 1000 and result.skipped == ["198.18.5.5: not blocked"]
     assert kernel.held == {} and bans.store.active_count(T0 + 1) == 0
+    lifts = bans.store.changes(after=cursor)
+    assert len(lifts) == 1000 and {(c.kind, c.origin) for c in lifts} == {("lift", "local")}
+    assert bans.store.offences(ip_address("198.19.0.8")) == 1
     assert deny.read_text() == "ALL: 198.19.0.7\n"  # ours gone, theirs kept
     assert sorted(ran) == sorted(f"ip route del blackhole {a}" for a in addresses)
 
