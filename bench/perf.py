@@ -31,7 +31,7 @@ from types import FrameType
 
 from tests.system import rig
 
-from bench import ban_backends, harness
+from bench import ban_backends, harness, many_bans
 from bench.harness import ALREADY, BLOCKED, DETECTION, BenchError, Receiver, Running, Subject
 
 DOC = harness.REPO_ROOT / "docs" / "performance.md"
@@ -952,8 +952,10 @@ def profile(directory: Path, rate: int, count: int, interval_us: int, source: Pa
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
-    parser.add_argument("--only", action="append", choices=(*PARTS, "capture"),
-                        help="run only this part (repeatable; default: all but capture)")
+    parser.add_argument("--only", action="append", choices=(*PARTS, "capture", *many_bans.PARTS),
+                        help="run only this part (repeatable; default: all but capture and the "
+                        "issue-10 parts idle, startup and stalls, which bench/many_bans.py runs "
+                        "and which write their own section of docs/performance.md)")
     parser.add_argument("--with-capture", action="store_true",
                         help="also rerun bench/capture_mechanisms.py (about 6 minutes; figures in "
                         "docs/capture.md)")
@@ -973,6 +975,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="length of the normal-traffic window (default 10, at most 60)")
     parser.add_argument("--normal-udp-pps", type=float, default=2000.0,
                         help="UDP datagrams per second in the normal-traffic part (default 2000)")
+    parser.add_argument("--idle-sizes", default=",".join(str(n) for n in many_bans.SIZES),
+                        help="idle part: numbers of active bans (default 1000,10000,100000,1000000)")
+    parser.add_argument("--idle-seconds", type=float, default=60.0,
+                        help="idle part: window at 100k bans (default 60)")
+    parser.add_argument("--idle-scaling-seconds", type=float, default=30.0,
+                        help="idle part: window at the other sizes (default 30)")
+    parser.add_argument("--ready-bound", type=float, default=60.0,
+                        help="idle/startup: longest wait for READY before the run is reported as "
+                        "not ready (default 60)")
+    parser.add_argument("--stall-hang", type=float, default=30.0,
+                        help="stalls part: seconds each KILL_ROUTE hangs (default 30)")
+    parser.add_argument("--issue10-label", default="Before the redesign",
+                        help="label of the issue-10 results (default 'Before the redesign')")
+    parser.add_argument("--py-spy-dir", type=Path, metavar="DIR",
+                        help="idle/startup: py-spy dump of the daemon at the end of each window "
+                        "(py-spy from $PY_SPY or PATH) into DIR; not part of the figures")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--ours-log-stderr", action="store_true",
@@ -992,6 +1010,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"--spoof-checkpoint must be below --spoof-sources and {SPOOF_IPV4_SOURCES}")
     if not 1 <= args.normal_seconds <= 60 or not 1 <= args.normal_udp_pps <= 100_000:
         parser.error("--normal-seconds must be 1-60 and --normal-udp-pps 1-100000")
+    sizes = [int(n) for n in args.idle_sizes.split(",") if n]
+    if not sizes or any(not 1 <= n <= 2_000_000 for n in sizes):
+        parser.error("--idle-sizes: numbers from 1 to 2000000")
+    if not 0 < args.idle_seconds <= 600 or not 0 < args.idle_scaling_seconds <= 600:
+        parser.error("--idle-seconds and --idle-scaling-seconds must be 1-600")
+    if not 1 <= args.ready_bound <= 600 or not 1 <= args.stall_hang <= 120:
+        parser.error("--ready-bound must be 1-600 and --stall-hang 1-120")
     if args.spoof_sources > 2_000_000 or not 1000 <= args.spoof_pps <= 100_000:
         parser.error("--spoof-sources is capped at 2000000 and --spoof-pps must be 1000-100000")
     return args
@@ -1015,6 +1040,21 @@ def measure_all(args: argparse.Namespace, argv: Sequence[str], source: Path | No
     only = set(args.only or PARTS)
     if args.with_capture:
         only.add("capture")
+    issue10 = only & set(many_bans.PARTS)
+    if issue10:
+        block = many_bans.measure(
+            issue10, repeat=args.repeat, sizes=[int(n) for n in args.idle_sizes.split(",") if n],
+            idle_seconds=args.idle_seconds, scaling_seconds=args.idle_scaling_seconds,
+            ready_bound=args.ready_bound, hang=args.stall_hang, spy_dir=args.py_spy_dir,
+            label=args.issue10_label, command=" ".join(["bench/run", *argv]), load_at_start=loadavg,
+            source=source, rev=args.ours_rev)
+        print(block)
+        if not args.no_write:
+            many_bans.write_block(args.doc, block)
+            print(f"issue-10 results written to {args.doc}")
+        only -= issue10
+        if not only:
+            return 0
     ours = harness.Ours(log_stderr=args.ours_log_stderr, source=source)
     subjects: list[Subject] = [ours, harness.Debian12()]
     # Ours with a native block (BAN_BACKEND="nftables", NFLOG capture) as a third column where the
