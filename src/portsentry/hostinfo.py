@@ -6,41 +6,45 @@ parsing is pure and tolerant, so malformed or unexpected messages are skipped ra
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from portsentry.netlink import (
+    NETLINK_ROUTE,
+    NLATTR,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    Message,
+    align,
+    attributes,
+    dump,
+    message,
+    messages,
+    open_socket,
+)
+from portsentry.netlink import NLMSG_DONE as NLMSG_DONE
+from portsentry.netlink import NLMSGHDR as NLMSGHDR
 from portsentry.probe import IPAddress
 
-# --- Wire format (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h), native byte order ---
+# --- rtnetlink's bodies (linux/rtnetlink.h, linux/if_addr.h), native byte order; the netlink
+# framing is portsentry.netlink's ---
 
-NLMSGHDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
 IFADDRMSG = struct.Struct("=BBBBI")  # ifa_family, ifa_prefixlen, ifa_flags, ifa_scope, ifa_index
 # rtm_family, rtm_dst_len, rtm_src_len, rtm_tos, rtm_table, rtm_protocol, rtm_scope, rtm_type,
 # rtm_flags
 RTMSG = struct.Struct("=BBBBBBBBI")
-RTATTR = struct.Struct("=HH")  # rta_len, rta_type
+RTATTR = NLATTR  # struct rtattr: rta_len, rta_type, as struct nlattr
 RTNEXTHOP = struct.Struct("=HBBi")  # rtnh_len, rtnh_flags, rtnh_hops, rtnh_ifindex
 RTVIA_FAMILY = struct.Struct("=H")  # struct rtvia starts with the gateway's family
 
-NLMSG_ALIGNTO = 4
-RTA_ALIGNTO = 4
-RTNH_ALIGNTO = 4
-
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 RTM_NEWADDR = 20
 RTM_GETADDR = 22
 RTM_NEWROUTE = 24
 RTM_GETROUTE = 26
-
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP_INTR = 0x10
-NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
@@ -56,25 +60,15 @@ RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 
 _ADDRESS_SIZES: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 16}
+_ADDRESS_ATTRIBUTES = frozenset({IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST})
 _RECV_BUFFER = 1 << 17  # kernel dump skbs are at most ~32 KiB; leave generous room
 _DUMP_ATTEMPTS = 3
 _DUMP_TIMEOUT = 5.0  # seconds; the kernel answers at once, this only guards against a hang
 
 
-def _align(length: int, alignment: int) -> int:
-    return (length + alignment - 1) & ~(alignment - 1)
-
-
 # --- Pure parsing: bytes in, records out, nothing raises on bad input ---
 
-
-@dataclass(frozen=True)
-class NetlinkMessage:
-    type: int
-    flags: int
-    seq: int
-    pid: int
-    payload: bytes
+NetlinkMessage = Message  # one message of a dump, as portsentry.netlink splits them
 
 
 @dataclass(frozen=True)
@@ -105,26 +99,7 @@ class Route:
 
 def parse_messages(data: bytes) -> list[NetlinkMessage]:
     """Split a netlink datagram into messages; stops at the first header that does not fit."""
-    messages: list[NetlinkMessage] = []
-    offset = 0
-    while offset + NLMSGHDR.size <= len(data):
-        length, kind, flags, seq, pid = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size or offset + length > len(data):
-            break
-        payload = data[offset + NLMSGHDR.size : offset + length]
-        messages.append(NetlinkMessage(kind, flags, seq, pid, payload))
-        offset += _align(length, NLMSG_ALIGNTO)
-    return messages
-
-
-def iter_attributes(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
-    """Yield (rta_type, value) from `offset` on; stops at the first attribute that does not fit."""
-    while offset + RTATTR.size <= len(data):
-        length, kind = RTATTR.unpack_from(data, offset)
-        if length < RTATTR.size or offset + length > len(data):
-            return
-        yield kind, data[offset + RTATTR.size : offset + length]
-        offset += _align(length, RTA_ALIGNTO)
+    return messages(data)
 
 
 def _address(family: int, value: bytes) -> IPAddress | None:
@@ -142,15 +117,14 @@ def parse_addr_message(payload: bytes) -> InterfaceAddress | None:
     family, prefixlen, _flags, _scope, index = IFADDRMSG.unpack_from(payload)
     if family not in _ADDRESS_SIZES:
         return None
-    attributes: dict[int, IPAddress | None] = {}
-    for kind, value in iter_attributes(payload, _align(IFADDRMSG.size, NLMSG_ALIGNTO)):
-        if kind in (IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST):
-            attributes[kind] = _address(family, value)
+    found: dict[int, IPAddress | None] = {}
+    for kind, value in attributes(payload, align(IFADDRMSG.size), len(payload), _ADDRESS_ATTRIBUTES)[0]:
+        found[kind] = _address(family, value)
     # On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is always ours when present.
-    local = attributes.get(IFA_LOCAL)
+    local = found.get(IFA_LOCAL)
     if local is None:
-        local = attributes.get(IFA_ADDRESS)
-    broadcast = attributes.get(IFA_BROADCAST)
+        local = found.get(IFA_ADDRESS)
+    broadcast = found.get(IFA_BROADCAST)
     return InterfaceAddress(
         family=family,
         prefixlen=prefixlen,
@@ -184,12 +158,11 @@ def _multipath_gateways(family: int, value: bytes) -> list[IPAddress]:
         length = RTNEXTHOP.unpack_from(value, offset)[0]
         if length < RTNEXTHOP.size or offset + length > len(value):
             break
-        hop = value[offset : offset + length]
-        for kind, nested in iter_attributes(hop, RTNEXTHOP.size):
+        for kind, nested in attributes(value, offset + RTNEXTHOP.size, offset + length)[0]:
             gateway = _gateway(family, kind, nested)
             if gateway is not None:
                 gateways.append(gateway)
-        offset += _align(length, RTNH_ALIGNTO)
+        offset += align(length)  # RTNH_ALIGN
     return gateways
 
 
@@ -201,7 +174,7 @@ def parse_route_message(payload: bytes) -> Route | None:
     if family not in _ADDRESS_SIZES:
         return None
     gateways: list[IPAddress] = []
-    for attribute, value in iter_attributes(payload, _align(RTMSG.size, NLMSG_ALIGNTO)):
+    for attribute, value in attributes(payload, align(RTMSG.size))[0]:
         if attribute == RTA_TABLE and len(value) >= 4:
             # Tables above 255 only fit here; rtm_table then says RT_TABLE_COMPAT.
             table = struct.unpack_from("=I", value)[0]
@@ -216,15 +189,21 @@ def parse_route_message(payload: bytes) -> Route | None:
 
 def parse_addr_messages(data: bytes) -> list[InterfaceAddress]:
     """Every RTM_NEWADDR in a datagram (other message types are skipped)."""
-    messages = parse_messages(data)
-    parsed = (parse_addr_message(m.payload) for m in messages if m.type == RTM_NEWADDR)
-    return [address for address in parsed if address is not None]
+    return _addresses(messages(data))
 
 
 def parse_route_messages(data: bytes) -> list[Route]:
     """Every RTM_NEWROUTE in a datagram (other message types are skipped)."""
-    messages = parse_messages(data)
-    parsed = (parse_route_message(m.payload) for m in messages if m.type == RTM_NEWROUTE)
+    return _routes(messages(data))
+
+
+def _addresses(found: Iterable[Message]) -> list[InterfaceAddress]:
+    parsed = (parse_addr_message(m.payload) for m in found if m.type == RTM_NEWADDR)
+    return [address for address in parsed if address is not None]
+
+
+def _routes(found: Iterable[Message]) -> list[Route]:
+    parsed = (parse_route_message(m.payload) for m in found if m.type == RTM_NEWROUTE)
     return [route for route in parsed if route is not None]
 
 
@@ -249,59 +228,36 @@ def parse_resolv_conf(text: str) -> frozenset[IPAddress]:
 # --- The I/O shell: one dump request per question ---
 
 
-def _dump(request_type: int, body: bytes) -> list[bytes]:
-    """Run one NETLINK_ROUTE dump; returns the datagrams. Raises OSError if the kernel refuses."""
+def _dump(request_type: int, body: bytes) -> list[Message]:
+    """Run one NETLINK_ROUTE dump; returns its messages. Raises OSError if the kernel refuses."""
     # A dump racing an address/route change is flagged; ask again for a consistent view, but
     # settle for the last (merely possibly stale) answer rather than fail.
     for _attempt in range(_DUMP_ATTEMPTS - 1):
-        datagrams, interrupted = _dump_once(request_type, body)
+        found, interrupted = _dump_once(request_type, body)
         if not interrupted:
-            return datagrams
+            return found
     return _dump_once(request_type, body)[0]
 
 
-def _dump_once(request_type: int, body: bytes) -> tuple[list[bytes], bool]:
+def _dump_once(request_type: int, body: bytes) -> tuple[list[Message], bool]:
     seq = int.from_bytes(os.urandom(4), "little") or 1
-    header = NLMSGHDR.pack(
-        NLMSGHDR.size + len(body), request_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
-    )
-    datagrams: list[bytes] = []
-    interrupted = False
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as sock:
+    with open_socket(NETLINK_ROUTE) as sock:
         sock.settimeout(_DUMP_TIMEOUT)
         sock.bind((0, 0))
-        sock.sendto(header + body, (0, 0))
-        while True:
-            data = sock.recv(_RECV_BUFFER)
-            if not data:
-                raise OSError(errno.EIO, "netlink socket closed during dump")
-            done = False
-            for message in parse_messages(data):
-                if message.seq != seq:
-                    continue
-                interrupted |= bool(message.flags & NLM_F_DUMP_INTR)
-                if message.type == NLMSG_DONE:
-                    done = True
-                elif message.type == NLMSG_ERROR and len(message.payload) >= 4:
-                    code = -struct.unpack_from("=i", message.payload)[0]
-                    if code:
-                        raise OSError(code, f"netlink dump failed: {os.strerror(code)}")
-                    done = True
-            datagrams.append(data)
-            if done:
-                return datagrams, interrupted
+        request = message(request_type, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+        return dump(sock, request, seq, _RECV_BUFFER)
 
 
 def interface_addresses() -> list[InterfaceAddress]:
     """Every address on every interface, both families (RTM_GETADDR dump)."""
     request = IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-    return [a for data in _dump(RTM_GETADDR, request) for a in parse_addr_messages(data)]
+    return _addresses(_dump(RTM_GETADDR, request))
 
 
 def routes() -> list[Route]:
     """Every route in every table, both families (RTM_GETROUTE dump)."""
     request = RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)
-    return [r for data in _dump(RTM_GETROUTE, request) for r in parse_route_messages(data)]
+    return _routes(_dump(RTM_GETROUTE, request))
 
 
 def local_addresses() -> frozenset[IPAddress]:

@@ -154,6 +154,15 @@ def test_parse_addr_skips_other_families_and_short_bodies() -> None:
     ]
 
 
+def test_attribute_type_flags_are_masked_as_the_kernel_does() -> None:
+    # nla_type(): NLA_F_NESTED and NLA_F_NET_BYTEORDER are not part of the type.
+    data = addr_message(AF4, 24, 2, rtattr(IFA_LOCAL | 0x4000, packed("198.18.0.7")))
+    assert parse_addr_messages(data)[0].local == IPv4Address("198.18.0.7")
+    hop = pad(nexthop(rtattr(RTA_GATEWAY | 0x8000, packed("198.18.0.1"))))
+    route = route_message(AF4, 0, rtattr(RTA_MULTIPATH | 0x8000, hop))
+    assert parse_route_messages(route)[0].gateways == (IPv4Address("198.18.0.1"),)
+
+
 def test_parse_stops_at_a_header_that_overruns() -> None:
     good = addr_message(AF4, 24, 2, rtattr(IFA_LOCAL, packed("198.18.0.7")))
     overrun = NLMSGHDR.pack(4096, RTM_NEWADDR, 2, 1, 0) + IFADDRMSG.pack(AF4, 24, 0, 0, 2)

@@ -103,6 +103,15 @@ def test_nested_and_byteorder_flags_do_not_hide_the_payload_type() -> None:
     assert parse_nflog(nlmsg(ULOG_PACKET, body)) == ([SYN], 0)
 
 
+def test_only_a_four_byte_seq_counts_and_the_last_one_wins() -> None:
+    body = struct.pack("!BBH", 2, 0, 1) + nla(12, struct.pack("!I", 7)) + nla(12, struct.pack("!I", 8))
+    body += nla(12, b"\0\0\0\0\0") + nla(9, SYN)
+    batch = parse_nflog_batch(nlmsg(ULOG_PACKET, body) + packet_msg(SYN, seq=9))
+    assert (batch.payloads, batch.errors, batch.first_seq, batch.last_seq) == ([SYN, SYN], 0, 8, 9)
+    short = struct.pack("!BBH", 2, 0, 1) + nla(12, b"\0\1") + nla(9, SYN)
+    assert parse_nflog_batch(nlmsg(ULOG_PACKET, short)).first_seq is None
+
+
 @pytest.mark.parametrize(
     ("data", "payloads", "errors"),
     [
@@ -360,6 +369,20 @@ def test_packets_arriving_before_the_ack_are_counted() -> None:
     fake.send = send  # type: ignore[method-assign]
     capture = capture_with(fake)
     assert capture.stats().packets == 2
+
+
+def test_an_ack_for_another_request_is_not_taken_for_ours() -> None:
+    fake = FakeNetlink()
+    original_send = fake.send
+
+    def send(data: bytes) -> int:
+        fake.queue.append(ack(99, errno.EPERM))  # a stray answer, not to this request
+        return original_send(data)
+
+    fake.send = send  # type: ignore[method-assign]
+    capture = capture_with(fake)
+    assert len(fake.sent) == 2
+    assert capture.malformed == 2  # each stray answer was handed to the packet parser
 
 
 def test_socket_open_failure_is_a_capture_error() -> None:

@@ -369,6 +369,31 @@ def test_parse_acks_reads_errors_and_skips_others() -> None:
         parse_acks(ack[:30])
 
 
+@pytest.mark.parametrize(("data", "message"), [
+    (struct.pack("=IHHII", 20, 2, 0, 1, 0) + b"\0" * 4, "short netlink error message at byte 0"),
+    (struct.pack("=IHHII", 20, 3, 0, 1, 0) + b"\0" * 4 + struct.pack("=IHHII", 99, 2, 0, 1, 0),
+     "malformed netlink message at byte 20 \\(length 99\\)"),
+    (struct.pack("=IHHII", 20, 3, 0, 1, 0) + b"\0" * 9, "5 trailing bytes"),
+])
+def test_parse_acks_says_where_it_stopped(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_acks(data)
+    assert parse_acks(struct.pack("=IHHII", 20, 3, 0, 1, 0) + b"\0" * 7) == []  # padding-sized tail
+
+
+def test_netlink_answers_to_other_requests_do_not_end_the_wait() -> None:
+    fake = FakeNetlink()
+    original = fake.sendall
+
+    def sendall(data: bytes) -> None:
+        fake.pending += struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -errno.EPERM) + \
+            struct.pack("=IHHII", 20, 0x0A0C, 5, 1, 0)  # a stale refusal of seq 1
+        original(data)
+
+    fake.sendall = sendall  # type: ignore[method-assign]
+    netlink_backend(fake).add(V4, 60)
+
+
 @FUZZ
 @given(st.binary(max_size=300))
 def test_parse_acks_fuzz_only_value_errors(data: bytes) -> None:

@@ -33,6 +33,25 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import ClassVar
 
+from portsentry.netlink import (
+    NETLINK_CAP_ACK,
+    NETLINK_NETFILTER,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NLMSG_HDRLEN,
+    NLMSGHDR,
+    SOL_NETLINK,
+    NoAnswer,
+    attr,
+    error_reply,
+    nested,
+    nf_message,
+    open_socket,
+    split,
+    wait_acks,
+)
 from portsentry.probe import IPAddress, Protocol
 from portsentry.responders.backend import (
     BackendError,
@@ -58,19 +77,9 @@ LISTING_ATTEMPTS = 10
 LISTING_RETRY_DELAY = 0.2
 
 # ---------------------------------------------------------------------------------------------
-# nf_tables netlink, declared once (linux/netlink.h, linux/netfilter/nfnetlink.h, nf_tables.h)
+# nf_tables messages (linux/netfilter/nf_tables.h); the netlink framing is portsentry.netlink's
 
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid
-NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (big-endian)
-NLATTR = struct.Struct("=HH")  # len, type
-NLMSGERR = struct.Struct("=i")  # negative errno, then the offending message's header
 BE64 = struct.Struct("!Q")
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
-NLA_F_NESTED = 0x8000
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
@@ -85,7 +94,7 @@ SocketFactory = Callable[[], socket.socket]
 
 def open_netlink() -> socket.socket:
     """A NETLINK_NETFILTER socket in this process's network namespace."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    sock = open_socket(NETLINK_NETFILTER)
     try:
         sock.bind((0, 0))
         # Error replies then carry only the failed message's header, not its (large) payload.
@@ -98,20 +107,6 @@ def open_netlink() -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    size = NLATTR.size + len(payload)
-    return NLATTR.pack(size, kind) + payload + b"\0" * (-size % 4)
-
-
-def _nested(kind: int, *children: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(children))
-
-
-def _message(kind: int, flags: int, seq: int, family: int, res_id: int, body: bytes) -> bytes:
-    payload = NFGENMSG.pack(family, 0, res_id) + body
-    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), kind, flags, seq, 0) + payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,27 +123,27 @@ def element_message(table: str, op: ElementOp, seq: int) -> bytes:
     items = []
     for address, timeout_ms in op.elements:
         address_text(address)  # refuses anything but an ipaddress object
-        parts = [_nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, address.packed))]
+        parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, address.packed))]
         if timeout_ms is not None:
-            parts.append(_attr(NFTA_SET_ELEM_TIMEOUT, BE64.pack(timeout_ms)))
-        items.append(_nested(NFTA_LIST_ELEM, *parts))
+            parts.append(attr(NFTA_SET_ELEM_TIMEOUT, BE64.pack(timeout_ms)))
+        items.append(nested(NFTA_LIST_ELEM, *parts))
     body = (
-        _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-        + _attr(NFTA_SET_ELEM_LIST_SET, op.set_name.encode() + b"\0")
-        + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)
+        attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+        + attr(NFTA_SET_ELEM_LIST_SET, op.set_name.encode() + b"\0")
+        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)
     )
     flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op.kind == NFT_MSG_NEWSETELEM else 0)
-    return _message((NFNL_SUBSYS_NFTABLES << 8) | op.kind, flags, seq, NFPROTO_INET, 0, body)
+    return nf_message((NFNL_SUBSYS_NFTABLES << 8) | op.kind, flags, seq, NFPROTO_INET, 0, body)
 
 
 def batch(table: str, ops: Sequence[ElementOp], first_seq: int) -> bytes:
     """One nf_tables transaction: BATCH_BEGIN, a message per op (seq first_seq+1...), BATCH_END.
     The kernel applies all of it or none of it."""
-    begin = _message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, NFPROTO_UNSPEC,
-                     NFNL_SUBSYS_NFTABLES, b"")
+    begin = nf_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, NFPROTO_UNSPEC,
+                       NFNL_SUBSYS_NFTABLES)
     messages = [element_message(table, op, first_seq + 1 + i) for i, op in enumerate(ops)]
-    end = _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first_seq + 1 + len(ops), NFPROTO_UNSPEC,
-                   NFNL_SUBSYS_NFTABLES, b"")
+    end = nf_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first_seq + 1 + len(ops), NFPROTO_UNSPEC,
+                     NFNL_SUBSYS_NFTABLES)
     return begin + b"".join(messages) + end
 
 
@@ -156,20 +151,19 @@ def parse_acks(data: bytes) -> list[tuple[int, int]]:
     """(seq, errno) for every NLMSG_ERROR in `data` (errno 0 is an acknowledgement); other
     messages are skipped. Raises ValueError on a truncated or malformed message."""
     acks: list[tuple[int, int]] = []
-    offset = 0
-    while offset + NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size or offset + length > len(data):
-            raise ValueError(f"malformed netlink message at byte {offset} (length {length})")
+    spans, stop = split(data)
+    for kind, _flags, _seq, _pid, start, end in spans:
         if kind == NLMSG_ERROR:
-            if length < NLMSGHDR.size + NLMSGERR.size + NLMSGHDR.size:
-                raise ValueError(f"short netlink error message at byte {offset}")
-            (error,) = NLMSGERR.unpack_from(data, offset + NLMSGHDR.size)
-            original = NLMSGHDR.unpack_from(data, offset + NLMSGHDR.size + NLMSGERR.size)
-            acks.append((original[3], -error))
-        offset += (length + 3) & ~3
-    if offset < len(data) and len(data) - offset >= 4:
-        raise ValueError(f"{len(data) - offset} trailing bytes after the last netlink message")
+            reply = error_reply(data, start, end)
+            if reply is None:
+                raise ValueError(f"short netlink error message at byte {start - NLMSG_HDRLEN}")
+            acks.append(reply)
+    rest = len(data) - stop
+    if rest >= NLMSG_HDRLEN:
+        length = NLMSGHDR.unpack_from(data, stop)[0]
+        raise ValueError(f"malformed netlink message at byte {stop} (length {length})")
+    if rest >= 4:
+        raise ValueError(f"{rest} trailing bytes after the last netlink message")
     return acks
 
 
@@ -205,23 +199,15 @@ class NetlinkElements:
             self._sock = self._factory()
         sock = self._sock
         first = self._seq = (self._seq + len(ops) + 2) % (1 << 31)
-        wanted = set(range(first + 1, first + 1 + len(ops)))
         sock.sendall(batch(self.table, ops, first))
         # nfnetlink handles the batch inside the send call, so every answer is queued by now; the
         # short timeout only guards against a kernel that behaves otherwise.
-        errors: list[int] = []
         sock.settimeout(2.0)
-        while wanted and not errors:
-            try:
-                data = sock.recv(1 << 16)
-            except TimeoutError:
-                raise BackendError(
-                    f"nf_tables netlink: no answer for {len(wanted)} message(s)"
-                ) from None
-            for seq, code in parse_acks(data):
-                wanted.discard(seq)
-                if code:
-                    errors.append(code)
+        try:
+            answers = wait_acks(sock, range(first + 1, first + 1 + len(ops)))
+        except NoAnswer as exc:
+            raise BackendError(f"nf_tables netlink: no answer for {exc.missing} message(s)") from None
+        errors = [code for code in answers.values() if code]
         if errors:
             # Drain what else this transaction queued, so the next one reads only its own answers.
             sock.settimeout(0)

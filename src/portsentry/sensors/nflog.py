@@ -18,31 +18,40 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from ..netlink import (
+    NETLINK_NETFILTER,
+    NFGENMSG,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_OVERRUN,
+    NoAnswer,
+    acks,
+    attr,
+    attributes,
+    nf_message,
+    open_socket,
+    split,
+    wait_acks,
+)
 from .capture import SO_RCVBUFFORCE, CaptureError, CaptureStats
 
 # ---------------------------------------------------------------------------------------------
-# Wire formats (linux/netlink.h, linux/netfilter/nfnetlink.h, nfnetlink_log.h), declared once
+# nfnetlink_log's messages (linux/netfilter/nfnetlink_log.h); the netlink framing is ..netlink's
 
-NETLINK_NETFILTER = 12
-NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host order)
-NFGENMSG = struct.Struct("!BBH")  # family, version, res_id = log group (big-endian)
-NFATTR = struct.Struct("=HH")  # len, type (host order); the payload follows, padded to 4
-NLMSGERR = struct.Struct("=i")  # negative errno, then the offending message's header
 CFG_CMD = struct.Struct("!B")  # nfulnl_msg_config_cmd
 CFG_MODE = struct.Struct("!IBx")  # nfulnl_msg_config_mode: copy_range, copy_mode, pad
 BE32 = struct.Struct("!I")
 BE16 = struct.Struct("!H")
 
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NFATTR_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 NFNL_SUBSYS_ULOG = 4
-NFNETLINK_V0 = 0
 
 
 class NlMsg(enum.IntEnum):
-    ERROR = 2
-    DONE = 3  # closes a multi-packet batch
-    OVERRUN = 4
+    ERROR = NLMSG_ERROR
+    DONE = NLMSG_DONE  # closes a multi-packet batch
+    OVERRUN = NLMSG_OVERRUN
     ULOG_PACKET = (NFNL_SUBSYS_ULOG << 8) | 0  # NFULNL_MSG_PACKET
     ULOG_CONFIG = (NFNL_SUBSYS_ULOG << 8) | 1  # NFULNL_MSG_CONFIG
 
@@ -72,6 +81,14 @@ NFULNL_COPY_PACKET = 2
 NFULNL_CFG_F_SEQ = 0x1
 SEQ_MODULUS = 1 << 32
 
+# parse_nflog_batch runs once per packet: what it compares with, as plain ints and locals.
+_PACKET, _DONE = int(NlMsg.ULOG_PACKET), int(NlMsg.DONE)
+_PAYLOAD = int(PacketAttr.PAYLOAD)
+_PACKET_ATTRIBUTES = frozenset({_PAYLOAD, int(PacketAttr.SEQ)})
+_NFGENMSG_SIZE = NFGENMSG.size
+_SEQ_SIZE = BE32.size
+_unpack_be32 = BE32.unpack
+
 # Defaults. 256 bytes hold any IPv4 header with options plus TCP (120), and IPv6 with up to 196
 # bytes of extension headers before the TCP/UDP header; SYNs are shorter than that anyway.
 COPY_RANGE = 256
@@ -87,7 +104,7 @@ CONFIG_TIMEOUT = 2.0
 
 
 def open_nfnetlink() -> socket.socket:
-    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    return open_socket(NETLINK_NETFILTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,52 +126,32 @@ def parse_nflog_batch(data: bytes) -> NflogBatch:
     errors = 0
     first_seq: int | None = None
     last_seq: int | None = None
-    size = len(data)
-    offset = 0
-    header = NLMSGHDR.size
-    while offset + header <= size:
-        length, kind = NLMSGHDR.unpack_from(data, offset)[:2]
-        if length < header or offset + length > size:
-            errors += 1
-            return NflogBatch(payloads, errors, first_seq, last_seq)
-        end = offset + length
-        if kind == NlMsg.ULOG_PACKET:
-            payload, seq, bad = _packet_attributes(data, offset + header + NFGENMSG.size, end)
-            errors += bad
+    spans, stop = split(data)
+    for kind, _flags, _seq, _pid, start, end in spans:
+        if kind == _PACKET:
+            payload: bytes | None = None
+            seq: bytes | None = None
+            found, clean = attributes(data, start + _NFGENMSG_SIZE, end, _PACKET_ATTRIBUTES)
+            if not clean:
+                errors += 1
+            for attribute, value in found:
+                if attribute == _PAYLOAD:
+                    payload = value
+                elif len(value) == _SEQ_SIZE:  # PacketAttr.SEQ, the only other type asked for
+                    seq = value
             if payload is None:
                 errors += 1
             else:
                 payloads.append(payload)
             if seq is not None:
+                last_seq = _unpack_be32(seq)[0]
                 if first_seq is None:
-                    first_seq = seq
-                last_seq = seq
-        elif kind != NlMsg.DONE:
+                    first_seq = last_seq
+        elif kind != _DONE:
             errors += 1
-        offset += (length + 3) & ~3
-    if offset < size:
-        errors += 1  # trailing bytes too short for a header
+    if stop < len(data):
+        errors += 1  # a message whose length cannot be trusted, or a tail too short for a header
     return NflogBatch(payloads, errors, first_seq, last_seq)
-
-
-def _packet_attributes(data: bytes, offset: int, end: int) -> tuple[bytes | None, int | None, int]:
-    """(payload, seq, malformed attribute count) of one NFULNL_MSG_PACKET's attributes."""
-    payload: bytes | None = None
-    seq: int | None = None
-    attr_header = NFATTR.size
-    if offset > end:
-        return None, None, 1
-    while offset + attr_header <= end:
-        length, kind = NFATTR.unpack_from(data, offset)
-        if length < attr_header or offset + length > end:
-            return payload, seq, 1
-        kind &= NFATTR_TYPE_MASK
-        if kind == PacketAttr.PAYLOAD:
-            payload = data[offset + attr_header:offset + length]
-        elif kind == PacketAttr.SEQ and length == attr_header + BE32.size:
-            seq = BE32.unpack_from(data, offset + attr_header)[0]
-        offset += (length + 3) & ~3
-    return payload, seq, 0
 
 
 def parse_nflog(data: bytes) -> tuple[list[bytes], int]:
@@ -163,46 +160,32 @@ def parse_nflog(data: bytes) -> tuple[list[bytes], int]:
     return batch.payloads, batch.errors
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    size = NFATTR.size + len(payload)
-    return NFATTR.pack(size, kind) + payload + bytes(-size % 4)
-
-
 def config_message(group: int, seq: int, attributes: bytes) -> bytes:
     """An NFULNL_MSG_CONFIG request for log group `group`, asking for an acknowledgement."""
-    body = NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, group) + attributes
-    return NLMSGHDR.pack(NLMSGHDR.size + len(body), NlMsg.ULOG_CONFIG, NLM_F_REQUEST | NLM_F_ACK,
-                         seq, 0) + body
+    return nf_message(NlMsg.ULOG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, seq, socket.AF_UNSPEC, group,
+                      attributes)
 
 
 def bind_attributes() -> bytes:
-    return _attr(CfgAttr.CMD, CFG_CMD.pack(CfgCmd.BIND))
+    return attr(CfgAttr.CMD, CFG_CMD.pack(CfgCmd.BIND))
 
 
 def mode_attributes(copy_range: int, qthresh: int, flush_cs: int, nlbufsiz: int) -> bytes:
     return (
-        _attr(CfgAttr.MODE, CFG_MODE.pack(copy_range, NFULNL_COPY_PACKET))
-        + _attr(CfgAttr.NLBUFSIZ, BE32.pack(nlbufsiz))
-        + _attr(CfgAttr.TIMEOUT, BE32.pack(flush_cs))
-        + _attr(CfgAttr.QTHRESH, BE32.pack(qthresh))
-        + _attr(CfgAttr.FLAGS, BE16.pack(NFULNL_CFG_F_SEQ))
+        attr(CfgAttr.MODE, CFG_MODE.pack(copy_range, NFULNL_COPY_PACKET))
+        + attr(CfgAttr.NLBUFSIZ, BE32.pack(nlbufsiz))
+        + attr(CfgAttr.TIMEOUT, BE32.pack(flush_cs))
+        + attr(CfgAttr.QTHRESH, BE32.pack(qthresh))
+        + attr(CfgAttr.FLAGS, BE16.pack(NFULNL_CFG_F_SEQ))
     )
 
 
 def ack_errno(data: bytes, seq: int) -> int | None:
     """The errno the kernel answered request `seq` with (0 = success), None if `data` holds no
     answer to it. Never raises."""
-    offset = 0
-    while offset + NLMSGHDR.size <= len(data):
-        length, kind = NLMSGHDR.unpack_from(data, offset)[:2]
-        if length < NLMSGHDR.size or offset + length > len(data):
-            return None
-        if kind == NlMsg.ERROR and length >= NLMSGHDR.size + NLMSGERR.size + NLMSGHDR.size:
-            code: int = NLMSGERR.unpack_from(data, offset + NLMSGHDR.size)[0]
-            original_seq = NLMSGHDR.unpack_from(data, offset + NLMSGHDR.size + NLMSGERR.size)[3]
-            if original_seq == seq:
-                return -code
-        offset += (length + 3) & ~3
+    for answered, code in acks(data):
+        if answered == seq:
+            return code
     return None
 
 
@@ -267,18 +250,14 @@ class NflogCapture:
     def _configure(self, attributes: bytes, what: str) -> None:
         self._seq += 1
         self._sock.send(config_message(self.group, self._seq, attributes))
-        while True:
-            try:
-                data = self._sock.recv(RECV_SIZE)
-            except TimeoutError:
-                raise CaptureError(f"NFLOG group {self.group}: no answer to {what}") from None
-            code = ack_errno(data, self._seq)
-            if code is None:
-                # Packets logged between bind and configure: keep the count honest, drop them.
-                self._account(parse_nflog_batch(data))
-                continue
-            if code == 0:
-                return
+        try:
+            # Packets logged between bind and configure: keep the count honest, drop them.
+            answers = wait_acks(self._sock, (self._seq,), RECV_SIZE,
+                                lambda data: self._account(parse_nflog_batch(data)))
+        except NoAnswer:
+            raise CaptureError(f"NFLOG group {self.group}: no answer to {what}") from None
+        code = answers[self._seq]
+        if code:
             raise self._config_error(code, what)
 
     def _config_error(self, code: int, what: str) -> CaptureError:

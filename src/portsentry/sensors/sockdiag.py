@@ -10,18 +10,25 @@ from __future__ import annotations
 import socket
 import struct
 
+from ..netlink import (
+    NETLINK_SOCK_DIAG,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    dump,
+    message,
+    open_socket,
+    split,
+)
+from ..netlink import NLMSG_DONE as NLMSG_DONE
+from ..netlink import NLMSGHDR as NLMSGHDR
 from ..probe import Protocol
 
-NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST = 0x01
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
 TCP_LISTEN = 10
 ALL_STATES = 0xFFFFFFFF
+RECV_SIZE = 65536
 
-NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes).
 INET_DIAG_REQ_V2 = struct.Struct("=BBBxI48x")
 # inet_diag_msg starts: family, state, timer, retrans, then sockid: sport (big endian) first.
@@ -34,47 +41,51 @@ def request(family: int, protocol: Protocol, seq: int) -> bytes:
     proto = socket.IPPROTO_TCP if protocol is Protocol.TCP else socket.IPPROTO_UDP
     states = 1 << TCP_LISTEN if protocol is Protocol.TCP else ALL_STATES
     body = INET_DIAG_REQ_V2.pack(family, proto, 0, states)
-    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
-                           seq, 0)
-    return header + body
+    return message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+
+
+def _port(data: bytes, start: int, end: int) -> int:
+    """The local port of the inet_diag_msg in data[start:end]; 0 if it is too short to say."""
+    if end - start < SPORT_OFFSET + SPORT.size:
+        return 0
+    port: int = SPORT.unpack_from(data, start + SPORT_OFFSET)[0]
+    return port
 
 
 def parse_ports(data: bytes) -> tuple[set[int], bool]:
     """Local ports in one netlink reply buffer, and whether the dump is complete. Never raises."""
     ports: set[int] = set()
-    offset = 0
-    while offset + NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size or offset + length > len(data):
-            return ports, True
+    spans, stop = split(data)
+    for kind, _flags, _seq, _pid, start, end in spans:
         if kind in (NLMSG_DONE, NLMSG_ERROR):
             return ports, True
-        payload = offset + NLMSGHDR.size
-        if kind == SOCK_DIAG_BY_FAMILY and length >= NLMSGHDR.size + SPORT_OFFSET + SPORT.size:
-            (port,) = SPORT.unpack_from(data, payload + SPORT_OFFSET)
+        if kind == SOCK_DIAG_BY_FAMILY:
+            port = _port(data, start, end)
             if port:
                 ports.add(port)
-        offset += (length + 3) & ~3
-    return ports, False
+    # A header whose length cannot be trusted ends the dump too: nothing after it can be read.
+    return ports, stop + NLMSGHDR.size <= len(data)
 
 
 class SockDiag:
     """One netlink socket, reused for every dump."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+        self._sock = open_socket(NETLINK_SOCK_DIAG)
         self._sock.settimeout(2.0)
         self._seq = 0
 
     def ports(self, protocol: Protocol) -> frozenset[int]:
+        """Raises OSError if the kernel refuses the dump (no udp_diag, say) or does not answer."""
         found: set[int] = set()
         for family in (socket.AF_INET, socket.AF_INET6):
             self._seq += 1
-            self._sock.send(request(family, protocol, self._seq))
-            done = False
-            while not done:
-                ports, done = parse_ports(self._sock.recv(65536))
-                found |= ports
+            replies, _interrupted = dump(self._sock, request(family, protocol, self._seq), self._seq,
+                                         RECV_SIZE)
+            for reply in replies:
+                port = _port(reply.payload, 0, len(reply.payload))
+                if port and reply.type == SOCK_DIAG_BY_FAMILY:
+                    found.add(port)
         return frozenset(found)
 
     def close(self) -> None:
