@@ -328,12 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_config(loaded: LoadedConfig, modes: Sequence[Mode]) -> int:
     try:
         validate_for_modes(loaded.config, modes)
-        ignore = open_ignore(loaded.config).load()
+        source = open_ignore(loaded.config)
     except (ConfigError, IgnoreFileError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
+    for warning in source.warnings:
+        print(f"portsentry: warning: {warning}", file=sys.stderr)
     print(format_effective(loaded.config))
-    print(f"ignore list: {len(ignore)} entries (host addresses included)")
+    print(f"ignore list: {len(source.current(time.time()))} entries (host addresses included)")
     print("configuration OK")
     return 0
 

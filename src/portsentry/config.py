@@ -396,7 +396,8 @@ def _consistency_warnings(config: Config) -> list[str]:
     found = []
     for key, mode in (("BLOCK_TCP", config.block_tcp), ("BLOCK_UDP", config.block_udp)):
         where = (config.source, config.line_of(key), key)
-        if mode == 1 and config.kill_route is None and config.kill_hosts_deny is None:
+        if (mode == 1 and config.kill_route is None and config.kill_hosts_deny is None
+                and config.ban_backend == "none"):
             found.append(
                 _located(
                     *where,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -102,8 +103,14 @@ def load_ignore(path: str) -> tuple[list[IgnoreEntry], list[str]]:
     """Read and parse an ignore file; OSError (missing, unreadable) propagates to the caller."""
     # surrogateescape: stray Latin-1 bytes in a comment must not make the whole file unreadable.
     with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
         text = handle.read()
-    return parse_ignore(text, path)
+    entries, warnings = parse_ignore(text, path)
+    if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
+        # As with the configuration file: whoever can edit it decides who is never blocked.
+        warnings.insert(0, f"{path}: is writable by every user, who could then exempt any address "
+                           "from blocking")
+    return entries, warnings
 
 
 class IgnoreList:

@@ -13,11 +13,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from .probe import IPAddress
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+# fullmatch, not match with "$": "$" also matches before a final newline, which let
+# "evil.example\n" through into log lines.
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
 
 
 def safe_name(name: str, address: IPAddress) -> str:
-    return name if _HOSTNAME.match(name) else str(address)
+    return name if _HOSTNAME.fullmatch(name) else str(address)
 
 
 class Resolver:

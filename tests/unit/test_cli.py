@@ -37,6 +37,22 @@ def test_no_mode_prints_usage(tmp_path, capsys):
     assert "usage: portsentry [-tcp]" in capsys.readouterr().err
 
 
+def test_check_config_warns_about_a_world_writable_ignore_file(tmp_path, capsys):
+    # issue 9.8: the config file was warned about; the ignore file, which decides who is never
+    # blocked, was not.
+    ignore = tmp_path / "ps.ignore"
+    ignore.write_text("198.18.0.0/24\n")
+    ignore.chmod(0o666)
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{ignore}"\n')
+    assert main(["check-config", "-c", str(conf)]) == 0
+    assert (f"portsentry: warning: {ignore}: is writable by every user, who could then exempt any "
+            "address from blocking") in capsys.readouterr().err
+    ignore.chmod(0o644)
+    assert main(["check-config", "-c", str(conf)]) == 0
+    assert "writable by every user" not in capsys.readouterr().err
+
+
 def test_check_config_prints_effective_settings(tmp_path, capsys):
     conf = tmp_path / "ps.conf"
     conf.write_text('TCP_PORTS="1,512-515"\nBLOCK_TCP="1"\nKILL_HOSTS_DENY="ALL: $TARGET$"\n')

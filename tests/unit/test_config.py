@@ -340,6 +340,9 @@ def test_blocking_without_a_block_command_warns(protocol: str) -> None:
     assert parse(f'BLOCK_{protocol}="1"\nKILL_ROUTE=""\n').warnings != ()
     assert parse(f'BLOCK_{protocol}="1"\nKILL_ROUTE="drop $TARGET$"\n').warnings == ()
     assert parse(f'BLOCK_{protocol}="1"\nKILL_HOSTS_DENY="ALL: $TARGET$"\n').warnings == ()
+    # issue 9.8: a native ban backend blocks, so there is nothing to warn about.
+    assert parse(f'BLOCK_{protocol}="1"\nBAN_BACKEND="nftables"\n').warnings == ()
+    assert parse(f'BLOCK_{protocol}="1"\nBAN_BACKEND="auto"\n').warnings == ()
 
 
 @pytest.mark.parametrize("protocol", ["TCP", "UDP"])

@@ -17,6 +17,7 @@ def test_plain_host_names_are_kept(name):
 
 
 @pytest.mark.parametrize("name", ["$(touch /tmp/x).example", "a`id`b.example", "x;reboot", "a b",
-                                  "-leading.example", "", "x" * 300, "evil\n.example", "\"quoted\""])
+                                  "-leading.example", "", "x" * 300, "evil\n.example", "\"quoted\"",
+                                  "evil.example\n", "x" * 253 + "\n"])
 def test_hostile_or_odd_names_become_the_address(name):
     assert safe_name(name, A) == "198.18.0.2"
