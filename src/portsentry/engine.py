@@ -133,14 +133,15 @@ class Engine:
         """The actions to take instead of blocking, or None when the guard lets the block go."""
         quiet: list[Action] = [a for a in actions if not isinstance(a, Log)]
         reason = self.guard.refusal(probe, now)
-        self.last_decision = "refused"
-        self.last_reason = reason or "ban rate limit reached"
         if reason is not None:
+            self.last_decision, self.last_reason = "refused", reason
             self.guard.refused_total += 1
             if self.guard.should_log_refusal(probe.source, now):
                 return [*actions, Log(messages.block_refused(probe, reason))]
             return quiet
         if self.guard.rate_limited(probe.source, now):
+            # Only here is the reason known: set earlier, it stuck to blocks that went ahead.
+            self.last_decision, self.last_reason = "refused", "ban rate limit reached"
             if self.guard.count_rate_limited(now):
                 return [*actions, Log(messages.rate_limit_reached(self.settings.guard.ban_rate_limit))]
             return quiet
@@ -199,7 +200,12 @@ class Engine:
             if len(waiting) < PENDING_CAPACITY:
                 waiting.append((probe, now))
             return actions
-        return actions + self._decide(probe, now)
+        decided = self._decide(probe, now)
+        if self.last_decision == "refused":
+            # A source the guard refused (forged, protected, over the rate cap) gets no banner:
+            # answering a UDP datagram from a forged source makes us a reflector for it.
+            return decided
+        return actions + decided
 
     def _decide(self, probe: Probe, now: float) -> list[Action]:
         """Everything after the ignore list and the scan trigger."""

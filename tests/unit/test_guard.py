@@ -104,3 +104,30 @@ def test_a_source_no_real_peer_can_have_never_blocks_whoever_hands_it_in():
         actions = e.observe(syn(source), 1.0)
         assert not any(isinstance(a, Block) for a in actions), source
         assert "cannot be the source of a real packet" in texts(actions)[-1]
+
+
+def test_a_block_that_goes_ahead_carries_no_refusal_reason():
+    # issue 9.8: the event of a successful block said "ban rate limit reached".
+    e = engine()
+    e.observe(syn("198.18.0.2"), 1.0)
+    assert (e.last_decision, e.last_reason) == ("block", None)
+    e = engine(ban_rate_limit=1)
+    e.observe(syn("198.18.0.2"), 1.0)
+    e.observe(syn("198.18.0.3"), 2.0)
+    assert (e.last_decision, e.last_reason) == ("refused", "ban rate limit reached")
+
+
+def test_refused_sources_get_no_banner():
+    # issue 9.8: PORT_BANNER answered forged UDP "from" the gateway: a reflection amplifier.
+    from portsentry.actions import SendBanner
+    from portsentry.probe import KIND_UDP
+
+    def udp(source: str) -> Probe:
+        return Probe(source=ip_address(source), port=7, mode=Mode.UDP, kind=KIND_UDP)
+
+    e = Engine(EngineSettings(block_udp=1, kill_route=ROUTE, port_banner="go away",
+                              guard=GuardSettings(ban_rate_limit=1)), set())
+    e.guard.set_protected({GATEWAY})
+    assert not any(isinstance(a, SendBanner) for a in e.observe(udp(str(GATEWAY)), 1.0))
+    assert any(isinstance(a, SendBanner) for a in e.observe(udp("198.18.0.2"), 2.0))  # blocked
+    assert not any(isinstance(a, SendBanner) for a in e.observe(udp("198.18.0.3"), 3.0))  # over the cap
