@@ -14,6 +14,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import MappingProxyType
 from typing import Any, Final
 
+from portsentry.flood import DEFAULT_LIMIT, DEFAULT_WINDOW
 from portsentry.ports import PortListError, format_ports, parse_ports
 
 DEFAULT_CONFIG_PATH: Final = "/etc/portsentry/portsentry.conf"
@@ -83,8 +84,9 @@ class Config:
     control_socket: str = "/run/portsentry/control.sock"
     event_log: str | None = None  # EVENT_LOG: JSON lines for SIEMs (docs/events.md)
     metrics_listen: str | None = None  # METRICS_LISTEN: e.g. 127.0.0.1:9470 for Prometheus
-    log_repeat_limit: int = 5  # lines per blocked host and mode per window; 0 = every hit (1.2)
-    log_repeat_window: float = 60.0
+    # Hits logged per blocked host and mode per window; 0 = every hit (1.2). flood.py says why.
+    log_repeat_limit: int = DEFAULT_LIMIT
+    log_repeat_window: float = DEFAULT_WINDOW
     # Spoofing guards (ours)
     protect_gateways: bool = True
     protect_resolvers: bool = True

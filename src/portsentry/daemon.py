@@ -240,6 +240,7 @@ class Daemon:
     def shutdown(self) -> None:
         for sensor in self.sensors:
             sensor.close()
+        self.perform(self.engine.close())
         if self.control is not None:
             self.control.close()
         self._maintenance.stop()

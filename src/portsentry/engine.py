@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from . import messages
 from .actions import Action, Block, Log, Record, SendBanner, Step, StepKind
 from .config import Config
-from .flood import RepeatLimiter
+from .flood import DEFAULT_LIMIT, DEFAULT_WINDOW, RepeatLimiter
 from .guard import BanGuard, BoundedSet, GuardSettings
 from .probe import IPAddress, Mode, Probe, Protocol
 
@@ -42,8 +42,8 @@ class EngineSettings:
     kill_run_cmd_first: bool = False
     port_banner: str | None = None
     native_ban: bool = False
-    log_repeat_limit: int = 5
-    log_repeat_window: float = 60.0
+    log_repeat_limit: int = DEFAULT_LIMIT
+    log_repeat_window: float = DEFAULT_WINDOW
     guard: GuardSettings = field(default_factory=GuardSettings)  # BAN_BACKEND is not "none"
 
     @classmethod
@@ -153,6 +153,10 @@ class Engine:
         if count := self.guard.rate_summary(now):
             actions.append(Log(messages.rate_limit_summary(count)))
         return actions
+
+    def close(self) -> list[Action]:
+        """At shutdown: summary lines of every repeat window still open, so no count is lost."""
+        return [Log(text) for text in self._repeats.flush_all()]
 
     def state_sizes(self) -> dict[str, int]:
         """Entries per bounded table, for status and metrics."""

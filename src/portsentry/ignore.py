@@ -163,8 +163,8 @@ FileKey = tuple[int, int, int, int]
 class IgnoreSource:
     """Keeps an IgnoreList current while the daemon runs, so edits to the file take effect live.
 
-    1.2 re-read the file on every event; this stat()s it at most every `min_interval` seconds and
-    re-reads only when it changed. Own addresses are re-queried on the same schedule (DHCP, VPNs).
+    1.2 re-read the file on every event; this stat()s it on every call and re-reads only when it
+    changed. Own addresses are re-queried every `min_interval` seconds (DHCP, VPNs).
     After the first load a broken or vanished file never raises: the previous list stays in force
     and `last_error` says why (it is None again after the next good load).
     """
@@ -211,26 +211,24 @@ class IgnoreSource:
         return "; ".join(errors) if errors else None
 
     def current(self, now: float) -> IgnoreList:
-        """The list in force at `now`, re-checking the file and own addresses when due."""
+        """The list in force at `now`. The file is looked at on every call (a stat, about a
+        microsecond), so an edit counts for the very next packet, as 1.2's re-read at every
+        event did; own addresses, a netlink dump, are re-queried at most every `min_interval`."""
         if self._list is None:
             loaded = self.load()
             self._checked_at = now
             return loaded
-        due = self._checked_at is None or not 0 <= now - self._checked_at < self.min_interval
-        if not due:
-            return self._list
-        self._checked_at = now
-        changed = False
-        try:
-            own = frozenset(self._local_addresses())
-            self._own_error = None
-        except OSError as error:
-            self._own_error = f"cannot read this host's addresses: {error}"
-            own = self._own
-        if own != self._own:
-            self._own, changed = own, True
-        if self.path is not None:
-            changed |= self._reload_file()
+        changed = self.path is not None and self._reload_file()
+        if self._checked_at is None or not 0 <= now - self._checked_at < self.min_interval:
+            self._checked_at = now
+            try:
+                own = frozenset(self._local_addresses())
+                self._own_error = None
+            except OSError as error:
+                self._own_error = f"cannot read this host's addresses: {error}"
+                own = self._own
+            if own != self._own:
+                self._own, changed = own, True
         if changed:
             self._list = IgnoreList(self._entries, self._own)
         return self._list

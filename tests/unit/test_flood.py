@@ -60,3 +60,20 @@ def test_engine_bounds_lines_from_a_blocked_host():
     summary = [a.text for a in engine.tick(100.0) if isinstance(a, Log)]
     assert summary and "997 more TCP hits" in summary[0]
     assert engine.state_sizes()["repeat_windows"] == 0
+
+
+def test_default_logs_an_ordinary_scan_line_for_line():
+    # issue 9.6: the old default of 5 cut an nmap -sF of 15 ports to 6 lines.
+    limiter = RepeatLimiter(EngineSettings().log_repeat_limit, 60.0)
+    assert all(limiter.allow(probe(port), 1.0)[0] for port in range(1, 1025))
+    assert not limiter.allow(probe(1025), 1.0)[0]
+
+
+def test_open_windows_are_summed_up_at_shutdown():
+    engine = Engine(EngineSettings(block_tcp=1, kill_route="true $TARGET$", log_repeat_limit=2), set())
+    engine.apply_ban_changes([(A, True)])
+    for port in range(5):
+        engine.observe(probe(port), 1.0)
+    [summary] = engine.close()
+    assert isinstance(summary, Log) and "3 more TCP hits in 60 seconds not logged" in summary.text
+    assert engine.close() == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
 import pytest
@@ -308,17 +308,36 @@ def test_source_first_load_and_unchanged_file(tmp_path: Path) -> None:
     assert source.last_error is None
 
 
-def test_source_reloads_on_change_but_not_more_often_than_interval(tmp_path: Path) -> None:
+def test_an_edit_counts_for_the_very_next_packet(tmp_path: Path) -> None:
+    # issue 9.7: the file was looked at at most once a second, so an address added and probing
+    # at once was still blocked; 1.2 re-read it at every event.
     path = tmp_path / "ps.ignore"
     path.write_text("10.0.0.1\n")
     source = IgnoreSource(str(path), FakeHost(), min_interval=1.0)
-    source.current(10.0)
+    first = source.current(10.0)
+    assert source.current(10.0) is first  # unchanged: no re-read, no rebuild
     rewrite(path, "10.0.0.2\n")
-    assert ip_address("10.0.0.2") not in source.current(10.0)  # first check happened at 10.0
-    assert ip_address("10.0.0.2") not in source.current(10.9)
-    updated = source.current(11.0)
+    updated = source.current(10.0)
     assert ip_address("10.0.0.2") in updated
     assert ip_address("10.0.0.1") not in updated
+
+
+def test_own_addresses_are_asked_for_at_most_once_an_interval(tmp_path: Path) -> None:
+    path = tmp_path / "ps.ignore"
+    path.write_text("10.0.0.1\n")
+    asked: list[int] = []
+
+    def host() -> list[IPv4Address]:
+        asked.append(1)
+        return [IPv4Address("198.18.0.1")]
+
+    source = IgnoreSource(str(path), host, min_interval=1.0)
+    source.current(10.0)
+    for now in (10.1, 10.5, 10.9):
+        source.current(now)
+    assert len(asked) == 1
+    source.current(11.0)
+    assert len(asked) == 2
 
 
 def test_source_detects_same_size_rewrite(tmp_path: Path) -> None:
