@@ -332,6 +332,26 @@ def test_netlink_remove_sends_add_delete() -> None:
     assert delete[:8] == GOLDEN_DEL6[:8] and delete[12:] == GOLDEN_DEL6[12:]
 
 
+def test_netlink_remove_many_is_one_transaction_per_chunk_and_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 10.3: unblock --file of 100k addresses made 100k transactions.
+    monkeypatch.setattr(nftables, "BATCH_ELEMENTS", 3)
+    fake = FakeNetlink()
+    addresses = [IPv4Address(0xC6120000 + i) for i in range(5)] + [V6]
+    netlink_backend(fake).remove_many(addresses)
+    assert len(fake.sent) == 2
+    assert [kind for kind, _, _ in _messages(fake.sent[0])] == [16, 0x0A0C, 0x0A0E, 17]
+    assert [kind for kind, _, _ in _messages(fake.sent[1])] == [16, 0x0A0C, 0x0A0E, 0x0A0C, 0x0A0E, 17]
+    single = FakeNetlink()
+    netlink_backend(single).remove(V6)
+    assert _messages(single.sent[0])[2][2][12:] == _messages(fake.sent[1])[4][2][12:]  # same delete
+
+
+def test_cli_remove_many_script() -> None:
+    script = NftablesBackend(runner=Recorder()).remove_many_script([IPv4Address("198.18.0.2"), V4])
+    assert script == ("add element inet portsentry blocked4 { 198.18.0.2, 198.18.0.9 }\n"
+                      "delete element inet portsentry blocked4 { 198.18.0.2, 198.18.0.9 }\n")
+
+
 def test_netlink_add_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nftables, "BATCH_ELEMENTS", 2)
     fake = FakeNetlink()

@@ -365,10 +365,24 @@ class NftablesBackend(BanBackend):
         return ops
 
     def remove_ops(self, address: IPAddress) -> list[ElementOp]:
-        bare = ((address, None),)
-        set_name = self._set_for(address)
-        return [ElementOp(NFT_MSG_NEWSETELEM, set_name, bare),
-                ElementOp(NFT_MSG_DELSETELEM, set_name, bare)]
+        return self.remove_many_ops([address])
+
+    def remove_many_ops(self, addresses: Iterable[IPAddress]) -> list[ElementOp]:
+        """Per set: add bare, then delete, so an address that is not there is no error."""
+        ops = []
+        for set_name, elements in self._by_set((address, None) for address in addresses):
+            bare = tuple((a, None) for a, _ in elements)
+            ops += [ElementOp(NFT_MSG_NEWSETELEM, set_name, bare),
+                    ElementOp(NFT_MSG_DELSETELEM, set_name, bare)]
+        return ops
+
+    def remove_many_script(self, addresses: Sequence[IPAddress]) -> str:
+        lines = []
+        for set_name, elements in self._by_set((address, None) for address in addresses):
+            where = f"element inet {self.table} {set_name}"
+            plain = ", ".join(self._element(a) for a, _ in elements)
+            lines += [f"add {where} {{ {plain} }}", f"delete {where} {{ {plain} }}"]
+        return "".join(f"{line}\n" for line in lines)
 
     def _by_set(
         self, bans: Iterable[tuple[IPAddress, float | None]]
@@ -471,6 +485,16 @@ class NftablesBackend(BanBackend):
                 self._netlink.transact(self.add_ops(chunk))
             else:
                 self.run([NFT, "-f", "-"], self.add_many_script(chunk))
+
+    def remove_many(self, addresses: Iterable[IPAddress]) -> None:
+        """One transaction per BATCH_ELEMENTS addresses instead of one per address."""
+        items = list(addresses)
+        for start in range(0, len(items), BATCH_ELEMENTS):
+            chunk = items[start:start + BATCH_ELEMENTS]
+            if self._netlink is not None:
+                self._netlink.transact(self.remove_many_ops(chunk))
+            else:
+                self.run([NFT, "-f", "-"], self.remove_many_script(chunk))
 
     def members(self) -> dict[IPAddress, float | None]:
         found: dict[IPAddress, float | None] = {}
