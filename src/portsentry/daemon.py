@@ -42,7 +42,7 @@ from .engine import Engine, EngineSettings
 from .ignore import IgnoreSource
 from .journal.journal import Journal
 from .maintenance import Findings, Maintenance
-from .probe import IPAddress, Mode
+from .probe import IPAddress, Mode, Probe
 from .resolver import Resolver
 from .responders.classic import ClassicResponder
 from .restore import rerun_routes, restore_bans
@@ -51,6 +51,7 @@ from .sensors.packet import DropCounter
 from .telemetry import Telemetry
 
 Clock = Callable[[], float]
+AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go on without it
 Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
 
@@ -137,6 +138,8 @@ class Daemon:
         self.engine = Engine(EngineSettings.from_config(config), ignore.current(clock()))
         self._ignore_error: str | None = None
         self.probes_seen = 0
+        # Hits held while their source's name is looked up (RESOLVE_HOST), per source, in order.
+        self._awaiting_name: dict[IPAddress, list[tuple[Hit, float]]] = {}
         self.internal_errors = 0
         self._selector = selectors.DefaultSelector()
         self._stopping = False
@@ -240,6 +243,8 @@ class Daemon:
     def shutdown(self) -> None:
         for sensor in self.sensors:
             sensor.close()
+        for source in list(self._awaiting_name):  # no time left to wait for names
+            self._named(source, str(source))
         self.perform(self.engine.close())
         if self.control is not None:
             self.control.close()
@@ -267,7 +272,30 @@ class Daemon:
                 self.journal.log(messages.config_error(f"ignore list not reloaded: {self._ignore_error}"))
         probe = hit.probe
         if self.resolver is not None and probe.source not in self.engine.ignore:
-            probe = dataclasses.replace(probe, source_name=self.resolver.name(probe.source))
+            # RESOLVE_HOST: never wait for DNS here. A source whose name is being looked up has
+            # its hits held, in order, until the name (or the resolver's timeout) comes back.
+            waiting = self._awaiting_name.get(probe.source)
+            if waiting is not None and len(waiting) < AWAIT_CAPACITY:
+                waiting.append((hit, now))
+                return
+            if waiting is None:
+                source = probe.source
+                name = self.resolver.lookup(
+                    source, lambda found: self._call_on_main(lambda: self._named(source, found)))
+                if name is None:
+                    self._awaiting_name[source] = [(hit, now)]
+                    return
+                probe = dataclasses.replace(probe, source_name=name)
+        self._observe(hit, probe, now)
+
+    def _named(self, source: IPAddress, name: str) -> None:
+        """On the main loop: the held hits of `source`, decided now with its name."""
+        for hit, at in self._awaiting_name.pop(source, []):
+            def observe(held: Hit, at: float = at) -> None:
+                self._observe(held, dataclasses.replace(held.probe, source_name=name), at)
+            self._guarded(observe, hit)
+
+    def _observe(self, hit: Hit, probe: Probe, now: float) -> None:
         try:
             actions = self.engine.observe(probe, now)
             decision = self.engine.last_decision

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from .probe import IPAddress
 
@@ -22,29 +23,72 @@ def safe_name(name: str, address: IPAddress) -> str:
     return name if _HOSTNAME.fullmatch(name) else str(address)
 
 
-class Resolver:
-    """Caches names; a lookup that takes longer than `timeout` yields the address itself."""
+def _getnameinfo(address: str) -> str:
+    return socket.getnameinfo((address, 0), socket.NI_NAMEREQD)[0]
 
-    def __init__(self, timeout: float = 1.0, capacity: int = 4096) -> None:
+
+class Resolver:
+    """Reverse lookups off the detection loop, cached, bounded in time and in number.
+
+    Threads and ownership: `lookup` is called by the main loop; the lookups run on the
+    `resolve` threads, and `done` is called on one of those (or on a timer thread at the
+    deadline), exactly once per lookup. The cache is guarded by a lock.
+    """
+
+    def __init__(self, timeout: float = 1.0, capacity: int = 4096, pending: int = 256,
+                 ptr: Callable[[str], str] | None = None) -> None:
+        self._ptr = ptr or _getnameinfo
         self.timeout = timeout
         self.capacity = capacity
+        self.max_pending = pending
+        self.full = 0  # lookups not started because `pending` were already under way
         self._cache: dict[IPAddress, str] = {}
+        self._pending = 0
+        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resolve")
 
-    def name(self, address: IPAddress) -> str:
-        cached = self._cache.get(address)
-        if cached is not None:
-            return cached
-        future = self._pool.submit(socket.getnameinfo, (str(address), 0), socket.NI_NAMEREQD)
-        try:
-            host, _port = future.result(timeout=self.timeout)
-            name = safe_name(host, address)
-        except (FutureTimeout, OSError):
-            name = str(address)
-        if len(self._cache) >= self.capacity:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[address] = name
-        return name
+    def cached(self, address: IPAddress) -> str | None:
+        with self._lock:
+            return self._cache.get(address)
+
+    def lookup(self, address: IPAddress, done: Callable[[str], None]) -> str | None:
+        """The name at once when it is cached (or the address when too many lookups are under
+        way); otherwise None, and `done(name)` is called once the name is known or `timeout`
+        has passed (then with the address; a late answer still fills the cache)."""
+        with self._lock:
+            cached = self._cache.get(address)
+            if cached is not None:
+                return cached
+            if self._pending >= self.max_pending:
+                self.full += 1
+                return str(address)
+            self._pending += 1
+        once = threading.Lock()
+
+        def finish(name: str) -> None:
+            if once.acquire(blocking=False):
+                with self._lock:
+                    self._pending -= 1
+                done(name)
+
+        timer = threading.Timer(self.timeout, finish, (str(address),))
+        timer.daemon = True
+        timer.start()
+
+        def resolve() -> None:
+            try:
+                name = safe_name(self._ptr(str(address)), address)
+            except OSError:
+                name = str(address)
+            with self._lock:
+                if len(self._cache) >= self.capacity:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[address] = name
+            timer.cancel()
+            finish(name)
+
+        self._pool.submit(resolve)
+        return None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
