@@ -300,8 +300,10 @@ class BanManager:
                 self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
 
 
-def mode_of(ban: Ban | None) -> Mode:
+def mode_of(ban: Ban | str | None) -> Mode:
+    """The mode a ban (or its stored mode text) was made in; TCP when unknown."""
+    text = ban.mode if isinstance(ban, Ban) else ban
     try:
-        return Mode(ban.mode) if ban is not None else Mode.TCP
+        return Mode(text) if text is not None else Mode.TCP
     except ValueError:
         return Mode.TCP

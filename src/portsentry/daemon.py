@@ -178,8 +178,8 @@ class Daemon:
             # The cursor first: what changes while restoring is replayed, which is harmless.
             cursor = self.bans.store.last_change()
             restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"))
-            self.engine.sync_bans({ban.address for ban in restored.active})
-            self.active_bans = len(restored.active)
+            self.engine.sync_bans(set(restored.addresses))
+            self.active_bans = len(restored.addresses)
             if restored.rerun:  # after READY, a few at a time: many bans must not delay the start
                 threading.Thread(target=rerun_routes, args=(self.bans, restored), name="route-rerun",
                                  daemon=True).start()

@@ -177,7 +177,7 @@ class Engine:
             ring.capacity = max(RING_CAPACITY, 2 * settings.scan_trigger)
 
     def is_blocked(self, mode: Mode, source: IPAddress) -> bool:
-        return source in self._blocked[mode]
+        return source in self._blocked[mode] or source in self._banned
 
 
     def observe(self, probe: Probe, now: float) -> list[Action]:
@@ -215,7 +215,8 @@ class Engine:
         """Everything after the ignore list and the scan trigger."""
         actions: list[Action] = []
         blocked = self._blocked[probe.mode]
-        repeat = probe.source in blocked
+        # Banned anywhere (this daemon, `block`, restore, later the fleet) counts in every mode.
+        repeat = probe.source in blocked or probe.source in self._banned
         if repeat:
             self.last_decision = "already_blocked"
             allowed, summaries = self._repeats.allow(probe, now)
@@ -250,13 +251,12 @@ class Engine:
 
     def sync_bans(self, active: set[IPAddress]) -> None:
         """Make the engine agree with the ban store: lifted bans (expired, or `unblock`) are
-        forgotten so the next hit acts again; bans made elsewhere (`block`) count as blocked."""
+        forgotten so the next hit acts again; bans made elsewhere (`block`) count as blocked.
+        Used at start and when the change feed cannot be followed; one set, not a copy per mode
+        (a million bans once filled six bounded tables at start)."""
         for source in self._banned - active:
             for blocked in self._blocked.values():
                 blocked.discard(source)
-        for source in active:
-            for blocked in self._blocked.values():
-                blocked.touch(source, 0.0)
         self._banned = set(active)
 
     def apply_ban_changes(self, changes: Iterable[tuple[IPAddress, bool]]) -> None:
@@ -267,8 +267,6 @@ class Engine:
         for source, banned in changes:
             if banned:
                 self._banned.add(source)
-                for blocked in self._blocked.values():
-                    blocked.touch(source, 0.0)
             else:
                 self._banned.discard(source)
                 for blocked in self._blocked.values():

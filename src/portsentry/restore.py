@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from . import messages
 from .bans import BanManager, mode_of
+from .probe import IPAddress
 from .responders.backend import BackendError
 from .responders.substitute import substitute
-from .store import Ban, StoreError
+from .store import StoreError
 
 RERUN_CONCURRENCY = 4
 
@@ -32,24 +33,30 @@ _COOKIE = struct.Struct("=Q")
 
 @dataclass(frozen=True)
 class Restored:
-    active: list[Ban]
+    addresses: list[IPAddress]  # every ban in force
+    # (address, port, mode) of each, for the KILL_ROUTE re-runs; empty when none are due.
+    routes: list[tuple[IPAddress, int, str]]
     kernel_id_path: str | None = None
     kernel_id: str | None = None
-    rerun: bool = False  # KILL_ROUTE must be run again for every active ban
+
+    @property
+    def rerun(self) -> bool:
+        return bool(self.routes)
 
 
 def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None) -> Restored:
     """Everything that must be in force before READY; see the module docstring."""
     bans.expire(now)
-    active = bans.store.active(now)
+    active = bans.store.active_slim(now)
     changed, current = _kernel_changed(kernel_id_path) if kernel_id_path is not None else (False, None)
     if bans.backend is not None and active:
         try:
             bans.backend.add_many(
-                (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0)) for ban in active)
+                (address, None if expires is None else max(expires - now, 1.0))
+                for address, expires, _line, _port, _mode in active)
         except (BackendError, OSError) as error:
             bans.log(messages.native_block_failed("(restore)", bans.backend.describe(), str(error)))
-    lines = {ban.hosts_deny_line: ban.address for ban in active if ban.hosts_deny_line}
+    lines = {line: address for address, _expires, line, _port, _mode in active if line}
     if lines:
         def own(appended: list[str]) -> None:
             try:
@@ -64,7 +71,8 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
     rerun = changed and bool(bans.policy.route)
     if changed and not rerun and kernel_id_path is not None:
         _remember_kernel(kernel_id_path, current, bans.log)
-    return Restored(active, kernel_id_path, current, rerun)
+    routes = [(address, port, mode) for address, _e, _l, port, mode in active] if rerun else []
+    return Restored([entry[0] for entry in active], routes, kernel_id_path, current)
 
 
 def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_CONCURRENCY) -> int:
@@ -74,20 +82,21 @@ def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_
     if not restored.rerun or bans.policy.route is None:
         return 0
     route = bans.policy.route
-    bans.log(f"adminalert: re-running KILL_ROUTE for {len(restored.active)} stored bans "
+    bans.log(f"adminalert: re-running KILL_ROUTE for {len(restored.routes)} stored bans "
              f"(new boot or network namespace), {concurrency} at a time")
 
-    def one(ban: Ban) -> bool:
-        command = substitute(route, ban.address, ban.port, mode_of(ban))
+    def one(target: tuple[IPAddress, int, str]) -> bool:
+        address, port, mode = target
+        command = substitute(route, address, port, mode_of(mode))
         result = bans.run(command, bans.policy.command_timeout)
         if result.ok:
-            bans.log(messages.blocked_via_route(str(ban.address), command))
+            bans.log(messages.blocked_via_route(str(address), command))
         else:
-            bans.log(messages.route_failed(str(ban.address), f'"{command}" exit status {result.returncode}'))
+            bans.log(messages.route_failed(str(address), f'"{command}" exit status {result.returncode}'))
         return result.ok
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route-rerun") as pool:
-        failed = sum(not ok for ok in pool.map(one, restored.active))
+        failed = sum(not ok for ok in pool.map(one, restored.routes))
     if restored.kernel_id_path is not None:
         _remember_kernel(restored.kernel_id_path, restored.kernel_id, bans.log)
     return failed

@@ -33,12 +33,13 @@ import contextlib
 import functools
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Literal, ParamSpec, TypeVar, cast
 
 from portsentry.addresses import canonical
@@ -538,6 +539,16 @@ class BanStore:
         return self._select(f"WHERE {_ACTIVE} ORDER BY first_seen, address", (now,))
 
     @_store_errors
+    def active_slim(self, now: float) -> list[tuple[IPAddress, float | None, str | None, int, str]]:
+        """(address, expires, hosts_deny_line, port, mode) of every ban in force: what start-up
+        needs, without a Ban object per row."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT address, expires, hosts_deny_line, port, mode FROM bans WHERE {_ACTIVE}", (now,)
+            ).fetchall()
+        return [(stored_address(a), e, line, port, mode) for a, e, line, port, mode in rows]
+
+    @_store_errors
     def expired(self, now: float) -> list[Ban]:
         """Bans past their expiry at `now` that nobody has lifted yet, earliest expiry first."""
         return self._select("WHERE expires IS NOT NULL AND expires <= ? ORDER BY expires, address", (now,))
@@ -716,10 +727,24 @@ class BanStore:
         db.execute(_HISTORY_INSERT, (now, kind, key, detail, origin, expires))
 
 
+def stored_address(text: str) -> IPAddress:
+    """An address as the store writes it (canonical text), parsed about five times faster than
+    ip_address(), which first tries IPv4 and raises for every IPv6 address: at a million bans
+    that was most of the start-up."""
+    if ":" in text:
+        return IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text)))
+    return IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text)))
+
+
+@functools.lru_cache(maxsize=64)
+def _backends(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
 def _ban_from_row(row: tuple[object, ...]) -> Ban:
     (address, reason, mode, port, first_seen, last_seen, count, expires, offences, line, backends) = row
     return Ban(
-        address=ip_address(cast(str, address)),
+        address=stored_address(cast(str, address)),
         reason=cast(str, reason),
         mode=cast(str, mode),
         port=cast(int, port),
@@ -729,5 +754,5 @@ def _ban_from_row(row: tuple[object, ...]) -> Ban:
         expires=cast("float | None", expires),
         offences=cast(int, offences),
         hosts_deny_line=cast("str | None", line),
-        backends=tuple(json.loads(cast(str, backends))),
+        backends=_backends(cast(str, backends)),
     )
