@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from portsentry.netlink import (
     NETLINK_CAP_ACK,
@@ -90,6 +90,8 @@ NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_TIMEOUT = 1, 4
 NFTA_DATA_VALUE = 1
 
 SocketFactory = Callable[[], socket.socket]
+
+_T = TypeVar("_T")
 
 
 def open_netlink() -> socket.socket:
@@ -478,23 +480,20 @@ class NftablesBackend(BanBackend):
             self.run([NFT, "-f", "-"], self.remove_script(address))
 
     def add_many(self, bans: Iterable[tuple[IPAddress, float | None]]) -> None:
-        items = list(bans)
-        for start in range(0, len(items), BATCH_ELEMENTS):
-            chunk = items[start:start + BATCH_ELEMENTS]
-            if self._netlink is not None:
-                self._netlink.transact(self.add_ops(chunk))
-            else:
-                self.run([NFT, "-f", "-"], self.add_many_script(chunk))
+        self._in_batches(list(bans), self.add_ops, self.add_many_script)
 
     def remove_many(self, addresses: Iterable[IPAddress]) -> None:
         """One transaction per BATCH_ELEMENTS addresses instead of one per address."""
-        items = list(addresses)
+        self._in_batches(list(addresses), self.remove_many_ops, self.remove_many_script)
+
+    def _in_batches(self, items: Sequence[_T], ops: Callable[[Sequence[_T]], list[ElementOp]],
+                    script: Callable[[Sequence[_T]], str]) -> None:
         for start in range(0, len(items), BATCH_ELEMENTS):
             chunk = items[start:start + BATCH_ELEMENTS]
             if self._netlink is not None:
-                self._netlink.transact(self.remove_many_ops(chunk))
+                self._netlink.transact(ops(chunk))
             else:
-                self.run([NFT, "-f", "-"], self.remove_many_script(chunk))
+                self.run([NFT, "-f", "-"], script(chunk))
 
     def members(self) -> dict[IPAddress, float | None]:
         found: dict[IPAddress, float | None] = {}
