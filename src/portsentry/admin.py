@@ -15,9 +15,8 @@ from typing import Any
 from .actions import Block
 from .addresses import impossible_source
 from .bans import BanManager, BanPolicy
-from .config import Config
+from .config import Config, engine_settings
 from .control import Request
-from .engine import EngineSettings
 from .probe import IPAddress, Mode, Probe
 from .responders.backend import BackendError, BanBackend, pick_backend
 from .responders.classic import ClassicResponder
@@ -118,7 +117,7 @@ def manual_block(responder: ClassicResponder, config: Config, address: IPAddress
         raise AdminError(f"{address} is a {bad} address: it cannot be the source of a real packet, "
                          "so there is nothing to block")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
-    return responder.carry_out(Block(probe, EngineSettings.from_config(config).steps(1)), duration=duration)
+    return responder.carry_out(Block(probe, engine_settings(config).steps(1)), duration=duration)
 
 
 def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:

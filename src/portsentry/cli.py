@@ -369,9 +369,9 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .metrics import Metrics, MetricsError
     from .responders.classic import ClassicResponder
+    from .sensor_factory import build_sensors
     from .sensors.base import Sensor
     from .sensors.capture import CaptureError
-    from .sensors.factory import build_sensors
     from .store import StoreError
 
     syslog: SyslogWriter | JournaldWriter | None = None

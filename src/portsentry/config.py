@@ -14,7 +14,9 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import MappingProxyType
 from typing import Any, Final
 
+from portsentry.engine import EngineSettings
 from portsentry.flood import DEFAULT_LIMIT, DEFAULT_WINDOW
+from portsentry.guard import GuardSettings
 from portsentry.ports import PortListError, format_ports, parse_ports
 
 DEFAULT_CONFIG_PATH: Final = "/etc/portsentry/portsentry.conf"
@@ -441,6 +443,24 @@ def load_config(path: str) -> LoadedConfig:
         warning = f"{path}: is writable by every user, who could then run commands as root"
         return LoadedConfig(loaded.config, (warning, *loaded.warnings))
     return loaded
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    """The part of the configuration the engine decides with (the engine, core, reads no config)."""
+    return EngineSettings(
+        scan_trigger=config.scan_trigger,
+        block_tcp=config.block_tcp,
+        block_udp=config.block_udp,
+        kill_route=config.kill_route,
+        kill_hosts_deny=config.kill_hosts_deny,
+        kill_run_cmd=config.kill_run_cmd,
+        kill_run_cmd_first=config.kill_run_cmd_first,
+        port_banner=config.port_banner,
+        native_ban=config.ban_backend != "none",
+        log_repeat_limit=config.log_repeat_limit,
+        log_repeat_window=config.log_repeat_window,
+        guard=GuardSettings(config.ban_rate_limit, config.ban_rate_limit_net, config.sensitive_networks),
+    )
 
 
 def load_embedded_default() -> LoadedConfig:

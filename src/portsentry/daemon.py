@@ -36,9 +36,9 @@ from .actions import Action, Block, Log, Record, SendBanner
 from .admin import admin_request
 from .bans import BanManager, BanPolicy
 from .blockqueue import BlockQueue
-from .config import Config
+from .config import Config, engine_settings
 from .control import ControlServer, Reply, Request
-from .engine import Engine, EngineSettings
+from .engine import Engine
 from .ignore import IgnoreSource
 from .journal.journal import Journal
 from .maintenance import Findings, Maintenance
@@ -135,7 +135,7 @@ class Daemon:
         self._reload_requested = False
         self._next_tick = 0.0
         self.active_bans = 0  # from the maintenance thread's Findings
-        self.engine = Engine(EngineSettings.from_config(config), ignore.current(clock()))
+        self.engine = Engine(engine_settings(config), ignore.current(clock()))
         self._ignore_error: str | None = None
         self.probes_seen = 0
         # Hits held while their source's name is looked up (RESOLVE_HOST), per source, in order.
@@ -399,7 +399,7 @@ class Daemon:
         old = self.config
         self.config = config
         self.ignore = ignore
-        self.engine.update_settings(EngineSettings.from_config(config))
+        self.engine.update_settings(engine_settings(config))
         self.engine.ignore = ignore.current(now)
         self.responder.timeout = config.command_timeout
         if self.bans is not None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from . import messages
 from .actions import Action, Block, Log, Record, SendBanner, Step, StepKind
-from .config import Config
 from .flood import DEFAULT_LIMIT, DEFAULT_WINDOW, RepeatLimiter
 from .guard import BanGuard, BoundedSet, GuardSettings
 from .probe import IPAddress, Mode, Probe, Protocol
@@ -45,24 +44,6 @@ class EngineSettings:
     log_repeat_limit: int = DEFAULT_LIMIT
     log_repeat_window: float = DEFAULT_WINDOW
     guard: GuardSettings = field(default_factory=GuardSettings)  # BAN_BACKEND is not "none"
-
-    @classmethod
-    def from_config(cls, config: Config) -> EngineSettings:
-        return cls(
-            scan_trigger=config.scan_trigger,
-            block_tcp=config.block_tcp,
-            block_udp=config.block_udp,
-            kill_route=config.kill_route,
-            kill_hosts_deny=config.kill_hosts_deny,
-            kill_run_cmd=config.kill_run_cmd,
-            kill_run_cmd_first=config.kill_run_cmd_first,
-            port_banner=config.port_banner,
-            native_ban=config.ban_backend != "none",
-            log_repeat_limit=config.log_repeat_limit,
-            log_repeat_window=config.log_repeat_window,
-            guard=GuardSettings(config.ban_rate_limit, config.ban_rate_limit_net,
-                                config.sensitive_networks),
-        )
 
     def block_level(self, protocol: Protocol) -> int:
         return self.block_tcp if protocol is Protocol.TCP else self.block_udp

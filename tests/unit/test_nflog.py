@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portsentry import sensor_factory as factory
 from portsentry.config import Config, ConfigError, parse_config
 from portsentry.probe import Mode, Protocol
 from portsentry.responders.backend import RunResult
 from portsentry.responders.nftables import CaptureSpec, NftablesBackend
-from portsentry.sensors import factory
 from portsentry.sensors.capture import CaptureError, CaptureStats
 from portsentry.sensors.nflog import (
     NflogCapture,
@@ -582,7 +582,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[Opened]:
         made.append(Opened("packet", max_port, protocols))
         return made[-1]
 
-    def nflog(group: int) -> Opened:
+    def nflog(group: int, quieter: object = None) -> Opened:
         made.append(Opened("nflog", group))
         return made[-1]
 
@@ -626,7 +626,7 @@ def test_nflog_without_nftables_is_refused_at_open(opened: list[Opened]) -> None
     assert opened == []
 
 
-def group_taken(group: int) -> Opened:
+def group_taken(group: int, quieter: object = None) -> Opened:
     raise NflogGroupTaken("NFLOG group 42 is already in use by another program: set NFLOG_GROUP")
 
 

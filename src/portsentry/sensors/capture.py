@@ -10,8 +10,10 @@ import contextlib
 import ctypes
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
 
 from portsentry.sensors.bpf import Insn, pack_filter, reject_all_filter
 
@@ -50,11 +52,27 @@ def attach_filter(sock: socket.socket, program: list[Insn]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
 
 
+class Capture(Protocol):
+    """What the stealth sensor reads packets from: this AF_PACKET socket, or NFLOG."""
+
+    def fileno(self) -> int: ...
+    def read_batch(self, limit: int = 256) -> list[bytes]: ...
+    def drops(self) -> int: ...
+    def quiet_udp(self, ports: frozenset[int]) -> None:
+        """Keep datagrams to these UDP ports (live services) away from us in the kernel."""
+        ...
+    def close(self) -> None: ...
+
+
 class CaptureSocket:
-    """Inbound packets on every interface that pass `program`, read without blocking."""
+    """Inbound packets on every interface that pass `program`, read without blocking.
+
+    `quieter(ports)` builds the program that also keeps those UDP ports away (quiet_udp)."""
 
     def __init__(self, program: list[Insn], rcvbuf: int = 4 << 20, snaplen: int = 2048,
-                 ignore_outgoing: bool = True) -> None:
+                 ignore_outgoing: bool = True,
+                 quieter: Callable[[frozenset[int]], list[Insn]] | None = None) -> None:
+        self._quieter = quieter
         try:
             # A protocol in socket() starts delivery at once, before any filter is attached;
             # the reject-all filter and drain below close that window.
@@ -100,6 +118,10 @@ class CaptureSocket:
             return self._sock.recv(self._snaplen)
         except BlockingIOError:
             return None
+
+    def quiet_udp(self, ports: frozenset[int]) -> None:
+        if self._quieter is not None:
+            self.replace_filter(self._quieter(ports))
 
     def replace_filter(self, program: list[Insn]) -> None:
         """Swap the BPF program in place (e.g. to quiet ports that gained a service)."""

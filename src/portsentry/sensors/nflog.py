@@ -210,7 +210,10 @@ class NflogCapture:
         nlbufsiz: int = NLBUFSIZ,
         rcvbuf: int = RCVBUF,
         socket_factory: Callable[[], socket.socket] = open_nfnetlink,
+        quieter: Callable[[frozenset[int]], None] | None = None,
     ) -> None:
+        # Updates our nftables log rule so datagrams to live UDP services are not copied to us.
+        self._quieter = quieter
         if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group <= 0xFFFF:
             raise ValueError(f"NFLOG group {group!r} is not between 0 and 65535")
         self.group = group
@@ -320,6 +323,10 @@ class NflogCapture:
     def stats(self) -> CaptureStats:
         drops = self._gaps + (1 if self._unaccounted_overrun else 0)
         return CaptureStats(self._packets + drops, drops)
+
+    def quiet_udp(self, ports: frozenset[int]) -> None:
+        if self._quieter is not None:
+            self._quieter(ports)
 
     def drops(self) -> int:
         """Packets logged to us that the kernel dropped for lack of buffer space (from gaps in

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from .. import messages
 from ..ports import format_ports
 from ..probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
-from ..responders.backend import BackendError
 from .base import Hit, Readable
-from .bpf import build_probe_filter
-from .capture import CaptureSocket
+from .bpf import Insn, build_probe_filter
+from .capture import Capture, CaptureSocket
 from .listeners import ListeningPorts
 from .packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
 
@@ -78,7 +77,7 @@ class StealthSensor:
         clock: Clock,
         addresses: HostAddresses,
         listeners: dict[Protocol, ListeningPorts],
-        capture_factory: Callable[[int | None, set[Protocol]], CaptureSocket] | None = None,
+        capture_factory: Callable[[int | None, set[Protocol]], Capture] | None = None,
     ) -> None:
         self.watches = tuple(watches)
         self._log = log
@@ -87,7 +86,7 @@ class StealthSensor:
         self.listeners = listeners
         self.drops = DropCounter()
         self.packets = 0
-        self._capture: CaptureSocket | None = None
+        self._capture: Capture | None = None
         self._capture_factory = capture_factory or open_packet_capture
         self._by_protocol: dict[Protocol, tuple[Watch, ...]] = {}
         # Our own recent outgoing UDP (local port, peer, peer port) -> when: a datagram coming
@@ -216,17 +215,16 @@ class StealthSensor:
         """Tell the kernel filter to keep traffic to UDP services away from us (a syslog server
         receiving thousands of datagrams a second would otherwise wake the daemon for each).
         Such datagrams are never hits anyway; TCP needs nothing, its data has ACK set."""
-        quiet = getattr(self._capture, "quiet_udp", None)
         watches = self._by_protocol.get(Protocol.UDP, ())
-        if quiet is None or not watches:
+        if self._capture is None or not watches:
             return
         busy = frozenset(p for p in self.listeners[Protocol.UDP].ports() if any(w.covers(p) for w in watches))
         if busy == self._quieted:
             return
         self._quieted = busy
         try:
-            quiet(busy)
-        except (OSError, ValueError, BackendError) as error:
+            self._capture.quiet_udp(busy)
+        except (OSError, ValueError) as error:
             self._log(f"adminalert: WARNING: cannot update the capture filter: {error}")
 
     def _remember_flow(self, key: tuple[int, IPAddress, int], now: float) -> None:
@@ -248,12 +246,9 @@ class StealthSensor:
 def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
     """The AF_PACKET capture: BPF-filtered probes, plus our own outgoing UDP when UDP is watched."""
     udp = Protocol.UDP in protocols
-    capture = CaptureSocket(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp),
-                            ignore_outgoing=not udp)
 
-    def quiet(ports: frozenset[int]) -> None:
-        capture.replace_filter(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp,
-                                                  quiet_udp_ports=ports))
+    def quieter(ports: frozenset[int]) -> list[Insn]:
+        return build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp, quiet_udp_ports=ports)
 
-    capture.quiet_udp = quiet  # type: ignore[attr-defined]
-    return capture
+    return CaptureSocket(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp),
+                         ignore_outgoing=not udp, quieter=quieter)

@@ -1,24 +1,26 @@
 """Builds the sensors for the requested modes: one per connect mode, one shared by the stealth modes,
-and picks the stealth sensor's capture: NFLOG from our nftables table, or AF_PACKET with BPF."""
+and picks the stealth sensor's capture: NFLOG from our nftables table, or AF_PACKET with BPF.
+
+Wiring, not a sensor: it joins sensors to the nftables backend that holds the NFLOG rules, so it
+lives outside sensors/, which import neither responders nor bans (tests/unit/test_layering.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import cast
 
-from .. import hostinfo
-from ..config import Config
-from ..probe import Mode, Protocol
-from ..responders.backend import BackendError, BanBackend
-from ..responders.nftables import NftablesBackend
-from .base import Sensor
-from .capture import CaptureError, CaptureSocket
-from .connect import ConnectSensor
-from .listeners import ListeningPorts
-from .nflog import NflogCapture, NflogGroupTaken
-from .stealth import HostAddresses, StealthSensor, Watch, open_packet_capture
+from . import hostinfo
+from .config import Config
+from .probe import Mode, Protocol
+from .responders.backend import BackendError, BanBackend
+from .responders.nftables import NftablesBackend
+from .sensors.base import Sensor
+from .sensors.capture import Capture, CaptureError
+from .sensors.connect import ConnectSensor
+from .sensors.listeners import ListeningPorts
+from .sensors.nflog import NflogCapture, NflogGroupTaken
+from .sensors.stealth import HostAddresses, StealthSensor, Watch, open_packet_capture
 
-CaptureFactory = Callable[[int | None, set[Protocol]], CaptureSocket]
+CaptureFactory = Callable[[int | None, set[Protocol]], Capture]
 
 
 def watch_for(mode: Mode, config: Config) -> Watch:
@@ -72,7 +74,7 @@ def capture_factory(
         if nft is None:
             return open_packet_capture
 
-        def open_packet(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
+        def open_packet(max_port: int | None, protocols: set[Protocol]) -> Capture:
             try:
                 nft.drop_capture()  # rules a previous CAPTURE="auto" run left behind
             except (BackendError, OSError) as error:
@@ -81,16 +83,22 @@ def capture_factory(
 
         return open_packet
 
-    def open_nflog(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
-        def fail(key: str, error: Exception) -> CaptureSocket:
+    def open_nflog(max_port: int | None, protocols: set[Protocol]) -> Capture:
+        def fail(key: str, error: Exception) -> Capture:
             if explicit:
                 raise CaptureError(str(config.error(key, str(error)))) from error
             log(f"adminalert: WARNING: NFLOG capture unavailable ({error}); using AF_PACKET: "
                 "packets from blocked hosts still reach the daemon, fragmented scans are unseen")
             return open_packet_capture(max_port, protocols)
 
+        def quiet(ports: frozenset[int]) -> None:
+            try:
+                nft.capture_rules(config.nflog_group, max_port, protocols, quiet_udp_ports=ports)
+            except BackendError as error:  # the sensor knows OSError, not our backends
+                raise OSError(str(error)) from error
+
         try:
-            capture = NflogCapture(config.nflog_group)
+            capture = NflogCapture(config.nflog_group, quieter=quiet)
         except NflogGroupTaken as error:
             return fail("NFLOG_GROUP", error)
         except CaptureError as error:
@@ -100,19 +108,13 @@ def capture_factory(
         except (BackendError, OSError, ValueError) as error:
             capture.close()
             return fail("CAPTURE", CaptureError(f"cannot add the NFLOG rules: {error}"))
-        def quiet(ports: frozenset[int]) -> None:
-            nft.capture_rules(config.nflog_group, max_port, protocols, quiet_udp_ports=ports)
-
-        capture.quiet_udp = quiet  # type: ignore[attr-defined]
-        # NflogCapture has CaptureSocket's interface, not its class; StealthSensor only uses
-        # the interface (its capture_factory annotation should become a Protocol).
-        return cast(CaptureSocket, capture)
+        return capture
 
     return open_nflog
 
 
 def _refuse(message: str) -> CaptureFactory:
-    def refuse(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
+    def refuse(max_port: int | None, protocols: set[Protocol]) -> Capture:
         raise CaptureError(message)
 
     return refuse
