@@ -36,6 +36,8 @@ SOURCE_ENV = "PORTSENTRY_BENCH_SRC"
 sys.path[:0] = [os.environ.get(SOURCE_ENV, str(REPO_ROOT / "src")), str(REPO_ROOT)]
 
 from portsentry.bans import BanManager, BanPolicy  # noqa: E402
+
+from portsentry.restore import restore_bans
 from portsentry.responders.backend import run_argv  # noqa: E402
 from portsentry.responders.hostsdeny import HostsDeny  # noqa: E402
 from portsentry.responders.iproute import RouteBackend  # noqa: E402
@@ -225,7 +227,7 @@ def bench_daemon_restore(count: int) -> Row:
                              BanPolicy(), lambda _line: None)
         try:
             restored: list[object] = []
-            seconds = timed(lambda: restored.extend(manager.restore(time.time())))
+            seconds = timed(lambda: restored.extend(restore_bans(manager, time.time()).addresses))
             members = len(backend.members())
         finally:
             backend.teardown()
