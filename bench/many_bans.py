@@ -26,6 +26,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -45,8 +46,9 @@ from bench import harness
 from bench.harness import BenchError, Receiver
 
 PARTS = ("idle", "startup", "stalls")
-BEGIN = "<!-- bench:issue10:begin (written by bench/run --only idle/startup/stalls) -->"
-END = "<!-- bench:issue10:end -->"
+# One block per --issue10-label (before the redesign, after it, an older revision...).
+BEGIN = "<!-- bench:issue10:{slug}:begin (written by bench/run --only idle/startup/stalls) -->"
+END = "<!-- bench:issue10:{slug}:end -->"
 TITLE = "Idle with many bans, stalls and start-up (issue 10)"
 
 SIZES = (1_000, 10_000, 100_000, 1_000_000)
@@ -63,6 +65,8 @@ STATE_FILE = "bans.sqlite3"
 _TICK = os.sysconf("SC_CLK_TCK")
 # The src/ the daemon and the CLI run from (bench/run --ours-rev exports one); None: the work tree.
 SOURCE: Path | None = None
+# --py-spy-dir: start-ups and idle windows are recorded with py-spy into it (not for the figures).
+SPY_DIR: Path | None = None
 
 
 def daemon_env() -> dict[str, str]:
@@ -79,12 +83,11 @@ def ban_address(i: int) -> str:
 def populate(path: Path, count: int, expires: float) -> float:
     """A ban store at `path` with `count` active bans (schema made by BanStore itself); returns
     the seconds it took. One transaction, executemany."""
-    sys.path.insert(0, str(harness.REPO_ROOT / "src"))
-    from portsentry.store import BanStore
-
     started = time.monotonic()
     path.parent.mkdir(parents=True, exist_ok=True)
-    BanStore(str(path)).close()
+    # The schema as the code under test makes it (an older revision has an older schema).
+    subprocess.run([sys.executable, "-c", "import sys; from portsentry.store import BanStore; "
+                    "BanStore(sys.argv[1]).close()", str(path)], env=daemon_env(), check=True, timeout=60)
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA synchronous = OFF")
@@ -204,7 +207,7 @@ def namespace_and_dir(
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def start(daemon: Daemon, conf: str, mode: str, ready_bound: float) -> None:
+def start(daemon: Daemon, conf: str, mode: str, ready_bound: float, spy_name: str = "") -> None:
     """Start ours in the target namespace with a $NOTIFY_SOCKET; wait for READY at most
     `ready_bound` seconds (ready_at stays None when it did not come)."""
     daemon.conf.write_text(conf)
@@ -221,6 +224,7 @@ def start(daemon: Daemon, conf: str, mode: str, ready_bound: float) -> None:
         with daemon.stderr_path.open("wb") as err:
             daemon.spawned = time.time()
             daemon.proc = rig.popen_in(daemon.net.target, argv, stdout=err, stderr=err, env=env)
+        spy = SpyRecord(daemon.pid, SPY_DIR / f"{spy_name}-startup.txt") if SPY_DIR and spy_name else None
         deadline = time.monotonic() + ready_bound
         while time.monotonic() < deadline:
             ready = [e for e in daemon.receiver.entries(since) if rig.READY_TEXT in e.message]
@@ -236,6 +240,8 @@ def start(daemon: Daemon, conf: str, mode: str, ready_bound: float) -> None:
         while notify.ready_at is None and time.monotonic() < wait_until:
             time.sleep(0.01)
         daemon.notify_at = notify.ready_at
+        if spy is not None and SPY_DIR is not None:
+            (SPY_DIR / f"{spy_name}-startup-summary.txt").write_text(spy.stop())
     finally:
         notify.close()
 
@@ -258,6 +264,68 @@ def own_cpu_seconds(pid: int) -> float:
 
 def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+class SpyRecord:
+    """`py-spy record --nonblocking` of `pid` into `out` (collapsed stacks) until stop(); does
+    nothing without py-spy. Not used for the figures: sampling costs the daemon a little."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        self.proc: subprocess.Popen[bytes] | None = None
+        tool = os.environ.get("PY_SPY") or shutil.which("py-spy")
+        if not tool:
+            return
+        # `ip netns exec` execs Python in place: wait until the pid is Python.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if "python" in os.readlink(f"/proc/{pid}/exe"):
+                    break
+            time.sleep(0.01)
+        self.proc = subprocess.Popen(
+            [tool, "record", "--pid", str(pid), "--nonblocking", "--threads", "--rate", "100",
+             "--format", "raw", "--duration", "600", "-o", str(out)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> str:
+        """Stop, and the top frames by own and by total samples ('' if nothing recorded)."""
+        if self.proc is None:
+            return ""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        return summarise_stacks(self.out)
+
+
+def summarise_stacks(path: Path, top: int = 15) -> str:
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            frames = stack.split(";")
+            samples += count
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+            for frame in set(frames[1:]):  # the first frame is the thread
+                total[frame] = total.get(frame, 0) + count
+    if not samples:
+        return ""
+    out = [f"{samples} samples; by own samples:"]
+    out += [f"  {n:6d} {100 * n / samples:5.1f}%  {f}"
+            for f, n in sorted(own.items(), key=lambda i: -i[1])[:top]]
+    out.append("by total samples (frame anywhere on the stack):")
+    out += [f"  {n:6d} {100 * n / samples:5.1f}%  {f}"
+            for f, n in sorted(total.items(), key=lambda i: -i[1])[:top]]
+    return "\n".join(out) + "\n"
 
 
 def py_spy_dump(pid: int) -> str:
@@ -307,7 +375,8 @@ def measure_idle(template: Path, bans: int, backend: str, window: float, ready_b
         daemon.store.parent.mkdir(mode=0o700)
         shutil.copyfile(template, daemon.store)
         try:
-            start(daemon, idle_conf(workdir, backend, bans), "-stcp", ready_bound)
+            name = f"{bans}-{backend}-{time.strftime('%H%M%S')}"
+            start(daemon, idle_conf(workdir, backend, bans), "-stcp", ready_bound, name)
             result = IdleResult(bans, backend, window, daemon.ready_s(),
                                 None if daemon.notify_at is None else daemon.notify_at - daemon.spawned,
                                 ready_bound)
@@ -322,6 +391,7 @@ def measure_idle(template: Path, bans: int, backend: str, window: float, ready_b
             pid = daemon.pid
             cpu = [own_cpu_seconds(pid)]
             rss = [harness.rss_kib(pid)]
+            spy = SpyRecord(pid, spy_dir / f"{name}-idle.txt") if spy_dir is not None else None
             began = time.monotonic()
             for second in range(1, int(window) + 1):
                 time.sleep(max(0.0, began + second - time.monotonic()))
@@ -336,8 +406,8 @@ def measure_idle(template: Path, bans: int, backend: str, window: float, ready_b
             with contextlib.suppress(BenchError):
                 active = harness.daemon_status(daemon.control, timeout=10.0).get("active_bans")
                 result.status_bans = active if isinstance(active, int) else None
-            if spy_dir is not None:
-                (spy_dir / f"idle-{bans}-{backend}.txt").write_text(py_spy_dump(pid))
+            if spy is not None and spy_dir is not None:
+                (spy_dir / f"{name}-idle-summary.txt").write_text(spy.stop())
             if daemon.proc is not None and daemon.proc.poll() is not None:
                 result.note = f"daemon exited {daemon.proc.returncode} during the window"
             return result
@@ -392,6 +462,7 @@ class StallResult:
     list_cli_before_ms: list[float] = field(default_factory=list)
     list_cli_during_ms: list[float] = field(default_factory=list)
     missed: int = 0
+    list_failures: list[str] = field(default_factory=list)
     note: str = ""
 
 
@@ -423,22 +494,43 @@ def control_request(path: Path, payload: bytes, timeout: float = 10.0) -> tuple[
     return data, (time.perf_counter() - started) * 1000
 
 
-def list_via_socket(daemon: Daemon) -> float:
-    reply, ms = control_request(daemon.control, b'{"command": "list"}\n')
+LIST_BOUND = 10.0  # seconds; a `list` with no answer by then is counted as failed
+
+
+def list_via_socket(daemon: Daemon, failures: list[str]) -> float | None:
+    """ms for a `list` over the control socket; None (and the reason in `failures`) if it
+    failed or took over LIST_BOUND."""
+    try:
+        reply, ms = control_request(daemon.control, b'{"command": "list"}\n', LIST_BOUND)
+    except OSError as error:
+        failures.append(f"socket: {error or type(error).__name__}")
+        return None
     if b'"bans"' not in reply:
-        raise BenchError(f"list over the control socket: unexpected reply {reply[:300]!r}")
+        failures.append(f"socket: reply {reply[:100]!r}")
+        return None
     return ms
 
 
-def list_via_cli(daemon: Daemon) -> float:
+def list_via_cli(daemon: Daemon, failures: list[str]) -> float | None:
     """`portsentry -c CONF list` as an admin runs it: a new Python process, wall time."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "portsentry", "list", "-c", str(daemon.conf)],
-                          capture_output=True, text=True, timeout=30, env=daemon_env(), check=False)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "portsentry", "list", "-c", str(daemon.conf)],
+                              capture_output=True, text=True, timeout=LIST_BOUND + 5, env=daemon_env(),
+                              check=False)
+    except subprocess.TimeoutExpired:
+        failures.append(f"cli: no answer within {LIST_BOUND + 5:.0f} s")
+        return None
     ms = (time.perf_counter() - started) * 1000
     if proc.returncode != 0:
-        raise BenchError(f"portsentry list exited {proc.returncode}: {proc.stderr[-500:]}")
+        failures.append(f"cli: exit {proc.returncode}")
+        return None
     return ms
+
+
+def keep(values: list[float], value: float | None) -> None:
+    if value is not None:
+        values.append(value)
 
 
 def probe(sender: harness.SynSender, daemon: Daemon, source: str, bound: float = 5.0) -> float | None:
@@ -483,8 +575,8 @@ def measure_stall(hang: float) -> StallResult:
                 # Baseline, no command hanging yet: list, then one probe from each of the four
                 # scanners, whose blocks then hang.
                 for _ in range(3):
-                    result.list_socket_before_ms.append(list_via_socket(daemon))
-                    result.list_cli_before_ms.append(list_via_cli(daemon))
+                    keep(result.list_socket_before_ms, list_via_socket(daemon, result.list_failures))
+                    keep(result.list_cli_before_ms, list_via_cli(daemon, result.list_failures))
                 for source in scanners:
                     got = probe(sender, daemon, source)
                     if got is None:
@@ -512,8 +604,8 @@ def measure_stall(hang: float) -> StallResult:
                 # While they hang: list every ~2 s, a new scanner every ~3 s.
                 next_probe = 0
                 while time.time() < hang_started + hang - 6.0:
-                    result.list_socket_during_ms.append(list_via_socket(daemon))
-                    result.list_cli_during_ms.append(list_via_cli(daemon))
+                    keep(result.list_socket_during_ms, list_via_socket(daemon, result.list_failures))
+                    keep(result.list_cli_during_ms, list_via_cli(daemon, result.list_failures))
                     if next_probe < len(during):
                         got = probe(sender, daemon, during[next_probe])
                         next_probe += 1
@@ -677,6 +769,9 @@ def stall_markdown(results: Sequence[StallResult]) -> list[str]:
         ("`portsentry list` CLI wall time, before the hang (ms)", lambda r: ms_summary(r.list_cli_before_ms)),
         ("`portsentry list` CLI wall time, during the hang (ms; goal < 100)",
          lambda r: ms_summary(r.list_cli_during_ms)),
+        ("`list` requests failed or over 10 s (socket) / 15 s (CLI)",
+         lambda r: str(len(r.list_failures)) + (f" ({'; '.join(sorted(set(r.list_failures)))[:200]})"
+                                                if r.list_failures else "")),
         ("note", lambda r: r.note or "-"),
     ]
     head = "| figure | " + " | ".join(f"run {i + 1}" for i in range(len(results))) + " |"
@@ -703,14 +798,23 @@ def slow_markdown(results: Sequence[SlowClientResult]) -> list[str]:
     return lines
 
 
-def write_block(doc: Path, block: str) -> None:
-    """Put `block` between this part's markers, adding the section at the end the first time."""
+def write_block(doc: Path, block: str, label: str) -> None:
+    """Put `block` between the markers of `label`, replacing what a run with the same label
+    wrote; a new label's block goes at the end of this section (made the first time)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    begin, end = BEGIN.format(slug=slug), END.format(slug=slug)
     text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n## {TITLE}\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+    heading = f"## {TITLE}"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n"
+    if begin not in text or end not in text:
+        start = text.index(heading)
+        following = text.find("\n## ", start + len(heading))
+        at = len(text) if following < 0 else following + 1
+        text = text[:at].rstrip("\n") + f"\n\n{begin}\n{end}\n" + ("\n" + text[at:] if text[at:] else "")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{block}{end}{tail}")
 
 
 def measure(only: set[str], *, repeat: int, sizes: Sequence[int], idle_seconds: float,
@@ -719,8 +823,8 @@ def measure(only: set[str], *, repeat: int, sizes: Sequence[int], idle_seconds: 
             rev: str | None = None) -> str:
     """Run the selected parts (the daemon from `source`, exported git revision `rev`, or the
     work tree); returns the markdown block for docs/performance.md."""
-    global SOURCE
-    SOURCE = source
+    global SOURCE, SPY_DIR
+    SOURCE, SPY_DIR = source, spy_dir
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = load_at_start()
     if spy_dir is not None:
@@ -737,11 +841,17 @@ def measure(only: set[str], *, repeat: int, sizes: Sequence[int], idle_seconds: 
     if "stalls" in only:
         for run in range(repeat):
             print(f"stalls: {hang:.0f} s hanging KILL_ROUTE, run {run + 1} ...", file=sys.stderr, flush=True)
-            stalls.append(measure_stall(hang))
+            try:
+                stalls.append(measure_stall(hang))
+            except (BenchError, OSError, subprocess.SubprocessError) as error:
+                stalls.append(StallResult(note=f"failed: {str(error).splitlines()[0][:200]}"))
             print(f"    {stalls[-1]}", file=sys.stderr, flush=True)
             print(f"stalls: slow control client and 60,000 '[', run {run + 1} ...", file=sys.stderr,
                   flush=True)
-            slow.append(measure_slow_client())
+            try:
+                slow.append(measure_slow_client())
+            except (BenchError, OSError, subprocess.SubprocessError) as error:
+                slow.append(SlowClientResult(note=f"failed: {str(error).splitlines()[0][:200]}"))
             print(f"    {slow[-1]}", file=sys.stderr, flush=True)
 
     head = subprocess.run(["git", "-C", str(harness.REPO_ROOT), "rev-parse", "--short", "HEAD"],
@@ -811,5 +921,6 @@ def measure(only: set[str], *, repeat: int, sizes: Sequence[int], idle_seconds: 
             "",
         ]
     if spy_dir is not None:
-        lines += [f"py-spy dumps of the daemon were written to {spy_dir} (not part of the figures).", ""]
+        lines += [f"With py-spy recording the daemon (`--py-spy-dir {spy_dir}`): sampling costs it "
+                  "CPU, so these figures are not comparable with runs without it.", ""]
     return "\n".join(lines)

@@ -1050,7 +1050,7 @@ def measure_all(args: argparse.Namespace, argv: Sequence[str], source: Path | No
             source=source, rev=args.ours_rev)
         print(block)
         if not args.no_write:
-            many_bans.write_block(args.doc, block)
+            many_bans.write_block(args.doc, block, args.issue10_label)
             print(f"issue-10 results written to {args.doc}")
         only -= issue10
         if not only:
