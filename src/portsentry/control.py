@@ -263,8 +263,8 @@ class ControlServer:
         return client.conn
 
 
-def request(path: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-    """Send one request to the daemon; NotRunning when nobody listens there."""
+def exchange(path: str, data: bytes, timeout: float = 60.0) -> bytes:
+    """Send `data` (a request line) and read the reply line; NotRunning when nobody listens."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -272,16 +272,21 @@ def request(path: str, message: dict[str, Any], timeout: float = 60.0) -> dict[s
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as error:
             raise NotRunning(f"no daemon at {path}") from error
-        sock.sendall(json.dumps(message).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
+        sock.sendall(data)
+        reply = b""
+        while not reply.endswith(b"\n"):
             chunk = sock.recv(65536)
             if not chunk:
                 break
-            data += chunk
+            reply += chunk
     finally:
         sock.close()
-    response = json.loads(data or b"null")
+    return reply
+
+
+def request(path: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    """Send one request to the daemon; NotRunning when nobody listens there."""
+    response = json.loads(exchange(path, json.dumps(message).encode() + b"\n", timeout) or b"null")
     if not isinstance(response, dict):
         raise ValueError("the daemon sent no answer")
     return response

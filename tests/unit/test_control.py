@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portsentry.control import BadRequest, ControlServer, Reply, Request, parse_request, request
+from portsentry.control import BadRequest, ControlServer, Reply, Request, exchange, parse_request, request
 
 
 @pytest.fixture
@@ -36,20 +36,8 @@ def served(tmp_path: Path) -> Iterator[tuple[ControlServer, str, list[Request]]]
         server.close()
 
 
-def raw(path: str, data: bytes, *, shutdown: bool = False) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(path)
-        sock.sendall(data)
-        if shutdown:
-            sock.shutdown(socket.SHUT_WR)
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return dict(json.loads(answer))
+def raw(path: str, data: bytes) -> dict[str, object]:
+    return dict(json.loads(exchange(path, data, timeout=10)))
 
 
 def test_requests_are_typed_and_answered(served):
