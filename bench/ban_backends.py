@@ -35,14 +35,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_ENV = "PORTSENTRY_BENCH_SRC"
 sys.path[:0] = [os.environ.get(SOURCE_ENV, str(REPO_ROOT / "src")), str(REPO_ROOT)]
 
-from portsentry.bans import BanManager, BanPolicy  # noqa: E402
+from portsentry.bans.lifecycle import BanManager, BanPolicy  # noqa: E402
+from portsentry.bans.restore import restore_bans  # noqa: E402
+from portsentry.bans.store import BanStore  # noqa: E402
 from portsentry.responders.backend import run_argv  # noqa: E402
 from portsentry.responders.hostsdeny import HostsDeny  # noqa: E402
 from portsentry.responders.iproute import RouteBackend  # noqa: E402
 from portsentry.responders.ipset import IpsetBackend  # noqa: E402
 from portsentry.responders.nftables import NftablesBackend  # noqa: E402
-from portsentry.restore import restore_bans  # noqa: E402
-from portsentry.store import BanStore  # noqa: E402
 
 FILLS = (0, 10_000, 100_000)
 PORT = 8080

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT)]
 
-from portsentry.probe import Protocol as IpProtocol  # noqa: E402
+from portsentry.core.probe import Protocol as IpProtocol  # noqa: E402
 from portsentry.sensors.bpf import (  # noqa: E402
     ACCEPT_ALL_BYTES,
     BPF_ABS,

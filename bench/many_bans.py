@@ -86,7 +86,7 @@ def populate(path: Path, count: int, expires: float) -> float:
     started = time.monotonic()
     path.parent.mkdir(parents=True, exist_ok=True)
     # The schema as the code under test makes it (an older revision has an older schema).
-    subprocess.run([sys.executable, "-c", "import sys; from portsentry.store import BanStore; "
+    subprocess.run([sys.executable, "-c", "import sys; from portsentry.bans.store import BanStore; "
                     "BanStore(sys.argv[1]).close()", str(path)], env=daemon_env(), check=True, timeout=60)
     db = sqlite3.connect(path, isolation_level=None)
     try:
@@ -588,7 +588,7 @@ def measure_stall(hang: float) -> StallResult:
                 result.hanging = hanging_shells(net.target)
                 # Bans that must expire while the commands hang, put in the store as the CLI does.
                 sys.path.insert(0, str(harness.REPO_ROOT / "src"))
-                from portsentry.store import BanStore
+                from portsentry.bans.store import BanStore
 
                 expiries: dict[str, float] = {}
                 store = BanStore(str(daemon.store))

@@ -1,5 +1,5 @@
 """`python -m portsentry` runs the command line."""
 
-from .cli import main
+from portsentry.cli.main import main
 
 raise SystemExit(main())

@@ -36,7 +36,7 @@ TIMEOUT = 10.0
 # stdin drains it until quiet and prints every parsed packet, then the kernel counters.
 CAPTURE_CHILD = r"""
 import json, select, sys
-from portsentry.probe import Protocol
+from portsentry.core.probe import Protocol
 from portsentry.sensors.bpf import build_probe_filter
 from portsentry.sensors.capture import CaptureSocket
 from portsentry.sensors.packet import DropCounter, parse_packet

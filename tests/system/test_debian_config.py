@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from portsentry.config import load_config
-from tests.unit.test_config import CLASSIC_TCP, CLASSIC_UDP, _round_trip
+from portsentry.config.settings import load_config
+from tests.unit.config.test_settings import CLASSIC_TCP, CLASSIC_UDP, _round_trip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FETCH_SCRIPT = REPO_ROOT / "scripts" / "fetch-debian-portsentry"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from portsentry import demo
+from portsentry.cli import demo
 from tests.system.rig import REPO_ROOT, list_namespaces
 
 DETECTION = "attackalert: TCP SYN/Normal scan from host: 198.18.0.2/198.18.0.2 to TCP port: "
@@ -129,7 +129,7 @@ def test_interrupted_demo_cleans_up(sig, marker):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "portsentry.demo"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "portsentry.cli.demo"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()

@@ -153,7 +153,7 @@ time.sleep(60)
 # Runs in the target namespace: the backend's capture rules against the real nft and kernel.
 RULES_CHILD = r"""
 import json, select, subprocess, sys, time
-from portsentry.probe import Protocol
+from portsentry.core.probe import Protocol
 from portsentry.responders.nftables import NftablesBackend
 from portsentry.sensors.nflog import NflogCapture
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from portsentry.config import Config
-from portsentry.privileges import KEPT, CapabilitySets, names, read_status
+from portsentry.config.settings import Config
+from portsentry.host.privileges import KEPT, CapabilitySets, names, read_status
 from tests.system.rig import (
     REPO_ROOT,
     DaemonFactory,

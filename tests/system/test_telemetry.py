@@ -6,7 +6,7 @@ import json
 import re
 
 from tests.system.rig import eventually, nmap, run_in
-from tests.unit.test_events import assert_valid
+from tests.unit.journal.test_events import assert_valid
 
 
 def scrape(ns: str, port: int) -> dict[str, float]:

@@ -10,13 +10,13 @@ import os
 import random
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from portsentry.actions import Block
-from portsentry.engine import Engine, EngineSettings
-from portsentry.probe import Mode, Protocol
+from portsentry.core.actions import Block
+from portsentry.core.engine import Engine, EngineSettings
+from portsentry.core.probe import Mode, Protocol
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import DropCounter, TcpFlag, parse_packet
 from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch
-from tests.unit.test_packet import DST4, DST6, ah, ext, ipv4, ipv6, tcp, udp
+from tests.unit.sensors.test_packet import DST4, DST6, ah, ext, ipv4, ipv6, tcp, udp
 
 PACKETS = int(os.environ.get("PORTSENTRY_FUZZ_PACKETS", "100000"))
 

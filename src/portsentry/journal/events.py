@@ -13,10 +13,10 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
-from .. import messages
-from ..actions import Action, Block, Log, Record
-from ..fileio import append_record
-from ..probe import IPAddress, Probe
+from portsentry.core import messages
+from portsentry.core.actions import Action, Block, Log, Record
+from portsentry.core.probe import IPAddress, Probe
+from portsentry.journal.fileio import append_record
 
 # The values of the "event" field.
 EVENT_PROBE = "probe"

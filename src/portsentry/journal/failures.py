@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import messages
+from portsentry.core import messages
 
 WINDOW = 60.0
 

@@ -11,8 +11,8 @@ import fcntl
 import os
 import time
 
-from ..fileio import append_record
-from ..probe import IPAddress, Protocol
+from portsentry.core.probe import IPAddress, Protocol
+from portsentry.journal.fileio import append_record
 
 
 def history_line(at: float, name: str, address: IPAddress, port: int, protocol: Protocol) -> str:

@@ -7,11 +7,11 @@ import time
 from collections import deque
 from typing import Protocol, TextIO
 
-from ..probe import Mode, Probe
-from .failures import BLOCKED, HISTORY, WriteFailures
-from .files import append_line, history_line, truncate
-from .journald import JournaldWriter
-from .syslog import LOG_INFO, LOG_NOTICE
+from portsentry.core.probe import Mode, Probe
+from portsentry.journal.failures import BLOCKED, HISTORY, WriteFailures
+from portsentry.journal.files import append_line, history_line, truncate
+from portsentry.journal.journald import JournaldWriter
+from portsentry.journal.syslog import LOG_INFO, LOG_NOTICE
 
 
 class LogWriter(Protocol):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, ClassVar
 
-from portsentry.probe import IPAddress
+from portsentry.core.probe import IPAddress
 
 # A command that has not finished in this time is hung (a stuck xtables lock, say), not slow.
 COMMAND_TIMEOUT = 30.0

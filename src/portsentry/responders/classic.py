@@ -8,32 +8,32 @@ failed command as a block. The host counts as blocked when at least one blocking
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .. import messages
-from ..actions import Block, Step, StepKind
-from ..journal.failures import HOSTS_DENY, WriteFailures
-from ..telemetry import Telemetry
-from .hostsdeny import HostsDeny, HostsDenyError
-from .shell import CommandResult, run_shell
-from .substitute import hosts_deny_entry, substitute
-
-if TYPE_CHECKING:
-    from ..bans import BanManager
+from portsentry.core import messages
+from portsentry.core.actions import Block, Step, StepKind
+from portsentry.core.probe import IPAddress
+from portsentry.journal.failures import HOSTS_DENY, WriteFailures
+from portsentry.journal.telemetry import Telemetry
+from portsentry.responders.hostsdeny import HostsDeny, HostsDenyError
+from portsentry.responders.shell import CommandResult, run_shell
+from portsentry.responders.substitute import hosts_deny_entry, substitute
 
 Logger = Callable[[str], None]
 
 
-class UsePolicy(enum.Enum):
-    """Marks "no override": the ban lasts as long as BLOCK_TIME and escalation say."""
-
-    YES = "yes"
-
-
 Runner = Callable[[str, float], CommandResult]
+
+
+class BanKeeper(Protocol):
+    """The ban lifecycle's side of a block (bans.lifecycle.BanManager): the native set, and
+    hosts.deny lines recorded as ours. Without one, NATIVE steps are skipped and hosts.deny is
+    written directly (`check-config --test-block`)."""
+
+    def ban_native(self, address: IPAddress, duration: float | None) -> bool: ...
+    def add_line(self, address: IPAddress, line: str, now: float) -> bool: ...
 
 
 class ClassicResponder:
@@ -44,14 +44,12 @@ class ClassicResponder:
         timeout: float,
         runner: Runner = run_shell,
         verbose_log: Logger | None = None,
-        bans: BanManager | None = None,
         clock: Callable[[], float] = time.time,
         telemetry: Telemetry | None = None,
         failures: WriteFailures | None = None,
     ) -> None:
         self.failures = failures
         self.telemetry = telemetry or Telemetry()
-        self.bans = bans
         self.clock = clock
         self.hosts_deny = hosts_deny
         self.timeout = timeout
@@ -59,26 +57,18 @@ class ClassicResponder:
         self._verbose = verbose_log or (lambda _text: None)
         self._run = runner
 
-    def carry_out(self, block: Block, duration: float | UsePolicy | None = UsePolicy.YES) -> bool:
-        """Run the steps; `duration` overrides the ban policy (seconds, or None = forever)."""
+    def carry_out(self, block: Block, duration: float | None, keeper: BanKeeper | None = None) -> bool:
+        """Run the steps for a ban of `duration` seconds (None: forever); True when the host
+        counts as blocked. The record is the caller's (BanManager.enforce)."""
         probe = block.probe
         blocking_steps = 0
         blocking_done = 0
         command_ok = True
-        if isinstance(duration, UsePolicy):
-            duration = self.bans.duration(probe.source, self.clock()) if self.bans else None
-        if self.bans is not None:
-            # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
-            # that the next start completes (restore re-applies it), never a ban nobody knows of.
-            self.bans.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
-                               now=self.clock(), duration=duration,
-                               hosts_deny_line=self._intended_line(block),
-                               native=any(step.kind is StepKind.NATIVE for step in block.steps))
         for step in block.steps:
-            if step.kind is StepKind.NATIVE and self.bans is None:
+            if step.kind is StepKind.NATIVE and keeper is None:
                 continue
             started = time.monotonic()
-            error = self._step(step, block, duration)
+            error = self._step(step, block, duration, keeper)
             self.telemetry.action(probe.source, step.kind.value, time.monotonic() - started, error,
                                   self.clock(), probe)
             if step.kind is StepKind.RUN_CMD:
@@ -86,31 +76,29 @@ class ClassicResponder:
                 continue
             blocking_steps += 1
             blocking_done += error is None
-        succeeded = blocking_done > 0 if blocking_steps else command_ok
-        if not succeeded and self.bans is not None:
-            self.bans.abandon(probe.source, self.clock())
-        return succeeded
+        return blocking_done > 0 if blocking_steps else command_ok
 
     @staticmethod
-    def _intended_line(block: Block) -> str | None:
+    def intended_line(block: Block) -> str | None:
         for step in block.steps:
             if step.kind is StepKind.HOSTS_DENY:
                 probe = block.probe
                 return hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
         return None
 
-    def _step(self, step: Step, block: Block, duration: float | None) -> str | None:
+    def _step(self, step: Step, block: Block, duration: float | None,
+              keeper: BanKeeper | None) -> str | None:
         """Carry out one step and log it the 1.2 way; the error text, or None when it worked."""
         probe = block.probe
         target = str(probe.source)
         if step.kind is StepKind.NATIVE:
-            assert self.bans is not None
-            return None if self.bans.ban_native(probe.source, duration) else "native ban failed"
+            assert keeper is not None
+            return None if keeper.ban_native(probe.source, duration) else "native ban failed"
         if step.kind is StepKind.HOSTS_DENY:
             line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
             try:
-                if self.bans is not None:
-                    added = self.bans.add_line(probe.source, line, self.clock())
+                if keeper is not None:
+                    added = keeper.add_line(probe.source, line, self.clock())
                 else:
                     added = self.hosts_deny.add(line)
                 if not added:

@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from ..fileio import append_record, pwrite_all
+from portsentry.journal.fileio import append_record, pwrite_all
 
 LOCK_SUFFIX = ".portsentry.lock"
 NEW_FILE_MODE = 0o644

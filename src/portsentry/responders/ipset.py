@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from ipaddress import ip_address
 from typing import ClassVar
 
-from portsentry.probe import IPAddress
+from portsentry.core.probe import IPAddress
 from portsentry.responders.backend import (
     BackendError,
     BanBackend,

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import ClassVar, TypeVar
 
-from portsentry.netlink import (
+from portsentry.core.probe import IPAddress, Protocol
+from portsentry.netlink.codec import (
     NETLINK_CAP_ACK,
     NETLINK_NETFILTER,
     NLM_F_ACK,
@@ -52,7 +53,6 @@ from portsentry.netlink import (
     split,
     wait_acks,
 )
-from portsentry.probe import IPAddress, Protocol
 from portsentry.responders.backend import (
     BackendError,
     BanBackend,

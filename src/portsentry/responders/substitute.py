@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
 
-from portsentry.probe import IPAddress, Mode
+from portsentry.core.probe import IPAddress, Mode
 
 TARGET_TOKEN = "$TARGET$"
 PORT_TOKEN = "$PORT$"

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..probe import Probe
+from portsentry.core.probe import Probe
 
 
 @dataclass(frozen=True)

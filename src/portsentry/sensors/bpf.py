@@ -11,7 +11,7 @@ import struct
 from collections.abc import Collection
 from typing import NamedTuple
 
-from portsentry.probe import Protocol
+from portsentry.core.probe import Protocol
 from portsentry.sensors.packet import (
     IPPROTO_FRAGMENT,
     IPPROTO_TCP,

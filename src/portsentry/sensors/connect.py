@@ -13,11 +13,11 @@ import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 
-from .. import messages
-from ..addresses import canonical
-from ..ports import format_ports
-from ..probe import KIND_CONNECT, IPAddress, Mode, Probe, Protocol
-from .base import Hit, Readable
+from portsentry.core import messages
+from portsentry.core.addresses import canonical
+from portsentry.core.ports import format_ports
+from portsentry.core.probe import KIND_CONNECT, IPAddress, Mode, Probe, Protocol
+from portsentry.sensors.base import Hit, Readable
 
 Logger = Callable[[str], None]
 

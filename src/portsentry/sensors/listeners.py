@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import re
 
-from portsentry.probe import Protocol
-
-from .sockdiag import SockDiag
+from portsentry.core.probe import Protocol
+from portsentry.sensors.sockdiag import SockDiag
 
 # "  12: 0100007F:0277 00000000:0000 0A ..." -> slot, local address:port, remote, state.
 _LINE = re.compile(

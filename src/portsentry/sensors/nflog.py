@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from ..netlink import (
+from portsentry.netlink.codec import (
     NETLINK_NETFILTER,
     NFGENMSG,
     NLM_F_ACK,
@@ -35,7 +35,7 @@ from ..netlink import (
     split,
     wait_acks,
 )
-from .capture import SO_RCVBUFFORCE, CaptureError, CaptureStats
+from portsentry.sensors.capture import SO_RCVBUFFORCE, CaptureError, CaptureStats
 
 # ---------------------------------------------------------------------------------------------
 # nfnetlink_log's messages (linux/netfilter/nfnetlink_log.h); the netlink framing is ..netlink's

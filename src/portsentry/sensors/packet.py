@@ -13,8 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from portsentry.addresses import BadSource, canonical, impossible_source
-from portsentry.probe import (
+from portsentry.core.addresses import BadSource, canonical, impossible_source
+from portsentry.core.probe import (
     KIND_FIN,
     KIND_NULL,
     KIND_SYN,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import socket
 import struct
 
-from ..netlink import (
+from portsentry.core.probe import Protocol
+from portsentry.netlink.codec import (
     NETLINK_SOCK_DIAG,
     NLM_F_DUMP,
     NLM_F_REQUEST,
@@ -20,9 +21,8 @@ from ..netlink import (
     open_socket,
     split,
 )
-from ..netlink import NLMSG_DONE as NLMSG_DONE
-from ..netlink import NLMSGHDR as NLMSGHDR
-from ..probe import Protocol
+from portsentry.netlink.codec import NLMSG_DONE as NLMSG_DONE
+from portsentry.netlink.codec import NLMSGHDR as NLMSGHDR
 
 SOCK_DIAG_BY_FAMILY = 20
 TCP_LISTEN = 10

@@ -13,14 +13,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .. import messages
-from ..ports import format_ports
-from ..probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
-from .base import Hit, Readable
-from .bpf import Insn, build_probe_filter
-from .capture import Capture, CaptureSocket
-from .listeners import ListeningPorts
-from .packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
+from portsentry.core import messages
+from portsentry.core.ports import format_ports
+from portsentry.core.probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
+from portsentry.sensors.base import Hit, Readable
+from portsentry.sensors.bpf import Insn, build_probe_filter
+from portsentry.sensors.capture import Capture, CaptureSocket
+from portsentry.sensors.listeners import ListeningPorts
+from portsentry.sensors.packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
 
 FLOW_CAPACITY = 65536  # remembered outgoing UDP flows; the oldest is forgotten first
 FLOW_LIFETIME = 30.0  # seconds a reply may take to count as one (conntrack's UDP default)

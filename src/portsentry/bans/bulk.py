@@ -1,0 +1,165 @@
+"""`portsentry block --file` and `unblock --file`: many bans made or lifted at once.
+
+A list of 100,000 addresses (a threat feed, a migration from another tool) must not take 100,000
+transactions, 100,000 kernel round trips and 100,000 rewrites of hosts.deny. Here the store takes
+them in one transaction (recorded before applied, as for a single ban), the kernel set in one
+batch, hosts.deny in one read and one write, and only the per-address shell commands (KILL_ROUTE,
+KILL_RUN_CMD, KILL_ROUTE_UNDO) run one by one, a few at a time. A running daemon learns of the
+change from the ban store.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+
+from portsentry.bans.lifecycle import BanManager
+from portsentry.bans.store import BanRequest, normalise
+from portsentry.config.settings import Config
+from portsentry.core import messages
+from portsentry.core.addresses import canonical, impossible_source
+from portsentry.core.probe import IPAddress, Mode
+from portsentry.responders.backend import BackendError
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.shell import CommandResult
+from portsentry.responders.substitute import hosts_deny_entry, substitute
+
+COMMAND_CONCURRENCY = 4
+MANUAL_REASON = "manual block"
+_COMMENT = re.compile(r"#.*")
+
+Duration = float | None | str  # seconds, None = forever, POLICY = BLOCK_TIME and escalation
+
+
+class AddressListError(ValueError):
+    """`FILE:LINE: 'text' is not an IP address`, for each bad line (all of them, not the first)."""
+
+
+def read_addresses(lines: Iterable[str], source: str) -> list[IPAddress]:
+    """One address per line; blank lines and `#` comments are fine, anything else is an error
+    naming the file and line. Duplicates are dropped, the order kept."""
+    found: dict[IPAddress, None] = {}
+    errors: list[str] = []
+    for number, line in enumerate(lines, 1):
+        text = _COMMENT.sub("", line).strip()
+        if not text:
+            continue
+        try:
+            found[canonical(ip_address(text))] = None
+        except ValueError:
+            errors.append(f"{source}:{number}: {text!r} is not an IP address")
+    if errors:
+        raise AddressListError("\n".join(errors[:20] + ([f"... and {len(errors) - 20} more"]
+                                                        if len(errors) > 20 else [])))
+    return list(found)
+
+
+@dataclass
+class BulkResult:
+    done: int = 0  # banned (or lifted)
+    skipped: list[str] = field(default_factory=list)  # why some addresses were not acted on
+    failed_commands: int = 0
+
+
+@dataclass(frozen=True)
+class ManualSteps:
+    """What a manual ban does besides the store and the kernel set (from the configuration)."""
+
+    hosts_deny: str | None = None  # KILL_HOSTS_DENY
+    route: str | None = None  # KILL_ROUTE
+    run_cmd: str | None = None  # KILL_RUN_CMD
+    undo: str | None = None  # KILL_ROUTE_UNDO
+
+    @classmethod
+    def from_config(cls, config: Config) -> ManualSteps:
+        """As BLOCK_TCP="1" would act (what `portsentry block ADDR` does for one address)."""
+        return cls(config.kill_hosts_deny, config.kill_route, config.kill_run_cmd, config.kill_route_undo)
+
+
+def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddress], now: float,
+               duration: Duration, run: Callable[[str, float], CommandResult]) -> BulkResult:
+    result = BulkResult()
+    wanted: list[IPAddress] = []
+    for address in addresses:
+        if (bad := impossible_source(address)) is not None:
+            result.skipped.append(f"{address}: a {bad} address cannot be the source of a real packet")
+        else:
+            wanted.append(normalise(address))
+    backends = (bans.backend.name,) if bans.backend is not None else ()
+    requests = [
+        BanRequest(address, MANUAL_REASON, str(Mode.TCP), 0, duration,
+                   hosts_deny_entry(steps.hosts_deny, address, 0, Mode.TCP) if steps.hosts_deny else None,
+                   backends)
+        for address in wanted]
+    # Recorded before applied: a crash half-way leaves records that restore completes.
+    made = bans.store.ban_many(requests, now, policy=bans.duration_after)
+    if bans.backend is not None and made:
+        try:
+            bans.backend.add_many((ban.address, None if ban.expires is None else ban.expires - now)
+                                  for ban in made)
+        except (BackendError, OSError) as error:
+            bans.log(messages.native_block_failed(f"({len(made)} addresses)", bans.backend.describe(),
+                                                  str(error)))
+    lines = {ban.hosts_deny_line: ban.address for ban in made if ban.hosts_deny_line}
+    if lines:
+        _add_lines(bans, bans.hosts_deny, lines, now)
+    commands = [template for template in (steps.route, steps.run_cmd) if template]
+    result.failed_commands = _run_each(bans, commands, [ban.address for ban in made], run)
+    result.done = len(made)
+    return result
+
+
+def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddress], now: float,
+                 run: Callable[[str, float], CommandResult]) -> BulkResult:
+    result = BulkResult()
+    held = bans.store.get_many(addresses)
+    if bans.backend is not None and held:
+        try:
+            bans.backend.remove_many(ban.address for ban in held)
+        except (BackendError, OSError) as error:
+            bans.log(messages.native_unblock_failed(f"({len(held)} addresses)", str(error)))
+    ours = bans.store.owned_of(ban.address for ban in held)
+    if ours:
+        bans.hosts_deny.remove_many([line for _address, line in ours])
+        bans.store.disown_lines(ours)
+    result.failed_commands = _run_each(bans, [steps.undo] if steps.undo else [],
+                                       [ban.address for ban in held], run)
+    result.done = bans.store.lift_many((ban.address for ban in held), now, "unblocked by admin")
+    result.skipped = [f"{a}: not blocked" for a in sorted(set(addresses) - {b.address for b in held},
+                                                          key=str)]
+    return result
+
+
+def _add_lines(bans: BanManager, hosts_deny: HostsDeny, lines: dict[str, IPAddress], now: float) -> None:
+    def own(appended: list[str]) -> None:
+        bans.store.own_lines(((lines[line], line) for line in appended), now)
+
+    try:
+        hosts_deny.add_many(list(lines), on_append=own)
+    except (OSError, ValueError) as error:
+        bans.log(messages.config_error(f"cannot add {len(lines)} lines to {hosts_deny.path}: {error}"))
+
+
+def _run_each(bans: BanManager, templates: Sequence[str], addresses: Sequence[IPAddress],
+              run: Callable[[str, float], CommandResult]) -> int:
+    """Each command for each address, COMMAND_CONCURRENCY at a time; how many failed."""
+    if not templates or not addresses:
+        return 0
+    timeout = bans.policy.command_timeout
+
+    def one(address: IPAddress) -> int:
+        failed = 0
+        for template in templates:
+            command = substitute(template, address, 0, Mode.TCP)
+            outcome = run(command, timeout)
+            if not outcome.ok:
+                failed += 1
+                bans.log(messages.command_failed(str(address),
+                                                 f'"{command}" exit status {outcome.returncode}'))
+        return failed
+
+    with ThreadPoolExecutor(max_workers=COMMAND_CONCURRENCY, thread_name_prefix="bulk") as pool:
+        return sum(pool.map(one, addresses))

@@ -1,0 +1,346 @@
+"""The ban lifecycle: how long a ban lasts, putting it in the native backend, lifting it again.
+
+The ban store is the shared truth between the daemon and the `block`/`unblock`/`list` commands:
+whoever bans or lifts writes the store and changes the kernel and hosts.deny; the daemon re-reads
+the store once a second and forgets hosts that were lifted behind its back. Lifting removes an
+address from everything that holds it: the native backend, the exact hosts.deny line we wrote,
+and whatever KILL_ROUTE_UNDO undoes.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from portsentry.bans.store import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_RETENTION,
+    MEMORY,
+    Ban,
+    BanStore,
+    StoreError,
+    ban_duration,
+)
+from portsentry.config.settings import Config
+from portsentry.core import messages
+from portsentry.core.actions import Block, StepKind
+from portsentry.core.probe import IPAddress, Mode
+from portsentry.journal.failures import BAN_STORE, WriteFailures
+from portsentry.journal.telemetry import Telemetry
+from portsentry.responders.backend import BackendError, BanBackend
+from portsentry.responders.classic import ClassicResponder
+from portsentry.responders.hostsdeny import HostsDeny, HostsDenyError
+from portsentry.responders.shell import CommandResult, run_shell
+from portsentry.responders.substitute import substitute
+
+Logger = Callable[[str], None]
+Runner = Callable[[str, float], CommandResult]
+
+
+@dataclass(frozen=True)
+class BanPolicy:
+    base: int = 0  # BLOCK_TIME seconds; 0 = forever
+    factor: float = 2.0
+    cap: int = 7 * 86400
+    undo: str | None = None  # KILL_ROUTE_UNDO
+    command_timeout: float = 30.0
+    route: str | None = None  # KILL_ROUTE, re-run at start when the kernel forgot its effect
+    history_retention: float = DEFAULT_RETENTION
+    history_max_rows: int = DEFAULT_MAX_ROWS
+
+    @classmethod
+    def from_config(cls, config: Config) -> BanPolicy:
+        return cls(config.block_time, config.block_time_factor, config.block_time_max,
+                   config.kill_route_undo, config.command_timeout, config.kill_route)
+
+
+class UsePolicy(enum.Enum):
+    """Marks "no override": the ban lasts as long as BLOCK_TIME and escalation say."""
+
+    YES = "yes"
+
+
+USE_POLICY = UsePolicy.YES
+UNSAVED_CAPACITY = 100_000
+
+
+@dataclass(frozen=True)
+class _Unsaved:
+    address: IPAddress
+    reason: str
+    mode: str
+    port: int
+    now: float
+    duration: float | None
+    hosts_deny_line: str | None
+    backends: tuple[str, ...]
+
+
+def open_store(path: str, log: Logger) -> tuple[BanStore, str | None]:
+    """The ban store, or an in-memory stand-in (and the path to retry) when it cannot be opened:
+    detection and blocking must go on with a full or read-only disk."""
+    try:
+        return BanStore(path), None
+    except StoreError as error:
+        log(messages.store_failed(f"{error}; keeping bans in memory until it can be opened"))
+        return BanStore(MEMORY), path
+
+
+class BanManager:
+    """Thread-safe: responder threads ban, the expiry tick and the CLI lift."""
+
+    def __init__(
+        self,
+        store: BanStore,
+        backend: BanBackend | None,
+        hosts_deny: HostsDeny,
+        policy: BanPolicy,
+        log: Logger,
+        runner: Runner = run_shell,
+        telemetry: Telemetry | None = None,
+        failures: WriteFailures | None = None,
+    ) -> None:
+        self.store = store
+        self.failures = failures
+        self.backend = backend
+        self.hosts_deny = hosts_deny
+        self.policy = policy
+        self._log = log
+        self.log = log  # for the lifecycle's other parts (bulk), which report the same way
+        self._run = runner
+        self.run = runner  # the shell runner, for the lifecycle's other parts (restore, bulk)
+        self._lock = threading.Lock()
+        self._unsaved: list[_Unsaved] = []
+        self._unsaved_lines: list[tuple[IPAddress, str, float]] = []
+        # Set when the store on disk could not be opened and an in-memory one stands in.
+        self.fallback_from: str | None = None
+        self.telemetry = telemetry or Telemetry()
+
+    def _store_failed(self, error: Exception, retry: bool = False) -> None:
+        detail = f"{error}; will retry" if retry else str(error)
+        if self.failures is not None:
+            self.failures.failed(BAN_STORE, self.store.path, detail)
+        else:
+            self._log(messages.store_failed(detail))
+
+    def duration_after(self, offences: int) -> float | None:
+        """Seconds a ban lasts after `offences` earlier ones (None: forever)."""
+        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
+
+    def duration(self, address: IPAddress, now: float) -> float | None:
+        """Seconds the next ban of `address` lasts, grown for repeat offenders."""
+        if self.policy.base == 0:
+            return None  # forever: no need to ask the store (this is on the way to the block)
+        try:
+            offences = self.store.offences(address, now)
+        except StoreError as error:
+            self._store_failed(error)
+            offences = 0
+        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
+
+    def enforce(self, block: Block, responder: ClassicResponder,
+                duration: float | UsePolicy | None = USE_POLICY, now: float | None = None) -> bool:
+        """The one way a ban is made, by a scan or by hand: record it, run the block's steps, and
+        drop the record again if every step failed. `duration` overrides the policy (seconds, or
+        None = forever)."""
+        probe = block.probe
+        at = time.time() if now is None else now
+        if isinstance(duration, UsePolicy):
+            duration = self.duration(probe.source, at)
+        # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
+        # that the next start completes (restore re-applies it), never a ban nobody knows of.
+        self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port, now=at,
+                      duration=duration, hosts_deny_line=responder.intended_line(block),
+                      native=any(step.kind is StepKind.NATIVE for step in block.steps))
+        if responder.carry_out(block, duration, self):
+            return True
+        self.abandon(probe.source, at)
+        return False
+
+    def ban_native(self, address: IPAddress, duration: float | None) -> bool:
+        if self.backend is None:
+            return False
+        try:
+            self.backend.add(address, duration)
+        except (BackendError, OSError) as error:
+            self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
+            return False
+        self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
+        self.telemetry.ban(address, self.backend.name, duration, "scan", time.time())
+        return True
+
+    def remember(
+        self, address: IPAddress, *, reason: str, mode: str, port: int, now: float,
+        duration: float | None, hosts_deny_line: str | None, native: bool,
+    ) -> Ban | None:
+        backends = (self.backend.name,) if native and self.backend is not None else ()
+        entry = _Unsaved(address, reason, mode, port, now, duration, hosts_deny_line, backends)
+        try:
+            return self._save(entry)
+        except (StoreError, OSError) as error:
+            # The block itself stands; its record is kept in memory and saved when the store
+            # can be written again (disk full, read-only file system).
+            self._store_failed(error, retry=True)
+            if len(self._unsaved) < UNSAVED_CAPACITY:
+                self._unsaved.append(entry)
+            return None
+
+    def _save(self, entry: _Unsaved) -> Ban:
+        return self.store.ban(entry.address, reason=entry.reason, mode=entry.mode, port=entry.port,
+                              now=entry.now, duration=entry.duration,
+                              hosts_deny_line=entry.hosts_deny_line, backends=entry.backends)
+
+    def own_line(self, address: IPAddress, line: str, now: float) -> None:
+        """HostsDeny.add's `on_append`: the copy about to be appended is ours. Recorded before the
+        write; if the store cannot take it, it is kept in memory and saved later."""
+        try:
+            self.store.own_line(address, line, now)
+        except StoreError as error:
+            self._store_failed(error, retry=True)
+            if len(self._unsaved_lines) < UNSAVED_CAPACITY:
+                self._unsaved_lines.append((address, line, now))
+
+    def add_line(self, address: IPAddress, line: str, now: float) -> bool:
+        """Append `line` to hosts.deny for `address`, recording it as ours only if we write it;
+        False when an identical line was already there (someone else's)."""
+        return self.hosts_deny.add(line, on_append=lambda: self.own_line(address, line, now))
+
+    def _owns_line(self, address: IPAddress, line: str) -> bool:
+        if any(a == address and text == line for a, text, _ in self._unsaved_lines):
+            return True
+        try:
+            return self.store.owns_line(address, line)
+        except StoreError as error:
+            self._store_failed(error)
+            return False
+
+    def abandon(self, address: IPAddress, now: float) -> None:
+        """A block whose every step failed: drop the record made before trying it."""
+        try:
+            self.store.lift(address, now, "block failed")
+        except StoreError as error:
+            self._store_failed(error)
+
+    def catch_up(self) -> int:
+        """Called once a second: reopen a store that could not be opened at start, and save
+        records that could not be written; returns how many were saved."""
+        if self.fallback_from is not None:
+            try:
+                disk = BanStore(self.fallback_from)
+            except StoreError:
+                return 0
+            with self._lock:
+                memory, self.store, self.fallback_from = self.store, disk, None
+            now = time.time()
+            for ban in memory.active(now):
+                self._unsaved.append(_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
+                                              None if ban.expires is None else ban.expires - now,
+                                              ban.hosts_deny_line, ban.backends))
+            memory.close()
+            self._log(messages.store_recovered(disk.path))
+        while self._unsaved_lines:
+            address, line, at = self._unsaved_lines[0]
+            try:
+                self.store.own_line(address, line, at)
+            except StoreError:
+                break
+            self._unsaved_lines.pop(0)
+        saved = 0
+        while self._unsaved:
+            try:
+                self._save(self._unsaved[0])
+            except (StoreError, OSError, ValueError):
+                break
+            self._unsaved.pop(0)
+            saved += 1
+        return saved
+
+    def lift(self, address: IPAddress, now: float, reason: str) -> bool:
+        """Unblock everywhere; True when the store had a ban for it."""
+        with self._lock:
+            ban = self.store.get(address)
+            self._undo(address, ban)
+            lifted = self.store.lift(address, now, reason)
+        if lifted is not None:
+            self._log(messages.unblocked(str(address), reason))
+            self.telemetry.unban(address, reason, now)
+        return lifted is not None
+
+    def _undo(self, address: IPAddress, ban: Ban | None) -> None:
+        if self.backend is not None:
+            try:
+                self.backend.remove(address)
+            except (BackendError, OSError) as error:
+                self._log(messages.native_unblock_failed(str(address), str(error)))
+        line = ban.hosts_deny_line if ban is not None else None
+        # Only the copy we appended goes; an identical line someone else wrote stays.
+        if line and self._owns_line(address, line):
+            try:
+                self.hosts_deny.remove(line)
+            except (HostsDenyError, OSError, ValueError) as error:
+                # Still recorded as ours, so `hosts-deny tidy` can take it out later.
+                self._log(messages.config_error(f"cannot remove {line!r} from "
+                                                f"{self.hosts_deny.path}: {error}"))
+            else:
+                self._disown_line(address, line)
+        if self.policy.undo:
+            command = substitute(self.policy.undo, address, ban.port if ban else 0, mode_of(ban))
+            result = self._run(command, self.policy.command_timeout)
+            if not result.ok:
+                self._log(messages.command_failed(str(address), f'"{command}" exit status '
+                                                  f"{result.returncode}"))
+
+    def _disown_line(self, address: IPAddress, line: str) -> None:
+        self._unsaved_lines = [entry for entry in self._unsaved_lines if entry[:2] != (address, line)]
+        try:
+            self.store.disown_line(address, line)
+        except StoreError as error:
+            self._store_failed(error)
+
+    def prune(self, now: float) -> int:
+        """Once an hour: forget history and offenders past their retention."""
+        try:
+            return self.store.prune(now, self.policy.history_retention, self.policy.history_max_rows)
+        except StoreError as error:
+            self._store_failed(error)
+            return 0
+
+    def expire(self, now: float) -> list[IPAddress]:
+        """Lift every ban whose time is up; returns the addresses lifted."""
+        lifted = []
+        for ban in self.store.expired(now):
+            if self.lift(ban.address, now, "ban expired"):
+                lifted.append(ban.address)
+        return lifted
+
+    def repair(self, now: float) -> None:
+        """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans."""
+        repair = getattr(self.backend, "repair_capture", None)
+        if self.backend is None or repair is None:
+            return
+        try:
+            rebuilt = bool(repair())
+        except (BackendError, OSError) as error:
+            self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
+            return
+        if rebuilt:
+            self._log(messages.table_rebuilt(self.backend.describe()))
+            try:
+                active = self.store.active(now)
+                self.backend.add_many(
+                    (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
+                    for ban in active)
+            except (BackendError, OSError, StoreError) as error:
+                self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
+
+
+def mode_of(ban: Ban | str | None) -> Mode:
+    """The mode a ban (or its stored mode text) was made in; TCP when unknown."""
+    text = ban.mode if isinstance(ban, Ban) else ban
+    try:
+        return Mode(text) if text is not None else Mode.TCP
+    except ValueError:
+        return Mode.TCP

@@ -1,0 +1,147 @@
+"""Start-up with many bans: put the stored bans back in force, fast, and say READY only then.
+
+What is restored before READY=1: expired bans are lifted, the native set gets every active ban
+in one batch, and hosts.deny gets every missing line of ours in one read and one write (a
+million bans must not mean a million rewrites of the file). What is not: KILL_ROUTE re-runs. A
+shell command per ban can take minutes for many bans (systemd's start timeout would kill the
+service), so `rerun_routes` runs them afterwards on its own thread, a few at a time, and logs
+each. They are needed only when the kernel forgot their effect, after a reboot or in a new
+network namespace, told apart by the kernel identity remembered in STATE_DIR/kernel-id.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from portsentry.bans.lifecycle import BanManager, mode_of
+from portsentry.bans.store import StoreError
+from portsentry.core import messages
+from portsentry.core.probe import IPAddress
+from portsentry.responders.backend import BackendError
+from portsentry.responders.substitute import substitute
+
+RERUN_CONCURRENCY = 4
+
+# SO_NETNS_COOKIE (Linux 5.14+): a 64-bit id the kernel never hands out twice while it runs.
+SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
+_COOKIE = struct.Struct("=Q")
+
+
+@dataclass(frozen=True)
+class Restored:
+    addresses: list[IPAddress]  # every ban in force
+    # (address, port, mode) of each, for the KILL_ROUTE re-runs; empty when none are due.
+    routes: list[tuple[IPAddress, int, str]]
+    kernel_id_path: str | None = None
+    kernel_id: str | None = None
+
+    @property
+    def rerun(self) -> bool:
+        return bool(self.routes)
+
+
+def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None) -> Restored:
+    """Everything that must be in force before READY; see the module docstring."""
+    bans.expire(now)
+    active = bans.store.active_slim(now)
+    changed, current = _kernel_changed(kernel_id_path) if kernel_id_path is not None else (False, None)
+    if bans.backend is not None and active:
+        try:
+            bans.backend.add_many(
+                (address, None if expires is None else max(expires - now, 1.0))
+                for address, expires, _line, _port, _mode in active)
+        except (BackendError, OSError) as error:
+            bans.log(messages.native_block_failed("(restore)", bans.backend.describe(), str(error)))
+    lines = {line: address for address, _expires, line, _port, _mode in active if line}
+    if lines:
+        def own(appended: list[str]) -> None:
+            try:
+                bans.store.own_lines(((lines[line], line) for line in appended), now)
+            except StoreError as error:  # appended anyway: the ban must be in force
+                bans.log(messages.store_failed(str(error)))
+
+        try:
+            bans.hosts_deny.add_many(list(lines), on_append=own)
+        except (OSError, ValueError) as error:
+            bans.log(messages.config_error(f"cannot restore {len(lines)} hosts.deny lines: {error}"))
+    rerun = changed and bool(bans.policy.route)
+    if changed and not rerun and kernel_id_path is not None:
+        _remember_kernel(kernel_id_path, current, bans.log)
+    routes = [(address, port, mode) for address, _e, _l, port, mode in active] if rerun else []
+    return Restored([entry[0] for entry in active], routes, kernel_id_path, current)
+
+
+def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_CONCURRENCY) -> int:
+    """KILL_ROUTE again for every restored ban, `concurrency` at a time (after READY, on its own
+    thread); the kernel identity is remembered only once all ran, so a crash half-way re-runs
+    them at the next start. Returns how many failed."""
+    if not restored.rerun or bans.policy.route is None:
+        return 0
+    route = bans.policy.route
+    bans.log(f"adminalert: re-running KILL_ROUTE for {len(restored.routes)} stored bans "
+             f"(new boot or network namespace), {concurrency} at a time")
+
+    def one(target: tuple[IPAddress, int, str]) -> bool:
+        address, port, mode = target
+        command = substitute(route, address, port, mode_of(mode))
+        result = bans.run(command, bans.policy.command_timeout)
+        if result.ok:
+            bans.log(messages.blocked_via_route(str(address), command))
+        else:
+            bans.log(messages.route_failed(str(address), f'"{command}" exit status {result.returncode}'))
+        return result.ok
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route-rerun") as pool:
+        failed = sum(not ok for ok in pool.map(one, restored.routes))
+    if restored.kernel_id_path is not None:
+        _remember_kernel(restored.kernel_id_path, restored.kernel_id, bans.log)
+    return failed
+
+
+def kernel_id() -> str | None:
+    """Which kernel state we run against: the boot, and the network namespace; None when it
+    cannot be known.
+
+    Not the inode of /proc/self/ns/net: the kernel reuses those numbers, so a namespace deleted
+    and created again (a container restart) looked like the same one and KILL_ROUTE was not
+    re-run. The namespace cookie is unique for the life of the boot.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            cookie = _COOKIE.unpack(probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, _COOKIE.size))[0]
+    except (OSError, struct.error):
+        return None
+    return f"{boot} netns-cookie:{cookie}"
+
+
+def _kernel_changed(path: str) -> tuple[bool, str | None]:
+    """Whether the kernel differs from the one remembered at `path`, and the current id.
+
+    Anything unknown counts as changed: re-running KILL_ROUTE at worst adds a rule twice, while
+    skipping it leaves a recorded ban that is not in force.
+    """
+    current = kernel_id()
+    if current is None:
+        return True, None
+    try:
+        with open(path, encoding="ascii") as handle:
+            previous: str | None = handle.read().strip()
+    except (OSError, ValueError):
+        previous = None
+    return previous != current, current
+
+
+def _remember_kernel(path: str, current: str | None, log: Callable[[str], None]) -> None:
+    if current is None:
+        return
+    try:
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(current + "\n")
+    except OSError as error:
+        log(messages.store_failed(f"{path}: {error.strerror or error}"))

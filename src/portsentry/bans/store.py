@@ -1,0 +1,758 @@
+"""The ban store: which addresses are banned, until when, how often they offended and which
+hosts.deny lines we wrote, kept in SQLite so bans survive restarts and expire on time.
+
+Design
+- One SQLite file (default /var/lib/portsentry/bans.sqlite3) shared by the daemon and the CLI,
+  possibly at the same time. Every change runs in one `BEGIN IMMEDIATE` transaction, which takes
+  the database's write lock before reading, so two writers never act on the same stale read and
+  no update is lost; a writer waits for the other up to BUSY_TIMEOUT. WAL lets readers go on
+  while one writes.
+- Schema versions live in `PRAGMA user_version`; MIGRATIONS lists the scripts that take the file
+  from version n-1 to n and `schema_migrations` records when each ran. A file from a newer
+  portsentry is refused rather than half-understood.
+- Addresses are stored as the text of the ipaddress object; IPv4-mapped IPv6 (::ffff:a.b.c.d) is
+  the IPv4 address, so one host is one row whichever socket family saw it.
+- `bans` holds bans until they are lifted, including expired ones the daemon has not lifted
+  yet; lifting moves the count of bans to `offenders` (escalation outlives the ban) and `history`
+  keeps what happened. `bans.hosts_deny_line` is the line a ban wants in hosts.deny;
+  `written_lines` holds the copies we appended ourselves (one row per line and address), so
+  lifting, restore and `hosts-deny tidy` touch only those: an identical line the admin or
+  fail2ban wrote first is theirs. Rows written by schema-1 versions, which recorded the line
+  before checking the file, are taken as ours.
+- `history` is also the change feed: every ban, extension, lift and expiry is a row with a
+  monotonic id, its origin (this host, an admin, later a fleet peer) and the ban's expiry. A
+  consumer keeps the last id it applied and asks `changes(after=id)`, which seeks by primary key,
+  so following the feed costs what changed, not what is banned. `prune` bounds history and
+  offenders by age and count; a consumer that fell behind what is kept re-reads `active`.
+- The connection is shared by the daemon's threads, so calls are serialised with a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Literal, ParamSpec, TypeVar, cast
+
+from portsentry.core.addresses import canonical
+from portsentry.core.probe import IPAddress
+
+DEFAULT_PATH = "/var/lib/portsentry/bans.sqlite3"
+# Milliseconds a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT_MS = 10_000
+
+EventKind = Literal["ban", "extend", "lift", "expire"]
+EVENT_KINDS: tuple[EventKind, ...] = ("ban", "extend", "lift", "expire")
+
+# (version, description, script); each script takes the schema from version-1 to version.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "bans, offenders, history, written hosts.deny lines",
+        """
+        CREATE TABLE bans (
+            address TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            count INTEGER NOT NULL,
+            expires REAL,
+            offences INTEGER NOT NULL,
+            hosts_deny_line TEXT,
+            backends TEXT NOT NULL
+        );
+        CREATE INDEX bans_expires ON bans (expires);
+        CREATE TABLE offenders (
+            address TEXT PRIMARY KEY,
+            offences INTEGER NOT NULL,
+            last_lifted REAL NOT NULL
+        );
+        CREATE TABLE history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            address TEXT NOT NULL,
+            detail TEXT NOT NULL
+        );
+        CREATE TABLE written_lines (
+            line TEXT NOT NULL,
+            address TEXT NOT NULL,
+            written_at REAL NOT NULL,
+            PRIMARY KEY (line, address)
+        );
+        """,
+    ),
+    (
+        2,
+        "change feed: origin and expiry on every history row; indexes for pruning and bulk lifts",
+        """
+        ALTER TABLE history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local';
+        ALTER TABLE history ADD COLUMN expires REAL;
+        CREATE INDEX history_at ON history (at);
+        CREATE INDEX offenders_last_lifted ON offenders (last_lifted);
+        CREATE INDEX written_lines_address ON written_lines (address)
+        """,
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# Where a change came from: a ban made here by detection or by an admin; a fleet peer's host id
+# later. Applying a change whose origin is this host again is harmless (bans are idempotent).
+ORIGIN_LOCAL = "local"
+
+# History and offender records are kept this long and no more than this many (HISTORY_RETENTION
+# and HISTORY_MAX_ROWS in the configuration; docs/operations.md says why).
+DEFAULT_RETENTION = 90 * 86400.0
+DEFAULT_MAX_ROWS = 1_000_000
+
+_BAN_COLUMNS = (
+    "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, backends"
+)
+_HISTORY_INSERT = "INSERT INTO history (at, kind, address, detail, origin, expires) VALUES (?, ?, ?, ?, ?, ?)"
+# A ban is active at time ? while its expiry lies after it (or it has none).
+_ACTIVE = "(expires IS NULL OR expires > ?)"
+
+
+class StoreError(Exception):
+    """The ban store cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Ban:
+    address: IPAddress
+    reason: str
+    mode: str
+    port: int
+    first_seen: float
+    last_seen: float
+    count: int
+    expires: float | None  # None = forever
+    offences: int  # bans of this address so far, this one included
+    hosts_deny_line: str | None  # the exact line written, so lifting removes exactly that line
+    backends: tuple[str, ...]  # native backends holding the ban ("nftables", ...)
+
+    def active(self, now: float) -> bool:
+        return self.expires is None or self.expires > now
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    kind: EventKind
+    address: IPAddress
+    detail: str
+
+
+# A BanRequest duration: as long as BLOCK_TIME and escalation say for this address's offences.
+POLICY = "policy"
+_CHUNK = 500  # addresses per IN (...) query, below SQLite's variable limit
+
+
+@dataclass(frozen=True)
+class BanRequest:
+    """What `ban_many` bans: one address and how."""
+
+    address: IPAddress
+    reason: str
+    mode: str
+    port: int
+    duration: float | str | None  # seconds; None = forever; POLICY
+    hosts_deny_line: str | None = None
+    backends: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the change feed: a ban made, extended, lifted or expired.
+
+    `id` grows monotonically; a consumer keeps the last id it has seen and asks for what came
+    after. `expires` is the ban's expiry after a "ban" or "extend" (None: forever), and None for
+    "lift" and "expire". `origin` says who made the change (ORIGIN_LOCAL, or a fleet host id).
+    """
+
+    id: int
+    at: float
+    kind: EventKind
+    address: IPAddress
+    expires: float | None
+    origin: str
+    detail: str
+
+    @property
+    def bans(self) -> bool:
+        return self.kind in ("ban", "extend")
+
+
+def normalise(address: IPAddress | str) -> IPAddress:
+    """The address as stored: parsed if text, IPv4 inside IPv6 turned into IPv4 (addresses.canonical)."""
+    return canonical(ip_address(address) if isinstance(address, str) else address)
+
+
+def ban_duration(base: float, factor: float, cap: float, offences: int) -> float | None:
+    """Seconds the next ban lasts after `offences` earlier ones; None = forever.
+
+    base 0 bans forever; otherwise base * factor**offences, at most `cap` (cap 0 = no cap).
+    """
+    if base < 0 or factor < 0 or cap < 0 or offences < 0:
+        raise ValueError(
+            f"ban duration: base {base:g}, factor {factor:g}, cap {cap:g} and offences {offences} "
+            "must not be negative"
+        )
+    if base == 0:
+        return None
+    try:
+        duration = float(base) * float(factor) ** offences
+    except OverflowError:
+        duration = float("inf")
+    if cap and duration > cap:
+        return cap
+    if duration == float("inf"):
+        # Uncapped growth past what a float holds: the ban no longer ends.
+        return None
+    return duration
+
+
+def _describe_expiry(expires: float | None) -> str:
+    if expires is None:
+        return "forever"
+    return "until " + time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(expires))
+
+
+MEMORY = ":memory:"  # a store that lives only as long as the process (the daemon's fallback)
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def _store_errors(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """SQLite failures at run time (disk full, read-only, corruption) become StoreError, which
+    the daemon reports and survives; a raw sqlite3 exception would look like a bug."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            store = args[0]
+            raise StoreError(f"{getattr(store, 'path', 'ban store')}: {exc}") from exc
+
+    return wrapper
+
+
+class BanStore:
+    """The ban store in one SQLite file; safe to share between processes and threads."""
+
+    def __init__(self, path: str = DEFAULT_PATH) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            if path != MEMORY:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                # Created here rather than by SQLite so it starts out 0600 whatever the umask.
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the ban store: {exc.strerror}") from exc
+        try:
+            self._db = sqlite3.connect(
+                path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,  # transactions are explicit (BEGIN IMMEDIATE)
+                check_same_thread=False,  # the lock below serialises the daemon's threads
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open the ban store: {exc}") from exc
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if path != MEMORY:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                # WAL + NORMAL: a commit survives the process being killed (the fault that
+                # matters here) without an fsync on the path of every ban.
+                self._db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(
+                f"{path}: not a usable ban store ({exc}); move it away and portsentry starts a new one"
+            ) from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: ban store schema version {version} is newer than this portsentry "
+                    f"understands ({SCHEMA_VERSION}); run the newer portsentry or move the file away"
+                )
+            if version < SCHEMA_VERSION:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
+                )
+            for number, description, script in MIGRATIONS:
+                if number <= version:
+                    continue
+                # executescript() would COMMIT first, so run the statements one by one.
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                    (number, description, time.time()),
+                )
+                db.execute(f"PRAGMA user_version = {number:d}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    # -- bans --------------------------------------------------------------------------------
+
+    @_store_errors
+    def ban(
+        self,
+        address: IPAddress | str,
+        *,
+        reason: str,
+        mode: str,
+        port: int,
+        now: float,
+        duration: float | None,
+        hosts_deny_line: str | None = None,
+        backends: Iterable[str] = (),
+        origin: str = ORIGIN_LOCAL,
+    ) -> Ban:
+        """Ban `address` for `duration` seconds (None = forever), or extend its active ban.
+
+        Extending counts the hit, moves last_seen and keeps the later expiry; reason, mode and
+        port become the latest ones. A ban still in the table but expired counts as over: this
+        is then a new offence.
+        """
+        request = BanRequest(normalise(address), reason, mode, port, duration, hosts_deny_line,
+                             tuple(backends))
+        with self._transaction() as db:
+            return self._ban(db, request, now, origin)
+
+    @_store_errors
+    def ban_many(self, requests: Iterable[BanRequest], now: float, origin: str = ORIGIN_LOCAL,
+                 policy: Callable[[int], float | None] | None = None) -> list[Ban]:
+        """`ban` for many addresses in one transaction (`portsentry block --file`). A request
+        whose duration is POLICY lasts `policy(earlier offences)` seconds (None: forever)."""
+        with self._transaction() as db:
+            return [self._ban(db, request, now, origin, policy) for request in requests]
+
+    @_store_errors
+    def get_many(self, addresses: Iterable[IPAddress]) -> list[Ban]:
+        """The bans still in the table for those of `addresses` that have one."""
+        keys = [str(normalise(a)) for a in addresses]
+        found: list[Ban] = []
+        with self._lock:
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start:start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found += [_ban_from_row(row) for row in self._db.execute(
+                    f"SELECT {_BAN_COLUMNS} FROM bans WHERE address IN ({marks})", chunk)]
+        return found
+
+    def _ban(self, db: sqlite3.Connection, request: BanRequest, now: float, origin: str,
+             policy: Callable[[int], float | None] | None = None) -> Ban:
+        addr = normalise(request.address)
+        key = str(addr)
+        old = self._get(db, key)
+        past: int | None = None  # offences before this ban, looked up at most once
+        duration: float | None
+        if isinstance(request.duration, str):
+            if request.duration != POLICY or policy is None:
+                raise ValueError(f"ban duration {request.duration!r} needs POLICY and a policy")
+            past = self._past_offences(db, key)
+            earlier = past if old is None or old.active(now) else max(past, old.offences)
+            duration = policy(earlier)
+        else:
+            duration = request.duration
+        if duration is not None and not duration > 0:
+            raise ValueError(f"ban duration must be positive seconds or None (forever), not {duration!r}")
+        new_expires = None if duration is None else now + duration
+        if old is not None and old.active(now):
+            expires = None if old.expires is None or new_expires is None else max(old.expires, new_expires)
+            ban = Ban(
+                address=addr,
+                reason=request.reason,
+                mode=request.mode,
+                port=request.port,
+                first_seen=old.first_seen,
+                last_seen=now,
+                count=old.count + 1,
+                expires=expires,
+                offences=old.offences,
+                hosts_deny_line=request.hosts_deny_line if request.hosts_deny_line is not None
+                else old.hosts_deny_line,
+                backends=tuple(dict.fromkeys((*old.backends, *request.backends))),
+            )
+            kind: EventKind = "extend"
+        else:
+            if old is not None:
+                self._retire(db, old, now, "expire", "expired before the next ban")
+            ban = Ban(
+                address=addr,
+                reason=request.reason,
+                mode=request.mode,
+                port=request.port,
+                first_seen=now,
+                last_seen=now,
+                count=1,
+                expires=new_expires,
+                offences=(past if past is not None and old is None else self._past_offences(db, key)) + 1,
+                hosts_deny_line=request.hosts_deny_line,
+                backends=tuple(dict.fromkeys(request.backends)),
+            )
+            kind = "ban"
+        db.execute(
+            f"INSERT OR REPLACE INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, ban.reason, ban.mode, ban.port, ban.first_seen, ban.last_seen, ban.count, ban.expires,
+             ban.offences, ban.hosts_deny_line, json.dumps(list(ban.backends))),
+        )
+        detail = f"{ban.mode} port {ban.port}: {ban.reason}; {_describe_expiry(ban.expires)}"
+        if kind == "ban":
+            detail += f"; offence {ban.offences}"
+        self._record(db, kind, key, detail, now, origin=origin, expires=ban.expires)
+        return ban
+
+    @_store_errors
+    def lift(self, address: IPAddress | str, now: float, reason: str,
+             origin: str = ORIGIN_LOCAL) -> Ban | None:
+        """End the ban of `address` (kept as an offence); the lifted ban, or None if there was none.
+
+        Recorded as "expire" when the ban had run out by `now`, else as "lift".
+        """
+        with self._transaction() as db:
+            return self._lift(db, normalise(address), now, reason, origin)
+
+    @_store_errors
+    def lift_many(self, addresses: Iterable[IPAddress], now: float, reason: str,
+                  origin: str = ORIGIN_LOCAL) -> int:
+        """`lift` for many addresses in one transaction; how many had a ban. Rows are read and
+        written in chunks, as text: parsing 100,000 addresses back costs more than the SQL."""
+        keys = list(dict.fromkeys(str(normalise(a)) for a in addresses))
+        lifted = 0
+        with self._transaction() as db:
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start:start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(f"SELECT address, offences, expires FROM bans WHERE address IN ({marks})",
+                                  chunk).fetchall()
+                db.executemany("DELETE FROM bans WHERE address = ?", ((key,) for key, _o, _e in rows))
+                db.executemany(
+                    "INSERT INTO offenders (address, offences, last_lifted) VALUES (?, ?, ?) "
+                    "ON CONFLICT (address) DO UPDATE SET "
+                    "offences = max(offences, excluded.offences), last_lifted = excluded.last_lifted",
+                    ((key, offences, now) for key, offences, _e in rows))
+                db.executemany(_HISTORY_INSERT, (
+                    (now, "lift" if expires is None or expires > now else "expire", key, reason, origin, None)
+                    for key, _o, expires in rows))
+                lifted += len(rows)
+        return lifted
+
+    def _lift(self, db: sqlite3.Connection, address: IPAddress, now: float, reason: str,
+              origin: str) -> Ban | None:
+        old = self._get(db, str(address))
+        if old is not None:
+            self._retire(db, old, now, "lift" if old.active(now) else "expire", reason, origin)
+        return old
+
+    # -- the change feed ---------------------------------------------------------------------
+
+    @_store_errors
+    def changes(self, after: int, limit: int = 10_000) -> list[Change]:
+        """Changes with an id above `after`, oldest first, at most `limit` of them."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, at, kind, address, expires, origin, detail FROM history "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [Change(id=r[0], at=r[1], kind=r[2], address=ip_address(r[3]), expires=r[4], origin=r[5],
+                       detail=r[6]) for r in rows]
+
+    @_store_errors
+    def last_change(self) -> int:
+        """The id of the newest change (0: none yet); a consumer starting from the current state
+        reads the active bans and then follows the feed from here."""
+        with self._lock:
+            row = self._db.execute("SELECT max(id) FROM history").fetchone()
+        return int(row[0] or 0)
+
+    @_store_errors
+    def active_count(self, now: float) -> int:
+        with self._lock:
+            row = self._db.execute(f"SELECT count(*) FROM bans WHERE {_ACTIVE}", (now,)).fetchone()
+        return int(row[0])
+
+    @_store_errors
+    def prune(self, now: float, retention: float = DEFAULT_RETENTION,
+              max_rows: int = DEFAULT_MAX_ROWS) -> int:
+        """Forget history older than `retention` seconds or beyond the newest `max_rows`, and
+        offenders whose last ban ended more than `retention` ago (escalation starts afresh).
+        Returns the history rows removed. A feed consumer whose cursor falls behind what is
+        kept re-reads the active bans."""
+        with self._transaction() as db:
+            newest = int(db.execute("SELECT coalesce(max(id), 0) FROM history").fetchone()[0])
+            removed = db.execute("DELETE FROM history WHERE at < ? OR id <= ?",
+                                 (now - retention, newest - max_rows)).rowcount
+            db.execute("DELETE FROM offenders WHERE last_lifted < ? AND address NOT IN "
+                       "(SELECT address FROM bans)", (now - retention,))
+        return int(removed)
+
+    @_store_errors
+    def get(self, address: IPAddress | str) -> Ban | None:
+        """The ban of `address` still in the table (it may have expired), or None."""
+        key = str(normalise(address))
+        with self._lock:
+            return self._get(self._db, key)
+
+    @_store_errors
+    def active(self, now: float) -> list[Ban]:
+        """Bans in force at `now`, oldest first."""
+        return self._select(f"WHERE {_ACTIVE} ORDER BY first_seen, address", (now,))
+
+    @_store_errors
+    def active_slim(self, now: float) -> list[tuple[IPAddress, float | None, str | None, int, str]]:
+        """(address, expires, hosts_deny_line, port, mode) of every ban in force: what start-up
+        needs, without a Ban object per row."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT address, expires, hosts_deny_line, port, mode FROM bans WHERE {_ACTIVE}", (now,)
+            ).fetchall()
+        return [(stored_address(a), e, line, port, mode) for a, e, line, port, mode in rows]
+
+    @_store_errors
+    def expired(self, now: float) -> list[Ban]:
+        """Bans past their expiry at `now` that nobody has lifted yet, earliest expiry first."""
+        return self._select("WHERE expires IS NOT NULL AND expires <= ? ORDER BY expires, address", (now,))
+
+    @_store_errors
+    def offences(self, address: IPAddress | str, now: float | None = None) -> int:
+        """Bans of `address` that are over, for escalation: lifted ones, plus, given `now`, one
+        still in the table but expired by then."""
+        key = str(normalise(address))
+        with self._lock:
+            past = self._past_offences(self._db, key)
+            if now is not None:
+                current = self._get(self._db, key)
+                if current is not None and not current.active(now):
+                    past = max(past, current.offences)
+        return past
+
+    # -- history -----------------------------------------------------------------------------
+
+    @_store_errors
+    def history(self, limit: int = 100) -> list[Event]:
+        """The last `limit` events, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, kind, address, detail FROM "
+                "(SELECT id, at, kind, address, detail FROM history ORDER BY id DESC LIMIT ?) "
+                "ORDER BY id",
+                (limit,),
+            ).fetchall()
+        return [Event(at=r[0], kind=r[1], address=ip_address(r[2]), detail=r[3]) for r in rows]
+
+    @_store_errors
+    def record(self, kind: EventKind, address: IPAddress | str, detail: str, now: float) -> None:
+        """Add an event to the history (ban/lift already record their own)."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"history event kind must be one of {', '.join(EVENT_KINDS)}, not {kind!r}")
+        key = str(normalise(address))
+        with self._transaction() as db:
+            self._record(db, kind, key, detail, now)
+
+    # -- hosts.deny lines --------------------------------------------------------------------
+
+    @_store_errors
+    def own_line(self, address: IPAddress | str, line: str, now: float) -> None:
+        """We are about to append `line` to hosts.deny for `address`: from now on that copy is ours.
+
+        Called under the hosts.deny lock after the file was found not to hold the line, and
+        before the append, so a crash between the two leaves a record of a line that is not
+        there (restore appends it), never a line of ours nobody knows of. A line that was
+        already in the file is someone else's and is never recorded.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO written_lines (line, address, written_at) VALUES (?, ?, ?)",
+                (line, str(normalise(address)), now),
+            )
+
+    @_store_errors
+    def own_lines(self, owned: Iterable[tuple[IPAddress, str]], now: float) -> None:
+        """`own_line` for many (address, line) pairs in one transaction."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO written_lines (line, address, written_at) VALUES (?, ?, ?)",
+                ((line, str(normalise(address)), now) for address, line in owned),
+            )
+
+    @_store_errors
+    def owns_line(self, address: IPAddress | str, line: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM written_lines WHERE line = ? AND address = ?",
+                                   (line, str(normalise(address)))).fetchone()
+        return row is not None
+
+    @_store_errors
+    def owned_of(self, addresses: Iterable[IPAddress]) -> list[tuple[IPAddress, str]]:
+        """(address, line) for the hosts.deny copies we appended for any of `addresses`."""
+        keys = [str(normalise(a)) for a in addresses]
+        found: list[tuple[IPAddress, str]] = []
+        with self._lock:
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start:start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found += [(ip_address(address), line) for address, line in self._db.execute(
+                    f"SELECT address, line FROM written_lines WHERE address IN ({marks})", chunk)]
+        return found
+
+    @_store_errors
+    def disown_lines(self, owned: Iterable[tuple[IPAddress, str]]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM written_lines WHERE line = ? AND address = ?",
+                           ((line, str(normalise(address))) for address, line in owned))
+
+    @_store_errors
+    def disown_line(self, address: IPAddress | str, line: str) -> None:
+        """Our copy of `line` was removed from hosts.deny."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM written_lines WHERE line = ? AND address = ?",
+                       (line, str(normalise(address))))
+
+    @_store_errors
+    def owned_lines(self, now: float) -> tuple[dict[str, int], dict[str, int]]:
+        """The hosts.deny lines we appended and have not removed yet, as copies per line text:
+        (those whose address is banned at `now`, those whose ban is over)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT w.line, EXISTS (SELECT 1 FROM bans b WHERE b.address = w.address "
+                f"AND {_ACTIVE}) FROM written_lines w",
+                (now,),
+            ).fetchall()
+        active: dict[str, int] = {}
+        stale: dict[str, int] = {}
+        for line, is_active in rows:
+            counts = active if is_active else stale
+            counts[line] = counts.get(line, 0) + 1
+        return active, stale
+
+    @_store_errors
+    def stale_lines(self, now: float) -> set[str]:
+        """hosts.deny lines of ours whose ban is over (lifting failed to remove them)."""
+        return set(self.owned_lines(now)[1])
+
+    @_store_errors
+    def forget_lines(self, lines: Iterable[str], now: float) -> None:
+        """Stop tracking our copies of `lines` (tidy removed them), except for addresses banned
+        again meanwhile."""
+        with self._transaction() as db:
+            for line in lines:
+                db.execute(
+                    "DELETE FROM written_lines WHERE line = ? AND address NOT IN "
+                    f"(SELECT address FROM bans WHERE {_ACTIVE})",
+                    (line, now),
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> BanStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _select(self, where: str, params: tuple[object, ...]) -> list[Ban]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_BAN_COLUMNS} FROM bans {where}", params).fetchall()
+        return [_ban_from_row(r) for r in rows]
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, key: str) -> Ban | None:
+        row = db.execute(f"SELECT {_BAN_COLUMNS} FROM bans WHERE address = ?", (key,)).fetchone()
+        return None if row is None else _ban_from_row(row)
+
+    @staticmethod
+    def _past_offences(db: sqlite3.Connection, key: str) -> int:
+        row = db.execute("SELECT offences FROM offenders WHERE address = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _retire(self, db: sqlite3.Connection, old: Ban, now: float, kind: EventKind, reason: str,
+                origin: str = ORIGIN_LOCAL) -> None:
+        key = str(old.address)
+        db.execute("DELETE FROM bans WHERE address = ?", (key,))
+        db.execute(
+            "INSERT INTO offenders (address, offences, last_lifted) VALUES (?, ?, ?) "
+            "ON CONFLICT (address) DO UPDATE SET "
+            "offences = max(offences, excluded.offences), last_lifted = excluded.last_lifted",
+            (key, old.offences, now),
+        )
+        self._record(db, kind, key, reason, now, origin=origin)
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, kind: EventKind, key: str, detail: str, now: float, *,
+                origin: str = ORIGIN_LOCAL, expires: float | None = None) -> None:
+        db.execute(_HISTORY_INSERT, (now, kind, key, detail, origin, expires))
+
+
+def stored_address(text: str) -> IPAddress:
+    """An address as the store writes it (canonical text), parsed about five times faster than
+    ip_address(), which first tries IPv4 and raises for every IPv6 address: at a million bans
+    that was most of the start-up."""
+    if ":" in text:
+        return IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text)))
+    return IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text)))
+
+
+@functools.lru_cache(maxsize=64)
+def _backends(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
+def _ban_from_row(row: tuple[object, ...]) -> Ban:
+    (address, reason, mode, port, first_seen, last_seen, count, expires, offences, line, backends) = row
+    return Ban(
+        address=stored_address(cast(str, address)),
+        reason=cast(str, reason),
+        mode=cast(str, mode),
+        port=cast(int, port),
+        first_seen=cast(float, first_seen),
+        last_seen=cast(float, last_seen),
+        count=cast(int, count),
+        expires=cast("float | None", expires),
+        offences=cast(int, offences),
+        hosts_deny_line=cast("str | None", line),
+        backends=_backends(cast(str, backends)),
+    )

@@ -1,0 +1,587 @@
+"""`portsentry demo`: a one-minute, self-cleaning show of PortSentry catching a real nmap SYN scan
+between two throwaway network namespaces, narrated step by step for someone new to the tool.
+
+Everything it creates lives in two network namespaces and one temporary directory, and all of it
+is removed when the demo ends, fails, is interrupted with Ctrl-C or receives SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+TARGET_IP = "198.18.0.1"
+SCANNER_IP = "198.18.0.2"
+PREFIX_LEN = 24
+WATCHED_TCP_PORTS = "1,11,15,79,111,119,143,540,635,1080,1524,2000"
+SCANNED_PORTS = "1,11,79,111"
+BLOCK_TIME = 60
+# The whole demo must finish well within a minute, whatever the individual step timeouts add up to.
+TOTAL_BUDGET = 55.0
+READY_TIMEOUT = 20.0
+DETECT_TIMEOUT = 10.0
+EFFECT_TIMEOUT = 5.0
+NMAP_TIMEOUT = 20.0
+COMMAND_TIMEOUT = 10.0
+STOP_TIMEOUT = 3.0
+
+EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
+READY_TEXT = "PortSentry is now active and listening."
+# Longest path a Unix socket can bind (sun_path is 108 bytes including the NUL).
+MAX_UNIX_PATH = 107
+REQUIRED_TOOLS = (("ip", "iproute2"), ("nmap", "nmap"))
+
+_SYSLOG_LINE = re.compile(r"^<(\d+)>(\w{3} [ \d]\d \d\d:\d\d:\d\d) ([^\[:]+)\[(\d+)\]: (.*)$", re.DOTALL)
+_NMAP_PORT_LINE = re.compile(r"^(\d+)/tcp\s+(\S+)", re.MULTILINE)
+
+
+class StepFailed(Exception):
+    """A demo step did not happen (in time); the message says what was expected."""
+
+    reported = False
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: a KeyboardInterrupt so every `finally` and subprocess.run cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass(frozen=True)
+class SyslogLine:
+    """One datagram the daemon sent to our syslog socket."""
+
+    pid: int
+    message: str
+
+
+def parse_syslog(data: bytes) -> SyslogLine | None:
+    """`<29>Mon dd hh:mm:ss portsentry[pid]: message` -> SyslogLine; None for anything else."""
+    match = _SYSLOG_LINE.match(data.decode("utf-8", "replace").rstrip("\0\n"))
+    if match is None:
+        return None
+    return SyslogLine(pid=int(match.group(4)), message=match.group(5))
+
+
+def nmap_ports(output: str) -> dict[int, str]:
+    """Port -> state ("closed", "filtered", ...) from nmap's normal output."""
+    return {int(m.group(1)): m.group(2) for m in _NMAP_PORT_LINE.finditer(output)}
+
+
+def nmap_table(output: str) -> list[str]:
+    """The port table nmap prints (header and one line per port)."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("PORT"):
+            table = [line]
+            table += [row for row in lines[i + 1 :] if _NMAP_PORT_LINE.match(row)]
+            return table
+    return [row for row in lines if row.startswith("Not shown") or "filtered" in row] or ["(no port table)"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the demo cannot run here (not root, a tool missing), or None."""
+    if os.geteuid() != 0:
+        return ("portsentry demo must run as root: it creates network namespaces and watches raw "
+                "packets (try: sudo portsentry demo)")
+    for tool, package in REQUIRED_TOOLS:
+        if shutil.which(tool) is None:
+            return f"portsentry demo needs `{tool}`, which is not installed (Debian: apt install {package})"
+    return None
+
+
+class SyslogReceiver:
+    """A Unix datagram socket the daemon logs to; a thread only queues lines, so the daemon never
+    blocks on a full socket while the narrator is busy running nmap."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: queue.Queue[SyslogLine] = queue.Queue()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="psdemo-syslog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            line = parse_syslog(data)
+            if line is not None:
+                self.lines.put(line)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        self._sock.close()
+
+
+def _package_env() -> dict[str, str]:
+    """The environment for the daemon: it must import this very copy of the package, installed
+    or run from a source tree."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def _temp_dir(run_id: str) -> Path:
+    """A private directory whose socket path fits AF_UNIX even when TMPDIR is long."""
+    base = tempfile.gettempdir()
+    if len(os.path.join(base, f"{run_id}-xxxxxxxx", "syslog.sock")) > MAX_UNIX_PATH:
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=base))
+
+
+class Demo:
+    """One run: owns the namespaces, the temp dir, the syslog socket and the daemon process."""
+
+    def __init__(self, out: TextIO, keep_going: bool) -> None:
+        self.out = out
+        self.keep_going = keep_going
+        self.run_id = f"psdemo-{os.getpid()}-{secrets.token_hex(3)}"
+        self.target = f"{self.run_id}-target"
+        self.scanner = f"{self.run_id}-scanner"
+        self.deadline = time.monotonic() + TOTAL_BUDGET
+        self.namespaces: list[str] = []
+        self.workdir: Path | None = None
+        self.syslog: SyslogReceiver | None = None
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.seen: list[str] = []
+        self.failures: list[str] = []
+        self.backend = ""
+
+    # -- output ------------------------------------------------------------------------------
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def heading(self, text: str) -> None:
+        self.say()
+        self.say(f"== {text}")
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def budget(self, timeout: float) -> float:
+        """`timeout`, cut so that no step runs past the demo's overall deadline."""
+        return max(0.5, min(timeout, self.deadline - time.monotonic()))
+
+    def run(self, argv: Sequence[str], *, ns: str | None = None, input_text: str | None = None,
+            timeout: float = COMMAND_TIMEOUT, check: bool = True) -> subprocess.CompletedProcess[str]:
+        full = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
+        try:
+            proc = subprocess.run(full, capture_output=True, text=True, input=input_text,
+                                  timeout=self.budget(timeout), check=False)
+        except subprocess.TimeoutExpired:
+            raise StepFailed(f"`{shlex.join(argv)}` did not finish within {timeout:.0f}s") from None
+        if check and proc.returncode != 0:
+            raise StepFailed(f"`{shlex.join(argv)}` failed ({proc.returncode}): "
+                             f"{(proc.stderr or proc.stdout).strip()}")
+        return proc
+
+    def pump(self) -> None:
+        """Narrate every daemon line that has arrived so far."""
+        assert self.syslog is not None
+        while True:
+            try:
+                line = self.syslog.lines.get_nowait()
+            except queue.Empty:
+                return
+            self.seen.append(line.message)
+            self.say(f"    portsentry[{line.pid}]: {line.message}")
+
+    def wait_log(self, needle: str, timeout: float, what: str) -> str:
+        """Narrate daemon lines until one contains `needle`; fail after `timeout`."""
+        assert self.syslog is not None
+        for message in self.seen:
+            if needle in message:
+                return message
+        deadline = time.monotonic() + self.budget(timeout)
+        while True:
+            try:
+                line = self.syslog.lines.get(timeout=0.1)
+            except queue.Empty:
+                self.check_daemon_alive(what)
+                if time.monotonic() > deadline:
+                    raise StepFailed(f"{what}: no daemon line containing {needle!r} within "
+                                     f"{timeout:.0f}s") from None
+                continue
+            self.seen.append(line.message)
+            self.say(f"    portsentry[{line.pid}]: {line.message}")
+            if needle in line.message:
+                return line.message
+
+    def wait_until(self, probe: Callable[[], str | None], timeout: float, what: str) -> str:
+        """Poll `probe` until it returns text; the daemon writes files just after it logs."""
+        deadline = time.monotonic() + self.budget(timeout)
+        while True:
+            result = probe()
+            if result is not None:
+                return result
+            self.check_daemon_alive(what)
+            if time.monotonic() > deadline:
+                raise StepFailed(f"{what}: not seen within {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def check_daemon_alive(self, what: str) -> None:
+        if self.daemon is not None and self.daemon.poll() is not None:
+            self.pump()
+            raise StepFailed(f"{what}: the daemon exited with status {self.daemon.returncode}\n"
+                             f"{self.daemon_stderr()}")
+
+    def daemon_stderr(self, lines: int = 15) -> str:
+        if self.workdir is None:
+            return ""
+        with contextlib.suppress(OSError):
+            text = (self.workdir / "daemon.stderr").read_text(errors="replace")
+            tail = text.splitlines()[-lines:]
+            return "daemon stderr (last lines):\n" + "\n".join(f"    {row}" for row in tail)
+        return ""
+
+    def step(self, name: str, action: Callable[[], None]) -> None:
+        """Run one narrated step; a failure stops the demo unless `keep_going`."""
+        try:
+            action()
+        except StepFailed as failure:
+            self.failures.append(f"{name}: {failure}")
+            self.say(f"!! FAILED ({name}): {failure}")
+            failure.reported = True
+            if not self.keep_going:
+                raise
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def build_namespaces(self) -> None:
+        self.heading("Setting up")
+        for name in (self.target, self.scanner):
+            # Recorded before creation: an interrupt right after `ip netns add` must still remove it.
+            self.namespaces.append(name)
+            self.run(["ip", "netns", "add", name])
+            self.run(["ip", "-n", name, "link", "set", "lo", "up"])
+        # Both veth ends are created inside the namespaces: the host's own interfaces stay untouched.
+        self.run(["ip", "-n", self.target, "link", "add", "eth0", "type", "veth",
+                  "peer", "name", "eth0", "netns", self.scanner])
+        for ns, address in ((self.target, TARGET_IP), (self.scanner, SCANNER_IP)):
+            self.run(["ip", "-n", ns, "addr", "add", f"{address}/{PREFIX_LEN}", "dev", "eth0"])
+            self.run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        self.wait_until(lambda: self._carrier(), EFFECT_TIMEOUT, "veth link up")
+        self.say(f"Network namespace {self.target}: the protected machine, {TARGET_IP}")
+        self.say(f"Network namespace {self.scanner}: the attacker, {SCANNER_IP}")
+        self.say("They are joined by a virtual cable (veth pair); nothing on this host is changed.")
+
+    def _carrier(self) -> str | None:
+        for ns in (self.target, self.scanner):
+            link = self.run(["ip", "-n", ns, "link", "show", "dev", "eth0"]).stdout
+            if "LOWER_UP" not in link:
+                return None
+        return "up"
+
+    def nft_works(self) -> bool:
+        if shutil.which("nft") is None:
+            return False
+        probe = "add table inet psdemo_probe\ndelete table inet psdemo_probe\n"
+        return self.run(["nft", "-f", "-"], ns=self.target, input_text=probe, check=False).returncode == 0
+
+    def write_config(self, workdir: Path) -> Path:
+        settings = {
+            "TCP_PORTS": WATCHED_TCP_PORTS,
+            "BLOCK_TCP": "1",
+            "BLOCK_UDP": "0",
+            "BLOCK_TIME": str(BLOCK_TIME),
+            "KILL_HOSTS_DENY": "ALL: $TARGET$",
+            "HOSTS_DENY_FILE": str(workdir / "hosts.deny"),
+            "HISTORY_FILE": str(workdir / "portsentry.history"),
+            "BLOCKED_FILE": str(workdir / "portsentry.blocked"),
+            "STATE_DIR": str(workdir / "state"),
+            "CONTROL_SOCKET": str(workdir / "run" / "control.sock"),
+            "IGNORE_FILE": str(workdir / "portsentry.ignore"),
+        }
+        if self.nft_works():
+            self.backend = "nftables"
+            settings["BAN_BACKEND"] = "nftables"
+        else:
+            self.backend = "route"
+            settings["BAN_BACKEND"] = "none"
+            settings["KILL_ROUTE"] = "ip route add blackhole $TARGET$"
+        conf = workdir / "portsentry.conf"
+        conf.write_text("# written by portsentry demo\n"
+                        + "".join(f'{key}="{value}"\n' for key, value in settings.items()))
+        (workdir / "portsentry.ignore").write_text("127.0.0.1/32\n")
+        (workdir / "hosts.deny").touch()
+        (workdir / "state").mkdir(mode=0o700)
+        return conf
+
+    def start_daemon(self) -> None:
+        self.workdir = _temp_dir(self.run_id)
+        sock = self.workdir / "syslog.sock"
+        self.syslog = SyslogReceiver(sock)
+        conf = self.write_config(self.workdir)
+        how = ("an nftables set (bans expire in the kernel)" if self.backend == "nftables"
+               else "a blackhole route (nft is not usable here)")
+        self.say(f"Configuration {conf}: watch TCP ports {WATCHED_TCP_PORTS}, block scanners "
+                 f"for {BLOCK_TIME}s via {how} and a hosts.deny line.")
+        argv = [sys.executable, "-m", "portsentry", "-c", str(conf), "--syslog-socket", str(sock),
+                "--log-stderr", "-stcp"]
+        self.say(f"Starting PortSentry in {self.target} in stealth TCP mode (-stcp: it watches "
+                 "packets and binds no port):")
+        self.say(f"    {shlex.join(argv)}")
+        with (self.workdir / "daemon.stderr").open("wb") as err:
+            self.daemon = subprocess.Popen(["ip", "netns", "exec", self.target, *argv],
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=err, env=_package_env())
+        self.say("Its log lines, as they reach our syslog socket:")
+        self.wait_log(READY_TEXT, READY_TIMEOUT, "daemon start")
+
+    # -- the story ---------------------------------------------------------------------------
+
+    def scan(self) -> dict[int, str]:
+        argv = ["nmap", "-n", "-Pn", "-sS", "--max-retries", "1", "--host-timeout", "15s",
+                "-p", SCANNED_PORTS, TARGET_IP]
+        self.say(f"Scanner {SCANNER_IP} runs: {shlex.join(argv)}")
+        result = self.run(argv, ns=self.scanner, timeout=NMAP_TIMEOUT)
+        for row in nmap_table(result.stdout):
+            self.say(f"    {row}")
+        return nmap_ports(result.stdout)
+
+    def first_scan(self) -> None:
+        self.heading("Step 1: a port scan")
+        ports = self.scan()
+        self.say("\"closed\" means the target answered (with a reset): nothing listens there, but "
+                 "the scanner learns the machine is alive. PortSentry was watching for exactly "
+                 "these packets.")
+        if not ports:
+            raise StepFailed("nmap printed no port states")
+
+    def detection(self) -> None:
+        self.heading("Step 2: PortSentry reports the scan and blocks the scanner")
+        self.wait_log(f"scan from host: {SCANNER_IP}/", DETECT_TIMEOUT, "detection")
+        self.wait_log(f"Host {SCANNER_IP} has been blocked via", DETECT_TIMEOUT, "block")
+        self.pump()
+
+    def show_ban(self) -> None:
+        self.heading("Step 3: the ban, inside the target's namespace")
+        if self.backend == "nftables":
+            argv = ["nft", "list", "set", "inet", "portsentry", "blocked4"]
+        else:
+            argv = ["ip", "route", "show", "type", "blackhole"]
+        self.say(f"{self.target}# {shlex.join(argv)}")
+
+        def listed() -> str | None:
+            text = self.run(argv, ns=self.target, check=False).stdout
+            return text if SCANNER_IP in text else None
+
+        text = self.wait_until(listed, EFFECT_TIMEOUT, f"{SCANNER_IP} in the ban list")
+        for row in text.rstrip().splitlines():
+            self.say(f"    {row}")
+
+    def second_scan(self) -> None:
+        self.heading("Step 4: the same scan again")
+        ports = self.scan()
+        self.pump()
+        if not ports or set(ports.values()) != {"filtered"}:
+            raise StepFailed(f"expected every port filtered, nmap saw {ports}")
+        self.say("\"filtered\" means no answer at all: to the scanner the machine has gone dark. "
+                 "PortSentry still sees the probes (it watches packets before the firewall drops "
+                 "them) and notes that the host is already blocked.")
+
+    def show_files(self) -> None:
+        self.heading("Step 5: what PortSentry wrote down")
+        assert self.workdir is not None
+        for label, name in (("hosts.deny (TCP wrappers will refuse the scanner)", "hosts.deny"),
+                            ("history (one line per blocked host)", "portsentry.history")):
+            path = self.workdir / name
+
+            def content(path: Path = path) -> str | None:
+                with contextlib.suppress(OSError):
+                    text = path.read_text(errors="replace")
+                    return text if SCANNER_IP in text else None
+                return None
+
+            text = self.wait_until(content, EFFECT_TIMEOUT, f"{SCANNER_IP} in {name}")
+            self.say(f"{label}, {path}:")
+            for row in text.rstrip().splitlines():
+                self.say(f"    {row}")
+
+    def story(self) -> int:
+        self.build_namespaces()
+        self.start_daemon()
+        started = time.monotonic()
+        for name, action in (("first scan", self.first_scan), ("detection", self.detection),
+                             ("ban", self.show_ban), ("follow-up scan", self.second_scan),
+                             ("files", self.show_files)):
+            self.step(name, action)
+        self.pump()
+        self.say()
+        if self.failures:
+            self.say(f"The demo did not go as planned ({len(self.failures)} step(s) failed):")
+            for failure in self.failures:
+                self.say(f"  - {failure}")
+            return EXIT_FAILED
+        self.say(f"It works: PortSentry saw {SCANNER_IP}'s SYN scan, blocked it via {self.backend} "
+                 f"within {time.monotonic() - started:.1f}s of the first scan starting, and the "
+                 "repeated scan found every port filtered.")
+        return EXIT_OK
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def cleanup(self) -> list[str]:
+        """Remove everything this run made; returns what could not be removed."""
+        problems: list[str] = []
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.daemon.wait(STOP_TIMEOUT)
+        for ns in self.namespaces:
+            problems += self._remove_namespace(ns)
+        if self.syslog is not None:
+            self.syslog.close()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.workdir.exists():
+                problems.append(f"could not remove {self.workdir}")
+        return problems
+
+    def _remove_namespace(self, ns: str) -> list[str]:
+        if not Path("/run/netns", ns).exists():
+            return []
+        # `ip netns del` only unmounts the name: processes still inside would keep the network
+        # (and its bans) alive, so anything left in there (a daemon child, an nmap) goes first.
+        for _attempt in range(50):
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                                  timeout=COMMAND_TIMEOUT, check=False).stdout.split()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.05)
+        else:
+            return [f"processes survive in namespace {ns}"]
+        deleted = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True,
+                                 timeout=COMMAND_TIMEOUT, check=False)
+        if deleted.returncode != 0:
+            return [f"could not delete namespace {ns}: {deleted.stderr.strip()}"]
+        return []
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted for the duration (main thread only: elsewhere Python
+    cannot install handlers, and the caller's own handling stays in charge)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """A second Ctrl-C must not cut the cleanup short and leave namespaces behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_demo(out: TextIO, keep_going: bool = False) -> int:
+    """Run the narrated demo, writing to `out`. Returns 0 when every step happened, 1 when one did
+    not (with `keep_going`, the later steps still run and all failures are listed), 2 when it
+    cannot run here (not root, tool missing), 128+signal when interrupted. Always cleans up."""
+    reason = unavailable_reason()
+    if reason is not None:
+        out.write(f"portsentry: {reason}\n")
+        out.flush()
+        return EXIT_UNAVAILABLE
+    demo = Demo(out, keep_going)
+    demo.say("PortSentry demo: a scanner attacks a protected machine, both simulated in throwaway "
+             f"network namespaces (run {demo.run_id}).")
+    status = EXIT_FAILED
+    try:
+        with _signals_raise():
+            try:
+                status = demo.story()
+            except StepFailed as failure:
+                if not failure.reported:
+                    demo.say(f"!! FAILED: {failure}")
+                demo.say("The demo stopped early; the daemon's log lines above show how far it got.")
+                detail = demo.daemon_stderr()
+                if detail:
+                    demo.say(detail)
+                status = EXIT_FAILED
+    except Interrupted as interrupt:
+        demo.say()
+        demo.say(f"Interrupted ({interrupt}); cleaning up.")
+        status = 128 + interrupt.signum
+    except KeyboardInterrupt:
+        demo.say()
+        demo.say("Interrupted; cleaning up.")
+        status = 128 + signal.SIGINT
+    finally:
+        with _signals_ignored():
+            problems = demo.cleanup()
+        if problems:
+            demo.say("Cleanup was incomplete: " + "; ".join(problems))
+            status = status or EXIT_FAILED
+        else:
+            demo.say(f"Cleaned up: daemon stopped, namespaces {demo.target} and {demo.scanner} "
+                     "and the temporary directory removed.")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="portsentry demo", description=__doc__)
+    parser.add_argument("--keep-going", action="store_true",
+                        help="run the remaining steps after one fails (exit status is still 1)")
+    args = parser.parse_args(argv)
+    return run_demo(sys.stdout, keep_going=args.keep_going)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""The never-block list: hosts and networks from the ignore file plus this host's own addresses.
+
+Parsing follows 1.2 (leading token of each line, trailing text tolerated, both sides masked
+when matching) and adds IPv6 like 2.x; mistakes are reported with file and line, never guessed at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+
+from portsentry.core.addresses import canonical
+from portsentry.core.probe import IPAddress
+
+IPNetwork = IPv4Network | IPv6Network
+
+# The entry is the first run of non-blank characters; a '#' also ends it, so "10.0.0.1 # gw",
+# "10.0.0.1 router" and a trailing CR are all fine, as they were in 1.2.
+_TOKEN = re.compile(r"[^\s#]+")
+_PREFIX = re.compile(r"[0-9]{1,3}")
+_IPV4_MAPPED_BITS = 96
+_FORMS = "expected a.b.c.d[/0-32] or an IPv6 address[/0-128]"
+
+
+class IgnoreFileError(Exception):
+    """An ignore file line that is not an address; str() is `file:line: message`."""
+
+    def __init__(self, source: str, line: int, message: str) -> None:
+        super().__init__(f"{source}:{line}: {message}")
+        self.source = source
+        self.line = line
+        self.message = message
+
+
+@dataclass(frozen=True)
+class IgnoreEntry:
+    """One network from the ignore file (a host is a /32 or /128); `text` is the token as read."""
+
+    network: IPNetwork
+    line: int
+    text: str
+
+
+def _parse_token(token: str) -> IPNetwork:
+    """Turn one ignore-file token into a network; ValueError carries the user-facing reason."""
+    address_text, slash, prefix_text = token.partition("/")
+    if "%" in address_text:
+        raise ValueError(f"{token!r} has an IPv6 zone id; ignore entries are plain addresses")
+    try:
+        address = ip_address(address_text)
+    except ValueError:
+        raise ValueError(f"{token!r} is not an IP address or network ({_FORMS})") from None
+    max_bits = address.max_prefixlen
+    if slash:
+        if _PREFIX.fullmatch(prefix_text) is None or int(prefix_text) > max_bits:
+            hint = "; write /24, not /255.255.255.0" if "." in prefix_text else ""
+            raise ValueError(
+                f"{token!r}: '/{prefix_text}' is not a prefix length (0-{max_bits}){hint}"
+            )
+        bits = int(prefix_text)
+    else:
+        bits = max_bits
+    # A mapped entry shorter than /96 also covers non-mapped IPv6 space, so it stays IPv6.
+    mapped = address.ipv4_mapped if isinstance(address, IPv6Address) else None
+    if mapped is not None and bits >= _IPV4_MAPPED_BITS:
+        return IPv4Network((mapped, bits - _IPV4_MAPPED_BITS), strict=False)
+    # strict=False masks off host bits: 192.168.1.5/24 means 192.168.1.0/24, as 1.2 compared it.
+    return ip_network((address, bits), strict=False)
+
+
+def parse_ignore(text: str, source: str) -> tuple[list[IgnoreEntry], list[str]]:
+    """Parse ignore-file text; returns the entries and warnings, raises IgnoreFileError on junk."""
+    entries: list[IgnoreEntry] = []
+    warnings: list[str] = []
+    text = text.removeprefix("\ufeff")
+    # split("\n") rather than splitlines() so line numbers agree with editors and `sed -n`.
+    for number, line in enumerate(text.split("\n"), start=1):
+        stripped = line.lstrip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _TOKEN.match(stripped)
+        if match is None:  # only reachable for odd whitespace lstrip() left behind
+            continue
+        token = match.group()
+        try:
+            network = _parse_token(token)
+        except ValueError as error:
+            raise IgnoreFileError(source, number, str(error)) from None
+        if network.prefixlen == 0:
+            warnings.append(
+                f"{source}:{number}: {token!r} matches every IPv{network.version} address; "
+                f"no IPv{network.version} host will ever be blocked"
+            )
+        entries.append(IgnoreEntry(network=network, line=number, text=token))
+    return entries, warnings
+
+
+def load_ignore(path: str) -> tuple[list[IgnoreEntry], list[str]]:
+    """Read and parse an ignore file; OSError (missing, unreadable) propagates to the caller."""
+    # surrogateescape: stray Latin-1 bytes in a comment must not make the whole file unreadable.
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        text = handle.read()
+    entries, warnings = parse_ignore(text, path)
+    if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
+        # As with the configuration file: whoever can edit it decides who is never blocked.
+        warnings.insert(0, f"{path}: is writable by every user, who could then exempt any address "
+                           "from blocking")
+    return entries, warnings
+
+
+class IgnoreList:
+    """Answers "never block this address?" in a handful of set lookups, however long the file is."""
+
+    def __init__(self, entries: Iterable[IgnoreEntry], always: Iterable[IPAddress] = ()) -> None:
+        hosts: dict[int, set[int]] = {4: set(), 6: set()}
+        by_prefix: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
+        for entry in entries:
+            network = entry.network
+            if network.prefixlen == network.max_prefixlen:
+                hosts[network.version].add(int(network.network_address))
+            else:
+                nets = by_prefix[network.version].setdefault(network.prefixlen, set())
+                nets.add(int(network.network_address))
+        for address in always:
+            plain = canonical(address)
+            # int() drops any IPv6 zone id, which would otherwise make fe80::1%eth0 != fe80::1.
+            hosts[plain.version].add(int(plain))
+        self._hosts = {version: frozenset(ints) for version, ints in hosts.items()}
+        self._networks: dict[int, tuple[tuple[int, frozenset[int]], ...]] = {}
+        for version, groups in by_prefix.items():
+            width = 32 if version == 4 else 128
+            all_ones = (1 << width) - 1
+            self._networks[version] = tuple(
+                (all_ones ^ ((1 << (width - bits)) - 1), frozenset(groups[bits]))
+                for bits in sorted(groups, reverse=True)
+            )
+        self._size = sum(len(ints) for ints in self._hosts.values()) + sum(
+            len(nets) for groups in self._networks.values() for _, nets in groups
+        )
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, IPv4Address | IPv6Address):
+            return False
+        plain = canonical(address)
+        value = int(plain)
+        if value in self._hosts[plain.version]:
+            return True
+        return any(value & mask in nets for mask, nets in self._networks[plain.version])
+
+    def __len__(self) -> int:
+        """Distinct networks and hosts held, own addresses included."""
+        return self._size
+
+
+FileKey = tuple[int, int, int, int]
+
+
+class IgnoreSource:
+    """Keeps an IgnoreList current while the daemon runs, so edits to the file take effect live.
+
+    1.2 re-read the file on every event; this stat()s it on every call and re-reads only when it
+    changed. Own addresses are re-queried every `min_interval` seconds (DHCP, VPNs).
+    After the first load a broken or vanished file never raises: the previous list stays in force
+    and `last_error` says why (it is None again after the next good load).
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        local_addresses: Callable[[], Iterable[IPAddress]],
+        min_interval: float = 1.0,
+    ) -> None:
+        self.path = path
+        self.min_interval = min_interval
+        self.warnings: list[str] = []
+        self._file_error: str | None = None
+        self._own_error: str | None = None
+        self._local_addresses = local_addresses
+        self._entries: list[IgnoreEntry] = []
+        self._own: frozenset[IPAddress] = frozenset()
+        self._file_key: FileKey | None = None
+        self._checked_at: float | None = None
+        self._list: IgnoreList | None = None
+
+    def _stat_key(self) -> FileKey | None:
+        if self.path is None:
+            return None
+        info = os.stat(self.path)
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def load(self) -> IgnoreList:
+        """First load: raises IgnoreFileError or OSError so the daemon can refuse to start."""
+        # stat before read: a write racing the read then shows up as a changed key next time.
+        key = self._stat_key()
+        entries, warnings = load_ignore(self.path) if self.path is not None else ([], [])
+        own = frozenset(self._local_addresses())
+        self._entries, self.warnings, self._own, self._file_key = entries, warnings, own, key
+        self._list = IgnoreList(entries, own)
+        self._file_error = self._own_error = None
+        return self._list
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the list in force is older than the file or the host's addresses, if it is."""
+        errors = [error for error in (self._file_error, self._own_error) if error]
+        return "; ".join(errors) if errors else None
+
+    def current(self, now: float) -> IgnoreList:
+        """The list in force at `now`. The file is looked at on every call (a stat, about a
+        microsecond), so an edit counts for the very next packet, as 1.2's re-read at every
+        event did; own addresses, a netlink dump, are re-queried at most every `min_interval`."""
+        if self._list is None:
+            loaded = self.load()
+            self._checked_at = now
+            return loaded
+        changed = self.path is not None and self._reload_file()
+        if self._checked_at is None or not 0 <= now - self._checked_at < self.min_interval:
+            self._checked_at = now
+            try:
+                own = frozenset(self._local_addresses())
+                self._own_error = None
+            except OSError as error:
+                self._own_error = f"cannot read this host's addresses: {error}"
+                own = self._own
+            if own != self._own:
+                self._own, changed = own, True
+        if changed:
+            self._list = IgnoreList(self._entries, self._own)
+        return self._list
+
+    def _reload_file(self) -> bool:
+        """Re-read the file if its identity changed; True when new entries were taken."""
+        assert self.path is not None
+        try:
+            key = self._stat_key()
+        except OSError as error:
+            self._file_key = None  # so the file is read again as soon as it reappears
+            self._file_error = f"{self.path}: {error.strerror or error}; keeping the previous list"
+            return False
+        if key == self._file_key:
+            return False
+        # Remember the key even if parsing fails, so a broken file is not re-parsed every second.
+        self._file_key = key
+        try:
+            entries, warnings = load_ignore(self.path)
+        except IgnoreFileError as error:
+            self._file_error = f"{error}; keeping the previous list"
+            return False
+        except (OSError, UnicodeError) as error:
+            self._file_error = f"{self.path}: {error}; keeping the previous list"
+            return False
+        self._entries, self.warnings, self._file_error = entries, warnings, None
+        return True

@@ -1,0 +1,514 @@
+"""Reads classic PortSentry 1.2 configuration files (KEY="value" lines) into a frozen Config,
+loudly: every mistake 1.2 silently tolerated is a ConfigError or a warning naming file and line."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from types import MappingProxyType
+from typing import Any, Final
+
+from portsentry.core.engine import EngineSettings
+from portsentry.core.flood import DEFAULT_LIMIT, DEFAULT_WINDOW
+from portsentry.core.guard import GuardSettings
+from portsentry.core.ports import PortListError, format_ports, parse_ports
+
+DEFAULT_CONFIG_PATH: Final = "/etc/portsentry/portsentry.conf"
+EMBEDDED_SOURCE: Final = "<embedded default>"
+
+# Far beyond any real config; guards against being pointed at /dev/zero or a log file.
+_MAX_FILE_BYTES: Final = 1024 * 1024
+
+
+def _located(source: str, line: int | None, key: str | None, message: str) -> str:
+    where = source if line is None else f"{source}:{line}"
+    return ": ".join(part for part in (where, key, message) if part is not None)
+
+
+class ConfigError(Exception):
+    """A configuration problem that stops PortSentry from starting."""
+
+    def __init__(self, source: str, line: int | None, key: str | None, message: str) -> None:
+        super().__init__(source, line, key, message)
+        self.source = source
+        self.line = line
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        return _located(self.source, self.line, self.key, self.message)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting PortSentry reads from its configuration file, with 1.2's defaults."""
+
+    source: str
+    tcp_ports: tuple[int, ...] = ()
+    udp_ports: tuple[int, ...] = ()
+    advanced_ports_tcp: int = 1024
+    advanced_ports_udp: int = 1024
+    advanced_exclude_tcp: tuple[int, ...] = ()
+    advanced_exclude_udp: tuple[int, ...] = ()
+    ignore_file: str | None = None
+    history_file: str | None = None
+    blocked_file: str | None = None
+    resolve_host: bool = False
+    block_tcp: int = 0  # 0 log only, 1 block, 2 run KILL_RUN_CMD only
+    block_udp: int = 0
+    kill_route: str | None = None
+    kill_hosts_deny: str | None = None
+    kill_run_cmd: str | None = None
+    kill_run_cmd_first: bool = False
+    scan_trigger: int = 0
+    port_banner: str | None = None
+    hosts_deny_file: str = "/etc/hosts.deny"  # HOSTS_DENY_FILE: our extension
+    command_timeout: float = 30.0  # COMMAND_TIMEOUT seconds: our extension
+    # Ban lifecycle (ours). BLOCK_TIME 0 keeps 1.2's "blocked until the admin lifts it".
+    block_time: int = 0
+    block_time_factor: float = 2.0
+    block_time_max: int = 7 * 86400
+    kill_route_undo: str | None = None
+    ban_backend: str = "none"  # none | auto | nftables | ipset | route
+    nft_table: str = "portsentry"
+    nft_hook: str = "input"
+    nft_priority: int = -10
+    ban_set_size: int = 262144
+    capture: str = "auto"  # stealth capture: auto (nflog with the nftables backend) | nflog | packet
+    nflog_group: int = 7373
+    state_dir: str = "/var/lib/portsentry"
+    control_socket: str = "/run/portsentry/control.sock"
+    event_log: str | None = None  # EVENT_LOG: JSON lines for SIEMs (docs/events.md)
+    metrics_listen: str | None = None  # METRICS_LISTEN: e.g. 127.0.0.1:9470 for Prometheus
+    # Hits logged per blocked host and mode per window; 0 = every hit (1.2). flood.py says why.
+    log_repeat_limit: int = DEFAULT_LIMIT
+    log_repeat_window: float = DEFAULT_WINDOW
+    # Spoofing guards (ours)
+    protect_gateways: bool = True
+    protect_resolvers: bool = True
+    resolv_conf: str = "/etc/resolv.conf"
+    ban_rate_limit: int = 60
+    ban_rate_limit_net: int = 0
+    sensitive_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    keep_capabilities: str | None = None  # KEEP_CAPABILITIES: more for KILL_RUN_CMD (privileges.py)
+    # KEY -> line it was set on, so later stages can blame the right line.
+    lines: Mapping[str, int] = field(default_factory=dict, hash=False)
+
+    def line_of(self, key: str) -> int | None:
+        return self.lines.get(key)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """An error about a setting, for problems found after parsing (e.g. at startup)."""
+        return ConfigError(self.source, self.line_of(key), key, message)
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    warnings: tuple[str, ...]
+
+
+class _BadValue(Exception):
+    """Raised by converters; parse_config adds file, line and key."""
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """How one configuration key is stored: the Config field and the text-to-value converter.
+
+    `labels[n]` names what integer value n means, for check-config listings.
+    """
+
+    field: str
+    convert: Callable[[str], object]
+    labels: tuple[str, ...] = ()
+
+
+def _port_list(value: str) -> tuple[int, ...]:
+    try:
+        return parse_ports(value)
+    except PortListError as error:
+        raise _BadValue(str(error)) from None
+
+
+_INTEGER = re.compile(r"[ \t]*([0-9]+)[ \t]*", re.ASCII)
+
+
+def _integer(low: int, high: int, expected: str) -> Callable[[str], int]:
+    """Whole numbers in [low, high]; surrounding blanks are fine ("1 " meant 1 to atoi)."""
+
+    def convert(value: str) -> int:
+        match = _INTEGER.fullmatch(value)
+        # The length check keeps int() away from absurdly long digit strings.
+        if match is None or len(match.group(1)) > 9 or not low <= int(match.group(1)) <= high:
+            raise _BadValue(f"{value!r} is not {expected}")
+        return int(match.group(1))
+
+    return convert
+
+
+def _flag(value: str) -> bool:
+    return bool(_integer(0, 1, "0 or 1")(value))
+
+
+_NUMBER = re.compile(
+    r"[ \t]*((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)[ \t]*", re.ASCII
+)
+_MAX_TIMEOUT: Final = 86400.0
+
+
+def _seconds(value: str) -> float:
+    match = _NUMBER.fullmatch(value)
+    seconds = float(match.group(1)) if match else math.nan
+    if not 0 < seconds <= _MAX_TIMEOUT:  # also false for nan
+        raise _BadValue(f"{value!r} is not a number of seconds above 0 and at most 86400")
+    return seconds
+
+
+def _optional(value: str) -> str | None:
+    # An empty value switches the feature off, as leaving the key out does.
+    return value or None
+
+
+def _required(value: str) -> str:
+    if not value:
+        raise _BadValue("must not be empty (leave the key out to use the default)")
+    return value
+
+
+def _command_with_target(value: str) -> str | None:
+    if not value:
+        return None
+    if "$TARGET$" not in value:
+        # 1.2 only noticed this when an attack came, then skipped the block.
+        raise _BadValue("has no $TARGET$ to substitute")
+    return value
+
+
+def _factor(value: str) -> float:
+    match = _NUMBER.fullmatch(value)
+    factor = float(match.group(1)) if match else math.nan
+    if not 1 <= factor <= 100:  # also false for nan
+        raise _BadValue(f"{value!r} is not a factor from 1 to 100")
+    return factor
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        if value.strip() not in choices:
+            raise _BadValue(f"{value!r} is not one of {', '.join(choices)}")
+        return value.strip()
+
+    return convert
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}", re.ASCII)
+
+
+def _name(value: str) -> str:
+    # Goes into nft commands: a plain identifier only.
+    if not _NAME.fullmatch(value):
+        raise _BadValue(f"{value!r} is not a name (letters, digits, _ and -, at most 32)")
+    return value
+
+
+def _priority(value: str) -> int:
+    match = re.fullmatch(r"[ \t]*(-?[0-9]{1,4})[ \t]*", value)
+    if match is None:
+        raise _BadValue(f"{value!r} is not a whole number from -9999 to 9999")
+    return int(match.group(1))
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise _BadValue(f"{value!r} is not an absolute path")
+    return value
+
+
+_BLOCK_LABELS: Final = ("log only", "block", "run KILL_RUN_CMD only")
+_BLOCK = _integer(0, 2, "0 (log only), 1 (block) or 2 (run KILL_RUN_CMD only)")
+# 2.x keeps SCAN_TRIGGER in 16 bits and silently wraps larger values; refuse them instead.
+_TRIGGER = _integer(0, 65535, "a whole number of hits from 0 to 65535")
+_PORT_COUNT = _integer(1, 65535, "a number of ports from 1 to 65535")
+def _listen(value: str) -> str | None:
+    if not value:
+        return None
+    from portsentry.config.listen import MetricsError, parse_listen
+
+    try:
+        parse_listen(value)
+    except MetricsError as error:
+        raise _BadValue(str(error)) from None
+    return value
+
+
+_RATE = _integer(0, 1_000_000, "a number of bans per minute (0 = no cap)")
+
+
+def _networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    found = []
+    for token in value.replace(",", " ").split():
+        try:
+            found.append(ip_network(token, strict=False))
+        except ValueError:
+            raise _BadValue(f"{token!r} is not an address or network (a.b.c.d/nn, x::/nn)") from None
+    return tuple(found)
+
+
+_LINES = _integer(0, 1_000_000, "a number of lines (0 = no limit)")
+_DURATION = _integer(0, 10 * 365 * 86400, "a number of seconds, at most ten years (0 = no limit)")
+
+# The one table of accepted keys, in the order check-config lists them.
+KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
+    {
+        "TCP_PORTS": KeySpec("tcp_ports", _port_list),
+        "UDP_PORTS": KeySpec("udp_ports", _port_list),
+        "ADVANCED_PORTS_TCP": KeySpec("advanced_ports_tcp", _PORT_COUNT),
+        "ADVANCED_PORTS_UDP": KeySpec("advanced_ports_udp", _PORT_COUNT),
+        "ADVANCED_EXCLUDE_TCP": KeySpec("advanced_exclude_tcp", _port_list),
+        "ADVANCED_EXCLUDE_UDP": KeySpec("advanced_exclude_udp", _port_list),
+        "IGNORE_FILE": KeySpec("ignore_file", _optional),
+        "HISTORY_FILE": KeySpec("history_file", _optional),
+        "BLOCKED_FILE": KeySpec("blocked_file", _optional),
+        "RESOLVE_HOST": KeySpec("resolve_host", _flag, ("off", "on")),
+        "BLOCK_TCP": KeySpec("block_tcp", _BLOCK, _BLOCK_LABELS),
+        "BLOCK_UDP": KeySpec("block_udp", _BLOCK, _BLOCK_LABELS),
+        "KILL_ROUTE": KeySpec("kill_route", _command_with_target),
+        "KILL_HOSTS_DENY": KeySpec("kill_hosts_deny", _command_with_target),
+        "KILL_RUN_CMD": KeySpec("kill_run_cmd", _optional),
+        "KILL_RUN_CMD_FIRST": KeySpec(
+            "kill_run_cmd_first", _flag, ("after blocking", "before blocking")
+        ),
+        "SCAN_TRIGGER": KeySpec("scan_trigger", _TRIGGER),
+        "PORT_BANNER": KeySpec("port_banner", _optional),
+        "HOSTS_DENY_FILE": KeySpec("hosts_deny_file", _required),
+        "COMMAND_TIMEOUT": KeySpec("command_timeout", _seconds),
+        "BLOCK_TIME": KeySpec("block_time", _DURATION),
+        "BLOCK_TIME_FACTOR": KeySpec("block_time_factor", _factor),
+        "BLOCK_TIME_MAX": KeySpec("block_time_max", _DURATION),
+        "KILL_ROUTE_UNDO": KeySpec("kill_route_undo", _command_with_target),
+        "BAN_BACKEND": KeySpec("ban_backend", _choice("none", "auto", "nftables", "ipset", "route")),
+        "NFT_TABLE": KeySpec("nft_table", _name),
+        "NFT_HOOK": KeySpec("nft_hook", _choice("input", "forward", "prerouting")),
+        "NFT_PRIORITY": KeySpec("nft_priority", _priority),
+        "BAN_SET_SIZE": KeySpec("ban_set_size", _integer(1, 16_777_216, "a set size from 1 to 16777216")),
+        "CAPTURE": KeySpec("capture", _choice("auto", "nflog", "packet")),
+        "NFLOG_GROUP": KeySpec("nflog_group", _integer(0, 65535, "a log group from 0 to 65535")),
+        "STATE_DIR": KeySpec("state_dir", _absolute_path),
+        "CONTROL_SOCKET": KeySpec("control_socket", _absolute_path),
+        "EVENT_LOG": KeySpec("event_log", _optional),
+        "METRICS_LISTEN": KeySpec("metrics_listen", _listen),
+        "LOG_REPEAT_LIMIT": KeySpec("log_repeat_limit", _LINES),
+        "LOG_REPEAT_WINDOW": KeySpec("log_repeat_window", _seconds),
+        "PROTECT_GATEWAYS": KeySpec("protect_gateways", _flag, ("off", "on")),
+        "PROTECT_RESOLVERS": KeySpec("protect_resolvers", _flag, ("off", "on")),
+        "RESOLV_CONF": KeySpec("resolv_conf", _absolute_path),
+        "BAN_RATE_LIMIT": KeySpec("ban_rate_limit", _RATE),
+        "BAN_RATE_LIMIT_NET": KeySpec("ban_rate_limit_net", _RATE),
+        "SENSITIVE_NETWORKS": KeySpec("sensitive_networks", _networks),
+        "KEEP_CAPABILITIES": KeySpec("keep_capabilities", _optional),
+    }
+)
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+# C0 controls except tab, and DEL: 1.2 silently cut the value at the first of these.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Lone surrogates are what undecodable bytes become under the surrogateescape handler.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _split_line(line: str, source: str, number: int) -> tuple[str, str, str]:
+    """Split `KEY = "value" trailing` into its three parts."""
+    match = _KEY.match(line)
+    rest = line[match.end() :].lstrip(" \t") if match else ""
+    if match is None or not rest.startswith("="):
+        key = match.group() if match and match.group() in KEYS else None
+        shown = line if len(line) <= 40 else line[:37] + "..."
+        raise ConfigError(
+            source, number, key, f'expected KEY="value", a # comment or a blank line, not {shown!r}'
+        )
+    key = match.group()
+    rest = rest[1:].lstrip(" \t")
+    if not rest.startswith('"'):
+        raise ConfigError(source, number, key, 'the value must be in double quotes: KEY="value"')
+    end = rest.find('"', 1)
+    if end < 0:
+        raise ConfigError(source, number, key, "the value has no closing double quote")
+    return key, rest[1:end], rest[end + 1 :]
+
+
+def _check_text(value: str) -> None:
+    if found := _CONTROL.search(value):
+        raise _BadValue(f"the value contains control character {ord(found.group()):#04x}")
+    if _SURROGATE.search(value):
+        raise _BadValue("the value is not valid UTF-8 text")
+
+
+def parse_config(text: str, source: str) -> LoadedConfig:
+    """Parse configuration text; `source` names it in errors and warnings (usually the path)."""
+    values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    warnings: list[str] = []
+    # Lines are split on \n only (not str.splitlines) so numbers match what editors show.
+    for number, raw in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = raw.removesuffix("\r").lstrip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        key, value, trailing = _split_line(line, source, number)
+        spec = KEYS.get(key)
+        if spec is None:
+            hint = (
+                f"; keys are upper case: did you mean {key.upper()}?" if key.upper() in KEYS else ""
+            )
+            warnings.append(f"{source}:{number}: unknown key {key} ignored{hint}")
+            continue
+        try:
+            _check_text(value)
+            converted = spec.convert(value)
+        except _BadValue as error:
+            raise ConfigError(source, number, key, str(error)) from None
+        if key in lines:
+            warnings.append(
+                _located(
+                    source,
+                    number,
+                    key,
+                    f"already set on line {lines[key]}; this later value is ignored "
+                    "(the first one wins, as in PortSentry 1.2)",
+                )
+            )
+        else:
+            values[spec.field] = converted
+            lines[key] = number
+        extra = trailing.strip(" \t")
+        if extra and not extra.startswith("#"):
+            warnings.append(
+                _located(source, number, key, f"text after the closing quote ignored: {extra!r}")
+            )
+    config = Config(source=source, lines=MappingProxyType(lines), **values)
+    warnings.extend(_consistency_warnings(config))
+    return LoadedConfig(config, tuple(warnings))
+
+
+def _consistency_warnings(config: Config) -> list[str]:
+    found = []
+    for key, mode in (("BLOCK_TCP", config.block_tcp), ("BLOCK_UDP", config.block_udp)):
+        where = (config.source, config.line_of(key), key)
+        if (mode == 1 and config.kill_route is None and config.kill_hosts_deny is None
+                and config.ban_backend == "none"):
+            found.append(
+                _located(
+                    *where,
+                    "is 1 (block) but neither KILL_ROUTE nor KILL_HOSTS_DENY is set; "
+                    "scanners will be logged and recorded but not blocked",
+                )
+            )
+        if mode == 2 and config.kill_run_cmd is None:
+            found.append(
+                _located(
+                    *where,
+                    "is 2 (run KILL_RUN_CMD only) but KILL_RUN_CMD is not set; "
+                    "scanners will be logged and recorded but nothing will be run",
+                )
+            )
+    return found
+
+
+def load_config(path: str) -> LoadedConfig:
+    """Read and parse a configuration file; an unreadable file is a ConfigError."""
+    try:
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read(_MAX_FILE_BYTES + 1)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(
+            path, None, None, f"cannot read the configuration file: {reason}"
+        ) from None
+    if len(data) > _MAX_FILE_BYTES:
+        raise ConfigError(
+            path, None, None, "is larger than 1 MiB; is it really a configuration file?"
+        )
+    # surrogateescape: stray Latin-1 bytes in comments are harmless, and parse_config rejects
+    # them in values, where they would matter.
+    loaded = parse_config(data.decode("utf-8", "surrogateescape"), path)
+    if stat.S_ISREG(mode) and mode & stat.S_IWOTH:
+        # The KILL_* commands run as root, so whoever can edit this file can run anything as root.
+        warning = f"{path}: is writable by every user, who could then run commands as root"
+        return LoadedConfig(loaded.config, (warning, *loaded.warnings))
+    return loaded
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    """The part of the configuration the engine decides with (the engine, core, reads no config)."""
+    return EngineSettings(
+        scan_trigger=config.scan_trigger,
+        block_tcp=config.block_tcp,
+        block_udp=config.block_udp,
+        kill_route=config.kill_route,
+        kill_hosts_deny=config.kill_hosts_deny,
+        kill_run_cmd=config.kill_run_cmd,
+        kill_run_cmd_first=config.kill_run_cmd_first,
+        port_banner=config.port_banner,
+        native_ban=config.ban_backend != "none",
+        log_repeat_limit=config.log_repeat_limit,
+        log_repeat_window=config.log_repeat_window,
+        guard=GuardSettings(config.ban_rate_limit, config.ban_rate_limit_net, config.sensitive_networks),
+    )
+
+
+def load_embedded_default() -> LoadedConfig:
+    """The configuration shipped inside the package (also a template for /etc)."""
+    text = resources.files("portsentry").joinpath("data/portsentry.conf").read_text("utf-8")
+    return parse_config(text, EMBEDDED_SOURCE)
+
+
+def load_effective(path: str | None, *, default_path: str = DEFAULT_CONFIG_PATH) -> LoadedConfig:
+    """The configuration to run with: `path` (from -c) if given, else `default_path` if it
+    exists, else the embedded default."""
+    if path is not None:
+        return load_config(path)
+    # lexists: a dangling symlink there is a broken admin setup, worth an error, not a fallback.
+    if os.path.lexists(default_path):
+        return load_config(default_path)
+    return load_embedded_default()
+
+
+def _render(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        if all(isinstance(item, int) for item in value):
+            return format_ports(value)
+        return ",".join(str(item) for item in value)
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def format_effective(config: Config) -> str:
+    """Every effective setting, one per line, in config-file syntax with where it came from.
+
+    Parsing the result again gives the same settings (unset values are written as "").
+    """
+    out = [f"# Effective PortSentry configuration from {config.source}"]
+    for key, spec in KEYS.items():
+        value = getattr(config, spec.field)
+        setting = f'{key}="{_render(value)}"'
+        line = config.line_of(key)
+        notes = [f"line {line}" if line is not None else "default"]
+        if value is None:
+            notes.append("not set")
+        elif isinstance(value, int) and 0 <= value < len(spec.labels):
+            notes.append(spec.labels[value])
+        elif isinstance(value, tuple):
+            kind = "port" if all(isinstance(item, int) for item in value) else "network"
+            notes.append(f"{len(value)} {kind}{'' if len(value) == 1 else 's'}")
+        out.append(f"{setting:<48}  # {', '.join(notes)}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,57 @@
+"""What the engine asks the daemon to do: typed records, so the engine itself never touches I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from portsentry.core.probe import Probe
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A journal line (syslog, and stderr when asked). Verbose lines appear only with -v."""
+
+    text: str
+    verbose: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendBanner:
+    """Connect modes: write PORT_BANNER to the client that tripped the sensor."""
+
+    text: str
+
+
+class StepKind(enum.StrEnum):
+    NATIVE = "native"  # the nftables/ipset/route ban backend; template unused
+    HOSTS_DENY = "hosts_deny"
+    ROUTE = "route"
+    RUN_CMD = "run_cmd"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One blocking step; `template` still holds the $TARGET$/$PORT$/$MODE$ tokens."""
+
+    kind: StepKind
+    template: str
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Carry out `steps` in order for the probe's source, then report back with Engine.finished()."""
+
+    probe: Probe
+    steps: tuple[Step, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The host counts as blocked for this mode: write the history line and the blocked-file line."""
+
+    probe: Probe
+    at: float
+
+
+Action = Log | SendBanner | Block | Record

@@ -1,0 +1,271 @@
+"""The decision engine: given a probe and the time, decide what to log and whom to block.
+
+It does no I/O and reads no clock, so every branch is unit-tested with plain lists of probes.
+The order of checks is 1.2's (reference §5.1): ignore list, scan trigger, banner, detection line,
+already-blocked, then BLOCK_TCP/BLOCK_UDP.
+
+SCAN_TRIGGER counts as 1.2 does: each mode remembers the sources of its most recent hits in a
+ring; a hit fires when 1 + (earlier hits from the same source still in the ring) reaches the
+trigger, so 0 and 1 both fire on the first hit and N fires on the N-th hit, repeats to the same
+port included, and every later hit fires again. 1.2's ring held 50 hits and silently misbehaved
+for larger triggers; ours holds max(50, 2 * SCAN_TRIGGER) so any trigger works.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Container, Iterable
+from dataclasses import dataclass, field
+
+from portsentry.core import messages
+from portsentry.core.actions import Action, Block, Log, Record, SendBanner, Step, StepKind
+from portsentry.core.flood import DEFAULT_LIMIT, DEFAULT_WINDOW, RepeatLimiter
+from portsentry.core.guard import BanGuard, BoundedSet, GuardSettings
+from portsentry.core.probe import IPAddress, Mode, Probe, Protocol
+
+RING_CAPACITY = 50
+BLOCKED_CAPACITY = 65536
+PENDING_CAPACITY = 64  # hits kept per host while its block is under way; more are dropped
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The part of the configuration the engine decides with."""
+
+    scan_trigger: int = 0
+    block_tcp: int = 0
+    block_udp: int = 0
+    kill_route: str | None = None
+    kill_hosts_deny: str | None = None
+    kill_run_cmd: str | None = None
+    kill_run_cmd_first: bool = False
+    port_banner: str | None = None
+    native_ban: bool = False
+    log_repeat_limit: int = DEFAULT_LIMIT
+    log_repeat_window: float = DEFAULT_WINDOW
+    guard: GuardSettings = field(default_factory=GuardSettings)  # BAN_BACKEND is not "none"
+
+    def block_level(self, protocol: Protocol) -> int:
+        return self.block_tcp if protocol is Protocol.TCP else self.block_udp
+
+    def steps(self, level: int) -> tuple[Step, ...]:
+        """The blocking steps for BLOCK_x = level, in 1.2's order (reference §2.4)."""
+        run_cmd = (Step(StepKind.RUN_CMD, self.kill_run_cmd),) if self.kill_run_cmd else ()
+        if level == 2:
+            return run_cmd
+        if level != 1:
+            return ()
+        blocking: tuple[Step, ...] = ()
+        if self.native_ban:
+            blocking += (Step(StepKind.NATIVE, ""),)
+        if self.kill_hosts_deny:
+            blocking += (Step(StepKind.HOSTS_DENY, self.kill_hosts_deny),)
+        if self.kill_route:
+            blocking += (Step(StepKind.ROUTE, self.kill_route),)
+        return run_cmd + blocking if self.kill_run_cmd_first else blocking + run_cmd
+
+
+@dataclass
+class TriggerRing:
+    """The most recent hit sources of one mode, with a count per source for O(1) lookups."""
+
+    capacity: int
+    _order: deque[IPAddress] = field(default_factory=deque)
+    _counts: Counter[IPAddress] = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def hit(self, source: IPAddress) -> int:
+        """Record a hit and return its number among the remembered hits of that source."""
+        number = self._counts[source] + 1
+        while len(self._order) >= self.capacity:
+            oldest = self._order.popleft()
+            self._counts[oldest] -= 1
+            if self._counts[oldest] <= 0:
+                del self._counts[oldest]
+        self._order.append(source)
+        self._counts[source] += 1
+        return number
+
+
+class Engine:
+    """Turns probes into actions. `ignore` may be replaced at any time (live-edited ignore file)."""
+
+    def __init__(self, settings: EngineSettings, ignore: Container[IPAddress]) -> None:
+        self.settings = settings
+        self.ignore = ignore
+        capacity = max(RING_CAPACITY, 2 * settings.scan_trigger)
+        self._rings: dict[Mode, TriggerRing] = {mode: TriggerRing(capacity) for mode in Mode}
+        # Blocked (or being blocked) sources per mode: 1.2 kept one blocked file per mode.
+        # Bounded: an evicted host is simply acted on again (all blocking steps are idempotent).
+        self._blocked: dict[Mode, BoundedSet] = {mode: BoundedSet(BLOCKED_CAPACITY) for mode in Mode}
+        self.guard = BanGuard(settings.guard)
+        # What the last observe() decided, for the event log and metrics (one of events.DECISIONS).
+        self.last_decision = "ignored"
+        self.last_reason: str | None = None
+        # Sources a Block succeeded for: the ban store decides when they are free again.
+        self._banned: set[IPAddress] = set()
+        self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
+        # (mode, source) -> hits that arrived while its Block was being carried out.
+        self._pending: dict[tuple[Mode, IPAddress], list[tuple[Probe, float]]] = {}
+
+    def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> list[Action] | None:
+        """The actions to take instead of blocking, or None when the guard lets the block go."""
+        quiet: list[Action] = [a for a in actions if not isinstance(a, Log)]
+        reason = self.guard.refusal(probe, now)
+        if reason is not None:
+            self.last_decision, self.last_reason = "refused", reason
+            self.guard.refused_total += 1
+            if self.guard.should_log_refusal(probe.source, now):
+                return [*actions, Log(messages.block_refused(probe, reason))]
+            return quiet
+        if self.guard.rate_limited(probe.source, now):
+            # Only here is the reason known: set earlier, it stuck to blocks that went ahead.
+            self.last_decision, self.last_reason = "refused", "ban rate limit reached"
+            if self.guard.count_rate_limited(now):
+                return [*actions, Log(messages.rate_limit_reached(self.settings.guard.ban_rate_limit))]
+            return quiet
+        return None
+
+    def tick(self, now: float) -> list[Action]:
+        """Once a second: summary lines for repeat windows and rate-limit minutes that ended."""
+        actions: list[Action] = [Log(text) for text in self._repeats.flush(now)]
+        if count := self.guard.rate_summary(now):
+            actions.append(Log(messages.rate_limit_summary(count)))
+        return actions
+
+    def close(self) -> list[Action]:
+        """At shutdown: summary lines of every repeat window still open, so no count is lost."""
+        return [Log(text) for text in self._repeats.flush_all()]
+
+    def state_sizes(self) -> dict[str, int]:
+        """Entries per bounded table, for status and metrics."""
+        return {
+            "trigger_ring": sum(len(ring) for ring in self._rings.values()),
+            "blocked": sum(len(blocked) for blocked in self._blocked.values()),
+            "repeat_windows": len(self._repeats),
+            "pending_blocks": len(self._pending),
+            **self.guard.sizes(),
+        }
+
+    def update_settings(self, settings: EngineSettings) -> None:
+        """A reload: new settings, same memory of hits and blocked hosts."""
+        self.settings = settings
+        self._repeats.limit = settings.log_repeat_limit
+        self._repeats.window = settings.log_repeat_window
+        for ring in self._rings.values():
+            ring.capacity = max(RING_CAPACITY, 2 * settings.scan_trigger)
+
+    def is_blocked(self, mode: Mode, source: IPAddress) -> bool:
+        return source in self._blocked[mode] or source in self._banned
+
+
+    def observe(self, probe: Probe, now: float) -> list[Action]:
+        self.last_reason = None
+        if probe.source in self.ignore:
+            self.last_decision = "ignored"
+            return [Log(messages.ignored_host(probe), verbose=True)]
+        self.guard.note(probe, now)
+
+        trigger = self.settings.scan_trigger
+        number = self._rings[probe.mode].hit(probe.source)
+        if number < trigger:
+            self.last_decision = "below_trigger"
+            return [Log(messages.below_trigger(probe, number, trigger), verbose=True)]
+
+        actions: list[Action] = []
+        if probe.mode.is_classic and self.settings.port_banner:
+            actions.append(SendBanner(self.settings.port_banner))
+        waiting = self._pending.get((probe.mode, probe.source))
+        if waiting is not None:
+            # Its block is under way: decide once the outcome is known, so no line claims
+            # "already blocked" before "has been blocked" (1.2 blocked synchronously).
+            self.last_decision = "already_blocked"
+            if len(waiting) < PENDING_CAPACITY:
+                waiting.append((probe, now))
+            return actions
+        decided = self._decide(probe, now)
+        if self.last_decision == "refused":
+            # A source the guard refused (forged, protected, over the rate cap) gets no banner:
+            # answering a UDP datagram from a forged source makes us a reflector for it.
+            return decided
+        return actions + decided
+
+    def _decide(self, probe: Probe, now: float) -> list[Action]:
+        """Everything after the ignore list and the scan trigger."""
+        actions: list[Action] = []
+        blocked = self._blocked[probe.mode]
+        # Banned anywhere (this daemon, `block`, restore, later the fleet) counts in every mode.
+        repeat = probe.source in blocked or probe.source in self._banned
+        if repeat:
+            self.last_decision = "already_blocked"
+            allowed, summaries = self._repeats.allow(probe, now)
+            actions += [Log(text) for text in summaries]
+            if not allowed:
+                return actions
+        actions.append(Log(messages.detection(probe)))
+        if probe.ip_options and not probe.mode.is_classic:
+            actions.append(Log(messages.ip_options(probe)))
+        if repeat:
+            actions.append(Log(messages.already_blocked(probe)))
+            return actions
+
+        level = self.settings.block_level(probe.mode.protocol)
+        if level > 0:
+            refused = self._guarded(probe, now, actions)
+            if refused is not None:
+                return refused
+        steps = self.settings.steps(level)
+        blocked.touch(probe.source, now)
+        self.last_decision = "block" if level > 0 and steps else "log"
+        if level == 0:
+            # 1.2 records a log-only host as blocked too, so later hits say "already blocked".
+            actions.append(Log(messages.block_disabled(probe.mode.protocol)))
+            actions.append(Record(probe, now))
+        elif steps:
+            self._pending[(probe.mode, probe.source)] = []
+            actions.append(Block(probe, steps))
+        else:
+            actions.append(Record(probe, now))
+        return actions
+
+    def sync_bans(self, active: set[IPAddress]) -> None:
+        """Make the engine agree with the ban store: lifted bans (expired, or `unblock`) are
+        forgotten so the next hit acts again; bans made elsewhere (`block`) count as blocked.
+        Used at start and when the change feed cannot be followed; one set, not a copy per mode
+        (a million bans once filled six bounded tables at start)."""
+        for source in self._banned - active:
+            for blocked in self._blocked.values():
+                blocked.discard(source)
+        self._banned = set(active)
+
+    def apply_ban_changes(self, changes: Iterable[tuple[IPAddress, bool]]) -> None:
+        """The ban store's change feed, in order: (address, True) for a ban made or extended
+        anywhere (`block`, restore, the daemon's own blocks), (address, False) for one lifted
+        (expired, `unblock`), which is forgotten so the next hit acts again. Costs what
+        changed, not what is banned."""
+        for source, banned in changes:
+            if banned:
+                self._banned.add(source)
+            else:
+                self._banned.discard(source)
+                for blocked in self._blocked.values():
+                    blocked.discard(source)
+
+    def finished(self, block: Block, succeeded: bool, now: float) -> list[Action]:
+        """The daemon reports the outcome of a Block it carried out; hits that arrived
+        meanwhile are decided now, in order."""
+        probe = block.probe
+        waiting = self._pending.pop((probe.mode, probe.source), [])
+        actions: list[Action]
+        if succeeded:
+            self._banned.add(probe.source)
+            actions = [Record(probe, now)]
+        else:
+            # Forget the attempt so the next hit tries again.
+            self._blocked[probe.mode].discard(probe.source)
+            actions = [Log(messages.block_failed(probe))]
+        for later, at in waiting:
+            actions += self._decide(later, at)
+        return actions

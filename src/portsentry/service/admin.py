@@ -1,0 +1,194 @@
+"""Admin commands that work on the ban store and the backends: block, unblock, list, flush,
+hosts-deny tidy, check. They work whether or not the daemon runs: the store is the shared truth,
+and a running daemon picks up changes within a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any
+
+from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.store import BanStore, normalise
+from portsentry.config.settings import Config, engine_settings
+from portsentry.core.actions import Block
+from portsentry.core.addresses import impossible_source
+from portsentry.core.probe import IPAddress, Mode, Probe
+from portsentry.responders.backend import BackendError, BanBackend, pick_backend
+from portsentry.responders.classic import ClassicResponder
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.service.control import Request
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class AdminError(Exception):
+    pass
+
+
+def parse_duration(text: str) -> float | None:
+    """`90`, `90s`, `15m`, `2h`, `7d`, `1w`, or `forever` (None)."""
+    if text.strip().lower() in ("forever", "0"):
+        return None
+    match = _DURATION.match(text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise AdminError(f"{text!r} is not a duration (e.g. 90, 15m, 2h, 7d, forever)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_address(text: str) -> IPAddress:
+    try:
+        return normalise(ip_address(text.strip()))
+    except ValueError:
+        raise AdminError(f"{text!r} is not an IP address") from None
+
+
+def store_path(config: Config) -> str:
+    return os.path.join(config.state_dir, "bans.sqlite3")
+
+
+def hosts_deny_lock_path(config: Config) -> str:
+    """Beside the control socket (/run/portsentry), not in /etc: the hardened unit may write
+    hosts.deny itself and nothing else there. Daemon, CLI and tidy share it."""
+    return os.path.join(os.path.dirname(config.control_socket), "hosts.deny.lock")
+
+
+def open_hosts_deny(config: Config) -> HostsDeny:
+    return HostsDeny(config.hosts_deny_file, lock_path=hosts_deny_lock_path(config))
+
+
+def open_backend(config: Config, setup: bool = True) -> BanBackend | None:
+    """The configured native backend, set up; None for BAN_BACKEND="none" or when "auto" finds none."""
+    if config.ban_backend == "none":
+        return None
+    backend = pick_backend(config.ban_backend, table=config.nft_table, hook=config.nft_hook,
+                           priority=config.nft_priority, set_size=config.ban_set_size)
+    if backend is None:
+        if config.ban_backend == "auto":
+            return None
+        raise config.error("BAN_BACKEND", f"{config.ban_backend} does not work on this host")
+    if setup:
+        try:
+            backend.setup()
+        except (BackendError, OSError) as error:
+            raise config.error("BAN_BACKEND", f"cannot set up {backend.describe()}: {error}") from error
+    return backend
+
+
+@dataclass
+class Admin:
+    config: Config
+    store: BanStore
+    bans: BanManager
+    log: list[str]
+
+    @classmethod
+    def open(cls, config: Config) -> Admin:
+        lines: list[str] = []
+        store = BanStore(store_path(config))
+        bans = BanManager(store, open_backend(config), open_hosts_deny(config),
+                          BanPolicy.from_config(config), lines.append)
+        return cls(config, store, bans, lines)
+
+    def block(self, address: IPAddress, duration: float | None, now: float) -> bool:
+        responder = ClassicResponder(self.bans.hosts_deny, self.log.append, self.config.command_timeout,
+                                     clock=lambda: now)
+        return manual_block(self.bans, responder, self.config, address, duration, now)
+
+    def unblock(self, address: IPAddress, now: float) -> bool:
+        return unblock(self.bans, self.config, address, now, self.log.append)
+
+    def listing(self, now: float) -> list[dict[str, object]]:
+        return ban_rows(self.store, now)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, address: IPAddress,
+                 duration: float | None, now: float | None = None) -> bool:
+    """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1)."""
+    if (bad := impossible_source(address)) is not None:
+        raise AdminError(f"{address} is a {bad} address: it cannot be the source of a real packet, "
+                         "so there is nothing to block")
+    probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
+    return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now)
+
+
+def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:
+    return [
+        {
+            "address": str(ban.address),
+            "expires": ban.expires,
+            "remaining": None if ban.expires is None else max(0, round(ban.expires - now)),
+            "reason": ban.reason,
+            "mode": ban.mode,
+            "port": ban.port,
+            "count": ban.count,
+            "offences": ban.offences,
+            "first_seen": ban.first_seen,
+            "last_seen": ban.last_seen,
+            "backends": list(ban.backends),
+            "hosts_deny_line": ban.hosts_deny_line,
+        }
+        for ban in store.active(now)
+    ]
+
+
+def admin_request(
+    bans: BanManager, responder: ClassicResponder, config: Config, request: Request, now: float
+) -> dict[str, Any]:
+    """list / block / unblock as the control socket receives them (typed in, JSON out)."""
+    if request.command == "list":
+        return {"ok": True, "bans": ban_rows(bans.store, now)}
+    address = parse_address(request.address or "")
+    lines: list[str] = []
+    if request.command == "block":
+        duration = bans.duration(address, now) if request.duration == "policy" else request.duration
+        done = manual_block(bans, responder, config, address, duration, now)
+        return {"ok": done, "error": None if done else f"could not block {address}"}
+    if request.command == "unblock":
+        done = unblock(bans, config, address, now, lines.append)
+        return {"ok": done, "lines": lines,
+                "error": None if done else f"{address} is not blocked"}
+    return {"ok": False, "error": f"unknown command {request.command!r}"}
+
+
+def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
+            log: Callable[[str], None]) -> bool:
+    # Only what the store says we did is undone: a hosts.deny line we did not append is the
+    # admin's (or fail2ban's), even when it reads exactly like ours.
+    return bans.lift(address, now, "unblocked by admin")
+
+
+def format_listing(rows: list[dict[str, object]]) -> str:
+    if not rows:
+        return "no active bans"
+    header = f"{'ADDRESS':<40} {'EXPIRES IN':>10} {'MODE':<5} {'PORT':>5} {'HITS':>5} {'BANS':>4}  HELD BY"
+    out = [header]
+    for row in rows:
+        remaining = row["remaining"]
+        expires = "forever" if remaining is None else _short(float(str(remaining)))
+        held = ", ".join(str(b) for b in row["backends"]) if row["backends"] else "-"  # type: ignore[attr-defined]
+        if row["hosts_deny_line"]:
+            held += " + hosts.deny"
+        out.append(f"{row['address']!s:<40} {expires:>10} {row['mode']!s:<5} {row['port']!s:>5} "
+                   f"{row['count']!s:>5} {row['offences']!s:>4}  {held}")
+    return "\n".join(out)
+
+
+def _short(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{int(seconds)}s"
+
+
+def as_json(rows: list[dict[str, object]]) -> str:
+    return json.dumps(rows, indent=2, sort_keys=True)
+

@@ -1,0 +1,518 @@
+"""The daemon shell: feeds probes from the sensors to the engine and carries out its actions.
+
+Threads, each with one job, and what each owns:
+- main (the detection loop): the sensors, the selector, the engine and everything the engine
+  decides; other threads never touch them, they post work to it (`_call_on_main`, woken through a
+  socket pair) and it runs that work between packets.
+- responder-N (blockqueue.BlockQueue): carry out blocks from a bounded queue, so a slow or
+  hanging KILL_ROUTE never delays detection; outcomes are posted to main.
+- maintenance (maintenance.Maintenance): expiry, records held back by a full disk, table repair,
+  history pruning, gateways and resolvers, and the ban store's change feed; posts its Findings.
+- admin-N: the ban work of control requests (list, block, unblock), apart from the blocks, so
+  `portsentry list` answers while KILL_ROUTE commands hang.
+- control (control.ControlServer): reads control requests; never blocks anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import queue
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence, Sized
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any
+
+from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.restore import rerun_routes, restore_bans
+from portsentry.config.ignore import IgnoreSource
+from portsentry.config.settings import Config, engine_settings
+from portsentry.core import messages
+from portsentry.core.actions import Action, Block, Log, Record, SendBanner
+from portsentry.core.engine import Engine
+from portsentry.core.probe import IPAddress, Mode, Probe
+from portsentry.host import info as hostinfo
+from portsentry.journal.journal import Journal
+from portsentry.journal.telemetry import Telemetry
+from portsentry.responders.classic import ClassicResponder
+from portsentry.sensors.base import Hit, Sensor, describe_sensor
+from portsentry.sensors.packet import DropCounter
+from portsentry.service import sdnotify
+from portsentry.service.admin import admin_request
+from portsentry.service.blockqueue import BlockQueue
+from portsentry.service.control import ControlServer, Reply, Request
+from portsentry.service.maintenance import Findings, Maintenance
+from portsentry.service.resolver import Resolver
+
+Clock = Callable[[], float]
+AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go on without it
+Reloader = Callable[[], tuple[Config, IgnoreSource]]
+SensorFactory = Callable[[Config], Sequence[Sensor]]
+
+
+class MinuteCounts:
+    """Events in the last hour in 60 per-minute buckets: constant memory at any rate."""
+
+    def __init__(self) -> None:
+        self._buckets: deque[list[int]] = deque()  # [minute, count], oldest first
+
+    def add(self, now: float) -> None:
+        minute = int(now // 60)
+        if self._buckets and self._buckets[-1][0] == minute:
+            self._buckets[-1][1] += 1
+        else:
+            self._buckets.append([minute, 1])
+            while len(self._buckets) > 61:
+                self._buckets.popleft()
+
+    def total(self, now: float) -> int:
+        oldest = int(now // 60) - 59
+        return sum(count for minute, count in self._buckets if minute >= oldest)
+
+
+def protected_addresses(config: Config) -> frozenset[IPAddress]:
+    """Default gateways and DNS resolvers, re-read every tick: DHCP and VPNs change them."""
+    found: set[IPAddress] = set()
+    try:
+        if config.protect_gateways:
+            found |= hostinfo.default_gateways()
+        if config.protect_resolvers:
+            found |= hostinfo.dns_resolvers(config.resolv_conf)
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def _sensor_settings(config: Config) -> tuple[object, ...]:
+    """What the sensors are built from: a reload re-binds them only when this changes."""
+    return (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
+            config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture, config.nflog_group)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        modes: Sequence[Mode],
+        journal: Journal,
+        ignore: IgnoreSource,
+        sensors: Sequence[Sensor],
+        responder: ClassicResponder,
+        resolver: Resolver | None = None,
+        clock: Clock = time.time,
+        bans: BanManager | None = None,
+        tick: float = 1.0,
+        reloader: Reloader | None = None,
+        sensor_factory: SensorFactory | None = None,
+        control_path: str | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.config = config
+        self.modes = tuple(modes)
+        self.journal = journal
+        self.ignore = ignore
+        self.sensors = tuple(sensors)
+        self.responder = responder
+        self.resolver = resolver
+        self.clock = clock
+        self.bans = bans
+        self.tick = tick
+        self.telemetry = telemetry or Telemetry()
+        self.reloader = reloader
+        self.sensor_factory = sensor_factory
+        self.control = (ControlServer(control_path, self.on_request, log=journal.log)
+                        if control_path else None)
+        self.started = clock()
+        self.hosts_blocked = 0
+        self._hits_last_hour = MinuteCounts()
+        self._blocks_last_hour = MinuteCounts()
+        self._reload_requested = False
+        self._next_tick = 0.0
+        self.active_bans = 0  # from the maintenance thread's Findings
+        self.engine = Engine(engine_settings(config), ignore.current(clock()))
+        self._ignore_error: str | None = None
+        self.probes_seen = 0
+        # Hits held while their source's name is looked up (RESOLVE_HOST), per source, in order.
+        self._awaiting_name: dict[IPAddress, list[tuple[Hit, float]]] = {}
+        self.internal_errors = 0
+        self._selector = selectors.DefaultSelector()
+        self._stopping = False
+        self._blocks = BlockQueue(self._enforce, self._block_done, journal.log)
+        self._admin = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
+        self._maintenance = Maintenance(bans, lambda: protected_addresses(self.config),
+                                        lambda found: self._call_on_main(lambda: self._apply(found)),
+                                        journal.log, interval=tick, clock=clock)
+        # Work finished on a responder thread that the engine (main thread only) must hear about.
+        self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+
+    def _enforce(self, block: Block) -> bool:
+        """On a responder thread: the ban lifecycle makes the ban (without a store, in tests that
+        leave it out, the steps just run, for ever)."""
+        if self.bans is None:
+            return self.responder.carry_out(block, None)
+        return self.bans.enforce(block, self.responder)
+
+    # -- start and stop ------------------------------------------------------------------------
+
+    def open(self) -> bool:
+        """Start every sensor; False when none could watch anything (1.2 then shuts down)."""
+        any_open = False
+        for sensor in self.sensors:
+            for handle in sensor.open():
+                self._selector.register(handle, selectors.EVENT_READ, sensor)
+                any_open = True
+        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        if self.control is not None:
+            try:
+                self.control.start()
+            except OSError as error:
+                self.journal.log(messages.config_error(
+                    f"cannot open the control socket {self.control.path}: {error}"))
+                self.control = None
+        self.journal.start_session(list(self.modes))
+        self.engine.guard.set_protected(protected_addresses(self.config))
+        cursor = 0
+        if self.bans is not None:
+            # The cursor first: what changes while restoring is replayed, which is harmless.
+            cursor = self.bans.store.last_change()
+            restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"))
+            self.engine.sync_bans(set(restored.addresses))
+            self.active_bans = len(restored.addresses)
+            if restored.rerun:  # after READY, a few at a time: many bans must not delay the start
+                threading.Thread(target=rerun_routes, args=(self.bans, restored), name="route-rerun",
+                                 daemon=True).start()
+        self._blocks.start()
+        self._maintenance.start(cursor, self.active_bans)
+        return any_open
+
+    def request_stop(self, *_args: object) -> None:
+        self._stopping = True
+        sdnotify.stopping()
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(_signum: int, _frame: FrameType | None) -> None:
+            self.request_stop()
+
+        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+            self._reload_requested = True
+            with contextlib.suppress(OSError):
+                self._wake_write.send(b"\0")
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def run(self) -> None:
+        # Hand the interpreter lock to a responder thread within 1 ms instead of Python's 5 ms
+        # default, so a ban is not held up while the main thread drains a scan.
+        sys.setswitchinterval(0.001)
+        self.journal.log(messages.active())
+        sdnotify.ready()
+        sdnotify.status(f"watching: {' '.join(f'-{mode}' for mode in self.modes)}")
+        try:
+            while not self._stopping:
+                for key, _events in self._selector.select(timeout=1.0):
+                    if key.data is None:
+                        self._drain_wake()
+                    else:
+                        sensor: Sensor = key.data
+                        for hit in sensor.read(key.fileobj):  # type: ignore[arg-type]
+                            self._guarded(self.handle, hit)
+                self._run_main_calls()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+                self._maybe_tick()
+        finally:
+            # Whatever ends the loop, sensors close, bans under way finish and files are closed.
+            self.shutdown()
+
+    def _guarded(self, work: Callable[[Hit], None], hit: Hit) -> None:
+        """A bug met by one probe is reported and detection goes on with the next."""
+        try:
+            work(hit)
+        except Exception as error:
+            self.internal_errors += 1
+            self.journal.log(messages.config_error(f"internal error on a probe, skipped: {error!r}"))
+
+    def shutdown(self) -> None:
+        for sensor in self.sensors:
+            sensor.close()
+        for source in list(self._awaiting_name):  # no time left to wait for names
+            self._named(source, str(source))
+        self.perform(self.engine.close())
+        if self.control is not None:
+            self.control.close()
+        self._maintenance.stop()
+        # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded.
+        self._blocks.close()
+        self._admin.shutdown(wait=True)
+        self._run_main_calls()
+        if self.resolver is not None:
+            self.resolver.close()
+        self._selector.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    # -- the probe path ------------------------------------------------------------------------
+
+    def handle(self, hit: Hit) -> None:
+        now = self.clock()
+        self.probes_seen += 1
+        self._hits_last_hour.add(now)
+        self.engine.ignore = self.ignore.current(now)
+        if self.ignore.last_error != self._ignore_error:
+            self._ignore_error = self.ignore.last_error
+            if self._ignore_error:
+                self.journal.log(messages.config_error(f"ignore list not reloaded: {self._ignore_error}"))
+        probe = hit.probe
+        if self.resolver is not None and probe.source not in self.engine.ignore:
+            # RESOLVE_HOST: never wait for DNS here. A source whose name is being looked up has
+            # its hits held, in order, until the name (or the resolver's timeout) comes back.
+            waiting = self._awaiting_name.get(probe.source)
+            if waiting is not None and len(waiting) < AWAIT_CAPACITY:
+                waiting.append((hit, now))
+                return
+            if waiting is None:
+                source = probe.source
+                name = self.resolver.lookup(
+                    source, lambda found: self._call_on_main(lambda: self._named(source, found)))
+                if name is None:
+                    self._awaiting_name[source] = [(hit, now)]
+                    return
+                probe = dataclasses.replace(probe, source_name=name)
+        self._observe(hit, probe, now)
+
+    def _named(self, source: IPAddress, name: str) -> None:
+        """On the main loop: the held hits of `source`, decided now with its name."""
+        for hit, at in self._awaiting_name.pop(source, []):
+            def observe(held: Hit, at: float = at) -> None:
+                self._observe(held, dataclasses.replace(held.probe, source_name=name), at)
+            self._guarded(observe, hit)
+
+    def _observe(self, hit: Hit, probe: Probe, now: float) -> None:
+        try:
+            actions = self.engine.observe(probe, now)
+            decision = self.engine.last_decision
+            self.telemetry.probe(probe, decision, self.engine.last_reason, now)
+            fields: dict[str, object] = {
+                "PORTSENTRY_EVENT": decision, "PORTSENTRY_SRC": probe.source,
+                "PORTSENTRY_PORT": probe.port, "PORTSENTRY_MODE": probe.mode.value,
+            }
+            self.perform(actions, hit, fields)
+        finally:
+            hit.close()
+
+    def perform(self, actions: list[Action], hit: Hit | None = None,
+                fields: dict[str, object] | None = None) -> None:
+        for action in actions:
+            if isinstance(action, Log):
+                self.journal.log(action.text, verbose=action.verbose, fields=fields)
+            elif isinstance(action, SendBanner):
+                if hit is not None:
+                    hit.reply(action.text.encode("utf-8", "replace"))
+            elif isinstance(action, Record):
+                self.journal.record(action.probe, action.at)
+                self.hosts_blocked += 1
+                self._blocks_last_hour.add(action.at)
+            elif isinstance(action, Block):
+                self._submit(action)
+
+    def _submit(self, block: Block) -> None:
+        if not self._blocks.submit(block):
+            # Not started: the engine forgets it, so the host's next hit tries again.
+            self.perform(self.engine.finished(block, False, self.clock()))
+
+    def _block_done(self, block: Block, succeeded: bool, error: BaseException | None) -> None:
+        """On a responder thread: hand the outcome to the main loop."""
+        if error is not None:
+            self.journal.log(messages.config_error(f"responder failed: {error!r}"))
+        self._call_on_main(lambda: self.perform(self.engine.finished(block, succeeded, self.clock())))
+        self._maintenance.wake()  # the ban's change reaches status and the gauges at once
+
+    def _call_on_main(self, call: Callable[[], None]) -> None:
+        self._main_calls.put(call)
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+
+    def _run_main_calls(self) -> None:
+        while True:
+            try:
+                call = self._main_calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                call()
+            except Exception as error:  # one failed piece of work must not stop the others
+                self.internal_errors += 1
+                self.journal.log(messages.config_error(f"internal error, skipped: {error!r}"))
+
+    def _maybe_tick(self) -> None:
+        """Once a second on the main loop: what only the engine can do (summary lines of repeat
+        windows and rate-limit minutes that ended), failed-write summaries, and the gauges.
+        Everything slow is the maintenance thread's."""
+        now = self.clock()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + self.tick
+        self.perform(self.engine.tick(now))
+        self.journal.failures.flush()
+        bans = self.bans
+        backend = bans.backend.name if bans is not None and bans.backend is not None else "none"
+        self.telemetry.state(self.engine.state_sizes(), {backend: self.active_bans},
+                             self.capture_drops(), self.packet_drops())
+
+    def _apply(self, found: Findings) -> None:
+        """On the main loop: what the maintenance thread found."""
+        if found.resync is not None:
+            self.engine.sync_bans(set(found.resync))
+        self.engine.apply_ban_changes(found.changes)
+        if found.protected is not None:
+            self.engine.guard.set_protected(found.protected)
+        if found.active is not None:
+            self.active_bans = found.active
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read config and ignore file; a bad new config is refused and the old one stays.
+
+        Bans, trigger counts and blocked hosts survive; sensors are re-bound only when the
+        ports they watch changed.
+        """
+        if self.reloader is None:
+            return False
+        sdnotify.reloading()
+        self.telemetry.reopen()  # log rotation: SIGHUP reopens the event log
+        try:
+            config, ignore = self.reloader()
+        except Exception as error:  # ConfigError, IgnoreFileError, OSError: all keep the old config
+            self.journal.log(messages.reload_rejected(str(error)))
+            sdnotify.ready()
+            return False
+        now = self.clock()
+        old = self.config
+        self.config = config
+        self.ignore = ignore
+        self.engine.update_settings(engine_settings(config))
+        self.engine.ignore = ignore.current(now)
+        self.responder.timeout = config.command_timeout
+        if self.bans is not None:
+            self.bans.policy = BanPolicy.from_config(config)
+        self.journal.history_file = config.history_file
+        self.journal.blocked_file = config.blocked_file
+        if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
+            self._rebind(self.sensor_factory(config))
+        self.journal.log(messages.reloaded(config.source))
+        sdnotify.ready()
+        return True
+
+    def _rebind(self, sensors: Sequence[Sensor]) -> None:
+        for sensor in self.sensors:
+            for key in list(self._selector.get_map().values()):
+                if key.data is sensor:
+                    self._selector.unregister(key.fileobj)
+            sensor.close()
+        self.sensors = tuple(sensors)
+        for sensor in self.sensors:
+            for handle in sensor.open():
+                self._selector.register(handle, selectors.EVENT_READ, sensor)
+
+    # -- control socket ------------------------------------------------------------------------
+
+    def on_request(self, request: Request, reply: Reply) -> None:
+        """On the control thread: engine and sensor state is read on the main loop, ban work on
+        a worker; any exception becomes an error reply."""
+
+        def guarded(work: Callable[[], dict[str, Any]]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    reply(work())
+                except Exception as error:
+                    reply({"ok": False, "error": f"{request.command} failed: {error}"})
+            return run
+
+        if request.command == "status":
+            self._call_on_main(guarded(lambda: {"ok": True, "status": self.status(self.clock())}))
+        elif request.command == "stats":
+            self._call_on_main(guarded(lambda: {"ok": True, "stats": self.stats(self.clock())}))
+        elif request.command == "reload":
+            def reload() -> dict[str, Any]:
+                ok = self.reload()
+                return {"ok": ok, "error": None if ok else "the new configuration was refused; see the log"}
+            self._call_on_main(guarded(reload))
+        elif self.bans is not None:
+            bans = self.bans
+
+            def ban_work() -> dict[str, Any]:
+                try:
+                    return admin_request(bans, self.responder, self.config, request, self.clock())
+                finally:
+                    self._maintenance.wake()  # the engine hears of it within this round
+
+            self._admin.submit(guarded(ban_work))
+        else:
+            reply({"ok": False, "error": f"{request.command}: this daemon keeps no ban store"})
+
+    def capture_drops(self) -> int | None:
+        drops = [d for d in (getattr(s, "capture_drops", lambda: None)() for s in self.sensors)
+                 if d is not None]
+        return sum(drops) if drops else None
+
+    def packet_drops(self) -> dict[str, int]:
+        """Packets the sensors dropped before the engine, per reason (malformed or forged)."""
+        totals: dict[str, int] = {}
+        for sensor in self.sensors:
+            counter = getattr(sensor, "drops", None)
+            if isinstance(counter, DropCounter):
+                for reason, count in counter.as_dict().items():
+                    totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+    def stats(self, now: float) -> dict[str, Any]:
+        return {
+            "probes_seen": self.probes_seen,
+            "probes_last_hour": self._hits_last_hour.total(now),
+            "hosts_blocked": self.hosts_blocked,
+            "hosts_blocked_last_hour": self._blocks_last_hour.total(now),
+            "log_failures": self.journal.file_errors,
+            "packets_dropped": self.packet_drops(),
+            "write_failures": self.journal.failures.snapshot(),
+        }
+
+    def status(self, now: float) -> dict[str, Any]:
+        backend = self.bans.backend if self.bans is not None else None
+        active = self.active_bans
+        return {
+            "running": True,
+            "pid": os.getpid(),
+            "started": self.started,
+            "uptime": round(now - self.started, 1),
+            "config": self.config.source,
+            "modes": [str(mode) for mode in self.modes],
+            "watching": [line for sensor in self.sensors for line in describe_sensor(sensor)],
+            "backend": backend.name if backend is not None else None,
+            "ignore_entries": len(self.engine.ignore) if isinstance(self.engine.ignore, Sized) else None,
+            "active_bans": active,
+            **self.stats(now),
+            "recent_events": self.journal.recent_events(),
+        }
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._wake_read.recv(4096):
+                pass

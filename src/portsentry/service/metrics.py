@@ -1,0 +1,173 @@
+"""Prometheus metrics for the daemon (off by default): what it saw, what it decided, what it banned.
+
+`Metrics` needs the prometheus_client package and imports it only when created, so a daemon with
+metrics off runs on the standard library alone. `journal.telemetry.NullMetrics` has the same methods and does
+nothing, so the daemon can call them without checking whether metrics are on.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from portsentry.config.listen import DEFAULT_PORT as DEFAULT_PORT
+from portsentry.config.listen import MetricsError as MetricsError
+from portsentry.config.listen import parse_listen as parse_listen
+from portsentry.core.probe import KIND_CONNECT, KIND_FIN, KIND_NULL, KIND_SYN, KIND_UDP, KIND_XMAS
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import CollectorRegistry
+
+
+# Probe kinds become short label values. 1.2's "Unknown Type: TCP Packet Flags: ..." texts vary
+# with the flags, and every distinct label value is a new time series, so they all count as "other".
+KIND_LABELS = {
+    KIND_CONNECT: "connect",
+    KIND_SYN: "syn",
+    KIND_FIN: "fin",
+    KIND_XMAS: "xmas",
+    KIND_NULL: "null",
+    KIND_UDP: "udp",
+}
+OTHER_KIND = "other"
+
+# Seconds a blocking step may take: hosts.deny appends are milliseconds, KILL_ROUTE/KILL_RUN_CMD
+# commands up to COMMAND_TIMEOUT (30 s by default).
+ACTION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def kind_label(kind: str) -> str:
+    return KIND_LABELS.get(kind, OTHER_KIND)
+
+
+@dataclass(frozen=True)
+class MetricsServer:
+    """A running /metrics endpoint; `port` is the bound one (useful when 0 was asked for)."""
+
+    host: str
+    port: int
+    _server: WSGIServer
+    _thread: threading.Thread
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5.0)
+
+
+class Metrics:
+    """The daemon's counters and gauges, in `registry` (a fresh one with process metrics when
+    None, so two instances never collide in prometheus_client's global registry).
+
+    Thread-safe, as prometheus_client's metric objects are: responder threads report actions.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError as error:
+            raise MetricsError(
+                "metrics need the prometheus_client package: pip install prometheus-client"
+            ) from error
+        if registry is None:
+            registry = prom.CollectorRegistry()
+            prom.ProcessCollector(registry=registry)
+            prom.PlatformCollector(registry=registry)
+        self.registry = registry
+        self._probes = prom.Counter(
+            "portsentry_probes", "Probes seen on watched ports, by mode and kind of scan",
+            ["mode", "kind"], registry=registry)
+        self._decisions = prom.Counter(
+            "portsentry_decisions", "What the engine decided for each probe", ["decision"],
+            registry=registry)
+        self._active = prom.Gauge(
+            "portsentry_bans_active", "Addresses banned right now, per ban backend", ["backend"],
+            registry=registry)
+        self._bans = prom.Counter("portsentry_bans", "Bans made (all backends)", registry=registry)
+        self._unbans = prom.Counter(
+            "portsentry_unbans", "Bans lifted, by reason", ["reason"], registry=registry)
+        self._state = prom.Gauge(
+            "portsentry_state_entries", "Entries in the daemon's in-memory tables", ["table"],
+            registry=registry)
+        self._drops = prom.Counter(
+            "portsentry_capture_drops", "Packets the kernel dropped before capture read them",
+            registry=registry)
+        self._packet_drops = prom.Counter(
+            "portsentry_packets_dropped",
+            "Captured packets dropped before the engine, by reason: malformed, or a source no real "
+            "peer can have (forged: unspecified, loopback, multicast, broadcast, reserved)",
+            ["reason"], registry=registry)
+        self._packet_drops_seen: dict[str, int] = {}
+        self._record_failures = prom.Counter(
+            "portsentry_record_write_failures",
+            "Records that could not be written (and were rolled back), by file: history, blocked, "
+            "hosts_deny, event_log, ban_store", ["file"], registry=registry)
+        self._failures = prom.Counter(
+            "portsentry_action_failures", "Blocking steps that failed", ["step"], registry=registry)
+        self._seconds = prom.Histogram(
+            "portsentry_action_seconds", "Time taken by each blocking step", ["step"],
+            buckets=ACTION_BUCKETS, registry=registry)
+        self._drops_seen = 0
+        self._lock = threading.Lock()
+
+    def probe(self, mode: str, kind: str) -> None:
+        """One probe; `kind` is the Probe's classification text (see KIND_LABELS)."""
+        self._probes.labels(mode=str(mode), kind=kind_label(kind)).inc()
+
+    def decision(self, name: str) -> None:
+        self._decisions.labels(decision=name).inc()
+
+    def ban(self, backend: str) -> None:
+        # `backend` is accepted for symmetry with set_active(); the total is kept as one series.
+        self._bans.inc()
+
+    def unban(self, reason: str) -> None:
+        self._unbans.labels(reason=reason).inc()
+
+    def set_active(self, backend: str, count: int) -> None:
+        self._active.labels(backend=backend).set(count)
+
+    def set_state(self, table: str, count: int) -> None:
+        self._state.labels(table=table).set(count)
+
+    def capture_drops(self, total: int) -> None:
+        """The capture's cumulative drop count (as PACKET_STATISTICS reports it, summed); only
+        growth is added, so a capture reopened after a reload (count back at 0) loses nothing."""
+        with self._lock:
+            grown = total - self._drops_seen if total >= self._drops_seen else total
+            self._drops_seen = total
+        if grown > 0:
+            self._drops.inc(grown)
+
+    def packet_drops(self, totals: dict[str, int]) -> None:
+        """The sensors' cumulative drop counts per reason; only growth is added (see capture_drops)."""
+        for reason, total in totals.items():
+            with self._lock:
+                seen = self._packet_drops_seen.get(reason, 0)
+                grown = total - seen if total >= seen else total
+                self._packet_drops_seen[reason] = total
+            if grown > 0:
+                self._packet_drops.labels(reason=reason).inc(grown)
+
+    def record_failure(self, file: str) -> None:
+        self._record_failures.labels(file=file).inc()
+
+    def action(self, step: str, seconds: float, ok: bool) -> None:
+        self._seconds.labels(step=step).observe(max(seconds, 0.0))
+        if not ok:
+            self._failures.labels(step=step).inc()
+
+    def serve(self, address: str) -> MetricsServer:
+        """Serve /metrics at `address` ('127.0.0.1:9470', '[::1]:9470') on a daemon thread."""
+        import prometheus_client as prom
+
+        host, port = parse_listen(address)
+        try:
+            server, thread = prom.start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise MetricsError(
+                f"cannot serve metrics on {address}: {error.strerror or error}") from error
+        return MetricsServer(host, int(server.server_port), server, thread)

@@ -1,0 +1,90 @@
+"""`portsentry status`: ask the running daemon, or say it is not running and what the store holds."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from portsentry.config.settings import Config
+from portsentry.service import control
+
+NOT_RUNNING = 3  # LSB / systemctl status: "program is not running"
+
+
+def show_status(config: Config, as_json: bool, now: float) -> int:
+    import json
+
+    try:
+        answer = control.request(config.control_socket, {"command": "status"}, timeout=10)
+    except control.NotRunning:
+        answer = {"ok": True, "status": {"running": False, **stored_bans(config, now)}}
+    except PermissionError:
+        print(f"portsentry: {config.control_socket}: permission denied (run as root)", file=sys.stderr)
+        return 4
+    state = answer.get("status", {})
+    if as_json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+    else:
+        print(format_status(state))
+    return 0 if state.get("running") else NOT_RUNNING
+
+
+def stored_bans(config: Config, now: float) -> dict[str, object]:
+    from portsentry.bans.store import BanStore, StoreError
+    from portsentry.service.admin import store_path
+
+    if not os.path.exists(store_path(config)):
+        return {"active_bans": 0}
+    try:
+        store = BanStore(store_path(config))
+    except StoreError as error:
+        return {"store_error": str(error)}
+    try:
+        return {"active_bans": len(store.active(now))}
+    finally:
+        store.close()
+
+
+def format_status(state: dict[str, object]) -> str:
+    if not state.get("running"):
+        lines = ["portsentry is not running"]
+        if "active_bans" in state:
+            lines.append(f"active bans in the store: {state['active_bans']} (still enforced by the kernel "
+                         "backend if one is configured)")
+        return "\n".join(lines)
+    rows = [
+        ("state", f"running, pid {state['pid']}, up {_duration(float(str(state['uptime'])))}"),
+        ("config", state["config"]),
+        ("modes", " ".join(f"-{m}" for m in state["modes"])),  # type: ignore[attr-defined]
+        ("ban backend", state["backend"] or "none (classic KILL_* commands only)"),
+        ("ignore list", f"{state['ignore_entries']} entries"),
+        ("active bans", state["active_bans"]),
+        ("probes", f"{state['probes_seen']} since start, {state['probes_last_hour']} in the last hour"),
+        ("hosts blocked", f"{state['hosts_blocked']} since start, {state['hosts_blocked_last_hour']} "
+                          "in the last hour"),
+    ]
+    out = [f"{name + ':':<15}{value}" for name, value in rows]
+    # Evidence that could not be written is the first thing an admin must hear about.
+    for failure in state.get("write_failures") or []:  # type: ignore[attr-defined]
+        when = time.strftime("%H:%M:%S", time.localtime(float(failure["last_at"])))
+        out.append(f"{'NOT WRITTEN:':<15}{failure['failures']} records to {failure['file']} "
+                   f"{failure['path']}, last at {when}: {failure['last_error']}")
+    dropped = state.get("packets_dropped") or {}
+    if dropped:
+        out.append(f"{'dropped:':<15}" + ", ".join(f"{count} {reason}" for reason, count
+                                                   in sorted(dropped.items())))  # type: ignore[attr-defined]
+    out.append("watching:")
+    out += [f"  {line}" for line in state["watching"]]  # type: ignore[attr-defined]
+    out.append("last events:")
+    events = state["recent_events"] or []
+    out += [f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))} {e['message']}"
+            for e in events] or ["  (none)"]  # type: ignore[attr-defined]
+    return "\n".join(out)
+
+
+def _duration(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"

@@ -1,0 +1,120 @@
+"""Builds the sensors for the requested modes: one per connect mode, one shared by the stealth modes,
+and picks the stealth sensor's capture: NFLOG from our nftables table, or AF_PACKET with BPF.
+
+Wiring, not a sensor: it joins sensors to the nftables backend that holds the NFLOG rules, so it
+lives outside sensors/, which import neither responders nor bans (tests/unit/test_layering.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from portsentry.config.settings import Config
+from portsentry.core.probe import Mode, Protocol
+from portsentry.host import info as hostinfo
+from portsentry.responders.backend import BackendError, BanBackend
+from portsentry.responders.nftables import NftablesBackend
+from portsentry.sensors.base import Sensor
+from portsentry.sensors.capture import Capture, CaptureError
+from portsentry.sensors.connect import ConnectSensor
+from portsentry.sensors.listeners import ListeningPorts
+from portsentry.sensors.nflog import NflogCapture, NflogGroupTaken
+from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch, open_packet_capture
+
+CaptureFactory = Callable[[int | None, set[Protocol]], Capture]
+
+
+def watch_for(mode: Mode, config: Config) -> Watch:
+    if mode is Mode.STCP:
+        return Watch(mode, ports=frozenset(config.tcp_ports))
+    if mode is Mode.SUDP:
+        return Watch(mode, ports=frozenset(config.udp_ports))
+    if mode is Mode.ATCP:
+        return Watch(mode, below=config.advanced_ports_tcp, exclude=frozenset(config.advanced_exclude_tcp))
+    if mode is Mode.AUDP:
+        return Watch(mode, below=config.advanced_ports_udp, exclude=frozenset(config.advanced_exclude_udp))
+    raise ValueError(f"-{mode} is not a stealth mode")
+
+
+def build_sensors(
+    config: Config,
+    modes: Sequence[Mode],
+    log: Callable[[str], None],
+    clock: Callable[[], float],
+    ban_backend: BanBackend | None = None,
+) -> list[Sensor]:
+    """`ban_backend` is the daemon's native backend, already set up; with nftables (and CAPTURE
+    "auto" or "nflog") the stealth sensor reads NFLOG from rules added to its table."""
+    sensors: list[Sensor] = []
+    for mode in modes:
+        if mode is Mode.TCP:
+            sensors.append(ConnectSensor(mode, config.tcp_ports, log))
+        elif mode is Mode.UDP:
+            sensors.append(ConnectSensor(mode, config.udp_ports, log))
+    watches = [watch_for(mode, config) for mode in modes if not mode.is_classic]
+    if watches:
+        addresses = HostAddresses(hostinfo.local_addresses, hostinfo.broadcast_addresses)
+        listeners = {protocol: ListeningPorts(protocol) for protocol in Protocol}
+        capture = capture_factory(config, ban_backend, log)
+        sensors.append(StealthSensor(watches, log, clock, addresses, listeners, capture))
+    return sensors
+
+
+def capture_factory(
+    config: Config, ban_backend: BanBackend | None, log: Callable[[str], None]
+) -> CaptureFactory:
+    """How the stealth sensor will open its capture, from CAPTURE and the backend in use. With
+    "auto" any NFLOG failure falls back to AF_PACKET with a warning; with "nflog" it is fatal."""
+    nft = ban_backend if isinstance(ban_backend, NftablesBackend) else None
+    explicit = config.capture == "nflog"
+    if config.capture == "packet" or nft is None:
+        if explicit:
+            return _refuse(str(config.error(
+                "CAPTURE", 'nflog needs the nftables ban backend (BAN_BACKEND="nftables", or '
+                '"auto" on a host where nftables works)')))
+        if nft is None:
+            return open_packet_capture
+
+        def open_packet(max_port: int | None, protocols: set[Protocol]) -> Capture:
+            try:
+                nft.drop_capture()  # rules a previous CAPTURE="auto" run left behind
+            except (BackendError, OSError) as error:
+                log(f"adminalert: WARNING: cannot remove the old NFLOG rules: {error}")
+            return open_packet_capture(max_port, protocols)
+
+        return open_packet
+
+    def open_nflog(max_port: int | None, protocols: set[Protocol]) -> Capture:
+        def fail(key: str, error: Exception) -> Capture:
+            if explicit:
+                raise CaptureError(str(config.error(key, str(error)))) from error
+            log(f"adminalert: WARNING: NFLOG capture unavailable ({error}); using AF_PACKET: "
+                "packets from blocked hosts still reach the daemon, fragmented scans are unseen")
+            return open_packet_capture(max_port, protocols)
+
+        def quiet(ports: frozenset[int]) -> None:
+            try:
+                nft.capture_rules(config.nflog_group, max_port, protocols, quiet_udp_ports=ports)
+            except BackendError as error:  # the sensor knows OSError, not our backends
+                raise OSError(str(error)) from error
+
+        try:
+            capture = NflogCapture(config.nflog_group, quieter=quiet)
+        except NflogGroupTaken as error:
+            return fail("NFLOG_GROUP", error)
+        except CaptureError as error:
+            return fail("CAPTURE", error)
+        try:
+            nft.capture_rules(config.nflog_group, max_port, protocols)
+        except (BackendError, OSError, ValueError) as error:
+            capture.close()
+            return fail("CAPTURE", CaptureError(f"cannot add the NFLOG rules: {error}"))
+        return capture
+
+    return open_nflog
+
+
+def _refuse(message: str) -> CaptureFactory:
+    def refuse(max_port: int | None, protocols: set[Protocol]) -> Capture:
+        raise CaptureError(message)
+
+    return refuse

@@ -1,0 +1,83 @@
+"""Many bans made or lifted at once: one transaction, one kernel batch, one hosts.deny write (issue 10.3)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, ip_address
+from pathlib import Path
+
+import pytest
+
+from portsentry.bans.bulk import AddressListError, ManualSteps, block_many, read_addresses, unblock_many
+from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.store import MEMORY, BanStore
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.shell import CommandResult
+from tests.unit.bans.test_lifecycle import Kernel
+
+T0 = 1_700_000_000.0
+
+
+def manager(tmp_path: Path) -> tuple[BanManager, Kernel, list[str], list[str]]:
+    kernel, said, ran = Kernel(), list[str](), list[str]()
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(base=600), said.append)
+    return bans, kernel, said, ran
+
+
+def recorder(ran: list[str]):
+    def run(command: str, timeout: float) -> CommandResult:
+        ran.append(command)
+        return CommandResult(command, 0, False, "", 0.0)
+    return run
+
+
+def test_read_addresses_names_each_bad_line():
+    lines = ["# feed of 2026-12-05", "198.18.0.1", "", "198.18.0.1  # again", "::ffff:198.18.0.2",
+             "fd00::9", "not-an-ip", "300.1.1.1"]
+    with pytest.raises(AddressListError) as error:
+        read_addresses(lines, "feed.txt")
+    assert str(error.value) == ("feed.txt:7: 'not-an-ip' is not an IP address\n"
+                                "feed.txt:8: '300.1.1.1' is not an IP address")
+    assert read_addresses(lines[:6], "feed.txt") == [ip_address("198.18.0.1"), ip_address("198.18.0.2"),
+                                                     ip_address("fd00::9")]
+
+
+def test_many_bans_in_one_go_and_back(tmp_path):
+    bans, kernel, _said, ran = manager(tmp_path)
+    deny = tmp_path / "hosts.deny"
+    deny.write_text("ALL: 198.19.0.7\n")  # the admin's own line for one of them
+    addresses = [IPv4Address(int(IPv4Address("198.19.0.0")) + n) for n in range(1000)]
+    steps = ManualSteps(hosts_deny="ALL: $TARGET$", route="ip route add blackhole $TARGET$",
+                        undo="ip route del blackhole $TARGET$")
+    result = block_many(bans, steps, [*addresses, ip_address("224.0.0.1")], T0, "policy", recorder(ran))
+    assert result.done == 1000 and result.failed_commands == 0
+    assert result.skipped == ["224.0.0.1: a multicast address cannot be the source of a real packet"]
+    assert bans.store.active_count(T0) == 1000
+    assert set(kernel.held) == set(addresses) and set(kernel.held.values()) == {600.0}
+    lines = deny.read_text().splitlines()
+    assert len(lines) == 1000 and lines.count("ALL: 198.19.0.7") == 1
+    assert len(ran) == 1000
+    assert not bans.store.owns_line(ip_address("198.19.0.7"), "ALL: 198.19.0.7")  # the admin's
+    assert bans.store.owns_line(ip_address("198.19.0.8"), "ALL: 198.19.0.8")
+    changes = bans.store.changes(after=0)
+    assert len(changes) == 1000 and {c.kind for c in changes} == {"ban"}
+
+    ran.clear()
+    cursor = bans.store.last_change()
+    result = unblock_many(bans, steps, [*addresses, ip_address("198.18.5.5")], T0 + 1, recorder(ran))
+    assert result.done == 1000 and result.skipped == ["198.18.5.5: not blocked"]
+    assert kernel.held == {} and bans.store.active_count(T0 + 1) == 0
+    lifts = bans.store.changes(after=cursor)
+    assert len(lifts) == 1000 and {(c.kind, c.origin) for c in lifts} == {("lift", "local")}
+    assert bans.store.offences(ip_address("198.19.0.8")) == 1
+    assert deny.read_text() == "ALL: 198.19.0.7\n"  # ours gone, theirs kept
+    assert sorted(ran) == sorted(f"ip route del blackhole {a}" for a in addresses)
+
+
+def test_forever_and_fixed_durations(tmp_path):
+    bans, kernel, _said, ran = manager(tmp_path)
+    a, b = ip_address("198.18.0.1"), ip_address("198.18.0.2")
+    block_many(bans, ManualSteps(), [a], T0, None, recorder(ran))
+    block_many(bans, ManualSteps(), [b], T0, 90.0, recorder(ran))
+    assert kernel.held == {a: None, b: 90.0}
+    assert ran == []

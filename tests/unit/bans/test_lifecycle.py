@@ -1,0 +1,265 @@
+"""The ban lifecycle with an in-memory store and a recording backend: durations, lifting, restore."""
+
+from __future__ import annotations
+
+import contextlib
+from ipaddress import ip_address
+
+from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.restore import rerun_routes, restore_bans
+from portsentry.bans.store import MEMORY, BanStore
+from portsentry.core.probe import IPAddress
+from portsentry.responders.backend import BanBackend
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.shell import CommandResult
+
+A = ip_address("198.18.0.2")
+
+
+class Kernel(BanBackend):
+    name = "fake"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[IPAddress, float | None] = {}
+
+    def is_supported(self) -> bool:
+        return True
+
+    def setup(self) -> None:
+        pass
+
+    def add(self, address: IPAddress, timeout: float | None) -> None:
+        self.held[address] = timeout
+
+    def remove(self, address: IPAddress) -> None:
+        self.held.pop(address, None)
+
+    def members(self) -> dict[IPAddress, float | None]:
+        return dict(self.held)
+
+    def teardown(self) -> None:
+        self.held.clear()
+
+
+def manager(tmp_path, **policy) -> tuple[BanManager, Kernel, list[str], list[str]]:
+    kernel, lines, commands = Kernel(), list[str](), list[str]()
+
+    def run(command: str, timeout: float) -> CommandResult:
+        commands.append(command)
+        return CommandResult(command, 0, False, "", 0.0)
+
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(**policy), lines.append, runner=run)
+    return bans, kernel, lines, commands
+
+
+def test_repeat_offenders_get_longer_bans_up_to_the_cap(tmp_path):
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=60, factor=2, cap=200)
+    durations = []
+    now = 0.0
+    for _ in range(4):
+        duration = bans.duration(A, now)
+        durations.append(duration)
+        bans.remember(A, reason="scan", mode="tcp", port=1, now=now, duration=duration,
+                      hosts_deny_line=None, native=True)
+        now += 1000  # past the ban
+        bans.expire(now)
+    assert durations == [60, 120, 200, 200]
+
+
+def test_expiry_lifts_from_kernel_hosts_deny_and_runs_undo(tmp_path):
+    bans, kernel, lines, commands = manager(tmp_path, base=10, undo="ip route del $TARGET$")
+    assert bans.ban_native(A, 10)
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.add_line(A, "ALL: 198.18.0.2", 0.0)
+    assert bans.expire(5.0) == []
+    assert bans.expire(11.0) == [A]
+    assert kernel.held == {}
+    assert (tmp_path / "hosts.deny").read_text() == ""
+    assert commands == ["ip route del 198.18.0.2"]
+    assert lines[-1] == "attackalert: Host 198.18.0.2 has been unblocked: ban expired"
+
+
+def test_expiry_and_unblock_leave_an_identical_line_someone_else_wrote(tmp_path):
+    # issue 9.3: the admin (or fail2ban, same format) had "ALL: 198.18.0.2" before our ban.
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    deny = tmp_path / "hosts.deny"
+    deny.write_text("ALL: 198.18.0.2\n")
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.add_line(A, "ALL: 198.18.0.2", 0.0) is False  # theirs: nothing appended
+    restore_bans(bans, 1.0)  # restore does not take it over either
+    assert bans.expire(11.0) == [A]
+    assert deny.read_text() == "ALL: 198.18.0.2\n"
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=20.0, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.lift(A, 21.0, "unblocked by admin")
+    assert deny.read_text() == "ALL: 198.18.0.2\n"
+
+
+def test_our_copy_goes_and_a_later_identical_one_stays(tmp_path):
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    deny = tmp_path / "hosts.deny"
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.add_line(A, "ALL: 198.18.0.2", 0.0) is True
+    with deny.open("a") as admin:
+        admin.write("ALL: 198.18.0.2\n")
+    assert bans.expire(11.0) == [A]
+    assert deny.read_text() == "ALL: 198.18.0.2\n"
+    assert bans.store.stale_lines(11.0) == set()
+
+
+def test_restore_reapplies_active_bans_with_remaining_time(tmp_path):
+    bans, kernel, _lines, _commands = manager(tmp_path, base=100)
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=100,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    restored = restore_bans(bans, 40.0)
+    assert restored.addresses == [A]
+    assert kernel.held == {A: 60.0}
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
+    restore_bans(bans, 41.0)  # idempotent: nothing doubled
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
+
+
+def test_unsaved_bans_are_written_when_the_store_comes_back(tmp_path):
+    bans, _kernel, lines, _commands = manager(tmp_path)
+    real_path = str(tmp_path / "state" / "bans.sqlite3")
+    bans.fallback_from = real_path  # as when the disk store could not be opened at start
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=None, hosts_deny_line=None,
+                  native=True)
+    bans.catch_up()
+    assert "is usable again" in lines[-1]
+    assert [ban.address for ban in BanStore(real_path).active(1.0)] == [A]
+
+
+# --- is a recorded ban in force after a restart? (issue 9.2) ---------------------------------
+
+
+def _banned(tmp_path, route: str = "ip route add blackhole $TARGET$") -> tuple[BanManager, list[str]]:
+    bans, _kernel, _lines, commands = manager(tmp_path, route=route)
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=1.0, duration=None, hosts_deny_line=None,
+                  native=False)
+    return bans, commands
+
+
+def restart(bans: BanManager, now: float, path: str) -> None:
+    rerun_routes(bans, restore_bans(bans, now, path))
+
+
+def test_kill_route_is_rerun_in_a_new_kernel_and_not_in_the_same_one(tmp_path):
+    bans, commands = _banned(tmp_path)
+    path = str(tmp_path / "kernel-id")
+    restart(bans, 2.0, path)  # no id remembered yet: the bans may come from another kernel
+    assert commands == ["ip route add blackhole 198.18.0.2"]
+    restart(bans, 3.0, path)  # same boot, same namespace
+    assert len(commands) == 1
+    (tmp_path / "kernel-id").write_text("another boot netns-cookie:1\n")
+    restart(bans, 4.0, path)
+    assert len(commands) == 2
+
+
+def test_an_unknown_kernel_identity_errs_on_re_applying(tmp_path, monkeypatch):
+    bans, commands = _banned(tmp_path)
+    path = str(tmp_path / "kernel-id")
+    monkeypatch.setattr("portsentry.bans.restore.kernel_id", lambda: None)
+    restart(bans, 2.0, path)
+    restart(bans, 3.0, path)
+    assert len(commands) == 2
+
+
+def test_the_identity_is_remembered_only_after_the_re_runs(tmp_path):
+    bans, _commands = _banned(tmp_path)
+    path = tmp_path / "kernel-id"
+
+    def crash(command: str, timeout: float) -> CommandResult:
+        raise KeyboardInterrupt  # killed half-way through the re-runs
+
+    bans.run = crash
+    with contextlib.suppress(KeyboardInterrupt):
+        restart(bans, 2.0, str(path))
+    assert not path.exists()
+
+
+def test_the_namespace_cookie_tells_a_recreated_namespace_apart():
+    # Inodes of /proc/self/ns/net are reused by the kernel; cookies are not.
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from portsentry.bans.restore import kernel_id
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for unshare --net")
+    here = kernel_id()
+    assert here is not None and "netns-cookie:" in here
+    code = "from portsentry.bans.restore import kernel_id; print(kernel_id())"
+    ids = {subprocess.run(["unshare", "--net", sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip() for _ in range(3)}
+    assert len(ids) == 3 and here not in ids
+
+
+def test_maintenance_follows_the_feed_and_counts_what_is_in_force(tmp_path):
+    # issue 10.1: the tick reads what changed, not every active ban.
+    from portsentry.service.maintenance import Maintenance
+
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    found: list[object] = []
+    maintenance = Maintenance(bans, frozenset, found.append, print, clock=lambda: 100.0)
+    maintenance.cursor, maintenance.active = bans.store.last_change(), 0
+    B = ip_address("198.18.0.3")
+    bans.remember(A, reason="scan", mode="stcp", port=1, now=95.0, duration=10, hosts_deny_line=None,
+                  native=True)
+    bans.remember(B, reason="scan", mode="stcp", port=1, now=80.0, duration=10, hosts_deny_line=None,
+                  native=True)  # over by 100.0: lifted in this round
+    findings = maintenance.run_once()
+    assert findings.changes == [(A, True), (B, True), (B, False)]
+    assert findings.active == 1 and findings.resync is None
+    assert maintenance.run_once().changes == []
+
+
+def test_restore_puts_bans_in_force_without_running_commands_and_leaves_them_for_later(tmp_path):
+    # issue 10.6: READY=1 once the native set is restored; KILL_ROUTE re-runs come after.
+    bans, commands = _banned(tmp_path)
+    B = ip_address("198.18.0.3")
+    bans.remember(B, reason="scan", mode="tcp", port=1, now=1.0, duration=None,
+                  hosts_deny_line="ALL: 198.18.0.3", native=True)
+    restored = restore_bans(bans, 2.0, str(tmp_path / "kernel-id"))
+    assert commands == [] and restored.rerun
+    assert set(bans.backend.members()) == {A, B}  # type: ignore[union-attr]
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.3\n"
+    assert bans.store.owns_line(B, "ALL: 198.18.0.3")
+    assert not (tmp_path / "kernel-id").exists()  # remembered only after the re-runs
+    assert rerun_routes(bans, restored) == 0
+    assert sorted(commands) == ["ip route add blackhole 198.18.0.2", "ip route add blackhole 198.18.0.3"]
+    assert (tmp_path / "kernel-id").exists()
+
+
+def test_enforce_records_the_ban_before_any_step_runs_and_drops_it_when_every_step_failed(tmp_path):
+    from portsentry.core.actions import Block, Step, StepKind
+    from portsentry.core.probe import KIND_SYN, Mode, Probe
+    from portsentry.responders.classic import ClassicResponder
+
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=60)
+    seen_in_store: list[bool] = []
+
+    def route(command: str, timeout: float) -> CommandResult:
+        seen_in_store.append(bans.store.get(A) is not None)
+        return CommandResult(command, 1 if "fail" in command else 0, False, "", 0.0)
+
+    responder = ClassicResponder(bans.hosts_deny, _lines.append, 1.0, runner=route, clock=lambda: 100.0)
+    probe = Probe(source=A, port=22, mode=Mode.STCP, kind=KIND_SYN)
+    assert bans.enforce(Block(probe, (Step(StepKind.ROUTE, "route ok $TARGET$"),)), responder, now=100.0)
+    ban = bans.store.get(A)
+    assert seen_in_store == [True] and ban is not None and ban.expires == 160.0
+
+    B = ip_address("198.18.0.3")
+    failing = Probe(source=B, port=22, mode=Mode.STCP, kind=KIND_SYN)
+    assert not bans.enforce(Block(failing, (Step(StepKind.ROUTE, "route fail $TARGET$"),)), responder,
+                            duration=30.0, now=100.0)
+    assert seen_in_store == [True, True] and bans.store.get(B) is None
+    assert [change.detail for change in bans.store.changes(0) if change.address == B][-1] == "block failed"

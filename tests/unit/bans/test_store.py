@@ -1,0 +1,393 @@
+"""BanStore: bans extend, expire, lift and escalate; the schema is versioned; concurrent writers
+in two processes lose nothing."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portsentry.bans.store import SCHEMA_VERSION, BanStore, StoreError, ban_duration, normalise
+
+SRC = str(Path(__file__).resolve().parents[3] / "src")
+A = IPv4Address("198.18.0.5")
+B = IPv6Address("fd00::5")
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = BanStore(str(tmp_path / "state" / "bans.sqlite3"))
+    yield s
+    s.close()
+
+
+def ban(s: BanStore, address=A, now=T0, duration: float | None = 60.0, **kw):
+    kw.setdefault("reason", "TCP SYN/Normal scan")
+    kw.setdefault("mode", "stcp")
+    kw.setdefault("port", 23)
+    return s.ban(address, now=now, duration=duration, **kw)
+
+
+def test_creates_private_directory_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "state" / "bans.sqlite3"
+    BanStore(str(path)).close()
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_new_ban(store: BanStore) -> None:
+    b = ban(store, hosts_deny_line="ALL: 198.18.0.5", backends=("nftables",))
+    assert b.address == A
+    assert (b.reason, b.mode, b.port) == ("TCP SYN/Normal scan", "stcp", 23)
+    assert (b.first_seen, b.last_seen, b.count) == (T0, T0, 1)
+    assert b.expires == T0 + 60
+    assert b.offences == 1
+    assert b.hosts_deny_line == "ALL: 198.18.0.5"
+    assert b.backends == ("nftables",)
+    assert store.get(A) == b
+    assert store.get("198.18.0.5") == b
+
+
+def test_ipv4_mapped_is_stored_as_ipv4(store: BanStore) -> None:
+    b = ban(store, address=IPv6Address("::ffff:198.18.0.5"))
+    assert b.address == A
+    assert store.get(A) == b
+    assert store.get("::ffff:198.18.0.5") == b
+    assert normalise("::ffff:198.18.0.5") == A
+    assert normalise(B) == B
+
+
+def test_ban_survives_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "bans.sqlite3")
+    with BanStore(path) as s:
+        first = ban(s, address=B, duration=None, backends=("nftables", "route"))
+    with BanStore(path) as s:
+        assert s.get(B) == first
+        assert s.active(T0 + 10**9) == [first]
+
+
+def test_extend_counts_and_keeps_later_expiry(store: BanStore) -> None:
+    ban(store, duration=100, hosts_deny_line="ALL: 198.18.0.5", backends=("nftables",))
+    b = ban(store, now=T0 + 10, duration=20, port=80, mode="tcp", reason="Connect", backends=("route",))
+    assert b.count == 2
+    assert b.first_seen == T0
+    assert b.last_seen == T0 + 10
+    assert b.expires == T0 + 100  # the earlier ban lasts longer
+    assert b.offences == 1
+    assert (b.port, b.mode, b.reason) == (80, "tcp", "Connect")
+    assert b.hosts_deny_line == "ALL: 198.18.0.5"
+    assert b.backends == ("nftables", "route")
+    b = ban(store, now=T0 + 50, duration=200, backends=("nftables",))
+    assert b.expires == T0 + 250
+    assert b.count == 3
+    assert b.backends == ("nftables", "route")
+    b = ban(store, now=T0 + 60, duration=None)
+    assert b.expires is None
+    b = ban(store, now=T0 + 70, duration=5)
+    assert b.expires is None  # forever stays forever
+    assert [e.kind for e in store.history()] == ["ban", "extend", "extend", "extend", "extend"]
+
+
+def test_active_and_expired(store: BanStore) -> None:
+    short = ban(store, duration=10)
+    forever = ban(store, address=B, duration=None)
+    assert store.active(T0 + 5) == [short, forever]
+    assert store.expired(T0 + 5) == []
+    assert store.active(T0 + 10) == [forever]  # expiry is the first moment it no longer holds
+    assert store.expired(T0 + 10) == [short]
+    assert store.get(A) == short  # still there until lifted
+
+
+def test_lift_keeps_offences_and_history(store: BanStore) -> None:
+    b = ban(store, duration=100)
+    assert store.offences(A) == 0
+    lifted = store.lift(A, T0 + 5, "unblocked by admin")
+    assert lifted == b
+    assert store.get(A) is None
+    assert store.active(T0 + 5) == []
+    assert store.offences(A) == 1
+    assert store.lift(A, T0 + 6, "again") is None
+    again = ban(store, now=T0 + 10)
+    assert again.offences == 2
+    assert again.count == 1
+    assert again.first_seen == T0 + 10
+    events = store.history()
+    assert [(e.kind, e.at) for e in events] == [("ban", T0), ("lift", T0 + 5), ("ban", T0 + 10)]
+    assert events[1].detail == "unblocked by admin"
+    assert events[1].address == A
+    assert "offence 2" in events[2].detail
+
+
+def test_lift_after_expiry_is_recorded_as_expire(store: BanStore) -> None:
+    ban(store, duration=10)
+    assert store.lift(A, T0 + 11, "expired") is not None
+    assert store.history()[-1].kind == "expire"
+    assert store.offences(A) == 1
+
+
+def test_ban_after_unlifted_expiry_is_a_new_offence(store: BanStore) -> None:
+    ban(store, duration=10)
+    assert store.offences(A) == 0
+    assert store.offences(A, now=T0 + 20) == 1  # the expired ban counts once `now` says it is over
+    assert store.offences(A, now=T0 + 5) == 0
+    b = ban(store, now=T0 + 20, duration=10)
+    assert b.offences == 2
+    assert b.count == 1
+    assert b.first_seen == T0 + 20
+    assert [e.kind for e in store.history()] == ["ban", "expire", "ban"]
+    assert store.offences(A) == 1
+
+
+def test_escalation_with_ban_duration(store: BanStore) -> None:
+    durations = []
+    now = T0
+    for _ in range(4):
+        d = ban_duration(60, 2, 300, store.offences(A, now=now))
+        durations.append(d)
+        ban(store, now=now, duration=d)
+        now += 1000
+    assert durations == [60, 120, 240, 300]
+    assert store.get(A) is not None
+    assert store.get(A).offences == 4  # type: ignore[union-attr]
+
+
+def test_ban_duration() -> None:
+    assert ban_duration(0, 2, 100, 5) is None  # base 0 = forever
+    assert ban_duration(60, 2, 0, 0) == 60
+    assert ban_duration(60, 2, 0, 3) == 480  # cap 0 = no cap
+    assert ban_duration(60, 2, 100, 3) == 100
+    assert ban_duration(60, 1, 100, 50) == 60
+    assert ban_duration(60, 2, 3600, 10_000) == 3600  # no overflow error
+    assert ban_duration(60, 2, 0, 10_000) is None  # uncapped beyond any float: forever
+    with pytest.raises(ValueError, match="must not be negative"):
+        ban_duration(-1, 2, 0, 0)
+
+
+def test_duration_must_be_positive(store: BanStore) -> None:
+    with pytest.raises(ValueError, match="positive seconds or None"):
+        ban(store, duration=0)
+    with pytest.raises(ValueError, match="positive seconds or None"):
+        ban(store, duration=-5)
+    assert store.get(A) is None
+
+
+def test_history_limit_and_record(store: BanStore) -> None:
+    for i in range(5):
+        store.record("lift", A, f"n{i}", T0 + i)
+    assert [e.detail for e in store.history(limit=2)] == ["n3", "n4"]
+    assert len(store.history()) == 5
+    with pytest.raises(ValueError, match="must be one of ban, extend, lift, expire"):
+        store.record("nuke", A, "x", T0)  # type: ignore[arg-type]
+
+
+def owned_ban(store: BanStore, line: str, **kwargs: Any) -> None:
+    """A ban whose hosts.deny line we appended (HostsDeny.add's on_append)."""
+    ban(store, hosts_deny_line=line, **kwargs)
+    store.own_line(kwargs.get("address", A), line, kwargs.get("now", T0))
+
+
+def test_stale_lines_and_forget(store: BanStore) -> None:
+    owned_ban(store, "ALL: 198.18.0.5", duration=10)
+    owned_ban(store, "ALL: [fd00::5]", address=B, duration=None)
+    assert store.stale_lines(T0 + 5) == set()
+    assert store.stale_lines(T0 + 10) == {"ALL: 198.18.0.5"}  # expired, not yet lifted
+    store.lift(A, T0 + 11, "expired")
+    assert store.stale_lines(T0 + 11) == {"ALL: 198.18.0.5"}
+    store.lift(B, T0 + 12, "admin")
+    assert store.stale_lines(T0 + 12) == {"ALL: 198.18.0.5", "ALL: [fd00::5]"}
+    store.forget_lines(["ALL: 198.18.0.5"], T0 + 12)
+    assert store.stale_lines(T0 + 12) == {"ALL: [fd00::5]"}
+
+
+def test_a_line_is_ours_only_once_we_appended_it(store: BanStore) -> None:
+    # issue 9.3: recording the ban's intended line does not make an identical line ours.
+    ban(store, duration=10, hosts_deny_line="ALL: 198.18.0.5")
+    assert not store.owns_line(A, "ALL: 198.18.0.5")
+    assert store.owned_lines(T0 + 20) == ({}, {})
+    store.own_line("::ffff:198.18.0.5", "ALL: 198.18.0.5", T0)
+    assert store.owns_line(A, "ALL: 198.18.0.5")
+    assert store.owned_lines(T0 + 1) == ({"ALL: 198.18.0.5": 1}, {})
+    store.disown_line(A, "ALL: 198.18.0.5")
+    assert not store.owns_line(A, "ALL: 198.18.0.5")
+
+
+def test_forget_keeps_rows_of_addresses_banned_again(store: BanStore) -> None:
+    owned_ban(store, "ALL: 198.18.0.5", duration=10)
+    store.lift(A, T0 + 11, "expired")
+    ban(store, now=T0 + 20, duration=10, hosts_deny_line="ALL: 198.18.0.5")
+    store.forget_lines(["ALL: 198.18.0.5"], T0 + 21)
+    store.lift(A, T0 + 22, "admin")
+    assert store.stale_lines(T0 + 22) == {"ALL: 198.18.0.5"}
+
+
+def test_schema_version_and_migration_table(tmp_path: Path) -> None:
+    path = str(tmp_path / "bans.sqlite3")
+    BanStore(path).close()
+    BanStore(path).close()  # reopening migrates nothing again
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "bans.sqlite3")
+    BanStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError) as info:
+        BanStore(path)
+    assert str(info.value) == (
+        f"{path}: ban store schema version {SCHEMA_VERSION + 1} is newer than this portsentry "
+        f"understands ({SCHEMA_VERSION}); "
+        "run the newer portsentry or move the file away"
+    )
+
+
+def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bans.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"bans.sqlite3: not a usable ban store .*move it away"):
+        BanStore(str(path))
+
+
+def test_uncreatable_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="cannot create the ban store"):
+        BanStore(str(tmp_path / "file" / "bans.sqlite3"))
+
+
+def test_threads_share_one_store(store: BanStore) -> None:
+    def worker() -> None:
+        for i in range(50):
+            ban(store, now=T0 + i)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.get(A).count == 200  # type: ignore[union-attr]
+
+
+WRITER = """
+import os, sys, time
+from portsentry.bans.store import BanStore
+path, go, n, who = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+store = BanStore(path)
+while not os.path.exists(go):
+    time.sleep(0.001)
+for i in range(n):
+    store.ban("198.18.0.5", reason=who, mode="tcp", port=i, now=1.0 + i, duration=None)
+    store.ban(f"198.18.{who}.{i % 250}", reason=who, mode="tcp", port=i, now=1.0 + i, duration=None)
+    store.record("lift", "198.18.0.9", who, 1.0)
+store.close()
+"""
+
+
+def test_two_processes_lose_no_update(tmp_path: Path) -> None:
+    path = str(tmp_path / "bans.sqlite3")
+    go = tmp_path / "go"
+    BanStore(path).close()
+    n = 150
+    env = {**os.environ, "PYTHONPATH": SRC}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, path, str(go), str(n), who],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for who in ("1", "2")
+    ]
+    time.sleep(0.3)  # both have opened the store and are waiting
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    with BanStore(path) as s:
+        shared = s.get("198.18.0.5")
+        assert shared is not None
+        assert shared.count == 2 * n  # every extend counted: no read-modify-write lost
+        assert shared.offences == 1
+        assert len(s.active(0)) == 1 + 2 * min(n, 250)
+        events = s.history(limit=100_000)
+        assert len(events) == 2 * n * 3
+        assert sum(e.kind == "ban" for e in events) == 1 + 2 * min(n, 250)
+
+
+# --- the change feed and bounded history (issue 10.1, 10.2) ---------------------------------
+
+
+def test_every_ban_extension_and_lift_is_a_change_with_a_growing_id(store: BanStore) -> None:
+    assert store.last_change() == 0
+    ban(store, duration=60)
+    ban(store, now=T0 + 1, duration=120)  # extends
+    store.lift(A, T0 + 2, "unblocked by admin", origin="admin")
+    changes = store.changes(after=0)
+    assert [(c.kind, c.address, c.expires, c.origin) for c in changes] == [
+        ("ban", A, T0 + 60, "local"), ("extend", A, T0 + 121, "local"), ("lift", A, None, "admin")]
+    assert [c.id for c in changes] == sorted(c.id for c in changes)
+    assert changes[0].bans and changes[1].bans and not changes[2].bans
+    assert store.changes(after=changes[1].id) == changes[2:]
+    assert store.last_change() == changes[-1].id
+    assert store.changes(after=0, limit=1) == changes[:1]
+
+
+def test_reading_the_feed_costs_what_changed_not_what_is_banned(store: BanStore) -> None:
+    # The daemon's tick follows the feed instead of reading every active ban each second: the
+    # query must seek by id, not scan the table.
+    plan = " ".join(str(row[-1]) for row in store._db.execute(
+        "EXPLAIN QUERY PLAN SELECT id, at, kind, address, expires, origin, detail FROM history "
+        "WHERE id > ? ORDER BY id LIMIT ?", (0, 10)))
+    assert "SEARCH history USING INTEGER PRIMARY KEY" in plan, plan
+    for n in range(100):
+        ban(store, address=f"198.19.0.{n}", duration=None)
+    cursor = store.last_change()
+    ban(store, address=B)
+    assert [c.address for c in store.changes(after=cursor)] == [B]
+    assert store.active_count(T0) == 101
+
+
+def test_old_v1_stores_are_migrated_and_their_history_becomes_local_changes(tmp_path: Path) -> None:
+    path = str(tmp_path / "v1.sqlite3")
+    db = sqlite3.connect(path)
+    from portsentry.bans.store import MIGRATIONS
+
+    for statement in MIGRATIONS[0][2].split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO history (at, kind, address, detail) VALUES (1.0, 'ban', '198.18.0.5', 'x')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with BanStore(path) as s:
+        [change] = s.changes(after=0)
+        assert (change.kind, change.origin, change.expires) == ("ban", "local", None)
+
+
+def test_history_and_offenders_are_pruned_by_age_and_count(store: BanStore) -> None:
+    for n in range(10):
+        ban(store, now=T0 + n, duration=1)
+        store.lift(A, T0 + n + 0.5, "expired")
+    assert len(store.history(limit=1000)) == 20
+    assert store.prune(T0 + 10, retention=1000, max_rows=6) == 14
+    assert len(store.history(limit=1000)) == 6
+    assert store.offences(A) == 10
+    # Far in the future everything is over: history and escalation memory go.
+    store.prune(T0 + 10_000, retention=1000)
+    assert store.history(limit=1000) == [] and store.offences(A) == 0

@@ -1,0 +1,242 @@
+"""The command line: mode flags, check-config, and one clear error per broken configuration."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from portsentry import __version__
+from portsentry.cli.main import PidFile, PidFileError, main, split_modes
+from portsentry.core.probe import Mode
+
+
+def test_classic_flags_and_aliases_are_taken_out_before_argparse():
+    assert split_modes(["-tcp", "-c", "x.conf", "-sudp"]) == ([Mode.TCP, Mode.SUDP], ["-c", "x.conf"])
+    assert split_modes(["--connect"]) == ([Mode.TCP, Mode.UDP], [])
+    assert split_modes(["--stealth", "-v"]) == ([Mode.STCP, Mode.SUDP], ["-v"])
+
+
+def test_unknown_mode_is_one_clear_error(capsys):
+    assert main(["-tpc"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "portsentry: unknown mode -tpc (modes: -tcp -udp -stcp -sudp -atcp -audp)"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_no_mode_prints_usage(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\n')
+    assert main(["-c", str(conf)]) == 2
+    assert "usage: portsentry [-tcp]" in capsys.readouterr().err
+
+
+def test_check_config_warns_about_a_world_writable_ignore_file(tmp_path, capsys):
+    # issue 9.8: the config file was warned about; the ignore file, which decides who is never
+    # blocked, was not.
+    ignore = tmp_path / "ps.ignore"
+    ignore.write_text("198.18.0.0/24\n")
+    ignore.chmod(0o666)
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{ignore}"\n')
+    assert main(["check-config", "-c", str(conf)]) == 0
+    assert (f"portsentry: warning: {ignore}: is writable by every user, who could then exempt any "
+            "address from blocking") in capsys.readouterr().err
+    ignore.chmod(0o644)
+    assert main(["check-config", "-c", str(conf)]) == 0
+    assert "writable by every user" not in capsys.readouterr().err
+
+
+def test_check_config_prints_effective_settings(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1,512-515"\nBLOCK_TCP="1"\nKILL_HOSTS_DENY="ALL: $TARGET$"\n')
+    assert main(["check-config", "-c", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "512-515" in out and "configuration OK" in out
+
+
+@pytest.mark.parametrize(
+    "text,line,key,what",
+    [
+        ('TCP_PORTS="1,70000"\n', 1, "TCP_PORTS", "'70000' is not a port"),
+        ('# c\nTCP_PORTS="1,2\n', 2, "TCP_PORTS", "quote"),
+        ('TCP_PORTS="1"\nKILL_ROUTE="/sbin/route add -host reject"\n', 2, "KILL_ROUTE", "$TARGET$"),
+        ('TCP_PORTS="1"\n\nIGNORE_FILE="/nonexistent/portsentry.ignore"\n', 3, "IGNORE_FILE",
+         "cannot read /nonexistent/portsentry.ignore"),
+    ],
+)
+def test_invalid_configs_give_one_error_naming_file_line_and_key(tmp_path, capsys, text, line, key, what):
+    conf = tmp_path / "ps.conf"
+    conf.write_text(text)
+    assert main(["check-config", "-c", str(conf), "-tcp"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"portsentry: {conf}:{line}: {key}: ")
+    assert what in err[0]
+
+
+def test_daemon_refuses_to_start_on_an_unreadable_ignore_file(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{tmp_path}/missing"\n')
+    assert main(["-c", str(conf), "--no-syslog", "-tcp"]) == 1
+    assert f"{conf}:2: IGNORE_FILE: cannot read" in capsys.readouterr().err
+
+
+def test_mode_needs_its_port_list(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text('UDP_PORTS="1"\n')
+    assert main(["check-config", "-c", str(conf), "-stcp"]) == 1
+    assert "TCP_PORTS: is required by -stcp" in capsys.readouterr().err
+
+
+def test_ignore_file_error_names_the_ignore_file_and_line(tmp_path, capsys):
+    ignore = tmp_path / "portsentry.ignore"
+    ignore.write_text("127.0.0.1\nnot-an-address\n")
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{ignore}"\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    assert capsys.readouterr().err.startswith(f"portsentry: {ignore}:2: ")
+
+
+def test_hosts_deny_tidy_command_dry_run_then_real(tmp_path, capsys):
+    deny = tmp_path / "hosts.deny"
+    original = "# managed by hand\nALL: 198.18.0.2\nsshd: 198.18.9.9\nALL: 198.18.0.2\n"
+    deny.write_text(original)
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nHOSTS_DENY_FILE="{deny}"\nSTATE_DIR="{tmp_path}/state"\n')
+    assert main(["hosts-deny", "tidy", "--dry-run", "-c", str(conf)]) == 0
+    assert "ALL: 198.18.0.2" in capsys.readouterr().out
+    assert deny.read_text() == original
+    assert main(["hosts-deny", "tidy", "-c", str(conf)]) == 0
+    assert deny.read_text() == "# managed by hand\nALL: 198.18.0.2\nsshd: 198.18.9.9\n"
+    before = deny.stat().st_mtime_ns
+    assert main(["hosts-deny", "tidy", "-c", str(conf)]) == 0
+    assert deny.stat().st_mtime_ns == before  # a clean file is not rewritten
+
+
+def test_check_warns_about_an_allow_all_hosts_allow(tmp_path, capsys, monkeypatch):
+    import portsentry.host.wrappers_check as wrappers
+
+    allow = tmp_path / "hosts.allow"
+    allow.write_text("ALL : ALL : allow\n")
+    monkeypatch.setattr(wrappers, "DEFAULT_HOSTS_ALLOW", str(allow))
+    real = wrappers.check_wrappers
+    monkeypatch.setattr(wrappers, "check_wrappers", lambda hosts_allow=str(allow): real(hosts_allow))
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\n')
+    assert main(["check", "-c", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "hosts.allow" in out
+
+
+def test_help_says_usage_once(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: portsentry [-tcp] [-udp]")
+    assert "usage: usage:" not in out
+    assert "Port scan detector." in out and "options:" in out
+
+
+def test_a_bad_option_shows_the_synopsis_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["--mode", "nope"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: portsentry [-tcp]") and err.count("usage:") == 1
+
+
+def test_keep_capabilities_is_checked_by_check_config(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\nKEEP_CAPABILITIES="CAP_DAC_OVERRIDE, cap_nope"\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"portsentry: {conf}:2: KEEP_CAPABILITIES: 'cap_nope' is not a capability")
+    conf.write_text('TCP_PORTS="1"\nKEEP_CAPABILITIES="CAP_DAC_OVERRIDE, setuid"\n')
+    assert main(["check-config", "-c", str(conf)]) == 0
+
+
+# --- --pid-file ---------------------------------------------------------------------------------
+
+
+def test_pid_file_is_created_written_locked_and_removed(tmp_path):
+    path = tmp_path / "portsentry.pid"
+    held = PidFile.acquire(str(path))
+    held.write(4242)
+    assert path.read_text() == "4242\n"
+    assert path.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(PidFileError) as refused:
+        PidFile.acquire(str(path))
+    assert str(refused.value) == (f"{path}: another portsentry (pid 4242) holds this pid file; "
+                                  "refusing to start a second daemon with it")
+    assert path.read_text() == "4242\n"  # the refused one wrote nothing
+    held.release()
+    assert not path.exists()
+
+
+def test_a_stale_pid_file_is_taken_over(tmp_path):
+    path = tmp_path / "portsentry.pid"
+    path.write_text("99999999\n")  # a daemon that died without cleaning up holds no lock
+    held = PidFile.acquire(str(path))
+    held.write(7)
+    assert path.read_text() == "7\n"
+    held.release()
+
+
+def test_a_symlinked_pid_file_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    link = tmp_path / "portsentry.pid"
+    link.symlink_to(target)
+    with pytest.raises(PidFileError) as refused:
+        PidFile.acquire(str(link))
+    assert str(refused.value) == f"{link}: refusing to use a symlink as the pid file"
+    assert target.read_text() == "keep me\n"
+    dangling = tmp_path / "dangling.pid"
+    dangling.symlink_to(tmp_path / "created-through-the-link")
+    with pytest.raises(PidFileError):
+        PidFile.acquire(str(dangling))
+    assert not (tmp_path / "created-through-the-link").exists()
+
+
+def test_a_hard_linked_pid_file_is_refused(tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    link = tmp_path / "portsentry.pid"
+    os.link(target, link)
+    with pytest.raises(PidFileError, match="2 hard links"):
+        PidFile.acquire(str(link))
+    assert target.read_text() == "keep me\n"
+
+
+def test_release_leaves_a_pid_file_that_is_no_longer_ours(tmp_path):
+    path = tmp_path / "portsentry.pid"
+    held = PidFile.acquire(str(path))
+    path.unlink()
+    path.write_text("123\n")  # someone else's now
+    held.release()
+    assert path.read_text() == "123\n"
+
+
+def test_daemon_refuses_to_start_on_a_held_pid_file(tmp_path, capsys):
+    """The whole start path: refused before anything is opened, with the holder's pid."""
+    path = tmp_path / "portsentry.pid"
+    held = PidFile.acquire(str(path))
+    held.write(31337)
+    conf = tmp_path / "ps.conf"
+    ignore = tmp_path / "ignore"
+    ignore.write_text("")
+    conf.write_text(f'TCP_PORTS="1"\nIGNORE_FILE="{ignore}"\nSTATE_DIR="{tmp_path}/state"\n')
+    try:
+        assert main(["-c", str(conf), "--no-syslog", "--pid-file", str(path), "-tcp"]) == 1
+    finally:
+        held.release()
+    err = capsys.readouterr().err
+    assert f"{path}: another portsentry (pid 31337) holds this pid file" in err
+    assert not (tmp_path / "state").exists()  # nothing was opened

@@ -1,0 +1,102 @@
+"""Golden tests for the route backend: the exact `ip route` argv and batch text it emits, and how it
+reads `ip -j route show`; no root needed."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import ip_address
+
+import pytest
+
+from portsentry.responders.backend import BackendError, RunResult
+from portsentry.responders.iproute import RouteBackend, parse_routes
+from tests.unit.responders.test_backend import Recorder
+
+V4 = ip_address("198.18.0.9")
+V6 = ip_address("fd00::9")
+
+
+def test_add_remove_golden() -> None:
+    rec = Recorder()
+    backend = RouteBackend(runner=rec)
+    backend.setup()
+    backend.add(V4, 3600)
+    backend.add(V6, None)
+    backend.remove(V4)
+    backend.remove(V6)
+    assert rec.calls == [
+        (["ip", "-4", "route", "replace", "blackhole", "198.18.0.9", "proto", "213"], None),
+        (["ip", "-6", "route", "replace", "blackhole", "fd00::9", "proto", "213"], None),
+        (["ip", "-4", "route", "del", "blackhole", "198.18.0.9", "proto", "213"], None),
+        (["ip", "-6", "route", "del", "blackhole", "fd00::9", "proto", "213"], None),
+    ]
+
+
+def test_kind_and_proto_options() -> None:
+    rec = Recorder()
+    RouteBackend("unreachable", rec, proto=99).add(V4, None)
+    assert rec.argvs == [["ip", "-4", "route", "replace", "unreachable", "198.18.0.9", "proto", "99"]]
+
+
+def test_remove_of_absent_route_is_fine_other_errors_are_not() -> None:
+    absent = RunResult(2, "", "RTNETLINK answers: No such process\n")
+    RouteBackend(runner=Recorder({("ip",): absent})).remove(V4)
+    denied = RunResult(2, "", "RTNETLINK answers: Operation not permitted\n")
+    with pytest.raises(BackendError, match="Operation not permitted"):
+        RouteBackend(runner=Recorder({("ip",): denied})).remove(V4)
+
+
+def test_add_many_is_one_batch() -> None:
+    rec = Recorder()
+    RouteBackend(runner=rec).add_many([(V4, 60), (V6, None)])
+    assert rec.calls == [(["ip", "-batch", "-"],
+                          "route replace blackhole 198.18.0.9 proto 213\n"
+                          "route replace blackhole fd00::9 proto 213\n")]
+
+
+def test_teardown_flushes_only_our_routes() -> None:
+    rec = Recorder()
+    RouteBackend(runner=rec).teardown()
+    assert rec.argvs == [["ip", "-4", "route", "flush", "proto", "213", "type", "blackhole"],
+                         ["ip", "-6", "route", "flush", "proto", "213", "type", "blackhole"]]
+
+
+def test_members_lists_host_routes_without_expiry() -> None:
+    v4 = json.dumps([{"type": "blackhole", "dst": "198.18.0.9", "protocol": "213", "flags": []},
+                     {"type": "blackhole", "dst": "198.18.7.0/24", "protocol": "213"}])
+    v6 = json.dumps([{"type": "blackhole", "dst": "fd00::9", "dev": "lo", "protocol": "213"}])
+    rec = Recorder({("ip", "-j", "-4"): RunResult(0, v4, ""), ("ip", "-j", "-6"): RunResult(0, v6, "")})
+    assert RouteBackend(runner=rec).members() == {V4: None, V6: None}
+    assert rec.argvs == [["ip", "-j", "-4", "route", "show", "proto", "213", "type", "blackhole"],
+                         ["ip", "-j", "-6", "route", "show", "proto", "213", "type", "blackhole"]]
+
+
+def test_parse_routes_rejects_garbage() -> None:
+    assert parse_routes("") == {}
+    with pytest.raises(BackendError):
+        parse_routes("Error: ...")
+    with pytest.raises(BackendError):
+        parse_routes('{"dst": "198.18.0.1"}')
+
+
+def test_only_address_objects_reach_any_command() -> None:
+    rec = Recorder()
+    backend = RouteBackend(runner=rec)
+    for bad in ("198.18.0.9", "default", 7):
+        with pytest.raises(TypeError):
+            backend.add(bad, None)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            backend.remove(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            backend.add_many([(bad, None)])  # type: ignore[list-item]
+    assert rec.calls == []
+
+
+@pytest.mark.parametrize(("args", "kw"), [(("drop",), {}), ((), {"proto": 2}), ((), {"proto": 256})])
+def test_constructor_refuses_bad_options(args: tuple[str, ...], kw: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        RouteBackend(*args, **kw)  # type: ignore[arg-type]
+
+
+def test_describe_says_it_is_asymmetric() -> None:
+    assert "scanner's packets still arrive" in RouteBackend().describe()

@@ -1,0 +1,165 @@
+"""Golden tests for the ipset backend: the exact ipset/iptables argv and restore text it emits, and
+how it reads `ipset save`; no root needed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from ipaddress import ip_address
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portsentry.responders.backend import BackendError, RunResult
+from portsentry.responders.ipset import MAX_TIMEOUT, IpsetBackend, parse_save, seconds
+from tests.unit.responders.test_backend import Recorder
+
+FUZZ = settings(max_examples=int(os.environ.get("PORTSENTRY_FUZZ_EXAMPLES", "100")), deadline=None)
+V4 = ip_address("198.18.0.9")
+V6 = ip_address("fd00::9")
+ABSENT = RunResult(1, "", "iptables: Bad rule (does a matching rule exist in that chain?).\n")
+RULE4 = ["-m", "set", "--match-set", "portsentry4", "src", "-j", "DROP"]
+RULE6 = ["-m", "set", "--match-set", "portsentry6", "src", "-j", "DROP"]
+CREATE4 = ["ipset", "create", "portsentry4", "hash:ip", "family", "inet", "timeout", "0",
+           "maxelem", "262144", "-exist"]
+CREATE6 = ["ipset", "create", "portsentry6", "hash:ip", "family", "inet6", "timeout", "0",
+           "maxelem", "262144", "-exist"]
+
+
+def test_setup_creates_sets_and_inserts_rules_when_absent() -> None:
+    rec = Recorder({("iptables", "-w", "-C"): ABSENT, ("ip6tables", "-w", "-C"): ABSENT})
+    IpsetBackend(runner=rec).setup()
+    assert rec.argvs == [
+        CREATE4,
+        ["iptables", "-w", "-C", "INPUT", *RULE4],
+        ["iptables", "-w", "-I", "INPUT", *RULE4],
+        CREATE6,
+        ["ip6tables", "-w", "-C", "INPUT", *RULE6],
+        ["ip6tables", "-w", "-I", "INPUT", *RULE6],
+    ]
+
+
+def test_setup_again_inserts_nothing() -> None:
+    rec = Recorder()
+    IpsetBackend(runner=rec).setup()
+    assert not any("-I" in argv for argv in rec.argvs)
+
+
+def test_setup_check_error_other_than_absent_is_raised() -> None:
+    rec = Recorder({("iptables", "-w", "-C"): RunResult(4, "", "Another app holds the lock")})
+    with pytest.raises(BackendError, match="exited 4: Another app"):
+        IpsetBackend(runner=rec).setup()
+
+
+def test_options_reach_the_commands() -> None:
+    rec = Recorder({("iptables", "-w", "-C"): ABSENT, ("ip6tables", "-w", "-C"): ABSENT})
+    IpsetBackend(set_prefix="ps", chain="PS_IN", maxelem=10, runner=rec).setup()
+    assert rec.argvs[0] == ["ipset", "create", "ps4", "hash:ip", "family", "inet", "timeout", "0",
+                            "maxelem", "10", "-exist"]
+    assert rec.argvs[2] == ["iptables", "-w", "-I", "PS_IN", "-m", "set", "--match-set", "ps4",
+                            "src", "-j", "DROP"]
+
+
+def test_add_and_remove_golden() -> None:
+    rec = Recorder()
+    backend = IpsetBackend(runner=rec)
+    backend.add(V4, 3600)
+    backend.add(V6, None)
+    backend.add(V4, 0.2)
+    backend.remove(V4)
+    backend.remove(V6)
+    assert rec.calls == [
+        (["ipset", "add", "portsentry4", "198.18.0.9", "timeout", "3600", "-exist"], None),
+        (["ipset", "add", "portsentry6", "fd00::9", "timeout", "0", "-exist"], None),
+        (["ipset", "add", "portsentry4", "198.18.0.9", "timeout", "1", "-exist"], None),
+        (["ipset", "del", "portsentry4", "198.18.0.9", "-exist"], None),
+        (["ipset", "del", "portsentry6", "fd00::9", "-exist"], None),
+    ]
+
+
+def test_add_many_is_one_restore() -> None:
+    rec = Recorder()
+    IpsetBackend(runner=rec).add_many([(V4, 60.5), (V6, None)])
+    assert rec.calls == [(["ipset", "restore", "-exist"],
+                          "add portsentry4 198.18.0.9 timeout 61\nadd portsentry6 fd00::9 timeout 0\n")]
+    rec = Recorder()
+    IpsetBackend(runner=rec).add_many([])
+    assert rec.calls == []
+
+
+def test_teardown_removes_rules_then_sets() -> None:
+    checks = iter([RunResult(0, "", ""), RunResult(0, "", ""), ABSENT, ABSENT])
+    rec = Recorder({
+        ("ipset", "list", "-n"): RunResult(0, "other\nportsentry4\n", ""),
+        ("iptables", "-w", "-C"): lambda argv, stdin: next(checks),
+    })
+    IpsetBackend(runner=rec).teardown()
+    assert rec.argvs == [
+        ["ipset", "list", "-n"],
+        ["iptables", "-w", "-C", "INPUT", *RULE4],
+        ["iptables", "-w", "-D", "INPUT", *RULE4],
+        ["iptables", "-w", "-C", "INPUT", *RULE4],
+        ["iptables", "-w", "-D", "INPUT", *RULE4],
+        ["iptables", "-w", "-C", "INPUT", *RULE4],
+        ["ipset", "destroy", "portsentry4"],
+    ]
+
+
+def test_members_parses_save_output() -> None:
+    save4 = ("create portsentry4 hash:ip family inet hashsize 1024 maxelem 262144 timeout 0\n"
+             "add portsentry4 198.18.5.5 timeout 59\nadd portsentry4 198.18.5.6 timeout 0\n")
+    save6 = "create portsentry6 hash:ip family inet6\nadd portsentry6 fd00::5 timeout 10\n"
+    rec = Recorder({("ipset", "save", "portsentry4"): RunResult(0, save4, ""),
+                    ("ipset", "save", "portsentry6"): RunResult(0, save6, "")})
+    assert IpsetBackend(runner=rec).members() == {
+        ip_address("198.18.5.5"): 59.0, ip_address("198.18.5.6"): None, ip_address("fd00::5"): 10.0,
+    }
+
+
+def test_parse_save_rejects_bad_lines() -> None:
+    with pytest.raises(BackendError, match="not an address"):
+        parse_save("add s4 nonsense timeout 1\n", "s4")
+    with pytest.raises(BackendError, match="bad timeout"):
+        parse_save("add s4 198.18.0.1 timeout\n", "s4")
+    assert parse_save("add other 198.18.0.1 timeout 5\n", "s4") == {}
+
+
+@FUZZ
+@given(st.text(max_size=200))
+def test_parse_save_fuzz_only_backend_errors(text: str) -> None:
+    with contextlib.suppress(BackendError):
+        parse_save(text, "s4")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, 0), (1, 1), (0.001, 1), (3600, 3600), (3600.2, 3601), (10**9, MAX_TIMEOUT),
+])
+def test_seconds(value: float | None, expected: int) -> None:
+    assert seconds(value) == expected
+
+
+def test_only_address_objects_reach_any_command() -> None:
+    rec = Recorder()
+    backend = IpsetBackend(runner=rec)
+    for bad in ("198.18.0.9", "198.18.0.9 -exist\nflush", 1):
+        with pytest.raises(TypeError):
+            backend.add(bad, 60)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            backend.remove(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            backend.add_many([(V4, 60), (bad, 60)])  # type: ignore[list-item]
+    assert rec.calls == []
+
+
+@pytest.mark.parametrize("kw", [{"set_prefix": "a b"}, {"set_prefix": "-x"}, {"chain": "IN PUT"},
+                                {"maxelem": 0}])
+def test_constructor_refuses_bad_options(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        IpsetBackend(**kw)  # type: ignore[arg-type]
+
+
+def test_is_supported_needs_ipset_iptables_and_ip6tables() -> None:
+    assert IpsetBackend(runner=Recorder()).is_supported()
+    rec = Recorder({("ip6tables",): RunResult(127, "", "not found")})
+    assert not IpsetBackend(runner=rec).is_supported()

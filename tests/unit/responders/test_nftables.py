@@ -1,0 +1,437 @@
+"""Golden tests for the nftables backend: the exact nft scripts and argv it runs, the exact netlink
+bytes it sends, and how it reads answers (acks, errors, JSON listings); no root needed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from ipaddress import IPv4Address, ip_address
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portsentry.responders import nftables
+from portsentry.responders.backend import BackendError, RunResult
+from portsentry.responders.nftables import (
+    NFT_MSG_DELSETELEM,
+    NFT_MSG_NEWSETELEM,
+    ElementOp,
+    InconsistentListing,
+    NftablesBackend,
+    batch,
+    element_message,
+    parse_acks,
+    parse_set_json,
+    timeout_text,
+)
+from tests.unit.responders.test_backend import Recorder
+
+# Modest by default; PORTSENTRY_FUZZ_EXAMPLES raises it for long fuzz runs.
+FUZZ = settings(max_examples=int(os.environ.get("PORTSENTRY_FUZZ_EXAMPLES", "100")), deadline=None)
+
+V4 = ip_address("198.18.0.9")
+V6 = ip_address("fd00::9")
+SETUP = (
+    "add table inet portsentry\n"
+    "add set inet portsentry blocked4 { type ipv4_addr; flags timeout; size 262144; }\n"
+    "add set inet portsentry blocked6 { type ipv6_addr; flags timeout; size 262144; }\n"
+    "add chain inet portsentry filter { type filter hook input priority -10; policy accept; }\n"
+)
+RULES = (
+    "add rule inet portsentry filter ip saddr @blocked4 counter drop\n"
+    "add rule inet portsentry filter ip6 saddr @blocked6 counter drop\n"
+)
+EMPTY_CHAIN = json.dumps({"nftables": [
+    {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+    {"chain": {"family": "inet", "table": "portsentry", "name": "filter", "handle": 3}},
+]})
+FULL_CHAIN = json.dumps({"nftables": [
+    {"chain": {"family": "inet", "table": "portsentry", "name": "filter", "handle": 3}},
+    {"rule": {"family": "inet", "table": "portsentry", "chain": "filter", "handle": 4, "expr": []}},
+]})
+# Real `nft -j list set` output of nft 1.0.6 (one timed, one permanent element).
+SET_JSON = (
+    '{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", '
+    '"json_schema_version": 1}}, {"set": {"family": "inet", "name": "blocked4", "table": '
+    '"portsentry", "type": "ipv4_addr", "handle": 2, "size": 262144, "flags": ["timeout"], '
+    '"elem": [{"elem": {"val": "198.18.5.5", "timeout": 60, "expires": 59}}, "198.18.5.6"]}}]}'
+)
+EMPTY_SET6 = json.dumps({"nftables": [{"set": {"family": "inet", "name": "blocked6",
+                                               "table": "portsentry", "type": "ipv6_addr"}}]})
+
+
+def cli(recorder: Recorder, **kw: object) -> NftablesBackend:
+    return NftablesBackend(runner=recorder, mechanism="cli", **kw)  # type: ignore[arg-type]
+
+
+# -- scripts and argv --------------------------------------------------------------------------
+
+
+def test_setup_creates_table_sets_chain_then_rules_once() -> None:
+    rec = Recorder({("nft", "-j", "list", "chain"): RunResult(0, EMPTY_CHAIN, "")})
+    cli(rec).setup()
+    assert rec.calls == [
+        (["nft", "-f", "-"], SETUP),
+        (["nft", "-j", "list", "chain", "inet", "portsentry", "filter"], None),
+        (["nft", "-f", "-"], RULES),
+    ]
+
+
+def test_setup_again_adds_no_second_pair_of_rules() -> None:
+    rec = Recorder({("nft", "-j", "list", "chain"): RunResult(0, FULL_CHAIN, "")})
+    cli(rec).setup()
+    assert [stdin for _, stdin in rec.calls] == [SETUP, None]
+
+
+def test_setup_honours_table_hook_priority_size() -> None:
+    rec = Recorder({("nft", "-j", "list", "chain"): RunResult(0, FULL_CHAIN, "")})
+    cli(rec, table="ps_test", hook="prerouting", priority=-300, set_size=1000).setup()
+    script = rec.calls[0][1]
+    assert script is not None
+    assert "add table inet ps_test\n" in script
+    assert "size 1000;" in script
+    assert "type filter hook prerouting priority -300; policy accept;" in script
+    assert rec.argvs[1] == ["nft", "-j", "list", "chain", "inet", "ps_test", "filter"]
+
+
+def test_cli_add_is_one_atomic_refreshing_transaction() -> None:
+    rec = Recorder()
+    cli(rec).add(V4, 3600)
+    assert rec.calls == [(["nft", "-f", "-"],
+        "add element inet portsentry blocked4 { 198.18.0.9 }\n"
+        "delete element inet portsentry blocked4 { 198.18.0.9 }\n"
+        "add element inet portsentry blocked4 { 198.18.0.9 timeout 3600s }\n")]
+
+
+def test_cli_add_ipv6_forever() -> None:
+    rec = Recorder()
+    cli(rec).add(V6, None)
+    assert rec.calls[0][1] == (
+        "add element inet portsentry blocked6 { fd00::9 }\n"
+        "delete element inet portsentry blocked6 { fd00::9 }\n"
+        "add element inet portsentry blocked6 { fd00::9 }\n")
+
+
+def test_cli_remove_tolerates_absent_address() -> None:
+    rec = Recorder()
+    cli(rec).remove(V4)
+    assert rec.calls == [(["nft", "-f", "-"],
+        "add element inet portsentry blocked4 { 198.18.0.9 }\n"
+        "delete element inet portsentry blocked4 { 198.18.0.9 }\n")]
+
+
+def test_cli_add_many_groups_by_family_and_dedups() -> None:
+    rec = Recorder()
+    cli(rec).add_many([(V4, 10), (V6, 1.5), (ip_address("198.18.0.10"), None), (V4, 20)])
+    assert rec.calls == [(["nft", "-f", "-"],
+        "add element inet portsentry blocked4 { 198.18.0.9, 198.18.0.10 }\n"
+        "delete element inet portsentry blocked4 { 198.18.0.9, 198.18.0.10 }\n"
+        "add element inet portsentry blocked4 { 198.18.0.9 timeout 20s, 198.18.0.10 }\n"
+        "add element inet portsentry blocked6 { fd00::9 }\n"
+        "delete element inet portsentry blocked6 { fd00::9 }\n"
+        "add element inet portsentry blocked6 { fd00::9 timeout 1500ms }\n")]
+
+
+def test_add_many_nothing_runs_nothing() -> None:
+    rec = Recorder()
+    cli(rec).add_many([])
+    assert rec.calls == []
+
+
+def test_teardown_deletes_only_our_table_when_present() -> None:
+    tables = json.dumps({"nftables": [
+        {"table": {"family": "inet", "name": "other", "handle": 1}},
+        {"table": {"family": "inet", "name": "portsentry", "handle": 2}},
+    ]})
+    rec = Recorder({("nft", "-j", "list", "tables"): RunResult(0, tables, "")})
+    cli(rec).teardown()
+    assert rec.argvs == [["nft", "-j", "list", "tables", "inet"],
+                         ["nft", "delete", "table", "inet", "portsentry"]]
+
+
+def test_teardown_without_our_table_deletes_nothing() -> None:
+    tables = json.dumps({"nftables": [{"table": {"family": "inet", "name": "filter"}}]})
+    rec = Recorder({("nft", "-j", "list", "tables"): RunResult(0, tables, "")})
+    cli(rec).teardown()
+    assert rec.argvs == [["nft", "-j", "list", "tables", "inet"]]
+
+
+def test_members_reads_both_sets() -> None:
+    rec = Recorder({
+        ("nft", "-j", "list", "set", "inet", "portsentry", "blocked4"): RunResult(0, SET_JSON, ""),
+        ("nft", "-j", "list", "set", "inet", "portsentry", "blocked6"): RunResult(0, EMPTY_SET6, ""),
+    })
+    assert cli(rec).members() == {ip_address("198.18.5.5"): 59.0, ip_address("198.18.5.6"): None}
+
+
+def test_members_retries_a_listing_taken_during_a_resize(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nftables, "LISTING_RETRY_DELAY", 0)
+    dup = json.dumps({"nftables": [{"set": {"elem": ["198.18.0.1", "198.18.0.1"]}}]})
+    answers = iter([dup, dup, SET_JSON, EMPTY_SET6])
+    rec = Recorder({("nft",): lambda argv, stdin: RunResult(0, next(answers), "")})
+    assert len(cli(rec).members()) == 2
+    assert len(rec.calls) == 4
+
+
+def test_parse_set_json_rejects_garbage() -> None:
+    with pytest.raises(BackendError, match="unexpected output"):
+        parse_set_json("Error: No such file or directory")
+    with pytest.raises(BackendError, match="not an address"):
+        parse_set_json(json.dumps({"nftables": [{"set": {"elem": ["; flush ruleset"]}}]}))
+    with pytest.raises(InconsistentListing):
+        parse_set_json(json.dumps({"nftables": [{"set": {"elem": ["fd00::1", "fd00:0::1"]}}]}))
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (3600, "3600s"), (1, "1s"), (1.5, "1500ms"), (0.0001, "1ms"), (2.0004, "2001ms"),
+])
+def test_timeout_text(seconds: float, text: str) -> None:
+    assert timeout_text(seconds) == text
+
+
+@pytest.mark.parametrize("bad", ["198.18.0.9", "198.18.0.9 } ; flush ruleset ; {", 3323068425])
+def test_only_address_objects_reach_any_command(bad: object) -> None:
+    rec = Recorder()
+    backend = cli(rec)
+    with pytest.raises(TypeError):
+        backend.add(bad, 60)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        backend.remove(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        backend.add_many([(V4, 60), (bad, 60)])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        op = ElementOp(NFT_MSG_NEWSETELEM, "blocked4", ((bad, None),))  # type: ignore[arg-type]
+        element_message("portsentry", op, 1)
+    assert rec.calls == []
+
+
+@pytest.mark.parametrize("kw", [
+    {"table": "port sentry"}, {"table": "x;y"}, {"table": ""}, {"hook": "output"},
+    {"priority": "-10"}, {"set_size": 0}, {"mechanism": "ioctl"},
+])
+def test_constructor_refuses_bad_options(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        NftablesBackend(**kw)  # type: ignore[arg-type]
+
+
+def test_is_supported_probes_nft_and_netlink() -> None:
+    rec = Recorder({("nft",): RunResult(1, "", "Operation not permitted")})
+    assert not NftablesBackend(runner=rec).is_supported()
+
+    def refuse() -> socket.socket:
+        raise PermissionError("no")
+    assert not NftablesBackend(runner=Recorder(), socket_factory=refuse).is_supported()
+    assert cli(Recorder()).is_supported()
+
+
+# -- netlink ------------------------------------------------------------------------------------
+
+# NEWSETELEM, flags REQUEST|ACK|CREATE, seq 7, family inet; table "portsentry", set "blocked4",
+# one element 198.18.0.9 with timeout 3600000 ms (be64). The kernel accepted exactly these bytes.
+GOLDEN_ADD4 = bytes.fromhex(
+    "54000000" "0c0a0504" "07000000" "00000000" "01000000"
+    "0f000100" "706f7274" "73656e74" "72790000"
+    "0d000200" "626c6f63" "6b656434" "00000000"
+    "20000380" "1c000180" "0c000180" "08000100" "c6120009" "0c000400" "00000000" "0036ee80"
+)
+GOLDEN_DEL6 = bytes.fromhex(
+    "54000000" "0e0a0500" "08000000" "00000000" "01000000"
+    "0f000100" "706f7274" "73656e74" "72790000"
+    "0d000200" "626c6f63" "6b656436" "00000000"
+    "20000380" "1c000180" "18000180" "14000100" "fd000000" "00000000" "00000000" "00000009"
+)
+BATCH_BEGIN_1 = bytes.fromhex("14000000" "1000" "0100" "01000000" "00000000" "0000" "000a")
+
+
+def test_netlink_element_messages_golden() -> None:
+    add = ElementOp(NFT_MSG_NEWSETELEM, "blocked4", ((IPv4Address("198.18.0.9"), 3600000),))
+    assert element_message("portsentry", add, 7) == GOLDEN_ADD4
+    delete = ElementOp(NFT_MSG_DELSETELEM, "blocked6", ((ip_address("fd00::9"), None),))
+    assert element_message("portsentry", delete, 8) == GOLDEN_DEL6
+
+
+def test_netlink_batch_is_framed_by_begin_and_end() -> None:
+    data = batch("portsentry", [], 1)
+    assert data[:20] == BATCH_BEGIN_1
+    assert struct.unpack_from("=IHHII", data, 20) == (20, 17, 1, 2, 0)
+    assert data[36:40] == b"\0\0\0\x0a"
+
+
+class FakeNetlink:
+    """Records what is sent and answers every acked message (errno from `fail` by seq offset)."""
+
+    def __init__(self, fail: dict[int, int] | None = None) -> None:
+        self.sent: list[bytes] = []
+        self.fail = fail or {}
+        self.pending = b""
+        self.closed = False
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(data)
+        offset, index = 0, 0
+        while offset < len(data):
+            length, _kind, flags, seq, _ = struct.unpack_from("=IHHII", data, offset)
+            if flags & 0x4:
+                code = self.fail.get(index, 0)
+                header = data[offset:offset + 16]
+                body = struct.pack("=i", -code) + header
+                self.pending += struct.pack("=IHHII", 16 + len(body), 2, 0, seq, 0) + body
+                index += 1
+            offset += length
+
+    def recv(self, size: int) -> bytes:
+        if not self.pending:
+            raise BlockingIOError
+        data, self.pending = self.pending, b""
+        return data
+
+    def settimeout(self, value: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def netlink_backend(fake: FakeNetlink) -> NftablesBackend:
+    return NftablesBackend(runner=Recorder(), socket_factory=lambda: fake)  # type: ignore[return-value,arg-type]
+
+
+def _messages(data: bytes) -> list[tuple[int, int, bytes]]:
+    out, offset = [], 0
+    while offset < len(data):
+        length, kind, flags, _seq, _ = struct.unpack_from("=IHHII", data, offset)
+        out.append((kind, flags, data[offset:offset + length]))
+        offset += length
+    return out
+
+
+def test_netlink_add_sends_add_delete_add_in_one_batch() -> None:
+    fake = FakeNetlink()
+    backend = netlink_backend(fake)
+    backend.add(V4, 3600)
+    assert len(fake.sent) == 1
+    kinds = [kind for kind, _, _ in _messages(fake.sent[0])]
+    assert kinds == [16, 0x0A0C, 0x0A0E, 0x0A0C, 17]
+    last_add = _messages(fake.sent[0])[3][2]
+    # Same payload as the golden message apart from the sequence number.
+    assert last_add[:8] == GOLDEN_ADD4[:8] and last_add[12:] == GOLDEN_ADD4[12:]
+    assert backend.runner.calls == []  # type: ignore[attr-defined]
+
+
+def test_netlink_remove_sends_add_delete() -> None:
+    fake = FakeNetlink()
+    netlink_backend(fake).remove(V6)
+    messages = _messages(fake.sent[0])
+    assert [kind for kind, _, _ in messages] == [16, 0x0A0C, 0x0A0E, 17]
+    delete = messages[2][2]
+    assert delete[:8] == GOLDEN_DEL6[:8] and delete[12:] == GOLDEN_DEL6[12:]
+
+
+def test_netlink_remove_many_is_one_transaction_per_chunk_and_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 10.3: unblock --file of 100k addresses made 100k transactions.
+    monkeypatch.setattr(nftables, "BATCH_ELEMENTS", 3)
+    fake = FakeNetlink()
+    addresses = [IPv4Address(0xC6120000 + i) for i in range(5)] + [V6]
+    netlink_backend(fake).remove_many(addresses)
+    assert len(fake.sent) == 2
+    assert [kind for kind, _, _ in _messages(fake.sent[0])] == [16, 0x0A0C, 0x0A0E, 17]
+    assert [kind for kind, _, _ in _messages(fake.sent[1])] == [16, 0x0A0C, 0x0A0E, 0x0A0C, 0x0A0E, 17]
+    single = FakeNetlink()
+    netlink_backend(single).remove(V6)
+    assert _messages(single.sent[0])[2][2][12:] == _messages(fake.sent[1])[4][2][12:]  # same delete
+
+
+def test_cli_remove_many_script() -> None:
+    script = NftablesBackend(runner=Recorder()).remove_many_script([IPv4Address("198.18.0.2"), V4])
+    assert script == ("add element inet portsentry blocked4 { 198.18.0.2, 198.18.0.9 }\n"
+                      "delete element inet portsentry blocked4 { 198.18.0.2, 198.18.0.9 }\n")
+
+
+def test_netlink_add_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nftables, "BATCH_ELEMENTS", 2)
+    fake = FakeNetlink()
+    netlink_backend(fake).add_many([(IPv4Address(0xC6120000 + i), 60.0) for i in range(5)])
+    assert len(fake.sent) == 3
+
+
+def test_netlink_kernel_error_is_reported_and_socket_stays_usable() -> None:
+    fake = FakeNetlink({0: errno.ENOENT})
+    backend = netlink_backend(fake)
+    with pytest.raises(BackendError, match="does not exist \\(run setup first\\)"):
+        backend.add(V4, 60)
+    fake.fail = {2: errno.ENFILE}
+    with pytest.raises(BackendError, match="full"):
+        backend.add(V4, 60)
+    fake.fail = {}
+    backend.add(V4, 60)
+
+
+def test_netlink_missing_answer_is_an_error() -> None:
+    class Silent(FakeNetlink):
+        def recv(self, size: int) -> bytes:
+            raise TimeoutError
+
+    with pytest.raises(BackendError, match="no answer"):
+        netlink_backend(Silent()).add(V4, 60)
+
+
+def test_parse_acks_reads_errors_and_skips_others() -> None:
+    ack = struct.pack("=IHHII", 36, 2, 0, 9, 0) + struct.pack("=i", -2) + \
+        struct.pack("=IHHII", 84, 0x0A0C, 5, 9, 0)
+    other = struct.pack("=IHHII", 20, 3, 0, 1, 0) + b"\0" * 4
+    assert parse_acks(other + ack) == [(9, 2)]
+    with pytest.raises(ValueError):
+        parse_acks(ack[:30])
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (struct.pack("=IHHII", 20, 2, 0, 1, 0) + b"\0" * 4, "short netlink error message at byte 0"),
+    (struct.pack("=IHHII", 20, 3, 0, 1, 0) + b"\0" * 4 + struct.pack("=IHHII", 99, 2, 0, 1, 0),
+     "malformed netlink message at byte 20 \\(length 99\\)"),
+    (struct.pack("=IHHII", 20, 3, 0, 1, 0) + b"\0" * 9, "5 trailing bytes"),
+])
+def test_parse_acks_says_where_it_stopped(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_acks(data)
+    assert parse_acks(struct.pack("=IHHII", 20, 3, 0, 1, 0) + b"\0" * 7) == []  # padding-sized tail
+
+
+def test_netlink_answers_to_other_requests_do_not_end_the_wait() -> None:
+    fake = FakeNetlink()
+    original = fake.sendall
+
+    def sendall(data: bytes) -> None:
+        fake.pending += struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -errno.EPERM) + \
+            struct.pack("=IHHII", 20, 0x0A0C, 5, 1, 0)  # a stale refusal of seq 1
+        original(data)
+
+    fake.sendall = sendall  # type: ignore[method-assign]
+    netlink_backend(fake).add(V4, 60)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_parse_acks_fuzz_only_value_errors(data: bytes) -> None:
+    try:
+        acks = parse_acks(data)
+    except ValueError:
+        return
+    assert all(isinstance(seq, int) and isinstance(code, int) for seq, code in acks)
+
+
+@FUZZ
+@given(st.lists(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), max_size=20),
+       st.integers(min_value=1, max_value=2**40))
+def test_element_message_lengths_are_consistent(addresses: Sequence[IPv4Address],
+                                                timeout: int) -> None:
+    op = ElementOp(NFT_MSG_NEWSETELEM, "blocked4", tuple((a, timeout) for a in addresses))
+    data = element_message("portsentry", op, 1)
+    assert struct.unpack_from("=I", data)[0] == len(data)
+    assert len(data) % 4 == 0
+    for address in addresses:
+        assert address.packed in data

@@ -1,0 +1,142 @@
+"""Which captured packets become hits for which stealth mode (no root: packets are built by hand)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from ipaddress import ip_address
+
+from portsentry.core.probe import KIND_FIN, KIND_SYN, KIND_UDP, Mode, Protocol
+from portsentry.sensors.listeners import ListeningPorts
+from portsentry.sensors.packet import Packet, TcpFlag
+from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch
+
+HOST = ip_address("198.18.0.1")
+SCANNER = ip_address("198.18.0.2")
+
+
+class FixedListeners(ListeningPorts):
+    def __init__(self, protocol: Protocol, ports: set[int]) -> None:
+        super().__init__(protocol)
+        self.fixed = ports
+
+    def refresh(self, now: float) -> None:
+        pass
+
+    def is_listening(self, port: int) -> bool:
+        return port in self.fixed
+
+    def confirm(self, port: int, now: float) -> bool:
+        return port in self.fixed
+
+    def ports(self) -> frozenset[int]:
+        return frozenset(self.fixed)
+
+
+def sensor(
+    watches: list[Watch], tcp_listening: Iterable[int] = (), udp_listening: Iterable[int] = (),
+    lines: list[str] | None = None,
+) -> StealthSensor:
+    addresses = HostAddresses(lambda: [HOST, ip_address("fd00::1")],
+                              lambda: [ip_address("198.18.0.255")])
+    listeners: dict[Protocol, ListeningPorts] = {
+        Protocol.TCP: FixedListeners(Protocol.TCP, set(tcp_listening)),
+        Protocol.UDP: FixedListeners(Protocol.UDP, set(udp_listening)),
+    }
+    log: Callable[[str], None] = lines.append if lines is not None else (lambda _t: None)
+    s = StealthSensor(watches, log, lambda: 0.0, addresses, listeners,
+                      capture_factory=lambda _max, _protocols: object())  # type: ignore[arg-type,return-value]
+    s.open()
+    return s
+
+
+def tcp(port, flags=TcpFlag.SYN, source=SCANNER, destination=HOST, options=False) -> Packet:
+    return Packet(source, destination, Protocol.TCP, 40000, port, flags, options)
+
+
+def udp(port, source=SCANNER, destination=HOST) -> Packet:
+    return Packet(source, destination, Protocol.UDP, 40000, port, TcpFlag(0), False)
+
+
+def test_stcp_reports_listed_ports_with_classification():
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1, 111}))])
+    [hit] = s.hits_for(tcp(111, TcpFlag.FIN), 0.0)
+    assert (hit.probe.mode, hit.probe.kind, hit.probe.port, hit.probe.source) == (
+        Mode.STCP, KIND_FIN, 111, SCANNER)
+    assert s.hits_for(tcp(112), 0.0) == []
+
+
+def test_ack_and_rst_are_never_hits():
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
+    for flags in (TcpFlag.ACK, TcpFlag.RST, TcpFlag.SYN | TcpFlag.ACK, TcpFlag.FIN | TcpFlag.ACK):
+        assert s.hits_for(tcp(1, flags), 0.0) == []
+
+
+def test_stcp_drops_ports_in_use_at_start_with_1_2_message():
+    lines: list[str] = []
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1, 22}))], tcp_listening={22}, lines=lines)
+    assert "adminalert: ERROR: Socket 22 is in use and will not be monitored. Attempting to continue" in lines
+    assert "adminalert: Going into stealth listen mode on TCP port: 1" in lines
+    assert s.hits_for(tcp(22), 0.0) == []
+
+
+def test_atcp_watches_below_limit_except_excluded_and_listening():
+    lines: list[str] = []
+    s = sensor([Watch(Mode.ATCP, below=1024, exclude=frozenset({113}))], tcp_listening={80}, lines=lines)
+    assert [h.probe.kind for h in s.hits_for(tcp(25), 0.0)] == [KIND_SYN]
+    assert s.hits_for(tcp(113), 0.0) == []
+    assert s.hits_for(tcp(80), 0.0) == []
+    assert s.hits_for(tcp(1024), 0.0) == []
+    assert lines[:2] == ["adminalert: Advanced mode will monitor first 1024 ports",
+                         "adminalert: Advanced mode will manually exclude port: 113 "]
+    assert "adminalert: Advanced Stealth scan detection mode activated. Ignored TCP port: 80" in lines
+
+
+def test_a_listener_started_later_is_honoured():
+    s = sensor([Watch(Mode.ATCP, below=1024)])
+    assert s.hits_for(tcp(80), 0.0)
+    listeners = s.listeners[Protocol.TCP]
+    assert isinstance(listeners, FixedListeners)
+    listeners.fixed.add(80)
+    assert s.hits_for(tcp(80), 0.0) == []
+
+
+def test_udp_modes_and_both_protocols_in_one_sensor():
+    s = sensor([Watch(Mode.SUDP, ports=frozenset({161})), Watch(Mode.AUDP, below=1024),
+                Watch(Mode.STCP, ports=frozenset({161}))])
+    modes = sorted(h.probe.mode for h in s.hits_for(udp(161), 0.0))
+    assert modes == [Mode.AUDP, Mode.SUDP]
+    assert all(h.probe.kind == KIND_UDP for h in s.hits_for(udp(161), 0.0))
+
+
+def test_own_traffic_broadcasts_and_forwarded_packets_are_not_hits():
+    s = sensor([Watch(Mode.AUDP, below=1024)])
+    assert s.hits_for(udp(137, source=HOST), 0.0) == []
+    assert s.hits_for(udp(137, destination=ip_address("198.18.0.255")), 0.0) == []
+    assert s.hits_for(udp(137, destination=ip_address("198.18.9.9")), 0.0) == []
+    assert s.hits_for(udp(137), 0.0)
+
+
+def test_ipv6_and_ip_options_are_carried():
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
+    [hit] = s.hits_for(tcp(1, source=ip_address("fd00::2"), destination=ip_address("fd00::1")), 0.0)
+    assert hit.probe.source == ip_address("fd00::2")
+    [hit] = s.hits_for(tcp(1, options=True), 0.0)
+    assert hit.probe.ip_options
+
+
+def test_replies_to_our_own_udp_queries_are_not_hits():
+    s = sensor([Watch(Mode.AUDP, below=1024)])
+    resolver = ip_address("198.18.0.53")
+    # Our query leaves from port 999 (seen by the capture as an outgoing datagram)...
+    assert s.hits_for(Packet(HOST, resolver, Protocol.UDP, 999, 53, TcpFlag(0), False), 10.0) == []
+    # ...so the answer coming back to 999 is a reply, even after the client socket closed.
+    assert s.hits_for(Packet(resolver, HOST, Protocol.UDP, 53, 999, TcpFlag(0), False), 10.2) == []
+    # The same datagram from anyone else, or long after, is a probe.
+    assert s.hits_for(Packet(SCANNER, HOST, Protocol.UDP, 53, 999, TcpFlag(0), False), 10.2)
+    assert s.hits_for(Packet(resolver, HOST, Protocol.UDP, 53, 999, TcpFlag(0), False), 100.0)
+
+
+def test_a_source_equal_to_our_subnet_broadcast_is_forged_and_counted():
+    s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
+    assert s.hits_for(tcp(1, source=ip_address("198.18.0.255")), 0.0) == []
+    assert s.drops.as_dict() == {"source broadcast": 1}

@@ -1,0 +1,145 @@
+"""The control socket on its own thread: one deadline per request, a size cap, typed requests,
+and every failure an error reply (issue 10.5). Unix sockets in a temp dir; no root needed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from portsentry.service.control import (
+    BadRequest,
+    ControlServer,
+    Reply,
+    Request,
+    exchange,
+    parse_request,
+    request,
+)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[ControlServer, str, list[Request]]]:
+    seen: list[Request] = []
+
+    def handler(req: Request, reply: Reply) -> None:
+        seen.append(req)
+        if req.command == "reload":
+            raise RuntimeError("boom")
+        reply({"ok": True, "command": req.command})
+
+    path = str(tmp_path / "run" / "control.sock")
+    server = ControlServer(path, handler, deadline=1.0)
+    server.start()
+    try:
+        yield server, path, seen
+    finally:
+        server.close()
+
+
+def raw(path: str, data: bytes) -> dict[str, object]:
+    return dict(json.loads(exchange(path, data, timeout=10)))
+
+
+def test_requests_are_typed_and_answered(served):
+    _server, path, seen = served
+    assert request(path, {"command": "status"}) == {"ok": True, "command": "status"}
+    assert request(path, {"command": "block", "address": "198.18.0.2", "duration": 60})["ok"]
+    assert seen == [Request("status"), Request("block", "198.18.0.2", 60.0)]
+
+
+def test_a_handler_that_raises_gets_an_error_reply(served):
+    _server, path, _seen = served
+    assert request(path, {"command": "reload"}) == {"ok": False, "error": "reload failed: boom"}
+    assert request(path, {"command": "status"})["ok"]  # and the server goes on
+
+
+def test_deeply_nested_json_is_an_error_reply_not_a_crash(served):
+    _server, path, _seen = served
+    answer = raw(path, b"[" * 60_000 + b"\n")
+    assert answer["ok"] is False and "bad request" in str(answer["error"])
+    assert request(path, {"command": "status"})["ok"]
+
+
+def test_a_request_over_the_size_cap_is_refused(served):
+    _server, path, _seen = served
+    answer = raw(path, b" " * (70 * 1024))
+    assert answer == {"ok": False, "error": "bad request: longer than 65536 bytes"}
+
+
+def test_a_slow_client_is_cut_at_its_deadline_and_holds_nobody_up(served):
+    server, path, _seen = served
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(path)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in b'{"command": "status"}':
+            if stop.wait(0.3):
+                return
+            try:
+                slow.send(bytes([byte]))
+            except OSError:
+                return
+
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        # While the slow one trickles, others are answered at once.
+        for _ in range(5):
+            assert request(path, {"command": "stats"}, timeout=0.5)["ok"]
+        slow.settimeout(5)
+        answer = json.loads(slow.recv(4096))
+        assert answer == {"ok": False, "error": "bad request: no complete request line within 1 s"}
+    finally:
+        stop.set()
+        feeder.join()
+        slow.close()
+    assert server.bad_requests == 1
+
+
+def test_a_client_that_leaves_early_costs_nothing(served):
+    server, path, _seen = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.sendall(b'{"comm')
+    deadline = time.monotonic() + 5
+    while server.bad_requests == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.bad_requests == 1
+    assert request(path, {"command": "status"})["ok"]
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    (b"null", "expected {\"command\""),
+    (b'{"command": "nuke"}', "expected {\"command\""),
+    (b'{"command": "block"}', "block needs an \"address\""),
+    (b'{"command": "block", "address": "x", "duration": -1}', '"duration" is seconds'),
+    (b'{"command": "block", "address": "x", "duration": true}', '"duration" is seconds'),
+    (b"\xff\xfe", "expected one JSON object"),
+])
+def test_bad_requests_say_what_is_wrong(line, error):
+    with pytest.raises(BadRequest, match=error.replace("(", r"\(").replace("{", r"\{")):
+        parse_request(line)
+
+
+def test_durations():
+    assert parse_request(b'{"command": "block", "address": "a"}').duration == "policy"
+    assert parse_request(b'{"command": "block", "address": "a", "duration": null}').duration is None
+    assert parse_request(b'{"command": "block", "address": "a", "duration": 90}').duration == 90.0
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_request_or_a_bad_request(data):
+    try:
+        parsed = parse_request(data)
+    except BadRequest:
+        return
+    assert isinstance(parsed, Request)

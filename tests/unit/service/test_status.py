@@ -1,0 +1,43 @@
+"""`portsentry status` output for a running and a stopped daemon (the socket path is system-tested)."""
+
+from __future__ import annotations
+
+from portsentry.service.status import format_status
+
+
+def test_running_status_shows_what_an_admin_asks_first():
+    text = format_status({
+        "running": True, "pid": 4242, "uptime": 3725.0, "config": "/etc/portsentry/portsentry.conf",
+        "modes": ["tcp", "atcp"], "backend": "nftables", "ignore_entries": 5, "active_bans": 2,
+        "probes_seen": 40, "probes_last_hour": 12, "hosts_blocked": 3, "hosts_blocked_last_hour": 1,
+        "watching": ["-tcp: TCP ports 1,11 bound (IPv4+IPv6)"],
+        "recent_events": [{"at": 0.0, "message": "attackalert: Connect from host: a/a to TCP port: 1"}],
+    })
+    assert "running, pid 4242, up 01:02:05" in text
+    assert "-tcp -atcp" in text and "nftables" in text and "2\n" in text
+    assert "40 since start, 12 in the last hour" in text
+    assert "  -tcp: TCP ports 1,11 bound (IPv4+IPv6)" in text
+    assert "attackalert: Connect from host" in text
+
+
+def test_stopped_status_says_so_and_counts_stored_bans():
+    assert format_status({"running": False, "active_bans": 7}).splitlines() == [
+        "portsentry is not running",
+        "active bans in the store: 7 (still enforced by the kernel backend if one is configured)",
+    ]
+
+
+def test_records_not_written_and_packets_dropped_are_shown():
+    # issue 9.5 and 9.1: lost evidence and forged sources show in the first screen an admin reads.
+    text = format_status({
+        "running": True, "pid": 1, "uptime": 1.0, "config": "c", "modes": ["stcp"], "backend": None,
+        "ignore_entries": 1, "active_bans": 0, "probes_seen": 0, "probes_last_hour": 0,
+        "hosts_blocked": 0, "hosts_blocked_last_hour": 0, "watching": [], "recent_events": [],
+        "write_failures": [{"file": "history", "path": "/var/lib/portsentry/portsentry.history",
+                            "failures": 3, "last_error": "No space left on device", "last_at": 0.0}],
+        "packets_dropped": {"source multicast": 2, "truncated": 1},
+    })
+    assert ("3 records to history /var/lib/portsentry/portsentry.history, last at "
+            in text) and text.rstrip().count("No space left on device") == 1
+    assert "NOT WRITTEN:" in text
+    assert "dropped:       2 source multicast, 1 truncated" in text
