@@ -51,7 +51,7 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
     changed, current = _kernel_changed(kernel_id_path) if kernel_id_path is not None else (False, None)
     if bans.backend is not None and active:
         try:
-            bans.backend.add_many(
+            bans.backend.restore_many(
                 (address, None if expires is None else max(expires - now, 1.0))
                 for address, expires, _line, _port, _mode in active)
         except (BackendError, OSError) as error:

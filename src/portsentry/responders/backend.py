@@ -140,6 +140,12 @@ class BanBackend(abc.ABC):
         for address, timeout in bans:
             self.add(address, timeout)
 
+    def restore_many(self, bans: Iterable[tuple[IPAddress, float | None]]) -> None:
+        """Put recorded bans back at start: every address ends up blocked, but one the kernel
+        still holds may keep the timeout it already has (the one recorded with it). Backends
+        whose add must reset timeouts the slow way (nftables) override this with a cheaper form."""
+        self.add_many(bans)
+
     def remove_many(self, addresses: Iterable[IPAddress]) -> None:
         """Lift many bans (`portsentry unblock --file`); backends with a batch form override it."""
         for address in addresses:

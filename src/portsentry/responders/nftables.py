@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -37,6 +38,9 @@ from portsentry.core.probe import IPAddress, Protocol
 from portsentry.netlink.codec import (
     NETLINK_CAP_ACK,
     NETLINK_NETFILTER,
+    NLA_F_NESTED,
+    NLA_HDRLEN,
+    NLATTR,
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_REQUEST,
@@ -120,15 +124,40 @@ class ElementOp:
     elements: tuple[tuple[IPAddress, int | None], ...]  # address, timeout in milliseconds
 
 
+def element_attribute(address: IPAddress, timeout_ms: int | None) -> bytes:
+    """One set element as the layout declares it: LIST_ELEM { KEY { DATA_VALUE address },
+    TIMEOUT }. element_message builds the same bytes from cached headers (a restore encodes a
+    million of them); a unit test holds the two equal."""
+    parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, address.packed))]
+    if timeout_ms is not None:
+        parts.append(attr(NFTA_SET_ELEM_TIMEOUT, BE64.pack(timeout_ms)))
+    return nested(NFTA_LIST_ELEM, *parts)
+
+
+_TIMEOUT_HEAD = NLATTR.pack(NLA_HDRLEN + BE64.size, NFTA_SET_ELEM_TIMEOUT)
+
+
+@functools.cache
+def _element_head(address_size: int, timed: bool) -> bytes:
+    """The attribute headers in front of an element's address (4 or 16 bytes: no padding)."""
+    value = NLA_HDRLEN + address_size
+    key = NLA_HDRLEN + value
+    whole = NLA_HDRLEN + key + (NLA_HDRLEN + BE64.size if timed else 0)
+    return (NLATTR.pack(whole, NFTA_LIST_ELEM | NLA_F_NESTED)
+            + NLATTR.pack(key, NFTA_SET_ELEM_KEY | NLA_F_NESTED) + NLATTR.pack(value, NFTA_DATA_VALUE))
+
+
 def element_message(table: str, op: ElementOp, seq: int) -> bytes:
     """The netlink message for `op` on `table` (family inet), asking for an acknowledgement."""
     items = []
     for address, timeout_ms in op.elements:
-        address_text(address)  # refuses anything but an ipaddress object
-        parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, address.packed))]
-        if timeout_ms is not None:
-            parts.append(attr(NFTA_SET_ELEM_TIMEOUT, BE64.pack(timeout_ms)))
-        items.append(nested(NFTA_LIST_ELEM, *parts))
+        if not isinstance(address, IPv4Address | IPv6Address):
+            address_text(address)  # raises the one TypeError for anything but an address
+        packed = address.packed
+        if timeout_ms is None:
+            items.append(_element_head(len(packed), False) + packed)
+        else:
+            items.append(_element_head(len(packed), True) + packed + _TIMEOUT_HEAD + BE64.pack(timeout_ms))
     body = (
         attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
         + attr(NFTA_SET_ELEM_LIST_SET, op.set_name.encode() + b"\0")
@@ -393,8 +422,9 @@ class NftablesBackend(BanBackend):
         # the kernel refuse the whole transaction.
         latest: dict[IPAddress, float | None] = {}
         for address, timeout in bans:
-            address_text(address)
-            latest[address] = check_timeout(timeout)
+            if not isinstance(address, IPv4Address | IPv6Address):
+                address_text(address)  # the one TypeError for anything but an address
+            latest[address] = timeout if timeout is None else check_timeout(timeout)
         v4: list[tuple[IPAddress, float | None]] = [(a, t) for a, t in latest.items() if a.version == 4]
         v6: list[tuple[IPAddress, float | None]] = [(a, t) for a, t in latest.items() if a.version == 6]
         return [(name, items) for name, items in ((SET4, v4), (SET6, v6)) if items]
@@ -481,6 +511,26 @@ class NftablesBackend(BanBackend):
 
     def add_many(self, bans: Iterable[tuple[IPAddress, float | None]]) -> None:
         self._in_batches(list(bans), self.add_ops, self.add_many_script)
+
+    def restore_many(self, bans: Iterable[tuple[IPAddress, float | None]]) -> None:
+        """One plain add with timeouts per set and batch, a third of add_many's messages (a
+        million bans restored in about a second instead of five). The dance in add_ops exists
+        to reset the timeout of an element that is already there; at start such an element
+        was put there with the very timeout the store recorded (the daemon does not flush its
+        table when it stops, and every later change went to both), so keeping it is right."""
+        self._in_batches(list(bans), self.restore_ops, self.restore_script)
+
+    def restore_ops(self, bans: Sequence[tuple[IPAddress, float | None]]) -> list[ElementOp]:
+        return [ElementOp(NFT_MSG_NEWSETELEM, set_name,
+                          tuple((a, None if t is None else timeout_ms(t)) for a, t in elements))
+                for set_name, elements in self._by_set(bans)]
+
+    def restore_script(self, bans: Sequence[tuple[IPAddress, float | None]]) -> str:
+        lines = []
+        for set_name, elements in self._by_set(bans):
+            timed = ", ".join(self._element(a, t) for a, t in elements)
+            lines.append(f"add element inet {self.table} {set_name} {{ {timed} }}\n")
+        return "".join(lines)
 
     def remove_many(self, addresses: Iterable[IPAddress]) -> None:
         """One transaction per BATCH_ELEMENTS addresses instead of one per address."""

@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 from hypothesis import given, settings
@@ -435,3 +435,26 @@ def test_element_message_lengths_are_consistent(addresses: Sequence[IPv4Address]
     assert len(data) % 4 == 0
     for address in addresses:
         assert address.packed in data
+
+
+@given(st.lists(st.tuples(st.one_of(st.integers(0, 2**32 - 1).map(IPv4Address),
+                                    st.integers(0, 2**128 - 1).map(IPv6Address)),
+                          st.one_of(st.none(), st.integers(1, 2**40))), max_size=20))
+def test_the_fast_element_encoding_is_the_declared_layout(elements):
+    from portsentry.responders.nftables import element_attribute
+
+    op = ElementOp(NFT_MSG_NEWSETELEM, "blocked4", tuple(elements))
+    message = element_message("portsentry", op, 7)
+    declared = b"".join(element_attribute(address, timeout) for address, timeout in elements)
+    assert declared in message and message.endswith(declared)
+
+
+def test_restore_is_one_timed_add_per_set():
+    backend = NftablesBackend(runner=Recorder())
+    ops = backend.restore_ops([(IPv4Address("198.18.0.2"), 60.0), (IPv6Address("fd00::2"), None),
+                               (IPv4Address("198.18.0.3"), 1.5)])
+    assert ops == [ElementOp(NFT_MSG_NEWSETELEM, "blocked4",
+                             ((IPv4Address("198.18.0.2"), 60000), (IPv4Address("198.18.0.3"), 1500))),
+                   ElementOp(NFT_MSG_NEWSETELEM, "blocked6", ((IPv6Address("fd00::2"), None),))]
+    assert backend.restore_script([(IPv4Address("198.18.0.2"), 60.0)]) == \
+        "add element inet portsentry blocked4 { 198.18.0.2 timeout 60s }\n"
