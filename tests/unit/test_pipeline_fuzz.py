@@ -89,7 +89,7 @@ def test_100k_generated_packets_pass_parser_sensor_and_engine_without_exception(
         parsed += 1
         for hit in sensor.hits_for(packet, n / 1000):
             hits += 1
-            for action in engine.observe(hit.probe, n / 1000):
+            for action in engine.observe(hit.probe, n / 1000).actions:
                 if isinstance(action, Block):
                     blocks += 1
                     engine.finished(action, rng.random() < 0.5, n / 1000)

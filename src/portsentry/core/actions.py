@@ -55,3 +55,23 @@ class Record:
 
 
 Action = Log | SendBanner | Block | Record
+
+
+class Decision(enum.StrEnum):
+    """What the engine made of one probe (the event log's and the metrics' `decision`)."""
+
+    IGNORED = "ignored"  # the source is on the ignore list
+    BELOW_TRIGGER = "below_trigger"  # counted, SCAN_TRIGGER not reached yet
+    ALREADY_BLOCKED = "already_blocked"  # banned already, or its block is under way
+    REFUSED = "refused"  # detected, but a guard kept it from blocking (see the reason)
+    BLOCK = "block"  # detected; blocking steps were started
+    LOG = "log"  # detected and recorded; blocking is off for this protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Engine.observe's answer: the actions to carry out, the decision, and why a block was refused."""
+
+    actions: list[Action]
+    decision: Decision
+    reason: str | None = None

@@ -18,7 +18,7 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from portsentry.core import messages
-from portsentry.core.actions import Action, Block, Log, Record, SendBanner, Step, StepKind
+from portsentry.core.actions import Action, Block, Decision, Log, Outcome, Record, SendBanner, Step, StepKind
 from portsentry.core.flood import DEFAULT_LIMIT, DEFAULT_WINDOW, RepeatLimiter
 from portsentry.core.guard import BanGuard, BoundedSet, GuardSettings
 from portsentry.core.probe import IPAddress, Mode, Probe, Protocol
@@ -101,31 +101,28 @@ class Engine:
         # Bounded: an evicted host is simply acted on again (all blocking steps are idempotent).
         self._blocked: dict[Mode, BoundedSet] = {mode: BoundedSet(BLOCKED_CAPACITY) for mode in Mode}
         self.guard = BanGuard(settings.guard)
-        # What the last observe() decided, for the event log and metrics (one of events.DECISIONS).
-        self.last_decision = "ignored"
-        self.last_reason: str | None = None
         # Sources a Block succeeded for: the ban store decides when they are free again.
         self._banned: set[IPAddress] = set()
         self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
         # (mode, source) -> hits that arrived while its Block was being carried out.
         self._pending: dict[tuple[Mode, IPAddress], list[tuple[Probe, float]]] = {}
 
-    def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> list[Action] | None:
-        """The actions to take instead of blocking, or None when the guard lets the block go."""
+    def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> Outcome | None:
+        """What to do instead of blocking, or None when the guard lets the block go."""
         quiet: list[Action] = [a for a in actions if not isinstance(a, Log)]
         reason = self.guard.refusal(probe, now)
         if reason is not None:
-            self.last_decision, self.last_reason = "refused", reason
             self.guard.refused_total += 1
             if self.guard.should_log_refusal(probe.source, now):
-                return [*actions, Log(messages.block_refused(probe, reason))]
-            return quiet
+                refusal = Log(messages.block_refused(probe, reason))
+                return Outcome([*actions, refusal], Decision.REFUSED, reason)
+            return Outcome(quiet, Decision.REFUSED, reason)
         if self.guard.rate_limited(probe.source, now):
-            # Only here is the reason known: set earlier, it stuck to blocks that went ahead.
-            self.last_decision, self.last_reason = "refused", "ban rate limit reached"
+            reason = "ban rate limit reached"
             if self.guard.count_rate_limited(now):
-                return [*actions, Log(messages.rate_limit_reached(self.settings.guard.ban_rate_limit))]
-            return quiet
+                limit = self.settings.guard.ban_rate_limit
+                return Outcome([*actions, Log(messages.rate_limit_reached(limit))], Decision.REFUSED, reason)
+            return Outcome(quiet, Decision.REFUSED, reason)
         return None
 
     def tick(self, now: float) -> list[Action]:
@@ -161,18 +158,16 @@ class Engine:
         return source in self._blocked[mode] or source in self._banned
 
 
-    def observe(self, probe: Probe, now: float) -> list[Action]:
-        self.last_reason = None
+    def observe(self, probe: Probe, now: float) -> Outcome:
         if probe.source in self.ignore:
-            self.last_decision = "ignored"
-            return [Log(messages.ignored_host(probe), verbose=True)]
+            return Outcome([Log(messages.ignored_host(probe), verbose=True)], Decision.IGNORED)
         self.guard.note(probe, now)
 
         trigger = self.settings.scan_trigger
         number = self._rings[probe.mode].hit(probe.source)
         if number < trigger:
-            self.last_decision = "below_trigger"
-            return [Log(messages.below_trigger(probe, number, trigger), verbose=True)]
+            return Outcome([Log(messages.below_trigger(probe, number, trigger), verbose=True)],
+                           Decision.BELOW_TRIGGER)
 
         actions: list[Action] = []
         if probe.mode.is_classic and self.settings.port_banner:
@@ -181,35 +176,33 @@ class Engine:
         if waiting is not None:
             # Its block is under way: decide once the outcome is known, so no line claims
             # "already blocked" before "has been blocked" (1.2 blocked synchronously).
-            self.last_decision = "already_blocked"
             if len(waiting) < PENDING_CAPACITY:
                 waiting.append((probe, now))
-            return actions
+            return Outcome(actions, Decision.ALREADY_BLOCKED)
         decided = self._decide(probe, now)
-        if self.last_decision == "refused":
+        if decided.decision is Decision.REFUSED:
             # A source the guard refused (forged, protected, over the rate cap) gets no banner:
             # answering a UDP datagram from a forged source makes us a reflector for it.
             return decided
-        return actions + decided
+        return Outcome(actions + decided.actions, decided.decision, decided.reason)
 
-    def _decide(self, probe: Probe, now: float) -> list[Action]:
+    def _decide(self, probe: Probe, now: float) -> Outcome:
         """Everything after the ignore list and the scan trigger."""
         actions: list[Action] = []
         blocked = self._blocked[probe.mode]
         # Banned anywhere (this daemon, `block`, restore, later the fleet) counts in every mode.
         repeat = probe.source in blocked or probe.source in self._banned
         if repeat:
-            self.last_decision = "already_blocked"
             allowed, summaries = self._repeats.allow(probe, now)
             actions += [Log(text) for text in summaries]
             if not allowed:
-                return actions
+                return Outcome(actions, Decision.ALREADY_BLOCKED)
         actions.append(Log(messages.detection(probe)))
         if probe.ip_options and not probe.mode.is_classic:
             actions.append(Log(messages.ip_options(probe)))
         if repeat:
             actions.append(Log(messages.already_blocked(probe)))
-            return actions
+            return Outcome(actions, Decision.ALREADY_BLOCKED)
 
         level = self.settings.block_level(probe.mode.protocol)
         if level > 0:
@@ -218,7 +211,7 @@ class Engine:
                 return refused
         steps = self.settings.steps(level)
         blocked.touch(probe.source, now)
-        self.last_decision = "block" if level > 0 and steps else "log"
+        decision = Decision.BLOCK if level > 0 and steps else Decision.LOG
         if level == 0:
             # 1.2 records a log-only host as blocked too, so later hits say "already blocked".
             actions.append(Log(messages.block_disabled(probe.mode.protocol)))
@@ -228,7 +221,7 @@ class Engine:
             actions.append(Block(probe, steps))
         else:
             actions.append(Record(probe, now))
-        return actions
+        return Outcome(actions, decision)
 
     def sync_bans(self, active: set[IPAddress]) -> None:
         """Make the engine agree with the ban store: lifted bans (expired, or `unblock`) are
@@ -267,5 +260,5 @@ class Engine:
             self._blocked[probe.mode].discard(probe.source)
             actions = [Log(messages.block_failed(probe))]
         for later, at in waiting:
-            actions += self._decide(later, at)
+            actions += self._decide(later, at).actions
         return actions

@@ -11,10 +11,8 @@ import datetime
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from portsentry.core import messages
-from portsentry.core.actions import Action, Block, Log, Record
 from portsentry.core.probe import IPAddress, Probe
 from portsentry.journal.fileio import append_record
 
@@ -123,25 +121,6 @@ def action_failed_event(
     event["action"] = action
     event["reason"] = reason
     return event
-
-
-def decision_of(probe: Probe, actions: Sequence[Action]) -> str:
-    """Which of DECISIONS the engine's answer to `probe` (Engine.observe) amounts to.
-
-    Read off the actions' shape: a Block or Record is a new detection; verbose-only lines are the
-    ignore list or the scan trigger; anything else (the detection line again, or nothing because
-    repeat lines are being rate-limited) is a host that is already blocked.
-    """
-    if any(isinstance(action, Block) for action in actions):
-        return DECISION_BLOCK
-    if any(isinstance(action, Record) for action in actions):
-        return DECISION_LOG
-    logs = [action for action in actions if isinstance(action, Log)]
-    if any(log.text == messages.ignored_host(probe) for log in logs):
-        return EVENT_IGNORED
-    if logs and len(logs) == len(actions) and all(log.verbose for log in logs):
-        return EVENT_BELOW_TRIGGER
-    return EVENT_ALREADY_BLOCKED
 
 
 def encode(event: Event) -> str:

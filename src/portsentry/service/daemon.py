@@ -306,14 +306,13 @@ class Daemon:
 
     def _observe(self, hit: Hit, probe: Probe, now: float) -> None:
         try:
-            actions = self.engine.observe(probe, now)
-            decision = self.engine.last_decision
-            self.telemetry.probe(probe, decision, self.engine.last_reason, now)
+            outcome = self.engine.observe(probe, now)
+            self.telemetry.probe(probe, outcome.decision, outcome.reason, now)
             fields: dict[str, object] = {
-                "PORTSENTRY_EVENT": decision, "PORTSENTRY_SRC": probe.source,
+                "PORTSENTRY_EVENT": outcome.decision.value, "PORTSENTRY_SRC": probe.source,
                 "PORTSENTRY_PORT": probe.port, "PORTSENTRY_MODE": probe.mode.value,
             }
-            self.perform(actions, hit, fields)
+            self.perform(outcome.actions, hit, fields)
         finally:
             hit.close()
 

@@ -31,12 +31,12 @@ def texts(actions) -> list[str]:
 
 def test_ignored_host_gets_only_a_verbose_line_and_never_counts():
     e = engine(ignore=[SCANNER], block_tcp=1, kill_route=ROUTE, scan_trigger=2)
-    actions = e.observe(probe(), 10.0)
+    actions = e.observe(probe(), 10.0).actions
     assert actions == [Log(f"attackalert: Host: {SCANNER} found in ignore file, aborting actions",
                            verbose=True)]
     # Removing it from the ignore list: its earlier hit was not counted, so trigger 2 waits again.
     e.ignore = set()
-    assert all(isinstance(a, Log) and a.verbose for a in e.observe(probe(), 11.0))
+    assert all(isinstance(a, Log) and a.verbose for a in e.observe(probe(), 11.0).actions)
 
 
 @pytest.mark.parametrize("trigger,fires_on", [(0, 1), (1, 1), (2, 2), (3, 3)])
@@ -44,17 +44,17 @@ def test_scan_trigger_fires_on_the_nth_hit_then_every_hit(trigger, fires_on):
     e = engine(scan_trigger=trigger, block_tcp=0)
     fired = []
     for n in range(1, 6):
-        actions = e.observe(probe(port=n), float(n))
+        actions = e.observe(probe(port=n), float(n)).actions
         fired.append(any(isinstance(a, Log) and not a.verbose for a in actions))
     assert fired == [n >= fires_on for n in range(1, 6)]
 
 
 def test_scan_trigger_counts_sources_separately_and_repeats_to_one_port():
     e = engine(scan_trigger=2, block_tcp=0)
-    assert texts(e.observe(probe(port=1), 1.0))[0].endswith("not acting yet")
-    assert texts(e.observe(probe(source=OTHER, port=1), 2.0))[0].endswith("not acting yet")
+    assert texts(e.observe(probe(port=1), 1.0).actions)[0].endswith("not acting yet")
+    assert texts(e.observe(probe(source=OTHER, port=1), 2.0).actions)[0].endswith("not acting yet")
     # Same port again still counts (1.2 counts hits, not distinct ports).
-    assert "Connect from host" in texts(e.observe(probe(port=1), 3.0))[0]
+    assert "Connect from host" in texts(e.observe(probe(port=1), 3.0).actions)[0]
 
 
 def test_trigger_ring_forgets_hits_older_than_its_capacity():
@@ -69,26 +69,27 @@ def test_trigger_ring_forgets_hits_older_than_its_capacity():
 def test_large_trigger_is_honoured_unlike_1_2s_50_slot_ring():
     e = engine(scan_trigger=60, block_tcp=0)
     fired_at = next(n for n in range(1, 100)
-                    if any("Connect from" in t for t in texts(e.observe(probe(), float(n)))))
+                    if any("Connect from" in t for t in texts(e.observe(probe(), float(n)).actions)))
     assert fired_at == 60
 
 
 def test_block_0_logs_ignoring_response_and_records_the_host():
     e = engine(block_tcp=0, kill_route=ROUTE)
     p = probe()
-    actions = e.observe(p, 5.0)
+    actions = e.observe(p, 5.0).actions
     assert actions == [
         Log("attackalert: Connect from host: 198.18.0.2/198.18.0.2 to TCP port: 1"),
         Log("attackalert: Ignoring TCP response per configuration file setting."),
         Record(p, 5.0),
     ]
-    assert texts(e.observe(p, 6.0))[-1] == "attackalert: Host: 198.18.0.2 is already blocked. Ignoring"
+    last = texts(e.observe(p, 6.0).actions)[-1]
+    assert last == "attackalert: Host: 198.18.0.2 is already blocked. Ignoring"
 
 
 def test_block_1_orders_hosts_deny_then_route_then_command():
     e = engine(block_tcp=1, kill_route=ROUTE, kill_hosts_deny=DENY, kill_run_cmd=RUN)
     p = probe()
-    block = e.observe(p, 1.0)[-1]
+    block = e.observe(p, 1.0).actions[-1]
     assert block == Block(p, (Step(StepKind.HOSTS_DENY, DENY), Step(StepKind.ROUTE, ROUTE),
                               Step(StepKind.RUN_CMD, RUN)))
 
@@ -96,14 +97,14 @@ def test_block_1_orders_hosts_deny_then_route_then_command():
 def test_kill_run_cmd_first_runs_the_command_before_blocking():
     e = engine(block_tcp=1, kill_route=ROUTE, kill_hosts_deny=DENY, kill_run_cmd=RUN,
                kill_run_cmd_first=True)
-    block = e.observe(probe(), 1.0)[-1]
+    block = e.observe(probe(), 1.0).actions[-1]
     assert isinstance(block, Block)
     assert [s.kind for s in block.steps] == [StepKind.RUN_CMD, StepKind.HOSTS_DENY, StepKind.ROUTE]
 
 
 def test_block_2_runs_only_the_command():
     e = engine(block_udp=2, kill_route=ROUTE, kill_hosts_deny=DENY, kill_run_cmd=RUN)
-    block = e.observe(probe(mode=Mode.UDP), 1.0)[-1]
+    block = e.observe(probe(mode=Mode.UDP), 1.0).actions[-1]
     assert isinstance(block, Block)
     assert block.steps == (Step(StepKind.RUN_CMD, RUN),)
 
@@ -111,26 +112,26 @@ def test_block_2_runs_only_the_command():
 def test_block_2_without_a_command_just_records():
     e = engine(block_tcp=2)
     p = probe()
-    assert e.observe(p, 1.0)[-1] == Record(p, 1.0)
+    assert e.observe(p, 1.0).actions[-1] == Record(p, 1.0)
 
 
 def test_block_1_without_any_step_records_like_1_2():
     e = engine(block_tcp=1)
     p = probe()
-    assert e.observe(p, 1.0)[-1] == Record(p, 1.0)
+    assert e.observe(p, 1.0).actions[-1] == Record(p, 1.0)
 
 
 def test_block_levels_are_per_protocol():
     e = engine(block_tcp=0, block_udp=1, kill_route=ROUTE)
-    assert isinstance(e.observe(probe(mode=Mode.UDP, kind=KIND_CONNECT), 1.0)[-1], Block)
-    assert isinstance(e.observe(probe(source=OTHER), 1.0)[-1], Record)
+    assert isinstance(e.observe(probe(mode=Mode.UDP, kind=KIND_CONNECT), 1.0).actions[-1], Block)
+    assert isinstance(e.observe(probe(source=OTHER), 1.0).actions[-1], Record)
 
 
 def test_hits_during_a_block_wait_for_its_outcome_then_say_already_blocked():
     e = engine(block_tcp=1, kill_route=ROUTE)
-    block = e.observe(probe(), 1.0)[-1]
+    block = e.observe(probe(), 1.0).actions[-1]
     assert isinstance(block, Block)
-    assert e.observe(probe(port=2), 1.1) == []  # held back while the block runs
+    assert e.observe(probe(port=2), 1.1).actions == []  # held back while the block runs
     actions = e.finished(block, True, 1.2)
     assert actions[0] == Record(probe(), 1.2)
     assert texts(actions) == [
@@ -141,7 +142,7 @@ def test_hits_during_a_block_wait_for_its_outcome_then_say_already_blocked():
 
 def test_hits_during_a_failed_block_try_again_in_order():
     e = engine(block_tcp=1, kill_route=ROUTE)
-    block = e.observe(probe(), 1.0)[-1]
+    block = e.observe(probe(), 1.0).actions[-1]
     assert isinstance(block, Block)
     e.observe(probe(port=2), 1.1)
     actions = e.finished(block, False, 1.2)
@@ -152,12 +153,12 @@ def test_hits_during_a_failed_block_try_again_in_order():
 def test_successful_block_is_recorded_and_failed_block_is_retried():
     e = engine(block_tcp=1, kill_route=ROUTE)
     p = probe()
-    block = e.observe(p, 1.0)[-1]
+    block = e.observe(p, 1.0).actions[-1]
     assert isinstance(block, Block)
     assert e.finished(block, False, 2.0) == [
         Log("attackalert: ERROR: Could not block host 198.18.0.2 !!")]
     assert not e.is_blocked(Mode.TCP, SCANNER)
-    block = e.observe(p, 3.0)[-1]
+    block = e.observe(p, 3.0).actions[-1]
     assert isinstance(block, Block)
     assert e.finished(block, True, 4.0) == [Record(p, 4.0)]
     assert e.is_blocked(Mode.TCP, SCANNER)
@@ -166,35 +167,35 @@ def test_successful_block_is_recorded_and_failed_block_is_retried():
 def test_blocked_state_is_per_mode_like_1_2s_blocked_files():
     e = engine(block_tcp=1, block_udp=1, kill_route=ROUTE)
     e.observe(probe(), 1.0)
-    assert isinstance(e.observe(probe(mode=Mode.UDP), 1.0)[-1], Block)
+    assert isinstance(e.observe(probe(mode=Mode.UDP), 1.0).actions[-1], Block)
 
 
 def test_banner_is_sent_in_connect_modes_only_when_the_trigger_fires():
     e = engine(port_banner="go away", scan_trigger=2)
-    assert not any(isinstance(a, SendBanner) for a in e.observe(probe(), 1.0))
-    assert e.observe(probe(), 2.0)[0] == SendBanner("go away")
+    assert not any(isinstance(a, SendBanner) for a in e.observe(probe(), 1.0).actions)
+    assert e.observe(probe(), 2.0).actions[0] == SendBanner("go away")
     stealth = engine(port_banner="go away")
     assert not any(isinstance(a, SendBanner)
-                   for a in stealth.observe(probe(mode=Mode.STCP, kind=KIND_SYN), 1.0))
+                   for a in stealth.observe(probe(mode=Mode.STCP, kind=KIND_SYN), 1.0).actions)
 
 
 def test_stealth_detection_lines_and_ip_options():
     e = engine(block_tcp=0, block_udp=0)
-    tcp = e.observe(probe(mode=Mode.STCP, kind=KIND_SYN, port=111, ip_options=True), 1.0)
+    tcp = e.observe(probe(mode=Mode.STCP, kind=KIND_SYN, port=111, ip_options=True), 1.0).actions
     assert texts(tcp)[:2] == [
         "attackalert: TCP SYN/Normal scan from host: 198.18.0.2/198.18.0.2 to TCP port: 111",
         "attackalert: Packet from host: 198.18.0.2/198.18.0.2 to TCP port: 111 has IP options "
         "set (detection avoidance technique).",
     ]
-    udp = e.observe(probe(mode=Mode.SUDP, kind=KIND_UDP, port=161), 1.0)
+    udp = e.observe(probe(mode=Mode.SUDP, kind=KIND_UDP, port=161), 1.0).actions
     assert texts(udp)[0] == "attackalert: UDP scan from host: 198.18.0.2/198.18.0.2 to UDP port: 161"
-    again = e.observe(probe(mode=Mode.STCP, kind=KIND_SYN, port=112), 2.0)
+    again = e.observe(probe(mode=Mode.STCP, kind=KIND_SYN, port=112), 2.0).actions
     assert texts(again)[-1] == "attackalert: Host: 198.18.0.2/198.18.0.2 is already blocked Ignoring"
 
 
 def test_resolved_name_appears_before_the_address():
     e = engine(block_tcp=0)
-    actions = e.observe(probe(source_name="scanner.example"), 1.0)
+    actions = e.observe(probe(source_name="scanner.example"), 1.0).actions
     assert texts(actions)[0] == (
         "attackalert: Connect from host: scanner.example/198.18.0.2 to TCP port: 1")
 
@@ -202,7 +203,7 @@ def test_resolved_name_appears_before_the_address():
 def test_ipv6_sources_are_handled_like_ipv4():
     source = ip_address("fd00::2")
     e = engine(block_tcp=1, kill_hosts_deny=DENY)
-    actions = e.observe(probe(source=source), 1.0)
+    actions = e.observe(probe(source=source), 1.0).actions
     assert texts(actions)[0] == "attackalert: Connect from host: fd00::2/fd00::2 to TCP port: 1"
     assert isinstance(actions[-1], Block)
 
@@ -221,7 +222,7 @@ def test_the_change_feed_marks_bans_made_and_lifted_elsewhere():
     probe = Probe(source, 1, Mode.STCP, KIND_SYN)
     engine.apply_ban_changes([(source, True)])  # `portsentry block` from the CLI
     assert engine.is_blocked(Mode.STCP, source)
-    assert not any(isinstance(a, Block) for a in engine.observe(probe, 1.0))
+    assert not any(isinstance(a, Block) for a in engine.observe(probe, 1.0).actions)
     engine.apply_ban_changes([(source, False), (source, True), (source, False)])  # in feed order
     assert not engine.is_blocked(Mode.STCP, source)
-    assert any(isinstance(a, Block) for a in engine.observe(probe, 2.0))
+    assert any(isinstance(a, Block) for a in engine.observe(probe, 2.0).actions)

@@ -54,7 +54,7 @@ def test_engine_bounds_lines_from_a_blocked_host():
     engine = Engine(EngineSettings(block_tcp=0, log_repeat_limit=2, log_repeat_window=60), set())
     lines = []
     for port in range(1000):
-        lines += [a.text for a in engine.observe(probe(port), 5.0) if isinstance(a, Log)]
+        lines += [a.text for a in engine.observe(probe(port), 5.0).actions if isinstance(a, Log)]
     # First hit: detection + "Ignoring response"; two repeats: detection + already blocked each.
     assert len(lines) == 2 + 2 * 2
     summary = [a.text for a in engine.tick(100.0) if isinstance(a, Log)]

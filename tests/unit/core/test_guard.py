@@ -30,14 +30,14 @@ def texts(actions) -> list[str]:
 
 def test_forged_hits_from_the_gateway_never_block_and_are_logged_once_per_window():
     e = engine()
-    first = e.observe(syn(GATEWAY), 1.0)
+    first = e.observe(syn(GATEWAY), 1.0).actions
     assert not any(isinstance(a, Block) for a in first)
     assert texts(first)[-1] == ("attackalert: Host: 198.18.0.254/198.18.0.254 is not blocked: it is a "
                                 "default gateway or DNS resolver of this host (spoofing guard)")
     for n in range(100):
-        assert texts(e.observe(syn(GATEWAY, port=n), 2.0 + n)) == []
+        assert texts(e.observe(syn(GATEWAY, port=n), 2.0 + n).actions) == []
     assert e.guard.refused_total == 101
-    assert texts(e.observe(syn(GATEWAY), 4000.0))  # a new window logs once more
+    assert texts(e.observe(syn(GATEWAY), 4000.0).actions)  # a new window logs once more
 
 
 def test_global_ban_rate_cap_counts_the_excess_and_summarises():
@@ -45,31 +45,32 @@ def test_global_ban_rate_cap_counts_the_excess_and_summarises():
     blocks = 0
     for n in range(100):
         source = ip_address("198.18.0.0") + 1000 + n
-        blocks += sum(isinstance(a, Block) for a in e.observe(syn(source), 5.0 + n * 0.01))
+        blocks += sum(isinstance(a, Block) for a in e.observe(syn(source), 5.0 + n * 0.01).actions)
     assert blocks == 10
     assert e.guard.rate_limited_total == 90
     summary = texts(e.tick(70.0))
     assert summary == ["attackalert: ban rate limit: 90 hits in the last minute were not acted on"]
     # A minute later bans are allowed again.
-    assert any(isinstance(a, Block) for a in e.observe(syn("198.18.9.9"), 70.0))
+    assert any(isinstance(a, Block) for a in e.observe(syn("198.18.9.9"), 70.0).actions)
 
 
 def test_per_network_cap():
     e = engine(ban_rate_limit=0, ban_rate_limit_net=2)
-    results = [any(isinstance(a, Block) for a in e.observe(syn(f"198.18.7.{n}"), 1.0)) for n in range(1, 6)]
+    results = [any(isinstance(a, Block) for a in e.observe(syn(f"198.18.7.{n}"), 1.0).actions)
+               for n in range(1, 6)]
     assert results == [True, True, False, False, False]
-    assert any(isinstance(a, Block) for a in e.observe(syn("198.18.8.1"), 1.0))
+    assert any(isinstance(a, Block) for a in e.observe(syn("198.18.8.1"), 1.0).actions)
 
 
 def test_sensitive_network_needs_a_completed_tcp_connection_first():
     e = engine(sensitive_networks=(ip_network("198.18.4.0/24"),))
-    stealth = e.observe(syn("198.18.4.7"), 1.0)
+    stealth = e.observe(syn("198.18.4.7"), 1.0).actions
     assert not any(isinstance(a, Block) for a in stealth)
     assert "without a completed TCP connection" in texts(stealth)[-1]
     e.observe(syn("198.18.4.7", mode=Mode.TCP), 2.0)  # a real handshake on a connect-mode port
-    assert any(isinstance(a, Block) for a in e.observe(syn("198.18.4.7", port=2), 3.0))
+    assert any(isinstance(a, Block) for a in e.observe(syn("198.18.4.7", port=2), 3.0).actions)
     # Outside the sensitive network a stealth hit blocks at once.
-    assert any(isinstance(a, Block) for a in e.observe(syn("198.18.5.7"), 4.0))
+    assert any(isinstance(a, Block) for a in e.observe(syn("198.18.5.7"), 4.0).actions)
 
 
 def test_guard_tables_stay_bounded_under_a_flood_of_sources():
@@ -101,7 +102,7 @@ def test_a_source_no_real_peer_can_have_never_blocks_whoever_hands_it_in():
     # Sensors drop these already; an admin block or a fleet decision reaches the engine directly.
     e = engine()
     for source in ("0.0.0.0", "224.0.0.1", "255.255.255.255", "127.0.0.1", "::1", "ff02::1"):
-        actions = e.observe(syn(source), 1.0)
+        actions = e.observe(syn(source), 1.0).actions
         assert not any(isinstance(a, Block) for a in actions), source
         assert "cannot be the source of a real packet" in texts(actions)[-1]
 
@@ -109,12 +110,12 @@ def test_a_source_no_real_peer_can_have_never_blocks_whoever_hands_it_in():
 def test_a_block_that_goes_ahead_carries_no_refusal_reason():
     # issue 9.8: the event of a successful block said "ban rate limit reached".
     e = engine()
-    e.observe(syn("198.18.0.2"), 1.0)
-    assert (e.last_decision, e.last_reason) == ("block", None)
+    outcome = e.observe(syn("198.18.0.2"), 1.0)
+    assert (outcome.decision, outcome.reason) == ("block", None)
     e = engine(ban_rate_limit=1)
     e.observe(syn("198.18.0.2"), 1.0)
-    e.observe(syn("198.18.0.3"), 2.0)
-    assert (e.last_decision, e.last_reason) == ("refused", "ban rate limit reached")
+    outcome = e.observe(syn("198.18.0.3"), 2.0)
+    assert (outcome.decision, outcome.reason) == ("refused", "ban rate limit reached")
 
 
 def test_refused_sources_get_no_banner():
@@ -128,6 +129,7 @@ def test_refused_sources_get_no_banner():
     e = Engine(EngineSettings(block_udp=1, kill_route=ROUTE, port_banner="go away",
                               guard=GuardSettings(ban_rate_limit=1)), set())
     e.guard.set_protected({GATEWAY})
-    assert not any(isinstance(a, SendBanner) for a in e.observe(udp(str(GATEWAY)), 1.0))
-    assert any(isinstance(a, SendBanner) for a in e.observe(udp("198.18.0.2"), 2.0))  # blocked
-    assert not any(isinstance(a, SendBanner) for a in e.observe(udp("198.18.0.3"), 3.0))  # over the cap
+    assert not any(isinstance(a, SendBanner) for a in e.observe(udp(str(GATEWAY)), 1.0).actions)
+    assert any(isinstance(a, SendBanner) for a in e.observe(udp("198.18.0.2"), 2.0).actions)  # blocked
+    over_the_cap = e.observe(udp("198.18.0.3"), 3.0).actions
+    assert not any(isinstance(a, SendBanner) for a in over_the_cap)

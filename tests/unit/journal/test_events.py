@@ -1,6 +1,6 @@
 """The JSON-lines event log: events from the builders match docs/events.schema.json (checked by a
-small validator for the schema keywords we use), lines survive rotation, and decision_of reads
-the real engine's answers correctly."""
+small validator for the schema keywords we use), lines survive rotation, and the engine's
+decisions (Engine.observe's Outcome) are the schema's."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from portsentry.core.actions import Decision
 from portsentry.core.engine import Engine, EngineSettings
 from portsentry.core.probe import KIND_CONNECT, KIND_SYN, KIND_UDP, Mode, Probe
 from portsentry.journal import events
@@ -208,7 +209,7 @@ def test_every_ban_event_is_valid(address, backend, duration, reason, now) -> No
 
 
 # ---------------------------------------------------------------------------------------------
-# decision_of against the real engine
+# the engine's decisions are the event log's
 
 
 def engine(**settings: object) -> Engine:
@@ -219,26 +220,27 @@ def probe_from(address: str, mode: Mode = Mode.TCP) -> Probe:
     return Probe(ip_address(address), 1, mode, KIND_CONNECT)
 
 
-def test_decision_of_each_engine_outcome() -> None:
+def test_each_engine_decision_is_an_event_decision() -> None:
+    assert {d.value for d in Decision} == set(events.DECISIONS)
     blocking = engine(block_tcp=1, kill_hosts_deny="ALL: $TARGET$")
     probe = probe_from("198.18.0.2")
-    assert events.decision_of(probe, blocking.observe(probe, NOW)) == "block"
-    assert events.decision_of(probe, blocking.observe(probe, NOW)) == "already_blocked"
+    assert blocking.observe(probe, NOW).decision == "block"
+    assert blocking.observe(probe, NOW).decision == "already_blocked"
     ignored = probe_from("198.18.0.9")
-    assert events.decision_of(ignored, blocking.observe(ignored, NOW)) == "ignored"
+    assert blocking.observe(ignored, NOW).decision == "ignored"
 
     logging_only = engine(block_tcp=0)
-    assert events.decision_of(probe, logging_only.observe(probe, NOW)) == "log"
+    assert logging_only.observe(probe, NOW).decision == "log"
 
     triggered = engine(scan_trigger=3, block_tcp=1, kill_hosts_deny="ALL: $TARGET$")
-    decisions = [events.decision_of(probe, triggered.observe(probe, NOW)) for _ in range(3)]
+    decisions = [triggered.observe(probe, NOW).decision for _ in range(3)]
     assert decisions == ["below_trigger", "below_trigger", "block"]
 
 
-def test_decision_of_rate_limited_repeats_is_already_blocked() -> None:
+def test_rate_limited_repeats_are_already_blocked() -> None:
     eng = engine(block_tcp=0, log_repeat_limit=1, log_repeat_window=60.0)
     probe = probe_from("198.18.0.2")
-    outcomes = [events.decision_of(probe, eng.observe(probe, NOW + i)) for i in range(5)]
+    outcomes = [eng.observe(probe, NOW + i).decision for i in range(5)]
     assert outcomes == ["log"] + ["already_blocked"] * 4
 
 

@@ -458,3 +458,24 @@ def test_restore_is_one_timed_add_per_set():
                    ElementOp(NFT_MSG_NEWSETELEM, "blocked6", ((IPv6Address("fd00::2"), None),))]
     assert backend.restore_script([(IPv4Address("198.18.0.2"), 60.0)]) == \
         "add element inet portsentry blocked4 { 198.18.0.2 timeout 60s }\n"
+
+
+def test_netlink_restore_sends_one_timed_add_per_set_with_the_declared_bytes() -> None:
+    fake = FakeNetlink()
+    bans = [(V4, 3600.0), (V6, None), (IPv4Address("198.18.0.9"), 0.0005)]
+    netlink_backend(fake).restore_many(bans)
+    assert len(fake.sent) == 2  # one transaction per set
+    cases: list[tuple[str, list[tuple[IPv4Address | IPv6Address, int | None]]]] = [
+        ("blocked4", [(V4, 3_600_000), (IPv4Address("198.18.0.9"), 1)]),
+        ("blocked6", [(V6, None)]),
+    ]
+    for data, (set_name, expected) in zip(fake.sent, cases, strict=True):
+        messages = _messages(data)
+        assert [kind for kind, _, _ in messages] == [16, 0x0A0C, 17]
+        reference = element_message("portsentry", ElementOp(NFT_MSG_NEWSETELEM, set_name, tuple(expected)), 0)
+        sent = messages[1][2]
+        assert sent[:8] == reference[:8] and sent[12:] == reference[12:]
+    with pytest.raises(ValueError):
+        netlink_backend(FakeNetlink()).restore_many([(V4, float("nan"))])
+    with pytest.raises(TypeError):
+        netlink_backend(FakeNetlink()).restore_many([("198.18.0.2", 60.0)])  # type: ignore[list-item]
