@@ -318,11 +318,10 @@ class BanManager:
 
     def repair(self, now: float) -> None:
         """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans."""
-        repair = getattr(self.backend, "repair_capture", None)
-        if self.backend is None or repair is None:
+        if self.backend is None:
             return
         try:
-            rebuilt = bool(repair())
+            rebuilt = self.backend.repair_capture()
         except (BackendError, OSError) as error:
             self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
             return

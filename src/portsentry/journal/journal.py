@@ -5,19 +5,21 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Protocol, TextIO
 
 from portsentry.core.probe import Mode, Probe
 from portsentry.journal.failures import BLOCKED, HISTORY, WriteFailures
 from portsentry.journal.files import append_line, history_line, truncate
-from portsentry.journal.journald import JournaldWriter
 from portsentry.journal.syslog import LOG_INFO, LOG_NOTICE
 
 
 class LogWriter(Protocol):
     """Syslog or the systemd journal: one message with a syslog severity."""
 
-    def send(self, message: str, severity: int, /) -> bool: ...
+    def emit(self, message: str, severity: int, fields: Mapping[str, object]) -> bool:
+        """One message; `fields` (PORTSENTRY_SRC etc.) are kept where the sink can (journald)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -52,10 +54,8 @@ class Journal:
             if text.startswith("attackalert:") and not verbose:
                 self._recent.append((time.time(), text))
             severity = LOG_INFO if verbose else LOG_NOTICE
-            if isinstance(self.syslog, JournaldWriter) and fields:
-                self.syslog.send(text, severity, **fields)
-            elif self.syslog is not None:
-                self.syslog.send(text, severity)
+            if self.syslog is not None:
+                self.syslog.emit(text, severity, fields or {})
             if self.stderr is not None:
                 print(text, file=self.stderr, flush=True)
 

@@ -110,6 +110,10 @@ class JournaldWriter:
         base.update({name.upper(): value for name, value in fields.items()})
         return encode_entry(base)
 
+    def emit(self, message: str, severity: int, fields: Mapping[str, object]) -> bool:
+        """The Journal's call: the message with its fields (PORTSENTRY_SRC etc.)."""
+        return self.send(message, severity, **fields)
+
     def send(self, message: str, priority: int = LOG_NOTICE, **fields: object) -> bool:
         """Log `message` with `fields` (names as journald wants them, e.g. PORTSENTRY_SRC; lower
         case is raised). journald stamps the entry itself. Raises ValueError only for a bad

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 LOG_DAEMON = 3
 LOG_ERR = 3
@@ -44,6 +45,10 @@ class SyslogWriter:
                 continue
             return sock
         raise OSError(f"no syslog socket at {self.path}")
+
+    def emit(self, message: str, severity: int, fields: Mapping[str, object]) -> bool:
+        """The Journal's call: structured `fields` (journald's) have no place in a syslog line."""
+        return self.send(message, severity)
 
     def send(self, message: str, severity: int = LOG_NOTICE, at: float | None = None) -> bool:
         data = frame(message, severity, self.ident, os.getpid(), time.time() if at is None else at)

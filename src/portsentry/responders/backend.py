@@ -140,6 +140,12 @@ class BanBackend(abc.ABC):
         for address, timeout in bans:
             self.add(address, timeout)
 
+    def repair_capture(self) -> bool:
+        """Rebuild what someone removed behind our back (`nft flush ruleset`); True when it had
+        to, and the bans must then be added again. Only nftables, which also holds the capture
+        rules, can tell; the others have nothing to repair."""
+        return False
+
     def restore_many(self, bans: Iterable[tuple[IPAddress, float | None]]) -> None:
         """Put recorded bans back at start: every address ends up blocked, but one the kernel
         still holds may keep the timeout it already has (the one recorded with it). Backends

@@ -22,13 +22,10 @@ class Readable(Protocol):
     def fileno(self) -> int: ...
 
 
-def describe_sensor(sensor: object) -> list[str]:
-    """What a sensor watches, for `portsentry status`."""
-    describe = getattr(sensor, "describe", None)
-    return list(describe()) if callable(describe) else []
-
-
 class Sensor(Protocol):
+    """Every sensor says all of this; what a kind of sensor lacks (a connect sensor has no
+    capture buffer to overflow, no packets to drop) it answers with None or nothing."""
+
     def open(self) -> list[Readable]:
         """Start watching; returns the handles to poll (empty: nothing could be watched)."""
         ...
@@ -38,3 +35,15 @@ class Sensor(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def describe(self) -> list[str]:
+        """What it watches, for `portsentry status`."""
+        ...
+
+    def capture_drops(self) -> int | None:
+        """Packets the kernel dropped before we could read them; None when it cannot know."""
+        ...
+
+    def packet_drops(self) -> dict[str, int]:
+        """Packets read but dropped before the engine (malformed, forged), per reason."""
+        ...

@@ -81,6 +81,12 @@ class ConnectSensor:
             self._log(messages.no_socket_bound(self.protocol))
         return [sock for sock, _port in self._sockets.values()]
 
+    def capture_drops(self) -> int | None:
+        return None  # accepted connections: the kernel's backlog is not a capture buffer
+
+    def packet_drops(self) -> dict[str, int]:
+        return {}  # every accepted connection is a real one: nothing to drop
+
     def describe(self) -> list[str]:
         families = "IPv4+IPv6" if any(s.family == socket.AF_INET6 for s, _p in self._sockets.values()) \
             else "IPv4"

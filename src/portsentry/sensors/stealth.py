@@ -146,6 +146,9 @@ class StealthSensor:
         except OSError:
             return None
 
+    def packet_drops(self) -> dict[str, int]:
+        return self.drops.as_dict()
+
     def describe(self) -> list[str]:
         lines = []
         for watch in self.watches:

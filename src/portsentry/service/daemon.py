@@ -43,8 +43,7 @@ from portsentry.host import info as hostinfo
 from portsentry.journal.journal import Journal
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.classic import ClassicResponder
-from portsentry.sensors.base import Hit, Sensor, describe_sensor
-from portsentry.sensors.packet import DropCounter
+from portsentry.sensors.base import Hit, Sensor
 from portsentry.service import sdnotify
 from portsentry.service.admin import admin_request
 from portsentry.service.blockqueue import BlockQueue
@@ -468,18 +467,15 @@ class Daemon:
             reply({"ok": False, "error": f"{request.command}: this daemon keeps no ban store"})
 
     def capture_drops(self) -> int | None:
-        drops = [d for d in (getattr(s, "capture_drops", lambda: None)() for s in self.sensors)
-                 if d is not None]
+        drops = [d for d in (s.capture_drops() for s in self.sensors) if d is not None]
         return sum(drops) if drops else None
 
     def packet_drops(self) -> dict[str, int]:
         """Packets the sensors dropped before the engine, per reason (malformed or forged)."""
         totals: dict[str, int] = {}
         for sensor in self.sensors:
-            counter = getattr(sensor, "drops", None)
-            if isinstance(counter, DropCounter):
-                for reason, count in counter.as_dict().items():
-                    totals[reason] = totals.get(reason, 0) + count
+            for reason, count in sensor.packet_drops().items():
+                totals[reason] = totals.get(reason, 0) + count
         return totals
 
     def stats(self, now: float) -> dict[str, Any]:
@@ -503,7 +499,7 @@ class Daemon:
             "uptime": round(now - self.started, 1),
             "config": self.config.source,
             "modes": [str(mode) for mode in self.modes],
-            "watching": [line for sensor in self.sensors for line in describe_sensor(sensor)],
+            "watching": [line for sensor in self.sensors for line in sensor.describe()],
             "backend": backend.name if backend is not None else None,
             "ignore_entries": len(self.engine.ignore) if isinstance(self.engine.ignore, Sized) else None,
             "active_bans": active,
