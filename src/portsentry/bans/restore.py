@@ -33,7 +33,7 @@ _COOKIE = struct.Struct("=Q")
 
 @dataclass(frozen=True)
 class Restored:
-    addresses: list[IPAddress]  # every ban in force
+    banned: list[bytes]  # every ban in force, as packed addresses (Engine.sync_bans takes them)
     # (address, port, mode) of each, for the KILL_ROUTE re-runs; empty when none are due.
     routes: list[tuple[IPAddress, int, str]]
     kernel_id_path: str | None = None
@@ -45,18 +45,20 @@ class Restored:
 
 
 def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None) -> Restored:
-    """Everything that must be in force before READY; see the module docstring."""
+    """Everything that must be in force before READY; see the module docstring. A million bans
+    are read as packed addresses and go to the kernel without an address object each; only
+    the bans with a hosts.deny line, and the KILL_ROUTE re-runs when due, are read in full."""
     bans.expire(now)
-    active = bans.store.active_slim(now)
+    active = bans.store.active_packed(now)
     changed, current = _kernel_changed(kernel_id_path) if kernel_id_path is not None else (False, None)
     if bans.backend is not None and active:
         try:
             bans.backend.restore_many(
-                (address, None if expires is None else max(expires - now, 1.0))
-                for address, expires, _line, _port, _mode in active)
+                (packed, None if expires is None else (expires - now if expires - now > 1.0 else 1.0))
+                for packed, expires in active)
         except (BackendError, OSError) as error:
             bans.log(messages.native_block_failed("(restore)", bans.backend.describe(), str(error)))
-    lines = {line: address for address, _expires, line, _port, _mode in active if line}
+    lines = {line: address for address, line in bans.store.active_lines(now)}
     if lines:
         def own(appended: list[str]) -> None:
             try:
@@ -71,8 +73,9 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
     rerun = changed and bool(bans.policy.route)
     if changed and not rerun and kernel_id_path is not None:
         _remember_kernel(kernel_id_path, current, bans.log)
-    routes = [(address, port, mode) for address, _e, _l, port, mode in active] if rerun else []
-    return Restored([entry[0] for entry in active], routes, kernel_id_path, current)
+    routes = ([(address, port, mode) for address, _e, _l, port, mode in bans.store.active_slim(now)]
+              if rerun else [])
+    return Restored([packed for packed, _expires in active], routes, kernel_id_path, current)
 
 
 def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_CONCURRENCY) -> int:

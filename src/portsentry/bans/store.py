@@ -549,6 +549,24 @@ class BanStore:
         return [(stored_address(a), e, line, port, mode) for a, e, line, port, mode in rows]
 
     @_store_errors
+    def active_packed(self, now: float) -> list[tuple[bytes, float | None]]:
+        """(packed address, expires) of every ban in force: what the kernel sets and the engine
+        need at start, without an address object per row (a million bans)."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT address, expires FROM bans WHERE {_ACTIVE}", (now,)).fetchall()
+        pton, v4, v6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
+        return [(pton(v6 if ":" in a else v4, a), e) for a, e in rows]
+
+    @_store_errors
+    def active_lines(self, now: float) -> list[tuple[IPAddress, str]]:
+        """(address, hosts.deny line) of every ban in force that has a line."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT address, hosts_deny_line FROM bans WHERE hosts_deny_line IS NOT NULL AND {_ACTIVE}",
+                (now,)).fetchall()
+        return [(stored_address(a), line) for a, line in rows]
+
+    @_store_errors
     def expired(self, now: float) -> list[Ban]:
         """Bans past their expiry at `now` that nobody has lifted yet, earliest expiry first."""
         return self._select("WHERE expires IS NOT NULL AND expires <= ? ORDER BY expires, address", (now,))

@@ -70,6 +70,14 @@ def address_text(address: object) -> str:
     return address.compressed
 
 
+def unpacked(packed: bytes) -> IPAddress:
+    """The address of 4 or 16 packed bytes; anything else is refused (TypeError, like
+    address_text), so no other bytes reach a kernel message or a command."""
+    if type(packed) is not bytes or len(packed) not in (4, 16):
+        raise TypeError(f"a packed ban address is 4 or 16 bytes, not {packed!r}")
+    return IPv4Address(packed) if len(packed) == 4 else IPv6Address(packed)
+
+
 def check_timeout(timeout: float | None) -> float | None:
     """A ban's lifetime in seconds (None = forever), refusing values no backend can express."""
     if timeout is None:
@@ -146,11 +154,12 @@ class BanBackend(abc.ABC):
         rules, can tell; the others have nothing to repair."""
         return False
 
-    def restore_many(self, bans: Iterable[tuple[IPAddress, float | None]]) -> None:
-        """Put recorded bans back at start: every address ends up blocked, but one the kernel
-        still holds may keep the timeout it already has (the one recorded with it). Backends
-        whose add must reset timeouts the slow way (nftables) override this with a cheaper form."""
-        self.add_many(bans)
+    def restore_many(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
+        """Put recorded bans back at start, given as packed addresses (4 or 16 bytes: a million
+        of them are read without an address object each) with their seconds left. Every address
+        ends up blocked; one the kernel still holds may keep the timeout it already has (the one
+        recorded with it). Backends with a cheaper form than add_many override this."""
+        self.add_many((unpacked(packed), timeout) for packed, timeout in bans)
 
     def remove_many(self, addresses: Iterable[IPAddress]) -> None:
         """Lift many bans (`portsentry unblock --file`); backends with a batch form override it."""

@@ -186,8 +186,8 @@ class Daemon:
             # The cursor first: what changes while restoring is replayed, which is harmless.
             cursor = self.bans.store.last_change()
             restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"))
-            self.engine.sync_bans(set(restored.addresses))
-            self.active_bans = len(restored.addresses)
+            self.engine.sync_bans(restored.banned)
+            self.active_bans = len(restored.banned)
             if restored.rerun:  # after READY, a few at a time: many bans must not delay the start
                 threading.Thread(target=rerun_routes, args=(self.bans, restored), name="route-rerun",
                                  daemon=True).start()
@@ -377,7 +377,7 @@ class Daemon:
     def _apply(self, found: Findings) -> None:
         """On the main loop: what the maintenance thread found."""
         if found.resync is not None:
-            self.engine.sync_bans(set(found.resync))
+            self.engine.sync_bans(address.packed for address in found.resync)
         self.engine.apply_ban_changes(found.changes)
         if found.protected is not None:
             self.engine.guard.set_protected(found.protected)

@@ -117,7 +117,7 @@ def test_restore_reapplies_active_bans_with_remaining_time(tmp_path):
     bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=100,
                   hosts_deny_line="ALL: 198.18.0.2", native=True)
     restored = restore_bans(bans, 40.0)
-    assert restored.addresses == [A]
+    assert restored.banned == [A.packed]
     assert kernel.held == {A: 60.0}
     assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
     restore_bans(bans, 41.0)  # idempotent: nothing doubled

@@ -226,3 +226,16 @@ def test_the_change_feed_marks_bans_made_and_lifted_elsewhere():
     engine.apply_ban_changes([(source, False), (source, True), (source, False)])  # in feed order
     assert not engine.is_blocked(Mode.STCP, source)
     assert any(isinstance(a, Block) for a in engine.observe(probe, 2.0).actions)
+
+
+def test_restored_bans_count_as_blocked_in_every_mode_and_a_resync_frees_them():
+    e = engine(block_tcp=1, kill_hosts_deny="ALL: $TARGET$")
+    v6 = ip_address("fd00::2")
+    e.sync_bans([SCANNER.packed, v6.packed])  # what restore hands over: packed addresses
+    for mode in (Mode.TCP, Mode.STCP, Mode.ATCP):
+        assert e.observe(probe(mode=mode), 1.0).decision == "already_blocked"
+    assert e.observe(probe(source=v6), 1.0).decision == "already_blocked"
+    e.sync_bans([v6.packed])  # SCANNER's ban was lifted while the feed could not be followed
+    assert e.observe(probe(), 2.0).decision == "block"
+    e.apply_ban_changes([(v6, False)])
+    assert e.observe(probe(source=v6), 3.0).decision == "block"

@@ -462,7 +462,8 @@ def test_restore_is_one_timed_add_per_set():
 
 def test_netlink_restore_sends_one_timed_add_per_set_with_the_declared_bytes() -> None:
     fake = FakeNetlink()
-    bans = [(V4, 3600.0), (V6, None), (IPv4Address("198.18.0.9"), 0.0005)]
+    bans: list[tuple[bytes, float | None]] = [(V4.packed, 3600.0), (V6.packed, None),
+                                              (IPv4Address("198.18.0.9").packed, 0.0005)]
     netlink_backend(fake).restore_many(bans)
     assert len(fake.sent) == 2  # one transaction per set
     cases: list[tuple[str, list[tuple[IPv4Address | IPv6Address, int | None]]]] = [
@@ -476,6 +477,18 @@ def test_netlink_restore_sends_one_timed_add_per_set_with_the_declared_bytes() -
         sent = messages[1][2]
         assert sent[:8] == reference[:8] and sent[12:] == reference[12:]
     with pytest.raises(ValueError):
-        netlink_backend(FakeNetlink()).restore_many([(V4, float("nan"))])
-    with pytest.raises(TypeError):
-        netlink_backend(FakeNetlink()).restore_many([("198.18.0.2", 60.0)])  # type: ignore[list-item]
+        netlink_backend(FakeNetlink()).restore_many([(V4.packed, float("nan"))])
+    for bad in (b"198.18.0.2", b"\x00" * 5, "198.18.0.2"):
+        with pytest.raises(TypeError):
+            netlink_backend(FakeNetlink()).restore_many([(bad, 60.0)])  # type: ignore[list-item]
+
+
+def test_restore_through_the_sender_thread_sends_every_batch_and_reports_a_refusal() -> None:
+    fake = FakeNetlink()
+    count = 3 * nftables.BATCH_ELEMENTS + 5
+    netlink_backend(fake).restore_many((IPv4Address(0xC6120000 + i).packed, 60.0) for i in range(count))
+    sent = [len(_messages(data)) for data in fake.sent]
+    assert sent == [3, 3, 3, 3]  # four batches, each BEGIN, one NEWSETELEM, END
+    refusing = FakeNetlink(fail={0: errno.ENFILE})
+    with pytest.raises(BackendError, match="is full"):
+        netlink_backend(refusing).restore_many((IPv4Address(0xC6120000 + i).packed, 60.0) for i in range(10))
