@@ -18,7 +18,8 @@ import pytest
 from portsentry.responders.backend import BanBackend, RunResult, run_argv
 from portsentry.responders.iproute import RouteBackend
 from portsentry.responders.ipset import IpsetBackend
-from portsentry.responders.nftables import NftablesBackend, open_netlink
+from portsentry.responders.nft_elements import open_netlink
+from portsentry.responders.nftables import NftablesBackend
 from tests.system.rig import Listener, Namespaces, eventually, namespaces_up, ns_argv, run_in, tcp_connect
 
 pytestmark = pytest.mark.system

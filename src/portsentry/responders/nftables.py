@@ -18,49 +18,16 @@ re-add); every remove is "add, delete", so removing an absent address succeeds w
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import functools
 import json
 import math
-import os
-import queue
 import re
-import socket
-import struct
-import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from types import TracebackType
+from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar, TypeVar
 
 from portsentry.core.probe import IPAddress, Protocol
-from portsentry.netlink.codec import (
-    NETLINK_CAP_ACK,
-    NETLINK_NETFILTER,
-    NLA_F_NESTED,
-    NLA_HDRLEN,
-    NLATTR,
-    NLM_F_ACK,
-    NLM_F_CREATE,
-    NLM_F_REQUEST,
-    NLMSG_ERROR,
-    NLMSG_HDRLEN,
-    NLMSGHDR,
-    SOL_NETLINK,
-    NoAnswer,
-    attr,
-    error_reply,
-    nested,
-    nf_message,
-    open_socket,
-    split,
-    wait_acks,
-)
 from portsentry.responders.backend import (
-    BackendError,
     BanBackend,
     Runner,
     address_text,
@@ -68,6 +35,26 @@ from portsentry.responders.backend import (
     run_argv,
     unpacked,
 )
+from portsentry.responders.nft_capture import CaptureSpec
+from portsentry.responders.nft_elements import (
+    BE64,
+    NFT_MSG_DELSETELEM,
+    NFT_MSG_NEWSETELEM,
+    TIMEOUT_HEAD,
+    ElementOp,
+    EncodedOp,
+    InconsistentListing,
+    NetlinkElements,
+    Sender,
+    SocketFactory,
+    element_head,
+    open_netlink,
+    parse_set_json,
+    timeout_ms,
+    timeout_text,
+)
+
+_T = TypeVar("_T")
 
 NFT = "nft"
 HOOKS = frozenset({"prerouting", "input", "forward"})
@@ -82,244 +69,6 @@ CAPTURE_CHAIN = "capture"
 BATCH_ELEMENTS = 1024
 LISTING_ATTEMPTS = 10
 LISTING_RETRY_DELAY = 0.2
-
-# ---------------------------------------------------------------------------------------------
-# nf_tables messages (linux/netfilter/nf_tables.h); the netlink framing is portsentry.netlink's
-
-BE64 = struct.Struct("!Q")
-NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
-NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
-NFPROTO_UNSPEC, NFPROTO_INET = 0, 1
-NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
-NFTA_LIST_ELEM = 1
-NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_TIMEOUT = 1, 4
-NFTA_DATA_VALUE = 1
-
-SocketFactory = Callable[[], socket.socket]
-
-_T = TypeVar("_T")
-
-
-def open_netlink() -> socket.socket:
-    """A NETLINK_NETFILTER socket in this process's network namespace."""
-    sock = open_socket(NETLINK_NETFILTER)
-    try:
-        sock.bind((0, 0))
-        # Error replies then carry only the failed message's header, not its (large) payload.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-@dataclass(frozen=True, slots=True)
-class ElementOp:
-    """One NEWSETELEM or DELSETELEM message: elements of one set, each with an optional timeout."""
-
-    kind: int
-    set_name: str
-    elements: tuple[tuple[IPAddress, int | None], ...]  # address, timeout in milliseconds
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedOp:
-    """An ElementOp whose elements are encoded already (restore_many: a million of them)."""
-
-    kind: int
-    set_name: str
-    items: tuple[bytes, ...]
-
-
-def element_attribute(address: IPAddress, timeout_ms: int | None) -> bytes:
-    """One set element as the layout declares it: LIST_ELEM { KEY { DATA_VALUE address },
-    TIMEOUT }. element_message builds the same bytes from cached headers (a restore encodes a
-    million of them); a unit test holds the two equal."""
-    parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, address.packed))]
-    if timeout_ms is not None:
-        parts.append(attr(NFTA_SET_ELEM_TIMEOUT, BE64.pack(timeout_ms)))
-    return nested(NFTA_LIST_ELEM, *parts)
-
-
-_TIMEOUT_HEAD = NLATTR.pack(NLA_HDRLEN + BE64.size, NFTA_SET_ELEM_TIMEOUT)
-
-
-@functools.cache
-def _element_head(address_size: int, timed: bool) -> bytes:
-    """The attribute headers in front of an element's address (4 or 16 bytes: no padding)."""
-    value = NLA_HDRLEN + address_size
-    key = NLA_HDRLEN + value
-    whole = NLA_HDRLEN + key + (NLA_HDRLEN + BE64.size if timed else 0)
-    return (NLATTR.pack(whole, NFTA_LIST_ELEM | NLA_F_NESTED)
-            + NLATTR.pack(key, NFTA_SET_ELEM_KEY | NLA_F_NESTED) + NLATTR.pack(value, NFTA_DATA_VALUE))
-
-
-def element_message(table: str, op: ElementOp | EncodedOp, seq: int) -> bytes:
-    """The netlink message for `op` on `table` (family inet), asking for an acknowledgement."""
-    items = list(op.items) if isinstance(op, EncodedOp) else []
-    for address, timeout_ms in () if isinstance(op, EncodedOp) else op.elements:
-        if not isinstance(address, IPv4Address | IPv6Address):
-            address_text(address)  # raises the one TypeError for anything but an address
-        packed = address.packed
-        if timeout_ms is None:
-            items.append(_element_head(len(packed), False) + packed)
-        else:
-            items.append(_element_head(len(packed), True) + packed + _TIMEOUT_HEAD + BE64.pack(timeout_ms))
-    body = (
-        attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-        + attr(NFTA_SET_ELEM_LIST_SET, op.set_name.encode() + b"\0")
-        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)
-    )
-    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op.kind == NFT_MSG_NEWSETELEM else 0)
-    return nf_message((NFNL_SUBSYS_NFTABLES << 8) | op.kind, flags, seq, NFPROTO_INET, 0, body)
-
-
-def batch(table: str, ops: Sequence[ElementOp | EncodedOp], first_seq: int) -> bytes:
-    """One nf_tables transaction: BATCH_BEGIN, a message per op (seq first_seq+1...), BATCH_END.
-    The kernel applies all of it or none of it."""
-    begin = nf_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, NFPROTO_UNSPEC,
-                       NFNL_SUBSYS_NFTABLES)
-    messages = [element_message(table, op, first_seq + 1 + i) for i, op in enumerate(ops)]
-    end = nf_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first_seq + 1 + len(ops), NFPROTO_UNSPEC,
-                     NFNL_SUBSYS_NFTABLES)
-    return begin + b"".join(messages) + end
-
-
-def parse_acks(data: bytes) -> list[tuple[int, int]]:
-    """(seq, errno) for every NLMSG_ERROR in `data` (errno 0 is an acknowledgement); other
-    messages are skipped. Raises ValueError on a truncated or malformed message."""
-    acks: list[tuple[int, int]] = []
-    spans, stop = split(data)
-    for kind, _flags, _seq, _pid, start, end in spans:
-        if kind == NLMSG_ERROR:
-            reply = error_reply(data, start, end)
-            if reply is None:
-                raise ValueError(f"short netlink error message at byte {start - NLMSG_HDRLEN}")
-            acks.append(reply)
-    rest = len(data) - stop
-    if rest >= NLMSG_HDRLEN:
-        length = NLMSGHDR.unpack_from(data, stop)[0]
-        raise ValueError(f"malformed netlink message at byte {stop} (length {length})")
-    if rest >= 4:
-        raise ValueError(f"{rest} trailing bytes after the last netlink message")
-    return acks
-
-
-def _describe_errno(code: int, set_names: str) -> str:
-    if code == errno.ENOENT:
-        return f"table or set {set_names} does not exist (run setup first)"
-    if code == errno.ENFILE:
-        return f"set {set_names} is full (raise set_size)"
-    return os.strerror(code)
-
-
-class NetlinkElements:
-    """Sends element transactions over one NETLINK_NETFILTER socket, opened on first use."""
-
-    def __init__(self, table: str, socket_factory: SocketFactory = open_netlink) -> None:
-        self.table = table
-        self._factory = socket_factory
-        self._sock: socket.socket | None = None
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def transact(self, ops: Sequence[ElementOp | EncodedOp]) -> None:
-        """Apply `ops` atomically; BackendError names the errno if the kernel refused them."""
-        with self._lock:
-            try:
-                self._transact(ops)
-            except OSError as exc:
-                self._close()
-                raise BackendError(f"nf_tables netlink: {exc}") from exc
-
-    def _transact(self, ops: Sequence[ElementOp | EncodedOp]) -> None:
-        if self._sock is None:
-            self._sock = self._factory()
-        sock = self._sock
-        first = self._seq = (self._seq + len(ops) + 2) % (1 << 31)
-        sock.sendall(batch(self.table, ops, first))
-        # nfnetlink handles the batch inside the send call, so every answer is queued by now; the
-        # short timeout only guards against a kernel that behaves otherwise.
-        sock.settimeout(2.0)
-        try:
-            answers = wait_acks(sock, range(first + 1, first + 1 + len(ops)))
-        except NoAnswer as exc:
-            raise BackendError(f"nf_tables netlink: no answer for {exc.missing} message(s)") from None
-        errors = [code for code in answers.values() if code]
-        if errors:
-            # Drain what else this transaction queued, so the next one reads only its own answers.
-            sock.settimeout(0)
-            with contextlib.suppress(BlockingIOError, InterruptedError):
-                while sock.recv(1 << 16):
-                    pass
-            names = "/".join(sorted({op.set_name for op in ops}))
-            raise BackendError(
-                f"nf_tables refused the update of inet {self.table} {names}: "
-                f"{_describe_errno(errors[0], names)}"
-            )
-
-    def _close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()
-
-
-class _Sender:
-    """Sends restore batches on a thread of its own, at most two waiting, so that encoding the
-    next batch overlaps the kernel's work on this one. The first failure is raised on exit."""
-
-    def __init__(self, netlink: NetlinkElements) -> None:
-        self._netlink = netlink
-        self._queue: queue.Queue[EncodedOp | None] = queue.Queue(maxsize=2)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="nft-restore", daemon=True)
-
-    def __enter__(self) -> _Sender:
-        self._thread.start()
-        return self
-
-    def send(self, op: EncodedOp) -> None:
-        if self._error is None:
-            self._queue.put(op)
-
-    def _run(self) -> None:
-        while (op := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._netlink.transact([op])
-                except BaseException as error:  # reported on exit, in the caller's thread
-                    self._error = error
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None and kind is None:
-            raise self._error
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def timeout_text(timeout: float) -> str:
-    """nft's spelling of a timeout: whole seconds as `3600s`, anything else in milliseconds."""
-    ms = timeout_ms(timeout)
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
-
-
-def timeout_ms(timeout: float) -> int:
-    # Rounded up, so a ban never ends before the daemon's own record of it.
-    return max(1, math.ceil(timeout * 1000 - 1e-6))
-
 
 class NftablesBackend(BanBackend):
     """Bans as elements of two timeout sets in a table of our own; see the module docstring."""
@@ -569,11 +318,11 @@ class NftablesBackend(BanBackend):
         if self._netlink is None:
             self._in_batches([(unpacked(p), t) for p, t in bans], self.restore_ops, self.restore_script)
             return
-        timed4, timed6 = _element_head(4, True), _element_head(16, True)
-        bare4, bare6 = _element_head(4, False), _element_head(16, False)
+        timed4, timed6 = element_head(4, True), element_head(16, True)
+        bare4, bare6 = element_head(4, False), element_head(16, False)
         pack64 = BE64.pack
         netlink = self._netlink
-        with _Sender(netlink) as sender:
+        with Sender(netlink) as sender:
             v4: list[bytes] = []
             v6: list[bytes] = []
             for packed, timeout in bans:
@@ -591,7 +340,7 @@ class NftablesBackend(BanBackend):
                     if not 0 < timeout < math.inf:
                         check_timeout(timeout)  # raises the one ValueError for a bad timeout
                     ms = math.ceil(timeout * 1000 - 1e-6)  # timeout_ms, inlined
-                    target.append(timed + packed + _TIMEOUT_HEAD + pack64(ms if ms > 0 else 1))
+                    target.append(timed + packed + TIMEOUT_HEAD + pack64(ms if ms > 0 else 1))
                 if len(target) == BATCH_ELEMENTS:
                     sender.send(EncodedOp(NFT_MSG_NEWSETELEM, SET4 if target is v4 else SET6, tuple(target)))
                     target.clear()
@@ -656,93 +405,3 @@ class NftablesBackend(BanBackend):
         how = "netlink" if self._netlink is not None else "nft -f"
         return (f"nftables: table inet {self.table}, sets {SET4}/{SET6} (size {self.set_size}), "
                 f"hook {self.hook} priority {self.priority}, bans via {how}")
-
-
-@dataclass(frozen=True, slots=True)
-class CaptureSpec:
-    """What the capture rules log: TCP without ACK/RST and UDP, of `protocols`, addressed to this
-    host's link address, to destination ports below `max_port` (None: any port)."""
-
-    group: int
-    max_port: int | None
-    protocols: frozenset[Protocol]
-    quiet_udp_ports: frozenset[int] = frozenset()
-
-    @classmethod
-    def of(cls, group: int, max_port: int | None, protocols: Collection[Protocol],
-           quiet_udp_ports: Collection[int] = ()) -> CaptureSpec:
-        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group <= 0xFFFF:
-            raise ValueError(f"NFLOG group {group!r} is not between 0 and 65535")
-        if max_port is not None and (isinstance(max_port, bool) or not isinstance(max_port, int)
-                                     or not 0 <= max_port <= 0x10000):
-            raise ValueError(f"max_port {max_port!r} is not between 0 and 65536")
-        wanted = frozenset(protocols)
-        if not wanted <= set(Protocol):
-            raise ValueError(f"protocols {sorted(map(str, protocols))} are not TCP/UDP")
-        # 65536 bounds nothing, and nft cannot spell it for a 16-bit port.
-        quiet = frozenset(quiet_udp_ports)
-        if any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 0x10000 for p in quiet):
-            raise ValueError(f"quiet UDP ports {sorted(quiet)!r} are not all ports")
-        return cls(group, None if max_port == 0x10000 else max_port, wanted, quiet)
-
-    def rules(self) -> list[str]:
-        """The rule bodies, in order; none when no port can match (max_port 0)."""
-        if self.max_port == 0:
-            return []
-        log = f"log group {self.group}"
-        found = []
-        if Protocol.TCP in self.protocols:
-            bound = "" if self.max_port is None else f" tcp dport < {self.max_port}"
-            # `meta pkttype host`: the BPF filter's PACKET_HOST test (no broadcast/multicast).
-            found.append(f"meta pkttype host tcp flags & (ack | rst) == 0{bound} {log}")
-        if Protocol.UDP in self.protocols:
-            match = "meta l4proto udp" if self.max_port is None else f"udp dport < {self.max_port}"
-            # Replies to our own queries (DNS, NTP) belong to a tracked flow; probes do not.
-            quiet = ""
-            if self.quiet_udp_ports:
-                # Services' own traffic (a busy syslog server) never reaches the daemon.
-                quiet = f" udp dport != {{ {', '.join(map(str, sorted(self.quiet_udp_ports)))} }}"
-            found.append(f"meta pkttype host {match}{quiet} ct state != {{ established, related }} {log}")
-        return found
-
-
-class InconsistentListing(BackendError):
-    """A set listing named an element twice, so it was taken while the set was being rehashed."""
-
-
-def parse_set_json(text: str, source: str = "nft -j") -> dict[IPAddress, float | None]:
-    """Elements of one set from `nft -j list set`: address -> seconds left (None = no timeout)."""
-    try:
-        document = json.loads(text)
-        objects = document["nftables"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BackendError(f"{source}: unexpected output: {text[:200]!r}") from exc
-    found: dict[IPAddress, float | None] = {}
-    for obj in objects:
-        if not isinstance(obj, dict) or "set" not in obj:
-            continue
-        for entry in obj["set"].get("elem", []):
-            value, expires = _element_value(entry, source)
-            if value in found:
-                raise InconsistentListing(f"{source}: {value} listed twice (set being resized)")
-            found[value] = expires
-    return found
-
-
-def _element_value(entry: object, source: str) -> tuple[IPAddress, float | None]:
-    expires: float | None = None
-    value = entry
-    if isinstance(entry, dict) and isinstance(entry.get("elem"), dict):
-        elem = entry["elem"]
-        value = elem.get("val")
-        if "expires" in elem:
-            expires = float(elem["expires"])
-        elif "timeout" in elem:
-            expires = float(elem["timeout"])
-    if not isinstance(value, str):
-        raise BackendError(f"{source}: unexpected set element {entry!r}")
-    try:
-        address: IPv4Address | IPv6Address = ip_address(value)
-    except ValueError as exc:
-        raise BackendError(f"{source}: set element {value!r} is not an address") from exc
-    return address, expires

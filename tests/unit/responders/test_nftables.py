@@ -17,18 +17,19 @@ from hypothesis import strategies as st
 
 from portsentry.responders import nftables
 from portsentry.responders.backend import BackendError, RunResult
-from portsentry.responders.nftables import (
+from portsentry.responders.nft_elements import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
     ElementOp,
     InconsistentListing,
-    NftablesBackend,
     batch,
+    element_attribute,
     element_message,
     parse_acks,
     parse_set_json,
     timeout_text,
 )
+from portsentry.responders.nftables import NftablesBackend
 from tests.unit.responders.test_backend import Recorder
 
 # Modest by default; PORTSENTRY_FUZZ_EXAMPLES raises it for long fuzz runs.
@@ -441,8 +442,6 @@ def test_element_message_lengths_are_consistent(addresses: Sequence[IPv4Address]
                                     st.integers(0, 2**128 - 1).map(IPv6Address)),
                           st.one_of(st.none(), st.integers(1, 2**40))), max_size=20))
 def test_the_fast_element_encoding_is_the_declared_layout(elements):
-    from portsentry.responders.nftables import element_attribute
-
     op = ElementOp(NFT_MSG_NEWSETELEM, "blocked4", tuple(elements))
     message = element_message("portsentry", op, 7)
     declared = b"".join(element_attribute(address, timeout) for address, timeout in elements)

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from portsentry.config.settings import Config, ConfigError, parse_config
 from portsentry.core.probe import Mode, Protocol
 from portsentry.responders.backend import RunResult
-from portsentry.responders.nftables import CaptureSpec, NftablesBackend
+from portsentry.responders.nft_capture import CaptureSpec
+from portsentry.responders.nftables import NftablesBackend
 from portsentry.sensors.capture import CaptureError, CaptureStats
 from portsentry.sensors.nflog import (
     NflogCapture,

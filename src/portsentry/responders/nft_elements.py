@@ -1,0 +1,326 @@
+"""nf_tables set elements over netlink: the messages (linux/netfilter/nf_tables.h, framed by
+netlink.codec), atomic batches and their acknowledgements, the sending thread a big restore
+uses, and the elements `nft -j list set` prints. The ban-set backend (responders.nftables) is
+the only user; the sets and chains themselves are made with the `nft` program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import math
+import os
+import queue
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from types import TracebackType
+
+from portsentry.core.probe import IPAddress
+from portsentry.netlink.codec import (
+    NETLINK_CAP_ACK,
+    NETLINK_NETFILTER,
+    NLA_F_NESTED,
+    NLA_HDRLEN,
+    NLATTR,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NLMSG_HDRLEN,
+    NLMSGHDR,
+    SOL_NETLINK,
+    NoAnswer,
+    attr,
+    error_reply,
+    nested,
+    nf_message,
+    open_socket,
+    split,
+    wait_acks,
+)
+from portsentry.responders.backend import (
+    BackendError,
+    address_text,
+)
+
+# ---------------------------------------------------------------------------------------------
+# nf_tables messages (linux/netfilter/nf_tables.h); the netlink framing is portsentry.netlink's
+
+BE64 = struct.Struct("!Q")
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFPROTO_UNSPEC, NFPROTO_INET = 0, 1
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_TIMEOUT = 1, 4
+NFTA_DATA_VALUE = 1
+
+SocketFactory = Callable[[], socket.socket]
+
+def open_netlink() -> socket.socket:
+    """A NETLINK_NETFILTER socket in this process's network namespace."""
+    sock = open_socket(NETLINK_NETFILTER)
+    try:
+        sock.bind((0, 0))
+        # Error replies then carry only the failed message's header, not its (large) payload.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(frozen=True, slots=True)
+class ElementOp:
+    """One NEWSETELEM or DELSETELEM message: elements of one set, each with an optional timeout."""
+
+    kind: int
+    set_name: str
+    elements: tuple[tuple[IPAddress, int | None], ...]  # address, timeout in milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedOp:
+    """An ElementOp whose elements are encoded already (restore_many: a million of them)."""
+
+    kind: int
+    set_name: str
+    items: tuple[bytes, ...]
+
+
+def element_attribute(address: IPAddress, timeout_ms: int | None) -> bytes:
+    """One set element as the layout declares it: LIST_ELEM { KEY { DATA_VALUE address },
+    TIMEOUT }. element_message builds the same bytes from cached headers (a restore encodes a
+    million of them); a unit test holds the two equal."""
+    parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, address.packed))]
+    if timeout_ms is not None:
+        parts.append(attr(NFTA_SET_ELEM_TIMEOUT, BE64.pack(timeout_ms)))
+    return nested(NFTA_LIST_ELEM, *parts)
+
+
+TIMEOUT_HEAD = NLATTR.pack(NLA_HDRLEN + BE64.size, NFTA_SET_ELEM_TIMEOUT)
+
+
+@functools.cache
+def element_head(address_size: int, timed: bool) -> bytes:
+    """The attribute headers in front of an element's address (4 or 16 bytes: no padding)."""
+    value = NLA_HDRLEN + address_size
+    key = NLA_HDRLEN + value
+    whole = NLA_HDRLEN + key + (NLA_HDRLEN + BE64.size if timed else 0)
+    return (NLATTR.pack(whole, NFTA_LIST_ELEM | NLA_F_NESTED)
+            + NLATTR.pack(key, NFTA_SET_ELEM_KEY | NLA_F_NESTED) + NLATTR.pack(value, NFTA_DATA_VALUE))
+
+
+def element_message(table: str, op: ElementOp | EncodedOp, seq: int) -> bytes:
+    """The netlink message for `op` on `table` (family inet), asking for an acknowledgement."""
+    items = list(op.items) if isinstance(op, EncodedOp) else []
+    for address, timeout_ms in () if isinstance(op, EncodedOp) else op.elements:
+        if not isinstance(address, IPv4Address | IPv6Address):
+            address_text(address)  # raises the one TypeError for anything but an address
+        packed = address.packed
+        if timeout_ms is None:
+            items.append(element_head(len(packed), False) + packed)
+        else:
+            items.append(element_head(len(packed), True) + packed + TIMEOUT_HEAD + BE64.pack(timeout_ms))
+    body = (
+        attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+        + attr(NFTA_SET_ELEM_LIST_SET, op.set_name.encode() + b"\0")
+        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)
+    )
+    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op.kind == NFT_MSG_NEWSETELEM else 0)
+    return nf_message((NFNL_SUBSYS_NFTABLES << 8) | op.kind, flags, seq, NFPROTO_INET, 0, body)
+
+
+def batch(table: str, ops: Sequence[ElementOp | EncodedOp], first_seq: int) -> bytes:
+    """One nf_tables transaction: BATCH_BEGIN, a message per op (seq first_seq+1...), BATCH_END.
+    The kernel applies all of it or none of it."""
+    begin = nf_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, NFPROTO_UNSPEC,
+                       NFNL_SUBSYS_NFTABLES)
+    messages = [element_message(table, op, first_seq + 1 + i) for i, op in enumerate(ops)]
+    end = nf_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first_seq + 1 + len(ops), NFPROTO_UNSPEC,
+                     NFNL_SUBSYS_NFTABLES)
+    return begin + b"".join(messages) + end
+
+
+def parse_acks(data: bytes) -> list[tuple[int, int]]:
+    """(seq, errno) for every NLMSG_ERROR in `data` (errno 0 is an acknowledgement); other
+    messages are skipped. Raises ValueError on a truncated or malformed message."""
+    acks: list[tuple[int, int]] = []
+    spans, stop = split(data)
+    for kind, _flags, _seq, _pid, start, end in spans:
+        if kind == NLMSG_ERROR:
+            reply = error_reply(data, start, end)
+            if reply is None:
+                raise ValueError(f"short netlink error message at byte {start - NLMSG_HDRLEN}")
+            acks.append(reply)
+    rest = len(data) - stop
+    if rest >= NLMSG_HDRLEN:
+        length = NLMSGHDR.unpack_from(data, stop)[0]
+        raise ValueError(f"malformed netlink message at byte {stop} (length {length})")
+    if rest >= 4:
+        raise ValueError(f"{rest} trailing bytes after the last netlink message")
+    return acks
+
+
+def _describe_errno(code: int, set_names: str) -> str:
+    if code == errno.ENOENT:
+        return f"table or set {set_names} does not exist (run setup first)"
+    if code == errno.ENFILE:
+        return f"set {set_names} is full (raise set_size)"
+    return os.strerror(code)
+
+
+class NetlinkElements:
+    """Sends element transactions over one NETLINK_NETFILTER socket, opened on first use."""
+
+    def __init__(self, table: str, socket_factory: SocketFactory = open_netlink) -> None:
+        self.table = table
+        self._factory = socket_factory
+        self._sock: socket.socket | None = None
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def transact(self, ops: Sequence[ElementOp | EncodedOp]) -> None:
+        """Apply `ops` atomically; BackendError names the errno if the kernel refused them."""
+        with self._lock:
+            try:
+                self._transact(ops)
+            except OSError as exc:
+                self._close()
+                raise BackendError(f"nf_tables netlink: {exc}") from exc
+
+    def _transact(self, ops: Sequence[ElementOp | EncodedOp]) -> None:
+        if self._sock is None:
+            self._sock = self._factory()
+        sock = self._sock
+        first = self._seq = (self._seq + len(ops) + 2) % (1 << 31)
+        sock.sendall(batch(self.table, ops, first))
+        # nfnetlink handles the batch inside the send call, so every answer is queued by now; the
+        # short timeout only guards against a kernel that behaves otherwise.
+        sock.settimeout(2.0)
+        try:
+            answers = wait_acks(sock, range(first + 1, first + 1 + len(ops)))
+        except NoAnswer as exc:
+            raise BackendError(f"nf_tables netlink: no answer for {exc.missing} message(s)") from None
+        errors = [code for code in answers.values() if code]
+        if errors:
+            # Drain what else this transaction queued, so the next one reads only its own answers.
+            sock.settimeout(0)
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                while sock.recv(1 << 16):
+                    pass
+            names = "/".join(sorted({op.set_name for op in ops}))
+            raise BackendError(
+                f"nf_tables refused the update of inet {self.table} {names}: "
+                f"{_describe_errno(errors[0], names)}"
+            )
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+class Sender:
+    """Sends restore batches on a thread of its own, at most two waiting, so that encoding the
+    next batch overlaps the kernel's work on this one. The first failure is raised on exit."""
+
+    def __init__(self, netlink: NetlinkElements) -> None:
+        self._netlink = netlink
+        self._queue: queue.Queue[EncodedOp | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nft-restore", daemon=True)
+
+    def __enter__(self) -> Sender:
+        self._thread.start()
+        return self
+
+    def send(self, op: EncodedOp) -> None:
+        if self._error is None:
+            self._queue.put(op)
+
+    def _run(self) -> None:
+        while (op := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._netlink.transact([op])
+                except BaseException as error:  # reported on exit, in the caller's thread
+                    self._error = error
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and kind is None:
+            raise self._error
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def timeout_text(timeout: float) -> str:
+    """nft's spelling of a timeout: whole seconds as `3600s`, anything else in milliseconds."""
+    ms = timeout_ms(timeout)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def timeout_ms(timeout: float) -> int:
+    # Rounded up, so a ban never ends before the daemon's own record of it.
+    return max(1, math.ceil(timeout * 1000 - 1e-6))
+
+
+class InconsistentListing(BackendError):
+    """A set listing named an element twice, so it was taken while the set was being rehashed."""
+
+
+def parse_set_json(text: str, source: str = "nft -j") -> dict[IPAddress, float | None]:
+    """Elements of one set from `nft -j list set`: address -> seconds left (None = no timeout)."""
+    try:
+        document = json.loads(text)
+        objects = document["nftables"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendError(f"{source}: unexpected output: {text[:200]!r}") from exc
+    found: dict[IPAddress, float | None] = {}
+    for obj in objects:
+        if not isinstance(obj, dict) or "set" not in obj:
+            continue
+        for entry in obj["set"].get("elem", []):
+            value, expires = _element_value(entry, source)
+            if value in found:
+                raise InconsistentListing(f"{source}: {value} listed twice (set being resized)")
+            found[value] = expires
+    return found
+
+
+def _element_value(entry: object, source: str) -> tuple[IPAddress, float | None]:
+    expires: float | None = None
+    value = entry
+    if isinstance(entry, dict) and isinstance(entry.get("elem"), dict):
+        elem = entry["elem"]
+        value = elem.get("val")
+        if "expires" in elem:
+            expires = float(elem["expires"])
+        elif "timeout" in elem:
+            expires = float(elem["timeout"])
+    if not isinstance(value, str):
+        raise BackendError(f"{source}: unexpected set element {entry!r}")
+    try:
+        address: IPv4Address | IPv6Address = ip_address(value)
+    except ValueError as exc:
+        raise BackendError(f"{source}: set element {value!r} is not an address") from exc
+    return address, expires
