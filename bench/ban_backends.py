@@ -226,7 +226,7 @@ def bench_daemon_restore(count: int) -> Row:
                              BanPolicy(), lambda _line: None)
         try:
             restored: list[object] = []
-            seconds = timed(lambda: restored.extend(restore_bans(manager, time.time()).addresses))
+            seconds = timed(lambda: restored.extend(restore_bans(manager, time.time()).banned))
             members = len(backend.members())
         finally:
             backend.teardown()

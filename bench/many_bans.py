@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -86,8 +87,10 @@ def populate(path: Path, count: int, expires: float) -> float:
     started = time.monotonic()
     path.parent.mkdir(parents=True, exist_ok=True)
     # The schema as the code under test makes it (an older revision has an older schema).
-    subprocess.run([sys.executable, "-c", "import sys; from portsentry.bans.store import BanStore; "
-                    "BanStore(sys.argv[1]).close()", str(path)], env=daemon_env(), check=True, timeout=60)
+    # portsentry.store before the layered package (issue 10.7), portsentry.bans.store since.
+    make = ("import sys\ntry:\n    from portsentry.bans.store import BanStore\nexcept ImportError:\n"
+            "    from portsentry.store import BanStore\nBanStore(sys.argv[1]).close()\n")
+    subprocess.run([sys.executable, "-c", make, str(path)], env=daemon_env(), check=True, timeout=60)
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA synchronous = OFF")
@@ -103,6 +106,25 @@ def populate(path: Path, count: int, expires: float) -> float:
     finally:
         db.close()
     return time.monotonic() - started
+
+
+def store_bans(path: Path, bans: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """Ban each (address, seconds) through the BanStore of the code under test; their expiries."""
+    script = (
+        "import json, sys, time\n"
+        "try:\n    from portsentry.bans.store import BanStore\n"
+        "except ImportError:\n    from portsentry.store import BanStore\n"
+        "from ipaddress import ip_address\n"
+        "store = BanStore(sys.argv[1])\nout = {}\n"
+        "for address, seconds in json.loads(sys.argv[2]):\n"
+        "    ban = store.ban(ip_address(address), reason='bench: expires during the hang', mode='tcp',\n"
+        f"                    port={WATCHED_PORT}, now=time.time(), duration=seconds)\n"
+        "    out[address] = ban.expires\n"
+        "store.close()\nprint(json.dumps(out))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path), json.dumps(list(bans))], env=daemon_env(),
+                          check=True, timeout=60, capture_output=True, text=True)
+    return {address: float(expires) for address, expires in json.loads(done.stdout).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,21 +608,10 @@ def measure_stall(hang: float) -> StallResult:
                 hang_started = time.time()
                 time.sleep(1.0)
                 result.hanging = hanging_shells(net.target)
-                # Bans that must expire while the commands hang, put in the store as the CLI does.
-                sys.path.insert(0, str(harness.REPO_ROOT / "src"))
-                from portsentry.bans.store import BanStore
-
-                expiries: dict[str, float] = {}
-                store = BanStore(str(daemon.store))
-                try:
-                    for n, address in enumerate(expiring):
-                        now = time.time()
-                        ban = store.ban(address, reason="bench: expires during the hang", mode="tcp",
-                                        port=WATCHED_PORT, now=now, duration=4.0 + 3 * n)
-                        assert ban.expires is not None
-                        expiries[address] = ban.expires
-                finally:
-                    store.close()
+                # Bans that must expire while the commands hang, put in the store as the CLI does,
+                # by the revision under test (a newer BanStore would migrate an older store).
+                expiries = store_bans(daemon.store,
+                                      [(address, 4.0 + 3 * n) for n, address in enumerate(expiring)])
                 # While they hang: list every ~2 s, a new scanner every ~3 s.
                 next_probe = 0
                 while time.time() < hang_started + hang - 6.0:
