@@ -54,7 +54,8 @@ class BanPolicy:
     @classmethod
     def from_config(cls, config: Config) -> BanPolicy:
         return cls(config.block_time, config.block_time_factor, config.block_time_max,
-                   config.kill_route_undo, config.command_timeout, config.kill_route)
+                   config.kill_route_undo, config.command_timeout, config.kill_route,
+                   float(config.history_retention), config.history_max_rows)
 
 
 class UsePolicy(enum.Enum):

@@ -111,7 +111,8 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 ORIGIN_LOCAL = "local"
 
 # History and offender records are kept this long and no more than this many (HISTORY_RETENTION
-# and HISTORY_MAX_ROWS in the configuration; docs/operations.md says why).
+# and HISTORY_MAX_ROWS in the configuration, 0 = no limit; the README's "Bans" section). A year of
+# a busy host's bans fits; a feed consumer that falls behind what is kept re-reads the active set.
 DEFAULT_RETENTION = 90 * 86400.0
 DEFAULT_MAX_ROWS = 1_000_000
 
@@ -518,12 +519,13 @@ class BanStore:
         offenders whose last ban ended more than `retention` ago (escalation starts afresh).
         Returns the history rows removed. A feed consumer whose cursor falls behind what is
         kept re-reads the active bans."""
+        oldest = now - retention if retention > 0 else float("-inf")  # 0: no age limit
         with self._transaction() as db:
             newest = int(db.execute("SELECT coalesce(max(id), 0) FROM history").fetchone()[0])
-            removed = db.execute("DELETE FROM history WHERE at < ? OR id <= ?",
-                                 (now - retention, newest - max_rows)).rowcount
+            below = newest - max_rows if max_rows > 0 else 0  # 0: no count limit
+            removed = db.execute("DELETE FROM history WHERE at < ? OR id <= ?", (oldest, below)).rowcount
             db.execute("DELETE FROM offenders WHERE last_lifted < ? AND address NOT IN "
-                       "(SELECT address FROM bans)", (now - retention,))
+                       "(SELECT address FROM bans)", (oldest,))
         return int(removed)
 
     @_store_errors

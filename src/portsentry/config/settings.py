@@ -75,6 +75,9 @@ class Config:
     block_time_factor: float = 2.0
     block_time_max: int = 7 * 86400
     kill_route_undo: str | None = None
+    # Ban history and offender records: pruned by age and by count (0 = no limit).
+    history_retention: int = 90 * 86400
+    history_max_rows: int = 1_000_000
     ban_backend: str = "none"  # none | auto | nftables | ipset | route
     nft_table: str = "portsentry"
     nft_hook: str = "input"
@@ -262,6 +265,7 @@ def _networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
 
 
 _LINES = _integer(0, 1_000_000, "a number of lines (0 = no limit)")
+_ROWS = _integer(0, 1_000_000_000, "a number of rows (0 = no limit)")
 _DURATION = _integer(0, 10 * 365 * 86400, "a number of seconds, at most ten years (0 = no limit)")
 
 # The one table of accepted keys, in the order check-config lists them.
@@ -293,6 +297,8 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "BLOCK_TIME_FACTOR": KeySpec("block_time_factor", _factor),
         "BLOCK_TIME_MAX": KeySpec("block_time_max", _DURATION),
         "KILL_ROUTE_UNDO": KeySpec("kill_route_undo", _command_with_target),
+        "HISTORY_RETENTION": KeySpec("history_retention", _DURATION),
+        "HISTORY_MAX_ROWS": KeySpec("history_max_rows", _ROWS),
         "BAN_BACKEND": KeySpec("ban_backend", _choice("none", "auto", "nftables", "ipset", "route")),
         "NFT_TABLE": KeySpec("nft_table", _name),
         "NFT_HOOK": KeySpec("nft_hook", _choice("input", "forward", "prerouting")),

@@ -391,3 +391,25 @@ def test_history_and_offenders_are_pruned_by_age_and_count(store: BanStore) -> N
     # Far in the future everything is over: history and escalation memory go.
     store.prune(T0 + 10_000, retention=1000)
     assert store.history(limit=1000) == [] and store.offences(A) == 0
+
+
+def test_zero_means_no_limit_for_history_age_and_count(store: BanStore) -> None:
+    for n in range(5):
+        ban(store, now=T0 + n, duration=1)
+        store.lift(A, T0 + n + 0.5, "expired")
+    assert store.prune(T0 + 10_000, retention=0, max_rows=0) == 0
+    assert len(store.history(limit=1000)) == 10 and store.offences(A) == 5
+    assert store.prune(T0 + 10_000, retention=0, max_rows=4) == 6
+    assert store.prune(T0 + 10_000, retention=100, max_rows=0) == 4
+
+
+def test_history_limits_come_from_the_configuration() -> None:
+    from portsentry.bans.lifecycle import BanPolicy
+    from portsentry.config.settings import ConfigError, parse_config
+
+    config = parse_config('HISTORY_RETENTION="86400"\nHISTORY_MAX_ROWS="0"\n', "portsentry.conf").config
+    policy = BanPolicy.from_config(config)
+    assert (policy.history_retention, policy.history_max_rows) == (86400.0, 0)
+    assert BanPolicy.from_config(parse_config("", "portsentry.conf").config).history_retention == 90 * 86400
+    with pytest.raises(ConfigError, match="portsentry.conf:1: HISTORY_MAX_ROWS"):
+        parse_config('HISTORY_MAX_ROWS="-1"\n', "portsentry.conf")
