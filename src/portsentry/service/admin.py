@@ -10,7 +10,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Any
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.store import BanStore, normalise
@@ -21,7 +20,7 @@ from portsentry.core.probe import IPAddress, Mode, Probe
 from portsentry.responders.backend import BackendError, BanBackend, pick_backend
 from portsentry.responders.classic import ClassicResponder
 from portsentry.responders.hostsdeny import HostsDeny
-from portsentry.service.control import Request
+from portsentry.service.control import Request, Response
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -142,21 +141,21 @@ def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:
 
 def admin_request(
     bans: BanManager, responder: ClassicResponder, config: Config, request: Request, now: float
-) -> dict[str, Any]:
-    """list / block / unblock as the control socket receives them (typed in, JSON out)."""
+) -> Response:
+    """list / block / unblock as the control socket receives them."""
     if request.command == "list":
-        return {"ok": True, "bans": ban_rows(bans.store, now)}
+        return Response.success(bans=ban_rows(bans.store, now))
     address = parse_address(request.address or "")
     lines: list[str] = []
     if request.command == "block":
         duration = bans.duration(address, now) if request.duration == "policy" else request.duration
         done = manual_block(bans, responder, config, address, duration, now)
-        return {"ok": done, "error": None if done else f"could not block {address}"}
+        return Response.success() if done else Response.failure(f"could not block {address}")
     if request.command == "unblock":
-        done = unblock(bans, config, address, now, lines.append)
-        return {"ok": done, "lines": lines,
-                "error": None if done else f"{address} is not blocked"}
-    return {"ok": False, "error": f"unknown command {request.command!r}"}
+        if unblock(bans, config, address, now, lines.append):
+            return Response.success(lines=lines)
+        return Response.failure(f"{address} is not blocked", lines=lines)
+    return Response.failure(f"unknown command {request.command!r}")
 
 
 def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,

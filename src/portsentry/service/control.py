@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DEFAULT_PATH = "/run/portsentry/control.sock"
@@ -77,7 +77,31 @@ def parse_request(line: bytes) -> Request:
                    float(duration) if isinstance(duration, int | float) else duration)
 
 
-Reply = Callable[[dict[str, Any]], None]
+@dataclass(frozen=True)
+class Response:
+    """One reply line: `ok`, an `error` text when not, and the command's own fields (`status`,
+    `stats`, `bans`, `lines`), which the CLI and scripts read by name."""
+
+    ok: bool
+    error: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def success(cls, **fields: Any) -> Response:
+        return cls(True, None, fields)
+
+    @classmethod
+    def failure(cls, error: str, **fields: Any) -> Response:
+        return cls(False, error, fields)
+
+    def to_json(self) -> dict[str, Any]:
+        body = {"ok": self.ok, **self.fields}
+        if self.error is not None or not self.ok:
+            body["error"] = self.error
+        return body
+
+
+Reply = Callable[[Response], None]
 Handler = Callable[[Request, Reply], None]
 
 
@@ -86,12 +110,12 @@ def peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
-def _send(conn: socket.socket, response: dict[str, Any]) -> None:
+def _send(conn: socket.socket, response: Response) -> None:
     """Send the reply and close; safe to call from any thread, once."""
     try:
         conn.setblocking(True)
         conn.settimeout(REPLY_TIMEOUT)
-        conn.sendall(json.dumps(response, sort_keys=True, default=str).encode() + b"\n")
+        conn.sendall(json.dumps(response.to_json(), sort_keys=True, default=str).encode() + b"\n")
     except OSError:
         pass
     finally:
@@ -197,11 +221,11 @@ class ControlServer:
                 return
             if peer_uid(conn) not in (0, os.geteuid()):
                 self.refused += 1
-                _send(conn, {"ok": False, "error": "permission denied: the control socket is for root"})
+                _send(conn, Response.failure("permission denied: the control socket is for root"))
                 continue
             if len(self._clients) >= MAX_CLIENTS:
                 self.bad_requests += 1
-                _send(conn, {"ok": False, "error": "busy: too many control connections at once"})
+                _send(conn, Response.failure("busy: too many control connections at once"))
                 continue
             conn.setblocking(False)
             self._clients[conn.fileno()] = _Client(conn, time.monotonic() + self.deadline)
@@ -233,14 +257,14 @@ class ControlServer:
             request = parse_request(line)
         except BadRequest as error:
             self.bad_requests += 1
-            _send(conn, {"ok": False, "error": str(error)})
+            _send(conn, Response.failure(str(error)))
             return
         self._dispatch(request, conn)
 
     def _dispatch(self, request: Request, conn: socket.socket) -> None:
         answered = threading.Event()
 
-        def reply(response: dict[str, Any]) -> None:
+        def reply(response: Response) -> None:
             if not answered.is_set():
                 answered.set()
                 _send(conn, response)
@@ -249,11 +273,11 @@ class ControlServer:
             self.handler(request, reply)
         except Exception as error:
             self.bad_requests += 1
-            reply({"ok": False, "error": f"{request.command} failed: {error}"})
+            reply(Response.failure(f"{request.command} failed: {error}"))
 
     def _fail(self, fd: int, error: str) -> None:
         self.bad_requests += 1
-        _send(self._release(fd), {"ok": False, "error": error})
+        _send(self._release(fd), Response.failure(error))
 
     def _release(self, fd: int) -> socket.socket:
         client = self._clients.pop(fd)

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.restore import rerun_routes, restore_bans
@@ -47,7 +47,7 @@ from portsentry.sensors.base import Hit, Sensor
 from portsentry.service import sdnotify
 from portsentry.service.admin import admin_request
 from portsentry.service.blockqueue import BlockQueue
-from portsentry.service.control import ControlServer, Reply, Request
+from portsentry.service.control import Command, ControlServer, Reply, Request, Response
 from portsentry.service.maintenance import Findings, Maintenance
 from portsentry.service.resolver import Resolver
 
@@ -94,6 +94,9 @@ def _sensor_settings(config: Config) -> tuple[object, ...]:
     """What the sensors are built from: a reload re-binds them only when this changes."""
     return (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
             config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture, config.nflog_group)
+
+
+RequestWork = Callable[["Daemon", Request], Response]
 
 
 class Daemon:
@@ -433,38 +436,51 @@ class Daemon:
     # -- control socket ------------------------------------------------------------------------
 
     def on_request(self, request: Request, reply: Reply) -> None:
-        """On the control thread: engine and sensor state is read on the main loop, ban work on
-        a worker; any exception becomes an error reply."""
+        """On the control thread: dispatched from REQUESTS. Engine and sensor state is read on
+        the main loop, ban work on an admin worker; any exception becomes an error reply."""
+        where, work = self.REQUESTS[request.command]
 
-        def guarded(work: Callable[[], dict[str, Any]]) -> Callable[[], None]:
-            def run() -> None:
-                try:
-                    reply(work())
-                except Exception as error:
-                    reply({"ok": False, "error": f"{request.command} failed: {error}"})
-            return run
+        def run() -> None:
+            try:
+                reply(work(self, request))
+            except Exception as error:
+                reply(Response.failure(f"{request.command} failed: {error}"))
 
-        if request.command == "status":
-            self._call_on_main(guarded(lambda: {"ok": True, "status": self.status(self.clock())}))
-        elif request.command == "stats":
-            self._call_on_main(guarded(lambda: {"ok": True, "stats": self.stats(self.clock())}))
-        elif request.command == "reload":
-            def reload() -> dict[str, Any]:
-                ok = self.reload()
-                return {"ok": ok, "error": None if ok else "the new configuration was refused; see the log"}
-            self._call_on_main(guarded(reload))
-        elif self.bans is not None:
-            bans = self.bans
-
-            def ban_work() -> dict[str, Any]:
-                try:
-                    return admin_request(bans, self.responder, self.config, request, self.clock())
-                finally:
-                    self._maintenance.wake()  # the engine hears of it within this round
-
-            self._admin.submit(guarded(ban_work))
+        if where == "main":
+            self._call_on_main(run)
         else:
-            reply({"ok": False, "error": f"{request.command}: this daemon keeps no ban store"})
+            self._admin.submit(run)
+
+    def _status_request(self, _request: Request) -> Response:
+        return Response.success(status=self.status(self.clock()))
+
+    def _stats_request(self, _request: Request) -> Response:
+        return Response.success(stats=self.stats(self.clock()))
+
+    def _reload_request(self, _request: Request) -> Response:
+        if self.reload():
+            return Response.success()
+        return Response.failure("the new configuration was refused; see the log")
+
+    def _ban_request(self, request: Request) -> Response:
+        """list, block, unblock: the ban lifecycle's work, on an admin worker."""
+        if self.bans is None:
+            return Response.failure(f"{request.command}: this daemon keeps no ban store")
+        try:
+            return admin_request(self.bans, self.responder, self.config, request, self.clock())
+        finally:
+            self._maintenance.wake()  # the engine hears of it within this round
+
+    # Which thread runs each request: "main" reads engine and sensor state between packets;
+    # "admin" does ban work apart from detection and from the block queue.
+    REQUESTS: ClassVar[dict[Command, tuple[Literal["main", "admin"], RequestWork]]] = {
+        "status": ("main", _status_request),
+        "stats": ("main", _stats_request),
+        "reload": ("main", _reload_request),
+        "list": ("admin", _ban_request),
+        "block": ("admin", _ban_request),
+        "unblock": ("admin", _ban_request),
+    }
 
     def capture_drops(self) -> int | None:
         drops = [d for d in (s.capture_drops() for s in self.sensors) if d is not None]

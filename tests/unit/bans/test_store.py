@@ -411,5 +411,5 @@ def test_history_limits_come_from_the_configuration() -> None:
     policy = BanPolicy.from_config(config)
     assert (policy.history_retention, policy.history_max_rows) == (86400.0, 0)
     assert BanPolicy.from_config(parse_config("", "portsentry.conf").config).history_retention == 90 * 86400
-    with pytest.raises(ConfigError, match="portsentry.conf:1: HISTORY_MAX_ROWS"):
+    with pytest.raises(ConfigError, match=r"portsentry\.conf:1: HISTORY_MAX_ROWS"):
         parse_config('HISTORY_MAX_ROWS="-1"\n', "portsentry.conf")

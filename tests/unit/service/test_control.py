@@ -19,6 +19,7 @@ from portsentry.service.control import (
     ControlServer,
     Reply,
     Request,
+    Response,
     exchange,
     parse_request,
     request,
@@ -33,7 +34,7 @@ def served(tmp_path: Path) -> Iterator[tuple[ControlServer, str, list[Request]]]
         seen.append(req)
         if req.command == "reload":
             raise RuntimeError("boom")
-        reply({"ok": True, "command": req.command})
+        reply(Response.success(command=req.command))
 
     path = str(tmp_path / "run" / "control.sock")
     server = ControlServer(path, handler, deadline=1.0)
