@@ -25,6 +25,9 @@ Design
   so following the feed costs what changed, not what is banned. `prune` bounds history and
   offenders by age and count; a consumer that fell behind what is kept re-reads `active`.
 - The connection is shared by the daemon's threads, so calls are serialised with a lock.
+- One class, over 400 lines, on purpose: it owns the one connection, its lock and every
+  transaction, so each write is one BEGIN IMMEDIATE in one place. The records it hands out and
+  their pure rules are in bans.records, the schema scripts in bans.schema.
 """
 
 from __future__ import annotations
@@ -38,83 +41,33 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Literal, ParamSpec, TypeVar, cast
+from ipaddress import ip_address
+from typing import ParamSpec, TypeVar, cast
 
-from portsentry.core.addresses import canonical
+from portsentry.bans.records import DEFAULT_MAX_ROWS as DEFAULT_MAX_ROWS
+from portsentry.bans.records import DEFAULT_RETENTION as DEFAULT_RETENTION
+from portsentry.bans.records import EVENT_KINDS as EVENT_KINDS
+from portsentry.bans.records import ORIGIN_LOCAL as ORIGIN_LOCAL
+from portsentry.bans.records import POLICY as POLICY
+from portsentry.bans.records import Ban as Ban
+from portsentry.bans.records import BanRequest as BanRequest
+from portsentry.bans.records import Change as Change
+from portsentry.bans.records import Event as Event
+from portsentry.bans.records import EventKind as EventKind
+from portsentry.bans.records import StoreError as StoreError
+from portsentry.bans.records import ban_duration as ban_duration
+from portsentry.bans.records import normalise as normalise
+from portsentry.bans.records import stored_address as stored_address
+from portsentry.bans.schema import MIGRATIONS as MIGRATIONS
+from portsentry.bans.schema import SCHEMA_VERSION as SCHEMA_VERSION
+from portsentry.bans.schema import SchemaTooNew, migrate
 from portsentry.core.probe import IPAddress
 
 DEFAULT_PATH = "/var/lib/portsentry/bans.sqlite3"
 # Milliseconds a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT_MS = 10_000
 
-EventKind = Literal["ban", "extend", "lift", "expire"]
-EVENT_KINDS: tuple[EventKind, ...] = ("ban", "extend", "lift", "expire")
 
-# (version, description, script); each script takes the schema from version-1 to version.
-MIGRATIONS: tuple[tuple[int, str, str], ...] = (
-    (
-        1,
-        "bans, offenders, history, written hosts.deny lines",
-        """
-        CREATE TABLE bans (
-            address TEXT PRIMARY KEY,
-            reason TEXT NOT NULL,
-            mode TEXT NOT NULL,
-            port INTEGER NOT NULL,
-            first_seen REAL NOT NULL,
-            last_seen REAL NOT NULL,
-            count INTEGER NOT NULL,
-            expires REAL,
-            offences INTEGER NOT NULL,
-            hosts_deny_line TEXT,
-            backends TEXT NOT NULL
-        );
-        CREATE INDEX bans_expires ON bans (expires);
-        CREATE TABLE offenders (
-            address TEXT PRIMARY KEY,
-            offences INTEGER NOT NULL,
-            last_lifted REAL NOT NULL
-        );
-        CREATE TABLE history (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            at REAL NOT NULL,
-            kind TEXT NOT NULL,
-            address TEXT NOT NULL,
-            detail TEXT NOT NULL
-        );
-        CREATE TABLE written_lines (
-            line TEXT NOT NULL,
-            address TEXT NOT NULL,
-            written_at REAL NOT NULL,
-            PRIMARY KEY (line, address)
-        );
-        """,
-    ),
-    (
-        2,
-        "change feed: origin and expiry on every history row; indexes for pruning and bulk lifts",
-        """
-        ALTER TABLE history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local';
-        ALTER TABLE history ADD COLUMN expires REAL;
-        CREATE INDEX history_at ON history (at);
-        CREATE INDEX offenders_last_lifted ON offenders (last_lifted);
-        CREATE INDEX written_lines_address ON written_lines (address)
-        """,
-    ),
-)
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-# Where a change came from: a ban made here by detection or by an admin; a fleet peer's host id
-# later. Applying a change whose origin is this host again is harmless (bans are idempotent).
-ORIGIN_LOCAL = "local"
-
-# History and offender records are kept this long and no more than this many (HISTORY_RETENTION
-# and HISTORY_MAX_ROWS in the configuration, 0 = no limit; the README's "Bans" section). A year of
-# a busy host's bans fits; a feed consumer that falls behind what is kept re-reads the active set.
-DEFAULT_RETENTION = 90 * 86400.0
-DEFAULT_MAX_ROWS = 1_000_000
 
 _BAN_COLUMNS = (
     "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, backends"
@@ -124,111 +77,13 @@ _HISTORY_INSERT = "INSERT INTO history (at, kind, address, detail, origin, expir
 _ACTIVE = "(expires IS NULL OR expires > ?)"
 
 
-class StoreError(Exception):
-    """The ban store cannot be used; the message names the file and what to do."""
-
-
-@dataclass(frozen=True)
-class Ban:
-    address: IPAddress
-    reason: str
-    mode: str
-    port: int
-    first_seen: float
-    last_seen: float
-    count: int
-    expires: float | None  # None = forever
-    offences: int  # bans of this address so far, this one included
-    hosts_deny_line: str | None  # the exact line written, so lifting removes exactly that line
-    backends: tuple[str, ...]  # native backends holding the ban ("nftables", ...)
-
-    def active(self, now: float) -> bool:
-        return self.expires is None or self.expires > now
-
-
-@dataclass(frozen=True)
-class Event:
-    at: float
-    kind: EventKind
-    address: IPAddress
-    detail: str
-
-
-# A BanRequest duration: as long as BLOCK_TIME and escalation say for this address's offences.
-POLICY = "policy"
-_CHUNK = 500  # addresses per IN (...) query, below SQLite's variable limit
-
-
-@dataclass(frozen=True)
-class BanRequest:
-    """What `ban_many` bans: one address and how."""
-
-    address: IPAddress
-    reason: str
-    mode: str
-    port: int
-    duration: float | str | None  # seconds; None = forever; POLICY
-    hosts_deny_line: str | None = None
-    backends: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Change:
-    """One entry of the change feed: a ban made, extended, lifted or expired.
-
-    `id` grows monotonically; a consumer keeps the last id it has seen and asks for what came
-    after. `expires` is the ban's expiry after a "ban" or "extend" (None: forever), and None for
-    "lift" and "expire". `origin` says who made the change (ORIGIN_LOCAL, or a fleet host id).
-    """
-
-    id: int
-    at: float
-    kind: EventKind
-    address: IPAddress
-    expires: float | None
-    origin: str
-    detail: str
-
-    @property
-    def bans(self) -> bool:
-        return self.kind in ("ban", "extend")
-
-
-def normalise(address: IPAddress | str) -> IPAddress:
-    """The address as stored: parsed if text, IPv4 inside IPv6 turned into IPv4 (addresses.canonical)."""
-    return canonical(ip_address(address) if isinstance(address, str) else address)
-
-
-def ban_duration(base: float, factor: float, cap: float, offences: int) -> float | None:
-    """Seconds the next ban lasts after `offences` earlier ones; None = forever.
-
-    base 0 bans forever; otherwise base * factor**offences, at most `cap` (cap 0 = no cap).
-    """
-    if base < 0 or factor < 0 or cap < 0 or offences < 0:
-        raise ValueError(
-            f"ban duration: base {base:g}, factor {factor:g}, cap {cap:g} and offences {offences} "
-            "must not be negative"
-        )
-    if base == 0:
-        return None
-    try:
-        duration = float(base) * float(factor) ** offences
-    except OverflowError:
-        duration = float("inf")
-    if cap and duration > cap:
-        return cap
-    if duration == float("inf"):
-        # Uncapped growth past what a float holds: the ban no longer ends.
-        return None
-    return duration
-
-
 def _describe_expiry(expires: float | None) -> str:
     if expires is None:
         return "forever"
     return "until " + time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(expires))
 
 
+_CHUNK = 500  # addresses per IN (...) query, below SQLite's variable limit
 MEMORY = ":memory:"  # a store that lives only as long as the process (the daemon's fallback)
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -294,29 +149,11 @@ class BanStore:
 
     def _migrate(self) -> None:
         with self._transaction() as db:
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: ban store schema version {version} is newer than this portsentry "
-                    f"understands ({SCHEMA_VERSION}); run the newer portsentry or move the file away"
-                )
-            if version < SCHEMA_VERSION:
-                db.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
-                )
-            for number, description, script in MIGRATIONS:
-                if number <= version:
-                    continue
-                # executescript() would COMMIT first, so run the statements one by one.
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(
-                    "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
-                    (number, description, time.time()),
-                )
-                db.execute(f"PRAGMA user_version = {number:d}")
+            try:
+                migrate(db)
+            except SchemaTooNew as error:
+                raise StoreError(f"{self.path}: {error}; run the newer portsentry or move the file "
+                                 "away") from None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -745,15 +582,6 @@ class BanStore:
     def _record(db: sqlite3.Connection, kind: EventKind, key: str, detail: str, now: float, *,
                 origin: str = ORIGIN_LOCAL, expires: float | None = None) -> None:
         db.execute(_HISTORY_INSERT, (now, kind, key, detail, origin, expires))
-
-
-def stored_address(text: str) -> IPAddress:
-    """An address as the store writes it (canonical text), parsed about five times faster than
-    ip_address(), which first tries IPv4 and raises for every IPv6 address: at a million bans
-    that was most of the start-up."""
-    if ":" in text:
-        return IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text)))
-    return IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,0 +1,94 @@
+"""The ban store's schema: the scripts that take a file from one version to the next.
+
+Versions live in `PRAGMA user_version`; `schema_migrations` records when each script ran. Add a
+version by appending to MIGRATIONS (never edit one that has shipped); bans.store runs what a file
+lacks, in one transaction, and refuses a file from a newer portsentry.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+# (version, description, script); each script takes the schema from version-1 to version.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "bans, offenders, history, written hosts.deny lines",
+        """
+        CREATE TABLE bans (
+            address TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            count INTEGER NOT NULL,
+            expires REAL,
+            offences INTEGER NOT NULL,
+            hosts_deny_line TEXT,
+            backends TEXT NOT NULL
+        );
+        CREATE INDEX bans_expires ON bans (expires);
+        CREATE TABLE offenders (
+            address TEXT PRIMARY KEY,
+            offences INTEGER NOT NULL,
+            last_lifted REAL NOT NULL
+        );
+        CREATE TABLE history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            address TEXT NOT NULL,
+            detail TEXT NOT NULL
+        );
+        CREATE TABLE written_lines (
+            line TEXT NOT NULL,
+            address TEXT NOT NULL,
+            written_at REAL NOT NULL,
+            PRIMARY KEY (line, address)
+        );
+        """,
+    ),
+    (
+        2,
+        "change feed: origin and expiry on every history row; indexes for pruning and bulk lifts",
+        """
+        ALTER TABLE history ADD COLUMN origin TEXT NOT NULL DEFAULT 'local';
+        ALTER TABLE history ADD COLUMN expires REAL;
+        CREATE INDEX history_at ON history (at);
+        CREATE INDEX offenders_last_lifted ON offenders (last_lifted);
+        CREATE INDEX written_lines_address ON written_lines (address)
+        """,
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class SchemaTooNew(Exception):
+    """The file was written by a newer portsentry; the text says which versions."""
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the schema of `db` to SCHEMA_VERSION, inside the caller's transaction."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(f"ban store schema version {version} is newer than this portsentry "
+                           f"understands ({SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
+    for number, description, script in MIGRATIONS:
+        if number <= version:
+            continue
+        # executescript() would COMMIT first, so run the statements one by one.
+        for statement in script.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(
+            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+            (number, description, time.time()),
+        )
+        db.execute(f"PRAGMA user_version = {number:d}")
