@@ -28,6 +28,8 @@ from typing import TypeVar
 
 from tests.system import rig
 
+from portsentry.service import control
+
 T = TypeVar("T")
 
 REPO_ROOT = rig.REPO_ROOT
@@ -232,19 +234,10 @@ def control_socket(workdir: Path) -> Path:
 
 def daemon_status(path: Path, timeout: float = 10.0) -> dict[str, object]:
     """Our daemon's `status` answer over its control socket (one JSON line each way)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(os.fspath(path))
-            sock.sendall(b'{"command": "status"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError as error:
-            raise BenchError(f"status from {path}: {error}") from error
+    try:
+        data = control.exchange(os.fspath(path), b'{"command": "status"}\n', timeout)
+    except (OSError, control.NotRunning) as error:
+        raise BenchError(f"status from {path}: {error}") from error
     answer = json.loads(data or b"null")
     if not isinstance(answer, dict) or not isinstance(answer.get("status"), dict):
         raise BenchError(f"status from {path}: unexpected answer {answer!r}")

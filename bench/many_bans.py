@@ -45,6 +45,7 @@ from tests.system import rig
 
 from bench import harness
 from bench.harness import BenchError, Receiver
+from portsentry.service import control
 
 PARTS = ("idle", "startup", "stalls")
 # One block per --issue10-label (before the redesign, after it, an older revision...).
@@ -501,18 +502,10 @@ class SlowClientResult:
 
 
 def control_request(path: Path, payload: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
-    """Send `payload` and read one reply line; (reply, ms)."""
+    """Send `payload` and read one reply line; (reply, ms). The client is the work tree's, the
+    daemon may be an older revision's: the wire format has not changed."""
     started = time.perf_counter()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(os.fspath(path))
-        sock.sendall(payload)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    data = control.exchange(os.fspath(path), payload, timeout)
     return data, (time.perf_counter() - started) * 1000
 
 
