@@ -28,6 +28,7 @@ from typing import TypeVar
 
 from tests.system import rig
 
+from portsentry.journal.receiver import SO_TIMESTAMPNS, DatagramReceiver
 from portsentry.service import control
 
 T = TypeVar("T")
@@ -48,7 +49,6 @@ ALREADY = re.compile(r"attackalert: Host: (?P<name>\S+)/(?P<ip>\S+) is already b
 _CLONE_NEWNET = 0x40000000
 # The kernel stamps each datagram when it is sent (CLOCK_REALTIME), so a receiver thread that gets
 # the CPU late does not stretch the measured times. All bench times are therefore time.time().
-SO_TIMESTAMPNS = 35
 _TIMESPEC = struct.Struct("=qq")
 
 
@@ -131,34 +131,14 @@ class Receiver:
             return sock
 
         self.path = path
-        self._sock = in_namespace(namespace, make)
-        self._sock.settimeout(0.2)
         self._raw: list[tuple[float, bytes]] = []
         self._parsed: list[Entry] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="bench-syslog", daemon=True)
-        self._thread.start()
+        self._receiver = DatagramReceiver(in_namespace(namespace, make), self._keep, name="bench-syslog")
 
-    def _loop(self) -> None:
-        recvmsg = self._sock.recvmsg
-        space = socket.CMSG_SPACE(_TIMESPEC.size)
-        raw = self._raw
-        lock = self._lock
-        while not self._stop.is_set():
-            try:
-                data, ancillary, _flags, _addr = recvmsg(65536, space)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            at = time.time()
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    sec, nsec = _TIMESPEC.unpack(payload[:_TIMESPEC.size])
-                    at = sec + nsec / 1e9
-            with lock:
-                raw.append((at, data))
+    def _keep(self, data: bytes, at: float) -> None:
+        with self._lock:
+            self._raw.append((at, data))
 
     def entries(self, since: int = 0) -> list[Entry]:
         with self._lock:
@@ -190,9 +170,7 @@ class Receiver:
             time.sleep(0.002)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-        self._sock.close()
+        self._receiver.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -11,7 +11,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
+
+from portsentry.journal.receiver import DatagramReceiver
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -596,31 +597,19 @@ class SyslogReceiver:
         if len(os.fsencode(path)) > _MAX_UNIX_PATH:
             raise RigError(f"syslog socket path too long for AF_UNIX: {path}")
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(os.fspath(path))
-        self._sock.settimeout(0.1)
         self._records: list[SyslogRecord] = []
         self._malformed: list[bytes] = []
         self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="syslog-receiver", daemon=True)
-        self._thread.start()
+        self._receiver = DatagramReceiver(path, self._keep, name="syslog-receiver")
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            record = parse_syslog(data)
-            with self._cond:
-                if record is None:
-                    self._malformed.append(data)
-                else:
-                    self._records.append(record)
-                self._cond.notify_all()
+    def _keep(self, data: bytes, _at: float) -> None:
+        record = parse_syslog(data)
+        with self._cond:
+            if record is None:
+                self._malformed.append(data)
+            else:
+                self._records.append(record)
+            self._cond.notify_all()
 
     def records(self, since: int = 0) -> list[SyslogRecord]:
         with self._cond:
@@ -709,9 +698,7 @@ class SyslogReceiver:
         return "\n".join(lines) or "  (nothing)"
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-        self._sock.close()
+        self._receiver.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import pytest
 
 from portsentry.config.settings import Config
 from portsentry.host.privileges import KEPT, CapabilitySets, names, read_status
+from portsentry.journal.receiver import DatagramReceiver
 from tests.system.rig import (
     REPO_ROOT,
     DaemonFactory,
@@ -225,26 +225,14 @@ class NotifySocket:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.1)
         self._messages: list[str] = []
         self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        self._receiver = DatagramReceiver(path, self._keep, name="notify-socket")
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._cond:
-                self._messages.append(data.decode(errors="replace"))
-                self._cond.notify_all()
+    def _keep(self, data: bytes, _at: float) -> None:
+        with self._cond:
+            self._messages.append(data.decode(errors="replace"))
+            self._cond.notify_all()
 
     def messages(self) -> list[str]:
         with self._cond:
@@ -265,9 +253,7 @@ class NotifySocket:
                 self._cond.wait(left)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-        self._sock.close()
+        self._receiver.close()
 
 
 def assignments(message: str) -> dict[str, str]:

@@ -16,7 +16,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
+
+from portsentry.journal.receiver import DatagramReceiver
 
 TARGET_IP = "198.18.0.1"
 SCANNER_IP = "198.18.0.2"
@@ -117,29 +118,15 @@ class SyslogReceiver:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lines: queue.Queue[SyslogLine] = queue.Queue()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="psdemo-syslog", daemon=True)
-        self._thread.start()
+        self._receiver = DatagramReceiver(path, self._keep, name="psdemo-syslog")
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            line = parse_syslog(data)
-            if line is not None:
-                self.lines.put(line)
+    def _keep(self, data: bytes, _at: float) -> None:
+        line = parse_syslog(data)
+        if line is not None:
+            self.lines.put(line)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2.0)
-        self._sock.close()
+        self._receiver.close()
 
 
 def _package_env() -> dict[str, str]:
