@@ -17,6 +17,7 @@ from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import DropCounter, TcpFlag, parse_packet
 from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch
 from tests.unit.sensors.test_packet import DST4, DST6, ah, ext, ipv4, ipv6, tcp, udp
+from tests.unit.sensors.test_stealth import NullCapture
 
 PACKETS = int(os.environ.get("PORTSENTRY_FUZZ_PACKETS", "100000"))
 
@@ -68,7 +69,7 @@ def test_100k_generated_packets_pass_parser_sensor_and_engine_without_exception(
         lambda _text: None, lambda: 0.0,
         HostAddresses(lambda: [DST4, DST6], lambda: [ip_address("198.18.255.255")]),
         {p: AllFree(p) for p in Protocol},
-        capture_factory=lambda _m, _p: object(),  # type: ignore[arg-type,return-value]
+        capture_factory=lambda _m, _p: NullCapture(),  # type: ignore[arg-type,return-value]
     )
     sensor.open()
     engine = Engine(EngineSettings(scan_trigger=2, block_tcp=1, block_udp=1,

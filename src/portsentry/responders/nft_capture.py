@@ -1,5 +1,17 @@
 """The stealth sensor's capture rules in our nftables table: what they log to NFLOG (the nft twin
-of sensors.bpf's filter). The ban-set backend (responders.nftables) installs and repairs them.
+of sensors.bpf's filter), and the first-probe ban in the kernel. The ban-set backend
+(responders.nftables) installs and repairs them.
+
+First-probe ban (issue 11): a qualifying probe, that is a TCP packet without ACK/RST or a UDP
+datagram outside a tracked flow, to a port in kports_tcp/kports_udp (watched, not excluded, no
+live service: kept current by the daemon), from a source in neither protect4/6 (own addresses,
+gateways, resolvers, the ignore list: not even copied to the daemon) nor nokernel4/6 (sources
+the kernel must never ban on its own: impossible ones, SENSITIVE_NETWORKS, which the daemon still
+decides), under BAN_RATE_LIMIT, is added to blocked4/6 with the ban's timeout and dropped by the
+rule itself; so the scanner's second packet, microseconds later, meets the drop. The rule also
+notes (source, protocol, port) in caught4/6 and logs the packet to NFLOG: the daemon writes
+1.2's lines and records the ban, and its maintenance thread settles every caught entry (adopted,
+lifted, or recorded late when the NFLOG copy was lost).
 """
 
 from __future__ import annotations
@@ -8,6 +20,51 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from portsentry.core.probe import Protocol
+
+PROTECT4, PROTECT6 = "protect4", "protect6"
+NOKERNEL4, NOKERNEL6 = "nokernel4", "nokernel6"
+CAUGHT4, CAUGHT6 = "caught4", "caught6"
+KPORTS = {Protocol.TCP: "kports_tcp", Protocol.UDP: "kports_udp"}
+
+
+@dataclass(frozen=True, slots=True)
+class KernelBan:
+    """The first-probe ban: for which protocols, for how long, at most how many a minute."""
+
+    protocols: frozenset[Protocol]
+    timeout: int | None  # seconds (BLOCK_TIME); None: forever
+    rate: int = 0  # bans a minute (BAN_RATE_LIMIT); 0: no cap
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not 0 < self.timeout <= 10 * 365 * 86400:
+            raise ValueError(f"kernel ban timeout {self.timeout!r} is not 1 s to ten years")
+        if not 0 <= self.rate <= 1_000_000:
+            raise ValueError(f"kernel ban rate {self.rate!r} is not 0 to 1000000 a minute")
+
+    def rules(self, group: int) -> list[str]:
+        """The ban rules, one per family and protocol; they go after the protect rules."""
+        timeout = "" if self.timeout is None else f" timeout {self.timeout}s"
+        limit = f" limit rate {self.rate}/minute burst {self.rate} packets" if self.rate else ""
+        found = []
+        families = (("ip saddr", "blocked4", NOKERNEL4, CAUGHT4),
+                    ("ip6 saddr", "blocked6", NOKERNEL6, CAUGHT6))
+        for saddr, blocked, nokernel, caught in families:
+            for protocol in (Protocol.TCP, Protocol.UDP):
+                if protocol not in self.protocols:
+                    continue
+                if protocol is Protocol.TCP:
+                    match = f"tcp flags & (ack | rst) == 0 tcp dport @{KPORTS[protocol]}"
+                    port = "tcp dport"
+                else:
+                    match = f"udp dport @{KPORTS[protocol]} ct state != {{ established, related }}"
+                    port = "udp dport"
+                found.append(
+                    f"meta pkttype host {saddr} != @{nokernel} {match}{limit} "
+                    f"add @{blocked} {{ {saddr}{timeout} }} "
+                    f"add @{caught} {{ {saddr} . meta l4proto . {port}{timeout} }} "
+                    f"log group {group} drop"
+                )
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,10 +76,11 @@ class CaptureSpec:
     max_port: int | None
     protocols: frozenset[Protocol]
     quiet_udp_ports: frozenset[int] = frozenset()
+    kernel: KernelBan | None = None
 
     @classmethod
     def of(cls, group: int, max_port: int | None, protocols: Collection[Protocol],
-           quiet_udp_ports: Collection[int] = ()) -> CaptureSpec:
+           quiet_udp_ports: Collection[int] = (), kernel: KernelBan | None = None) -> CaptureSpec:
         if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group <= 0xFFFF:
             raise ValueError(f"NFLOG group {group!r} is not between 0 and 65535")
         if max_port is not None and (isinstance(max_port, bool) or not isinstance(max_port, int)
@@ -35,7 +93,7 @@ class CaptureSpec:
         quiet = frozenset(quiet_udp_ports)
         if any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 0x10000 for p in quiet):
             raise ValueError(f"quiet UDP ports {sorted(quiet)!r} are not all ports")
-        return cls(group, None if max_port == 0x10000 else max_port, wanted, quiet)
+        return cls(group, None if max_port == 0x10000 else max_port, wanted, quiet, kernel)
 
     def rules(self) -> list[str]:
         """The rule bodies, in order; none when no port can match (max_port 0)."""
@@ -43,6 +101,10 @@ class CaptureSpec:
             return []
         log = f"log group {self.group}"
         found = []
+        if self.kernel is not None:
+            # Protected and ignored sources are neither banned nor copied to the daemon.
+            found += [f"ip saddr @{PROTECT4} counter return", f"ip6 saddr @{PROTECT6} counter return"]
+            found += self.kernel.rules(self.group)
         if Protocol.TCP in self.protocols:
             bound = "" if self.max_port is None else f" tcp dport < {self.max_port}"
             # `meta pkttype host`: the BPF filter's PACKET_HOST test (no broadcast/multicast).

@@ -16,12 +16,20 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    collapse_addresses,
+    ip_address,
+    ip_network,
+)
 from types import TracebackType
 
-from portsentry.core.probe import IPAddress
+from portsentry.core.probe import IPAddress, Protocol
 from portsentry.netlink.codec import (
     NETLINK_CAP_ACK,
     NETLINK_NETFILTER,
@@ -324,3 +332,68 @@ def _element_value(entry: object, source: str) -> tuple[IPAddress, float | None]
     except ValueError as exc:
         raise BackendError(f"{source}: set element {value!r} is not an address") from exc
     return address, expires
+
+
+# -- the first-probe ban's sets (nft_capture) -----------------------------------------------------
+
+Caught = tuple[IPAddress, Protocol, int]  # a caught probe: source, protocol, destination port
+Guarded = IPv4Network | IPv6Network | IPAddress
+
+
+def intervals(members: Iterable[Guarded]) -> tuple[list[str], list[str]]:
+    """IPv4 and IPv6 elements of an interval set: networks merged (an interval set refuses
+    overlapping elements), as nft writes them."""
+    v4: list[IPv4Network] = []
+    v6: list[IPv6Network] = []
+    for member in members:
+        if isinstance(member, IPv4Address | IPv6Address):
+            member = ip_network(member)
+        if isinstance(member, IPv4Network):
+            v4.append(member)
+        elif isinstance(member, IPv6Network):
+            v6.append(member)
+        else:
+            raise TypeError(f"a guarded source is an address or a network, not {member!r}")
+    return ([str(n) for n in collapse_addresses(v4)], [str(n) for n in collapse_addresses(v6)])
+
+
+def port_ranges(ports: Iterable[int]) -> list[str]:
+    """Ports as nft interval elements: ["1-78", "80", "82-1023"]."""
+    wanted = sorted({int(p) for p in ports})
+    if any(not 0 < p < 0x10000 for p in wanted):
+        raise ValueError(f"ports {wanted!r} are not all ports")
+    found: list[str] = []
+    start = previous = None
+    for port in wanted:
+        if previous is not None and port == previous + 1:
+            previous = port
+            continue
+        if start is not None:
+            found.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = port
+    if start is not None:
+        found.append(str(start) if start == previous else f"{start}-{previous}")
+    return found
+
+
+def parse_caught_json(text: str) -> list[Caught]:
+    """The entries of caught4/caught6 from `nft -j list set`; malformed ones are skipped."""
+    try:
+        objects = json.loads(text).get("nftables", [])
+    except (ValueError, AttributeError):
+        raise BackendError("nft -j list set: not the JSON nft writes") from None
+    found: list[Caught] = []
+    for item in objects:
+        entries = item.get("set", {}).get("elem", []) if isinstance(item, dict) else []
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("elem"), dict):
+                entry = entry["elem"].get("val")
+            concat = entry.get("concat") if isinstance(entry, dict) else None
+            if not (isinstance(concat, list) and len(concat) == 3):
+                continue
+            address, protocol, port = concat
+            try:
+                found.append((ip_address(address), Protocol(str(protocol).upper()), int(port)))
+            except (ValueError, TypeError):
+                continue
+    return found

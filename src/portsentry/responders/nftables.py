@@ -35,21 +35,36 @@ from portsentry.responders.backend import (
     run_argv,
     unpacked,
 )
-from portsentry.responders.nft_capture import CaptureSpec
+from portsentry.responders.nft_capture import (
+    CAUGHT4,
+    CAUGHT6,
+    KPORTS,
+    NOKERNEL4,
+    NOKERNEL6,
+    PROTECT4,
+    PROTECT6,
+    CaptureSpec,
+    KernelBan,
+)
 from portsentry.responders.nft_elements import (
     BE64,
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
     TIMEOUT_HEAD,
+    Caught,
     ElementOp,
     EncodedOp,
+    Guarded,
     InconsistentListing,
     NetlinkElements,
     Sender,
     SocketFactory,
     element_head,
+    intervals,
     open_netlink,
+    parse_caught_json,
     parse_set_json,
+    port_ranges,
     timeout_ms,
     timeout_text,
 )
@@ -117,6 +132,17 @@ class NftablesBackend(BanBackend):
             f"add table {t}\n"
             f"add set {t} {SET4} {{ type ipv4_addr; flags timeout; size {self.set_size}; }}\n"
             f"add set {t} {SET6} {{ type ipv6_addr; flags timeout; size {self.set_size}; }}\n"
+            # The first-probe ban's sets (nft_capture): guards as intervals, ports, caught probes.
+            f"add set {t} {PROTECT4} {{ type ipv4_addr; flags interval; }}\n"
+            f"add set {t} {PROTECT6} {{ type ipv6_addr; flags interval; }}\n"
+            f"add set {t} {NOKERNEL4} {{ type ipv4_addr; flags interval; }}\n"
+            f"add set {t} {NOKERNEL6} {{ type ipv6_addr; flags interval; }}\n"
+            f"add set {t} {KPORTS[Protocol.TCP]} {{ type inet_service; flags interval; }}\n"
+            f"add set {t} {KPORTS[Protocol.UDP]} {{ type inet_service; flags interval; }}\n"
+            f"add set {t} {CAUGHT4} {{ type ipv4_addr . inet_proto . inet_service; flags timeout; "
+            f"size {self.set_size}; }}\n"
+            f"add set {t} {CAUGHT6} {{ type ipv6_addr . inet_proto . inet_service; flags timeout; "
+            f"size {self.set_size}; }}\n"
             f"add chain {t} {CHAIN} {{ type filter hook {self.hook} priority {self.priority}; "
             "policy accept; }\n"
         )
@@ -247,13 +273,72 @@ class NftablesBackend(BanBackend):
 
     def capture_rules(
         self, group: int, max_port: int | None, protocols: Collection[Protocol],
-        quiet_udp_ports: Collection[int] = (),
+        quiet_udp_ports: Collection[int] = (), kernel: KernelBan | None = None,
     ) -> None:
         """Log what can be a probe (the nft twin of bpf.build_probe_filter) to NFLOG group
-        `group`, after the drop of blocked hosts; remembered for repair_capture. Needs setup()."""
-        spec = CaptureSpec.of(group, max_port, protocols, quiet_udp_ports)
+        `group`, after the drop of blocked hosts, and with `kernel` ban qualifying probes on the
+        spot (nft_capture); remembered for repair_capture. Needs setup()."""
+        spec = CaptureSpec.of(group, max_port, protocols, quiet_udp_ports, kernel)
         self.run([NFT, "-f", "-"], self.capture_script(spec))
         self._capture = spec
+
+    # -- the first-probe ban's state (nft_capture) ------------------------------------------------
+
+    def guards_script(self, protect: Iterable[Guarded], nokernel: Iterable[Guarded]) -> str:
+        t = f"inet {self.table}"
+        lines = []
+        for (name4, name6), members in (((PROTECT4, PROTECT6), protect), ((NOKERNEL4, NOKERNEL6), nokernel)):
+            v4, v6 = intervals(members)
+            for name, networks in ((name4, v4), (name6, v6)):
+                lines.append(f"flush set {t} {name}")
+                if networks:
+                    lines.append(f"add element {t} {name} {{ {', '.join(networks)} }}")
+        return "".join(f"{line}\n" for line in lines)
+
+    def set_guards(self, protect: Iterable[Guarded], nokernel: Iterable[Guarded]) -> None:
+        """Replace, in one transaction, the sources the kernel never bans: `protect` (neither
+        banned nor copied to the daemon) and `nokernel` (copied; the daemon decides)."""
+        self.run([NFT, "-f", "-"], self.guards_script(protect, nokernel))
+
+    def kernel_ports_script(self, ports: dict[Protocol, Iterable[int]]) -> str:
+        t = f"inet {self.table}"
+        lines = []
+        for protocol, wanted in ports.items():
+            name = KPORTS[protocol]
+            lines.append(f"flush set {t} {name}")
+            ranges = port_ranges(wanted)
+            if ranges:
+                lines.append(f"add element {t} {name} {{ {', '.join(ranges)} }}")
+        return "".join(f"{line}\n" for line in lines)
+
+    def set_kernel_ports(self, ports: dict[Protocol, Iterable[int]]) -> None:
+        """Replace the ports whose probes the kernel bans (watched, no live service)."""
+        self.run([NFT, "-f", "-"], self.kernel_ports_script(ports))
+
+    def caught(self) -> list[Caught]:
+        """The kernel's first-probe bans not yet settled by the daemon: (source, protocol, port)."""
+        found: list[Caught] = []
+        for name in (CAUGHT4, CAUGHT6):
+            found += parse_caught_json(self.run([NFT, "-j", "list", "set", "inet", self.table, name]).stdout)
+        return found
+
+    def release_script(self, entries: Iterable[Caught]) -> str:
+        lines = []
+        for address, protocol, port in entries:
+            if not 0 < port < 0x10000:
+                raise ValueError(f"port {port!r} is not a port")
+            name = CAUGHT4 if address.version == 4 else CAUGHT6
+            element = f"{{ {address_text(address)} . {Protocol(protocol).value.lower()} . {int(port)} }}"
+            # add, then delete: an entry that has gone meanwhile is no error.
+            lines += [f"add element inet {self.table} {name} {element}",
+                      f"delete element inet {self.table} {name} {element}"]
+        return "".join(f"{line}\n" for line in lines)
+
+    def release_caught(self, entries: Iterable[Caught]) -> None:
+        """Forget caught entries the daemon has settled (the ban itself stays or goes apart)."""
+        script = self.release_script(entries)
+        if script:
+            self.run([NFT, "-f", "-"], script)
 
     def drop_capture(self) -> None:
         """Removes the capture chain if there is one (the sensor went back to AF_PACKET)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
+from portsentry.core.probe import Protocol as ProbeProtocol
 from portsentry.sensors.bpf import Insn, pack_filter, reject_all_filter
 
 ETH_P_ALL = 0x0003
@@ -60,6 +61,10 @@ class Capture(Protocol):
     def drops(self) -> int: ...
     def quiet_udp(self, ports: frozenset[int]) -> None:
         """Keep datagrams to these UDP ports (live services) away from us in the kernel."""
+        ...
+    def live_ports(self, live: dict[ProbeProtocol, frozenset[int]]) -> None:
+        """Watched ports that now have a live service: a capture that bans in the kernel
+        (NFLOG with the first-probe ban) must stop banning probes to them."""
         ...
     def close(self) -> None: ...
 
@@ -122,6 +127,9 @@ class CaptureSocket:
     def quiet_udp(self, ports: frozenset[int]) -> None:
         if self._quieter is not None:
             self.replace_filter(self._quieter(ports))
+
+    def live_ports(self, live: dict[ProbeProtocol, frozenset[int]]) -> None:
+        pass  # AF_PACKET only reads: nothing is banned here
 
     def replace_filter(self, program: list[Insn]) -> None:
         """Swap the BPF program in place (e.g. to quiet ports that gained a service)."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from portsentry.core.probe import Protocol
 from portsentry.netlink.codec import (
     NETLINK_NETFILTER,
     NFGENMSG,
@@ -211,9 +212,11 @@ class NflogCapture:
         rcvbuf: int = RCVBUF,
         socket_factory: Callable[[], socket.socket] = open_nfnetlink,
         quieter: Callable[[frozenset[int]], None] | None = None,
+        on_live: Callable[[dict[Protocol, frozenset[int]]], None] | None = None,
     ) -> None:
         # Updates our nftables log rule so datagrams to live UDP services are not copied to us.
         self._quieter = quieter
+        self._on_live = on_live
         if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group <= 0xFFFF:
             raise ValueError(f"NFLOG group {group!r} is not between 0 and 65535")
         self.group = group
@@ -327,6 +330,10 @@ class NflogCapture:
     def quiet_udp(self, ports: frozenset[int]) -> None:
         if self._quieter is not None:
             self._quieter(ports)
+
+    def live_ports(self, live: dict[Protocol, frozenset[int]]) -> None:
+        if self._on_live is not None:
+            self._on_live(live)
 
     def drops(self) -> int:
         """Packets logged to us that the kernel dropped for lack of buffer space (from gaps in

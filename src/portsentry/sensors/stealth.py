@@ -93,6 +93,7 @@ class StealthSensor:
         # back on such a flow is a reply (DNS, NTP), even if the client socket is gone by now.
         self._udp_flows: OrderedDict[tuple[int, IPAddress, int], float] = OrderedDict()
         self._quieted: frozenset[int] = frozenset()
+        self._live: dict[Protocol, frozenset[int]] | None = None
 
     def open(self) -> list[Readable]:
         now = self._clock()
@@ -112,6 +113,7 @@ class StealthSensor:
         protocols = {w.mode.protocol for w in active}
         max_port = max(w.upper_bound() for w in active)
         self._capture = self._capture_factory(max_port if max_port <= 0xFFFF else None, protocols)
+        self._report_live_ports()
         return [self._capture]
 
     def _announce(self, watch: Watch) -> Watch | None:
@@ -172,6 +174,7 @@ class StealthSensor:
         for listener in self.listeners.values():
             listener.refresh(now)
         self._quiet_busy_udp_ports()
+        self._report_live_ports()
         hits: list[Hit] = []
         for data in batch:
             self.packets += 1
@@ -213,6 +216,22 @@ class StealthSensor:
             for w in watches
             if w.covers(port)
         ]
+
+    def _report_live_ports(self) -> None:
+        """Tell the capture which watched ports have a live service whenever that changes: a
+        capture that bans in the kernel must not ban a client of a service started just now."""
+        if self._capture is None:
+            return
+        live = {protocol: frozenset(p for p in self.listeners[protocol].ports()
+                                    if any(w.covers(p) for w in self._by_protocol.get(protocol, ())))
+                for protocol in Protocol}
+        if live == self._live:
+            return
+        self._live = live
+        try:
+            self._capture.live_ports(live)
+        except (OSError, ValueError) as error:
+            self._log(f"adminalert: WARNING: cannot update the kernel's banned ports: {error}")
 
     def _quiet_busy_udp_ports(self) -> None:
         """Tell the kernel filter to keep traffic to UDP services away from us (a syslog server

@@ -3,6 +3,7 @@ bytes it sends, and how it reads answers (acks, errors, JSON listings); no root 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portsentry.core.probe import Protocol
 from portsentry.responders import nftables
 from portsentry.responders.backend import BackendError, RunResult
 from portsentry.responders.nft_elements import (
@@ -41,6 +43,16 @@ SETUP = (
     "add table inet portsentry\n"
     "add set inet portsentry blocked4 { type ipv4_addr; flags timeout; size 262144; }\n"
     "add set inet portsentry blocked6 { type ipv6_addr; flags timeout; size 262144; }\n"
+    "add set inet portsentry protect4 { type ipv4_addr; flags interval; }\n"
+    "add set inet portsentry protect6 { type ipv6_addr; flags interval; }\n"
+    "add set inet portsentry nokernel4 { type ipv4_addr; flags interval; }\n"
+    "add set inet portsentry nokernel6 { type ipv6_addr; flags interval; }\n"
+    "add set inet portsentry kports_tcp { type inet_service; flags interval; }\n"
+    "add set inet portsentry kports_udp { type inet_service; flags interval; }\n"
+    "add set inet portsentry caught4 { type ipv4_addr . inet_proto . inet_service; flags timeout; "
+    "size 262144; }\n"
+    "add set inet portsentry caught6 { type ipv6_addr . inet_proto . inet_service; flags timeout; "
+    "size 262144; }\n"
     "add chain inet portsentry filter { type filter hook input priority -10; policy accept; }\n"
 )
 RULES = (
@@ -491,3 +503,73 @@ def test_restore_through_the_sender_thread_sends_every_batch_and_reports_a_refus
     refusing = FakeNetlink(fail={0: errno.ENFILE})
     with pytest.raises(BackendError, match="is full"):
         netlink_backend(refusing).restore_many((IPv4Address(0xC6120000 + i).packed, 60.0) for i in range(10))
+
+
+
+def test_kernel_ban_rules_come_after_the_guards_and_before_the_log_rules() -> None:
+    from portsentry.responders.nft_capture import CaptureSpec, KernelBan
+
+    kernel = KernelBan(frozenset({Protocol.TCP, Protocol.UDP}), timeout=3600, rate=60)
+    rules = CaptureSpec.of(7373, 1024, {Protocol.TCP, Protocol.UDP}, kernel=kernel).rules()
+    assert rules[:2] == ["ip saddr @protect4 counter return", "ip6 saddr @protect6 counter return"]
+    assert rules[2] == (
+        "meta pkttype host ip saddr != @nokernel4 tcp flags & (ack | rst) == 0 tcp dport @kports_tcp "
+        "limit rate 60/minute burst 60 packets add @blocked4 { ip saddr timeout 3600s } "
+        "add @caught4 { ip saddr . meta l4proto . tcp dport timeout 3600s } log group 7373 drop")
+    assert rules[3] == (
+        "meta pkttype host ip saddr != @nokernel4 udp dport @kports_udp ct state != { established, related } "
+        "limit rate 60/minute burst 60 packets add @blocked4 { ip saddr timeout 3600s } "
+        "add @caught4 { ip saddr . meta l4proto . udp dport timeout 3600s } log group 7373 drop")
+    assert rules[4].startswith("meta pkttype host ip6 saddr != @nokernel6 tcp flags")
+    assert len(rules) == 8 and rules[6].endswith("log group 7373") and "drop" not in rules[6]
+    forever = KernelBan(frozenset({Protocol.TCP}), timeout=None).rules(1)
+    assert forever[0].endswith("add @blocked4 { ip saddr } "
+                               "add @caught4 { ip saddr . meta l4proto . tcp dport } log group 1 drop")
+    assert len(forever) == 2
+    assert "protect4" not in " ".join(CaptureSpec.of(7373, 1024, {Protocol.TCP}).rules())
+
+
+def test_guards_and_ports_are_replaced_in_one_script_with_merged_intervals() -> None:
+    from ipaddress import ip_network
+
+    backend = cli(Recorder())
+    script = backend.guards_script(
+        [ip_network("198.18.0.0/24"), IPv4Address("198.18.0.7"), ip_network("198.18.1.0/24"),
+         IPv6Address("fd00::1")],
+        [ip_network("0.0.0.0/8")])
+    assert script == (
+        "flush set inet portsentry protect4\n"
+        "add element inet portsentry protect4 { 198.18.0.0/23 }\n"
+        "flush set inet portsentry protect6\n"
+        "add element inet portsentry protect6 { fd00::1/128 }\n"
+        "flush set inet portsentry nokernel4\n"
+        "add element inet portsentry nokernel4 { 0.0.0.0/8 }\n"
+        "flush set inet portsentry nokernel6\n")
+    assert backend.kernel_ports_script({Protocol.TCP: [1, 2, 3, 5, 79, 80], Protocol.UDP: []}) == (
+        "flush set inet portsentry kports_tcp\n"
+        "add element inet portsentry kports_tcp { 1-3, 5, 79-80 }\n"
+        "flush set inet portsentry kports_udp\n")
+    with pytest.raises(TypeError):
+        backend.guards_script(["198.18.0.1; flush ruleset"], [])  # type: ignore[list-item]
+
+
+def test_caught_entries_are_parsed_and_released_with_add_then_delete() -> None:
+    from portsentry.responders.nft_elements import parse_caught_json
+
+    text = json.dumps({"nftables": [{"metainfo": {}}, {"set": {"name": "caught4", "elem": [
+        {"concat": ["198.18.0.3", "udp", 53]},
+        {"elem": {"val": {"concat": ["198.18.0.2", "tcp", 79]}, "timeout": 3600, "expires": 3599}},
+        {"concat": ["not an address", "tcp", 1]}, {"concat": ["198.18.0.4", "sctp", 1]}, "junk"]}}]})
+    assert parse_caught_json(text) == [(IPv4Address("198.18.0.3"), Protocol.UDP, 53),
+                                       (IPv4Address("198.18.0.2"), Protocol.TCP, 79)]
+    assert cli(Recorder()).release_script([(IPv6Address("fd00::2"), Protocol.TCP, 79)]) == (
+        "add element inet portsentry caught6 { fd00::2 . tcp . 79 }\n"
+        "delete element inet portsentry caught6 { fd00::2 . tcp . 79 }\n")
+
+
+@given(st.text(max_size=400))
+def test_the_caught_parser_never_raises_anything_but_backend_error(text: str) -> None:
+    from portsentry.responders.nft_elements import parse_caught_json
+
+    with contextlib.suppress(BackendError):
+        parse_caught_json(text)

@@ -557,7 +557,7 @@ class FakeBackend(NftablesBackend):
         self.fail = fail
 
     def capture_rules(self, group: int, max_port: int | None, protocols: Any,
-                      quiet_udp_ports: Any = ()) -> None:
+                      quiet_udp_ports: Any = (), kernel: Any = None) -> None:
         if self.fail is not None:
             raise self.fail
         self.installed.append((group, max_port, set(protocols)))
@@ -570,6 +570,9 @@ class Opened:
     def __init__(self, kind: str, *args: object) -> None:
         self.kind, self.args = kind, args
         self.closed = False
+
+    def live_ports(self, live: dict[Protocol, frozenset[int]]) -> None:
+        pass
 
     def close(self) -> None:
         self.closed = True

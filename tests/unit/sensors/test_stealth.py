@@ -32,6 +32,20 @@ class FixedListeners(ListeningPorts):
         return frozenset(self.fixed)
 
 
+
+class NullCapture:
+    """Stands in for the capture when packets are fed to hits_for directly; records what the
+    sensor tells it about live ports."""
+
+    def __init__(self) -> None:
+        self.live: list[dict[Protocol, frozenset[int]]] = []
+
+    def quiet_udp(self, ports: frozenset[int]) -> None:
+        pass
+
+    def live_ports(self, live: dict[Protocol, frozenset[int]]) -> None:
+        self.live.append(live)
+
 def sensor(
     watches: list[Watch], tcp_listening: Iterable[int] = (), udp_listening: Iterable[int] = (),
     lines: list[str] | None = None,
@@ -44,7 +58,7 @@ def sensor(
     }
     log: Callable[[str], None] = lines.append if lines is not None else (lambda _t: None)
     s = StealthSensor(watches, log, lambda: 0.0, addresses, listeners,
-                      capture_factory=lambda _max, _protocols: object())  # type: ignore[arg-type,return-value]
+                      capture_factory=lambda _max, _protocols: NullCapture())  # type: ignore[arg-type,return-value]
     s.open()
     return s
 
@@ -140,3 +154,19 @@ def test_a_source_equal_to_our_subnet_broadcast_is_forged_and_counted():
     s = sensor([Watch(Mode.STCP, ports=frozenset({1}))])
     assert s.hits_for(tcp(1, source=ip_address("198.18.0.255")), 0.0) == []
     assert s.drops.as_dict() == {"source broadcast": 1}
+
+
+def test_watched_ports_with_a_live_service_are_reported_to_the_capture_when_they_change():
+    s = sensor([Watch(Mode.ATCP, below=1024), Watch(Mode.AUDP, below=1024)],
+               tcp_listening=[22, 8080], udp_listening=[161, 5353])
+    capture = s._capture
+    assert isinstance(capture, NullCapture)
+    # at open: only watched ports count (8080 and 5353 are above the limit)
+    assert capture.live == [{Protocol.TCP: frozenset({22}), Protocol.UDP: frozenset({161})}]
+    s._report_live_ports()
+    assert len(capture.live) == 1  # nothing changed: nothing said
+    listeners = s.listeners[Protocol.TCP]
+    assert isinstance(listeners, FixedListeners)
+    listeners.fixed.add(80)
+    s._report_live_ports()
+    assert capture.live[-1] == {Protocol.TCP: frozenset({22, 80}), Protocol.UDP: frozenset({161})}
