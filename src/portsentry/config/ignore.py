@@ -117,6 +117,13 @@ class IgnoreList:
     """Answers "never block this address?" in a handful of set lookups, however long the file is."""
 
     def __init__(self, entries: Iterable[IgnoreEntry], always: Iterable[IPAddress] = ()) -> None:
+        entries, always = list(entries), list(always)
+        # As networks too, for the kernel's first-probe ban (its protect sets).
+        self.networks: tuple[IPv4Network | IPv6Network, ...] = tuple(
+            [entry.network for entry in entries]
+            # int() drops an IPv6 zone id (fe80::1%eth0), which nft cannot spell.
+            + [IPv4Network(int(a)) if a.version == 4 else IPv6Network(int(a))
+               for a in map(canonical, always)])
         hosts: dict[int, set[int]] = {4: set(), 6: set()}
         by_prefix: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
         for entry in entries:

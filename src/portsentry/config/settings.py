@@ -85,6 +85,8 @@ class Config:
     ban_set_size: int = 262144
     capture: str = "auto"  # stealth capture: auto (nflog with the nftables backend) | nflog | packet
     nflog_group: int = 7373
+    # First-probe ban in the kernel (stealth modes, nftables capture): auto | off
+    kernel_ban: str = "auto"
     state_dir: str = "/var/lib/portsentry"
     control_socket: str = "/run/portsentry/control.sock"
     event_log: str | None = None  # EVENT_LOG: JSON lines for SIEMs (docs/events.md)
@@ -306,6 +308,7 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "BAN_SET_SIZE": KeySpec("ban_set_size", _integer(1, 16_777_216, "a set size from 1 to 16777216")),
         "CAPTURE": KeySpec("capture", _choice("auto", "nflog", "packet")),
         "NFLOG_GROUP": KeySpec("nflog_group", _integer(0, 65535, "a log group from 0 to 65535")),
+        "KERNEL_BAN": KeySpec("kernel_ban", _choice("auto", "off")),
         "STATE_DIR": KeySpec("state_dir", _absolute_path),
         "CONTROL_SOCKET": KeySpec("control_socket", _absolute_path),
         "EVENT_LOG": KeySpec("event_log", _optional),

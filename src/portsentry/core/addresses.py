@@ -17,9 +17,18 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Container
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 IPAddress = IPv4Address | IPv6Address
+
+# What impossible_source refuses, as networks, for the kernel's first-probe ban, which must never
+# ban these on its own: 0/8, loopback, multicast and 240/4 (with 255.255.255.255); ::, ::1 and
+# the IPv4-compatible ::/96; IPv4-mapped ::ffff:0:0/96 (the daemon decides on the IPv4 address);
+# IPv6 multicast.
+IMPOSSIBLE_NETWORKS: tuple[IPv4Network | IPv6Network, ...] = tuple(
+    ip_network(text)
+    for text in ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/3", "::/96", "::ffff:0:0/96", "ff00::/8")
+)
 
 # Tested on the integer value: this runs once per captured packet, and `address in network`
 # costs a microsecond where a shift costs tens of nanoseconds.

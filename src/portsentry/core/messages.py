@@ -223,6 +223,17 @@ def native_unblock_failed(target: str, detail: str) -> str:
     return f"adminalert: ERROR: There was an error trying to unblock host {target}: {detail}"
 
 
+def kernel_ban_recorded(target: str, protocol: str, port: int) -> str:
+    """A first-probe ban the kernel made whose NFLOG copy never reached the daemon."""
+    return (f"attackalert: Host {target} was blocked by the kernel on its first probe to {protocol} port "
+            f"{port}; its copy never reached PortSentry (log buffer overrun, or PortSentry was not "
+            "running): recorded now")
+
+
+def kernel_ban_lifted(target: str, why: str) -> str:
+    return f"adminalert: The kernel's first-probe ban of {target} was lifted: {why}"
+
+
 def unblocked(target: str, reason: str) -> str:
     return f"attackalert: Host {target} has been unblocked: {reason}"
 

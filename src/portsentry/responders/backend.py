@@ -13,10 +13,10 @@ import abc
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, ClassVar
 
-from portsentry.core.probe import IPAddress
+from portsentry.core.probe import IPAddress, Protocol
 
 # A command that has not finished in this time is hung (a stuck xtables lock, say), not slow.
 COMMAND_TIMEOUT = 30.0
@@ -60,6 +60,10 @@ def run_argv(argv: Sequence[str], stdin: str | None = None) -> RunResult:
     except subprocess.TimeoutExpired as exc:
         raise BackendError(f"{' '.join(argv)}: no answer after {COMMAND_TIMEOUT:g}s") from exc
     return RunResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+Caught = tuple[IPAddress, Protocol, int]  # a caught probe: source, protocol, destination port
+Guarded = IPv4Network | IPv6Network | IPAddress  # a source the kernel must not ban on its own
 
 
 def address_text(address: object) -> str:
@@ -147,6 +151,25 @@ class BanBackend(abc.ABC):
         """Block many addresses; backends with a batch interface override this."""
         for address, timeout in bans:
             self.add(address, timeout)
+
+    # The first-probe ban in the kernel (responders.nft_capture): only nftables makes bans on
+    # its own; for the others there is nothing to guard or settle.
+
+    def first_probe_bans(self) -> bool:
+        """Whether the kernel bans qualifying probes itself (and keeps caught entries)."""
+        return False
+
+    def set_guards(self, protect: Iterable[Guarded], nokernel: Iterable[Guarded]) -> None:
+        """The sources the kernel must never ban on its own (see NftablesBackend)."""
+        return  # no first-probe bans here: nothing to guard
+
+    def caught(self) -> list[Caught]:
+        """Kernel-made bans the daemon has not settled yet: (source, protocol, port)."""
+        return []
+
+    def release_caught(self, entries: Iterable[Caught]) -> None:
+        """Forget settled caught entries."""
+        return  # nothing is ever caught here
 
     def repair_capture(self) -> bool:
         """Rebuild what someone removed behind our back (`nft flush ruleset`); True when it had

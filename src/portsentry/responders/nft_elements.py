@@ -54,6 +54,8 @@ from portsentry.netlink.codec import (
 )
 from portsentry.responders.backend import (
     BackendError,
+    Caught,
+    Guarded,
     address_text,
 )
 
@@ -336,8 +338,6 @@ def _element_value(entry: object, source: str) -> tuple[IPAddress, float | None]
 
 # -- the first-probe ban's sets (nft_capture) -----------------------------------------------------
 
-Caught = tuple[IPAddress, Protocol, int]  # a caught probe: source, protocol, destination port
-Guarded = IPv4Network | IPv6Network | IPAddress
 
 
 def intervals(members: Iterable[Guarded]) -> tuple[list[str], list[str]]:

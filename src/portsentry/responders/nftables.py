@@ -29,6 +29,8 @@ from typing import ClassVar, TypeVar
 from portsentry.core.probe import IPAddress, Protocol
 from portsentry.responders.backend import (
     BanBackend,
+    Caught,
+    Guarded,
     Runner,
     address_text,
     check_timeout,
@@ -51,10 +53,8 @@ from portsentry.responders.nft_elements import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
     TIMEOUT_HEAD,
-    Caught,
     ElementOp,
     EncodedOp,
-    Guarded,
     InconsistentListing,
     NetlinkElements,
     Sender,
@@ -283,6 +283,9 @@ class NftablesBackend(BanBackend):
         self._capture = spec
 
     # -- the first-probe ban's state (nft_capture) ------------------------------------------------
+
+    def first_probe_bans(self) -> bool:
+        return self._capture is not None and self._capture.kernel is not None
 
     def guards_script(self, protect: Iterable[Guarded], nokernel: Iterable[Guarded]) -> str:
         t = f"inet {self.table}"

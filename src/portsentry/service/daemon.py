@@ -48,6 +48,7 @@ from portsentry.service import sdnotify
 from portsentry.service.admin import admin_request
 from portsentry.service.blockqueue import BlockQueue
 from portsentry.service.control import Command, ControlServer, Reply, Request, Response
+from portsentry.service.kernelbans import Guards, KernelBans, guards_of
 from portsentry.service.maintenance import Findings, Maintenance
 from portsentry.service.resolver import Resolver
 
@@ -93,7 +94,10 @@ def protected_addresses(config: Config) -> frozenset[IPAddress]:
 def _sensor_settings(config: Config) -> tuple[object, ...]:
     """What the sensors are built from: a reload re-binds them only when this changes."""
     return (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
-            config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture, config.nflog_group)
+            config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture, config.nflog_group,
+            # the first-probe ban's rules are part of the capture (service.wiring.kernel_ban_for)
+            config.kernel_ban, config.scan_trigger, config.block_tcp, config.block_udp, config.block_time,
+            config.ban_rate_limit, config.ban_rate_limit_net)
 
 
 RequestWork = Callable[["Daemon", Request], Response]
@@ -149,9 +153,14 @@ class Daemon:
         self._stopping = False
         self._blocks = BlockQueue(self._enforce, self._block_done, journal.log)
         self._admin = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
+        # The kernel's first-probe bans (stealth modes with nftables): guards pushed, bans settled.
+        kernel = bans is not None and bans.backend is not None and config.kernel_ban != "off"
+        self._kernel = KernelBans(bans, journal.log) if kernel and bans is not None else None
+        self._protected: frozenset[IPAddress] = frozenset()
         self._maintenance = Maintenance(bans, lambda: protected_addresses(self.config),
                                         lambda found: self._call_on_main(lambda: self._apply(found)),
-                                        journal.log, interval=tick, clock=clock)
+                                        journal.log, interval=tick, clock=clock,
+                                        settle=self._kernel.settle if self._kernel is not None else None)
         # Work finished on a responder thread that the engine (main thread only) must hear about.
         self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = socket.socketpair()
@@ -167,9 +176,19 @@ class Daemon:
 
     # -- start and stop ------------------------------------------------------------------------
 
+    def _kernel_guards(self) -> Guards:
+        """Main loop: what the kernel's first-probe ban must spare, as of now."""
+        return guards_of(self.ignore.current(self.clock()).networks, self._protected,
+                         self.config.sensitive_networks)
+
     def open(self) -> bool:
         """Start every sensor; False when none could watch anything (1.2 then shuts down)."""
         any_open = False
+        self._protected = protected_addresses(self.config)
+        if self._kernel is not None:
+            # Before the sensors add the ban rules: from their first packet, the guards hold.
+            self._kernel.update(self._kernel_guards())
+            self._kernel.push()
         for sensor in self.sensors:
             for handle in sensor.open():
                 self._selector.register(handle, selectors.EVENT_READ, sensor)
@@ -384,6 +403,9 @@ class Daemon:
         self.engine.apply_ban_changes(found.changes)
         if found.protected is not None:
             self.engine.guard.set_protected(found.protected)
+            self._protected = found.protected
+        if self._kernel is not None and self._kernel.update(self._kernel_guards()):
+            self._admin.submit(self._kernel.push)
         if found.active is not None:
             self.active_bans = found.active
 

@@ -50,8 +50,10 @@ class Maintenance:
         repair_every: float = 60.0,
         prune_every: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        settle: Callable[[float], None] | None = None,
     ) -> None:
         self.bans = bans
+        self._settle = settle  # the kernel's first-probe bans (service.kernelbans)
         self._protected = protected
         self._post = post
         self._log = log
@@ -112,6 +114,9 @@ class Maintenance:
             if now >= self._next_prune:
                 self._next_prune = now + self.prune_every
                 self._guard(lambda: bans.prune(now))
+            if self._settle is not None:
+                settle = self._settle
+                self._guard(lambda: settle(now))
             try:
                 changes, resync = self._follow(now)
             except StoreError as error:  # the store may be unreadable for a while (disk full)

@@ -12,6 +12,7 @@ from portsentry.config.settings import Config
 from portsentry.core.probe import Mode, Protocol
 from portsentry.host import info as hostinfo
 from portsentry.responders.backend import BackendError, BanBackend
+from portsentry.responders.nft_capture import KernelBan
 from portsentry.responders.nftables import NftablesBackend
 from portsentry.sensors.base import Sensor
 from portsentry.sensors.capture import Capture, CaptureError
@@ -54,13 +55,40 @@ def build_sensors(
     if watches:
         addresses = HostAddresses(hostinfo.local_addresses, hostinfo.broadcast_addresses)
         listeners = {protocol: ListeningPorts(protocol) for protocol in Protocol}
-        capture = capture_factory(config, ban_backend, log)
+        capture = capture_factory(config, ban_backend, log, watches)
         sensors.append(StealthSensor(watches, log, clock, addresses, listeners, capture))
     return sensors
 
 
+def kernel_ban_for(config: Config, protocols: set[Protocol]) -> KernelBan | None:
+    """The first-probe ban for these stealth protocols: on unless KERNEL_BAN is "off", where
+    BLOCK_x is 1; off with SCAN_TRIGGER above 1 or BAN_RATE_LIMIT_NET set."""
+    if config.kernel_ban == "off" or config.scan_trigger > 1 or config.ban_rate_limit_net > 0:
+        return None  # the kernel counts no hits, and caps no networks
+    banning = frozenset(p for p in protocols
+                        if (config.block_tcp if p is Protocol.TCP else config.block_udp) == 1)
+    if not banning:
+        return None
+    return KernelBan(banning, config.block_time or None, config.ban_rate_limit)
+
+
+def eligible_ports(watches: Sequence[Watch], protocol: Protocol, live: frozenset[int]) -> set[int]:
+    """Ports whose probes the kernel may ban: watched by a stealth mode, not excluded, no live
+    service."""
+    found: set[int] = set()
+    for watch in watches:
+        if watch.mode.protocol is not protocol:
+            continue
+        if watch.below is None:
+            found |= set(watch.ports)
+        else:
+            found |= set(range(1, min(watch.below, 0x10000))) - set(watch.exclude)
+    return found - live
+
+
 def capture_factory(
-    config: Config, ban_backend: BanBackend | None, log: Callable[[str], None]
+    config: Config, ban_backend: BanBackend | None, log: Callable[[str], None],
+    watches: Sequence[Watch] = (),
 ) -> CaptureFactory:
     """How the stealth sensor will open its capture, from CAPTURE and the backend in use. With
     "auto" any NFLOG failure falls back to AF_PACKET with a warning; with "nflog" it is fatal."""
@@ -91,20 +119,32 @@ def capture_factory(
                 "packets from blocked hosts still reach the daemon, fragmented scans are unseen")
             return open_packet_capture(max_port, protocols)
 
+        kernel = kernel_ban_for(config, protocols)
+
         def quiet(ports: frozenset[int]) -> None:
             try:
-                nft.capture_rules(config.nflog_group, max_port, protocols, quiet_udp_ports=ports)
+                nft.capture_rules(config.nflog_group, max_port, protocols, quiet_udp_ports=ports,
+                                  kernel=kernel)
             except BackendError as error:  # the sensor knows OSError, not our backends
                 raise OSError(str(error)) from error
 
+        def live(ports: dict[Protocol, frozenset[int]]) -> None:
+            if kernel is None:
+                return
+            try:
+                nft.set_kernel_ports({p: eligible_ports(watches, p, ports.get(p, frozenset()))
+                                      for p in kernel.protocols})
+            except BackendError as error:
+                raise OSError(str(error)) from error
+
         try:
-            capture = NflogCapture(config.nflog_group, quieter=quiet)
+            capture = NflogCapture(config.nflog_group, quieter=quiet, on_live=live)
         except NflogGroupTaken as error:
             return fail("NFLOG_GROUP", error)
         except CaptureError as error:
             return fail("CAPTURE", error)
         try:
-            nft.capture_rules(config.nflog_group, max_port, protocols)
+            nft.capture_rules(config.nflog_group, max_port, protocols, kernel=kernel)
         except (BackendError, OSError, ValueError) as error:
             capture.close()
             return fail("CAPTURE", CaptureError(f"cannot add the NFLOG rules: {error}"))

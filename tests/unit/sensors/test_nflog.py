@@ -586,7 +586,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[Opened]:
         made.append(Opened("packet", max_port, protocols))
         return made[-1]
 
-    def nflog(group: int, quieter: object = None) -> Opened:
+    def nflog(group: int, quieter: object = None, on_live: object = None) -> Opened:
         made.append(Opened("nflog", group))
         return made[-1]
 
@@ -630,7 +630,7 @@ def test_nflog_without_nftables_is_refused_at_open(opened: list[Opened]) -> None
     assert opened == []
 
 
-def group_taken(group: int, quieter: object = None) -> Opened:
+def group_taken(group: int, quieter: object = None, on_live: object = None) -> Opened:
     raise NflogGroupTaken("NFLOG group 42 is already in use by another program: set NFLOG_GROUP")
 
 

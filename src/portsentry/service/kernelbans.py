@@ -1,0 +1,159 @@
+"""The daemon's side of the first-probe ban in the kernel (responders.nft_capture): the kernel
+bans a qualifying probe's source on the spot; the daemon stays the authority over it.
+
+- Guards: the sources the kernel must spare are pushed to its sets whenever they change: own
+  addresses, the ignore list, gateways and resolvers (protect: neither banned nor copied to the
+  daemon), and impossible sources and SENSITIVE_NETWORKS (nokernel: copied; the daemon decides).
+- Settling: every kernel ban also leaves a caught entry (source, protocol, port). Normally the
+  NFLOG copy reaches the engine, the ban lifecycle records the ban (with the policy's timeout
+  for repeat offenders), and the entry is released. A caught source that must be spared after
+  all (the guards changed, a service started on the port a moment ago) has its kernel ban lifted;
+  one that nobody recorded within GRACE seconds (the NFLOG copy was lost, or the daemon was not
+  running) is recorded now, and said so.
+
+Threads: the main loop builds a Guards snapshot and calls `update`, which says whether it must be
+pushed; `push` then runs on an admin worker, `settle` on the maintenance thread. They share only
+the snapshot, replaced whole, never changed in place; the backend and the lifecycle are
+thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+
+from portsentry.bans.lifecycle import BanManager
+from portsentry.core import messages
+from portsentry.core.addresses import IMPOSSIBLE_NETWORKS, canonical, impossible_source
+from portsentry.core.probe import IPAddress, Protocol
+from portsentry.responders.backend import BackendError, Caught, Guarded
+from portsentry.sensors.listeners import ListeningPorts
+
+GRACE = 3.0  # seconds a caught entry waits for the daemon's own record before it is made here
+Network = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True)
+class Guards:
+    """What the kernel must spare, as the main loop last saw it."""
+
+    ignored: tuple[Network, ...] = ()  # the ignore list in force, own addresses included
+    protected: frozenset[IPAddress] = frozenset()  # gateways and resolvers
+    sensitive: tuple[Network, ...] = ()  # SENSITIVE_NETWORKS
+
+    def protect(self) -> list[Guarded]:
+        return [*self.ignored, *self.protected]
+
+    def nokernel(self) -> list[Guarded]:
+        return [*IMPOSSIBLE_NETWORKS, *self.sensitive]
+
+    def spared(self, address: IPAddress) -> str | None:
+        """Why the kernel must not have banned `address`, or None."""
+        plain = canonical(address)
+        if plain in self.protected:
+            return "it is a gateway or DNS resolver of this host"
+        if any(plain in network for network in self.ignored if network.version == plain.version):
+            return "it is on the ignore list (or one of this host's addresses)"
+        if (bad := impossible_source(plain)) is not None:
+            return f"it is a {bad} address"
+        if any(plain in network for network in self.sensitive if network.version == plain.version):
+            return "it is in SENSITIVE_NETWORKS, where PortSentry decides"
+        return None
+
+
+class KernelBans:
+    def __init__(self, bans: BanManager, log: Callable[[str], None], grace: float = GRACE,
+                 listeners: dict[Protocol, ListeningPorts] | None = None) -> None:
+        self.bans = bans
+        self._log = log
+        self.grace = grace
+        self._guards: Guards | None = None
+        self._pushed: Guards | None = None
+        self._first_seen: dict[Caught, float] = {}
+        # Its own sock_diag view: the sensor's belongs to the main loop.
+        self._listeners = listeners or {protocol: ListeningPorts(protocol) for protocol in Protocol}
+        self.recorded_late = 0
+        self.lifted = 0
+
+    # -- guards (main loop, then an admin worker) -----------------------------------------------
+
+    def update(self, guards: Guards) -> bool:
+        """Main loop: the guards now in force; True when they differ from what was pushed."""
+        self._guards = guards
+        return guards != self._pushed
+
+    def push(self) -> None:
+        """Put the latest guards into the kernel's sets (one transaction)."""
+        guards = self._guards
+        backend = self.bans.backend
+        if guards is None or backend is None or guards == self._pushed:
+            return
+        try:
+            backend.set_guards(guards.protect(), guards.nokernel())
+        except (BackendError, OSError) as error:
+            self._log(messages.config_error(f"cannot update the kernel's guarded sources: {error}"))
+            return
+        self._pushed = guards
+
+    # -- settling (maintenance thread) ------------------------------------------------------------
+
+    def settle(self, now: float) -> None:
+        backend = self.bans.backend
+        if backend is None or not backend.first_probe_bans():
+            return
+        entries = backend.caught()
+        present = set(entries)
+        self._first_seen = {entry: at for entry, at in self._first_seen.items() if entry in present}
+        release: list[Caught] = []
+        for entry in entries:
+            first = self._first_seen.setdefault(entry, now)
+            if self._settle(entry, now, now - first >= self.grace):
+                release.append(entry)
+        if release:
+            backend.release_caught(release)
+            for entry in release:
+                self._first_seen.pop(entry, None)
+
+    def _settle(self, entry: Caught, now: float, overdue: bool) -> bool:
+        """True when `entry` is settled (and can be released)."""
+        address, protocol, port = entry
+        ban = self.bans.store.get(address)
+        if ban is not None and ban.active(now):
+            return True  # the daemon recorded it: the lifecycle owns it now
+        why = self._guards.spared(address) if self._guards is not None else None
+        if why is None and self._live(protocol, port, now):
+            why = f"{protocol} port {port} has a live service"
+        if why is not None:
+            self._lift(address, why)
+            return True
+        if not overdue:
+            return False
+        duration = self.bans.duration(address, now)
+        self.bans.remember(address, reason="kernel ban", mode=f"s{protocol.value.lower()}", port=port,
+                           now=now, duration=duration, hosts_deny_line=None, native=True)
+        self._log(messages.kernel_ban_recorded(str(address), protocol.value, port))
+        self.bans.ban_native(address, duration)  # the policy's timeout, longer for repeat offenders
+        self.recorded_late += 1
+        return True
+
+    def _live(self, protocol: Protocol, port: int, now: float) -> bool:
+        listener = self._listeners[protocol]
+        listener.refresh(now)
+        return listener.confirm(port, now)
+
+    def _lift(self, address: IPAddress, why: str) -> None:
+        backend = self.bans.backend
+        assert backend is not None
+        try:
+            backend.remove(address)
+        except (BackendError, OSError) as error:
+            self._log(messages.native_unblock_failed(str(address), str(error)))
+            return
+        self._log(messages.kernel_ban_lifted(str(address), why))
+        self.lifted += 1
+
+
+def guards_of(ignored: Iterable[Network], protected: Iterable[IPAddress],
+              sensitive: Iterable[Network]) -> Guards:
+    return Guards(tuple(ignored), frozenset(protected), tuple(sensitive))

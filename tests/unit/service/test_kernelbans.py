@@ -1,0 +1,142 @@
+"""The daemon's side of the kernel's first-probe bans: which sources it spares, and how every
+caught entry is settled (adopted, lifted, or recorded late)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from ipaddress import ip_address, ip_network
+
+from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.store import MEMORY, BanStore
+from portsentry.config.settings import Config
+from portsentry.core.probe import Protocol
+from portsentry.responders.backend import Caught, Guarded
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.sensors.listeners import ListeningPorts
+from portsentry.service.kernelbans import Guards, KernelBans, guards_of
+from portsentry.service.wiring import eligible_ports, kernel_ban_for, watch_for
+from tests.unit.bans.test_lifecycle import Kernel
+
+SCANNER = ip_address("198.18.0.2")
+GATEWAY = ip_address("198.18.0.1")
+
+
+class CatchingKernel(Kernel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[Caught] = []
+        self.guards: tuple[list[Guarded], list[Guarded]] | None = None
+
+    def first_probe_bans(self) -> bool:
+        return True
+
+    def set_guards(self, protect: Iterable[Guarded], nokernel: Iterable[Guarded]) -> None:
+        self.guards = (list(protect), list(nokernel))
+
+    def caught(self) -> list[Caught]:
+        return list(self.entries)
+
+    def release_caught(self, entries: Iterable[Caught]) -> None:
+        self.entries = [e for e in self.entries if e not in set(entries)]
+
+
+class Listening(ListeningPorts):
+    def __init__(self, protocol: Protocol, ports: set[int]) -> None:
+        super().__init__(protocol)
+        self.fixed = ports
+
+    def refresh(self, now: float) -> None:
+        pass
+
+    def confirm(self, port: int, now: float) -> bool:
+        return port in self.fixed
+
+
+def setup(tmp_path, live: frozenset[int] = frozenset()) -> tuple[KernelBans, CatchingKernel, list[str]]:
+    kernel, lines = CatchingKernel(), list[str]()
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(base=60, factor=2, cap=600), lines.append)
+    listeners: dict[Protocol, ListeningPorts] = {Protocol.TCP: Listening(Protocol.TCP, set(live)),
+                                                 Protocol.UDP: Listening(Protocol.UDP, set())}
+    kb = KernelBans(bans, lines.append, grace=3.0, listeners=listeners)
+    kb.update(guards_of([ip_network("198.18.9.0/24")], [GATEWAY], [ip_network("198.19.0.0/16")]))
+    return kb, kernel, lines
+
+
+def test_guards_spare_gateways_the_ignore_list_impossible_and_sensitive_sources() -> None:
+    guards = guards_of([ip_network("198.18.9.0/24")], [GATEWAY], [ip_network("198.19.0.0/16")])
+    assert "gateway" in (guards.spared(GATEWAY) or "")
+    assert "ignore list" in (guards.spared(ip_address("198.18.9.77")) or "")
+    assert "ignore list" in (guards.spared(ip_address("::ffff:198.18.9.77")) or "")
+    assert "loopback" in (guards.spared(ip_address("127.0.0.1")) or "")
+    assert "SENSITIVE" in (guards.spared(ip_address("198.19.4.4")) or "")
+    assert guards.spared(SCANNER) is None
+    assert ip_network("0.0.0.0/8") in guards.nokernel() and GATEWAY in guards.protect()
+
+
+def test_a_ban_the_daemon_recorded_is_adopted_and_its_entry_released(tmp_path) -> None:
+    kb, kernel, _lines = setup(tmp_path)
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    kb.bans.remember(SCANNER, reason="TCP SYN/Normal scan", mode="stcp", port=79, now=100.0, duration=60,
+                     hosts_deny_line=None, native=True)
+    kb.settle(100.5)
+    assert kernel.entries == [] and kb.recorded_late == 0 and kb.lifted == 0
+
+
+def test_a_spared_source_or_a_live_port_has_its_kernel_ban_lifted(tmp_path) -> None:
+    kb, kernel, lines = setup(tmp_path, live=frozenset({8080}))
+    other = ip_address("198.18.0.3")
+    kernel.held = {GATEWAY: 60.0, other: 60.0}
+    kernel.entries = [(GATEWAY, Protocol.TCP, 79), (other, Protocol.TCP, 8080)]
+    kb.settle(100.0)
+    assert kernel.entries == [] and kernel.held == {} and kb.lifted == 2
+    assert any("198.18.0.1 was lifted: it is a gateway" in line for line in lines)
+    assert any("198.18.0.3 was lifted: TCP port 8080 has a live service" in line for line in lines)
+    assert kb.bans.store.get(GATEWAY) is None
+
+
+def test_an_unrecorded_kernel_ban_is_recorded_after_the_grace_and_said_so(tmp_path) -> None:
+    kb, kernel, lines = setup(tmp_path)
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.UDP, 161)]
+    kb.settle(100.0)
+    kb.settle(102.0)
+    assert kernel.entries and kb.bans.store.get(SCANNER) is None  # still within the grace
+    kb.settle(103.5)
+    ban = kb.bans.store.get(SCANNER)
+    assert ban is not None and ban.port == 161 and ban.mode == "sudp" and ban.expires == 103.5 + 60
+    assert kernel.entries == [] and kernel.held[SCANNER] == 60.0 and kb.recorded_late == 1
+    assert any("was blocked by the kernel on its first probe to UDP port 161" in line for line in lines)
+
+
+def test_guards_are_pushed_only_when_they_change(tmp_path) -> None:
+    kb, kernel, _lines = setup(tmp_path)
+    kb.push()
+    assert kernel.guards is not None and GATEWAY in kernel.guards[0]
+    kernel.guards = None
+    same = guards_of([ip_network("198.18.9.0/24")], [GATEWAY], [ip_network("198.19.0.0/16")])
+    assert not kb.update(same)
+    assert kb.update(Guards(protected=frozenset({GATEWAY, SCANNER})))
+    kb.push()
+    assert kernel.guards is not None and SCANNER in kernel.guards[0]
+
+
+def test_the_kernel_bans_only_where_user_space_would_block_on_the_first_hit() -> None:
+    config = Config(source="t", block_tcp=1, block_udp=0, block_time=3600, ban_rate_limit=60)
+    kernel = kernel_ban_for(config, {Protocol.TCP, Protocol.UDP})
+    assert kernel is not None and kernel.protocols == {Protocol.TCP} and kernel.timeout == 3600
+    assert kernel_ban_for(Config(source="t", block_tcp=1, scan_trigger=2), {Protocol.TCP}) is None
+    assert kernel_ban_for(Config(source="t", block_tcp=1, kernel_ban="off"), {Protocol.TCP}) is None
+    assert kernel_ban_for(Config(source="t", block_tcp=1, ban_rate_limit_net=3), {Protocol.TCP}) is None
+    assert kernel_ban_for(Config(source="t", block_tcp=2), {Protocol.TCP}) is None
+    forever = kernel_ban_for(Config(source="t", block_tcp=1, block_time=0), {Protocol.TCP})
+    assert forever is not None and forever.timeout is None
+
+
+def test_eligible_ports_are_watched_not_excluded_and_not_live() -> None:
+    from portsentry.core.probe import Mode
+
+    config = Config(source="t", tcp_ports=(1, 79, 111), advanced_ports_tcp=10, advanced_exclude_tcp=(3,))
+    watches = [watch_for(Mode.STCP, config), watch_for(Mode.ATCP, config)]
+    assert eligible_ports(watches, Protocol.TCP, frozenset({111, 5})) == {1, 2, 4, 6, 7, 8, 9, 79}
+    assert eligible_ports(watches, Protocol.UDP, frozenset()) == set()
