@@ -40,6 +40,11 @@ class Sensor(Protocol):
         """What it watches, for `portsentry status`."""
         ...
 
+    def tick(self, now: float) -> None:
+        """Once a second on the main loop, with or without traffic: keep derived state current
+        (the stealth sensor's live ports, which the kernel's first-probe ban depends on)."""
+        ...
+
     def capture_drops(self) -> int | None:
         """Packets the kernel dropped before we could read them; None when it cannot know."""
         ...

@@ -81,6 +81,9 @@ class ConnectSensor:
             self._log(messages.no_socket_bound(self.protocol))
         return [sock for sock, _port in self._sockets.values()]
 
+    def tick(self, now: float) -> None:
+        pass  # bound sockets: nothing derived to keep current
+
     def capture_drops(self) -> int | None:
         return None  # accepted connections: the kernel's backlog is not a capture buffer
 

@@ -217,6 +217,17 @@ class StealthSensor:
             if w.covers(port)
         ]
 
+    def tick(self, now: float) -> None:
+        """Without traffic too: a service started on a watched port must stop the kernel's
+        first-probe ban there within a second, and probes from ignored sources, which the
+        kernel keeps from us, are no traffic for read()."""
+        if self._capture is None:
+            return
+        for listener in self.listeners.values():
+            listener.refresh(now)
+        self._quiet_busy_udp_ports()
+        self._report_live_ports()
+
     def _report_live_ports(self) -> None:
         """Tell the capture which watched ports have a live service whenever that changes: a
         capture that bans in the kernel must not ban a client of a service started just now."""

@@ -389,6 +389,8 @@ class Daemon:
         if now < self._next_tick:
             return
         self._next_tick = now + self.tick
+        for sensor in self.sensors:
+            sensor.tick(now)
         self.perform(self.engine.tick(now))
         self.journal.failures.flush()
         bans = self.bans

@@ -1,0 +1,167 @@
+"""The first-probe ban in the kernel (issue 11), in throwaway namespaces: the scanner's first SYN
+is dropped and its source banned by the kernel itself, so a second SYN 20 us later is dropped
+too and nmap finds the ports filtered; the daemon still writes 1.2's lines and records the ban.
+Ignored sources are neither banned nor copied; a port that gets a live service stops banning;
+a kernel ban whose NFLOG copy never arrived is recorded late and said so; unblock lifts it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Any
+
+import pytest
+
+from tests.system.rig import (
+    Daemon,
+    DaemonFactory,
+    eventually,
+    nmap,
+    nmap_ports,
+    popen_in,
+    run_in,
+    stop_process,
+)
+from tests.system.test_bans import admin
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft"),
+]
+
+KERNEL = {"BAN_BACKEND": "nftables", "BLOCK_TCP": "1", "BLOCK_UDP": "1", "TCP_PORTS": "1,79,111",
+          "UDP_PORTS": "161", "BLOCK_TIME": "3600"}
+
+
+def set_elements(ns: str, name: str) -> list[str]:
+    out = run_in(ns, ["nft", "-j", "list", "set", "inet", "portsentry", name], check=True).stdout
+    found = []
+    for item in json.loads(out)["nftables"]:
+        for element in item.get("set", {}).get("elem", []):
+            value = element["elem"]["val"] if isinstance(element, dict) and "elem" in element else element
+            found.append(" . ".join(map(str, value["concat"])) if isinstance(value, dict) else str(value))
+    return found
+
+
+def two_syns(ns: str, target: str, port: int) -> int:
+    """Send two SYNs 20 us apart from `ns`; how many answers (SYN-ACK or RST) came back."""
+    script = (
+        "import socket, struct, sys, time\n"
+        "dst, port = sys.argv[1], int(sys.argv[2])\n"
+        "rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)\n"
+        "rx.settimeout(0.1)\n"
+        "tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)\n"
+        "src = '198.18.0.2'\n"
+        "def syn(sport):\n"
+        "    head = struct.pack('!HHIIBBHHH', sport, port, 1, 0, 5 << 4, 0x02, 1024, 0, 0)\n"
+        "    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 6, len(head))\n"
+        "    data = pseudo + head\n"
+        "    total = sum(struct.unpack('!%dH' % (len(data) // 2), data))\n"
+        "    while total >> 16: total = (total & 0xFFFF) + (total >> 16)\n"
+        "    return head[:16] + struct.pack('!H', ~total & 0xFFFF) + head[18:]\n"
+        "first, second = syn(40001), syn(40002)\n"
+        "tx.sendto(first, (dst, 0)); t0 = time.perf_counter()\n"
+        "while time.perf_counter() - t0 < 20e-6: pass\n"
+        "tx.sendto(second, (dst, 0))\n"
+        "answers, end = 0, time.time() + 1.0\n"
+        "while time.time() < end:\n"
+        "    try: data = rx.recv(100)\n"
+        "    except TimeoutError: continue\n"
+        "    sport, dport = struct.unpack('!HH', data[20:24])\n"
+        "    if sport == port and dport in (40001, 40002): answers += 1\n"
+        "print(answers)\n"
+    )
+    return int(run_in(ns, [sys.executable, "-c", script, target, str(port)], check=True, timeout=20).stdout)
+
+
+def started(daemon_factory: DaemonFactory, ignore: tuple[str, ...] = ("127.0.0.1/32",),
+            **extra: str) -> Daemon:
+    factory: Any = daemon_factory  # config keys as keyword arguments, beside start= and ignore=
+    daemon: Daemon = factory("-stcp", "-sudp", ignore=ignore, **KERNEL, **extra)
+    chain = run_in(daemon.net.target, ["nft", "list", "chain", "inet", "portsentry", "capture"], check=True)
+    assert "add @blocked4" in chain.stdout, chain.stdout
+    # The eligible ports are set by the sensor right after the rules.
+    eventually(lambda: "79" in " ".join(set_elements(daemon.net.target, "kports_tcp")), timeout=5)
+    return daemon
+
+
+def test_the_first_syn_bans_and_the_second_20us_later_is_dropped(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = started(daemon_factory)
+    assert two_syns(net.scanner, net.target_ip4, 79) == 0  # neither SYN got an answer
+    assert net.scanner_ip4 in set_elements(net.target, "blocked4")
+    who = re.escape(net.scanner_ip4)
+    syslog.wait_for(re.compile(rf"^attackalert: TCP SYN/Normal scan from host: {who}/{who} to TCP port: 79$"))
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via nftables")
+    # The daemon recorded it and settled the caught entry.
+    eventually(lambda: set_elements(net.target, "caught4") == [], timeout=10)
+    listing = json.loads(admin(daemon, "list", "--json"))
+    assert [ban["address"] for ban in listing] == [net.scanner_ip4]
+    # Nothing more answers: the scanner learns nothing.
+    ports = nmap_ports(nmap(net.scanner, ["-sS", "-p", "1,79,111,1000", "--max-retries", "0",
+                                         "--host-timeout", "20s", net.target_ip4]).stdout)
+    assert set(ports.values()) <= {"filtered"}, ports
+    # unblock lifts the kernel's ban too.
+    admin(daemon, "unblock", net.scanner_ip4)
+    assert net.scanner_ip4 not in set_elements(net.target, "blocked4")
+    syslog.assert_absent(re.compile(r"recorded now|was lifted"), wait=0.2)
+
+
+def test_ignored_sources_are_not_banned_and_a_new_service_stops_the_kernel_banning(
+        daemon_factory, namespaces, syslog):
+    net = namespaces
+    started(daemon_factory, ignore=("127.0.0.1/32", f"{net.scanner2_ip4}/32"))
+    mark = syslog.mark()
+    nmap(net.scanner2, ["-sS", "-p", "79", "--max-retries", "0", net.target_ip4])
+    assert net.scanner2_ip4 not in set_elements(net.target, "blocked4")
+    syslog.assert_absent("attackalert:", wait=1.0, since=mark)  # not even copied to the daemon
+
+    # A service starts on 111: within a second the kernel stops banning probes to it.
+    server = popen_in(net.target, [sys.executable, "-c",
+                                   "import socket, time\n"
+                                   "s = socket.socket()\n"
+                                   "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                                   "s.bind(('0.0.0.0', 111)); s.listen(); time.sleep(60)\n"])
+    try:
+        eventually(lambda: "111" not in " ".join(set_elements(net.target, "kports_tcp"))
+                   and "79" in " ".join(set_elements(net.target, "kports_tcp")), timeout=10)
+        conn = run_in(net.scanner, [sys.executable, "-c",
+                                    f"import socket; socket.create_connection(('{net.target_ip4}', 111), 3)"
+                                    ".close(); print('connected')"], timeout=10)
+        assert "connected" in conn.stdout, conn.stderr
+        assert net.scanner_ip4 not in set_elements(net.target, "blocked4")
+    finally:
+        stop_process(server)
+
+
+def test_a_kernel_ban_whose_copy_was_lost_is_recorded_late_and_a_spared_one_lifted(
+        daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon = started(daemon_factory, SENSITIVE_NETWORKS="198.19.0.0/16")
+    lost, spared = "198.18.7.7", "198.19.5.5"
+    # As the rule does while the daemon cannot read NFLOG: the ban, and its caught entry.
+    script = (f"add element inet portsentry blocked4 {{ {lost} timeout 3600s, {spared} timeout 3600s }}\n"
+              f"add element inet portsentry caught4 {{ {lost} . tcp . 79 timeout 3600s, "
+              f"{spared} . tcp . 79 timeout 3600s }}\n")
+    run_in(net.target, ["nft", "-f", "-"], input_text=script, check=True)
+    syslog.wait_for(f"attackalert: Host {lost} was blocked by the kernel on its first probe to TCP port 79",
+                    timeout=15)
+    syslog.wait_for(f"adminalert: The kernel's first-probe ban of {spared} was lifted: it is in "
+                    "SENSITIVE_NETWORKS", timeout=15)
+    eventually(lambda: set_elements(net.target, "caught4") == [], timeout=10)
+    assert lost in set_elements(net.target, "blocked4") and spared not in set_elements(net.target, "blocked4")
+    listing = json.loads(admin(daemon, "list", "--json"))
+    assert [(ban["address"], ban["reason"]) for ban in listing] == [(lost, "kernel ban")]
+
+
+def test_off_keeps_the_old_path(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon_factory("-stcp", **{**KERNEL, "KERNEL_BAN": "off"})
+    chain = run_in(net.target, ["nft", "list", "chain", "inet", "portsentry", "capture"], check=True)
+    assert "add @blocked4" not in chain.stdout
+    assert two_syns(net.scanner, net.target_ip4, 79) >= 1  # the first SYN is answered (RST)
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via nftables")
