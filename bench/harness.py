@@ -460,6 +460,15 @@ def export_revision(rev: str, into: Path) -> Path:
     return into / "src"
 
 
+def resolve_revision(rev: str) -> str:
+    """The short commit hash `rev` names now (BenchError if it names none)."""
+    argv = ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "--verify", f"{rev}^{{commit}}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if out.returncode != 0:
+        raise BenchError(f"--ours-rev {rev}: {out.stderr.strip() or 'not a commit'}")
+    return out.stdout.strip()
+
+
 def describe_source(rev: str | None) -> str:
     """Which code 'ours' is: a commit, or the working tree (flagged when src/ has changes)."""
     def git(*args: str) -> str:

@@ -830,6 +830,7 @@ def measure(only: set[str], *, repeat: int, sizes: Sequence[int], idle_seconds: 
     global SOURCE, SPY_DIR
     SOURCE, SPY_DIR = source, spy_dir
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    source_at_start = harness.describe_source(rev)  # before any commit made while it runs
     load0 = load_at_start()
     if spy_dir is not None:
         spy_dir.mkdir(parents=True, exist_ok=True)
@@ -858,11 +859,9 @@ def measure(only: set[str], *, repeat: int, sizes: Sequence[int], idle_seconds: 
                 slow.append(SlowClientResult(note=f"failed: {str(error).splitlines()[0][:200]}"))
             print(f"    {slow[-1]}", file=sys.stderr, flush=True)
 
-    head = subprocess.run(["git", "-C", str(harness.REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True, timeout=30, check=False).stdout.strip()
     lines = [
         f"**{label}.** Run on {started} by `{command}` (as root), against "
-        f"{harness.describe_source(rev)} (`git rev-parse --short HEAD` = {head}). The machine has "
+        f"{source_at_start}. The machine has "
         f"{os.cpu_count()} cores and other engineers ran tests on it at the same time (load average "
         f"at start / end: {load0} / {load_at_start()}), so every figure is given once per run "
         f"(\"run 1 / run 2\"), not averaged.",

@@ -1025,6 +1025,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.ours_rev is None:
         return measure_all(args, argv, None)
+    # Resolved now: a name like HEAD may point elsewhere by the time the results are written.
+    args.ours_rev = harness.resolve_revision(args.ours_rev)
     exported = Path(tempfile.mkdtemp(prefix="ps-bench-src-", dir="/tmp"))
     try:
         return measure_all(args, argv, harness.export_revision(args.ours_rev, exported))
