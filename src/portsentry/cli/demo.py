@@ -362,11 +362,16 @@ class Demo:
     def first_scan(self) -> None:
         self.heading("Step 1: a port scan")
         ports = self.scan()
-        self.say("\"closed\" means the target answered (with a reset): nothing listens there, but "
-                 "the scanner learns the machine is alive. PortSentry was watching for exactly "
-                 "these packets.")
         if not ports:
             raise StepFailed("nmap printed no port states")
+        if set(ports.values()) == {"filtered"}:
+            self.say("Already \"filtered\": no answer at all. With nftables the kernel itself banned "
+                     "the scanner on its very first probe (KERNEL_BAN), so nmap learned nothing; "
+                     "PortSentry still reads a copy of that probe, as the next step shows.")
+        else:
+            self.say("\"closed\" means the target answered (with a reset): nothing listens there, "
+                     "but the scanner learns the machine is alive. PortSentry was watching for "
+                     "exactly these packets.")
 
     def detection(self) -> None:
         self.heading("Step 2: PortSentry reports the scan and blocks the scanner")

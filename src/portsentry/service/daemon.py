@@ -178,8 +178,12 @@ class Daemon:
 
     def _kernel_guards(self) -> Guards:
         """Main loop: what the kernel's first-probe ban must spare, as of now."""
+        try:
+            broadcasts = hostinfo.broadcast_addresses()
+        except OSError:
+            broadcasts = frozenset()
         return guards_of(self.ignore.current(self.clock()).networks, self._protected,
-                         self.config.sensitive_networks)
+                         self.config.sensitive_networks, broadcasts)
 
     def open(self) -> bool:
         """Start every sensor; False when none could watch anything (1.2 then shuts down)."""

@@ -2,8 +2,10 @@
 bans a qualifying probe's source on the spot; the daemon stays the authority over it.
 
 - Guards: the sources the kernel must spare are pushed to its sets whenever they change: own
-  addresses, the ignore list, gateways and resolvers (protect: neither banned nor copied to the
-  daemon), and impossible sources and SENSITIVE_NETWORKS (nokernel: copied; the daemon decides).
+  addresses and the ignore list (protect: neither banned nor copied to the daemon, which only
+  ever logged them at verbose level), and gateways, resolvers, impossible sources, this host's
+  subnet broadcasts and SENSITIVE_NETWORKS (nokernel: copied, and the daemon decides, so a forged
+  probe from the gateway is still refused and said so, as without the kernel path).
 - Settling: every kernel ban also leaves a caught entry (source, protocol, port). Normally the
   NFLOG copy reaches the engine, the ban lifecycle records the ban (with the policy's timeout
   for repeat offenders), and the entry is released. A caught source that must be spared after
@@ -41,12 +43,13 @@ class Guards:
     ignored: tuple[Network, ...] = ()  # the ignore list in force, own addresses included
     protected: frozenset[IPAddress] = frozenset()  # gateways and resolvers
     sensitive: tuple[Network, ...] = ()  # SENSITIVE_NETWORKS
+    broadcasts: frozenset[IPAddress] = frozenset()  # this host's subnet broadcasts
 
     def protect(self) -> list[Guarded]:
-        return [*self.ignored, *self.protected]
+        return list(self.ignored)
 
     def nokernel(self) -> list[Guarded]:
-        return [*IMPOSSIBLE_NETWORKS, *self.sensitive]
+        return [*IMPOSSIBLE_NETWORKS, *self.protected, *self.broadcasts, *self.sensitive]
 
     def spared(self, address: IPAddress) -> str | None:
         """Why the kernel must not have banned `address`, or None."""
@@ -55,7 +58,7 @@ class Guards:
             return "it is a gateway or DNS resolver of this host"
         if any(plain in network for network in self.ignored if network.version == plain.version):
             return "it is on the ignore list (or one of this host's addresses)"
-        if (bad := impossible_source(plain)) is not None:
+        if (bad := impossible_source(plain, self.broadcasts)) is not None:
             return f"it is a {bad} address"
         if any(plain in network for network in self.sensitive if network.version == plain.version):
             return "it is in SENSITIVE_NETWORKS, where PortSentry decides"
@@ -155,5 +158,5 @@ class KernelBans:
 
 
 def guards_of(ignored: Iterable[Network], protected: Iterable[IPAddress],
-              sensitive: Iterable[Network]) -> Guards:
-    return Guards(tuple(ignored), frozenset(protected), tuple(sensitive))
+              sensitive: Iterable[Network], broadcasts: Iterable[IPAddress] = ()) -> Guards:
+    return Guards(tuple(ignored), frozenset(protected), tuple(sensitive), frozenset(broadcasts))

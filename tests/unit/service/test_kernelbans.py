@@ -71,7 +71,12 @@ def test_guards_spare_gateways_the_ignore_list_impossible_and_sensitive_sources(
     assert "loopback" in (guards.spared(ip_address("127.0.0.1")) or "")
     assert "SENSITIVE" in (guards.spared(ip_address("198.19.4.4")) or "")
     assert guards.spared(SCANNER) is None
-    assert ip_network("0.0.0.0/8") in guards.nokernel() and GATEWAY in guards.protect()
+    # Gateways are copied to the daemon (which refuses them, and says so), not hidden from it.
+    assert ip_network("0.0.0.0/8") in guards.nokernel() and GATEWAY in guards.nokernel()
+    assert guards.protect() == [ip_network("198.18.9.0/24")]
+    with_broadcast = guards_of([], [], [], [ip_address("198.18.0.255")])
+    assert "broadcast" in (with_broadcast.spared(ip_address("198.18.0.255")) or "")
+    assert ip_address("198.18.0.255") in with_broadcast.nokernel()
 
 
 def test_a_ban_the_daemon_recorded_is_adopted_and_its_entry_released(tmp_path) -> None:
@@ -112,13 +117,13 @@ def test_an_unrecorded_kernel_ban_is_recorded_after_the_grace_and_said_so(tmp_pa
 def test_guards_are_pushed_only_when_they_change(tmp_path) -> None:
     kb, kernel, _lines = setup(tmp_path)
     kb.push()
-    assert kernel.guards is not None and GATEWAY in kernel.guards[0]
+    assert kernel.guards is not None and GATEWAY in kernel.guards[1]
     kernel.guards = None
     same = guards_of([ip_network("198.18.9.0/24")], [GATEWAY], [ip_network("198.19.0.0/16")])
     assert not kb.update(same)
     assert kb.update(Guards(protected=frozenset({GATEWAY, SCANNER})))
     kb.push()
-    assert kernel.guards is not None and SCANNER in kernel.guards[0]
+    assert kernel.guards is not None and SCANNER in kernel.guards[1]
 
 
 def test_the_kernel_bans_only_where_user_space_would_block_on_the_first_hit() -> None:
