@@ -9,15 +9,15 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from portsentry.core.engine import EngineSettings
 from portsentry.core.flood import DEFAULT_LIMIT, DEFAULT_WINDOW
-from portsentry.core.guard import GuardSettings
 from portsentry.core.ports import PortListError, format_ports, parse_ports
+
+if TYPE_CHECKING:
+    from portsentry.core.engine import EngineSettings
 
 DEFAULT_CONFIG_PATH: Final = "/etc/portsentry/portsentry.conf"
 EMBEDDED_SOURCE: Final = "<embedded default>"
@@ -455,6 +455,11 @@ def load_config(path: str) -> LoadedConfig:
 
 
 def engine_settings(config: Config) -> EngineSettings:
+    # Imported here: the admin commands read the configuration without the engine, and their
+    # start-up is most of their wall time.
+    from portsentry.core.engine import EngineSettings
+    from portsentry.core.guard import GuardSettings
+
     """The part of the configuration the engine decides with (the engine, core, reads no config)."""
     return EngineSettings(
         scan_trigger=config.scan_trigger,
@@ -474,6 +479,8 @@ def engine_settings(config: Config) -> EngineSettings:
 
 def load_embedded_default() -> LoadedConfig:
     """The configuration shipped inside the package (also a template for /etc)."""
+    from importlib import resources  # 15 ms to import; only the embedded default needs it
+
     text = resources.files("portsentry").joinpath("data/portsentry.conf").read_text("utf-8")
     return parse_config(text, EMBEDDED_SOURCE)
 

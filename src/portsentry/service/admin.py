@@ -4,15 +4,12 @@ and a running daemon picks up changes within a second."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import ip_address
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
-from portsentry.bans.store import BanStore, normalise
+from portsentry.bans.store import BanStore
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core.actions import Block
 from portsentry.core.addresses import impossible_source
@@ -20,31 +17,12 @@ from portsentry.core.probe import IPAddress, Mode, Probe
 from portsentry.responders.backend import BackendError, BanBackend, pick_backend
 from portsentry.responders.classic import ClassicResponder
 from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.service.adminio import AdminError as AdminError
+from portsentry.service.adminio import as_json as as_json
+from portsentry.service.adminio import format_listing as format_listing
+from portsentry.service.adminio import parse_address as parse_address
+from portsentry.service.adminio import parse_duration as parse_duration
 from portsentry.service.control import Request, Response
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-class AdminError(Exception):
-    pass
-
-
-def parse_duration(text: str) -> float | None:
-    """`90`, `90s`, `15m`, `2h`, `7d`, `1w`, or `forever` (None)."""
-    if text.strip().lower() in ("forever", "0"):
-        return None
-    match = _DURATION.match(text.lower())
-    if match is None or float(match.group(1)) <= 0:
-        raise AdminError(f"{text!r} is not a duration (e.g. 90, 15m, 2h, 7d, forever)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def parse_address(text: str) -> IPAddress:
-    try:
-        return normalise(ip_address(text.strip()))
-    except ValueError:
-        raise AdminError(f"{text!r} is not an IP address") from None
 
 
 def store_path(config: Config) -> str:
@@ -163,31 +141,3 @@ def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
     # Only what the store says we did is undone: a hosts.deny line we did not append is the
     # admin's (or fail2ban's), even when it reads exactly like ours.
     return bans.lift(address, now, "unblocked by admin")
-
-
-def format_listing(rows: list[dict[str, object]]) -> str:
-    if not rows:
-        return "no active bans"
-    header = f"{'ADDRESS':<40} {'EXPIRES IN':>10} {'MODE':<5} {'PORT':>5} {'HITS':>5} {'BANS':>4}  HELD BY"
-    out = [header]
-    for row in rows:
-        remaining = row["remaining"]
-        expires = "forever" if remaining is None else _short(float(str(remaining)))
-        held = ", ".join(str(b) for b in row["backends"]) if row["backends"] else "-"  # type: ignore[attr-defined]
-        if row["hosts_deny_line"]:
-            held += " + hosts.deny"
-        out.append(f"{row['address']!s:<40} {expires:>10} {row['mode']!s:<5} {row['port']!s:>5} "
-                   f"{row['count']!s:>5} {row['offences']!s:>4}  {held}")
-    return "\n".join(out)
-
-
-def _short(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{int(seconds)}s"
-
-
-def as_json(rows: list[dict[str, object]]) -> str:
-    return json.dumps(rows, indent=2, sort_keys=True)
-

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from portsentry import __version__
-from portsentry.cli.main import PidFile, PidFileError, main, split_modes
+from portsentry.cli.main import main, split_modes
+from portsentry.cli.run import PidFile, PidFileError
 from portsentry.core.probe import Mode
 
 
@@ -240,3 +241,40 @@ def test_daemon_refuses_to_start_on_a_held_pid_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{path}: another portsentry (pid 31337) holds this pid file" in err
     assert not (tmp_path / "state").exists()  # nothing was opened
+
+
+def test_list_answered_by_the_daemon_imports_neither_the_lifecycle_nor_the_backends(tmp_path):
+    """`portsentry list` is mostly Python starting up; it must not also load the ban lifecycle,
+    the store and the backends when the daemon answers (issue 10: list under 100 ms)."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    sock_path = tmp_path / "control.sock"
+    conf = tmp_path / "c.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{sock_path}"\n')
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    server.listen()
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(1000)
+        conn.sendall(b'{"ok": true, "bans": []}\n')
+        conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        argv = [sys.executable, "-X", "importtime", "-m", "portsentry", "list", "-c", str(conf)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stderr
+    assert "no active bans" in done.stdout and "(via the running daemon)" in done.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    heavy = {"portsentry.bans.lifecycle", "portsentry.bans.store", "portsentry.responders.nftables",
+             "portsentry.service.daemon", "portsentry.core.engine"}
+    assert imported & heavy == set()
+    assert "portsentry.service.control" in imported  # the check can fail: it sees what is imported

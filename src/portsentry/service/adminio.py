@@ -1,0 +1,64 @@
+"""The admin commands' light half: parsing what an admin types (addresses, durations) and
+printing ban listings. Apart from service.admin so that `portsentry list` and friends, when the
+daemon answers them, import neither the ban lifecycle nor the backends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from ipaddress import ip_address
+
+from portsentry.bans.records import normalise
+from portsentry.core.probe import IPAddress
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class AdminError(Exception):
+    pass
+
+
+def parse_duration(text: str) -> float | None:
+    """`90`, `90s`, `15m`, `2h`, `7d`, `1w`, or `forever` (None)."""
+    if text.strip().lower() in ("forever", "0"):
+        return None
+    match = _DURATION.match(text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise AdminError(f"{text!r} is not a duration (e.g. 90, 15m, 2h, 7d, forever)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_address(text: str) -> IPAddress:
+    try:
+        return normalise(ip_address(text.strip()))
+    except ValueError:
+        raise AdminError(f"{text!r} is not an IP address") from None
+
+
+def format_listing(rows: list[dict[str, object]]) -> str:
+    if not rows:
+        return "no active bans"
+    header = f"{'ADDRESS':<40} {'EXPIRES IN':>10} {'MODE':<5} {'PORT':>5} {'HITS':>5} {'BANS':>4}  HELD BY"
+    out = [header]
+    for row in rows:
+        remaining = row["remaining"]
+        expires = "forever" if remaining is None else _short(float(str(remaining)))
+        held = ", ".join(str(b) for b in row["backends"]) if row["backends"] else "-"  # type: ignore[attr-defined]
+        if row["hosts_deny_line"]:
+            held += " + hosts.deny"
+        out.append(f"{row['address']!s:<40} {expires:>10} {row['mode']!s:<5} {row['port']!s:>5} "
+                   f"{row['count']!s:>5} {row['offences']!s:>4}  {held}")
+    return "\n".join(out)
+
+
+def _short(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{int(seconds)}s"
+
+
+def as_json(rows: list[dict[str, object]]) -> str:
+    return json.dumps(rows, indent=2, sort_keys=True)
