@@ -38,6 +38,7 @@ src, dst, port, sport = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv
 rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
 rx.settimeout(0.1)
 tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+tx.bind((src, 0))  # the kernel writes the IP header: it must carry the source the checksum used
 def syn(sp):
     head = struct.pack('!HHIIBBHHH', sp, port, 1, 0, 5 << 4, 0x02, 1024, 0, 0)
     data = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 6, len(head)) + head

@@ -56,6 +56,7 @@ def two_syns(ns: str, target: str, port: int) -> int:
         "rx.settimeout(0.1)\n"
         "tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)\n"
         "src = '198.18.0.2'\n"
+        "tx.bind((src, 0))\n"
         "def syn(sport):\n"
         "    head = struct.pack('!HHIIBBHHH', sport, port, 1, 0, 5 << 4, 0x02, 1024, 0, 0)\n"
         "    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 6, len(head))\n"
