@@ -53,3 +53,62 @@ def test_debian_config_loads_as_1_2_reads_it() -> None:
     assert config.scan_trigger == 0
     assert config.port_banner is None
     _round_trip(config)
+
+
+# As Debian's postinst (debconf) writes /etc/default/portsentry; not in the .deb itself.
+DEBIAN_DEFAULTS = 'TCP_MODE="atcp"\nUDP_MODE="sudp"\n'
+
+
+def test_debian_s_untouched_files_pass_check_config_and_the_service_takes_its_modes(
+        namespaces, syslog, tmp_path):
+    """Debian's portsentry.conf and portsentry.ignore.static as shipped (no portsentry.ignore:
+    Debian's init script builds it), its /etc/default/portsentry, and the unit's command line.
+    /etc, /var and /run are overlays in a private mount namespace inside the test's network
+    namespace: nothing on this host changes."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.system.rig import daemon_env, popen_in, stop_process
+
+    shipped = debian_conf().parent
+    layers = tmp_path / "layers"
+    for sub in ("etc-upper/portsentry", "etc-upper/default", "etc-work", "var-upper/lib/portsentry",
+                "var-work"):
+        (layers / sub).mkdir(parents=True)
+    for name in ("portsentry.conf", "portsentry.ignore.static"):
+        shutil.copy(shipped / name, layers / "etc-upper" / "portsentry" / name)
+    (layers / "etc-upper" / "default" / "portsentry").write_text(DEBIAN_DEFAULTS)
+    unit = (REPO_ROOT / "packaging" / "systemd" / "portsentry.service").read_text()
+    (check_line,) = [line.split("=", 1)[1] for line in unit.splitlines()
+                     if line.startswith("ExecStartPre=/usr/bin/portsentry check-config")]
+    (start_line,) = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart=")]
+    python = f"{sys.executable} -m portsentry"
+    check = check_line.replace("/usr/bin/portsentry", python)
+    start = start_line.replace("/usr/bin/portsentry", python)
+    script = (
+        "set -e; "
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={layers}/etc-upper,"
+        f"workdir={layers}/etc-work /etc; "
+        f"mount -t overlay overlay -o lowerdir=/var,upperdir={layers}/var-upper,"
+        f"workdir={layers}/var-work /var; "
+        "mount -t tmpfs tmpfs /run; "
+        f"{check} > {tmp_path}/check.out 2>&1; "
+        f"exec {start} --syslog-socket {syslog.path}"
+    )
+    proc = popen_in(namespaces.target, ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=daemon_env())
+    try:
+        syslog.wait_for("PortSentry is now active and listening.", timeout=30)
+        checked = (tmp_path / "check.out").read_text()
+        assert "configuration OK" in checked, checked
+        assert "portsentry.ignore does not exist; using /etc/portsentry/portsentry.ignore.static" in checked
+        # The modes are /etc/default/portsentry's (-atcp -sudp), not the unit's fallback flags.
+        assert syslog.find("Advanced Stealth scan detection mode activated")
+        assert syslog.find(re.compile(r"Going into stealth listen mode on UDP port"))
+        assert syslog.find(re.compile(r"Going into listen mode on TCP port")) is None
+        assert syslog.find(re.compile(r"Going into listen mode on UDP port")) is None
+    finally:
+        stop_process(proc)
+    assert not (Path("/etc/portsentry")).exists()  # the host's /etc is as it was

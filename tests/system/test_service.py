@@ -111,7 +111,8 @@ def test_unit_stays_hardened(local_unit: Path) -> None:
 
 def test_unit_settings_match_the_daemon() -> None:
     assert SETTINGS["Type"] == ["notify"]
-    assert SETTINGS["ExecStart"] == [f"{INSTALLED_COMMAND} -tcp -udp -atcp -audp"]
+    assert SETTINGS["ExecStart"] == [
+        f"{INSTALLED_COMMAND} --debian-defaults /etc/default/portsentry -tcp -udp -atcp -audp"]
     assert SETTINGS["ExecStartPre"][0].startswith(f"{INSTALLED_COMMAND} check-config")
     assert SETTINGS["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     caps = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"}

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     _options(parser)
     parser.add_argument("--mode", action="append", default=[], choices=[m.value for m in Mode],
                         help="a mode to run (repeatable); same as the -tcp style flags")
+    parser.add_argument("--debian-defaults", metavar="FILE",
+                        help="take the modes from Debian's /etc/default/portsentry (TCP_MODE, UDP_MODE) "
+                             "when FILE exists; the mode flags given apply only when it does not")
     parser.add_argument("command", nargs="?", choices=SUBCOMMANDS, help=argparse.SUPPRESS)
     return parser
 
@@ -309,6 +312,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rest)
     modes += [Mode(value) for value in args.mode]
     modes = list(dict.fromkeys(modes))
+    if args.debian_defaults:
+        from portsentry.config.debian import DefaultsError, read_defaults
+
+        try:
+            chosen = read_defaults(args.debian_defaults)
+        except DefaultsError as error:
+            print(f"portsentry: {error}", file=sys.stderr)
+            return 1
+        if chosen is not None:
+            if not chosen:
+                print(f"portsentry: {args.debian_defaults}: TCP_MODE and UDP_MODE are both empty: "
+                      "nothing to watch", file=sys.stderr)
+                return 1
+            modes = chosen
 
     try:
         loaded = load_effective(args.config)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 from portsentry import __version__
+from portsentry.config.debian import ignore_file_to_use
 from portsentry.config.ignore import IgnoreFileError, IgnoreSource
 from portsentry.config.settings import Config, ConfigError, LoadedConfig, format_effective, load_effective
 from portsentry.core import messages
@@ -61,12 +62,17 @@ def validate_for_modes(config: Config, modes: Sequence[Mode]) -> None:
 
 
 def open_ignore(config: Config) -> IgnoreSource:
-    source = IgnoreSource(config.ignore_file, local_addresses)
+    """The ignore list in force; Debian's portsentry.ignore.static when IGNORE_FILE is missing
+    (the note is among the source's warnings, so check-config and the start both say it)."""
+    choice = ignore_file_to_use(config.ignore_file)
+    source = IgnoreSource(choice.path, local_addresses)
     try:
         source.load()
     except OSError as error:
         raise config.error("IGNORE_FILE", f"cannot read {config.ignore_file}: "
                            f"{error.strerror or error}") from error
+    if choice.note is not None:
+        source.warnings = [choice.note, *source.warnings]
     return source
 
 
