@@ -1,0 +1,145 @@
+"""The programs around a Debian portsentry, for real (issue 14): rsyslogd writes our lines to a
+messages file in the familiar form, and Debian's fail2ban, with its stock portsentry filter and
+jail pointed at our history file, bans the scanner. Each runs in the test's target namespace and a
+private mount namespace, with its own configuration, socket, pid file and output in a temp dir;
+fail2ban's ban action writes a file: nothing on this host changes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.system.rig import daemon_env, eventually, popen_in, run_in, stop_process
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+# "Dec  5 15:50:23 host portsentry[1200]: attackalert: ..." (RSYSLOG_TraditionalFileFormat)
+TRADITIONAL = re.compile(
+    r"^[A-Z][a-z]{2} [ 0-3][0-9] [0-2][0-9]:[0-5][0-9]:[0-6][0-9] \S+ portsentry\[(\d+)\]: (.*)$")
+
+
+def our_config(tmp_path: Path) -> Path:
+    conf = tmp_path / "portsentry.conf"
+    settings = {
+        "TCP_PORTS": "1,79", "BLOCK_TCP": "1", "KILL_HOSTS_DENY": "ALL: $TARGET$",
+        "HOSTS_DENY_FILE": str(tmp_path / "hosts.deny"), "IGNORE_FILE": str(tmp_path / "ignore"),
+        "HISTORY_FILE": str(tmp_path / "portsentry.history"), "BLOCKED_FILE": str(tmp_path / "blocked"),
+        "STATE_DIR": str(tmp_path / "state"), "CONTROL_SOCKET": str(tmp_path / "control.sock"),
+    }
+    conf.write_text("".join(f'{key}="{value}"\n' for key, value in settings.items()))
+    (tmp_path / "ignore").write_text("127.0.0.1\n")
+    (tmp_path / "hosts.deny").touch()
+    return conf
+
+
+def connect(ns: str, address: str, port: int) -> None:
+    script = (f"import socket\ntry: socket.create_connection(('{address}', {port}), 2).close()\n"
+              "except OSError: pass")
+    run_in(ns, [sys.executable, "-c", script], timeout=10)
+
+
+def test_rsyslogd_writes_our_lines_in_the_familiar_form(namespaces, tmp_path: Path) -> None:
+    if shutil.which("rsyslogd") is None:
+        pytest.fail("rsyslog is installed by scripts/setup")
+    net = namespaces
+    work = tmp_path / "rsyslog"
+    (work / "spool").mkdir(parents=True)
+    sock, messages = work / "log", work / "messages"
+    rconf = work / "rsyslog.conf"
+    rconf.write_text(
+        f'global(workDirectory="{work}/spool")\n'
+        'module(load="imuxsock" SysSock.Use="off")\n'
+        f'input(type="imuxsock" Socket="{sock}" CreatePath="on")\n'
+        f'*.* action(type="omfile" file="{messages}" template="RSYSLOG_TraditionalFileFormat")\n')
+    rsyslog = popen_in(net.target, ["unshare", "-m", "--propagation", "private", "rsyslogd", "-n",
+                                    "-f", str(rconf), "-i", str(work / "rsyslogd.pid")],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = None
+    try:
+        eventually(sock.exists, timeout=15, what="rsyslogd's socket")
+        conf = our_config(tmp_path)
+        daemon = popen_in(net.target, [sys.executable, "-m", "portsentry", "-c", str(conf),
+                                       "--syslog-socket", str(sock), "-tcp"], env=daemon_env())
+        eventually(lambda: messages.exists() and "PortSentry is now active" in messages.read_text(),
+                   timeout=20, what="the start lines in the messages file")
+        connect(net.scanner, net.target_ip4, 79)
+        who = re.escape(net.scanner_ip4)
+        eventually(lambda: re.search(rf"attackalert: Connect from host: {who}/{who} to TCP port: 79",
+                                     messages.read_text()), timeout=15, what="the attackalert line")
+        lines = [line for line in messages.read_text().splitlines() if "portsentry[" in line]
+        parsed = [TRADITIONAL.match(line) for line in lines]
+        assert lines and all(parsed), lines
+        assert {int(m.group(1)) for m in parsed if m} == {daemon.pid}
+        blocked = [m.group(2) for m in parsed if m and m.group(2).startswith("attackalert: Host 198.18.0.2 ")]
+        assert any("has been blocked" in text for text in blocked), lines
+    finally:
+        if daemon is not None:
+            stop_process(daemon)
+        stop_process(rsyslog)
+
+
+FAIL2BAN_JAIL = """\
+[DEFAULT]
+backend = polling
+banaction = recordban
+[portsentry]
+enabled = true
+logpath = {history}
+"""
+
+RECORD_BAN = """\
+[Definition]
+actionstart =
+actionstop =
+actioncheck =
+actionban = echo <ip> >> {banned}
+actionunban =
+"""
+
+
+def test_debian_s_fail2ban_with_its_stock_portsentry_jail_bans_the_scanner(namespaces, tmp_path):
+    if shutil.which("fail2ban-server") is None or not Path("/etc/fail2ban/filter.d/portsentry.conf").exists():
+        pytest.fail("fail2ban is installed by scripts/setup")
+    net = namespaces
+    conf = our_config(tmp_path)
+    history = tmp_path / "portsentry.history"
+    f2b = tmp_path / "fail2ban"
+    shutil.copytree("/etc/fail2ban", f2b)  # Debian's stock filter.d/portsentry.conf and jail.conf
+    for stale in ("jail.d", "paths-overrides.local"):
+        shutil.rmtree(f2b / stale, ignore_errors=True)
+    (f2b / "jail.local").write_text(FAIL2BAN_JAIL.format(history=history))
+    banned = tmp_path / "banned"
+    (f2b / "action.d" / "recordban.conf").write_text(RECORD_BAN.format(banned=banned))
+    (f2b / "fail2ban.local").write_text(f"[Definition]\ndbfile = {tmp_path}/f2b.sqlite3\n"
+                                        f"logtarget = {tmp_path}/fail2ban.log\n")
+    history.touch()
+    sock, pid = tmp_path / "f2b.sock", tmp_path / "f2b.pid"
+    server = popen_in(net.target, ["unshare", "-m", "--propagation", "private", "fail2ban-server", "-f",
+                                   "-c", str(f2b), "-s", str(sock), "-p", str(pid), "-x"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = None
+    try:
+        eventually(sock.exists, timeout=30, what="fail2ban's socket")
+        daemon = popen_in(net.target, [sys.executable, "-m", "portsentry", "-c", str(conf), "--no-syslog",
+                                       "-tcp"], env=daemon_env())
+        eventually(lambda: (tmp_path / "control.sock").exists(), timeout=20, what="portsentry ready")
+        connect(net.scanner, net.target_ip4, 79)
+        eventually(lambda: net.scanner_ip4 in history.read_text(), timeout=15, what="our history line")
+        eventually(lambda: banned.exists() and net.scanner_ip4 in banned.read_text().split(),
+                   timeout=30, what="fail2ban's ban")
+        status = run_in(net.target, ["fail2ban-client", "-s", str(sock), "status", "portsentry"], timeout=30)
+        assert net.scanner_ip4 in status.stdout, status.stdout + status.stderr
+    finally:
+        if daemon is not None:
+            stop_process(daemon)
+        run_in(net.target, ["fail2ban-client", "-s", str(sock), "stop"], timeout=30)
+        stop_process(server, timeout=10)
