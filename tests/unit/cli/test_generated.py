@@ -68,3 +68,23 @@ def test_bash_completes_commands_and_their_options() -> None:
     assert complete("portsentry", "-at") == ["-atcp"]
     assert "--file" in complete("portsentry", "unblock", "--")
     assert complete("portsentry", "--debian-d") == ["--debian-defaults"]
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is installed by scripts/setup")
+def test_fish_completes_commands_and_their_options() -> None:
+    script = PACKAGING / "completion" / "portsentry.fish"
+
+    def complete(line: str) -> list[str]:
+        done = subprocess.run(["fish", "--no-config", "-c", f"source {script}; complete -C '{line}'"],
+                              capture_output=True, text=True, timeout=30, check=True)
+        return [entry.split("\t")[0] for entry in done.stdout.splitlines()]
+
+    assert complete("portsentry li") == ["list"]
+    assert "--json" in complete("portsentry list --")
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is installed by scripts/setup")
+def test_the_zsh_completion_parses() -> None:
+    done = subprocess.run(["zsh", "-n", str(PACKAGING / "completion" / "_portsentry")], capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
