@@ -11,7 +11,8 @@ The packages, lowest first; each may import only the ones listed for it (and its
 - sensors: packets and connections into probes; neither responders nor the ban lifecycle;
 - responders: carry out blocks (nftables, hosts.deny, shell); not the ban lifecycle that drives them;
 - bans: the one ban lifecycle (store, change feed, restore, tidy, bulk); responders, not the service;
-- service: the daemon's threads and the control socket; everything below;
+- report: `portsentry report`, which only reads the ban store; core, config, journal, bans;
+- service: the daemon's threads and the control socket; everything below but report;
 - cli: the command line, which nothing imports.
 """
 
@@ -31,8 +32,10 @@ ALLOWED = {
     "sensors": {"core", "netlink", "host"},
     "responders": {"core", "netlink", "host", "journal", "config"},
     "bans": {"core", "config", "host", "journal", "responders"},
+    "report": {"core", "config", "journal", "bans"},
     "service": {"core", "config", "host", "journal", "netlink", "sensors", "responders", "bans"},
-    "cli": {"core", "config", "host", "journal", "netlink", "sensors", "responders", "bans", "service"},
+    "cli": {"core", "config", "host", "journal", "netlink", "sensors", "responders", "bans", "service",
+            "report"},
 }
 TOP_LEVEL = {"", "__main__"}  # the package itself, and `python -m portsentry`
 

@@ -61,6 +61,31 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX written_lines_address ON written_lines (address)
         """,
     ),
+    (
+        3,
+        "hit aggregates per source, port, mode and hour, and guard refusals per hour, for reports",
+        """
+        CREATE TABLE hits (
+            source TEXT NOT NULL,
+            port INTEGER NOT NULL,
+            mode TEXT NOT NULL,
+            hour INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            below INTEGER NOT NULL,
+            first REAL NOT NULL,
+            last REAL NOT NULL,
+            PRIMARY KEY (source, port, mode, hour, kind)
+        );
+        CREATE INDEX hits_hour ON hits (hour);
+        CREATE TABLE refusals (
+            hour INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (hour, reason)
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

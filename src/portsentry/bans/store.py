@@ -62,6 +62,7 @@ from portsentry.bans.schema import MIGRATIONS as MIGRATIONS
 from portsentry.bans.schema import SCHEMA_VERSION as SCHEMA_VERSION
 from portsentry.bans.schema import SchemaTooNew, migrate
 from portsentry.core.probe import IPAddress
+from portsentry.journal.hits import HitRow
 
 DEFAULT_PATH = "/var/lib/portsentry/bans.sqlite3"
 # Milliseconds a writer waits for another process's transaction before giving up.
@@ -363,7 +364,30 @@ class BanStore:
             removed = db.execute("DELETE FROM history WHERE at < ? OR id <= ?", (oldest, below)).rowcount
             db.execute("DELETE FROM offenders WHERE last_lifted < ? AND address NOT IN "
                        "(SELECT address FROM bans)", (oldest,))
+            # Hit aggregates and refusals age the same way; the oldest hours go past max_rows.
+            first_hour = int(oldest // 3600) if oldest != float("-inf") else -1
+            db.execute("DELETE FROM hits WHERE hour < ?", (first_hour,))
+            db.execute("DELETE FROM refusals WHERE hour < ?", (first_hour,))
+            if max_rows > 0:
+                excess = int(db.execute("SELECT count(*) FROM hits").fetchone()[0]) - max_rows
+                if excess > 0:
+                    db.execute("DELETE FROM hits WHERE rowid IN "
+                               "(SELECT rowid FROM hits ORDER BY hour LIMIT ?)", (excess,))
         return int(removed)
+
+    @_store_errors
+    def add_hits(self, rows: Iterable[HitRow], refused: Iterable[tuple[int, str, int]]) -> None:
+        """Merge a batch of hit aggregates and guard refusals (journal.hits) in one transaction."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO hits (source, port, mode, hour, kind, count, below, first, last) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, port, mode, hour, kind) DO UPDATE "
+                "SET count = count + excluded.count, below = below + excluded.below, "
+                "first = min(first, excluded.first), last = max(last, excluded.last)",
+                ((r.source, r.port, r.mode, r.hour, r.kind, r.count, r.below, r.first, r.last) for r in rows))
+            db.executemany(
+                "INSERT INTO refusals (hour, reason, count) VALUES (?, ?, ?) "
+                "ON CONFLICT (hour, reason) DO UPDATE SET count = count + excluded.count", refused)
 
     @_store_errors
     def get(self, address: IPAddress | str) -> Ban | None:

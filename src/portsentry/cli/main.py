@@ -93,7 +93,7 @@ def split_modes(argv: Sequence[str]) -> tuple[list[Mode], list[str]]:
     return modes, rest
 
 
-ADMIN_COMMANDS = ("block", "unblock", "list", "flush", "hosts-deny", "check", "status", "reload")
+ADMIN_COMMANDS = ("block", "unblock", "list", "flush", "hosts-deny", "check", "status", "reload", "report")
 
 
 def build_admin_parser() -> argparse.ArgumentParser:
@@ -125,6 +125,10 @@ def build_admin_parser() -> argparse.ArgumentParser:
     status = command("status", "is the daemon running, what it watches and blocked (exit 3: not running)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     command("reload", "re-read the configuration and ignore file (same as SIGHUP)")
+    report = command("report", "what scanned this host, when, and what was done about it")
+    report.add_argument("--since", default="24h", help="90m, 24h, 7d, 2w, or a date or time (default 24h)")
+    report.add_argument("--format", choices=["text", "html", "json", "csv"], default="text")
+    report.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
     return parser
 
 
@@ -173,6 +177,10 @@ def admin_main(argv: Sequence[str]) -> int:
             return 0
         if args.command == "status":
             return show_status(config, args.json, now)
+        if args.command == "report":
+            from portsentry.cli.report import report_main
+
+            return report_main(config, args, now)
         if args.command == "reload":
             try:
                 answer = control.request(config.control_socket, {"command": "reload"})

@@ -40,6 +40,7 @@ from portsentry.core.actions import Action, Block, Log, Record, SendBanner
 from portsentry.core.engine import Engine
 from portsentry.core.probe import IPAddress, Mode, Probe
 from portsentry.host import info as hostinfo
+from portsentry.journal.hits import HitTally
 from portsentry.journal.journal import Journal
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.classic import ClassicResponder
@@ -157,10 +158,12 @@ class Daemon:
         kernel = bans is not None and bans.backend is not None and config.kernel_ban != "off"
         self._kernel = KernelBans(bans, journal.log) if kernel and bans is not None else None
         self._protected: frozenset[IPAddress] = frozenset()
+        self.hits = HitTally()  # for `portsentry report`; written by the maintenance thread
         self._maintenance = Maintenance(bans, lambda: protected_addresses(self.config),
                                         lambda found: self._call_on_main(lambda: self._apply(found)),
                                         journal.log, interval=tick, clock=clock,
-                                        settle=self._kernel.settle if self._kernel is not None else None)
+                                        settle=self._kernel.settle if self._kernel is not None else None,
+                                        tally=self.hits if bans is not None else None)
         # Work finished on a responder thread that the engine (main thread only) must hear about.
         self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = socket.socketpair()
@@ -333,6 +336,7 @@ class Daemon:
         try:
             outcome = self.engine.observe(probe, now)
             self.telemetry.probe(probe, outcome.decision, outcome.reason, now)
+            self.hits.add(probe, outcome.decision, outcome.reason, now)
             fields: dict[str, object] = {
                 "PORTSENTRY_EVENT": outcome.decision.value, "PORTSENTRY_SRC": probe.source,
                 "PORTSENTRY_PORT": probe.port, "PORTSENTRY_MODE": probe.mode.value,

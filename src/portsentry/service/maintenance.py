@@ -21,6 +21,7 @@ from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.store import Change, StoreError
 from portsentry.core import messages
 from portsentry.core.probe import IPAddress
+from portsentry.journal.hits import HitTally
 
 FEED_BATCH = 10_000  # changes read per round; a larger backlog is read over the next rounds
 
@@ -51,8 +52,10 @@ class Maintenance:
         prune_every: float = 3600.0,
         clock: Callable[[], float] = time.time,
         settle: Callable[[float], None] | None = None,
+        tally: HitTally | None = None,
     ) -> None:
         self.bans = bans
+        self.tally = tally  # hit aggregates for reports (journal.hits), written once a round
         self._settle = settle  # the kernel's first-probe bans (service.kernelbans)
         self._protected = protected
         self._post = post
@@ -114,6 +117,8 @@ class Maintenance:
             if now >= self._next_prune:
                 self._next_prune = now + self.prune_every
                 self._guard(lambda: bans.prune(now))
+            if self.tally is not None:
+                self._guard(lambda: self._write_hits(bans))
             if self._settle is not None:
                 settle = self._settle
                 self._guard(lambda: settle(now))
@@ -145,6 +150,17 @@ class Maintenance:
             self.active += _count(change)
             self.cursor = change.id
         return changes, None
+
+    def _write_hits(self, bans: BanManager) -> None:
+        assert self.tally is not None
+        rows, refused = self.tally.drain()
+        if not rows and not refused:
+            return
+        try:
+            bans.store.add_hits(rows, refused)
+        except StoreError as error:  # kept for the next round; the store reports the failure
+            self.tally.restore(rows, refused)
+            self._log(messages.store_failed(str(error)))
 
     def _guard(self, work: Callable[[], object]) -> None:
         try:

@@ -236,8 +236,8 @@ def test_schema_version_and_migration_table(tmp_path: Path) -> None:
     BanStore(path).close()  # reopening migrates nothing again
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
-        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,), (3,)]
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()
@@ -413,3 +413,20 @@ def test_history_limits_come_from_the_configuration() -> None:
     assert BanPolicy.from_config(parse_config("", "portsentry.conf").config).history_retention == 90 * 86400
     with pytest.raises(ConfigError, match=r"portsentry\.conf:1: HISTORY_MAX_ROWS"):
         parse_config('HISTORY_MAX_ROWS="-1"\n', "portsentry.conf")
+
+
+def test_hit_aggregates_merge_across_batches_and_age_out(store: BanStore) -> None:
+    from portsentry.journal.hits import HitRow
+
+    hour = int(T0 // 3600)
+    store.add_hits([HitRow("198.18.0.2", 79, "stcp", hour, "TCP SYN/Normal scan", 3, 1, T0, T0 + 5)],
+                   [(hour, "ban rate limit reached", 2)])
+    store.add_hits([HitRow("198.18.0.2", 79, "stcp", hour, "TCP SYN/Normal scan", 2, 0, T0 - 1, T0 + 9)],
+                   [(hour, "ban rate limit reached", 1)])
+    with store._lock:
+        rows = store._db.execute("SELECT count, below, first, last FROM hits").fetchall()
+        refused = store._db.execute("SELECT reason, count FROM refusals").fetchall()
+    assert rows == [(5, 1, T0 - 1, T0 + 9)] and refused == [("ban rate limit reached", 3)]
+    store.prune(T0 + 10 * 86400, retention=86400)
+    with store._lock:
+        assert store._db.execute("SELECT count(*) FROM hits").fetchone()[0] == 0

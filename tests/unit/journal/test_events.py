@@ -29,7 +29,7 @@ NOW = 1714566896.789  # 2024-05-01T12:34:56.789Z
 
 KNOWN_KEYWORDS = {"$schema", "$id", "title", "description", "type", "additionalProperties",
                   "required", "properties", "pattern", "enum", "const", "minLength", "minimum",
-                  "maximum", "allOf", "if", "then"}
+                  "maximum", "allOf", "if", "then", "items"}
 
 
 def _type_ok(value: object, name: str) -> bool:
@@ -42,6 +42,7 @@ def _type_ok(value: object, name: str) -> bool:
         "object": isinstance(value, dict),
         "null": value is None,
         "boolean": isinstance(value, bool),
+        "array": isinstance(value, list),
     }[name]
 
 
@@ -77,6 +78,9 @@ def errors(value: object, schema: dict[str, object], where: str = "$") -> list[s
                 found += errors(item, properties[key], f"{where}.{key}")
             elif schema.get("additionalProperties") is False:
                 found.append(f"{where}: unexpected field {key!r}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            found += errors(item, schema["items"], f"{where}[{index}]")  # type: ignore[arg-type]
     for sub in schema.get("allOf", []):  # type: ignore[attr-defined]
         found += errors(value, sub, where)
     if "if" in schema and not errors(value, schema["if"], where):  # type: ignore[arg-type]

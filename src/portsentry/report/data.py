@@ -1,0 +1,227 @@
+"""What `portsentry report` says, computed from the ban store alone: the hit aggregates (per
+source, port, mode, scan type and hour), the guards' refusals, the bans table and the history.
+
+It only reads: the store is opened read-only (SQLite `mode=ro`), so a report works with the
+daemon running or stopped and never changes anything. The numbers are computed once, here, into
+a `Report`; every format (text, HTML, JSON, CSV) renders that same object, so they agree.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from ipaddress import ip_address, ip_network
+from typing import Any
+
+from portsentry.core.ports import format_ports
+
+SCHEMA = "portsentry-report/1"
+TOP = 10
+EVIDENCE_CONNECTION = "connection"  # a completed TCP connection (connect modes): cannot be forged
+EVIDENCE_PACKETS = "packets"  # single packets (stealth modes): a source address can be forged
+
+
+class ReportError(Exception):
+    """The store cannot be read; the text names it."""
+
+
+@dataclass
+class Scanner:
+    address: str
+    first_seen: float
+    last_seen: float
+    hits: int
+    below_trigger: int
+    ports: list[int]
+    scan_types: list[str]
+    evidence: str
+    banned: bool = False
+    ban_expires: float | None = None
+    offences: int = 0
+    origin: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "hits": self.hits,
+            "below_trigger": self.below_trigger,
+            "ports": format_ports(tuple(self.ports)),
+            "port_count": len(self.ports),
+            "scan_types": self.scan_types,
+            "evidence": self.evidence,
+            "banned": self.banned,
+            "ban_expires": self.ban_expires,
+            "offences": self.offences,
+            "origin": self.origin,
+        }
+
+
+@dataclass
+class Report:
+    since: float
+    until: float
+    bucket: str  # "hour" or "day"
+    scanners: list[Scanner] = field(default_factory=list)
+    top_ports: list[tuple[int, int]] = field(default_factory=list)
+    top_scan_types: list[tuple[str, int]] = field(default_factory=list)
+    top_networks: list[tuple[str, int, int]] = field(default_factory=list)  # network, hits, scanners
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)  # bucket start, hits, bans
+    near_misses: list[tuple[str, int]] = field(default_factory=list)
+    refused: list[tuple[str, int]] = field(default_factory=list)
+    bans: int = 0
+
+    @property
+    def hits(self) -> int:
+        return sum(s.hits for s in self.scanners)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "since": self.since,
+            "until": self.until,
+            "totals": {
+                "hits": self.hits,
+                "scanners": len(self.scanners),
+                "bans": self.bans,
+                "refused": sum(count for _, count in self.refused),
+                "near_misses": len(self.near_misses),
+            },
+            "scanners": [s.to_json() for s in self.scanners],
+            "top_ports": [{"port": port, "hits": hits} for port, hits in self.top_ports],
+            "top_scan_types": [{"scan_type": kind, "hits": hits} for kind, hits in self.top_scan_types],
+            "top_networks": [
+                {"network": net, "hits": hits, "scanners": n} for net, hits, n in self.top_networks
+            ],
+            "timeline": {
+                "bucket": self.bucket,
+                "points": [
+                    {"start": start, "hits": hits, "bans": bans} for start, hits, bans in self.timeline
+                ],
+            },
+            "near_misses": [{"address": a, "hits": hits} for a, hits in self.near_misses],
+            "refused": [{"reason": reason, "count": count} for reason, count in self.refused],
+        }
+
+
+def open_read_only(path: str) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        db.execute("SELECT count(*) FROM hits").fetchone()
+    except sqlite3.Error as error:
+        raise ReportError(f"{path}: cannot read the ban store ({error}); has portsentry run here?") from None
+    return db
+
+
+def build(db: sqlite3.Connection, since: float, until: float) -> Report:
+    bucket = "hour" if until - since <= 3 * 86400 else "day"
+    report = Report(since, until, bucket)
+    first_hour, last_hour = int(since // 3600), int(until // 3600)
+    window = (first_hour, last_hour)
+    rows = db.execute(
+        "SELECT source, min(first), max(last), sum(count), sum(below), max(kind = 'Connect') FROM hits "
+        "WHERE hour BETWEEN ? AND ? GROUP BY source",
+        window,
+    ).fetchall()
+    ports: dict[str, set[int]] = defaultdict(set)
+    kinds: dict[str, set[str]] = defaultdict(set)
+    port_hits: Counter[int] = Counter()
+    kind_hits: Counter[str] = Counter()
+    for source, port, kind, hits in db.execute(
+        "SELECT source, port, kind, sum(count) FROM hits WHERE hour BETWEEN ? AND ? "
+        "GROUP BY source, port, kind",
+        window,
+    ):
+        ports[source].add(port)
+        kinds[source].add(kind)
+        port_hits[port] += hits
+        kind_hits[kind] += hits
+    bans = {
+        address: (expires, offences)
+        for address, expires, offences in db.execute(
+            "SELECT address, expires, offences FROM bans WHERE expires IS NULL OR expires > ?", (until,)
+        )
+    }
+    origins = dict(
+        db.execute(
+            "SELECT address, origin FROM history WHERE kind = 'ban' AND at <= ? ORDER BY id", (until,)
+        ).fetchall()
+    )
+    for source, first, last, hits, below, connected in rows:
+        scanner = Scanner(
+            source,
+            first,
+            last,
+            hits,
+            below,
+            sorted(ports[source]),
+            sorted(kinds[source]),
+            EVIDENCE_CONNECTION if connected else EVIDENCE_PACKETS,
+        )
+        if source in bans:
+            scanner.banned = True
+            scanner.ban_expires, scanner.offences = bans[source]
+        scanner.origin = origins.get(source)
+        report.scanners.append(scanner)
+    report.scanners.sort(key=lambda s: (-s.hits, s.address))
+    report.top_ports = sorted(port_hits.items(), key=lambda item: (-item[1], item[0]))[:TOP]
+    report.top_scan_types = sorted(kind_hits.items(), key=lambda item: (-item[1], item[0]))[:TOP]
+    report.top_networks = _networks(report.scanners)
+    report.near_misses = [
+        (s.address, s.hits)
+        for s in report.scanners
+        if s.below_trigger == s.hits and not s.banned and s.origin is None
+    ]
+    report.refused = [
+        (reason, int(count))
+        for reason, count in db.execute(
+            "SELECT reason, sum(count) FROM refusals WHERE hour BETWEEN ? AND ? GROUP BY reason "
+            "ORDER BY 2 DESC, 1",
+            window,
+        )
+    ]
+    ban_times = [
+        at
+        for (at,) in db.execute(
+            "SELECT at FROM history WHERE kind = 'ban' AND at BETWEEN ? AND ?", (since, until)
+        )
+    ]
+    report.bans = len(ban_times)
+    report.timeline = _timeline(db, report, window, ban_times)
+    return report
+
+
+def _networks(scanners: list[Scanner]) -> list[tuple[str, int, int]]:
+    hits: Counter[str] = Counter()
+    members: Counter[str] = Counter()
+    for scanner in scanners:
+        address = ip_address(scanner.address)
+        prefix = 24 if address.version == 4 else 64
+        network = str(ip_network(f"{address}/{prefix}", strict=False))
+        hits[network] += scanner.hits
+        members[network] += 1
+    ranked = sorted(hits.items(), key=lambda item: (-item[1], item[0]))[:TOP]
+    return [(network, count, members[network]) for network, count in ranked]
+
+
+def _timeline(
+    db: sqlite3.Connection, report: Report, window: tuple[int, int], ban_times: list[float]
+) -> list[tuple[float, int, int]]:
+    size = 3600 if report.bucket == "hour" else 86400
+    start = int(report.since // size) * size
+    count = int((report.until - start) // size) + 1
+    hits = [0] * count
+    bans = [0] * count
+    for hour, total in db.execute(
+        "SELECT hour, sum(count) FROM hits WHERE hour BETWEEN ? AND ? GROUP BY hour", window
+    ):
+        index = int((hour * 3600 - start) // size)
+        if 0 <= index < count:
+            hits[index] += total
+    for at in ban_times:
+        index = int((at - start) // size)
+        if 0 <= index < count:
+            bans[index] += 1
+    return [(float(start + i * size), hits[i], bans[i]) for i in range(count)]

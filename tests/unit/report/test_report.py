@@ -1,0 +1,109 @@
+"""`portsentry report` over a generated store: exact counts, the same numbers in text, JSON (valid
+against docs/report.schema.json), CSV and HTML, and --since parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from portsentry.bans.store import BanStore
+from portsentry.journal.hits import HitRow
+from portsentry.report.data import Report, build, open_read_only
+from portsentry.report.render import as_csv, as_html, as_json, text
+from portsentry.report.since import SinceError, parse_since
+from tests.unit.journal.test_events import errors
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[3] / "docs" / "report.schema.json").read_text())
+NOW = 1_800_000_000.0
+HOUR = int(NOW // 3600)
+SYN = "TCP SYN/Normal scan"
+
+
+def generated(tmp_path: Path) -> Path:
+    """Three scanners in two /24s, one of them by connection; a near miss; refusals; two bans."""
+    path = tmp_path / "bans.sqlite3"
+    store = BanStore(str(path))
+    rows = [HitRow("198.18.0.2", port, "atcp", HOUR - 1, SYN, 2, 0, NOW - 3600, NOW - 3000)
+            for port in range(1, 101)]
+    rows += [HitRow("198.18.0.3", 79, "tcp", HOUR, "Connect", 5, 0, NOW - 100, NOW - 50),
+             HitRow("198.18.1.9", 111, "sudp", HOUR, "UDP scan", 1, 1, NOW - 10, NOW - 10),
+             HitRow("198.18.7.7", 1, "atcp", HOUR - 48, SYN, 9, 0, NOW - 48 * 3600, NOW - 48 * 3600)]  # old
+    store.add_hits(rows, [(HOUR, "ban rate limit reached", 4), (HOUR - 1, "it is a default gateway", 2)])
+    store.ban("198.18.0.2", reason=SYN, mode="atcp", port=1, now=NOW - 3000, duration=86400)
+    store.ban("198.18.0.3", reason="Connect", mode="tcp", port=79, now=NOW - 50, duration=86400)
+    store.close()
+    return path
+
+
+def report_of(tmp_path: Path) -> Report:
+    db = open_read_only(str(generated(tmp_path)))
+    try:
+        return build(db, NOW - 86400, NOW)
+    finally:
+        db.close()
+
+
+def test_exact_counts(tmp_path: Path) -> None:
+    report = report_of(tmp_path)
+    data = report.to_json()
+    assert data["totals"] == {"hits": 206, "scanners": 3, "bans": 2, "refused": 6, "near_misses": 1}
+    first = data["scanners"][0]
+    assert (first["address"], first["hits"], first["ports"], first["port_count"]) == \
+        ("198.18.0.2", 200, "1-100", 100)
+    assert first["banned"] and first["evidence"] == "packets" and first["origin"] == "local"
+    assert first["offences"] == 1
+    assert data["scanners"][1]["evidence"] == "connection"
+    assert data["near_misses"] == [{"address": "198.18.1.9", "hits": 1}]
+    assert data["top_networks"][0] == {"network": "198.18.0.0/24", "hits": 205, "scanners": 2}
+    assert data["top_ports"][0] == {"port": 79, "hits": 7}
+    assert sum(p["hits"] for p in data["timeline"]["points"]) == 206 and data["timeline"]["bucket"] == "hour"
+    assert sum(p["bans"] for p in data["timeline"]["points"]) == 2
+    assert errors(data, SCHEMA) == []
+
+
+def test_the_four_formats_agree(tmp_path: Path) -> None:
+    report = report_of(tmp_path)
+    data = json.loads(as_json(report))
+    rows = list(csv.DictReader(io.StringIO(as_csv(report))))
+    assert [(r["address"], int(r["hits"]), r["ports"]) for r in rows] == \
+        [(s["address"], s["hits"], s["ports"]) for s in data["scanners"]]
+    page = as_html(report)
+    for key, value in data["totals"].items():
+        assert f'data-key="{key}">{value}</b>' in page
+    bars = [int(v) for v in re.findall(r'<rect [^>]*fill="#2b6cb0" data-value="(\d+)"', page)]
+    assert bars == [p["hits"] for p in data["timeline"]["points"]]
+    assert "<script" not in page and "<link" not in page and "src=" not in page  # self-contained
+    lines = text(report).splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert "206 hits from 3 scanners, 2 bans, 6 blocks refused by the guards, 1 near misses" in lines[1]
+
+
+def test_a_missing_store_is_a_clear_error(tmp_path: Path) -> None:
+    from portsentry.report.data import ReportError
+
+    with pytest.raises(ReportError, match="cannot read the ban store"):
+        open_read_only(str(tmp_path / "none.sqlite3"))
+
+
+def test_since() -> None:
+    assert parse_since("24h", NOW) == NOW - 86400
+    assert parse_since("90m", NOW) == NOW - 5400
+    assert parse_since("2w", NOW) == NOW - 14 * 86400
+    assert parse_since("2026-12-01", NOW) > 0
+    for bad in ("yesterday", "24", "-1h", "1y", ""):
+        with pytest.raises(SinceError):
+            parse_since(bad, NOW)
+
+
+@given(st.text(max_size=40))
+def test_since_never_raises_anything_else(text_: str) -> None:
+    with contextlib.suppress(SinceError):
+        parse_since(text_, NOW)
