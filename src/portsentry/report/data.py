@@ -8,10 +8,10 @@ a `Report`; every format (text, HTML, JSON, CSV) renders that same object, so th
 
 from __future__ import annotations
 
+import socket
 import sqlite3
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from ipaddress import ip_address, ip_network
 from typing import Any
 
 from portsentry.core.ports import format_ports
@@ -120,24 +120,25 @@ def build(db: sqlite3.Connection, since: float, until: float) -> Report:
     report = Report(since, until, bucket)
     first_hour, last_hour = int(since // 3600), int(until // 3600)
     window = (first_hour, last_hour)
+    # Two passes over the hits, both in SQLite: per source, and per (port, scan type, hour), which
+    # is small whatever the traffic; a million hit rows never become a million Python tuples.
+    # Scan types may hold commas, so they are joined with a unit separator.
     rows = db.execute(
-        "SELECT source, min(first), max(last), sum(count), sum(below), max(kind = 'Connect') FROM hits "
+        "SELECT source, min(first), max(last), sum(count), sum(below), max(kind = 'Connect'), "
+        "group_concat(DISTINCT port), group_concat(kind, char(31)) FROM hits "
         "WHERE hour BETWEEN ? AND ? GROUP BY source",
         window,
     ).fetchall()
-    ports: dict[str, set[int]] = defaultdict(set)
-    kinds: dict[str, set[str]] = defaultdict(set)
     port_hits: Counter[int] = Counter()
     kind_hits: Counter[str] = Counter()
-    for source, port, kind, hits in db.execute(
-        "SELECT source, port, kind, sum(count) FROM hits WHERE hour BETWEEN ? AND ? "
-        "GROUP BY source, port, kind",
+    hour_hits: Counter[int] = Counter()
+    for port, kind, hour, count in db.execute(
+        "SELECT port, kind, hour, sum(count) FROM hits WHERE hour BETWEEN ? AND ? GROUP BY port, kind, hour",
         window,
     ):
-        ports[source].add(port)
-        kinds[source].add(kind)
-        port_hits[port] += hits
-        kind_hits[kind] += hits
+        port_hits[port] += count
+        kind_hits[kind] += count
+        hour_hits[hour] += count
     bans = {
         address: (expires, offences)
         for address, expires, offences in db.execute(
@@ -149,15 +150,15 @@ def build(db: sqlite3.Connection, since: float, until: float) -> Report:
             "SELECT address, origin FROM history WHERE kind = 'ban' AND at <= ? ORDER BY id", (until,)
         ).fetchall()
     )
-    for source, first, last, hits, below, connected in rows:
+    for source, first, last, hits, below, connected, port_text, kind_text in rows:
         scanner = Scanner(
             source,
             first,
             last,
             hits,
             below,
-            sorted(ports[source]),
-            sorted(kinds[source]),
+            sorted({int(port) for port in port_text.split(",")}),
+            sorted(set(kind_text.split("\x1f"))),
             EVIDENCE_CONNECTION if connected else EVIDENCE_PACKETS,
         )
         if source in bans:
@@ -189,17 +190,24 @@ def build(db: sqlite3.Connection, since: float, until: float) -> Report:
         )
     ]
     report.bans = len(ban_times)
-    report.timeline = _timeline(db, report, window, ban_times)
+    report.timeline = _timeline(report, hour_hits, ban_times)
     return report
+
+
+def _network_of(address: str) -> str:
+    """The /24 or /64 an address (as the store writes it) is in, without an address object each:
+    a report can hold a hundred thousand scanners."""
+    if ":" not in address:
+        return address.rsplit(".", 1)[0] + ".0/24"
+    packed = socket.inet_pton(socket.AF_INET6, address)[:8] + bytes(8)
+    return f"{socket.inet_ntop(socket.AF_INET6, packed)}/64"
 
 
 def _networks(scanners: list[Scanner]) -> list[tuple[str, int, int]]:
     hits: Counter[str] = Counter()
     members: Counter[str] = Counter()
     for scanner in scanners:
-        address = ip_address(scanner.address)
-        prefix = 24 if address.version == 4 else 64
-        network = str(ip_network(f"{address}/{prefix}", strict=False))
+        network = _network_of(scanner.address)
         hits[network] += scanner.hits
         members[network] += 1
     ranked = sorted(hits.items(), key=lambda item: (-item[1], item[0]))[:TOP]
@@ -207,16 +215,14 @@ def _networks(scanners: list[Scanner]) -> list[tuple[str, int, int]]:
 
 
 def _timeline(
-    db: sqlite3.Connection, report: Report, window: tuple[int, int], ban_times: list[float]
+    report: Report, hour_hits: Counter[int], ban_times: list[float]
 ) -> list[tuple[float, int, int]]:
     size = 3600 if report.bucket == "hour" else 86400
     start = int(report.since // size) * size
     count = int((report.until - start) // size) + 1
     hits = [0] * count
     bans = [0] * count
-    for hour, total in db.execute(
-        "SELECT hour, sum(count) FROM hits WHERE hour BETWEEN ? AND ? GROUP BY hour", window
-    ):
+    for hour, total in hour_hits.items():
         index = int((hour * 3600 - start) // size)
         if 0 <= index < count:
             hits[index] += total
