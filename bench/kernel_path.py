@@ -64,7 +64,7 @@ while time.time() < end:
     sp, dp = struct.unpack('!HH', data[ihl:ihl + 4])
     if sp == port and dp in (sport, sport + 1):
         answered.add(dp - sport + 1)
-print(' '.join(map(str, sorted(answered))) or '-', gap * 1e6)
+print(','.join(map(str, sorted(answered))) or '-', gap * 1e6)
 """
 
 
@@ -95,7 +95,7 @@ def two_syns(subject: Subject, source: str) -> tuple[bool, bool, float]:
     with fresh(subject, extra_scanner_addresses=[source]) as fx:
         out = rig.run_in(fx.net.scanner, [sys.executable, "-c", TWO_SYNS, source, fx.net.target_ip4,
                                           str(PROBE_PORT), "41000"], timeout=20, check=True).stdout.split()
-    answered = set(out[0].split()) if out[0] != "-" else set()
+    answered = set(out[0].split(",")) if out[0] != "-" else set()  # "1,2", "1", or "-"
     return "1" in answered, "2" in answered, float(out[1])
 
 
