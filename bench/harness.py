@@ -552,3 +552,14 @@ class SynSender:
             self._proc.wait(5)
         if self._proc.stdout is not None:
             self._proc.stdout.close()
+
+
+def write_section(doc: Path, title: str, begin: str, end: str, block: str) -> None:
+    """Put `block` between the markers `begin` and `end` of `doc`, replacing what a previous run
+    wrote; the first time, a section `title` with the markers is added at the end."""
+    text = doc.read_text()
+    if begin not in text:
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{block}{end}{tail}")

@@ -172,9 +172,4 @@ def render(rows: dict[str, Row], subjects: Sequence[Subject], label: str, comman
 
 
 def write_block(doc: Path, block: str) -> None:
-    text = doc.read_text()
-    if BEGIN not in text:
-        text = text.rstrip("\n") + f"\n\n## {TITLE}\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+    harness.write_section(doc, TITLE, BEGIN, END, block)

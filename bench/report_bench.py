@@ -72,9 +72,4 @@ def measure(repeat: int, command: str, rev: str | None, load_at_start: str) -> s
 
 
 def write_block(doc: Path, block: str) -> None:
-    text = doc.read_text()
-    if BEGIN not in text:
-        text = text.rstrip("\n") + f"\n\n## {TITLE}\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+    harness.write_section(doc, TITLE, BEGIN, END, block)

@@ -8,7 +8,7 @@ _portsentry() {
             COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
     esac
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "run check-config block unblock list flush hosts-deny check status reload demo -atcp -audp -stcp -sudp -tcp -udp --config --daemon --debian-defaults --help --journald --log-stderr --mode --no-syslog --pid-file --syslog-socket --verbose --version" -- "$cur") ); return 0
+        COMPREPLY=( $(compgen -W "run check-config block unblock list flush hosts-deny check status reload report demo -atcp -audp -stcp -sudp -tcp -udp --config --daemon --debian-defaults --help --journald --log-stderr --mode --no-syslog --pid-file --syslog-socket --verbose --version" -- "$cur") ); return 0
     fi
     case "${COMP_WORDS[1]}" in
         run) words="--config --daemon --debian-defaults --help --journald --log-stderr --mode --no-syslog --pid-file --syslog-socket --verbose --version" ;;
@@ -21,6 +21,7 @@ _portsentry() {
         check) words="--config --help" ;;
         status) words="--config --help --json" ;;
         reload) words="--config --help" ;;
+        report) words="--config --format --help --output --since" ;;
         demo) words="--keep-going" ;;
         *) words="-atcp -audp -stcp -sudp -tcp -udp --config --daemon --debian-defaults --help --journald --log-stderr --mode --no-syslog --pid-file --syslog-socket --verbose --version" ;;
     esac

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from portsentry.cli.main import ADMIN_COMMANDS, CLASSIC_FLAGS, SUBCOMMANDS, build_admin_parser, build_parser
@@ -92,16 +93,21 @@ def fish() -> str:
 SCRIPTS = {"portsentry.bash": bash, "_portsentry": zsh, "portsentry.fish": fish}
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_generated(files: dict[str, Callable[[], str]], module: str, argv: list[str] | None) -> int:
+    """`python -m MODULE DIR`: write each generated file into DIR (also used by cli.manpages)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m portsentry.cli.completion DIR", file=sys.stderr)
+        print(f"usage: python -m {module} DIR", file=sys.stderr)
         return 2
     out = Path(args[0])
     out.mkdir(parents=True, exist_ok=True)
-    for name, render in SCRIPTS.items():
+    for name, render in files.items():
         (out / name).write_text(render())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_generated(SCRIPTS, "portsentry.cli.completion", argv)
 
 
 if __name__ == "__main__":

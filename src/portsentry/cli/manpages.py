@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 
 from portsentry import __version__
+from portsentry.cli.completion import write_generated
 from portsentry.cli.main import DESCRIPTION, SYNOPSIS, build_admin_parser, build_parser
 from portsentry.config.keydocs import DOCS, SECTIONS
 from portsentry.config.settings import KEYS, Config
@@ -115,15 +114,7 @@ PAGES = {"portsentry.8": command_page, "portsentry.conf.5": conf_page}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m portsentry.cli.manpages DIR", file=sys.stderr)
-        return 2
-    out = Path(args[0])
-    out.mkdir(parents=True, exist_ok=True)
-    for name, render in PAGES.items():
-        (out / name).write_text(render())
-    return 0
+    return write_generated(PAGES, "portsentry.cli.manpages", argv)
 
 
 if __name__ == "__main__":
