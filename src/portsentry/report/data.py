@@ -123,17 +123,19 @@ def build(db: sqlite3.Connection, since: float, until: float) -> Report:
     # Two passes over the hits, both in SQLite: per source, and per (port, scan type, hour), which
     # is small whatever the traffic; a million hit rows never become a million Python tuples.
     # Scan types may hold commas, so they are joined with a unit separator.
+    column = _hour_column(db, window)
     rows = db.execute(
         "SELECT source, min(first), max(last), sum(count), sum(below), max(kind = 'Connect'), "
-        "group_concat(DISTINCT port), group_concat(kind, char(31)) FROM hits "
-        "WHERE hour BETWEEN ? AND ? GROUP BY source",
+        f"group_concat(port), group_concat(kind, char(31)) FROM hits WHERE {column} BETWEEN ? AND ? "
+        "GROUP BY source",
         window,
     ).fetchall()
     port_hits: Counter[int] = Counter()
     kind_hits: Counter[str] = Counter()
     hour_hits: Counter[int] = Counter()
     for port, kind, hour, count in db.execute(
-        "SELECT port, kind, hour, sum(count) FROM hits WHERE hour BETWEEN ? AND ? GROUP BY port, kind, hour",
+        f"SELECT port, kind, hour, sum(count) FROM hits WHERE {column} BETWEEN ? AND ? "
+        "GROUP BY port, kind, hour",
         window,
     ):
         port_hits[port] += count
@@ -192,6 +194,17 @@ def build(db: sqlite3.Connection, since: float, until: float) -> Report:
     report.bans = len(ban_times)
     report.timeline = _timeline(report, hour_hits, ban_times)
     return report
+
+
+def _hour_column(db: sqlite3.Connection, window: tuple[int, int]) -> str:
+    """`hour`, or `+hour` (which keeps SQLite off the hour index) when the window covers much of
+    what is stored: walking the index and then sorting a million rows by source took twice as
+    long as reading the table through (bench part `report`)."""
+    low, high = db.execute("SELECT min(hour), max(hour) FROM hits").fetchone()
+    if low is None:
+        return "hour"
+    covered = min(high, window[1]) - max(low, window[0]) + 1
+    return "+hour" if covered > 0.2 * (high - low + 1) else "hour"
 
 
 def _network_of(address: str) -> str:
