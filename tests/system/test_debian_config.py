@@ -6,12 +6,29 @@ A system test because it fetches Debian's package (scripts/fetch-debian-portsent
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from portsentry.config.settings import load_config
+from tests.system.privateroot import PrivateRoot, enter
+from tests.system.rig import (
+    READY_TEXT,
+    SyslogReceiver,
+    daemon_env,
+    eventually,
+    popen_in,
+    run_in,
+    stop_process,
+)
 from tests.unit.config.test_settings import CLASSIC_TCP, CLASSIC_UDP, _round_trip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -55,60 +72,116 @@ def test_debian_config_loads_as_1_2_reads_it() -> None:
     _round_trip(config)
 
 
-# As Debian's postinst (debconf) writes /etc/default/portsentry; not in the .deb itself.
-DEBIAN_DEFAULTS = 'TCP_MODE="atcp"\nUDP_MODE="sudp"\n'
+# As Debian's postinst writes /etc/default/portsentry (it is not in the .deb; debconf's answers
+# go in); the modes differ from the unit's fallback flags, so the test sees which were taken.
+DEBIAN_DEFAULTS = """\
+# /etc/default/portsentry
+#
+# This file is read by /etc/init.d/portsentry. See the portsentry.8
+# manpage for details.
+#
+# The options in this file refer to commandline arguments (all in lowercase)
+# of portsentry. Use only one tcp and udp mode at a time.
+#
+TCP_MODE="atcp"
+UDP_MODE="sudp"
+"""
+STATIC_NOTE = "portsentry.ignore does not exist; using /etc/portsentry/portsentry.ignore.static"
+
+
+def debian_root(tmp_path: Path) -> PrivateRoot:
+    """Debian's untouched portsentry.conf and portsentry.ignore.static (no portsentry.ignore:
+    Debian's init script builds it at every start) and its /etc/default/portsentry."""
+    root = PrivateRoot(tmp_path / "root")
+    shipped = debian_conf().parent
+    for name in ("portsentry.conf", "portsentry.ignore.static"):
+        shutil.copy(shipped / name, root.etc / name)
+    (root.default / "portsentry").write_text(DEBIAN_DEFAULTS)
+    return root
+
+
+def assert_debian_modes(syslog: SyslogReceiver) -> None:
+    """/etc/default/portsentry's -atcp -sudp, not the fallback flags -tcp -udp -atcp -audp."""
+    assert syslog.find("Advanced Stealth scan detection mode activated"), syslog.describe()
+    assert syslog.find(re.compile(r"Going into stealth listen mode on UDP port"))
+    assert syslog.find(re.compile(r"Going into listen mode on (TCP|UDP) port")) is None
+    assert syslog.find(re.compile(r"Advanced Stealth scan detection mode activated\. Ignored UDP")) is None
+    # Said once at the start (and by check-config), not at every re-read of the ignore list.
+    said = re.compile(f"adminalert: WARNING: IGNORE_FILE .*{re.escape(STATIC_NOTE)}")
+    assert len(syslog.find_all(said)) == 1
 
 
 def test_debian_s_untouched_files_pass_check_config_and_the_service_takes_its_modes(
         namespaces, syslog, tmp_path):
-    """Debian's portsentry.conf and portsentry.ignore.static as shipped (no portsentry.ignore:
-    Debian's init script builds it), its /etc/default/portsentry, and the unit's command line.
-    /etc, /var and /run are overlays in a private mount namespace inside the test's network
-    namespace: nothing on this host changes."""
-    import re
-    import shutil
-    import subprocess
-    import sys
-
-    from tests.system.rig import daemon_env, popen_in, stop_process
-
-    shipped = debian_conf().parent
-    layers = tmp_path / "layers"
-    for sub in ("etc-upper/portsentry", "etc-upper/default", "etc-work", "var-upper/lib/portsentry",
-                "var-work"):
-        (layers / sub).mkdir(parents=True)
-    for name in ("portsentry.conf", "portsentry.ignore.static"):
-        shutil.copy(shipped / name, layers / "etc-upper" / "portsentry" / name)
-    (layers / "etc-upper" / "default" / "portsentry").write_text(DEBIAN_DEFAULTS)
+    """The unit's ExecStartPre and ExecStart lines, as written, with Debian's files at their
+    paths in a private mount namespace inside the test's network namespace."""
+    root = debian_root(tmp_path)
     unit = (REPO_ROOT / "packaging" / "systemd" / "portsentry.service").read_text()
     (check_line,) = [line.split("=", 1)[1] for line in unit.splitlines()
                      if line.startswith("ExecStartPre=/usr/bin/portsentry check-config")]
     (start_line,) = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart=")]
-    python = f"{sys.executable} -m portsentry"
+    python = f"{shlex.quote(sys.executable)} -m portsentry"
     check = check_line.replace("/usr/bin/portsentry", python)
     start = start_line.replace("/usr/bin/portsentry", python)
-    script = (
-        "set -e; "
-        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={layers}/etc-upper,"
-        f"workdir={layers}/etc-work /etc; "
-        f"mount -t overlay overlay -o lowerdir=/var,upperdir={layers}/var-upper,"
-        f"workdir={layers}/var-work /var; "
-        "mount -t tmpfs tmpfs /run; "
-        f"{check} > {tmp_path}/check.out 2>&1; "
-        f"exec {start} --syslog-socket {syslog.path}"
-    )
-    proc = popen_in(namespaces.target, ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+    script = (f"{check} > {tmp_path}/check.out 2>&1; "
+              f"exec {start} --syslog-socket {shlex.quote(str(syslog.path))}")
+    proc = popen_in(namespaces.target, root.wrap(["sh", "-c", script]),
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=daemon_env())
     try:
-        syslog.wait_for("PortSentry is now active and listening.", timeout=30)
+        syslog.wait_for(READY_TEXT, timeout=30)
         checked = (tmp_path / "check.out").read_text()
         assert "configuration OK" in checked, checked
-        assert "portsentry.ignore does not exist; using /etc/portsentry/portsentry.ignore.static" in checked
-        # The modes are /etc/default/portsentry's (-atcp -sudp), not the unit's fallback flags.
-        assert syslog.find("Advanced Stealth scan detection mode activated")
-        assert syslog.find(re.compile(r"Going into stealth listen mode on UDP port"))
-        assert syslog.find(re.compile(r"Going into listen mode on TCP port")) is None
-        assert syslog.find(re.compile(r"Going into listen mode on UDP port")) is None
+        assert STATIC_NOTE in checked
+        assert "modes: -atcp -sudp (TCP_MODE, UDP_MODE in /etc/default/portsentry)" in checked, checked
+        assert_debian_modes(syslog)
+        os.kill(proc.pid, signal.SIGHUP)  # systemctl reload
+        syslog.wait_for("PortSentry reloaded its configuration from /etc/portsentry/portsentry.conf")
+        assert_debian_modes(syslog)
     finally:
         stop_process(proc)
     assert not (Path("/etc/portsentry")).exists()  # the host's /etc is as it was
+
+
+def test_the_sysv_script_starts_reloads_and_stops_the_daemon_with_debian_s_modes(
+        namespaces, syslog, tmp_path):
+    """packaging/sysv/portsentry as /etc/init.d/portsentry would run it: it sources
+    /etc/default/portsentry and /etc/sysconfig/portsentry (here: only PORTSENTRY, the command),
+    forks the daemon with a pid file in /run, and finds it again for status, reload and stop."""
+    root = debian_root(tmp_path)
+    command = tmp_path / "portsentry"
+    command.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m portsentry \"$@\" "
+                       f"--syslog-socket {shlex.quote(str(syslog.path))}\n")
+    command.chmod(0o755)
+    (root.base / "sysconfig").mkdir()
+    (root.base / "sysconfig" / "portsentry").write_text(f"PORTSENTRY={command}\n")
+    sysv = str(REPO_ROOT / "packaging" / "sysv" / "portsentry")
+    in_root = root.wrap(["sh", "-c", f"mkdir -p /etc/sysconfig && mount --bind {root.base}/sysconfig "
+                                     f'/etc/sysconfig && exec sh {sysv} "$1"', "sh", "start"])
+    pid_file = root.run / "portsentry.pid"
+    pid = None
+    try:
+        started = run_in(namespaces.target, in_root, env=daemon_env(), timeout=60)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "Starting portsentry" in started.stdout
+        syslog.wait_for(READY_TEXT, timeout=30)
+        pid = int(pid_file.read_text())
+        assert_debian_modes(syslog)
+
+        def init(action: str) -> subprocess.CompletedProcess[str]:
+            return run_in(namespaces.target, enter(pid, ["sh", sysv, action]), env=daemon_env(), timeout=90)
+
+        status = init("status")
+        assert status.returncode == 0 and f"portsentry is running (pid {pid})" in status.stdout, status
+        mark = syslog.mark()
+        assert init("reload").returncode == 0
+        syslog.wait_for("PortSentry reloaded its configuration", since=mark)
+        stopped = init("stop")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        eventually(lambda: not Path(f"/proc/{pid}").exists(), what="the daemon gone")
+        assert not pid_file.exists()
+        syslog.wait_for("PortSentry is shutting down", since=mark)
+        assert run_in(namespaces.target, root.wrap(["sh", sysv, "status"])).returncode == 3
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -1,8 +1,9 @@
 """The programs around a Debian portsentry, for real (issue 14): rsyslogd writes our lines to a
 messages file in the familiar form, and Debian's fail2ban, with its stock portsentry filter and
 jail pointed at our history file, bans the scanner. Each runs in the test's target namespace and a
-private mount namespace, with its own configuration, socket, pid file and output in a temp dir;
-fail2ban's ban action writes a file: nothing on this host changes."""
+private mount namespace (rsyslogd) with its own configuration, socket, pid file and output in a
+temp dir; fail2ban's stock nftables action bans in the target namespace's ruleset: nothing on this
+host changes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.rig import daemon_env, eventually, popen_in, run_in, stop_process
+from tests.system.rig import Listener, daemon_env, eventually, popen_in, run_in, stop_process, tcp_connect
 
 pytestmark = [
     pytest.mark.system,
@@ -87,22 +88,16 @@ def test_rsyslogd_writes_our_lines_in_the_familiar_form(namespaces, tmp_path: Pa
         stop_process(rsyslog)
 
 
+# Only the jail's log path is ours; its filter, maxretry and action are Debian's stock ones, with
+# the stock nftables-allports action as banaction (fail2ban runs in the target namespace, so its
+# nft commands change that namespace's ruleset only).
 FAIL2BAN_JAIL = """\
 [DEFAULT]
 backend = polling
-banaction = recordban
+banaction = nftables-allports
 [portsentry]
 enabled = true
 logpath = {history}
-"""
-
-RECORD_BAN = """\
-[Definition]
-actionstart =
-actionstop =
-actioncheck =
-actionban = echo <ip> >> {banned}
-actionunban =
 """
 
 
@@ -117,29 +112,38 @@ def test_debian_s_fail2ban_with_its_stock_portsentry_jail_bans_the_scanner(names
     for stale in ("jail.d", "paths-overrides.local"):
         shutil.rmtree(f2b / stale, ignore_errors=True)
     (f2b / "jail.local").write_text(FAIL2BAN_JAIL.format(history=history))
-    banned = tmp_path / "banned"
-    (f2b / "action.d" / "recordban.conf").write_text(RECORD_BAN.format(banned=banned))
     (f2b / "fail2ban.local").write_text(f"[Definition]\ndbfile = {tmp_path}/f2b.sqlite3\n"
                                         f"logtarget = {tmp_path}/fail2ban.log\n")
     history.touch()
     sock, pid = tmp_path / "f2b.sock", tmp_path / "f2b.pid"
-    server = popen_in(net.target, ["unshare", "-m", "--propagation", "private", "fail2ban-server", "-f",
-                                   "-c", str(f2b), "-s", str(sock), "-p", str(pid), "-x"],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = popen_in(net.target, ["fail2ban-server", "-f", "-c", str(f2b), "-s", str(sock), "-p", str(pid),
+                                   "-x"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     daemon = None
+    web = Listener(net.target, "tcp", 8080, banner=b"hello\n")  # a service nobody watches
     try:
         eventually(sock.exists, timeout=30, what="fail2ban's socket")
+        assert tcp_connect(net.scanner, net.target_ip4, 8080).connected  # before: served
         daemon = popen_in(net.target, [sys.executable, "-m", "portsentry", "-c", str(conf), "--no-syslog",
                                        "-tcp"], env=daemon_env())
         eventually(lambda: (tmp_path / "control.sock").exists(), timeout=20, what="portsentry ready")
         connect(net.scanner, net.target_ip4, 79)
         eventually(lambda: net.scanner_ip4 in history.read_text(), timeout=15, what="our history line")
-        eventually(lambda: banned.exists() and net.scanner_ip4 in banned.read_text().split(),
-                   timeout=30, what="fail2ban's ban")
+
+        def banned_by_fail2ban() -> bool:
+            listed = run_in(net.target, ["nft", "list", "set", "inet", "f2b-table", "addr-set-portsentry"])
+            return net.scanner_ip4 in listed.stdout
+
+        eventually(banned_by_fail2ban, timeout=30, what="the scanner in fail2ban's nftables set")
         status = run_in(net.target, ["fail2ban-client", "-s", str(sock), "status", "portsentry"], timeout=30)
         assert net.scanner_ip4 in status.stdout, status.stdout + status.stderr
+        # portsentry itself blocks only by hosts.deny here: the kernel's refusal is fail2ban's.
+        assert not tcp_connect(net.scanner, net.target_ip4, 8080).connected
+        assert tcp_connect(net.scanner2, net.target2_ip4, 8080).connected  # others still served
     finally:
+        web.close()
         if daemon is not None:
             stop_process(daemon)
         run_in(net.target, ["fail2ban-client", "-s", str(sock), "stop"], timeout=30)
         stop_process(server, timeout=10)
+    # fail2ban's actionstop removed its table
+    assert run_in(net.target, ["nft", "list", "table", "inet", "f2b-table"]).returncode != 0

@@ -1,6 +1,11 @@
-"""Shell completion for bash, zsh and fish, generated from the argument parsers, so a new option or
-command is completed without anyone editing three scripts. `python -m portsentry.cli.completion
-DIR` writes them (the tests check the copies in packaging/completion against a fresh run).
+"""Shell completion for bash, zsh and fish, generated from the argument parsers (cli.main, the
+demo's), so a new option, command or choice is completed without anyone editing three scripts.
+
+`python -m portsentry.cli.completion DIR` writes DIR/bash/portsentry, DIR/zsh/_portsentry and
+DIR/fish/portsentry.fish, the names each shell looks for; the wheel installs them under
+share/bash-completion/completions, share/zsh/vendor-completions and
+share/fish/vendor_completions.d. The tests check the copies in packaging/completion against a
+fresh run. Nothing here runs when portsentry itself runs.
 """
 
 from __future__ import annotations
@@ -8,50 +13,116 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from portsentry.cli.main import ADMIN_COMMANDS, CLASSIC_FLAGS, SUBCOMMANDS, build_admin_parser, build_parser
+from portsentry.cli.demo import build_demo_parser
+from portsentry.cli.main import ALIASES, CLASSIC_FLAGS, SUBCOMMANDS, build_admin_parser, build_parser
+
+FILE_METAVARS = ("FILE", "PATH")  # an option with this metavar takes a file name
 
 
-def _long_options(parser: argparse.ArgumentParser) -> list[str]:
-    return sorted({name for action in parser._actions for name in action.option_strings  # no public API
-                   if name.startswith("--") and action.help != argparse.SUPPRESS})
+@dataclass(frozen=True)
+class Option:
+    names: tuple[str, ...]
+    help: str
+    takes_value: bool = False
+    choices: tuple[str, ...] = ()
+    files: bool = False
 
 
-def commands() -> dict[str, list[str]]:
-    """Command -> its options; "" is the daemon's own command line (mode flags and options)."""
-    table = {"": sorted(CLASSIC_FLAGS) + _long_options(build_parser())}
-    for name in SUBCOMMANDS:
-        table[name] = _long_options(build_parser())
+@dataclass(frozen=True)
+class Command:
+    name: str  # "" is the daemon's own command line: mode flags and options
+    help: str
+    options: tuple[Option, ...]
+    words: tuple[str, ...] = ()  # choices of a positional argument (hosts-deny tidy)
+    first_only: bool = True  # admin commands are recognised only as the first word
+
+
+def _options(parser: argparse.ArgumentParser) -> tuple[Option, ...]:
+    found = []
+    for action in parser._actions:  # argparse has no public list of its actions
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        takes_value = action.nargs != 0
+        found.append(Option(tuple(action.option_strings), str(action.help or ""), takes_value,
+                            tuple(str(c) for c in action.choices or ()) if takes_value else (),
+                            takes_value and action.metavar in FILE_METAVARS))
+    return tuple(found)
+
+
+def _words(parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    return tuple(str(choice) for action in parser._actions
+                 if not action.option_strings and action.choices and action.help != argparse.SUPPRESS
+                 for choice in action.choices)
+
+
+def commands() -> tuple[Command, ...]:
+    """The command line as data: the daemon's line first, then every command."""
+    daemon = build_parser()
+    flags = tuple(Option((flag,), f"watch in {mode} mode") for flag, mode in sorted(CLASSIC_FLAGS.items()))
+    aliases = tuple(Option((alias,), "= " + " ".join(f"-{mode}" for mode in modes))
+                    for alias, modes in ALIASES.items())
+    table = [Command("", "", flags + aliases + _options(daemon))]
+    table += [Command(name, "the daemon" if name == "run" else "check the configuration and exit",
+                      _options(daemon), first_only=False) for name in SUBCOMMANDS]
     for action in build_admin_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                table[name] = _long_options(sub)
-    table["demo"] = ["--keep-going"]
-    assert set(ADMIN_COMMANDS) <= set(table)
-    return table
+            helps = {choice.dest: str(choice.help or "") for choice in action._choices_actions}
+            table += [Command(name, helps[name], _options(sub), _words(sub))
+                      for name, sub in action.choices.items()]
+    demo = build_demo_parser()
+    table.append(Command("demo", "show a real scan caught, in two throwaway namespaces", _options(demo)))
+    return tuple(table)
+
+
+def _names(options: tuple[Option, ...]) -> list[str]:
+    return [name for option in options for name in option.names]
+
+
+def _value_options(table: tuple[Command, ...]) -> dict[str, Option]:
+    """Every option that takes a value, by name; a name means the same in every command."""
+    found: dict[str, Option] = {}
+    for command in table:
+        for option in command.options:
+            for name in option.names if option.takes_value else ():
+                assert found.setdefault(name, option).choices == option.choices, name
+    return found
 
 
 def bash() -> str:
     table = commands()
-    first = " ".join([*(name for name in table if name), *table[""]])
-    cases = "\n".join(f"        {name}) words=\"{' '.join(opts)}\" ;;"
-                      for name, opts in table.items() if name)
-    return f"""# bash completion for portsentry (generated by portsentry.cli.completion)
+    values = _value_options(table)
+    files = "|".join(name for name, option in values.items() if option.files)
+    chosen = "\n".join(f"        {name}) COMPREPLY=( $(compgen -W \"{' '.join(option.choices)}\" "
+                       "-- \"$cur\") ); return 0 ;;" for name, option in values.items() if option.choices)
+    free = "|".join(name for name, option in values.items() if not option.files and not option.choices)
+    first = "|".join(c.name for c in table if c.name and c.first_only)
+    anywhere = "|".join(c.name for c in table if c.name and not c.first_only)
+    cases = "\n".join(f"        {c.name}) words=\"{' '.join([*c.words, *_names(c.options)])}\" ;;"
+                      for c in table if c.name)
+    top = " ".join([*(c.name for c in table if c.name), *_names(table[0].options)])
+    return f"""# bash completion for portsentry (generated by portsentry.cli.completion from its parsers)
 _portsentry() {{
-    local cur prev words
+    local cur prev cmd="" words i
     cur="${{COMP_WORDS[COMP_CWORD]}}"
     prev="${{COMP_WORDS[COMP_CWORD-1]}}"
     case "$prev" in
-        -c|--config|--file|--pid-file|--syslog-socket|--debian-defaults)
-            COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+        {files}) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+{chosen}
+        {free}) COMPREPLY=(); return 0 ;;
     esac
-    if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "{first}" -- "$cur") ); return 0
-    fi
     case "${{COMP_WORDS[1]}}" in
+        {first}) [ "$COMP_CWORD" -gt 1 ] && cmd="${{COMP_WORDS[1]}}" ;;
+    esac
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        [ -n "$cmd" ] && break
+        case "${{COMP_WORDS[i]}}" in {anywhere}) cmd="${{COMP_WORDS[i]}}" ;; esac
+    done
+    case "$cmd" in
 {cases}
-        *) words="{' '.join(table[''])}" ;;
+        *) words="{top}" ;;
     esac
     COMPREPLY=( $(compgen -W "$words" -- "$cur") )
 }}
@@ -59,38 +130,89 @@ complete -F _portsentry portsentry
 """
 
 
+def _zsh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
 def zsh() -> str:
     table = commands()
-    first = " ".join([*(name for name in table if name), *table[""]])
-    cases = "\n".join(f"    {name}) compadd -- {' '.join(opts)} ;;"
-                      for name, opts in table.items() if name and opts)
+    values = _value_options(table)
+    files = "|".join(name for name, option in values.items() if option.files)
+    chosen = "\n".join(f"  ({name}) compadd -- {' '.join(option.choices)}; return ;;"
+                       for name, option in values.items() if option.choices)
+    free = "|".join(name for name, option in values.items() if not option.files and not option.choices)
+    first = "|".join(c.name for c in table if c.name and c.first_only)
+    anywhere = "|".join(c.name for c in table if c.name and not c.first_only)
+    described = " ".join(_zsh_quote(f"{c.name}:{c.help}") for c in table if c.name)
+    cases = "\n".join(f"  ({c.name}) compadd -- {' '.join([*c.words, *_names(c.options)])} ;;"
+                      for c in table if c.name)
     return f"""#compdef portsentry
-# zsh completion for portsentry (generated by portsentry.cli.completion)
-if (( CURRENT == 2 )); then
-  compadd -- {first}
-  return
+# zsh completion for portsentry (generated by portsentry.cli.completion from its parsers)
+local cmd="" i
+local -a subcommands
+case ${{words[CURRENT-1]}} in
+  ({files}) _files; return ;;
+{chosen}
+  ({free}) return ;;
+esac
+if (( CURRENT > 2 )) && [[ ${{words[2]}} == ({first}) ]]; then
+  cmd=${{words[2]}}
+else
+  for (( i = 2; i < CURRENT; i++ )); do
+    [[ ${{words[i]}} == ({anywhere}) ]] && {{ cmd=${{words[i]}}; break }}
+  done
 fi
-case $words[2] in
+case $cmd in
 {cases}
-    *) _files ;;
+  (*)
+    subcommands=({described})
+    _describe -t commands 'portsentry command' subcommands
+    compadd -- {' '.join(_names(table[0].options))} ;;
 esac
 """
 
 
+def _fish_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _fish_option(option: Option, condition: str) -> str:
+    spec = []
+    for name in option.names:
+        if name.startswith("--"):
+            spec.append(f"-l {name[2:]}")
+        elif len(name) == 2:
+            spec.append(f"-s {name[1]}")
+        else:  # 1.2's single-dash long flags (-tcp): fish's old-style options
+            spec.append(f"-o {name[1:]}")
+    if option.choices:
+        spec.append(f"-x -a {_fish_quote(' '.join(option.choices))}")
+    elif option.files:
+        spec.append("-r -F")
+    elif option.takes_value:
+        spec.append("-x")
+    return (f"complete -c portsentry -n {_fish_quote(condition)} {' '.join(spec)} "
+            f"-d {_fish_quote(option.help)}")
+
+
 def fish() -> str:
     table = commands()
-    subcommands = " ".join(name for name in table if name)
-    lines = ["# fish completion for portsentry (generated by portsentry.cli.completion)",
-             f"complete -c portsentry -f -n '__fish_use_subcommand' -a '{subcommands}'"]
-    for flag in table[""]:
-        lines.append(f"complete -c portsentry -n '__fish_use_subcommand' -a '{flag}'")
-    for name, opts in table.items():
-        for opt in opts if name else []:
-            lines.append(f"complete -c portsentry -n '__fish_seen_subcommand_from {name}' -l {opt[2:]}")
+    lines = ["# fish completion for portsentry (generated by portsentry.cli.completion from its parsers)",
+             "complete -c portsentry -f"]
+    lines += [f"complete -c portsentry -n '__fish_use_subcommand' -a {c.name} -d {_fish_quote(c.help)}"
+              for c in table if c.name]
+    lines += [_fish_option(option, "__fish_use_subcommand") for option in table[0].options]
+    for command in table[1:]:
+        seen = f"__fish_seen_subcommand_from {command.name}"
+        if command.words:
+            words = _fish_quote(" ".join(command.words))
+            lines.append(f"complete -c portsentry -n {_fish_quote(seen)} -a {words}")
+        lines += [_fish_option(option, seen) for option in command.options]
     return "\n".join(lines) + "\n"
 
 
-SCRIPTS = {"portsentry.bash": bash, "_portsentry": zsh, "portsentry.fish": fish}
+# Where each script goes under DIR (packaging/completion), as each shell names it.
+SCRIPTS = {"bash/portsentry": bash, "zsh/_portsentry": zsh, "fish/portsentry.fish": fish}
 
 
 def write_generated(files: dict[str, Callable[[], str]], module: str, argv: list[str] | None) -> int:
@@ -99,10 +221,10 @@ def write_generated(files: dict[str, Callable[[], str]], module: str, argv: list
     if len(args) != 1:
         print(f"usage: python -m {module} DIR", file=sys.stderr)
         return 2
-    out = Path(args[0])
-    out.mkdir(parents=True, exist_ok=True)
     for name, render in files.items():
-        (out / name).write_text(render())
+        path = Path(args[0]) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render())
     return 0
 
 

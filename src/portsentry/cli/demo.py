@@ -567,11 +567,15 @@ def run_demo(out: TextIO, keep_going: bool = False) -> int:
     return status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portsentry demo", description=__doc__)
     parser.add_argument("--keep-going", action="store_true",
                         help="run the remaining steps after one fails (exit status is still 1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_demo_parser().parse_args(argv)
     return run_demo(sys.stdout, keep_going=args.keep_going)
 
 

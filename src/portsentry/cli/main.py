@@ -24,7 +24,7 @@ SYNOPSIS = """\
 portsentry [-tcp] [-udp] [-stcp] [-atcp] [-sudp] [-audp] [options]
        portsentry run --mode MODE [--mode MODE ...] [options]
        portsentry check-config [-c FILE]
-       portsentry status | list | block ADDR | unblock ADDR | reload | flush   [-c FILE]
+       portsentry status | list | block ADDR | unblock ADDR | reload | flush | report   [-c FILE]
        portsentry hosts-deny tidy [--dry-run] | check | demo
        portsentry --version"""
 
@@ -320,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(rest)
     modes += [Mode(value) for value in args.mode]
     modes = list(dict.fromkeys(modes))
+    modes_from = "command line"
     if args.debian_defaults:
         from portsentry.config.debian import DefaultsError, read_defaults
 
@@ -334,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "nothing to watch", file=sys.stderr)
                 return 1
             modes = chosen
+            modes_from = f"TCP_MODE, UDP_MODE in {args.debian_defaults}"
 
     try:
         loaded = load_effective(args.config)
@@ -346,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from portsentry.cli.run import check_config, run  # the daemon's imports, only when needed
 
     if args.command == "check-config":
-        return check_config(loaded, modes)
+        return check_config(loaded, modes, modes_from)
     if not modes:
         print(USAGE, file=sys.stderr)
         return 2

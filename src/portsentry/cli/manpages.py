@@ -58,24 +58,46 @@ def conf_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _options(parser: argparse.ArgumentParser) -> list[str]:
+def _option_lines(parser: argparse.ArgumentParser, with_help: bool = True) -> list[str]:
     lines: list[str] = []
     for action in parser._actions:  # argparse has no public list of its actions
-        if not action.option_strings or action.help in (None, argparse.SUPPRESS):
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        if isinstance(action, argparse._HelpAction) and not with_help:
             continue
         names = ", ".join(action.option_strings)
-        metavar = f" {action.metavar}" if isinstance(action.metavar, str) else ""
-        lines += [".TP", f"\\fB{escape(names)}\\fR{escape(metavar)}", escape(str(action.help))]
+        if action.nargs == 0:
+            value = ""
+        elif isinstance(action.metavar, str):
+            value = f" {action.metavar}"
+        elif action.choices:
+            value = " " + "|".join(str(choice) for choice in action.choices)
+        else:
+            value = f" {action.dest.upper()}"  # what argparse's own usage shows
+        text = str(action.help or "")
+        if action.help and action.default not in (None, False, [], argparse.SUPPRESS) \
+                and "default" not in text:
+            text += f" (default {action.default})"
+        lines += [".TP", f"\\fB{escape(names)}\\fR{escape(value)}", escape(text)]
     return lines
 
 
-def _commands(parser: argparse.ArgumentParser) -> list[str]:
+def _command_lines(parser: argparse.ArgumentParser) -> list[str]:
     lines: list[str] = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for choice in action._choices_actions:
-                lines += [".TP", f"\\fB{escape(choice.dest)}\\fR", escape(str(choice.help or ""))]
+            helps = {choice.dest: str(choice.help or "") for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                words = [f"[{a.dest.upper()}]" if a.nargs == "?"
+                         else "|".join(map(str, a.choices or [a.dest]))
+                         for a in sub._actions if not a.option_strings]
+                lines += [".TP", f"\\fB{escape(name)}\\fR {escape(' '.join(words))}".rstrip(),
+                          escape(helps[name]), ".RS", *_option_lines(sub, with_help=False), ".RE"]
     return lines
+
+
+def _entries(*pairs: tuple[str, str]) -> list[str]:
+    return [line for term, text in pairs for line in (".TP", escape(term), escape(text))]
 
 
 def command_page() -> str:
@@ -88,24 +110,46 @@ def command_page() -> str:
         *[escape(line.strip()) for line in SYNOPSIS.splitlines()],
         ".fi",
         ".SH DESCRIPTION",
+        escape("PortSentry 1.2 rebuilt: it reads 1.2's portsentry.conf(5) and ignore file unchanged, "
+               "takes the same mode flags and writes the same syslog, history and hosts.deny lines, "
+               "so tools reading them (fail2ban's portsentry filter) keep working. It stays in the "
+               "foreground unless given --daemon."),
+        ".PP",
         ".nf",
         escape(DESCRIPTION),
         ".fi",
         ".SH OPTIONS",
-        *_options(build_parser()),
+        *_option_lines(build_parser()),
         ".SH COMMANDS",
-        *_commands(build_admin_parser()),
+        escape("The first word of the command line; each takes -c FILE for another configuration."),
+        *_command_lines(build_admin_parser()),
+        ".TP", "\\fBdemo\\fR", escape("a real scan caught, between two throwaway network namespaces"),
         ".SH FILES",
-        ".TP", "/etc/portsentry/portsentry.conf", "the configuration, portsentry.conf(5)",
-        ".TP", "/etc/default/portsentry", escape("Debian's choice of modes, read with --debian-defaults"),
-        ".TP", "/var/lib/portsentry/bans.sqlite3", "the ban store",
-        ".TP", "/run/portsentry/control.sock", "the control socket",
+        *_entries(
+            ("/etc/portsentry/portsentry.conf", "the configuration, see portsentry.conf(5)"),
+            ("/etc/portsentry/portsentry.ignore", "addresses never blocked (IGNORE_FILE); when it is "
+             "missing and portsentry.ignore.static exists, as Debian ships them, that is used"),
+            ("/etc/default/portsentry", "Debian's choice of modes, TCP_MODE (tcp, stcp, atcp or empty) "
+             "and UDP_MODE (udp, sudp, audp or empty): with --debian-defaults, when the file exists "
+             "and sets either, they replace the mode flags; the file is parsed, never run"),
+            ("/var/lib/portsentry/portsentry.history", "every block, in 1.2's format (HISTORY_FILE)"),
+            ("/var/lib/portsentry/bans.sqlite3", "the ban store (STATE_DIR)"),
+            ("/run/portsentry/control.sock", "the control socket of status, list, block, unblock, reload"),
+            ("/run/portsentry.pid", "the SysV init script's --pid-file"),
+        ),
         ".SH SIGNALS",
-        escape("SIGHUP reloads the configuration and reopens the event log (logrotate's postrotate "
-               "sends it; the history and blocked files are opened for every line anyway); SIGTERM "
-               "and SIGINT stop."),
+        *_entries(
+            ("SIGHUP", "re-read the configuration and the ignore file (a broken configuration is "
+             "refused and the running one stays) and reopen the event log"),
+            ("SIGUSR1", "reopen the event log and nothing else: logrotate's postrotate sends it. The "
+             "history and blocked files are opened for every line and need no signal"),
+            ("SIGTERM, SIGINT", "stop, after the blocks under way"),
+        ),
+        ".SH EXIT STATUS",
+        escape("0 on success; 1 when the configuration or a command fails; 2 for a usage error; 3 from "
+               "status when the daemon is not running."),
         ".SH SEE ALSO",
-        "portsentry.conf(5), hosts_access(5), nft(8), fail2ban(1)",
+        "portsentry.conf(5), hosts_access(5), nft(8), fail2ban(1), logrotate(8)",
     ]
     return "\n".join(lines) + "\n"
 

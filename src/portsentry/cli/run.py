@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import stat
 import sys
 import time
@@ -33,7 +34,7 @@ from portsentry.journal.telemetry import Telemetry
 from portsentry.service.resolver import Resolver
 
 
-def check_config(loaded: LoadedConfig, modes: Sequence[Mode]) -> int:
+def check_config(loaded: LoadedConfig, modes: Sequence[Mode], modes_from: str = "command line") -> int:
     try:
         validate_for_modes(loaded.config, modes)
         source = open_ignore(loaded.config)
@@ -44,6 +45,8 @@ def check_config(loaded: LoadedConfig, modes: Sequence[Mode]) -> int:
         print(f"portsentry: warning: {warning}", file=sys.stderr)
     print(format_effective(loaded.config))
     print(f"ignore list: {len(source.current(time.time()))} entries (host addresses included)")
+    if modes:  # init scripts show this line rather than work the modes out themselves
+        print(f"modes: {' '.join(f'-{mode}' for mode in modes)} ({modes_from})")
     print("configuration OK")
     return 0
 
@@ -87,6 +90,10 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     from portsentry.service.metrics import Metrics, MetricsError
     from portsentry.service.wiring import build_sensors
 
+    # Until the daemon's handlers are in place, a reload or logrotate's reopen signal must not
+    # kill a daemon that is starting (both signals' default action is to terminate).
+    for early in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(early, signal.SIG_IGN)
     syslog: SyslogWriter | JournaldWriter | None = None
     # Under systemd (stderr is the journal) or with --journald: structured journal entries;
     # tests pointing --syslog-socket elsewhere keep plain syslog.

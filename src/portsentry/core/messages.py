@@ -242,6 +242,10 @@ def reloaded(source: str) -> str:
     return f"adminalert: PortSentry reloaded its configuration from {source}"
 
 
+def reopened() -> str:
+    return "adminalert: PortSentry reopened its log files"
+
+
 def reload_rejected(detail: str) -> str:
     return f"adminalert: ERROR: reload refused, the running configuration stays in force: {detail}"
 

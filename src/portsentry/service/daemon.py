@@ -142,6 +142,7 @@ class Daemon:
         self._hits_last_hour = MinuteCounts()
         self._blocks_last_hour = MinuteCounts()
         self._reload_requested = False
+        self._reopen_requested = False
         self._next_tick = 0.0
         self.active_bans = 0  # from the maintenance thread's Findings
         self.engine = Engine(engine_settings(config), ignore.current(clock()))
@@ -241,7 +242,14 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        def on_reopen(_signum: int, _frame: FrameType | None) -> None:
+            self._reopen_requested = True
+            with contextlib.suppress(OSError):
+                self._wake_write.send(b"\0")
+
         signal.signal(signal.SIGHUP, on_hangup)
+        # logrotate's postrotate: files only, so a rotation never applies a half-edited config.
+        signal.signal(signal.SIGUSR1, on_reopen)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def run(self) -> None:
@@ -264,6 +272,9 @@ class Daemon:
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload()
+                if self._reopen_requested:
+                    self._reopen_requested = False
+                    self.reopen_logs()
                 self._maybe_tick()
         finally:
             # Whatever ends the loop, sensors close, bans under way finish and files are closed.
@@ -453,6 +464,12 @@ class Daemon:
         self.journal.log(messages.reloaded(config.source))
         sdnotify.ready()
         return True
+
+    def reopen_logs(self) -> None:
+        """After log rotation (SIGUSR1): the event log is opened again by name. The history and
+        blocked files are opened for every line and need nothing; the configuration stays."""
+        self.telemetry.reopen()
+        self.journal.log(messages.reopened())
 
     def _rebind(self, sensors: Sequence[Sensor]) -> None:
         for sensor in self.sensors:

@@ -62,6 +62,27 @@ def test_check_config_prints_effective_settings(tmp_path, capsys):
     assert "512-515" in out and "configuration OK" in out
 
 
+def test_debian_defaults_choose_the_modes_and_check_config_says_so(tmp_path, capsys):
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nUDP_PORTS="7"\nIGNORE_FILE="{tmp_path}/portsentry.ignore"\n')
+    (tmp_path / "portsentry.ignore.static").write_text("127.0.0.1/32\n0.0.0.0\n")
+    defaults = tmp_path / "default"
+    base = ["check-config", "-c", str(conf), "--debian-defaults", str(defaults), "-tcp", "-udp"]
+    assert main(base) == 0  # no defaults file: the flags
+    captured = capsys.readouterr()
+    assert "modes: -tcp -udp (command line)" in captured.out
+    assert f"using {tmp_path}/portsentry.ignore.static" in captured.err
+    defaults.write_text('TCP_MODE="stcp"\nUDP_MODE=""\n')
+    assert main(base) == 0
+    assert f"modes: -stcp (TCP_MODE, UDP_MODE in {defaults})" in capsys.readouterr().out
+    defaults.write_text('TCP_MODE=""\nUDP_MODE=""\n')
+    assert main(base) == 1
+    assert "TCP_MODE and UDP_MODE are both empty: nothing to watch" in capsys.readouterr().err
+    defaults.write_text('TCP_MODE="tcp"\nUDP_MODE="xudp"\n')
+    assert main(base) == 1
+    assert f"{defaults}:2: UDP_MODE: 'xudp' is not one of udp, sudp, audp" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "text,line,key,what",
     [

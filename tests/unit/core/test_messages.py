@@ -28,6 +28,7 @@ def test_lifecycle_texts():
         "adminalert: ERROR: could not bind ANY TCP sockets. Shutting down.")
     assert messages.port_in_use(22) == (
         "adminalert: ERROR: Socket 22 is in use and will not be monitored. Attempting to continue")
+    assert messages.reopened() == "adminalert: PortSentry reopened its log files"
     assert messages.advanced_monitor(1024) == "adminalert: Advanced mode will monitor first 1024 ports"
     assert messages.advanced_exclude(113) == "adminalert: Advanced mode will manually exclude port: 113 "
     assert messages.advanced_excluded(Protocol.TCP, 22) == (

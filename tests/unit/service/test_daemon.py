@@ -17,7 +17,7 @@ def test_minute_counts_cover_the_last_hour_in_constant_space():
     assert len(counts._buckets) <= 61
 
 
-def _daemon(tmp_path: Path, bans: Any = None, clock: Any = None) -> tuple[Any, Any]:
+def _daemon(tmp_path: Path, bans: Any = None, clock: Any = None, telemetry: Any = None) -> tuple[Any, Any]:
     import io
 
     from portsentry.config.ignore import IgnoreSource
@@ -33,7 +33,7 @@ def _daemon(tmp_path: Path, bans: Any = None, clock: Any = None) -> tuple[Any, A
     config = Config(source="t", state_dir=str(tmp_path), protect_gateways=False, protect_resolvers=False)
     daemon = Daemon(config, [Mode.TCP], journal, IgnoreSource(None, lambda: []), [],
                     ClassicResponder(HostsDeny(str(tmp_path / "hosts.deny")), journal.log, 1.0),
-                    bans=bans, clock=clock or (lambda: 1000.0))
+                    bans=bans, clock=clock or (lambda: 1000.0), telemetry=telemetry)
     return daemon, said
 
 
@@ -94,3 +94,38 @@ def test_a_probe_that_meets_a_bug_is_skipped_and_detection_goes_on(tmp_path):
     assert handled == ["good"] and daemon.internal_errors == 1
     assert "internal error on a probe, skipped: ValueError('bug')" in said.getvalue()
     daemon.shutdown()
+
+
+def test_sigusr1_reopens_the_event_log_by_name_and_leaves_the_configuration_alone(tmp_path):
+    # logrotate's postrotate sends SIGUSR1 (packaging/logrotate/portsentry): the rotated file is
+    # let go at once, the new one created, and nothing is reloaded.
+    import signal
+    import sys
+    import threading
+
+    from portsentry.journal.events import EventLog
+    from portsentry.journal.telemetry import Telemetry
+
+    events = tmp_path / "events.jsonl"
+    daemon, said = _daemon(tmp_path, telemetry=Telemetry(EventLog(str(events))))
+    reloads: list[int] = []
+    daemon.reloader = lambda: reloads.append(1)
+    events.rename(tmp_path / "events.jsonl.1")
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                     signal.SIGPIPE, signal.SIGUSR1)}
+    interval = sys.getswitchinterval()
+    stopper = threading.Timer(0.5, daemon.request_stop)
+    try:
+        daemon.install_signal_handlers()
+        signal.raise_signal(signal.SIGUSR1)
+        stopper.start()
+        daemon.run()
+    finally:
+        stopper.cancel()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        sys.setswitchinterval(interval)
+        daemon.telemetry.close()
+    assert events.exists()  # opened again by name before any event was written
+    assert said.getvalue().count("adminalert: PortSentry reopened its log files") == 1
+    assert reloads == [] and "reloaded its configuration" not in said.getvalue()
