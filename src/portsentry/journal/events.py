@@ -2,7 +2,7 @@
 (docs/events.md, docs/events.schema.json), plus builders that turn probes and bans into events.
 
 The file is reopened when log rotation moves it away (its inode changes) and on `reopen()`, which
-the daemon calls on SIGHUP, so logrotate works with or without `copytruncate`.
+the daemon calls on SIGUSR1 (logrotate) and SIGHUP, so logrotate works with or without `copytruncate`.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class EventLog:
         return False
 
     def reopen(self) -> None:
-        """Close and open the path again (SIGHUP after rotation); failures show in the next write."""
+        """Close and open the path again (SIGUSR1 after rotation); failures show in the next write."""
         with self._lock:
             self._close()
             try:
