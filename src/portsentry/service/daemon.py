@@ -240,13 +240,13 @@ class Daemon:
             with contextlib.suppress(OSError):
                 self._wake_write.send(b"\0")
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
         def on_reopen(_signum: int, _frame: FrameType | None) -> None:
             self._reopen_requested = True
             with contextlib.suppress(OSError):
                 self._wake_write.send(b"\0")
 
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_hangup)
         # logrotate's postrotate: files only, so a rotation never applies a half-edited config.
         signal.signal(signal.SIGUSR1, on_reopen)
