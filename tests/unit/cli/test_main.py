@@ -131,7 +131,9 @@ def test_hosts_deny_tidy_command_dry_run_then_real(tmp_path, capsys):
     original = "# managed by hand\nALL: 198.18.0.2\nsshd: 198.18.9.9\nALL: 198.18.0.2\n"
     deny.write_text(original)
     conf = tmp_path / "ps.conf"
-    conf.write_text(f'TCP_PORTS="1"\nHOSTS_DENY_FILE="{deny}"\nSTATE_DIR="{tmp_path}/state"\n')
+    # CONTROL_SOCKET too: the hosts.deny lock lives beside it (by default in the host's /run).
+    conf.write_text(f'TCP_PORTS="1"\nHOSTS_DENY_FILE="{deny}"\nSTATE_DIR="{tmp_path}/state"\n'
+                    f'CONTROL_SOCKET="{tmp_path}/run/control.sock"\n')
     assert main(["hosts-deny", "tidy", "--dry-run", "-c", str(conf)]) == 0
     assert "ALL: 198.18.0.2" in capsys.readouterr().out
     assert deny.read_text() == original
