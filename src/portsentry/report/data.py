@@ -14,12 +14,26 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from portsentry.core.ports import format_ports
-
 SCHEMA = "portsentry-report/1"
 TOP = 10
 EVIDENCE_CONNECTION = "connection"  # a completed TCP connection (connect modes): cannot be forged
 EVIDENCE_PACKETS = "packets"  # single packets (stealth modes): a source address can be forged
+
+
+def ranges(ports: list[int]) -> str:
+    """Sorted, distinct ports as core.ports.format_ports writes them ("1-3,79"), without sorting
+    them again: a report formats a hundred thousand of these (a test holds the two equal)."""
+    parts: list[str] = []
+    start = previous = -2
+    for port in ports:
+        if port != previous + 1:
+            if previous >= 0:
+                parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = port
+        previous = port
+    if previous >= 0:
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+    return ",".join(parts)
 
 
 class ReportError(Exception):
@@ -48,7 +62,7 @@ class Scanner:
             "last_seen": self.last_seen,
             "hits": self.hits,
             "below_trigger": self.below_trigger,
-            "ports": format_ports(tuple(self.ports)),
+            "ports": ranges(self.ports),
             "port_count": len(self.ports),
             "scan_types": self.scan_types,
             "evidence": self.evidence,

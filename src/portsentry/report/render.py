@@ -12,8 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 
-from portsentry.core.ports import format_ports
-from portsentry.report.data import Report
+from portsentry.report.data import Report, ranges
 
 SCANNER_ROWS = 50  # in text and HTML; JSON and CSV have them all
 
@@ -42,7 +41,7 @@ def text(report: Report) -> str:
             f"{_cut(s.address, 25):<26}{s.hits:>7} {len(s.ports):>5} {_when(s.last_seen):<16} "
             f"{'yes' if s.banned else 'no':<6} {s.evidence:<10}"
         )
-        out.append(f"  ports {_cut(format_ports(tuple(s.ports)), 50)}; {_cut(', '.join(s.scan_types), 20)}")
+        out.append(f"  ports {_cut(ranges(s.ports), 50)}; {_cut(', '.join(s.scan_types), 20)}")
     if len(report.scanners) > SCANNER_ROWS:
         out.append(f"... and {len(report.scanners) - SCANNER_ROWS} more (--format csv or json lists all)")
     for title, rows in (
@@ -167,7 +166,7 @@ def as_html(report: Report) -> str:
         (
             s.address,
             s.hits,
-            format_ports(tuple(s.ports)),
+            ranges(s.ports),
             ", ".join(s.scan_types),
             s.evidence,
             "yes" if s.banned else "no",

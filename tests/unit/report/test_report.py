@@ -107,3 +107,11 @@ def test_since() -> None:
 def test_since_never_raises_anything_else(text_: str) -> None:
     with contextlib.suppress(SinceError):
         parse_since(text_, NOW)
+
+
+@given(st.sets(st.integers(1, 65535), max_size=60))
+def test_ranges_are_format_ports(ports: set[int]) -> None:
+    from portsentry.core.ports import format_ports
+    from portsentry.report.data import ranges
+
+    assert ranges(sorted(ports)) == format_ports(ports)
