@@ -319,7 +319,9 @@ def test_concurrent_lockless_appender_loses_nothing(
     foreign = [line for line in lines if line.startswith("ALL: foreign-")]
     assert len(foreign) == 500  # none copied twice by remove()'s catch-up
     assert lines.count("ALL: 198.18.3.3") == 1
-    assert len(lines) == 6 + 500 + 1
+    # Seen once in a clean-clone CI run under load (508 lines): say which line was extra.
+    others = [line for line in lines if not line.startswith("ALL: foreign-") and line != "ALL: 198.18.3.3"]
+    assert len(lines) == 6 + 500 + 1, f"besides ours and the 500 foreign lines: {others!r}"
     # Everything that was there before is still there, first and in order.
     assert "\n".join(lines[:6]) + "\n" == ORIGINAL.decode()
 
