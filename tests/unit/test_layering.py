@@ -12,6 +12,7 @@ The packages, lowest first; each may import only the ones listed for it (and its
 - responders: carry out blocks (nftables, hosts.deny, shell); not the ban lifecycle that drives them;
 - bans: the one ban lifecycle (store, change feed, restore, tidy, bulk); responders, not the service;
 - report: `portsentry report`, which only reads the ban store; core, config, journal, bans;
+- fleet: bans shared through Redis; the ban lifecycle below it, never the service or the cli;
 - service: the daemon's threads and the control socket; everything below but report;
 - cli: the command line, which nothing imports.
 """
@@ -33,9 +34,10 @@ ALLOWED = {
     "responders": {"core", "netlink", "host", "journal", "config"},
     "bans": {"core", "config", "host", "journal", "responders"},
     "report": {"core", "config", "journal", "bans"},
-    "service": {"core", "config", "host", "journal", "netlink", "sensors", "responders", "bans"},
+    "fleet": {"core", "config", "host", "journal", "responders", "bans"},
+    "service": {"core", "config", "host", "journal", "netlink", "sensors", "responders", "bans", "fleet"},
     "cli": {"core", "config", "host", "journal", "netlink", "sensors", "responders", "bans", "service",
-            "report"},
+            "report", "fleet"},
 }
 TOP_LEVEL = {"", "__main__"}  # the package itself, and `python -m portsentry`
 

@@ -19,6 +19,7 @@ from portsentry.bans.store import (
     DEFAULT_MAX_ROWS,
     DEFAULT_RETENTION,
     MEMORY,
+    ORIGIN_LOCAL,
     Ban,
     BanStore,
     StoreError,
@@ -119,6 +120,13 @@ class BanManager:
         # Set when the store on disk could not be opened and an in-memory one stands in.
         self.fallback_from: str | None = None
         self.telemetry = telemetry or Telemetry()
+        # Called after every ban or lift this manager records, from the thread that made it: the
+        # fleet publisher wakes at once instead of at its next look at the change feed.
+        self.on_change: Callable[[], None] | None = None
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _store_failed(self, error: Exception, retry: bool = False) -> None:
         detail = f"{error}; will retry" if retry else str(error)
@@ -180,7 +188,7 @@ class BanManager:
         backends = (self.backend.name,) if native and self.backend is not None else ()
         entry = _Unsaved(address, reason, mode, port, now, duration, hosts_deny_line, backends)
         try:
-            return self._save(entry)
+            saved = self._save(entry)
         except (StoreError, OSError) as error:
             # The block itself stands; its record is kept in memory and saved when the store
             # can be written again (disk full, read-only file system).
@@ -188,6 +196,8 @@ class BanManager:
             if len(self._unsaved) < UNSAVED_CAPACITY:
                 self._unsaved.append(entry)
             return None
+        self.changed()
+        return saved
 
     def _save(self, entry: _Unsaved) -> Ban:
         return self.store.ban(entry.address, reason=entry.reason, mode=entry.mode, port=entry.port,
@@ -259,13 +269,15 @@ class BanManager:
             saved += 1
         return saved
 
-    def lift(self, address: IPAddress, now: float, reason: str) -> bool:
-        """Unblock everywhere; True when the store had a ban for it."""
+    def lift(self, address: IPAddress, now: float, reason: str, origin: str = ORIGIN_LOCAL) -> bool:
+        """Unblock everywhere; True when the store had a ban for it. `origin` says who asked: a
+        fleet peer's lift is recorded as theirs, so this host does not publish it again."""
         with self._lock:
             ban = self.store.get(address)
             self._undo(address, ban)
-            lifted = self.store.lift(address, now, reason)
+            lifted = self.store.lift(address, now, reason, origin)
         if lifted is not None:
+            self.changed()
             self._log(messages.unblocked(str(address), reason))
             self.telemetry.unban(address, reason, now)
         return lifted is not None

@@ -19,6 +19,8 @@ EVENT_KINDS: tuple[EventKind, ...] = ("ban", "extend", "lift", "expire")
 # Where a change came from: a ban made here by detection or by an admin; a fleet peer's host id
 # later. Applying a change whose origin is this host again is harmless (bans are idempotent).
 ORIGIN_LOCAL = "local"
+# An admin's `unblock --local`: lifted on this host only, so the fleet is not told.
+ORIGIN_LOCAL_ONLY = "local-only"
 
 # History and offender records are kept this long and no more than this many (HISTORY_RETENTION
 # and HISTORY_MAX_ROWS in the configuration, 0 = no limit; the README's "Bans" section). A year of
@@ -43,6 +45,8 @@ class Ban:
     offences: int  # bans of this address so far, this one included
     hosts_deny_line: str | None  # the exact line written, so lifting removes exactly that line
     backends: tuple[str, ...]  # native backends holding the ban ("nftables", ...)
+    # Who set the current expiry: ORIGIN_LOCAL (detection or an admin here), or a fleet host id.
+    origin: str = ORIGIN_LOCAL
 
     def active(self, now: float) -> bool:
         return self.expires is None or self.expires > now

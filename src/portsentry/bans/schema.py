@@ -86,6 +86,13 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         )
         """,
     ),
+    (
+        4,
+        "who set each ban's expiry: this host or a fleet peer (portsentry list shows it)",
+        """
+        ALTER TABLE bans ADD COLUMN origin TEXT NOT NULL DEFAULT 'local'
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

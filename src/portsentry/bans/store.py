@@ -48,6 +48,7 @@ from portsentry.bans.records import DEFAULT_MAX_ROWS as DEFAULT_MAX_ROWS
 from portsentry.bans.records import DEFAULT_RETENTION as DEFAULT_RETENTION
 from portsentry.bans.records import EVENT_KINDS as EVENT_KINDS
 from portsentry.bans.records import ORIGIN_LOCAL as ORIGIN_LOCAL
+from portsentry.bans.records import ORIGIN_LOCAL_ONLY as ORIGIN_LOCAL_ONLY
 from portsentry.bans.records import POLICY as POLICY
 from portsentry.bans.records import Ban as Ban
 from portsentry.bans.records import BanRequest as BanRequest
@@ -71,7 +72,8 @@ BUSY_TIMEOUT_MS = 10_000
 
 
 _BAN_COLUMNS = (
-    "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, backends"
+    "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, backends, "
+    "origin"
 )
 _HISTORY_INSERT = "INSERT INTO history (at, kind, address, detail, origin, expires) VALUES (?, ?, ?, ?, ?, ?)"
 # A ban is active at time ? while its expiry lies after it (or it has none).
@@ -250,6 +252,8 @@ class BanStore:
                 hosts_deny_line=request.hosts_deny_line if request.hosts_deny_line is not None
                 else old.hosts_deny_line,
                 backends=tuple(dict.fromkeys((*old.backends, *request.backends))),
+                # The longer ban holds, and with it who made it.
+                origin=origin if expires != old.expires else old.origin,
             )
             kind: EventKind = "extend"
         else:
@@ -267,12 +271,13 @@ class BanStore:
                 offences=(past if past is not None and old is None else self._past_offences(db, key)) + 1,
                 hosts_deny_line=request.hosts_deny_line,
                 backends=tuple(dict.fromkeys(request.backends)),
+                origin=origin,
             )
             kind = "ban"
         db.execute(
-            f"INSERT OR REPLACE INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, ban.reason, ban.mode, ban.port, ban.first_seen, ban.last_seen, ban.count, ban.expires,
-             ban.offences, ban.hosts_deny_line, json.dumps(list(ban.backends))),
+             ban.offences, ban.hosts_deny_line, json.dumps(list(ban.backends)), ban.origin),
         )
         detail = f"{ban.mode} port {ban.port}: {ban.reason}; {_describe_expiry(ban.expires)}"
         if kind == "ban":
@@ -614,7 +619,7 @@ def _backends(text: str) -> tuple[str, ...]:
 
 
 def _ban_from_row(row: tuple[object, ...]) -> Ban:
-    (address, reason, mode, port, first_seen, last_seen, count, expires, offences, line, backends) = row
+    (address, reason, mode, port, first_seen, last_seen, count, expires, offences, line, backends, origin) = row
     return Ban(
         address=stored_address(cast(str, address)),
         reason=cast(str, reason),
@@ -627,4 +632,5 @@ def _ban_from_row(row: tuple[object, ...]) -> Ban:
         offences=cast(int, offences),
         hosts_deny_line=cast("str | None", line),
         backends=_backends(cast(str, backends)),
+        origin=cast(str, origin),
     )

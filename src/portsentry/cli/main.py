@@ -111,6 +111,8 @@ def build_admin_parser() -> argparse.ArgumentParser:
                        help="how long: 90, 15m, 2h, 7d or forever (default: BLOCK_TIME)")
     unblock = command("unblock", "unblock an address everywhere (backend, hosts.deny, KILL_ROUTE_UNDO)")
     unblock.add_argument("address", nargs="?")
+    unblock.add_argument("--local", action="store_true",
+                         help="lift it on this host only; without it a fleet (FLEET_REDIS_URL) lifts it too")
     for bulk in (block, unblock):
         bulk.add_argument("--file", metavar="FILE",
                           help="one address per line (# comments fine), - for standard input: all in "
@@ -214,7 +216,7 @@ def admin_main(argv: Sequence[str]) -> int:
                     duration = tool.bans.duration(address, now)
                 done = tool.block(address, duration, now)
             else:
-                done = tool.unblock(address, now)
+                done = tool.unblock(address, now, local=args.local)
             for line in tool.log:
                 print(line)
             if not done:
@@ -282,6 +284,8 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
         message["address"] = str(admin.parse_address(args.address))
     if args.command == "block" and args.duration:
         message["duration"] = admin.parse_duration(args.duration)
+    if args.command == "unblock" and args.local:
+        message["local"] = True
     try:
         answer = control.request(config.control_socket, message)
     except control.NotRunning:

@@ -16,7 +16,8 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from portsentry import __version__
 from portsentry.config.debian import ignore_file_to_use
@@ -32,6 +33,10 @@ from portsentry.journal.journald import JournaldWriter, journald_available
 from portsentry.journal.syslog import DEFAULT_SOCKET, SyslogWriter
 from portsentry.journal.telemetry import Telemetry
 from portsentry.service.resolver import Resolver
+
+if TYPE_CHECKING:
+    from portsentry.bans.lifecycle import BanManager
+    from portsentry.fleet.node import FleetNode
 
 
 def check_config(loaded: LoadedConfig, modes: Sequence[Mode], modes_from: str = "command line") -> int:
@@ -146,6 +151,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         bans = BanManager(store, open_backend(config), hosts_deny, BanPolicy.from_config(config),
                           journal.log, telemetry=telemetry, failures=journal.failures)
         bans.fallback_from = retry_path
+        fleet = open_fleet(config, bans, journal.log, telemetry)
     except (ConfigError, StoreError, MetricsError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         journal.log(messages.config_error(str(error)))
@@ -171,7 +177,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
 
     daemon = Daemon(config, modes, journal, ignore, sensors_for(config), responder, resolver, bans=bans,
                     reloader=reload_config, sensor_factory=sensors_for, control_path=config.control_socket,
-                    telemetry=telemetry)
+                    telemetry=telemetry, fleet=fleet)
     daemon.install_signal_handlers()
     status = 0
     try:
@@ -296,6 +302,24 @@ def open_telemetry(config: Config, failures: WriteFailures | None = None) -> Tel
             raise config.error("EVENT_LOG", f"cannot open {config.event_log}: "
                                f"{error.strerror or error}") from error
     return Telemetry(event_log, Metrics() if config.metrics_listen else None, failures)
+
+
+def open_fleet(config: Config, bans: BanManager, log: Callable[[str], None],
+               telemetry: Telemetry) -> FleetNode | None:
+    """The fleet node FLEET_REDIS_URL asks for (None: no fleet); ConfigError when its settings
+    are unusable or the redis package is missing."""
+    from portsentry.fleet.node import FleetNode
+    from portsentry.fleet.settings import fleet_settings
+
+    settings = fleet_settings(config)
+    if settings is None:
+        return None
+    try:
+        import redis  # noqa: F401  (the optional dependency, checked before the daemon starts)
+    except ImportError:
+        raise config.error("FLEET_REDIS_URL", "the fleet needs the redis package: "
+                           "pip install 'portsentry[fleet]'") from None
+    return FleetNode(settings, bans, config.state_dir, log, telemetry, hosts_deny=config.kill_hosts_deny)
 
 
 def daemonize() -> None:

@@ -21,6 +21,8 @@ SECTIONS: Final = (
                 "BAN_RATE_LIMIT_NET", "SENSITIVE_NETWORKS")),
     ("OPERATION", ("CONTROL_SOCKET", "EVENT_LOG", "METRICS_LISTEN", "LOG_REPEAT_LIMIT", "LOG_REPEAT_WINDOW",
                    "KEEP_CAPABILITIES")),
+    ("FLEET", ("FLEET_REDIS_URL", "FLEET_NAME", "FLEET_HOST_ID", "FLEET_KEY_FILE", "FLEET_PASSWORD_FILE",
+               "FLEET_ACCEPT_HOSTS", "FLEET_BAN_RATE_LIMIT")),
 )
 
 DOCS: Final[dict[str, str]] = {
@@ -80,4 +82,15 @@ DOCS: Final[dict[str, str]] = {
                         "summary line (0: every hit, as 1.2).",
     "LOG_REPEAT_WINDOW": "The window of LOG_REPEAT_LIMIT, in seconds.",
     "KEEP_CAPABILITIES": "Capabilities kept for KILL_RUN_CMD beyond those portsentry itself needs.",
+    "FLEET_REDIS_URL": "Share bans with a fleet through this Redis: redis://[user@]host:port/db, rediss:// "
+                       "(TLS; ?ssl_ca_certs=FILE), redis+sentinel://host:port[,host:port]/service; empty: "
+                       "no fleet.",
+    "FLEET_NAME": "The fleet's name: its Redis keys share the hash tag {NAME} (one Cluster slot).",
+    "FLEET_HOST_ID": "This host in the fleet (default: the host name); shown as the origin of its bans.",
+    "FLEET_KEY_FILE": "The shared key every decision is signed with (HMAC-SHA256), at least 16 bytes, "
+                      "mode 600; required with FLEET_REDIS_URL.",
+    "FLEET_PASSWORD_FILE": "The Redis ACL user's password (the user is in the URL), mode 600; never logged.",
+    "FLEET_ACCEPT_HOSTS": "Host ids whose decisions are applied here (empty: every host with the key).",
+    "FLEET_BAN_RATE_LIMIT": "At most this many fleet bans applied a minute (0: no cap); the active set "
+                            "loaded at start is not capped.",
 }

@@ -102,6 +102,14 @@ class Config:
     ban_rate_limit_net: int = 0
     sensitive_networks: tuple[IPv4Network | IPv6Network, ...] = ()
     keep_capabilities: str | None = None  # KEEP_CAPABILITIES: more for KILL_RUN_CMD (privileges.py)
+    # Bans shared with a fleet through Redis (docs/fleet.md); no URL, no fleet.
+    fleet_redis_url: str | None = None
+    fleet_name: str = "portsentry"
+    fleet_host_id: str | None = None  # None: the host name
+    fleet_key_file: str | None = None
+    fleet_password_file: str | None = None
+    fleet_accept_hosts: tuple[str, ...] = ()
+    fleet_ban_rate_limit: int = 6000
     # KEY -> line it was set on, so later stages can blame the right line.
     lines: Mapping[str, int] = field(default_factory=dict, hash=False)
 
@@ -266,6 +274,31 @@ def _networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(found)
 
 
+def _host_ids(value: str) -> tuple[str, ...]:
+    found = tuple(value.replace(",", " ").split())
+    for host in found:
+        if not _HOST_ID.fullmatch(host):
+            raise _BadValue(f"{host!r} is not a host id (letters, digits, '.', '_', '-', at most 64)")
+    return found
+
+
+def _host_id(value: str) -> str | None:
+    if value and not _HOST_ID.fullmatch(value.strip()):
+        raise _BadValue(f"{value!r} is not a host id (letters, digits, '.', '_', '-', at most 64)")
+    return value.strip() or None
+
+
+_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+_FLEET_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+
+
+def _fleet_name(value: str) -> str:
+    # Inside a Redis hash tag: braces would move the fleet's keys to other Cluster slots.
+    if not _FLEET_NAME.fullmatch(value):
+        raise _BadValue(f"{value!r} is not a fleet name (letters, digits, '.', '_', '-', at most 64)")
+    return value
+
+
 _LINES = _integer(0, 1_000_000, "a number of lines (0 = no limit)")
 _ROWS = _integer(0, 1_000_000_000, "a number of rows (0 = no limit)")
 _DURATION = _integer(0, 10 * 365 * 86400, "a number of seconds, at most ten years (0 = no limit)")
@@ -322,6 +355,13 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "BAN_RATE_LIMIT_NET": KeySpec("ban_rate_limit_net", _RATE),
         "SENSITIVE_NETWORKS": KeySpec("sensitive_networks", _networks),
         "KEEP_CAPABILITIES": KeySpec("keep_capabilities", _optional),
+        "FLEET_REDIS_URL": KeySpec("fleet_redis_url", _optional),
+        "FLEET_NAME": KeySpec("fleet_name", _fleet_name),
+        "FLEET_HOST_ID": KeySpec("fleet_host_id", _host_id),
+        "FLEET_KEY_FILE": KeySpec("fleet_key_file", _optional),
+        "FLEET_PASSWORD_FILE": KeySpec("fleet_password_file", _optional),
+        "FLEET_ACCEPT_HOSTS": KeySpec("fleet_accept_hosts", _host_ids),
+        "FLEET_BAN_RATE_LIMIT": KeySpec("fleet_ban_rate_limit", _RATE),
     }
 )
 

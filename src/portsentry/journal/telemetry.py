@@ -27,6 +27,9 @@ class MetricSink(Protocol):
     def packet_drops(self, totals: dict[str, int]) -> None: ...
     def record_failure(self, file: str) -> None: ...
     def action(self, step: str, seconds: float, ok: bool) -> None: ...
+    def fleet_decisions(self, event: str, reason: str | None, count: int) -> None: ...
+    def fleet_lag(self, seconds: float) -> None: ...
+    def fleet_link(self, up: bool) -> None: ...
 
 
 class NullMetrics:
@@ -60,6 +63,15 @@ class NullMetrics:
         pass
 
     def action(self, step: str, seconds: float, ok: bool) -> None:
+        pass
+
+    def fleet_decisions(self, event: str, reason: str | None, count: int) -> None:
+        pass
+
+    def fleet_lag(self, seconds: float) -> None:
+        pass
+
+    def fleet_link(self, up: bool) -> None:
         pass
 
 

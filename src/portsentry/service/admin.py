@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
-from portsentry.bans.store import BanStore
+from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core.actions import Block
 from portsentry.core.addresses import impossible_source
@@ -77,8 +77,8 @@ class Admin:
                                      clock=lambda: now)
         return manual_block(self.bans, responder, self.config, address, duration, now)
 
-    def unblock(self, address: IPAddress, now: float) -> bool:
-        return unblock(self.bans, self.config, address, now, self.log.append)
+    def unblock(self, address: IPAddress, now: float, local: bool = False) -> bool:
+        return unblock(self.bans, self.config, address, now, self.log.append, local)
 
     def listing(self, now: float) -> list[dict[str, object]]:
         return ban_rows(self.store, now)
@@ -112,6 +112,7 @@ def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:
             "last_seen": ban.last_seen,
             "backends": list(ban.backends),
             "hosts_deny_line": ban.hosts_deny_line,
+            "origin": ban.origin,
         }
         for ban in store.active(now)
     ]
@@ -130,14 +131,17 @@ def admin_request(
         done = manual_block(bans, responder, config, address, duration, now)
         return Response.success() if done else Response.failure(f"could not block {address}")
     if request.command == "unblock":
-        if unblock(bans, config, address, now, lines.append):
+        if unblock(bans, config, address, now, lines.append, request.local):
             return Response.success(lines=lines)
         return Response.failure(f"{address} is not blocked", lines=lines)
     return Response.failure(f"unknown command {request.command!r}")
 
 
 def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
-            log: Callable[[str], None]) -> bool:
+            log: Callable[[str], None], local: bool = False) -> bool:
     # Only what the store says we did is undone: a hosts.deny line we did not append is the
-    # admin's (or fail2ban's), even when it reads exactly like ours.
-    return bans.lift(address, now, "unblocked by admin")
+    # admin's (or fail2ban's), even when it reads exactly like ours. A fleet hears of the lift
+    # (its publisher sends lifts of origin "local") unless `local`.
+    if local:
+        return bans.lift(address, now, "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY)
+    return bans.lift(address, now, "unblocked by admin", origin=ORIGIN_LOCAL)

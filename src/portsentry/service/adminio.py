@@ -40,7 +40,8 @@ def parse_address(text: str) -> IPAddress:
 def format_listing(rows: list[dict[str, object]]) -> str:
     if not rows:
         return "no active bans"
-    header = f"{'ADDRESS':<40} {'EXPIRES IN':>10} {'MODE':<5} {'PORT':>5} {'HITS':>5} {'BANS':>4}  HELD BY"
+    header = (f"{'ADDRESS':<40} {'EXPIRES IN':>10} {'MODE':<5} {'PORT':>5} {'HITS':>5} {'BANS':>4}  "
+              f"{'ORIGIN':<16} HELD BY")
     out = [header]
     for row in rows:
         remaining = row["remaining"]
@@ -49,7 +50,7 @@ def format_listing(rows: list[dict[str, object]]) -> str:
         if row["hosts_deny_line"]:
             held += " + hosts.deny"
         out.append(f"{row['address']!s:<40} {expires:>10} {row['mode']!s:<5} {row['port']!s:>5} "
-                   f"{row['count']!s:>5} {row['offences']!s:>4}  {held}")
+                   f"{row['count']!s:>5} {row['offences']!s:>4}  {row.get('origin', 'local')!s:<16} {held}")
     return "\n".join(out)
 
 

@@ -54,6 +54,7 @@ class Request:
     command: Command
     address: str | None = None
     duration: Duration = "policy"
+    local: bool = False  # unblock on this host only, not across the fleet
 
 
 def parse_request(line: bytes) -> Request:
@@ -73,8 +74,11 @@ def parse_request(line: bytes) -> Request:
     if not (duration is None or duration == "policy"
             or (isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0)):
         raise BadRequest('bad request: "duration" is seconds above 0, null (forever) or "policy"')
+    local = data.get("local", False)
+    if not isinstance(local, bool):
+        raise BadRequest('bad request: "local" is true or false')
     return Request(command, address if isinstance(address, str) else None,
-                   float(duration) if isinstance(duration, int | float) else duration)
+                   float(duration) if isinstance(duration, int | float) else duration, local)
 
 
 @dataclass(frozen=True)

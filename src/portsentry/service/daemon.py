@@ -11,6 +11,8 @@ Threads, each with one job, and what each owns:
 - admin-N: the ban work of control requests (list, block, unblock), apart from the blocks, so
   `portsentry list` answers while KILL_ROUTE commands hang.
 - control (control.ControlServer): reads control requests; never blocks anything else.
+- fleet-publish and fleet-read (fleet.node.FleetNode, with FLEET_REDIS_URL): bans shared with a
+  fleet; main hands them the guards (ignore list, gateways, resolvers) once a second.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from portsentry.core import messages
 from portsentry.core.actions import Action, Block, Log, Record, SendBanner
 from portsentry.core.engine import Engine
 from portsentry.core.probe import IPAddress, Mode, Probe
+from portsentry.fleet.gate import Guards as FleetGuards
+from portsentry.fleet.node import FleetNode
 from portsentry.host import info as hostinfo
 from portsentry.journal.hits import HitTally
 from portsentry.journal.journal import Journal
@@ -121,8 +125,10 @@ class Daemon:
         sensor_factory: SensorFactory | None = None,
         control_path: str | None = None,
         telemetry: Telemetry | None = None,
+        fleet: FleetNode | None = None,
     ) -> None:
         self.config = config
+        self.fleet = fleet
         self.modes = tuple(modes)
         self.journal = journal
         self.ignore = ignore
@@ -223,7 +229,17 @@ class Daemon:
                                  daemon=True).start()
         self._blocks.start()
         self._maintenance.start(cursor, self.active_bans)
+        if self.fleet is not None:
+            self.fleet.start(self._fleet_guards())
         return any_open
+
+    def _fleet_guards(self) -> FleetGuards:
+        """Main loop: what a fleet peer's ban must spare here, as of now."""
+        try:
+            own, broadcasts = hostinfo.local_addresses(), hostinfo.broadcast_addresses()
+        except OSError:
+            own, broadcasts = frozenset(), frozenset()
+        return FleetGuards(own, self.engine.ignore, self._protected, frozenset(broadcasts))
 
     def request_stop(self, *_args: object) -> None:
         self._stopping = True
@@ -296,6 +312,8 @@ class Daemon:
         self.perform(self.engine.close())
         if self.control is not None:
             self.control.close()
+        if self.fleet is not None:
+            self.fleet.stop()
         self._maintenance.stop()
         # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded.
         self._blocks.close()
@@ -429,6 +447,8 @@ class Daemon:
             self._admin.submit(self._kernel.push)
         if found.active is not None:
             self.active_bans = found.active
+        if self.fleet is not None:
+            self.fleet.set_guards(self._fleet_guards())
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -570,6 +590,7 @@ class Daemon:
             "active_bans": active,
             **self.stats(now),
             "recent_events": self.journal.recent_events(),
+            **({"fleet": self.fleet.status()} if self.fleet is not None else {}),
         }
 
     def _drain_wake(self) -> None:

@@ -110,6 +110,20 @@ class Metrics:
         self._seconds = prom.Histogram(
             "portsentry_action_seconds", "Time taken by each blocking step", ["step"],
             buckets=ACTION_BUCKETS, registry=registry)
+        self._fleet = {
+            event: prom.Counter(f"portsentry_fleet_{event}", text, registry=registry)
+            for event, text in (("published", "Fleet decisions (bans, lifts) this host sent to Redis"),
+                                ("received", "Fleet decisions of other hosts read from Redis"),
+                                ("applied", "Fleet decisions of other hosts carried out here"))}
+        self._fleet_refused = prom.Counter(
+            "portsentry_fleet_refused", "Fleet decisions refused here, by reason (unsigned, bad_signature, "
+            "malformed, host_not_accepted, replay, own_address, ignored, protected, impossible, expired, "
+            "rate_limited)", ["reason"], registry=registry)
+        self._fleet_lag = prom.Gauge(
+            "portsentry_fleet_lag_seconds", "From a peer's ban to the same ban here, the last one",
+            registry=registry)
+        self._fleet_up = prom.Gauge(
+            "portsentry_fleet_link_up", "1 while both fleet threads reach Redis, else 0", registry=registry)
         self._drops_seen = 0
         self._lock = threading.Lock()
 
@@ -159,6 +173,18 @@ class Metrics:
         self._seconds.labels(step=step).observe(max(seconds, 0.0))
         if not ok:
             self._failures.labels(step=step).inc()
+
+    def fleet_decisions(self, event: str, reason: str | None, count: int) -> None:
+        if event == "refused":
+            self._fleet_refused.labels(reason=reason or "unknown").inc(count)
+        elif event in self._fleet:
+            self._fleet[event].inc(count)
+
+    def fleet_lag(self, seconds: float) -> None:
+        self._fleet_lag.set(seconds)
+
+    def fleet_link(self, up: bool) -> None:
+        self._fleet_up.set(1 if up else 0)
 
     def serve(self, address: str) -> MetricsServer:
         """Serve /metrics at `address` ('127.0.0.1:9470', '[::1]:9470') on a daemon thread."""

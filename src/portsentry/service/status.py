@@ -65,6 +65,9 @@ def format_status(state: dict[str, object]) -> str:
                           "in the last hour"),
     ]
     out = [f"{name + ':':<15}{value}" for name, value in rows]
+    fleet = state.get("fleet")
+    if isinstance(fleet, dict):
+        out += format_fleet(fleet)
     # Evidence that could not be written is the first thing an admin must hear about.
     for failure in state.get("write_failures") or []:  # type: ignore[attr-defined]
         when = time.strftime("%H:%M:%S", time.localtime(float(failure["last_at"])))
@@ -81,6 +84,26 @@ def format_status(state: dict[str, object]) -> str:
     out += [f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))} {e['message']}"
             for e in events] or ["  (none)"]  # type: ignore[attr-defined]
     return "\n".join(out)
+
+
+def format_fleet(fleet: dict[str, object]) -> list[str]:
+    """The fleet link (docs/fleet.md): up or down since when, the traffic, the lag."""
+    link = f"{fleet['link']} to {fleet['redis']}, fleet {fleet['name']!r} as {fleet['host_id']}"
+    if fleet.get("link") != "up":
+        since = fleet.get("down_since")
+        if isinstance(since, int | float):
+            link += f", down since {time.strftime('%H:%M:%S', time.localtime(since))}"
+        if fleet.get("error"):
+            link += f" ({fleet['error']})"
+    lag = fleet.get("lag_ms")
+    refused = fleet.get("refused") or {}
+    traffic = (f"{fleet['published']} published, {fleet['received']} received, {fleet['applied']} applied, "
+               f"{sum(refused.values())} refused")  # type: ignore[attr-defined]
+    if refused:
+        traffic += " (" + ", ".join(f"{n} {r}" for r, n in sorted(refused.items())) + ")"  # type: ignore[attr-defined]
+    return [f"{'fleet:':<15}{link}", f"{'fleet traffic:':<15}{traffic}",
+            f"{'fleet lag:':<15}" + ("-" if lag is None else f"{lag} ms last, {fleet['lag_max_ms']} ms max")
+            + (f"; {fleet['backlog']} local changes not sent yet" if fleet.get("backlog") else "")]
 
 
 def _duration(seconds: float) -> str:

@@ -236,8 +236,8 @@ def test_schema_version_and_migration_table(tmp_path: Path) -> None:
     BanStore(path).close()  # reopening migrates nothing again
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,), (3,)]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,), (3,), (4,)]
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()
@@ -430,3 +430,17 @@ def test_hit_aggregates_merge_across_batches_and_age_out(store: BanStore) -> Non
     store.prune(T0 + 10 * 86400, retention=86400)
     with store._lock:
         assert store._db.execute("SELECT count(*) FROM hits").fetchone()[0] == 0
+
+
+def test_origin_is_who_set_the_expiry(tmp_path: Path) -> None:
+    """A fleet peer's ban keeps its origin; a local extension that lengthens it takes it over,
+    one that does not leaves it (the longer ban holds, and says whose it is)."""
+    with BanStore(str(tmp_path / "bans.sqlite3")) as store:
+        address = normalise("198.18.0.9")
+        made = store.ban(address, reason="fleet", mode="tcp", port=0, now=T0, duration=100, origin="host1")
+        assert made.origin == "host1" and store.get(address).origin == "host1"  # type: ignore[union-attr]
+        shorter = store.ban(address, reason="scan", mode="tcp", port=1, now=T0 + 1, duration=10)
+        assert shorter.origin == "host1" and shorter.expires == T0 + 100
+        longer = store.ban(address, reason="scan", mode="tcp", port=1, now=T0 + 2, duration=500)
+        assert longer.origin == "local" and store.get(address).origin == "local"  # type: ignore[union-attr]
+        assert [change.origin for change in store.changes(0)] == ["host1", "local", "local"]

@@ -1,0 +1,95 @@
+"""Fleet peers' bans made here: the lifecycle's part for decisions that come from other hosts.
+
+The fleet reader (fleet.node) hands over decisions that passed the signature check and this
+host's guards, a batch at a time: a burst of 1,000 bans, or 100,000 when a host joins, must be one
+store transaction and one kernel batch, as `block --file` is (bans.bulk). A fleet ban goes to the
+native backend and to hosts.deny (KILL_HOSTS_DENY); KILL_ROUTE and KILL_RUN_CMD are not run for
+it: a shell per remote decision would let one burst fork thousands of processes on every host.
+
+Idempotent: a ban already held at least as long is left as it is (the longer ban holds, whoever
+made it), so applying a decision twice, or hearing it again after a restart, changes nothing.
+The expiry is the originating ban's, not this host's BLOCK_TIME.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from portsentry.bans.lifecycle import BanManager
+from portsentry.bans.store import Ban, BanRequest
+from portsentry.core import messages
+from portsentry.core.probe import IPAddress, Mode
+from portsentry.responders.backend import BackendError
+from portsentry.responders.substitute import hosts_deny_entry
+
+FLEET_MODE = str(Mode.TCP)  # stored like a manual block: no port, no mode of its own
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteBan:
+    address: IPAddress
+    expires: float | None  # the origin's expiry; None: forever
+    origin: str  # the peer's host id
+    reason: str
+
+
+def longer(expires: float | None, than: float | None) -> bool:
+    """Whether a ban until `expires` outlasts one until `than` (None: forever)."""
+    if than is None:
+        return False
+    return expires is None or expires > than
+
+
+def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
+               hosts_deny: str | None = None) -> list[Ban]:
+    """Make or lengthen the bans in `wanted` that this host does not already hold as long; the
+    bans made. `hosts_deny` is KILL_HOSTS_DENY (None: no line)."""
+    latest: dict[IPAddress, RemoteBan] = {}
+    for want in wanted:
+        known = latest.get(want.address)
+        if (want.expires is None or want.expires > now) and (known is None or longer(want.expires, known.expires)):
+            latest[want.address] = want
+    held = {ban.address: ban for ban in bans.store.get_many(latest)}
+    fresh = [want for address, want in latest.items()
+             if (old := held.get(address)) is None or not old.active(now) or longer(want.expires, old.expires)]
+    if not fresh:
+        return []
+    backends = (bans.backend.name,) if bans.backend is not None else ()
+    by_origin: dict[str, list[BanRequest]] = {}
+    for remote in fresh:
+        line = hosts_deny_entry(hosts_deny, remote.address, 0, Mode.TCP) if hosts_deny else None
+        by_origin.setdefault(remote.origin, []).append(BanRequest(
+            remote.address, remote.reason, FLEET_MODE, 0,
+            None if remote.expires is None else remote.expires - now, line, backends))
+    # Recorded before applied, as every ban: a crash half-way leaves records restore completes.
+    made: list[Ban] = []
+    for origin, requests in by_origin.items():
+        made += bans.store.ban_many(requests, now, origin=origin)
+    if bans.backend is not None:
+        try:
+            bans.backend.add_many((ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
+                                  for ban in made)
+        except (BackendError, OSError) as error:
+            bans.log(messages.native_block_failed(f"({len(made)} fleet bans)", bans.backend.describe(),
+                                                  str(error)))
+    lines = {ban.hosts_deny_line: ban.address for ban in made if ban.hosts_deny_line}
+    if lines:
+        def own(appended: list[str]) -> None:
+            bans.store.own_lines(((lines[line], line) for line in appended), now)
+
+        try:
+            bans.hosts_deny.add_many(list(lines), on_append=own)
+        except (OSError, ValueError) as error:
+            bans.log(messages.config_error(f"cannot add {len(lines)} lines to {bans.hosts_deny.path}: {error}"))
+    backend = bans.backend.name if bans.backend is not None else "none"
+    for ban in made:
+        bans.telemetry.ban(ban.address, backend, None if ban.expires is None else ban.expires - now,
+                           "fleet", now)
+    return made
+
+
+def lift_remote(bans: BanManager, address: IPAddress, origin: str, now: float) -> bool:
+    """A peer lifted its ban (unblock, fleet-wide): lift it here too, recorded as the peer's, so
+    this host does not publish it again. False when nothing was banned."""
+    return bans.lift(address, now, f"unblocked on {origin} (fleet)", origin=origin)

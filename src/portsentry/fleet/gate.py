@@ -1,0 +1,94 @@
+"""This host's say over a fleet decision: whether a verified decision of a peer may be applied
+here. Pure: the clock and the guarded addresses are passed in.
+
+A ban is refused for this host's own addresses, its ignore list, its default gateways and DNS
+resolvers (the same guards as a local ban), and for sources no real packet can have; a decision
+from a host outside FLEET_ACCEPT_HOSTS, or older than one already taken from that host (a
+replay), is refused whatever it says; our own decisions coming back are echoes, not refusals.
+Fleet bans have their own rate cap (FLEET_BAN_RATE_LIMIT a minute). The reasons are the label
+values of the refused-decisions metric.
+
+Owned by the fleet reader thread; `set_guards` is called from the daemon's main loop with
+immutable values, so a plain attribute swap is enough.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Container
+from dataclasses import dataclass, field
+
+from portsentry.core.addresses import impossible_source
+from portsentry.core.probe import IPAddress
+from portsentry.fleet.decision import Decision
+
+MINUTE = 60.0
+ECHO = "echo"  # our own decision read back: skipped, never counted as refused
+REASONS = ("unsigned", "bad_signature", "malformed", "host_not_accepted", "replay", "impossible",
+           "own_address", "ignored", "protected", "expired", "rate_limited")
+
+
+@dataclass(frozen=True)
+class Guards:
+    """What this host never bans, as of the last refresh."""
+
+    own: frozenset[IPAddress] = frozenset()
+    ignore: Container[IPAddress] = frozenset()
+    protected: frozenset[IPAddress] = frozenset()  # default gateways and DNS resolvers
+    broadcasts: frozenset[IPAddress] = frozenset()
+
+
+@dataclass
+class Gate:
+    host_id: str
+    accept: frozenset[str] | None = None
+    rate_limit: int = 0  # fleet bans a minute, 0 = no cap
+    guards: Guards = field(default_factory=Guards)
+    # host -> (epoch, seq) of the newest decision taken from it
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._recent: deque[float] = deque()
+
+    def set_guards(self, guards: Guards) -> None:
+        self.guards = guards
+
+    def check(self, decision: Decision, now: float, capped: bool = True) -> str | None:
+        """None when `decision` may be applied; else ECHO or the refusal reason. A decision that
+        gets past the host checks moves that host's newest (epoch, seq), applied or not."""
+        if decision.host == self.host_id:
+            return ECHO
+        if self.accept is not None and decision.host not in self.accept:
+            return "host_not_accepted"
+        order = (decision.epoch, decision.seq)
+        # Equal is fine: a host republishes its active bans under its current seq.
+        if order < self.seen.get(decision.host, (0, 0)):
+            return "replay"
+        self.seen[decision.host] = order
+        if decision.kind == "lift":
+            return None  # lifting never harms this host; guards protect against bans
+        address = decision.address
+        if impossible_source(address, self.guards.broadcasts) is not None:
+            return "impossible"
+        if address in self.guards.own:
+            return "own_address"
+        if address in self.guards.ignore:
+            return "ignored"
+        if address in self.guards.protected:
+            return "protected"
+        if decision.expires is not None and decision.expires <= now:
+            return "expired"
+        if capped and self.rate_limited(now):
+            return "rate_limited"
+        return None
+
+    def rate_limited(self, now: float) -> bool:
+        """True when one more fleet ban now would exceed the cap; otherwise counts it."""
+        if not self.rate_limit:
+            return False
+        while self._recent and self._recent[0] <= now - MINUTE:
+            self._recent.popleft()
+        if len(self._recent) >= self.rate_limit:
+            return True
+        self._recent.append(now)
+        return False

@@ -1,0 +1,185 @@
+"""The fleet's Redis: one connection per fleet thread, and the few commands the fleet uses.
+
+Data model (all keys carry the hash tag {FLEET_NAME}, so a fleet lives on one Cluster slot):
+- `portsentry:{NAME}:decisions`, a Stream: every ban and lift, signed (fleet.decision), trimmed
+  with MAXLEN ~ STREAM_LENGTH. Readers follow it with XREAD BLOCK from a saved id.
+- `portsentry:{NAME}:bans`, a Hash: address -> the signed decision of its active fleet ban, and
+  `portsentry:{NAME}:expiry`, a Sorted Set: address -> when that ban ends (+inf: never). A host
+  that joins, or fell behind what the stream keeps, loads these instead of the stream's past.
+One Lua script adds the entry and updates the active set atomically, so the two never disagree:
+the longer of two bans of one address holds (ZADD GT), a lift removes it.
+
+Nothing here decides anything; fleet.node owns the threads and the cursors. Needs the redis
+package (the optional dependency `portsentry[fleet]`), imported only when a fleet is configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from portsentry.fleet.decision import FIELD_DATA, FIELD_SIGNATURE, Decision, encode, pack
+from portsentry.fleet.settings import FleetSettings
+
+if TYPE_CHECKING:
+    import redis
+
+STREAM_LENGTH = 200_000  # decisions kept; a host further behind loads the active set instead
+SNAPSHOT_BATCH = 10_000
+CONNECT_TIMEOUT = 2.0
+# Above the longest XREAD BLOCK, so a blocking read is not cut short; a dead server is noticed
+# by the next command or the keepalive.
+READ_TIMEOUT = 10.0
+
+_PUBLISH = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2], 's', ARGV[3])
+if ARGV[4] == 'ban' then
+  if redis.call('ZADD', KEYS[3], 'GT', 'CH', ARGV[6], ARGV[5]) == 1 then
+    redis.call('HSET', KEYS[2], ARGV[5], ARGV[7])
+  end
+else
+  redis.call('ZREM', KEYS[3], ARGV[5])
+  redis.call('HDEL', KEYS[2], ARGV[5])
+end
+return id
+"""
+
+_PRUNE = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #gone > 0 then
+  redis.call('ZREM', KEYS[2], unpack(gone))
+  redis.call('HDEL', KEYS[1], unpack(gone))
+end
+return #gone
+"""
+
+
+class LinkError(Exception):
+    """Redis cannot be reached or refused a command; the fleet retries, detection goes on."""
+
+
+def link_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError, OSError)
+
+
+def connect(settings: FleetSettings) -> redis.Redis:
+    """A client for FLEET_REDIS_URL with the password from FLEET_PASSWORD_FILE; it connects on
+    its first command. No retries of its own: the fleet threads retry with their own backoff."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    common: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": READ_TIMEOUT, "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0), "client_name": f"portsentry-{settings.host_id}",
+    }
+    if settings.password is not None:
+        common["password"] = settings.password
+    parts = urlsplit(settings.url)
+    if parts.scheme.endswith("+sentinel"):
+        return _sentinel(settings, parts.scheme.startswith("rediss"), common)
+    client: redis.Redis = redis.Redis.from_url(settings.url, **common)
+    return client
+
+
+def _sentinel(settings: FleetSettings, tls: bool, common: dict[str, Any]) -> redis.Redis:
+    """redis+sentinel://[user@]host:port[,host:port...]/service[/db][?options]: the master of
+    `service` as the sentinels name it, asked again after every failover."""
+    from redis.sentinel import Sentinel
+
+    parts = urlsplit(settings.url)
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        sentinels.append((host.strip("[]") or item, int(port or 26379)))
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path:
+        raise LinkError(f"{settings.redacted}: a sentinel URL names the service: .../SERVICE")
+    options: dict[str, Any] = dict(common)
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if len(path) > 1:
+        options["db"] = int(path[1])
+    for name, value in parse_qsl(parts.query):
+        options[name] = value
+    if tls:
+        options["ssl"] = True
+    sentinel_options = {k: v for k, v in options.items() if k != "db"}
+    client: redis.Redis = Sentinel(sentinels, sentinel_kwargs=sentinel_options, **options).master_for(path[0])
+    return client
+
+
+class Link:
+    """One thread's Redis connection and the fleet's commands on it."""
+
+    def __init__(self, settings: FleetSettings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        # Any: redis-py's annotations cover every response shape of every protocol version;
+        # the few answers used here are checked where they are read.
+        self.client: Any = client if client is not None else connect(settings)
+        self.stream, self.bans_key, self.expiry_key = settings.keys()
+        self._publish = self.client.register_script(_PUBLISH)
+        self._prune = self.client.register_script(_PRUNE)
+
+    def ping(self) -> None:
+        self.client.ping()
+
+    def publish(self, decisions: Sequence[Decision]) -> list[bytes]:
+        """Add `decisions`, in order, in one round trip; their stream ids."""
+        key, fleet = self.settings.key, self.settings.name
+        pipe = self.client.pipeline(transaction=False)
+        for decision in decisions:
+            fields = encode(decision, key, fleet)
+            score = "+inf" if decision.expires is None else repr(decision.expires)
+            self._publish(keys=[self.stream, self.bans_key, self.expiry_key],
+                          args=[STREAM_LENGTH, fields[FIELD_DATA], fields[FIELD_SIGNATURE], decision.kind,
+                                decision.address.compressed, score, pack(decision, key, fleet)],
+                          client=pipe)
+        return [bytes(entry) for entry in pipe.execute()]
+
+    def last_id(self) -> bytes:
+        """The newest entry's id (b"0-0" for an empty stream): where a reader that has just
+        loaded the active set goes on from."""
+        newest = self.client.xrevrange(self.stream, count=1)
+        return bytes(newest[0][0]) if newest else b"0-0"
+
+    def first_id(self) -> bytes | None:
+        oldest = self.client.xrange(self.stream, count=1)
+        return bytes(oldest[0][0]) if oldest else None
+
+    def read(self, after: bytes, block_ms: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries after `after`, waiting up to `block_ms` for the first."""
+        answer = self.client.xread({self.stream: after}, count=count, block=block_ms)
+        if not answer:
+            return []
+        entries = answer[self.stream.encode()] if isinstance(answer, dict) else answer[0][1]
+        if isinstance(entries, list) and entries and isinstance(entries[0], list):
+            entries = entries[0]  # RESP3 shape
+        return [(bytes(entry_id), fields) for entry_id, fields in entries]
+
+    def active(self) -> Iterator[list[bytes]]:
+        """The signed decisions of the fleet's active bans, a batch at a time."""
+        cursor = 0
+        while True:
+            cursor, found = self.client.hscan(self.bans_key, cursor, count=SNAPSHOT_BATCH)
+            if found:
+                yield [bytes(value) for value in found.values()]
+            if cursor == 0:
+                return
+
+    def active_count(self) -> int:
+        return int(self.client.zcard(self.expiry_key))
+
+    def prune(self, now: float, limit: int = 10_000) -> int:
+        """Forget active-set entries whose ban has ended; any host may do it, any number of times."""
+        return int(self._prune(keys=[self.bans_key, self.expiry_key], args=[repr(now), limit]))
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # closing a dead connection must not raise on the way out
+            pass
