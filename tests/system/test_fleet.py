@@ -4,6 +4,9 @@ namespaces on one bridge, a real scan, the scanner's address in every host's nft
 from __future__ import annotations
 
 import contextlib
+import hmac
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,10 +42,17 @@ def fleet(tmp_path: Path, count: int, *, tls: bool = False, gateways: dict[int, 
                 host = Host(net, ns, index, tmp_path / f"h{index}", fleet_config(index, redis, key, **extra))
                 hosts.append(host)
                 host.start()
+            for host in hosts:
+                joined(host)
             yield net, redis, hosts, key
         finally:
             for host in hosts:
                 host.close()
+
+
+def joined(host: Host) -> None:
+    """The host's fleet threads reach Redis (READY comes first: Redis never delays the start)."""
+    rig.eventually(lambda: fleet_status(host)["link"] == "up", timeout=15, what=f"h{host.index} joined")
 
 
 def in_set(host: Host, address: str, timeout: float = 10.0) -> None:
@@ -79,3 +89,111 @@ def test_a_scan_of_one_host_bans_the_scanner_on_every_host_and_after_a_restart(t
         status = third.admin("status").stdout
         assert "fleet:" in status and "up to redis://portsentry@" in status, status
         assert third.daemon.history_text() == ""  # never scanned: nothing of 1.2's history here
+
+
+def addresses(count: int, third: int = 0) -> list[str]:
+    """Scanners outside the fleet's subnet, in 198.19.0.0/16."""
+    return [f"198.19.{third + i // 250}.{i % 250 + 1}" for i in range(count)]
+
+
+def block_file(host: Host, tmp_path: Path, name: str, items: list[str]) -> None:
+    path = tmp_path / name
+    path.write_text("\n".join(items) + "\n")
+    host.admin("block", "--file", str(path), "--for", "2h")
+
+
+def fleet_status(host: Host) -> dict[str, object]:
+    state = json.loads(host.admin("status", "--json").stdout)
+    fleet_state: dict[str, object] = state["fleet"]
+    return fleet_state
+
+
+def test_redis_killed_in_a_burst_loses_no_ban_on_any_host(tmp_path):
+    with fleet(tmp_path, 3) as (_net, redis, hosts, _key):
+        first, second, third = hosts
+        wanted: list[str] = []
+        for batch in range(6):
+            items = addresses(100, third=batch)
+            wanted += items
+            block_file(first if batch % 2 == 0 else second, tmp_path, f"burst{batch}", items)
+            if batch == 2:
+                redis.kill()  # mid-burst: bans keep being made while Redis is away
+            if batch == 4:
+                redis.start()
+        everything = {*wanted}
+        for host in hosts:
+            try:
+                rig.eventually(lambda host=host: everything <= host.blocked(), timeout=30,
+                               what=f"all {len(everything)} bans on h{host.index}")
+            except rig.RigError as error:
+                raise rig.RigError(f"{error}: has {len(everything & host.blocked())}\n"
+                                   + "\n".join(f"h{h.index}: {fleet_status(h)}\n{h.syslog.describe()}"
+                                               for h in hosts)) from None
+            # Nothing else was banned: no decision was applied wrongly.
+            assert host.blocked() == everything
+        for host in (first, second, third):
+            state = fleet_status(host)
+            assert state["link"] == "up" and not state["refused"], state
+        assert "is down" in first.syslog.describe() and "is up" in first.syslog.describe()
+
+
+def test_decisions_without_the_key_are_refused_over_tls(tmp_path):
+    with fleet(tmp_path, 2, tls=True) as (_net, redis, hosts, _key):
+        first, second = hosts
+        stream = "portsentry:{test}:decisions"
+        now = f"{time.time():.6f}"
+        forged = f"1|h1|1|999999|ban|198.19.9.9|-|{now}|forged".encode()
+        # No signature at all, and one made with another key.
+        assert redis.cli("XADD", stream, "*", "d", forged.decode()).strip(), redis.cli("PING")
+        bad = hmac.new(b"not the fleet key at all", b"portsentry-fleet-v1\0test\0" + forged, "sha256")
+        redis.cli("XADD", stream, "*", "d", forged.decode(), "s", bad.hexdigest())
+        # A real ban after them, so we know the reader got past both.
+        first.admin("block", "198.19.9.10")
+        in_set(second, "198.19.9.10")
+        assert "198.19.9.9" not in second.blocked() and "198.19.9.9" not in first.blocked()
+        for host in hosts:
+            refused = fleet_status(host)["refused"]
+            assert refused == {"unsigned": 1, "bad_signature": 1}, (refused, host.syslog.describe(), redis.cli("XRANGE", stream, "-", "+"))
+        second.syslog.wait_for("fleet: refused an entry from ?: unsigned")
+        assert redis.password not in first.daemon.stderr_text() + first.syslog.describe()
+        assert fleet_status(first)["redis"] == redis.url  # no password in it to hide
+
+
+def test_a_host_never_applies_a_fleet_ban_of_its_gateway_or_itself(tmp_path):
+    with fleet(tmp_path, 3, gateways={2: SECOND_GATEWAY}) as (_net, _redis, hosts, _key):
+        first, second, third = hosts
+        first.admin("block", SECOND_GATEWAY)  # host 2's gateway, nobody else's
+        first.admin("block", host_ip(2))  # host 2 itself
+        first.admin("block", "198.19.7.7")  # an ordinary scanner, after both
+        for host in (second, third):
+            in_set(host, "198.19.7.7")
+        assert SECOND_GATEWAY in third.blocked() and host_ip(2) in third.blocked()
+        assert SECOND_GATEWAY not in second.blocked() and host_ip(2) not in second.blocked()
+        refused = fleet_status(second)["refused"]
+        assert refused == {"protected": 1, "own_address": 1}, refused
+        # Host 2 still hears its gateway (a refused connection, where a ban would drop the reply),
+        # while host 3 does not.
+        assert "Refused" in rig.tcp_connect(second.ns, SECOND_GATEWAY, 9, timeout=2).error
+        assert "timed out" in rig.tcp_connect(third.ns, SECOND_GATEWAY, 9, timeout=2).error
+        assert HUB_IP not in second.blocked()
+
+
+def test_a_late_host_gets_every_active_ban_and_unblock_lifts_fleet_wide(tmp_path):
+    with fleet(tmp_path, 3) as (net, redis, hosts, key):
+        first, second, third = hosts
+        block_file(first, tmp_path, "many", addresses(300))
+        second.admin("block", "198.19.200.1")
+        first.admin("unblock", "198.19.0.1")  # lifted everywhere
+        second.admin("unblock", "198.19.0.2", "--local")  # lifted on host 2 only
+        wanted = set(addresses(300)) - {"198.19.0.1"} | {"198.19.200.1"}
+        rig.eventually(lambda: third.blocked() == wanted, timeout=20, what="h3 has the fleet's bans")
+        rig.eventually(lambda: second.blocked() == wanted - {"198.19.0.2"}, timeout=20,
+                       what="h2 has the fleet's bans less its local unblock")
+        assert first.blocked() == wanted
+        ns = add_host(net, 4)
+        late = Host(net, ns, 4, tmp_path / "h4", fleet_config(4, redis, key))
+        hosts.append(late)
+        late.start()
+        joined(late)
+        rig.eventually(lambda: late.blocked() == wanted, timeout=20, what="the late host has every active ban")
+        late.syslog.wait_for("fleet: loaded the fleet's active set: 300 of 300 bans applied here")

@@ -53,18 +53,21 @@ class Gate:
     def set_guards(self, guards: Guards) -> None:
         self.guards = guards
 
-    def check(self, decision: Decision, now: float, capped: bool = True) -> str | None:
-        """None when `decision` may be applied; else ECHO or the refusal reason. A decision that
-        gets past the host checks moves that host's newest (epoch, seq), applied or not."""
+    def check(self, decision: Decision, now: float, live: bool = True) -> str | None:
+        """None when `decision` may be applied; else ECHO or the refusal reason. A live decision
+        (from the stream) that gets past the host checks moves that host's newest (epoch, seq),
+        applied or not. The active set (`live` False) holds each address's latest ban whatever its
+        age, so it is neither ordered nor rate-capped."""
         if decision.host == self.host_id:
             return ECHO
         if self.accept is not None and decision.host not in self.accept:
             return "host_not_accepted"
-        order = (decision.epoch, decision.seq)
-        # Equal is fine: a host republishes its active bans under its current seq.
-        if order < self.seen.get(decision.host, (0, 0)):
-            return "replay"
-        self.seen[decision.host] = order
+        if live:
+            order = (decision.epoch, decision.seq)
+            # Equal is fine: a host republishes its active bans under its current seq.
+            if order < self.seen.get(decision.host, (0, 0)):
+                return "replay"
+            self.seen[decision.host] = order
         if decision.kind == "lift":
             return None  # lifting never harms this host; guards protect against bans
         address = decision.address
@@ -78,7 +81,7 @@ class Gate:
             return "protected"
         if decision.expires is not None and decision.expires <= now:
             return "expired"
-        if capped and self.rate_limited(now):
+        if live and self.rate_limited(now):
             return "rate_limited"
         return None
 

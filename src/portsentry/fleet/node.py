@@ -358,7 +358,7 @@ class FleetNode:
                 continue
             if decision.kind != "ban":
                 continue
-            verdict = self.gate.check(decision, now, capped=False)
+            verdict = self.gate.check(decision, now, live=False)
             if verdict == ECHO:
                 continue
             if verdict is not None:
