@@ -123,8 +123,10 @@ def test_redis_killed_in_a_burst_loses_no_ban_on_any_host(tmp_path):
         everything = {*wanted}
         for host in hosts:
             try:
-                rig.eventually(lambda host=host: everything <= host.blocked(), timeout=30,
-                               what=f"all {len(everything)} bans on h{host.index}")
+                def arrived(current: Host = host) -> bool:
+                    return everything <= current.blocked()
+
+                rig.eventually(arrived, timeout=30, what=f"all {len(everything)} bans on h{host.index}")
             except rig.RigError as error:
                 raise rig.RigError(f"{error}: has {len(everything & host.blocked())}\n"
                                    + "\n".join(f"h{h.index}: {fleet_status(h)}\n{h.syslog.describe()}"
@@ -153,7 +155,7 @@ def test_decisions_without_the_key_are_refused_over_tls(tmp_path):
         assert "198.19.9.9" not in second.blocked() and "198.19.9.9" not in first.blocked()
         for host in hosts:
             refused = fleet_status(host)["refused"]
-            assert refused == {"unsigned": 1, "bad_signature": 1}, (refused, host.syslog.describe(), redis.cli("XRANGE", stream, "-", "+"))
+            assert refused == {"unsigned": 1, "bad_signature": 1}, (refused, host.syslog.describe())
         second.syslog.wait_for("fleet: refused an entry from ?: unsigned")
         assert redis.password not in first.daemon.stderr_text() + first.syslog.describe()
         assert fleet_status(first)["redis"] == redis.url  # no password in it to hide
@@ -195,5 +197,6 @@ def test_a_late_host_gets_every_active_ban_and_unblock_lifts_fleet_wide(tmp_path
         hosts.append(late)
         late.start()
         joined(late)
-        rig.eventually(lambda: late.blocked() == wanted, timeout=20, what="the late host has every active ban")
+        rig.eventually(lambda: late.blocked() == wanted, timeout=20,
+                       what="the late host has every active ban")
         late.syslog.wait_for("fleet: loaded the fleet's active set: 300 of 300 bans applied here")

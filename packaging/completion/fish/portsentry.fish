@@ -62,6 +62,7 @@ complete -c portsentry -n '__fish_seen_subcommand_from block' -l for -x -d 'how 
 complete -c portsentry -n '__fish_seen_subcommand_from block' -l file -r -F -d 'one address per line (# comments fine), - for standard input: all in one go, one store transaction and one kernel batch'
 complete -c portsentry -n '__fish_seen_subcommand_from unblock' -s h -l help -d 'show this help message and exit'
 complete -c portsentry -n '__fish_seen_subcommand_from unblock' -s c -l config -r -F -d 'configuration file'
+complete -c portsentry -n '__fish_seen_subcommand_from unblock' -l local -d 'lift it on this host only; without it a fleet (FLEET_REDIS_URL) lifts it too'
 complete -c portsentry -n '__fish_seen_subcommand_from unblock' -l file -r -F -d 'one address per line (# comments fine), - for standard input: all in one go, one store transaction and one kernel batch'
 complete -c portsentry -n '__fish_seen_subcommand_from list' -s h -l help -d 'show this help message and exit'
 complete -c portsentry -n '__fish_seen_subcommand_from list' -s c -l config -r -F -d 'configuration file'

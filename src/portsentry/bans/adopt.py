@@ -48,11 +48,13 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
     latest: dict[IPAddress, RemoteBan] = {}
     for want in wanted:
         known = latest.get(want.address)
-        if (want.expires is None or want.expires > now) and (known is None or longer(want.expires, known.expires)):
+        running = want.expires is None or want.expires > now
+        if running and (known is None or longer(want.expires, known.expires)):
             latest[want.address] = want
     held = {ban.address: ban for ban in bans.store.get_many(latest)}
     fresh = [want for address, want in latest.items()
-             if (old := held.get(address)) is None or not old.active(now) or longer(want.expires, old.expires)]
+             if (old := held.get(address)) is None or not old.active(now)
+             or longer(want.expires, old.expires)]
     if not fresh:
         return []
     backends = (bans.backend.name,) if bans.backend is not None else ()
@@ -81,7 +83,8 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
         try:
             bans.hosts_deny.add_many(list(lines), on_append=own)
         except (OSError, ValueError) as error:
-            bans.log(messages.config_error(f"cannot add {len(lines)} lines to {bans.hosts_deny.path}: {error}"))
+            bans.log(messages.config_error(f"cannot add {len(lines)} lines to {bans.hosts_deny.path}: "
+                                           f"{error}"))
     backend = bans.backend.name if bans.backend is not None else "none"
     for ban in made:
         bans.telemetry.ban(ban.address, backend, None if ban.expires is None else ban.expires - now,

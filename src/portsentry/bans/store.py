@@ -72,8 +72,8 @@ BUSY_TIMEOUT_MS = 10_000
 
 
 _BAN_COLUMNS = (
-    "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, backends, "
-    "origin"
+    "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, "
+    "backends, origin"
 )
 _HISTORY_INSERT = "INSERT INTO history (at, kind, address, detail, origin, expires) VALUES (?, ?, ?, ?, ?, ?)"
 # A ban is active at time ? while its expiry lies after it (or it has none).
@@ -619,7 +619,8 @@ def _backends(text: str) -> tuple[str, ...]:
 
 
 def _ban_from_row(row: tuple[object, ...]) -> Ban:
-    (address, reason, mode, port, first_seen, last_seen, count, expires, offences, line, backends, origin) = row
+    (address, reason, mode, port, first_seen, last_seen, count, expires, offences, line, backends,
+     origin) = row
     return Ban(
         address=stored_address(cast(str, address)),
         reason=cast(str, reason),

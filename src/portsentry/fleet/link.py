@@ -15,6 +15,7 @@ package (the optional dependency `portsentry[fleet]`), imported only when a flee
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -72,13 +73,15 @@ def connect(settings: FleetSettings) -> redis.Redis:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    parts = urlsplit(settings.url)
     common: dict[str, Any] = {
-        "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": READ_TIMEOUT, "socket_keepalive": True,
+        "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": READ_TIMEOUT,
         "retry": Retry(NoBackoff(), 0), "client_name": f"portsentry-{settings.host_id}",
     }
+    if parts.scheme != "unix":
+        common["socket_keepalive"] = True  # a server gone without a word is noticed by the kernel
     if settings.password is not None:
         common["password"] = settings.password
-    parts = urlsplit(settings.url)
     if parts.scheme.endswith("+sentinel"):
         return _sentinel(settings, parts.scheme.startswith("rediss"), common)
     client: redis.Redis = redis.Redis.from_url(settings.url, **common)
@@ -152,8 +155,9 @@ class Link:
         return bytes(oldest[0][0]) if oldest else None
 
     def read(self, after: bytes, block_ms: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Entries after `after`, waiting up to `block_ms` for the first."""
-        answer = self.client.xread({self.stream: after}, count=count, block=block_ms)
+        """Entries after `after`, waiting up to `block_ms` for the first (0: not at all; Redis
+        itself takes BLOCK 0 as "for ever")."""
+        answer = self.client.xread({self.stream: after}, count=count, block=block_ms or None)
         if not answer:
             return []
         entries = answer[self.stream.encode()] if isinstance(answer, dict) else answer[0][1]
@@ -179,7 +183,5 @@ class Link:
         return int(self._prune(keys=[self.bans_key, self.expiry_key], args=[repr(now), limit]))
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a dead connection must not raise on the way out
             self.client.close()
-        except Exception:  # closing a dead connection must not raise on the way out
-            pass

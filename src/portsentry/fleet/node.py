@@ -364,7 +364,8 @@ class FleetNode:
             if verdict is not None:
                 self._refused(verdict, decision)
                 continue
-            wanted.append(RemoteBan(decision.address, decision.expires, decision.host, _fleet_reason(decision)))
+            wanted.append(RemoteBan(decision.address, decision.expires, decision.host,
+                                    _fleet_reason(decision)))
         made = adopt_bans(self.bans, wanted, now, self.hosts_deny)
         self._count("applied", len(made))
         return len(made)

@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from portsentry.config.settings import Config, ConfigError
+from portsentry.config.settings import Config
 from portsentry.fleet.decision import HOST_ID
 
 # Host ids the ban store uses for its own origins: a peer by that name would be taken for us.
@@ -81,12 +81,13 @@ def fleet_settings(config: Config, hostname: str | None = None) -> FleetSettings
     if not url:
         return None
     if urlsplit(url).scheme not in SCHEMES:
-        raise config.error("FLEET_REDIS_URL", f"{redact(url)!r}: the scheme must be one of {', '.join(SCHEMES)}")
+        raise config.error("FLEET_REDIS_URL",
+                           f"{redact(url)!r}: the scheme must be one of {', '.join(SCHEMES)}")
     host_id = config.fleet_host_id or (hostname if hostname is not None else socket.gethostname())
     host_id = host_id.split(".", 1)[0] if not config.fleet_host_id else host_id
     if not HOST_ID.fullmatch(host_id) or host_id in RESERVED_IDS:
-        raise config.error("FLEET_HOST_ID", f"{host_id!r} is not a usable host id (letters, digits, '.', '_', "
-                           "'-', at most 64; not 'local')")
+        raise config.error("FLEET_HOST_ID", f"{host_id!r} is not a usable host id (letters, digits, '.', "
+                           "'_', '-', at most 64; not 'local')")
     if not config.fleet_key_file:
         raise config.error("FLEET_KEY_FILE", "is required with FLEET_REDIS_URL: every decision is signed")
     key = read_secret(config, "FLEET_KEY_FILE", config.fleet_key_file, "fleet key")

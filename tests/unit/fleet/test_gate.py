@@ -1,0 +1,67 @@
+"""This host's say over a peer's decision: echoes, accepted hosts, replays, guards, the rate cap."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address, ip_network
+
+from portsentry.config.ignore import IgnoreEntry, IgnoreList
+from portsentry.fleet.decision import Decision
+from portsentry.fleet.gate import ECHO, Gate, Guards
+
+NOW = 1_700_000_000.0
+
+
+def ban(address: str, host: str = "h1", seq: int = 1, epoch: int = 1,
+        expires: float | None = NOW + 600) -> Decision:
+    return Decision(host, epoch, seq, "ban", ip_address(address), expires, NOW)
+
+
+def lift(address: str, host: str = "h1", seq: int = 1) -> Decision:
+    return Decision(host, 1, seq, "lift", ip_address(address), None, NOW)
+
+
+GUARDS = Guards(own=frozenset({ip_address("198.18.0.1")}),
+                ignore=IgnoreList([IgnoreEntry(ip_network("198.18.5.0/24"), 1, "198.18.5.0/24")]),
+                protected=frozenset({ip_address("198.18.0.254")}),
+                broadcasts=frozenset({ip_address("198.18.0.255")}))
+
+
+def test_each_guard_refuses_its_bans_and_names_itself():
+    gate = Gate("h2", guards=GUARDS)
+    candidates = ["198.18.0.1", "198.18.5.9", "198.18.0.254", "198.18.0.255", "127.0.0.1", "224.0.0.1",
+                  "198.18.9.9"]
+    verdicts = {address: gate.check(ban(address, seq=n), NOW) for n, address in enumerate(candidates, 1)}
+    assert verdicts == {"198.18.0.1": "own_address", "198.18.5.9": "ignored", "198.18.0.254": "protected",
+                        "198.18.0.255": "impossible", "127.0.0.1": "impossible", "224.0.0.1": "impossible",
+                        "198.18.9.9": None}
+    # Lifting is never harmful: a lift of a protected address passes.
+    assert gate.check(lift("198.18.0.254", seq=9), NOW) is None
+
+
+def test_echoes_other_hosts_and_expired_bans():
+    gate = Gate("h2", accept=frozenset({"h1"}))
+    assert gate.check(ban("198.18.9.9", host="h2"), NOW) == ECHO
+    assert gate.check(ban("198.18.9.9", host="h3"), NOW) == "host_not_accepted"
+    assert gate.check(ban("198.18.9.9", expires=NOW - 1), NOW) == "expired"
+    assert gate.check(ban("198.18.9.9", seq=2, expires=None), NOW) is None  # forever
+
+
+def test_an_older_decision_of_a_host_is_a_replay_but_the_active_set_is_not_ordered():
+    gate = Gate("h2")
+    assert gate.check(ban("198.18.9.1", seq=10), NOW) is None
+    assert gate.check(lift("198.18.9.1", seq=5), NOW) == "replay"
+    assert gate.check(ban("198.18.9.2", seq=10), NOW) is None  # equal: a republished active ban
+    assert gate.check(ban("198.18.9.3", seq=1, epoch=2), NOW) is None  # a new epoch starts again
+    assert gate.check(ban("198.18.9.4", seq=99, epoch=1), NOW) == "replay"
+    assert gate.check(ban("198.18.9.5", seq=1, epoch=1), NOW, live=False) is None
+    assert gate.seen == {"h1": (2, 1)}
+
+
+def test_the_rate_cap_counts_fleet_bans_a_minute():
+    gate = Gate("h2", rate_limit=3)
+    verdicts = [gate.check(ban(f"198.18.9.{n}", seq=n), NOW) for n in range(1, 6)]
+    assert verdicts == [None, None, None, "rate_limited", "rate_limited"]
+    assert gate.check(ban("198.18.9.7", seq=7), NOW + 61) is None
+    # The active set loaded at start is not capped.
+    assert all(gate.check(ban(f"198.18.8.{n}", seq=99), NOW + 61, live=False) is None for n in range(10))
+    assert Gate("h2").rate_limited(NOW) is False  # 0: no cap

@@ -1,0 +1,173 @@
+"""Two hosts' fleet nodes on one real redis-server (Unix socket), each with its own ban store and
+a recording kernel: what is published, what is applied, echoes, refusals, cursors, Redis down."""
+
+from __future__ import annotations
+
+import json
+import time
+from ipaddress import ip_address
+from pathlib import Path
+
+from portsentry.bans.store import ORIGIN_LOCAL_ONLY
+from portsentry.fleet.decision import Decision, encode
+from portsentry.fleet.gate import Guards
+from portsentry.fleet.link import Link
+from portsentry.fleet.node import FleetNode
+from portsentry.fleet.settings import FleetSettings
+from tests.unit.bans.test_lifecycle import Kernel, manager
+
+KEY = b"s" * 32
+SCANNER = ip_address("198.18.9.1")
+
+
+def node(tmp_path: Path, url: str, host: str, **settings: object) -> tuple[FleetNode, Kernel, list[str]]:
+    workdir = tmp_path / host
+    workdir.mkdir(exist_ok=True)
+    bans, kernel, _lines, _commands = manager(workdir)
+    log: list[str] = []
+    fleet = FleetNode(FleetSettings(url, "unit", host, KEY, **settings), bans, str(workdir),  # type: ignore[arg-type]
+                      log.append)
+    return fleet, kernel, log
+
+
+def local_ban(fleet: FleetNode, address: str, duration: float | None = 600) -> None:
+    """As a scan's block does it: recorded, then put in the kernel."""
+    fleet.bans.remember(ip_address(address), reason="TCP SYN scan", mode="stcp", port=1, now=time.time(),
+                        duration=duration, hosts_deny_line=None, native=True)
+    fleet.bans.ban_native(ip_address(address), duration)
+
+
+def deliver(sender: FleetNode, receiver: FleetNode, url: str) -> None:
+    """One publish round on the sender and one read round on the receiver, without threads."""
+    out, into = Link(sender.settings), Link(receiver.settings)
+    if sender.published is None:
+        sender._resend_active(out)
+    while sender.publish_once(out):
+        pass
+    if receiver.stream is None:
+        receiver._catch_up(into)
+    assert receiver.stream is not None
+    entries = into.read(receiver.stream, 0, 10_000)
+    if entries:
+        receiver.apply_entries(entries)
+        receiver.stream = entries[-1][0]
+    out.close()
+    into.close()
+
+
+def test_a_ban_made_on_one_host_is_made_on_the_other_and_not_echoed(tmp_path, redis_url):
+    one, _k1, _log1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, log2 = node(tmp_path, redis_url, "h2")
+    deliver(one, two, redis_url)  # both joined, nothing yet
+    local_ban(one, "198.18.9.1")
+    local_ban(one, "198.18.9.2", None)
+    deliver(one, two, redis_url)
+    assert set(kernel2.held) == {SCANNER, ip_address("198.18.9.2")}
+    assert kernel2.held[ip_address("198.18.9.2")] is None
+    held = two.bans.store.get(SCANNER)
+    assert held is not None and held.origin == "h1" and held.reason.startswith("fleet: ")
+    assert "attackalert: Host 198.18.9.1 has been blocked via fleet (from h1)" in log2
+    # Host 2 publishes nothing of it (not its ban), and host 1 skips its own entries.
+    deliver(two, one, redis_url)
+    assert one.status()["received"] == 0 and two.status()["published"] == 0
+    assert one.status()["published"] == 2 and two.status()["applied"] == 2
+    # Applying the same entries again changes nothing.
+    changes = len(two.bans.store.changes(0))
+    two.apply_entries(Link(two.settings).read(b"0-0", 0, 100))
+    assert len(two.bans.store.changes(0)) == changes
+
+
+def test_unblock_lifts_fleet_wide_except_local_only_and_expiry_is_not_sent(tmp_path, redis_url):
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
+    deliver(one, two, redis_url)
+    for address in ("198.18.9.1", "198.18.9.2", "198.18.9.3"):
+        local_ban(one, address)
+    deliver(one, two, redis_url)
+    now = time.time()
+    one.bans.lift(ip_address("198.18.9.1"), now, "unblocked by admin")
+    one.bans.lift(ip_address("198.18.9.2"), now, "unblocked here", origin=ORIGIN_LOCAL_ONLY)
+    one.bans.store.lift(ip_address("198.18.9.3"), now + 10_000, "ban expired")  # recorded as expire
+    published = int(str(one.status()["published"]))
+    deliver(one, two, redis_url)
+    assert one.status()["published"] == published + 1  # only the fleet-wide unblock
+    assert set(kernel2.held) == {ip_address("198.18.9.2"), ip_address("198.18.9.3")}
+    lifted = two.bans.store.changes(0)[-1]
+    assert (lifted.kind, lifted.origin, lifted.address) == ("lift", "h1", SCANNER)
+
+
+def test_forged_replayed_and_guarded_decisions_are_refused_and_counted(tmp_path, redis_url):
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, log2 = node(tmp_path, redis_url, "h2", accept_hosts=frozenset({"h1"}))
+    deliver(one, two, redis_url)
+    two.gate.set_guards(Guards(protected=frozenset({ip_address("198.18.0.254")})))
+    link = Link(one.settings)
+    forged = Decision("h1", 1, 10**6, "ban", ip_address("198.18.9.66"), None, time.time())
+    link.client.xadd(link.stream, {b"d": forged.payload()})
+    link.client.xadd(link.stream, encode(forged, b"x" * 32, "unit"))
+    link.client.xadd(link.stream, encode(Decision("h3", 1, 1, "ban", ip_address("198.18.9.67"), None,
+                                                  time.time()), KEY, "unit"))
+    local_ban(one, "198.18.0.254")
+    deliver(one, two, redis_url)
+    # A replay: an old signed lift copied back into the stream after a newer ban.
+    local_ban(one, "198.18.9.5")
+    deliver(one, two, redis_url)
+    old = Decision("h1", one.epoch, 1, "lift", ip_address("198.18.9.5"), None, time.time())
+    link.client.xadd(link.stream, encode(old, KEY, "unit"))
+    deliver(one, two, redis_url)
+    assert set(kernel2.held) == {ip_address("198.18.9.5")}
+    assert two.status()["refused"] == {"unsigned": 1, "bad_signature": 1, "host_not_accepted": 1,
+                                       "protected": 1, "replay": 1}
+    assert any("refused ban of 198.18.0.254 from h1: protected" in line for line in log2)
+
+
+def test_a_late_host_loads_the_active_set_and_cursors_survive_a_restart(tmp_path, redis_url):
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    deliver(one, one, redis_url)
+    for n in range(1, 51):
+        local_ban(one, f"198.18.9.{n}")
+    deliver(one, one, redis_url)
+    late, kernel, log = node(tmp_path, redis_url, "h3")
+    deliver(one, late, redis_url)
+    assert len(kernel.held) == 50
+    assert any(line.startswith("fleet: loaded the fleet's active set: 50 of 50") for line in log)
+    late._save(force=True)
+    state = json.loads((tmp_path / "h3" / "fleet.json").read_text())
+    assert state["fleet"] == "unit" and state["stream"] == late.stream.decode()  # type: ignore[union-attr]
+    again = FleetNode(late.settings, late.bans, str(tmp_path / "h3"), log.append)
+    assert again.stream == late.stream and again.epoch == late.epoch
+
+
+def test_redis_down_leaves_local_bans_alone_and_the_backlog_goes_out_later(tmp_path, redis_url):
+    down = str(tmp_path / "nothing.sock")
+    one, kernel1, log = node(tmp_path, f"unix://{down}", "h1")
+    one.start(Guards())
+    try:
+        local_ban(one, "198.18.9.1")
+        deadline = time.monotonic() + 5
+        while one.status()["link"] != "down" or one.status()["error"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert SCANNER in kernel1.held  # the local ban stands
+        assert one.status()["published"] == 0
+    finally:
+        one.stop()
+    # The same host with Redis back: what waited in its store goes out.
+    back = FleetNode(FleetSettings(redis_url, "unit", "h1", KEY), one.bans, str(tmp_path / "h1"), log.append)
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
+    for fleet in (two, back):
+        fleet.start(Guards())
+    try:
+        deadline = time.monotonic() + 10
+        while SCANNER not in kernel2.held:
+            assert time.monotonic() < deadline, (back.status(), two.status())
+            time.sleep(0.02)
+        local_ban(back, "198.18.9.2")  # woken at once by the ban, not at the next poll
+        deadline = time.monotonic() + 2
+        while ip_address("198.18.9.2") not in kernel2.held:
+            assert time.monotonic() < deadline, (back.status(), two.status())
+            time.sleep(0.005)
+        assert back.status()["link"] == "up" and two.status()["lag_ms"] is not None
+    finally:
+        back.stop()
+        two.stop()
