@@ -6,7 +6,7 @@ from __future__ import annotations
 from ipaddress import ip_address
 
 from portsentry.fleet.decision import Decision, unpack
-from portsentry.fleet.link import Link, connect
+from portsentry.fleet.link import Link
 from portsentry.fleet.settings import FleetSettings
 
 KEY = b"k" * 32
