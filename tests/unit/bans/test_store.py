@@ -444,3 +444,22 @@ def test_origin_is_who_set_the_expiry(tmp_path: Path) -> None:
         longer = store.ban(address, reason="scan", mode="tcp", port=1, now=T0 + 2, duration=500)
         assert longer.origin == "local" and store.get(address).origin == "local"  # type: ignore[union-attr]
         assert [change.origin for change in store.changes(0)] == ["host1", "local", "local"]
+
+
+def test_ban_absent_is_ban_many_in_bulk(tmp_path: Path) -> None:
+    """The same rows, history and offences as ban_many; an address with a row goes the usual way."""
+    from portsentry.bans.store import BanRequest
+
+    with BanStore(str(tmp_path / "a.sqlite3")) as bulk, BanStore(str(tmp_path / "b.sqlite3")) as usual:
+        for store in (bulk, usual):
+            store.ban("198.18.0.1", reason="old", mode="tcp", port=1, now=T0 - 100, duration=10)
+            store.lift("198.18.0.1", T0 - 50, "done")
+            store.ban("198.18.0.3", reason="held", mode="tcp", port=1, now=T0 - 1, duration=1000)
+        requests = [BanRequest(normalise(a), "fleet", "tcp", 0, d, None, ("nftables",))
+                    for a, d in (("198.18.0.1", 60.0), ("198.18.0.2", None), ("198.18.0.3", 5000.0))]
+        made = bulk.ban_absent(requests, T0, "h1")
+        assert made == usual.ban_many(requests, T0, origin="h1")
+        assert [b.offences for b in made] == [2, 1, 1] and made[2].count == 2
+        # The same changes; the bulk rows are written after the one that went the usual way.
+        assert sorted((c.address, c.kind, c.origin, c.detail) for c in bulk.changes(0)) == sorted(
+            (c.address, c.kind, c.origin, c.detail) for c in usual.changes(0))
