@@ -31,7 +31,7 @@ from types import FrameType
 
 from tests.system import rig
 
-from bench import ban_backends, harness, kernel_path, many_bans, report_bench
+from bench import ban_backends, fleet_bench, harness, kernel_path, many_bans, report_bench
 from bench.harness import ALREADY, BLOCKED, DETECTION, BenchError, Receiver, Running, Subject
 
 DOC = harness.REPO_ROOT / "docs" / "performance.md"
@@ -952,7 +952,7 @@ def profile(directory: Path, rate: int, count: int, interval_us: int, source: Pa
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
-    parser.add_argument("--only", action="append", choices=(*PARTS, "capture", "kernel", "report",
+    parser.add_argument("--only", action="append", choices=(*PARTS, "capture", "kernel", "report", "fleet",
                                                           *many_bans.PARTS),
                         help="run only this part (repeatable; default: all but capture and the "
                         "issue-10 parts idle, startup and stalls, which bench/many_bans.py runs "
@@ -1043,6 +1043,15 @@ def measure_all(args: argparse.Namespace, argv: Sequence[str], source: Path | No
     only = set(args.only or PARTS)
     if args.with_capture:
         only.add("capture")
+    if "fleet" in only:
+        block = fleet_bench.measure(" ".join(["bench/run", *argv]), args.ours_rev, load_at_start)
+        print(block)
+        if not args.no_write:
+            fleet_bench.write_block(args.doc, block)
+            print(f"issue-12 results written to {args.doc}")
+        only.discard("fleet")
+        if not only:
+            return 0
     if "report" in only:
         block = report_bench.measure(args.repeat, " ".join(["bench/run", *argv]), args.ours_rev,
                                      load_at_start)

@@ -220,17 +220,18 @@ class BanStore:
             for start in range(0, len(wanted), _CHUNK):
                 keys = [key for key, _a, _r in wanted[start:start + _CHUNK]]
                 marks = ",".join("?" * len(keys))
-                present.update(row[0] for row in db.execute(f"SELECT address FROM bans WHERE address IN ({marks})",
-                                                            keys))
-                past.update(db.execute(f"SELECT address, offences FROM offenders WHERE address IN ({marks})",
-                                       keys).fetchall())
+                present.update(row[0] for row in db.execute(
+                    f"SELECT address FROM bans WHERE address IN ({marks})", keys))
+                past.update(db.execute(
+                    f"SELECT address, offences FROM offenders WHERE address IN ({marks})", keys).fetchall())
             rows, history = [], []
             for key, address, request in wanted:
                 if key in present or isinstance(request.duration, str):
                     made.append(self._ban(db, request, now, origin))
                     continue
                 if request.duration is not None and not request.duration > 0:
-                    raise ValueError(f"ban duration must be positive seconds or None, not {request.duration!r}")
+                    raise ValueError(f"ban duration must be positive seconds or None, not "
+                                     f"{request.duration!r}")
                 expires = None if request.duration is None else now + request.duration
                 backends = tuple(dict.fromkeys(request.backends))
                 ban = Ban(address, request.reason, request.mode, request.port, now, now, 1, expires,
@@ -245,7 +246,8 @@ class BanStore:
                              ban.hosts_deny_line, backends_text, origin))
                 history.append((now, "ban", key, f"{ban.mode} port {ban.port}: {ban.reason}; {until}; "
                                 f"offence {ban.offences}", origin, expires))
-            db.executemany(f"INSERT INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(f"INSERT INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           rows)
             db.executemany(_HISTORY_INSERT, history)
         return made
 

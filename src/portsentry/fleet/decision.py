@@ -145,7 +145,8 @@ def parse(payload: bytes) -> Decision:
     try:
         return Decision(host.decode(), int(epoch), int(seq), "ban" if kind == b"ban" else "lift",
                         _address(address_text.decode()),
-                        None if expires_text == b"-" else float(expires_text), float(at_text), reason.decode())
+                        None if expires_text == b"-" else float(expires_text), float(at_text),
+                        reason.decode())
     except ValueError as error:
         raise BadDecision("malformed", str(error)) from None
 
