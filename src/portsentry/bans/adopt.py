@@ -9,6 +9,11 @@ it: a shell per remote decision would let one burst fork thousands of processes 
 Idempotent: a ban already held at least as long is left as it is (the longer ban holds, whoever
 made it), so applying a decision twice, or hearing it again after a restart, changes nothing.
 The expiry is the originating ban's, not this host's BLOCK_TIME.
+
+Recorded before applied, as every ban, except for the fleet's active set loaded when a host
+joins (`kernel_first`): those bans are already on record in Redis, and the host is protected a
+second or two sooner when its kernel takes them before its store does. A crash in between
+loses nothing: the fleet cursor is saved only after both, so the next start loads the set again.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def longer(expires: float | None, than: float | None) -> bool:
 
 
 def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
-               hosts_deny: str | None = None) -> list[Ban]:
+               hosts_deny: str | None = None, kernel_first: bool = False) -> list[Ban]:
     """Make or lengthen the bans in `wanted` that this host does not already hold as long; the
     bans made. `hosts_deny` is KILL_HOSTS_DENY (None: no line)."""
     latest: dict[IPAddress, RemoteBan] = {}
@@ -51,12 +56,15 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
         running = want.expires is None or want.expires > now
         if running and (known is None or longer(want.expires, known.expires)):
             latest[want.address] = want
-    held = {ban.address: ban for ban in bans.store.get_many(latest)}
-    fresh = [want for address, want in latest.items()
-             if (old := held.get(address)) is None or not old.active(now)
-             or longer(want.expires, old.expires)]
+    fresh = list(latest.values())
     if not fresh:
         return []
+    early = kernel_first and bans.backend is not None
+    if early:
+        held = {ban.address: ban for ban in bans.store.get_many(latest)}
+        fresh = [want for want in fresh if (old := held.get(want.address)) is None or not old.active(now)
+                 or longer(want.expires, old.expires)]
+        _kernel(bans, [(want.address, want.expires) for want in fresh], now)
     backends = (bans.backend.name,) if bans.backend is not None else ()
     by_origin: dict[str, list[BanRequest]] = {}
     for remote in fresh:
@@ -67,14 +75,9 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
     # Recorded before applied, as every ban: a crash half-way leaves records restore completes.
     made: list[Ban] = []
     for origin, requests in by_origin.items():
-        made += bans.store.ban_absent(requests, now, origin)
-    if bans.backend is not None:
-        try:
-            bans.backend.add_many((ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
-                                  for ban in made)
-        except (BackendError, OSError) as error:
-            bans.log(messages.native_block_failed(f"({len(made)} fleet bans)", bans.backend.describe(),
-                                                  str(error)))
+        made += bans.store.ban_absent(requests, now, origin, keep_longer=True)
+    if not early:
+        _kernel(bans, [(ban.address, ban.expires) for ban in made], now)
     lines = {ban.hosts_deny_line: ban.address for ban in made if ban.hosts_deny_line}
     if lines:
         def own(appended: list[str]) -> None:
@@ -90,6 +93,17 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
         bans.telemetry.ban(ban.address, backend, None if ban.expires is None else ban.expires - now,
                            "fleet", now)
     return made
+
+
+def _kernel(bans: BanManager, wanted: list[tuple[IPAddress, float | None]], now: float) -> None:
+    if bans.backend is None or not wanted:
+        return
+    try:
+        bans.backend.add_many((address, None if expires is None else max(expires - now, 1.0))
+                              for address, expires in wanted)
+    except (BackendError, OSError) as error:
+        bans.log(messages.native_block_failed(f"({len(wanted)} fleet bans)", bans.backend.describe(),
+                                              str(error)))
 
 
 def lift_remote(bans: BanManager, address: IPAddress, origin: str, now: float) -> bool:

@@ -571,11 +571,17 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portsentry demo", description=__doc__)
     parser.add_argument("--keep-going", action="store_true",
                         help="run the remaining steps after one fails (exit status is still 1)")
+    parser.add_argument("--fleet", action="store_true",
+                        help="three hosts sharing bans through Redis: one scan, all three block the scanner")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_demo_parser().parse_args(argv)
+    if args.fleet:
+        from portsentry.cli.demo_fleet import run_fleet_demo
+
+        return run_fleet_demo(sys.stdout)
     return run_demo(sys.stdout, keep_going=args.keep_going)
 
 

@@ -37,6 +37,18 @@ class Guards:
     protected: frozenset[IPAddress] = frozenset()  # default gateways and DNS resolvers
     broadcasts: frozenset[IPAddress] = frozenset()
 
+    def __post_init__(self) -> None:
+        # As integers: hashing an address object costs a hex() each time, and a joining host
+        # checks 100,000 of them against these.
+        object.__setattr__(self, "own_keys", frozenset(map(_key, self.own)))
+        object.__setattr__(self, "protected_keys", frozenset(map(_key, self.protected)))
+        object.__setattr__(self, "broadcast_keys", frozenset(map(_key, self.broadcasts)))
+
+
+def _key(address: IPAddress) -> int:
+    """One integer per address, IPv4 and IPv6 apart."""
+    return int(address) if address.version == 4 else int(address) | 1 << 128
+
 
 @dataclass
 class Gate:
@@ -70,14 +82,15 @@ class Gate:
             self.seen[decision.host] = order
         if decision.kind == "lift":
             return None  # lifting never harms this host; guards protect against bans
-        address = decision.address
-        if impossible_source(address, self.guards.broadcasts) is not None:
+        address, guards = decision.address, self.guards
+        key = _key(address)
+        if impossible_source(address) is not None or key in guards.broadcast_keys:  # type: ignore[attr-defined]
             return "impossible"
-        if address in self.guards.own:
+        if key in guards.own_keys:  # type: ignore[attr-defined]
             return "own_address"
-        if address in self.guards.ignore:
+        if address in guards.ignore:
             return "ignored"
-        if address in self.guards.protected:
+        if key in guards.protected_keys:  # type: ignore[attr-defined]
             return "protected"
         if decision.expires is not None and decision.expires <= now:
             return "expired"

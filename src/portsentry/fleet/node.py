@@ -336,10 +336,13 @@ class FleetNode:
         if self.stream is not None and (first is None or _id(first) <= _next(self.stream)):
             return
         last = link.last_id()
-        started, total, applied = time.monotonic(), 0, 0
-        for values in link.active():
-            total += len(values)
-            applied += self.apply_active(values)
+        started, total = time.monotonic(), 0
+        values: list[bytes] = []
+        for batch in link.active():
+            total += len(batch)
+            values += batch
+        # All at once: the kernel takes every ban in one batch before the store records them.
+        applied = self.apply_active(values)
         self.stream = last
         self._save(force=True)
         self.log(f"fleet: loaded the fleet's active set: {applied} of {total} bans applied here in "
@@ -366,7 +369,7 @@ class FleetNode:
                 continue
             wanted.append(RemoteBan(decision.address, decision.expires, decision.host,
                                     _fleet_reason(decision)))
-        made = adopt_bans(self.bans, wanted, now, self.hosts_deny)
+        made = adopt_bans(self.bans, wanted, now, self.hosts_deny, kernel_first=True)
         self._count("applied", len(made))
         return len(made)
 
