@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +202,19 @@ def test_a_late_host_gets_every_active_ban_and_unblock_lifts_fleet_wide(tmp_path
         rig.eventually(lambda: late.blocked() == wanted, timeout=20,
                        what="the late host has every active ban")
         late.syslog.wait_for("fleet: loaded the fleet's active set: 300 of 300 bans applied here")
+
+
+def test_demo_fleet_blocks_the_scanner_on_three_hosts_and_cleans_up():
+    from tests.system.rig import REPO_ROOT, daemon_env, list_namespaces
+
+    before = set(list_namespaces("psfleet-"))
+    result = subprocess.run([sys.executable, "-m", "portsentry", "demo", "--fleet"], capture_output=True,
+                            text=True, timeout=120, env=daemon_env(), cwd=REPO_ROOT, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for host in ("h2", "h3"):
+        assert f"{host} portsentry[" in result.stdout
+    assert "has been blocked via fleet (from h1)" in result.stdout
+    assert "It works: one detection on h1, and the scanner finds h2 and h3 dark as well." in result.stdout
+    assert "namespaces and temporary directory removed" in result.stdout
+    assert "cannot" not in result.stdout and "FAILED" not in result.stdout, result.stdout
+    assert set(list_namespaces("psfleet-")) == before

@@ -79,7 +79,8 @@ class FleetDemo:
         self.run(["ip", "-n", self.hub, "addr", "add", f"{HUB_IP}/24", "dev", "br0"])
         self.run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
         for i, (ns, address) in enumerate([(self.scanner, SCANNER_IP),
-                                           *((h, f"{SUBNET}.{n}") for n, h in enumerate(self.hosts, 1))]):
+                                           *((h, f"{SUBNET}.{n}")
+                                             for n, h in enumerate(self.hosts, 1))]):
             port = f"p{i}"
             self.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port,
                       "netns", self.hub])
@@ -93,16 +94,17 @@ class FleetDemo:
         password = secrets.token_hex(16)
         (self.workdir / "redis").mkdir()
         conf = self.workdir / "redis" / "redis.conf"
-        conf.write_text(f"bind {HUB_IP}\nport {PORT}\ndir {self.workdir / 'redis'}\nsave \"\"\nappendonly no\n"
-                        "user default off\n"
+        conf.write_text(f"bind {HUB_IP}\nport {PORT}\ndir {self.workdir / 'redis'}\n"
+                        "save \"\"\nappendonly no\nuser default off\n"
                         f"user portsentry on >{password} ~portsentry:* +@read +@write +@stream +@scripting "
                         "+@connection -@dangerous\n")
         key, secret = self.workdir / "fleet.key", self.workdir / "redis.password"
         for path, text in ((key, secrets.token_hex(32)), (secret, password)):
             path.write_text(text + "\n")
             os.chmod(path, 0o600)
-        self.processes.append(subprocess.Popen(["ip", "netns", "exec", self.hub, "redis-server", str(conf)],
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.processes.append(subprocess.Popen(
+            ["ip", "netns", "exec", self.hub, "redis-server", str(conf)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.say(f"redis-server on {HUB_IP}:{PORT}, ACL user 'portsentry' with a password; every "
                  "decision is signed with a shared key (HMAC-SHA256).")
         return f"redis://portsentry@{HUB_IP}:{PORT}/0", key, secret
@@ -113,7 +115,8 @@ class FleetDemo:
             (home / "state").mkdir(parents=True, mode=0o700)
             settings = {"TCP_PORTS": "1,11,79,111,119,143", "BLOCK_TCP": "1", "BLOCK_TIME": "600",
                         "BAN_BACKEND": "nftables", "STATE_DIR": str(home / "state"),
-                        "CONTROL_SOCKET": str(home / "control.sock"), "HOSTS_DENY_FILE": str(home / "hosts.deny"),
+                        "CONTROL_SOCKET": str(home / "control.sock"),
+                        "HOSTS_DENY_FILE": str(home / "hosts.deny"),
                         "HISTORY_FILE": str(home / "history"), "BLOCKED_FILE": str(home / "blocked"),
                         "FLEET_REDIS_URL": url, "FLEET_NAME": "demo", "FLEET_HOST_ID": f"h{n}",
                         "FLEET_KEY_FILE": str(key), "FLEET_PASSWORD_FILE": str(secret)}
@@ -121,11 +124,12 @@ class FleetDemo:
             conf.write_text("".join(f'{k}="{v}"\n' for k, v in settings.items()))
             syslog = SyslogReceiver(home / "log.sock")
             self.syslogs.append(syslog)
-            argv = [sys.executable, "-m", "portsentry", "-c", str(conf), "--syslog-socket", str(home / "log.sock"),
-                    "-stcp"]
+            argv = [sys.executable, "-m", "portsentry", "-c", str(conf), "--syslog-socket",
+                    str(home / "log.sock"), "-stcp"]
             with (home / "stderr").open("wb") as err:
-                self.processes.append(subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
-                                                       stdout=subprocess.DEVNULL, stderr=err, env=_package_env()))
+                self.processes.append(subprocess.Popen(
+                    ["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=err, env=_package_env()))
         for n in range(1, HOSTS + 1):
             self.wait(n, READY_TEXT)
             self.wait(n, "fleet: link to")
@@ -204,7 +208,8 @@ def run_fleet_demo(out: TextIO) -> int:
     if reason is None:
         missing = [tool for tool in ("redis-server", "nft") if shutil.which(tool) is None]
         if missing:
-            reason = f"portsentry demo --fleet needs {', '.join(missing)} (Debian: apt install redis-server nftables)"
+            reason = (f"portsentry demo --fleet needs {', '.join(missing)} "
+                      "(Debian: apt install redis-server nftables)")
     if reason is not None:
         out.write(f"portsentry: {reason}\n")
         return EXIT_UNAVAILABLE

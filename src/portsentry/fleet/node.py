@@ -81,6 +81,7 @@ class FleetNode:
         self.gate = Gate(settings.host_id, settings.accept_hosts, settings.ban_rate_limit)
         self.counters = FleetCounters()
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -144,12 +145,14 @@ class FleetNode:
                      "stream": self.stream.decode() if self.stream else None,
                      "seen": {host: list(order) for host, order in self.gate.seen.items()}}
         temporary = f"{self.path}.tmp"
-        try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(state, handle)
-            os.replace(temporary, self.path)
-        except OSError as error:
-            self._say_once("save", f"fleet: cannot write {self.path}: {error}")
+        # Both threads save: one at a time, or one renames the other's half-written file away.
+        with self._save_lock:
+            try:
+                with open(temporary, "w", encoding="utf-8") as handle:
+                    json.dump(state, handle)
+                os.replace(temporary, self.path)
+            except OSError as error:
+                self._say_once("save", f"fleet: cannot write {self.path}: {error}")
 
     # -- status ----------------------------------------------------------------------------------
 
