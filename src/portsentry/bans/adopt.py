@@ -49,22 +49,23 @@ def longer(expires: float | None, than: float | None) -> bool:
 def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
                hosts_deny: str | None = None, kernel_first: bool = False) -> list[Ban]:
     """Make or lengthen the bans in `wanted` that this host does not already hold as long; the
-    bans made. `hosts_deny` is KILL_HOSTS_DENY (None: no line)."""
-    latest: dict[IPAddress, RemoteBan] = {}
-    for want in wanted:
-        known = latest.get(want.address)
-        running = want.expires is None or want.expires > now
-        if running and (known is None or longer(want.expires, known.expires)):
-            latest[want.address] = want
-    fresh = list(latest.values())
+    bans made. `hosts_deny` is KILL_HOSTS_DENY (None: no line). With `kernel_first`, `wanted`
+    has one ban per address (the fleet's active set)."""
+    if kernel_first:
+        fresh = [want for want in wanted if want.expires is None or want.expires > now]
+    else:
+        latest: dict[IPAddress, RemoteBan] = {}
+        for want in wanted:
+            known = latest.get(want.address)
+            running = want.expires is None or want.expires > now
+            if running and (known is None or longer(want.expires, known.expires)):
+                latest[want.address] = want
+        fresh = list(latest.values())
     if not fresh:
         return []
     early = kernel_first and bans.backend is not None
     if early:
-        held = {ban.address: ban for ban in bans.store.get_many(latest)}
-        fresh = [want for want in fresh if (old := held.get(want.address)) is None or not old.active(now)
-                 or longer(want.expires, old.expires)]
-        _kernel(bans, [(want.address, want.expires) for want in fresh], now)
+        _kernel_first(bans, fresh, now)
     backends = (bans.backend.name,) if bans.backend is not None else ()
     by_origin: dict[str, list[BanRequest]] = {}
     for remote in fresh:
@@ -93,6 +94,26 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
         bans.telemetry.ban(ban.address, backend, None if ban.expires is None else ban.expires - now,
                            "fleet", now)
     return made
+
+
+def _kernel_first(bans: BanManager, fresh: list[RemoteBan], now: float) -> None:
+    """The active set into the kernel before the store; an address the store holds at least as
+    long is left out (and `ban_absent` leaves it out of the store too)."""
+    held = ({ban.address: ban for ban in bans.store.get_many(want.address for want in fresh)}
+            if bans.store.active_count(now) else {})
+    new = [want for want in fresh if want.address not in held]
+    longer_here = [want for want in fresh if (old := held.get(want.address)) is not None
+                   and (not old.active(now) or longer(want.expires, old.expires))]
+    assert bans.backend is not None
+    try:
+        # Addresses the store does not hold are not in the set either: one plain add each (a
+        # third of add_many's messages, which reset a timeout already there).
+        bans.backend.restore_many((want.address.packed, None if want.expires is None
+                                   else max(want.expires - now, 1.0)) for want in new)
+    except (BackendError, OSError) as error:
+        bans.log(messages.native_block_failed(f"({len(new)} fleet bans)", bans.backend.describe(),
+                                              str(error)))
+    _kernel(bans, [(want.address, want.expires) for want in longer_here], now)
 
 
 def _kernel(bans: BanManager, wanted: list[tuple[IPAddress, float | None]], now: float) -> None:
