@@ -116,6 +116,25 @@ def _sentinel(settings: FleetSettings, tls: bool, common: dict[str, Any]) -> red
     return client
 
 
+def _order(entry: bytes) -> tuple[int, int]:
+    ms, _, seq = entry.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def trimmed_past(first: bytes, cursor: bytes) -> bool:
+    """Whether the stream's oldest entry `first` lies beyond the one after `cursor`: entries a
+    reader at `cursor` has not seen may have been trimmed (or lost by a Redis restart)."""
+    ms, seq = _order(cursor)
+    return _order(first) > (ms, seq + 1)
+
+
+def describe_error(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    # redis-py's messages name host and port, never the password; cut them short all the same.
+    return f"{type(error).__name__}: {error}"[:200]
+
+
 class Link:
     """One thread's Redis connection and the fleet's commands on it."""
 

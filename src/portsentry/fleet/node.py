@@ -14,29 +14,27 @@ Threads and ownership:
   Redis connection. It loads the fleet's active set when it has no cursor or fell behind what
   the stream keeps, then follows the stream with XREAD BLOCK, and applies what the Gate lets
   through by way of the ban lifecycle (bans.adopt).
-- Both write the state file (STATE_DIR/fleet.json) under one lock; the counters are read by
-  `status` on the main loop under the same lock.
+- Both write the state file (STATE_DIR/fleet.json, fleet.state); the counters are read by
+  `status` on the main loop under the node's lock.
 Redis being down stops neither detection nor local bans: only these threads wait and retry.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from portsentry.bans.adopt import RemoteBan, adopt_bans, lift_remote
 from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.store import ORIGIN_LOCAL, Change, StoreError
 from portsentry.fleet.decision import BadDecision, Decision, decode, unpack
 from portsentry.fleet.gate import ECHO, Gate, Guards
-from portsentry.fleet.link import Link, link_errors
+from portsentry.fleet.link import Link, describe_error, link_errors, trimmed_past
 from portsentry.fleet.settings import FleetSettings
+from portsentry.fleet.state import FleetCounters, FleetState, StateFile, load_state
 from portsentry.journal.telemetry import Telemetry
 
 POLL = 0.5  # seconds between looks at the change feed when nothing woke the publisher
@@ -50,20 +48,6 @@ LIVE_LOG_LIMIT = 20  # a batch with more bans than this is logged as one summary
 
 Logger = Callable[[str], None]
 LinkFactory = Callable[[FleetSettings], Link]
-
-
-@dataclass
-class FleetCounters:
-    published: int = 0
-    received: int = 0
-    applied: int = 0
-    refused: dict[str, int] = field(default_factory=dict)
-    lag: float | None = None  # seconds from a peer's decision to its ban here, last one
-    lag_max: float = 0.0
-    publish_up: bool = False
-    read_up: bool = False
-    error: str | None = None
-    down_since: float | None = None
 
 
 class FleetNode:
@@ -81,17 +65,19 @@ class FleetNode:
         self.gate = Gate(settings.host_id, settings.accept_hosts, settings.ban_rate_limit)
         self.counters = FleetCounters()
         self._lock = threading.Lock()
-        self._save_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._saved_at = 0.0
-        state = self._load_state()
-        self.epoch: int = state.get("epoch") or int(clock() * 1000)
-        self.published: int | None = state.get("published")
-        self.stream: bytes | None = state["stream"].encode() if state.get("stream") else None
-        self.gate.seen = {host: (int(e), int(s)) for host, (e, s) in state.get("seen", {}).items()}
         self._logged: set[str] = set()
+        self._state_file = StateFile(self.path, settings.name)
+        state, problem = load_state(self.path, settings.name)
+        if problem is not None:
+            self.log(f"fleet: {problem}")
+        self.epoch: int = state.epoch or int(clock() * 1000)
+        self.published: int | None = state.published
+        self.stream: bytes | None = state.stream
+        self.gate.seen = state.seen
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -122,37 +108,16 @@ class FleetNode:
 
     # -- state file ------------------------------------------------------------------------------
 
-    def _load_state(self) -> dict[str, Any]:
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                state = json.load(handle)
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:
-            self.log(f"fleet: cannot read {self.path} ({error}); starting afresh")
-            return {}
-        if not isinstance(state, dict) or state.get("fleet") != self.settings.name:
-            return {}  # another fleet's cursors mean nothing here
-        return state
-
     def _save(self, force: bool = False) -> None:
         now = time.monotonic()
         with self._lock:
             if not force and now - self._saved_at < SAVE_EVERY:
                 return
             self._saved_at = now
-            state = {"fleet": self.settings.name, "epoch": self.epoch, "published": self.published,
-                     "stream": self.stream.decode() if self.stream else None,
-                     "seen": {host: list(order) for host, order in self.gate.seen.items()}}
-        temporary = f"{self.path}.tmp"
-        # Both threads save: one at a time, or one renames the other's half-written file away.
-        with self._save_lock:
-            try:
-                with open(temporary, "w", encoding="utf-8") as handle:
-                    json.dump(state, handle)
-                os.replace(temporary, self.path)
-            except OSError as error:
-                self._say_once("save", f"fleet: cannot write {self.path}: {error}")
+            state = FleetState(self.epoch, self.published, self.stream, dict(self.gate.seen))
+        error = self._state_file.write(state)
+        if error is not None:
+            self._say_once("save", f"fleet: cannot write {self.path}: {error}")
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -181,15 +146,15 @@ class FleetNode:
                 if c.publish_up and c.read_up:
                     c.error = c.down_since = None
             else:
-                c.error = _describe(error)
+                c.error = describe_error(error)
                 if c.down_since is None:
                     c.down_since = self.clock()
             now_up = c.publish_up and c.read_up
         self.telemetry.metrics.fleet_link(now_up)
         if was != now_up:
             self.log(f"fleet: link to {self.settings.redacted} is up" if now_up else
-                     f"fleet: link to {self.settings.redacted} is down ({_describe(error)}); detection and "
-                     "local bans go on, changes are sent when it is back")
+                     f"fleet: link to {self.settings.redacted} is down ({describe_error(error)}); "
+                     "detection and local bans go on, changes are sent when it is back")
 
     def _say_once(self, key: str, text: str) -> None:
         if key not in self._logged:
@@ -336,7 +301,7 @@ class FleetNode:
         """With no cursor, or one older than the stream's oldest entry: the fleet's active set,
         then the stream from where it stood before the set was read (what comes twice is harmless)."""
         first = link.first_id()
-        if self.stream is not None and (first is None or _id(first) <= _next(self.stream)):
+        if self.stream is not None and (first is None or not trimmed_past(first, self.stream)):
             return
         last = link.last_id()
         started, total = time.monotonic(), 0
@@ -431,20 +396,3 @@ def _reason(text: str) -> str:
 
 def _fleet_reason(decision: Decision) -> str:
     return f"fleet: {decision.reason or 'ban'}"[:120]
-
-
-def _id(entry: bytes) -> tuple[int, int]:
-    ms, _, seq = entry.partition(b"-")
-    return int(ms), int(seq or 0)
-
-
-def _next(entry: bytes) -> tuple[int, int]:
-    ms, seq = _id(entry)
-    return ms, seq + 1
-
-
-def _describe(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
-    # redis-py's messages name host and port, never the password; cut them short all the same.
-    return f"{type(error).__name__}: {error}"[:200]

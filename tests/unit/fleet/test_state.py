@@ -1,0 +1,38 @@
+"""The fleet's state file: read back as written, and a damaged or foreign one never stops a host."""
+
+from __future__ import annotations
+
+import json
+
+from portsentry.fleet.link import trimmed_past
+from portsentry.fleet.state import FleetState, StateFile, load_state
+
+
+def test_written_state_reads_back(tmp_path):
+    path = str(tmp_path / "fleet.json")
+    state = FleetState(1700000000000, 42, b"1700000000000-3", {"h1": (1, 9), "h2": (2, 1)})
+    assert StateFile(path, "dmz").write(state) is None
+    assert load_state(path, "dmz") == (state, None)
+    # Another fleet's cursors mean nothing here; no file is a first start.
+    assert load_state(path, "other") == (FleetState(), None)
+    assert load_state(str(tmp_path / "none.json"), "dmz") == (FleetState(), None)
+
+
+def test_damaged_state_is_set_aside_field_by_field(tmp_path):
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps({"fleet": "dmz", "epoch": -1, "published": "7", "stream": "1-2; DROP",
+                                "seen": {"h1": [1, 2], "h2": "x", "h3": [1, True], "h4": [1]}}))
+    state, problem = load_state(str(path), "dmz")
+    assert problem is None and state == FleetState(None, None, None, {"h1": (1, 2)})
+    path.write_text("{not json")
+    state, problem = load_state(str(path), "dmz")
+    assert state == FleetState() and problem is not None and "starting afresh" in problem
+
+
+def test_a_reader_knows_when_the_stream_was_trimmed_past_it():
+    """Stream ids are (milliseconds, sequence); an oldest entry beyond the one right after the
+    cursor means entries may be gone (trimmed, or a Redis that restarted empty): load the set."""
+    assert not trimmed_past(b"10-0", b"99-5")  # older entries still kept
+    assert not trimmed_past(b"99-5", b"99-5") and not trimmed_past(b"99-6", b"99-5")
+    assert trimmed_past(b"99-7", b"99-5")
+    assert trimmed_past(b"100-0", b"99-5")  # 99-6... may have existed: taken as missed, harmlessly
