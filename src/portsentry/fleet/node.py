@@ -342,7 +342,17 @@ class FleetNode:
         return len(made)
 
     def apply_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Stream entries in order: runs of bans in one batch, lifts one by one between them."""
+        """Stream entries in order: runs of bans in one batch, lifts one by one between them. If
+        applying fails (the store busy or full), the entries are read again, so the replay order
+        taken from them is put back: the second reading must not look like a replay."""
+        seen = dict(self.gate.seen)
+        try:
+            self._apply_entries(entries)
+        except BaseException:
+            self.gate.seen = seen
+            raise
+
+    def _apply_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         now = self.clock()
         run: list[tuple[Decision, RemoteBan]] = []
         for _entry_id, fields in entries:

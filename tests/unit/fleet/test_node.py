@@ -171,3 +171,29 @@ def test_redis_down_leaves_local_bans_alone_and_the_backlog_goes_out_later(tmp_p
     finally:
         back.stop()
         two.stop()
+
+
+def test_entries_read_again_after_a_failure_are_not_replays(tmp_path, redis_url, monkeypatch):
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
+    deliver(one, two, redis_url)
+    local_ban(one, "198.18.9.1")
+    out = Link(one.settings)
+    while one.publish_once(out):
+        pass
+    entries = Link(two.settings).read(two.stream or b"0-0", 0, 100)
+    from portsentry.bans.store import StoreError
+
+    def busy(*_args, **_kwargs):
+        raise StoreError("database is locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(two.bans.store, "ban_absent", busy)
+        try:
+            two.apply_entries(entries)
+        except StoreError:
+            pass
+        else:
+            raise AssertionError("the failure did not come through")
+    two.apply_entries(entries)  # the reader reads them again from its unchanged cursor
+    assert SCANNER in kernel2.held and "replay" not in two.status()["refused"]  # type: ignore[operator]
