@@ -178,6 +178,7 @@ def test_entries_read_again_after_a_failure_are_not_replays(tmp_path, redis_url,
     two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
     deliver(one, two, redis_url)
     local_ban(one, "198.18.9.1")
+    local_ban(one, "198.18.9.2")  # two: the first one's seq is below the second's
     out = Link(one.settings)
     while one.publish_once(out):
         pass
@@ -196,4 +197,5 @@ def test_entries_read_again_after_a_failure_are_not_replays(tmp_path, redis_url,
         else:
             raise AssertionError("the failure did not come through")
     two.apply_entries(entries)  # the reader reads them again from its unchanged cursor
-    assert SCANNER in kernel2.held and "replay" not in two.status()["refused"]  # type: ignore[operator]
+    assert set(kernel2.held) == {SCANNER, ip_address("198.18.9.2")}
+    assert "replay" not in two.status()["refused"]  # type: ignore[operator]
