@@ -77,6 +77,9 @@ class FleetNode:
         self.epoch: int = state.epoch or int(clock() * 1000)
         self.published: int | None = state.published
         self.stream: bytes | None = state.stream
+        # The stream cursor with the replay order taken up to it, as one pair: a save from the
+        # publisher in the middle of a batch must not store an order ahead of the cursor.
+        self._read_state: tuple[bytes | None, dict[str, tuple[int, int]]] = (state.stream, dict(state.seen))
         self.gate.seen = state.seen
 
     # -- life ------------------------------------------------------------------------------------
@@ -114,7 +117,8 @@ class FleetNode:
             if not force and now - self._saved_at < SAVE_EVERY:
                 return
             self._saved_at = now
-            state = FleetState(self.epoch, self.published, self.stream, dict(self.gate.seen))
+            stream, seen = self._read_state
+            state = FleetState(self.epoch, self.published, stream, dict(seen))
         error = self._state_file.write(state)
         if error is not None:
             self._say_once("save", f"fleet: cannot write {self.path}: {error}")
@@ -280,6 +284,7 @@ class FleetNode:
                 if entries:
                     self.apply_entries(entries)
                     self.stream = entries[-1][0]
+                    self._commit_read()
                 self._save(force=not entries)
             except link_errors() as error:
                 self._link_state("read_up", False, error)
@@ -312,9 +317,14 @@ class FleetNode:
         # All at once: the kernel takes every ban in one batch before the store records them.
         applied = self.apply_active(values)
         self.stream = last
+        self._commit_read()
         self._save(force=True)
         self.log(f"fleet: loaded the fleet's active set: {applied} of {total} bans applied here in "
                  f"{time.monotonic() - started:.1f} s")
+
+    def _commit_read(self) -> None:
+        with self._lock:
+            self._read_state = (self.stream, dict(self.gate.seen))
 
     def apply_active(self, values: list[bytes]) -> int:
         """Signed decisions of the active set: verified and guarded like stream entries, except
