@@ -28,7 +28,9 @@ from portsentry.core.probe import IPAddress, Mode
 from portsentry.responders.backend import BackendError
 from portsentry.responders.substitute import hosts_deny_entry
 
-FLEET_MODE = str(Mode.TCP)  # stored like a manual block: no port, no mode of its own
+FLEET_MODE = str(Mode.TCP)
+# From this many new fleet bans in one batch on, the kernel takes them as restore_many does.
+RESTORE_FROM = 1000  # stored like a manual block: no port, no mode of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +107,13 @@ def _kernel_first(bans: BanManager, fresh: list[RemoteBan], now: float) -> None:
     longer_here = [want for want in fresh if (old := held.get(want.address)) is not None
                    and (not old.active(now) or longer(want.expires, old.expires))]
     assert bans.backend is not None
+    if len(new) < RESTORE_FROM:
+        _kernel(bans, [(want.address, want.expires) for want in new + longer_here], now)
+        return
     try:
         # Addresses the store does not hold are not in the set either: one plain add each (a
-        # third of add_many's messages, which reset a timeout already there).
+        # third of add_many's messages, which reset a timeout already there), sent by a thread
+        # of its own while the next batch is encoded: worth it for thousands, not for a few.
         bans.backend.restore_many((want.address.packed, None if want.expires is None
                                    else max(want.expires - now, 1.0)) for want in new)
     except (BackendError, OSError) as error:
