@@ -99,10 +99,12 @@ class Redis:
     """redis-server in the hub namespace: own port, own directory, an ACL user with a password,
     optionally TLS (a certificate made with openssl in its directory)."""
 
-    def __init__(self, ns: str, workdir: Path, *, port: int = 6390, tls: bool = False) -> None:
-        self.ns, self.dir, self.port, self.tls = ns, workdir, port, tls
+    def __init__(self, ns: str, workdir: Path, *, port: int = 6390, tls: bool = False,
+                 extra: Sequence[str] = (), password: str | None = None, user_rules: str = "") -> None:
+        self.ns, self.dir, self.port, self.tls, self.extra = ns, workdir, port, tls, list(extra)
+        self.user_rules = user_rules
         workdir.mkdir(parents=True, exist_ok=True)
-        self.password = secrets.token_hex(16)
+        self.password = password or secrets.token_hex(16)
         self.password_file = workdir / "redis.password"
         self.password_file.write_text(self.password + "\n")
         os.chmod(self.password_file, 0o600)
@@ -132,8 +134,8 @@ class Redis:
             "user default off",
             # What the fleet needs and nothing else: its keys, and the commands it sends.
             f"user {REDIS_USER} on >{self.password} ~portsentry:* "
-            "+@read +@write +@stream +@scripting +@connection -@dangerous",
-            "user admin on >" + self.password + " ~* +@all",
+            "+@read +@write +@stream +@scripting +@connection -@dangerous " + self.user_rules,
+            "user admin on >" + self.password + " ~* &* +@all",  # &*: a sentinel subscribes
         ]
         if self.tls:
             lines += ["port 0", f"tls-port {self.port}", f"tls-cert-file {self.dir / 'server.crt'}",
@@ -142,6 +144,7 @@ class Redis:
             shutil.copy(self.ca, self.dir / "server.crt")
         else:
             lines.append(f"port {self.port}")
+        lines += self.extra
         config.write_text("\n".join(lines) + "\n")
         return ["redis-server", str(config)]
 

@@ -83,8 +83,8 @@ DOCS: Final[dict[str, str]] = {
     "LOG_REPEAT_WINDOW": "The window of LOG_REPEAT_LIMIT, in seconds.",
     "KEEP_CAPABILITIES": "Capabilities kept for KILL_RUN_CMD beyond those portsentry itself needs.",
     "FLEET_REDIS_URL": "Share bans with a fleet through this Redis: redis://[user@]host:port/db, rediss:// "
-                       "(TLS; ?ssl_ca_certs=FILE), redis+sentinel://host:port[,host:port]/service; empty: "
-                       "no fleet.",
+                       "(TLS; ?ssl_ca_certs=FILE), redis+sentinel://host:port[,host:port]/service, "
+                       "redis+cluster://host:port[,host:port]; empty: no fleet.",
     "FLEET_NAME": "The fleet's name: its Redis keys share the hash tag {NAME} (one Cluster slot).",
     "FLEET_HOST_ID": "This host in the fleet (default: the host name); shown as the origin of its bans.",
     "FLEET_KEY_FILE": "The shared key every decision is signed with (HMAC-SHA256), at least 16 bytes, "

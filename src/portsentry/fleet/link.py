@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from portsentry.fleet.decision import FIELD_DATA, FIELD_SIGNATURE, Decision, encode, pack
-from portsentry.fleet.settings import FleetSettings
+from portsentry.fleet.settings import FleetSettings, redact
 
 if TYPE_CHECKING:
     import redis
@@ -84,36 +85,109 @@ def connect(settings: FleetSettings) -> redis.Redis:
         common["password"] = settings.password
     if parts.scheme.endswith("+sentinel"):
         return _sentinel(settings, parts.scheme.startswith("rediss"), common)
+    if parts.scheme.endswith("+cluster"):
+        return _cluster_node(settings, parts.scheme.startswith("rediss"), common)
     client: redis.Redis = redis.Redis.from_url(settings.url, **common)
     return client
 
 
+@dataclass(frozen=True)
+class Servers:
+    """What a sentinel or cluster URL names: the servers to ask, and the options of the URL."""
+
+    hosts: tuple[tuple[str, int], ...]
+    path: tuple[str, ...]
+    username: str | None
+    options: dict[str, str]
+
+
+def servers(url: str, default_port: int) -> Servers:
+    """`scheme://[user[:password]@]host[:port][,host[:port]...]/path?options`, the form of the
+    sentinel and cluster URLs (one server list where urlsplit expects one host)."""
+    parts = urlsplit(url)
+    hosts = []
+    for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+        host, colon, port = item.rpartition(":")
+        if not colon or host.endswith(":") or (":" in host and not host.startswith("[")):
+            host, port = item, ""  # no port, or a bare IPv6 address
+        host = host.strip("[]")
+        if not host or (port and not port.isdigit()):
+            raise LinkError(f"{redact(url)}: {item!r} is not a host[:port]")
+        hosts.append((host, int(port) if port else default_port))
+    path = tuple(unquote(p) for p in parts.path.split("/") if p)
+    username = unquote(parts.username) if parts.username else None
+    return Servers(tuple(hosts), path, username, dict(parse_qsl(parts.query)))
+
+
 def _sentinel(settings: FleetSettings, tls: bool, common: dict[str, Any]) -> redis.Redis:
     """redis+sentinel://[user@]host:port[,host:port...]/service[/db][?options]: the master of
-    `service` as the sentinels name it, asked again after every failover."""
+    `service` as the sentinels name it, asked again after every failover. The sentinels
+    themselves are asked without credentials, as redis-py does, unless the URL says
+    sentinel_auth=yes (sentinels with the same ACL user and password as the servers)."""
     from redis.sentinel import Sentinel
 
-    parts = urlsplit(settings.url)
-    hosts = parts.netloc.rsplit("@", 1)[-1]
-    sentinels = []
-    for item in hosts.split(","):
-        host, _, port = item.rpartition(":")
-        sentinels.append((host.strip("[]") or item, int(port or 26379)))
-    path = [unquote(p) for p in parts.path.split("/") if p]
-    if not path:
+    spec = servers(settings.url, 26379)
+    if not spec.path:
         raise LinkError(f"{settings.redacted}: a sentinel URL names the service: .../SERVICE")
     options: dict[str, Any] = dict(common)
-    if parts.username:
-        options["username"] = unquote(parts.username)
-    if len(path) > 1:
-        options["db"] = int(path[1])
-    for name, value in parse_qsl(parts.query):
-        options[name] = value
+    if spec.username:
+        options["username"] = spec.username
+    if len(spec.path) > 1:
+        options["db"] = int(spec.path[1])
+    query = dict(spec.options)
+    sentinel_auth = query.pop("sentinel_auth", "no").lower() in ("yes", "1", "true")
+    options.update(query)
     if tls:
         options["ssl"] = True
-    sentinel_options = {k: v for k, v in options.items() if k != "db"}
-    client: redis.Redis = Sentinel(sentinels, sentinel_kwargs=sentinel_options, **options).master_for(path[0])
+    drop = {"db"} if sentinel_auth else {"db", "username", "password"}
+    sentinel_options = {k: v for k, v in options.items() if k not in drop}
+    client: redis.Redis = Sentinel(list(spec.hosts), sentinel_kwargs=sentinel_options,
+                                   **options).master_for(spec.path[0])
     return client
+
+
+def _cluster_node(settings: FleetSettings, tls: bool, common: dict[str, Any]) -> redis.Redis:
+    """redis+cluster://[user@]host:port[,host:port...][?options]: the master that serves the
+    fleet's slot, as the first seed that answers CLUSTER SLOTS says. Every fleet key carries one
+    hash tag, so one node holds them all and a plain client suffices; after a failover or a
+    resharding the node answers MOVED, the fleet thread reconnects and asks again."""
+    import redis
+    from redis.crc import key_slot
+
+    spec = servers(settings.url, 6379)
+    options: dict[str, Any] = dict(common)
+    if spec.username:
+        options["username"] = spec.username
+    options.update(spec.options)
+    if tls:
+        options["ssl"] = True
+    slot = key_slot(settings.keys()[0].encode())
+    failures = []
+    for host, port in spec.hosts:
+        seed: Any = redis.Redis(host=host, port=port, **options)  # CLUSTER SLOTS is untyped
+        try:
+            owner = slot_owner(seed.execute_command("CLUSTER", "SLOTS"), slot)
+        except (redis.RedisError, OSError) as error:
+            failures.append(f"{host}:{port}: {describe_error(error)}")
+            continue
+        finally:
+            seed.close()
+        if owner is None:
+            failures.append(f"{host}:{port}: no master serves slot {slot}")
+            continue
+        node: redis.Redis = redis.Redis(host=owner[0] or host, port=owner[1], **options)
+        return node
+    raise redis.ConnectionError(f"{settings.redacted}: no cluster seed told where slot {slot} is: "
+                                + "; ".join(failures))
+
+
+def slot_owner(slots: Any, slot: int) -> tuple[str, int] | None:
+    """The master (address, port) serving `slot` in a CLUSTER SLOTS answer."""
+    for entry in slots if isinstance(slots, list) else ():
+        if len(entry) >= 3 and int(entry[0]) <= slot <= int(entry[1]):
+            address = entry[2][0]
+            return (address.decode() if isinstance(address, bytes) else str(address)), int(entry[2][1])
+    return None
 
 
 def _order(entry: bytes) -> tuple[int, int]:

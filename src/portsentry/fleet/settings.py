@@ -18,7 +18,7 @@ from portsentry.fleet.decision import HOST_ID
 
 # Host ids the ban store uses for its own origins: a peer by that name would be taken for us.
 RESERVED_IDS = frozenset({"local", "local-only"})
-SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 MIN_KEY_BYTES = 16
 _MAX_SECRET_BYTES = 4096
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 
+import pytest
+
 from portsentry.fleet.decision import Decision, unpack
-from portsentry.fleet.link import Link
+from portsentry.fleet.link import Link, LinkError, servers, slot_owner
 from portsentry.fleet.settings import FleetSettings
 
 KEY = b"k" * 32
@@ -50,3 +52,25 @@ def test_every_key_carries_the_fleets_hash_tag(redis_url):
     from redis.crc import key_slot
 
     assert len({key_slot(key.encode()) for key in keys}) == 1
+
+
+def test_sentinel_and_cluster_urls_name_their_servers():
+    spec = servers("rediss+sentinel://ps:secret@10.0.0.1,[fd00::2]:26380,sentinel-3:5/main/2?x=1", 26379)
+    assert spec.hosts == (("10.0.0.1", 26379), ("fd00::2", 26380), ("sentinel-3", 5))
+    assert spec.path == ("main", "2") and spec.username == "ps" and spec.options == {"x": "1"}
+    assert servers("redis+cluster://[fd00::1],fd00::3", 6379).hosts == (("fd00::1", 6379), ("fd00::3", 6379))
+
+
+def test_a_bad_server_list_is_an_error_that_hides_the_password():
+    with pytest.raises(LinkError) as caught:
+        servers("redis+cluster://u:hunter2@10.0.0.1:port", 6379)
+    assert "hunter2" not in str(caught.value) and "10.0.0.1:port" in str(caught.value)
+
+
+def test_the_owner_of_the_fleets_slot_is_read_from_cluster_slots():
+    answer = [[0, 5460, [b"198.18.7.1", 7001, b"id1"], [b"198.18.7.4", 7004, b"id4"]],
+              [5461, 10922, [b"198.18.7.2", 7002, b"id2"]], [10923, 16383, ["198.18.7.3", 7003, "id3"]]]
+    assert slot_owner(answer, 0) == ("198.18.7.1", 7001)
+    assert slot_owner(answer, 5461) == ("198.18.7.2", 7002)
+    assert slot_owner(answer, 16383) == ("198.18.7.3", 7003)
+    assert slot_owner(answer[:1], 9000) is None and slot_owner(None, 1) is None
