@@ -1,10 +1,16 @@
 """The ban lifecycle: how long a ban lasts, putting it in the native backend, lifting it again.
 
-The ban store is the shared truth between the daemon and the `block`/`unblock`/`list` commands:
-whoever bans or lifts writes the store and changes the kernel and hosts.deny; the daemon re-reads
-the store once a second and forgets hosts that were lifted behind its back. Lifting removes an
-address from everything that holds it: the native backend, the exact hosts.deny line we wrote,
-and whatever KILL_ROUTE_UNDO undoes.
+The ban store is the shared truth between the daemon, the `block`/`unblock`/`list` commands and
+the fleet: whoever bans or lifts writes the store and changes the kernel and hosts.deny. Every
+change is a row of the store's change feed (history); the daemon's maintenance thread follows it
+and tells the engine about bans made or lifted behind its back, and `on_change` wakes the fleet
+publisher, which sends this host's own changes (origin "local") to its peers.
+
+A ban made here is recorded before any step runs (`enforce`) and dropped again when every step
+failed. A fleet peer's ban (bans.adopt) goes to the kernel first and runs no KILL_ROUTE or
+KILL_RUN_CMD, here or after a reboot (bans.restore). Lifting removes an address from everything
+that holds it: the native backend, the exact hosts.deny line we wrote, and whatever
+KILL_ROUTE_UNDO undoes; a lift carries its origin so that a peer's unblock is not sent back.
 """
 
 from __future__ import annotations

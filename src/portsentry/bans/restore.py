@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from portsentry.bans.lifecycle import BanManager, mode_of
-from portsentry.bans.store import StoreError
+from portsentry.bans.store import ORIGIN_LOCAL, StoreError
 from portsentry.core import messages
 from portsentry.core.probe import IPAddress
 from portsentry.responders.backend import BackendError
@@ -73,8 +73,10 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
     rerun = changed and bool(bans.policy.route)
     if changed and not rerun and kernel_id_path is not None:
         _remember_kernel(kernel_id_path, current, bans.log)
-    routes = ([(address, port, mode) for address, _e, _l, port, mode in bans.store.active_slim(now)]
-              if rerun else [])
+    # Only this host's own bans: a fleet peer's ban never ran KILL_ROUTE here (bans.adopt), so a
+    # reboot must not run it either. A local ban a peer's longer one took over counts as the peer's.
+    routes = ([(address, port, mode) for address, _e, _l, port, mode
+               in bans.store.active_slim(now, origin=ORIGIN_LOCAL)] if rerun else [])
     return Restored([packed for packed, _expires in active], routes, kernel_id_path, current)
 
 

@@ -457,12 +457,14 @@ class BanStore:
         return self._select(f"WHERE {_ACTIVE} ORDER BY first_seen, address", (now,))
 
     @_store_errors
-    def active_slim(self, now: float) -> list[tuple[IPAddress, float | None, str | None, int, str]]:
-        """(address, expires, hosts_deny_line, port, mode) of every ban in force: what start-up
-        needs, without a Ban object per row."""
+    def active_slim(self, now: float, origin: str | None = None
+                    ) -> list[tuple[IPAddress, float | None, str | None, int, str]]:
+        """(address, expires, hosts_deny_line, port, mode) of every ban in force (of `origin`
+        only, when given): what start-up needs, without a Ban object per row."""
+        where, args = (_ACTIVE, (now,)) if origin is None else (f"{_ACTIVE} AND origin = ?", (now, origin))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT address, expires, hosts_deny_line, port, mode FROM bans WHERE {_ACTIVE}", (now,)
+                f"SELECT address, expires, hosts_deny_line, port, mode FROM bans WHERE {where}", args
             ).fetchall()
         return [(stored_address(a), e, line, port, mode) for a, e, line, port, mode in rows]
 

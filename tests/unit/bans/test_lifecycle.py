@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from ipaddress import ip_address
 
+from portsentry.bans.adopt import RemoteBan, adopt_bans
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.restore import rerun_routes, restore_bans
 from portsentry.bans.store import MEMORY, BanStore
@@ -159,6 +160,14 @@ def test_kill_route_is_rerun_in_a_new_kernel_and_not_in_the_same_one(tmp_path):
     (tmp_path / "kernel-id").write_text("another boot netns-cookie:1\n")
     restart(bans, 4.0, path)
     assert len(commands) == 2
+
+
+def test_a_new_kernel_reruns_kill_route_for_this_hosts_bans_only_not_a_fleet_peers(tmp_path):
+    """A fleet ban never ran KILL_ROUTE here (bans.adopt); a reboot must not run it either."""
+    bans, commands = _banned(tmp_path)
+    adopt_bans(bans, [RemoteBan(ip_address("198.19.0.9"), None, "h2", "fleet: scan")], 1.5)
+    restart(bans, 2.0, str(tmp_path / "kernel-id"))
+    assert commands == ["ip route add blackhole 198.18.0.2"]
 
 
 def test_an_unknown_kernel_identity_errs_on_re_applying(tmp_path, monkeypatch):
