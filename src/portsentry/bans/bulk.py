@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 
 from portsentry.bans.lifecycle import BanManager
-from portsentry.bans.store import BanRequest, normalise
+from portsentry.bans.store import ORIGIN_LOCAL_ONLY, BanRequest, normalise
 from portsentry.config.settings import Config
 from portsentry.core import messages
 from portsentry.core.addresses import canonical, impossible_source
@@ -113,7 +113,9 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
 
 
 def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddress], now: float,
-                 run: Callable[[str, float], CommandResult]) -> BulkResult:
+                 run: Callable[[str, float], CommandResult], local: bool = False) -> BulkResult:
+    """Lift every ban of `addresses` in one go; with `local`, on this host only (the fleet
+    publisher sends lifts of origin "local", not "local-only")."""
     result = BulkResult()
     held = bans.store.get_many(addresses)
     if bans.backend is not None and held:
@@ -127,7 +129,11 @@ def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAdd
         bans.store.disown_lines(ours)
     result.failed_commands = _run_each(bans, [steps.undo] if steps.undo else [],
                                        [ban.address for ban in held], run)
-    result.done = bans.store.lift_many((ban.address for ban in held), now, "unblocked by admin")
+    if local:
+        result.done = bans.store.lift_many((ban.address for ban in held), now,
+                                           "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY)
+    else:
+        result.done = bans.store.lift_many((ban.address for ban in held), now, "unblocked by admin")
     result.skipped = [f"{a}: not blocked" for a in sorted(set(addresses) - {b.address for b in held},
                                                           key=str)]
     return result

@@ -258,7 +258,7 @@ def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
         if args.command == "block":
             result = bulk.block_many(tool.bans, steps, addresses, now, duration, run_shell)
         else:
-            result = bulk.unblock_many(tool.bans, steps, addresses, now, run_shell)
+            result = bulk.unblock_many(tool.bans, steps, addresses, now, run_shell, local=args.local)
         seconds = time.monotonic() - started
     finally:
         tool.close()

@@ -81,3 +81,16 @@ def test_forever_and_fixed_durations(tmp_path):
     block_many(bans, ManualSteps(), [b], T0, 90.0, recorder(ran))
     assert kernel.held == {a: None, b: 90.0}
     assert ran == []
+
+
+def test_unblock_many_local_lifts_on_this_host_only(tmp_path):
+    """`unblock --file F --local`: the lifts carry origin local-only, which the fleet publisher
+    does not send, as a single `unblock --local` does."""
+    bans, kernel, _said, ran = manager(tmp_path)
+    addresses = [ip_address("198.19.1.1"), ip_address("198.19.1.2")]
+    block_many(bans, ManualSteps(), addresses, T0, None, recorder(ran))
+    cursor = bans.store.last_change()
+    result = unblock_many(bans, ManualSteps(), addresses, T0 + 1, recorder(ran), local=True)
+    assert result.done == 2 and kernel.held == {}
+    lifts = bans.store.changes(after=cursor)
+    assert {(c.kind, c.origin) for c in lifts} == {("lift", "local-only")}
