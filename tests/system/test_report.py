@@ -68,3 +68,29 @@ def test_a_real_scan_is_reported_and_the_html_renders_with_the_json_numbers(
     assert f"<td>{net.scanner_ip4}</td>" in dom
     if SCREENSHOT_DIR:
         shutil.copy(shot, Path(SCREENSHOT_DIR) / "report.png")
+
+
+def test_a_resolved_host_name_reaches_the_report(daemon_factory, namespaces, syslog, tmp_path):
+    """RESOLVE_HOST=1: the daemon runs with a private /etc/hosts (a bind mount in a mount
+    namespace of its own: the machine's file is untouched) that names the scanner; the report
+    shows that name next to the address in every format."""
+    net = namespaces
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{net.scanner_ip4} scanner.report.test\n")
+    daemon = daemon_factory("-stcp", start=False, TCP_PORTS="1,79,111", BLOCK_TCP="0", RESOLVE_HOST="1")
+    daemon.command = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                      'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts), *daemon.command]
+    daemon.start()
+    nmap(net.scanner, ["-sS", "-p", "1,79,111", "--max-retries", "0", net.target_ip4])
+    syslog.wait_for("scanner.report.test")
+
+    def named() -> bool:
+        data = json.loads(report(daemon, "--format", "json"))
+        return any(s["name"] == "scanner.report.test" for s in data["scanners"])
+
+    eventually(named, timeout=10, what="the name in the report (written once a second)")
+    assert f"{net.scanner_ip4},".encode() in report(daemon, "--format", "csv").encode()
+    assert "scanner.report.test" in report(daemon, "--format", "csv")
+    assert "  scanner.report.test; ports 1,79,111" in report(daemon)
+    assert "<td>scanner.report.test</td>" in report(daemon, "--format", "html")
+    assert "scanner.report.test" not in (Path("/etc/hosts").read_text())

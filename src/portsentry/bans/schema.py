@@ -93,6 +93,18 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE bans ADD COLUMN origin TEXT NOT NULL DEFAULT 'local'
         """,
     ),
+    (
+        5,
+        "the reverse-DNS name of each source, as RESOLVE_HOST found it, for reports",
+        """
+        CREATE TABLE names (
+            address TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX names_at ON names (at)
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -423,6 +423,7 @@ class BanStore:
             first_hour = int(oldest // 3600) if oldest != float("-inf") else -1
             db.execute("DELETE FROM hits WHERE hour < ?", (first_hour,))
             db.execute("DELETE FROM refusals WHERE hour < ?", (first_hour,))
+            db.execute("DELETE FROM names WHERE at < ?", (oldest,))
             if max_rows > 0:
                 excess = int(db.execute("SELECT count(*) FROM hits").fetchone()[0]) - max_rows
                 if excess > 0:
@@ -431,9 +432,14 @@ class BanStore:
         return int(removed)
 
     @_store_errors
-    def add_hits(self, rows: Iterable[HitRow], refused: Iterable[tuple[int, str, int]]) -> None:
-        """Merge a batch of hit aggregates and guard refusals (journal.hits) in one transaction."""
+    def add_hits(self, rows: Iterable[HitRow], refused: Iterable[tuple[int, str, int]],
+                 names: Iterable[tuple[str, str, float]] = ()) -> None:
+        """Merge a batch of hit aggregates, guard refusals and (address, name, when) reverse-DNS
+        names (journal.hits) in one transaction; the latest name of an address holds."""
         with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO names (address, name, at) VALUES (?, ?, ?) ON CONFLICT (address) DO UPDATE "
+                "SET name = excluded.name, at = excluded.at WHERE excluded.at >= at", names)
             db.executemany(
                 "INSERT INTO hits (source, port, mode, hour, kind, count, below, first, last) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, port, mode, hour, kind) DO UPDATE "

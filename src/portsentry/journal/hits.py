@@ -2,7 +2,8 @@
 hour, and what the guards refused, per hour and reason.
 
 Threads: the main loop calls `add` for every probe the engine decided on (a dict update, no
-I/O); the maintenance thread calls `drain` once a second and writes the rows to the ban store in
+I/O; with RESOLVE_HOST it also keeps the source's name); the maintenance thread calls `drain`
+and `drain_names` once a second and writes the rows to the ban store in
 one transaction. The table in memory is bounded: past `capacity` keys a new key is counted in
 `overflow` and dropped, never blocking detection.
 """
@@ -39,12 +40,17 @@ class HitTally:
         # (source, port, mode, hour, kind) -> [count, below, first, last]
         self._hits: dict[tuple[IPAddress, int, str, int, str], list[float]] = {}
         self._refused: dict[tuple[int, str], int] = {}
+        self._names: dict[IPAddress, tuple[str, float]] = {}  # RESOLVE_HOST's names, latest each
 
     def add(self, probe: Probe, decision: Decision, reason: str | None, now: float) -> None:
         if decision is Decision.IGNORED:
             return
         hour = int(now // 3600)
+        name = probe.source_name
         with self._lock:
+            if name and name != str(probe.source) and (
+                    probe.source in self._names or len(self._names) < self.capacity):
+                self._names[probe.source] = (name, now)
             if decision is Decision.REFUSED:
                 key = (hour, reason or "refused")
                 self._refused[key] = self._refused.get(key, 0) + 1
@@ -68,6 +74,20 @@ class HitTally:
         rows = [HitRow(str(source), port, mode, hour, kind, int(v[0]), int(v[1]), v[2], v[3])
                 for (source, port, mode, hour, kind), v in hits.items()]
         return rows, [(hour, reason, count) for (hour, reason), count in refused.items()]
+
+    def drain_names(self) -> list[tuple[str, str, float]]:
+        """(address, name, when) of the names resolved since the last drain."""
+        with self._lock:
+            names, self._names = self._names, {}
+        return [(str(address), name, at) for address, (name, at) in names.items()]
+
+    def restore_names(self, names: list[tuple[str, str, float]]) -> None:
+        """Put back names that could not be written; a newer name of the same address wins."""
+        with self._lock:
+            for address_text, name, at in names:
+                address = _address(address_text)
+                if address not in self._names:
+                    self._names[address] = (name, at)
 
     def restore(self, rows: list[HitRow], refused: list[tuple[int, str, int]]) -> None:
         """Put back what could not be written (a full disk): it is merged with what came since."""

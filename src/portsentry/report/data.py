@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import sqlite3
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,10 @@ EVIDENCE_PACKETS = "packets"  # single packets (stealth modes): a source address
 def ranges(ports: list[int]) -> str:
     """Sorted, distinct ports as core.ports.format_ports writes them ("1-3,79"), without sorting
     them again: a report formats a hundred thousand of these (a test holds the two equal)."""
+    if len(ports) == 1:  # most scanners of a busy host try one port or one run of them
+        return str(ports[0])
+    if ports and ports[-1] - ports[0] == len(ports) - 1:
+        return f"{ports[0]}-{ports[-1]}"
     parts: list[str] = []
     start = previous = -2
     for port in ports:
@@ -54,6 +59,7 @@ class Scanner:
     ban_expires: float | None = None
     offences: int = 0
     origin: str | None = None
+    name: str | None = None  # reverse DNS, when RESOLVE_HOST found one
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +76,7 @@ class Scanner:
             "ban_expires": self.ban_expires,
             "offences": self.offences,
             "origin": self.origin,
+            "name": self.name,
         }
 
 
@@ -91,8 +98,10 @@ class Report:
     def hits(self) -> int:
         return sum(s.hits for s in self.scanners)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, scanners: bool = True) -> dict[str, Any]:
+        """The report as docs/report.schema.json describes it; without `scanners`, all but that
+        list (render.as_json writes it faster itself)."""
+        data = {
             "schema": SCHEMA,
             "since": self.since,
             "until": self.until,
@@ -103,7 +112,7 @@ class Report:
                 "refused": sum(count for _, count in self.refused),
                 "near_misses": len(self.near_misses),
             },
-            "scanners": [s.to_json() for s in self.scanners],
+            "scanners": [s.to_json() for s in self.scanners] if scanners else [],
             "top_ports": [{"port": port, "hits": hits} for port, hits in self.top_ports],
             "top_scan_types": [{"scan_type": kind, "hits": hits} for kind, hits in self.top_scan_types],
             "top_networks": [
@@ -118,6 +127,9 @@ class Report:
             "near_misses": [{"address": a, "hits": hits} for a, hits in self.near_misses],
             "refused": [{"reason": reason, "count": count} for reason, count in self.refused],
         }
+        if not scanners:
+            del data["scanners"]
+        return data
 
 
 def open_read_only(path: str) -> sqlite3.Connection:
@@ -130,6 +142,16 @@ def open_read_only(path: str) -> sqlite3.Connection:
 
 
 def build(db: sqlite3.Connection, since: float, until: float) -> Report:
+    """The report of [since, until] from one snapshot of the store, whatever the daemon writes
+    meanwhile (a read transaction, ended without writing anything)."""
+    db.execute("BEGIN")
+    try:
+        return _build(db, since, until)
+    finally:
+        db.rollback()
+
+
+def _build(db: sqlite3.Connection, since: float, until: float) -> Report:
     bucket = "hour" if until - since <= 3 * 86400 else "day"
     report = Report(since, until, bucket)
     first_hour, last_hour = int(since // 3600), int(until // 3600)
@@ -138,51 +160,23 @@ def build(db: sqlite3.Connection, since: float, until: float) -> Report:
     # is small whatever the traffic; a million hit rows never become a million Python tuples.
     # Scan types may hold commas, so they are joined with a unit separator.
     column = _hour_column(db, window)
-    rows = db.execute(
-        "SELECT source, min(first), max(last), sum(count), sum(below), max(kind = 'Connect'), "
-        f"group_concat(port), group_concat(kind, char(31)) FROM hits WHERE {column} BETWEEN ? AND ? "
-        "GROUP BY source",
-        window,
-    ).fetchall()
-    port_hits: Counter[int] = Counter()
-    kind_hits: Counter[str] = Counter()
-    hour_hits: Counter[int] = Counter()
-    for port, kind, hour, count in db.execute(
-        f"SELECT port, kind, hour, sum(count) FROM hits WHERE {column} BETWEEN ? AND ? "
-        "GROUP BY port, kind, hour",
-        window,
-    ):
-        port_hits[port] += count
-        kind_hits[kind] += count
-        hour_hits[hour] += count
-    bans = {
-        address: (expires, offences)
-        for address, expires, offences in db.execute(
-            "SELECT address, expires, offences FROM bans WHERE expires IS NULL OR expires > ?", (until,)
-        )
-    }
-    origins = dict(
-        db.execute(
-            "SELECT address, origin FROM history WHERE kind = 'ban' AND at <= ? ORDER BY id", (until,)
+    with ThreadPoolExecutor(1, thread_name_prefix="report") as pool:
+        # The second pass on a connection of its own, at the same time: SQLite lets go of the
+        # GIL while it steps, so the two take about one pass's time on two cores.
+        path = _path_of(db)
+        second = pool.submit(_tally_in, path, column, window) if path else None
+        rows = db.execute(
+            "SELECT source, min(first), max(last), sum(count), sum(below), max(kind = 'Connect'), "
+            f"group_concat(port), group_concat(kind, char(31)) FROM hits WHERE {column} BETWEEN ? AND ? "
+            "GROUP BY source ORDER BY 4 DESC, 1",  # the report's order: most hits first
+            window,
         ).fetchall()
-    )
-    for source, first, last, hits, below, connected, port_text, kind_text in rows:
-        scanner = Scanner(
-            source,
-            first,
-            last,
-            hits,
-            below,
-            sorted({int(port) for port in port_text.split(",")}),
-            sorted(set(kind_text.split("\x1f"))),
-            EVIDENCE_CONNECTION if connected else EVIDENCE_PACKETS,
-        )
-        if source in bans:
-            scanner.banned = True
-            scanner.ban_expires, scanner.offences = bans[source]
-        scanner.origin = origins.get(source)
-        report.scanners.append(scanner)
-    report.scanners.sort(key=lambda s: (-s.hits, s.address))
+        tally = second.result() if second is not None else None
+    if tally is None or tally.total != sum(row[3] for row in rows):
+        # Its snapshot missed (or saw) a write this one did not: count again in this one.
+        tally = _tally(db, column, window)
+    report.scanners = _scanners(db, rows, until)
+    port_hits, kind_hits, hour_hits = tally.ports, tally.kinds, tally.hours
     report.top_ports = sorted(port_hits.items(), key=lambda item: (-item[1], item[0]))[:TOP]
     report.top_scan_types = sorted(kind_hits.items(), key=lambda item: (-item[1], item[0]))[:TOP]
     report.top_networks = _networks(report.scanners)
@@ -208,6 +202,82 @@ def build(db: sqlite3.Connection, since: float, until: float) -> Report:
     report.bans = len(ban_times)
     report.timeline = _timeline(report, hour_hits, ban_times)
     return report
+
+
+@dataclass
+class _Tally:
+    ports: Counter[int] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
+    hours: Counter[int] = field(default_factory=Counter)
+    total: int = 0
+
+
+def _tally(db: sqlite3.Connection, column: str, window: tuple[int, int]) -> _Tally:
+    tally = _Tally()
+    for port, kind, hour, count in db.execute(
+        f"SELECT port, kind, hour, sum(count) FROM hits WHERE {column} BETWEEN ? AND ? "
+        "GROUP BY port, kind, hour",
+        window,
+    ):
+        tally.ports[port] += count
+        tally.kinds[kind] += count
+        tally.hours[hour] += count
+        tally.total += count
+    return tally
+
+
+def _tally_in(path: str, column: str, window: tuple[int, int]) -> _Tally:
+    db = open_read_only(path)
+    try:
+        return _tally(db, column, window)
+    finally:
+        db.close()
+
+
+def _path_of(db: sqlite3.Connection) -> str:
+    """The file of the main database ("" in memory: nothing to open twice)."""
+    return str(db.execute("PRAGMA database_list").fetchone()[2] or "")
+
+
+def _scanners(db: sqlite3.Connection, rows: list[Any], until: float) -> list[Scanner]:
+    scanners: list[Scanner] = []
+    bans = {
+        address: (expires, offences)
+        for address, expires, offences in db.execute(
+            "SELECT address, expires, offences FROM bans WHERE expires IS NULL OR expires > ?", (until,)
+        )
+    }
+    origins = dict(
+        db.execute(
+            "SELECT address, origin FROM history WHERE kind = 'ban' AND at <= ? ORDER BY id", (until,)
+        ).fetchall()
+    )
+    names = dict(db.execute("SELECT address, name FROM names").fetchall()) if _has_names(db) else {}
+    for source, first, last, hits, below, connected, port_text, kind_text in rows:
+        scanner = Scanner(
+            source,
+            first,
+            last,
+            hits,
+            below,
+            [int(port_text)] if port_text.isdigit() else sorted(set(map(int, port_text.split(",")))),
+            [kind_text] if "\x1f" not in kind_text else sorted(set(kind_text.split("\x1f"))),
+            EVIDENCE_CONNECTION if connected else EVIDENCE_PACKETS,
+        )
+        if source in bans:
+            scanner.banned = True
+            scanner.ban_expires, scanner.offences = bans[source]
+        scanner.origin = origins.get(source)
+        scanner.name = names.get(source)
+        scanners.append(scanner)
+    return scanners
+
+
+def _has_names(db: sqlite3.Connection) -> bool:
+    """A store written before schema 5 has no names table (the report only reads: it never
+    migrates), and its scanners have no name."""
+    found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'names'").fetchone()
+    return found is not None
 
 
 def _hour_column(db: sqlite3.Connection, window: tuple[int, int]) -> str:

@@ -11,8 +11,9 @@ import io
 import json
 import time
 from collections.abc import Sequence
+from json.encoder import encode_basestring_ascii as _string  # json.dumps's own (C)
 
-from portsentry.report.data import Report, ranges
+from portsentry.report.data import Report, Scanner, ranges
 
 SCANNER_ROWS = 50  # in text and HTML; JSON and CSV have them all
 
@@ -41,7 +42,8 @@ def text(report: Report) -> str:
             f"{_cut(s.address, 25):<26}{s.hits:>7} {len(s.ports):>5} {_when(s.last_seen):<16} "
             f"{'yes' if s.banned else 'no':<6} {s.evidence:<10}"
         )
-        out.append(f"  ports {_cut(ranges(s.ports), 50)}; {_cut(', '.join(s.scan_types), 20)}")
+        detail = f"ports {_cut(ranges(s.ports), 50)}; {_cut(', '.join(s.scan_types), 20)}"
+        out.append(f"  {_cut(f'{s.name}; {detail}', 78) if s.name else detail}")
     if len(report.scanners) > SCANNER_ROWS:
         out.append(f"... and {len(report.scanners) - SCANNER_ROWS} more (--format csv or json lists all)")
     for title, rows in (
@@ -63,8 +65,32 @@ def text(report: Report) -> str:
 
 
 def as_json(report: Report) -> str:
-    # Compact: with indent, json falls back to its Python encoder (seconds for 100k scanners).
-    return json.dumps(report.to_json(), separators=(",", ":")) + "\n"  # keys in the schema's order
+    """Report.to_json() as compact JSON, keys in the schema's order. The scanners (a hundred
+    thousand and more) are written by `_scanner_json` without a dict each, a third of the time;
+    a property test holds the result equal to json.dumps(report.to_json())."""
+    data = report.to_json(scanners=False)
+    head = {key: data.pop(key) for key in ("schema", "since", "until", "totals")}
+    return (json.dumps(head, separators=(",", ":"))[:-1] + ',"scanners":['
+            + ",".join(map(_scanner_json, report.scanners)) + "],"
+            + json.dumps(data, separators=(",", ":"))[1:] + "\n")
+
+
+def _text(value: str | None) -> str:
+    return "null" if value is None else _string(value)
+
+
+def _number(value: float | None) -> str:
+    return "null" if value is None else repr(float(value))
+
+
+def _scanner_json(s: Scanner) -> str:
+    # Every string goes through json's own C string encoder; numbers as json writes them.
+    return (f'{{"address":{_string(s.address)},"first_seen":{_number(s.first_seen)},'
+            f'"last_seen":{_number(s.last_seen)},"hits":{int(s.hits)},"below_trigger":{int(s.below_trigger)},'
+            f'"ports":"{ranges(s.ports)}","port_count":{len(s.ports)},'
+            f'"scan_types":[{",".join(map(_string, s.scan_types))}],"evidence":{_string(s.evidence)},'
+            f'"banned":{"true" if s.banned else "false"},"ban_expires":{_number(s.ban_expires)},'
+            f'"offences":{int(s.offences)},"origin":{_text(s.origin)},"name":{_text(s.name)}}}')
 
 
 CSV_FIELDS = (
@@ -81,17 +107,21 @@ CSV_FIELDS = (
     "ban_expires",
     "offences",
     "origin",
+    "name",
 )
 
 
 def as_csv(report: Report) -> str:
+    """One row per scanner, the JSON's values in CSV_FIELDS order (scan types joined by ';',
+    null as an empty cell)."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer)  # CRLF: with "\n" alone a "\r" in a field went unquoted
     writer.writerow(CSV_FIELDS)
-    for scanner in report.scanners:
-        row = scanner.to_json()
-        row["scan_types"] = ";".join(scanner.scan_types)
-        writer.writerow(["" if row[f] is None else row[f] for f in CSV_FIELDS])
+    writer.writerows(
+        (s.address, s.first_seen, s.last_seen, s.hits, s.below_trigger, len(s.ports), ranges(s.ports),
+         ";".join(s.scan_types), s.evidence, s.banned, "" if s.ban_expires is None else s.ban_expires,
+         s.offences, s.origin or "", s.name or "")
+        for s in report.scanners)
     return buffer.getvalue()
 
 
@@ -174,6 +204,7 @@ def as_html(report: Report) -> str:
             _when(s.first_seen),
             _when(s.last_seen),
             s.origin or "-",
+            s.name or "-",
         )
         for s in report.scanners[:SCANNER_ROWS]
     ]
@@ -205,6 +236,7 @@ def as_html(report: Report) -> str:
                 "first seen",
                 "last seen",
                 "origin",
+                "name",
             ),
             scanners,
             "scanners",

@@ -154,12 +154,14 @@ class Maintenance:
     def _write_hits(self, bans: BanManager) -> None:
         assert self.tally is not None
         rows, refused = self.tally.drain()
-        if not rows and not refused:
+        names = self.tally.drain_names()
+        if not rows and not refused and not names:
             return
         try:
-            bans.store.add_hits(rows, refused)
+            bans.store.add_hits(rows, refused, names)
         except StoreError as error:  # kept for the next round; the store reports the failure
             self.tally.restore(rows, refused)
+            self.tally.restore_names(names)
             self._log(messages.store_failed(str(error)))
 
     def _guard(self, work: Callable[[], object]) -> None:

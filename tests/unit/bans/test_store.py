@@ -236,8 +236,9 @@ def test_schema_version_and_migration_table(tmp_path: Path) -> None:
     BanStore(path).close()  # reopening migrates nothing again
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-        assert db.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,), (3,), (4,)]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        versions = db.execute("SELECT version FROM schema_migrations").fetchall()
+        assert versions == [(1,), (2,), (3,), (4,), (5,)]
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()

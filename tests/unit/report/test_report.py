@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from portsentry.bans.store import BanStore
 from portsentry.journal.hits import HitRow
-from portsentry.report.data import Report, build, open_read_only
+from portsentry.report.data import Report, Scanner, build, open_read_only
 from portsentry.report.render import as_csv, as_html, as_json, text
 from portsentry.report.since import SinceError, parse_since
 from tests.unit.journal.test_events import errors
@@ -39,6 +39,7 @@ def generated(tmp_path: Path) -> Path:
     store.add_hits(rows, [(HOUR, "ban rate limit reached", 4), (HOUR - 1, "it is a default gateway", 2)])
     store.ban("198.18.0.2", reason=SYN, mode="atcp", port=1, now=NOW - 3000, duration=86400)
     store.ban("198.18.0.3", reason="Connect", mode="tcp", port=79, now=NOW - 50, duration=86400)
+    store.add_hits([], [], [("198.18.0.3", "scanner.example", NOW - 50)])  # RESOLVE_HOST found it
     store.close()
     return path
 
@@ -61,6 +62,7 @@ def test_exact_counts(tmp_path: Path) -> None:
     assert first["banned"] and first["evidence"] == "packets" and first["origin"] == "local"
     assert first["offences"] == 1
     assert data["scanners"][1]["evidence"] == "connection"
+    assert data["scanners"][1]["name"] == "scanner.example" and first["name"] is None
     assert data["near_misses"] == [{"address": "198.18.1.9", "hits": 1}]
     assert data["top_networks"][0] == {"network": "198.18.0.0/24", "hits": 205, "scanners": 2}
     assert data["top_ports"][0] == {"port": 79, "hits": 7}
@@ -73,17 +75,67 @@ def test_the_four_formats_agree(tmp_path: Path) -> None:
     report = report_of(tmp_path)
     data = json.loads(as_json(report))
     rows = list(csv.DictReader(io.StringIO(as_csv(report))))
-    assert [(r["address"], int(r["hits"]), r["ports"]) for r in rows] == \
-        [(s["address"], s["hits"], s["ports"]) for s in data["scanners"]]
+    assert [csv_row(s) for s in data["scanners"]] == rows
+    assert rows[1]["name"] == "scanner.example"
     page = as_html(report)
     for key, value in data["totals"].items():
         assert f'data-key="{key}">{value}</b>' in page
     bars = [int(v) for v in re.findall(r'<rect [^>]*fill="#2b6cb0" data-value="(\d+)"', page)]
     assert bars == [p["hits"] for p in data["timeline"]["points"]]
     assert "<script" not in page and "<link" not in page and "src=" not in page  # self-contained
+    assert "<td>scanner.example</td>" in page
     lines = text(report).splitlines()
+    assert "  scanner.example; ports 79; Connect" in lines
     assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
     assert "206 hits from 3 scanners, 2 bans, 6 blocks refused by the guards, 1 near misses" in lines[1]
+
+
+def csv_row(scanner: dict[str, object]) -> dict[str, str]:
+    """A JSON scanner as its CSV row reads: scan types joined by ';', null empty."""
+    def cell(key: str, value: object) -> str:
+        if key == "scan_types":
+            return ";".join(value)  # type: ignore[arg-type]
+        return "" if value is None else str(value)
+    return {key: cell(key, value) for key, value in scanner.items()}
+
+
+texts = st.one_of(st.none(), st.text(max_size=12))
+times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+
+
+@st.composite
+def scanners(draw: st.DrawFn) -> Scanner:
+    ports = sorted(draw(st.sets(st.integers(1, 65535), min_size=1, max_size=8)))
+    counts = st.integers(0, 10**9)
+    return Scanner(draw(st.text(min_size=1, max_size=20)), draw(times), draw(times), draw(counts),
+                   draw(counts),
+                   ports, draw(st.lists(st.text(max_size=20), max_size=3)),
+                   draw(st.sampled_from(["packets", "connection"])), draw(st.booleans()),
+                   draw(st.one_of(st.none(), times)), draw(st.integers(0, 99)), draw(texts), draw(texts))
+
+
+@given(st.lists(scanners(), max_size=5))
+def test_the_fast_json_writer_is_json_dumps_of_to_json(found: list[Scanner]) -> None:
+    report = Report(NOW - 3600, NOW, "hour", found, near_misses=[("198.18.0.9", 1)])
+    assert as_json(report) == json.dumps(report.to_json(), separators=(",", ":")) + "\n"
+    rows = list(csv.DictReader(io.StringIO(as_csv(report), newline="")))
+    assert rows == [csv_row(s) for s in report.to_json()["scanners"]]
+
+
+def test_a_write_between_the_two_passes_is_counted_again_in_one_snapshot(tmp_path: Path, monkeypatch) -> None:
+    from portsentry.report import data
+
+    real = data._tally_in
+
+    def behind(path: str, column: str, window: tuple[int, int]) -> object:
+        tally = real(path, column, window)
+        tally.total += 1  # as if a write had landed in its snapshot and not in the other
+        tally.ports[9999] += 1
+        return tally
+
+    monkeypatch.setattr(data, "_tally_in", behind)
+    report = report_of(tmp_path)
+    assert 9999 not in dict(report.top_ports) and sum(h for _, h, _ in report.timeline) == 206
 
 
 def test_a_missing_store_is_a_clear_error(tmp_path: Path) -> None:
