@@ -167,3 +167,21 @@ def test_ranges_are_format_ports(ports: set[int]) -> None:
     from portsentry.report.data import ranges
 
     assert ranges(sorted(ports)) == format_ports(ports)
+
+
+def test_scan_types_with_commas_and_ports_seen_twice_come_out_once_each(tmp_path: Path) -> None:
+    """The per-source pass asks SQLite for distinct ports and kinds; a kind with a comma (1.2's
+    "Unknown Type" texts have none, but the store is a file) is still one kind."""
+    path = tmp_path / "bans.sqlite3"
+    store = BanStore(str(path))
+    odd = "Unknown, odd"
+    store.add_hits([HitRow("198.18.0.5", 80, "atcp", HOUR, odd, 1, 1, NOW, NOW),
+                    HitRow("198.18.0.5", 80, "atcp", HOUR - 1, odd, 1, 1, NOW - 3600, NOW - 3600),
+                    HitRow("198.18.0.5", 22, "atcp", HOUR, SYN, 1, 1, NOW, NOW)], [])
+    store.close()
+    db = open_read_only(str(path))
+    try:
+        (scanner,) = build(db, NOW - 86400, NOW).scanners
+    finally:
+        db.close()
+    assert (scanner.ports, scanner.scan_types, scanner.hits) == ([22, 80], [SYN, odd], 3)
