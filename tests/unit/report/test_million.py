@@ -32,9 +32,9 @@ def test_a_million_hits_are_counted_exactly_in_every_format(tmp_path: Path) -> N
     store = BanStore(str(path))
     # Hit i: source i % 2**17, port 1 + i % 1024, i % 24 hours ago, i % 3 + 1 hits of which
     # (i % 3 == 0) below the trigger.
-    rows = (HitRow(source(i), 1 + i % PORTS, "atcp", HOUR - i % 24, "TCP SYN/Normal scan", i % 3 + 1,
+    hits = (HitRow(source(i), 1 + i % PORTS, "atcp", HOUR - i % 24, "TCP SYN/Normal scan", i % 3 + 1,
                    int(i % 3 == 0), NOW - 3600 * (i % 24), NOW - 3600 * (i % 24)) for i in range(HITS))
-    store.add_hits(rows, [(HOUR, "it is a default gateway", 7)], [(source(5), "five.example", NOW)])
+    store.add_hits(hits, [(HOUR, "it is a default gateway", 7)], [(source(5), "five.example", NOW)])
     store.close()
     expected_hits = sum(i % 3 + 1 for i in range(HITS))
     per_port: Counter[int] = Counter()
