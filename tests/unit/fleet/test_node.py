@@ -8,12 +8,16 @@ import time
 from ipaddress import ip_address
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from portsentry.bans.store import ORIGIN_LOCAL_ONLY
 from portsentry.fleet.decision import Decision, encode
 from portsentry.fleet.gate import Guards
 from portsentry.fleet.link import Link
 from portsentry.fleet.node import FleetNode
 from portsentry.fleet.settings import FleetSettings
+from portsentry.journal.telemetry import Telemetry
+from portsentry.service.metrics import Metrics
 from tests.unit.bans.test_lifecycle import Kernel, manager
 
 KEY = b"s" * 32
@@ -99,6 +103,8 @@ def test_unblock_lifts_fleet_wide_except_local_only_and_expiry_is_not_sent(tmp_p
 def test_forged_replayed_and_guarded_decisions_are_refused_and_counted(tmp_path, redis_url):
     one, _k1, _l1 = node(tmp_path, redis_url, "h1")
     two, kernel2, log2 = node(tmp_path, redis_url, "h2", accept_hosts=frozenset({"h1"}))
+    registry = CollectorRegistry()
+    two.telemetry = Telemetry(metrics=Metrics(registry))  # what METRICS_LISTEN serves
     deliver(one, two, redis_url)
     two.gate.set_guards(Guards(protected=frozenset({ip_address("198.18.0.254")})))
     link = Link(one.settings)
@@ -119,6 +125,11 @@ def test_forged_replayed_and_guarded_decisions_are_refused_and_counted(tmp_path,
     assert two.status()["refused"] == {"unsigned": 1, "bad_signature": 1, "host_not_accepted": 1,
                                        "protected": 1, "replay": 1}
     assert any("refused ban of 198.18.0.254 from h1: protected" in line for line in log2)
+    for reason, count in two.status()["refused"].items():
+        assert registry.get_sample_value("portsentry_fleet_refused_total", {"reason": reason}) == count
+    assert registry.get_sample_value("portsentry_fleet_applied_total") == two.status()["applied"] == 1
+    assert registry.get_sample_value("portsentry_fleet_received_total") == two.status()["received"]
+    assert (registry.get_sample_value("portsentry_fleet_lag_seconds") or 0.0) > 0.0
 
 
 def test_a_late_host_loads_the_active_set_and_cursors_survive_a_restart(tmp_path, redis_url):
