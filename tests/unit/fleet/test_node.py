@@ -125,7 +125,9 @@ def test_forged_replayed_and_guarded_decisions_are_refused_and_counted(tmp_path,
     assert two.status()["refused"] == {"unsigned": 1, "bad_signature": 1, "host_not_accepted": 1,
                                        "protected": 1, "replay": 1}
     assert any("refused ban of 198.18.0.254 from h1: protected" in line for line in log2)
-    for reason, count in two.status()["refused"].items():
+    refused = two.status()["refused"]
+    assert isinstance(refused, dict)
+    for reason, count in refused.items():
         assert registry.get_sample_value("portsentry_fleet_refused_total", {"reason": reason}) == count
     assert registry.get_sample_value("portsentry_fleet_applied_total") == two.status()["applied"] == 1
     assert registry.get_sample_value("portsentry_fleet_received_total") == two.status()["received"]
