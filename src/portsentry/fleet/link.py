@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -99,6 +99,7 @@ class Servers:
     path: tuple[str, ...]
     username: str | None
     options: dict[str, str]
+    password: str | None = field(default=None, repr=False)  # in the URL; FLEET_PASSWORD_FILE wins
 
 
 def servers(url: str, default_port: int) -> Servers:
@@ -116,7 +117,8 @@ def servers(url: str, default_port: int) -> Servers:
         hosts.append((host, int(port) if port else default_port))
     path = tuple(unquote(p) for p in parts.path.split("/") if p)
     username = unquote(parts.username) if parts.username else None
-    return Servers(tuple(hosts), path, username, dict(parse_qsl(parts.query)))
+    password = unquote(parts.password) if parts.password else None
+    return Servers(tuple(hosts), path, username, dict(parse_qsl(parts.query)), password)
 
 
 def _sentinel(settings: FleetSettings, tls: bool, common: dict[str, Any]) -> redis.Redis:
@@ -132,6 +134,8 @@ def _sentinel(settings: FleetSettings, tls: bool, common: dict[str, Any]) -> red
     options: dict[str, Any] = dict(common)
     if spec.username:
         options["username"] = spec.username
+    if spec.password is not None:
+        options.setdefault("password", spec.password)
     if len(spec.path) > 1:
         options["db"] = int(spec.path[1])
     query = dict(spec.options)
@@ -158,6 +162,8 @@ def _cluster_node(settings: FleetSettings, tls: bool, common: dict[str, Any]) ->
     options: dict[str, Any] = dict(common)
     if spec.username:
         options["username"] = spec.username
+    if spec.password is not None:
+        options.setdefault("password", spec.password)
     options.update(spec.options)
     if tls:
         options["ssl"] = True

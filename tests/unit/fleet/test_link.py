@@ -58,6 +58,7 @@ def test_sentinel_and_cluster_urls_name_their_servers():
     spec = servers("rediss+sentinel://ps:secret@10.0.0.1,[fd00::2]:26380,sentinel-3:5/main/2?x=1", 26379)
     assert spec.hosts == (("10.0.0.1", 26379), ("fd00::2", 26380), ("sentinel-3", 5))
     assert spec.path == ("main", "2") and spec.username == "ps" and spec.options == {"x": "1"}
+    assert spec.password == "secret" and "secret" not in repr(spec)
     assert servers("redis+cluster://[fd00::1],fd00::3", 6379).hosts == (("fd00::1", 6379), ("fd00::3", 6379))
 
 
