@@ -109,6 +109,9 @@ class Engine:
         self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
         # (mode, source) -> hits that arrived while its Block was being carried out.
         self._pending: dict[tuple[Mode, IPAddress], list[tuple[Probe, float]]] = {}
+        # Hits past PENDING_CAPACITY while a block is under way: (how many, the last), said in one
+        # line when the block is done, so none goes unmentioned.
+        self._pending_over: dict[tuple[Mode, IPAddress], tuple[int, Probe]] = {}
 
     def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> Outcome | None:
         """What to do instead of blocking, or None when the guard lets the block go."""
@@ -181,6 +184,9 @@ class Engine:
             # "already blocked" before "has been blocked" (1.2 blocked synchronously).
             if len(waiting) < PENDING_CAPACITY:
                 waiting.append((probe, now))
+            else:
+                key = (probe.mode, probe.source)
+                self._pending_over[key] = (self._pending_over.get(key, (0, probe))[0] + 1, probe)
             return Outcome(actions, Decision.ALREADY_BLOCKED)
         decided = self._decide(probe, now)
         if decided.decision is Decision.REFUSED:
@@ -266,4 +272,7 @@ class Engine:
             actions = [Log(messages.block_failed(probe))]
         for later, at in waiting:
             actions += self._decide(later, at).actions
+        over = self._pending_over.pop((probe.mode, probe.source), None)
+        if over is not None:
+            actions.append(Log(messages.pending_overflow(over[1], over[0])))
         return actions

@@ -111,6 +111,15 @@ def repeats_suppressed(probe: Probe, count: int, window: float) -> str:
     )
 
 
+def pending_overflow(probe: Probe, count: int) -> str:
+    """Ours: `count` hits that came while the host's block was under way, beyond what is kept to
+    be logged one by one once it is done (engine.PENDING_CAPACITY)."""
+    return (
+        f"attackalert: Host: {probe.name}/{probe.source} is already blocked: {count} more "
+        f"{probe.mode.protocol} hits while its block was under way not logged (last to port {probe.port})"
+    )
+
+
 def block_refused(probe: Probe, reason: str) -> str:
     return f"attackalert: Host: {probe.name}/{probe.source} is not blocked: {reason}"
 

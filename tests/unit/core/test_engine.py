@@ -6,7 +6,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from portsentry.core.actions import Block, Log, Record, SendBanner, Step, StepKind
+from portsentry.core.actions import Block, Decision, Log, Record, SendBanner, Step, StepKind
 from portsentry.core.engine import Engine, EngineSettings, TriggerRing
 from portsentry.core.probe import KIND_CONNECT, KIND_SYN, KIND_UDP, Mode, Probe
 
@@ -138,6 +138,23 @@ def test_hits_during_a_block_wait_for_its_outcome_then_say_already_blocked():
         "attackalert: Connect from host: 198.18.0.2/198.18.0.2 to TCP port: 2",
         "attackalert: Host: 198.18.0.2 is already blocked. Ignoring",
     ]
+
+
+def test_hits_beyond_what_a_pending_block_keeps_are_said_in_one_line():
+    """A flood during a slow KILL_ROUTE: the first PENDING_CAPACITY hits are logged one by one
+    once the block is done, the rest are counted in a line instead of vanishing."""
+    from portsentry.core.engine import PENDING_CAPACITY
+
+    e = engine(block_tcp=1, kill_route=ROUTE)
+    block = e.observe(probe(), 1.0).actions[-1]
+    assert isinstance(block, Block)
+    for n in range(PENDING_CAPACITY + 5):
+        assert e.observe(probe(port=100 + n), 1.1).decision is Decision.ALREADY_BLOCKED
+    lines = texts(e.finished(block, True, 1.2))
+    assert len(lines) == 2 * PENDING_CAPACITY + 1
+    assert lines[-1] == ("attackalert: Host: 198.18.0.2/198.18.0.2 is already blocked: 5 more TCP hits while "
+                         f"its block was under way not logged (last to port {100 + PENDING_CAPACITY + 4})")
+    assert e.state_sizes()["pending_blocks"] == 0
 
 
 def test_hits_during_a_failed_block_try_again_in_order():
