@@ -18,9 +18,22 @@ LOG_INFO = 6
 DEFAULT_SOCKET = "/dev/log"
 
 
+_last_stamp: tuple[int, str] = (-1, "")  # (second, its text): a burst of lines formats it once
+
+
+def _stamp(at: float) -> str:
+    global _last_stamp
+    second = int(at)
+    cached_second, text = _last_stamp
+    if second != cached_second:
+        text = time.strftime("%b %e %H:%M:%S", time.localtime(second))
+        _last_stamp = (second, text)  # one tuple: a racing thread sees the old pair or the new
+    return text
+
+
 def frame(message: str, severity: int, ident: str, pid: int, at: float) -> bytes:
     """RFC 3164 as glibc's syslog(3) writes it; the local syslog daemon adds the host name."""
-    stamp = time.strftime("%b %e %H:%M:%S", time.localtime(at))
+    stamp = _stamp(at)
     return f"<{LOG_DAEMON * 8 + severity}>{stamp} {ident}[{pid}]: {message}".encode(
         "utf-8", "replace"
     )

@@ -94,6 +94,7 @@ class StealthSensor:
         self._udp_flows: OrderedDict[tuple[int, IPAddress, int], float] = OrderedDict()
         self._quieted: frozenset[int] = frozenset()
         self._live: dict[Protocol, frozenset[int]] | None = None
+        self._live_from: tuple[frozenset[int], ...] = ()  # the listener tables _live was made from
 
     def open(self) -> list[Readable]:
         now = self._clock()
@@ -233,6 +234,12 @@ class StealthSensor:
         capture that bans in the kernel must not ban a client of a service started just now."""
         if self._capture is None:
             return
+        # This runs for every packet batch: unchanged tables (the common case) cost a compare
+        # of two small sets, not the filtering below.
+        tables = tuple(self.listeners[protocol].ports() for protocol in Protocol)
+        if self._live is not None and tables == self._live_from:
+            return
+        self._live_from = tables
         live = {protocol: frozenset(p for p in self.listeners[protocol].ports()
                                     if any(w.covers(p) for w in self._by_protocol.get(protocol, ())))
                 for protocol in Protocol}

@@ -191,3 +191,66 @@ def test_no_fd_leak() -> None:
         run_shell("echo x", 5)
     run_shell("sleep 10", 0.1)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_runs_in_its_own_session() -> None:
+    # The session (and so the process group killed on timeout) is the shell's own.
+    r = run_shell("ps -o sid= -p $$; echo $$", 5)
+    sid, pid = r.output.split()
+    assert sid == pid != str(os.getpid())
+
+
+def test_ignored_sigpipe_is_not_inherited() -> None:
+    # The daemon ignores SIGPIPE; an ignored signal would stay ignored in the shell and its
+    # pipelines (`yes | head` would then never end by SIGPIPE).
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        r = run_shell("grep SigIgn /proc/$$/status", 5)
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
+    ignored = int(r.output.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+
+
+def test_inherited_descriptors_do_not_reach_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Descriptors of ours are close-on-exec; one inherited from whoever started us is made so
+    # before the first command (subprocess's close_fds closed them in every child).
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    monkeypatch.setattr(shell, "_inherited_closed", False)
+    try:
+        r = run_shell(f"ls /proc/$$/fd; true >&{write_end} && echo reached", 5)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert str(write_end) not in r.output.split()
+    assert "reached" not in r.output
+
+
+def test_descriptors_0_to_2_closed_in_the_parent_still_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A parent that started us with fds 0-2 closed: the pipe may land there, and subprocess
+    # (which juggles such descriptors) starts the shell instead of posix_spawn.
+    real_pipe = os.pipe
+    low: list[int] = []
+
+    def pipe_at_two() -> tuple[int, int]:
+        read_end, write_end = real_pipe()
+        if low:  # subprocess's own pipes, once ours is made
+            return read_end, write_end
+        saved = os.dup(2)
+        low.append(saved)
+        os.dup2(write_end, 2, inheritable=False)
+        os.close(write_end)
+        return read_end, 2
+
+    def refuse(*_args: object, **_kwargs: object) -> int:
+        raise AssertionError("posix_spawn with the pipe on fd 2")
+
+    monkeypatch.setattr(os, "pipe", pipe_at_two)
+    monkeypatch.setattr(os, "posix_spawn", refuse)
+    try:
+        r = run_shell("echo via-popen; exit 4", 5)
+    finally:
+        os.dup2(low[0], 2)
+        os.close(low[0])
+    assert (r.returncode, r.output) == (4, "via-popen\n")
