@@ -378,10 +378,11 @@ class Ours(Subject):
 
 
 class OursNative(Ours):
-    """Ours with BAN_BACKEND="nftables" instead of 1.2's KILL_ROUTE (and so NFLOG capture)."""
+    """Ours with BAN_BACKEND="nftables" instead of 1.2's KILL_ROUTE (and so NFLOG capture), and
+    KERNEL_BAN at its default, auto: the kernel path, where the first probe bans its source."""
 
     name = "ours-nft"
-    label = "this PortSentry, BAN_BACKEND=nftables"
+    label = "this PortSentry, BAN_BACKEND=nftables (KERNEL_BAN=auto)"
 
 
 class Debian12(Subject):

@@ -31,7 +31,7 @@ from types import FrameType
 
 from tests.system import rig
 
-from bench import ban_backends, fleet_bench, harness, kernel_path, many_bans, report_bench
+from bench import ban_backends, fleet_bench, harness, kernel_path, many_bans, procevents, report_bench
 from bench.harness import ALREADY, BLOCKED, DETECTION, BenchError, Receiver, Running, Subject
 
 DOC = harness.REPO_ROOT / "docs" / "performance.md"
@@ -190,16 +190,23 @@ class LatencyResult:
     detect_ms: list[float]
     block_ms: list[float]
     missed: int
+    started_ms: list[float] = field(default_factory=list)  # exec of /bin/sh (KILL_ROUTE) seen
+    # Two SYNs from a fresh source 20 µs apart (bench/kernel_path.py): was each answered?
+    first_answered: bool | None = None
+    second_answered: bool | None = None
 
 
-def measure_latency(subject: Subject, probes: int) -> LatencyResult:
+def measure_latency(subject: Subject, probes: int, run: int = 0) -> LatencyResult:
     sources = [f"198.18.0.{10 + i}" for i in range(probes)]
-    if probes > 200:
-        raise BenchError("at most 200 latency probes (one fresh source address each)")
+    if probes > 180:
+        raise BenchError("at most 180 latency probes (one fresh source address each)")
     detect: list[float] = []
     block: list[float] = []
+    started: list[float] = []
     missed = 0
-    with fresh(subject, extra_scanner_addresses=sources) as fx:
+    with procevents.ProcEvents() as events, fresh(subject, extra_scanner_addresses=sources) as fx:
+        for running in fx.runnings:
+            events.watch(running.pid)
         # Resolve the target's MAC first, so no probe waits for ARP.
         rig.run_in(fx.net.scanner, ["ping", "-c", "1", "-W", "2", fx.net.target_ip4])
         sender = harness.SynSender(fx.net.scanner)
@@ -217,9 +224,15 @@ def measure_latency(subject: Subject, probes: int) -> LatencyResult:
                 detect.append((seen.at - sent) * 1000)
                 block.append((blocked.at - sent) * 1000)
                 time.sleep(0.05)
+                # The first exec in a child of the daemon after the send: /bin/sh -c KILL_ROUTE
+                # (the reader thread has long seen it: the block line comes after the command).
+                shell = events.first_exec_after(sent)
+                if shell is not None and shell.at <= blocked.at:
+                    started.append((shell.at - sent) * 1000)
         finally:
             sender.close()
-    return LatencyResult(detect, block, missed)
+    first, second, _gap = kernel_path.two_syns(subject, f"198.18.0.{200 + run}")
+    return LatencyResult(detect, block, missed, started, first, second)
 
 
 @dataclass(frozen=True)
@@ -524,6 +537,13 @@ def latency_section(results: dict[str, list[LatencyResult]], probes: int) -> Sec
                    [percentile(theirs, q)] if theirs else [], 2,
                    [percentile(native, q)] if native else [])
 
+    def answered(label: str, get: Callable[[LatencyResult], bool | None]) -> Row:
+        def runs(name: str) -> list[float]:
+            seen = [get(r) for r in results.get(name, []) if get(r) is not None]
+            return [float(sum(1 for v in seen if v))] if seen else []
+        return Row(f"{label}, runs of {len(results.get('ours', []))}", "runs", runs("ours"), runs("1.2"),
+                   0, runs("ours-nft"))
+
     return Section(
         f"First probe to block, {probes} single SYNs from fresh addresses",
         f"one SYN to port {WATCHED_PORT} from each of 198.18.0.10-198.18.0.{9 + probes} (bench/synsend.py, "
@@ -532,13 +552,25 @@ def latency_section(results: dict[str, list[LatencyResult]], probes: int) -> Sec
         [
             row("probe sent -> detection line, median", lambda r: r.detect_ms, 50),
             row("probe sent -> detection line, p99", lambda r: r.detect_ms, 99),
+            row("probe sent -> KILL_ROUTE started (exec of /bin/sh), median", lambda r: r.started_ms, 50),
+            row("probe sent -> KILL_ROUTE started (exec of /bin/sh), p99", lambda r: r.started_ms, 99),
             row("probe sent -> block in force (block line), median", lambda r: r.block_ms, 50),
             row("probe sent -> block in force (block line), p99", lambda r: r.block_ms, 99),
             Row("probes with no block line within 10 s", "probes",
                 [float(sum(r.missed for r in results["ours"]))],
                 [float(sum(r.missed for r in results["1.2"]))], 0,
                 [float(sum(r.missed for r in results.get("ours-nft", [])))]),
+            answered("first of two SYNs from a fresh source answered", lambda r: r.first_answered),
+            answered("second SYN, sent 20 µs after the first, answered (0: dropped)",
+                     lambda r: r.second_answered),
         ],
+        "KILL_ROUTE started: the kernel's stamp of the first exec in a child of the daemon after "
+        "the send (bench/procevents.py, the process events connector), i.e. `/bin/sh -c "
+        "KILL_ROUTE` starting; both daemons run the same command, and neither is changed to be "
+        "seen. The kernel column has no KILL_ROUTE. The two-SYN rows: once per run, against "
+        "another fresh daemon, two SYNs to port 79 from a fresh source, the second after a "
+        "20 µs busy wait (bench/kernel_path.py); the cell counts the runs in which an answer "
+        "(SYN-ACK or RST) came back.",
     )
 
 
@@ -551,7 +583,8 @@ def flood_section(results: dict[tuple[str, bool], list[FloodResult]], count: int
         def row(label: str, unit: str, get: Callable[[FloodResult], float], decimals: int = 0,
                 ignored: bool = ignored) -> Row:
             return Row(label, unit, [get(r) for r in results[("ours", ignored)]],
-                       [get(r) for r in results[("1.2", ignored)]], decimals)
+                       [get(r) for r in results[("1.2", ignored)]], decimals,
+                       [get(r) for r in results.get(("ours-nft", ignored), [])])
 
         rows += [
             row(f"{who}: SYNs hping3 sent", "packets", lambda r: r.sent),
@@ -762,6 +795,11 @@ SUMMARY: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Full SYN scan, nmap --min-rate 20000", ("first detection line -> block",),
      "scan 20000/s: first detection -> block in force"),
     ("Full SYN scan, nmap --min-rate 20000", ("daemon CPU",), "scan 20000/s: daemon CPU"),
+    ("First probe to block", ("detection line", "median"),
+     "first probe -> detection line, median (goal <= 1.0x 1.2)"),
+    ("First probe to block", ("KILL_ROUTE started", "median"),
+     "first probe -> KILL_ROUTE started, median (goal <= 1.0x 1.2)"),
+    ("First probe to block", ("second SYN",), "second SYN 20 µs after the first answered (goal: 0 runs)"),
     ("First probe to block", ("block in force", "median"),
      "first probe -> block in force, median (goal < 1 ms with a native block)"),
     ("First probe to block", ("block in force", "p99"), "first probe -> block in force, p99"),
@@ -807,7 +845,7 @@ def has_native(sec: Section) -> bool:
 
 
 def columns(sec: Section, r: Row) -> list[str]:
-    """The value cells of `r`: ours, [ours (nftables),] 1.2, ours/1.2[, nftables/1.2]."""
+    """The value cells of `r`: ours, [ours (kernel),] 1.2, ours/1.2[, kernel/1.2]."""
     if has_native(sec):
         return [r.cell(r.ours), r.cell(r.native), r.cell(r.theirs), r.ratio(), r.ratio("native")]
     return [r.cell(r.ours), r.cell(r.theirs), r.ratio()]
@@ -815,7 +853,7 @@ def columns(sec: Section, r: Row) -> list[str]:
 
 def headings(sec: Section) -> list[str]:
     if has_native(sec):
-        return ["ours", "ours (nftables)", "1.2", "ours/1.2", "nftables/1.2"]
+        return ["ours", "ours (kernel)", "1.2", "ours/1.2", "kernel/1.2"]
     return ["ours", "1.2", "ours/1.2"]
 
 
@@ -854,8 +892,9 @@ def render_markdown(sections: list[Section], info: dict[str, str], repeat: int) 
         f"Cells are the median of {repeat} runs, each in fresh namespaces, with the range in "
         "brackets when the runs differ; the latency section pools all probes. Ratios are "
         "ours / 1.2 of the medians. \"ours\" is configured like 1.2 (KILL_ROUTE \"ip route add "
-        "blackhole\"); \"ours (nftables)\", where shown, is ours with BAN_BACKEND=\"nftables\" and no "
-        "KILL_ROUTE (a native block; its capture is then NFLOG).",
+        "blackhole\"); \"ours (kernel)\", where shown, is ours with BAN_BACKEND=\"nftables\", "
+        "KERNEL_BAN at its default (auto) and no KILL_ROUTE: the first probe bans its source in the "
+        "kernel, and its capture is NFLOG.",
     ]
     for sec in sections:
         lines += ["", f"### {sec.title}", "", sec.how + "."]
@@ -1111,14 +1150,15 @@ def measure_all(args: argparse.Namespace, argv: Sequence[str], source: Path | No
             sections.append(scan_section(scans, rate))
     if "latency" in only:
         latencies: dict[str, list[LatencyResult]] = {s.name: [] for s in with_native}
-        for subject in with_native:
-            print(f"latency: {subject.label} ...", file=sys.stderr, flush=True)
-            latencies[subject.name].append(measure_latency(subject, args.latency_probes))
+        for run, order in enumerate(orders(with_native)):
+            for subject in order:
+                print(f"latency, run {run + 1}: {subject.label} ...", file=sys.stderr, flush=True)
+                latencies[subject.name].append(measure_latency(subject, args.latency_probes, run))
         sections.append(latency_section(latencies, args.latency_probes))
     if "flood" in only:
         floods: dict[tuple[str, bool], list[FloodResult]] = {
-            (s.name, ig): [] for s in subjects for ig in (False, True)}
-        for order in orders():
+            (s.name, ig): [] for s in with_native for ig in (False, True)}
+        for order in orders(with_native):
             for ignored in (False, True):
                 for subject in order:
                     print(f"flood ({'ignored' if ignored else 'blocked'} source): {subject.label} ...",
