@@ -161,16 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.classic_path", description=__doc__)
     parser.add_argument("--probes", type=int, default=30)
     parser.add_argument("--ours-only", action="store_true")
+    parser.add_argument("--ours-rev", help="trace this revision's src/ (git archive), not the working tree")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="ps-trace-") as tmp:
+        source = harness.export_revision(args.ours_rev, Path(tmp) / "rev") if args.ours_rev else None
         trace = Path(tmp) / "trace.json"
-        ours = run_probes(TracedOurs(trace), args.probes)
+        ours = run_probes(TracedOurs(trace, source), args.probes)
         if trace.exists():
             attach(ours, trace)
-        print(report("ours (traced)", ours))
+        print(report(f"ours (traced), {harness.describe_source(args.ours_rev)}", ours))
     if not args.ours_only:
         print(report("1.2", run_probes(harness.Debian12(), args.probes)))
     print(f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")

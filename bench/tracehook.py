@@ -112,7 +112,8 @@ def install(path: str) -> None:
 
     classic.ClassicResponder.__init__ = init  # type: ignore[method-assign]
     _wrap(shell.subprocess.Popen, "__init__", "popen", after=True)
-    _wrap(shell, "_spawn", "spawn")
+    if hasattr(shell, "_spawn"):  # revisions before the posix_spawn change have none
+        _wrap(shell, "_spawn", "spawn")
 
     def dump() -> None:
         with open(path, "w", encoding="utf-8") as out:

@@ -79,7 +79,7 @@ def config_error(text: str) -> str:
 
 def detection(probe: Probe) -> str:
     """The first line for every hit; 1.2 words it per mode."""
-    who = f"{probe.name}/{probe.source}"
+    who = _who(probe)
     protocol = probe.mode.protocol
     if probe.mode.is_classic:
         return f"attackalert: Connect from host: {who} to {protocol} port: {probe.port}"
@@ -100,7 +100,14 @@ def already_blocked(probe: Probe) -> str:
     # The two wordings are 1.2's: classic modes end in a period, stealth modes do not.
     if probe.mode.is_classic:
         return f"attackalert: Host: {probe.source} is already blocked. Ignoring"
-    return f"attackalert: Host: {probe.name}/{probe.source} is already blocked Ignoring"
+    return f"attackalert: Host: {_who(probe)} is already blocked Ignoring"
+
+
+def _who(probe: Probe) -> str:
+    """name/address; the address is formatted once (ipaddress's str() is not cheap, and these
+    lines are written for every hit of a flood)."""
+    address = str(probe.source)
+    return f"{probe.source_name or address}/{address}"
 
 
 def repeats_suppressed(probe: Probe, count: int, window: float) -> str:

@@ -116,6 +116,14 @@ class ListeningPorts:
             self._budget_second, self._budget = second, budget
         if self._budget > 0:
             self._budget -= 1
+            if self._diag is not None:
+                try:  # this one port only: a filtered dump, cheaper than the whole table
+                    if not self._diag.holds(self.protocol, port):
+                        return False
+                    self._ports = self._ports | {port}
+                    return True
+                except OSError:
+                    self._diag = None  # fall back to /proc from now on
             self._refreshed_at = None
             self.refresh(now)
         return port in self._ports

@@ -7,6 +7,8 @@ which is tiny, so the stealth sensor can afford to check before every new hit.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 
@@ -16,7 +18,9 @@ from portsentry.netlink.codec import (
     NLM_F_DUMP,
     NLM_F_REQUEST,
     NLMSG_ERROR,
+    attr,
     dump,
+    error_reply,
     message,
     open_socket,
     split,
@@ -37,11 +41,43 @@ SPORT = struct.Struct("!H")
 SPORT_OFFSET = INET_DIAG_MSG_HEAD.size
 
 
-def request(family: int, protocol: Protocol, seq: int) -> bytes:
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
+BC_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes, no (jumps in bytes)
+
+
+def request(family: int, protocol: Protocol, seq: int, port: int | None = None) -> bytes:
+    """A dump of the listening TCP (or bound UDP) sockets of `family`; with `port`, only those
+    on that local port (the kernel filters, so the answer is empty or tiny)."""
     proto = socket.IPPROTO_TCP if protocol is Protocol.TCP else socket.IPPROTO_UDP
     states = 1 << TCP_LISTEN if protocol is Protocol.TCP else ALL_STATES
     body = INET_DIAG_REQ_V2.pack(family, proto, 0, states)
+    if port is not None:
+        body += attr(INET_DIAG_REQ_BYTECODE, port_filter(port))
     return message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+
+
+TCPDIAG_GETSOCK = 18
+# inet_diag_req, the request before sock_diag: family, src_len, dst_len, ext, sockid, states, dbs.
+INET_DIAG_REQ_V1 = struct.Struct("=BBBB48xII")
+
+
+def tcp_request_any_family(seq: int, port: int) -> bytes:
+    """Listening TCP sockets of both families on `port`, in one dump (family 0: the kernel
+    walks its listening table once instead of once per family)."""
+    body = (INET_DIAG_REQ_V1.pack(0, 0, 0, 0, 1 << TCP_LISTEN, 0)
+            + attr(INET_DIAG_REQ_BYTECODE, port_filter(port)))
+    return message(TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+
+
+def port_filter(port: int) -> bytes:
+    """inet_diag bytecode for sport >= port and sport <= port. Each comparison is an op followed
+    by one holding the port; a true op jumps to the next (8 bytes on), a false one past the end
+    (4 bytes beyond it), which the kernel takes as "no match". Port comparisons need no
+    privilege (only mark and cgroup conditions do)."""
+    length = 2 * 2 * BC_OP.size
+    return (BC_OP.pack(INET_DIAG_BC_S_GE, 2 * BC_OP.size, length + 4) + BC_OP.pack(0, 0, port)
+            + BC_OP.pack(INET_DIAG_BC_S_LE, 2 * BC_OP.size, length // 2 + 4) + BC_OP.pack(0, 0, port))
 
 
 def _port(data: bytes, start: int, end: int) -> int:
@@ -74,6 +110,7 @@ class SockDiag:
         self._sock = open_socket(NETLINK_SOCK_DIAG)
         self._sock.settimeout(2.0)
         self._seq = 0
+        self._both_families = True  # until the kernel refuses tcp_request_any_family
 
     def ports(self, protocol: Protocol) -> frozenset[int]:
         """Raises OSError if the kernel refuses the dump (no udp_diag, say) or does not answer."""
@@ -87,6 +124,52 @@ class SockDiag:
                 if port and reply.type == SOCK_DIAG_BY_FAMILY:
                     found.add(port)
         return frozenset(found)
+
+    def holds(self, protocol: Protocol, port: int) -> bool:
+        """Has any socket of either family this local port (TCP: listening)? A dump filtered to
+        the port, read without the generic dump walk: this is on the way to a detection line.
+        TCP asks both families in one walk of the kernel's listening table (the inet_diag
+        request of before sock_diag, which the kernel still serves with the family unset);
+        UDP, and TCP where that is refused, one dump per family. Raises OSError as `ports`."""
+        if protocol is Protocol.TCP and self._both_families:
+            self._seq += 1
+            try:
+                return self._ask(tcp_request_any_family(self._seq, port), self._seq, TCPDIAG_GETSOCK, port)
+            except OSError as error:
+                if error.errno not in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
+                    raise
+                self._both_families = False
+        for family in (socket.AF_INET, socket.AF_INET6):
+            self._seq += 1
+            if self._ask(request(family, protocol, self._seq, port), self._seq, SOCK_DIAG_BY_FAMILY, port):
+                return True
+        return False
+
+    def _ask(self, request: bytes, seq: int, reply_type: int, port: int) -> bool:
+        """Send one filtered dump request and read its answer to the end (so the socket is free
+        for the next); whether a socket on `port` was in it."""
+        self._sock.send(request)
+        found = False
+        while True:
+            data = self._sock.recv(RECV_SIZE)
+            if not data:
+                raise OSError(errno.EIO, "netlink socket closed during a dump")
+            spans, stop = split(data)
+            if stop < len(data):
+                raise OSError(errno.EBADMSG, "malformed sock_diag reply")
+            for kind, _flags, answered, _pid, start, end in spans:
+                if answered != seq:
+                    continue
+                if kind == reply_type:
+                    found |= _port(data, start, end) == port
+                    continue
+                if kind == NLMSG_ERROR:
+                    reply = error_reply(data, start, end)
+                    code = errno.EBADMSG if reply is None else reply[1]
+                    if code:
+                        raise OSError(code, f"sock_diag dump refused: {os.strerror(code)}")
+                if kind in (NLMSG_DONE, NLMSG_ERROR):
+                    return found
 
     def close(self) -> None:
         self._sock.close()

@@ -203,6 +203,16 @@ def test_confirm_sees_a_socket_bound_a_moment_ago_and_is_budgeted() -> None:
         original(now)
 
     tracker.refresh = counting  # type: ignore[method-assign]
+    diag = tracker._diag
+    if diag is not None:  # with sock_diag, confirm asks about the one port
+        original_holds = diag.holds
+
+        def counting_holds(protocol: Protocol, port: int) -> bool:
+            nonlocal calls
+            calls += 1
+            return original_holds(protocol, port)
+
+        diag.holds = counting_holds  # type: ignore[method-assign]
     tracker.confirm(1, 200.9)
     assert calls == 0  # budget for second 200 spent: the cached table answers
     tracker.confirm(1, 201.0)

@@ -16,9 +16,11 @@ from portsentry.sensors.sockdiag import (
     NLMSG_DONE,
     NLMSGHDR,
     SOCK_DIAG_BY_FAMILY,
+    TCPDIAG_GETSOCK,
     SockDiag,
     parse_ports,
     request,
+    tcp_request_any_family,
 )
 from tests.unit.netlink.test_codec import FakeSocket
 
@@ -112,3 +114,71 @@ def test_parse_counts_a_short_tail_as_unfinished_and_a_bad_header_as_the_end():
     assert parse_ports(data + b"\0" * 8) == ({80}, False)
     assert parse_ports(data + NLMSGHDR.pack(4096, SOCK_DIAG_BY_FAMILY, 0, 1, 0)) == ({80}, True)
     assert parse_ports(message(SOCK_DIAG_BY_FAMILY, diag_msg(80)[:5])) == (set(), False)
+
+
+def test_holds_asks_the_kernel_about_one_port_in_both_families():
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    v6.bind(("::", 0))
+    v6.listen()
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v4.bind(("127.0.0.1", 0))
+    v4.listen()
+    bound_only = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # bound, not listening
+    bound_only.bind(("127.0.0.1", 0))
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    diag = SockDiag()
+    try:
+        assert diag.holds(Protocol.TCP, v6.getsockname()[1])
+        assert diag.holds(Protocol.TCP, v4.getsockname()[1])
+        assert not diag.holds(Protocol.TCP, bound_only.getsockname()[1])
+        assert not diag.holds(Protocol.TCP, udp.getsockname()[1])
+        assert diag.holds(Protocol.UDP, udp.getsockname()[1])
+        assert not diag.holds(Protocol.UDP, v4.getsockname()[1])
+        # The socket is reusable after every answer, found or not: the dump was read to its end.
+        assert v4.getsockname()[1] in diag.ports(Protocol.TCP)
+    finally:
+        for sock in (diag, v6, v4, bound_only, udp):
+            sock.close()
+
+
+def test_holds_reads_each_dump_to_its_end_and_stops_at_the_first_family_that_has_the_port():
+    diag, fake = faked(
+        numbered(1, SOCK_DIAG_BY_FAMILY, diag_msg(79)),
+        numbered(9, SOCK_DIAG_BY_FAMILY, diag_msg(80)) + numbered(1, NLMSG_DONE, bytes(4)),
+        numbered(2, NLMSG_DONE, bytes(4)),
+        numbered(1, SOCK_DIAG_BY_FAMILY, diag_msg(81)) + numbered(3, NLMSG_DONE, bytes(4)),
+        numbered(4, NLMSG_DONE, bytes(4)),
+        numbered(5, SOCK_DIAG_BY_FAMILY, diag_msg(80)) + numbered(5, NLMSG_DONE, bytes(4)),
+    )
+    assert diag.holds(Protocol.UDP, 79)  # found in IPv4 (its dump read to DONE): IPv6 not asked
+    assert fake.sent == [request(socket.AF_INET, Protocol.UDP, 1, 79)]
+    assert not diag.holds(Protocol.UDP, 81)  # an answer to an earlier request (seq 1) does not count
+    assert fake.sent[1:] == [request(socket.AF_INET, Protocol.UDP, 2, 81),
+                             request(socket.AF_INET6, Protocol.UDP, 3, 81)]
+    assert diag.holds(Protocol.UDP, 80)  # found in IPv6
+    assert fake.replies == []
+
+
+def test_holds_asks_tcp_in_one_dump_and_falls_back_to_one_per_family_when_refused():
+    refused = struct.pack("=i", -errno.EINVAL) + NLMSGHDR.pack(72, TCPDIAG_GETSOCK, 0x301, 2, 0)
+    diag, fake = faked(
+        numbered(1, TCPDIAG_GETSOCK, diag_msg(22)) + numbered(1, NLMSG_DONE, bytes(4)),
+        numbered(2, 2, refused),
+        numbered(3, NLMSG_DONE, bytes(4)),
+        numbered(4, SOCK_DIAG_BY_FAMILY, diag_msg(22)) + numbered(4, NLMSG_DONE, bytes(4)),
+    )
+    assert diag.holds(Protocol.TCP, 22)
+    assert fake.sent == [tcp_request_any_family(1, 22)]
+    assert diag.holds(Protocol.TCP, 22)  # refused once (an old or stripped kernel): per family
+    assert fake.sent[1:] == [tcp_request_any_family(2, 22), request(socket.AF_INET, Protocol.TCP, 3, 22),
+                             request(socket.AF_INET6, Protocol.TCP, 4, 22)]
+    assert not diag._both_families
+
+
+def test_holds_raises_when_the_kernel_refuses():
+    error = struct.pack("=i", -errno.ENOENT) + NLMSGHDR.pack(72, SOCK_DIAG_BY_FAMILY, 0x301, 1, 0)
+    diag, _fake = faked(numbered(1, 2, error))
+    with pytest.raises(OSError) as info:
+        diag.holds(Protocol.UDP, 53)
+    assert info.value.errno == errno.ENOENT
