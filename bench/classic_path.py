@@ -31,6 +31,7 @@ from bench.harness import BenchError, Receiver, Subject
 from bench.procevents import ProcEvents
 
 PORT = 79
+GAP = float(os.environ.get("CLASSIC_PATH_GAP", "0.05"))  # seconds between probes
 
 
 class TracedOurs(harness.Ours):
@@ -81,7 +82,7 @@ def run_probes(subject: Subject, probes: int) -> list[Probe]:
                         re.compile(rf"host: \S+/{re.escape(source)} to"), 1.0, mark).at
                 except BenchError:
                     continue
-                time.sleep(0.05)
+                time.sleep(GAP)
                 started = events.first_exec_after(probe.sent)
                 if started is not None and started.at <= probe.blocked:
                     probe.started = started.at

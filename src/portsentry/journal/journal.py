@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Protocol, TextIO
 
 from portsentry.core.probe import Mode, Probe
@@ -43,7 +44,7 @@ class Journal:
         # Every failed record write of the daemon is reported here (responders and the ban
         # lifecycle are handed the same object).
         self.failures = WriteFailures(self.log)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by `in_order`
         self._recent: deque[tuple[float, str]] = deque(maxlen=10)
 
     def log(self, text: str, verbose: bool = False, fields: dict[str, object] | None = None) -> None:
@@ -58,6 +59,13 @@ class Journal:
                 self.syslog.emit(text, severity, fields or {})
             if self.stderr is not None:
                 print(text, file=self.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def in_order(self) -> Iterator[None]:
+        """Lines other threads log wait until the caller's lines inside are written (a block's
+        worker starts before the detection line is written; its lines must still follow it)."""
+        with self._lock:
+            yield
 
     def recent_events(self) -> list[dict[str, object]]:
         """The last ten attackalert lines, for `portsentry status`."""

@@ -62,6 +62,10 @@ class BlockQueue:
         return False
 
     @property
+    def full(self) -> bool:
+        return self._queue.full()
+
+    @property
     def waiting(self) -> int:
         return self._queue.qsize()
 

@@ -378,6 +378,25 @@ class Daemon:
 
     def perform(self, actions: list[Action], hit: Hit | None = None,
                 fields: dict[str, object] | None = None) -> None:
+        if not any(isinstance(action, Block) for action in actions):
+            self._perform(actions, hit, fields)
+            return
+        # A block goes to its worker first, which starts on the ban record and the command while
+        # this thread writes the detection line; the journal is held meanwhile, so every line the
+        # worker logs still comes after it. With the queue full, the block is offered (and the
+        # refusal said) only after the line, as before. Only this thread fills the queue.
+        late: list[Block] = []
+        with self.journal.in_order():
+            for action in actions:
+                if isinstance(action, Block) and (self._blocks.full or not self._blocks.submit(action)):
+                    late.append(action)
+            self._perform([action for action in actions if not isinstance(action, Block)], hit, fields)
+        for block in late:
+            if not self._blocks.submit(block):
+                # Not started: the engine forgets it, so the host's next hit tries again.
+                self.perform(self.engine.finished(block, False, self.clock()))
+
+    def _perform(self, actions: list[Action], hit: Hit | None, fields: dict[str, object] | None) -> None:
         for action in actions:
             if isinstance(action, Log):
                 self.journal.log(action.text, verbose=action.verbose, fields=fields)
@@ -388,13 +407,6 @@ class Daemon:
                 self.journal.record(action.probe, action.at)
                 self.hosts_blocked += 1
                 self._blocks_last_hour.add(action.at)
-            elif isinstance(action, Block):
-                self._submit(action)
-
-    def _submit(self, block: Block) -> None:
-        if not self._blocks.submit(block):
-            # Not started: the engine forgets it, so the host's next hit tries again.
-            self.perform(self.engine.finished(block, False, self.clock()))
 
     def _block_done(self, block: Block, succeeded: bool, error: BaseException | None) -> None:
         """On a responder thread: hand the outcome to the main loop."""

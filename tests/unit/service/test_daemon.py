@@ -129,3 +129,101 @@ def test_sigusr1_reopens_the_event_log_by_name_and_leaves_the_configuration_alon
     assert events.exists()  # opened again by name before any event was written
     assert said.getvalue().count("adminalert: PortSentry reopened its log files") == 1
     assert reloads == [] and "reloaded its configuration" not in said.getvalue()
+
+
+class _SlowDetection:
+    """stderr for the journal: writing the detection line takes a while (a slow syslog)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        import time
+
+        if "scan from host" in text or "Connect from host" in text:
+            time.sleep(0.05)
+        self.lines.extend(line for line in text.splitlines() if line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _blocking_daemon(tmp_path: Path, carry_out: Any) -> tuple[Any, _SlowDetection]:
+    from portsentry.config.ignore import IgnoreSource
+    from portsentry.config.settings import Config
+    from portsentry.core.probe import Mode
+    from portsentry.journal.journal import Journal
+    from portsentry.responders.classic import ClassicResponder
+    from portsentry.responders.hostsdeny import HostsDeny
+    from portsentry.service.daemon import Daemon
+
+    out = _SlowDetection()
+    journal = Journal(None, stderr=out)  # type: ignore[arg-type]
+    config = Config(source="t", state_dir=str(tmp_path), protect_gateways=False, protect_resolvers=False)
+
+    class Responder(ClassicResponder):
+        def carry_out(self, block: Any, duration: Any, keeper: Any = None) -> bool:
+            return bool(carry_out(journal, block))
+
+    daemon = Daemon(config, [Mode.TCP], journal, IgnoreSource(None, lambda: []), [],
+                    Responder(HostsDeny(str(tmp_path / "hosts.deny")), journal.log, 1.0),
+                    clock=lambda: 1000.0)
+    return daemon, out
+
+
+def _probe_and_block() -> tuple[Any, Any]:
+    from ipaddress import ip_address
+
+    from portsentry.core import messages
+    from portsentry.core.actions import Block, Log, Step, StepKind
+    from portsentry.core.probe import KIND_SYN, Mode, Probe
+
+    probe = Probe(ip_address("198.18.0.7"), 79, Mode.ATCP, KIND_SYN)
+    return Log(messages.detection(probe)), Block(probe, (Step(StepKind.ROUTE, "true"),))
+
+
+def test_a_block_starts_before_the_detection_line_is_written_and_its_lines_still_follow_it(tmp_path):
+    import threading
+
+    started = threading.Event()
+
+    def carry_out(journal: Any, block: Any) -> bool:
+        started.set()
+        journal.log(f"attackalert: Host {block.probe.source} has been blocked via wrappers")
+        return True
+
+    import time
+
+    from portsentry.core.actions import SendBanner
+    from portsentry.sensors.base import Hit
+
+    daemon, out = _blocking_daemon(tmp_path, carry_out)
+    detection, block = _probe_and_block()
+    # A banner sent first (a classic mode's PORT_BANNER) that takes a while: the worker runs
+    # meanwhile, before the detection line is even begun.
+    slow_banner = Hit(block.probe, reply=lambda _data: time.sleep(0.05))
+    daemon._blocks.start()
+    try:
+        daemon.perform([SendBanner("hello"), detection, block], slow_banner)
+        # The worker started while the banner and the (slow) detection line were written...
+        assert started.is_set()
+    finally:
+        daemon._blocks.close()
+    # ... and its line came after the detection line all the same.
+    assert out.lines == [detection.text, "attackalert: Host 198.18.0.7 has been blocked via wrappers"]
+
+
+def test_a_block_the_full_queue_refuses_is_reported_after_the_detection_line(tmp_path):
+    from portsentry.service.blockqueue import BlockQueue
+
+    daemon, out = _blocking_daemon(tmp_path, lambda journal, block: True)
+    detection, block = _probe_and_block()
+    daemon.engine._pending[(block.probe.mode, block.probe.source)] = []  # as observe() leaves it
+    daemon._blocks = BlockQueue(lambda b: True, lambda *a: None, daemon.journal.log, workers=0, size=1)
+    daemon._blocks.submit(block)  # the only slot
+    daemon.perform([detection, block])
+    assert out.lines[0] == detection.text
+    assert out.lines[1].startswith("adminalert: ERROR: 1 block(s) not started")
+    assert out.lines[2:] == ["attackalert: ERROR: Could not block host 198.18.0.7/198.18.0.7!!"]
+    assert (block.probe.mode, block.probe.source) not in daemon.engine._pending  # forgotten
