@@ -135,7 +135,7 @@ def render(rows: dict[str, Row], subjects: Sequence[Subject], label: str, comman
     head = "| figure | " + " | ".join(rows[s.name].label for s in subjects) + " |"
     lines = [
         f"**{label}.** Run on {started} by `{command}` (as root) on {described}; load average at "
-        f"start {load_at_start}. Every figure once per run (\"run 1 / run 2\").",
+        f"start {load_at_start}. Every figure once per run, in run order (\"run 1 / run 2 / ...\").",
         "",
         f"A full SYN scan (`nmap -sS -p 1-65535 --min-rate {rate} --max-retries 0`) of a fresh "
         "`-atcp` daemon (ADVANCED_PORTS_TCP 1024, BLOCK_TCP 1), then, against another fresh one, "
