@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ from tests.system.rig import (
     eventually,
     nmap,
     nmap_ports,
+    ns_argv,
     popen_in,
     run_in,
     stop_process,
@@ -166,3 +168,42 @@ def test_off_keeps_the_old_path(daemon_factory, namespaces, syslog):
     assert "add @blocked4" not in chain.stdout
     assert two_syns(net.scanner, net.target_ip4, 79) >= 1  # the first SYN is answered (RST)
     syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via nftables")
+
+
+def test_a_service_started_a_moment_ago_is_never_banned_for_its_first_client(
+        daemon_factory, namespaces, syslog):
+    """The daemon refreshes kports (the watched ports without a service) on its own time: a
+    service that starts listening on a watched port can get a client before that. The kernel's
+    own socket lookup keeps that client from being taken for a scanner. The client is started
+    first and waits, so its SYN leaves within a millisecond of the server's listen()."""
+    net = namespaces
+    started(daemon_factory)
+    for port in (111, 1, 79):  # KERNEL's TCP_PORTS
+        client = subprocess.Popen(
+            ns_argv(net.scanner, [sys.executable, "-u", "-c",
+                                  "import socket, sys\n"
+                                  "sys.stdin.readline()\n"
+                                  # 0.9 s: before the first SYN's retransmission (1 s), so
+                                  # only an answer to the first SYN connects.
+                                  f"socket.create_connection(('{net.target_ip4}', {port}), 0.9).close()\n"
+                                  "print('connected')\n"]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        server = popen_in(net.target, [sys.executable, "-u", "-c",
+                                       "import socket, sys, time\n"
+                                       "s = socket.socket()\n"
+                                       "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                                       f"s.bind(('0.0.0.0', {port})); s.listen(); print('ready')\n"
+                                       "time.sleep(30)\n"], stdout=subprocess.PIPE)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+            out, err = client.communicate(b"go\n", timeout=10)
+            assert out.strip() == b"connected", (port, err[-500:])
+            assert net.scanner_ip4 not in set_elements(net.target, "blocked4"), port
+        finally:
+            stop_process(server)
+            if client.poll() is None:
+                client.kill()
+                client.wait(5)
+    # Nor banned for a moment and lifted again by the daemon's check of the caught entries.
+    who = re.escape(net.scanner_ip4)
+    syslog.assert_absent(re.compile(rf"Host {who} has been blocked|was lifted"), wait=1.5)

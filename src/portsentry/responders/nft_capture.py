@@ -4,7 +4,8 @@ of sensors.bpf's filter), and the first-probe ban in the kernel. The ban-set bac
 
 First-probe ban (issue 11): a qualifying probe, that is a TCP packet without ACK/RST or a UDP
 datagram outside a tracked flow, to a port in kports_tcp/kports_udp (watched, not excluded, no
-live service: kept current by the daemon), from a source in neither protect4/6 (own addresses,
+live service: kept current by the daemon) for which the kernel finds no socket (a service started
+since the daemon's last refresh of kports), from a source in neither protect4/6 (own addresses,
 gateways, resolvers, the ignore list: not even copied to the daemon) nor nokernel4/6 (sources
 the kernel must never ban on its own: impossible ones, SENSITIVE_NETWORKS, which the daemon still
 decides), under BAN_RATE_LIMIT, is added to blocked4/6 with the ban's timeout and dropped by the
@@ -104,6 +105,12 @@ class CaptureSpec:
         if self.kernel is not None:
             # Protected and ignored sources are neither banned nor copied to the daemon.
             found += [f"ip saddr @{PROTECT4} counter return", f"ip6 saddr @{PROTECT6} counter return"]
+            # A packet some socket here takes (a service listening, even one started a moment
+            # ago, before the daemon's next refresh of kports) is no probe: the kernel's own
+            # socket lookup says so, where kports alone left a window of up to a second in which
+            # a new service's first client was banned. Found sockets are transparent or not.
+            found += [f"meta l4proto {{ tcp, udp }} socket transparent {flag} counter return"
+                      for flag in (0, 1)]
             found += self.kernel.rules(self.group)
         if Protocol.TCP in self.protocols:
             bound = "" if self.max_port is None else f" tcp dport < {self.max_port}"

@@ -512,6 +512,10 @@ def test_kernel_ban_rules_come_after_the_guards_and_before_the_log_rules() -> No
     kernel = KernelBan(frozenset({Protocol.TCP, Protocol.UDP}), timeout=3600, rate=60)
     rules = CaptureSpec.of(7373, 1024, {Protocol.TCP, Protocol.UDP}, kernel=kernel).rules()
     assert rules[:2] == ["ip saddr @protect4 counter return", "ip6 saddr @protect6 counter return"]
+    # A packet some socket takes (a service started since the last refresh of kports) is no probe.
+    assert rules[2:4] == ["meta l4proto { tcp, udp } socket transparent 0 counter return",
+                          "meta l4proto { tcp, udp } socket transparent 1 counter return"]
+    rules = rules[:2] + rules[4:]
     assert rules[2] == (
         "meta pkttype host ip saddr != @nokernel4 tcp flags & (ack | rst) == 0 tcp dport @kports_tcp "
         "limit rate 60/minute burst 60 packets add @blocked4 { ip saddr timeout 3600s } "
