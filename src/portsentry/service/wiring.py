@@ -146,8 +146,20 @@ def capture_factory(
         try:
             nft.capture_rules(config.nflog_group, max_port, protocols, kernel=kernel)
         except (BackendError, OSError, ValueError) as error:
-            capture.close()
-            return fail("CAPTURE", CaptureError(f"cannot add the NFLOG rules: {error}"))
+            if kernel is None:
+                capture.close()
+                return fail("CAPTURE", CaptureError(f"cannot add the NFLOG rules: {error}"))
+            # KERNEL_BAN="auto": a kernel without what the ban rules use (nft_socket, dynamic
+            # sets) still gets NFLOG capture; the daemon bans, as with KERNEL_BAN="off". `quiet`
+            # and `live` see the change (they read `kernel` when called).
+            log(f"adminalert: WARNING: first-probe ban in the kernel unavailable ({error}); "
+                "the daemon makes every ban")
+            kernel = None
+            try:
+                nft.capture_rules(config.nflog_group, max_port, protocols, kernel=None)
+            except (BackendError, OSError, ValueError) as again:
+                capture.close()
+                return fail("CAPTURE", CaptureError(f"cannot add the NFLOG rules: {again}"))
         return capture
 
     return open_nflog

@@ -145,3 +145,41 @@ def test_eligible_ports_are_watched_not_excluded_and_not_live() -> None:
     watches = [watch_for(Mode.STCP, config), watch_for(Mode.ATCP, config)]
     assert eligible_ports(watches, Protocol.TCP, frozenset({111, 5})) == {1, 2, 4, 6, 7, 8, 9, 79}
     assert eligible_ports(watches, Protocol.UDP, frozenset()) == set()
+
+
+def test_a_kernel_that_refuses_the_ban_rules_keeps_nflog_capture_without_them(monkeypatch) -> None:
+    """KERNEL_BAN="auto" on a kernel without nft_socket (or dynamic sets): the NFLOG capture
+    stays, without the first-probe ban, and the admin is told; before, the whole NFLOG capture
+    gave way to AF_PACKET."""
+    from collections.abc import Collection
+
+    from portsentry.responders.backend import BackendError
+    from portsentry.responders.nft_capture import KernelBan
+    from portsentry.responders.nftables import NftablesBackend
+    from portsentry.service import wiring
+
+    class Nft(NftablesBackend):
+        def __init__(self) -> None:  # no netlink: only capture_rules is used here
+            self.calls: list[object] = []
+
+        def capture_rules(self, group: int, max_port: int | None, protocols: Collection[Protocol],
+                          quiet_udp_ports: Collection[int] = (), kernel: KernelBan | None = None) -> None:
+            self.calls.append(kernel)
+            if kernel is not None:
+                raise BackendError("Error: Could not process rule: No such file or directory (socket)")
+
+    class Capture:
+        def __init__(self, group: int, quieter: object = None, on_live: object = None) -> None:
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(wiring, "NflogCapture", Capture)
+    nft, said = Nft(), list[str]()
+    config = Config(source="t", block_tcp=1, capture="auto")
+    opened = wiring.capture_factory(config, nft, said.append)(1024, {Protocol.TCP})
+    assert isinstance(opened, Capture) and not opened.closed
+    assert nft.calls[0] is not None and nft.calls[1:] == [None]
+    assert len(said) == 1
+    assert said[0].startswith("adminalert: WARNING: first-probe ban in the kernel unavailable")
