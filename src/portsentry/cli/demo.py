@@ -448,16 +448,10 @@ class Demo:
     def cleanup(self) -> list[str]:
         """Remove everything this run made; returns what could not be removed."""
         problems: list[str] = []
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.terminate()
-            try:
-                self.daemon.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.daemon.wait(STOP_TIMEOUT)
+        if self.daemon is not None:
+            stop_process(self.daemon)
         for ns in self.namespaces:
-            problems += self._remove_namespace(ns)
+            problems += remove_namespace(ns)
         if self.syslog is not None:
             self.syslog.close()
         if self.workdir is not None:
@@ -466,27 +460,41 @@ class Demo:
                 problems.append(f"could not remove {self.workdir}")
         return problems
 
-    def _remove_namespace(self, ns: str) -> list[str]:
-        if not Path("/run/netns", ns).exists():
-            return []
-        # `ip netns del` only unmounts the name: processes still inside would keep the network
-        # (and its bans) alive, so anything left in there (a daemon child, an nmap) goes first.
-        for _attempt in range(50):
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
-                                  timeout=COMMAND_TIMEOUT, check=False).stdout.split()
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            time.sleep(0.05)
-        else:
-            return [f"processes survive in namespace {ns}"]
-        deleted = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True,
-                                 timeout=COMMAND_TIMEOUT, check=False)
-        if deleted.returncode != 0:
-            return [f"could not delete namespace {ns}: {deleted.stderr.strip()}"]
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT)
+
+
+def remove_namespace(ns: str) -> list[str]:
+    """Kill what is left inside `ns`, then delete it; what could not be done."""
+    if not Path("/run/netns", ns).exists():
         return []
+    # `ip netns del` only unmounts the name: processes still inside would keep the network
+    # (and its bans) alive, so anything left in there (a daemon child, an nmap) goes first.
+    for _attempt in range(50):
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                              timeout=COMMAND_TIMEOUT, check=False).stdout.split()
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.05)
+    else:
+        return [f"processes survive in namespace {ns}"]
+    deleted = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True,
+                             timeout=COMMAND_TIMEOUT, check=False)
+    if deleted.returncode != 0:
+        return [f"could not delete namespace {ns}: {deleted.stderr.strip()}"]
+    return []
 
 
 def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:

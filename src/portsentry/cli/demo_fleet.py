@@ -8,7 +8,6 @@ Ctrl-C or SIGTERM, as in `portsentry demo` (cli.demo), whose helpers this reuses
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import secrets
@@ -35,6 +34,8 @@ from portsentry.cli.demo import (
     _temp_dir,
     nmap_ports,
     nmap_table,
+    remove_namespace,
+    stop_process,
     unavailable_reason,
 )
 
@@ -184,19 +185,9 @@ class FleetDemo:
     def cleanup(self) -> list[str]:
         problems: list[str] = []
         for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_process(proc)
         for ns in self.namespaces:
-            for pid in self.run(["ip", "netns", "pids", ns], check=False).split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            if subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False).returncode:
-                problems.append(f"could not delete namespace {ns}")
+            problems += remove_namespace(ns)
         for syslog in self.syslogs:
             syslog.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
