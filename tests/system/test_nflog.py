@@ -154,6 +154,7 @@ time.sleep(60)
 RULES_CHILD = r"""
 import json, select, subprocess, sys, time
 from portsentry.core.probe import Protocol
+from portsentry.responders.nft_capture import CaptureSpec, KernelBan
 from portsentry.responders.nftables import NftablesBackend
 from portsentry.sensors.nflog import NflogCapture
 
@@ -173,8 +174,11 @@ backend = NftablesBackend(mechanism="cli")
 backend.setup()
 capture = NflogCapture(int(sys.argv[1]))
 report = {}
-backend.capture_rules(int(sys.argv[1]), 1024, {Protocol.TCP, Protocol.UDP})
-backend.capture_rules(int(sys.argv[1]), 1024, {Protocol.TCP, Protocol.UDP})
+# With the first-probe ban (kports empty: nothing is banned, every probe is logged).
+kernel = KernelBan(frozenset(Protocol), 3600) if sys.argv[2] == "kernel" else None
+for _ in range(2):
+    backend.capture_rules(int(sys.argv[1]), 1024, {Protocol.TCP, Protocol.UDP}, kernel=kernel)
+report["expected_rules"] = len(CaptureSpec.of(int(sys.argv[1]), 1024, set(Protocol), kernel=kernel).rules())
 report["rules_after_two_installs"] = rules()
 report["intact"] = backend.capture_intact()
 print(json.dumps(report), flush=True)
@@ -195,11 +199,12 @@ print(json.dumps(report), flush=True)
 """
 
 
-def test_capture_rules_are_idempotent_repaired_and_torn_down(namespaces: Namespaces) -> None:
+@pytest.mark.parametrize("kernel", ["kernel", "log-only"])
+def test_capture_rules_are_idempotent_repaired_and_torn_down(namespaces: Namespaces, kernel: str) -> None:
     net = namespaces
     if shutil.which("hping3") is None:
         pytest.skip("needs hping3")
-    proc = subprocess.Popen(ns_argv(net.target, [sys.executable, "-c", RULES_CHILD, "7374"]),
+    proc = subprocess.Popen(ns_argv(net.target, [sys.executable, "-c", RULES_CHILD, "7374", kernel]),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": SRC_DIR})
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -212,7 +217,8 @@ def test_capture_rules_are_idempotent_repaired_and_torn_down(namespaces: Namespa
             return result
 
         first = step()
-        assert first == {"rules_after_two_installs": 2, "intact": True}
+        rules = 10 if kernel == "kernel" else 2
+        assert first == {"expected_rules": rules, "rules_after_two_installs": rules, "intact": True}
         probe = ["hping3", "-q", "-S", "-p", "22", "-c", "1", net.target_ip4]
         run_in(net.scanner, probe, timeout=10)
         stdin.write(b"\n")
@@ -221,7 +227,7 @@ def test_capture_rules_are_idempotent_repaired_and_torn_down(namespaces: Namespa
         assert second["seen_before_flush"] == 1
         assert (second["intact_after_flush"], second["repaired"], second["repaired_again"]) == \
             (False, True, False)
-        assert second["rules_after_repair"] == 2
+        assert second["rules_after_repair"] == rules
         run_in(net.scanner, probe, timeout=10)
         stdin.write(b"\n")
         stdin.flush()

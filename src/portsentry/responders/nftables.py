@@ -362,12 +362,14 @@ class NftablesBackend(BanBackend):
             objects = json.loads(result.stdout).get("nftables", [])
         except (ValueError, AttributeError):
             return False
-        logging = [
-            o for o in objects
-            if isinstance(o, dict) and isinstance(o.get("rule"), dict)
-            and {"log": {"group": spec.group}} in o["rule"].get("expr", [])
-        ]
-        return len(logging) == len(spec.rules())
+        rules = [o["rule"] for o in objects if isinstance(o, dict) and isinstance(o.get("rule"), dict)]
+        logging = [rule for rule in rules if {"log": {"group": spec.group}} in rule.get("expr", [])]
+        # Not every rule logs: the first-probe ban's guards (protect sets, the socket lookup)
+        # only return. Counting only logging rules against all of them took a kernel-ban chain
+        # for gone, and the repair re-added every active ban once a minute.
+        expected = spec.rules()
+        return (len(rules) == len(expected)
+                and len(logging) == sum(f"log group {spec.group}" in rule for rule in expected))
 
     def repair_capture(self) -> bool:
         """Re-creates table, sets, drop rules and capture rules if the capture rules have gone;
