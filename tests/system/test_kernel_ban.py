@@ -108,10 +108,26 @@ def test_the_first_syn_bans_and_the_second_20us_later_is_dropped(daemon_factory,
     ports = nmap_ports(nmap(net.scanner, ["-sS", "-p", "1,79,111,1000", "--max-retries", "0",
                                          "--host-timeout", "20s", net.target_ip4]).stdout)
     assert set(ports.values()) <= {"filtered"}, ports
+    # The probes the kernel dropped never reached the daemon, but none goes unmentioned: the
+    # second SYN and nmap's three to watched ports (1, 79, 111; 1000 is not watched) are counted
+    # and summed up in summary lines (one per source and round).
+    summary = re.compile(rf"^attackalert: Host: {who}/{who} is already blocked: (\d+) more probes to "
+                         "watched ports dropped by the kernel, not logged one by one$")
+
+    def summed() -> int:
+        return sum(int(m.group(1)) for m in map(summary.match, syslog.messages()) if m)
+
+    eventually(lambda: summed() >= 4, timeout=15, what="summary lines for 4 dropped probes")
     # unblock lifts the kernel's ban too.
     admin(daemon, "unblock", net.scanner_ip4)
     assert net.scanner_ip4 not in set_elements(net.target, "blocked4")
     syslog.assert_absent(re.compile(r"recorded now|was lifted"), wait=0.2)
+    # Unbanned, its probes are no longer counted but seen (a detection line, a new ban).
+    run_in(net.scanner, ["hping3", "-q", "-S", "-p", "111", "-c", "1", net.target_ip4], timeout=10)
+    syslog.wait_for(re.compile(rf"^attackalert: TCP SYN/Normal scan from host: {who}/{who} "
+                               "to TCP port: 111$"))
+    daemon.stop()
+    assert summed() == 4, syslog.messages()
 
 
 def test_ignored_sources_are_not_banned_and_a_new_service_stops_the_kernel_banning(

@@ -246,6 +246,13 @@ def kernel_ban_recorded(target: str, protocol: str, port: int) -> str:
             "running): recorded now")
 
 
+def kernel_dropped(target: str, count: int) -> str:
+    """Ours: probes of a banned source that the kernel dropped before PortSentry saw them
+    (nft_capture.count_rules), one line per source and summary round."""
+    return (f"attackalert: Host: {target}/{target} is already blocked: {count} more probes to "
+            "watched ports dropped by the kernel, not logged one by one")
+
+
 def kernel_ban_lifted(target: str, why: str) -> str:
     return f"adminalert: The kernel's first-probe ban of {target} was lifted: {why}"
 

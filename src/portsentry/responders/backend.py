@@ -167,6 +167,10 @@ class BanBackend(abc.ABC):
         """Kernel-made bans the daemon has not settled yet: (source, protocol, port)."""
         return []
 
+    def dropped(self) -> dict[IPAddress, int]:
+        """Per banned source, the probes the kernel dropped before the capture saw them."""
+        return {}  # nothing is counted here: the packet capture sees every probe
+
     def release_caught(self, entries: Iterable[Caught]) -> None:
         """Forget settled caught entries."""
         return  # nothing is ever caught here

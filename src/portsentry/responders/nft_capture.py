@@ -13,6 +13,11 @@ rule itself; so the scanner's second packet, microseconds later, meets the drop.
 notes (source, protocol, port) in caught4/6 and logs the packet to NFLOG: the daemon writes
 1.2's lines and records the ban, and its maintenance thread settles every caught entry (adopted,
 lifted, or recorded late when the NFLOG copy was lost).
+
+Probes the daemon never sees because their source is banned already (the base chain drops them
+before the capture chain logs them) are counted per source in dropped4/6, by `count_rules` in a
+chain that runs just before that drop: the daemon reads the counters and writes one summary line
+per source, so every watched-port probe is logged or counted, as 1.2 logged each one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from portsentry.core.probe import Protocol
 PROTECT4, PROTECT6 = "protect4", "protect6"
 NOKERNEL4, NOKERNEL6 = "nokernel4", "nokernel6"
 CAUGHT4, CAUGHT6 = "caught4", "caught6"
+DROPPED4, DROPPED6 = "dropped4", "dropped6"
+DROPPED_TIMEOUT = 3600  # seconds a source's count is kept after its last dropped probe
 KPORTS = {Protocol.TCP: "kports_tcp", Protocol.UDP: "kports_udp"}
 
 
@@ -95,6 +102,31 @@ class CaptureSpec:
         if any(isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 0x10000 for p in quiet):
             raise ValueError(f"quiet UDP ports {sorted(quiet)!r} are not all ports")
         return cls(group, None if max_port == 0x10000 else max_port, wanted, quiet, kernel)
+
+    def count_rules(self) -> list[str]:
+        """Count, per banned source, the probes the capture would have logged (or, with the
+        first-probe ban, the probes it would have banned for): the drop chain discards them
+        before the capture chain sees them. They change nothing for the packet."""
+        if self.max_port == 0:
+            return []
+        bound = "" if self.max_port is None else f" tcp dport < {self.max_port}"
+        matches = {}
+        if self.kernel is not None:
+            matches[Protocol.TCP] = f"tcp flags & (ack | rst) == 0 tcp dport @{KPORTS[Protocol.TCP]}"
+            matches[Protocol.UDP] = (f"udp dport @{KPORTS[Protocol.UDP]} "
+                                     "ct state != { established, related }")
+        else:
+            matches[Protocol.TCP] = f"tcp flags & (ack | rst) == 0{bound}"
+            udp = "meta l4proto udp" if self.max_port is None else f"udp dport < {self.max_port}"
+            matches[Protocol.UDP] = f"{udp} ct state != {{ established, related }}"
+        found = []
+        families = (("ip saddr", "blocked4", DROPPED4), ("ip6 saddr", "blocked6", DROPPED6))
+        for saddr, blocked, dropped in families:
+            for protocol in (Protocol.TCP, Protocol.UDP):
+                if protocol in self.protocols:
+                    found.append(f"meta pkttype host {saddr} @{blocked} {matches[protocol]} "
+                                 f"update @{dropped} {{ {saddr} counter }}")
+        return found
 
     def rules(self) -> list[str]:
         """The rule bodies, in order; none when no port can match (max_port 0)."""

@@ -305,15 +305,26 @@ def parse_set_json(text: str, source: str = "nft -j") -> dict[IPAddress, float |
         objects = document["nftables"]
     except (ValueError, KeyError, TypeError) as exc:
         raise BackendError(f"{source}: unexpected output: {text[:200]!r}") from exc
+    if not isinstance(objects, list):
+        raise BackendError(f"{source}: unexpected output: {text[:200]!r}")
     found: dict[IPAddress, float | None] = {}
-    for obj in objects:
-        if not isinstance(obj, dict) or "set" not in obj:
-            continue
-        for entry in obj["set"].get("elem", []):
-            value, expires = _element_value(entry, source)
-            if value in found:
-                raise InconsistentListing(f"{source}: {value} listed twice (set being resized)")
-            found[value] = expires
+    for entry in set_elements(objects):
+        value, expires = _element_value(entry, source)
+        if value in found:
+            raise InconsistentListing(f"{source}: {value} listed twice (set being resized)")
+        found[value] = expires
+    return found
+
+
+def set_elements(objects: object) -> list[object]:
+    """The "elem" entries of every set in a parsed `nft -j` listing; shapes nft never writes
+    (a set that is not an object, elements that are not a list) contribute none."""
+    found: list[object] = []
+    for item in objects if isinstance(objects, list) else []:
+        body = item.get("set") if isinstance(item, dict) else None
+        entries = body.get("elem") if isinstance(body, dict) else None
+        if isinstance(entries, list):
+            found += entries
     return found
 
 
@@ -323,10 +334,11 @@ def _element_value(entry: object, source: str) -> tuple[IPAddress, float | None]
     if isinstance(entry, dict) and isinstance(entry.get("elem"), dict):
         elem = entry["elem"]
         value = elem.get("val")
-        if "expires" in elem:
-            expires = float(elem["expires"])
-        elif "timeout" in elem:
-            expires = float(elem["timeout"])
+        left = elem.get("expires", elem.get("timeout"))
+        if left is not None:
+            if isinstance(left, bool) or not isinstance(left, int | float):
+                raise BackendError(f"{source}: unexpected set element {entry!r}")
+            expires = float(left)
     if not isinstance(value, str):
         raise BackendError(f"{source}: unexpected set element {entry!r}")
     try:
@@ -383,17 +395,42 @@ def parse_caught_json(text: str) -> list[Caught]:
     except (ValueError, AttributeError):
         raise BackendError("nft -j list set: not the JSON nft writes") from None
     found: list[Caught] = []
-    for item in objects:
-        entries = item.get("set", {}).get("elem", []) if isinstance(item, dict) else []
-        for entry in entries if isinstance(entries, list) else []:
-            if isinstance(entry, dict) and isinstance(entry.get("elem"), dict):
-                entry = entry["elem"].get("val")
-            concat = entry.get("concat") if isinstance(entry, dict) else None
-            if not (isinstance(concat, list) and len(concat) == 3):
-                continue
-            address, protocol, port = concat
-            try:
-                found.append((ip_address(address), Protocol(str(protocol).upper()), int(port)))
-            except (ValueError, TypeError):
-                continue
+    for entry in set_elements(objects):
+        if isinstance(entry, dict) and isinstance(entry.get("elem"), dict):
+            entry = entry["elem"].get("val")
+        concat = entry.get("concat") if isinstance(entry, dict) else None
+        if not (isinstance(concat, list) and len(concat) == 3):
+            continue
+        address, protocol, port = concat
+        if not isinstance(address, str) or isinstance(port, bool) or not isinstance(port, int):
+            continue
+        try:
+            found.append((ip_address(address), Protocol(str(protocol).upper()), port))
+        except ValueError:
+            continue
+    return found
+
+
+def parse_dropped_json(text: str) -> dict[IPAddress, int]:
+    """The counters of dropped4/dropped6 from `nft -j list set`: source -> packets. Entries
+    without a counter or with a malformed one are skipped."""
+    try:
+        objects = json.loads(text).get("nftables", [])
+    except (ValueError, AttributeError):
+        raise BackendError("nft -j list set: not the JSON nft writes") from None
+    found: dict[IPAddress, int] = {}
+    for entry in set_elements(objects):
+        element = entry.get("elem") if isinstance(entry, dict) else None
+        if not isinstance(element, dict):
+            continue
+        counter = element.get("counter")
+        packets = counter.get("packets") if isinstance(counter, dict) else None
+        value = element.get("val")
+        if isinstance(packets, bool) or not isinstance(packets, int) or packets < 0 \
+                or not isinstance(value, str):
+            continue
+        try:
+            found[ip_address(value)] = packets
+        except ValueError:
+            continue
     return found

@@ -40,6 +40,9 @@ from portsentry.responders.backend import (
 from portsentry.responders.nft_capture import (
     CAUGHT4,
     CAUGHT6,
+    DROPPED4,
+    DROPPED6,
+    DROPPED_TIMEOUT,
     KPORTS,
     NOKERNEL4,
     NOKERNEL6,
@@ -63,6 +66,7 @@ from portsentry.responders.nft_elements import (
     intervals,
     open_netlink,
     parse_caught_json,
+    parse_dropped_json,
     parse_set_json,
     port_ranges,
     timeout_ms,
@@ -79,6 +83,9 @@ CHAIN = "filter"
 # The stealth sensor's NFLOG rules (sensors/nflog.py): a base chain on the input hook one priority
 # step after CHAIN, so a packet CHAIN drops never reaches them.
 CAPTURE_CHAIN = "capture"
+# Counts the probes of banned sources (nft_capture.count_rules): one priority step before CHAIN,
+# which drops them.
+COUNT_CHAIN = "count"
 # Elements per netlink message in add_many: a batch of three such messages stays well below the
 # default 208 KiB socket send buffer even for IPv6 (about 40 bytes per element).
 BATCH_ELEMENTS = 1024
@@ -143,6 +150,10 @@ class NftablesBackend(BanBackend):
             f"size {self.set_size}; }}\n"
             f"add set {t} {CAUGHT6} {{ type ipv6_addr . inet_proto . inet_service; flags timeout; "
             f"size {self.set_size}; }}\n"
+            f"add set {t} {DROPPED4} {{ type ipv4_addr; flags dynamic, timeout; timeout {DROPPED_TIMEOUT}s; "
+            f"size {self.set_size}; }}\n"
+            f"add set {t} {DROPPED6} {{ type ipv6_addr; flags dynamic, timeout; timeout {DROPPED_TIMEOUT}s; "
+            f"size {self.set_size}; }}\n"
             f"add chain {t} {CHAIN} {{ type filter hook {self.hook} priority {self.priority}; "
             "policy accept; }\n"
         )
@@ -168,6 +179,13 @@ class NftablesBackend(BanBackend):
             f"add chain {c} {{ type filter hook input priority {self.priority + 1}; policy accept; }}",
         ]
         lines += [f"add rule {c} {rule}" for rule in spec.rules()]
+        n = f"{t} {COUNT_CHAIN}"
+        lines += [f"add chain {n}", f"flush chain {n}", f"delete chain {n}"]
+        counting = spec.count_rules()
+        if counting:
+            lines.append(f"add chain {n} {{ type filter hook input priority {self.priority - 1}; "
+                         "policy accept; }")
+            lines += [f"add rule {n} {rule}" for rule in counting]
         return "".join(f"{line}\n" for line in lines)
 
     def _element(self, address: IPAddress, timeout: float | None = None) -> str:
@@ -325,6 +343,17 @@ class NftablesBackend(BanBackend):
             found += parse_caught_json(self.run([NFT, "-j", "list", "set", "inet", self.table, name]).stdout)
         return found
 
+    def dropped(self) -> dict[IPAddress, int]:
+        """Per banned source, the probes dropped before the daemon could see them (count_rules),
+        counted since the source's count began (it ends DROPPED_TIMEOUT after its last probe)."""
+        found: dict[IPAddress, int] = {}
+        if self._capture is None:
+            return found  # AF_PACKET capture: the daemon sees every probe, nothing is counted
+        for name in (DROPPED4, DROPPED6):
+            listing = self.run([NFT, "-j", "list", "set", "inet", self.table, name])
+            found.update(parse_dropped_json(listing.stdout))
+        return found
+
     def release_script(self, entries: Iterable[Caught]) -> str:
         lines = []
         for address, protocol, port in entries:
@@ -346,8 +375,9 @@ class NftablesBackend(BanBackend):
     def drop_capture(self) -> None:
         """Removes the capture chain if there is one (the sensor went back to AF_PACKET)."""
         self._capture = None
-        c = f"inet {self.table} {CAPTURE_CHAIN}"
-        self.run([NFT, "-f", "-"], f"add chain {c}\nflush chain {c}\ndelete chain {c}\n")
+        self.run([NFT, "-f", "-"], "".join(f"add chain {c}\nflush chain {c}\ndelete chain {c}\n"
+                                           for c in (f"inet {self.table} {name}"
+                                                     for name in (CAPTURE_CHAIN, COUNT_CHAIN))))
 
     def capture_intact(self) -> bool:
         """Whether the capture chain still holds the rules of the last capture_rules call (an

@@ -53,7 +53,7 @@ from portsentry.service import sdnotify
 from portsentry.service.admin import admin_request
 from portsentry.service.blockqueue import BlockQueue
 from portsentry.service.control import Command, ControlServer, Reply, Request, Response
-from portsentry.service.kernelbans import Guards, KernelBans, guards_of
+from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, guards_of
 from portsentry.service.maintenance import Findings, Maintenance
 from portsentry.service.resolver import Resolver
 
@@ -164,18 +164,28 @@ class Daemon:
         # The kernel's first-probe bans (stealth modes with nftables): guards pushed, bans settled.
         kernel = bans is not None and bans.backend is not None and config.kernel_ban != "off"
         self._kernel = KernelBans(bans, journal.log) if kernel and bans is not None else None
+        # Probes of banned sources that only the kernel saw (NFLOG capture): summary lines.
+        self._dropped = (DroppedProbes(bans, journal.log)
+                         if bans is not None and bans.backend is not None else None)
         self._protected: frozenset[IPAddress] = frozenset()
         self.hits = HitTally()  # for `portsentry report`; written by the maintenance thread
         self._maintenance = Maintenance(bans, lambda: protected_addresses(self.config),
                                         lambda found: self._call_on_main(lambda: self._apply(found)),
                                         journal.log, interval=tick, clock=clock,
-                                        settle=self._kernel.settle if self._kernel is not None else None,
+                                        settle=self._settle,
                                         tally=self.hits if bans is not None else None)
         # Work finished on a responder thread that the engine (main thread only) must hear about.
         self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
+
+    def _settle(self, now: float) -> None:
+        """Maintenance thread: the kernel's side of the capture, its bans, then its counts."""
+        if self._kernel is not None:
+            self._kernel.settle(now)
+        if self._dropped is not None:
+            self._dropped.summarize(now)
 
     def _enforce(self, block: Block) -> bool:
         """On a responder thread: the ban lifecycle makes the ban (without a store, in tests that
@@ -315,6 +325,8 @@ class Daemon:
         if self.fleet is not None:
             self.fleet.stop()
         self._maintenance.stop()
+        if self._dropped is not None:
+            self._dropped.summarize(self.clock(), force=True)  # the last round's counts, not lost
         # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded.
         self._blocks.close()
         self._admin.shutdown(wait=True)
@@ -570,11 +582,15 @@ class Daemon:
         return sum(drops) if drops else None
 
     def packet_drops(self) -> dict[str, int]:
-        """Packets the sensors dropped before the engine, per reason (malformed or forged)."""
+        """Packets dropped before the engine, per reason (malformed, forged, banned already)."""
         totals: dict[str, int] = {}
         for sensor in self.sensors:
             for reason, count in sensor.packet_drops().items():
                 totals[reason] = totals.get(reason, 0) + count
+        if self._dropped is not None and self._dropped.total:
+            # Never captured: probes of banned sources the kernel dropped (NFLOG capture), as
+            # the summary lines reported them.
+            totals["banned_source_in_kernel"] = self._dropped.total
         return totals
 
     def stats(self, now: float) -> dict[str, Any]:

@@ -13,6 +13,10 @@ bans a qualifying probe's source on the spot; the daemon stays the authority ove
   one that nobody recorded within GRACE seconds (the NFLOG copy was lost, or the daemon was not
   running) is recorded now, and said so.
 
+- Counting: probes of a banned source never reach the capture (the drop chain comes first), so
+  the kernel counts them per source (nft_capture.count_rules) and `DroppedProbes` writes one
+  summary line per source and round with the count since the last round.
+
 Threads: the main loop builds a Guards snapshot and calls `update`, which says whether it must be
 pushed; `push` then runs on an admin worker, `settle` on the maintenance thread. They share only
 the snapshot, replaced whole, never changed in place; the backend and the lifecycle are
@@ -32,6 +36,7 @@ from portsentry.core.probe import IPAddress, Protocol
 from portsentry.responders.backend import BackendError, Caught, Guarded
 from portsentry.sensors.listeners import ListeningPorts
 
+SUMMARY_EVERY = 5.0  # seconds between reads of the kernel's counts of dropped probes
 GRACE = 3.0  # seconds a caught entry waits for the daemon's own record before it is made here
 Network = IPv4Network | IPv6Network
 
@@ -155,6 +160,44 @@ class KernelBans:
             return
         self._log(messages.kernel_ban_lifted(str(address), why))
         self.lifted += 1
+
+
+class DroppedProbes:
+    """Summary lines for the probes the kernel dropped from banned sources. The kernel keeps a
+    running count per source; this keeps the count it last reported, so each line says what is
+    new. Counts present at the first read were made before this start and were reported by the
+    run before (up to its last round): they are the baseline. Maintenance thread, and at
+    shutdown the main thread once maintenance has stopped."""
+
+    def __init__(self, bans: BanManager, log: Callable[[str], None], every: float = SUMMARY_EVERY) -> None:
+        self.bans = bans
+        self._log = log
+        self.every = every
+        self._reported: dict[IPAddress, int] | None = None
+        self._next = 0.0
+        self.total = 0  # probes reported so far (metrics)
+
+    def summarize(self, now: float, force: bool = False) -> None:
+        backend = self.bans.backend
+        if backend is None or (now < self._next and not force):
+            return
+        self._next = now + self.every
+        try:
+            counts = backend.dropped()
+        except (BackendError, OSError) as error:
+            self._log(messages.config_error(f"cannot read the kernel's counts of dropped probes: {error}"))
+            return
+        if self._reported is None:
+            self._reported = counts
+            return
+        for address, count in sorted(counts.items(), key=lambda item: (item[0].version, item[0])):
+            before = self._reported.get(address, 0)
+            # A smaller count is a new one: the old expired (DROPPED_TIMEOUT) and began again.
+            new = count - before if count >= before else count
+            if new > 0:
+                self._log(messages.kernel_dropped(str(address), new))
+                self.total += new
+        self._reported = counts
 
 
 def guards_of(ignored: Iterable[Network], protected: Iterable[IPAddress],

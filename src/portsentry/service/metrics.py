@@ -97,8 +97,9 @@ class Metrics:
             registry=registry)
         self._packet_drops = prom.Counter(
             "portsentry_packets_dropped",
-            "Captured packets dropped before the engine, by reason: malformed, or a source no real "
-            "peer can have (forged: unspecified, loopback, multicast, broadcast, reserved)",
+            "Packets dropped before the engine, by reason: malformed, a source no real peer can have "
+            "(forged: unspecified, loopback, multicast, broadcast, reserved), or "
+            "banned_source_in_kernel (probes of banned sources the kernel dropped, NFLOG capture)",
             ["reason"], registry=registry)
         self._packet_drops_seen: dict[str, int] = {}
         self._record_failures = prom.Counter(

@@ -53,6 +53,10 @@ SETUP = (
     "size 262144; }\n"
     "add set inet portsentry caught6 { type ipv6_addr . inet_proto . inet_service; flags timeout; "
     "size 262144; }\n"
+    "add set inet portsentry dropped4 { type ipv4_addr; flags dynamic, timeout; timeout 3600s; "
+    "size 262144; }\n"
+    "add set inet portsentry dropped6 { type ipv6_addr; flags dynamic, timeout; timeout 3600s; "
+    "size 262144; }\n"
     "add chain inet portsentry filter { type filter hook input priority -10; policy accept; }\n"
 )
 RULES = (
@@ -569,6 +573,58 @@ def test_caught_entries_are_parsed_and_released_with_add_then_delete() -> None:
     assert cli(Recorder()).release_script([(IPv6Address("fd00::2"), Protocol.TCP, 79)]) == (
         "add element inet portsentry caught6 { fd00::2 . tcp . 79 }\n"
         "delete element inet portsentry caught6 { fd00::2 . tcp . 79 }\n")
+
+
+def test_dropped_counts_are_parsed_from_real_nft_output() -> None:
+    from portsentry.responders.nft_elements import parse_dropped_json
+
+    # Real `nft -j list set` output of nft 1.0.6, plus entries nft never writes.
+    text = ('{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"set": '
+            '{"family": "inet", "name": "dropped4", "table": "portsentry", "type": "ipv4_addr", '
+            '"handle": 3, "size": 1000, "flags": ["timeout"], "timeout": 3600, "elem": ['
+            '{"elem": {"val": "198.18.0.2", "expires": 3599, "counter": {"packets": 3, "bytes": 180}}}, '
+            '{"elem": {"val": "198.18.0.3", "expires": 3599}}, '
+            '{"elem": {"val": "198.18.0.4", "counter": {"packets": -1}}}, '
+            '{"elem": {"val": "198.18.0.5", "counter": {"packets": true}}}, '
+            '{"elem": {"val": 3, "counter": {"packets": 1}}}, '
+            '{"elem": {"val": "fd00::2", "counter": {"packets": 7, "bytes": 1}}}, "198.18.0.6"]}}]}')
+    assert parse_dropped_json(text) == {IPv4Address("198.18.0.2"): 3, IPv6Address("fd00::2"): 7}
+    with pytest.raises(BackendError):
+        parse_dropped_json("Error: No such file or directory")
+
+
+# Any JSON value, with the keys nft's set listings use, so the shapes come near real ones.
+NFT_SHAPES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.sampled_from(["198.18.0.2", "fd00::2", "tcp", "udp"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["nftables", "set", "elem", "val", "counter", "packets", "concat", "expires",
+                         "timeout"]), inner, max_size=4),
+    max_leaves=30)
+
+
+@given(NFT_SHAPES)
+@FUZZ
+def test_the_set_parsers_take_any_json_shape(shape: object) -> None:
+    """Found by this test: `{"set": null}` made the caught and set parsers raise AttributeError,
+    `{"nftables": 3}` TypeError, and a string expiry made the set parser raise ValueError."""
+    from portsentry.responders.nft_elements import parse_caught_json, parse_dropped_json, parse_set_json
+
+    text = json.dumps({"nftables": shape})
+    counts = parse_dropped_json(text)  # an object with "nftables" in it: never refused whole
+    assert all(isinstance(n, int) and n >= 0 for n in counts.values())
+    assert all(isinstance(port, int) for _, _, port in parse_caught_json(text))
+    with contextlib.suppress(BackendError):
+        parse_set_json(text)
+
+
+@given(st.text(max_size=400))
+@FUZZ
+def test_the_dropped_parser_never_raises_anything_but_backend_error(text: str) -> None:
+    from portsentry.responders.nft_elements import parse_dropped_json
+
+    with contextlib.suppress(BackendError):
+        parse_dropped_json(text)
 
 
 @given(st.text(max_size=400))

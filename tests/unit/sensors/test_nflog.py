@@ -410,6 +410,13 @@ CAPTURE_HEAD = (
     "delete chain inet portsentry capture\n"
     "add chain inet portsentry capture { type filter hook input priority -9; policy accept; }\n"
 )
+COUNT_HEAD = (
+    "add chain inet portsentry count\n"
+    "flush chain inet portsentry count\n"
+    "delete chain inet portsentry count\n"
+    "add chain inet portsentry count { type filter hook input priority -11; policy accept; }\n"
+)
+COUNT_RULE = "add rule inet portsentry count meta pkttype host"
 TCP_RULE = "add rule inet portsentry capture meta pkttype host tcp flags & (ack | rst) == 0"
 UDP_RULE = "add rule inet portsentry capture meta pkttype host"
 NEW_FLOWS = "ct state != { established, related }"
@@ -424,14 +431,27 @@ def test_capture_rules_for_advanced_modes_bound_the_port() -> None:
     nft(rec).capture_rules(7373, 1024, BOTH)
     assert rec.calls == [(["nft", "-f", "-"], CAPTURE_HEAD
                           + f"{TCP_RULE} tcp dport < 1024 log group 7373\n"
-                          + f"{UDP_RULE} udp dport < 1024 {NEW_FLOWS} log group 7373\n")]
+                          + f"{UDP_RULE} udp dport < 1024 {NEW_FLOWS} log group 7373\n"
+                          # Probes of banned sources, which the filter chain drops first, are counted.
+                          + COUNT_HEAD
+                          + f"{COUNT_RULE} ip saddr @blocked4 tcp flags & (ack | rst) == 0 tcp dport < 1024 "
+                            "update @dropped4 { ip saddr counter }\n"
+                          + f"{COUNT_RULE} ip saddr @blocked4 udp dport < 1024 {NEW_FLOWS} "
+                            "update @dropped4 { ip saddr counter }\n"
+                          + f"{COUNT_RULE} ip6 saddr @blocked6 tcp flags & (ack | rst) == 0 tcp dport < 1024 "
+                            "update @dropped6 { ip6 saddr counter }\n"
+                          + f"{COUNT_RULE} ip6 saddr @blocked6 udp dport < 1024 {NEW_FLOWS} "
+                            "update @dropped6 { ip6 saddr counter }\n")]
 
 
 def test_capture_rules_without_a_bound_match_every_port() -> None:
     rec = Recorder()
     nft(rec).capture_rules(0, None, BOTH)
-    assert rec.calls[0][1] == (CAPTURE_HEAD + f"{TCP_RULE} log group 0\n"
-                               + f"{UDP_RULE} meta l4proto udp {NEW_FLOWS} log group 0\n")
+    script = rec.calls[0][1]
+    assert script is not None
+    assert script.startswith(CAPTURE_HEAD + f"{TCP_RULE} log group 0\n"
+                             + f"{UDP_RULE} meta l4proto udp {NEW_FLOWS} log group 0\n" + COUNT_HEAD)
+    assert f"{COUNT_RULE} ip saddr @blocked4 tcp flags & (ack | rst) == 0 update @dropped4" in script
     assert CaptureSpec.of(0, 65536, BOTH).max_port is None
 
 
@@ -441,8 +461,11 @@ def test_capture_rules_follow_the_table_and_priority_and_protocols() -> None:
     script = rec.calls[0][1]
     assert script is not None
     assert "add chain inet ps2 capture { type filter hook input priority -149; policy accept; }\n" in script
-    assert script.endswith("add rule inet ps2 capture meta pkttype host udp dport < 40 "
-                           "ct state != { established, related } log group 9\n")
+    assert ("add rule inet ps2 capture meta pkttype host udp dport < 40 "
+            "ct state != { established, related } log group 9\n") in script
+    assert "add chain inet ps2 count { type filter hook input priority -151; policy accept; }\n" in script
+    assert script.endswith("add rule inet ps2 count meta pkttype host ip6 saddr @blocked6 udp dport < 40 "
+                           "ct state != { established, related } update @dropped6 { ip6 saddr counter }\n")
     assert "tcp" not in script
 
 
@@ -522,7 +545,10 @@ def test_teardown_and_drop_capture_stop_repairs() -> None:
     backend.drop_capture()
     assert rec.calls == [(["nft", "-f", "-"], "add chain inet portsentry capture\n"
                           "flush chain inet portsentry capture\n"
-                          "delete chain inet portsentry capture\n")]
+                          "delete chain inet portsentry capture\n"
+                          "add chain inet portsentry count\n"
+                          "flush chain inet portsentry count\n"
+                          "delete chain inet portsentry count\n")]
     assert backend.repair_capture() is False
 
 
@@ -553,7 +579,7 @@ class FakeBackend(NftablesBackend):
     def __init__(self, fail: Exception | None = None) -> None:
         super().__init__(runner=Recorder(), mechanism="cli")
         self.installed: list[tuple[int, int | None, set[Protocol]]] = []
-        self.dropped = 0
+        self.drops = 0  # drop_capture calls
         self.fail = fail
 
     def capture_rules(self, group: int, max_port: int | None, protocols: Any,
@@ -563,7 +589,7 @@ class FakeBackend(NftablesBackend):
         self.installed.append((group, max_port, set(protocols)))
 
     def drop_capture(self) -> None:
-        self.dropped += 1
+        self.drops += 1
 
 
 class Opened:
@@ -619,7 +645,7 @@ def test_packet_with_nftables_removes_old_rules(opened: list[Opened]) -> None:
     backend = FakeBackend()
     open_with(replace(CONFIG, capture="packet"), backend)
     assert [o.kind for o in opened] == ["packet"]
-    assert backend.dropped == 1 and backend.installed == []
+    assert backend.drops == 1 and backend.installed == []
 
 
 def test_nflog_without_nftables_is_refused_at_open(opened: list[Opened]) -> None:

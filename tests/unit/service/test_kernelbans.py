@@ -9,11 +9,11 @@ from ipaddress import ip_address, ip_network
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.store import MEMORY, BanStore
 from portsentry.config.settings import Config
-from portsentry.core.probe import Protocol
-from portsentry.responders.backend import Caught, Guarded
+from portsentry.core.probe import IPAddress, Protocol
+from portsentry.responders.backend import BackendError, Caught, Guarded
 from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.sensors.listeners import ListeningPorts
-from portsentry.service.kernelbans import Guards, KernelBans, guards_of
+from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, guards_of
 from portsentry.service.wiring import eligible_ports, kernel_ban_for, watch_for
 from tests.unit.bans.test_lifecycle import Kernel
 
@@ -183,3 +183,64 @@ def test_a_kernel_that_refuses_the_ban_rules_keeps_nflog_capture_without_them(mo
     assert nft.calls[0] is not None and nft.calls[1:] == [None]
     assert len(said) == 1
     assert said[0].startswith("adminalert: WARNING: first-probe ban in the kernel unavailable")
+
+
+# -- probes of banned sources that only the kernel saw ---------------------------------------------
+
+
+class CountingKernel(CatchingKernel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[IPAddress, int] = {}
+        self.failing = False
+
+    def dropped(self) -> dict[IPAddress, int]:
+        if self.failing:
+            raise BackendError("nft: no such set")
+        return dict(self.counts)
+
+
+def counting(tmp_path) -> tuple[DroppedProbes, CountingKernel, list[str]]:
+    kernel, lines = CountingKernel(), list[str]()
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(base=60, factor=2, cap=600), lines.append)
+    return DroppedProbes(bans, lines.append, every=5.0), kernel, lines
+
+
+def summary(address: str, count: int) -> str:
+    return (f"attackalert: Host: {address}/{address} is already blocked: {count} more probes to "
+            "watched ports dropped by the kernel, not logged one by one")
+
+
+def test_each_round_says_what_the_kernel_dropped_since_the_last(tmp_path) -> None:
+    dropped, kernel, lines = counting(tmp_path)
+    other = ip_address("fd00::2")
+    kernel.counts = {SCANNER: 4}
+    dropped.summarize(0.0)  # counts made before this start were reported by the run before
+    assert lines == []
+    kernel.counts = {SCANNER: 10, other: 3}
+    dropped.summarize(2.0)  # not a round yet
+    assert lines == []
+    dropped.summarize(5.0)
+    assert lines == [summary("198.18.0.2", 6), summary("fd00::2", 3)]
+    lines.clear()
+    dropped.summarize(10.0)  # nothing new: nothing said
+    assert lines == []
+    # The scanner's count expired and began again: what it holds now is all new.
+    kernel.counts = {SCANNER: 2, other: 3}
+    dropped.summarize(15.0)
+    assert lines == [summary("198.18.0.2", 2)]
+    assert dropped.total == 11
+
+
+def test_at_shutdown_the_last_counts_are_said_and_a_failed_read_is_reported(tmp_path) -> None:
+    dropped, kernel, lines = counting(tmp_path)
+    dropped.summarize(0.0)
+    kernel.failing = True
+    dropped.summarize(5.0)
+    assert lines == ["adminalert: ERROR: cannot read the kernel's counts of dropped probes: nft: no such set"]
+    lines.clear()
+    kernel.failing = False
+    kernel.counts = {SCANNER: 7}
+    dropped.summarize(6.0, force=True)  # shutdown: no waiting for the round
+    assert lines == [summary("198.18.0.2", 7)]
