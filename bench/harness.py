@@ -45,6 +45,9 @@ SYSLOG_QUEUE = 512
 DETECTION = re.compile(r" from host: (?P<name>\S+)/(?P<ip>\S+) to TCP port: (?P<port>\d+)")
 BLOCKED = re.compile(r"attackalert: Host (?P<ip>\S+) has been blocked via ")
 ALREADY = re.compile(r"attackalert: Host: (?P<name>\S+)/(?P<ip>\S+) is already blocked")
+# Ours with the kernel path: probes of a banned source the kernel dropped, summed up per source.
+KERNEL_SUMMARY = re.compile(r"is already blocked: (?P<count>\d+) more probes to watched ports dropped by "
+                            r"the kernel")
 
 _CLONE_NEWNET = 0x40000000
 # The kernel stamps each datagram when it is sent (CLOCK_REALTIME), so a receiver thread that gets
