@@ -131,3 +131,45 @@ def test_a_busy_udp_service_does_not_wake_the_daemon(daemon_factory, namespaces,
         used = cpu_seconds(daemon.pid) - before
     assert used < IDLE_CPU * 2, f"the daemon used {used:.2f} s of CPU for a service's own traffic"
     syslog.assert_absent("attackalert:", wait=0.5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_ignored_source_never_reaches_the_daemon_until_it_leaves_the_list(
+        daemon_factory, namespaces, syslog, family):
+    """AF_PACKET capture (KILL_ROUTE, no nftables): the filter rejects the ignore list's sources
+    in the kernel, so an ignored host's flood costs nothing; taking it off the list (no reload)
+    lets its next probe through within the daemon's second."""
+    import json
+    import sys
+
+    from tests.system.rig import daemon_env
+
+    net = namespaces
+    flags, target, scanner, _target2, scanner2 = addresses(net, family)
+    prefix = "/24" if family == "ipv4" else "/64"
+    daemon = daemon_factory("-stcp", BLOCK_TCP="1", KILL_ROUTE=ROUTE, BAN_BACKEND="none",
+                            ignore=("127.0.0.1/32", scanner + prefix))
+
+    def seen() -> int:
+        argv = [sys.executable, "-m", "portsentry", "status", "--json", "-c", str(daemon.conf_path)]
+        state = json.loads(run_in(net.target, argv, env=daemon_env(), check=True).stdout)
+        return int(state["probes_seen"])
+
+    for _ in range(3):
+        nmap(net.scanner, [*flags, "-sS", "-p", "1,79,111", "--max-retries", "0", target])
+    # The other scanner is seen: the capture works, only the ignored network is kept away.
+    nmap(net.scanner2, [*flags, "-sS", "-p", "79", "--max-retries", "0", target])
+    syslog.wait_for(f"attackalert: TCP SYN/Normal scan from host: {scanner2}/{scanner2} to TCP port: 79")
+    assert seen() == 1  # 9 probes from the ignored network never reached the daemon
+    daemon.ignore_path.write_text("127.0.0.1/32\n")
+    run_in(net.target, ["sleep", "2.5"])  # the daemon re-reads the list within its second
+    nmap(net.scanner, [*flags, "-sS", "-p", "111", "--max-retries", "0", target])
+    syslog.wait_for(f"attackalert: TCP SYN/Normal scan from host: {scanner}/{scanner} to TCP port: 111")
+
+
+def test_verbose_still_sees_ignored_sources(daemon_factory, namespaces, syslog):
+    net = namespaces
+    daemon_factory("-stcp", BLOCK_TCP="1", KILL_ROUTE=ROUTE, BAN_BACKEND="none", verbose=True,
+                   ignore=("127.0.0.1/32", net.scanner_ip4 + "/32"))
+    nmap(net.scanner, ["-sS", "-p", "79", "--max-retries", "0", net.target_ip4])
+    syslog.wait_for(re.compile(rf"{re.escape(net.scanner_ip4)}.*ignor", re.IGNORECASE))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 from typing import Protocol
 
 from portsentry.core.probe import Probe
@@ -51,4 +52,9 @@ class Sensor(Protocol):
 
     def packet_drops(self) -> dict[str, int]:
         """Packets read but dropped before the engine (malformed, forged), per reason."""
+        ...
+
+    def skip_sources(self, networks: Collection[IPv4Network | IPv6Network]) -> None:
+        """Sources whose packets need not reach the daemon at all (the ignore list, when
+        nothing of them is logged): a packet capture rejects them in the kernel."""
         ...

@@ -3,12 +3,16 @@
 The program runs in the kernel on an AF_PACKET SOCK_DGRAM socket (offsets count from the IP
 header). It passes inbound unicast IPv4/IPv6 TCP segments without ACK or RST and UDP
 datagrams, so established traffic never wakes Python; `parse_packet` re-checks everything.
+Sources on the ignore list can be rejected here too (`skip_sources`), so an ignored host's
+probes cost the daemon nothing, as with the kernel path's protect sets; the engine still checks
+the ignore list, so a list longer than the program can hold only costs CPU, never a wrong ban.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Collection
+from ipaddress import IPv4Network, IPv6Network, collapse_addresses
 from typing import NamedTuple
 
 from portsentry.core.probe import Protocol
@@ -56,6 +60,9 @@ SKF_AD_PKTTYPE = 4
 SKF_AD_VLAN_TAG_PRESENT = 48
 
 QUIET_PORTS_MAX = 64
+# Networks per family the filter rejects by source: a jump reaches at most 255 instructions
+# ahead, and an IPv4 network costs up to 3, an IPv6 one up to 9.
+SKIP_SOURCES_MAX = {4: 64, 6: 24}
 PACKET_HOST = 0
 PACKET_OUTGOING = 4
 ETH_P_IP = 0x0800
@@ -83,7 +90,7 @@ class _Assembler:
     """Emit instructions whose jump targets are label names, then resolve them to offsets."""
 
     def __init__(self) -> None:
-        self._items: list[tuple[int, str | int, str | int, int]] = []
+        self._items: list[tuple[int, str | int, str | int, int | str]] = []
         self._labels: dict[str, int] = {}
 
     def label(self, name: str) -> None:
@@ -98,9 +105,15 @@ class _Assembler:
         """Conditional jump; `true`/`false` are labels, or 0 for the next instruction."""
         self._items.append((BPF_JMP | op | BPF_K, true, false, k & 0xFFFFFFFF))
 
+    def goto(self, target: str) -> None:
+        """Unconditional jump (its offset is a 32-bit constant, so it reaches any label)."""
+        self._items.append((BPF_JMP | BPF_JA, 0, 0, target))
+
     def assemble(self) -> list[Insn]:
         program = []
         for index, (code, jt, jf, k) in enumerate(self._items):
+            if isinstance(k, str):
+                k = self._labels[k] - index - 1
             program.append(Insn(code, self._offset(index, jt), self._offset(index, jf), k))
         return program
 
@@ -118,13 +131,19 @@ def build_probe_filter(
     max_port: int | None = None,
     outgoing_udp: bool = False,
     quiet_udp_ports: Collection[int] = (),
+    skip_sources: Collection[IPv4Network | IPv6Network] = (),
 ) -> list[Insn]:
     """Accept inbound unicast IPv4/IPv6 packets that may be probes; reject everything else.
 
     Probes are TCP segments without ACK and RST, and UDP datagrams, of the given `protocols`,
     not IPv4 non-first fragments. With `max_port` (advanced mode) only destination ports below
     it pass. IPv6 packets whose first next header is an extension header are passed without
-    port or flag checks: walking the chain is left to Python.
+    port or flag checks: walking the chain is left to Python. Inbound packets from
+    `skip_sources` (merged; the first SKIP_SOURCES_MAX per family) are rejected.
+
+    A conditional jump reaches at most 255 instructions ahead, so each part (the head, IPv4,
+    our outgoing UDP, IPv6) ends in its own accept and reject, and the head reaches the parts
+    through unconditional jumps, which reach anywhere.
     """
     if max_port is not None and not 0 <= max_port <= 0x10000:
         raise ValueError(f"max_port {max_port} is not between 0 and 65536")
@@ -144,83 +163,100 @@ def build_probe_filter(
     # Only packets addressed to this host's MAC: not our own outgoing copies (ETH_P_ALL sees
     # them), not broadcast or multicast (1.2 reacted to those; 2.x's pcap filter did not).
     asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
-    asm.jump(BPF_JEQ, PACKET_HOST, 0, "outgoing" if outgoing_udp else "reject")
+    asm.jump(BPF_JEQ, PACKET_HOST, 0, "to_outgoing" if outgoing_udp else "reject")
     # A tagged frame is seen again, untagged, on its VLAN device; count it there only.
     asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT)
     asm.jump(BPF_JEQ, 0, 0, "reject")
     asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL)
     asm.jump(BPF_JEQ, ETH_P_IP, "ipv4", 0)
-    asm.jump(BPF_JEQ, ETH_P_IPV6, "ipv6", "reject")
+    asm.jump(BPF_JEQ, ETH_P_IPV6, "to_ipv6", "reject")
+    asm.label("to_ipv6")
+    asm.goto("ipv6")
+    if outgoing_udp:
+        asm.label("to_outgoing")
+        asm.goto("outgoing")
+    asm.label("reject")
+    asm.emit(BPF_RET | BPF_K, REJECT)
 
-    asm.label("ipv4")
+    asm.label("ipv4")  # right after the head: in reach of its conditional jump
     # The link-layer type alone is not enough: the bytes must agree that this is IPv4.
     asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv4Header.VERSION_IHL)
     asm.emit(BPF_ALU | BPF_AND | BPF_K, 0xF0)
-    asm.jump(BPF_JEQ, 0x40, 0, "reject")
+    asm.jump(BPF_JEQ, 0x40, 0, "reject4")
+    _skip_sources(asm, 4, skip_sources)
     asm.emit(BPF_LD | BPF_H | BPF_ABS, IPv4Header.FLAGS_FRAGMENT)
-    asm.jump(BPF_JSET, IPv4Header.FRAGMENT_OFFSET_MASK, "reject", 0)
+    asm.jump(BPF_JSET, IPv4Header.FRAGMENT_OFFSET_MASK, "reject4", 0)
     asm.emit(BPF_LDX | BPF_B | BPF_MSH, IPv4Header.VERSION_IHL)  # X = IHL * 4
     asm.emit(BPF_MISC | BPF_TXA)
-    asm.jump(BPF_JGE, IPv4Header.SIZE, 0, "reject")
+    asm.jump(BPF_JGE, IPv4Header.SIZE, 0, "reject4")
     asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv4Header.PROTOCOL)
-    asm.jump(BPF_JEQ, IPPROTO_TCP, "tcp4" if want_tcp else "reject", 0)
-    asm.jump(BPF_JEQ, IPPROTO_UDP, "udp4" if want_udp else "reject", "reject")
+    asm.jump(BPF_JEQ, IPPROTO_TCP, "tcp4" if want_tcp else "reject4", 0)
+    asm.jump(BPF_JEQ, IPPROTO_UDP, "udp4" if want_udp else "reject4", "reject4")
     if want_tcp:
         asm.label("tcp4")
         asm.emit(BPF_LD | BPF_B | BPF_IND, TcpHeader.FLAGS)
-        asm.jump(BPF_JSET, _ACK_OR_RST, "reject", 0)
-        _port_check(asm, BPF_LD | BPF_H | BPF_IND, TcpHeader.DESTINATION_PORT, max_port)
+        asm.jump(BPF_JSET, _ACK_OR_RST, "reject4", 0)
+        _port_check(asm, "4", BPF_LD | BPF_H | BPF_IND, TcpHeader.DESTINATION_PORT, max_port)
     if want_udp:
         asm.label("udp4")
-        _port_check(asm, BPF_LD | BPF_H | BPF_IND, UdpHeader.DESTINATION_PORT, max_port, quiet)
+        _port_check(asm, "4", BPF_LD | BPF_H | BPF_IND, UdpHeader.DESTINATION_PORT, max_port, quiet)
+    _ends(asm, "4")
 
     if outgoing_udp:
         asm.label("outgoing")
-        asm.jump(BPF_JEQ, PACKET_OUTGOING, 0, "reject")
+        asm.jump(BPF_JEQ, PACKET_OUTGOING, 0, "reject_out")
         asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PROTOCOL)
         asm.jump(BPF_JEQ, ETH_P_IP, 0, "outgoing6")
         asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv4Header.PROTOCOL)
-        asm.jump(BPF_JEQ, IPPROTO_UDP, 0, "reject")
+        asm.jump(BPF_JEQ, IPPROTO_UDP, 0, "reject_out")
         asm.emit(BPF_LDX | BPF_B | BPF_MSH, IPv4Header.VERSION_IHL)
         # A busy service's own replies (source port quieted) need no remembering either.
-        _port_check(asm, BPF_LD | BPF_H | BPF_IND, UdpHeader.SOURCE_PORT, None, quiet)
+        _port_check(asm, "_out", BPF_LD | BPF_H | BPF_IND, UdpHeader.SOURCE_PORT, None, quiet)
         asm.label("outgoing6")
-        asm.jump(BPF_JEQ, ETH_P_IPV6, 0, "reject")
+        asm.jump(BPF_JEQ, ETH_P_IPV6, 0, "reject_out")
         asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.NEXT_HEADER)
-        asm.jump(BPF_JEQ, IPPROTO_UDP, 0, "reject")
-        _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + UdpHeader.SOURCE_PORT, None, quiet)
+        asm.jump(BPF_JEQ, IPPROTO_UDP, 0, "reject_out")
+        _port_check(asm, "_out", BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + UdpHeader.SOURCE_PORT, None,
+                    quiet)
+        _ends(asm, "_out")
 
     asm.label("ipv6")
     asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.VERSION_CLASS_FLOW)
     asm.emit(BPF_ALU | BPF_AND | BPF_K, 0xF0)
-    asm.jump(BPF_JEQ, 0x60, 0, "reject")
+    asm.jump(BPF_JEQ, 0x60, 0, "reject6")
+    _skip_sources(asm, 6, skip_sources)
     asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.NEXT_HEADER)
-    asm.jump(BPF_JEQ, IPPROTO_TCP, "tcp6" if want_tcp else "reject", 0)
-    asm.jump(BPF_JEQ, IPPROTO_UDP, "udp6" if want_udp else "reject", 0)
+    asm.jump(BPF_JEQ, IPPROTO_TCP, "tcp6" if want_tcp else "reject6", 0)
+    asm.jump(BPF_JEQ, IPPROTO_UDP, "udp6" if want_udp else "reject6", 0)
     # Fragment headers too: a first fragment holding the TCP header is a probe (Python walks it).
     extensions = sorted(IPV6_EXTENSION_HEADERS | {IPPROTO_FRAGMENT})
     for position, header in enumerate(extensions):
         last = position == len(extensions) - 1
-        asm.jump(BPF_JEQ, header, "accept", "reject" if last else 0)
+        asm.jump(BPF_JEQ, header, "accept6", "reject6" if last else 0)
     if want_tcp:
         asm.label("tcp6")
         asm.emit(BPF_LD | BPF_B | BPF_ABS, IPv6Header.SIZE + TcpHeader.FLAGS)
-        asm.jump(BPF_JSET, _ACK_OR_RST, "reject", 0)
-        _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + TcpHeader.DESTINATION_PORT, max_port)
+        asm.jump(BPF_JSET, _ACK_OR_RST, "reject6", 0)
+        _port_check(asm, "6", BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + TcpHeader.DESTINATION_PORT,
+                    max_port)
     if want_udp:
         asm.label("udp6")
-        _port_check(asm, BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + UdpHeader.DESTINATION_PORT, max_port,
-                    quiet)
-
-    asm.label("accept")
-    asm.emit(BPF_RET | BPF_K, ACCEPT_ALL_BYTES)
-    asm.label("reject")
-    asm.emit(BPF_RET | BPF_K, REJECT)
+        _port_check(asm, "6", BPF_LD | BPF_H | BPF_ABS, IPv6Header.SIZE + UdpHeader.DESTINATION_PORT,
+                    max_port, quiet)
+    _ends(asm, "6")
     return asm.assemble()
 
 
+def _ends(asm: _Assembler, part: str) -> None:
+    """The accept and reject that the jumps of one part of the program lead to."""
+    asm.label(f"accept{part}")
+    asm.emit(BPF_RET | BPF_K, ACCEPT_ALL_BYTES)
+    asm.label(f"reject{part}")
+    asm.emit(BPF_RET | BPF_K, REJECT)
+
+
 def _port_check(
-    asm: _Assembler, load: int, offset: int, max_port: int | None, quiet: Collection[int] = ()
+    asm: _Assembler, part: str, load: int, offset: int, max_port: int | None, quiet: Collection[int] = ()
 ) -> None:
     """Accept if the destination port is below `max_port` (always, without one) and not one of
     `quiet` (ports with a live service, whose traffic must not wake the daemon), else reject."""
@@ -229,11 +265,50 @@ def _port_check(
         return
     asm.emit(load, offset)
     for port in sorted(quiet):
-        asm.jump(BPF_JEQ, port, "reject", 0)
+        asm.jump(BPF_JEQ, port, f"reject{part}", 0)
     if max_port is not None:
-        asm.jump(BPF_JGE, max_port, "reject", "accept")
+        asm.jump(BPF_JGE, max_port, f"reject{part}", f"accept{part}")
     else:
         asm.emit(BPF_RET | BPF_K, ACCEPT_ALL_BYTES)
+
+
+def skipped_networks(version: int, networks: Collection[IPv4Network | IPv6Network]
+                     ) -> list[IPv4Network | IPv6Network]:
+    """The networks of one family the filter rejects: merged, at most SKIP_SOURCES_MAX."""
+    merged: list[IPv4Network | IPv6Network] = []
+    if version == 4:
+        merged += collapse_addresses(n for n in networks if isinstance(n, IPv4Network))
+    else:
+        merged += collapse_addresses(n for n in networks if isinstance(n, IPv6Network))
+    return merged[:SKIP_SOURCES_MAX[version]]
+
+
+def _skip_sources(asm: _Assembler, version: int, networks: Collection[IPv4Network | IPv6Network]) -> None:
+    """Reject the packet if its source (A is free here) is in one of `networks`."""
+    chosen = skipped_networks(version, networks)
+    if not chosen:
+        return
+    skip, keep = f"skip{version}", f"kept{version}"  # its own reject: reject4/6 are too far
+    source = IPv4Header.SOURCE if version == 4 else IPv6Header.SOURCE
+    for index, network in enumerate(chosen):
+        value = int(network.network_address)
+        words = max(1, -(-network.prefixlen // 32))
+        total = network.max_prefixlen // 32
+        last_network = index == len(chosen) - 1
+        following = keep if last_network else f"net{version}_{index + 1}"
+        for word in range(words):
+            bits = min(32, network.prefixlen - 32 * word)
+            mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF if bits > 0 else 0
+            expected = (value >> (32 * (total - 1 - word))) & mask
+            asm.emit(BPF_LD | BPF_W | BPF_ABS, source + 4 * word)
+            if mask != 0xFFFFFFFF:
+                asm.emit(BPF_ALU | BPF_AND | BPF_K, mask)
+            asm.jump(BPF_JEQ, expected, skip if word == words - 1 else 0, following)
+        if not last_network:
+            asm.label(f"net{version}_{index + 1}")
+    asm.label(skip)
+    asm.emit(BPF_RET | BPF_K, REJECT)
+    asm.label(keep)
 
 
 def reject_all_filter() -> list[Insn]:

@@ -10,8 +10,9 @@ import contextlib
 import ctypes
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 from types import TracebackType
 from typing import Protocol
 
@@ -66,18 +67,28 @@ class Capture(Protocol):
         """Watched ports that now have a live service: a capture that bans in the kernel
         (NFLOG with the first-probe ban) must stop banning probes to them."""
         ...
+    def skip_sources(self, networks: Collection[Network]) -> None:
+        """Keep packets from these sources (the ignore list) away from us in the kernel."""
+        ...
     def close(self) -> None: ...
+
+
+Network = IPv4Network | IPv6Network
+# Builds the filter program that also keeps these UDP ports and these sources away.
+FilterBuilder = Callable[[frozenset[int], tuple[Network, ...]], list[Insn]]
 
 
 class CaptureSocket:
     """Inbound packets on every interface that pass `program`, read without blocking.
 
-    `quieter(ports)` builds the program that also keeps those UDP ports away (quiet_udp)."""
+    `builder(ports, sources)` builds the program that also keeps those UDP ports (quiet_udp)
+    and those sources (skip_sources) away."""
 
     def __init__(self, program: list[Insn], rcvbuf: int = 4 << 20, snaplen: int = 2048,
-                 ignore_outgoing: bool = True,
-                 quieter: Callable[[frozenset[int]], list[Insn]] | None = None) -> None:
-        self._quieter = quieter
+                 ignore_outgoing: bool = True, builder: FilterBuilder | None = None) -> None:
+        self._builder = builder
+        self._quiet: frozenset[int] = frozenset()
+        self._skip: tuple[Network, ...] = ()
         try:
             # A protocol in socket() starts delivery at once, before any filter is attached;
             # the reject-all filter and drain below close that window.
@@ -125,8 +136,14 @@ class CaptureSocket:
             return None
 
     def quiet_udp(self, ports: frozenset[int]) -> None:
-        if self._quieter is not None:
-            self.replace_filter(self._quieter(ports))
+        self._quiet = ports
+        if self._builder is not None:
+            self.replace_filter(self._builder(self._quiet, self._skip))
+
+    def skip_sources(self, networks: Collection[Network]) -> None:
+        self._skip = tuple(networks)
+        if self._builder is not None:
+            self.replace_filter(self._builder(self._quiet, self._skip))
 
     def live_ports(self, live: dict[ProbeProtocol, frozenset[int]]) -> None:
         pass  # AF_PACKET only reads: nothing is banned here

@@ -11,7 +11,8 @@ import contextlib
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from ipaddress import IPv4Network, IPv6Network
 
 from portsentry.core import messages
 from portsentry.core.addresses import canonical
@@ -89,6 +90,9 @@ class ConnectSensor:
 
     def packet_drops(self) -> dict[str, int]:
         return {}  # every accepted connection is a real one: nothing to drop
+
+    def skip_sources(self, networks: Collection[IPv4Network | IPv6Network]) -> None:
+        pass  # a bound port accepts whoever connects; the engine ignores whom it must
 
     def describe(self) -> list[str]:
         families = "IPv4+IPv6" if any(s.family == socket.AF_INET6 for s, _p in self._sockets.values()) \

@@ -14,7 +14,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -36,7 +36,7 @@ from portsentry.netlink.codec import (
     split,
     wait_acks,
 )
-from portsentry.sensors.capture import SO_RCVBUFFORCE, CaptureError, CaptureStats
+from portsentry.sensors.capture import SO_RCVBUFFORCE, CaptureError, CaptureStats, Network
 
 # ---------------------------------------------------------------------------------------------
 # nfnetlink_log's messages (linux/netfilter/nfnetlink_log.h); the netlink framing is ..netlink's
@@ -334,6 +334,9 @@ class NflogCapture:
     def live_ports(self, live: dict[Protocol, frozenset[int]]) -> None:
         if self._on_live is not None:
             self._on_live(live)
+
+    def skip_sources(self, networks: Collection[Network]) -> None:
+        pass  # the first-probe ban's protect sets keep them in the kernel (service.kernelbans)
 
     def drops(self) -> int:
         """Packets logged to us that the kernel dropped for lack of buffer space (from gaps in

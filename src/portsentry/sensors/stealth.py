@@ -10,7 +10,7 @@ also when the service started after us: 1.2's Smart-Verify without a bind() per 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from portsentry.core import messages
@@ -18,7 +18,7 @@ from portsentry.core.ports import format_ports
 from portsentry.core.probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
 from portsentry.sensors.base import Hit, Readable
 from portsentry.sensors.bpf import Insn, build_probe_filter
-from portsentry.sensors.capture import Capture, CaptureSocket
+from portsentry.sensors.capture import Capture, CaptureSocket, Network
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
 
@@ -95,6 +95,7 @@ class StealthSensor:
         self._quieted: frozenset[int] = frozenset()
         self._live: dict[Protocol, frozenset[int]] | None = None
         self._live_from: tuple[frozenset[int], ...] = ()  # the listener tables _live was made from
+        self._skipped: tuple[Network, ...] = ()
 
     def open(self) -> list[Readable]:
         now = self._clock()
@@ -251,6 +252,19 @@ class StealthSensor:
         except (OSError, ValueError) as error:
             self._log(f"adminalert: WARNING: cannot update the kernel's banned ports: {error}")
 
+    def skip_sources(self, networks: Collection[Network]) -> None:
+        """Sources whose packets the kernel may keep from us: the ignore list, when none of
+        their probes would be logged anyway (not verbose). The engine still checks every
+        probe against the ignore list, so this only saves the work."""
+        wanted = tuple(networks)
+        if self._capture is None or wanted == self._skipped:
+            return
+        self._skipped = wanted
+        try:
+            self._capture.skip_sources(wanted)
+        except (OSError, ValueError) as error:
+            self._log(f"adminalert: WARNING: cannot update the capture filter: {error}")
+
     def _quiet_busy_udp_ports(self) -> None:
         """Tell the kernel filter to keep traffic to UDP services away from us (a syslog server
         receiving thousands of datagrams a second would otherwise wake the daemon for each).
@@ -281,14 +295,16 @@ class StealthSensor:
         if self._capture is not None:
             self._capture.close()
             self._capture = None
+        self._skipped = ()  # a capture opened again starts with its plain filter
 
 
 def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
     """The AF_PACKET capture: BPF-filtered probes, plus our own outgoing UDP when UDP is watched."""
     udp = Protocol.UDP in protocols
 
-    def quieter(ports: frozenset[int]) -> list[Insn]:
-        return build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp, quiet_udp_ports=ports)
+    def builder(ports: frozenset[int], sources: tuple[Network, ...]) -> list[Insn]:
+        return build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp, quiet_udp_ports=ports,
+                                  skip_sources=sources)
 
     return CaptureSocket(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp),
-                         ignore_outgoing=not udp, quieter=quieter)
+                         ignore_outgoing=not udp, builder=builder)

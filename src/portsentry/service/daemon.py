@@ -205,6 +205,13 @@ class Daemon:
         return guards_of(self.ignore.current(self.clock()).networks, self._protected,
                          self.config.sensitive_networks, broadcasts)
 
+    def _skip_ignored(self) -> None:
+        """Main loop, at start and once a second: the sensors may keep the ignore list's
+        packets from us in the kernel, unless verbose logging wants a line for each of them."""
+        networks = () if self.journal.verbose else self.ignore.current(self.clock()).networks
+        for sensor in self.sensors:
+            sensor.skip_sources(networks)
+
     def open(self) -> bool:
         """Start every sensor; False when none could watch anything (1.2 then shuts down)."""
         any_open = False
@@ -217,6 +224,7 @@ class Daemon:
             for handle in sensor.open():
                 self._selector.register(handle, selectors.EVENT_READ, sensor)
                 any_open = True
+        self._skip_ignored()
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
         if self.control is not None:
             try:
@@ -471,6 +479,7 @@ class Daemon:
             self._protected = found.protected
         if self._kernel is not None and self._kernel.update(self._kernel_guards()):
             self._admin.submit(self._kernel.push)
+        self._skip_ignored()
         if found.active is not None:
             self.active_bans = found.active
         if self.fleet is not None:
@@ -527,6 +536,7 @@ class Daemon:
         for sensor in self.sensors:
             for handle in sensor.open():
                 self._selector.register(handle, selectors.EVENT_READ, sensor)
+        self._skip_ignored()
 
     # -- control socket ------------------------------------------------------------------------
 

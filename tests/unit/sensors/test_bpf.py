@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 import pytest
 from hypothesis import given
@@ -14,11 +15,13 @@ from portsentry.sensors.bpf import (
     BPF_JA,
     BPF_JMP,
     BPF_RET,
+    SKIP_SOURCES_MAX,
     Insn,
     build_probe_filter,
     disassemble,
     pack_filter,
     reject_all_filter,
+    skipped_networks,
 )
 from portsentry.sensors.packet import BAD_SOURCE_DROPS, DropCounter, DropReason, TcpFlag, parse_packet
 from tests.unit.sensors.bpf_vm import run
@@ -43,8 +46,10 @@ def check_well_formed(program: list[Insn]) -> None:
         assert 0 <= insn.code <= 0xFFFF and 0 <= insn.jt <= 0xFF and 0 <= insn.jf <= 0xFF
         assert 0 <= insn.k <= 0xFFFFFFFF
         if insn.code & 0x07 == BPF_JMP:
-            assert insn.code & 0xF0 != BPF_JA  # none used
-            assert index + 1 + max(insn.jt, insn.jf) < len(program)
+            if insn.code & 0xF0 == BPF_JA:
+                assert index + 1 + insn.k < len(program)
+            else:
+                assert index + 1 + max(insn.jt, insn.jf) < len(program)
 
 
 @pytest.mark.parametrize("flags", [F.SYN, F.FIN, F(0), F.FIN | F.URG | F.PSH, F.SYN | F.ECE | F.CWR, F.URG])
@@ -175,8 +180,9 @@ def test_disassemble():
     text = disassemble(PROGRAM).splitlines()
     assert len(text) == len(PROGRAM)
     assert text[0] == "(000) ld       #pkttype"
-    assert "ldxb     4*([0]&0xf)" in text[12]
-    assert text[-1] == "(038) ret      #0"
+    assert sum("ldxb     4*([0]&0xf)" in line for line in text) == 1
+    assert text[-1] == f"({len(text) - 1:03d}) ret      #0"
+    assert any(" ja " in f" {line} " for line in text)
     assert any("jset     #0x14" in line for line in text)
 
 
@@ -232,3 +238,58 @@ def test_quiet_udp_ports_are_kept_away_but_others_pass():
         assert not accepts(ipv6(udp(dport=123), 17), program)
         assert accepts(ipv4(udp(dport=515), 17), program)
         assert accepts(ipv4(tcp(dport=514)), program)  # TCP probes to the same port still pass
+
+
+# -- sources on the ignore list, rejected in the kernel ---------------------------------------------
+
+Network = IPv4Network | IPv6Network
+NETWORKS4 = st.builds(lambda a, p: ip_network((a, p), strict=False),
+                      st.integers(0, 2**32 - 1), st.integers(0, 32))
+NETWORKS6 = st.builds(lambda a, p: ip_network((a, p), strict=False),
+                      st.integers(0, 2**128 - 1), st.integers(0, 128))
+# Addresses near the networks' edges matter most: draw them from the same few prefixes.
+SOURCES4 = st.one_of(st.integers(0, 2**32 - 1).map(IPv4Address),
+                     st.sampled_from(["198.18.0.1", "198.18.0.255", "198.19.255.255", "10.0.0.1"])
+                     .map(IPv4Address))
+SOURCES6 = st.one_of(st.integers(0, 2**128 - 1).map(IPv6Address),
+                     st.sampled_from(["fd00::1", "fd00::ffff", "fd00:0:0:1::1", "fe80::1"]).map(IPv6Address))
+
+
+@FUZZ
+@given(st.lists(NETWORKS4 | st.sampled_from([ip_network("198.18.0.0/24"), ip_network("198.18.0.0/15")]),
+                max_size=6),
+       st.lists(NETWORKS6 | st.sampled_from([ip_network("fd00::/64"), ip_network("fd00::/8")]), max_size=6),
+       SOURCES4, SOURCES6)
+def test_skipped_sources_are_exactly_the_listed_networks(nets4, nets6, source4, source6):
+    networks: list[Network] = [*nets4, *nets6]
+    for max_port in (None, 1024):
+        program = build_probe_filter(max_port=max_port, skip_sources=networks)
+        check_well_formed(program)
+        for data, source, version in ((ipv4(tcp(dport=79), src=source4), source4, 4),
+                                      (ipv6(tcp(dport=79), src=source6), source6, 6)):
+            listed = any(source in n for n in networks if n.version == version)
+            assert accepts(data, program) is not listed, (source, networks)
+
+
+def test_skipped_sources_leave_other_checks_alone():
+    program = build_probe_filter(max_port=1024, skip_sources=[ip_network("10.0.0.0/8")])
+    assert accepts(ipv4(tcp(dport=79)), program)
+    assert not accepts(ipv4(tcp(dport=79, flags=F.ACK)), program)
+    assert not accepts(ipv4(tcp(dport=2000)), program)
+    assert not accepts(ipv4(tcp(dport=79), src=IPv4Address("10.1.2.3")), program)
+    assert accepts(ipv6(tcp(dport=79)), program)  # only IPv4 networks listed
+
+
+def test_a_long_ignore_list_is_merged_then_cut_to_what_the_program_holds():
+    many4 = [ip_network(f"10.{i}.0.0/16") for i in range(0, 200, 2)]  # 100 networks, none adjacent
+    many6 = [ip_network(f"fd00:{i:x}::/32") for i in range(0, 100, 2)]
+    assert len(skipped_networks(4, many4)) == SKIP_SOURCES_MAX[4]
+    assert len(skipped_networks(6, many6)) == SKIP_SOURCES_MAX[6]
+    # Adjacent ones merge: 198.18.0.0/24 and 198.18.1.0/24 are one /23.
+    assert skipped_networks(4, [ip_network("198.18.1.0/24"), ip_network("198.18.0.0/24")]) == \
+        [ip_network("198.18.0.0/23")]
+    program = build_probe_filter(max_port=1024, skip_sources=[*many4, *many6])
+    check_well_formed(program)
+    # Listed beyond the cut: passed on to the daemon, whose engine ignores it.
+    assert accepts(ipv4(tcp(dport=79), src=IPv4Address("10.198.0.1")), program)
+    assert not accepts(ipv4(tcp(dport=79), src=IPv4Address("10.0.0.1")), program)
