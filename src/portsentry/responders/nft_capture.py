@@ -124,7 +124,9 @@ class CaptureSpec:
         for saddr, blocked, dropped in families:
             for protocol in (Protocol.TCP, Protocol.UDP):
                 if protocol in self.protocols:
-                    found.append(f"meta pkttype host {saddr} @{blocked} {matches[protocol]} "
+                    # The probe test first: established traffic (ACK set) is then passed over
+                    # without a second lookup in the ban set, which the filter chain makes anyway.
+                    found.append(f"meta pkttype host {matches[protocol]} {saddr} @{blocked} "
                                  f"update @{dropped} {{ {saddr} counter }}")
         return found
 

@@ -434,13 +434,13 @@ def test_capture_rules_for_advanced_modes_bound_the_port() -> None:
                           + f"{UDP_RULE} udp dport < 1024 {NEW_FLOWS} log group 7373\n"
                           # Probes of banned sources, which the filter chain drops first, are counted.
                           + COUNT_HEAD
-                          + f"{COUNT_RULE} ip saddr @blocked4 tcp flags & (ack | rst) == 0 tcp dport < 1024 "
+                          + f"{COUNT_RULE} tcp flags & (ack | rst) == 0 tcp dport < 1024 ip saddr @blocked4 "
                             "update @dropped4 { ip saddr counter }\n"
-                          + f"{COUNT_RULE} ip saddr @blocked4 udp dport < 1024 {NEW_FLOWS} "
+                          + f"{COUNT_RULE} udp dport < 1024 {NEW_FLOWS} ip saddr @blocked4 "
                             "update @dropped4 { ip saddr counter }\n"
-                          + f"{COUNT_RULE} ip6 saddr @blocked6 tcp flags & (ack | rst) == 0 tcp dport < 1024 "
+                          + f"{COUNT_RULE} tcp flags & (ack | rst) == 0 tcp dport < 1024 ip6 saddr @blocked6 "
                             "update @dropped6 { ip6 saddr counter }\n"
-                          + f"{COUNT_RULE} ip6 saddr @blocked6 udp dport < 1024 {NEW_FLOWS} "
+                          + f"{COUNT_RULE} udp dport < 1024 {NEW_FLOWS} ip6 saddr @blocked6 "
                             "update @dropped6 { ip6 saddr counter }\n")]
 
 
@@ -451,7 +451,7 @@ def test_capture_rules_without_a_bound_match_every_port() -> None:
     assert script is not None
     assert script.startswith(CAPTURE_HEAD + f"{TCP_RULE} log group 0\n"
                              + f"{UDP_RULE} meta l4proto udp {NEW_FLOWS} log group 0\n" + COUNT_HEAD)
-    assert f"{COUNT_RULE} ip saddr @blocked4 tcp flags & (ack | rst) == 0 update @dropped4" in script
+    assert f"{COUNT_RULE} tcp flags & (ack | rst) == 0 ip saddr @blocked4 update @dropped4" in script
     assert CaptureSpec.of(0, 65536, BOTH).max_port is None
 
 
@@ -464,8 +464,9 @@ def test_capture_rules_follow_the_table_and_priority_and_protocols() -> None:
     assert ("add rule inet ps2 capture meta pkttype host udp dport < 40 "
             "ct state != { established, related } log group 9\n") in script
     assert "add chain inet ps2 count { type filter hook input priority -151; policy accept; }\n" in script
-    assert script.endswith("add rule inet ps2 count meta pkttype host ip6 saddr @blocked6 udp dport < 40 "
-                           "ct state != { established, related } update @dropped6 { ip6 saddr counter }\n")
+    assert script.endswith("add rule inet ps2 count meta pkttype host udp dport < 40 "
+                           "ct state != { established, related } ip6 saddr @blocked6 "
+                           "update @dropped6 { ip6 saddr counter }\n")
     assert "tcp" not in script
 
 
