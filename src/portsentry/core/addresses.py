@@ -16,7 +16,7 @@ Pure functions, no I/O: the host's own subnet broadcasts are passed in by the ca
 from __future__ import annotations
 
 import enum
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 IPAddress = IPv4Address | IPv6Address
@@ -29,6 +29,14 @@ IMPOSSIBLE_NETWORKS: tuple[IPv4Network | IPv6Network, ...] = tuple(
     ip_network(text)
     for text in ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/3", "::/96", "::ffff:0:0/96", "ff00::/8")
 )
+
+
+
+def possible_networks(networks: Iterable[IPv4Network | IPv6Network]) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Those of `networks` that share no address with IMPOSSIBLE_NETWORKS."""
+    return tuple(n for n in networks
+                 if not any(n.overlaps(bad) for bad in IMPOSSIBLE_NETWORKS if bad.version == n.version))
+
 
 # Tested on the integer value: this runs once per captured packet, and `address in network`
 # costs a microsecond where a shift costs tens of nanoseconds.

@@ -39,6 +39,7 @@ from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core import messages
 from portsentry.core.actions import Action, Block, Log, Record, SendBanner
+from portsentry.core.addresses import possible_networks
 from portsentry.core.engine import Engine
 from portsentry.core.probe import IPAddress, Mode, Probe
 from portsentry.fleet.gate import Guards as FleetGuards
@@ -208,7 +209,10 @@ class Daemon:
     def _skip_ignored(self) -> None:
         """Main loop, at start and once a second: the sensors may keep the ignore list's
         packets from us in the kernel, unless verbose logging wants a line for each of them."""
-        networks = () if self.journal.verbose else self.ignore.current(self.clock()).networks
+        # Loopback and the other impossible sources stay visible: on the wire they are forged,
+        # and the parser's guard counts them (packets_dropped) before any ignore list.
+        ignored = self.ignore.current(self.clock()).networks
+        networks = () if self.journal.verbose else possible_networks(ignored)
         for sensor in self.sensors:
             sensor.skip_sources(networks)
 

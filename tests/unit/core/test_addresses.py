@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address, ip_network
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portsentry.core.addresses import BadSource, canonical, impossible_source
+from portsentry.core.addresses import BadSource, canonical, impossible_source, possible_networks
 
 v4 = st.integers(0, 2**32 - 1).map(IPv4Address)
 v6 = st.integers(0, 2**128 - 1).map(IPv6Address)
@@ -69,3 +69,10 @@ def test_subnet_broadcasts_given_by_the_caller():
 @pytest.mark.parametrize("text", ["198.18.0.2", "fd00::2", "2001:db8::1"])
 def test_ordinary_sources_pass(text):
     assert impossible_source(canonical(ip_address(text))) is None
+
+
+def test_possible_networks_leave_out_any_that_touch_an_impossible_source():
+    listed = [ip_network(text) for text in ("127.0.0.1/32", "198.18.0.0/15", "0.0.0.0/0", "::1/128",
+                                            "fd00::/8", "::/0", "224.0.0.0/4", "10.0.0.0/8")]
+    assert possible_networks(listed) == (ip_network("198.18.0.0/15"), ip_network("fd00::/8"),
+                                         ip_network("10.0.0.0/8"))
