@@ -380,26 +380,37 @@ class NftablesBackend(BanBackend):
                                                      for name in (CAPTURE_CHAIN, COUNT_CHAIN))))
 
     def capture_intact(self) -> bool:
-        """Whether the capture chain still holds the rules of the last capture_rules call (an
-        `nft flush ruleset` or `portsentry flush` removes them without telling us)."""
+        """Whether the capture and count chains still hold the rules of the last capture_rules
+        call (an `nft flush ruleset` or `portsentry flush` removes them without telling us)."""
         spec = self._capture
         if spec is None:
             return True
-        result = self.runner([NFT, "-j", "list", "chain", "inet", self.table, CAPTURE_CHAIN], None)
-        if not result.ok:
+        rules = self._rules(CAPTURE_CHAIN)
+        counting = self._rules(COUNT_CHAIN) if spec.count_rules() else []
+        if rules is None or counting is None:
             return False
-        try:
-            objects = json.loads(result.stdout).get("nftables", [])
-        except (ValueError, AttributeError):
-            return False
-        rules = [o["rule"] for o in objects if isinstance(o, dict) and isinstance(o.get("rule"), dict)]
-        logging = [rule for rule in rules if {"log": {"group": spec.group}} in rule.get("expr", [])]
+        logging = [rule for rule in rules
+                   if isinstance(expr := rule.get("expr"), list) and {"log": {"group": spec.group}} in expr]
         # Not every rule logs: the first-probe ban's guards (protect sets, the socket lookup)
         # only return. Counting only logging rules against all of them took a kernel-ban chain
         # for gone, and the repair re-added every active ban once a minute.
         expected = spec.rules()
         return (len(rules) == len(expected)
-                and len(logging) == sum(f"log group {spec.group}" in rule for rule in expected))
+                and len(logging) == sum(f"log group {spec.group}" in rule for rule in expected)
+                and len(counting) == len(spec.count_rules()))
+
+    def _rules(self, chain: str) -> list[dict[str, object]] | None:
+        """The rules of one of our chains as `nft -j` lists them; None if it cannot be listed."""
+        result = self.runner([NFT, "-j", "list", "chain", "inet", self.table, chain], None)
+        if not result.ok:
+            return None
+        try:
+            objects = json.loads(result.stdout).get("nftables", [])
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(objects, list):
+            return None
+        return [o["rule"] for o in objects if isinstance(o, dict) and isinstance(o.get("rule"), dict)]
 
     def repair_capture(self) -> bool:
         """Re-creates table, sets, drop rules and capture rules if the capture rules have gone;

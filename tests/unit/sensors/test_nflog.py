@@ -498,19 +498,30 @@ def chain_json(group: int, rules: int) -> str:
 
 
 LIST_CAPTURE = ["nft", "-j", "list", "chain", "inet", "portsentry", "capture"]
+LIST_COUNT = ["nft", "-j", "list", "chain", "inet", "portsentry", "count"]
+
+
+def count_json(rules: int) -> str:
+    objects: list[dict[str, Any]] = [{"chain": {"family": "inet", "table": "portsentry", "name": "count"}}]
+    objects += [{"rule": {"chain": "count", "handle": handle, "expr": [
+        {"set": {"op": "update", "elem": {"payload": {"protocol": "ip", "field": "saddr"}},
+                 "set": "@dropped4", "stmt": [{"counter": None}]}}]}} for handle in range(rules)]
+    return json.dumps({"nftables": objects})
+
 LIST_FILTER = ["nft", "-j", "list", "chain", "inet", "portsentry", "filter"]
 EMPTY_FILTER = json.dumps({"nftables": [{"chain": {"name": "filter"}}]})
 
 
 def test_repair_does_nothing_while_the_rules_are_there() -> None:
-    rec = Recorder({tuple(LIST_CAPTURE): RunResult(0, chain_json(7373, 2), "")})
+    rec = Recorder({tuple(LIST_CAPTURE): RunResult(0, chain_json(7373, 2), ""),
+                    tuple(LIST_COUNT): RunResult(0, count_json(4), "")})
     backend = nft(rec)
     assert backend.repair_capture() is False  # nothing installed yet: nothing to check
     assert rec.calls == []
     backend.capture_rules(7373, 1024, BOTH)
     assert backend.capture_intact()
     assert backend.repair_capture() is False
-    assert rec.argvs[1:] == [LIST_CAPTURE, LIST_CAPTURE]
+    assert rec.argvs[1:] == [LIST_CAPTURE, LIST_COUNT, LIST_CAPTURE, LIST_COUNT]
 
 
 @pytest.mark.parametrize("listing", [
@@ -521,14 +532,31 @@ def test_repair_does_nothing_while_the_rules_are_there() -> None:
     RunResult(0, "not json", ""),
 ])
 def test_repair_recreates_table_and_rules_when_they_are_gone(listing: RunResult) -> None:
-    rec = Recorder({tuple(LIST_CAPTURE): listing, tuple(LIST_FILTER): RunResult(0, EMPTY_FILTER, "")})
+    rec = Recorder({tuple(LIST_CAPTURE): listing, tuple(LIST_FILTER): RunResult(0, EMPTY_FILTER, ""),
+                    tuple(LIST_COUNT): RunResult(0, count_json(4), "")})
     backend = nft(rec)
     backend.capture_rules(7373, 1024, BOTH)
     install = rec.calls[0]
     rec.calls.clear()
     assert backend.repair_capture() is True
     assert rec.argvs[0] == LIST_CAPTURE
-    assert rec.argvs[1:4] == [["nft", "-f", "-"], LIST_FILTER, ["nft", "-f", "-"]]  # setup + drops
+    setup = rec.argvs.index(["nft", "-f", "-"])  # then the drop rules, after a look at the chain
+    assert rec.argvs[setup:setup + 3] == [["nft", "-f", "-"], LIST_FILTER, ["nft", "-f", "-"]]
+    assert rec.calls[-1] == install
+
+
+@pytest.mark.parametrize("listing", [
+    RunResult(1, "", "Error: No such file or directory"),  # someone deleted only the count chain
+    RunResult(0, count_json(3), ""),  # a counting rule deleted
+])
+def test_repair_recreates_the_count_chain_too(listing: RunResult) -> None:
+    rec = Recorder({tuple(LIST_CAPTURE): RunResult(0, chain_json(7373, 2), ""), tuple(LIST_COUNT): listing,
+                    tuple(LIST_FILTER): RunResult(0, EMPTY_FILTER, "")})
+    backend = nft(rec)
+    backend.capture_rules(7373, 1024, BOTH)
+    install = rec.calls[0]
+    assert backend.capture_intact() is False
+    assert backend.repair_capture() is True
     assert rec.calls[-1] == install
 
 
