@@ -386,8 +386,10 @@ class NftablesBackend(BanBackend):
         if spec is None:
             return True
         rules = self._rules(CAPTURE_CHAIN)
+        if rules is None:
+            return False  # gone: no need to list the count chain as well
         counting = self._rules(COUNT_CHAIN) if spec.count_rules() else []
-        if rules is None or counting is None:
+        if counting is None:
             return False
         logging = [rule for rule in rules
                    if isinstance(expr := rule.get("expr"), list) and {"log": {"group": spec.group}} in expr]
