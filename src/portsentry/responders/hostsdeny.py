@@ -93,6 +93,26 @@ def _read_all(fd: int, offset: int = 0) -> bytes:
         offset += len(chunk)
 
 
+_SETTLE, _SETTLE_TRIES = 0.001, 20  # an unterminated end must hold still this long to count
+
+def _needs_newline(fd: int) -> bool:
+    """Whether an append must begin with "\n": the file's last line is unterminated. Looked at
+    right before writing, as a lockless appender may have added to the file since our read. Its
+    write can be seen half done for a moment (the kernel extends the size page by page, so a
+    line written across a 4 KiB boundary shows without its "\n"), so an unterminated end is
+    only believed once the size has held still; taken at once, it left a blank line behind."""
+    size = os.fstat(fd).st_size
+    for _ in range(_SETTLE_TRIES):
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return False
+        time.sleep(_SETTLE)
+        grown = os.fstat(fd).st_size
+        if grown == size:
+            return True
+        size = grown
+    return True
+
+
 class HostsDeny:
     """One hosts.deny file (normally /etc/hosts.deny)."""
 
@@ -117,9 +137,7 @@ class HostsDeny:
                     on_append()
                 # Look at the last byte again right before writing: a lockless appender may have
                 # added to the file since our read.
-                size = os.fstat(fd).st_size
-                needs_newline = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-                append_record(fd, (b"\n" if needs_newline else b"") + wanted + b"\n", sync=True)
+                append_record(fd, (b"\n" if _needs_newline(fd) else b"") + wanted + b"\n", sync=True)
                 return True
             finally:
                 os.close(fd)
@@ -139,10 +157,8 @@ class HostsDeny:
                 appended = [line.decode("utf-8", errors="surrogateescape") for line in absent]
                 if on_append is not None:
                     on_append(appended)
-                size = os.fstat(fd).st_size
-                needs_newline = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
                 data = b"".join(line + b"\n" for line in absent)
-                append_record(fd, (b"\n" if needs_newline else b"") + data, sync=True)
+                append_record(fd, (b"\n" if _needs_newline(fd) else b"") + data, sync=True)
                 return appended
             finally:
                 os.close(fd)
