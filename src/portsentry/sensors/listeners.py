@@ -25,6 +25,8 @@ _TCP_LISTEN = 0x0A
 # Busy servers have huge tcp tables of established sockets; a substring test skips most of them
 # before the regex runs.
 _TCP_LISTEN_FIELDS = (" 0A", " 0a")
+# A packet as the kernel's socket lookup sees it: our address, the peer's, the peer's port.
+Flow = tuple[bytes, bytes, int]
 CONFIRM_BUDGET = 2000  # fresh kernel reads per second for confirm(); about 60 ms of CPU at most
 _FILES = {Protocol.TCP: ("tcp", "tcp6"), Protocol.UDP: ("udp", "udp6")}
 
@@ -99,16 +101,22 @@ class ListeningPorts:
     def is_listening(self, port: int) -> bool:
         return port in self._ports
 
-    def confirm(self, port: int, now: float) -> bool:
+    def confirm(self, port: int, now: float, flow: Flow | None = None) -> bool:
         """Is `port` in use right now? Called only before reporting a hit.
 
-        The kernel is asked again (about 30 us with sock_diag), so a service or a client socket
-        awaiting a DNS reply that appeared a moment ago is honoured: a cached table, however
-        young, can predate the socket the reply is for. A flood cannot make this expensive:
-        at most CONFIRM_BUDGET fresh reads a second, after which the cached table answers.
+        The kernel is asked again, so a service or a client socket awaiting a DNS reply that
+        appeared a moment ago is honoured: a cached table, however young, can predate the
+        socket the reply is for. With the packet's `flow`, the question is the kernel's own
+        lookup for that packet (a few microseconds with sock_diag): a socket that would take
+        it, as the kernel path's `socket` rule asks. A flood cannot make this expensive: at
+        most CONFIRM_BUDGET fresh reads a second, after which the cached table answers.
         """
         if port in self._ports:
-            return True
+            # A service may have stopped since the table was read: a due re-read first, so a
+            # lone probe after a quiet spell is judged on a table at most `min_interval` old.
+            self.refresh(now)
+            if port in self._ports:
+                return True
         second = int(now)
         if second != self._budget_second:
             # /proc/net/tcp costs milliseconds a read: far fewer fresh reads without sock_diag.
@@ -117,7 +125,12 @@ class ListeningPorts:
         if self._budget > 0:
             self._budget -= 1
             if self._diag is not None:
-                try:  # this one port only: a filtered dump, cheaper than the whole table
+                try:
+                    if flow is not None:
+                        # Not cached when found: the socket may be one connection, not a service.
+                        local, remote, remote_port = flow
+                        return self._diag.takes(self.protocol, local, port, remote, remote_port)
+                    # This one port only: a filtered dump, cheaper than the whole table.
                     if not self._diag.holds(self.protocol, port):
                         return False
                     self._ports = self._ports | {port}

@@ -70,6 +70,29 @@ def tcp_request_any_family(seq: int, port: int) -> bytes:
     return message(TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
 
 
+# inet_diag_sockid as the exact request fills it: sport, dport, src, dst (network order), then
+# the interface (0: any) and the cookie (all ones: none asked for).
+EXACT_SOCKID = struct.Struct("!HH16s16sIII")
+EXACT_HEAD = struct.Struct("=BBBxI")  # inet_diag_req_v2 before its sockid
+NO_COOKIE = 0xFFFFFFFF
+
+
+def exact_request(protocol: Protocol, local: bytes, local_port: int, remote: bytes, remote_port: int,
+                  seq: int) -> bytes:
+    """The kernel's own socket lookup for one packet (no NLM_F_DUMP): is there a socket that
+    would take a packet from remote:remote_port to local:local_port, a listener or a connection?
+    Addresses are packed, 4 or 16 bytes. The answer is one message, or ENOENT."""
+    family = socket.AF_INET if len(local) == 4 else socket.AF_INET6
+    proto = socket.IPPROTO_TCP if protocol is Protocol.TCP else socket.IPPROTO_UDP
+    if protocol is Protocol.UDP:
+        # udp_diag reads src as the packet's source and dst as ours ("src and dst are swapped
+        # for historical reasons", net/ipv4/udp_diag.c); inet_diag the other way round.
+        local, local_port, remote, remote_port = remote, remote_port, local, local_port
+    body = EXACT_HEAD.pack(family, proto, 0, ALL_STATES) + EXACT_SOCKID.pack(
+        local_port, remote_port, local.ljust(16, b"\0"), remote.ljust(16, b"\0"), 0, NO_COOKIE, NO_COOKIE)
+    return message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, body)
+
+
 def port_filter(port: int) -> bytes:
     """inet_diag bytecode for sport >= port and sport <= port. Each comparison is an op followed
     by one holding the port; a true op jumps to the next (8 bytes on), a false one past the end
@@ -111,6 +134,7 @@ class SockDiag:
         self._sock.settimeout(2.0)
         self._seq = 0
         self._both_families = True  # until the kernel refuses tcp_request_any_family
+        self._exact = True  # until the kernel refuses exact_request
 
     def ports(self, protocol: Protocol) -> frozenset[int]:
         """Raises OSError if the kernel refuses the dump (no udp_diag, say) or does not answer."""
@@ -144,6 +168,37 @@ class SockDiag:
             if self._ask(request(family, protocol, self._seq, port), self._seq, SOCK_DIAG_BY_FAMILY, port):
                 return True
         return False
+
+    def takes(self, protocol: Protocol, local: bytes, local_port: int, remote: bytes,
+              remote_port: int) -> bool:
+        """Would a socket here take this packet (the kernel's lookup for it: a listener on the
+        address it was sent to or on any, or a connection of that peer)? One request and one
+        answer, a few microseconds: this is on the way to a detection line. A kernel without
+        exact requests is asked `holds` instead, from then on. Raises OSError as `ports`."""
+        if self._exact:
+            self._seq += 1
+            seq = self._seq
+            self._sock.send(exact_request(protocol, local, local_port, remote, remote_port, seq))
+            while True:
+                data = self._sock.recv(RECV_SIZE)
+                if not data:
+                    raise OSError(errno.EIO, "netlink socket closed during a request")
+                for kind, _flags, answered, _pid, start, end in split(data)[0]:
+                    if answered != seq:
+                        continue  # left over from a request that raised before its answer
+                    if kind == SOCK_DIAG_BY_FAMILY:
+                        return True
+                    if kind != NLMSG_ERROR:
+                        continue
+                    reply = error_reply(data, start, end)
+                    code = errno.EBADMSG if reply is None else reply[1]
+                    if code == errno.ENOENT:
+                        return False
+                    if code not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise OSError(code, f"sock_diag request refused: {os.strerror(code)}")
+                    self._exact = False
+                    return self.holds(protocol, local_port)
+        return self.holds(protocol, local_port)
 
     def _ask(self, request: bytes, seq: int, reply_type: int, port: int) -> bool:
         """Send one filtered dump request and read its answer to the end (so the socket is free

@@ -217,3 +217,34 @@ def test_confirm_sees_a_socket_bound_a_moment_ago_and_is_budgeted() -> None:
     assert calls == 0  # budget for second 200 spent: the cached table answers
     tracker.confirm(1, 201.0)
     assert calls == 1  # a new second, a new budget
+
+
+def test_confirm_with_the_packets_flow_asks_the_kernels_lookup_and_caches_no_port() -> None:
+    tracker = ListeningPorts(Protocol.TCP)
+    tracker.refresh(100.0)
+    here, other = socket.inet_aton("127.0.0.1"), socket.inet_aton("127.0.0.2")
+    peer = socket.inet_aton("127.0.0.9")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert not tracker.is_listening(port)  # the cached table is from before the listen
+        assert tracker.confirm(port, 100.001, (here, peer, 40000))
+        # Sent to an address the service is not bound to: the kernel would answer it with a
+        # reset, so it is a probe, and the port was not cached as taken by the answer above.
+        assert not tracker.confirm(port, 100.002, (other, peer, 40000))
+        assert not tracker.is_listening(port)
+
+
+def test_a_port_cached_as_held_is_read_again_once_the_table_is_due() -> None:
+    """A service stopped since the table was read: a lone probe after a quiet spell must not be
+    waved through on the old table (the per-batch re-read used to ensure this)."""
+    tracker = ListeningPorts(Protocol.TCP, min_interval=0.5)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        tracker.refresh(10.0)
+    flow = (socket.inet_aton("127.0.0.1"), socket.inet_aton("127.0.0.9"), 40000)
+    assert tracker.confirm(port, 10.1, flow)  # the table is young: it answers
+    assert not tracker.confirm(port, 10.6, flow)

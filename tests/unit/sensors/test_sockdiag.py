@@ -18,6 +18,7 @@ from portsentry.sensors.sockdiag import (
     SOCK_DIAG_BY_FAMILY,
     TCPDIAG_GETSOCK,
     SockDiag,
+    exact_request,
     parse_ports,
     request,
     tcp_request_any_family,
@@ -182,3 +183,102 @@ def test_holds_raises_when_the_kernel_refuses():
     with pytest.raises(OSError) as info:
         diag.holds(Protocol.UDP, 53)
     assert info.value.errno == errno.ENOENT
+
+
+def packed(address: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+
+
+def test_exact_request_is_inet_diags_sockid_with_udps_src_and_dst_swapped():
+    local, remote = packed("198.18.0.1"), packed("198.18.0.2")
+    tcp = exact_request(Protocol.TCP, local, 79, remote, 40000, 5)
+    length, kind, flags, seq, _pid = NLMSGHDR.unpack_from(tcp)
+    assert (length, kind, flags, seq) == (len(tcp), SOCK_DIAG_BY_FAMILY, 1, 5)  # no NLM_F_DUMP
+    family, proto, _ext, _states = struct.unpack_from("=BBBxI", tcp, 16)
+    assert (family, proto) == (socket.AF_INET, socket.IPPROTO_TCP)
+    assert struct.unpack_from("!HH", tcp, 24) == (79, 40000)
+    assert tcp[28:32] == local and tcp[44:48] == remote
+    assert tcp[60:] == bytes(4) + b"\xff" * 8  # any interface, no cookie
+    udp = exact_request(Protocol.UDP, local, 53, remote, 40000, 5)
+    assert struct.unpack_from("!HH", udp, 24) == (40000, 53)
+    assert udp[28:32] == remote and udp[44:48] == local
+    six = exact_request(Protocol.TCP, packed("fd00::1"), 79, packed("fd00::2"), 1, 1)
+    assert six[16] == socket.AF_INET6 and six[28:44] == packed("fd00::1")
+
+
+def test_takes_is_the_kernels_lookup_for_the_packet():
+    """Against the real kernel: the socket that would take each packet, by address and port."""
+    dual = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    dual.bind(("::", 0))
+    dual.listen()
+    only6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    only6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    only6.bind(("::", 0))
+    only6.listen()
+    one_address = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    one_address.bind(("127.0.0.1", 0))
+    one_address.listen()
+    bound_only = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    bound_only.bind(("127.0.0.1", 0))
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    diag = SockDiag()
+    here, there = packed("127.0.0.1"), packed("127.0.0.9")
+    here6, there6 = packed("::1"), packed("::1")
+    try:
+        def takes(protocol: Protocol, sock: socket.socket, local: bytes = here,
+                  remote: bytes = there) -> bool:
+            return diag.takes(protocol, local, sock.getsockname()[1], remote, 40000)
+
+        assert takes(Protocol.TCP, dual)  # an IPv4 packet goes to a dual-stack listener
+        assert takes(Protocol.TCP, dual, here6, there6)
+        assert not takes(Protocol.TCP, only6)  # ... but never to an IPv6-only one
+        assert takes(Protocol.TCP, only6, here6, there6)
+        assert takes(Protocol.TCP, one_address)
+        assert not takes(Protocol.TCP, one_address, packed("127.0.0.2"))  # sent to another address
+        assert not takes(Protocol.TCP, bound_only)
+        assert not takes(Protocol.TCP, udp)
+        assert takes(Protocol.UDP, udp)
+        assert not takes(Protocol.UDP, one_address)
+        assert diag._exact  # answered exactly, not by the fallback
+        # The socket is reusable after every answer, found or not.
+        assert dual.getsockname()[1] in diag.ports(Protocol.TCP)
+    finally:
+        for sock in (diag, dual, only6, one_address, bound_only, udp):
+            sock.close()
+
+
+def test_takes_skips_stale_answers_and_reads_enoent_as_no_socket():
+    enoent = struct.pack("=i", -errno.ENOENT) + NLMSGHDR.pack(72, SOCK_DIAG_BY_FAMILY, 1, 2, 0)
+    diag, fake = faked(
+        numbered(1, SOCK_DIAG_BY_FAMILY, diag_msg(79)),  # answers an earlier request
+        numbered(2, 2, enoent),
+        numbered(3, SOCK_DIAG_BY_FAMILY, diag_msg(79)),
+    )
+    diag._seq = 1
+    local, remote = packed("198.18.0.1"), packed("198.18.0.2")
+    assert not diag.takes(Protocol.TCP, local, 79, remote, 1)
+    assert diag.takes(Protocol.TCP, local, 79, remote, 1)
+    assert fake.sent == [exact_request(Protocol.TCP, local, 79, remote, 1, 2),
+                         exact_request(Protocol.TCP, local, 79, remote, 1, 3)]
+
+
+def test_takes_falls_back_to_holds_where_the_kernel_has_no_exact_requests_and_raises_otherwise():
+    refused = struct.pack("=i", -errno.EOPNOTSUPP) + NLMSGHDR.pack(72, SOCK_DIAG_BY_FAMILY, 1, 1, 0)
+    diag, fake = faked(
+        numbered(1, 2, refused),
+        numbered(2, TCPDIAG_GETSOCK, diag_msg(79)) + numbered(2, NLMSG_DONE, bytes(4)),
+    )
+    local, remote = packed("198.18.0.1"), packed("198.18.0.2")
+    assert diag.takes(Protocol.TCP, local, 79, remote, 1)
+    assert fake.sent[1:] == [tcp_request_any_family(2, 79)]
+    assert not diag._exact
+    failed = struct.pack("=i", -errno.EPERM) + NLMSGHDR.pack(72, SOCK_DIAG_BY_FAMILY, 1, 1, 0)
+    diag, _fake = faked(numbered(1, 2, failed))
+    with pytest.raises(OSError) as info:
+        diag.takes(Protocol.UDP, local, 53, remote, 1)
+    assert info.value.errno == errno.EPERM
+    diag, _fake = faked(numbered(1, 2, bytes(4)))  # an error message too short to read
+    with pytest.raises(OSError):
+        diag.takes(Protocol.UDP, local, 53, remote, 1)

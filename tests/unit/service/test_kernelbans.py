@@ -48,7 +48,7 @@ class Listening(ListeningPorts):
     def refresh(self, now: float) -> None:
         pass
 
-    def confirm(self, port: int, now: float) -> bool:
+    def confirm(self, port: int, now: float, flow: object = None) -> bool:
         return port in self.fixed
 
 
