@@ -13,7 +13,7 @@ for larger triggers; ours holds max(50, 2 * SCAN_TRIGGER) so any trigger works.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -68,25 +68,32 @@ class EngineSettings:
 
 @dataclass
 class TriggerRing:
-    """The most recent hit sources of one mode, with a count per source for O(1) lookups."""
+    """The most recent hit sources of one mode, with a count per source for O(1) lookups.
+
+    Sources are held packed: an address object hashes in Python (a hex string each time, six
+    times a hit), a bytes key once, in C, and it is half the size."""
 
     capacity: int
-    _order: deque[IPAddress] = field(default_factory=deque)
-    _counts: Counter[IPAddress] = field(default_factory=Counter)
+    _order: deque[bytes] = field(default_factory=deque)
+    _counts: dict[bytes, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self._order)
 
     def hit(self, source: IPAddress) -> int:
         """Record a hit and return its number among the remembered hits of that source."""
-        number = self._counts[source] + 1
-        while len(self._order) >= self.capacity:
-            oldest = self._order.popleft()
-            self._counts[oldest] -= 1
-            if self._counts[oldest] <= 0:
-                del self._counts[oldest]
-        self._order.append(source)
-        self._counts[source] += 1
+        key = source.packed
+        counts, order = self._counts, self._order
+        number = counts.get(key, 0) + 1
+        while len(order) >= self.capacity:
+            oldest = order.popleft()
+            left = counts[oldest] - 1
+            if left > 0:
+                counts[oldest] = left
+            else:
+                del counts[oldest]
+        order.append(key)
+        counts[key] = counts.get(key, 0) + 1
         return number
 
 

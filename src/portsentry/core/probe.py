@@ -31,7 +31,7 @@ class Mode(enum.StrEnum):
     @property
     def is_classic(self) -> bool:
         """Connect modes bind real sockets; 1.2 words some of their messages differently."""
-        return self in (Mode.TCP, Mode.UDP)
+        return self is Mode.TCP or self is Mode.UDP  # identity: `in` compares as strings
 
     @property
     def is_advanced(self) -> bool:

@@ -47,6 +47,8 @@ class SyslogWriter:
         self.ident = ident
         self.failures = 0
         self._sock: socket.socket | None = None
+        # Read once: `socket.type` converts to an enum on every access, a microsecond a line.
+        self._stream = False
 
     def _connect(self) -> socket.socket:
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
@@ -69,7 +71,8 @@ class SyslogWriter:
             try:
                 if self._sock is None:
                     self._sock = self._connect()
-                if self._sock.type == socket.SOCK_STREAM:
+                    self._stream = self._sock.type == socket.SOCK_STREAM
+                if self._stream:
                     self._sock.sendall(data + b"\0")
                 else:
                     self._sock.send(data)

@@ -89,6 +89,9 @@ class StealthSensor:
         self._capture: Capture | None = None
         self._capture_factory = capture_factory or open_packet_capture
         self._by_protocol: dict[Protocol, tuple[Watch, ...]] = {}
+        # protocol -> port -> the modes watching it, for every port below the highest watched:
+        # one index on the packet path instead of a method call per watch, twice.
+        self._modes_at: dict[Protocol, list[tuple[Mode, ...]]] = {}
         # Our own recent outgoing UDP (local port, peer, peer port) -> when: a datagram coming
         # back on such a flow is a reply (DNS, NTP), even if the client socket is gone by now.
         self._udp_flows: OrderedDict[tuple[int, IPAddress, int], float] = OrderedDict()
@@ -111,7 +114,14 @@ class StealthSensor:
         if not active:
             return []
         for protocol in Protocol:
-            self._by_protocol[protocol] = tuple(w for w in active if w.mode.protocol is protocol)
+            self._by_protocol[protocol] = watches = tuple(w for w in active if w.mode.protocol is protocol)
+            shared: dict[tuple[Mode, ...], tuple[Mode, ...]] = {}
+            self._modes_at[protocol] = [
+                shared.setdefault(modes, modes)
+                for modes in (tuple(w.mode for w in watches if w.covers(port))
+                              for port in range(min(max((w.upper_bound() for w in watches), default=0),
+                                                    0x10000)))
+            ]
         protocols = {w.mode.protocol for w in active}
         max_port = max(w.upper_bound() for w in active)
         self._capture = self._capture_factory(max_port if max_port <= 0xFFFF else None, protocols)
@@ -171,12 +181,9 @@ class StealthSensor:
         batch = self._capture.read_batch()
         if not batch:
             return []
+        # The tables and filters are kept current by tick(), once a second, not here: a lone
+        # probe's line would wait for them (tens of microseconds, a netlink dump when due).
         now = self._clock()
-        self.addresses.refresh(now)
-        for listener in self.listeners.values():
-            listener.refresh(now)
-        self._quiet_busy_udp_ports()
-        self._report_live_ports()
         hits: list[Hit] = []
         for data in batch:
             self.packets += 1
@@ -207,24 +214,27 @@ class StealthSensor:
         else:
             kind = KIND_UDP
         port = packet.destination_port
-        watches = self._by_protocol.get(packet.protocol, ())
-        if not any(w.covers(port) for w in watches):
+        watching = self._modes_at.get(packet.protocol, ())
+        modes = watching[port] if port < len(watching) else ()
+        if not modes:
             return []
-        if self.listeners[packet.protocol].confirm(port, now):
+        flow = (packet.destination.packed, packet.source.packed, packet.source_port)
+        if self.listeners[packet.protocol].confirm(port, now, flow):
             return []
         return [
-            Hit(Probe(source=packet.source, port=port, mode=w.mode, kind=kind,
+            Hit(Probe(source=packet.source, port=port, mode=mode, kind=kind,
                       destination=packet.destination, ip_options=packet.ip_options))
-            for w in watches
-            if w.covers(port)
+            for mode in modes
         ]
 
     def tick(self, now: float) -> None:
-        """Without traffic too: a service started on a watched port must stop the kernel's
-        first-probe ban there within a second, and probes from ignored sources, which the
-        kernel keeps from us, are no traffic for read()."""
+        """The host's addresses, its listening ports and the capture's filters, kept current
+        here for read(), traffic or not: a service started on a watched port must stop the
+        kernel's first-probe ban there within a second, and probes from ignored sources, which
+        the kernel keeps from us, are no traffic for read()."""
         if self._capture is None:
             return
+        self.addresses.refresh(now)
         for listener in self.listeners.values():
             listener.refresh(now)
         self._quiet_busy_udp_ports()

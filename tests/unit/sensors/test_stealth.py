@@ -25,7 +25,7 @@ class FixedListeners(ListeningPorts):
     def is_listening(self, port: int) -> bool:
         return port in self.fixed
 
-    def confirm(self, port: int, now: float) -> bool:
+    def confirm(self, port: int, now: float, flow: object = None) -> bool:
         return port in self.fixed
 
     def ports(self) -> frozenset[int]:
@@ -170,3 +170,25 @@ def test_watched_ports_with_a_live_service_are_reported_to_the_capture_when_they
     listeners.fixed.add(80)
     s._report_live_ports()
     assert capture.live[-1] == {Protocol.TCP: frozenset({22, 80}), Protocol.UDP: frozenset({161})}
+
+
+def test_tick_keeps_the_hosts_addresses_and_listeners_current_for_the_packet_path():
+    own = [HOST]
+    addresses = HostAddresses(lambda: list(own), lambda: [])
+    refreshed: list[float] = []
+
+    class Counted(FixedListeners):
+        def refresh(self, now: float) -> None:
+            refreshed.append(now)
+
+    listeners = Counted(Protocol.TCP, set())
+    s = StealthSensor([Watch(Mode.ATCP, below=1024)], lambda _t: None, lambda: 0.0, addresses,
+                      {Protocol.TCP: listeners, Protocol.UDP: FixedListeners(Protocol.UDP, set())},
+                      capture_factory=lambda _max, _protocols: NullCapture())  # type: ignore[arg-type,return-value]
+    s.open()
+    added = ip_address("198.18.0.7")
+    own.append(added)
+    assert s.hits_for(tcp(25, destination=added), 0.0) == []  # not ours yet: passing through
+    s.tick(5.0)
+    assert s.hits_for(tcp(25, destination=added), 5.0)
+    assert refreshed[-1] == 5.0
