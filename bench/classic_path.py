@@ -164,9 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--ours-rev", help="trace this revision's src/ (git archive), not the working tree")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root", file=sys.stderr)
-        return 2
+    harness.require_root("bench.classic_path")
     with tempfile.TemporaryDirectory(prefix="ps-trace-") as tmp:
         source = harness.export_revision(args.ours_rev, Path(tmp) / "rev") if args.ours_rev else None
         trace = Path(tmp) / "trace.json"

@@ -56,9 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--interval-us", type=int, default=50)
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root", file=sys.stderr)
-        return 2
+    harness.require_root("bench.flood_threads")
     for run in range(1, args.repeat + 1):
         for subject in (harness.Ours(), harness.Debian12()):
             print(f"== run {run}: {subject.label}, {args.count} SYNs from one blocked source")

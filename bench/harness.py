@@ -59,6 +59,13 @@ class BenchError(RuntimeError):
     """A benchmark step failed; the message carries what is needed to see why."""
 
 
+def require_root(prog: str) -> None:
+    """Every bench tool creates network namespaces: without root it stops here, saying so."""
+    if os.geteuid() != 0:
+        print(f"{prog}: needs root (it creates network namespaces)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Namespaces
 

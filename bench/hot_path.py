@@ -163,9 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         conf, log, stream, count = args.inner
         inner(conf, log, stream, int(count))
         return 0
-    if os.geteuid() != 0:
-        print("needs root", file=sys.stderr)
-        return 2
+    harness.require_root("bench.hot_path")
     for stream in args.streams.split(","):
         if stream not in STREAMS:
             parser.error(f"unknown stream {stream!r}")

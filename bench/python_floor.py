@@ -18,7 +18,6 @@ does not beat 1.2, no arrangement of the daemon's Python will.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,9 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checks", default=",".join(CHECKS),
                         help=f"listener checks to try, of {', '.join(CHECKS)}")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root", file=sys.stderr)
-        return 2
+    harness.require_root("bench.python_floor")
     for check in args.checks.split(","):
         if check not in CHECKS:
             parser.error(f"unknown check {check!r}")
