@@ -47,6 +47,17 @@ class Watch:
         return self.below if self.below is not None else max(self.ports, default=-1) + 1
 
 
+def modes_by_port(watches: Sequence[Watch]) -> list[tuple[Mode, ...]]:
+    """For each port below the highest watched, the modes watching it (one shared tuple per
+    combination, so 65536 ports cost a list of references)."""
+    shared: dict[tuple[Mode, ...], tuple[Mode, ...]] = {}
+    table = []
+    for port in range(min(max((w.upper_bound() for w in watches), default=0), 0x10000)):
+        modes = tuple(w.mode for w in watches if w.covers(port))
+        table.append(shared.setdefault(modes, modes))
+    return table
+
+
 class HostAddresses:
     """This host's own and broadcast addresses, re-read at most once a second."""
 
@@ -115,13 +126,7 @@ class StealthSensor:
             return []
         for protocol in Protocol:
             self._by_protocol[protocol] = watches = tuple(w for w in active if w.mode.protocol is protocol)
-            shared: dict[tuple[Mode, ...], tuple[Mode, ...]] = {}
-            self._modes_at[protocol] = [
-                shared.setdefault(modes, modes)
-                for modes in (tuple(w.mode for w in watches if w.covers(port))
-                              for port in range(min(max((w.upper_bound() for w in watches), default=0),
-                                                    0x10000)))
-            ]
+            self._modes_at[protocol] = modes_by_port(watches)
         protocols = {w.mode.protocol for w in active}
         max_port = max(w.upper_bound() for w in active)
         self._capture = self._capture_factory(max_port if max_port <= 0xFFFF else None, protocols)

@@ -192,3 +192,16 @@ def test_tick_keeps_the_hosts_addresses_and_listeners_current_for_the_packet_pat
     s.tick(5.0)
     assert s.hits_for(tcp(25, destination=added), 5.0)
     assert refreshed[-1] == 5.0
+
+
+def test_modes_by_port_lists_every_mode_watching_each_port_below_the_highest():
+    from portsentry.sensors.stealth import modes_by_port
+
+    table = modes_by_port([Watch(Mode.STCP, ports=frozenset({22, 79})),
+                           Watch(Mode.ATCP, below=80, exclude=frozenset({22}))])
+    assert len(table) == 80
+    assert table[79] == (Mode.STCP, Mode.ATCP)
+    assert table[22] == (Mode.STCP,)
+    assert table[1] == (Mode.ATCP,)
+    assert table[1] is table[2]  # one tuple per combination
+    assert modes_by_port([]) == []
