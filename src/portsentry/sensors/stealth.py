@@ -262,10 +262,7 @@ class StealthSensor:
         if live == self._live:
             return
         self._live = live
-        try:
-            self._capture.live_ports(live)
-        except (OSError, ValueError) as error:
-            self._log(f"adminalert: WARNING: cannot update the kernel's banned ports: {error}")
+        self._update_capture("the kernel's banned ports", lambda capture: capture.live_ports(live))
 
     def skip_sources(self, networks: Collection[Network]) -> None:
         """Sources whose packets the kernel may keep from us: the ignore list, when none of
@@ -275,10 +272,7 @@ class StealthSensor:
         if self._capture is None or wanted == self._skipped:
             return
         self._skipped = wanted
-        try:
-            self._capture.skip_sources(wanted)
-        except (OSError, ValueError) as error:
-            self._log(f"adminalert: WARNING: cannot update the capture filter: {error}")
+        self._update_capture("the capture filter", lambda capture: capture.skip_sources(wanted))
 
     def _quiet_busy_udp_ports(self) -> None:
         """Tell the kernel filter to keep traffic to UDP services away from us (a syslog server
@@ -291,10 +285,17 @@ class StealthSensor:
         if busy == self._quieted:
             return
         self._quieted = busy
+        self._update_capture("the capture filter", lambda capture: capture.quiet_udp(busy))
+
+    def _update_capture(self, what: str, update: Callable[[Capture], None]) -> None:
+        """A filter or set the kernel refuses to change leaves the previous one in force: said,
+        and detection goes on (the next change tries again)."""
+        if self._capture is None:
+            return
         try:
-            self._capture.quiet_udp(busy)
+            update(self._capture)
         except (OSError, ValueError) as error:
-            self._log(f"adminalert: WARNING: cannot update the capture filter: {error}")
+            self._log(f"adminalert: WARNING: cannot update {what}: {error}")
 
     def _remember_flow(self, key: tuple[int, IPAddress, int], now: float) -> None:
         self._udp_flows[key] = now

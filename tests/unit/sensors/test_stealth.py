@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 from portsentry.core.probe import KIND_FIN, KIND_SYN, KIND_UDP, Mode, Protocol
 from portsentry.sensors.listeners import ListeningPorts
@@ -205,3 +205,26 @@ def test_modes_by_port_lists_every_mode_watching_each_port_below_the_highest():
     assert table[1] == (Mode.ATCP,)
     assert table[1] is table[2]  # one tuple per combination
     assert modes_by_port([]) == []
+
+
+def test_a_capture_that_refuses_an_update_is_said_and_detection_goes_on():
+    lines: list[str] = []
+
+    class Refusing(NullCapture):
+        def quiet_udp(self, ports: frozenset[int]) -> None:
+            raise OSError("filter refused")
+
+        def skip_sources(self, networks: object) -> None:
+            raise ValueError("too many networks")
+
+    s = StealthSensor([Watch(Mode.AUDP, below=1024)], lines.append, lambda: 0.0,
+                      HostAddresses(lambda: [HOST], lambda: []),
+                      {Protocol.TCP: FixedListeners(Protocol.TCP, set()),
+                       Protocol.UDP: FixedListeners(Protocol.UDP, {53})},
+                      capture_factory=lambda _max, _protocols: Refusing())  # type: ignore[arg-type,return-value]
+    s.open()
+    s.tick(1.0)
+    s.skip_sources([ip_network("198.18.5.0/24")])
+    assert "adminalert: WARNING: cannot update the capture filter: filter refused" in lines
+    assert "adminalert: WARNING: cannot update the capture filter: too many networks" in lines
+    assert s.hits_for(udp(137), 1.0)
