@@ -60,7 +60,10 @@ class Probe:
     inside: dict[str, float] = field(default_factory=dict)  # first stamp of each step (ours)
 
 
-def run_probes(subject: Subject, probes: int) -> list[Probe]:
+def run_probes(subject: Subject, probes: int, port: int = PORT, gap: float = GAP) -> list[Probe]:
+    """Single SYNs from fresh sources (198.18.0.10 on), `gap` apart; for each, the block line,
+    the detection line and the first exec in a child of the daemon, where they came. Also the
+    latency part of bench/run (perf.measure_latency)."""
     from bench.perf import fresh
 
     sources = [f"198.18.0.{10 + i}" for i in range(probes)]
@@ -73,7 +76,7 @@ def run_probes(subject: Subject, probes: int) -> list[Probe]:
         try:
             for source in sources:
                 mark = fx.receiver.count()
-                probe = Probe(source, sender.send(source, fx.net.target_ip4, PORT))
+                probe = Probe(source, sender.send(source, fx.net.target_ip4, port))
                 out.append(probe)
                 try:
                     probe.blocked = fx.receiver.wait_for(
@@ -82,7 +85,9 @@ def run_probes(subject: Subject, probes: int) -> list[Probe]:
                         re.compile(rf"host: \S+/{re.escape(source)} to"), 1.0, mark).at
                 except BenchError:
                     continue
-                time.sleep(GAP)
+                time.sleep(gap)
+                # The first exec in a child of the daemon after the send: /bin/sh -c KILL_ROUTE
+                # (the reader thread has long seen it: the block line comes after the command).
                 started = events.first_exec_after(probe.sent)
                 if started is not None and started.at <= probe.blocked:
                     probe.started = started.at

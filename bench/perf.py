@@ -31,7 +31,7 @@ from types import FrameType
 
 from tests.system import rig
 
-from bench import ban_backends, fleet_bench, harness, kernel_path, many_bans, procevents, report_bench
+from bench import ban_backends, classic_path, fleet_bench, harness, kernel_path, many_bans, report_bench
 from bench.harness import ALREADY, BLOCKED, DETECTION, KERNEL_SUMMARY, BenchError, Receiver, Running, Subject
 
 DOC = harness.REPO_ROOT / "docs" / "performance.md"
@@ -203,40 +203,22 @@ class LatencyResult:
 
 
 def measure_latency(subject: Subject, probes: int, run: int = 0) -> LatencyResult:
-    sources = [f"198.18.0.{10 + i}" for i in range(probes)]
     if probes > 180:
         raise BenchError("at most 180 latency probes (one fresh source address each)")
     detect: list[float] = []
     block: list[float] = []
     started: list[float] = []
     missed = 0
-    with procevents.ProcEvents() as events, fresh(subject, extra_scanner_addresses=sources) as fx:
-        for running in fx.runnings:
-            events.watch(running.pid)
-        # Resolve the target's MAC first, so no probe waits for ARP.
-        rig.run_in(fx.net.scanner, ["ping", "-c", "1", "-W", "2", fx.net.target_ip4])
-        sender = harness.SynSender(fx.net.scanner)
-        try:
-            for source in sources:
-                mark = fx.receiver.count()
-                sent = sender.send(source, fx.net.target_ip4, WATCHED_PORT)
-                try:
-                    blocked = fx.receiver.wait_for(
-                        re.compile(rf"Host {re.escape(source)} has been blocked"), 10.0, mark)
-                except BenchError:
-                    missed += 1
-                    continue
-                seen = fx.receiver.wait_for(re.compile(rf"host: \S+/{re.escape(source)} to"), 1.0, mark)
-                detect.append((seen.at - sent) * 1000)
-                block.append((blocked.at - sent) * 1000)
-                time.sleep(0.05)
-                # The first exec in a child of the daemon after the send: /bin/sh -c KILL_ROUTE
-                # (the reader thread has long seen it: the block line comes after the command).
-                shell = events.first_exec_after(sent)
-                if shell is not None and shell.at <= blocked.at:
-                    started.append((shell.at - sent) * 1000)
-        finally:
-            sender.close()
+    for probe in classic_path.run_probes(subject, probes, WATCHED_PORT, gap=0.05):
+        if probe.blocked is None:
+            missed += 1
+            continue
+        if probe.detected is None:
+            raise BenchError(f"{probe.source} was blocked without a detection line")
+        detect.append((probe.detected - probe.sent) * 1000)
+        block.append((probe.blocked - probe.sent) * 1000)
+        if probe.started is not None:
+            started.append((probe.started - probe.sent) * 1000)
     first, second, _gap = kernel_path.two_syns(subject, f"198.18.0.{200 + run}")
     return LatencyResult(detect, block, missed, started, first, second)
 
