@@ -110,6 +110,27 @@ def fleet_status(host: Host) -> dict[str, object]:
     return fleet_state
 
 
+def test_redis_restarted_empty_while_every_host_sat_idle_is_refilled(tmp_path):
+    """No command of host 1 fails: redis-py reconnects its idle connection without a word. Its
+    mark in Redis tells it the bans it sent are gone; a host that joins then loads them all."""
+    with fleet(tmp_path, 2) as (_net, redis, hosts, _key):
+        first, second = hosts
+        items = addresses(50, third=20)
+        block_file(first, tmp_path, "idle", items)
+        rig.eventually(lambda: {*items} <= second.blocked(), timeout=15, what="the bans on h2")
+        time.sleep(1.0)  # both publishers idle, their connections in the pool
+        redis.kill()
+        redis.start()
+        first.syslog.wait_for("lost decisions of this host (it holds none", timeout=15)
+
+        def refilled() -> bool:
+            return {*items} <= {*redis.cli("HKEYS", "portsentry:{test}:bans").split()}
+
+        rig.eventually(refilled, timeout=15, what="h1's bans back in Redis's active set")
+        rig.eventually(lambda: fleet_status(second)["link"] == "up", timeout=15, what="h2's link up")
+        assert second.blocked() == {*items} and not fleet_status(second)["refused"]
+
+
 def test_redis_killed_in_a_burst_loses_no_ban_on_any_host(tmp_path):
     with fleet(tmp_path, 3) as (_net, redis, hosts, _key):
         first, second, third = hosts

@@ -6,8 +6,13 @@ Data model (all keys carry the hash tag {FLEET_NAME}, so a fleet lives on one Cl
 - `portsentry:{NAME}:bans`, a Hash: address -> the signed decision of its active fleet ban, and
   `portsentry:{NAME}:expiry`, a Sorted Set: address -> when that ban ends (+inf: never). A host
   that joins, or fell behind what the stream keeps, loads these instead of the stream's past.
-One Lua script adds the entry and updates the active set atomically, so the two never disagree:
-the longer of two bans of one address holds (ZADD GT), a lift removes it.
+- `portsentry:{NAME}:hosts`, a Hash: host id -> the mark (`epoch:seq`) of the last decision
+  Redis took from that host. A host compares it with the last one it sent: when they differ,
+  Redis lost what it was sent (a restart without persistence or from an older snapshot, a
+  failover to a replica that lagged, a flush), even when no command failed: redis-py reconnects
+  a connection the server closed while it sat idle without saying so.
+One Lua script adds the entry and updates the active set and the mark atomically, so they never
+disagree: the longer of two bans of one address holds (ZADD GT), a lift removes it.
 
 Nothing here decides anything; fleet.node owns the threads and the cursors. Needs the redis
 package (the optional dependency `portsentry[fleet]`), imported only when a fleet is configured.
@@ -44,7 +49,9 @@ else
   redis.call('ZREM', KEYS[3], ARGV[5])
   redis.call('HDEL', KEYS[2], ARGV[5])
 end
-return id
+local before = redis.call('HGET', KEYS[4], ARGV[8])
+redis.call('HSET', KEYS[4], ARGV[8], ARGV[9])
+return {id, before}
 """
 
 _PRUNE = """
@@ -55,6 +62,28 @@ if #gone > 0 then
 end
 return #gone
 """
+
+
+def mark(epoch: int, seq: int) -> bytes:
+    """What the hosts hash holds for a host's decision (epoch, seq)."""
+    return f"{epoch}:{seq}".encode()
+
+
+def parse_mark(value: bytes | None) -> tuple[int, int] | None:
+    """(epoch, seq) of a mark read back; None for no mark or one this version did not write."""
+    epoch, colon, seq = (value or b"").partition(b":")
+    if not colon or not epoch.isdigit() or not seq.isdigit():
+        return None
+    return int(epoch), int(seq)
+
+
+@dataclass(frozen=True)
+class Published:
+    """What one publish did: the stream ids, in order, and the host's mark Redis held before the
+    first of them (None: none at all)."""
+
+    ids: list[bytes]
+    before: bytes | None
 
 
 class LinkError(Exception):
@@ -201,11 +230,33 @@ def _order(entry: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+_SEQ_MAX = 2**64 - 1
+
+
 def trimmed_past(first: bytes, cursor: bytes) -> bool:
     """Whether the stream's oldest entry `first` lies beyond the one after `cursor`: entries a
     reader at `cursor` has not seen may have been trimmed (or lost by a Redis restart)."""
     ms, seq = _order(cursor)
-    return _order(first) > (ms, seq + 1)
+    return _order(first) > ((ms, seq + 1) if seq < _SEQ_MAX else (ms + 1, 0))
+
+
+def just_before(first: bytes) -> bytes:
+    """The cursor from which XREAD returns `first` and what follows it."""
+    ms, seq = _order(first)
+    if seq:
+        return f"{ms}-{seq - 1}".encode()
+    return f"{ms - 1}-{_SEQ_MAX}".encode() if ms else b"0-0"
+
+
+def lost_past(first: bytes | None, cursor: bytes | None) -> bool:
+    """Whether a reader at `cursor` must load the active set: it has no cursor, or what follows
+    its cursor is gone (trimmed, or the stream itself lost: empty under a cursor that had read
+    entries). b"0-0" is the cursor of a reader that loaded an empty fleet: it misses nothing."""
+    if cursor is None:
+        return True
+    if cursor == b"0-0":
+        return False
+    return first is None or trimmed_past(first, cursor)
 
 
 def describe_error(error: BaseException | None) -> str | None:
@@ -223,25 +274,36 @@ class Link:
         # Any: redis-py's annotations cover every response shape of every protocol version;
         # the few answers used here are checked where they are read.
         self.client: Any = client if client is not None else connect(settings)
-        self.stream, self.bans_key, self.expiry_key = settings.keys()
+        self.stream, self.bans_key, self.expiry_key, self.hosts_key = settings.keys()
         self._publish = self.client.register_script(_PUBLISH)
         self._prune = self.client.register_script(_PRUNE)
 
     def ping(self) -> None:
         self.client.ping()
 
-    def publish(self, decisions: Sequence[Decision]) -> list[bytes]:
-        """Add `decisions`, in order, in one round trip; their stream ids."""
+    def publish(self, decisions: Sequence[Decision]) -> Published:
+        """Add `decisions`, in order, in one round trip; each moves its host's mark."""
         key, fleet = self.settings.key, self.settings.name
         pipe = self.client.pipeline(transaction=False)
         for decision in decisions:
             fields = encode(decision, key, fleet)
             score = "+inf" if decision.expires is None else repr(decision.expires)
-            self._publish(keys=[self.stream, self.bans_key, self.expiry_key],
+            self._publish(keys=[self.stream, self.bans_key, self.expiry_key, self.hosts_key],
                           args=[STREAM_LENGTH, fields[FIELD_DATA], fields[FIELD_SIGNATURE], decision.kind,
-                                decision.address.compressed, score, pack(decision, key, fleet)],
+                                decision.address.compressed, score, pack(decision, key, fleet),
+                                decision.host, mark(decision.epoch, decision.seq)],
                           client=pipe)
-        return [bytes(entry) for entry in pipe.execute()]
+        answers = pipe.execute()
+        before = answers[0][1] if answers else None
+        return Published([bytes(answer[0]) for answer in answers], None if before is None else bytes(before))
+
+    def held_mark(self) -> bytes | None:
+        """The mark Redis holds for this host."""
+        value = self.client.hget(self.hosts_key, self.settings.host_id)
+        return None if value is None else bytes(value)
+
+    def set_mark(self, value: bytes) -> None:
+        self.client.hset(self.hosts_key, self.settings.host_id, value)
 
     def last_id(self) -> bytes:
         """The newest entry's id (b"0-0" for an empty stream): where a reader that has just
@@ -256,7 +318,19 @@ class Link:
     def read(self, after: bytes, block_ms: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Entries after `after`, waiting up to `block_ms` for the first (0: not at all; Redis
         itself takes BLOCK 0 as "for ever")."""
-        answer = self.client.xread({self.stream: after}, count=count, block=block_ms or None)
+        return self._entries(self.client.xread({self.stream: after}, count=count, block=block_ms or None))
+
+    def follow(self, after: bytes, block_ms: int, count: int
+               ) -> tuple[bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
+        """The stream's oldest id, then `read`, in one round trip: the reader learns with every read
+        whether entries after its cursor were trimmed or lost, not only when it reconnects."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xrange(self.stream, count=1)
+        pipe.xread({self.stream: after}, count=count, block=block_ms or None)
+        oldest, answer = pipe.execute()
+        return (bytes(oldest[0][0]) if oldest else None), self._entries(answer)
+
+    def _entries(self, answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
         if not answer:
             return []
         entries = answer[self.stream.encode()] if isinstance(answer, dict) else answer[0][1]

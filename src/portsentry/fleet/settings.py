@@ -37,10 +37,11 @@ class FleetSettings:
     def redacted(self) -> str:
         return redact(self.url)
 
-    def keys(self) -> tuple[str, str, str]:
-        """The stream, the active-bans hash and their expiry set: one hash tag, one Cluster slot."""
+    def keys(self) -> tuple[str, str, str, str]:
+        """The stream, the active-bans hash, their expiry set and the hosts' marks: one hash tag,
+        one Cluster slot."""
         tag = f"portsentry:{{{self.name}}}"
-        return f"{tag}:decisions", f"{tag}:bans", f"{tag}:expiry"
+        return f"{tag}:decisions", f"{tag}:bans", f"{tag}:expiry", f"{tag}:hosts"
 
 
 def redact(url: str) -> str:

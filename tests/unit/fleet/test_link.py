@@ -26,8 +26,11 @@ def ban(address: str, seq: int, expires: float | None) -> Decision:
 def test_publish_read_and_the_active_set(redis_url):
     link = Link(settings(redis_url))
     assert link.last_id() == b"0-0" and link.first_id() is None
-    ids = link.publish([ban("198.18.9.1", 1, NOW + 100), ban("198.18.9.1", 2, NOW + 50),
-                        ban("198.18.9.2", 3, None), ban("198.18.9.3", 4, NOW + 10)])
+    done = link.publish([ban("198.18.9.1", 1, NOW + 100), ban("198.18.9.1", 2, NOW + 50),
+                         ban("198.18.9.2", 3, None), ban("198.18.9.3", 4, NOW + 10)])
+    ids = done.ids
+    # The host's mark: none before this first publish, then its last decision's epoch:seq.
+    assert done.before is None and link.held_mark() == b"1:4"
     assert len(ids) == 4 and link.last_id() == ids[-1] and link.first_id() == ids[0]
     entries = link.read(b"0-0", 0, 10)
     assert [entry_id for entry_id, _fields in entries] == ids
@@ -36,8 +39,10 @@ def test_publish_read_and_the_active_set(redis_url):
     active = {d.address.compressed: d.expires for batch in link.active()
               for d in (unpack(value, KEY, "unit") for value in batch)}
     assert active == {"198.18.9.1": NOW + 100, "198.18.9.2": None, "198.18.9.3": NOW + 10}
-    link.publish([Decision("h1", 1, 5, "lift", ip_address("198.18.9.2"), None, NOW)])
-    assert link.active_count() == 2
+    assert link.publish([Decision("h1", 1, 5, "lift", ip_address("198.18.9.2"), None, NOW)]).before == b"1:4"
+    assert link.active_count() == 2 and link.held_mark() == b"1:5"
+    # One round trip tells the stream's oldest entry with what follows a cursor.
+    assert link.follow(ids[1], 0, 10) == (ids[0], link.read(ids[1], 0, 10))
     assert link.prune(NOW + 20) == 1  # .3 ended
     assert link.active_count() == 1
     assert link.read(link.last_id(), 50, 10) == []  # nothing new: the blocking read times out
@@ -48,7 +53,8 @@ def test_every_key_carries_the_fleets_hash_tag(redis_url):
     link = Link(settings(redis_url))
     link.publish([ban("198.18.9.1", 1, NOW + 100)])
     keys = sorted(str(key, "ascii") for key in Link(settings(redis_url)).client.keys("*"))
-    assert keys == ["portsentry:{unit}:bans", "portsentry:{unit}:decisions", "portsentry:{unit}:expiry"]
+    assert keys == ["portsentry:{unit}:bans", "portsentry:{unit}:decisions", "portsentry:{unit}:expiry",
+                    "portsentry:{unit}:hosts"]
     from redis.crc import key_slot
 
     assert len({key_slot(key.encode()) for key in keys}) == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from portsentry.bans.store import ORIGIN_LOCAL_ONLY
-from portsentry.fleet.decision import Decision, encode
+from portsentry.fleet.decision import Decision, encode, unpack
 from portsentry.fleet.gate import Guards
 from portsentry.fleet.link import Link
 from portsentry.fleet.node import FleetNode
@@ -45,16 +45,13 @@ def deliver(sender: FleetNode, receiver: FleetNode, url: str) -> None:
     """One publish round on the sender and one read round on the receiver, without threads."""
     out, into = Link(sender.settings), Link(receiver.settings)
     if sender.published is None:
-        sender._resend_active(out)
+        sender.connected(out)
     while sender.publish_once(out):
         pass
     if receiver.stream is None:
         receiver._catch_up(into)
-    assert receiver.stream is not None
-    entries = into.read(receiver.stream, 0, 10_000)
-    if entries:
-        receiver.apply_entries(entries)
-        receiver.stream = entries[-1][0]
+    while receiver.read_once(into, block_ms=0):
+        pass
     out.close()
     into.close()
 
@@ -77,7 +74,7 @@ def test_a_ban_made_on_one_host_is_made_on_the_other_and_not_echoed(tmp_path, re
     assert one.status()["published"] == 2 and two.status()["applied"] == 2
     # Applying the same entries again changes nothing.
     changes = len(two.bans.store.changes(0))
-    two.apply_entries(Link(two.settings).read(b"0-0", 0, 100))
+    two.applier.apply_entries(Link(two.settings).read(b"0-0", 0, 100))
     assert len(two.bans.store.changes(0)) == changes
 
 
@@ -104,7 +101,7 @@ def test_forged_replayed_and_guarded_decisions_are_refused_and_counted(tmp_path,
     one, _k1, _l1 = node(tmp_path, redis_url, "h1")
     two, kernel2, log2 = node(tmp_path, redis_url, "h2", accept_hosts=frozenset({"h1"}))
     registry = CollectorRegistry()
-    two.telemetry = Telemetry(metrics=Metrics(registry))  # what METRICS_LISTEN serves
+    two.tally.telemetry = Telemetry(metrics=Metrics(registry))  # what METRICS_LISTEN serves
     deliver(one, two, redis_url)
     two.gate.set_guards(Guards(protected=frozenset({ip_address("198.18.0.254")})))
     link = Link(one.settings)
@@ -204,11 +201,120 @@ def test_entries_read_again_after_a_failure_are_not_replays(tmp_path, redis_url,
     with monkeypatch.context() as patch:
         patch.setattr(two.bans.store, "ban_absent", busy)
         try:
-            two.apply_entries(entries)
+            two.applier.apply_entries(entries)
         except StoreError:
             pass
         else:
             raise AssertionError("the failure did not come through")
-    two.apply_entries(entries)  # the reader reads them again from its unchanged cursor
+    two.applier.apply_entries(entries)  # the reader reads them again from its unchanged cursor
     assert set(kernel2.held) == {SCANNER, ip_address("198.18.9.2")}
     assert "replay" not in two.status()["refused"]  # type: ignore[operator]
+
+
+def wait_until(check, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def active_in_redis(link: Link) -> set[str]:
+    return {unpack(value, KEY, "unit").address.compressed for batch in link.active() for value in batch}
+
+
+def test_a_redis_that_lost_its_data_without_an_error_is_refilled(tmp_path, redis_url):
+    """A Redis restarted without persistence while a host sat idle: redis-py reconnects that
+    host's dead connection without a word, so no command fails. FLUSHALL on a live connection
+    is the same loss with no error at all: the host's mark tells it."""
+    one, _kernel, log = node(tmp_path, redis_url, "h1")
+    admin = Link(one.settings)
+    one.start(Guards())
+    try:
+        local_ban(one, "198.18.9.1")
+        local_ban(one, "198.18.9.2", None)
+        wait_until(lambda: active_in_redis(admin) == {"198.18.9.1", "198.18.9.2"}, "the bans in Redis")
+        admin.client.flushall()
+        wait_until(lambda: active_in_redis(admin) == {"198.18.9.1", "198.18.9.2"}, "the bans back in Redis")
+        assert any("lost decisions of this host (it holds none" in line for line in log), log
+        # With nothing lost, nothing is sent again.
+        published = one.status()["published"]
+        time.sleep(1.5)
+        assert one.status()["published"] == published
+    finally:
+        one.stop()
+        admin.close()
+
+
+def test_a_redis_back_from_an_older_snapshot_gets_the_lifts_and_bans_it_lost(tmp_path, redis_url):
+    one, _k1, log = node(tmp_path, redis_url, "h1")
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
+    admin = Link(one.settings)
+    keys = one.settings.keys()
+    deliver(one, two, redis_url)
+    local_ban(one, "198.18.9.1")
+    deliver(one, two, redis_url)
+    snapshot = {key: admin.client.dump(key) for key in keys}
+    local_ban(one, "198.18.9.2")
+    one.bans.lift(SCANNER, time.time(), "unblocked by admin")
+    deliver(one, two, redis_url)
+    assert set(kernel2.held) == {ip_address("198.18.9.2")} and active_in_redis(admin) == {"198.18.9.2"}
+    for key, value in snapshot.items():  # Redis restarted from the snapshot taken before those two
+        admin.client.restore(key, 0, value, replace=True)
+    assert active_in_redis(admin) == {"198.18.9.1"}
+    # Nothing new to publish: the periodic look at the mark finds the loss.
+    out = Link(one.settings)
+    one.check_mark(out)
+    assert active_in_redis(admin) == {"198.18.9.2"}
+    assert any("lost decisions of this host (it holds " in line and "none" not in line for line in log), log
+    # A host that joins now loads the right set; the one that followed takes the lift again harmlessly.
+    late, kernel3, _l3 = node(tmp_path, redis_url, "h3")
+    deliver(one, late, redis_url)
+    deliver(one, two, redis_url)
+    assert set(kernel3.held) == set(kernel2.held) == {ip_address("198.18.9.2")}
+    assert not two.status()["refused"]
+    for link in (out, admin):
+        link.close()
+
+
+def test_a_publish_into_a_redis_that_lost_its_data_refills_it(tmp_path, redis_url):
+    one, _k1, _log = node(tmp_path, redis_url, "h1")
+    admin = Link(one.settings)
+    out = Link(one.settings)
+    one.connected(out)
+    local_ban(one, "198.18.9.1")
+    while one.publish_once(out):
+        pass
+    admin.client.flushall()
+    local_ban(one, "198.18.9.2")
+    one.publish_once(out)  # the mark Redis held before this publish is not the last one sent
+    assert active_in_redis(admin) == {"198.18.9.1", "198.18.9.2"}
+    assert admin.held_mark() == out.held_mark() is not None
+    for link in (out, admin):
+        link.close()
+
+
+def test_a_reader_whose_next_entries_were_trimmed_loads_the_set_and_keeps_the_lifts_left(tmp_path, redis_url):
+    """Trimmed (or lost) while the reader stayed connected: every read checks, not only a
+    reconnect. The lift that survived the trim is applied after the set, not skipped."""
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, log2 = node(tmp_path, redis_url, "h2")
+    deliver(one, two, redis_url)
+    local_ban(one, "198.18.9.1")
+    deliver(one, two, redis_url)
+    local_ban(one, "198.18.9.2")
+    local_ban(one, "198.18.9.3")
+    one.bans.lift(SCANNER, time.time(), "unblocked by admin")
+    out = Link(one.settings)
+    while one.publish_once(out):
+        pass
+    entries = out.read(two.stream or b"0-0", 0, 10)
+    assert len(entries) == 3  # ban .2, ban .3, lift .1
+    out.client.xtrim(out.stream, minid=entries[1][0], approximate=False)  # ban .2 is gone
+    into = Link(two.settings)
+    while two.read_once(into, block_ms=0):
+        pass
+    assert set(kernel2.held) == {ip_address("198.18.9.2"), ip_address("198.18.9.3")}
+    assert any("what followed this host's cursor is gone" in line for line in log2), log2
+    assert not two.status()["refused"]
+    for link in (out, into):
+        link.close()

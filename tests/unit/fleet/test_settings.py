@@ -39,7 +39,7 @@ def test_settings_with_secrets_from_files_that_never_show(tmp_path):
     assert settings.accept_hosts == frozenset({"web1", "web2"}) and settings.ban_rate_limit == 100
     assert "hunter2" not in repr(settings) and "kkkk" not in repr(settings)
     assert settings.keys() == ("portsentry:{portsentry}:decisions", "portsentry:{portsentry}:bans",
-                               "portsentry:{portsentry}:expiry")
+                               "portsentry:{portsentry}:expiry", "portsentry:{portsentry}:hosts")
     assert redact("redis://ps:hunter2@h:1/0") == "redis://ps:***@h:1/0"
     assert redact("redis://:hunter2@h:1/0") == "redis://***@h:1/0"
     assert redact("redis://h:1/0") == "redis://h:1/0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from portsentry.fleet.link import trimmed_past
+from portsentry.fleet.link import just_before, lost_past, parse_mark, trimmed_past
 from portsentry.fleet.state import FleetState, StateFile, load_state
 
 
@@ -36,3 +36,25 @@ def test_a_reader_knows_when_the_stream_was_trimmed_past_it():
     assert not trimmed_past(b"99-5", b"99-5") and not trimmed_past(b"99-6", b"99-5")
     assert trimmed_past(b"99-7", b"99-5")
     assert trimmed_past(b"100-0", b"99-5")  # 99-6... may have existed: taken as missed, harmlessly
+
+
+def test_where_a_reader_that_missed_entries_goes_on_from():
+    top = 2**64 - 1
+    # Reading after just_before(first) returns first, and the cursor it gives is never "missed".
+    for first in (b"99-7", b"100-0", b"0-1"):
+        cursor = just_before(first)
+        assert not trimmed_past(first, cursor), (first, cursor)
+    assert just_before(b"99-7") == b"99-6" and just_before(b"100-0") == f"99-{top}".encode()
+    assert just_before(b"0-1") == b"0-0"
+    assert not trimmed_past(b"100-0", f"99-{top}".encode()) and trimmed_past(b"100-1", f"99-{top}".encode())
+    # No cursor: load. A stream emptied or gone under a cursor that had read entries: load.
+    assert lost_past(None, None) and lost_past(b"5-0", None)
+    assert lost_past(None, b"99-5") and lost_past(b"100-0", b"99-5") and not lost_past(b"99-6", b"99-5")
+    # The cursor of a reader that loaded an empty fleet misses nothing, whatever comes first.
+    assert not lost_past(None, b"0-0") and not lost_past(b"100-0", b"0-0")
+
+
+def test_marks_read_back_or_are_no_mark():
+    assert parse_mark(b"1700000000000:42") == (1700000000000, 42)
+    for value in (None, b"", b"42", b"x:1", b"1:-2", b"1:2:3", "١:٢".encode()):
+        assert parse_mark(value) is None, value

@@ -1,0 +1,109 @@
+"""Peers' decisions made here: verified, checked by the Gate, and applied through the ban
+lifecycle (bans.adopt). Owned by the fleet-read thread, which hands it what it read: the active
+set when it loads it, stream entries as it follows them. No Redis here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from portsentry.bans.adopt import RemoteBan, adopt_bans, lift_remote
+from portsentry.bans.lifecycle import BanManager
+from portsentry.fleet.decision import BadDecision, Decision, decode, unpack
+from portsentry.fleet.gate import ECHO, Gate
+from portsentry.fleet.settings import FleetSettings
+from portsentry.fleet.tally import Tally
+
+LIVE_LOG_LIMIT = 20  # a batch with more bans than this is logged as one summary line
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+class Applier:
+    def __init__(self, settings: FleetSettings, bans: BanManager, gate: Gate, tally: Tally,
+                 clock: Callable[[], float], hosts_deny: str | None = None) -> None:
+        self.settings, self.bans, self.gate, self.tally = settings, bans, gate, tally
+        self.clock, self.hosts_deny = clock, hosts_deny
+
+    def apply_active(self, values: list[bytes]) -> int:
+        """Signed decisions of the active set: verified and guarded like stream entries, except
+        the rate cap (this is state the fleet already holds, not news). How many were made here."""
+        now = self.clock()
+        wanted: list[RemoteBan] = []
+        for value in values:
+            try:
+                decision = unpack(value, self.settings.key, self.settings.name)
+            except BadDecision as error:
+                self.tally.refused(error.reason, None, str(error))
+                continue
+            if decision.kind != "ban":
+                continue
+            verdict = self.gate.check(decision, now, live=False)
+            if verdict == ECHO:
+                continue
+            if verdict is not None:
+                self.tally.refused(verdict, decision)
+                continue
+            wanted.append(RemoteBan(decision.address, decision.expires, decision.host,
+                                    fleet_reason(decision)))
+        made = adopt_bans(self.bans, wanted, now, self.hosts_deny, kernel_first=True)
+        self.tally.count("applied", len(made))
+        return len(made)
+
+    def apply_entries(self, entries: Entries) -> None:
+        """Stream entries in order: runs of bans in one batch, lifts one by one between them. If
+        applying fails (the store busy or full), the entries are read again, so the replay order
+        taken from them is put back: the second reading must not look like a replay."""
+        seen = dict(self.gate.seen)
+        try:
+            self._apply_entries(entries)
+        except BaseException:
+            self.gate.seen = seen
+            raise
+
+    def _apply_entries(self, entries: Entries) -> None:
+        now = self.clock()
+        run: list[tuple[Decision, RemoteBan]] = []
+        for _entry_id, fields in entries:
+            try:
+                decision = decode(fields, self.settings.key, self.settings.name)
+            except BadDecision as error:
+                self.tally.count("received")
+                self.tally.refused(error.reason, None, str(error))
+                continue
+            verdict = self.gate.check(decision, now)
+            if verdict == ECHO:
+                continue
+            self.tally.count("received")
+            if verdict is not None:
+                self.tally.refused(verdict, decision)
+                continue
+            if decision.kind == "ban":
+                run.append((decision, RemoteBan(decision.address, decision.expires, decision.host,
+                                                fleet_reason(decision))))
+                continue
+            self._apply_bans(run, now)
+            run = []
+            if lift_remote(self.bans, decision.address, decision.host, now):
+                self.tally.count("applied")
+        self._apply_bans(run, now)
+
+    def _apply_bans(self, run: list[tuple[Decision, RemoteBan]], now: float) -> None:
+        if not run:
+            return
+        made = adopt_bans(self.bans, [ban for _d, ban in run], now, self.hosts_deny)
+        done = self.clock()
+        self.tally.count("applied", len(made))
+        if made:
+            self.tally.lag(max(0.0, done - max(d.at for d, _b in run)))
+        origins = {ban.address: ban.origin for _d, ban in run}
+        if len(made) <= LIVE_LOG_LIMIT:
+            for ban in made:
+                self.tally.log(f"attackalert: Host {ban.address} has been blocked via fleet "
+                               f"(from {origins.get(ban.address, '?')})")
+        else:
+            self.tally.log(f"attackalert: {len(made)} hosts have been blocked via fleet")
+
+
+def fleet_reason(decision: Decision) -> str:
+    return f"fleet: {decision.reason or 'ban'}"[:120]
