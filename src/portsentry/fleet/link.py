@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from portsentry.core.probe import IPAddress
 from portsentry.fleet.decision import FIELD_DATA, FIELD_SIGNATURE, Decision, encode, pack
 from portsentry.fleet.settings import FleetSettings, redact
 
@@ -296,6 +297,18 @@ class Link:
         answers = pipe.execute()
         before = answers[0][1] if answers else None
         return Published([bytes(answer[0]) for answer in answers], None if before is None else bytes(before))
+
+    def forget(self, addresses: Sequence[IPAddress]) -> None:
+        """Take `addresses` out of the active set (unblocks it lost), without a stream entry."""
+        if not addresses:
+            return
+        members = [address.compressed for address in addresses]
+        # No MULTI: the ACL the docs give has no @transaction, and a moment between the two is
+        # harmless (readers load the hash; the sorted set only prunes and counts).
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(self.expiry_key, *members)
+        pipe.hdel(self.bans_key, *members)
+        pipe.execute()
 
     def held_mark(self) -> bytes | None:
         """The mark Redis holds for this host."""

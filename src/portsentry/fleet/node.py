@@ -11,7 +11,8 @@ Threads and ownership:
   mark of the last decision Redis took from it (fleet.link) and compares it with Redis's at
   every publish, every CHECK_EVERY seconds and on reconnect: when Redis lost what it was sent
   (a restart without persistence or from an older snapshot, a flush), it sends this host's
-  active bans again, and the lifts Redis lost, whether or not a command failed on the way.
+  active bans again and takes the unblocks Redis lost out of its active set, whether or not a
+  command failed on the way.
 - fleet-read owns the stream cursor, the Gate (replay order per host, rate cap) and its own
   Redis connection. It loads the fleet's active set when it has no cursor, and also when what
   followed its cursor is gone (trimmed, or lost by Redis), which every read checks; then it
@@ -210,29 +211,25 @@ class FleetNode:
         self._refill(link, held)
 
     def _refill(self, link: Link, held: bytes | None) -> None:
-        """This host's active bans, after the lifts Redis lost (those after its mark, when it has
-        one of this epoch), all under the current seq: peers that saw them take them again."""
+        """This host's active bans again, under the current seq (peers that saw them take them
+        again, harmlessly); before them, the unblocks Redis lost (those after the mark it still
+        holds, when it is of this epoch) taken out of the active set, so a host that joins does
+        not load them. Those unblocks are not sent down the stream again: a peer that applied
+        one and has banned the address since would lose its newer ban to a stale lift."""
         assert self.published is not None
         now, seq, host = self.clock(), self.published, self.settings.host_id
         mine = [ban for ban in self.bans.store.active(now) if ban.origin == ORIGIN_LOCAL]
-        lifts: dict[object, Decision] = {}
         mark_held = parse_mark(held)
-        if mark_held is not None and mark_held[0] == self.epoch:
+        if mark_held is not None and mark_held[0] == self.epoch and mark_held[1] < seq:
             active = {ban.address for ban in mine}
             after = mark_held[1]
-            while changes := self.bans.store.changes(after=after, limit=PUBLISH_BATCH):
-                for change in changes:
-                    if change.id > seq:
-                        break
-                    if (change.origin == ORIGIN_LOCAL and change.kind == "lift"
-                            and change.address not in active):
-                        lifts[change.address] = Decision(host, self.epoch, seq, "lift", change.address, None,
-                                                         now, _reason(change.detail))
+            while after < seq and (changes := self.bans.store.changes(after=after, limit=PUBLISH_BATCH)):
+                link.forget([change.address for change in changes
+                             if change.id <= seq and change.kind == "lift" and change.origin == ORIGIN_LOCAL
+                             and change.address not in active])
                 after = changes[-1].id
-                if after >= seq:
-                    break
-        decisions = [*lifts.values()] + [Decision(host, self.epoch, seq, "ban", ban.address, ban.expires, now,
-                                                  _reason(ban.reason)) for ban in mine]
+        decisions = [Decision(host, self.epoch, seq, "ban", ban.address, ban.expires, now,
+                              _reason(ban.reason)) for ban in mine]
         for start in range(0, len(decisions), PUBLISH_BATCH):
             link.publish(decisions[start:start + PUBLISH_BATCH])
         self._sent = mark(self.epoch, seq)

@@ -81,3 +81,25 @@ def test_the_owner_of_the_fleets_slot_is_read_from_cluster_slots():
     assert slot_owner(answer, 5461) == ("198.18.7.2", 7002)
     assert slot_owner(answer, 16383) == ("198.18.7.3", 7003)
     assert slot_owner(answer[:1], 9000) is None and slot_owner(None, 1) is None
+
+
+def test_every_command_of_the_fleet_runs_under_the_acl_the_docs_give(redis_url):
+    """docs/fleet.md's ACL user: its keys and the command categories it names, nothing else
+    (no MULTI, no INFO): a command outside them would fail only on a production Redis."""
+    admin = Link(settings(redis_url))
+    rules = "on >a-long-password ~portsentry:* +@read +@write +@stream +@scripting +@connection -@dangerous"
+    admin.client.execute_command("ACL", "SETUSER", "portsentry", *rules.split())
+    path = redis_url.removeprefix("unix://")
+    link = Link(FleetSettings(f"unix://portsentry@{path}", "unit", "h1", KEY, password="a-long-password"))
+    assert admin.client.execute_command("CLIENT", "LIST").count(b"user=portsentry") == 0
+    link.ping()
+    assert admin.client.execute_command("CLIENT", "LIST").count(b"user=portsentry") == 1
+    done = link.publish([ban("198.18.9.1", 1, NOW + 100), ban("198.18.9.2", 2, None)])
+    assert done.before is None and link.held_mark() == b"1:2"
+    link.set_mark(b"1:3")
+    link.forget([ip_address("198.18.9.1")])
+    assert link.active_count() == 1 and [len(batch) for batch in link.active()] == [1]
+    assert link.follow(b"0-0", 0, 10)[0] == done.ids[0] and link.first_id() == done.ids[0]
+    assert link.last_id() == done.ids[-1] and link.prune(NOW + 200) == 0
+    for each in (link, admin):
+        each.close()
