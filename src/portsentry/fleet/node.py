@@ -29,6 +29,7 @@ import contextlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from portsentry.bans.lifecycle import BanManager
@@ -49,6 +50,9 @@ BLOCK_MS = 1000
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0
 PRUNE_EVERY = 30.0
 CHECK_EVERY = 1.0  # seconds between looks at this host's mark in Redis while nothing is published
+# At most REFILLS_MAX refills in REFILL_WINDOW seconds: a Redis that keeps losing data, or a copy
+# of this host's state publishing under its id, must not make it resend every ban every second.
+REFILLS_MAX, REFILL_WINDOW = 3, 60.0
 SAVE_EVERY = 0.5  # seconds between state file writes; a crash re-sends or re-reads, harmlessly
 
 Logger = Callable[[str], None]
@@ -83,6 +87,11 @@ class FleetNode:
         # The mark of the last decision Redis took from this host; None until the first connect,
         # which therefore always publishes the active bans (a restart knows nothing of Redis).
         self._sent: bytes | None = None
+        self._refills: deque[float] = deque()  # when Redis was last refilled, REFILL_WINDOW back
+        # A loss seen while refills were at their cap: refilled at a later look, from the mark
+        # Redis held when the loss was seen.
+        self._owing = False
+        self._owed_mark: bytes | None = None
         self.stream: bytes | None = state.stream
         # The stream cursor with the replay order taken up to it, as one pair: a save from the
         # publisher in the middle of a batch must not store an order ahead of the cursor.
@@ -197,18 +206,46 @@ class FleetNode:
             self.published = last
         self.check_mark(link)
 
-    def check_mark(self, link: Link, held: bytes | None = None, *, read: bool = True) -> None:
-        """Refill Redis with this host's state when its mark for this host is not the last one
-        sent (`held`, when the caller has already read it: `read` False)."""
+    def check_mark(self, link: Link, held: bytes | None = None, *, read: bool = True) -> bool:
+        """Refill Redis with this host's state when its mark for this host says Redis lost what
+        was sent (`held`, when the caller has already read it: `read` False). True if refilled."""
         if read:
             held = link.held_mark()
-        if self._sent is not None and held == self._sent:
-            return
-        if self._sent is not None:
-            self.log(f"fleet: {self.settings.redacted} lost decisions of this host (it holds "
-                     f"{(held or b'none').decode(errors='replace')}, {self._sent.decode()} was sent): "
+        if self._sent is not None and not self._owing:
+            if held == self._sent:
+                return False
+            said = f"it holds {(held or b'none').decode(errors='replace')}, {self._sent.decode()} was sent"
+            if not self._lost(held):
+                # A mark this host never sent: another portsentry publishes under its id. Not a
+                # loss, and refilling would answer each of its publishes with all of this host's bans.
+                self.tally.say_once("duplicate-id", f"fleet: another host publishes as "
+                                    f"{self.settings.host_id!r} ({said}): give each host its own "
+                                    "FLEET_HOST_ID; hosts sharing one take each other's bans for echoes")
+                return False
+            self.log(f"fleet: {self.settings.redacted} lost decisions of this host ({said}): "
                      "sending this host's active bans again")
+            self._owing, self._owed_mark = True, held
+        if self._owing:
+            now = time.monotonic()
+            while self._refills and self._refills[0] <= now - REFILL_WINDOW:
+                self._refills.popleft()
+            if len(self._refills) >= REFILLS_MAX:
+                self.tally.say_once("refills", f"fleet: {self.settings.redacted} lost decisions of this "
+                                    f"host {REFILLS_MAX} times within {REFILL_WINDOW:.0f} s: sending them "
+                                    "again at most that often (said once)")
+                return False
+            self._refills.append(now)
+            held, self._owing, self._owed_mark = self._owed_mark, False, None
         self._refill(link, held)
+        return True
+
+    def _lost(self, held: bytes | None) -> bool:
+        """Whether Redis's mark `held` is one this host sent before its last (an older state of
+        Redis), or none at all; anything else was written by someone else."""
+        if held is None:
+            return True
+        before, sent = parse_mark(held), parse_mark(self._sent)
+        return before is not None and sent is not None and before[0] == sent[0] and before[1] < sent[1]
 
     def _refill(self, link: Link, held: bytes | None) -> None:
         """This host's active bans again, under the current seq (peers that saw them take them
@@ -254,8 +291,9 @@ class FleetNode:
         # that they then refuse as replays.
         self._save(force=bool(decisions))
         if decisions and held != sent:
-            self._sent = sent  # what Redis should have held: said in the log, then refilled
-            self.check_mark(link, held, read=False)
+            latest, self._sent = self._sent, sent  # what Redis should have held before this publish
+            if not self.check_mark(link, held, read=False):
+                self._sent = latest
         return len(changes) == PUBLISH_BATCH
 
     def _decision(self, change: Change) -> Decision | None:

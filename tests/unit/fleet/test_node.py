@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from portsentry.bans.store import ORIGIN_LOCAL_ONLY
 from portsentry.fleet.decision import Decision, encode, unpack
 from portsentry.fleet.gate import Guards
 from portsentry.fleet.link import Link
-from portsentry.fleet.node import FleetNode
+from portsentry.fleet.node import REFILL_WINDOW, REFILLS_MAX, FleetNode
 from portsentry.fleet.settings import FleetSettings
 from portsentry.journal.telemetry import Telemetry
 from portsentry.service.metrics import Metrics
@@ -322,4 +323,49 @@ def test_a_reader_whose_next_entries_were_trimmed_loads_the_set_and_keeps_the_li
     assert any("what followed this host's cursor is gone" in line for line in log2), log2
     assert not two.status()["refused"]
     for link in (out, into):
+        link.close()
+
+
+def test_two_hosts_under_one_id_are_named_and_do_not_make_each_other_resend(tmp_path, redis_url):
+    """Cloned machines keep one host name, the default FLEET_HOST_ID: each sees a mark it never
+    sent. Taken for a loss, each publish of one would make the other resend every ban."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, _k1, log1 = node(tmp_path / "a", redis_url, "web")
+    time.sleep(0.01)  # another epoch, as another machine's state has
+    second, _k2, log2 = node(tmp_path / "b", redis_url, "web")
+    links = [Link(first.settings), Link(second.settings)]
+    for fleet, link in zip((first, second), links, strict=True):
+        fleet.connected(link)
+    for n in range(1, 6):
+        for fleet, link in zip((first, second), links, strict=True):
+            local_ban(fleet, f"198.18.9.{n}")
+            fleet.publish_once(link)
+            fleet.check_mark(link)
+    assert first.status()["published"] == second.status()["published"] == 5  # each ban once, no resend
+    for log in (log1, log2):
+        said = [line for line in log if "another host publishes as 'web'" in line]
+        assert len(said) == 1 and "FLEET_HOST_ID" in said[0], log
+        assert not any("lost decisions" in line for line in log), log
+    for link in links:
+        link.close()
+
+
+def test_a_redis_that_keeps_losing_data_is_refilled_at_most_so_often(tmp_path, redis_url):
+    one, _kernel, log = node(tmp_path, redis_url, "h1")
+    admin, out = Link(one.settings), Link(one.settings)
+    one.connected(out)
+    local_ban(one, "198.18.9.1")
+    one.publish_once(out)
+    refills = 0
+    for _ in range(REFILLS_MAX + 2):
+        admin.client.flushall()
+        refills += one.check_mark(out)
+    assert refills == REFILLS_MAX and active_in_redis(admin) == set()
+    assert sum("times within 60 s" in line for line in log) == 1
+    # The window passes: the loss seen while at the cap is refilled at the next look.
+    one._refills = deque(at - REFILL_WINDOW for at in one._refills)
+    assert one.check_mark(out) and active_in_redis(admin) == {"198.18.9.1"}
+    assert not one.check_mark(out)  # and once only
+    for link in (admin, out):
         link.close()
