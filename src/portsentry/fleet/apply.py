@@ -50,28 +50,30 @@ class Applier:
         self.tally.count("applied", len(made))
         return len(made)
 
-    def apply_entries(self, entries: Entries) -> None:
-        """Stream entries in order: runs of bans in one batch, lifts one by one between them. If
-        applying fails (the store busy or full), the entries are read again, so the replay order
-        taken from them is put back: the second reading must not look like a replay."""
+    def apply_entries(self, entries: Entries, past: int = 0) -> None:
+        """Stream entries in order: runs of bans in one batch, lifts one by one between them. The
+        first `past` are the fleet's past, read again after loading the active set: the rate cap
+        does not count them. If applying fails (the store busy or full), the entries are read
+        again, so the replay order taken from them is put back: the second reading must not look
+        like a replay."""
         seen = dict(self.gate.seen)
         try:
-            self._apply_entries(entries)
+            self._apply_entries(entries, past)
         except BaseException:
             self.gate.seen = seen
             raise
 
-    def _apply_entries(self, entries: Entries) -> None:
+    def _apply_entries(self, entries: Entries, past: int) -> None:
         now = self.clock()
         run: list[tuple[Decision, RemoteBan]] = []
-        for _entry_id, fields in entries:
+        for index, (_entry_id, fields) in enumerate(entries):
             try:
                 decision = decode(fields, self.settings.key, self.settings.name)
             except BadDecision as error:
                 self.tally.count("received")
                 self.tally.refused(error.reason, None, str(error))
                 continue
-            verdict = self.gate.check(decision, now)
+            verdict = self.gate.check(decision, now, capped=index >= past)
             if verdict == ECHO:
                 continue
             self.tally.count("received")

@@ -65,11 +65,12 @@ class Gate:
     def set_guards(self, guards: Guards) -> None:
         self.guards = guards
 
-    def check(self, decision: Decision, now: float, live: bool = True) -> str | None:
+    def check(self, decision: Decision, now: float, live: bool = True, capped: bool = True) -> str | None:
         """None when `decision` may be applied; else ECHO or the refusal reason. A live decision
         (from the stream) that gets past the host checks moves that host's newest (epoch, seq),
         applied or not. The active set (`live` False) holds each address's latest ban whatever its
-        age, so it is neither ordered nor rate-capped."""
+        age, so it is neither ordered nor rate-capped; stream entries read again after it was
+        loaded (`capped` False) are that same past, ordered but not capped."""
         if decision.host == self.host_id:
             return ECHO
         if self.accept is not None and decision.host not in self.accept:
@@ -94,7 +95,7 @@ class Gate:
             return "protected"
         if decision.expires is not None and decision.expires <= now:
             return "expired"
-        if live and self.rate_limited(now):
+        if live and capped and self.rate_limited(now):
             return "rate_limited"
         return None
 

@@ -226,7 +226,8 @@ def slot_owner(slots: Any, slot: int) -> tuple[str, int] | None:
     return None
 
 
-def _order(entry: bytes) -> tuple[int, int]:
+def stream_order(entry: bytes) -> tuple[int, int]:
+    """A stream id as (milliseconds, sequence), which order as the stream does."""
     ms, _, seq = entry.partition(b"-")
     return int(ms), int(seq or 0)
 
@@ -237,13 +238,13 @@ _SEQ_MAX = 2**64 - 1
 def trimmed_past(first: bytes, cursor: bytes) -> bool:
     """Whether the stream's oldest entry `first` lies beyond the one after `cursor`: entries a
     reader at `cursor` has not seen may have been trimmed (or lost by a Redis restart)."""
-    ms, seq = _order(cursor)
-    return _order(first) > ((ms, seq + 1) if seq < _SEQ_MAX else (ms + 1, 0))
+    ms, seq = stream_order(cursor)
+    return stream_order(first) > ((ms, seq + 1) if seq < _SEQ_MAX else (ms + 1, 0))
 
 
 def just_before(first: bytes) -> bytes:
     """The cursor from which XREAD returns `first` and what follows it."""
-    ms, seq = _order(first)
+    ms, seq = stream_order(first)
     if seq:
         return f"{ms}-{seq - 1}".encode()
     return f"{ms - 1}-{_SEQ_MAX}".encode() if ms else b"0-0"

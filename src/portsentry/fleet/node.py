@@ -37,7 +37,7 @@ from portsentry.bans.store import ORIGIN_LOCAL, Change, StoreError
 from portsentry.fleet.apply import Applier
 from portsentry.fleet.decision import Decision
 from portsentry.fleet.gate import Gate, Guards
-from portsentry.fleet.link import Link, just_before, link_errors, lost_past, mark, parse_mark
+from portsentry.fleet.link import Link, just_before, link_errors, lost_past, mark, parse_mark, stream_order
 from portsentry.fleet.settings import FleetSettings
 from portsentry.fleet.state import FleetState, StateFile, load_state
 from portsentry.fleet.tally import Tally
@@ -93,6 +93,9 @@ class FleetNode:
         self._owing = False
         self._owed_mark: bytes | None = None
         self.stream: bytes | None = state.stream
+        # After loading the active set, the entries up to this id are read again: the fleet's
+        # past, applied in order for the lifts among them, but not counted by the rate cap.
+        self._past: bytes | None = None
         # The stream cursor with the replay order taken up to it, as one pair: a save from the
         # publisher in the middle of a batch must not store an order ahead of the cursor.
         self._read_state: tuple[bytes | None, dict[str, tuple[int, int]]] = (state.stream, dict(state.seen))
@@ -344,7 +347,11 @@ class FleetNode:
             self._load_active(link, first)  # these entries are read again, after the set
             return len(entries)
         if entries:
-            self.applier.apply_entries(entries)
+            until = None if self._past is None else stream_order(self._past)
+            past = 0 if until is None else sum(stream_order(entry_id) <= until for entry_id, _f in entries)
+            self.applier.apply_entries(entries, past)
+            if until is not None and stream_order(entries[-1][0]) >= until:
+                self._past = None  # read up to where the set was loaded: from here on, news
             self.stream = entries[-1][0]
             self._commit_read()
         self._save(force=not entries)
@@ -360,7 +367,10 @@ class FleetNode:
         set was read; when what followed the cursor is gone, from the oldest entry left, so the
         lifts that survived are applied after the set (what comes twice is harmless)."""
         why = "" if self.stream is None else " (what followed this host's cursor is gone from the stream)"
-        last = link.last_id() if self.stream is None or first is None else just_before(first)
+        newest = link.last_id()
+        resume = self.stream is not None and first is not None
+        last = just_before(first) if resume and first is not None else newest
+        self._past = newest if resume else None
         started, total = time.monotonic(), 0
         values: list[bytes] = []
         for batch in link.active():

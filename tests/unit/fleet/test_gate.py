@@ -64,4 +64,11 @@ def test_the_rate_cap_counts_fleet_bans_a_minute():
     assert gate.check(ban("198.18.9.7", seq=7), NOW + 61) is None
     # The active set loaded at start is not capped.
     assert all(gate.check(ban(f"198.18.8.{n}", seq=99), NOW + 61, live=False) is None for n in range(10))
+    # Nor the stream entries read again after it: ordered still, but not counted.
+    again = [gate.check(ban(f"198.18.7.{n}", seq=100 + n), NOW + 61, capped=False) for n in range(10)]
+    assert again == [None] * 10
+    assert gate.check(ban("198.18.7.99", seq=1), NOW + 61, capped=False) == "replay"
+    assert gate.check(ban("198.18.6.1", seq=200), NOW + 61) is None  # the cap's minute: 7 then this
+    assert gate.check(ban("198.18.6.2", seq=201), NOW + 61) is None
+    assert gate.check(ban("198.18.6.3", seq=202), NOW + 61) == "rate_limited"
     assert Gate("h2").rate_limited(NOW) is False  # 0: no cap

@@ -369,3 +369,30 @@ def test_a_redis_that_keeps_losing_data_is_refilled_at_most_so_often(tmp_path, r
     assert not one.check_mark(out)  # and once only
     for link in (admin, out):
         link.close()
+
+
+def test_entries_read_again_after_loading_the_set_do_not_use_up_the_rate_cap(tmp_path, redis_url):
+    """They are the fleet's past, already in the set just loaded; only what comes after counts."""
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2", ban_rate_limit=2)
+    deliver(one, two, redis_url)
+    local_ban(one, "198.18.9.1")
+    deliver(one, two, redis_url)
+    for n in (2, 3, 4, 5):
+        local_ban(one, f"198.18.9.{n}")
+    out = Link(one.settings)
+    while one.publish_once(out):
+        pass
+    entries = out.read(two.stream or b"0-0", 0, 10)
+    out.client.xtrim(out.stream, minid=entries[1][0], approximate=False)  # ban .2 is gone
+    into = Link(two.settings)
+    while two.read_once(into, block_ms=0):
+        pass
+    assert len(kernel2.held) == 5 and not two.status()["refused"]
+    # What comes after still counts against the cap (two a minute; .1 took one before the trim).
+    for n in (6, 7):
+        local_ban(one, f"198.18.9.{n}")
+    deliver(one, two, redis_url)
+    assert two.status()["refused"] == {"rate_limited": 1}
+    for link in (out, into):
+        link.close()
