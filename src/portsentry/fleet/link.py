@@ -329,15 +329,12 @@ class Link:
         oldest = self.client.xrange(self.stream, count=1)
         return bytes(oldest[0][0]) if oldest else None
 
-    def read(self, after: bytes, block_ms: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Entries after `after`, waiting up to `block_ms` for the first (0: not at all; Redis
-        itself takes BLOCK 0 as "for ever")."""
-        return self._entries(self.client.xread({self.stream: after}, count=count, block=block_ms or None))
-
     def follow(self, after: bytes, block_ms: int, count: int
                ) -> tuple[bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
-        """The stream's oldest id, then `read`, in one round trip: the reader learns with every read
-        whether entries after its cursor were trimmed or lost, not only when it reconnects."""
+        """The stream's oldest id, then the entries after `after`, waiting up to `block_ms` for the
+        first (0: not at all; Redis itself takes BLOCK 0 as "for ever"), in one round trip: the
+        reader learns with every read whether entries after its cursor were trimmed or lost, not
+        only when it reconnects."""
         pipe = self.client.pipeline(transaction=False)
         pipe.xrange(self.stream, count=1)
         pipe.xread({self.stream: after}, count=count, block=block_ms or None)

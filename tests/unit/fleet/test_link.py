@@ -32,20 +32,19 @@ def test_publish_read_and_the_active_set(redis_url):
     # The host's mark: none before this first publish, then its last decision's epoch:seq.
     assert done.before is None and link.held_mark() == b"1:4"
     assert len(ids) == 4 and link.last_id() == ids[-1] and link.first_id() == ids[0]
-    entries = link.read(b"0-0", 0, 10)
+    first, entries = link.follow(b"0-0", 0, 10)
+    assert first == ids[0]
     assert [entry_id for entry_id, _fields in entries] == ids
-    assert link.read(ids[1], 0, 1)[0][0] == ids[2]
+    assert link.follow(ids[1], 0, 1)[1][0][0] == ids[2]
     # The shorter second ban of .1 did not replace the longer one in the active set.
     active = {d.address.compressed: d.expires for batch in link.active()
               for d in (unpack(value, KEY, "unit") for value in batch)}
     assert active == {"198.18.9.1": NOW + 100, "198.18.9.2": None, "198.18.9.3": NOW + 10}
     assert link.publish([Decision("h1", 1, 5, "lift", ip_address("198.18.9.2"), None, NOW)]).before == b"1:4"
     assert link.active_count() == 2 and link.held_mark() == b"1:5"
-    # One round trip tells the stream's oldest entry with what follows a cursor.
-    assert link.follow(ids[1], 0, 10) == (ids[0], link.read(ids[1], 0, 10))
     assert link.prune(NOW + 20) == 1  # .3 ended
     assert link.active_count() == 1
-    assert link.read(link.last_id(), 50, 10) == []  # nothing new: the blocking read times out
+    assert link.follow(link.last_id(), 50, 10)[1] == []  # nothing new: the blocking read times out
     link.close()
 
 

@@ -75,7 +75,7 @@ def test_a_ban_made_on_one_host_is_made_on_the_other_and_not_echoed(tmp_path, re
     assert one.status()["published"] == 2 and two.status()["applied"] == 2
     # Applying the same entries again changes nothing.
     changes = len(two.bans.store.changes(0))
-    two.applier.apply_entries(Link(two.settings).read(b"0-0", 0, 100))
+    two.applier.apply_entries(Link(two.settings).follow(b"0-0", 0, 100)[1])
     assert len(two.bans.store.changes(0)) == changes
 
 
@@ -193,7 +193,7 @@ def test_entries_read_again_after_a_failure_are_not_replays(tmp_path, redis_url,
     out = Link(one.settings)
     while one.publish_once(out):
         pass
-    entries = Link(two.settings).read(two.stream or b"0-0", 0, 100)
+    entries = Link(two.settings).follow(two.stream or b"0-0", 0, 100)[1]
     from portsentry.bans.store import StoreError
 
     def busy(*_args, **_kwargs):
@@ -313,7 +313,7 @@ def test_a_reader_whose_next_entries_were_trimmed_loads_the_set_and_keeps_the_li
     out = Link(one.settings)
     while one.publish_once(out):
         pass
-    entries = out.read(two.stream or b"0-0", 0, 10)
+    entries = out.follow(two.stream or b"0-0", 0, 10)[1]
     assert len(entries) == 3  # ban .2, ban .3, lift .1
     out.client.xtrim(out.stream, minid=entries[1][0], approximate=False)  # ban .2 is gone
     into = Link(two.settings)
@@ -383,7 +383,7 @@ def test_entries_read_again_after_loading_the_set_do_not_use_up_the_rate_cap(tmp
     out = Link(one.settings)
     while one.publish_once(out):
         pass
-    entries = out.read(two.stream or b"0-0", 0, 10)
+    entries = out.follow(two.stream or b"0-0", 0, 10)[1]
     out.client.xtrim(out.stream, minid=entries[1][0], approximate=False)  # ban .2 is gone
     into = Link(two.settings)
     while two.read_once(into, block_ms=0):
