@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -32,7 +33,15 @@ def _fuzz_examples() -> int | None:
     return count
 
 
+def _interrupt_on_sigterm(_signum: int, _frame: object) -> None:
+    # SIGTERM (a CI job's timeout, `kill`) would end pytest before any teardown ran, leaving
+    # namespaces, daemons and Redis servers behind. As an interrupt, pytest tears every fixture
+    # down first, as it does for Ctrl-C.
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     # No deadline: timing varies a lot when system tests and CI load share the machine, and a
     # slow example is not a wrong one.
     settings.register_profile("portsentry", deadline=None)

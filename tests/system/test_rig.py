@@ -25,6 +25,7 @@ from tests.system.rig import (
     Namespaces,
     RigError,
     SyslogReceiver,
+    destroy_namespaces,
     list_namespaces,
     namespaces_up,
     new_prefix,
@@ -330,3 +331,45 @@ def test_daemon_helper_kills_a_hung_daemon(
     daemon = fake_daemon(namespaces, tmp_path, syslog, "hang").start()
     assert daemon.stop(timeout=0.5) == -9
     assert daemon.hung
+
+
+_HELD_BY_A_TERMINATED_RUN = '''
+from pathlib import Path
+
+from tests.system.rig import namespaces_up
+
+
+def test_holds_namespaces_until_killed() -> None:
+    with namespaces_up():
+        Path({ready!r}).write_text("up")
+        import time
+        time.sleep(60)
+'''
+
+
+def test_a_run_ended_by_sigterm_still_removes_its_namespaces(tmp_path: Path) -> None:
+    """A CI timeout ends pytest with SIGTERM: the fixtures' teardown must still run."""
+    ready = tmp_path / "ready"
+    (tmp_path / "test_held.py").write_text(_HELD_BY_A_TERMINATED_RUN.format(ready=str(ready)))
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+         "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), str(tmp_path / "test_held.py")],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    prefix = f"ps-{run.pid}-"
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert run.poll() is None, f"the inner run ended early:\n{run.communicate()[0]}"
+            assert time.monotonic() < deadline, "the inner run never brought its namespaces up"
+            time.sleep(0.05)
+        assert list_namespaces(prefix), "the inner run's namespaces are not there to be removed"
+        run.terminate()
+        output, _ = run.communicate(timeout=30)
+        assert list_namespaces(prefix) == [], f"SIGTERM left namespaces behind:\n{output}"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        destroy_namespaces(list_namespaces(prefix))
