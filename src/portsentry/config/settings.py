@@ -3,18 +3,18 @@ loudly: every mistake 1.2 silently tolerated is a ConfigError or a warning namin
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from portsentry.config import values as v
 from portsentry.core.flood import DEFAULT_LIMIT, DEFAULT_WINDOW
-from portsentry.core.ports import PortListError, format_ports, parse_ports
+from portsentry.core.ports import format_ports
 
 if TYPE_CHECKING:
     from portsentry.core.engine import EngineSettings
@@ -127,10 +127,6 @@ class LoadedConfig:
     warnings: tuple[str, ...]
 
 
-class _BadValue(Exception):
-    """Raised by converters; parse_config adds file, line and key."""
-
-
 @dataclass(frozen=True)
 class KeySpec:
     """How one configuration key is stored: the Config field and the text-to-value converter.
@@ -143,225 +139,65 @@ class KeySpec:
     labels: tuple[str, ...] = ()
 
 
-def _port_list(value: str) -> tuple[int, ...]:
-    try:
-        return parse_ports(value)
-    except PortListError as error:
-        raise _BadValue(str(error)) from None
-
-
-_INTEGER = re.compile(r"[ \t]*([0-9]+)[ \t]*", re.ASCII)
-
-
-def _integer(low: int, high: int, expected: str) -> Callable[[str], int]:
-    """Whole numbers in [low, high]; surrounding blanks are fine ("1 " meant 1 to atoi)."""
-
-    def convert(value: str) -> int:
-        match = _INTEGER.fullmatch(value)
-        # The length check keeps int() away from absurdly long digit strings.
-        if match is None or len(match.group(1)) > 9 or not low <= int(match.group(1)) <= high:
-            raise _BadValue(f"{value!r} is not {expected}")
-        return int(match.group(1))
-
-    return convert
-
-
-def _flag(value: str) -> bool:
-    return bool(_integer(0, 1, "0 or 1")(value))
-
-
-_NUMBER = re.compile(
-    r"[ \t]*((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)[ \t]*", re.ASCII
-)
-_MAX_TIMEOUT: Final = 86400.0
-
-
-def _seconds(value: str) -> float:
-    match = _NUMBER.fullmatch(value)
-    seconds = float(match.group(1)) if match else math.nan
-    if not 0 < seconds <= _MAX_TIMEOUT:  # also false for nan
-        raise _BadValue(f"{value!r} is not a number of seconds above 0 and at most 86400")
-    return seconds
-
-
-def _optional(value: str) -> str | None:
-    # An empty value switches the feature off, as leaving the key out does.
-    return value or None
-
-
-def _required(value: str) -> str:
-    if not value:
-        raise _BadValue("must not be empty (leave the key out to use the default)")
-    return value
-
-
-def _command_with_target(value: str) -> str | None:
-    if not value:
-        return None
-    if "$TARGET$" not in value:
-        # 1.2 only noticed this when an attack came, then skipped the block.
-        raise _BadValue("has no $TARGET$ to substitute")
-    return value
-
-
-def _factor(value: str) -> float:
-    match = _NUMBER.fullmatch(value)
-    factor = float(match.group(1)) if match else math.nan
-    if not 1 <= factor <= 100:  # also false for nan
-        raise _BadValue(f"{value!r} is not a factor from 1 to 100")
-    return factor
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def convert(value: str) -> str:
-        if value.strip() not in choices:
-            raise _BadValue(f"{value!r} is not one of {', '.join(choices)}")
-        return value.strip()
-
-    return convert
-
-
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}", re.ASCII)
-
-
-def _name(value: str) -> str:
-    # Goes into nft commands: a plain identifier only.
-    if not _NAME.fullmatch(value):
-        raise _BadValue(f"{value!r} is not a name (letters, digits, _ and -, at most 32)")
-    return value
-
-
-def _priority(value: str) -> int:
-    match = re.fullmatch(r"[ \t]*(-?[0-9]{1,4})[ \t]*", value)
-    if match is None:
-        raise _BadValue(f"{value!r} is not a whole number from -9999 to 9999")
-    return int(match.group(1))
-
-
-def _absolute_path(value: str) -> str:
-    if not value.startswith("/"):
-        raise _BadValue(f"{value!r} is not an absolute path")
-    return value
-
-
-_BLOCK_LABELS: Final = ("log only", "block", "run KILL_RUN_CMD only")
-_BLOCK = _integer(0, 2, "0 (log only), 1 (block) or 2 (run KILL_RUN_CMD only)")
-# 2.x keeps SCAN_TRIGGER in 16 bits and silently wraps larger values; refuse them instead.
-_TRIGGER = _integer(0, 65535, "a whole number of hits from 0 to 65535")
-_PORT_COUNT = _integer(1, 65535, "a number of ports from 1 to 65535")
-def _listen(value: str) -> str | None:
-    if not value:
-        return None
-    from portsentry.config.listen import MetricsError, parse_listen
-
-    try:
-        parse_listen(value)
-    except MetricsError as error:
-        raise _BadValue(str(error)) from None
-    return value
-
-
-_RATE = _integer(0, 1_000_000, "a number of bans per minute (0 = no cap)")
-
-
-def _networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
-    found = []
-    for token in value.replace(",", " ").split():
-        try:
-            found.append(ip_network(token, strict=False))
-        except ValueError:
-            raise _BadValue(f"{token!r} is not an address or network (a.b.c.d/nn, x::/nn)") from None
-    return tuple(found)
-
-
-def _host_ids(value: str) -> tuple[str, ...]:
-    found = tuple(value.replace(",", " ").split())
-    for host in found:
-        if not _HOST_ID.fullmatch(host):
-            raise _BadValue(f"{host!r} is not a host id (letters, digits, '.', '_', '-', at most 64)")
-    return found
-
-
-def _host_id(value: str) -> str | None:
-    if value and not _HOST_ID.fullmatch(value.strip()):
-        raise _BadValue(f"{value!r} is not a host id (letters, digits, '.', '_', '-', at most 64)")
-    return value.strip() or None
-
-
-_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
-_FLEET_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
-
-
-def _fleet_name(value: str) -> str:
-    # Inside a Redis hash tag: braces would move the fleet's keys to other Cluster slots.
-    if not _FLEET_NAME.fullmatch(value):
-        raise _BadValue(f"{value!r} is not a fleet name (letters, digits, '.', '_', '-', at most 64)")
-    return value
-
-
-_LINES = _integer(0, 1_000_000, "a number of lines (0 = no limit)")
-_ROWS = _integer(0, 1_000_000_000, "a number of rows (0 = no limit)")
-_DURATION = _integer(0, 10 * 365 * 86400, "a number of seconds, at most ten years (0 = no limit)")
-
 # The one table of accepted keys, in the order check-config lists them.
 KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
     {
-        "TCP_PORTS": KeySpec("tcp_ports", _port_list),
-        "UDP_PORTS": KeySpec("udp_ports", _port_list),
-        "ADVANCED_PORTS_TCP": KeySpec("advanced_ports_tcp", _PORT_COUNT),
-        "ADVANCED_PORTS_UDP": KeySpec("advanced_ports_udp", _PORT_COUNT),
-        "ADVANCED_EXCLUDE_TCP": KeySpec("advanced_exclude_tcp", _port_list),
-        "ADVANCED_EXCLUDE_UDP": KeySpec("advanced_exclude_udp", _port_list),
-        "IGNORE_FILE": KeySpec("ignore_file", _optional),
-        "HISTORY_FILE": KeySpec("history_file", _optional),
-        "BLOCKED_FILE": KeySpec("blocked_file", _optional),
-        "RESOLVE_HOST": KeySpec("resolve_host", _flag, ("off", "on")),
-        "BLOCK_TCP": KeySpec("block_tcp", _BLOCK, _BLOCK_LABELS),
-        "BLOCK_UDP": KeySpec("block_udp", _BLOCK, _BLOCK_LABELS),
-        "KILL_ROUTE": KeySpec("kill_route", _command_with_target),
-        "KILL_HOSTS_DENY": KeySpec("kill_hosts_deny", _command_with_target),
-        "KILL_RUN_CMD": KeySpec("kill_run_cmd", _optional),
+        "TCP_PORTS": KeySpec("tcp_ports", v.port_list),
+        "UDP_PORTS": KeySpec("udp_ports", v.port_list),
+        "ADVANCED_PORTS_TCP": KeySpec("advanced_ports_tcp", v.PORT_COUNT),
+        "ADVANCED_PORTS_UDP": KeySpec("advanced_ports_udp", v.PORT_COUNT),
+        "ADVANCED_EXCLUDE_TCP": KeySpec("advanced_exclude_tcp", v.port_list),
+        "ADVANCED_EXCLUDE_UDP": KeySpec("advanced_exclude_udp", v.port_list),
+        "IGNORE_FILE": KeySpec("ignore_file", v.optional),
+        "HISTORY_FILE": KeySpec("history_file", v.optional),
+        "BLOCKED_FILE": KeySpec("blocked_file", v.optional),
+        "RESOLVE_HOST": KeySpec("resolve_host", v.flag, ("off", "on")),
+        "BLOCK_TCP": KeySpec("block_tcp", v.BLOCK, v.BLOCK_LABELS),
+        "BLOCK_UDP": KeySpec("block_udp", v.BLOCK, v.BLOCK_LABELS),
+        "KILL_ROUTE": KeySpec("kill_route", v.command_with_target),
+        "KILL_HOSTS_DENY": KeySpec("kill_hosts_deny", v.command_with_target),
+        "KILL_RUN_CMD": KeySpec("kill_run_cmd", v.optional),
         "KILL_RUN_CMD_FIRST": KeySpec(
-            "kill_run_cmd_first", _flag, ("after blocking", "before blocking")
+            "kill_run_cmd_first", v.flag, ("after blocking", "before blocking")
         ),
-        "SCAN_TRIGGER": KeySpec("scan_trigger", _TRIGGER),
-        "PORT_BANNER": KeySpec("port_banner", _optional),
-        "HOSTS_DENY_FILE": KeySpec("hosts_deny_file", _required),
-        "COMMAND_TIMEOUT": KeySpec("command_timeout", _seconds),
-        "BLOCK_TIME": KeySpec("block_time", _DURATION),
-        "BLOCK_TIME_FACTOR": KeySpec("block_time_factor", _factor),
-        "BLOCK_TIME_MAX": KeySpec("block_time_max", _DURATION),
-        "KILL_ROUTE_UNDO": KeySpec("kill_route_undo", _command_with_target),
-        "HISTORY_RETENTION": KeySpec("history_retention", _DURATION),
-        "HISTORY_MAX_ROWS": KeySpec("history_max_rows", _ROWS),
-        "BAN_BACKEND": KeySpec("ban_backend", _choice("none", "auto", "nftables", "ipset", "route")),
-        "NFT_TABLE": KeySpec("nft_table", _name),
-        "NFT_HOOK": KeySpec("nft_hook", _choice("input", "forward", "prerouting")),
-        "NFT_PRIORITY": KeySpec("nft_priority", _priority),
-        "BAN_SET_SIZE": KeySpec("ban_set_size", _integer(1, 16_777_216, "a set size from 1 to 16777216")),
-        "CAPTURE": KeySpec("capture", _choice("auto", "nflog", "packet")),
-        "NFLOG_GROUP": KeySpec("nflog_group", _integer(0, 65535, "a log group from 0 to 65535")),
-        "KERNEL_BAN": KeySpec("kernel_ban", _choice("auto", "off")),
-        "STATE_DIR": KeySpec("state_dir", _absolute_path),
-        "CONTROL_SOCKET": KeySpec("control_socket", _absolute_path),
-        "EVENT_LOG": KeySpec("event_log", _optional),
-        "METRICS_LISTEN": KeySpec("metrics_listen", _listen),
-        "LOG_REPEAT_LIMIT": KeySpec("log_repeat_limit", _LINES),
-        "LOG_REPEAT_WINDOW": KeySpec("log_repeat_window", _seconds),
-        "PROTECT_GATEWAYS": KeySpec("protect_gateways", _flag, ("off", "on")),
-        "PROTECT_RESOLVERS": KeySpec("protect_resolvers", _flag, ("off", "on")),
-        "RESOLV_CONF": KeySpec("resolv_conf", _absolute_path),
-        "BAN_RATE_LIMIT": KeySpec("ban_rate_limit", _RATE),
-        "BAN_RATE_LIMIT_NET": KeySpec("ban_rate_limit_net", _RATE),
-        "SENSITIVE_NETWORKS": KeySpec("sensitive_networks", _networks),
-        "KEEP_CAPABILITIES": KeySpec("keep_capabilities", _optional),
-        "FLEET_REDIS_URL": KeySpec("fleet_redis_url", _optional),
-        "FLEET_NAME": KeySpec("fleet_name", _fleet_name),
-        "FLEET_HOST_ID": KeySpec("fleet_host_id", _host_id),
-        "FLEET_KEY_FILE": KeySpec("fleet_key_file", _optional),
-        "FLEET_PASSWORD_FILE": KeySpec("fleet_password_file", _optional),
-        "FLEET_ACCEPT_HOSTS": KeySpec("fleet_accept_hosts", _host_ids),
-        "FLEET_BAN_RATE_LIMIT": KeySpec("fleet_ban_rate_limit", _RATE),
+        "SCAN_TRIGGER": KeySpec("scan_trigger", v.TRIGGER),
+        "PORT_BANNER": KeySpec("port_banner", v.optional),
+        "HOSTS_DENY_FILE": KeySpec("hosts_deny_file", v.required),
+        "COMMAND_TIMEOUT": KeySpec("command_timeout", v.seconds),
+        "BLOCK_TIME": KeySpec("block_time", v.DURATION),
+        "BLOCK_TIME_FACTOR": KeySpec("block_time_factor", v.factor),
+        "BLOCK_TIME_MAX": KeySpec("block_time_max", v.DURATION),
+        "KILL_ROUTE_UNDO": KeySpec("kill_route_undo", v.command_with_target),
+        "HISTORY_RETENTION": KeySpec("history_retention", v.DURATION),
+        "HISTORY_MAX_ROWS": KeySpec("history_max_rows", v.ROWS),
+        "BAN_BACKEND": KeySpec("ban_backend", v.choice("none", "auto", "nftables", "ipset", "route")),
+        "NFT_TABLE": KeySpec("nft_table", v.name),
+        "NFT_HOOK": KeySpec("nft_hook", v.choice("input", "forward", "prerouting")),
+        "NFT_PRIORITY": KeySpec("nft_priority", v.priority),
+        "BAN_SET_SIZE": KeySpec("ban_set_size", v.integer(1, 16_777_216, "a set size from 1 to 16777216")),
+        "CAPTURE": KeySpec("capture", v.choice("auto", "nflog", "packet")),
+        "NFLOG_GROUP": KeySpec("nflog_group", v.integer(0, 65535, "a log group from 0 to 65535")),
+        "KERNEL_BAN": KeySpec("kernel_ban", v.choice("auto", "off")),
+        "STATE_DIR": KeySpec("state_dir", v.absolute_path),
+        "CONTROL_SOCKET": KeySpec("control_socket", v.absolute_path),
+        "EVENT_LOG": KeySpec("event_log", v.optional),
+        "METRICS_LISTEN": KeySpec("metrics_listen", v.listen),
+        "LOG_REPEAT_LIMIT": KeySpec("log_repeat_limit", v.LINES),
+        "LOG_REPEAT_WINDOW": KeySpec("log_repeat_window", v.seconds),
+        "PROTECT_GATEWAYS": KeySpec("protect_gateways", v.flag, ("off", "on")),
+        "PROTECT_RESOLVERS": KeySpec("protect_resolvers", v.flag, ("off", "on")),
+        "RESOLV_CONF": KeySpec("resolv_conf", v.absolute_path),
+        "BAN_RATE_LIMIT": KeySpec("ban_rate_limit", v.RATE),
+        "BAN_RATE_LIMIT_NET": KeySpec("ban_rate_limit_net", v.RATE),
+        "SENSITIVE_NETWORKS": KeySpec("sensitive_networks", v.networks),
+        "KEEP_CAPABILITIES": KeySpec("keep_capabilities", v.optional),
+        "FLEET_REDIS_URL": KeySpec("fleet_redis_url", v.optional),
+        "FLEET_NAME": KeySpec("fleet_name", v.fleet_name),
+        "FLEET_HOST_ID": KeySpec("fleet_host_id", v.host_id),
+        "FLEET_KEY_FILE": KeySpec("fleet_key_file", v.optional),
+        "FLEET_PASSWORD_FILE": KeySpec("fleet_password_file", v.optional),
+        "FLEET_ACCEPT_HOSTS": KeySpec("fleet_accept_hosts", v.host_ids),
+        "FLEET_BAN_RATE_LIMIT": KeySpec("fleet_ban_rate_limit", v.RATE),
     }
 )
 
@@ -394,9 +230,9 @@ def _split_line(line: str, source: str, number: int) -> tuple[str, str, str]:
 
 def _check_text(value: str) -> None:
     if found := _CONTROL.search(value):
-        raise _BadValue(f"the value contains control character {ord(found.group()):#04x}")
+        raise v.BadValue(f"the value contains control character {ord(found.group()):#04x}")
     if _SURROGATE.search(value):
-        raise _BadValue("the value is not valid UTF-8 text")
+        raise v.BadValue("the value is not valid UTF-8 text")
 
 
 def parse_config(text: str, source: str) -> LoadedConfig:
@@ -420,7 +256,7 @@ def parse_config(text: str, source: str) -> LoadedConfig:
         try:
             _check_text(value)
             converted = spec.convert(value)
-        except _BadValue as error:
+        except v.BadValue as error:
             raise ConfigError(source, number, key, str(error)) from None
         if key in lines:
             warnings.append(
