@@ -10,9 +10,13 @@ Threads, each with one job, and what each owns:
   history pruning, gateways and resolvers, and the ban store's change feed; posts its Findings.
 - admin-N: the ban work of control requests (list, block, unblock), apart from the blocks, so
   `portsentry list` answers while KILL_ROUTE commands hang.
-- control (control.ControlServer): reads control requests; never blocks anything else.
+- control (control.ControlServer): reads control requests and hands each to main or an admin
+  worker (requests.Requests, which also says what status and stats report); never blocks.
 - fleet-publish and fleet-read (fleet.node.FleetNode, with FLEET_REDIS_URL): bans shared with a
   fleet; main hands them the guards (ignore list, gateways, resolvers) once a second.
+
+One class, over 400 lines, on purpose: it is the main loop and the one place that wires the
+threads above together, so whatever touches the engine and the sensors is here, in one owner.
 """
 
 from __future__ import annotations
@@ -27,11 +31,9 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
-from typing import Any, ClassVar, Literal
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.restore import rerun_routes, restore_bans
@@ -51,37 +53,17 @@ from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.classic import ClassicResponder
 from portsentry.sensors.base import Hit, Sensor
 from portsentry.service import sdnotify
-from portsentry.service.admin import admin_request
 from portsentry.service.blockqueue import BlockQueue
-from portsentry.service.control import Command, ControlServer, Reply, Request, Response
+from portsentry.service.control import ControlServer
 from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, guards_of
 from portsentry.service.maintenance import Findings, Maintenance
+from portsentry.service.requests import Counters, Requests
 from portsentry.service.resolver import Resolver
 
 Clock = Callable[[], float]
 AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go on without it
 Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
-
-
-class MinuteCounts:
-    """Events in the last hour in 60 per-minute buckets: constant memory at any rate."""
-
-    def __init__(self) -> None:
-        self._buckets: deque[list[int]] = deque()  # [minute, count], oldest first
-
-    def add(self, now: float) -> None:
-        minute = int(now // 60)
-        if self._buckets and self._buckets[-1][0] == minute:
-            self._buckets[-1][1] += 1
-        else:
-            self._buckets.append([minute, 1])
-            while len(self._buckets) > 61:
-                self._buckets.popleft()
-
-    def total(self, now: float) -> int:
-        oldest = int(now // 60) - 59
-        return sum(count for minute, count in self._buckets if minute >= oldest)
 
 
 def protected_addresses(config: Config) -> frozenset[IPAddress]:
@@ -104,9 +86,6 @@ def _sensor_settings(config: Config) -> tuple[object, ...]:
             # the first-probe ban's rules are part of the capture (service.wiring.kernel_ban_for)
             config.kernel_ban, config.scan_trigger, config.block_tcp, config.block_udp, config.block_time,
             config.ban_rate_limit, config.ban_rate_limit_net)
-
-
-RequestWork = Callable[["Daemon", Request], Response]
 
 
 class Daemon:
@@ -142,19 +121,14 @@ class Daemon:
         self.telemetry = telemetry or Telemetry()
         self.reloader = reloader
         self.sensor_factory = sensor_factory
-        self.control = (ControlServer(control_path, self.on_request, log=journal.log)
-                        if control_path else None)
         self.started = clock()
-        self.hosts_blocked = 0
-        self._hits_last_hour = MinuteCounts()
-        self._blocks_last_hour = MinuteCounts()
+        self.counters = Counters()
         self._reload_requested = False
         self._reopen_requested = False
         self._next_tick = 0.0
         self.active_bans = 0  # from the maintenance thread's Findings
         self.engine = Engine(engine_settings(config), ignore.current(clock()))
         self._ignore_error: str | None = None
-        self.probes_seen = 0
         # Hits held while their source's name is looked up (RESOLVE_HOST), per source, in order.
         self._awaiting_name: dict[IPAddress, list[tuple[Hit, float]]] = {}
         self.internal_errors = 0
@@ -180,6 +154,9 @@ class Daemon:
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
+        self.requests = Requests(self, self._call_on_main, self._admin.submit, self._maintenance.wake)
+        self.control = (ControlServer(control_path, self.requests.on_request, log=journal.log)
+                        if control_path else None)
 
     def _settle(self, now: float) -> None:
         """Maintenance thread: the kernel's side of the capture, its bans, then its counts."""
@@ -353,8 +330,7 @@ class Daemon:
 
     def handle(self, hit: Hit) -> None:
         now = self.clock()
-        self.probes_seen += 1
-        self._hits_last_hour.add(now)
+        self.counters.probe(now)
         self.engine.ignore = self.ignore.current(now)
         if self.ignore.last_error != self._ignore_error:
             self._ignore_error = self.ignore.last_error
@@ -429,8 +405,7 @@ class Daemon:
                     hit.reply(action.text.encode("utf-8", "replace"))
             elif isinstance(action, Record):
                 self.journal.record(action.probe, action.at)
-                self.hosts_blocked += 1
-                self._blocks_last_hour.add(action.at)
+                self.counters.block(action.at)
 
     def _block_done(self, block: Block, succeeded: bool, error: BaseException | None) -> None:
         """On a responder thread: hand the outcome to the main loop."""
@@ -542,55 +517,6 @@ class Daemon:
                 self._selector.register(handle, selectors.EVENT_READ, sensor)
         self._skip_ignored()
 
-    # -- control socket ------------------------------------------------------------------------
-
-    def on_request(self, request: Request, reply: Reply) -> None:
-        """On the control thread: dispatched from REQUESTS. Engine and sensor state is read on
-        the main loop, ban work on an admin worker; any exception becomes an error reply."""
-        where, work = self.REQUESTS[request.command]
-
-        def run() -> None:
-            try:
-                reply(work(self, request))
-            except Exception as error:
-                reply(Response.failure(f"{request.command} failed: {error}"))
-
-        if where == "main":
-            self._call_on_main(run)
-        else:
-            self._admin.submit(run)
-
-    def _status_request(self, _request: Request) -> Response:
-        return Response.success(status=self.status(self.clock()))
-
-    def _stats_request(self, _request: Request) -> Response:
-        return Response.success(stats=self.stats(self.clock()))
-
-    def _reload_request(self, _request: Request) -> Response:
-        if self.reload():
-            return Response.success()
-        return Response.failure("the new configuration was refused; see the log")
-
-    def _ban_request(self, request: Request) -> Response:
-        """list, block, unblock: the ban lifecycle's work, on an admin worker."""
-        if self.bans is None:
-            return Response.failure(f"{request.command}: this daemon keeps no ban store")
-        try:
-            return admin_request(self.bans, self.responder, self.config, request, self.clock())
-        finally:
-            self._maintenance.wake()  # the engine hears of it within this round
-
-    # Which thread runs each request: "main" reads engine and sensor state between packets;
-    # "admin" does ban work apart from detection and from the block queue.
-    REQUESTS: ClassVar[dict[Command, tuple[Literal["main", "admin"], RequestWork]]] = {
-        "status": ("main", _status_request),
-        "stats": ("main", _stats_request),
-        "reload": ("main", _reload_request),
-        "list": ("admin", _ban_request),
-        "block": ("admin", _ban_request),
-        "unblock": ("admin", _ban_request),
-    }
-
     def capture_drops(self) -> int | None:
         drops = [d for d in (s.capture_drops() for s in self.sensors) if d is not None]
         return sum(drops) if drops else None
@@ -606,36 +532,6 @@ class Daemon:
             # the summary lines reported them.
             totals["banned_source_in_kernel"] = self._dropped.total
         return totals
-
-    def stats(self, now: float) -> dict[str, Any]:
-        return {
-            "probes_seen": self.probes_seen,
-            "probes_last_hour": self._hits_last_hour.total(now),
-            "hosts_blocked": self.hosts_blocked,
-            "hosts_blocked_last_hour": self._blocks_last_hour.total(now),
-            "log_failures": self.journal.file_errors,
-            "packets_dropped": self.packet_drops(),
-            "write_failures": self.journal.failures.snapshot(),
-        }
-
-    def status(self, now: float) -> dict[str, Any]:
-        backend = self.bans.backend if self.bans is not None else None
-        active = self.active_bans
-        return {
-            "running": True,
-            "pid": os.getpid(),
-            "started": self.started,
-            "uptime": round(now - self.started, 1),
-            "config": self.config.source,
-            "modes": [str(mode) for mode in self.modes],
-            "watching": [line for sensor in self.sensors for line in sensor.describe()],
-            "backend": backend.name if backend is not None else None,
-            "ignore_entries": len(self.engine.ignore) if isinstance(self.engine.ignore, Sized) else None,
-            "active_bans": active,
-            **self.stats(now),
-            "recent_events": self.journal.recent_events(),
-            **({"fleet": self.fleet.status()} if self.fleet is not None else {}),
-        }
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):

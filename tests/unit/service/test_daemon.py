@@ -5,17 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from portsentry.service.daemon import MinuteCounts
-
-
-def test_minute_counts_cover_the_last_hour_in_constant_space():
-    counts = MinuteCounts()
-    for second in range(0, 2 * 3600, 2):
-        counts.add(float(second))
-    # The current minute (empty at exactly 2 h) and the 59 before it: one event every two seconds.
-    assert counts.total(2 * 3600.0) == 59 * 30
-    assert len(counts._buckets) <= 61
-
 
 def _daemon(tmp_path: Path, bans: Any = None, clock: Any = None, telemetry: Any = None) -> tuple[Any, Any]:
     import io

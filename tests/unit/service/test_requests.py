@@ -1,0 +1,90 @@
+"""Control requests as the daemon answers them: which thread runs each, the replies, the counters."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from portsentry.config.ignore import IgnoreSource
+from portsentry.config.settings import Config
+from portsentry.core.probe import Mode
+from portsentry.journal.journal import Journal
+from portsentry.responders.classic import ClassicResponder
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.service.control import Command, Request, Response
+from portsentry.service.daemon import Daemon
+from portsentry.service.requests import Counters, MinuteCounts, Requests
+
+
+def test_minute_counts_cover_the_last_hour_in_constant_space() -> None:
+    counts = MinuteCounts()
+    for second in range(0, 2 * 3600, 2):
+        counts.add(float(second))
+    # The current minute (empty at exactly 2 h) and the 59 before it: one event every two seconds.
+    assert counts.total(2 * 3600.0) == 59 * 30
+    assert len(counts._buckets) <= 61
+
+
+def test_counters_count_all_time_and_the_last_hour() -> None:
+    counters = Counters()
+    counters.probe(0.0)
+    counters.probe(3700.0)
+    counters.block(3700.0)
+    assert counters.as_dict(3700.0) == {"probes_seen": 2, "probes_last_hour": 1,
+                                        "hosts_blocked": 1, "hosts_blocked_last_hour": 1}
+
+
+class _Rig:
+    """A daemon with no sensors and no store, whose main loop and admin pool are two lists."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        journal = Journal(None, stderr=io.StringIO())
+        config = Config(source="t", state_dir=str(tmp_path), protect_gateways=False,
+                        protect_resolvers=False)
+        self.daemon = Daemon(config, [Mode.TCP], journal, IgnoreSource(None, lambda: []), [],
+                             ClassicResponder(HostsDeny(str(tmp_path / "hosts.deny")), journal.log, 1.0),
+                             clock=lambda: 1000.0)
+        self.main: list[Callable[[], None]] = []
+        self.admin: list[Callable[[], None]] = []
+        self.changed = 0
+        self.requests = Requests(self.daemon, self.main.append, self.admin.append, self._changed)
+        self.replies: list[Response] = []
+
+    def _changed(self) -> None:
+        self.changed += 1
+
+    def ask(self, command: Command) -> None:
+        self.requests.on_request(Request(command), self.replies.append)
+
+
+def test_state_is_read_on_the_main_loop_and_ban_work_on_an_admin_worker(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    rig.ask("status")
+    rig.ask("stats")
+    rig.ask("list")
+    assert (len(rig.main), len(rig.admin), rig.replies) == (2, 1, [])  # nothing runs on the caller
+    for work in rig.main + rig.admin:
+        work()
+    status, stats, listed = rig.replies
+    assert status.ok and status.fields["status"]["running"] is True
+    assert status.fields["status"]["modes"] == ["tcp"]
+    assert stats.ok and stats.fields["stats"]["probes_seen"] == 0
+    assert not listed.ok and "keeps no ban store" in str(listed.error)
+    assert rig.changed == 0  # no store, no ban changed: no maintenance round is woken
+    rig.daemon.shutdown()
+
+
+def test_a_failing_request_is_an_error_reply_not_an_exception(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+
+    def broken(now: float) -> dict[str, Any]:
+        raise RuntimeError("disk on fire")
+
+    rig.requests.status = broken  # type: ignore[method-assign]
+    rig.ask("status")
+    rig.main[0]()
+    assert not rig.replies[0].ok
+    assert rig.replies[0].error == "status failed: disk on fire"
+    rig.daemon.shutdown()
