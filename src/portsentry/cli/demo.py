@@ -11,23 +11,36 @@ import argparse
 import contextlib
 import os
 import queue
-import re
 import secrets
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TextIO
 
-from portsentry.journal.receiver import DatagramReceiver
+from portsentry.cli.demokit import (
+    COMMAND_TIMEOUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    READY_TEXT,
+    Interrupted,
+    StepFailed,
+    SyslogReceiver,
+    nmap_ports,
+    nmap_table,
+    package_env,
+    remove_namespace,
+    signals_ignored,
+    signals_raise,
+    stop_process,
+    temp_dir,
+    unavailable_reason,
+)
 
 TARGET_IP = "198.18.0.1"
 SCANNER_IP = "198.18.0.2"
@@ -41,111 +54,6 @@ READY_TIMEOUT = 20.0
 DETECT_TIMEOUT = 10.0
 EFFECT_TIMEOUT = 5.0
 NMAP_TIMEOUT = 20.0
-COMMAND_TIMEOUT = 10.0
-STOP_TIMEOUT = 3.0
-
-EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
-READY_TEXT = "PortSentry is now active and listening."
-# Longest path a Unix socket can bind (sun_path is 108 bytes including the NUL).
-MAX_UNIX_PATH = 107
-REQUIRED_TOOLS = (("ip", "iproute2"), ("nmap", "nmap"))
-
-_SYSLOG_LINE = re.compile(r"^<(\d+)>(\w{3} [ \d]\d \d\d:\d\d:\d\d) ([^\[:]+)\[(\d+)\]: (.*)$", re.DOTALL)
-_NMAP_PORT_LINE = re.compile(r"^(\d+)/tcp\s+(\S+)", re.MULTILINE)
-
-
-class StepFailed(Exception):
-    """A demo step did not happen (in time); the message says what was expected."""
-
-    reported = False
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: a KeyboardInterrupt so every `finally` and subprocess.run cleans up."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@dataclass(frozen=True)
-class SyslogLine:
-    """One datagram the daemon sent to our syslog socket."""
-
-    pid: int
-    message: str
-
-
-def parse_syslog(data: bytes) -> SyslogLine | None:
-    """`<29>Mon dd hh:mm:ss portsentry[pid]: message` -> SyslogLine; None for anything else."""
-    match = _SYSLOG_LINE.match(data.decode("utf-8", "replace").rstrip("\0\n"))
-    if match is None:
-        return None
-    return SyslogLine(pid=int(match.group(4)), message=match.group(5))
-
-
-def nmap_ports(output: str) -> dict[int, str]:
-    """Port -> state ("closed", "filtered", ...) from nmap's normal output."""
-    return {int(m.group(1)): m.group(2) for m in _NMAP_PORT_LINE.finditer(output)}
-
-
-def nmap_table(output: str) -> list[str]:
-    """The port table nmap prints (header and one line per port)."""
-    lines = output.splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("PORT"):
-            table = [line]
-            table += [row for row in lines[i + 1 :] if _NMAP_PORT_LINE.match(row)]
-            return table
-    return [row for row in lines if row.startswith("Not shown") or "filtered" in row] or ["(no port table)"]
-
-
-def unavailable_reason() -> str | None:
-    """Why the demo cannot run here (not root, a tool missing), or None."""
-    if os.geteuid() != 0:
-        return ("portsentry demo must run as root: it creates network namespaces and watches raw "
-                "packets (try: sudo portsentry demo)")
-    for tool, package in REQUIRED_TOOLS:
-        if shutil.which(tool) is None:
-            return f"portsentry demo needs `{tool}`, which is not installed (Debian: apt install {package})"
-    return None
-
-
-class SyslogReceiver:
-    """A Unix datagram socket the daemon logs to; a thread only queues lines, so the daemon never
-    blocks on a full socket while the narrator is busy running nmap."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines: queue.Queue[SyslogLine] = queue.Queue()
-        self._receiver = DatagramReceiver(path, self._keep, name="psdemo-syslog")
-
-    def _keep(self, data: bytes, _at: float) -> None:
-        line = parse_syslog(data)
-        if line is not None:
-            self.lines.put(line)
-
-    def close(self) -> None:
-        self._receiver.close()
-
-
-def _package_env() -> dict[str, str]:
-    """The environment for the daemon: it must import this very copy of the package, installed
-    or run from a source tree."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return env
-
-
-def _temp_dir(run_id: str) -> Path:
-    """A private directory whose socket path fits AF_UNIX even when TMPDIR is long."""
-    base = tempfile.gettempdir()
-    if len(os.path.join(base, f"{run_id}-xxxxxxxx", "syslog.sock")) > MAX_UNIX_PATH:
-        base = "/tmp"
-    return Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=base))
 
 
 class Demo:
@@ -328,7 +236,7 @@ class Demo:
         return conf
 
     def start_daemon(self) -> None:
-        self.workdir = _temp_dir(self.run_id)
+        self.workdir = temp_dir(self.run_id)
         sock = self.workdir / "syslog.sock"
         self.syslog = SyslogReceiver(sock)
         conf = self.write_config(self.workdir)
@@ -344,7 +252,7 @@ class Demo:
         with (self.workdir / "daemon.stderr").open("wb") as err:
             self.daemon = subprocess.Popen(["ip", "netns", "exec", self.target, *argv],
                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                           stderr=err, env=_package_env())
+                                           stderr=err, env=package_env())
         self.say("Its log lines, as they reach our syslog socket:")
         self.wait_log(READY_TEXT, READY_TIMEOUT, "daemon start")
 
@@ -460,75 +368,6 @@ class Demo:
                 problems.append(f"could not remove {self.workdir}")
         return problems
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after STOP_TIMEOUT; reaped either way."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_TIMEOUT)
-
-
-def remove_namespace(ns: str) -> list[str]:
-    """Kill what is left inside `ns`, then delete it; what could not be done."""
-    if not Path("/run/netns", ns).exists():
-        return []
-    # `ip netns del` only unmounts the name: processes still inside would keep the network
-    # (and its bans) alive, so anything left in there (a daemon child, an nmap) goes first.
-    for _attempt in range(50):
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT, check=False).stdout.split()
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        time.sleep(0.05)
-    else:
-        return [f"processes survive in namespace {ns}"]
-    deleted = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True,
-                             timeout=COMMAND_TIMEOUT, check=False)
-    if deleted.returncode != 0:
-        return [f"could not delete namespace {ns}: {deleted.stderr.strip()}"]
-    return []
-
-
-def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted for the duration (main thread only: elsewhere Python
-    cannot install handlers, and the caller's own handling stays in charge)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """A second Ctrl-C must not cut the cleanup short and leave namespaces behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
 
 def run_demo(out: TextIO, keep_going: bool = False) -> int:
     """Run the narrated demo, writing to `out`. Returns 0 when every step happened, 1 when one did
@@ -544,7 +383,7 @@ def run_demo(out: TextIO, keep_going: bool = False) -> int:
              f"network namespaces (run {demo.run_id}).")
     status = EXIT_FAILED
     try:
-        with _signals_raise():
+        with signals_raise():
             try:
                 status = demo.story()
             except StepFailed as failure:
@@ -564,7 +403,7 @@ def run_demo(out: TextIO, keep_going: bool = False) -> int:
         demo.say("Interrupted; cleaning up.")
         status = 128 + signal.SIGINT
     finally:
-        with _signals_ignored():
+        with signals_ignored():
             problems = demo.cleanup()
         if problems:
             demo.say("Cleanup was incomplete: " + "; ".join(problems))

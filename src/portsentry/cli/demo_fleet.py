@@ -3,7 +3,7 @@ hosts 2 and 3, which were never scanned, block the scanner too.
 
 Everything lives in five throwaway network namespaces (a hub with a bridge and redis-server,
 three hosts, a scanner) and one temporary directory, all removed at the end, on failure, on
-Ctrl-C or SIGTERM, as in `portsentry demo` (cli.demo), whose helpers this reuses.
+Ctrl-C or SIGTERM, as in `portsentry demo` (cli.demo); both stand on cli.demokit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from portsentry.cli.demo import (
+from portsentry.cli.demokit import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -28,14 +28,14 @@ from portsentry.cli.demo import (
     Interrupted,
     StepFailed,
     SyslogReceiver,
-    _package_env,
-    _signals_ignored,
-    _signals_raise,
-    _temp_dir,
     nmap_ports,
     nmap_table,
+    package_env,
     remove_namespace,
+    signals_ignored,
+    signals_raise,
     stop_process,
+    temp_dir,
     unavailable_reason,
 )
 
@@ -58,7 +58,7 @@ class FleetDemo:
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self.syslogs: list[SyslogReceiver] = []
-        self.workdir = _temp_dir(self.run_id)
+        self.workdir = temp_dir(self.run_id)
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -130,7 +130,7 @@ class FleetDemo:
             with (home / "stderr").open("wb") as err:
                 self.processes.append(subprocess.Popen(
                     ["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=err, env=_package_env()))
+                    stderr=err, env=package_env()))
         for n in range(1, HOSTS + 1):
             self.wait(n, READY_TEXT)
             self.wait(n, "fleet: link to")
@@ -207,7 +207,7 @@ def run_fleet_demo(out: TextIO) -> int:
     demo = FleetDemo(out)
     status = EXIT_FAILED
     try:
-        with _signals_raise():
+        with signals_raise():
             try:
                 status = demo.story()
             except StepFailed as failure:
@@ -218,7 +218,7 @@ def run_fleet_demo(out: TextIO) -> int:
     except KeyboardInterrupt:
         status = 128 + signal.SIGINT
     finally:
-        with _signals_ignored():
+        with signals_ignored():
             problems = demo.cleanup()
         demo.say("Cleanup was incomplete: " + "; ".join(problems) if problems else
                  "Cleaned up: daemons and redis-server stopped, namespaces and temporary directory removed.")
