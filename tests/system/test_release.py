@@ -4,6 +4,7 @@ bash-completion look for them."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -37,10 +38,13 @@ def test_the_wheel_installs_into_a_fresh_venv_with_its_pages_and_completions(tmp
     assert sdists[0].name == f"portsentry-{__version__}.tar.gz"
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # Without PYTHONPATH: a source tree on it (with the egg-info the build just wrote) would make
+    # pip take portsentry for installed already and install nothing.
+    fresh = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=fresh)
     # --no-deps: prometheus-client is imported only when METRICS_LISTEN is set; nothing is fetched.
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheels[0])],
-                   check=True, timeout=120)
+                   check=True, timeout=120, env=fresh)
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "MANWIDTH": "80"}
     version = subprocess.run([str(venv / "bin" / "portsentry"), "--version"], capture_output=True, text=True,
                              timeout=60, check=True, env=env)
