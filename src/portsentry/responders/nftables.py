@@ -14,6 +14,10 @@ Every add is one atomic transaction "add without timeout, delete, add with timeo
 an address sets its new timeout on every kernel (older kernels keep the old timeout on a plain
 re-add); every remove is "add, delete", so removing an absent address succeeds without needing
 `destroy` (kernel 6.3, nft 1.0.8).
+
+One class, over 400 lines, on purpose: each operation's nft script or netlink ops sit next to the
+call that runs them, which the golden tests pin side by side; the first-probe ban's rules are in
+nft_capture and the element messages in nft_elements.
 """
 
 from __future__ import annotations
