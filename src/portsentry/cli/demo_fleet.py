@@ -20,24 +20,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from portsentry.cli.demokit import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    READY_TEXT,
-    Interrupted,
-    StepFailed,
-    SyslogReceiver,
-    nmap_ports,
-    nmap_table,
-    package_env,
-    remove_namespace,
-    signals_ignored,
-    signals_raise,
-    stop_process,
-    temp_dir,
-    unavailable_reason,
-)
+from portsentry.cli import demokit as kit
 
 SUBNET = "198.18.100"
 HUB_IP, SCANNER_IP = f"{SUBNET}.254", f"{SUBNET}.200"
@@ -57,8 +40,8 @@ class FleetDemo:
         self.hosts = [f"{self.run_id}-h{i}" for i in range(1, HOSTS + 1)]
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
-        self.syslogs: list[SyslogReceiver] = []
-        self.workdir = temp_dir(self.run_id)
+        self.syslogs: list[kit.SyslogReceiver] = []
+        self.workdir = kit.temp_dir(self.run_id)
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -68,7 +51,7 @@ class FleetDemo:
         full = ["ip", "netns", "exec", ns, *argv] if ns else argv
         proc = subprocess.run(full, capture_output=True, text=True, timeout=60, check=False)
         if check and proc.returncode != 0:
-            raise StepFailed(f"`{shlex.join(argv)}` failed: {(proc.stderr or proc.stdout).strip()}")
+            raise kit.StepFailed(f"`{shlex.join(argv)}` failed: {(proc.stderr or proc.stdout).strip()}")
         return proc.stdout
 
     def network(self) -> None:
@@ -123,16 +106,16 @@ class FleetDemo:
                         "FLEET_KEY_FILE": str(key), "FLEET_PASSWORD_FILE": str(secret)}
             conf = home / "portsentry.conf"
             conf.write_text("".join(f'{k}="{v}"\n' for k, v in settings.items()))
-            syslog = SyslogReceiver(home / "log.sock")
+            syslog = kit.SyslogReceiver(home / "log.sock")
             self.syslogs.append(syslog)
             argv = [sys.executable, "-m", "portsentry", "-c", str(conf), "--syslog-socket",
                     str(home / "log.sock"), "-stcp"]
             with (home / "stderr").open("wb") as err:
                 self.processes.append(subprocess.Popen(
                     ["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=err, env=package_env()))
+                    stderr=err, env=kit.package_env()))
         for n in range(1, HOSTS + 1):
-            self.wait(n, READY_TEXT)
+            self.wait(n, kit.READY_TEXT)
             self.wait(n, "fleet: link to")
         self.say("PortSentry runs on h1, h2 and h3 (-stcp, nftables), each joined to fleet 'demo'.")
 
@@ -147,16 +130,16 @@ class FleetDemo:
             self.say(f"    h{host} portsentry[{line.pid}]: {line.message}")
             if needle in line.message:
                 return line.message
-        raise StepFailed(f"h{host}: no line containing {needle!r} within {STEP_TIMEOUT:.0f}s")
+        raise kit.StepFailed(f"h{host}: no line containing {needle!r} within {STEP_TIMEOUT:.0f}s")
 
     def scan(self, host: int) -> dict[int, str]:
         argv = ["nmap", "-n", "-Pn", "-sS", "--max-retries", "0", "--host-timeout", "15s", "-p", PORTS,
                 f"{SUBNET}.{host}"]
         self.say(f"{SCANNER_IP}$ {shlex.join(argv)}")
         output = self.run(argv, ns=self.scanner)
-        for row in nmap_table(output):
+        for row in kit.nmap_table(output):
             self.say(f"    {row}")
-        return nmap_ports(output)
+        return kit.nmap_ports(output)
 
     def story(self) -> int:
         self.say(f"PortSentry fleet demo (run {self.run_id}): one scan, three hosts block the scanner.")
@@ -172,22 +155,22 @@ class FleetDemo:
         for n, ns in enumerate(self.hosts, 1):
             text = self.run(["nft", "list", "set", "inet", "portsentry", "blocked4"], ns=ns)
             if SCANNER_IP not in text:
-                raise StepFailed(f"{SCANNER_IP} is not in h{n}'s set")
+                raise kit.StepFailed(f"{SCANNER_IP} is not in h{n}'s set")
             self.say(f"    h{n}: {SCANNER_IP} in table inet portsentry, set blocked4")
         self.say("\n== Step 3: the scanner tries h2 and h3, which it never scanned before")
         for n in (2, 3):
             ports = self.scan(n)
             if not ports or set(ports.values()) != {"filtered"}:
-                raise StepFailed(f"expected every port of h{n} filtered, nmap saw {ports}")
+                raise kit.StepFailed(f"expected every port of h{n} filtered, nmap saw {ports}")
         self.say("\nIt works: one detection on h1, and the scanner finds h2 and h3 dark as well.")
-        return EXIT_OK
+        return kit.EXIT_OK
 
     def cleanup(self) -> list[str]:
         problems: list[str] = []
         for proc in reversed(self.processes):
-            stop_process(proc)
+            kit.stop_process(proc)
         for ns in self.namespaces:
-            problems += remove_namespace(ns)
+            problems += kit.remove_namespace(ns)
         for syslog in self.syslogs:
             syslog.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -195,7 +178,7 @@ class FleetDemo:
 
 
 def run_fleet_demo(out: TextIO) -> int:
-    reason = unavailable_reason()
+    reason = kit.unavailable_reason()
     if reason is None:
         missing = [tool for tool in ("redis-server", "nft") if shutil.which(tool) is None]
         if missing:
@@ -203,25 +186,25 @@ def run_fleet_demo(out: TextIO) -> int:
                       "(Debian: apt install redis-server nftables)")
     if reason is not None:
         out.write(f"portsentry: {reason}\n")
-        return EXIT_UNAVAILABLE
+        return kit.EXIT_UNAVAILABLE
     demo = FleetDemo(out)
-    status = EXIT_FAILED
+    status = kit.EXIT_FAILED
     try:
-        with signals_raise():
+        with kit.signals_raise():
             try:
                 status = demo.story()
-            except StepFailed as failure:
+            except kit.StepFailed as failure:
                 demo.say(f"!! FAILED: {failure}")
-    except Interrupted as interrupt:
+    except kit.Interrupted as interrupt:
         demo.say(f"\nInterrupted ({interrupt}); cleaning up.")
         status = 128 + interrupt.signum
     except KeyboardInterrupt:
         status = 128 + signal.SIGINT
     finally:
-        with signals_ignored():
+        with kit.signals_ignored():
             problems = demo.cleanup()
         demo.say("Cleanup was incomplete: " + "; ".join(problems) if problems else
                  "Cleaned up: daemons and redis-server stopped, namespaces and temporary directory removed.")
         if problems:
-            status = status or EXIT_FAILED
+            status = status or kit.EXIT_FAILED
     return status
