@@ -49,7 +49,7 @@ def compile_copy(src: Path) -> None:
     names = [module.removesuffix(".py").replace("/", ".") for module in MODULES]
     check = ("import importlib, sys\n"
              f"plain = [n for n in {names!r} if not importlib.import_module(n).__file__.endswith('.so')]\n"
-             "sys.exit(' '.join(plain))")
+             "sys.exit(' '.join(plain) or None)")
     loaded = subprocess.run([sys.executable, "-c", check], env={"PYTHONPATH": str(src)},
                             capture_output=True, text=True, timeout=60, check=False)
     if loaded.returncode != 0:
