@@ -105,6 +105,18 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX names_at ON names (at)
         """,
     ),
+    (
+        6,
+        "fleet bans lifted on this host only, so the same ban sent again is not made again",
+        """
+        CREATE TABLE lifted_here (
+            address TEXT PRIMARY KEY,
+            origin TEXT NOT NULL,
+            expires REAL,
+            at REAL NOT NULL
+        )
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -348,7 +348,14 @@ class BanStore:
         Recorded as "expire" when the ban had run out by `now`, else as "lift".
         """
         with self._transaction() as db:
-            return self._lift(db, normalise(address), now, reason, origin)
+            key = normalise(address)
+            if origin not in (ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY):
+                # The peer lifted its ban: a ban it sends from now on is a new one.
+                db.execute("DELETE FROM lifted_here WHERE address = ? AND origin = ?", (str(key), origin))
+            old = self._lift(db, key, now, reason, origin)
+            if old is not None and origin == ORIGIN_LOCAL_ONLY:
+                self._lifted_here(db, [(str(key), old.origin, old.expires)], now)
+            return old
 
     @_store_errors
     def lift_many(self, addresses: Iterable[IPAddress], now: float, reason: str,
@@ -361,19 +368,52 @@ class BanStore:
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start:start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = db.execute(f"SELECT address, offences, expires FROM bans WHERE address IN ({marks})",
-                                  chunk).fetchall()
-                db.executemany("DELETE FROM bans WHERE address = ?", ((key,) for key, _o, _e in rows))
+                rows = db.execute(
+                    f"SELECT address, offences, expires, origin FROM bans WHERE address IN ({marks})",
+                    chunk).fetchall()
+                if origin == ORIGIN_LOCAL_ONLY:
+                    self._lifted_here(db, [(key, was, expires) for key, _o, expires, was in rows], now)
+                db.executemany("DELETE FROM bans WHERE address = ?", ((key,) for key, _o, _e, _w in rows))
                 db.executemany(
                     "INSERT INTO offenders (address, offences, last_lifted) VALUES (?, ?, ?) "
                     "ON CONFLICT (address) DO UPDATE SET "
                     "offences = max(offences, excluded.offences), last_lifted = excluded.last_lifted",
-                    ((key, offences, now) for key, offences, _e in rows))
+                    ((key, offences, now) for key, offences, _e, _w in rows))
                 db.executemany(_HISTORY_INSERT, (
                     (now, "lift" if expires is None or expires > now else "expire", key, reason, origin, None)
-                    for key, _o, expires in rows))
+                    for key, _o, expires, _w in rows))
                 lifted += len(rows)
         return lifted
+
+    @staticmethod
+    def _lifted_here(db: sqlite3.Connection, rows: Iterable[tuple[str, str, float | None]],
+                     now: float) -> None:
+        """Remember the fleet bans among `rows` (address, origin, expiry) that an admin lifted here
+        only: a peer sends its active bans again after Redis lost data, and those must not come
+        back (fleet.apply asks `lifted_here`). This host's own bans are not remembered: peers'
+        copies of them are echoes, never applied here."""
+        db.executemany(
+            "INSERT INTO lifted_here (address, origin, expires, at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (address) DO UPDATE SET origin = excluded.origin, expires = excluded.expires, "
+            "at = excluded.at",
+            ((key, origin, expires, now) for key, origin, expires in rows
+             if origin not in (ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY)))
+
+    def lifted_here(self, addresses: Iterable[IPAddress]) -> dict[IPAddress, tuple[str, float | None]]:
+        """For those of `addresses` whose fleet ban an admin lifted here only: (origin, expiry)."""
+        found: dict[IPAddress, tuple[str, float | None]] = {}
+        with self._lock:
+            # Nearly always empty: a joining host's 100,000 bans then cost one query, not 100,000.
+            if self._db.execute("SELECT 1 FROM lifted_here LIMIT 1").fetchone() is None:
+                return found
+            keys = list(dict.fromkeys(str(normalise(a)) for a in addresses))
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start:start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT address, origin, expires FROM lifted_here WHERE address IN ({marks})"
+                for address, origin, expires in self._db.execute(query, chunk):
+                    found[ip_address(address)] = (origin, expires)
+        return found
 
     def _lift(self, db: sqlite3.Connection, address: IPAddress, now: float, reason: str,
               origin: str) -> Ban | None:
@@ -429,6 +469,8 @@ class BanStore:
             db.execute("DELETE FROM hits WHERE hour < ?", (first_hour,))
             db.execute("DELETE FROM refusals WHERE hour < ?", (first_hour,))
             db.execute("DELETE FROM names WHERE at < ?", (oldest,))
+            # A ban sent again after its expiry is not made anyway; a ban for ever waits for its lift.
+            db.execute("DELETE FROM lifted_here WHERE expires < ?", (now,))
             if max_rows > 0:
                 excess = int(db.execute("SELECT count(*) FROM hits").fetchone()[0]) - max_rows
                 if excess > 0:

@@ -15,6 +15,7 @@ from portsentry.fleet.settings import FleetSettings
 from portsentry.fleet.tally import Tally
 
 LIVE_LOG_LIMIT = 20  # a batch with more bans than this is logged as one summary line
+SAME_EXPIRY = 1.0  # seconds
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
@@ -46,7 +47,7 @@ class Applier:
                 continue
             wanted.append(RemoteBan(decision.address, decision.expires, decision.host,
                                     fleet_reason(decision)))
-        made = adopt_bans(self.bans, wanted, now, self.hosts_deny, kernel_first=True)
+        made = adopt_bans(self.bans, self._not_lifted_here(wanted), now, self.hosts_deny, kernel_first=True)
         self.tally.count("applied", len(made))
         return len(made)
 
@@ -93,7 +94,7 @@ class Applier:
     def _apply_bans(self, run: list[tuple[Decision, RemoteBan]], now: float) -> None:
         if not run:
             return
-        made = adopt_bans(self.bans, [ban for _d, ban in run], now, self.hosts_deny)
+        made = adopt_bans(self.bans, self._not_lifted_here([ban for _d, ban in run]), now, self.hosts_deny)
         done = self.clock()
         self.tally.count("applied", len(made))
         if made:
@@ -105,6 +106,25 @@ class Applier:
                                f"(from {origins.get(ban.address, '?')})")
         else:
             self.tally.log(f"attackalert: {len(made)} hosts have been blocked via fleet")
+
+
+    def _not_lifted_here(self, wanted: list[RemoteBan]) -> list[RemoteBan]:
+        """`wanted` without the bans an admin lifted here only (`unblock --local`) that their
+        origin sends again unchanged, as it does after Redis lost data. A ban extended since, or
+        banned again after the origin lifted it, is another ban and is made."""
+        lifted = self.bans.store.lifted_here(ban.address for ban in wanted) if wanted else {}
+        return [ban for ban in wanted if not same_ban(lifted.get(ban.address), ban)]
+
+
+def same_ban(lifted: tuple[str, float | None] | None, ban: RemoteBan) -> bool:
+    """Whether `ban` is the one lifted here, (origin, expiry): the expiry has been through this
+    host's clock arithmetic (a duration from now, then now plus it), so it is compared to within
+    SAME_EXPIRY. A new ban of the origin ends later than that: it started after the old one."""
+    if lifted is None or lifted[0] != ban.origin:
+        return False
+    if lifted[1] is None or ban.expires is None:
+        return lifted[1] is None and ban.expires is None
+    return abs(lifted[1] - ban.expires) < SAME_EXPIRY
 
 
 def fleet_reason(decision: Decision) -> str:

@@ -236,9 +236,9 @@ def test_schema_version_and_migration_table(tmp_path: Path) -> None:
     BanStore(path).close()  # reopening migrates nothing again
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         versions = db.execute("SELECT version FROM schema_migrations").fetchall()
-        assert versions == [(1,), (2,), (3,), (4,), (5,)]
+        assert versions == [(1,), (2,), (3,), (4,), (5,), (6,)]
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()
@@ -487,3 +487,26 @@ def test_the_wal_file_shrinks_back_after_a_large_transaction(tmp_path: Path) -> 
     assert wal.stat().st_size <= limit
     assert store.active_count(3.0) == 50_005
     store.close()
+
+
+def test_a_peers_ban_lifted_here_only_is_kept_until_the_peer_lifts_it_or_it_ends(store: BanStore) -> None:
+    from portsentry.bans.store import ORIGIN_LOCAL_ONLY, BanRequest
+
+    one, two, three, mine = (IPv4Address(f"198.18.0.{n}") for n in (1, 2, 3, 4))
+    assert store.lifted_here([one]) == {}  # the empty table's shortcut
+    store.ban_absent([BanRequest(one, "fleet", "tcp", 0, 60.0, None, ()),
+                      BanRequest(two, "fleet", "tcp", 0, None, None, ()),
+                      BanRequest(three, "fleet", "tcp", 0, 600.0, None, ())], T0, "h1")
+    ban(store, mine)
+    store.lift(one, T0 + 1, "here only", origin=ORIGIN_LOCAL_ONLY)
+    assert store.lift_many([two, mine], T0 + 1, "here only", origin=ORIGIN_LOCAL_ONLY) == 2
+    store.lift(three, T0 + 1, "everywhere")  # a fleet-wide unblock: nothing to remember
+    # This host's own ban is not remembered: its peers' copies of it are echoes here.
+    assert store.lifted_here([one, two, three, mine]) == {one: ("h1", T0 + 60), two: ("h1", None)}
+    store.lift(two, T0 + 2, "unblocked on h2 (fleet)", origin="h2")  # another peer: stays
+    store.lift(two, T0 + 2, "unblocked on h1 (fleet)", origin="h1")  # its origin: forgotten
+    assert store.lifted_here([one, two]) == {one: ("h1", T0 + 60)}
+    store.prune(T0 + 59)
+    assert one in store.lifted_here([one])
+    store.prune(T0 + 61)
+    assert store.lifted_here([one]) == {}

@@ -396,3 +396,40 @@ def test_entries_read_again_after_loading_the_set_do_not_use_up_the_rate_cap(tmp
     assert two.status()["refused"] == {"rate_limited": 1}
     for link in (out, into):
         link.close()
+
+
+def test_a_ban_lifted_here_only_stays_lifted_when_its_origin_sends_it_again(tmp_path, redis_url):
+    """`unblock --local` of a peer's ban on host 2, then Redis loses everything and host 1 sends
+    its bans again: the same bans, so host 2 does not make them again, from the stream or from the
+    active set. A ban host 1 lengthens, or makes anew after a fleet-wide unblock, is news."""
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
+    timed, forever, other = (ip_address(f"198.18.9.{n}") for n in (1, 2, 3))
+    deliver(one, two, redis_url)
+    local_ban(one, str(timed))
+    local_ban(one, str(forever), None)
+    local_ban(one, str(other))
+    deliver(one, two, redis_url)
+    for address in (timed, forever):
+        assert two.bans.lift(address, time.time(), "unblocked here", origin=ORIGIN_LOCAL_ONLY)
+    assert set(kernel2.held) == {other}
+    admin, out = Link(one.settings), Link(one.settings)
+    admin.client.flushall()
+    one.check_mark(out)  # the loss found: all three sent again, under new seqs
+    assert active_in_redis(admin) == {str(timed), str(forever), str(other)}
+    deliver(one, two, redis_url)
+    assert set(kernel2.held) == {other}
+    two.applier.apply_active([value for batch in admin.active() for value in batch])
+    assert set(kernel2.held) == {other}
+    # Host 1 sees the scanner again: a longer ban is another ban.
+    local_ban(one, str(timed), 1200)
+    deliver(one, two, redis_url)
+    assert set(kernel2.held) == {timed, other}
+    # A fleet-wide unblock, then a new ban for ever: made here too.
+    one.bans.lift(forever, time.time(), "unblocked by admin")
+    deliver(one, two, redis_url)
+    local_ban(one, str(forever), None)
+    deliver(one, two, redis_url)
+    assert set(kernel2.held) == {timed, forever, other}
+    for link in (out, admin):
+        link.close()
