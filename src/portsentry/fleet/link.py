@@ -73,7 +73,9 @@ def mark(epoch: int, seq: int) -> bytes:
 def parse_mark(value: bytes | None) -> tuple[int, int] | None:
     """(epoch, seq) of a mark read back; None for no mark or one this version did not write."""
     epoch, colon, seq = (value or b"").partition(b":")
-    if not colon or not epoch.isdigit() or not seq.isdigit():
+    # At most 20 digits each (both are 64-bit): the hash is writable by every fleet member, and
+    # int() of 4,300 digits raises, which would stall this host's publishing for good.
+    if not colon or not (epoch.isdigit() and seq.isdigit()) or len(epoch) > 20 or len(seq) > 20:
         return None
     return int(epoch), int(seq)
 

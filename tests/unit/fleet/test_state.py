@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from portsentry.fleet.link import just_before, lost_past, parse_mark, trimmed_past
 from portsentry.fleet.state import FleetState, StateFile, load_state
 
@@ -58,3 +61,16 @@ def test_marks_read_back_or_are_no_mark():
     assert parse_mark(b"1700000000000:42") == (1700000000000, 42)
     for value in (None, b"", b"42", b"x:1", b"1:-2", b"1:2:3", "١:٢".encode()):
         assert parse_mark(value) is None, value
+
+
+def test_a_mark_too_long_for_64_bits_is_no_mark():
+    assert parse_mark(f"{2**64 - 1}:{2**64 - 1}".encode()) == (2**64 - 1, 2**64 - 1)
+    # Before: int() of 5,000 digits raised, and the publisher failed on every round after.
+    for foreign in (b"1" * 5000 + b":1", b"1:" + b"9" * 21):
+        assert parse_mark(foreign) is None, foreign
+
+
+@given(st.binary(max_size=60))
+def test_parse_mark_never_raises(value):
+    found = parse_mark(value)
+    assert found is None or all(0 <= part < 10**20 for part in found)
