@@ -107,7 +107,6 @@ class Applier:
         else:
             self.tally.log(f"attackalert: {len(made)} hosts have been blocked via fleet")
 
-
     def _not_lifted_here(self, wanted: list[RemoteBan]) -> list[RemoteBan]:
         """`wanted` without the bans an admin lifted here only (`unblock --local`) that their
         origin sends again unchanged, as it does after Redis lost data. A ban extended since, or
