@@ -5,25 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-
-def _daemon(tmp_path: Path, bans: Any = None, clock: Any = None, telemetry: Any = None) -> tuple[Any, Any]:
-    import io
-
-    from portsentry.config.ignore import IgnoreSource
-    from portsentry.config.settings import Config
-    from portsentry.core.probe import Mode
-    from portsentry.journal.journal import Journal
-    from portsentry.responders.classic import ClassicResponder
-    from portsentry.responders.hostsdeny import HostsDeny
-    from portsentry.service.daemon import Daemon
-
-    said = io.StringIO()
-    journal = Journal(None, stderr=said)
-    config = Config(source="t", state_dir=str(tmp_path), protect_gateways=False, protect_resolvers=False)
-    daemon = Daemon(config, [Mode.TCP], journal, IgnoreSource(None, lambda: []), [],
-                    ClassicResponder(HostsDeny(str(tmp_path / "hosts.deny")), journal.log, 1.0),
-                    bans=bans, clock=clock or (lambda: 1000.0), telemetry=telemetry)
-    return daemon, said
+from tests.unit.service.daemons import bare_daemon
 
 
 def test_an_exception_in_maintenance_is_said_and_the_next_round_runs():
@@ -70,7 +52,7 @@ def test_an_exception_in_maintenance_is_said_and_the_next_round_runs():
 
 
 def test_a_probe_that_meets_a_bug_is_skipped_and_detection_goes_on(tmp_path):
-    daemon, said = _daemon(tmp_path)
+    daemon, said = bare_daemon(tmp_path)
     handled = []
 
     def handle(hit):
@@ -96,7 +78,7 @@ def test_sigusr1_reopens_the_event_log_by_name_and_leaves_the_configuration_alon
     from portsentry.journal.telemetry import Telemetry
 
     events = tmp_path / "events.jsonl"
-    daemon, said = _daemon(tmp_path, telemetry=Telemetry(EventLog(str(events))))
+    daemon, said = bare_daemon(tmp_path, telemetry=Telemetry(EventLog(str(events))))
     reloads: list[int] = []
     daemon.reloader = lambda: reloads.append(1)
     events.rename(tmp_path / "events.jsonl.1")

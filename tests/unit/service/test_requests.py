@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portsentry.config.ignore import IgnoreSource
-from portsentry.config.settings import Config
-from portsentry.core.probe import Mode
-from portsentry.journal.journal import Journal
-from portsentry.responders.classic import ClassicResponder
-from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.service.control import Command, Request, Response
-from portsentry.service.daemon import Daemon
 from portsentry.service.requests import Counters, MinuteCounts, Requests
+from tests.unit.service.daemons import bare_daemon
 
 
 def test_minute_counts_cover_the_last_hour_in_constant_space() -> None:
@@ -40,12 +33,7 @@ class _Rig:
     """A daemon with no sensors and no store, whose main loop and admin pool are two lists."""
 
     def __init__(self, tmp_path: Path) -> None:
-        journal = Journal(None, stderr=io.StringIO())
-        config = Config(source="t", state_dir=str(tmp_path), protect_gateways=False,
-                        protect_resolvers=False)
-        self.daemon = Daemon(config, [Mode.TCP], journal, IgnoreSource(None, lambda: []), [],
-                             ClassicResponder(HostsDeny(str(tmp_path / "hosts.deny")), journal.log, 1.0),
-                             clock=lambda: 1000.0)
+        self.daemon, _said = bare_daemon(tmp_path)
         self.main: list[Callable[[], None]] = []
         self.admin: list[Callable[[], None]] = []
         self.changed = 0
