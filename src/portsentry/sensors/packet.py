@@ -258,6 +258,12 @@ def _parse_ipv6(data: bytes, drops: DropCounter) -> Packet | None:
     offset = IPv6Header.SIZE
     walked = 0
     while next_header != IPPROTO_TCP and next_header != IPPROTO_UDP:
+        # Before the fragment branch: a fragment header is a header walked like any other, and
+        # skipping the check there let a chain of them carry the count past the limit.
+        if walked >= IPV6_EXTENSION_LIMIT and (
+                next_header == IPPROTO_FRAGMENT or next_header in IPV6_EXTENSION_HEADERS):
+            drops.add(DropReason.IPV6_EXT_LIMIT)
+            return None
         if next_header == IPPROTO_FRAGMENT:
             # A first fragment (offset 0) carries the transport header and the kernel answers it
             # once reassembled, so it is a probe like any other; later fragments are not.
@@ -278,9 +284,6 @@ def _parse_ipv6(data: bytes, drops: DropCounter) -> Packet | None:
         if next_header == IPPROTO_HOPOPTS and walked:
             # RFC 8200 allows it only first; the kernel discards the packet otherwise.
             drops.add(DropReason.IPV6_EXT_ORDER)
-            return None
-        if walked == IPV6_EXTENSION_LIMIT:
-            drops.add(DropReason.IPV6_EXT_LIMIT)
             return None
         if end - offset < 8:
             drops.add(DropReason.TRUNCATED)

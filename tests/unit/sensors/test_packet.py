@@ -284,6 +284,21 @@ def test_ipv6_extension_limit():
     assert dropped(ipv6(over, next_header=60)) is DropReason.IPV6_EXT_LIMIT
 
 
+@FUZZ
+@given(st.lists(st.sampled_from([43, 44, 51, 60]), min_size=IPV6_EXTENSION_LIMIT + 1, max_size=40))
+def test_ipv6_extension_limit_counts_fragment_headers(chain_types):
+    # Atomic fragment headers (offset 0) once bumped the count past the limit without meeting
+    # the `==` test, and from then on no number of headers was too many.
+    chain = b""
+    next_headers = [*chain_types[1:], 6]
+    for kind, following in zip(chain_types, next_headers, strict=True):
+        if kind == 44:
+            chain += fragment(following, 0, False)
+        else:
+            chain += ah(following, 2) if kind == 51 else ext(following)
+    assert dropped(ipv6(chain + tcp(), chain_types[0])) is DropReason.IPV6_EXT_LIMIT
+
+
 @pytest.mark.parametrize("keep", [0, 7, 8 + 19])
 def test_ipv6_truncated_chain(keep):
     data = ipv6(ext(6) + tcp(), next_header=60)
