@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
-from portsentry.core.addresses import impossible_source
+from portsentry.core.addresses import canonical, impossible_source
 from portsentry.core.probe import IPAddress, Probe
 
 IPNetwork = IPv4Network | IPv6Network
@@ -72,6 +72,7 @@ class BanGuard:
     rate_limited_total: int = 0
 
     def __post_init__(self) -> None:
+        self.set_protected(self.protected)
         capacity = self.settings.capacity
         # Sources that completed a TCP handshake with a connect-mode port (LRU: a spoofer cannot
         # complete handshakes, so it cannot push real evidence out faster than real clients add it).
@@ -83,7 +84,8 @@ class BanGuard:
         self.rate_limited_in_window = 0
 
     def set_protected(self, addresses: Iterable[IPAddress]) -> None:
-        self.protected = frozenset(addresses)
+        # Sources reach refusal() canonical; a resolver written `::ffff:a.b.c.d` must match them.
+        self.protected = frozenset(map(canonical, addresses))
 
     def note(self, probe: Probe, now: float) -> None:
         """Every hit passes here; connect-mode TCP hits are proof of a real peer."""

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Container
 from dataclasses import dataclass, field
 
-from portsentry.core.addresses import impossible_source
+from portsentry.core.addresses import canonical, impossible_source
 from portsentry.core.probe import IPAddress
 from portsentry.fleet.decision import Decision
 
@@ -46,7 +46,9 @@ class Guards:
 
 
 def _key(address: IPAddress) -> int:
-    """One integer per address, IPv4 and IPv6 apart."""
+    """One integer per host, IPv4 and IPv6 apart. Canonical first: decisions name the IPv4 form,
+    and a guard may hold the mapped one (`nameserver ::ffff:a.b.c.d` in resolv.conf)."""
+    address = canonical(address)
     return int(address) if address.version == 4 else int(address) | 1 << 128
 
 

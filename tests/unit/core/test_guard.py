@@ -133,3 +133,15 @@ def test_refused_sources_get_no_banner():
     assert any(isinstance(a, SendBanner) for a in e.observe(udp("198.18.0.2"), 2.0).actions)  # blocked
     over_the_cap = e.observe(udp("198.18.0.3"), 3.0).actions
     assert not any(isinstance(a, SendBanner) for a in over_the_cap)
+
+
+def test_a_gateway_or_resolver_written_ipv4_mapped_is_protected_as_the_ipv4_host():
+    # resolv.conf may say `nameserver ::ffff:198.18.0.53`; packets from that host come out of the
+    # parser (and connect sensors) as plain IPv4, and must still be refused.
+    e = Engine(EngineSettings(block_tcp=1, kill_route=ROUTE), set())
+    e.guard.set_protected({ip_address("::ffff:198.18.0.53")})
+    assert e.guard.refusal(syn("198.18.0.53"), 1.0) is not None
+    outcome = e.observe(syn("198.18.0.53"), 1.0)
+    assert not any(isinstance(a, Block) for a in outcome.actions)
+    assert BanGuard(protected=frozenset({ip_address("::ffff:198.18.0.53")})).refusal(
+        syn("198.18.0.53"), 1.0) is not None

@@ -72,3 +72,15 @@ def test_the_rate_cap_counts_fleet_bans_a_minute():
     assert gate.check(ban("198.18.6.2", seq=201), NOW + 61) is None
     assert gate.check(ban("198.18.6.3", seq=202), NOW + 61) == "rate_limited"
     assert Gate("h2").rate_limited(NOW) is False  # 0: no cap
+
+
+def test_a_protected_or_own_address_written_ipv4_mapped_guards_the_ipv4_host():
+    # A peer's decision names the canonical (IPv4) form; the guards may hold the mapped one
+    # (`nameserver ::ffff:a.b.c.d` in resolv.conf).
+    guards = Guards(own=frozenset({ip_address("::ffff:198.18.0.1")}),
+                    protected=frozenset({ip_address("::ffff:198.18.0.254")}),
+                    broadcasts=frozenset({ip_address("::ffff:198.18.0.255")}))
+    gate = Gate("h2", guards=guards)
+    assert gate.check(ban("198.18.0.1", seq=1), NOW) == "own_address"
+    assert gate.check(ban("198.18.0.254", seq=2), NOW) == "protected"
+    assert gate.check(ban("198.18.0.255", seq=3), NOW) == "impossible"
