@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from portsentry.core.addresses import canonical
 from portsentry.core.probe import IPAddress
 from portsentry.netlink.codec import (
     NETLINK_ROUTE,
@@ -219,7 +220,8 @@ def parse_resolv_conf(text: str) -> frozenset[IPAddress]:
             resolvers.add(IPv4Address(text_address))
         except ValueError:
             try:
-                resolvers.add(IPv6Address(text_address))
+                # `::ffff:a.b.c.d` is the IPv4 resolver: every guard compares canonical forms.
+                resolvers.add(canonical(IPv6Address(text_address)))
             except ValueError:
                 continue
     return frozenset(resolvers)

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from portsentry.core.addresses import canonical
 from portsentry.host import info as hostinfo
 from portsentry.host.info import (
     IFA_ADDRESS,
@@ -283,6 +284,16 @@ def test_parse_resolv_conf() -> None:
         ip_address("fe80::1"),
         ip_address("198.18.0.54"),
     }
+
+
+@FUZZ
+@given(st.ip_addresses(v=4), st.sampled_from(["::ffff:{}", "::{}", "{}"]))
+def test_resolvers_come_out_canonical(resolver: IPv4Address, form: str) -> None:
+    # Sources are compared in canonical form everywhere (guard, fleet gate, kernel protect
+    # sets): a resolver written IPv4-mapped must come out as the IPv4 host it is.
+    [found] = parse_resolv_conf(f"nameserver {form.format(resolver)}\n")
+    assert found == canonical(ip_address(form.format(resolver)))
+    assert canonical(found) == found
 
 
 @FUZZ
