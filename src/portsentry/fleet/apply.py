@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from portsentry.bans.adopt import RemoteBan, adopt_bans, lift_remote
 from portsentry.bans.lifecycle import BanManager
-from portsentry.fleet.decision import BadDecision, Decision, decode, unpack
+from portsentry.fleet.decision import BadDecision, Decision, decode, reachable, unpack
 from portsentry.fleet.gate import ECHO, Gate
 from portsentry.fleet.settings import FleetSettings
 from portsentry.fleet.tally import Tally
@@ -45,7 +45,7 @@ class Applier:
             if verdict is not None:
                 self.tally.refused(verdict, decision)
                 continue
-            wanted.append(RemoteBan(decision.address, decision.expires, decision.host,
+            wanted.append(RemoteBan(decision.address, reachable(decision.expires), decision.host,
                                     fleet_reason(decision)))
         made = adopt_bans(self.bans, self._not_lifted_here(wanted), now, self.hosts_deny, kernel_first=True)
         self.tally.count("applied", len(made))
@@ -82,7 +82,7 @@ class Applier:
                 self.tally.refused(verdict, decision)
                 continue
             if decision.kind == "ban":
-                run.append((decision, RemoteBan(decision.address, decision.expires, decision.host,
+                run.append((decision, RemoteBan(decision.address, reachable(decision.expires), decision.host,
                                                 fleet_reason(decision))))
                 continue
             self._apply_bans(run, now)

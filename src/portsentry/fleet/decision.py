@@ -33,6 +33,10 @@ KINDS: tuple[Kind, ...] = ("ban", "lift")
 HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 MAX_REASON = 120
 MAX_PAYLOAD = 512  # far above any real decision (an IPv6 address, a reason): a bound for the parser
+# Ban expiries from here on (the year 2477) are forever, both ways: the wire takes no time past
+# 10**12, and nf_tables refuses (ERANGE) a timeout of 2**64 ns (584 years) or more, failing the
+# whole batch of bans it came in. Absolute, so every host turns one expiry into the same ban.
+ENDLESS_FROM = 16e9
 _INTEGER = rb"(0|[1-9][0-9]{0,18})"
 _TIME = rb"(?:0|[1-9][0-9]{0,11})\.[0-9]{6}"  # seconds since 1970, to the microsecond
 # version|host|epoch|seq|kind|address|expires|at|reason (printable ASCII without '|')
@@ -83,6 +87,11 @@ class Decision:
         expires = "-" if self.expires is None else f"{self.expires:.6f}"
         return (f"{VERSION}|{self.host}|{self.epoch}|{self.seq}|{self.kind}|{self.address.compressed}|"
                 f"{expires}|{self.at:.6f}|{reason}").encode("ascii")
+
+
+def reachable(expires: float | None) -> float | None:
+    """A ban's expiry as the fleet carries and applies it: None (forever) from ENDLESS_FROM on."""
+    return None if expires is None or expires >= ENDLESS_FROM else expires
 
 
 def _clean(text: str) -> str:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.store import ORIGIN_LOCAL, Change, StoreError
 from portsentry.fleet.apply import Applier
-from portsentry.fleet.decision import Decision
+from portsentry.fleet.decision import Decision, reachable
 from portsentry.fleet.gate import Gate, Guards
 from portsentry.fleet.link import Link, just_before, link_errors, lost_past, mark, parse_mark, stream_order
 from portsentry.fleet.settings import FleetSettings
@@ -268,7 +268,7 @@ class FleetNode:
                              if change.id <= seq and change.kind == "lift" and change.origin == ORIGIN_LOCAL
                              and change.address not in active])
                 after = changes[-1].id
-        decisions = [Decision(host, self.epoch, seq, "ban", ban.address, ban.expires, now,
+        decisions = [Decision(host, self.epoch, seq, "ban", ban.address, reachable(ban.expires), now,
                               _reason(ban.reason)) for ban in mine]
         for start in range(0, len(decisions), PUBLISH_BATCH):
             link.publish(decisions[start:start + PUBLISH_BATCH])
@@ -303,8 +303,10 @@ class FleetNode:
         if change.origin != ORIGIN_LOCAL or change.kind == "expire":
             return None  # peers' changes are theirs to send; expiry follows the ban everywhere
         if change.bans:
+            # An admin's `block --duration 99999999w` is a valid ban here; as it stood, its
+            # decision raised in every publish and nothing after it ever left this host.
             return Decision(self.settings.host_id, self.epoch, change.id, "ban", change.address,
-                            change.expires, change.at, _reason(change.detail))
+                            reachable(change.expires), change.at, _reason(change.detail))
         return Decision(self.settings.host_id, self.epoch, change.id, "lift", change.address, None,
                         change.at, _reason(change.detail))
 

@@ -433,3 +433,40 @@ def test_a_ban_lifted_here_only_stays_lifted_when_its_origin_sends_it_again(tmp_
     assert set(kernel2.held) == {timed, forever, other}
     for link in (out, admin):
         link.close()
+
+
+# nf_tables refuses (ERANGE) a set element timeout of 2**64 ns or more, about 584 years: one such
+# element fails the whole batch it is sent in, the other bans of the batch with it.
+NFT_TIMEOUT_LIMIT = (2**64 - 1) / 1e9
+
+
+def test_a_local_ban_longer_than_a_decision_can_say_does_not_stall_publishing(tmp_path, redis_url):
+    # `portsentry block ADDR --duration 99999999w` is taken by the store; its decision once raised
+    # in every publish, so neither it nor any later ban ever left this host.
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
+    deliver(one, two, redis_url)
+    local_ban(one, "198.18.9.1", 99999999 * 7 * 86400)
+    local_ban(one, "198.18.9.2", 600)
+    deliver(one, two, redis_url)
+    assert one.status()["backlog"] == 0
+    assert kernel2.held[ip_address("198.18.9.1")] is None  # further out than any kernel can time
+    assert 0 < kernel2.held[ip_address("198.18.9.2")] <= 600  # type: ignore[operator]
+
+
+def test_a_peer_ban_beyond_what_the_kernel_can_time_is_made_forever(tmp_path, redis_url):
+    # A peer (another version, or a clock far off) may sign any expiry below 10**12: as a timeout,
+    # one in the year 3000 made nf_tables refuse the whole batch, on every host of the fleet.
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
+    deliver(one, two, redis_url)
+    link = Link(one.settings)
+    far = Decision("h1", one.epoch, 1, "ban", ip_address("198.18.9.7"), 32503680000.0, time.time())
+    link.publish([far])
+    deliver(one, two, redis_url)
+    late, kernel3, _l3 = node(tmp_path, redis_url, "h3")  # loads it from the active set
+    deliver(one, late, redis_url)
+    for kernel in (kernel2, kernel3):
+        timeout = kernel.held[ip_address("198.18.9.7")]
+        assert timeout is None or timeout < NFT_TIMEOUT_LIMIT
+    link.close()
