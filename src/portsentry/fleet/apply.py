@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from portsentry.bans.adopt import RemoteBan, adopt_bans, lift_remote
 from portsentry.bans.lifecycle import BanManager
+from portsentry.bans.store import ORIGIN_LOCAL
 from portsentry.fleet.decision import BadDecision, Decision, decode, reachable, unpack
 from portsentry.fleet.gate import ECHO, Gate
 from portsentry.fleet.settings import FleetSettings
@@ -87,6 +88,9 @@ class Applier:
                 continue
             self._apply_bans(run, now)
             run = []
+            if self._banned_here_since(decision):
+                self.tally.refused("stale", decision)
+                continue
             if lift_remote(self.bans, decision.address, decision.host, now):
                 self.tally.count("applied")
         self._apply_bans(run, now)
@@ -106,6 +110,14 @@ class Applier:
                                f"(from {origins.get(ban.address, '?')})")
         else:
             self.tally.log(f"attackalert: {len(made)} hosts have been blocked via fleet")
+
+    def _banned_here_since(self, lift: Decision) -> bool:
+        """Whether this host's own detection or admin banned (or renewed the ban of) the lift's
+        address after the lift was decided: a lift read late, after a Redis outage, knew nothing
+        of that ban. Bans taken from peers are lifted as ever: their time here is when they were
+        applied, not when they were decided."""
+        held = self.bans.store.get(lift.address)
+        return held is not None and held.origin == ORIGIN_LOCAL and held.last_seen > lift.at
 
     def _not_lifted_here(self, wanted: list[RemoteBan]) -> list[RemoteBan]:
         """`wanted` without the bans an admin lifted here only (`unblock --local`) that their

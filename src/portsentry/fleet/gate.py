@@ -25,7 +25,7 @@ from portsentry.fleet.decision import Decision
 MINUTE = 60.0
 ECHO = "echo"  # our own decision read back: skipped, never counted as refused
 REASONS = ("unsigned", "bad_signature", "malformed", "host_not_accepted", "replay", "impossible",
-           "own_address", "ignored", "protected", "expired", "rate_limited")
+           "own_address", "ignored", "protected", "expired", "rate_limited", "stale")
 
 
 @dataclass(frozen=True)

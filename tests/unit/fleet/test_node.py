@@ -470,3 +470,30 @@ def test_a_peer_ban_beyond_what_the_kernel_can_time_is_made_forever(tmp_path, re
         timeout = kernel.held[ip_address("198.18.9.7")]
         assert timeout is None or timeout < NFT_TIMEOUT_LIMIT
     link.close()
+
+
+def test_a_lift_read_late_spares_a_ban_this_host_made_after_it(tmp_path, redis_url):
+    # Host 2 was behind on the stream (Redis away) when its own detection banned the scanner,
+    # after host 1's admin had unblocked it: that lift, read now, is older than the ban and must
+    # not take it, or the scanner would be banned on every host but the one that saw it.
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
+    deliver(one, two, redis_url)
+    early, taken = ip_address("198.18.9.3"), ip_address("198.18.9.2")
+    for address in (SCANNER, taken, early):
+        local_ban(one, str(address))
+    local_ban(two, str(early))  # before the lift: lifted with the others
+    time.sleep(0.01)
+    for address in (SCANNER, taken, early):
+        one.bans.lift(address, time.time(), "unblocked by admin")
+    out = Link(one.settings)
+    while one.publish_once(out):
+        pass
+    out.close()
+    time.sleep(0.01)
+    local_ban(two, str(SCANNER))  # after the lift: its own, newer evidence
+    deliver(one, two, redis_url)
+    held = two.bans.store.get(SCANNER)
+    assert held is not None and held.active(time.time()) and SCANNER in kernel2.held
+    assert two.status()["refused"] == {"stale": 1}
+    assert taken not in kernel2.held and early not in kernel2.held
