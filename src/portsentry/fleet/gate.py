@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from portsentry.core.addresses import canonical, impossible_source
 from portsentry.core.probe import IPAddress
 from portsentry.fleet.decision import Decision
+from portsentry.fleet.settings import RESERVED_IDS
 
 MINUTE = 60.0
 ECHO = "echo"  # our own decision read back: skipped, never counted as refused
@@ -75,7 +76,9 @@ class Gate:
         loaded (`capped` False) are that same past, ordered but not capped."""
         if decision.host == self.host_id:
             return ECHO
-        if self.accept is not None and decision.host not in self.accept:
+        # The store's names for this host's own bans: taken from a peer, its ban became ours and
+        # was published again under our id.
+        if decision.host in RESERVED_IDS or (self.accept is not None and decision.host not in self.accept):
             return "host_not_accepted"
         if live:
             order = (decision.epoch, decision.seq)

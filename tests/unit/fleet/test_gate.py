@@ -84,3 +84,13 @@ def test_a_protected_or_own_address_written_ipv4_mapped_guards_the_ipv4_host():
     assert gate.check(ban("198.18.0.1", seq=1), NOW) == "own_address"
     assert gate.check(ban("198.18.0.254", seq=2), NOW) == "protected"
     assert gate.check(ban("198.18.0.255", seq=3), NOW) == "impossible"
+
+
+def test_a_peer_signing_as_a_store_origin_of_this_host_is_not_accepted():
+    # The ban store names this host's own bans "local" (and "local-only" for lifts made here
+    # only): a peer decision under that id was stored as this host's own ban and published again.
+    gate = Gate("h2")
+    for n, host in enumerate(("local", "local-only"), 1):
+        assert gate.check(ban("198.18.9.9", host=host, seq=n), NOW) == "host_not_accepted"
+        assert gate.check(lift("198.18.9.9", host=host, seq=n), NOW) == "host_not_accepted"
+        assert gate.check(ban("198.18.9.9", host=host, seq=n), NOW, live=False) == "host_not_accepted"
