@@ -15,6 +15,10 @@ from portsentry.fleet.gate import ECHO, Gate
 from portsentry.fleet.settings import FleetSettings
 from portsentry.fleet.tally import Tally
 
+# How far apart two hosts' clocks may be for a lift to be taken as decided before a ban made
+# here: NTP keeps hosts within milliseconds, an unsynchronised one drifts by seconds a day.
+CLOCK_SKEW = 30.0
+
 LIVE_LOG_LIMIT = 20  # a batch with more bans than this is logged as one summary line
 SAME_EXPIRY = 1.0  # seconds
 
@@ -115,9 +119,11 @@ class Applier:
         """Whether this host's own detection or admin banned (or renewed the ban of) the lift's
         address after the lift was decided: a lift read late, after a Redis outage, knew nothing
         of that ban. Bans taken from peers are lifted as ever: their time here is when they were
-        applied, not when they were decided."""
+        applied, not when they were decided. The lift's time is the peer's clock, so only a ban
+        newer by more than CLOCK_SKEW counts: an admin's quick unblock of a mistake, read by a
+        host whose clock runs ahead, must still lift it here."""
         held = self.bans.store.get(lift.address)
-        return held is not None and held.origin == ORIGIN_LOCAL and held.last_seen > lift.at
+        return held is not None and held.origin == ORIGIN_LOCAL and held.last_seen > lift.at + CLOCK_SKEW
 
     def _not_lifted_here(self, wanted: list[RemoteBan]) -> list[RemoteBan]:
         """`wanted` without the bans an admin lifted here only (`unblock --local`) that their

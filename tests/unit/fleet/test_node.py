@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from portsentry.bans.store import ORIGIN_LOCAL_ONLY
+from portsentry.fleet.apply import CLOCK_SKEW
 from portsentry.fleet.decision import Decision, encode, unpack
 from portsentry.fleet.gate import Guards
 from portsentry.fleet.link import Link
@@ -35,9 +36,10 @@ def node(tmp_path: Path, url: str, host: str, **settings: object) -> tuple[Fleet
     return fleet, kernel, log
 
 
-def local_ban(fleet: FleetNode, address: str, duration: float | None = 600) -> None:
+def local_ban(fleet: FleetNode, address: str, duration: float | None = 600, now: float | None = None) -> None:
     """As a scan's block does it: recorded, then put in the kernel."""
-    fleet.bans.remember(ip_address(address), reason="TCP SYN scan", mode="stcp", port=1, now=time.time(),
+    now = time.time() if now is None else now
+    fleet.bans.remember(ip_address(address), reason="TCP SYN scan", mode="stcp", port=1, now=now,
                         duration=duration, hosts_deny_line=None, native=True)
     fleet.bans.ban_native(ip_address(address), duration)
 
@@ -475,25 +477,27 @@ def test_a_peer_ban_beyond_what_the_kernel_can_time_is_made_forever(tmp_path, re
 def test_a_lift_read_late_spares_a_ban_this_host_made_after_it(tmp_path, redis_url):
     # Host 2 was behind on the stream (Redis away) when its own detection banned the scanner,
     # after host 1's admin had unblocked it: that lift, read now, is older than the ban and must
-    # not take it, or the scanner would be banned on every host but the one that saw it.
+    # not take it, or the scanner would be banned on every host but the one that saw it. A ban
+    # made within CLOCK_SKEW of the lift cannot be told newer by two hosts' clocks: it is lifted.
     one, _k1, _l1 = node(tmp_path, redis_url, "h1")
     two, kernel2, _l2 = node(tmp_path, redis_url, "h2")
     deliver(one, two, redis_url)
-    early, taken = ip_address("198.18.9.3"), ip_address("198.18.9.2")
-    for address in (SCANNER, taken, early):
-        local_ban(one, str(address))
-    local_ban(two, str(early))  # before the lift: lifted with the others
-    time.sleep(0.01)
-    for address in (SCANNER, taken, early):
-        one.bans.lift(address, time.time(), "unblocked by admin")
+    now = time.time()
+    lifted_at = now - 4 * CLOCK_SKEW
+    early, taken, close = ip_address("198.18.9.3"), ip_address("198.18.9.2"), ip_address("198.18.9.4")
+    for address in (SCANNER, taken, early, close):
+        local_ban(one, str(address), now=lifted_at - 1)
+    local_ban(two, str(early), now=lifted_at - 1)  # before the lift: lifted with the others
+    for address in (SCANNER, taken, early, close):
+        one.bans.lift(address, lifted_at, "unblocked by admin")
     out = Link(one.settings)
     while one.publish_once(out):
         pass
     out.close()
-    time.sleep(0.01)
-    local_ban(two, str(SCANNER))  # after the lift: its own, newer evidence
+    local_ban(two, str(SCANNER), now=now)  # well after the lift: its own, newer evidence
+    local_ban(two, str(close), now=lifted_at + CLOCK_SKEW / 2)  # after it by a skewed clock only
     deliver(one, two, redis_url)
     held = two.bans.store.get(SCANNER)
     assert held is not None and held.active(time.time()) and SCANNER in kernel2.held
     assert two.status()["refused"] == {"stale": 1}
-    assert taken not in kernel2.held and early not in kernel2.held
+    assert taken not in kernel2.held and early not in kernel2.held and close not in kernel2.held
