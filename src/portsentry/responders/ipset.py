@@ -2,9 +2,10 @@
 `portsentry6`) matched by one DROP rule each in iptables and ip6tables, so the packet path costs
 one hash lookup however many bans there are, and the kernel expires them.
 
-ipset timeouts are whole seconds up to MAX_TIMEOUT; longer bans are clamped to it (the daemon,
-which keeps its own ban records, re-adds them at start). `-exist` makes add refresh the timeout
-and del accept an absent member.
+ipset timeouts are whole seconds up to MAX_TIMEOUT (24.8 days); a longer ban is added without a
+timeout and lifted by the daemon at its end, as every ban is: clamped, it would leave the kernel
+after 24.8 days while the record still said banned. `-exist` makes add refresh the timeout and
+del accept an absent member.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ _RULE_ABSENT = 1
 
 
 def seconds(timeout: float | None) -> int:
-    """ipset's timeout value: 0 is "forever", otherwise whole seconds rounded up, clamped."""
+    """ipset's timeout value: whole seconds rounded up; 0 ("forever") past what ipset can time."""
     timeout = check_timeout(timeout)
-    if timeout is None:
+    if timeout is None or timeout > MAX_TIMEOUT:
         return 0
-    return min(MAX_TIMEOUT, max(1, math.ceil(timeout - 1e-9)))
+    return max(1, math.ceil(timeout - 1e-9))
 
 
 class IpsetBackend(BanBackend):

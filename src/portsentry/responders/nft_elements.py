@@ -57,6 +57,7 @@ from portsentry.responders.backend import (
     Caught,
     Guarded,
     address_text,
+    check_timeout,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +288,19 @@ def timeout_text(timeout: float) -> str:
     """nft's spelling of a timeout: whole seconds as `3600s`, anything else in milliseconds."""
     ms = timeout_ms(timeout)
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+# A ban this long or longer goes into the set without a timeout. nf_tables refuses (ERANGE) an
+# element timeout of 2**64 ns (584 years) or more, and with it the whole batch of bans it came in;
+# some kernels store timeouts in fewer bits. The daemon lifts the element at the ban's end, as it
+# does every ban, so 68 years without a kernel timer loses nothing.
+KERNEL_TIMEOUT_LIMIT = float(2**31)
+
+
+def held_for(timeout: float | None) -> float | None:
+    """A ban's kernel timeout in seconds: None (no timeout) for forever and from the limit on."""
+    timeout = check_timeout(timeout)
+    return None if timeout is None or timeout >= KERNEL_TIMEOUT_LIMIT else timeout
 
 
 def timeout_ms(timeout: float) -> int:

@@ -37,7 +37,6 @@ from portsentry.responders.backend import (
     Guarded,
     Runner,
     address_text,
-    check_timeout,
     run_argv,
     unpacked,
 )
@@ -57,6 +56,7 @@ from portsentry.responders.nft_capture import (
 )
 from portsentry.responders.nft_elements import (
     BE64,
+    KERNEL_TIMEOUT_LIMIT,
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
     TIMEOUT_HEAD,
@@ -67,6 +67,7 @@ from portsentry.responders.nft_elements import (
     Sender,
     SocketFactory,
     element_head,
+    held_for,
     intervals,
     open_netlink,
     parse_caught_json,
@@ -202,7 +203,7 @@ class NftablesBackend(BanBackend):
         return SET4 if address.version == 4 else SET6
 
     def add_script(self, address: IPAddress, timeout: float | None) -> str:
-        timeout = check_timeout(timeout)
+        timeout = held_for(timeout)
         where = f"element inet {self.table} {self._set_for(address)}"
         return (
             f"add {where} {{ {self._element(address)} }}\n"
@@ -267,7 +268,7 @@ class NftablesBackend(BanBackend):
         for address, timeout in bans:
             if not isinstance(address, IPv4Address | IPv6Address):
                 address_text(address)  # the one TypeError for anything but an address
-            latest[address] = timeout if timeout is None else check_timeout(timeout)
+            latest[address] = timeout if timeout is None else held_for(timeout)
         v4: list[tuple[IPAddress, float | None]] = [(a, t) for a, t in latest.items() if a.version == 4]
         v6: list[tuple[IPAddress, float | None]] = [(a, t) for a, t in latest.items() if a.version == 6]
         return [(name, items) for name, items in ((SET4, v4), (SET6, v6)) if items]
@@ -471,11 +472,11 @@ class NftablesBackend(BanBackend):
                 else:
                     unpacked(packed)  # raises the one TypeError for anything but an address
                     continue
+                if timeout is not None and not 0 < timeout < KERNEL_TIMEOUT_LIMIT:
+                    timeout = held_for(timeout)  # raises the one ValueError for a bad timeout
                 if timeout is None:
                     target.append(bare + packed)
                 else:
-                    if not 0 < timeout < math.inf:
-                        check_timeout(timeout)  # raises the one ValueError for a bad timeout
                     ms = math.ceil(timeout * 1000 - 1e-6)  # timeout_ms, inlined
                     target.append(timed + packed + TIMEOUT_HEAD + pack64(ms if ms > 0 else 1))
                 if len(target) == BATCH_ELEMENTS:

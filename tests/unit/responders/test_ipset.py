@@ -133,7 +133,8 @@ def test_parse_save_fuzz_only_backend_errors(text: str) -> None:
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    (None, 0), (1, 1), (0.001, 1), (3600, 3600), (3600.2, 3601), (10**9, MAX_TIMEOUT),
+    (None, 0), (1, 1), (0.001, 1), (3600, 3600), (3600.2, 3601), (MAX_TIMEOUT, MAX_TIMEOUT),
+    (MAX_TIMEOUT + 0.5, 0), (30 * 86400, 0), (10**9, 0),
 ])
 def test_seconds(value: float | None, expected: int) -> None:
     assert seconds(value) == expected

@@ -20,6 +20,7 @@ from portsentry.core.probe import Protocol
 from portsentry.responders import nftables
 from portsentry.responders.backend import BackendError, RunResult
 from portsentry.responders.nft_elements import (
+    KERNEL_TIMEOUT_LIMIT,
     NFT_MSG_DELSETELEM,
     NFT_MSG_NEWSETELEM,
     ElementOp,
@@ -633,3 +634,26 @@ def test_the_caught_parser_never_raises_anything_but_backend_error(text: str) ->
 
     with contextlib.suppress(BackendError):
         parse_caught_json(text)
+
+
+def test_a_ban_longer_than_the_kernel_can_time_goes_in_without_a_timeout() -> None:
+    # nf_tables refused a 99999999-week ban with ERANGE, and with it every other ban of the
+    # batch (a restore at start, a fleet's bans): from KERNEL_TIMEOUT_LIMIT on, no kernel timer;
+    # the daemon lifts the element at the ban's end as it lifts every ban.
+    long, far = KERNEL_TIMEOUT_LIMIT, 99999999 * 7 * 86400.0
+    backend = NftablesBackend(runner=Recorder())
+    assert backend.add_script(V4, far) == (
+        "add element inet portsentry blocked4 { 198.18.0.9 }\n"
+        "delete element inet portsentry blocked4 { 198.18.0.9 }\n"
+        "add element inet portsentry blocked4 { 198.18.0.9 }\n")
+    assert backend.add_ops([(V4, long), (V6, long - 1)])[2] == \
+        ElementOp(NFT_MSG_NEWSETELEM, "blocked4", ((V4, None),))
+    assert backend.add_ops([(V6, long - 1)])[2] == \
+        ElementOp(NFT_MSG_NEWSETELEM, "blocked6", ((V6, (2**31 - 1) * 1000),))
+    assert backend.restore_ops([(V4, far)]) == [ElementOp(NFT_MSG_NEWSETELEM, "blocked4", ((V4, None),))]
+    fake = FakeNetlink()
+    netlink_backend(fake).restore_many([(V4.packed, far), (IPv4Address("198.18.0.7").packed, 60.0)])
+    reference = element_message("portsentry", ElementOp(NFT_MSG_NEWSETELEM, "blocked4", (
+        (V4, None), (IPv4Address("198.18.0.7"), 60_000))), 0)
+    sent = _messages(fake.sent[0])[1][2]
+    assert sent[:8] == reference[:8] and sent[12:] == reference[12:]
