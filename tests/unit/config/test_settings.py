@@ -578,3 +578,34 @@ def test_parse_config_only_raises_config_error_on_config_like_text(
     lines: list[str], newline: str
 ) -> None:
     _check_outcome(newline.join(lines))
+
+
+# --- values at the edge of their ranges -------------------------------------------------------
+
+
+def test_a_port_too_long_for_int_in_metrics_listen_is_a_config_error() -> None:
+    # int() refuses strings over 4300 digits with a ValueError, which escaped as a traceback.
+    port = "9" * 5000
+    with pytest.raises(ConfigError) as caught:
+        parse(f'\nMETRICS_LISTEN="127.0.0.1:{port}"\n')
+    assert (caught.value.line, caught.value.key) == (2, "METRICS_LISTEN")
+    assert "is not a port (0-65535)" in caught.value.message
+    zeros = parse(f'METRICS_LISTEN="127.0.0.1:{"0" * 5000}9470"\n').config
+    assert zeros.metrics_listen is not None
+
+
+# Digit runs of every length up to past int()'s 4300-digit limit, not just the short ones
+# st.text() favours.
+_DIGIT_RUNS = st.integers(0, 6000).flatmap(lambda n: st.text("0123456789", min_size=n, max_size=n))
+
+
+@FUZZ
+@given(st.sampled_from(["127.0.0.1", "[::1]", "localhost", ""]), _DIGIT_RUNS)
+def test_metrics_listen_with_any_digit_run_is_accepted_or_a_config_error(host: str, port: str) -> None:
+    address = f"{host}:{port}"
+    try:
+        config = parse(f'METRICS_LISTEN="{address}"\n').config
+    except ConfigError as error:
+        assert error.key == "METRICS_LISTEN"
+        return
+    assert config.metrics_listen == address
