@@ -32,10 +32,12 @@ def integer(low: int, high: int, expected: str) -> Callable[[str], int]:
 
     def convert(value: str) -> int:
         match = _INTEGER.fullmatch(value)
-        # The length check keeps int() away from absurdly long digit strings.
-        if match is None or len(match.group(1)) > 9 or not low <= int(match.group(1)) <= high:
+        # The length check keeps int() away from absurdly long digit strings; it is taken
+        # without leading zeros and against `high`, so the top of every range is reachable.
+        digits = (match.group(1).lstrip("0") or "0") if match else ""
+        if match is None or len(digits) > len(str(high)) or not low <= int(digits) <= high:
             raise BadValue(f"{value!r} is not {expected}")
-        return int(match.group(1))
+        return int(digits)
 
     return convert
 

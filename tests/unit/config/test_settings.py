@@ -609,3 +609,17 @@ def test_metrics_listen_with_any_digit_run_is_accepted_or_a_config_error(host: s
         assert error.key == "METRICS_LISTEN"
         return
     assert config.metrics_listen == address
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "expected"),
+    [
+        # The top of HISTORY_MAX_ROWS's range has ten digits; a nine-digit cap refused it.
+        ('HISTORY_MAX_ROWS="1000000000"', "history_max_rows", 1_000_000_000),
+        # atoi read leading zeros; they do not make a number larger.
+        ('SCAN_TRIGGER="0000000000003"', "scan_trigger", 3),
+        ('BLOCK_TIME="0315360000"', "block_time", 315_360_000),
+    ],
+)
+def test_whole_numbers_are_judged_by_value_not_by_digit_count(line: str, field: str, expected: int) -> None:
+    assert getattr(parse(line + "\n").config, field) == expected
