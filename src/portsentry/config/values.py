@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Final
+from urllib.parse import urlsplit
 
 from portsentry.core.ports import PortListError, parse_ports
 
@@ -68,6 +69,20 @@ def optional(value: str) -> str | None:
 def required(value: str) -> str:
     if not value:
         raise BadValue("must not be empty (leave the key out to use the default)")
+    return value
+
+
+def url(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        urlsplit(value)
+    except ValueError:
+        # Neither the text nor urlsplit's message (which may quote the netloc) is repeated:
+        # the URL may hold the Redis password.
+        raise BadValue(
+            "is not a valid URL (an IPv6 address needs both brackets: redis://[fd00::1]:6379)"
+        ) from None
     return value
 
 

@@ -623,3 +623,13 @@ def test_metrics_listen_with_any_digit_run_is_accepted_or_a_config_error(host: s
 )
 def test_whole_numbers_are_judged_by_value_not_by_digit_count(line: str, field: str, expected: int) -> None:
     assert getattr(parse(line + "\n").config, field) == expected
+
+
+@pytest.mark.parametrize("url", ["redis://:s3cret@[fd00::1:6379", "redis://:s3cret@fd00::1]:6379/0"])
+def test_a_redis_url_urlsplit_refuses_is_a_config_error_that_keeps_the_password_out(url: str) -> None:
+    # The fleet's urlsplit() raised ValueError at start: a traceback after check-config said OK.
+    with pytest.raises(ConfigError) as caught:
+        parse(f'\n\nFLEET_REDIS_URL="{url}"\n')
+    assert (caught.value.line, caught.value.key) == (3, "FLEET_REDIS_URL")
+    assert "s3cret" not in str(caught.value)
+    assert "brackets" in caught.value.message
