@@ -37,12 +37,16 @@ from portsentry.service.resolver import Resolver
 if TYPE_CHECKING:
     from portsentry.bans.lifecycle import BanManager
     from portsentry.fleet.node import FleetNode
+    from portsentry.fleet.settings import FleetSettings
 
 
 def check_config(loaded: LoadedConfig, modes: Sequence[Mode], modes_from: str = "command line") -> int:
     try:
         validate_for_modes(loaded.config, modes)
         source = open_ignore(loaded.config)
+        # Only the start reads the fleet's settings (reload keeps the fleet it has), but a
+        # check-config that passes what the start refuses is no check.
+        checked_fleet_settings(loaded.config)
     except (ConfigError, IgnoreFileError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
@@ -309,6 +313,16 @@ def open_fleet(config: Config, bans: BanManager, log: Callable[[str], None],
     """The fleet node FLEET_REDIS_URL asks for (None: no fleet); ConfigError when its settings
     are unusable or the redis package is missing."""
     from portsentry.fleet.node import FleetNode
+
+    settings = checked_fleet_settings(config)
+    if settings is None:
+        return None
+    return FleetNode(settings, bans, config.state_dir, log, telemetry, hosts_deny=config.kill_hosts_deny)
+
+
+def checked_fleet_settings(config: Config) -> FleetSettings | None:
+    """The fleet's settings (None: no fleet); ConfigError when they are unusable or the redis
+    package is missing."""
     from portsentry.fleet.settings import fleet_settings
 
     settings = fleet_settings(config)
@@ -319,7 +333,7 @@ def open_fleet(config: Config, bans: BanManager, log: Callable[[str], None],
     except ImportError:
         raise config.error("FLEET_REDIS_URL", "the fleet needs the redis package: "
                            "pip install 'portsentry[fleet]'") from None
-    return FleetNode(settings, bans, config.state_dir, log, telemetry, hosts_deny=config.kill_hosts_deny)
+    return settings
 
 
 def daemonize() -> None:

@@ -186,6 +186,23 @@ def test_keep_capabilities_is_checked_by_check_config(tmp_path, capsys):
     assert main(["check-config", "-c", str(conf)]) == 0
 
 
+
+def test_fleet_settings_the_start_refuses_are_refused_by_check_config(tmp_path, capsys):
+    # check-config said "configuration OK" and the start then stopped on FLEET_KEY_FILE.
+    key = tmp_path / "fleet.key"
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\nFLEET_REDIS_URL="redis://127.0.0.1:6379"\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"portsentry: {conf}: FLEET_KEY_FILE: is required with FLEET_REDIS_URL: every decision is signed")
+    key.write_text("k" * 32)
+    key.chmod(0o644)
+    conf.write_text(f'TCP_PORTS="1"\nFLEET_REDIS_URL="redis://127.0.0.1:6379"\nFLEET_KEY_FILE="{key}"\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    assert f"{conf}:3: FLEET_KEY_FILE: {key} may be read by others" in capsys.readouterr().err
+    key.chmod(0o600)
+    assert main(["check-config", "-c", str(conf)]) == 0
+
 # --- --pid-file ---------------------------------------------------------------------------------
 
 
