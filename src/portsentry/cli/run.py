@@ -126,6 +126,19 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
 
     for warning in ignore.warnings:
         journal.log(f"adminalert: WARNING: {warning}")
+    control_path: str | None = config.control_socket
+    other = daemon_answering(config.control_socket)
+    if other is not None:
+        # 1.2 ran one mode per process, and rc scripts written for it still start two; the
+        # second used to take the socket over, after which status, list and reload reached it
+        # alone, and once it stopped, `portsentry status` called the first "not running".
+        warning = (f"adminalert: WARNING: {other} answers on the control socket "
+                   f"{config.control_socket}; this one runs without it, so status, list, block, "
+                   "unblock and reload reach that one only (run every mode in one process, e.g. "
+                   "portsentry -tcp -udp, or give each its own CONTROL_SOCKET)")
+        print(f"portsentry: {warning.removeprefix('adminalert: ')}", file=sys.stderr)
+        journal.log(warning)
+        control_path = None
     pid_file = None
     if args.pid_file:
         # Before forking, so that a refusal reaches the terminal; the lock passes to the child.
@@ -180,7 +193,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         return build_sensors(new, modes, journal.log, time.time, bans.backend)
 
     daemon = Daemon(config, modes, journal, ignore, sensors_for(config), responder, resolver, bans=bans,
-                    reloader=reload_config, sensor_factory=sensors_for, control_path=config.control_socket,
+                    reloader=reload_config, sensor_factory=sensors_for, control_path=control_path,
                     telemetry=telemetry, fleet=fleet)
     daemon.install_signal_handlers()
     status = 0
@@ -205,6 +218,22 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     if pid_file is not None:
         pid_file.release()
     return status
+
+
+def daemon_answering(path: str) -> str | None:
+    """Who already listens on the control socket `path` ("another portsentry (pid N)"), or None
+    when nobody does (no socket, or a stale one left by a daemon that died)."""
+    from portsentry.service import control
+
+    try:
+        answer = control.request(path, {"command": "status"}, timeout=5.0)
+    except control.NotRunning:
+        return None
+    except (OSError, ValueError):  # it listens but does not answer as a daemon does
+        return "another process"
+    status = answer.get("status")
+    pid = status.get("pid") if isinstance(status, dict) else None
+    return f"another portsentry (pid {pid})" if isinstance(pid, int) else "another portsentry"
 
 
 class PidFileError(Exception):

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -318,3 +324,75 @@ def test_list_answered_by_the_daemon_imports_neither_the_lifecycle_nor_the_backe
              "portsentry.service.daemon", "portsentry.core.engine"}
     assert imported & heavy == set()
     assert "portsentry.service.control" in imported  # the check can fail: it sees what is imported
+
+
+# --- a second daemon on the same control socket ---------------------------------------------------
+
+
+class _RecordingDaemon:
+    """Stands in for service.daemon.Daemon: records what run() hands it and opens nothing."""
+
+    seen: ClassVar[dict[str, object]] = {}
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        _RecordingDaemon.seen = kwargs
+
+    def install_signal_handlers(self) -> None:
+        pass
+
+    def open(self) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _answer_status_once(path: str, pid: int) -> tuple[socket.socket, threading.Thread]:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(json.dumps({"ok": True, "status": {"running": True, "pid": pid}}).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_a_second_daemon_leaves_the_first_ones_control_socket_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1.2's rc scripts start `portsentry -tcp` and `portsentry -udp` as two processes. The second
+    # took the control socket over; once it stopped, `portsentry status` said the first, still
+    # running, was "not running" (exit 3), and reload could no longer reach it.
+    from portsentry.cli.main import build_parser
+    from portsentry.cli.run import run
+    from portsentry.config.settings import load_config
+    from portsentry.host import privileges
+    from portsentry.host.privileges import DropResult
+    from portsentry.service import daemon
+
+    control = tmp_path / "ctl.sock"
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'UDP_PORTS="40002"\nSTATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n'
+                    f'HOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
+    monkeypatch.setattr(daemon, "Daemon", _RecordingDaemon)
+    # run() drops capabilities; here that would be the test process's own.
+    monkeypatch.setattr(privileges, "restrict", lambda keep: DropResult(True, "not dropped in tests"))
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGUSR1)}
+    server, thread = _answer_status_once(str(control), 4242)
+    try:
+        args = build_parser().parse_args(["-c", str(conf), "--no-syslog"])
+        run(load_config(str(conf)).config, [Mode.UDP], args)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        thread.join(timeout=5)
+        server.close()
+    assert _RecordingDaemon.seen["control_path"] is None
+    assert (f"another portsentry (pid 4242) answers on the control socket {control}; this one runs "
+            "without it") in capsys.readouterr().err
