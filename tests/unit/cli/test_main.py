@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -396,3 +397,25 @@ def test_a_second_daemon_leaves_the_first_ones_control_socket_alone(
     assert _RecordingDaemon.seen["control_path"] is None
     assert (f"another portsentry (pid 4242) answers on the control socket {control}; this one runs "
             "without it") in capsys.readouterr().err
+
+
+def test_relative_paths_on_the_command_line_survive_the_daemon_s_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --daemon changes to / (as 1.2 did): `-c portsentry.conf` then named /portsentry.conf at
+    # the first reload, which was refused, and a relative --pid-file was never removed.
+    from portsentry.cli import run as run_module
+
+    seen: list[argparse.Namespace] = []
+
+    def record(config: object, modes: object, args: argparse.Namespace) -> int:
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(run_module, "run", record)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ps.conf").write_text('UDP_PORTS="7"\n')
+    assert main(["-c", "ps.conf", "--pid-file", "run/ps.pid", "--syslog-socket", "log", "--daemon",
+                 "-udp"]) == 0
+    assert (seen[0].config, seen[0].pid_file, seen[0].syslog_socket) == (
+        str(tmp_path / "ps.conf"), str(tmp_path / "run/ps.pid"), str(tmp_path / "log"))
