@@ -229,7 +229,7 @@ def daemon_answering(path: str) -> str | None:
         answer = control.request(path, {"command": "status"}, timeout=5.0)
     except control.NotRunning:
         return None
-    except (OSError, ValueError):  # it listens but does not answer as a daemon does
+    except OSError:  # it listens but does not answer as a daemon does (NoAnswer, a timeout)
         return "another process"
     status = answer.get("status")
     pid = status.get("pid") if isinstance(status, dict) else None

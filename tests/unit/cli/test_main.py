@@ -419,3 +419,33 @@ def test_relative_paths_on_the_command_line_survive_the_daemon_s_chdir(
                  "-udp"]) == 0
     assert (seen[0].config, seen[0].pid_file, seen[0].syslog_socket) == (
         str(tmp_path / "ps.conf"), str(tmp_path / "run/ps.pid"), str(tmp_path / "log"))
+
+
+@pytest.mark.parametrize("command", [["list"], ["status"], ["reload"], ["block", "192.0.2.7"]])
+@pytest.mark.parametrize("reply", [b"", b"not json\n", b"\xff\n"])
+def test_a_daemon_that_hangs_up_without_an_answer_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], reply: bytes
+) -> None:
+    # A daemon that is stopping closes its clients unanswered; list, status and reload then
+    # died with "ValueError: the daemon sent no answer" and a traceback.
+    control = tmp_path / "ctl.sock"
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n')
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(control))
+    server.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        assert main([*command, "-c", str(conf)]) == 1
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    assert capsys.readouterr().err.strip().endswith(f"portsentry: {control}: the daemon sent no answer")
