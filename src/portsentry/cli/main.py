@@ -150,6 +150,8 @@ def admin_main(argv: Sequence[str]) -> int:
             from portsentry.cli.run import check_config
             from portsentry.host.wrappers_check import check_wrappers
 
+            for warning in loaded.warnings:  # as check-config prints them
+                print(f"portsentry: warning: {warning}", file=sys.stderr)
             status = check_config(loaded, [])
             warnings = check_wrappers()
             for warning in warnings:

@@ -166,6 +166,19 @@ def test_check_warns_about_an_allow_all_hosts_allow(tmp_path, capsys, monkeypatc
     assert "warning:" in out and "hosts.allow" in out
 
 
+def test_check_shows_the_configuration_warnings_check_config_shows(tmp_path, capsys, monkeypatch):
+    # `portsentry check` printed the effective settings and "configuration OK" but dropped the
+    # parser's warnings (unknown keys, BLOCK_TCP=1 with nothing to block with).
+    import portsentry.host.wrappers_check as wrappers
+
+    monkeypatch.setattr(wrappers, "check_wrappers", lambda: [])
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\nFOO="x"\nBLOCK_TCP="1"\n')
+    assert main(["check", "-c", str(conf)]) == 0
+    err = capsys.readouterr().err
+    assert f"portsentry: warning: {conf}:2: unknown key FOO ignored" in err
+    assert f"portsentry: warning: {conf}:3: BLOCK_TCP: is 1 (block)" in err
+
 def test_help_says_usage_once(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
