@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -149,6 +150,8 @@ def admin_main(argv: Sequence[str]) -> int:
             from portsentry.cli.run import check_config
             from portsentry.host.wrappers_check import check_wrappers
 
+            for warning in loaded.warnings:  # as check-config prints them
+                print(f"portsentry: warning: {warning}", file=sys.stderr)
             status = check_config(loaded, [])
             warnings = check_wrappers()
             for warning in warnings:
@@ -322,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser = build_parser()
     args = parser.parse_args(rest)
+    # --daemon changes to /, and a reload reads -c again afterwards, the pid file is removed
+    # at exit and the syslog socket reopened: relative paths must mean what they meant here.
+    for name in ("config", "pid_file", "syslog_socket"):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     modes += [Mode(value) for value in args.mode]
     modes = list(dict.fromkeys(modes))
     modes_from = "command line"

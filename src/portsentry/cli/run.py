@@ -37,12 +37,16 @@ from portsentry.service.resolver import Resolver
 if TYPE_CHECKING:
     from portsentry.bans.lifecycle import BanManager
     from portsentry.fleet.node import FleetNode
+    from portsentry.fleet.settings import FleetSettings
 
 
 def check_config(loaded: LoadedConfig, modes: Sequence[Mode], modes_from: str = "command line") -> int:
     try:
         validate_for_modes(loaded.config, modes)
         source = open_ignore(loaded.config)
+        # Only the start reads the fleet's settings (reload keeps the fleet it has), but a
+        # check-config that passes what the start refuses is no check.
+        checked_fleet_settings(loaded.config)
     except (ConfigError, IgnoreFileError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
@@ -122,6 +126,19 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
 
     for warning in ignore.warnings:
         journal.log(f"adminalert: WARNING: {warning}")
+    control_path: str | None = config.control_socket
+    other = daemon_answering(config.control_socket)
+    if other is not None:
+        # 1.2 ran one mode per process, and rc scripts written for it still start two; the
+        # second used to take the socket over, after which status, list and reload reached it
+        # alone, and once it stopped, `portsentry status` called the first "not running".
+        warning = (f"adminalert: WARNING: {other} answers on the control socket "
+                   f"{config.control_socket}; this one runs without it, so status, list, block, "
+                   "unblock and reload reach that one only (run every mode in one process, e.g. "
+                   "portsentry -tcp -udp, or give each its own CONTROL_SOCKET)")
+        print(f"portsentry: {warning.removeprefix('adminalert: ')}", file=sys.stderr)
+        journal.log(warning)
+        control_path = None
     pid_file = None
     if args.pid_file:
         # Before forking, so that a refusal reaches the terminal; the lock passes to the child.
@@ -176,7 +193,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
         return build_sensors(new, modes, journal.log, time.time, bans.backend)
 
     daemon = Daemon(config, modes, journal, ignore, sensors_for(config), responder, resolver, bans=bans,
-                    reloader=reload_config, sensor_factory=sensors_for, control_path=config.control_socket,
+                    reloader=reload_config, sensor_factory=sensors_for, control_path=control_path,
                     telemetry=telemetry, fleet=fleet)
     daemon.install_signal_handlers()
     status = 0
@@ -201,6 +218,22 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     if pid_file is not None:
         pid_file.release()
     return status
+
+
+def daemon_answering(path: str) -> str | None:
+    """Who already listens on the control socket `path` ("another portsentry (pid N)"), or None
+    when nobody does (no socket, or a stale one left by a daemon that died)."""
+    from portsentry.service import control
+
+    try:
+        answer = control.request(path, {"command": "status"}, timeout=5.0)
+    except control.NotRunning:
+        return None
+    except OSError:  # it listens but does not answer as a daemon does (NoAnswer, a timeout)
+        return "another process"
+    status = answer.get("status")
+    pid = status.get("pid") if isinstance(status, dict) else None
+    return f"another portsentry (pid {pid})" if isinstance(pid, int) else "another portsentry"
 
 
 class PidFileError(Exception):
@@ -309,6 +342,16 @@ def open_fleet(config: Config, bans: BanManager, log: Callable[[str], None],
     """The fleet node FLEET_REDIS_URL asks for (None: no fleet); ConfigError when its settings
     are unusable or the redis package is missing."""
     from portsentry.fleet.node import FleetNode
+
+    settings = checked_fleet_settings(config)
+    if settings is None:
+        return None
+    return FleetNode(settings, bans, config.state_dir, log, telemetry, hosts_deny=config.kill_hosts_deny)
+
+
+def checked_fleet_settings(config: Config) -> FleetSettings | None:
+    """The fleet's settings (None: no fleet); ConfigError when they are unusable or the redis
+    package is missing."""
     from portsentry.fleet.settings import fleet_settings
 
     settings = fleet_settings(config)
@@ -319,7 +362,7 @@ def open_fleet(config: Config, bans: BanManager, log: Callable[[str], None],
     except ImportError:
         raise config.error("FLEET_REDIS_URL", "the fleet needs the redis package: "
                            "pip install 'portsentry[fleet]'") from None
-    return FleetNode(settings, bans, config.state_dir, log, telemetry, hosts_deny=config.kill_hosts_deny)
+    return settings
 
 
 def daemonize() -> None:

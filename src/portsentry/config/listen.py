@@ -24,7 +24,9 @@ def parse_listen(address: str) -> tuple[str, int]:
             f"metrics address {address!r} is not HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT} "
             f"or [::1]:{DEFAULT_PORT})"
         )
-    port = int(match["port"])
-    if port > 65535:
-        raise MetricsError(f"metrics address {address!r}: port {port} is not a port (0-65535)")
-    return match["host"], port
+    # Leading zeros off and the length checked before int(), which raises ValueError on strings
+    # of over 4300 digits.
+    digits = match["port"].lstrip("0") or "0"
+    if len(digits) > 5 or int(digits) > 65535:
+        raise MetricsError(f"metrics address {address!r}: port {digits} is not a port (0-65535)")
+    return match["host"], int(digits)

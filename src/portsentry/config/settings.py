@@ -191,7 +191,7 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "BAN_RATE_LIMIT_NET": KeySpec("ban_rate_limit_net", v.RATE),
         "SENSITIVE_NETWORKS": KeySpec("sensitive_networks", v.networks),
         "KEEP_CAPABILITIES": KeySpec("keep_capabilities", v.optional),
-        "FLEET_REDIS_URL": KeySpec("fleet_redis_url", v.optional),
+        "FLEET_REDIS_URL": KeySpec("fleet_redis_url", v.url),
         "FLEET_NAME": KeySpec("fleet_name", v.fleet_name),
         "FLEET_HOST_ID": KeySpec("fleet_host_id", v.host_id),
         "FLEET_KEY_FILE": KeySpec("fleet_key_file", v.optional),

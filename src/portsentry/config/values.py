@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Final
+from urllib.parse import urlsplit
 
 from portsentry.core.ports import PortListError, parse_ports
 
@@ -32,10 +33,12 @@ def integer(low: int, high: int, expected: str) -> Callable[[str], int]:
 
     def convert(value: str) -> int:
         match = _INTEGER.fullmatch(value)
-        # The length check keeps int() away from absurdly long digit strings.
-        if match is None or len(match.group(1)) > 9 or not low <= int(match.group(1)) <= high:
+        # The length check keeps int() away from absurdly long digit strings; it is taken
+        # without leading zeros and against `high`, so the top of every range is reachable.
+        digits = (match.group(1).lstrip("0") or "0") if match else ""
+        if match is None or len(digits) > len(str(high)) or not low <= int(digits) <= high:
             raise BadValue(f"{value!r} is not {expected}")
-        return int(match.group(1))
+        return int(digits)
 
     return convert
 
@@ -66,6 +69,20 @@ def optional(value: str) -> str | None:
 def required(value: str) -> str:
     if not value:
         raise BadValue("must not be empty (leave the key out to use the default)")
+    return value
+
+
+def url(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        urlsplit(value)
+    except ValueError:
+        # Neither the text nor urlsplit's message (which may quote the netloc) is repeated:
+        # the URL may hold the Redis password.
+        raise BadValue(
+            "is not a valid URL (an IPv6 address needs both brackets: redis://[fd00::1]:6379)"
+        ) from None
     return value
 
 

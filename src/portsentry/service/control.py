@@ -45,6 +45,12 @@ class NotRunning(Exception):
     """No daemon answers on the control socket."""
 
 
+class NoAnswer(ConnectionError):
+    """The daemon took the request but hung up without a reply (it is stopping, say).
+
+    An OSError, so the admin commands report it as they report the socket's other failures."""
+
+
 class BadRequest(ValueError):
     """A request the daemon cannot act on; the text is the error reply."""
 
@@ -314,7 +320,11 @@ def exchange(path: str, data: bytes, timeout: float = 60.0) -> bytes:
 
 def request(path: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     """Send one request to the daemon; NotRunning when nobody listens there."""
-    response = json.loads(exchange(path, json.dumps(message).encode() + b"\n", timeout) or b"null")
+    reply = exchange(path, json.dumps(message).encode() + b"\n", timeout)
+    try:
+        response = json.loads(reply or b"null")
+    except ValueError:  # also UnicodeDecodeError
+        response = None
     if not isinstance(response, dict):
-        raise ValueError("the daemon sent no answer")
+        raise NoAnswer(f"{path}: the daemon sent no answer")
     return response

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -159,6 +166,19 @@ def test_check_warns_about_an_allow_all_hosts_allow(tmp_path, capsys, monkeypatc
     assert "warning:" in out and "hosts.allow" in out
 
 
+def test_check_shows_the_configuration_warnings_check_config_shows(tmp_path, capsys, monkeypatch):
+    # `portsentry check` printed the effective settings and "configuration OK" but dropped the
+    # parser's warnings (unknown keys, BLOCK_TCP=1 with nothing to block with).
+    import portsentry.host.wrappers_check as wrappers
+
+    monkeypatch.setattr(wrappers, "check_wrappers", lambda: [])
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\nFOO="x"\nBLOCK_TCP="1"\n')
+    assert main(["check", "-c", str(conf)]) == 0
+    err = capsys.readouterr().err
+    assert f"portsentry: warning: {conf}:2: unknown key FOO ignored" in err
+    assert f"portsentry: warning: {conf}:3: BLOCK_TCP: is 1 (block)" in err
+
 def test_help_says_usage_once(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -185,6 +205,23 @@ def test_keep_capabilities_is_checked_by_check_config(tmp_path, capsys):
     conf.write_text('TCP_PORTS="1"\nKEEP_CAPABILITIES="CAP_DAC_OVERRIDE, setuid"\n')
     assert main(["check-config", "-c", str(conf)]) == 0
 
+
+
+def test_fleet_settings_the_start_refuses_are_refused_by_check_config(tmp_path, capsys):
+    # check-config said "configuration OK" and the start then stopped on FLEET_KEY_FILE.
+    key = tmp_path / "fleet.key"
+    conf = tmp_path / "ps.conf"
+    conf.write_text('TCP_PORTS="1"\nFLEET_REDIS_URL="redis://127.0.0.1:6379"\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"portsentry: {conf}: FLEET_KEY_FILE: is required with FLEET_REDIS_URL: every decision is signed")
+    key.write_text("k" * 32)
+    key.chmod(0o644)
+    conf.write_text(f'TCP_PORTS="1"\nFLEET_REDIS_URL="redis://127.0.0.1:6379"\nFLEET_KEY_FILE="{key}"\n')
+    assert main(["check-config", "-c", str(conf)]) == 1
+    assert f"{conf}:3: FLEET_KEY_FILE: {key} may be read by others" in capsys.readouterr().err
+    key.chmod(0o600)
+    assert main(["check-config", "-c", str(conf)]) == 0
 
 # --- --pid-file ---------------------------------------------------------------------------------
 
@@ -301,3 +338,127 @@ def test_list_answered_by_the_daemon_imports_neither_the_lifecycle_nor_the_backe
              "portsentry.service.daemon", "portsentry.core.engine"}
     assert imported & heavy == set()
     assert "portsentry.service.control" in imported  # the check can fail: it sees what is imported
+
+
+# --- a second daemon on the same control socket ---------------------------------------------------
+
+
+class _RecordingDaemon:
+    """Stands in for service.daemon.Daemon: records what run() hands it and opens nothing."""
+
+    seen: ClassVar[dict[str, object]] = {}
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        _RecordingDaemon.seen = kwargs
+
+    def install_signal_handlers(self) -> None:
+        pass
+
+    def open(self) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _answer_status_once(path: str, pid: int) -> tuple[socket.socket, threading.Thread]:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(json.dumps({"ok": True, "status": {"running": True, "pid": pid}}).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_a_second_daemon_leaves_the_first_ones_control_socket_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1.2's rc scripts start `portsentry -tcp` and `portsentry -udp` as two processes. The second
+    # took the control socket over; once it stopped, `portsentry status` said the first, still
+    # running, was "not running" (exit 3), and reload could no longer reach it.
+    from portsentry.cli.main import build_parser
+    from portsentry.cli.run import run
+    from portsentry.config.settings import load_config
+    from portsentry.host import privileges
+    from portsentry.host.privileges import DropResult
+    from portsentry.service import daemon
+
+    control = tmp_path / "ctl.sock"
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'UDP_PORTS="40002"\nSTATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n'
+                    f'HOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
+    monkeypatch.setattr(daemon, "Daemon", _RecordingDaemon)
+    # run() drops capabilities; here that would be the test process's own.
+    monkeypatch.setattr(privileges, "restrict", lambda keep: DropResult(True, "not dropped in tests"))
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGUSR1)}
+    server, thread = _answer_status_once(str(control), 4242)
+    try:
+        args = build_parser().parse_args(["-c", str(conf), "--no-syslog"])
+        run(load_config(str(conf)).config, [Mode.UDP], args)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        thread.join(timeout=5)
+        server.close()
+    assert _RecordingDaemon.seen["control_path"] is None
+    assert (f"another portsentry (pid 4242) answers on the control socket {control}; this one runs "
+            "without it") in capsys.readouterr().err
+
+
+def test_relative_paths_on_the_command_line_survive_the_daemon_s_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --daemon changes to / (as 1.2 did): `-c portsentry.conf` then named /portsentry.conf at
+    # the first reload, which was refused, and a relative --pid-file was never removed.
+    from portsentry.cli import run as run_module
+
+    seen: list[argparse.Namespace] = []
+
+    def record(config: object, modes: object, args: argparse.Namespace) -> int:
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(run_module, "run", record)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ps.conf").write_text('UDP_PORTS="7"\n')
+    assert main(["-c", "ps.conf", "--pid-file", "run/ps.pid", "--syslog-socket", "log", "--daemon",
+                 "-udp"]) == 0
+    assert (seen[0].config, seen[0].pid_file, seen[0].syslog_socket) == (
+        str(tmp_path / "ps.conf"), str(tmp_path / "run/ps.pid"), str(tmp_path / "log"))
+
+
+@pytest.mark.parametrize("command", [["list"], ["status"], ["reload"], ["block", "192.0.2.7"]])
+@pytest.mark.parametrize("reply", [b"", b"not json\n", b"\xff\n"])
+def test_a_daemon_that_hangs_up_without_an_answer_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], reply: bytes
+) -> None:
+    # A daemon that is stopping closes its clients unanswered; list, status and reload then
+    # died with "ValueError: the daemon sent no answer" and a traceback.
+    control = tmp_path / "ctl.sock"
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n')
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(control))
+    server.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        assert main([*command, "-c", str(conf)]) == 1
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    assert capsys.readouterr().err.strip().endswith(f"portsentry: {control}: the daemon sent no answer")

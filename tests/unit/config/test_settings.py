@@ -578,3 +578,58 @@ def test_parse_config_only_raises_config_error_on_config_like_text(
     lines: list[str], newline: str
 ) -> None:
     _check_outcome(newline.join(lines))
+
+
+# --- values at the edge of their ranges -------------------------------------------------------
+
+
+def test_a_port_too_long_for_int_in_metrics_listen_is_a_config_error() -> None:
+    # int() refuses strings over 4300 digits with a ValueError, which escaped as a traceback.
+    port = "9" * 5000
+    with pytest.raises(ConfigError) as caught:
+        parse(f'\nMETRICS_LISTEN="127.0.0.1:{port}"\n')
+    assert (caught.value.line, caught.value.key) == (2, "METRICS_LISTEN")
+    assert "is not a port (0-65535)" in caught.value.message
+    zeros = parse(f'METRICS_LISTEN="127.0.0.1:{"0" * 5000}9470"\n').config
+    assert zeros.metrics_listen is not None
+
+
+# Digit runs of every length up to past int()'s 4300-digit limit, not just the short ones
+# st.text() favours.
+_DIGIT_RUNS = st.integers(0, 6000).flatmap(lambda n: st.text("0123456789", min_size=n, max_size=n))
+
+
+@FUZZ
+@given(st.sampled_from(["127.0.0.1", "[::1]", "localhost", ""]), _DIGIT_RUNS)
+def test_metrics_listen_with_any_digit_run_is_accepted_or_a_config_error(host: str, port: str) -> None:
+    address = f"{host}:{port}"
+    try:
+        config = parse(f'METRICS_LISTEN="{address}"\n').config
+    except ConfigError as error:
+        assert error.key == "METRICS_LISTEN"
+        return
+    assert config.metrics_listen == address
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "expected"),
+    [
+        # The top of HISTORY_MAX_ROWS's range has ten digits; a nine-digit cap refused it.
+        ('HISTORY_MAX_ROWS="1000000000"', "history_max_rows", 1_000_000_000),
+        # atoi read leading zeros; they do not make a number larger.
+        ('SCAN_TRIGGER="0000000000003"', "scan_trigger", 3),
+        ('BLOCK_TIME="0315360000"', "block_time", 315_360_000),
+    ],
+)
+def test_whole_numbers_are_judged_by_value_not_by_digit_count(line: str, field: str, expected: int) -> None:
+    assert getattr(parse(line + "\n").config, field) == expected
+
+
+@pytest.mark.parametrize("url", ["redis://:s3cret@[fd00::1:6379", "redis://:s3cret@fd00::1]:6379/0"])
+def test_a_redis_url_urlsplit_refuses_is_a_config_error_that_keeps_the_password_out(url: str) -> None:
+    # The fleet's urlsplit() raised ValueError at start: a traceback after check-config said OK.
+    with pytest.raises(ConfigError) as caught:
+        parse(f'\n\nFLEET_REDIS_URL="{url}"\n')
+    assert (caught.value.line, caught.value.key) == (3, "FLEET_REDIS_URL")
+    assert "s3cret" not in str(caught.value)
+    assert "brackets" in caught.value.message
