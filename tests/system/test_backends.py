@@ -162,3 +162,33 @@ def test_backend_blocks_unblocks_and_cleans_up(kind: str, net: Namespaces) -> No
     assert after["routes"] == ""
     if kind != "ipset":
         assert after == before
+
+
+@pytest.mark.parametrize("kind", ["nftables-netlink", "nftables-cli", "ipset"])
+def test_a_ban_longer_than_the_kernel_can_time_is_held_with_the_others(kind: str, net: Namespaces) -> None:
+    # nf_tables refused a timeout of 2**64 ns or more with ERANGE, and with it the whole batch;
+    # ipset cut anything over 24.8 days short. Such a ban is held without a kernel timeout (the
+    # daemon lifts it at its end), and the bans sent with it are held too.
+    backend = make_backend(kind, net.target)
+    if not backend.is_supported():
+        pytest.skip(f"{backend.name} is not supported here")
+    scanner4, scanner6 = ip_address(net.scanner_ip4), ip_address(net.scanner_ip6)
+    other4 = ip_address(net.scanner2_ip4)
+    backend.setup()
+    try:
+        backend.add_many([(scanner4, 99999999 * 7 * 86400.0), (scanner6, 40 * 86400.0), (other4, 3600.0)])
+        members = backend.members()
+        assert members[scanner4] is None
+        if kind == "ipset":  # more than it can time
+            assert members[scanner6] is None
+        else:
+            assert members[scanner6] is not None and members[scanner6] > 39 * 86400
+        assert members[other4] is not None and 3500 < members[other4] <= 3600
+        backend.remove(scanner4)
+        backend.restore_many([(scanner4.packed, 1e11), (other4.packed, 60.0)])
+        members = backend.members()
+        assert members[scanner4] is None and members[other4] is not None
+        backend.add(scanner6, 1e12)
+        assert backend.members()[scanner6] is None
+    finally:
+        backend.teardown()
