@@ -67,6 +67,17 @@ def test_ipv4_mapped_is_stored_as_ipv4(store: BanStore) -> None:
     assert normalise(B) == B
 
 
+def test_a_zone_id_is_not_part_of_the_stored_address(store: BanStore) -> None:
+    # `block fe80::1%eth0` stored "fe80::1%eth0", which inet_pton cannot read back: every later
+    # active(), expired() and start-up raised OSError, so one request broke expiry for good.
+    b = ban(store, address="fe80::1%eth0", duration=60.0)
+    assert b.address == IPv6Address("fe80::1") and str(b.address) == "fe80::1"
+    assert [x.address for x in store.active(T0)] == [IPv6Address("fe80::1")]
+    assert [x.address for x in store.expired(T0 + 120)] == [IPv6Address("fe80::1")]
+    assert store.get("fe80::1") == b
+    assert normalise(IPv6Address("fe80::1%2")) == IPv6Address("fe80::1")
+
+
 def test_ban_survives_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "bans.sqlite3")
     with BanStore(path) as s:
