@@ -275,13 +275,17 @@ class BanManager:
             saved += 1
         return saved
 
-    def lift(self, address: IPAddress, now: float, reason: str, origin: str = ORIGIN_LOCAL) -> bool:
+    def lift(self, address: IPAddress, now: float, reason: str, origin: str = ORIGIN_LOCAL,
+             expired_only: bool = False) -> bool:
         """Unblock everywhere; True when the store had a ban for it. `origin` says who asked: a
-        fleet peer's lift is recorded as theirs, so this host does not publish it again."""
+        fleet peer's lift is recorded as theirs, so this host does not publish it again. With
+        `expired_only` (expiry), a ban made again or extended since it was seen over stays."""
         with self._lock:
             ban = self.store.get(address)
+            if expired_only and (ban is None or ban.active(now)):
+                return False
             self._undo(address, ban)
-            lifted = self.store.lift(address, now, reason, origin)
+            lifted = self.store.lift(address, now, reason, origin, expired_only)
         if lifted is not None:
             self.changed()
             self._log(messages.unblocked(str(address), reason))
@@ -331,7 +335,7 @@ class BanManager:
         """Lift every ban whose time is up; returns the addresses lifted."""
         lifted = []
         for ban in self.store.expired(now):
-            if self.lift(ban.address, now, "ban expired"):
+            if self.lift(ban.address, now, "ban expired", expired_only=True):
                 lifted.append(ban.address)
         return lifted
 

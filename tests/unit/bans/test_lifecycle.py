@@ -272,3 +272,28 @@ def test_enforce_records_the_ban_before_any_step_runs_and_drops_it_when_every_st
                             duration=30.0, now=100.0)
     assert seen_in_store == [True, True] and bans.store.get(B) is None
     assert [change.detail for change in bans.store.changes(0) if change.address == B][-1] == "block failed"
+
+
+def test_an_expiry_leaves_the_ban_made_again_after_it_looked(tmp_path, monkeypatch):
+    # expire() read the expired bans, then lifted each by address: a ban made again in between
+    # (a scan, an admin's block, in another thread) was the one lifted, from the store and the
+    # kernel, within a second of being made.
+    bans, kernel, _lines, _commands = manager(tmp_path, base=10)
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=10, hosts_deny_line=None,
+                  native=True)
+    assert bans.ban_native(A, 10)
+    expired = bans.store.expired
+
+    def banned_again_meanwhile(now: float):
+        found = expired(now)
+        bans.remember(A, reason="scan", mode="tcp", port=1, now=now, duration=10, hosts_deny_line=None,
+                      native=True)
+        bans.ban_native(A, 10)
+        return found
+
+    monkeypatch.setattr(bans.store, "expired", banned_again_meanwhile)
+    assert bans.expire(11.0) == []
+    ban = bans.store.get(A)
+    assert ban is not None and ban.expires == 21.0 and ban.offences == 2
+    assert kernel.held == {A: 10}
+

@@ -521,3 +521,14 @@ def test_a_peers_ban_lifted_here_only_is_kept_until_the_peer_lifts_it_or_it_ends
     assert one in store.lifted_here([one])
     store.prune(T0 + 61)
     assert store.lifted_here([one]) == {}
+
+
+def test_an_expiry_lift_leaves_a_ban_made_again_since(store: BanStore) -> None:
+    # The expiry's lift is decided in the same transaction that would retire the row, so a ban
+    # made again by another writer after the expiry read the row is not taken down with it.
+    ban(store, duration=60.0)
+    again = ban(store, now=T0 + 61, duration=60.0)
+    assert store.lift(A, T0 + 61, "ban expired", expired_only=True) is None
+    assert store.get(A) == again
+    assert store.lift(A, T0 + 200, "ban expired", expired_only=True) == again
+    assert store.get(A) is None
