@@ -15,10 +15,11 @@ KILL_ROUTE_UNDO undoes; a lift carries its origin so that a peer's unblock is no
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from portsentry.bans.store import (
@@ -30,6 +31,7 @@ from portsentry.bans.store import (
     BanStore,
     StoreError,
     ban_duration,
+    normalise,
 )
 from portsentry.config.settings import Config
 from portsentry.core import messages
@@ -121,6 +123,11 @@ class BanManager:
         self._run = runner
         self.run = runner  # the shell runner, for the lifecycle's other parts (restore, bulk)
         self._lock = threading.Lock()
+        # Per address: a ban being made (record and steps) and a lift of that address take turns.
+        # Without it an unblock that came between a ban's record and its steps lifted the record,
+        # and the steps then blocked the host with no ban on record to ever lift it.
+        self._addresses: dict[IPAddress, tuple[threading.Lock, int]] = {}
+        self._addresses_lock = threading.Lock()
         self._unsaved: list[_Unsaved] = []
         self._unsaved_lines: list[tuple[IPAddress, str, float]] = []
         # Set when the store on disk could not be opened and an in-memory one stands in.
@@ -129,6 +136,27 @@ class BanManager:
         # Called after every ban or lift this manager records, from the thread that made it: the
         # fleet publisher wakes at once instead of at its next look at the change feed.
         self.on_change: Callable[[], None] | None = None
+
+    @contextlib.contextmanager
+    def _turn(self, address: IPAddress, wait: bool = True) -> Iterator[bool]:
+        """Hold `address` against other bans and lifts of it in this process; yields False (and
+        holds nothing) when `wait` is False and it is busy."""
+        key = normalise(address)
+        with self._addresses_lock:
+            lock, users = self._addresses.get(key, (threading.Lock(), 0))
+            self._addresses[key] = (lock, users + 1)
+        held = lock.acquire(blocking=wait)
+        try:
+            yield held
+        finally:
+            if held:
+                lock.release()
+            with self._addresses_lock:
+                users = self._addresses[key][1] - 1
+                if users:
+                    self._addresses[key] = (lock, users)
+                else:
+                    del self._addresses[key]
 
     def changed(self) -> None:
         if self.on_change is not None:
@@ -163,17 +191,18 @@ class BanManager:
         None = forever)."""
         probe = block.probe
         at = time.time() if now is None else now
-        if isinstance(duration, UsePolicy):
-            duration = self.duration(probe.source, at)
-        # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
-        # that the next start completes (restore re-applies it), never a ban nobody knows of.
-        self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port, now=at,
-                      duration=duration, hosts_deny_line=responder.intended_line(block),
-                      native=any(step.kind is StepKind.NATIVE for step in block.steps))
-        if responder.carry_out(block, duration, self):
-            return True
-        self.abandon(probe.source, at)
-        return False
+        with self._turn(probe.source):
+            if isinstance(duration, UsePolicy):
+                duration = self.duration(probe.source, at)
+            # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
+            # that the next start completes (restore re-applies it), never a ban nobody knows of.
+            self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port, now=at,
+                          duration=duration, hosts_deny_line=responder.intended_line(block),
+                          native=any(step.kind is StepKind.NATIVE for step in block.steps))
+            if responder.carry_out(block, duration, self):
+                return True
+            self.abandon(probe.source, at)
+            return False
 
     def ban_native(self, address: IPAddress, duration: float | None) -> bool:
         if self.backend is None:
@@ -279,13 +308,17 @@ class BanManager:
              expired_only: bool = False) -> bool:
         """Unblock everywhere; True when the store had a ban for it. `origin` says who asked: a
         fleet peer's lift is recorded as theirs, so this host does not publish it again. With
-        `expired_only` (expiry), a ban made again or extended since it was seen over stays."""
-        with self._lock:
-            ban = self.store.get(address)
-            if expired_only and (ban is None or ban.active(now)):
+        `expired_only` (expiry), a ban made again or extended since it was seen over stays, and so
+        does one being made right now: the next round looks again."""
+        with self._turn(address, wait=not expired_only) as free:
+            if not free:
                 return False
-            self._undo(address, ban)
-            lifted = self.store.lift(address, now, reason, origin, expired_only)
+            with self._lock:
+                ban = self.store.get(address)
+                if expired_only and (ban is None or ban.active(now)):
+                    return False
+                self._undo(address, ban)
+                lifted = self.store.lift(address, now, reason, origin, expired_only)
         if lifted is not None:
             self.changed()
             self._log(messages.unblocked(str(address), reason))

@@ -297,3 +297,40 @@ def test_an_expiry_leaves_the_ban_made_again_after_it_looked(tmp_path, monkeypat
     assert ban is not None and ban.expires == 21.0 and ban.offences == 2
     assert kernel.held == {A: 10}
 
+
+def test_an_unblock_while_the_ban_is_being_applied_lifts_all_of_it(tmp_path):
+    # The unblock ran between the ban's record and its steps: it lifted the record (and said so),
+    # then the steps put the host in the kernel and hosts.deny with no ban on record, for ever.
+    import threading
+
+    from portsentry.core.actions import Block, Step, StepKind
+    from portsentry.core.probe import KIND_SYN, Mode, Probe
+    from portsentry.responders.classic import ClassicResponder
+
+    bans, kernel, said, _commands = manager(tmp_path, base=0)
+    adding, go_on = threading.Event(), threading.Event()
+    add = kernel.add
+
+    def slow_add(address: IPAddress, timeout: float | None) -> None:
+        adding.set()
+        go_on.wait(5)
+        add(address, timeout)
+
+    kernel.add = slow_add  # type: ignore[method-assign]
+    responder = ClassicResponder(bans.hosts_deny, said.append, 1.0, clock=lambda: 100.0)
+    block = Block(Probe(source=A, port=22, mode=Mode.STCP, kind=KIND_SYN),
+                  (Step(StepKind.NATIVE, ""), Step(StepKind.HOSTS_DENY, "ALL: $TARGET$")))
+    banning = threading.Thread(target=bans.enforce, args=(block, responder), kwargs={"now": 100.0})
+    banning.start()
+    assert adding.wait(5)
+    unblocked: list[bool] = []
+    unblocking = threading.Thread(target=lambda: unblocked.append(bans.lift(A, 101.0, "unblocked")))
+    unblocking.start()
+    unblocking.join(0.5)  # before the fix it was done by now, while the ban was half applied
+    go_on.set()
+    banning.join(5)
+    unblocking.join(5)
+    assert unblocked == [True]
+    assert bans.store.get(A) is None
+    assert kernel.held == {}
+    assert (tmp_path / "hosts.deny").read_text() == ""
