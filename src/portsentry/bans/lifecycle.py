@@ -88,6 +88,11 @@ class _Unsaved:
     hosts_deny_line: str | None
     backends: tuple[str, ...]
 
+    def as_ban(self) -> Ban:
+        expires = None if self.duration is None else self.now + self.duration
+        return Ban(self.address, self.reason, self.mode, self.port, self.now, self.now, 1, expires, 1,
+                   self.hosts_deny_line, self.backends)
+
 
 def open_store(path: str, log: Logger) -> tuple[BanStore, str | None]:
     """The ban store, or an in-memory stand-in (and the path to retry) when it cannot be opened:
@@ -317,13 +322,18 @@ class BanManager:
                 ban = self.store.get(address)
                 if expired_only and (ban is None or ban.active(now)):
                     return False
-                self._undo(address, ban)
+                # A ban still waiting to be saved (the store could not be written) goes too: saved
+                # after this, it would be a record of a ban that the kernel no longer holds.
+                key = normalise(address)
+                waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
+                self._unsaved = [e for e in self._unsaved if e not in waiting]
+                self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
                 lifted = self.store.lift(address, now, reason, origin, expired_only)
-        if lifted is not None:
+        if lifted is not None or waiting:
             self.changed()
             self._log(messages.unblocked(str(address), reason))
             self.telemetry.unban(address, reason, now)
-        return lifted is not None
+        return lifted is not None or bool(waiting)
 
     def _undo(self, address: IPAddress, ban: Ban | None) -> None:
         if self.backend is not None:

@@ -136,6 +136,31 @@ def test_unsaved_bans_are_written_when_the_store_comes_back(tmp_path):
     assert [ban.address for ban in BanStore(real_path).active(1.0)] == [A]
 
 
+def test_an_unblock_also_drops_a_ban_still_waiting_to_be_saved(tmp_path, monkeypatch):
+    # A ban made while the store could not be written waits in memory. Unblocking it said "not
+    # blocked" and took it out of the kernel; then the store came back, the record was saved, and
+    # the store (and so the engine) held a ban the kernel did not: the host went unwatched.
+    from portsentry.bans.store import StoreError
+
+    bans, kernel, _lines, _commands = manager(tmp_path, base=600)
+    save = bans.store.ban
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise StoreError("bans.sqlite3: database or disk is full")
+
+    monkeypatch.setattr(bans.store, "ban", disk_full)
+    assert bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=600,
+                         hosts_deny_line="ALL: 198.18.0.2", native=True) is None
+    assert bans.ban_native(A, 600)
+    assert bans.add_line(A, "ALL: 198.18.0.2", 0.0)
+    assert bans.lift(A, 1.0, "unblocked by admin")
+    assert kernel.held == {}
+    assert (tmp_path / "hosts.deny").read_text() == ""
+    monkeypatch.setattr(bans.store, "ban", save)
+    bans.catch_up()
+    assert bans.store.get(A) is None
+
+
 # --- is a recorded ban in force after a restart? (issue 9.2) ---------------------------------
 
 
