@@ -256,6 +256,31 @@ def test_maintenance_follows_the_feed_and_counts_what_is_in_force(tmp_path):
     assert maintenance.run_once().changes == []
 
 
+def test_a_clock_set_back_does_not_hold_off_the_table_repair_or_the_pruning(tmp_path, monkeypatch):
+    # The next repair and prune were due at wall-clock times: after the clock was set back by a
+    # day (an NTP step, a host that booted with its clock ahead), a flushed ruleset was not
+    # rebuilt and history was not pruned for that day.
+    from portsentry.service.maintenance import Maintenance
+
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    repaired: list[float] = []
+    pruned: list[float] = []
+    monkeypatch.setattr(bans, "repair", repaired.append)
+    def prune(now: float) -> int:
+        pruned.append(now)
+        return 0
+
+    monkeypatch.setattr(bans, "prune", prune)
+    clock = [100_000.0]
+    maintenance = Maintenance(bans, frozenset, list[object]().append, print, repair_every=60.0,
+                              prune_every=3600.0, clock=lambda: clock[0])
+    for now in (100_030.0, 100_061.0, 103_601.0, 13_601.0, 13_602.0, 13_662.0):
+        clock[0] = now
+        maintenance.run_once()
+    assert repaired == [100_061.0, 103_601.0, 13_601.0, 13_662.0]
+    assert pruned == [103_601.0, 13_601.0]
+
+
 def test_restore_puts_bans_in_force_without_running_commands_and_leaves_them_for_later(tmp_path):
     # issue 10.6: READY=1 once the native set is restored; KILL_ROUTE re-runs come after.
     bans, commands = _banned(tmp_path)
