@@ -287,8 +287,10 @@ class BanManager:
                 memory, self.store, self.fallback_from = self.store, disk, None
             now = time.time()
             for ban in memory.active(now):
+                # Saved as made at first_seen, so its length counts from then: the time left from
+                # now cut each ban short by its age (an hour's ban half an hour old ended at once).
                 self._unsaved.append(_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
-                                              None if ban.expires is None else ban.expires - now,
+                                              None if ban.expires is None else ban.expires - ban.first_seen,
                                               ban.hosts_deny_line, ban.backends))
             memory.close()
             self._log(messages.store_recovered(disk.path))

@@ -136,6 +136,24 @@ def test_unsaved_bans_are_written_when_the_store_comes_back(tmp_path):
     assert [ban.address for ban in BanStore(real_path).active(1.0)] == [A]
 
 
+def test_bans_kept_in_memory_keep_their_expiry_when_the_store_comes_back(tmp_path):
+    # The in-memory bans were saved with their first sighting as the time of the ban but the
+    # time left from now as its length: a ban of an hour made half an hour before the disk
+    # came back was saved as ending right then, and lifted at the next round.
+    import time
+
+    bans, _kernel, _lines, _commands = manager(tmp_path)
+    real_path = str(tmp_path / "state" / "bans.sqlite3")
+    bans.fallback_from = real_path
+    made = time.time() - 1800
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=made, duration=3600, hosts_deny_line=None,
+                  native=True)
+    bans.catch_up()
+    saved = BanStore(real_path).get(A)
+    assert saved is not None and saved.expires == made + 3600 and saved.first_seen == made
+    assert bans.expire(time.time()) == []
+
+
 def test_an_unblock_also_drops_a_ban_still_waiting_to_be_saved(tmp_path, monkeypatch):
     # A ban made while the store could not be written waits in memory. Unblocking it said "not
     # blocked" and took it out of the kernel; then the store came back, the record was saved, and
