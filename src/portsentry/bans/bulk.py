@@ -14,13 +14,12 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from ipaddress import ip_address
 
 from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.store import ORIGIN_LOCAL_ONLY, BanRequest, normalise
 from portsentry.config.settings import Config
 from portsentry.core import messages
-from portsentry.core.addresses import canonical, impossible_source
+from portsentry.core.addresses import impossible_source
 from portsentry.core.probe import IPAddress, Mode
 from portsentry.responders.backend import BackendError
 from portsentry.responders.hostsdeny import HostsDeny
@@ -48,7 +47,7 @@ def read_addresses(lines: Iterable[str], source: str) -> list[IPAddress]:
         if not text:
             continue
         try:
-            found[canonical(ip_address(text))] = None
+            found[normalise(text)] = None
         except ValueError:
             errors.append(f"{source}:{number}: {text!r} is not an IP address")
     if errors:

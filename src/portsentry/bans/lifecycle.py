@@ -15,10 +15,11 @@ KILL_ROUTE_UNDO undoes; a lift carries its origin so that a peer's unblock is no
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from portsentry.bans.store import (
@@ -30,6 +31,7 @@ from portsentry.bans.store import (
     BanStore,
     StoreError,
     ban_duration,
+    normalise,
 )
 from portsentry.config.settings import Config
 from portsentry.core import messages
@@ -86,6 +88,11 @@ class _Unsaved:
     hosts_deny_line: str | None
     backends: tuple[str, ...]
 
+    def as_ban(self) -> Ban:
+        expires = None if self.duration is None else self.now + self.duration
+        return Ban(self.address, self.reason, self.mode, self.port, self.now, self.now, 1, expires, 1,
+                   self.hosts_deny_line, self.backends)
+
 
 def open_store(path: str, log: Logger) -> tuple[BanStore, str | None]:
     """The ban store, or an in-memory stand-in (and the path to retry) when it cannot be opened:
@@ -121,6 +128,11 @@ class BanManager:
         self._run = runner
         self.run = runner  # the shell runner, for the lifecycle's other parts (restore, bulk)
         self._lock = threading.Lock()
+        # Per address: a ban being made (record and steps) and a lift of that address take turns.
+        # Without it an unblock that came between a ban's record and its steps lifted the record,
+        # and the steps then blocked the host with no ban on record to ever lift it.
+        self._addresses: dict[IPAddress, tuple[threading.Lock, int]] = {}
+        self._addresses_lock = threading.Lock()
         self._unsaved: list[_Unsaved] = []
         self._unsaved_lines: list[tuple[IPAddress, str, float]] = []
         # Set when the store on disk could not be opened and an in-memory one stands in.
@@ -129,6 +141,27 @@ class BanManager:
         # Called after every ban or lift this manager records, from the thread that made it: the
         # fleet publisher wakes at once instead of at its next look at the change feed.
         self.on_change: Callable[[], None] | None = None
+
+    @contextlib.contextmanager
+    def _turn(self, address: IPAddress, wait: bool = True) -> Iterator[bool]:
+        """Hold `address` against other bans and lifts of it in this process; yields False (and
+        holds nothing) when `wait` is False and it is busy."""
+        key = normalise(address)
+        with self._addresses_lock:
+            lock, users = self._addresses.get(key, (threading.Lock(), 0))
+            self._addresses[key] = (lock, users + 1)
+        held = lock.acquire(blocking=wait)
+        try:
+            yield held
+        finally:
+            if held:
+                lock.release()
+            with self._addresses_lock:
+                users = self._addresses[key][1] - 1
+                if users:
+                    self._addresses[key] = (lock, users)
+                else:
+                    del self._addresses[key]
 
     def changed(self) -> None:
         if self.on_change is not None:
@@ -163,17 +196,18 @@ class BanManager:
         None = forever)."""
         probe = block.probe
         at = time.time() if now is None else now
-        if isinstance(duration, UsePolicy):
-            duration = self.duration(probe.source, at)
-        # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
-        # that the next start completes (restore re-applies it), never a ban nobody knows of.
-        self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port, now=at,
-                      duration=duration, hosts_deny_line=responder.intended_line(block),
-                      native=any(step.kind is StepKind.NATIVE for step in block.steps))
-        if responder.carry_out(block, duration, self):
-            return True
-        self.abandon(probe.source, at)
-        return False
+        with self._turn(probe.source):
+            if isinstance(duration, UsePolicy):
+                duration = self.duration(probe.source, at)
+            # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
+            # that the next start completes (restore re-applies it), never a ban nobody knows of.
+            self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port, now=at,
+                          duration=duration, hosts_deny_line=responder.intended_line(block),
+                          native=any(step.kind is StepKind.NATIVE for step in block.steps))
+            if responder.carry_out(block, duration, self):
+                return True
+            self.abandon(probe.source, at)
+            return False
 
     def ban_native(self, address: IPAddress, duration: float | None) -> bool:
         if self.backend is None:
@@ -253,8 +287,10 @@ class BanManager:
                 memory, self.store, self.fallback_from = self.store, disk, None
             now = time.time()
             for ban in memory.active(now):
+                # Saved as made at first_seen, so its length counts from then: the time left from
+                # now cut each ban short by its age (an hour's ban half an hour old ended at once).
                 self._unsaved.append(_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
-                                              None if ban.expires is None else ban.expires - now,
+                                              None if ban.expires is None else ban.expires - ban.first_seen,
                                               ban.hosts_deny_line, ban.backends))
             memory.close()
             self._log(messages.store_recovered(disk.path))
@@ -275,18 +311,31 @@ class BanManager:
             saved += 1
         return saved
 
-    def lift(self, address: IPAddress, now: float, reason: str, origin: str = ORIGIN_LOCAL) -> bool:
+    def lift(self, address: IPAddress, now: float, reason: str, origin: str = ORIGIN_LOCAL,
+             expired_only: bool = False) -> bool:
         """Unblock everywhere; True when the store had a ban for it. `origin` says who asked: a
-        fleet peer's lift is recorded as theirs, so this host does not publish it again."""
-        with self._lock:
-            ban = self.store.get(address)
-            self._undo(address, ban)
-            lifted = self.store.lift(address, now, reason, origin)
-        if lifted is not None:
+        fleet peer's lift is recorded as theirs, so this host does not publish it again. With
+        `expired_only` (expiry), a ban made again or extended since it was seen over stays, and so
+        does one being made right now: the next round looks again."""
+        with self._turn(address, wait=not expired_only) as free:
+            if not free:
+                return False
+            with self._lock:
+                ban = self.store.get(address)
+                if expired_only and (ban is None or ban.active(now)):
+                    return False
+                # A ban still waiting to be saved (the store could not be written) goes too: saved
+                # after this, it would be a record of a ban that the kernel no longer holds.
+                key = normalise(address)
+                waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
+                self._unsaved = [e for e in self._unsaved if e not in waiting]
+                self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
+                lifted = self.store.lift(address, now, reason, origin, expired_only)
+        if lifted is not None or waiting:
             self.changed()
             self._log(messages.unblocked(str(address), reason))
             self.telemetry.unban(address, reason, now)
-        return lifted is not None
+        return lifted is not None or bool(waiting)
 
     def _undo(self, address: IPAddress, ban: Ban | None) -> None:
         if self.backend is not None:
@@ -331,7 +380,7 @@ class BanManager:
         """Lift every ban whose time is up; returns the addresses lifted."""
         lifted = []
         for ban in self.store.expired(now):
-            if self.lift(ban.address, now, "ban expired"):
+            if self.lift(ban.address, now, "ban expired", expired_only=True):
                 lifted.append(ban.address)
         return lifted
 

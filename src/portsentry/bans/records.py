@@ -100,8 +100,15 @@ class Change:
 
 
 def normalise(address: IPAddress | str) -> IPAddress:
-    """The address as stored: parsed if text, IPv4 inside IPv6 turned into IPv4 (addresses.canonical)."""
-    return canonical(ip_address(address) if isinstance(address, str) else address)
+    """The address as stored: parsed if text, IPv4 inside IPv6 turned into IPv4 (addresses.canonical),
+    without an IPv6 zone id."""
+    parsed = ip_address(address) if isinstance(address, str) else address
+    if isinstance(parsed, IPv6Address) and parsed.scope_id is not None:
+        # `fe80::1%eth0` names our interface, not the host (no packet carries a zone id, and
+        # sensors.connect drops it too). Kept, it was stored as text inet_pton cannot read back,
+        # and every later read of the bans raised.
+        parsed = IPv6Address(int(parsed))
+    return canonical(parsed)
 
 
 def ban_duration(base: float, factor: float, cap: float, offences: int) -> float | None:

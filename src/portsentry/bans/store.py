@@ -342,17 +342,19 @@ class BanStore:
 
     @_store_errors
     def lift(self, address: IPAddress | str, now: float, reason: str,
-             origin: str = ORIGIN_LOCAL) -> Ban | None:
+             origin: str = ORIGIN_LOCAL, expired_only: bool = False) -> Ban | None:
         """End the ban of `address` (kept as an offence); the lifted ban, or None if there was none.
 
-        Recorded as "expire" when the ban had run out by `now`, else as "lift".
+        Recorded as "expire" when the ban had run out by `now`, else as "lift". With
+        `expired_only`, a ban still in force at `now` stays (made again or extended since the
+        caller saw it expired).
         """
         with self._transaction() as db:
             key = normalise(address)
             if origin not in (ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY):
                 # The peer lifted its ban: a ban it sends from now on is a new one.
                 db.execute("DELETE FROM lifted_here WHERE address = ? AND origin = ?", (str(key), origin))
-            old = self._lift(db, key, now, reason, origin)
+            old = self._lift(db, key, now, reason, origin, expired_only)
             if old is not None and origin == ORIGIN_LOCAL_ONLY:
                 self._lifted_here(db, [(str(key), old.origin, old.expires)], now)
             return old
@@ -416,10 +418,11 @@ class BanStore:
         return found
 
     def _lift(self, db: sqlite3.Connection, address: IPAddress, now: float, reason: str,
-              origin: str) -> Ban | None:
+              origin: str, expired_only: bool = False) -> Ban | None:
         old = self._get(db, str(address))
-        if old is not None:
-            self._retire(db, old, now, "lift" if old.active(now) else "expire", reason, origin)
+        if old is None or (expired_only and old.active(now)):
+            return None
+        self._retire(db, old, now, "lift" if old.active(now) else "expire", reason, origin)
         return old
 
     # -- the change feed ---------------------------------------------------------------------

@@ -83,6 +83,12 @@ def _same(raw_line: bytes, wanted: bytes) -> bool:
     return raw_line.rstrip(b"\n").rstrip(_TRAILING) == wanted
 
 
+def _heads(lines: list[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(index, line) of the lines tcpd reads as the start of a rule. It joins a line after one
+    ending in backslash-newline to that one (tcpd's xgets): a copy of our line there is not ours."""
+    return ((i, raw) for i, raw in enumerate(lines) if i == 0 or not lines[i - 1].endswith(b"\\\n"))
+
+
 def _read_all(fd: int, offset: int = 0) -> bytes:
     chunks: list[bytes] = []
     while True:
@@ -113,6 +119,14 @@ def _needs_newline(fd: int) -> bool:
     return True
 
 
+def _separator(fd: int) -> bytes:
+    """What an append begins with: "\n" to end an unterminated last line, and a blank line
+    after a backslash-newline, which tcpd would otherwise join to our line (one broken rule)."""
+    newline = _needs_newline(fd)
+    tail = os.pread(fd, 2, max(0, os.fstat(fd).st_size - 2))
+    return b"\n" * (newline + (tail.endswith(b"\\") if newline else tail == b"\\\n"))
+
+
 class HostsDeny:
     """One hosts.deny file (normally /etc/hosts.deny)."""
 
@@ -130,14 +144,13 @@ class HostsDeny:
         with self._locked():
             fd = self._open(os.O_RDWR | os.O_APPEND, create=True)
             try:
-                content = _read_all(fd)
-                if any(_same(raw, wanted) for raw in _split(content)):
+                if any(_same(raw, wanted) for _i, raw in _heads(_split(_read_all(fd)))):
                     return False
                 if on_append is not None:
                     on_append()
-                # Look at the last byte again right before writing: a lockless appender may have
-                # added to the file since our read.
-                append_record(fd, (b"\n" if _needs_newline(fd) else b"") + wanted + b"\n", sync=True)
+                # Look at the end again right before writing: a lockless appender may have added
+                # to the file since our read.
+                append_record(fd, _separator(fd) + wanted + b"\n", sync=True)
                 return True
             finally:
                 os.close(fd)
@@ -150,7 +163,7 @@ class HostsDeny:
         with self._locked():
             fd = self._open(os.O_RDWR | os.O_APPEND, create=True)
             try:
-                present = {raw.rstrip(b"\n").rstrip(_TRAILING) for raw in _split(_read_all(fd))}
+                present = {raw.rstrip(b"\n").rstrip(_TRAILING) for _i, raw in _heads(_split(_read_all(fd)))}
                 absent = [line for line in wanted if line not in present]
                 if not absent:
                     return []
@@ -158,7 +171,7 @@ class HostsDeny:
                 if on_append is not None:
                     on_append(appended)
                 data = b"".join(line + b"\n" for line in absent)
-                append_record(fd, (b"\n" if _needs_newline(fd) else b"") + data, sync=True)
+                append_record(fd, _separator(fd) + data, sync=True)
                 return appended
             finally:
                 os.close(fd)
@@ -178,9 +191,11 @@ class HostsDeny:
                 content = _read_all(fd)
                 kept: list[bytes] = []
                 removed = 0
-                for raw in _split(content):
+                raws = _split(content)
+                heads = {index for index, _raw in _heads(raws)}
+                for index, raw in enumerate(raws):
                     key = raw.rstrip(b"\n").rstrip(_TRAILING)
-                    if wanted.get(key, 0) > 0:
+                    if index in heads and wanted.get(key, 0) > 0:
                         wanted[key] -= 1
                         removed += 1
                     else:
@@ -203,7 +218,7 @@ class HostsDeny:
             try:
                 content = _read_all(fd)
                 lines = _split(content)
-                for index, raw in enumerate(lines):
+                for index, raw in _heads(lines):
                     if _same(raw, wanted):
                         self._rewrite(fd, content, b"".join(lines[:index] + lines[index + 1:]))
                         return True

@@ -6,6 +6,7 @@ daemon answers them, import neither the ban lifecycle nor the backends.
 from __future__ import annotations
 
 import json
+import math
 import re
 from ipaddress import ip_address
 
@@ -25,9 +26,11 @@ def parse_duration(text: str) -> float | None:
     if text.strip().lower() in ("forever", "0"):
         return None
     match = _DURATION.match(text.lower())
-    if match is None or float(match.group(1)) <= 0:
+    seconds = 0.0 if match is None else float(match.group(1)) * _UNITS[match.group(2)]
+    # 400 digits are a float of inf, an expiry no backend accepts: "forever" says that.
+    if not 0 < seconds < math.inf:
         raise AdminError(f"{text!r} is not a duration (e.g. 90, 15m, 2h, 7d, forever)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    return seconds
 
 
 def parse_address(text: str) -> IPAddress:

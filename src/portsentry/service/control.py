@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import selectors
 import socket
@@ -76,15 +77,28 @@ def parse_request(line: bytes) -> Request:
     address = data.get("address")
     if command in ("block", "unblock") and not isinstance(address, str):
         raise BadRequest(f"bad request: {command} needs an \"address\"")
-    duration = data.get("duration", "policy")
-    if not (duration is None or duration == "policy"
-            or (isinstance(duration, int | float) and not isinstance(duration, bool) and duration > 0)):
+    raw = data.get("duration", "policy")
+    duration: Duration
+    if raw is None or raw == "policy":
+        duration = raw
+    elif isinstance(raw, int | float) and not isinstance(raw, bool) and (seconds := _seconds(raw)):
+        duration = seconds
+    else:
         raise BadRequest('bad request: "duration" is seconds above 0, null (forever) or "policy"')
     local = data.get("local", False)
     if not isinstance(local, bool):
         raise BadRequest('bad request: "local" is true or false')
-    return Request(command, address if isinstance(address, str) else None,
-                   float(duration) if isinstance(duration, int | float) else duration, local)
+    return Request(command, address if isinstance(address, str) else None, duration, local)
+
+
+def _seconds(value: int | float) -> float | None:
+    """`value` as seconds above 0, or None. Not Infinity (which json takes): stored as an expiry,
+    no backend accepts it. Not an integer beyond a float: float() raises OverflowError for it."""
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if 0 < seconds < math.inf else None
 
 
 @dataclass(frozen=True)

@@ -109,12 +109,12 @@ class Maintenance:
         resync: frozenset[IPAddress] | None = None
         bans = self.bans
         if bans is not None:
-            if now >= self._next_repair:
+            if _due(now, self._next_repair, self.repair_every):
                 self._next_repair = now + self.repair_every
                 self._guard(lambda: bans.repair(now))
             self._guard(bans.catch_up)
             self._guard(lambda: bans.expire(now))
-            if now >= self._next_prune:
+            if _due(now, self._next_prune, self.prune_every):
                 self._next_prune = now + self.prune_every
                 self._guard(lambda: bans.prune(now))
             if self.tally is not None:
@@ -170,6 +170,13 @@ class Maintenance:
         except Exception as error:
             self.errors += 1
             self._log(messages.config_error(f"internal error in the maintenance tick: {error!r}"))
+
+
+def _due(now: float, next_at: float, every: float) -> bool:
+    """Whether work planned for `next_at` is due at `now`. Also when `next_at` lies more than
+    one interval ahead: the clock was set back since, and waiting for it again would hold the
+    work off for as long as the clock jumped."""
+    return now >= next_at or next_at - now > every
 
 
 def _count(change: Change) -> int:

@@ -42,6 +42,18 @@ def test_read_addresses_names_each_bad_line():
                                                      ip_address("fd00::9")]
 
 
+def test_a_listed_zone_id_is_the_same_host(tmp_path):
+    # A scoped address was kept as given: the unblock report then named "fe80::1%eth0" as not
+    # blocked although its ban (stored as fe80::1) was lifted.
+    assert read_addresses(["fe80::1%eth0", "fe80::1"], "feed.txt") == [ip_address("fe80::1")]
+    bans, _kernel, _said, ran = manager(tmp_path)
+    addresses = read_addresses(["fe80::1%eth0"], "feed.txt")
+    assert block_many(bans, ManualSteps(), addresses, T0, 60.0, recorder(ran)).done == 1
+    result = unblock_many(bans, ManualSteps(), read_addresses(["fe80::1%eth0"], "feed.txt"), T0 + 1,
+                          recorder(ran))
+    assert (result.done, result.skipped) == (1, [])
+
+
 def test_many_bans_in_one_go_and_back(tmp_path):
     bans, kernel, _said, ran = manager(tmp_path)
     deny = tmp_path / "hosts.deny"

@@ -136,6 +136,49 @@ def test_unsaved_bans_are_written_when_the_store_comes_back(tmp_path):
     assert [ban.address for ban in BanStore(real_path).active(1.0)] == [A]
 
 
+def test_bans_kept_in_memory_keep_their_expiry_when_the_store_comes_back(tmp_path):
+    # The in-memory bans were saved with their first sighting as the time of the ban but the
+    # time left from now as its length: a ban of an hour made half an hour before the disk
+    # came back was saved as ending right then, and lifted at the next round.
+    import time
+
+    bans, _kernel, _lines, _commands = manager(tmp_path)
+    real_path = str(tmp_path / "state" / "bans.sqlite3")
+    bans.fallback_from = real_path
+    made = time.time() - 1800
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=made, duration=3600, hosts_deny_line=None,
+                  native=True)
+    bans.catch_up()
+    saved = BanStore(real_path).get(A)
+    assert saved is not None and saved.expires == made + 3600 and saved.first_seen == made
+    assert bans.expire(time.time()) == []
+
+
+def test_an_unblock_also_drops_a_ban_still_waiting_to_be_saved(tmp_path, monkeypatch):
+    # A ban made while the store could not be written waits in memory. Unblocking it said "not
+    # blocked" and took it out of the kernel; then the store came back, the record was saved, and
+    # the store (and so the engine) held a ban the kernel did not: the host went unwatched.
+    from portsentry.bans.store import StoreError
+
+    bans, kernel, _lines, _commands = manager(tmp_path, base=600)
+    save = bans.store.ban
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise StoreError("bans.sqlite3: database or disk is full")
+
+    monkeypatch.setattr(bans.store, "ban", disk_full)
+    assert bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=600,
+                         hosts_deny_line="ALL: 198.18.0.2", native=True) is None
+    assert bans.ban_native(A, 600)
+    assert bans.add_line(A, "ALL: 198.18.0.2", 0.0)
+    assert bans.lift(A, 1.0, "unblocked by admin")
+    assert kernel.held == {}
+    assert (tmp_path / "hosts.deny").read_text() == ""
+    monkeypatch.setattr(bans.store, "ban", save)
+    bans.catch_up()
+    assert bans.store.get(A) is None
+
+
 # --- is a recorded ban in force after a restart? (issue 9.2) ---------------------------------
 
 
@@ -231,6 +274,31 @@ def test_maintenance_follows_the_feed_and_counts_what_is_in_force(tmp_path):
     assert maintenance.run_once().changes == []
 
 
+def test_a_clock_set_back_does_not_hold_off_the_table_repair_or_the_pruning(tmp_path, monkeypatch):
+    # The next repair and prune were due at wall-clock times: after the clock was set back by a
+    # day (an NTP step, a host that booted with its clock ahead), a flushed ruleset was not
+    # rebuilt and history was not pruned for that day.
+    from portsentry.service.maintenance import Maintenance
+
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    repaired: list[float] = []
+    pruned: list[float] = []
+    monkeypatch.setattr(bans, "repair", repaired.append)
+    def prune(now: float) -> int:
+        pruned.append(now)
+        return 0
+
+    monkeypatch.setattr(bans, "prune", prune)
+    clock = [100_000.0]
+    maintenance = Maintenance(bans, frozenset, list[object]().append, print, repair_every=60.0,
+                              prune_every=3600.0, clock=lambda: clock[0])
+    for now in (100_030.0, 100_061.0, 103_601.0, 13_601.0, 13_602.0, 13_662.0):
+        clock[0] = now
+        maintenance.run_once()
+    assert repaired == [100_061.0, 103_601.0, 13_601.0, 13_662.0]
+    assert pruned == [103_601.0, 13_601.0]
+
+
 def test_restore_puts_bans_in_force_without_running_commands_and_leaves_them_for_later(tmp_path):
     # issue 10.6: READY=1 once the native set is restored; KILL_ROUTE re-runs come after.
     bans, commands = _banned(tmp_path)
@@ -272,3 +340,65 @@ def test_enforce_records_the_ban_before_any_step_runs_and_drops_it_when_every_st
                             duration=30.0, now=100.0)
     assert seen_in_store == [True, True] and bans.store.get(B) is None
     assert [change.detail for change in bans.store.changes(0) if change.address == B][-1] == "block failed"
+
+
+def test_an_expiry_leaves_the_ban_made_again_after_it_looked(tmp_path, monkeypatch):
+    # expire() read the expired bans, then lifted each by address: a ban made again in between
+    # (a scan, an admin's block, in another thread) was the one lifted, from the store and the
+    # kernel, within a second of being made.
+    bans, kernel, _lines, _commands = manager(tmp_path, base=10)
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=0.0, duration=10, hosts_deny_line=None,
+                  native=True)
+    assert bans.ban_native(A, 10)
+    expired = bans.store.expired
+
+    def banned_again_meanwhile(now: float):
+        found = expired(now)
+        bans.remember(A, reason="scan", mode="tcp", port=1, now=now, duration=10, hosts_deny_line=None,
+                      native=True)
+        bans.ban_native(A, 10)
+        return found
+
+    monkeypatch.setattr(bans.store, "expired", banned_again_meanwhile)
+    assert bans.expire(11.0) == []
+    ban = bans.store.get(A)
+    assert ban is not None and ban.expires == 21.0 and ban.offences == 2
+    assert kernel.held == {A: 10}
+
+
+def test_an_unblock_while_the_ban_is_being_applied_lifts_all_of_it(tmp_path):
+    # The unblock ran between the ban's record and its steps: it lifted the record (and said so),
+    # then the steps put the host in the kernel and hosts.deny with no ban on record, for ever.
+    import threading
+
+    from portsentry.core.actions import Block, Step, StepKind
+    from portsentry.core.probe import KIND_SYN, Mode, Probe
+    from portsentry.responders.classic import ClassicResponder
+
+    bans, kernel, said, _commands = manager(tmp_path, base=0)
+    adding, go_on = threading.Event(), threading.Event()
+    add = kernel.add
+
+    def slow_add(address: IPAddress, timeout: float | None) -> None:
+        adding.set()
+        go_on.wait(5)
+        add(address, timeout)
+
+    kernel.add = slow_add  # type: ignore[method-assign]
+    responder = ClassicResponder(bans.hosts_deny, said.append, 1.0, clock=lambda: 100.0)
+    block = Block(Probe(source=A, port=22, mode=Mode.STCP, kind=KIND_SYN),
+                  (Step(StepKind.NATIVE, ""), Step(StepKind.HOSTS_DENY, "ALL: $TARGET$")))
+    banning = threading.Thread(target=bans.enforce, args=(block, responder), kwargs={"now": 100.0})
+    banning.start()
+    assert adding.wait(5)
+    unblocked: list[bool] = []
+    unblocking = threading.Thread(target=lambda: unblocked.append(bans.lift(A, 101.0, "unblocked")))
+    unblocking.start()
+    unblocking.join(0.5)  # before the fix it was done by now, while the ban was half applied
+    go_on.set()
+    banning.join(5)
+    unblocking.join(5)
+    assert unblocked == [True]
+    assert bans.store.get(A) is None
+    assert kernel.held == {}
+    assert (tmp_path / "hosts.deny").read_text() == ""

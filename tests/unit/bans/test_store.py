@@ -67,6 +67,17 @@ def test_ipv4_mapped_is_stored_as_ipv4(store: BanStore) -> None:
     assert normalise(B) == B
 
 
+def test_a_zone_id_is_not_part_of_the_stored_address(store: BanStore) -> None:
+    # `block fe80::1%eth0` stored "fe80::1%eth0", which inet_pton cannot read back: every later
+    # active(), expired() and start-up raised OSError, so one request broke expiry for good.
+    b = ban(store, address="fe80::1%eth0", duration=60.0)
+    assert b.address == IPv6Address("fe80::1") and str(b.address) == "fe80::1"
+    assert [x.address for x in store.active(T0)] == [IPv6Address("fe80::1")]
+    assert [x.address for x in store.expired(T0 + 120)] == [IPv6Address("fe80::1")]
+    assert store.get("fe80::1") == b
+    assert normalise(IPv6Address("fe80::1%2")) == IPv6Address("fe80::1")
+
+
 def test_ban_survives_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "bans.sqlite3")
     with BanStore(path) as s:
@@ -510,3 +521,14 @@ def test_a_peers_ban_lifted_here_only_is_kept_until_the_peer_lifts_it_or_it_ends
     assert one in store.lifted_here([one])
     store.prune(T0 + 61)
     assert store.lifted_here([one]) == {}
+
+
+def test_an_expiry_lift_leaves_a_ban_made_again_since(store: BanStore) -> None:
+    # The expiry's lift is decided in the same transaction that would retire the row, so a ban
+    # made again by another writer after the expiry read the row is not taken down with it.
+    ban(store, duration=60.0)
+    again = ban(store, now=T0 + 61, duration=60.0)
+    assert store.lift(A, T0 + 61, "ban expired", expired_only=True) is None
+    assert store.get(A) == again
+    assert store.lift(A, T0 + 200, "ban expired", expired_only=True) == again
+    assert store.get(A) is None

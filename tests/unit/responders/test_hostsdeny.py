@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -14,6 +15,8 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from portsentry.core.probe import Mode
 from portsentry.responders.hostsdeny import LOCK_SUFFIX, HostsDeny, HostsDenyError
@@ -472,3 +475,61 @@ def test_an_unterminated_last_line_still_gets_its_newline(path: Path) -> None:
     path.write_bytes(ORIGINAL + b"ALL: 198.18.0.7")  # written by an editor without a final newline
     assert HostsDeny(str(path)).add("ALL: 198.18.3.3") is True
     assert path.read_bytes() == ORIGINAL + b"ALL: 198.18.0.7\nALL: 198.18.3.3\n"
+
+
+def tcpd_rules(data: bytes) -> list[bytes]:
+    """The non-blank rules of a hosts.deny as tcpd's xgets reads them: a line ending in a
+    backslash and newline is joined to the next. An unterminated last line is read as it is,
+    but for a final backslash: appending must end that line, and then the backslash continues
+    it (into the blank line that HostsDeny puts after it); as a word of a rule it matched nothing."""
+    rules: list[bytes] = []
+    current = b""
+    parts = data.split(b"\n")
+    for index, part in enumerate(parts):
+        if index == len(parts) - 1:
+            rules.append(current + part.removesuffix(b"\\"))
+        elif part.endswith(b"\\"):
+            current += part[:-1]
+        else:
+            rules.append(current + part)
+            current = b""
+    return [rule.rstrip(b" \t\r") for rule in rules if rule.strip()]
+
+
+OURS = b"ALL: 198.18.0.5"
+PIECES = [OURS, b"sshd: 198.18.0.9", b"# note", b"\\", b"\n", b"\r\n", b" ", b"\\\n"]
+
+
+def test_a_rule_continued_by_a_backslash_is_not_joined_to_ours(path: Path) -> None:
+    # The admin's last line ended in a backslash: our line was appended right after it, so tcpd
+    # read "sshd: 198.18.0.9 ALL: 198.18.0.5" (one broken rule) and the ban was not in force.
+    # And a copy of our line that continues someone's rule is theirs, not a rule of its own.
+    hd = HostsDeny(str(path))
+    for before in (b"sshd: 198.18.0.9 \\\n", b"sshd: 198.18.0.9 \\", b"sshd: 198.18.0.9 \\\n" + OURS + b"\n"):
+        path.write_bytes(before)
+        assert hd.add(OURS.decode()) is True
+        assert tcpd_rules(path.read_bytes())[-1] == OURS
+        assert hd.remove(OURS.decode()) is True
+        assert tcpd_rules(path.read_bytes()) == tcpd_rules(before)
+        path.write_bytes(before)  # the same through the bulk calls (block --file, restore)
+        assert hd.add_many([OURS.decode()]) == [OURS.decode()]
+        assert tcpd_rules(path.read_bytes())[-1] == OURS
+        assert hd.remove_many([OURS.decode()]) == 1
+        assert tcpd_rules(path.read_bytes()) == tcpd_rules(before)
+
+
+@given(st.lists(st.sampled_from(PIECES), max_size=12).map(b"".join))
+def test_our_line_is_a_rule_of_its_own_and_its_removal_leaves_the_others(before: bytes) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        deny = Path(directory) / "hosts.deny"
+        deny.write_bytes(before)
+        hd = HostsDeny(str(deny))
+        added = hd.add(OURS.decode())
+        after = deny.read_bytes()
+        assert OURS in tcpd_rules(after)
+        if not added:
+            assert after == before
+            return
+        assert after.startswith(before)
+        assert hd.remove(OURS.decode()) is True
+        assert tcpd_rules(deny.read_bytes()) == tcpd_rules(before)

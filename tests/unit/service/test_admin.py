@@ -20,7 +20,7 @@ def test_forever(text):
     assert parse_duration(text) is None
 
 
-@pytest.mark.parametrize("text", ["", "-5", "5x", "h", "1 day"])
+@pytest.mark.parametrize("text", ["", "-5", "5x", "h", "1 day", "9" * 400, "9" * 400 + "w"])
 def test_bad_durations(text):
     with pytest.raises(AdminError):
         parse_duration(text)
@@ -32,6 +32,8 @@ def test_addresses_are_validated_and_mapped_ipv6_becomes_ipv4():
     assert parse_address("fd00::2") == ip_address("fd00::2")
     with pytest.raises(AdminError):
         parse_address("198.18.0.2; rm -rf /")
+    # A zone id names our interface, not the host: the ban is of fe80::1 (as sensors.connect reads it).
+    assert str(parse_address("fe80::1%eth0")) == "fe80::1"
 
 
 def test_listing_table():

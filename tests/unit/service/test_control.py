@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from portsentry.service.control import (
@@ -135,6 +135,40 @@ def test_durations():
     assert parse_request(b'{"command": "block", "address": "a"}').duration == "policy"
     assert parse_request(b'{"command": "block", "address": "a", "duration": null}').duration is None
     assert parse_request(b'{"command": "block", "address": "a", "duration": 90}').duration == 90.0
+
+
+def test_a_duration_too_big_for_a_float_is_a_counted_bad_request(served):
+    # 10**400 passed the checks, then float() raised OverflowError, which parse_request let out:
+    # the connection was dropped from the server without a reply (the client waited for its
+    # own timeout) and the request was not counted.
+    server, path, seen = served
+    line = b'{"command": "block", "address": "198.18.0.2", "duration": 1' + b"0" * 400 + b"}\n"
+    answer = raw(path, line)
+    assert answer["ok"] is False and '"duration" is seconds' in str(answer["error"])
+    assert server.bad_requests == 1 and seen == []
+
+
+@pytest.mark.parametrize("duration", [b"Infinity", b"1e999", b"-Infinity", b"NaN"])
+def test_a_duration_that_is_not_a_finite_number_is_refused(duration):
+    # Infinity was taken as seconds: the request was not counted as bad, and the block then
+    # failed deep in the store ("timestamp out of range for platform time_t").
+    with pytest.raises(BadRequest, match='"duration" is seconds'):
+        parse_request(b'{"command": "block", "address": "a", "duration": ' + duration + b"}")
+
+
+@given(st.one_of(st.integers(), st.floats(), st.booleans(), st.none(), st.text(max_size=8)))
+@example(float("inf"))
+@example(float("nan"))
+@example(10**400)
+@example(1e308)
+def test_a_duration_is_finite_positive_seconds_or_a_bad_request(duration):
+    line = json.dumps({"command": "block", "address": "198.18.0.2", "duration": duration}).encode()
+    try:
+        parsed = parse_request(line)
+    except BadRequest:
+        return
+    assert parsed.duration in (None, "policy") or (
+        isinstance(parsed.duration, float) and 0 < parsed.duration < float("inf"))
 
 
 @given(st.binary(max_size=300))
