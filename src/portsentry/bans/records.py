@@ -111,6 +111,12 @@ def normalise(address: IPAddress | str) -> IPAddress:
     return canonical(parsed)
 
 
+# The longest ban that ends: a longer one is forever. Its end would otherwise lie past what the
+# store's time functions take (localtime fails from about 3e16 s, as an OSError at the record)
+# and far past any kernel timer; nobody means "in 300 years" other than as "forever".
+LONGEST_BAN = 100 * 365 * 86400.0
+
+
 def ban_duration(base: float, factor: float, cap: float, offences: int) -> float | None:
     """Seconds the next ban lasts after `offences` earlier ones; None = forever.
 
@@ -129,8 +135,8 @@ def ban_duration(base: float, factor: float, cap: float, offences: int) -> float
         duration = float("inf")
     if cap and duration > cap:
         return cap
-    if duration == float("inf"):
-        # Uncapped growth past what a float holds: the ban no longer ends.
+    if duration > LONGEST_BAN:
+        # Uncapped growth (BLOCK_TIME_MAX 0) past a century, or past what a float holds.
         return None
     return duration
 

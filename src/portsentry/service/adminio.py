@@ -10,7 +10,7 @@ import math
 import re
 from ipaddress import ip_address
 
-from portsentry.bans.records import normalise
+from portsentry.bans.records import LONGEST_BAN, normalise
 from portsentry.core.probe import IPAddress
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -30,6 +30,8 @@ def parse_duration(text: str) -> float | None:
     # 400 digits are a float of inf, an expiry no backend accepts: "forever" says that.
     if not 0 < seconds < math.inf:
         raise AdminError(f"{text!r} is not a duration (e.g. 90, 15m, 2h, 7d, forever)")
+    if seconds > LONGEST_BAN:
+        raise AdminError(f"{text!r} is longer than 100 years: say forever")
     return seconds
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import selectors
 import socket
@@ -28,6 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from portsentry.bans.records import LONGEST_BAN
 
 DEFAULT_PATH = "/run/portsentry/control.sock"
 MAX_REQUEST = 64 * 1024
@@ -84,7 +85,8 @@ def parse_request(line: bytes) -> Request:
     elif isinstance(raw, int | float) and not isinstance(raw, bool) and (seconds := _seconds(raw)):
         duration = seconds
     else:
-        raise BadRequest('bad request: "duration" is seconds above 0, null (forever) or "policy"')
+        raise BadRequest('bad request: "duration" is seconds above 0 (up to 100 years), null (forever) '
+                         'or "policy"')
     local = data.get("local", False)
     if not isinstance(local, bool):
         raise BadRequest('bad request: "local" is true or false')
@@ -92,13 +94,14 @@ def parse_request(line: bytes) -> Request:
 
 
 def _seconds(value: int | float) -> float | None:
-    """`value` as seconds above 0, or None. Not Infinity (which json takes): stored as an expiry,
-    no backend accepts it. Not an integer beyond a float: float() raises OverflowError for it."""
+    """`value` as seconds above 0 up to LONGEST_BAN, or None. Not Infinity (which json takes), nor
+    a century or more: as an expiry, the store's time functions and the kernel refuse them. Not an
+    integer beyond a float: float() raises OverflowError for it."""
     try:
         seconds = float(value)
     except OverflowError:
         return None
-    return seconds if 0 < seconds < math.inf else None
+    return seconds if 0 < seconds <= LONGEST_BAN else None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from portsentry.bans.records import LONGEST_BAN
 from portsentry.bans.store import SCHEMA_VERSION, BanStore, StoreError, ban_duration, normalise
 
 SRC = str(Path(__file__).resolve().parents[3] / "src")
@@ -182,6 +183,17 @@ def test_ban_duration() -> None:
     assert ban_duration(60, 2, 0, 10_000) is None  # uncapped beyond any float: forever
     with pytest.raises(ValueError, match="must not be negative"):
         ban_duration(-1, 2, 0, 0)
+
+
+def test_a_ban_longer_than_a_century_is_forever(store: BanStore) -> None:
+    # Uncapped escalation (BLOCK_TIME_MAX 0) reached 3600 * 100**7 s, and recording that ban
+    # raised OSError in the store's time formatting: the ban was never made.
+    assert ban_duration(3600, 100, 0, 2) == 3600 * 100.0**2
+    assert ban_duration(3600, 100, 0, 3) is None and ban_duration(3600, 100, 0, 7) is None
+    assert ban_duration(LONGEST_BAN, 1, 0, 3) == LONGEST_BAN
+    now = 1_000_000.0
+    ban = store.ban(A, reason="x", mode="tcp", port=1, now=now, duration=ban_duration(3600, 100, 0, 7))
+    assert ban.expires is None and store.get(A) is not None
 
 
 def test_duration_must_be_positive(store: BanStore) -> None:

@@ -10,7 +10,8 @@ from portsentry.service.admin import AdminError, format_listing, parse_address, 
 
 
 @pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200),
-                                          ("7d", 604800), ("1w", 604800), ("1.5h", 5400)])
+                                          ("7d", 604800), ("1w", 604800), ("1.5h", 5400),
+                                          ("5200w", 5200 * 604800)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -20,7 +21,8 @@ def test_forever(text):
     assert parse_duration(text) is None
 
 
-@pytest.mark.parametrize("text", ["", "-5", "5x", "h", "1 day", "9" * 400, "9" * 400 + "w"])
+@pytest.mark.parametrize("text", ["", "-5", "5x", "h", "1 day", "9" * 400, "9" * 400 + "w",
+                                  "99999999999999w", "101y", "5300000w"])
 def test_bad_durations(text):
     with pytest.raises(AdminError):
         parse_duration(text)

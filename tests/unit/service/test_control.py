@@ -14,6 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from portsentry.bans.records import LONGEST_BAN
 from portsentry.service.control import (
     BadRequest,
     ControlServer,
@@ -148,10 +149,11 @@ def test_a_duration_too_big_for_a_float_is_a_counted_bad_request(served):
     assert server.bad_requests == 1 and seen == []
 
 
-@pytest.mark.parametrize("duration", [b"Infinity", b"1e999", b"-Infinity", b"NaN"])
-def test_a_duration_that_is_not_a_finite_number_is_refused(duration):
+@pytest.mark.parametrize("duration", [b"Infinity", b"1e999", b"-Infinity", b"NaN", b"1e17", b"3153600001"])
+def test_a_duration_that_is_not_finite_or_past_a_century_is_refused(duration):
     # Infinity was taken as seconds: the request was not counted as bad, and the block then
-    # failed deep in the store ("timestamp out of range for platform time_t").
+    # failed deep in the store ("timestamp out of range for platform time_t"); 1e17 seconds
+    # made the record raise OSError (localtime). Past a century is what null (forever) says.
     with pytest.raises(BadRequest, match='"duration" is seconds'):
         parse_request(b'{"command": "block", "address": "a", "duration": ' + duration + b"}")
 
@@ -161,6 +163,7 @@ def test_a_duration_that_is_not_a_finite_number_is_refused(duration):
 @example(float("nan"))
 @example(10**400)
 @example(1e308)
+@example(1e17)
 def test_a_duration_is_finite_positive_seconds_or_a_bad_request(duration):
     line = json.dumps({"command": "block", "address": "198.18.0.2", "duration": duration}).encode()
     try:
@@ -168,7 +171,7 @@ def test_a_duration_is_finite_positive_seconds_or_a_bad_request(duration):
     except BadRequest:
         return
     assert parsed.duration in (None, "policy") or (
-        isinstance(parsed.duration, float) and 0 < parsed.duration < float("inf"))
+        isinstance(parsed.duration, float) and 0 < parsed.duration <= LONGEST_BAN)
 
 
 @given(st.binary(max_size=300))
