@@ -8,6 +8,10 @@ usage: python spoof.py frame IFACE DESTINATION_MAC DESTINATION PORT SOURCE [SOUR
 Sends one SYN per SOURCE (IPv4 or IPv6, any address, 0.0.0.0 and ::ffff:a.b.c.d included) as a
 whole Ethernet frame on IFACE, so no IP stack rewrites or refuses the source on the way out, then
 prints how many it sent. DESTINATION's family must match each SOURCE's.
+
+usage: python spoof.py udpframe IFACE DESTINATION_MAC SOURCE DESTINATION SPORT DPORT
+Sends one empty IPv4 UDP datagram SOURCE:SPORT -> DESTINATION:DPORT as a whole Ethernet frame to
+DESTINATION_MAC, whatever host DESTINATION names, then prints 1.
 """
 
 from __future__ import annotations
@@ -72,9 +76,34 @@ def main_frame(argv: list[str]) -> int:
     return 0
 
 
+UDP = struct.Struct("!HHHH")
+
+
+def udp(source: bytes, destination: bytes, sport: int, dport: int) -> bytes:
+    datagram = UDP.pack(sport, dport, UDP.size, 0)
+    pseudo = source + destination + struct.pack("!BBH", 0, socket.IPPROTO_UDP, len(datagram))
+    datagram = datagram[:6] + struct.pack("!H", checksum(pseudo + datagram) or 0xFFFF)
+    ip = IP.pack(0x45, 0, 20 + len(datagram), 1, 0x4000, 64, socket.IPPROTO_UDP, 0, source, destination)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return ip + datagram
+
+
+def main_udp_frame(argv: list[str]) -> int:
+    iface, mac_text, source, destination = argv[0], argv[1], argv[2], argv[3]
+    sport, dport = int(argv[4]), int(argv[5])
+    mac = bytes.fromhex(mac_text.replace(":", ""))
+    frame = udp(ipaddress.IPv4Address(source).packed, ipaddress.IPv4Address(destination).packed, sport, dport)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(frame, (iface, ETH_P_IP, 0, 0, mac))
+    print(1)
+    return 0
+
+
 def main() -> int:
     if sys.argv[1] == "frame":
         return main_frame(sys.argv[2:])
+    if sys.argv[1] == "udpframe":
+        return main_udp_frame(sys.argv[2:])
     destination, port, first, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     rate = float(sys.argv[5]) if len(sys.argv) > 5 else 5000.0
     if count > 2_000_000:

@@ -75,3 +75,24 @@ def test_forged_sources_are_dropped_and_never_banned(daemon_factory, namespaces,
         assert [e["elem"]["val"] if isinstance(e, dict) else e for e in elements] == expected, listing
     assert "has been blocked" not in "\n".join(
         m for m in syslog.messages() if net.scanner_ip4 not in m)
+
+
+def test_a_forged_datagram_from_our_own_address_makes_no_probe_a_reply(daemon_factory, namespaces, syslog):
+    # The AF_PACKET capture remembers our own outgoing UDP so that replies to it are no probes.
+    # A frame from the same link with our address as its source, "to" the scanner, looked like
+    # such a datagram (its port below the highest watched, as the filter wants): the scanner's
+    # probe from that port to ours was then taken for a reply. Verbose, because otherwise the
+    # filter keeps the ignore list's sources away, and our own addresses are on that list.
+    net = namespaces
+    daemon_factory("-sudp", verbose=True, BLOCK_UDP="1", BAN_BACKEND="nftables", CAPTURE="packet",
+                   UDP_PORTS="31337")
+    sent = run_in(net.scanner, [sys.executable, SPOOF, "udpframe", "eth0", mac_of(net.target, "eth0"),
+                                net.target_ip4, net.scanner_ip4, "31337", "30999"], timeout=20)
+    assert sent.stdout.strip() == "1", sent.stderr
+    # The same capture queue carries both frames in order: the forged one is read first.
+    probe = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+             "s.bind(('', 30999)); s.sendto(b'', (sys.argv[1], 31337))")
+    run_in(net.scanner, [sys.executable, "-c", probe, net.target_ip4], check=True, timeout=10)
+    who = net.scanner_ip4
+    syslog.wait_for(f"attackalert: UDP scan from host: {who}/{who} to UDP port: 31337")
+    syslog.wait_for(f"attackalert: Host {who} has been blocked via nftables")

@@ -63,6 +63,8 @@ QUIET_PORTS_MAX = 64
 # Networks per family the filter rejects by source: a jump reaches at most 255 instructions
 # ahead, and an IPv4 network costs up to 3, an IPv6 one up to 9.
 SKIP_SOURCES_MAX = {4: 64, 6: 24}
+# Networks tried one by one when the list does not fit: each try merges at most SKIP_SOURCES_MAX.
+SKIP_SOURCES_SCAN = 1024
 PACKET_HOST = 0
 PACKET_OUTGOING = 4
 ETH_P_IP = 0x0800
@@ -274,13 +276,26 @@ def _port_check(
 
 def skipped_networks(version: int, networks: Collection[IPv4Network | IPv6Network]
                      ) -> list[IPv4Network | IPv6Network]:
-    """The networks of one family the filter rejects: merged, at most SKIP_SOURCES_MAX."""
+    """The networks of one family the filter rejects: merged, at most SKIP_SOURCES_MAX. When
+    they do not fit, the first given come first (the sensor puts our own addresses there)."""
+    wanted: list[IPv4Network | IPv6Network] = [n for n in networks if n.version == version]
+    limit = SKIP_SOURCES_MAX[version]
+    merged = _collapse(wanted)
+    if len(merged) <= limit:
+        return merged
+    chosen: list[IPv4Network | IPv6Network] = []
+    for network in wanted[:SKIP_SOURCES_SCAN]:
+        trial = _collapse([*chosen, network])
+        if len(trial) > limit:
+            break
+        chosen = trial
+    return chosen
+
+
+def _collapse(networks: list[IPv4Network | IPv6Network]) -> list[IPv4Network | IPv6Network]:
     merged: list[IPv4Network | IPv6Network] = []
-    if version == 4:
-        merged += collapse_addresses(n for n in networks if isinstance(n, IPv4Network))
-    else:
-        merged += collapse_addresses(n for n in networks if isinstance(n, IPv6Network))
-    return merged[:SKIP_SOURCES_MAX[version]]
+    merged += collapse_addresses(networks)  # type: ignore[type-var]  # one family, as called
+    return merged
 
 
 def _skip_sources(asm: _Assembler, version: int, networks: Collection[IPv4Network | IPv6Network]) -> None:

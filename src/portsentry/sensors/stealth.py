@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from ipaddress import ip_network
 
 from portsentry.core import messages
+from portsentry.core.addresses import possible_networks
 from portsentry.core.ports import format_ports
 from portsentry.core.probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
 from portsentry.sensors.base import Hit, Readable
@@ -110,6 +112,7 @@ class StealthSensor:
         self._live: dict[Protocol, frozenset[int]] | None = None
         self._live_from: tuple[frozenset[int], ...] = ()  # the listener tables _live was made from
         self._skipped: tuple[Network, ...] = ()
+        self._ignored: tuple[Network, ...] = ()
 
     def open(self) -> list[Readable]:
         now = self._clock()
@@ -244,6 +247,7 @@ class StealthSensor:
             listener.refresh(now)
         self._quiet_busy_udp_ports()
         self._report_live_ports()
+        self._skip_own_and_ignored()
 
     def _report_live_ports(self) -> None:
         """Tell the capture which watched ports have a live service whenever that changes: a
@@ -268,7 +272,17 @@ class StealthSensor:
         """Sources whose packets the kernel may keep from us: the ignore list, when none of
         their probes would be logged anyway (not verbose). The engine still checks every
         probe against the ignore list, so this only saves the work."""
-        wanted = tuple(networks)
+        self._ignored = tuple(networks)
+        self._skip_own_and_ignored()
+
+    def _skip_own_and_ignored(self) -> None:
+        """Our own addresses always, and first (the filter holds a few dozen networks): an
+        inbound packet from one of them is forged, and read here it would be taken for our own
+        outgoing UDP, making the sender's probes from that port "replies". Our real outgoing
+        packets take the filter's other branch and still arrive."""
+        local = sorted(self.addresses.local, key=lambda a: (a.version, int(a)))
+        own = possible_networks(ip_network(address) for address in local)
+        wanted = own + tuple(n for n in self._ignored if n not in own)
         if self._capture is None or wanted == self._skipped:
             return
         self._skipped = wanted

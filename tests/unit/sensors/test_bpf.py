@@ -293,3 +293,17 @@ def test_a_long_ignore_list_is_merged_then_cut_to_what_the_program_holds():
     # Listed beyond the cut: passed on to the daemon, whose engine ignores it.
     assert accepts(ipv4(tcp(dport=79), src=IPv4Address("10.198.0.1")), program)
     assert not accepts(ipv4(tcp(dport=79), src=IPv4Address("10.0.0.1")), program)
+
+
+def test_when_the_list_does_not_fit_the_first_given_networks_are_kept():
+    # The stealth sensor lists our own addresses first: sorted in with a long ignore list, they
+    # fell beyond the cut, and a forged inbound packet from one of them reached the daemon.
+    own = ip_network("198.18.200.1/32")
+    many4 = [ip_network(f"10.{i}.0.0/16") for i in range(0, 200, 2)]
+    chosen = skipped_networks(4, [own, *many4])
+    assert own in chosen and len(chosen) == SKIP_SOURCES_MAX[4]
+    program = build_probe_filter({Protocol.UDP}, max_port=1024, outgoing_udp=True, skip_sources=[own, *many4])
+    check_well_formed(program)
+    forged = ipv4(udp(sport=53, dport=999), proto=17, src=IPv4Address("198.18.200.1"))
+    assert not accepts(forged, program)  # inbound, from our own address
+    assert accepts(forged, program, pkttype=PACKET_OUTGOING)  # our own, going out: remembered

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from ipaddress import ip_address, ip_network
 
 from portsentry.core.probe import KIND_FIN, KIND_SYN, KIND_UDP, Mode, Protocol
+from portsentry.sensors.capture import Network
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import Packet, TcpFlag
 from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch
@@ -39,12 +40,16 @@ class NullCapture:
 
     def __init__(self) -> None:
         self.live: list[dict[Protocol, frozenset[int]]] = []
+        self.skipped: list[tuple[Network, ...]] = []
 
     def quiet_udp(self, ports: frozenset[int]) -> None:
         pass
 
     def live_ports(self, live: dict[Protocol, frozenset[int]]) -> None:
         self.live.append(live)
+
+    def skip_sources(self, networks: Collection[Network]) -> None:
+        self.skipped.append(tuple(networks))
 
 def sensor(
     watches: list[Watch], tcp_listening: Iterable[int] = (), udp_listening: Iterable[int] = (),
@@ -228,3 +233,27 @@ def test_a_capture_that_refuses_an_update_is_said_and_detection_goes_on():
     assert "adminalert: WARNING: cannot update the capture filter: filter refused" in lines
     assert "adminalert: WARNING: cannot update the capture filter: too many networks" in lines
     assert s.hits_for(udp(137), 1.0)
+
+
+def test_the_filter_keeps_inbound_packets_from_our_own_addresses_away_verbose_or_not():
+    # Read here, a frame from the link with our address as its source was taken for our own
+    # outgoing UDP, and the forger's probes from that port then for replies (system test in
+    # test_forged_sources.py). Own addresses come first, as the filter holds only a few dozen.
+    own = [HOST, ip_address("fd00::1"), ip_address("127.0.0.1")]
+    addresses = HostAddresses(lambda: list(own), lambda: [])
+    capture = NullCapture()
+    s = StealthSensor([Watch(Mode.AUDP, below=1024)], lambda _t: None, lambda: 0.0, addresses,
+                      {p: FixedListeners(p, set()) for p in Protocol},
+                      capture_factory=lambda _max, _protocols: capture)  # type: ignore[arg-type,return-value]
+    s.open()
+    s.skip_sources([])  # verbose: no ignore list in the filter
+    assert list(capture.skipped[-1]) == [ip_network("198.18.0.1/32"), ip_network("fd00::1/128")]
+    ignored = ip_network("198.18.64.0/24")
+    s.skip_sources([ignored, ip_network("198.18.0.1/32")])
+    assert list(capture.skipped[-1]) == [ip_network("198.18.0.1/32"), ip_network("fd00::1/128"), ignored]
+    own.append(ip_address("198.18.0.7"))
+    s.tick(5.0)
+    assert ip_network("198.18.0.7/32") in capture.skipped[-1]
+    count = len(capture.skipped)
+    s.tick(10.0)  # unchanged: no new filter
+    assert len(capture.skipped) == count
