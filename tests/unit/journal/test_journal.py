@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 
 from portsentry.journal.journal import Journal
 from portsentry.journal.journald import JournaldWriter
+from portsentry.journal.syslog import SyslogWriter
 
 
 def test_journal_entries_carry_the_probe_fields(tmp_path):
@@ -37,3 +39,26 @@ def test_verbose_lines_only_with_verbose_and_never_in_recent_events():
     loud.log("attackalert: Host: 127.0.0.1 found in ignore file, aborting actions", verbose=True)
     assert "found in ignore file" in stderr.getvalue()
     assert loud.recent_events() == []
+
+
+def test_lines_lost_while_syslog_is_gone_are_counted_and_said_once_it_is_back(tmp_path):
+    """rsyslogd restarting removes /dev/log for a moment: the lines sent meanwhile are lost,
+    but never silently (status, metrics, and a summary line once the socket is back)."""
+    path = tmp_path / "log.sock"
+    journal = Journal(SyslogWriter(str(path)))
+    journal.log("attackalert: Connect from host: 198.18.0.2/198.18.0.2 to TCP port: 1")
+    assert journal.file_errors >= 1
+    (entry,) = journal.failures.snapshot()
+    assert (entry["file"], entry["path"]) == ("syslog", str(path))
+    assert "No such file or directory" in str(entry["last_error"])
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(2)
+    journal.failures.window = 0.0  # the minute is over
+    journal.failures.flush()
+    summary = receiver.recv(65536).decode()
+    assert f"failed writes to syslog {path}" in summary, summary
+    journal.log("adminalert: back")
+    assert receiver.recv(65536).decode().endswith(f"portsentry[{os.getpid()}]: adminalert: back")
+    receiver.close()
+
