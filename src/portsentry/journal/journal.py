@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Protocol, TextIO
 
 from portsentry.core.probe import Mode, Probe
-from portsentry.journal.failures import BLOCKED, HISTORY, SYSLOG, WriteFailures
+from portsentry.journal.failures import BLOCKED, HISTORY, STDERR, SYSLOG, WriteFailures
 from portsentry.journal.files import append_line, history_line, truncate
 from portsentry.journal.syslog import LOG_INFO, LOG_NOTICE
 
@@ -65,7 +65,13 @@ class Journal:
             if self.syslog is not None and not self.syslog.emit(text, severity, fields or {}):
                 self.failures.failed(SYSLOG, self.syslog.path, self.syslog.last_error)
             if self.stderr is not None:
-                print(text, file=self.stderr, flush=True)
+                try:
+                    print(text, file=self.stderr, flush=True)
+                except (OSError, ValueError) as error:  # ValueError: the file was closed
+                    if isinstance(error, BrokenPipeError):
+                        self.stderr = None  # its reader is gone for good: said once, below
+                    detail = error.strerror if isinstance(error, OSError) else None
+                    self.failures.failed(STDERR, "stderr", detail or str(error))
 
     @contextlib.contextmanager
     def in_order(self) -> Iterator[None]:

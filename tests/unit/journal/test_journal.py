@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -62,3 +63,24 @@ def test_lines_lost_while_syslog_is_gone_are_counted_and_said_once_it_is_back(tm
     assert receiver.recv(65536).decode().endswith(f"portsentry[{os.getpid()}]: adminalert: back")
     receiver.close()
 
+
+def test_a_stderr_nobody_reads_any_more_neither_raises_nor_stops_syslog(tmp_path):
+    """--log-stderr piped into a reader that exits: the next line must not raise out of log()
+    (that stopped the daemon's loop); syslog keeps every line and says stderr failed."""
+    path = str(tmp_path / "log.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(2)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stderr = os.fdopen(write_end, "w")
+    journal = Journal(SyslogWriter(path), stderr=stderr)
+    journal.log("attackalert: one")
+    journal.log("attackalert: two")
+    with contextlib.suppress(BrokenPipeError):
+        stderr.close()
+    said = [receiver.recv(65536).decode() for _ in range(3)]
+    assert said[0].endswith("attackalert: one") and said[2].endswith("attackalert: two")
+    assert "cannot write stderr" in said[1] and "Broken pipe" in said[1], said
+    assert journal.failures.snapshot()[0]["file"] == "stderr"
+    receiver.close()
