@@ -128,7 +128,8 @@ def command_page() -> str:
         *_entries(
             ("/etc/portsentry/portsentry.conf", "the configuration, see portsentry.conf(5)"),
             ("/etc/portsentry/portsentry.ignore", "addresses never blocked (IGNORE_FILE); when it is "
-             "missing and portsentry.ignore.static exists, as Debian ships them, that is used"),
+             "missing, or Debian's init script generated it, and portsentry.ignore.static exists, "
+             "that is used"),
             ("/etc/default/portsentry", "Debian's choice of modes, TCP_MODE (tcp, stcp, atcp or empty) "
              "and UDP_MODE (udp, sudp, audp or empty): with --debian-defaults, when the file exists "
              "and sets either, they replace the mode flags; the file is parsed, never run"),

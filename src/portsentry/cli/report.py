@@ -21,6 +21,9 @@ def report_main(config: Config, args: argparse.Namespace, now: float) -> int:
         return 1
     try:
         output = FORMATS[args.format](build(db, since, now))
+    except ReportError as error:
+        print(f"portsentry: {error}", file=sys.stderr)
+        return 1
     finally:
         db.close()
     if args.output:

@@ -33,7 +33,8 @@ DOCS: Final[dict[str, str]] = {
     "ADVANCED_EXCLUDE_TCP": "TCP ports -atcp never reports (ident, NetBIOS...).",
     "ADVANCED_EXCLUDE_UDP": "UDP ports -audp never reports (RIP, NetBIOS, bootp...).",
     "IGNORE_FILE": "Hosts and networks (CIDR allowed) never blocked, one per line; edits take effect "
-                   "at once. When the file is missing and FILE.static exists (Debian), that is used.",
+                   "at once. When the file is missing, or Debian's init script generated it, and "
+                   "FILE.static exists, that is used.",
     "HISTORY_FILE": "Every block is appended here in 1.2's format (fail2ban's portsentry filter reads it).",
     "BLOCKED_FILE": "Prefix of the per-mode blocked files (FILE.tcp, FILE.atcp...), 1.2's format.",
     "RESOLVE_HOST": "1: look up the scanner's name for the log lines (off the detection path).",

@@ -25,6 +25,8 @@ BLOCKED = "blocked"
 HOSTS_DENY = "hosts_deny"
 EVENT_LOG = "event_log"
 BAN_STORE = "ban_store"
+SYSLOG = "syslog"  # log lines, not records, but as much evidence: their loss is counted too
+STDERR = "stderr"
 
 Logger = Callable[[str], None]
 Counter = Callable[[str], None]

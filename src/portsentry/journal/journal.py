@@ -10,13 +10,16 @@ from collections.abc import Iterator, Mapping
 from typing import Protocol, TextIO
 
 from portsentry.core.probe import Mode, Probe
-from portsentry.journal.failures import BLOCKED, HISTORY, WriteFailures
+from portsentry.journal.failures import BLOCKED, HISTORY, STDERR, SYSLOG, WriteFailures
 from portsentry.journal.files import append_line, history_line, truncate
 from portsentry.journal.syslog import LOG_INFO, LOG_NOTICE
 
 
 class LogWriter(Protocol):
     """Syslog or the systemd journal: one message with a syslog severity."""
+
+    path: str
+    last_error: str  # why the last `emit` returned False
 
     def emit(self, message: str, severity: int, fields: Mapping[str, object]) -> bool:
         """One message; `fields` (PORTSENTRY_SRC etc.) are kept where the sink can (journald)."""
@@ -55,10 +58,20 @@ class Journal:
             if text.startswith("attackalert:") and not verbose:
                 self._recent.append((time.time(), text))
             severity = LOG_INFO if verbose else LOG_NOTICE
-            if self.syslog is not None:
-                self.syslog.emit(text, severity, fields or {})
+            # A sink that fails must neither raise (every caller, the packet loop included,
+            # logs) nor lose lines unnoticed: each lost line is a failed write, counted for
+            # status and the metrics and summed up in the log (WriteFailures), whose own lines
+            # come back here; a second failure inside its window is only counted, so this ends.
+            if self.syslog is not None and not self.syslog.emit(text, severity, fields or {}):
+                self.failures.failed(SYSLOG, self.syslog.path, self.syslog.last_error)
             if self.stderr is not None:
-                print(text, file=self.stderr, flush=True)
+                try:
+                    print(text, file=self.stderr, flush=True)
+                except (OSError, ValueError) as error:  # ValueError: the file was closed
+                    if isinstance(error, BrokenPipeError):
+                        self.stderr = None  # its reader is gone for good: said once, below
+                    detail = error.strerror if isinstance(error, OSError) else None
+                    self.failures.failed(STDERR, "stderr", detail or str(error))
 
     @contextlib.contextmanager
     def in_order(self) -> Iterator[None]:

@@ -99,6 +99,7 @@ class JournaldWriter:
         self.identifier = identifier
         self.facility = facility  # SYSLOG_FACILITY for syslog daemons fed from the journal
         self.failures = 0
+        self.last_error = ""  # why the last entry could not be sent, for the failure report
         self._sock: socket.socket | None = None
 
     def entry(self, message: str, priority: int = LOG_NOTICE, **fields: object) -> bytes:
@@ -130,7 +131,8 @@ class JournaldWriter:
                         raise
                     self._send_memfd(self._sock, data)
                 return True
-            except OSError:
+            except OSError as error:
+                self.last_error = error.strerror or str(error)
                 self.close()
         self.failures += 1
         return False

@@ -46,20 +46,23 @@ class SyslogWriter:
         self.path = path
         self.ident = ident
         self.failures = 0
+        self.last_error = ""  # why the last line could not be sent, for the failure report
         self._sock: socket.socket | None = None
         # Read once: `socket.type` converts to an enum on every access, a microsecond a line.
         self._stream = False
 
     def _connect(self) -> socket.socket:
+        failure = OSError(f"no syslog socket at {self.path}")
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
             sock = socket.socket(socket.AF_UNIX, kind)
             try:
                 sock.connect(self.path)
-            except OSError:
+            except OSError as error:
                 sock.close()
+                failure = error  # the stream attempt's: ENOENT, ECONNREFUSED say what is wrong
                 continue
             return sock
-        raise OSError(f"no syslog socket at {self.path}")
+        raise failure
 
     def emit(self, message: str, severity: int, fields: Mapping[str, object]) -> bool:
         """The Journal's call: structured `fields` (journald's) have no place in a syslog line."""
@@ -77,7 +80,8 @@ class SyslogWriter:
                 else:
                     self._sock.send(data)
                 return True
-            except OSError:
+            except OSError as error:
+                self.last_error = error.strerror or str(error)
                 self.close()
         self.failures += 1
         return False

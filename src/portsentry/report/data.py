@@ -136,7 +136,7 @@ def open_read_only(path: str) -> sqlite3.Connection:
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         db.execute("SELECT count(*) FROM hits").fetchone()
-    except sqlite3.Error as error:
+    except (sqlite3.Error, UnicodeDecodeError) as error:  # the second: a damaged schema text
         raise ReportError(f"{path}: cannot read the ban store ({error}); has portsentry run here?") from None
     return db
 
@@ -144,11 +144,17 @@ def open_read_only(path: str) -> sqlite3.Connection:
 def build(db: sqlite3.Connection, since: float, until: float) -> Report:
     """The report of [since, until] from one snapshot of the store, whatever the daemon writes
     meanwhile (a read transaction, ended without writing anything)."""
-    db.execute("BEGIN")
     try:
-        return _build(db, since, until)
-    finally:
-        db.rollback()
+        db.execute("BEGIN")
+        try:
+            return _build(db, since, until)
+        finally:
+            db.rollback()
+    except (sqlite3.Error, UnicodeDecodeError) as error:
+        # open_read_only's query reads one table; damage elsewhere in the file shows only
+        # here (a text of bytes that are not UTF-8 as well: SQLite does not check them).
+        path = _path_of_quietly(db)
+        raise ReportError(f"{path}: cannot read the ban store ({error})") from None
 
 
 def _build(db: sqlite3.Connection, since: float, until: float) -> Report:
@@ -242,6 +248,13 @@ def _kinds(text: str) -> list[str]:
     if "," not in text:
         return [text.replace("\x1f", ",")] if "\x1f" in text else [text]
     return sorted(kind.replace("\x1f", ",") for kind in text.split(","))
+
+
+def _path_of_quietly(db: sqlite3.Connection) -> str:
+    try:
+        return _path_of(db) or "the ban store"
+    except sqlite3.Error:
+        return "the ban store"
 
 
 def _path_of(db: sqlite3.Connection) -> str:

@@ -105,7 +105,8 @@ class Metrics:
         self._record_failures = prom.Counter(
             "portsentry_record_write_failures",
             "Records that could not be written (and were rolled back), by file: history, blocked, "
-            "hosts_deny, event_log, ban_store", ["file"], registry=registry)
+            "hosts_deny, event_log, ban_store; and log lines lost: syslog, stderr", ["file"],
+            registry=registry)
         self._failures = prom.Counter(
             "portsentry_action_failures", "Blocking steps that failed", ["step"], registry=registry)
         self._seconds = prom.Histogram(

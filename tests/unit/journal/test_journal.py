@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import socket
 
 from portsentry.journal.journal import Journal
 from portsentry.journal.journald import JournaldWriter
+from portsentry.journal.syslog import SyslogWriter
 
 
 def test_journal_entries_carry_the_probe_fields(tmp_path):
@@ -37,3 +40,47 @@ def test_verbose_lines_only_with_verbose_and_never_in_recent_events():
     loud.log("attackalert: Host: 127.0.0.1 found in ignore file, aborting actions", verbose=True)
     assert "found in ignore file" in stderr.getvalue()
     assert loud.recent_events() == []
+
+
+def test_lines_lost_while_syslog_is_gone_are_counted_and_said_once_it_is_back(tmp_path):
+    """rsyslogd restarting removes /dev/log for a moment: the lines sent meanwhile are lost,
+    but never silently (status, metrics, and a summary line once the socket is back)."""
+    path = tmp_path / "log.sock"
+    journal = Journal(SyslogWriter(str(path)))
+    journal.log("attackalert: Connect from host: 198.18.0.2/198.18.0.2 to TCP port: 1")
+    assert journal.file_errors >= 1
+    (entry,) = journal.failures.snapshot()
+    assert (entry["file"], entry["path"]) == ("syslog", str(path))
+    assert "No such file or directory" in str(entry["last_error"])
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(2)
+    journal.failures.window = 0.0  # the minute is over
+    journal.failures.flush()
+    summary = receiver.recv(65536).decode()
+    assert f"failed writes to syslog {path}" in summary, summary
+    journal.log("adminalert: back")
+    assert receiver.recv(65536).decode().endswith(f"portsentry[{os.getpid()}]: adminalert: back")
+    receiver.close()
+
+
+def test_a_stderr_nobody_reads_any_more_neither_raises_nor_stops_syslog(tmp_path):
+    """--log-stderr piped into a reader that exits: the next line must not raise out of log()
+    (that stopped the daemon's loop); syslog keeps every line and says stderr failed."""
+    path = str(tmp_path / "log.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(2)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stderr = os.fdopen(write_end, "w")
+    journal = Journal(SyslogWriter(path), stderr=stderr)
+    journal.log("attackalert: one")
+    journal.log("attackalert: two")
+    with contextlib.suppress(BrokenPipeError):
+        stderr.close()
+    said = [receiver.recv(65536).decode() for _ in range(3)]
+    assert said[0].endswith("attackalert: one") and said[2].endswith("attackalert: two")
+    assert "cannot write stderr" in said[1] and "Broken pipe" in said[1], said
+    assert journal.failures.snapshot()[0]["file"] == "stderr"
+    receiver.close()

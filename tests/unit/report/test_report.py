@@ -8,10 +8,11 @@ import csv
 import io
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portsentry.bans.store import BanStore
@@ -185,3 +186,60 @@ def test_scan_types_with_commas_and_ports_seen_twice_come_out_once_each(tmp_path
     finally:
         db.close()
     assert (scanner.ports, scanner.scan_types, scanner.hits) == ([22, 80], [SYN, odd], 3)
+
+
+def _damaged(tmp_path: Path, offset: int, garbage: bytes) -> Path:
+    path = generated(tmp_path)
+    data = bytearray(path.read_bytes())
+    size = len(data)
+    offset %= size
+    data[offset:offset + len(garbage)] = garbage
+    path.write_bytes(bytes(data[:size]))  # damaged in place, never longer
+    return path
+
+
+def test_a_damaged_store_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys) -> None:
+    """The bans table's root page (page 3) overwritten: `hits` still reads, so the store opens,
+    and the damage shows only once the report reads the bans."""
+    from argparse import Namespace
+
+    from portsentry.cli.report import report_main
+    from portsentry.config.settings import Config
+
+    _damaged(tmp_path, 2 * 4096, b"\xa5" * 4096)
+    args = Namespace(since="1d", format="text", output=None)
+    assert report_main(Config(source="t", state_dir=str(tmp_path)), args, NOW) == 1
+    said = capsys.readouterr().err
+    assert "cannot read the ban store" in said and "malformed" in said, said
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**6), st.binary(min_size=1, max_size=600))
+def test_a_store_damaged_anywhere_reports_or_raises_report_error(offset: int, garbage: bytes) -> None:
+    from portsentry.report.data import ReportError
+
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            db = open_read_only(str(_damaged(Path(directory), offset, garbage)))
+        except ReportError:
+            return
+        try:
+            build(db, NOW - 86400, NOW)
+        except ReportError:
+            pass
+        finally:
+            db.close()
+
+
+def test_a_stored_text_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    """SQLite stores text bytes unchecked; Python's decoding raised UnicodeDecodeError."""
+    from portsentry.report.data import ReportError
+
+    path = generated(tmp_path)
+    path.write_bytes(path.read_bytes().replace(b"198.18.1.9", b"198.18.1.\xff"))
+    db = open_read_only(str(path))
+    try:
+        with pytest.raises(ReportError, match="cannot read the ban store"):
+            build(db, NOW - 86400, NOW)
+    finally:
+        db.close()
