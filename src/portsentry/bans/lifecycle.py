@@ -209,6 +209,22 @@ class BanManager:
             self.abandon(probe.source, at)
             return False
 
+    def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
+                          said: Callable[[], None] = lambda: None) -> bool:
+        """A first-probe ban the kernel made and nobody recorded: record it (then `said`), then
+        give it the policy's timeout (longer for repeat offenders). In turn with lifts of the
+        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late)."""
+        with self._turn(address):
+            ban = self.store.get(address)
+            if ban is not None and ban.active(now):
+                return False
+            duration = self.duration(address, now)
+            self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
+                          duration=duration, hosts_deny_line=None, native=True)
+            said()
+            self.ban_native(address, duration)
+            return True
+
     def ban_native(self, address: IPAddress, duration: float | None) -> bool:
         if self.backend is None:
             return False
