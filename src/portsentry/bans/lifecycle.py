@@ -374,8 +374,7 @@ class BanManager:
             command = substitute(self.policy.undo, address, ban.port if ban else 0, mode_of(ban))
             result = self._run(command, self.policy.command_timeout)
             if not result.ok:
-                self._log(messages.command_failed(str(address), f'"{command}" exit status '
-                                                  f"{result.returncode}"))
+                self._log(messages.command_failed(str(address), result.failure()))
 
     def _disown_line(self, address: IPAddress, line: str) -> None:
         self._unsaved_lines = [entry for entry in self._unsaved_lines if entry[:2] != (address, line)]

@@ -97,7 +97,7 @@ def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_
         if result.ok:
             bans.log(messages.blocked_via_route(str(address), command))
         else:
-            bans.log(messages.route_failed(str(address), f'"{command}" exit status {result.returncode}'))
+            bans.log(messages.route_failed(str(address), result.failure()))
         return result.ok
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route-rerun") as pool:
