@@ -163,6 +163,19 @@ class BanManager:
                 else:
                     del self._addresses[key]
 
+    @contextlib.contextmanager
+    def while_banned(self, address: IPAddress, now: float) -> Iterator[bool]:
+        """Hold `address` against lifts and say whether its ban is still in force: a step done
+        again for a ban (KILL_ROUTE after a reboot) must not come after the ban's lift."""
+        with self._turn(address):
+            try:
+                ban = self.store.get(address)
+            except StoreError as error:
+                self._store_failed(error)
+                yield True  # unknown: doing it again is the lesser harm
+                return
+            yield ban is not None and ban.active(now)
+
     def changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
