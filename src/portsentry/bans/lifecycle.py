@@ -359,12 +359,22 @@ class BanManager:
                 waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
                 self._unsaved = [e for e in self._unsaved if e not in waiting]
                 self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
+                if not expired_only:  # an expired ban's entry was settled long ago
+                    self._forget_caught(address)
                 lifted = self.store.lift(address, now, reason, origin, expired_only)
         if lifted is not None or waiting:
             self.changed()
             self._log(messages.unblocked(str(address), reason))
             self.telemetry.unban(address, reason, now)
         return lifted is not None or bool(waiting)
+
+    def _forget_caught(self, address: IPAddress) -> None:
+        if self.backend is None:
+            return
+        try:
+            self.backend.forget_caught([normalise(address)])
+        except (BackendError, OSError) as error:
+            self._log(messages.native_unblock_failed(str(address), str(error)))
 
     def _undo(self, address: IPAddress, ban: Ban | None) -> None:
         if self.backend is not None:

@@ -274,3 +274,18 @@ def test_an_unblock_while_a_kernel_ban_is_recorded_late_leaves_no_ban_behind(tmp
     ban = kb.bans.store.get(SCANNER)
     recorded = ban is not None and ban.active(103.7)
     assert recorded == (SCANNER in kernel.held), (ban, kernel.held)
+
+
+def test_an_unblock_before_the_kernel_ban_was_settled_is_not_undone_by_the_late_record(tmp_path) -> None:
+    """`portsentry unblock` of a kernel ban nobody had recorded yet (the daemon was stopped, or
+    within the second before its maintenance round) removed the element but left the caught
+    entry, and the daemon then recorded the ban "late" and put it back: the unblock was undone."""
+    kb, kernel, lines = setup(tmp_path)
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    assert not kb.bans.lift(SCANNER, 100.0, "unblocked by admin")  # nothing recorded to lift
+    assert kernel.held == {}
+    kb.settle(100.5)
+    kb.settle(104.0)
+    assert kernel.held == {} and kb.bans.store.get(SCANNER) is None, lines
+    assert kb.recorded_late == 0 and kernel.entries == []
