@@ -162,8 +162,7 @@ def _run_each(bans: BanManager, templates: Sequence[str], addresses: Sequence[IP
             outcome = run(command, timeout)
             if not outcome.ok:
                 failed += 1
-                bans.log(messages.command_failed(str(address),
-                                                 f'"{command}" exit status {outcome.returncode}'))
+                bans.log(messages.command_failed(str(address), outcome.failure()))
         return failed
 
     with ThreadPoolExecutor(max_workers=COMMAND_CONCURRENCY, thread_name_prefix="bulk") as pool:

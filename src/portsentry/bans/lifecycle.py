@@ -163,6 +163,19 @@ class BanManager:
                 else:
                     del self._addresses[key]
 
+    @contextlib.contextmanager
+    def while_banned(self, address: IPAddress, now: float) -> Iterator[bool]:
+        """Hold `address` against lifts and say whether its ban is still in force: a step done
+        again for a ban (KILL_ROUTE after a reboot) must not come after the ban's lift."""
+        with self._turn(address):
+            try:
+                ban = self.store.get(address)
+            except StoreError as error:
+                self._store_failed(error)
+                yield True  # unknown: doing it again is the lesser harm
+                return
+            yield ban is not None and ban.active(now)
+
     def changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
@@ -208,6 +221,22 @@ class BanManager:
                 return True
             self.abandon(probe.source, at)
             return False
+
+    def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
+                          said: Callable[[], None] = lambda: None) -> bool:
+        """A first-probe ban the kernel made and nobody recorded: record it (then `said`), then
+        give it the policy's timeout (longer for repeat offenders). In turn with lifts of the
+        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late)."""
+        with self._turn(address):
+            ban = self.store.get(address)
+            if ban is not None and ban.active(now):
+                return False
+            duration = self.duration(address, now)
+            self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
+                          duration=duration, hosts_deny_line=None, native=True)
+            said()
+            self.ban_native(address, duration)
+            return True
 
     def ban_native(self, address: IPAddress, duration: float | None) -> bool:
         if self.backend is None:
@@ -330,12 +359,22 @@ class BanManager:
                 waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
                 self._unsaved = [e for e in self._unsaved if e not in waiting]
                 self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
+                if not expired_only:  # an expired ban's entry was settled long ago
+                    self._forget_caught(address)
                 lifted = self.store.lift(address, now, reason, origin, expired_only)
         if lifted is not None or waiting:
             self.changed()
             self._log(messages.unblocked(str(address), reason))
             self.telemetry.unban(address, reason, now)
         return lifted is not None or bool(waiting)
+
+    def _forget_caught(self, address: IPAddress) -> None:
+        if self.backend is None:
+            return
+        try:
+            self.backend.forget_caught([normalise(address)])
+        except (BackendError, OSError) as error:
+            self._log(messages.native_unblock_failed(str(address), str(error)))
 
     def _undo(self, address: IPAddress, ban: Ban | None) -> None:
         if self.backend is not None:
@@ -358,8 +397,7 @@ class BanManager:
             command = substitute(self.policy.undo, address, ban.port if ban else 0, mode_of(ban))
             result = self._run(command, self.policy.command_timeout)
             if not result.ok:
-                self._log(messages.command_failed(str(address), f'"{command}" exit status '
-                                                  f"{result.returncode}"))
+                self._log(messages.command_failed(str(address), result.failure()))
 
     def _disown_line(self, address: IPAddress, line: str) -> None:
         self._unsaved_lines = [entry for entry in self._unsaved_lines if entry[:2] != (address, line)]

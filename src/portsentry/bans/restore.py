@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,11 +94,16 @@ def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_
     def one(target: tuple[IPAddress, int, str]) -> bool:
         address, port, mode = target
         command = substitute(route, address, port, mode_of(mode))
-        result = bans.run(command, bans.policy.command_timeout)
+        # In turn with lifts: a ban unblocked or expired since READY (its KILL_ROUTE_UNDO has run)
+        # must not get its route back.
+        with bans.while_banned(address, time.time()) as banned:
+            if not banned:
+                return True
+            result = bans.run(command, bans.policy.command_timeout)
         if result.ok:
             bans.log(messages.blocked_via_route(str(address), command))
         else:
-            bans.log(messages.route_failed(str(address), f'"{command}" exit status {result.returncode}'))
+            bans.log(messages.route_failed(str(address), result.failure()))
         return result.ok
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route-rerun") as pool:

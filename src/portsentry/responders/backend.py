@@ -175,6 +175,13 @@ class BanBackend(abc.ABC):
         """Forget settled caught entries."""
         return  # nothing is ever caught here
 
+    def forget_caught(self, addresses: Iterable[IPAddress]) -> None:
+        """Forget the caught entries of sources that were unblocked: unsettled, they would have
+        the daemon record the ban late and put it back."""
+        wanted = set(addresses)
+        if wanted and (found := [entry for entry in self.caught() if entry[0] in wanted]):
+            self.release_caught(found)
+
     def repair_capture(self) -> bool:
         """Rebuild what someone removed behind our back (`nft flush ruleset`); True when it had
         to, and the bans must then be added again. Only nftables, which also holds the capture

@@ -120,21 +120,11 @@ class ClassicResponder:
             if result.ok:
                 self._log(messages.blocked_via_route(target, command))
                 return None
-            self._log(messages.route_failed(target, _describe(result)))
-            return _describe(result)
+            self._log(messages.route_failed(target, result.failure()))
+            return result.failure()
         if result.ok:
             self._log(messages.external_command(target, command))
             return None
-        self._log(messages.command_failed(target, _describe(result)))
-        return _describe(result)
+        self._log(messages.command_failed(target, result.failure()))
+        return result.failure()
 
-
-def _describe(result: CommandResult) -> str:
-    if result.timed_out:
-        reason = f"timed out after {result.seconds:.1f}s"
-    elif result.returncode is None:
-        reason = "could not be started"
-    else:
-        reason = f"exit status {result.returncode}"
-    output = result.output.strip().replace("\n", " | ")
-    return f'"{result.command}" {reason}' + (f": {output[:300]}" if output else "")

@@ -133,6 +133,10 @@ class NftablesBackend(BanBackend):
         self.mechanism = mechanism
         self._netlink = NetlinkElements(table, socket_factory) if mechanism == "netlink" else None
         self._capture: CaptureSpec | None = None
+        # The first-probe ban's guards and ports as last set: `nft flush ruleset` empties their
+        # sets, and the daemon pushes them again only when they change, so a repair restores them.
+        self._guards: str | None = None
+        self._kernel_ports: str | None = None
 
     # -- commands as data (the golden tests pin these) ------------------------------------------
 
@@ -324,7 +328,9 @@ class NftablesBackend(BanBackend):
     def set_guards(self, protect: Iterable[Guarded], nokernel: Iterable[Guarded]) -> None:
         """Replace, in one transaction, the sources the kernel never bans: `protect` (neither
         banned nor copied to the daemon) and `nokernel` (copied; the daemon decides)."""
-        self.run([NFT, "-f", "-"], self.guards_script(protect, nokernel))
+        script = self.guards_script(protect, nokernel)
+        self.run([NFT, "-f", "-"], script)
+        self._guards = script
 
     def kernel_ports_script(self, ports: dict[Protocol, Iterable[int]]) -> str:
         t = f"inet {self.table}"
@@ -339,7 +345,9 @@ class NftablesBackend(BanBackend):
 
     def set_kernel_ports(self, ports: dict[Protocol, Iterable[int]]) -> None:
         """Replace the ports whose probes the kernel bans (watched, no live service)."""
-        self.run([NFT, "-f", "-"], self.kernel_ports_script(ports))
+        script = self.kernel_ports_script(ports)
+        self.run([NFT, "-f", "-"], script)
+        self._kernel_ports = script
 
     def caught(self) -> list[Caught]:
         """The kernel's first-probe bans not yet settled by the daemon: (source, protocol, port)."""
@@ -427,6 +435,10 @@ class NftablesBackend(BanBackend):
         if spec is None or self.capture_intact():
             return False
         self.setup()
+        # Before the ban rules: they must never meet empty guards.
+        for script in (self._guards, self._kernel_ports):
+            if script is not None:
+                self.run([NFT, "-f", "-"], script)
         self.run([NFT, "-f", "-"], self.capture_script(spec))
         return True
 

@@ -52,6 +52,17 @@ class CommandResult:
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out
 
+    def failure(self) -> str:
+        """What went wrong, for the log: the command, why, and the start of its output."""
+        if self.timed_out:
+            reason = f"timed out after {self.seconds:.1f}s"
+        elif self.returncode is None:
+            reason = "could not be started"
+        else:
+            reason = f"exit status {self.returncode}"
+        output = self.output.strip().replace("\n", " | ")
+        return f'"{self.command}" {reason}' + (f": {output[:300]}" if output else "")
+
 
 class _Output:
     """Keeps the first OUTPUT_LIMIT bytes read from a pipe and discards (but drains) the rest."""

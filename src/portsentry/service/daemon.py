@@ -494,10 +494,23 @@ class Daemon:
         self.journal.history_file = config.history_file
         self.journal.blocked_file = config.blocked_file
         if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
+            self._kernel_guards_now()
             self._rebind(self.sensor_factory(config))
         self.journal.log(messages.reloaded(config.source))
         sdnotify.ready()
         return True
+
+    def _kernel_guards_now(self) -> None:
+        """Before new sensors may add first-probe ban rules (a reload): the guards in force. With
+        KERNEL_BAN="off" at start there was no KernelBans to push them, or to settle its bans."""
+        if self._kernel is None and self.bans is not None and self.bans.backend is not None \
+                and self.config.kernel_ban != "off":
+            self._kernel = KernelBans(self.bans, self.journal.log)
+        if self._kernel is not None:
+            self._protected = protected_addresses(self.config)
+            self.engine.guard.set_protected(self._protected)
+            self._kernel.update(self._kernel_guards())
+            self._kernel.push()
 
     def reopen_logs(self) -> None:
         """After log rotation (SIGUSR1): the event log is opened again by name. The history and

@@ -137,12 +137,11 @@ class KernelBans:
             return True
         if not overdue:
             return False
-        duration = self.bans.duration(address, now)
-        self.bans.remember(address, reason="kernel ban", mode=f"s{protocol.value.lower()}", port=port,
-                           now=now, duration=duration, hosts_deny_line=None, native=True)
-        self._log(messages.kernel_ban_recorded(str(address), protocol.value, port))
-        self.bans.ban_native(address, duration)  # the policy's timeout, longer for repeat offenders
-        self.recorded_late += 1
+        def said() -> None:
+            self._log(messages.kernel_ban_recorded(str(address), protocol.value, port))
+
+        if self.bans.record_kernel_ban(address, f"s{protocol.value.lower()}", port, now, said):
+            self.recorded_late += 1
         return True
 
     def _live(self, protocol: Protocol, port: int, now: float) -> bool:

@@ -402,3 +402,62 @@ def test_an_unblock_while_the_ban_is_being_applied_lifts_all_of_it(tmp_path):
     assert bans.store.get(A) is None
     assert kernel.held == {}
     assert (tmp_path / "hosts.deny").read_text() == ""
+
+
+def test_a_kill_route_undo_or_re_run_that_times_out_is_reported_as_such(tmp_path):
+    """COMMAND_TIMEOUT: a hanging KILL_ROUTE_UNDO, or a KILL_ROUTE re-run after a reboot, was
+    reported as 'exit status -15' (the signal that killed it), or 'exit status None' for a shell
+    that could not start, never as having run out of time."""
+    from portsentry.bans.bulk import _run_each
+
+    bans, _kernel, lines, _commands = manager(tmp_path, undo="sleep-forever $TARGET$",
+                                              route="sleep-forever $TARGET$", command_timeout=2.0)
+
+    def hang(command: str, timeout: float) -> CommandResult:
+        return CommandResult(command, -15, True, "", timeout)
+
+    bans.run = bans._run = hang
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=1.0, duration=None, hosts_deny_line=None,
+                  native=False)
+    restart(bans, 2.0, str(tmp_path / "kernel-id"))
+    assert bans.lift(A, 3.0, "unblocked by admin")
+    assert _run_each(bans, ["sleep-forever $TARGET$"], [A], hang) == 1
+    failures = [line for line in lines if "sleep-forever" in line and "ERROR" in line]
+    assert len(failures) == 3, lines
+    for line in failures:
+        assert '"sleep-forever 198.18.0.2" timed out after 2.0s' in line, line
+
+    def unstartable(command: str, timeout: float) -> CommandResult:
+        return CommandResult(command, None, False, "cannot run /bin/sh: [Errno 7] E2BIG", 0.0)
+
+    lines.clear()
+    assert _run_each(bans, ["x $TARGET$"], [A], unstartable) == 1
+    assert lines == ['adminalert: ERROR: There was an error trying to run command (system fail) '
+                     '198.18.0.2: "x 198.18.0.2" could not be started: cannot run /bin/sh: [Errno 7] E2BIG']
+
+
+def test_a_ban_lifted_while_kill_route_is_re_run_gets_no_route_after_its_lift(tmp_path):
+    """The re-runs take a while after READY (many bans, a few at a time). A ban unblocked or expired
+    meanwhile had its KILL_ROUTE_UNDO run, and then its KILL_ROUTE re-run: a route no record held,
+    which nothing would ever undo."""
+    import threading
+
+    bans, commands = _banned(tmp_path)
+    B = ip_address("198.18.0.3")
+    bans.remember(B, reason="scan", mode="tcp", port=1, now=1.0, duration=None, hosts_deny_line=None,
+                  native=False)
+    bans.policy = BanPolicy(route="route add $TARGET$", undo="route del $TARGET$")
+    restored = restore_bans(bans, 2.0, str(tmp_path / "kernel-id"))
+    run = bans.run
+
+    def lift_b_during_the_first(command: str, timeout: float) -> CommandResult:
+        if len(commands) == 0:  # while the first re-run runs, an admin unblocks the other ban
+            unblock = threading.Thread(target=bans.lift, args=(B, 3.0, "unblocked by admin"))
+            unblock.start()
+            unblock.join(5.0)
+        return run(command, timeout)
+
+    bans.run = lift_b_during_the_first
+    assert rerun_routes(bans, restored, concurrency=1) == 0
+    assert bans.store.get(B) is None
+    assert "route add 198.18.0.3" not in commands[commands.index("route del 198.18.0.3"):], commands

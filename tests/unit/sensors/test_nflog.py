@@ -736,3 +736,30 @@ def test_capture_rules_keep_udp_services_traffic_away() -> None:
     assert rec.calls[0][1] is not None
     assert (f"{UDP_RULE} udp dport < 1024 udp dport != {{ 53, 514 }} {NEW_FLOWS} log group 7373\n"
             in rec.calls[0][1])
+
+
+def test_repair_after_a_flushed_ruleset_puts_the_guards_and_kernel_ports_back_first() -> None:
+    """`nft flush ruleset` empties the first-probe ban's sets with everything else. The repair made
+    them again empty and the daemon, whose guards had not changed, never pushed them again: the
+    rebuilt ban rules then spared none of this host's own, ignored or gateway addresses (and
+    banned nothing until a service started or stopped and refilled the ports)."""
+    from ipaddress import ip_address, ip_network
+
+    from portsentry.responders.nft_capture import KernelBan
+
+    rec = Recorder({tuple(LIST_CAPTURE): RunResult(1, "", "Error: No such file or directory"),
+                    tuple(LIST_FILTER): RunResult(0, EMPTY_FILTER, ""),
+                    tuple(LIST_COUNT): RunResult(0, count_json(2), "")})
+    backend = nft(rec)
+    backend.capture_rules(7373, 1024, BOTH, kernel=KernelBan(frozenset(BOTH), 3600))
+    capture = rec.calls[-1]
+    backend.set_guards([ip_network("198.18.9.0/24")], [ip_address("198.18.0.1")])
+    backend.set_kernel_ports({Protocol.TCP: [79], Protocol.UDP: [161]})
+    guards, ports = rec.calls[-2], rec.calls[-1]
+    rec.calls.clear()
+    assert backend.repair_capture() is True
+    scripts = [call for call in rec.calls if call[0] == ["nft", "-f", "-"]]
+    assert guards in scripts and ports in scripts and capture in scripts
+    # Before the ban rules come back: no moment with ban rules and empty guards.
+    assert scripts.index(guards) < scripts.index(capture)
+    assert scripts.index(ports) < scripts.index(capture)

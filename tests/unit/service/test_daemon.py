@@ -198,3 +198,42 @@ def test_a_block_the_full_queue_refuses_is_reported_after_the_detection_line(tmp
     assert out.lines[1].startswith("adminalert: ERROR: 1 block(s) not started")
     assert out.lines[2:] == ["attackalert: ERROR: Could not block host 198.18.0.7/198.18.0.7!!"]
     assert (block.probe.mode, block.probe.source) not in daemon.engine._pending  # forgotten
+
+
+def test_a_reload_that_turns_the_kernel_ban_on_pushes_its_guards_before_the_new_rules(tmp_path):
+    """KERNEL_BAN="off" at start, then a reload to "auto": the new sensors put the first-probe ban
+    rules in the kernel, but the daemon had made no KernelBans at start, so the guard sets stayed
+    empty (own, ignored and gateway addresses banned on their first probe) and caught entries were
+    never settled."""
+    import dataclasses
+    from ipaddress import ip_network
+
+    from portsentry.bans.lifecycle import BanManager, BanPolicy
+    from portsentry.bans.store import MEMORY, BanStore
+    from portsentry.config.ignore import IgnoreSource
+    from portsentry.responders.hostsdeny import HostsDeny
+    from tests.unit.service.test_kernelbans import CatchingKernel
+
+    kernel = CatchingKernel()
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")), BanPolicy(),
+                      print)
+    daemon, _said = bare_daemon(tmp_path, bans=bans)
+    daemon.config = dataclasses.replace(daemon.config, kernel_ban="off", block_tcp=1)
+    daemon._kernel = None  # as __init__ makes it for KERNEL_BAN="off"
+    (tmp_path / "ignore").write_text("198.18.9.0/24\n")
+    ignored = IgnoreSource(str(tmp_path / "ignore"), lambda: [])
+    new = dataclasses.replace(daemon.config, kernel_ban="auto",
+                              sensitive_networks=(ip_network("198.19.0.0/16"),))
+    daemon.reloader = lambda: (new, ignored)
+    guards_when_rules_came: list[Any] = []
+
+    def sensors(config: object) -> list[object]:
+        guards_when_rules_came.append(kernel.guards)
+        return []
+
+    daemon.sensor_factory = sensors
+    assert daemon.reload()
+    assert guards_when_rules_came and guards_when_rules_came[0] is not None
+    protect, nokernel = guards_when_rules_came[0]
+    assert ip_network("198.18.9.0/24") in protect and ip_network("198.19.0.0/16") in nokernel
+    assert daemon._kernel is not None  # and its caught entries get settled from now on

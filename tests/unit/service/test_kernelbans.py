@@ -244,3 +244,48 @@ def test_at_shutdown_the_last_counts_are_said_and_a_failed_read_is_reported(tmp_
     kernel.counts = {SCANNER: 7}
     dropped.summarize(6.0, force=True)  # shutdown: no waiting for the round
     assert lines == [summary("198.18.0.2", 7)]
+
+
+def test_an_unblock_while_a_kernel_ban_is_recorded_late_leaves_no_ban_behind(tmp_path) -> None:
+    """The late record and its kernel ban took no turn with lifts of the address: an unblock that
+    came between them lifted the new record, and the ban then went into the kernel with no record
+    left to ever lift it (for BLOCK_TIME="0", never)."""
+    import threading
+
+    kb, kernel, _lines = setup(tmp_path)
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    kb.settle(100.0)
+    ban_native = kb.bans.ban_native
+    unblocks: list[threading.Thread] = []
+
+    def unblock_meanwhile(address: IPAddress, duration: float | None) -> bool:
+        unblock = threading.Thread(target=kb.bans.lift, args=(SCANNER, 103.6, "unblocked by admin"))
+        unblock.start()
+        unblock.join(0.3)  # it either ran now (the bug) or waits for its turn
+        unblocks.append(unblock)
+        return ban_native(address, duration)
+
+    kb.bans.ban_native = unblock_meanwhile  # type: ignore[method-assign]
+    kb.settle(103.5)
+    for unblock in unblocks:
+        unblock.join(5.0)
+    assert unblocks and not unblocks[0].is_alive()
+    ban = kb.bans.store.get(SCANNER)
+    recorded = ban is not None and ban.active(103.7)
+    assert recorded == (SCANNER in kernel.held), (ban, kernel.held)
+
+
+def test_an_unblock_before_the_kernel_ban_was_settled_is_not_undone_by_the_late_record(tmp_path) -> None:
+    """`portsentry unblock` of a kernel ban nobody had recorded yet (the daemon was stopped, or
+    within the second before its maintenance round) removed the element but left the caught
+    entry, and the daemon then recorded the ban "late" and put it back: the unblock was undone."""
+    kb, kernel, lines = setup(tmp_path)
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    assert not kb.bans.lift(SCANNER, 100.0, "unblocked by admin")  # nothing recorded to lift
+    assert kernel.held == {}
+    kb.settle(100.5)
+    kb.settle(104.0)
+    assert kernel.held == {} and kb.bans.store.get(SCANNER) is None, lines
+    assert kb.recorded_late == 0 and kernel.entries == []
