@@ -349,6 +349,14 @@ class NftablesBackend(BanBackend):
         self.run([NFT, "-f", "-"], script)
         self._kernel_ports = script
 
+    def forget_caught(self, addresses: Iterable[IPAddress]) -> None:
+        # Two `nft -j list` runs an unblock: not when this process installed a capture without
+        # the first-probe ban, whose caught sets stay empty. An admin command (no capture known
+        # here) and an NFLOG capture that bans in the kernel look.
+        if self._capture is not None and self._capture.kernel is None:
+            return
+        super().forget_caught(addresses)
+
     def caught(self) -> list[Caught]:
         """The kernel's first-probe bans not yet settled by the daemon: (source, protocol, port)."""
         found: list[Caught] = []

@@ -763,3 +763,25 @@ def test_repair_after_a_flushed_ruleset_puts_the_guards_and_kernel_ports_back_fi
     # Before the ban rules come back: no moment with ban rules and empty guards.
     assert scripts.index(guards) < scripts.index(capture)
     assert scripts.index(ports) < scripts.index(capture)
+
+
+def test_an_unblock_looks_for_unsettled_catches_only_where_the_kernel_may_have_caught() -> None:
+    """Forgetting an unblocked source's caught entries costs two `nft -j list` runs: not spent
+    when this process installed a capture without the first-probe ban (its caught sets stay
+    empty), spent when it bans in the kernel and when it knows no capture (an admin command)."""
+    from ipaddress import ip_address
+
+    from portsentry.responders.nft_capture import KernelBan
+
+    source = ip_address("198.18.0.2")
+    listings = []
+    empty = RunResult(0, '{"nftables": [{"metainfo": {}}, {"set": {"name": "caught4"}}]}', "")
+    for kernel in (None, KernelBan(frozenset(BOTH), 3600), "unknown"):
+        rec = Recorder({("nft", "-j", "list", "set"): empty})
+        backend = nft(rec)
+        if kernel != "unknown":
+            backend.capture_rules(7373, 1024, BOTH, kernel=kernel)  # type: ignore[arg-type]
+        rec.calls.clear()
+        backend.forget_caught([source])
+        listings.append(sum(1 for call in rec.calls if call[0][:3] == ["nft", "-j", "list"]))
+    assert listings == [0, 2, 2]
