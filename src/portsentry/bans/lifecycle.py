@@ -208,6 +208,11 @@ class BanManager:
         drop the record again if every step failed. `duration` overrides the policy (seconds, or
         None = forever)."""
         probe = block.probe
+        if all(step.kind is StepKind.RUN_CMD for step in block.steps):
+            # BLOCK_x = 2 (1.2: run KILL_RUN_CMD, block nothing): no ban to record. Recorded, it
+            # was put in the native set and given KILL_ROUTE at the next start, listed, sent to
+            # fleet peers as a ban and undone with KILL_ROUTE_UNDO at its end.
+            return responder.carry_out(block, None)
         at = time.time() if now is None else now
         with self._turn(probe.source):
             if isinstance(duration, UsePolicy):

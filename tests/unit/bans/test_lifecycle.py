@@ -461,3 +461,26 @@ def test_a_ban_lifted_while_kill_route_is_re_run_gets_no_route_after_its_lift(tm
     assert rerun_routes(bans, restored, concurrency=1) == 0
     assert bans.store.get(B) is None
     assert "route add 198.18.0.3" not in commands[commands.index("route del 198.18.0.3"):], commands
+
+
+def test_a_block_that_only_runs_kill_run_cmd_records_no_ban(tmp_path):
+    # BLOCK_UDP="2": 1.2 runs KILL_RUN_CMD and blocks nothing. Recorded as a ban, the host was
+    # put in the native set and given KILL_ROUTE at the next start, listed as banned, published
+    # to fleet peers (which banned it) and undone with KILL_ROUTE_UNDO when it expired.
+    from portsentry.core.actions import Block, Step, StepKind
+    from portsentry.core.probe import KIND_UDP, Mode, Probe
+    from portsentry.responders.classic import ClassicResponder
+
+    bans, kernel, lines, _commands = manager(tmp_path, base=60, undo="route del $TARGET$")
+    ran: list[str] = []
+
+    def page(command: str, timeout: float) -> CommandResult:
+        ran.append(command)
+        return CommandResult(command, 0, False, "", 0.0)
+
+    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=page, clock=lambda: 100.0)
+    probe = Probe(source=A, port=31337, mode=Mode.SUDP, kind=KIND_UDP)
+    assert bans.enforce(Block(probe, (Step(StepKind.RUN_CMD, "page $TARGET$"),)), responder, now=100.0)
+    assert ran == [f"page {A}"]
+    assert bans.store.get(A) is None and bans.store.changes(0) == [] and A not in kernel.held
+    assert bans.expire(10_000.0) == [] and _commands == []
