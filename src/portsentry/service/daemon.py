@@ -482,19 +482,29 @@ class Daemon:
             self.journal.log(messages.reload_rejected(str(error)))
             sdnotify.ready()
             return False
-        now = self.clock()
         old = self.config
+        if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
+            # Before anything is switched over: new sensors that cannot open (a capture refused,
+            # an NFLOG group taken) refuse the reload, and the old configuration's watch again.
+            try:
+                self._rebind(self.sensor_factory(config))
+            except Exception as error:
+                self.journal.log(messages.reload_rejected(str(error)))
+                if not self.sensors:  # closed for the new ones (not when building them failed)
+                    self._rebind_or_say(self.sensor_factory, old)
+                sdnotify.ready()
+                return False
+        now = self.clock()
         self.config = config
         self.ignore = ignore
         self.engine.update_settings(engine_settings(config))
         self.engine.ignore = ignore.current(now)
+        self._skip_ignored()
         self.responder.timeout = config.command_timeout
         if self.bans is not None:
             self.bans.policy = BanPolicy.from_config(config)
         self.journal.history_file = config.history_file
         self.journal.blocked_file = config.blocked_file
-        if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
-            self._rebind(self.sensor_factory(config))
         self.journal.log(messages.reloaded(config.source))
         sdnotify.ready()
         return True
@@ -506,16 +516,33 @@ class Daemon:
         self.journal.log(messages.reopened())
 
     def _rebind(self, sensors: Sequence[Sensor]) -> None:
+        """Close the sensors and open `sensors` instead; when one cannot open, every one of
+        them is closed again (none is left half open) and the error raised."""
+        self._close_sensors()
+        self.sensors = tuple(sensors)
+        try:
+            for sensor in self.sensors:
+                for handle in sensor.open():
+                    self._selector.register(handle, selectors.EVENT_READ, sensor)
+        except BaseException:
+            self._close_sensors()
+            self.sensors = ()
+            raise
+        self._skip_ignored()
+
+    def _rebind_or_say(self, factory: SensorFactory, config: Config) -> None:
+        try:
+            self._rebind(factory(config))
+        except Exception as error:
+            self.journal.log(messages.config_error(
+                f"cannot open the sensors again: {error}; nothing is watched until a reload succeeds"))
+
+    def _close_sensors(self) -> None:
         for sensor in self.sensors:
             for key in list(self._selector.get_map().values()):
                 if key.data is sensor:
                     self._selector.unregister(key.fileobj)
             sensor.close()
-        self.sensors = tuple(sensors)
-        for sensor in self.sensors:
-            for handle in sensor.open():
-                self._selector.register(handle, selectors.EVENT_READ, sensor)
-        self._skip_ignored()
 
     def capture_drops(self) -> int | None:
         drops = [d for d in (s.capture_drops() for s in self.sensors) if d is not None]

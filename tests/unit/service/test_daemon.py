@@ -198,3 +198,82 @@ def test_a_block_the_full_queue_refuses_is_reported_after_the_detection_line(tmp
     assert out.lines[1].startswith("adminalert: ERROR: 1 block(s) not started")
     assert out.lines[2:] == ["attackalert: ERROR: Could not block host 198.18.0.7/198.18.0.7!!"]
     assert (block.probe.mode, block.probe.source) not in daemon.engine._pending  # forgotten
+
+
+class _FakeSensor:
+    """A sensor with one readable handle, whose open() may fail as a capture can (NFLOG group
+    taken, CAPTURE="nflog" refused, no CAP_NET_RAW)."""
+
+    def __init__(self, ports: tuple[int, ...], fail: bool = False) -> None:
+        import socket
+
+        self.ports = ports
+        self.fail = fail
+        self.opened = 0
+        self.closed = 0
+        self._ends = socket.socketpair()
+
+    def open(self) -> list[Any]:
+        from portsentry.sensors.capture import CaptureError
+
+        if self.fail:
+            raise CaptureError(f"cannot open the capture for ports {self.ports}")
+        self.opened += 1
+        return [self._ends[0]]
+
+    def read(self, handle: Any) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        self.closed += 1
+        for end in self._ends:
+            end.close()
+
+    def describe(self) -> list[str]:
+        return [f"ports {self.ports}"]
+
+    def tick(self, now: float) -> None:
+        pass
+
+    def capture_drops(self) -> int | None:
+        return None
+
+    def packet_drops(self) -> dict[str, int]:
+        return {}
+
+    def skip_sources(self, networks: Any) -> None:
+        pass
+
+
+def test_a_reload_whose_sensors_cannot_open_is_refused_and_the_old_sensors_watch_again(tmp_path):
+    # A SIGHUP whose new ports needed a capture that could not be opened raised out of reload():
+    # the main loop ended and the daemon stopped, its old sensors already closed.
+    import dataclasses
+
+    daemon, said = bare_daemon(tmp_path)
+    first = _FakeSensor((1,))
+    daemon.sensors = (first,)
+    daemon.config = old = dataclasses.replace(daemon.config, tcp_ports=(1,))
+    daemon.open()
+    new = dataclasses.replace(old, tcp_ports=(1, 2))
+    built: list[_FakeSensor] = []
+
+    def factory(config: Any) -> list[_FakeSensor]:
+        built.append(_FakeSensor(config.tcp_ports, fail=config.tcp_ports == (1, 2)))
+        return [built[-1]]
+
+    daemon.reloader = lambda: (new, daemon.ignore)
+    daemon.sensor_factory = factory
+    try:
+        assert daemon.reload() is False
+        assert daemon.config is old
+        assert "reload refused, the running configuration stays in force: cannot open the capture " \
+               "for ports (1, 2)" in said.getvalue()
+        # The old configuration's sensors are open again, and theirs are the only handles watched.
+        assert [sensor.ports for sensor in built] == [(1, 2), (1,)]
+        assert daemon.sensors == (built[1],) and built[1].opened == 1
+        watched = {key.data for key in daemon._selector.get_map().values() if key.data is not None}
+        assert watched == {built[1]}
+        assert "reloaded its configuration" not in said.getvalue()
+    finally:
+        daemon.shutdown()
