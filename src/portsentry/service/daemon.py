@@ -316,7 +316,8 @@ class Daemon:
         self._maintenance.stop()
         if self._dropped is not None:
             self._dropped.summarize(self.clock(), force=True)  # the last round's counts, not lost
-        # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded.
+        # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded;
+        # queued ones start only within blockqueue.STOP_GRACE, so the stop stays bounded.
         self._blocks.close()
         self._admin.shutdown(wait=True)
         self._run_main_calls()
