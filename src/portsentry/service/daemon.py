@@ -62,6 +62,9 @@ from portsentry.service.resolver import Resolver
 
 Clock = Callable[[], float]
 AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go on without it
+# Hits held in all: a connect-mode hit holds its connection open, and 64 for each of the
+# resolver's 256 lookups under way would be 16,384 descriptors while DNS does not answer.
+AWAIT_TOTAL = 256
 Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
 
@@ -131,6 +134,7 @@ class Daemon:
         self._ignore_error: str | None = None
         # Hits held while their source's name is looked up (RESOLVE_HOST), per source, in order.
         self._awaiting_name: dict[IPAddress, list[tuple[Hit, float]]] = {}
+        self._held = 0  # hits in _awaiting_name
         self.internal_errors = 0
         self._selector = selectors.DefaultSelector()
         self._stopping = False
@@ -342,22 +346,31 @@ class Daemon:
             # RESOLVE_HOST: never wait for DNS here. A source whose name is being looked up has
             # its hits held, in order, until the name (or the resolver's timeout) comes back.
             waiting = self._awaiting_name.get(probe.source)
-            if waiting is not None and len(waiting) < AWAIT_CAPACITY:
+            room = self._held < AWAIT_TOTAL
+            if waiting is not None and len(waiting) < AWAIT_CAPACITY and room:
                 waiting.append((hit, now))
+                self._held += 1
                 return
             if waiting is None:
                 source = probe.source
-                name = self.resolver.lookup(
-                    source, lambda found: self._call_on_main(lambda: self._named(source, found)))
-                if name is None:
-                    self._awaiting_name[source] = [(hit, now)]
-                    return
-                probe = dataclasses.replace(probe, source_name=name)
+                if room:
+                    name = self.resolver.lookup(
+                        source, lambda found: self._call_on_main(lambda: self._named(source, found)))
+                    if name is None:
+                        self._awaiting_name[source] = [(hit, now)]
+                        self._held += 1
+                        return
+                else:  # nothing more can be held: a name already known is used, none awaited
+                    name = self.resolver.cached(source)
+                if name is not None:
+                    probe = dataclasses.replace(probe, source_name=name)
         self._observe(hit, probe, now)
 
     def _named(self, source: IPAddress, name: str) -> None:
         """On the main loop: the held hits of `source`, decided now with its name."""
-        for hit, at in self._awaiting_name.pop(source, []):
+        hits = self._awaiting_name.pop(source, [])
+        self._held -= len(hits)
+        for hit, at in hits:
             def observe(held: Hit, at: float = at) -> None:
                 self._observe(held, dataclasses.replace(held.probe, source_name=name), at)
             self._guarded(observe, hit)

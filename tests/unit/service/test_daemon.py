@@ -277,3 +277,41 @@ def test_a_reload_whose_sensors_cannot_open_is_refused_and_the_old_sensors_watch
         assert "reloaded its configuration" not in said.getvalue()
     finally:
         daemon.shutdown()
+
+
+def test_connections_held_for_a_hung_resolver_stay_few(tmp_path):
+    # RESOLVE_HOST with a DNS server that never answers: each source's connections were held
+    # open (64 a source, 256 sources: 16,384 descriptors) until its lookup timed out, far past
+    # the usual limit of 1024 open files, after which accept(), the store and KILL_ROUTE fail.
+    import threading
+    from ipaddress import ip_address
+
+    from portsentry.core.probe import KIND_CONNECT, Mode, Probe
+    from portsentry.sensors.base import Hit
+    from portsentry.service import daemon as module
+    from portsentry.service.resolver import Resolver
+
+    hung = threading.Event()
+
+    def ptr(_address: str) -> str:
+        hung.wait(10)
+        return "late.example"
+
+    daemon, _said = bare_daemon(tmp_path)
+    daemon.resolver = Resolver(timeout=60.0, ptr=ptr)
+    open_connections = [0]
+
+    def closed() -> None:
+        open_connections[0] -= 1
+
+    try:
+        for source in range(20):
+            for _ in range(module.AWAIT_CAPACITY):
+                open_connections[0] += 1
+                probe = Probe(ip_address(f"198.18.1.{source}"), 1, Mode.TCP, KIND_CONNECT)
+                daemon.handle(Hit(probe, close=closed))
+        assert open_connections[0] <= getattr(module, "AWAIT_TOTAL", 0) < 1024
+    finally:
+        hung.set()
+        daemon.shutdown()
+    assert open_connections[0] == 0
