@@ -450,7 +450,9 @@ class Daemon:
         windows and rate-limit minutes that ended), failed-write summaries, and the gauges.
         Everything slow is the maintenance thread's."""
         now = self.clock()
-        if now < self._next_tick:
+        # Planned more than a tick ahead: the clock was set back since, and waiting for it
+        # again would hold the tick off for as long as it jumped (as maintenance._due).
+        if now < self._next_tick <= now + self.tick:
             return
         self._next_tick = now + self.tick
         for sensor in self.sensors:

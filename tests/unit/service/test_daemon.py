@@ -211,6 +211,7 @@ class _FakeSensor:
         self.fail = fail
         self.opened = 0
         self.closed = 0
+        self.ticks: list[float] = []
         self._ends = socket.socketpair()
 
     def open(self) -> list[Any]:
@@ -233,7 +234,7 @@ class _FakeSensor:
         return [f"ports {self.ports}"]
 
     def tick(self, now: float) -> None:
-        pass
+        self.ticks.append(now)
 
     def capture_drops(self) -> int | None:
         return None
@@ -315,3 +316,22 @@ def test_connections_held_for_a_hung_resolver_stay_few(tmp_path):
         hung.set()
         daemon.shutdown()
     assert open_connections[0] == 0
+
+
+def test_the_main_tick_goes_on_when_the_clock_is_set_back(tmp_path):
+    # The main loop's once-a-second work waited for the wall clock to reach the time planned
+    # before it was set back: an hour back, an hour without sensor ticks (a service started on
+    # a watched port still banned by the kernel), summary lines or gauges.
+    now = [10_000.0]
+    daemon, _said = bare_daemon(tmp_path, clock=lambda: now[0])
+    sensor = _FakeSensor((1,))
+    daemon.sensors = (sensor,)
+    try:
+        daemon._maybe_tick()
+        now[0] -= 3600.0  # NTP, or an administrator, sets the clock back an hour
+        daemon._maybe_tick()
+        now[0] += 1.0
+        daemon._maybe_tick()
+        assert sensor.ticks == [10_000.0, 6400.0, 6401.0]
+    finally:
+        daemon.shutdown()
