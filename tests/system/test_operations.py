@@ -150,3 +150,23 @@ def test_a_slow_or_hostile_control_client_neither_delays_detection_nor_stops_the
     assert answer["ok"] is False and "bad request" in answer["error"]
     assert daemon.running
     assert json.loads(cli(daemon, "status", "--json").stdout)["running"]
+
+
+def test_a_reload_whose_capture_cannot_open_is_refused_and_detection_goes_on(
+        daemon_factory, namespaces, syslog):
+    # CAPTURE="nflog" without the nftables backend passes the configuration checks but its
+    # capture cannot open; the SIGHUP that asked for it used to raise out of the main loop,
+    # and the daemon stopped with its sensors closed.
+    from tests.system.rig import nmap
+
+    net = namespaces
+    daemon = daemon_factory("-stcp", TCP_PORTS="1,79", BAN_BACKEND="none")
+    syslog.wait_for("adminalert: PortSentry is now active and listening.")
+    daemon.conf_path.write_text(daemon.conf_path.read_text() + 'CAPTURE="nflog"\n')
+    os.kill(daemon.pid, signal.SIGHUP)
+    refused = syslog.wait_for("adminalert: ERROR: reload refused, the running configuration stays in force")
+    assert "CAPTURE" in refused.message
+    nmap(net.scanner, ["-sS", "-p", "79", "--max-retries", "0", net.target_ip4])
+    syslog.wait_for(f"attackalert: TCP SYN/Normal scan from host: {net.scanner_ip4}/{net.scanner_ip4} "
+                    "to TCP port: 79")
+    assert daemon.running

@@ -20,6 +20,10 @@ from portsentry.core.actions import Block
 
 QUEUE_SIZE = 1024
 WORKERS = 4
+# Seconds queued blocks may still start once the daemon stops. Past that, the rest are given
+# up: run four at a time behind hanging commands they would outlast any stop timeout (systemd's
+# and the SysV script's 45 s), and a SIGKILL then cleans nothing up.
+STOP_GRACE = 5.0
 
 Outcome = Callable[[Block, bool, BaseException | None], None]
 
@@ -70,7 +74,20 @@ class BlockQueue:
         return self._queue.qsize()
 
     def close(self, timeout: float | None = None) -> None:
-        """Let the blocks already queued finish (each is bounded by COMMAND_TIMEOUT), then stop."""
+        """Stop: blocks queued start for STOP_GRACE seconds more, those still waiting then are
+        not started (and said); blocks under way finish (each bounded by COMMAND_TIMEOUT)."""
+        grace_end = time.monotonic() + STOP_GRACE
+        while (not self._queue.empty() and time.monotonic() < grace_end
+               and any(thread.is_alive() for thread in self._threads)):
+            time.sleep(0.05)
+        dropped = 0
+        while True:
+            try:
+                dropped += self._queue.get_nowait() is not None
+            except queue.Empty:
+                break
+        if dropped:
+            self._log(f"adminalert: ERROR: {dropped} block(s) not started: the daemon is stopping")
         for _thread in self._threads:
             self._queue.put(None)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -62,6 +62,9 @@ from portsentry.service.resolver import Resolver
 
 Clock = Callable[[], float]
 AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go on without it
+# Hits held in all: a connect-mode hit holds its connection open, and 64 for each of the
+# resolver's 256 lookups under way would be 16,384 descriptors while DNS does not answer.
+AWAIT_TOTAL = 256
 Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
 
@@ -131,6 +134,7 @@ class Daemon:
         self._ignore_error: str | None = None
         # Hits held while their source's name is looked up (RESOLVE_HOST), per source, in order.
         self._awaiting_name: dict[IPAddress, list[tuple[Hit, float]]] = {}
+        self._held = 0  # hits in _awaiting_name
         self.internal_errors = 0
         self._selector = selectors.DefaultSelector()
         self._stopping = False
@@ -174,14 +178,15 @@ class Daemon:
 
     # -- start and stop ------------------------------------------------------------------------
 
-    def _kernel_guards(self) -> Guards:
-        """Main loop: what the kernel's first-probe ban must spare, as of now."""
+    def _kernel_guards(self, config: Config | None = None, ignore: IgnoreSource | None = None) -> Guards:
+        """Main loop: what the kernel's first-probe ban must spare, as of now (under `config`
+        and `ignore` when a reload is about to put them in force)."""
         try:
             broadcasts = hostinfo.broadcast_addresses()
         except OSError:
             broadcasts = frozenset()
-        return guards_of(self.ignore.current(self.clock()).networks, self._protected,
-                         self.config.sensitive_networks, broadcasts)
+        return guards_of((ignore or self.ignore).current(self.clock()).networks, self._protected,
+                         (config or self.config).sensitive_networks, broadcasts)
 
     def _skip_ignored(self) -> None:
         """Main loop, at start and once a second: the sensors may keep the ignore list's
@@ -316,7 +321,8 @@ class Daemon:
         self._maintenance.stop()
         if self._dropped is not None:
             self._dropped.summarize(self.clock(), force=True)  # the last round's counts, not lost
-        # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded.
+        # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded;
+        # queued ones start only within blockqueue.STOP_GRACE, so the stop stays bounded.
         self._blocks.close()
         self._admin.shutdown(wait=True)
         self._run_main_calls()
@@ -341,22 +347,31 @@ class Daemon:
             # RESOLVE_HOST: never wait for DNS here. A source whose name is being looked up has
             # its hits held, in order, until the name (or the resolver's timeout) comes back.
             waiting = self._awaiting_name.get(probe.source)
-            if waiting is not None and len(waiting) < AWAIT_CAPACITY:
+            room = self._held < AWAIT_TOTAL
+            if waiting is not None and len(waiting) < AWAIT_CAPACITY and room:
                 waiting.append((hit, now))
+                self._held += 1
                 return
             if waiting is None:
                 source = probe.source
-                name = self.resolver.lookup(
-                    source, lambda found: self._call_on_main(lambda: self._named(source, found)))
-                if name is None:
-                    self._awaiting_name[source] = [(hit, now)]
-                    return
-                probe = dataclasses.replace(probe, source_name=name)
+                if room:
+                    name = self.resolver.lookup(
+                        source, lambda found: self._call_on_main(lambda: self._named(source, found)))
+                    if name is None:
+                        self._awaiting_name[source] = [(hit, now)]
+                        self._held += 1
+                        return
+                else:  # nothing more can be held: a name already known is used, none awaited
+                    name = self.resolver.cached(source)
+                if name is not None:
+                    probe = dataclasses.replace(probe, source_name=name)
         self._observe(hit, probe, now)
 
     def _named(self, source: IPAddress, name: str) -> None:
         """On the main loop: the held hits of `source`, decided now with its name."""
-        for hit, at in self._awaiting_name.pop(source, []):
+        hits = self._awaiting_name.pop(source, [])
+        self._held -= len(hits)
+        for hit, at in hits:
             def observe(held: Hit, at: float = at) -> None:
                 self._observe(held, dataclasses.replace(held.probe, source_name=name), at)
             self._guarded(observe, hit)
@@ -436,7 +451,9 @@ class Daemon:
         windows and rate-limit minutes that ended), failed-write summaries, and the gauges.
         Everything slow is the maintenance thread's."""
         now = self.clock()
-        if now < self._next_tick:
+        # Planned more than a tick ahead: the clock was set back since, and waiting for it
+        # again would hold the tick off for as long as it jumped (as maintenance._due).
+        if now < self._next_tick <= now + self.tick:
             return
         self._next_tick = now + self.tick
         for sensor in self.sensors:
@@ -482,34 +499,45 @@ class Daemon:
             self.journal.log(messages.reload_rejected(str(error)))
             sdnotify.ready()
             return False
-        now = self.clock()
         old = self.config
+        if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
+            # Before anything is switched over: new sensors that cannot open (a capture refused,
+            # an NFLOG group taken) refuse the reload, and the old configuration's watch again.
+            try:
+                self._kernel_guards_now(config, ignore)
+                self._rebind(self.sensor_factory(config))
+            except Exception as error:
+                self.journal.log(messages.reload_rejected(str(error)))
+                if not self.sensors:  # closed for the new ones (not when building them failed)
+                    self._rebind_or_say(self.sensor_factory, old)
+                sdnotify.ready()
+                return False
+        now = self.clock()
         self.config = config
         self.ignore = ignore
         self.engine.update_settings(engine_settings(config))
         self.engine.ignore = ignore.current(now)
+        self._skip_ignored()
         self.responder.timeout = config.command_timeout
         if self.bans is not None:
             self.bans.policy = BanPolicy.from_config(config)
         self.journal.history_file = config.history_file
         self.journal.blocked_file = config.blocked_file
-        if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
-            self._kernel_guards_now()
-            self._rebind(self.sensor_factory(config))
         self.journal.log(messages.reloaded(config.source))
         sdnotify.ready()
         return True
 
-    def _kernel_guards_now(self) -> None:
-        """Before new sensors may add first-probe ban rules (a reload): the guards in force. With
-        KERNEL_BAN="off" at start there was no KernelBans to push them, or to settle its bans."""
+    def _kernel_guards_now(self, config: Config, ignore: IgnoreSource) -> None:
+        """Before a reload's new sensors may add first-probe ban rules: the guards of its
+        `config` in force. With KERNEL_BAN="off" at start there was no KernelBans to push them,
+        or to settle its bans. A reload refused after this is corrected by the next tick."""
         if self._kernel is None and self.bans is not None and self.bans.backend is not None \
-                and self.config.kernel_ban != "off":
+                and config.kernel_ban != "off":
             self._kernel = KernelBans(self.bans, self.journal.log)
         if self._kernel is not None:
-            self._protected = protected_addresses(self.config)
+            self._protected = protected_addresses(config)
             self.engine.guard.set_protected(self._protected)
-            self._kernel.update(self._kernel_guards())
+            self._kernel.update(self._kernel_guards(config, ignore))
             self._kernel.push()
 
     def reopen_logs(self) -> None:
@@ -519,16 +547,33 @@ class Daemon:
         self.journal.log(messages.reopened())
 
     def _rebind(self, sensors: Sequence[Sensor]) -> None:
+        """Close the sensors and open `sensors` instead; when one cannot open, every one of
+        them is closed again (none is left half open) and the error raised."""
+        self._close_sensors()
+        self.sensors = tuple(sensors)
+        try:
+            for sensor in self.sensors:
+                for handle in sensor.open():
+                    self._selector.register(handle, selectors.EVENT_READ, sensor)
+        except BaseException:
+            self._close_sensors()
+            self.sensors = ()
+            raise
+        self._skip_ignored()
+
+    def _rebind_or_say(self, factory: SensorFactory, config: Config) -> None:
+        try:
+            self._rebind(factory(config))
+        except Exception as error:
+            self.journal.log(messages.config_error(
+                f"cannot open the sensors again: {error}; nothing is watched until a reload succeeds"))
+
+    def _close_sensors(self) -> None:
         for sensor in self.sensors:
             for key in list(self._selector.get_map().values()):
                 if key.data is sensor:
                     self._selector.unregister(key.fileobj)
             sensor.close()
-        self.sensors = tuple(sensors)
-        for sensor in self.sensors:
-            for handle in sensor.open():
-                self._selector.register(handle, selectors.EVENT_READ, sensor)
-        self._skip_ignored()
 
     def capture_drops(self) -> int | None:
         drops = [d for d in (s.capture_drops() for s in self.sensors) if d is not None]

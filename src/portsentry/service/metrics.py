@@ -7,9 +7,10 @@ nothing, so the daemon can call them without checking whether metrics are on.
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from portsentry.config.listen import DEFAULT_PORT as DEFAULT_PORT
 from portsentry.config.listen import MetricsError as MetricsError
@@ -17,9 +18,15 @@ from portsentry.config.listen import parse_listen as parse_listen
 from portsentry.core.probe import KIND_CONNECT, KIND_FIN, KIND_NULL, KIND_SYN, KIND_UDP, KIND_XMAS
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
     from prometheus_client import CollectorRegistry
+
+# A scrape is one short request. A client gets a thread for at most CLIENT_TIMEOUT seconds of
+# silence per read or write, and at most MAX_CLIENTS at once: slow or idle clients otherwise
+# held a thread each for ever, and enough of them used up the tasks KILL_ROUTE needs.
+CLIENT_TIMEOUT = 10.0
+MAX_CLIENTS = 8
 
 
 # Probe kinds become short label values. 1.2's "Unknown Type: TCP Packet Flags: ..." texts vary
@@ -194,8 +201,63 @@ class Metrics:
 
         host, port = parse_listen(address)
         try:
-            server, thread = prom.start_http_server(port, addr=host, registry=self.registry)
+            family, host = _best_family(host, port)
+            server = _server_class(family)((host, port), _handler_class())
         except OSError as error:
             raise MetricsError(
                 f"cannot serve metrics on {address}: {error.strerror or error}") from error
+        server.set_app(prom.make_wsgi_app(self.registry))
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
         return MetricsServer(host, int(server.server_port), server, thread)
+
+
+def _best_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """IPv4 or IPv6 for `host`, as prometheus_client's own server picks it."""
+    family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return family, str(sockaddr[0])
+
+
+def _handler_class() -> type[WSGIRequestHandler]:
+    from wsgiref.simple_server import WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        timeout = CLIENT_TIMEOUT
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per scrape on stderr is noise
+
+    return Handler
+
+
+def _server_class(family: socket.AddressFamily) -> type[WSGIServer]:
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer
+
+    slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)  # over the limit: closed, no thread
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # a client that timed out or went away: not worth a traceback on stderr
+
+    return Server

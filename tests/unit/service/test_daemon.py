@@ -237,3 +237,140 @@ def test_a_reload_that_turns_the_kernel_ban_on_pushes_its_guards_before_the_new_
     protect, nokernel = guards_when_rules_came[0]
     assert ip_network("198.18.9.0/24") in protect and ip_network("198.19.0.0/16") in nokernel
     assert daemon._kernel is not None  # and its caught entries get settled from now on
+
+
+class _FakeSensor:
+    """A sensor with one readable handle, whose open() may fail as a capture can (NFLOG group
+    taken, CAPTURE="nflog" refused, no CAP_NET_RAW)."""
+
+    def __init__(self, ports: tuple[int, ...], fail: bool = False) -> None:
+        import socket
+
+        self.ports = ports
+        self.fail = fail
+        self.opened = 0
+        self.closed = 0
+        self.ticks: list[float] = []
+        self._ends = socket.socketpair()
+
+    def open(self) -> list[Any]:
+        from portsentry.sensors.capture import CaptureError
+
+        if self.fail:
+            raise CaptureError(f"cannot open the capture for ports {self.ports}")
+        self.opened += 1
+        return [self._ends[0]]
+
+    def read(self, handle: Any) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        self.closed += 1
+        for end in self._ends:
+            end.close()
+
+    def describe(self) -> list[str]:
+        return [f"ports {self.ports}"]
+
+    def tick(self, now: float) -> None:
+        self.ticks.append(now)
+
+    def capture_drops(self) -> int | None:
+        return None
+
+    def packet_drops(self) -> dict[str, int]:
+        return {}
+
+    def skip_sources(self, networks: Any) -> None:
+        pass
+
+
+def test_a_reload_whose_sensors_cannot_open_is_refused_and_the_old_sensors_watch_again(tmp_path):
+    # A SIGHUP whose new ports needed a capture that could not be opened raised out of reload():
+    # the main loop ended and the daemon stopped, its old sensors already closed.
+    import dataclasses
+
+    daemon, said = bare_daemon(tmp_path)
+    first = _FakeSensor((1,))
+    daemon.sensors = (first,)
+    daemon.config = old = dataclasses.replace(daemon.config, tcp_ports=(1,))
+    daemon.open()
+    new = dataclasses.replace(old, tcp_ports=(1, 2))
+    built: list[_FakeSensor] = []
+
+    def factory(config: Any) -> list[_FakeSensor]:
+        built.append(_FakeSensor(config.tcp_ports, fail=config.tcp_ports == (1, 2)))
+        return [built[-1]]
+
+    daemon.reloader = lambda: (new, daemon.ignore)
+    daemon.sensor_factory = factory
+    try:
+        assert daemon.reload() is False
+        assert daemon.config is old
+        assert "reload refused, the running configuration stays in force: cannot open the capture " \
+               "for ports (1, 2)" in said.getvalue()
+        # The old configuration's sensors are open again, and theirs are the only handles watched.
+        assert [sensor.ports for sensor in built] == [(1, 2), (1,)]
+        assert daemon.sensors == (built[1],) and built[1].opened == 1
+        watched = {key.data for key in daemon._selector.get_map().values() if key.data is not None}
+        assert watched == {built[1]}
+        assert "reloaded its configuration" not in said.getvalue()
+    finally:
+        daemon.shutdown()
+
+
+def test_connections_held_for_a_hung_resolver_stay_few(tmp_path):
+    # RESOLVE_HOST with a DNS server that never answers: each source's connections were held
+    # open (64 a source, 256 sources: 16,384 descriptors) until its lookup timed out, far past
+    # the usual limit of 1024 open files, after which accept(), the store and KILL_ROUTE fail.
+    import threading
+    from ipaddress import ip_address
+
+    from portsentry.core.probe import KIND_CONNECT, Mode, Probe
+    from portsentry.sensors.base import Hit
+    from portsentry.service import daemon as module
+    from portsentry.service.resolver import Resolver
+
+    hung = threading.Event()
+
+    def ptr(_address: str) -> str:
+        hung.wait(10)
+        return "late.example"
+
+    daemon, _said = bare_daemon(tmp_path)
+    daemon.resolver = Resolver(timeout=60.0, ptr=ptr)
+    open_connections = [0]
+
+    def closed() -> None:
+        open_connections[0] -= 1
+
+    try:
+        for source in range(20):
+            for _ in range(module.AWAIT_CAPACITY):
+                open_connections[0] += 1
+                probe = Probe(ip_address(f"198.18.1.{source}"), 1, Mode.TCP, KIND_CONNECT)
+                daemon.handle(Hit(probe, close=closed))
+        assert open_connections[0] <= getattr(module, "AWAIT_TOTAL", 0) < 1024
+    finally:
+        hung.set()
+        daemon.shutdown()
+    assert open_connections[0] == 0
+
+
+def test_the_main_tick_goes_on_when_the_clock_is_set_back(tmp_path):
+    # The main loop's once-a-second work waited for the wall clock to reach the time planned
+    # before it was set back: an hour back, an hour without sensor ticks (a service started on
+    # a watched port still banned by the kernel), summary lines or gauges.
+    now = [10_000.0]
+    daemon, _said = bare_daemon(tmp_path, clock=lambda: now[0])
+    sensor = _FakeSensor((1,))
+    daemon.sensors = (sensor,)
+    try:
+        daemon._maybe_tick()
+        now[0] -= 3600.0  # NTP, or an administrator, sets the clock back an hour
+        daemon._maybe_tick()
+        now[0] += 1.0
+        daemon._maybe_tick()
+        assert sensor.ticks == [10_000.0, 6400.0, 6401.0]
+    finally:
+        daemon.shutdown()

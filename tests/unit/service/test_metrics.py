@@ -4,6 +4,8 @@ on an ephemeral loopback port; the listen-address parser takes what users write.
 from __future__ import annotations
 
 import socket
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -191,3 +193,53 @@ def test_parse_listen_never_fails_unexpectedly(text: str) -> None:
     except MetricsError:
         return
     assert host and 0 <= port <= 65535
+
+
+def _idle_client(server: MetricsServer) -> socket.socket:
+    """A client that starts a request and never finishes it (a slowloris)."""
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    client.sendall(b"GET /metrics HTTP/1.1\r\n")
+    return client
+
+
+def test_a_client_that_never_finishes_its_request_is_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each connection held a thread with no time limit: clients that open connections and send
+    # nothing piled up threads (and tasks, which KILL_ROUTE's commands need) without bound.
+    from portsentry.service import metrics as module
+
+    monkeypatch.setattr(module, "CLIENT_TIMEOUT", 0.2, raising=False)
+    server = Metrics(CollectorRegistry()).serve("127.0.0.1:0")
+    try:
+        with _idle_client(server) as idle:
+            assert idle.recv(4096) == b""  # closed by the server; socket.timeout before
+        assert ("portsentry_bans_total", ()) in scrape(server)
+    finally:
+        server.close()
+
+
+def test_clients_over_the_limit_are_closed_at_once_and_scrapes_work_again_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from portsentry.service import metrics as module
+
+    monkeypatch.setattr(module, "MAX_CLIENTS", 2, raising=False)
+    monkeypatch.setattr(module, "CLIENT_TIMEOUT", 30.0, raising=False)
+    server = Metrics(CollectorRegistry()).serve("127.0.0.1:0")
+    held = [_idle_client(server), _idle_client(server)]
+    try:
+        with _idle_client(server) as third:
+            assert third.recv(4096) == b""  # no thread for it: socket.timeout before
+    finally:
+        for client in held:
+            client.close()
+    try:
+        # The held clients' slots come back when they go; the next scrape is served.
+        for _ in range(100):
+            try:
+                assert ("portsentry_bans_total", ()) in scrape(server)
+                break
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.05)
+        else:
+            raise AssertionError("no scrape was served after the held clients left")
+    finally:
+        server.close()
