@@ -170,3 +170,21 @@ def test_a_reload_whose_capture_cannot_open_is_refused_and_detection_goes_on(
     syslog.wait_for(f"attackalert: TCP SYN/Normal scan from host: {net.scanner_ip4}/{net.scanner_ip4} "
                     "to TCP port: 79")
     assert daemon.running
+
+
+def test_a_reload_that_changes_the_ban_backend_says_it_waits_for_the_next_start(
+        daemon_factory, namespaces, syslog):
+    # Taken as read, BAN_BACKEND none -> nftables had the engine ask for a native ban in every
+    # block, from a backend the daemon never made: "attackalert: ERROR: Could not block host".
+    net = namespaces
+    daemon = daemon_factory("-tcp", TCP_PORTS="1", BLOCK_TCP="1", BAN_BACKEND="none")
+    text = daemon.conf_path.read_text()
+    assert 'BAN_BACKEND="none"' in text
+    daemon.conf_path.write_text(text.replace('BAN_BACKEND="none"', 'BAN_BACKEND="nftables"'))
+    mark = syslog.mark()
+    assert cli(daemon, "reload").returncode == 0
+    syslog.wait_for("adminalert: BAN_BACKEND changed: it takes effect at the next start")
+    tcp_connect(net.scanner, net.target_ip4, 1)
+    syslog.wait_for(f"attackalert: Connect from host: {net.scanner_ip4}/{net.scanner_ip4} to TCP port: 1")
+    syslog.assert_absent("Could not block", wait=1.0, since=mark)  # as it did for each block
+    assert run_in(net.target, ["nft", "list", "tables"]).stdout.strip() == ""  # still none

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -22,7 +23,14 @@ from typing import TYPE_CHECKING
 from portsentry import __version__
 from portsentry.config.debian import ignore_file_to_use
 from portsentry.config.ignore import IgnoreFileError, IgnoreSource
-from portsentry.config.settings import Config, ConfigError, LoadedConfig, format_effective, load_effective
+from portsentry.config.settings import (
+    KEYS,
+    Config,
+    ConfigError,
+    LoadedConfig,
+    format_effective,
+    load_effective,
+)
 from portsentry.core import messages
 from portsentry.core.probe import Mode
 from portsentry.host import privileges
@@ -184,9 +192,10 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     def reload_config() -> tuple[Config, IgnoreSource]:
         new = load_effective(args.config).config
         validate_for_modes(new, modes)
-        if new.keep_capabilities != config.keep_capabilities:
-            # Dropped capabilities cannot be taken back; only a new process has them again.
-            journal.log("adminalert: KEEP_CAPABILITIES changed: it takes effect at the next start")
+        new, waiting = keep_start_only(config, new)
+        if waiting:
+            journal.log(f"adminalert: {', '.join(waiting)} changed: "
+                        f"{'it takes' if len(waiting) == 1 else 'they take'} effect at the next start")
         return new, open_ignore(new)
 
     def sensors_for(new: Config) -> list[Sensor]:
@@ -218,6 +227,23 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     if pid_file is not None:
         pid_file.release()
     return status
+
+
+# What a reload cannot change: capabilities dropped for good, the ban backend and the fleet link
+# built at start, the state directory, sockets and files opened then, the resolver made or not.
+START_ONLY_KEYS = ("KEEP_CAPABILITIES", "BAN_BACKEND", "STATE_DIR", "CONTROL_SOCKET", "EVENT_LOG",
+                   "METRICS_LISTEN", "RESOLVE_HOST", "FLEET_REDIS_URL", "FLEET_NAME", "FLEET_HOST_ID",
+                   "FLEET_KEY_FILE", "FLEET_PASSWORD_FILE", "FLEET_ACCEPT_HOSTS", "FLEET_BAN_RATE_LIMIT")
+
+
+def keep_start_only(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with the running values of START_ONLY_KEYS, and the keys whose value it changed.
+    Taken as read, a new BAN_BACKEND had the engine ask for native bans of a backend never made
+    (every such block failed), and status show settings that were not in force."""
+    fields = {key: KEYS[key].field for key in START_ONLY_KEYS}
+    waiting = [key for key, name in fields.items() if getattr(new, name) != getattr(running, name)]
+    kept = dataclasses.replace(new, **{fields[key]: getattr(running, fields[key]) for key in waiting})
+    return kept, waiting
 
 
 def daemon_answering(path: str) -> str | None:
