@@ -22,7 +22,7 @@ from portsentry.core import messages
 from portsentry.core.addresses import impossible_source
 from portsentry.core.probe import IPAddress, Mode
 from portsentry.responders.backend import BackendError
-from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.hostsdeny import HostsDeny, HostsDenyError
 from portsentry.responders.shell import CommandResult
 from portsentry.responders.substitute import hosts_deny_entry, substitute
 
@@ -61,6 +61,7 @@ class BulkResult:
     done: int = 0  # banned (or lifted)
     skipped: list[str] = field(default_factory=list)  # why some addresses were not acted on
     failed_commands: int = 0
+    failed_steps: int = 0  # batch steps (kernel set, hosts.deny) that failed, each said in the log
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,12 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
             bans.backend.add_many((ban.address, None if ban.expires is None else ban.expires - now)
                                   for ban in made)
         except (BackendError, OSError) as error:
+            result.failed_steps += 1
             bans.log(messages.native_block_failed(f"({len(made)} addresses)", bans.backend.describe(),
                                                   str(error)))
     lines = {ban.hosts_deny_line: ban.address for ban in made if ban.hosts_deny_line}
-    if lines:
-        _add_lines(bans, bans.hosts_deny, lines, now)
+    if lines and not _add_lines(bans, bans.hosts_deny, lines, now):
+        result.failed_steps += 1
     commands = [template for template in (steps.route, steps.run_cmd) if template]
     result.failed_commands = _run_each(bans, commands, [ban.address for ban in made], run)
     result.done = len(made)
@@ -121,11 +123,19 @@ def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAdd
         try:
             bans.backend.remove_many(ban.address for ban in held)
         except (BackendError, OSError) as error:
+            result.failed_steps += 1
             bans.log(messages.native_unblock_failed(f"({len(held)} addresses)", str(error)))
     ours = bans.store.owned_of(ban.address for ban in held)
     if ours:
-        bans.hosts_deny.remove_many([line for _address, line in ours])
-        bans.store.disown_lines(ours)
+        try:
+            bans.hosts_deny.remove_many([line for _address, line in ours])
+        except (HostsDenyError, OSError, ValueError) as error:
+            # As a single unblock: the lines stay ours, so `hosts-deny tidy` can take them out later.
+            result.failed_steps += 1
+            bans.log(messages.config_error(f"cannot remove {len(ours)} lines from "
+                                           f"{bans.hosts_deny.path}: {error}"))
+        else:
+            bans.store.disown_lines(ours)
     result.failed_commands = _run_each(bans, [steps.undo] if steps.undo else [],
                                        [ban.address for ban in held], run)
     if local:
@@ -138,14 +148,16 @@ def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAdd
     return result
 
 
-def _add_lines(bans: BanManager, hosts_deny: HostsDeny, lines: dict[str, IPAddress], now: float) -> None:
+def _add_lines(bans: BanManager, hosts_deny: HostsDeny, lines: dict[str, IPAddress], now: float) -> bool:
     def own(appended: list[str]) -> None:
         bans.store.own_lines(((lines[line], line) for line in appended), now)
 
     try:
         hosts_deny.add_many(list(lines), on_append=own)
-    except (OSError, ValueError) as error:
+    except (HostsDenyError, OSError, ValueError) as error:
         bans.log(messages.config_error(f"cannot add {len(lines)} lines to {hosts_deny.path}: {error}"))
+        return False
+    return True
 
 
 def _run_each(bans: BanManager, templates: Sequence[str], addresses: Sequence[IPAddress],

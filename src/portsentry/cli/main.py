@@ -270,12 +270,13 @@ def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
     verb = "blocked" if args.command == "block" else "unblocked"
     print(f"{verb} {result.done} of {len(addresses)} addresses from {source} in {seconds:.1f} s"
           + (f"; {len(result.skipped)} skipped" if result.skipped else "")
-          + (f"; {result.failed_commands} commands failed" if result.failed_commands else ""))
+          + (f"; {result.failed_commands} commands failed" if result.failed_commands else "")
+          + (f"; {result.failed_steps} steps failed (see above)" if result.failed_steps else ""))
     for reason in result.skipped[:20]:
         print(f"  skipped {reason}")
     if len(result.skipped) > 20:
         print(f"  ... and {len(result.skipped) - 20} more")
-    return 1 if result.failed_commands else 0
+    return 1 if result.failed_commands or result.failed_steps else 0
 
 
 def through_daemon(config: Config, args: argparse.Namespace) -> int | None:

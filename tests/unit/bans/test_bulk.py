@@ -106,3 +106,35 @@ def test_unblock_many_local_lifts_on_this_host_only(tmp_path):
     assert result.done == 2 and kernel.held == {}
     lifts = bans.store.changes(after=cursor)
     assert {(c.kind, c.origin) for c in lifts} == {("lift", "local-only")}
+
+
+def test_an_unusable_hosts_deny_is_said_and_the_rest_still_done(tmp_path):
+    # A symlinked hosts.deny (refused by HostsDeny) made `block --file` end in a traceback after
+    # the store and the kernel had the bans, with KILL_ROUTE never run for any of them, and
+    # `unblock --file` end the same way before lifting anything.
+    (tmp_path / "real").write_text("")
+    bans, kernel, said, ran = manager(tmp_path)
+    (tmp_path / "hosts.deny").symlink_to(tmp_path / "real")
+    addresses = [ip_address("198.18.0.1"), ip_address("198.18.0.2")]
+    steps = ManualSteps(hosts_deny="ALL: $TARGET$", route="route $TARGET$", undo="undo $TARGET$")
+    result = block_many(bans, steps, addresses, T0, None, recorder(ran))
+    assert (result.done, result.failed_steps) == (2, 1)
+    assert set(kernel.held) == set(addresses) and sorted(ran) == ["route 198.18.0.1", "route 198.18.0.2"]
+    assert any("through a symlink" in line for line in said)
+    assert (tmp_path / "real").read_text() == ""
+
+    # Lines we did write, with hosts.deny unusable by the time of the lift: still lifted.
+    (tmp_path / "hosts.deny").unlink()
+    (tmp_path / "hosts.deny").write_text("")
+    other = [ip_address("198.18.0.3")]
+    block_many(bans, steps, other, T0, None, recorder(ran))
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.3\n"
+    (tmp_path / "hosts.deny").rename(tmp_path / "real")
+    (tmp_path / "hosts.deny").symlink_to(tmp_path / "real")
+    said.clear()
+    result = unblock_many(bans, steps, [*addresses, *other], T0 + 1, recorder(ran))
+    assert (result.done, result.failed_steps) == (3, 1)
+    assert kernel.held == {} and bans.store.active_count(T0 + 1) == 0
+    assert any("through a symlink" in line for line in said)
+    # Still ours, so `hosts-deny tidy` can take it out once the file is usable again.
+    assert bans.store.owns_line(ip_address("198.18.0.3"), "ALL: 198.18.0.3")
