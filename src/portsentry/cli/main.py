@@ -170,12 +170,16 @@ def admin_main(argv: Sequence[str]) -> int:
         if args.command == "hosts-deny":
             from portsentry.bans.store import BanStore
             from portsentry.bans.tidy import format_report, tidy_hosts_deny
+            from portsentry.responders.hostsdeny import HostsDenyError
             from portsentry.service import admin
 
             store = BanStore(admin.store_path(config))
             try:
                 report = tidy_hosts_deny(config.hosts_deny_file, store, now, args.dry_run,
                                          lock_path=admin.hosts_deny_lock_path(config))
+            except HostsDenyError as error:  # a symlink, a world-writable file: its text says which
+                print(f"portsentry: {error}", file=sys.stderr)
+                return 1
             finally:
                 store.close()
             print(format_report(report, path=config.hosts_deny_file, dry_run=args.dry_run))

@@ -151,6 +151,22 @@ def test_hosts_deny_tidy_command_dry_run_then_real(tmp_path, capsys):
     assert deny.stat().st_mtime_ns == before  # a clean file is not rewritten
 
 
+def test_hosts_deny_tidy_of_an_unusable_file_is_one_clear_error(tmp_path, capsys):
+    # A symlinked hosts.deny, which HostsDeny refuses, ended `hosts-deny tidy` in a traceback.
+    (tmp_path / "real").write_text("ALL: 198.18.0.2\nALL: 198.18.0.2\n")
+    deny = tmp_path / "hosts.deny"
+    deny.symlink_to(tmp_path / "real")
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nHOSTS_DENY_FILE="{deny}"\nSTATE_DIR="{tmp_path}/state"\n'
+                    f'CONTROL_SOCKET="{tmp_path}/run/control.sock"\n')
+    for dry_run in (["--dry-run"], []):
+        assert main(["hosts-deny", "tidy", *dry_run, "-c", str(conf)]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"portsentry: {deny}: refusing to write hosts.deny through a symlink; "
+                       "point the configuration at the real file\n")
+    assert (tmp_path / "real").read_text() == "ALL: 198.18.0.2\nALL: 198.18.0.2\n"
+
+
 def test_check_warns_about_an_allow_all_hosts_allow(tmp_path, capsys, monkeypatch):
     import portsentry.host.wrappers_check as wrappers
 
