@@ -80,12 +80,16 @@ class ManualSteps:
 
 
 def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddress], now: float,
-               duration: Duration, run: Callable[[str, float], CommandResult]) -> BulkResult:
+               duration: Duration, run: Callable[[str, float], CommandResult],
+               spared: Callable[[IPAddress], str | None] = lambda _address: None) -> BulkResult:
+    """`spared` says why an address must not be blocked (own, ignore list, gateway), or None."""
     result = BulkResult()
     wanted: list[IPAddress] = []
     for address in addresses:
         if (bad := impossible_source(address)) is not None:
             result.skipped.append(f"{address}: a {bad} address cannot be the source of a real packet")
+        elif (why := spared(address)) is not None:
+            result.skipped.append(f"{address}: {why}: not blocked")
         else:
             wanted.append(normalise(address))
     backends = (bans.backend.name,) if bans.backend is not None else ()

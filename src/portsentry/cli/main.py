@@ -258,12 +258,13 @@ def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
     duration: bulk.Duration = "policy"
     if args.command == "block" and args.duration:
         duration = admin.parse_duration(args.duration)
+    spared = admin.Spared.of_host(config) if args.command == "block" else admin.Spared()
     tool = admin.Admin.open(config)
     try:
         steps = bulk.ManualSteps.from_config(config)
         started = time.monotonic()
         if args.command == "block":
-            result = bulk.block_many(tool.bans, steps, addresses, now, duration, run_shell)
+            result = bulk.block_many(tool.bans, steps, addresses, now, duration, run_shell, spared.reason)
         else:
             result = bulk.unblock_many(tool.bans, steps, addresses, now, run_shell, local=args.local)
         seconds = time.monotonic() - started

@@ -5,15 +5,18 @@ and a running daemon picks up changes within a second."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterable
+from dataclasses import dataclass, field
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore
+from portsentry.config.debian import ignore_file_to_use
+from portsentry.config.ignore import IgnoreFileError, IgnoreList, load_ignore
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core.actions import Block
-from portsentry.core.addresses import impossible_source
+from portsentry.core.addresses import canonical, impossible_source
 from portsentry.core.probe import IPAddress, Mode, Probe
+from portsentry.host import info as hostinfo
 from portsentry.responders.backend import BackendError, BanBackend, pick_backend
 from portsentry.responders.classic import ClassicResponder
 from portsentry.responders.hostsdeny import HostsDeny
@@ -57,6 +60,63 @@ def open_backend(config: Config, setup: bool = True) -> BanBackend | None:
     return backend
 
 
+def protected_addresses(config: Config) -> frozenset[IPAddress]:
+    """Default gateways and DNS resolvers, re-read every tick: DHCP and VPNs change them."""
+    found: set[IPAddress] = set()
+    try:
+        if config.protect_gateways:
+            found |= hostinfo.default_gateways()
+        if config.protect_resolvers:
+            found |= hostinfo.dns_resolvers(config.resolv_conf)
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+@dataclass(frozen=True)
+class Spared:
+    """What a ban by hand must spare, as a scan's ban and a fleet peer's do: this host's own
+    addresses, the ignore list and (PROTECT_GATEWAYS, PROTECT_RESOLVERS) the default gateways
+    and DNS resolvers. A typo in `block` must not cut the host off from its router."""
+
+    own: Iterable[IPAddress] = ()
+    ignore: Container[IPAddress] = frozenset()  # the ignore list in force
+    protected: Iterable[IPAddress] = ()
+    _own: frozenset[IPAddress] = field(init=False, repr=False, compare=False)
+    _protected: frozenset[IPAddress] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Canonical, once: a resolv.conf may name ::ffff:a.b.c.d, and a feed checks 100,000 here.
+        object.__setattr__(self, "_own", frozenset(map(canonical, self.own)))
+        object.__setattr__(self, "_protected", frozenset(map(canonical, self.protected)))
+
+    def reason(self, address: IPAddress) -> str | None:
+        """Why `address` must not be blocked by hand, or None."""
+        plain = canonical(address)
+        if plain in self._own:
+            return "one of this host's addresses"
+        if plain in self.ignore:
+            return "on the ignore list (IGNORE_FILE)"
+        if plain in self._protected:
+            return "a default gateway or DNS resolver of this host (PROTECT_GATEWAYS, PROTECT_RESOLVERS)"
+        return None
+
+    @classmethod
+    def of_host(cls, config: Config) -> Spared:
+        """As the daemon would have them now, for a ban made without it."""
+        choice = ignore_file_to_use(config.ignore_file)
+        try:
+            entries = load_ignore(choice.path)[0] if choice.path is not None else []
+        except IgnoreFileError as error:
+            raise AdminError(f"{error}; so which addresses must never be blocked is unknown") from None
+        except (OSError, UnicodeError) as error:
+            detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise AdminError(f"{choice.path}: {detail}; so which addresses must never be blocked "
+                             "is unknown") from None
+        own = hostinfo.local_addresses()
+        return cls(own, IgnoreList(entries, own), protected_addresses(config))
+
+
 @dataclass
 class Admin:
     config: Config
@@ -75,7 +135,8 @@ class Admin:
     def block(self, address: IPAddress, duration: float | None, now: float) -> bool:
         responder = ClassicResponder(self.bans.hosts_deny, self.log.append, self.config.command_timeout,
                                      clock=lambda: now)
-        return manual_block(self.bans, responder, self.config, address, duration, now)
+        return manual_block(self.bans, responder, self.config, address, duration, now,
+                            Spared.of_host(self.config))
 
     def unblock(self, address: IPAddress, now: float, local: bool = False) -> bool:
         return unblock(self.bans, self.config, address, now, self.log.append, local)
@@ -88,11 +149,13 @@ class Admin:
 
 
 def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, address: IPAddress,
-                 duration: float | None, now: float | None = None) -> bool:
+                 duration: float | None, now: float | None = None, spared: Spared | None = None) -> bool:
     """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1)."""
     if (bad := impossible_source(address)) is not None:
         raise AdminError(f"{address} is a {bad} address: it cannot be the source of a real packet, "
                          "so there is nothing to block")
+    if spared is not None and (why := spared.reason(address)) is not None:
+        raise AdminError(f"{address} is {why}: not blocked")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
     return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now)
 
@@ -119,16 +182,18 @@ def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:
 
 
 def admin_request(
-    bans: BanManager, responder: ClassicResponder, config: Config, request: Request, now: float
+    bans: BanManager, responder: ClassicResponder, config: Config, request: Request, now: float,
+    spared: Callable[[], Spared] = Spared,
 ) -> Response:
-    """list / block / unblock as the control socket receives them."""
+    """list / block / unblock as the control socket receives them; `spared` says, when a block
+    asks, what the daemon spares now."""
     if request.command == "list":
         return Response.success(bans=ban_rows(bans.store, now))
     address = parse_address(request.address or "")
     lines: list[str] = []
     if request.command == "block":
         duration = bans.duration(address, now) if request.duration == "policy" else request.duration
-        done = manual_block(bans, responder, config, address, duration, now)
+        done = manual_block(bans, responder, config, address, duration, now, spared())
         return Response.success() if done else Response.failure(f"could not block {address}")
     if request.command == "unblock":
         if unblock(bans, config, address, now, lines.append, request.local):

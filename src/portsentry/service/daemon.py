@@ -53,6 +53,7 @@ from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.classic import ClassicResponder
 from portsentry.sensors.base import Hit, Sensor
 from portsentry.service import sdnotify
+from portsentry.service.admin import Spared, protected_addresses
 from portsentry.service.blockqueue import BlockQueue
 from portsentry.service.control import ControlServer
 from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, guards_of
@@ -67,19 +68,6 @@ AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go
 AWAIT_TOTAL = 256
 Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
-
-
-def protected_addresses(config: Config) -> frozenset[IPAddress]:
-    """Default gateways and DNS resolvers, re-read every tick: DHCP and VPNs change them."""
-    found: set[IPAddress] = set()
-    try:
-        if config.protect_gateways:
-            found |= hostinfo.default_gateways()
-        if config.protect_resolvers:
-            found |= hostinfo.dns_resolvers(config.resolv_conf)
-    except OSError:
-        pass
-    return frozenset(found)
 
 
 def _sensor_settings(config: Config) -> tuple[object, ...]:
@@ -244,6 +232,15 @@ class Daemon:
         except OSError:
             own, broadcasts = frozenset(), frozenset()
         return FleetGuards(own, self.engine.ignore, self._protected, frozenset(broadcasts))
+
+    def spared(self) -> Spared:
+        """What a ban by hand must spare now (an admin worker asks; both sets are replaced whole
+        by the main loop, never changed in place)."""
+        try:
+            own = hostinfo.local_addresses()
+        except OSError:
+            own = frozenset()  # the ignore list in force holds them as last read
+        return Spared(own, self.engine.ignore, self._protected)
 
     def request_stop(self, *_args: object) -> None:
         self._stopping = True

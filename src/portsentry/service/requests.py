@@ -110,7 +110,8 @@ class Requests:
         if daemon.bans is None:
             return Response.failure(f"{request.command}: this daemon keeps no ban store")
         try:
-            return admin_request(daemon.bans, daemon.responder, daemon.config, request, daemon.clock())
+            return admin_request(daemon.bans, daemon.responder, daemon.config, request, daemon.clock(),
+                                 daemon.spared)
         finally:
             self._bans_changed()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 
 import pytest
 
@@ -56,3 +56,101 @@ def test_an_impossible_source_cannot_be_blocked_by_hand():
         with pytest.raises(admin.AdminError, match="cannot be the source of a real packet"):
             admin.manual_block(None, None, Config(source="t"),  # type: ignore[arg-type]
                                admin.parse_address(text), None)
+
+
+def _host(tmp_path, monkeypatch, ignore: str = "198.18.0.0/24\n"):
+    """A config of tmp_path's own (no daemon), this "host" being 198.51.100.7 behind 198.51.100.1."""
+    from portsentry.host import info as hostinfo
+
+    monkeypatch.setattr(hostinfo, "local_addresses", lambda: frozenset({ip_address("198.51.100.7")}))
+    monkeypatch.setattr(hostinfo, "default_gateways", lambda: frozenset({ip_address("198.51.100.1")}))
+    (tmp_path / "ps.ignore").write_text(ignore)
+    (tmp_path / "resolv.conf").write_text("nameserver ::ffff:198.51.100.53\n")
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nBAN_BACKEND="none"\nSTATE_DIR="{tmp_path}/state"\n'
+                    f'CONTROL_SOCKET="{tmp_path}/run/control.sock"\nIGNORE_FILE="{tmp_path}/ps.ignore"\n'
+                    f'HOSTS_DENY_FILE="{tmp_path}/hosts.deny"\nKILL_HOSTS_DENY="ALL: $TARGET$"\n'
+                    f'RESOLV_CONF="{tmp_path}/resolv.conf"\n')
+    return conf
+
+
+def _stored(tmp_path) -> list[str]:
+    from portsentry.bans.store import BanStore
+
+    store = BanStore(str(tmp_path / "state" / "bans.sqlite3"))
+    try:
+        return [str(ban.address) for ban in store.active(2e9)]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("text,why", [
+    ("198.18.0.5", "198.18.0.5 is on the ignore list (IGNORE_FILE): not blocked"),
+    ("::ffff:198.51.100.7", "198.51.100.7 is one of this host's addresses: not blocked"),
+    ("198.51.100.1", "198.51.100.1 is a default gateway or DNS resolver of this host"),
+    ("198.51.100.53", "198.51.100.53 is a default gateway or DNS resolver of this host"),
+])
+def test_block_without_the_daemon_spares_what_the_daemon_spares(tmp_path, monkeypatch, capsys, text, why):
+    # `portsentry block` with the daemon stopped banned an address of the ignore list, of this
+    # host or its gateway, and wrote its hosts.deny line: the host could cut itself off.
+    from portsentry.cli.main import main
+
+    conf = _host(tmp_path, monkeypatch)
+    assert main(["block", text, "-c", str(conf)]) == 1
+    assert why in capsys.readouterr().err
+    assert _stored(tmp_path) == [] and not (tmp_path / "hosts.deny").exists()
+    assert main(["block", "198.18.1.5", "-c", str(conf)]) == 0
+    assert _stored(tmp_path) == ["198.18.1.5"]
+
+
+def test_block_file_skips_and_names_what_must_be_spared(tmp_path, monkeypatch, capsys):
+    from portsentry.cli.main import main
+
+    conf = _host(tmp_path, monkeypatch)
+    feed = tmp_path / "feed"
+    feed.write_text("198.18.1.5\n198.18.0.5\n198.51.100.7\n198.51.100.1\n")
+    assert main(["block", "--file", str(feed), "-c", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert f"blocked 1 of 4 addresses from {feed}" in out and "; 3 skipped" in out
+    assert "skipped 198.18.0.5: on the ignore list (IGNORE_FILE): not blocked" in out
+    assert "skipped 198.51.100.7: one of this host's addresses: not blocked" in out
+    assert "skipped 198.51.100.1: a default gateway or DNS resolver of this host" in out
+    assert _stored(tmp_path) == ["198.18.1.5"]
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.1.5\n"
+
+
+def test_block_without_the_daemon_and_a_broken_ignore_file_blocks_nothing(tmp_path, monkeypatch, capsys):
+    from portsentry.cli.main import main
+
+    conf = _host(tmp_path, monkeypatch, ignore="198.18.0.0/24\nnot-an-address\n")
+    assert main(["block", "198.18.1.5", "-c", str(conf)]) == 1
+    assert f"{tmp_path}/ps.ignore:2: " in capsys.readouterr().err
+    assert _stored(tmp_path) == []
+
+
+def test_block_through_the_daemon_spares_what_the_daemon_spares(tmp_path):
+    from portsentry.bans.lifecycle import BanManager, BanPolicy
+    from portsentry.bans.store import MEMORY, BanStore
+    from portsentry.config.ignore import IgnoreEntry, IgnoreList
+    from portsentry.config.settings import Config
+    from portsentry.responders.classic import ClassicResponder
+    from portsentry.responders.hostsdeny import HostsDeny
+    from portsentry.service import admin
+    from portsentry.service.control import Request
+
+    said: list[str] = []
+    deny = HostsDeny(str(tmp_path / "hosts.deny"))
+    bans = BanManager(BanStore(MEMORY), None, deny, BanPolicy(), said.append)
+    responder = ClassicResponder(deny, said.append, 1.0)
+    config = Config(source="t", kill_hosts_deny="ALL: $TARGET$")
+    ignore = IgnoreList([IgnoreEntry(ip_network("198.18.0.0/24"), 1, "198.18.0.0/24")],
+                        [ip_address("198.51.100.7")])
+    spared = admin.Spared([ip_address("198.51.100.7")], ignore, [ip_address("198.51.100.1")])
+    for text in ("198.18.0.5", "198.51.100.7", "198.51.100.1"):
+        with pytest.raises(admin.AdminError, match="not blocked"):
+            admin.admin_request(bans, responder, config, Request("block", address=text), 1000.0,
+                                lambda: spared)
+    assert bans.store.active(1000.0) == []
+    assert admin.admin_request(bans, responder, config, Request("block", address="198.18.1.5"), 1000.0,
+                               lambda: spared).ok
+    assert [str(ban.address) for ban in bans.store.active(1000.0)] == ["198.18.1.5"]

@@ -76,3 +76,32 @@ def test_a_failing_request_is_an_error_reply_not_an_exception(tmp_path: Path) ->
     assert not rig.replies[0].ok
     assert rig.replies[0].error == "status failed: disk on fire"
     rig.daemon.shutdown()
+
+
+def test_a_block_through_the_daemon_spares_its_own_addresses_and_gateways(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    # The control socket's block banned the daemon's own address or gateway when asked to.
+    from ipaddress import ip_address
+
+    from portsentry.bans.lifecycle import BanManager, BanPolicy
+    from portsentry.bans.store import MEMORY, BanStore
+    from portsentry.host import info as hostinfo
+    from portsentry.responders.hostsdeny import HostsDeny
+
+    monkeypatch.setattr(hostinfo, "local_addresses", lambda: frozenset({ip_address("198.51.100.7")}))
+    bans = BanManager(BanStore(MEMORY), None, HostsDeny(str(tmp_path / "hosts.deny")), BanPolicy(),
+                      lambda _line: None)
+    daemon, _said = bare_daemon(tmp_path, bans=bans)
+    daemon._protected = frozenset({ip_address("198.51.100.1")})
+    rig = _Rig.__new__(_Rig)
+    rig.daemon, rig.main, rig.admin, rig.changed, rig.replies = daemon, [], [], 0, []
+    rig.requests = Requests(daemon, rig.main.append, rig.admin.append, rig._changed)
+    for address in ("198.51.100.7", "198.51.100.1", "198.18.1.5"):
+        rig.requests.on_request(Request("block", address=address), rig.replies.append)
+    for work in rig.admin:
+        work()
+    own, gateway, other = rig.replies
+    assert not own.ok and "198.51.100.7 is one of this host's addresses: not blocked" in str(own.error)
+    assert not gateway.ok and "is a default gateway or DNS resolver" in str(gateway.error)
+    assert other.ok  # this daemon's BLOCK_TCP steps are none, so it records nothing either way
+    daemon.shutdown()
