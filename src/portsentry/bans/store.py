@@ -93,6 +93,12 @@ _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 
+def _busy(error: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection holds the lock."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _store_errors(method: Callable[_P, _T]) -> Callable[_P, _T]:
     """SQLite failures at run time (disk full, read-only, corruption) become StoreError, which
     the daemon reports and survives; a raw sqlite3 exception would look like a bug."""
@@ -146,6 +152,10 @@ class BanStore:
             self._migrate()
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            if _busy(exc):
+                # Another writer, not a damaged file: "move it away" would lose every ban.
+                raise StoreError(f"{path}: busy: another process has held its write lock for over "
+                                 f"{BUSY_TIMEOUT_MS / 1000:g} s; try again") from exc
             raise StoreError(
                 f"{path}: not a usable ban store ({exc}); move it away and portsentry starts a new one"
             ) from exc
@@ -156,6 +166,10 @@ class BanStore:
     # -- schema ------------------------------------------------------------------------------
 
     def _migrate(self) -> None:
+        # Read first, without the write lock: a store that needs nothing is opened (for `list`,
+        # `status`) while another process is in a long write. migrate() checks again under it.
+        if int(self._db.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION:
+            return
         with self._transaction() as db:
             try:
                 migrate(db)

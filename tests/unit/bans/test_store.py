@@ -290,6 +290,47 @@ def test_garbage_file_is_refused(tmp_path: Path) -> None:
         BanStore(str(path))
 
 
+def test_a_store_another_process_is_writing_is_read_not_refused(tmp_path: Path, monkeypatch) -> None:
+    # Opening took the write lock (to see whether the schema needed migrating) and, with the
+    # daemon in a long transaction (a `block --file`), `portsentry list` waited 10 s and then
+    # said "not a usable ban store (database is locked); move it away": advice that loses every ban.
+    import portsentry.bans.store as store_module
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 300)
+    path = str(tmp_path / "bans.sqlite3")
+    first = BanStore(path)
+    first.ban(IPv4Address("198.18.0.1"), reason="r", mode="tcp", port=1, now=T0, duration=None)
+    first.close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        second = BanStore(path)
+        assert [str(ban.address) for ban in second.active(T0)] == ["198.18.0.1"]
+        assert time.monotonic() - started < 0.25
+        second.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_a_store_that_stays_locked_is_said_to_be_busy_not_unusable(tmp_path: Path, monkeypatch) -> None:
+    import portsentry.bans.store as store_module
+
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 100)
+    path = str(tmp_path / "bans.sqlite3")
+    writer = sqlite3.connect(path, isolation_level=None)  # a new file: opening it must migrate
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError) as info:
+            BanStore(path)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert str(info.value) == (f"{path}: busy: another process has held its write lock for over 0.1 s; "
+                               "try again")
+
+
 def test_uncreatable_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="cannot create the ban store"):
