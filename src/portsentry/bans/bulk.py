@@ -11,9 +11,10 @@ change from the ban store.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.store import ORIGIN_LOCAL_ONLY, BanRequest, normalise
@@ -28,6 +29,9 @@ from portsentry.responders.substitute import hosts_deny_entry, substitute
 
 COMMAND_CONCURRENCY = 4
 MANUAL_REASON = "manual block"
+MAX_LINE = 4096  # characters of a feed line: an address and its comment fit many times over
+SHOWN = 60  # characters of a bad line quoted in its error
+SHOWN_ERRORS = 20
 _COMMENT = re.compile(r"#.*")
 
 Duration = float | None | str  # seconds, None = forever, POLICY = BLOCK_TIME and escalation
@@ -37,22 +41,45 @@ class AddressListError(ValueError):
     """`FILE:LINE: 'text' is not an IP address`, for each bad line (all of them, not the first)."""
 
 
+def feed_lines(handle: TextIO) -> Iterator[str]:
+    """The lines of `handle`, each cut after MAX_LINE + 1 characters and the rest skipped: a
+    100 MB line (a binary file given by mistake) is never held whole."""
+    while chunk := handle.readline(MAX_LINE + 1):
+        if len(chunk) > MAX_LINE and not chunk.endswith("\n"):
+            while (rest := handle.readline(MAX_LINE)) and not rest.endswith("\n"):
+                pass
+        yield chunk
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= SHOWN else f"{text[:SHOWN]!r}..."
+
+
 def read_addresses(lines: Iterable[str], source: str) -> list[IPAddress]:
     """One address per line; blank lines and `#` comments are fine, anything else is an error
-    naming the file and line. Duplicates are dropped, the order kept."""
+    naming the file and line (the first SHOWN_ERRORS of them). Duplicates are dropped, the order
+    kept."""
     found: dict[IPAddress, None] = {}
     errors: list[str] = []
+    bad = 0
     for number, line in enumerate(lines, 1):
-        text = _COMMENT.sub("", line).strip()
-        if not text:
-            continue
-        try:
-            found[normalise(text)] = None
-        except ValueError:
-            errors.append(f"{source}:{number}: {text!r} is not an IP address")
+        if len(line.rstrip("\r\n")) > MAX_LINE and "#" not in line:
+            error = f"{source}:{number}: longer than {MAX_LINE} characters: {_shown(line)}"
+        else:
+            text = _COMMENT.sub("", line).strip()
+            if not text:
+                continue
+            try:
+                found[normalise(text)] = None
+                continue
+            except ValueError:
+                error = f"{source}:{number}: {_shown(text)} is not an IP address"
+        bad += 1
+        if len(errors) < SHOWN_ERRORS:  # counted, not kept: a wrong file may have a million
+            errors.append(error)
     if errors:
-        raise AddressListError("\n".join(errors[:20] + ([f"... and {len(errors) - 20} more"]
-                                                        if len(errors) > 20 else [])))
+        more = bad - len(errors)
+        raise AddressListError("\n".join(errors + ([f"... and {more} more"] if more else [])))
     return list(found)
 
 

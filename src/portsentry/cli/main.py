@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -248,10 +249,16 @@ def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
     source = "<stdin>" if args.file == "-" else args.file
     try:
         if args.file == "-":
-            addresses = bulk.read_addresses(sys.stdin, source)
+            # Decoded as the file is: the locale's strict decoder (PYTHONIOENCODING, a non-UTF-8
+            # LANG) raised on the first stray byte.
+            stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+            try:
+                addresses = bulk.read_addresses(bulk.feed_lines(stdin), source)
+            finally:
+                stdin.detach()  # sys.stdin's buffer stays open
         else:
             with open(args.file, encoding="utf-8", errors="replace") as handle:
-                addresses = bulk.read_addresses(handle, source)
+                addresses = bulk.read_addresses(bulk.feed_lines(handle), source)
     except bulk.AddressListError as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from portsentry.bans.bulk import AddressListError, ManualSteps, block_many, read_addresses, unblock_many
 from portsentry.bans.lifecycle import BanManager, BanPolicy
@@ -138,3 +140,64 @@ def test_an_unusable_hosts_deny_is_said_and_the_rest_still_done(tmp_path):
     assert any("through a symlink" in line for line in said)
     # Still ours, so `hosts-deny tidy` can take it out once the file is usable again.
     assert bans.store.owns_line(ip_address("198.18.0.3"), "ALL: 198.18.0.3")
+
+
+def test_one_huge_line_is_neither_held_whole_nor_echoed_back(tmp_path):
+    # A feed of one 20 MB line (a binary file given by mistake) was read into memory whole and
+    # its 20 MB were printed back in the error message.
+    import tracemalloc
+
+    from portsentry.bans.bulk import MAX_LINE, feed_lines
+
+    feed = tmp_path / "feed"
+    feed.write_bytes(b"198.18.0.1\n" + b"A" * 20_000_000 + b"\n198.18.0.2\n# " + b"c" * 10_000 + b"\n")
+    tracemalloc.start()
+    try:
+        with open(feed, encoding="utf-8", errors="replace") as handle, \
+                pytest.raises(AddressListError) as error:
+            read_addresses(feed_lines(handle), "feed")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+    assert str(error.value) == f"feed:2: longer than {MAX_LINE} characters: {'A' * 60!r}..."
+    with open(feed, encoding="utf-8", errors="replace") as handle:
+        assert read_addresses((line for n, line in enumerate(feed_lines(handle)) if n != 1), "feed") == [
+            ip_address("198.18.0.1"), ip_address("198.18.0.2")]  # the long comment is a comment
+
+
+def test_a_feed_of_nothing_but_bad_lines_keeps_twenty_of_them():
+    # Every bad line's message was kept until the end, to print 20 of them: 200,000 bad lines
+    # took 30 MB, a million (a wrong file) 150 MB.
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(AddressListError) as error:
+            read_addresses((f"bad{n}" for n in range(200_000)), "feed")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000
+    lines = str(error.value).splitlines()
+    assert len(lines) == 21 and lines[0] == "feed:1: 'bad0' is not an IP address"
+    assert lines[-1] == "... and 199980 more"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_any_bytes_are_addresses_or_one_bounded_error(data):
+    import io
+
+    from portsentry.bans.bulk import feed_lines
+
+    handle = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace")
+    try:
+        found = read_addresses(feed_lines(handle), "feed")
+    except AddressListError as error:
+        lines = str(error).splitlines()
+        assert 1 <= len(lines) <= 21
+        assert all(line.startswith("feed:") or line.startswith("... and ") for line in lines)
+        assert all(len(line) < 120 for line in lines)
+    else:
+        assert len(found) == len(set(found)) and all(isinstance(a, IPv4Address | IPv6Address) for a in found)

@@ -154,3 +154,23 @@ def test_block_through_the_daemon_spares_what_the_daemon_spares(tmp_path):
     assert admin.admin_request(bans, responder, config, Request("block", address="198.18.1.5"), 1000.0,
                                lambda: spared).ok
     assert [str(ban.address) for ban in bans.store.active(1000.0)] == ["198.18.1.5"]
+
+
+def test_block_file_from_stdin_takes_stray_bytes_whatever_the_locale(tmp_path, monkeypatch, capsys):
+    # With a strict decoder on standard input (PYTHONIOENCODING=ascii, a non-UTF-8 locale) the
+    # first stray byte of `block --file -` was a UnicodeDecodeError traceback.
+    import io
+    import sys
+
+    from portsentry.cli.main import main
+
+    conf = _host(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"198.18.1.5\r\n\xff\xfe\n"),
+                                                       encoding="ascii", errors="strict"))
+    assert main(["block", "--file", "-", "-c", str(conf)]) == 1
+    assert capsys.readouterr().err == "portsentry: <stdin>:2: '\ufffd\ufffd' is not an IP address\n"
+    assert _stored(tmp_path) == []
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"198.18.1.5\r\n# feed\r\n"),
+                                                       encoding="ascii", errors="strict"))
+    assert main(["block", "--file", "-", "-c", str(conf)]) == 0
+    assert _stored(tmp_path) == ["198.18.1.5"]
