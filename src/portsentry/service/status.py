@@ -52,6 +52,8 @@ def format_status(state: dict[str, object]) -> str:
         if "active_bans" in state:
             lines.append(f"active bans in the store: {state['active_bans']} (still enforced by the kernel "
                          "backend if one is configured)")
+        if state.get("store_error"):
+            lines.append(f"ban store: cannot be read: {state['store_error']}")
         return "\n".join(lines)
     rows = [
         ("state", f"running, pid {state['pid']}, up {_duration(float(str(state['uptime'])))}"),

@@ -27,6 +27,30 @@ def test_stopped_status_says_so_and_counts_stored_bans():
     ]
 
 
+def test_stopped_status_says_when_the_store_cannot_be_read(tmp_path, capsys):
+    # A store from a newer portsentry (or damaged, or locked) was in `status --json` only: the
+    # text said "not running" and nothing else, as if there were no bans to worry about.
+    import sqlite3
+
+    from portsentry.bans.schema import SCHEMA_VERSION
+    from portsentry.config.settings import Config
+    from portsentry.service.status import NOT_RUNNING, show_status
+
+    (tmp_path / "state").mkdir()
+    db = sqlite3.connect(tmp_path / "state" / "bans.sqlite3")
+    db.execute("PRAGMA user_version = 999")
+    db.close()
+    config = Config(source="t", state_dir=str(tmp_path / "state"),
+                    control_socket=str(tmp_path / "run" / "control.sock"))
+    assert show_status(config, False, 1000.0) == NOT_RUNNING
+    assert capsys.readouterr().out.splitlines() == [
+        "portsentry is not running",
+        f"ban store: cannot be read: {tmp_path}/state/bans.sqlite3: ban store schema version 999 is newer "
+        f"than this portsentry understands ({SCHEMA_VERSION}); run the newer portsentry or move the file "
+        "away",
+    ]
+
+
 def test_records_not_written_and_packets_dropped_are_shown():
     # issue 9.5 and 9.1: lost evidence and forged sources show in the first screen an admin reads.
     text = format_status({
