@@ -174,7 +174,9 @@ def admin_main(argv: Sequence[str]) -> int:
             from portsentry.responders.hostsdeny import HostsDenyError
             from portsentry.service import admin
 
-            store = BanStore(admin.store_path(config))
+            # A dry run makes no store where there is none: with no store no line is ours anyway.
+            path = admin.store_path(config)
+            store = None if args.dry_run and not os.path.exists(path) else BanStore(path)
             try:
                 report = tidy_hosts_deny(config.hosts_deny_file, store, now, args.dry_run,
                                          lock_path=admin.hosts_deny_lock_path(config))
@@ -182,7 +184,8 @@ def admin_main(argv: Sequence[str]) -> int:
                 print(f"portsentry: {error}", file=sys.stderr)
                 return 1
             finally:
-                store.close()
+                if store is not None:
+                    store.close()
             print(format_report(report, path=config.hosts_deny_file, dry_run=args.dry_run))
             return 0
         if args.command == "status":

@@ -144,6 +144,7 @@ def test_hosts_deny_tidy_command_dry_run_then_real(tmp_path, capsys):
     assert main(["hosts-deny", "tidy", "--dry-run", "-c", str(conf)]) == 0
     assert "ALL: 198.18.0.2" in capsys.readouterr().out
     assert deny.read_text() == original
+    assert not (tmp_path / "state").exists()  # a dry run made an empty ban store (and its directory)
     assert main(["hosts-deny", "tidy", "-c", str(conf)]) == 0
     assert deny.read_text() == "# managed by hand\nALL: 198.18.0.2\nsshd: 198.18.9.9\n"
     before = deny.stat().st_mtime_ns
