@@ -24,7 +24,8 @@ Which sets. Permitted and effective (the daemon itself); inheritable, and with i
 set; and the bounding set, which matters most: a process running as uid 0 gets its whole
 bounding set back as permitted on execve() (root's file capabilities count as "all"), so
 without it KILL_ROUTE's /bin/sh would be full root again. Dropping from the bounding set needs
-CAP_SETPCAP, so that comes first.
+CAP_SETPCAP, so that comes first. Started as another user (file capabilities, or ambient ones
+under a unit's User=), it lowers all but the bounding set, which needs no privilege.
 
 When: before the daemon opens anything or starts a thread, not once its sockets are open.
 Linux keeps capabilities per thread: capset() and PR_CAPBSET_DROP change the calling thread
@@ -219,16 +220,15 @@ def restrict(keep: frozenset[int] | None) -> DropResult:
     if keep is None:
         return DropResult(True, "adminalert: KEEP_CAPABILITIES is \"all\": capabilities are not dropped")
     euid = os.geteuid()
-    if euid != 0:
-        return DropResult(False, f"adminalert: not running as root (uid {euid}): "
-                          "capabilities are left as they are")
     try:
         kernel = _Kernel()
         before = kernel.get()
         wanted = mask(keep)
-        # Bounding first: PR_CAPBSET_DROP needs CAP_SETPCAP, which capset() then gives up.
+        # Bounding first: PR_CAPBSET_DROP needs CAP_SETPCAP, which capset() then gives up. Not
+        # as another user, who seldom has CAP_SETPCAP; but its file or ambient capabilities are
+        # still lowered below, which needs no privilege (and takes the ambient set with them).
         for cap in range(64):
-            if before.bounding >> cap & 1 and not wanted >> cap & 1:
+            if euid == 0 and before.bounding >> cap & 1 and not wanted >> cap & 1:
                 kernel.drop_bounding(cap)
         after = CapabilitySets(before.effective & wanted, before.permitted & wanted,
                                before.inheritable & wanted, before.bounding & wanted)
@@ -240,12 +240,16 @@ def restrict(keep: frozenset[int] | None) -> DropResult:
         detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         return DropResult(False, f"adminalert: ERROR: could not drop capabilities ({detail}); "
                           "going on with the capabilities it has")
-    if now.bounding & ~wanted or now.permitted & ~wanted:
+    bounding = now.bounding if euid == 0 else 0
+    if bounding & ~wanted or now.permitted & ~wanted:
         return DropResult(False, "adminalert: ERROR: could not drop capabilities: still have "
-                          f"{names((now.bounding | now.permitted) & ~wanted)}")
+                          f"{names((bounding | now.permitted) & ~wanted)}")
     others = threading.active_count() - 1
     if others:
         # A bug in the caller, not the host: say so rather than claim every thread is limited.
         return DropResult(False, f"adminalert: ERROR: capabilities dropped in one thread only; "
                           f"{others} other thread(s) started earlier keep theirs")
+    if euid != 0:
+        return DropResult(False, f"adminalert: not running as root (uid {euid}): capabilities limited "
+                          f"to {names(now.permitted)}; the bounding set is left as it is")
     return DropResult(True, f"adminalert: capabilities limited to {names(now.permitted)}")

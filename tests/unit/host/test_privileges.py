@@ -139,11 +139,12 @@ def test_keep_capabilities_adds_to_the_kept_set():
 
 
 @needs_root
-def test_not_root_is_logged_and_nothing_is_attempted():
-    report, _own, _shell = run_child(prepare="os.setresuid(65534, 65534, 65534)")
+def test_not_root_is_logged_and_the_bounding_set_left_alone():
+    # Imported as root first: this test's Python may live where uid 65534 cannot read.
+    report, _own, _shell = run_child(prepare="import encodings.ascii; os.setresuid(65534, 65534, 65534)")
     assert report["ok"] is False
-    assert report["message"] == ("adminalert: not running as root (uid 65534): "
-                                 "capabilities are left as they are")
+    assert report["message"] == ("adminalert: not running as root (uid 65534): capabilities limited "
+                                 "to none; the bounding set is left as it is")
 
 
 @needs_root
@@ -168,3 +169,27 @@ def test_threads_started_before_the_drop_are_reported():
     assert report["ok"] is False
     assert report["message"] == ("adminalert: ERROR: capabilities dropped in one thread only; "
                                  "1 other thread(s) started earlier keep theirs")
+
+
+@needs_root
+def test_a_non_root_daemon_with_capabilities_gives_up_the_others_too():
+    # Started as a user with capabilities (file capabilities, or kept across setuid as here;
+    # with ambient ones under a User= unit) it kept every one of them, CAP_SYS_ADMIN and
+    # CAP_DAC_OVERRIDE included, for its whole life: "not running as root" was taken to mean
+    # that nothing could be dropped, but lowering the permitted set needs no privilege.
+    keep_them = textwrap.dedent("""
+        import ctypes, encodings.ascii  # imported as root: see test_not_root_is_logged_...
+        ctypes.CDLL(None).prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: permitted survives setresuid
+        os.setresuid(65534, 65534, 65534)
+        k = privileges._Kernel(); s = k.get(); k.set(s.permitted, s.permitted, s.permitted)
+        for cap in range(k.last_cap() + 1):  # the ambient set, which a child's execve keeps
+            if s.permitted >> cap & 1:
+                ctypes.CDLL(None).prctl(47, 2, cap, 0, 0)  # PR_CAP_AMBIENT_RAISE
+    """)
+    report, own, shell = run_child(prepare=keep_them)
+    assert report["ok"] is False  # logged, not only at verbose level: the bounding set stays
+    assert report["message"] == ("adminalert: not running as root (uid 65534): capabilities limited "
+                                 "to CAP_NET_BIND_SERVICE CAP_NET_ADMIN CAP_NET_RAW; the bounding set "
+                                 "is left as it is")
+    assert own.permitted == own.effective == KEPT_MASK
+    assert shell.permitted & ~KEPT_MASK == 0 and shell.effective & ~KEPT_MASK == 0
