@@ -238,8 +238,12 @@ class FleetNode:
                                     "again at most that often (said once)")
                 return False
             self._refills.append(now)
-            held, self._owing, self._owed_mark = self._owed_mark, False, None
+            held = self._owed_mark
+        # Owed until the whole refill is in: one cut short (Redis gone again, a timeout) leaves
+        # Redis holding a mark of the refill itself, which the next look would take as no loss.
+        self._owing, self._owed_mark = True, held
         self._refill(link, held)
+        self._owing, self._owed_mark = False, None
         return True
 
     def _lost(self, held: bytes | None) -> bool:

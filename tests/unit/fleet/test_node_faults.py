@@ -1,0 +1,48 @@
+"""The fleet node when Redis fails part-way: a refill or a publish cut short, and the wall clock
+set back under the publisher."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import redis
+
+from portsentry.fleet import node as node_module
+from portsentry.fleet.decision import Decision
+from portsentry.fleet.link import Link, Published
+from tests.unit.fleet.test_node import active_in_redis, local_ban, node
+
+
+def test_a_refill_cut_short_is_finished_at_the_next_look(tmp_path, redis_url, monkeypatch):
+    # Redis lost this host's bans; the refill that sends them again fails after its first batch
+    # (Redis gone again, a timeout). Redis then holds the mark of that first batch: taken for the
+    # last decision sent, the rest of the refill was never sent, and nothing said so.
+    one, _kernel, _log = node(tmp_path, redis_url, "h1")
+    admin, out = Link(one.settings), Link(one.settings)
+    one.connected(out)
+    for n in (1, 2, 3):
+        local_ban(one, f"198.18.9.{n}")
+    while one.publish_once(out):
+        pass
+    admin.client.flushall()
+    monkeypatch.setattr(node_module, "PUBLISH_BATCH", 1)
+    real = Link.publish
+    batches: list[int] = []
+
+    def cut_short(link: Link, decisions: Sequence[Decision]) -> Published:
+        batches.append(len(decisions))
+        if len(batches) == 2:
+            raise redis.ConnectionError("Connection closed by server.")
+        return real(link, decisions)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Link, "publish", cut_short)
+        with pytest.raises(redis.ConnectionError):
+            one.check_mark(out)
+    assert len(active_in_redis(admin)) == 1
+    again = Link(one.settings)
+    one.connected(again)  # the publisher's reconnect
+    assert active_in_redis(admin) == {"198.18.9.1", "198.18.9.2", "198.18.9.3"}
+    for link in (admin, out, again):
+        link.close()
