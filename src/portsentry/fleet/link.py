@@ -80,6 +80,22 @@ def parse_mark(value: bytes | None) -> tuple[int, int] | None:
     return int(epoch), int(seq)
 
 
+def compare_marks(held: bytes | None, sent: bytes, tried: tuple[int, int] | None) -> str:
+    """What the mark Redis holds for this host (`held`) says, against the last one Redis is known
+    to have taken from it (`sent`) and the newest one handed to Redis (`tried`): "cut", a publish
+    that failed part-way (Redis took its first part); "lost", one sent before the last, or none
+    (an older state of Redis); "other", one this host never sent (another host under its id)."""
+    before, last = parse_mark(held), parse_mark(sent)
+    if held is None:
+        return "lost"
+    if before is None or last is None or before[0] != last[0]:
+        return "other"
+    if before[1] < last[1]:
+        return "lost"
+    cut = tried is not None and tried[0] == last[0] and last[1] < before[1] <= tried[1]
+    return "cut" if cut else "other"
+
+
 @dataclass(frozen=True)
 class Published:
     """What one publish did: the stream ids, in order, and the host's mark Redis held before the

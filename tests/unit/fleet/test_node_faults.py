@@ -46,3 +46,44 @@ def test_a_refill_cut_short_is_finished_at_the_next_look(tmp_path, redis_url, mo
     assert active_in_redis(admin) == {"198.18.9.1", "198.18.9.2", "198.18.9.3"}
     for link in (admin, out, again):
         link.close()
+
+
+def test_a_publish_cut_short_is_not_taken_for_another_host(tmp_path, redis_url, monkeypatch):
+    # A connection lost (or a timeout, an OOM answer) after Redis took the first decision of a
+    # batch: Redis holds a mark between the last one known taken and the last one sent. That
+    # was taken for another portsentry under this FLEET_HOST_ID, said once for good, and the
+    # batch's peers refused its bans sent again as replays.
+    one, _kernel, log = node(tmp_path, redis_url, "h1")
+    two, kernel2, _log2 = node(tmp_path, redis_url, "h2")
+    admin, out, into = Link(one.settings), Link(one.settings), Link(two.settings)
+    one.connected(out)
+    two._catch_up(into)  # host 2 follows the stream from here on
+    local_ban(one, "198.18.9.9")
+    one.publish_once(out)
+    for n in (1, 2, 3):
+        local_ban(one, f"198.18.9.{n}")
+    real = Link.publish
+
+    def cut_short(link: Link, decisions: Sequence[Decision]) -> Published:
+        real(link, decisions[:1])
+        raise redis.ConnectionError("Connection closed by server.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Link, "publish", cut_short)
+        with pytest.raises(redis.ConnectionError):
+            one.publish_once(out)
+    while two.read_once(into, block_ms=0):  # host 2 reads the part that went in
+        pass
+    again = Link(one.settings)
+    one.connected(again)  # the publisher's reconnect
+    while one.publish_once(again):
+        pass
+    while two.read_once(into, block_ms=0):
+        pass
+    assert not any("another host publishes as" in line for line in log), log
+    assert any("had a publish cut short" in line for line in log), log
+    assert active_in_redis(admin) == {"198.18.9.9", "198.18.9.1", "198.18.9.2", "198.18.9.3"}
+    assert {str(address) for address in kernel2.held} == active_in_redis(admin)
+    assert "replay" not in two.status()["refused"]  # type: ignore[operator]
+    for link in (admin, out, again, into):
+        link.close()
