@@ -183,13 +183,14 @@ class FleetNode:
                     self.tally.link("publish_up", True)
                     delay = BACKOFF_FIRST
                     next_prune = 0.0
-                    next_check = self.clock() + CHECK_EVERY
+                    next_check = time.monotonic() + CHECK_EVERY
                 more = self.publish_once(link)
-                if self.clock() >= next_prune:
-                    next_prune = self.clock() + PRUNE_EVERY
+                # Timed by the monotonic clock: a wall clock set back a day stopped both for a day.
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY
                     link.prune(self.clock())
-                if not more and self.clock() >= next_check:
-                    next_check = self.clock() + CHECK_EVERY
+                if not more and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + CHECK_EVERY
                     self.check_mark(link)
                 if not more:
                     self._wake.wait(POLL)

@@ -1,8 +1,9 @@
-"""The fleet node when Redis fails part-way: a refill or a publish cut short, and the wall clock
-set back under the publisher."""
+"""The fleet node when Redis fails part-way (a refill or a publish cut short), and when the wall
+clock is set back under the publisher."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -10,8 +11,12 @@ import redis
 
 from portsentry.fleet import node as node_module
 from portsentry.fleet.decision import Decision
+from portsentry.fleet.gate import Guards
 from portsentry.fleet.link import Link, Published
-from tests.unit.fleet.test_node import active_in_redis, local_ban, node
+from portsentry.fleet.node import FleetNode
+from portsentry.fleet.settings import FleetSettings
+from tests.unit.bans.test_lifecycle import manager
+from tests.unit.fleet.test_node import KEY, active_in_redis, local_ban, node, wait_until
 
 
 def test_a_refill_cut_short_is_finished_at_the_next_look(tmp_path, redis_url, monkeypatch):
@@ -87,3 +92,27 @@ def test_a_publish_cut_short_is_not_taken_for_another_host(tmp_path, redis_url, 
     assert "replay" not in two.status()["refused"]  # type: ignore[operator]
     for link in (admin, out, again, into):
         link.close()
+
+
+def test_the_publisher_goes_on_looking_at_its_mark_when_the_wall_clock_is_set_back(tmp_path, redis_url):
+    # The looks at this host's mark (and the prunes) were timed by the wall clock: set back a day
+    # (NTP's first sync, an admin), the publisher looked again only a day later, so a Redis that
+    # lost its data meanwhile was not refilled while this host banned nothing new.
+    skew = [0.0]
+    workdir = tmp_path / "h1"
+    workdir.mkdir()
+    bans, _kernel, _lines, _commands = manager(workdir)
+    log: list[str] = []
+    one = FleetNode(FleetSettings(redis_url, "unit", "h1", KEY), bans, str(workdir), log.append,
+                    clock=lambda: time.time() + skew[0])
+    admin = Link(one.settings)
+    local_ban(one, "198.18.9.1")
+    one.start(Guards())
+    try:
+        wait_until(lambda: active_in_redis(admin) == {"198.18.9.1"}, "the ban in Redis")
+        skew[0] = -86400.0
+        admin.client.flushall()
+        wait_until(lambda: active_in_redis(admin) == {"198.18.9.1"}, "the ban back in Redis", timeout=10.0)
+    finally:
+        one.stop()
+        admin.close()
