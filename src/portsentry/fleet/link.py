@@ -112,7 +112,7 @@ class LinkError(Exception):
 def link_errors() -> tuple[type[BaseException], ...]:
     import redis
 
-    return (redis.RedisError, OSError)
+    return (redis.RedisError, OSError, LinkError)
 
 
 def connect(settings: FleetSettings) -> redis.Redis:
@@ -131,11 +131,15 @@ def connect(settings: FleetSettings) -> redis.Redis:
         common["socket_keepalive"] = True  # a server gone without a word is noticed by the kernel
     if settings.password is not None:
         common["password"] = settings.password
-    if parts.scheme.endswith("+sentinel"):
-        return _sentinel(settings, parts.scheme.startswith("rediss"), common)
-    if parts.scheme.endswith("+cluster"):
-        return _cluster_node(settings, parts.scheme.startswith("rediss"), common)
-    client: redis.Redis = redis.Redis.from_url(settings.url, **common)
+    try:
+        if parts.scheme.endswith("+sentinel"):
+            return _sentinel(settings, parts.scheme.startswith("rediss"), common)
+        if parts.scheme.endswith("+cluster"):
+            return _cluster_node(settings, parts.scheme.startswith("rediss"), common)
+        client: redis.Redis = redis.Redis.from_url(settings.url, **common)
+    except ValueError:
+        # Not redis-py's message: it may quote a part of the URL that holds the password.
+        raise LinkError(f"{settings.redacted}: a port, database or option redis-py cannot read") from None
     return client
 
 

@@ -12,7 +12,7 @@ import redis
 from portsentry.fleet import node as node_module
 from portsentry.fleet.decision import Decision
 from portsentry.fleet.gate import Guards
-from portsentry.fleet.link import Link, Published
+from portsentry.fleet.link import Link, LinkError, Published, link_errors
 from portsentry.fleet.node import FleetNode
 from portsentry.fleet.settings import FleetSettings
 from tests.unit.bans.test_lifecycle import manager
@@ -116,3 +116,29 @@ def test_the_publisher_goes_on_looking_at_its_mark_when_the_wall_clock_is_set_ba
     finally:
         one.stop()
         admin.close()
+
+
+def test_a_redis_url_that_cannot_work_is_a_link_down_with_its_reason_not_an_internal_error(tmp_path):
+    # A sentinel URL without the service: its LinkError went to the threads' catch-all, which
+    # said "internal error" from both threads at every retry, while status showed the link down
+    # with no reason and no time.
+    workdir = tmp_path / "h1"
+    workdir.mkdir()
+    bans, _kernel, _lines, _commands = manager(workdir)
+    log: list[str] = []
+    one = FleetNode(FleetSettings("redis+sentinel://198.18.0.1:26379", "unit", "h1", KEY), bans,
+                    str(workdir), log.append)
+    one.start(Guards())
+    try:
+        wait_until(lambda: one.status()["error"] is not None, "the reason in status")
+        assert "names the service" in str(one.status()["error"]) and one.status()["down_since"] is not None
+    finally:
+        one.stop()
+    assert not any("internal error" in line for line in log), log
+
+
+def test_a_url_redis_py_cannot_read_is_a_link_error_not_an_internal_one():
+    # redis-py's ValueError went to the threads' catch-all, an "internal error" at every retry.
+    with pytest.raises(link_errors()) as caught:
+        Link(FleetSettings("redis://198.18.0.1:6379/0?socket_timeout=soon", "unit", "h1", KEY))
+    assert isinstance(caught.value, LinkError)
