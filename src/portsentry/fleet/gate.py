@@ -110,6 +110,10 @@ class Gate:
             return False
         while self._recent and self._recent[0] <= now - MINUTE:
             self._recent.popleft()
+        # Counted before the wall clock was set back: kept, they would never leave the minute
+        # until the clock caught up with them, and the cap would refuse every fleet ban till then.
+        while self._recent and self._recent[-1] > now:
+            self._recent.pop()
         if len(self._recent) >= self.rate_limit:
             return True
         self._recent.append(now)

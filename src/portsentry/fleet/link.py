@@ -80,6 +80,22 @@ def parse_mark(value: bytes | None) -> tuple[int, int] | None:
     return int(epoch), int(seq)
 
 
+def compare_marks(held: bytes | None, sent: bytes, tried: tuple[int, int] | None) -> str:
+    """What the mark Redis holds for this host (`held`) says, against the last one Redis is known
+    to have taken from it (`sent`) and the newest one handed to Redis (`tried`): "cut", a publish
+    that failed part-way (Redis took its first part); "lost", one sent before the last, or none
+    (an older state of Redis); "other", one this host never sent (another host under its id)."""
+    before, last = parse_mark(held), parse_mark(sent)
+    if held is None:
+        return "lost"
+    if before is None or last is None or before[0] != last[0]:
+        return "other"
+    if before[1] < last[1]:
+        return "lost"
+    cut = tried is not None and tried[0] == last[0] and last[1] < before[1] <= tried[1]
+    return "cut" if cut else "other"
+
+
 @dataclass(frozen=True)
 class Published:
     """What one publish did: the stream ids, in order, and the host's mark Redis held before the
@@ -96,7 +112,7 @@ class LinkError(Exception):
 def link_errors() -> tuple[type[BaseException], ...]:
     import redis
 
-    return (redis.RedisError, OSError)
+    return (redis.RedisError, OSError, LinkError)
 
 
 def connect(settings: FleetSettings) -> redis.Redis:
@@ -115,11 +131,15 @@ def connect(settings: FleetSettings) -> redis.Redis:
         common["socket_keepalive"] = True  # a server gone without a word is noticed by the kernel
     if settings.password is not None:
         common["password"] = settings.password
-    if parts.scheme.endswith("+sentinel"):
-        return _sentinel(settings, parts.scheme.startswith("rediss"), common)
-    if parts.scheme.endswith("+cluster"):
-        return _cluster_node(settings, parts.scheme.startswith("rediss"), common)
-    client: redis.Redis = redis.Redis.from_url(settings.url, **common)
+    try:
+        if parts.scheme.endswith("+sentinel"):
+            return _sentinel(settings, parts.scheme.startswith("rediss"), common)
+        if parts.scheme.endswith("+cluster"):
+            return _cluster_node(settings, parts.scheme.startswith("rediss"), common)
+        client: redis.Redis = redis.Redis.from_url(settings.url, **common)
+    except ValueError:
+        # Not redis-py's message: it may quote a part of the URL that holds the password.
+        raise LinkError(f"{settings.redacted}: a port, database or option redis-py cannot read") from None
     return client
 
 

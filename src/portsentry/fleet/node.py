@@ -37,7 +37,16 @@ from portsentry.bans.store import ORIGIN_LOCAL, Change, StoreError
 from portsentry.fleet.apply import Applier
 from portsentry.fleet.decision import Decision, reachable
 from portsentry.fleet.gate import Gate, Guards
-from portsentry.fleet.link import Link, just_before, link_errors, lost_past, mark, parse_mark, stream_order
+from portsentry.fleet.link import (
+    Link,
+    compare_marks,
+    just_before,
+    link_errors,
+    lost_past,
+    mark,
+    parse_mark,
+    stream_order,
+)
 from portsentry.fleet.settings import FleetSettings
 from portsentry.fleet.state import FleetState, StateFile, load_state
 from portsentry.fleet.tally import Tally
@@ -87,6 +96,9 @@ class FleetNode:
         # The mark of the last decision Redis took from this host; None until the first connect,
         # which therefore always publishes the active bans (a restart knows nothing of Redis).
         self._sent: bytes | None = None
+        # The newest (epoch, seq) handed to Redis, taken or not: a publish cut short (a timeout, a
+        # connection lost mid-batch) leaves Redis holding a mark between `_sent` and this one.
+        self._tried: tuple[int, int] | None = None
         self._refills: deque[float] = deque()  # when Redis was last refilled, REFILL_WINDOW back
         # A loss seen while refills were at their cap: refilled at a later look, from the mark
         # Redis held when the loss was seen.
@@ -171,13 +183,14 @@ class FleetNode:
                     self.tally.link("publish_up", True)
                     delay = BACKOFF_FIRST
                     next_prune = 0.0
-                    next_check = self.clock() + CHECK_EVERY
+                    next_check = time.monotonic() + CHECK_EVERY
                 more = self.publish_once(link)
-                if self.clock() >= next_prune:
-                    next_prune = self.clock() + PRUNE_EVERY
+                # Timed by the monotonic clock: a wall clock set back a day stopped both for a day.
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY
                     link.prune(self.clock())
-                if not more and self.clock() >= next_check:
-                    next_check = self.clock() + CHECK_EVERY
+                if not more and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + CHECK_EVERY
                     self.check_mark(link)
                 if not more:
                     self._wake.wait(POLL)
@@ -218,15 +231,19 @@ class FleetNode:
             if held == self._sent:
                 return False
             said = f"it holds {(held or b'none').decode(errors='replace')}, {self._sent.decode()} was sent"
-            if not self._lost(held):
+            verdict = compare_marks(held, self._sent, self._tried)
+            if verdict == "other":
                 # A mark this host never sent: another portsentry publishes under its id. Not a
                 # loss, and refilling would answer each of its publishes with all of this host's bans.
                 self.tally.say_once("duplicate-id", f"fleet: another host publishes as "
                                     f"{self.settings.host_id!r} ({said}): give each host its own "
                                     "FLEET_HOST_ID; hosts sharing one take each other's bans for echoes")
                 return False
-            self.log(f"fleet: {self.settings.redacted} lost decisions of this host ({said}): "
-                     "sending this host's active bans again")
+            # Cut short, Redis took the first part; whether it held what came before, only the
+            # lost answers would have said: sent again.
+            what = "had a publish cut short" if verdict == "cut" else "lost decisions of this host"
+            self.log(f"fleet: {self.settings.redacted} {what} ({said}): sending this host's active bans "
+                     "again")
             self._owing, self._owed_mark = True, held
         if self._owing:
             now = time.monotonic()
@@ -238,17 +255,13 @@ class FleetNode:
                                     "again at most that often (said once)")
                 return False
             self._refills.append(now)
-            held, self._owing, self._owed_mark = self._owed_mark, False, None
+            held = self._owed_mark
+        # Owed until the whole refill is in: one cut short (Redis gone again, a timeout) leaves
+        # Redis holding a mark of the refill itself, which the next look would take as no loss.
+        self._owing, self._owed_mark = True, held
         self._refill(link, held)
+        self._owing, self._owed_mark = False, None
         return True
-
-    def _lost(self, held: bytes | None) -> bool:
-        """Whether Redis's mark `held` is one this host sent before its last (an older state of
-        Redis), or none at all; anything else was written by someone else."""
-        if held is None:
-            return True
-        before, sent = parse_mark(held), parse_mark(self._sent)
-        return before is not None and sent is not None and before[0] == sent[0] and before[1] < sent[1]
 
     def _refill(self, link: Link, held: bytes | None) -> None:
         """This host's active bans again, under the current seq (peers that saw them take them
@@ -260,6 +273,9 @@ class FleetNode:
         now, seq, host = self.clock(), self.published, self.settings.host_id
         mine = [ban for ban in self.bans.store.active(now) if ban.origin == ORIGIN_LOCAL]
         mark_held = parse_mark(held)
+        cut = self._sent is not None and compare_marks(held, self._sent, self._tried) == "cut"
+        if mark_held is not None and cut:
+            seq = max(seq, mark_held[1])  # peers may have read its part: older bans are replays there
         if mark_held is not None and mark_held[0] == self.epoch and mark_held[1] < seq:
             active = {ban.address for ban in mine}
             after = mark_held[1]
@@ -286,6 +302,7 @@ class FleetNode:
         decisions = [d for d in (self._decision(change) for change in changes) if d is not None]
         held, sent = None, self._sent
         if decisions:
+            self._tried = max(self._tried or (0, 0), (decisions[-1].epoch, decisions[-1].seq))
             held = link.publish(decisions).before
             self._sent = mark(decisions[-1].epoch, decisions[-1].seq)
             self.tally.count("published", len(decisions))

@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from portsentry.config.settings import Config
 from portsentry.fleet.decision import HOST_ID
@@ -45,13 +45,22 @@ class FleetSettings:
 
 
 def redact(url: str) -> str:
-    """`url` without a password (user names stay: they help an admin)."""
+    """`url` without a password, in the user part or among the options (redis-py takes
+    `?password=` and `?ssl_password=` as well); user names stay: they help an admin."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        host, user = netloc.rsplit("@", 1)[1], parts.username or ""
+        netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    query = "&".join(_hide(option) for option in parts.query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}" if user else f"***@{netloc}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _hide(option: str) -> str:
+    name, equals, _value = option.partition("=")
+    return f"{name}=***" if equals and "password" in unquote_plus(name).lower() else option
 
 
 def read_secret(config: Config, key: str, path: str, what: str) -> bytes:

@@ -74,6 +74,17 @@ def test_the_rate_cap_counts_fleet_bans_a_minute():
     assert Gate("h2").rate_limited(NOW) is False  # 0: no cap
 
 
+def test_the_rate_cap_goes_on_when_the_wall_clock_is_set_back():
+    # Bans counted just before the clock went back a day stayed "in the last minute" for that day:
+    # once the cap filled up, every fleet ban was refused until the clock caught up.
+    gate = Gate("h2", rate_limit=3)
+    assert [gate.check(ban(f"198.18.9.{n}", seq=n), NOW) for n in (1, 2)] == [None, None]
+    back = NOW - 86400
+    verdicts = [gate.check(ban(f"198.18.8.{n}", seq=10 + n), back + n) for n in range(1, 5)]
+    assert verdicts == [None, None, None, "rate_limited"]  # a minute's cap from then on
+    assert gate.check(ban("198.18.8.9", seq=20), back + 70) is None
+
+
 def test_a_protected_or_own_address_written_ipv4_mapped_guards_the_ipv4_host():
     # A peer's decision names the canonical (IPv4) form; the guards may hold the mapped one
     # (`nameserver ::ffff:a.b.c.d` in resolv.conf).

@@ -45,6 +45,19 @@ def test_settings_with_secrets_from_files_that_never_show(tmp_path):
     assert redact("redis://h:1/0") == "redis://h:1/0"
 
 
+def test_a_password_among_the_urls_options_is_hidden_too(tmp_path):
+    # redis-py takes `?password=` (and the TLS key's `ssl_password`) as readily as the user part;
+    # status and the log showed them as written.
+    assert redact("redis://h:1/0?password=hunter2&db=1") == "redis://h:1/0?password=***&db=1"
+    assert redact("rediss://ps@h/0?ssl_ca_certs=/etc/ca.pem&ssl_password=hunter2") == (
+        "rediss://ps@h/0?ssl_ca_certs=/etc/ca.pem&ssl_password=***")
+    assert "hunter2" not in redact("redis+sentinel://u:hunter1@a,b/main?Pass%77ord=hunter2")
+    key = secret(tmp_path, "key", "k" * 40)
+    settings = fleet_settings(config(tmp_path, FLEET_REDIS_URL="redis://h:6379/0?password=hunter2",
+                                     FLEET_KEY_FILE=key))
+    assert settings is not None and "hunter2" not in settings.redacted
+
+
 @pytest.mark.parametrize(("keys", "message"), [
     ({"FLEET_REDIS_URL": "http://h/"}, "FLEET_REDIS_URL: 'http://h/': the scheme must be one of"),
     ({"FLEET_REDIS_URL": "redis://h/"}, "FLEET_KEY_FILE: is required with FLEET_REDIS_URL"),
