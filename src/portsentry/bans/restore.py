@@ -71,13 +71,16 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
             bans.hosts_deny.add_many(list(lines), on_append=own)
         except (OSError, ValueError) as error:
             bans.log(messages.config_error(f"cannot restore {len(lines)} hosts.deny lines: {error}"))
-    rerun = changed and bool(bans.policy.route)
-    if changed and not rerun and kernel_id_path is not None:
-        _remember_kernel(kernel_id_path, current, bans.log)
     # Only this host's own bans: a fleet peer's ban never ran KILL_ROUTE here (bans.adopt), so a
     # reboot must not run it either. A local ban a peer's longer one took over counts as the peer's.
     routes = ([(address, port, mode) for address, _e, _l, port, mode
-               in bans.store.active_slim(now, origin=ORIGIN_LOCAL)] if rerun else [])
+               in bans.store.active_slim(now, origin=ORIGIN_LOCAL)]
+              if changed and bans.policy.route else [])
+    # With nothing to re-run, rerun_routes returns at once and would not remember the kernel: a
+    # first start without bans must still write it, or the next restart in the same namespace
+    # re-runs every KILL_ROUTE made meanwhile.
+    if changed and not routes and kernel_id_path is not None:
+        _remember_kernel(kernel_id_path, current, bans.log)
     return Restored([packed for packed, _expires in active], routes, kernel_id_path, current)
 
 

@@ -205,6 +205,19 @@ def test_kill_route_is_rerun_in_a_new_kernel_and_not_in_the_same_one(tmp_path):
     assert len(commands) == 2
 
 
+def test_a_first_start_without_bans_remembers_the_kernel_so_a_restart_reruns_nothing(tmp_path):
+    # Seen with Debian's KILL_ROUTE: the first start had no bans, so no identity was written;
+    # a scan, then a plain restart in the same namespace re-ran every KILL_ROUTE ("SIOCADDRT:
+    # File exists" from route, a duplicate rule from iptables -I).
+    bans, _kernel, _lines, commands = manager(tmp_path, route="ip route add blackhole $TARGET$")
+    path = str(tmp_path / "kernel-id")
+    restart(bans, 1.0, path)  # first start ever: nothing stored
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=2.0, duration=None, hosts_deny_line=None,
+                  native=False)
+    restart(bans, 3.0, path)  # same boot, same namespace
+    assert commands == []
+
+
 def test_a_new_kernel_reruns_kill_route_for_this_hosts_bans_only_not_a_fleet_peers(tmp_path):
     """A fleet ban never ran KILL_ROUTE here (bans.adopt); a reboot must not run it either."""
     bans, commands = _banned(tmp_path)
