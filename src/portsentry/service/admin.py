@@ -208,5 +208,12 @@ def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
     # admin's (or fail2ban's), even when it reads exactly like ours. A fleet hears of the lift
     # (its publisher sends lifts of origin "local") unless `local`.
     if local:
-        return bans.lift(address, now, "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY)
-    return bans.lift(address, now, "unblocked by admin", origin=ORIGIN_LOCAL)
+        lifted = bans.lift(address, now, "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY)
+    else:
+        lifted = bans.lift(address, now, "unblocked by admin", origin=ORIGIN_LOCAL)
+    # Debian's file sets KILL_ROUTE and 1.2 has no undo: without this the admin reads "done"
+    # while the reject route (or firewall rule) still cuts the host off.
+    if lifted and config.kill_route and not config.kill_route_undo:
+        log(f"note: KILL_ROUTE_UNDO is not set, so what KILL_ROUTE did for {address} "
+            f"({config.kill_route!r}) is still in place; undo it by hand")
+    return lifted

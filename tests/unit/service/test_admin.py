@@ -174,3 +174,19 @@ def test_block_file_from_stdin_takes_stray_bytes_whatever_the_locale(tmp_path, m
                                                        encoding="ascii", errors="strict"))
     assert main(["block", "--file", "-", "-c", str(conf)]) == 0
     assert _stored(tmp_path) == ["198.18.1.5"]
+
+
+@pytest.mark.parametrize("undo,warned", [("", True), ('KILL_ROUTE_UNDO="true $TARGET$"\n', False)])
+def test_unblock_says_when_kill_route_is_not_undone(tmp_path, monkeypatch, capsys, undo, warned):
+    # With Debian's KILL_ROUTE ("route add -host $TARGET$ reject") and no KILL_ROUTE_UNDO,
+    # `unblock` said "done" while the reject route stayed: the host was as cut off as before.
+    from portsentry.cli.main import main
+
+    conf = _host(tmp_path, monkeypatch)
+    with conf.open("a") as handle:
+        handle.write('KILL_ROUTE="true $TARGET$"\n' + undo)
+    assert main(["block", "198.18.1.5", "-c", str(conf)]) == 0
+    capsys.readouterr()
+    assert main(["unblock", "198.18.1.5", "-c", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert ("KILL_ROUTE_UNDO is not set" in out) == warned
