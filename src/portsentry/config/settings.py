@@ -384,6 +384,10 @@ def _render(value: object) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+_LIST_NOUNS: Final[Mapping[Callable[[str], object], str]] = {
+    v.port_list: "port", v.networks: "network", v.host_ids: "host id"}
+
+
 def format_effective(config: Config) -> str:
     """Every effective setting, one per line, in config-file syntax with where it came from.
 
@@ -400,7 +404,9 @@ def format_effective(config: Config) -> str:
         elif isinstance(value, int) and 0 <= value < len(spec.labels):
             notes.append(spec.labels[value])
         elif isinstance(value, tuple):
-            kind = "port" if all(isinstance(item, int) for item in value) else "network"
+            # Named by the key's converter, not the items: an empty list of networks is no
+            # "0 ports", and host ids are no networks.
+            kind = _LIST_NOUNS.get(spec.convert, "item")
             notes.append(f"{len(value)} {kind}{'' if len(value) == 1 else 's'}")
         out.append(f"{setting:<48}  # {', '.join(notes)}")
     return "\n".join(out) + "\n"

@@ -510,6 +510,18 @@ def test_format_effective_lists_every_key_and_where_it_came_from() -> None:
     assert by_key["UDP_PORTS"].endswith("# default, 0 ports")
 
 
+def test_effective_listing_counts_networks_and_host_ids_as_what_they_are():
+    # check-config printed SENSITIVE_NETWORKS="" and FLEET_ACCEPT_HOSTS="" as "0 ports", and
+    # host ids as "networks".
+    by_key = {line.split("=", 1)[0]: line for line in format_effective(Config(source=SRC)).splitlines()}
+    assert by_key["SENSITIVE_NETWORKS"].endswith("# default, 0 networks")
+    assert by_key["FLEET_ACCEPT_HOSTS"].endswith("# default, 0 host ids")
+    config = parse('SENSITIVE_NETWORKS="198.18.0.0/24"\nFLEET_ACCEPT_HOSTS="h1 h2"\n').config
+    by_key = {line.split("=", 1)[0]: line for line in format_effective(config).splitlines()}
+    assert by_key["SENSITIVE_NETWORKS"].endswith("# line 1, 1 network")
+    assert by_key["FLEET_ACCEPT_HOSTS"].endswith("# line 2, 2 host ids")
+
+
 def _round_trip(config: Config) -> None:
     again = parse_config(format_effective(config), "again")
     assert settings_of(again.config) == settings_of(config)
