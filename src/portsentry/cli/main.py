@@ -326,7 +326,23 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
     return 1
 
 
+# What a shell reports for a command killed by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `portsentry check-config | head`: the reader left, which is no error worth a traceback.
+        # stdout goes to /dev/null so that the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in and args_in[0] in ADMIN_COMMANDS:
         return admin_main(args_in)

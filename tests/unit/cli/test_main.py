@@ -479,3 +479,20 @@ def test_a_daemon_that_hangs_up_without_an_answer_is_one_clear_error(
         thread.join(timeout=5)
         server.close()
     assert capsys.readouterr().err.strip().endswith(f"portsentry: {control}: the daemon sent no answer")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    # `portsentry check-config | head` printed a BrokenPipeError traceback once head had exited.
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "portsentry", "check-config"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3] / "src")})
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 141
