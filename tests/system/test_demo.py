@@ -82,6 +82,28 @@ def test_demo_in_process_succeeds_and_cleans_up(monkeypatch, backend):
     assert_nothing_left(os.getpid())
 
 
+def test_demo_says_what_it_measured_and_what_the_kernel_does(monkeypatch):
+    # The closing "blocked it within Xs of the first scan starting" was measured after every step,
+    # the second scan included; and with the kernel ban Step 4 claimed PortSentry sees each probe
+    # of a banned scanner, which the kernel drops before the capture.
+    slow_step = 3.0
+    show_ban = demo.Demo.show_ban
+
+    def slow_show_ban(self: demo.Demo) -> None:
+        time.sleep(slow_step)
+        show_ban(self)
+
+    monkeypatch.setattr(demo.Demo, "show_ban", slow_show_ban)
+    out = io.StringIO()
+    assert demo.run_demo(out) == 0, out.getvalue()
+    text = out.getvalue()
+    within = float(text.split("within ")[-1].split("s of the first scan")[0])
+    assert within < slow_step, text
+    if "(KERNEL_BAN)" in text.split("Step 2")[0]:
+        assert "watches packets before the firewall" not in text
+        assert "dropped by the kernel before PortSentry's capture saw them" in text
+    assert_nothing_left(os.getpid())
+
 
 @pytest.mark.parametrize("keep_going", [False, True])
 def test_a_step_that_does_not_happen_fails_clearly(monkeypatch, keep_going):
