@@ -51,9 +51,10 @@ def format_listing(rows: list[dict[str, object]]) -> str:
     for row in rows:
         remaining = row["remaining"]
         expires = "forever" if remaining is None else _short(float(str(remaining)))
-        held = ", ".join(str(b) for b in row["backends"]) if row["backends"] else "-"  # type: ignore[attr-defined]
-        if row["hosts_deny_line"]:
-            held += " + hosts.deny"
+        held_by = [str(b) for b in row["backends"]]  # type: ignore[attr-defined]
+        # "-" only when nothing holds it: "- + hosts.deny" read as a ban held by nothing.
+        held = " + ".join(filter(None, (", ".join(held_by),
+                                        "hosts.deny" if row["hosts_deny_line"] else ""))) or "-"
         out.append(f"{row['address']!s:<40} {expires:>10} {row['mode']!s:<5} {row['port']!s:>5} "
                    f"{row['count']!s:>5} {row['offences']!s:>4}  {row.get('origin', 'local')!s:<16} {held}")
     return "\n".join(out)

@@ -44,6 +44,11 @@ def test_listing_table():
                             "count": 3, "offences": 2, "backends": ["nftables"],
                             "hosts_deny_line": "ALL: 198.18.0.2"}])
     assert "198.18.0.2" in text and "1.5h" in text and "nftables + hosts.deny" in text
+    # Without a ban backend (Debian's file sets none) the column read "- + hosts.deny".
+    text = format_listing([{"address": "198.18.0.2", "remaining": None, "mode": "tcp", "port": 1,
+                            "count": 1, "offences": 1, "backends": [],
+                            "hosts_deny_line": "ALL: 198.18.0.2"}])
+    assert text.splitlines()[1].endswith(" hosts.deny") and "- +" not in text
 
 
 def test_an_impossible_source_cannot_be_blocked_by_hand():
