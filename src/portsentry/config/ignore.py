@@ -72,6 +72,14 @@ def _parse_token(token: str) -> IPNetwork:
     return ip_network((address, bits), strict=False)
 
 
+def _host_bits(token: str, network: IPNetwork) -> bool:
+    """Whether the address `token` names lies inside `network` but is not its first address."""
+    address = ip_address(token.partition("/")[0])
+    if isinstance(address, IPv6Address) and network.version == 4:
+        address = address.ipv4_mapped or address  # a mapped entry, read as the IPv4 network
+    return "/" in token and address != network.network_address
+
+
 def parse_ignore(text: str, source: str) -> tuple[list[IgnoreEntry], list[str]]:
     """Parse ignore-file text; returns the entries and warnings, raises IgnoreFileError on junk."""
     entries: list[IgnoreEntry] = []
@@ -95,6 +103,11 @@ def parse_ignore(text: str, source: str) -> tuple[list[IgnoreEntry], list[str]]:
                 f"{source}:{number}: {token!r} matches every IPv{network.version} address; "
                 f"no IPv{network.version} host will ever be blocked"
             )
+        elif _host_bits(token, network):
+            # 1.2 compared under the mask too, so this stays an entry; but a host written with a
+            # network's prefix (198.18.7.9/16 for 198.18.7.9/32) silently spares the whole network.
+            warnings.append(f"{source}:{number}: {token!r} has host bits set: it means all of "
+                            f"{network} (write {network} if that is meant)")
         entries.append(IgnoreEntry(network=network, line=number, text=token))
     return entries, warnings
 

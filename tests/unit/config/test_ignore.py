@@ -465,3 +465,19 @@ def test_source_reports_warnings_of_latest_load(tmp_path: Path) -> None:
     rewrite(path, "10.0.0.1\n")
     source.current(1.0)
     assert source.warnings == []
+
+
+@pytest.mark.parametrize(("token", "warned"), [
+    ("198.18.7.9/16", "all of 198.18.0.0/16"), ("fd00::5/64", "all of fd00::/64"),
+    ("::ffff:198.18.7.9/112", "all of 198.18.0.0/16"),
+    ("198.18.0.0/16", None), ("198.18.7.9", None), ("198.18.7.9/32", None),
+    ("::ffff:198.18.0.0/112", None), ("fd00::/64", None),
+])
+def test_a_host_written_with_a_network_s_prefix_is_warned_about(token: str, warned: str | None) -> None:
+    # An admin meaning one host wrote 198.18.7.9/16: the whole /16 was silently never blocked.
+    entries, warnings = parse_ignore(f"{token}\n", "portsentry.ignore")
+    assert len(entries) == 1
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "portsentry.ignore:1:" in warnings[0] and warned in warnings[0]
