@@ -185,6 +185,10 @@ class Engine:
         actions: list[Action] = []
         if probe.mode.is_classic and self.settings.port_banner:
             actions.append(SendBanner(self.settings.port_banner))
+        # UDP: the banner goes once per source, not to one already blocked (or being blocked):
+        # a datagram forged "from" an echo service had it answer every banner, and 1.2 answered
+        # every answer, without end. TCP keeps 1.2's banner per connection (a handshake, no loop).
+        udp = probe.mode.protocol is Protocol.UDP
         waiting = self._pending.get((probe.mode, probe.source))
         if waiting is not None:
             # Its block is under way: decide once the outcome is known, so no line claims
@@ -194,11 +198,13 @@ class Engine:
             else:
                 key = (probe.mode, probe.source)
                 self._pending_over[key] = (self._pending_over.get(key, (0, probe))[0] + 1, probe)
-            return Outcome(actions, Decision.ALREADY_BLOCKED)
+            return Outcome([] if udp else actions, Decision.ALREADY_BLOCKED)
         decided = self._decide(probe, now)
         if decided.decision is Decision.REFUSED:
             # A source the guard refused (forged, protected, over the rate cap) gets no banner:
             # answering a UDP datagram from a forged source makes us a reflector for it.
+            return decided
+        if udp and decided.decision is Decision.ALREADY_BLOCKED:
             return decided
         return Outcome(actions + decided.actions, decided.decision, decided.reason)
 

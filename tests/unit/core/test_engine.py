@@ -256,3 +256,27 @@ def test_restored_bans_count_as_blocked_in_every_mode_and_a_resync_frees_them():
     assert e.observe(probe(), 2.0).decision == "block"
     e.apply_ban_changes([(v6, False)])
     assert e.observe(probe(source=v6), 3.0).decision == "block"
+
+
+@pytest.mark.parametrize("block_udp", [0, 1])
+def test_a_udp_banner_goes_once_per_source_not_to_every_later_datagram(block_udp):
+    # A datagram forged "from" a UDP echo (or chargen) service: our banner reaches that service,
+    # which answers to our port, which answered again with 1.2's banner-per-hit: one forged
+    # datagram set off an endless exchange. Hosts.deny does not stop UDP, BLOCK_UDP=0 nothing.
+    e = engine(port_banner="go away", block_udp=block_udp, kill_hosts_deny=DENY)
+    first = e.observe(probe(mode=Mode.UDP, kind=KIND_CONNECT, port=7), 1.0)
+    assert first.actions[0] == SendBanner("go away")
+    if block_udp:
+        block = first.actions[-1]
+        assert isinstance(block, Block)
+        # The echo's answer while the block is under way, and after it.
+        assert not [a for a in e.observe(probe(mode=Mode.UDP, port=7), 1.1).actions
+                    if isinstance(a, SendBanner)]
+        e.finished(block, True, 1.2)
+    for at in (2.0, 3.0):
+        later = e.observe(probe(mode=Mode.UDP, kind=KIND_CONNECT, port=7), at).actions
+        assert not [a for a in later if isinstance(a, SendBanner)]
+        assert texts(later)[-1] == f"attackalert: Host: {SCANNER} is already blocked. Ignoring"
+    # TCP needs a handshake, so no loop: its banner still goes to every connection, as in 1.2.
+    e.observe(probe(), 4.0)
+    assert e.observe(probe(), 5.0).actions[0] == SendBanner("go away")
