@@ -114,11 +114,12 @@ class Engine:
         # object each, and a probe's source packs in a tenth of a microsecond.
         self._banned: set[bytes] = set()
         self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
-        # (mode, source) -> hits that arrived while its Block was being carried out.
-        self._pending: dict[tuple[Mode, IPAddress], list[tuple[Probe, float]]] = {}
+        # source -> hits that arrived while its Block was being carried out, in any mode: a hit
+        # of another mode decided meanwhile started a second block (KILL_ROUTE run twice).
+        self._pending: dict[IPAddress, list[tuple[Probe, float]]] = {}
         # Hits past PENDING_CAPACITY while a block is under way: (how many, the last), said in one
         # line when the block is done, so none goes unmentioned.
-        self._pending_over: dict[tuple[Mode, IPAddress], tuple[int, Probe]] = {}
+        self._pending_over: dict[IPAddress, tuple[int, Probe]] = {}
 
     def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> Outcome | None:
         """What to do instead of blocking, or None when the guard lets the block go."""
@@ -189,14 +190,14 @@ class Engine:
         # a datagram forged "from" an echo service had it answer every banner, and 1.2 answered
         # every answer, without end. TCP keeps 1.2's banner per connection (a handshake, no loop).
         udp = probe.mode.protocol is Protocol.UDP
-        waiting = self._pending.get((probe.mode, probe.source))
+        waiting = self._pending.get(probe.source)
         if waiting is not None:
             # Its block is under way: decide once the outcome is known, so no line claims
             # "already blocked" before "has been blocked" (1.2 blocked synchronously).
             if len(waiting) < PENDING_CAPACITY:
                 waiting.append((probe, now))
             else:
-                key = (probe.mode, probe.source)
+                key = probe.source
                 self._pending_over[key] = (self._pending_over.get(key, (0, probe))[0] + 1, probe)
             return Outcome([] if udp else actions, Decision.ALREADY_BLOCKED)
         decided = self._decide(probe, now)
@@ -239,7 +240,7 @@ class Engine:
             actions.append(Log(messages.block_disabled(probe.mode.protocol)))
             actions.append(Record(probe, now))
         elif steps:
-            self._pending[(probe.mode, probe.source)] = []
+            self._pending[probe.source] = []
             actions.append(Block(probe, steps))
         else:
             actions.append(Record(probe, now))
@@ -274,7 +275,7 @@ class Engine:
         """The daemon reports the outcome of a Block it carried out; hits that arrived
         meanwhile are decided now, in order."""
         probe = block.probe
-        waiting = self._pending.pop((probe.mode, probe.source), [])
+        waiting = self._pending.pop(probe.source, [])
         actions: list[Action]
         if succeeded:
             self._banned.add(probe.source.packed)
@@ -284,8 +285,12 @@ class Engine:
             self._blocked[probe.mode].discard(probe.source)
             actions = [Log(messages.block_failed(probe))]
         for later, at in waiting:
+            retry = self._pending.get(later.source)
+            if retry is not None:  # after a failure, an earlier of these hits started a new block
+                retry.append((later, at))
+                continue
             actions += self._decide(later, at).actions
-        over = self._pending_over.pop((probe.mode, probe.source), None)
+        over = self._pending_over.pop(probe.source, None)
         if over is not None:
             actions.append(Log(messages.pending_overflow(over[1], over[0])))
         return actions
