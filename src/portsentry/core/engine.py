@@ -278,7 +278,10 @@ class Engine:
         waiting = self._pending.pop(probe.source, [])
         actions: list[Action]
         if succeeded:
-            self._banned.add(probe.source.packed)
+            if any(step.kind is not StepKind.RUN_CMD for step in block.steps):
+                # BLOCK_x=2 only ran KILL_RUN_CMD: no ban (the ban store records none either),
+                # so other modes still act; this mode's repeats are "already blocked" (_blocked).
+                self._banned.add(probe.source.packed)
             actions = [Record(probe, now)]
         else:
             # Forget the attempt so the next hit tries again.

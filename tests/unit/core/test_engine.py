@@ -315,3 +315,15 @@ def test_after_a_failed_block_the_hits_that_waited_start_one_new_block_not_one_p
     # The -stcp hit is decided once the retry is done.
     assert texts(e.finished(retries[0], True, 1.4))[-1] == (
         "attackalert: Host: 198.18.0.2/198.18.0.2 is already blocked Ignoring")
+
+
+def test_block_2_runs_the_command_but_bans_nobody_so_another_mode_still_blocks():
+    # BLOCK_TCP=2 (notify only) and BLOCK_UDP=1: the ban store records no ban for a command-only
+    # block, but the engine took it for one and -udp said "already blocked" instead of blocking.
+    e = engine(block_tcp=2, block_udp=1, kill_run_cmd=RUN, kill_route=ROUTE)
+    notify = e.observe(probe(), 1.0).actions[-1]
+    assert isinstance(notify, Block) and [s.kind for s in notify.steps] == [StepKind.RUN_CMD]
+    e.finished(notify, True, 1.1)
+    assert texts(e.observe(probe(port=2), 2.0).actions)[-1].endswith("is already blocked. Ignoring")
+    udp = e.observe(probe(mode=Mode.UDP), 3.0).actions[-1]
+    assert isinstance(udp, Block) and StepKind.ROUTE in [s.kind for s in udp.steps]
