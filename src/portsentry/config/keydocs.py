@@ -47,7 +47,8 @@ DOCS: Final[dict[str, str]] = {
     "KILL_RUN_CMD": "Command run for every blocked host (notification, external firewall).",
     "KILL_RUN_CMD_FIRST": "1: run KILL_RUN_CMD before the blocking steps instead of after.",
     "SCAN_TRIGGER": "Hits from one source before it counts as a scan; 0 and 1 act on the first.",
-    "PORT_BANNER": "Text written to a client of the connect modes before the connection is closed.",
+    "PORT_BANNER": "Text written to a client of the connect modes before the connection is closed; "
+                   "a UDP source gets it once, not again while it is blocked.",
     "HOSTS_DENY_FILE": "The TCP wrappers file KILL_HOSTS_DENY writes to.",
     "COMMAND_TIMEOUT": "Seconds KILL_ROUTE, KILL_RUN_CMD and KILL_ROUTE_UNDO may run before they are killed.",
     "BLOCK_TIME": "Seconds a ban lasts; 0 keeps 1.2's ban until `portsentry unblock`.",

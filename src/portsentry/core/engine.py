@@ -114,11 +114,12 @@ class Engine:
         # object each, and a probe's source packs in a tenth of a microsecond.
         self._banned: set[bytes] = set()
         self._repeats = RepeatLimiter(settings.log_repeat_limit, settings.log_repeat_window)
-        # (mode, source) -> hits that arrived while its Block was being carried out.
-        self._pending: dict[tuple[Mode, IPAddress], list[tuple[Probe, float]]] = {}
+        # source -> hits that arrived while its Block was being carried out, in any mode: a hit
+        # of another mode decided meanwhile started a second block (KILL_ROUTE run twice).
+        self._pending: dict[IPAddress, list[tuple[Probe, float]]] = {}
         # Hits past PENDING_CAPACITY while a block is under way: (how many, the last), said in one
         # line when the block is done, so none goes unmentioned.
-        self._pending_over: dict[tuple[Mode, IPAddress], tuple[int, Probe]] = {}
+        self._pending_over: dict[IPAddress, tuple[int, Probe]] = {}
 
     def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> Outcome | None:
         """What to do instead of blocking, or None when the guard lets the block go."""
@@ -185,20 +186,26 @@ class Engine:
         actions: list[Action] = []
         if probe.mode.is_classic and self.settings.port_banner:
             actions.append(SendBanner(self.settings.port_banner))
-        waiting = self._pending.get((probe.mode, probe.source))
+        # UDP: the banner goes once per source, not to one already blocked (or being blocked):
+        # a datagram forged "from" an echo service had it answer every banner, and 1.2 answered
+        # every answer, without end. TCP keeps 1.2's banner per connection (a handshake, no loop).
+        udp = probe.mode.protocol is Protocol.UDP
+        waiting = self._pending.get(probe.source)
         if waiting is not None:
             # Its block is under way: decide once the outcome is known, so no line claims
             # "already blocked" before "has been blocked" (1.2 blocked synchronously).
             if len(waiting) < PENDING_CAPACITY:
                 waiting.append((probe, now))
             else:
-                key = (probe.mode, probe.source)
+                key = probe.source
                 self._pending_over[key] = (self._pending_over.get(key, (0, probe))[0] + 1, probe)
-            return Outcome(actions, Decision.ALREADY_BLOCKED)
+            return Outcome([] if udp else actions, Decision.ALREADY_BLOCKED)
         decided = self._decide(probe, now)
         if decided.decision is Decision.REFUSED:
             # A source the guard refused (forged, protected, over the rate cap) gets no banner:
             # answering a UDP datagram from a forged source makes us a reflector for it.
+            return decided
+        if udp and decided.decision is Decision.ALREADY_BLOCKED:
             return decided
         return Outcome(actions + decided.actions, decided.decision, decided.reason)
 
@@ -233,7 +240,7 @@ class Engine:
             actions.append(Log(messages.block_disabled(probe.mode.protocol)))
             actions.append(Record(probe, now))
         elif steps:
-            self._pending[(probe.mode, probe.source)] = []
+            self._pending[probe.source] = []
             actions.append(Block(probe, steps))
         else:
             actions.append(Record(probe, now))
@@ -268,18 +275,25 @@ class Engine:
         """The daemon reports the outcome of a Block it carried out; hits that arrived
         meanwhile are decided now, in order."""
         probe = block.probe
-        waiting = self._pending.pop((probe.mode, probe.source), [])
+        waiting = self._pending.pop(probe.source, [])
         actions: list[Action]
         if succeeded:
-            self._banned.add(probe.source.packed)
+            if any(step.kind is not StepKind.RUN_CMD for step in block.steps):
+                # BLOCK_x=2 only ran KILL_RUN_CMD: no ban (the ban store records none either),
+                # so other modes still act; this mode's repeats are "already blocked" (_blocked).
+                self._banned.add(probe.source.packed)
             actions = [Record(probe, now)]
         else:
             # Forget the attempt so the next hit tries again.
             self._blocked[probe.mode].discard(probe.source)
             actions = [Log(messages.block_failed(probe))]
         for later, at in waiting:
+            retry = self._pending.get(later.source)
+            if retry is not None:  # after a failure, an earlier of these hits started a new block
+                retry.append((later, at))
+                continue
             actions += self._decide(later, at).actions
-        over = self._pending_over.pop((probe.mode, probe.source), None)
+        over = self._pending_over.pop(probe.source, None)
         if over is not None:
             actions.append(Log(messages.pending_overflow(over[1], over[0])))
         return actions

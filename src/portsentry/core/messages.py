@@ -36,6 +36,12 @@ def bind_failed(protocol: Protocol, port: int) -> str:
     return f"adminalert: ERROR: could not bind {protocol} socket: {port}. Attempting to continue"
 
 
+def out_of_descriptors(protocol: Protocol, ports: str, limit: int) -> str:
+    """Ours: 1.2 could not get there (it watched at most 64 ports)."""
+    return (f"adminalert: ERROR: not watching {protocol} ports {ports}: out of file descriptors "
+            f"(limit {limit}; raise LimitNOFILE). Attempting to continue")
+
+
 def no_socket_bound(protocol: Protocol) -> str:
     return f"adminalert: ERROR: could not bind ANY {protocol} sockets. Shutting down."
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import os
+import resource
 import socket
 from collections.abc import Callable, Collection, Iterable
 from ipaddress import IPv4Network, IPv6Network
@@ -21,6 +23,38 @@ from portsentry.core.probe import KIND_CONNECT, IPAddress, Mode, Probe, Protocol
 from portsentry.sensors.base import Hit, Readable
 
 Logger = Callable[[str], None]
+
+# Descriptors kept free beyond the watched ports: accepted connections (RESOLVE_HOST holds up to
+# 256 while their names are looked up), the history, blocked and hosts.deny files, the pipes of
+# KILL_ROUTE/KILL_RUN_CMD. A quarter of the limit when that is smaller, so a tight limit still
+# watches most ports.
+FD_RESERVE = 512
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def _open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 64  # no /proc: a guess at what a started daemon holds
+
+
+def descriptor_room(wanted: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE (up to the hard one) so `wanted` more sockets fit with
+    FD_RESERVE to spare; returns (how many may be opened, the limit). systemd starts services
+    with a soft limit of 1024, which a TCP_PORTS range of a thousand ports used up: the rest
+    were reported as "could not bind" as if in use, and accept() then failed for want of one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = _open_descriptors()
+    needed = used + wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft == resource.RLIM_INFINITY:
+        return wanted, soft
+    return max(0, min(wanted, soft - used - min(FD_RESERVE, soft // 4))), soft
 
 
 def source_address(text: str) -> IPAddress:
@@ -70,10 +104,19 @@ class ConnectSensor:
 
     def open(self) -> list[Readable]:
         """Bind every port it can; returns the bound sockets (empty: nothing could be bound)."""
-        for port in self.ports:
+        room, limit = descriptor_room(len(self.ports))
+        for index, port in enumerate(self.ports):
             try:
+                if index >= room:
+                    raise OSError(errno.EMFILE, "no descriptor left to spare")
                 sock = _bind(self.protocol, port)
-            except OSError:
+            except OSError as error:
+                if error.errno in _OUT_OF_DESCRIPTORS:
+                    # Not "could not bind": these ports are free, we lack descriptors. One line
+                    # for all of them, not one per port.
+                    self._log(messages.out_of_descriptors(
+                        self.protocol, format_ports(self.ports[index:]), limit))
+                    break
                 self._log(messages.bind_failed(self.protocol, port))
                 continue
             self._log(messages.listen_mode(self.protocol, port))

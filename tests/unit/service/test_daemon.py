@@ -190,14 +190,14 @@ def test_a_block_the_full_queue_refuses_is_reported_after_the_detection_line(tmp
 
     daemon, out = _blocking_daemon(tmp_path, lambda journal, block: True)
     detection, block = _probe_and_block()
-    daemon.engine._pending[(block.probe.mode, block.probe.source)] = []  # as observe() leaves it
+    daemon.engine._pending[block.probe.source] = []  # as observe() leaves it
     daemon._blocks = BlockQueue(lambda b: True, lambda *a: None, daemon.journal.log, workers=0, size=1)
     daemon._blocks.submit(block)  # the only slot
     daemon.perform([detection, block])
     assert out.lines[0] == detection.text
     assert out.lines[1].startswith("adminalert: ERROR: 1 block(s) not started")
     assert out.lines[2:] == ["attackalert: ERROR: Could not block host 198.18.0.7/198.18.0.7!!"]
-    assert (block.probe.mode, block.probe.source) not in daemon.engine._pending  # forgotten
+    assert block.probe.source not in daemon.engine._pending  # forgotten
 
 
 def test_a_reload_that_turns_the_kernel_ban_on_pushes_its_guards_before_the_new_rules(tmp_path):
