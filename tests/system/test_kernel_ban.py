@@ -223,3 +223,49 @@ def test_a_service_started_a_moment_ago_is_never_banned_for_its_first_client(
     # Nor banned for a moment and lifted again by the daemon's check of the caught entries.
     who = re.escape(net.scanner_ip4)
     syslog.assert_absent(re.compile(rf"Host {who} has been blocked|was lifted"), wait=1.5)
+
+
+def probes_from(ns: str, protocol: str, target: str, port: int, sources: list[str]) -> None:
+    """One probe (a SYN, or a UDP datagram) to `target` from each of `sources`, in order."""
+    script = (
+        "import socket, sys\n"
+        "protocol, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+        "family = socket.AF_INET6 if ':' in dst else socket.AF_INET\n"
+        "for src in sys.argv[4:]:\n"
+        "    kind = socket.SOCK_DGRAM if protocol == 'udp' else socket.SOCK_STREAM\n"
+        "    with socket.socket(family, kind) as s:\n"
+        "        s.bind((src, 0))\n"
+        "        if protocol == 'udp':\n"
+        "            s.sendto(b'x', (dst, port))\n"
+        "        else:\n"
+        "            s.setblocking(False)\n"
+        "            try: s.connect((dst, port))\n"
+        "            except BlockingIOError: pass\n"
+    )
+    run_in(ns, [sys.executable, "-c", script, protocol, target, str(port), *sources], check=True, timeout=20)
+
+
+def test_ban_rate_limit_caps_the_kernel_bans_of_both_protocols_and_families_together(
+        daemon_factory, namespaces, syslog):
+    """BAN_RATE_LIMIT is one cap on new bans overall: the kernel's ban rules (TCP and UDP, IPv4
+    and IPv6) share it, and past it the probes go to the daemon, which refuses them."""
+    net = namespaces
+    sources = {("tcp", 4): [f"198.18.0.{n}" for n in range(10, 13)],
+               ("udp", 4): [f"198.18.0.{n}" for n in range(20, 23)],
+               ("tcp", 6): [f"fd00:18::{n}" for n in range(10, 13)],
+               ("udp", 6): [f"fd00:18::{n}" for n in range(20, 23)]}
+    for (_protocol, family), addresses in sources.items():
+        for address in addresses:
+            run_in(net.scanner, ["ip", "addr", "add", f"{address}/{24 if family == 4 else 64}", "dev",
+                                 "eth0", *([] if family == 4 else ["nodad"])], check=True)
+    daemon = started(daemon_factory, BAN_RATE_LIMIT="2")
+    for (protocol, family), addresses in sources.items():
+        target = net.target_ip4 if family == 4 else net.target_ip6
+        probes_from(net.scanner, protocol, target, 79 if protocol == "tcp" else 161, addresses)
+    syslog.wait_for("attackalert: ban rate limit reached (2 new bans per minute)")
+    # Every kernel ban settled (adopted, or recorded late after GRACE) before counting them.
+    eventually(lambda: set_elements(net.target, "caught4") == [] == set_elements(net.target, "caught6"),
+               timeout=15)
+    banned = set_elements(net.target, "blocked4") + set_elements(net.target, "blocked6")
+    assert len(banned) == 2, banned
+    assert len(json.loads(admin(daemon, "list", "--json"))) == 2

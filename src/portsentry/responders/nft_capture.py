@@ -33,6 +33,10 @@ CAUGHT4, CAUGHT6 = "caught4", "caught6"
 DROPPED4, DROPPED6 = "dropped4", "dropped6"
 DROPPED_TIMEOUT = 3600  # seconds a source's count is kept after its last dropped probe
 KPORTS = {Protocol.TCP: "kports_tcp", Protocol.UDP: "kports_udp"}
+# BAN_RATE_LIMIT is one cap on new bans overall: a named limit, which every ban rule (TCP and
+# UDP, IPv4 and IPv6) draws from. A `limit rate` in each rule was a bucket per rule, and a scan
+# over both protocols and families got four times the cap banned in the kernel.
+BAN_LIMIT = "ban_rate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +53,15 @@ class KernelBan:
         if not 0 <= self.rate <= 1_000_000:
             raise ValueError(f"kernel ban rate {self.rate!r} is not 0 to 1000000 a minute")
 
+    def limit(self) -> str | None:
+        """The BAN_LIMIT object's body, shared by the ban rules; None without a cap."""
+        return f"rate {self.rate}/minute burst {self.rate} packets" if self.rate else None
+
     def rules(self, group: int) -> list[str]:
-        """The ban rules, one per family and protocol; they go after the protect rules."""
+        """The ban rules, one per family and protocol; they go after the protect rules and
+        need the BAN_LIMIT object when there is a cap (NftablesBackend.capture_script)."""
         timeout = "" if self.timeout is None else f" timeout {self.timeout}s"
-        limit = f" limit rate {self.rate}/minute burst {self.rate} packets" if self.rate else ""
+        limit = f' limit name "{BAN_LIMIT}"' if self.rate else ""
         found = []
         families = (("ip saddr", "blocked4", NOKERNEL4, CAUGHT4),
                     ("ip6 saddr", "blocked6", NOKERNEL6, CAUGHT6))

@@ -41,6 +41,7 @@ from portsentry.responders.backend import (
     unpacked,
 )
 from portsentry.responders.nft_capture import (
+    BAN_LIMIT,
     CAUGHT4,
     CAUGHT6,
     DROPPED4,
@@ -185,8 +186,19 @@ class NftablesBackend(BanBackend):
             f"add chain {c}",
             f"flush chain {c}",
             f"delete chain {c}",
-            f"add chain {c} {{ type filter hook input priority {self.priority + 1}; policy accept; }}",
         ]
+        if spec.kernel is not None:
+            # The ban rules' shared limit (nft_capture.BAN_LIMIT), made again with the chain:
+            # `add` alone leaves an existing limit as it was, so a changed BAN_RATE_LIMIT would
+            # not take effect. It can go only once the old chain, its user, has; the first `add`
+            # makes the delete safe when there is none. (A capture without the first-probe ban
+            # leaves an old one unused: it needs no limit objects from the kernel.)
+            name = f"{t} {BAN_LIMIT}"
+            lines += [f"add limit {name} {{ rate 1/minute }}", f"delete limit {name}"]
+            if (limit := spec.kernel.limit()) is not None:
+                lines.append(f"add limit {name} {{ {limit} }}")
+        lines.append(f"add chain {c} {{ type filter hook input priority {self.priority + 1}; "
+                     "policy accept; }")
         lines += [f"add rule {c} {rule}" for rule in spec.rules()]
         n = f"{t} {COUNT_CHAIN}"
         lines += [f"add chain {n}", f"flush chain {n}", f"delete chain {n}"]

@@ -523,11 +523,11 @@ def test_kernel_ban_rules_come_after_the_guards_and_before_the_log_rules() -> No
     rules = rules[:2] + rules[4:]
     assert rules[2] == (
         "meta pkttype host ip saddr != @nokernel4 tcp flags & (ack | rst) == 0 tcp dport @kports_tcp "
-        "limit rate 60/minute burst 60 packets add @blocked4 { ip saddr timeout 3600s } "
+        'limit name "ban_rate" add @blocked4 { ip saddr timeout 3600s } '
         "add @caught4 { ip saddr . meta l4proto . tcp dport timeout 3600s } log group 7373 drop")
     assert rules[3] == (
         "meta pkttype host ip saddr != @nokernel4 udp dport @kports_udp ct state != { established, related } "
-        "limit rate 60/minute burst 60 packets add @blocked4 { ip saddr timeout 3600s } "
+        'limit name "ban_rate" add @blocked4 { ip saddr timeout 3600s } '
         "add @caught4 { ip saddr . meta l4proto . udp dport timeout 3600s } log group 7373 drop")
     assert rules[4].startswith("meta pkttype host ip6 saddr != @nokernel6 tcp flags")
     assert len(rules) == 8 and rules[6].endswith("log group 7373") and "drop" not in rules[6]
@@ -536,6 +536,24 @@ def test_kernel_ban_rules_come_after_the_guards_and_before_the_log_rules() -> No
                                "add @caught4 { ip saddr . meta l4proto . tcp dport } log group 1 drop")
     assert len(forever) == 2
     assert "protect4" not in " ".join(CaptureSpec.of(7373, 1024, {Protocol.TCP}).rules())
+    assert "limit" not in " ".join(forever)  # no cap: no limit
+
+
+def test_the_ban_rules_share_one_limit_made_again_with_the_capture_chain() -> None:
+    from portsentry.responders.nft_capture import CaptureSpec, KernelBan
+
+    kernel = KernelBan(frozenset({Protocol.TCP, Protocol.UDP}), timeout=3600, rate=60)
+    script = NftablesBackend().capture_script(CaptureSpec.of(7373, 1024, {Protocol.TCP, Protocol.UDP},
+                                                             kernel=kernel)).splitlines()
+    # One object for the four ban rules, replaced only after the old chain (its users) is gone.
+    made = script.index("add limit inet portsentry ban_rate { rate 60/minute burst 60 packets }")
+    assert script.index("delete chain inet portsentry capture") < script.index(
+        "delete limit inet portsentry ban_rate") < made < script.index(
+        "add chain inet portsentry capture { type filter hook input priority -9; policy accept; }")
+    assert sum('limit name "ban_rate"' in line for line in script) == 4
+    uncapped = NftablesBackend().capture_script(CaptureSpec.of(
+        7373, 1024, {Protocol.TCP}, kernel=KernelBan(frozenset({Protocol.TCP}), timeout=60)))
+    assert "delete limit inet portsentry ban_rate" in uncapped and "burst" not in uncapped
 
 
 def test_guards_and_ports_are_replaced_in_one_script_with_merged_intervals() -> None:
