@@ -6,9 +6,10 @@ First-probe ban (issue 11): a qualifying probe, that is a TCP packet without ACK
 datagram outside a tracked flow, to a port in kports_tcp/kports_udp (watched, not excluded, no
 live service: kept current by the daemon) for which the kernel finds no socket (a service started
 since the daemon's last refresh of kports), from a source in neither protect4/6 (own addresses,
-gateways, resolvers, the ignore list: not even copied to the daemon) nor nokernel4/6 (sources
-the kernel must never ban on its own: impossible ones, SENSITIVE_NETWORKS, which the daemon still
-decides), under BAN_RATE_LIMIT, is added to blocked4/6 with the ban's timeout and dropped by the
+the ignore list: not even copied to the daemon) nor nokernel4/6 (sources the kernel must never
+ban on its own: gateways, resolvers, impossible ones, SENSITIVE_NETWORKS, which the daemon still
+decides, so a forged probe from the gateway is refused and said so), under BAN_RATE_LIMIT (one
+cap for all four ban rules), is added to blocked4/6 with the ban's timeout and dropped by the
 rule itself; so the scanner's second packet, microseconds later, meets the drop. The rule also
 notes (source, protocol, port) in caught4/6 and logs the packet to NFLOG: the daemon writes
 1.2's lines and records the ban, and its maintenance thread settles every caught entry (adopted,
