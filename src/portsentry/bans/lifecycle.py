@@ -133,7 +133,10 @@ class BanManager:
         # and the steps then blocked the host with no ban on record to ever lift it.
         self._addresses: dict[IPAddress, tuple[threading.Lock, int]] = {}
         self._addresses_lock = threading.Lock()
+        # Appended to by the threads that ban, emptied by the maintenance thread's catch_up and by
+        # lifts (admin, fleet): changed only under its own lock, which is never held for I/O.
         self._unsaved: list[_Unsaved] = []
+        self._unsaved_lock = threading.Lock()
         self._unsaved_lines: list[tuple[IPAddress, str, float]] = []
         # Set when the store on disk could not be opened and an in-memory one stands in.
         self.fallback_from: str | None = None
@@ -267,8 +270,9 @@ class BanManager:
             # The block itself stands; its record is kept in memory and saved when the store
             # can be written again (disk full, read-only file system).
             self._store_failed(error, retry=True)
-            if len(self._unsaved) < UNSAVED_CAPACITY:
-                self._unsaved.append(entry)
+            with self._unsaved_lock:
+                if len(self._unsaved) < UNSAVED_CAPACITY:
+                    self._unsaved.append(entry)
             return None
         self.changed()
         return saved
@@ -320,12 +324,13 @@ class BanManager:
             with self._lock:
                 memory, self.store, self.fallback_from = self.store, disk, None
             now = time.time()
-            for ban in memory.active(now):
-                # Saved as made at first_seen, so its length counts from then: the time left from
-                # now cut each ban short by its age (an hour's ban half an hour old ended at once).
-                self._unsaved.append(_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
-                                              None if ban.expires is None else ban.expires - ban.first_seen,
-                                              ban.hosts_deny_line, ban.backends))
+            # Saved as made at first_seen, so its length counts from then: the time left from
+            # now cut each ban short by its age (an hour's ban half an hour old ended at once).
+            kept = [_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
+                             None if ban.expires is None else ban.expires - ban.first_seen,
+                             ban.hosts_deny_line, ban.backends) for ban in memory.active(now)]
+            with self._unsaved_lock:
+                self._unsaved += kept
             memory.close()
             self._log(messages.store_recovered(disk.path))
         while self._unsaved_lines:
@@ -336,12 +341,26 @@ class BanManager:
                 break
             self._unsaved_lines.pop(0)
         saved = 0
-        while self._unsaved:
-            try:
-                self._save(self._unsaved[0])
-            except (StoreError, OSError, ValueError):
-                break
-            self._unsaved.pop(0)
+        while True:
+            with self._unsaved_lock:
+                if not self._unsaved:
+                    break
+                entry = self._unsaved[0]
+            # In turn with lifts of its address: an unblock drops the entry, and a save already
+            # under way would put the ban back in the store after the lift. Not waited for (the
+            # address's ban or lift may be running a command): the next round saves it.
+            with self._turn(entry.address, wait=False) as free:
+                if not free:
+                    break
+                with self._unsaved_lock:
+                    if not any(waiting is entry for waiting in self._unsaved):
+                        continue  # lifted between the look and the turn
+                try:
+                    self._save(entry)
+                except (StoreError, OSError, ValueError):
+                    break
+                with self._unsaved_lock:
+                    self._unsaved = [waiting for waiting in self._unsaved if waiting is not entry]
             saved += 1
         return saved
 
@@ -361,8 +380,10 @@ class BanManager:
                 # A ban still waiting to be saved (the store could not be written) goes too: saved
                 # after this, it would be a record of a ban that the kernel no longer holds.
                 key = normalise(address)
-                waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
-                self._unsaved = [e for e in self._unsaved if e not in waiting]
+                with self._unsaved_lock:
+                    waiting = ([] if expired_only
+                               else [e for e in self._unsaved if normalise(e.address) == key])
+                    self._unsaved = [e for e in self._unsaved if e not in waiting]
                 self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
                 if not expired_only:  # an expired ban's entry was settled long ago
                     self._forget_caught(address)
