@@ -231,11 +231,15 @@ class BanManager:
             return False
 
     def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
-                          said: Callable[[], None] = lambda: None) -> bool:
+                          said: Callable[[], None] = lambda: None) -> bool | None:
         """A first-probe ban the kernel made and nobody recorded: record it (then `said`), then
         give it the policy's timeout (longer for repeat offenders). In turn with lifts of the
-        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late)."""
-        with self._turn(address):
+        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late).
+        None, with nothing done, while a ban or lift of the address is under way: its commands
+        may run for COMMAND_TIMEOUT, and the maintenance thread asking must not wait for them."""
+        with self._turn(address, wait=False) as free:
+            if not free:
+                return None
             ban = self.store.get(address)
             if ban is not None and ban.active(now):
                 return False
