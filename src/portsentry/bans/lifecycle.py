@@ -7,10 +7,11 @@ and tells the engine about bans made or lifted behind its back, and `on_change` 
 publisher, which sends this host's own changes (origin "local") to its peers.
 
 A ban made here is recorded before any step runs (`enforce`) and dropped again when every step
-failed. A fleet peer's ban (bans.adopt) goes to the kernel first and runs no KILL_ROUTE or
-KILL_RUN_CMD, here or after a reboot (bans.restore). Lifting removes an address from everything
-that holds it: the native backend, the exact hosts.deny line we wrote, and whatever
-KILL_ROUTE_UNDO undoes; a lift carries its origin so that a peer's unblock is not sent back.
+failed; a block that only runs KILL_RUN_CMD (BLOCK_x=2) is no ban and records nothing. A fleet
+peer's ban (bans.adopt) goes to the kernel first and runs no KILL_ROUTE or KILL_RUN_CMD, here or
+after a reboot (bans.restore). Lifting removes an address from everything that holds it: the
+native backend, the exact hosts.deny line we wrote, and whatever KILL_ROUTE_UNDO undoes; a lift
+carries its origin so that a peer's unblock is not sent back.
 """
 
 from __future__ import annotations
@@ -208,8 +209,8 @@ class BanManager:
     def enforce(self, block: Block, responder: ClassicResponder,
                 duration: float | UsePolicy | None = USE_POLICY, now: float | None = None) -> bool:
         """The one way a ban is made, by a scan or by hand: record it, run the block's steps, and
-        drop the record again if every step failed. `duration` overrides the policy (seconds, or
-        None = forever)."""
+        drop the record again if every step failed; a block of KILL_RUN_CMD alone only runs it.
+        `duration` overrides the policy (seconds, or None = forever)."""
         probe = block.probe
         if all(step.kind is StepKind.RUN_CMD for step in block.steps):
             # BLOCK_x = 2 (1.2: run KILL_RUN_CMD, block nothing): no ban to record. Recorded, it
