@@ -7,10 +7,11 @@ and tells the engine about bans made or lifted behind its back, and `on_change` 
 publisher, which sends this host's own changes (origin "local") to its peers.
 
 A ban made here is recorded before any step runs (`enforce`) and dropped again when every step
-failed. A fleet peer's ban (bans.adopt) goes to the kernel first and runs no KILL_ROUTE or
-KILL_RUN_CMD, here or after a reboot (bans.restore). Lifting removes an address from everything
-that holds it: the native backend, the exact hosts.deny line we wrote, and whatever
-KILL_ROUTE_UNDO undoes; a lift carries its origin so that a peer's unblock is not sent back.
+failed; a block that only runs KILL_RUN_CMD (BLOCK_x=2) is no ban and records nothing. A fleet
+peer's ban (bans.adopt) goes to the kernel first and runs no KILL_ROUTE or KILL_RUN_CMD, here or
+after a reboot (bans.restore). Lifting removes an address from everything that holds it: the
+native backend, the exact hosts.deny line we wrote, and whatever KILL_ROUTE_UNDO undoes; a lift
+carries its origin so that a peer's unblock is not sent back.
 """
 
 from __future__ import annotations
@@ -133,7 +134,10 @@ class BanManager:
         # and the steps then blocked the host with no ban on record to ever lift it.
         self._addresses: dict[IPAddress, tuple[threading.Lock, int]] = {}
         self._addresses_lock = threading.Lock()
+        # Appended to by the threads that ban, emptied by the maintenance thread's catch_up and by
+        # lifts (admin, fleet): changed only under its own lock, which is never held for I/O.
         self._unsaved: list[_Unsaved] = []
+        self._unsaved_lock = threading.Lock()
         self._unsaved_lines: list[tuple[IPAddress, str, float]] = []
         # Set when the store on disk could not be opened and an in-memory one stands in.
         self.fallback_from: str | None = None
@@ -205,8 +209,8 @@ class BanManager:
     def enforce(self, block: Block, responder: ClassicResponder,
                 duration: float | UsePolicy | None = USE_POLICY, now: float | None = None) -> bool:
         """The one way a ban is made, by a scan or by hand: record it, run the block's steps, and
-        drop the record again if every step failed. `duration` overrides the policy (seconds, or
-        None = forever)."""
+        drop the record again if every step failed; a block of KILL_RUN_CMD alone only runs it.
+        `duration` overrides the policy (seconds, or None = forever)."""
         probe = block.probe
         if all(step.kind is StepKind.RUN_CMD for step in block.steps):
             # BLOCK_x = 2 (1.2: run KILL_RUN_CMD, block nothing): no ban to record. Recorded, it
@@ -228,11 +232,15 @@ class BanManager:
             return False
 
     def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
-                          said: Callable[[], None] = lambda: None) -> bool:
+                          said: Callable[[], None] = lambda: None) -> bool | None:
         """A first-probe ban the kernel made and nobody recorded: record it (then `said`), then
         give it the policy's timeout (longer for repeat offenders). In turn with lifts of the
-        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late)."""
-        with self._turn(address):
+        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late).
+        None, with nothing done, while a ban or lift of the address is under way: its commands
+        may run for COMMAND_TIMEOUT, and the maintenance thread asking must not wait for them."""
+        with self._turn(address, wait=False) as free:
+            if not free:
+                return None
             ban = self.store.get(address)
             if ban is not None and ban.active(now):
                 return False
@@ -267,8 +275,9 @@ class BanManager:
             # The block itself stands; its record is kept in memory and saved when the store
             # can be written again (disk full, read-only file system).
             self._store_failed(error, retry=True)
-            if len(self._unsaved) < UNSAVED_CAPACITY:
-                self._unsaved.append(entry)
+            with self._unsaved_lock:
+                if len(self._unsaved) < UNSAVED_CAPACITY:
+                    self._unsaved.append(entry)
             return None
         self.changed()
         return saved
@@ -320,12 +329,13 @@ class BanManager:
             with self._lock:
                 memory, self.store, self.fallback_from = self.store, disk, None
             now = time.time()
-            for ban in memory.active(now):
-                # Saved as made at first_seen, so its length counts from then: the time left from
-                # now cut each ban short by its age (an hour's ban half an hour old ended at once).
-                self._unsaved.append(_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
-                                              None if ban.expires is None else ban.expires - ban.first_seen,
-                                              ban.hosts_deny_line, ban.backends))
+            # Saved as made at first_seen, so its length counts from then: the time left from
+            # now cut each ban short by its age (an hour's ban half an hour old ended at once).
+            kept = [_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
+                             None if ban.expires is None else ban.expires - ban.first_seen,
+                             ban.hosts_deny_line, ban.backends) for ban in memory.active(now)]
+            with self._unsaved_lock:
+                self._unsaved += kept
             memory.close()
             self._log(messages.store_recovered(disk.path))
         while self._unsaved_lines:
@@ -336,12 +346,26 @@ class BanManager:
                 break
             self._unsaved_lines.pop(0)
         saved = 0
-        while self._unsaved:
-            try:
-                self._save(self._unsaved[0])
-            except (StoreError, OSError, ValueError):
-                break
-            self._unsaved.pop(0)
+        while True:
+            with self._unsaved_lock:
+                if not self._unsaved:
+                    break
+                entry = self._unsaved[0]
+            # In turn with lifts of its address: an unblock drops the entry, and a save already
+            # under way would put the ban back in the store after the lift. Not waited for (the
+            # address's ban or lift may be running a command): the next round saves it.
+            with self._turn(entry.address, wait=False) as free:
+                if not free:
+                    break
+                with self._unsaved_lock:
+                    if not any(waiting is entry for waiting in self._unsaved):
+                        continue  # lifted between the look and the turn
+                try:
+                    self._save(entry)
+                except (StoreError, OSError, ValueError):
+                    break
+                with self._unsaved_lock:
+                    self._unsaved = [waiting for waiting in self._unsaved if waiting is not entry]
             saved += 1
         return saved
 
@@ -361,8 +385,10 @@ class BanManager:
                 # A ban still waiting to be saved (the store could not be written) goes too: saved
                 # after this, it would be a record of a ban that the kernel no longer holds.
                 key = normalise(address)
-                waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
-                self._unsaved = [e for e in self._unsaved if e not in waiting]
+                with self._unsaved_lock:
+                    waiting = ([] if expired_only
+                               else [e for e in self._unsaved if normalise(e.address) == key])
+                    self._unsaved = [e for e in self._unsaved if e not in waiting]
                 self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
                 if not expired_only:  # an expired ban's entry was settled long ago
                     self._forget_caught(address)

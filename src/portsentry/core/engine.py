@@ -289,7 +289,9 @@ class Engine:
             actions = [Log(messages.block_failed(probe))]
         for later, at in waiting:
             retry = self._pending.get(later.source)
-            if retry is not None:  # after a failure, an earlier of these hits started a new block
+            # An earlier of these hits started a new block: after a failure, or after a block
+            # that only ran KILL_RUN_CMD (BLOCK_x=2), when another mode then blocks.
+            if retry is not None:
                 retry.append((later, at))
                 continue
             actions += self._decide(later, at).actions

@@ -140,7 +140,10 @@ class KernelBans:
         def said() -> None:
             self._log(messages.kernel_ban_recorded(str(address), protocol.value, port))
 
-        if self.bans.record_kernel_ban(address, f"s{protocol.value.lower()}", port, now, said):
+        recorded = self.bans.record_kernel_ban(address, f"s{protocol.value.lower()}", port, now, said)
+        if recorded is None:
+            return False  # the address's ban or lift is running its commands: the next round
+        if recorded:
             self.recorded_late += 1
         return True
 

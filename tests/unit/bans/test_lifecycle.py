@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from ipaddress import ip_address
+from typing import Any
 
 from portsentry.bans.adopt import RemoteBan, adopt_bans
 from portsentry.bans.lifecycle import BanManager, BanPolicy
@@ -177,6 +178,52 @@ def test_an_unblock_also_drops_a_ban_still_waiting_to_be_saved(tmp_path, monkeyp
     monkeypatch.setattr(bans.store, "ban", save)
     bans.catch_up()
     assert bans.store.get(A) is None
+
+
+def test_an_unblock_while_the_store_catches_up_neither_saves_its_ban_nor_loses_another(tmp_path,
+                                                                                      monkeypatch):
+    # The unblock of a ban waiting to be saved dropped it from the waiting list from an admin
+    # thread while the maintenance thread was saving it: the save then put it in the store after
+    # the lift (a ban the kernel no longer held), and the maintenance thread's pop(0) threw away
+    # the next waiting ban instead, never saved.
+    import threading
+
+    from portsentry.bans.store import StoreError
+
+    bans, kernel, _lines, _commands = manager(tmp_path, base=600)
+    B = ip_address("198.18.0.3")
+    save = bans.store.ban
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise StoreError("bans.sqlite3: database or disk is full")
+
+    monkeypatch.setattr(bans.store, "ban", disk_full)
+    for address in (A, B):
+        bans.remember(address, reason="scan", mode="tcp", port=1, now=0.0, duration=600,
+                      hosts_deny_line=None, native=True)
+        assert bans.ban_native(address, 600)
+    saving, go_on = threading.Event(), threading.Event()
+
+    def slow_save(*args: Any, **kwargs: Any) -> object:
+        saving.set()
+        go_on.wait(5)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(bans.store, "ban", slow_save)
+    catching_up = threading.Thread(target=bans.catch_up)
+    catching_up.start()
+    assert saving.wait(5)  # A's record is being written
+    lifted: list[bool] = []
+    unblocking = threading.Thread(target=lambda: lifted.append(bans.lift(A, 1.0, "unblocked by admin")))
+    unblocking.start()
+    unblocking.join(0.5)
+    go_on.set()
+    catching_up.join(5)
+    unblocking.join(5)
+    assert lifted == [True]
+    assert bans.store.get(A) is None and A not in kernel.held
+    held = bans.store.get(B)
+    assert held is not None and held.active(1.0) and B in kernel.held
 
 
 # --- is a recorded ban in force after a restart? (issue 9.2) ---------------------------------

@@ -304,10 +304,8 @@ def test_a_store_another_process_is_writing_is_read_not_refused(tmp_path: Path, 
     writer = sqlite3.connect(path, isolation_level=None)
     try:
         writer.execute("BEGIN IMMEDIATE")
-        started = time.monotonic()
-        second = BanStore(path)
+        second = BanStore(path)  # before: StoreError once BUSY_TIMEOUT_MS had passed
         assert [str(ban.address) for ban in second.active(T0)] == ["198.18.0.1"]
-        assert time.monotonic() - started < 0.25
         second.close()
     finally:
         writer.execute("ROLLBACK")

@@ -289,3 +289,27 @@ def test_an_unblock_before_the_kernel_ban_was_settled_is_not_undone_by_the_late_
     kb.settle(104.0)
     assert kernel.held == {} and kb.bans.store.get(SCANNER) is None, lines
     assert kb.recorded_late == 0 and kernel.entries == []
+
+
+def test_a_late_record_does_not_hold_up_the_maintenance_thread_while_the_address_is_busy(tmp_path) -> None:
+    """The late record waited for its turn on the maintenance thread: while the address's own
+    block (the late NFLOG copy's KILL_ROUTE and KILL_RUN_CMD) or an unblock's KILL_ROUTE_UNDO ran,
+    expiry, repair and every summary stopped, for up to COMMAND_TIMEOUT per command. It is
+    left for the next round instead."""
+    import threading
+
+    kb, kernel, _lines = setup(tmp_path)
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    kb.settle(100.0)
+    settling = threading.Thread(target=kb.settle, args=(103.5,))
+    with kb.bans._turn(SCANNER):  # a ban or lift of the scanner is running its commands
+        settling.start()
+        settling.join(5.0)
+        busy = settling.is_alive()
+    settling.join()
+    assert not busy
+    assert kernel.entries == [(SCANNER, Protocol.TCP, 79)] and kb.bans.store.get(SCANNER) is None
+    kb.settle(104.5)  # the next round
+    ban = kb.bans.store.get(SCANNER)
+    assert ban is not None and ban.active(104.5) and kb.recorded_late == 1 and kernel.entries == []
