@@ -12,6 +12,11 @@ peer's ban (bans.adopt) goes to the kernel first and runs no KILL_ROUTE or KILL_
 after a reboot (bans.restore). Lifting removes an address from everything that holds it: the
 native backend, the exact hosts.deny line we wrote, and whatever KILL_ROUTE_UNDO undoes; a lift
 carries its origin so that a peer's unblock is not sent back.
+
+Over 400 lines on purpose: every transition of a ban (recorded, applied, held in memory until
+the store takes it, extended, lifted, expired) is in this one class, so that the races between
+them are seen in one place; the parts that need none of its state live beside it (bans.turns,
+bans.restore, bans.bulk, bans.adopt, bans.records).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from portsentry.bans.store import (
     ban_duration,
     normalise,
 )
+from portsentry.bans.turns import AddressTurns
 from portsentry.config.settings import Config
 from portsentry.core import messages
 from portsentry.core.actions import Block, StepKind
@@ -129,11 +135,7 @@ class BanManager:
         self._run = runner
         self.run = runner  # the shell runner, for the lifecycle's other parts (restore, bulk)
         self._lock = threading.Lock()
-        # Per address: a ban being made (record and steps) and a lift of that address take turns.
-        # Without it an unblock that came between a ban's record and its steps lifted the record,
-        # and the steps then blocked the host with no ban on record to ever lift it.
-        self._addresses: dict[IPAddress, tuple[threading.Lock, int]] = {}
-        self._addresses_lock = threading.Lock()
+        self._turns = AddressTurns()  # bans and lifts of one address take turns (bans.turns)
         # Appended to by the threads that ban, emptied by the maintenance thread's catch_up and by
         # lifts (admin, fleet): changed only under its own lock, which is never held for I/O.
         self._unsaved: list[_Unsaved] = []
@@ -147,31 +149,10 @@ class BanManager:
         self.on_change: Callable[[], None] | None = None
 
     @contextlib.contextmanager
-    def _turn(self, address: IPAddress, wait: bool = True) -> Iterator[bool]:
-        """Hold `address` against other bans and lifts of it in this process; yields False (and
-        holds nothing) when `wait` is False and it is busy."""
-        key = normalise(address)
-        with self._addresses_lock:
-            lock, users = self._addresses.get(key, (threading.Lock(), 0))
-            self._addresses[key] = (lock, users + 1)
-        held = lock.acquire(blocking=wait)
-        try:
-            yield held
-        finally:
-            if held:
-                lock.release()
-            with self._addresses_lock:
-                users = self._addresses[key][1] - 1
-                if users:
-                    self._addresses[key] = (lock, users)
-                else:
-                    del self._addresses[key]
-
-    @contextlib.contextmanager
     def while_banned(self, address: IPAddress, now: float) -> Iterator[bool]:
         """Hold `address` against lifts and say whether its ban is still in force: a step done
         again for a ban (KILL_ROUTE after a reboot) must not come after the ban's lift."""
-        with self._turn(address):
+        with self._turns.turn(address):
             try:
                 ban = self.store.get(address)
             except StoreError as error:
@@ -218,7 +199,7 @@ class BanManager:
             # fleet peers as a ban and undone with KILL_ROUTE_UNDO at its end.
             return responder.carry_out(block, None)
         at = time.time() if now is None else now
-        with self._turn(probe.source):
+        with self._turns.turn(probe.source):
             if isinstance(duration, UsePolicy):
                 duration = self.duration(probe.source, at)
             # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
@@ -238,7 +219,7 @@ class BanManager:
         address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late).
         None, with nothing done, while a ban or lift of the address is under way: its commands
         may run for COMMAND_TIMEOUT, and the maintenance thread asking must not wait for them."""
-        with self._turn(address, wait=False) as free:
+        with self._turns.turn(address, wait=False) as free:
             if not free:
                 return None
             ban = self.store.get(address)
@@ -354,7 +335,7 @@ class BanManager:
             # In turn with lifts of its address: an unblock drops the entry, and a save already
             # under way would put the ban back in the store after the lift. Not waited for (the
             # address's ban or lift may be running a command): the next round saves it.
-            with self._turn(entry.address, wait=False) as free:
+            with self._turns.turn(entry.address, wait=False) as free:
                 if not free:
                     break
                 with self._unsaved_lock:
@@ -375,7 +356,7 @@ class BanManager:
         fleet peer's lift is recorded as theirs, so this host does not publish it again. With
         `expired_only` (expiry), a ban made again or extended since it was seen over stays, and so
         does one being made right now: the next round looks again."""
-        with self._turn(address, wait=not expired_only) as free:
+        with self._turns.turn(address, wait=not expired_only) as free:
             if not free:
                 return False
             with self._lock:

@@ -303,7 +303,7 @@ def test_a_late_record_does_not_hold_up_the_maintenance_thread_while_the_address
     kernel.entries = [(SCANNER, Protocol.TCP, 79)]
     kb.settle(100.0)
     settling = threading.Thread(target=kb.settle, args=(103.5,))
-    with kb.bans._turn(SCANNER):  # a ban or lift of the scanner is running its commands
+    with kb.bans._turns.turn(SCANNER):  # a ban or lift of the scanner is running its commands
         settling.start()
         settling.join(5.0)
         busy = settling.is_alive()
