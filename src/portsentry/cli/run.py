@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from portsentry import __version__
-from portsentry.config.debian import ignore_file_to_use
 from portsentry.config.ignore import IgnoreFileError, IgnoreSource
+from portsentry.config.ignore import open_ignore as load_ignore_source
 from portsentry.config.settings import (
     KEYS,
     Config,
@@ -82,18 +82,8 @@ def validate_for_modes(config: Config, modes: Sequence[Mode]) -> None:
 
 
 def open_ignore(config: Config) -> IgnoreSource:
-    """The ignore list in force; Debian's portsentry.ignore.static when IGNORE_FILE is missing
-    (the note is among the source's warnings, so check-config and the start both say it)."""
-    choice = ignore_file_to_use(config.ignore_file)
-    source = IgnoreSource(choice.path, local_addresses)
-    try:
-        source.load()
-    except OSError as error:
-        raise config.error("IGNORE_FILE", f"cannot read {config.ignore_file}: "
-                           f"{error.strerror or error}") from error
-    if choice.note is not None:
-        source.warnings = [choice.note, *source.warnings]
-    return source
+    """The ignore list in force, with this host's addresses (config.ignore.open_ignore)."""
+    return load_ignore_source(config, local_addresses)
 
 
 def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:

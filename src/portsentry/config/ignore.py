@@ -12,9 +12,13 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import TYPE_CHECKING
 
 from portsentry.core.addresses import canonical
 from portsentry.core.probe import IPAddress
+
+if TYPE_CHECKING:
+    from portsentry.config.settings import Config
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -276,3 +280,22 @@ class IgnoreSource:
             return False
         self._entries, self.warnings, self._file_error = entries, warnings, None
         return True
+
+
+def open_ignore(config: Config, local_addresses: Callable[[], Iterable[IPAddress]]) -> IgnoreSource:
+    """The ignore list in force for `config`, loaded; Debian's portsentry.ignore.static when
+    IGNORE_FILE is missing (the note is among the source's warnings, so check-config and the
+    start both say it). ConfigError naming IGNORE_FILE when it cannot be read; IgnoreFileError
+    naming file and line for what it says."""
+    from portsentry.config.debian import ignore_file_to_use
+
+    choice = ignore_file_to_use(config.ignore_file)
+    source = IgnoreSource(choice.path, local_addresses)
+    try:
+        source.load()
+    except OSError as error:
+        raise config.error("IGNORE_FILE", f"cannot read {config.ignore_file}: "
+                           f"{error.strerror or error}") from error
+    if choice.note is not None:
+        source.warnings = [choice.note, *source.warnings]
+    return source

@@ -5,14 +5,14 @@ and a running daemon picks up changes within a second."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore
-from portsentry.config.debian import ignore_file_to_use
-from portsentry.config.ignore import IgnoreFileError, IgnoreList, load_ignore
-from portsentry.config.settings import Config, engine_settings
+from portsentry.config.ignore import IgnoreFileError, open_ignore
+from portsentry.config.settings import Config, ConfigError, engine_settings
 from portsentry.core.actions import Block
 from portsentry.core.addresses import canonical, impossible_source
 from portsentry.core.probe import IPAddress, Mode, Probe
@@ -104,17 +104,12 @@ class Spared:
     @classmethod
     def of_host(cls, config: Config) -> Spared:
         """As the daemon would have them now, for a ban made without it."""
-        choice = ignore_file_to_use(config.ignore_file)
-        try:
-            entries = load_ignore(choice.path)[0] if choice.path is not None else []
-        except IgnoreFileError as error:
-            raise AdminError(f"{error}; so which addresses must never be blocked is unknown") from None
-        except (OSError, UnicodeError) as error:
-            detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            raise AdminError(f"{choice.path}: {detail}; so which addresses must never be blocked "
-                             "is unknown") from None
         own = hostinfo.local_addresses()
-        return cls(own, IgnoreList(entries, own), protected_addresses(config))
+        try:
+            ignore = open_ignore(config, lambda: own).current(time.time())
+        except (ConfigError, IgnoreFileError) as error:
+            raise AdminError(f"{error}; so which addresses must never be blocked is unknown") from None
+        return cls(own, ignore, protected_addresses(config))
 
 
 @dataclass
