@@ -136,11 +136,12 @@ class BanManager:
         self.run = runner  # the shell runner, for the lifecycle's other parts (restore, bulk)
         self._lock = threading.Lock()
         self._turns = AddressTurns()  # bans and lifts of one address take turns (bans.turns)
-        # Appended to by the threads that ban, emptied by the maintenance thread's catch_up and by
-        # lifts (admin, fleet): changed only under its own lock, which is never held for I/O.
+        # Records (and hosts.deny lines) the store could not take yet: appended to by the threads
+        # that ban, emptied by the maintenance thread's catch_up and by lifts (admin, fleet); both
+        # lists change only under _unsaved_lock, which is never held for I/O.
         self._unsaved: list[_Unsaved] = []
-        self._unsaved_lock = threading.Lock()
         self._unsaved_lines: list[tuple[IPAddress, str, float]] = []
+        self._unsaved_lock = threading.Lock()
         # Set when the store on disk could not be opened and an in-memory one stands in.
         self.fallback_from: str | None = None
         self.telemetry = telemetry or Telemetry()
@@ -275,8 +276,9 @@ class BanManager:
             self.store.own_line(address, line, now)
         except StoreError as error:
             self._store_failed(error, retry=True)
-            if len(self._unsaved_lines) < UNSAVED_CAPACITY:
-                self._unsaved_lines.append((address, line, now))
+            with self._unsaved_lock:
+                if len(self._unsaved_lines) < UNSAVED_CAPACITY:
+                    self._unsaved_lines.append((address, line, now))
 
     def add_line(self, address: IPAddress, line: str, now: float) -> bool:
         """Append `line` to hosts.deny for `address`, recording it as ours only if we write it;
@@ -319,13 +321,23 @@ class BanManager:
                 self._unsaved += kept
             memory.close()
             self._log(messages.store_recovered(disk.path))
-        while self._unsaved_lines:
-            address, line, at = self._unsaved_lines[0]
+        while True:
+            with self._unsaved_lock:
+                if not self._unsaved_lines:
+                    break
+                held = self._unsaved_lines[0]
+            address, line, at = held
             try:
                 self.store.own_line(address, line, at)
             except StoreError:
                 break
-            self._unsaved_lines.pop(0)
+            # By identity, not by index: a lift may have disowned lines (another thread) meanwhile.
+            with self._unsaved_lock:
+                still = any(entry is held for entry in self._unsaved_lines)
+                self._unsaved_lines = [entry for entry in self._unsaved_lines if entry is not held]
+            if not still:  # disowned while it was being saved: the store must not keep it as ours
+                with contextlib.suppress(StoreError):
+                    self.store.disown_line(address, line)
         saved = 0
         while True:
             with self._unsaved_lock:
@@ -412,7 +424,8 @@ class BanManager:
                 self._log(messages.command_failed(str(address), result.failure()))
 
     def _disown_line(self, address: IPAddress, line: str) -> None:
-        self._unsaved_lines = [entry for entry in self._unsaved_lines if entry[:2] != (address, line)]
+        with self._unsaved_lock:
+            self._unsaved_lines = [entry for entry in self._unsaved_lines if entry[:2] != (address, line)]
         try:
             self.store.disown_line(address, line)
         except StoreError as error:

@@ -544,3 +544,24 @@ def test_a_block_that_only_runs_kill_run_cmd_records_no_ban(tmp_path):
     assert ran == [f"page {A}"]
     assert bans.store.get(A) is None and bans.store.changes(0) == [] and A not in kernel.held
     assert bans.expire(10_000.0) == [] and _commands == []
+
+
+def test_a_line_disowned_while_held_lines_are_saved_does_not_cost_another_its_record(tmp_path):
+    # Held hosts.deny lines (the store could not take them) were saved by index: a lift that
+    # disowned one meanwhile (another thread) replaced the list, and pop(0) then dropped the
+    # next held line unsaved, so a later unblock left its hosts.deny line behind as not ours.
+    bans, _kernel, _lines, _commands = manager(tmp_path)
+    B = ip_address("198.18.0.3")
+    bans._unsaved_lines = [(A, f"ALL: {A}", 1.0), (B, f"ALL: {B}", 1.0)]
+    saving = bans.store.own_line
+
+    def own_line(address, line, now):
+        saving(address, line, now)
+        if address == A:
+            bans._disown_line(A, f"ALL: {A}")  # an unblock of A, on another thread, right now
+
+    bans.store.own_line = own_line  # type: ignore[method-assign]
+    bans.catch_up()
+    bans.catch_up()
+    assert bans.store.owns_line(B, f"ALL: {B}")
+    assert not bans.store.owns_line(A, f"ALL: {A}") and bans._unsaved_lines == []
