@@ -21,6 +21,10 @@ Threads and ownership:
 - Both write the state file (STATE_DIR/fleet.json, fleet.state) under the node's lock; the
   counters (fleet.tally) are read by `status` on the main loop.
 Redis being down stops neither detection nor local bans: only these threads wait and retry.
+
+Just over 400 lines: the two threads' loops share the node's lock, its state file and the marks
+that tell a Redis that lost data from one that did not; the parts that need none of that are
+beside it (fleet.link, fleet.apply, fleet.gate, fleet.decision, fleet.tally).
 """
 
 from __future__ import annotations
