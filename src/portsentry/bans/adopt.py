@@ -65,6 +65,17 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
         fresh = list(latest.values())
     if not fresh:
         return []
+    with bans.exclusive():
+        made = _apply(bans, fresh, now, hosts_deny)
+    backend = bans.backend.name if bans.backend is not None else "none"
+    for ban in made:
+        bans.telemetry.ban(ban.address, backend, None if ban.expires is None else ban.expires - now,
+                           "fleet", now)
+    return made
+
+
+def _apply(bans: BanManager, fresh: list[RemoteBan], now: float, hosts_deny: str | None) -> list[Ban]:
+    """Kernel first (when there is one), then the store, then hosts.deny; the bans made."""
     early = bans.backend is not None
     if early:
         _kernel_first(bans, fresh, now)
@@ -90,10 +101,6 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
         except (OSError, ValueError) as error:
             bans.log(messages.config_error(f"cannot add {len(lines)} lines to {bans.hosts_deny.path}: "
                                            f"{error}"))
-    backend = bans.backend.name if bans.backend is not None else "none"
-    for ban in made:
-        bans.telemetry.ban(ban.address, backend, None if ban.expires is None else ban.expires - now,
-                           "fleet", now)
     return made
 
 

@@ -150,6 +150,14 @@ class BanManager:
         self.on_change: Callable[[], None] | None = None
 
     @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off lifts while a batch of peers' bans goes into the kernel and then the store
+        (bans.adopt): an unblock in between found no record yet, took the address out of the
+        kernel, and the record came after it. Not per address: a batch can hold 100,000."""
+        with self._lock:
+            yield
+
+    @contextlib.contextmanager
     def while_banned(self, address: IPAddress, now: float) -> Iterator[bool]:
         """Hold `address` against lifts and say whether its ban is still in force: a step done
         again for a ban (KILL_ROUTE after a reboot) must not come after the ban's lift."""

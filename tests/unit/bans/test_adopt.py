@@ -49,3 +49,30 @@ def test_a_peers_lift_is_recorded_as_theirs(tmp_path):
     last = bans.store.changes(0)[-1]
     assert (last.kind, last.origin) == ("lift", "h1")
     assert not lift_remote(bans, A, "h1", NOW + 2)  # twice: nothing to do
+
+
+def test_an_unblock_while_fleet_bans_are_applied_leaves_kernel_and_store_agreeing(tmp_path):
+    # A fleet batch puts its bans in the kernel, then records them. An admin's unblock of one of
+    # them in between (another thread) found no record, took it out of the kernel and said "not
+    # blocked"; the record came after: a ban in the store (the engine ignores the host) that the
+    # kernel no longer held. The unblock now waits for the batch and then lifts all of it.
+    import threading
+
+    bans, kernel, _lines, _commands = manager(tmp_path)
+    assert isinstance(bans.backend, type(kernel))
+    unblocked: list[bool] = []
+    admin = threading.Thread(target=lambda: unblocked.append(bans.lift(A, NOW, "unblocked by admin")))
+    add = kernel.add
+
+    def add_then_unblock(address, timeout):
+        add(address, timeout)
+        if address == A and not admin.is_alive() and not unblocked:
+            admin.start()
+            admin.join(0.5)  # it finishes here unless it has to wait for the batch
+
+    kernel.add = add_then_unblock  # type: ignore[method-assign]
+    adopt_bans(bans, [RemoteBan(A, NOW + 600, "h1", "fleet: scan")], NOW)
+    admin.join()
+    held = bans.store.get(A)
+    assert (held is not None and held.active(NOW)) == (A in kernel.held)
+    assert unblocked == [True] and A not in kernel.held
