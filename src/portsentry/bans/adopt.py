@@ -76,8 +76,7 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
 
 def _apply(bans: BanManager, fresh: list[RemoteBan], now: float, hosts_deny: str | None) -> list[Ban]:
     """Kernel first (when there is one), then the store, then hosts.deny; the bans made."""
-    early = bans.backend is not None
-    if early:
+    if bans.backend is not None:
         _kernel_first(bans, fresh, now)
     backends = (bans.backend.name,) if bans.backend is not None else ()
     by_origin: dict[str, list[BanRequest]] = {}

@@ -57,7 +57,7 @@ from portsentry.service.admin import Spared, protected_addresses
 from portsentry.service.blockqueue import BlockQueue
 from portsentry.service.control import ControlServer
 from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, guards_of
-from portsentry.service.maintenance import Findings, Maintenance
+from portsentry.service.maintenance import Findings, Maintenance, due
 from portsentry.service.requests import Counters, Requests
 from portsentry.service.resolver import Resolver
 
@@ -448,9 +448,7 @@ class Daemon:
         windows and rate-limit minutes that ended), failed-write summaries, and the gauges.
         Everything slow is the maintenance thread's."""
         now = self.clock()
-        # Planned more than a tick ahead: the clock was set back since, and waiting for it
-        # again would hold the tick off for as long as it jumped (as maintenance._due).
-        if now < self._next_tick <= now + self.tick:
+        if not due(now, self._next_tick, self.tick):  # also after the clock was set back
             return
         self._next_tick = now + self.tick
         for sensor in self.sensors:

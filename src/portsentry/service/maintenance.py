@@ -109,12 +109,12 @@ class Maintenance:
         resync: frozenset[IPAddress] | None = None
         bans = self.bans
         if bans is not None:
-            if _due(now, self._next_repair, self.repair_every):
+            if due(now, self._next_repair, self.repair_every):
                 self._next_repair = now + self.repair_every
                 self._guard(lambda: bans.repair(now))
             self._guard(bans.catch_up)
             self._guard(lambda: bans.expire(now))
-            if _due(now, self._next_prune, self.prune_every):
+            if due(now, self._next_prune, self.prune_every):
                 self._next_prune = now + self.prune_every
                 self._guard(lambda: bans.prune(now))
             if self.tally is not None:
@@ -172,7 +172,7 @@ class Maintenance:
             self._log(messages.config_error(f"internal error in the maintenance tick: {error!r}"))
 
 
-def _due(now: float, next_at: float, every: float) -> bool:
+def due(now: float, next_at: float, every: float) -> bool:
     """Whether work planned for `next_at` is due at `now`. Also when `next_at` lies more than
     one interval ahead: the clock was set back since, and waiting for it again would hold the
     work off for as long as the clock jumped."""
