@@ -45,6 +45,20 @@ class Guards:
         object.__setattr__(self, "protected_keys", frozenset(map(_key, self.protected)))
         object.__setattr__(self, "broadcast_keys", frozenset(map(_key, self.broadcasts)))
 
+    def refusal(self, address: IPAddress) -> str | None:
+        """Why this host must never ban `address` ("impossible", "own_address", "ignored",
+        "protected"), or None. Also for bans made by hand (service.admin.Spared)."""
+        key = _key(address)
+        if impossible_source(address) is not None or key in self.broadcast_keys:  # type: ignore[attr-defined]
+            return "impossible"
+        if key in self.own_keys:  # type: ignore[attr-defined]
+            return "own_address"
+        if address in self.ignore:
+            return "ignored"
+        if key in self.protected_keys:  # type: ignore[attr-defined]
+            return "protected"
+        return None
+
 
 def _key(address: IPAddress) -> int:
     """One integer per host, IPv4 and IPv6 apart. Canonical first: decisions name the IPv4 form,
@@ -88,16 +102,8 @@ class Gate:
             self.seen[decision.host] = order
         if decision.kind == "lift":
             return None  # lifting never harms this host; guards protect against bans
-        address, guards = decision.address, self.guards
-        key = _key(address)
-        if impossible_source(address) is not None or key in guards.broadcast_keys:  # type: ignore[attr-defined]
-            return "impossible"
-        if key in guards.own_keys:  # type: ignore[attr-defined]
-            return "own_address"
-        if address in guards.ignore:
-            return "ignored"
-        if key in guards.protected_keys:  # type: ignore[attr-defined]
-            return "protected"
+        if (refused := self.guards.refusal(decision.address)) is not None:
+            return refused
         if decision.expires is not None and decision.expires <= now:
             return "expired"
         if live and capped and self.rate_limited(now):

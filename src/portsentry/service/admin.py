@@ -7,14 +7,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Container, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore
 from portsentry.config.ignore import IgnoreFileError, open_ignore
 from portsentry.config.settings import Config, ConfigError, engine_settings
 from portsentry.core.actions import Block
-from portsentry.core.addresses import canonical, impossible_source
+from portsentry.core.addresses import impossible_source
 from portsentry.core.probe import IPAddress, Mode, Probe
 from portsentry.host import info as hostinfo
 from portsentry.responders.backend import BackendError, BanBackend, pick_backend
@@ -73,33 +73,32 @@ def protected_addresses(config: Config) -> frozenset[IPAddress]:
     return frozenset(found)
 
 
-@dataclass(frozen=True)
+# The fleet gate's refusal reasons (fleet.gate.Guards.refusal), as a manual block says them.
+_SPARED_WORDS = {
+    "impossible": "an address that cannot be the source of a real packet",
+    "own_address": "one of this host's addresses",
+    "ignored": "on the ignore list (IGNORE_FILE)",
+    "protected": "a default gateway or DNS resolver of this host (PROTECT_GATEWAYS, PROTECT_RESOLVERS)",
+}
+
+
 class Spared:
     """What a ban by hand must spare, as a scan's ban and a fleet peer's do: this host's own
     addresses, the ignore list and (PROTECT_GATEWAYS, PROTECT_RESOLVERS) the default gateways
-    and DNS resolvers. A typo in `block` must not cut the host off from its router."""
+    and DNS resolvers. A typo in `block` must not cut the host off from its router. The checks
+    are the fleet gate's (fleet.gate.Guards); only the words are the admin's."""
 
-    own: Iterable[IPAddress] = ()
-    ignore: Container[IPAddress] = frozenset()  # the ignore list in force
-    protected: Iterable[IPAddress] = ()
-    _own: frozenset[IPAddress] = field(init=False, repr=False, compare=False)
-    _protected: frozenset[IPAddress] = field(init=False, repr=False, compare=False)
+    def __init__(self, own: Iterable[IPAddress] = (), ignore: Container[IPAddress] = frozenset(),
+                 protected: Iterable[IPAddress] = ()) -> None:
+        # Here, not at the top: `portsentry list` and `status` need none of the fleet's modules.
+        from portsentry.fleet.gate import Guards
 
-    def __post_init__(self) -> None:
-        # Canonical, once: a resolv.conf may name ::ffff:a.b.c.d, and a feed checks 100,000 here.
-        object.__setattr__(self, "_own", frozenset(map(canonical, self.own)))
-        object.__setattr__(self, "_protected", frozenset(map(canonical, self.protected)))
+        self.guards = Guards(frozenset(own), ignore, frozenset(protected))
 
     def reason(self, address: IPAddress) -> str | None:
         """Why `address` must not be blocked by hand, or None."""
-        plain = canonical(address)
-        if plain in self._own:
-            return "one of this host's addresses"
-        if plain in self.ignore:
-            return "on the ignore list (IGNORE_FILE)"
-        if plain in self._protected:
-            return "a default gateway or DNS resolver of this host (PROTECT_GATEWAYS, PROTECT_RESOLVERS)"
-        return None
+        refused = self.guards.refusal(address)
+        return None if refused is None else _SPARED_WORDS[refused]
 
     @classmethod
     def of_host(cls, config: Config) -> Spared:
