@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from portsentry.bans.lifecycle import BanManager
-from portsentry.bans.store import ORIGIN_LOCAL_ONLY, BanRequest, normalise
+from portsentry.bans.store import ORIGIN_LOCAL_ONLY, ROUTE_MARK, BanRequest, normalise
 from portsentry.config.settings import Config
 from portsentry.core import messages
 from portsentry.core.addresses import impossible_source
@@ -119,7 +119,8 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
             result.skipped.append(f"{address}: {why}: not blocked")
         else:
             wanted.append(normalise(address))
-    backends = (bans.backend.name,) if bans.backend is not None else ()
+    backends = ((bans.backend.name,) if bans.backend is not None else ()) + (
+        (ROUTE_MARK,) if steps.route else ())
     requests = [
         BanRequest(address, MANUAL_REASON, str(Mode.TCP), 0, duration,
                    hosts_deny_entry(steps.hosts_deny, address, 0, Mode.TCP) if steps.hosts_deny else None,
@@ -167,8 +168,9 @@ def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAdd
                                            f"{bans.hosts_deny.path}: {error}"))
         else:
             bans.store.disown_lines(ours)
+    # Only what KILL_ROUTE did here is undone (ROUTE_MARK): a peer's ban never ran it.
     result.failed_commands = _run_each(bans, [steps.undo] if steps.undo else [],
-                                       [ban.address for ban in held], run)
+                                       [ban.address for ban in held if ban.routed], run)
     if local:
         result.done = bans.store.lift_many((ban.address for ban in held), now,
                                            "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY)

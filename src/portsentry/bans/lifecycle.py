@@ -33,6 +33,7 @@ from portsentry.bans.store import (
     DEFAULT_RETENTION,
     MEMORY,
     ORIGIN_LOCAL,
+    ROUTE_MARK,
     Ban,
     BanStore,
     StoreError,
@@ -215,7 +216,8 @@ class BanManager:
             # that the next start completes (restore re-applies it), never a ban nobody knows of.
             self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port, now=at,
                           duration=duration, hosts_deny_line=responder.intended_line(block),
-                          native=any(step.kind is StepKind.NATIVE for step in block.steps))
+                          native=any(step.kind is StepKind.NATIVE for step in block.steps),
+                          route=any(step.kind is StepKind.ROUTE for step in block.steps))
             if responder.carry_out(block, duration, self):
                 return True
             self.abandon(probe.source, at)
@@ -255,9 +257,11 @@ class BanManager:
 
     def remember(
         self, address: IPAddress, *, reason: str, mode: str, port: int, now: float,
-        duration: float | None, hosts_deny_line: str | None, native: bool,
+        duration: float | None, hosts_deny_line: str | None, native: bool, route: bool = False,
     ) -> Ban | None:
-        backends = (self.backend.name,) if native and self.backend is not None else ()
+        """Record a ban made here; `route`: its steps run KILL_ROUTE (ROUTE_MARK)."""
+        backends = ((self.backend.name,) if native and self.backend is not None else ()) + (
+            (ROUTE_MARK,) if route else ())
         entry = _Unsaved(address, reason, mode, port, now, duration, hosts_deny_line, backends)
         try:
             saved = self._save(entry)
@@ -425,7 +429,9 @@ class BanManager:
                                                 f"{self.hosts_deny.path}: {error}"))
             else:
                 self._disown_line(address, line)
-        if self.policy.undo:
+        # Only what KILL_ROUTE did here is undone. With no record at all (an address banned before
+        # this store, by 1.2 or by hand) the admin's unblock still runs it, as it always did.
+        if self.policy.undo and (ban is None or ban.routed):
             command = substitute(self.policy.undo, address, ban.port if ban else 0, mode_of(ban))
             result = self._run(command, self.policy.command_timeout)
             if not result.ok:

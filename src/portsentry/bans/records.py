@@ -22,6 +22,12 @@ ORIGIN_LOCAL = "local"
 # An admin's `unblock --local`: lifted on this host only, so the fleet is not told.
 ORIGIN_LOCAL_ONLY = "local-only"
 
+# In a ban's `backends`: KILL_ROUTE ran for it on this host. Only such a ban gets KILL_ROUTE again
+# after a reboot and KILL_ROUTE_UNDO at its lift; a fleet peer's ban, a kernel ban whose NFLOG copy
+# was lost and a ban made while KILL_ROUTE was unset never ran it, and their lift must not run an
+# undo that takes out a route somebody else made. Not a backend name, so never mistaken for one.
+ROUTE_MARK = "KILL_ROUTE"
+
 # History and offender records are kept this long and no more than this many (HISTORY_RETENTION
 # and HISTORY_MAX_ROWS in the configuration, 0 = no limit; the README's "Bans" section). A year of
 # a busy host's bans fits; a feed consumer that falls behind what is kept re-reads the active set.
@@ -44,12 +50,17 @@ class Ban:
     expires: float | None  # None = forever
     offences: int  # bans of this address so far, this one included
     hosts_deny_line: str | None  # the exact line written, so lifting removes exactly that line
-    backends: tuple[str, ...]  # native backends holding the ban ("nftables", ...)
+    backends: tuple[str, ...]  # native backends holding the ban ("nftables", ...), and ROUTE_MARK
     # Who set the current expiry: ORIGIN_LOCAL (detection or an admin here), or a fleet host id.
     origin: str = ORIGIN_LOCAL
 
     def active(self, now: float) -> bool:
         return self.expires is None or self.expires > now
+
+    @property
+    def routed(self) -> bool:
+        """KILL_ROUTE ran for this ban here (ROUTE_MARK)."""
+        return ROUTE_MARK in self.backends
 
 
 @dataclass(frozen=True)

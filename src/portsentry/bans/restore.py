@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from portsentry.bans.lifecycle import BanManager, mode_of
-from portsentry.bans.store import ORIGIN_LOCAL, StoreError
+from portsentry.bans.store import StoreError
 from portsentry.core import messages
 from portsentry.core.probe import IPAddress
 from portsentry.responders.backend import BackendError
@@ -71,11 +71,10 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
             bans.hosts_deny.add_many(list(lines), on_append=own)
         except (OSError, ValueError) as error:
             bans.log(messages.config_error(f"cannot restore {len(lines)} hosts.deny lines: {error}"))
-    # Only this host's own bans: a fleet peer's ban never ran KILL_ROUTE here (bans.adopt), so a
-    # reboot must not run it either. A local ban a peer's longer one took over counts as the peer's.
-    routes = ([(address, port, mode) for address, _e, _l, port, mode
-               in bans.store.active_slim(now, origin=ORIGIN_LOCAL)]
-              if changed and bans.policy.route else [])
+    # Only bans KILL_ROUTE ran for here (ROUTE_MARK): a fleet peer's ban (bans.adopt), a kernel
+    # ban whose NFLOG copy was lost and a ban made while KILL_ROUTE was unset never ran it, so a
+    # reboot must not run it either; their lift runs no KILL_ROUTE_UNDO.
+    routes = bans.store.active_routed(now) if changed and bans.policy.route else []
     # With nothing to re-run, rerun_routes returns at once and would not remember the kernel: a
     # first start without bans must still write it, or the next restart in the same namespace
     # re-runs every KILL_ROUTE made meanwhile.

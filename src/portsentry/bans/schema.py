@@ -117,6 +117,17 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         )
         """,
     ),
+    (
+        7,
+        "bans KILL_ROUTE ran for carry the mark KILL_ROUTE; earlier local bans are taken as such",
+        # Before, every lift ran KILL_ROUTE_UNDO and every local ban got KILL_ROUTE again after a
+        # reboot: a local ban's route stays undone at its lift as it would have been.
+        """
+        UPDATE bans SET backends = json_insert(backends, '$[#]', 'KILL_ROUTE')
+        WHERE origin = 'local'
+          AND NOT EXISTS (SELECT 1 FROM json_each(bans.backends) WHERE value = 'KILL_ROUTE')
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

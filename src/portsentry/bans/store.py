@@ -50,6 +50,7 @@ from portsentry.bans.records import EVENT_KINDS as EVENT_KINDS
 from portsentry.bans.records import ORIGIN_LOCAL as ORIGIN_LOCAL
 from portsentry.bans.records import ORIGIN_LOCAL_ONLY as ORIGIN_LOCAL_ONLY
 from portsentry.bans.records import POLICY as POLICY
+from portsentry.bans.records import ROUTE_MARK as ROUTE_MARK
 from portsentry.bans.records import Ban as Ban
 from portsentry.bans.records import BanRequest as BanRequest
 from portsentry.bans.records import Change as Change
@@ -527,16 +528,14 @@ class BanStore:
         return self._select(f"WHERE {_ACTIVE} ORDER BY first_seen, address", (now,))
 
     @_store_errors
-    def active_slim(self, now: float, origin: str | None = None
-                    ) -> list[tuple[IPAddress, float | None, str | None, int, str]]:
-        """(address, expires, hosts_deny_line, port, mode) of every ban in force (of `origin`
-        only, when given): what start-up needs, without a Ban object per row."""
-        where, args = (_ACTIVE, (now,)) if origin is None else (f"{_ACTIVE} AND origin = ?", (now, origin))
+    def active_routed(self, now: float) -> list[tuple[IPAddress, int, str]]:
+        """(address, port, mode) of every ban in force that KILL_ROUTE ran for (ROUTE_MARK)."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT address, expires, hosts_deny_line, port, mode FROM bans WHERE {where}", args
+                f"SELECT address, port, mode FROM bans WHERE {_ACTIVE} AND EXISTS "
+                "(SELECT 1 FROM json_each(bans.backends) WHERE value = ?)", (now, ROUTE_MARK)
             ).fetchall()
-        return [(stored_address(a), e, line, port, mode) for a, e, line, port, mode in rows]
+        return [(stored_address(a), port, mode) for a, port, mode in rows]
 
     @_store_errors
     def active_packed(self, now: float) -> list[tuple[bytes, float | None]]:

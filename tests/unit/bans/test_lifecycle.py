@@ -74,7 +74,7 @@ def test_expiry_lifts_from_kernel_hosts_deny_and_runs_undo(tmp_path):
     bans, kernel, lines, commands = manager(tmp_path, base=10, undo="ip route del $TARGET$")
     assert bans.ban_native(A, 10)
     bans.remember(A, reason="scan", mode="stcp", port=1, now=0.0, duration=10,
-                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+                  hosts_deny_line="ALL: 198.18.0.2", native=True, route=True)
     assert bans.add_line(A, "ALL: 198.18.0.2", 0.0)
     assert bans.expire(5.0) == []
     assert bans.expire(11.0) == [A]
@@ -232,7 +232,7 @@ def test_an_unblock_while_the_store_catches_up_neither_saves_its_ban_nor_loses_a
 def _banned(tmp_path, route: str = "ip route add blackhole $TARGET$") -> tuple[BanManager, list[str]]:
     bans, _kernel, _lines, commands = manager(tmp_path, route=route)
     bans.remember(A, reason="scan", mode="tcp", port=1, now=1.0, duration=None, hosts_deny_line=None,
-                  native=False)
+                  native=False, route=True)
     return bans, commands
 
 
@@ -260,7 +260,7 @@ def test_a_first_start_without_bans_remembers_the_kernel_so_a_restart_reruns_not
     path = str(tmp_path / "kernel-id")
     restart(bans, 1.0, path)  # first start ever: nothing stored
     bans.remember(A, reason="scan", mode="tcp", port=1, now=2.0, duration=None, hosts_deny_line=None,
-                  native=False)
+                  native=False, route=True)
     restart(bans, 3.0, path)  # same boot, same namespace
     assert commands == []
 
@@ -364,7 +364,7 @@ def test_restore_puts_bans_in_force_without_running_commands_and_leaves_them_for
     bans, commands = _banned(tmp_path)
     B = ip_address("198.18.0.3")
     bans.remember(B, reason="scan", mode="tcp", port=1, now=1.0, duration=None,
-                  hosts_deny_line="ALL: 198.18.0.3", native=True)
+                  hosts_deny_line="ALL: 198.18.0.3", native=True, route=True)
     restored = restore_bans(bans, 2.0, str(tmp_path / "kernel-id"))
     assert commands == [] and restored.rerun
     assert set(bans.backend.members()) == {A, B}  # type: ignore[union-attr]
@@ -478,7 +478,7 @@ def test_a_kill_route_undo_or_re_run_that_times_out_is_reported_as_such(tmp_path
 
     bans.run = bans._run = hang
     bans.remember(A, reason="scan", mode="tcp", port=1, now=1.0, duration=None, hosts_deny_line=None,
-                  native=False)
+                  native=False, route=True)
     restart(bans, 2.0, str(tmp_path / "kernel-id"))
     assert bans.lift(A, 3.0, "unblocked by admin")
     assert _run_each(bans, ["sleep-forever $TARGET$"], [A], hang) == 1
@@ -505,7 +505,7 @@ def test_a_ban_lifted_while_kill_route_is_re_run_gets_no_route_after_its_lift(tm
     bans, commands = _banned(tmp_path)
     B = ip_address("198.18.0.3")
     bans.remember(B, reason="scan", mode="tcp", port=1, now=1.0, duration=None, hosts_deny_line=None,
-                  native=False)
+                  native=False, route=True)
     bans.policy = BanPolicy(route="route add $TARGET$", undo="route del $TARGET$")
     restored = restore_bans(bans, 2.0, str(tmp_path / "kernel-id"))
     run = bans.run
