@@ -25,6 +25,10 @@ class LogWriter(Protocol):
         """One message; `fields` (PORTSENTRY_SRC etc.) are kept where the sink can (journald)."""
         ...
 
+    def flush(self) -> bool:
+        """Send what the sink held while its daemon was not reading; True when nothing is left."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -72,6 +76,12 @@ class Journal:
                         self.stderr = None  # its reader is gone for good: said once, below
                     detail = error.strerror if isinstance(error, OSError) else None
                     self.failures.failed(STDERR, "stderr", detail or str(error))
+
+    def flush(self) -> None:
+        """Once a second (the daemon's tick): lines the log daemon did not take yet go out."""
+        if self.syslog is not None:
+            with self._lock:
+                self.syslog.flush()
 
     @contextlib.contextmanager
     def in_order(self) -> Iterator[None]:

@@ -14,7 +14,11 @@ import os
 import re
 import socket
 import struct
+import time
 from collections.abc import Mapping
+
+from portsentry.journal.logsend import BUSY, Held, Sender
+from portsentry.journal.syslog import CLOSE_GRACE
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 ENV_STREAM = "JOURNAL_STREAM"
@@ -101,6 +105,7 @@ class JournaldWriter:
         self.failures = 0
         self.last_error = ""  # why the last entry could not be sent, for the failure report
         self._sock: socket.socket | None = None
+        self._held = Held()
 
     def entry(self, message: str, priority: int = LOG_NOTICE, **fields: object) -> bytes:
         """The datagram `send` would write (raises ValueError for a bad field name)."""
@@ -118,24 +123,48 @@ class JournaldWriter:
     def send(self, message: str, priority: int = LOG_NOTICE, **fields: object) -> bool:
         """Log `message` with `fields` (names as journald wants them, e.g. PORTSENTRY_SRC; lower
         case is raised). journald stamps the entry itself. Raises ValueError only for a bad
-        field name, which is a programming error."""
+        field name, which is a programming error. Never waits: entries journald does not read
+        yet are held (journal.logsend)."""
         data = self.entry(message, priority, **fields)
         for _attempt in range(2):
             try:
-                if self._sock is None:
-                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                try:
-                    self._sock.sendto(data, self.path)
-                except OSError as error:
-                    if error.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
-                        raise
-                    self._send_memfd(self._sock, data)
-                return True
+                if self._held.send(data, self._sender(self._socket())):
+                    return True
+                self.last_error = f"{BUSY}: {len(self._held)} entries held"
+                break
             except OSError as error:
                 self.last_error = error.strerror or str(error)
-                self.close()
+                self._disconnect()
         self.failures += 1
         return False
+
+    def flush(self) -> bool:
+        """Send held entries while journald takes them (the daemon's tick); True when none are left."""
+        if not len(self._held):
+            return True
+        try:
+            return self._held.flush(self._sender(self._socket()))
+        except OSError as error:
+            self.last_error = error.strerror or str(error)
+            self._disconnect()
+            return False
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        return self._sock
+
+    def _sender(self, sock: socket.socket) -> Sender:
+        def send(data: bytes) -> int:
+            try:
+                return sock.sendto(data, socket.MSG_DONTWAIT, self.path)
+            except OSError as error:
+                if error.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                    raise  # BlockingIOError among them: Held keeps the entry
+                self._send_memfd(sock, data)
+                return len(data)
+
+        return send
 
     def _send_memfd(self, sock: socket.socket, data: bytes) -> None:
         """An entry bigger than a datagram: journald reads it from a sealed memfd we pass it."""
@@ -147,11 +176,18 @@ class JournaldWriter:
             seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
             rights = array.array("i", [fd])
-            sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0, self.path)
+            sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], socket.MSG_DONTWAIT, self.path)
         finally:
             os.close(fd)
 
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def close(self) -> None:
+        """At the end: held entries get a second to go out."""
+        give_up = time.monotonic() + CLOSE_GRACE
+        while not self.flush() and time.monotonic() < give_up:
+            time.sleep(0.02)
+        self._disconnect()

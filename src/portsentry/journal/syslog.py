@@ -11,11 +11,14 @@ import socket
 import time
 from collections.abc import Mapping
 
+from portsentry.journal.logsend import BUSY, Held, Sender
+
 LOG_DAEMON = 3
 LOG_ERR = 3
 LOG_NOTICE = 5
 LOG_INFO = 6
 DEFAULT_SOCKET = "/dev/log"
+CLOSE_GRACE = 1.0  # seconds held lines may take to go out when the daemon stops
 
 
 _last_stamp: tuple[int, str] = (-1, "")  # (second, its text): a burst of lines formats it once
@@ -40,7 +43,8 @@ def frame(message: str, severity: int, ident: str, pid: int, at: float) -> bytes
 
 
 class SyslogWriter:
-    """Sends one datagram per message; reconnects after errors and never raises."""
+    """Sends one datagram per message; reconnects after errors and never raises or waits: lines
+    the daemon does not read yet are held (journal.logsend)."""
 
     def __init__(self, path: str = DEFAULT_SOCKET, ident: str = "portsentry") -> None:
         self.path = path
@@ -50,6 +54,7 @@ class SyslogWriter:
         self._sock: socket.socket | None = None
         # Read once: `socket.type` converts to an enum on every access, a microsecond a line.
         self._stream = False
+        self._held = Held()
 
     def _connect(self) -> socket.socket:
         failure = OSError(f"no syslog socket at {self.path}")
@@ -72,21 +77,47 @@ class SyslogWriter:
         data = frame(message, severity, self.ident, os.getpid(), time.time() if at is None else at)
         for _attempt in range(2):
             try:
-                if self._sock is None:
-                    self._sock = self._connect()
-                    self._stream = self._sock.type == socket.SOCK_STREAM
-                if self._stream:
-                    self._sock.sendall(data + b"\0")
-                else:
-                    self._sock.send(data)
-                return True
+                sock = self._socket()
+                if self._held.send(data + b"\0" if self._stream else data, self._sender(sock)):
+                    return True
+                self.last_error = f"{BUSY}: {len(self._held)} lines held"
+                break
             except OSError as error:
                 self.last_error = error.strerror or str(error)
-                self.close()
+                self._disconnect()
         self.failures += 1
         return False
 
-    def close(self) -> None:
+    def flush(self) -> bool:
+        """Send held lines while the socket takes them (the daemon's tick); True when none are left."""
+        if not len(self._held):
+            return True
+        try:
+            return self._held.flush(self._sender(self._socket()))
+        except OSError as error:
+            self.last_error = error.strerror or str(error)
+            self._disconnect()
+            return False
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            self._sock = self._connect()
+            self._stream = self._sock.type == socket.SOCK_STREAM
+            self.failures += self._held.reconnected()
+        return self._sock
+
+    @staticmethod
+    def _sender(sock: socket.socket) -> Sender:
+        return lambda data: sock.send(data, socket.MSG_DONTWAIT)
+
+    def _disconnect(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def close(self) -> None:
+        """At the end: held lines get a second to go out."""
+        give_up = time.monotonic() + CLOSE_GRACE
+        while not self.flush() and time.monotonic() < give_up:
+            time.sleep(0.02)
+        self._disconnect()

@@ -454,6 +454,7 @@ class Daemon:
         for sensor in self.sensors:
             sensor.tick(now)
         self.perform(self.engine.tick(now))
+        self.journal.flush()
         self.journal.failures.flush()
         bans = self.bans
         backend = bans.backend.name if bans is not None and bans.backend is not None else "none"
