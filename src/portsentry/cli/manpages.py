@@ -48,7 +48,9 @@ def conf_page() -> str:
         ".SH DESCRIPTION",
         escape("One KEY=\"value\" per line; # starts a comment. The keys of PortSentry 1.2 keep their "
                "meaning; the others are this version's. An unknown key or a bad value is an error "
-               "naming the file and the line; `portsentry check-config` shows the effective settings."),
+               "naming the file and the line; `portsentry check-config` shows the effective settings. "
+               "Every file and directory is named by its absolute path: with --daemon the daemon "
+               "works from /, as 1.2 did, so a relative one is refused."),
     ]
     for title, keys in SECTIONS:
         lines += [f".SH {escape(title)}"]

@@ -98,6 +98,8 @@ def test_debian_defaults_choose_the_modes_and_check_config_says_so(tmp_path, cap
         ('TCP_PORTS="1"\nKILL_ROUTE="/sbin/route add -host reject"\n', 2, "KILL_ROUTE", "$TARGET$"),
         ('TCP_PORTS="1"\n\nIGNORE_FILE="/nonexistent/portsentry.ignore"\n', 3, "IGNORE_FILE",
          "cannot read /nonexistent/portsentry.ignore"),
+        ('TCP_PORTS="1"\nHISTORY_FILE="portsentry.history"\n', 2, "HISTORY_FILE",
+         "'portsentry.history' is not an absolute path"),
     ],
 )
 def test_invalid_configs_give_one_error_naming_file_line_and_key(tmp_path, capsys, text, line, key, what):
