@@ -230,10 +230,11 @@ def admin_main(argv: Sequence[str]) -> int:
                 done = tool.unblock(address, now, local=args.local)
             for line in tool.log:
                 print(line)
-            if not done:
-                print(f"portsentry: {args.command}: nothing to do for {address}"
-                      if args.command == "unblock" else f"portsentry: could not block {address}",
-                      file=sys.stderr)
+            # The words and exit codes through_daemon gives: scripts must not care which path ran.
+            if done:
+                print(f"{args.command}: {address} done")
+            else:
+                print(f"portsentry: {admin.not_done(args.command, address)}", file=sys.stderr)
             return 0 if done else 1
         finally:
             tool.close()
@@ -299,8 +300,10 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
     from portsentry.service import adminio as admin
 
     message: dict[str, object] = {"command": args.command}
+    address = None
     if args.command in ("block", "unblock"):
-        message["address"] = str(admin.parse_address(args.address))
+        address = admin.parse_address(args.address)
+        message["address"] = str(address)
     if args.command == "block" and args.duration:
         message["duration"] = admin.parse_duration(args.duration)
     if args.command == "unblock" and args.local:
@@ -320,7 +323,7 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
     for line in answer.get("lines", []):
         print(line)
     if answer.get("ok"):
-        print(f"{args.command}: {args.address} done (via the running daemon)")
+        print(f"{args.command}: {address} done (via the running daemon)")
         return 0
     print(f"portsentry: {answer.get('error')}", file=sys.stderr)
     return 1

@@ -150,7 +150,11 @@ def command_page() -> str:
         ),
         ".SH EXIT STATUS",
         escape("0 on success; 1 when the configuration or a command fails; 2 for a usage error; 3 from "
-               "status when the daemon is not running."),
+               "status and reload when the daemon is not running. block and unblock end alike "
+               "whether the daemon answers them or not: 0 with \"block: ADDRESS done\" (or "
+               "unblock) on standard output; 1 with \"ADDRESS is not blocked\" from unblock, "
+               "\"could not block ADDRESS\" or the reason for a refusal (the ignore list, this "
+               "host's own addresses, its gateways and resolvers) on standard error."),
         ".SH SEE ALSO",
         "portsentry.conf(5), hosts_access(5), nft(8), fail2ban(1), logrotate(8)",
     ]
