@@ -238,6 +238,8 @@ def admin_main(argv: Sequence[str]) -> int:
             return 0 if done else 1
         finally:
             tool.close()
+    except BrokenPipeError:
+        raise  # the reader left (`portsentry list | head`): main ends quietly, as a shell expects
     except (ConfigError, AdminError, StoreError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
