@@ -331,13 +331,19 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
     return 1
 
 
-# What a shell reports for a command killed by SIGPIPE (128 + 13).
+# What a shell reports for a command killed by SIGPIPE (128 + 13) and by SIGINT (128 + 2).
 EXIT_BROKEN_PIPE = 141
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C at `block --file -` or a long report: the admin asked for it, no traceback.
+        # What was under way unwound through its finally blocks (a store transaction rolled back).
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `portsentry check-config | head`: the reader left, which is no error worth a traceback.
         # stdout goes to /dev/null so that the flush at exit does not raise again.

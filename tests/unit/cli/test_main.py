@@ -509,3 +509,34 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, command):
         os.close(write_end)
     assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
     assert proc.returncode == 141
+
+
+def test_ctrl_c_ends_an_admin_command_quietly(tmp_path):
+    # Ctrl-C while `block --file -` waited for addresses typed at the terminal (or while a long
+    # report ran) printed a KeyboardInterrupt traceback.
+    import subprocess
+    import sys
+    import time
+
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'BAN_BACKEND="none"\nSTATE_DIR="{tmp_path}/state"\n'
+                    f'CONTROL_SOCKET="{tmp_path}/control.sock"\nHOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portsentry", "block", "--file", "-", "-c", str(conf)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3] / "src")},
+        # As a terminal's Ctrl-C finds it: SIGINT not ignored (a test runner may ignore it).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("198.18.1.5\n")
+        proc.stdin.flush()
+        time.sleep(2)  # past the imports, reading the feed
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in err
+    assert proc.returncode == 130  # what a shell reports for a command ended by SIGINT
+    assert not (tmp_path / "hosts.deny").exists()  # nothing half done
