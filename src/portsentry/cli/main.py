@@ -200,6 +200,10 @@ def admin_main(argv: Sequence[str]) -> int:
             except control.NotRunning:
                 print("portsentry is not running", file=sys.stderr)
                 return NOT_RUNNING
+            except PermissionError:  # as list, block, unblock and status say it
+                print(f"portsentry: {config.control_socket}: permission denied (run as root)",
+                      file=sys.stderr)
+                return 1
             print("reloaded" if answer.get("ok") else f"portsentry: {answer.get('error')}")
             return 0 if answer.get("ok") else 1
         if args.command in ("block", "unblock"):

@@ -540,3 +540,22 @@ def test_ctrl_c_ends_an_admin_command_quietly(tmp_path):
     assert "Traceback" not in err
     assert proc.returncode == 130  # what a shell reports for a command ended by SIGINT
     assert not (tmp_path / "hosts.deny").exists()  # nothing half done
+
+
+@pytest.mark.parametrize("command", [["reload"], ["list"], ["unblock", "198.18.1.5"], ["status"]])
+def test_a_control_socket_only_root_may_use_is_named_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # As a user other than root (the socket is 0600 in a 0700 directory) `portsentry reload`
+    # said only "portsentry: [Errno 13] Permission denied", naming neither the socket nor the fix.
+    from portsentry.service import control
+
+    def refuse(path: str, message: object, timeout: float = 60.0) -> object:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(control, "request", refuse)
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{tmp_path}/ctl.sock"\n')
+    assert main([*command, "-c", str(conf)]) != 0
+    assert capsys.readouterr().err.strip() == (
+        f"portsentry: {tmp_path}/ctl.sock: permission denied (run as root)")
