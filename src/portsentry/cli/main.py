@@ -321,7 +321,7 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
     except PermissionError:
         print(f"portsentry: {config.control_socket}: permission denied (run as root)", file=sys.stderr)
         return 1
-    if args.command == "list":
+    if args.command == "list" and answer.get("ok"):
         rows = answer.get("bans", [])
         print(admin.as_json(rows) if args.json else admin.format_listing(rows))
         print("(via the running daemon)", file=sys.stderr)

@@ -559,3 +559,34 @@ def test_a_control_socket_only_root_may_use_is_named_with_what_to_do(
     assert main([*command, "-c", str(conf)]) != 0
     assert capsys.readouterr().err.strip() == (
         f"portsentry: {tmp_path}/ctl.sock: permission denied (run as root)")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_list_the_daemon_could_not_make_is_an_error_not_an_empty_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    # When the daemon's listing failed (the ban store unreadable, say) it answered with an error,
+    # and `portsentry list` printed "no active bans" (or []) and exited 0: bans in force, denied.
+    control = tmp_path / "ctl.sock"
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n')
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(control))
+    server.listen(1)
+
+    def fail() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'{"ok": false, "error": "list failed: database disk image is malformed"}\n')
+
+    thread = threading.Thread(target=fail, daemon=True)
+    thread.start()
+    try:
+        status = main(["list", "-c", str(conf), *(["--json"] if as_json else [])])
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert err.strip() == "portsentry: list failed: database disk image is malformed"
