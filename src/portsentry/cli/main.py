@@ -204,8 +204,11 @@ def admin_main(argv: Sequence[str]) -> int:
                 print(f"portsentry: {config.control_socket}: permission denied (run as root)",
                       file=sys.stderr)
                 return 1
-            print("reloaded" if answer.get("ok") else f"portsentry: {answer.get('error')}")
-            return 0 if answer.get("ok") else 1
+            if not answer.get("ok"):
+                print(f"portsentry: {answer.get('error')}", file=sys.stderr)
+                return 1
+            print("reloaded")
+            return 0
         if args.command in ("block", "unblock"):
             if (args.address is None) == (args.file is None):
                 print(f"portsentry: {args.command}: give an ADDRESS or --file FILE", file=sys.stderr)

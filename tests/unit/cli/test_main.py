@@ -590,3 +590,32 @@ def test_a_list_the_daemon_could_not_make_is_an_error_not_an_empty_list(
     out, err = capsys.readouterr()
     assert status == 1 and out == ""
     assert err.strip() == "portsentry: list failed: database disk image is malformed"
+
+
+def test_a_refused_reload_is_an_error_on_standard_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `portsentry reload` printed the daemon's refusal ("the new configuration was refused") on
+    # standard output, where `portsentry reload >/dev/null` in a script hid it.
+    control = tmp_path / "ctl.sock"
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n')
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(control))
+    server.listen(1)
+
+    def refuse() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'{"ok": false, "error": "the new configuration was refused; see the log"}\n')
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    try:
+        assert main(["reload", "-c", str(conf)]) == 1
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert out == "" and err == "portsentry: the new configuration was refused; see the log\n"
