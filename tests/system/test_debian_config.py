@@ -185,3 +185,26 @@ def test_the_sysv_script_starts_reloads_and_stops_the_daemon_with_debian_s_modes
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_sysv_script_leaves_alone_a_process_that_took_a_dead_daemon_s_pid(tmp_path):
+    """A daemon killed outright (SIGKILL, the OOM killer) leaves its pid file behind, and on a
+    SysV host (pid_max 32768) its pid is soon another process's. The script took any live pid
+    from the file for the daemon's: `status` said running, `start` refused to start, and `stop`
+    sent that process SIGTERM, then SIGKILL. The daemon holds a lock on its pid file while it
+    runs (as the logrotate snippet already checks); without it the file is stale."""
+    if shutil.which("flock") is None:
+        pytest.skip("flock (util-linux) is missing")
+    root = PrivateRoot(tmp_path / "root")
+    sysv = shlex.quote(str(REPO_ROOT / "packaging" / "sysv" / "portsentry"))
+    script = (f"sleep 60 & other=$!\n"
+              f"echo $other > /run/portsentry.pid\n"
+              f"sh {sysv} status; echo \"status exit $?\"\n"
+              f"sh {sysv} stop; echo \"stop exit $?\"\n"
+              f"if kill -0 $other 2>/dev/null; then echo 'other alive'; kill $other; fi\n")
+    done = subprocess.run(root.wrap(["sh", "-c", script]), capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert "status exit 3" in done.stdout and "stop exit 0" in done.stdout, done.stdout + done.stderr
+    assert "other alive" in done.stdout, done.stdout + done.stderr
+    assert "Stopping portsentry" not in done.stdout
+    assert not (root.run / "portsentry.pid").exists()  # the stale file goes, as after a clean stop

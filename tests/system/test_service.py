@@ -130,8 +130,9 @@ def test_unit_settings_match_the_daemon() -> None:
     defaults = Config(source="(defaults)")
     assert defaults.state_dir == "/var/lib/" + SETTINGS["StateDirectory"][0]
     assert os.path.dirname(defaults.control_socket) == "/run/" + SETTINGS["RuntimeDirectory"][0]
-    # The one file outside those directories that the daemon writes; not /etc.
-    assert SETTINGS["ReadWritePaths"] == ["-" + defaults.hosts_deny_file]
+    # The files outside those directories that the daemon (and iptables-legacy, which takes its
+    # lock first) writes; not /etc, not /run (tests/system/test_unit_sandbox.py plays them).
+    assert SETTINGS["ReadWritePaths"] == [f"-{defaults.hosts_deny_file} -/run/xtables.lock"]
 
 
 def hosts_deny_creator() -> str:

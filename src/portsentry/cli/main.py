@@ -200,8 +200,15 @@ def admin_main(argv: Sequence[str]) -> int:
             except control.NotRunning:
                 print("portsentry is not running", file=sys.stderr)
                 return NOT_RUNNING
-            print("reloaded" if answer.get("ok") else f"portsentry: {answer.get('error')}")
-            return 0 if answer.get("ok") else 1
+            except PermissionError:  # as list, block, unblock and status say it
+                print(f"portsentry: {config.control_socket}: permission denied (run as root)",
+                      file=sys.stderr)
+                return 1
+            if not answer.get("ok"):
+                print(f"portsentry: {answer.get('error')}", file=sys.stderr)
+                return 1
+            print("reloaded")
+            return 0
         if args.command in ("block", "unblock"):
             if (args.address is None) == (args.file is None):
                 print(f"portsentry: {args.command}: give an ADDRESS or --file FILE", file=sys.stderr)
@@ -230,13 +237,16 @@ def admin_main(argv: Sequence[str]) -> int:
                 done = tool.unblock(address, now, local=args.local)
             for line in tool.log:
                 print(line)
-            if not done:
-                print(f"portsentry: {args.command}: nothing to do for {address}"
-                      if args.command == "unblock" else f"portsentry: could not block {address}",
-                      file=sys.stderr)
+            # The words and exit codes through_daemon gives: scripts must not care which path ran.
+            if done:
+                print(f"{args.command}: {address} done")
+            else:
+                print(f"portsentry: {admin.not_done(args.command, address)}", file=sys.stderr)
             return 0 if done else 1
         finally:
             tool.close()
+    except BrokenPipeError:
+        raise  # the reader left (`portsentry list | head`): main ends quietly, as a shell expects
     except (ConfigError, AdminError, StoreError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
@@ -299,8 +309,10 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
     from portsentry.service import adminio as admin
 
     message: dict[str, object] = {"command": args.command}
+    address = None
     if args.command in ("block", "unblock"):
-        message["address"] = str(admin.parse_address(args.address))
+        address = admin.parse_address(args.address)
+        message["address"] = str(address)
     if args.command == "block" and args.duration:
         message["duration"] = admin.parse_duration(args.duration)
     if args.command == "unblock" and args.local:
@@ -312,7 +324,7 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
     except PermissionError:
         print(f"portsentry: {config.control_socket}: permission denied (run as root)", file=sys.stderr)
         return 1
-    if args.command == "list":
+    if args.command == "list" and answer.get("ok"):
         rows = answer.get("bans", [])
         print(admin.as_json(rows) if args.json else admin.format_listing(rows))
         print("(via the running daemon)", file=sys.stderr)
@@ -320,19 +332,25 @@ def through_daemon(config: Config, args: argparse.Namespace) -> int | None:
     for line in answer.get("lines", []):
         print(line)
     if answer.get("ok"):
-        print(f"{args.command}: {args.address} done (via the running daemon)")
+        print(f"{args.command}: {address} done (via the running daemon)")
         return 0
     print(f"portsentry: {answer.get('error')}", file=sys.stderr)
     return 1
 
 
-# What a shell reports for a command killed by SIGPIPE (128 + 13).
+# What a shell reports for a command killed by SIGPIPE (128 + 13) and by SIGINT (128 + 2).
 EXIT_BROKEN_PIPE = 141
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C at `block --file -` or a long report: the admin asked for it, no traceback.
+        # What was under way unwound through its finally blocks (a store transaction rolled back).
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `portsentry check-config | head`: the reader left, which is no error worth a traceback.
         # stdout goes to /dev/null so that the flush at exit does not raise again.

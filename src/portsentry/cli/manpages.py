@@ -48,7 +48,9 @@ def conf_page() -> str:
         ".SH DESCRIPTION",
         escape("One KEY=\"value\" per line; # starts a comment. The keys of PortSentry 1.2 keep their "
                "meaning; the others are this version's. An unknown key or a bad value is an error "
-               "naming the file and the line; `portsentry check-config` shows the effective settings."),
+               "naming the file and the line; `portsentry check-config` shows the effective settings. "
+               "Every file and directory is named by its absolute path: with --daemon the daemon "
+               "works from /, as 1.2 did, so a relative one is refused."),
     ]
     for title, keys in SECTIONS:
         lines += [f".SH {escape(title)}"]
@@ -148,7 +150,12 @@ def command_page() -> str:
         ),
         ".SH EXIT STATUS",
         escape("0 on success; 1 when the configuration or a command fails; 2 for a usage error; 3 from "
-               "status when the daemon is not running."),
+               "status and reload when the daemon is not running; 4 from status when it cannot tell (the "
+               "control socket is root's, or the daemon answered with an error). block and unblock end alike "
+               "whether the daemon answers them or not: 0 with \"block: ADDRESS done\" (or "
+               "unblock) on standard output; 1 with \"ADDRESS is not blocked\" from unblock, "
+               "\"could not block ADDRESS\" or the reason for a refusal (the ignore list, this "
+               "host's own addresses, its gateways and resolvers) on standard error."),
         ".SH SEE ALSO",
         "portsentry.conf(5), hosts_access(5), nft(8), fail2ban(1), logrotate(8)",
     ]

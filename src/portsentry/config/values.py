@@ -130,9 +130,20 @@ def priority(value: str) -> int:
 
 
 def absolute_path(value: str) -> str:
+    # --daemon changes to / (as 1.2 did), and reloads and ignore-file re-reads come after it: a
+    # relative path would name one file at the start and another from then on.
     if not value.startswith("/"):
         raise BadValue(f"{value!r} is not an absolute path")
     return value
+
+
+def required_path(value: str) -> str:
+    return absolute_path(required(value))
+
+
+def optional_path(value: str) -> str | None:
+    # Empty switches the feature off, as leaving the key out does.
+    return absolute_path(value) if value else None
 
 
 BLOCK_LABELS: Final = ("log only", "block", "run KILL_RUN_CMD only")

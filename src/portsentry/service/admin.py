@@ -23,6 +23,7 @@ from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.service.adminio import AdminError as AdminError
 from portsentry.service.adminio import as_json as as_json
 from portsentry.service.adminio import format_listing as format_listing
+from portsentry.service.adminio import not_done as not_done
 from portsentry.service.adminio import parse_address as parse_address
 from portsentry.service.adminio import parse_duration as parse_duration
 from portsentry.service.control import Request, Response
@@ -188,11 +189,11 @@ def admin_request(
     if request.command == "block":
         duration = bans.duration(address, now) if request.duration == "policy" else request.duration
         done = manual_block(bans, responder, config, address, duration, now, spared())
-        return Response.success() if done else Response.failure(f"could not block {address}")
+        return Response.success() if done else Response.failure(not_done("block", address))
     if request.command == "unblock":
         if unblock(bans, config, address, now, lines.append, request.local):
             return Response.success(lines=lines)
-        return Response.failure(f"{address} is not blocked", lines=lines)
+        return Response.failure(not_done("unblock", address), lines=lines)
     return Response.failure(f"unknown command {request.command!r}")
 
 

@@ -42,6 +42,16 @@ def parse_address(text: str) -> IPAddress:
         raise AdminError(f"{text!r} is not an IP address") from None
 
 
+def not_blocked(address: IPAddress) -> str:
+    """Why `unblock` did nothing: one wording with the daemon answering or not."""
+    return f"{address} is not blocked"
+
+
+def not_done(command: str, address: IPAddress) -> str:
+    """A block or unblock that did not happen: `portsentry: ` and this go to standard error."""
+    return not_blocked(address) if command == "unblock" else f"could not block {address}"
+
+
 def format_listing(rows: list[dict[str, object]]) -> str:
     if not rows:
         return "no active bans"

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from portsentry.service.admin import admin_request
+from portsentry.service.admin import AdminError, admin_request
 from portsentry.service.control import Command, Reply, Request, Response
 
 if TYPE_CHECKING:
@@ -85,6 +85,10 @@ class Requests:
         def run() -> None:
             try:
                 reply(work(self, request))
+            except AdminError as error:
+                # A refusal says all there is to say, in the words `portsentry block` uses when
+                # the daemon is not running; "block failed:" before it read as a fault.
+                reply(Response.failure(str(error)))
             except Exception as error:
                 reply(Response.failure(f"{request.command} failed: {error}"))
 

@@ -10,6 +10,7 @@ from portsentry.config.settings import Config
 from portsentry.service import control
 
 NOT_RUNNING = 3  # LSB / systemctl status: "program is not running"
+UNKNOWN = 4  # LSB: "program or service status is unknown" (it answered, but not with its status)
 
 
 def show_status(config: Config, as_json: bool, now: float) -> int:
@@ -21,7 +22,11 @@ def show_status(config: Config, as_json: bool, now: float) -> int:
         answer = {"ok": True, "status": {"running": False, **stored_bans(config, now)}}
     except PermissionError:
         print(f"portsentry: {config.control_socket}: permission denied (run as root)", file=sys.stderr)
-        return 4
+        return UNKNOWN
+    if not answer.get("ok"):
+        # A daemon answered (busy, or refusing this peer): running, whatever else is unknown.
+        print(f"portsentry: {answer.get('error')}", file=sys.stderr)
+        return UNKNOWN
     state = answer.get("status", {})
     if as_json:
         print(json.dumps(state, indent=2, sort_keys=True))

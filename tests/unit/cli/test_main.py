@@ -98,6 +98,8 @@ def test_debian_defaults_choose_the_modes_and_check_config_says_so(tmp_path, cap
         ('TCP_PORTS="1"\nKILL_ROUTE="/sbin/route add -host reject"\n', 2, "KILL_ROUTE", "$TARGET$"),
         ('TCP_PORTS="1"\n\nIGNORE_FILE="/nonexistent/portsentry.ignore"\n', 3, "IGNORE_FILE",
          "cannot read /nonexistent/portsentry.ignore"),
+        ('TCP_PORTS="1"\nHISTORY_FILE="portsentry.history"\n', 2, "HISTORY_FILE",
+         "'portsentry.history' is not an absolute path"),
     ],
 )
 def test_invalid_configs_give_one_error_naming_file_line_and_key(tmp_path, capsys, text, line, key, what):
@@ -481,18 +483,139 @@ def test_a_daemon_that_hangs_up_without_an_answer_is_one_clear_error(
     assert capsys.readouterr().err.strip().endswith(f"portsentry: {control}: the daemon sent no answer")
 
 
-def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
-    # `portsentry check-config | head` printed a BrokenPipeError traceback once head had exited.
+@pytest.mark.parametrize("command", [["check-config"], ["list"], ["status"], ["report"], ["check"],
+                                     ["hosts-deny", "tidy", "--dry-run"]])
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, command):
+    # `portsentry check-config | head` printed a BrokenPipeError traceback once head had exited;
+    # `portsentry list | head` (and the other admin commands) said "portsentry: [Errno 32]
+    # Broken pipe" and exited 1, which `set -o pipefail` scripts took for a failure of theirs.
     import subprocess
     import sys
 
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nBAN_BACKEND="none"\nSTATE_DIR="{tmp_path}/state"\n'
+                    f'CONTROL_SOCKET="{tmp_path}/control.sock"\nHOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
+    if command != ["check-config"]:  # that one reads /etc's or the built-in default, as it did
+        command = [*command, "-c", str(conf)]
+    if command[0] == "report":  # it reads an existing store only
+        main(["list", "-c", str(conf)])
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first line is written
     try:
-        proc = subprocess.run([sys.executable, "-m", "portsentry", "check-config"], stdout=write_end,
+        proc = subprocess.run([sys.executable, "-m", "portsentry", *command], stdout=write_end,
                               stderr=subprocess.PIPE, text=True, timeout=60, check=False,
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3] / "src")})
     finally:
         os.close(write_end)
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
     assert proc.returncode == 141
+
+
+def test_ctrl_c_ends_an_admin_command_quietly(tmp_path):
+    # Ctrl-C while `block --file -` waited for addresses typed at the terminal (or while a long
+    # report ran) printed a KeyboardInterrupt traceback.
+    import subprocess
+    import sys
+    import time
+
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'BAN_BACKEND="none"\nSTATE_DIR="{tmp_path}/state"\n'
+                    f'CONTROL_SOCKET="{tmp_path}/control.sock"\nHOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portsentry", "block", "--file", "-", "-c", str(conf)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3] / "src")},
+        # As a terminal's Ctrl-C finds it: SIGINT not ignored (a test runner may ignore it).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("198.18.1.5\n")
+        proc.stdin.flush()
+        time.sleep(2)  # past the imports, reading the feed
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in err
+    assert proc.returncode == 130  # what a shell reports for a command ended by SIGINT
+    assert not (tmp_path / "hosts.deny").exists()  # nothing half done
+
+
+@pytest.mark.parametrize("command", [["reload"], ["list"], ["unblock", "198.18.1.5"], ["status"]])
+def test_a_control_socket_only_root_may_use_is_named_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # As a user other than root (the socket is 0600 in a 0700 directory) `portsentry reload`
+    # said only "portsentry: [Errno 13] Permission denied", naming neither the socket nor the fix.
+    from portsentry.service import control
+
+    def refuse(path: str, message: object, timeout: float = 60.0) -> object:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(control, "request", refuse)
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{tmp_path}/ctl.sock"\n')
+    assert main([*command, "-c", str(conf)]) != 0
+    assert capsys.readouterr().err.strip() == (
+        f"portsentry: {tmp_path}/ctl.sock: permission denied (run as root)")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_list_the_daemon_could_not_make_is_an_error_not_an_empty_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    # When the daemon's listing failed (the ban store unreadable, say) it answered with an error,
+    # and `portsentry list` printed "no active bans" (or []) and exited 0: bans in force, denied.
+    control = tmp_path / "ctl.sock"
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n')
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(control))
+    server.listen(1)
+
+    def fail() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'{"ok": false, "error": "list failed: database disk image is malformed"}\n')
+
+    thread = threading.Thread(target=fail, daemon=True)
+    thread.start()
+    try:
+        status = main(["list", "-c", str(conf), *(["--json"] if as_json else [])])
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert err.strip() == "portsentry: list failed: database disk image is malformed"
+
+
+def test_a_refused_reload_is_an_error_on_standard_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `portsentry reload` printed the daemon's refusal ("the new configuration was refused") on
+    # standard output, where `portsentry reload >/dev/null` in a script hid it.
+    control = tmp_path / "ctl.sock"
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n')
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(control))
+    server.listen(1)
+
+    def refuse() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'{"ok": false, "error": "the new configuration was refused; see the log"}\n')
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    try:
+        assert main(["reload", "-c", str(conf)]) == 1
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert out == "" and err == "portsentry: the new configuration was refused; see the log\n"

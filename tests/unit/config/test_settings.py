@@ -147,6 +147,21 @@ ERRORS = [
         "HOSTS_DENY_FILE",
         "must not be empty (leave the key out to use the default)",
     ),
+    # A relative path meant one file before --daemon's chdir("/") and another after it (and at
+    # every reload and ignore-file re-read): refused as STATE_DIR's always was.
+    *[
+        (f'{key}="{value}"', key, f"{value!r} is not an absolute path")
+        for key, value in [
+            ("IGNORE_FILE", "portsentry.ignore"),
+            ("HISTORY_FILE", "var/portsentry.history"),
+            ("BLOCKED_FILE", "./portsentry.blocked"),
+            ("HOSTS_DENY_FILE", "hosts.deny"),
+            ("EVENT_LOG", "events.jsonl"),
+            ("FLEET_KEY_FILE", "fleet.key"),
+            ("FLEET_PASSWORD_FILE", "~/fleet.pass"),
+            ("STATE_DIR", "state"),
+        ]
+    ],
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from ipaddress import ip_address, ip_network
 
 import pytest
@@ -195,3 +197,62 @@ def test_unblock_says_when_kill_route_is_not_undone(tmp_path, monkeypatch, capsy
     assert main(["unblock", "198.18.1.5", "-c", str(conf)]) == 0
     out = capsys.readouterr().out
     assert ("KILL_ROUTE_UNDO is not set" in out) == warned
+
+
+@contextmanager
+def _daemon_answering(conf):
+    """The daemon's control socket and request handling (service.requests) over the same store,
+    ignore list and hosts.deny as the CLI's path without the daemon; no sensors, no engine."""
+    from types import SimpleNamespace
+
+    from portsentry.config.settings import load_config
+    from portsentry.responders.classic import ClassicResponder
+    from portsentry.service import admin
+    from portsentry.service.control import ControlServer
+    from portsentry.service.requests import Requests
+
+    config = load_config(str(conf)).config
+    tool = admin.Admin.open(config)
+    daemon = SimpleNamespace(bans=tool.bans, config=config, clock=time.time,
+                             responder=ClassicResponder(tool.bans.hosts_deny, tool.log.append, 5.0),
+                             spared=lambda: admin.Spared.of_host(config))
+    requests = Requests(daemon, lambda work: work(), lambda work: work(), lambda: None)  # type: ignore[arg-type]
+    server = ControlServer(config.control_socket, requests.on_request)
+    server.start()
+    try:
+        yield
+    finally:
+        server.close()
+        tool.close()
+
+
+def _outcome(conf, capsys, *command: str) -> tuple[int, list[str], list[str]]:
+    """Exit code, then standard output's and error's lines without the one naming the path."""
+    from portsentry.cli.main import main
+
+    status = main([*command, "-c", str(conf)])
+    out, err = capsys.readouterr()
+    via = (" (via the running daemon)", "(the daemon is not running: working on the ban store directly)")
+    return (status, [line.removesuffix(via[0]) for line in out.splitlines() if "attackalert" not in line],
+            [line for line in err.splitlines() if line != via[1]])
+
+
+def test_block_and_unblock_end_alike_with_and_without_the_daemon(tmp_path, monkeypatch, capsys):
+    # Through the daemon a lift said "unblock: A done", without it nothing; a second unblock said
+    # "A is not blocked" or "unblock: nothing to do for A"; a refused block came as "block failed:
+    # A is on the ignore list" or without "block failed:". Scripts match these; the path must not
+    # matter (nor the spelling of the address: ::ffff:198.18.1.5 is 198.18.1.5).
+    conf = _host(tmp_path, monkeypatch)
+    script = [("block", "198.18.1.5"), ("unblock", "::ffff:198.18.1.5"), ("unblock", "198.18.1.5"),
+              ("block", "198.18.0.5"), ("unblock", "nonsense")]
+    without = [_outcome(conf, capsys, *command) for command in script]
+    with _daemon_answering(conf):
+        through = [_outcome(conf, capsys, *command) for command in script]
+    assert through == without
+    assert without == [
+        (0, ["block: 198.18.1.5 done"], []),
+        (0, ["unblock: 198.18.1.5 done"], []),
+        (1, [], ["portsentry: 198.18.1.5 is not blocked"]),
+        (1, [], ["portsentry: 198.18.0.5 is on the ignore list (IGNORE_FILE): not blocked"]),
+        (1, [], ["portsentry: 'nonsense' is not an IP address"]),
+    ]

@@ -65,3 +65,38 @@ def test_records_not_written_and_packets_dropped_are_shown():
             in text) and text.rstrip().count("No space left on device") == 1
     assert "NOT WRITTEN:" in text
     assert "dropped:       2 source multicast, 1 truncated" in text
+
+
+def test_a_daemon_that_answers_with_an_error_is_not_called_stopped(tmp_path, capsys):
+    # A running daemon that refused the request (all 64 control connections busy, or a peer it
+    # does not serve) was reported as "portsentry is not running", exit 3: monitoring and
+    # scripts that start it when status says 3 were told a lie.
+    import socket
+    import threading
+
+    from portsentry.config.settings import Config
+    from portsentry.service.status import show_status
+
+    control = tmp_path / "ctl.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(control))
+    server.listen(1)
+
+    def refuse() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'{"ok": false, "error": "busy: too many control connections at once"}\n')
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    try:
+        status = show_status(Config(source="t", state_dir=str(tmp_path / "state"),
+                                    control_socket=str(control)), False, 1000.0)
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert "not running" not in out
+    assert err.strip() == "portsentry: busy: too many control connections at once"
+    assert status == 4  # LSB: status unknown, as when the socket is root's only
