@@ -10,7 +10,7 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
-from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore
+from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore, StoreError
 from portsentry.config.ignore import IgnoreFileError, open_ignore
 from portsentry.config.settings import Config, ConfigError, engine_settings
 from portsentry.core.actions import Block
@@ -202,13 +202,18 @@ def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
     # Only what the store says we did is undone: a hosts.deny line we did not append is the
     # admin's (or fail2ban's), even when it reads exactly like ours. A fleet hears of the lift
     # (its publisher sends lifts of origin "local") unless `local`.
+    try:
+        held = bans.store.get(address)
+    except StoreError:
+        held = None  # the lift says what is wrong with the store
     if local:
         lifted = bans.lift(address, now, "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY)
     else:
         lifted = bans.lift(address, now, "unblocked by admin", origin=ORIGIN_LOCAL)
     # Debian's file sets KILL_ROUTE and 1.2 has no undo: without this the admin reads "done"
-    # while the reject route (or firewall rule) still cuts the host off.
-    if lifted and config.kill_route and not config.kill_route_undo:
+    # while the reject route (or firewall rule) still cuts the host off. Only where KILL_ROUTE
+    # ran for the ban: a fleet peer's ban or a kernel ban left no route behind.
+    if lifted and config.kill_route and not config.kill_route_undo and (held is None or held.routed):
         log(f"note: KILL_ROUTE_UNDO is not set, so what KILL_ROUTE did for {address} "
             f"({config.kill_route!r}) is still in place; undo it by hand")
     return lifted

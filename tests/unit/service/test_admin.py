@@ -183,6 +183,23 @@ def test_block_file_from_stdin_takes_stray_bytes_whatever_the_locale(tmp_path, m
     assert _stored(tmp_path) == ["198.18.1.5"]
 
 
+def test_unblock_of_a_ban_kill_route_never_ran_for_says_nothing_of_a_route(tmp_path, monkeypatch, capsys):
+    # A fleet peer's ban ran no KILL_ROUTE here: "what KILL_ROUTE did ... is still in place;
+    # undo it by hand" sent the admin looking for a route that was never made.
+    from portsentry.bans.store import BanStore
+    from portsentry.cli.main import main
+
+    conf = _host(tmp_path, monkeypatch)
+    with conf.open("a") as handle:
+        handle.write('KILL_ROUTE="true $TARGET$"\n')
+    (tmp_path / "state").mkdir()
+    with BanStore(str(tmp_path / "state" / "bans.sqlite3")) as store:
+        store.ban(ip_address("198.18.1.6"), reason="fleet: scan", mode="tcp", port=0, now=1.0,
+                  duration=None, origin="h2")
+    assert main(["unblock", "198.18.1.6", "-c", str(conf)]) == 0
+    assert "KILL_ROUTE_UNDO is not set" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("undo,warned", [("", True), ('KILL_ROUTE_UNDO="true $TARGET$"\n', False)])
 def test_unblock_says_when_kill_route_is_not_undone(tmp_path, monkeypatch, capsys, undo, warned):
     # With Debian's KILL_ROUTE ("route add -host $TARGET$ reject") and no KILL_ROUTE_UNDO,
