@@ -121,6 +121,9 @@ def inner(conf: str, log: str, stream: str, count: int) -> None:
         def skip_sources(self, networks: object) -> None:
             pass
 
+        def skip_interfaces(self, indexes: frozenset[int]) -> None:
+            pass
+
         def close(self) -> None:
             pass
 

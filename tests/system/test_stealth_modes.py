@@ -173,3 +173,48 @@ def test_verbose_still_sees_ignored_sources(daemon_factory, namespaces, syslog):
                    ignore=("127.0.0.1/32", net.scanner_ip4 + "/32"))
     nmap(net.scanner, ["-sS", "-p", "79", "--max-retries", "0", net.target_ip4])
     syslog.wait_for(re.compile(rf"{re.escape(net.scanner_ip4)}.*ignor", re.IGNORECASE))
+
+
+def _bridge_target_link(ns: str) -> None:
+    """Make the target's eth0 a port of a new bridge br0 that takes over eth0's addresses and,
+    as a bridge does by default with one port, its MAC: a frame to br0 then passes the packet
+    taps twice, first as eth0's, then as br0's, both times as addressed to this host."""
+    import json
+
+    link = json.loads(run_in(ns, ["ip", "-j", "link", "show", "eth0"], check=True).stdout)[0]
+    addrs = json.loads(run_in(ns, ["ip", "-j", "addr", "show", "eth0", "scope", "global"],
+                              check=True).stdout)[0]["addr_info"]
+    addrs = [a for a in addrs if "local" in a]  # `ip -j` leaves filtered-out ones as {}
+    for argv in (["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0"],
+                 ["ip", "link", "set", "br0", "address", link["address"]],
+                 ["ip", "addr", "flush", "dev", "eth0", "scope", "global"],
+                 ["ip", "link", "set", "eth0", "master", "br0"],
+                 *(["ip", "addr", "add", f"{a['local']}/{a['prefixlen']}", "dev", "br0",
+                    *(["nodad"] if a["family"] == "inet6" else [])] for a in addrs),
+                 ["ip", "link", "set", "br0", "up"]):
+        run_in(ns, argv, check=True)
+    eventually(lambda: '"forwarding"' in run_in(ns, ["bridge", "-j", "link", "show", "dev", "eth0"]).stdout,
+               what="bridge port forwarding")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_probe_through_a_bridge_port_is_one_hit(daemon_factory, namespaces, syslog, family):
+    """AF_PACKET capture on a host whose address is on a bridge (or bond) that shares its port's
+    MAC: the kernel delivers the packet once, so it is one probe, not two (which made
+    SCAN_TRIGGER="2" ban on a single SYN)."""
+    import json
+    import sys
+
+    from tests.system.rig import daemon_env, tcp_connect
+
+    net = namespaces
+    _flags, target, scanner, _target2, _scanner2 = addresses(net, family)
+    _bridge_target_link(net.target)
+    daemon = daemon_factory("-stcp", BLOCK_TCP="1", KILL_ROUTE=ROUTE, BAN_BACKEND="none",
+                            SCAN_TRIGGER="2")
+    assert not tcp_connect(net.scanner, target, 1).connected  # one SYN, answered by a RST
+    run_in(net.target, ["sleep", "1.5"])
+    argv = [sys.executable, "-m", "portsentry", "status", "--json", "-c", str(daemon.conf_path)]
+    state = json.loads(run_in(net.target, argv, env=daemon_env(), check=True).stdout)
+    assert state["probes_seen"] == 1
+    syslog.assert_absent(f"Host {scanner} has been blocked", wait=0.5)

@@ -22,6 +22,7 @@ from portsentry.netlink.codec import (
     NLM_F_REQUEST,
     Message,
     align,
+    attr,
     attributes,
     dump,
     message,
@@ -41,7 +42,10 @@ RTMSG = struct.Struct("=BBBBBBBBI")
 RTATTR = NLATTR  # struct rtattr: rta_len, rta_type, as struct nlattr
 RTNEXTHOP = struct.Struct("=HBBi")  # rtnh_len, rtnh_flags, rtnh_hops, rtnh_ifindex
 RTVIA_FAMILY = struct.Struct("=H")  # struct rtvia starts with the gateway's family
+IFINFOMSG = struct.Struct("=BxHiII")  # ifi_family, pad, ifi_type, ifi_index, ifi_flags, ifi_change
 
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
 RTM_NEWADDR = 20
 RTM_GETADDR = 22
 RTM_NEWROUTE = 24
@@ -56,6 +60,14 @@ RTA_GATEWAY = 5
 RTA_MULTIPATH = 9
 RTA_TABLE = 15
 RTA_VIA = 18
+
+IFLA_MASTER = 10
+IFLA_LINKINFO = 18
+IFLA_INFO_KIND = 1  # nested in IFLA_LINKINFO
+IFLA_EXT_MASK = 29
+RTEXT_FILTER_SKIP_STATS = 1 << 3  # most of a link's bytes, and nothing we read
+# The one kind of master that does not hand its ports' packets up again as its own (l3mdev).
+L3_MASTER_KINDS = frozenset({"vrf"})
 
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
@@ -96,6 +108,15 @@ class Route:
     @property
     def is_default(self) -> bool:
         return self.dst_len == 0 and self.table == RT_TABLE_MAIN and self.type == RTN_UNICAST
+
+
+@dataclass(frozen=True)
+class Link:
+    """One RTM_NEWLINK, reduced to what finding bridge and bond ports needs."""
+
+    index: int
+    master: int  # IFLA_MASTER, 0 for none
+    kind: str  # IFLA_INFO_KIND ("bridge", "bond", "vrf", ...), "" for none
 
 
 def parse_messages(data: bytes) -> list[NetlinkMessage]:
@@ -188,6 +209,37 @@ def parse_route_message(payload: bytes) -> Route | None:
     return Route(family, dst_len, table, kind, tuple(gateways))
 
 
+def parse_link_message(payload: bytes) -> Link | None:
+    """Decode the body of one RTM_NEWLINK; None if it is too short for struct ifinfomsg."""
+    if len(payload) < IFINFOMSG.size:
+        return None
+    index = IFINFOMSG.unpack_from(payload)[2]
+    master, kind = 0, ""
+    wanted = (IFLA_MASTER, IFLA_LINKINFO)
+    for attribute, value in attributes(payload, IFINFOMSG.size, len(payload), wanted)[0]:
+        if attribute == IFLA_MASTER and len(value) >= 4:
+            master = struct.unpack_from("=I", value)[0]
+        elif attribute == IFLA_LINKINFO:
+            for _inner, text in attributes(value, 0, len(value), (IFLA_INFO_KIND,))[0]:
+                kind = text.split(b"\0", 1)[0].decode("ascii", "replace")
+    return Link(index, master, kind)
+
+
+def relaying_ports(links: Iterable[Link]) -> frozenset[int]:
+    """Interfaces enslaved to a bridge, bond, team or Open vSwitch: their master takes each
+    frame they receive for this host and receives it again as its own, so a packet tap sees it
+    on both (an interface whose master is not in `links` counts as such a port too)."""
+    found = list(links)
+    kinds = {link.index: link.kind for link in found}
+    return frozenset(link.index for link in found
+                     if link.master and kinds.get(link.master, "") not in L3_MASTER_KINDS)
+
+
+def parse_link_messages(data: bytes) -> list[Link]:
+    """Every RTM_NEWLINK in a datagram (other message types are skipped)."""
+    return _links(messages(data))
+
+
 def parse_addr_messages(data: bytes) -> list[InterfaceAddress]:
     """Every RTM_NEWADDR in a datagram (other message types are skipped)."""
     return _addresses(messages(data))
@@ -201,6 +253,11 @@ def parse_route_messages(data: bytes) -> list[Route]:
 def _addresses(found: Iterable[Message]) -> list[InterfaceAddress]:
     parsed = (parse_addr_message(m.payload) for m in found if m.type == RTM_NEWADDR)
     return [address for address in parsed if address is not None]
+
+
+def _links(found: Iterable[Message]) -> list[Link]:
+    parsed = (parse_link_message(m.payload) for m in found if m.type == RTM_NEWLINK)
+    return [link for link in parsed if link is not None]
 
 
 def _routes(found: Iterable[Message]) -> list[Route]:
@@ -260,6 +317,18 @@ def routes() -> list[Route]:
     """Every route in every table, both families (RTM_GETROUTE dump)."""
     request = RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)
     return _routes(_dump(RTM_GETROUTE, request))
+
+
+def links() -> list[Link]:
+    """Every network interface (RTM_GETLINK dump, without the statistics)."""
+    request = IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(
+        IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))
+    return _links(_dump(RTM_GETLINK, request))
+
+
+def relaying_interfaces() -> frozenset[int]:
+    """Indexes of the interfaces whose packets a tap sees again on their master (relaying_ports)."""
+    return relaying_ports(links())
 
 
 def local_addresses() -> frozenset[IPAddress]:

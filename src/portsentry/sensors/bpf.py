@@ -57,9 +57,11 @@ BPF_TXA = 0x80
 SKF_AD_OFF = -0x1000
 SKF_AD_PROTOCOL = 0
 SKF_AD_PKTTYPE = 4
+SKF_AD_IFINDEX = 8
 SKF_AD_VLAN_TAG_PRESENT = 48
 
 QUIET_PORTS_MAX = 64
+SKIP_INTERFACES_MAX = 64
 # Networks per family the filter rejects by source: a jump reaches at most 255 instructions
 # ahead, and an IPv4 network costs up to 3, an IPv6 one up to 9.
 SKIP_SOURCES_MAX = {4: 64, 6: 24}
@@ -134,6 +136,7 @@ def build_probe_filter(
     outgoing_udp: bool = False,
     quiet_udp_ports: Collection[int] = (),
     skip_sources: Collection[IPv4Network | IPv6Network] = (),
+    skip_interfaces: Collection[int] = (),
 ) -> list[Insn]:
     """Accept inbound unicast IPv4/IPv6 packets that may be probes; reject everything else.
 
@@ -141,7 +144,9 @@ def build_probe_filter(
     not IPv4 non-first fragments. With `max_port` (advanced mode) only destination ports below
     it pass. IPv6 packets whose first next header is an extension header are passed without
     port or flag checks: walking the chain is left to Python. Inbound packets from
-    `skip_sources` (merged; the first SKIP_SOURCES_MAX per family) are rejected.
+    `skip_sources` (merged; the first SKIP_SOURCES_MAX per family) are rejected, and so are
+    inbound packets on `skip_interfaces` (indexes of bridge and bond ports, whose packets come
+    again on their master; the lowest SKIP_INTERFACES_MAX).
 
     A conditional jump reaches at most 255 instructions ahead, so each part (the head, IPv4,
     our outgoing UDP, IPv6) ends in its own accept and reject, and the head reaches the parts
@@ -166,6 +171,12 @@ def build_probe_filter(
     # them), not broadcast or multicast (1.2 reacted to those; 2.x's pcap filter did not).
     asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
     asm.jump(BPF_JEQ, PACKET_HOST, 0, "to_outgoing" if outgoing_udp else "reject")
+    # Counted on the master only: the port's copy is the same packet, delivered once.
+    interfaces = sorted(set(skip_interfaces))[:SKIP_INTERFACES_MAX]
+    if interfaces:
+        asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_IFINDEX)
+        for index in interfaces:
+            asm.jump(BPF_JEQ, index, "reject", 0)
     # A tagged frame is seen again, untagged, on its VLAN device; count it there only.
     asm.emit(BPF_LD | BPF_W | BPF_ABS, SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT)
     asm.jump(BPF_JEQ, 0, 0, "reject")
@@ -348,6 +359,7 @@ _JUMP_NAMES = {BPF_JEQ: "jeq", BPF_JGT: "jgt", BPF_JGE: "jge", BPF_JSET: "jset"}
 _ANCILLARY_NAMES = {
     SKF_AD_PROTOCOL: "proto",
     SKF_AD_PKTTYPE: "pkttype",
+    SKF_AD_IFINDEX: "ifindex",
     SKF_AD_VLAN_TAG_PRESENT: "vlan_avail",
 }
 

@@ -70,25 +70,32 @@ class Capture(Protocol):
     def skip_sources(self, networks: Collection[Network]) -> None:
         """Keep packets from these sources (the ignore list) away from us in the kernel."""
         ...
+    def skip_interfaces(self, indexes: frozenset[int]) -> None:
+        """Bridge and bond ports: a tap sees their packets again on the master, so only the
+        master's copy may count."""
+        ...
     def close(self) -> None: ...
 
 
 Network = IPv4Network | IPv6Network
-# Builds the filter program that also keeps these UDP ports and these sources away.
-FilterBuilder = Callable[[frozenset[int], tuple[Network, ...]], list[Insn]]
+# Builds the filter program that also keeps these UDP ports, these sources and what comes in on
+# these interfaces away.
+FilterBuilder = Callable[[frozenset[int], tuple[Network, ...], frozenset[int]], list[Insn]]
 
 
 class CaptureSocket:
     """Inbound packets on every interface that pass `program`, read without blocking.
 
-    `builder(ports, sources)` builds the program that also keeps those UDP ports (quiet_udp)
-    and those sources (skip_sources) away."""
+    `builder(ports, sources, interfaces)` builds the program that also keeps those UDP ports
+    (quiet_udp), those sources (skip_sources) and those interfaces' packets (skip_interfaces)
+    away."""
 
     def __init__(self, program: list[Insn], rcvbuf: int = 4 << 20, snaplen: int = 2048,
                  ignore_outgoing: bool = True, builder: FilterBuilder | None = None) -> None:
         self._builder = builder
         self._quiet: frozenset[int] = frozenset()
         self._skip: tuple[Network, ...] = ()
+        self._interfaces: frozenset[int] = frozenset()
         try:
             # A protocol in socket() starts delivery at once, before any filter is attached;
             # the reject-all filter and drain below close that window.
@@ -137,13 +144,19 @@ class CaptureSocket:
 
     def quiet_udp(self, ports: frozenset[int]) -> None:
         self._quiet = ports
-        if self._builder is not None:
-            self.replace_filter(self._builder(self._quiet, self._skip))
+        self._rebuild()
 
     def skip_sources(self, networks: Collection[Network]) -> None:
         self._skip = tuple(networks)
+        self._rebuild()
+
+    def skip_interfaces(self, indexes: frozenset[int]) -> None:
+        self._interfaces = indexes
+        self._rebuild()
+
+    def _rebuild(self) -> None:
         if self._builder is not None:
-            self.replace_filter(self._builder(self._quiet, self._skip))
+            self.replace_filter(self._builder(self._quiet, self._skip, self._interfaces))
 
     def live_ports(self, live: dict[ProbeProtocol, frozenset[int]]) -> None:
         pass  # AF_PACKET only reads: nothing is banned here

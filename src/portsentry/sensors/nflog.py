@@ -338,6 +338,9 @@ class NflogCapture:
     def skip_sources(self, networks: Collection[Network]) -> None:
         pass  # the first-probe ban's protect sets keep them in the kernel (service.kernelbans)
 
+    def skip_interfaces(self, indexes: frozenset[int]) -> None:
+        pass  # the input hook sees a packet once, whichever links it came in through
+
     def drops(self) -> int:
         """Packets logged to us that the kernel dropped for lack of buffer space (from gaps in
         the sequence numbers; an overrun not yet followed by a batch counts as one)."""

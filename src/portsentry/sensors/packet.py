@@ -36,7 +36,10 @@ IPPROTO_DSTOPTS = 60
 # here on purpose: only the first fragment holds the transport header, and trusting it invites
 # the overlapping-fragment tricks that IPv4 non-first fragments allow.
 IPV6_EXTENSION_HEADERS = frozenset({IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS, IPPROTO_AH})
-IPV6_EXTENSION_LIMIT = 8
+# Headers after hop-by-hop (which the kernel parses apart) that Linux walks before it discards the
+# packet (IP6_MAX_EXT_HDRS_CNT): a longer limit reads chains no socket gets, a shorter one let a
+# scan behind 9 to 12 headers go unseen while the kernel answered it.
+IPV6_EXTENSION_LIMIT = 12
 
 
 class IPv4Header:
@@ -257,10 +260,11 @@ def _parse_ipv6(data: bytes, drops: DropCounter) -> Packet | None:
     end = min(claimed, len(data))
     offset = IPv6Header.SIZE
     walked = 0
+    limit = IPV6_EXTENSION_LIMIT + (next_header == IPPROTO_HOPOPTS)
     while next_header != IPPROTO_TCP and next_header != IPPROTO_UDP:
         # Before the fragment branch: a fragment header is a header walked like any other, and
         # skipping the check there let a chain of them carry the count past the limit.
-        if walked >= IPV6_EXTENSION_LIMIT and (
+        if walked >= limit and (
                 next_header == IPPROTO_FRAGMENT or next_header in IPV6_EXTENSION_HEADERS):
             drops.add(DropReason.IPV6_EXT_LIMIT)
             return None

@@ -29,6 +29,7 @@ FLOW_LIFETIME = 30.0  # seconds a reply may take to count as one (conntrack's UD
 Logger = Callable[[str], None]
 Clock = Callable[[], float]
 AddressQuery = Callable[[], Iterable[IPAddress]]
+InterfaceQuery = Callable[[], Iterable[int]]
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,26 @@ def modes_by_port(watches: Sequence[Watch]) -> list[tuple[Mode, ...]]:
     return table
 
 
-class HostAddresses:
-    """This host's own and broadcast addresses, re-read at most once a second."""
+# Seconds between reads of the bridge and bond ports: a link dump costs milliseconds on a host
+# with hundreds of interfaces (VM taps), and ports rarely change.
+RELAYING_INTERVAL = 10.0
 
-    def __init__(self, local: AddressQuery, broadcast: AddressQuery, min_interval: float = 1.0) -> None:
+
+class HostAddresses:
+    """This host's own and broadcast addresses, re-read at most once a second, and the
+    interfaces enslaved to a bridge or bond (host.info.relaying_ports), every RELAYING_INTERVAL."""
+
+    def __init__(self, local: AddressQuery, broadcast: AddressQuery, min_interval: float = 1.0,
+                 relaying: InterfaceQuery = lambda: ()) -> None:
         self._query_local = local
         self._query_broadcast = broadcast
+        self._query_relaying = relaying
         self.min_interval = min_interval
         self.local: frozenset[IPAddress] = frozenset()
         self.broadcast: frozenset[IPAddress] = frozenset()
+        self.relaying: frozenset[int] = frozenset()
         self._checked_at: float | None = None
+        self._relaying_at: float | None = None
 
     def refresh(self, now: float) -> None:
         if self._checked_at is not None and 0 <= now - self._checked_at < self.min_interval:
@@ -78,6 +89,10 @@ class HostAddresses:
         try:
             self.local = frozenset(self._query_local())
             self.broadcast = frozenset(self._query_broadcast())
+            last = self._relaying_at
+            if last is None or not 0 <= now - last < RELAYING_INTERVAL:
+                self._relaying_at = now
+                self.relaying = frozenset(self._query_relaying())
         except OSError:
             pass  # keep the previous sets; the next refresh tries again
 
@@ -113,6 +128,7 @@ class StealthSensor:
         self._live_from: tuple[frozenset[int], ...] = ()  # the listener tables _live was made from
         self._skipped: tuple[Network, ...] = ()
         self._ignored: tuple[Network, ...] = ()
+        self._relaying: frozenset[int] = frozenset()
 
     def open(self) -> list[Readable]:
         now = self._clock()
@@ -248,6 +264,7 @@ class StealthSensor:
         self._quiet_busy_udp_ports()
         self._report_live_ports()
         self._skip_own_and_ignored()
+        self._skip_relaying_ports()
 
     def _report_live_ports(self) -> None:
         """Tell the capture which watched ports have a live service whenever that changes: a
@@ -288,6 +305,16 @@ class StealthSensor:
         self._skipped = wanted
         self._update_capture("the capture filter", lambda capture: capture.skip_sources(wanted))
 
+    def _skip_relaying_ports(self) -> None:
+        """A packet that comes in on a bridge or bond port reaches a packet tap twice, on the
+        port and on its master (which shares the port's MAC, as a bond always and a bridge by
+        default does); counted twice, one SYN made SCAN_TRIGGER="2" ban."""
+        wanted = self.addresses.relaying
+        if self._capture is None or wanted == self._relaying:
+            return
+        self._relaying = wanted
+        self._update_capture("the capture filter", lambda capture: capture.skip_interfaces(wanted))
+
     def _quiet_busy_udp_ports(self) -> None:
         """Tell the kernel filter to keep traffic to UDP services away from us (a syslog server
         receiving thousands of datagrams a second would otherwise wake the daemon for each).
@@ -326,15 +353,17 @@ class StealthSensor:
             self._capture.close()
             self._capture = None
         self._skipped = ()  # a capture opened again starts with its plain filter
+        self._relaying = frozenset()
 
 
 def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
     """The AF_PACKET capture: BPF-filtered probes, plus our own outgoing UDP when UDP is watched."""
     udp = Protocol.UDP in protocols
 
-    def builder(ports: frozenset[int], sources: tuple[Network, ...]) -> list[Insn]:
+    def builder(ports: frozenset[int], sources: tuple[Network, ...],
+                interfaces: frozenset[int]) -> list[Insn]:
         return build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp, quiet_udp_ports=ports,
-                                  skip_sources=sources)
+                                  skip_sources=sources, skip_interfaces=interfaces)
 
     return CaptureSocket(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp),
                          ignore_outgoing=not udp, builder=builder)

@@ -53,7 +53,8 @@ def build_sensors(
             sensors.append(ConnectSensor(mode, config.udp_ports, log))
     watches = [watch_for(mode, config) for mode in modes if not mode.is_classic]
     if watches:
-        addresses = HostAddresses(hostinfo.local_addresses, hostinfo.broadcast_addresses)
+        addresses = HostAddresses(hostinfo.local_addresses, hostinfo.broadcast_addresses,
+                                  relaying=hostinfo.relaying_interfaces)
         listeners = {protocol: ListeningPorts(protocol) for protocol in Protocol}
         capture = capture_factory(config, ban_backend, log, watches)
         sensors.append(StealthSensor(watches, log, clock, addresses, listeners, capture))

@@ -24,6 +24,10 @@ from portsentry.host.info import (
     IFA_BROADCAST,
     IFA_LOCAL,
     IFADDRMSG,
+    IFINFOMSG,
+    IFLA_INFO_KIND,
+    IFLA_LINKINFO,
+    IFLA_MASTER,
     NLMSG_DONE,
     NLMSGHDR,
     RT_TABLE_MAIN,
@@ -34,16 +38,20 @@ from portsentry.host.info import (
     RTA_VIA,
     RTATTR,
     RTM_NEWADDR,
+    RTM_NEWLINK,
     RTM_NEWROUTE,
     RTMSG,
     RTN_UNICAST,
     RTNEXTHOP,
     InterfaceAddress,
+    Link,
     Route,
     parse_addr_messages,
+    parse_link_messages,
     parse_messages,
     parse_resolv_conf,
     parse_route_messages,
+    relaying_ports,
 )
 
 FUZZ = settings(max_examples=int(os.environ.get("PORTSENTRY_FUZZ_EXAMPLES", "150")), deadline=None)
@@ -74,6 +82,18 @@ def route_message(
 ) -> bytes:
     body = RTMSG.pack(family, dst_len, 0, 0, table, 3, 0, kind, 0) + b"".join(attrs)
     return message(RTM_NEWROUTE, body)
+
+
+def link_message(index: int, *attrs: bytes) -> bytes:
+    return message(RTM_NEWLINK, IFINFOMSG.pack(0, 1, index, 0, 0) + b"".join(attrs))
+
+
+def linkinfo(kind: str) -> bytes:
+    return rtattr(IFLA_LINKINFO | 0x8000, rtattr(IFLA_INFO_KIND, kind.encode() + b"\0"))
+
+
+def master(index: int) -> bytes:
+    return rtattr(IFLA_MASTER, struct.pack("=I", index))
 
 
 def nexthop(*attrs: bytes, ifindex: int = 2) -> bytes:
@@ -219,10 +239,32 @@ def test_multipath_with_broken_nexthop_keeps_the_good_ones() -> None:
     assert parse_route_messages(data)[0].gateways == (IPv4Address("198.18.0.1"),)
 
 
+LINK_DUMP = b"".join([
+    link_message(1),
+    link_message(2, rtattr(3, b"eth0\0"), master(5), linkinfo("veth")),
+    link_message(3, master(6)),
+    link_message(4, master(7)),  # its master is not in the dump
+    link_message(5, linkinfo("bridge")),
+    link_message(6, linkinfo("vrf")),
+    link_message(8, master(9)),
+    link_message(9, linkinfo("bond")),
+])
+
+
+def test_links_and_the_ports_a_tap_sees_twice() -> None:
+    found = parse_link_messages(LINK_DUMP)
+    assert found[:2] == [Link(1, 0, ""), Link(2, 5, "veth")]
+    assert [(link.index, link.kind) for link in found[4:6]] == [(5, "bridge"), (6, "vrf")]
+    # Bridge and bond ports, and one of an unknown master; not a VRF's (an L3 master).
+    assert relaying_ports(found) == {2, 4, 8}
+
+
 @FUZZ
 @given(st.binary(max_size=600))
 def test_parsers_never_raise_on_random_bytes(data: bytes) -> None:
     parse_messages(data)
+    for link in parse_link_messages(data):
+        assert -(2**31) <= link.index < 2**31 and 0 <= link.master < 2**32
     for address in parse_addr_messages(data):
         assert address.family in (AF4, AF6)
     for route in parse_route_messages(data):
@@ -244,7 +286,7 @@ ROUTE_DUMP = b"".join(
 
 @FUZZ
 @given(
-    st.sampled_from([ADDR_DUMP, ROUTE_DUMP]),
+    st.sampled_from([ADDR_DUMP, ROUTE_DUMP, LINK_DUMP]),
     st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
     st.integers(0, 10_000),
 )
@@ -259,6 +301,8 @@ def test_parsers_never_raise_on_mutated_dumps(
         assert address.local is None or address.local.version in (4, 6)
     for route in parse_route_messages(mutated):
         assert all(gw.version in (4, 6) for gw in route.gateways)
+    links = parse_link_messages(mutated)
+    assert relaying_ports(links) <= {link.index for link in links if link.master}
 
 
 # --- resolv.conf ---
@@ -351,6 +395,8 @@ print(json.dumps({
     "local": sorted(map(str, hostinfo.local_addresses())),
     "broadcast": sorted(map(str, hostinfo.broadcast_addresses())),
     "gateways": sorted(map(str, hostinfo.default_gateways())),
+    "relaying": sorted(hostinfo.relaying_interfaces()),
+    "veths": [link.index for link in hostinfo.links() if link.kind == "veth"],
 }))
 """
 
@@ -385,6 +431,9 @@ def test_real_dumps_inside_a_namespace(namespaces: tuple[str, str, int]) -> None
         "veth0",
     )
     _ip("-n", inner, "route", "add", "default", "via", f"{net4}.9", "table", "100")
+    _ip("-n", inner, "link", "add", "port0", "type", "veth", "peer", "port1")
+    _ip("-n", inner, "link", "add", "br-test", "type", "bridge")
+    _ip("-n", inner, "link", "set", "port0", "master", "br-test")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run(
         ["ip", "netns", "exec", inner, sys.executable, "-c", SNIPPET],
@@ -407,6 +456,9 @@ def test_real_dumps_inside_a_namespace(namespaces: tuple[str, str, int]) -> None
     # 127.0.0.1/8 on lo has no IFA_BROADCAST; its all-ones address is computed like any subnet's.
     assert set(facts["broadcast"]) == {"255.255.255.255", f"{net4}.255", "127.255.255.255"}
     assert set(facts["gateways"]) == {f"{net4}.2", f"{net6}::2", f"{net6}::3"}
+    # veth0, port0, port1; only port0 is enslaved (to br-test), so only it is seen twice.
+    assert len(facts["veths"]) == 3 and len(facts["relaying"]) == 1
+    assert set(facts["relaying"]) < set(facts["veths"])
 
 
 def test_subnet_broadcasts_are_computed_when_no_brd_was_set():

@@ -31,6 +31,7 @@ from portsentry.sensors.bpf import (
     BPF_W,
     BPF_X,
     PACKET_HOST,
+    SKF_AD_IFINDEX,
     SKF_AD_OFF,
     SKF_AD_PKTTYPE,
     SKF_AD_PROTOCOL,
@@ -53,6 +54,7 @@ def run(
     pkttype: int = PACKET_HOST,
     protocol: int | None = None,
     vlan_tag_present: int = 0,
+    ifindex: int = 1,
 ) -> int:
     """The program's return value for `packet`: 0 rejects, otherwise bytes to keep.
 
@@ -66,6 +68,7 @@ def run(
         SKF_AD_PROTOCOL: protocol,
         SKF_AD_PKTTYPE: pkttype,
         SKF_AD_VLAN_TAG_PRESENT: vlan_tag_present,
+        SKF_AD_IFINDEX: ifindex,
     }
     a = x = 0
     pc = 0

@@ -15,6 +15,7 @@ from portsentry.sensors.bpf import (
     BPF_JA,
     BPF_JMP,
     BPF_RET,
+    SKIP_INTERFACES_MAX,
     SKIP_SOURCES_MAX,
     Insn,
     build_probe_filter,
@@ -307,3 +308,33 @@ def test_when_the_list_does_not_fit_the_first_given_networks_are_kept():
     forged = ipv4(udp(sport=53, dport=999), proto=17, src=IPv4Address("198.18.200.1"))
     assert not accepts(forged, program)  # inbound, from our own address
     assert accepts(forged, program, pkttype=PACKET_OUTGOING)  # our own, going out: remembered
+
+
+# -- ports of a bridge or bond: the same packet comes again on the master ---------------------------
+
+
+def test_packets_on_bridge_and_bond_ports_are_left_to_their_master():
+    program = build_probe_filter({Protocol.UDP, Protocol.TCP}, outgoing_udp=True, skip_interfaces=[3, 7])
+    check_well_formed(program)
+    for data in (ipv4(tcp(dport=79)), ipv6(tcp(dport=79)), ipv4(udp(dport=9), proto=17)):
+        assert accepts(data, program, ifindex=2)  # the master (or a plain interface)
+        assert not accepts(data, program, ifindex=3)
+        assert not accepts(data, program, ifindex=7)
+    # Our own outgoing UDP is remembered whichever interface it leaves by.
+    assert accepts(ipv4(udp(sport=999, dport=53), proto=17), program, pkttype=PACKET_OUTGOING, ifindex=3)
+    assert "#ifindex" in disassemble(program)
+
+
+@FUZZ
+@given(st.lists(st.integers(1, 2**31 - 1), max_size=80), st.integers(1, 2**31 - 1),
+       st.sampled_from([None, 1024]), packets())
+def test_skipped_interfaces_change_nothing_else(interfaces, ifindex, max_port, data):
+    program = build_probe_filter(max_port=max_port, outgoing_udp=True, skip_interfaces=interfaces,
+                                 skip_sources=[ip_network("10.0.0.0/8"), ip_network("fd00:1::/64")])
+    check_well_formed(program)
+    plain = build_probe_filter(max_port=max_port, outgoing_udp=True,
+                               skip_sources=[ip_network("10.0.0.0/8"), ip_network("fd00:1::/64")])
+    skipped = ifindex in sorted(set(interfaces))[:SKIP_INTERFACES_MAX]
+    for pkttype in (0, PACKET_OUTGOING):
+        expected = accepts(data, plain, pkttype=pkttype) and not (skipped and pkttype == 0)
+        assert accepts(data, program, pkttype=pkttype, ifindex=ifindex) is expected

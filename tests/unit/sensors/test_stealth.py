@@ -41,6 +41,7 @@ class NullCapture:
     def __init__(self) -> None:
         self.live: list[dict[Protocol, frozenset[int]]] = []
         self.skipped: list[tuple[Network, ...]] = []
+        self.interfaces: list[frozenset[int]] = []
 
     def quiet_udp(self, ports: frozenset[int]) -> None:
         pass
@@ -50,6 +51,9 @@ class NullCapture:
 
     def skip_sources(self, networks: Collection[Network]) -> None:
         self.skipped.append(tuple(networks))
+
+    def skip_interfaces(self, indexes: frozenset[int]) -> None:
+        self.interfaces.append(indexes)
 
 def sensor(
     watches: list[Watch], tcp_listening: Iterable[int] = (), udp_listening: Iterable[int] = (),
@@ -257,3 +261,22 @@ def test_the_filter_keeps_inbound_packets_from_our_own_addresses_away_verbose_or
     count = len(capture.skipped)
     s.tick(10.0)  # unchanged: no new filter
     assert len(capture.skipped) == count
+
+
+def test_bridge_and_bond_ports_are_kept_out_of_the_capture_as_they_come_and_go():
+    ports = [3]
+    addresses = HostAddresses(lambda: [HOST], lambda: [], relaying=lambda: list(ports))
+    capture = NullCapture()
+    s = StealthSensor([Watch(Mode.STCP, ports=frozenset({79}))], lambda _t: None, lambda: 0.0, addresses,
+                      {p: FixedListeners(p, set()) for p in Protocol},
+                      capture_factory=lambda _max, _protocols: capture)  # type: ignore[arg-type,return-value]
+    s.open()
+    s.tick(1.0)
+    assert capture.interfaces == [frozenset({3})]
+    s.tick(2.0)  # unchanged: no new filter
+    assert capture.interfaces == [frozenset({3})]
+    ports.append(9)
+    s.tick(3.0)  # links are read less often than addresses
+    assert capture.interfaces == [frozenset({3})]
+    s.tick(11.0)
+    assert capture.interfaces[-1] == frozenset({3, 9})
