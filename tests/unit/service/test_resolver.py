@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
 from ipaddress import ip_address
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from portsentry.service.resolver import Resolver, safe_name
 
@@ -22,6 +26,38 @@ def test_plain_host_names_are_kept(name):
                                   "evil.example\n", "x" * 253 + "\n"])
 def test_hostile_or_odd_names_become_the_address(name):
     assert safe_name(name, A) == "198.18.0.2"
+
+
+# A PTR name is chosen by whoever owns the scanner's reverse zone. One that reads as an address
+# is never a host name (RFC 1123 2.1: the top label is not numeric) and names another host:
+# fail2ban's `Host: <HOST>` filter (portsentry's own 1.2.x branch) bans the address it reads
+# there, and inet_aton-style parsers take 2130706433 or 0x7f.1 for 127.0.0.1.
+@pytest.mark.parametrize("name", ["10.9.8.7", "192.168.1.1", "10.9.8.6.static.example", "127.1",
+                                  "2130706433", "0x7f000001", "0x7f.1", "scanner.example.123",
+                                  "1.2.3.4.5", "010.001.002.003"])
+def test_names_that_read_as_an_address_become_the_address(name):
+    assert safe_name(name, A) == "198.18.0.2"
+
+
+@pytest.mark.parametrize("name", ["host-10-9-8-7.example", "7.example", "1-2-3-4.isp.example",
+                                  "a1.b2.example", "10.9.8.example"])
+def test_names_with_digits_that_are_not_addresses_are_kept(name):
+    assert safe_name(name, A) == name
+
+
+# fail2ban 1.0's <HOST> as it expands it (fail2ban-regex -l heavydebug shows it): an address
+# wherever it finds one at the start, however the name goes on.
+_FAIL2BAN_IP4 = re.compile(r"(?:::f{4,6}:)?(?:\d{1,3}\.){3}\d{1,3}")
+
+
+@given(st.text(alphabet="0123456789abcdefx.-_", min_size=1, max_size=40))
+def test_no_kept_name_gives_fail2ban_or_inet_aton_another_address(name):
+    kept = safe_name(name, A)
+    if kept == "198.18.0.2":
+        return
+    assert not _FAIL2BAN_IP4.match(kept)
+    with pytest.raises(OSError):
+        socket.inet_aton(kept)
 
 
 # --- off the detection loop (issue 10.4) ------------------------------------------------------
