@@ -88,7 +88,7 @@ class Resolver:
         def resolve() -> None:
             try:
                 name = safe_name(self._ptr(str(address)), address)
-            except OSError:
+            except (OSError, UnicodeError):  # a name whose bytes are not UTF-8 raises the second
                 name = str(address)
             with self._lock:
                 if len(self._cache) >= self.capacity:

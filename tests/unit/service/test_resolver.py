@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from ipaddress import ip_address
 
 import pytest
@@ -107,4 +108,24 @@ def test_a_slow_lookup_gives_the_address_at_its_deadline_and_the_queue_is_bounde
     assert resolver.full == 1
     assert answers.wait() == ["198.18.0.2"]
     release.set()
+    resolver.close()
+
+
+def test_a_name_that_is_not_utf8_gives_the_address_at_once_and_is_cached() -> None:
+    """getnameinfo raises UnicodeDecodeError, not OSError, for a name whose bytes are not UTF-8
+    (an /etc/hosts or NSS module's answer: checked with a private /etc/hosts). That escaped the
+    lookup, so the source's hits waited the whole timeout, and every later hit asked again."""
+    asked: list[str] = []
+
+    def not_utf8(address: str) -> str:
+        asked.append(address)
+        return b"bad\xff.example".decode("utf-8")
+
+    resolver = Resolver(timeout=5.0, ptr=not_utf8)
+    answers = Answers()
+    started = time.monotonic()
+    assert resolver.lookup(A, answers) is None
+    assert answers.wait() == ["198.18.0.2"]
+    assert time.monotonic() - started < 2.0
+    assert resolver.lookup(A, answers) == "198.18.0.2" and asked == ["198.18.0.2"]
     resolver.close()
