@@ -129,3 +129,30 @@ def test_a_name_that_is_not_utf8_gives_the_address_at_once_and_is_cached() -> No
     assert time.monotonic() - started < 2.0
     assert resolver.lookup(A, answers) == "198.18.0.2" and asked == ["198.18.0.2"]
     resolver.close()
+
+
+# fail2ban 1.0's own expansion of <HOST> (fail2ban-regex -l heavydebug prints it).
+_F2B_HOST = (r"(?:\[?(?:(?:::f{4,6}:)?(?P<ip4>(?:\d{1,3}\.){3}\d{1,3})|(?P<ip6>(?:[0-9a-fA-F]{1,4}::?|::)"
+             r"{1,7}(?:[0-9a-fA-F]{1,4}|(?<=:):)))\]?|(?P<dns>[\w\-.^_]*\w))")
+DEBIAN_FILTER = re.compile(r"\/" + _F2B_HOST + r" Port\: [0-9]+ (TCP|UDP) Blocked$")
+BRANCH_1_2_FILTER = re.compile(r"^\d* - \d{2}\/\d{2}\/\d{4} \d{2}:\d{2}:\d{2} Host: " + _F2B_HOST)
+
+
+_LABEL = st.one_of(st.integers(0, 999).map(str), st.from_regex(r"[a-z0-9-]{1,8}", fullmatch=True))
+_PTR = st.one_of(st.text(max_size=80), st.lists(_LABEL, min_size=1, max_size=6).map(".".join))
+
+
+@given(_PTR, st.sampled_from([A, ip_address("fd00::2")]))
+def test_whatever_the_ptr_says_fail2ban_reads_the_scanner_s_address_or_a_name(ptr, address):
+    """A history line with the kept name: Debian's filter finds the scanner's address, and the
+    1.2.x branch's finds that address or a DNS name, never another address."""
+    from portsentry.core.probe import Protocol
+    from portsentry.journal.files import history_line
+
+    line = history_line(1.7e9, safe_name(ptr, address), address, 22, Protocol.TCP)
+    debian = DEBIAN_FILTER.search(line)
+    assert debian is not None and ip_address(debian["ip4"] or debian["ip6"]) == address, line
+    branch = BRANCH_1_2_FILTER.match(line)
+    assert branch is not None, line
+    found = branch["ip4"] or branch["ip6"]
+    assert found is None or ip_address(found) == address, line
