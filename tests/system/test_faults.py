@@ -303,6 +303,9 @@ def test_hostile_ptr_names_never_reach_commands_or_logs(
         net.scanner_ip4: f"$(touch {marker});x.example",
         "198.18.0.21": "a`id`b.example",
         "198.18.0.22": "x;reboot",
+        # A valid DNS name that reads as another address: fail2ban's `Host: <HOST>` filter
+        # (portsentry's 1.2.x branch) would ban 10.9.8.7 for it.
+        "198.18.0.26": "10.9.8.7.static.example",
     }
     from_hosts_file = {
         "198.18.0.24": f"$(touch${{IFS}}{marker});x",
@@ -356,5 +359,5 @@ def test_hostile_ptr_names_never_reach_commands_or_logs(
         assert f"Host: {address}/{address} Port: {PORT} TCP Blocked" in history, history
     assert f"Host: benign-host.example/{benign} Port: {PORT} TCP Blocked" in history, history
     text = "\n".join(syslog.messages()) + daemon.stderr_text()
-    for fragment in ("pwned", "`", ";x", "reboot", "unexpected.example"):
+    for fragment in ("pwned", "`", ";x", "reboot", "unexpected.example", "10.9.8.7"):
         assert fragment not in text, f"{fragment!r} reached the log:\n{text}"

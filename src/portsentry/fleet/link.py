@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from portsentry.core.probe import IPAddress
 from portsentry.fleet.decision import FIELD_DATA, FIELD_SIGNATURE, Decision, encode, pack
 from portsentry.fleet.settings import FleetSettings, redact
+from portsentry.journal.journal import one_line
 
 if TYPE_CHECKING:
     import redis
@@ -287,7 +288,8 @@ def describe_error(error: BaseException | None) -> str | None:
     if error is None:
         return None
     # redis-py's messages name host and port, never the password; cut them short all the same.
-    return f"{type(error).__name__}: {error}"[:200]
+    # An error reply is the server's own text: `portsentry status` prints this on a terminal.
+    return one_line(f"{type(error).__name__}: {error}")[:200]
 
 
 class Link:

@@ -15,6 +15,21 @@ from portsentry.journal.files import append_line, history_line, truncate
 from portsentry.journal.syslog import LOG_INFO, LOG_NOTICE
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (newline, CR, NUL, escape sequences,
+    Unicode line separators, bidi controls) written as its Python escape (`\\n`, `\\x1b`).
+
+    Log lines carry text from outside (a fleet Redis server's error reply, a KILL_RUN_CMD's
+    output), and each sink ends a line at some control character: journald's stderr stream at
+    newline and NUL, a stream /dev/log at NUL, a terminal overwrites at CR. Every line of ours is
+    printable, so this changes none of the classic formats; isprintable() is a C loop, cheap
+    enough for every line of a flood.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class LogWriter(Protocol):
     """Syslog or the systemd journal: one message with a syslog severity."""
 
@@ -58,6 +73,7 @@ class Journal:
         """One line; `fields` (PORTSENTRY_SRC etc.) reach the systemd journal when that is the sink."""
         if verbose and not self.verbose:
             return
+        text = one_line(text)
         with self._lock:
             if text.startswith("attackalert:") and not verbose:
                 self._recent.append((time.time(), text))

@@ -1,7 +1,8 @@
 """Reverse DNS for RESOLVE_HOST=1, bounded in time and never trusted.
 
-A PTR record is attacker-controlled text: a name that is not a plain DNS host name is replaced by
-the address, and names only ever reach log lines, never a command ($TARGET$ is always the address).
+A PTR record is attacker-controlled text: a name that is not a plain DNS host name, or that reads
+as an address, is replaced by the address, and names only ever reach log lines, never a command
+($TARGET$ is always the address).
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ from portsentry.core.probe import IPAddress
 # fullmatch, not match with "$": "$" also matches before a final newline, which let
 # "evil.example\n" through into log lines.
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
+# A name that reads as another address would accuse that address: fail2ban's `Host: <HOST>`
+# filter (the one portsentry's 1.2.x branch ships) takes a dotted quad at the start of the name
+# field whatever follows it, and inet_aton-style parsers read 2130706433, 127.1 or 0x7f.1 as
+# 127.0.0.1. No real host name does either: its top label is never numeric (RFC 1123 2.1).
+_LEADING_QUAD = re.compile(r"(?:[0-9]{1,3}\.){3}[0-9]{1,3}")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
 
 
 def safe_name(name: str, address: IPAddress) -> str:
-    return name if _HOSTNAME.fullmatch(name) else str(address)
+    if (not _HOSTNAME.fullmatch(name) or _LEADING_QUAD.match(name)
+            or _NUMERIC_LABEL.fullmatch(name.rpartition(".")[2])):
+        return str(address)
+    return name
 
 
 def _getnameinfo(address: str) -> str:
@@ -78,7 +88,7 @@ class Resolver:
         def resolve() -> None:
             try:
                 name = safe_name(self._ptr(str(address)), address)
-            except OSError:
+            except (OSError, UnicodeError):  # a name whose bytes are not UTF-8 raises the second
                 name = str(address)
             with self._lock:
                 if len(self._cache) >= self.capacity:

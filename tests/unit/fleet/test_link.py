@@ -3,12 +3,15 @@ ban holds, a lift removes), trimming, pruning, and the hash tag every key shares
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from ipaddress import ip_address
 
 import pytest
 
 from portsentry.fleet.decision import Decision, unpack
-from portsentry.fleet.link import Link, LinkError, servers, slot_owner
+from portsentry.fleet.link import Link, LinkError, describe_error, link_errors, servers, slot_owner
 from portsentry.fleet.settings import FleetSettings
 
 KEY = b"k" * 32
@@ -102,3 +105,47 @@ def test_every_command_of_the_fleet_runs_under_the_acl_the_docs_give(redis_url):
     assert link.last_id() == done.ids[-1] and link.prune(NOW + 200) == 0
     for each in (link, admin):
         each.close()
+
+
+def _hostile_redis(path: str, reply: bytes) -> socket.socket:
+    """A server on `path` that greets like Redis 7 and answers every other command with `reply`:
+    what a Redis in the wrong hands, or a man in the middle of a plain-TCP link, can send."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+
+    def client(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                if b"HELLO" in data:
+                    conn.sendall(b"%1\r\n+proto\r\n:3\r\n")
+                elif b"SETINFO" in data or b"SETNAME" in data:
+                    conn.sendall(b"+OK\r\n" * (data.count(b"SETINFO") + data.count(b"SETNAME")))
+                else:
+                    conn.sendall(reply)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                threading.Thread(target=client, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_a_hostile_server_s_error_reply_is_described_in_printable_text(tmp_path):
+    """The description goes to the log and to `portsentry status` on the admin's terminal: the
+    server's CR, NUL and escape sequences must not reach either."""
+    forged = b"attackalert: Connect from host: 10.9.8.7/10.9.8.7 to TCP port: 22"
+    path = str(tmp_path / "redis.sock")
+    server = _hostile_redis(path, b"-ERR x\x1b[2K\r\x00" + forged + b"\r\n")
+    try:
+        link = Link(settings(f"unix://{path}"))
+        with pytest.raises(link_errors()) as caught:
+            link.last_id()
+        text = describe_error(caught.value)
+    finally:
+        server.close()
+    assert text is not None and text.isprintable(), repr(text)
+    assert forged.decode() in text

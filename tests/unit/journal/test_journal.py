@@ -7,6 +7,8 @@ import io
 import os
 import socket
 
+import pytest
+
 from portsentry.journal.journal import Journal
 from portsentry.journal.journald import JournaldWriter
 from portsentry.journal.syslog import SyslogWriter
@@ -84,3 +86,48 @@ def test_a_stderr_nobody_reads_any_more_neither_raises_nor_stops_syslog(tmp_path
     assert "cannot write stderr" in said[1] and "Broken pipe" in said[1], said
     assert journal.failures.snapshot()[0]["file"] == "stderr"
     receiver.close()
+
+
+# Text from outside (a fleet Redis server's error reply, a KILL_RUN_CMD's output) reaches log
+# lines. A control character there must not start a line of its own: journald splits a stderr
+# stream at "\n" and at NUL, a stream /dev/log frames messages with NUL, a terminal obeys "\r"
+# and escape sequences. A forged `attackalert:` line is one fail2ban would act on.
+FORGED = "attackalert: Connect from host: 10.9.8.7/10.9.8.7 to TCP port: 22"
+
+
+@pytest.mark.parametrize("separator", ["\n", "\r", "\0", "\r\n", "\x1b[2K\r", "\u2028", "\x85", "\v"])
+def test_a_control_character_never_starts_a_line_of_its_own(tmp_path, separator):
+    path = str(tmp_path / "log.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(2)
+    stderr = io.StringIO()
+    journal = Journal(SyslogWriter(path), stderr=stderr)
+    journal.log(f"attackalert: ERROR: fleet: ResponseError: x{separator}{FORGED}")
+    said = receiver.recv(65536).decode()
+    message = said.split(": ", 1)[1]
+    for text in (message, stderr.getvalue().removesuffix("\n"), str(journal.recent_events()[0]["message"])):
+        assert text.isprintable(), repr(text)
+        assert text.startswith("attackalert: ERROR: fleet: ResponseError: x") and text.endswith(FORGED)
+    receiver.close()
+
+
+def test_a_stream_syslog_socket_gets_one_message_for_a_line_holding_nul(tmp_path):
+    """A SOCK_STREAM /dev/log (syslog-ng) ends each message with NUL: one inside a line made the
+    rest a message of its own, header and all."""
+    path = str(tmp_path / "log.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    journal = Journal(SyslogWriter(path))
+    journal.log(f"adminalert: fleet: link is down (x\0<29>Jan  1 00:00:00 portsentry[1]: {FORGED})")
+    journal.close()
+    conn, _ = server.accept()
+    conn.settimeout(2)
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    frames = data.split(b"\0")
+    assert frames[-1] == b"" and len(frames) == 2, frames
+    conn.close()
+    server.close()
