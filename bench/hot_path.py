@@ -121,6 +121,8 @@ def inner(conf: str, log: str, stream: str, count: int) -> None:
         def skip_sources(self, networks: object) -> None:
             pass
 
+        before_nat = True  # as the AF_PACKET capture it stands in for
+
         def skip_interfaces(self, indexes: frozenset[int]) -> None:
             pass
 

@@ -57,6 +57,10 @@ def attach_filter(sock: socket.socket, program: list[Insn]) -> None:
 class Capture(Protocol):
     """What the stealth sensor reads packets from: this AF_PACKET socket, or NFLOG."""
 
+    # A tap sees packets before prerouting NAT, so a port published by DNAT looks unserved
+    # (sensors.conntrack); NFLOG in the input hook sees them after it.
+    before_nat: bool
+
     def fileno(self) -> int: ...
     def read_batch(self, limit: int = 256) -> list[bytes]: ...
     def drops(self) -> int: ...
@@ -89,6 +93,8 @@ class CaptureSocket:
     `builder(ports, sources, interfaces)` builds the program that also keeps those UDP ports
     (quiet_udp), those sources (skip_sources) and those interfaces' packets (skip_interfaces)
     away."""
+
+    before_nat = True
 
     def __init__(self, program: list[Insn], rcvbuf: int = 4 << 20, snaplen: int = 2048,
                  ignore_outgoing: bool = True, builder: FilterBuilder | None = None) -> None:

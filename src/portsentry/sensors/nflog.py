@@ -201,6 +201,8 @@ class NflogCapture:
     (up to `qthresh` packets), so nothing waits in user space where poll() cannot see it.
     """
 
+    before_nat = False  # the input hook: after prerouting NAT
+
     def __init__(
         self,
         group: int,

@@ -21,6 +21,7 @@ from portsentry.core.probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
 from portsentry.sensors.base import Hit, Readable
 from portsentry.sensors.bpf import Insn, build_probe_filter
 from portsentry.sensors.capture import Capture, CaptureSocket, Network
+from portsentry.sensors.conntrack import PublishedPorts
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
 
@@ -106,6 +107,7 @@ class StealthSensor:
         addresses: HostAddresses,
         listeners: dict[Protocol, ListeningPorts],
         capture_factory: Callable[[int | None, set[Protocol]], Capture] | None = None,
+        published: PublishedPorts | None = None,
     ) -> None:
         self.watches = tuple(watches)
         self._log = log
@@ -129,6 +131,7 @@ class StealthSensor:
         self._skipped: tuple[Network, ...] = ()
         self._ignored: tuple[Network, ...] = ()
         self._relaying: frozenset[int] = frozenset()
+        self.published = published if published is not None else PublishedPorts(log)
 
     def open(self) -> list[Readable]:
         now = self._clock()
@@ -150,6 +153,7 @@ class StealthSensor:
         max_port = max(w.upper_bound() for w in active)
         self._capture = self._capture_factory(max_port if max_port <= 0xFFFF else None, protocols)
         self._report_live_ports()
+        self.published.refresh(now, self._capture.before_nat)
         return [self._capture]
 
     def _announce(self, watch: Watch) -> Watch | None:
@@ -245,6 +249,10 @@ class StealthSensor:
         flow = (packet.destination.packed, packet.source.packed, packet.source_port)
         if self.listeners[packet.protocol].confirm(port, now, flow):
             return []
+        if self.published.active and self.published.rewritten(
+                packet.protocol, packet.source.packed, packet.source_port, packet.destination.packed,
+                port, now):
+            return []  # a port published by DNAT or REDIRECT: served, elsewhere or on another port
         return [
             Hit(Probe(source=packet.source, port=port, mode=mode, kind=kind,
                       destination=packet.destination, ip_options=packet.ip_options))
@@ -265,6 +273,7 @@ class StealthSensor:
         self._report_live_ports()
         self._skip_own_and_ignored()
         self._skip_relaying_ports()
+        self.published.refresh(now, self._capture.before_nat)
 
     def _report_live_ports(self) -> None:
         """Tell the capture which watched ports have a live service whenever that changes: a
@@ -354,6 +363,7 @@ class StealthSensor:
             self._capture = None
         self._skipped = ()  # a capture opened again starts with its plain filter
         self._relaying = frozenset()
+        self.published.close()  # its socket is opened again at the next question
 
 
 def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:

@@ -622,6 +622,8 @@ class FakeBackend(NftablesBackend):
 
 
 class Opened:
+    before_nat = False
+
     def __init__(self, kind: str, *args: object) -> None:
         self.kind, self.args = kind, args
         self.closed = False

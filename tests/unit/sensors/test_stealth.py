@@ -38,6 +38,8 @@ class NullCapture:
     """Stands in for the capture when packets are fed to hits_for directly; records what the
     sensor tells it about live ports."""
 
+    before_nat = False
+
     def __init__(self) -> None:
         self.live: list[dict[Protocol, frozenset[int]]] = []
         self.skipped: list[tuple[Network, ...]] = []
