@@ -214,10 +214,15 @@ class BanManager:
                 duration = self.duration(probe.source, at)
             # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
             # that the next start completes (restore re-applies it), never a ban nobody knows of.
-            self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port, now=at,
-                          duration=duration, hosts_deny_line=responder.intended_line(block),
-                          native=any(step.kind is StepKind.NATIVE for step in block.steps),
-                          route=any(step.kind is StepKind.ROUTE for step in block.steps))
+            saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
+                                  now=at, duration=duration, hosts_deny_line=responder.intended_line(block),
+                                  native=any(step.kind is StepKind.NATIVE for step in block.steps),
+                                  route=any(step.kind is StepKind.ROUTE for step in block.steps))
+            if saved is not None:
+                # The kernel gets the end the store keeps: extending a ban keeps the later end, and
+                # an element re-added with this block's shorter time left the set while `list`
+                # and the engine still held the address banned.
+                duration = None if saved.expires is None else max(saved.expires - at, 1.0)
             if responder.carry_out(block, duration, self):
                 return True
             self.abandon(probe.source, at)
