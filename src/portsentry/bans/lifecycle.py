@@ -477,13 +477,32 @@ class BanManager:
             return
         if rebuilt:
             self._log(messages.table_rebuilt(self.backend.describe()))
+            self._readd(now, "(repair)")
+
+    def retime(self, now: float) -> None:
+        """The wall clock was set back: give every ban in the kernel the time the store leaves it.
+        The kernel times its elements on a clock that did not jump, so they left the set while the
+        store, on the wall clock, still listed them in force (and the engine took their scans as
+        "already blocked")."""
+        if self.backend is not None and (count := self._readd(now, "(clock set back)")):
+            self._log(f"adminalert: the clock was set back: {count} bans given their time left "
+                      f"again in {self.backend.name}")
+
+    def _readd(self, now: float, what: str) -> int:
+        """Every active ban into the kernel with its time left; how many (0 on failure)."""
+        assert self.backend is not None
+        # Under the lock lifts take: a ban lifted between the read and the add would be put back
+        # in the kernel with no record (for ever, with BLOCK_TIME 0).
+        with self._lock:
             try:
                 active = self.store.active(now)
                 self.backend.add_many(
                     (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
                     for ban in active)
             except (BackendError, OSError, StoreError) as error:
-                self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
+                self._log(messages.native_block_failed(what, self.backend.name, str(error)))
+                return 0
+        return len(active)
 
 
 def mode_of(ban: Ban | str | None) -> Mode:

@@ -47,3 +47,35 @@ def test_a_longer_block_lengthens_the_kernel_timeout(tmp_path):
     assert bans.enforce(native_block(), responder, duration=60.0, now=0.0)
     assert bans.enforce(native_block(), responder, duration=7200.0, now=10.0)
     assert kernel.held[A] == 7200.0
+
+
+def test_a_wall_clock_set_back_gives_the_kernel_the_time_the_store_still_lists(tmp_path):
+    # The kernel times set elements on a clock that does not jump; the store on the wall clock.
+    # Set back by half an hour (an NTP step, `date -s`), the store listed A for half an hour
+    # after the kernel had let it in again, and the engine took A's scans as "already blocked".
+    from portsentry.service.maintenance import Maintenance
+
+    bans, kernel, lines, _commands = manager(tmp_path, base=3600)
+    wall, mono = [100_000.0], [50.0]
+    maintenance = Maintenance(bans, frozenset, list[object]().append, print,
+                              clock=lambda: wall[0], monotonic=lambda: mono[0])
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=100_000.0, duration=3600.0,
+                  hosts_deny_line=None, native=True)
+    assert bans.ban_native(A, 3600.0)
+    forever = ip_address("198.18.0.3")
+    bans.remember(forever, reason="scan", mode="tcp", port=1, now=100_000.0, duration=None,
+                  hosts_deny_line=None, native=True)
+    assert bans.ban_native(forever, None)
+    wall[0], mono[0] = 100_001.0, 51.0
+    maintenance.run_once()
+    assert kernel.held == {A: 3600.0, forever: None}  # the clocks agree: nothing to do
+    wall[0], mono[0] = 100_002.0 - 1800, 52.0
+    maintenance.run_once()
+    assert kernel.held == {A: 3600.0 - 2 + 1800, forever: None}
+    assert lines[-1] == "adminalert: the clock was set back: 2 bans given their time left again in fake"
+    # Forward (a suspended host resuming, a clock set ahead): the kernel's elements outlast the
+    # store's end, and the expiry lifts them at it, so nothing is re-timed.
+    kernel.held[A] = 1.0
+    wall[0], mono[0] = 200_000.0, 53.0
+    maintenance.run_once()
+    assert A not in kernel.held and bans.store.get(A) is None
