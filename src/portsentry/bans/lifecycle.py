@@ -212,6 +212,11 @@ class BanManager:
         with self._turns.turn(probe.source):
             if isinstance(duration, UsePolicy):
                 duration = self.duration(probe.source, at)
+            try:
+                held = self.store.get(probe.source)
+            except StoreError:
+                held = None  # remember says what is wrong with the store
+            extending = held is not None and held.active(at)
             # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
             # that the next start completes (restore re-applies it), never a ban nobody knows of.
             saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
@@ -225,7 +230,12 @@ class BanManager:
                 duration = None if saved.expires is None else max(saved.expires - at, 1.0)
             if responder.carry_out(block, duration, self):
                 return True
-            self.abandon(probe.source, at)
+            # Only a ban this block made is dropped again. One it extended is still in force
+            # through what its first block did (a KILL_ROUTE done again fails with "File
+            # exists"): dropping the record left that in place with nothing listing it, and no
+            # KILL_ROUTE_UNDO ever ran for it.
+            if not extending:
+                self.abandon(probe.source, at)
             return False
 
     def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,

@@ -79,3 +79,28 @@ def test_a_wall_clock_set_back_gives_the_kernel_the_time_the_store_still_lists(t
     wall[0], mono[0] = 200_000.0, 53.0
     maintenance.run_once()
     assert A not in kernel.held and bans.store.get(A) is None
+
+
+def test_a_failed_block_of_an_address_already_banned_leaves_its_ban_on_record(tmp_path):
+    # KILL_ROUTE alone (1.2's `route add -host $TARGET$ reject`): `portsentry block A` on a banned
+    # A fails with "File exists", and dropping "the record made before trying" lifted A's ban
+    # from the store while its route stayed: nothing listed it and KILL_ROUTE_UNDO never ran.
+    from portsentry.responders.shell import CommandResult
+
+    bans, _kernel, lines, commands = manager(tmp_path, undo="ip route del blackhole $TARGET$")
+
+    def route(command: str, timeout: float) -> CommandResult:
+        commands.append(command)
+        exists = commands.count(command) > 1 and command.startswith("ip route add")
+        return CommandResult(command, 2 if exists else 0, False, "RTNETLINK answers: File exists", 0.0)
+
+    bans._run = route
+    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=route, clock=lambda: 100.0)
+    block = Block(Probe(source=A, port=0, mode=Mode.TCP, kind=KIND_SYN),
+                  (Step(StepKind.ROUTE, "ip route add blackhole $TARGET$"),))
+    assert bans.enforce(block, responder, duration=3600.0, now=0.0)
+    assert not bans.enforce(block, responder, duration=60.0, now=100.0)
+    ban = bans.store.get(A)
+    assert ban is not None and ban.active(100.0) and ban.routed and ban.expires == 3600.0
+    assert bans.expire(3600.0) == [A]
+    assert commands[-1] == "ip route del blackhole 198.18.0.2"
