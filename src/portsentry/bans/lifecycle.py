@@ -312,14 +312,17 @@ class BanManager:
         False when an identical line was already there (someone else's)."""
         return self.hosts_deny.add(line, on_append=lambda: self.own_line(address, line, now))
 
-    def _owns_line(self, address: IPAddress, line: str) -> bool:
-        if any(a == address and text == line for a, text, _ in self._unsaved_lines):
-            return True
+    def _owned_lines(self, address: IPAddress) -> list[str]:
+        """Every hosts.deny line we appended for `address`: not only its ban's last one, since
+        a ban extended by a block with another port or mode ($PORT$, $MODE$) wrote one more."""
+        key = normalise(address)
+        with self._unsaved_lock:
+            found = [text for a, text, _ in self._unsaved_lines if normalise(a) == key]
         try:
-            return self.store.owns_line(address, line)
+            found += [text for _a, text in self.store.owned_of([key])]
         except StoreError as error:
             self._store_failed(error)
-            return False
+        return list(dict.fromkeys(found))
 
     def abandon(self, address: IPAddress, now: float) -> None:
         """A block whose every step failed: drop the record made before trying it."""
@@ -433,9 +436,8 @@ class BanManager:
                 self.backend.remove(address)
             except (BackendError, OSError) as error:
                 self._log(messages.native_unblock_failed(str(address), str(error)))
-        line = ban.hosts_deny_line if ban is not None else None
-        # Only the copy we appended goes; an identical line someone else wrote stays.
-        if line and self._owns_line(address, line):
+        # Only the copies we appended go; an identical line someone else wrote stays.
+        for line in self._owned_lines(address):
             try:
                 self.hosts_deny.remove(line)
             except (HostsDenyError, OSError, ValueError) as error:

@@ -104,3 +104,24 @@ def test_a_failed_block_of_an_address_already_banned_leaves_its_ban_on_record(tm
     assert ban is not None and ban.active(100.0) and ban.routed and ban.expires == 3600.0
     assert bans.expire(3600.0) == [A]
     assert commands[-1] == "ip route del blackhole 198.18.0.2"
+
+
+def test_a_lift_removes_every_line_of_ours_for_the_address_not_only_the_last_one(tmp_path):
+    # KILL_HOSTS_DENY with $PORT$ (or $MODE$): a scan's ban at port 22 wrote one line, a block
+    # by hand (port 0) or a fleet peer's longer ban of the same address another, and the ban's
+    # record kept only the last. The expiry removed that one; the first stayed in hosts.deny for
+    # ever, denying the host with no ban left to list or lift.
+    bans, _kernel, lines, _commands = manager(tmp_path)
+    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, clock=lambda: 100.0)
+
+    def block(port: int) -> Block:
+        return Block(Probe(source=A, port=port, mode=Mode.TCP, kind=KIND_SYN),
+                     (Step(StepKind.HOSTS_DENY, "ALL: $TARGET$ # port $PORT$"),))
+
+    assert bans.enforce(block(22), responder, duration=60.0, now=0.0)
+    assert bans.enforce(block(0), responder, duration=3600.0, now=10.0)
+    deny = tmp_path / "hosts.deny"
+    assert deny.read_text() == "ALL: 198.18.0.2 # port 22\nALL: 198.18.0.2 # port 0\n"
+    assert bans.expire(3610.0) == [A]
+    assert deny.read_text() == ""
+    assert bans.store.stale_lines(3610.0) == set()
