@@ -212,15 +212,30 @@ class BanManager:
         with self._turns.turn(probe.source):
             if isinstance(duration, UsePolicy):
                 duration = self.duration(probe.source, at)
+            try:
+                held = self.store.get(probe.source)
+            except StoreError:
+                held = None  # remember says what is wrong with the store
+            extending = held is not None and held.active(at)
             # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
             # that the next start completes (restore re-applies it), never a ban nobody knows of.
-            self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port, now=at,
-                          duration=duration, hosts_deny_line=responder.intended_line(block),
-                          native=any(step.kind is StepKind.NATIVE for step in block.steps),
-                          route=any(step.kind is StepKind.ROUTE for step in block.steps))
+            saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
+                                  now=at, duration=duration, hosts_deny_line=responder.intended_line(block),
+                                  native=any(step.kind is StepKind.NATIVE for step in block.steps),
+                                  route=any(step.kind is StepKind.ROUTE for step in block.steps))
+            if saved is not None:
+                # The kernel gets the end the store keeps: extending a ban keeps the later end, and
+                # an element re-added with this block's shorter time left the set while `list`
+                # and the engine still held the address banned.
+                duration = None if saved.expires is None else max(saved.expires - at, 1.0)
             if responder.carry_out(block, duration, self):
                 return True
-            self.abandon(probe.source, at)
+            # Only a ban this block made is dropped again. One it extended is still in force
+            # through what its first block did (a KILL_ROUTE done again fails with "File
+            # exists"): dropping the record left that in place with nothing listing it, and no
+            # KILL_ROUTE_UNDO ever ran for it.
+            if not extending:
+                self.abandon(probe.source, at)
             return False
 
     def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
@@ -297,14 +312,17 @@ class BanManager:
         False when an identical line was already there (someone else's)."""
         return self.hosts_deny.add(line, on_append=lambda: self.own_line(address, line, now))
 
-    def _owns_line(self, address: IPAddress, line: str) -> bool:
-        if any(a == address and text == line for a, text, _ in self._unsaved_lines):
-            return True
+    def _owned_lines(self, address: IPAddress) -> list[str]:
+        """Every hosts.deny line we appended for `address`: not only its ban's last one, since
+        a ban extended by a block with another port or mode ($PORT$, $MODE$) wrote one more."""
+        key = normalise(address)
+        with self._unsaved_lock:
+            found = [text for a, text, _ in self._unsaved_lines if normalise(a) == key]
         try:
-            return self.store.owns_line(address, line)
+            found += [text for _a, text in self.store.owned_of([key])]
         except StoreError as error:
             self._store_failed(error)
-            return False
+        return list(dict.fromkeys(found))
 
     def abandon(self, address: IPAddress, now: float) -> None:
         """A block whose every step failed: drop the record made before trying it."""
@@ -418,9 +436,8 @@ class BanManager:
                 self.backend.remove(address)
             except (BackendError, OSError) as error:
                 self._log(messages.native_unblock_failed(str(address), str(error)))
-        line = ban.hosts_deny_line if ban is not None else None
-        # Only the copy we appended goes; an identical line someone else wrote stays.
-        if line and self._owns_line(address, line):
+        # Only the copies we appended go; an identical line someone else wrote stays.
+        for line in self._owned_lines(address):
             try:
                 self.hosts_deny.remove(line)
             except (HostsDenyError, OSError, ValueError) as error:
@@ -472,13 +489,32 @@ class BanManager:
             return
         if rebuilt:
             self._log(messages.table_rebuilt(self.backend.describe()))
+            self._readd(now, "(repair)")
+
+    def retime(self, now: float) -> None:
+        """The wall clock was set back: give every ban in the kernel the time the store leaves it.
+        The kernel times its elements on a clock that did not jump, so they left the set while the
+        store, on the wall clock, still listed them in force (and the engine took their scans as
+        "already blocked")."""
+        if self.backend is not None and (count := self._readd(now, "(clock set back)")):
+            self._log(f"adminalert: the clock was set back: {count} bans given their time left "
+                      f"again in {self.backend.name}")
+
+    def _readd(self, now: float, what: str) -> int:
+        """Every active ban into the kernel with its time left; how many (0 on failure)."""
+        assert self.backend is not None
+        # Under the lock lifts take: a ban lifted between the read and the add would be put back
+        # in the kernel with no record (for ever, with BLOCK_TIME 0).
+        with self._lock:
             try:
                 active = self.store.active(now)
                 self.backend.add_many(
                     (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
                     for ban in active)
             except (BackendError, OSError, StoreError) as error:
-                self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
+                self._log(messages.native_block_failed(what, self.backend.name, str(error)))
+                return 0
+        return len(active)
 
 
 def mode_of(ban: Ban | str | None) -> Mode:

@@ -184,8 +184,7 @@ class BanBackend(abc.ABC):
 
     def repair_capture(self) -> bool:
         """Rebuild what someone removed behind our back (`nft flush ruleset`); True when it had
-        to, and the bans must then be added again. Only nftables, which also holds the capture
-        rules, can tell; the others have nothing to repair."""
+        to, and the bans must then be added again. The default has nothing to look at."""
         return False
 
     def restore_many(self, bans: Iterable[tuple[bytes, float | None]]) -> None:

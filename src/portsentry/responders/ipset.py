@@ -67,6 +67,7 @@ class IpsetBackend(BanBackend):
             raise ValueError(f"ipset maxelem must be a positive integer, not {maxelem!r}")
         self.set4, self.set6 = f"{set_prefix}4", f"{set_prefix}6"
         self.chain, self.maxelem = chain, maxelem
+        self._set_up = False  # set up by this process and not torn down: repair_capture watches
 
     def _set_for(self, address: IPAddress) -> str:
         address_text(address)
@@ -120,6 +121,22 @@ class IpsetBackend(BanBackend):
             self.run(self.create_argv(set_name, family))
             if not self._rule_present(program, set_name):
                 self.run(self.rule_argv(program, "-I", set_name))
+        self._set_up = True
+
+    def repair_capture(self) -> bool:
+        """Put the sets and DROP rules back when someone removed them: `iptables-restore`
+        (netfilter-persistent reload, a firewall script) flushes every chain of the tables it
+        loads, and with the rule gone the members block nothing while the store lists them.
+        True when it had to (the sets may be new and empty: the bans are then added again)."""
+        if not self._set_up:
+            return False
+        existing = self._existing_sets()
+        # `iptables -C` naming a missing set is an error, not "absent": look at the sets first.
+        if all(set_name in existing and self._rule_present(program, set_name)
+               for program, set_name, _family in self._tables()):
+            return False
+        self.setup()
+        return True
 
     def add(self, address: IPAddress, timeout: float | None) -> None:
         self.run(self.add_argv(address, timeout))
@@ -142,6 +159,7 @@ class IpsetBackend(BanBackend):
     def teardown(self) -> None:
         # A set that does not exist has no rule either (ipset refuses to destroy a set in use),
         # and `iptables -C` naming a missing set is an error rather than "absent".
+        self._set_up = False  # torn down on purpose: repair_capture must not bring it back
         existing = self._existing_sets()
         for program, set_name, _family in self._tables():
             if set_name not in existing:

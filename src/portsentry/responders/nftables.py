@@ -138,6 +138,9 @@ class NftablesBackend(BanBackend):
         # sets, and the daemon pushes them again only when they change, so a repair restores them.
         self._guards: str | None = None
         self._kernel_ports: str | None = None
+        # Set up by this process and not torn down: without a capture, the drop chain is what
+        # repair_capture watches.
+        self._set_up = False
 
     # -- commands as data (the golden tests pin these) ------------------------------------------
 
@@ -309,6 +312,7 @@ class NftablesBackend(BanBackend):
         rules = [o for o in json.loads(listing.stdout).get("nftables", []) if "rule" in o]
         if not rules:
             self.run([NFT, "-f", "-"], self.rules_script())
+        self._set_up = True
 
     def capture_rules(
         self, group: int, max_port: int | None, protocols: Collection[Protocol],
@@ -450,9 +454,16 @@ class NftablesBackend(BanBackend):
     def repair_capture(self) -> bool:
         """Re-creates table, sets, drop rules and capture rules if the capture rules have gone;
         True when it had to (the sets then start empty: re-add the active bans). For the daemon
-        to call about once a minute; BackendError if nft refuses."""
+        to call about once a minute; BackendError if nft refuses. Without a capture (connect
+        modes, CAPTURE="packet") the drop chain is watched instead: `nft flush ruleset` (Debian's
+        nftables.conf starts with it) took every ban, and nothing put them back."""
         spec = self._capture
-        if spec is None or self.capture_intact():
+        if spec is None:
+            if not self._set_up or self._rules(CHAIN):
+                return False
+            self.setup()
+            return True
+        if self.capture_intact():
             return False
         self.setup()
         # Before the ban rules: they must never meet empty guards.
@@ -565,6 +576,7 @@ class NftablesBackend(BanBackend):
         if self._netlink is not None:
             self._netlink.close()
         self._capture = None  # torn down on purpose: repair_capture must not bring it back
+        self._set_up = False
         # Only our own table, and only if it is there (`delete` of a missing table fails).
         listing = self.run([NFT, "-j", "list", "tables", "inet"])
         tables = [o["table"] for o in json.loads(listing.stdout).get("nftables", []) if "table" in o]

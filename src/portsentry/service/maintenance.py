@@ -24,6 +24,9 @@ from portsentry.core.probe import IPAddress
 from portsentry.journal.hits import HitTally
 
 FEED_BATCH = 10_000  # changes read per round; a larger backlog is read over the next rounds
+# A wall clock set back by more than this between two rounds (beyond what the monotonic clock
+# saw pass) re-times the kernel's bans; NTP's slewing moves it by well under a second a round.
+CLOCK_STEP = 2.0
 
 Logger = Callable[[str], None]
 
@@ -53,6 +56,7 @@ class Maintenance:
         clock: Callable[[], float] = time.time,
         settle: Callable[[float], None] | None = None,
         tally: HitTally | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bans = bans
         self.tally = tally  # hit aggregates for reports (journal.hits), written once a round
@@ -64,12 +68,15 @@ class Maintenance:
         self.repair_every = repair_every
         self.prune_every = prune_every
         self._clock = clock
+        self._monotonic = monotonic
         self.cursor = 0
         self.active = 0
         self.errors = 0
         now = clock()
         self._next_repair = now + repair_every
         self._next_prune = now + prune_every
+        # Wall clock minus monotonic clock: it falls when the wall clock is set back.
+        self._offset = now - monotonic()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,7 +115,12 @@ class Maintenance:
         changes: list[tuple[IPAddress, bool]] = []
         resync: frozenset[IPAddress] | None = None
         bans = self.bans
+        offset = now - self._monotonic()
+        set_back = offset < self._offset - CLOCK_STEP
+        self._offset = offset
         if bans is not None:
+            if set_back:
+                self._guard(lambda: bans.retime(now))
             if due(now, self._next_repair, self.repair_every):
                 self._next_repair = now + self.repair_every
                 self._guard(lambda: bans.repair(now))

@@ -164,3 +164,35 @@ def test_is_supported_needs_ipset_iptables_and_ip6tables() -> None:
     assert IpsetBackend(runner=Recorder()).is_supported()
     rec = Recorder({("ip6tables",): RunResult(127, "", "not found")})
     assert not IpsetBackend(runner=rec).is_supported()
+
+
+def test_repair_puts_back_a_rule_iptables_restore_flushed_and_nothing_while_intact() -> None:
+    sets = RunResult(0, "portsentry4\nportsentry6\n", "")
+    present = {"v4": True}
+    def check4(argv: object, stdin: object) -> RunResult:
+        return RunResult(0, "", "") if present["v4"] else ABSENT
+
+    rec = Recorder({("ipset", "list", "-n"): sets, ("iptables", "-w", "-C"): check4})
+    backend = IpsetBackend(runner=rec)
+    assert backend.repair_capture() is False and rec.calls == []  # not set up by us: nothing to watch
+    backend.setup()
+    rec.calls.clear()
+    assert backend.repair_capture() is False
+    assert not any("-I" in argv for argv in rec.argvs)
+    present["v4"] = False  # netfilter-persistent reload
+    assert backend.repair_capture() is True
+    assert ["iptables", "-w", "-I", "INPUT", *RULE4] in rec.argvs
+    backend.teardown()
+    rec.calls.clear()
+    assert backend.repair_capture() is False and rec.calls == []
+
+
+def test_repair_makes_sets_destroyed_behind_our_back_again() -> None:
+    rec = Recorder({("ipset", "list", "-n"): RunResult(0, "portsentry6\n", "")})
+    backend = IpsetBackend(runner=rec)
+    backend.setup()
+    rec.calls.clear()
+    assert backend.repair_capture() is True
+    assert CREATE4 in rec.argvs
+    # A missing set's rule is not asked about: `iptables -C` would fail on the set, not say absent.
+    assert ["iptables", "-w", "-C", "INPUT", *RULE4] not in rec.argvs[:2]

@@ -675,3 +675,22 @@ def test_a_ban_longer_than_the_kernel_can_time_goes_in_without_a_timeout() -> No
         (V4, None), (IPv4Address("198.18.0.7"), 60_000))), 0)
     sent = _messages(fake.sent[0])[1][2]
     assert sent[:8] == reference[:8] and sent[12:] == reference[12:]
+
+
+def test_without_a_capture_a_flushed_table_is_repaired_once_and_not_after_teardown() -> None:
+    # Connect modes install no NFLOG capture: the drop chain is what shows the table is there.
+    listings = [RunResult(0, EMPTY_CHAIN, ""), RunResult(0, FULL_CHAIN, ""),
+                RunResult(1, "", "Error: No such file or directory"), RunResult(0, EMPTY_CHAIN, ""),
+                RunResult(0, FULL_CHAIN, "")]
+    rec = Recorder({("nft", "-j", "list", "chain"): lambda argv, stdin: listings.pop(0),
+                    ("nft", "-j", "list", "tables"): RunResult(0, '{"nftables": []}', "")})
+    backend = cli(rec)
+    assert backend.repair_capture() is False  # never set up here: nothing of ours to watch
+    backend.setup()
+    assert backend.repair_capture() is False  # intact
+    rec.calls.clear()
+    assert backend.repair_capture() is True  # `nft flush ruleset`
+    assert [stdin for _, stdin in rec.calls] == [None, SETUP, None, RULES]
+    assert backend.repair_capture() is False
+    backend.teardown()
+    assert backend.repair_capture() is False
