@@ -212,17 +212,15 @@ class BanManager:
         with self._turns.turn(probe.source):
             if isinstance(duration, UsePolicy):
                 duration = self.duration(probe.source, at)
-            try:
-                held = self.store.get(probe.source)
-            except StoreError:
-                held = None  # remember says what is wrong with the store
-            extending = held is not None and held.active(at)
             # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
             # that the next start completes (restore re-applies it), never a ban nobody knows of.
             saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
                                   now=at, duration=duration, hosts_deny_line=responder.intended_line(block),
                                   native=any(step.kind is StepKind.NATIVE for step in block.steps),
                                   route=any(step.kind is StepKind.ROUTE for step in block.steps))
+            # A ban in force extended by this block counts its blocks on (a new one starts at 1):
+            # no second read of the store on the way to KILL_ROUTE.
+            extending = saved is not None and saved.count > 1
             if saved is not None:
                 # The kernel gets the end the store keeps: extending a ban keeps the later end, and
                 # an element re-added with this block's shorter time left the set while `list`
