@@ -101,10 +101,9 @@ def without_time(line: str) -> str:
 
 
 def _lines(path: Path) -> tuple[str, ...]:
-    try:
-        return tuple(path.read_text(errors="replace").splitlines())
-    except FileNotFoundError:
+    if not path.is_file():
         return ()
+    return tuple(path.read_text(errors="replace").splitlines())
 
 
 class Side:
