@@ -98,42 +98,55 @@ def udp_banner_once(legacy: Outcome) -> Outcome:
     return replace(legacy, replies=tuple(replies))
 
 
-def one_ban_per_host(legacy: Outcome) -> Outcome:
-    """README, Compatibility: several modes in one process share their bans, so a host blocked
-    in one mode is already blocked in the others; 1.2 ran one process per mode, and each
-    blocked the host again (commands run twice, a second history line)."""
-    first_protocol: dict[str, str] = {}
+def blocked_once(legacy: Outcome) -> Outcome:
+    """README, Compatibility: a host stays blocked until it is unblocked. Several modes in one
+    process share their bans (1.2 ran a process per mode, and each blocked the host again), and
+    the blocked files are a record only (1.2 re-read them at every hit, so deleting a host's
+    line blocked it again). So where 1.2 blocked a host a second time, ours says it is already
+    blocked: no second round of commands, history line or hosts.deny line. For cases where every
+    record is a block (BLOCK_x=1)."""
+    detection = re.compile(r"^attackalert: (?P<kind>.*) from host: (?P<name>\S+)/(?P<ip>\S+) "
+                           r"to (TCP|UDP) port: \d+$")
+    blocked: set[str] = set()
     lines: list[str] = []
-    skipping = False
-    detection = re.compile(r"^attackalert: .* from host: \S+/(\S+) to (TCP|UDP) port: \d+$")
+    current: re.Match[str] | None = None
+    repeat = said = False
     for line in legacy.syslog:
         m = detection.match(line)
         if m:
-            host, protocol = m.groups()
-            skipping = first_protocol.setdefault(host, protocol) != protocol
+            current, repeat, said = m, m["ip"] in blocked, False
             lines.append(line)
-            if skipping:
-                lines.append(f"attackalert: Host: {host} is already blocked. Ignoring")
             continue
-        if skipping and ("has been blocked via" in line or "External command run" in line
-                         or "is already blocked" in line):
+        acted = "has been blocked via" in line or "External command run" in line
+        if current is not None and acted and not repeat:
+            blocked.add(current["ip"])
+        if current is not None and repeat and (acted or "is already blocked" in line):
+            # In place of 1.2's second round of actions, after any IP options line.
+            if not said:
+                lines.append(f"attackalert: Host: {current['ip']} is already blocked. Ignoring"
+                             if current["kind"] == "Connect" else
+                             f"attackalert: Host: {current['name']}/{current['ip']} is already blocked "
+                             "Ignoring")
+                said = True
             continue
         lines.append(line)
 
-    def first_only(rows: tuple[str, ...]) -> tuple[str, ...]:
-        keep = []
-        for row in rows:
-            host = row.split("Host: ", 1)[1].split("/", 1)[1].split(" ", 1)[0]
-            protocol = "TCP" if row.endswith(" TCP Blocked") else "UDP"
-            if first_protocol.get(host, protocol) == protocol:
-                keep.append(row)
-        return tuple(keep)
+    def host_of(row: str) -> str:
+        return row.split("Host: ", 1)[1].split("/", 1)[1].split(" ", 1)[0]
 
-    blocked = {mode: first_only(rows) for mode, rows in legacy.blocked.items()}
-    commands = tuple(c for c in legacy.commands
-                     if first_protocol.get(c.split()[1], "") == ("TCP" if c.endswith("tcp") else "UDP"))
-    return replace(legacy, syslog=tuple(lines), history=first_only(legacy.history), blocked=blocked,
-                   hosts_deny=tuple(dict.fromkeys(legacy.hosts_deny)), commands=commands)
+    first: dict[str, str] = {}
+    for row in legacy.history:
+        first.setdefault(host_of(row), row)
+    commands: dict[str, tuple[str, str]] = {}
+    for command in legacy.commands:
+        _word, host, port, mode = command.split()
+        commands.setdefault(host, (port, mode))
+    blocked_rows = {mode: tuple(r for r in rows if first[host_of(r)] == r)
+                    for mode, rows in legacy.blocked.items()}
+    return replace(
+        legacy, syslog=tuple(lines), history=tuple(first.values()), blocked=blocked_rows,
+        hosts_deny=tuple(dict.fromkeys(legacy.hosts_deny)),
+        commands=tuple(c for c in legacy.commands if tuple(c.split()[2:]) == commands[c.split()[1]]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +293,10 @@ def stcp_traffic(net: Namespaces, side: Side) -> None:
     probe(side, net.scanner2, TARGET2, 1, "-F")  # ignored
     unignore_scanner2(side)
     probe(side, net.scanner2, TARGET2, 1, "-S", "-G")  # no PTR name: the address twice
+    # 1.2's README: delete a host's line from the blocked file to have it blocked again.
+    (side.root.lib / "portsentry.blocked.stcp").write_text("")
+    time.sleep(1.2)
+    probe(side, net.scanner, TARGET, 11, "-S")
 
 
 def sudp_traffic(net: Namespaces, side: Side) -> None:
@@ -332,7 +349,7 @@ CASES = [
         "BLOCK_UDP": "0", "KILL_HOSTS_DENY": "ALL: $TARGET$", "KILL_ROUTE": ROUTE, "SCAN_TRIGGER": "0",
     }, stcp_traffic, listeners=(("tcp", 79),), etc={"hosts": HOSTS, "resolv.conf": RESOLV},
         ignore=("127.0.0.1/32", "0.0.0.0", "198.18.1.77/24 host bits and words, as 1.2 took them"),
-        documented=(null_scan_one_space, host_bits_warning)),
+        documented=(null_scan_one_space, host_bits_warning, blocked_once)),
     Case("sudp-run-cmd-only-trigger", ("-sudp",), {
         "TCP_PORTS": "1", "UDP_PORTS": "1,7,9,53", "RESOLVE_HOST": "0", "BLOCK_TCP": "1",
         "BLOCK_UDP": "2", "KILL_HOSTS_DENY": "ALL: $TARGET$", "KILL_ROUTE": ROUTE, "KILL_RUN_CMD": RUN,
@@ -360,7 +377,7 @@ CASES = [
         "TCP_PORTS": "1,11,15", "UDP_PORTS": "1,7,9", "RESOLVE_HOST": "0", "BLOCK_TCP": "1",
         "BLOCK_UDP": "1", "KILL_ROUTE": ROUTE, "KILL_HOSTS_DENY": "ALL: $TARGET$", "KILL_RUN_CMD": RUN,
         "SCAN_TRIGGER": "0",
-    }, both_protocols, ignore=("127.0.0.1/32", "0.0.0.0"), documented=(one_ban_per_host,)),
+    }, both_protocols, ignore=("127.0.0.1/32", "0.0.0.0"), documented=(blocked_once,)),
 ]
 
 
