@@ -117,6 +117,8 @@ class ConnectSensor:
                     self._log(messages.out_of_descriptors(
                         self.protocol, format_ports(self.ports[index:]), limit))
                     break
+                # 1.2 announced every port before trying it, so a port in use reads as this pair.
+                self._log(messages.listen_mode(self.protocol, port))
                 self._log(messages.bind_failed(self.protocol, port))
                 continue
             self._log(messages.listen_mode(self.protocol, port))

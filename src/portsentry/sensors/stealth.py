@@ -163,10 +163,12 @@ class StealthSensor:
         if watch.below is None:
             kept = []
             for port in sorted(watch.ports):
+                # 1.2 announced every port before its in-use check, so a port in use reads as
+                # this line followed by the error.
+                self._log(messages.stealth_listen_mode(protocol, port))
                 if listening.is_listening(port):
                     self._log(messages.port_in_use(port))
                 else:
-                    self._log(messages.stealth_listen_mode(protocol, port))
                     kept.append(port)
             if not kept:
                 self._log(messages.all_ports_in_use(protocol))

@@ -99,8 +99,11 @@ def test_ack_and_rst_are_never_hits():
 def test_stcp_drops_ports_in_use_at_start_with_1_2_message():
     lines: list[str] = []
     s = sensor([Watch(Mode.STCP, ports=frozenset({1, 22}))], tcp_listening={22}, lines=lines)
-    assert "adminalert: ERROR: Socket 22 is in use and will not be monitored. Attempting to continue" in lines
-    assert "adminalert: Going into stealth listen mode on TCP port: 1" in lines
+    # 1.2 announced each port before its in-use check: the error follows that port's line.
+    assert lines == ["adminalert: Going into stealth listen mode on TCP port: 1",
+                     "adminalert: Going into stealth listen mode on TCP port: 22",
+                     "adminalert: ERROR: Socket 22 is in use and will not be monitored. "
+                     "Attempting to continue"]
     assert s.hits_for(tcp(22), 0.0) == []
 
 
