@@ -383,13 +383,23 @@ class BanManager:
         with self._turns.turn(address, wait=not expired_only) as free:
             if not free:
                 return False
+            ban = self.store.get(address)
+            if expired_only and (ban is None or ban.active(now)):
+                return False
+            key = normalise(address)
+            with self._unsaved_lock:
+                waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
+            # KILL_ROUTE_UNDO before the lock, which fleet batches, every other lift and every
+            # scan's kernel add (ban_native) wait for: it may run for COMMAND_TIMEOUT. Whether
+            # KILL_ROUTE ran for the ban cannot change meanwhile: bans of the address wait for
+            # its turn, and a fleet peer's ban runs no KILL_ROUTE.
+            self._undo_route(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
             with self._lock:
-                ban = self.store.get(address)
+                ban = self.store.get(address)  # a fleet batch may have banned it again meanwhile
                 if expired_only and (ban is None or ban.active(now)):
                     return False
                 # A ban still waiting to be saved (the store could not be written) goes too: saved
                 # after this, it would be a record of a ban that the kernel no longer holds.
-                key = normalise(address)
                 with self._unsaved_lock:
                     waiting = ([] if expired_only
                                else [e for e in self._unsaved if normalise(e.address) == key])
@@ -429,6 +439,8 @@ class BanManager:
                                                 f"{self.hosts_deny.path}: {error}"))
             else:
                 self._disown_line(address, line)
+
+    def _undo_route(self, address: IPAddress, ban: Ban | None) -> None:
         # Only what KILL_ROUTE did here is undone. With no record at all (an address banned before
         # this store, by 1.2 or by hand) the admin's unblock still runs it, as it always did.
         if self.policy.undo and (ban is None or ban.routed):

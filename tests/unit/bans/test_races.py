@@ -1,0 +1,118 @@
+"""The ban lifecycle under concurrent bans, lifts, expiries and fleet adoptions of one address:
+whatever the interleaving, the store, the kernel and hosts.deny must end up agreeing.
+
+Each test forces one interleaving with events, as the responder, admin, maintenance and
+fleet-read threads of the daemon can meet.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from ipaddress import ip_address
+
+from portsentry.bans.adopt import RemoteBan, adopt_bans
+from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.store import MEMORY, BanStore
+from portsentry.core.actions import Block, Step, StepKind
+from portsentry.core.probe import KIND_SYN, IPAddress, Mode, Probe
+from portsentry.responders.backend import BanBackend
+from portsentry.responders.classic import ClassicResponder
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.shell import CommandResult
+
+A = ip_address("198.18.7.1")
+DENY = "ALL: $TARGET$"
+
+
+class Kernel(BanBackend):
+    """A ban set that keeps, per address, the absolute time its element times out (None: never),
+    as the kernel does from the relative timeout it is given."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[IPAddress, float | None] = {}
+        self._lock = threading.Lock()
+
+    def is_supported(self) -> bool:
+        return True
+
+    def setup(self) -> None:
+        pass
+
+    def add(self, address: IPAddress, timeout: float | None) -> None:
+        with self._lock:
+            self.held[address] = None if timeout is None else time.time() + timeout
+
+    def remove(self, address: IPAddress) -> None:
+        with self._lock:
+            self.held.pop(address, None)
+
+    def members(self) -> dict[IPAddress, float | None]:
+        with self._lock:
+            return dict(self.held)
+
+    def teardown(self) -> None:
+        self.held.clear()
+
+
+def _manager(tmp_path, base: int = 60) -> tuple[BanManager, Kernel]:
+    kernel = Kernel()
+
+    def run(command: str, timeout: float) -> CommandResult:
+        return CommandResult(command, 0, False, "", 0.0)
+
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(base=base), lambda _line: None, runner=run)
+    return bans, kernel
+
+
+def _scan_block(address: IPAddress) -> Block:
+    return Block(Probe(source=address, port=22, mode=Mode.STCP, kind=KIND_SYN),
+                 (Step(StepKind.NATIVE, ""), Step(StepKind.HOSTS_DENY, DENY)))
+
+
+def _responder(bans: BanManager) -> ClassicResponder:
+    return ClassicResponder(bans.hosts_deny, lambda _line: None, 1.0)
+
+
+def test_a_hanging_kill_route_undo_holds_up_neither_fleet_bans_nor_other_lifts(tmp_path):
+    # An unblock ran KILL_ROUTE_UNDO holding the manager's lock, up to COMMAND_TIMEOUT: meanwhile
+    # the fleet reader could apply no peer's ban and the maintenance thread stopped at its next
+    # expiry (and with it the settling of kernel bans and the change feed), for every address.
+    kernel = Kernel()
+    undoing, go_on = threading.Event(), threading.Event()
+
+    def run(command: str, timeout: float) -> CommandResult:
+        if "198.18.7.1" in command:
+            undoing.set()
+            go_on.wait(5)
+        return CommandResult(command, 0, False, "", 0.0)
+
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(base=60, undo="ip route del $TARGET$"), lambda _line: None, runner=run)
+    other, third = ip_address("198.18.7.2"), ip_address("198.18.7.3")
+    now = time.time()
+    for address in (A, third):
+        bans.remember(address, reason="scan", mode="stcp", port=22, now=now - 100, duration=60,
+                      hosts_deny_line=None, native=True, route=True)
+    unblock = threading.Thread(target=bans.lift, args=(A, now, "unblocked by admin"))
+    unblock.start()
+    try:
+        assert undoing.wait(5)
+        fleet = threading.Thread(target=adopt_bans,
+                                 args=(bans, [RemoteBan(other, None, "peer", "fleet")], now))
+        fleet.start()
+        fleet.join(2)
+        expiry: list[list[IPAddress]] = []
+        maintenance = threading.Thread(target=lambda: expiry.append(bans.expire(now)))
+        maintenance.start()
+        maintenance.join(2)
+        assert not fleet.is_alive() and other in kernel.held
+        assert not maintenance.is_alive() and expiry == [[third]]
+    finally:
+        go_on.set()
+        unblock.join(5)
+    assert bans.store.get(A) is None and A not in kernel.held
