@@ -244,16 +244,36 @@ class BanManager:
             return True
 
     def ban_native(self, address: IPAddress, duration: float | None) -> bool:
+        """Put `address` in the kernel for `duration` seconds, or for as long as its record says
+        when that is longer: the store keeps the longer of two bans (a fleet peer's for good, a
+        scan's for BLOCK_TIME), and the kernel must not drop the host before the record ends."""
         if self.backend is None:
             return False
-        try:
-            self.backend.add(address, duration)
-        except (BackendError, OSError) as error:
-            self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
-            return False
+        # Under the lock a fleet batch holds from its kernel add to its record, so the record read
+        # here is not about to be lengthened by a batch whose longer kernel add this one undoes.
+        with self._lock:
+            duration = self._held_for(address, duration)
+            try:
+                self.backend.add(address, duration)
+            except (BackendError, OSError) as error:
+                self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
+                return False
         self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
         self.telemetry.ban(address, self.backend.name, duration, "scan", time.time())
         return True
+
+    def _held_for(self, address: IPAddress, duration: float | None) -> float | None:
+        """The longer of `duration` and what is left of the recorded ban of `address`."""
+        if duration is None:
+            return None
+        try:
+            ban = self.store.get(address)
+        except StoreError:
+            return duration  # the record may be held in memory: the ban itself must go in
+        now = time.time()
+        if ban is None or not ban.active(now):
+            return duration
+        return None if ban.expires is None else max(duration, ban.expires - now)
 
     def remember(
         self, address: IPAddress, *, reason: str, mode: str, port: int, now: float,

@@ -78,6 +78,52 @@ def _responder(bans: BanManager) -> ClassicResponder:
     return ClassicResponder(bans.hosts_deny, lambda _line: None, 1.0)
 
 
+def test_a_scan_of_a_host_the_fleet_banned_for_longer_keeps_the_kernel_ban_as_long(tmp_path):
+    # A peer banned the scanner for good; this host's own detection of it, within the second
+    # before the engine heard of that ban, extended the record (the longer ban holds: still for
+    # good) but put the address in the kernel for BLOCK_TIME. After that the kernel let the host
+    # in while the store, `list` and the engine ("already blocked") said it was banned.
+    bans, kernel = _manager(tmp_path, base=60)
+    now = time.time()
+    adopt_bans(bans, [RemoteBan(A, None, "peer", "fleet: scan")], now)
+    assert bans.enforce(_scan_block(A), _responder(bans), now=now)
+    held = bans.store.get(A)
+    assert held is not None and held.expires is None
+    assert kernel.held[A] is None
+
+
+def test_a_scan_banned_while_a_fleet_batch_is_applied_keeps_the_batchs_longer_kernel_ban(tmp_path):
+    # The fleet batch puts its bans in the kernel, then records them. A scan's ban of the same
+    # address in between (a responder thread) recorded its own, shorter ban, and its kernel add
+    # came after the batch's: the batch then extended the record (the longer ban holds), and
+    # the kernel dropped the host at BLOCK_TIME while the record said for good.
+    bans, kernel = _manager(tmp_path, base=60)
+    in_kernel, go_on = threading.Event(), threading.Event()
+    add_many = kernel.add_many
+
+    def add_many_then_wait(wanted):
+        add_many(wanted)
+        in_kernel.set()
+        go_on.wait(5)
+
+    kernel.add_many = add_many_then_wait  # type: ignore[method-assign]
+    now = time.time()
+    fleet = threading.Thread(target=adopt_bans,
+                             args=(bans, [RemoteBan(A, None, "peer", "fleet: scan")], now))
+    fleet.start()
+    assert in_kernel.wait(5)
+    scan = threading.Thread(target=bans.enforce, args=(_scan_block(A), _responder(bans)),
+                            kwargs={"now": now})
+    scan.start()
+    scan.join(0.5)  # before the fix its kernel add was done by now, between the batch's two halves
+    go_on.set()
+    fleet.join(5)
+    scan.join(5)
+    held = bans.store.get(A)
+    assert held is not None and held.expires is None
+    assert kernel.held[A] is None
+
+
 def test_a_hanging_kill_route_undo_holds_up_neither_fleet_bans_nor_other_lifts(tmp_path):
     # An unblock ran KILL_ROUTE_UNDO holding the manager's lock, up to COMMAND_TIMEOUT: meanwhile
     # the fleet reader could apply no peer's ban and the maintenance thread stopped at its next
