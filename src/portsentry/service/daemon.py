@@ -242,6 +242,11 @@ class Daemon:
             own = frozenset()  # the ignore list in force holds them as last read
         return Spared(own, self.engine.ignore, self._protected)
 
+    def feed_position(self) -> int:
+        """The newest change of the ban store's feed the maintenance thread has read (up to a
+        round behind): for the main loop, which must not wait for the store's lock."""
+        return self._maintenance.cursor
+
     def request_stop(self, *_args: object) -> None:
         self._stopping = True
         sdnotify.stopping()
