@@ -1,12 +1,13 @@
 """The ban lifecycle under concurrent bans, lifts, expiries and fleet adoptions of one address:
 whatever the interleaving, the store, the kernel and hosts.deny must end up agreeing.
 
-Each test forces one interleaving with events, as the responder, admin, maintenance and
-fleet-read threads of the daemon can meet.
+Most tests force one interleaving with events, as the responder, admin, maintenance and
+fleet-read threads of the daemon can meet; the last hammers a few addresses from five threads.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from ipaddress import ip_address
@@ -162,3 +163,56 @@ def test_a_hanging_kill_route_undo_holds_up_neither_fleet_bans_nor_other_lifts(t
         go_on.set()
         unblock.join(5)
     assert bans.store.get(A) is None and A not in kernel.held
+
+
+def test_bans_lifts_expiries_and_fleet_bans_of_a_few_hosts_from_many_threads_end_up_agreeing(tmp_path):
+    # The daemon's threads at once on three addresses: scans (responders), unblocks (admin),
+    # expiries and kernel bans recorded late (maintenance), peers' bans and lifts (fleet-read).
+    # Whatever the interleaving, every record is in the kernel until the same time, nothing is
+    # in the kernel without a record, and hosts.deny holds exactly the recorded bans' lines.
+    from portsentry.bans.adopt import lift_remote
+
+    bans, kernel = _manager(tmp_path, base=30)
+    responder = _responder(bans)
+    addresses = [ip_address(f"198.18.7.{n}") for n in (1, 2, 3)]
+    start = threading.Barrier(5)
+    failures: list[BaseException] = []
+
+    def hammer(seed: int) -> None:
+        pick = random.Random(seed)
+        start.wait()
+        try:
+            for _ in range(150):
+                address, now = pick.choice(addresses), time.time()
+                match pick.randrange(6):
+                    case 0:
+                        bans.enforce(_scan_block(address), responder, now=now)
+                    case 1:
+                        bans.lift(address, now, "unblocked by admin")
+                    case 2:
+                        expires = pick.choice([None, now + 10, now + 100])
+                        adopt_bans(bans, [RemoteBan(address, expires, "peer", "fleet: scan")], now, DENY)
+                    case 3:
+                        lift_remote(bans, address, "peer", now)
+                    case 4:
+                        bans.expire(now + 50)  # everything banned for less than 50 s more
+                    case _:
+                        bans.record_kernel_ban(address, "stcp", 22, now)
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    recorded = {ban.address: ban for ban in bans.store.active(time.time())}
+    in_kernel = kernel.members()
+    assert set(recorded) == set(in_kernel)
+    for address, ban in recorded.items():
+        until = in_kernel[address]
+        assert (ban.expires is None) == (until is None), address
+        assert ban.expires is None or until is None or abs(ban.expires - until) < 1.0, address
+    lines = (tmp_path / "hosts.deny").read_text().splitlines() if (tmp_path / "hosts.deny").exists() else []
+    assert sorted(lines) == sorted(ban.hosts_deny_line for ban in recorded.values() if ban.hosts_deny_line)
