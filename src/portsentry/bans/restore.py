@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -83,18 +84,23 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
     return Restored([packed for packed, _expires in active], routes, kernel_id_path, current)
 
 
-def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_CONCURRENCY) -> int:
+def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_CONCURRENCY,
+                 stop: threading.Event | None = None) -> int:
     """KILL_ROUTE again for every restored ban, `concurrency` at a time (after READY, on its own
     thread); the kernel identity is remembered only once all ran, so a crash half-way re-runs
-    them at the next start. Returns how many failed."""
+    them at the next start. Once `stop` is set (the daemon stops) none starts any more, and the
+    next start runs them all again. Returns how many failed."""
     if not restored.rerun or bans.policy.route is None:
         return 0
+    stop = stop or threading.Event()
     route = bans.policy.route
     bans.log(f"adminalert: re-running KILL_ROUTE for {len(restored.routes)} stored bans "
              f"(new boot or network namespace), {concurrency} at a time")
 
     def one(target: tuple[IPAddress, int, str]) -> bool:
         address, port, mode = target
+        if stop.is_set():
+            return False
         command = substitute(route, address, port, mode_of(mode))
         # In turn with lifts: a ban unblocked or expired since READY (its KILL_ROUTE_UNDO has run)
         # must not get its route back.
@@ -110,7 +116,7 @@ def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route-rerun") as pool:
         failed = sum(not ok for ok in pool.map(one, restored.routes))
-    if restored.kernel_id_path is not None:
+    if restored.kernel_id_path is not None and not stop.is_set():
         _remember_kernel(restored.kernel_id_path, restored.kernel_id, bans.log)
     return failed
 
