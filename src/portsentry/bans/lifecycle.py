@@ -505,10 +505,13 @@ class BanManager:
         if rebuilt:
             self._log(messages.table_rebuilt(self.backend.describe()))
             try:
-                active = self.store.active(now)
-                self.backend.add_many(
-                    (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
-                    for ban in active)
+                # Read and re-added under the lock a lift holds from its kernel removal to its
+                # record: a ban lifted in between went back in the kernel with no record left.
+                with self._lock:
+                    active = self.store.active(now)
+                    self.backend.add_many(
+                        (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
+                        for ban in active)
             except (BackendError, OSError, StoreError) as error:
                 self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
 

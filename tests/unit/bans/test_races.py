@@ -216,3 +216,32 @@ def test_bans_lifts_expiries_and_fleet_bans_of_a_few_hosts_from_many_threads_end
         assert ban.expires is None or until is None or abs(ban.expires - until) < 1.0, address
     lines = (tmp_path / "hosts.deny").read_text().splitlines() if (tmp_path / "hosts.deny").exists() else []
     assert sorted(lines) == sorted(ban.hosts_deny_line for ban in recorded.values() if ban.hosts_deny_line)
+
+
+def test_an_unblock_while_a_flushed_table_is_rebuilt_is_not_undone_by_the_rebuild(tmp_path):
+    # Once a minute the maintenance thread rebuilds our table if someone flushed the ruleset
+    # (`systemctl restart nftables`) and puts every active ban back. An unblock between its read
+    # of the active bans and its kernel add (an admin's, a fleet peer's) was undone: the host
+    # went back in the kernel, for good for a ban that had no end, with no record left to lift.
+    bans, kernel = _manager(tmp_path, base=0)
+    now = time.time()
+    bans.remember(A, reason="scan", mode="stcp", port=22, now=now, duration=None, hosts_deny_line=None,
+                  native=True)
+    bans.ban_native(A, None)
+    kernel.repair_capture = lambda: True  # type: ignore[method-assign]
+    kernel.held.clear()  # the flush
+    add_many = kernel.add_many
+    unblocked: list[bool] = []
+    admin = threading.Thread(target=lambda: unblocked.append(bans.lift(A, now, "unblocked by admin")))
+
+    def unblock_then_add(wanted):
+        wanted = list(wanted)
+        admin.start()
+        admin.join(0.5)  # before the fix it was done by now, between the read and the add
+        add_many(wanted)
+
+    kernel.add_many = unblock_then_add  # type: ignore[method-assign]
+    bans.repair(now)
+    admin.join(5)
+    assert unblocked == [True] and bans.store.get(A) is None
+    assert A not in kernel.held
