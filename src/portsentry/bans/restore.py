@@ -51,8 +51,25 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
     are read as packed addresses and go to the kernel without an address object each; only
     the bans with a hosts.deny line, and the KILL_ROUTE re-runs when due, are read in full."""
     bans.expire(now)
-    active = bans.store.active_packed(now)
     changed, current = _kernel_changed(kernel_id_path) if kernel_id_path is not None else (False, None)
+    # Held against lifts from the read to the last line: the control socket already answers, and
+    # an unblock in between was undone, its host back in the kernel with no record left.
+    with bans.exclusive():
+        active = bans.store.active_packed(now)
+        _restore(bans, active, now)
+    # Only bans KILL_ROUTE ran for here (ROUTE_MARK): a fleet peer's ban (bans.adopt), a kernel
+    # ban whose NFLOG copy was lost and a ban made while KILL_ROUTE was unset never ran it, so a
+    # reboot must not run it either; their lift runs no KILL_ROUTE_UNDO.
+    routes = bans.store.active_routed(now) if changed and bans.policy.route else []
+    # With nothing to re-run, rerun_routes returns at once and would not remember the kernel: a
+    # first start without bans must still write it, or the next restart in the same namespace
+    # re-runs every KILL_ROUTE made meanwhile.
+    if changed and not routes and kernel_id_path is not None:
+        _remember_kernel(kernel_id_path, current, bans.log)
+    return Restored([packed for packed, _expires in active], routes, kernel_id_path, current)
+
+
+def _restore(bans: BanManager, active: list[tuple[bytes, float | None]], now: float) -> None:
     if bans.backend is not None and active:
         try:
             bans.backend.restore_many(
@@ -72,16 +89,6 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
             bans.hosts_deny.add_many(list(lines), on_append=own)
         except (OSError, ValueError) as error:
             bans.log(messages.config_error(f"cannot restore {len(lines)} hosts.deny lines: {error}"))
-    # Only bans KILL_ROUTE ran for here (ROUTE_MARK): a fleet peer's ban (bans.adopt), a kernel
-    # ban whose NFLOG copy was lost and a ban made while KILL_ROUTE was unset never ran it, so a
-    # reboot must not run it either; their lift runs no KILL_ROUTE_UNDO.
-    routes = bans.store.active_routed(now) if changed and bans.policy.route else []
-    # With nothing to re-run, rerun_routes returns at once and would not remember the kernel: a
-    # first start without bans must still write it, or the next restart in the same namespace
-    # re-runs every KILL_ROUTE made meanwhile.
-    if changed and not routes and kernel_id_path is not None:
-        _remember_kernel(kernel_id_path, current, bans.log)
-    return Restored([packed for packed, _expires in active], routes, kernel_id_path, current)
 
 
 def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_CONCURRENCY,

@@ -245,3 +245,32 @@ def test_an_unblock_while_a_flushed_table_is_rebuilt_is_not_undone_by_the_rebuil
     admin.join(5)
     assert unblocked == [True] and bans.store.get(A) is None
     assert A not in kernel.held
+
+
+def test_an_unblock_while_the_bans_are_restored_at_start_is_not_undone_by_the_restore(tmp_path):
+    # The control socket answers from the start of `open`, before the stored bans are put back
+    # (seconds for a million): an unblock between the restore's read of the active bans and its
+    # kernel add was undone, the host back in the kernel (for good, for a ban with no end) and
+    # its hosts.deny line back, with no record left to lift them.
+    from portsentry.bans.restore import restore_bans
+
+    bans, kernel = _manager(tmp_path, base=0)
+    now = time.time()
+    bans.remember(A, reason="scan", mode="stcp", port=22, now=now, duration=None,
+                  hosts_deny_line="ALL: 198.18.7.1", native=True)
+    restore_many = kernel.restore_many
+    unblocked: list[bool] = []
+    admin = threading.Thread(target=lambda: unblocked.append(bans.lift(A, now, "unblocked by admin")))
+
+    def unblock_then_restore(wanted):
+        wanted = list(wanted)
+        admin.start()
+        admin.join(0.5)  # before the fix it was done by now, between the read and the add
+        restore_many(wanted)
+
+    kernel.restore_many = unblock_then_restore  # type: ignore[method-assign]
+    restore_bans(bans, now)
+    admin.join(5)
+    assert unblocked == [True] and bans.store.get(A) is None
+    assert A not in kernel.held
+    assert (tmp_path / "hosts.deny").read_text() == ""
