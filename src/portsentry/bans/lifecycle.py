@@ -153,8 +153,11 @@ class BanManager:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold off lifts while a batch of peers' bans goes into the kernel and then the store
-        (bans.adopt): an unblock in between found no record yet, took the address out of the
-        kernel, and the record came after it. Not per address: a batch can hold 100,000."""
+        (bans.adopt), or stored bans go back into the kernel (bans.restore): an unblock in between
+        took the address out of the kernel, and the batch put it back or recorded it after. Not
+        per address: a batch can hold 100,000. A lift holds it from its kernel removal to its
+        record, and a scan's kernel add (ban_native) for its read of the record and its add; no
+        shell command runs under it."""
         with self._lock:
             yield
 
