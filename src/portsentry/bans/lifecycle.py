@@ -153,8 +153,11 @@ class BanManager:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold off lifts while a batch of peers' bans goes into the kernel and then the store
-        (bans.adopt): an unblock in between found no record yet, took the address out of the
-        kernel, and the record came after it. Not per address: a batch can hold 100,000."""
+        (bans.adopt), or stored bans go back into the kernel (bans.restore): an unblock in between
+        took the address out of the kernel, and the batch put it back or recorded it after. Not
+        per address: a batch can hold 100,000. A lift holds it from its kernel removal to its
+        record, and a scan's kernel add (ban_native) for its read of the record and its add; no
+        shell command runs under it."""
         with self._lock:
             yield
 
@@ -257,16 +260,36 @@ class BanManager:
             return True
 
     def ban_native(self, address: IPAddress, duration: float | None) -> bool:
+        """Put `address` in the kernel for `duration` seconds, or for as long as its record says
+        when that is longer: the store keeps the longer of two bans (a fleet peer's for good, a
+        scan's for BLOCK_TIME), and the kernel must not drop the host before the record ends."""
         if self.backend is None:
             return False
-        try:
-            self.backend.add(address, duration)
-        except (BackendError, OSError) as error:
-            self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
-            return False
+        # Under the lock a fleet batch holds from its kernel add to its record, so the record read
+        # here is not about to be lengthened by a batch whose longer kernel add this one undoes.
+        with self._lock:
+            duration = self._held_for(address, duration)
+            try:
+                self.backend.add(address, duration)
+            except (BackendError, OSError) as error:
+                self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
+                return False
         self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
         self.telemetry.ban(address, self.backend.name, duration, "scan", time.time())
         return True
+
+    def _held_for(self, address: IPAddress, duration: float | None) -> float | None:
+        """The longer of `duration` and what is left of the recorded ban of `address`."""
+        if duration is None:
+            return None
+        try:
+            ban = self.store.get(address)
+        except StoreError:
+            return duration  # the record may be held in memory: the ban itself must go in
+        now = time.time()
+        if ban is None or not ban.active(now):
+            return duration
+        return None if ban.expires is None else max(duration, ban.expires - now)
 
     def remember(
         self, address: IPAddress, *, reason: str, mode: str, port: int, now: float,
@@ -399,13 +422,23 @@ class BanManager:
         with self._turns.turn(address, wait=not expired_only) as free:
             if not free:
                 return False
+            ban = self.store.get(address)
+            if expired_only and (ban is None or ban.active(now)):
+                return False
+            key = normalise(address)
+            with self._unsaved_lock:
+                waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
+            # KILL_ROUTE_UNDO before the lock, which fleet batches, every other lift and every
+            # scan's kernel add (ban_native) wait for: it may run for COMMAND_TIMEOUT. Whether
+            # KILL_ROUTE ran for the ban cannot change meanwhile: bans of the address wait for
+            # its turn, and a fleet peer's ban runs no KILL_ROUTE.
+            self._undo_route(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
             with self._lock:
-                ban = self.store.get(address)
+                ban = self.store.get(address)  # a fleet batch may have banned it again meanwhile
                 if expired_only and (ban is None or ban.active(now)):
                     return False
                 # A ban still waiting to be saved (the store could not be written) goes too: saved
                 # after this, it would be a record of a ban that the kernel no longer holds.
-                key = normalise(address)
                 with self._unsaved_lock:
                     waiting = ([] if expired_only
                                else [e for e in self._unsaved if normalise(e.address) == key])
@@ -444,6 +477,8 @@ class BanManager:
                                                 f"{self.hosts_deny.path}: {error}"))
             else:
                 self._disown_line(address, line)
+
+    def _undo_route(self, address: IPAddress, ban: Ban | None) -> None:
         # Only what KILL_ROUTE did here is undone. With no record at all (an address banned before
         # this store, by 1.2 or by hand) the admin's unblock still runs it, as it always did.
         if self.policy.undo and (ban is None or ban.routed):
@@ -505,10 +540,13 @@ class BanManager:
         # in the kernel with no record (for ever, with BLOCK_TIME 0).
         with self._lock:
             try:
-                active = self.store.active(now)
-                self.backend.add_many(
-                    (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
-                    for ban in active)
+                # Read and re-added under the lock a lift holds from its kernel removal to its
+                # record: a ban lifted in between went back in the kernel with no record left.
+                with self._lock:
+                    active = self.store.active(now)
+                    self.backend.add_many(
+                        (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
+                        for ban in active)
             except (BackendError, OSError, StoreError) as error:
                 self._log(messages.native_block_failed(what, self.backend.name, str(error)))
                 return 0

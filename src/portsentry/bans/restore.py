@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +51,25 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
     are read as packed addresses and go to the kernel without an address object each; only
     the bans with a hosts.deny line, and the KILL_ROUTE re-runs when due, are read in full."""
     bans.expire(now)
-    active = bans.store.active_packed(now)
     changed, current = _kernel_changed(kernel_id_path) if kernel_id_path is not None else (False, None)
+    # Held against lifts from the read to the last line: the control socket already answers, and
+    # an unblock in between was undone, its host back in the kernel with no record left.
+    with bans.exclusive():
+        active = bans.store.active_packed(now)
+        _restore(bans, active, now)
+    # Only bans KILL_ROUTE ran for here (ROUTE_MARK): a fleet peer's ban (bans.adopt), a kernel
+    # ban whose NFLOG copy was lost and a ban made while KILL_ROUTE was unset never ran it, so a
+    # reboot must not run it either; their lift runs no KILL_ROUTE_UNDO.
+    routes = bans.store.active_routed(now) if changed and bans.policy.route else []
+    # With nothing to re-run, rerun_routes returns at once and would not remember the kernel: a
+    # first start without bans must still write it, or the next restart in the same namespace
+    # re-runs every KILL_ROUTE made meanwhile.
+    if changed and not routes and kernel_id_path is not None:
+        _remember_kernel(kernel_id_path, current, bans.log)
+    return Restored([packed for packed, _expires in active], routes, kernel_id_path, current)
+
+
+def _restore(bans: BanManager, active: list[tuple[bytes, float | None]], now: float) -> None:
     if bans.backend is not None and active:
         try:
             bans.backend.restore_many(
@@ -71,30 +89,25 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
             bans.hosts_deny.add_many(list(lines), on_append=own)
         except (OSError, ValueError) as error:
             bans.log(messages.config_error(f"cannot restore {len(lines)} hosts.deny lines: {error}"))
-    # Only bans KILL_ROUTE ran for here (ROUTE_MARK): a fleet peer's ban (bans.adopt), a kernel
-    # ban whose NFLOG copy was lost and a ban made while KILL_ROUTE was unset never ran it, so a
-    # reboot must not run it either; their lift runs no KILL_ROUTE_UNDO.
-    routes = bans.store.active_routed(now) if changed and bans.policy.route else []
-    # With nothing to re-run, rerun_routes returns at once and would not remember the kernel: a
-    # first start without bans must still write it, or the next restart in the same namespace
-    # re-runs every KILL_ROUTE made meanwhile.
-    if changed and not routes and kernel_id_path is not None:
-        _remember_kernel(kernel_id_path, current, bans.log)
-    return Restored([packed for packed, _expires in active], routes, kernel_id_path, current)
 
 
-def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_CONCURRENCY) -> int:
+def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_CONCURRENCY,
+                 stop: threading.Event | None = None) -> int:
     """KILL_ROUTE again for every restored ban, `concurrency` at a time (after READY, on its own
     thread); the kernel identity is remembered only once all ran, so a crash half-way re-runs
-    them at the next start. Returns how many failed."""
+    them at the next start. Once `stop` is set (the daemon stops) none starts any more, and the
+    next start runs them all again. Returns how many failed."""
     if not restored.rerun or bans.policy.route is None:
         return 0
+    stop = stop or threading.Event()
     route = bans.policy.route
     bans.log(f"adminalert: re-running KILL_ROUTE for {len(restored.routes)} stored bans "
              f"(new boot or network namespace), {concurrency} at a time")
 
     def one(target: tuple[IPAddress, int, str]) -> bool:
         address, port, mode = target
+        if stop.is_set():
+            return False
         command = substitute(route, address, port, mode_of(mode))
         # In turn with lifts: a ban unblocked or expired since READY (its KILL_ROUTE_UNDO has run)
         # must not get its route back.
@@ -110,7 +123,7 @@ def rerun_routes(bans: BanManager, restored: Restored, concurrency: int = RERUN_
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route-rerun") as pool:
         failed = sum(not ok for ok in pool.map(one, restored.routes))
-    if restored.kernel_id_path is not None:
+    if restored.kernel_id_path is not None and not stop.is_set():
         _remember_kernel(restored.kernel_id_path, restored.kernel_id, bans.log)
     return failed
 

@@ -160,11 +160,15 @@ class FleetNode:
 
     # -- status ----------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, object]:
+    def status(self, last_change: int | None = None) -> dict[str, object]:
+        """`last_change`: the newest change of the feed as the caller knows it. The daemon's main
+        loop passes its own, never waiting for the store's lock (held for seconds by a big fleet
+        batch or a write waiting for another process) while no packet is read."""
         backlog = None
         with contextlib.suppress(StoreError):
             if self.published is not None:
-                backlog = max(0, self.bans.store.last_change() - self.published)
+                newest = self.bans.store.last_change() if last_change is None else last_change
+                backlog = max(0, newest - self.published)
         return {"name": self.settings.name, "host_id": self.settings.host_id, "redis": self.settings.redacted,
                 **self.tally.status(), "backlog": backlog}
 

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
-from portsentry.bans.restore import rerun_routes, restore_bans
+from portsentry.bans.restore import RERUN_CONCURRENCY, rerun_routes, restore_bans
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core import messages
@@ -126,6 +126,9 @@ class Daemon:
         self.internal_errors = 0
         self._selector = selectors.DefaultSelector()
         self._stopping = False
+        # KILL_ROUTE re-runs after a reboot (bans.restore): told to start no more at the stop.
+        self._reruns: threading.Thread | None = None
+        self._stop_reruns = threading.Event()
         self._blocks = BlockQueue(self._enforce, self._block_done, journal.log)
         self._admin = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
         # The kernel's first-probe bans (stealth modes with nftables): guards pushed, bans settled.
@@ -217,8 +220,10 @@ class Daemon:
             self.engine.sync_bans(restored.banned)
             self.active_bans = len(restored.banned)
             if restored.rerun:  # after READY, a few at a time: many bans must not delay the start
-                threading.Thread(target=rerun_routes, args=(self.bans, restored), name="route-rerun",
-                                 daemon=True).start()
+                self._reruns = threading.Thread(target=rerun_routes, name="route-rerun", daemon=True,
+                                                args=(self.bans, restored, RERUN_CONCURRENCY,
+                                                      self._stop_reruns))
+                self._reruns.start()
         self._blocks.start()
         self._maintenance.start(cursor, self.active_bans)
         if self.fleet is not None:
@@ -241,6 +246,11 @@ class Daemon:
         except OSError:
             own = frozenset()  # the ignore list in force holds them as last read
         return Spared(own, self.engine.ignore, self._protected)
+
+    def feed_position(self) -> int:
+        """The newest change of the ban store's feed the maintenance thread has read (up to a
+        round behind): for the main loop, which must not wait for the store's lock."""
+        return self._maintenance.cursor
 
     def request_stop(self, *_args: object) -> None:
         self._stopping = True
@@ -306,6 +316,7 @@ class Daemon:
             self.journal.log(messages.config_error(f"internal error on a probe, skipped: {error!r}"))
 
     def shutdown(self) -> None:
+        self._stop_reruns.set()
         for sensor in self.sensors:
             sensor.close()
         for source in list(self._awaiting_name):  # no time left to wait for names
@@ -321,6 +332,8 @@ class Daemon:
         # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded;
         # queued ones start only within blockqueue.STOP_GRACE, so the stop stays bounded.
         self._blocks.close()
+        if self._reruns is not None:  # only the re-runs under way, each bounded by COMMAND_TIMEOUT
+            self._reruns.join()
         self._admin.shutdown(wait=True)
         self._run_main_calls()
         if self.resolver is not None:

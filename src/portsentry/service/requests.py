@@ -154,5 +154,5 @@ class Requests:
             "active_bans": daemon.active_bans,
             **self.stats(now),
             "recent_events": daemon.journal.recent_events(),
-            **({"fleet": daemon.fleet.status()} if daemon.fleet is not None else {}),
+            **({"fleet": daemon.fleet.status(daemon.feed_position())} if daemon.fleet is not None else {}),
         }

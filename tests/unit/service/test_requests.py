@@ -105,3 +105,41 @@ def test_a_block_through_the_daemon_spares_its_own_addresses_and_gateways(
     assert not gateway.ok and "is a default gateway or DNS resolver" in str(gateway.error)
     assert other.ok  # this daemon's BLOCK_TCP steps are none, so it records nothing either way
     daemon.shutdown()
+
+
+def test_status_with_a_fleet_answers_while_the_ban_store_is_busy(tmp_path: Path) -> None:
+    # `status` is answered on the detection loop. With a fleet, its backlog asked the ban store,
+    # whose lock another thread may hold for seconds (a fleet batch of 100,000 bans, a write
+    # waiting up to 10 s for `portsentry block --file` in another process): a monitoring check
+    # polling `portsentry status` stopped detection and blocking for that long.
+    import threading
+
+    from portsentry.fleet.node import FleetNode
+    from portsentry.fleet.settings import FleetSettings
+    from tests.unit.bans.test_lifecycle import manager
+
+    bans, _kernel, _lines, _commands = manager(tmp_path)
+    daemon, _said = bare_daemon(tmp_path, bans=bans)
+    daemon.fleet = FleetNode(FleetSettings("redis://unused", "unit", "h1", b"s" * 32), bans, str(tmp_path),
+                             lambda _line: None)
+    daemon.fleet.published = 0
+    holding, release = threading.Event(), threading.Event()
+
+    def long_transaction() -> None:
+        with bans.store._lock:
+            holding.set()
+            release.wait(5)
+
+    busy = threading.Thread(target=long_transaction)
+    busy.start()
+    try:
+        assert holding.wait(5)
+        answered: list[dict[str, Any]] = []
+        status = threading.Thread(target=lambda: answered.append(daemon.requests.status(1000.0)))
+        status.start()
+        status.join(1.0)
+        assert answered and answered[0]["fleet"]["name"] == "unit"
+    finally:
+        release.set()
+        busy.join(5)
+    daemon.shutdown()
