@@ -536,17 +536,15 @@ class BanManager:
     def _readd(self, now: float, what: str) -> int:
         """Every active ban into the kernel with its time left; how many (0 on failure)."""
         assert self.backend is not None
-        # Under the lock lifts take: a ban lifted between the read and the add would be put back
-        # in the kernel with no record (for ever, with BLOCK_TIME 0).
+        # Read and re-added under the lock a lift holds from its kernel removal to its record: a
+        # ban lifted in between went back in the kernel with no record left (for ever, with
+        # BLOCK_TIME 0).
         with self._lock:
             try:
-                # Read and re-added under the lock a lift holds from its kernel removal to its
-                # record: a ban lifted in between went back in the kernel with no record left.
-                with self._lock:
-                    active = self.store.active(now)
-                    self.backend.add_many(
-                        (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
-                        for ban in active)
+                active = self.store.active(now)
+                self.backend.add_many(
+                    (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
+                    for ban in active)
             except (BackendError, OSError, StoreError) as error:
                 self._log(messages.native_block_failed(what, self.backend.name, str(error)))
                 return 0
