@@ -259,6 +259,23 @@ class BanManager:
             self.ban_native(address, duration)
             return True
 
+    def lift_kernel_ban(self, address: IPAddress, now: float) -> bool | None:
+        """Take a first-probe ban nobody recorded out of the kernel (its source is spared after
+        all). In turn with bans of the address, and under the lock a fleet batch holds from its
+        kernel add to its record: a scan's or a peer's ban recorded since settling looked stays
+        in the kernel. True when removed, False when a ban is on record now; None, with nothing
+        done, while a ban or lift of the address is under way. BackendError and OSError pass."""
+        assert self.backend is not None
+        with self._turns.turn(address, wait=False) as free:
+            if not free:
+                return None
+            with self._lock:
+                ban = self.store.get(address)
+                if ban is not None and ban.active(now):
+                    return False
+                self.backend.remove(address)
+        return True
+
     def ban_native(self, address: IPAddress, duration: float | None) -> bool:
         """Put `address` in the kernel for `duration` seconds, or for as long as its record says
         when that is longer: the store keeps the longer of two bans (a fleet peer's for good, a

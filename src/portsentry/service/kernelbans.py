@@ -133,8 +133,7 @@ class KernelBans:
         if why is None and self._live(protocol, port, now):
             why = f"{protocol} port {port} has a live service"
         if why is not None:
-            self._lift(address, why)
-            return True
+            return self._lift(address, why, now)
         if not overdue:
             return False
         def said() -> None:
@@ -152,16 +151,19 @@ class KernelBans:
         listener.refresh(now)
         return listener.confirm(port, now)
 
-    def _lift(self, address: IPAddress, why: str) -> None:
-        backend = self.bans.backend
-        assert backend is not None
+    def _lift(self, address: IPAddress, why: str, now: float) -> bool:
+        """True when settled: lifted, recorded meanwhile, or failed (said); False while busy."""
         try:
-            backend.remove(address)
+            lifted = self.bans.lift_kernel_ban(address, now)
         except (BackendError, OSError) as error:
             self._log(messages.native_unblock_failed(str(address), str(error)))
-            return
-        self._log(messages.kernel_ban_lifted(str(address), why))
-        self.lifted += 1
+            return True
+        if lifted is None:
+            return False  # the address's ban or lift is running its commands: the next round
+        if lifted:
+            self._log(messages.kernel_ban_lifted(str(address), why))
+            self.lifted += 1
+        return True
 
 
 class DroppedProbes:
