@@ -149,6 +149,10 @@ class BanManager:
         # Called after every ban or lift this manager records, from the thread that made it: the
         # fleet publisher wakes at once instead of at its next look at the change feed.
         self.on_change: Callable[[], None] | None = None
+        # Lifts that forgot caught entries (not expiry), counted under _lock once they are gone:
+        # settling a kernel ban late reads it before the caught entries, and a change tells it
+        # that an entry it read may have been unblocked since (record_kernel_ban's `still`).
+        self.unblocks = 0
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -240,17 +244,22 @@ class BanManager:
             return False
 
     def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
-                          said: Callable[[], None] = lambda: None) -> bool | None:
+                          said: Callable[[], None] = lambda: None,
+                          still: Callable[[], bool] = lambda: True) -> bool | None:
         """A first-probe ban the kernel made and nobody recorded: record it (then `said`), then
         give it the policy's timeout (longer for repeat offenders). In turn with lifts of the
-        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late).
-        None, with nothing done, while a ban or lift of the address is under way: its commands
-        may run for COMMAND_TIMEOUT, and the maintenance thread asking must not wait for them."""
+        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late) or
+        `still` says its caught entry has gone (an unblock since it was read: recorded, the ban
+        went back in the kernel). None, with nothing done, while a ban or lift of the address is
+        under way: its commands may run for COMMAND_TIMEOUT, and the maintenance thread asking
+        must not wait for them."""
         with self._turns.turn(address, wait=False) as free:
             if not free:
                 return None
             ban = self.store.get(address)
             if ban is not None and ban.active(now):
+                return False
+            if not still():
                 return False
             duration = self.duration(address, now)
             self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
@@ -463,6 +472,7 @@ class BanManager:
                 self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
                 if not expired_only:  # an expired ban's entry was settled long ago
                     self._forget_caught(address)
+                    self.unblocks += 1  # after the entry went: see __init__
                 lifted = self.store.lift(address, now, reason, origin, expired_only)
         if lifted is not None or waiting:
             self.changed()

@@ -79,6 +79,9 @@ class KernelBans:
         self._guards: Guards | None = None
         self._pushed: Guards | None = None
         self._first_seen: dict[Caught, float] = {}
+        # The caught entries as last read, and BanManager.unblocks just before that read.
+        self._present: set[Caught] = set()
+        self._unblocks_seen = 0
         # Its own sock_diag view: the sensor's belongs to the main loop.
         self._listeners = listeners or {protocol: ListeningPorts(protocol) for protocol in Protocol}
         self.recorded_late = 0
@@ -110,8 +113,9 @@ class KernelBans:
         backend = self.bans.backend
         if backend is None or not backend.first_probe_bans():
             return
+        self._unblocks_seen = self.bans.unblocks
         entries = backend.caught()
-        present = set(entries)
+        present = self._present = set(entries)
         self._first_seen = {entry: at for entry, at in self._first_seen.items() if entry in present}
         release: list[Caught] = []
         for entry in entries:
@@ -139,7 +143,8 @@ class KernelBans:
         def said() -> None:
             self._log(messages.kernel_ban_recorded(str(address), protocol.value, port))
 
-        recorded = self.bans.record_kernel_ban(address, f"s{protocol.value.lower()}", port, now, said)
+        recorded = self.bans.record_kernel_ban(address, f"s{protocol.value.lower()}", port, now, said,
+                                               lambda: self._still_caught(entry))
         if recorded is None:
             return False  # the address's ban or lift is running its commands: the next round
         if recorded:
@@ -150,6 +155,16 @@ class KernelBans:
         listener = self._listeners[protocol]
         listener.refresh(now)
         return listener.confirm(port, now)
+
+    def _still_caught(self, entry: Caught) -> bool:
+        """Under the address's turn: whether `entry` is still caught. Read again only when an
+        unblock forgot caught entries since the last read (it may have been this one)."""
+        backend = self.bans.backend
+        assert backend is not None
+        if self.bans.unblocks != self._unblocks_seen:
+            self._unblocks_seen = self.bans.unblocks
+            self._present = set(backend.caught())
+        return entry in self._present
 
     def _lift(self, address: IPAddress, why: str, now: float) -> bool:
         """True when settled: lifted, recorded meanwhile, or failed (said); False while busy."""

@@ -9,9 +9,10 @@ import time
 
 from portsentry.core.actions import Block, Step, StepKind
 from portsentry.core.probe import KIND_SYN, Mode, Probe, Protocol
+from portsentry.responders.backend import Caught
 from portsentry.responders.classic import ClassicResponder
 from portsentry.service.kernelbans import KernelBans
-from tests.unit.service.test_kernelbans import SCANNER, Listening, setup
+from tests.unit.service.test_kernelbans import SCANNER, CatchingKernel, Listening, setup
 
 
 def _scan(kb: KernelBans) -> threading.Thread:
@@ -48,3 +49,30 @@ def test_a_scans_ban_between_settlings_look_and_its_kernel_lift_stays_in_the_ker
     ban = kb.bans.store.get(SCANNER)
     recorded = ban is not None and ban.active(time.time())
     assert recorded and SCANNER in kernel.held, (ban, kernel.held)
+
+
+def test_an_unblock_between_settlings_read_and_its_late_record_is_not_undone(tmp_path) -> None:
+    """Settling read the caught entries, then an admin unblocked the address (its kernel ban and
+    its caught entry went), and settling, going on from what it had read, recorded the ban late
+    and put it back in the kernel: the unblock was undone, for BLOCK_TIME (for ever with 0)."""
+    kb, kernel, lines = setup(tmp_path)
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    kb.settle(100.0)
+    unblocks: list[threading.Thread] = []
+
+    class UnblockedAfterTheRead(CatchingKernel):
+        def caught(self) -> list[Caught]:
+            found = list(kernel.entries)
+            if not unblocks:
+                unblock = threading.Thread(target=kb.bans.lift, args=(SCANNER, 103.4, "unblocked by admin"))
+                unblocks.append(unblock)
+                unblock.start()
+                unblock.join(5.0)
+            return found
+
+    kernel.__class__ = UnblockedAfterTheRead
+    kb.settle(103.5)
+    assert unblocks and not unblocks[0].is_alive()
+    assert kernel.held == {} and kernel.entries == []
+    assert kb.bans.store.get(SCANNER) is None and kb.recorded_late == 0, lines
