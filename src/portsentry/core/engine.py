@@ -120,6 +120,10 @@ class Engine:
         # Hits past PENDING_CAPACITY while a block is under way: (how many, the last), said in one
         # line when the block is done, so none goes unmentioned.
         self._pending_over: dict[IPAddress, tuple[int, Probe]] = {}
+        # Sources whose block is under way and whose ban the store's feed said was lifted since:
+        # the feed and the block's outcome come from two threads, and an unblock that waited for
+        # the block reached this engine first. Lifted again once the outcome is in.
+        self._lifted_meanwhile: set[IPAddress] = set()
 
     def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> Outcome | None:
         """What to do instead of blocking, or None when the guard lets the block go."""
@@ -257,6 +261,11 @@ class Engine:
             for blocked in self._blocked.values():
                 blocked.discard(source)
         self._banned = banned
+        for source in self._pending:
+            if source.packed in banned:
+                self._lifted_meanwhile.discard(source)
+            else:
+                self._lifted_meanwhile.add(source)
 
     def apply_ban_changes(self, changes: Iterable[tuple[IPAddress, bool]]) -> None:
         """The ban store's change feed, in order: (address, True) for a ban made or extended
@@ -266,10 +275,16 @@ class Engine:
         for source, banned in changes:
             if banned:
                 self._banned.add(source.packed)
+                self._lifted_meanwhile.discard(source)
             else:
-                self._banned.discard(source.packed)
-                for blocked in self._blocked.values():
-                    blocked.discard(source)
+                self._forget(source)
+                if source in self._pending:
+                    self._lifted_meanwhile.add(source)
+
+    def _forget(self, source: IPAddress) -> None:
+        self._banned.discard(source.packed)
+        for blocked in self._blocked.values():
+            blocked.discard(source)
 
     def finished(self, block: Block, succeeded: bool, now: float) -> list[Action]:
         """The daemon reports the outcome of a Block it carried out; hits that arrived
@@ -298,4 +313,9 @@ class Engine:
         over = self._pending_over.pop(probe.source, None)
         if over is not None:
             actions.append(Log(messages.pending_overflow(over[1], over[0])))
+        if probe.source in self._lifted_meanwhile and probe.source not in self._pending:
+            # The lift came after the block (it waited for the address's turn) and after the
+            # hits that waited for it: it goes last, so the next hit acts again.
+            self._lifted_meanwhile.discard(probe.source)
+            self._forget(probe.source)
         return actions

@@ -327,3 +327,36 @@ def test_block_2_runs_the_command_but_bans_nobody_so_another_mode_still_blocks()
     assert texts(e.observe(probe(port=2), 2.0).actions)[-1].endswith("is already blocked. Ignoring")
     udp = e.observe(probe(mode=Mode.UDP), 3.0).actions[-1]
     assert isinstance(udp, Block) and StepKind.ROUTE in [s.kind for s in udp.steps]
+
+
+@pytest.mark.parametrize("lifted", ["feed", "resync"])
+def test_a_lift_heard_before_the_blocks_outcome_leaves_the_host_free(lifted):
+    # The ban's record, then an admin's unblock (waiting for the address's turn), reached the
+    # engine from the maintenance round before the responder's outcome did: "finished" then
+    # marked the host banned again, and its next scans said "already blocked" with no ban
+    # anywhere, until a restart.
+    e = engine(block_tcp=1, kill_route=ROUTE)
+    block = e.observe(probe(), 1.0).actions[-1]
+    assert isinstance(block, Block)
+    assert e.observe(probe(port=2), 1.1).decision is Decision.ALREADY_BLOCKED  # held back
+    if lifted == "feed":
+        e.apply_ban_changes([(SCANNER, True), (SCANNER, False)])
+    else:
+        e.sync_bans([OTHER.packed])  # the feed could not be followed: every ban in force
+    after = e.finished(block, True, 1.3)
+    # The hit that waited came before the unblock: it was made while the host was blocked.
+    assert after[0] == Record(probe(), 1.3)
+    assert texts(after)[-1] == f"attackalert: Host: {SCANNER} is already blocked. Ignoring"
+    assert not e.is_blocked(Mode.TCP, SCANNER) and not e.is_blocked(Mode.STCP, SCANNER)
+    assert e.observe(probe(port=3), 2.0).decision is Decision.BLOCK
+
+
+def test_a_ban_heard_after_a_lift_while_the_block_ran_keeps_the_host_banned():
+    # The lift was of an earlier ban, and this block's record came after it: still banned.
+    e = engine(block_tcp=1, kill_route=ROUTE)
+    block = e.observe(probe(), 1.0).actions[-1]
+    assert isinstance(block, Block)
+    e.apply_ban_changes([(SCANNER, False), (SCANNER, True)])
+    e.finished(block, True, 1.3)
+    assert e.is_blocked(Mode.STCP, SCANNER)
+    assert e.observe(probe(port=3), 2.0).decision is Decision.ALREADY_BLOCKED
