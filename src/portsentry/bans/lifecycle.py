@@ -179,8 +179,10 @@ class BanManager:
             yield ban is not None and ban.active(now)
 
     def changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
+        # Read once: the fleet's stop (main thread) may clear it between a look and a call.
+        wake = self.on_change
+        if wake is not None:
+            wake()
 
     def _store_failed(self, error: Exception, retry: bool = False) -> None:
         detail = f"{error}; will retry" if retry else str(error)

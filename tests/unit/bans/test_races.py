@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from ipaddress import ip_address
 
 from portsentry.bans.adopt import RemoteBan, adopt_bans
@@ -274,3 +275,29 @@ def test_an_unblock_while_the_bans_are_restored_at_start_is_not_undone_by_the_re
     assert unblocked == [True] and bans.store.get(A) is None
     assert A not in kernel.held
     assert (tmp_path / "hosts.deny").read_text() == ""
+
+
+def test_a_fleet_stop_between_the_two_looks_at_on_change_does_not_fail_the_ban(tmp_path):
+    # changed() looked at on_change, then read it again to call it: the fleet's stop (main
+    # thread, at shutdown) clearing it in between made a responder's ban raise TypeError after
+    # its record was made and before any step ran: a ban on record, nothing in the kernel.
+    woken: list[str] = []
+
+    class StoppedMeanwhile(BanManager):
+        _hook: Callable[[], None] | None = None
+
+        @property
+        def on_change(self):
+            hook, self._hook = self._hook, None  # the fleet stops right after this look
+            return hook
+
+        @on_change.setter
+        def on_change(self, value):
+            self._hook = value
+
+    kernel = Kernel()
+    bans = StoppedMeanwhile(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                            BanPolicy(base=60), lambda _line: None)
+    bans.on_change = lambda: woken.append("wake")
+    assert bans.enforce(_scan_block(A), _responder(bans), now=time.time())
+    assert woken == ["wake"] and A in kernel.members()
