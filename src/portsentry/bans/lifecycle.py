@@ -388,17 +388,21 @@ class BanManager:
                 disk = BanStore(self.fallback_from)
             except StoreError:
                 return 0
-            with self._lock:
-                memory, self.store, self.fallback_from = self.store, disk, None
             now = time.time()
-            # Saved as made at first_seen, so its length counts from then: the time left from
-            # now cut each ban short by its age (an hour's ban half an hour old ended at once).
-            kept = [_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
-                             None if ban.expires is None else ban.expires - ban.first_seen,
-                             ban.hosts_deny_line, ban.backends) for ban in memory.active(now)]
-            with self._unsaved_lock:
-                self._unsaved += kept
-            memory.close()
+            # Under the lock every lift holds for its store work, from the swap until the stand-
+            # in's bans wait to be saved: a lift in between found them in neither store, and they
+            # were saved after it. Read and closed at once: a write from a thread that took the
+            # stand-in before the swap now fails (and is kept to retry), not lost after the read.
+            with self._lock:
+                standing = self.store.close_active(now)
+                self.store, self.fallback_from = disk, None
+                # Saved as made at first_seen, so its length counts from then: the time left from
+                # now cut each ban short by its age (an hour's ban half an hour old ended at once).
+                kept = [_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
+                                 None if ban.expires is None else ban.expires - ban.first_seen,
+                                 ban.hosts_deny_line, ban.backends) for ban in standing]
+                with self._unsaved_lock:
+                    self._unsaved += kept
             self._log(messages.store_recovered(disk.path))
         while True:
             with self._unsaved_lock:

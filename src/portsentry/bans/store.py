@@ -693,6 +693,17 @@ class BanStore:
         with self._lock:
             self._db.close()
 
+    @_store_errors
+    def close_active(self, now: float) -> list[Ban]:
+        """The bans in force at `now`, then closed in the same hold of the lock: an in-memory
+        stand-in handing over to the disk, whose late writes must fail (their callers keep and
+        retry them) rather than land after the read and be lost with it."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_BAN_COLUMNS} FROM bans WHERE {_ACTIVE} "
+                                    "ORDER BY first_seen, address", (now,)).fetchall()
+            self._db.close()
+        return [_ban_from_row(r) for r in rows]
+
     def __enter__(self) -> BanStore:
         return self
 

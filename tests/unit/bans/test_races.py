@@ -301,3 +301,88 @@ def test_a_fleet_stop_between_the_two_looks_at_on_change_does_not_fail_the_ban(t
     bans.on_change = lambda: woken.append("wake")
     assert bans.enforce(_scan_block(A), _responder(bans), now=time.time())
     assert woken == ["wake"] and A in kernel.members()
+
+
+class _HookedLock:
+    """A lock that, the first time it is taken, first runs `hook` (from the thread taking it)."""
+
+    def __init__(self, lock: threading.Lock, hook: Callable[[], None]) -> None:
+        self._lock, self._hook = lock, hook
+
+    def __enter__(self) -> bool:
+        hook, self._hook = self._hook, lambda: None
+        hook()
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def _recovering(tmp_path) -> tuple[BanManager, Kernel, str]:
+    """A manager on the in-memory stand-in, with A banned there, as when the disk store could
+    not be opened at start; the disk store can be opened now."""
+    bans, kernel = _manager(tmp_path)
+    real_path = str(tmp_path / "state" / "bans.sqlite3")
+    bans.fallback_from = real_path
+    now = time.time()
+    bans.remember(A, reason="scan", mode="stcp", port=22, now=now, duration=600, hosts_deny_line=None,
+                  native=True)
+    bans.ban_native(A, 600)
+    return bans, kernel, real_path
+
+
+def test_a_ban_written_to_the_stand_in_while_the_store_comes_back_is_not_lost(tmp_path):
+    # catch_up read the stand-in's bans, then closed it: a responder that had taken the stand-in
+    # before the swap and wrote its ban in between had it accepted, and lost with the stand-in.
+    from portsentry.bans.store import StoreError
+
+    bans, _kernel, real_path = _recovering(tmp_path)
+    other = ip_address("198.18.7.2")
+    stand_in = bans.store
+    outcome: list[str] = []
+
+    def late_write() -> None:
+        try:
+            stand_in.ban(other, reason="scan", mode="stcp", port=22, now=time.time(), duration=600)
+        except StoreError:
+            outcome.append("refused")  # remember() keeps it in memory and saves it later
+        else:
+            outcome.append("accepted")
+
+    def meanwhile() -> None:
+        writer = threading.Thread(target=late_write)
+        writer.start()
+        writer.join(0.3)
+
+    bans._unsaved_lock = _HookedLock(bans._unsaved_lock, meanwhile)  # type: ignore[assignment]
+    bans.catch_up()
+    bans.catch_up()
+    assert outcome
+    disk = BanStore(real_path)
+    assert disk.get(A) is not None
+    assert outcome == ["refused"] or disk.get(other) is not None, outcome
+
+
+def test_an_unblock_while_the_store_comes_back_does_not_see_the_ban_saved_after_it(tmp_path):
+    # The swap to the disk store came first, the stand-in's bans were queued for saving after:
+    # an unblock in between found the ban in neither (and said "not blocked" after taking it
+    # out of the kernel), then the ban was saved: on record, listed, "already blocked", not
+    # in the kernel.
+    bans, kernel, real_path = _recovering(tmp_path)
+    unblocks: list[threading.Thread] = []
+
+    def meanwhile() -> None:
+        unblock = threading.Thread(target=bans.lift, args=(A, time.time(), "unblocked by admin"))
+        unblocks.append(unblock)
+        unblock.start()
+        unblock.join(0.3)
+
+    bans._unsaved_lock = _HookedLock(bans._unsaved_lock, meanwhile)  # type: ignore[assignment]
+    bans.catch_up()
+    for unblock in unblocks:
+        unblock.join(5.0)
+    assert unblocks and not unblocks[0].is_alive()
+    bans.catch_up()  # the next round
+    ban = BanStore(real_path).get(A)
+    recorded = ban is not None and ban.active(time.time())
+    assert recorded == (A in kernel.members()), (ban, kernel.members())
