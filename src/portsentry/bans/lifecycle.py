@@ -394,7 +394,9 @@ class BanManager:
             # were saved after it. Read and closed at once: a write from a thread that took the
             # stand-in before the swap now fails (and is kept to retry), not lost after the read.
             with self._lock:
-                standing = self.store.close_active(now)
+                # Its lines too: left behind, a line of ours was taken for someone else's and
+                # stayed in hosts.deny after the ban's end.
+                standing, lines = self.store.close_held(now)
                 self.store, self.fallback_from = disk, None
                 # Saved as made at first_seen, so its length counts from then: the time left from
                 # now cut each ban short by its age (an hour's ban half an hour old ended at once).
@@ -403,6 +405,7 @@ class BanManager:
                                  ban.hosts_deny_line, ban.backends) for ban in standing]
                 with self._unsaved_lock:
                     self._unsaved += kept
+                    self._unsaved_lines += lines
             self._log(messages.store_recovered(disk.path))
         while True:
             with self._unsaved_lock:

@@ -694,15 +694,18 @@ class BanStore:
             self._db.close()
 
     @_store_errors
-    def close_active(self, now: float) -> list[Ban]:
-        """The bans in force at `now`, then closed in the same hold of the lock: an in-memory
-        stand-in handing over to the disk, whose late writes must fail (their callers keep and
-        retry them) rather than land after the read and be lost with it."""
+    def close_held(self, now: float) -> tuple[list[Ban], list[tuple[IPAddress, str, float]]]:
+        """The bans in force at `now` and the hosts.deny lines that are ours (address, line,
+        written at), then closed in the same hold of the lock: an in-memory stand-in handing
+        over to the disk, whose late writes must fail (their callers keep and retry them)
+        rather than land after the read and be lost with it."""
         with self._lock:
             rows = self._db.execute(f"SELECT {_BAN_COLUMNS} FROM bans WHERE {_ACTIVE} "
                                     "ORDER BY first_seen, address", (now,)).fetchall()
+            lines = self._db.execute("SELECT address, line, written_at FROM written_lines "
+                                     "ORDER BY written_at").fetchall()
             self._db.close()
-        return [_ban_from_row(r) for r in rows]
+        return [_ban_from_row(r) for r in rows], [(ip_address(a), line, at) for a, line, at in lines]
 
     def __enter__(self) -> BanStore:
         return self

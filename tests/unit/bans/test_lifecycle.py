@@ -155,6 +155,23 @@ def test_bans_kept_in_memory_keep_their_expiry_when_the_store_comes_back(tmp_pat
     assert bans.expire(time.time()) == []
 
 
+def test_a_hosts_deny_line_written_while_the_store_was_away_goes_at_the_bans_end(tmp_path):
+    # Only the stand-in's bans were carried over to the store when it came back, not which
+    # hosts.deny lines were ours: at the ban's end its line stayed, denying the host for ever
+    # (and `hosts-deny tidy`, which removes only our lines, left it too).
+    import time
+
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    bans.fallback_from = str(tmp_path / "state" / "bans.sqlite3")
+    now = time.time()
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=now, duration=10,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    assert bans.add_line(A, "ALL: 198.18.0.2", now)
+    bans.catch_up()
+    assert bans.expire(now + 11) == [A]
+    assert (tmp_path / "hosts.deny").read_text() == ""
+
+
 def test_an_unblock_also_drops_a_ban_still_waiting_to_be_saved(tmp_path, monkeypatch):
     # A ban made while the store could not be written waits in memory. Unblocking it said "not
     # blocked" and took it out of the kernel; then the store came back, the record was saved, and
