@@ -41,13 +41,18 @@ class BlockQueue:
         self._refused_said_at = float("-inf")
         self._refused_unsaid = 0
         self._lock = threading.Lock()
+        self._closed = False  # main thread only, like submit
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
 
     def submit(self, block: Block) -> bool:
-        """Queue `block`; False (and counted) when the queue is full."""
+        """Queue `block`; False (and counted) when the queue is full, False (and said) once the
+        queue is closed: its workers are gone, and a block queued then was never run."""
+        if self._closed:
+            self._log("adminalert: ERROR: 1 block(s) not started: the daemon is stopping")
+            return False
         try:
             self._queue.put_nowait(block)
             return True
@@ -67,7 +72,8 @@ class BlockQueue:
 
     @property
     def full(self) -> bool:
-        return self._queue.full()
+        """True when submit would refuse (queue full, or closed)."""
+        return self._closed or self._queue.full()
 
     @property
     def waiting(self) -> int:
@@ -76,6 +82,7 @@ class BlockQueue:
     def close(self, timeout: float | None = None) -> None:
         """Stop: blocks queued start for STOP_GRACE seconds more, those still waiting then are
         not started (and said); blocks under way finish (each bounded by COMMAND_TIMEOUT)."""
+        self._closed = True
         grace_end = time.monotonic() + STOP_GRACE
         while (not self._queue.empty() and time.monotonic() < grace_end
                and any(thread.is_alive() for thread in self._threads)):

@@ -7,10 +7,16 @@ import threading
 import time
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
+from portsentry.core.actions import Block, Decision
+from portsentry.core.engine import EngineSettings
+from portsentry.core.probe import KIND_CONNECT, KIND_SYN, Mode, Probe
 from portsentry.responders.shell import CommandResult
 from tests.unit.bans.test_lifecycle import manager
 from tests.unit.service.daemons import bare_daemon
+
+SCANNER = ip_address("198.18.0.2")
 
 
 def test_a_stop_during_the_kill_route_re_runs_after_a_reboot_leaves_the_rest_for_the_next_start(
@@ -47,3 +53,37 @@ def test_a_stop_during_the_kill_route_re_runs_after_a_reboot_leaves_the_rest_for
     time.sleep(0.3)
     assert len(ran) == 4
     assert not (tmp_path / "kernel-id").exists()  # the next start re-runs them all
+
+
+def _blocking(daemon: Any, route: str = "true $TARGET$", run_cmd: str | None = None) -> None:
+    daemon.engine.update_settings(EngineSettings(block_tcp=1, kill_route=route, kill_run_cmd=run_cmd))
+
+
+def test_a_block_decided_as_the_stop_ends_is_said_not_started(tmp_path: Path) -> None:
+    # A block under way failed at the stop; the hit that had waited for it was decided then,
+    # and its new block was queued after the responder threads were gone: never run, never said.
+    daemon, said = bare_daemon(tmp_path)
+    _blocking(daemon)
+    started, release = threading.Event(), threading.Event()
+
+    def failing(block: Block) -> bool:
+        started.set()
+        release.wait(5)
+        return False
+
+    daemon._blocks._carry_out = failing
+    daemon.open()
+    daemon.perform(daemon.engine.observe(Probe(SCANNER, 1, Mode.TCP, KIND_CONNECT), 1000.0).actions)
+    assert started.wait(5)
+    waited = daemon.engine.observe(Probe(SCANNER, 2, Mode.STCP, KIND_SYN), 1000.1)
+    assert waited.decision is Decision.ALREADY_BLOCKED  # held until the block's outcome
+    stopping = threading.Thread(target=daemon.shutdown)
+    stopping.start()
+    time.sleep(0.2)
+    release.set()
+    stopping.join(10)
+    assert not stopping.is_alive()
+    lines = said.getvalue().splitlines()
+    assert "attackalert: ERROR: Could not block host 198.18.0.2 !!" in lines
+    assert any("block(s) not started: the daemon is stopping" in line for line in lines), lines
+    assert daemon._blocks.waiting == 0
