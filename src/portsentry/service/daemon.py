@@ -334,8 +334,10 @@ class Daemon:
         self._blocks.close()
         if self._reruns is not None:  # only the re-runs under way, each bounded by COMMAND_TIMEOUT
             self._reruns.join()
-        self._admin.shutdown(wait=True)
+        # Before the admin workers go: the last round's Findings may hand them the kernel's
+        # guards, which hold while the daemon is away. Nothing they run posts work back here.
         self._run_main_calls()
+        self._admin.shutdown(wait=True)
         if self.resolver is not None:
             self.resolver.close()
         self._selector.close()

@@ -3,17 +3,25 @@ bans, once it has stopped."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
+from collections.abc import Iterable
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
+from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.store import MEMORY, BanStore
 from portsentry.core.actions import Block, Decision
 from portsentry.core.engine import EngineSettings
 from portsentry.core.probe import KIND_CONNECT, KIND_SYN, Mode, Probe
+from portsentry.responders.backend import Guarded
+from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.responders.shell import CommandResult
-from tests.unit.bans.test_lifecycle import manager
+from portsentry.service.kernelbans import KernelBans
+from portsentry.service.maintenance import Findings
+from tests.unit.bans.test_lifecycle import Kernel, manager
 from tests.unit.service.daemons import bare_daemon
 
 SCANNER = ip_address("198.18.0.2")
@@ -87,3 +95,40 @@ def test_a_block_decided_as_the_stop_ends_is_said_not_started(tmp_path: Path) ->
     assert "attackalert: ERROR: Could not block host 198.18.0.2 !!" in lines
     assert any("block(s) not started: the daemon is stopping" in line for line in lines), lines
     assert daemon._blocks.waiting == 0
+
+
+class GuardsKernel(Kernel):
+    def __init__(self, failure: Exception | None = None) -> None:
+        super().__init__()
+        self.failure = failure
+        self.pushed = 0
+
+    def first_probe_bans(self) -> bool:
+        return True
+
+    def set_guards(self, protect: Iterable[Guarded], nokernel: Iterable[Guarded]) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.pushed += 1
+
+
+def _with_kernel_bans(tmp_path: Path, kernel: GuardsKernel) -> tuple[Any, io.StringIO]:
+    bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(base=60), lambda _line: None)
+    daemon, said = bare_daemon(tmp_path, bans=bans)
+    daemon._kernel = KernelBans(bans, daemon.journal.log)
+    return daemon, said
+
+
+def test_guards_found_in_the_last_round_before_the_stop_are_pushed_not_an_internal_error(
+        tmp_path: Path) -> None:
+    # The maintenance thread's last Findings were applied at the very end of the stop, after
+    # the admin workers had gone: pushing the kernel's guards to them raised, and the stop said
+    # "internal error", and the guards (the kernel bans on its own while the daemon is away)
+    # stayed as they were.
+    kernel = GuardsKernel()
+    daemon, said = _with_kernel_bans(tmp_path, kernel)
+    daemon._call_on_main(lambda: daemon._apply(Findings()))
+    daemon.shutdown()
+    assert "internal error" not in said.getvalue(), said.getvalue()
+    assert kernel.pushed == 1
