@@ -485,12 +485,20 @@ class Daemon:
             self.engine.guard.set_protected(found.protected)
             self._protected = found.protected
         if self._kernel is not None and self._kernel.update(self._kernel_guards()):
-            self._admin.submit(self._kernel.push)
+            self._admin.submit(self._push_guards)
         self._skip_ignored()
         if found.active is not None:
             self.active_bans = found.active
         if self.fleet is not None:
             self.fleet.set_guards(self._fleet_guards())
+
+    def _push_guards(self) -> None:
+        """On an admin worker: whose Future nobody looks at, so a failure is said here."""
+        try:
+            if self._kernel is not None:
+                self._kernel.push()
+        except Exception as error:
+            self.journal.log(messages.config_error(f"internal error updating the kernel's guards: {error!r}"))
 
     # -- reload --------------------------------------------------------------------------------
 

@@ -132,3 +132,13 @@ def test_guards_found_in_the_last_round_before_the_stop_are_pushed_not_an_intern
     daemon.shutdown()
     assert "internal error" not in said.getvalue(), said.getvalue()
     assert kernel.pushed == 1
+
+
+def test_a_failure_pushing_the_kernels_guards_on_an_admin_worker_is_said(tmp_path: Path) -> None:
+    # The push ran on the admin pool and its Future was never looked at: anything but the
+    # backend's own errors vanished, and the kernel went on sparing the old sources, unsaid.
+    kernel = GuardsKernel(failure=ValueError("bad guard"))
+    daemon, said = _with_kernel_bans(tmp_path, kernel)
+    daemon._apply(Findings())
+    daemon._admin.shutdown(wait=True)
+    assert "ValueError('bad guard')" in said.getvalue(), said.getvalue()
