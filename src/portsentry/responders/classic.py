@@ -56,6 +56,14 @@ class ClassicResponder:
         self._log = log
         self._verbose = verbose_log or (lambda _text: None)
         self._run = runner
+        # time.monotonic() by which the daemon's stop wants every command done (stop_by).
+        self._stop_by: float | None = None
+
+    def stop_by(self, deadline: float) -> None:
+        """The daemon is stopping: commands started from now on get only the time left until
+        `deadline` (time.monotonic()), and none starts after it. Without this a block's
+        KILL_ROUTE and KILL_RUN_CMD, both hanging, held the stop for twice COMMAND_TIMEOUT."""
+        self._stop_by = deadline
 
     def carry_out(self, block: Block, duration: float | None, keeper: BanKeeper | None = None) -> bool:
         """Run the steps for a ban of `duration` seconds (None: forever); True when the host
@@ -77,6 +85,14 @@ class ClassicResponder:
             blocking_steps += 1
             blocking_done += error is None
         return blocking_done > 0 if blocking_steps else command_ok
+
+    def _run_until_stop(self, command: str) -> CommandResult:
+        timeout = self.timeout
+        if self._stop_by is not None:
+            timeout = min(timeout, self._stop_by - time.monotonic())
+            if timeout <= 0:
+                return CommandResult(command, None, False, "not run: the daemon is stopping", 0.0)
+        return self._run(command, timeout)
 
     @staticmethod
     def intended_line(block: Block) -> str | None:
@@ -115,7 +131,7 @@ class ClassicResponder:
             self._log(messages.blocked_via_wrappers(target, line))
             return None
         command = substitute(step.template, probe.source, probe.port, probe.mode)
-        result = self._run(command, self.timeout)
+        result = self._run_until_stop(command)
         if step.kind is StepKind.ROUTE:
             if result.ok:
                 self._log(messages.blocked_via_route(target, command))

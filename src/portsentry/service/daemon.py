@@ -316,6 +316,10 @@ class Daemon:
             self.journal.log(messages.config_error(f"internal error on a probe, skipped: {error!r}"))
 
     def shutdown(self) -> None:
+        # Commands of blocks still to run get the time left of one COMMAND_TIMEOUT from now: the
+        # stop then ends within it (plus a few seconds), inside systemd's TimeoutStopSec=45s
+        # with the default 30 s, so no SIGKILL loses the last lines or leaves a command behind.
+        self.responder.stop_by(time.monotonic() + self.responder.timeout)
         self._stop_reruns.set()
         for sensor in self.sensors:
             sensor.close()

@@ -65,3 +65,14 @@ def test_block_2_success_is_the_command_s_exit_status(tmp_path):
     lines: list[str] = []
     assert responder(tmp_path, Runner(), lines).carry_out(block(ALL[0]), None)
     assert not responder(tmp_path, Runner(failing=("notify",)), lines).carry_out(block(ALL[0]), None)
+
+
+def test_past_the_stops_deadline_no_command_starts_and_the_block_says_why(tmp_path):
+    import time
+
+    runner, lines = Runner(), list[str]()
+    classic = responder(tmp_path, runner, lines)
+    classic.stop_by(time.monotonic() - 0.1)
+    assert not classic.carry_out(block(Step(StepKind.ROUTE, "route add $TARGET$")), None)
+    assert runner.commands == []
+    assert "not run: the daemon is stopping" in lines[-1]

@@ -142,3 +142,33 @@ def test_a_failure_pushing_the_kernels_guards_on_an_admin_worker_is_said(tmp_pat
     daemon._apply(Findings())
     daemon._admin.shutdown(wait=True)
     assert "ValueError('bad guard')" in said.getvalue(), said.getvalue()
+
+
+def test_a_block_whose_commands_all_hang_at_the_stop_ends_within_one_command_timeout(
+        tmp_path: Path) -> None:
+    # KILL_ROUTE, then KILL_RUN_CMD, each hanging until COMMAND_TIMEOUT: the stop waited for
+    # both, twice COMMAND_TIMEOUT (60 s by default), past systemd's and the SysV script's 45 s,
+    # and the SIGKILL then lost the last lines and left the command running.
+    daemon, said = bare_daemon(tmp_path)  # COMMAND_TIMEOUT 1 s
+    _blocking(daemon, run_cmd="notify $TARGET$")
+    started = threading.Event()
+    given: list[float] = []
+
+    def hanging(command: str, timeout: float) -> CommandResult:
+        given.append(timeout)
+        started.set()
+        time.sleep(timeout)
+        return CommandResult(command, -15, True, "", timeout)
+
+    daemon.responder._run = hanging
+    daemon.open()
+    daemon.perform(daemon.engine.observe(Probe(SCANNER, 1, Mode.TCP, KIND_CONNECT), 1000.0).actions)
+    assert started.wait(5)
+    time.sleep(0.3)
+    began = time.monotonic()
+    daemon.shutdown()
+    took = time.monotonic() - began
+    # The route's last 0.7 s, then the command gets what is left of one COMMAND_TIMEOUT (it
+    # took 1.7 s: the whole second besides).
+    assert took < 1.35, (took, given)
+    assert len(given) <= 2 and "timed out" in said.getvalue()
