@@ -173,14 +173,14 @@ class NatLookup:
         self._second, self._left = -1, budget
 
     def rewritten(self, protocol: Protocol, source: bytes, source_port: int, destination: bytes,
-                  destination_port: int, now: float) -> bool:
+                  destination_port: int, now: float) -> bool | None:
         """Whether conntrack holds this flow with its destination rewritten (DNAT, REDIRECT);
-        False past the budget of questions this second. Raises OSError when ctnetlink cannot be
-        asked (not built, not permitted)."""
+        None, without asking, past the budget of questions this second. Raises OSError when
+        ctnetlink cannot be asked (not built, not permitted)."""
         if int(now) != self._second:
             self._second, self._left = int(now), self.budget
         if self._left <= 0:
-            return False
+            return None
         self._left -= 1
         if self._sock is None:
             sock = open_socket(NETLINK_NETFILTER)
@@ -214,13 +214,18 @@ class NatLookup:
 
 # Seconds between looks for a nat chain: a container's published port is honoured this soon.
 NAT_INTERVAL = 2.0
+# Past the budget, a port whose flows were found rewritten this recently still counts as
+# published; at most this many (protocol, address, port) are remembered.
+PUBLISHED_MEMORY = 60.0
+PUBLISHED_MAX = 4096
 Logger = Callable[[str], None]
 
 
 class PublishedPorts:
     """For a capture that sees packets before NAT (AF_PACKET): whether a probe's flow was NATed
     to a service. `active` only in a namespace with a nat chain at prerouting, looked for every
-    NAT_INTERVAL by `refresh`; a kernel that cannot be asked is said once and not asked again."""
+    NAT_INTERVAL by `refresh`; a kernel that cannot be asked is said once and not asked again.
+    Past the lookup's budget, the ports seen published in the last PUBLISHED_MEMORY seconds answer."""
 
     def __init__(self, log: Logger, lookup: NatLookup | None = None,
                  query: Callable[[], bool] = nat_in_use) -> None:
@@ -229,6 +234,8 @@ class PublishedPorts:
         self._query = query
         self.active = False
         self._checked: float | None = None
+        # (protocol, destination, port) -> when a flow to it was last found rewritten.
+        self._seen: dict[tuple[Protocol, bytes, int], float] = {}
 
     def refresh(self, now: float, before_nat: bool) -> None:
         if not before_nat or self._lookup is None:
@@ -248,10 +255,23 @@ class PublishedPorts:
         if self._lookup is None:
             return False
         try:
-            return self._lookup.rewritten(protocol, source, source_port, destination, destination_port, now)
+            answer = self._lookup.rewritten(protocol, source, source_port, destination, destination_port, now)
         except OSError as error:
             self._unusable(error)
             return False
+        if answer is None:
+            # Past the budget (a flood of probes to unserved ports, forged sources among them):
+            # "not rewritten" would make every client of a published port a scanner until the
+            # next second. As the listener check falls back to its table, this falls back to
+            # the ports seen published.
+            seen = self._seen.get((protocol, destination, destination_port))
+            return seen is not None and 0 <= now - seen < PUBLISHED_MEMORY
+        if answer:
+            key = (protocol, destination, destination_port)
+            if key not in self._seen and len(self._seen) >= PUBLISHED_MAX:
+                self._seen.clear()
+            self._seen[key] = now
+        return answer
 
     def _unusable(self, error: OSError) -> None:
         if self._lookup is not None:

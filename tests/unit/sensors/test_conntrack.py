@@ -150,6 +150,51 @@ def test_a_flood_asks_at_most_the_budget_a_second(monkeypatch):
 
     lookup._sock = Sock()  # type: ignore[assignment]
     answers = [lookup.rewritten(Protocol.TCP, SRC, port, DST, 80, 10.5) for port in range(5)]
-    assert answers == [False] * 5 and len(sent) == 3
+    assert answers == [False] * 3 + [None] * 2 and len(sent) == 3  # None: not asked
     lookup.rewritten(Protocol.TCP, SRC, 9, DST, 80, 11.0)
     assert len(sent) == 4
+
+
+class PublishingKernel:
+    """A ctnetlink socket whose conntrack holds every flow to `published` as DNATed, and no other."""
+
+    def __init__(self, published: int) -> None:
+        self.published = published
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def recv(self, _size: int) -> bytes:
+        request = self.sent[-1]
+        seq = split(request)[0][0][2]
+        port = struct.unpack("!H", request[-4:-2])[0]  # CTA_PROTO_DST_PORT comes last, padded
+        if port != self.published:
+            return struct.pack("=IHHII", 36, 2, 0, seq, 0) + struct.pack("=i", -errno.ENOENT) + request[:16]
+        body = NFGENMSG.pack(socket.AF_INET, 0, 0) + attr(CTA_STATUS, struct.pack("!I", IPS_DST_NAT))
+        return struct.pack("=IHHII", 16 + len(body), 1 << 8, 0, seq, 0) + body
+
+    def close(self) -> None:
+        pass
+
+
+def test_past_the_budget_a_port_seen_published_stays_served():
+    # A flood of probes to unserved ports (a scanner, or forged sources) used up the second's
+    # questions, and every client of a published port after them was answered "not rewritten":
+    # taken for a scanner and banned, as before NAT was asked at all. The listener check falls
+    # back to its table past its budget; this falls back to the ports it saw published.
+    kernel = PublishingKernel(published=80)
+    lookup = conntrack.NatLookup(budget=3)
+    lookup._sock = kernel  # type: ignore[assignment]
+    lines: list[str] = []
+    published = PublishedPorts(lines.append, lookup, query=lambda: True)
+    published.refresh(10.0, before_nat=True)
+    assert published.rewritten(Protocol.TCP, SRC, 40000, DST, 80, 10.1)
+    assert not published.rewritten(Protocol.TCP, SRC, 40001, DST, 1, 10.2)
+    assert not published.rewritten(Protocol.TCP, SRC, 40002, DST, 2, 10.3)
+    assert len(kernel.sent) == 3  # the budget is spent
+    client = socket.inet_aton("198.18.0.9")
+    assert published.rewritten(Protocol.TCP, client, 50000, DST, 80, 10.4)
+    assert not published.rewritten(Protocol.TCP, client, 50001, DST, 3, 10.5)  # never seen published
+    assert not published.rewritten(Protocol.UDP, client, 50002, DST, 80, 10.6)  # only TCP was
+    assert len(kernel.sent) == 3
