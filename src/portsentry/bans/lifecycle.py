@@ -149,6 +149,9 @@ class BanManager:
         # Called after every ban or lift this manager records, from the thread that made it: the
         # fleet publisher wakes at once instead of at its next look at the change feed.
         self.on_change: Callable[[], None] | None = None
+        # Set when a removal from the native backend failed: the kernel may hold a ban the store
+        # no longer lists, so the next start must not take the sets as they are (bans.restore).
+        self.kernel_unsure = False
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -173,6 +176,11 @@ class BanManager:
                 yield True  # unknown: doing it again is the lesser harm
                 return
             yield ban is not None and ban.active(now)
+
+    def unsaved(self) -> int:
+        """Records (and hosts.deny lines of ours) held in memory until the store takes them."""
+        with self._unsaved_lock:
+            return len(self._unsaved) + len(self._unsaved_lines)
 
     def changed(self) -> None:
         if self.on_change is not None:
@@ -459,6 +467,7 @@ class BanManager:
         try:
             self.backend.forget_caught([normalise(address)])
         except (BackendError, OSError) as error:
+            self.kernel_unsure = True
             self._log(messages.native_unblock_failed(str(address), str(error)))
 
     def _undo(self, address: IPAddress, ban: Ban | None) -> None:
@@ -466,6 +475,7 @@ class BanManager:
             try:
                 self.backend.remove(address)
             except (BackendError, OSError) as error:
+                self.kernel_unsure = True
                 self._log(messages.native_unblock_failed(str(address), str(error)))
         # Only the copies we appended go; an identical line someone else wrote stays.
         for line in self._owned_lines(address):

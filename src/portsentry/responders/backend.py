@@ -194,6 +194,18 @@ class BanBackend(abc.ABC):
         recorded with it). Backends with a cheaper form than add_many override this."""
         self.add_many((unpacked(packed), timeout) for packed, timeout in bans)
 
+    def holds_any(self) -> bool:
+        """Whether the kernel may hold a ban of ours (True when that cannot be known cheaply):
+        empty sets (after a reboot) need no replace_all, only the stored bans added."""
+        return True
+
+    def replace_all(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
+        """At start: the kernel holds exactly the stored bans `bans` (as restore_many takes them),
+        each with the time given, and none that the store does not know (a backend with a
+        first-probe ban keeps those still waiting to be recorded). Backends that cannot empty
+        their state in one step only add (restore_many)."""
+        self.restore_many(bans)
+
     def remove_many(self, addresses: Iterable[IPAddress]) -> None:
         """Lift many bans (`portsentry unblock --file`); backends with a batch form override it."""
         for address in addresses:

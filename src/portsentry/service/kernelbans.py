@@ -158,6 +158,7 @@ class KernelBans:
         try:
             backend.remove(address)
         except (BackendError, OSError) as error:
+            self.bans.kernel_unsure = True
             self._log(messages.native_unblock_failed(str(address), str(error)))
             return
         self._log(messages.kernel_ban_lifted(str(address), why))
