@@ -43,11 +43,18 @@ def ipset_members(ns: str, name: str = "portsentry4") -> list[str]:
     return [line.split()[2] for line in out.splitlines() if line.startswith(f"add {name} ")]
 
 
+def routes(ns: str) -> list[str]:
+    out = run_in(ns, ["ip", "-4", "route", "show", "proto", "213", "type", "blackhole"], check=True).stdout
+    return [line.split()[1] for line in out.splitlines()]
+
+
 def members(ns: str, backend: str) -> list[str]:
+    if backend == "route":
+        return routes(ns)
     return sorted(nft_elements(ns)) if backend == "nftables" else ipset_members(ns)
 
 
-@pytest.mark.parametrize("backend", ["nftables", "ipset"])
+@pytest.mark.parametrize("backend", ["nftables", "ipset", "route"])
 def test_a_kernel_ban_the_store_does_not_know_is_gone_after_a_start(
         backend: str, daemon_factory: DaemonFactory, namespaces: Namespaces, syslog: Any) -> None:
     # bans.sqlite3 deleted (or replaced by a backup) while the daemon was stopped: the kernel
@@ -141,3 +148,53 @@ def test_a_clean_restart_keeps_the_sets_and_a_crash_has_them_replaced(
     daemon.start()
     syslog.wait_for(f"adminalert: nftables: {replaced} 1 bans of the ban store and no other", since=mark)
     assert sorted(nft_elements(net.target)) == ["198.18.7.9"]
+
+
+# Runs in the target namespace: a daemon's ban lifecycle with BAN_BACKEND="route", two bans and
+# a lifted one, then a network restart's `ip route flush`, then the minute's repair.
+ROUTE_CHILD = r"""
+import json, subprocess, sys, time
+from ipaddress import ip_address
+from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.store import MEMORY, BanStore
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.iproute import RouteBackend
+
+backend = RouteBackend()
+lines = []
+bans = BanManager(BanStore(MEMORY), backend, HostsDeny(sys.argv[1]), BanPolicy(), lines.append)
+now = time.time()
+for text in ("198.18.0.2", "fd00::2", "198.18.0.3"):
+    bans.remember(ip_address(text), reason="scan", mode="tcp", port=1, now=now, duration=None,
+                  hosts_deny_line=None, native=True)
+    bans.ban_native(ip_address(text), None)
+bans.lift(ip_address("198.18.0.3"), now, "unblocked by admin")
+report = {"before": sorted(map(str, backend.members()))}
+for family in ("-4", "-6"):
+    subprocess.run(["ip", family, "route", "flush", "table", "main"], check=True)
+report["after_flush"] = sorted(map(str, backend.members()))
+bans.repair(now + 60)
+report["after_repair"] = sorted(map(str, backend.members()))
+mark = len(lines)
+bans.repair(now + 120)
+report["said"] = lines[:mark]
+report["said_again"] = lines[mark:]
+print(json.dumps(report), flush=True)
+"""
+
+
+def test_routes_a_network_restart_took_are_put_back(namespaces: Namespaces, tmp_path: Any) -> None:
+    # BAN_BACKEND="route" had no repair: after `ip route flush` (a network restart) the bans were
+    # listed, and taken as "already blocked" by the engine, while nothing blocked them.
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    argv = [sys.executable, "-c", ROUTE_CHILD, str(tmp_path / "hosts.deny")]
+    result = run_in(namespaces.target, argv, timeout=60, check=True, env={**os.environ, "PYTHONPATH": src})
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["before"] == ["198.18.0.2", "fd00::2"]
+    assert report["after_flush"] == []
+    assert report["after_repair"] == ["198.18.0.2", "fd00::2"]  # not the lifted one
+    assert report["said"][-1].startswith("adminalert: 2 bans were missing from route:")
+    assert report["said_again"] == []

@@ -522,7 +522,8 @@ class BanManager:
         return lifted
 
     def repair(self, now: float) -> None:
-        """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans."""
+        """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans;
+        routes that a network restart took are put back (RouteBackend.restore_lost)."""
         if self.backend is None:
             return
         try:
@@ -533,6 +534,20 @@ class BanManager:
         if rebuilt:
             self._log(messages.table_rebuilt(self.backend.describe()))
             self._readd(now, "(repair)")
+            return
+        backend = self.backend
+        # Under the lock a lift holds from its kernel removal to its record: a ban lifted between
+        # the read and the add would be back in the kernel with no record left.
+        with self._lock:
+            try:
+                lost = backend.restore_lost(
+                    lambda: [packed for packed, _expires in self.store.active_packed(now)])
+            except (BackendError, OSError, StoreError) as error:
+                self._log(messages.native_block_failed("(repair)", backend.name, str(error)))
+                return
+        if lost:
+            self._log(f"adminalert: {lost} bans were missing from {backend.describe()} (a network "
+                      "restart?) and are back")
 
     def retime(self, now: float) -> None:
         """The wall clock was set back: give every ban in the kernel the time the store leaves it.

@@ -187,6 +187,12 @@ class BanBackend(abc.ABC):
         to, and the bans must then be added again. The default has nothing to look at."""
         return False
 
+    def restore_lost(self, active: Callable[[], Iterable[bytes]]) -> int:
+        """Once a minute, for a backend whose bans can vanish one by one without a trace of it
+        in a table or rule that repair_capture could watch: put back those of `active` (the
+        stored bans, packed; called only when needed) that are gone; how many. Here: none."""
+        return 0
+
     def restore_many(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
         """Put recorded bans back at start, given as packed addresses (4 or 16 bytes: a million
         of them are read without an address object each) with their seconds left. Every address
