@@ -155,6 +155,7 @@ def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAdd
         try:
             bans.backend.remove_many(ban.address for ban in held)
         except (BackendError, OSError) as error:
+            bans.kernel_unsure = True
             result.failed_steps += 1
             bans.log(messages.native_unblock_failed(f"({len(held)} addresses)", str(error)))
     ours = bans.store.owned_of(ban.address for ban in held)

@@ -153,6 +153,9 @@ class BanManager:
         # settling a kernel ban late reads it before the caught entries, and a change tells it
         # that an entry it read may have been unblocked since (record_kernel_ban's `still`).
         self.unblocks = 0
+        # Set when a removal from the native backend failed: the kernel may hold a ban the store
+        # no longer lists, so the next start must not take the sets as they are (bans.restore).
+        self.kernel_unsure = False
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -177,6 +180,11 @@ class BanManager:
                 yield True  # unknown: doing it again is the lesser harm
                 return
             yield ban is not None and ban.active(now)
+
+    def unsaved(self) -> int:
+        """Records (and hosts.deny lines of ours) held in memory until the store takes them."""
+        with self._unsaved_lock:
+            return len(self._unsaved) + len(self._unsaved_lines)
 
     def changed(self) -> None:
         # Read once: the fleet's stop (main thread) may clear it between a look and a call.
@@ -495,6 +503,7 @@ class BanManager:
         try:
             self.backend.forget_caught([normalise(address)])
         except (BackendError, OSError) as error:
+            self.kernel_unsure = True
             self._log(messages.native_unblock_failed(str(address), str(error)))
 
     def _undo(self, address: IPAddress, ban: Ban | None) -> None:
@@ -502,6 +511,7 @@ class BanManager:
             try:
                 self.backend.remove(address)
             except (BackendError, OSError) as error:
+                self.kernel_unsure = True
                 self._log(messages.native_unblock_failed(str(address), str(error)))
         # Only the copies we appended go; an identical line someone else wrote stays.
         for line in self._owned_lines(address):
@@ -548,7 +558,8 @@ class BanManager:
         return lifted
 
     def repair(self, now: float) -> None:
-        """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans."""
+        """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans;
+        routes that a network restart took are put back (RouteBackend.restore_lost)."""
         if self.backend is None:
             return
         try:
@@ -559,6 +570,20 @@ class BanManager:
         if rebuilt:
             self._log(messages.table_rebuilt(self.backend.describe()))
             self._readd(now, "(repair)")
+            return
+        backend = self.backend
+        # Under the lock a lift holds from its kernel removal to its record: a ban lifted between
+        # the read and the add would be back in the kernel with no record left.
+        with self._lock:
+            try:
+                lost = backend.restore_lost(
+                    lambda: [packed for packed, _expires in self.store.active_packed(now)])
+            except (BackendError, OSError, StoreError) as error:
+                self._log(messages.native_block_failed("(repair)", backend.name, str(error)))
+                return
+        if lost:
+            self._log(f"adminalert: {lost} bans were missing from {backend.describe()} (a network "
+                      "restart?) and are back")
 
     def retime(self, now: float) -> None:
         """The wall clock was set back: give every ban in the kernel the time the store leaves it.

@@ -463,6 +463,17 @@ class BanStore:
         return int(row[0] or 0)
 
     @_store_errors
+    def fingerprint(self) -> str:
+        """Which file this is and how far it got: when it was made (schema version 1), its newest
+        change and its rows of bans. Equal at a stop and at the next start: nothing was banned
+        or lifted in between, and the file was neither replaced nor restored from a backup."""
+        with self._lock:
+            made = self._db.execute("SELECT applied_at FROM schema_migrations WHERE version = 1").fetchone()
+            change = self._db.execute("SELECT max(id) FROM history").fetchone()[0]
+            rows = self._db.execute("SELECT count(*) FROM bans").fetchone()[0]
+        return f"{made[0] if made else None!r} {change or 0} {rows}"
+
+    @_store_errors
     def active_count(self, now: float) -> int:
         with self._lock:
             row = self._db.execute(f"SELECT count(*) FROM bans WHERE {_ACTIVE}", (now,)).fetchone()

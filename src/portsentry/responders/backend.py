@@ -187,12 +187,30 @@ class BanBackend(abc.ABC):
         to, and the bans must then be added again. The default has nothing to look at."""
         return False
 
+    def restore_lost(self, active: Callable[[], Iterable[bytes]]) -> int:
+        """Once a minute, for a backend whose bans can vanish one by one without a trace of it
+        in a table or rule that repair_capture could watch: put back those of `active` (the
+        stored bans, packed; called only when needed) that are gone; how many. Here: none."""
+        return 0
+
     def restore_many(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
         """Put recorded bans back at start, given as packed addresses (4 or 16 bytes: a million
         of them are read without an address object each) with their seconds left. Every address
         ends up blocked; one the kernel still holds may keep the timeout it already has (the one
         recorded with it). Backends with a cheaper form than add_many override this."""
         self.add_many((unpacked(packed), timeout) for packed, timeout in bans)
+
+    def holds_any(self) -> bool:
+        """Whether the kernel may hold a ban of ours (True when that cannot be known cheaply):
+        empty sets (after a reboot) need no replace_all, only the stored bans added."""
+        return True
+
+    def replace_all(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
+        """At start: the kernel holds exactly the stored bans `bans` (as restore_many takes them),
+        each with the time given, and none that the store does not know (a backend with a
+        first-probe ban keeps those still waiting to be recorded). Backends that cannot empty
+        their state in one step only add (restore_many)."""
+        self.restore_many(bans)
 
     def remove_many(self, addresses: Iterable[IPAddress]) -> None:
         """Lift many bans (`portsentry unblock --file`); backends with a batch form override it."""

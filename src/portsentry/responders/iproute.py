@@ -11,7 +11,8 @@ flush filters on it and on the route type, so routes made by anyone else are nev
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import socket
+from collections.abc import Callable, Iterable
 from ipaddress import ip_network
 from typing import ClassVar
 
@@ -23,6 +24,7 @@ from portsentry.responders.backend import (
     address_text,
     check_timeout,
     run_argv,
+    unpacked,
 )
 
 IP = "ip"
@@ -97,6 +99,30 @@ class RouteBackend(BanBackend):
         if script:
             self.run([IP, "-batch", "-"], script)
 
+    def restore_lost(self, active: Callable[[], Iterable[bytes]]) -> int:
+        """A network restart takes our routes (`ip route flush`, systemd-networkd removing
+        routes it did not make, an ifupdown script) while the store still lists the bans, and no
+        table or rule of ours shows it: the routes are listed and the missing ones added again."""
+        held: set[bytes] = set()
+        for family, kind in (("-4", socket.AF_INET), ("-6", socket.AF_INET6)):
+            argv = self.list_argv(family)
+            held.update(packed_routes(self.run(argv).stdout, kind, " ".join(argv)))
+        lost = [packed for packed in active() if packed not in held]
+        if lost:
+            self.add_many((unpacked(packed), None) for packed in lost)
+        return len(lost)
+
+    def replace_all(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
+        """Our routes made to match the stored bans (BanBackend.replace_all): the ones the store
+        does not know are deleted, in one `ip -batch`, and the stored ones added."""
+        wanted = [(unpacked(packed), timeout) for packed, timeout in bans]
+        keep = {address for address, _timeout in wanted}
+        stale = [address for address in self.members() if address not in keep]
+        if stale:
+            self.run([IP, "-batch", "-"], "".join(
+                f"route del {self.kind} {address_text(address)} proto {self.proto}\n" for address in stale))
+        self.add_many(wanted)
+
     def members(self) -> dict[IPAddress, float | None]:
         found: dict[IPAddress, float | None] = {}
         for family in ("-4", "-6"):
@@ -132,4 +158,31 @@ def parse_routes(text: str, source: str = "ip -j route show") -> dict[IPAddress,
             continue
         if network.num_addresses == 1:
             found[network.network_address] = None
+    return found
+
+
+def packed_routes(text: str, family: int, source: str = "ip -j route show") -> set[bytes]:
+    """The host routes of parse_routes as packed addresses: what restore_lost compares once a
+    minute, without an address object per route (100,000 routes: a fifth of the time)."""
+    try:
+        routes = json.loads(text) if text.strip() else []
+    except ValueError as exc:
+        raise BackendError(f"{source}: unexpected output: {text[:200]!r}") from exc
+    if not isinstance(routes, list):
+        raise BackendError(f"{source}: unexpected output: {text[:200]!r}")
+    found: set[bytes] = set()
+    pton = socket.inet_pton
+    for route in routes:
+        dst = route.get("dst") if isinstance(route, dict) else None
+        if not isinstance(dst, str):
+            continue
+        if "/" in dst:  # iproute2 writes a host route bare; a network is not a ban of ours
+            address, _slash, length = dst.partition("/")
+            if length not in ("32", "128"):
+                continue
+            dst = address
+        try:
+            found.add(pton(family, dst))
+        except OSError:
+            continue
     return found

@@ -24,6 +24,7 @@ from portsentry.responders.backend import (
     address_text,
     check_timeout,
     run_argv,
+    unpacked,
 )
 
 IPSET = "ipset"
@@ -148,6 +149,41 @@ class IpsetBackend(BanBackend):
         script = self.restore_script(bans)
         if script:
             self.run([IPSET, "restore", "-exist"], script)
+
+    def holds_any(self) -> bool:
+        for set_name in (self.set4, self.set6):
+            header = self.run([IPSET, "list", "-t", set_name]).stdout
+            count = re.search(r"^Number of entries: (\d+)$", header, re.MULTILINE)
+            if count is None or int(count.group(1)):
+                return True
+        return False
+
+    def staging_name(self, set_name: str) -> str:
+        """The set replace_all fills before swapping it in (ipset names: at most 31 bytes)."""
+        return f"{set_name[:27]}.new"
+
+    def replace_script(self, bans: Iterable[tuple[IPAddress, float | None]]) -> str:
+        """replace_all's `ipset restore` input: a staging set per family, made empty, filled,
+        swapped with ours (iptables' rule follows the name, so it matches the new members at once)
+        and destroyed with the old members."""
+        families = ((4, self.set4, "inet"), (6, self.set6, "inet6"))
+        staging = {version: self.staging_name(set_name) for version, set_name, _family in families}
+        lines = []
+        for version, _set_name, family in families:
+            # Made if missing, emptied if a replace cut short left it behind.
+            lines += [" ".join(self.create_argv(staging[version], family)[1:-1]), f"flush {staging[version]}"]
+        for address, timeout in bans:
+            lines.append(f"add {staging[address.version]} {address_text(address)} timeout {seconds(timeout)}")
+        for version, set_name, _family in families:
+            lines += [f"swap {staging[version]} {set_name}", f"destroy {staging[version]}"]
+        return "".join(f"{line}\n" for line in lines)
+
+    def replace_all(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
+        """Our sets made to hold exactly `bans` (BanBackend.replace_all), each swapped whole for
+        a set filled aside: the live one is never empty. A plain add kept members the store no
+        longer knows (bans.sqlite3 deleted or restored from a backup), for ever without a
+        timeout, invisible to `list`."""
+        self.run([IPSET, "restore", "-exist"], self.replace_script((unpacked(p), t) for p, t in bans))
 
     def members(self) -> dict[IPAddress, float | None]:
         found: dict[IPAddress, float | None] = {}

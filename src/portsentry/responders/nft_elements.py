@@ -31,20 +31,25 @@ from types import TracebackType
 
 from portsentry.core.probe import IPAddress, Protocol
 from portsentry.netlink.codec import (
+    DUMP_RECV_SIZE,
     NETLINK_CAP_ACK,
     NETLINK_NETFILTER,
+    NFGENMSG,
     NLA_F_NESTED,
     NLA_HDRLEN,
     NLATTR,
     NLM_F_ACK,
     NLM_F_CREATE,
+    NLM_F_DUMP,
     NLM_F_REQUEST,
+    NLMSG_DONE,
     NLMSG_ERROR,
     NLMSG_HDRLEN,
     NLMSGHDR,
     SOL_NETLINK,
     NoAnswer,
     attr,
+    attributes,
     error_reply,
     nested,
     nf_message,
@@ -66,7 +71,7 @@ from portsentry.responders.backend import (
 BE64 = struct.Struct("!Q")
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
 NFPROTO_UNSPEC, NFPROTO_INET = 0, 1
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
@@ -74,6 +79,8 @@ NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_TIMEOUT = 1, 4
 NFTA_DATA_VALUE = 1
 
 SocketFactory = Callable[[], socket.socket]
+SEND_BUFFER = 1 << 20  # what open_netlink asks for; a bigger transaction asks for more
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 def open_netlink() -> socket.socket:
     """A NETLINK_NETFILTER socket in this process's network namespace."""
@@ -99,6 +106,15 @@ class ElementOp:
     kind: int
     set_name: str
     elements: tuple[tuple[IPAddress, int | None], ...]  # address, timeout in milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class FlushOp:
+    """A DELSETELEM naming no element: the kernel deletes every element of the set (in the
+    transaction it belongs to, so adds after it in the same batch rebuild the set atomically)."""
+
+    set_name: str
+    kind: int = NFT_MSG_DELSETELEM
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +149,17 @@ def element_head(address_size: int, timed: bool) -> bytes:
             + NLATTR.pack(key, NFTA_SET_ELEM_KEY | NLA_F_NESTED) + NLATTR.pack(value, NFTA_DATA_VALUE))
 
 
-def element_message(table: str, op: ElementOp | EncodedOp, seq: int) -> bytes:
+Op = ElementOp | EncodedOp | FlushOp
+
+
+def element_message(table: str, op: Op, seq: int) -> bytes:
     """The netlink message for `op` on `table` (family inet), asking for an acknowledgement."""
+    names = (attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+             + attr(NFTA_SET_ELEM_LIST_SET, op.set_name.encode() + b"\0"))
+    if isinstance(op, FlushOp):
+        # Without NFTA_SET_ELEM_LIST_ELEMENTS: an empty list would delete nothing.
+        return nf_message((NFNL_SUBSYS_NFTABLES << 8) | op.kind, NLM_F_REQUEST | NLM_F_ACK, seq,
+                          NFPROTO_INET, 0, names)
     items = list(op.items) if isinstance(op, EncodedOp) else []
     for address, timeout_ms in () if isinstance(op, EncodedOp) else op.elements:
         if not isinstance(address, IPv4Address | IPv6Address):
@@ -144,16 +169,12 @@ def element_message(table: str, op: ElementOp | EncodedOp, seq: int) -> bytes:
             items.append(element_head(len(packed), False) + packed)
         else:
             items.append(element_head(len(packed), True) + packed + TIMEOUT_HEAD + BE64.pack(timeout_ms))
-    body = (
-        attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-        + attr(NFTA_SET_ELEM_LIST_SET, op.set_name.encode() + b"\0")
-        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)
-    )
+    body = names + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)
     flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op.kind == NFT_MSG_NEWSETELEM else 0)
     return nf_message((NFNL_SUBSYS_NFTABLES << 8) | op.kind, flags, seq, NFPROTO_INET, 0, body)
 
 
-def batch(table: str, ops: Sequence[ElementOp | EncodedOp], first_seq: int) -> bytes:
+def batch(table: str, ops: Sequence[Op], first_seq: int) -> bytes:
     """One nf_tables transaction: BATCH_BEGIN, a message per op (seq first_seq+1...), BATCH_END.
     The kernel applies all of it or none of it."""
     begin = nf_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, NFPROTO_UNSPEC,
@@ -184,12 +205,54 @@ def parse_acks(data: bytes) -> list[tuple[int, int]]:
     return acks
 
 
+def has_elements(sock: socket.socket, table: str, set_name: str, seq: int = 1) -> bool:
+    """Whether set `set_name` of inet `table` holds an element, from the first answer of a dump
+    of its elements; the rest of the dump is left unread (close `sock` after). Not a listing: the
+    kernel walks a hash set from its start for every 32 KiB it answers, and a million elements
+    took a minute of system time; the first answer takes a moment."""
+    body = (attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+            + attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
+    sock.send(nf_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
+                         seq, NFPROTO_INET, 0, body))
+    while True:
+        data = sock.recv(DUMP_RECV_SIZE)
+        spans, stop = split(data)
+        if not data or stop < len(data):
+            raise OSError(errno.EBADMSG, "malformed netlink reply to a set element dump")
+        for kind, _flags, answered, _pid, start, end in spans:
+            if answered != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return False
+            if kind == NLMSG_ERROR:
+                reply = error_reply(data, start, end)
+                code = errno.EBADMSG if reply is None else reply[1]
+                if code == 0:
+                    return False
+                raise OSError(code, f"set element dump refused: {os.strerror(code)}")
+            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+                lists, _clean = attributes(data, start + NFGENMSG.size, end, {NFTA_SET_ELEM_LIST_ELEMENTS})
+                if any(attributes(value, wanted={NFTA_LIST_ELEM})[0] for _kind, value in lists):
+                    return True
+
+
 def _describe_errno(code: int, set_names: str) -> str:
     if code == errno.ENOENT:
         return f"table or set {set_names} does not exist (run setup first)"
     if code == errno.ENFILE:
         return f"set {set_names} is full (raise set_size)"
     return os.strerror(code)
+
+
+def _make_room(sock: socket.socket, size: int) -> None:
+    """A socket send buffer that takes one `size`-byte transaction: the kernel reads a batch only
+    from a single message, and refuses one larger than the buffer (EMSGSIZE). SO_SNDBUFFORCE
+    passes net.core.wmem_max (the daemon has CAP_NET_ADMIN); without it, what wmem_max allows."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size + (1 << 16))
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size + (1 << 16))
 
 
 class NetlinkElements:
@@ -202,7 +265,7 @@ class NetlinkElements:
         self._seq = 0
         self._lock = threading.Lock()
 
-    def transact(self, ops: Sequence[ElementOp | EncodedOp]) -> None:
+    def transact(self, ops: Sequence[Op]) -> None:
         """Apply `ops` atomically; BackendError names the errno if the kernel refused them."""
         with self._lock:
             try:
@@ -211,12 +274,15 @@ class NetlinkElements:
                 self._close()
                 raise BackendError(f"nf_tables netlink: {exc}") from exc
 
-    def _transact(self, ops: Sequence[ElementOp | EncodedOp]) -> None:
+    def _transact(self, ops: Sequence[Op]) -> None:
         if self._sock is None:
             self._sock = self._factory()
         sock = self._sock
         first = self._seq = (self._seq + len(ops) + 2) % (1 << 31)
-        sock.sendall(batch(self.table, ops, first))
+        data = batch(self.table, ops, first)
+        if len(data) > SEND_BUFFER:
+            _make_room(sock, len(data))
+        sock.sendall(data)
         # nfnetlink handles the batch inside the send call, so every answer is queued by now; the
         # short timeout only guards against a kernel that behaves otherwise.
         sock.settimeout(2.0)
@@ -236,6 +302,19 @@ class NetlinkElements:
                 f"nf_tables refused the update of inet {self.table} {names}: "
                 f"{_describe_errno(errors[0], names)}"
             )
+
+    def holds_any(self, set_name: str) -> bool:
+        """Whether `set_name` holds an element (has_elements), on a socket of its own: the dump
+        it leaves unread goes with it."""
+        try:
+            sock = self._factory()
+            try:
+                sock.settimeout(2.0)
+                return has_elements(sock, self.table, set_name)
+            finally:
+                sock.close()
+        except OSError as exc:
+            raise BackendError(f"nf_tables netlink: {exc}") from exc
 
     def _close(self) -> None:
         if self._sock is not None:
@@ -404,13 +483,23 @@ def port_ranges(ports: Iterable[int]) -> list[str]:
 
 def parse_caught_json(text: str) -> list[Caught]:
     """The entries of caught4/caught6 from `nft -j list set`; malformed ones are skipped."""
+    return [entry for entry, _left in parse_caught_left_json(text)]
+
+
+def parse_caught_left_json(text: str) -> list[tuple[Caught, float | None]]:
+    """The entries of caught4/caught6 with the seconds each has left (None: no timeout, as the
+    kernel's ban with BLOCK_TIME 0); malformed ones are skipped."""
     try:
         objects = json.loads(text).get("nftables", [])
     except (ValueError, AttributeError):
         raise BackendError("nft -j list set: not the JSON nft writes") from None
-    found: list[Caught] = []
+    found: list[tuple[Caught, float | None]] = []
     for entry in set_elements(objects):
+        left = None
         if isinstance(entry, dict) and isinstance(entry.get("elem"), dict):
+            expires = entry["elem"].get("expires", entry["elem"].get("timeout"))
+            if isinstance(expires, int | float) and not isinstance(expires, bool):
+                left = float(expires)
             entry = entry["elem"].get("val")
         concat = entry.get("concat") if isinstance(entry, dict) else None
         if not (isinstance(concat, list) and len(concat) == 3):
@@ -419,7 +508,7 @@ def parse_caught_json(text: str) -> list[Caught]:
         if not isinstance(address, str) or isinstance(port, bool) or not isinstance(port, int):
             continue
         try:
-            found.append((ip_address(address), Protocol(str(protocol).upper()), port))
+            found.append(((ip_address(address), Protocol(str(protocol).upper()), port), left))
         except ValueError:
             continue
     return found

@@ -26,7 +26,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar, TypeVar
 
@@ -63,6 +63,7 @@ from portsentry.responders.nft_elements import (
     TIMEOUT_HEAD,
     ElementOp,
     EncodedOp,
+    FlushOp,
     InconsistentListing,
     NetlinkElements,
     Sender,
@@ -72,6 +73,7 @@ from portsentry.responders.nft_elements import (
     intervals,
     open_netlink,
     parse_caught_json,
+    parse_caught_left_json,
     parse_dropped_json,
     parse_set_json,
     port_ranges,
@@ -489,45 +491,92 @@ class NftablesBackend(BanBackend):
         self._in_batches(list(bans), self.add_ops, self.add_many_script)
 
     def restore_many(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
-        """One plain add with timeouts per set and batch, a third of add_many's messages. The
-        dance in add_ops exists to reset the timeout of an element that is already there; at
-        start such an element was put there with the very timeout the store recorded (the
-        daemon does not flush its table when it stops, and every later change went to both), so
-        keeping it is right. Over netlink the packed addresses go straight into the messages,
-        and each batch is sent by a second thread while the next is encoded (the kernel's part
-        releases the GIL): a million bans restored in about a second."""
+        """One plain add with timeouts per set and batch, a third of add_many's messages: for
+        addresses the set does not hold (a fleet batch), or holds with this very timeout. Over
+        netlink the packed addresses go straight into the messages, and each batch is sent by a
+        second thread while the next is encoded (the kernel's part releases the GIL)."""
         if self._netlink is None:
             self._in_batches([(unpacked(p), t) for p, t in bans], self.restore_ops, self.restore_script)
             return
+        with Sender(self._netlink) as sender:
+            for op in self._encoded(bans):
+                sender.send(op)
+
+    def replace_all(self, bans: Iterable[tuple[bytes, float | None]]) -> None:
+        """Both ban sets emptied and filled with `bans`, and with the kernel's first-probe bans
+        that still have a caught entry (recorded late by the daemon, service.kernelbans), in one
+        transaction: no moment without the bans, and every element gets the time given here. A
+        plain add kept elements the store no longer knows (bans.sqlite3 deleted or restored from
+        a backup: for ever with BLOCK_TIME 0, invisible to `list`), and, before Linux 6.10, an
+        element's shorter timeout (the wall clock set back while the daemon was stopped). Not by
+        listing the sets: the kernel walks a hash set from its start for every 32 KiB of a dump,
+        and a million elements took a minute of system time. A million bans cost about what
+        restore_many does (measured in the commit that made this)."""
+        keep = self._unsettled()
+        if keep:
+            listed = list(bans)
+            for packed, _timeout in listed:
+                keep.pop(packed, None)  # recorded after all: the store's time wins
+            bans = listed + list(keep.items())
+        if self._netlink is None:
+            self.run([NFT, "-f", "-"], self.replace_script([(unpacked(p), t) for p, t in bans]))
+            return
+        self._netlink.transact([FlushOp(SET4), FlushOp(SET6), *self._encoded(bans)])
+
+    def holds_any(self) -> bool:
+        if self._netlink is None:
+            return True  # nft lists every element: replacing them costs less than knowing
+        return any(self._netlink.holds_any(name) for name in (SET4, SET6))
+
+    def replace_script(self, bans: Sequence[tuple[IPAddress, float | None]]) -> str:
+        """replace_all's transaction for `nft -f`."""
+        return (f"flush set inet {self.table} {SET4}\nflush set inet {self.table} {SET6}\n"
+                + self.restore_script(bans))
+
+    def _unsettled(self) -> dict[bytes, float | None]:
+        """Packed source -> seconds left of every first-probe ban whose caught entry the daemon
+        has not settled (its ban element was added by the same rule with the same timeout)."""
+        held: dict[bytes, float | None] = {}
+        for name in (CAUGHT4, CAUGHT6):
+            listing = self.run([NFT, "-j", "list", "set", "inet", self.table, name]).stdout
+            for (address, _protocol, _port), left in parse_caught_left_json(listing):
+                packed = address.packed
+                if left is None or (packed in held and held[packed] is None):
+                    held[packed] = None
+                else:
+                    held[packed] = max(left, held.get(packed) or 0.0, 1.0)
+        return held
+
+    def _encoded(self, bans: Iterable[tuple[bytes, float | None]]) -> Iterator[EncodedOp]:
+        """Timed adds of packed addresses, BATCH_ELEMENTS to a message, encoded without an
+        address object each (a million of them at start)."""
         timed4, timed6 = element_head(4, True), element_head(16, True)
         bare4, bare6 = element_head(4, False), element_head(16, False)
         pack64 = BE64.pack
-        netlink = self._netlink
-        with Sender(netlink) as sender:
-            v4: list[bytes] = []
-            v6: list[bytes] = []
-            for packed, timeout in bans:
-                size = len(packed) if type(packed) is bytes else 0
-                if size == 4:
-                    target, timed, bare = v4, timed4, bare4
-                elif size == 16:
-                    target, timed, bare = v6, timed6, bare6
-                else:
-                    unpacked(packed)  # raises the one TypeError for anything but an address
-                    continue
-                if timeout is not None and not 0 < timeout < KERNEL_TIMEOUT_LIMIT:
-                    timeout = held_for(timeout)  # raises the one ValueError for a bad timeout
-                if timeout is None:
-                    target.append(bare + packed)
-                else:
-                    ms = math.ceil(timeout * 1000 - 1e-6)  # timeout_ms, inlined
-                    target.append(timed + packed + TIMEOUT_HEAD + pack64(ms if ms > 0 else 1))
-                if len(target) == BATCH_ELEMENTS:
-                    sender.send(EncodedOp(NFT_MSG_NEWSETELEM, SET4 if target is v4 else SET6, tuple(target)))
-                    target.clear()
-            for set_name, rest in ((SET4, v4), (SET6, v6)):
-                if rest:
-                    sender.send(EncodedOp(NFT_MSG_NEWSETELEM, set_name, tuple(rest)))
+        v4: list[bytes] = []
+        v6: list[bytes] = []
+        for packed, timeout in bans:
+            size = len(packed) if type(packed) is bytes else 0
+            if size == 4:
+                target, timed, bare = v4, timed4, bare4
+            elif size == 16:
+                target, timed, bare = v6, timed6, bare6
+            else:
+                unpacked(packed)  # raises the one TypeError for anything but an address
+                continue
+            if timeout is not None and not 0 < timeout < KERNEL_TIMEOUT_LIMIT:
+                timeout = held_for(timeout)  # raises the one ValueError for a bad timeout
+            if timeout is None:
+                target.append(bare + packed)
+            else:
+                ms = math.ceil(timeout * 1000 - 1e-6)  # timeout_ms, inlined
+                target.append(timed + packed + TIMEOUT_HEAD + pack64(ms if ms > 0 else 1))
+            if len(target) == BATCH_ELEMENTS:
+                yield EncodedOp(NFT_MSG_NEWSETELEM, SET4 if target is v4 else SET6, tuple(target))
+                target.clear()
+        for set_name, rest in ((SET4, v4), (SET6, v6)):
+            if rest:
+                yield EncodedOp(NFT_MSG_NEWSETELEM, set_name, tuple(rest))
 
     def restore_ops(self, bans: Sequence[tuple[IPAddress, float | None]]) -> list[ElementOp]:
         """The ops restore_many sends, from address objects (the `nft -f` fallback and tests)."""

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
-from portsentry.bans.restore import RERUN_CONCURRENCY, rerun_routes, restore_bans
+from portsentry.bans.restore import RERUN_CONCURRENCY, remember_stop, rerun_routes, restore_bans
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core import messages
@@ -129,6 +129,9 @@ class Daemon:
         # KILL_ROUTE re-runs after a reboot (bans.restore): told to start no more at the stop.
         self._reruns: threading.Thread | None = None
         self._stop_reruns = threading.Event()
+        # The native sets were made to match the store at start (bans.restore): only then can a
+        # clean stop vouch for them.
+        self._restored = False
         self._blocks = BlockQueue(self._enforce, self._block_done, journal.log)
         self._admin = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
         # The kernel's first-probe bans (stealth modes with nftables): guards pushed, bans settled.
@@ -216,7 +219,9 @@ class Daemon:
         if self.bans is not None:
             # The cursor first: what changes while restoring is replayed, which is harmless.
             cursor = self.bans.store.last_change()
-            restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"))
+            restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"),
+                                    self._stop_path())
+            self._restored = True
             self.engine.sync_bans(restored.banned)
             self.active_bans = len(restored.banned)
             if restored.rerun:  # after READY, a few at a time: many bans must not delay the start
@@ -229,6 +234,9 @@ class Daemon:
         if self.fleet is not None:
             self.fleet.start(self._fleet_guards())
         return any_open
+
+    def _stop_path(self) -> str:
+        return os.path.join(self.config.state_dir, "kernel-sync")
 
     def _fleet_guards(self) -> FleetGuards:
         """Main loop: what a fleet peer's ban must spare here, as of now."""
@@ -342,6 +350,8 @@ class Daemon:
         # guards, which hold while the daemon is away. Nothing they run posts work back here.
         self._run_main_calls()
         self._admin.shutdown(wait=True)
+        if self.bans is not None and self._restored:  # nothing bans or lifts any more
+            remember_stop(self.bans, self._stop_path())
         if self.resolver is not None:
             self.resolver.close()
         self._selector.close()

@@ -171,6 +171,7 @@ class KernelBans:
         try:
             lifted = self.bans.lift_kernel_ban(address, now)
         except (BackendError, OSError) as error:
+            self.bans.kernel_unsure = True
             self._log(messages.native_unblock_failed(str(address), str(error)))
             return True
         if lifted is None:

@@ -100,3 +100,44 @@ def test_constructor_refuses_bad_options(args: tuple[str, ...], kw: dict[str, in
 
 def test_describe_says_it_is_asymmetric() -> None:
     assert "scanner's packets still arrive" in RouteBackend().describe()
+
+
+def test_restore_lost_adds_back_only_the_stored_routes_that_are_gone() -> None:
+    listed = json.dumps([{"type": "blackhole", "dst": "198.18.0.9", "protocol": "213"}])
+    rec = Recorder({("ip", "-j", "-4"): RunResult(0, listed, ""), ("ip", "-j", "-6"): RunResult(0, "[]", "")})
+    asked: list[bool] = []
+
+    def active() -> list[bytes]:
+        asked.append(True)
+        return [V4.packed, V6.packed]
+
+    assert RouteBackend(runner=rec).restore_lost(active) == 1
+    assert rec.calls[-1] == (["ip", "-batch", "-"], "route replace blackhole fd00::9 proto 213\n")
+    assert asked == [True]
+    rec = Recorder({("ip", "-j"): RunResult(0, listed, "")})
+    assert RouteBackend(runner=rec).restore_lost(lambda: [V4.packed]) == 0
+    assert all(argv[:2] == ["ip", "-j"] for argv in rec.argvs)  # nothing to add, nothing run
+
+
+def test_replace_all_deletes_the_routes_the_store_does_not_know() -> None:
+    listed = json.dumps([{"type": "blackhole", "dst": "198.18.0.9", "protocol": "213"},
+                         {"type": "blackhole", "dst": "198.18.0.99", "protocol": "213"}])
+    rec = Recorder({("ip", "-j", "-4"): RunResult(0, listed, ""), ("ip", "-j", "-6"): RunResult(0, "[]", "")})
+    RouteBackend(runner=rec).replace_all([(V4.packed, 60.0), (V6.packed, None)])
+    assert rec.calls[2:] == [
+        (["ip", "-batch", "-"], "route del blackhole 198.18.0.99 proto 213\n"),
+        (["ip", "-batch", "-"], "route replace blackhole 198.18.0.9 proto 213\n"
+                                "route replace blackhole fd00::9 proto 213\n")]
+
+
+def test_packed_routes_keeps_host_routes_only() -> None:
+    import socket
+
+    from portsentry.responders.iproute import packed_routes
+
+    text = json.dumps([{"dst": "198.18.0.9"}, {"dst": "198.18.0.10/32"}, {"dst": "198.18.7.0/24"},
+                       {"dst": "not an address"}, {"dst": 7}, "junk", {}])
+    assert packed_routes(text, socket.AF_INET) == {V4.packed, ip_address("198.18.0.10").packed}
+    assert packed_routes("", socket.AF_INET6) == set()
+    with pytest.raises(BackendError):
+        packed_routes("{", socket.AF_INET)

@@ -196,3 +196,35 @@ def test_repair_makes_sets_destroyed_behind_our_back_again() -> None:
     assert CREATE4 in rec.argvs
     # A missing set's rule is not asked about: `iptables -C` would fail on the set, not say absent.
     assert ["iptables", "-w", "-C", "INPUT", *RULE4] not in rec.argvs[:2]
+
+
+def test_replace_all_fills_a_staging_set_and_swaps_it_in() -> None:
+    # A plain add left members the store no longer knows in the set, for ever without a timeout.
+    rec = Recorder()
+    IpsetBackend(runner=rec).replace_all([(V4.packed, 60.0), (V6.packed, None)])
+    assert rec.calls == [(["ipset", "restore", "-exist"], (
+        "create portsentry4.new hash:ip family inet timeout 0 maxelem 262144\n"
+        "flush portsentry4.new\n"
+        "create portsentry6.new hash:ip family inet6 timeout 0 maxelem 262144\n"
+        "flush portsentry6.new\n"
+        "add portsentry4.new 198.18.0.9 timeout 60\n"
+        "add portsentry6.new fd00::9 timeout 0\n"
+        "swap portsentry4.new portsentry4\n"
+        "destroy portsentry4.new\n"
+        "swap portsentry6.new portsentry6\n"
+        "destroy portsentry6.new\n"))]
+    # A name at ipset's limit of 31 bytes still leaves room.
+    longest = IpsetBackend(set_prefix="p" * 30, runner=Recorder())
+    assert longest.staging_name(longest.set4) == "p" * 27 + ".new"
+
+
+def test_holds_any_reads_the_counts_of_both_sets() -> None:
+    def header(count: int) -> RunResult:
+        return RunResult(0, f"Name: x\nType: hash:ip\nNumber of entries: {count}\nMembers:\n", "")
+
+    empty = Recorder({("ipset", "list", "-t"): header(0)})
+    assert not IpsetBackend(runner=empty).holds_any()
+    assert empty.argvs == [["ipset", "list", "-t", "portsentry4"], ["ipset", "list", "-t", "portsentry6"]]
+    assert IpsetBackend(runner=Recorder({("ipset", "list", "-t", "portsentry6"): header(3),
+                                         ("ipset", "list", "-t"): header(0)})).holds_any()
+    assert IpsetBackend(runner=Recorder({("ipset", "list", "-t"): RunResult(0, "odd\n", "")})).holds_any()

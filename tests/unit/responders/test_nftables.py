@@ -694,3 +694,106 @@ def test_without_a_capture_a_flushed_table_is_repaired_once_and_not_after_teardo
     assert backend.repair_capture() is False
     backend.teardown()
     assert backend.repair_capture() is False
+
+
+# -- replacing the sets at start (bans.restore) ---------------------------------------------------
+
+CAUGHT4_JSON = json.dumps({"nftables": [{"set": {"name": "caught4", "elem": [
+    {"elem": {"val": {"concat": ["198.18.0.7", "tcp", 79]}, "timeout": 3600, "expires": 3000}},
+    {"elem": {"val": {"concat": ["198.18.0.7", "udp", 161]}, "timeout": 3600, "expires": 3500}},
+    {"elem": {"val": {"concat": ["198.18.0.9", "tcp", 79]}, "timeout": 3600, "expires": 10}}]}}]})
+CAUGHT6_JSON = json.dumps({"nftables": [{"set": {"name": "caught6", "elem": [
+    {"concat": ["fd00::7", "tcp", 79]}]}}]})
+
+
+def caught_recorder(caught4: str = CAUGHT4_JSON, caught6: str = CAUGHT6_JSON) -> Recorder:
+    return Recorder({
+        ("nft", "-j", "list", "set", "inet", "portsentry", "caught4"): RunResult(0, caught4, ""),
+        ("nft", "-j", "list", "set", "inet", "portsentry", "caught6"): RunResult(0, caught6, ""),
+    })
+
+
+NO_CAUGHT = json.dumps({"nftables": [{"set": {"name": "caught4"}}]})
+
+
+def test_replace_all_empties_and_refills_both_sets_in_one_transaction_keeping_unsettled_kernel_bans() -> None:
+    # A plain add left an element the store no longer knows in the set for ever (BLOCK_TIME 0).
+    fake = FakeNetlink()
+    backend = NftablesBackend(runner=caught_recorder(), socket_factory=lambda: fake)  # type: ignore[arg-type,return-value]
+    backend.replace_all([(V4.packed, 60.0), (IPv4Address("198.18.0.2").packed, None)])
+    assert len(fake.sent) == 1  # one transaction: the sets are never seen empty
+    messages = _messages(fake.sent[0])
+    assert [kind for kind, _, _ in messages] == [16, 0x0A0E, 0x0A0E, 0x0A0C, 0x0A0C, 17]
+    # A flush names no element at all: an empty element list would delete nothing.
+    flush4 = messages[1][2]
+    assert flush4[16:] == bytes.fromhex("01000000" "0f000100706f727473656e7472790000"
+                                        "0d000200626c6f636b65643400000000")
+    assert b"blocked6" in messages[2][2]
+    # The store's time for 198.18.0.9 (caught too), the caught entry's longest for 198.18.0.7,
+    # none for fd00::7 (a kernel ban without timeout).
+    add4 = element_message("portsentry", ElementOp(NFT_MSG_NEWSETELEM, "blocked4", (
+        (V4, 60_000), (IPv4Address("198.18.0.2"), None), (IPv4Address("198.18.0.7"), 3_500_000))), 0)
+    add6 = element_message("portsentry", ElementOp(NFT_MSG_NEWSETELEM, "blocked6",
+                                                   ((IPv6Address("fd00::7"), None),)), 0)
+    assert messages[3][2][:8] == add4[:8] and messages[3][2][12:] == add4[12:]
+    assert messages[4][2][:8] == add6[:8] and messages[4][2][12:] == add6[12:]
+
+
+def test_replace_all_over_nft_is_one_script() -> None:
+    rec = caught_recorder(NO_CAUGHT, NO_CAUGHT)
+    cli(rec).replace_all([(V4.packed, 60.0), (V6.packed, None)])
+    assert rec.calls[-1] == (["nft", "-f", "-"], (
+        "flush set inet portsentry blocked4\n"
+        "flush set inet portsentry blocked6\n"
+        "add element inet portsentry blocked4 { 198.18.0.9 timeout 60s }\n"
+        "add element inet portsentry blocked6 { fd00::9 }\n"))
+    rec = caught_recorder(NO_CAUGHT, NO_CAUGHT)
+    cli(rec).replace_all([])  # a store without bans: both sets emptied
+    assert rec.calls[-1] == (["nft", "-f", "-"], "flush set inet portsentry blocked4\n"
+                                                 "flush set inet portsentry blocked6\n")
+
+
+class DumpSocket:
+    """Answers a set element dump with `datagrams`, one per recv."""
+
+    def __init__(self, *datagrams: bytes) -> None:
+        self.sent: list[bytes] = []
+        self.datagrams = list(datagrams)
+        self.closed = False
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.datagrams.pop(0)
+
+    def settimeout(self, value: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _reply(kind: int, seq: int, body: bytes = b"") -> bytes:
+    length = 16 + len(body)
+    return struct.pack("=IHHII", length, kind, 2, seq, 0) + body + bytes(-length % 4)
+
+
+def test_holds_any_reads_one_answer_of_a_dump_and_never_the_whole_set() -> None:
+    from portsentry.netlink.codec import attr, nested
+    from portsentry.responders.nft_elements import element_attribute as elem
+
+    element = nested(3, elem(V4, 1000))  # NFTA_SET_ELEM_LIST_ELEMENTS holding one element
+    head = b"\x01\x00\x00\x00" + attr(1, b"portsentry\0") + attr(2, b"blocked4\0")
+    full = DumpSocket(_reply(0x0A0C, 1, head + element))
+    assert NftablesBackend(runner=Recorder(), socket_factory=lambda: full).holds_any()  # type: ignore[arg-type,return-value]
+    assert full.closed and len(full.sent) == 1  # the rest of the dump goes with the socket
+    request = full.sent[0]
+    assert struct.unpack_from("=IHHII", request) == (len(request), 0x0A0D, 0x301, 1, 0)
+    sockets = [DumpSocket(_reply(3, 1)), DumpSocket(_reply(0x0A0C, 1, head + nested(3)), _reply(3, 1))]
+    assert not NftablesBackend(runner=Recorder(), socket_factory=lambda: sockets.pop(0)).holds_any()  # type: ignore[arg-type,return-value]
+    refused = DumpSocket(_reply(2, 1, struct.pack("=i", -errno.ENOENT) + bytes(16)))
+    with pytest.raises(BackendError, match="No such file"):
+        NftablesBackend(runner=Recorder(), socket_factory=lambda: refused).holds_any()  # type: ignore[arg-type,return-value]
+    assert cli(Recorder()).holds_any()  # nft would list every element: not asked
