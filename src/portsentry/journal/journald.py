@@ -14,11 +14,9 @@ import os
 import re
 import socket
 import struct
-import time
 from collections.abc import Mapping
 
-from portsentry.journal.logsend import BUSY, Held, Sender
-from portsentry.journal.syslog import CLOSE_GRACE
+from portsentry.journal.logsend import HeldWriter, Sender
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 ENV_STREAM = "JOURNAL_STREAM"
@@ -90,22 +88,21 @@ def event_fields(event: Mapping[str, object]) -> dict[str, object]:
     }
 
 
-class JournaldWriter:
+class JournaldWriter(HeldWriter):
     """Sends entries to journald; reconnects after errors and never raises from `send`.
 
     `send(message, priority)` and `close()` are called like SyslogWriter's, so Journal can hold
     either.
     """
 
+    unit = "entries"
+
     def __init__(self, path: str = DEFAULT_SOCKET, identifier: str = IDENTIFIER,
                  facility: int | None = 3) -> None:
+        super().__init__()
         self.path = path
         self.identifier = identifier
         self.facility = facility  # SYSLOG_FACILITY for syslog daemons fed from the journal
-        self.failures = 0
-        self.last_error = ""  # why the last entry could not be sent, for the failure report
-        self._sock: socket.socket | None = None
-        self._held = Held()
 
     def entry(self, message: str, priority: int = LOG_NOTICE, **fields: object) -> bytes:
         """The datagram `send` would write (raises ValueError for a bad field name)."""
@@ -125,29 +122,7 @@ class JournaldWriter:
         case is raised). journald stamps the entry itself. Raises ValueError only for a bad
         field name, which is a programming error. Never waits: entries journald does not read
         yet are held (journal.logsend)."""
-        data = self.entry(message, priority, **fields)
-        for _attempt in range(2):
-            try:
-                if self._held.send(data, self._sender(self._socket())):
-                    return True
-                self.last_error = f"{BUSY}: {len(self._held)} entries held"
-                break
-            except OSError as error:
-                self.last_error = error.strerror or str(error)
-                self._disconnect()
-        self.failures += 1
-        return False
-
-    def flush(self) -> bool:
-        """Send held entries while journald takes them (the daemon's tick); True when none are left."""
-        if not len(self._held):
-            return True
-        try:
-            return self._held.flush(self._sender(self._socket()))
-        except OSError as error:
-            self.last_error = error.strerror or str(error)
-            self._disconnect()
-            return False
+        return self._deliver(self.entry(message, priority, **fields))
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
@@ -179,15 +154,3 @@ class JournaldWriter:
             sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], socket.MSG_DONTWAIT, self.path)
         finally:
             os.close(fd)
-
-    def _disconnect(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def close(self) -> None:
-        """At the end: held entries get a second to go out."""
-        give_up = time.monotonic() + CLOSE_GRACE
-        while not self.flush() and time.monotonic() < give_up:
-            time.sleep(0.02)
-        self._disconnect()

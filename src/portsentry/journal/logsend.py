@@ -11,10 +11,13 @@ as lost, which `status`, the metrics and the failure summary report.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections import deque
 from collections.abc import Callable
 
 HOLD_LIMIT = 10_000  # lines; about 3 MB of detection lines
+CLOSE_GRACE = 1.0  # seconds held lines may take to go out when the daemon stops
 BUSY = "the log daemon is not reading its socket"
 
 # Sends bytes without waiting: how many it took (a stream may take part of a line), or raises
@@ -77,3 +80,65 @@ class Held:
             return False
         self._lines.append(data)
         return True
+
+
+class HeldWriter:
+    """What the syslog and journald writers share: send through Held, reconnect once after an
+    error, count what is lost, flush on the tick, give held lines a second at the end. A writer
+    says how to get its socket (`_socket`) and how to send on it without waiting (`_sender`)."""
+
+    path: str
+    unit = "lines"  # what the failure report calls what is held
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last_error = ""  # why the last line could not be sent, for the failure report
+        self._sock: socket.socket | None = None
+        self._held = Held()
+
+    def _socket(self) -> socket.socket:
+        raise NotImplementedError
+
+    def _sender(self, sock: socket.socket) -> Sender:
+        raise NotImplementedError
+
+    def _framed(self, data: bytes) -> bytes:
+        """`data` as it goes on the socket just opened (a stream's lines end in NUL)."""
+        return data
+
+    def _deliver(self, data: bytes) -> bool:
+        for _attempt in range(2):
+            try:
+                sock = self._socket()
+                if self._held.send(self._framed(data), self._sender(sock)):
+                    return True
+                self.last_error = f"{BUSY}: {len(self._held)} {self.unit} held"
+                break
+            except OSError as error:
+                self.last_error = error.strerror or str(error)
+                self._disconnect()
+        self.failures += 1
+        return False
+
+    def flush(self) -> bool:
+        """Send what is held while the socket takes it (the daemon's tick); True when none is left."""
+        if not len(self._held):
+            return True
+        try:
+            return self._held.flush(self._sender(self._socket()))
+        except OSError as error:
+            self.last_error = error.strerror or str(error)
+            self._disconnect()
+            return False
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        """At the end: what is held gets CLOSE_GRACE to go out."""
+        give_up = time.monotonic() + CLOSE_GRACE
+        while not self.flush() and time.monotonic() < give_up:
+            time.sleep(0.02)
+        self._disconnect()

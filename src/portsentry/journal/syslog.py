@@ -11,14 +11,14 @@ import socket
 import time
 from collections.abc import Mapping
 
-from portsentry.journal.logsend import BUSY, Held, Sender
+from portsentry.journal.logsend import CLOSE_GRACE as CLOSE_GRACE
+from portsentry.journal.logsend import HeldWriter, Sender
 
 LOG_DAEMON = 3
 LOG_ERR = 3
 LOG_NOTICE = 5
 LOG_INFO = 6
 DEFAULT_SOCKET = "/dev/log"
-CLOSE_GRACE = 1.0  # seconds held lines may take to go out when the daemon stops
 
 
 _last_stamp: tuple[int, str] = (-1, "")  # (second, its text): a burst of lines formats it once
@@ -42,19 +42,16 @@ def frame(message: str, severity: int, ident: str, pid: int, at: float) -> bytes
     )
 
 
-class SyslogWriter:
+class SyslogWriter(HeldWriter):
     """Sends one datagram per message; reconnects after errors and never raises or waits: lines
     the daemon does not read yet are held (journal.logsend)."""
 
     def __init__(self, path: str = DEFAULT_SOCKET, ident: str = "portsentry") -> None:
+        super().__init__()
         self.path = path
         self.ident = ident
-        self.failures = 0
-        self.last_error = ""  # why the last line could not be sent, for the failure report
-        self._sock: socket.socket | None = None
         # Read once: `socket.type` converts to an enum on every access, a microsecond a line.
         self._stream = False
-        self._held = Held()
 
     def _connect(self) -> socket.socket:
         failure = OSError(f"no syslog socket at {self.path}")
@@ -74,30 +71,11 @@ class SyslogWriter:
         return self.send(message, severity)
 
     def send(self, message: str, severity: int = LOG_NOTICE, at: float | None = None) -> bool:
-        data = frame(message, severity, self.ident, os.getpid(), time.time() if at is None else at)
-        for _attempt in range(2):
-            try:
-                sock = self._socket()
-                if self._held.send(data + b"\0" if self._stream else data, self._sender(sock)):
-                    return True
-                self.last_error = f"{BUSY}: {len(self._held)} lines held"
-                break
-            except OSError as error:
-                self.last_error = error.strerror or str(error)
-                self._disconnect()
-        self.failures += 1
-        return False
+        return self._deliver(frame(message, severity, self.ident, os.getpid(),
+                                   time.time() if at is None else at))
 
-    def flush(self) -> bool:
-        """Send held lines while the socket takes them (the daemon's tick); True when none are left."""
-        if not len(self._held):
-            return True
-        try:
-            return self._held.flush(self._sender(self._socket()))
-        except OSError as error:
-            self.last_error = error.strerror or str(error)
-            self._disconnect()
-            return False
+    def _framed(self, data: bytes) -> bytes:
+        return data + b"\0" if self._stream else data
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
@@ -106,18 +84,5 @@ class SyslogWriter:
             self.failures += self._held.reconnected()
         return self._sock
 
-    @staticmethod
-    def _sender(sock: socket.socket) -> Sender:
+    def _sender(self, sock: socket.socket) -> Sender:
         return lambda data: sock.send(data, socket.MSG_DONTWAIT)
-
-    def _disconnect(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def close(self) -> None:
-        """At the end: held lines get a second to go out."""
-        give_up = time.monotonic() + CLOSE_GRACE
-        while not self.flush() and time.monotonic() < give_up:
-            time.sleep(0.02)
-        self._disconnect()
