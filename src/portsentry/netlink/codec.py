@@ -230,6 +230,37 @@ def dump(
             found.append(Message(kind, flags, answered, pid, data[start:end]))
 
 
+def dump_any(sock: socket.socket, seq: int, found: Callable[[int, bytes, int, int], bool], what: str,
+             worth_a_look: Callable[[bytes], bool] | None = None) -> bool:
+    """Read the dump answering request `seq` (already sent) until a message for which
+    `found(type, datagram, payload start, payload end)` is true, then True; the rest of the dump
+    is left unread (close `sock` after). False at the dump's end. `worth_a_look(datagram)`, when
+    given, skips a datagram's messages cheaply (a byte search before any parse). Raises OSError:
+    the kernel's errno when it refuses the dump, EBADMSG for a reply that does not parse, EIO if
+    the socket closes."""
+    while True:
+        data = sock.recv(DUMP_RECV_SIZE)
+        if not data:
+            raise OSError(errno.EIO, f"netlink socket closed during a {what}")
+        spans, stop = split(data)
+        if stop < len(data):
+            raise OSError(errno.EBADMSG, f"malformed netlink reply to a {what}")
+        look = worth_a_look is None or worth_a_look(data)
+        for kind, _flags, answered, _pid, start, end in spans:
+            if answered != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return False
+            if kind == NLMSG_ERROR:
+                reply = error_reply(data, start, end)
+                code = errno.EBADMSG if reply is None else reply[1]
+                if code == 0:
+                    return False
+                raise OSError(code, f"{what} refused: {os.strerror(code)}")
+            if look and found(kind, data, start, end):
+                return True
+
+
 class NoAnswer(TimeoutError):
     """The socket's timeout passed with `missing` requests still unanswered."""
 

@@ -31,7 +31,6 @@ from types import TracebackType
 
 from portsentry.core.probe import IPAddress, Protocol
 from portsentry.netlink.codec import (
-    DUMP_RECV_SIZE,
     NETLINK_CAP_ACK,
     NETLINK_NETFILTER,
     NFGENMSG,
@@ -42,7 +41,6 @@ from portsentry.netlink.codec import (
     NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
     NLMSG_ERROR,
     NLMSG_HDRLEN,
     NLMSGHDR,
@@ -50,6 +48,7 @@ from portsentry.netlink.codec import (
     NoAnswer,
     attr,
     attributes,
+    dump_any,
     error_reply,
     nested,
     nf_message,
@@ -214,26 +213,14 @@ def has_elements(sock: socket.socket, table: str, set_name: str, seq: int = 1) -
             + attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
     sock.send(nf_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
                          seq, NFPROTO_INET, 0, body))
-    while True:
-        data = sock.recv(DUMP_RECV_SIZE)
-        spans, stop = split(data)
-        if not data or stop < len(data):
-            raise OSError(errno.EBADMSG, "malformed netlink reply to a set element dump")
-        for kind, _flags, answered, _pid, start, end in spans:
-            if answered != seq:
-                continue
-            if kind == NLMSG_DONE:
-                return False
-            if kind == NLMSG_ERROR:
-                reply = error_reply(data, start, end)
-                code = errno.EBADMSG if reply is None else reply[1]
-                if code == 0:
-                    return False
-                raise OSError(code, f"set element dump refused: {os.strerror(code)}")
-            if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
-                lists, _clean = attributes(data, start + NFGENMSG.size, end, {NFTA_SET_ELEM_LIST_ELEMENTS})
-                if any(attributes(value, wanted={NFTA_LIST_ELEM})[0] for _kind, value in lists):
-                    return True
+
+    def holds_one(kind: int, data: bytes, start: int, end: int) -> bool:
+        if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+            return False
+        lists, _clean = attributes(data, start + NFGENMSG.size, end, {NFTA_SET_ELEM_LIST_ELEMENTS})
+        return any(attributes(value, wanted={NFTA_LIST_ELEM})[0] for _kind, value in lists)
+
+    return dump_any(sock, seq, holds_one, "set element dump")
 
 
 def _describe_errno(code: int, set_names: str) -> str:

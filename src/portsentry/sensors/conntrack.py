@@ -26,17 +26,16 @@ from collections.abc import Callable
 from portsentry.core import messages
 from portsentry.core.probe import Protocol
 from portsentry.netlink.codec import (
-    DUMP_RECV_SIZE,
     NETLINK_NETFILTER,
     NFGENMSG,
     NLA_HDRLEN,
     NLATTR,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
     NLMSG_ERROR,
     attr,
     attributes,
+    dump_any,
     error_reply,
     nested,
     nf_message,
@@ -112,28 +111,10 @@ _NAT_TYPE = NLATTR.pack(NLA_HDRLEN + 4, NFTA_CHAIN_TYPE) + b"nat\0"
 
 
 def _nat_chain_in_dump(sock: socket.socket) -> bool:
-    """Read the chain dump answering request 1; True at the first nat chain at prerouting (the
-    rest of the dump goes with the socket)."""
-    while True:
-        data = sock.recv(DUMP_RECV_SIZE)
-        if not data:
-            raise OSError(errno.EIO, "netlink socket closed during a dump")
-        spans, _stop = split(data)
-        if _NAT_TYPE in data:
-            for kind, _flags, _seq, _pid, start, end in spans:
-                if kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWCHAIN and nat_chain(data[start:end]):
-                    return True
-        if not spans:
-            raise OSError(errno.EBADMSG, "malformed netlink reply to a chain dump")
-        kind, _flags, _seq, _pid, start, end = spans[-1]
-        if kind == NLMSG_DONE:
-            return False
-        if kind == NLMSG_ERROR:
-            reply = error_reply(data, start, end)
-            code = errno.EBADMSG if reply is None else reply[1]
-            if code == 0:
-                return False
-            raise OSError(code, f"chain dump refused: {os.strerror(code)}")
+    """Read the chain dump answering request 1; True at the first nat chain at prerouting."""
+    return dump_any(sock, 1, lambda kind, data, start, end: (
+        kind == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWCHAIN and nat_chain(data[start:end])),
+        "chain dump", worth_a_look=lambda data: _NAT_TYPE in data)
 
 
 def get_request(protocol: Protocol, source: bytes, source_port: int, destination: bytes,
