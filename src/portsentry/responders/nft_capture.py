@@ -9,11 +9,11 @@ since the daemon's last refresh of kports), from a source in neither protect4/6 
 the ignore list: not even copied to the daemon) nor nokernel4/6 (sources the kernel must never
 ban on its own: gateways, resolvers, impossible ones, SENSITIVE_NETWORKS, which the daemon still
 decides, so a forged probe from the gateway is refused and said so), under BAN_RATE_LIMIT (one
-cap for all four ban rules), is added to blocked4/6 with the ban's timeout and dropped by the
-rule itself; so the scanner's second packet, microseconds later, meets the drop. The rule also
-notes (source, protocol, port) in caught4/6 and logs the packet to NFLOG: the daemon writes
-1.2's lines and records the ban, and its maintenance thread settles every caught entry (adopted,
-lifted, or recorded late when the NFLOG copy was lost).
+cap for all four ban rules: a free slot in ban_slots), is added to blocked4/6 with the ban's
+timeout and dropped by the rule itself; so the scanner's second packet, microseconds later,
+meets the drop. The rule also notes (source, protocol, port) in caught4/6 and logs the packet to
+NFLOG: the daemon writes 1.2's lines and records the ban, and its maintenance thread settles
+every caught entry (adopted, lifted, or recorded late when the NFLOG copy was lost).
 
 Probes the daemon never sees because their source is banned already (the base chain drops them
 before the capture chain logs them) are counted per source in dropped4/6, by `count_rules` in a
@@ -34,10 +34,19 @@ CAUGHT4, CAUGHT6 = "caught4", "caught6"
 DROPPED4, DROPPED6 = "dropped4", "dropped6"
 DROPPED_TIMEOUT = 3600  # seconds a source's count is kept after its last dropped probe
 KPORTS = {Protocol.TCP: "kports_tcp", Protocol.UDP: "kports_udp"}
-# BAN_RATE_LIMIT is one cap on new bans overall: a named limit, which every ban rule (TCP and
-# UDP, IPv4 and IPv6) draws from. A `limit rate` in each rule was a bucket per rule, and a scan
-# over both protocols and families got four times the cap banned in the kernel.
-BAN_LIMIT = "ban_rate"
+# BAN_RATE_LIMIT is one cap on new bans overall, at most N in any 60 s as the daemon's guard
+# counts them: a set of N slots that every ban rule (TCP and UDP, IPv4 and IPv6) fills, each slot
+# expiring 60 s after its ban. A full set fails the rule's `add`, which ends the rule before its
+# ban, so the probe goes on to the log rule and the daemon decides. A token bucket (a named
+# `limit`, rate N/minute burst N) let up to 2N in within a minute: the burst, then its refill.
+BAN_SLOTS = "ban_slots"
+BAN_SLOTS_WINDOW = 60  # seconds a slot stays taken
+# The slot is a number from the rule's own counter (`numgen inc`), each rule in its own quarter
+# of the 32-bit range: two rules' counters never meet, and a number comes round again only after
+# 2**28 bans of one rule, long after its slot expired.
+_SLOT_SPAN = 1 << 28
+# Before ban_slots, the cap was this named limit; a table made then still holds it.
+OLD_BAN_LIMIT = "ban_rate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +63,19 @@ class KernelBan:
         if not 0 <= self.rate <= 1_000_000:
             raise ValueError(f"kernel ban rate {self.rate!r} is not 0 to 1000000 a minute")
 
-    def limit(self) -> str | None:
-        """The BAN_LIMIT object's body, shared by the ban rules; None without a cap."""
-        return f"rate {self.rate}/minute burst {self.rate} packets" if self.rate else None
+    def slots(self) -> str | None:
+        """The BAN_SLOTS set's body, shared by the ban rules; None without a cap."""
+        return self.slots_of(self.rate) if self.rate else None
+
+    @staticmethod
+    def slots_of(size: int) -> str:
+        return f"type mark; size {size}; timeout {BAN_SLOTS_WINDOW}s; flags dynamic,timeout;"
 
     def rules(self, group: int) -> list[str]:
         """The ban rules, one per family and protocol; they go after the protect rules and
-        need the BAN_LIMIT object when there is a cap (NftablesBackend.capture_script)."""
+        need the BAN_SLOTS set when there is a cap (NftablesBackend.capture_script)."""
         timeout = "" if self.timeout is None else f" timeout {self.timeout}s"
-        limit = f' limit name "{BAN_LIMIT}"' if self.rate else ""
-        found = []
+        found: list[str] = []
         families = (("ip saddr", "blocked4", NOKERNEL4, CAUGHT4),
                     ("ip6 saddr", "blocked6", NOKERNEL6, CAUGHT6))
         for saddr, blocked, nokernel, caught in families:
@@ -76,8 +88,10 @@ class KernelBan:
                 else:
                     match = f"udp dport @{KPORTS[protocol]} ct state != {{ established, related }}"
                     port = "udp dport"
+                slot = (f" add @{BAN_SLOTS} {{ numgen inc mod {_SLOT_SPAN} offset "
+                        f"{len(found) * _SLOT_SPAN} }}" if self.rate else "")
                 found.append(
-                    f"meta pkttype host {saddr} != @{nokernel} {match}{limit} "
+                    f"meta pkttype host {saddr} != @{nokernel} {match}{slot} "
                     f"add @{blocked} {{ {saddr}{timeout} }} "
                     f"add @{caught} {{ {saddr} . meta l4proto . {port}{timeout} }} "
                     f"log group {group} drop"

@@ -41,7 +41,7 @@ from portsentry.responders.backend import (
     unpacked,
 )
 from portsentry.responders.nft_capture import (
-    BAN_LIMIT,
+    BAN_SLOTS,
     CAUGHT4,
     CAUGHT6,
     DROPPED4,
@@ -50,6 +50,7 @@ from portsentry.responders.nft_capture import (
     KPORTS,
     NOKERNEL4,
     NOKERNEL6,
+    OLD_BAN_LIMIT,
     PROTECT4,
     PROTECT6,
     CaptureSpec,
@@ -180,10 +181,12 @@ class NftablesBackend(BanBackend):
             f"add rule {t} {CHAIN} ip6 saddr @{SET6} counter drop\n"
         )
 
-    def capture_script(self, spec: CaptureSpec) -> str:
+    def capture_script(self, spec: CaptureSpec, previous: CaptureSpec | None = None) -> str:
         """Re-creates the capture chain with exactly `spec`'s rules in one transaction: the chain
         is made if missing, then deleted and made again, so re-running never duplicates a rule
-        and a changed NFT_PRIORITY takes effect (a base chain's priority cannot be updated)."""
+        and a changed NFT_PRIORITY takes effect (a base chain's priority cannot be updated).
+        `previous` is the spec in force in this table, if this process made it: with the same
+        BAN_RATE_LIMIT, the ban slots taken in the last minute are kept."""
         t = f"inet {self.table}"
         c = f"{t} {CAPTURE_CHAIN}"
         lines = [
@@ -193,15 +196,23 @@ class NftablesBackend(BanBackend):
             f"delete chain {c}",
         ]
         if spec.kernel is not None:
-            # The ban rules' shared limit (nft_capture.BAN_LIMIT), made again with the chain:
-            # `add` alone leaves an existing limit as it was, so a changed BAN_RATE_LIMIT would
-            # not take effect. It can go only once the old chain, its user, has; the first `add`
-            # makes the delete safe when there is none. (A capture without the first-probe ban
-            # leaves an old one unused: it needs no limit objects from the kernel.)
-            name = f"{t} {BAN_LIMIT}"
+            # Objects can go only once the old chain, their user, has; each first `add` makes
+            # its delete safe when there is none. (A capture without the first-probe ban leaves
+            # an old set unused: it needs nothing from the kernel beyond plain rules.)
+            name = f"{t} {OLD_BAN_LIMIT}"
             lines += [f"add limit {name} {{ rate 1/minute }}", f"delete limit {name}"]
-            if (limit := spec.kernel.limit()) is not None:
-                lines.append(f"add limit {name} {{ {limit} }}")
+            # The ban rules' shared slots (nft_capture.BAN_SLOTS). Made again (empty) only when
+            # the cap is new to this process: every other capture change (UDP ports quieted, a
+            # repair) keeps the last minute's slots, or it would open a fresh minute of bans.
+            # `add` leaves an existing set's size as it was on older kernels, so a changed
+            # BAN_RATE_LIMIT (or a previous run's) is a new set.
+            slots = spec.kernel.slots()
+            kept = previous.kernel if previous is not None else None
+            if kept is None or kept.rate != spec.kernel.rate:
+                name = f"{t} {BAN_SLOTS}"
+                lines += [f"add set {name} {{ {KernelBan.slots_of(1)} }}", f"delete set {name}"]
+            if slots is not None:
+                lines.append(f"add set {t} {BAN_SLOTS} {{ {slots} }}")
         lines.append(f"add chain {c} {{ type filter hook input priority {self.priority + 1}; "
                      "policy accept; }")
         lines += [f"add rule {c} {rule}" for rule in spec.rules()]
@@ -324,7 +335,7 @@ class NftablesBackend(BanBackend):
         `group`, after the drop of blocked hosts, and with `kernel` ban qualifying probes on the
         spot (nft_capture); remembered for repair_capture. Needs setup()."""
         spec = CaptureSpec.of(group, max_port, protocols, quiet_udp_ports, kernel)
-        self.run([NFT, "-f", "-"], self.capture_script(spec))
+        self.run([NFT, "-f", "-"], self.capture_script(spec, self._capture))
         self._capture = spec
 
     # -- the first-probe ban's state (nft_capture) ------------------------------------------------

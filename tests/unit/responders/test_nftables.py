@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import socket
 import struct
 from collections.abc import Sequence
@@ -523,11 +524,12 @@ def test_kernel_ban_rules_come_after_the_guards_and_before_the_log_rules() -> No
     rules = rules[:2] + rules[4:]
     assert rules[2] == (
         "meta pkttype host ip saddr != @nokernel4 tcp flags & (ack | rst) == 0 tcp dport @kports_tcp "
-        'limit name "ban_rate" add @blocked4 { ip saddr timeout 3600s } '
+        "add @ban_slots { numgen inc mod 268435456 offset 0 } add @blocked4 { ip saddr timeout 3600s } "
         "add @caught4 { ip saddr . meta l4proto . tcp dport timeout 3600s } log group 7373 drop")
     assert rules[3] == (
         "meta pkttype host ip saddr != @nokernel4 udp dport @kports_udp ct state != { established, related } "
-        'limit name "ban_rate" add @blocked4 { ip saddr timeout 3600s } '
+        "add @ban_slots { numgen inc mod 268435456 offset 268435456 } "
+        "add @blocked4 { ip saddr timeout 3600s } "
         "add @caught4 { ip saddr . meta l4proto . udp dport timeout 3600s } log group 7373 drop")
     assert rules[4].startswith("meta pkttype host ip6 saddr != @nokernel6 tcp flags")
     assert len(rules) == 8 and rules[6].endswith("log group 7373") and "drop" not in rules[6]
@@ -536,24 +538,43 @@ def test_kernel_ban_rules_come_after_the_guards_and_before_the_log_rules() -> No
                                "add @caught4 { ip saddr . meta l4proto . tcp dport } log group 1 drop")
     assert len(forever) == 2
     assert "protect4" not in " ".join(CaptureSpec.of(7373, 1024, {Protocol.TCP}).rules())
-    assert "limit" not in " ".join(forever)  # no cap: no limit
+    assert "ban_slots" not in " ".join(forever)  # no cap: no slots
+    # Each rule numbers its slots in its own quarter of the range: no two rules' numbers meet.
+    offsets = [re.findall(r"offset (\d+)", rule) for rule in rules if "ban_slots" in rule]
+    assert offsets == [["0"], ["268435456"], ["536870912"], ["805306368"]]
 
 
-def test_the_ban_rules_share_one_limit_made_again_with_the_capture_chain() -> None:
+def test_the_ban_rules_share_one_set_of_slots_kept_while_the_cap_stays() -> None:
     from portsentry.responders.nft_capture import CaptureSpec, KernelBan
 
     kernel = KernelBan(frozenset({Protocol.TCP, Protocol.UDP}), timeout=3600, rate=60)
-    script = NftablesBackend().capture_script(CaptureSpec.of(7373, 1024, {Protocol.TCP, Protocol.UDP},
-                                                             kernel=kernel)).splitlines()
-    # One object for the four ban rules, replaced only after the old chain (its users) is gone.
-    made = script.index("add limit inet portsentry ban_rate { rate 60/minute burst 60 packets }")
+    spec = CaptureSpec.of(7373, 1024, {Protocol.TCP, Protocol.UDP}, kernel=kernel)
+    script = NftablesBackend().capture_script(spec).splitlines()
+    # One set for the four ban rules, made again only after the old chain (its users) is gone.
+    made = script.index("add set inet portsentry ban_slots { type mark; size 60; timeout 60s; "
+                        "flags dynamic,timeout; }")
     assert script.index("delete chain inet portsentry capture") < script.index(
-        "delete limit inet portsentry ban_rate") < made < script.index(
+        "delete set inet portsentry ban_slots") < made < script.index(
         "add chain inet portsentry capture { type filter hook input priority -9; policy accept; }")
-    assert sum('limit name "ban_rate"' in line for line in script) == 4
+    assert sum("add @ban_slots" in line for line in script) == 4
+    # The token bucket of older tables goes.
+    assert "delete limit inet portsentry ban_rate" in script
+    assert not any("limit name" in line for line in script)
+    # Quieting a UDP port re-makes the chain: the last minute's slots stay, or a fresh minute of
+    # bans would open with every change.
+    quieted = CaptureSpec.of(7373, 1024, {Protocol.TCP, Protocol.UDP}, {514}, kernel=kernel)
+    again = NftablesBackend().capture_script(quieted, previous=spec)
+    assert "delete set inet portsentry ban_slots" not in again
+    assert "add set inet portsentry ban_slots { type mark; size 60;" in again
+    # A changed cap is a new set (older kernels keep an existing set's size on `add`).
+    wider = CaptureSpec.of(7373, 1024, {Protocol.TCP, Protocol.UDP},
+                           kernel=KernelBan(frozenset({Protocol.TCP, Protocol.UDP}), timeout=3600, rate=90))
+    changed = NftablesBackend().capture_script(wider, previous=spec).splitlines()
+    assert changed.index("delete set inet portsentry ban_slots") < changed.index(
+        "add set inet portsentry ban_slots { type mark; size 90; timeout 60s; flags dynamic,timeout; }")
     uncapped = NftablesBackend().capture_script(CaptureSpec.of(
-        7373, 1024, {Protocol.TCP}, kernel=KernelBan(frozenset({Protocol.TCP}), timeout=60)))
-    assert "delete limit inet portsentry ban_rate" in uncapped and "burst" not in uncapped
+        7373, 1024, {Protocol.TCP}, kernel=KernelBan(frozenset({Protocol.TCP}), timeout=60)), previous=spec)
+    assert "delete set inet portsentry ban_slots" in uncapped and "size 60" not in uncapped
 
 
 def test_guards_and_ports_are_replaced_in_one_script_with_merged_intervals() -> None:
