@@ -374,3 +374,30 @@ def test_the_main_tick_goes_on_when_the_clock_is_set_back(tmp_path):
         assert sensor.ticks == [10_000.0, 6400.0, 6401.0]
     finally:
         daemon.shutdown()
+
+
+def test_the_event_log_gives_a_below_trigger_hit_its_count_as_docs_events_md_says(tmp_path):
+    # docs/events.md: below_trigger carries `count`, the hits so far from src in this mode; a
+    # SIEM rule on it ("a source three hits from a ban") found no such field.
+    import json
+    from ipaddress import ip_address
+
+    from portsentry.config.settings import Config, engine_settings
+    from portsentry.core.probe import Mode, Probe
+    from portsentry.journal.events import EventLog
+    from portsentry.journal.telemetry import Telemetry
+    from portsentry.sensors.base import Hit
+
+    events = tmp_path / "events.jsonl"
+    daemon, _said = bare_daemon(tmp_path, telemetry=Telemetry(EventLog(str(events))))
+    daemon.engine.settings = engine_settings(Config(source="t", scan_trigger=3, block_tcp=0))
+    probe = Probe(ip_address("198.18.0.2"), 31337, Mode.TCP, "Connect")
+    try:
+        for second in range(3):
+            daemon._observe(Hit(probe), probe, 1000.0 + second)
+    finally:
+        daemon.shutdown()
+        daemon.telemetry.close()
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(line["event"], line.get("count")) for line in lines] == [
+        ("below_trigger", 1), ("below_trigger", 2), ("probe", None)]
