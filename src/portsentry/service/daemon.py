@@ -408,6 +408,7 @@ class Daemon:
             fields: dict[str, object] = {
                 "PORTSENTRY_EVENT": outcome.decision.value, "PORTSENTRY_SRC": probe.source,
                 "PORTSENTRY_PORT": probe.port, "PORTSENTRY_MODE": probe.mode.value,
+                "PORTSENTRY_KIND": probe.kind,
             }
             # The line and the block first: the event log and the report tally can wait the
             # few tens of microseconds a lone probe costs (docs/performance.md, classic path).
