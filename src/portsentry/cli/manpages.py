@@ -151,8 +151,8 @@ def command_page() -> str:
         ".SH EXIT STATUS",
         escape("0 on success; 1 when the configuration or a command fails; 2 for a usage error; 3 from "
                "status and reload when the daemon is not running; 4 from status when it cannot tell (the "
-               "control socket is root's, or the daemon answered with an error). block and unblock end alike "
-               "whether the daemon answers them or not: 0 with \"block: ADDRESS done\" (or "
+               "control socket is root's, or the daemon answered with an error or not at all). block and "
+               "unblock end alike whether the daemon answers them or not: 0 with \"block: ADDRESS done\" (or "
                "unblock) on standard output; 1 with \"ADDRESS is not blocked\" from unblock, "
                "\"could not block ADDRESS\" or the reason for a refusal (the ignore list, this "
                "host's own addresses, its gateways and resolvers) on standard error."),

@@ -70,8 +70,10 @@ class Decision(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """Engine.observe's answer: the actions to carry out, the decision, and why a block was refused."""
+    """Engine.observe's answer: the actions to carry out, the decision, why a block was refused,
+    and, below SCAN_TRIGGER, the source's hits so far in this mode (the event log's `count`)."""
 
     actions: list[Action]
     decision: Decision
     reason: str | None = None
+    count: int | None = None

@@ -185,7 +185,7 @@ class Engine:
         number = self._rings[probe.mode].hit(probe.source)
         if number < trigger:
             return Outcome([Log(messages.below_trigger(probe, number, trigger), verbose=True)],
-                           Decision.BELOW_TRIGGER)
+                           Decision.BELOW_TRIGGER, count=number)
 
         actions: list[Action] = []
         if probe.mode.is_classic and self.settings.port_banner:

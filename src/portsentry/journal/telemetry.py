@@ -86,11 +86,12 @@ class Telemetry:
             if event_log is not None:
                 event_log.reporter = lambda path, error: failures.failed(EVENT_LOG, path, error)
 
-    def probe(self, probe: Probe, decision: str, reason: str | None, now: float) -> None:
+    def probe(self, probe: Probe, decision: str, reason: str | None, now: float,
+              count: int | None = None) -> None:
         self.metrics.probe(probe.mode.value, probe.kind)
         self.metrics.decision(decision)
         if self.event_log is not None:
-            self.event_log.write(events.probe_event(probe, decision, now, reason=reason))
+            self.event_log.write(events.probe_event(probe, decision, now, count=count, reason=reason))
 
     def ban(self, address: IPAddress, backend: str, duration: float | None, reason: str, now: float) -> None:
         self.metrics.ban(backend)

@@ -408,11 +408,12 @@ class Daemon:
             fields: dict[str, object] = {
                 "PORTSENTRY_EVENT": outcome.decision.value, "PORTSENTRY_SRC": probe.source,
                 "PORTSENTRY_PORT": probe.port, "PORTSENTRY_MODE": probe.mode.value,
+                "PORTSENTRY_KIND": probe.kind,
             }
             # The line and the block first: the event log and the report tally can wait the
             # few tens of microseconds a lone probe costs (docs/performance.md, classic path).
             self.perform(outcome.actions, hit, fields)
-            self.telemetry.probe(probe, outcome.decision, outcome.reason, now)
+            self.telemetry.probe(probe, outcome.decision, outcome.reason, now, outcome.count)
             self.hits.add(probe, outcome.decision, outcome.reason, now)
         finally:
             hit.close()

@@ -11,17 +11,27 @@ from portsentry.service import control
 
 NOT_RUNNING = 3  # LSB / systemctl status: "program is not running"
 UNKNOWN = 4  # LSB: "program or service status is unknown" (it answered, but not with its status)
+# A daemon that takes the request and sends nothing back in this long is hung, not gone.
+STATUS_TIMEOUT = 10.0
 
 
 def show_status(config: Config, as_json: bool, now: float) -> int:
     import json
 
     try:
-        answer = control.request(config.control_socket, {"command": "status"}, timeout=10)
+        answer = control.request(config.control_socket, {"command": "status"}, timeout=STATUS_TIMEOUT)
     except control.NotRunning:
         answer = {"ok": True, "status": {"running": False, **stored_bans(config, now)}}
     except PermissionError:
         print(f"portsentry: {config.control_socket}: permission denied (run as root)", file=sys.stderr)
+        return UNKNOWN
+    except OSError as error:
+        # Something listens but gave no status (hung up, timed out): that is "cannot tell", not
+        # the 1 that LSB's status codes, and so monitoring, read as "dead, pid file exists".
+        reason = "no answer in time" if isinstance(error, TimeoutError) else str(error)
+        if not reason.startswith(config.control_socket):
+            reason = f"{config.control_socket}: {reason}"
+        print(f"portsentry: {reason}", file=sys.stderr)
         return UNKNOWN
     if not answer.get("ok"):
         # A daemon answered (busy, or refusing this peer): running, whatever else is unknown.

@@ -147,3 +147,27 @@ def test_zsh_completes_commands_and_their_options() -> None:
     assert complete("portsentry", "--mode", "a") == ["atcp", "audp"]
     assert complete("portsentry", "-c", "") == ["FILES"]
     assert complete("portsentry", "hosts-deny", "")[0] == "tidy"
+
+
+def test_the_readme_key_table_names_real_keys_with_their_defaults() -> None:
+    """README's "Keys of ours": every key it names is in the key table, and each default it gives
+    is the parser's (as portsentry.conf(5) prints it), so an admin who leaves a key out gets what
+    the table said."""
+    import re
+
+    readme = (PACKAGING.parent / "README.md").read_text()
+    table = readme.partition("| key | default | meaning |")[2].partition("\n\n")[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 15
+    words = {"on": "1", "off": "0", "7 days": "604800", "": "unset"}
+    for key_cell, default_cell in rows:
+        keys = re.findall(r"`([A-Z_]+)`", key_cell)
+        # "`none` (template: `auto`)", "`0` (forever)": the parser's default is the first word.
+        defaults = [words.get(value, value) for value in (
+            part.split(" (")[0].strip(" `") for part in default_cell.strip().split(", "))]
+        if defaults == ["unset"]:
+            defaults *= len(keys)
+        assert len(keys) == len(defaults), key_cell
+        for key, default in zip(keys, defaults, strict=True):
+            assert key in KEYS, key
+            assert manpages._default(key) == default, (key, default)

@@ -374,3 +374,82 @@ def test_the_main_tick_goes_on_when_the_clock_is_set_back(tmp_path):
         assert sensor.ticks == [10_000.0, 6400.0, 6401.0]
     finally:
         daemon.shutdown()
+
+
+def test_the_event_log_gives_a_below_trigger_hit_its_count_as_docs_events_md_says(tmp_path):
+    # docs/events.md: below_trigger carries `count`, the hits so far from src in this mode; a
+    # SIEM rule on it ("a source three hits from a ban") found no such field.
+    import json
+    from ipaddress import ip_address
+
+    from portsentry.config.settings import Config, engine_settings
+    from portsentry.core.probe import Mode, Probe
+    from portsentry.journal.events import EventLog
+    from portsentry.journal.telemetry import Telemetry
+    from portsentry.sensors.base import Hit
+
+    events = tmp_path / "events.jsonl"
+    daemon, _said = bare_daemon(tmp_path, telemetry=Telemetry(EventLog(str(events))))
+    daemon.engine.settings = engine_settings(Config(source="t", scan_trigger=3, block_tcp=0))
+    probe = Probe(ip_address("198.18.0.2"), 31337, Mode.TCP, "Connect")
+    try:
+        for second in range(3):
+            daemon._observe(Hit(probe), probe, 1000.0 + second)
+    finally:
+        daemon.shutdown()
+        daemon.telemetry.close()
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(line["event"], line.get("count")) for line in lines] == [
+        ("below_trigger", 1), ("below_trigger", 2), ("probe", None)]
+
+
+class _FieldSink:
+    """A LogWriter that keeps each message with the journal fields it was given."""
+
+    path = "sink"
+    last_error = ""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, object]]] = []
+
+    def emit(self, message: str, severity: int, fields: Any) -> bool:
+        self.sent.append((message, dict(fields)))
+        return True
+
+    def flush(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_detection_line_carries_the_journal_fields_and_event_values_the_docs_query_by(tmp_path):
+    # docs/events.md and docs/service.md show `journalctl PORTSENTRY_EVENT=... ` and list the
+    # PORTSENTRY_* fields; they named PORTSENTRY_KIND, which no line carried, and queried
+    # PORTSENTRY_EVENT=ban, a value no line has (the detection lines carry the engine's decision).
+    import re
+    from ipaddress import ip_address
+
+    from portsentry.config.settings import Config, engine_settings
+    from portsentry.core.actions import Decision
+    from portsentry.core.probe import Mode, Probe
+    from portsentry.sensors.base import Hit
+
+    daemon, _said = bare_daemon(tmp_path)
+    sink = _FieldSink()
+    daemon.journal.syslog = sink
+    daemon.engine.settings = engine_settings(Config(source="t", block_tcp=0))
+    probe = Probe(ip_address("198.18.0.2"), 31337, Mode.STCP, "TCP SYN/Normal scan")
+    try:
+        daemon._observe(Hit(probe), probe, 1000.0)
+    finally:
+        daemon.shutdown()
+    fields = next(fields for message, fields in sink.sent if "TCP SYN/Normal scan" in message)
+    assert fields == {"PORTSENTRY_EVENT": "log", "PORTSENTRY_SRC": probe.source, "PORTSENTRY_PORT": 31337,
+                      "PORTSENTRY_MODE": "stcp", "PORTSENTRY_KIND": "TCP SYN/Normal scan"}
+    docs = Path(__file__).resolve().parents[3] / "docs"
+    # The journal's parts of the two pages (service.md also names the SysV script's settings).
+    text = ((docs / "events.md").read_text().partition("## In the systemd journal")[2]
+            + (docs / "service.md").read_text().partition("**Native journal fields**")[2])
+    assert set(re.findall(r"PORTSENTRY_[A-Z]+\b", text)) == set(fields)
+    assert set(re.findall(r"PORTSENTRY_EVENT=(\w+)", text)) <= {decision.value for decision in Decision}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
+from typing import Any
+
 from portsentry.service.status import format_status
 
 
@@ -100,3 +104,55 @@ def test_a_daemon_that_answers_with_an_error_is_not_called_stopped(tmp_path, cap
     assert "not running" not in out
     assert err.strip() == "portsentry: busy: too many control connections at once"
     assert status == 4  # LSB: status unknown, as when the socket is root's only
+
+
+def _listener_that(tmp_path: Any, handle: Callable[[socket.socket], object]) -> tuple[Any, Any, Any]:
+    """A control socket whose peer takes the request and then does `handle(connection)`."""
+    import threading
+
+    path = tmp_path / "control.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+
+    def serve() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(4096)
+            handle(connection)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return path, server, thread
+
+
+def test_status_of_a_daemon_that_takes_the_request_and_never_answers_is_unknown(tmp_path, capsys,
+                                                                               monkeypatch):
+    # The man page and the README: 0 running, 3 not running, 4 cannot tell. A daemon that hangs
+    # up without an answer, or does not answer in time, gave exit 1, which LSB's status codes
+    # (and so monitoring scripts) read as "dead, pid file exists".
+    import threading
+
+    from portsentry.config.settings import Config
+    from portsentry.service import status
+
+    monkeypatch.setattr(status, "STATUS_TIMEOUT", 0.5, raising=False)
+    for hangs in (False, True):
+        released = threading.Event()
+
+        def handle(connection, hangs=hangs, released=released):
+            if hangs:
+                released.wait(10)
+
+        (tmp_path / "control.sock").unlink(missing_ok=True)
+        path, server, thread = _listener_that(tmp_path, handle)
+        config = Config(source="t", state_dir=str(tmp_path), control_socket=str(path))
+        try:
+            assert status.show_status(config, False, 1000.0) == status.UNKNOWN
+        finally:
+            released.set()
+            thread.join(5)
+            server.close()
+        error = capsys.readouterr().err
+        assert error.startswith(f"portsentry: {path}: ") and "not running" not in error
+        assert ("no answer in time" in error) == hangs
