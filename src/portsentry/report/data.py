@@ -8,6 +8,7 @@ a `Report`; every format (text, HTML, JSON, CSV) renders that same object, so th
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 from collections import Counter
@@ -139,7 +140,10 @@ def open_read_only(path: str) -> sqlite3.Connection:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         db.execute("SELECT count(*) FROM hits").fetchone()
     except (sqlite3.Error, UnicodeDecodeError) as error:  # the second: a damaged schema text
-        raise ReportError(f"{path}: cannot read the ban store ({error}); has portsentry run here?") from None
+        # The question only where there is no store: of a damaged one it sent the admin looking
+        # for another file.
+        hint = "" if os.path.exists(path) else "; has portsentry run here?"
+        raise ReportError(f"{path}: cannot read the ban store ({error}){hint}") from None
     return db
 
 

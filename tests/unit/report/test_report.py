@@ -278,3 +278,17 @@ def test_a_since_in_the_future_or_before_1970_is_a_clear_error() -> None:
         with pytest.raises(SinceError, match="before 1970"):
             parse_since(long_ago, NOW)
     assert parse_since("0m", NOW) == NOW and parse_since("2000w", NOW) == NOW - 2000 * 7 * 86400
+
+
+def test_a_store_damaged_at_its_opening_is_not_taken_for_a_missing_one(tmp_path: Path) -> None:
+    """"has portsentry run here?" fits a store that is not there; said of a damaged one, it sent
+    the admin looking for the wrong file."""
+    from portsentry.report.data import ReportError
+
+    with pytest.raises(ReportError, match="has portsentry run here") as missing:
+        open_read_only(str(tmp_path / "none.sqlite3"))
+    assert "malformed" not in str(missing.value)
+    path = _damaged(tmp_path, 0, b"\xa5" * 4096)  # the header and the schema page
+    with pytest.raises(ReportError, match="cannot read the ban store") as damaged:
+        open_read_only(str(path))
+    assert "has portsentry run here" not in str(damaged.value)
