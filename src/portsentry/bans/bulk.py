@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from portsentry.bans.lifecycle import BanManager
+from portsentry.bans.records import MANUAL_REASON
 from portsentry.bans.store import ORIGIN_LOCAL_ONLY, ROUTE_MARK, BanRequest, normalise
 from portsentry.config.settings import Config
 from portsentry.core import messages
@@ -28,7 +29,6 @@ from portsentry.responders.shell import CommandResult
 from portsentry.responders.substitute import hosts_deny_entry, substitute
 
 COMMAND_CONCURRENCY = 4
-MANUAL_REASON = "manual block"
 MAX_LINE = 4096  # characters of a feed line: an address and its comment fit many times over
 SHOWN = 60  # characters of a bad line quoted in its error
 SHOWN_ERRORS = 20

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from portsentry.bans.records import ban_reason
 from portsentry.bans.store import (
     DEFAULT_MAX_ROWS,
     DEFAULT_RETENTION,
@@ -243,7 +244,9 @@ class BanManager:
                 # an element re-added with this block's shorter time left the set while `list`
                 # and the engine still held the address banned.
                 duration = None if saved.expires is None else max(saved.expires - at, 1.0)
-            if responder.carry_out(block, duration, self):
+            carried = responder.run_steps(block, duration, self)
+            if carried.done:
+                self._said_ban(probe.source, carried.held_by, duration, ban_reason(probe), saved)
                 return True
             # Only a ban this block made is dropped again. One it extended is still in force
             # through what its first block did (a KILL_ROUTE done again fails with "File
@@ -272,10 +275,12 @@ class BanManager:
             if not still():
                 return False
             duration = self.duration(address, now)
-            self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
-                          duration=duration, hosts_deny_line=None, native=True)
+            saved = self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
+                                  duration=duration, hosts_deny_line=None, native=True)
             said()
-            self.ban_native(address, duration)
+            if self.ban_native(address, duration):
+                reason = f"scan: {port}/{Mode(mode).protocol.value.lower()}"
+                self._said_ban(address, (StepKind.NATIVE,), duration, reason, saved)
             return True
 
     def lift_kernel_ban(self, address: IPAddress, now: float) -> bool | None:
@@ -311,8 +316,18 @@ class BanManager:
                 self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
                 return False
         self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
-        self.telemetry.ban(address, self.backend.name, duration, "scan", time.time())
         return True
+
+    def _said_ban(self, address: IPAddress, held_by: tuple[StepKind, ...], duration: float | None,
+                  reason: str, saved: Ban | None) -> None:
+        """The event and the count of a ban made, named by the first step that holds it: a ban
+        held by hosts.deny or KILL_ROUTE alone (no BAN_BACKEND, the default) is a ban too."""
+        if not held_by:
+            return
+        kind = held_by[0]
+        backend = self.backend.name if kind is StepKind.NATIVE and self.backend is not None else kind.value
+        count = None if saved is None else max(saved.offences - 1, 0)
+        self.telemetry.ban(address, backend, duration, reason, time.time(), count=count)
 
     def _held_for(self, address: IPAddress, duration: float | None) -> float | None:
         """The longer of `duration` and what is left of the recorded ban of `address`."""

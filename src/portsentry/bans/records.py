@@ -11,7 +11,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Literal
 
 from portsentry.core.addresses import canonical
-from portsentry.core.probe import IPAddress
+from portsentry.core.probe import IPAddress, Probe
 
 EventKind = Literal["ban", "extend", "lift", "expire"]
 EVENT_KINDS: tuple[EventKind, ...] = ("ban", "extend", "lift", "expire")
@@ -27,6 +27,17 @@ ORIGIN_LOCAL_ONLY = "local-only"
 # was lost and a ban made while KILL_ROUTE was unset never ran it, and their lift must not run an
 # undo that takes out a route somebody else made. Not a backend name, so never mistaken for one.
 ROUTE_MARK = "KILL_ROUTE"
+
+# The reason of a ban an admin made (`portsentry block`, `block --file`).
+MANUAL_REASON = "manual block"
+
+
+def ban_reason(probe: Probe) -> str:
+    """Why a ban was made, as the event log says it: a block by hand, or the scan of a port
+    ("scan: 31337/tcp")."""
+    if probe.kind == MANUAL_REASON:
+        return MANUAL_REASON
+    return f"scan: {probe.port}/{probe.mode.protocol.value.lower()}"
 
 # History and offender records are kept this long and no more than this many (HISTORY_RETENTION
 # and HISTORY_MAX_ROWS in the configuration, 0 = no limit; the README's "Bans" section). A year of

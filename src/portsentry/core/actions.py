@@ -48,10 +48,13 @@ class Block:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """The host counts as blocked for this mode: write the history line and the blocked-file line."""
+    """The host counts as blocked for this mode: write the history line and the blocked-file line.
+    `blocked`: a step did block it; 1.2 records a host it only logged (BLOCK_x=0, or no step to
+    run) the same way, and `status` must not count that as a host blocked."""
 
     probe: Probe
     at: float
+    blocked: bool = True
 
 
 Action = Log | SendBanner | Block | Record

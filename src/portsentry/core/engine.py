@@ -242,12 +242,12 @@ class Engine:
         if level == 0:
             # 1.2 records a log-only host as blocked too, so later hits say "already blocked".
             actions.append(Log(messages.block_disabled(probe.mode.protocol)))
-            actions.append(Record(probe, now))
+            actions.append(Record(probe, now, blocked=False))
         elif steps:
             self._pending[probe.source] = []
             actions.append(Block(probe, steps))
         else:
-            actions.append(Record(probe, now))
+            actions.append(Record(probe, now, blocked=False))
         return Outcome(actions, decision)
 
     def sync_bans(self, active: Iterable[bytes]) -> None:

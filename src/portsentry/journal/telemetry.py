@@ -93,10 +93,11 @@ class Telemetry:
         if self.event_log is not None:
             self.event_log.write(events.probe_event(probe, decision, now, count=count, reason=reason))
 
-    def ban(self, address: IPAddress, backend: str, duration: float | None, reason: str, now: float) -> None:
+    def ban(self, address: IPAddress, backend: str, duration: float | None, reason: str, now: float,
+            count: int | None = None) -> None:
         self.metrics.ban(backend)
         if self.event_log is not None:
-            self.event_log.write(events.ban_event(address, backend, duration, reason, now))
+            self.event_log.write(events.ban_event(address, backend, duration, reason, now, count=count))
 
     def unban(self, address: IPAddress, reason: str, now: float) -> None:
         self.metrics.unban(reason)

@@ -8,6 +8,7 @@ a `Report`; every format (text, HTML, JSON, CSV) renders that same object, so th
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 from collections import Counter
@@ -19,6 +20,8 @@ SCHEMA = "portsentry-report/1"
 TOP = 10
 EVIDENCE_CONNECTION = "connection"  # a completed TCP connection (connect modes): cannot be forged
 EVIDENCE_PACKETS = "packets"  # single packets (stealth modes): a source address can be forged
+
+Window = tuple[int, int, float, float]  # the report's first and last hour, since, until
 
 
 def ranges(ports: list[int]) -> str:
@@ -137,7 +140,10 @@ def open_read_only(path: str) -> sqlite3.Connection:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         db.execute("SELECT count(*) FROM hits").fetchone()
     except (sqlite3.Error, UnicodeDecodeError) as error:  # the second: a damaged schema text
-        raise ReportError(f"{path}: cannot read the ban store ({error}); has portsentry run here?") from None
+        # The question only where there is no store: of a damaged one it sent the admin looking
+        # for another file.
+        hint = "" if os.path.exists(path) else "; has portsentry run here?"
+        raise ReportError(f"{path}: cannot read the ban store ({error}){hint}") from None
     return db
 
 
@@ -160,8 +166,9 @@ def build(db: sqlite3.Connection, since: float, until: float) -> Report:
 def _build(db: sqlite3.Connection, since: float, until: float) -> Report:
     bucket = "hour" if until - since <= 3 * 86400 else "day"
     report = Report(since, until, bucket)
-    first_hour, last_hour = int(since // 3600), int(until // 3600)
-    window = (first_hour, last_hour)
+    # The hour picks the rows (and the index); a row's first and last time leave out the rows
+    # wholly outside [since, until] in the hours at its ends. A row across `since` counts whole.
+    window = (int(since // 3600), int(until // 3600), since, until)
     # Two passes over the hits, both in SQLite: per source, and per (port, scan type, hour), which
     # is small whatever the traffic; a million hit rows never become a million Python tuples.
     # Scan types may hold commas, so they are joined with a unit separator.
@@ -176,7 +183,7 @@ def _build(db: sqlite3.Connection, since: float, until: float) -> Report:
             # DISTINCT in SQLite is nearly free, and leaves most scanners one port and one kind;
             # a kind is written with its commas as unit separators, since DISTINCT takes no separator.
             "group_concat(DISTINCT port), group_concat(DISTINCT replace(kind, ',', char(31))) "
-            f"FROM hits WHERE {column} BETWEEN ? AND ? "
+            f"FROM hits WHERE {column} BETWEEN ? AND ? AND last >= ? AND first <= ? "
             "GROUP BY source ORDER BY 4 DESC, 1",  # the report's order: most hits first
             window,
         ).fetchall()
@@ -199,7 +206,7 @@ def _build(db: sqlite3.Connection, since: float, until: float) -> Report:
         for reason, count in db.execute(
             "SELECT reason, sum(count) FROM refusals WHERE hour BETWEEN ? AND ? GROUP BY reason "
             "ORDER BY 2 DESC, 1",
-            window,
+            window[:2],
         )
     ]
     ban_times = [
@@ -221,11 +228,11 @@ class _Tally:
     total: int = 0
 
 
-def _tally(db: sqlite3.Connection, column: str, window: tuple[int, int]) -> _Tally:
+def _tally(db: sqlite3.Connection, column: str, window: Window) -> _Tally:
     tally = _Tally()
     for port, kind, hour, count in db.execute(
         f"SELECT port, kind, hour, sum(count) FROM hits WHERE {column} BETWEEN ? AND ? "
-        "GROUP BY port, kind, hour",
+        "AND last >= ? AND first <= ? GROUP BY port, kind, hour",
         window,
     ):
         tally.ports[port] += count
@@ -235,7 +242,7 @@ def _tally(db: sqlite3.Connection, column: str, window: tuple[int, int]) -> _Tal
     return tally
 
 
-def _tally_in(path: str, column: str, window: tuple[int, int]) -> _Tally:
+def _tally_in(path: str, column: str, window: Window) -> _Tally:
     db = open_read_only(path)
     try:
         return _tally(db, column, window)
@@ -303,7 +310,7 @@ def _has_names(db: sqlite3.Connection) -> bool:
     return found is not None
 
 
-def _hour_column(db: sqlite3.Connection, window: tuple[int, int]) -> str:
+def _hour_column(db: sqlite3.Connection, window: Window) -> str:
     """`hour`, or `+hour` (which keeps SQLite off the hour index) when the window covers much of
     what is stored: walking the index and then sorting a million rows by source took twice as
     long as reading the table through (bench part `report`)."""

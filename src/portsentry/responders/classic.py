@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from portsentry.core import messages
@@ -34,6 +35,15 @@ class BanKeeper(Protocol):
 
     def ban_native(self, address: IPAddress, duration: float | None) -> bool: ...
     def add_line(self, address: IPAddress, line: str, now: float) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """What a block's steps did: whether the host counts as blocked, and the blocking steps
+    that worked, in the block's order (what holds the ban: the ban event names the first)."""
+
+    done: bool
+    held_by: tuple[StepKind, ...] = ()
 
 
 class ClassicResponder:
@@ -68,9 +78,13 @@ class ClassicResponder:
     def carry_out(self, block: Block, duration: float | None, keeper: BanKeeper | None = None) -> bool:
         """Run the steps for a ban of `duration` seconds (None: forever); True when the host
         counts as blocked. The record is the caller's (BanManager.enforce)."""
+        return self.run_steps(block, duration, keeper).done
+
+    def run_steps(self, block: Block, duration: float | None, keeper: BanKeeper | None = None) -> Carried:
+        """carry_out, saying which blocking steps worked."""
         probe = block.probe
         blocking_steps = 0
-        blocking_done = 0
+        held_by: list[StepKind] = []
         command_ok = True
         for step in block.steps:
             if step.kind is StepKind.NATIVE and keeper is None:
@@ -83,8 +97,9 @@ class ClassicResponder:
                 command_ok = error is None
                 continue
             blocking_steps += 1
-            blocking_done += error is None
-        return blocking_done > 0 if blocking_steps else command_ok
+            if error is None:
+                held_by.append(step.kind)
+        return Carried(bool(held_by) if blocking_steps else command_ok, tuple(held_by))
 
     def _run_until_stop(self, command: str) -> CommandResult:
         timeout = self.timeout

@@ -10,6 +10,7 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.records import MANUAL_REASON
 from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore, StoreError
 from portsentry.config.ignore import IgnoreFileError, open_ignore
 from portsentry.config.settings import Config, ConfigError, engine_settings
@@ -151,7 +152,7 @@ def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, 
                          "so there is nothing to block")
     if spared is not None and (why := spared.reason(address)) is not None:
         raise AdminError(f"{address} is {why}: not blocked")
-    probe = Probe(source=address, port=0, mode=Mode.TCP, kind="manual block")
+    probe = Probe(source=address, port=0, mode=Mode.TCP, kind=MANUAL_REASON)
     return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now)
 
 

@@ -447,7 +447,8 @@ class Daemon:
                     hit.reply(action.text.encode("utf-8", "replace"))
             elif isinstance(action, Record):
                 self.journal.record(action.probe, action.at)
-                self.counters.block(action.at)
+                if action.blocked:
+                    self.counters.block(action.at)
 
     def _block_done(self, block: Block, succeeded: bool, error: BaseException | None) -> None:
         """On a responder thread: hand the outcome to the main loop."""

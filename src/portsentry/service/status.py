@@ -56,7 +56,10 @@ def stored_bans(config: Config, now: float) -> dict[str, object]:
     except StoreError as error:
         return {"store_error": str(error)}
     try:
-        return {"active_bans": len(store.active(now))}
+        # Counted, not read: a store of 100,000 bans is counted in milliseconds.
+        return {"active_bans": store.active_count(now)}
+    except StoreError as error:  # damage past the schema shows only when the bans are read
+        return {"store_error": str(error)}
     finally:
         store.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from ipaddress import ip_address
 from typing import Any
 
@@ -583,30 +582,3 @@ def test_a_line_disowned_while_held_lines_are_saved_does_not_cost_another_its_re
     bans.catch_up()
     assert bans.store.owns_line(B, f"ALL: {B}")
     assert not bans.store.owns_line(A, f"ALL: {A}") and bans._unsaved_lines == []
-
-
-def test_the_ban_and_unban_lines_of_docs_events_md_are_what_a_ban_and_its_expiry_write(tmp_path):
-    # docs/events.md's example lines are what a SIEM rule is written from: its ban line had a
-    # reason ("scan: 31337/tcp") and a count no ban event has, its unban line the reason
-    # "expired", which is "ban expired" here.
-    import json
-    from pathlib import Path
-
-    from portsentry.journal.events import EventLog
-    from portsentry.journal.telemetry import Telemetry
-
-    bans, _kernel, _lines, _commands = manager(tmp_path, base=3600)
-    bans.telemetry = Telemetry(EventLog(str(tmp_path / "events.jsonl")))
-    now = 1000.0
-    bans.remember(A, reason="TCP SYN/Normal scan", mode="stcp", port=31337, now=now, duration=3600,
-                  hosts_deny_line=None, native=True)
-    assert bans.ban_native(A, 3600)
-    bans.expire(now + 7200)
-    bans.telemetry.close()
-    lines = (tmp_path / "events.jsonl").read_text().splitlines()
-    written = {event["event"]: event for event in map(json.loads, lines)}
-    page = (Path(__file__).resolve().parents[3] / "docs" / "events.md").read_text()
-    documented = {event["event"]: event for event in map(json.loads, re.findall(r"^(\{.*\})$", page, re.M))}
-    for name in ("ban", "unban"):
-        assert set(documented[name]) == set(written[name]), name
-        assert documented[name]["reason"] == written[name]["reason"], name

@@ -80,7 +80,7 @@ def test_block_0_logs_ignoring_response_and_records_the_host():
     assert actions == [
         Log("attackalert: Connect from host: 198.18.0.2/198.18.0.2 to TCP port: 1"),
         Log("attackalert: Ignoring TCP response per configuration file setting."),
-        Record(p, 5.0),
+        Record(p, 5.0, blocked=False),
     ]
     last = texts(e.observe(p, 6.0).actions)[-1]
     assert last == "attackalert: Host: 198.18.0.2 is already blocked. Ignoring"
@@ -112,13 +112,13 @@ def test_block_2_runs_only_the_command():
 def test_block_2_without_a_command_just_records():
     e = engine(block_tcp=2)
     p = probe()
-    assert e.observe(p, 1.0).actions[-1] == Record(p, 1.0)
+    assert e.observe(p, 1.0).actions[-1] == Record(p, 1.0, blocked=False)
 
 
 def test_block_1_without_any_step_records_like_1_2():
     e = engine(block_tcp=1)
     p = probe()
-    assert e.observe(p, 1.0).actions[-1] == Record(p, 1.0)
+    assert e.observe(p, 1.0).actions[-1] == Record(p, 1.0, blocked=False)
 
 
 def test_block_levels_are_per_protocol():

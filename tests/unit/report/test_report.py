@@ -128,7 +128,7 @@ def test_a_write_between_the_two_passes_is_counted_again_in_one_snapshot(tmp_pat
 
     real = data._tally_in
 
-    def behind(path: str, column: str, window: tuple[int, int]) -> object:
+    def behind(path: str, column: str, window: data.Window) -> object:
         tally = real(path, column, window)
         tally.total += 1  # as if a write had landed in its snapshot and not in the other
         tally.ports[9999] += 1
@@ -243,3 +243,52 @@ def test_a_stored_text_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None
             build(db, NOW - 86400, NOW)
     finally:
         db.close()
+
+
+def test_the_window_is_not_widened_to_whole_hours(tmp_path: Path) -> None:
+    """Hits are kept per hour with their first and last time: a row wholly before --since (or
+    after the end) is not the window's, even in the hour --since falls in. `--since 10m` once
+    listed a scan made 50 minutes ago, and `--since 0m` the whole hour's hits."""
+    path = tmp_path / "bans.sqlite3"
+    store = BanStore(str(path))
+    start = HOUR * 3600.0
+    store.add_hits([HitRow("198.18.0.2", 79, "tcp", HOUR, "Connect", 4, 0, start + 60, start + 600),
+                    HitRow("198.18.0.3", 111, "tcp", HOUR, "Connect", 1, 0, start + 2000, start + 2000),
+                    HitRow("198.18.0.4", 1, "tcp", HOUR, "Connect", 2, 0, start + 3500, start + 3550)],
+                   [])
+    store.close()
+    db = open_read_only(str(path))
+    try:
+        data = build(db, start + 1800, start + 3000).to_json()
+    finally:
+        db.close()
+    assert [(s["address"], s["hits"]) for s in data["scanners"]] == [("198.18.0.3", 1)]
+    assert data["totals"]["hits"] == 1 and data["top_ports"] == [{"port": 111, "hits": 1}]
+    assert sum(point["hits"] for point in data["timeline"]["points"]) == 1
+
+
+def test_a_since_in_the_future_or_before_1970_is_a_clear_error() -> None:
+    """A window that ends before it starts was an empty report with no word of why; one that
+    starts 19,000 years ago (999999w) was a timeline of 7 million days (29 s, 2.8 GB, 340 MB)."""
+    with pytest.raises(SinceError, match="in the future"):
+        parse_since("2100-01-01", NOW)
+    with pytest.raises(SinceError, match="in the future"):
+        parse_since("2027-01-15T08:01+00:00", NOW)  # a minute after NOW
+    for long_ago in ("999999w", "99999d", "1900-01-01"):
+        with pytest.raises(SinceError, match="before 1970"):
+            parse_since(long_ago, NOW)
+    assert parse_since("0m", NOW) == NOW and parse_since("2000w", NOW) == NOW - 2000 * 7 * 86400
+
+
+def test_a_store_damaged_at_its_opening_is_not_taken_for_a_missing_one(tmp_path: Path) -> None:
+    """"has portsentry run here?" fits a store that is not there; said of a damaged one, it sent
+    the admin looking for the wrong file."""
+    from portsentry.report.data import ReportError
+
+    with pytest.raises(ReportError, match="has portsentry run here") as missing:
+        open_read_only(str(tmp_path / "none.sqlite3"))
+    assert "malformed" not in str(missing.value)
+    path = _damaged(tmp_path, 0, b"\xa5" * 4096)  # the header and the schema page
+    with pytest.raises(ReportError, match="cannot read the ban store") as damaged:
+        open_read_only(str(path))
+    assert "has portsentry run here" not in str(damaged.value)

@@ -143,3 +143,27 @@ def test_status_with_a_fleet_answers_while_the_ban_store_is_busy(tmp_path: Path)
         release.set()
         busy.join(5)
     daemon.shutdown()
+
+
+def test_hosts_blocked_counts_no_host_a_log_only_config_left_alone(tmp_path: Path) -> None:
+    # BLOCK_TCP="0" (log only, the default): 1.2 records the host as if blocked, so its next hits
+    # say "already blocked"; `status` said "hosts blocked: 2" beside "active bans: 0".
+    from dataclasses import replace
+    from ipaddress import ip_address
+
+    from portsentry.config.settings import engine_settings
+    from portsentry.core.engine import Engine
+    from portsentry.core.probe import KIND_CONNECT, Mode, Probe
+    from portsentry.sensors.base import Hit
+
+    for block_tcp in (0, 1):  # BLOCK_TCP="1" with no KILL_* step nor backend: recorded, not blocked
+        daemon, _said = bare_daemon(tmp_path)
+        daemon.config = replace(daemon.config, block_tcp=block_tcp)
+        daemon.engine = Engine(engine_settings(daemon.config), daemon.engine.ignore)
+        try:
+            for source in ("198.18.0.2", "198.18.1.2"):
+                daemon.handle(Hit(Probe(ip_address(source), 79, Mode.TCP, KIND_CONNECT)))
+            counts = daemon.counters.as_dict(1000.0)
+        finally:
+            daemon.shutdown()
+        assert (counts["probes_seen"], counts["hosts_blocked"]) == (2, 0), block_tcp

@@ -156,3 +156,26 @@ def test_status_of_a_daemon_that_takes_the_request_and_never_answers_is_unknown(
         error = capsys.readouterr().err
         assert error.startswith(f"portsentry: {path}: ") and "not running" not in error
         assert ("no answer in time" in error) == hangs
+
+
+def test_stopped_status_over_a_store_damaged_past_its_opening_is_not_running_with_the_error(tmp_path, capsys):
+    # The store opened, and reading its bans failed (pages damaged after the schema's): `status`
+    # ended with "portsentry: ... malformed" and exit 1, which LSB reads as "dead, pid file left".
+    import sqlite3
+
+    from portsentry.bans.store import BanStore
+    from portsentry.config.settings import Config
+    from portsentry.service.status import NOT_RUNNING, show_status
+
+    (tmp_path / "state").mkdir()
+    path = tmp_path / "state" / "bans.sqlite3"
+    BanStore(str(path)).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE bans RENAME TO lost")
+    db.close()
+    config = Config(source="t", state_dir=str(tmp_path / "state"),
+                    control_socket=str(tmp_path / "run" / "control.sock"))
+    assert show_status(config, False, 1000.0) == NOT_RUNNING
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "portsentry is not running"
+    assert out[1].startswith(f"ban store: cannot be read: {path}: ") and "no such table: bans" in out[1]
