@@ -29,6 +29,23 @@ CLIENT_TIMEOUT = 10.0
 MAX_CLIENTS = 8
 
 
+# Lift reasons become a few label values: a fleet peer's lift names the peer ("unblocked on HOST
+# (fleet)"), and one series per peer ever seen is a cardinality problem in a large fleet. The
+# event log keeps the full text.
+UNBAN_LABELS = {
+    "ban expired": "expired",
+    "unblocked by admin": "admin",
+    "unblocked by admin on this host only": "admin_local",
+}
+FLEET_LIFT_SUFFIX = " (fleet)"
+
+
+def unban_label(reason: str) -> str:
+    if reason.endswith(FLEET_LIFT_SUFFIX):
+        return "fleet"
+    return UNBAN_LABELS.get(reason, "other")
+
+
 # Probe kinds become short label values. 1.2's "Unknown Type: TCP Packet Flags: ..." texts vary
 # with the flags, and every distinct label value is a new time series, so they all count as "other".
 KIND_LABELS = {
@@ -148,7 +165,7 @@ class Metrics:
         self._bans.inc()
 
     def unban(self, reason: str) -> None:
-        self._unbans.labels(reason=reason).inc()
+        self._unbans.labels(reason=unban_label(reason)).inc()
 
     def set_active(self, backend: str, count: int) -> None:
         self._active.labels(backend=backend).set(count)

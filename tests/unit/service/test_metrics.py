@@ -63,7 +63,7 @@ def test_counters_move_in_a_scrape(served: tuple[Metrics, MetricsServer]) -> Non
     metrics.decision("ignored")
     metrics.decision("ignored")
     metrics.ban("nftables")
-    metrics.unban("expired")
+    metrics.unban("ban expired")
     metrics.set_active("nftables", 3)
     metrics.set_state("trigger_ring", 17)
     metrics.capture_drops(5)
@@ -243,3 +243,14 @@ def test_clients_over_the_limit_are_closed_at_once_and_scrapes_work_again_after(
             raise AssertionError("no scrape was served after the held clients left")
     finally:
         server.close()
+
+
+def test_unban_reasons_are_a_few_label_values_whatever_the_fleet_size(served):
+    # A lift by a fleet peer is "unblocked on HOST (fleet)": as a label value that was one time
+    # series per peer (and per peer name ever seen), which a large fleet makes a cardinality problem.
+    metrics, server = served
+    for reason in ("ban expired", "unblocked by admin", "unblocked by admin on this host only",
+                   "unblocked on web-1 (fleet)", "unblocked on web-2 (fleet)", "something new"):
+        metrics.unban(reason)
+    values = {labels for (name, labels) in scrape(server) if name == "portsentry_unbans_total"}
+    assert values == {(("reason", value),) for value in ("expired", "admin", "admin_local", "fleet", "other")}
