@@ -30,6 +30,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from tests.system.fleetrig import FleetNet, Host, Redis, add_host, fleet_config, fleet_net, make_key
+from tests.system.teardown import Shield
 
 from bench import harness
 from portsentry.fleet.decision import Decision, pack
@@ -256,10 +257,11 @@ def measure(command: str, rev: str | None, load_at_start: str, latency_count: in
                 host.close()
             joined = measure_join(net, redis, key, work, join)
     finally:
-        for host in hosts:
-            with contextlib.suppress(Exception):
-                host.close()
-        shutil.rmtree(work, ignore_errors=True)
+        with Shield():
+            for host in hosts:
+                with contextlib.suppress(Exception):
+                    host.close()
+            shutil.rmtree(work, ignore_errors=True)
     return render(latency, burst_result, joined, command, rev, load_at_start)
 
 

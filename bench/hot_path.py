@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.system import rig
+from tests.system.teardown import Shield
 
 from bench import harness
 
@@ -152,8 +153,9 @@ def one_run(stream: str, count: int) -> dict[str, float]:
         found: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
         return found
     finally:
-        rig.destroy_namespaces(net.names)
-        shutil.rmtree(workdir, ignore_errors=True)
+        with Shield():
+            rig.destroy_namespaces(net.names)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

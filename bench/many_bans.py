@@ -42,6 +42,7 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from tests.system import rig
+from tests.system.teardown import Shield
 
 from bench import harness
 from bench.harness import BenchError, Receiver
@@ -222,12 +223,13 @@ def namespace_and_dir(
         receiver = Receiver(workdir / "log", net.target)
         yield net, workdir, receiver
     finally:
-        try:
-            rig.destroy_namespaces(net.names)
-        finally:
-            if receiver is not None:
-                receiver.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+        with Shield():
+            try:
+                rig.destroy_namespaces(net.names)
+            finally:
+                if receiver is not None:
+                    receiver.close()
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def start(daemon: Daemon, conf: str, mode: str, ready_bound: float, spy_name: str = "") -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 from tests.system import rig
+from tests.system.teardown import Shield
 
 from bench import ban_backends, classic_path, fleet_bench, harness, kernel_path, many_bans, report_bench
 from bench.harness import ALREADY, BLOCKED, DETECTION, KERNEL_SUMMARY, BenchError, Receiver, Running, Subject
@@ -77,16 +78,17 @@ def fresh(subject: Subject, ignore: Sequence[str] = BASE_IGNORE,
         runnings = subject.start_modes(net, workdir, receiver, ignore, modes)
         yield Fixture(net, receiver, runnings[0], receiver.count(), workdir, runnings)
     finally:
-        try:
-            for running in runnings:
-                subject.stop(running)
-        finally:
+        with Shield():
             try:
-                rig.destroy_namespaces(net.names)
+                for running in runnings:
+                    subject.stop(running)
             finally:
-                if receiver is not None:
-                    receiver.close()
-                shutil.rmtree(workdir, ignore_errors=True)
+                try:
+                    rig.destroy_namespaces(net.names)
+                finally:
+                    if receiver is not None:
+                        receiver.close()
+                    shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1212,7 +1214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_term(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    # SIGHUP too: an ssh session that drops must not leave the namespaces behind.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_term)
     try:
         return run(args, argv)
     except BenchError as error:
@@ -1223,9 +1227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         # Anything this process created that a failed step left behind.
-        leftovers = rig.list_namespaces(rig.RUN_PREFIX)
-        if leftovers:
-            rig.destroy_namespaces(leftovers)
+        with Shield():
+            leftovers = rig.list_namespaces(rig.RUN_PREFIX)
+            if leftovers:
+                rig.destroy_namespaces(leftovers)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,16 @@ def _fuzz_examples() -> int | None:
     return count
 
 
-def _interrupt_on_sigterm(_signum: int, _frame: object) -> None:
-    # SIGTERM (a CI job's timeout, `kill`) would end pytest before any teardown ran, leaving
-    # namespaces, daemons and Redis servers behind. As an interrupt, pytest tears every fixture
-    # down first, as it does for Ctrl-C.
-    raise KeyboardInterrupt("SIGTERM")
+def _interrupt_on_signal(signum: int, _frame: object) -> None:
+    # SIGTERM (a CI job's timeout, `kill`) or SIGHUP (the terminal or ssh session gone) would end
+    # pytest before any teardown ran, leaving namespaces, daemons and Redis servers behind. As an
+    # interrupt, pytest tears every fixture down first, as it does for Ctrl-C.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt_on_signal)
     # No deadline: timing varies a lot when system tests and CI load share the machine, and a
     # slow example is not a wrong one.
     settings.register_profile("portsentry", deadline=None)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from portsentry.journal.receiver import DatagramReceiver
+from tests.system.teardown import Shield
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,8 +77,11 @@ def new_prefix() -> str:
 
 
 def _ip(*args: str, timeout: float = 10.0) -> str:
+    # A process group of its own: a second Ctrl-C at the terminal, which reaches the whole
+    # foreground group, must not kill the `ip netns del` of the teardown it interrupted.
     proc = subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=timeout, check=False
+        ["ip", *args], capture_output=True, text=True, timeout=timeout, check=False,
+        process_group=0,
     )
     if proc.returncode != 0:
         raise RigError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -111,7 +115,13 @@ def _kill_namespace_processes(name: str) -> None:
 
 
 def destroy_namespaces(names: Sequence[str]) -> None:
-    """Remove the namespaces (killing what runs in them); raise if any is still there afterwards."""
+    """Remove the namespaces (killing what runs in them); raise if any is still there afterwards.
+    A signal meanwhile waits until they are gone."""
+    with Shield():
+        _destroy_namespaces(names)
+
+
+def _destroy_namespaces(names: Sequence[str]) -> None:
     errors: list[str] = []
     present = set(list_namespaces(""))
     for name in names:
@@ -287,16 +297,18 @@ def popen_in(
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> tuple[int, bool]:
-    """SIGTERM, then SIGKILL after `timeout`; returns (exit code, whether SIGKILL was needed)."""
-    if proc.poll() is not None:
-        return proc.returncode, False
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout), False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout), True
+    """SIGTERM, then SIGKILL after `timeout`; returns (exit code, whether SIGKILL was needed).
+    Not cut short by a signal: that would leave the process running, unreaped."""
+    with Shield():
+        if proc.poll() is not None:
+            return proc.returncode, False
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout), False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(timeout), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,11 +527,12 @@ class Listener:
             return next(h for h in self._hits if h.peer == peer)
 
     def close(self) -> None:
-        stop_process(self._proc, timeout=2.0)
-        for stream in (self._proc.stdout, self._proc.stderr):
-            if stream is not None:
-                stream.close()
-        self._reader.join(timeout=2.0)
+        with Shield():
+            stop_process(self._proc, timeout=2.0)
+            for stream in (self._proc.stdout, self._proc.stderr):
+                if stream is not None:
+                    stream.close()
+            self._reader.join(timeout=2.0)
 
     def __enter__(self) -> Listener:
         return self
@@ -698,9 +711,10 @@ class SyslogReceiver:
         return "\n".join(lines) or "  (nothing)"
 
     def close(self) -> None:
-        self._receiver.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        with Shield():
+            self._receiver.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     def __enter__(self) -> SyslogReceiver:
         return self
@@ -849,9 +863,10 @@ class Daemon:
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; SIGKILL after `timeout` (then `hung` is set). Returns the exit code."""
         proc = self._started()
-        self.returncode, killed = stop_process(proc, timeout)
-        self.hung = self.hung or killed
-        self._close_files()
+        with Shield():
+            self.returncode, killed = stop_process(proc, timeout)
+            self.hung = self.hung or killed
+            self._close_files()
         return self.returncode
 
     @property
