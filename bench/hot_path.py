@@ -27,13 +27,12 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tests.system import rig
-from tests.system.teardown import Shield
+from tests.system.teardown import Shield, run_tempdir
 
 from bench import harness
 
@@ -138,7 +137,7 @@ def inner(conf: str, log: str, stream: str, count: int) -> None:
 
 
 def one_run(stream: str, count: int) -> dict[str, float]:
-    workdir = Path(tempfile.mkdtemp(prefix="ps-hot-", dir="/tmp"))
+    workdir = run_tempdir("hot")
     net = rig.create_namespaces(rig.new_prefix())
     try:
         conf = workdir / "portsentry.conf"

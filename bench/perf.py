@@ -22,15 +22,14 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from tests.system import rig
-from tests.system.teardown import Shield
+from tests.system import reaper, rig
+from tests.system.teardown import RUN_ID, RUN_PREFIX, Shield, reaper_pid, run_tempdir
 
 from bench import ban_backends, classic_path, fleet_bench, harness, kernel_path, many_bans, report_bench
 from bench.harness import ALREADY, BLOCKED, DETECTION, KERNEL_SUMMARY, BenchError, Receiver, Running, Subject
@@ -66,7 +65,7 @@ def fresh(subject: Subject, ignore: Sequence[str] = BASE_IGNORE,
           prepare: Callable[[rig.Namespaces], None] | None = None) -> Iterator[Fixture]:
     """New namespaces, receiver and daemon; all of it removed afterwards, also on errors.
     `prepare` runs in between, before the daemon starts (e.g. to open listeners)."""
-    workdir = Path(tempfile.mkdtemp(prefix="ps-bench-", dir="/tmp"))
+    workdir = run_tempdir("bench")
     net = rig.create_namespaces(rig.new_prefix())
     receiver: Receiver | None = None
     runnings: list[Running] = []
@@ -1061,7 +1060,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return measure_all(args, argv, None)
     # Resolved now: a name like HEAD may point elsewhere by the time the results are written.
     args.ours_rev = harness.resolve_revision(args.ours_rev)
-    exported = Path(tempfile.mkdtemp(prefix="ps-bench-src-", dir="/tmp"))
+    exported = run_tempdir("bench-src")
     try:
         return measure_all(args, argv, harness.export_revision(args.ours_rev, exported))
     finally:
@@ -1228,9 +1227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         # Anything this process created that a failed step left behind.
         with Shield():
-            leftovers = rig.list_namespaces(rig.RUN_PREFIX)
-            if leftovers:
-                rig.destroy_namespaces(leftovers)
+            exclude = {os.getpid()} | ({pid} if (pid := reaper_pid()) is not None else set())
+            left = reaper.sweep(RUN_PREFIX, RUN_ID, exclude)
+            if left:
+                print(f"bench/run: removed what was left behind: {left.describe()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,14 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile("portsentry")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Now, while pytest's capture is off: the reaper's report of what a killed run left behind
+    # must reach the real stderr, and it must be there before anything it may have to remove.
+    from tests.system.teardown import start_reaper
+
+    start_reaper()
+
+
 def _system_unavailable() -> str | None:
     """Why system tests cannot run here, or None when they can."""
     if os.geteuid() != 0:
@@ -66,7 +74,9 @@ def _system_unavailable() -> str | None:
     for tool in ("ip", "nmap"):
         if shutil.which(tool) is None:
             return f"system tests need {tool!r} (run scripts/setup)"
-    probe = f"ps-{os.getpid()}-probe"
+    from tests.system.teardown import RUN_PREFIX
+
+    probe = f"{RUN_PREFIX}probe"
     try:
         subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True, timeout=10)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:

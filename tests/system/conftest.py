@@ -3,6 +3,7 @@ down even when a test fails, plus a session-end sweep for namespaces this run le
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from collections.abc import Generator, Iterator, Sequence
@@ -10,18 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.system import reaper
 from tests.system.rig import (
-    RUN_PREFIX,
     Daemon,
     DaemonFactory,
     Namespaces,
     SyslogReceiver,
-    destroy_namespaces,
-    list_namespaces,
     namespaces_up,
     short_socket_dir,
 )
-from tests.system.teardown import Shield, take_held
+from tests.system.teardown import RUN_ID, RUN_PREFIX, Shield, reaper_pid, take_held
 
 
 @pytest.fixture
@@ -128,15 +127,14 @@ def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]
 
 def _sweep(session: pytest.Session) -> None:
     # Fixtures clean up after themselves; anything left here means a rig bug, so remove it and
-    # make the run fail rather than leak namespaces on the machine.
+    # make the run fail rather than leak namespaces, processes or directories on the machine.
+    exclude = {os.getpid()} | ({pid} if (pid := reaper_pid()) is not None else set())
     try:
-        leftovers = list_namespaces(RUN_PREFIX)
-        if leftovers:
-            destroy_namespaces(leftovers)
+        left = reaper.sweep(RUN_PREFIX, RUN_ID, exclude)
     except Exception as error:
-        print(f"\nERROR: the sweep of this run's namespaces failed: {error!r}")
+        print(f"\nERROR: the sweep of this run's leftovers failed: {error!r}")
         return
-    if leftovers:
-        print(f"\nERROR: namespaces left behind by this run (now removed): {leftovers}")
+    if left:
+        print(f"\nERROR: left behind by this run (now removed): {left.describe()}")
         if session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

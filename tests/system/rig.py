@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,13 +21,10 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from portsentry.journal.receiver import DatagramReceiver
-from tests.system.teardown import Shield
+from tests.system.reaper import kill_inside
+from tests.system.teardown import RUN_PREFIX, Shield, run_tempdir, start_reaper
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# Every namespace this pytest process creates starts with this, so leftovers of this run (and only
-# of this run) can be found and removed at session end without touching anyone else's namespaces.
-RUN_PREFIX = f"ps-{os.getpid()}-"
 
 READY_TEXT = "PortSentry is now active and listening."
 
@@ -98,20 +94,9 @@ def list_namespaces(prefix: str) -> list[str]:
 
 def _kill_namespace_processes(name: str) -> None:
     """SIGKILL every process still inside namespace `name` (they were all started by this rig)."""
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            pids = [int(p) for p in _ip("netns", "pids", name).split()]
-        except RigError:
-            return
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise RigError(f"processes {pids} in namespace {name} survived SIGKILL")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
+    _killed, survivors = kill_inside(name)
+    if survivors:
+        raise RigError(f"processes {survivors} in namespace {name} survived SIGKILL")
 
 
 def destroy_namespaces(names: Sequence[str]) -> None:
@@ -151,6 +136,7 @@ def _wait_link_up(ns: str, dev: str, timeout: float = 5.0) -> None:
 
 
 def _add_namespace(name: str) -> None:
+    start_reaper()  # before anything exists that it may have to remove
     _ip("netns", "add", name)
     # No duplicate address detection at all, so link-local and global addresses are usable
     # at once; a namespaced sysctl, the host's own setting is untouched.
@@ -920,8 +906,8 @@ def _read_text(path: Path) -> str:
 
 def short_socket_dir() -> Path:
     """A private directory with a short path for Unix sockets (pytest's tmp_path can exceed
-    AF_UNIX's 107-byte limit)."""
-    return Path(tempfile.mkdtemp(prefix="ps-sock-", dir="/tmp"))
+    AF_UNIX's 107-byte limit), named after the run so that its reaper finds it."""
+    return run_tempdir("sock")
 
 
 class DaemonFactory(Protocol):

@@ -1,7 +1,8 @@
 """A test run that is interrupted leaves nothing behind: not its namespaces, not its daemons or
 redis-server, not its socket directories. A pytest of its own runs held_by_interrupt.py (a
 daemon from the fixtures, a fleet from test_fleet's context manager) and is ended as CI jobs
-and admins end runs: Ctrl-C, SIGTERM, and Ctrl-C again while the first one's teardown runs."""
+and admins end runs: Ctrl-C, SIGTERM, Ctrl-C again while the first one's teardown runs, and
+SIGKILL (a CI runner's last word after its grace period)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def alive(pid: int) -> bool:
     pytest.param([signal.SIGINT], 2, id="ctrl-c"),
     pytest.param([signal.SIGTERM], 2, id="sigterm"),
     pytest.param([signal.SIGINT, signal.SIGINT], 2, id="ctrl-c-twice"),
+    pytest.param([signal.SIGKILL], -signal.SIGKILL, id="sigkill"),
 ])
 def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path, signals: list[signal.Signals],
                                                   status: int) -> None:
@@ -102,6 +104,7 @@ def test_an_interrupted_run_leaves_nothing_behind(tmp_path: Path, signals: list[
                 time.sleep(0.01)
             run.send_signal(signals[1])
         output, _ = run.communicate(timeout=60)
+        # The reaper of a killed run needs a moment; a clean run has nothing to wait for.
         deadline = time.monotonic() + 10
         while (left := leftovers(prefix, tag, held)) and time.monotonic() < deadline:
             time.sleep(0.2)
