@@ -21,7 +21,6 @@ import shutil
 import socket
 import statistics
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from tests.system.fleetrig import FleetNet, Host, Redis, add_host, fleet_config, fleet_net, make_key
+from tests.system.teardown import Shield, run_tempdir
 
 from bench import harness
 from portsentry.fleet.decision import Decision, pack
@@ -235,7 +235,7 @@ def measure_join(net: FleetNet, redis: Redis, key: Path, workdir: Path, bans: in
 
 def measure(command: str, rev: str | None, load_at_start: str, latency_count: int = 200, burst: int = 1000,
             join: int = 100_000) -> str:
-    work = Path(tempfile.mkdtemp(prefix="ps-bench-fleet-", dir="/tmp"))
+    work = run_tempdir("bench-fleet")
     hosts: list[Host] = []
     try:
         with fleet_net(HOSTS) as net, Redis(net.hub, work / "redis") as redis:
@@ -256,10 +256,11 @@ def measure(command: str, rev: str | None, load_at_start: str, latency_count: in
                 host.close()
             joined = measure_join(net, redis, key, work, join)
     finally:
-        for host in hosts:
-            with contextlib.suppress(Exception):
-                host.close()
-        shutil.rmtree(work, ignore_errors=True)
+        with Shield():
+            for host in hosts:
+                with contextlib.suppress(Exception):
+                    host.close()
+            shutil.rmtree(work, ignore_errors=True)
     return render(latency, burst_result, joined, command, rev, load_at_start)
 
 

@@ -27,12 +27,12 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tests.system import rig
+from tests.system.teardown import Shield, run_tempdir
 
 from bench import harness
 
@@ -137,7 +137,7 @@ def inner(conf: str, log: str, stream: str, count: int) -> None:
 
 
 def one_run(stream: str, count: int) -> dict[str, float]:
-    workdir = Path(tempfile.mkdtemp(prefix="ps-hot-", dir="/tmp"))
+    workdir = run_tempdir("hot")
     net = rig.create_namespaces(rig.new_prefix())
     try:
         conf = workdir / "portsentry.conf"
@@ -152,8 +152,9 @@ def one_run(stream: str, count: int) -> dict[str, float]:
         found: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
         return found
     finally:
-        rig.destroy_namespaces(net.names)
-        shutil.rmtree(workdir, ignore_errors=True)
+        with Shield():
+            rig.destroy_namespaces(net.names)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

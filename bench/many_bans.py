@@ -33,7 +33,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +41,7 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from tests.system import rig
+from tests.system.teardown import Shield, run_tempdir
 
 from bench import harness
 from bench.harness import BenchError, Receiver
@@ -214,7 +214,7 @@ class Daemon:
 def namespace_and_dir(
         scanner_addresses: Sequence[str] = ()) -> Iterator[tuple[rig.Namespaces, Path, Receiver]]:
     """Fresh namespaces, a private directory and the syslog receiver; all removed afterwards."""
-    workdir = Path(tempfile.mkdtemp(prefix="ps-bench-i10-", dir="/tmp"))
+    workdir = run_tempdir("bench-i10")
     net = rig.create_namespaces(rig.new_prefix())
     receiver: Receiver | None = None
     try:
@@ -222,12 +222,13 @@ def namespace_and_dir(
         receiver = Receiver(workdir / "log", net.target)
         yield net, workdir, receiver
     finally:
-        try:
-            rig.destroy_namespaces(net.names)
-        finally:
-            if receiver is not None:
-                receiver.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+        with Shield():
+            try:
+                rig.destroy_namespaces(net.names)
+            finally:
+                if receiver is not None:
+                    receiver.close()
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def start(daemon: Daemon, conf: str, mode: str, ready_bound: float, spy_name: str = "") -> None:
@@ -441,7 +442,7 @@ def measure_idle(template: Path, bans: int, backend: str, window: float, ready_b
 def run_idle(sizes: Sequence[int], repeat: int, windows: dict[int, float], ready_bound: float,
              spy_dir: Path | None, startup_only: bool = False) -> list[IdleResult]:
     results: list[IdleResult] = []
-    cache = Path(tempfile.mkdtemp(prefix="ps-bench-i10-stores-", dir="/tmp"))
+    cache = run_tempdir("bench-i10-stores")
     try:
         for bans in sizes:
             template = cache / f"{bans}.sqlite3"

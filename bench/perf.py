@@ -22,14 +22,14 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from tests.system import rig
+from tests.system import reaper, rig
+from tests.system.teardown import RUN_ID, RUN_PREFIX, Shield, reaper_pid, run_tempdir
 
 from bench import ban_backends, classic_path, fleet_bench, harness, kernel_path, many_bans, report_bench
 from bench.harness import ALREADY, BLOCKED, DETECTION, KERNEL_SUMMARY, BenchError, Receiver, Running, Subject
@@ -65,7 +65,7 @@ def fresh(subject: Subject, ignore: Sequence[str] = BASE_IGNORE,
           prepare: Callable[[rig.Namespaces], None] | None = None) -> Iterator[Fixture]:
     """New namespaces, receiver and daemon; all of it removed afterwards, also on errors.
     `prepare` runs in between, before the daemon starts (e.g. to open listeners)."""
-    workdir = Path(tempfile.mkdtemp(prefix="ps-bench-", dir="/tmp"))
+    workdir = run_tempdir("bench")
     net = rig.create_namespaces(rig.new_prefix())
     receiver: Receiver | None = None
     runnings: list[Running] = []
@@ -77,16 +77,17 @@ def fresh(subject: Subject, ignore: Sequence[str] = BASE_IGNORE,
         runnings = subject.start_modes(net, workdir, receiver, ignore, modes)
         yield Fixture(net, receiver, runnings[0], receiver.count(), workdir, runnings)
     finally:
-        try:
-            for running in runnings:
-                subject.stop(running)
-        finally:
+        with Shield():
             try:
-                rig.destroy_namespaces(net.names)
+                for running in runnings:
+                    subject.stop(running)
             finally:
-                if receiver is not None:
-                    receiver.close()
-                shutil.rmtree(workdir, ignore_errors=True)
+                try:
+                    rig.destroy_namespaces(net.names)
+                finally:
+                    if receiver is not None:
+                        receiver.close()
+                    shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1059,7 +1060,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return measure_all(args, argv, None)
     # Resolved now: a name like HEAD may point elsewhere by the time the results are written.
     args.ours_rev = harness.resolve_revision(args.ours_rev)
-    exported = Path(tempfile.mkdtemp(prefix="ps-bench-src-", dir="/tmp"))
+    exported = run_tempdir("bench-src")
     try:
         return measure_all(args, argv, harness.export_revision(args.ours_rev, exported))
     finally:
@@ -1212,7 +1213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_term(_signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    # SIGHUP too: an ssh session that drops must not leave the namespaces behind.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_term)
     try:
         return run(args, argv)
     except BenchError as error:
@@ -1223,9 +1226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         # Anything this process created that a failed step left behind.
-        leftovers = rig.list_namespaces(rig.RUN_PREFIX)
-        if leftovers:
-            rig.destroy_namespaces(leftovers)
+        with Shield():
+            exclude = {os.getpid()} | ({pid} if (pid := reaper_pid()) is not None else set())
+            left = reaper.sweep(RUN_PREFIX, RUN_ID, exclude)
+            if left:
+                print(f"bench/run: removed what was left behind: {left.describe()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

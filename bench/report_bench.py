@@ -10,9 +10,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from tests.system.teardown import run_tempdir
 
 from bench import harness
 from portsentry.bans.store import BanStore
@@ -41,7 +42,7 @@ def fill(path: Path, now: float) -> float:
 
 
 def measure(repeat: int, command: str, rev: str | None, load_at_start: str) -> str:
-    work = Path(tempfile.mkdtemp(prefix="ps-bench-report-", dir="/tmp"))
+    work = run_tempdir("bench-report")
     try:
         now = time.time()
         filled = fill(work / "bans.sqlite3", now)

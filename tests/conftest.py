@@ -33,15 +33,16 @@ def _fuzz_examples() -> int | None:
     return count
 
 
-def _interrupt_on_sigterm(_signum: int, _frame: object) -> None:
-    # SIGTERM (a CI job's timeout, `kill`) would end pytest before any teardown ran, leaving
-    # namespaces, daemons and Redis servers behind. As an interrupt, pytest tears every fixture
-    # down first, as it does for Ctrl-C.
-    raise KeyboardInterrupt("SIGTERM")
+def _interrupt_on_signal(signum: int, _frame: object) -> None:
+    # SIGTERM (a CI job's timeout, `kill`) or SIGHUP (the terminal or ssh session gone) would end
+    # pytest before any teardown ran, leaving namespaces, daemons and Redis servers behind. As an
+    # interrupt, pytest tears every fixture down first, as it does for Ctrl-C.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt_on_signal)
     # No deadline: timing varies a lot when system tests and CI load share the machine, and a
     # slow example is not a wrong one.
     settings.register_profile("portsentry", deadline=None)
@@ -58,6 +59,14 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.load_profile("portsentry")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Now, while pytest's capture is off: the reaper's report of what a killed run left behind
+    # must reach the real stderr, and it must be there before anything it may have to remove.
+    from tests.system.teardown import start_reaper
+
+    start_reaper()
+
+
 def _system_unavailable() -> str | None:
     """Why system tests cannot run here, or None when they can."""
     if os.geteuid() != 0:
@@ -65,7 +74,9 @@ def _system_unavailable() -> str | None:
     for tool in ("ip", "nmap"):
         if shutil.which(tool) is None:
             return f"system tests need {tool!r} (run scripts/setup)"
-    probe = f"ps-{os.getpid()}-probe"
+    from tests.system.teardown import RUN_PREFIX
+
+    probe = f"{RUN_PREFIX}probe"
     try:
         subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True, timeout=10)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:

@@ -3,23 +3,24 @@ down even when a test fails, plus a session-end sweep for namespaces this run le
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Iterator, Sequence
+import signal
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from tests.system import reaper
 from tests.system.rig import (
-    RUN_PREFIX,
     Daemon,
     DaemonFactory,
     Namespaces,
     SyslogReceiver,
-    destroy_namespaces,
-    list_namespaces,
     namespaces_up,
     short_socket_dir,
 )
+from tests.system.teardown import RUN_ID, RUN_PREFIX, Shield, reaper_pid, take_held
 
 
 @pytest.fixture
@@ -35,7 +36,8 @@ def syslog() -> Iterator[SyslogReceiver]:
         with SyslogReceiver(sock_dir / "log") as receiver:
             yield receiver
     finally:
-        shutil.rmtree(sock_dir, ignore_errors=True)
+        with Shield():
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -70,11 +72,12 @@ def daemon_factory(
     yield make
     # A daemon that ignores SIGTERM is a bug ("hang = failure"), reported as a teardown error.
     hung = []
-    for daemon in daemons:
-        if daemon.proc is not None:
-            daemon.stop()
-            if daemon.hung:
-                hung.append(daemon)
+    with Shield():
+        for daemon in daemons:
+            if daemon.proc is not None:
+                daemon.stop()
+                if daemon.hung:
+                    hung.append(daemon)
     if hung:
         pytest.fail(
             "daemon did not exit within 10s of SIGTERM and was killed\n"
@@ -83,14 +86,55 @@ def daemon_factory(
         )
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    # A Ctrl-C in a fixture's teardown would skip the test's other finalizers for good (pytest
+    # has already taken them off its stack): held until they have all run, then the run stops.
+    with Shield(deliver=False):
+        try:
+            return (yield)
+        finally:
+            signum = take_held()
+            if signum is not None:
+                item.session.shouldstop = f"{signal.Signals(signum).name} during teardown"
+
+
+# Up from an interrupt's arrival in pytest's session loop to the end of the session's teardown.
+_ENDING = Shield(deliver=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_keyboard_interrupt() -> None:
+    # pytest's report of the interrupt comes first (slow: it parses the sources in the
+    # traceback); a second Ctrl-C there ended pytest with a traceback of its own.
+    _ENDING.__enter__()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]:
+    # pytest tears down what an interrupt left set up in its own pytest_sessionfinish, inside
+    # this wrapper: held from signals, and followed by the sweep (not preceded, which removed
+    # namespaces whose fixtures were still to stop their daemons, and called that a rig bug).
+    with Shield(deliver=False):
+        try:
+            return (yield)
+        finally:
+            _sweep(session)
+            _ENDING.__exit__(None, None, None)
+            if take_held() is not None:
+                session.exitstatus = pytest.ExitCode.INTERRUPTED
+
+
+def _sweep(session: pytest.Session) -> None:
     # Fixtures clean up after themselves; anything left here means a rig bug, so remove it and
-    # make the run fail rather than leak namespaces on the machine.
+    # make the run fail rather than leak namespaces, processes or directories on the machine.
+    exclude = {os.getpid()} | ({pid} if (pid := reaper_pid()) is not None else set())
     try:
-        leftovers = list_namespaces(RUN_PREFIX)
-    except Exception:
+        left = reaper.sweep(RUN_PREFIX, RUN_ID, exclude)
+    except Exception as error:
+        print(f"\nERROR: the sweep of this run's leftovers failed: {error!r}")
         return
-    if leftovers:
-        destroy_namespaces(leftovers)
-        print(f"\nERROR: namespaces left behind by this run (now removed): {leftovers}")
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if left:
+        print(f"\nERROR: left behind by this run (now removed): {left.describe()}")
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

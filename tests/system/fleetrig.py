@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.system import rig
+from tests.system.teardown import Shield
 
 SUBNET = "198.18.100"
 HUB_IP = f"{SUBNET}.254"
@@ -152,7 +153,13 @@ class Redis:
         log = (self.dir / "redis.log").open("ab")
         self.proc = rig.popen_in(self.ns, self.argv(), stdout=log, stderr=log)
         log.close()
-        rig.eventually(lambda: self.cli("PING").strip() == "PONG", timeout=10, what="redis-server answering")
+        try:
+            rig.eventually(lambda: self.cli("PING").strip() == "PONG", timeout=10,
+                           what="redis-server answering")
+        except BaseException:
+            # A with-block whose __enter__ failed never reaches __exit__.
+            self.stop()
+            raise
         return self
 
     def kill(self) -> None:
@@ -225,10 +232,18 @@ class Host:
         return set(nft_elements(self.ns))
 
     def close(self) -> None:
-        if self.daemon.proc is not None and self.daemon.running:
-            self.daemon.stop()
-        self.syslog.close()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        with Shield():
+            if self.daemon.proc is not None and self.daemon.running:
+                self.daemon.stop()
+            self.syslog.close()
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def close_hosts(hosts: Sequence[Host]) -> None:
+    """Close every host, even when a signal comes while the first ones stop."""
+    with Shield():
+        for host in hosts:
+            host.close()
 
 
 def nft_elements(ns: str, name: str = "blocked4") -> list[str]:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,12 +21,10 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from portsentry.journal.receiver import DatagramReceiver
+from tests.system.reaper import kill_inside
+from tests.system.teardown import RUN_PREFIX, Shield, run_tempdir, start_reaper
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# Every namespace this pytest process creates starts with this, so leftovers of this run (and only
-# of this run) can be found and removed at session end without touching anyone else's namespaces.
-RUN_PREFIX = f"ps-{os.getpid()}-"
 
 READY_TEXT = "PortSentry is now active and listening."
 
@@ -76,8 +73,11 @@ def new_prefix() -> str:
 
 
 def _ip(*args: str, timeout: float = 10.0) -> str:
+    # A process group of its own: a second Ctrl-C at the terminal, which reaches the whole
+    # foreground group, must not kill the `ip netns del` of the teardown it interrupted.
     proc = subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=timeout, check=False
+        ["ip", *args], capture_output=True, text=True, timeout=timeout, check=False,
+        process_group=0,
     )
     if proc.returncode != 0:
         raise RigError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -94,24 +94,19 @@ def list_namespaces(prefix: str) -> list[str]:
 
 def _kill_namespace_processes(name: str) -> None:
     """SIGKILL every process still inside namespace `name` (they were all started by this rig)."""
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            pids = [int(p) for p in _ip("netns", "pids", name).split()]
-        except RigError:
-            return
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise RigError(f"processes {pids} in namespace {name} survived SIGKILL")
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
+    _killed, survivors = kill_inside(name)
+    if survivors:
+        raise RigError(f"processes {survivors} in namespace {name} survived SIGKILL")
 
 
 def destroy_namespaces(names: Sequence[str]) -> None:
-    """Remove the namespaces (killing what runs in them); raise if any is still there afterwards."""
+    """Remove the namespaces (killing what runs in them); raise if any is still there afterwards.
+    A signal meanwhile waits until they are gone."""
+    with Shield():
+        _destroy_namespaces(names)
+
+
+def _destroy_namespaces(names: Sequence[str]) -> None:
     errors: list[str] = []
     present = set(list_namespaces(""))
     for name in names:
@@ -141,6 +136,7 @@ def _wait_link_up(ns: str, dev: str, timeout: float = 5.0) -> None:
 
 
 def _add_namespace(name: str) -> None:
+    start_reaper()  # before anything exists that it may have to remove
     _ip("netns", "add", name)
     # No duplicate address detection at all, so link-local and global addresses are usable
     # at once; a namespaced sysctl, the host's own setting is untouched.
@@ -287,16 +283,18 @@ def popen_in(
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> tuple[int, bool]:
-    """SIGTERM, then SIGKILL after `timeout`; returns (exit code, whether SIGKILL was needed)."""
-    if proc.poll() is not None:
-        return proc.returncode, False
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout), False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout), True
+    """SIGTERM, then SIGKILL after `timeout`; returns (exit code, whether SIGKILL was needed).
+    Not cut short by a signal: that would leave the process running, unreaped."""
+    with Shield():
+        if proc.poll() is not None:
+            return proc.returncode, False
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout), False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(timeout), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,11 +513,12 @@ class Listener:
             return next(h for h in self._hits if h.peer == peer)
 
     def close(self) -> None:
-        stop_process(self._proc, timeout=2.0)
-        for stream in (self._proc.stdout, self._proc.stderr):
-            if stream is not None:
-                stream.close()
-        self._reader.join(timeout=2.0)
+        with Shield():
+            stop_process(self._proc, timeout=2.0)
+            for stream in (self._proc.stdout, self._proc.stderr):
+                if stream is not None:
+                    stream.close()
+            self._reader.join(timeout=2.0)
 
     def __enter__(self) -> Listener:
         return self
@@ -698,9 +697,10 @@ class SyslogReceiver:
         return "\n".join(lines) or "  (nothing)"
 
     def close(self) -> None:
-        self._receiver.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        with Shield():
+            self._receiver.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     def __enter__(self) -> SyslogReceiver:
         return self
@@ -849,9 +849,10 @@ class Daemon:
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; SIGKILL after `timeout` (then `hung` is set). Returns the exit code."""
         proc = self._started()
-        self.returncode, killed = stop_process(proc, timeout)
-        self.hung = self.hung or killed
-        self._close_files()
+        with Shield():
+            self.returncode, killed = stop_process(proc, timeout)
+            self.hung = self.hung or killed
+            self._close_files()
         return self.returncode
 
     @property
@@ -905,8 +906,8 @@ def _read_text(path: Path) -> str:
 
 def short_socket_dir() -> Path:
     """A private directory with a short path for Unix sockets (pytest's tmp_path can exceed
-    AF_UNIX's 107-byte limit)."""
-    return Path(tempfile.mkdtemp(prefix="ps-sock-", dir="/tmp"))
+    AF_UNIX's 107-byte limit), named after the run so that its reaper finds it."""
+    return run_tempdir("sock")
 
 
 class DaemonFactory(Protocol):

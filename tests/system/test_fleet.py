@@ -24,6 +24,7 @@ from tests.system.fleetrig import (
     Host,
     Redis,
     add_host,
+    close_hosts,
     fleet_config,
     fleet_net,
     host_ip,
@@ -48,8 +49,7 @@ def fleet(tmp_path: Path, count: int, *, tls: bool = False, gateways: dict[int, 
                 joined(host)
             yield net, redis, hosts, key
         finally:
-            for host in hosts:
-                host.close()
+            close_hosts(hosts)
 
 
 def joined(host: Host) -> None:

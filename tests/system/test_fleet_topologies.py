@@ -13,7 +13,7 @@ import pytest
 from redis.crc import key_slot
 
 from tests.system import rig
-from tests.system.fleetrig import HUB_IP, Host, Redis, fleet_config, fleet_net, make_key
+from tests.system.fleetrig import HUB_IP, Host, Redis, close_hosts, fleet_config, fleet_net, make_key
 from tests.system.test_fleet import addresses, fleet_status, in_set, joined
 
 pytestmark = pytest.mark.system
@@ -73,8 +73,7 @@ def two_hosts(tmp_path: Path, net_hosts: list[str], net, url: str,
             joined(host)
         yield hosts
     finally:
-        for host in hosts:
-            host.close()
+        close_hosts(hosts)
 
 
 def test_a_sentinel_url_follows_the_master_through_a_failover(tmp_path):

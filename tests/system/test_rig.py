@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from tests.system.rig import (
     READY_TEXT,
-    RUN_PREFIX,
     Daemon,
     Listener,
     Namespaces,
@@ -37,6 +36,7 @@ from tests.system.rig import (
     tcp_connect,
     udp_send,
 )
+from tests.system.teardown import RUN_PREFIX
 
 PORT = 8765
 CLOSED_PORT = 8766
