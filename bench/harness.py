@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tests.system import rig
+from tests.system.teardown import Shield
 
 from portsentry.journal.receiver import SO_TIMESTAMPNS, DatagramReceiver
 from portsentry.service import control
@@ -189,6 +191,19 @@ class Receiver:
 # /proc readings
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def remove_rig(net: rig.Namespaces, receiver: Receiver | None, workdir: Path) -> None:
+    """The end of a bench rig, whatever stopped it: its namespaces (and every process in them),
+    the syslog receiver and the private directory, each even when the one before failed; an
+    interrupt meanwhile waits until all three are done (Shield)."""
+    with Shield():
+        try:
+            rig.destroy_namespaces(net.names)
+        finally:
+            if receiver is not None:
+                receiver.close()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -41,7 +41,7 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from tests.system import rig
-from tests.system.teardown import Shield, run_tempdir
+from tests.system.teardown import run_tempdir
 
 from bench import harness
 from bench.harness import BenchError, Receiver
@@ -222,13 +222,7 @@ def namespace_and_dir(
         receiver = Receiver(workdir / "log", net.target)
         yield net, workdir, receiver
     finally:
-        with Shield():
-            try:
-                rig.destroy_namespaces(net.names)
-            finally:
-                if receiver is not None:
-                    receiver.close()
-                shutil.rmtree(workdir, ignore_errors=True)
+        harness.remove_rig(net, receiver, workdir)
 
 
 def start(daemon: Daemon, conf: str, mode: str, ready_bound: float, spy_name: str = "") -> None:

@@ -77,17 +77,12 @@ def fresh(subject: Subject, ignore: Sequence[str] = BASE_IGNORE,
         runnings = subject.start_modes(net, workdir, receiver, ignore, modes)
         yield Fixture(net, receiver, runnings[0], receiver.count(), workdir, runnings)
     finally:
-        with Shield():
-            try:
+        try:
+            with Shield():
                 for running in runnings:
                     subject.stop(running)
-            finally:
-                try:
-                    rig.destroy_namespaces(net.names)
-                finally:
-                    if receiver is not None:
-                        receiver.close()
-                    shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            harness.remove_rig(net, receiver, workdir)
 
 
 # ---------------------------------------------------------------------------------------------
