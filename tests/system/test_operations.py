@@ -188,3 +188,20 @@ def test_a_reload_that_changes_the_ban_backend_says_it_waits_for_the_next_start(
     syslog.wait_for(f"attackalert: Connect from host: {net.scanner_ip4}/{net.scanner_ip4} to TCP port: 1")
     syslog.assert_absent("Could not block", wait=1.0, since=mark)  # as it did for each block
     assert run_in(net.target, ["nft", "list", "tables"]).stdout.strip() == ""  # still none
+
+
+def test_a_reload_s_ban_rate_limit_is_the_one_the_daemon_bans_by(daemon_factory, namespaces, syslog):
+    # The engine took the new settings but its guard kept the old caps: after 1 -> 60 the second
+    # ban of the minute was refused, in a line that named the new cap of 60.
+    net = namespaces
+    daemon = daemon_factory("-tcp", TCP_PORTS="1", BLOCK_TCP="1", KILL_HOSTS_DENY="ALL: $TARGET$",
+                            BAN_RATE_LIMIT="1")
+    text = daemon.conf_path.read_text()
+    daemon.conf_path.write_text(text.replace('BAN_RATE_LIMIT="1"', 'BAN_RATE_LIMIT="60"'))
+    mark = syslog.mark()
+    assert cli(daemon, "reload").returncode == 0
+    for ns, address in ((net.scanner, net.target_ip4), (net.scanner2, net.target2_ip4)):
+        assert tcp_connect(ns, address, 1).connected
+    for scanner in (net.scanner_ip4, net.scanner2_ip4):
+        syslog.wait_for(f"attackalert: Host {scanner} has been blocked via wrappers", since=mark)
+    syslog.assert_absent("ban rate limit", since=mark)
