@@ -205,3 +205,25 @@ def test_a_reload_s_ban_rate_limit_is_the_one_the_daemon_bans_by(daemon_factory,
     for scanner in (net.scanner_ip4, net.scanner2_ip4):
         syslog.wait_for(f"attackalert: Host {scanner} has been blocked via wrappers", since=mark)
     syslog.assert_absent("ban rate limit", since=mark)
+
+
+def test_a_reload_that_changes_the_nftables_table_or_hosts_deny_file_says_they_wait(
+        daemon_factory, namespaces, syslog):
+    # Both are opened once, at start: the reload took the new values as read and said nothing,
+    # while the chain kept its hook and the lines went on to the old file.
+    net = namespaces
+    daemon = daemon_factory("-tcp", TCP_PORTS="1", BLOCK_TCP="1", BAN_BACKEND="nftables",
+                            KILL_HOSTS_DENY="ALL: $TARGET$")
+    elsewhere = daemon.workdir / "hosts.deny.new"
+    daemon.conf_path.write_text(daemon.conf_path.read_text().replace(
+        f'HOSTS_DENY_FILE="{daemon.hosts_deny_path}"', f'HOSTS_DENY_FILE="{elsewhere}"')
+        + 'NFT_HOOK="forward"\n')
+    mark = syslog.mark()
+    assert cli(daemon, "reload").returncode == 0
+    syslog.wait_for("adminalert: NFT_HOOK, HOSTS_DENY_FILE changed: they take effect at the next start",
+                    since=mark)
+    tcp_connect(net.scanner, net.target_ip4, 1)
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via wrappers", since=mark)
+    assert daemon.hosts_deny_text() == f"ALL: {net.scanner_ip4}\n" and not elsewhere.exists()
+    chain = run_in(net.target, ["nft", "list", "chain", "inet", "portsentry", "filter"]).stdout
+    assert "hook input" in chain

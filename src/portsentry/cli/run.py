@@ -219,9 +219,12 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     return status
 
 
-# What a reload cannot change: capabilities dropped for good, the ban backend and the fleet link
-# built at start, the state directory, sockets and files opened then, the resolver made or not.
-START_ONLY_KEYS = ("KEEP_CAPABILITIES", "BAN_BACKEND", "STATE_DIR", "CONTROL_SOCKET", "EVENT_LOG",
+# What a reload cannot change: capabilities dropped for good, the ban backend (its nftables table,
+# hook, priority and set size) and the fleet link built at start, the state directory, sockets and
+# files opened then (hosts.deny: the lines of bans in force are in the old one), the resolver made
+# or not.
+START_ONLY_KEYS = ("KEEP_CAPABILITIES", "BAN_BACKEND", "NFT_TABLE", "NFT_HOOK", "NFT_PRIORITY",
+                   "BAN_SET_SIZE", "HOSTS_DENY_FILE", "STATE_DIR", "CONTROL_SOCKET", "EVENT_LOG",
                    "METRICS_LISTEN", "RESOLVE_HOST", "FLEET_REDIS_URL", "FLEET_NAME", "FLEET_HOST_ID",
                    "FLEET_KEY_FILE", "FLEET_PASSWORD_FILE", "FLEET_ACCEPT_HOSTS", "FLEET_BAN_RATE_LIMIT")
 
