@@ -227,3 +227,19 @@ def test_a_reload_that_changes_the_nftables_table_or_hosts_deny_file_says_they_w
     assert daemon.hosts_deny_text() == f"ALL: {net.scanner_ip4}\n" and not elsewhere.exists()
     chain = run_in(net.target, ["nft", "list", "chain", "inet", "portsentry", "filter"]).stdout
     assert "hook input" in chain
+
+
+def test_a_reload_says_the_new_files_warnings_as_a_start_does(daemon_factory, namespaces, syslog):
+    # The reload kept the warnings of the files it read to itself: a misspelled key was ignored
+    # with only "reloaded its configuration" in the log, and an ignore entry with host bits set,
+    # which means a whole network, passed unmentioned.
+    daemon = daemon_factory("-tcp", TCP_PORTS="1")
+    daemon.conf_path.write_text(daemon.conf_path.read_text() + 'BLOCK_TIMEE="3600"\n')
+    daemon.ignore_path.write_text("127.0.0.1/32\n198.18.7.5/24\n")
+    mark = syslog.mark()
+    assert cli(daemon, "reload").returncode == 0
+    unknown = syslog.wait_for("unknown key BLOCK_TIMEE ignored", since=mark)
+    assert unknown.message.startswith(f"adminalert: WARNING: {daemon.conf_path}:")
+    syslog.wait_for(f"adminalert: WARNING: {daemon.ignore_path}:2: '198.18.7.5/24' has host bits set",
+                    since=mark)
+    syslog.wait_for("adminalert: PortSentry reloaded its configuration from", since=mark)

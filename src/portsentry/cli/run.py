@@ -179,14 +179,23 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
                                  verbose_log=lambda text: journal.log(text, verbose=True),
                                  telemetry=telemetry, failures=journal.failures)
     resolver = Resolver() if config.resolve_host else None
+    noted = [ignore.note]  # the stand-in ignore file, said once while it stays the same
+
     def reload_config() -> tuple[Config, IgnoreSource]:
-        new = load_effective(args.config).config
-        validate_for_modes(new, modes)
-        new, waiting = keep_start_only(config, new)
+        loaded = load_effective(args.config)
+        validate_for_modes(loaded.config, modes)
+        new, waiting = keep_start_only(config, loaded.config)
+        source = open_ignore(new)
+        # What a start says (a misspelled key ignored, an ignore entry meaning a whole network),
+        # a reload says too: its log line is all the admin sees of the files it read.
+        for warning in (*loaded.warnings, *source.warnings):
+            if warning != noted[0]:
+                journal.log(f"adminalert: WARNING: {warning}")
+        noted[0] = source.note
         if waiting:
             journal.log(f"adminalert: {', '.join(waiting)} changed: "
                         f"{'it takes' if len(waiting) == 1 else 'they take'} effect at the next start")
-        return new, open_ignore(new)
+        return new, source
 
     def sensors_for(new: Config) -> list[Sensor]:
         return build_sensors(new, modes, journal.log, time.time, bans.backend)
