@@ -567,6 +567,8 @@ class Daemon:
         self.responder.timeout = config.command_timeout
         if self.bans is not None:
             self.bans.policy = BanPolicy.from_config(config)
+        if self.fleet is not None:
+            self.fleet.set_hosts_deny(config.kill_hosts_deny)
         self.journal.history_file = config.history_file
         self.journal.blocked_file = config.blocked_file
         self.journal.log(messages.reloaded(config.source))
