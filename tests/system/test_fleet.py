@@ -239,3 +239,21 @@ def test_demo_fleet_blocks_the_scanner_on_three_hosts_and_cleans_up():
     assert "namespaces and temporary directory removed" in result.stdout
     assert "cannot" not in result.stdout and "FAILED" not in result.stdout, result.stdout
     assert set(list_namespaces("psfleet-")) == before
+
+
+def test_a_reload_s_kill_hosts_deny_is_the_one_fleet_bans_write(tmp_path):
+    # The fleet was handed KILL_HOSTS_DENY once, at start: after a reload that set it, this host's
+    # own bans wrote hosts.deny lines and its peers' bans none (and the reverse once unset).
+    with fleet(tmp_path, 2) as (_net, _redis, hosts, _key):
+        first, second = hosts
+        conf = second.daemon.conf_path
+        conf.write_text(conf.read_text() + 'KILL_HOSTS_DENY="ALL: $TARGET$"\n')
+        mark = second.syslog.mark()
+        second.admin("reload")
+        second.syslog.wait_for("adminalert: PortSentry reloaded its configuration", since=mark)
+        local, peer = addresses(2)
+        second.admin("block", local, "--for", "1h")
+        first.admin("block", peer, "--for", "1h")
+        in_set(second, peer)
+        rig.eventually(lambda: second.daemon.hosts_deny_text() == f"ALL: {local}\nALL: {peer}\n",
+                       timeout=10, what="both bans' hosts.deny lines")

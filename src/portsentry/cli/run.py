@@ -179,14 +179,23 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
                                  verbose_log=lambda text: journal.log(text, verbose=True),
                                  telemetry=telemetry, failures=journal.failures)
     resolver = Resolver() if config.resolve_host else None
+    noted = [ignore.note]  # the stand-in ignore file, said once while it stays the same
+
     def reload_config() -> tuple[Config, IgnoreSource]:
-        new = load_effective(args.config).config
-        validate_for_modes(new, modes)
-        new, waiting = keep_start_only(config, new)
+        loaded = load_effective(args.config)
+        validate_for_modes(loaded.config, modes)
+        new, waiting = keep_start_only(config, loaded.config)
+        source = open_ignore(new)
+        # What a start says (a misspelled key ignored, an ignore entry meaning a whole network),
+        # a reload says too: its log line is all the admin sees of the files it read.
+        for warning in (*loaded.warnings, *source.warnings):
+            if warning != noted[0]:
+                journal.log(f"adminalert: WARNING: {warning}")
+        noted[0] = source.note
         if waiting:
             journal.log(f"adminalert: {', '.join(waiting)} changed: "
                         f"{'it takes' if len(waiting) == 1 else 'they take'} effect at the next start")
-        return new, open_ignore(new)
+        return new, source
 
     def sensors_for(new: Config) -> list[Sensor]:
         return build_sensors(new, modes, journal.log, time.time, bans.backend)
@@ -219,9 +228,12 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
     return status
 
 
-# What a reload cannot change: capabilities dropped for good, the ban backend and the fleet link
-# built at start, the state directory, sockets and files opened then, the resolver made or not.
-START_ONLY_KEYS = ("KEEP_CAPABILITIES", "BAN_BACKEND", "STATE_DIR", "CONTROL_SOCKET", "EVENT_LOG",
+# What a reload cannot change: capabilities dropped for good, the ban backend (its nftables table,
+# hook, priority and set size) and the fleet link built at start, the state directory, sockets and
+# files opened then (hosts.deny: the lines of bans in force are in the old one), the resolver made
+# or not.
+START_ONLY_KEYS = ("KEEP_CAPABILITIES", "BAN_BACKEND", "NFT_TABLE", "NFT_HOOK", "NFT_PRIORITY",
+                   "BAN_SET_SIZE", "HOSTS_DENY_FILE", "STATE_DIR", "CONTROL_SOCKET", "EVENT_LOG",
                    "METRICS_LISTEN", "RESOLVE_HOST", "FLEET_REDIS_URL", "FLEET_NAME", "FLEET_HOST_ID",
                    "FLEET_KEY_FILE", "FLEET_PASSWORD_FILE", "FLEET_ACCEPT_HOSTS", "FLEET_BAN_RATE_LIMIT")
 

@@ -202,6 +202,7 @@ class IgnoreSource:
         self.path = path
         self.min_interval = min_interval
         self.warnings: list[str] = []
+        self.note: str | None = None  # open_ignore: which file stands in for IGNORE_FILE, if any
         self._file_error: str | None = None
         self._own_error: str | None = None
         self._local_addresses = local_addresses
@@ -297,5 +298,6 @@ def open_ignore(config: Config, local_addresses: Callable[[], Iterable[IPAddress
         raise config.error("IGNORE_FILE", f"cannot read {config.ignore_file}: "
                            f"{error.strerror or error}") from error
     if choice.note is not None:
+        source.note = choice.note
         source.warnings = [choice.note, *source.warnings]
     return source

@@ -167,6 +167,9 @@ class Engine:
     def update_settings(self, settings: EngineSettings) -> None:
         """A reload: new settings, same memory of hits and blocked hosts."""
         self.settings = settings
+        # The guard keeps its memory (bans this minute, evidence, refusals logged); the caps and
+        # SENSITIVE_NETWORKS are the new ones, as the kernel's first-probe ban gets them.
+        self.guard.settings = settings.guard
         self._repeats.limit = settings.log_repeat_limit
         self._repeats.window = settings.log_repeat_window
         for ring in self._rings.values():

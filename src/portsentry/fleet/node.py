@@ -132,6 +132,11 @@ class FleetNode:
     def set_guards(self, guards: Guards) -> None:
         self.gate.set_guards(guards)
 
+    def set_hosts_deny(self, line: str | None) -> None:
+        """A reload's KILL_HOSTS_DENY, for the peers' bans applied from now on (main loop; the
+        reader takes it whole, once per batch)."""
+        self.hosts_deny = self.applier.hosts_deny = line
+
     def wake(self) -> None:
         self._wake.set()
 

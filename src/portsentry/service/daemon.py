@@ -70,13 +70,23 @@ Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
 
 
-def _sensor_settings(config: Config) -> tuple[object, ...]:
-    """What the sensors are built from: a reload re-binds them only when this changes."""
-    return (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
-            config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture, config.nflog_group,
-            # the first-probe ban's rules are part of the capture (service.wiring.kernel_ban_for)
-            config.kernel_ban, config.scan_trigger, config.block_tcp, config.block_udp, config.block_time,
-            config.ban_rate_limit, config.ban_rate_limit_net)
+def _sensor_settings(config: Config, modes: Sequence[Mode]) -> tuple[object, ...]:
+    """What the sensors of `modes` are built from: a reload re-binds them only when this changes.
+    The connect modes' sockets depend on their ports alone: re-bound for nothing, they reset the
+    connections waiting to be accepted, which were then never logged."""
+    found: tuple[object, ...] = ()
+    if Mode.TCP in modes:
+        found += (config.tcp_ports,)
+    if Mode.UDP in modes:
+        found += (config.udp_ports,)
+    if any(not mode.is_classic for mode in modes):
+        found += (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
+                  config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture,
+                  config.nflog_group,
+                  # the first-probe ban's rules are part of the capture (service.wiring.kernel_ban_for)
+                  config.kernel_ban, config.scan_trigger, config.block_tcp, config.block_udp,
+                  config.block_time, config.ban_rate_limit, config.ban_rate_limit_net)
+    return found
 
 
 class Daemon:
@@ -535,7 +545,8 @@ class Daemon:
             sdnotify.ready()
             return False
         old = self.config
-        if self.sensor_factory is not None and _sensor_settings(old) != _sensor_settings(config):
+        rebind = _sensor_settings(old, self.modes) != _sensor_settings(config, self.modes)
+        if self.sensor_factory is not None and rebind:
             # Before anything is switched over: new sensors that cannot open (a capture refused,
             # an NFLOG group taken) refuse the reload, and the old configuration's watch again.
             try:
@@ -556,6 +567,8 @@ class Daemon:
         self.responder.timeout = config.command_timeout
         if self.bans is not None:
             self.bans.policy = BanPolicy.from_config(config)
+        if self.fleet is not None:
+            self.fleet.set_hosts_deny(config.kill_hosts_deny)
         self.journal.history_file = config.history_file
         self.journal.blocked_file = config.blocked_file
         self.journal.log(messages.reloaded(config.source))

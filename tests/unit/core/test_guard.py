@@ -147,3 +147,22 @@ def test_a_gateway_or_resolver_written_ipv4_mapped_is_protected_as_the_ipv4_host
     assert not any(isinstance(a, Block) for a in outcome.actions)
     assert BanGuard(protected=frozenset({ip_address("::ffff:198.18.0.53")})).refusal(
         syn("198.18.0.53"), 1.0) is not None
+
+
+def test_a_reload_puts_the_new_caps_and_sensitive_networks_in_force():
+    # update_settings took the new EngineSettings but left the guard with the old GuardSettings:
+    # after BAN_RATE_LIMIT 1 -> 60 the second ban of the minute was refused "(60 new bans per
+    # minute)", and the kernel's first-probe ban counted by the new cap while the daemon kept
+    # the old one; new SENSITIVE_NETWORKS were never asked for evidence.
+    e = engine(ban_rate_limit=1)
+    sensitive = (ip_network("198.18.4.0/24"),)
+    e.update_settings(EngineSettings(block_tcp=1, kill_route=ROUTE,
+                                     guard=GuardSettings(ban_rate_limit=60, sensitive_networks=sensitive)))
+    assert e.guard.settings.ban_rate_limit == 60
+    for n, source in enumerate(("198.18.0.2", "198.18.0.3", "198.18.0.4")):
+        assert any(isinstance(a, Block) for a in e.observe(syn(source), 1.0 + n).actions)
+    refused = e.observe(syn("198.18.4.7"), 5.0)
+    assert (refused.decision, refused.reason) == (
+        "refused", "stealth-only hit from a sensitive network without a completed TCP connection")
+    e.update_settings(EngineSettings(block_tcp=1, kill_route=ROUTE, guard=GuardSettings(ban_rate_limit=3)))
+    assert e.observe(syn("198.18.0.5"), 6.0).reason == "ban rate limit reached"  # three this minute

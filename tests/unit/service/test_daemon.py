@@ -211,6 +211,7 @@ def test_a_reload_that_turns_the_kernel_ban_on_pushes_its_guards_before_the_new_
     from portsentry.bans.lifecycle import BanManager, BanPolicy
     from portsentry.bans.store import MEMORY, BanStore
     from portsentry.config.ignore import IgnoreSource
+    from portsentry.core.probe import Mode
     from portsentry.responders.hostsdeny import HostsDeny
     from tests.unit.service.test_kernelbans import CatchingKernel
 
@@ -218,6 +219,7 @@ def test_a_reload_that_turns_the_kernel_ban_on_pushes_its_guards_before_the_new_
     bans = BanManager(BanStore(MEMORY), kernel, HostsDeny(str(tmp_path / "hosts.deny")), BanPolicy(),
                       print)
     daemon, _said = bare_daemon(tmp_path, bans=bans)
+    daemon.modes = (Mode.STCP,)  # the first-probe ban is the stealth capture's
     daemon.config = dataclasses.replace(daemon.config, kernel_ban="off", block_tcp=1)
     daemon._kernel = None  # as __init__ makes it for KERNEL_BAN="off"
     (tmp_path / "ignore").write_text("198.18.9.0/24\n")
@@ -453,3 +455,33 @@ def test_a_detection_line_carries_the_journal_fields_and_event_values_the_docs_q
             + (docs / "service.md").read_text().partition("**Native journal fields**")[2])
     assert set(re.findall(r"PORTSENTRY_[A-Z]+\b", text)) == set(fields)
     assert set(re.findall(r"PORTSENTRY_EVENT=(\w+)", text)) <= {decision.value for decision in Decision}
+
+
+def test_a_reload_rebuilds_the_connect_modes_sockets_only_when_their_ports_change(tmp_path):
+    import dataclasses
+
+    from portsentry.core.probe import Mode
+
+    daemon, _said = bare_daemon(tmp_path)
+    daemon.modes = (Mode.TCP, Mode.UDP)
+    daemon.config = old = dataclasses.replace(daemon.config, tcp_ports=(1,), udp_ports=(1,))
+    built: list[Any] = []
+
+    def factory(config: Any) -> list[_FakeSensor]:
+        built.append(config)
+        return [_FakeSensor(config.tcp_ports)]
+
+    daemon.sensor_factory = factory
+    stealth_only = dataclasses.replace(old, block_tcp=1, block_time=600, scan_trigger=2, kernel_ban="off",
+                                       ban_rate_limit=5, capture="packet", advanced_ports_tcp=2000)
+    daemon.reloader = lambda: (stealth_only, daemon.ignore)
+    try:
+        assert daemon.reload() and built == [] and daemon.config is stealth_only
+        moved = dataclasses.replace(stealth_only, udp_ports=(1, 2))
+        daemon.reloader = lambda: (moved, daemon.ignore)
+        assert daemon.reload() and built == [moved]
+        daemon.modes = (Mode.TCP, Mode.STCP)  # the stealth capture holds the first-probe ban
+        daemon.reloader = lambda: (old, daemon.ignore)
+        assert daemon.reload() and built == [moved, old]
+    finally:
+        daemon.shutdown()
