@@ -182,17 +182,22 @@ class FleetNode:
         delay = BACKOFF_FIRST
         link: Link | None = None
         next_prune = next_check = 0.0
+        fresh = False
         while not self._stop.is_set():
             try:
                 if link is None:
                     link = self._link_factory(self.settings)
                     link.ping()
                     self.connected(link)
-                    self.tally.link("publish_up", True)
-                    delay = BACKOFF_FIRST
+                    fresh = True
                     next_prune = 0.0
                     next_check = time.monotonic() + CHECK_EVERY
                 more = self.publish_once(link)
+                if fresh:
+                    # Not at the connect: a full Redis, or one whose ACL denies the script, answers
+                    # PING and the mark, and was said "up" then "down" at every retry.
+                    self.tally.link("publish_up", True)
+                    delay, fresh = BACKOFF_FIRST, False
                 # Timed by the monotonic clock: a wall clock set back a day stopped both for a day.
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY
@@ -340,15 +345,18 @@ class FleetNode:
     def _read_loop(self) -> None:
         delay = BACKOFF_FIRST
         link: Link | None = None
+        fresh = False
         while not self._stop.is_set():
             try:
                 if link is None:
                     link = self._link_factory(self.settings)
                     link.ping()
                     self._catch_up(link)
+                    fresh = True
+                self.read_once(link, 0 if fresh else BLOCK_MS)  # the first without waiting for news
+                if fresh:  # as the publisher: up once a read went through
                     self.tally.link("read_up", True)
-                    delay = BACKOFF_FIRST
-                self.read_once(link)
+                    delay, fresh = BACKOFF_FIRST, False
             except link_errors() as error:
                 self.tally.link("read_up", False, error)
                 if link is not None:
