@@ -10,6 +10,7 @@ from collections.abc import Callable
 from portsentry.bans.adopt import RemoteBan, adopt_bans, lift_remote
 from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.store import ORIGIN_LOCAL
+from portsentry.core.probe import IPAddress
 from portsentry.fleet.decision import BadDecision, Decision, decode, reachable, unpack
 from portsentry.fleet.gate import ECHO, Gate
 from portsentry.fleet.settings import FleetSettings
@@ -27,9 +28,12 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 class Applier:
     def __init__(self, settings: FleetSettings, bans: BanManager, gate: Gate, tally: Tally,
-                 clock: Callable[[], float], hosts_deny: str | None = None) -> None:
+                 clock: Callable[[], float], hosts_deny: str | None = None,
+                 resend: Callable[[IPAddress], None] | None = None) -> None:
         self.settings, self.bans, self.gate, self.tally = settings, bans, gate, tally
         self.clock, self.hosts_deny = clock, hosts_deny
+        # Sends this host's ban of an address again, after the stale lift of it in the stream.
+        self.resend = resend
 
     def apply_active(self, values: list[bytes]) -> int:
         """Signed decisions of the active set: verified and guarded like stream entries, except
@@ -94,6 +98,10 @@ class Applier:
             run = []
             if self._banned_here_since(decision):
                 self.tally.refused("stale", decision)
+                # The other hosts took the lift, this host's newer ban of the address with it
+                # (theirs came from here): sent again, after the lift, it is theirs again.
+                if self.resend is not None:
+                    self.resend(decision.address)
                 continue
             if lift_remote(self.bans, decision.address, decision.host, now):
                 self.tally.count("applied")

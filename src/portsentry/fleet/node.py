@@ -22,7 +22,7 @@ Threads and ownership:
   counters (fleet.tally) are read by `status` on the main loop.
 Redis being down stops neither detection nor local bans: only these threads wait and retry.
 
-Just over 400 lines: the two threads' loops share the node's lock, its state file and the marks
+Over 400 lines: the two threads' loops share the node's lock, its state file and the marks
 that tell a Redis that lost data from one that did not; the parts that need none of that are
 beside it (fleet.link, fleet.apply, fleet.gate, fleet.decision, fleet.tally).
 """
@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.store import ORIGIN_LOCAL, Change, StoreError
+from portsentry.core.probe import IPAddress
 from portsentry.fleet.apply import Applier
 from portsentry.fleet.decision import Decision, reachable
 from portsentry.fleet.gate import Gate, Guards
@@ -85,7 +86,8 @@ class FleetNode:
         self.path = os.path.join(state_dir, "fleet.json")
         self.gate = Gate(settings.host_id, settings.accept_hosts, settings.ban_rate_limit)
         self.tally = Tally(log, telemetry or Telemetry(), clock, settings.redacted)
-        self.applier = Applier(settings, bans, self.gate, self.tally, clock, hosts_deny)
+        self.applier = Applier(settings, bans, self.gate, self.tally, clock, hosts_deny, self.resend)
+        self._resend: set[IPAddress] = set()  # this host's bans to send again (stale lifts), under _lock
         self._lock = threading.Lock()  # the saved-state pair and when it was last written
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -140,6 +142,12 @@ class FleetNode:
     def wake(self) -> None:
         self._wake.set()
 
+    def resend(self, address: IPAddress) -> None:
+        """fleet-read: have the publisher send this host's ban of `address` again."""
+        with self._lock:
+            self._resend.add(address)
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
@@ -187,17 +195,24 @@ class FleetNode:
         delay = BACKOFF_FIRST
         link: Link | None = None
         next_prune = next_check = 0.0
+        fresh = False
         while not self._stop.is_set():
             try:
                 if link is None:
                     link = self._link_factory(self.settings)
                     link.ping()
                     self.connected(link)
-                    self.tally.link("publish_up", True)
-                    delay = BACKOFF_FIRST
+                    fresh = True
                     next_prune = 0.0
                     next_check = time.monotonic() + CHECK_EVERY
                 more = self.publish_once(link)
+                if not more:
+                    self.resend_bans(link)
+                if fresh:
+                    # Not at the connect: a full Redis, or one whose ACL denies the script, answers
+                    # PING and the mark, and was said "up" then "down" at every retry.
+                    self.tally.link("publish_up", True)
+                    delay, fresh = BACKOFF_FIRST, False
                 # Timed by the monotonic clock: a wall clock set back a day stopped both for a day.
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY
@@ -313,21 +328,46 @@ class FleetNode:
         if not changes:
             return False
         decisions = [d for d in (self._decision(change) for change in changes) if d is not None]
-        held, sent = None, self._sent
+        held = sent = self._sent
         if decisions:
-            self._tried = max(self._tried or (0, 0), (decisions[-1].epoch, decisions[-1].seq))
-            held = link.publish(decisions).before
-            self._sent = mark(decisions[-1].epoch, decisions[-1].seq)
-            self.tally.count("published", len(decisions))
+            held, sent = self._send(link, decisions)
         self.published = changes[-1].id
         # At once: a cursor saved behind what peers saw would make a restart resend decisions
         # that they then refuse as replays.
         self._save(force=bool(decisions))
-        if decisions and held != sent:
+        self._check_sent(link, held, sent)
+        return len(changes) == PUBLISH_BATCH
+
+    def resend_bans(self, link: Link) -> None:
+        """This host's active bans of the addresses a stale lift lifted elsewhere, under the current
+        seq as a refill sends them; kept for the next round if Redis does not take them."""
+        assert self.published is not None
+        with self._lock:
+            addresses = list(self._resend)
+        if not addresses:
+            return
+        now, host, seq = self.clock(), self.settings.host_id, self.published
+        decisions = [Decision(host, self.epoch, seq, "ban", ban.address, reachable(ban.expires), now,
+                              _reason(ban.reason)) for ban in self.bans.store.get_many(addresses)
+                     if ban.origin == ORIGIN_LOCAL and ban.active(now)]
+        if decisions:
+            self._check_sent(link, *self._send(link, decisions))
+        with self._lock:
+            self._resend.difference_update(addresses)
+
+    def _send(self, link: Link, decisions: list[Decision]) -> tuple[bytes | None, bytes | None]:
+        """Publish `decisions`: the mark Redis held before them, and the one it should have held."""
+        self._tried = max(self._tried or (0, 0), (decisions[-1].epoch, decisions[-1].seq))
+        held, sent = link.publish(decisions).before, self._sent
+        self._sent = mark(decisions[-1].epoch, decisions[-1].seq)
+        self.tally.count("published", len(decisions))
+        return held, sent
+
+    def _check_sent(self, link: Link, held: bytes | None, sent: bytes | None) -> None:
+        if held != sent:
             latest, self._sent = self._sent, sent  # what Redis should have held before this publish
             if not self.check_mark(link, held, read=False):
                 self._sent = latest
-        return len(changes) == PUBLISH_BATCH
 
     def _decision(self, change: Change) -> Decision | None:
         if change.origin != ORIGIN_LOCAL or change.kind == "expire":
@@ -345,15 +385,18 @@ class FleetNode:
     def _read_loop(self) -> None:
         delay = BACKOFF_FIRST
         link: Link | None = None
+        fresh = False
         while not self._stop.is_set():
             try:
                 if link is None:
                     link = self._link_factory(self.settings)
                     link.ping()
                     self._catch_up(link)
+                    fresh = True
+                self.read_once(link, 0 if fresh else BLOCK_MS)  # the first without waiting for news
+                if fresh:  # as the publisher: up once a read went through
                     self.tally.link("read_up", True)
-                    delay = BACKOFF_FIRST
-                self.read_once(link)
+                    delay, fresh = BACKOFF_FIRST, False
             except link_errors() as error:
                 self.tally.link("read_up", False, error)
                 if link is not None:
