@@ -214,7 +214,7 @@ def test_entries_read_again_after_a_failure_are_not_replays(tmp_path, redis_url,
     assert "replay" not in two.status()["refused"]  # type: ignore[operator]
 
 
-def wait_until(check, what: str, timeout: float = 5.0) -> None:
+def wait_until(check, what: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, what
