@@ -163,6 +163,11 @@ class BanBackend(abc.ABC):
         """The sources the kernel must never ban on its own (see NftablesBackend)."""
         return  # no first-probe bans here: nothing to guard
 
+    def keeps_caught(self) -> bool:
+        """Whether caught entries may be waiting to be settled: the first-probe ban is on, or
+        was, and its entries have not all been read settled since."""
+        return self.first_probe_bans()
+
     def caught(self) -> list[Caught]:
         """Kernel-made bans the daemon has not settled yet: (source, protocol, port)."""
         return []

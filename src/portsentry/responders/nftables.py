@@ -137,6 +137,9 @@ class NftablesBackend(BanBackend):
         self.mechanism = mechanism
         self._netlink = NetlinkElements(table, socket_factory) if mechanism == "netlink" else None
         self._capture: CaptureSpec | None = None
+        # Caught entries may wait with the first-probe ban off: left by a run that had it (until
+        # a first read), or made before a reload turned it off; they must still be settled.
+        self._caught_left = True
         # The first-probe ban's guards and ports as last set: `nft flush ruleset` empties their
         # sets, and the daemon pushes them again only when they change, so a repair restores them.
         self._guards: str | None = None
@@ -336,12 +339,17 @@ class NftablesBackend(BanBackend):
         spot (nft_capture); remembered for repair_capture. Needs setup()."""
         spec = CaptureSpec.of(group, max_port, protocols, quiet_udp_ports, kernel)
         self.run([NFT, "-f", "-"], self.capture_script(spec, self._capture))
+        if self._capture is not None and self._capture.kernel is not None and kernel is None:
+            self._caught_left = True  # the bans it made meanwhile still wait for their record
         self._capture = spec
 
     # -- the first-probe ban's state (nft_capture) ------------------------------------------------
 
     def first_probe_bans(self) -> bool:
         return self._capture is not None and self._capture.kernel is not None
+
+    def keeps_caught(self) -> bool:
+        return self.first_probe_bans() or self._caught_left
 
     def guards_script(self, protect: Iterable[Guarded], nokernel: Iterable[Guarded]) -> str:
         t = f"inet {self.table}"
@@ -380,9 +388,9 @@ class NftablesBackend(BanBackend):
 
     def forget_caught(self, addresses: Iterable[IPAddress]) -> None:
         # Two `nft -j list` runs an unblock: not when this process installed a capture without
-        # the first-probe ban, whose caught sets stay empty. An admin command (no capture known
-        # here) and an NFLOG capture that bans in the kernel look.
-        if self._capture is not None and self._capture.kernel is None:
+        # the first-probe ban and has read its caught sets settled. An admin command (no capture
+        # known here) always looks.
+        if not self.keeps_caught() and self._capture is not None:
             return
         super().forget_caught(addresses)
 
@@ -391,6 +399,8 @@ class NftablesBackend(BanBackend):
         found: list[Caught] = []
         for name in (CAUGHT4, CAUGHT6):
             found += parse_caught_json(self.run([NFT, "-j", "list", "set", "inet", self.table, name]).stdout)
+        if not found and not self.first_probe_bans():
+            self._caught_left = False  # all settled: nothing more can be caught until it is on
         return found
 
     def dropped(self) -> dict[IPAddress, int]:
@@ -424,6 +434,8 @@ class NftablesBackend(BanBackend):
 
     def drop_capture(self) -> None:
         """Removes the capture chain if there is one (the sensor went back to AF_PACKET)."""
+        if self._capture is not None and self._capture.kernel is not None:
+            self._caught_left = True
         self._capture = None
         self.run([NFT, "-f", "-"], "".join(f"add chain {c}\nflush chain {c}\ndelete chain {c}\n"
                                            for c in (f"inet {self.table} {name}"

@@ -111,7 +111,9 @@ class KernelBans:
 
     def settle(self, now: float) -> None:
         backend = self.bans.backend
-        if backend is None or not backend.first_probe_bans():
+        # Not only while the first-probe ban is on: the bans it made before a reload turned it
+        # off (or before a start without it) are settled too, or they stay in the kernel unrecorded.
+        if backend is None or not backend.keeps_caught():
             return
         self._unblocks_seen = self.bans.unblocks
         entries = backend.caught()

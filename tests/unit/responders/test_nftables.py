@@ -818,3 +818,26 @@ def test_holds_any_reads_one_answer_of_a_dump_and_never_the_whole_set() -> None:
     with pytest.raises(BackendError, match="No such file"):
         NftablesBackend(runner=Recorder(), socket_factory=lambda: refused).holds_any()  # type: ignore[arg-type,return-value]
     assert cli(Recorder()).holds_any()  # nft would list every element: not asked
+
+
+def test_caught_entries_are_kept_track_of_until_read_empty_after_the_first_probe_ban_goes() -> None:
+    # A reload that turns the first-probe ban off (KERNEL_BAN, SCAN_TRIGGER, CAPTURE), or a start
+    # with it off after a run that had it: kernel bans still waiting for their record stayed in
+    # the kernel with none, out of `list`'s and unblock's sight, until their timeout.
+    from portsentry.responders.nft_capture import KernelBan
+
+    answers = {"caught4": CAUGHT4_JSON, "caught6": CAUGHT6_JSON}
+
+    def listing(argv: Sequence[str], stdin: str | None) -> RunResult:
+        return RunResult(0, answers[argv[-1]], "")
+
+    backend = NftablesBackend(runner=Recorder({("nft", "-j", "list", "set"): listing}), mechanism="cli")
+    assert backend.keeps_caught()  # a previous run's entries may be there
+    backend.capture_rules(7373, 1024, {Protocol.TCP}, kernel=None)
+    assert backend.keeps_caught() and backend.caught()  # entries left: kept track of
+    answers.update(caught4=NO_CAUGHT, caught6=NO_CAUGHT)
+    assert backend.caught() == [] and not backend.keeps_caught()  # none left: no more reads
+    backend.capture_rules(7373, 1024, {Protocol.TCP}, kernel=KernelBan(frozenset({Protocol.TCP}), 60))
+    assert backend.keeps_caught()
+    backend.capture_rules(7373, 1024, {Protocol.TCP}, kernel=None)  # the reload turns it off
+    assert backend.keeps_caught()

@@ -769,8 +769,9 @@ def test_repair_after_a_flushed_ruleset_puts_the_guards_and_kernel_ports_back_fi
 
 def test_an_unblock_looks_for_unsettled_catches_only_where_the_kernel_may_have_caught() -> None:
     """Forgetting an unblocked source's caught entries costs two `nft -j list` runs: not spent
-    when this process installed a capture without the first-probe ban (its caught sets stay
-    empty), spent when it bans in the kernel and when it knows no capture (an admin command)."""
+    when this process installed a capture without the first-probe ban and has read the caught
+    sets settled (the daemon's first settling round), spent when it bans in the kernel and when
+    it knows no capture (an admin command)."""
     from ipaddress import ip_address
 
     from portsentry.responders.nft_capture import KernelBan
@@ -783,6 +784,7 @@ def test_an_unblock_looks_for_unsettled_catches_only_where_the_kernel_may_have_c
         backend = nft(rec)
         if kernel != "unknown":
             backend.capture_rules(7373, 1024, BOTH, kernel=kernel)  # type: ignore[arg-type]
+            assert backend.caught() == []  # what a run before may have left: nothing
         rec.calls.clear()
         backend.forget_caught([source])
         listings.append(sum(1 for call in rec.calls if call[0][:3] == ["nft", "-j", "list"]))

@@ -313,3 +313,25 @@ def test_a_late_record_does_not_hold_up_the_maintenance_thread_while_the_address
     kb.settle(104.5)  # the next round
     ban = kb.bans.store.get(SCANNER)
     assert ban is not None and ban.active(104.5) and kb.recorded_late == 1 and kernel.entries == []
+
+
+def test_kernel_bans_left_when_the_first_probe_ban_is_turned_off_are_still_settled(tmp_path) -> None:
+    # The kernel path off (a reload), an entry still unsettled: its ban stayed in the kernel with
+    # no record, unseen by `list` and untouched by unblock, until its timeout.
+    kb, kernel, lines = setup(tmp_path)
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+
+    class TurnedOff(CatchingKernel):
+        def first_probe_bans(self) -> bool:
+            return False
+
+        def keeps_caught(self) -> bool:
+            return bool(self.entries)
+
+    kernel.__class__ = TurnedOff
+    kb.settle(100.0)
+    kb.settle(103.5)
+    ban = kb.bans.store.get(SCANNER)
+    assert ban is not None and ban.active(103.5) and kernel.entries == []
+    assert any("was blocked by the kernel on its first probe" in line for line in lines)
