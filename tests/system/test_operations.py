@@ -188,3 +188,30 @@ def test_a_reload_that_changes_the_ban_backend_says_it_waits_for_the_next_start(
     syslog.wait_for(f"attackalert: Connect from host: {net.scanner_ip4}/{net.scanner_ip4} to TCP port: 1")
     syslog.assert_absent("Could not block", wait=1.0, since=mark)  # as it did for each block
     assert run_in(net.target, ["nft", "list", "tables"]).stdout.strip() == ""  # still none
+
+
+def test_what_the_config_does_not_honour_is_said_in_syslog_at_start_and_at_each_reload(
+        daemon_factory, syslog):
+    # Config warnings went to standard error only: at boot under the SysV script (--daemon) they
+    # reached nobody, and a reload (systemctl reload sends SIGHUP, no check-config) said nothing
+    # at all of a misspelt key in the new file, which was silently not honoured.
+    daemon = daemon_factory("-tcp", TCP_PORTS="1", SCAN_TRIGGER="0", start=False)
+    path = daemon.conf_path
+    write_files = daemon.write_files
+
+    def with_a_second_trigger() -> None:
+        write_files()
+        path.write_text(path.read_text() + 'SCAN_TRIGGER="3"\n')
+
+    daemon.write_files = with_a_second_trigger
+    daemon.start()
+    doubled = len(path.read_text().splitlines())
+    first = path.read_text().splitlines().index('SCAN_TRIGGER="0"') + 1
+    syslog.wait_for(f"adminalert: WARNING: {path}:{doubled}: SCAN_TRIGGER: already set on line "
+                    f"{first}; this later value is ignored")
+    path.write_text(path.read_text() + 'BLOCK_UPD="1"\n')
+    mark = syslog.mark()
+    os.kill(daemon.pid, signal.SIGHUP)
+    syslog.wait_for("adminalert: PortSentry reloaded its configuration from", since=mark)
+    syslog.wait_for(f"adminalert: WARNING: {path}:{doubled + 1}: unknown key BLOCK_UPD ignored",
+                    since=mark)

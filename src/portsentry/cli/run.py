@@ -86,7 +86,10 @@ def open_ignore(config: Config) -> IgnoreSource:
     return load_ignore_source(config, local_addresses)
 
 
-def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
+def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
+        warnings: Sequence[str] = ()) -> int:
+    """The daemon; `warnings`: what the configuration file has that is not honoured (main()
+    printed them for the terminal; syslog, where 1.2 said everything, gets them too)."""
     from portsentry.bans.lifecycle import BanManager, BanPolicy, open_store
     from portsentry.bans.store import StoreError
     from portsentry.responders.classic import ClassicResponder
@@ -122,7 +125,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
             journal.log(line)
         return 1
 
-    for warning in ignore.warnings:
+    for warning in (*warnings, *ignore.warnings):
         journal.log(f"adminalert: WARNING: {warning}")
     control_path: str | None = config.control_socket
     other = daemon_answering(config.control_socket)
@@ -180,13 +183,17 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
                                  telemetry=telemetry, failures=journal.failures)
     resolver = Resolver() if config.resolve_host else None
     def reload_config() -> tuple[Config, IgnoreSource]:
-        new = load_effective(args.config).config
-        validate_for_modes(new, modes)
-        new, waiting = keep_start_only(config, new)
+        loaded = load_effective(args.config)
+        validate_for_modes(loaded.config, modes)
+        new, waiting = keep_start_only(config, loaded.config)
+        ignore = open_ignore(new)
+        # `systemctl reload` runs no check-config: this is the one place they can be said.
+        for warning in loaded.warnings:
+            journal.log(f"adminalert: WARNING: {warning}")
         if waiting:
             journal.log(f"adminalert: {', '.join(waiting)} changed: "
                         f"{'it takes' if len(waiting) == 1 else 'they take'} effect at the next start")
-        return new, open_ignore(new)
+        return new, ignore
 
     def sensors_for(new: Config) -> list[Sensor]:
         return build_sensors(new, modes, journal.log, time.time, bans.backend)
