@@ -269,3 +269,30 @@ def test_a_reload_leaves_the_connect_modes_sockets_open_when_their_ports_stay(
     assert cli(daemon, "reload").returncode == 0
     syslog.wait_for("adminalert: Going into listen mode on TCP port: 2", since=mark)
     assert tcp_connect(net.scanner2, net.target2_ip4, 2).connected
+
+
+def test_what_the_config_does_not_honour_is_said_in_syslog_at_start_and_at_each_reload(
+        daemon_factory, syslog):
+    # Config warnings went to standard error only: at boot under the SysV script (--daemon) they
+    # reached nobody, and a reload (systemctl reload sends SIGHUP, no check-config) said nothing
+    # at all of a misspelt key in the new file, which was silently not honoured.
+    daemon = daemon_factory("-tcp", TCP_PORTS="1", SCAN_TRIGGER="0", start=False)
+    path = daemon.conf_path
+    write_files = daemon.write_files
+
+    def with_a_second_trigger() -> None:
+        write_files()
+        path.write_text(path.read_text() + 'SCAN_TRIGGER="3"\n')
+
+    daemon.write_files = with_a_second_trigger
+    daemon.start()
+    doubled = len(path.read_text().splitlines())
+    first = path.read_text().splitlines().index('SCAN_TRIGGER="0"') + 1
+    syslog.wait_for(f"adminalert: WARNING: {path}:{doubled}: SCAN_TRIGGER: already set on line "
+                    f"{first}; this later value is ignored")
+    path.write_text(path.read_text() + 'BLOCK_UPD="1"\n')
+    mark = syslog.mark()
+    os.kill(daemon.pid, signal.SIGHUP)
+    syslog.wait_for("adminalert: PortSentry reloaded its configuration from", since=mark)
+    syslog.wait_for(f"adminalert: WARNING: {path}:{doubled + 1}: unknown key BLOCK_UPD ignored",
+                    since=mark)

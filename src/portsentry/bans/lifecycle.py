@@ -26,7 +26,7 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from portsentry.bans.records import ban_reason
 from portsentry.bans.store import (
@@ -227,7 +227,10 @@ class BanManager:
             # fleet peers as a ban and undone with KILL_ROUTE_UNDO at its end.
             return responder.carry_out(block, None)
         at = time.time() if now is None else now
+        route = any(step.kind is StepKind.ROUTE for step in block.steps)
         with self._turns.turn(probe.source):
+            # A ban this block extends keeps the mark an earlier block's KILL_ROUTE earned.
+            routed_before = route and self._routed(probe.source, at)
             if isinstance(duration, UsePolicy):
                 duration = self.duration(probe.source, at)
             # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
@@ -235,7 +238,7 @@ class BanManager:
             saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
                                   now=at, duration=duration, hosts_deny_line=responder.intended_line(block),
                                   native=any(step.kind is StepKind.NATIVE for step in block.steps),
-                                  route=any(step.kind is StepKind.ROUTE for step in block.steps))
+                                  route=route)
             # A ban in force extended by this block counts its blocks on (a new one starts at 1):
             # no second read of the store on the way to KILL_ROUTE.
             extending = saved is not None and saved.count > 1
@@ -245,6 +248,8 @@ class BanManager:
                 # and the engine still held the address banned.
                 duration = None if saved.expires is None else max(saved.expires - at, 1.0)
             carried = responder.run_steps(block, duration, self)
+            if route and not routed_before and StepKind.ROUTE not in carried.held_by:
+                self._unmark_route(probe.source)
             if carried.done:
                 self._said_ban(probe.source, carried.held_by, duration, ban_reason(probe), saved)
                 return True
@@ -317,6 +322,25 @@ class BanManager:
                 return False
         self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
         return True
+
+    def _routed(self, address: IPAddress, now: float) -> bool:
+        try:
+            ban = self.store.get(address)
+        except StoreError:
+            return False
+        return ban is not None and ban.active(now) and ban.routed
+
+    def _unmark_route(self, address: IPAddress) -> None:
+        """Marked before it ran, as a crash may come in between: a KILL_ROUTE that failed did
+        nothing for KILL_ROUTE_UNDO to take back (its "File exists" names a route someone else,
+        such as 1.2, made)."""
+        try:
+            self.store.unmark_route(address)
+        except StoreError as error:
+            self._store_failed(error)
+        with self._unsaved_lock:
+            self._unsaved = [replace(e, backends=tuple(b for b in e.backends if b != ROUTE_MARK))
+                             if normalise(e.address) == normalise(address) else e for e in self._unsaved]
 
     def _said_ban(self, address: IPAddress, held_by: tuple[StepKind, ...], duration: float | None,
                   reason: str, saved: Ban | None) -> None:

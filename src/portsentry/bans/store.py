@@ -607,6 +607,17 @@ class BanStore:
         with self._transaction() as db:
             self._record(db, kind, key, detail, now)
 
+    @_store_errors
+    def unmark_route(self, address: IPAddress | str) -> None:
+        """KILL_ROUTE failed for the ban of `address` (ROUTE_MARK off): what holds the host, such
+        as a route 1.2 made, is not ours to undo at the lift, nor ours to make again at a reboot."""
+        key = str(normalise(address))
+        with self._transaction() as db:
+            ban = self._get(db, key)
+            if ban is not None and ROUTE_MARK in ban.backends:
+                db.execute("UPDATE bans SET backends = ? WHERE address = ?",
+                           (json.dumps([b for b in ban.backends if b != ROUTE_MARK]), key))
+
     # -- hosts.deny lines --------------------------------------------------------------------
 
     @_store_errors

@@ -414,7 +414,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if not modes:
         print(USAGE, file=sys.stderr)
         return 2
-    return run(loaded.config, modes, args)
+    return run(loaded.config, modes, args, loaded.warnings)
 
 
 if __name__ == "__main__":

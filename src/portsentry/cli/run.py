@@ -86,7 +86,10 @@ def open_ignore(config: Config) -> IgnoreSource:
     return load_ignore_source(config, local_addresses)
 
 
-def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
+def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
+        warnings: Sequence[str] = ()) -> int:
+    """The daemon; `warnings`: what the configuration file has that is not honoured (main()
+    printed them for the terminal; syslog, where 1.2 said everything, gets them too)."""
     from portsentry.bans.lifecycle import BanManager, BanPolicy, open_store
     from portsentry.bans.store import StoreError
     from portsentry.responders.classic import ClassicResponder
@@ -122,7 +125,7 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace) -> int:
             journal.log(line)
         return 1
 
-    for warning in ignore.warnings:
+    for warning in (*warnings, *ignore.warnings):
         journal.log(f"adminalert: WARNING: {warning}")
     control_path: str | None = config.control_socket
     other = daemon_answering(config.control_socket)

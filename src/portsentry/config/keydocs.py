@@ -55,7 +55,8 @@ DOCS: Final[dict[str, str]] = {
     "BLOCK_TIME_FACTOR": "Each further ban of the same host lasts this many times longer.",
     "BLOCK_TIME_MAX": "The longest ban escalation reaches, in seconds (0: no cap).",
     "KILL_ROUTE_UNDO": ("Command that lifts a KILL_ROUTE when a ban it ran for expires or is unblocked; "
-                        "a fleet peer's ban or a kernel ban it never ran for is left alone."),
+                        "a fleet peer's ban, a kernel ban it never ran for and a ban whose KILL_ROUTE "
+                        "failed (a route that was already there, such as 1.2's) are left alone."),
     "HISTORY_RETENTION": "Seconds the ban store keeps its history of bans and lifts, and offender "
                          "records (0: no limit).",
     "HISTORY_MAX_ROWS": "At most this many history entries are kept (0: no limit).",

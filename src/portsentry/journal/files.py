@@ -27,14 +27,22 @@ def history_line(at: float, name: str, address: IPAddress, port: int, protocol: 
 def append_line(path: str, line: str) -> None:
     """One O_APPEND write per line, so concurrent readers such as fail2ban never see half a line;
     a failed or short write is rolled back (under a flock, so another writer's line is not cut)
-    and raises OSError."""
+    and raises OSError. A file whose last line was left unterminated (1.2 killed or out of disk
+    mid-line) gets its newline first: joined to that line, ours would carry its old epoch, and
+    fail2ban would take the scan for one years past."""
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd, readable = os.open(path, os.O_RDWR | flags, 0o600), True
+    except PermissionError:  # write-only to us (the unit drops CAP_DAC_OVERRIDE): append blind
+        fd, readable = os.open(path, os.O_WRONLY | flags, 0o600), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        append_record(fd, (line + "\n").encode("utf-8", "replace"))
+        size = os.fstat(fd).st_size if readable else 0
+        separator = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+        append_record(fd, separator + (line + "\n").encode("utf-8", "replace"))
     finally:
         os.close(fd)
 

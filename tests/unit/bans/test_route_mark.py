@@ -119,3 +119,26 @@ def test_bans_of_an_earlier_store_are_taken_as_routed_where_they_were_local(tmp_
     assert db.execute("SELECT backends FROM bans WHERE address = ?", (str(A),)).fetchone() == (
         '["nftables","KILL_ROUTE"]',)
     db.close()
+
+
+def test_a_kill_route_that_failed_is_not_undone_at_the_lift(tmp_path):
+    # A host 1.2 blocked keeps its route after the switch: our KILL_ROUTE for its next scan fails
+    # ("SIOCADDRT: File exists") and hosts.deny holds the ban. Its expiry ran KILL_ROUTE_UNDO all
+    # the same and took 1.2's route, a block for ever, away with ours.
+    bans, _kernel, lines, commands = manager(tmp_path, base=60, undo=UNDO, route=ROUTE)
+
+    def run(command: str, timeout: float) -> CommandResult:
+        commands.append(command)
+        return CommandResult(command, 7 if command.startswith("route add") else 0, False,
+                             "SIOCADDRT: File exists", 0.0)
+
+    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=run, clock=lambda: 10.0)
+    block = Block(Probe(source=A, port=111, mode=Mode.ATCP, kind=KIND_SYN),
+                  (Step(StepKind.HOSTS_DENY, "ALL: $TARGET$ : DENY"), Step(StepKind.ROUTE, ROUTE)))
+    assert bans.enforce(block, responder, now=10.0)  # held by hosts.deny
+    held = bans.store.get(A)
+    assert held is not None and not held.routed
+    restart(bans, 20.0, str(tmp_path / "kernel-id"))  # nor is it run again after a reboot
+    assert commands == [f"route add {A}"]
+    assert bans.expire(100.0) == [A]
+    assert commands == [f"route add {A}"]

@@ -440,7 +440,7 @@ def test_relative_paths_on_the_command_line_survive_the_daemon_s_chdir(
 
     seen: list[argparse.Namespace] = []
 
-    def record(config: object, modes: object, args: argparse.Namespace) -> int:
+    def record(config: object, modes: object, args: argparse.Namespace, warnings: object = ()) -> int:
         seen.append(args)
         return 0
 

@@ -76,3 +76,20 @@ def test_failed_history_writes_are_reported_not_silent(tmp_path):
         f"adminalert: ERROR: Cannot open history file: {tmp_path}/file/sub/history. (Not a directory)"]
     assert journal.file_errors == 3
     assert journal.failures.snapshot()[0]["failures"] == 3
+
+
+def test_a_history_left_mid_line_does_not_swallow_the_next_line(tmp_path):
+    # 1.2 (or a crash, a full disk) left the history's last line cut short, without its newline.
+    # Appended to it, our line joined it: fail2ban took the cut line's old epoch for its time
+    # and ignored the first scanner after the switch as years past its findtime.
+    path = tmp_path / "portsentry.history"
+    path.write_bytes(b"1614888019 - 03/04/2021 20:00:19 Host: 198.18.7.1/198.18.7.1 Port: 1 TCP Blocked\n"
+                     b"1614888019 - 03/04/2021 20:00:19 Host: 1")
+    line = history_line(1796543503, "198.18.0.2", ip_address("198.18.0.2"), 111, Protocol.TCP)
+    append_line(str(path), line)
+    append_line(str(path), line)
+    lines = path.read_text().split("\n")
+    assert lines[1] == "1614888019 - 03/04/2021 20:00:19 Host: 1"  # kept as it was, on its own
+    assert lines[2:] == [line, line, ""]
+    match = FAIL2BAN.match(lines[2])
+    assert match and match["epoch"] == "1796543503" and match["host"] == "198.18.0.2"
