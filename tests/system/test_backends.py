@@ -6,6 +6,7 @@ netlink socket is opened inside the target namespace and checked to be there bef
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import socket
 import threading
@@ -15,7 +16,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from portsentry.responders.backend import BanBackend, RunResult, run_argv
+from portsentry.responders.backend import BackendError, BanBackend, RunResult, run_argv
 from portsentry.responders.iproute import RouteBackend
 from portsentry.responders.ipset import IpsetBackend
 from portsentry.responders.nft_elements import open_netlink
@@ -193,3 +194,39 @@ def test_a_ban_longer_than_the_kernel_can_time_is_held_with_the_others(kind: str
         assert backend.members()[scanner6] is None
     finally:
         backend.teardown()
+
+
+def test_the_route_backend_never_takes_over_a_route_somebody_else_made(net: Namespaces) -> None:
+    """`ip route replace` took over any route with the ban's key: 1.2's reject route for a host it
+    blocked, or an admin's route to a host, which the ban's lift then deleted. Another's ban route
+    is left as it is (the host stays blocked by it, and our lift leaves it); another's route of any
+    other kind is a ban that cannot be made, said as such, never replaced."""
+    target = net.target
+    theirs_ban, theirs_route, free = "198.18.0.77", "198.18.0.78", ip_address("198.18.0.79")
+    run_in(target, ["ip", "route", "add", "unreachable", theirs_ban], check=True)
+    run_in(target, ["ip", "route", "add", theirs_route, "via", net.scanner_ip4], check=True)
+
+    def route_of(address: str) -> list[dict[str, object]]:
+        out = run_in(target, ["ip", "-j", "route", "show", "exact", address], check=True).stdout
+        routes: list[dict[str, object]] = json.loads(out or "[]")
+        return routes
+
+    before = {address: route_of(address) for address in (theirs_ban, theirs_route)}
+    backend = RouteBackend(runner=ns_runner(target))
+    backend.add(ip_address(theirs_ban), None)  # blocked already, by their route
+    with pytest.raises(BackendError, match="not ours"):
+        backend.add(ip_address(theirs_route), None)
+    backend.add(free, None)
+    backend.add(free, None)  # ours already: fine
+    assert free in backend.members() and ip_address(theirs_ban) not in backend.members()
+    with pytest.raises(BackendError, match=r"1 of 3 routes not made: 198\.18\.0\.78 has a route that is not"):
+        backend.add_many([(ip_address(theirs_ban), None), (ip_address(theirs_route), None), (free, None)])
+    # The minute's repair puts back none of them: theirs block, or refused the ban.
+    stored = [ip_address(a).packed for a in (theirs_ban, theirs_route)] + [free.packed]
+    assert backend.restore_lost(lambda: stored) == 0
+    assert {address: route_of(address) for address in before} == before
+    backend.remove(ip_address(theirs_ban))
+    backend.remove(ip_address(theirs_route))
+    backend.remove(free)
+    assert {address: route_of(address) for address in before} == before
+    assert route_of(str(free)) == []

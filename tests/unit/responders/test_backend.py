@@ -130,14 +130,14 @@ def test_default_add_many_loops_over_add() -> None:
     from portsentry.responders.backend import BanBackend
     BanBackend.add_many(backend, [(ip_address("198.18.0.1"), 5.0), (ip_address("fd00::1"), None)])
     assert rec.argvs == [
-        ["ip", "-4", "route", "replace", "blackhole", "198.18.0.1", "proto", "213"],
-        ["ip", "-6", "route", "replace", "blackhole", "fd00::1", "proto", "213"],
+        ["ip", "-4", "route", "add", "blackhole", "198.18.0.1", "proto", "213"],
+        ["ip", "-6", "route", "add", "blackhole", "fd00::1", "proto", "213"],
     ]
 
 
 def test_run_raises_backend_error_naming_the_command() -> None:
     rec = Recorder({("ip",): RunResult(2, "", "RTNETLINK answers: Operation not permitted\n")})
-    with pytest.raises(BackendError, match=r"ip -4 route replace .* exited 2: RTNETLINK answers"):
+    with pytest.raises(BackendError, match=r"ip -4 route add .* exited 2: RTNETLINK answers"):
         RouteBackend(runner=rec).add(ip_address("198.18.0.1"), None)
 
 

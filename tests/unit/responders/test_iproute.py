@@ -25,8 +25,8 @@ def test_add_remove_golden() -> None:
     backend.remove(V4)
     backend.remove(V6)
     assert rec.calls == [
-        (["ip", "-4", "route", "replace", "blackhole", "198.18.0.9", "proto", "213"], None),
-        (["ip", "-6", "route", "replace", "blackhole", "fd00::9", "proto", "213"], None),
+        (["ip", "-4", "route", "add", "blackhole", "198.18.0.9", "proto", "213"], None),
+        (["ip", "-6", "route", "add", "blackhole", "fd00::9", "proto", "213"], None),
         (["ip", "-4", "route", "del", "blackhole", "198.18.0.9", "proto", "213"], None),
         (["ip", "-6", "route", "del", "blackhole", "fd00::9", "proto", "213"], None),
     ]
@@ -35,7 +35,7 @@ def test_add_remove_golden() -> None:
 def test_kind_and_proto_options() -> None:
     rec = Recorder()
     RouteBackend("unreachable", rec, proto=99).add(V4, None)
-    assert rec.argvs == [["ip", "-4", "route", "replace", "unreachable", "198.18.0.9", "proto", "99"]]
+    assert rec.argvs == [["ip", "-4", "route", "add", "unreachable", "198.18.0.9", "proto", "99"]]
 
 
 def test_remove_of_absent_route_is_fine_other_errors_are_not() -> None:
@@ -49,9 +49,9 @@ def test_remove_of_absent_route_is_fine_other_errors_are_not() -> None:
 def test_add_many_is_one_batch() -> None:
     rec = Recorder()
     RouteBackend(runner=rec).add_many([(V4, 60), (V6, None)])
-    assert rec.calls == [(["ip", "-batch", "-"],
-                          "route replace blackhole 198.18.0.9 proto 213\n"
-                          "route replace blackhole fd00::9 proto 213\n")]
+    assert rec.calls == [(["ip", "-force", "-batch", "-"],
+                          "route add blackhole 198.18.0.9 proto 213\n"
+                          "route add blackhole fd00::9 proto 213\n")]
 
 
 def test_teardown_flushes_only_our_routes() -> None:
@@ -112,7 +112,11 @@ def test_restore_lost_adds_back_only_the_stored_routes_that_are_gone() -> None:
         return [V4.packed, V6.packed]
 
     assert RouteBackend(runner=rec).restore_lost(active) == 1
-    assert rec.calls[-1] == (["ip", "-batch", "-"], "route replace blackhole fd00::9 proto 213\n")
+    assert rec.calls[-1] == (["ip", "-force", "-batch", "-"], "route add blackhole fd00::9 proto 213\n")
+    # Anyone's ban routes are read (1.2's unreachable routes block their hosts too).
+    assert [argv[2:] for argv in rec.argvs[:-1]] == [
+        [family, "route", "show", "type", kind] for family in ("-4", "-6")
+        for kind in ("blackhole", "prohibit", "unreachable")]
     assert asked == [True]
     rec = Recorder({("ip", "-j"): RunResult(0, listed, "")})
     assert RouteBackend(runner=rec).restore_lost(lambda: [V4.packed]) == 0
@@ -126,8 +130,7 @@ def test_replace_all_deletes_the_routes_the_store_does_not_know() -> None:
     RouteBackend(runner=rec).replace_all([(V4.packed, 60.0), (V6.packed, None)])
     assert rec.calls[2:] == [
         (["ip", "-batch", "-"], "route del blackhole 198.18.0.99 proto 213\n"),
-        (["ip", "-batch", "-"], "route replace blackhole 198.18.0.9 proto 213\n"
-                                "route replace blackhole fd00::9 proto 213\n")]
+        (["ip", "-force", "-batch", "-"], "route add blackhole fd00::9 proto 213\n")]  # 198.18.0.9 is ours
 
 
 def test_packed_routes_keeps_host_routes_only() -> None:
