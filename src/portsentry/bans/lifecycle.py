@@ -245,6 +245,12 @@ class BanManager:
                 # and the engine still held the address banned.
                 duration = None if saved.expires is None else max(saved.expires - at, 1.0)
             carried = responder.run_steps(block, duration, self)
+            if carried.done and saved is not None and saved.routed and not extending \
+                    and StepKind.ROUTE not in carried.held_by:
+                # KILL_ROUTE failed (Debian's "route add -host $TARGET$ reject" cannot take an
+                # IPv6 address): the ban stands by its other steps, not by a route. An extended
+                # ban keeps the mark: its first block's route may be what "File exists" means.
+                self._unmark_routed([probe.source])
             if carried.done:
                 self._said_ban(probe.source, carried.held_by, duration, ban_reason(probe), saved)
                 return True
@@ -367,6 +373,12 @@ class BanManager:
         return self.store.ban(entry.address, reason=entry.reason, mode=entry.mode, port=entry.port,
                               now=entry.now, duration=entry.duration,
                               hosts_deny_line=entry.hosts_deny_line, backends=entry.backends)
+
+    def _unmark_routed(self, addresses: list[IPAddress]) -> None:
+        try:
+            self.store.unmark_routed(addresses)
+        except StoreError as error:
+            self._store_failed(error)
 
     def own_line(self, address: IPAddress, line: str, now: float) -> None:
         """HostsDeny.add's `on_append`: the copy about to be appended is ours. Recorded before the

@@ -599,6 +599,19 @@ class BanStore:
         return [Event(at=r[0], kind=r[1], address=ip_address(r[2]), detail=r[3]) for r in rows]
 
     @_store_errors
+    def unmark_routed(self, addresses: Iterable[IPAddress]) -> None:
+        """KILL_ROUTE failed for these new bans: ROUTE_MARK is dropped (it was recorded before
+        the command ran), so nothing lists the ban as held by it, and neither KILL_ROUTE_UNDO
+        nor the re-run after a reboot is done for a route that was never made."""
+        with self._transaction() as db:
+            for address in addresses:
+                key = str(normalise(address))
+                ban = self._get(db, key)
+                if ban is not None and ROUTE_MARK in ban.backends:
+                    kept = [name for name in ban.backends if name != ROUTE_MARK]
+                    db.execute("UPDATE bans SET backends = ? WHERE address = ?", (json.dumps(kept), key))
+
+    @_store_errors
     def record(self, kind: EventKind, address: IPAddress | str, detail: str, now: float) -> None:
         """Add an event to the history (ban/lift already record their own)."""
         if kind not in EVENT_KINDS:
