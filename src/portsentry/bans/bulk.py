@@ -140,7 +140,13 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
     if lines and not _add_lines(bans, bans.hosts_deny, lines, now):
         result.failed_steps += 1
     commands = [template for template in (steps.route, steps.run_cmd) if template]
-    result.failed_commands = _run_each(bans, commands, [ban.address for ban in made], run)
+    failed = _run_each(bans, commands, [ban.address for ban in made], run)
+    result.failed_commands = len(failed)
+    # As for a single block: a new ban whose KILL_ROUTE failed is not held by a route.
+    new = {ban.address for ban in made if ban.count == 1}
+    unrouted = [address for address, template in failed if template == steps.route and address in new]
+    if unrouted:
+        bans.store.unmark_routed(unrouted)
     result.done = len(made)
     return result
 
@@ -170,8 +176,8 @@ def unblock_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAdd
         else:
             bans.store.disown_lines(ours)
     # Only what KILL_ROUTE did here is undone (ROUTE_MARK): a peer's ban never ran it.
-    result.failed_commands = _run_each(bans, [steps.undo] if steps.undo else [],
-                                       [ban.address for ban in held if ban.routed], run)
+    result.failed_commands = len(_run_each(bans, [steps.undo] if steps.undo else [],
+                                           [ban.address for ban in held if ban.routed], run))
     if local:
         result.done = bans.store.lift_many((ban.address for ban in held), now,
                                            "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY)
@@ -195,21 +201,22 @@ def _add_lines(bans: BanManager, hosts_deny: HostsDeny, lines: dict[str, IPAddre
 
 
 def _run_each(bans: BanManager, templates: Sequence[str], addresses: Sequence[IPAddress],
-              run: Callable[[str, float], CommandResult]) -> int:
-    """Each command for each address, COMMAND_CONCURRENCY at a time; how many failed."""
+              run: Callable[[str, float], CommandResult]) -> list[tuple[IPAddress, str]]:
+    """Each command for each address, COMMAND_CONCURRENCY at a time; the (address, template)
+    of each that failed."""
     if not templates or not addresses:
-        return 0
+        return []
     timeout = bans.policy.command_timeout
 
-    def one(address: IPAddress) -> int:
-        failed = 0
+    def one(address: IPAddress) -> list[tuple[IPAddress, str]]:
+        failed = []
         for template in templates:
             command = substitute(template, address, 0, Mode.TCP)
             outcome = run(command, timeout)
             if not outcome.ok:
-                failed += 1
+                failed.append((address, template))
                 bans.log(messages.command_failed(str(address), outcome.failure()))
         return failed
 
     with ThreadPoolExecutor(max_workers=COMMAND_CONCURRENCY, thread_name_prefix="bulk") as pool:
-        return sum(pool.map(one, addresses))
+        return [failure for failures in pool.map(one, addresses) for failure in failures]

@@ -335,7 +335,7 @@ class BanManager:
         nothing for KILL_ROUTE_UNDO to take back (its "File exists" names a route someone else,
         such as 1.2, made)."""
         try:
-            self.store.unmark_route(address)
+            self.store.unmark_routed([address])
         except StoreError as error:
             self._store_failed(error)
         with self._unsaved_lock:

@@ -599,6 +599,20 @@ class BanStore:
         return [Event(at=r[0], kind=r[1], address=ip_address(r[2]), detail=r[3]) for r in rows]
 
     @_store_errors
+    def unmark_routed(self, addresses: Iterable[IPAddress]) -> None:
+        """KILL_ROUTE failed for these new bans: ROUTE_MARK is dropped (it was recorded before
+        the command ran), so nothing lists the ban as held by it, and neither KILL_ROUTE_UNDO
+        nor the re-run after a reboot is done for a route that was never made (or that someone
+        else, such as 1.2, made: its "File exists")."""
+        with self._transaction() as db:
+            for address in addresses:
+                key = str(normalise(address))
+                ban = self._get(db, key)
+                if ban is not None and ROUTE_MARK in ban.backends:
+                    kept = [name for name in ban.backends if name != ROUTE_MARK]
+                    db.execute("UPDATE bans SET backends = ? WHERE address = ?", (json.dumps(kept), key))
+
+    @_store_errors
     def record(self, kind: EventKind, address: IPAddress | str, detail: str, now: float) -> None:
         """Add an event to the history (ban/lift already record their own)."""
         if kind not in EVENT_KINDS:
@@ -606,17 +620,6 @@ class BanStore:
         key = str(normalise(address))
         with self._transaction() as db:
             self._record(db, kind, key, detail, now)
-
-    @_store_errors
-    def unmark_route(self, address: IPAddress | str) -> None:
-        """KILL_ROUTE failed for the ban of `address` (ROUTE_MARK off): what holds the host, such
-        as a route 1.2 made, is not ours to undo at the lift, nor ours to make again at a reboot."""
-        key = str(normalise(address))
-        with self._transaction() as db:
-            ban = self._get(db, key)
-            if ban is not None and ROUTE_MARK in ban.backends:
-                db.execute("UPDATE bans SET backends = ? WHERE address = ?",
-                           (json.dumps([b for b in ban.backends if b != ROUTE_MARK]), key))
 
     # -- hosts.deny lines --------------------------------------------------------------------
 

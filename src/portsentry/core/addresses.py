@@ -3,7 +3,9 @@
 Every address that enters the daemon (a captured packet, an accepted connection, an admin's
 `block`, later a fleet peer) passes `canonical` once, so the guard, the engine, the store, the
 history and every backend see a single form: an IPv4 host that reaches us inside IPv6
-(`::ffff:a.b.c.d` mapped, or the deprecated `::a.b.c.d` compatible form) is that IPv4 host.
+(`::ffff:a.b.c.d` mapped, or the deprecated `::a.b.c.d` compatible form) is that IPv4 host. The
+packet parser drops a captured IPv6 packet with such a source before it gets here: only a socket
+names a peer so, no IPv4 host sends IPv6.
 Without this, a forged IPv6 SYN from `::ffff:<gateway>` slipped past a guard that knew the
 gateway only as IPv4, and the store, which unmaps, then banned the real gateway at the next start.
 
@@ -23,7 +25,7 @@ IPAddress = IPv4Address | IPv6Address
 
 # What impossible_source refuses, as networks, for the kernel's first-probe ban, which must never
 # ban these on its own: 0/8, loopback, multicast and 240/4 (with 255.255.255.255); ::, ::1 and
-# the IPv4-compatible ::/96; IPv4-mapped ::ffff:0:0/96 (the daemon decides on the IPv4 address);
+# the IPv4-compatible ::/96; IPv4-mapped ::ffff:0:0/96 (the daemon's parser drops them as forged);
 # IPv6 multicast.
 IMPOSSIBLE_NETWORKS: tuple[IPv4Network | IPv6Network, ...] = tuple(
     ip_network(text)

@@ -129,6 +129,8 @@ class DropReason(enum.StrEnum):
     SOURCE_MULTICAST = "source multicast"
     SOURCE_BROADCAST = "source broadcast"
     SOURCE_RESERVED = "source reserved"
+    # An IPv6 packet "from" ::ffff:a.b.c.d or ::a.b.c.d: no IPv4 host sends one.
+    SOURCE_IPV4_IN_IPV6 = "source IPv4 in IPv6"
 
 
 BAD_SOURCE_DROPS = {
@@ -183,8 +185,9 @@ _FLAG_VALUES = tuple(TcpFlag(value) for value in range(256))
 def parse_packet(data: bytes, drops: DropCounter) -> Packet | None:
     """The TCP/UDP header of an IP packet, or None (reason counted in `drops`). Never raises.
 
-    Addresses come out canonical (IPv4 inside IPv6 as IPv4), and a packet whose source no real
-    peer can have is dropped here, so nothing after the parser ever sees one.
+    Addresses come out canonical (an IPv4-mapped destination as IPv4), and a packet whose source
+    no real peer can have, an IPv4 address in an IPv6 header among them, is dropped here, so
+    nothing after the parser ever sees one.
     """
     if not data:
         drops.add(DropReason.TRUNCATED)
@@ -239,6 +242,11 @@ def _parse_ipv4(data: bytes, drops: DropCounter) -> Packet | None:
     )
 
 
+# The first 96 bits of an IPv4-mapped (::ffff:0:0/96) and an IPv4-compatible (::/96) address;
+# :: and ::1 are IPv6's own, the unspecified and loopback addresses, dropped as such.
+_IPV4_MAPPED, _IPV4_COMPATIBLE = bytes(10) + b"\xff\xff", bytes(12)
+_OWN_IPV6_LOW = frozenset({bytes(4), bytes(3) + b"\x01"})
+
 # IPv6 fragment header: next header, reserved, fragment offset (13 bits) + flags, identification.
 _FRAGMENT = struct.Struct("!BBH")
 
@@ -248,6 +256,14 @@ def _parse_ipv6(data: bytes, drops: DropCounter) -> Packet | None:
         drops.add(DropReason.TRUNCATED)
         return None
     _, payload_length, next_header, _, source, destination = IPv6Header.LAYOUT.unpack_from(data)
+    prefix = source[:12]
+    if prefix == _IPV4_MAPPED or (prefix == _IPV4_COMPATIBLE and source[12:] not in _OWN_IPV6_LOW):
+        # The mapped form is how a dual-stack socket names an IPv4 peer, never a source on the
+        # wire (RFC 4291 2.5.5), and Linux's TCP refuses such a SYN. Taken for the IPv4 host, it
+        # let a forger on an IPv6 link ban any IPv4 host, past the reverse-path filter that stops
+        # the same source forged in IPv4.
+        drops.add(DropReason.SOURCE_IPV4_IN_IPV6)
+        return None
     if payload_length:
         claimed = IPv6Header.SIZE + payload_length
     elif next_header == IPPROTO_HOPOPTS:

@@ -498,7 +498,7 @@ def test_a_kill_route_undo_or_re_run_that_times_out_is_reported_as_such(tmp_path
                   native=False, route=True)
     restart(bans, 2.0, str(tmp_path / "kernel-id"))
     assert bans.lift(A, 3.0, "unblocked by admin")
-    assert _run_each(bans, ["sleep-forever $TARGET$"], [A], hang) == 1
+    assert len(_run_each(bans, ["sleep-forever $TARGET$"], [A], hang)) == 1
     failures = [line for line in lines if "sleep-forever" in line and "ERROR" in line]
     assert len(failures) == 3, lines
     for line in failures:
@@ -508,7 +508,7 @@ def test_a_kill_route_undo_or_re_run_that_times_out_is_reported_as_such(tmp_path
         return CommandResult(command, None, False, "cannot run /bin/sh: [Errno 7] E2BIG", 0.0)
 
     lines.clear()
-    assert _run_each(bans, ["x $TARGET$"], [A], unstartable) == 1
+    assert len(_run_each(bans, ["x $TARGET$"], [A], unstartable)) == 1
     assert lines == ['adminalert: ERROR: There was an error trying to run command (system fail) '
                      '198.18.0.2: "x 198.18.0.2" could not be started: cannot run /bin/sh: [Errno 7] E2BIG']
 

@@ -142,3 +142,61 @@ def test_a_kill_route_that_failed_is_not_undone_at_the_lift(tmp_path):
     assert commands == [f"route add {A}"]
     assert bans.expire(100.0) == [A]
     assert commands == [f"route add {A}"]
+
+
+DEBIAN_ROUTE = "/sbin/route add -host $TARGET$ reject"  # net-tools: "Unknown host" for IPv6
+V6 = ip_address("fd00:18::2")
+
+
+def _failing_route(ran: list[str]):
+    def run(command: str, timeout: float) -> CommandResult:
+        ran.append(command)
+        if command.startswith("/sbin/route add") and ":" in command:  # as net-tools does
+            return CommandResult(command, 6, False, f"{V6}: Unknown host", 0.0)
+        return CommandResult(command, 0, False, "", 0.0)
+    return run
+
+
+def test_a_kill_route_that_failed_is_not_recorded_as_holding_the_ban(tmp_path):
+    # Debian's shipped KILL_ROUTE cannot take an IPv6 address, and -tcp listens on IPv6 too: the
+    # ban stands by the native set, but `list` said "held by KILL_ROUTE", the unblock told the admin
+    # to undo by hand what KILL_ROUTE had done, and KILL_ROUTE_UNDO ran for a route never made.
+    bans, _kernel, lines, commands = manager(tmp_path, undo="/sbin/route del -host $TARGET$ reject",
+                                             route=DEBIAN_ROUTE)
+    ran: list[str] = []
+    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=_failing_route(ran),
+                                 clock=lambda: 10.0)
+    block = Block(Probe(source=V6, port=1, mode=Mode.TCP, kind=KIND_SYN),
+                  (Step(StepKind.NATIVE, ""), Step(StepKind.ROUTE, DEBIAN_ROUTE)))
+    assert bans.enforce(block, responder, now=10.0)
+    assert ran == [f"/sbin/route add -host {V6} reject"]
+    held = bans.store.get(V6)
+    assert held is not None and not held.routed and held.backends == ("fake",)
+    assert bans.lift(V6, 20.0, "unblocked by admin")
+    assert commands == []
+
+
+def test_a_kill_route_that_failed_again_keeps_the_mark_of_the_ban_it_extends(tmp_path):
+    # "File exists": the route of the first block is still there, and its undo must still run.
+    bans, _kernel, lines, commands = manager(tmp_path, undo=UNDO, route=ROUTE)
+    ran: list[str] = []
+    responder = _responder(bans, lines, ran)
+    block = Block(Probe(source=A, port=1, mode=Mode.TCP, kind=KIND_SYN),
+                  (Step(StepKind.NATIVE, ""), Step(StepKind.ROUTE, ROUTE)))
+    assert bans.enforce(block, responder, now=10.0)
+    failing = ClassicResponder(bans.hosts_deny, lines.append, 1.0,
+                               runner=lambda c, t: CommandResult(c, 2, False, "File exists", 0.0),
+                               clock=lambda: 11.0)
+    assert bans.enforce(block, failing, now=11.0)
+    held = bans.store.get(A)
+    assert held is not None and held.routed
+    assert bans.lift(A, 20.0, "unblocked by admin")
+    assert commands == [f"route del {A}"]
+
+
+def test_block_file_leaves_no_mark_where_kill_route_failed(tmp_path):
+    bans, _kernel, _lines, _commands = manager(tmp_path)
+    ran: list[str] = []
+    block_many(bans, ManualSteps(route=DEBIAN_ROUTE, undo=UNDO), [A, V6], 1.0, None, _failing_route(ran))
+    got = {address: bans.store.get(address) for address in (A, V6)}
+    assert {a: (b.routed if b else None) for a, b in got.items()} == {A: True, V6: False}

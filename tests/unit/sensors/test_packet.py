@@ -401,10 +401,17 @@ def test_drop_counter():
 
 
 @pytest.mark.parametrize("source", ["::ffff:198.18.102.254", "::198.18.102.254"])
-def test_ipv4_inside_ipv6_comes_out_as_ipv4(source):
-    packet, drops = parse(ipv6(tcp(), src=IPv6Address(source), dst=IPv6Address("::ffff:198.18.0.2")))
+def test_an_ipv4_address_as_an_ipv6_packets_source_is_forged(source):
+    # No IPv4 host sends IPv6, and the mapped form never appears on the wire (RFC 4291 2.5.5.2;
+    # Linux's TCP refuses such a SYN). Taken for the IPv4 host, a forger behind an IPv6 link got
+    # any IPv4 host banned, past the reverse-path filter that stops the same source forged in IPv4.
+    assert dropped(ipv6(tcp(), src=IPv6Address(source))) is DropReason.SOURCE_IPV4_IN_IPV6
+    assert dropped(ipv6(udp(), 17, src=IPv6Address(source))) is DropReason.SOURCE_IPV4_IN_IPV6
+
+
+def test_an_ipv4_mapped_destination_still_comes_out_as_ipv4():
+    packet, drops = parse(ipv6(tcp(), dst=IPv6Address("::ffff:198.18.0.2")))
     assert packet is not None and drops.total == 0
-    assert packet.source == IPv4Address("198.18.102.254")
     assert packet.destination == IPv4Address("198.18.0.2")
 
 
@@ -425,10 +432,11 @@ def test_impossible_ipv4_sources_are_dropped(source, reason):
     ("::", DropReason.SOURCE_UNSPECIFIED),
     ("::1", DropReason.SOURCE_LOOPBACK),
     ("ff02::1", DropReason.SOURCE_MULTICAST),
-    ("::ffff:0.0.0.0", DropReason.SOURCE_UNSPECIFIED),
-    ("::ffff:127.0.0.1", DropReason.SOURCE_LOOPBACK),
-    ("::ffff:224.0.0.1", DropReason.SOURCE_MULTICAST),
-    ("::ffff:255.255.255.255", DropReason.SOURCE_BROADCAST),
+    ("::ffff:0.0.0.0", DropReason.SOURCE_IPV4_IN_IPV6),
+    ("::ffff:127.0.0.1", DropReason.SOURCE_IPV4_IN_IPV6),
+    ("::ffff:224.0.0.1", DropReason.SOURCE_IPV4_IN_IPV6),
+    ("::ffff:255.255.255.255", DropReason.SOURCE_IPV4_IN_IPV6),
+    ("::0.0.0.2", DropReason.SOURCE_IPV4_IN_IPV6),
 ])
 def test_impossible_ipv6_sources_are_dropped(source, reason):
     assert dropped(ipv6(udp(), 17, src=IPv6Address(source))) is reason
