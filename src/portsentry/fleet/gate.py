@@ -2,7 +2,8 @@
 here. Pure: the clock and the guarded addresses are passed in.
 
 A ban is refused for this host's own addresses, its ignore list, its default gateways and DNS
-resolvers (the same guards as a local ban), and for sources no real packet can have; a decision
+resolvers (the same guards as a local ban), for sources no real packet can have, and for
+link-local addresses (a host of the peer's link, not of this one); a decision
 from a host outside FLEET_ACCEPT_HOSTS, or older than one already taken from that host (a
 replay), is refused whatever it says; our own decisions coming back are echoes, not refusals.
 Fleet bans have their own rate cap (FLEET_BAN_RATE_LIMIT a minute). The reasons are the label
@@ -26,7 +27,7 @@ from portsentry.fleet.settings import RESERVED_IDS
 MINUTE = 60.0
 ECHO = "echo"  # our own decision read back: skipped, never counted as refused
 REASONS = ("unsigned", "bad_signature", "malformed", "host_not_accepted", "replay", "impossible",
-           "own_address", "ignored", "protected", "expired", "rate_limited", "stale")
+           "own_address", "ignored", "protected", "link_local", "expired", "rate_limited", "stale")
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ class Gate:
             return None  # lifting never harms this host; guards protect against bans
         if (refused := self.guards.refusal(decision.address)) is not None:
             return refused
+        # A link-local address names a host of the peer's link only; here it is whoever is on
+        # this host's link, which no peer has seen. (A ban made by hand here may name one.)
+        if canonical(decision.address).is_link_local:
+            return "link_local"
         if decision.expires is not None and decision.expires <= now:
             return "expired"
         if live and capped and self.rate_limited(now):

@@ -6,7 +6,7 @@ from ipaddress import ip_address, ip_network
 
 from portsentry.config.ignore import IgnoreEntry, IgnoreList
 from portsentry.fleet.decision import Decision
-from portsentry.fleet.gate import ECHO, Gate, Guards
+from portsentry.fleet.gate import ECHO, REASONS, Gate, Guards
 
 NOW = 1_700_000_000.0
 
@@ -105,3 +105,14 @@ def test_a_peer_signing_as_a_store_origin_of_this_host_is_not_accepted():
         assert gate.check(ban("198.18.9.9", host=host, seq=n), NOW) == "host_not_accepted"
         assert gate.check(lift("198.18.9.9", host=host, seq=n), NOW) == "host_not_accepted"
         assert gate.check(ban("198.18.9.9", host=host, seq=n), NOW, live=False) == "host_not_accepted"
+
+
+def test_a_peers_ban_of_a_link_local_address_is_not_applied_here():
+    # fe80::7 or 169.254.1.7 on a peer's link is a host of that link only: the same address here
+    # is whoever sits on this host's link, and no peer has seen it.
+    gate = Gate("h2")
+    assert gate.check(ban("fe80::7", seq=1), NOW) == "link_local"
+    assert gate.check(ban("169.254.1.7", seq=2), NOW) == "link_local"
+    assert gate.check(lift("fe80::7", seq=3), NOW) is None  # a lift harms nobody
+    assert gate.check(ban("fd00:18::7", seq=4), NOW) is None
+    assert "link_local" in REASONS
