@@ -180,6 +180,9 @@ class RouteBackend(BanBackend):
                 f"route del {self.kind} {address_text(address)} proto {self.proto}\n" for address in stale))
         self.add_many((address, timeout) for address, timeout in wanted if address not in ours)
 
+    def holds_any(self) -> bool:
+        return bool(self.members())
+
     def members(self) -> dict[IPAddress, float | None]:
         found: dict[IPAddress, float | None] = {}
         for family in ("-4", "-6"):

@@ -144,3 +144,14 @@ def test_packed_routes_keeps_host_routes_only() -> None:
     assert packed_routes("", socket.AF_INET6) == set()
     with pytest.raises(BackendError):
         packed_routes("{", socket.AF_INET)
+
+
+def test_holds_any_is_whether_a_route_of_ours_is_there() -> None:
+    # Always "maybe" before: a first start (or a reboot) replaced nothing, yet said the sets were
+    # replaced because "the last stop was not clean, or the store changed since".
+    empty = Recorder({("ip", "-j"): RunResult(0, "[]", "")})
+    assert not RouteBackend(runner=empty).holds_any()
+    listed = json.dumps([{"type": "blackhole", "dst": "198.18.0.9", "protocol": "213"}])
+    held = Recorder({("ip", "-j", "-4"): RunResult(0, listed, ""),
+                     ("ip", "-j", "-6"): RunResult(0, "[]", "")})
+    assert RouteBackend(runner=held).holds_any()
