@@ -370,14 +370,19 @@ class Daemon:
 
     # -- the probe path ------------------------------------------------------------------------
 
-    def handle(self, hit: Hit) -> None:
-        now = self.clock()
-        self.counters.probe(now)
+    def _ignore_now(self, now: float) -> None:
+        """The ignore list in force for the engine (an edit counts for the next packet), and a
+        broken edit said once, at the next probe or the next tick, whichever comes first."""
         self.engine.ignore = self.ignore.current(now)
         if self.ignore.last_error != self._ignore_error:
             self._ignore_error = self.ignore.last_error
             if self._ignore_error:
                 self.journal.log(messages.config_error(f"ignore list not reloaded: {self._ignore_error}"))
+
+    def handle(self, hit: Hit) -> None:
+        now = self.clock()
+        self.counters.probe(now)
+        self._ignore_now(now)
         probe = hit.probe
         if self.resolver is not None and probe.source not in self.engine.ignore:
             # RESOLVE_HOST: never wait for DNS here. A source whose name is being looked up has
@@ -492,6 +497,8 @@ class Daemon:
         if not due(now, self._next_tick, self.tick):  # also after the clock was set back
             return
         self._next_tick = now + self.tick
+        # A quiet host hears of a broken ignore-file edit within a second, not at the next scan.
+        self._ignore_now(now)
         for sensor in self.sensors:
             sensor.tick(now)
         self.perform(self.engine.tick(now))

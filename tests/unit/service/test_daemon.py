@@ -485,3 +485,26 @@ def test_a_reload_rebuilds_the_connect_modes_sockets_only_when_their_ports_chang
         assert daemon.reload() and built == [moved, old]
     finally:
         daemon.shutdown()
+
+
+def test_a_broken_ignore_file_edit_is_said_within_a_second_not_at_the_next_probe(tmp_path):
+    # The edit was reported only when a probe came: on a quiet host, an admin who broke the file
+    # heard nothing, and learnt of it (if at all) in the middle of the next scan.
+    from portsentry.config.ignore import IgnoreSource
+
+    now = [1000.0]
+    daemon, said = bare_daemon(tmp_path, clock=lambda: now[0])
+    (tmp_path / "ignore").write_text("198.18.9.0/24\n")
+    daemon.ignore = IgnoreSource(str(tmp_path / "ignore"), lambda: [])
+    daemon.ignore.load()
+    try:
+        daemon._maybe_tick()
+        (tmp_path / "ignore").write_text("198.18.9.0/24\n198.18.300.1\n")
+        now[0] += 1.0
+        daemon._maybe_tick()
+        assert "ignore list not reloaded" in said.getvalue() and "198.18.300.1" in said.getvalue()
+        now[0] += 1.0
+        daemon._maybe_tick()
+        assert said.getvalue().count("ignore list not reloaded") == 1  # said once, not every second
+    finally:
+        daemon.shutdown()
