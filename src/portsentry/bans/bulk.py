@@ -18,7 +18,7 @@ from typing import TextIO
 
 from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.records import MANUAL_REASON
-from portsentry.bans.store import ORIGIN_LOCAL_ONLY, ROUTE_MARK, BanRequest, normalise
+from portsentry.bans.store import ORIGIN_LOCAL_ONLY, ROUTE_MARK, BanRequest, StoreError, normalise
 from portsentry.config.settings import Config
 from portsentry.core import messages
 from portsentry.core.addresses import impossible_source
@@ -126,6 +126,10 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
                    hosts_deny_entry(steps.hosts_deny, address, 0, Mode.TCP) if steps.hosts_deny else None,
                    backends)
         for address in wanted]
+    # Which of them a route already holds: an extended ban whose KILL_ROUTE fails again keeps
+    # the mark only if its first block's route worked.
+    routed_before = ({address for address, _port, _mode in bans.store.active_routed(now)}
+                     if steps.route else set())
     # Recorded before applied: a crash half-way leaves records that restore completes.
     made = bans.store.ban_many(requests, now, policy=bans.duration_after)
     if bans.backend is not None and made:
@@ -142,11 +146,15 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
     commands = [template for template in (steps.route, steps.run_cmd) if template]
     failed = _run_each(bans, commands, [ban.address for ban in made], run)
     result.failed_commands = len(failed)
-    # As for a single block: a new ban whose KILL_ROUTE failed is not held by a route.
-    new = {ban.address for ban in made if ban.count == 1}
-    unrouted = [address for address, template in failed if template == steps.route and address in new]
+    # As for a single block: a ban whose KILL_ROUTE failed is not held by a route, unless one
+    # made for it before still is.
+    unrouted = [address for address, template in failed
+                if template == steps.route and address not in routed_before]
     if unrouted:
-        bans.store.unmark_routed(unrouted)
+        try:
+            bans.store.unmark_routed(unrouted)
+        except StoreError as error:
+            bans.log(messages.store_failed(str(error)))
     result.done = len(made)
     return result
 

@@ -200,3 +200,14 @@ def test_block_file_leaves_no_mark_where_kill_route_failed(tmp_path):
     block_many(bans, ManualSteps(route=DEBIAN_ROUTE, undo=UNDO), [A, V6], 1.0, None, _failing_route(ran))
     got = {address: bans.store.get(address) for address in (A, V6)}
     assert {a: (b.routed if b else None) for a, b in got.items()} == {A: True, V6: False}
+
+
+def test_block_file_again_gives_no_mark_to_a_ban_kill_route_never_held(tmp_path):
+    # The second `block --file` extends the ban: its KILL_ROUTE fails again ("File exists" of a
+    # route 1.2 made, or net-tools and IPv6), and the mark it was recorded with stayed, so the
+    # lift ran KILL_ROUTE_UNDO for a route that was never ours. A ban whose route held keeps it.
+    bans, _kernel, _lines, _commands = manager(tmp_path)
+    for at in (1.0, 2.0):
+        block_many(bans, ManualSteps(route=DEBIAN_ROUTE, undo=UNDO), [A, V6], at, None, _failing_route([]))
+    got = {address: bans.store.get(address) for address in (A, V6)}
+    assert {a: (b.routed, b.count) if b else None for a, b in got.items()} == {A: (True, 2), V6: (False, 2)}
