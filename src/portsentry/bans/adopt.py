@@ -26,6 +26,7 @@ from portsentry.bans.store import Ban, BanRequest
 from portsentry.core import messages
 from portsentry.core.probe import IPAddress, Mode
 from portsentry.responders.backend import BackendError
+from portsentry.responders.hostsdeny import HostsDenyError
 from portsentry.responders.substitute import hosts_deny_entry
 
 FLEET_MODE = str(Mode.TCP)
@@ -102,7 +103,7 @@ def _apply(bans: BanManager, fresh: list[RemoteBan], now: float,
 
         try:
             bans.hosts_deny.add_many(list(lines), on_append=own)
-        except (OSError, ValueError) as error:
+        except (HostsDenyError, OSError, ValueError) as error:
             bans.log(messages.config_error(f"cannot add {len(lines)} lines to {bans.hosts_deny.path}: "
                                            f"{error}"))
             return made, False

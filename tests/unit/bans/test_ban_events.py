@@ -133,3 +133,22 @@ def test_a_fleet_peers_ban_names_what_holds_it_here_as_a_local_ban_does(tmp_path
     ]
     assert metrics.bans == ["hosts_deny", "hosts_deny", "none"]
     assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
+
+
+def test_a_hosts_deny_that_refuses_a_fleet_peers_ban_line_is_said_and_the_ban_is_made(tmp_path):
+    # HostsDenyError (a world-writable file, the lock held past its timeout, the file made
+    # read-only by fail2ban's rename under the hardened unit) escaped adopt_bans after the store had
+    # the ban: the reader logged an internal error and read the batch again, which then found the
+    # ban held and never wrote its line nor its event.
+    from portsentry.bans.adopt import RemoteBan, adopt_bans
+
+    bans, _responder, path, _metrics = lifecycle(tmp_path, kernel=None)
+    lines: list[str] = []
+    bans.log = lines.append
+    deny = tmp_path / "hosts.deny"
+    deny.write_text("")
+    deny.chmod(0o666)
+    made = adopt_bans(bans, [RemoteBan(A, None, "h2", "fleet: scan")], 200.0, hosts_deny="ALL: $TARGET$")
+    assert [ban.address for ban in made] == [A]
+    assert any("cannot add 1 lines to" in line and "world-writable" in line for line in lines)
+    assert [(e["src"], e["backend"]) for e in ban_events(path)] == [("198.18.0.2", "none")]
