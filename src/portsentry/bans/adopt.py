@@ -26,6 +26,7 @@ from portsentry.bans.store import Ban, BanRequest
 from portsentry.core import messages
 from portsentry.core.probe import IPAddress, Mode
 from portsentry.responders.backend import BackendError
+from portsentry.responders.hostsdeny import HostsDenyError
 from portsentry.responders.substitute import hosts_deny_entry
 
 FLEET_MODE = str(Mode.TCP)
@@ -66,16 +67,21 @@ def adopt_bans(bans: BanManager, wanted: Sequence[RemoteBan], now: float,
     if not fresh:
         return []
     with bans.exclusive():
-        made = _apply(bans, fresh, now, hosts_deny)
-    backend = bans.backend.name if bans.backend is not None else "none"
+        made, lines_held = _apply(bans, fresh, now, hosts_deny)
+    # Named as a local ban's event names what holds it (BanManager.enforce): the native set, else
+    # hosts.deny; "none" when nothing here does (no BAN_BACKEND, no KILL_HOSTS_DENY).
+    native = bans.backend.name if bans.backend is not None else None
     for ban in made:
+        backend = native or ("hosts_deny" if ban.hosts_deny_line and lines_held else "none")
         bans.telemetry.ban(ban.address, backend, None if ban.expires is None else ban.expires - now,
-                           "fleet", now)
+                           "fleet", now, count=max(ban.offences - 1, 0))
     return made
 
 
-def _apply(bans: BanManager, fresh: list[RemoteBan], now: float, hosts_deny: str | None) -> list[Ban]:
-    """Kernel first (when there is one), then the store, then hosts.deny; the bans made."""
+def _apply(bans: BanManager, fresh: list[RemoteBan], now: float,
+           hosts_deny: str | None) -> tuple[list[Ban], bool]:
+    """Kernel first (when there is one), then the store, then hosts.deny; the bans made, and
+    whether hosts.deny took their lines."""
     if bans.backend is not None:
         _kernel_first(bans, fresh, now)
     backends = (bans.backend.name,) if bans.backend is not None else ()
@@ -97,10 +103,11 @@ def _apply(bans: BanManager, fresh: list[RemoteBan], now: float, hosts_deny: str
 
         try:
             bans.hosts_deny.add_many(list(lines), on_append=own)
-        except (OSError, ValueError) as error:
+        except (HostsDenyError, OSError, ValueError) as error:
             bans.log(messages.config_error(f"cannot add {len(lines)} lines to {bans.hosts_deny.path}: "
                                            f"{error}"))
-    return made
+            return made, False
+    return made, True
 
 
 def _kernel_first(bans: BanManager, fresh: list[RemoteBan], now: float) -> None:

@@ -126,10 +126,10 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
                    hosts_deny_entry(steps.hosts_deny, address, 0, Mode.TCP) if steps.hosts_deny else None,
                    backends)
         for address in wanted]
-    # Which of them a route already holds: an extended ban whose KILL_ROUTE fails again keeps
-    # the mark only if its first block's route worked.
-    routed_before = ({address for address, _port, _mode in bans.store.active_routed(now)}
-                     if steps.route else set())
+    # As enforce: a ban this extends keeps only the mark an earlier KILL_ROUTE earned (read before
+    # ban_many adds the mark to every ban it makes or extends).
+    routed_before = {ban.address for ban in bans.store.get_many(wanted)
+                     if ban.active(now) and ban.routed} if steps.route else set()
     # Recorded before applied: a crash half-way leaves records that restore completes.
     made = bans.store.ban_many(requests, now, policy=bans.duration_after)
     if bans.backend is not None and made:
@@ -146,8 +146,8 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
     commands = [template for template in (steps.route, steps.run_cmd) if template]
     failed = _run_each(bans, commands, [ban.address for ban in made], run)
     result.failed_commands = len(failed)
-    # As for a single block: a ban whose KILL_ROUTE failed is not held by a route, unless one
-    # made for it before still is.
+    # As for a single block: a ban whose KILL_ROUTE failed is not held by a route, unless an
+    # earlier one's route holds it ("File exists").
     unrouted = [address for address, template in failed
                 if template == steps.route and address not in routed_before]
     if unrouted:

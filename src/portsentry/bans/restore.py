@@ -28,6 +28,7 @@ from portsentry.bans.store import StoreError
 from portsentry.core import messages
 from portsentry.core.probe import IPAddress
 from portsentry.responders.backend import BackendError, BanBackend
+from portsentry.responders.hostsdeny import HostsDenyError
 from portsentry.responders.substitute import substitute
 
 RERUN_CONCURRENCY = 4
@@ -93,7 +94,7 @@ def _restore(bans: BanManager, active: list[tuple[bytes, float | None]], now: fl
 
         try:
             bans.hosts_deny.add_many(list(lines), on_append=own)
-        except (OSError, ValueError) as error:
+        except (HostsDenyError, OSError, ValueError) as error:
             bans.log(messages.config_error(f"cannot restore {len(lines)} hosts.deny lines: {error}"))
 
 

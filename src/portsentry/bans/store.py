@@ -600,10 +600,10 @@ class BanStore:
 
     @_store_errors
     def unmark_routed(self, addresses: Iterable[IPAddress]) -> None:
-        """KILL_ROUTE failed for these new bans: ROUTE_MARK is dropped (it was recorded before
-        the command ran), so nothing lists the ban as held by it, and neither KILL_ROUTE_UNDO
-        nor the re-run after a reboot is done for a route that was never made (or that someone
-        else, such as 1.2, made: its "File exists")."""
+        """KILL_ROUTE failed for these bans, and no earlier KILL_ROUTE holds them: ROUTE_MARK is
+        dropped (it was recorded before the command ran), so nothing lists the ban as held by it,
+        and neither KILL_ROUTE_UNDO nor the re-run after a reboot is done for a route that was
+        never made (or that someone else, such as 1.2, made: its "File exists")."""
         with self._transaction() as db:
             for address in addresses:
                 key = str(normalise(address))

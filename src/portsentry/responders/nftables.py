@@ -495,7 +495,8 @@ class NftablesBackend(BanBackend):
         for script in (self._guards, self._kernel_ports):
             if script is not None:
                 self.run([NFT, "-f", "-"], script)
-        self.run([NFT, "-f", "-"], self.capture_script(spec))
+        # The same spec: the last minute's ban slots stay if the table did (made again if not).
+        self.run([NFT, "-f", "-"], self.capture_script(spec, spec))
         return True
 
     def add(self, address: IPAddress, timeout: float | None) -> None:

@@ -113,3 +113,42 @@ def test_the_ban_and_unban_lines_of_docs_events_md_are_what_a_ban_and_its_expiry
     for name in ("ban", "unban"):
         assert set(documented[name]) == set(written[name]), name
         assert documented[name]["reason"] == written[name]["reason"], name
+
+
+def test_a_fleet_peers_ban_names_what_holds_it_here_as_a_local_ban_does(tmp_path):
+    # With no BAN_BACKEND (the default), a local ban's event names hosts.deny; a peer's ban, held
+    # here by the same hosts.deny line, said backend "none", a value docs/events.md does not have.
+    from portsentry.bans.adopt import RemoteBan, adopt_bans
+
+    bans, _responder, path, metrics = lifecycle(tmp_path, kernel=None)
+    assert bans.enforce(Block(Probe(source=A, port=79, mode=Mode.TCP, kind=KIND_CONNECT),
+                              (Step(StepKind.HOSTS_DENY, "ALL: $TARGET$"),)), _responder, now=100.0)
+    assert bans.lift(A, 150.0, "unblocked by admin")
+    adopt_bans(bans, [RemoteBan(A, None, "h2", "fleet: scan")], 200.0, hosts_deny="ALL: $TARGET$")
+    adopt_bans(bans, [RemoteBan(B, None, "h2", "fleet: scan")], 200.0)  # nothing here holds it
+    assert [(e["src"], e["backend"], e["reason"], e.get("count")) for e in ban_events(path)] == [
+        ("198.18.0.2", "hosts_deny", "scan: 79/tcp", 0),
+        ("198.18.0.2", "hosts_deny", "fleet", 1),
+        ("198.18.0.3", "none", "fleet", 0),
+    ]
+    assert metrics.bans == ["hosts_deny", "hosts_deny", "none"]
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.0.2\n"
+
+
+def test_a_hosts_deny_that_refuses_a_fleet_peers_ban_line_is_said_and_the_ban_is_made(tmp_path):
+    # HostsDenyError (a world-writable file, the lock held past its timeout, the file made
+    # read-only by fail2ban's rename under the hardened unit) escaped adopt_bans after the store had
+    # the ban: the reader logged an internal error and read the batch again, which then found the
+    # ban held and never wrote its line nor its event.
+    from portsentry.bans.adopt import RemoteBan, adopt_bans
+
+    bans, _responder, path, _metrics = lifecycle(tmp_path, kernel=None)
+    lines: list[str] = []
+    bans.log = lines.append
+    deny = tmp_path / "hosts.deny"
+    deny.write_text("")
+    deny.chmod(0o666)
+    made = adopt_bans(bans, [RemoteBan(A, None, "h2", "fleet: scan")], 200.0, hosts_deny="ALL: $TARGET$")
+    assert [ban.address for ban in made] == [A]
+    assert any("cannot add 1 lines to" in line and "world-writable" in line for line in lines)
+    assert [(e["src"], e["backend"]) for e in ban_events(path)] == [("198.18.0.2", "none")]

@@ -147,3 +147,20 @@ def test_no_record_when_the_sets_may_not_match_the_store(tmp_path: Path) -> None
     bans, _kernel, _lines = manager(tmp_path)
     remember_stop(bans, str(stop))
     assert stop.exists()
+
+
+def test_a_hosts_deny_that_refuses_its_lines_at_a_start_is_said_and_the_kernel_bans_still_go_in(
+        tmp_path: Path) -> None:
+    # A world-writable hosts.deny (or its lock held past the timeout by block --file) raised
+    # HostsDenyError out of the restore: the daemon died at start with a traceback, and under
+    # Restart=on-failure did so every 5 s, scanning nothing, while a scan's block over the same
+    # file is only logged.
+    bans, kernel, lines = manager(tmp_path)
+    bans.remember(A, reason="scan", mode="tcp", port=1, now=NOW, duration=None,
+                  hosts_deny_line="ALL: 198.18.0.2", native=True)
+    path = tmp_path / "hosts.deny"
+    path.write_text("")
+    path.chmod(0o666)
+    restore_bans(bans, NOW + 1)
+    assert kernel.held == {A: None}
+    assert any("cannot restore 1 hosts.deny lines" in line and "world-writable" in line for line in lines)

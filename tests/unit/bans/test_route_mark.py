@@ -211,3 +211,31 @@ def test_block_file_again_gives_no_mark_to_a_ban_kill_route_never_held(tmp_path)
         block_many(bans, ManualSteps(route=DEBIAN_ROUTE, undo=UNDO), [A, V6], at, None, _failing_route([]))
     got = {address: bans.store.get(address) for address in (A, V6)}
     assert {a: (b.routed, b.count) if b else None for a, b in got.items()} == {A: (True, 2), V6: (False, 2)}
+
+
+def test_block_file_on_a_ban_kill_route_never_held_leaves_no_mark_where_it_fails_again(tmp_path):
+    # As for `portsentry block` (BanManager.enforce): a host 1.2 blocked keeps its route, so the
+    # scan's KILL_ROUTE failed ("File exists") and its ban was left unmarked; the same host in a
+    # feed given to `block --file` failed again, but an extended ban kept the mark block_many had
+    # just recorded, and unblock --file then ran KILL_ROUTE_UNDO on 1.2's route.
+    bans, _kernel, lines, _commands = manager(tmp_path, base=60, undo=UNDO, route=ROUTE)
+    ran: list[str] = []
+
+    def exists(command: str, timeout: float) -> CommandResult:
+        ran.append(command)
+        return CommandResult(command, 7 if command.startswith("route add") else 0, False,
+                             "SIOCADDRT: File exists", 0.0)
+
+    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=exists, clock=lambda: 10.0)
+    scan = Block(Probe(source=A, port=111, mode=Mode.ATCP, kind=KIND_SYN),
+                 (Step(StepKind.HOSTS_DENY, "ALL: $TARGET$"), Step(StepKind.ROUTE, ROUTE)))
+    assert bans.enforce(scan, responder, now=10.0)
+    # A ban ours that KILL_ROUTE did make: its mark stays when the feed's KILL_ROUTE finds it.
+    assert bans.enforce(Block(Probe(source=B, port=111, mode=Mode.ATCP, kind=KIND_SYN),
+                              (Step(StepKind.ROUTE, ROUTE),)), _responder(bans, lines, []), now=10.0)
+    block_many(bans, ManualSteps(route=ROUTE, undo=UNDO), [A, B], 11.0, None, exists)
+    held = {address: bans.store.get(address) for address in (A, B)}
+    assert {a: (b.routed if b else None) for a, b in held.items()} == {A: False, B: True}
+    ran.clear()
+    unblock_many(bans, ManualSteps(route=ROUTE, undo=UNDO), [A, B], 12.0, exists)
+    assert ran == [f"route del {B}"]

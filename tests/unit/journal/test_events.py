@@ -241,6 +241,25 @@ def test_each_engine_decision_is_an_event_decision() -> None:
     assert decisions == ["below_trigger", "below_trigger", "block"]
 
 
+def test_the_schema_s_field_descriptions_name_the_values_docs_events_md_names() -> None:
+    # A SIEM integrator reads the schema: after the day's merges it still said a ban's backend is
+    # nftables, ipset or route and `count` a below_trigger field only, while events.md (and the
+    # code) had hosts_deny, none and a ban's count of earlier bans.
+    page = (SCHEMA_PATH.parent / "events.md").read_text()
+    properties: dict[str, dict[str, object]] = SCHEMA["properties"]
+    stale = {}
+    for name, prop in properties.items():
+        row = re.search(rf"^\| `{name}` \|[^|]*\|(.*)\|$", page, re.M)
+        assert row is not None, name
+        if "description" not in prop:
+            continue
+        said = f"{prop['description']} {' '.join(map(str, prop.get('enum', [])))}"  # type: ignore[call-overload]
+        named = set(re.findall(r"`([a-z_]+)`", row.group(1))) - set(properties)
+        if missing := sorted(value for value in named if not re.search(rf"\b{value}\b", said)):
+            stale[name] = missing
+    assert stale == {}
+
+
 def test_rate_limited_repeats_are_already_blocked() -> None:
     eng = engine(block_tcp=0, log_repeat_limit=1, log_repeat_window=60.0)
     probe = probe_from("198.18.0.2")

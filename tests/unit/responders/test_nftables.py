@@ -841,3 +841,26 @@ def test_caught_entries_are_kept_track_of_until_read_empty_after_the_first_probe
     assert backend.keeps_caught()
     backend.capture_rules(7373, 1024, {Protocol.TCP}, kernel=None)  # the reload turns it off
     assert backend.keeps_caught()
+
+
+def test_a_repair_of_the_capture_keeps_the_last_minute_s_ban_slots() -> None:
+    # The capture chain gone (`portsentry flush`, a script flushing our chains), the table kept:
+    # the repair made ban_slots again, empty, and so opened a fresh minute of BAN_RATE_LIMIT
+    # kernel bans, which capture_script's "a repair keeps the last minute's slots" ruled out.
+    from portsentry.responders.nft_capture import KernelBan
+
+    def chain(argv: Sequence[str], stdin: str | None) -> RunResult:
+        if argv[-1] == "filter":
+            return RunResult(0, FULL_CHAIN, "")
+        return RunResult(1, "", "Error: No such file or directory")
+
+    rec = Recorder({("nft", "-j", "list", "chain"): chain})
+    backend = cli(rec)
+    backend.setup()
+    kernel = KernelBan(frozenset({Protocol.TCP}), 60, rate=60)
+    backend.capture_rules(7373, 1024, {Protocol.TCP}, kernel=kernel)
+    rec.calls.clear()
+    assert backend.repair_capture() is True
+    scripts = "".join(stdin or "" for _argv, stdin in rec.calls)
+    assert "add set inet portsentry ban_slots { type mark; size 60;" in scripts  # made if flushed
+    assert "delete set inet portsentry ban_slots" not in scripts

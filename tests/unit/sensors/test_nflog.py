@@ -754,13 +754,15 @@ def test_repair_after_a_flushed_ruleset_puts_the_guards_and_kernel_ports_back_fi
                     tuple(LIST_COUNT): RunResult(0, count_json(2), "")})
     backend = nft(rec)
     backend.capture_rules(7373, 1024, BOTH, kernel=KernelBan(frozenset(BOTH), 3600))
-    capture = rec.calls[-1]
     backend.set_guards([ip_network("198.18.9.0/24")], [ip_address("198.18.0.1")])
     backend.set_kernel_ports({Protocol.TCP: [79], Protocol.UDP: [161]})
     guards, ports = rec.calls[-2], rec.calls[-1]
     rec.calls.clear()
     assert backend.repair_capture() is True
     scripts = [call for call in rec.calls if call[0] == ["nft", "-f", "-"]]
+    # The capture chain as installed (the ban slots, if any, kept: capture_script's `previous`).
+    assert backend._capture is not None
+    capture = (["nft", "-f", "-"], backend.capture_script(backend._capture, backend._capture))
     assert guards in scripts and ports in scripts and capture in scripts
     # Before the ban rules come back: no moment with ban rules and empty guards.
     assert scripts.index(guards) < scripts.index(capture)
