@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from portsentry import __version__
 from portsentry.config.settings import Config, ConfigError, load_effective
 from portsentry.core.probe import Mode
+from portsentry.journal.journald import stderr_is_journal
 from portsentry.journal.syslog import DEFAULT_SOCKET
 from portsentry.service import control
 from portsentry.service.status import NOT_RUNNING, show_status
@@ -404,8 +405,13 @@ def _main(argv: Sequence[str] | None) -> int:
     except ConfigError as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
-    for warning in loaded.warnings:
-        print(f"portsentry: warning: {warning}", file=sys.stderr)
+    # The daemon logs them itself: to the journal, which is stderr under systemd, and echoed to
+    # stderr with --log-stderr; printed here too, each was said twice there.
+    said_by_daemon = args.command != "check-config" and (
+        args.log_stderr or (stderr_is_journal() and not args.no_syslog))
+    if not said_by_daemon:
+        for warning in loaded.warnings:
+            print(f"portsentry: warning: {warning}", file=sys.stderr)
 
     from portsentry.cli.run import check_config, run  # the daemon's imports, only when needed
 

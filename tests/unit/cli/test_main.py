@@ -620,3 +620,29 @@ def test_a_refused_reload_is_an_error_on_standard_error(
         server.close()
     out, err = capsys.readouterr()
     assert out == "" and err == "portsentry: the new configuration was refused; see the log\n"
+
+
+@pytest.mark.parametrize(("journal_stderr", "log_stderr", "printed"),
+                         [(False, False, True), (True, False, False), (False, True, False)])
+def test_a_daemons_config_warnings_are_printed_once_where_its_journal_says_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    journal_stderr: bool, log_stderr: bool, printed: bool,
+) -> None:
+    # Under systemd stderr is the journal, and the daemon logs its warnings there itself (and with
+    # --log-stderr echoes them to stderr): main()'s own print made each one appear twice.
+    from portsentry.cli import main as main_module
+    from portsentry.cli import run as run_module
+
+    handed: list[object] = []
+
+    def record(config: object, modes: object, args: argparse.Namespace, warnings: object = ()) -> int:
+        handed.append(warnings)
+        return 0
+
+    monkeypatch.setattr(run_module, "run", record)
+    monkeypatch.setattr(main_module, "stderr_is_journal", lambda: journal_stderr)
+    conf = tmp_path / "ps.conf"
+    conf.write_text('UDP_PORTS="7"\nFOO="1"\n')
+    assert main(["-c", str(conf), *(["--log-stderr"] if log_stderr else []), "-udp"]) == 0
+    assert ("unknown key FOO ignored" in capsys.readouterr().err) == printed
+    assert handed and any("unknown key FOO" in str(w) for w in handed[0])  # type: ignore[attr-defined]
