@@ -2,9 +2,9 @@
 
 Threads and ownership: this thread owns the cursor into the ban store's change feed. It calls
 the ban lifecycle (BanManager, thread-safe) to lift expired bans, save records a full disk held
-back, rebuild a flushed table (once a minute) and prune old history (once an hour); it re-reads
-the default gateways and DNS resolvers. It never touches the engine: what it found is handed to
-the main loop as `Findings`, which applies them there.
+back, rebuild a flushed table (once a minute) and prune old history (a minute after the start,
+then once an hour); it re-reads the default gateways and DNS resolvers. It never touches the
+engine: what it found is handed to the main loop as `Findings`, which applies them there.
 
 Before, the daemon's tick read every active ban from the store and re-synced the engine with all
 of them every second (a whole core at 100,000 bans). Following the feed costs what changed.
@@ -74,7 +74,9 @@ class Maintenance:
         self.errors = 0
         now = clock()
         self._next_repair = now + repair_every
-        self._next_prune = now + prune_every
+        # The first prune a minute in (the start's own work done), then every prune_every: an hour
+        # first held it off for every daemon restarted more often, which then never pruned.
+        self._next_prune = now + min(repair_every, prune_every)
         # Wall clock minus monotonic clock: it falls when the wall clock is set back.
         self._offset = now - monotonic()
         self._wake = threading.Event()

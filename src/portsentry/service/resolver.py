@@ -51,7 +51,7 @@ class Resolver:
         self.timeout = timeout
         self.capacity = capacity
         self.max_pending = pending
-        self.full = 0  # lookups not started because `pending` were already under way
+        self.full = 0  # lookups not started because `pending` queries were queued or running
         self._cache: dict[IPAddress, str] = {}
         self._pending = 0
         self._lock = threading.Lock()
@@ -77,8 +77,6 @@ class Resolver:
 
         def finish(name: str) -> None:
             if once.acquire(blocking=False):
-                with self._lock:
-                    self._pending -= 1
                 done(name)
 
         timer = threading.Timer(self.timeout, finish, (str(address),))
@@ -90,6 +88,12 @@ class Resolver:
                 name = safe_name(self._ptr(str(address)), address)
             except (OSError, UnicodeError):  # a name whose bytes are not UTF-8 raises the second
                 name = str(address)
+            finally:
+                # Counted until the query itself ends, not until the caller's deadline: with a
+                # name server that never answers, each deadline let one more query into the
+                # workers' queue, which then grew for as long as new sources came.
+                with self._lock:
+                    self._pending -= 1
             with self._lock:
                 if len(self._cache) >= self.capacity:
                     self._cache.pop(next(iter(self._cache)))

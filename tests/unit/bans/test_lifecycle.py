@@ -373,7 +373,29 @@ def test_a_clock_set_back_does_not_hold_off_the_table_repair_or_the_pruning(tmp_
         clock[0] = now
         maintenance.run_once()
     assert repaired == [100_061.0, 103_601.0, 13_601.0, 13_662.0]
-    assert pruned == [103_601.0, 13_601.0]
+    assert pruned == [100_061.0, 13_601.0]  # a minute after the start, then after the step back
+
+
+def test_history_is_pruned_within_a_minute_of_a_start(tmp_path, monkeypatch):
+    # The first prune was an hour after the start: a daemon restarted more often than that (a
+    # crash loop under Restart=, a host rebooted through the day, a test box) never pruned, and
+    # the history, hits and offenders grew past HISTORY_RETENTION and HISTORY_MAX_ROWS for good.
+    from portsentry.service.maintenance import Maintenance
+
+    bans, _kernel, _lines, _commands = manager(tmp_path, base=10)
+    pruned: list[float] = []
+
+    def prune(now: float) -> int:
+        pruned.append(now)
+        return 0
+
+    monkeypatch.setattr(bans, "prune", prune)
+    clock = [100_000.0]
+    maintenance = Maintenance(bans, frozenset, list[object]().append, print, clock=lambda: clock[0])
+    for now in (100_001.0, 100_030.0, 100_061.0, 100_120.0, 103_600.0, 103_662.0):
+        clock[0] = now
+        maintenance.run_once()
+    assert pruned == [100_061.0, 103_662.0]
 
 
 def test_restore_puts_bans_in_force_without_running_commands_and_leaves_them_for_later(tmp_path):

@@ -111,6 +111,34 @@ def test_a_slow_lookup_gives_the_address_at_its_deadline_and_the_queue_is_bounde
     resolver.close()
 
 
+def test_lookups_past_their_deadline_still_count_against_the_bound() -> None:
+    """A name server that never answers: each lookup gives the address at its deadline, but its
+    query still waits for a worker. The bound was on callers waiting, not on queries queued, so
+    every deadline let another in: under a scan from new sources the queue grew without end (a
+    soak at 25 sources a second: 180 KB a second, and DNS queries for hours after the scan)."""
+    release = threading.Event()
+    asked: list[str] = []
+
+    def stuck(address: str) -> str:
+        asked.append(address)
+        release.wait(5)
+        return "late.example"
+
+    resolver = Resolver(timeout=0.02, pending=4, ptr=stuck)
+    answers = Answers()
+    for n in range(40):
+        resolver.lookup(ip_address(f"198.18.7.{n + 1}"), answers)
+        time.sleep(0.03)  # past the deadline: the caller has its answer
+    assert resolver.full >= 30
+    release.set()
+    deadline = time.monotonic() + 5
+    while len(asked) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # any queued beyond the bound would be asked now
+    resolver.close()
+    assert len(asked) <= 4, asked
+
+
 def test_a_name_that_is_not_utf8_gives_the_address_at_once_and_is_cached() -> None:
     """getnameinfo raises UnicodeDecodeError, not OSError, for a name whose bytes are not UTF-8
     (an /etc/hosts or NSS module's answer: checked with a private /etc/hosts). That escaped the
