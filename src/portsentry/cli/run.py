@@ -253,12 +253,18 @@ def keep_start_only(running: Config, new: Config) -> tuple[Config, list[str]]:
 
 def daemon_answering(path: str) -> str | None:
     """Who already listens on the control socket `path` ("another portsentry (pid N)"), or None
-    when nobody does (no socket, or a stale one left by a daemon that died)."""
+    when nobody does (no socket, a stale one left by a daemon that died, or one this user may
+    not open)."""
     from portsentry.service import control
 
     try:
         answer = control.request(path, {"command": "status"}, timeout=5.0)
     except control.NotRunning:
+        return None
+    except PermissionError:
+        # Root's socket seen by another user: nothing says anyone listens there (a start
+        # without sudo claimed "another process answers" with no daemon running); binding it
+        # fails next with the reason.
         return None
     except OSError:  # it listens but does not answer as a daemon does (NoAnswer, a timeout)
         return "another process"
