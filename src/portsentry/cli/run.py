@@ -114,6 +114,13 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
         syslog = SyslogWriter(args.syslog_socket)
     journal = Journal(syslog, config.history_file, config.blocked_file,
                       sys.stderr if args.log_stderr else None, verbose=args.verbose)
+    refused = privileges.refusal()
+    if refused is not None:  # as 1.2: before the start line, ended by the shutdown lines
+        print(f"portsentry: {refused}", file=sys.stderr)
+        journal.log(f"adminalert: ERROR: {refused}")
+        for line in messages.shutting_down():
+            journal.log(line)
+        return 1
     journal.log(messages.starting(__version__))
     try:
         validate_for_modes(config, modes)
