@@ -90,6 +90,22 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
         warnings: Sequence[str] = ()) -> int:
     """The daemon; `warnings`: what the configuration file has that is not honoured (main()
     printed them for the terminal; syslog, where 1.2 said everything, gets them too)."""
+    # A stop asked while the daemon starts (Ctrl-C, an rc script's stop right after its start)
+    # waits for the daemon's handlers: SIGTERM's default killed it with its pid file left and no
+    # shutdown line, SIGINT raised through a start half made.
+    stops: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, _frame: stops.append(signum))
+             for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run(config, modes, args, warnings, stops)
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: not set from Python, so nothing to put back
+                signal.signal(sig, handler)
+
+
+def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnings: Sequence[str],
+         stops: list[int]) -> int:
     from portsentry.bans.lifecycle import BanManager, BanPolicy, open_store
     from portsentry.bans.store import StoreError
     from portsentry.responders.classic import ClassicResponder
@@ -214,6 +230,8 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
                     reloader=reload_config, sensor_factory=sensors_for, control_path=control_path,
                     telemetry=telemetry, fleet=fleet)
     daemon.install_signal_handlers()
+    if stops:
+        daemon.request_stop()
     status = 0
     try:
         opened = daemon.open()

@@ -131,3 +131,63 @@ def test_a_user_given_the_network_capabilities_may_run_it(
     _status, made = _start_as_nobody(tmp_path, monkeypatch, Capable())
     assert len(made) == 1  # a unit's User= with AmbientCapabilities= is a supported way to run it
     assert "You need to be root" not in capsys.readouterr().err
+
+
+_STOPPED_WHILE_STARTING = '''
+import os, signal, sys
+from portsentry.cli.main import build_parser
+from portsentry.cli.run import run
+from portsentry.config.settings import load_config
+from portsentry.core.probe import Mode
+from portsentry.host import privileges
+from portsentry.host.privileges import DropResult
+from portsentry.service import daemon
+
+class Recording:
+    def __init__(self, *args, **kwargs):
+        self.stop = False
+    def install_signal_handlers(self):
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+    def request_stop(self, *args):
+        self.stop = True
+    def open(self):
+        print("stop asked before open:", self.stop, flush=True)
+        return False
+    def shutdown(self):
+        pass
+
+def stopped_now(keep):
+    # The admin's Ctrl-C (or an rc script's stop) while the start opens the store and the backend.
+    os.kill(os.getpid(), getattr(signal, sys.argv[3]))
+    return DropResult(True, "not dropped in tests")
+
+daemon.Daemon = Recording
+privileges.restrict = stopped_now
+args = build_parser().parse_args(
+    ["-c", sys.argv[1], "--no-syslog", "--log-stderr", "--pid-file", sys.argv[2]])
+sys.exit(run(load_config(sys.argv[1]).config, [Mode.TCP], args))
+'''
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_asked_while_the_daemon_starts_is_a_clean_stop(tmp_path: Path, signame: str) -> None:
+    # Between the pid file and the daemon's handlers (capabilities, hosts.deny, the store, the
+    # ban backend's nft run): SIGTERM killed it outright, SIGINT raised through the start; the
+    # pid file stayed, no shutdown line was written. Now the stop waits for the handlers.
+    import subprocess
+    import sys
+
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="40001"\nSTATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{tmp_path}/ctl.sock"\n'
+                    f'HOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
+    pid_file = tmp_path / "ps.pid"
+    src = str(Path(__file__).resolve().parents[3] / "src")
+    done = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_STARTING, str(conf), str(pid_file), signame],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, (done.returncode, done.stderr)  # the stand-in daemon opens nothing
+    assert "stop asked before open: True" in done.stdout
+    assert "adminalert: PortSentry is shutting down" in done.stderr
+    assert not pid_file.exists()
