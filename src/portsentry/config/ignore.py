@@ -300,4 +300,24 @@ def open_ignore(config: Config, local_addresses: Callable[[], Iterable[IPAddress
     if choice.note is not None:
         source.note = choice.note
         source.warnings = [choice.note, *source.warnings]
+    unread = _unread_beside(config)
+    if unread is not None:
+        source.warnings = [unread, *source.warnings]
     return source
+
+
+def _unread_beside(config: Config) -> str | None:
+    """With IGNORE_FILE unset, the portsentry.ignore beside the configuration file (or in
+    /etc/portsentry for the built-in default), said to be unread: the shipped template leaves
+    IGNORE_FILE commented out, and 1.2's and Debian's files keep the list there, so an admin
+    writes it there and expects it honoured."""
+    from portsentry.config.settings import DEFAULT_CONFIG_PATH, EMBEDDED_SOURCE
+
+    if config.ignore_file is not None:
+        return None
+    conf = DEFAULT_CONFIG_PATH if config.source == EMBEDDED_SOURCE else os.path.abspath(config.source)
+    beside = os.path.join(os.path.dirname(conf), "portsentry.ignore")
+    if not os.path.isfile(beside):
+        return None
+    return (f"IGNORE_FILE is not set, so {beside} is not read and its hosts can be blocked "
+            f'(IGNORE_FILE="{beside}" uses it)')
