@@ -27,6 +27,9 @@ IPNetwork = IPv4Network | IPv6Network
 _TOKEN = re.compile(r"[^\s#]+")
 _PREFIX = re.compile(r"[0-9]{1,3}")
 _IPV4_MAPPED_BITS = 96
+_NETMASK = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")
+# What separates the entries of a list written on one line ("10.0.0.0/8,192.168.0.0/16").
+_LIST_SEPARATOR = re.compile(r"[,;]")
 _FORMS = "expected a.b.c.d[/0-32] or an IPv6 address[/0-128]"
 
 
@@ -51,6 +54,15 @@ class IgnoreEntry:
 
 def _parse_token(token: str) -> IPNetwork:
     """Turn one ignore-file token into a network; ValueError carries the user-facing reason."""
+    try:
+        return _parse_one(token)
+    except ValueError as error:
+        if _LIST_SEPARATOR.search(token) is None:
+            raise
+        raise ValueError(f"{error}; one address or network per line") from None
+
+
+def _parse_one(token: str) -> IPNetwork:
     address_text, slash, prefix_text = token.partition("/")
     if "%" in address_text:
         raise ValueError(f"{token!r} has an IPv6 zone id; ignore entries are plain addresses")
@@ -61,7 +73,7 @@ def _parse_token(token: str) -> IPNetwork:
     max_bits = address.max_prefixlen
     if slash:
         if _PREFIX.fullmatch(prefix_text) is None or int(prefix_text) > max_bits:
-            hint = "; write /24, not /255.255.255.0" if "." in prefix_text else ""
+            hint = "; write /24, not /255.255.255.0" if _NETMASK.fullmatch(prefix_text) else ""
             raise ValueError(
                 f"{token!r}: '/{prefix_text}' is not a prefix length (0-{max_bits}){hint}"
             )

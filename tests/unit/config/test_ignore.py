@@ -502,3 +502,15 @@ def test_an_ignore_file_beside_the_configuration_that_is_not_read_is_named(tmp_p
     assert open_ignore(set_to_it, lambda: []).warnings == []
     ignore.unlink()
     assert open_ignore(unset, lambda: []).warnings == []  # no file there: nothing to say
+
+
+@pytest.mark.parametrize(
+    "line", ["10.0.0.0/8,192.168.0.0/16", "10.0.0.1,10.0.0.2", "10.0.0.1, 10.0.0.2",
+             "10.0.0.0/8;192.168.0.0/16"])
+def test_a_list_on_one_line_is_told_one_entry_per_line(line: str) -> None:
+    # "10.0.0.0/8,192.168.0.0/16" was told "'/8,192.168.0.0/16' is not a prefix length (0-32);
+    # write /24, not /255.255.255.0": a netmask hint for a list, sending the admin the wrong way.
+    with pytest.raises(IgnoreFileError) as caught:
+        parse_ignore(f"{line}\n", "portsentry.ignore")
+    assert caught.value.message.endswith("; one address or network per line")
+    assert "255.255.255.0" not in caught.value.message
