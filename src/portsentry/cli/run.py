@@ -35,7 +35,7 @@ from portsentry.core import messages
 from portsentry.core.probe import Mode
 from portsentry.host import privileges
 from portsentry.host.info import local_addresses
-from portsentry.journal.failures import WriteFailures
+from portsentry.journal.failures import SYSLOG, WriteFailures
 from portsentry.journal.journal import Journal
 from portsentry.journal.journald import JournaldWriter, journald_available
 from portsentry.journal.syslog import DEFAULT_SOCKET, SyslogWriter
@@ -138,6 +138,11 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
             journal.log(line)
         return 1
     journal.log(messages.starting(__version__))
+    lost = [f for f in journal.failures.snapshot() if f["file"] == SYSLOG]
+    if syslog is not None and lost and not args.log_stderr:
+        # In the foreground with no syslog daemon, every line went nowhere, this failure's too.
+        print(f"portsentry: cannot write syslog {syslog.path}: {lost[0]['last_error']}; its lines are "
+              "lost (--log-stderr shows them here)", file=sys.stderr)
     try:
         validate_for_modes(config, modes)
         ignore = open_ignore(config)

@@ -191,3 +191,52 @@ def test_a_stop_asked_while_the_daemon_starts_is_a_clean_stop(tmp_path: Path, si
     assert "stop asked before open: True" in done.stdout
     assert "adminalert: PortSentry is shutting down" in done.stderr
     assert not pid_file.exists()
+
+
+def test_a_foreground_start_whose_syslog_is_gone_says_so_on_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `portsentry -tcp -udp` in the foreground on a host with no syslog daemon printed nothing at
+    # all: every line, "attackalert:" ones and the failure to write them, went to a socket that
+    # was not there; only `portsentry status` showed "NOT WRITTEN".
+    from portsentry.cli.main import build_parser
+    from portsentry.cli.run import run
+    from portsentry.config.settings import load_config
+    from portsentry.core.probe import Mode
+    from portsentry.host import privileges
+    from portsentry.host.privileges import DropResult
+    from portsentry.service import daemon
+
+    class Unopened:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def install_signal_handlers(self) -> None:
+            pass
+
+        def open(self) -> bool:
+            return False
+
+        def shutdown(self) -> None:
+            pass
+
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="40001"\nSTATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{tmp_path}/ctl.sock"\n'
+                    f'HOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
+    monkeypatch.setattr(daemon, "Daemon", Unopened)
+    monkeypatch.setattr(privileges, "restrict", lambda keep: DropResult(True, "not dropped in tests"))
+    monkeypatch.setattr(privileges, "refusal", lambda: None)
+    gone = tmp_path / "no-log-here"
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        for extra, said in (([], True), (["--log-stderr"], False)):
+            args = build_parser().parse_args(["-c", str(conf), "--syslog-socket", str(gone), *extra])
+            run(load_config(str(conf)).config, [Mode.TCP], args)
+            err = capsys.readouterr().err
+            assert (f"portsentry: cannot write syslog {gone}: No such file or directory; its lines are "
+                    "lost (--log-stderr shows them here)" in err) is said, err
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
