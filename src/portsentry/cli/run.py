@@ -35,7 +35,7 @@ from portsentry.core import messages
 from portsentry.core.probe import Mode
 from portsentry.host import privileges
 from portsentry.host.info import local_addresses
-from portsentry.journal.failures import WriteFailures
+from portsentry.journal.failures import SYSLOG, WriteFailures
 from portsentry.journal.journal import Journal
 from portsentry.journal.journald import JournaldWriter, journald_available
 from portsentry.journal.syslog import DEFAULT_SOCKET, SyslogWriter
@@ -90,6 +90,22 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
         warnings: Sequence[str] = ()) -> int:
     """The daemon; `warnings`: what the configuration file has that is not honoured (main()
     printed them for the terminal; syslog, where 1.2 said everything, gets them too)."""
+    # A stop asked while the daemon starts (Ctrl-C, an rc script's stop right after its start)
+    # waits for the daemon's handlers: SIGTERM's default killed it with its pid file left and no
+    # shutdown line, SIGINT raised through a start half made.
+    stops: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, _frame: stops.append(signum))
+             for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run(config, modes, args, warnings, stops)
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: not set from Python, so nothing to put back
+                signal.signal(sig, handler)
+
+
+def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnings: Sequence[str],
+         stops: list[int]) -> int:
     from portsentry.bans.lifecycle import BanManager, BanPolicy, open_store
     from portsentry.bans.store import StoreError
     from portsentry.responders.classic import ClassicResponder
@@ -114,7 +130,19 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
         syslog = SyslogWriter(args.syslog_socket)
     journal = Journal(syslog, config.history_file, config.blocked_file,
                       sys.stderr if args.log_stderr else None, verbose=args.verbose)
+    refused = privileges.refusal()
+    if refused is not None:  # as 1.2: before the start line, ended by the shutdown lines
+        print(f"portsentry: {refused}", file=sys.stderr)
+        journal.log(f"adminalert: ERROR: {refused}")
+        for line in messages.shutting_down():
+            journal.log(line)
+        return 1
     journal.log(messages.starting(__version__))
+    lost = [f for f in journal.failures.snapshot() if f["file"] == SYSLOG]
+    if syslog is not None and lost and not args.log_stderr:
+        # In the foreground with no syslog daemon, every line went nowhere, this failure's too.
+        print(f"portsentry: cannot write syslog {syslog.path}: {lost[0]['last_error']}; its lines are "
+              "lost (--log-stderr shows them here)", file=sys.stderr)
     try:
         validate_for_modes(config, modes)
         ignore = open_ignore(config)
@@ -207,6 +235,8 @@ def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
                     reloader=reload_config, sensor_factory=sensors_for, control_path=control_path,
                     telemetry=telemetry, fleet=fleet)
     daemon.install_signal_handlers()
+    if stops:
+        daemon.request_stop()
     status = 0
     try:
         opened = daemon.open()
@@ -253,12 +283,18 @@ def keep_start_only(running: Config, new: Config) -> tuple[Config, list[str]]:
 
 def daemon_answering(path: str) -> str | None:
     """Who already listens on the control socket `path` ("another portsentry (pid N)"), or None
-    when nobody does (no socket, or a stale one left by a daemon that died)."""
+    when nobody does (no socket, a stale one left by a daemon that died, or one this user may
+    not open)."""
     from portsentry.service import control
 
     try:
         answer = control.request(path, {"command": "status"}, timeout=5.0)
     except control.NotRunning:
+        return None
+    except PermissionError:
+        # Root's socket seen by another user: nothing says anyone listens there (a start
+        # without sudo claimed "another process answers" with no daemon running); binding it
+        # fails next with the reason.
         return None
     except OSError:  # it listens but does not answer as a daemon does (NoAnswer, a timeout)
         return "another process"

@@ -27,6 +27,9 @@ IPNetwork = IPv4Network | IPv6Network
 _TOKEN = re.compile(r"[^\s#]+")
 _PREFIX = re.compile(r"[0-9]{1,3}")
 _IPV4_MAPPED_BITS = 96
+_NETMASK = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")
+# What separates the entries of a list written on one line ("10.0.0.0/8,192.168.0.0/16").
+_LIST_SEPARATOR = re.compile(r"[,;]")
 _FORMS = "expected a.b.c.d[/0-32] or an IPv6 address[/0-128]"
 
 
@@ -51,6 +54,15 @@ class IgnoreEntry:
 
 def _parse_token(token: str) -> IPNetwork:
     """Turn one ignore-file token into a network; ValueError carries the user-facing reason."""
+    try:
+        return _parse_one(token)
+    except ValueError as error:
+        if _LIST_SEPARATOR.search(token) is None:
+            raise
+        raise ValueError(f"{error}; one address or network per line") from None
+
+
+def _parse_one(token: str) -> IPNetwork:
     address_text, slash, prefix_text = token.partition("/")
     if "%" in address_text:
         raise ValueError(f"{token!r} has an IPv6 zone id; ignore entries are plain addresses")
@@ -61,7 +73,7 @@ def _parse_token(token: str) -> IPNetwork:
     max_bits = address.max_prefixlen
     if slash:
         if _PREFIX.fullmatch(prefix_text) is None or int(prefix_text) > max_bits:
-            hint = "; write /24, not /255.255.255.0" if "." in prefix_text else ""
+            hint = "; write /24, not /255.255.255.0" if _NETMASK.fullmatch(prefix_text) else ""
             raise ValueError(
                 f"{token!r}: '/{prefix_text}' is not a prefix length (0-{max_bits}){hint}"
             )
@@ -300,4 +312,24 @@ def open_ignore(config: Config, local_addresses: Callable[[], Iterable[IPAddress
     if choice.note is not None:
         source.note = choice.note
         source.warnings = [choice.note, *source.warnings]
+    unread = _unread_beside(config)
+    if unread is not None:
+        source.warnings = [unread, *source.warnings]
     return source
+
+
+def _unread_beside(config: Config) -> str | None:
+    """With IGNORE_FILE unset, the portsentry.ignore beside the configuration file (or in
+    /etc/portsentry for the built-in default), said to be unread: the shipped template leaves
+    IGNORE_FILE commented out, and 1.2's and Debian's files keep the list there, so an admin
+    writes it there and expects it honoured."""
+    from portsentry.config.settings import DEFAULT_CONFIG_PATH, EMBEDDED_SOURCE
+
+    if config.ignore_file is not None:
+        return None
+    conf = DEFAULT_CONFIG_PATH if config.source == EMBEDDED_SOURCE else os.path.abspath(config.source)
+    beside = os.path.join(os.path.dirname(conf), "portsentry.ignore")
+    if not os.path.isfile(beside):
+        return None
+    return (f"IGNORE_FILE is not set, so {beside} is not read and its hosts can be blocked "
+            f'(IGNORE_FILE="{beside}" uses it)')

@@ -203,6 +203,25 @@ class _Kernel:
         self._check(self._capset(ctypes.byref(header), data), "capset")
 
 
+def refusal() -> str | None:
+    """Why this process cannot be the daemon, or None: another user than root holding none of
+    KEPT can bind no low port, open no capture, make no ban (a start without sudo), where 1.2
+    refused anyone but root. A user given them (file capabilities, a unit's User= with
+    AmbientCapabilities=) may run it. None when the kernel cannot be asked: the start says what
+    fails."""
+    euid = os.geteuid()
+    if euid == 0:
+        return None
+    try:
+        permitted = _Kernel().get().permitted
+    except (OSError, AttributeError):
+        return None
+    if permitted & mask(KEPT):
+        return None
+    return (f"You need to be root to run this (uid {euid} holds none of {names(KEPT)}: run it as root, "
+            "or give it those capabilities)")
+
+
 @dataclass(frozen=True)
 class DropResult:
     """What restrict() did. `message` is one line for the log; `ok` means it belongs in the

@@ -54,6 +54,9 @@ def run_argv(argv: Sequence[str], stdin: str | None = None) -> RunResult:
             text=True,
             timeout=COMMAND_TIMEOUT,
             check=False,
+            # A group of its own: a terminal's Ctrl-C, sent to the whole foreground group, must
+            # not kill a kernel change half way; the daemon stops at its own pace.
+            process_group=0,
         )
     except FileNotFoundError:
         return RunResult(127, "", f"{argv[0]}: command not found")

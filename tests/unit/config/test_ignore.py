@@ -481,3 +481,36 @@ def test_a_host_written_with_a_network_s_prefix_is_warned_about(token: str, warn
         assert warnings == []
     else:
         assert len(warnings) == 1 and "portsentry.ignore:1:" in warnings[0] and warned in warnings[0]
+
+
+def test_an_ignore_file_beside_the_configuration_that_is_not_read_is_named(tmp_path: Path) -> None:
+    # The shipped template leaves IGNORE_FILE commented out; an admin who copied it to
+    # /etc/portsentry/ and wrote the management network into portsentry.ignore next to it, as
+    # 1.2's and Debian's files have it, had that network blocked like any other, and neither
+    # check-config nor the start said the file was not read.
+    from portsentry.config.ignore import open_ignore
+    from portsentry.config.settings import parse_config
+
+    conf, ignore = tmp_path / "portsentry.conf", tmp_path / "portsentry.ignore"
+    ignore.write_text("198.18.99.0/24\n")
+    unset = parse_config('TCP_PORTS="1"\n', str(conf)).config
+    source = open_ignore(unset, lambda: [])
+    assert source.warnings == [f'IGNORE_FILE is not set, so {ignore} is not read and its hosts can be '
+                               f'blocked (IGNORE_FILE="{ignore}" uses it)']
+    assert ip_address("198.18.99.7") not in source.current(0.0)
+    set_to_it = parse_config(f'TCP_PORTS="1"\nIGNORE_FILE="{ignore}"\n', str(conf)).config
+    assert open_ignore(set_to_it, lambda: []).warnings == []
+    ignore.unlink()
+    assert open_ignore(unset, lambda: []).warnings == []  # no file there: nothing to say
+
+
+@pytest.mark.parametrize(
+    "line", ["10.0.0.0/8,192.168.0.0/16", "10.0.0.1,10.0.0.2", "10.0.0.1, 10.0.0.2",
+             "10.0.0.0/8;192.168.0.0/16"])
+def test_a_list_on_one_line_is_told_one_entry_per_line(line: str) -> None:
+    # "10.0.0.0/8,192.168.0.0/16" was told "'/8,192.168.0.0/16' is not a prefix length (0-32);
+    # write /24, not /255.255.255.0": a netmask hint for a list, sending the admin the wrong way.
+    with pytest.raises(IgnoreFileError) as caught:
+        parse_ignore(f"{line}\n", "portsentry.ignore")
+    assert caught.value.message.endswith("; one address or network per line")
+    assert "255.255.255.0" not in caught.value.message

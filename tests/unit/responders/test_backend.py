@@ -3,6 +3,7 @@ Also home of `Recorder`, the fake runner the per-backend golden tests use."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -56,6 +57,16 @@ def test_run_argv_runs_without_a_shell_and_reports_exit_status() -> None:
     # A shell would expand this; without one it is a literal argument.
     assert run_argv([sys.executable, "-c", "import sys; print(sys.argv[1])", "$HOME;x"]).stdout == \
         "$HOME;x\n"
+
+
+def test_run_argv_keeps_the_tool_out_of_the_terminal_s_ctrl_c() -> None:
+    # A terminal's Ctrl-C goes to its whole foreground process group: run in the daemon's, an
+    # `nft -f` under way died with it ("cannot update the kernel's guarded sources: nft -f - ...
+    # exited -2") while the daemon, which stops at its own pace, went on to say it was listening.
+    # KILL_* commands already start in a session of their own (responders.shell).
+    result = run_argv([sys.executable, "-c", "import os; print(os.getpgrp())"])
+    assert result.ok, result
+    assert int(result.stdout) != os.getpgrp()
 
 
 def test_run_argv_missing_program_is_127() -> None:
