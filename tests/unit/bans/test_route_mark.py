@@ -121,18 +121,22 @@ def test_bans_of_an_earlier_store_are_taken_as_routed_where_they_were_local(tmp_
     db.close()
 
 
+def _route_exists(ran: list[str]):
+    """A runner whose `route add` fails as on a host whose route 1.2 made ("File exists")."""
+    def run(command: str, timeout: float) -> CommandResult:
+        ran.append(command)
+        return CommandResult(command, 7 if command.startswith("route add") else 0, False,
+                             "SIOCADDRT: File exists", 0.0)
+    return run
+
+
 def test_a_kill_route_that_failed_is_not_undone_at_the_lift(tmp_path):
     # A host 1.2 blocked keeps its route after the switch: our KILL_ROUTE for its next scan fails
     # ("SIOCADDRT: File exists") and hosts.deny holds the ban. Its expiry ran KILL_ROUTE_UNDO all
     # the same and took 1.2's route, a block for ever, away with ours.
     bans, _kernel, lines, commands = manager(tmp_path, base=60, undo=UNDO, route=ROUTE)
-
-    def run(command: str, timeout: float) -> CommandResult:
-        commands.append(command)
-        return CommandResult(command, 7 if command.startswith("route add") else 0, False,
-                             "SIOCADDRT: File exists", 0.0)
-
-    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=run, clock=lambda: 10.0)
+    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=_route_exists(commands),
+                                 clock=lambda: 10.0)
     block = Block(Probe(source=A, port=111, mode=Mode.ATCP, kind=KIND_SYN),
                   (Step(StepKind.HOSTS_DENY, "ALL: $TARGET$ : DENY"), Step(StepKind.ROUTE, ROUTE)))
     assert bans.enforce(block, responder, now=10.0)  # held by hosts.deny
@@ -220,12 +224,7 @@ def test_block_file_on_a_ban_kill_route_never_held_leaves_no_mark_where_it_fails
     # just recorded, and unblock --file then ran KILL_ROUTE_UNDO on 1.2's route.
     bans, _kernel, lines, _commands = manager(tmp_path, base=60, undo=UNDO, route=ROUTE)
     ran: list[str] = []
-
-    def exists(command: str, timeout: float) -> CommandResult:
-        ran.append(command)
-        return CommandResult(command, 7 if command.startswith("route add") else 0, False,
-                             "SIOCADDRT: File exists", 0.0)
-
+    exists = _route_exists(ran)
     responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=exists, clock=lambda: 10.0)
     scan = Block(Probe(source=A, port=111, mode=Mode.ATCP, kind=KIND_SYN),
                  (Step(StepKind.HOSTS_DENY, "ALL: $TARGET$"), Step(StepKind.ROUTE, ROUTE)))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from portsentry.cli.run import daemon_answering
+from tests.unit.cli.test_main import _RecordingDaemon
 
 
 def test_a_control_socket_it_may_not_open_is_not_another_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,6 +59,21 @@ class _NoCapabilities:
         return CapabilitySets(0, 0, 0, (1 << 41) - 1)
 
 
+def _stand_in_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A configuration in `tmp_path` and a start that goes as far as making the daemon, which
+    is a stand-in that opens nothing (and drops no privileges); the configuration's path."""
+    from portsentry.host import privileges
+    from portsentry.host.privileges import DropResult
+    from portsentry.service import daemon
+
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="40001"\nSTATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{tmp_path}/ctl.sock"\n'
+                    f'HOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
+    monkeypatch.setattr(daemon, "Daemon", _RecordingDaemon)
+    monkeypatch.setattr(privileges, "restrict", lambda keep: DropResult(True, "not dropped in tests"))
+    return conf
+
+
 def _start_as_nobody(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: object
 ) -> tuple[int, list[object]]:
@@ -65,29 +81,9 @@ def _start_as_nobody(
     from portsentry.cli.run import run
     from portsentry.config.settings import load_config
     from portsentry.host import privileges
-    from portsentry.host.privileges import DropResult
-    from portsentry.service import daemon
 
-    made: list[object] = []
-
-    class Recording:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            made.append(kwargs)
-
-        def install_signal_handlers(self) -> None:
-            pass
-
-        def open(self) -> bool:
-            return False
-
-        def shutdown(self) -> None:
-            pass
-
-    conf = tmp_path / "ps.conf"
-    conf.write_text(f'TCP_PORTS="40001"\nSTATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{tmp_path}/ctl.sock"\n'
-                    f'HOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
-    monkeypatch.setattr(daemon, "Daemon", Recording)
-    monkeypatch.setattr(privileges, "restrict", lambda keep: DropResult(True, "not dropped in tests"))
+    _RecordingDaemon.seen = {}
+    conf = _stand_in_daemon(tmp_path, monkeypatch)
     monkeypatch.setattr(privileges, "_Kernel", lambda: kernel)
     monkeypatch.setattr(os, "geteuid", lambda: 65534)
     import signal
@@ -101,7 +97,7 @@ def _start_as_nobody(
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-    return status, made
+    return status, [_RecordingDaemon.seen] if _RecordingDaemon.seen else []
 
 
 def test_a_user_without_root_or_its_network_capabilities_is_refused_as_1_2_did(
@@ -204,27 +200,8 @@ def test_a_foreground_start_whose_syslog_is_gone_says_so_on_the_terminal(
     from portsentry.config.settings import load_config
     from portsentry.core.probe import Mode
     from portsentry.host import privileges
-    from portsentry.host.privileges import DropResult
-    from portsentry.service import daemon
 
-    class Unopened:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            pass
-
-        def install_signal_handlers(self) -> None:
-            pass
-
-        def open(self) -> bool:
-            return False
-
-        def shutdown(self) -> None:
-            pass
-
-    conf = tmp_path / "ps.conf"
-    conf.write_text(f'TCP_PORTS="40001"\nSTATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{tmp_path}/ctl.sock"\n'
-                    f'HOSTS_DENY_FILE="{tmp_path}/hosts.deny"\n')
-    monkeypatch.setattr(daemon, "Daemon", Unopened)
-    monkeypatch.setattr(privileges, "restrict", lambda keep: DropResult(True, "not dropped in tests"))
+    conf = _stand_in_daemon(tmp_path, monkeypatch)
     monkeypatch.setattr(privileges, "refusal", lambda: None)
     gone = tmp_path / "no-log-here"
     import signal
