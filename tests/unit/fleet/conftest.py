@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 
 @pytest.fixture
@@ -23,8 +24,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                              "--dir", str(workdir), "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # The socket file appears at bind(), a moment before listen(): a connect in between is
+        # refused, which a loaded machine once turned into a failed test. Ready means answering.
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while not _answers(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("redis-server did not start")
             time.sleep(0.01)
@@ -36,3 +39,15 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def _answers(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
