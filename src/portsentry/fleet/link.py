@@ -273,14 +273,18 @@ def just_before(first: bytes) -> bytes:
     return f"{ms - 1}-{_SEQ_MAX}".encode() if ms else b"0-0"
 
 
-def lost_past(first: bytes | None, cursor: bytes | None) -> bool:
+def lost_past(first: bytes | None, cursor: bytes | None, newest: bytes | None = None) -> bool:
     """Whether a reader at `cursor` must load the active set: it has no cursor, or what follows
     its cursor is gone (trimmed, or the stream itself lost: empty under a cursor that had read
-    entries). b"0-0" is the cursor of a reader that loaded an empty fleet: it misses nothing."""
+    entries, or made again with its `newest` id below the cursor, by a Redis that came back empty
+    with its clock behind: trimming never removes the newest entry, so only a new stream can end
+    before the cursor). b"0-0" is the cursor of a reader that loaded an empty fleet."""
     if cursor is None:
         return True
     if cursor == b"0-0":
         return False
+    if newest is not None and stream_order(newest) < stream_order(cursor):
+        return True
     return first is None or trimmed_past(first, cursor)
 
 
@@ -349,21 +353,27 @@ class Link:
         newest = self.client.xrevrange(self.stream, count=1)
         return bytes(newest[0][0]) if newest else b"0-0"
 
-    def first_id(self) -> bytes | None:
-        oldest = self.client.xrange(self.stream, count=1)
-        return bytes(oldest[0][0]) if oldest else None
-
-    def follow(self, after: bytes, block_ms: int, count: int
-               ) -> tuple[bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
-        """The stream's oldest id, then the entries after `after`, waiting up to `block_ms` for the
-        first (0: not at all; Redis itself takes BLOCK 0 as "for ever"), in one round trip: the
-        reader learns with every read whether entries after its cursor were trimmed or lost, not
-        only when it reconnects."""
+    def ends(self) -> tuple[bytes | None, bytes | None]:
+        """The stream's oldest and newest ids (None, None when it is empty or missing)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.xrange(self.stream, count=1)
+        pipe.xrevrange(self.stream, count=1)
+        oldest, newest = pipe.execute()
+        return (bytes(oldest[0][0]) if oldest else None), (bytes(newest[0][0]) if newest else None)
+
+    def follow(self, after: bytes, block_ms: int, count: int
+               ) -> tuple[bytes | None, bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
+        """The stream's oldest and newest ids, then the entries after `after`, waiting up to
+        `block_ms` for the first (0: not at all; Redis itself takes BLOCK 0 as "for ever"), in
+        one round trip: the reader learns with every read whether entries after its cursor were
+        trimmed or lost, not only when it reconnects."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xrange(self.stream, count=1)
+        pipe.xrevrange(self.stream, count=1)
         pipe.xread({self.stream: after}, count=count, block=block_ms or None)
-        oldest, answer = pipe.execute()
-        return (bytes(oldest[0][0]) if oldest else None), self._entries(answer)
+        oldest, newest, answer = pipe.execute()
+        return ((bytes(oldest[0][0]) if oldest else None), (bytes(newest[0][0]) if newest else None),
+                self._entries(answer))
 
     def _entries(self, answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
         if not answer:

@@ -417,8 +417,8 @@ class FleetNode:
         """One turn of the reader: what follows the cursor, applied; or, when entries after it
         are gone, the active set first. How many entries were read."""
         assert self.stream is not None
-        first, entries = link.follow(self.stream, block_ms, READ_BATCH)
-        if lost_past(first, self.stream):
+        first, newest, entries = link.follow(self.stream, block_ms, READ_BATCH)
+        if lost_past(first, self.stream, newest):
             self._load_active(link, first)  # these entries are read again, after the set
             return len(entries)
         if entries:
@@ -433,8 +433,8 @@ class FleetNode:
         return len(entries)
 
     def _catch_up(self, link: Link) -> None:
-        first = link.first_id()
-        if lost_past(first, self.stream):
+        first, newest = link.ends()
+        if lost_past(first, self.stream, newest):
             self._load_active(link, first)
 
     def _load_active(self, link: Link, first: bytes | None) -> None:

@@ -28,17 +28,17 @@ def ban(address: str, seq: int, expires: float | None) -> Decision:
 
 def test_publish_read_and_the_active_set(redis_url):
     link = Link(settings(redis_url))
-    assert link.last_id() == b"0-0" and link.first_id() is None
+    assert link.last_id() == b"0-0" and link.ends() == (None, None)
     done = link.publish([ban("198.18.9.1", 1, NOW + 100), ban("198.18.9.1", 2, NOW + 50),
                          ban("198.18.9.2", 3, None), ban("198.18.9.3", 4, NOW + 10)])
     ids = done.ids
     # The host's mark: none before this first publish, then its last decision's epoch:seq.
     assert done.before is None and link.held_mark() == b"1:4"
-    assert len(ids) == 4 and link.last_id() == ids[-1] and link.first_id() == ids[0]
-    first, entries = link.follow(b"0-0", 0, 10)
-    assert first == ids[0]
+    assert len(ids) == 4 and link.last_id() == ids[-1] and link.ends() == (ids[0], ids[-1])
+    first, newest, entries = link.follow(b"0-0", 0, 10)
+    assert (first, newest) == (ids[0], ids[-1])
     assert [entry_id for entry_id, _fields in entries] == ids
-    assert link.follow(ids[1], 0, 1)[1][0][0] == ids[2]
+    assert link.follow(ids[1], 0, 1)[-1][0][0] == ids[2]
     # The shorter second ban of .1 did not replace the longer one in the active set.
     active = {d.address.compressed: d.expires for batch in link.active()
               for d in (unpack(value, KEY, "unit") for value in batch)}
@@ -47,7 +47,7 @@ def test_publish_read_and_the_active_set(redis_url):
     assert link.active_count() == 2 and link.held_mark() == b"1:5"
     assert link.prune(NOW + 20) == 1  # .3 ended
     assert link.active_count() == 1
-    assert link.follow(link.last_id(), 50, 10)[1] == []  # nothing new: the blocking read times out
+    assert link.follow(link.last_id(), 50, 10)[-1] == []  # nothing new: the blocking read times out
     link.close()
 
 
@@ -101,7 +101,7 @@ def test_every_command_of_the_fleet_runs_under_the_acl_the_docs_give(redis_url):
     link.set_mark(b"1:3")
     link.forget([ip_address("198.18.9.1")])
     assert link.active_count() == 1 and [len(batch) for batch in link.active()] == [1]
-    assert link.follow(b"0-0", 0, 10)[0] == done.ids[0] and link.first_id() == done.ids[0]
+    assert link.follow(b"0-0", 0, 10)[0] == done.ids[0] and link.ends()[0] == done.ids[0]
     assert link.last_id() == done.ids[-1] and link.prune(NOW + 200) == 0
     for each in (link, admin):
         each.close()

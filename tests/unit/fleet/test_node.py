@@ -77,7 +77,7 @@ def test_a_ban_made_on_one_host_is_made_on_the_other_and_not_echoed(tmp_path, re
     assert one.status()["published"] == 2 and two.status()["applied"] == 2
     # Applying the same entries again changes nothing.
     changes = len(two.bans.store.changes(0))
-    two.applier.apply_entries(Link(two.settings).follow(b"0-0", 0, 100)[1])
+    two.applier.apply_entries(Link(two.settings).follow(b"0-0", 0, 100)[-1])
     assert len(two.bans.store.changes(0)) == changes
 
 
@@ -195,7 +195,7 @@ def test_entries_read_again_after_a_failure_are_not_replays(tmp_path, redis_url,
     out = Link(one.settings)
     while one.publish_once(out):
         pass
-    entries = Link(two.settings).follow(two.stream or b"0-0", 0, 100)[1]
+    entries = Link(two.settings).follow(two.stream or b"0-0", 0, 100)[-1]
     from portsentry.bans.store import StoreError
 
     def busy(*_args, **_kwargs):
@@ -315,7 +315,7 @@ def test_a_reader_whose_next_entries_were_trimmed_loads_the_set_and_keeps_the_li
     out = Link(one.settings)
     while one.publish_once(out):
         pass
-    entries = out.follow(two.stream or b"0-0", 0, 10)[1]
+    entries = out.follow(two.stream or b"0-0", 0, 10)[-1]
     assert len(entries) == 3  # ban .2, ban .3, lift .1
     out.client.xtrim(out.stream, minid=entries[1][0], approximate=False)  # ban .2 is gone
     into = Link(two.settings)
@@ -385,7 +385,7 @@ def test_entries_read_again_after_loading_the_set_do_not_use_up_the_rate_cap(tmp
     out = Link(one.settings)
     while one.publish_once(out):
         pass
-    entries = out.follow(two.stream or b"0-0", 0, 10)[1]
+    entries = out.follow(two.stream or b"0-0", 0, 10)[-1]
     out.client.xtrim(out.stream, minid=entries[1][0], approximate=False)  # ban .2 is gone
     into = Link(two.settings)
     while two.read_once(into, block_ms=0):
@@ -501,3 +501,23 @@ def test_a_lift_read_late_spares_a_ban_this_host_made_after_it(tmp_path, redis_u
     assert held is not None and held.active(time.time()) and SCANNER in kernel2.held
     assert two.status()["refused"] == {"stale": 1}
     assert taken not in kernel2.held and early not in kernel2.held and close not in kernel2.held
+
+
+def test_a_reader_ahead_of_a_redis_restarted_empty_with_its_clock_behind_loads_the_set(tmp_path, redis_url):
+    """Redis came back empty on a machine whose clock is behind the one it ran on: the ids of its
+    new entries lie below the reader's cursor, so XREAD after the cursor returns nothing until
+    the clock catches up, and a stream that is not empty did not look lost."""
+    one, _k1, _l1 = node(tmp_path, redis_url, "h1")
+    two, kernel2, log2 = node(tmp_path, redis_url, "h2")
+    local_ban(one, "198.18.9.1")
+    deliver(one, two, redis_url)
+    assert set(kernel2.held) == {ip_address("198.18.9.1")}
+    # The cursor an hour ahead of this Redis's clock: where the old server's ids had got to.
+    two.stream = f"{int(time.time() * 1000) + 3_600_000}-0".encode()
+    admin = Link(one.settings)
+    admin.client.flushall()
+    local_ban(one, "198.18.9.2")
+    deliver(one, two, redis_url)  # the publisher refills Redis; the reader reads on
+    assert set(kernel2.held) == {ip_address("198.18.9.1"), ip_address("198.18.9.2")}
+    assert any("what followed this host's cursor is gone" in line for line in log2), log2
+    admin.close()

@@ -55,6 +55,10 @@ def test_where_a_reader_that_missed_entries_goes_on_from():
     assert lost_past(None, b"99-5") and lost_past(b"100-0", b"99-5") and not lost_past(b"99-6", b"99-5")
     # The cursor of a reader that loaded an empty fleet misses nothing, whatever comes first.
     assert not lost_past(None, b"0-0") and not lost_past(b"100-0", b"0-0")
+    # A stream that ends before the cursor was made again (Redis back empty, its clock behind);
+    # one that ends at or after it was only read up to there.
+    assert lost_past(b"50-0", b"99-5", b"60-0") and lost_past(b"50-0", b"99-5", b"99-4")
+    assert not lost_past(b"50-0", b"99-5", b"99-5") and not lost_past(b"50-0", b"99-5", b"120-0")
 
 
 def test_marks_read_back_or_are_no_mark():
