@@ -8,7 +8,9 @@ the socket is 0600 in a 0700 directory, and the peer's uid is checked again with
 Threads and ownership: the server runs on its own thread (`control`), which owns the listening
 socket and every client connection until the request is read. Reads are non-blocking; a request
 has one deadline from its accept (not per recv, so a client sending a byte a second cannot hold
-anything) and a size cap. A complete request is parsed into a typed `Request` and handed to the
+anything) and a size cap; at most MAX_CLIENTS are read, and MAX_PENDING of each command answered,
+at once, so the sockets held stay bounded whatever clients do and a flood of `list` leaves
+`status` its own places. A complete request is parsed into a typed `Request` and handed to the
 daemon's handler with a `Reply`; the handler may answer from any thread. Anything that goes
 wrong, a bad request, a handler that raises, becomes an error reply; the detection loop never
 reads a client socket.
@@ -35,10 +37,14 @@ MAX_REQUEST = 64 * 1024
 REQUEST_DEADLINE = 5.0  # seconds from accept to a complete request line
 REPLY_TIMEOUT = 5.0  # a client that does not read its reply is dropped after this
 MAX_CLIENTS = 64  # connections being read at once; more are refused with an error reply
+# Requests of one command handed on and not yet answered: each holds its client's socket until
+# its reply, even when the client has hung up, so without a cap a script sending faster than the
+# daemon answers (`list` of many bans) held every fd the process may open.
+MAX_PENDING = 32
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
-COMMANDS = ("status", "stats", "reload", "list", "block", "unblock")
 Command = Literal["status", "stats", "reload", "list", "block", "unblock"]
+COMMANDS: tuple[Command, ...] = ("status", "stats", "reload", "list", "block", "unblock")
 # "policy": as long as BLOCK_TIME and escalation say; None: forever; else seconds.
 Duration = float | None | Literal["policy"]
 
@@ -158,17 +164,22 @@ class _Client:
 
 class ControlServer:
     def __init__(self, path: str, handler: Handler, deadline: float = REQUEST_DEADLINE,
-                 max_request: int = MAX_REQUEST, log: Callable[[str], None] | None = None) -> None:
+                 max_request: int = MAX_REQUEST, log: Callable[[str], None] | None = None,
+                 max_pending: int = MAX_PENDING) -> None:
         self.path = path
         self.handler = handler
         self.deadline = deadline
         self.max_request = max_request
+        self.max_pending = max_pending
         self.refused = 0  # peers that are not root
         self.bad_requests = 0  # malformed, oversized, too slow, or failed in the handler
         self._log = log or (lambda _text: None)
         self._sock: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
         self._clients: dict[int, _Client] = {}
+        # Per command: handed to the handler, not yet answered; replies come from any thread.
+        self._pending: dict[Command, int] = dict.fromkeys(COMMANDS, 0)
+        self._pending_lock = threading.Lock()
         self._stop_read, self._stop_write = socket.socketpair()
         self._thread: threading.Thread | None = None
 
@@ -286,15 +297,29 @@ class ControlServer:
             self.bad_requests += 1
             _send(conn, Response.failure(str(error)))
             return
+        with self._pending_lock:
+            busy = self._pending[request.command] >= self.max_pending
+            if not busy:
+                self._pending[request.command] += 1
+        if busy:
+            self.bad_requests += 1
+            _send(conn, Response.failure(f"busy: {self.max_pending} {request.command} requests are still "
+                                         "being answered"))
+            return
         self._dispatch(request, conn)
 
     def _dispatch(self, request: Request, conn: socket.socket) -> None:
         answered = threading.Event()
+        once = threading.Lock()
 
         def reply(response: Response) -> None:
-            if not answered.is_set():
+            with once:
+                if answered.is_set():
+                    return
                 answered.set()
-                _send(conn, response)
+            with self._pending_lock:
+                self._pending[request.command] -= 1
+            _send(conn, response)
 
         try:
             self.handler(request, reply)

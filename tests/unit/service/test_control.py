@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from portsentry.bans.records import LONGEST_BAN
 from portsentry.service.control import (
+    MAX_PENDING,
     BadRequest,
     ControlServer,
     Reply,
@@ -181,3 +182,55 @@ def test_any_bytes_are_a_request_or_a_bad_request(data):
     except BadRequest:
         return
     assert isinstance(parsed, Request)
+
+
+def test_requests_still_being_answered_are_capped_and_hold_no_more_sockets(tmp_path):
+    # A client that sends `list` and hangs up still had its socket kept open until the daemon
+    # answered: a script sending requests faster than the admin worker answered them (a monitor
+    # killed at its timeout and run again) piled them up without end, 390 in 3 s held every fd
+    # of a 256-fd limit, and then the daemon could open nothing (nor its ban store, nor nft).
+    held: list[Reply] = []
+    holding = threading.Event()
+    holding.set()
+
+    def handler(req: Request, reply: Reply) -> None:
+        if req.command == "list" and holding.is_set():
+            held.append(reply)
+        else:
+            reply(Response.success(answered=True))
+
+    server = ControlServer(str(tmp_path / "run" / "control.sock"), handler)
+    server.start()
+    try:
+        for _ in range(MAX_PENDING):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(server.path)
+                sock.sendall(b'{"command": "list"}\n')
+        deadline = time.monotonic() + 5
+        while len(held) < MAX_PENDING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(held) == MAX_PENDING
+        answer = raw(server.path, b'{"command": "list"}\n')
+        assert answer == {"ok": False, "error": f"busy: {MAX_PENDING} list requests are still being answered"}
+        assert len(held) == MAX_PENDING and server.bad_requests == 1
+        # Status keeps its own places.
+        assert request(server.path, {"command": "status"}, timeout=5) == {"ok": True, "answered": True}
+        holding.clear()
+        for reply in held:
+            reply(Response.success())
+        assert request(server.path, {"command": "list"}, timeout=5) == {"ok": True, "answered": True}
+    finally:
+        server.close()
+
+
+def test_a_handler_that_raises_frees_its_place(tmp_path):
+    def handler(_req: Request, _reply: Reply) -> None:
+        raise RuntimeError("boom")
+
+    server = ControlServer(str(tmp_path / "run" / "control.sock"), handler)
+    server.start()
+    try:
+        for _ in range(MAX_PENDING + 5):
+            assert request(server.path, {"command": "status"}, timeout=5)["error"] == "status failed: boom"
+    finally:
+        server.close()
