@@ -37,6 +37,9 @@ MAX_REQUEST = 64 * 1024
 REQUEST_DEADLINE = 5.0  # seconds from accept to a complete request line
 REPLY_TIMEOUT = 5.0  # a client that does not read its reply is dropped after this
 MAX_CLIENTS = 64  # connections being read at once; more are refused with an error reply
+# Seconds the listening socket is left alone after accept() failed (EMFILE: the process is out of
+# fds): it stays readable, so retrying at once spins the control thread.
+ACCEPT_PAUSE = 1.0
 # Requests of one command handed on and not yet answered: each holds its client's socket until
 # its reply, even when the client has hung up, so without a cap a script sending faster than the
 # daemon answers (`list` of many bans) held every fd the process may open.
@@ -177,6 +180,8 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
         self._clients: dict[int, _Client] = {}
+        self._accept_paused_until: float | None = None
+        self._accept_failing = False
         # Per command: handed to the handler, not yet answered; replies come from any thread.
         self._pending: dict[Command, int] = dict.fromkeys(COMMANDS, 0)
         self._pending_lock = threading.Lock()
@@ -234,8 +239,10 @@ class ControlServer:
     def _serve_forever(self) -> None:
         assert self._selector is not None
         while True:
-            timeout = max(0.0, min((c.deadline for c in self._clients.values()),
-                                   default=time.monotonic() + 1.0) - time.monotonic())
+            wake = [c.deadline for c in self._clients.values()]
+            if self._accept_paused_until is not None:
+                wake.append(self._accept_paused_until)
+            timeout = max(0.0, min(wake, default=time.monotonic() + 1.0) - time.monotonic())
             for key, _events in self._selector.select(timeout):
                 if key.fileobj is self._stop_read:
                     return
@@ -249,6 +256,9 @@ class ControlServer:
             now = time.monotonic()
             for fd in [fd for fd, c in self._clients.items() if c.deadline <= now]:
                 self._fail(fd, f"bad request: no complete request line within {self.deadline:g} s")
+            if self._accept_paused_until is not None and now >= self._accept_paused_until and self._sock:
+                self._accept_paused_until = None
+                self._selector.register(self._sock, selectors.EVENT_READ, None)
 
     def _accept(self) -> None:
         assert self._sock is not None and self._selector is not None
@@ -257,6 +267,14 @@ class ControlServer:
                 conn, _addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:  # the client left while queued
+                continue
+            except OSError as error:
+                self._pause_accepting(error)
+                return
+            if self._accept_failing:
+                self._accept_failing = False
+                self._log("adminalert: control socket: accepting connections again")
             if peer_uid(conn) not in (0, os.geteuid()):
                 self.refused += 1
                 _send(conn, Response.failure("permission denied: the control socket is for root"))
@@ -268,6 +286,16 @@ class ControlServer:
             conn.setblocking(False)
             self._clients[conn.fileno()] = _Client(conn, time.monotonic() + self.deadline)
             self._selector.register(conn, selectors.EVENT_READ, None)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Leave the listening socket alone for ACCEPT_PAUSE; said once until an accept works."""
+        assert self._sock is not None and self._selector is not None
+        if not self._accept_failing:
+            self._accept_failing = True
+            self._log(f"adminalert: ERROR: control socket: cannot accept a connection "
+                      f"({error.strerror or error}); trying again every {ACCEPT_PAUSE:g} s")
+        self._selector.unregister(self._sock)
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
     def _read(self, fd: int) -> None:
         client = self._clients.get(fd)

@@ -3,7 +3,10 @@ and every failure an error reply (issue 10.5). Unix sockets in a temp dir; no ro
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import resource
 import socket
 import threading
 import time
@@ -233,4 +236,37 @@ def test_a_handler_that_raises_frees_its_place(tmp_path):
         for _ in range(MAX_PENDING + 5):
             assert request(server.path, {"command": "status"}, timeout=5)["error"] == "status failed: boom"
     finally:
+        server.close()
+
+
+def test_running_out_of_fds_is_said_once_and_accepting_resumes(tmp_path):
+    # accept() failing with EMFILE (the process out of fds, whatever holds them) left the
+    # listening socket readable, so the control thread spun: 127,000 'adminalert: ERROR: control
+    # socket' lines in a second, on the CPU the detection loop needs.
+    logs: list[str] = []
+    path = str(tmp_path / "run" / "control.sock")
+    server = ControlServer(path, lambda _req, reply: reply(Response.success()), log=logs.append)
+    server.start()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        client.connect(server.path)
+        time.sleep(1.0)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert 1 <= len(logs) <= 2, logs[:3]
+        assert "cannot accept a connection (Too many open files)" in logs[0]
+        client.settimeout(5)
+        client.sendall(b'{"command": "status"}\n')
+        assert json.loads(client.recv(4096)) == {"ok": True}
+    finally:
+        client.close()
         server.close()
