@@ -36,7 +36,7 @@ DEFAULT_PATH = "/run/portsentry/control.sock"
 MAX_REQUEST = 64 * 1024
 REQUEST_DEADLINE = 5.0  # seconds from accept to a complete request line
 REPLY_TIMEOUT = 5.0  # a client that does not read its reply is dropped after this
-MAX_CLIENTS = 64  # connections being read at once; more are refused with an error reply
+MAX_CLIENTS = 64  # connections being read at once; one more makes the oldest go
 # Seconds the listening socket is left alone after accept() failed (EMFILE: the process is out of
 # fds): it stays readable, so retrying at once spins the control thread.
 ACCEPT_PAUSE = 1.0
@@ -280,9 +280,10 @@ class ControlServer:
                 _send(conn, Response.failure("permission denied: the control socket is for root"))
                 continue
             if len(self._clients) >= MAX_CLIENTS:
-                self.bad_requests += 1
-                _send(conn, Response.failure("busy: too many control connections at once"))
-                continue
+                # The oldest makes room, not the newest: refusing newcomers let clients that
+                # connect and send nothing keep `portsentry status` out for as long as they came.
+                self._fail(next(iter(self._clients)), f"busy: {MAX_CLIENTS} other control connections; "
+                                                      "this one sent no complete request line")
             conn.setblocking(False)
             self._clients[conn.fileno()] = _Client(conn, time.monotonic() + self.deadline)
             self._selector.register(conn, selectors.EVENT_READ, None)

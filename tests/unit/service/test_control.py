@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from portsentry.bans.records import LONGEST_BAN
 from portsentry.service.control import (
+    MAX_CLIENTS,
     MAX_PENDING,
     BadRequest,
     ControlServer,
@@ -270,3 +271,25 @@ def test_running_out_of_fds_is_said_once_and_accepting_resumes(tmp_path):
     finally:
         client.close()
         server.close()
+
+
+def test_idle_connections_do_not_lock_out_a_status(served):
+    # MAX_CLIENTS connections that sent nothing (a monitor that connects and hangs, run from
+    # cron) had every new one refused with 'busy' until their deadlines: `portsentry status`
+    # failed, exit 4, for as long as they kept coming. The oldest idle one makes room.
+    server, path, _seen = served
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(MAX_CLIENTS)]
+    try:
+        for sock in idle:
+            sock.connect(path)
+            time.sleep(0.001)
+        for _ in range(3):
+            assert request(path, {"command": "status"}, timeout=5) == {"ok": True, "command": "status"}
+        idle[0].settimeout(5)
+        answer = json.loads(idle[0].recv(4096))
+        assert answer == {"ok": False, "error": f"busy: {MAX_CLIENTS} other control connections; "
+                                                "this one sent no complete request line"}
+        assert server.bad_requests == 1  # one made room; the next found it free
+    finally:
+        for sock in idle:
+            sock.close()
