@@ -3,9 +3,10 @@ here. Pure: the clock and the guarded addresses are passed in.
 
 A ban is refused for this host's own addresses, its ignore list, its default gateways and DNS
 resolvers (the same guards as a local ban), for sources no real packet can have, and for
-link-local addresses (a host of the peer's link, not of this one); a decision
-from a host outside FLEET_ACCEPT_HOSTS, or older than one already taken from that host (a
-replay), is refused whatever it says; our own decisions coming back are echoes, not refusals.
+link-local addresses (a host of the peer's link, not of this one); a decision from a host
+outside FLEET_ACCEPT_HOSTS (or new past MAX_PEERS hosts), or older than one already taken from
+that host (a replay), is refused whatever it says; our own decisions coming back are echoes,
+not refusals.
 Fleet bans have their own rate cap (FLEET_BAN_RATE_LIMIT a minute). The reasons are the label
 values of the refused-decisions metric.
 
@@ -25,6 +26,10 @@ from portsentry.fleet.decision import Decision
 from portsentry.fleet.settings import RESERVED_IDS
 
 MINUTE = 60.0
+# Hosts whose newest (epoch, seq) is remembered (in memory and fleet.json). A decision from a host
+# id past them is not accepted: a key holder making up host ids would otherwise make every host
+# keep one entry per id for good.
+MAX_PEERS = 10_000
 ECHO = "echo"  # our own decision read back: skipped, never counted as refused
 REASONS = ("unsigned", "bad_signature", "malformed", "host_not_accepted", "replay", "impossible",
            "own_address", "ignored", "protected", "link_local", "expired", "rate_limited", "stale")
@@ -96,6 +101,8 @@ class Gate:
         if decision.host in RESERVED_IDS or (self.accept is not None and decision.host not in self.accept):
             return "host_not_accepted"
         if live:
+            if decision.host not in self.seen and len(self.seen) >= MAX_PEERS:
+                return "host_not_accepted"
             order = (decision.epoch, decision.seq)
             # Equal is fine: a host republishes its active bans under its current seq.
             if order < self.seen.get(decision.host, (0, 0)):

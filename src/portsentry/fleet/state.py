@@ -35,7 +35,7 @@ def load_state(path: str, fleet: str) -> tuple[FleetState, str | None]:
             data = json.load(handle)
     except FileNotFoundError:
         return FleetState(), None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested past json's reach
         return FleetState(), f"cannot read {path} ({error}); starting afresh"
     if not isinstance(data, dict) or data.get("fleet") != fleet:
         return FleetState(), None  # another fleet's cursors mean nothing here

@@ -14,6 +14,9 @@ from portsentry.fleet.state import FleetCounters
 from portsentry.journal.telemetry import Telemetry
 
 Logger = Callable[[str], None]
+# Refusals are said once per host and reason, for this many; then once that the rest are only
+# counted: a key holder making up host ids would otherwise have one line each said.
+MAX_SAID = 1000
 
 
 class Tally:
@@ -22,6 +25,7 @@ class Tally:
         self.counters = FleetCounters()
         self._lock = threading.Lock()
         self._logged: set[str] = set()
+        self._refusals_said: set[str] = set()  # at most MAX_SAID + 1
 
     def count(self, name: str, amount: int = 1) -> None:
         if amount <= 0:
@@ -36,8 +40,16 @@ class Tally:
         self.telemetry.metrics.fleet_decisions("refused", reason, 1)
         who = decision.host if decision is not None else "?"
         what = f"{decision.kind} of {decision.address}" if decision is not None else "an entry"
-        self.say_once(f"{reason}:{who}", f"fleet: refused {what} from {who}: {reason}"
-                      + (f" ({detail})" if detail else "") + " (said once per host and reason)")
+        key = f"{reason}:{who}"
+        with self._lock:
+            said = len(self._refusals_said)
+            if key in self._refusals_said or said > MAX_SAID:
+                return
+            self._refusals_said.add(key)
+        self.log(f"fleet: refused {what} from {who}: {reason}" + (f" ({detail})" if detail else "")
+                 + " (said once per host and reason)" if said < MAX_SAID else
+                 f"fleet: refusals of more than {MAX_SAID} kinds (host and reason): the rest are counted "
+                 "in 'portsentry status' and the metrics, not said")
 
     def lag(self, seconds: float) -> None:
         with self._lock:

@@ -8,7 +8,9 @@ the socket is 0600 in a 0700 directory, and the peer's uid is checked again with
 Threads and ownership: the server runs on its own thread (`control`), which owns the listening
 socket and every client connection until the request is read. Reads are non-blocking; a request
 has one deadline from its accept (not per recv, so a client sending a byte a second cannot hold
-anything) and a size cap. A complete request is parsed into a typed `Request` and handed to the
+anything) and a size cap; at most MAX_CLIENTS are read, and MAX_PENDING of each command answered,
+at once, so the sockets held stay bounded whatever clients do and a flood of `list` leaves
+`status` its own places. A complete request is parsed into a typed `Request` and handed to the
 daemon's handler with a `Reply`; the handler may answer from any thread. Anything that goes
 wrong, a bad request, a handler that raises, becomes an error reply; the detection loop never
 reads a client socket.
@@ -34,11 +36,18 @@ DEFAULT_PATH = "/run/portsentry/control.sock"
 MAX_REQUEST = 64 * 1024
 REQUEST_DEADLINE = 5.0  # seconds from accept to a complete request line
 REPLY_TIMEOUT = 5.0  # a client that does not read its reply is dropped after this
-MAX_CLIENTS = 64  # connections being read at once; more are refused with an error reply
+MAX_CLIENTS = 64  # connections being read at once; one more makes the oldest go
+# Seconds the listening socket is left alone after accept() failed (EMFILE: the process is out of
+# fds): it stays readable, so retrying at once spins the control thread.
+ACCEPT_PAUSE = 1.0
+# Requests of one command handed on and not yet answered: each holds its client's socket until
+# its reply, even when the client has hung up, so without a cap a script sending faster than the
+# daemon answers (`list` of many bans) held every fd the process may open.
+MAX_PENDING = 32
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
-COMMANDS = ("status", "stats", "reload", "list", "block", "unblock")
 Command = Literal["status", "stats", "reload", "list", "block", "unblock"]
+COMMANDS: tuple[Command, ...] = ("status", "stats", "reload", "list", "block", "unblock")
 # "policy": as long as BLOCK_TIME and escalation say; None: forever; else seconds.
 Duration = float | None | Literal["policy"]
 
@@ -158,17 +167,24 @@ class _Client:
 
 class ControlServer:
     def __init__(self, path: str, handler: Handler, deadline: float = REQUEST_DEADLINE,
-                 max_request: int = MAX_REQUEST, log: Callable[[str], None] | None = None) -> None:
+                 max_request: int = MAX_REQUEST, log: Callable[[str], None] | None = None,
+                 max_pending: int = MAX_PENDING) -> None:
         self.path = path
         self.handler = handler
         self.deadline = deadline
         self.max_request = max_request
+        self.max_pending = max_pending
         self.refused = 0  # peers that are not root
         self.bad_requests = 0  # malformed, oversized, too slow, or failed in the handler
         self._log = log or (lambda _text: None)
         self._sock: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
         self._clients: dict[int, _Client] = {}
+        self._accept_paused_until: float | None = None
+        self._accept_failing = False
+        # Per command: handed to the handler, not yet answered; replies come from any thread.
+        self._pending: dict[Command, int] = dict.fromkeys(COMMANDS, 0)
+        self._pending_lock = threading.Lock()
         self._stop_read, self._stop_write = socket.socketpair()
         self._thread: threading.Thread | None = None
 
@@ -223,8 +239,10 @@ class ControlServer:
     def _serve_forever(self) -> None:
         assert self._selector is not None
         while True:
-            timeout = max(0.0, min((c.deadline for c in self._clients.values()),
-                                   default=time.monotonic() + 1.0) - time.monotonic())
+            wake = [c.deadline for c in self._clients.values()]
+            if self._accept_paused_until is not None:
+                wake.append(self._accept_paused_until)
+            timeout = max(0.0, min(wake, default=time.monotonic() + 1.0) - time.monotonic())
             for key, _events in self._selector.select(timeout):
                 if key.fileobj is self._stop_read:
                     return
@@ -238,6 +256,9 @@ class ControlServer:
             now = time.monotonic()
             for fd in [fd for fd, c in self._clients.items() if c.deadline <= now]:
                 self._fail(fd, f"bad request: no complete request line within {self.deadline:g} s")
+            if self._accept_paused_until is not None and now >= self._accept_paused_until and self._sock:
+                self._accept_paused_until = None
+                self._selector.register(self._sock, selectors.EVENT_READ, None)
 
     def _accept(self) -> None:
         assert self._sock is not None and self._selector is not None
@@ -246,17 +267,36 @@ class ControlServer:
                 conn, _addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:  # the client left while queued
+                continue
+            except OSError as error:
+                self._pause_accepting(error)
+                return
+            if self._accept_failing:
+                self._accept_failing = False
+                self._log("adminalert: control socket: accepting connections again")
             if peer_uid(conn) not in (0, os.geteuid()):
                 self.refused += 1
                 _send(conn, Response.failure("permission denied: the control socket is for root"))
                 continue
             if len(self._clients) >= MAX_CLIENTS:
-                self.bad_requests += 1
-                _send(conn, Response.failure("busy: too many control connections at once"))
-                continue
+                # The oldest makes room, not the newest: refusing newcomers let clients that
+                # connect and send nothing keep `portsentry status` out for as long as they came.
+                self._fail(next(iter(self._clients)), f"busy: {MAX_CLIENTS} other control connections; "
+                                                      "this one sent no complete request line")
             conn.setblocking(False)
             self._clients[conn.fileno()] = _Client(conn, time.monotonic() + self.deadline)
             self._selector.register(conn, selectors.EVENT_READ, None)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Leave the listening socket alone for ACCEPT_PAUSE; said once until an accept works."""
+        assert self._sock is not None and self._selector is not None
+        if not self._accept_failing:
+            self._accept_failing = True
+            self._log(f"adminalert: ERROR: control socket: cannot accept a connection "
+                      f"({error.strerror or error}); trying again every {ACCEPT_PAUSE:g} s")
+        self._selector.unregister(self._sock)
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
     def _read(self, fd: int) -> None:
         client = self._clients.get(fd)
@@ -286,15 +326,29 @@ class ControlServer:
             self.bad_requests += 1
             _send(conn, Response.failure(str(error)))
             return
+        with self._pending_lock:
+            busy = self._pending[request.command] >= self.max_pending
+            if not busy:
+                self._pending[request.command] += 1
+        if busy:
+            self.bad_requests += 1
+            _send(conn, Response.failure(f"busy: {self.max_pending} {request.command} requests are still "
+                                         "being answered"))
+            return
         self._dispatch(request, conn)
 
     def _dispatch(self, request: Request, conn: socket.socket) -> None:
         answered = threading.Event()
+        once = threading.Lock()
 
         def reply(response: Response) -> None:
-            if not answered.is_set():
+            with once:
+                if answered.is_set():
+                    return
                 answered.set()
-                _send(conn, response)
+            with self._pending_lock:
+                self._pending[request.command] -= 1
+            _send(conn, response)
 
         try:
             self.handler(request, reply)

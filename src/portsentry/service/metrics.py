@@ -7,6 +7,7 @@ nothing, so the daemon can call them without checking whether metrics are on.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from dataclasses import dataclass
@@ -24,9 +25,12 @@ if TYPE_CHECKING:
 
 # A scrape is one short request. A client gets a thread for at most CLIENT_TIMEOUT seconds of
 # silence per read or write, and at most MAX_CLIENTS at once: slow or idle clients otherwise
-# held a thread each for ever, and enough of them used up the tasks KILL_ROUTE needs.
+# held a thread each for ever, and enough of them used up the tasks KILL_ROUTE needs. One more
+# makes the oldest go (waiting up to EVICT_WAIT for its thread to end): closing the newcomer
+# instead let MAX_CLIENTS clients sending a byte now and then keep every scrape out for good.
 CLIENT_TIMEOUT = 10.0
 MAX_CLIENTS = 8
+EVICT_WAIT = 1.0
 
 
 # Lift reasons become a few label values: a fleet peer's lift names the peer ("unblocked on HOST
@@ -253,6 +257,13 @@ def _server_class(family: socket.AddressFamily) -> type[WSGIServer]:
     from wsgiref.simple_server import WSGIServer
 
     slots = threading.BoundedSemaphore(MAX_CLIENTS)
+    lock = threading.Lock()
+    held: dict[socket.socket, None] = {}  # connections with a thread, oldest first
+
+    def release(request: socket.socket) -> None:
+        with lock:
+            held.pop(request, None)
+        slots.release()
 
     class Server(ThreadingMixIn, WSGIServer):
         address_family = family
@@ -260,19 +271,27 @@ def _server_class(family: socket.AddressFamily) -> type[WSGIServer]:
 
         def process_request(self, request: Any, client_address: Any) -> None:
             if not slots.acquire(blocking=False):
-                self.shutdown_request(request)  # over the limit: closed, no thread
-                return
+                with lock:
+                    oldest = next(iter(held), None)
+                if oldest is not None:
+                    with contextlib.suppress(OSError):  # its thread's read or write ends at once
+                        oldest.shutdown(socket.SHUT_RDWR)
+                if not slots.acquire(timeout=EVICT_WAIT):
+                    self.shutdown_request(request)  # no thread for it
+                    return
+            with lock:
+                held[request] = None
             try:
                 super().process_request(request, client_address)
             except BaseException:
-                slots.release()
+                release(request)
                 raise
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
             try:
                 super().process_request_thread(request, client_address)
             finally:
-                slots.release()
+                release(request)
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             pass  # a client that timed out or went away: not worth a traceback on stderr

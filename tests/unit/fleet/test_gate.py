@@ -6,7 +6,9 @@ from ipaddress import ip_address, ip_network
 
 from portsentry.config.ignore import IgnoreEntry, IgnoreList
 from portsentry.fleet.decision import Decision
-from portsentry.fleet.gate import ECHO, REASONS, Gate, Guards
+from portsentry.fleet.gate import ECHO, MAX_PEERS, REASONS, Gate, Guards
+from portsentry.fleet.tally import MAX_SAID, Tally
+from portsentry.journal.telemetry import Telemetry
 
 NOW = 1_700_000_000.0
 
@@ -116,3 +118,26 @@ def test_a_peers_ban_of_a_link_local_address_is_not_applied_here():
     assert gate.check(lift("fe80::7", seq=3), NOW) is None  # a lift harms nobody
     assert gate.check(ban("fd00:18::7", seq=4), NOW) is None
     assert "link_local" in REASONS
+
+
+def test_a_key_holder_inventing_host_ids_cannot_grow_what_this_host_remembers():
+    # Every signed decision from a new host id added an entry to `seen`, kept in memory, copied
+    # at every read and written to fleet.json for good: a key holder writing lifts under 100,000
+    # made-up ids made each host keep 100,000 (docs/fleet.md: the key holder can ban, at most the
+    # rate cap a minute).
+    gate = Gate("me")
+    for n in range(MAX_PEERS):
+        assert gate.check(lift("198.18.7.1", host=f"h{n}"), NOW) is None
+    assert gate.check(lift("198.18.7.1", host="one-too-many"), NOW) == "host_not_accepted"
+    assert "one-too-many" not in gate.seen and len(gate.seen) == MAX_PEERS
+    assert gate.check(lift("198.18.7.1", host="h7", seq=2), NOW) is None  # the known go on
+
+
+def test_refusals_said_once_per_host_are_said_for_a_bounded_number_of_hosts():
+    lines: list[str] = []
+    tally = Tally(lines.append, Telemetry(), lambda: NOW, "redis://hub")
+    for n in range(3 * MAX_SAID):
+        tally.refused("protected", ban("198.18.0.254", host=f"h{n}"))
+    assert tally.status()["refused"] == {"protected": 3 * MAX_SAID}
+    assert len(lines) == MAX_SAID + 1
+    assert lines[-1].startswith(f"fleet: refusals of more than {MAX_SAID} kinds")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from portsentry.fleet.link import just_before, lost_past, parse_mark, trimmed_past
@@ -78,3 +78,21 @@ def test_a_mark_too_long_for_64_bits_is_no_mark():
 def test_parse_mark_never_raises(value):
     found = parse_mark(value)
     assert found is None or all(0 <= part < 10**20 for part in found)
+
+
+@given(st.binary(max_size=300) | st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["fleet", "epoch", "published", "stream", "seen", "h1"]), inner, max_size=4),
+    max_leaves=15).map(lambda shape: json.dumps(shape).replace('"fleet": "x"', '"fleet": "dmz"').encode()))
+@example(b"[" * 100_000)
+@example(b'{"fleet": "dmz", "epoch": 1' + b"0" * 5000 + b"}")
+def test_any_state_file_is_read_or_set_aside(tmp_path_factory, data):
+    """A state file that cannot be read or makes no sense is set aside (module docstring);
+    100,000 '[' raised RecursionError out of the fleet's start."""
+    path = tmp_path_factory.mktemp("state") / "fleet.json"
+    path.write_bytes(data)
+    state, problem = load_state(str(path), "dmz")
+    assert isinstance(state, FleetState) and (problem is None or "starting afresh" in problem)
+    assert state.stream is None or isinstance(state.stream, bytes)
+    assert all(isinstance(h, str) and len(order) == 2 for h, order in state.seen.items())

@@ -3,13 +3,18 @@ reads `ip -j route show`; no root needed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from ipaddress import ip_address
+import os
+import socket
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from portsentry.responders.backend import BackendError, RunResult
-from portsentry.responders.iproute import RouteBackend, parse_routes
+from portsentry.responders.iproute import RouteBackend, packed_routes, parse_routes
 from tests.unit.responders.test_backend import Recorder
 
 V4 = ip_address("198.18.0.9")
@@ -155,3 +160,35 @@ def test_holds_any_is_whether_a_route_of_ours_is_there() -> None:
     held = Recorder({("ip", "-j", "-4"): RunResult(0, listed, ""),
                      ("ip", "-j", "-6"): RunResult(0, "[]", "")})
     assert RouteBackend(runner=held).holds_any()
+
+
+FUZZ = settings(max_examples=int(os.environ.get("PORTSENTRY_FUZZ_EXAMPLES", "100")), deadline=None)
+ROUTE_SHAPES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
+    | st.sampled_from(["198.18.0.1", "198.18.0.0/24", "198.18.0.1/32", "fd00::1", "fd00::1/128", "default",
+                       "fe80::1%eth0", "::ffff:198.18.0.1", "1.2.3.4/33", "/32", "198.18.0.1/"])
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["dst", "type", "protocol", "dev", "gateway"]), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(st.lists(ROUTE_SHAPES, max_size=6))
+@FUZZ
+def test_the_route_parsers_take_any_json_shape(routes: list[object]) -> None:
+    """What `ip -j route show` printed is parsed into host addresses only, whatever its shape;
+    both parsers agree on which those are."""
+    text = json.dumps(routes)
+    found = parse_routes(text)
+    assert all(isinstance(a, IPv4Address | IPv6Address) for a in found)
+    packed = packed_routes(text, socket.AF_INET) | packed_routes(text, socket.AF_INET6)
+    # A scope (fe80::1%eth0), which ip never writes in "dst", is an address to ip_network only.
+    assert {a.packed for a in found if getattr(a, "scope_id", None) is None} <= packed
+
+
+@given(st.text(max_size=300))
+@FUZZ
+def test_the_route_parsers_never_raise_anything_but_backend_error(text: str) -> None:
+    for parse in (parse_routes, lambda t: packed_routes(t, socket.AF_INET6)):
+        with contextlib.suppress(BackendError):
+            parse(text)

@@ -3,7 +3,10 @@ and every failure an error reply (issue 10.5). Unix sockets in a temp dir; no ro
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import resource
 import socket
 import threading
 import time
@@ -16,6 +19,8 @@ from hypothesis import strategies as st
 
 from portsentry.bans.records import LONGEST_BAN
 from portsentry.service.control import (
+    MAX_CLIENTS,
+    MAX_PENDING,
     BadRequest,
     ControlServer,
     Reply,
@@ -181,3 +186,110 @@ def test_any_bytes_are_a_request_or_a_bad_request(data):
     except BadRequest:
         return
     assert isinstance(parsed, Request)
+
+
+def test_requests_still_being_answered_are_capped_and_hold_no_more_sockets(tmp_path):
+    # A client that sends `list` and hangs up still had its socket kept open until the daemon
+    # answered: a script sending requests faster than the admin worker answered them (a monitor
+    # killed at its timeout and run again) piled them up without end, 390 in 3 s held every fd
+    # of a 256-fd limit, and then the daemon could open nothing (nor its ban store, nor nft).
+    held: list[Reply] = []
+    holding = threading.Event()
+    holding.set()
+
+    def handler(req: Request, reply: Reply) -> None:
+        if req.command == "list" and holding.is_set():
+            held.append(reply)
+        else:
+            reply(Response.success(answered=True))
+
+    server = ControlServer(str(tmp_path / "run" / "control.sock"), handler)
+    server.start()
+    try:
+        for _ in range(MAX_PENDING):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(server.path)
+                sock.sendall(b'{"command": "list"}\n')
+        deadline = time.monotonic() + 5
+        while len(held) < MAX_PENDING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(held) == MAX_PENDING
+        answer = raw(server.path, b'{"command": "list"}\n')
+        assert answer == {"ok": False, "error": f"busy: {MAX_PENDING} list requests are still being answered"}
+        assert len(held) == MAX_PENDING and server.bad_requests == 1
+        # Status keeps its own places.
+        assert request(server.path, {"command": "status"}, timeout=5) == {"ok": True, "answered": True}
+        holding.clear()
+        for reply in held:
+            reply(Response.success())
+        assert request(server.path, {"command": "list"}, timeout=5) == {"ok": True, "answered": True}
+    finally:
+        server.close()
+
+
+def test_a_handler_that_raises_frees_its_place(tmp_path):
+    def handler(_req: Request, _reply: Reply) -> None:
+        raise RuntimeError("boom")
+
+    server = ControlServer(str(tmp_path / "run" / "control.sock"), handler)
+    server.start()
+    try:
+        for _ in range(MAX_PENDING + 5):
+            assert request(server.path, {"command": "status"}, timeout=5)["error"] == "status failed: boom"
+    finally:
+        server.close()
+
+
+def test_running_out_of_fds_is_said_once_and_accepting_resumes(tmp_path):
+    # accept() failing with EMFILE (the process out of fds, whatever holds them) left the
+    # listening socket readable, so the control thread spun: 127,000 'adminalert: ERROR: control
+    # socket' lines in a second, on the CPU the detection loop needs.
+    logs: list[str] = []
+    path = str(tmp_path / "run" / "control.sock")
+    server = ControlServer(path, lambda _req, reply: reply(Response.success()), log=logs.append)
+    server.start()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        client.connect(server.path)
+        time.sleep(1.0)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert 1 <= len(logs) <= 2, logs[:3]
+        assert "cannot accept a connection (Too many open files)" in logs[0]
+        client.settimeout(5)
+        client.sendall(b'{"command": "status"}\n')
+        assert json.loads(client.recv(4096)) == {"ok": True}
+    finally:
+        client.close()
+        server.close()
+
+
+def test_idle_connections_do_not_lock_out_a_status(served):
+    # MAX_CLIENTS connections that sent nothing (a monitor that connects and hangs, run from
+    # cron) had every new one refused with 'busy' until their deadlines: `portsentry status`
+    # failed, exit 4, for as long as they kept coming. The oldest idle one makes room.
+    server, path, _seen = served
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(MAX_CLIENTS)]
+    try:
+        for sock in idle:
+            sock.connect(path)
+            time.sleep(0.001)
+        for _ in range(3):
+            assert request(path, {"command": "status"}, timeout=5) == {"ok": True, "command": "status"}
+        idle[0].settimeout(5)
+        answer = json.loads(idle[0].recv(4096))
+        assert answer == {"ok": False, "error": f"busy: {MAX_CLIENTS} other control connections; "
+                                                "this one sent no complete request line"}
+        assert server.bad_requests == 1  # one made room; the next found it free
+    finally:
+        for sock in idle:
+            sock.close()
