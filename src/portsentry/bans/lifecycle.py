@@ -263,14 +263,16 @@ class BanManager:
 
     def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
                           said: Callable[[], None] = lambda: None,
-                          still: Callable[[], bool] = lambda: True) -> bool | None:
+                          still: Callable[[], bool] = lambda: True,
+                          block: Block | None = None) -> bool | None:
         """A first-probe ban the kernel made and nobody recorded: record it (then `said`), then
         give it the policy's timeout (longer for repeat offenders). In turn with lifts of the
         address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late) or
         `still` says its caught entry has gone (an unblock since it was read: recorded, the ban
         went back in the kernel). None, with nothing done, while a ban or lift of the address is
         under way: its commands may run for COMMAND_TIMEOUT, and the maintenance thread asking
-        must not wait for them."""
+        must not wait for them. `block`: the steps a ban of this probe gets; its hosts.deny line
+        and KILL_ROUTE are recorded here, and run by `finish_kernel_ban`."""
         with self._turns.turn(address, wait=False) as free:
             if not free:
                 return None
@@ -280,13 +282,42 @@ class BanManager:
             if not still():
                 return False
             duration = self.duration(address, now)
+            steps = block.steps if block is not None else ()
+            line = ClassicResponder.intended_line(block) if block is not None else None
             saved = self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
-                                  duration=duration, hosts_deny_line=None, native=True)
+                                  duration=duration, hosts_deny_line=line, native=True,
+                                  route=any(step.kind is StepKind.ROUTE for step in steps))
             said()
             if self.ban_native(address, duration):
                 reason = f"scan: {port}/{Mode(mode).protocol.value.lower()}"
                 self._said_ban(address, (StepKind.NATIVE,), duration, reason, saved)
             return True
+
+    def finish_kernel_ban(self, block: Block, responder: ClassicResponder,
+                          clock: Callable[[], float] = time.time) -> bool:
+        """The rest of a kernel ban recorded late (record_kernel_ban): its hosts.deny line,
+        KILL_ROUTE and KILL_RUN_CMD, as any ban of the probe gets them (a ban made while the daemon
+        was stopped got the kernel set alone). Off the maintenance thread: commands may run for
+        COMMAND_TIMEOUT. In turn with lifts, and only while the ban is in force: a lift that came
+        first must not be followed by its line or its route. True when the ban is in force."""
+        address = block.probe.source
+        rest = Block(block.probe, tuple(step for step in block.steps if step.kind is not StepKind.NATIVE))
+        route = any(step.kind is StepKind.ROUTE for step in rest.steps)
+        with self._turns.turn(address):
+            now = clock()  # after the wait for the turn
+            try:
+                ban = self.store.get(address)
+            except StoreError as error:
+                self._store_failed(error)
+                return False
+            if ban is None or not ban.active(now):
+                return False
+            if rest.steps:
+                duration = None if ban.expires is None else max(ban.expires - now, 1.0)
+                carried = responder.run_steps(rest, duration, self)
+                if route and StepKind.ROUTE not in carried.held_by:
+                    self._unmark_route(address)
+        return True
 
     def lift_kernel_ban(self, address: IPAddress, now: float) -> bool | None:
         """Take a first-probe ban nobody recorded out of the kernel (its source is spared after
