@@ -331,3 +331,30 @@ def test_a_kernel_ban_made_while_the_daemon_was_stopped_gets_every_configured_re
     routes = run_in(net.target, ["ip", "route", "show", "type", "blackhole"], check=True).stdout
     assert net.scanner_ip4 not in routes, routes
 
+
+def test_ban_rate_limit_counts_the_daemons_own_bans_against_the_kernels(daemon_factory, namespaces, syslog):
+    """BAN_RATE_LIMIT is one cap: the connect mode's bans take the kernel's slots too, so a
+    stealth mode banning in the kernel beside it cannot add N more in the same minute."""
+    net = namespaces
+    connecting = ["198.18.0.10", "198.18.0.11"]
+    probing = ["198.18.0.20", "198.18.0.21"]
+    run_in(net.scanner, ["sh", "-c", "; ".join(f"ip addr add {a}/24 dev eth0" for a in connecting + probing)],
+           check=True)
+    factory: Any = daemon_factory
+    daemon: Daemon = factory("-tcp", "-sudp", **{**KERNEL, "BAN_RATE_LIMIT": "2"})
+    eventually(lambda: "161" in " ".join(set_elements(net.target, "kports_udp")), timeout=5)
+    connect = ("import socket, sys\n"
+               "for src in sys.argv[2:]:\n"
+               "    with socket.socket() as s:\n"
+               "        s.bind((src, 0)); s.settimeout(3); s.connect((sys.argv[1], 79))\n")
+    run_in(net.scanner, [sys.executable, "-c", connect, net.target_ip4, *connecting], check=True, timeout=20)
+    for source in connecting:
+        syslog.wait_for(f"attackalert: Host {source} has been blocked via nftables")
+    probes_from(net.scanner, "udp", net.target_ip4, 161, probing)
+    syslog.wait_for("attackalert: ban rate limit reached (2 new bans per minute)")
+    run_in(net.scanner, ["sleep", "1"], check=True, timeout=10)
+    # Every kernel ban settled (adopted, or recorded late after GRACE) before counting them.
+    eventually(lambda: set_elements(net.target, "caught4") == [], timeout=15)
+    banned = set_elements(net.target, "blocked4")
+    assert sorted(banned) == connecting, banned
+    assert sorted(ban["address"] for ban in json.loads(admin(daemon, "list", "--json"))) == connecting

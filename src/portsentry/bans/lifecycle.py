@@ -216,10 +216,12 @@ class BanManager:
         return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
 
     def enforce(self, block: Block, responder: ClassicResponder,
-                duration: float | UsePolicy | None = USE_POLICY, now: float | None = None) -> bool:
+                duration: float | UsePolicy | None = USE_POLICY, now: float | None = None,
+                counted: bool = False) -> bool:
         """The one way a ban is made, by a scan or by hand: record it, run the block's steps, and
         drop the record again if every step failed; a block of KILL_RUN_CMD alone only runs it.
-        `duration` overrides the policy (seconds, or None = forever)."""
+        `duration` overrides the policy (seconds, or None = forever). `counted`: a scan's ban,
+        under BAN_RATE_LIMIT, which the kernel's cap must let in too (_claim_slot)."""
         probe = block.probe
         if all(step.kind is StepKind.RUN_CMD for step in block.steps):
             # BLOCK_x = 2 (1.2: run KILL_RUN_CMD, block nothing): no ban to record. Recorded, it
@@ -229,6 +231,8 @@ class BanManager:
         at = time.time() if now is None else now
         route = any(step.kind is StepKind.ROUTE for step in block.steps)
         with self._turns.turn(probe.source):
+            if counted and not self._claim_slot(block):
+                return False
             # A ban this block extends keeps the mark an earlier block's KILL_ROUTE earned.
             routed_before = route and self._routed(probe.source, at)
             if isinstance(duration, UsePolicy):
@@ -260,6 +264,24 @@ class BanManager:
             if not extending:
                 self.abandon(probe.source, at)
             return False
+
+    def _claim_slot(self, block: Block) -> bool:
+        """Whether the kernel's BAN_RATE_LIMIT slots let this scan's ban in (taking one); the
+        engine's guard let it in already, but it does not see the kernel's first-probe bans whose
+        copies it refused or never got, nor do they see its bans without this."""
+        if self.backend is None:
+            return True
+        probe = block.probe
+        try:
+            if self.backend.claim_ban_slot(probe.source):
+                return True
+        except (BackendError, OSError) as error:  # the ban matters more than the cap's count
+            self._log(messages.native_block_failed(str(probe.source), f"{self.backend.name} (ban rate "
+                                                   "slot)", str(error)))
+            return True
+        self._log(messages.block_refused(probe, "ban rate limit reached (BAN_RATE_LIMIT's slots in "
+                                         "the kernel are taken by this minute's bans)"))
+        return False
 
     def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
                           said: Callable[[], None] = lambda: None,

@@ -192,7 +192,7 @@ class Daemon:
         leave it out, the steps just run, for ever)."""
         if self.bans is None:
             return self.responder.carry_out(block, None)
-        return self.bans.enforce(block, self.responder)
+        return self.bans.enforce(block, self.responder, counted=True)
 
     # -- start and stop ------------------------------------------------------------------------
 
