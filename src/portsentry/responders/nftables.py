@@ -701,15 +701,19 @@ class NftablesBackend(BanBackend):
                     time.sleep(LISTING_RETRY_DELAY)
         return found
 
+    def has_table(self) -> bool:
+        """Whether our table is in the kernel."""
+        listing = self.run([NFT, "-j", "list", "tables", "inet"])
+        tables = [o["table"] for o in json.loads(listing.stdout).get("nftables", []) if "table" in o]
+        return any(t.get("family") == "inet" and t.get("name") == self.table for t in tables)
+
     def teardown(self) -> None:
         if self._netlink is not None:
             self._netlink.close()
         self._capture = None  # torn down on purpose: repair_capture must not bring it back
         self._set_up = False
         # Only our own table, and only if it is there (`delete` of a missing table fails).
-        listing = self.run([NFT, "-j", "list", "tables", "inet"])
-        tables = [o["table"] for o in json.loads(listing.stdout).get("nftables", []) if "table" in o]
-        if any(t.get("family") == "inet" and t.get("name") == self.table for t in tables):
+        if self.has_table():
             self.run([NFT, "delete", "table", "inet", self.table])
 
     def describe(self) -> str:

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.previous import TABLE_FILE, retire_previous_table
 from portsentry.bans.restore import RERUN_CONCURRENCY, remember_stop, rerun_routes, restore_bans
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config, engine_settings
@@ -219,6 +220,10 @@ class Daemon:
     def open(self) -> bool:
         """Start every sensor; False when none could watch anything (1.2 then shuts down)."""
         any_open = False
+        if self.bans is not None:
+            # Before the sensors: the old table's capture chain logs to the same NFLOG group.
+            retire_previous_table(self.bans.backend, os.path.join(self.config.state_dir, TABLE_FILE),
+                                  self.journal.log)
         self._protected = protected_addresses(self.config)
         if self._kernel is not None:
             # Before the sensors add the ban rules: from their first packet, the guards hold.
