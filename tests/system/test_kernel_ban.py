@@ -293,3 +293,68 @@ def test_the_kernel_holds_ban_rate_limit_to_any_minute_as_the_daemon_does(
     assert not set(later) & set(banned), sorted(set(later) & set(banned))
     assert len(banned) == 60
     assert len(json.loads(admin(daemon, "list", "--json"))) == 60
+
+
+def test_a_kernel_ban_made_while_the_daemon_was_stopped_gets_every_configured_response(
+        daemon_factory, namespaces, syslog, tmp_path):
+    """The ban rules stay in the kernel while the daemon is stopped (a restart, or a SIGTERM with
+    copies still queued): the next start records those bans late, and each must get what a ban
+    gets, the hosts.deny line, KILL_ROUTE, KILL_RUN_CMD and the history line, not the kernel
+    set alone."""
+    net = namespaces
+    ran = tmp_path / "kill_run_cmd.out"
+    daemon = started(daemon_factory, KILL_HOSTS_DENY="ALL: $TARGET$ : DENY",
+                     KILL_ROUTE="ip route add blackhole $TARGET$",
+                     KILL_ROUTE_UNDO="ip route del blackhole $TARGET$",
+                     KILL_RUN_CMD=f"echo $TARGET$ $PORT$ $MODE$ >> {ran}")
+    daemon.stop()
+    # Banned by the kernel while nobody reads its copy.
+    assert two_syns(net.scanner, net.target_ip4, 79) == 0
+    assert net.scanner_ip4 in set_elements(net.target, "blocked4")
+    daemon.start()
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} was blocked by the kernel on its first probe "
+                    "to TCP port 79", timeout=15)
+    eventually(lambda: set_elements(net.target, "caught4") == [], timeout=10)
+    eventually(lambda: f"ALL: {net.scanner_ip4} : DENY" in daemon.hosts_deny_text(), timeout=10,
+               what="the hosts.deny line")
+    eventually(lambda: ran.exists() and f"{net.scanner_ip4} 79 stcp" in ran.read_text(), timeout=10,
+               what="KILL_RUN_CMD")
+    routes = run_in(net.target, ["ip", "route", "show", "type", "blackhole"], check=True).stdout
+    assert net.scanner_ip4 in routes, routes
+    eventually(lambda: f"Host: {net.scanner_ip4}/{net.scanner_ip4} Port: 79 TCP Blocked"
+               in daemon.history_text(), timeout=10, what="the history line")
+    listing = json.loads(admin(daemon, "list", "--json"))
+    assert [ban["address"] for ban in listing] == [net.scanner_ip4]
+    # Lifted like any ban: the line goes, and KILL_ROUTE_UNDO's route with it.
+    admin(daemon, "unblock", net.scanner_ip4)
+    assert f"ALL: {net.scanner_ip4}" not in daemon.hosts_deny_text()
+    routes = run_in(net.target, ["ip", "route", "show", "type", "blackhole"], check=True).stdout
+    assert net.scanner_ip4 not in routes, routes
+
+
+def test_ban_rate_limit_counts_the_daemons_own_bans_against_the_kernels(daemon_factory, namespaces, syslog):
+    """BAN_RATE_LIMIT is one cap: the connect mode's bans take the kernel's slots too, so a
+    stealth mode banning in the kernel beside it cannot add N more in the same minute."""
+    net = namespaces
+    connecting = ["198.18.0.10", "198.18.0.11"]
+    probing = ["198.18.0.20", "198.18.0.21"]
+    run_in(net.scanner, ["sh", "-c", "; ".join(f"ip addr add {a}/24 dev eth0" for a in connecting + probing)],
+           check=True)
+    factory: Any = daemon_factory
+    daemon: Daemon = factory("-tcp", "-sudp", **{**KERNEL, "BAN_RATE_LIMIT": "2"})
+    eventually(lambda: "161" in " ".join(set_elements(net.target, "kports_udp")), timeout=5)
+    connect = ("import socket, sys\n"
+               "for src in sys.argv[2:]:\n"
+               "    with socket.socket() as s:\n"
+               "        s.bind((src, 0)); s.settimeout(3); s.connect((sys.argv[1], 79))\n")
+    run_in(net.scanner, [sys.executable, "-c", connect, net.target_ip4, *connecting], check=True, timeout=20)
+    for source in connecting:
+        syslog.wait_for(f"attackalert: Host {source} has been blocked via nftables")
+    probes_from(net.scanner, "udp", net.target_ip4, 161, probing)
+    syslog.wait_for("attackalert: ban rate limit reached (2 new bans per minute)")
+    run_in(net.scanner, ["sleep", "1"], check=True, timeout=10)
+    # Every kernel ban settled (adopted, or recorded late after GRACE) before counting them.
+    eventually(lambda: set_elements(net.target, "caught4") == [], timeout=15)
+    banned = set_elements(net.target, "blocked4")
+    assert sorted(banned) == connecting, banned
+    assert sorted(ban["address"] for ban in json.loads(admin(daemon, "list", "--json"))) == connecting

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from tests.system.rig import namespace_inode, recreate_target, run_in, tcp_connect
+from tests.system.test_bans import admin
 
 ROUTE = "ip route add blackhole $TARGET$"
 
@@ -36,3 +37,32 @@ def test_kill_route_is_rerun_in_a_recreated_namespace(daemon_factory, namespaces
     assert not tcp_connect(net.scanner, net.target_ip4, 1, timeout=2.0).connected
     # The other scanner, never banned, still gets through.
     assert tcp_connect(net.scanner2, net.target2_ip4, 1).connected
+
+
+def _tables(ns: str) -> list[str]:
+    out = run_in(ns, ["nft", "list", "tables", "inet"], check=True).stdout
+    return [line.split()[-1] for line in out.splitlines() if line.startswith("table inet ")]
+
+
+def test_a_changed_nft_table_takes_the_old_table_and_its_bans_away_at_the_next_start(
+        daemon_factory, namespaces, syslog):
+    """The table is kept at a stop so bans hold during a restart. A start with another NFT_TABLE
+    made a new table and left the old one for good: its drop chain kept dropping the banned host
+    (for ever with BLOCK_TIME 0) while `list` and `unblock` knew only the new table."""
+    net = namespaces
+    keys = {"TCP_PORTS": "1", "BLOCK_TCP": "1", "BAN_BACKEND": "nftables"}
+    daemon = daemon_factory("-tcp", NFT_TABLE="psold", **keys)
+    assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via nftables")
+    daemon.stop()
+    assert "psold" in _tables(net.target)
+    daemon.config["NFT_TABLE"] = "psnew"
+    mark = syslog.mark()
+    daemon.start()
+    assert _tables(net.target) == ["psnew"]
+    syslog.wait_for("adminalert: removed the nftables table inet psold that the last run kept its bans in "
+                    "(NFT_TABLE is now psnew)", since=mark)
+    held = run_in(net.target, ["nft", "list", "set", "inet", "psnew", "blocked4"], check=True).stdout
+    assert net.scanner_ip4 in held  # the stored ban, in the new table
+    admin(daemon, "unblock", net.scanner_ip4)
+    assert tcp_connect(net.scanner, net.target_ip4, 1, timeout=3.0).connected  # nothing else holds it

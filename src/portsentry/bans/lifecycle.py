@@ -216,10 +216,12 @@ class BanManager:
         return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
 
     def enforce(self, block: Block, responder: ClassicResponder,
-                duration: float | UsePolicy | None = USE_POLICY, now: float | None = None) -> bool:
+                duration: float | UsePolicy | None = USE_POLICY, now: float | None = None,
+                counted: bool = False) -> bool:
         """The one way a ban is made, by a scan or by hand: record it, run the block's steps, and
         drop the record again if every step failed; a block of KILL_RUN_CMD alone only runs it.
-        `duration` overrides the policy (seconds, or None = forever)."""
+        `duration` overrides the policy (seconds, or None = forever). `counted`: a scan's ban,
+        under BAN_RATE_LIMIT, which the kernel's cap must let in too (_claim_slot)."""
         probe = block.probe
         if all(step.kind is StepKind.RUN_CMD for step in block.steps):
             # BLOCK_x = 2 (1.2: run KILL_RUN_CMD, block nothing): no ban to record. Recorded, it
@@ -229,6 +231,8 @@ class BanManager:
         at = time.time() if now is None else now
         route = any(step.kind is StepKind.ROUTE for step in block.steps)
         with self._turns.turn(probe.source):
+            if counted and not self._claim_slot(block):
+                return False
             # A ban this block extends keeps the mark an earlier block's KILL_ROUTE earned.
             routed_before = route and self._routed(probe.source, at)
             if isinstance(duration, UsePolicy):
@@ -261,16 +265,36 @@ class BanManager:
                 self.abandon(probe.source, at)
             return False
 
+    def _claim_slot(self, block: Block) -> bool:
+        """Whether the kernel's BAN_RATE_LIMIT slots let this scan's ban in (taking one); the
+        engine's guard let it in already, but it does not see the kernel's first-probe bans whose
+        copies it refused or never got, nor do they see its bans without this."""
+        if self.backend is None:
+            return True
+        probe = block.probe
+        try:
+            if self.backend.claim_ban_slot(probe.source):
+                return True
+        except (BackendError, OSError) as error:  # the ban matters more than the cap's count
+            self._log(messages.native_block_failed(str(probe.source), f"{self.backend.name} (ban rate "
+                                                   "slot)", str(error)))
+            return True
+        self._log(messages.block_refused(probe, "ban rate limit reached (BAN_RATE_LIMIT's slots in "
+                                         "the kernel are taken by this minute's bans)"))
+        return False
+
     def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
                           said: Callable[[], None] = lambda: None,
-                          still: Callable[[], bool] = lambda: True) -> bool | None:
+                          still: Callable[[], bool] = lambda: True,
+                          block: Block | None = None) -> bool | None:
         """A first-probe ban the kernel made and nobody recorded: record it (then `said`), then
         give it the policy's timeout (longer for repeat offenders). In turn with lifts of the
         address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late) or
         `still` says its caught entry has gone (an unblock since it was read: recorded, the ban
         went back in the kernel). None, with nothing done, while a ban or lift of the address is
         under way: its commands may run for COMMAND_TIMEOUT, and the maintenance thread asking
-        must not wait for them."""
+        must not wait for them. `block`: the steps a ban of this probe gets; its hosts.deny line
+        and KILL_ROUTE are recorded here, and run by `finish_kernel_ban`."""
         with self._turns.turn(address, wait=False) as free:
             if not free:
                 return None
@@ -280,13 +304,42 @@ class BanManager:
             if not still():
                 return False
             duration = self.duration(address, now)
+            steps = block.steps if block is not None else ()
+            line = ClassicResponder.intended_line(block) if block is not None else None
             saved = self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
-                                  duration=duration, hosts_deny_line=None, native=True)
+                                  duration=duration, hosts_deny_line=line, native=True,
+                                  route=any(step.kind is StepKind.ROUTE for step in steps))
             said()
             if self.ban_native(address, duration):
                 reason = f"scan: {port}/{Mode(mode).protocol.value.lower()}"
                 self._said_ban(address, (StepKind.NATIVE,), duration, reason, saved)
             return True
+
+    def finish_kernel_ban(self, block: Block, responder: ClassicResponder,
+                          clock: Callable[[], float] = time.time) -> bool:
+        """The rest of a kernel ban recorded late (record_kernel_ban): its hosts.deny line,
+        KILL_ROUTE and KILL_RUN_CMD, as any ban of the probe gets them (a ban made while the daemon
+        was stopped got the kernel set alone). Off the maintenance thread: commands may run for
+        COMMAND_TIMEOUT. In turn with lifts, and only while the ban is in force: a lift that came
+        first must not be followed by its line or its route. True when the ban is in force."""
+        address = block.probe.source
+        rest = Block(block.probe, tuple(step for step in block.steps if step.kind is not StepKind.NATIVE))
+        route = any(step.kind is StepKind.ROUTE for step in rest.steps)
+        with self._turns.turn(address):
+            now = clock()  # after the wait for the turn
+            try:
+                ban = self.store.get(address)
+            except StoreError as error:
+                self._store_failed(error)
+                return False
+            if ban is None or not ban.active(now):
+                return False
+            if rest.steps:
+                duration = None if ban.expires is None else max(ban.expires - now, 1.0)
+                carried = responder.run_steps(rest, duration, self)
+                if route and StepKind.ROUTE not in carried.held_by:
+                    self._unmark_route(address)
+        return True
 
     def lift_kernel_ban(self, address: IPAddress, now: float) -> bool | None:
         """Take a first-probe ban nobody recorded out of the kernel (its source is spared after

@@ -23,8 +23,8 @@ ORIGIN_LOCAL = "local"
 ORIGIN_LOCAL_ONLY = "local-only"
 
 # In a ban's `backends`: KILL_ROUTE ran for it on this host. Only such a ban gets KILL_ROUTE again
-# after a reboot and KILL_ROUTE_UNDO at its lift; a fleet peer's ban, a kernel ban whose NFLOG copy
-# was lost and a ban made while KILL_ROUTE was unset never ran it, and their lift must not run an
+# after a reboot and KILL_ROUTE_UNDO at its lift; a fleet peer's ban, a ban whose KILL_ROUTE failed
+# and a ban made while KILL_ROUTE was unset never ran it, and their lift must not run an
 # undo that takes out a route somebody else made. Not a backend name, so never mistaken for one.
 ROUTE_MARK = "KILL_ROUTE"
 

@@ -69,7 +69,7 @@ def restore_bans(bans: BanManager, now: float, kernel_id_path: str | None = None
         active = bans.store.active_packed(now)
         _restore(bans, active, now, trusted)
     # Only bans KILL_ROUTE ran for here (ROUTE_MARK): a fleet peer's ban (bans.adopt), a kernel
-    # ban whose NFLOG copy was lost and a ban made while KILL_ROUTE was unset never ran it, so a
+    # ban recorded late while KILL_ROUTE was unset and any other ban made then never ran it, so a
     # reboot must not run it either; their lift runs no KILL_ROUTE_UNDO.
     routes = bans.store.active_routed(now) if changed and bans.policy.route else []
     # With nothing to re-run, rerun_routes returns at once and would not remember the kernel: a

@@ -39,6 +39,7 @@ NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
 NLM_F_DUMP_INTR = 0x10  # the dump raced a change: its view may be inconsistent
 NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLM_F_EXCL = 0x200  # on a new object: fail with EEXIST when it is there already
 NLM_F_CREATE = 0x400
 
 NLA_F_NESTED = 0x8000

@@ -158,6 +158,14 @@ class BanBackend(abc.ABC):
     # The first-probe ban in the kernel (responders.nft_capture): only nftables makes bans on
     # its own; for the others there is nothing to guard or settle.
 
+    def claim_ban_slot(self, address: IPAddress) -> bool:
+        """Before a ban the daemon makes on its own (a scan's, counted against BAN_RATE_LIMIT):
+        whether the kernel's cap on new bans lets it in. Only a backend whose kernel bans on its
+        own under that cap (nftables' first-probe ban) has one; then the ban takes one of the
+        cap's slots, unless `address` is banned in the kernel already (the first-probe ban
+        made it, and took its slot). False when every slot of the last minute is taken."""
+        return True
+
     def first_probe_bans(self) -> bool:
         """Whether the kernel bans qualifying probes itself (and keeps caught entries)."""
         return False

@@ -35,8 +35,9 @@ DROPPED4, DROPPED6 = "dropped4", "dropped6"
 DROPPED_TIMEOUT = 3600  # seconds a source's count is kept after its last dropped probe
 KPORTS = {Protocol.TCP: "kports_tcp", Protocol.UDP: "kports_udp"}
 # BAN_RATE_LIMIT is one cap on new bans overall, at most N in any 60 s as the daemon's guard
-# counts them: a set of N slots that every ban rule (TCP and UDP, IPv4 and IPv6) fills, each slot
-# expiring 60 s after its ban. A full set fails the rule's `add`, which ends the rule before its
+# counts them: a set of N slots that every ban rule (TCP and UDP, IPv4 and IPv6) fills, and the
+# daemon's own bans too (connect modes, probes left to the daemon), each slot expiring 60 s after
+# its ban. A full set fails the rule's `add`, which ends the rule before its
 # ban, so the probe goes on to the log rule and the daemon decides. A token bucket (a named
 # `limit`, rate N/minute burst N) let up to 2N in within a minute: the burst, then its refill.
 BAN_SLOTS = "ban_slots"
@@ -44,7 +45,9 @@ BAN_SLOTS_WINDOW = 60  # seconds a slot stays taken
 # The slot is a number from the rule's own counter (`numgen inc`), each rule in its own quarter
 # of the 32-bit range: two rules' counters never meet, and a number comes round again only after
 # 2**28 bans of one rule, long after its slot expired.
-_SLOT_SPAN = 1 << 28
+SLOT_SPAN = 1 << 28
+# The daemon's own bans take their slots above the four rules' ranges (NftablesBackend.claim_ban_slot).
+DAEMON_SLOTS = 3 << 30
 # Before ban_slots, the cap was this named limit; a table made then still holds it.
 OLD_BAN_LIMIT = "ban_rate"
 
@@ -88,8 +91,8 @@ class KernelBan:
                 else:
                     match = f"udp dport @{KPORTS[protocol]} ct state != {{ established, related }}"
                     port = "udp dport"
-                slot = (f" add @{BAN_SLOTS} {{ numgen inc mod {_SLOT_SPAN} offset "
-                        f"{len(found) * _SLOT_SPAN} }}" if self.rate else "")
+                slot = (f" add @{BAN_SLOTS} {{ numgen inc mod {SLOT_SPAN} offset "
+                        f"{len(found) * SLOT_SPAN} }}" if self.rate else "")
                 found.append(
                     f"meta pkttype host {saddr} != @{nokernel} {match}{slot} "
                     f"add @{blocked} {{ {saddr}{timeout} }} "

@@ -40,6 +40,7 @@ from portsentry.netlink.codec import (
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_DUMP,
+    NLM_F_EXCL,
     NLM_F_REQUEST,
     NLMSG_ERROR,
     NLMSG_HDRLEN,
@@ -105,6 +106,7 @@ class ElementOp:
     kind: int
     set_name: str
     elements: tuple[tuple[IPAddress, int | None], ...]  # address, timeout in milliseconds
+    exclusive: bool = False  # a NEWSETELEM that fails (EEXIST) when an element is there already
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,7 @@ class EncodedOp:
     kind: int
     set_name: str
     items: tuple[bytes, ...]
+    exclusive: bool = False
 
 
 def element_attribute(address: IPAddress, timeout_ms: int | None) -> bytes:
@@ -169,7 +172,8 @@ def element_message(table: str, op: Op, seq: int) -> bytes:
         else:
             items.append(element_head(len(packed), True) + packed + TIMEOUT_HEAD + BE64.pack(timeout_ms))
     body = names + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)
-    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op.kind == NFT_MSG_NEWSETELEM else 0)
+    flags = (NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if op.kind == NFT_MSG_NEWSETELEM else 0)
+             | (NLM_F_EXCL if op.exclusive else 0))
     return nf_message((NFNL_SUBSYS_NFTABLES << 8) | op.kind, flags, seq, NFPROTO_INET, 0, body)
 
 
@@ -242,6 +246,14 @@ def _make_room(sock: socket.socket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size + (1 << 16))
 
 
+class Refused(BackendError):
+    """The kernel refused a transaction (none of it was applied); `codes`: the errnos it gave."""
+
+    def __init__(self, message: str, codes: frozenset[int]) -> None:
+        super().__init__(message)
+        self.codes = codes
+
+
 class NetlinkElements:
     """Sends element transactions over one NETLINK_NETFILTER socket, opened on first use."""
 
@@ -285,10 +297,9 @@ class NetlinkElements:
                 while sock.recv(1 << 16):
                     pass
             names = "/".join(sorted({op.set_name for op in ops}))
-            raise BackendError(
+            raise Refused(
                 f"nf_tables refused the update of inet {self.table} {names}: "
-                f"{_describe_errno(errors[0], names)}"
-            )
+                f"{_describe_errno(errors[0], names)}", frozenset(errors))
 
     def holds_any(self, set_name: str) -> bool:
         """Whether `set_name` holds an element (has_elements), on a socket of its own: the dump

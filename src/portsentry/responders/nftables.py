@@ -22,9 +22,13 @@ nft_capture and the element messages in nft_elements.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import math
 import re
+import secrets
+import struct
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
@@ -37,6 +41,7 @@ from portsentry.responders.backend import (
     Guarded,
     Runner,
     address_text,
+    failed,
     run_argv,
     unpacked,
 )
@@ -44,6 +49,7 @@ from portsentry.responders.nft_capture import (
     BAN_SLOTS,
     CAUGHT4,
     CAUGHT6,
+    DAEMON_SLOTS,
     DROPPED4,
     DROPPED6,
     DROPPED_TIMEOUT,
@@ -53,6 +59,7 @@ from portsentry.responders.nft_capture import (
     OLD_BAN_LIMIT,
     PROTECT4,
     PROTECT6,
+    SLOT_SPAN,
     CaptureSpec,
     KernelBan,
 )
@@ -67,6 +74,8 @@ from portsentry.responders.nft_elements import (
     FlushOp,
     InconsistentListing,
     NetlinkElements,
+    Op,
+    Refused,
     Sender,
     SocketFactory,
     element_head,
@@ -100,6 +109,7 @@ COUNT_CHAIN = "count"
 BATCH_ELEMENTS = 1024
 LISTING_ATTEMPTS = 10
 LISTING_RETRY_DELAY = 0.2
+MARK = struct.Struct("=I")  # BAN_SLOTS holds marks: host byte order, as `meta mark` is
 
 class NftablesBackend(BanBackend):
     """Bans as elements of two timeout sets in a table of our own; see the module docstring."""
@@ -147,6 +157,10 @@ class NftablesBackend(BanBackend):
         # Set up by this process and not torn down: without a capture, the drop chain is what
         # repair_capture watches.
         self._set_up = False
+        # The daemon's own BAN_SLOTS numbers (claim_ban_slot): above the ban rules' four ranges,
+        # from a random start, so that a restart within the minute does not reuse the last run's
+        # (re-adding a number still in the set takes no slot).
+        self._slots = itertools.count(secrets.randbelow(SLOT_SPAN))  # next() is atomic: threads share it
 
     # -- commands as data (the golden tests pin these) ------------------------------------------
 
@@ -344,6 +358,48 @@ class NftablesBackend(BanBackend):
         self._capture = spec
 
     # -- the first-probe ban's state (nft_capture) ------------------------------------------------
+
+    def claim_ban_slot(self, address: IPAddress) -> bool:
+        """BAN_RATE_LIMIT is one cap for the kernel's first-probe bans and the daemon's own (the
+        connect modes', and stealth probes the kernel left to the daemon): the daemon's ban takes
+        a slot of BAN_SLOTS too, or with -tcp beside a kernel-banning stealth mode a minute held
+        N of each. One transaction: `address` added to its ban set only if absent (then taken out
+        again: the ban itself is the lifecycle's to add, after its record), and a slot. Already
+        there, the kernel made this ban and took its slot: nothing is applied; no slot free: ENFILE,
+        nothing is applied either."""
+        spec = self._capture
+        if spec is None or spec.kernel is None or not spec.kernel.rate:
+            return True
+        slot = DAEMON_SLOTS + next(self._slots) % SLOT_SPAN
+        if self._netlink is None:
+            result = self.runner([NFT, "-f", "-"], self.claim_script(address, slot))
+            if result.ok or "File exists" in result.stderr:
+                return True
+            if "Too many open files" in result.stderr:  # ENFILE: the set is full
+                return False
+            raise failed([NFT, "-f", "-"], result)
+        try:
+            self._netlink.transact(self.claim_ops(address, slot))
+        except Refused as refused:
+            if errno.EEXIST in refused.codes:
+                return True
+            if errno.ENFILE in refused.codes:
+                return False
+            raise
+        return True
+
+    def claim_ops(self, address: IPAddress, slot: int) -> list[Op]:
+        set_name = self._set_for(address)
+        bare = ((address, None),)
+        return [ElementOp(NFT_MSG_NEWSETELEM, set_name, bare, exclusive=True),
+                ElementOp(NFT_MSG_DELSETELEM, set_name, bare),
+                EncodedOp(NFT_MSG_NEWSETELEM, BAN_SLOTS, (element_head(4, False) + MARK.pack(slot),))]
+
+    def claim_script(self, address: IPAddress, slot: int) -> str:
+        where = f"element inet {self.table} {self._set_for(address)}"
+        return (f"create {where} {{ {self._element(address)} }}\n"
+                f"delete {where} {{ {self._element(address)} }}\n"
+                f"add element inet {self.table} {BAN_SLOTS} {{ {slot} }}\n")
 
     def first_probe_bans(self) -> bool:
         return self._capture is not None and self._capture.kernel is not None
@@ -645,15 +701,19 @@ class NftablesBackend(BanBackend):
                     time.sleep(LISTING_RETRY_DELAY)
         return found
 
+    def has_table(self) -> bool:
+        """Whether our table is in the kernel."""
+        listing = self.run([NFT, "-j", "list", "tables", "inet"])
+        tables = [o["table"] for o in json.loads(listing.stdout).get("nftables", []) if "table" in o]
+        return any(t.get("family") == "inet" and t.get("name") == self.table for t in tables)
+
     def teardown(self) -> None:
         if self._netlink is not None:
             self._netlink.close()
         self._capture = None  # torn down on purpose: repair_capture must not bring it back
         self._set_up = False
         # Only our own table, and only if it is there (`delete` of a missing table fails).
-        listing = self.run([NFT, "-j", "list", "tables", "inet"])
-        tables = [o["table"] for o in json.loads(listing.stdout).get("nftables", []) if "table" in o]
-        if any(t.get("family") == "inet" and t.get("name") == self.table for t in tables):
+        if self.has_table():
             self.run([NFT, "delete", "table", "inet", self.table])
 
     def describe(self) -> str:

@@ -36,14 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.previous import TABLE_FILE, retire_previous_table
 from portsentry.bans.restore import RERUN_CONCURRENCY, remember_stop, rerun_routes, restore_bans
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core import messages
-from portsentry.core.actions import Action, Block, Log, Record, SendBanner
+from portsentry.core.actions import Action, Block, Log, Record, SendBanner, Step
 from portsentry.core.addresses import possible_networks
 from portsentry.core.engine import Engine
-from portsentry.core.probe import IPAddress, Mode, Probe
+from portsentry.core.probe import IPAddress, Mode, Probe, Protocol
 from portsentry.fleet.gate import Guards as FleetGuards
 from portsentry.fleet.node import FleetNode
 from portsentry.host import info as hostinfo
@@ -56,7 +57,7 @@ from portsentry.service import sdnotify
 from portsentry.service.admin import Spared, protected_addresses
 from portsentry.service.blockqueue import BlockQueue
 from portsentry.service.control import ControlServer
-from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, guards_of
+from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, LateSteps, guards_of
 from portsentry.service.maintenance import Findings, Maintenance, due
 from portsentry.service.requests import Counters, Requests
 from portsentry.service.resolver import Resolver
@@ -144,9 +145,12 @@ class Daemon:
         self._restored = False
         self._blocks = BlockQueue(self._enforce, self._block_done, journal.log)
         self._admin = ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
+        # The steps of kernel bans recorded late (hosts.deny, KILL_ROUTE, KILL_RUN_CMD): not on the
+        # maintenance thread that records them, nor on the admin workers `list` needs.
+        self._late = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kernel-late")
         # The kernel's first-probe bans (stealth modes with nftables): guards pushed, bans settled.
         kernel = bans is not None and bans.backend is not None and config.kernel_ban != "off"
-        self._kernel = KernelBans(bans, journal.log) if kernel and bans is not None else None
+        self._kernel = self._kernel_bans(bans) if kernel and bans is not None else None
         # Probes of banned sources that only the kernel saw (NFLOG capture): summary lines.
         self._dropped = (DroppedProbes(bans, journal.log)
                          if bans is not None and bans.backend is not None else None)
@@ -166,6 +170,17 @@ class Daemon:
         self.control = (ControlServer(control_path, self.requests.on_request, log=journal.log)
                         if control_path else None)
 
+    def _kernel_bans(self, bans: BanManager) -> KernelBans:
+        def steps(protocol: Protocol) -> tuple[Step, ...]:
+            settings = self.engine.settings  # replaced whole by a reload, read once
+            return settings.steps(settings.block_level(protocol))
+
+        def recorded(probe: Probe, at: float) -> None:
+            self._call_on_main(lambda: self._perform([Record(probe, at)], None, None))
+
+        return KernelBans(bans, self.journal.log,
+                          late=LateSteps(self.responder, steps, self._late.submit, recorded, self.clock))
+
     def _settle(self, now: float) -> None:
         """Maintenance thread: the kernel's side of the capture, its bans, then its counts."""
         if self._kernel is not None:
@@ -178,7 +193,7 @@ class Daemon:
         leave it out, the steps just run, for ever)."""
         if self.bans is None:
             return self.responder.carry_out(block, None)
-        return self.bans.enforce(block, self.responder)
+        return self.bans.enforce(block, self.responder, counted=True)
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -205,6 +220,10 @@ class Daemon:
     def open(self) -> bool:
         """Start every sensor; False when none could watch anything (1.2 then shuts down)."""
         any_open = False
+        if self.bans is not None:
+            # Before the sensors: the old table's capture chain logs to the same NFLOG group.
+            retire_previous_table(self.bans.backend, os.path.join(self.config.state_dir, TABLE_FILE),
+                                  self.journal.log)
         self._protected = protected_addresses(self.config)
         if self._kernel is not None:
             # Before the sensors add the ban rules: from their first packet, the guards hold.
@@ -354,6 +373,9 @@ class Daemon:
         # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded;
         # queued ones start only within blockqueue.STOP_GRACE, so the stop stays bounded.
         self._blocks.close()
+        # Late kernel bans' steps under way finish (their commands have the stop's deadline);
+        # the maintenance thread that hands them over has stopped.
+        self._late.shutdown(wait=True)
         if self._reruns is not None:  # only the re-runs under way, each bounded by COMMAND_TIMEOUT
             self._reruns.join()
         # Before the admin workers go: the last round's Findings may hand them the kernel's
@@ -588,7 +610,7 @@ class Daemon:
         or to settle its bans. A reload refused after this is corrected by the next tick."""
         if self._kernel is None and self.bans is not None and self.bans.backend is not None \
                 and config.kernel_ban != "off":
-            self._kernel = KernelBans(self.bans, self.journal.log)
+            self._kernel = self._kernel_bans(self.bans)
         if self._kernel is not None:
             self._protected = protected_addresses(config)
             self.engine.guard.set_protected(self._protected)

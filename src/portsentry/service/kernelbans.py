@@ -11,7 +11,9 @@ bans a qualifying probe's source on the spot; the daemon stays the authority ove
   for repeat offenders), and the entry is released. A caught source that must be spared after
   all (the guards changed, a service started on the port a moment ago) has its kernel ban lifted;
   one that nobody recorded within GRACE seconds (the NFLOG copy was lost, or the daemon was not
-  running) is recorded now, and said so.
+  running, or stopped with the copy still queued) is recorded now, and said so, and then gets
+  what a ban of its probe gets (LateSteps): the hosts.deny line, KILL_ROUTE, KILL_RUN_CMD and the
+  history line.
 
 - Counting: probes of a banned source never reach the capture (the drop chain comes first), so
   the kernel counts them per source (nft_capture.count_rules) and `DroppedProbes` writes one
@@ -25,20 +27,38 @@ thread-safe.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from portsentry.bans.lifecycle import BanManager
 from portsentry.core import messages
+from portsentry.core.actions import Block, Step
 from portsentry.core.addresses import IMPOSSIBLE_NETWORKS, canonical, impossible_source
-from portsentry.core.probe import IPAddress, Protocol
+from portsentry.core.probe import IPAddress, Mode, Probe, Protocol
 from portsentry.responders.backend import BackendError, Caught, Guarded
+from portsentry.responders.classic import ClassicResponder
 from portsentry.sensors.listeners import ListeningPorts
 
 SUMMARY_EVERY = 5.0  # seconds between reads of the kernel's counts of dropped probes
 GRACE = 3.0  # seconds a caught entry waits for the daemon's own record before it is made here
 Network = IPv4Network | IPv6Network
+KERNEL_BAN_KIND = "kernel ban"  # the probe a late record stands for: its kind is not known
+
+
+@dataclass(frozen=True)
+class LateSteps:
+    """What a kernel ban recorded late gets besides its record, as a scan's block does: the steps
+    BLOCK_TCP/BLOCK_UDP give its protocol now (`steps`), carried out by `responder` on a worker
+    (`submit`: never the maintenance thread, which must not wait for KILL_ROUTE), then `recorded`
+    (the history and blocked-file lines, on the main loop)."""
+
+    responder: ClassicResponder
+    steps: Callable[[Protocol], tuple[Step, ...]]
+    submit: Callable[[Callable[[], None]], object]
+    recorded: Callable[[Probe, float], None]
+    clock: Callable[[], float] = time.time
 
 
 @dataclass(frozen=True)
@@ -72,8 +92,10 @@ class Guards:
 
 class KernelBans:
     def __init__(self, bans: BanManager, log: Callable[[str], None], grace: float = GRACE,
-                 listeners: dict[Protocol, ListeningPorts] | None = None) -> None:
+                 listeners: dict[Protocol, ListeningPorts] | None = None,
+                 late: LateSteps | None = None) -> None:
         self.bans = bans
+        self._late = late
         self._log = log
         self.grace = grace
         self._guards: Guards | None = None
@@ -145,13 +167,28 @@ class KernelBans:
         def said() -> None:
             self._log(messages.kernel_ban_recorded(str(address), protocol.value, port))
 
-        recorded = self.bans.record_kernel_ban(address, f"s{protocol.value.lower()}", port, now, said,
-                                               lambda: self._still_caught(entry))
+        mode = f"s{protocol.value.lower()}"
+        late = self._late
+        block = (Block(Probe(address, port, Mode(mode), KERNEL_BAN_KIND), late.steps(protocol))
+                 if late is not None else None)
+        recorded = self.bans.record_kernel_ban(address, mode, port, now, said,
+                                               lambda: self._still_caught(entry), block)
         if recorded is None:
             return False  # the address's ban or lift is running its commands: the next round
         if recorded:
             self.recorded_late += 1
+            if late is not None and block is not None:
+                late.submit(lambda: self._finish(late, block))
         return True
+
+    def _finish(self, late: LateSteps, block: Block) -> None:
+        """On a worker: the late ban's hosts.deny line, KILL_ROUTE and KILL_RUN_CMD, then its
+        history line, as the engine's Record gives a scan's ban once its steps are done."""
+        try:
+            if self.bans.finish_kernel_ban(block, late.responder, late.clock):
+                late.recorded(block.probe, late.clock())
+        except Exception as error:  # the worker's Future is not looked at: said here
+            self._log(messages.config_error(f"internal error completing a kernel ban: {error!r}"))
 
     def _live(self, protocol: Protocol, port: int, now: float) -> bool:
         listener = self._listeners[protocol]

@@ -441,6 +441,34 @@ def test_enforce_records_the_ban_before_any_step_runs_and_drops_it_when_every_st
     assert [change.detail for change in bans.store.changes(0) if change.address == B][-1] == "block failed"
 
 
+def test_a_scan_s_ban_the_kernel_s_rate_cap_refuses_is_neither_recorded_nor_carried_out(tmp_path):
+    """The daemon's own bans take the kernel's BAN_RATE_LIMIT slots (claim_ban_slot): a scan's
+    ban refused there leaves no record and runs no step; a ban by hand is not counted."""
+    from portsentry.bans.records import MANUAL_REASON
+    from portsentry.core.actions import Block, Step, StepKind
+    from portsentry.core.probe import KIND_CONNECT, Mode, Probe
+    from portsentry.responders.classic import ClassicResponder
+
+    bans, kernel, lines, commands = manager(tmp_path, base=60)
+    claims: list[IPAddress] = []
+
+    def full(address: IPAddress) -> bool:
+        claims.append(address)
+        return False
+
+    kernel.claim_ban_slot = full  # type: ignore[method-assign]
+    responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=bans.run, clock=lambda: 100.0)
+    steps = (Step(StepKind.NATIVE, ""), Step(StepKind.ROUTE, "route $TARGET$"))
+    scan = Probe(source=A, port=79, mode=Mode.TCP, kind=KIND_CONNECT)
+    assert not bans.enforce(Block(scan, steps), responder, now=100.0, counted=True)
+    assert claims == [A] and bans.store.get(A) is None and kernel.held == {} and commands == []
+    assert any("198.18.0.2 is not blocked: ban rate limit reached" in line for line in lines)
+    # Not counted (by hand, a fleet peer's): no claim.
+    assert bans.enforce(Block(Probe(source=A, port=0, mode=Mode.TCP, kind=MANUAL_REASON), steps), responder,
+                        now=100.0)
+    assert claims == [A] and A in kernel.held and commands == ["route 198.18.0.2"]
+
+
 def test_an_expiry_leaves_the_ban_made_again_after_it_looked(tmp_path, monkeypatch):
     # expire() read the expired bans, then lifted each by address: a ban made again in between
     # (a scan, an admin's block, in another thread) was the one lifted, from the store and the

@@ -864,3 +864,52 @@ def test_a_repair_of_the_capture_keeps_the_last_minute_s_ban_slots() -> None:
     scripts = "".join(stdin or "" for _argv, stdin in rec.calls)
     assert "add set inet portsentry ban_slots { type mark; size 60;" in scripts  # made if flushed
     assert "delete set inet portsentry ban_slots" not in scripts
+
+
+def test_the_daemon_s_own_ban_claims_a_kernel_ban_slot_unless_the_kernel_made_it() -> None:
+    """BAN_RATE_LIMIT is one cap for the kernel's first-probe bans and the daemon's: a ban of the
+    connect modes took no slot of ban_slots, so beside a kernel-banning stealth mode a minute
+    held N of each. A claim is one transaction: the address added only if absent (EXCL) and
+    taken out again, and a slot from the daemon's own range; EEXIST says the kernel banned it
+    (and took its slot), ENFILE that every slot is taken."""
+    from portsentry.responders.nft_capture import DAEMON_SLOTS, KernelBan
+
+    fake = FakeNetlink()
+    backend = netlink_backend(fake)
+    assert backend.claim_ban_slot(V4) and fake.sent == []  # no capture: no kernel cap to claim from
+    backend.capture_rules(7373, 1024, {Protocol.TCP}, kernel=KernelBan(frozenset({Protocol.TCP}), 60))
+    assert backend.claim_ban_slot(V4) and fake.sent == []  # a kernel ban without a cap
+    backend.capture_rules(7373, 1024, {Protocol.TCP}, kernel=KernelBan(frozenset({Protocol.TCP}), 60, rate=2))
+    assert backend.claim_ban_slot(V4)
+    sent = _messages(fake.sent[-1])
+    assert [kind for kind, _, _ in sent] == [16, 0x0A0C, 0x0A0E, 0x0A0C, 17]
+    assert sent[1][1] & 0x200 and not sent[3][1] & 0x200  # EXCL on the ban set's add only
+    assert b"blocked4\0" in sent[1][2] and b"blocked4\0" in sent[2][2] and b"ban_slots\0" in sent[3][2]
+    slot = struct.unpack("=I", sent[3][2][-4:])[0]
+    assert slot >= DAEMON_SLOTS  # above the four ban rules' ranges
+    fake.fail = {0: errno.EEXIST}
+    assert backend.claim_ban_slot(V4)  # the kernel's own ban: its rule took the slot
+    fake.fail = {2: errno.ENFILE}
+    assert not backend.claim_ban_slot(V4)  # the minute's slots are taken
+    fake.fail = {0: errno.ENOENT}
+    with pytest.raises(BackendError):
+        backend.claim_ban_slot(V4)
+
+
+def test_the_claim_of_a_ban_slot_over_nft_f() -> None:
+    from portsentry.responders.nft_capture import KernelBan
+
+    answer = RunResult(0, "", "")
+    rec = Recorder({("nft", "-f"): lambda argv, stdin: answer})
+    backend = cli(rec)
+    backend.capture_rules(7373, 1024, {Protocol.TCP}, kernel=KernelBan(frozenset({Protocol.TCP}), 60, rate=2))
+    rec.calls.clear()
+    assert backend.claim_ban_slot(V6)
+    script = rec.calls[0][1] or ""
+    assert re.fullmatch(r"create element inet portsentry blocked6 \{ fd00::9 \}\n"
+                        r"delete element inet portsentry blocked6 \{ fd00::9 \}\n"
+                        r"add element inet portsentry ban_slots \{ \d+ \}\n", script), script
+    answer = RunResult(1, "", "Error: Could not process rule: File exists")
+    assert backend.claim_ban_slot(V6)
+    answer = RunResult(1, "", "Error: Could not process rule: Too many open files in system")
+    assert not backend.claim_ban_slot(V6)

@@ -3,17 +3,20 @@ caught entry is settled (adopted, lifted, or recorded late)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import ip_address, ip_network
 
 from portsentry.bans.lifecycle import BanManager, BanPolicy
 from portsentry.bans.store import MEMORY, BanStore
 from portsentry.config.settings import Config
-from portsentry.core.probe import IPAddress, Protocol
+from portsentry.core.engine import EngineSettings
+from portsentry.core.probe import IPAddress, Mode, Probe, Protocol
 from portsentry.responders.backend import BackendError, Caught, Guarded
+from portsentry.responders.classic import ClassicResponder
 from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.shell import CommandResult
 from portsentry.sensors.listeners import ListeningPorts
-from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, guards_of
+from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, LateSteps, guards_of
 from portsentry.service.wiring import eligible_ports, kernel_ban_for, watch_for
 from tests.unit.bans.test_lifecycle import Kernel
 
@@ -112,6 +115,49 @@ def test_an_unrecorded_kernel_ban_is_recorded_after_the_grace_and_said_so(tmp_pa
     assert ban is not None and ban.port == 161 and ban.mode == "sudp" and ban.expires == 103.5 + 60
     assert kernel.entries == [] and kernel.held[SCANNER] == 60.0 and kb.recorded_late == 1
     assert any("was blocked by the kernel on its first probe to UDP port 161" in line for line in lines)
+
+
+def test_a_kernel_ban_recorded_late_gets_hosts_deny_kill_route_kill_run_cmd_and_its_history(tmp_path) -> None:
+    """A ban the kernel made while the daemon was stopped (or with its copy still queued at the
+    stop) is recorded at the next start: it gets what a ban of its probe gets, not the kernel
+    set alone; the commands run on the worker `submit` hands them to."""
+    kb, kernel, lines = setup(tmp_path)
+    ran: list[str] = []
+
+    def runner(command: str, _timeout: float) -> CommandResult:
+        ran.append(command)
+        return CommandResult(command, 0, False, "", 0.0)
+
+    responder = ClassicResponder(kb.bans.hosts_deny, lines.append, 5.0, runner=runner)
+    settings = EngineSettings(block_tcp=1, native_ban=True, kill_hosts_deny="ALL: $TARGET$",
+                              kill_route="route add $TARGET$", kill_run_cmd="run $TARGET$ $PORT$ $MODE$")
+    queued: list[Callable[[], None]] = []
+    history: list[tuple[Probe, float]] = []
+    kb._late = LateSteps(responder, lambda protocol: settings.steps(settings.block_level(protocol)),
+                         queued.append, lambda probe, at: history.append((probe, at)), lambda: clock)
+    clock = 104.0
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    kb.settle(100.0)
+    kb.settle(103.5)
+    ban = kb.bans.store.get(SCANNER)
+    assert ban is not None and ban.routed and ban.hosts_deny_line == "ALL: 198.18.0.2"
+    assert ran == [] and len(queued) == 1  # not on the maintenance thread
+    queued.pop()()
+    assert ran == ["route add 198.18.0.2", "run 198.18.0.2 79 stcp"]
+    assert kb.bans.hosts_deny.lines() == ["ALL: 198.18.0.2"]
+    assert [(probe.source, probe.port, probe.mode) for probe, _at in history] == [(SCANNER, 79, Mode.STCP)]
+    # Lifted before its steps ran: none runs, and no line is left behind.
+    other = ip_address("198.18.0.3")
+    kernel.held[other] = 60.0
+    kernel.entries = [(other, Protocol.TCP, 79)]
+    kb.settle(200.0)
+    kb.settle(203.5)
+    clock = 204.0
+    assert kb.bans.lift(other, clock, "admin")
+    queued.pop()()
+    assert ran == ["route add 198.18.0.2", "run 198.18.0.2 79 stcp"] and len(history) == 1
+    assert kb.bans.hosts_deny.lines() == ["ALL: 198.18.0.2"]
 
 
 def test_guards_are_pushed_only_when_they_change(tmp_path) -> None:
