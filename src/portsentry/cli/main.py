@@ -160,15 +160,7 @@ def admin_main(argv: Sequence[str]) -> int:
                 print(f"warning: {warning}")
             return status
         if args.command == "flush":
-            from portsentry.service import admin
-
-            backend = admin.open_backend(config, setup=False)
-            if backend is None:
-                print("no native ban backend configured (BAN_BACKEND)")
-                return 0
-            backend.teardown()
-            print(f"removed {backend.describe()}")
-            return 0
+            return flush_main(config)
         if args.command == "hosts-deny":
             from portsentry.bans.store import BanStore
             from portsentry.bans.tidy import format_report, tidy_hosts_deny
@@ -251,6 +243,34 @@ def admin_main(argv: Sequence[str]) -> int:
     except (ConfigError, AdminError, StoreError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
         return 1
+
+
+def flush_main(config: Config) -> int:
+    """Remove the native backend's table, sets or routes; the bans in the store stay."""
+    from portsentry.host import privileges
+    from portsentry.responders.backend import BackendError
+    from portsentry.service import admin
+
+    if config.ban_backend == "none":
+        print("no native ban backend configured (BAN_BACKEND)")
+        return 0
+    # Asked first: without CAP_NET_ADMIN "auto" finds no nftables it may list and picks the
+    # routes, whose flush of nothing it may see "succeeds": "removed" while the table stayed.
+    if privileges.lacks("CAP_NET_ADMIN"):
+        print("portsentry: flush: only root (CAP_NET_ADMIN) may remove the ban backend's table, "
+              "sets or routes: nothing removed", file=sys.stderr)
+        return 1
+    backend = admin.open_backend(config, setup=False)
+    if backend is None:
+        print("BAN_BACKEND=\"auto\" finds no working ban backend here: nothing to remove")
+        return 0
+    try:
+        backend.teardown()
+    except BackendError as error:
+        print(f"portsentry: flush: {error}", file=sys.stderr)
+        return 1
+    print(f"removed {backend.describe()}")
+    return 0
 
 
 def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
