@@ -228,10 +228,11 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
                         f"{'it takes' if len(waiting) == 1 else 'they take'} effect at the next start")
         return new, source
 
-    def sensors_for(new: Config) -> list[Sensor]:
-        return build_sensors(new, modes, journal.log, time.time, bans.backend)
+    def sensors_for(new: Config) -> list[Sensor]:  # at a reload
+        return build_sensors(new, modes, journal.log, time.time, bans.backend, at_start=False)
 
-    daemon = Daemon(config, modes, journal, ignore, sensors_for(config), responder, resolver, bans=bans,
+    sensors = build_sensors(config, modes, journal.log, time.time, bans.backend)
+    daemon = Daemon(config, modes, journal, ignore, sensors, responder, resolver, bans=bans,
                     reloader=reload_config, sensor_factory=sensors_for, control_path=control_path,
                     telemetry=telemetry, fleet=fleet)
     daemon.install_signal_handlers()

@@ -231,10 +231,13 @@ def test_a_reload_that_turns_the_kernel_ban_on_pushes_its_guards_before_the_new_
 
     def sensors(config: object) -> list[object]:
         guards_when_rules_came.append(kernel.guards)
-        return []
+        return [_FakeSensor((1,))]  # one that watches: a reload watching nothing is refused
 
     daemon.sensor_factory = sensors
-    assert daemon.reload()
+    try:
+        assert daemon.reload()
+    finally:
+        daemon.shutdown()
     assert guards_when_rules_came and guards_when_rules_came[0] is not None
     protect, nokernel = guards_when_rules_came[0]
     assert ip_network("198.18.9.0/24") in protect and ip_network("198.19.0.0/16") in nokernel
@@ -317,6 +320,48 @@ def test_a_reload_whose_sensors_cannot_open_is_refused_and_the_old_sensors_watch
         watched = {key.data for key in daemon._selector.get_map().values() if key.data is not None}
         assert watched == {built[1]}
         assert "reloaded its configuration" not in said.getvalue()
+    finally:
+        daemon.shutdown()
+
+
+class _IdleSensor(_FakeSensor):
+    """A sensor whose ports were all taken: it opens and watches nothing, and says so."""
+
+    def open(self) -> list[Any]:
+        self.opened += 1
+        return []
+
+
+def test_a_reload_whose_sensors_watch_nothing_is_refused_and_the_old_sensors_watch_again(tmp_path):
+    # TCP_PORTS changed to ports some service held: the new -tcp sensor bound none, logged 1.2's
+    # "could not bind ANY TCP sockets. Shutting down.", and the reload went through: "reloaded its
+    # configuration", a daemon that watched nothing, and status listing "TCP ports  bound".
+    import dataclasses
+
+    daemon, said = bare_daemon(tmp_path)
+    first = _FakeSensor((1,))
+    daemon.sensors = (first,)
+    daemon.config = old = dataclasses.replace(daemon.config, tcp_ports=(1,))
+    daemon.open()
+    taken = dataclasses.replace(old, tcp_ports=(2,))
+    built: list[_FakeSensor] = []
+
+    def factory(config: Any) -> list[_FakeSensor]:
+        built.append((_IdleSensor if config.tcp_ports == (2,) else _FakeSensor)(config.tcp_ports))
+        return [built[-1]]
+
+    daemon.reloader = lambda: (taken, daemon.ignore)
+    daemon.sensor_factory = factory
+    try:
+        assert daemon.reload() is False
+        assert daemon.config is old
+        assert ("reload refused, the running configuration stays in force: with it no mode watches "
+                "any port") in said.getvalue()
+        assert "reloaded its configuration" not in said.getvalue()
+        assert [sensor.ports for sensor in built] == [(2,), (1,)]
+        assert built[0].closed == 1 and daemon.sensors == (built[1],)
+        watched = {key.data for key in daemon._selector.get_map().values() if key.data is not None}
+        assert watched == {built[1]}
     finally:
         daemon.shutdown()
 
