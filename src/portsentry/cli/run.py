@@ -37,7 +37,7 @@ from portsentry.host import privileges
 from portsentry.host.info import local_addresses
 from portsentry.journal.failures import SYSLOG, WriteFailures
 from portsentry.journal.journal import Journal
-from portsentry.journal.journald import JournaldWriter, journald_available
+from portsentry.journal.journald import JournaldWriter, journald_available, stderr_is_journal
 from portsentry.journal.syslog import DEFAULT_SOCKET, SyslogWriter
 from portsentry.journal.telemetry import Telemetry
 from portsentry.service.resolver import Resolver
@@ -111,7 +111,7 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
     from portsentry.responders.classic import ClassicResponder
     from portsentry.sensors.base import Sensor
     from portsentry.sensors.capture import CaptureError
-    from portsentry.service.admin import open_backend, open_hosts_deny, store_path
+    from portsentry.service.admin import auto_fallback, open_backend, open_hosts_deny, store_path
     from portsentry.service.daemon import Daemon
     from portsentry.service.metrics import Metrics, MetricsError
     from portsentry.service.wiring import build_sensors
@@ -155,6 +155,14 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
 
     for warning in (*warnings, *ignore.warnings):
         journal.log(f"adminalert: WARNING: {warning}")
+
+    def notice(warning: str) -> None:
+        """A warning found while the daemon starts: syslog, and the terminal where the journal
+        does not say it there (--log-stderr, or stderr is the journal under systemd)."""
+        journal.log(f"adminalert: WARNING: {warning}")
+        if not (args.log_stderr or (stderr_is_journal() and not args.no_syslog)):
+            print(f"portsentry: warning: {warning}", file=sys.stderr)
+
     control_path: str | None = config.control_socket
     other = daemon_answering(config.control_socket)
     if other is not None:
@@ -197,6 +205,8 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
         bans = BanManager(store, open_backend(config), hosts_deny, BanPolicy.from_config(config),
                           journal.log, telemetry=telemetry, failures=journal.failures)
         bans.fallback_from = retry_path
+        if (fallback := auto_fallback(config, bans.backend)) is not None:
+            notice(fallback)
         fleet = open_fleet(config, bans, journal.log, telemetry)
     except (ConfigError, StoreError, MetricsError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)

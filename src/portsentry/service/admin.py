@@ -18,7 +18,7 @@ from portsentry.core.actions import Block
 from portsentry.core.addresses import impossible_source
 from portsentry.core.probe import IPAddress, Mode, Probe
 from portsentry.host import info as hostinfo
-from portsentry.responders.backend import BackendError, BanBackend, pick_backend
+from portsentry.responders.backend import AUTO_ORDER, BackendError, BanBackend, pick_backend
 from portsentry.responders.classic import ClassicResponder
 from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.service.adminio import AdminError as AdminError
@@ -60,6 +60,19 @@ def open_backend(config: Config, setup: bool = True) -> BanBackend | None:
         except (BackendError, OSError) as error:
             raise config.error("BAN_BACKEND", f"cannot set up {backend.describe()}: {error}") from error
     return backend
+
+
+def auto_fallback(config: Config, backend: BanBackend | None) -> str | None:
+    """What BAN_BACKEND="auto" settled for when it is not nftables, its first choice; None
+    otherwise. The start says it: the routes drop only the replies, and none bans nothing."""
+    if config.ban_backend != "auto" or (backend is not None and backend.name == AUTO_ORDER[0]):
+        return None
+    if backend is None:
+        return (f'BAN_BACKEND="auto": none of {", ".join(AUTO_ORDER)} works here; no native bans: '
+                "scanners are blocked only by KILL_ROUTE and KILL_HOSTS_DENY, where set")
+    skipped = AUTO_ORDER[:AUTO_ORDER.index(backend.name)] if backend.name in AUTO_ORDER else AUTO_ORDER
+    verb = "does" if len(skipped) == 1 else "do"
+    return f'BAN_BACKEND="auto": {" and ".join(skipped)} {verb} not work here; bans are {backend.describe()}'
 
 
 def protected_addresses(config: Config) -> frozenset[IPAddress]:
