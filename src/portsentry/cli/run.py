@@ -156,12 +156,12 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
     for warning in (*warnings, *ignore.warnings):
         journal.log(f"adminalert: WARNING: {warning}")
 
-    def notice(warning: str) -> None:
-        """A warning found while the daemon starts: syslog, and the terminal where the journal
+    def notice(line: str) -> None:
+        """What the admin must hear of the start: syslog, and the terminal where the journal
         does not say it there (--log-stderr, or stderr is the journal under systemd)."""
-        journal.log(f"adminalert: WARNING: {warning}")
+        journal.log(line)
         if not (args.log_stderr or (stderr_is_journal() and not args.no_syslog)):
-            print(f"portsentry: warning: {warning}", file=sys.stderr)
+            print(f"portsentry: {line.removeprefix('adminalert: ')}", file=sys.stderr)
 
     control_path: str | None = config.control_socket
     other = daemon_answering(config.control_socket)
@@ -201,12 +201,12 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
         telemetry = open_telemetry(config, journal.failures)
         if config.metrics_listen and isinstance(telemetry.metrics, Metrics):
             metrics_server = telemetry.metrics.serve(config.metrics_listen)
-        store, retry_path = open_store(store_path(config), journal.log)
+        store, retry_path, store_error = open_store(store_path(config), notice)
         bans = BanManager(store, open_backend(config), hosts_deny, BanPolicy.from_config(config),
                           journal.log, telemetry=telemetry, failures=journal.failures)
-        bans.fallback_from = retry_path
+        bans.fallback_from, bans.fallback_error = retry_path, store_error
         if (fallback := auto_fallback(config, bans.backend)) is not None:
-            notice(fallback)
+            notice(f"adminalert: WARNING: {fallback}")
         fleet = open_fleet(config, bans, journal.log, telemetry)
     except (ConfigError, StoreError, MetricsError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)

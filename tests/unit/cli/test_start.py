@@ -285,3 +285,15 @@ def test_auto_that_finds_nftables_says_nothing_more(
     monkeypatch.setattr(admin, "pick_backend", lambda *args, **kwargs: Ready(runner=runner, mechanism="cli"))
     _start(tmp_path, monkeypatch, 'BAN_BACKEND="auto"\n', "--log-stderr")
     assert 'BAN_BACKEND="auto"' not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [[], ["--log-stderr"]])
+def test_a_ban_store_that_cannot_be_opened_is_said_on_the_terminal_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
+    # In the foreground, the start said "keeping bans in memory" to syslog only.
+    (tmp_path / "state").write_text("a file where STATE_DIR should be")
+    _start(tmp_path, monkeypatch, "", *flags)
+    err = capsys.readouterr().err
+    assert err.count(f"ERROR: ban store: {tmp_path}/state/bans.sqlite3: cannot create the ban store: "
+                     "File exists; keeping bans in memory until it can be opened") == 1, err
