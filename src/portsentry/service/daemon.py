@@ -581,7 +581,7 @@ class Daemon:
         if self.fleet is not None:
             self.fleet.set_hosts_deny(config.kill_hosts_deny)
         self.journal.history_file = config.history_file
-        self.journal.blocked_file = config.blocked_file
+        self.journal.move_blocked_file(config.blocked_file, list(self.modes))
         self.journal.log(messages.reloaded(config.source))
         sdnotify.ready()
         return True

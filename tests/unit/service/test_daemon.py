@@ -553,3 +553,47 @@ def test_a_broken_ignore_file_edit_is_said_within_a_second_not_at_the_next_probe
         assert said.getvalue().count("ignore list not reloaded") == 1  # said once, not every second
     finally:
         daemon.shutdown()
+
+
+def test_a_reload_that_moves_blocked_file_starts_the_new_one_as_the_start_does(tmp_path):
+    # The start empties BLOCKED_FILE.<mode>, 1.2's list of this session's blocked hosts. A reload
+    # that named another file appended to it as found: a list left by an earlier run, whose hosts
+    # read as blocked this session. Now it holds this session's lines (carried from the old file,
+    # which stays as it was), and the history file is never emptied.
+    import dataclasses
+    from ipaddress import ip_address
+
+    from portsentry.core.probe import Mode, Probe
+
+    daemon, _said = bare_daemon(tmp_path)
+    history = tmp_path / "history"
+    daemon.config = old = dataclasses.replace(daemon.config, blocked_file=str(tmp_path / "b1"),
+                                              history_file=str(history))
+    daemon.journal.blocked_file, daemon.journal.history_file = old.blocked_file, old.history_file
+    (tmp_path / "b1.tcp").write_text("left by the last run\n")
+    (tmp_path / "b2.tcp").write_text("1700000000 - 11/14/2023 22:13:20 Host: 198.18.5.5/198.18.5.5 "
+                                     "Port: 1 TCP Blocked\n")
+    try:
+        daemon.open()
+        assert (tmp_path / "b1.tcp").read_text() == ""
+        daemon.journal.record(Probe(ip_address("198.18.0.2"), 1, Mode.TCP, "Connect"), 1000.0)
+        session = (tmp_path / "b1.tcp").read_text()
+        assert "198.18.0.2" in session
+        new = dataclasses.replace(old, blocked_file=str(tmp_path / "b2"))
+        daemon.reloader = lambda: (new, daemon.ignore)
+        assert daemon.reload()
+        assert (tmp_path / "b2.tcp").read_text() == session
+        assert (tmp_path / "b1.tcp").read_text() == session
+        daemon.journal.record(Probe(ip_address("198.18.0.3"), 1, Mode.TCP, "Connect"), 1001.0)
+        assert "198.18.0.3" in (tmp_path / "b2.tcp").read_text()
+        assert "198.18.0.3" not in (tmp_path / "b1.tcp").read_text()
+        kept = history.read_text()
+        # A BLOCKED_FILE whose per-mode file is the history file: it is not emptied.
+        clash = dataclasses.replace(old, blocked_file=str(tmp_path / "hist"),
+                                    history_file=str(tmp_path / "hist.tcp"))
+        (tmp_path / "hist.tcp").write_text(kept)
+        daemon.reloader = lambda: (clash, daemon.ignore)
+        assert daemon.reload()
+        assert (tmp_path / "hist.tcp").read_text() == kept
+    finally:
+        daemon.shutdown()
