@@ -301,6 +301,10 @@ def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
         duration = admin.parse_duration(args.duration)
     spared = admin.Spared.of_host(config) if args.command == "block" else admin.Spared()
     tool = admin.Admin.open(config)
+    if args.command == "block" and (idle := admin.nothing_blocks(config, tool.bans)) is not None:
+        tool.close()
+        print(f"portsentry: block --file: {idle}: nothing blocked", file=sys.stderr)
+        return 1
     try:
         steps = bulk.ManualSteps.from_config(config)
         started = time.monotonic()

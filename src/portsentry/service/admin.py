@@ -165,8 +165,21 @@ def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, 
                          "so there is nothing to block")
     if spared is not None and (why := spared.reason(address)) is not None:
         raise AdminError(f"{address} is {why}: not blocked")
+    if (idle := nothing_blocks(config, bans)) is not None:
+        raise AdminError(f"{address} not blocked: {idle}")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind=MANUAL_REASON)
     return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now)
+
+
+def nothing_blocks(config: Config, bans: BanManager) -> str | None:
+    """Why a ban by hand would do nothing at all, or None: with no native backend and no KILL_
+    command it said "done", blocked nothing, and recorded nothing (or, by --file, bans that
+    nothing held)."""
+    if bans.backend is not None or config.kill_route or config.kill_hosts_deny or config.kill_run_cmd:
+        return None
+    backend = ("BAN_BACKEND is none" if config.ban_backend == "none"
+               else f'BAN_BACKEND="{config.ban_backend}" found no backend here')
+    return f"nothing here blocks ({backend} and none of KILL_ROUTE, KILL_HOSTS_DENY, KILL_RUN_CMD is set)"
 
 
 def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:

@@ -103,7 +103,9 @@ def test_a_block_through_the_daemon_spares_its_own_addresses_and_gateways(
     own, gateway, other = rig.replies
     assert not own.ok and "198.51.100.7 is one of this host's addresses: not blocked" in str(own.error)
     assert not gateway.ok and "is a default gateway or DNS resolver" in str(gateway.error)
-    assert other.ok  # this daemon's BLOCK_TCP steps are none, so it records nothing either way
+    # This daemon has no backend and no KILL_ command: an address it need not spare is refused
+    # all the same, as nothing here could block it.
+    assert not other.ok and "198.18.1.5 not blocked: nothing here blocks" in str(other.error)
     daemon.shutdown()
 
 
