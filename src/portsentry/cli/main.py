@@ -122,7 +122,8 @@ def build_admin_parser() -> argparse.ArgumentParser:
                                "one go, one store transaction and one kernel batch")
     listing = command("list", "list active bans")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    command("flush", "remove the native backend's table/sets (bans in the store stay)")
+    command("flush",
+            "remove the native backend's table/sets, with the daemon stopped (bans in the store stay)")
     tidy = command("hosts-deny", "hosts.deny upkeep")
     tidy.add_argument("action", choices=["tidy"])
     tidy.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
@@ -259,6 +260,17 @@ def flush_main(config: Config) -> int:
     if privileges.lacks("CAP_NET_ADMIN"):
         print("portsentry: flush: only root (CAP_NET_ADMIN) may remove the ban backend's table, "
               "sets or routes: nothing removed", file=sys.stderr)
+        return 1
+    try:
+        answer = control.request(config.control_socket, {"command": "status"}, timeout=10.0)
+    except (control.NotRunning, OSError):
+        answer = None  # none there, or none that answers: nothing puts it back
+    if answer is not None:
+        # Its repair, once a minute, finds the table gone and rebuilds it with every ban.
+        state = answer.get("status")
+        pid = f" (pid {state['pid']})" if isinstance(state, dict) and "pid" in state else ""
+        print(f"portsentry: flush: the daemon is running{pid} and would put it all back within a "
+              "minute: stop it first, then flush; nothing removed", file=sys.stderr)
         return 1
     backend = admin.open_backend(config, setup=False)
     if backend is None:

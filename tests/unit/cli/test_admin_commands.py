@@ -89,3 +89,27 @@ def test_flush_with_cap_net_admin_removes_and_says_so(
     assert main(["flush", "-c", str(_conf(tmp_path))]) == 0
     assert capsys.readouterr().out == "removed route: blackhole host routes (proto 213)\n"
     assert fake.torn_down == 1
+
+
+def test_flush_while_the_daemon_runs_is_refused_as_it_would_be_undone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `portsentry flush` with the daemon running said "removed nftables: table inet portsentry"
+    # and exit 0; within a minute the daemon's repair put the table and every ban back, saying
+    # "our firewall table was gone (ruleset flushed?)".
+    from portsentry.service import admin
+    from tests.unit.cli.test_main import _answer_status_once
+
+    fake = FakeBackend()
+    monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
+    _capabilities(monkeypatch, ALL_CAPS)
+    server, thread = _answer_status_once(str(tmp_path / "ctl.sock"), 4242)
+    try:
+        assert main(["flush", "-c", str(_conf(tmp_path))]) == 1
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert out == "" and fake.torn_down == 0
+    assert err == ("portsentry: flush: the daemon is running (pid 4242) and would put it all back "
+                   "within a minute: stop it first, then flush; nothing removed\n")
