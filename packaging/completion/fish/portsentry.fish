@@ -5,7 +5,7 @@ complete -c portsentry -n '__fish_use_subcommand' -a check-config -d 'check the 
 complete -c portsentry -n '__fish_use_subcommand' -a block -d 'block an address now, in every configured backend'
 complete -c portsentry -n '__fish_use_subcommand' -a unblock -d 'unblock an address everywhere (backend, hosts.deny, KILL_ROUTE_UNDO)'
 complete -c portsentry -n '__fish_use_subcommand' -a list -d 'list active bans'
-complete -c portsentry -n '__fish_use_subcommand' -a flush -d 'remove the native backend\'s table/sets (bans in the store stay)'
+complete -c portsentry -n '__fish_use_subcommand' -a flush -d 'remove the native backend\'s table/sets, with the daemon stopped (bans in the store stay)'
 complete -c portsentry -n '__fish_use_subcommand' -a hosts-deny -d 'hosts.deny upkeep'
 complete -c portsentry -n '__fish_use_subcommand' -a check -d 'check the configuration and whether hosts.deny entries can have any effect'
 complete -c portsentry -n '__fish_use_subcommand' -a status -d 'is the daemon running, what it watches and blocked (exit 3: not running)'

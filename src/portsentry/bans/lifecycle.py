@@ -103,14 +103,14 @@ class _Unsaved:
                    self.hosts_deny_line, self.backends)
 
 
-def open_store(path: str, log: Logger) -> tuple[BanStore, str | None]:
-    """The ban store, or an in-memory stand-in (and the path to retry) when it cannot be opened:
-    detection and blocking must go on with a full or read-only disk."""
+def open_store(path: str, log: Logger) -> tuple[BanStore, str | None, str | None]:
+    """The ban store, or an in-memory stand-in, the path to retry and why, when it cannot be
+    opened: detection and blocking must go on with a full or read-only disk."""
     try:
-        return BanStore(path), None
+        return BanStore(path), None, None
     except StoreError as error:
         log(messages.store_failed(f"{error}; keeping bans in memory until it can be opened"))
-        return BanStore(MEMORY), path
+        return BanStore(MEMORY), path, str(error)
 
 
 class BanManager:
@@ -146,6 +146,7 @@ class BanManager:
         self._unsaved_lock = threading.Lock()
         # Set when the store on disk could not be opened and an in-memory one stands in.
         self.fallback_from: str | None = None
+        self.fallback_error: str | None = None  # why fallback_from could not be opened, for status
         self.telemetry = telemetry or Telemetry()
         # Called after every ban or lift this manager records, from the thread that made it: the
         # fleet publisher wakes at once instead of at its next look at the change feed.
@@ -497,7 +498,7 @@ class BanManager:
                 # Its lines too: left behind, a line of ours was taken for someone else's and
                 # stayed in hosts.deny after the ban's end.
                 standing, lines = self.store.close_held(now)
-                self.store, self.fallback_from = disk, None
+                self.store, self.fallback_from, self.fallback_error = disk, None, None
                 # Saved as made at first_seen, so its length counts from then: the time left from
                 # now cut each ban short by its age (an hour's ban half an hour old ended at once).
                 kept = [_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,

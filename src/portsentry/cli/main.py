@@ -122,7 +122,8 @@ def build_admin_parser() -> argparse.ArgumentParser:
                                "one go, one store transaction and one kernel batch")
     listing = command("list", "list active bans")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    command("flush", "remove the native backend's table/sets (bans in the store stay)")
+    command("flush",
+            "remove the native backend's table/sets, with the daemon stopped (bans in the store stay)")
     tidy = command("hosts-deny", "hosts.deny upkeep")
     tidy.add_argument("action", choices=["tidy"])
     tidy.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
@@ -160,15 +161,7 @@ def admin_main(argv: Sequence[str]) -> int:
                 print(f"warning: {warning}")
             return status
         if args.command == "flush":
-            from portsentry.service import admin
-
-            backend = admin.open_backend(config, setup=False)
-            if backend is None:
-                print("no native ban backend configured (BAN_BACKEND)")
-                return 0
-            backend.teardown()
-            print(f"removed {backend.describe()}")
-            return 0
+            return flush_main(config)
         if args.command == "hosts-deny":
             from portsentry.bans.store import BanStore
             from portsentry.bans.tidy import format_report, tidy_hosts_deny
@@ -253,6 +246,45 @@ def admin_main(argv: Sequence[str]) -> int:
         return 1
 
 
+def flush_main(config: Config) -> int:
+    """Remove the native backend's table, sets or routes; the bans in the store stay."""
+    from portsentry.host import privileges
+    from portsentry.responders.backend import BackendError
+    from portsentry.service import admin
+
+    if config.ban_backend == "none":
+        print("no native ban backend configured (BAN_BACKEND)")
+        return 0
+    # Asked first: without CAP_NET_ADMIN "auto" finds no nftables it may list and picks the
+    # routes, whose flush of nothing it may see "succeeds": "removed" while the table stayed.
+    if privileges.lacks("CAP_NET_ADMIN"):
+        print("portsentry: flush: only root (CAP_NET_ADMIN) may remove the ban backend's table, "
+              "sets or routes: nothing removed", file=sys.stderr)
+        return 1
+    try:
+        answer = control.request(config.control_socket, {"command": "status"}, timeout=10.0)
+    except (control.NotRunning, OSError):
+        answer = None  # none there, or none that answers: nothing puts it back
+    if answer is not None:
+        # Its repair, once a minute, finds the table gone and rebuilds it with every ban.
+        state = answer.get("status")
+        pid = f" (pid {state['pid']})" if isinstance(state, dict) and "pid" in state else ""
+        print(f"portsentry: flush: the daemon is running{pid} and would put it all back within a "
+              "minute: stop it first, then flush; nothing removed", file=sys.stderr)
+        return 1
+    backend = admin.open_backend(config, setup=False)
+    if backend is None:
+        print("BAN_BACKEND=\"auto\" finds no working ban backend here: nothing to remove")
+        return 0
+    try:
+        backend.teardown()
+    except BackendError as error:
+        print(f"portsentry: flush: {error}", file=sys.stderr)
+        return 1
+    print(f"removed {backend.describe()}")
+    return 0
+
+
 def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
     """block/unblock --file: straight on the ban store and the kernel, running daemon or not
     (it follows the store's change feed, so it hears of every ban within a second)."""
@@ -281,6 +313,10 @@ def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
         duration = admin.parse_duration(args.duration)
     spared = admin.Spared.of_host(config) if args.command == "block" else admin.Spared()
     tool = admin.Admin.open(config)
+    if args.command == "block" and (idle := admin.nothing_blocks(config, tool.bans)) is not None:
+        tool.close()
+        print(f"portsentry: block --file: {idle}: nothing blocked", file=sys.stderr)
+        return 1
     try:
         steps = bulk.ManualSteps.from_config(config)
         started = time.monotonic()

@@ -37,7 +37,7 @@ from portsentry.host import privileges
 from portsentry.host.info import local_addresses
 from portsentry.journal.failures import SYSLOG, WriteFailures
 from portsentry.journal.journal import Journal
-from portsentry.journal.journald import JournaldWriter, journald_available
+from portsentry.journal.journald import JournaldWriter, journald_available, stderr_is_journal
 from portsentry.journal.syslog import DEFAULT_SOCKET, SyslogWriter
 from portsentry.journal.telemetry import Telemetry
 from portsentry.service.resolver import Resolver
@@ -111,7 +111,7 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
     from portsentry.responders.classic import ClassicResponder
     from portsentry.sensors.base import Sensor
     from portsentry.sensors.capture import CaptureError
-    from portsentry.service.admin import open_backend, open_hosts_deny, store_path
+    from portsentry.service.admin import auto_fallback, open_backend, open_hosts_deny, store_path
     from portsentry.service.daemon import Daemon
     from portsentry.service.metrics import Metrics, MetricsError
     from portsentry.service.wiring import build_sensors
@@ -155,6 +155,14 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
 
     for warning in (*warnings, *ignore.warnings):
         journal.log(f"adminalert: WARNING: {warning}")
+
+    def notice(line: str) -> None:
+        """What the admin must hear of the start: syslog, and the terminal where the journal
+        does not say it there (--log-stderr, or stderr is the journal under systemd)."""
+        journal.log(line)
+        if not (args.log_stderr or (stderr_is_journal() and not args.no_syslog)):
+            print(f"portsentry: {line.removeprefix('adminalert: ')}", file=sys.stderr)
+
     control_path: str | None = config.control_socket
     other = daemon_answering(config.control_socket)
     if other is not None:
@@ -193,10 +201,12 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
         telemetry = open_telemetry(config, journal.failures)
         if config.metrics_listen and isinstance(telemetry.metrics, Metrics):
             metrics_server = telemetry.metrics.serve(config.metrics_listen)
-        store, retry_path = open_store(store_path(config), journal.log)
+        store, retry_path, store_error = open_store(store_path(config), notice)
         bans = BanManager(store, open_backend(config), hosts_deny, BanPolicy.from_config(config),
                           journal.log, telemetry=telemetry, failures=journal.failures)
-        bans.fallback_from = retry_path
+        bans.fallback_from, bans.fallback_error = retry_path, store_error
+        if (fallback := auto_fallback(config, bans.backend)) is not None:
+            notice(f"adminalert: WARNING: {fallback}")
         fleet = open_fleet(config, bans, journal.log, telemetry)
     except (ConfigError, StoreError, MetricsError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
@@ -228,10 +238,11 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
                         f"{'it takes' if len(waiting) == 1 else 'they take'} effect at the next start")
         return new, source
 
-    def sensors_for(new: Config) -> list[Sensor]:
-        return build_sensors(new, modes, journal.log, time.time, bans.backend)
+    def sensors_for(new: Config) -> list[Sensor]:  # at a reload
+        return build_sensors(new, modes, journal.log, time.time, bans.backend, at_start=False)
 
-    daemon = Daemon(config, modes, journal, ignore, sensors_for(config), responder, resolver, bans=bans,
+    sensors = build_sensors(config, modes, journal.log, time.time, bans.backend)
+    daemon = Daemon(config, modes, journal, ignore, sensors, responder, resolver, bans=bans,
                     reloader=reload_config, sensor_factory=sensors_for, control_path=control_path,
                     telemetry=telemetry, fleet=fleet)
     daemon.install_signal_handlers()

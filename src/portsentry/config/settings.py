@@ -283,6 +283,10 @@ def parse_config(text: str, source: str) -> LoadedConfig:
 
 def _consistency_warnings(config: Config) -> list[str]:
     found = []
+    for key in ("KILL_ROUTE", "KILL_HOSTS_DENY", "KILL_RUN_CMD", "KILL_ROUTE_UNDO"):
+        command = getattr(config, KEYS[key].field)
+        for mistake in v.placeholder_mistakes(command or ""):
+            found.append(_located(config.source, config.line_of(key), key, mistake))
     for key, mode in (("BLOCK_TCP", config.block_tcp), ("BLOCK_UDP", config.block_udp)):
         where = (config.source, config.line_of(key), key)
         if (mode == 1 and config.kill_route is None and config.kill_hosts_deny is None

@@ -4,6 +4,7 @@ what is wrong; the parser adds file, line and key."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable
@@ -84,6 +85,35 @@ def url(value: str) -> str | None:
             "is not a valid URL (an IPv6 address needs both brackets: redis://[fd00::1]:6379)"
         ) from None
     return value
+
+
+PLACEHOLDERS: Final = ("TARGET", "PORT", "MODE")
+_MASK: Final = "\0"  # stands for a placeholder spelt right; no value holds it (_check_text)
+_DOLLAR_WORD: Final = re.compile(r"\$([A-Za-z_]+)\$")
+_NO_CLOSING: Final = re.compile(r"\$(?:TARGET|PORT|MODE)(?![A-Za-z0-9_$])")
+_NO_OPENING: Final = re.compile(r"(?<![$A-Za-z0-9_])(?:TARGET|PORT|MODE)\$")
+
+
+def placeholder_mistakes(command: str) -> list[str]:
+    """What in a KILL_ command looks meant as $TARGET$, $PORT$ or $MODE$ but is not one, such as
+    `$TAGRET$` or `$PORT` with no closing `$`: it is left as written, as 1.2 left it, so the
+    command runs with that text. Said, not refused: 1.2 configurations keep loading. Shell
+    words (`$HOME`, `$1`, `$(date)`) are not placeholders and are left alone."""
+    text = command
+    for name in PLACEHOLDERS:  # in _fill's order, so "$TARGET$PORT$" reads as it is filled
+        text = text.replace(f"${name}$", _MASK)
+    found: list[tuple[int, str]] = []
+    for match in _DOLLAR_WORD.finditer(text):
+        near = difflib.get_close_matches(match.group(1).upper(), PLACEHOLDERS, n=1, cutoff=0.6)
+        if near:
+            found.append((match.start(), f"{match.group()!r} is not a placeholder (did you mean "
+                                         f"${near[0]}$?): it is left as written, not replaced"))
+    every = ", ".join(f"${name}$" for name in PLACEHOLDERS)
+    for pattern, lacks in ((_NO_CLOSING, "closing"), (_NO_OPENING, "opening")):
+        for match in pattern.finditer(text):
+            found.append((match.start(), f"{match.group()!r} has no {lacks} $: it is left as "
+                                         f"written, not replaced (placeholders: {every})"))
+    return [message for _start, message in sorted(found)]
 
 
 def command_with_target(value: str) -> str | None:

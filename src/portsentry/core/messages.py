@@ -42,19 +42,23 @@ def out_of_descriptors(protocol: Protocol, ports: str, limit: int) -> str:
             f"(limit {limit}; raise LimitNOFILE). Attempting to continue")
 
 
-def no_socket_bound(protocol: Protocol) -> str:
-    return f"adminalert: ERROR: could not bind ANY {protocol} sockets. Shutting down."
+def no_socket_bound(protocol: Protocol, mode: Mode | None = None) -> str:
+    """1.2's words when this mode is the daemon's only one, at start: the daemon then shuts down,
+    as 1.2 did. `mode` otherwise (other modes, a reload): the daemon goes on, so no "Shutting
+    down", and the line names the mode that watches nothing."""
+    if mode is None:
+        return f"adminalert: ERROR: could not bind ANY {protocol} sockets. Shutting down."
+    return f"adminalert: ERROR: could not bind ANY {protocol} sockets: -{mode} watches nothing"
 
 
 def port_in_use(port: int) -> str:
     return f"adminalert: ERROR: Socket {port} is in use and will not be monitored. Attempting to continue"
 
 
-def all_ports_in_use(protocol: Protocol) -> str:
-    return (
-        f"adminalert: ERROR: All supplied {protocol} sockets are in use and will not be listened to. "
-        "Shutting down."
-    )
+def all_ports_in_use(protocol: Protocol, mode: Mode | None = None) -> str:
+    """As no_socket_bound: 1.2's words only where the daemon then shuts down."""
+    text = f"adminalert: ERROR: All supplied {protocol} sockets are in use and will not be listened to"
+    return f"{text}. Shutting down." if mode is None else f"{text}: -{mode} watches nothing"
 
 
 def advanced_exclude_none() -> str:

@@ -222,6 +222,17 @@ def refusal() -> str | None:
             "or give it those capabilities)")
 
 
+def lacks(name: str, status_path: str = "/proc/thread-self/status") -> bool:
+    """Whether this thread surely does not hold capability `name` now: an admin command the
+    kernel would refuse says so before it starts, rather than half way. False when /proc cannot
+    be read: the command then says what fails."""
+    try:
+        effective = read_status(status_path).effective
+    except (OSError, KeyError, ValueError):
+        return False
+    return not effective >> CAPABILITIES[name] & 1
+
+
 @dataclass(frozen=True)
 class DropResult:
     """What restrict() did. `message` is one line for the log; `ok` means it belongs in the

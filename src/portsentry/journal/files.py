@@ -47,10 +47,15 @@ def append_line(path: str, line: str) -> None:
         os.close(fd)
 
 
-def truncate(path: str) -> None:
-    """1.2 starts every session with an empty blocked file."""
+def truncate(path: str, lines: bytes = b"") -> None:
+    """1.2 starts every session with an empty blocked file; a reload that moves it starts the
+    new one with the session's `lines`."""
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if lines:
+            append_record(fd, lines)
+    finally:
+        os.close(fd)

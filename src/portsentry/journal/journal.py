@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import deque
@@ -116,12 +117,39 @@ class Journal:
 
     def start_session(self, modes: list[Mode]) -> None:
         for mode in modes:
-            path = self.blocked_path(mode)
-            if path:
-                try:
-                    truncate(path)
-                except OSError as error:
-                    self.failures.failed(BLOCKED, path, error.strerror or str(error))
+            self._start_blocked(self.blocked_path(mode), b"")
+
+    def move_blocked_file(self, blocked_file: str | None, modes: list[Mode]) -> None:
+        """A reload's new BLOCKED_FILE starts as the start makes it, 1.2's list of this session's
+        blocked hosts: emptied of what an earlier run left, then given this session's lines from
+        the old file, which stays as it was."""
+        if blocked_file == self.blocked_file:
+            return
+        carried: dict[Mode, bytes] = {}
+        for mode in modes:
+            old = self.blocked_path(mode)
+            try:
+                with open(old or os.devnull, "rb") as handle:
+                    carried[mode] = handle.read()
+            except OSError:
+                carried[mode] = b""  # gone or unreadable: this session's lines are in the history
+        with self._lock:
+            self.blocked_file = blocked_file
+            for mode in modes:
+                self._start_blocked(self.blocked_path(mode), carried[mode])
+
+    def _start_blocked(self, path: str | None, lines: bytes) -> None:
+        if not path:
+            return
+        if self.history_file and _same_file(path, self.history_file):
+            # BLOCKED_FILE="x" beside HISTORY_FILE="x.tcp": emptying it would lose the history.
+            self.log(f"adminalert: ERROR: blocked file {path} is the history file (HISTORY_FILE): "
+                     "not emptied")
+            return
+        try:
+            truncate(path, lines)
+        except OSError as error:
+            self.failures.failed(BLOCKED, path, error.strerror or str(error))
 
     def record(self, probe: Probe, at: float) -> None:
         line = history_line(at, probe.name, probe.source, probe.port, probe.mode.protocol)
@@ -142,3 +170,10 @@ class Journal:
         if self.syslog is not None:
             self.syslog.close()
 
+
+
+def _same_file(one: str, other: str) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one of them does not exist yet
+        return os.path.abspath(one) == os.path.abspath(other)

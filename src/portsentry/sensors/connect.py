@@ -90,10 +90,12 @@ def _bind(protocol: Protocol, port: int) -> socket.socket:
 class ConnectSensor:
     """The sockets of one connect mode."""
 
-    def __init__(self, mode: Mode, ports: Iterable[int], log: Logger) -> None:
+    def __init__(self, mode: Mode, ports: Iterable[int], log: Logger, sole: bool = True) -> None:
+        """`sole`: the daemon stops when this mode watches nothing (its only mode, at start)."""
         if not mode.is_classic:
             raise ValueError(f"{mode} is not a connect mode")
         self.mode = mode
+        self.sole = sole
         self.ports = tuple(ports)
         self._log = log
         self._sockets: dict[int, tuple[socket.socket, int]] = {}
@@ -124,7 +126,7 @@ class ConnectSensor:
             self._log(messages.listen_mode(self.protocol, port))
             self._sockets[sock.fileno()] = (sock, port)
         if not self._sockets:
-            self._log(messages.no_socket_bound(self.protocol))
+            self._log(messages.no_socket_bound(self.protocol, None if self.sole else self.mode))
         return [sock for sock, _port in self._sockets.values()]
 
     def tick(self, now: float) -> None:
@@ -142,6 +144,8 @@ class ConnectSensor:
     def describe(self) -> list[str]:
         families = "IPv4+IPv6" if any(s.family == socket.AF_INET6 for s, _p in self._sockets.values()) \
             else "IPv4"
+        if not self._sockets:
+            return [f"-{self.mode}: no {self.protocol} port could be bound: watching nothing"]
         return [f"-{self.mode}: {self.protocol} ports {format_ports(self.bound_ports())} bound ({families})"]
 
     def bound_ports(self) -> list[int]:

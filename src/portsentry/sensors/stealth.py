@@ -108,8 +108,11 @@ class StealthSensor:
         listeners: dict[Protocol, ListeningPorts],
         capture_factory: Callable[[int | None, set[Protocol]], Capture] | None = None,
         published: PublishedPorts | None = None,
+        sole: bool = True,
     ) -> None:
+        """`sole`: the daemon stops when these watches watch nothing (its only mode, at start)."""
         self.watches = tuple(watches)
+        self.sole = sole
         self._log = log
         self._clock = clock
         self.addresses = addresses
@@ -171,7 +174,7 @@ class StealthSensor:
                 else:
                     kept.append(port)
             if not kept:
-                self._log(messages.all_ports_in_use(protocol))
+                self._log(messages.all_ports_in_use(protocol, None if self.sole else watch.mode))
                 return None
             return Watch(watch.mode, ports=frozenset(kept))
         self._log(messages.advanced_monitor(watch.below))

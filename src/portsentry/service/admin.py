@@ -18,7 +18,7 @@ from portsentry.core.actions import Block
 from portsentry.core.addresses import impossible_source
 from portsentry.core.probe import IPAddress, Mode, Probe
 from portsentry.host import info as hostinfo
-from portsentry.responders.backend import BackendError, BanBackend, pick_backend
+from portsentry.responders.backend import AUTO_ORDER, BackendError, BanBackend, pick_backend
 from portsentry.responders.classic import ClassicResponder
 from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.service.adminio import AdminError as AdminError
@@ -60,6 +60,19 @@ def open_backend(config: Config, setup: bool = True) -> BanBackend | None:
         except (BackendError, OSError) as error:
             raise config.error("BAN_BACKEND", f"cannot set up {backend.describe()}: {error}") from error
     return backend
+
+
+def auto_fallback(config: Config, backend: BanBackend | None) -> str | None:
+    """What BAN_BACKEND="auto" settled for when it is not nftables, its first choice; None
+    otherwise. The start says it: the routes drop only the replies, and none bans nothing."""
+    if config.ban_backend != "auto" or (backend is not None and backend.name == AUTO_ORDER[0]):
+        return None
+    if backend is None:
+        return (f'BAN_BACKEND="auto": none of {", ".join(AUTO_ORDER)} works here; no native bans: '
+                "scanners are blocked only by KILL_ROUTE and KILL_HOSTS_DENY, where set")
+    skipped = AUTO_ORDER[:AUTO_ORDER.index(backend.name)] if backend.name in AUTO_ORDER else AUTO_ORDER
+    verb = "does" if len(skipped) == 1 else "do"
+    return f'BAN_BACKEND="auto": {" and ".join(skipped)} {verb} not work here; bans are {backend.describe()}'
 
 
 def protected_addresses(config: Config) -> frozenset[IPAddress]:
@@ -152,8 +165,21 @@ def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, 
                          "so there is nothing to block")
     if spared is not None and (why := spared.reason(address)) is not None:
         raise AdminError(f"{address} is {why}: not blocked")
+    if (idle := nothing_blocks(config, bans)) is not None:
+        raise AdminError(f"{address} not blocked: {idle}")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind=MANUAL_REASON)
     return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now)
+
+
+def nothing_blocks(config: Config, bans: BanManager) -> str | None:
+    """Why a ban by hand would do nothing at all, or None: with no native backend and no KILL_
+    command it said "done", blocked nothing, and recorded nothing (or, by --file, bans that
+    nothing held)."""
+    if bans.backend is not None or config.kill_route or config.kill_hosts_deny or config.kill_run_cmd:
+        return None
+    backend = ("BAN_BACKEND is none" if config.ban_backend == "none"
+               else f'BAN_BACKEND="{config.ban_backend}" found no backend here')
+    return f"nothing here blocks ({backend} and none of KILL_ROUTE, KILL_HOSTS_DENY, KILL_RUN_CMD is set)"
 
 
 def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:

@@ -71,6 +71,10 @@ Reloader = Callable[[], tuple[Config, IgnoreSource]]
 SensorFactory = Callable[[Config], Sequence[Sensor]]
 
 
+class NothingWatched(Exception):
+    """A reload's sensors opened and none of them watches anything."""
+
+
 def _sensor_settings(config: Config, modes: Sequence[Mode]) -> tuple[object, ...]:
     """What the sensors of `modes` are built from: a reload re-binds them only when this changes.
     The connect modes' sockets depend on their ports alone: re-bound for nothing, they reset the
@@ -580,7 +584,7 @@ class Daemon:
             # an NFLOG group taken) refuse the reload, and the old configuration's watch again.
             try:
                 self._kernel_guards_now(config, ignore)
-                self._rebind(self.sensor_factory(config))
+                self._rebind(self.sensor_factory(config), need_one=True)
             except Exception as error:
                 self.journal.log(messages.reload_rejected(str(error)))
                 if not self.sensors:  # closed for the new ones (not when building them failed)
@@ -599,7 +603,7 @@ class Daemon:
         if self.fleet is not None:
             self.fleet.set_hosts_deny(config.kill_hosts_deny)
         self.journal.history_file = config.history_file
-        self.journal.blocked_file = config.blocked_file
+        self.journal.move_blocked_file(config.blocked_file, list(self.modes))
         self.journal.log(messages.reloaded(config.source))
         sdnotify.ready()
         return True
@@ -623,15 +627,22 @@ class Daemon:
         self.telemetry.reopen()
         self.journal.log(messages.reopened())
 
-    def _rebind(self, sensors: Sequence[Sensor]) -> None:
-        """Close the sensors and open `sensors` instead; when one cannot open, every one of
-        them is closed again (none is left half open) and the error raised."""
+    def _rebind(self, sensors: Sequence[Sensor], need_one: bool = False) -> None:
+        """Close the sensors and open `sensors` instead; when one cannot open, or (`need_one`)
+        none of them watches anything, every one of them is closed again (none is left half
+        open) and the error raised."""
         self._close_sensors()
         self.sensors = tuple(sensors)
         try:
+            watching = False
             for sensor in self.sensors:
                 for handle in sensor.open():
                     self._selector.register(handle, selectors.EVENT_READ, sensor)
+                    watching = True
+            if need_one and not watching:
+                # A start shuts down here; a reload must not leave a daemon that watches nothing.
+                raise NothingWatched("with it no mode watches any port (every one in use or not "
+                                     "to be bound, said above)")
         except BaseException:
             self._close_sensors()
             self.sensors = ()

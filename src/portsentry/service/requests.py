@@ -18,6 +18,7 @@ from portsentry.service.admin import AdminError, admin_request
 from portsentry.service.control import Command, Reply, Request, Response
 
 if TYPE_CHECKING:
+    from portsentry.bans.lifecycle import BanManager
     from portsentry.service.daemon import Daemon
 
 
@@ -152,7 +153,17 @@ class Requests:
             "backend": backend.name if backend is not None else None,
             "ignore_entries": len(ignore) if isinstance(ignore, Sized) else None,
             "active_bans": daemon.active_bans,
+            **({"ban_store": ban_store(daemon.bans)} if daemon.bans is not None else {}),
             **self.stats(now),
             "recent_events": daemon.journal.recent_events(),
             **({"fleet": daemon.fleet.status(daemon.feed_position())} if daemon.fleet is not None else {}),
         }
+
+
+def ban_store(bans: BanManager) -> dict[str, Any]:
+    """Where bans are kept, for status: the store, or memory only while it cannot be opened, and
+    the records waiting to be written. Read without the store's lock, which a long transaction
+    may hold: status is answered on the detection loop."""
+    fallback = bans.fallback_from
+    return {"path": fallback or bans.store.path, "in_memory": fallback is not None,
+            "unsaved": bans.unsaved(), "error": bans.fallback_error if fallback is not None else None}

@@ -80,6 +80,7 @@ def format_status(state: dict[str, object]) -> str:
         ("ban backend", state["backend"] or "none (classic KILL_* commands only)"),
         ("ignore list", f"{state['ignore_entries']} entries"),
         ("active bans", state["active_bans"]),
+        *([("ban store", _ban_store(store))] if isinstance(store := state.get("ban_store"), dict) else []),
         ("probes", f"{state['probes_seen']} since start, {state['probes_last_hour']} in the last hour"),
         ("hosts blocked", f"{state['hosts_blocked']} since start, {state['hosts_blocked_last_hour']} "
                           "in the last hour"),
@@ -104,6 +105,16 @@ def format_status(state: dict[str, object]) -> str:
     out += [f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))} {e['message']}"
             for e in events] or ["  (none)"]  # type: ignore[attr-defined]
     return "\n".join(out)
+
+
+def _ban_store(store: dict[str, object]) -> str:
+    if store.get("in_memory"):
+        return (f"IN MEMORY ONLY, {store.get('error') or store['path']}; a stop loses the bans made "
+                "since; written there once it can be opened")
+    if store.get("unsaved"):
+        return (f"{store['path']} ({store['unsaved']} records not written yet: kept in memory, "
+                "retried every second)")
+    return str(store["path"])
 
 
 def format_fleet(fleet: dict[str, object]) -> list[str]:

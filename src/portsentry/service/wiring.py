@@ -42,22 +42,27 @@ def build_sensors(
     log: Callable[[str], None],
     clock: Callable[[], float],
     ban_backend: BanBackend | None = None,
+    at_start: bool = True,
 ) -> list[Sensor]:
     """`ban_backend` is the daemon's native backend, already set up; with nftables (and CAPTURE
-    "auto" or "nflog") the stealth sensor reads NFLOG from rules added to its table."""
+    "auto" or "nflog") the stealth sensor reads NFLOG from rules added to its table.
+    A mode that watches nothing says 1.2's "Shutting down." only where the daemon then does:
+    at start, as its only mode (1.2 ran one mode a process); with other modes, or at a reload
+    (refused, the old sensors open again), the daemon goes on."""
+    sole = at_start and len(set(modes)) == 1
     sensors: list[Sensor] = []
     for mode in modes:
         if mode is Mode.TCP:
-            sensors.append(ConnectSensor(mode, config.tcp_ports, log))
+            sensors.append(ConnectSensor(mode, config.tcp_ports, log, sole))
         elif mode is Mode.UDP:
-            sensors.append(ConnectSensor(mode, config.udp_ports, log))
+            sensors.append(ConnectSensor(mode, config.udp_ports, log, sole))
     watches = [watch_for(mode, config) for mode in modes if not mode.is_classic]
     if watches:
         addresses = HostAddresses(hostinfo.local_addresses, hostinfo.broadcast_addresses,
                                   relaying=hostinfo.relaying_interfaces)
         listeners = {protocol: ListeningPorts(protocol) for protocol in Protocol}
         capture = capture_factory(config, ban_backend, log, watches)
-        sensors.append(StealthSensor(watches, log, clock, addresses, listeners, capture))
+        sensors.append(StealthSensor(watches, log, clock, addresses, listeners, capture, sole=sole))
     return sensors
 
 

@@ -217,3 +217,83 @@ def test_a_foreground_start_whose_syslog_is_gone_says_so_on_the_terminal(
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conf_extra: str, *flags: str) -> int:
+    """run() with the stand-in daemon, `conf_extra` added to its configuration."""
+    import signal
+
+    from portsentry.cli.main import build_parser
+    from portsentry.cli.run import run
+    from portsentry.config.settings import load_config
+    from portsentry.core.probe import Mode
+    from portsentry.host import privileges
+
+    conf = _stand_in_daemon(tmp_path, monkeypatch)
+    conf.write_text(conf.read_text() + conf_extra)
+    monkeypatch.setattr(privileges, "refusal", lambda: None)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        args = build_parser().parse_args(["-c", str(conf), "--no-syslog", *flags])
+        return run(load_config(str(conf)).config, [Mode.TCP], args)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("flags", [[], ["--log-stderr"]])
+@pytest.mark.parametrize("found,said", [
+    ("route", 'BAN_BACKEND="auto": nftables and ipset do not work here; bans are route: '),
+    (None, 'BAN_BACKEND="auto": none of nftables, ipset, route works here; no native bans: '
+           "scanners are blocked only by KILL_ROUTE and KILL_HOSTS_DENY, where set"),
+])
+def test_auto_falling_back_from_nftables_is_said_once_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    flags: list[str], found: str | None, said: str,
+) -> None:
+    # On a host without nft (or where it is refused) "auto" took the routes, which drop the
+    # replies only, or nothing at all, and only `portsentry status` showed it: not syslog, not
+    # the terminal the admin started it from.
+    from portsentry.responders.backend import RunResult
+    from portsentry.responders.iproute import RouteBackend
+    from portsentry.service import admin
+
+    def runner(argv: object, stdin: object) -> RunResult:
+        return RunResult(0, "[]", "")
+
+    chosen = RouteBackend(runner=runner) if found == "route" else None
+    monkeypatch.setattr(admin, "pick_backend", lambda *args, **kwargs: chosen)
+    _start(tmp_path, monkeypatch, 'BAN_BACKEND="auto"\n', *flags)
+    err = capsys.readouterr().err
+    assert err.count(said) == 1, err
+
+
+def test_auto_that_finds_nftables_says_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from portsentry.responders.backend import RunResult
+    from portsentry.responders.nftables import NftablesBackend
+    from portsentry.service import admin
+
+    class Ready(NftablesBackend):
+        def setup(self) -> None:
+            pass
+
+    def runner(argv: object, stdin: object) -> RunResult:
+        return RunResult(0, '{"nftables": []}', "")
+
+    monkeypatch.setattr(admin, "pick_backend", lambda *args, **kwargs: Ready(runner=runner, mechanism="cli"))
+    _start(tmp_path, monkeypatch, 'BAN_BACKEND="auto"\n', "--log-stderr")
+    assert 'BAN_BACKEND="auto"' not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [[], ["--log-stderr"]])
+def test_a_ban_store_that_cannot_be_opened_is_said_on_the_terminal_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
+    # In the foreground, the start said "keeping bans in memory" to syslog only.
+    (tmp_path / "state").write_text("a file where STATE_DIR should be")
+    _start(tmp_path, monkeypatch, "", *flags)
+    err = capsys.readouterr().err
+    assert err.count(f"ERROR: ban store: {tmp_path}/state/bans.sqlite3: cannot create the ban store: "
+                     "File exists; keeping bans in memory until it can be opened") == 1, err

@@ -355,6 +355,41 @@ def test_blocking_without_a_block_command_warns(protocol: str) -> None:
     assert parse(f'BLOCK_{protocol}="1"\nBAN_BACKEND="auto"\n').warnings == ()
 
 
+def test_a_misspelt_placeholder_in_a_kill_command_is_a_warning_naming_file_line_and_key() -> None:
+    # It ran with the text as written: KILL_RUN_CMD paged "$TAGRET$ scanned", hosts.deny got
+    # "ALL: 198.18.0.2 : $TAGRET$", and not a word at check-config, start or reload.
+    loaded = parse('TCP_PORTS="1"\n'
+                   'KILL_ROUTE="/sbin/ip route add blackhole $TARGET$ # port $PORT"\n'
+                   'KILL_HOSTS_DENY="ALL: $TARGET$ : $TAGRET$"\n'
+                   'KILL_RUN_CMD="/bin/page $target$ on $prot$ by MODE$"\n'
+                   'KILL_ROUTE_UNDO="/sbin/ip route del blackhole $TARGET$ $TARGET"\n')
+    assert loaded.warnings == (
+        f"{SRC}:2: KILL_ROUTE: '$PORT' has no closing $: it is left as written, not replaced "
+        "(placeholders: $TARGET$, $PORT$, $MODE$)",
+        f"{SRC}:3: KILL_HOSTS_DENY: '$TAGRET$' is not a placeholder (did you mean $TARGET$?): it "
+        "is left as written, not replaced",
+        f"{SRC}:4: KILL_RUN_CMD: '$target$' is not a placeholder (did you mean $TARGET$?): it is "
+        "left as written, not replaced",
+        f"{SRC}:4: KILL_RUN_CMD: '$prot$' is not a placeholder (did you mean $PORT$?): it is left "
+        "as written, not replaced",
+        f"{SRC}:4: KILL_RUN_CMD: 'MODE$' has no opening $: it is left as written, not replaced "
+        "(placeholders: $TARGET$, $PORT$, $MODE$)",
+        f"{SRC}:5: KILL_ROUTE_UNDO: '$TARGET' has no closing $: it is left as written, not "
+        "replaced (placeholders: $TARGET$, $PORT$, $MODE$)",
+    )
+    assert loaded.config.kill_hosts_deny == "ALL: $TARGET$ : $TAGRET$"  # warned, not refused
+
+
+@pytest.mark.parametrize("command", [
+    "/sbin/route add -host $TARGET$ reject",
+    "/sbin/iptables -I INPUT -s $TARGET$ -j DROP && logger $MODE$ $PORT$",
+    "/usr/local/bin/page '$TARGET$ on $PORT$' $HOME $1 $(date +%s) ${PATH} $? $$",
+    "echo $TARGET$$PORT$$MODE$ $HOME$PATH",
+])
+def test_good_placeholders_and_shell_words_are_not_warned_about(command: str) -> None:
+    assert parse(f'KILL_ROUTE="{command}"\nKILL_RUN_CMD="{command}"\n').warnings == ()
+
+
 @pytest.mark.parametrize("protocol", ["TCP", "UDP"])
 def test_run_command_only_without_a_command_warns(protocol: str) -> None:
     loaded = parse(f'BLOCK_{protocol}="2"\nKILL_ROUTE="drop $TARGET$"\n')

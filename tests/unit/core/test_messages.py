@@ -26,6 +26,9 @@ def test_lifecycle_texts():
         "adminalert: ERROR: could not bind UDP socket: 53. Attempting to continue")
     assert messages.no_socket_bound(Protocol.TCP) == (
         "adminalert: ERROR: could not bind ANY TCP sockets. Shutting down.")
+    assert messages.all_ports_in_use(Protocol.UDP) == (
+        "adminalert: ERROR: All supplied UDP sockets are in use and will not be listened to. "
+        "Shutting down.")
     assert messages.port_in_use(22) == (
         "adminalert: ERROR: Socket 22 is in use and will not be monitored. Attempting to continue")
     assert messages.reopened() == "adminalert: PortSentry reopened its log files"
@@ -33,6 +36,16 @@ def test_lifecycle_texts():
     assert messages.advanced_exclude(113) == "adminalert: Advanced mode will manually exclude port: 113 "
     assert messages.advanced_excluded(Protocol.TCP, 22) == (
         "adminalert: Advanced Stealth scan detection mode activated. Ignored TCP port: 22")
+
+
+def test_a_mode_that_watches_nothing_while_the_daemon_goes_on_does_not_say_shutting_down():
+    # -tcp -stcp: the -tcp sockets hold every TCP_PORTS port, so -stcp found them all in use and
+    # said "... will not be listened to. Shutting down." while the daemon ran on with -tcp.
+    assert messages.no_socket_bound(Protocol.TCP, Mode.TCP) == (
+        "adminalert: ERROR: could not bind ANY TCP sockets: -tcp watches nothing")
+    assert messages.all_ports_in_use(Protocol.TCP, Mode.STCP) == (
+        "adminalert: ERROR: All supplied TCP sockets are in use and will not be listened to: "
+        "-stcp watches nothing")
 
 
 def test_detection_texts_per_mode():

@@ -131,3 +131,20 @@ def test_a_stream_syslog_socket_gets_one_message_for_a_line_holding_nul(tmp_path
     assert frames[-1] == b"" and len(frames) == 2, frames
     conn.close()
     server.close()
+
+
+def test_the_start_never_empties_a_blocked_file_that_is_the_history_file(tmp_path):
+    # BLOCKED_FILE="/var/log/portsentry" beside HISTORY_FILE="/var/log/portsentry.tcp": the start
+    # emptied BLOCKED_FILE.tcp, which was the history, every time.
+    from portsentry.core.probe import Mode
+
+    history = tmp_path / "portsentry.tcp"
+    history.write_text("1700000000 - 11/14/2023 22:13:20 Host: 198.18.5.5/198.18.5.5 Port: 1 TCP Blocked\n")
+    said = io.StringIO()
+    journal = Journal(None, history_file=str(history), blocked_file=str(tmp_path / "portsentry"), stderr=said)
+    (tmp_path / "portsentry.udp").write_text("left by the last run\n")
+    journal.start_session([Mode.TCP, Mode.UDP])
+    assert history.read_text().startswith("1700000000 - ")
+    assert (tmp_path / "portsentry.udp").read_text() == ""
+    assert said.getvalue() == (f"adminalert: ERROR: blocked file {history} is the history file "
+                               "(HISTORY_FILE): not emptied\n")

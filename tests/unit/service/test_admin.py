@@ -273,3 +273,24 @@ def test_block_and_unblock_end_alike_with_and_without_the_daemon(tmp_path, monke
         (1, [], ["portsentry: 198.18.0.5 is on the ignore list (IGNORE_FILE): not blocked"]),
         (1, [], ["portsentry: 'nonsense' is not an IP address"]),
     ]
+
+
+def test_a_block_with_nothing_configured_to_block_is_refused_with_and_without_the_daemon(
+        tmp_path, monkeypatch, capsys):
+    # BAN_BACKEND="none" with no KILL_ROUTE, KILL_HOSTS_DENY or KILL_RUN_CMD (the built-in
+    # default's classic keys, or a 1.2 file that only logs): `block A` said "block: A done",
+    # exit 0, and neither blocked nor recorded anything; `block --file` said "blocked 2 of 2"
+    # and listed bans that nothing held.
+    conf = _host(tmp_path, monkeypatch)
+    conf.write_text(conf.read_text().replace('KILL_HOSTS_DENY="ALL: $TARGET$"\n', ""))
+    refused = ("portsentry: 198.18.1.5 not blocked: nothing here blocks (BAN_BACKEND is none and none of "
+               "KILL_ROUTE, KILL_HOSTS_DENY, KILL_RUN_CMD is set)")
+    assert _outcome(conf, capsys, "block", "198.18.1.5") == (1, [], [refused])
+    with _daemon_answering(conf):
+        assert _outcome(conf, capsys, "block", "198.18.1.5") == (1, [], [refused])
+    feed = tmp_path / "feed"
+    feed.write_text("198.18.1.5\n198.18.1.6\n")
+    assert _outcome(conf, capsys, "block", "--file", str(feed)) == (1, [], [
+        "portsentry: block --file: nothing here blocks (BAN_BACKEND is none and none of KILL_ROUTE, "
+        "KILL_HOSTS_DENY, KILL_RUN_CMD is set): nothing blocked"])
+    assert _stored(tmp_path) == []

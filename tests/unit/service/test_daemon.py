@@ -231,10 +231,13 @@ def test_a_reload_that_turns_the_kernel_ban_on_pushes_its_guards_before_the_new_
 
     def sensors(config: object) -> list[object]:
         guards_when_rules_came.append(kernel.guards)
-        return []
+        return [_FakeSensor((1,))]  # one that watches: a reload watching nothing is refused
 
     daemon.sensor_factory = sensors
-    assert daemon.reload()
+    try:
+        assert daemon.reload()
+    finally:
+        daemon.shutdown()
     assert guards_when_rules_came and guards_when_rules_came[0] is not None
     protect, nokernel = guards_when_rules_came[0]
     assert ip_network("198.18.9.0/24") in protect and ip_network("198.19.0.0/16") in nokernel
@@ -317,6 +320,48 @@ def test_a_reload_whose_sensors_cannot_open_is_refused_and_the_old_sensors_watch
         watched = {key.data for key in daemon._selector.get_map().values() if key.data is not None}
         assert watched == {built[1]}
         assert "reloaded its configuration" not in said.getvalue()
+    finally:
+        daemon.shutdown()
+
+
+class _IdleSensor(_FakeSensor):
+    """A sensor whose ports were all taken: it opens and watches nothing, and says so."""
+
+    def open(self) -> list[Any]:
+        self.opened += 1
+        return []
+
+
+def test_a_reload_whose_sensors_watch_nothing_is_refused_and_the_old_sensors_watch_again(tmp_path):
+    # TCP_PORTS changed to ports some service held: the new -tcp sensor bound none, logged 1.2's
+    # "could not bind ANY TCP sockets. Shutting down.", and the reload went through: "reloaded its
+    # configuration", a daemon that watched nothing, and status listing "TCP ports  bound".
+    import dataclasses
+
+    daemon, said = bare_daemon(tmp_path)
+    first = _FakeSensor((1,))
+    daemon.sensors = (first,)
+    daemon.config = old = dataclasses.replace(daemon.config, tcp_ports=(1,))
+    daemon.open()
+    taken = dataclasses.replace(old, tcp_ports=(2,))
+    built: list[_FakeSensor] = []
+
+    def factory(config: Any) -> list[_FakeSensor]:
+        built.append((_IdleSensor if config.tcp_ports == (2,) else _FakeSensor)(config.tcp_ports))
+        return [built[-1]]
+
+    daemon.reloader = lambda: (taken, daemon.ignore)
+    daemon.sensor_factory = factory
+    try:
+        assert daemon.reload() is False
+        assert daemon.config is old
+        assert ("reload refused, the running configuration stays in force: with it no mode watches "
+                "any port") in said.getvalue()
+        assert "reloaded its configuration" not in said.getvalue()
+        assert [sensor.ports for sensor in built] == [(2,), (1,)]
+        assert built[0].closed == 1 and daemon.sensors == (built[1],)
+        watched = {key.data for key in daemon._selector.get_map().values() if key.data is not None}
+        assert watched == {built[1]}
     finally:
         daemon.shutdown()
 
@@ -506,5 +551,49 @@ def test_a_broken_ignore_file_edit_is_said_within_a_second_not_at_the_next_probe
         now[0] += 1.0
         daemon._maybe_tick()
         assert said.getvalue().count("ignore list not reloaded") == 1  # said once, not every second
+    finally:
+        daemon.shutdown()
+
+
+def test_a_reload_that_moves_blocked_file_starts_the_new_one_as_the_start_does(tmp_path):
+    # The start empties BLOCKED_FILE.<mode>, 1.2's list of this session's blocked hosts. A reload
+    # that named another file appended to it as found: a list left by an earlier run, whose hosts
+    # read as blocked this session. Now it holds this session's lines (carried from the old file,
+    # which stays as it was), and the history file is never emptied.
+    import dataclasses
+    from ipaddress import ip_address
+
+    from portsentry.core.probe import Mode, Probe
+
+    daemon, _said = bare_daemon(tmp_path)
+    history = tmp_path / "history"
+    daemon.config = old = dataclasses.replace(daemon.config, blocked_file=str(tmp_path / "b1"),
+                                              history_file=str(history))
+    daemon.journal.blocked_file, daemon.journal.history_file = old.blocked_file, old.history_file
+    (tmp_path / "b1.tcp").write_text("left by the last run\n")
+    (tmp_path / "b2.tcp").write_text("1700000000 - 11/14/2023 22:13:20 Host: 198.18.5.5/198.18.5.5 "
+                                     "Port: 1 TCP Blocked\n")
+    try:
+        daemon.open()
+        assert (tmp_path / "b1.tcp").read_text() == ""
+        daemon.journal.record(Probe(ip_address("198.18.0.2"), 1, Mode.TCP, "Connect"), 1000.0)
+        session = (tmp_path / "b1.tcp").read_text()
+        assert "198.18.0.2" in session
+        new = dataclasses.replace(old, blocked_file=str(tmp_path / "b2"))
+        daemon.reloader = lambda: (new, daemon.ignore)
+        assert daemon.reload()
+        assert (tmp_path / "b2.tcp").read_text() == session
+        assert (tmp_path / "b1.tcp").read_text() == session
+        daemon.journal.record(Probe(ip_address("198.18.0.3"), 1, Mode.TCP, "Connect"), 1001.0)
+        assert "198.18.0.3" in (tmp_path / "b2.tcp").read_text()
+        assert "198.18.0.3" not in (tmp_path / "b1.tcp").read_text()
+        kept = history.read_text()
+        # A BLOCKED_FILE whose per-mode file is the history file: it is not emptied.
+        clash = dataclasses.replace(old, blocked_file=str(tmp_path / "hist"),
+                                    history_file=str(tmp_path / "hist.tcp"))
+        (tmp_path / "hist.tcp").write_text(kept)
+        daemon.reloader = lambda: (clash, daemon.ignore)
+        assert daemon.reload()
+        assert (tmp_path / "hist.tcp").read_text() == kept
     finally:
         daemon.shutdown()

@@ -103,7 +103,9 @@ def test_a_block_through_the_daemon_spares_its_own_addresses_and_gateways(
     own, gateway, other = rig.replies
     assert not own.ok and "198.51.100.7 is one of this host's addresses: not blocked" in str(own.error)
     assert not gateway.ok and "is a default gateway or DNS resolver" in str(gateway.error)
-    assert other.ok  # this daemon's BLOCK_TCP steps are none, so it records nothing either way
+    # This daemon has no backend and no KILL_ command: an address it need not spare is refused
+    # all the same, as nothing here could block it.
+    assert not other.ok and "198.18.1.5 not blocked: nothing here blocks" in str(other.error)
     daemon.shutdown()
 
 
@@ -167,3 +169,46 @@ def test_hosts_blocked_counts_no_host_a_log_only_config_left_alone(tmp_path: Pat
         finally:
             daemon.shutdown()
         assert (counts["probes_seen"], counts["hosts_blocked"]) == (2, 0), block_tcp
+
+
+def test_status_says_bans_are_kept_in_memory_when_the_store_cannot_be_opened(tmp_path: Path) -> None:
+    # STATE_DIR read-only (or full, or a file): the start said "keeping bans in memory until it can
+    # be opened" in syslog once, and `portsentry status` said nothing of it, then or ever: bans a
+    # stop would lose, and no sign of it on the screen an admin checks.
+    from portsentry.bans.lifecycle import BanManager, BanPolicy, open_store
+    from portsentry.responders.hostsdeny import HostsDeny
+    from portsentry.service.status import format_status
+
+    (tmp_path / "state").write_text("a file where the state directory should be")
+    said: list[str] = []
+    path = str(tmp_path / "state" / "bans.sqlite3")
+    store, retry, error = open_store(path, said.append)
+    bans = BanManager(store, None, HostsDeny(str(tmp_path / "hosts.deny")), BanPolicy(), said.append)
+    bans.fallback_from, bans.fallback_error = retry, error
+    daemon, _said = bare_daemon(tmp_path, bans=bans)
+    try:
+        state = daemon.requests.status(1000.0)
+        assert state["ban_store"] == {"path": path, "in_memory": True, "unsaved": 0,
+                                      "error": f"{path}: cannot create the ban store: File exists"}
+        text = format_status(state)
+        assert (f"ban store:     IN MEMORY ONLY, {path}: cannot create the ban store: File exists; "
+                "a stop loses the bans made since; written there once it can be opened") in text
+    finally:
+        daemon.shutdown()
+
+
+def test_status_names_the_ban_store_and_the_records_waiting_to_be_written(tmp_path: Path) -> None:
+    from portsentry.service.status import format_status
+    from tests.unit.bans.test_lifecycle import manager
+
+    bans, _kernel, _lines, _commands = manager(tmp_path)
+    daemon, _said = bare_daemon(tmp_path, bans=bans)
+    try:
+        state = daemon.requests.status(1000.0)
+        assert state["ban_store"] == {"path": ":memory:", "in_memory": False, "unsaved": 0, "error": None}
+        assert "ban store:     :memory:\n" in format_status(state)
+        state["ban_store"]["unsaved"] = 3
+        assert ("ban store:     :memory: (3 records not written yet: kept in memory, retried every "
+                "second)") in format_status(state)
+    finally:
+        daemon.shutdown()

@@ -1,0 +1,115 @@
+"""The admin subcommands' answers to an admin: what they say they did is what they did, and a
+refusal is one line on standard error with a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from portsentry.cli.main import main
+from portsentry.host import privileges
+from portsentry.host.privileges import CAPABILITIES, CapabilitySets
+from portsentry.responders.backend import BackendError
+
+ALL_CAPS = (1 << (max(CAPABILITIES.values()) + 1)) - 1
+
+
+class FakeBackend:
+    """Stands in for the configured backend: records a teardown, or fails it as the kernel did."""
+
+    def __init__(self, error: str | None = None) -> None:
+        self.error = error
+        self.torn_down = 0
+
+    def teardown(self) -> None:
+        self.torn_down += 1
+        if self.error is not None:
+            raise BackendError(self.error)
+
+    def describe(self) -> str:
+        return "route: blackhole host routes (proto 213)"
+
+
+def _conf(tmp_path: Path, backend: str = "route") -> Path:
+    conf = tmp_path / "ps.conf"
+    conf.write_text(f'TCP_PORTS="1"\nBAN_BACKEND="{backend}"\nSTATE_DIR="{tmp_path}/state"\n'
+                    f'CONTROL_SOCKET="{tmp_path}/ctl.sock"\n')
+    return conf
+
+
+def _capabilities(monkeypatch: pytest.MonkeyPatch, effective: int) -> None:
+    monkeypatch.setattr(privileges, "read_status",
+                        lambda path="": CapabilitySets(effective, effective, 0, effective))
+
+
+@pytest.mark.parametrize("backend", ["route", "nftables", "auto"])
+def test_flush_without_cap_net_admin_refuses_and_removes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    # As a user other than root `portsentry flush` printed "removed route: blackhole host
+    # routes ..." and exited 0 with every route and the nftables table still there (auto, which
+    # finds no nftables it may list, picked the routes), or ended in a traceback from 'ip route
+    # flush': Operation not permitted, or said that nftables "does not work on this host".
+    from portsentry.service import admin
+
+    fake = FakeBackend()
+    monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
+    _capabilities(monkeypatch, ALL_CAPS & ~(1 << CAPABILITIES["CAP_NET_ADMIN"]))
+    assert main(["flush", "-c", str(_conf(tmp_path, backend))]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and fake.torn_down == 0
+    assert err == ("portsentry: flush: only root (CAP_NET_ADMIN) may remove the ban backend's "
+                   "table, sets or routes: nothing removed\n")
+
+
+def test_a_flush_the_kernel_refuses_is_one_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portsentry.service import admin
+
+    fake = FakeBackend("ip -4 route flush proto 213 type blackhole exited 2: Operation not permitted")
+    monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
+    _capabilities(monkeypatch, ALL_CAPS)
+    assert main(["flush", "-c", str(_conf(tmp_path))]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and fake.torn_down == 1
+    assert err == ("portsentry: flush: ip -4 route flush proto 213 type blackhole exited 2: "
+                   "Operation not permitted\n")
+
+
+def test_flush_with_cap_net_admin_removes_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portsentry.service import admin
+
+    fake = FakeBackend()
+    monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
+    _capabilities(monkeypatch, 1 << CAPABILITIES["CAP_NET_ADMIN"])
+    assert main(["flush", "-c", str(_conf(tmp_path))]) == 0
+    assert capsys.readouterr().out == "removed route: blackhole host routes (proto 213)\n"
+    assert fake.torn_down == 1
+
+
+def test_flush_while_the_daemon_runs_is_refused_as_it_would_be_undone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `portsentry flush` with the daemon running said "removed nftables: table inet portsentry"
+    # and exit 0; within a minute the daemon's repair put the table and every ban back, saying
+    # "our firewall table was gone (ruleset flushed?)".
+    from portsentry.service import admin
+    from tests.unit.cli.test_main import _answer_status_once
+
+    fake = FakeBackend()
+    monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
+    _capabilities(monkeypatch, ALL_CAPS)
+    server, thread = _answer_status_once(str(tmp_path / "ctl.sock"), 4242)
+    try:
+        assert main(["flush", "-c", str(_conf(tmp_path))]) == 1
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert out == "" and fake.torn_down == 0
+    assert err == ("portsentry: flush: the daemon is running (pid 4242) and would put it all back "
+                   "within a minute: stop it first, then flush; nothing removed\n")
