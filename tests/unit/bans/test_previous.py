@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def test_a_table_another_running_daemon_uses_or_one_already_gone_is_left(tmp_pat
     # Another daemon, still running with its table, wrote the file (its command line names us).
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "portsentry"])
     try:
+        # Until its exec, the child's command line is this test's own.
+        deadline = time.monotonic() + 10
+        while b"portsentry" not in Path(f"/proc/{other.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in daemon did not start"
+            time.sleep(0.005)
         with open(path, "w") as handle:
             handle.write(f"psother {other.pid}\n")
         assert retire_previous_table(make("psnew"), path, lines.append, make) is None
