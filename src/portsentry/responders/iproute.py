@@ -244,6 +244,6 @@ def packed_routes(text: str, family: int, source: str = "ip -j route show") -> s
             dst = address
         try:
             found.add(pton(family, dst))
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the text
             continue
     return found
