@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-from portsentry.bans.records import ban_reason
+from portsentry.bans.records import BLOCK_FAILED, ban_reason
 from portsentry.bans.store import (
     DEFAULT_MAX_ROWS,
     DEFAULT_RETENTION,
@@ -476,7 +476,7 @@ class BanManager:
     def abandon(self, address: IPAddress, now: float) -> None:
         """A block whose every step failed: drop the record made before trying it."""
         try:
-            self.store.lift(address, now, "block failed")
+            self.store.lift(address, now, BLOCK_FAILED)
         except StoreError as error:
             self._store_failed(error)
 

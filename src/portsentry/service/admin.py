@@ -123,7 +123,8 @@ class Admin:
     @classmethod
     def open(cls, config: Config) -> Admin:
         lines: list[str] = []
-        store = BanStore(store_path(config))
+        # The daemon, running or not, reports what this writes: this process has no event log.
+        store = BanStore(store_path(config), reports=False)
         bans = BanManager(store, open_backend(config), open_hosts_deny(config),
                           BanPolicy.from_config(config), lines.append)
         return cls(config, store, bans, lines)

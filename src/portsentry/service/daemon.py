@@ -248,6 +248,8 @@ class Daemon:
         if self.bans is not None:
             # The cursor first: what changes while restoring is replayed, which is harmless.
             cursor = self.bans.store.last_change()
+            # Before restore lifts what expired: a ban made while the daemon was down is said first.
+            self._maintenance.report_others()
             restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"),
                                     self._stop_path())
             self._restored = True
