@@ -154,7 +154,8 @@ def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, 
     if spared is not None and (why := spared.reason(address)) is not None:
         raise AdminError(f"{address} is {why}: not blocked")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind=MANUAL_REASON)
-    return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now)
+    # Not counted against BAN_RATE_LIMIT: never refused by it (None).
+    return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now) is True
 
 
 def ban_rows(store: BanStore, now: float) -> list[dict[str, object]]:

@@ -188,7 +188,7 @@ class Daemon:
         if self._dropped is not None:
             self._dropped.summarize(now)
 
-    def _enforce(self, block: Block) -> bool:
+    def _enforce(self, block: Block) -> bool | None:
         """On a responder thread: the ban lifecycle makes the ban (without a store, in tests that
         leave it out, the steps just run, for ever)."""
         if self.bans is None:
@@ -489,7 +489,7 @@ class Daemon:
                 if action.blocked:
                     self.counters.block(action.at)
 
-    def _block_done(self, block: Block, succeeded: bool, error: BaseException | None) -> None:
+    def _block_done(self, block: Block, succeeded: bool | None, error: BaseException | None) -> None:
         """On a responder thread: hand the outcome to the main loop."""
         if error is not None:
             self.journal.log(messages.config_error(f"responder failed: {error!r}"))

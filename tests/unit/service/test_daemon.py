@@ -513,3 +513,29 @@ def test_a_broken_ignore_file_edit_is_said_within_a_second_not_at_the_next_probe
     finally:
         daemon.shutdown()
 
+
+def test_a_ban_the_kernel_s_rate_cap_refuses_is_said_as_refused_not_as_a_failure(tmp_path):
+    # The engine's guard let the scan's ban through, the kernel's BAN_RATE_LIMIT slots did not
+    # (bans.lifecycle _claim_slot): nothing was tried, so nothing "could not" be blocked.
+    from portsentry.bans.lifecycle import BanManager, BanPolicy
+    from portsentry.bans.store import MEMORY, BanStore
+    from tests.unit.bans.test_lifecycle import Kernel
+
+    kernel = Kernel()
+    kernel.claim_ban_slot = lambda address: False  # type: ignore[method-assign]
+    daemon, out = _blocking_daemon(tmp_path, lambda journal, block: True)
+    bans = BanManager(BanStore(MEMORY), kernel, daemon.responder.hosts_deny, BanPolicy(base=60),
+                      daemon.journal.log)
+    daemon.bans = bans
+    detection, block = _probe_and_block()
+    daemon.engine._pending[block.probe.source] = []  # as observe() leaves it
+    daemon._blocks.start()
+    try:
+        daemon.perform([detection, block])
+    finally:
+        daemon._blocks.close()
+    daemon._run_main_calls()
+    assert out.lines == [detection.text, "attackalert: Host: 198.18.0.7/198.18.0.7 is not blocked: ban "
+                         "rate limit reached (BAN_RATE_LIMIT's slots in the kernel are taken by this "
+                         "minute's bans)"]
+    assert block.probe.source not in daemon.engine._pending  # the next hit is decided afresh
