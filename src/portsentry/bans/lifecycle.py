@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-from portsentry.bans.records import ban_reason
+from portsentry.bans.records import BLOCK_FAILED, ban_reason
 from portsentry.bans.store import (
     DEFAULT_MAX_ROWS,
     DEFAULT_RETENTION,
@@ -218,11 +218,12 @@ class BanManager:
 
     def enforce(self, block: Block, responder: ClassicResponder,
                 duration: float | UsePolicy | None = USE_POLICY, now: float | None = None,
-                counted: bool = False) -> bool:
+                counted: bool = False) -> bool | None:
         """The one way a ban is made, by a scan or by hand: record it, run the block's steps, and
         drop the record again if every step failed; a block of KILL_RUN_CMD alone only runs it.
         `duration` overrides the policy (seconds, or None = forever). `counted`: a scan's ban,
-        under BAN_RATE_LIMIT, which the kernel's cap must let in too (_claim_slot)."""
+        under BAN_RATE_LIMIT, which the kernel's cap must let in too (_claim_slot). True when
+        done, False when it failed, None when the cap refused it before anything ran (said)."""
         probe = block.probe
         if all(step.kind is StepKind.RUN_CMD for step in block.steps):
             # BLOCK_x = 2 (1.2: run KILL_RUN_CMD, block nothing): no ban to record. Recorded, it
@@ -233,7 +234,7 @@ class BanManager:
         route = any(step.kind is StepKind.ROUTE for step in block.steps)
         with self._turns.turn(probe.source):
             if counted and not self._claim_slot(block):
-                return False
+                return None
             # A ban this block extends keeps the mark an earlier block's KILL_ROUTE earned.
             routed_before = route and self._routed(probe.source, at)
             if isinstance(duration, UsePolicy):
@@ -477,7 +478,7 @@ class BanManager:
     def abandon(self, address: IPAddress, now: float) -> None:
         """A block whose every step failed: drop the record made before trying it."""
         try:
-            self.store.lift(address, now, "block failed")
+            self.store.lift(address, now, BLOCK_FAILED)
         except StoreError as error:
             self._store_failed(error)
 

@@ -30,6 +30,8 @@ ROUTE_MARK = "KILL_ROUTE"
 
 # The reason of a ban an admin made (`portsentry block`, `block --file`).
 MANUAL_REASON = "manual block"
+# The reason of the lift that drops the record of a block whose every step failed.
+BLOCK_FAILED = "block failed"
 
 
 def ban_reason(probe: Probe) -> str:

@@ -128,6 +128,17 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
           AND NOT EXISTS (SELECT 1 FROM json_each(bans.backends) WHERE value = 'KILL_ROUTE')
         """,
     ),
+    (
+        8,
+        "changes the command line made on the store directly wait for the daemon to report them",
+        # 0: written by `block --file`, or by block/unblock while the daemon was down; the daemon
+        # writes its ban and unban events for these (bans.others) and sets 1. Earlier rows count
+        # as reported: an upgrade must not report a year of history again.
+        """
+        ALTER TABLE history ADD COLUMN reported INTEGER NOT NULL DEFAULT 1;
+        CREATE INDEX history_unreported ON history (id) WHERE reported = 0
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

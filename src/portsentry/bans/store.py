@@ -76,7 +76,8 @@ _BAN_COLUMNS = (
     "address, reason, mode, port, first_seen, last_seen, count, expires, offences, hosts_deny_line, "
     "backends, origin"
 )
-_HISTORY_INSERT = "INSERT INTO history (at, kind, address, detail, origin, expires) VALUES (?, ?, ?, ?, ?, ?)"
+_HISTORY_INSERT = ("INSERT INTO history (at, kind, address, detail, origin, expires, reported) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)")
 # A ban is active at time ? while its expiry lies after it (or it has none).
 _ACTIVE = "(expires IS NULL OR expires > ?)"
 WAL_SIZE_LIMIT = 4 << 20  # bytes of WAL kept after a checkpoint (SQLite's auto-checkpoint: ~4 MB)
@@ -118,8 +119,12 @@ def _store_errors(method: Callable[_P, _T]) -> Callable[_P, _T]:
 class BanStore:
     """The ban store in one SQLite file; safe to share between processes and threads."""
 
-    def __init__(self, path: str = DEFAULT_PATH) -> None:
+    def __init__(self, path: str = DEFAULT_PATH, reports: bool = True) -> None:
+        """`reports`: this process writes the event and counts the metric of each change it
+        makes (the daemon). The command line working on the store directly has no event log or
+        metrics of its own: its changes are left unreported, for the daemon (`claim_unreported`)."""
         self.path = path
+        self._reported = 1 if reports else 0
         self._lock = threading.Lock()
         directory = os.path.dirname(os.path.abspath(path))
         try:
@@ -270,7 +275,7 @@ class BanStore:
                 rows.append((key, ban.reason, ban.mode, ban.port, now, now, 1, expires, ban.offences,
                              ban.hosts_deny_line, backends_text, origin))
                 history.append((now, "ban", key, f"{ban.mode} port {ban.port}: {ban.reason}; {until}; "
-                                f"offence {ban.offences}", origin, expires))
+                                f"offence {ban.offences}", origin, expires, self._reported))
             db.executemany(f"INSERT INTO bans ({_BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            rows)
             db.executemany(_HISTORY_INSERT, history)
@@ -397,8 +402,8 @@ class BanStore:
                     "offences = max(offences, excluded.offences), last_lifted = excluded.last_lifted",
                     ((key, offences, now) for key, offences, _e, _w in rows))
                 db.executemany(_HISTORY_INSERT, (
-                    (now, "lift" if expires is None or expires > now else "expire", key, reason, origin, None)
-                    for key, _o, expires, _w in rows))
+                    (now, "lift" if expires is None or expires > now else "expire", key, reason, origin, None,
+                     self._reported) for key, _o, expires, _w in rows))
                 lifted += len(rows)
         return lifted
 
@@ -451,6 +456,23 @@ class BanStore:
                 "WHERE id > ? ORDER BY id LIMIT ?",
                 (after, limit),
             ).fetchall()
+        return [Change(id=r[0], at=r[1], kind=r[2], address=ip_address(r[3]), expires=r[4], origin=r[5],
+                       detail=r[6]) for r in rows]
+
+    @_store_errors
+    def claim_unreported(self, limit: int = 10_000) -> list[Change]:
+        """Changes nobody has reported yet (made with `reports=False`), oldest first, at most
+        `limit`; marked reported in the same transaction, so each is handed out once, whichever
+        daemon (one per mode, as 1.2 ran) asks and however often it restarts."""
+        with self._lock:
+            # Nearly always none: a look without the write lock, which a round takes every second.
+            if self._db.execute("SELECT 1 FROM history WHERE reported = 0 LIMIT 1").fetchone() is None:
+                return []
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, at, kind, address, expires, origin, detail FROM history "
+                "WHERE reported = 0 ORDER BY id LIMIT ?", (limit,)).fetchall()
+            db.executemany("UPDATE history SET reported = 1 WHERE id = ?", ((r[0],) for r in rows))
         return [Change(id=r[0], at=r[1], kind=r[2], address=ip_address(r[3]), expires=r[4], origin=r[5],
                        detail=r[6]) for r in rows]
 
@@ -767,10 +789,9 @@ class BanStore:
         )
         self._record(db, kind, key, reason, now, origin=origin)
 
-    @staticmethod
-    def _record(db: sqlite3.Connection, kind: EventKind, key: str, detail: str, now: float, *,
+    def _record(self, db: sqlite3.Connection, kind: EventKind, key: str, detail: str, now: float, *,
                 origin: str = ORIGIN_LOCAL, expires: float | None = None) -> None:
-        db.execute(_HISTORY_INSERT, (now, kind, key, detail, origin, expires))
+        db.execute(_HISTORY_INSERT, (now, kind, key, detail, origin, expires, self._reported))
 
 
 def _holds(expires: float | None, duration: float | str | None, now: float) -> bool:

@@ -289,9 +289,10 @@ class Engine:
         for blocked in self._blocked.values():
             blocked.discard(source)
 
-    def finished(self, block: Block, succeeded: bool, now: float) -> list[Action]:
-        """The daemon reports the outcome of a Block it carried out; hits that arrived
-        meanwhile are decided now, in order."""
+    def finished(self, block: Block, succeeded: bool | None, now: float) -> list[Action]:
+        """The daemon reports the outcome of a Block it carried out (None: refused before any
+        step ran, by the kernel's BAN_RATE_LIMIT slots, and said by the refusal); hits that
+        arrived meanwhile are decided now, in order."""
         probe = block.probe
         waiting = self._pending.pop(probe.source, [])
         actions: list[Action]
@@ -304,7 +305,9 @@ class Engine:
         else:
             # Forget the attempt so the next hit tries again.
             self._blocked[probe.mode].discard(probe.source)
-            actions = [Log(messages.block_failed(probe))]
+            # A refusal is not a failure: "Could not block host" after the refusal's own line
+            # told the admin a step had failed when none had run.
+            actions = [] if succeeded is None else [Log(messages.block_failed(probe))]
         for later, at in waiting:
             retry = self._pending.get(later.source)
             # An earlier of these hits started a new block: after a failure, or after a block

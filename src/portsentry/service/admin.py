@@ -136,7 +136,8 @@ class Admin:
     @classmethod
     def open(cls, config: Config) -> Admin:
         lines: list[str] = []
-        store = BanStore(store_path(config))
+        # The daemon, running or not, reports what this writes: this process has no event log.
+        store = BanStore(store_path(config), reports=False)
         bans = BanManager(store, open_backend(config), open_hosts_deny(config),
                           BanPolicy.from_config(config), lines.append)
         return cls(config, store, bans, lines)
@@ -168,7 +169,8 @@ def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, 
     if (idle := nothing_blocks(config, bans)) is not None:
         raise AdminError(f"{address} not blocked: {idle}")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind=MANUAL_REASON)
-    return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now)
+    # Not counted against BAN_RATE_LIMIT: never refused by it (None).
+    return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now) is True
 
 
 def nothing_blocks(config: Config, bans: BanManager) -> str | None:

@@ -25,11 +25,12 @@ WORKERS = 4
 # and the SysV script's 45 s), and a SIGKILL then cleans nothing up.
 STOP_GRACE = 5.0
 
-Outcome = Callable[[Block, bool, BaseException | None], None]
+# True: done; False: failed; None: refused before any step ran (BAN_RATE_LIMIT's kernel slots).
+Outcome = Callable[[Block, bool | None, BaseException | None], None]
 
 
 class BlockQueue:
-    def __init__(self, carry_out: Callable[[Block], bool], done: Outcome, log: Callable[[str], None],
+    def __init__(self, carry_out: Callable[[Block], bool | None], done: Outcome, log: Callable[[str], None],
                  workers: int = WORKERS, size: int = QUEUE_SIZE) -> None:
         self._carry_out = carry_out
         self._done = done
@@ -108,7 +109,8 @@ class BlockQueue:
             if block is None:
                 return
             try:
-                succeeded, error = self._carry_out(block), None
+                succeeded: bool | None = self._carry_out(block)
+                error: BaseException | None = None
             except Exception as failure:  # a responder bug must not lose the outcome
                 succeeded, error = False, failure
             self._done(block, succeeded, error)

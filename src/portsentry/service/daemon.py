@@ -192,7 +192,7 @@ class Daemon:
         if self._dropped is not None:
             self._dropped.summarize(now)
 
-    def _enforce(self, block: Block) -> bool:
+    def _enforce(self, block: Block) -> bool | None:
         """On a responder thread: the ban lifecycle makes the ban (without a store, in tests that
         leave it out, the steps just run, for ever)."""
         if self.bans is None:
@@ -252,6 +252,8 @@ class Daemon:
         if self.bans is not None:
             # The cursor first: what changes while restoring is replayed, which is harmless.
             cursor = self.bans.store.last_change()
+            # Before restore lifts what expired: a ban made while the daemon was down is said first.
+            self._maintenance.report_others()
             restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"),
                                     self._stop_path())
             self._restored = True
@@ -491,7 +493,7 @@ class Daemon:
                 if action.blocked:
                     self.counters.block(action.at)
 
-    def _block_done(self, block: Block, succeeded: bool, error: BaseException | None) -> None:
+    def _block_done(self, block: Block, succeeded: bool | None, error: BaseException | None) -> None:
         """On a responder thread: hand the outcome to the main loop."""
         if error is not None:
             self.journal.log(messages.config_error(f"responder failed: {error!r}"))

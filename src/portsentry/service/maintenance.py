@@ -1,6 +1,7 @@
 """The maintenance thread: once a second, the work that keeps bans and guards current.
 
-Threads and ownership: this thread owns the cursor into the ban store's change feed. It calls
+Threads and ownership: this thread owns the cursor into the ban store's change feed, and reports
+the changes in it that the command line made without the daemon (bans.others). It calls
 the ban lifecycle (BanManager, thread-safe) to lift expired bans, save records a full disk held
 back, rebuild a flushed table (once a minute) and prune old history (a minute after the start,
 then once an hour); it re-reads the default gateways and DNS resolvers. It never touches the
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from portsentry.bans.lifecycle import BanManager
+from portsentry.bans.others import report_others
 from portsentry.bans.store import Change, StoreError
 from portsentry.core import messages
 from portsentry.core.probe import IPAddress
@@ -121,6 +123,8 @@ class Maintenance:
         set_back = offset < self._offset - CLOCK_STEP
         self._offset = offset
         if bans is not None:
+            # First: a ban `block --file` made is said before its expiry is.
+            self.report_others()
             if set_back:
                 self._guard(lambda: bans.retime(now))
             if due(now, self._next_repair, self.repair_every):
@@ -164,6 +168,19 @@ class Maintenance:
             self.active += _count(change)
             self.cursor = change.id
         return changes, None
+
+    def report_others(self) -> None:
+        """The events and counts of the changes the command line made on the store directly (at
+        the start, before the thread runs, and at each round)."""
+        if self.bans is None:
+            return
+        try:
+            report_others(self.bans)
+        except StoreError as error:  # claimed at a later round, when the store can be written
+            self._log(messages.store_failed(str(error)))
+        except Exception as error:
+            self.errors += 1
+            self._log(messages.config_error(f"internal error in the maintenance tick: {error!r}"))
 
     def _write_hits(self, bans: BanManager) -> None:
         assert self.tally is not None

@@ -460,7 +460,7 @@ def test_a_scan_s_ban_the_kernel_s_rate_cap_refuses_is_neither_recorded_nor_carr
     responder = ClassicResponder(bans.hosts_deny, lines.append, 1.0, runner=bans.run, clock=lambda: 100.0)
     steps = (Step(StepKind.NATIVE, ""), Step(StepKind.ROUTE, "route $TARGET$"))
     scan = Probe(source=A, port=79, mode=Mode.TCP, kind=KIND_CONNECT)
-    assert not bans.enforce(Block(scan, steps), responder, now=100.0, counted=True)
+    assert bans.enforce(Block(scan, steps), responder, now=100.0, counted=True) is None  # refused
     assert claims == [A] and bans.store.get(A) is None and kernel.held == {} and commands == []
     assert any("198.18.0.2 is not blocked: ban rate limit reached" in line for line in lines)
     # Not counted (by hand, a fleet peer's): no claim.

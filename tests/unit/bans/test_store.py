@@ -259,9 +259,9 @@ def test_schema_version_and_migration_table(tmp_path: Path) -> None:
     BanStore(path).close()  # reopening migrates nothing again
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
         versions = db.execute("SELECT version FROM schema_migrations").fetchall()
-        assert versions == [(1,), (2,), (3,), (4,), (5,), (6,), (7,)]
+        assert versions == [(1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,)]
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()
@@ -441,6 +441,8 @@ def test_old_v1_stores_are_migrated_and_their_history_becomes_local_changes(tmp_
     with BanStore(path) as s:
         [change] = s.changes(after=0)
         assert (change.kind, change.origin, change.expires) == ("ban", "local", None)
+        # What happened before the upgrade was reported then (or never will be): not said again.
+        assert s.claim_unreported() == []
 
 
 def test_history_and_offenders_are_pruned_by_age_and_count(store: BanStore) -> None:

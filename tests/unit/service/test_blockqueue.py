@@ -17,7 +17,7 @@ def block(n: int) -> Block:
 
 def test_a_full_queue_refuses_at_once_says_so_once_and_detection_goes_on():
     release = threading.Event()
-    outcomes: list[tuple[Block, bool]] = []
+    outcomes: list[tuple[Block, bool | None]] = []
     said: list[str] = []
 
     def hang(b: Block) -> bool:  # every KILL_ROUTE hangs
@@ -37,7 +37,7 @@ def test_a_full_queue_refuses_at_once_says_so_once_and_detection_goes_on():
 
 
 def test_a_responder_that_raises_still_reports_its_outcome():
-    outcomes: list[tuple[bool, BaseException | None]] = []
+    outcomes: list[tuple[bool | None, BaseException | None]] = []
 
     def broken(b: Block) -> bool:
         raise RuntimeError("bug")

@@ -15,8 +15,12 @@ def test_an_exception_in_maintenance_is_said_and_the_next_round_runs():
 
     from portsentry.service.maintenance import Findings, Maintenance
 
+    class Quiet:  # the ban store: nobody else changed anything
+        def claim_unreported(self, limit: int) -> list[object]:
+            return []
+
     class Broken:
-        store = None
+        store = Quiet()
         backend = None
         expired: ClassVar[list[float]] = []
 
@@ -597,3 +601,30 @@ def test_a_reload_that_moves_blocked_file_starts_the_new_one_as_the_start_does(t
         assert (tmp_path / "hist.tcp").read_text() == kept
     finally:
         daemon.shutdown()
+
+
+def test_a_ban_the_kernel_s_rate_cap_refuses_is_said_as_refused_not_as_a_failure(tmp_path):
+    # The engine's guard let the scan's ban through, the kernel's BAN_RATE_LIMIT slots did not
+    # (bans.lifecycle _claim_slot): nothing was tried, so nothing "could not" be blocked.
+    from portsentry.bans.lifecycle import BanManager, BanPolicy
+    from portsentry.bans.store import MEMORY, BanStore
+    from tests.unit.bans.test_lifecycle import Kernel
+
+    kernel = Kernel()
+    kernel.claim_ban_slot = lambda address: False  # type: ignore[method-assign]
+    daemon, out = _blocking_daemon(tmp_path, lambda journal, block: True)
+    bans = BanManager(BanStore(MEMORY), kernel, daemon.responder.hosts_deny, BanPolicy(base=60),
+                      daemon.journal.log)
+    daemon.bans = bans
+    detection, block = _probe_and_block()
+    daemon.engine._pending[block.probe.source] = []  # as observe() leaves it
+    daemon._blocks.start()
+    try:
+        daemon.perform([detection, block])
+    finally:
+        daemon._blocks.close()
+    daemon._run_main_calls()
+    assert out.lines == [detection.text, "attackalert: Host: 198.18.0.7/198.18.0.7 is not blocked: ban "
+                         "rate limit reached (BAN_RATE_LIMIT's slots in the kernel are taken by this "
+                         "minute's bans)"]
+    assert block.probe.source not in daemon.engine._pending  # the next hit is decided afresh
