@@ -1,6 +1,6 @@
 """The stealth sensor's capture rules in our nftables table: what they log to NFLOG (the nft twin
 of sensors.bpf's filter), and the first-probe ban in the kernel. The ban-set backend
-(responders.nftables) installs and repairs them.
+(responders.nftables) installs and repairs them (nft_capture_state, with nft_commands' scripts).
 
 First-probe ban (issue 11): a qualifying probe, that is a TCP packet without ACK/RST or a UDP
 datagram outside a tracked flow, to a port in kports_tcp/kports_udp (watched, not excluded, no

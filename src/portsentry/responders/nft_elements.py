@@ -1,7 +1,8 @@
 """nf_tables set elements over netlink: the messages (linux/netfilter/nf_tables.h, framed by
 netlink.codec), atomic batches and their acknowledgements, the sending thread a big restore
-uses, and the elements `nft -j list set` prints. The ban-set backend (responders.nftables) is
-the only user; the sets and chains themselves are made with the `nft` program.
+uses, and the elements `nft -j list set` prints. The ban-set backend (responders.nftables, with
+nft_commands and nft_capture_state) is the only user; the sets and chains themselves are made
+with the `nft` program.
 """
 
 from __future__ import annotations
