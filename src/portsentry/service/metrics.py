@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 CLIENT_TIMEOUT = 10.0
 MAX_CLIENTS = 8
 EVICT_WAIT = 1.0
+SLOT_GRACE = 0.05  # seconds a newcomer waits for a slot to come free before the oldest goes
 
 
 # Lift reasons become a few label values: a fleet peer's lift names the peer ("unblocked on HOST
@@ -261,8 +262,13 @@ def _server_class(family: socket.AddressFamily) -> type[WSGIServer]:
     held: dict[socket.socket, None] = {}  # connections with a thread, oldest first
 
     def release(request: socket.socket) -> None:
+        """Its slot back, once: before its socket is closed, so a client that saw the end of its
+        answer and comes again finds the slot free (released after the close, the next scrape
+        could find every slot taken and make another client go)."""
         with lock:
-            held.pop(request, None)
+            if request not in held:
+                return
+            del held[request]
         slots.release()
 
     class Server(ThreadingMixIn, WSGIServer):
@@ -270,7 +276,10 @@ def _server_class(family: socket.AddressFamily) -> type[WSGIServer]:
         daemon_threads = True
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not slots.acquire(blocking=False):
+            # A moment's wait first: a scrape just answered gives its slot back a little after
+            # its client has read the answer, and a scraper coming straight back must not make
+            # a waiting client go for a slot about to be free.
+            if not slots.acquire(timeout=SLOT_GRACE):
                 with lock:
                     oldest = next(iter(held), None)
                 if oldest is not None:
@@ -287,11 +296,10 @@ def _server_class(family: socket.AddressFamily) -> type[WSGIServer]:
                 release(request)
                 raise
 
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                release(request)
+        def shutdown_request(self, request: Any) -> None:
+            # ThreadingMixIn's thread ends here, whatever happened in it.
+            release(request)
+            super().shutdown_request(request)
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             pass  # a client that timed out or went away: not worth a traceback on stderr

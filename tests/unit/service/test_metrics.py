@@ -250,3 +250,24 @@ def test_unban_reasons_are_a_few_label_values_whatever_the_fleet_size(served):
         metrics.unban(reason)
     values = {labels for (name, labels) in scrape(server) if name == "portsentry_unbans_total"}
     assert values == {(("reason", value),) for value in ("expired", "admin", "admin_local", "fleet", "other")}
+
+
+def test_scrapes_one_after_another_never_make_a_waiting_client_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A scrape's slot came back after its socket was closed: the scraper, done reading, could
+    # come again before that and find every slot taken, and the oldest client was made to go.
+    from portsentry.service import metrics as module
+
+    monkeypatch.setattr(module, "MAX_CLIENTS", 2, raising=False)
+    monkeypatch.setattr(module, "CLIENT_TIMEOUT", 30.0, raising=False)
+    server = Metrics(CollectorRegistry()).serve("127.0.0.1:0")
+    waiting = _idle_client(server)
+    try:
+        time.sleep(0.2)  # it has its thread
+        for _ in range(200):
+            assert ("portsentry_bans_total", ()) in scrape(server)
+        waiting.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still connected: nothing to read, no end
+            waiting.recv(4096)
+    finally:
+        waiting.close()
+        server.close()
