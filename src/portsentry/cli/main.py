@@ -215,6 +215,11 @@ def admin_main(argv: Sequence[str]) -> int:
         print("(the daemon is not running: working on the ban store directly)", file=sys.stderr)
         from portsentry.service import admin
 
+        if args.command == "list" and not os.path.exists(admin.store_path(config)):
+            # No store yet (the daemon never ran here): no bans, and a command that only reads
+            # makes no STATE_DIR or store.
+            print(admin.as_json([]) if args.json else admin.format_listing([]))
+            return 0
         tool = admin.Admin.open(config)
         try:
             if args.command == "list":

@@ -113,3 +113,16 @@ def test_flush_while_the_daemon_runs_is_refused_as_it_would_be_undone(
     assert out == "" and fake.torn_down == 0
     assert err == ("portsentry: flush: the daemon is running (pid 4242) and would put it all back "
                    "within a minute: stop it first, then flush; nothing removed\n")
+
+
+@pytest.mark.parametrize("json", [False, True])
+def test_list_with_no_ban_store_yet_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], json: bool
+) -> None:
+    # `portsentry list` on a host where the daemon never ran (or before the first start) made
+    # STATE_DIR and an empty ban store as a side effect of a command that only reads.
+    from portsentry.service import admin
+
+    assert main(["list", "-c", str(_conf(tmp_path))] + (["--json"] if json else [])) == 0
+    assert capsys.readouterr().out == (admin.as_json([]) if json else admin.format_listing([])) + "\n"
+    assert not (tmp_path / "state").exists()

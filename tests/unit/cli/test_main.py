@@ -499,7 +499,9 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, command):
     if command != ["check-config"]:  # that one reads /etc's or the built-in default, as it did
         command = [*command, "-c", str(conf)]
     if command[0] == "report":  # it reads an existing store only
-        main(["list", "-c", str(conf)])
+        from portsentry.bans.store import BanStore
+
+        BanStore(str(tmp_path / "state" / "bans.sqlite3")).close()
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first line is written
     try:
