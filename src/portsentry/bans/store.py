@@ -91,6 +91,9 @@ class BanStore(BanWrites, Feed, OwnedLines):
                 # Created here rather than by SQLite so it starts out 0600 whatever the umask.
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 os.close(fd)
+        except FileExistsError as exc:  # makedirs: a file (or a dangling link) where the directory goes
+            raise StoreError(f"{path}: cannot create the ban store: {exc.filename} is not a directory "
+                             "(STATE_DIR)") from exc
         except OSError as exc:
             raise StoreError(f"{path}: cannot create the ban store: {exc.strerror}") from exc
         try:

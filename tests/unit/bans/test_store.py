@@ -331,7 +331,9 @@ def test_a_store_that_stays_locked_is_said_to_be_busy_not_unusable(tmp_path: Pat
 
 def test_uncreatable_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(StoreError, match="cannot create the ban store"):
+    # Said as what it is: "File exists" read as if the store were in the way.
+    with pytest.raises(StoreError, match=f"cannot create the ban store: {tmp_path / 'file'} is not a "
+                                         r"directory \(STATE_DIR\)"):
         BanStore(str(tmp_path / "file" / "bans.sqlite3"))
 
 
