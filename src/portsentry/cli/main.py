@@ -215,7 +215,7 @@ def admin_main(argv: Sequence[str]) -> int:
         print("(the daemon is not running: working on the ban store directly)", file=sys.stderr)
         from portsentry.service import admin
 
-        tool = admin.Admin.open(config)
+        tool = admin.Admin.open(config, setup=args.command != "list")
         try:
             if args.command == "list":
                 rows = tool.listing(now)

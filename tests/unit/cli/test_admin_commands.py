@@ -113,3 +113,22 @@ def test_flush_while_the_daemon_runs_is_refused_as_it_would_be_undone(
     assert out == "" and fake.torn_down == 0
     assert err == ("portsentry: flush: the daemon is running (pid 4242) and would put it all back "
                    "within a minute: stop it first, then flush; nothing removed\n")
+
+
+def test_list_without_the_daemon_sets_up_no_backend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `portsentry list` with the daemon stopped set up the ban backend to read the store: after
+    # `flush` (the way back to 1.2, or out), a look at what is banned put `table inet portsentry`
+    # back in the kernel.
+    from portsentry.service import admin
+
+    setups: list[bool] = []
+
+    def opened(config: object, setup: bool = True) -> None:
+        setups.append(setup)
+
+    monkeypatch.setattr(admin, "open_backend", opened)
+    assert main(["list", "-c", str(_conf(tmp_path, "nftables"))]) == 0
+    assert "no active bans" in capsys.readouterr().out
+    assert True not in setups
