@@ -220,7 +220,7 @@ def admin_main(argv: Sequence[str]) -> int:
             # makes no STATE_DIR or store.
             print(admin.as_json([]) if args.json else admin.format_listing([]))
             return 0
-        tool = admin.Admin.open(config)
+        tool = admin.Admin.open(config, setup=args.command != "list")
         try:
             if args.command == "list":
                 rows = tool.listing(now)
@@ -251,6 +251,10 @@ def admin_main(argv: Sequence[str]) -> int:
         return 1
 
 
+# Seconds `flush` waits for a daemon's answer to whether it runs (as `status` does).
+FLUSH_ASK_TIMEOUT = 10.0
+
+
 def flush_main(config: Config) -> int:
     """Remove the native backend's table, sets or routes; the bans in the store stay."""
     from portsentry.host import privileges
@@ -267,9 +271,16 @@ def flush_main(config: Config) -> int:
               "sets or routes: nothing removed", file=sys.stderr)
         return 1
     try:
-        answer = control.request(config.control_socket, {"command": "status"}, timeout=10.0)
+        answer = control.request(config.control_socket, {"command": "status"}, timeout=FLUSH_ASK_TIMEOUT)
+    except TimeoutError:
+        # It took the question (stopped, or its loop busy with a long restore at its start), so
+        # a daemon is there: as `status` takes it, running, and its repair would undo the flush.
+        print(f"portsentry: flush: a daemon at {config.control_socket} took the question and did not "
+              f"answer within {FLUSH_ASK_TIMEOUT:g} s: running, it would put it all back within a "
+              "minute: stop it first, then flush; nothing removed", file=sys.stderr)
+        return 1
     except (control.NotRunning, OSError):
-        answer = None  # none there, or none that answers: nothing puts it back
+        answer = None  # none there, or one that hung up unanswered (stopping): nothing puts it back
     if answer is not None:
         # Its repair, once a minute, finds the table gone and rebuilds it with every ban.
         state = answer.get("status")

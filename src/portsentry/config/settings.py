@@ -171,7 +171,7 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "HISTORY_RETENTION": KeySpec("history_retention", v.DURATION),
         "HISTORY_MAX_ROWS": KeySpec("history_max_rows", v.ROWS),
         "BAN_BACKEND": KeySpec("ban_backend", v.choice("none", "auto", "nftables", "ipset", "route")),
-        "NFT_TABLE": KeySpec("nft_table", v.name),
+        "NFT_TABLE": KeySpec("nft_table", v.nft_table),
         "NFT_HOOK": KeySpec("nft_hook", v.choice("input", "forward", "prerouting")),
         "NFT_PRIORITY": KeySpec("nft_priority", v.priority),
         "BAN_SET_SIZE": KeySpec("ban_set_size", v.integer(1, 16_777_216, "a set size from 1 to 16777216")),

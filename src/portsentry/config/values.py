@@ -142,13 +142,16 @@ def choice(*choices: str) -> Callable[[str], str]:
     return convert
 
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}", re.ASCII)
+# What the nftables backend takes (responders.nftables): a '-' or a leading '_' passed here and
+# the start then died in the backend's ValueError traceback.
+_NFT_TABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}", re.ASCII)
 
 
-def name(value: str) -> str:
+def nft_table(value: str) -> str:
     # Goes into nft commands: a plain identifier only.
-    if not _NAME.fullmatch(value):
-        raise BadValue(f"{value!r} is not a name (letters, digits, _ and -, at most 32)")
+    if not _NFT_TABLE.fullmatch(value):
+        raise BadValue(f"{value!r} is not an nftables table name (a letter, then up to 31 letters, "
+                       "digits or _)")
     return value
 
 

@@ -134,11 +134,13 @@ class Admin:
     log: list[str]
 
     @classmethod
-    def open(cls, config: Config) -> Admin:
+    def open(cls, config: Config, setup: bool = True) -> Admin:
+        """`setup`: make the backend's table or sets where missing, which `block` and `unblock`
+        need; `list` reads the store only, and must not put back a table `flush` removed."""
         lines: list[str] = []
         # The daemon, running or not, reports what this writes: this process has no event log.
         store = BanStore(store_path(config), reports=False)
-        bans = BanManager(store, open_backend(config), open_hosts_deny(config),
+        bans = BanManager(store, open_backend(config, setup), open_hosts_deny(config),
                           BanPolicy.from_config(config), lines.append)
         return cls(config, store, bans, lines)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from portsentry.bans.store import BanStore
 from portsentry.cli.main import main
 from portsentry.host import privileges
 from portsentry.host.privileges import CAPABILITIES, CapabilitySets
@@ -126,3 +127,96 @@ def test_list_with_no_ban_store_yet_creates_nothing(
     assert main(["list", "-c", str(_conf(tmp_path))] + (["--json"] if json else [])) == 0
     assert capsys.readouterr().out == (admin.as_json([]) if json else admin.format_listing([])) + "\n"
     assert not (tmp_path / "state").exists()
+
+
+def test_list_without_the_daemon_sets_up_no_backend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `portsentry list` with the daemon stopped set up the ban backend to read the store: after
+    # `flush` (the way back to 1.2, or out), a look at what is banned put `table inet portsentry`
+    # back in the kernel.
+    from portsentry.service import admin
+
+    setups: list[bool] = []
+
+    def opened(config: object, setup: bool = True) -> None:
+        setups.append(setup)
+
+    monkeypatch.setattr(admin, "open_backend", opened)
+    conf = _conf(tmp_path, "nftables")
+    (tmp_path / "state").mkdir()
+    BanStore(str(tmp_path / "state" / "bans.sqlite3")).close()  # a store to read: the daemon ran here
+    assert main(["list", "-c", str(conf)]) == 0
+    assert "no active bans" in capsys.readouterr().out
+    assert True not in setups
+
+
+def test_flush_refuses_when_a_daemon_takes_the_question_and_does_not_answer_in_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A daemon that did not answer within the time (stopped, or its loop busy with a long restore
+    # at its start) was taken for none: flush said "removed nftables: table inet portsentry",
+    # exit 0, and the daemon's repair put the table and every ban back within a minute.
+    import socket
+    import threading
+
+    from portsentry.cli import main as cli_main
+    from portsentry.service import admin
+
+    fake = FakeBackend()
+    monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
+    monkeypatch.setattr(cli_main, "FLUSH_ASK_TIMEOUT", 0.3)
+    _capabilities(monkeypatch, ALL_CAPS)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "ctl.sock"))
+    server.listen(1)
+    released = threading.Event()
+
+    def hold() -> None:
+        conn, _ = server.accept()
+        with conn:
+            released.wait(10)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        assert main(["flush", "-c", str(_conf(tmp_path))]) == 1
+    finally:
+        released.set()
+        thread.join(timeout=5)
+        server.close()
+    out, err = capsys.readouterr()
+    assert out == "" and fake.torn_down == 0
+    assert err == (f"portsentry: flush: a daemon at {tmp_path / 'ctl.sock'} took the question and did not "
+                   "answer within 0.3 s: running, it would put it all back within a minute: stop it "
+                   "first, then flush; nothing removed\n")
+
+
+def test_flush_goes_on_when_the_daemon_hangs_up_unanswered_as_a_stopping_one_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import threading
+
+    from portsentry.service import admin
+
+    fake = FakeBackend()
+    monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
+    _capabilities(monkeypatch, ALL_CAPS)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "ctl.sock"))
+    server.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        assert main(["flush", "-c", str(_conf(tmp_path))]) == 0
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    assert fake.torn_down == 1

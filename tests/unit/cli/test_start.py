@@ -296,4 +296,5 @@ def test_a_ban_store_that_cannot_be_opened_is_said_on_the_terminal_once(
     _start(tmp_path, monkeypatch, "", *flags)
     err = capsys.readouterr().err
     assert err.count(f"ERROR: ban store: {tmp_path}/state/bans.sqlite3: cannot create the ban store: "
-                     "File exists; keeping bans in memory until it can be opened") == 1, err
+                     f"{tmp_path}/state is not a directory (STATE_DIR); keeping bans in memory until "
+                     "it can be opened") == 1, err

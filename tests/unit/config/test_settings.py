@@ -23,6 +23,7 @@ from portsentry.config.settings import (
     load_embedded_default,
     parse_config,
 )
+from portsentry.responders.nftables import NftablesBackend
 
 FUZZ = settings(max_examples=int(os.environ.get("PORTSENTRY_FUZZ_EXAMPLES", "100")), deadline=None)
 
@@ -696,3 +697,23 @@ def test_a_redis_url_urlsplit_refuses_is_a_config_error_that_keeps_the_password_
     assert (caught.value.line, caught.value.key) == (3, "FLEET_REDIS_URL")
     assert "s3cret" not in str(caught.value)
     assert "brackets" in caught.value.message
+
+
+@pytest.mark.parametrize("table", ["ps-old", "_portsentry", "a" * 33, "1table", "ps.old"])
+def test_an_nft_table_name_nftables_refuses_is_a_config_error_not_a_start_that_dies(table: str) -> None:
+    # check-config said "configuration OK" for NFT_TABLE="ps-old", and the start then died in a
+    # ValueError traceback from the nftables backend (as did flush, block and list).
+    with pytest.raises(ConfigError) as caught:
+        parse(PREFIX + f'NFT_TABLE="{table}"\nUDP_PORTS="1"\n')
+    assert (caught.value.line, caught.value.key) == (BAD_LINE, "NFT_TABLE")
+    assert "is not an nftables table name" in caught.value.message
+
+
+@given(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.-]{0,32}", fullmatch=True))
+@FUZZ
+def test_every_nft_table_the_configuration_takes_the_backend_takes(table: str) -> None:
+    try:
+        config = parse(PREFIX + f'NFT_TABLE="{table}"\nUDP_PORTS="1"\n').config
+    except ConfigError:
+        return
+    assert NftablesBackend(table=config.nft_table).table == table

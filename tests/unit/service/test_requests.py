@@ -189,9 +189,11 @@ def test_status_says_bans_are_kept_in_memory_when_the_store_cannot_be_opened(tmp
     try:
         state = daemon.requests.status(1000.0)
         assert state["ban_store"] == {"path": path, "in_memory": True, "unsaved": 0,
-                                      "error": f"{path}: cannot create the ban store: File exists"}
+                                      "error": f"{path}: cannot create the ban store: "
+                                               f"{tmp_path / 'state'} is not a directory (STATE_DIR)"}
         text = format_status(state)
-        assert (f"ban store:     IN MEMORY ONLY, {path}: cannot create the ban store: File exists; "
+        assert (f"ban store:     IN MEMORY ONLY, {path}: cannot create the ban store: {tmp_path / 'state'} "
+                "is not a directory (STATE_DIR); "
                 "a stop loses the bans made since; written there once it can be opened") in text
     finally:
         daemon.shutdown()
