@@ -296,7 +296,7 @@ class BanManager:
         went back in the kernel). None, with nothing done, while a ban or lift of the address is
         under way: its commands may run for COMMAND_TIMEOUT, and the maintenance thread asking
         must not wait for them. `block`: the steps a ban of this probe gets; its hosts.deny line
-        and KILL_ROUTE are recorded here, and run by `finish_kernel_ban`."""
+        is recorded here, and the steps run by `finish_kernel_ban` (which marks KILL_ROUTE)."""
         with self._turns.turn(address, wait=False) as free:
             if not free:
                 return None
@@ -306,11 +306,11 @@ class BanManager:
             if not still():
                 return False
             duration = self.duration(address, now)
-            steps = block.steps if block is not None else ()
             line = ClassicResponder.intended_line(block) if block is not None else None
+            # No ROUTE_MARK yet: KILL_ROUTE runs later, in another turn (finish_kernel_ban), and
+            # a lift in between must not run KILL_ROUTE_UNDO for a route never made here.
             saved = self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
-                                  duration=duration, hosts_deny_line=line, native=True,
-                                  route=any(step.kind is StepKind.ROUTE for step in steps))
+                                  duration=duration, hosts_deny_line=line, native=True)
             said()
             if self.ban_native(address, duration):
                 reason = f"scan: {port}/{Mode(mode).protocol.value.lower()}"
@@ -338,6 +338,11 @@ class BanManager:
                 return False
             if rest.steps:
                 duration = None if ban.expires is None else max(ban.expires - now, 1.0)
+                if route:  # recorded before it runs, as a ban made here records it
+                    try:
+                        self.store.mark_routed(address)
+                    except StoreError as error:
+                        self._store_failed(error)
                 carried = responder.run_steps(rest, duration, self)
                 if route and StepKind.ROUTE not in carried.held_by:
                     self._unmark_route(address)

@@ -271,6 +271,21 @@ class BanWrites(StoreConnection):
         return old
 
     @store_errors
+    def mark_routed(self, address: IPAddress) -> bool:
+        """KILL_ROUTE is about to run for this ban, recorded apart from it (a kernel ban recorded
+        late): ROUTE_MARK added, before the command, as a ban made here records it. False when
+        the ban is gone."""
+        with self._transaction() as db:
+            key = str(normalise(address))
+            ban = self._get(db, key)
+            if ban is None:
+                return False
+            if ROUTE_MARK not in ban.backends:
+                db.execute("UPDATE bans SET backends = ? WHERE address = ?",
+                           (json.dumps([*ban.backends, ROUTE_MARK]), key))
+            return True
+
+    @store_errors
     def unmark_routed(self, addresses: Iterable[IPAddress]) -> None:
         """KILL_ROUTE failed for these bans, and no earlier KILL_ROUTE holds them: ROUTE_MARK is
         dropped (it was recorded before the command ran), so nothing lists the ban as held by it,

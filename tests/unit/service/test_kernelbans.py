@@ -141,10 +141,12 @@ def test_a_kernel_ban_recorded_late_gets_hosts_deny_kill_route_kill_run_cmd_and_
     kb.settle(100.0)
     kb.settle(103.5)
     ban = kb.bans.store.get(SCANNER)
-    assert ban is not None and ban.routed and ban.hosts_deny_line == "ALL: 198.18.0.2"
+    assert ban is not None and not ban.routed and ban.hosts_deny_line == "ALL: 198.18.0.2"
     assert ran == [] and len(queued) == 1  # not on the maintenance thread
     queued.pop()()
     assert ran == ["route add 198.18.0.2", "run 198.18.0.2 79 stcp"]
+    ban = kb.bans.store.get(SCANNER)
+    assert ban is not None and ban.routed  # marked as KILL_ROUTE ran
     assert kb.bans.hosts_deny.lines() == ["ALL: 198.18.0.2"]
     assert [(probe.source, probe.port, probe.mode) for probe, _at in history] == [(SCANNER, 79, Mode.STCP)]
     # Lifted before its steps ran: none runs, and no line is left behind.
@@ -381,3 +383,45 @@ def test_kernel_bans_left_when_the_first_probe_ban_is_turned_off_are_still_settl
     ban = kb.bans.store.get(SCANNER)
     assert ban is not None and ban.active(103.5) and kernel.entries == []
     assert any("was blocked by the kernel on its first probe" in line for line in lines)
+
+
+def test_a_late_kernel_ban_lifted_before_its_kill_route_ran_gets_no_kill_route_undo(tmp_path) -> None:
+    # The late record marked the ban as held by KILL_ROUTE before the command had run on its
+    # worker; an unblock in between then ran KILL_ROUTE_UNDO for a route never made here, which
+    # takes out a route someone else made (1.2's, an admin's). Marked when KILL_ROUTE runs now.
+    from dataclasses import replace
+
+    kb, kernel, lines = setup(tmp_path)
+    ran: list[str] = []
+
+    def runner(command: str, _timeout: float) -> CommandResult:
+        ran.append(command)
+        return CommandResult(command, 0, False, "", 0.0)
+
+    kb.bans.policy = replace(kb.bans.policy, undo="route del $TARGET$", route="route add $TARGET$")
+    kb.bans._run = runner
+    responder = ClassicResponder(kb.bans.hosts_deny, lines.append, 5.0, runner=runner)
+    settings = EngineSettings(block_tcp=1, native_ban=True, kill_route="route add $TARGET$")
+    queued: list[Callable[[], None]] = []
+    kb._late = LateSteps(responder, lambda protocol: settings.steps(settings.block_level(protocol)),
+                         queued.append, lambda probe, at: None, lambda: 104.0)
+    kernel.held = {SCANNER: 60.0}
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    kb.settle(100.0)
+    kb.settle(103.5)
+    assert len(queued) == 1 and ran == []
+    assert kb.bans.lift(SCANNER, 104.0, "unblocked by admin")
+    queued.pop()()
+    assert ran == []  # neither KILL_ROUTE (lifted first) nor its undo
+    # Not lifted: the route is made and marked, and its lift undoes it.
+    kernel.held[SCANNER] = 60.0
+    kernel.entries = [(SCANNER, Protocol.TCP, 79)]
+    kb.settle(200.0)
+    kb.settle(203.5)
+    ban = kb.bans.store.get(SCANNER)
+    assert ban is not None and not ban.routed  # not before KILL_ROUTE ran
+    queued.pop()()
+    ban = kb.bans.store.get(SCANNER)
+    assert ran == ["route add 198.18.0.2"] and ban is not None and ban.routed
+    assert kb.bans.lift(SCANNER, 205.0, "unblocked by admin")
+    assert ran == ["route add 198.18.0.2", "route del 198.18.0.2"]
