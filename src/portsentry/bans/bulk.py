@@ -119,6 +119,13 @@ def block_many(bans: BanManager, steps: ManualSteps, addresses: Sequence[IPAddre
             result.skipped.append(f"{address}: {why}: not blocked")
         else:
             wanted.append(normalise(address))
+    if bans.backend is None and not steps.hosts_deny and not steps.route:
+        # KILL_RUN_CMD alone holds nothing, as for a single block (BanManager.enforce): it only
+        # runs. Recorded, every address was listed, reported and shared as a ban nothing held.
+        failed = _run_each(bans, [steps.run_cmd] if steps.run_cmd else [], wanted, run)
+        result.failed_commands = len(failed)
+        result.done = len(wanted) - len(failed)
+        return result
     backends = ((bans.backend.name,) if bans.backend is not None else ()) + (
         (ROUTE_MARK,) if steps.route else ())
     requests = [

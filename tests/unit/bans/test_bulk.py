@@ -201,3 +201,17 @@ def test_any_bytes_are_addresses_or_one_bounded_error(data):
         assert all(len(line) < 120 for line in lines)
     else:
         assert len(found) == len(set(found)) and all(isinstance(a, IPv4Address | IPv6Address) for a in found)
+
+
+def test_a_block_of_kill_run_cmd_alone_runs_it_and_records_nothing(tmp_path):
+    # As `portsentry block ADDR` does (and 1.2's BLOCK_x="2"): with no backend, no hosts.deny
+    # line and no KILL_ROUTE, nothing holds a ban. By --file every address was recorded anyway:
+    # `list` showed bans nothing held, the daemon reported them, the fleet shared them.
+    said, ran = list[str](), list[str]()
+    bans = BanManager(BanStore(MEMORY), None, HostsDeny(str(tmp_path / "hosts.deny")),
+                      BanPolicy(base=600), said.append)
+    addresses = [ip_address("198.19.0.1"), ip_address("198.19.0.2")]
+    result = block_many(bans, ManualSteps(run_cmd="notify $TARGET$"), addresses, T0, "policy", recorder(ran))
+    assert sorted(ran) == ["notify 198.19.0.1", "notify 198.19.0.2"]
+    assert result.done == 2 and result.failed_commands == 0
+    assert bans.store.active_count(T0) == 0 and bans.store.history() == []
