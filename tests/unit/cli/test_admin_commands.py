@@ -12,6 +12,7 @@ from portsentry.cli.main import main
 from portsentry.host import privileges
 from portsentry.host.privileges import CAPABILITIES, CapabilitySets
 from portsentry.responders.backend import BackendError
+from tests.unit.cli.test_main import one_client, replying, status_reply
 
 ALL_CAPS = (1 << (max(CAPABILITIES.values()) + 1)) - 1
 
@@ -99,17 +100,12 @@ def test_flush_while_the_daemon_runs_is_refused_as_it_would_be_undone(
     # and exit 0; within a minute the daemon's repair put the table and every ban back, saying
     # "our firewall table was gone (ruleset flushed?)".
     from portsentry.service import admin
-    from tests.unit.cli.test_main import _answer_status_once
 
     fake = FakeBackend()
     monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
     _capabilities(monkeypatch, ALL_CAPS)
-    server, thread = _answer_status_once(str(tmp_path / "ctl.sock"), 4242)
-    try:
+    with one_client(str(tmp_path / "ctl.sock"), replying(status_reply(4242))):
         assert main(["flush", "-c", str(_conf(tmp_path))]) == 1
-    finally:
-        thread.join(timeout=5)
-        server.close()
     out, err = capsys.readouterr()
     assert out == "" and fake.torn_down == 0
     assert err == ("portsentry: flush: the daemon is running (pid 4242) and would put it all back "
@@ -157,8 +153,6 @@ def test_flush_refuses_when_a_daemon_takes_the_question_and_does_not_answer_in_t
     # A daemon that did not answer within the time (stopped, or its loop busy with a long restore
     # at its start) was taken for none: flush said "removed nftables: table inet portsentry",
     # exit 0, and the daemon's repair put the table and every ban back within a minute.
-    import socket
-    import threading
 
     from portsentry.cli import main as cli_main
     from portsentry.service import admin
@@ -167,24 +161,8 @@ def test_flush_refuses_when_a_daemon_takes_the_question_and_does_not_answer_in_t
     monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
     monkeypatch.setattr(cli_main, "FLUSH_ASK_TIMEOUT", 0.3)
     _capabilities(monkeypatch, ALL_CAPS)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(tmp_path / "ctl.sock"))
-    server.listen(1)
-    released = threading.Event()
-
-    def hold() -> None:
-        conn, _ = server.accept()
-        with conn:
-            released.wait(10)
-
-    thread = threading.Thread(target=hold, daemon=True)
-    thread.start()
-    try:
+    with one_client(str(tmp_path / "ctl.sock"), lambda _conn, done: done.wait(10)):
         assert main(["flush", "-c", str(_conf(tmp_path))]) == 1
-    finally:
-        released.set()
-        thread.join(timeout=5)
-        server.close()
     out, err = capsys.readouterr()
     assert out == "" and fake.torn_down == 0
     assert err == (f"portsentry: flush: a daemon at {tmp_path / 'ctl.sock'} took the question and did not "
@@ -195,28 +173,12 @@ def test_flush_refuses_when_a_daemon_takes_the_question_and_does_not_answer_in_t
 def test_flush_goes_on_when_the_daemon_hangs_up_unanswered_as_a_stopping_one_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import socket
-    import threading
 
     from portsentry.service import admin
 
     fake = FakeBackend()
     monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
     _capabilities(monkeypatch, ALL_CAPS)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(tmp_path / "ctl.sock"))
-    server.listen(1)
-
-    def hang_up() -> None:
-        conn, _ = server.accept()
-        conn.recv(65536)
-        conn.close()
-
-    thread = threading.Thread(target=hang_up, daemon=True)
-    thread.start()
-    try:
+    with one_client(str(tmp_path / "ctl.sock"), replying(b"")):
         assert main(["flush", "-c", str(_conf(tmp_path))]) == 0
-    finally:
-        thread.join(timeout=5)
-        server.close()
     assert fake.torn_down == 1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -380,20 +382,40 @@ class _RecordingDaemon:
         pass
 
 
-def _answer_status_once(path: str, pid: int) -> tuple[socket.socket, threading.Thread]:
+@contextlib.contextmanager
+def one_client(path: str, handle: Callable[[socket.socket, threading.Event], object]) -> Iterator[None]:
+    """A control socket at `path` whose first client `handle` serves (given an event set when the
+    block ends, for a handler that holds the client till then); closed at the end, on failure too."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(1)
+    done = threading.Event()
 
     def serve() -> None:
         conn, _ = server.accept()
         with conn:
-            conn.recv(65536)
-            conn.sendall(json.dumps({"ok": True, "status": {"running": True, "pid": pid}}).encode() + b"\n")
+            handle(conn, done)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    return server, thread
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        server.close()
+
+
+def replying(reply: bytes) -> Callable[[socket.socket, threading.Event], None]:
+    """A handler that reads the request and sends `reply` (b"": hangs up unanswered)."""
+    def handle(conn: socket.socket, _done: threading.Event) -> None:
+        conn.recv(65536)
+        conn.sendall(reply)
+    return handle
+
+
+def status_reply(pid: int) -> bytes:
+    return json.dumps({"ok": True, "status": {"running": True, "pid": pid}}).encode() + b"\n"
 
 
 def test_a_second_daemon_leaves_the_first_ones_control_socket_alone(
@@ -417,15 +439,13 @@ def test_a_second_daemon_leaves_the_first_ones_control_socket_alone(
     # run() drops capabilities; here that would be the test process's own.
     monkeypatch.setattr(privileges, "restrict", lambda keep: DropResult(True, "not dropped in tests"))
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGUSR1)}
-    server, thread = _answer_status_once(str(control), 4242)
-    try:
-        args = build_parser().parse_args(["-c", str(conf), "--no-syslog"])
-        run(load_config(str(conf)).config, [Mode.UDP], args)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        thread.join(timeout=5)
-        server.close()
+    with one_client(str(control), replying(status_reply(4242))):
+        try:
+            args = build_parser().parse_args(["-c", str(conf), "--no-syslog"])
+            run(load_config(str(conf)).config, [Mode.UDP], args)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
     assert _RecordingDaemon.seen["control_path"] is None
     assert (f"another portsentry (pid 4242) answers on the control socket {control}; this one runs "
             "without it") in capsys.readouterr().err
@@ -463,24 +483,9 @@ def test_a_daemon_that_hangs_up_without_an_answer_is_one_clear_error(
     control = tmp_path / "ctl.sock"
     conf = tmp_path / "ps.conf"
     conf.write_text(f'STATE_DIR="{tmp_path}/state"\nCONTROL_SOCKET="{control}"\n')
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(control))
-    server.listen(1)
-
-    def hang_up() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(reply)
-
-    thread = threading.Thread(target=hang_up, daemon=True)
-    thread.start()
     # status says "cannot tell" the LSB way (4, as the man page lists), the others fail with 1.
-    try:
+    with one_client(str(control), replying(reply)):
         assert main([*command, "-c", str(conf)]) == (4 if command == ["status"] else 1)
-    finally:
-        thread.join(timeout=5)
-        server.close()
     assert capsys.readouterr().err.strip().endswith(f"portsentry: {control}: the daemon sent no answer")
 
 

@@ -28,26 +28,11 @@ def test_a_control_socket_it_may_not_open_is_not_another_daemon(monkeypatch: pyt
 def test_a_control_socket_that_takes_the_request_and_says_nothing_is_another_process(
     tmp_path: Path,
 ) -> None:
-    import socket
-    import threading
+    from tests.unit.cli.test_main import one_client, replying
 
     path = tmp_path / "ctl.sock"
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen(1)
-
-    def hang_up() -> None:
-        conn, _ = server.accept()
-        conn.recv(1000)
-        conn.close()
-
-    thread = threading.Thread(target=hang_up, daemon=True)
-    thread.start()
-    try:
+    with one_client(str(path), replying(b"")):
         assert daemon_answering(str(path)) == "another process"
-    finally:
-        thread.join(timeout=5)
-        server.close()
 
 
 class _NoCapabilities:
