@@ -13,9 +13,10 @@ after a reboot (bans.restore). Lifting removes an address from everything that h
 native backend, the exact hosts.deny line we wrote, and whatever KILL_ROUTE_UNDO undoes; a lift
 carries its origin so that a peer's unblock is not sent back.
 
-Over 400 lines on purpose: every transition of a ban (recorded, applied, held in memory until
-the store takes it, extended, lifted, expired) is in this one class, so that the races between
-them are seen in one place; the parts that need none of its state live beside it (bans.turns,
+Every transition of a ban (recorded, applied, held in memory until the store takes it, extended,
+lifted, expired) goes through this one object, BanManager, and its locks, so that the races
+between them are seen in one place. Its state, and the helpers all of its parts use, are declared
+in bans.manager_state; the parts that need none of its state live beside it (bans.turns,
 bans.restore, bans.bulk, bans.adopt, bans.records).
 """
 
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+from portsentry.bans.manager_state import Logger, ManagerState, Runner
 from portsentry.bans.records import BLOCK_FAILED, ban_reason
 from portsentry.bans.store import (
     DEFAULT_MAX_ROWS,
@@ -38,7 +40,6 @@ from portsentry.bans.store import (
     Ban,
     BanStore,
     StoreError,
-    ban_duration,
     normalise,
 )
 from portsentry.bans.turns import AddressTurns
@@ -46,16 +47,13 @@ from portsentry.config.settings import Config
 from portsentry.core import messages
 from portsentry.core.actions import Block, StepKind
 from portsentry.core.probe import IPAddress, Mode
-from portsentry.journal.failures import BAN_STORE, WriteFailures
+from portsentry.journal.failures import WriteFailures
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.backend import BackendError, BanBackend
 from portsentry.responders.classic import ClassicResponder
 from portsentry.responders.hostsdeny import HostsDeny, HostsDenyError
-from portsentry.responders.shell import CommandResult, run_shell
+from portsentry.responders.shell import run_shell
 from portsentry.responders.substitute import substitute
-
-Logger = Callable[[str], None]
-Runner = Callable[[str, float], CommandResult]
 
 
 @dataclass(frozen=True)
@@ -113,7 +111,7 @@ def open_store(path: str, log: Logger) -> tuple[BanStore, str | None, str | None
         return BanStore(MEMORY), path, str(error)
 
 
-class BanManager:
+class BanManager(ManagerState):
     """Thread-safe: responder threads ban, the expiry tick and the CLI lift."""
 
     def __init__(
@@ -187,34 +185,6 @@ class BanManager:
         """Records (and hosts.deny lines of ours) held in memory until the store takes them."""
         with self._unsaved_lock:
             return len(self._unsaved) + len(self._unsaved_lines)
-
-    def changed(self) -> None:
-        # Read once: the fleet's stop (main thread) may clear it between a look and a call.
-        wake = self.on_change
-        if wake is not None:
-            wake()
-
-    def _store_failed(self, error: Exception, retry: bool = False) -> None:
-        detail = f"{error}; will retry" if retry else str(error)
-        if self.failures is not None:
-            self.failures.failed(BAN_STORE, self.store.path, detail)
-        else:
-            self._log(messages.store_failed(detail))
-
-    def duration_after(self, offences: int) -> float | None:
-        """Seconds a ban lasts after `offences` earlier ones (None: forever)."""
-        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
-
-    def duration(self, address: IPAddress, now: float) -> float | None:
-        """Seconds the next ban of `address` lasts, grown for repeat offenders."""
-        if self.policy.base == 0:
-            return None  # forever: no need to ask the store (this is on the way to the block)
-        try:
-            offences = self.store.offences(address, now)
-        except StoreError as error:
-            self._store_failed(error)
-            offences = 0
-        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
 
     def enforce(self, block: Block, responder: ClassicResponder,
                 duration: float | UsePolicy | None = USE_POLICY, now: float | None = None,
@@ -396,17 +366,6 @@ class BanManager:
         with self._unsaved_lock:
             self._unsaved = [replace(e, backends=tuple(b for b in e.backends if b != ROUTE_MARK))
                              if normalise(e.address) == normalise(address) else e for e in self._unsaved]
-
-    def _said_ban(self, address: IPAddress, held_by: tuple[StepKind, ...], duration: float | None,
-                  reason: str, saved: Ban | None) -> None:
-        """The event and the count of a ban made, named by the first step that holds it: a ban
-        held by hosts.deny or KILL_ROUTE alone (no BAN_BACKEND, the default) is a ban too."""
-        if not held_by:
-            return
-        kind = held_by[0]
-        backend = self.backend.name if kind is StepKind.NATIVE and self.backend is not None else kind.value
-        count = None if saved is None else max(saved.offences - 1, 0)
-        self.telemetry.ban(address, backend, duration, reason, time.time(), count=count)
 
     def _held_for(self, address: IPAddress, duration: float | None) -> float | None:
         """The longer of `duration` and what is left of the recorded ban of `address`."""
