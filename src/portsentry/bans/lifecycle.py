@@ -17,9 +17,9 @@ Every transition of a ban (recorded, applied, held in memory until the store tak
 lifted, expired) goes through this one object, BanManager, and its locks, so that the races
 between them are seen in one place. Its state, and the helpers all of its parts use, are declared
 in bans.manager_state; its parts: recording a ban and its hosts.deny lines, with the in-memory
-fallback and its replay to disk, in bans.recording. This module makes the ban (`enforce`). The
-parts that need none of its state live beside it (bans.turns, bans.restore, bans.bulk,
-bans.adopt, bans.records).
+fallback and its replay to disk, in bans.recording; lifts and expiry in bans.lifts. This module
+makes the ban (`enforce`). The parts that need none of its state live beside it (bans.turns,
+bans.restore, bans.bulk, bans.adopt, bans.records).
 """
 
 from __future__ import annotations
@@ -31,18 +31,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from portsentry.bans.lifts import Lifts
+from portsentry.bans.lifts import mode_of as mode_of
 from portsentry.bans.manager_state import Logger, Runner
-from portsentry.bans.recording import Recording, _Unsaved
+from portsentry.bans.recording import _Unsaved
 from portsentry.bans.recording import open_store as open_store
 from portsentry.bans.records import ban_reason
 from portsentry.bans.store import (
     DEFAULT_MAX_ROWS,
     DEFAULT_RETENTION,
-    ORIGIN_LOCAL,
-    Ban,
     BanStore,
     StoreError,
-    normalise,
 )
 from portsentry.bans.turns import AddressTurns
 from portsentry.config.settings import Config
@@ -53,9 +52,8 @@ from portsentry.journal.failures import WriteFailures
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.backend import BackendError, BanBackend
 from portsentry.responders.classic import ClassicResponder
-from portsentry.responders.hostsdeny import HostsDeny, HostsDenyError
+from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.responders.shell import run_shell
-from portsentry.responders.substitute import substitute
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ class UsePolicy(enum.Enum):
 USE_POLICY = UsePolicy.YES
 
 
-class BanManager(Recording):
+class BanManager(Lifts):
     """Thread-safe: responder threads ban, the expiry tick and the CLI lift."""
 
     def __init__(
@@ -337,83 +335,6 @@ class BanManager(Recording):
             return duration
         return None if ban.expires is None else max(duration, ban.expires - now)
 
-    def lift(self, address: IPAddress, now: float, reason: str, origin: str = ORIGIN_LOCAL,
-             expired_only: bool = False) -> bool:
-        """Unblock everywhere; True when the store had a ban for it. `origin` says who asked: a
-        fleet peer's lift is recorded as theirs, so this host does not publish it again. With
-        `expired_only` (expiry), a ban made again or extended since it was seen over stays, and so
-        does one being made right now: the next round looks again."""
-        with self._turns.turn(address, wait=not expired_only) as free:
-            if not free:
-                return False
-            ban = self.store.get(address)
-            if expired_only and (ban is None or ban.active(now)):
-                return False
-            key = normalise(address)
-            with self._unsaved_lock:
-                waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
-            # KILL_ROUTE_UNDO before the lock, which fleet batches, every other lift and every
-            # scan's kernel add (ban_native) wait for: it may run for COMMAND_TIMEOUT. Whether
-            # KILL_ROUTE ran for the ban cannot change meanwhile: bans of the address wait for
-            # its turn, and a fleet peer's ban runs no KILL_ROUTE.
-            self._undo_route(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
-            with self._lock:
-                ban = self.store.get(address)  # a fleet batch may have banned it again meanwhile
-                if expired_only and (ban is None or ban.active(now)):
-                    return False
-                # A ban still waiting to be saved (the store could not be written) goes too: saved
-                # after this, it would be a record of a ban that the kernel no longer holds.
-                with self._unsaved_lock:
-                    waiting = ([] if expired_only
-                               else [e for e in self._unsaved if normalise(e.address) == key])
-                    self._unsaved = [e for e in self._unsaved if e not in waiting]
-                self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
-                if not expired_only:  # an expired ban's entry was settled long ago
-                    self._forget_caught(address)
-                    self.unblocks += 1  # after the entry went: see __init__
-                lifted = self.store.lift(address, now, reason, origin, expired_only)
-        if lifted is not None or waiting:
-            self.changed()
-            self._log(messages.unblocked(str(address), reason))
-            self.telemetry.unban(address, reason, now)
-        return lifted is not None or bool(waiting)
-
-    def _forget_caught(self, address: IPAddress) -> None:
-        if self.backend is None:
-            return
-        try:
-            self.backend.forget_caught([normalise(address)])
-        except (BackendError, OSError) as error:
-            self.kernel_unsure = True
-            self._log(messages.native_unblock_failed(str(address), str(error)))
-
-    def _undo(self, address: IPAddress, ban: Ban | None) -> None:
-        if self.backend is not None:
-            try:
-                self.backend.remove(address)
-            except (BackendError, OSError) as error:
-                self.kernel_unsure = True
-                self._log(messages.native_unblock_failed(str(address), str(error)))
-        # Only the copies we appended go; an identical line someone else wrote stays.
-        for line in self._owned_lines(address):
-            try:
-                self.hosts_deny.remove(line)
-            except (HostsDenyError, OSError, ValueError) as error:
-                # Still recorded as ours, so `hosts-deny tidy` can take it out later.
-                self._log(messages.config_error(f"cannot remove {line!r} from "
-                                                f"{self.hosts_deny.path}: {error}"))
-            else:
-                self._disown_line(address, line)
-
-    def _undo_route(self, address: IPAddress, ban: Ban | None) -> None:
-        # Only what KILL_ROUTE did here is undone. With no record at all (an address banned before
-        # this store, by 1.2 or by hand) the admin's unblock still runs it, as it always did.
-        if self.policy.undo and (ban is None or ban.routed):
-            command = substitute(self.policy.undo, address, ban.port if ban else 0, mode_of(ban))
-            result = self._run(command, self.policy.command_timeout)
-            if not result.ok:
-                self._log(messages.command_failed(str(address), result.failure()))
-
     def prune(self, now: float) -> int:
         """Once an hour: forget history and offenders past their retention."""
         try:
@@ -421,14 +342,6 @@ class BanManager(Recording):
         except StoreError as error:
             self._store_failed(error)
             return 0
-
-    def expire(self, now: float) -> list[IPAddress]:
-        """Lift every ban whose time is up; returns the addresses lifted."""
-        lifted = []
-        for ban in self.store.expired(now):
-            if self.lift(ban.address, now, "ban expired", expired_only=True):
-                lifted.append(ban.address)
-        return lifted
 
     def repair(self, now: float) -> None:
         """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans;
@@ -483,12 +396,3 @@ class BanManager(Recording):
                 self._log(messages.native_block_failed(what, self.backend.name, str(error)))
                 return 0
         return len(active)
-
-
-def mode_of(ban: Ban | str | None) -> Mode:
-    """The mode a ban (or its stored mode text) was made in; TCP when unknown."""
-    text = ban.mode if isinstance(ban, Ban) else ban
-    try:
-        return Mode(text) if text is not None else Mode.TCP
-    except ValueError:
-        return Mode.TCP
