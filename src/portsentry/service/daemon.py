@@ -17,8 +17,9 @@ Threads, each with one job, and what each owns:
 
 One object, Daemon, is the main loop and the one place that wires the threads above together,
 so whatever touches the engine and the sensors has one owner. Its parts live beside it, each
-saying which thread runs it: the start in service.startup; the state they share is declared in
-service.daemon_state. This module builds the Daemon and runs its loop and the probe path.
+saying which thread runs it: the start in service.startup, the reload and the sensors' re-binding
+in service.reload; the state they share is declared in service.daemon_state. This module builds
+the Daemon and runs its loop and the probe path.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
-from portsentry.bans.lifecycle import BanManager, BanPolicy
+from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.restore import remember_stop
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config, engine_settings
@@ -57,9 +58,9 @@ from portsentry.service.control import ControlServer
 from portsentry.service.daemon_state import Clock, Reloader, SensorFactory
 from portsentry.service.kernelbans import DroppedProbes, KernelBans, LateSteps
 from portsentry.service.maintenance import Findings, Maintenance, due
+from portsentry.service.reload import Reloading
 from portsentry.service.requests import Counters, Requests
 from portsentry.service.resolver import Resolver
-from portsentry.service.startup import Startup
 
 AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go on without it
 # Hits held in all: a connect-mode hit holds its connection open, and 64 for each of the
@@ -67,30 +68,7 @@ AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go
 AWAIT_TOTAL = 256
 
 
-class NothingWatched(Exception):
-    """A reload's sensors opened and none of them watches anything."""
-
-
-def _sensor_settings(config: Config, modes: Sequence[Mode]) -> tuple[object, ...]:
-    """What the sensors of `modes` are built from: a reload re-binds them only when this changes.
-    The connect modes' sockets depend on their ports alone: re-bound for nothing, they reset the
-    connections waiting to be accepted, which were then never logged."""
-    found: tuple[object, ...] = ()
-    if Mode.TCP in modes:
-        found += (config.tcp_ports,)
-    if Mode.UDP in modes:
-        found += (config.udp_ports,)
-    if any(not mode.is_classic for mode in modes):
-        found += (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
-                  config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture,
-                  config.nflog_group,
-                  # the first-probe ban's rules are part of the capture (service.wiring.kernel_ban_for)
-                  config.kernel_ban, config.scan_trigger, config.block_tcp, config.block_udp,
-                  config.block_time, config.ban_rate_limit, config.ban_rate_limit_net)
-    return found
-
-
-class Daemon(Startup):
+class Daemon(Reloading):
     def __init__(
         self,
         config: Config,
@@ -462,126 +440,6 @@ class Daemon(Startup):
                 self._kernel.push()
         except Exception as error:
             self.journal.log(messages.config_error(f"internal error updating the kernel's guards: {error!r}"))
-
-    # -- reload --------------------------------------------------------------------------------
-
-    def reload(self) -> bool:
-        """Re-read config and ignore file; a bad new config is refused and the old one stays.
-
-        Bans, trigger counts and blocked hosts survive; sensors are re-bound only when the
-        ports they watch changed.
-        """
-        if self.reloader is None:
-            return False
-        sdnotify.reloading()
-        self.telemetry.reopen()  # log rotation: SIGHUP reopens the event log
-        try:
-            config, ignore = self.reloader()
-        except Exception as error:  # ConfigError, IgnoreFileError, OSError: all keep the old config
-            self.journal.log(messages.reload_rejected(str(error)))
-            sdnotify.ready()
-            return False
-        old = self.config
-        rebind = _sensor_settings(old, self.modes) != _sensor_settings(config, self.modes)
-        if self.sensor_factory is not None and rebind:
-            # Before anything is switched over: new sensors that cannot open (a capture refused,
-            # an NFLOG group taken) refuse the reload, and the old configuration's watch again.
-            try:
-                self._kernel_guards_now(config, ignore)
-                self._rebind(self.sensor_factory(config), need_one=True)
-            except Exception as error:
-                self.journal.log(messages.reload_rejected(str(error)))
-                if not self.sensors:  # closed for the new ones (not when building them failed)
-                    self._rebind_or_say(self.sensor_factory, old)
-                sdnotify.ready()
-                return False
-        now = self.clock()
-        self.config = config
-        self.ignore = ignore
-        self.engine.update_settings(engine_settings(config))
-        self.engine.ignore = ignore.current(now)
-        self._skip_ignored()
-        self.responder.timeout = config.command_timeout
-        if self.bans is not None:
-            self.bans.policy = BanPolicy.from_config(config)
-        if self.fleet is not None:
-            self.fleet.set_hosts_deny(config.kill_hosts_deny)
-        self.journal.history_file = config.history_file
-        self.journal.move_blocked_file(config.blocked_file, list(self.modes))
-        self.journal.log(messages.reloaded(config.source))
-        sdnotify.ready()
-        return True
-
-    def _kernel_guards_now(self, config: Config, ignore: IgnoreSource) -> None:
-        """Before a reload's new sensors may add first-probe ban rules: the guards of its
-        `config` in force. With KERNEL_BAN="off" at start there was no KernelBans to push them,
-        or to settle its bans. A reload refused after this is corrected by the next tick."""
-        if self._kernel is None and self.bans is not None and self.bans.backend is not None \
-                and config.kernel_ban != "off":
-            self._kernel = self._kernel_bans(self.bans)
-        if self._kernel is not None:
-            self._protected = protected_addresses(config)
-            self.engine.guard.set_protected(self._protected)
-            self._kernel.update(self._kernel_guards(config, ignore))
-            self._kernel.push()
-
-    def reopen_logs(self) -> None:
-        """After log rotation (SIGUSR1): the event log is opened again by name. The history and
-        blocked files are opened for every line and need nothing; the configuration stays."""
-        self.telemetry.reopen()
-        self.journal.log(messages.reopened())
-
-    def _rebind(self, sensors: Sequence[Sensor], need_one: bool = False) -> None:
-        """Close the sensors and open `sensors` instead; when one cannot open, or (`need_one`)
-        none of them watches anything, every one of them is closed again (none is left half
-        open) and the error raised."""
-        self._close_sensors()
-        self.sensors = tuple(sensors)
-        try:
-            watching = False
-            for sensor in self.sensors:
-                for handle in sensor.open():
-                    self._selector.register(handle, selectors.EVENT_READ, sensor)
-                    watching = True
-            if need_one and not watching:
-                # A start shuts down here; a reload must not leave a daemon that watches nothing.
-                raise NothingWatched("with it no mode watches any port (every one in use or not "
-                                     "to be bound, said above)")
-        except BaseException:
-            self._close_sensors()
-            self.sensors = ()
-            raise
-        self._skip_ignored()
-
-    def _rebind_or_say(self, factory: SensorFactory, config: Config) -> None:
-        try:
-            self._rebind(factory(config))
-        except Exception as error:
-            self.journal.log(messages.config_error(
-                f"cannot open the sensors again: {error}; nothing is watched until a reload succeeds"))
-
-    def _close_sensors(self) -> None:
-        for sensor in self.sensors:
-            for key in list(self._selector.get_map().values()):
-                if key.data is sensor:
-                    self._selector.unregister(key.fileobj)
-            sensor.close()
-
-    def capture_drops(self) -> int | None:
-        drops = [d for d in (s.capture_drops() for s in self.sensors) if d is not None]
-        return sum(drops) if drops else None
-
-    def packet_drops(self) -> dict[str, int]:
-        """Packets dropped before the engine, per reason (malformed, forged, banned already)."""
-        totals: dict[str, int] = {}
-        for sensor in self.sensors:
-            for reason, count in sensor.packet_drops().items():
-                totals[reason] = totals.get(reason, 0) + count
-        if self._dropped is not None and self._dropped.total:
-            # Never captured: probes of banned sources the kernel dropped (NFLOG capture), as
-            # the summary lines reported them.
-            totals["banned_source_in_kernel"] = self._dropped.total
-        return totals
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
