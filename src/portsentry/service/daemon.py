@@ -18,8 +18,8 @@ Threads, each with one job, and what each owns:
 One object, Daemon, is the main loop and the one place that wires the threads above together,
 so whatever touches the engine and the sensors has one owner. Its parts live beside it, each
 saying which thread runs it: the start in service.startup, the reload and the sensors' re-binding
-in service.reload; the state they share is declared in service.daemon_state. This module builds
-the Daemon and runs its loop and the probe path.
+in service.reload, the signals and the stop in service.shutdown; the state they share is declared
+in service.daemon_state. This module builds the Daemon and runs its loop and the probe path.
 """
 
 from __future__ import annotations
@@ -28,17 +28,14 @@ import contextlib
 import dataclasses
 import queue
 import selectors
-import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 
 from portsentry.bans.lifecycle import BanManager
-from portsentry.bans.restore import remember_stop
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core import messages
@@ -61,6 +58,7 @@ from portsentry.service.maintenance import Findings, Maintenance, due
 from portsentry.service.reload import Reloading
 from portsentry.service.requests import Counters, Requests
 from portsentry.service.resolver import Resolver
+from portsentry.service.shutdown import Shutdown
 
 AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go on without it
 # Hits held in all: a connect-mode hit holds its connection open, and 64 for each of the
@@ -68,7 +66,7 @@ AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go
 AWAIT_TOTAL = 256
 
 
-class Daemon(Reloading):
+class Daemon(Reloading, Shutdown):
     def __init__(
         self,
         config: Config,
@@ -173,34 +171,7 @@ class Daemon(Reloading):
             return self.responder.carry_out(block, None)
         return self.bans.enforce(block, self.responder, counted=True)
 
-    # -- start and stop ------------------------------------------------------------------------
-
-    def request_stop(self, *_args: object) -> None:
-        self._stopping = True
-        sdnotify.stopping()
-        with contextlib.suppress(OSError):
-            self._wake_write.send(b"\0")
-
-    def install_signal_handlers(self) -> None:
-        def on_signal(_signum: int, _frame: FrameType | None) -> None:
-            self.request_stop()
-
-        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
-            self._reload_requested = True
-            with contextlib.suppress(OSError):
-                self._wake_write.send(b"\0")
-
-        def on_reopen(_signum: int, _frame: FrameType | None) -> None:
-            self._reopen_requested = True
-            with contextlib.suppress(OSError):
-                self._wake_write.send(b"\0")
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, on_hangup)
-        # logrotate's postrotate: files only, so a rotation never applies a half-edited config.
-        signal.signal(signal.SIGUSR1, on_reopen)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # -- the main loop -------------------------------------------------------------------------
 
     def run(self) -> None:
         # Hand the interpreter lock to a responder thread within 1 ms instead of Python's 5 ms
@@ -237,44 +208,6 @@ class Daemon(Reloading):
         except Exception as error:
             self.internal_errors += 1
             self.journal.log(messages.config_error(f"internal error on a probe, skipped: {error!r}"))
-
-    def shutdown(self) -> None:
-        # Commands of blocks still to run get the time left of one COMMAND_TIMEOUT from now: the
-        # stop then ends within it (plus a few seconds), inside systemd's TimeoutStopSec=45s
-        # with the default 30 s, so no SIGKILL loses the last lines or leaves a command behind.
-        self.responder.stop_by(time.monotonic() + self.responder.timeout)
-        self._stop_reruns.set()
-        for sensor in self.sensors:
-            sensor.close()
-        for source in list(self._awaiting_name):  # no time left to wait for names
-            self._named(source, str(source))
-        self.perform(self.engine.close())
-        if self.control is not None:
-            self.control.close()
-        if self.fleet is not None:
-            self.fleet.stop()
-        self._maintenance.stop()
-        if self._dropped is not None:
-            self._dropped.summarize(self.clock(), force=True)  # the last round's counts, not lost
-        # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded;
-        # queued ones start only within blockqueue.STOP_GRACE, so the stop stays bounded.
-        self._blocks.close()
-        # Late kernel bans' steps under way finish (their commands have the stop's deadline);
-        # the maintenance thread that hands them over has stopped.
-        self._late.shutdown(wait=True)
-        if self._reruns is not None:  # only the re-runs under way, each bounded by COMMAND_TIMEOUT
-            self._reruns.join()
-        # Before the admin workers go: the last round's Findings may hand them the kernel's
-        # guards, which hold while the daemon is away. Nothing they run posts work back here.
-        self._run_main_calls()
-        self._admin.shutdown(wait=True)
-        if self.bans is not None and self._restored:  # nothing bans or lifts any more
-            remember_stop(self.bans, self._stop_path())
-        if self.resolver is not None:
-            self.resolver.close()
-        self._selector.close()
-        self._wake_read.close()
-        self._wake_write.close()
 
     # -- the probe path ------------------------------------------------------------------------
 

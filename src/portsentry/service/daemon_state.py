@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from portsentry.bans.lifecycle import BanManager
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config
+from portsentry.core.actions import Action
 from portsentry.core.engine import Engine
 from portsentry.core.probe import IPAddress, Mode
 from portsentry.fleet.node import FleetNode
@@ -76,3 +77,7 @@ class DaemonState:
 
     if TYPE_CHECKING:
         def _kernel_bans(self, bans: BanManager) -> KernelBans: ...
+        def _named(self, source: IPAddress, name: str) -> None: ...
+        def perform(self, actions: list[Action], hit: Hit | None = None,
+                    fields: dict[str, object] | None = None) -> None: ...
+        def _run_main_calls(self) -> None: ...
