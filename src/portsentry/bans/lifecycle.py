@@ -13,10 +13,15 @@ after a reboot (bans.restore). Lifting removes an address from everything that h
 native backend, the exact hosts.deny line we wrote, and whatever KILL_ROUTE_UNDO undoes; a lift
 carries its origin so that a peer's unblock is not sent back.
 
-Over 400 lines on purpose: every transition of a ban (recorded, applied, held in memory until
-the store takes it, extended, lifted, expired) is in this one class, so that the races between
-them are seen in one place; the parts that need none of its state live beside it (bans.turns,
-bans.restore, bans.bulk, bans.adopt, bans.records).
+Every transition of a ban (recorded, applied, held in memory until the store takes it, extended,
+lifted, expired) goes through this one object, BanManager, and its locks, so that the races
+between them are seen in one place. Its state, and the helpers all of its parts use, are declared
+in bans.manager_state; its parts: recording a ban and its hosts.deny lines, with the in-memory
+fallback and its replay to disk, in bans.recording; lifts and expiry in bans.lifts; the native
+backend's side (a ban's kernel add, BAN_RATE_LIMIT's kernel slots, the kernel's first-probe bans
+recorded late, the table's repair) in bans.native. This module makes the ban (`enforce`). The
+parts that need none of its state live beside it (bans.turns, bans.restore, bans.bulk,
+bans.adopt, bans.records).
 """
 
 from __future__ import annotations
@@ -26,36 +31,31 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from portsentry.bans.records import BLOCK_FAILED, ban_reason
+from portsentry.bans.lifts import Lifts
+from portsentry.bans.lifts import mode_of as mode_of
+from portsentry.bans.manager_state import Logger, Runner
+from portsentry.bans.native import NativeBans
+from portsentry.bans.recording import _Unsaved
+from portsentry.bans.recording import open_store as open_store
+from portsentry.bans.records import ban_reason
 from portsentry.bans.store import (
     DEFAULT_MAX_ROWS,
     DEFAULT_RETENTION,
-    MEMORY,
-    ORIGIN_LOCAL,
-    ROUTE_MARK,
-    Ban,
     BanStore,
     StoreError,
-    ban_duration,
-    normalise,
 )
 from portsentry.bans.turns import AddressTurns
 from portsentry.config.settings import Config
-from portsentry.core import messages
 from portsentry.core.actions import Block, StepKind
-from portsentry.core.probe import IPAddress, Mode
-from portsentry.journal.failures import BAN_STORE, WriteFailures
+from portsentry.core.probe import IPAddress
+from portsentry.journal.failures import WriteFailures
 from portsentry.journal.telemetry import Telemetry
-from portsentry.responders.backend import BackendError, BanBackend
+from portsentry.responders.backend import BanBackend
 from portsentry.responders.classic import ClassicResponder
-from portsentry.responders.hostsdeny import HostsDeny, HostsDenyError
-from portsentry.responders.shell import CommandResult, run_shell
-from portsentry.responders.substitute import substitute
-
-Logger = Callable[[str], None]
-Runner = Callable[[str, float], CommandResult]
+from portsentry.responders.hostsdeny import HostsDeny
+from portsentry.responders.shell import run_shell
 
 
 @dataclass(frozen=True)
@@ -83,37 +83,9 @@ class UsePolicy(enum.Enum):
 
 
 USE_POLICY = UsePolicy.YES
-UNSAVED_CAPACITY = 100_000
 
 
-@dataclass(frozen=True)
-class _Unsaved:
-    address: IPAddress
-    reason: str
-    mode: str
-    port: int
-    now: float
-    duration: float | None
-    hosts_deny_line: str | None
-    backends: tuple[str, ...]
-
-    def as_ban(self) -> Ban:
-        expires = None if self.duration is None else self.now + self.duration
-        return Ban(self.address, self.reason, self.mode, self.port, self.now, self.now, 1, expires, 1,
-                   self.hosts_deny_line, self.backends)
-
-
-def open_store(path: str, log: Logger) -> tuple[BanStore, str | None, str | None]:
-    """The ban store, or an in-memory stand-in, the path to retry and why, when it cannot be
-    opened: detection and blocking must go on with a full or read-only disk."""
-    try:
-        return BanStore(path), None, None
-    except StoreError as error:
-        log(messages.store_failed(f"{error}; keeping bans in memory until it can be opened"))
-        return BanStore(MEMORY), path, str(error)
-
-
-class BanManager:
+class BanManager(NativeBans, Lifts):
     """Thread-safe: responder threads ban, the expiry tick and the CLI lift."""
 
     def __init__(
@@ -183,39 +155,6 @@ class BanManager:
                 return
             yield ban is not None and ban.active(now)
 
-    def unsaved(self) -> int:
-        """Records (and hosts.deny lines of ours) held in memory until the store takes them."""
-        with self._unsaved_lock:
-            return len(self._unsaved) + len(self._unsaved_lines)
-
-    def changed(self) -> None:
-        # Read once: the fleet's stop (main thread) may clear it between a look and a call.
-        wake = self.on_change
-        if wake is not None:
-            wake()
-
-    def _store_failed(self, error: Exception, retry: bool = False) -> None:
-        detail = f"{error}; will retry" if retry else str(error)
-        if self.failures is not None:
-            self.failures.failed(BAN_STORE, self.store.path, detail)
-        else:
-            self._log(messages.store_failed(detail))
-
-    def duration_after(self, offences: int) -> float | None:
-        """Seconds a ban lasts after `offences` earlier ones (None: forever)."""
-        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
-
-    def duration(self, address: IPAddress, now: float) -> float | None:
-        """Seconds the next ban of `address` lasts, grown for repeat offenders."""
-        if self.policy.base == 0:
-            return None  # forever: no need to ask the store (this is on the way to the block)
-        try:
-            offences = self.store.offences(address, now)
-        except StoreError as error:
-            self._store_failed(error)
-            offences = 0
-        return ban_duration(self.policy.base, self.policy.factor, self.policy.cap, offences)
-
     def enforce(self, block: Block, responder: ClassicResponder,
                 duration: float | UsePolicy | None = USE_POLICY, now: float | None = None,
                 counted: bool = False) -> bool | None:
@@ -267,378 +206,12 @@ class BanManager:
                 self.abandon(probe.source, at)
             return False
 
-    def _claim_slot(self, block: Block) -> bool:
-        """Whether the kernel's BAN_RATE_LIMIT slots let this scan's ban in (taking one); the
-        engine's guard let it in already, but it does not see the kernel's first-probe bans whose
-        copies it refused or never got, nor do they see its bans without this."""
-        if self.backend is None:
-            return True
-        probe = block.probe
-        try:
-            if self.backend.claim_ban_slot(probe.source):
-                return True
-        except (BackendError, OSError) as error:  # the ban matters more than the cap's count
-            self._log(messages.native_block_failed(str(probe.source), f"{self.backend.name} (ban rate "
-                                                   "slot)", str(error)))
-            return True
-        self._log(messages.block_refused(probe, "ban rate limit reached (BAN_RATE_LIMIT's slots in "
-                                         "the kernel are taken by this minute's bans)"))
-        return False
-
-    def record_kernel_ban(self, address: IPAddress, mode: str, port: int, now: float,
-                          said: Callable[[], None] = lambda: None,
-                          still: Callable[[], bool] = lambda: True,
-                          block: Block | None = None) -> bool | None:
-        """A first-probe ban the kernel made and nobody recorded: record it (then `said`), then
-        give it the policy's timeout (longer for repeat offenders). In turn with lifts of the
-        address, like `enforce`; False when a record came meanwhile (the NFLOG copy was late) or
-        `still` says its caught entry has gone (an unblock since it was read: recorded, the ban
-        went back in the kernel). None, with nothing done, while a ban or lift of the address is
-        under way: its commands may run for COMMAND_TIMEOUT, and the maintenance thread asking
-        must not wait for them. `block`: the steps a ban of this probe gets; its hosts.deny line
-        is recorded here, and the steps run by `finish_kernel_ban` (which marks KILL_ROUTE)."""
-        with self._turns.turn(address, wait=False) as free:
-            if not free:
-                return None
-            ban = self.store.get(address)
-            if ban is not None and ban.active(now):
-                return False
-            if not still():
-                return False
-            duration = self.duration(address, now)
-            line = ClassicResponder.intended_line(block) if block is not None else None
-            # No ROUTE_MARK yet: KILL_ROUTE runs later, in another turn (finish_kernel_ban), and
-            # a lift in between must not run KILL_ROUTE_UNDO for a route never made here.
-            saved = self.remember(address, reason="kernel ban", mode=mode, port=port, now=now,
-                                  duration=duration, hosts_deny_line=line, native=True)
-            said()
-            if self.ban_native(address, duration):
-                reason = f"scan: {port}/{Mode(mode).protocol.value.lower()}"
-                self._said_ban(address, (StepKind.NATIVE,), duration, reason, saved)
-            return True
-
-    def finish_kernel_ban(self, block: Block, responder: ClassicResponder,
-                          clock: Callable[[], float] = time.time) -> bool:
-        """The rest of a kernel ban recorded late (record_kernel_ban): its hosts.deny line,
-        KILL_ROUTE and KILL_RUN_CMD, as any ban of the probe gets them (a ban made while the daemon
-        was stopped got the kernel set alone). Off the maintenance thread: commands may run for
-        COMMAND_TIMEOUT. In turn with lifts, and only while the ban is in force: a lift that came
-        first must not be followed by its line or its route. True when the ban is in force."""
-        address = block.probe.source
-        rest = Block(block.probe, tuple(step for step in block.steps if step.kind is not StepKind.NATIVE))
-        route = any(step.kind is StepKind.ROUTE for step in rest.steps)
-        with self._turns.turn(address):
-            now = clock()  # after the wait for the turn
-            try:
-                ban = self.store.get(address)
-            except StoreError as error:
-                self._store_failed(error)
-                return False
-            if ban is None or not ban.active(now):
-                return False
-            if rest.steps:
-                duration = None if ban.expires is None else max(ban.expires - now, 1.0)
-                if route:  # recorded before it runs, as a ban made here records it
-                    try:
-                        self.store.mark_routed(address)
-                    except StoreError as error:
-                        self._store_failed(error)
-                carried = responder.run_steps(rest, duration, self)
-                if route and StepKind.ROUTE not in carried.held_by:
-                    self._unmark_route(address)
-        return True
-
-    def lift_kernel_ban(self, address: IPAddress, now: float) -> bool | None:
-        """Take a first-probe ban nobody recorded out of the kernel (its source is spared after
-        all). In turn with bans of the address, and under the lock a fleet batch holds from its
-        kernel add to its record: a scan's or a peer's ban recorded since settling looked stays
-        in the kernel. True when removed, False when a ban is on record now; None, with nothing
-        done, while a ban or lift of the address is under way. BackendError and OSError pass."""
-        assert self.backend is not None
-        with self._turns.turn(address, wait=False) as free:
-            if not free:
-                return None
-            with self._lock:
-                ban = self.store.get(address)
-                if ban is not None and ban.active(now):
-                    return False
-                self.backend.remove(address)
-        return True
-
-    def ban_native(self, address: IPAddress, duration: float | None) -> bool:
-        """Put `address` in the kernel for `duration` seconds, or for as long as its record says
-        when that is longer: the store keeps the longer of two bans (a fleet peer's for good, a
-        scan's for BLOCK_TIME), and the kernel must not drop the host before the record ends."""
-        if self.backend is None:
-            return False
-        # Under the lock a fleet batch holds from its kernel add to its record, so the record read
-        # here is not about to be lengthened by a batch whose longer kernel add this one undoes.
-        with self._lock:
-            duration = self._held_for(address, duration)
-            try:
-                self.backend.add(address, duration)
-            except (BackendError, OSError) as error:
-                self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
-                return False
-        self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
-        return True
-
     def _routed(self, address: IPAddress, now: float) -> bool:
         try:
             ban = self.store.get(address)
         except StoreError:
             return False
         return ban is not None and ban.active(now) and ban.routed
-
-    def _unmark_route(self, address: IPAddress) -> None:
-        """Marked before it ran, as a crash may come in between: a KILL_ROUTE that failed did
-        nothing for KILL_ROUTE_UNDO to take back (its "File exists" names a route someone else,
-        such as 1.2, made)."""
-        try:
-            self.store.unmark_routed([address])
-        except StoreError as error:
-            self._store_failed(error)
-        with self._unsaved_lock:
-            self._unsaved = [replace(e, backends=tuple(b for b in e.backends if b != ROUTE_MARK))
-                             if normalise(e.address) == normalise(address) else e for e in self._unsaved]
-
-    def _said_ban(self, address: IPAddress, held_by: tuple[StepKind, ...], duration: float | None,
-                  reason: str, saved: Ban | None) -> None:
-        """The event and the count of a ban made, named by the first step that holds it: a ban
-        held by hosts.deny or KILL_ROUTE alone (no BAN_BACKEND, the default) is a ban too."""
-        if not held_by:
-            return
-        kind = held_by[0]
-        backend = self.backend.name if kind is StepKind.NATIVE and self.backend is not None else kind.value
-        count = None if saved is None else max(saved.offences - 1, 0)
-        self.telemetry.ban(address, backend, duration, reason, time.time(), count=count)
-
-    def _held_for(self, address: IPAddress, duration: float | None) -> float | None:
-        """The longer of `duration` and what is left of the recorded ban of `address`."""
-        if duration is None:
-            return None
-        try:
-            ban = self.store.get(address)
-        except StoreError:
-            return duration  # the record may be held in memory: the ban itself must go in
-        now = time.time()
-        if ban is None or not ban.active(now):
-            return duration
-        return None if ban.expires is None else max(duration, ban.expires - now)
-
-    def remember(
-        self, address: IPAddress, *, reason: str, mode: str, port: int, now: float,
-        duration: float | None, hosts_deny_line: str | None, native: bool, route: bool = False,
-    ) -> Ban | None:
-        """Record a ban made here; `route`: its steps run KILL_ROUTE (ROUTE_MARK)."""
-        backends = ((self.backend.name,) if native and self.backend is not None else ()) + (
-            (ROUTE_MARK,) if route else ())
-        entry = _Unsaved(address, reason, mode, port, now, duration, hosts_deny_line, backends)
-        try:
-            saved = self._save(entry)
-        except (StoreError, OSError) as error:
-            # The block itself stands; its record is kept in memory and saved when the store
-            # can be written again (disk full, read-only file system).
-            self._store_failed(error, retry=True)
-            with self._unsaved_lock:
-                if len(self._unsaved) < UNSAVED_CAPACITY:
-                    self._unsaved.append(entry)
-            return None
-        self.changed()
-        return saved
-
-    def _save(self, entry: _Unsaved) -> Ban:
-        return self.store.ban(entry.address, reason=entry.reason, mode=entry.mode, port=entry.port,
-                              now=entry.now, duration=entry.duration,
-                              hosts_deny_line=entry.hosts_deny_line, backends=entry.backends)
-
-    def own_line(self, address: IPAddress, line: str, now: float) -> None:
-        """HostsDeny.add's `on_append`: the copy about to be appended is ours. Recorded before the
-        write; if the store cannot take it, it is kept in memory and saved later."""
-        try:
-            self.store.own_line(address, line, now)
-        except StoreError as error:
-            self._store_failed(error, retry=True)
-            with self._unsaved_lock:
-                if len(self._unsaved_lines) < UNSAVED_CAPACITY:
-                    self._unsaved_lines.append((address, line, now))
-
-    def add_line(self, address: IPAddress, line: str, now: float) -> bool:
-        """Append `line` to hosts.deny for `address`, recording it as ours only if we write it;
-        False when an identical line was already there (someone else's)."""
-        return self.hosts_deny.add(line, on_append=lambda: self.own_line(address, line, now))
-
-    def _owned_lines(self, address: IPAddress) -> list[str]:
-        """Every hosts.deny line we appended for `address`: not only its ban's last one, since
-        a ban extended by a block with another port or mode ($PORT$, $MODE$) wrote one more."""
-        key = normalise(address)
-        with self._unsaved_lock:
-            found = [text for a, text, _ in self._unsaved_lines if normalise(a) == key]
-        try:
-            found += [text for _a, text in self.store.owned_of([key])]
-        except StoreError as error:
-            self._store_failed(error)
-        return list(dict.fromkeys(found))
-
-    def abandon(self, address: IPAddress, now: float) -> None:
-        """A block whose every step failed: drop the record made before trying it."""
-        try:
-            self.store.lift(address, now, BLOCK_FAILED)
-        except StoreError as error:
-            self._store_failed(error)
-
-    def catch_up(self) -> int:
-        """Called once a second: reopen a store that could not be opened at start, and save
-        records that could not be written; returns how many were saved."""
-        if self.fallback_from is not None:
-            try:
-                disk = BanStore(self.fallback_from)
-            except StoreError:
-                return 0
-            now = time.time()
-            # Under the lock every lift holds for its store work, from the swap until the stand-
-            # in's bans wait to be saved: a lift in between found them in neither store, and they
-            # were saved after it. Read and closed at once: a write from a thread that took the
-            # stand-in before the swap now fails (and is kept to retry), not lost after the read.
-            with self._lock:
-                # Its lines too: left behind, a line of ours was taken for someone else's and
-                # stayed in hosts.deny after the ban's end.
-                standing, lines = self.store.close_held(now)
-                self.store, self.fallback_from, self.fallback_error = disk, None, None
-                # Saved as made at first_seen, so its length counts from then: the time left from
-                # now cut each ban short by its age (an hour's ban half an hour old ended at once).
-                kept = [_Unsaved(ban.address, ban.reason, ban.mode, ban.port, ban.first_seen,
-                                 None if ban.expires is None else ban.expires - ban.first_seen,
-                                 ban.hosts_deny_line, ban.backends) for ban in standing]
-                with self._unsaved_lock:
-                    self._unsaved += kept
-                    self._unsaved_lines += lines
-            self._log(messages.store_recovered(disk.path))
-        while True:
-            with self._unsaved_lock:
-                if not self._unsaved_lines:
-                    break
-                held = self._unsaved_lines[0]
-            address, line, at = held
-            try:
-                self.store.own_line(address, line, at)
-            except StoreError:
-                break
-            # By identity, not by index: a lift may have disowned lines (another thread) meanwhile.
-            with self._unsaved_lock:
-                still = any(entry is held for entry in self._unsaved_lines)
-                self._unsaved_lines = [entry for entry in self._unsaved_lines if entry is not held]
-            if not still:  # disowned while it was being saved: the store must not keep it as ours
-                with contextlib.suppress(StoreError):
-                    self.store.disown_line(address, line)
-        saved = 0
-        while True:
-            with self._unsaved_lock:
-                if not self._unsaved:
-                    break
-                entry = self._unsaved[0]
-            # In turn with lifts of its address: an unblock drops the entry, and a save already
-            # under way would put the ban back in the store after the lift. Not waited for (the
-            # address's ban or lift may be running a command): the next round saves it.
-            with self._turns.turn(entry.address, wait=False) as free:
-                if not free:
-                    break
-                with self._unsaved_lock:
-                    if not any(waiting is entry for waiting in self._unsaved):
-                        continue  # lifted between the look and the turn
-                try:
-                    self._save(entry)
-                except (StoreError, OSError, ValueError):
-                    break
-                with self._unsaved_lock:
-                    self._unsaved = [waiting for waiting in self._unsaved if waiting is not entry]
-            saved += 1
-        return saved
-
-    def lift(self, address: IPAddress, now: float, reason: str, origin: str = ORIGIN_LOCAL,
-             expired_only: bool = False) -> bool:
-        """Unblock everywhere; True when the store had a ban for it. `origin` says who asked: a
-        fleet peer's lift is recorded as theirs, so this host does not publish it again. With
-        `expired_only` (expiry), a ban made again or extended since it was seen over stays, and so
-        does one being made right now: the next round looks again."""
-        with self._turns.turn(address, wait=not expired_only) as free:
-            if not free:
-                return False
-            ban = self.store.get(address)
-            if expired_only and (ban is None or ban.active(now)):
-                return False
-            key = normalise(address)
-            with self._unsaved_lock:
-                waiting = [] if expired_only else [e for e in self._unsaved if normalise(e.address) == key]
-            # KILL_ROUTE_UNDO before the lock, which fleet batches, every other lift and every
-            # scan's kernel add (ban_native) wait for: it may run for COMMAND_TIMEOUT. Whether
-            # KILL_ROUTE ran for the ban cannot change meanwhile: bans of the address wait for
-            # its turn, and a fleet peer's ban runs no KILL_ROUTE.
-            self._undo_route(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
-            with self._lock:
-                ban = self.store.get(address)  # a fleet batch may have banned it again meanwhile
-                if expired_only and (ban is None or ban.active(now)):
-                    return False
-                # A ban still waiting to be saved (the store could not be written) goes too: saved
-                # after this, it would be a record of a ban that the kernel no longer holds.
-                with self._unsaved_lock:
-                    waiting = ([] if expired_only
-                               else [e for e in self._unsaved if normalise(e.address) == key])
-                    self._unsaved = [e for e in self._unsaved if e not in waiting]
-                self._undo(address, ban if ban is not None or not waiting else waiting[-1].as_ban())
-                if not expired_only:  # an expired ban's entry was settled long ago
-                    self._forget_caught(address)
-                    self.unblocks += 1  # after the entry went: see __init__
-                lifted = self.store.lift(address, now, reason, origin, expired_only)
-        if lifted is not None or waiting:
-            self.changed()
-            self._log(messages.unblocked(str(address), reason))
-            self.telemetry.unban(address, reason, now)
-        return lifted is not None or bool(waiting)
-
-    def _forget_caught(self, address: IPAddress) -> None:
-        if self.backend is None:
-            return
-        try:
-            self.backend.forget_caught([normalise(address)])
-        except (BackendError, OSError) as error:
-            self.kernel_unsure = True
-            self._log(messages.native_unblock_failed(str(address), str(error)))
-
-    def _undo(self, address: IPAddress, ban: Ban | None) -> None:
-        if self.backend is not None:
-            try:
-                self.backend.remove(address)
-            except (BackendError, OSError) as error:
-                self.kernel_unsure = True
-                self._log(messages.native_unblock_failed(str(address), str(error)))
-        # Only the copies we appended go; an identical line someone else wrote stays.
-        for line in self._owned_lines(address):
-            try:
-                self.hosts_deny.remove(line)
-            except (HostsDenyError, OSError, ValueError) as error:
-                # Still recorded as ours, so `hosts-deny tidy` can take it out later.
-                self._log(messages.config_error(f"cannot remove {line!r} from "
-                                                f"{self.hosts_deny.path}: {error}"))
-            else:
-                self._disown_line(address, line)
-
-    def _undo_route(self, address: IPAddress, ban: Ban | None) -> None:
-        # Only what KILL_ROUTE did here is undone. With no record at all (an address banned before
-        # this store, by 1.2 or by hand) the admin's unblock still runs it, as it always did.
-        if self.policy.undo and (ban is None or ban.routed):
-            command = substitute(self.policy.undo, address, ban.port if ban else 0, mode_of(ban))
-            result = self._run(command, self.policy.command_timeout)
-            if not result.ok:
-                self._log(messages.command_failed(str(address), result.failure()))
-
-    def _disown_line(self, address: IPAddress, line: str) -> None:
-        with self._unsaved_lock:
-            self._unsaved_lines = [entry for entry in self._unsaved_lines if entry[:2] != (address, line)]
-        try:
-            self.store.disown_line(address, line)
-        except StoreError as error:
-            self._store_failed(error)
 
     def prune(self, now: float) -> int:
         """Once an hour: forget history and offenders past their retention."""
@@ -647,74 +220,3 @@ class BanManager:
         except StoreError as error:
             self._store_failed(error)
             return 0
-
-    def expire(self, now: float) -> list[IPAddress]:
-        """Lift every ban whose time is up; returns the addresses lifted."""
-        lifted = []
-        for ban in self.store.expired(now):
-            if self.lift(ban.address, now, "ban expired", expired_only=True):
-                lifted.append(ban.address)
-        return lifted
-
-    def repair(self, now: float) -> None:
-        """Once a minute: if someone flushed the ruleset, rebuild our table and re-add the bans;
-        routes that a network restart took are put back (RouteBackend.restore_lost)."""
-        if self.backend is None:
-            return
-        try:
-            rebuilt = self.backend.repair_capture()
-        except (BackendError, OSError) as error:
-            self._log(messages.native_block_failed("(repair)", self.backend.name, str(error)))
-            return
-        if rebuilt:
-            self._log(messages.table_rebuilt(self.backend.describe()))
-            self._readd(now, "(repair)")
-            return
-        backend = self.backend
-        # Under the lock a lift holds from its kernel removal to its record: a ban lifted between
-        # the read and the add would be back in the kernel with no record left.
-        with self._lock:
-            try:
-                lost = backend.restore_lost(
-                    lambda: [packed for packed, _expires in self.store.active_packed(now)])
-            except (BackendError, OSError, StoreError) as error:
-                self._log(messages.native_block_failed("(repair)", backend.name, str(error)))
-                return
-        if lost:
-            self._log(f"adminalert: {lost} bans were missing from {backend.describe()} (a network "
-                      "restart?) and are back")
-
-    def retime(self, now: float) -> None:
-        """The wall clock was set back: give every ban in the kernel the time the store leaves it.
-        The kernel times its elements on a clock that did not jump, so they left the set while the
-        store, on the wall clock, still listed them in force (and the engine took their scans as
-        "already blocked")."""
-        if self.backend is not None and (count := self._readd(now, "(clock set back)")):
-            self._log(f"adminalert: the clock was set back: {count} bans given their time left "
-                      f"again in {self.backend.name}")
-
-    def _readd(self, now: float, what: str) -> int:
-        """Every active ban into the kernel with its time left; how many (0 on failure)."""
-        assert self.backend is not None
-        # Read and re-added under the lock a lift holds from its kernel removal to its record: a
-        # ban lifted in between went back in the kernel with no record left (for ever, with
-        # BLOCK_TIME 0).
-        with self._lock:
-            try:
-                active = self.store.active(now)
-                self.backend.add_many(
-                    (ban.address, None if ban.expires is None else max(ban.expires - now, 1.0))
-                    for ban in active)
-            except (BackendError, OSError, StoreError) as error:
-                self._log(messages.native_block_failed(what, self.backend.name, str(error)))
-                return 0
-        return len(active)
-
-
-def mode_of(ban: Ban | str | None) -> Mode:
-    """The mode a ban (or its stored mode text) was made in; TCP when unknown."""
-    text = ban.mode if isinstance(ban, Ban) else ban
-    try:
-        return Mode(text) if text is not None else Mode.TCP
-    except ValueError:
-        return Mode.TCP

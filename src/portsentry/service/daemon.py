@@ -15,86 +15,58 @@ Threads, each with one job, and what each owns:
 - fleet-publish and fleet-read (fleet.node.FleetNode, with FLEET_REDIS_URL): bans shared with a
   fleet; main hands them the guards (ignore list, gateways, resolvers) once a second.
 
-One class, over 400 lines, on purpose: it is the main loop and the one place that wires the
-threads above together, so whatever touches the engine and the sensors is here, in one owner.
+One object, Daemon, is the main loop and the one place that wires the threads above together,
+so whatever touches the engine and the sensors has one owner. Its parts live beside it, each
+saying which thread runs it: the start in service.startup, the reload and the sensors' re-binding
+in service.reload, the signals and the stop in service.shutdown; the state they share is declared
+in service.daemon_state. This module builds the Daemon and runs its loop and the probe path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import queue
 import selectors
-import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 
-from portsentry.bans.lifecycle import BanManager, BanPolicy
-from portsentry.bans.previous import TABLE_FILE, retire_previous_table
-from portsentry.bans.restore import RERUN_CONCURRENCY, remember_stop, rerun_routes, restore_bans
+from portsentry.bans.lifecycle import BanManager
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config, engine_settings
 from portsentry.core import messages
 from portsentry.core.actions import Action, Block, Log, Record, SendBanner, Step
-from portsentry.core.addresses import possible_networks
 from portsentry.core.engine import Engine
 from portsentry.core.probe import IPAddress, Mode, Probe, Protocol
-from portsentry.fleet.gate import Guards as FleetGuards
 from portsentry.fleet.node import FleetNode
-from portsentry.host import info as hostinfo
 from portsentry.journal.hits import HitTally
 from portsentry.journal.journal import Journal
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.classic import ClassicResponder
 from portsentry.sensors.base import Hit, Sensor
 from portsentry.service import sdnotify
-from portsentry.service.admin import Spared, protected_addresses
+from portsentry.service.admin import protected_addresses
 from portsentry.service.blockqueue import BlockQueue
 from portsentry.service.control import ControlServer
-from portsentry.service.kernelbans import DroppedProbes, Guards, KernelBans, LateSteps, guards_of
+from portsentry.service.daemon_state import Clock, Reloader, SensorFactory
+from portsentry.service.kernelbans import DroppedProbes, KernelBans, LateSteps
 from portsentry.service.maintenance import Findings, Maintenance, due
+from portsentry.service.reload import Reloading
 from portsentry.service.requests import Counters, Requests
 from portsentry.service.resolver import Resolver
+from portsentry.service.shutdown import Shutdown
 
-Clock = Callable[[], float]
 AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go on without it
 # Hits held in all: a connect-mode hit holds its connection open, and 64 for each of the
 # resolver's 256 lookups under way would be 16,384 descriptors while DNS does not answer.
 AWAIT_TOTAL = 256
-Reloader = Callable[[], tuple[Config, IgnoreSource]]
-SensorFactory = Callable[[Config], Sequence[Sensor]]
 
 
-class NothingWatched(Exception):
-    """A reload's sensors opened and none of them watches anything."""
-
-
-def _sensor_settings(config: Config, modes: Sequence[Mode]) -> tuple[object, ...]:
-    """What the sensors of `modes` are built from: a reload re-binds them only when this changes.
-    The connect modes' sockets depend on their ports alone: re-bound for nothing, they reset the
-    connections waiting to be accepted, which were then never logged."""
-    found: tuple[object, ...] = ()
-    if Mode.TCP in modes:
-        found += (config.tcp_ports,)
-    if Mode.UDP in modes:
-        found += (config.udp_ports,)
-    if any(not mode.is_classic for mode in modes):
-        found += (config.tcp_ports, config.udp_ports, config.advanced_ports_tcp, config.advanced_ports_udp,
-                  config.advanced_exclude_tcp, config.advanced_exclude_udp, config.capture,
-                  config.nflog_group,
-                  # the first-probe ban's rules are part of the capture (service.wiring.kernel_ban_for)
-                  config.kernel_ban, config.scan_trigger, config.block_tcp, config.block_udp,
-                  config.block_time, config.ban_rate_limit, config.ban_rate_limit_net)
-    return found
-
-
-class Daemon:
+class Daemon(Reloading, Shutdown):
     def __init__(
         self,
         config: Config,
@@ -199,128 +171,7 @@ class Daemon:
             return self.responder.carry_out(block, None)
         return self.bans.enforce(block, self.responder, counted=True)
 
-    # -- start and stop ------------------------------------------------------------------------
-
-    def _kernel_guards(self, config: Config | None = None, ignore: IgnoreSource | None = None) -> Guards:
-        """Main loop: what the kernel's first-probe ban must spare, as of now (under `config`
-        and `ignore` when a reload is about to put them in force)."""
-        try:
-            broadcasts = hostinfo.broadcast_addresses()
-        except OSError:
-            broadcasts = frozenset()
-        return guards_of((ignore or self.ignore).current(self.clock()).networks, self._protected,
-                         (config or self.config).sensitive_networks, broadcasts)
-
-    def _skip_ignored(self) -> None:
-        """Main loop, at start and once a second: the sensors may keep the ignore list's
-        packets from us in the kernel, unless verbose logging wants a line for each of them."""
-        # Loopback and the other impossible sources stay visible: on the wire they are forged,
-        # and the parser's guard counts them (packets_dropped) before any ignore list.
-        ignored = self.ignore.current(self.clock()).networks
-        networks = () if self.journal.verbose else possible_networks(ignored)
-        for sensor in self.sensors:
-            sensor.skip_sources(networks)
-
-    def open(self) -> bool:
-        """Start every sensor; False when none could watch anything (1.2 then shuts down)."""
-        any_open = False
-        if self.bans is not None:
-            # Before the sensors: the old table's capture chain logs to the same NFLOG group.
-            retire_previous_table(self.bans.backend, os.path.join(self.config.state_dir, TABLE_FILE),
-                                  self.journal.log)
-        self._protected = protected_addresses(self.config)
-        if self._kernel is not None:
-            # Before the sensors add the ban rules: from their first packet, the guards hold.
-            self._kernel.update(self._kernel_guards())
-            self._kernel.push()
-        for sensor in self.sensors:
-            for handle in sensor.open():
-                self._selector.register(handle, selectors.EVENT_READ, sensor)
-                any_open = True
-        self._skip_ignored()
-        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
-        if self.control is not None:
-            try:
-                self.control.start()
-            except OSError as error:
-                self.journal.log(messages.config_error(
-                    f"cannot open the control socket {self.control.path}: {error}"))
-                self.control = None
-        self.journal.start_session(list(self.modes))
-        self.engine.guard.set_protected(protected_addresses(self.config))
-        cursor = 0
-        if self.bans is not None:
-            # The cursor first: what changes while restoring is replayed, which is harmless.
-            cursor = self.bans.store.last_change()
-            # Before restore lifts what expired: a ban made while the daemon was down is said first.
-            self._maintenance.report_others()
-            restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"),
-                                    self._stop_path())
-            self._restored = True
-            self.engine.sync_bans(restored.banned)
-            self.active_bans = len(restored.banned)
-            if restored.rerun:  # after READY, a few at a time: many bans must not delay the start
-                self._reruns = threading.Thread(target=rerun_routes, name="route-rerun", daemon=True,
-                                                args=(self.bans, restored, RERUN_CONCURRENCY,
-                                                      self._stop_reruns))
-                self._reruns.start()
-        self._blocks.start()
-        self._maintenance.start(cursor, self.active_bans)
-        if self.fleet is not None:
-            self.fleet.start(self._fleet_guards())
-        return any_open
-
-    def _stop_path(self) -> str:
-        return os.path.join(self.config.state_dir, "kernel-sync")
-
-    def _fleet_guards(self) -> FleetGuards:
-        """Main loop: what a fleet peer's ban must spare here, as of now."""
-        try:
-            own, broadcasts = hostinfo.local_addresses(), hostinfo.broadcast_addresses()
-        except OSError:
-            own, broadcasts = frozenset(), frozenset()
-        return FleetGuards(own, self.engine.ignore, self._protected, frozenset(broadcasts))
-
-    def spared(self) -> Spared:
-        """What a ban by hand must spare now (an admin worker asks; both sets are replaced whole
-        by the main loop, never changed in place)."""
-        try:
-            own = hostinfo.local_addresses()
-        except OSError:
-            own = frozenset()  # the ignore list in force holds them as last read
-        return Spared(own, self.engine.ignore, self._protected)
-
-    def feed_position(self) -> int:
-        """The newest change of the ban store's feed the maintenance thread has read (up to a
-        round behind): for the main loop, which must not wait for the store's lock."""
-        return self._maintenance.cursor
-
-    def request_stop(self, *_args: object) -> None:
-        self._stopping = True
-        sdnotify.stopping()
-        with contextlib.suppress(OSError):
-            self._wake_write.send(b"\0")
-
-    def install_signal_handlers(self) -> None:
-        def on_signal(_signum: int, _frame: FrameType | None) -> None:
-            self.request_stop()
-
-        def on_hangup(_signum: int, _frame: FrameType | None) -> None:
-            self._reload_requested = True
-            with contextlib.suppress(OSError):
-                self._wake_write.send(b"\0")
-
-        def on_reopen(_signum: int, _frame: FrameType | None) -> None:
-            self._reopen_requested = True
-            with contextlib.suppress(OSError):
-                self._wake_write.send(b"\0")
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, on_hangup)
-        # logrotate's postrotate: files only, so a rotation never applies a half-edited config.
-        signal.signal(signal.SIGUSR1, on_reopen)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # -- the main loop -------------------------------------------------------------------------
 
     def run(self) -> None:
         # Hand the interpreter lock to a responder thread within 1 ms instead of Python's 5 ms
@@ -357,44 +208,6 @@ class Daemon:
         except Exception as error:
             self.internal_errors += 1
             self.journal.log(messages.config_error(f"internal error on a probe, skipped: {error!r}"))
-
-    def shutdown(self) -> None:
-        # Commands of blocks still to run get the time left of one COMMAND_TIMEOUT from now: the
-        # stop then ends within it (plus a few seconds), inside systemd's TimeoutStopSec=45s
-        # with the default 30 s, so no SIGKILL loses the last lines or leaves a command behind.
-        self.responder.stop_by(time.monotonic() + self.responder.timeout)
-        self._stop_reruns.set()
-        for sensor in self.sensors:
-            sensor.close()
-        for source in list(self._awaiting_name):  # no time left to wait for names
-            self._named(source, str(source))
-        self.perform(self.engine.close())
-        if self.control is not None:
-            self.control.close()
-        if self.fleet is not None:
-            self.fleet.stop()
-        self._maintenance.stop()
-        if self._dropped is not None:
-            self._dropped.summarize(self.clock(), force=True)  # the last round's counts, not lost
-        # Blocks already under way finish (each bounded by COMMAND_TIMEOUT) so none is half-recorded;
-        # queued ones start only within blockqueue.STOP_GRACE, so the stop stays bounded.
-        self._blocks.close()
-        # Late kernel bans' steps under way finish (their commands have the stop's deadline);
-        # the maintenance thread that hands them over has stopped.
-        self._late.shutdown(wait=True)
-        if self._reruns is not None:  # only the re-runs under way, each bounded by COMMAND_TIMEOUT
-            self._reruns.join()
-        # Before the admin workers go: the last round's Findings may hand them the kernel's
-        # guards, which hold while the daemon is away. Nothing they run posts work back here.
-        self._run_main_calls()
-        self._admin.shutdown(wait=True)
-        if self.bans is not None and self._restored:  # nothing bans or lifts any more
-            remember_stop(self.bans, self._stop_path())
-        if self.resolver is not None:
-            self.resolver.close()
-        self._selector.close()
-        self._wake_read.close()
-        self._wake_write.close()
 
     # -- the probe path ------------------------------------------------------------------------
 
@@ -560,126 +373,6 @@ class Daemon:
                 self._kernel.push()
         except Exception as error:
             self.journal.log(messages.config_error(f"internal error updating the kernel's guards: {error!r}"))
-
-    # -- reload --------------------------------------------------------------------------------
-
-    def reload(self) -> bool:
-        """Re-read config and ignore file; a bad new config is refused and the old one stays.
-
-        Bans, trigger counts and blocked hosts survive; sensors are re-bound only when the
-        ports they watch changed.
-        """
-        if self.reloader is None:
-            return False
-        sdnotify.reloading()
-        self.telemetry.reopen()  # log rotation: SIGHUP reopens the event log
-        try:
-            config, ignore = self.reloader()
-        except Exception as error:  # ConfigError, IgnoreFileError, OSError: all keep the old config
-            self.journal.log(messages.reload_rejected(str(error)))
-            sdnotify.ready()
-            return False
-        old = self.config
-        rebind = _sensor_settings(old, self.modes) != _sensor_settings(config, self.modes)
-        if self.sensor_factory is not None and rebind:
-            # Before anything is switched over: new sensors that cannot open (a capture refused,
-            # an NFLOG group taken) refuse the reload, and the old configuration's watch again.
-            try:
-                self._kernel_guards_now(config, ignore)
-                self._rebind(self.sensor_factory(config), need_one=True)
-            except Exception as error:
-                self.journal.log(messages.reload_rejected(str(error)))
-                if not self.sensors:  # closed for the new ones (not when building them failed)
-                    self._rebind_or_say(self.sensor_factory, old)
-                sdnotify.ready()
-                return False
-        now = self.clock()
-        self.config = config
-        self.ignore = ignore
-        self.engine.update_settings(engine_settings(config))
-        self.engine.ignore = ignore.current(now)
-        self._skip_ignored()
-        self.responder.timeout = config.command_timeout
-        if self.bans is not None:
-            self.bans.policy = BanPolicy.from_config(config)
-        if self.fleet is not None:
-            self.fleet.set_hosts_deny(config.kill_hosts_deny)
-        self.journal.history_file = config.history_file
-        self.journal.move_blocked_file(config.blocked_file, list(self.modes))
-        self.journal.log(messages.reloaded(config.source))
-        sdnotify.ready()
-        return True
-
-    def _kernel_guards_now(self, config: Config, ignore: IgnoreSource) -> None:
-        """Before a reload's new sensors may add first-probe ban rules: the guards of its
-        `config` in force. With KERNEL_BAN="off" at start there was no KernelBans to push them,
-        or to settle its bans. A reload refused after this is corrected by the next tick."""
-        if self._kernel is None and self.bans is not None and self.bans.backend is not None \
-                and config.kernel_ban != "off":
-            self._kernel = self._kernel_bans(self.bans)
-        if self._kernel is not None:
-            self._protected = protected_addresses(config)
-            self.engine.guard.set_protected(self._protected)
-            self._kernel.update(self._kernel_guards(config, ignore))
-            self._kernel.push()
-
-    def reopen_logs(self) -> None:
-        """After log rotation (SIGUSR1): the event log is opened again by name. The history and
-        blocked files are opened for every line and need nothing; the configuration stays."""
-        self.telemetry.reopen()
-        self.journal.log(messages.reopened())
-
-    def _rebind(self, sensors: Sequence[Sensor], need_one: bool = False) -> None:
-        """Close the sensors and open `sensors` instead; when one cannot open, or (`need_one`)
-        none of them watches anything, every one of them is closed again (none is left half
-        open) and the error raised."""
-        self._close_sensors()
-        self.sensors = tuple(sensors)
-        try:
-            watching = False
-            for sensor in self.sensors:
-                for handle in sensor.open():
-                    self._selector.register(handle, selectors.EVENT_READ, sensor)
-                    watching = True
-            if need_one and not watching:
-                # A start shuts down here; a reload must not leave a daemon that watches nothing.
-                raise NothingWatched("with it no mode watches any port (every one in use or not "
-                                     "to be bound, said above)")
-        except BaseException:
-            self._close_sensors()
-            self.sensors = ()
-            raise
-        self._skip_ignored()
-
-    def _rebind_or_say(self, factory: SensorFactory, config: Config) -> None:
-        try:
-            self._rebind(factory(config))
-        except Exception as error:
-            self.journal.log(messages.config_error(
-                f"cannot open the sensors again: {error}; nothing is watched until a reload succeeds"))
-
-    def _close_sensors(self) -> None:
-        for sensor in self.sensors:
-            for key in list(self._selector.get_map().values()):
-                if key.data is sensor:
-                    self._selector.unregister(key.fileobj)
-            sensor.close()
-
-    def capture_drops(self) -> int | None:
-        drops = [d for d in (s.capture_drops() for s in self.sensors) if d is not None]
-        return sum(drops) if drops else None
-
-    def packet_drops(self) -> dict[str, int]:
-        """Packets dropped before the engine, per reason (malformed, forged, banned already)."""
-        totals: dict[str, int] = {}
-        for sensor in self.sensors:
-            for reason, count in sensor.packet_drops().items():
-                totals[reason] = totals.get(reason, 0) + count
-        if self._dropped is not None and self._dropped.total:
-            # Never captured: probes of banned sources the kernel dropped (NFLOG capture), as
-            # the summary lines reported them.
-            totals["banned_source_in_kernel"] = self._dropped.total
-        return totals
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
