@@ -25,13 +25,8 @@ from portsentry.responders.nft_capture import (
     KernelBan,
 )
 from portsentry.responders.nft_commands import CAPTURE_CHAIN, CHAIN, COUNT_CHAIN, NFT, NftCommands
-from portsentry.responders.nft_elements import (
-    NetlinkElements,
-    Refused,
-    parse_caught_json,
-    parse_caught_left_json,
-    parse_dropped_json,
-)
+from portsentry.responders.nft_elements import NetlinkElements, Refused
+from portsentry.responders.nft_values import parse_caught_json, parse_caught_left_json, parse_dropped_json
 
 
 class CaptureState(NftCommands, BanBackend):

@@ -40,12 +40,8 @@ from portsentry.responders.nft_elements import (
     EncodedOp,
     Op,
     element_head,
-    held_for,
-    intervals,
-    port_ranges,
-    timeout_ms,
-    timeout_text,
 )
+from portsentry.responders.nft_values import held_for, intervals, port_ranges, timeout_ms, timeout_text
 
 NFT = "nft"
 SET4, SET6 = "blocked4", "blocked6"
