@@ -22,9 +22,13 @@ Threads and ownership:
   counters (fleet.tally) are read by `status` on the main loop.
 Redis being down stops neither detection nor local bans: only these threads wait and retry.
 
-Over 400 lines: the two threads' loops share the node's lock, its state file and the marks
-that tell a Redis that lost data from one that did not; the parts that need none of that are
-beside it (fleet.link, fleet.apply, fleet.gate, fleet.decision, fleet.tally).
+Where the code is: this module holds FleetNode itself: its life (start, set_guards,
+set_hosts_deny and stop on the main loop; wake on whichever thread records a ban change; resend
+on fleet-read), the state file (_save, from both threads and the stop), `status` (the main
+loop), and all that fleet-publish runs (_publish_loop down to _decision). What fleet-read runs
+is fleet.reader (Reading, a part of FleetNode); the timings and state the two threads share are
+declared in fleet.node_state. The parts that need none of the node's lock, state file or marks
+are beside it (fleet.link, fleet.apply, fleet.gate, fleet.decision, fleet.tally).
 """
 
 from __future__ import annotations
@@ -42,26 +46,15 @@ from portsentry.core.probe import IPAddress
 from portsentry.fleet.apply import Applier
 from portsentry.fleet.decision import Decision, reachable
 from portsentry.fleet.gate import Gate, Guards
-from portsentry.fleet.link import (
-    Link,
-    compare_marks,
-    just_before,
-    link_errors,
-    lost_past,
-    mark,
-    parse_mark,
-    stream_order,
-)
+from portsentry.fleet.link import Link, compare_marks, link_errors, mark, parse_mark
+from portsentry.fleet.node_state import BACKOFF_FIRST, BACKOFF_MAX, BLOCK_MS, POLL, LinkFactory, Logger
+from portsentry.fleet.reader import Reading
 from portsentry.fleet.settings import FleetSettings
 from portsentry.fleet.state import FleetState, StateFile, load_state
 from portsentry.fleet.tally import Tally
 from portsentry.journal.telemetry import Telemetry
 
-POLL = 0.5  # seconds between looks at the change feed when nothing woke the publisher
 PUBLISH_BATCH = 1000
-READ_BATCH = 1000
-BLOCK_MS = 1000
-BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0
 PRUNE_EVERY = 30.0
 CHECK_EVERY = 1.0  # seconds between looks at this host's mark in Redis while nothing is published
 # At most REFILLS_MAX refills in REFILL_WINDOW seconds: a Redis that keeps losing data, or a copy
@@ -69,11 +62,8 @@ CHECK_EVERY = 1.0  # seconds between looks at this host's mark in Redis while no
 REFILLS_MAX, REFILL_WINDOW = 3, 60.0
 SAVE_EVERY = 0.5  # seconds between state file writes; a crash re-sends or re-reads, harmlessly
 
-Logger = Callable[[str], None]
-LinkFactory = Callable[[FleetSettings], Link]
 
-
-class FleetNode:
+class FleetNode(Reading):
     def __init__(self, settings: FleetSettings, bans: BanManager, state_dir: str, log: Logger,
                  telemetry: Telemetry | None = None, clock: Callable[[], float] = time.time,
                  link_factory: LinkFactory = Link, hosts_deny: str | None = None) -> None:
@@ -379,90 +369,6 @@ class FleetNode:
                             reachable(change.expires), change.at, _reason(change.detail))
         return Decision(self.settings.host_id, self.epoch, change.id, "lift", change.address, None,
                         change.at, _reason(change.detail))
-
-    # -- reading ---------------------------------------------------------------------------------
-
-    def _read_loop(self) -> None:
-        delay = BACKOFF_FIRST
-        link: Link | None = None
-        fresh = False
-        while not self._stop.is_set():
-            try:
-                if link is None:
-                    link = self._link_factory(self.settings)
-                    link.ping()
-                    self._catch_up(link)
-                    fresh = True
-                self.read_once(link, 0 if fresh else BLOCK_MS)  # the first without waiting for news
-                if fresh:  # as the publisher: up once a read went through
-                    self.tally.link("read_up", True)
-                    delay, fresh = BACKOFF_FIRST, False
-            except link_errors() as error:
-                self.tally.link("read_up", False, error)
-                if link is not None:
-                    link.close()
-                link = None
-                delay = self._backoff(delay)
-            except StoreError as error:
-                self.tally.say_once("store", f"fleet: cannot write the ban store: {error}")
-                self._stop.wait(POLL)
-            except Exception as error:
-                self.log(f"adminalert: internal error in the fleet reader: {error!r}")
-                link = None
-                delay = self._backoff(delay)
-        if link is not None:
-            link.close()
-
-    def read_once(self, link: Link, block_ms: int = BLOCK_MS) -> int:
-        """One turn of the reader: what follows the cursor, applied; or, when entries after it
-        are gone, the active set first. How many entries were read."""
-        assert self.stream is not None
-        first, newest, entries = link.follow(self.stream, block_ms, READ_BATCH)
-        if lost_past(first, self.stream, newest):
-            self._load_active(link, first)  # these entries are read again, after the set
-            return len(entries)
-        if entries:
-            until = None if self._past is None else stream_order(self._past)
-            past = 0 if until is None else sum(stream_order(entry_id) <= until for entry_id, _f in entries)
-            self.applier.apply_entries(entries, past)
-            if until is not None and stream_order(entries[-1][0]) >= until:
-                self._past = None  # read up to where the set was loaded: from here on, news
-            self.stream = entries[-1][0]
-            self._commit_read()
-        self._save(force=not entries)
-        return len(entries)
-
-    def _catch_up(self, link: Link) -> None:
-        first, newest = link.ends()
-        if lost_past(first, self.stream, newest):
-            self._load_active(link, first)
-
-    def _load_active(self, link: Link, first: bytes | None) -> None:
-        """The fleet's active set, then the stream: with no cursor, from where it stood before the
-        set was read; when what followed the cursor is gone, from the oldest entry left, so the
-        lifts that survived are applied after the set (what comes twice is harmless)."""
-        why = "" if self.stream is None else " (what followed this host's cursor is gone from the stream)"
-        newest = link.last_id()
-        resume = self.stream is not None and first is not None
-        last = just_before(first) if resume and first is not None else newest
-        self._past = newest if resume else None
-        started, total = time.monotonic(), 0
-        values: list[bytes] = []
-        for batch in link.active():
-            total += len(batch)
-            values += batch
-        # All at once: the kernel takes every ban in one batch before the store records them.
-        applied = self.applier.apply_active(values)
-        self.stream = last
-        self._commit_read()
-        self._save(force=True)
-        self.log(f"fleet: loaded the fleet's active set: {applied} of {total} bans applied here in "
-                 f"{time.monotonic() - started:.1f} s{why}")
-
-    def _commit_read(self) -> None:
-        with self._lock:
-            self._read_state = (self.stream, dict(self.gate.seen))
-
 
 
 def _reason(text: str) -> str:
