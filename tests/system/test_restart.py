@@ -66,3 +66,48 @@ def test_a_changed_nft_table_takes_the_old_table_and_its_bans_away_at_the_next_s
     assert net.scanner_ip4 in held  # the stored ban, in the new table
     admin(daemon, "unblock", net.scanner_ip4)
     assert tcp_connect(net.scanner, net.target_ip4, 1, timeout=3.0).connected  # nothing else holds it
+
+
+HOLD_GROUP = """\
+import sys, time
+from portsentry.sensors.nflog import NflogCapture
+held = NflogCapture(int(sys.argv[1]))
+print("held", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_start_that_fails_leaves_the_last_run_s_table_and_its_bans(daemon_factory, namespaces, syslog):
+    """The old table was deleted before the sensors opened: a start whose capture then could not
+    open (the NFLOG group taken) left no ban in the kernel until the next good start."""
+    import subprocess
+    import sys
+
+    from tests.system.rig import daemon_env, popen_in
+
+    net = namespaces
+    keys = {"TCP_PORTS": "1", "BLOCK_TCP": "1", "BAN_BACKEND": "nftables", "NFLOG_GROUP": "7373"}
+    daemon = daemon_factory("-tcp", NFT_TABLE="psold", **keys)
+    assert tcp_connect(net.scanner, net.target_ip4, 1).connected
+    syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via nftables")
+    daemon.stop()
+    holder = popen_in(net.target, [sys.executable, "-c", HOLD_GROUP, "7373"], stdout=subprocess.PIPE,
+                      env=daemon_env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        daemon.config.update(NFT_TABLE="psnew", CAPTURE="nflog")
+        daemon.modes = ["-stcp"]
+        daemon.start(wait_ready=False)
+        assert daemon.wait_exit() == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "psold" in _tables(net.target)
+    assert not tcp_connect(net.scanner, net.target_ip4, 1, timeout=2.0).connected  # still dropped
+    mark = syslog.mark()
+    daemon.start()
+    syslog.wait_for("adminalert: removed the nftables table inet psold that the last run kept its bans in "
+                    "(NFT_TABLE is now psnew)", since=mark)
+    assert _tables(net.target) == ["psnew"]
+    held = run_in(net.target, ["nft", "list", "set", "inet", "psnew", "blocked4"], check=True).stdout
+    assert net.scanner_ip4 in held

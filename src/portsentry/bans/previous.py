@@ -9,6 +9,12 @@ truth: its bans are restored into this run's table (bans.restore), so removing t
 no ban the store knows. Its name is kept in STATE_DIR/nft-table with the pid of the daemon that
 made it: a daemon still running with that table (another instance sharing the state directory)
 keeps it.
+
+The removal comes in two steps. Before the sensors open, only the old table's capture chains go
+(they log to the same NFLOG group, and its first-probe ban would make bans nobody records); its
+drop chain and sets stay. The table itself goes once this run's restore has put the stored bans
+into the kernel: a start that fails before (a capture that cannot open) leaves the old table
+dropping what it held, and it is still remembered, so the next start retires it.
 """
 
 from __future__ import annotations
@@ -19,29 +25,56 @@ import re
 from collections.abc import Callable
 
 from portsentry.core import messages
-from portsentry.responders.backend import BackendError, BanBackend
+from portsentry.responders.backend import BackendError, BanBackend, run_argv
 from portsentry.responders.nftables import NftablesBackend
 
 TABLE_FILE = "nft-table"
 _LINE = re.compile(r"([A-Za-z][A-Za-z0-9_]{0,31}) (\d+)")
 
 Logger = Callable[[str], None]
+Maker = Callable[[str], NftablesBackend]
+
+
+def _maker(backend: BanBackend | None) -> Maker:
+    # Through the ban backend's runner; only nft commands are needed, no netlink socket.
+    runner = backend.runner if backend is not None else run_argv
+    return lambda name: NftablesBackend(table=name, runner=runner, mechanism="cli")
+
+
+def _retiring(current: str | None, previous: str | None, owner: int | None) -> str | None:
+    """The table the last run used (`previous`, by `owner`), when this start must retire it."""
+    return previous if previous is not None and previous != current and not _running(owner) else None
+
+
+def quiet_previous_table(backend: BanBackend | None, path: str, log: Logger,
+                         make: Maker | None = None) -> None:
+    """At start, before the sensors open: the capture chains of the table the last run used, when
+    it is not this run's, are removed; its bans stay in force until retire_previous_table."""
+    current = backend.table if isinstance(backend, NftablesBackend) else None
+    previous = _retiring(current, *_read(path, log))
+    if previous is None:
+        return
+    try:
+        old = (make or _maker(backend))(previous)
+        if old.has_table():
+            old.drop_capture()
+    except (BackendError, OSError, ValueError) as error:
+        log(messages.config_error(f"cannot remove the capture chains of the nftables table inet "
+                                  f"{previous} the last run used: {error}"))
 
 
 def retire_previous_table(backend: BanBackend | None, path: str, log: Logger,
-                          make: Callable[[str], NftablesBackend] = lambda name: NftablesBackend(table=name),
-                          pid: int | None = None) -> str | None:
-    """At start: remove the table the last run used when it is not this run's, then remember this
-    run's (or forget it, without nftables). Returns the table removed, or None."""
+                          make: Maker | None = None, pid: int | None = None) -> str | None:
+    """At start, once the stored bans are restored: remove the table the last run used when it is
+    not this run's, then remember this run's (or forget it, without nftables). Returns the table
+    removed, or None."""
     current = backend.table if isinstance(backend, NftablesBackend) else None
     previous, owner = _read(path, log)
     removed = None
-    if previous is not None and previous != current and not _running(owner):
+    if (old := _retiring(current, previous, owner)) is not None:
         try:
-            old = make(previous)
-            if old.has_table():
-                old.teardown()
-                removed = previous
+            if (make or _maker(backend))(old).teardown() is not None:
+                removed = old
         except (BackendError, OSError, ValueError) as error:
             log(messages.config_error(f"cannot remove the nftables table inet {previous} the last run "
                                       f"used: {error}; `nft delete table inet {previous}` removes it"))

@@ -256,11 +256,14 @@ def flush_main(config: Config) -> int:
         print("BAN_BACKEND=\"auto\" finds no working ban backend here: nothing to remove")
         return 0
     try:
-        backend.teardown()
+        removed = backend.teardown()
     except BackendError as error:
         print(f"portsentry: flush: {error}", file=sys.stderr)
         return 1
-    print(f"removed {backend.describe()}")
+    if removed is None:
+        print(f"nothing to remove: no {backend.owned()} here")
+    else:
+        print(f"removed {backend.name}: {removed}")
     return 0
 
 

@@ -234,8 +234,14 @@ class BanBackend(abc.ABC):
             self.remove(address)
 
     @abc.abstractmethod
-    def teardown(self) -> None:
-        """Remove everything this backend created (`portsentry flush`); idempotent."""
+    def teardown(self) -> str | None:
+        """Remove everything this backend created (`portsentry flush`); idempotent. Returns what
+        it found and removed, for an admin ("table inet portsentry"), or None when nothing of
+        ours was there: a second flush must not say it removed something."""
+
+    @abc.abstractmethod
+    def owned(self) -> str:
+        """What teardown would remove, named for an admin ("nftables table inet portsentry")."""
 
     def describe(self) -> str:
         return self.name

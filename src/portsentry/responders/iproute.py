@@ -190,9 +190,22 @@ class RouteBackend(BanBackend):
             found.update(parse_routes(self.run(argv).stdout, " ".join(argv)))
         return found
 
-    def teardown(self) -> None:
+    def teardown(self) -> str | None:
+        # Listed first: a flush says nothing of what it removed, and where the main table does
+        # not exist yet (no address configured) it fails rather than flush nothing.
+        count = 0
         for family in ("-4", "-6"):
-            self.run([IP, family, "route", "flush", "proto", str(self.proto), "type", self.kind])
+            argv = self.list_argv(family)
+            routes = len(_route_list(self.run(argv).stdout, " ".join(argv)))
+            if routes:
+                self.run([IP, family, "route", "flush", "proto", str(self.proto), "type", self.kind])
+                count += routes
+        if not count:
+            return None
+        return f"{count} {self.kind} route{'s' if count != 1 else ''} (proto {self.proto})"
+
+    def owned(self) -> str:
+        return f"{self.kind} routes with proto {self.proto}"
 
     def describe(self) -> str:
         return (f"route: {self.kind} host routes (proto {self.proto}); replies dropped, the "

@@ -192,20 +192,29 @@ class IpsetBackend(BanBackend):
             found.update(parse_save(self.run(argv).stdout, set_name, " ".join(argv)))
         return found
 
-    def teardown(self) -> None:
+    def teardown(self) -> str | None:
         # A set that does not exist has no rule either (ipset refuses to destroy a set in use),
         # and `iptables -C` naming a missing set is an error rather than "absent".
         self._set_up = False  # torn down on purpose: repair_capture must not bring it back
         existing = self._existing_sets()
+        removed: list[str] = []
         for program, set_name, _family in self._tables():
             if set_name not in existing:
                 continue
             # A rule inserted twice (by hand, or by two daemons racing) needs deleting twice.
+            rules = 0
             for _ in range(100):
                 if not self._rule_present(program, set_name):
                     break
                 self.run(self.rule_argv(program, "-D", set_name))
+                rules += 1
             self.run([IPSET, "destroy", set_name])
+            removed.append(f"set {set_name}" + (
+                f" and {rules} {program} rule{'s' if rules != 1 else ''}" if rules else ""))
+        return ", ".join(removed) or None
+
+    def owned(self) -> str:
+        return f"ipset sets {self.set4}/{self.set6}"
 
     def describe(self) -> str:
         return (f"ipset: sets {self.set4}/{self.set6} (maxelem {self.maxelem}) matched by one "

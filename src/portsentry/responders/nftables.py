@@ -260,14 +260,19 @@ class NftablesBackend(CaptureState):
         tables = [o["table"] for o in json.loads(listing.stdout).get("nftables", []) if "table" in o]
         return any(t.get("family") == "inet" and t.get("name") == self.table for t in tables)
 
-    def teardown(self) -> None:
+    def teardown(self) -> str | None:
         if self._netlink is not None:
             self._netlink.close()
         self._capture = None  # torn down on purpose: repair_capture must not bring it back
         self._set_up = False
         # Only our own table, and only if it is there (`delete` of a missing table fails).
-        if self.has_table():
-            self.run([NFT, "delete", "table", "inet", self.table])
+        if not self.has_table():
+            return None
+        self.run([NFT, "delete", "table", "inet", self.table])
+        return f"table inet {self.table}"
+
+    def owned(self) -> str:
+        return f"nftables table inet {self.table}"
 
     def describe(self) -> str:
         how = "netlink" if self._netlink is not None else "nft -f"

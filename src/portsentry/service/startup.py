@@ -1,11 +1,11 @@
 """Starting the daemon, and the start's state as the main loop keeps it current.
 
-`open` runs on the main thread before its loop (cli.run): the table a previous run left goes,
-the kernel's guards are pushed before the sensors add their ban rules, the sensors and the
-control socket open, the stored bans are restored, and the responders, the maintenance thread and
-the fleet start. What must be spared is asked later on the main loop (`_kernel_guards`,
-`_fleet_guards`, `_skip_ignored`) and on an admin worker (`spared`), which reads only sets the
-main loop replaces whole. Part of Daemon (service.daemon).
+`open` runs on the main thread before its loop (cli.run): the capture chains of the table a
+previous run left go, the kernel's guards are pushed before the sensors add their ban rules, the
+sensors and the control socket open, the stored bans are restored (then that table goes), and the
+responders, the maintenance thread and the fleet start. What must be spared is asked later on
+the main loop (`_kernel_guards`, `_fleet_guards`, `_skip_ignored`) and on an admin worker
+(`spared`), which reads only sets the main loop replaces whole. Part of Daemon (service.daemon).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import selectors
 import threading
 
-from portsentry.bans.previous import TABLE_FILE, retire_previous_table
+from portsentry.bans.previous import TABLE_FILE, quiet_previous_table, retire_previous_table
 from portsentry.bans.restore import RERUN_CONCURRENCY, rerun_routes, restore_bans
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config
@@ -54,9 +54,10 @@ class Startup(DaemonState):
         """Start every sensor; False when none could watch anything (1.2 then shuts down)."""
         any_open = False
         if self.bans is not None:
-            # Before the sensors: the old table's capture chain logs to the same NFLOG group.
-            retire_previous_table(self.bans.backend, os.path.join(self.config.state_dir, TABLE_FILE),
-                                  self.journal.log)
+            # Before the sensors: the old table's capture chain logs to the same NFLOG group. Its
+            # bans stay until this run's restore has put the stored ones in (bans.previous).
+            quiet_previous_table(self.bans.backend, os.path.join(self.config.state_dir, TABLE_FILE),
+                                 self.journal.log)
         self._protected = protected_addresses(self.config)
         if self._kernel is not None:
             # Before the sensors add the ban rules: from their first packet, the guards hold.
@@ -86,6 +87,8 @@ class Startup(DaemonState):
             restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"),
                                     self._stop_path())
             self._restored = True
+            retire_previous_table(self.bans.backend, os.path.join(self.config.state_dir, TABLE_FILE),
+                                  self.journal.log)
             self.engine.sync_bans(restored.banned)
             self.active_bans = len(restored.banned)
             if restored.rerun:  # after READY, a few at a time: many bans must not delay the start

@@ -40,8 +40,13 @@ class Kernel(BanBackend):
     def members(self) -> dict[IPAddress, float | None]:
         return dict(self.held)
 
-    def teardown(self) -> None:
+    def teardown(self) -> str | None:
+        removed = f"{len(self.held)} bans" if self.held else None
         self.held.clear()
+        return removed
+
+    def owned(self) -> str:
+        return "bans of this stand-in"
 
 
 def manager(tmp_path, **policy) -> tuple[BanManager, Kernel, list[str], list[str]]:

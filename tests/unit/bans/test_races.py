@@ -56,8 +56,13 @@ class Kernel(BanBackend):
         with self._lock:
             return dict(self.held)
 
-    def teardown(self) -> None:
+    def teardown(self) -> str | None:
+        removed = f"{len(self.held)} bans" if self.held else None
         self.held.clear()
+        return removed
+
+    def owned(self) -> str:
+        return "bans of this stand-in"
 
 
 def _manager(tmp_path, base: int = 60) -> tuple[BanManager, Kernel]:

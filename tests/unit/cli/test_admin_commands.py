@@ -20,17 +20,21 @@ ALL_CAPS = (1 << (max(CAPABILITIES.values()) + 1)) - 1
 class FakeBackend:
     """Stands in for the configured backend: records a teardown, or fails it as the kernel did."""
 
-    def __init__(self, error: str | None = None) -> None:
-        self.error = error
+    name = "route"
+
+    def __init__(self, error: str | None = None,
+                 removed: str | None = "2 blackhole routes (proto 213)") -> None:
+        self.error, self.removed = error, removed
         self.torn_down = 0
 
-    def teardown(self) -> None:
+    def teardown(self) -> str | None:
         self.torn_down += 1
         if self.error is not None:
             raise BackendError(self.error)
+        return self.removed
 
-    def describe(self) -> str:
-        return "route: blackhole host routes (proto 213)"
+    def owned(self) -> str:
+        return "blackhole routes with proto 213"
 
 
 def _conf(tmp_path: Path, backend: str = "route") -> Path:
@@ -89,7 +93,22 @@ def test_flush_with_cap_net_admin_removes_and_says_so(
     monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
     _capabilities(monkeypatch, 1 << CAPABILITIES["CAP_NET_ADMIN"])
     assert main(["flush", "-c", str(_conf(tmp_path))]) == 0
-    assert capsys.readouterr().out == "removed route: blackhole host routes (proto 213)\n"
+    assert capsys.readouterr().out == "removed route: 2 blackhole routes (proto 213)\n"
+    assert fake.torn_down == 1
+
+
+def test_flush_with_nothing_there_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second flush, or one after NFT_TABLE changed, said "removed nftables: table inet ..." of
+    # a table that was not there.
+    from portsentry.service import admin
+
+    fake = FakeBackend(removed=None)
+    monkeypatch.setattr(admin, "open_backend", lambda config, setup=True: fake)
+    _capabilities(monkeypatch, ALL_CAPS)
+    assert main(["flush", "-c", str(_conf(tmp_path))]) == 0
+    assert capsys.readouterr() == ("nothing to remove: no blackhole routes with proto 213 here\n", "")
     assert fake.torn_down == 1
 
 

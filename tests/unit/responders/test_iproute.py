@@ -60,10 +60,32 @@ def test_add_many_is_one_batch() -> None:
 
 
 def test_teardown_flushes_only_our_routes() -> None:
-    rec = Recorder()
-    RouteBackend(runner=rec).teardown()
-    assert rec.argvs == [["ip", "-4", "route", "flush", "proto", "213", "type", "blackhole"],
+    # The listings are new (what was there is said, and a family without routes of ours is not
+    # flushed); the flushes are as before.
+    v4 = json.dumps([{"type": "blackhole", "dst": "198.18.0.9", "protocol": "213"},
+                     {"type": "blackhole", "dst": "198.18.7.0/24", "protocol": "213"}])
+    v6 = json.dumps([{"type": "blackhole", "dst": "fd00::9", "dev": "lo", "protocol": "213"}])
+    rec = Recorder({("ip", "-j", "-4"): RunResult(0, v4, ""), ("ip", "-j", "-6"): RunResult(0, v6, "")})
+    assert RouteBackend(runner=rec).teardown() == "3 blackhole routes (proto 213)"
+    assert rec.argvs == [["ip", "-j", "-4", "route", "show", "proto", "213", "type", "blackhole"],
+                         ["ip", "-4", "route", "flush", "proto", "213", "type", "blackhole"],
+                         ["ip", "-j", "-6", "route", "show", "proto", "213", "type", "blackhole"],
                          ["ip", "-6", "route", "flush", "proto", "213", "type", "blackhole"]]
+
+
+def test_teardown_without_our_routes_flushes_nothing_and_says_so() -> None:
+    # `portsentry flush` said "removed route: blackhole host routes" when there were none (and
+    # where the main table does not exist yet, `ip route flush` fails: "FIB table does not exist").
+    v4 = json.dumps([])
+    v6 = json.dumps([{"type": "blackhole", "dst": "fd00::9", "dev": "lo", "protocol": "213"}])
+    rec = Recorder({("ip", "-j", "-4"): RunResult(0, v4, ""), ("ip", "-j", "-6"): RunResult(0, v6, "")})
+    assert RouteBackend(runner=rec).teardown() == "1 blackhole route (proto 213)"
+    assert rec.argvs == [["ip", "-j", "-4", "route", "show", "proto", "213", "type", "blackhole"],
+                         ["ip", "-j", "-6", "route", "show", "proto", "213", "type", "blackhole"],
+                         ["ip", "-6", "route", "flush", "proto", "213", "type", "blackhole"]]
+    rec = Recorder()
+    assert RouteBackend(runner=rec).teardown() is None
+    assert [argv[3] for argv in rec.argvs] == ["route", "route"]
 
 
 def test_members_lists_host_routes_without_expiry() -> None:

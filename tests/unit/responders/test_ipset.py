@@ -94,7 +94,7 @@ def test_teardown_removes_rules_then_sets() -> None:
         ("ipset", "list", "-n"): RunResult(0, "other\nportsentry4\n", ""),
         ("iptables", "-w", "-C"): lambda argv, stdin: next(checks),
     })
-    IpsetBackend(runner=rec).teardown()
+    assert IpsetBackend(runner=rec).teardown() == "set portsentry4 and 2 iptables rules"
     assert rec.argvs == [
         ["ipset", "list", "-n"],
         ["iptables", "-w", "-C", "INPUT", *RULE4],
@@ -104,6 +104,24 @@ def test_teardown_removes_rules_then_sets() -> None:
         ["iptables", "-w", "-C", "INPUT", *RULE4],
         ["ipset", "destroy", "portsentry4"],
     ]
+
+
+def test_teardown_of_both_sets_names_each_with_its_rule() -> None:
+    rec = Recorder({
+        ("ipset", "list", "-n"): RunResult(0, "portsentry4\nportsentry6\n", ""),
+        ("iptables", "-w", "-C"):
+            lambda argv, stdin: ABSENT if rec.argvs.count(list(argv)) > 1 else RunResult(0, "", ""),
+        ("ip6tables", "-w", "-C"): ABSENT,
+    })
+    assert (IpsetBackend(runner=rec).teardown()
+            == "set portsentry4 and 1 iptables rule, set portsentry6")
+
+
+def test_teardown_without_our_sets_removes_nothing_and_says_so() -> None:
+    # `portsentry flush` said "removed ipset: sets ..." of sets that were not there.
+    rec = Recorder({("ipset", "list", "-n"): RunResult(0, "other\n", "")})
+    assert IpsetBackend(runner=rec).teardown() is None
+    assert rec.argvs == [["ipset", "list", "-n"]]
 
 
 def test_members_parses_save_output() -> None:
