@@ -179,6 +179,14 @@ class FleetNode(Reading):
         self._stop.wait(delay)
         return min(delay * 2, BACKOFF_MAX)
 
+    def _link_lost(self, link: Link | None, which: str, error: BaseException, delay: float) -> float:
+        """A Redis error in one thread's loop (`which`: publish_up or read_up): said through the
+        tally, the connection closed, the wait before the next try; the delay after it."""
+        self.tally.link(which, False, error)
+        if link is not None:
+            link.close()
+        return self._backoff(delay)
+
     # -- publishing ------------------------------------------------------------------------------
 
     def _publish_loop(self) -> None:
@@ -214,11 +222,8 @@ class FleetNode(Reading):
                     self._wake.wait(POLL)
                     self._wake.clear()
             except link_errors() as error:
-                self.tally.link("publish_up", False, error)
-                if link is not None:
-                    link.close()
+                delay = self._link_lost(link, "publish_up", error, delay)
                 link = None
-                delay = self._backoff(delay)
             except StoreError as error:
                 self.tally.say_once("store", f"fleet: cannot read the ban store: {error}")
                 self._stop.wait(POLL)

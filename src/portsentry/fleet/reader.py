@@ -37,11 +37,8 @@ class Reading(NodeState):
                     self.tally.link("read_up", True)
                     delay, fresh = BACKOFF_FIRST, False
             except link_errors() as error:
-                self.tally.link("read_up", False, error)
-                if link is not None:
-                    link.close()
+                delay = self._link_lost(link, "read_up", error, delay)
                 link = None
-                delay = self._backoff(delay)
             except StoreError as error:
                 self.tally.say_once("store", f"fleet: cannot write the ban store: {error}")
                 self._stop.wait(POLL)
