@@ -242,6 +242,12 @@ class IgnoreSource:
         return self._list
 
     @property
+    def file_key(self) -> FileKey | None:
+        """(dev, ino, size, mtime_ns) of the file as last read or tried, None when it could not
+        be stat'ed (the fast lane compares the file with it before each probe it decides)."""
+        return self._file_key
+
+    @property
     def last_error(self) -> str | None:
         """Why the list in force is older than the file or the host's addresses, if it is."""
         errors = [error for error in (self._file_error, self._own_error) if error]

@@ -87,6 +87,8 @@ class Config:
     nflog_group: int = 7373
     # First-probe ban in the kernel (stealth modes, nftables capture): auto | off
     kernel_ban: str = "auto"
+    # The fast lane (sensors/lane.c): a lone TCP SYN's line and KILL_ROUTE from C: auto | off
+    fast_lane: str = "auto"
     state_dir: str = "/var/lib/portsentry"
     control_socket: str = "/run/portsentry/control.sock"
     event_log: str | None = None  # EVENT_LOG: JSON lines for SIEMs (docs/events.md)
@@ -178,6 +180,7 @@ KEYS: Final[Mapping[str, KeySpec]] = MappingProxyType(
         "CAPTURE": KeySpec("capture", v.choice("auto", "nflog", "packet")),
         "NFLOG_GROUP": KeySpec("nflog_group", v.integer(0, 65535, "a log group from 0 to 65535")),
         "KERNEL_BAN": KeySpec("kernel_ban", v.choice("auto", "off")),
+        "FAST_LANE": KeySpec("fast_lane", v.choice("auto", "off")),
         "STATE_DIR": KeySpec("state_dir", v.absolute_path),
         "CONTROL_SOCKET": KeySpec("control_socket", v.absolute_path),
         "EVENT_LOG": KeySpec("event_log", v.optional_path),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from portsentry.core.probe import Probe
@@ -38,12 +39,30 @@ class Step:
     template: str
 
 
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A block the fast lane (sensors.lane) began before the engine saw its probe: the detection
+    line is written and, with `pid` >= 0, KILL_ROUTE's shell is running (output on `pipe`, started
+    at `at`, time.monotonic()). The ROUTE step waits for that shell instead of starting one, and
+    calls `reaped` once it has."""
+
+    pid: int = -1
+    pipe: int = -1
+    at: float = 0.0
+    reaped: Callable[[], None] = _nothing
+
+
 @dataclass(frozen=True, slots=True)
 class Block:
     """Carry out `steps` in order for the probe's source, then report back with Engine.finished()."""
 
     probe: Probe
     steps: tuple[Step, ...]
+    started: Started | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ for larger triggers; ours holds max(50, 2 * SCAN_TRIGGER) so any trigger works.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
@@ -27,6 +27,14 @@ from portsentry.core.probe import IPAddress, Mode, Probe, Protocol
 RING_CAPACITY = 50
 BLOCKED_CAPACITY = 65536
 PENDING_CAPACITY = 64  # hits kept per host while its block is under way; more are dropped
+
+
+def _nobody(_source: IPAddress) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -124,9 +132,26 @@ class Engine:
         # the feed and the block's outcome come from two threads, and an unblock that waited for
         # the block reached this engine first. Lifted again once the outcome is in.
         self._lifted_meanwhile: set[IPAddress] = set()
+        # The fast lane (service.lane) must never act for a source the engine holds anything
+        # about: told of each source it starts to hold and of each it lets go of entirely.
+        self.holding: Callable[[IPAddress], None] = _nobody
+        self.released: Callable[[IPAddress], None] = _nobody
+        self.resynced: Callable[[], None] = _nothing
 
-    def _guarded(self, probe: Probe, now: float, actions: list[Action]) -> Outcome | None:
-        """What to do instead of blocking, or None when the guard lets the block go."""
+    def held(self) -> Iterator[bytes]:
+        """Every source the engine holds something about, packed (some more than once)."""
+        yield from self._banned
+        for blocked in self._blocked.values():
+            yield from (source.packed for source in blocked)
+        yield from (source.packed for source in self._pending)
+
+    def _holds(self, source: IPAddress) -> bool:
+        return (source.packed in self._banned or source in self._pending
+                or any(source in blocked for blocked in self._blocked.values()))
+
+    def _guarded(self, probe: Probe, now: float, actions: list[Action], made: bool = False) -> Outcome | None:
+        """What to do instead of blocking, or None when the guard lets the block go. `made`: the
+        fast lane has made the ban within its share of the rate cap, which counts it here."""
         quiet: list[Action] = [a for a in actions if not isinstance(a, Log)]
         reason = self.guard.refusal(probe, now)
         if reason is not None:
@@ -135,6 +160,9 @@ class Engine:
                 refusal = Log(messages.block_refused(probe, reason))
                 return Outcome([*actions, refusal], Decision.REFUSED, reason)
             return Outcome(quiet, Decision.REFUSED, reason)
+        if made:
+            self.guard.count_ban(now)
+            return None
         if self.guard.rate_limited(probe.source, now):
             reason = "ban rate limit reached"
             if self.guard.count_rate_limited(now):
@@ -179,7 +207,9 @@ class Engine:
         return source in self._blocked[mode] or source.packed in self._banned
 
 
-    def observe(self, probe: Probe, now: float) -> Outcome:
+    def observe(self, probe: Probe, now: float, made: bool = False) -> Outcome:
+        """`made`: the fast lane has already written this probe's detection line and begun its
+        block; the engine decides it as any other, and the daemon checks that it agrees."""
         if probe.source in self.ignore:
             return Outcome([Log(messages.ignored_host(probe), verbose=True)], Decision.IGNORED)
         self.guard.note(probe, now)
@@ -207,7 +237,7 @@ class Engine:
                 key = probe.source
                 self._pending_over[key] = (self._pending_over.get(key, (0, probe))[0] + 1, probe)
             return Outcome([] if udp else actions, Decision.ALREADY_BLOCKED)
-        decided = self._decide(probe, now)
+        decided = self._decide(probe, now, made)
         if decided.decision is Decision.REFUSED:
             # A source the guard refused (forged, protected, over the rate cap) gets no banner:
             # answering a UDP datagram from a forged source makes us a reflector for it.
@@ -216,7 +246,7 @@ class Engine:
             return decided
         return Outcome(actions + decided.actions, decided.decision, decided.reason)
 
-    def _decide(self, probe: Probe, now: float) -> Outcome:
+    def _decide(self, probe: Probe, now: float, made: bool = False) -> Outcome:
         """Everything after the ignore list and the scan trigger."""
         actions: list[Action] = []
         blocked = self._blocked[probe.mode]
@@ -236,11 +266,12 @@ class Engine:
 
         level = self.settings.block_level(probe.mode.protocol)
         if level > 0:
-            refused = self._guarded(probe, now, actions)
+            refused = self._guarded(probe, now, actions, made)
             if refused is not None:
                 return refused
         steps = self.settings.steps(level)
         blocked.touch(probe.source, now)
+        self.holding(probe.source)
         decision = Decision.BLOCK if level > 0 and steps else Decision.LOG
         if level == 0:
             # 1.2 records a log-only host as blocked too, so later hits say "already blocked".
@@ -269,6 +300,7 @@ class Engine:
                 self._lifted_meanwhile.discard(source)
             else:
                 self._lifted_meanwhile.add(source)
+        self.resynced()
 
     def apply_ban_changes(self, changes: Iterable[tuple[IPAddress, bool]]) -> None:
         """The ban store's change feed, in order: (address, True) for a ban made or extended
@@ -279,6 +311,7 @@ class Engine:
             if banned:
                 self._banned.add(source.packed)
                 self._lifted_meanwhile.discard(source)
+                self.holding(source)
             else:
                 self._forget(source)
                 if source in self._pending:
@@ -288,6 +321,8 @@ class Engine:
         self._banned.discard(source.packed)
         for blocked in self._blocked.values():
             blocked.discard(source)
+        if source not in self._pending:
+            self.released(source)
 
     def finished(self, block: Block, succeeded: bool | None, now: float) -> list[Action]:
         """The daemon reports the outcome of a Block it carried out (None: refused before any
@@ -305,6 +340,8 @@ class Engine:
         else:
             # Forget the attempt so the next hit tries again.
             self._blocked[probe.mode].discard(probe.source)
+            if not self._holds(probe.source):
+                self.released(probe.source)
             # A refusal is not a failure: "Could not block host" after the refusal's own line
             # told the admin a step had failed when none had run.
             actions = [] if succeeded is None else [Log(messages.block_failed(probe))]

@@ -13,7 +13,7 @@ Every table here is bounded; see `EvidenceTable` and `RefusalLog` for what is ev
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
@@ -55,6 +55,9 @@ class BoundedSet:
         self._items.move_to_end(item)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
+
+    def __iter__(self) -> Iterator[IPAddress]:
+        return iter(self._items)
 
     def discard(self, item: IPAddress) -> None:
         self._items.pop(item, None)
@@ -135,6 +138,20 @@ class BanGuard:
         if window is not None:
             window.append(now)
         return False
+
+    def free_bans(self, now: float) -> int | None:
+        """How many new bans the overall cap lets start now (None: no cap). The fast lane takes
+        its allowance from this; with a per-network cap it is not used."""
+        limit = self.settings.ban_rate_limit
+        if not limit:
+            return None
+        while self._recent_bans and self._recent_bans[0] <= now - MINUTE:
+            self._recent_bans.popleft()
+        return max(0, limit - len(self._recent_bans))
+
+    def count_ban(self, now: float) -> None:
+        """A ban the fast lane already made within its allowance: counted, never refused."""
+        self._recent_bans.append(now)
 
     def count_rate_limited(self, now: float) -> bool:
         """Count a hit refused by the rate cap; True for the first one of a minute (log it)."""

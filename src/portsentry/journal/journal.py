@@ -70,8 +70,10 @@ class Journal:
         self._lock = threading.RLock()  # re-entered by `in_order`
         self._recent: deque[tuple[float, str]] = deque(maxlen=10)
 
-    def log(self, text: str, verbose: bool = False, fields: dict[str, object] | None = None) -> None:
-        """One line; `fields` (PORTSENTRY_SRC etc.) reach the systemd journal when that is the sink."""
+    def log(self, text: str, verbose: bool = False, fields: dict[str, object] | None = None,
+            sent: bool = False) -> None:
+        """One line; `fields` (PORTSENTRY_SRC etc.) reach the systemd journal when that is the sink.
+        `sent`: the fast lane has written it to syslog already (every other sink still gets it)."""
         if verbose and not self.verbose:
             return
         text = one_line(text)
@@ -83,7 +85,7 @@ class Journal:
             # logs) nor lose lines unnoticed: each lost line is a failed write, counted for
             # status and the metrics and summed up in the log (WriteFailures), whose own lines
             # come back here; a second failure inside its window is only counted, so this ends.
-            if self.syslog is not None and not self.syslog.emit(text, severity, fields or {}):
+            if not sent and self.syslog is not None and not self.syslog.emit(text, severity, fields or {}):
                 self.failures.failed(SYSLOG, self.syslog.path, self.syslog.last_error)
             if self.stderr is not None:
                 try:

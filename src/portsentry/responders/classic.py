@@ -19,7 +19,7 @@ from portsentry.core.probe import IPAddress
 from portsentry.journal.failures import HOSTS_DENY, WriteFailures
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.hostsdeny import HostsDeny, HostsDenyError
-from portsentry.responders.shell import CommandResult, run_shell
+from portsentry.responders.shell import CommandResult, run_shell, wait_shell
 from portsentry.responders.substitute import hosts_deny_entry, substitute
 
 Logger = Callable[[str], None]
@@ -146,7 +146,18 @@ class ClassicResponder:
             self._log(messages.blocked_via_wrappers(target, line))
             return None
         command = substitute(step.template, probe.source, probe.port, probe.mode)
-        result = self._run_until_stop(command)
+        started = block.started
+        if step.kind is StepKind.ROUTE and started is not None and started.pid >= 0:
+            # The fast lane started this very command (service.lane checks it renders the same).
+            timeout = self.timeout
+            if self._stop_by is not None:
+                timeout = max(min(timeout, self._stop_by - time.monotonic()), 0.001)
+            try:
+                result = wait_shell(command, started.pid, started.pipe, started.at, timeout)
+            finally:
+                started.reaped()
+        else:
+            result = self._run_until_stop(command)
         if step.kind is StepKind.ROUTE:
             if result.ok:
                 self._log(messages.blocked_via_route(target, command))

@@ -103,6 +103,13 @@ def run_shell(command: str, timeout: float) -> CommandResult:
         pid, pipe = _spawn(command)
     except (OSError, ValueError) as exc:  # ValueError: NUL byte in the command
         return CommandResult(command, None, False, f"cannot run {SHELL}: {exc}", 0.0)
+    return wait_shell(command, pid, pipe, start, timeout)
+
+
+def wait_shell(command: str, pid: int, pipe: int, start: float, timeout: float) -> CommandResult:
+    """See through a shell already started as `_spawn` starts it (the fast lane's KILL_ROUTE,
+    sensors/lane.c): its output from `pipe` (closed here), the deadline from `start`
+    (time.monotonic()), then reaped. Blocking, as run_shell."""
     out = _Output()
     try:
         timed_out = _supervise(pid, pipe, start + timeout, out)

@@ -8,6 +8,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Protocol
 
 from portsentry.core.probe import Probe
+from portsentry.sensors.lane import Act
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Hit:
     probe: Probe
     reply: Callable[[bytes], None] = lambda _data: None
     close: Callable[[], None] = lambda: None
+    lane: Act | None = None  # what the fast lane already did for it (sensors.lane)
 
 
 class Readable(Protocol):
@@ -36,6 +38,10 @@ class Sensor(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def handled(self) -> None:
+        """The daemon has decided every hit of the last read (the fast lane may act again)."""
+        ...
 
     def describe(self) -> list[str]:
         """What it watches, for `portsentry status`."""

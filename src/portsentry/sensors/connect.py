@@ -198,6 +198,9 @@ class ConnectSensor:
             hits.append(Hit(self._probe(peer[0], port), reply, lambda: None))
         return hits
 
+    def handled(self) -> None:
+        pass  # nothing waits for it
+
     def close(self) -> None:
         for sock, _port in self._sockets.values():
             sock.close()

@@ -17,11 +17,12 @@ from ipaddress import ip_network
 from portsentry.core import messages
 from portsentry.core.addresses import possible_networks
 from portsentry.core.ports import format_ports
-from portsentry.core.probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
+from portsentry.core.probe import KIND_SYN, KIND_UDP, IPAddress, Mode, Probe, Protocol
 from portsentry.sensors.base import Hit, Readable
 from portsentry.sensors.bpf import Insn, build_probe_filter
 from portsentry.sensors.capture import Capture, CaptureSocket, Network
 from portsentry.sensors.conntrack import PublishedPorts
+from portsentry.sensors.lane import Act, Lane, LaneCapture, LaneUnavailable
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
 
@@ -209,9 +210,17 @@ class StealthSensor:
             lines.append(f"-{watch.mode}: {what}, ports with a live service skipped (IPv4+IPv6 capture)")
         return lines
 
+    @property
+    def lane(self) -> Lane | None:
+        """The fast lane in front of the capture, when there is one (service.lane runs it)."""
+        capture = self._capture
+        return capture.lane if isinstance(capture, LaneCapture) else None
+
     def read(self, handle: Readable) -> list[Hit]:
-        assert self._capture is not None
-        batch = self._capture.read_batch()
+        capture = self._capture
+        assert capture is not None
+        batch: list[bytes] | list[bytes | Act]
+        batch = capture.read_items() if isinstance(capture, LaneCapture) else capture.read_batch()
         if not batch:
             return []
         # The tables and filters are kept current by tick(), once a second, not here: a lone
@@ -220,10 +229,18 @@ class StealthSensor:
         hits: list[Hit] = []
         for data in batch:
             self.packets += 1
+            if isinstance(data, Act):
+                hits.append(Hit(Probe(source=data.source, port=data.port, mode=data.mode, kind=KIND_SYN,
+                                      destination=data.destination), lane=data))
+                continue
             packet = parse_packet(data, self.drops)
             if packet is not None:
                 hits.extend(self.hits_for(packet, now))
         return hits
+
+    def handled(self) -> None:
+        if isinstance(self._capture, LaneCapture):
+            self._capture.handled()
 
     def hits_for(self, packet: Packet, now: float) -> list[Hit]:
         if packet.source in self.addresses.local:
@@ -369,6 +386,29 @@ class StealthSensor:
         self._skipped = ()  # a capture opened again starts with its plain filter
         self._relaying = frozenset()
         self.published.close()  # its socket is opened again at the next question
+
+
+
+
+CaptureOpener = Callable[[int | None, set[Protocol]], Capture]
+
+
+def lane_capture(log: Logger, opener: CaptureOpener) -> CaptureOpener:
+    """`opener`'s capture with the fast lane in front when it is AF_PACKET and TCP is watched
+    (FAST_LANE="auto"); where the compiled lane cannot run, the plain capture, and why said."""
+
+    def open_capture(max_port: int | None, protocols: set[Protocol]) -> Capture:
+        capture = opener(max_port, protocols)
+        if Protocol.TCP not in protocols or not isinstance(capture, CaptureSocket):
+            return capture
+        try:
+            return LaneCapture(capture, Lane())
+        except LaneUnavailable as error:
+            log(f"adminalert: WARNING: fast lane unavailable ({error}); every probe goes through "
+                "the daemon")
+            return capture
+
+    return open_capture
 
 
 def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:

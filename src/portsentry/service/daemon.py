@@ -3,7 +3,11 @@
 Threads, each with one job, and what each owns:
 - main (the detection loop): the sensors, the selector, the engine and everything the engine
   decides; other threads never touch them, they post work to it (`_call_on_main`, woken through a
-  socket pair) and it runs that work between packets.
+  socket pair) and it runs that work between packets. It also owns the fast lane's keeper
+  (service.lane) and takes in the lane's reports (service.lane_path).
+- lane (sensors/lane.c, C, no interpreter): reads the AF_PACKET capture when the fast lane is
+  there; writes a lone SYN's detection line, its record and KILL_ROUTE's start, and hands every
+  packet and report to main in order. It touches nothing of Python's.
 - responder-N (blockqueue.BlockQueue): carry out blocks from a bounded queue, so a slow or
   hanging KILL_ROUTE never delays detection; outcomes are posted to main.
 - maintenance (maintenance.Maintenance): expiry, records held back by a full disk, table repair,
@@ -54,6 +58,8 @@ from portsentry.service.blockqueue import BlockQueue
 from portsentry.service.control import ControlServer
 from portsentry.service.daemon_state import Clock, Reloader, SensorFactory
 from portsentry.service.kernelbans import DroppedProbes, KernelBans, LateSteps
+from portsentry.service.lane import LaneKeeper
+from portsentry.service.lane_path import LanePath
 from portsentry.service.maintenance import Findings, Maintenance, due
 from portsentry.service.reload import Reloading
 from portsentry.service.requests import Counters, Requests
@@ -66,7 +72,7 @@ AWAIT_CAPACITY = 64  # hits held per source while its name is looked up; more go
 AWAIT_TOTAL = 256
 
 
-class Daemon(Reloading, Shutdown):
+class Daemon(Reloading, Shutdown, LanePath):
     def __init__(
         self,
         config: Config,
@@ -106,6 +112,7 @@ class Daemon(Reloading, Shutdown):
         self._next_tick = 0.0
         self.active_bans = 0  # from the maintenance thread's Findings
         self.engine = Engine(engine_settings(config), ignore.current(clock()))
+        self.lane = LaneKeeper(journal.log, config.state_dir)
         self._ignore_error: str | None = None
         # Hits held while their source's name is looked up (RESOLVE_HOST), per source, in order.
         self._awaiting_name: dict[IPAddress, list[tuple[Hit, float]]] = {}
@@ -189,6 +196,8 @@ class Daemon(Reloading, Shutdown):
                         sensor: Sensor = key.data
                         for hit in sensor.read(key.fileobj):  # type: ignore[arg-type]
                             self._guarded(self.handle, hit)
+                        if sensor is self.lane.sensor:
+                            self.lane.handled(self.engine, self.clock())
                 self._run_main_calls()
                 if self._reload_requested:
                     self._reload_requested = False
@@ -221,6 +230,9 @@ class Daemon(Reloading, Shutdown):
                 self.journal.log(messages.config_error(f"ignore list not reloaded: {self._ignore_error}"))
 
     def handle(self, hit: Hit) -> None:
+        if hit.lane is not None:
+            self._adopt(hit)
+            return
         now = self.clock()
         self.counters.probe(now)
         self._ignore_now(now)
@@ -275,9 +287,10 @@ class Daemon(Reloading, Shutdown):
             hit.close()
 
     def perform(self, actions: list[Action], hit: Hit | None = None,
-                fields: dict[str, object] | None = None) -> None:
+                fields: dict[str, object] | None = None, sent: str | None = None) -> None:
+        """`sent`: a line the fast lane has written to syslog already (its detection line)."""
         if not any(isinstance(action, Block) for action in actions):
-            self._perform(actions, hit, fields)
+            self._perform(actions, hit, fields, sent)
             return
         # A block goes to its worker first, which starts on the ban record and the command while
         # this thread writes the detection line; the journal is held meanwhile, so every line the
@@ -288,16 +301,21 @@ class Daemon(Reloading, Shutdown):
             for action in actions:
                 if isinstance(action, Block) and (self._blocks.full or not self._blocks.submit(action)):
                     late.append(action)
-            self._perform([action for action in actions if not isinstance(action, Block)], hit, fields)
+            self._perform([action for action in actions if not isinstance(action, Block)], hit, fields, sent)
         for block in late:
             if not self._blocks.submit(block):
                 # Not started: the engine forgets it, so the host's next hit tries again.
+                self._lane_block_over(block, abandoned=True)
                 self.perform(self.engine.finished(block, False, self.clock()))
 
-    def _perform(self, actions: list[Action], hit: Hit | None, fields: dict[str, object] | None) -> None:
+    def _perform(self, actions: list[Action], hit: Hit | None, fields: dict[str, object] | None,
+                 sent: str | None = None) -> None:
         for action in actions:
             if isinstance(action, Log):
-                self.journal.log(action.text, verbose=action.verbose, fields=fields)
+                already = sent is not None and action.text == sent
+                if already:
+                    sent = None  # once: a second line of the same text is a line of its own
+                self.journal.log(action.text, verbose=action.verbose, fields=fields, sent=already)
             elif isinstance(action, SendBanner):
                 if hit is not None:
                     hit.reply(action.text.encode("utf-8", "replace"))
@@ -310,7 +328,11 @@ class Daemon(Reloading, Shutdown):
         """On a responder thread: hand the outcome to the main loop."""
         if error is not None:
             self.journal.log(messages.config_error(f"responder failed: {error!r}"))
-        self._call_on_main(lambda: self.perform(self.engine.finished(block, succeeded, self.clock())))
+        def finished() -> None:
+            self._lane_block_over(block)
+            self.perform(self.engine.finished(block, succeeded, self.clock()))
+
+        self._call_on_main(finished)
         self._maintenance.wake()  # the ban's change reaches status and the gauges at once
 
     def _call_on_main(self, call: Callable[[], None]) -> None:
@@ -342,6 +364,7 @@ class Daemon(Reloading, Shutdown):
         self._ignore_now(now)
         for sensor in self.sensors:
             sensor.tick(now)
+        self._lane_compile()
         self.perform(self.engine.tick(now))
         self.journal.flush()
         self.journal.failures.flush()

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 from portsentry.bans.lifecycle import BanManager
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config
-from portsentry.core.actions import Action
+from portsentry.core.actions import Action, Block
 from portsentry.core.engine import Engine
 from portsentry.core.probe import IPAddress, Mode
 from portsentry.fleet.node import FleetNode
+from portsentry.journal.hits import HitTally
 from portsentry.journal.journal import Journal
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.classic import ClassicResponder
@@ -30,7 +31,9 @@ from portsentry.sensors.base import Hit, Sensor
 from portsentry.service.blockqueue import BlockQueue
 from portsentry.service.control import ControlServer
 from portsentry.service.kernelbans import DroppedProbes, KernelBans
+from portsentry.service.lane import LaneKeeper
 from portsentry.service.maintenance import Maintenance
+from portsentry.service.requests import Counters
 from portsentry.service.resolver import Resolver
 
 Clock = Callable[[], float]
@@ -74,10 +77,16 @@ class DaemonState:
     _reload_requested: bool
     _reopen_requested: bool
     _awaiting_name: dict[IPAddress, list[tuple[Hit, float]]]
+    lane: LaneKeeper
+    counters: Counters
+    hits: HitTally
 
     if TYPE_CHECKING:
         def _kernel_bans(self, bans: BanManager) -> KernelBans: ...
         def _named(self, source: IPAddress, name: str) -> None: ...
         def perform(self, actions: list[Action], hit: Hit | None = None,
-                    fields: dict[str, object] | None = None) -> None: ...
+                    fields: dict[str, object] | None = None, sent: str | None = None) -> None: ...
+        def _ignore_now(self, now: float) -> None: ...
+        def _lane_block_over(self, block: Block, abandoned: bool = False) -> None: ...
+        def _lane_compile(self) -> None: ...
         def _run_main_calls(self) -> None: ...

@@ -87,6 +87,7 @@ class Reloading(Startup):
         self.engine.update_settings(engine_settings(config))
         self.engine.ignore = ignore.current(now)
         self._skip_ignored()
+        self._lane_compile()
         self.responder.timeout = config.command_timeout
         if self.bans is not None:
             self.bans.policy = BanPolicy.from_config(config)

@@ -151,6 +151,7 @@ class Requests:
             "modes": [str(mode) for mode in daemon.modes],
             "watching": [line for sensor in daemon.sensors for line in sensor.describe()],
             "backend": backend.name if backend is not None else None,
+            "fast_lane": daemon.lane.describe(),
             "ignore_entries": len(ignore) if isinstance(ignore, Sized) else None,
             "active_bans": daemon.active_bans,
             **({"ban_store": ban_store(daemon.bans)} if daemon.bans is not None else {}),

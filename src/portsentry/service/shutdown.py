@@ -59,6 +59,7 @@ class Shutdown(Startup):
         self._stop_reruns.set()
         for sensor in self.sensors:
             sensor.close()
+        self.lane.close()
         for source in list(self._awaiting_name):  # no time left to wait for names
             self._named(source, str(source))
         self.perform(self.engine.close())

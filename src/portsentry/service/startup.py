@@ -20,11 +20,14 @@ from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config
 from portsentry.core import messages
 from portsentry.core.addresses import possible_networks
+from portsentry.core.probe import IPAddress, Mode
 from portsentry.fleet.gate import Guards as FleetGuards
 from portsentry.host import info as hostinfo
+from portsentry.responders.substitute import hosts_deny_entry
 from portsentry.service.admin import Spared, protected_addresses
 from portsentry.service.daemon_state import DaemonState
 from portsentry.service.kernelbans import Guards, guards_of
+from portsentry.service.lane import replay
 
 
 class Startup(DaemonState):
@@ -84,6 +87,9 @@ class Startup(DaemonState):
             cursor = self.bans.store.last_change()
             # Before restore lifts what expired: a ban made while the daemon was down is said first.
             self._maintenance.report_others()
+            # Bans the fast lane began that the last run did not live to record: recorded before
+            # the restore, which completes them as any ban it finds.
+            replay(self.lane.path, self.bans, self._hosts_deny_line, self.journal.log)
             restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"),
                                     self._stop_path())
             self._restored = True
@@ -97,10 +103,15 @@ class Startup(DaemonState):
                                                       self._stop_reruns))
                 self._reruns.start()
         self._blocks.start()
+        self._lane_compile()  # after the restore: the lane starts knowing every ban
         self._maintenance.start(cursor, self.active_bans)
         if self.fleet is not None:
             self.fleet.start(self._fleet_guards())
         return any_open
+
+    def _hosts_deny_line(self, address: IPAddress, port: int, mode: Mode) -> str | None:
+        template = self.config.kill_hosts_deny
+        return hosts_deny_entry(template, address, port, mode) if template else None
 
     def _stop_path(self) -> str:
         return os.path.join(self.config.state_dir, "kernel-sync")

@@ -78,6 +78,7 @@ def format_status(state: dict[str, object]) -> str:
         ("config", state["config"]),
         ("modes", " ".join(f"-{m}" for m in state["modes"])),  # type: ignore[attr-defined]
         ("ban backend", state["backend"] or "none (classic KILL_* commands only)"),
+        *([("fast lane", state["fast_lane"])] if state.get("fast_lane") else []),
         ("ignore list", f"{state['ignore_entries']} entries"),
         ("active bans", state["active_bans"]),
         *([("ban store", _ban_store(store))] if isinstance(store := state.get("ban_store"), dict) else []),

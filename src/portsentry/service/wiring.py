@@ -19,7 +19,7 @@ from portsentry.sensors.capture import Capture, CaptureError
 from portsentry.sensors.connect import ConnectSensor
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.nflog import NflogCapture, NflogGroupTaken
-from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch, open_packet_capture
+from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch, lane_capture, open_packet_capture
 
 CaptureFactory = Callable[[int | None, set[Protocol]], Capture]
 
@@ -105,15 +105,16 @@ def capture_factory(
             return _refuse(str(config.error(
                 "CAPTURE", 'nflog needs the nftables ban backend (BAN_BACKEND="nftables", or '
                 '"auto" on a host where nftables works)')))
+        packet = lane_capture(log, open_packet_capture) if config.fast_lane != "off" else open_packet_capture
         if nft is None:
-            return open_packet_capture
+            return packet
 
         def open_packet(max_port: int | None, protocols: set[Protocol]) -> Capture:
             try:
                 nft.drop_capture()  # rules a previous CAPTURE="auto" run left behind
             except (BackendError, OSError) as error:
                 log(f"adminalert: WARNING: cannot remove the old NFLOG rules: {error}")
-            return open_packet_capture(max_port, protocols)
+            return packet(max_port, protocols)
 
         return open_packet
 

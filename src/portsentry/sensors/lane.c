@@ -1,0 +1,590 @@
+/* The fast lane: a lone TCP SYN probe's detection line and KILL_ROUTE, in C, on a thread of its
+ * own (issue 11, item 3: the classic path at least as fast as 1.2).
+ *
+ * The daemon (service.lane) compiles what its engine, guards and ignore list would decide for a
+ * fresh source into the tables below, as it compiles the kernel's first-probe rules. This thread
+ * reads the capture socket; for a packet the tables decide completely (a pure SYN over IPv4 or
+ * IPv6 without options or extension headers, to a watched port with no socket that would take it,
+ * from a source no table names and the daemon holds nothing about, within the ban-rate allowance,
+ * with nothing else of the daemon's still unread) it writes the detection line to syslog, appends
+ * the ban to its record file, starts KILL_ROUTE through /bin/sh and reports what it did. Every
+ * other packet goes to the daemon unchanged, which decides it as before; so does every packet
+ * while the lane is off. The daemon replays each report through its engine, which stays the
+ * authority (records, hosts.deny, KILL_RUN_CMD, events, lifts).
+ *
+ * Channel messages (SOCK_SEQPACKET, one per datagram), all host byte order:
+ *   'P' u8 pad[3] u32 seq, then the packet            a packet for the daemon
+ *   'A' struct act                                     what the lane did for one probe
+ * Loaded with ctypes: no Python API is used, so the thread never needs the interpreter's lock. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <netinet/in.h>
+
+extern char **environ;
+
+#define MODE_NONE 0
+#define ROUTE_MAX 4096
+#define LINE_MAX_ 1024
+
+struct act {              /* the 'A' message */
+    uint8_t type;         /* 'A' */
+    uint8_t family;       /* 4 or 6 */
+    uint8_t mode;         /* the port table's mode code */
+    uint8_t sent;         /* 1: the detection line reached syslog */
+    uint32_t seq;
+    uint16_t port;
+    uint16_t source_port;
+    int32_t pid;          /* KILL_ROUTE's shell, or -1 */
+    int32_t pipe;         /* read end of its output, or -1; the daemon owns it now */
+    int32_t spawn_errno;  /* why the shell did not start (0: it did, or no KILL_ROUTE) */
+    int32_t record_errno; /* why the record was not written (0: written) */
+    int32_t reserved;     /* keeps `at` 8-aligned with no padding the other side must guess */
+    double at;            /* CLOCK_REALTIME of the decision */
+    double started;       /* CLOCK_MONOTONIC when the shell was started */
+    uint8_t source[16];   /* IPv4 in the first 4 bytes */
+    uint8_t destination[16];
+};
+
+_Static_assert(sizeof(struct act) == 80, "sensors/lane.py ACT reads 80 bytes");
+
+struct pinset {           /* open addressing, 16-byte keys (IPv4 mapped into ::ffff:0:0/96) */
+    uint8_t (*keys)[16];
+    uint8_t *used;        /* 0 empty, 1 in use, 2 deleted */
+    size_t capacity, count, deleted;
+};
+
+struct lane {
+    pthread_mutex_t lock;
+    pthread_t thread;
+    int running;
+    int capture, channel, stop_read, stop_write, diag, syslog_fd, record;
+    int enabled;
+    uint32_t seq, deferred, processed;   /* last seq; last seq deferred; last seq the daemon handled */
+    uint64_t acted, allowance;          /* bans made by the lane; it may make bans while acted < allowance */
+    uint32_t inflight, inflight_cap;    /* shells started and not yet reaped by the daemon */
+    uint8_t ports[65536];
+    uint8_t (*local)[16]; size_t nlocal;
+    uint8_t (*deny)[2][16]; size_t ndeny;  /* sorted, disjoint [first, last] ranges */
+    struct pinset pins;
+    char syslog_path[108];
+    char prefix[128];                   /* "<29>" */
+    char ident[128];                    /* " portsentry[123]: " */
+    char route[ROUTE_MAX];              /* KILL_ROUTE's template; empty: none */
+    char ignore_path[4096];             /* stat'ed per probe, as the daemon does */
+    uint64_t ignore_key[4]; int ignore_present;  /* the daemon's list was read from this file */
+    uint64_t errors;                    /* failures the daemon reads in status */
+};
+
+/* -- keys and tables ------------------------------------------------------------------------ */
+
+static void key4(uint8_t key[16], const uint8_t *address) {
+    memset(key, 0, 10); key[10] = 0xff; key[11] = 0xff; memcpy(key + 12, address, 4);
+}
+
+static uint64_t hash16(const uint8_t key[16]) {
+    uint64_t a, b; memcpy(&a, key, 8); memcpy(&b, key + 8, 8);
+    uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ULL)) * 0xBF58476D1CE4E5B9ULL;
+    return h ^ (h >> 31);
+}
+
+static int pins_grow(struct pinset *set, size_t capacity) {
+    uint8_t (*keys)[16] = calloc(capacity, 16);
+    uint8_t *used = calloc(capacity, 1);
+    if (!keys || !used) { free(keys); free(used); return -1; }
+    for (size_t i = 0; i < set->capacity; i++) {
+        if (set->used[i] != 1) continue;
+        size_t j = hash16(set->keys[i]) & (capacity - 1);
+        while (used[j]) j = (j + 1) & (capacity - 1);
+        memcpy(keys[j], set->keys[i], 16); used[j] = 1;
+    }
+    free(set->keys); free(set->used);
+    set->keys = keys; set->used = used; set->capacity = capacity; set->deleted = 0;
+    return 0;
+}
+
+static long pins_find(const struct pinset *set, const uint8_t key[16]) {
+    if (!set->capacity) return -1;
+    size_t mask = set->capacity - 1, i = hash16(key) & mask;
+    while (set->used[i]) {
+        if (set->used[i] == 1 && memcmp(set->keys[i], key, 16) == 0) return (long)i;
+        i = (i + 1) & mask;
+    }
+    return -1;
+}
+
+static int pins_add(struct pinset *set, const uint8_t key[16]) {
+    if (pins_find(set, key) >= 0) return 0;
+    if ((set->count + set->deleted + 1) * 2 > set->capacity
+        && pins_grow(set, set->capacity ? (set->count * 4 > set->capacity ? set->capacity * 2 : set->capacity) : 1024))
+        return -1;
+    size_t mask = set->capacity - 1, i = hash16(key) & mask;
+    while (set->used[i] == 1) i = (i + 1) & mask;
+    if (set->used[i] == 2) set->deleted--;
+    memcpy(set->keys[i], key, 16); set->used[i] = 1; set->count++;
+    return 0;
+}
+
+static void pins_remove(struct pinset *set, const uint8_t key[16]) {
+    long i = pins_find(set, key);
+    if (i < 0) return;
+    set->used[i] = 2; set->count--; set->deleted++;
+}
+
+static int denied(const struct lane *lane, const uint8_t key[16]) {
+    size_t lo = 0, hi = lane->ndeny;
+    while (lo < hi) {  /* the first range whose last address is >= key */
+        size_t mid = (lo + hi) / 2;
+        if (memcmp(lane->deny[mid][1], key, 16) < 0) lo = mid + 1; else hi = mid;
+    }
+    return lo < lane->ndeny && memcmp(lane->deny[lo][0], key, 16) <= 0;
+}
+
+static int is_local(const struct lane *lane, const uint8_t key[16]) {
+    for (size_t i = 0; i < lane->nlocal; i++)
+        if (memcmp(lane->local[i], key, 16) == 0) return 1;
+    return 0;
+}
+
+/* -- the checks that ask the kernel --------------------------------------------------------- */
+
+/* Would a socket here take this SYN (the kernel's own lookup, as the daemon's SockDiag.takes)?
+ * 1 yes, 0 no, -1 the kernel cannot say (the daemon decides then). */
+static int taken(struct lane *lane, int family, const uint8_t *src, const uint8_t *dst,
+                 uint16_t sport, uint16_t dport) {
+    struct { struct nlmsghdr h; struct inet_diag_req_v2 r; } req;
+    memset(&req, 0, sizeof req);
+    static uint32_t seq;
+    req.h.nlmsg_len = sizeof req; req.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    req.h.nlmsg_flags = NLM_F_REQUEST; req.h.nlmsg_seq = ++seq;
+    req.r.sdiag_family = family == 4 ? AF_INET : AF_INET6;
+    req.r.sdiag_protocol = IPPROTO_TCP; req.r.idiag_states = 0xFFFFFFFF;
+    req.r.id.idiag_sport = htons(dport); req.r.id.idiag_dport = htons(sport);
+    memcpy(req.r.id.idiag_src, dst, family == 4 ? 4 : 16);
+    memcpy(req.r.id.idiag_dst, src, family == 4 ? 4 : 16);
+    req.r.id.idiag_cookie[0] = req.r.id.idiag_cookie[1] = 0xFFFFFFFF;
+    if (send(lane->diag, &req, sizeof req, 0) != (ssize_t)sizeof req) return -1;
+    for (;;) {
+        char buf[8192];
+        ssize_t n = recv(lane->diag, buf, sizeof buf, 0);
+        if (n < (ssize_t)sizeof(struct nlmsghdr)) return -1;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, (size_t)n); h = NLMSG_NEXT(h, n)) {
+            if (h->nlmsg_seq != seq) continue;
+            if (h->nlmsg_type == SOCK_DIAG_BY_FAMILY) return 1;
+            if (h->nlmsg_type == NLMSG_ERROR) {
+                struct nlmsgerr *e = NLMSG_DATA(h);
+                return e->error == -ENOENT ? 0 : -1;
+            }
+            return -1;
+        }
+    }
+}
+
+static int ignore_unchanged(struct lane *lane) {
+    if (!lane->ignore_path[0]) return 1;
+    /* As config.ignore's IgnoreSource: a file it cannot stat leaves the list in force; one whose
+     * (dev, ino, size, mtime) differs from what the list was read from is the daemon's to read. */
+    struct stat now;
+    if (stat(lane->ignore_path, &now) != 0) return !lane->ignore_present;
+    uint64_t mtime = (uint64_t)now.st_mtim.tv_sec * 1000000000ULL + (uint64_t)now.st_mtim.tv_nsec;
+    return lane->ignore_present && (uint64_t)now.st_dev == lane->ignore_key[0]
+        && (uint64_t)now.st_ino == lane->ignore_key[1] && (uint64_t)now.st_size == lane->ignore_key[2]
+        && mtime == lane->ignore_key[3];
+}
+
+/* -- what the lane does ---------------------------------------------------------------------- */
+
+static const char *MODES[] = {"", "stcp", "atcp"};
+
+/* KILL_ROUTE with $TARGET$, then $PORT$, then $MODE$ replaced, as responders.substitute does
+ * (one pass per token over the previous pass's result). -1 when it does not fit. */
+static int render(const char *template, const char *target, unsigned port, int mode, char *out, size_t size) {
+    char port_text[8]; snprintf(port_text, sizeof port_text, "%u", port);
+    const char *tokens[3] = {"$TARGET$", "$PORT$", "$MODE$"};
+    const char *values[3] = {target, port_text, mode > 0 && mode < 3 ? MODES[mode] : ""};
+    char a[ROUTE_MAX * 2], b[ROUTE_MAX * 2];
+    if (strlen(template) >= sizeof a) return -1;
+    strcpy(a, template);
+    char *from = a, *to = b;
+    for (int t = 0; t < 3; t++) {
+        size_t tl = strlen(tokens[t]), vl = strlen(values[t]), used = 0;
+        const char *p = from;
+        for (;;) {
+            const char *hit = strstr(p, tokens[t]);
+            size_t chunk = hit ? (size_t)(hit - p) : strlen(p);
+            if (used + chunk + (hit ? vl : 0) + 1 > sizeof a) return -1;
+            memcpy(to + used, p, chunk); used += chunk;
+            if (!hit) break;
+            memcpy(to + used, values[t], vl); used += vl;
+            p = hit + tl;
+        }
+        to[used] = 0;
+        char *swap = from; from = to; to = swap;
+    }
+    if (strlen(from) + 1 > size) return -1;
+    strcpy(out, from);
+    return 0;
+}
+
+static int reconnect_syslog(struct lane *lane) {
+    if (lane->syslog_fd >= 0) close(lane->syslog_fd);
+    lane->syslog_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (lane->syslog_fd < 0) return -1;
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    memcpy(address.sun_path, lane->syslog_path, strlen(lane->syslog_path) + 1);  /* length checked when set */
+    if (connect(lane->syslog_fd, (struct sockaddr *)&address, sizeof address) != 0) {
+        close(lane->syslog_fd); lane->syslog_fd = -1; return -1;
+    }
+    return 0;
+}
+
+static int send_line(struct lane *lane, const char *message, time_t second) {
+    struct tm tm; char stamp[32], line[LINE_MAX_];
+    localtime_r(&second, &tm);
+    strftime(stamp, sizeof stamp, "%b %e %H:%M:%S", &tm);
+    int n = snprintf(line, sizeof line, "%s%s%s%s", lane->prefix, stamp, lane->ident, message);
+    if (n <= 0 || (size_t)n >= sizeof line) return 0;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (lane->syslog_fd < 0 && reconnect_syslog(lane) != 0) return 0;
+        if (send(lane->syslog_fd, line, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL) == n) return 1;
+        if (errno == EAGAIN) return 0;  /* the log daemon is behind: the daemon's writer holds it */
+        close(lane->syslog_fd); lane->syslog_fd = -1;
+    }
+    return 0;
+}
+
+/* The shell as responders.shell starts it: its own session, stdin /dev/null, stdout and stderr
+ * into a pipe whose read end the daemon takes, SIGPIPE and SIGXFSZ (which Python ignores, and an
+ * ignored signal stays ignored across exec) back to their defaults, no signal blocked. vfork, not
+ * posix_spawn: glibc's POSIX_SPAWN_SETSIGDEF resets all 64 signals in the child one call at a
+ * time, a tenth of a millisecond on the way to KILL_ROUTE; only those two need it (handlers are
+ * reset by exec itself). The child calls async-signal-safe functions only. */
+static void spawn_route(struct lane *lane, const char *command, struct act *act) {
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) { act->spawn_errno = errno; return; }
+    char *argv[] = {"/bin/sh", "-c", (char *)command, NULL};
+    struct timespec now; clock_gettime(CLOCK_MONOTONIC, &now);
+    act->started = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+    volatile int child_errno = 0;
+    pid_t pid = vfork();
+    if (pid == 0) {
+        sigset_t none; sigemptyset(&none);
+        struct sigaction fallback; memset(&fallback, 0, sizeof fallback); fallback.sa_handler = SIG_DFL;
+        int null = open("/dev/null", O_RDONLY);
+        if (setsid() < 0 || null < 0 || dup2(null, 0) < 0 || dup2(fds[1], 1) < 0 || dup2(fds[1], 2) < 0
+            || sigaction(SIGPIPE, &fallback, NULL) < 0 || sigaction(SIGXFSZ, &fallback, NULL) < 0
+            || sigprocmask(SIG_SETMASK, &none, NULL) < 0) {
+            child_errno = errno; _exit(127);
+        }
+        if (null > 2) close(null);
+        execve("/bin/sh", argv, environ);
+        child_errno = errno;
+        _exit(127);
+    }
+    int fork_errno = errno;
+    close(fds[1]);
+    if (pid < 0) { close(fds[0]); act->spawn_errno = fork_errno; return; }
+    if (child_errno) {  /* the child shares our memory until exec: it said why it could not */
+        int status; waitpid(pid, &status, 0);
+        close(fds[0]); act->spawn_errno = child_errno; return;
+    }
+    act->pid = pid; act->pipe = fds[0];
+    lane->inflight++;
+}
+
+static void send_all(struct lane *lane, const void *head, size_t head_size, const void *body, size_t body_size) {
+    struct iovec parts[2] = {{(void *)head, head_size}, {(void *)body, body_size}};
+    struct msghdr message = {.msg_iov = parts, .msg_iovlen = body_size ? 2 : 1};
+    while (sendmsg(lane->channel, &message, MSG_NOSIGNAL) < 0 && errno == EINTR) {}
+}
+
+static void defer_packet(struct lane *lane, const uint8_t *packet, size_t size) {
+    uint8_t head[8] = {'P', 0, 0, 0};
+    uint32_t seq = ++lane->seq; memcpy(head + 4, &seq, 4);
+    lane->deferred = seq;
+    send_all(lane, head, sizeof head, packet, size);
+}
+
+/* The lane's decision for one packet: 1 when it acted (and reported), 0 to hand it on. Called
+ * with the lock held. */
+static int decide(struct lane *lane, const uint8_t *packet, size_t size, const struct sockaddr_ll *from) {
+    /* Nothing acts while a packet handed on is still undecided: the daemon may be about to hold
+     * something about its source that the tables do not say yet. */
+    if (!lane->enabled || from->sll_pkttype == PACKET_OUTGOING || (int32_t)(lane->deferred - lane->processed) > 0)
+        return 0;
+    struct act act; memset(&act, 0, sizeof act);
+    const uint8_t *tcp; size_t tcp_room; uint8_t key[16], dkey[16];
+    if (size >= 20 && packet[0] == 0x45) {
+        unsigned total = (unsigned)(packet[2] << 8 | packet[3]);
+        if (packet[9] != IPPROTO_TCP || (packet[6] & 0x3F) || packet[7] || total < 40) return 0;
+        act.family = 4;
+        memcpy(act.source, packet + 12, 4); memcpy(act.destination, packet + 16, 4);
+        key4(key, packet + 12); key4(dkey, packet + 16);
+        tcp = packet + 20; tcp_room = (total < size ? total : size) - 20;
+        if (total - 20 < 20) return 0;
+    } else if (size >= 40 && packet[0] >> 4 == 6) {
+        unsigned payload = (unsigned)(packet[4] << 8 | packet[5]);
+        if (packet[6] != IPPROTO_TCP || payload < 20) return 0;
+        act.family = 6;
+        memcpy(act.source, packet + 8, 16); memcpy(act.destination, packet + 24, 16);
+        memcpy(key, packet + 8, 16); memcpy(dkey, packet + 24, 16);
+        static const uint8_t zeros[10];
+        if (memcmp(key, zeros, 10) == 0) return 0;  /* ::/80: IPv4-mapped, -compatible, ::1 */
+        tcp = packet + 40; tcp_room = (40 + payload < size ? 40 + payload : size) - 40;
+    } else {
+        return 0;
+    }
+    if (tcp_room < 20 || (tcp[12] >> 4) < 5 || (tcp[13] & 0x3F) != 0x02) return 0;  /* a pure SYN */
+    if (act.family == 4 ? (tcp[12] >> 4) * 4u > (unsigned)(packet[2] << 8 | packet[3]) - 20u
+                        : (tcp[12] >> 4) * 4u > (unsigned)(packet[4] << 8 | packet[5])) return 0;
+    act.port = (uint16_t)(tcp[2] << 8 | tcp[3]);
+    act.source_port = (uint16_t)(tcp[0] << 8 | tcp[1]);
+    act.mode = lane->ports[act.port];
+    if (act.mode == MODE_NONE || !is_local(lane, dkey) || denied(lane, key) || pins_find(&lane->pins, key) >= 0)
+        return 0;
+    if (lane->acted >= lane->allowance || lane->inflight >= lane->inflight_cap) return 0;
+    if (!ignore_unchanged(lane)) return 0;
+    if (taken(lane, act.family, act.source, act.destination, act.source_port, act.port) != 0) return 0;
+
+    /* Acting: the line, the record, the command, in the daemon's order. */
+    struct timespec now; clock_gettime(CLOCK_REALTIME, &now);
+    act.type = 'A'; act.seq = ++lane->seq; act.pid = -1; act.pipe = -1;
+    act.at = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+    char text[INET6_ADDRSTRLEN], message[512];
+    inet_ntop(act.family == 4 ? AF_INET : AF_INET6, act.source, text, sizeof text);
+    snprintf(message, sizeof message, "attackalert: TCP SYN/Normal scan from host: %s/%s to TCP port: %u",
+             text, text, act.port);
+    act.sent = (uint8_t)send_line(lane, message, now.tv_sec);
+    char record[256];
+    int n = snprintf(record, sizeof record, "%u %.6f %s %u %s\n", act.seq, act.at, text, act.port, MODES[act.mode]);
+    if (lane->record < 0) act.record_errno = EBADF;
+    else if (write(lane->record, record, (size_t)n) != n) act.record_errno = errno ? errno : EIO;
+    if (lane->route[0] && !act.record_errno) {
+        char command[ROUTE_MAX];
+        if (render(lane->route, text, act.port, act.mode, command, sizeof command) == 0)
+            spawn_route(lane, command, &act);
+        else
+            act.spawn_errno = ENAMETOOLONG;
+    }
+    if (pins_add(&lane->pins, key) != 0) {
+        lane->enabled = 0;  /* it could not remember this source: it must not act again */
+        lane->errors++;
+    }
+    lane->acted++;
+    send_all(lane, &act, sizeof act, NULL, 0);
+    return 1;
+}
+
+static void *run(void *arg) {
+    struct lane *lane = arg;
+    /* Signals are the interpreter's (its handlers run on any thread that takes them): none here.
+     * So a shell's vfork child starts with all of them blocked, sets up its session first and
+     * unblocks only then, when nothing but us knows its pid: no handler of the daemon's can run
+     * in it before exec resets them. */
+    sigset_t all; sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    uint8_t packet[2048];
+    struct pollfd fds[2] = {{lane->capture, POLLIN, 0}, {lane->stop_read, POLLIN, 0}};
+    for (;;) {
+        if (poll(fds, 2, -1) < 0) { if (errno == EINTR) continue; break; }
+        if (fds[1].revents) break;
+        for (int batch = 0; batch < 256; batch++) {
+            struct sockaddr_ll from; socklen_t length = sizeof from;
+            ssize_t n = recvfrom(lane->capture, packet, sizeof packet, MSG_DONTWAIT, (struct sockaddr *)&from, &length);
+            if (n < 0) break;
+            pthread_mutex_lock(&lane->lock);
+            if (!decide(lane, packet, (size_t)n, &from)) defer_packet(lane, packet, (size_t)n);
+            pthread_mutex_unlock(&lane->lock);
+        }
+    }
+    return NULL;
+}
+
+/* -- the daemon's side (ctypes) ------------------------------------------------------------- */
+
+struct lane *lane_new(void) {
+    struct lane *lane = calloc(1, sizeof *lane);
+    if (!lane) return NULL;
+    pthread_mutex_init(&lane->lock, NULL);
+    lane->capture = lane->channel = lane->stop_read = lane->stop_write = lane->syslog_fd = lane->record = -1;
+    lane->diag = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    lane->inflight_cap = 8;
+    if (lane->diag < 0) { free(lane); return NULL; }
+    return lane;
+}
+
+int lane_start(struct lane *lane, int capture, int channel) {
+    int fds[2];
+    if (lane->running || pipe2(fds, O_CLOEXEC) != 0) return -1;
+    lane->capture = capture; lane->channel = channel;
+    lane->stop_read = fds[0]; lane->stop_write = fds[1];
+    if (pthread_create(&lane->thread, NULL, run, lane) != 0) {
+        close(fds[0]); close(fds[1]); return -1;
+    }
+    lane->running = 1;
+    return 0;
+}
+
+void lane_stop(struct lane *lane) {
+    if (!lane->running) return;
+    ssize_t ignored = write(lane->stop_write, "x", 1); (void)ignored;
+    pthread_join(lane->thread, NULL);
+    close(lane->stop_read); close(lane->stop_write);
+    lane->running = 0;
+}
+
+void lane_free(struct lane *lane) {
+    lane_stop(lane);
+    close(lane->diag);
+    if (lane->syslog_fd >= 0) close(lane->syslog_fd);
+    free(lane->local); free(lane->deny); free(lane->pins.keys); free(lane->pins.used);
+    pthread_mutex_destroy(&lane->lock);
+    free(lane);
+}
+
+void lane_enable(struct lane *lane, int on) {
+    pthread_mutex_lock(&lane->lock); lane->enabled = on; pthread_mutex_unlock(&lane->lock);
+}
+
+int lane_set_syslog(struct lane *lane, const char *path, const char *prefix, const char *ident) {
+    if (strlen(path) >= sizeof lane->syslog_path || strlen(prefix) >= sizeof lane->prefix
+        || strlen(ident) >= sizeof lane->ident) return -1;
+    pthread_mutex_lock(&lane->lock);
+    strcpy(lane->syslog_path, path); strcpy(lane->prefix, prefix); strcpy(lane->ident, ident);
+    if (lane->syslog_fd >= 0) { close(lane->syslog_fd); lane->syslog_fd = -1; }
+    pthread_mutex_unlock(&lane->lock);
+    return 0;
+}
+
+void lane_set_record(struct lane *lane, int fd) {
+    pthread_mutex_lock(&lane->lock); lane->record = fd; pthread_mutex_unlock(&lane->lock);
+}
+
+int lane_set_route(struct lane *lane, const char *template) {
+    if (strlen(template) >= ROUTE_MAX) return -1;
+    pthread_mutex_lock(&lane->lock); strcpy(lane->route, template); pthread_mutex_unlock(&lane->lock);
+    return 0;
+}
+
+int lane_render(struct lane *lane, const char *target, unsigned port, int mode, char *out, size_t size) {
+    return render(lane->route, target, port, mode, out, size);
+}
+
+void lane_set_ports(struct lane *lane, const uint8_t *ports) {
+    pthread_mutex_lock(&lane->lock); memcpy(lane->ports, ports, 65536); pthread_mutex_unlock(&lane->lock);
+}
+
+static int copy_table(void **into, size_t *count, const uint8_t *data, size_t n, size_t item) {
+    void *copy = n ? malloc(n * item) : NULL;
+    if (n && !copy) return -1;
+    if (n) memcpy(copy, data, n * item);
+    free(*into); *into = copy; *count = n;
+    return 0;
+}
+
+int lane_set_local(struct lane *lane, const uint8_t *keys, size_t n) {
+    pthread_mutex_lock(&lane->lock);
+    int result = copy_table((void **)&lane->local, &lane->nlocal, keys, n, 16);
+    pthread_mutex_unlock(&lane->lock);
+    return result;
+}
+
+int lane_set_deny(struct lane *lane, const uint8_t *ranges, size_t n) {
+    pthread_mutex_lock(&lane->lock);
+    int result = copy_table((void **)&lane->deny, &lane->ndeny, ranges, n, 32);
+    pthread_mutex_unlock(&lane->lock);
+    return result;
+}
+
+/* `key` (dev, ino, size, mtime_ns) of the file the daemon's list in force was read from, or NULL
+ * when it could not stat it. */
+int lane_set_ignore(struct lane *lane, const char *path, const uint64_t *key) {
+    if (strlen(path) >= sizeof lane->ignore_path) return -1;
+    pthread_mutex_lock(&lane->lock);
+    strcpy(lane->ignore_path, path);
+    lane->ignore_present = key != NULL;
+    if (key) memcpy(lane->ignore_key, key, sizeof lane->ignore_key);
+    pthread_mutex_unlock(&lane->lock);
+    return 0;
+}
+
+int lane_pin(struct lane *lane, const uint8_t *key) {
+    pthread_mutex_lock(&lane->lock); int r = pins_add(&lane->pins, key); pthread_mutex_unlock(&lane->lock);
+    return r;
+}
+
+int lane_pin_many(struct lane *lane, const uint8_t *keys, size_t n) {
+    int r = 0;
+    pthread_mutex_lock(&lane->lock);
+    for (size_t i = 0; i < n && r == 0; i++) r = pins_add(&lane->pins, keys + 16 * i);
+    pthread_mutex_unlock(&lane->lock);
+    return r;
+}
+
+void lane_clear_pins(struct lane *lane) {
+    pthread_mutex_lock(&lane->lock);
+    free(lane->pins.keys); free(lane->pins.used); memset(&lane->pins, 0, sizeof lane->pins);
+    pthread_mutex_unlock(&lane->lock);
+}
+
+void lane_unpin(struct lane *lane, const uint8_t *key) {
+    pthread_mutex_lock(&lane->lock); pins_remove(&lane->pins, key); pthread_mutex_unlock(&lane->lock);
+}
+
+int lane_pinned(struct lane *lane, const uint8_t *key) {
+    pthread_mutex_lock(&lane->lock); int r = pins_find(&lane->pins, key) >= 0; pthread_mutex_unlock(&lane->lock);
+    return r;
+}
+
+size_t lane_pin_count(struct lane *lane) {
+    pthread_mutex_lock(&lane->lock); size_t n = lane->pins.count; pthread_mutex_unlock(&lane->lock);
+    return n;
+}
+
+void lane_processed(struct lane *lane, uint32_t seq) {
+    pthread_mutex_lock(&lane->lock); lane->processed = seq; pthread_mutex_unlock(&lane->lock);
+}
+
+/* The ban-rate allowance: the lane may make `free` bans beyond those the daemon has taken in. */
+uint64_t lane_allow(struct lane *lane, uint64_t adopted, uint64_t free_bans) {
+    pthread_mutex_lock(&lane->lock);
+    lane->allowance = adopted + free_bans;
+    uint64_t acted = lane->acted;
+    pthread_mutex_unlock(&lane->lock);
+    return acted;
+}
+
+void lane_shell_done(struct lane *lane) {
+    pthread_mutex_lock(&lane->lock); if (lane->inflight) lane->inflight--; pthread_mutex_unlock(&lane->lock);
+}
+
+void lane_set_shell_cap(struct lane *lane, uint32_t cap) {
+    pthread_mutex_lock(&lane->lock); lane->inflight_cap = cap; pthread_mutex_unlock(&lane->lock);
+}
+
+/* Empty the record file when every ban it holds has been taken into the ban store (`upto`: the
+ * daemon's last recorded seq); 1 when emptied. */
+int lane_record_done(struct lane *lane, uint64_t recorded) {
+    pthread_mutex_lock(&lane->lock);
+    int emptied = lane->record >= 0 && recorded == lane->acted && ftruncate(lane->record, 0) == 0;
+    pthread_mutex_unlock(&lane->lock);
+    return emptied;
+}

@@ -1,0 +1,388 @@
+"""The daemon's side of the fast lane (sensors/lane.c): what it compiles into it, and what it does
+with the lane's reports.
+
+The lane may act only where the engine would block a fresh source on its first TCP SYN, and do
+only the first part of that block: the detection line, a record, KILL_ROUTE. So this keeper
+- turns it on only when that holds for the configuration (`why_off` says why not: status
+  shows it), and otherwise leaves it off, every packet then going through the daemon as before;
+- compiles the tables the lane decides with, at start, at a reload and at each tick when they
+  change: the watched TCP ports without a live service (one mode each), this host's addresses,
+  and every source it must hand on (the ignore list, own and broadcast addresses, gateways,
+  resolvers, SENSITIVE_NETWORKS, impossible sources), the ignore file's identity, the rate cap's
+  share, KILL_ROUTE (checked to render as responders.substitute does) and the syslog framing;
+- keeps the lane's pins equal to what the engine holds (Engine.holding/released), so the lane
+  never acts for a source the engine knows, and marks each read decided (`handled`) only after
+  the engine has seen it;
+- replays each report through the engine (`adopt`), which must agree: then the block goes on as
+  any other, its ROUTE step waiting for the lane's shell; if the engine disagrees (a table was a
+  moment stale) the report is said, and the shell is seen through on a worker;
+- keeps the lane's record file (STATE_DIR/lane-record, written by C before KILL_ROUTE starts):
+  emptied once every ban in it is in the ban store; at start, what a stopped daemon left there is
+  recorded (`replay`), before the restore that then completes those bans.
+
+Thread: the main loop, except `reaped` (a responder thread; a counter in C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+
+from portsentry.bans.lifecycle import BanManager
+from portsentry.bans.store import StoreError
+from portsentry.config.ignore import IgnoreSource
+from portsentry.config.settings import Config
+from portsentry.core import messages
+from portsentry.core.actions import Block, Started, StepKind
+from portsentry.core.addresses import IMPOSSIBLE_NETWORKS
+from portsentry.core.engine import Engine
+from portsentry.core.probe import KIND_SYN, IPAddress, Mode, Protocol
+from portsentry.journal.journal import Journal
+from portsentry.journal.syslog import LOG_DAEMON, LOG_NOTICE, SyslogWriter
+from portsentry.responders.shell import wait_shell
+from portsentry.responders.substitute import substitute
+from portsentry.sensors.base import Sensor
+from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneUnavailable
+from portsentry.sensors.stealth import StealthSensor
+
+RECORD_FILE = "lane-record"
+SEE_THROUGH_TIMEOUT = 30.0  # seconds a shell no block waits for is given (COMMAND_TIMEOUT's default)
+NO_CAP = 1 << 62
+Network = IPv4Network | IPv6Network
+Logger = Callable[[str], None]
+Submit = Callable[[Callable[[], None]], object]
+
+
+@dataclass(frozen=True)
+class Tables:
+    """What was last compiled into the lane (compared whole at each tick)."""
+
+    ports: bytes
+    local: frozenset[IPAddress]
+    deny: tuple[Network, ...]
+    route: str | None
+    ignore: tuple[str | None, tuple[int, int, int, int] | None]
+    syslog: tuple[str, str, str]
+
+
+def why_off(config: Config, engine: Engine, journal: Journal, sensor: StealthSensor | None) -> str | None:
+    """Why the lane must stay off now (None: it may act). Everything here makes the engine's
+    decision for a first SYN something other than "detection line, then block": the lane would
+    otherwise write a line or start a command the daemon would not."""
+    settings = engine.settings
+    if config.fast_lane == "off":
+        return 'FAST_LANE="off"'
+    if sensor is None or sensor.lane is None:
+        return "no TCP stealth mode with the AF_PACKET capture"
+    if settings.block_tcp != 1:
+        return "BLOCK_TCP is not 1"
+    steps = settings.steps(1)
+    if not steps or any(step.kind is StepKind.NATIVE for step in steps):
+        return "blocks go through a native ban backend" if steps else "no blocking step is configured"
+    if settings.kill_run_cmd_first:
+        return "KILL_RUN_CMD_FIRST runs a command before the block"
+    if settings.scan_trigger > 1:
+        return "SCAN_TRIGGER is above 1"
+    if config.resolve_host:
+        return "RESOLVE_HOST looks up names for the lines"
+    if config.ban_rate_limit_net:
+        return "BAN_RATE_LIMIT_NET caps bans per network"
+    if not isinstance(journal.syslog, SyslogWriter):
+        return "lines go to the systemd journal, not syslog"
+    if sensor.published.active:
+        return "ports are published by DNAT or REDIRECT here"
+    if not sensor.addresses.local:
+        return "this host's addresses are not known"
+    return None
+
+
+def port_table(sensor: StealthSensor) -> bytes:
+    """One byte per port: the lane's code of the one TCP stealth mode that watches it, 0 where
+    none or two do, or a service listens."""
+    table = bytearray(65536)
+    listening = sensor.listeners[Protocol.TCP].ports()
+    watches = [w for w in sensor.watches if w.mode.protocol is Protocol.TCP and w.mode in MODE_CODES]
+    for watch in watches:
+        code = MODE_CODES[watch.mode]
+        ports: Iterable[int] = watch.ports if watch.below is None else range(min(watch.below, 65536))
+        for port in ports:
+            if watch.covers(port) and port not in listening and 0 < port < 65536:
+                table[port] = 0xFF if table[port] else code
+    return bytes(0 if value == 0xFF else value for value in table)
+
+
+def deny_networks(config: Config, ignore: IgnoreSource, now: float, protected: Iterable[IPAddress],
+                  sensor: StealthSensor) -> tuple[Network, ...]:
+    """Every source the lane must hand on: the engine would ignore or refuse it, or the sensor
+    drop it."""
+    hosts = (*sensor.addresses.local, *sensor.addresses.broadcast, *protected)
+    return (*IMPOSSIBLE_NETWORKS, *ignore.current(now).networks, *config.sensitive_networks,
+            *(ip_network(address) for address in hosts), ip_network("255.255.255.255/32"))
+
+
+class LaneKeeper:
+    def __init__(self, log: Logger, state_dir: str) -> None:
+        self._log = log
+        self.path = os.path.join(state_dir, RECORD_FILE)
+        self.lane: Lane | None = None
+        self.sensor: StealthSensor | None = None
+        self.reason: str | None = "not started"
+        self._tables: Tables | None = None
+        self._record = -1
+        self.acted = 0  # reports taken in
+        self.settled = 0  # of them, blocks done (recorded) or given up
+        self.disagreed = 0
+        self.broken: str | None = None  # why the lane can never be on again this run
+        self._bound: tuple[tuple[Sensor, ...], Lane | None] = ((), None)
+
+    # -- binding ------------------------------------------------------------------------------
+
+    def bind(self, sensors: Sequence[Sensor], engine: Engine) -> None:
+        """After the sensors opened (start, reload): the lane in front of the new capture, if
+        any, starts with every source the engine holds pinned; it stays off until compile()."""
+        self.sensor = next((s for s in sensors
+                            if isinstance(s, StealthSensor) and s.lane is not None), None)
+        self.lane = self.sensor.lane if self.sensor is not None else None
+        self._bound = (tuple(sensors), self.lane)
+        self._tables = None
+        engine.holding = self._hold
+        engine.released = self._release
+        engine.resynced = lambda: self._repin(engine)
+        if self.lane is None:
+            return
+        if self._record < 0:
+            try:
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                self._record = os.open(self.path, flags, 0o600)
+            except OSError as error:
+                self._log(messages.config_error(f"cannot open the fast lane's record {self.path}: {error}"))
+        self.lane.set_record(self._record)
+        self.acted = self.settled = 0  # a new lane counts from 0
+        self._repin(engine)
+
+    def _hold(self, source: IPAddress) -> None:
+        if self.lane is not None:
+            try:
+                self.lane.pin(source)
+            except LaneUnavailable as error:
+                self._off_for_good(str(error))
+
+    def _release(self, source: IPAddress) -> None:
+        if self.lane is not None:
+            self.lane.unpin(source)
+
+    def _repin(self, engine: Engine) -> None:
+        if self.lane is None:
+            return
+        self.lane.clear_pins()
+        try:
+            self.lane.pin_many(set(engine.held()))
+        except LaneUnavailable as error:
+            self._off_for_good(str(error))
+
+    def _off_for_good(self, why: str) -> None:
+        """The lane cannot know every source the engine holds: it must not act again (this run)."""
+        if self.lane is not None:
+            self.lane.enable(False)
+        self.broken = why
+        if self.reason is None:
+            self._log(f"adminalert: fast lane off: {why}")
+        self.reason = why
+
+    # -- tables -------------------------------------------------------------------------------
+
+    def compile(self, sensors: Sequence[Sensor], config: Config, engine: Engine, journal: Journal,
+                ignore: IgnoreSource, protected: Iterable[IPAddress], now: float) -> None:
+        """The lane on, with current tables, or off and why (main loop: start, reload, tick).
+        New sensors (a reload) bring a new lane, bound first."""
+        current = next((s.lane for s in sensors if isinstance(s, StealthSensor) and s.lane is not None), None)
+        if tuple(sensors) != self._bound[0] or current is not self.lane:
+            self.bind(sensors, engine)
+        lane, sensor = self.lane, self.sensor
+        reason = self.broken or why_off(config, engine, journal, sensor)
+        if reason is None and self._record < 0:
+            reason = "its record file cannot be written"
+        if reason is None and lane is not None and sensor is not None:
+            reason = self._push(lane, sensor, config, engine, journal, ignore, protected, now)
+        if lane is not None:
+            lane.enable(reason is None)
+            if reason is None:
+                self._allow(engine, now)
+        if reason != self.reason and self.reason != "not started" and lane is not None:
+            self._log(f"adminalert: fast lane {'on' if reason is None else f'off: {reason}'}")
+        self.reason = reason
+
+    def _push(self, lane: Lane, sensor: StealthSensor, config: Config, engine: Engine, journal: Journal,
+              ignore: IgnoreSource, protected: Iterable[IPAddress], now: float) -> str | None:
+        assert isinstance(journal.syslog, SyslogWriter)
+        route = engine.settings.kill_route
+        tables = Tables(
+            ports=port_table(sensor), local=sensor.addresses.local,
+            deny=deny_networks(config, ignore, now, protected, sensor), route=route,
+            ignore=(ignore.path, ignore.file_key),
+            syslog=(journal.syslog.path, f"<{LOG_DAEMON * 8 + LOG_NOTICE}>",
+                    f" {journal.syslog.ident}[{os.getpid()}]: "))
+        old = self._tables
+        if old == tables:
+            return None
+        lane.enable(False)  # no packet decided on half-made tables
+        if old is None or old.route != tables.route:
+            lane.set_route(route)
+            if route is not None and not _renders_alike(lane, route):
+                self._tables = None
+                return "KILL_ROUTE renders differently in C (a bug: said so the lane stays off)"
+        if old is None or old.syslog != tables.syslog:
+            lane.set_syslog(*tables.syslog)
+        if old is None or old.ports != tables.ports:
+            lane.set_ports(tables.ports)
+        if old is None or old.local != tables.local:
+            lane.set_local(tables.local)
+        if old is None or old.deny != tables.deny:
+            lane.set_deny(tables.deny)
+        if old is None or old.ignore != tables.ignore:
+            lane.set_ignore_file(*tables.ignore)
+        self._tables = tables
+        return None
+
+    def _allow(self, engine: Engine, now: float) -> None:
+        assert self.lane is not None
+        free = engine.guard.free_bans(now)
+        self.lane.allow(self.acted, NO_CAP if free is None else free)
+
+    def handled(self, engine: Engine, now: float) -> None:
+        """After the engine decided a read's hits: the rate cap's share, then the lane may act."""
+        if self.lane is not None and self.sensor is not None:
+            if self.reason is None:
+                self._allow(engine, now)
+            self.sensor.handled()
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def started(self, act: Act) -> Started:
+        """The lane's report as the block's Started (a ban taken in: counted). Without a shell
+        (none could start) the ROUTE step starts its own."""
+        self.acted += 1
+        if act.pid < 0:
+            return Started()
+        return Started(act.pid, act.pipe, act.started, self._reaped())
+
+    def route_agrees(self, act: Act, block: Block) -> bool:
+        """Whether the block's KILL_ROUTE is the command the lane ran (a reload may have changed
+        it between the lane's act and this report)."""
+        if act.pid < 0:
+            return True
+        route = next((step for step in block.steps if step.kind is StepKind.ROUTE), None)
+        return route is not None and self._tables is not None and route.template == self._tables.route
+
+    def disagreed_with(self, act: Act, why: str, submit: Submit) -> None:
+        """The engine did not block what the lane began: said, and its shell seen through."""
+        self.disagreed += 1
+        self.acted += 1
+        self.settled += 1
+        self._log(f"adminalert: WARNING: the fast lane began a block of {act.source} that the daemon "
+                  f"did not make ({why}); its tables were a moment behind")
+        if act.pid >= 0:
+            self._see_through(act.source, act.pid, act.pipe, act.started, self._reaped(), submit)
+        self._empty_record()
+
+    def abandoned(self, block: Block, submit: Submit) -> None:
+        """A block the lane began that no worker will carry out (the queue was full): said, as
+        the engine's "Could not block" for it, and the lane's shell seen through."""
+        started = block.started
+        if started is not None and started.pid >= 0:
+            self._see_through(block.probe.source, started.pid, started.pipe, started.at, started.reaped,
+                              submit)
+
+    def _reaped(self) -> Callable[[], None]:
+        lane = self.lane
+
+        def reaped() -> None:
+            if lane is not None:
+                lane.shell_done()
+
+        return reaped
+
+    def _see_through(self, source: IPAddress, pid: int, pipe: int, at: float, reaped: Callable[[], None],
+                     submit: Submit) -> None:
+        """Wait for a KILL_ROUTE the lane started that no block waits for; a route it made is
+        said, since no ban holds it (an admin removes it, or `block` records it)."""
+        log = self._log
+
+        def wait() -> None:
+            try:
+                result = wait_shell("KILL_ROUTE", pid, pipe, at, SEE_THROUGH_TIMEOUT)
+            finally:
+                reaped()
+            if result.ok:
+                log(f"adminalert: WARNING: the fast lane's KILL_ROUTE for {source} ran, and no ban "
+                    "records it")
+
+        submit(wait)
+
+    def block_done(self) -> None:
+        """A block the lane began is over (its ban recorded or dropped again)."""
+        self.settled += 1
+        self._empty_record()
+
+    def _empty_record(self) -> None:
+        if self.lane is not None and self.settled == self.acted:
+            self.lane.record_done(self.settled)
+
+    def close(self) -> None:
+        if self._record >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._record)
+            self._record = -1
+
+    def describe(self) -> str:
+        """For status."""
+        if self.reason is None:
+            return f"on ({self.acted} blocks begun, {self.disagreed} not taken up)"
+        return f"off: {self.reason}"
+
+
+def _renders_alike(lane: Lane, template: str) -> bool:
+    samples = ((ip_address("198.51.100.7"), 1, Mode.STCP), (ip_address("2001:db8::7"), 65535, Mode.ATCP))
+    return all(lane.render(str(address), port, mode) == substitute(template, address, port, mode)
+               for address, port, mode in samples)
+
+
+def replay(path: str, bans: BanManager, hosts_deny_line: Callable[[IPAddress, int, Mode], str | None],
+           log: Logger) -> int:
+    """At start, before the restore: bans the fast lane began while the daemon that ran it did
+    not live to record them. Each is recorded now (with its KILL_ROUTE mark, so the restore runs
+    KILL_ROUTE again and an unblock undoes it) and said; the file is emptied. Returns how many."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    except OSError as error:
+        log(messages.config_error(f"cannot read the fast lane's record {path}: {error}"))
+        return 0
+    recorded = 0
+    for line in lines:
+        try:
+            _seq, at_text, address_text, port_text, mode_text = line.split()
+            at, address = float(at_text), ip_address(address_text)
+            port, mode = int(port_text), Mode(mode_text)
+        except ValueError:
+            continue  # a line cut short by a crash: nothing more can be known of it
+        try:
+            known = bans.store.get(address)
+        except StoreError:
+            known = None
+        if known is not None and known.active(at):
+            continue  # recorded after all (the record file is emptied a moment later)
+        bans.remember(address, reason=KIND_SYN, mode=str(mode), port=port, now=at,
+                      duration=bans.duration(address, at),
+                      hosts_deny_line=hosts_deny_line(address, port, mode), native=False, route=True)
+        log(f"adminalert: Host {address} was blocked by the fast lane and not recorded before the "
+            "daemon stopped: recorded now")
+        recorded += 1
+    with contextlib.suppress(OSError):
+        os.truncate(path, 0)
+    return recorded
