@@ -476,13 +476,22 @@ def tail(path: Path, size: int = 3000) -> str:
 
 
 def export_revision(rev: str, into: Path) -> Path:
-    """`src/` of git revision `rev`, unpacked under `into` (read-only use of the repository)."""
+    """`src/` of git revision `rev`, unpacked under `into` (read-only use of the repository), with
+    its compiled fast lane built as an install builds it (revisions that have one)."""
     into.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev, "src"],
                              capture_output=True, timeout=60, check=False)
     if archive.returncode != 0:
         raise BenchError(f"git archive {rev}: {archive.stderr.decode(errors='replace').strip()}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=60)
+    if (into / "src" / "portsentry" / "sensors" / "lane.c").exists():
+        build = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev, "setup.py",
+                                "pyproject.toml"], capture_output=True, timeout=60, check=True)
+        subprocess.run(["tar", "-x", "-C", str(into)], input=build.stdout, check=True, timeout=60)
+        built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into,
+                               capture_output=True, text=True, timeout=300, check=False)
+        if built.returncode != 0:
+            raise BenchError(f"building the fast lane of {rev}: {built.stderr.strip()[-2000:]}")
     return into / "src"
 
 
