@@ -313,6 +313,15 @@ class LaneCapture:
         """The daemon has decided everything read so far: the lane may act again."""
         self.lane.processed(self.last_seq)
 
+    def stop(self) -> list[bytes | Act]:
+        """Stop the thread and return what it had queued: reports of bans it began are the
+        daemon's to take in before this capture goes (a reload, the stop)."""
+        self.lane.stop()
+        items: list[bytes | Act] = []
+        while batch := self.read_items():
+            items.extend(batch)
+        return items
+
     def drops(self) -> int:
         return self.capture.drops()
 
@@ -329,10 +338,9 @@ class LaneCapture:
         self.capture.skip_interfaces(indexes)
 
     def close(self) -> None:
-        self.lane.stop()
-        # Reports still queued hold shells the daemon will not wait for now: their output pipes
-        # are closed here (the shells are reaped by the stop's wait for children).
-        for item in self.read_items(1 << 30):
+        # Reports nobody took in (stop() was not called): their bans stay in the lane's record
+        # file for the next start; their shells' pipes are closed here.
+        for item in self.stop():
             if isinstance(item, Act) and item.pipe >= 0:
                 os.close(item.pipe)
         self.lane.close()

@@ -230,8 +230,7 @@ class StealthSensor:
         for data in batch:
             self.packets += 1
             if isinstance(data, Act):
-                hits.append(Hit(Probe(source=data.source, port=data.port, mode=data.mode, kind=KIND_SYN,
-                                      destination=data.destination), lane=data))
+                hits.append(self._lane_hit(data))
                 continue
             packet = parse_packet(data, self.drops)
             if packet is not None:
@@ -241,6 +240,26 @@ class StealthSensor:
     def handled(self) -> None:
         if isinstance(self._capture, LaneCapture):
             self._capture.handled()
+
+    def stop_lane(self) -> list[Hit]:
+        """Before the capture closes: the fast lane stopped, and the hits it had queued (its
+        reports among them, bans it began that the daemon must take in)."""
+        capture = self._capture
+        if not isinstance(capture, LaneCapture):
+            return []
+        now = self._clock()
+        hits: list[Hit] = []
+        for item in capture.stop():
+            if isinstance(item, Act):
+                hits.append(self._lane_hit(item))
+            elif (packet := parse_packet(item, self.drops)) is not None:
+                hits.extend(self.hits_for(packet, now))
+        return hits
+
+    @staticmethod
+    def _lane_hit(act: Act) -> Hit:
+        return Hit(Probe(source=act.source, port=act.port, mode=act.mode, kind=KIND_SYN,
+                         destination=act.destination), lane=act)
 
     def hits_for(self, packet: Packet, now: float) -> list[Hit]:
         if packet.source in self.addresses.local:

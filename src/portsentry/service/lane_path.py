@@ -56,6 +56,15 @@ class LanePath(DaemonState):
             self.lane.abandoned(block, self._late.submit)
         self.lane.block_done()
 
+    def _stop_lane(self) -> None:
+        """Before the sensors close (a reload, the stop): what the lane had queued is taken in,
+        so a ban it began is recorded and completed now, not at the next start."""
+        sensor = self.lane.sensor
+        if sensor is None:
+            return
+        for hit in sensor.stop_lane():
+            self._guarded(self.handle, hit)
+
     def _lane_compile(self) -> None:
         """Start, reload, tick: the lane's tables as of now."""
         self.lane.compile(self.sensors, self.config, self.engine, self.journal, self.ignore,

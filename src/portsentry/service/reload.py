@@ -148,6 +148,7 @@ class Reloading(Startup):
                 f"cannot open the sensors again: {error}; nothing is watched until a reload succeeds"))
 
     def _close_sensors(self) -> None:
+        self._stop_lane()
         for sensor in self.sensors:
             for key in list(self._selector.get_map().values()):
                 if key.data is sensor:

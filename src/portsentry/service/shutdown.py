@@ -57,6 +57,7 @@ class Shutdown(Startup):
         # with the default 30 s, so no SIGKILL loses the last lines or leaves a command behind.
         self.responder.stop_by(time.monotonic() + self.responder.timeout)
         self._stop_reruns.set()
+        self._stop_lane()
         for sensor in self.sensors:
             sensor.close()
         self.lane.close()

@@ -1,0 +1,94 @@
+"""A capture with the fast lane in front, closed while the lane's reports wait (a reload, the stop):
+the reports are handed over, not dropped (their bans would otherwise wait for the next start)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from ipaddress import ip_address, ip_network
+from pathlib import Path
+from typing import Any
+
+from portsentry.core.probe import Mode
+from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneCapture
+from portsentry.sensors.stealth import StealthSensor
+
+
+class Pair:
+    """One end of a datagram socket pair where the AF_PACKET socket would be."""
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.ours.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.ours.fileno()
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+
+def syn(source: str, destination: str, port: int) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, socket.inet_aton(source),
+                     socket.inet_aton(destination))
+    return ip + struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 5 << 4, 2, 1024, 0, 0)
+
+
+def acting_lane(tmp_path: Path) -> tuple[Pair, LaneCapture, socket.socket]:
+    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    log.bind(str(tmp_path / "log"))
+    pair = Pair()
+    lane = Lane()
+    capture = LaneCapture(pair, lane)  # type: ignore[arg-type]
+    ports = bytearray(65536)
+    ports[80] = MODE_CODES[Mode.ATCP]
+    lane.set_ports(bytes(ports))
+    lane.set_local([ip_address("198.18.0.1")])
+    lane.set_deny([ip_network("127.0.0.0/8")])
+    lane.set_syslog(str(tmp_path / "log"), "<29>", " portsentry[1]: ")
+    lane.set_record(-1)  # no record file: the lane acts without a shell
+    lane.set_route(None)
+    lane.allow(0, 10)
+    lane.enable(True)
+    return pair, capture, log
+
+
+def test_stop_hands_over_the_reports_and_packets_queued(tmp_path: Path) -> None:
+    pair, capture, log = acting_lane(tmp_path)
+    record = (tmp_path / "record").open("ab")
+    capture.lane.set_record(record.fileno())
+    try:
+        pair.theirs.send(syn("198.18.0.10", "198.18.0.1", 80))  # acted on
+        pair.theirs.send(syn("198.18.0.10", "198.18.0.1", 81))  # handed on: its source is pinned now
+        time.sleep(0.2)  # the lane has read both
+        items = capture.stop()
+        kinds = [type(item).__name__ for item in items]
+        assert kinds == ["Act", "bytes"]
+        act: Any = items[0]
+        assert isinstance(act, Act) and act.source == ip_address("198.18.0.10") and act.port == 80
+        assert capture.stop() == []  # nothing twice
+    finally:
+        capture.close()
+        record.close()
+        log.close()
+
+
+def test_the_stealth_sensor_turns_the_queued_report_into_a_hit_for_the_daemon(tmp_path: Path) -> None:
+    pair, capture, log = acting_lane(tmp_path)
+    record = (tmp_path / "record").open("ab")
+    capture.lane.set_record(record.fileno())
+    sensor = StealthSensor.__new__(StealthSensor)
+    sensor._capture = capture  # type: ignore[assignment]
+    sensor._clock = time.time
+    try:
+        pair.theirs.send(syn("198.18.0.10", "198.18.0.1", 80))
+        time.sleep(0.2)
+        hits = sensor.stop_lane()
+        assert len(hits) == 1 and hits[0].lane is not None
+        assert hits[0].probe.source == ip_address("198.18.0.10") and hits[0].probe.mode is Mode.ATCP
+    finally:
+        capture.close()
+        record.close()
+        log.close()
