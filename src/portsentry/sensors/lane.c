@@ -280,6 +280,11 @@ static int send_line(struct lane *lane, const char *message, time_t second) {
 static void spawn_route(struct lane *lane, const char *command, struct act *act) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC) != 0) { act->spawn_errno = errno; return; }
+    if (fds[0] <= 2 || fds[1] <= 2) {
+        /* Someone started us with 0-2 closed: dup2 onto itself would keep close-on-exec. The
+         * daemon's own runner copes with that (responders.shell); it runs KILL_ROUTE then. */
+        close(fds[0]); close(fds[1]); act->spawn_errno = EBADF; return;
+    }
     char *argv[] = {"/bin/sh", "-c", (char *)command, NULL};
     struct timespec now; clock_gettime(CLOCK_MONOTONIC, &now);
     act->started = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
