@@ -315,22 +315,26 @@ static void spawn_route(struct lane *lane, const char *command, struct act *act)
     lane->inflight++;
 }
 
+/* One message to the daemon. A full channel (the main loop is behind) is waited for, but never
+ * past a stop: lane_stop must not wait on a reader that is the one stopping. A report dropped
+ * then stays in the record file, replayed at the next start. */
 static void send_all(struct lane *lane, const void *head, size_t head_size, const void *body, size_t body_size) {
     struct iovec parts[2] = {{(void *)head, head_size}, {(void *)body, body_size}};
     struct msghdr message = {.msg_iov = parts, .msg_iovlen = body_size ? 2 : 1};
-    while (sendmsg(lane->channel, &message, MSG_NOSIGNAL) < 0 && errno == EINTR) {}
+    for (;;) {
+        if (sendmsg(lane->channel, &message, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) return;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != ENOBUFS) { lane->errors++; return; }
+        struct pollfd fds[2] = {{lane->channel, POLLOUT, 0}, {lane->stop_read, POLLIN, 0}};
+        if (poll(fds, 2, -1) < 0 && errno != EINTR) { lane->errors++; return; }
+        if (fds[1].revents) return;
+    }
 }
 
-static void defer_packet(struct lane *lane, const uint8_t *packet, size_t size) {
-    uint8_t head[8] = {'P', 0, 0, 0};
-    uint32_t seq = ++lane->seq; memcpy(head + 4, &seq, 4);
-    lane->deferred = seq;
-    send_all(lane, head, sizeof head, packet, size);
-}
-
-/* The lane's decision for one packet: 1 when it acted (and reported), 0 to hand it on. Called
- * with the lock held. */
-static int decide(struct lane *lane, const uint8_t *packet, size_t size, const struct sockaddr_ll *from) {
+/* The lane's decision for one packet: 1 when it acted (`out` is the report), 0 to hand it on.
+ * Called with the lock held; the caller sends, after letting it go. */
+static int decide(struct lane *lane, const uint8_t *packet, size_t size, const struct sockaddr_ll *from,
+                  struct act *out) {
     /* Nothing acts while a packet handed on is still undecided: the daemon may be about to hold
      * something about its source that the tables do not say yet. */
     if (!lane->enabled || from->sll_pkttype == PACKET_OUTGOING || (int32_t)(lane->deferred - lane->processed) > 0)
@@ -394,7 +398,7 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
         lane->errors++;
     }
     lane->acted++;
-    send_all(lane, &act, sizeof act, NULL, 0);
+    *out = act;
     return 1;
 }
 
@@ -413,11 +417,23 @@ static void *run(void *arg) {
         if (fds[1].revents) break;
         for (int batch = 0; batch < 256; batch++) {
             struct sockaddr_ll from; socklen_t length = sizeof from;
+            memset(&from, 0, sizeof from);  /* a test's socket pair fills none of it */
             ssize_t n = recvfrom(lane->capture, packet, sizeof packet, MSG_DONTWAIT, (struct sockaddr *)&from, &length);
             if (n < 0) break;
+            /* Sent without the lock: a full channel waits for the main loop, which may be
+             * calling a setter meanwhile. Only this thread sends, so the order holds. */
+            struct act act;
+            uint8_t head[8] = {'P', 0, 0, 0};
             pthread_mutex_lock(&lane->lock);
-            if (!decide(lane, packet, (size_t)n, &from)) defer_packet(lane, packet, (size_t)n);
+            int acted = decide(lane, packet, (size_t)n, &from, &act);
+            if (!acted) {
+                uint32_t seq = ++lane->seq;
+                memcpy(head + 4, &seq, 4);
+                lane->deferred = seq;
+            }
             pthread_mutex_unlock(&lane->lock);
+            if (acted) send_all(lane, &act, sizeof act, NULL, 0);
+            else send_all(lane, head, sizeof head, packet, (size_t)n);
         }
     }
     return NULL;

@@ -92,3 +92,42 @@ def test_the_stealth_sensor_turns_the_queued_report_into_a_hit_for_the_daemon(tm
         capture.close()
         record.close()
         log.close()
+
+
+def test_a_full_channel_neither_holds_the_setters_nor_the_stop(tmp_path: Path) -> None:
+    """The main loop behind (not reading): the lane waits for room, but a setter the main loop
+    calls meanwhile, and the stop, return at once (the lane held its lock while it waited, and
+    the stop joined a thread blocked in send)."""
+    import threading
+
+    pair, capture, log = acting_lane(tmp_path)
+    lane = capture.lane
+    lane.enable(False)  # every packet handed on
+    assert lane._writer is not None and lane.channel is not None
+    lane._writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    lane.channel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    pair.theirs.setblocking(False)
+    sent = 0
+    done = threading.Event()
+    try:
+        for _ in range(2000):
+            try:
+                pair.theirs.send(syn("198.18.0.10", "198.18.0.1", 80))
+                sent += 1
+            except BlockingIOError:
+                break
+        time.sleep(0.3)  # the lane has filled the channel and waits
+
+        def setter_then_stop() -> None:
+            lane.pin(ip_address("198.18.0.99"))
+            capture.stop()
+            done.set()
+
+        worker = threading.Thread(target=setter_then_stop, daemon=True)
+        worker.start()
+        assert done.wait(5), "the lane held its lock, or the stop, while the channel was full"
+        assert sent > 100
+    finally:
+        if done.is_set():  # else the close would hang as the stop did: the assert above says why
+            capture.close()
+        log.close()
