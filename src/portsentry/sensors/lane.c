@@ -412,7 +412,9 @@ static void *run(void *arg) {
         if (poll(fds, 2, -1) < 0) { if (errno == EINTR) continue; break; }
         if (fds[1].revents) break;
         for (int batch = 0; batch < 256; batch++) {
-            struct sockaddr_ll from; socklen_t length = sizeof from;
+            /* Zeroed: a capture that names no sender (the unit tests' socket pair) then reads
+             * as PACKET_HOST, not as whatever the stack held. */
+            struct sockaddr_ll from = {0}; socklen_t length = sizeof from;
             ssize_t n = recvfrom(lane->capture, packet, sizeof packet, MSG_DONTWAIT, (struct sockaddr *)&from, &length);
             if (n < 0) break;
             pthread_mutex_lock(&lane->lock);
