@@ -321,16 +321,10 @@ static void send_all(struct lane *lane, const void *head, size_t head_size, cons
     while (sendmsg(lane->channel, &message, MSG_NOSIGNAL) < 0 && errno == EINTR) {}
 }
 
-static void defer_packet(struct lane *lane, const uint8_t *packet, size_t size) {
-    uint8_t head[8] = {'P', 0, 0, 0};
-    uint32_t seq = ++lane->seq; memcpy(head + 4, &seq, 4);
-    lane->deferred = seq;
-    send_all(lane, head, sizeof head, packet, size);
-}
-
-/* The lane's decision for one packet: 1 when it acted (and reported), 0 to hand it on. Called
- * with the lock held. */
-static int decide(struct lane *lane, const uint8_t *packet, size_t size, const struct sockaddr_ll *from) {
+/* The lane's decision for one packet: 1 when it acted (its report in `report`, for the caller to
+ * send), 0 to hand it on. Called with the lock held. */
+static int decide(struct lane *lane, const uint8_t *packet, size_t size, const struct sockaddr_ll *from,
+                  struct act *report) {
     /* Nothing acts while a packet handed on is still undecided: the daemon may be about to hold
      * something about its source that the tables do not say yet. */
     if (!lane->enabled || from->sll_pkttype == PACKET_OUTGOING || (int32_t)(lane->deferred - lane->processed) > 0)
@@ -394,7 +388,7 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
         lane->errors++;
     }
     lane->acted++;
-    send_all(lane, &act, sizeof act, NULL, 0);
+    *report = act;
     return 1;
 }
 
@@ -417,9 +411,20 @@ static void *run(void *arg) {
             struct sockaddr_ll from = {0}; socklen_t length = sizeof from;
             ssize_t n = recvfrom(lane->capture, packet, sizeof packet, MSG_DONTWAIT, (struct sockaddr *)&from, &length);
             if (n < 0) break;
+            struct act act; uint8_t head[8] = {'P', 0, 0, 0};
             pthread_mutex_lock(&lane->lock);
-            if (!decide(lane, packet, (size_t)n, &from)) defer_packet(lane, packet, (size_t)n);
+            int acted = decide(lane, packet, (size_t)n, &from, &act);
+            if (!acted) {
+                uint32_t seq = ++lane->seq; memcpy(head + 4, &seq, 4);
+                lane->deferred = seq;
+            }
             pthread_mutex_unlock(&lane->lock);
+            /* Sent without the lock: the send waits while the channel is full, and the daemon,
+             * the one reader, takes the lock for its every call (processed, allow, pin); held
+             * here, a burst the daemon was slow to read stopped both for good. Only this thread
+             * sends, so messages still go in seq order. */
+            if (acted) send_all(lane, &act, sizeof act, NULL, 0);
+            else send_all(lane, head, sizeof head, packet, (size_t)n);
         }
     }
     return NULL;

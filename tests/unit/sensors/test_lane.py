@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -296,4 +297,49 @@ def test_record_done_empties_the_record_only_when_every_act_is_settled(rig: Rig)
     # Appends go on at the start of the emptied file (O_APPEND).
     assert isinstance(rig.one(syn("198.18.0.11", HERE4, ATCP_PORT)), Act)
     assert rig.record_path.read_text().startswith("3 ")
+
+def fill_the_channel(rig: Rig) -> int:
+    """Packets into the lane, none read, until it stops taking them (its channel full); how many."""
+    rig.lane.enable(False)
+    rig.pair.theirs.setblocking(False)
+    packet = syn(SCANNER4, HERE4, ATCP_PORT, flags=0x10)
+    sent, stalled_since = 0, None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            rig.pair.theirs.send(packet)
+            sent, stalled_since = sent + 1, None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > 0.3:
+                return sent
+            time.sleep(0.01)
+    raise AssertionError("the lane never stopped taking packets")
+
+
+def drain(rig: Rig, until: threading.Thread) -> int:
+    """Read the channel while `until` runs (a call stuck behind the full channel ends then)."""
+    read = 0
+    while True:
+        batch = rig.capture.read_items()
+        read += len(batch)
+        if not batch and not until.is_alive():
+            return read
+        until.join(0.01)
+
+
+def test_a_full_channel_never_holds_the_daemons_calls(rig: Rig) -> None:
+    fill_the_channel(rig)
+
+    def daemon_calls() -> None:
+        rig.lane.processed(1)
+        rig.lane.allow(0, 5)
+        rig.lane.pin(SCANNER6)
+
+    calls = threading.Thread(target=daemon_calls)
+    calls.start()
+    calls.join(2.0)
+    stuck = calls.is_alive()
+    drain(rig, calls)
+    assert not stuck, "the main loop waited for the lane, which waited for the main loop"
 
