@@ -455,12 +455,33 @@ int lane_start(struct lane *lane, int capture, int channel) {
     return 0;
 }
 
-void lane_stop(struct lane *lane) {
+/* The thread stops after the batch it is in; until then it may wait for room on the channel, so
+ * whoever reads the channel keeps reading until lane_stopped() says it has ended. */
+void lane_stop_request(struct lane *lane) {
     if (!lane->running) return;
     ssize_t ignored = write(lane->stop_write, "x", 1); (void)ignored;
-    pthread_join(lane->thread, NULL);
+}
+
+static void ended(struct lane *lane) {
     close(lane->stop_read); close(lane->stop_write);
     lane->running = 0;
+}
+
+/* 1 when the thread has ended (joined now), 0 while it runs. */
+int lane_stopped(struct lane *lane) {
+    if (!lane->running) return 1;
+    if (pthread_tryjoin_np(lane->thread, NULL) != 0) return 0;
+    ended(lane);
+    return 1;
+}
+
+/* Waits for the thread: only for a caller that is not the channel's reader, or whose channel has
+ * room (the thread may be waiting to send). */
+void lane_stop(struct lane *lane) {
+    if (!lane->running) return;
+    lane_stop_request(lane);
+    pthread_join(lane->thread, NULL);
+    ended(lane);
 }
 
 void lane_free(struct lane *lane) {

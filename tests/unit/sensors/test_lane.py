@@ -5,6 +5,7 @@ tests/unit/service/test_lane.py; the lane against Python's parser in test_lane_p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -343,3 +344,18 @@ def test_a_full_channel_never_holds_the_daemons_calls(rig: Rig) -> None:
     drain(rig, calls)
     assert not stuck, "the main loop waited for the lane, which waited for the main loop"
 
+def test_a_stop_with_the_channel_full_hands_over_every_packet_the_lane_took(rig: Rig) -> None:
+    sent = fill_the_channel(rig)
+    handed: list[object] = []
+    stopping = threading.Thread(target=lambda: handed.extend(rig.capture.stop()))
+    stopping.start()
+    stopping.join(5.0)
+    stuck = stopping.is_alive()
+    late = drain(rig, stopping)
+    assert not stuck, "the stop waited for the lane, which waited for the main loop to read"
+    left = 0  # still in the capture's buffer: the lane stops after the batch it is in
+    with contextlib.suppress(BlockingIOError):
+        while rig.pair.ours.recv(4096):
+            left += 1
+    assert len(handed) + left == sent and late == 0
+    assert all(item == syn(SCANNER4, HERE4, ATCP_PORT, flags=0x10) for item in handed)
