@@ -347,6 +347,9 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
         memcpy(key, packet + 8, 16); memcpy(dkey, packet + 24, 16);
         static const uint8_t zeros[10];
         if (memcmp(key, zeros, 10) == 0) return 0;  /* ::/80: IPv4-mapped, -compatible, ::1 */
+        /* A destination there is the daemon's IPv4 address to the daemon (addresses.canonical),
+         * and its key an IPv4 key here: acted on, the report named ::ffff:a.b.c.d. */
+        if (memcmp(dkey, zeros, 10) == 0) return 0;
         tcp = packet + 40; tcp_room = (40 + payload < size ? 40 + payload : size) - 40;
     } else {
         return 0;

@@ -145,7 +145,7 @@ BAD_PACKETS = {
     "unwatched port": syn(SCANNER4, HERE4, 82),
     "not to us": syn(SCANNER4, "198.18.0.2", ATCP_PORT),
     "not to us 6": syn(SCANNER6, "fd00::2", ATCP_PORT),
-    # "to our ipv4 address mapped in ipv6": syn(SCANNER6, "::ffff:198.18.0.1", ATCP_PORT),
+    "to our ipv4 address mapped in ipv6": syn(SCANNER6, "::ffff:198.18.0.1", ATCP_PORT),
     "source ipv4-mapped": syn("::ffff:198.18.0.10", HERE6, ATCP_PORT),
     "source ipv4-compatible": syn("::198.18.0.10", HERE6, ATCP_PORT),
     "source in ::/80": syn("::1:0:10", HERE6, ATCP_PORT),
