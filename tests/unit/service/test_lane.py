@@ -482,3 +482,19 @@ def test_engine_observe_made_counts_the_lane_ban_against_the_cap_and_never_refus
     assert engine.guard.free_bans(1000.2) == 0
     assert isinstance(made.actions[0], Log) and isinstance(made.actions[-1], Block)
     assert made.actions[-1].steps == (Step(StepKind.ROUTE, ROUTE),)
+
+
+def test_a_block_the_last_lane_began_does_not_empty_the_record_while_the_new_lanes_is_unsettled(tmp_path):
+    r = compiled(tmp_path)
+    r.keeper.started(act())  # the lane before the reload began it; its block is still running
+    new_lane = FakeLane()
+    conf = config(state_dir=str(tmp_path))
+    r.keeper.compile([fake_sensor(new_lane)], conf, r.engine, r.journal, r.ignore, frozenset(), 1001.0)
+    new_lane.acted = 1
+    r.keeper.started(act("198.18.0.11"))  # the new lane's first, not recorded yet
+    r.keeper.handled(r.engine, 1001.0)
+    assert [args for kind, args in new_lane.calls if kind == "allow"][-1][0] == 1  # the new lane's own
+    r.keeper.block_done()  # the old lane's block
+    assert not [call for call in new_lane.calls if call[0] == "record_done"]
+    r.keeper.block_done()
+    assert ("record_done", 1) in new_lane.calls  # both settled: the new lane made one
