@@ -315,26 +315,21 @@ static void spawn_route(struct lane *lane, const char *command, struct act *act)
     lane->inflight++;
 }
 
-/* One message to the daemon. A full channel (the main loop is behind) is waited for, but never
- * past a stop: lane_stop must not wait on a reader that is the one stopping. A report dropped
- * then stays in the record file, replayed at the next start. */
+/* One message to the daemon. A full channel (the main loop is behind) is waited for: its reader
+ * keeps reading until the thread has ended when it stops it (LaneCapture.stop, lane_stopped), so
+ * nothing the lane took is dropped. */
 static void send_all(struct lane *lane, const void *head, size_t head_size, const void *body, size_t body_size) {
     struct iovec parts[2] = {{(void *)head, head_size}, {(void *)body, body_size}};
     struct msghdr message = {.msg_iov = parts, .msg_iovlen = body_size ? 2 : 1};
-    for (;;) {
-        if (sendmsg(lane->channel, &message, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) return;
-        if (errno == EINTR) continue;
-        if (errno != EAGAIN && errno != ENOBUFS) { lane->errors++; return; }
-        struct pollfd fds[2] = {{lane->channel, POLLOUT, 0}, {lane->stop_read, POLLIN, 0}};
-        if (poll(fds, 2, -1) < 0 && errno != EINTR) { lane->errors++; return; }
-        if (fds[1].revents) return;
+    while (sendmsg(lane->channel, &message, MSG_NOSIGNAL) < 0) {
+        if (errno != EINTR) { lane->errors++; return; }  /* the reader is gone: nobody to tell */
     }
 }
 
-/* The lane's decision for one packet: 1 when it acted (`out` is the report), 0 to hand it on.
- * Called with the lock held; the caller sends, after letting it go. */
+/* The lane's decision for one packet: 1 when it acted (its report in `report`, for the caller to
+ * send), 0 to hand it on. Called with the lock held. */
 static int decide(struct lane *lane, const uint8_t *packet, size_t size, const struct sockaddr_ll *from,
-                  struct act *out) {
+                  struct act *report) {
     /* Nothing acts while a packet handed on is still undecided: the daemon may be about to hold
      * something about its source that the tables do not say yet. */
     if (!lane->enabled || from->sll_pkttype == PACKET_OUTGOING || (int32_t)(lane->deferred - lane->processed) > 0)
@@ -357,6 +352,9 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
         memcpy(key, packet + 8, 16); memcpy(dkey, packet + 24, 16);
         static const uint8_t zeros[10];
         if (memcmp(key, zeros, 10) == 0) return 0;  /* ::/80: IPv4-mapped, -compatible, ::1 */
+        /* A destination there is the daemon's IPv4 address to the daemon (addresses.canonical),
+         * and its key an IPv4 key here: acted on, the report named ::ffff:a.b.c.d. */
+        if (memcmp(dkey, zeros, 10) == 0) return 0;
         tcp = packet + 40; tcp_room = (40 + payload < size ? 40 + payload : size) - 40;
     } else {
         return 0;
@@ -398,7 +396,7 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
         lane->errors++;
     }
     lane->acted++;
-    *out = act;
+    *report = act;
     return 1;
 }
 
@@ -416,22 +414,23 @@ static void *run(void *arg) {
         if (poll(fds, 2, -1) < 0) { if (errno == EINTR) continue; break; }
         if (fds[1].revents) break;
         for (int batch = 0; batch < 256; batch++) {
-            struct sockaddr_ll from; socklen_t length = sizeof from;
-            memset(&from, 0, sizeof from);  /* a test's socket pair fills none of it */
+            /* Zeroed: a capture that names no sender (the unit tests' socket pair) then reads
+             * as PACKET_HOST, not as whatever the stack held. */
+            struct sockaddr_ll from = {0}; socklen_t length = sizeof from;
             ssize_t n = recvfrom(lane->capture, packet, sizeof packet, MSG_DONTWAIT, (struct sockaddr *)&from, &length);
             if (n < 0) break;
-            /* Sent without the lock: a full channel waits for the main loop, which may be
-             * calling a setter meanwhile. Only this thread sends, so the order holds. */
-            struct act act;
-            uint8_t head[8] = {'P', 0, 0, 0};
+            struct act act; uint8_t head[8] = {'P', 0, 0, 0};
             pthread_mutex_lock(&lane->lock);
             int acted = decide(lane, packet, (size_t)n, &from, &act);
             if (!acted) {
-                uint32_t seq = ++lane->seq;
-                memcpy(head + 4, &seq, 4);
+                uint32_t seq = ++lane->seq; memcpy(head + 4, &seq, 4);
                 lane->deferred = seq;
             }
             pthread_mutex_unlock(&lane->lock);
+            /* Sent without the lock: the send waits while the channel is full, and the daemon,
+             * the one reader, takes the lock for its every call (processed, allow, pin); held
+             * here, a burst the daemon was slow to read stopped both for good. Only this thread
+             * sends, so messages still go in seq order. */
             if (acted) send_all(lane, &act, sizeof act, NULL, 0);
             else send_all(lane, head, sizeof head, packet, (size_t)n);
         }
@@ -464,12 +463,33 @@ int lane_start(struct lane *lane, int capture, int channel) {
     return 0;
 }
 
-void lane_stop(struct lane *lane) {
+/* The thread stops after the batch it is in; until then it may wait for room on the channel, so
+ * whoever reads the channel keeps reading until lane_stopped() says it has ended. */
+void lane_stop_request(struct lane *lane) {
     if (!lane->running) return;
     ssize_t ignored = write(lane->stop_write, "x", 1); (void)ignored;
-    pthread_join(lane->thread, NULL);
+}
+
+static void ended(struct lane *lane) {
     close(lane->stop_read); close(lane->stop_write);
     lane->running = 0;
+}
+
+/* 1 when the thread has ended (joined now), 0 while it runs. */
+int lane_stopped(struct lane *lane) {
+    if (!lane->running) return 1;
+    if (pthread_tryjoin_np(lane->thread, NULL) != 0) return 0;
+    ended(lane);
+    return 1;
+}
+
+/* Waits for the thread: only for a caller that is not the channel's reader, or whose channel has
+ * room (the thread may be waiting to send). */
+void lane_stop(struct lane *lane) {
+    if (!lane->running) return;
+    lane_stop_request(lane);
+    pthread_join(lane->thread, NULL);
+    ended(lane);
 }
 
 void lane_free(struct lane *lane) {

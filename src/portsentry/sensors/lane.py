@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import os
+import select
 import socket
 import struct
 from collections.abc import Collection, Iterable
@@ -33,6 +34,7 @@ PACKET_HEAD = struct.Struct("=cxxxI")  # 'P', seq
 # errno, record errno, reserved, at, started, source, destination.
 ACT = struct.Struct("=cBBBIHHiiiixxxxdd16s16s")
 KEY_SIZE = 16
+STOP_POLL = 0.01  # seconds between looks at a stopping thread while its channel is quiet
 _MAPPED = bytes(10) + b"\xff\xff"
 
 
@@ -125,6 +127,7 @@ def load() -> ctypes.CDLL:
                                   ctypes.c_size_t, ctypes.c_char_p)
     for name, result, arguments in (
         ("lane_new", p, ()), ("lane_start", i, (p, i, i)), ("lane_stop", None, (p,)),
+        ("lane_stop_request", None, (p,)), ("lane_stopped", i, (p,)),
         ("lane_free", None, (p,)), ("lane_enable", None, (p, i)),
         ("lane_set_syslog", i, (p, text, text, text)), ("lane_set_record", None, (p, i)),
         ("lane_set_route", i, (p, text)), ("lane_render", i, (p, text, ctypes.c_uint, i, p, size)),
@@ -172,8 +175,17 @@ class Lane:
         return reader
 
     def stop(self) -> None:
-        """Stop the thread (its packets in flight stay readable on the channel)."""
+        """Stop the thread (its packets in flight stay readable on the channel). Waits for it:
+        the channel's reader calls stop_request() and reads until stopped() instead."""
         self._lib.lane_stop(self._handle)
+
+    def stop_request(self) -> None:
+        """Ask the thread to stop after its batch; it may still wait for room on the channel."""
+        self._lib.lane_stop_request(self._handle)
+
+    def stopped(self) -> bool:
+        """Whether the thread has ended."""
+        return bool(self._lib.lane_stopped(self._handle))
 
     def close(self) -> None:
         self.stop()
@@ -316,8 +328,15 @@ class LaneCapture:
     def stop(self) -> list[bytes | Act]:
         """Stop the thread and return what it had queued: reports of bans it began are the
         daemon's to take in before this capture goes (a reload, the stop)."""
-        self.lane.stop()
+        # Read while it stops: it may be waiting for room on a channel a burst filled, and
+        # waiting for it alone then waited for ever.
+        self.lane.stop_request()
         items: list[bytes | Act] = []
+        while not self.lane.stopped():
+            if batch := self.read_items():
+                items.extend(batch)
+            else:
+                select.select([self._channel], [], [], STOP_POLL)
         while batch := self.read_items():
             items.extend(batch)
         return items

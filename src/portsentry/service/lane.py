@@ -137,8 +137,9 @@ class LaneKeeper:
         self._ports_from: tuple[object, ...] = ()
         self._ports = b""
         self._record = -1
-        self.acted = 0  # reports taken in
+        self.acted = 0  # reports taken in, from every lane this run
         self.settled = 0  # of them, blocks done (recorded) or given up
+        self._before = 0  # of them, from the lanes before this one (its own count starts at 0)
         self.disagreed = 0
         self.broken: str | None = None  # why the lane can never be on again this run
         self._bound: tuple[tuple[Sensor, ...], Lane | None] = ((), None)
@@ -165,7 +166,9 @@ class LaneKeeper:
             except OSError as error:
                 self._log(messages.config_error(f"cannot open the fast lane's record {self.path}: {error}"))
         self.lane.set_record(self._record)
-        self.acted = self.settled = 0  # a new lane counts from 0
+        # The record file is one for every lane, and blocks the last lane began may still be
+        # running: the counts go on, the new lane's own count is what it made past _before.
+        self._before = self.acted
         self._repin(engine)
 
     def _hold(self, source: IPAddress) -> None:
@@ -260,7 +263,7 @@ class LaneKeeper:
     def _allow(self, engine: Engine, now: float) -> None:
         assert self.lane is not None
         free = engine.guard.free_bans(now)
-        self.lane.allow(self.acted, NO_CAP if free is None else free)
+        self.lane.allow(self.acted - self._before, NO_CAP if free is None else free)
 
     def handled(self, engine: Engine, now: float) -> None:
         """After the engine decided a read's hits: the rate cap's share, then the lane may act."""
@@ -339,7 +342,7 @@ class LaneKeeper:
 
     def _empty_record(self) -> None:
         if self.lane is not None and self.settled == self.acted:
-            self.lane.record_done(self.settled)
+            self.lane.record_done(self.acted - self._before)
 
     def close(self) -> None:
         if self._record >= 0:

@@ -80,7 +80,7 @@ def test_the_stealth_sensor_turns_the_queued_report_into_a_hit_for_the_daemon(tm
     record = (tmp_path / "record").open("ab")
     capture.lane.set_record(record.fileno())
     sensor = StealthSensor.__new__(StealthSensor)
-    sensor._capture = capture  # type: ignore[assignment]
+    sensor._capture = capture
     sensor._clock = time.time
     try:
         pair.theirs.send(syn("198.18.0.10", "198.18.0.1", 80))

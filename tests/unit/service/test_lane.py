@@ -319,7 +319,8 @@ def test_a_new_lane_after_a_reload_starts_pinned_to_what_the_engine_holds(tmp_pa
     new_sensor = fake_sensor(new_lane)
     conf = config(state_dir=str(tmp_path))
     r.keeper.compile([new_sensor], conf, r.engine, r.journal, r.ignore, frozenset(), 1001.0)
-    assert r.keeper.lane is new_lane and new_lane.pins == {SCANNER.packed} and new_lane.enabled
+    lane: object = r.keeper.lane
+    assert lane is new_lane and new_lane.pins == {SCANNER.packed} and new_lane.enabled
 
 
 # -- reports ------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ def lane_daemon(tmp_path: Path, ignore_file: str | None = None) -> tuple[Any, Li
     from portsentry.service.daemon import Daemon
 
     syslog, stderr = Lines(), io.StringIO()
-    journal = Journal(syslog, stderr=stderr)  # type: ignore[arg-type]
+    journal = Journal(syslog, stderr=stderr)
     conf = config(state_dir=str(tmp_path))
     carried: list[Block] = []
     done = threading.Event()
@@ -369,9 +370,9 @@ def lane_daemon(tmp_path: Path, ignore_file: str | None = None) -> tuple[Any, Li
             done.set()
             return True
 
-    daemon = Daemon(conf, [Mode.ATCP], journal, IgnoreSource(ignore_file, lambda: []), [],
-                    Responder(HostsDeny(str(tmp_path / "hosts.deny")), journal.log, 1.0),
-                    clock=lambda: 1000.0)
+    daemon: Any = Daemon(conf, [Mode.ATCP], journal, IgnoreSource(ignore_file, lambda: []), [],
+                         Responder(HostsDeny(str(tmp_path / "hosts.deny")), journal.log, 1.0),
+                         clock=lambda: 1000.0)
     daemon.done = done
     return daemon, syslog, stderr, carried
 
@@ -482,3 +483,19 @@ def test_engine_observe_made_counts_the_lane_ban_against_the_cap_and_never_refus
     assert engine.guard.free_bans(1000.2) == 0
     assert isinstance(made.actions[0], Log) and isinstance(made.actions[-1], Block)
     assert made.actions[-1].steps == (Step(StepKind.ROUTE, ROUTE),)
+
+
+def test_a_block_the_last_lane_began_does_not_empty_the_record_while_the_new_lanes_is_unsettled(tmp_path):
+    r = compiled(tmp_path)
+    r.keeper.started(act())  # the lane before the reload began it; its block is still running
+    new_lane = FakeLane()
+    conf = config(state_dir=str(tmp_path))
+    r.keeper.compile([fake_sensor(new_lane)], conf, r.engine, r.journal, r.ignore, frozenset(), 1001.0)
+    new_lane.acted = 1
+    r.keeper.started(act("198.18.0.11"))  # the new lane's first, not recorded yet
+    r.keeper.handled(r.engine, 1001.0)
+    assert [args for kind, args in new_lane.calls if kind == "allow"][-1][0] == 1  # the new lane's own
+    r.keeper.block_done()  # the old lane's block
+    assert not [call for call in new_lane.calls if call[0] == "record_done"]
+    r.keeper.block_done()
+    assert ("record_done", 1) in new_lane.calls  # both settled: the new lane made one
