@@ -143,12 +143,15 @@ class LaneKeeper:
         self.disagreed = 0
         self.broken: str | None = None  # why the lane can never be on again this run
         self._bound: tuple[tuple[Sensor, ...], Lane | None] = ((), None)
+        # Pins are kept only while the lane may act: off (e.g. no blocking step, as on a host
+        # that only logs) a million bans cost it no memory and the start no time.
+        self._pinned = False
 
     # -- binding ------------------------------------------------------------------------------
 
     def bind(self, sensors: Sequence[Sensor], engine: Engine) -> None:
         """After the sensors opened (start, reload): the lane in front of the new capture, if
-        any, starts with every source the engine holds pinned; it stays off until compile()."""
+        any; it stays off, and unpinned, until compile() turns it on."""
         self.sensor = next((s for s in sensors
                             if isinstance(s, StealthSensor) and s.lane is not None), None)
         self.lane = self.sensor.lane if self.sensor is not None else None
@@ -156,7 +159,8 @@ class LaneKeeper:
         self._tables = None
         engine.holding = self._hold
         engine.released = self._release
-        engine.resynced = lambda: self._repin(engine)
+        engine.resynced = lambda: self._repin(engine) if self._pinned else None
+        self._pinned = False
         if self.lane is None:
             return
         if self._record < 0:
@@ -169,17 +173,16 @@ class LaneKeeper:
         # The record file is one for every lane, and blocks the last lane began may still be
         # running: the counts go on, the new lane's own count is what it made past _before.
         self._before = self.acted
-        self._repin(engine)
 
     def _hold(self, source: IPAddress) -> None:
-        if self.lane is not None:
+        if self.lane is not None and self._pinned:
             try:
                 self.lane.pin(source)
             except LaneUnavailable as error:
                 self._off_for_good(str(error))
 
     def _release(self, source: IPAddress) -> None:
-        if self.lane is not None:
+        if self.lane is not None and self._pinned:
             self.lane.unpin(source)
 
     def _repin(self, engine: Engine) -> None:
@@ -190,6 +193,8 @@ class LaneKeeper:
             self.lane.pin_many(set(engine.held()))
         except LaneUnavailable as error:
             self._off_for_good(str(error))
+            return
+        self._pinned = True
 
     def _off_for_good(self, why: str) -> None:
         """The lane cannot know every source the engine holds: it must not act again (this run)."""
@@ -215,10 +220,16 @@ class LaneKeeper:
             reason = "its record file cannot be written"
         if reason is None and lane is not None and sensor is not None:
             reason = self._push(lane, sensor, config, engine, journal, ignore, protected, now)
+        if reason is None and not self._pinned:
+            self._repin(engine)  # before it may act: every source the engine holds
+            reason = self.broken
         if lane is not None:
             lane.enable(reason is None)
             if reason is None:
                 self._allow(engine, now)
+            elif self._pinned:
+                lane.clear_pins()  # off: the memory back; pinned again when it comes on
+                self._pinned = False
         if reason != self.reason and self.reason != "not started" and lane is not None:
             self._log(f"adminalert: fast lane {'on' if reason is None else f'off: {reason}'}")
         self.reason = reason

@@ -499,3 +499,26 @@ def test_a_block_the_last_lane_began_does_not_empty_the_record_while_the_new_lan
     assert not [call for call in new_lane.calls if call[0] == "record_done"]
     r.keeper.block_done()
     assert ("record_done", 1) in new_lane.calls  # both settled: the new lane made one
+
+
+def test_pins_are_kept_only_while_the_lane_may_act(tmp_path):
+    # A host that only logs (no blocking step) has the lane off: a million bans at start cost
+    # it no memory and no time; turned on by a reload, it is pinned to every one first.
+    conf = config(state_dir=str(tmp_path), kill_route=None, kill_hosts_deny=None)
+    lane = FakeLane()
+    sensor = fake_sensor(lane)
+    engine = Engine(engine_settings(conf), frozenset())
+    engine.sync_bans([SCANNER.packed])
+    keeper = LaneKeeper(lambda _line: None, str(tmp_path))
+    journal, ignore = syslog_journal(tmp_path), IgnoreSource(None, lambda: [])
+    keeper.compile([sensor], conf, engine, journal, ignore, frozenset(), 1000.0)
+    assert keeper.reason == "no blocking step is configured" and lane.pins == set()
+    engine.apply_ban_changes([(ip_address("198.18.0.11"), True)])
+    assert lane.pins == set()
+    on = config(state_dir=str(tmp_path))
+    engine.update_settings(engine_settings(on))
+    keeper.compile([sensor], on, engine, journal, ignore, frozenset(), 1001.0)
+    assert lane.enabled and lane.pins == {SCANNER.packed, ip_address("198.18.0.11").packed}
+    engine.update_settings(engine_settings(conf))
+    keeper.compile([sensor], conf, engine, journal, ignore, frozenset(), 1002.0)
+    assert not lane.enabled and lane.pins == set()
