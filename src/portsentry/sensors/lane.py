@@ -134,7 +134,7 @@ def load() -> ctypes.CDLL:
         ("lane_set_ports", None, (p, text)), ("lane_set_local", i, (p, text, size)),
         ("lane_set_deny", i, (p, text, size)), ("lane_set_ignore", i, (p, text, p)),
         ("lane_pin", i, (p, text)), ("lane_pin_many", i, (p, text, size)), ("lane_unpin", None, (p, text)),
-        ("lane_pinned", i, (p, text)), ("lane_pin_count", size, (p,)), ("lane_clear_pins", None, (p,)),
+        ("lane_pinned", i, (p, text)), ("lane_pin_count", size, (p,)), ("lane_pin_longest_run", size, (p,)), ("lane_clear_pins", None, (p,)),
         ("lane_processed", None, (p, u32)), ("lane_allow", u64, (p, u64, u64)),
         ("lane_shell_done", None, (p,)), ("lane_set_shell_cap", None, (p, u32)),
         ("lane_record_done", i, (p, u64)),
@@ -244,7 +244,7 @@ class Lane:
         if self._lib.lane_pin(self._handle, key(address)) != 0:
             raise LaneUnavailable("no memory for the fast lane's table of known sources")
 
-    def pin_many(self, packed: Collection[bytes]) -> None:
+    def pin_many(self, packed: Iterable[bytes]) -> None:
         """Pin addresses given packed (4 or 16 bytes): a million at start without an address
         object each."""
         blob = b"".join(_MAPPED + p if len(p) == 4 else p for p in packed)
@@ -259,6 +259,10 @@ class Lane:
 
     def pin_count(self) -> int:
         return int(self._lib.lane_pin_count(self._handle))
+
+    def longest_run(self) -> int:
+        """The longest run of used slots in the table of pins (how far a probe may walk)."""
+        return int(self._lib.lane_pin_longest_run(self._handle))
 
     def clear_pins(self) -> None:
         self._lib.lane_clear_pins(self._handle)

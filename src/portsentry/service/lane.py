@@ -190,7 +190,7 @@ class LaneKeeper:
             return
         self.lane.clear_pins()
         try:
-            self.lane.pin_many(set(engine.held()))
+            self.lane.pin_many(engine.held())  # repeats are pinned once
         except LaneUnavailable as error:
             self._off_for_good(str(error))
             return
