@@ -213,6 +213,28 @@ def test_fast_lane_off_says_so_and_python_still_bans(daemon_factory, namespaces,
     assert daemon.hosts_deny_text().splitlines() == [f"ALL: {net.scanner_ip4}"]
 
 
+# The daemon as installed where no C compiler was found: the package without its compiled lane.
+NO_LIBRARY = (sys.executable, "-c", "import sys; import portsentry.sensors.lane as lane; "
+              "lane.library_path = lambda: None; from portsentry.cli.main import main; "
+              "sys.argv[0] = 'portsentry'; raise SystemExit(main())")
+
+
+def test_status_says_the_compiled_lane_is_missing(namespaces, syslog, tmp_path):
+    """README: where no compiler was found, every probe goes through Python and `status` says
+    so. It said "no TCP stealth mode with the AF_PACKET capture" beside a -stcp on AF_PACKET."""
+    net = namespaces
+    daemon = Daemon(net, tmp_path / "daemon", syslog, ("-stcp",), command=NO_LIBRARY, config=LANE)
+    try:
+        daemon.start()
+        assert lane_row(daemon) == ("off: the compiled fast lane is not installed (no C compiler when "
+                                    "the package was built)")
+        syn(net, "ipv4", 79)
+        syslog.wait_for(f"attackalert: Host {net.scanner_ip4} has been blocked via dropped route")
+        assert banned(daemon) == [net.scanner_ip4]
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.parametrize(("overrides", "why"), [
     ({"RESOLVE_HOST": "1"}, "RESOLVE_HOST looks up names for the lines"),
     ({"KILL_RUN_CMD_FIRST": "1", "KILL_RUN_CMD": "/bin/true $TARGET$"},
