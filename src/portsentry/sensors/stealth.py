@@ -216,6 +216,13 @@ class StealthSensor:
         capture = self._capture
         return capture.lane if isinstance(capture, LaneCapture) else None
 
+    @property
+    def lane_unavailable(self) -> str | None:
+        """Why no fast lane runs in front of the AF_PACKET capture where FAST_LANE wanted one (the
+        compiled lane is not installed, or could not start); status says it."""
+        capture = self._capture
+        return capture.lane_unavailable if isinstance(capture, CaptureSocket) else None
+
     def read(self, handle: Readable) -> list[Hit]:
         capture = self._capture
         assert capture is not None
@@ -425,6 +432,7 @@ def lane_capture(log: Logger, opener: CaptureOpener) -> CaptureOpener:
         except LaneUnavailable as error:
             log(f"adminalert: WARNING: fast lane unavailable ({error}); every probe goes through "
                 "the daemon")
+            capture.lane_unavailable = str(error)
             return capture
 
     return open_capture

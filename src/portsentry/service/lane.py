@@ -68,15 +68,17 @@ class Tables:
     syslog: tuple[str, str, str]
 
 
-def why_off(config: Config, engine: Engine, journal: Journal, sensor: StealthSensor | None) -> str | None:
+def why_off(config: Config, engine: Engine, journal: Journal, sensor: StealthSensor | None,
+            unavailable: str | None = None) -> str | None:
     """Why the lane must stay off now (None: it may act). Everything here makes the engine's
     decision for a first SYN something other than "detection line, then block": the lane would
-    otherwise write a line or start a command the daemon would not."""
+    otherwise write a line or start a command the daemon would not. `unavailable`: why the
+    capture has no lane in front of it where one was wanted (StealthSensor.lane_unavailable)."""
     settings = engine.settings
     if config.fast_lane == "off":
         return 'FAST_LANE="off"'
     if sensor is None or sensor.lane is None:
-        return "no TCP stealth mode with the AF_PACKET capture"
+        return unavailable or "no TCP stealth mode with the AF_PACKET capture"
     if settings.block_tcp != 1:
         return "BLOCK_TCP is not 1"
     steps = settings.steps(1)
@@ -215,7 +217,9 @@ class LaneKeeper:
         if tuple(sensors) != self._bound[0] or current is not self.lane:
             self.bind(sensors, engine)
         lane, sensor = self.lane, self.sensor
-        reason = self.broken or why_off(config, engine, journal, sensor)
+        unavailable = next((s.lane_unavailable for s in sensors
+                            if isinstance(s, StealthSensor) and s.lane_unavailable), None)
+        reason = self.broken or why_off(config, engine, journal, sensor, unavailable)
         if reason is None and self._record < 0:
             reason = "its record file cannot be written"
         if reason is None and lane is not None and sensor is not None:

@@ -182,6 +182,9 @@ def test_the_lane_stays_off_without_syslog_published_ports_or_a_lane(tmp_path):
         "ports are published by DNAT or REDIRECT here"
     assert why_off(conf, engine, syslog_journal(tmp_path), fake_sensor(None)) == \
         "no TCP stealth mode with the AF_PACKET capture"
+    # The capture is there, its lane could not be: status says why, not that nothing watches.
+    missing = "the compiled fast lane is not installed (no C compiler when the package was built)"
+    assert why_off(conf, engine, syslog_journal(tmp_path), fake_sensor(None), missing) == missing
 
 
 # -- what is compiled ---------------------------------------------------------------------------
