@@ -312,6 +312,7 @@ def test_a_lane_record_left_by_a_stopped_daemon_is_recorded_at_start(daemon_fact
     assert banned(daemon) == ["198.18.0.77"]
     assert record.read_text() == ""
     assert "ALL: 198.18.0.77" in daemon.hosts_deny_text()
+    assert "Host: 198.18.0.77/198.18.0.77 Port: 79 TCP Blocked" in daemon.history_text()
     assert lane_row(daemon) == "on (0 blocks begun, 0 not taken up)"
     # The lane does not act again for the host the daemon now holds.
     mark = syslog.mark()

@@ -17,8 +17,8 @@ only the first part of that block: the detection line, a record, KILL_ROUTE. So 
   any other, its ROUTE step waiting for the lane's shell; if the engine disagrees (a table was a
   moment stale) the report is said, and the shell is seen through on a worker;
 - keeps the lane's record file (STATE_DIR/lane-record, written by C before KILL_ROUTE starts):
-  emptied once every ban in it is in the ban store; at start, what a stopped daemon left there is
-  recorded (`replay`), before the restore that then completes those bans.
+  emptied once every ban in it is in the ban store; what a daemon that stopped first left there
+  is recorded at the next start (service.lane_replay).
 
 Thread: the main loop, except `reaped` (a responder thread; a counter in C).
 """
@@ -31,15 +31,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
-from portsentry.bans.lifecycle import BanManager
-from portsentry.bans.store import StoreError
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config
 from portsentry.core import messages
 from portsentry.core.actions import Block, Started, StepKind
 from portsentry.core.addresses import IMPOSSIBLE_NETWORKS
 from portsentry.core.engine import Engine
-from portsentry.core.probe import KIND_SYN, IPAddress, Mode, Protocol
+from portsentry.core.probe import IPAddress, Mode, Protocol
 from portsentry.journal.journal import Journal
 from portsentry.journal.syslog import LOG_DAEMON, LOG_NOTICE, SyslogWriter
 from portsentry.responders.shell import wait_shell
@@ -47,8 +45,8 @@ from portsentry.responders.substitute import substitute
 from portsentry.sensors.base import Sensor
 from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneUnavailable
 from portsentry.sensors.stealth import StealthSensor
+from portsentry.service.lane_replay import RECORD_FILE
 
-RECORD_FILE = "lane-record"
 SEE_THROUGH_TIMEOUT = 30.0  # seconds a shell no block waits for is given (COMMAND_TIMEOUT's default)
 NO_CAP = 1 << 62
 Network = IPv4Network | IPv6Network
@@ -376,41 +374,3 @@ def _renders_alike(lane: Lane, template: str) -> bool:
     samples = ((ip_address("198.51.100.7"), 1, Mode.STCP), (ip_address("2001:db8::7"), 65535, Mode.ATCP))
     return all(lane.render(str(address), port, mode) == substitute(template, address, port, mode)
                for address, port, mode in samples)
-
-
-def replay(path: str, bans: BanManager, hosts_deny_line: Callable[[IPAddress, int, Mode], str | None],
-           log: Logger) -> int:
-    """At start, before the restore: bans the fast lane began while the daemon that ran it did
-    not live to record them. Each is recorded now (with its KILL_ROUTE mark, so the restore runs
-    KILL_ROUTE again and an unblock undoes it) and said; the file is emptied. Returns how many."""
-    try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            lines = handle.read().splitlines()
-    except FileNotFoundError:
-        return 0
-    except OSError as error:
-        log(messages.config_error(f"cannot read the fast lane's record {path}: {error}"))
-        return 0
-    recorded = 0
-    for line in lines:
-        try:
-            _seq, at_text, address_text, port_text, mode_text = line.split()
-            at, address = float(at_text), ip_address(address_text)
-            port, mode = int(port_text), Mode(mode_text)
-        except ValueError:
-            continue  # a line cut short by a crash: nothing more can be known of it
-        try:
-            known = bans.store.get(address)
-        except StoreError:
-            known = None
-        if known is not None and known.active(at):
-            continue  # recorded after all (the record file is emptied a moment later)
-        bans.remember(address, reason=KIND_SYN, mode=str(mode), port=port, now=at,
-                      duration=bans.duration(address, at),
-                      hosts_deny_line=hosts_deny_line(address, port, mode), native=False, route=True)
-        log(f"adminalert: Host {address} was blocked by the fast lane and not recorded before the "
-            "daemon stopped: recorded now")
-        recorded += 1
-    with contextlib.suppress(OSError):
-        os.truncate(path, 0)
-    return recorded

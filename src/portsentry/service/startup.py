@@ -27,7 +27,7 @@ from portsentry.responders.substitute import hosts_deny_entry
 from portsentry.service.admin import Spared, protected_addresses
 from portsentry.service.daemon_state import DaemonState
 from portsentry.service.kernelbans import Guards, guards_of
-from portsentry.service.lane import replay
+from portsentry.service.lane_replay import replay
 
 
 class Startup(DaemonState):
@@ -87,9 +87,10 @@ class Startup(DaemonState):
             cursor = self.bans.store.last_change()
             # Before restore lifts what expired: a ban made while the daemon was down is said first.
             self._maintenance.report_others()
-            # Bans the fast lane began that the last run did not live to record: recorded before
-            # the restore, which completes them as any ban it finds.
-            replay(self.lane.path, self.bans, self._hosts_deny_line, self.journal.log)
+            # Bans the fast lane began that the last run did not live to record: recorded, with
+            # their history lines, before the restore (service.lane_replay).
+            for probe, at in replay(self.lane.path, self.bans, self._hosts_deny_line, self.journal.log):
+                self.journal.record(probe, at)
             restored = restore_bans(self.bans, self.clock(), os.path.join(self.config.state_dir, "kernel-id"),
                                     self._stop_path())
             self._restored = True

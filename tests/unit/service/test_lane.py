@@ -27,8 +27,9 @@ from portsentry.journal.journal import Journal
 from portsentry.journal.syslog import SyslogWriter
 from portsentry.sensors.lane import Act
 from portsentry.sensors.stealth import Watch
-from portsentry.service import lane as lanes
-from portsentry.service.lane import LaneKeeper, deny_networks, port_table, replay, why_off
+from portsentry.service import lane_replay as lanes
+from portsentry.service.lane import LaneKeeper, deny_networks, port_table, why_off
+from portsentry.service.lane_replay import replay
 
 ROUTE = "/sbin/ip route add blackhole $TARGET$"
 SCANNER = ip_address("198.18.0.10")
@@ -460,20 +461,22 @@ def test_bans_a_stopped_daemon_left_in_the_record_are_recorded_at_start_and_said
     record = tmp_path / lanes.RECORD_FILE
     record.write_text("1 1000.5 198.18.0.10 80 atcp\n2 1000.6 fd00::10 22 stcp\n3 1000.7 198.18.0.1")
     said: list[str] = []
-    count = replay(str(record), bans, lambda a, p, m: f"ALL: {a}", said.append)
-    assert count == 2  # the cut-short third line is nothing that can be known
+    recorded = replay(str(record), bans, lambda a, p, m: f"ALL: {a}", said.append)
+    # The cut-short third line is nothing that can be known; the others get history lines.
+    assert [(str(probe.source), probe.port, probe.mode, at) for probe, at in recorded] == [
+        ("198.18.0.10", 80, Mode.ATCP, 1000.5), ("fd00::10", 22, Mode.STCP, 1000.6)]
     ban = store.get(ip_address("198.18.0.10"))
     assert ban is not None and ban.routed and ban.active(1001.0) and ban.hosts_deny_line == "ALL: 198.18.0.10"
     assert store.get(ip_address("fd00::10")) is not None
     assert said[0] == ("adminalert: Host 198.18.0.10 was blocked by the fast lane and not recorded before "
                        "the daemon stopped: recorded now")
     assert record.read_text() == ""
-    assert replay(str(record), bans, lambda a, p, m: None, said.append) == 0  # nothing twice
+    assert replay(str(record), bans, lambda a, p, m: None, said.append) == []  # nothing twice
     store.close()
 
 
 def test_no_record_file_is_nothing_to_replay(tmp_path):
-    assert replay(str(tmp_path / "none"), None, lambda a, p, m: None, print) == 0  # type: ignore[arg-type]
+    assert replay(str(tmp_path / "none"), None, lambda a, p, m: None, print) == []  # type: ignore[arg-type]
 
 
 def test_engine_observe_made_counts_the_lane_ban_against_the_cap_and_never_refuses_it():
