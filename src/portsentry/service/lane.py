@@ -159,7 +159,7 @@ class LaneKeeper:
         self._tables = None
         engine.holding = self._hold
         engine.released = self._release
-        engine.resynced = lambda: self._repin(engine) if self._pinned else None
+        engine.resynced = lambda: self._resync(engine)
         self._pinned = False
         if self.lane is None:
             return
@@ -184,6 +184,16 @@ class LaneKeeper:
     def _release(self, source: IPAddress) -> None:
         if self.lane is not None and self._pinned:
             self.lane.unpin(source)
+
+    def _resync(self, engine: Engine) -> None:
+        """The engine took the ban store's whole set again: the pins anew, with the lane off
+        meanwhile. Cleared and still being refilled (a million bans take a while), the table let
+        it act for a source the engine holds: a second line and KILL_ROUTE for a banned host."""
+        if self.lane is None or not self._pinned:
+            return
+        self.lane.enable(False)
+        self._repin(engine)
+        self.lane.enable(self.reason is None)
 
     def _repin(self, engine: Engine) -> None:
         if self.lane is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,37 @@ def test_a_lane_block_that_ends_after_its_lane_closed_does_not_crash_the_daemon(
         rig.log.close()
         os.close(rig.record)
         rig.pair.close()
+
+
+def test_a_resync_never_lets_the_lane_act_for_a_source_the_engine_holds(tmp_path: Path) -> None:
+    # The ban store's feed was pruned past the daemon's cursor: the engine takes the whole set
+    # of bans again (sync_bans) and the lane is pinned to it anew. With a million bans that
+    # takes a while; a banned source's SYN meanwhile must go to the daemon, which says "already
+    # blocked", not get a second detection line and KILL_ROUTE from the lane.
+    rig = Rig(tmp_path)
+    out = tmp_path / "route.out"
+    keeper, engine, _sensor = keeper_on(tmp_path, rig, f"echo $TARGET$ >> {out}")
+    try:
+        engine.sync_bans([SCANNER4.packed])
+        assert rig.lane.pinned(SCANNER4)
+        seen: list[bytes | Act] = []
+        held = engine.held
+
+        def held_while_a_banned_source_scans() -> Any:
+            for packed in held():
+                if not seen:
+                    rig.send(syn(SCANNER4, HERE4, 80))
+                    seen.extend(rig.items())
+                yield packed
+
+        engine.held = held_while_a_banned_source_scans  # type: ignore[method-assign]
+        engine.sync_bans([SCANNER4.packed, ip_address("198.18.0.11").packed])
+        assert len(seen) == 1 and isinstance(seen[0], bytes), seen  # handed on, not acted on
+        assert rig.lane.pinned(SCANNER4) and rig.lane.pinned(ip_address("198.18.0.11"))
+        rig.capture.handled()
+        rig.send(syn(ip_address("198.18.0.12"), HERE4, 80))
+        [item] = rig.items()
+        assert isinstance(item, Act)  # on again once pinned
+    finally:
+        keeper.close()
+        rig.close()
