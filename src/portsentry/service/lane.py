@@ -362,8 +362,25 @@ class LaneKeeper:
         self._empty_record()
 
     def _empty_record(self) -> None:
-        if self.lane is not None and self.settled == self.acted:
-            self.lane.record_done(self.acted - self._before)
+        if self.settled != self.acted:
+            return
+        if self.lane is not None:
+            self.lane.record_done(self.acted - self._before)  # C: unless it acted meanwhile
+        elif self._record >= 0:
+            # No lane runs (its capture closed, the stop or a reload): nothing appends to it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._record, 0)
+
+    def unbind(self) -> None:
+        """Its capture is closing (the stop, a reload that rebinds): its reports are taken in
+        and no lane acts until compile() binds the next one. The blocks it began end after it
+        is freed; the record is emptied here once they are over, or their lines were replayed
+        at the next start (a ban lifted meanwhile came back)."""
+        self.lane = None
+        self.sensor = None
+        self._bound = ((), None)
+        self._pinned = False
+        self._tables = None
 
     def close(self) -> None:
         if self._record >= 0:

@@ -115,3 +115,30 @@ def test_a_resync_never_lets_the_lane_act_for_a_source_the_engine_holds(tmp_path
     finally:
         keeper.close()
         rig.close()
+
+
+def test_the_record_is_emptied_once_the_blocks_of_a_stopped_lane_are_over(tmp_path: Path) -> None:
+    # The stop (and a reload that rebinds) takes in the lane's reports and frees the lane while
+    # their blocks still run. Once they are over and recorded, the record must be empty: lines
+    # left there are replayed at the next start, and a ban lifted meanwhile (`unblock` while the
+    # daemon was down) came back "recorded now".
+    rig = Rig(tmp_path)
+    keeper, _engine, _sensor = keeper_on(tmp_path, rig, f"echo $TARGET$ >> {tmp_path / 'route.out'}")
+    record = Path(keeper.path)
+    try:
+        rig.send(syn(SCANNER4, HERE4, 80))
+        [item] = rig.items()
+        assert isinstance(item, Act)
+        started = keeper.started(item)
+        assert record.read_text().split()[2] == str(SCANNER4)
+        keeper.unbind()  # Daemon._stop_lane, its reports taken in
+        rig.capture.close()
+        wait_shell("KILL_ROUTE", started.pid, started.pipe, started.at, 10.0)
+        started.reaped()
+        keeper.block_done()  # recorded
+        assert record.read_text() == ""
+    finally:
+        keeper.close()
+        rig.log.close()
+        os.close(rig.record)
+        rig.pair.close()
