@@ -17,7 +17,8 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Collection, Iterable
+import threading
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
@@ -147,13 +148,26 @@ def load() -> ctypes.CDLL:
     return lib
 
 
+class _Freed:
+    """A closed lane's library: every call does nothing. The blocks a lane began outlive it (a
+    reload that rebinds the sensors, the stop): their workers and the main loop still report to
+    it (shell reaped, record settled, source pinned or let go of), which on the freed C state
+    crashed the daemon."""
+
+    def __getattr__(self, name: str) -> Callable[..., int]:
+        answer = 1 if name == "lane_stopped" else 0  # its thread has ended
+        return lambda *_args: answer
+
+
 class Lane:
     """One lane: its C state and thread. Setters may be called while the thread runs (C holds a
     lock per packet); every table starts empty and the lane off, so nothing acts until the
-    daemon has compiled its tables and called enable(True)."""
+    daemon has compiled its tables and called enable(True). Once closed, every call does
+    nothing."""
 
     def __init__(self) -> None:
-        self._lib = load()
+        self._lib: ctypes.CDLL | _Freed = load()
+        self._freeing = threading.Lock()  # close() against shell_done() on a responder thread
         handle = self._lib.lane_new()
         if not handle:
             raise LaneUnavailable("cannot create the fast lane (no sock_diag netlink socket)")
@@ -190,8 +204,10 @@ class Lane:
 
     def close(self) -> None:
         self.stop()
-        self._lib.lane_free(self._handle)
-        self._handle = ctypes.c_void_p(None)
+        with self._freeing:
+            lib, self._lib = self._lib, _Freed()
+            lib.lane_free(self._handle)
+            self._handle = ctypes.c_void_p(None)
         for sock in (self.channel, self._writer):
             if sock is not None:
                 sock.close()
@@ -276,7 +292,8 @@ class Lane:
         return int(self._lib.lane_allow(self._handle, adopted, free))
 
     def shell_done(self) -> None:
-        self._lib.lane_shell_done(self._handle)
+        with self._freeing:
+            self._lib.lane_shell_done(self._handle)
 
     def set_shell_cap(self, cap: int) -> None:
         self._lib.lane_set_shell_cap(self._handle, cap)

@@ -159,7 +159,7 @@ class LaneKeeper:
         self._tables = None
         engine.holding = self._hold
         engine.released = self._release
-        engine.resynced = lambda: self._repin(engine) if self._pinned else None
+        engine.resynced = lambda: self._resync(engine)
         self._pinned = False
         if self.lane is None:
             return
@@ -184,6 +184,16 @@ class LaneKeeper:
     def _release(self, source: IPAddress) -> None:
         if self.lane is not None and self._pinned:
             self.lane.unpin(source)
+
+    def _resync(self, engine: Engine) -> None:
+        """The engine took the ban store's whole set again: the pins anew, with the lane off
+        meanwhile. Cleared and still being refilled (a million bans take a while), the table let
+        it act for a source the engine holds: a second line and KILL_ROUTE for a banned host."""
+        if self.lane is None or not self._pinned:
+            return
+        self.lane.enable(False)
+        self._repin(engine)
+        self.lane.enable(self.reason is None)
 
     def _repin(self, engine: Engine) -> None:
         if self.lane is None:
@@ -354,8 +364,25 @@ class LaneKeeper:
         self._empty_record()
 
     def _empty_record(self) -> None:
-        if self.lane is not None and self.settled == self.acted:
-            self.lane.record_done(self.acted - self._before)
+        if self.settled != self.acted:
+            return
+        if self.lane is not None:
+            self.lane.record_done(self.acted - self._before)  # C: unless it acted meanwhile
+        elif self._record >= 0:
+            # No lane runs (its capture closed, the stop or a reload): nothing appends to it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._record, 0)
+
+    def unbind(self) -> None:
+        """Its capture is closing (the stop, a reload that rebinds): its reports are taken in
+        and no lane acts until compile() binds the next one. The blocks it began end after it
+        is freed; the record is emptied here once they are over, or their lines were replayed
+        at the next start (a ban lifted meanwhile came back)."""
+        self.lane = None
+        self.sensor = None
+        self._bound = ((), None)
+        self._pinned = False
+        self._tables = None
 
     def close(self) -> None:
         if self._record >= 0:

@@ -64,6 +64,7 @@ class LanePath(DaemonState):
             return
         for hit in sensor.stop_lane():
             self._guarded(self.handle, hit)
+        self.lane.unbind()
 
     def _lane_compile(self) -> None:
         """Start, reload, tick: the lane's tables as of now."""

@@ -60,7 +60,6 @@ class Shutdown(Startup):
         self._stop_lane()
         for sensor in self.sensors:
             sensor.close()
-        self.lane.close()
         for source in list(self._awaiting_name):  # no time left to wait for names
             self._named(source, str(source))
         self.perform(self.engine.close())
@@ -82,6 +81,7 @@ class Shutdown(Startup):
         # Before the admin workers go: the last round's Findings may hand them the kernel's
         # guards, which hold while the daemon is away. Nothing they run posts work back here.
         self._run_main_calls()
+        self.lane.close()  # after the blocks the lane began are over: they empty its record
         self._admin.shutdown(wait=True)
         if self.bans is not None and self._restored:  # nothing bans or lifts any more
             remember_stop(self.bans, self._stop_path())
