@@ -54,6 +54,7 @@ class Started:
     pipe: int = -1
     at: float = 0.0
     reaped: Callable[[], None] = _nothing
+    line: int = -1  # the lane's line in its record file, freed when the block is over
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,8 +32,9 @@ MODE_CODES = {Mode.STCP: 1, Mode.ATCP: 2}
 MODES_BY_CODE = {code: mode for mode, code in MODE_CODES.items()}
 PACKET_HEAD = struct.Struct("=cxxxI")  # 'P', seq
 # struct act in lane.c: type, family, mode, sent, seq, port, source port, pid, pipe, spawn
-# errno, record errno, reserved, at, started, source, destination.
-ACT = struct.Struct("=cBBBIHHiiiixxxxdd16s16s")
+# errno, record errno, record line, at, started, source, destination.
+ACT = struct.Struct("=cBBBIHHiiiiidd16s16s")
+RECORD_SLOT = 128  # bytes per line of the record file (lane.c)
 KEY_SIZE = 16
 STOP_POLL = 0.01  # seconds between looks at a stopping thread while its channel is quiet
 _MAPPED = bytes(10) + b"\xff\xff"
@@ -58,16 +59,24 @@ class Act:
     pipe: int  # the read end of its output, or -1; whoever takes the Act closes it
     spawn_errno: int
     record_errno: int
+    line: int  # its line in the record file (free it when its ban is in the store), or -1
     at: float  # time.time() of the decision
     started: float  # time.monotonic() when the shell was started
 
     @classmethod
     def unpack(cls, data: bytes) -> Act:
         (_kind, family, mode, sent, seq, port, source_port, pid, pipe, spawn_errno, record_errno,
-         at, started, source, destination) = ACT.unpack(data)
+         line, at, started, source, destination) = ACT.unpack(data)
         size = 4 if family == 4 else 16
         return cls(seq, ip_address(source[:size]), ip_address(destination[:size]), port, source_port,
-                   MODES_BY_CODE[mode], bool(sent), pid, pipe, spawn_errno, record_errno, at, started)
+                   MODES_BY_CODE[mode], bool(sent), pid, pipe, spawn_errno, record_errno, line, at,
+                   started)
+
+
+def free_line(fd: int, line: int) -> None:
+    """Zero `line` of the record file open on `fd`: its ban is in the store (raises OSError)."""
+    if line >= 0:
+        os.pwrite(fd, bytes(RECORD_SLOT), line * RECORD_SLOT)
 
 
 def key(address: IPAddress) -> bytes:
@@ -121,7 +130,7 @@ def load() -> ctypes.CDLL:
         raise LaneUnavailable("the compiled fast lane is not installed (no C compiler when the "
                               "package was built)")
     try:
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(path), use_errno=True)
     except OSError as error:
         raise LaneUnavailable(f"cannot load {path}: {error}") from error
     p, i, u32, u64, size, text = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64,
@@ -130,7 +139,7 @@ def load() -> ctypes.CDLL:
         ("lane_new", p, ()), ("lane_start", i, (p, i, i)), ("lane_stop", None, (p,)),
         ("lane_stop_request", None, (p,)), ("lane_stopped", i, (p,)),
         ("lane_free", None, (p,)), ("lane_enable", None, (p, i)),
-        ("lane_set_syslog", i, (p, text, text, text)), ("lane_set_record", None, (p, i)),
+        ("lane_set_syslog", i, (p, text, text, text)), ("lane_set_record", i, (p, i)),
         ("lane_set_route", i, (p, text)), ("lane_render", i, (p, text, ctypes.c_uint, i, p, size)),
         ("lane_set_ports", None, (p, text)), ("lane_set_local", i, (p, text, size)),
         ("lane_set_deny", i, (p, text, size)), ("lane_set_ignore", i, (p, text, p)),
@@ -139,7 +148,6 @@ def load() -> ctypes.CDLL:
         ("lane_pin_longest_run", size, (p,)), ("lane_clear_pins", None, (p,)),
         ("lane_processed", None, (p, u32)), ("lane_allow", u64, (p, u64, u64)),
         ("lane_shell_done", None, (p,)), ("lane_set_shell_cap", None, (p, u32)),
-        ("lane_record_done", i, (p, u64)),
     ):
         function = getattr(lib, name)
         function.restype = result
@@ -221,7 +229,12 @@ class Lane:
             raise LaneUnavailable(f"syslog socket path too long for the fast lane: {path}")
 
     def set_record(self, fd: int) -> None:
-        self._lib.lane_set_record(self._handle, fd)
+        """The record file, opened read-write (-1: none; the lane then starts no command); a
+        line is freed by zeroing it (`free_line`), by whoever holds the file."""
+        if self._lib.lane_set_record(self._handle, fd) != 0:
+            why = os.strerror(ctypes.get_errno()) if ctypes.get_errno() else "error"
+            raise LaneUnavailable(f"cannot map the fast lane's record file: {why}")
+
 
     def set_route(self, template: str | None) -> None:
         if self._lib.lane_set_route(self._handle, (template or "").encode()) != 0:
@@ -298,8 +311,6 @@ class Lane:
     def set_shell_cap(self, cap: int) -> None:
         self._lib.lane_set_shell_cap(self._handle, cap)
 
-    def record_done(self, recorded: int) -> bool:
-        return bool(self._lib.lane_record_done(self._handle, recorded))
 
 
 class LaneCapture:

@@ -43,7 +43,7 @@ from portsentry.journal.syslog import LOG_DAEMON, LOG_NOTICE, SyslogWriter
 from portsentry.responders.shell import wait_shell
 from portsentry.responders.substitute import substitute
 from portsentry.sensors.base import Sensor
-from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneUnavailable
+from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneUnavailable, free_line
 from portsentry.sensors.stealth import StealthSensor
 from portsentry.service.lane_replay import RECORD_FILE
 
@@ -165,14 +165,18 @@ class LaneKeeper:
             return
         if self._record < 0:
             try:
-                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                self._record = os.open(self.path, flags, 0o600)
+                # Read-write: the lane maps it (sensors/lane.c, RECORD_SLOTS).
+                self._record = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as error:
                 self._log(messages.config_error(f"cannot open the fast lane's record {self.path}: {error}"))
-        self.lane.set_record(self._record)
-        # The record file is one for every lane, and blocks the last lane began may still be
-        # running: the counts go on, the new lane's own count is what it made past _before.
+        # Blocks the last lane began may still be running: the counts go on, and the new lane's
+        # share of the rate cap is what it made past _before. They free their lines themselves.
         self._before = self.acted
+        try:
+            self.lane.set_record(self._record)
+        except LaneUnavailable as error:
+            self._log(messages.config_error(str(error)))
+            self.close()  # the lane stays off: "its record file cannot be written"
 
     def _hold(self, source: IPAddress) -> None:
         if self.lane is not None and self._pinned:
@@ -302,8 +306,8 @@ class LaneKeeper:
         (none could start) the ROUTE step starts its own."""
         self.acted += 1
         if act.pid < 0:
-            return Started()
-        return Started(act.pid, act.pipe, act.started, self._reaped())
+            return Started(line=act.line)
+        return Started(act.pid, act.pipe, act.started, self._reaped(), act.line)
 
     def route_agrees(self, act: Act, block: Block) -> bool:
         """Whether the block's KILL_ROUTE is the command the lane ran (a reload may have changed
@@ -322,7 +326,7 @@ class LaneKeeper:
                   f"did not make ({why}); its tables were a moment behind")
         if act.pid >= 0:
             self._see_through(act.source, act.pid, act.pipe, act.started, self._reaped(), submit)
-        self._empty_record()
+        self._free_line(act.line)
 
     def abandoned(self, block: Block, submit: Submit) -> None:
         """A block the lane began that no worker will carry out (the queue was full): said, as
@@ -358,26 +362,27 @@ class LaneKeeper:
 
         submit(wait)
 
-    def block_done(self) -> None:
-        """A block the lane began is over (its ban recorded or dropped again)."""
+    def block_done(self, line: int) -> None:
+        """A block the lane began is over (its ban recorded or dropped again): its line of the
+        record is freed. Written with pwrite on the keeper's own descriptor, so also after the
+        lane that wrote it is gone (the stop, a reload)."""
         self.settled += 1
-        self._empty_record()
+        self._free_line(line)
 
-    def _empty_record(self) -> None:
-        if self.settled != self.acted:
+    def _free_line(self, line: int) -> None:
+        if line < 0 or self._record < 0:
             return
-        if self.lane is not None:
-            self.lane.record_done(self.acted - self._before)  # C: unless it acted meanwhile
-        elif self._record >= 0:
-            # No lane runs (its capture closed, the stop or a reload): nothing appends to it.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._record, 0)
+        try:
+            free_line(self._record, line)
+        except OSError as error:
+            # The line stays: the next start records its ban again if no ban holds it then.
+            self._log(messages.config_error(f"cannot free a line of the fast lane's record "
+                                            f"{self.path}: {error}"))
 
     def unbind(self) -> None:
         """Its capture is closing (the stop, a reload that rebinds): its reports are taken in
         and no lane acts until compile() binds the next one. The blocks it began end after it
-        is freed; the record is emptied here once they are over, or their lines were replayed
-        at the next start (a ban lifted meanwhile came back)."""
+        is freed, and free their lines then."""
         self.lane = None
         self.sensor = None
         self._bound = ((), None)

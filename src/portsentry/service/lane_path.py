@@ -54,7 +54,7 @@ class LanePath(DaemonState):
             return
         if abandoned:
             self.lane.abandoned(block, self._late.submit)
-        self.lane.block_done()
+        self.lane.block_done(block.started.line)
 
     def _stop_lane(self) -> None:
         """Before the sensors close (a reload, the stop): what the lane had queued is taken in,

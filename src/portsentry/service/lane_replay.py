@@ -33,8 +33,9 @@ def replay(path: str, bans: BanManager, hosts_deny_line: Callable[[IPAddress, in
     and an unblock runs KILL_ROUTE_UNDO) and said; the file is emptied. Returns the probes
     recorded, with their times, for their history lines."""
     try:
-        with open(path, encoding="ascii", errors="replace") as handle:
-            lines = handle.read().splitlines()
+        with open(path, "rb") as handle:
+            # Space-padded lines in a zeroed ring (sensors/lane.c RECORD_SLOT), or plain lines.
+            lines = handle.read().replace(b"\0", b"").decode("ascii", "replace").splitlines()
     except FileNotFoundError:
         return []
     except OSError as error:
@@ -42,6 +43,8 @@ def replay(path: str, bans: BanManager, hosts_deny_line: Callable[[IPAddress, in
         return []
     recorded: list[tuple[Probe, float]] = []
     for line in lines:
+        if not line.strip():
+            continue
         try:
             _seq, at_text, address_text, port_text, mode_text = line.split()
             at, address = float(at_text), ip_address(address_text)

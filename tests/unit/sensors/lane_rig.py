@@ -90,7 +90,7 @@ class Rig:
         self.pair = Pair()
         self.lane = Lane()
         self.capture = LaneCapture(self.pair, self.lane)  # type: ignore[arg-type]
-        self.record = os.open(self.record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.record = os.open(self.record_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.ports = bytearray(65536)
         self.ports[ATCP_PORT] = MODE_CODES[Mode.ATCP]
         self.ports[STCP_PORT] = MODE_CODES[Mode.STCP]
@@ -147,10 +147,15 @@ class Rig:
         self.acts = [act for act in self.acts if act.pid < 0]
         return outputs
 
-    def written(self) -> tuple[int, bytes]:
-        """The record's size and KILL_ROUTE's output so far."""
+    def record_lines(self) -> list[str]:
+        """The record's lines (space-padded slots in a zeroed ring), padding stripped."""
+        text = self.record_path.read_bytes().replace(b"\0", b"").decode()
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def written(self) -> tuple[list[str], bytes]:
+        """The record's lines and KILL_ROUTE's output so far."""
         out = self.route_out.read_bytes() if self.route_out.exists() else b""
-        return self.record_path.stat().st_size, out
+        return self.record_lines(), out
 
     def close(self) -> None:
         for item in self.capture.stop():

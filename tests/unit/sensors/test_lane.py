@@ -6,6 +6,7 @@ tests/unit/service/test_lane.py; the lane against Python's parser in test_lane_p
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
@@ -18,7 +19,7 @@ import pytest
 
 from portsentry.core.probe import Mode
 from portsentry.journal.syslog import LOG_NOTICE, frame
-from portsentry.sensors.lane import Act
+from portsentry.sensors.lane import RECORD_SLOT, Act, free_line
 from tests.unit.sensors.lane_rig import (
     ATCP_PORT,
     HERE4,
@@ -61,7 +62,9 @@ def test_acts_on_a_pure_syn(rig: Rig, source: object, destination: object, port:
     assert before <= act.at <= after
     message = f"attackalert: TCP SYN/Normal scan from host: {source}/{source} to TCP port: {port}"
     assert rig.lines() == [frame(message, LOG_NOTICE, "portsentry", PID, act.at)]
-    assert rig.record_path.read_text() == f"1 {act.at:.6f} {source} {port} {mode.value}\n"
+    [line] = rig.record_lines()
+    seq, at, *rest = line.split()
+    assert seq == "1" and abs(float(at) - act.at) < 2e-6 and rest == [str(source), str(port), mode.value]
     assert rig.reap() == [""]
     assert rig.route_out.read_text() == f"{source} {port} {mode.value}\n"
     assert rig.lane.pinned(source)
@@ -284,20 +287,21 @@ def test_the_lane_pins_what_it_acted_for_and_the_daemon_may_unpin_it(rig: Rig) -
     assert isinstance(rig.one(syn(SCANNER6, HERE6, ATCP_PORT)), Act)
 
 
-def test_record_done_empties_the_record_only_when_every_act_is_settled(rig: Rig) -> None:
-    assert rig.lane.record_done(0)  # nothing acted yet: an empty file stays empty
+def test_each_ban_takes_a_free_line_of_the_record_and_freeing_it_empties_it(rig: Rig) -> None:
+    acts = []
     for source in (SCANNER4, SCANNER6):
-        assert isinstance(rig.one(syn(source, HERE6 if source.version == 6 else HERE4, ATCP_PORT)), Act)
-    lines = rig.record_path.read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["1", "2"]
-    assert not rig.lane.record_done(1)
-    assert rig.record_path.read_text().splitlines() == lines
-    assert not rig.lane.record_done(3)
-    assert rig.lane.record_done(2)
-    assert rig.record_path.stat().st_size == 0
-    # Appends go on at the start of the emptied file (O_APPEND).
-    assert isinstance(rig.one(syn("198.18.0.11", HERE4, ATCP_PORT)), Act)
-    assert rig.record_path.read_text().startswith("3 ")
+        act = rig.one(syn(source, HERE6 if source.version == 6 else HERE4, ATCP_PORT))
+        assert isinstance(act, Act)
+        acts.append(act)
+    assert [act.line for act in acts] == [0, 1]
+    assert [line.split()[0] for line in rig.record_lines()] == ["1", "2"]
+    assert rig.record_path.stat().st_size == RECORD_SLOT * 512  # the ring's size, zeroed
+    free_line(rig.record, acts[1].line)  # the second ban is in the store first: any order
+    assert [line.split()[0] for line in rig.record_lines()] == ["1"]
+    free_line(rig.record, acts[0].line)
+    assert rig.record_lines() == []
+    again = rig.one(syn("198.18.0.11", HERE4, ATCP_PORT))
+    assert isinstance(again, Act) and again.line == 2  # on from where it was, wrapping at the end
 
 def fill_the_channel(rig: Rig) -> int:
     """Packets into the lane, none read, until it stops taking them (its channel full); how many."""
@@ -359,3 +363,50 @@ def test_a_stop_with_the_channel_full_hands_over_every_packet_the_lane_took(rig:
             left += 1
     assert len(handed) + left == sent and late == 0
     assert all(item == syn(SCANNER4, HERE4, ATCP_PORT, flags=0x10) for item in handed)
+
+
+def test_the_record_ring_never_overwrites_a_line_whose_ban_is_not_settled(tmp_path: Path) -> None:
+    """512 lines wait for the daemon (a KILL_ROUTE hanging, its main loop far behind), freed in
+    any order: the lane's next ban finds no free line, so it starts no command for it (the daemon
+    then runs KILL_ROUTE after its own record), and no line written is overwritten."""
+    rig = Rig(tmp_path, route=False)
+    rig.lane.allow(0, 10_000)
+    try:
+        for i in range(512):
+            act = rig.one(syn(f"198.18.{2 + i // 250}.{1 + i % 250}", HERE4, ATCP_PORT))
+            assert isinstance(act, Act) and act.record_errno == 0 and act.line == i
+        late = rig.one(syn("198.18.9.9", HERE4, ATCP_PORT))
+        assert isinstance(late, Act) and late.record_errno == errno.ENOSPC and late.line == -1
+        assert late.pid == -1
+        assert len(rig.record_lines()) == 512
+        free_line(rig.record, 300)  # a later ban is in the store before the first ones
+        freed = rig.one(syn("198.18.9.10", HERE4, ATCP_PORT))
+        assert isinstance(freed, Act) and freed.record_errno == 0 and freed.line == 300
+        lines = rig.record_lines()
+        assert len(lines) == 512 and lines[300].split()[2] == "198.18.9.10"
+        assert lines[0].split()[2] == "198.18.2.1" and lines[299].split()[2] == "198.18.3.50"
+    finally:
+        rig.close()
+
+def test_a_new_lane_leaves_the_lines_of_the_lane_before_it(tmp_path: Path) -> None:
+    """A reload: the new lane maps the same file; a line the old lane wrote, whose ban is not in
+    the store yet, is neither overwritten nor lost, and is freed when that ban is."""
+    first = Rig(tmp_path, route=False)
+    try:
+        old = first.one(syn("198.18.0.10", HERE4, ATCP_PORT))
+    finally:
+        first.close()
+    assert isinstance(old, Act) and old.line == 0
+    (tmp_path / "second").mkdir()
+    second = Rig(tmp_path / "second", route=False)
+    record = os.open(first.record_path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        second.lane.set_record(record)
+        new = second.one(syn("198.18.0.11", HERE4, ATCP_PORT))
+        assert isinstance(new, Act) and new.line == 1
+        assert [line.split()[2] for line in first.record_lines()] == ["198.18.0.10", "198.18.0.11"]
+        free_line(record, old.line)  # by the daemon, the old lane long gone
+        assert [line.split()[2] for line in first.record_lines()] == ["198.18.0.11"]
+    finally:
+        second.close()
+        os.close(record)

@@ -57,7 +57,7 @@ def acting_lane(tmp_path: Path) -> tuple[Pair, LaneCapture, socket.socket]:
 
 def test_stop_hands_over_the_reports_and_packets_queued(tmp_path: Path) -> None:
     pair, capture, log = acting_lane(tmp_path)
-    record = (tmp_path / "record").open("ab")
+    record = (tmp_path / "record").open("w+b")
     capture.lane.set_record(record.fileno())
     try:
         pair.theirs.send(syn("198.18.0.10", "198.18.0.1", 80))  # acted on
@@ -77,7 +77,7 @@ def test_stop_hands_over_the_reports_and_packets_queued(tmp_path: Path) -> None:
 
 def test_the_stealth_sensor_turns_the_queued_report_into_a_hit_for_the_daemon(tmp_path: Path) -> None:
     pair, capture, log = acting_lane(tmp_path)
-    record = (tmp_path / "record").open("ab")
+    record = (tmp_path / "record").open("w+b")
     capture.lane.set_record(record.fileno())
     sensor = StealthSensor.__new__(StealthSensor)
     sensor._capture = capture

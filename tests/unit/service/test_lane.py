@@ -25,7 +25,7 @@ from portsentry.core.engine import Engine
 from portsentry.core.probe import KIND_SYN, Mode, Probe, Protocol
 from portsentry.journal.journal import Journal
 from portsentry.journal.syslog import SyslogWriter
-from portsentry.sensors.lane import Act
+from portsentry.sensors.lane import RECORD_SLOT, Act
 from portsentry.sensors.stealth import Watch
 from portsentry.service import lane_replay as lanes
 from portsentry.service.lane import LaneKeeper, deny_networks, port_table, why_off
@@ -93,10 +93,6 @@ class FakeLane:
     def allow(self, adopted: int, free: int) -> int:
         self.calls.append(("allow", (adopted, free)))
         return self.acted
-
-    def record_done(self, recorded: int) -> bool:
-        self.calls.append(("record_done", recorded))
-        return True
 
     def shell_done(self) -> None:
         self.calls.append(("shell_done", None))
@@ -330,9 +326,10 @@ def test_a_new_lane_after_a_reload_starts_pinned_to_what_the_engine_holds(tmp_pa
 # -- reports ------------------------------------------------------------------------------------
 
 
-def act(source: str = "198.18.0.10", pid: int = -1, pipe: int = -1, sent: bool = True) -> Act:
+def act(source: str = "198.18.0.10", pid: int = -1, pipe: int = -1, sent: bool = True,
+        line: int = -1) -> Act:
     return Act(seq=1, source=ip_address(source), destination=HERE, port=80, source_port=40000, mode=Mode.ATCP,
-               sent=sent, pid=pid, pipe=pipe, spawn_errno=0, record_errno=0, at=1000.0,
+               sent=sent, pid=pid, pipe=pipe, spawn_errno=0, record_errno=0, line=line, at=1000.0,
                started=time.monotonic())
 
 
@@ -438,14 +435,19 @@ def test_a_lane_shell_no_block_waits_for_is_seen_through_and_a_route_it_made_is_
         os.waitpid(pid, os.WNOHANG)  # reaped
 
 
-def test_the_record_is_emptied_only_once_every_ban_in_it_is_settled(tmp_path):
+def test_each_block_over_frees_its_own_line_of_the_record_in_any_order(tmp_path):
     r = compiled(tmp_path)
-    r.keeper.started(act())
-    r.keeper.started(act("198.18.0.11"))
-    r.keeper.block_done()
-    assert ("record_done", 1) not in r.lane.calls
-    r.keeper.block_done()
-    assert ("record_done", 2) in r.lane.calls
+    record = tmp_path / lanes.RECORD_FILE
+    lines = [f"{n} 1000.0 198.18.0.{n} 80 atcp".ljust(RECORD_SLOT - 1) + "\n" for n in (1, 2)]
+    record.write_bytes("".join(lines).encode())  # as the lane wrote them, lines 0 and 1
+    first = r.keeper.started(act(line=0))
+    second = r.keeper.started(act("198.18.0.2", line=1))
+    r.keeper.block_done(second.line)  # the later ban is in the store first
+    assert record.read_bytes() == lines[0].encode() + bytes(RECORD_SLOT)
+    r.keeper.block_done(first.line)
+    assert record.read_bytes() == bytes(2 * RECORD_SLOT)
+    r.keeper.disagreed_with(act("198.18.0.3", line=-1), "ignored", lambda work: None)  # none written
+    assert record.read_bytes() == bytes(2 * RECORD_SLOT)
 
 
 # -- the record at start ------------------------------------------------------------------------
@@ -491,21 +493,15 @@ def test_engine_observe_made_counts_the_lane_ban_against_the_cap_and_never_refus
     assert made.actions[-1].steps == (Step(StepKind.ROUTE, ROUTE),)
 
 
-def test_a_block_the_last_lane_began_does_not_empty_the_record_while_the_new_lanes_is_unsettled(tmp_path):
+def test_a_new_lanes_share_of_the_rate_cap_counts_only_its_own_bans(tmp_path):
     r = compiled(tmp_path)
     r.keeper.started(act())  # the lane before the reload began it; its block is still running
     new_lane = FakeLane()
     conf = config(state_dir=str(tmp_path))
     r.keeper.compile([fake_sensor(new_lane)], conf, r.engine, r.journal, r.ignore, frozenset(), 1001.0)
-    new_lane.acted = 1
-    r.keeper.started(act("198.18.0.11"))  # the new lane's first, not recorded yet
+    r.keeper.started(act("198.18.0.11"))  # the new lane's first
     r.keeper.handled(r.engine, 1001.0)
     assert [args for kind, args in new_lane.calls if kind == "allow"][-1][0] == 1  # the new lane's own
-    r.keeper.block_done()  # the old lane's block
-    assert not [call for call in new_lane.calls if call[0] == "record_done"]
-    r.keeper.block_done()
-    assert ("record_done", 1) in new_lane.calls  # both settled: the new lane made one
-
 
 def test_pins_are_kept_only_while_the_lane_may_act(tmp_path):
     # A host that only logs (no blocking step) has the lane off: a million bans at start cost

@@ -70,7 +70,7 @@ def test_a_lane_block_that_ends_after_its_lane_closed_does_not_crash_the_daemon(
 
         def block_ends() -> None:
             started.reaped()  # the worker, done with the lane's shell
-            keeper.block_done()  # the main loop, told the block is over
+            keeper.block_done(started.line)  # the main loop, told the block is over
             engine.finished(block, False, 1001.0)  # failed: its source let go of
             engine.apply_ban_changes([(SCANNER4, True)])  # a ban made meanwhile: held
 
@@ -130,13 +130,13 @@ def test_the_record_is_emptied_once_the_blocks_of_a_stopped_lane_are_over(tmp_pa
         [item] = rig.items()
         assert isinstance(item, Act)
         started = keeper.started(item)
-        assert record.read_text().split()[2] == str(SCANNER4)
+        assert record.read_bytes().decode().split()[2] == str(SCANNER4)
         keeper.unbind()  # Daemon._stop_lane, its reports taken in
         rig.capture.close()
         wait_shell("KILL_ROUTE", started.pid, started.pipe, started.at, 10.0)
         started.reaped()
-        keeper.block_done()  # recorded
-        assert record.read_text() == ""
+        keeper.block_done(started.line)  # recorded
+        assert record.read_bytes().strip(b"\0") == b""
     finally:
         keeper.close()
         rig.log.close()
