@@ -99,7 +99,7 @@ class CaptureSocket:
     def __init__(self, program: list[Insn], rcvbuf: int = 4 << 20, snaplen: int = 2048,
                  ignore_outgoing: bool = True, builder: FilterBuilder | None = None) -> None:
         self._builder = builder
-        # Why no fast lane reads this capture where one was wanted (sensors.stealth.lane_capture).
+        # Why no fast lane reads this capture where one was wanted (sensors.packet_capture.lane_capture).
         self.lane_unavailable: str | None = None
         self._quiet: frozenset[int] = frozenset()
         self._skip: tuple[Network, ...] = ()

@@ -19,12 +19,12 @@ from portsentry.core.addresses import possible_networks
 from portsentry.core.ports import format_ports
 from portsentry.core.probe import KIND_SYN, KIND_UDP, IPAddress, Mode, Probe, Protocol
 from portsentry.sensors.base import Hit, Readable
-from portsentry.sensors.bpf import Insn, build_probe_filter
 from portsentry.sensors.capture import Capture, CaptureSocket, Network
 from portsentry.sensors.conntrack import PublishedPorts
-from portsentry.sensors.lane import Act, Lane, LaneCapture, LaneUnavailable
+from portsentry.sensors.lane import Act, Lane, LaneCapture
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
+from portsentry.sensors.packet_capture import open_packet_capture
 
 FLOW_CAPACITY = 65536  # remembered outgoing UDP flows; the oldest is forgotten first
 FLOW_LIFETIME = 30.0  # seconds a reply may take to count as one (conntrack's UDP default)
@@ -412,40 +412,3 @@ class StealthSensor:
         self._skipped = ()  # a capture opened again starts with its plain filter
         self._relaying = frozenset()
         self.published.close()  # its socket is opened again at the next question
-
-
-
-
-CaptureOpener = Callable[[int | None, set[Protocol]], Capture]
-
-
-def lane_capture(log: Logger, opener: CaptureOpener) -> CaptureOpener:
-    """`opener`'s capture with the fast lane in front when it is AF_PACKET and TCP is watched
-    (FAST_LANE="auto"); where the compiled lane cannot run, the plain capture, and why said."""
-
-    def open_capture(max_port: int | None, protocols: set[Protocol]) -> Capture:
-        capture = opener(max_port, protocols)
-        if Protocol.TCP not in protocols or not isinstance(capture, CaptureSocket):
-            return capture
-        try:
-            return LaneCapture(capture, Lane())
-        except LaneUnavailable as error:
-            log(f"adminalert: WARNING: fast lane unavailable ({error}); every probe goes through "
-                "the daemon")
-            capture.lane_unavailable = str(error)
-            return capture
-
-    return open_capture
-
-
-def open_packet_capture(max_port: int | None, protocols: set[Protocol]) -> CaptureSocket:
-    """The AF_PACKET capture: BPF-filtered probes, plus our own outgoing UDP when UDP is watched."""
-    udp = Protocol.UDP in protocols
-
-    def builder(ports: frozenset[int], sources: tuple[Network, ...],
-                interfaces: frozenset[int]) -> list[Insn]:
-        return build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp, quiet_udp_ports=ports,
-                                  skip_sources=sources, skip_interfaces=interfaces)
-
-    return CaptureSocket(build_probe_filter(protocols, max_port=max_port, outgoing_udp=udp),
-                         ignore_outgoing=not udp, builder=builder)

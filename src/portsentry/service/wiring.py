@@ -19,7 +19,8 @@ from portsentry.sensors.capture import Capture, CaptureError
 from portsentry.sensors.connect import ConnectSensor
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.nflog import NflogCapture, NflogGroupTaken
-from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch, lane_capture, open_packet_capture
+from portsentry.sensors.packet_capture import lane_capture, open_packet_capture
+from portsentry.sensors.stealth import HostAddresses, StealthSensor, Watch
 
 CaptureFactory = Callable[[int | None, set[Protocol]], Capture]
 
