@@ -82,6 +82,17 @@ struct pinset {           /* open addressing, 16-byte keys (IPv4 mapped into ::f
     size_t capacity, count, deleted;
 };
 
+/* Packets of known sources (pinned: banned, or being banned) waiting to go to the daemon in one
+ * message: in a flood from a banned host each was a wake-up of the main loop, about as much CPU
+ * as the daemon's own work on it. They wait at most COALESCE_MS, and never behind anything else:
+ * whatever else goes to the daemon sends them first, so the order holds. The daemon's handling
+ * of such a packet concerns its source alone, so they do not keep the lane from acting. */
+#define COALESCE_MS 2
+#define BATCH_BYTES 65536
+#define BATCH_PACKETS 256
+
+struct batch { uint8_t data[BATCH_BYTES]; size_t used; uint32_t count; };
+
 struct lane {
     pthread_mutex_t lock;
     pthread_t thread;
@@ -104,6 +115,7 @@ struct lane {
     char ignore_path[4096];             /* stat'ed per probe, as the daemon does */
     uint64_t ignore_key[4]; int ignore_present;  /* the daemon's list was read from this file */
     uint64_t errors;                    /* failures the daemon reads in status */
+    struct batch batch;                 /* the lane thread's packets of known sources */
 };
 
 /* -- keys and tables ------------------------------------------------------------------------ */
@@ -441,6 +453,30 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
     return 1;
 }
 
+/* The source's key of an IPv4 or IPv6 packet (0: too short to say). */
+static int source_key(const uint8_t *packet, size_t size, uint8_t key[16]) {
+    if (size >= 20 && packet[0] >> 4 == 4) { key4(key, packet + 12); return 1; }
+    if (size >= 40 && packet[0] >> 4 == 6) { memcpy(key, packet + 8, 16); return 1; }
+    return 0;
+}
+
+static void flush(struct lane *lane, struct batch *batch) {
+    if (!batch->count) return;
+    uint8_t head[8] = {'M', 0, 0, 0};
+    memcpy(head + 4, &batch->count, 4);
+    send_all(lane, head, sizeof head, batch->data, batch->used);
+    batch->used = 0; batch->count = 0;
+}
+
+static void add(struct lane *lane, struct batch *batch, uint32_t seq, const uint8_t *packet, size_t size) {
+    if (batch->used + 8 + size > BATCH_BYTES || batch->count == BATCH_PACKETS) flush(lane, batch);
+    uint8_t *entry = batch->data + batch->used;
+    uint16_t length = (uint16_t)size, pad = 0;
+    memcpy(entry, &seq, 4); memcpy(entry + 4, &length, 2); memcpy(entry + 6, &pad, 2);
+    memcpy(entry + 8, packet, size);
+    batch->used += 8 + size; batch->count++;
+}
+
 static void *run(void *arg) {
     struct lane *lane = arg;
     /* Signals are the interpreter's (its handlers run on any thread that takes them): none here.
@@ -450,32 +486,41 @@ static void *run(void *arg) {
     sigset_t all; sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     uint8_t packet[2048];
+    struct batch *pending = &lane->batch;  /* 64 KiB: not on the thread's stack */
+    pending->used = 0; pending->count = 0;
     struct pollfd fds[2] = {{lane->capture, POLLIN, 0}, {lane->stop_read, POLLIN, 0}};
     for (;;) {
-        if (poll(fds, 2, -1) < 0) { if (errno == EINTR) continue; break; }
+        int ready = poll(fds, 2, pending->count ? COALESCE_MS : -1);
+        if (ready < 0) { if (errno == EINTR) continue; break; }
         if (fds[1].revents) break;
-        for (int batch = 0; batch < 256; batch++) {
+        if (ready == 0) { flush(lane, pending); continue; }
+        for (int round = 0; round < 256; round++) {
             /* Zeroed: a capture that names no sender (the unit tests' socket pair) then reads
              * as PACKET_HOST, not as whatever the stack held. */
             struct sockaddr_ll from = {0}; socklen_t length = sizeof from;
             ssize_t n = recvfrom(lane->capture, packet, sizeof packet, MSG_DONTWAIT, (struct sockaddr *)&from, &length);
             if (n < 0) break;
-            struct act act; uint8_t head[8] = {'P', 0, 0, 0};
+            struct act act; uint8_t head[8] = {'P', 0, 0, 0}, key[16];
+            uint32_t seq = 0;
             pthread_mutex_lock(&lane->lock);
-            int acted = decide(lane, packet, (size_t)n, &from, &act);
+            int known = lane->pins.count && source_key(packet, (size_t)n, key) && pins_find(&lane->pins, key) >= 0;
+            int acted = !known && decide(lane, packet, (size_t)n, &from, &act);
             if (!acted) {
-                uint32_t seq = ++lane->seq; memcpy(head + 4, &seq, 4);
-                lane->deferred = seq;
+                seq = ++lane->seq; memcpy(head + 4, &seq, 4);
+                if (!known) lane->deferred = seq;
             }
             pthread_mutex_unlock(&lane->lock);
             /* Sent without the lock: the send waits while the channel is full, and the daemon,
              * the one reader, takes the lock for its every call (processed, allow, pin); held
              * here, a burst the daemon was slow to read stopped both for good. Only this thread
              * sends, so messages still go in seq order. */
+            if (known) { add(lane, pending, seq, packet, (size_t)n); continue; }
+            flush(lane, pending);
             if (acted) send_all(lane, &act, sizeof act, NULL, 0);
             else send_all(lane, head, sizeof head, packet, (size_t)n);
         }
     }
+    flush(lane, pending);  /* the stop: the daemon reads until this thread has ended */
     return NULL;
 }
 

@@ -30,7 +30,9 @@ from portsentry.sensors.capture import CaptureSocket, Network
 # The C side's mode codes in its port table (lane.c MODES).
 MODE_CODES = {Mode.STCP: 1, Mode.ATCP: 2}
 MODES_BY_CODE = {code: mode for mode, code in MODE_CODES.items()}
-PACKET_HEAD = struct.Struct("=cxxxI")  # 'P', seq
+PACKET_HEAD = struct.Struct("=cxxxI")  # 'P', seq; 'M', count (lane.c flush)
+BATCH_ENTRY = struct.Struct("=IHxx")  # seq, length, then the packet
+BATCH_BYTES = 65536  # lane.c
 # struct act in lane.c: type, family, mode, sent, seq, port, source port, pid, pipe, spawn
 # errno, record errno, record line, at, started, source, destination.
 ACT = struct.Struct("=cBBBIHHiiiiidd16s16s")
@@ -325,6 +327,7 @@ class LaneCapture:
         self._channel = lane.start(capture.fileno())
         self.last_seq = 0  # of the newest packet handed out; the daemon marks it processed
         self.unreadable = 0  # channel messages of neither kind (a bug: status shows the count)
+        self._buffer = bytearray(BATCH_BYTES + PACKET_HEAD.size)  # the largest message, 'M'
 
     def fileno(self) -> int:
         return self._channel.fileno()
@@ -332,24 +335,41 @@ class LaneCapture:
     def read_items(self, limit: int = 256) -> list[bytes | Act]:
         """Up to `limit` packets and reports, in the order the lane saw them."""
         items: list[bytes | Act] = []
-        recv = self._channel.recv
+        recv_into, buffer = self._channel.recv_into, self._buffer
         try:
             while len(items) < limit:
-                data = recv(4096)
-                if not data:
+                size = recv_into(buffer)
+                if not size:
                     break
-                if data[:1] == b"A" and len(data) == ACT.size:
-                    act = Act.unpack(data)
+                kind = buffer[0]
+                if kind == ord("A") and size == ACT.size:
+                    act = Act.unpack(bytes(buffer[:size]))
                     self.last_seq = act.seq
                     items.append(act)
-                elif data[:1] == b"P" and len(data) >= PACKET_HEAD.size:
-                    self.last_seq = PACKET_HEAD.unpack_from(data)[1]
-                    items.append(data[PACKET_HEAD.size:])
+                elif kind == ord("P") and size >= PACKET_HEAD.size:
+                    self.last_seq = PACKET_HEAD.unpack_from(buffer)[1]
+                    items.append(bytes(buffer[PACKET_HEAD.size:size]))
+                elif kind == ord("M") and size >= PACKET_HEAD.size:
+                    self._unbatch(memoryview(buffer)[:size], items)
                 else:
                     self.unreadable += 1
         except BlockingIOError:
             pass
         return items
+
+    def _unbatch(self, data: memoryview, items: list[bytes | Act]) -> None:
+        """Packets of known sources the lane sent together, each with its seq."""
+        count = PACKET_HEAD.unpack_from(data)[1]
+        at = PACKET_HEAD.size
+        for _ in range(count):
+            if at + BATCH_ENTRY.size > len(data):
+                self.unreadable += 1
+                return
+            seq, length = BATCH_ENTRY.unpack_from(data, at)
+            at += BATCH_ENTRY.size
+            items.append(bytes(data[at:at + length]))
+            at += length
+            self.last_seq = seq
 
     def read_batch(self, limit: int = 256) -> list[bytes]:
         return [item for item in self.read_items(limit) if isinstance(item, bytes)]

@@ -410,3 +410,33 @@ def test_a_new_lane_leaves_the_lines_of_the_lane_before_it(tmp_path: Path) -> No
     finally:
         second.close()
         os.close(record)
+
+
+def test_packets_of_known_sources_go_together_in_order_and_do_not_hold_the_lane(rig: Rig) -> None:
+    """A flood from a banned host: its packets reach the daemon in one message (not one wake-up
+    each), after whatever came before and before whatever comes after, and a fresh scanner's
+    first SYN meanwhile is still the lane's."""
+    rig.lane.pin(SCANNER4)
+    flood = [syn(SCANNER4, HERE4, 1000 + i) for i in range(40)]
+    for packet in flood:
+        rig.send(packet)
+    fresh = syn("198.18.0.11", HERE4, ATCP_PORT)
+    rig.send(fresh)
+    items = rig.items(41)
+    assert items[:40] == flood  # in order, each byte for byte, and first
+    assert isinstance(items[40], Act) and items[40].source == ip_address("198.18.0.11")
+    seqs = rig.capture.last_seq
+    assert seqs == 41  # every packet counted, the act last
+    # Alone, they go within a few milliseconds (COALESCE_MS), not at the next packet.
+    rig.send(syn(SCANNER4, HERE4, 2000))
+    assert rig.items(1, timeout=1.0) == [syn(SCANNER4, HERE4, 2000)]
+
+
+def test_a_burst_from_a_known_source_is_one_message(rig: Rig) -> None:
+    rig.lane.pin(SCANNER4)
+    for i in range(10):
+        rig.send(syn(SCANNER4, HERE4, 1000 + i))
+    time.sleep(0.1)  # past COALESCE_MS
+    assert rig.lane.channel is not None
+    message = rig.lane.channel.recv(70000)
+    assert message[:1] == b"M" and int.from_bytes(message[4:8], "little") == 10
