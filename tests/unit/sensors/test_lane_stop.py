@@ -4,7 +4,6 @@ the reports are handed over, not dropped (their bans would otherwise wait for th
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from ipaddress import ip_address, ip_network
 from pathlib import Path
@@ -13,27 +12,7 @@ from typing import Any
 from portsentry.core.probe import Mode
 from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneCapture
 from portsentry.sensors.stealth import StealthSensor
-
-
-class Pair:
-    """One end of a datagram socket pair where the AF_PACKET socket would be."""
-
-    def __init__(self) -> None:
-        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.ours.setblocking(False)
-
-    def fileno(self) -> int:
-        return self.ours.fileno()
-
-    def close(self) -> None:
-        self.ours.close()
-        self.theirs.close()
-
-
-def syn(source: str, destination: str, port: int) -> bytes:
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, socket.inet_aton(source),
-                     socket.inet_aton(destination))
-    return ip + struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 5 << 4, 2, 1024, 0, 0)
+from tests.unit.sensors.lane_rig import Pair, syn
 
 
 def acting_lane(tmp_path: Path) -> tuple[Pair, LaneCapture, socket.socket]:
