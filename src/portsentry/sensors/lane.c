@@ -740,6 +740,11 @@ void lane_shell_done(struct lane *lane) {
     pthread_mutex_lock(&lane->lock); if (lane->inflight) lane->inflight--; pthread_mutex_unlock(&lane->lock);
 }
 
+uint64_t lane_errors(struct lane *lane) {
+    pthread_mutex_lock(&lane->lock); uint64_t n = lane->errors; pthread_mutex_unlock(&lane->lock);
+    return n;
+}
+
 void lane_set_shell_cap(struct lane *lane, uint32_t cap) {
     pthread_mutex_lock(&lane->lock); lane->inflight_cap = cap; pthread_mutex_unlock(&lane->lock);
 }

@@ -149,7 +149,7 @@ def load() -> ctypes.CDLL:
         ("lane_pinned", i, (p, text)), ("lane_pin_count", size, (p,)),
         ("lane_pin_longest_run", size, (p,)), ("lane_clear_pins", None, (p,)),
         ("lane_processed", None, (p, u32)), ("lane_allow", u64, (p, u64, u64)),
-        ("lane_shell_done", None, (p,)), ("lane_set_shell_cap", None, (p, u32)),
+        ("lane_shell_done", None, (p,)), ("lane_set_shell_cap", None, (p, u32)), ("lane_errors", u64, (p,)),
     ):
         function = getattr(lib, name)
         function.restype = result
@@ -309,6 +309,11 @@ class Lane:
     def shell_done(self) -> None:
         with self._freeing:
             self._lib.lane_shell_done(self._handle)
+
+    def errors(self) -> int:
+        """Failures inside the lane: a message the daemon's end of the channel never took, a
+        source it could not remember (it then stays off)."""
+        return int(self._lib.lane_errors(self._handle))
 
     def set_shell_cap(self, cap: int) -> None:
         self._lib.lane_set_shell_cap(self._handle, cap)

@@ -248,6 +248,11 @@ class StealthSensor:
         if isinstance(self._capture, LaneCapture):
             self._capture.handled()
 
+    def lane_unreadable(self) -> int:
+        """Messages from the fast lane of no known kind (a bug; status shows the count)."""
+        capture = self._capture
+        return capture.unreadable if isinstance(capture, LaneCapture) else 0
+
     def stop_lane(self) -> list[Hit]:
         """Before the capture closes: the fast lane stopped, and the hits it had queued (its
         reports among them, bans it began that the daemon must take in)."""

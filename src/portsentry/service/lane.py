@@ -396,10 +396,15 @@ class LaneKeeper:
             self._record = -1
 
     def describe(self) -> str:
-        """For status."""
-        if self.reason is None:
-            return f"on ({self.acted} blocks begun, {self.disagreed} not taken up)"
-        return f"off: {self.reason}"
+        """For status; failures inside the lane and unreadable channel messages only when any."""
+        text = (f"on ({self.acted} blocks begun, {self.disagreed} not taken up)" if self.reason is None
+                else f"off: {self.reason}")
+        lane, sensor = self.lane, self.sensor
+        errors = lane.errors() if lane is not None else 0
+        unreadable = sensor.lane_unreadable() if sensor is not None else 0
+        if errors or unreadable:
+            text += f"; {errors} lane errors, {unreadable} unreadable lane messages"
+        return text
 
 
 def _renders_alike(lane: Lane, template: str) -> bool:

@@ -126,3 +126,16 @@ def test_the_pins_of_a_whole_network_spread_over_the_table() -> None:
         assert lane.longest_run() < 200
     finally:
         lane.close()
+
+
+def test_a_channel_message_of_no_known_kind_is_counted(tmp_path: Path) -> None:
+    _pair, capture, log = acting_lane(tmp_path)
+    try:
+        assert capture.lane._writer is not None
+        capture.lane._writer.send(b"Z" + bytes(15))
+        time.sleep(0.05)
+        assert capture.read_items() == [] and capture.unreadable == 1
+        assert capture.lane.errors() == 0
+    finally:
+        capture.close()
+        log.close()

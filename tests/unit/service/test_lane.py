@@ -46,6 +46,7 @@ class FakeLane:
         self.acted = 0
         self.render_wrong = False
         self.route: str | None = None
+        self.failures = 0
 
     def enable(self, on: bool) -> None:
         self.enabled = on
@@ -96,6 +97,9 @@ class FakeLane:
 
     def shell_done(self) -> None:
         self.calls.append(("shell_done", None))
+
+    def errors(self) -> int:
+        return self.failures
 
     def kinds(self) -> list[str]:
         return [kind for kind, _ in self.calls]
@@ -524,3 +528,11 @@ def test_pins_are_kept_only_while_the_lane_may_act(tmp_path):
     engine.update_settings(engine_settings(conf))
     keeper.compile([sensor], conf, engine, journal, ignore, frozenset(), 1002.0)
     assert not lane.enabled and lane.pins == set()
+
+
+def test_status_says_when_the_lane_failed_inside(tmp_path):
+    r = compiled(tmp_path)
+    assert r.keeper.describe() == "on (0 blocks begun, 0 not taken up)"
+    r.lane.failures = 2
+    assert r.keeper.describe() == ("on (0 blocks begun, 0 not taken up); 2 lane errors, "
+                                   "0 unreadable lane messages")
