@@ -119,8 +119,7 @@ class BanGuard:
     def rate_limited(self, source: IPAddress, now: float) -> bool:
         """True when starting a ban now would exceed a cap; otherwise counts the ban."""
         limit, per_net = self.settings.ban_rate_limit, self.settings.ban_rate_limit_net
-        while self._recent_bans and self._recent_bans[0] <= now - MINUTE:
-            self._recent_bans.popleft()
+        self._forget_bans_before(now - MINUTE)
         if limit and len(self._recent_bans) >= limit:
             return True
         window: deque[float] | None = None
@@ -145,9 +144,12 @@ class BanGuard:
         limit = self.settings.ban_rate_limit
         if not limit:
             return None
-        while self._recent_bans and self._recent_bans[0] <= now - MINUTE:
-            self._recent_bans.popleft()
+        self._forget_bans_before(now - MINUTE)
         return max(0, limit - len(self._recent_bans))
+
+    def _forget_bans_before(self, start: float) -> None:
+        while self._recent_bans and self._recent_bans[0] <= start:
+            self._recent_bans.popleft()
 
     def count_ban(self, now: float) -> None:
         """A ban the fast lane already made within its allowance: counted, never refused."""

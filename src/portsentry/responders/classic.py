@@ -101,12 +101,16 @@ class ClassicResponder:
                 held_by.append(step.kind)
         return Carried(bool(held_by) if blocking_steps else command_ok, tuple(held_by))
 
+    def _time_left(self) -> float:
+        """COMMAND_TIMEOUT, or less once the daemon is stopping (stop_by)."""
+        if self._stop_by is None:
+            return self.timeout
+        return min(self.timeout, self._stop_by - time.monotonic())
+
     def _run_until_stop(self, command: str) -> CommandResult:
-        timeout = self.timeout
-        if self._stop_by is not None:
-            timeout = min(timeout, self._stop_by - time.monotonic())
-            if timeout <= 0:
-                return CommandResult(command, None, False, "not run: the daemon is stopping", 0.0)
+        timeout = self._time_left()
+        if timeout <= 0:
+            return CommandResult(command, None, False, "not run: the daemon is stopping", 0.0)
         return self._run(command, timeout)
 
     @staticmethod
@@ -149,9 +153,8 @@ class ClassicResponder:
         started = block.started
         if step.kind is StepKind.ROUTE and started is not None and started.pid >= 0:
             # The fast lane started this very command (service.lane checks it renders the same).
-            timeout = self.timeout
-            if self._stop_by is not None:
-                timeout = max(min(timeout, self._stop_by - time.monotonic()), 0.001)
+            # Already running: seen through (and reaped) even past the stop's deadline.
+            timeout = max(self._time_left(), 0.001)
             try:
                 result = wait_shell(command, started.pid, started.pipe, started.at, timeout)
             finally:
