@@ -13,7 +13,7 @@ Every table here is bounded; see `EvidenceTable` and `RefusalLog` for what is ev
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
@@ -85,6 +85,10 @@ class BanGuard:
         self._recent_by_net: OrderedDict[IPNetwork, deque[float]] = OrderedDict()
         self._rate_window_logged = -1.0
         self.rate_limited_in_window = 0
+        # While the fast lane may ban, it holds a share of the cap this window has not counted
+        # (its bans not yet taken in); a ban started here must take its slot from that share at
+        # once, or both paths spend one free slot. The service sets it; the engine does no I/O.
+        self.claim: Callable[[], bool] | None = None
 
     def set_protected(self, addresses: Iterable[IPAddress]) -> None:
         # Sources reach refusal() canonical; a resolver written `::ffff:a.b.c.d` must match them.
@@ -133,6 +137,8 @@ class BanGuard:
                 self._recent_by_net.popitem(last=False)
             if len(window) >= per_net:
                 return True
+        if limit and self.claim is not None and not self.claim():
+            return True
         self._recent_bans.append(now)
         if window is not None:
             window.append(now)

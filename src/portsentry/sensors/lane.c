@@ -736,6 +736,17 @@ uint64_t lane_allow(struct lane *lane, uint64_t adopted, uint64_t free_bans) {
     return acted;
 }
 
+/* A ban the daemon starts itself (a connect mode's) takes one of the lane's free bans at once,
+ * so the two never share one free slot of the minute: 1 if one was left (it is now the
+ * daemon's), 0 if the lane's bans in flight already took them all. */
+int lane_claim(struct lane *lane) {
+    pthread_mutex_lock(&lane->lock);
+    int free = lane->acted < lane->allowance;
+    if (free) lane->allowance--;
+    pthread_mutex_unlock(&lane->lock);
+    return free;
+}
+
 void lane_shell_done(struct lane *lane) {
     pthread_mutex_lock(&lane->lock); if (lane->inflight) lane->inflight--; pthread_mutex_unlock(&lane->lock);
 }

@@ -148,7 +148,7 @@ def load() -> ctypes.CDLL:
         ("lane_pin", i, (p, text)), ("lane_pin_many", i, (p, text, size)), ("lane_unpin", None, (p, text)),
         ("lane_pinned", i, (p, text)), ("lane_pin_count", size, (p,)),
         ("lane_pin_longest_run", size, (p,)), ("lane_clear_pins", None, (p,)),
-        ("lane_processed", None, (p, u32)), ("lane_allow", u64, (p, u64, u64)),
+        ("lane_processed", None, (p, u32)), ("lane_allow", u64, (p, u64, u64)), ("lane_claim", i, (p,)),
         ("lane_shell_done", None, (p,)), ("lane_set_shell_cap", None, (p, u32)), ("lane_errors", u64, (p,)),
     ):
         function = getattr(lib, name)
@@ -305,6 +305,10 @@ class Lane:
     def allow(self, adopted: int, free: int) -> int:
         """The lane may make `free` bans beyond the `adopted` ones; returns how many it made."""
         return int(self._lib.lane_allow(self._handle, adopted, free))
+
+    def claim(self) -> bool:
+        """One of the lane's free bans for a ban the daemon starts itself; False: none left."""
+        return bool(self._lib.lane_claim(self._handle))
 
     def shell_done(self) -> None:
         with self._freeing:

@@ -160,6 +160,7 @@ class LaneKeeper:
         engine.holding = self._hold
         engine.released = self._release
         engine.resynced = lambda: self._resync(engine)
+        engine.guard.claim = self._claim
         self._pinned = False
         if self.lane is None:
             return
@@ -177,6 +178,11 @@ class LaneKeeper:
         except LaneUnavailable as error:
             self._log(messages.config_error(str(error)))
             self.close()  # the lane stays off: "its record file cannot be written"
+
+    def _claim(self) -> bool:
+        """A ban the engine starts itself takes its rate-cap slot from the lane's share."""
+        lane = self.lane
+        return lane.claim() if lane is not None and self.reason is None else True
 
     def _hold(self, source: IPAddress) -> None:
         if self.lane is not None and self._pinned:

@@ -95,6 +95,10 @@ class FakeLane:
         self.calls.append(("allow", (adopted, free)))
         return self.acted
 
+    def claim(self) -> bool:
+        self.calls.append(("claim", None))
+        return True
+
     def shell_done(self) -> None:
         self.calls.append(("shell_done", None))
 
@@ -282,6 +286,7 @@ def test_the_rate_caps_share_is_what_the_guard_leaves_free(tmp_path):
     r = compiled(tmp_path, conf)
     assert dict(r.lane.calls)["allow"] == (0, 3)
     r.engine.guard.rate_limited(ip_address("198.18.0.20"), 1000.5)  # a ban of the Python path
+    assert ("claim", None) in r.lane.calls  # its slot taken from the lane's share at once
     r.lane.calls.clear()
     r.keeper.handled(r.engine, 1001.0)
     assert dict(r.lane.calls)["allow"] == (0, 2)

@@ -14,7 +14,7 @@ from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import engine_settings
 from portsentry.core.actions import Block
 from portsentry.core.engine import Engine
-from portsentry.core.probe import KIND_SYN, Probe
+from portsentry.core.probe import KIND_CONNECT, KIND_SYN, Mode, Probe
 from portsentry.responders.shell import wait_shell
 from portsentry.sensors.lane import Act
 from portsentry.service.lane import LaneKeeper
@@ -142,3 +142,50 @@ def test_the_record_is_emptied_once_the_blocks_of_a_stopped_lane_are_over(tmp_pa
         rig.log.close()
         os.close(rig.record)
         rig.pair.close()
+
+
+def test_a_connect_mode_ban_takes_its_slot_of_the_rate_cap_from_the_lane_at_once(tmp_path: Path) -> None:
+    # BAN_RATE_LIMIT=1 with -tcp beside -stcp: the lane was given the minute's one free ban.
+    # A connect-mode ban then takes it; a SYN from another scanner before the next stealth read
+    # or tick (when the lane's share is set again) must not make a second ban in the minute.
+    rig = Rig(tmp_path)
+    conf = config(state_dir=str(tmp_path), kill_route=f"echo $TARGET$ >> {tmp_path / 'route.out'}",
+                  ban_rate_limit=1)
+    engine = Engine(engine_settings(conf), frozenset())
+    keeper = LaneKeeper(lambda _line: None, str(tmp_path))
+    keeper.compile([fake_sensor(rig.lane)], conf, engine,  # type: ignore[arg-type]
+                   syslog_journal(tmp_path), IgnoreSource(None, lambda: []), frozenset(), 1000.0)
+    try:
+        assert keeper.reason is None, keeper.reason
+        connect = Probe(ip_address("198.18.0.20"), 1080, Mode.TCP, KIND_CONNECT, HERE4)
+        assert any(isinstance(a, Block) for a in engine.observe(connect, 1000.5).actions)
+        rig.send(syn(SCANNER4, HERE4, 80))
+        [item] = rig.items()
+        assert isinstance(item, bytes), "the lane made a second ban in a minute capped at one"
+        # Handed on, the daemon refuses it: the cap holds on both paths.
+        probe = Probe(SCANNER4, 80, Mode.STCP, KIND_SYN, HERE4)
+        assert not any(isinstance(a, Block) for a in engine.observe(probe, 1000.6).actions)
+    finally:
+        keeper.close()
+        rig.close()
+
+
+def test_a_connect_mode_ban_is_refused_when_the_lane_used_the_last_slot_unreported(tmp_path: Path) -> None:
+    # The other way round: the lane made the minute's one ban and its report is not taken in
+    # yet (the guard's window does not hold it): a connect-mode ban meanwhile is over the cap.
+    rig = Rig(tmp_path)
+    conf = config(state_dir=str(tmp_path), kill_route=f"echo $TARGET$ >> {tmp_path / 'route.out'}",
+                  ban_rate_limit=1)
+    engine = Engine(engine_settings(conf), frozenset())
+    keeper = LaneKeeper(lambda _line: None, str(tmp_path))
+    keeper.compile([fake_sensor(rig.lane)], conf, engine,  # type: ignore[arg-type]
+                   syslog_journal(tmp_path), IgnoreSource(None, lambda: []), frozenset(), 1000.0)
+    try:
+        rig.send(syn(SCANNER4, HERE4, 80))
+        [item] = rig.items()
+        assert isinstance(item, Act)
+        connect = Probe(ip_address("198.18.0.20"), 1080, Mode.TCP, KIND_CONNECT, HERE4)
+        assert not any(isinstance(a, Block) for a in engine.observe(connect, 1000.5).actions)
+    finally:
+        keeper.close()
+        rig.close()
