@@ -88,7 +88,7 @@ class BanGuard:
         # While the fast lane may ban, it holds a share of the cap this window has not counted
         # (its bans not yet taken in); a ban started here must take its slot from that share at
         # once, or both paths spend one free slot. The service sets it; the engine does no I/O.
-        self.claim: Callable[[], bool] | None = None
+        self.claim: Callable[[float], bool] | None = None
 
     def set_protected(self, addresses: Iterable[IPAddress]) -> None:
         # Sources reach refusal() canonical; a resolver written `::ffff:a.b.c.d` must match them.
@@ -137,7 +137,7 @@ class BanGuard:
                 self._recent_by_net.popitem(last=False)
             if len(window) >= per_net:
                 return True
-        if limit and self.claim is not None and not self.claim():
+        if limit and self.claim is not None and not self.claim(now):
             return True
         self._recent_bans.append(now)
         if window is not None:

@@ -160,7 +160,7 @@ class LaneKeeper:
         engine.holding = self._hold
         engine.released = self._release
         engine.resynced = lambda: self._resync(engine)
-        engine.guard.claim = self._claim
+        engine.guard.claim = lambda now: self._claim(engine, now)
         self._pinned = False
         if self.lane is None:
             return
@@ -179,10 +179,13 @@ class LaneKeeper:
             self._log(messages.config_error(str(error)))
             self.close()  # the lane stays off: "its record file cannot be written"
 
-    def _claim(self) -> bool:
-        """A ban the engine starts itself takes its rate-cap slot from the lane's share."""
-        lane = self.lane
-        return lane.claim() if lane is not None and self.reason is None else True
+    def _claim(self, engine: Engine, now: float) -> bool:
+        """A ban the engine starts itself takes its rate-cap slot from the lane's share, set
+        anew first: a slot the minute let go of since the last read or tick is free."""
+        if self.lane is None or self.reason is not None:
+            return True
+        self._allow(engine, now)
+        return self.lane.claim()
 
     def _hold(self, source: IPAddress) -> None:
         if self.lane is not None and self._pinned:

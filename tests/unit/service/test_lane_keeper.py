@@ -189,3 +189,28 @@ def test_a_connect_mode_ban_is_refused_when_the_lane_used_the_last_slot_unreport
     finally:
         keeper.close()
         rig.close()
+
+
+def test_a_slot_the_minute_freed_is_the_daemons_before_the_next_tick(tmp_path: Path) -> None:
+    # The lane's share is set at each stealth read and tick; a slot the window let go of since
+    # then is free, and a connect-mode ban must get it, not be refused as over the cap.
+    rig = Rig(tmp_path)
+    conf = config(state_dir=str(tmp_path), kill_route=f"echo $TARGET$ >> {tmp_path / 'route.out'}",
+                  ban_rate_limit=1)
+    engine = Engine(engine_settings(conf), frozenset())
+    keeper = LaneKeeper(lambda _line: None, str(tmp_path))
+    keeper.compile([fake_sensor(rig.lane)], conf, engine,  # type: ignore[arg-type]
+                   syslog_journal(tmp_path), IgnoreSource(None, lambda: []), frozenset(), 1000.0)
+    try:
+        rig.send(syn(SCANNER4, HERE4, 80))
+        [item] = rig.items()
+        assert isinstance(item, Act)
+        keeper.started(item)
+        probe = Probe(SCANNER4, 80, Mode.STCP, KIND_SYN, HERE4)
+        assert any(isinstance(a, Block) for a in engine.observe(probe, 1000.1, made=True).actions)
+        keeper.handled(engine, 1000.2)  # the lane's share: none left this minute
+        connect = Probe(ip_address("198.18.0.20"), 1080, Mode.TCP, KIND_CONNECT, HERE4)
+        assert any(isinstance(a, Block) for a in engine.observe(connect, 1061.0).actions)
+    finally:
+        keeper.close()
+        rig.close()
