@@ -294,6 +294,26 @@ def test_the_rate_cap_holds_with_the_lanes_share(daemon_factory, namespaces, sys
         assert lane_blocks(daemon) == 2
 
 
+def test_a_connect_mode_ban_and_a_lane_ban_share_one_rate_cap(daemon_factory, namespaces, syslog):
+    # -tcp beside -atcp with BAN_RATE_LIMIT=1: the scanner completes a connection to the -tcp
+    # port (a connect-mode ban, made by Python), then a forged SYN from another source reaches
+    # a port only -atcp watches, before the daemon's next tick. One ban in the minute, not two.
+    net = namespaces
+    daemon = daemon_factory("-tcp", "-atcp", **{**LANE, "TCP_PORTS": "79", "BAN_RATE_LIMIT": "1"})
+    assert lane_row(daemon).startswith("on")
+    mark = syslog.mark()
+    assert tcp_connect(net.scanner, net.target_ip4, 79, timeout=0.5).connected
+    sent = run_in(net.scanner, [sys.executable, SPOOF, "frame", "eth0", _mac_of(net.target, "eth0"),
+                                net.target_ip4, "80", "198.18.0.30"], timeout=20)
+    assert sent.stdout.strip() == "1", sent.stderr
+    syslog.wait_for("has been blocked via dropped route", since=mark)
+    settle(syslog, 2.5)
+    assert banned(daemon) == [net.scanner_ip4]
+    assert len(syslog.find_all("has been blocked via dropped route", since=mark)) == 1
+    assert syslog.find("ban rate limit reached (1 new bans per minute)", since=mark)
+    assert len(blackholes(net, "ipv4").splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # A record the last run did not take in
 
