@@ -144,6 +144,27 @@ def test_one_syn_is_banned_with_1_2s_lines_route_hosts_deny_and_history(
     assert (daemon.workdir / "state" / "lane-record").read_bytes().strip(b"\0") == b""  # every line freed
 
 
+@pytest.mark.parametrize(("scan", "kind"), [("-sF", "TCP FIN scan"), ("-sN", "TCP NULL scan"),
+                                          ("-sX", "TCP XMAS scan")])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fin_null_and_xmas_probes_are_banned_by_the_lane_with_1_2s_words(
+        daemon_factory, namespaces, syslog, family, scan, kind):
+    net = namespaces
+    flags, target, scanner = addresses(net, family)
+    daemon = started(daemon_factory)
+    mark = syslog.mark()
+    nmap(net.scanner, [*flags, scan, "-p", "79", "--max-retries", "0", target], host_timeout="10s")
+    syslog.wait_for(f"attackalert: Host {scanner} has been blocked via dropped route", since=mark)
+    lines = [m for m in syslog.messages(mark) if m.startswith("attackalert:")]
+    assert lines[0] == f"attackalert: {kind} from host: {scanner}/{scanner} to TCP port: 79", lines
+    assert len([line for line in lines if " from host: " in line]) == 1, lines
+    assert lane_blocks(daemon) == 1  # the lane began it, not the Python path
+    assert f"blackhole {scanner} " in blackholes(net, family)
+    eventually(lambda: scanner in daemon.history_text(), what="the history line")
+    assert [str(ban["address"]) for ban in json.loads(portsentry(daemon, "list", "--json"))] == [scanner]
+    assert (daemon.workdir / "state" / "lane-record").read_bytes().strip(b"\0") == b""
+
+
 # ---------------------------------------------------------------------------------------------
 # What the lane must leave alone: the same outcome as the Python path
 

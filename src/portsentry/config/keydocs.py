@@ -71,10 +71,11 @@ DOCS: Final[dict[str, str]] = {
     "NFLOG_GROUP": "The NFLOG group of the capture rules.",
     "KERNEL_BAN": "auto: with the NFLOG capture the kernel bans a stealth probe's source on its first "
                   "packet, so the scanner's next packet is already dropped; off: the daemon bans.",
-    "FAST_LANE": "auto: with the AF_PACKET capture, a lone TCP SYN that the daemon would block on its "
-                 "first hit gets its detection line, its record and KILL_ROUTE from compiled C in a "
-                 "fraction of a millisecond, and the daemon does the rest (status says whether it "
-                 "is on, and why not); off: every probe goes through the daemon's Python.",
+    "FAST_LANE": "auto: with the AF_PACKET capture, a lone TCP SYN, FIN, NULL or XMAS probe that the "
+                 "daemon would block on its first hit gets its detection line, its record and "
+                 "KILL_ROUTE from compiled C in a fraction of a millisecond, and the daemon does "
+                 "the rest (status says whether it is on, and why not); off: every probe goes "
+                 "through the daemon's Python.",
     "PROTECT_GATEWAYS": "1: never block this host's default gateways, whatever forged packets say.",
     "PROTECT_RESOLVERS": "1: never block the DNS resolvers in RESOLV_CONF.",
     "RESOLV_CONF": "Where the resolvers are read from.",

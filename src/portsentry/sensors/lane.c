@@ -1,10 +1,10 @@
-/* The fast lane: a lone TCP SYN probe's detection line and KILL_ROUTE, in C, on a thread of its
+/* The fast lane: a lone TCP stealth probe's detection line and KILL_ROUTE, in C, on a thread of its
  * own (issue 11, item 3: the classic path at least as fast as 1.2).
  *
  * The daemon (service.lane) compiles what its engine, guards and ignore list would decide for a
  * fresh source into the tables below, as it compiles the kernel's first-probe rules. This thread
- * reads the capture socket; for a packet the tables decide completely (a pure SYN over IPv4 or
- * IPv6 without options or extension headers, to a watched port with no socket that would take it,
+ * reads the capture socket; for a packet the tables decide completely (a SYN, FIN, NULL or XMAS
+ * probe, as 1.2 names them, over IPv4 or IPv6 without options or extension headers, to a watched port with no socket that would take it,
  * from a source no table names and the daemon holds nothing about, within the ban-rate allowance,
  * with nothing else of the daemon's still unread) it writes the detection line to syslog, appends
  * the ban to its record file, starts KILL_ROUTE through /bin/sh and reports what it did. Every
@@ -72,9 +72,30 @@ struct act {              /* the 'A' message */
     double started;       /* CLOCK_MONOTONIC when the shell was started */
     uint8_t source[16];   /* IPv4 in the first 4 bytes */
     uint8_t destination[16];
+    uint8_t kind;         /* KIND_SYN .. KIND_XMAS */
+    uint8_t pad[7];
 };
 
-_Static_assert(sizeof(struct act) == 80, "sensors/lane.py ACT reads 80 bytes");
+_Static_assert(sizeof(struct act) == 88, "sensors/lane.py ACT reads 88 bytes");
+
+/* The probe kinds the lane takes, with 1.2's words for them (core.probe KIND_*); the letter is
+ * the kind's field in the record file. Any other flag set (ACK or RST: part of a connection;
+ * "Unknown Type" mixes such as SYN+FIN) goes to the daemon. */
+enum { KIND_SYN = 1, KIND_FIN, KIND_NULL, KIND_XMAS };
+static const char *KIND_TEXT[] = {"", "TCP SYN/Normal scan", "TCP FIN scan", "TCP NULL scan", "TCP XMAS scan"};
+static const char KIND_LETTER[] = " SFNX";
+
+/* sensors.packet._classify for the six flag bits (ECE and CWR ignored, as in 1.2), 0: hand on. */
+static int probe_kind(uint8_t flags) {
+    enum { FIN = 0x01, SYN = 0x02, RST = 0x04, PSH = 0x08, ACK = 0x10, URG = 0x20 };
+    if (flags & (ACK | RST)) return 0;
+    uint8_t scan = flags & (SYN | FIN | PSH | URG);
+    if (!scan) return KIND_NULL;
+    if ((scan & (FIN | URG | PSH)) == (FIN | URG | PSH)) return KIND_XMAS;
+    if (scan == FIN) return KIND_FIN;
+    if (scan == SYN) return KIND_SYN;
+    return 0;
+}
 
 struct pinset {           /* open addressing, 16-byte keys (IPv4 mapped into ::ffff:0:0/96) */
     uint8_t (*keys)[16];
@@ -200,7 +221,7 @@ static int is_local(const struct lane *lane, const uint8_t key[16]) {
 
 /* -- the checks that ask the kernel --------------------------------------------------------- */
 
-/* Would a socket here take this SYN (the kernel's own lookup, as the daemon's SockDiag.takes)?
+/* Would a socket here take this probe (the kernel's own lookup, as the daemon's SockDiag.takes)?
  * 1 yes, 0 no, -1 the kernel cannot say (the daemon decides then). */
 static int taken(struct lane *lane, int family, const uint8_t *src, const uint8_t *dst,
                  uint16_t sport, uint16_t dport) {
@@ -393,7 +414,7 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
     } else {
         return 0;
     }
-    if (tcp_room < 20 || (tcp[12] >> 4) < 5 || (tcp[13] & 0x3F) != 0x02) return 0;  /* a pure SYN */
+    if (tcp_room < 20 || (tcp[12] >> 4) < 5 || !(act.kind = (uint8_t)probe_kind(tcp[13] & 0x3F))) return 0;
     if (act.family == 4 ? (tcp[12] >> 4) * 4u > (unsigned)(packet[2] << 8 | packet[3]) - 20u
                         : (tcp[12] >> 4) * 4u > (unsigned)(packet[4] << 8 | packet[5])) return 0;
     act.port = (uint16_t)(tcp[2] << 8 | tcp[3]);
@@ -411,8 +432,8 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
     act.at = (double)now.tv_sec + (double)now.tv_nsec / 1e9;
     char text[INET6_ADDRSTRLEN], message[512];
     inet_ntop(act.family == 4 ? AF_INET : AF_INET6, act.source, text, sizeof text);
-    snprintf(message, sizeof message, "attackalert: TCP SYN/Normal scan from host: %s/%s to TCP port: %u",
-             text, text, act.port);
+    snprintf(message, sizeof message, "attackalert: %s from host: %s/%s to TCP port: %u",
+             KIND_TEXT[act.kind], text, text, act.port);
     act.sent = (uint8_t)send_line(lane, message, now.tv_sec);
     act.line = -1;
     char *slot = NULL;
@@ -426,9 +447,9 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
     }
     if (slot) {
         char text_line[RECORD_SLOT + 64];
-        int n = snprintf(text_line, sizeof text_line, "%u %ld.%06ld %s %u %s", act.seq, (long)now.tv_sec,
-                         now.tv_nsec / 1000, text, act.port, MODES[act.mode]);
-        if (n <= 0 || n >= RECORD_SLOT - 1) { act.record_errno = ENAMETOOLONG; act.line = -1; }  /* 79 at most */
+        int n = snprintf(text_line, sizeof text_line, "%u %ld.%06ld %s %u %s %c", act.seq, (long)now.tv_sec,
+                         now.tv_nsec / 1000, text, act.port, MODES[act.mode], KIND_LETTER[act.kind]);
+        if (n <= 0 || n >= RECORD_SLOT - 1) { act.record_errno = ENAMETOOLONG; act.line = -1; }  /* 81 at most */
         else {
             memcpy(slot + 1, text_line + 1, (size_t)n - 1);
             memset(slot + n, ' ', RECORD_SLOT - 1 - (size_t)n);

@@ -23,19 +23,22 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 
-from portsentry.core.probe import IPAddress, Mode
+from portsentry.core.probe import KIND_FIN, KIND_NULL, KIND_SYN, KIND_XMAS, IPAddress, Mode
 from portsentry.core.probe import Protocol as ProbeProtocol
 from portsentry.sensors.capture import CaptureSocket, Network
 
 # The C side's mode codes in its port table (lane.c MODES).
 MODE_CODES = {Mode.STCP: 1, Mode.ATCP: 2}
 MODES_BY_CODE = {code: mode for mode, code in MODE_CODES.items()}
+# The probe kinds it takes (lane.c KIND_*): by the code in its reports, by the letter in its record.
+KINDS_BY_CODE = {1: KIND_SYN, 2: KIND_FIN, 3: KIND_NULL, 4: KIND_XMAS}
+KINDS_BY_LETTER = {"S": KIND_SYN, "F": KIND_FIN, "N": KIND_NULL, "X": KIND_XMAS}
 PACKET_HEAD = struct.Struct("=cxxxI")  # 'P', seq; 'M', count (lane.c flush)
 BATCH_ENTRY = struct.Struct("=IHxx")  # seq, length, then the packet
 BATCH_BYTES = 65536  # lane.c
 # struct act in lane.c: type, family, mode, sent, seq, port, source port, pid, pipe, spawn
-# errno, record errno, record line, at, started, source, destination.
-ACT = struct.Struct("=cBBBIHHiiiiidd16s16s")
+# errno, record errno, record line, at, started, source, destination, kind.
+ACT = struct.Struct("=cBBBIHHiiiiidd16s16sB7x")
 RECORD_SLOT = 128  # bytes per line of the record file (lane.c)
 KEY_SIZE = 16
 STOP_POLL = 0.01  # seconds between looks at a stopping thread while its channel is quiet
@@ -64,15 +67,16 @@ class Act:
     line: int  # its line in the record file (free it when its ban is in the store), or -1
     at: float  # time.time() of the decision
     started: float  # time.monotonic() when the shell was started
+    kind: str = KIND_SYN  # 1.2's words for the probe (core.probe KIND_*)
 
     @classmethod
     def unpack(cls, data: bytes) -> Act:
         (_kind, family, mode, sent, seq, port, source_port, pid, pipe, spawn_errno, record_errno,
-         line, at, started, source, destination) = ACT.unpack(data)
+         line, at, started, source, destination, kind) = ACT.unpack(data)
         size = 4 if family == 4 else 16
         return cls(seq, ip_address(source[:size]), ip_address(destination[:size]), port, source_port,
                    MODES_BY_CODE[mode], bool(sent), pid, pipe, spawn_errno, record_errno, line, at,
-                   started)
+                   started, KINDS_BY_CODE[kind])
 
 
 def free_line(fd: int, line: int) -> None:

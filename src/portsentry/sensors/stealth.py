@@ -17,7 +17,7 @@ from ipaddress import ip_network
 from portsentry.core import messages
 from portsentry.core.addresses import possible_networks
 from portsentry.core.ports import format_ports
-from portsentry.core.probe import KIND_SYN, KIND_UDP, IPAddress, Mode, Probe, Protocol
+from portsentry.core.probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
 from portsentry.sensors.base import Hit, Readable
 from portsentry.sensors.capture import Capture, CaptureSocket, Network
 from portsentry.sensors.conntrack import PublishedPorts
@@ -270,7 +270,7 @@ class StealthSensor:
 
     @staticmethod
     def _lane_hit(act: Act) -> Hit:
-        return Hit(Probe(source=act.source, port=act.port, mode=act.mode, kind=KIND_SYN,
+        return Hit(Probe(source=act.source, port=act.port, mode=act.mode, kind=act.kind,
                          destination=act.destination), lane=act)
 
     def hits_for(self, packet: Packet, now: float) -> list[Hit]:

@@ -6,7 +6,7 @@ Threads, each with one job, and what each owns:
   socket pair) and it runs that work between packets. It also owns the fast lane's keeper
   (service.lane) and takes in the lane's reports (service.lane_path).
 - lane (sensors/lane.c, C, no interpreter): reads the AF_PACKET capture when the fast lane is
-  there; writes a lone SYN's detection line, its record and KILL_ROUTE's start, and hands every
+  there; writes a lone stealth probe's detection line, its record and KILL_ROUTE's start, and hands every
   packet and report to main in order. It touches nothing of Python's.
 - responder-N (blockqueue.BlockQueue): carry out blocks from a bounded queue, so a slow or
   hanging KILL_ROUTE never delays detection; outcomes are posted to main.

@@ -21,6 +21,7 @@ from portsentry.bans.lifecycle import BanManager
 from portsentry.bans.store import StoreError
 from portsentry.core import messages
 from portsentry.core.probe import KIND_SYN, IPAddress, Mode, Probe
+from portsentry.sensors.lane import KINDS_BY_LETTER
 
 RECORD_FILE = "lane-record"
 Logger = Callable[[str], None]
@@ -46,9 +47,13 @@ def replay(path: str, bans: BanManager, hosts_deny_line: Callable[[IPAddress, in
         if not line.strip():
             continue
         try:
-            _seq, at_text, address_text, port_text, mode_text = line.split()
+            # A line without the kind's letter was written by a lane that took only SYNs.
+            _seq, at_text, address_text, port_text, mode_text, *letter = line.split()
             at, address = float(at_text), ip_address(address_text)
             port, mode = int(port_text), Mode(mode_text)
+            kind = KINDS_BY_LETTER.get(letter[0]) if len(letter) == 1 else KIND_SYN if not letter else None
+            if kind is None:
+                raise ValueError(line)
         except ValueError:
             continue  # a line cut short by a crash: nothing more can be known of it
         try:
@@ -57,12 +62,12 @@ def replay(path: str, bans: BanManager, hosts_deny_line: Callable[[IPAddress, in
             known = None
         if known is not None and known.active(at):
             continue  # recorded after all (the record file is emptied a moment later)
-        bans.remember(address, reason=KIND_SYN, mode=str(mode), port=port, now=at,
+        bans.remember(address, reason=kind, mode=str(mode), port=port, now=at,
                       duration=bans.duration(address, at),
                       hosts_deny_line=hosts_deny_line(address, port, mode), native=False, route=True)
         log(f"adminalert: Host {address} was blocked by the fast lane and not recorded before the "
             "daemon stopped: recorded now")
-        recorded.append((Probe(address, port, mode, KIND_SYN), at))
+        recorded.append((Probe(address, port, mode, kind), at))
     with contextlib.suppress(OSError):
         os.truncate(path, 0)
     return recorded

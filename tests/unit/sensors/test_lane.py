@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from portsentry.core.probe import Mode
+from portsentry.core.probe import KIND_FIN, KIND_NULL, KIND_SYN, KIND_XMAS, Mode
 from portsentry.journal.syslog import LOG_NOTICE, frame
 from portsentry.sensors.lane import RECORD_SLOT, Act, free_line
+from portsentry.sensors.packet import classify_tcp
 from tests.unit.sensors.lane_rig import (
     ATCP_PORT,
     HERE4,
@@ -45,26 +46,35 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         rig.close()
 
 
+# Each probe 1.2 names, its flag set and its letter in the record (ECE and CWR do not count).
+PROBES = [(0x02, KIND_SYN, "S"), (0xC2, KIND_SYN, "S"), (0x01, KIND_FIN, "F"), (0x00, KIND_NULL, "N"),
+          (0x29, KIND_XMAS, "X"), (0x2B, KIND_XMAS, "X"), (0xE9, KIND_XMAS, "X")]
+
+
 @pytest.mark.parametrize(("source", "destination", "port", "mode"), [
     (SCANNER4, HERE4, ATCP_PORT, Mode.ATCP),
     (SCANNER6, HERE6, STCP_PORT, Mode.STCP),
 ])
-def test_acts_on_a_pure_syn(rig: Rig, source: object, destination: object, port: int, mode: Mode) -> None:
+@pytest.mark.parametrize(("flags", "kind", "letter"), PROBES)
+def test_acts_on_a_stealth_probe(rig: Rig, source: object, destination: object, port: int, mode: Mode,
+                                 flags: int, kind: str, letter: str) -> None:
+    assert classify_tcp(flags) == kind  # as the daemon's parser names it
     source, destination = ip_address(source), ip_address(destination)  # type: ignore[arg-type]
     before = time.time()
-    act = rig.one(syn(source, destination, port))
+    act = rig.one(syn(source, destination, port, flags=flags))
     after = time.time()
     assert isinstance(act, Act)
-    assert (act.seq, act.source, act.destination, act.port, act.source_port, act.mode) == (
-        1, source, destination, port, 40000, mode)
+    assert (act.seq, act.source, act.destination, act.port, act.source_port, act.mode, act.kind) == (
+        1, source, destination, port, 40000, mode, kind)
     assert act.sent and act.record_errno == 0 and act.spawn_errno == 0
     assert act.pid > 0 and act.pipe >= 0 and 0 < act.started <= time.monotonic()
     assert before <= act.at <= after
-    message = f"attackalert: TCP SYN/Normal scan from host: {source}/{source} to TCP port: {port}"
+    message = f"attackalert: {kind} from host: {source}/{source} to TCP port: {port}"
     assert rig.lines() == [frame(message, LOG_NOTICE, "portsentry", PID, act.at)]
     [line] = rig.record_lines()
     seq, at, *rest = line.split()
-    assert seq == "1" and abs(float(at) - act.at) < 2e-6 and rest == [str(source), str(port), mode.value]
+    assert seq == "1" and abs(float(at) - act.at) < 2e-6
+    assert rest == [str(source), str(port), mode.value, letter]
     assert rig.reap() == [""]
     assert rig.route_out.read_text() == f"{source} {port} {mode.value}\n"
     assert rig.lane.pinned(source)
@@ -81,14 +91,6 @@ def test_acts_without_a_route_or_a_record(tmp_path: Path) -> None:
         rig.close()
 
 
-def test_a_syn_with_ece_and_cwr_is_a_syn_as_python_says(rig: Rig) -> None:
-    from portsentry.core.probe import KIND_SYN
-    from portsentry.sensors.packet import classify_tcp
-
-    assert classify_tcp(0xC2) == KIND_SYN
-    assert isinstance(rig.one(syn(SCANNER4, HERE4, ATCP_PORT, flags=0xC2)), Act)
-
-
 def deferred(rig: Rig, packet: bytes) -> bool:
     """`packet` handed on byte for byte with the next seq, nothing written for it."""
     rig.reap()
@@ -98,11 +100,13 @@ def deferred(rig: Rig, packet: bytes) -> bool:
     return item == packet and rig.capture.last_seq == seq + 1 and not rig.lines() and rig.written() == before
 
 
-FLAGS_HANDED_ON = [0x12, 0x10, 0x04, 0x06, 0x01, 0x03, 0x00, 0x29, 0x0A, 0x22, 0x42 | 0x10, 0xFF]
+# Part of a connection (ACK, RST) or an "Unknown Type" the daemon words itself (SYN+FIN, ...).
+FLAGS_HANDED_ON = [0x12, 0x10, 0x04, 0x06, 0x03, 0x0A, 0x22, 0x42 | 0x10, 0xFF, 0x39, 0x08, 0x20, 0x28]
 
 
 @pytest.mark.parametrize("flags", FLAGS_HANDED_ON)
 def test_defers_every_other_flag_set(rig: Rig, flags: int) -> None:
+    assert classify_tcp(flags) not in (KIND_SYN, KIND_FIN, KIND_NULL, KIND_XMAS)
     assert deferred(rig, syn(SCANNER4, HERE4, ATCP_PORT, flags=flags))
 
 

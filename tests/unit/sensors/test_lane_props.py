@@ -1,6 +1,6 @@
 """The fast lane against Python: KILL_ROUTE rendered as responders.substitute renders it, and any
 bytes at all into the lane never crash it nor make it act where the daemon's parser would not see
-a pure TCP SYN from a possible source to that port of ours."""
+the same TCP stealth probe (SYN, FIN, NULL or XMAS) from a possible source to that port of ours."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from portsentry.core.addresses import impossible_source
-from portsentry.core.probe import KIND_SYN, Mode, Protocol
+from portsentry.core.probe import KIND_FIN, KIND_NULL, KIND_SYN, KIND_XMAS, Mode, Protocol
 from portsentry.responders.substitute import substitute
 from portsentry.sensors.lane import MODES_BY_CODE, Act, Lane
 from portsentry.sensors.packet import DropCounter, classify_tcp, parse_packet
@@ -74,7 +74,8 @@ def through(rig: Rig, packet: bytes) -> bytes | Act:
 def agrees_with_python(act: Act, packet: bytes) -> None:
     parsed = parse_packet(packet, DropCounter())
     assert parsed is not None, packet.hex()
-    assert parsed.protocol is Protocol.TCP and classify_tcp(parsed.tcp_flags) == KIND_SYN
+    assert parsed.protocol is Protocol.TCP and classify_tcp(parsed.tcp_flags) == act.kind
+    assert act.kind in (KIND_SYN, KIND_FIN, KIND_NULL, KIND_XMAS)
     assert (parsed.source, parsed.destination, parsed.destination_port, parsed.source_port) == (
         act.source, act.destination, act.port, act.source_port)
     assert not parsed.ip_options
@@ -106,7 +107,9 @@ def test_arbitrary_bytes(rig: Rig, data: bytes) -> None:
 
 SEEDS = [syn(SCANNER4, HERE4, ATCP_PORT), syn(SCANNER6, HERE6, STCP_PORT),
          syn("198.18.0.77", HERE4, STCP_PORT), syn("2001:db8::5", HERE6, ATCP_PORT),
-         syn("::ffff:198.18.0.10", HERE6, ATCP_PORT), syn(SCANNER6, "::ffff:198.18.0.1", ATCP_PORT)]
+         syn("::ffff:198.18.0.10", HERE6, ATCP_PORT), syn(SCANNER6, "::ffff:198.18.0.1", ATCP_PORT),
+         syn(SCANNER4, HERE4, ATCP_PORT, flags=0x01), syn(SCANNER6, HERE6, STCP_PORT, flags=0x29),
+         syn("198.18.0.78", HERE4, STCP_PORT, flags=0x00)]
 
 
 @st.composite
@@ -114,7 +117,7 @@ def mutated(draw: st.DrawFn) -> bytes:
     packet = bytearray(draw(st.sampled_from(SEEDS)))
     for _ in range(draw(st.integers(1, 4))):
         at = draw(st.integers(0, len(packet) - 1))
-        likely = [0, 0xFF, packet[at] ^ 1, 0x45, 0x60, 0x02, 0x12, 0xC2, 0x50, 0x40, 0x20]
+        likely = [0, 0xFF, packet[at] ^ 1, 0x45, 0x60, 0x02, 0x12, 0xC2, 0x50, 0x40, 0x20, 0x01, 0x29, 0x03]
         packet[at] = draw(st.one_of(st.integers(0, 255), st.sampled_from(likely)))
     cut = draw(st.integers(0, len(packet) + 8))
     return bytes(packet[:cut]) + draw(st.binary(max_size=8)) if cut < len(packet) else bytes(packet)
@@ -129,4 +132,4 @@ def test_mutated_syns(rig: Rig, packet: bytes) -> None:
 def test_the_seeds_are_acted_on_where_python_sees_a_syn(rig: Rig) -> None:
     """So the properties above test something: the lane does act on most seeds."""
     acted = [isinstance(through(rig, seed), Act) for seed in SEEDS]
-    assert acted == [True, True, True, True, False, False]
+    assert acted == [True, True, True, True, False, False, True, True, True]

@@ -486,6 +486,29 @@ def test_bans_a_stopped_daemon_left_in_the_record_are_recorded_at_start_and_said
     store.close()
 
 
+def test_replay_records_each_probe_kind_and_reads_lines_from_before_kinds(tmp_path):
+    from portsentry.bans.lifecycle import BanManager, BanPolicy
+    from portsentry.bans.store import BanStore
+    from portsentry.core.probe import KIND_FIN, KIND_NULL, KIND_XMAS
+    from portsentry.responders.hostsdeny import HostsDeny
+
+    store = BanStore(str(tmp_path / "bans.sqlite3"))
+    bans = BanManager(store, None, HostsDeny(str(tmp_path / "hosts.deny")), BanPolicy(base=3600), print)
+    record = tmp_path / lanes.RECORD_FILE
+    # A lane that took only SYNs wrote no letter; a letter it does not know is no line at all.
+    record.write_text("1 1000.5 198.18.0.10 80 atcp F\n2 1000.6 fd00::10 22 stcp X\n"
+                      "3 1000.7 198.18.0.11 79 stcp N\n4 1000.8 198.18.0.12 81 atcp\n"
+                      "5 1000.9 198.18.0.13 82 atcp Q\n6 1001.0 198.18.0.14 1 atcp S S\n")
+    recorded = replay(str(record), bans, lambda a, p, m: None, lambda _line: None)
+    assert [(str(probe.source), probe.kind) for probe, _at in recorded] == [
+        ("198.18.0.10", KIND_FIN), ("fd00::10", KIND_XMAS), ("198.18.0.11", KIND_NULL),
+        ("198.18.0.12", KIND_SYN)]
+    ban = store.get(ip_address("198.18.0.10"))
+    assert ban is not None and ban.reason == KIND_FIN
+    assert store.get(ip_address("198.18.0.13")) is None and store.get(ip_address("198.18.0.14")) is None
+    store.close()
+
+
 def test_no_record_file_is_nothing_to_replay(tmp_path):
     assert replay(str(tmp_path / "none"), None, lambda a, p, m: None, print) == []  # type: ignore[arg-type]
 
