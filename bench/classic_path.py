@@ -60,7 +60,12 @@ class Probe:
     inside: dict[str, float] = field(default_factory=dict)  # first stamp of each step (ours)
 
 
-def run_probes(subject: Subject, probes: int, port: int = PORT, gap: float = GAP) -> list[Probe]:
+# The TCP flags of each probe kind 1.2 names (--kind).
+KINDS = {"syn": 0x02, "fin": 0x01, "null": 0x00, "xmas": 0x29}
+
+
+def run_probes(subject: Subject, probes: int, port: int = PORT, gap: float = GAP,
+               flags: int = KINDS["syn"]) -> list[Probe]:
     """Single SYNs from fresh sources (198.18.0.10 on), `gap` apart; for each, the block line,
     the detection line and the first exec in a child of the daemon, where they came. Also the
     latency part of bench/run (perf.measure_latency)."""
@@ -76,7 +81,7 @@ def run_probes(subject: Subject, probes: int, port: int = PORT, gap: float = GAP
         try:
             for source in sources:
                 mark = fx.receiver.count()
-                probe = Probe(source, sender.send(source, fx.net.target_ip4, port))
+                probe = Probe(source, sender.send(source, fx.net.target_ip4, port, flags))
                 out.append(probe)
                 try:
                     probe.blocked = fx.receiver.wait_for(
@@ -168,17 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=30)
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--ours-rev", help="trace this revision's src/ (git archive), not the working tree")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="syn",
+                        help="the probes' TCP flags (default syn)")
     args = parser.parse_args(argv)
     harness.require_root("bench.classic_path")
     with tempfile.TemporaryDirectory(prefix="ps-trace-") as tmp:
         source = harness.export_revision(args.ours_rev, Path(tmp) / "rev") if args.ours_rev else None
         trace = Path(tmp) / "trace.json"
-        ours = run_probes(TracedOurs(trace, source), args.probes)
+        ours = run_probes(TracedOurs(trace, source), args.probes, flags=KINDS[args.kind])
         if trace.exists():
             attach(ours, trace)
         print(report(f"ours (traced), {harness.describe_source(args.ours_rev)}", ours))
     if not args.ours_only:
-        print(report("1.2", run_probes(harness.Debian12(), args.probes)))
+        print(report("1.2", run_probes(harness.Debian12(), args.probes, flags=KINDS[args.kind])))
     print(f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     return 0
 

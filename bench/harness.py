@@ -568,9 +568,9 @@ class SynSender:
             rig.ns_argv(ns, [sys.executable, str(script)]), stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, bufsize=1)
 
-    def send(self, source: str, destination: str, port: int) -> float:
+    def send(self, source: str, destination: str, port: int, flags: int = 0x02) -> float:
         assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(f"{source} {destination} {port}\n")
+        self._proc.stdin.write(f"{source} {destination} {port} {flags:02x}\n")
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()
         if not line:
