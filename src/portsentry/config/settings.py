@@ -10,39 +10,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from portsentry.config import values as v
+from portsentry.config.effective import engine_settings as engine_settings
+from portsentry.config.effective import format_effective as format_effective
+from portsentry.config.errors import ConfigError as ConfigError
+from portsentry.config.errors import located as _located
 from portsentry.core.flood import DEFAULT_LIMIT, DEFAULT_WINDOW
-from portsentry.core.ports import format_ports
-
-if TYPE_CHECKING:
-    from portsentry.core.engine import EngineSettings
 
 DEFAULT_CONFIG_PATH: Final = "/etc/portsentry/portsentry.conf"
 EMBEDDED_SOURCE: Final = "<embedded default>"
 
 # Far beyond any real config; guards against being pointed at /dev/zero or a log file.
 _MAX_FILE_BYTES: Final = 1024 * 1024
-
-
-def _located(source: str, line: int | None, key: str | None, message: str) -> str:
-    where = source if line is None else f"{source}:{line}"
-    return ": ".join(part for part in (where, key, message) if part is not None)
-
-
-class ConfigError(Exception):
-    """A configuration problem that stops PortSentry from starting."""
-
-    def __init__(self, source: str, line: int | None, key: str | None, message: str) -> None:
-        super().__init__(source, line, key, message)
-        self.source = source
-        self.line = line
-        self.key = key
-        self.message = message
-
-    def __str__(self) -> str:
-        return _located(self.source, self.line, self.key, self.message)
 
 
 @dataclass(frozen=True)
@@ -337,29 +318,6 @@ def load_config(path: str) -> LoadedConfig:
     return loaded
 
 
-def engine_settings(config: Config) -> EngineSettings:
-    # Imported here: the admin commands read the configuration without the engine, and their
-    # start-up is most of their wall time.
-    from portsentry.core.engine import EngineSettings
-    from portsentry.core.guard import GuardSettings
-
-    """The part of the configuration the engine decides with (the engine, core, reads no config)."""
-    return EngineSettings(
-        scan_trigger=config.scan_trigger,
-        block_tcp=config.block_tcp,
-        block_udp=config.block_udp,
-        kill_route=config.kill_route,
-        kill_hosts_deny=config.kill_hosts_deny,
-        kill_run_cmd=config.kill_run_cmd,
-        kill_run_cmd_first=config.kill_run_cmd_first,
-        port_banner=config.port_banner,
-        native_ban=config.ban_backend != "none",
-        log_repeat_limit=config.log_repeat_limit,
-        log_repeat_window=config.log_repeat_window,
-        guard=GuardSettings(config.ban_rate_limit, config.ban_rate_limit_net, config.sensitive_networks),
-    )
-
-
 def load_embedded_default() -> LoadedConfig:
     """The configuration shipped inside the package (also a template for /etc)."""
     from importlib import resources  # 15 ms to import; only the embedded default needs it
@@ -377,43 +335,3 @@ def load_effective(path: str | None, *, default_path: str = DEFAULT_CONFIG_PATH)
     if os.path.lexists(default_path):
         return load_config(default_path)
     return load_embedded_default()
-
-
-def _render(value: object) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, tuple):
-        if all(isinstance(item, int) for item in value):
-            return format_ports(value)
-        return ",".join(str(item) for item in value)
-    if value is None:
-        return ""
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-_LIST_NOUNS: Final[Mapping[Callable[[str], object], str]] = {
-    v.port_list: "port", v.networks: "network", v.host_ids: "host id"}
-
-
-def format_effective(config: Config) -> str:
-    """Every effective setting, one per line, in config-file syntax with where it came from.
-
-    Parsing the result again gives the same settings (unset values are written as "").
-    """
-    out = [f"# Effective PortSentry configuration from {config.source}"]
-    for key, spec in KEYS.items():
-        value = getattr(config, spec.field)
-        setting = f'{key}="{_render(value)}"'
-        line = config.line_of(key)
-        notes = [f"line {line}" if line is not None else "default"]
-        if value is None:
-            notes.append("not set")
-        elif isinstance(value, int) and 0 <= value < len(spec.labels):
-            notes.append(spec.labels[value])
-        elif isinstance(value, tuple):
-            # Named by the key's converter, not the items: an empty list of networks is no
-            # "0 ports", and host ids are no networks.
-            kind = _LIST_NOUNS.get(spec.convert, "item")
-            notes.append(f"{len(value)} {kind}{'' if len(value) == 1 else 's'}")
-        out.append(f"{setting:<48}  # {', '.join(notes)}")
-    return "\n".join(out) + "\n"
