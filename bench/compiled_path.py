@@ -33,7 +33,8 @@ MODULES = (
     "portsentry/core/flood.py", "portsentry/core/guard.py", "portsentry/core/messages.py",
     "portsentry/core/probe.py", "portsentry/config/ignore.py", "portsentry/journal/journal.py",
     "portsentry/journal/syslog.py", "portsentry/sensors/base.py", "portsentry/sensors/listeners.py",
-    "portsentry/sensors/sockdiag.py", "portsentry/sensors/stealth.py",
+    "portsentry/sensors/sockdiag.py", "portsentry/sensors/stealth.py", "portsentry/sensors/watches.py",
+    "portsentry/sensors/host_addresses.py",
 )
 
 

@@ -10,8 +10,7 @@ also when the service started after us: 1.2's Smart-Verify without a bind() per 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
 from ipaddress import ip_network
 
 from portsentry.core import messages
@@ -21,82 +20,18 @@ from portsentry.core.probe import KIND_UDP, IPAddress, Mode, Probe, Protocol
 from portsentry.sensors.base import Hit, Readable
 from portsentry.sensors.capture import Capture, CaptureSocket, Network
 from portsentry.sensors.conntrack import PublishedPorts
+from portsentry.sensors.host_addresses import HostAddresses as HostAddresses
 from portsentry.sensors.lane import Act, Lane, LaneCapture
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
 from portsentry.sensors.packet_capture import open_packet_capture
+from portsentry.sensors.watches import Watch as Watch
+from portsentry.sensors.watches import modes_by_port as modes_by_port
 
 FLOW_CAPACITY = 65536  # remembered outgoing UDP flows; the oldest is forgotten first
 FLOW_LIFETIME = 30.0  # seconds a reply may take to count as one (conntrack's UDP default)
 Logger = Callable[[str], None]
 Clock = Callable[[], float]
-AddressQuery = Callable[[], Iterable[IPAddress]]
-InterfaceQuery = Callable[[], Iterable[int]]
-
-
-@dataclass(frozen=True)
-class Watch:
-    """The ports one stealth mode reports: an explicit list, or every port below a limit."""
-
-    mode: Mode
-    ports: frozenset[int] = frozenset()
-    below: int | None = None
-    exclude: frozenset[int] = frozenset()
-
-    def covers(self, port: int) -> bool:
-        if self.below is not None:
-            return port < self.below and port not in self.exclude
-        return port in self.ports
-
-    def upper_bound(self) -> int:
-        return self.below if self.below is not None else max(self.ports, default=-1) + 1
-
-
-def modes_by_port(watches: Sequence[Watch]) -> list[tuple[Mode, ...]]:
-    """For each port below the highest watched, the modes watching it (one shared tuple per
-    combination, so 65536 ports cost a list of references)."""
-    shared: dict[tuple[Mode, ...], tuple[Mode, ...]] = {}
-    table = []
-    for port in range(min(max((w.upper_bound() for w in watches), default=0), 0x10000)):
-        modes = tuple(w.mode for w in watches if w.covers(port))
-        table.append(shared.setdefault(modes, modes))
-    return table
-
-
-# Seconds between reads of the bridge and bond ports: a link dump costs milliseconds on a host
-# with hundreds of interfaces (VM taps), and ports rarely change.
-RELAYING_INTERVAL = 10.0
-
-
-class HostAddresses:
-    """This host's own and broadcast addresses, re-read at most once a second, and the
-    interfaces enslaved to a bridge or bond (host.info.relaying_ports), every RELAYING_INTERVAL."""
-
-    def __init__(self, local: AddressQuery, broadcast: AddressQuery, min_interval: float = 1.0,
-                 relaying: InterfaceQuery = lambda: ()) -> None:
-        self._query_local = local
-        self._query_broadcast = broadcast
-        self._query_relaying = relaying
-        self.min_interval = min_interval
-        self.local: frozenset[IPAddress] = frozenset()
-        self.broadcast: frozenset[IPAddress] = frozenset()
-        self.relaying: frozenset[int] = frozenset()
-        self._checked_at: float | None = None
-        self._relaying_at: float | None = None
-
-    def refresh(self, now: float) -> None:
-        if self._checked_at is not None and 0 <= now - self._checked_at < self.min_interval:
-            return
-        self._checked_at = now
-        try:
-            self.local = frozenset(self._query_local())
-            self.broadcast = frozenset(self._query_broadcast())
-            last = self._relaying_at
-            if last is None or not 0 <= now - last < RELAYING_INTERVAL:
-                self._relaying_at = now
-                self.relaying = frozenset(self._query_relaying())
-        except OSError:
-            pass  # keep the previous sets; the next refresh tries again
 
 
 class StealthSensor:
