@@ -41,90 +41,27 @@ import contextlib
 import errno
 import fcntl
 import os
-import signal
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 from portsentry.journal.fileio import append_record, pwrite_all
+from portsentry.responders.hostsdeny_lines import _TRAILING, _encode_line, _heads, _same, _separator
+
+# Also read from here: bans/tidy.py (_read_all, _split) and the tests, which patch _write_lease here.
+from portsentry.responders.hostsdeny_lines import _read_all as _read_all
+from portsentry.responders.hostsdeny_lines import _split as _split
+from portsentry.responders.lease import _write_lease as _write_lease
 
 LOCK_SUFFIX = ".portsentry.lock"
 NEW_FILE_MODE = 0o644
 LOCK_DIRECTORY_MODE = 0o700
 _LOCK_POLL = 0.01
-_TRAILING = b" \t\r"
 
 
 class HostsDenyError(Exception):
     """hosts.deny cannot be used safely; the message names the file and the reason."""
-
-
-def _encode_line(line: str) -> bytes:
-    """The bytes of one hosts.deny line without its newline; rejects text that is not one line."""
-    if any(c in line for c in "\n\r\0"):
-        raise ValueError(f"hosts.deny entry must be a single line without NUL: {line!r}")
-    data = line.encode("utf-8", errors="surrogateescape").rstrip(_TRAILING)
-    if not data:
-        raise ValueError("hosts.deny entry is empty")
-    return data
-
-
-def _split(content: bytes) -> list[bytes]:
-    """Lines with their "\\n" (the last may lack it); only "\\n" ends a line, as in hosts.deny."""
-    parts = content.split(b"\n")
-    lines = [p + b"\n" for p in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
-
-
-def _same(raw_line: bytes, wanted: bytes) -> bool:
-    return raw_line.rstrip(b"\n").rstrip(_TRAILING) == wanted
-
-
-def _heads(lines: list[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(index, line) of the lines tcpd reads as the start of a rule. It joins a line after one
-    ending in backslash-newline to that one (tcpd's xgets): a copy of our line there is not ours."""
-    return ((i, raw) for i, raw in enumerate(lines) if i == 0 or not lines[i - 1].endswith(b"\\\n"))
-
-
-def _read_all(fd: int, offset: int = 0) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        chunk = os.pread(fd, 65536, offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        offset += len(chunk)
-
-
-_SETTLE, _SETTLE_TRIES = 0.001, 20  # an unterminated end must hold still this long to count
-
-def _needs_newline(fd: int) -> bool:
-    """Whether an append must begin with "\n": the file's last line is unterminated. Looked at
-    right before writing, as a lockless appender may have added to the file since our read. Its
-    write can be seen half done for a moment (the kernel extends the size page by page, so a
-    line written across a 4 KiB boundary shows without its "\n"), so an unterminated end is
-    only believed once the size has held still; taken at once, it left a blank line behind."""
-    size = os.fstat(fd).st_size
-    for _ in range(_SETTLE_TRIES):
-        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-            return False
-        time.sleep(_SETTLE)
-        grown = os.fstat(fd).st_size
-        if grown == size:
-            return True
-        size = grown
-    return True
-
-
-def _separator(fd: int) -> bytes:
-    """What an append begins with: "\n" to end an unterminated last line, and a blank line
-    after a backslash-newline, which tcpd would otherwise join to our line (one broken rule)."""
-    newline = _needs_newline(fd)
-    tail = os.pread(fd, 2, max(0, os.fstat(fd).st_size - 2))
-    return b"\n" * (newline + (tail.endswith(b"\\") if newline else tail == b"\\\n"))
 
 
 class HostsDeny:
@@ -370,37 +307,3 @@ class HostsDeny:
                 raise
 
 
-# A lease break is signalled to the holder; SIGWINCH's default action is to do nothing, whereas
-# the default SIGIO would kill the process (and setting a handler needs the main thread).
-_LEASE_SIGNAL = signal.SIGWINCH
-_LEASE_RETRY = 0.001
-
-
-@contextlib.contextmanager
-def _write_lease(fd: int, timeout: float) -> Iterator[None]:
-    """Hold a write lease on `fd` while the block runs: another process's open() of the file
-    waits until we let go, so a lockless `printf >> hosts.deny` cannot land in the middle of a
-    rewrite and readers see the old file or the new one. A lease needs the file to be open
-    nowhere else, so a moment of someone else's read is waited out (up to `timeout`, then we go
-    on without); a file system without leases is used without one."""
-    leased = False
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETSIG, _LEASE_SIGNAL)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-                leased = True
-                break
-            except (BlockingIOError, PermissionError) as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EBUSY) or time.monotonic() >= deadline:
-                    break
-                time.sleep(_LEASE_RETRY)
-    except OSError:
-        pass  # no leases here (EINVAL, ENOLCK): the size checks in _rewrite still apply
-    try:
-        yield
-    finally:
-        if leased:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
