@@ -1,5 +1,6 @@
-"""Starting the daemon from the command line: check-config, the configuration checks a start and a
-reload share, the pid file, and `run`, which wires the daemon together and runs it.
+"""Starting the daemon from the command line: `run`, which wires the daemon together and runs it
+(the checks it shares with check-config and reload are in cli.checks, the pid file and the fork
+in cli.pidfile).
 
 Apart from cli.main so that the admin commands (`portsentry list`, `status`...) do not import the
 whole daemon: their start-up is most of their wall time.
@@ -8,33 +9,28 @@ whole daemon: their start-up is most of their wall time.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import errno
-import fcntl
 import os
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from portsentry import __version__
+from portsentry.cli.checks import START_ONLY_KEYS as START_ONLY_KEYS
+from portsentry.cli.checks import check_config as check_config
+from portsentry.cli.checks import checked_fleet_settings as checked_fleet_settings
+from portsentry.cli.checks import keep_start_only as keep_start_only
+from portsentry.cli.checks import open_ignore as open_ignore
+from portsentry.cli.checks import validate_for_modes as validate_for_modes
+from portsentry.cli.pidfile import PidFile as PidFile
+from portsentry.cli.pidfile import PidFileError as PidFileError
+from portsentry.cli.pidfile import daemonize as daemonize
 from portsentry.config.ignore import IgnoreFileError, IgnoreSource
-from portsentry.config.ignore import open_ignore as load_ignore_source
-from portsentry.config.settings import (
-    KEYS,
-    Config,
-    ConfigError,
-    LoadedConfig,
-    format_effective,
-    load_effective,
-)
+from portsentry.config.settings import Config, ConfigError, load_effective
 from portsentry.core import messages
 from portsentry.core.probe import Mode
 from portsentry.host import privileges
-from portsentry.host.info import local_addresses
 from portsentry.journal.failures import SYSLOG, WriteFailures
 from portsentry.journal.journal import Journal
 from portsentry.journal.journald import JournaldWriter, journald_available, stderr_is_journal
@@ -45,45 +41,6 @@ from portsentry.service.resolver import Resolver
 if TYPE_CHECKING:
     from portsentry.bans.lifecycle import BanManager
     from portsentry.fleet.node import FleetNode
-    from portsentry.fleet.settings import FleetSettings
-
-
-def check_config(loaded: LoadedConfig, modes: Sequence[Mode], modes_from: str = "command line") -> int:
-    try:
-        validate_for_modes(loaded.config, modes)
-        source = open_ignore(loaded.config)
-        # Only the start reads the fleet's settings (reload keeps the fleet it has), but a
-        # check-config that passes what the start refuses is no check.
-        checked_fleet_settings(loaded.config)
-    except (ConfigError, IgnoreFileError) as error:
-        print(f"portsentry: {error}", file=sys.stderr)
-        return 1
-    for warning in source.warnings:
-        print(f"portsentry: warning: {warning}", file=sys.stderr)
-    print(format_effective(loaded.config))
-    print(f"ignore list: {len(source.current(time.time()))} entries (host addresses included)")
-    if modes:  # init scripts show this line rather than work the modes out themselves
-        print(f"modes: {' '.join(f'-{mode}' for mode in modes)} ({modes_from})")
-    print("configuration OK")
-    return 0
-
-
-def validate_for_modes(config: Config, modes: Sequence[Mode]) -> None:
-    # Checked here rather than by the key table so that check-config, start and reload all refuse it.
-    try:
-        privileges.parse_keep(config.keep_capabilities)
-    except ValueError as error:
-        raise config.error("KEEP_CAPABILITIES", str(error)) from None
-    for mode in modes:
-        if mode in (Mode.TCP, Mode.STCP) and not config.tcp_ports:
-            raise config.error("TCP_PORTS", f"is required by -{mode} but is not set")
-        if mode in (Mode.UDP, Mode.SUDP) and not config.udp_ports:
-            raise config.error("UDP_PORTS", f"is required by -{mode} but is not set")
-
-
-def open_ignore(config: Config) -> IgnoreSource:
-    """The ignore list in force, with this host's addresses (config.ignore.open_ignore)."""
-    return load_ignore_source(config, local_addresses)
 
 
 def run(config: Config, modes: Sequence[Mode], args: argparse.Namespace,
@@ -272,26 +229,6 @@ def _run(config: Config, modes: Sequence[Mode], args: argparse.Namespace, warnin
     return status
 
 
-# What a reload cannot change: capabilities dropped for good, the ban backend (its nftables table,
-# hook, priority and set size) and the fleet link built at start, the state directory, sockets and
-# files opened then (hosts.deny: the lines of bans in force are in the old one), the resolver made
-# or not.
-START_ONLY_KEYS = ("KEEP_CAPABILITIES", "BAN_BACKEND", "NFT_TABLE", "NFT_HOOK", "NFT_PRIORITY",
-                   "BAN_SET_SIZE", "HOSTS_DENY_FILE", "STATE_DIR", "CONTROL_SOCKET", "EVENT_LOG",
-                   "METRICS_LISTEN", "RESOLVE_HOST", "FLEET_REDIS_URL", "FLEET_NAME", "FLEET_HOST_ID",
-                   "FLEET_KEY_FILE", "FLEET_PASSWORD_FILE", "FLEET_ACCEPT_HOSTS", "FLEET_BAN_RATE_LIMIT")
-
-
-def keep_start_only(running: Config, new: Config) -> tuple[Config, list[str]]:
-    """`new` with the running values of START_ONLY_KEYS, and the keys whose value it changed.
-    Taken as read, a new BAN_BACKEND had the engine ask for native bans of a backend never made
-    (every such block failed), and status show settings that were not in force."""
-    fields = {key: KEYS[key].field for key in START_ONLY_KEYS}
-    waiting = [key for key, name in fields.items() if getattr(new, name) != getattr(running, name)]
-    kept = dataclasses.replace(new, **{fields[key]: getattr(running, fields[key]) for key in waiting})
-    return kept, waiting
-
-
 def daemon_answering(path: str) -> str | None:
     """Who already listens on the control socket `path` ("another portsentry (pid N)"), or None
     when nobody does (no socket, a stale one left by a daemon that died, or one this user may
@@ -312,91 +249,6 @@ def daemon_answering(path: str) -> str | None:
     status = answer.get("status")
     pid = status.get("pid") if isinstance(status, dict) else None
     return f"another portsentry (pid {pid})" if isinstance(pid, int) else "another portsentry"
-
-
-class PidFileError(Exception):
-    """The pid file cannot be used; the message says why."""
-
-
-class PidFile:
-    """--pid-file, held for the daemon's life: opened without following a symlink (a link planted
-    there would make root truncate and write the file it points to) and locked with flock, so a
-    second daemon given the same file refuses to start instead of overwriting the first one's
-    pid, which rc scripts then use to signal it. A stale file from a daemon that died is not
-    locked and is taken over. Removed at exit."""
-
-    def __init__(self, path: str, fd: int) -> None:
-        self.path = path
-        self._fd = fd
-        self._identity = _identity(os.fstat(fd))
-
-    @classmethod
-    def acquire(cls, path: str) -> PidFile:
-        # A daemon exiting removes the file between our open and our lock: then the inode we
-        # locked is no longer the path's, and we try again with the new one.
-        for _ in range(5):
-            fd = cls._open(path)
-            try:
-                cls._lock(path, fd)
-                try:
-                    current = _identity(os.stat(path, follow_symlinks=False))
-                except FileNotFoundError:
-                    current = None
-                if current == _identity(os.fstat(fd)):
-                    return cls(path, fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
-        raise PidFileError(f"{path}: the pid file keeps being replaced; is another portsentry starting?")
-
-    @staticmethod
-    def _open(path: str) -> int:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise PidFileError(f"{path}: refusing to use a symlink as the pid file") from None
-            raise PidFileError(f"{path}: cannot open the pid file: {error.strerror or error}") from None
-        st = os.fstat(fd)
-        problem = None
-        if not stat.S_ISREG(st.st_mode):
-            problem = "it is not a regular file"
-        elif st.st_nlink != 1:
-            problem = f"it has {st.st_nlink} hard links"  # truncating it would truncate them
-        elif st.st_uid != os.geteuid():
-            problem = f"it belongs to uid {st.st_uid}"
-        if problem:
-            os.close(fd)
-            raise PidFileError(f"{path}: refusing to use it as the pid file: {problem}")
-        return fd
-
-    @staticmethod
-    def _lock(path: str, fd: int) -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise PidFileError(
-                f"{path}: another portsentry (pid {holder}) holds this pid file; "
-                "refusing to start a second daemon with it"
-            ) from None
-
-    def write(self, pid: int) -> None:
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{pid}\n".encode("ascii"), 0)
-
-    def release(self) -> None:
-        """Remove the file (if it is still ours) and let the lock go."""
-        with contextlib.suppress(OSError):
-            if _identity(os.stat(self.path, follow_symlinks=False)) == self._identity:
-                os.unlink(self.path)
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-
-
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return st.st_dev, st.st_ino
 
 
 def open_telemetry(config: Config, failures: WriteFailures | None = None) -> Telemetry:
@@ -425,34 +277,3 @@ def open_fleet(config: Config, bans: BanManager, log: Callable[[str], None],
     if settings is None:
         return None
     return FleetNode(settings, bans, config.state_dir, log, telemetry, hosts_deny=config.kill_hosts_deny)
-
-
-def checked_fleet_settings(config: Config) -> FleetSettings | None:
-    """The fleet's settings (None: no fleet); ConfigError when they are unusable or the redis
-    package is missing."""
-    from portsentry.fleet.settings import fleet_settings
-
-    settings = fleet_settings(config)
-    if settings is None:
-        return None
-    try:
-        import redis  # noqa: F401  (the optional dependency, checked before the daemon starts)
-    except ImportError:
-        raise config.error("FLEET_REDIS_URL", "the fleet needs the redis package: "
-                           "pip install 'portsentry[fleet]'") from None
-    return settings
-
-
-def daemonize() -> None:
-    """1.2's daemon(): fork, new session, cwd /, umask 077, standard streams to /dev/null."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    os.umask(0o077)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
