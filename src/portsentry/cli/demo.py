@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import queue
 import secrets
 import shlex
 import shutil
@@ -18,12 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from portsentry.cli.demo_run import DemoRun
 from portsentry.cli.demokit import (
-    COMMAND_TIMEOUT,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -34,10 +33,8 @@ from portsentry.cli.demokit import (
     nmap_ports,
     nmap_table,
     package_env,
-    remove_namespace,
     signals_ignored,
     signals_raise,
-    stop_process,
     temp_dir,
     unavailable_reason,
 )
@@ -56,7 +53,7 @@ EFFECT_TIMEOUT = 5.0
 NMAP_TIMEOUT = 20.0
 
 
-class Demo:
+class Demo(DemoRun):
     """One run: owns the namespaces, the temp dir, the syslog socket and the daemon process."""
 
     def __init__(self, out: TextIO, keep_going: bool) -> None:
@@ -76,105 +73,6 @@ class Demo:
         self.kernel_ban = False  # the first scan already found every port filtered
         self.scan_started = 0.0
         self.blocked_after: float | None = None
-
-    # -- output ------------------------------------------------------------------------------
-
-    def say(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def heading(self, text: str) -> None:
-        self.say()
-        self.say(f"== {text}")
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    def budget(self, timeout: float) -> float:
-        """`timeout`, cut so that no step runs past the demo's overall deadline."""
-        return max(0.5, min(timeout, self.deadline - time.monotonic()))
-
-    def run(self, argv: Sequence[str], *, ns: str | None = None, input_text: str | None = None,
-            timeout: float = COMMAND_TIMEOUT, check: bool = True) -> subprocess.CompletedProcess[str]:
-        full = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
-        try:
-            proc = subprocess.run(full, capture_output=True, text=True, input=input_text,
-                                  timeout=self.budget(timeout), check=False)
-        except subprocess.TimeoutExpired:
-            raise StepFailed(f"`{shlex.join(argv)}` did not finish within {timeout:.0f}s") from None
-        if check and proc.returncode != 0:
-            raise StepFailed(f"`{shlex.join(argv)}` failed ({proc.returncode}): "
-                             f"{(proc.stderr or proc.stdout).strip()}")
-        return proc
-
-    def pump(self) -> None:
-        """Narrate every daemon line that has arrived so far."""
-        assert self.syslog is not None
-        while True:
-            try:
-                line = self.syslog.lines.get_nowait()
-            except queue.Empty:
-                return
-            self.seen.append(line.message)
-            self.say(f"    portsentry[{line.pid}]: {line.message}")
-
-    def wait_log(self, needle: str, timeout: float, what: str) -> str:
-        """Narrate daemon lines until one contains `needle`; fail after `timeout`."""
-        assert self.syslog is not None
-        for message in self.seen:
-            if needle in message:
-                return message
-        deadline = time.monotonic() + self.budget(timeout)
-        while True:
-            try:
-                line = self.syslog.lines.get(timeout=0.1)
-            except queue.Empty:
-                self.check_daemon_alive(what)
-                if time.monotonic() > deadline:
-                    raise StepFailed(f"{what}: no daemon line containing {needle!r} within "
-                                     f"{timeout:.0f}s") from None
-                continue
-            self.seen.append(line.message)
-            self.say(f"    portsentry[{line.pid}]: {line.message}")
-            if needle in line.message:
-                return line.message
-
-    def wait_until(self, probe: Callable[[], str | None], timeout: float, what: str) -> str:
-        """Poll `probe` until it returns text; the daemon writes files just after it logs."""
-        deadline = time.monotonic() + self.budget(timeout)
-        while True:
-            result = probe()
-            if result is not None:
-                return result
-            self.check_daemon_alive(what)
-            if time.monotonic() > deadline:
-                raise StepFailed(f"{what}: not seen within {timeout:.0f}s")
-            time.sleep(0.1)
-
-    def check_daemon_alive(self, what: str) -> None:
-        if self.daemon is not None and self.daemon.poll() is not None:
-            self.pump()
-            raise StepFailed(f"{what}: the daemon exited with status {self.daemon.returncode}\n"
-                             f"{self.daemon_stderr()}")
-
-    def daemon_stderr(self, lines: int = 15) -> str:
-        if self.workdir is None:
-            return ""
-        with contextlib.suppress(OSError):
-            text = (self.workdir / "daemon.stderr").read_text(errors="replace")
-            tail = text.splitlines()[-lines:]
-            return "daemon stderr (last lines):\n" + "\n".join(f"    {row}" for row in tail)
-        return ""
-
-    def step(self, name: str, action: Callable[[], None]) -> None:
-        """Run one narrated step; a failure stops the demo unless `keep_going`."""
-        try:
-            action()
-        except StepFailed as failure:
-            self.failures.append(f"{name}: {failure}")
-            self.say(f"!! FAILED ({name}): {failure}")
-            failure.reported = True
-            if not self.keep_going:
-                raise
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -366,24 +264,6 @@ class Demo:
                  f"within {self.blocked_after:.1f}s of the first scan starting, and the "
                  "repeated scan found every port filtered.")
         return EXIT_OK
-
-    # -- teardown ----------------------------------------------------------------------------
-
-    def cleanup(self) -> list[str]:
-        """Remove everything this run made; returns what could not be removed."""
-        problems: list[str] = []
-        if self.daemon is not None:
-            stop_process(self.daemon)
-        for ns in self.namespaces:
-            problems += remove_namespace(ns)
-        if self.syslog is not None:
-            self.syslog.close()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            if self.workdir.exists():
-                problems.append(f"could not remove {self.workdir}")
-        return problems
-
 
 def run_demo(out: TextIO, keep_going: bool = False) -> int:
     """Run the narrated demo, writing to `out`. Returns 0 when every step happened, 1 when one did
