@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 
@@ -296,3 +297,37 @@ def test_what_the_config_does_not_honour_is_said_in_syslog_at_start_and_at_each_
     syslog.wait_for("adminalert: PortSentry reloaded its configuration from", since=mark)
     syslog.wait_for(f"adminalert: WARNING: {path}:{doubled + 1}: unknown key BLOCK_UPD ignored",
                     since=mark)
+
+
+def test_every_ban_change_by_an_admin_says_in_syslog_what_it_did_and_who(daemon_factory, namespaces, syslog):
+    # Through the daemon, an admin's block and unblock named nobody, and a refused one left no
+    # line; with the daemon stopped, block, unblock, --file and flush left nothing in syslog.
+    net = namespaces
+    daemon = daemon_factory("-tcp", BLOCK_TCP="1", KILL_HOSTS_DENY="ALL: $TARGET$")
+    me = r"by root \(uid 0, pid \d+(, login [^)]+)?\)"
+    assert cli(daemon, "block", net.scanner2_ip4, "--for", "5m").returncode == 0
+    syslog.wait_for(re.compile(rf"^adminalert: block {net.scanner2_ip4} for 300 seconds {me}: done$"))
+    assert cli(daemon, "unblock", net.scanner2_ip4).returncode == 0
+    syslog.wait_for(re.compile(rf"^adminalert: unblock {net.scanner2_ip4} {me}: done$"))
+    refused = cli(daemon, "unblock", net.scanner2_ip4)
+    assert refused.returncode == 1 and f"{net.scanner2_ip4} is not blocked" in refused.stderr
+    syslog.wait_for(re.compile(rf"^adminalert: ERROR: unblock {net.scanner2_ip4} {me} failed: "
+                               rf"{net.scanner2_ip4} is not blocked$"))
+    daemon.stop()
+    mark = syslog.mark()
+    to_log = ("--syslog-socket", str(syslog.path))
+    assert cli(daemon, "block", net.scanner_ip4, *to_log).returncode == 0
+    assert cli(daemon, "unblock", net.scanner_ip4, *to_log).returncode == 0
+    assert cli(daemon, "flush", *to_log).returncode == 0
+    said = syslog.messages(mark)
+    assert said[0] == f'attackalert: Host {net.scanner_ip4} has been blocked via wrappers with string: ' \
+                      f'"ALL: {net.scanner_ip4}"'
+    assert re.fullmatch(rf"adminalert: block {net.scanner_ip4} {me}: done", said[1])
+    assert said[2] == f"attackalert: Host {net.scanner_ip4} has been unblocked: unblocked by admin"
+    assert re.fullmatch(rf"adminalert: unblock {net.scanner_ip4} {me}: done", said[3])
+    assert re.fullmatch(rf"adminalert: flush {me}: no native ban backend configured \(BAN_BACKEND\)", said[4])
+    assert len(said) == 5
+    # Each once, in the daemon's ident; the history file, which fail2ban bans from, has none.
+    assert all(record.ident == "portsentry" for record in syslog.records(mark))
+    assert daemon.history_text() == ""
+    assert daemon.hosts_deny_text() == ""

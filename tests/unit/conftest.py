@@ -3,6 +3,7 @@ download, fails the test that tries it. System tests and benchmarks may fetch wh
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -59,3 +60,38 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(subprocess.Popen, "__init__", popen_init)
     yield
 
+
+
+class CommandSyslog:
+    """What the admin commands run in a test wrote to syslog (service.audit.CommandLog)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def messages(self) -> list[str]:
+        found: list[str] = []
+        while True:
+            try:
+                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return found
+            found.append(data.decode().split("]: ", 1)[1])
+
+
+@pytest.fixture(autouse=True)
+def command_syslog(monkeypatch: pytest.MonkeyPatch) -> Iterator[CommandSyslog]:
+    """An admin command that works without the daemon writes its lines to syslog: here, never to
+    this machine's /dev/log."""
+    import shutil
+    import tempfile
+
+    from portsentry.cli import admin_commands
+    from portsentry.journal.receiver import bind_datagram
+
+    directory = tempfile.mkdtemp(prefix="ps-unit-log-", dir="/tmp")
+    try:
+        with contextlib.closing(bind_datagram(f"{directory}/log")) as sock:
+            monkeypatch.setattr(admin_commands, "SYSLOG_SOCKET", f"{directory}/log")
+            yield CommandSyslog(sock)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

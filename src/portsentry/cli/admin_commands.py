@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 
 from portsentry.config.settings import Config
-from portsentry.service import control
+from portsentry.core import messages
+from portsentry.journal.syslog import DEFAULT_SOCKET
+from portsentry.service import audit, control
 
+SYSLOG_SOCKET = DEFAULT_SOCKET  # --syslog-socket's default, read when a command runs
 ADMIN_COMMANDS = ("block", "unblock", "list", "flush", "hosts-deny", "check", "status", "reload", "report")
 
 
@@ -40,8 +44,14 @@ def build_admin_parser() -> argparse.ArgumentParser:
                                "one go, one store transaction and one kernel batch")
     listing = command("list", "list active bans")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    command("flush",
-            "remove the native backend's table/sets, with the daemon stopped (bans in the store stay)")
+    flush = command("flush", "remove the native backend's table/sets, with the daemon stopped "
+                             "(bans in the store stay)")
+    for changes in (block, unblock, flush):
+        # Where the command's own lines go when it works without the daemon (which logs for it).
+        changes.add_argument("--syslog-socket", metavar="PATH",
+                             help=f"syslog socket for this command's lines (default {DEFAULT_SOCKET})")
+        changes.add_argument("--no-syslog", action="store_true",
+                             help="write this command's lines to no syslog")
     tidy = command("hosts-deny", "hosts.deny upkeep")
     tidy.add_argument("action", choices=["tidy"])
     tidy.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
@@ -56,7 +66,23 @@ def build_admin_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
+def command_log(args: argparse.Namespace) -> audit.CommandLog:
+    return audit.CommandLog(None if args.no_syslog else args.syslog_socket or SYSLOG_SOCKET)
+
+
+def said_by_me(args: argparse.Namespace, log: audit.CommandLog, lines: list[str], error: str | None,
+               outcome: str = "done") -> None:
+    """What this command did, to syslog, and the line of who did it and how it ended
+    (service.audit): when it works without the daemon, which then writes neither."""
+    what = audit.action(args.command, getattr(args, "address", None),
+                        getattr(args, "parsed_duration", "policy"), getattr(args, "local", False),
+                        getattr(args, "file", None))
+    by = audit.who(os.getuid(), os.getpid())
+    log.say([*lines, messages.admin_done(what, by, outcome) if error is None
+             else messages.admin_failed(what, by, error)])
+
+
+def bulk_main(config: Config, args: argparse.Namespace, now: float, log: audit.CommandLog) -> int:
     """block/unblock --file: straight on the ban store and the kernel, running daemon or not
     (it follows the store's change feed, so it hears of every ban within a second)."""
     from portsentry.bans import bulk
@@ -78,15 +104,17 @@ def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
                 addresses = bulk.read_addresses(bulk.feed_lines(handle), source)
     except bulk.AddressListError as error:
         print(f"portsentry: {error}", file=sys.stderr)
+        said_by_me(args, log, [], str(error))
         return 1
     duration: bulk.Duration = "policy"
     if args.command == "block" and args.duration:
-        duration = admin.parse_duration(args.duration)
+        duration = args.parsed_duration = admin.parse_duration(args.duration)
     spared = admin.Spared.of_host(config) if args.command == "block" else admin.Spared()
     tool = admin.Admin.open(config)
     if args.command == "block" and (idle := admin.nothing_blocks(config, tool.bans)) is not None:
         tool.close()
         print(f"portsentry: block --file: {idle}: nothing blocked", file=sys.stderr)
+        said_by_me(args, log, [], f"{idle}: nothing blocked")
         return 1
     try:
         steps = bulk.ManualSteps.from_config(config)
@@ -101,6 +129,12 @@ def bulk_main(config: Config, args: argparse.Namespace, now: float) -> int:
     for line in tool.log:
         print(line)
     verb = "blocked" if args.command == "block" else "unblocked"
+    summary = (f"{verb} {result.done} of {len(addresses)} addresses"
+               + (f"; {len(result.skipped)} skipped" if result.skipped else "")
+               + (f"; {result.failed_commands} commands failed" if result.failed_commands else "")
+               + (f"; {result.failed_steps} steps failed" if result.failed_steps else ""))
+    failed = bool(result.failed_commands or result.failed_steps)
+    said_by_me(args, log, tool.log, summary if failed else None, summary)
     print(f"{verb} {result.done} of {len(addresses)} addresses from {source} in {seconds:.1f} s"
           + (f"; {len(result.skipped)} skipped" if result.skipped else "")
           + (f"; {result.failed_commands} commands failed" if result.failed_commands else "")

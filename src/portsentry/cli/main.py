@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from portsentry import __version__
 from portsentry.cli.admin_commands import ADMIN_COMMANDS as ADMIN_COMMANDS
 from portsentry.cli.admin_commands import build_admin_parser as build_admin_parser
-from portsentry.cli.admin_commands import bulk_main, through_daemon
+from portsentry.cli.admin_commands import bulk_main, command_log, said_by_me, through_daemon
 from portsentry.config.settings import Config, ConfigError, load_effective
 from portsentry.core.probe import Mode
 from portsentry.journal.journald import stderr_is_journal
 from portsentry.journal.syslog import DEFAULT_SOCKET
-from portsentry.service import control
+from portsentry.service import audit, control
 from portsentry.service.status import NOT_RUNNING, show_status
 
 CLASSIC_FLAGS = {f"-{mode}": mode for mode in Mode}
@@ -108,6 +108,8 @@ def admin_main(argv: Sequence[str]) -> int:
     from portsentry.service.adminio import AdminError
 
     args = build_admin_parser().parse_args(argv)
+    # Ban changes made here, not by the daemon, are said in syslog here (service.audit).
+    log = command_log(args) if args.command in ("block", "unblock", "flush") else None
     try:
         loaded = load_effective(args.config)
         config = loaded.config
@@ -124,7 +126,8 @@ def admin_main(argv: Sequence[str]) -> int:
                 print(f"warning: {warning}")
             return status
         if args.command == "flush":
-            return flush_main(config)
+            assert log is not None
+            return flush_main(config, args, log)
         if args.command == "hosts-deny":
             from portsentry.bans.store import BanStore
             from portsentry.bans.tidy import format_report, tidy_hosts_deny
@@ -171,9 +174,12 @@ def admin_main(argv: Sequence[str]) -> int:
                 print(f"portsentry: {args.command}: give an ADDRESS or --file FILE", file=sys.stderr)
                 return 2
             if args.file is not None:
-                return bulk_main(config, args, now)
+                assert log is not None
+                return bulk_main(config, args, now, log)
         via_daemon = through_daemon(config, args)
         if via_daemon is not None:
+            if log is not None:
+                log.said = True  # the daemon said it, or the command never reached it
             return via_daemon
         print("(the daemon is not running: working on the ban store directly)", file=sys.stderr)
         from portsentry.service import admin
@@ -194,9 +200,13 @@ def admin_main(argv: Sequence[str]) -> int:
                 duration = admin.parse_duration(args.duration) if args.duration else None
                 if args.duration is None:
                     duration = tool.bans.duration(address, now)
+                else:
+                    args.parsed_duration = duration
                 done = tool.block(address, duration, now)
             else:
                 done = tool.unblock(address, now, local=args.local)
+            assert log is not None
+            said_by_me(args, log, tool.log, None if done else admin.not_done(args.command, address))
             for line in tool.log:
                 print(line)
             # The words and exit codes through_daemon gives: scripts must not care which path ran.
@@ -211,60 +221,69 @@ def admin_main(argv: Sequence[str]) -> int:
         raise  # the reader left (`portsentry list | head`): main ends quietly, as a shell expects
     except (ConfigError, AdminError, StoreError, OSError) as error:
         print(f"portsentry: {error}", file=sys.stderr)
+        if log is not None and not log.said:
+            said_by_me(args, log, [], str(error))
         return 1
+    finally:
+        if log is not None:
+            log.close()
 
 
 # Seconds `flush` waits for a daemon's answer to whether it runs (as `status` does).
 FLUSH_ASK_TIMEOUT = 10.0
 
 
-def flush_main(config: Config) -> int:
-    """Remove the native backend's table, sets or routes; the bans in the store stay."""
+def flush_main(config: Config, args: argparse.Namespace, log: audit.CommandLog) -> int:
+    """Remove the native backend's table, sets or routes; the bans in the store stay. What it
+    did, or why not, also goes to syslog with who asked (service.audit)."""
+    removed, outcome = _flush(config)
+    if removed:
+        print(outcome)
+    else:
+        print(f"portsentry: flush: {outcome}", file=sys.stderr)
+    said_by_me(args, log, [], None if removed else outcome, outcome)
+    return 0 if removed else 1
+
+
+def _flush(config: Config) -> tuple[bool, str]:
+    """Whether it worked (or there was nothing to do), and what it did or why not."""
     from portsentry.host import privileges
     from portsentry.responders.backend import BackendError
     from portsentry.service import admin
 
     if config.ban_backend == "none":
-        print("no native ban backend configured (BAN_BACKEND)")
-        return 0
+        return True, "no native ban backend configured (BAN_BACKEND)"
     # Asked first: without CAP_NET_ADMIN "auto" finds no nftables it may list and picks the
     # routes, whose flush of nothing it may see "succeeds": "removed" while the table stayed.
     if privileges.lacks("CAP_NET_ADMIN"):
-        print("portsentry: flush: only root (CAP_NET_ADMIN) may remove the ban backend's table, "
-              "sets or routes: nothing removed", file=sys.stderr)
-        return 1
+        return False, ("only root (CAP_NET_ADMIN) may remove the ban backend's table, sets or routes: "
+                       "nothing removed")
     try:
         answer = control.request(config.control_socket, {"command": "status"}, timeout=FLUSH_ASK_TIMEOUT)
     except TimeoutError:
         # It took the question (stopped, or its loop busy with a long restore at its start), so
         # a daemon is there: as `status` takes it, running, and its repair would undo the flush.
-        print(f"portsentry: flush: a daemon at {config.control_socket} took the question and did not "
-              f"answer within {FLUSH_ASK_TIMEOUT:g} s: running, it would put it all back within a "
-              "minute: stop it first, then flush; nothing removed", file=sys.stderr)
-        return 1
+        return False, (f"a daemon at {config.control_socket} took the question and did not answer "
+                       f"within {FLUSH_ASK_TIMEOUT:g} s: running, it would put it all back within a "
+                       "minute: stop it first, then flush; nothing removed")
     except (control.NotRunning, OSError):
         answer = None  # none there, or one that hung up unanswered (stopping): nothing puts it back
     if answer is not None:
         # Its repair, once a minute, finds the table gone and rebuilds it with every ban.
         state = answer.get("status")
         pid = f" (pid {state['pid']})" if isinstance(state, dict) and "pid" in state else ""
-        print(f"portsentry: flush: the daemon is running{pid} and would put it all back within a "
-              "minute: stop it first, then flush; nothing removed", file=sys.stderr)
-        return 1
+        return False, (f"the daemon is running{pid} and would put it all back within a minute: "
+                       "stop it first, then flush; nothing removed")
     backend = admin.open_backend(config, setup=False)
     if backend is None:
-        print("BAN_BACKEND=\"auto\" finds no working ban backend here: nothing to remove")
-        return 0
+        return True, "BAN_BACKEND=\"auto\" finds no working ban backend here: nothing to remove"
     try:
         removed = backend.teardown()
     except BackendError as error:
-        print(f"portsentry: flush: {error}", file=sys.stderr)
-        return 1
+        return False, str(error)
     if removed is None:
-        print(f"nothing to remove: no {backend.owned()} here")
-    else:
-        print(f"removed {backend.name}: {removed}")
-    return 0
+        return True, f"nothing to remove: no {backend.owned()} here"
+    return True, f"removed {backend.name}: {removed}"
 
 
 # What a shell reports for a command killed by SIGPIPE (128 + 13) and by SIGINT (128 + 2).

@@ -294,3 +294,18 @@ def store_recovered(path: str) -> str:
 
 def store_failed(detail: str) -> str:
     return f"adminalert: ERROR: ban store: {detail}"
+
+
+# -- the admin's requests (ours: 1.2 had none) -------------------------------------------------
+
+
+def admin_done(action: str, who: str, outcome: str = "done") -> str:
+    """One line per ban-changing admin command (block, unblock, flush), after the lines of what
+    it did: which command, who gave it and how it ended. `adminalert:`, never `attackalert:`,
+    and no "Host:" text: filters that take 1.2's attackalert lines as a scanner's must not
+    ban the address an admin just unblocked."""
+    return f"adminalert: {action} by {who}: {outcome}"
+
+
+def admin_failed(action: str, who: str, error: str) -> str:
+    return f"adminalert: ERROR: {action} by {who} failed: {error}"

@@ -19,6 +19,7 @@ reads a client socket.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import selectors
@@ -67,11 +68,21 @@ class BadRequest(ValueError):
 
 
 @dataclass(frozen=True)
+class Peer:
+    """Who sent a request, as the kernel says (SO_PEERCRED): the audit line names them."""
+
+    pid: int
+    uid: int
+
+
+@dataclass(frozen=True)
 class Request:
     command: Command
     address: str | None = None
     duration: Duration = "policy"
     local: bool = False  # unblock on this host only, not across the fleet
+    # Set by the server from the connection, never from the request's JSON.
+    peer: Peer | None = field(default=None, compare=False)
 
 
 def parse_request(line: bytes) -> Request:
@@ -141,9 +152,9 @@ Reply = Callable[[Response], None]
 Handler = Callable[[Request, Reply], None]
 
 
-def peer_uid(conn: socket.socket) -> int:
-    _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return int(uid)
+def peer_of(conn: socket.socket) -> Peer:
+    pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return Peer(int(pid), int(uid))
 
 
 def _send(conn: socket.socket, response: Response) -> None:
@@ -162,6 +173,7 @@ def _send(conn: socket.socket, response: Response) -> None:
 class _Client:
     conn: socket.socket
     deadline: float
+    peer: Peer
     data: bytes = b""
 
 
@@ -275,7 +287,8 @@ class ControlServer:
             if self._accept_failing:
                 self._accept_failing = False
                 self._log("adminalert: control socket: accepting connections again")
-            if peer_uid(conn) not in (0, os.geteuid()):
+            peer = peer_of(conn)
+            if peer.uid not in (0, os.geteuid()):
                 self.refused += 1
                 _send(conn, Response.failure("permission denied: the control socket is for root"))
                 continue
@@ -285,7 +298,7 @@ class ControlServer:
                 self._fail(next(iter(self._clients)), f"busy: {MAX_CLIENTS} other control connections; "
                                                       "this one sent no complete request line")
             conn.setblocking(False)
-            self._clients[conn.fileno()] = _Client(conn, time.monotonic() + self.deadline)
+            self._clients[conn.fileno()] = _Client(conn, time.monotonic() + self.deadline, peer)
             self._selector.register(conn, selectors.EVENT_READ, None)
 
     def _pause_accepting(self, error: OSError) -> None:
@@ -321,7 +334,7 @@ class ControlServer:
             return
         conn = self._release(fd)
         try:
-            request = parse_request(line)
+            request = dataclasses.replace(parse_request(line), peer=client.peer)
         except BadRequest as error:
             self.bad_requests += 1
             _send(conn, Response.failure(str(error)))

@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from portsentry.core import messages
+from portsentry.service import audit
 from portsentry.service.admin import AdminError, admin_request
 from portsentry.service.control import Command, Reply, Request, Response
 
@@ -113,12 +115,31 @@ class Requests:
         """list, block, unblock: the ban lifecycle's work, on an admin worker."""
         daemon = self._daemon
         if daemon.bans is None:
-            return Response.failure(f"{request.command}: this daemon keeps no ban store")
-        try:
-            return admin_request(daemon.bans, daemon.responder, daemon.config, request, daemon.clock(),
-                                 daemon.spared)
-        finally:
-            self._bans_changed()
+            response = Response.failure(f"{request.command}: this daemon keeps no ban store")
+        else:
+            try:
+                response = admin_request(daemon.bans, daemon.responder, daemon.config, request,
+                                         daemon.clock(), daemon.spared)
+            except AdminError as error:
+                self._audit(request, Response.failure(str(error)))
+                raise
+            except Exception as error:
+                self._audit(request, Response.failure(f"{request.command} failed: {error}"))
+                raise
+            finally:
+                self._bans_changed()
+        self._audit(request, response)
+        return response
+
+    def _audit(self, request: Request, response: Response) -> None:
+        """The line of who asked for a ban change and how it ended (service.audit); a list
+        changes nothing and says nothing."""
+        if request.command == "list":
+            return
+        what = audit.action(request.command, request.address, request.duration, request.local)
+        by = audit.peer_who(request.peer)
+        self._daemon.journal.log(messages.admin_done(what, by) if response.ok
+                                 else messages.admin_failed(what, by, str(response.error)))
 
     WHERE: ClassVar[dict[Command, tuple[Literal["main", "admin"], Work]]] = {
         "status": ("main", _status),

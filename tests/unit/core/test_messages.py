@@ -89,3 +89,13 @@ def test_action_texts():
         "(detection avoidance technique).")
     assert messages.accept_failed(1) == (
         "attackalert: Possible stealth scan from unknown host to TCP port: 1 (accept failed)")
+
+
+def test_admin_request_texts():
+    assert (messages.admin_done("unblock 198.18.0.2", "root (uid 0, pid 42)")
+            == "adminalert: unblock 198.18.0.2 by root (uid 0, pid 42): done")
+    assert (messages.admin_done("flush", "root (uid 0, pid 42)", "removed nftables: table inet portsentry")
+            == "adminalert: flush by root (uid 0, pid 42): removed nftables: table inet portsentry")
+    assert (messages.admin_failed("unblock 198.18.0.2", "root (uid 0, pid 42)", "198.18.0.2 is not blocked")
+            == "adminalert: ERROR: unblock 198.18.0.2 by root (uid 0, pid 42) failed: "
+               "198.18.0.2 is not blocked")

@@ -232,7 +232,8 @@ def _daemon_answering(conf):
     tool = admin.Admin.open(config)
     daemon = SimpleNamespace(bans=tool.bans, config=config, clock=time.time,
                              responder=ClassicResponder(tool.bans.hosts_deny, tool.log.append, 5.0),
-                             spared=lambda: admin.Spared.of_host(config))
+                             spared=lambda: admin.Spared.of_host(config),
+                             journal=SimpleNamespace(log=lambda _text: None))
     requests = Requests(daemon, lambda work: work(), lambda work: work(), lambda: None)  # type: ignore[arg-type]
     server = ControlServer(config.control_socket, requests.on_request)
     server.start()

@@ -23,6 +23,7 @@ from portsentry.service.control import (
     MAX_PENDING,
     BadRequest,
     ControlServer,
+    Peer,
     Reply,
     Request,
     Response,
@@ -293,3 +294,10 @@ def test_idle_connections_do_not_lock_out_a_status(served):
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_request_carries_the_peer_the_kernel_names_whatever_its_json_says(served):
+    # The audit line names who asked (service.audit); a client cannot claim another's name.
+    _server, path, seen = served
+    assert request(path, {"command": "unblock", "address": "198.18.0.2", "peer": {"uid": 7}})["ok"]
+    assert seen[-1].peer == Peer(os.getpid(), os.getuid())

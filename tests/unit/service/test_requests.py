@@ -214,3 +214,56 @@ def test_status_names_the_ban_store_and_the_records_waiting_to_be_written(tmp_pa
                 "second)") in format_status(state)
     finally:
         daemon.shutdown()
+
+
+def test_each_ban_change_through_the_control_socket_says_who_asked_and_how_it_ended(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    # Through the daemon, `portsentry block` left the same syslog lines as a scan's ban and
+    # `unblock` "unblocked by admin" without saying who; a refused or failed one left nothing.
+    import os
+    import pwd
+    from ipaddress import ip_address
+
+    from portsentry.bans.lifecycle import BanManager, BanPolicy
+    from portsentry.bans.store import MEMORY, BanStore
+    from portsentry.host import info as hostinfo
+    from portsentry.responders.hostsdeny import HostsDeny
+    from portsentry.service.control import Peer
+
+    monkeypatch.setattr(hostinfo, "local_addresses", lambda: frozenset({ip_address("198.51.100.7")}))
+    deny = HostsDeny(str(tmp_path / "hosts.deny"))
+    daemon, said = bare_daemon(tmp_path)
+    daemon.bans = BanManager(BanStore(MEMORY), None, deny, BanPolicy(), daemon.journal.log)
+    daemon.config = daemon.config.__class__(source="t", kill_hosts_deny="ALL: $TARGET$",
+                                            state_dir=str(tmp_path), protect_gateways=False,
+                                            protect_resolvers=False)
+    replies: list[Response] = []
+    admin: list[Callable[[], None]] = []
+    requests = Requests(daemon, admin.append, admin.append, lambda: None)
+    me = Peer(os.getpid(), os.getuid())
+    for request in (Request("block", "198.18.1.5", 7200.0, peer=me),
+                    Request("block", "198.51.100.7", peer=me),
+                    Request("unblock", "198.18.1.5", local=True, peer=me),
+                    Request("unblock", "198.18.1.5", peer=me),
+                    Request("list", peer=me)):
+        requests.on_request(request, replies.append)
+    for work in admin:
+        work()
+    assert [reply.ok for reply in replies] == [True, False, True, False, True]
+    name = pwd.getpwuid(os.getuid()).pw_name
+    by = f"by {name} (uid {os.getuid()}, pid {os.getpid()}"
+    lines = [line for line in said.getvalue().splitlines() if line.startswith("adminalert:")]
+    assert [line.split(by)[0] for line in lines] == [
+        "adminalert: block 198.18.1.5 for 7200 seconds ",
+        "adminalert: ERROR: block 198.51.100.7 ",
+        "adminalert: unblock 198.18.1.5 on this host only ",
+        "adminalert: ERROR: unblock 198.18.1.5 ",
+    ]
+    assert lines[0].endswith("): done") and lines[2].endswith("): done")
+    assert lines[1].endswith("failed: 198.51.100.7 is one of this host's addresses: not blocked")
+    assert lines[3].endswith("failed: 198.18.1.5 is not blocked")
+    # After what the command did, in that order; and no line names the address as a scanner's.
+    text = said.getvalue()
+    assert text.index('has been blocked via wrappers with string: "ALL: 198.18.1.5"') < text.index(lines[0])
+    assert text.index("has been unblocked: unblocked by admin on this host only") < text.index(lines[2])
+    daemon.shutdown()
