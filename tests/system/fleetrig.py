@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -222,7 +221,7 @@ class Host:
         return self
 
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "portsentry", *args, "-c", str(self.daemon.conf_path)]
+        argv = rig.cli_argv(self.daemon.conf_path, *args)
         result = rig.run_in(self.ns, argv, env=rig.daemon_env(), timeout=60)
         if check and result.returncode != 0:
             raise rig.RigError(f"h{self.index}: {' '.join(args)}: {result.stdout}{result.stderr}")

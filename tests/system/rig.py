@@ -725,6 +725,19 @@ CLASSIC_UDP_PORTS = (
 DAEMON_COMMAND: tuple[str, ...] = (sys.executable, "-m", "portsentry")
 
 
+# Commands that write their own syslog lines when they work without the daemon (service.audit).
+_SAYS_ITSELF = ("block", "unblock", "flush")
+
+
+def cli_argv(conf: Path | str, *args: str) -> list[str]:
+    """`portsentry ARGS -c CONF`. A ban-changing command writes its own lines to no syslog unless
+    the test names a socket: the host's /dev/log (journald on a workstation) is not the test's."""
+    argv = [sys.executable, "-m", "portsentry", *args, "-c", str(conf)]
+    if args and args[0] in _SAYS_ITSELF and "--syslog-socket" not in args and "--no-syslog" not in args:
+        argv.append("--no-syslog")
+    return argv
+
+
 def daemon_env() -> dict[str, str]:
     env = dict(os.environ)
     src = str(REPO_ROOT / "src")

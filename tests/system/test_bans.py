@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 
-from tests.system.rig import Daemon, daemon_env, eventually, nmap, nmap_ports, run_in, tcp_connect
+from tests.system.rig import Daemon, cli_argv, daemon_env, eventually, nmap, nmap_ports, run_in, tcp_connect
 
 NFT = {"BAN_BACKEND": "nftables", "BLOCK_TCP": "1", "KILL_HOSTS_DENY": "ALL: $TARGET$"}
 
@@ -26,8 +25,7 @@ def nft_set(ns: str, name: str = "blocked4") -> list[str]:
 
 
 def admin(daemon: Daemon, *args: str) -> str:
-    argv = [sys.executable, "-m", "portsentry", *args, "-c", str(daemon.conf_path)]
-    result = run_in(daemon.net.target, argv, env=daemon_env())
+    result = run_in(daemon.net.target, cli_argv(daemon.conf_path, *args), env=daemon_env())
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -182,8 +180,7 @@ def test_block_and_unblock_many_from_a_file_while_the_daemon_runs(daemon_factory
     assert len(lines) == 20_001 and lines[0] == "ALL: 198.19.0.1"
     bad = tmp_path / "bad.txt"
     bad.write_text("198.19.0.1\nnot-an-address\n")
-    result = run_in(net.target, [sys.executable, "-m", "portsentry", "block", "--file", str(bad), "-c",
-                                 str(daemon.conf_path)], env=daemon_env())
+    result = run_in(net.target, cli_argv(daemon.conf_path, "block", "--file", str(bad)), env=daemon_env())
     assert result.returncode == 1 and f"{bad}:2: 'not-an-address' is not an IP address" in result.stderr
     out = admin(daemon, "unblock", "--file", str(feed))
     assert f"unblocked 20001 of 20002 addresses from {feed}" in out, out

@@ -25,6 +25,7 @@ from tests.system.rig import (
     Listener,
     Namespaces,
     SyslogReceiver,
+    cli_argv,
     daemon_env,
     eventually,
     nmap,
@@ -56,8 +57,7 @@ def started(factory: DaemonFactory, mode: str = "-stcp", **overrides: str | None
 
 
 def portsentry(daemon: Daemon, *args: str) -> str:
-    argv = [sys.executable, "-m", "portsentry", *args, "-c", str(daemon.conf_path)]
-    result = run_in(daemon.net.target, argv, env=daemon_env())
+    result = run_in(daemon.net.target, cli_argv(daemon.conf_path, *args), env=daemon_env())
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.rig import daemon_env, eventually, run_in, tcp_connect
+from tests.system.rig import cli_argv, daemon_env, eventually, run_in, tcp_connect
 
 SPOOF = str(Path(__file__).with_name("spoof.py"))
 GATEWAY = "198.18.0.254"
@@ -32,7 +32,7 @@ def mac_of(ns: str, dev: str) -> str:
 
 
 def portsentry(ns: str, conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_in(ns, [sys.executable, "-m", "portsentry", *args, "-c", str(conf)], env=daemon_env())
+    return run_in(ns, cli_argv(conf, *args), env=daemon_env())
 
 
 @pytest.mark.parametrize("capture", ["packet", "nflog"])

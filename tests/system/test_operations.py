@@ -8,12 +8,11 @@ import re
 import signal
 import sys
 
-from tests.system.rig import Daemon, daemon_env, run_in, tcp_connect
+from tests.system.rig import Daemon, cli_argv, daemon_env, run_in, tcp_connect
 
 
 def cli(daemon: Daemon, *args: str):
-    argv = [sys.executable, "-m", "portsentry", *args, "-c", str(daemon.conf_path)]
-    return run_in(daemon.net.target, argv, env=daemon_env())
+    return run_in(daemon.net.target, cli_argv(daemon.conf_path, *args), env=daemon_env())
 
 
 def test_status_running_and_stopped(daemon_factory, namespaces, syslog):

@@ -11,11 +11,10 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
 
 from tests.system import soakrig
-from tests.system.rig import daemon_env, eventually, run_in
+from tests.system.rig import cli_argv, daemon_env, eventually, run_in
 
 CHURN_SECONDS = 40
 BLOCK_TIME_MAX = 6
@@ -50,7 +49,6 @@ def test_a_minute_of_churn_leaves_nothing_behind(daemon_factory, namespaces, sys
         "--tcp-ports", CLASSIC_TCP, "--udp-ports", CLASSIC_UDP)
     try:
         ctl = str(daemon.config["CONTROL_SOCKET"])
-        cli = [sys.executable, "-m", "portsentry", "-c", str(daemon.conf_path)]
         n = 0
         while churn.poll() is None:
             n += 1
@@ -59,7 +57,7 @@ def test_a_minute_of_churn_leaves_nothing_behind(daemon_factory, namespaces, sys
                 os.kill(daemon.pid, signal.SIGHUP)
             if n % 4 == 0:
                 command = (["list"], ["status"], ["unblock", "198.18.250.9"])[n // 4 % 3]
-                run_in(net.target, [*cli[:3], *command, *cli[3:]], env=daemon_env())
+                run_in(net.target, cli_argv(daemon.conf_path, *command), env=daemon_env())
             time.sleep(1)
         out, err = churn.communicate(timeout=10)
     finally:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
-from tests.system.rig import daemon_env, eventually, nmap, run_in
+from tests.system.rig import cli_argv, daemon_env, eventually, nmap, run_in
 from tests.unit.journal.test_events import assert_valid
 
 
@@ -64,8 +63,7 @@ def test_bans_and_lifts_made_beside_the_daemon_are_reported_once(daemon_factory,
                             BLOCK_TIME="600", METRICS_LISTEN="127.0.0.1:9471", EVENT_LOG=str(events))
 
     def cli(*args: str) -> str:
-        result = run_in(net.target, [sys.executable, "-m", "portsentry", *args, "-c", str(daemon.conf_path)],
-                        env=daemon_env())
+        result = run_in(net.target, cli_argv(daemon.conf_path, *args), env=daemon_env())
         assert result.returncode == 0, result.stderr
         return result.stdout
 
