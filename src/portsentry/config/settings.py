@@ -68,7 +68,7 @@ class Config:
     nflog_group: int = 7373
     # First-probe ban in the kernel (stealth modes, nftables capture): auto | off
     kernel_ban: str = "auto"
-    # The fast lane (sensors/lane.c): a lone TCP SYN's line and KILL_ROUTE from C: auto | off
+    # The fast lane (sensors/lane.c): a lone TCP stealth probe's line and KILL_ROUTE from C: auto | off
     fast_lane: str = "auto"
     state_dir: str = "/var/lib/portsentry"
     control_socket: str = "/run/portsentry/control.sock"
