@@ -1,10 +1,11 @@
-"""The fast lane's binding (sensors/lane.c, loaded with ctypes) and the capture it reads.
+"""The fast lane's binding (sensors/lane.c, loaded with ctypes); the capture it reads is
+sensors.lane_capture.
 
 With the lane on, its C thread reads the AF_PACKET capture instead of the main loop. A lone TCP
 SYN the daemon's compiled tables decide completely gets its detection line, its record and its
 KILL_ROUTE from C within a fraction of a millisecond, and reaches the daemon as a report (`Act`);
 every other packet reaches the daemon unchanged through a socket pair, in order with the reports,
-which `LaneCapture.read_items` returns. The tables are the daemon's (service.lane): this module
+which `lane_capture.LaneCapture.read_items` returns. The tables are the daemon's (service.lane): this module
 only carries them to C. Without the compiled library (no C compiler where the package was
 installed) `load()` says why and the daemon reads the capture itself, as before.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import os
-import select
 import socket
 import struct
 import threading
@@ -24,8 +24,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from pathlib import Path
 
 from portsentry.core.probe import KIND_FIN, KIND_NULL, KIND_SYN, KIND_XMAS, IPAddress, Mode
-from portsentry.core.probe import Protocol as ProbeProtocol
-from portsentry.sensors.capture import CaptureSocket, Network
+from portsentry.sensors.capture import Network
 
 # The C side's mode codes in its port table (lane.c MODES).
 MODE_CODES = {Mode.STCP: 1, Mode.ATCP: 2}
@@ -325,108 +324,3 @@ class Lane:
 
     def set_shell_cap(self, cap: int) -> None:
         self._lib.lane_set_shell_cap(self._handle, cap)
-
-
-
-class LaneCapture:
-    """The stealth sensor's capture with the lane in front: the AF_PACKET socket's filters and
-    counts as before, its packets (and the lane's reports) read from the lane's channel."""
-
-    before_nat = True
-
-    def __init__(self, capture: CaptureSocket, lane: Lane) -> None:
-        self.capture = capture
-        self.lane = lane
-        self._channel = lane.start(capture.fileno())
-        self.last_seq = 0  # of the newest packet handed out; the daemon marks it processed
-        self.unreadable = 0  # channel messages of neither kind (a bug: status shows the count)
-        self._buffer = bytearray(BATCH_BYTES + PACKET_HEAD.size)  # the largest message, 'M'
-
-    def fileno(self) -> int:
-        return self._channel.fileno()
-
-    def read_items(self, limit: int = 256) -> list[bytes | Act]:
-        """Up to `limit` packets and reports, in the order the lane saw them."""
-        items: list[bytes | Act] = []
-        recv_into, buffer = self._channel.recv_into, self._buffer
-        try:
-            while len(items) < limit:
-                size = recv_into(buffer)
-                if not size:
-                    break
-                kind = buffer[0]
-                if kind == ord("A") and size == ACT.size:
-                    act = Act.unpack(bytes(buffer[:size]))
-                    self.last_seq = act.seq
-                    items.append(act)
-                elif kind == ord("P") and size >= PACKET_HEAD.size:
-                    self.last_seq = PACKET_HEAD.unpack_from(buffer)[1]
-                    items.append(bytes(buffer[PACKET_HEAD.size:size]))
-                elif kind == ord("M") and size >= PACKET_HEAD.size:
-                    self._unbatch(memoryview(buffer)[:size], items)
-                else:
-                    self.unreadable += 1
-        except BlockingIOError:
-            pass
-        return items
-
-    def _unbatch(self, data: memoryview, items: list[bytes | Act]) -> None:
-        """Packets of known sources the lane sent together, each with its seq."""
-        count = PACKET_HEAD.unpack_from(data)[1]
-        at = PACKET_HEAD.size
-        for _ in range(count):
-            if at + BATCH_ENTRY.size > len(data):
-                self.unreadable += 1
-                return
-            seq, length = BATCH_ENTRY.unpack_from(data, at)
-            at += BATCH_ENTRY.size
-            items.append(bytes(data[at:at + length]))
-            at += length
-            self.last_seq = seq
-
-    def read_batch(self, limit: int = 256) -> list[bytes]:
-        return [item for item in self.read_items(limit) if isinstance(item, bytes)]
-
-    def handled(self) -> None:
-        """The daemon has decided everything read so far: the lane may act again."""
-        self.lane.processed(self.last_seq)
-
-    def stop(self) -> list[bytes | Act]:
-        """Stop the thread and return what it had queued: reports of bans it began are the
-        daemon's to take in before this capture goes (a reload, the stop)."""
-        # Read while it stops: it may be waiting for room on a channel a burst filled, and
-        # waiting for it alone then waited for ever.
-        self.lane.stop_request()
-        items: list[bytes | Act] = []
-        while not self.lane.stopped():
-            if batch := self.read_items():
-                items.extend(batch)
-            else:
-                select.select([self._channel], [], [], STOP_POLL)
-        while batch := self.read_items():
-            items.extend(batch)
-        return items
-
-    def drops(self) -> int:
-        return self.capture.drops()
-
-    def quiet_udp(self, ports: frozenset[int]) -> None:
-        self.capture.quiet_udp(ports)
-
-    def live_ports(self, live: dict[ProbeProtocol, frozenset[int]]) -> None:
-        self.capture.live_ports(live)
-
-    def skip_sources(self, networks: Collection[Network]) -> None:
-        self.capture.skip_sources(networks)
-
-    def skip_interfaces(self, indexes: frozenset[int]) -> None:
-        self.capture.skip_interfaces(indexes)
-
-    def close(self) -> None:
-        # Reports nobody took in (stop() was not called): their bans stay in the lane's record
-        # file for the next start; their shells' pipes are closed here.
-        for item in self.stop():
-            if isinstance(item, Act) and item.pipe >= 0:
-                os.close(item.pipe)
-        self.lane.close()
-        self.capture.close()

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from portsentry.core.probe import Protocol
 from portsentry.sensors.bpf import Insn, build_probe_filter
 from portsentry.sensors.capture import Capture, CaptureSocket, Network
-from portsentry.sensors.lane import Lane, LaneCapture, LaneUnavailable
+from portsentry.sensors.lane import Lane, LaneUnavailable
+from portsentry.sensors.lane_capture import LaneCapture
 
 Logger = Callable[[str], None]
 CaptureOpener = Callable[[int | None, set[Protocol]], Capture]

@@ -21,7 +21,8 @@ from portsentry.sensors.base import Hit, Readable
 from portsentry.sensors.capture import Capture, CaptureSocket, Network
 from portsentry.sensors.conntrack import PublishedPorts
 from portsentry.sensors.host_addresses import HostAddresses as HostAddresses
-from portsentry.sensors.lane import Act, Lane, LaneCapture
+from portsentry.sensors.lane import Act, Lane
+from portsentry.sensors.lane_capture import LaneCapture
 from portsentry.sensors.listeners import ListeningPorts
 from portsentry.sensors.packet import DropCounter, DropReason, Packet, classify_tcp, parse_packet
 from portsentry.sensors.packet_capture import open_packet_capture

@@ -16,7 +16,8 @@ from pathlib import Path
 from portsentry.core.addresses import IMPOSSIBLE_NETWORKS
 from portsentry.core.probe import IPAddress, Mode
 from portsentry.sensors.capture import Network
-from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneCapture
+from portsentry.sensors.lane import MODE_CODES, Act, Lane
+from portsentry.sensors.lane_capture import LaneCapture
 
 HERE4 = ip_address("198.18.0.1")
 HERE6 = ip_address("fd00::1")

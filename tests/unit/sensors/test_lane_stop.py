@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from portsentry.core.probe import Mode
-from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneCapture
+from portsentry.sensors.lane import MODE_CODES, Act, Lane
+from portsentry.sensors.lane_capture import LaneCapture
 from portsentry.sensors.stealth import StealthSensor
 from tests.unit.sensors.lane_rig import Pair, syn
 
