@@ -1,15 +1,15 @@
 """The daemon's side of the fast lane (sensors/lane.c): what it compiles into it, and what it does
 with the lane's reports.
 
-The lane may act only where the engine would block a fresh source on its first TCP SYN, and do
-only the first part of that block: the detection line, a record, KILL_ROUTE. So this keeper
-- turns it on only when that holds for the configuration (`why_off` says why not: status
-  shows it), and otherwise leaves it off, every packet then going through the daemon as before;
-- compiles the tables the lane decides with, at start, at a reload and at each tick when they
-  change: the watched TCP ports without a live service (one mode each), this host's addresses,
-  and every source it must hand on (the ignore list, own and broadcast addresses, gateways,
-  resolvers, SENSITIVE_NETWORKS, impossible sources), the ignore file's identity, the rate cap's
-  share, KILL_ROUTE (checked to render as responders.substitute does) and the syslog framing;
+The lane may act only where the engine would block a fresh source on its first TCP stealth
+probe (SYN, FIN, NULL, XMAS), and do only the first part of that block: the detection line, a
+record, KILL_ROUTE. So this keeper
+- turns it on only when that holds for the configuration (service.lane_tables.why_off says why
+  not: status shows it), and otherwise leaves it off, every packet then going through the daemon
+  as before;
+- compiles the tables the lane decides with (service.lane_tables), at start, at a reload and at
+  each tick when they change, with the rate cap's share, which a ban the engine starts itself
+  claims from at once (BanGuard.claim: one budget for both);
 - keeps the lane's pins equal to what the engine holds (Engine.holding/released), so the lane
   never acts for a source the engine knows, and marks each read decided (`handled`) only after
   the engine has seen it;
@@ -28,14 +28,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import ip_address
 
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import Config
 from portsentry.core import messages
 from portsentry.core.actions import Block, Started, StepKind
-from portsentry.core.addresses import IMPOSSIBLE_NETWORKS
 from portsentry.core.engine import Engine
 from portsentry.core.probe import IPAddress, Mode, Protocol
 from portsentry.journal.journal import Journal
@@ -43,87 +41,18 @@ from portsentry.journal.syslog import LOG_DAEMON, LOG_NOTICE, SyslogWriter
 from portsentry.responders.shell import wait_shell
 from portsentry.responders.substitute import substitute
 from portsentry.sensors.base import Sensor
-from portsentry.sensors.lane import MODE_CODES, Act, Lane, LaneUnavailable, free_line
+from portsentry.sensors.lane import Act, Lane, LaneUnavailable, free_line
 from portsentry.sensors.stealth import StealthSensor
 from portsentry.service.lane_replay import RECORD_FILE
+from portsentry.service.lane_tables import Tables as Tables
+from portsentry.service.lane_tables import deny_networks as deny_networks
+from portsentry.service.lane_tables import port_table as port_table
+from portsentry.service.lane_tables import why_off as why_off
 
 SEE_THROUGH_TIMEOUT = 30.0  # seconds a shell no block waits for is given (COMMAND_TIMEOUT's default)
 NO_CAP = 1 << 62
-Network = IPv4Network | IPv6Network
 Logger = Callable[[str], None]
 Submit = Callable[[Callable[[], None]], object]
-
-
-@dataclass(frozen=True)
-class Tables:
-    """What was last compiled into the lane (compared whole at each tick)."""
-
-    ports: bytes
-    local: frozenset[IPAddress]
-    deny: tuple[Network, ...]
-    route: str | None
-    ignore: tuple[str | None, tuple[int, int, int, int] | None]
-    syslog: tuple[str, str, str]
-
-
-def why_off(config: Config, engine: Engine, journal: Journal, sensor: StealthSensor | None,
-            unavailable: str | None = None) -> str | None:
-    """Why the lane must stay off now (None: it may act). Everything here makes the engine's
-    decision for a first SYN something other than "detection line, then block": the lane would
-    otherwise write a line or start a command the daemon would not. `unavailable`: why the
-    capture has no lane in front of it where one was wanted (StealthSensor.lane_unavailable)."""
-    settings = engine.settings
-    if config.fast_lane == "off":
-        return 'FAST_LANE="off"'
-    if sensor is None or sensor.lane is None:
-        return unavailable or "no TCP stealth mode with the AF_PACKET capture"
-    if settings.block_tcp != 1:
-        return "BLOCK_TCP is not 1"
-    steps = settings.steps(1)
-    if not steps or any(step.kind is StepKind.NATIVE for step in steps):
-        return "blocks go through a native ban backend" if steps else "no blocking step is configured"
-    if settings.kill_run_cmd_first:
-        return "KILL_RUN_CMD_FIRST runs a command before the block"
-    if settings.scan_trigger > 1:
-        return "SCAN_TRIGGER is above 1"
-    if config.resolve_host:
-        return "RESOLVE_HOST looks up names for the lines"
-    if config.ban_rate_limit_net:
-        return "BAN_RATE_LIMIT_NET caps bans per network"
-    if not isinstance(journal.syslog, SyslogWriter):
-        return "lines go to the systemd journal, not syslog"
-    if sensor.published.active:
-        return "ports are published by DNAT or REDIRECT here"
-    if not sensor.addresses.local:
-        return "this host's addresses are not known"
-    return None
-
-
-def port_table(sensor: StealthSensor) -> bytes:
-    """One byte per port: the lane's code of the one TCP stealth mode that watches it, 0 where
-    none or two do, or a service listens."""
-    table = bytearray(65536)
-    listening = sensor.listeners[Protocol.TCP].ports()
-    watches = [w for w in sensor.watches if w.mode.protocol is Protocol.TCP and w.mode in MODE_CODES]
-    for watch in watches:
-        code = MODE_CODES[watch.mode]
-        ports: Iterable[int] = watch.ports if watch.below is None else range(min(watch.below, 65536))
-        for port in ports:
-            if watch.covers(port) and port not in listening and 0 < port < 65536:
-                table[port] = 0xFF if table[port] else code
-    return bytes(table.translate(_CLASH))
-
-
-_CLASH = bytes(range(255)) + b"\0"  # 0xFF (two modes) -> 0
-
-
-def deny_networks(config: Config, ignore: IgnoreSource, now: float, protected: Iterable[IPAddress],
-                  sensor: StealthSensor) -> tuple[Network, ...]:
-    """Every source the lane must hand on: the engine would ignore or refuse it, or the sensor
-    drop it."""
-    hosts = (*sensor.addresses.local, *sensor.addresses.broadcast, *protected)
-    return (*IMPOSSIBLE_NETWORKS, *ignore.current(now).networks, *config.sensitive_networks,
-            *(ip_network(address) for address in hosts), ip_network("255.255.255.255/32"))
 
 
 class LaneKeeper:
