@@ -12,7 +12,8 @@ Data model (all keys carry the hash tag {FLEET_NAME}, so a fleet lives on one Cl
   failover to a replica that lagged, a flush), even when no command failed: redis-py reconnects
   a connection the server closed while it sat idle without saying so.
 One Lua script adds the entry and updates the active set and the mark atomically, so they never
-disagree: the longer of two bans of one address holds (ZADD GT), a lift removes it.
+disagree: the longer of two bans of one address holds (ZADD GT), a lift removes it. What is read
+back is bounded (fleet.bounded): every fleet member can write any bytes to these keys.
 
 Nothing here decides anything; fleet.node owns the threads and the cursors. Needs the redis
 package (the optional dependency `portsentry[fleet]`), imported only when a fleet is configured.
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from portsentry.core.probe import IPAddress
+from portsentry.fleet import bounded
 from portsentry.fleet.decision import FIELD_DATA, FIELD_SIGNATURE, Decision, encode, pack
 from portsentry.fleet.settings import FleetSettings, redact
 from portsentry.journal.journal import one_line
@@ -52,6 +54,7 @@ else
   redis.call('HDEL', KEYS[2], ARGV[5])
 end
 local before = redis.call('HGET', KEYS[4], ARGV[8])
+if before and #before > tonumber(ARGV[10]) then before = string.sub(before, 1, tonumber(ARGV[10])) end
 redis.call('HSET', KEYS[4], ARGV[8], ARGV[9])
 return {id, before}
 """
@@ -303,10 +306,13 @@ class Link:
         self.settings = settings
         # Any: redis-py's annotations cover every response shape of every protocol version;
         # the few answers used here are checked where they are read.
-        self.client: Any = client if client is not None else connect(settings)
+        self.client: Any = client if client is not None else bounded.bound(connect(settings))
         self.stream, self.bans_key, self.expiry_key, self.hosts_key = settings.keys()
         self._publish = self.client.register_script(_PUBLISH)
         self._prune = self.client.register_script(_PRUNE)
+        self._read = self.client.register_script(bounded.READ)
+        self._active = self.client.register_script(bounded.ACTIVE)
+        self._mark = self.client.register_script(bounded.MARK)
 
     def ping(self) -> None:
         self.client.ping()
@@ -321,7 +327,7 @@ class Link:
             self._publish(keys=[self.stream, self.bans_key, self.expiry_key, self.hosts_key],
                           args=[STREAM_LENGTH, fields[FIELD_DATA], fields[FIELD_SIGNATURE], decision.kind,
                                 decision.address.compressed, score, pack(decision, key, fleet),
-                                decision.host, mark(decision.epoch, decision.seq)],
+                                decision.host, mark(decision.epoch, decision.seq), bounded.MAX_MARK],
                           client=pipe)
         answers = pipe.execute()
         before = answers[0][1] if answers else None
@@ -341,7 +347,7 @@ class Link:
 
     def held_mark(self) -> bytes | None:
         """The mark Redis holds for this host."""
-        value = self.client.hget(self.hosts_key, self.settings.host_id)
+        value = self._mark(keys=[self.hosts_key], args=[self.settings.host_id, bounded.MAX_MARK])
         return None if value is None else bytes(value)
 
     def set_mark(self, value: bytes) -> None:
@@ -350,47 +356,51 @@ class Link:
     def last_id(self) -> bytes:
         """The newest entry's id (b"0-0" for an empty stream): where a reader that has just
         loaded the active set goes on from."""
-        newest = self.client.xrevrange(self.stream, count=1)
-        return bytes(newest[0][0]) if newest else b"0-0"
+        return self.ends()[1] or b"0-0"
 
     def ends(self) -> tuple[bytes | None, bytes | None]:
         """The stream's oldest and newest ids (None, None when it is empty or missing)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xrange(self.stream, count=1)
-        pipe.xrevrange(self.stream, count=1)
-        oldest, newest = pipe.execute()
-        return (bytes(oldest[0][0]) if oldest else None), (bytes(newest[0][0]) if newest else None)
+        oldest, newest, _entries = self._entries_after(b"0-0", 0)
+        return oldest, newest
 
     def follow(self, after: bytes, block_ms: int, count: int
                ) -> tuple[bytes | None, bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
         """The stream's oldest and newest ids, then the entries after `after`, waiting up to
-        `block_ms` for the first (0: not at all; Redis itself takes BLOCK 0 as "for ever"), in
-        one round trip: the reader learns with every read whether entries after its cursor were
-        trimmed or lost, not only when it reconnects."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xrange(self.stream, count=1)
-        pipe.xrevrange(self.stream, count=1)
-        pipe.xread({self.stream: after}, count=count, block=block_ms or None)
-        oldest, newest, answer = pipe.execute()
-        return ((bytes(oldest[0][0]) if oldest else None), (bytes(newest[0][0]) if newest else None),
-                self._entries(answer))
+        `block_ms` for the first (0: not at all): the reader learns with every read whether
+        entries after its cursor were trimmed or lost, not only when it reconnects. Each entry
+        holds its fields d and s only, none longer than MAX_FIELD (fleet.bounded)."""
+        oldest, newest, entries = self._entries_after(after, count)
+        if entries or not block_ms:
+            return oldest, newest, entries
+        try:
+            # Only "news came": what came is read again within bounds. (Redis itself takes
+            # BLOCK 0 as "for ever".)
+            with bounded.at_most(bounded.MAX_WAKE):
+                came = self.client.xread({self.stream: after}, count=1, block=block_ms)
+        except bounded.ReplyTooLarge:
+            came = True  # an entry past the budget came: the read below takes its bounded form
+        return self._entries_after(after, count) if came else (oldest, newest, entries)
 
-    def _entries(self, answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        if not answer:
-            return []
-        entries = answer[self.stream.encode()] if isinstance(answer, dict) else answer[0][1]
-        if isinstance(entries, list) and entries and isinstance(entries[0], list):
-            entries = entries[0]  # RESP3 shape
-        return [(bytes(entry_id), fields) for entry_id, fields in entries]
+    def _entries_after(self, after: bytes, count: int
+                       ) -> tuple[bytes | None, bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
+        oldest, newest, found = self._read(keys=[self.stream], args=[b"(" + after, count, bounded.MAX_FIELD])
+        entries = []
+        for entry_id, data, signature in found:
+            fields = {name: bytes(value) for name, value in ((FIELD_DATA, data), (FIELD_SIGNATURE, signature))
+                      if value}
+            entries.append((bytes(entry_id), fields))
+        return (bytes(oldest) or None), (bytes(newest) or None), entries
 
     def active(self) -> Iterator[list[bytes]]:
-        """The signed decisions of the fleet's active bans, a batch at a time."""
-        cursor = 0
+        """The signed decisions of the fleet's active bans, a batch at a time (b"" for one past
+        MAX_FIELD, refused as malformed when applied)."""
+        cursor: bytes | int = 0
         while True:
-            cursor, found = self.client.hscan(self.bans_key, cursor, count=SNAPSHOT_BATCH)
+            cursor, found = self._active(keys=[self.bans_key],
+                                         args=[cursor, SNAPSHOT_BATCH, bounded.MAX_FIELD])
             if found:
-                yield [bytes(value) for value in found.values()]
-            if cursor == 0:
+                yield [bytes(value) for value in found]
+            if int(cursor) == 0:
                 return
 
     def active_count(self) -> int:
