@@ -410,6 +410,12 @@ class Link:
         """Forget active-set entries whose ban has ended; any host may do it, any number of times."""
         return int(self._prune(keys=[self.bans_key, self.expiry_key], args=[repr(now), limit]))
 
+    def interrupt(self) -> None:
+        """From another thread (the stop): end the command this link's thread waits on, at
+        once; that thread sees a link error."""
+        with contextlib.suppress(Exception):
+            self.client.connection_pool.disconnect(inuse_connections=True)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a dead connection must not raise on the way out
             self.client.close()

@@ -28,7 +28,7 @@ class Reading(NodeState):
         while not self._stop.is_set():
             try:
                 if link is None:
-                    link = self._link_factory(self.settings)
+                    link = self._connect("read")
                     link.ping()
                     self._catch_up(link)
                     fresh = True
@@ -43,6 +43,8 @@ class Reading(NodeState):
                 self.tally.say_once("store", f"fleet: cannot write the ban store: {error}")
                 self._stop.wait(POLL)
             except Exception as error:
+                if self._stop.is_set():
+                    break  # the stop cut a command short (Link.interrupt)
                 self.log(f"adminalert: internal error in the fleet reader: {error!r}")
                 link = None
                 delay = self._backoff(delay)
