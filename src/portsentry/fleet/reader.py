@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 
 from portsentry.bans.store import StoreError
-from portsentry.fleet.link import Link, just_before, link_errors, lost_past, stream_order
+from portsentry.fleet.cursor import just_before, lost_past, stream_order
+from portsentry.fleet.link import Link, link_errors
 from portsentry.fleet.node_state import BACKOFF_FIRST, BLOCK_MS, POLL, NodeState
 
 READ_BATCH = 1000
