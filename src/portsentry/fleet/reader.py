@@ -85,13 +85,9 @@ class Reading(NodeState):
         resume = self.stream is not None and first is not None
         last = just_before(first) if resume and first is not None else newest
         self._past = newest if resume else None
-        started, total = time.monotonic(), 0
-        values: list[bytes] = []
-        for batch in link.active():
-            total += len(batch)
-            values += batch
+        started = time.monotonic()
         # All at once: the kernel takes every ban in one batch before the store records them.
-        applied = self.applier.apply_active(values)
+        applied, total = self.applier.apply_active(link.active())
         self.stream = last
         self._commit_read()
         self._save(force=True)

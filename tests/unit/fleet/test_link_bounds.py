@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from ipaddress import ip_address
 
-from portsentry.fleet.decision import Decision, encode
+from portsentry.fleet import link as link_module
+from portsentry.fleet.decision import Decision, encode, pack
 from portsentry.fleet.link import Link
 from tests.unit.fleet.test_node import KEY, node
 
@@ -108,4 +109,26 @@ def test_a_huge_mark_or_active_ban_is_read_cut(tmp_path, redis_url):
     assert used < BOUND, f"the reader held {used >> 20} MiB"
     assert held is not None and held == before and len(held) <= 64
     assert sorted(len(value) for value in active)[0] == 0  # refused as malformed when applied
+    link.close()
+
+
+def test_a_joining_host_keeps_only_the_active_bans_that_pass_not_all_it_read(tmp_path, redis_url,
+                                                                             monkeypatch):
+    # The active set was read whole into memory before any value was checked: junk values of
+    # 1 KiB (anyone with write access to the hash, no key needed) cost every joining host their
+    # total, 100 MB for 100,000. Now one batch of them at most (1,000 here: 30,000 take 30 MB).
+    monkeypatch.setattr(link_module, "SNAPSHOT_BATCH", 1000)
+    two, kernel, _log = node(tmp_path, redis_url, "h2")
+    link = Link(two.settings)
+    junk = b"j" * 1000
+    for start in range(0, 30_000, 2000):
+        link.client.hset(link.bans_key, mapping={f"198.19.{n >> 8 & 255}.{n & 255}-{n}": junk
+                                                 for n in range(start, start + 2000)})
+    link.client.hset(link.bans_key, "198.18.9.11", pack(ban("198.18.9.11", 1), KEY, "unit"))
+    with peak() as most:
+        two._catch_up(link)
+        used = most()
+    assert used < BOUND, f"the reader held {used >> 20} MiB"
+    assert two.status()["refused"] == {"malformed": 30_000}
+    assert set(kernel.held) == {ip_address("198.18.9.11")}
     link.close()
