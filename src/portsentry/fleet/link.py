@@ -43,7 +43,16 @@ CONNECT_TIMEOUT = 2.0
 # by the next command or the keepalive.
 READ_TIMEOUT = 10.0
 
+# Every key's type is checked before anything is written: a script that fails half-way keeps
+# what it wrote, and a stream entry added before a key of the wrong type (anyone with access can
+# make one) was added again at every retry of the publisher.
 _PUBLISH = """
+for i, kind in ipairs({'stream', 'hash', 'zset', 'hash'}) do
+  local found = redis.call('TYPE', KEYS[i])['ok']
+  if found ~= kind and found ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. found .. ', the fleet keeps a ' .. kind)
+  end
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2], 's', ARGV[3])
 if ARGV[4] == 'ban' then
   if redis.call('ZADD', KEYS[3], 'GT', 'CH', ARGV[6], ARGV[5]) == 1 then

@@ -164,3 +164,17 @@ def test_a_host_whose_clock_runs_ahead_does_not_prune_running_bans(redis_url):
     assert {unpack(value, KEY, "unit").address.compressed for batch in link.active() for value in batch} == {
         "198.18.9.1"}
     link.close()
+
+
+@pytest.mark.parametrize("which", ["bans_key", "expiry_key", "hosts_key"])
+def test_a_publish_to_a_key_of_the_wrong_type_adds_nothing(redis_url, which):
+    # The script added the stream entry, then failed on a key of the wrong type (written by
+    # anyone with access): the publisher, told it failed, sent it again at every retry, a
+    # copy of each decision of the batch in the stream every few seconds, trimming its past.
+    link = Link(settings(redis_url))
+    link.client.set(getattr(link, which), "not what the fleet writes")
+    with pytest.raises(link_errors()) as caught:
+        link.publish([ban("198.18.9.1", 1, NOW + 100), ban("198.18.9.2", 2, None)])
+    assert "WRONGTYPE" in str(caught.value) and which.removesuffix("_key") in str(caught.value)
+    assert link.client.xlen(link.stream) == 0 and link.client.exists(link.stream) == 0
+    link.close()
