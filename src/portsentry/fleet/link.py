@@ -141,6 +141,8 @@ def connect(settings: FleetSettings) -> redis.Redis:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    from portsentry.fleet.budget import bound
+
     parts = urlsplit(settings.url)
     common: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": READ_TIMEOUT,
@@ -152,14 +154,14 @@ def connect(settings: FleetSettings) -> redis.Redis:
         common["password"] = settings.password
     try:
         if parts.scheme.endswith("+sentinel"):
-            return _sentinel(settings, parts.scheme.startswith("rediss"), common)
+            return bound(_sentinel(settings, parts.scheme.startswith("rediss"), common))
         if parts.scheme.endswith("+cluster"):
-            return _cluster_node(settings, parts.scheme.startswith("rediss"), common)
+            return bound(_cluster_node(settings, parts.scheme.startswith("rediss"), common))
         client: redis.Redis = redis.Redis.from_url(settings.url, **common)
     except ValueError:
         # Not redis-py's message: it may quote a part of the URL that holds the password.
         raise LinkError(f"{settings.redacted}: a port, database or option redis-py cannot read") from None
-    return client
+    return bound(client)
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ class Link:
         self.settings = settings
         # Any: redis-py's annotations cover every response shape of every protocol version;
         # the few answers used here are checked where they are read.
-        self.client: Any = client if client is not None else bounded.bound(connect(settings))
+        self.client: Any = client if client is not None else connect(settings)
         self.stream, self.bans_key, self.expiry_key, self.hosts_key = settings.keys()
         self._publish = self.client.register_script(_PUBLISH)
         self._prune = self.client.register_script(_PRUNE)
@@ -348,12 +350,14 @@ class Link:
         oldest, newest, entries = self._entries_after(after, count)
         if entries or not block_ms:
             return oldest, newest, entries
+        from portsentry.fleet.budget import MAX_WAKE, ReplyTooLarge, at_most
+
         try:
             # Only "news came": what came is read again within bounds. (Redis itself takes
             # BLOCK 0 as "for ever".)
-            with bounded.at_most(bounded.MAX_WAKE):
+            with at_most(MAX_WAKE):
                 came = self.client.xread({self.stream: after}, count=1, block=block_ms)
-        except bounded.ReplyTooLarge:
+        except ReplyTooLarge:
             came = True  # an entry past the budget came: the read below takes its bounded form
         return self._entries_after(after, count) if came else (oldest, newest, entries)
 

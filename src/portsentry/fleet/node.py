@@ -28,8 +28,8 @@ on fleet-read), the state file (_save, from both threads and the stop), `status`
 loop), and all that fleet-publish runs (_publish_loop down to _decision). What fleet-read runs
 is fleet.reader (Reading, a part of FleetNode); the timings and state the two threads share are
 declared in fleet.node_state. The parts that need none of the node's lock, state file or marks
-are beside it (fleet.link, fleet.bounded, fleet.cursor, fleet.apply, fleet.gate, fleet.decision,
-fleet.tally).
+are beside it (fleet.link, fleet.bounded, fleet.budget, fleet.cursor, fleet.apply, fleet.gate,
+fleet.decision, fleet.tally).
 """
 
 from __future__ import annotations

@@ -1,17 +1,20 @@
-"""The fleet connections' reply budget (fleet.bounded) against arbitrary replies: a reply within
+"""The fleet connections' reply budget (fleet.budget) against arbitrary replies: a reply within
 it reads exactly as redis-py's own parser reads it, one past it raises ReplyTooLarge and nothing
 else, whatever its shape, for RESP3 and RESP2."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis._parsers import Encoder, _RESP2Parser, _RESP3Parser
 
-from portsentry.fleet.bounded import ELEMENT, BoundedRESP2, BoundedRESP3, ReplyTooLarge, at_most
+from portsentry.fleet.budget import ELEMENT, BoundedRESP2, BoundedRESP3, ReplyTooLarge, at_most
 
 Value = Any
 
@@ -93,3 +96,14 @@ def test_a_huge_header_is_refused_before_anything_is_read_for_it():
         except ReplyTooLarge:
             continue
         raise AssertionError(f"{header!r} was taken")
+
+
+def test_the_daemon_does_not_import_redis_py_without_a_fleet():
+    """redis-py is the optional extra portsentry[fleet], imported only when a fleet is configured
+    (README): the daemon's modules must load without it."""
+    code = ("import sys, portsentry.service.daemon, portsentry.cli.run, portsentry.fleet.node; "
+            "print(sorted(name for name in sys.modules if name.split('.')[0] == 'redis'))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+                          check=True)
+    assert done.stdout.strip() == "[]", done.stdout
