@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from portsentry.core.addresses import canonical, impossible_source
 from portsentry.fleet.bounded import MAX_FIELD, MAX_MARK
 from portsentry.fleet.cursor import just_before, lost_past, stream_order, trimmed_past
-from portsentry.fleet.decision import FIELD_DATA, FIELD_SIGNATURE, BadDecision, Decision, pack, unpack
+from portsentry.fleet.decision import FIELD_DATA, FIELD_SIGNATURE, BadDecision, Decision, encode, pack, unpack
 from portsentry.fleet.link import Link, compare_marks
 from portsentry.fleet.settings import FleetSettings
 
@@ -108,3 +109,42 @@ def test_stream_ids_however_a_writer_picks_them(first, cursor, newest):
 
 def _after(order: tuple[int, int]) -> tuple[int, int]:
     return (order[0], order[1] + 1) if order[1] < 2**64 - 1 else (order[0] + 1, 0)
+
+
+_ADDRESS = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6).map(canonical)).filter(
+    lambda address: address == canonical(address))
+_TIME = st.integers(0, 10**12 - 1).map(lambda n: n / 1000) | st.sampled_from([0.0, 1.0, 16e9, 16e9 - 1])
+_DECISIONS = st.lists(st.builds(
+    lambda host, kind, address, expires, at, seq: Decision(host, 1, seq, kind, address,
+                                                           None if kind == "lift" else expires, at, "x"),
+    st.sampled_from(["h2", "h3"]), st.sampled_from(["ban", "lift"]), _ADDRESS, st.none() | _TIME, _TIME,
+    st.integers(0, 10**6)), min_size=1, max_size=8)
+GUARDED = ip_address("198.18.0.1")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_DECISIONS)
+def test_whatever_signed_decisions_say_applying_them_neither_raises_nor_bans_a_guarded_address(tmp_path,
+                                                                                            decisions):
+    """Through the gate and the ban lifecycle, as fleet-read applies them (a real store, a
+    recording kernel): an exception here would stop the reader on that entry for good."""
+    from portsentry.fleet.apply import Applier
+    from portsentry.fleet.gate import Gate, Guards
+    from portsentry.fleet.tally import Tally
+    from portsentry.journal.telemetry import Telemetry
+    from tests.unit.bans.test_lifecycle import manager
+
+    bans, kernel, _lines, _commands = manager(tmp_path)
+    fleet = FleetSettings("unix:///nowhere", "props", "h1", KEY)
+    gate = Gate("h1")
+    gate.set_guards(Guards(own=frozenset({GUARDED})))
+    now = 1_800_000_000.0
+    tally = Tally(lambda _line: None, Telemetry(), lambda: now, "x")
+    applier = Applier(fleet, bans, gate, tally, lambda: now)
+    entries = [(f"{n + 1}-0".encode(), encode(each, KEY, "props")) for n, each in enumerate(decisions)]
+    applier.apply_entries(entries)
+    applier.apply_active([[pack(decision, KEY, "props") for decision in decisions]])
+    assert GUARDED not in kernel.held
+    for address in kernel.held:
+        assert impossible_source(address) is None and not address.is_link_local
+    bans.store.close()
