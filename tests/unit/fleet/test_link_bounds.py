@@ -132,3 +132,31 @@ def test_a_joining_host_keeps_only_the_active_bans_that_pass_not_all_it_read(tmp
     assert two.status()["refused"] == {"malformed": 30_000}
     assert set(kernel.held) == {ip_address("198.18.9.11")}
     link.close()
+
+
+_MANY_FIELDS = """
+local fields = {}
+for n = 1, tonumber(ARGV[2]) do fields[#fields + 1] = 'f' .. n; fields[#fields + 1] = 'v' end
+for _ = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', unpack(fields)) end
+"""
+
+
+def test_a_read_of_entries_of_many_fields_ends_in_time_and_goes_on(tmp_path, redis_url, monkeypatch):
+    # A read of 1,000 entries took as long as Redis took to go through all their fields: 100
+    # entries of 100,000 fields took 5.8 s, 200 would pass READ_TIMEOUT (10 s). The read timed
+    # out, was tried again from the same cursor, timed out again: the reader never got past
+    # them (and Redis ran the script to its end every time). Here 0.5 s, and 9 million fields.
+    two, kernel, _log = node(tmp_path, redis_url, "h2")
+    writer = Link(two.settings)
+    monkeypatch.setattr(link_module, "READ_TIMEOUT", 0.5)
+    link = Link(two.settings)
+    two._catch_up(link)
+    writer.client.eval(_MANY_FIELDS, 1, writer.stream, 3000, 3000)
+    writer.client.xadd(writer.stream, encode(ban("198.18.9.12", 1), KEY, "unit"))
+    writer.close()
+    started = time.monotonic()
+    while two.read_once(link, 0):
+        assert time.monotonic() - started < 60
+    assert set(kernel.held) == {ip_address("198.18.9.12")}
+    assert two.status()["refused"] == {"malformed": 3000}
+    link.close()
