@@ -17,7 +17,8 @@ MAX_MARK = 64  # a host's mark: 41 bytes at most, so a longer one is cut, never 
 # come to about 1 MB, and Redis goes through 16 MB of many small fields in about 0.1 s.
 MAX_WORK = 16 * 2**20
 
-# One entry at a time (XRANGE ... COUNT 1): Lua holds one entry's fields, never a batch of them.
+# One entry at a time (XRANGE ... COUNT 2, the one before it passed over): Lua holds two entries'
+# fields at most, never a batch of them.
 # Each entry comes back as {id, d, s}: "" for a field missing, or longer than ARGV[3]. The read
 # ends early once the entries' fields and bytes pass ARGV[4] (counted as fleet.budget counts a
 # reply): a thousand entries of many fields took Redis past the client's READ_TIMEOUT, the read
@@ -33,9 +34,13 @@ local entries, start, limit, work = {}, ARGV[1], tonumber(ARGV[3]), tonumber(ARG
 local spent = 0
 for _ = 1, tonumber(ARGV[2]) do
   if spent > work then break end
-  local found = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1)
-  if #found == 0 then break end
-  local id, fields, d, s = found[1][1], found[1][2], '', ''
+  -- From `start` on, without it: XRANGE's exclusive '(' form needs Redis 6.2 (Debian 11 and
+  -- Ubuntu 22.04 ship 6.0), so the entry at `start` itself, read before, is passed over.
+  local found = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 2)
+  local entry = found[1]
+  if entry and entry[1] == start then entry = found[2] end
+  if not entry then break end
+  local id, fields, d, s = entry[1], entry[2], '', ''
   for i = 1, #fields - 1, 2 do
     local value = fields[i + 1]
     spent = spent + 128 + #fields[i] + #value
@@ -44,7 +49,7 @@ for _ = 1, tonumber(ARGV[2]) do
     end
   end
   entries[#entries + 1] = {id, d, s}
-  start = '(' .. id
+  start = id
 end
 return {oldest, newest, entries}
 """

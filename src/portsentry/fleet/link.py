@@ -363,7 +363,7 @@ class Link:
 
     def _entries_after(self, after: bytes, count: int
                        ) -> tuple[bytes | None, bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
-        oldest, newest, found = self._read(keys=[self.stream], args=[b"(" + after, count, bounded.MAX_FIELD,
+        oldest, newest, found = self._read(keys=[self.stream], args=[after, count, bounded.MAX_FIELD,
                                                                      bounded.MAX_WORK])
         entries = []
         for entry_id, data, signature in found:
