@@ -5,7 +5,7 @@ set when it loads it, stream entries as it follows them. No Redis here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from portsentry.bans.adopt import RemoteBan, adopt_bans, lift_remote
 from portsentry.bans.lifecycle import BanManager
@@ -35,10 +35,23 @@ class Applier:
         # Sends this host's ban of an address again, after the stale lift of it in the stream.
         self.resend = resend
 
-    def apply_active(self, values: list[bytes]) -> int:
+    def apply_active(self, batches: Iterable[list[bytes]]) -> tuple[int, int]:
         """Signed decisions of the active set: verified and guarded like stream entries, except
-        the rate cap (this is state the fleet already holds, not news). How many were made here."""
+        the rate cap (this is state the fleet already holds, not news). Each batch is checked as
+        it is read, and only the bans that pass are kept until the kernel takes them all at once:
+        anyone who can write to the hash can fill it with junk. How many were made here, and of
+        how many read."""
         now = self.clock()
+        wanted: list[RemoteBan] = []
+        total = 0
+        for values in batches:
+            total += len(values)
+            wanted += self._active_bans(values, now)
+        made = adopt_bans(self.bans, self._not_lifted_here(wanted), now, self.hosts_deny, kernel_first=True)
+        self.tally.count("applied", len(made))
+        return len(made), total
+
+    def _active_bans(self, values: list[bytes], now: float) -> list[RemoteBan]:
         wanted: list[RemoteBan] = []
         for value in values:
             try:
@@ -56,9 +69,7 @@ class Applier:
                 continue
             wanted.append(RemoteBan(decision.address, reachable(decision.expires), decision.host,
                                     fleet_reason(decision)))
-        made = adopt_bans(self.bans, self._not_lifted_here(wanted), now, self.hosts_deny, kernel_first=True)
-        self.tally.count("applied", len(made))
-        return len(made)
+        return wanted
 
     def apply_entries(self, entries: Entries, past: int = 0) -> None:
         """Stream entries in order: runs of bans in one batch, lifts one by one between them. The

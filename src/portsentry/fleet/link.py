@@ -12,7 +12,8 @@ Data model (all keys carry the hash tag {FLEET_NAME}, so a fleet lives on one Cl
   failover to a replica that lagged, a flush), even when no command failed: redis-py reconnects
   a connection the server closed while it sat idle without saying so.
 One Lua script adds the entry and updates the active set and the mark atomically, so they never
-disagree: the longer of two bans of one address holds (ZADD GT), a lift removes it.
+disagree: the longer of two bans of one address holds (ZADD GT), a lift removes it. What is read
+back is bounded (fleet.bounded): every fleet member can write any bytes to these keys.
 
 Nothing here decides anything; fleet.node owns the threads and the cursors. Needs the redis
 package (the optional dependency `portsentry[fleet]`), imported only when a fleet is configured.
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from portsentry.core.probe import IPAddress
+from portsentry.fleet import bounded
 from portsentry.fleet.decision import FIELD_DATA, FIELD_SIGNATURE, Decision, encode, pack
 from portsentry.fleet.settings import FleetSettings, redact
 from portsentry.journal.journal import one_line
@@ -41,7 +43,16 @@ CONNECT_TIMEOUT = 2.0
 # by the next command or the keepalive.
 READ_TIMEOUT = 10.0
 
+# Every key's type is checked before anything is written: a script that fails half-way keeps
+# what it wrote, and a stream entry added before a key of the wrong type (anyone with access can
+# make one) was added again at every retry of the publisher.
 _PUBLISH = """
+for i, kind in ipairs({'stream', 'hash', 'zset', 'hash'}) do
+  local found = redis.call('TYPE', KEYS[i])['ok']
+  if found ~= kind and found ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. found .. ', the fleet keeps a ' .. kind)
+  end
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2], 's', ARGV[3])
 if ARGV[4] == 'ban' then
   if redis.call('ZADD', KEYS[3], 'GT', 'CH', ARGV[6], ARGV[5]) == 1 then
@@ -52,12 +63,19 @@ else
   redis.call('HDEL', KEYS[2], ARGV[5])
 end
 local before = redis.call('HGET', KEYS[4], ARGV[8])
+if before and #before > tonumber(ARGV[10]) then before = string.sub(before, 1, tonumber(ARGV[10])) end
 redis.call('HSET', KEYS[4], ARGV[8], ARGV[9])
 return {id, before}
 """
 
+# Ended by the host's clock and by Redis's as the newest entry's id gives it (TIME is outside the
+# ACL the docs give): a host whose clock runs ahead must not take running bans out of the set.
 _PRUNE = """
-local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if #newest == 0 then return 0 end
+local redis_now = tonumber(string.match(newest[1][1], '^%d+')) / 1000
+local upto = string.format('%.6f', math.min(tonumber(ARGV[1]), redis_now))
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', upto, 'LIMIT', 0, ARGV[2])
 if #gone > 0 then
   redis.call('ZREM', KEYS[2], unpack(gone))
   redis.call('HDEL', KEYS[1], unpack(gone))
@@ -123,6 +141,8 @@ def connect(settings: FleetSettings) -> redis.Redis:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    from portsentry.fleet.budget import bound
+
     parts = urlsplit(settings.url)
     common: dict[str, Any] = {
         "socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": READ_TIMEOUT,
@@ -134,14 +154,14 @@ def connect(settings: FleetSettings) -> redis.Redis:
         common["password"] = settings.password
     try:
         if parts.scheme.endswith("+sentinel"):
-            return _sentinel(settings, parts.scheme.startswith("rediss"), common)
+            return bound(_sentinel(settings, parts.scheme.startswith("rediss"), common))
         if parts.scheme.endswith("+cluster"):
-            return _cluster_node(settings, parts.scheme.startswith("rediss"), common)
+            return bound(_cluster_node(settings, parts.scheme.startswith("rediss"), common))
         client: redis.Redis = redis.Redis.from_url(settings.url, **common)
     except ValueError:
         # Not redis-py's message: it may quote a part of the URL that holds the password.
         raise LinkError(f"{settings.redacted}: a port, database or option redis-py cannot read") from None
-    return client
+    return bound(client)
 
 
 @dataclass(frozen=True)
@@ -249,45 +269,6 @@ def slot_owner(slots: Any, slot: int) -> tuple[str, int] | None:
     return None
 
 
-def stream_order(entry: bytes) -> tuple[int, int]:
-    """A stream id as (milliseconds, sequence), which order as the stream does."""
-    ms, _, seq = entry.partition(b"-")
-    return int(ms), int(seq or 0)
-
-
-_SEQ_MAX = 2**64 - 1
-
-
-def trimmed_past(first: bytes, cursor: bytes) -> bool:
-    """Whether the stream's oldest entry `first` lies beyond the one after `cursor`: entries a
-    reader at `cursor` has not seen may have been trimmed (or lost by a Redis restart)."""
-    ms, seq = stream_order(cursor)
-    return stream_order(first) > ((ms, seq + 1) if seq < _SEQ_MAX else (ms + 1, 0))
-
-
-def just_before(first: bytes) -> bytes:
-    """The cursor from which XREAD returns `first` and what follows it."""
-    ms, seq = stream_order(first)
-    if seq:
-        return f"{ms}-{seq - 1}".encode()
-    return f"{ms - 1}-{_SEQ_MAX}".encode() if ms else b"0-0"
-
-
-def lost_past(first: bytes | None, cursor: bytes | None, newest: bytes | None = None) -> bool:
-    """Whether a reader at `cursor` must load the active set: it has no cursor, or what follows
-    its cursor is gone (trimmed, or the stream itself lost: empty under a cursor that had read
-    entries, or made again with its `newest` id below the cursor, by a Redis that came back empty
-    with its clock behind: trimming never removes the newest entry, so only a new stream can end
-    before the cursor). b"0-0" is the cursor of a reader that loaded an empty fleet."""
-    if cursor is None:
-        return True
-    if cursor == b"0-0":
-        return False
-    if newest is not None and stream_order(newest) < stream_order(cursor):
-        return True
-    return first is None or trimmed_past(first, cursor)
-
-
 def describe_error(error: BaseException | None) -> str | None:
     if error is None:
         return None
@@ -307,6 +288,9 @@ class Link:
         self.stream, self.bans_key, self.expiry_key, self.hosts_key = settings.keys()
         self._publish = self.client.register_script(_PUBLISH)
         self._prune = self.client.register_script(_PRUNE)
+        self._read = self.client.register_script(bounded.READ)
+        self._active = self.client.register_script(bounded.ACTIVE)
+        self._mark = self.client.register_script(bounded.MARK)
 
     def ping(self) -> None:
         self.client.ping()
@@ -321,7 +305,7 @@ class Link:
             self._publish(keys=[self.stream, self.bans_key, self.expiry_key, self.hosts_key],
                           args=[STREAM_LENGTH, fields[FIELD_DATA], fields[FIELD_SIGNATURE], decision.kind,
                                 decision.address.compressed, score, pack(decision, key, fleet),
-                                decision.host, mark(decision.epoch, decision.seq)],
+                                decision.host, mark(decision.epoch, decision.seq), bounded.MAX_MARK],
                           client=pipe)
         answers = pipe.execute()
         before = answers[0][1] if answers else None
@@ -341,7 +325,7 @@ class Link:
 
     def held_mark(self) -> bytes | None:
         """The mark Redis holds for this host."""
-        value = self.client.hget(self.hosts_key, self.settings.host_id)
+        value = self._mark(keys=[self.hosts_key], args=[self.settings.host_id, bounded.MAX_MARK])
         return None if value is None else bytes(value)
 
     def set_mark(self, value: bytes) -> None:
@@ -350,55 +334,69 @@ class Link:
     def last_id(self) -> bytes:
         """The newest entry's id (b"0-0" for an empty stream): where a reader that has just
         loaded the active set goes on from."""
-        newest = self.client.xrevrange(self.stream, count=1)
-        return bytes(newest[0][0]) if newest else b"0-0"
+        return self.ends()[1] or b"0-0"
 
     def ends(self) -> tuple[bytes | None, bytes | None]:
         """The stream's oldest and newest ids (None, None when it is empty or missing)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xrange(self.stream, count=1)
-        pipe.xrevrange(self.stream, count=1)
-        oldest, newest = pipe.execute()
-        return (bytes(oldest[0][0]) if oldest else None), (bytes(newest[0][0]) if newest else None)
+        oldest, newest, _entries = self._entries_after(b"0-0", 0)
+        return oldest, newest
 
     def follow(self, after: bytes, block_ms: int, count: int
                ) -> tuple[bytes | None, bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
         """The stream's oldest and newest ids, then the entries after `after`, waiting up to
-        `block_ms` for the first (0: not at all; Redis itself takes BLOCK 0 as "for ever"), in
-        one round trip: the reader learns with every read whether entries after its cursor were
-        trimmed or lost, not only when it reconnects."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xrange(self.stream, count=1)
-        pipe.xrevrange(self.stream, count=1)
-        pipe.xread({self.stream: after}, count=count, block=block_ms or None)
-        oldest, newest, answer = pipe.execute()
-        return ((bytes(oldest[0][0]) if oldest else None), (bytes(newest[0][0]) if newest else None),
-                self._entries(answer))
+        `block_ms` for the first (0: not at all): the reader learns with every read whether
+        entries after its cursor were trimmed or lost, not only when it reconnects. Each entry
+        holds its fields d and s only, none longer than MAX_FIELD (fleet.bounded)."""
+        oldest, newest, entries = self._entries_after(after, count)
+        if entries or not block_ms:
+            return oldest, newest, entries
+        from portsentry.fleet.budget import MAX_WAKE, ReplyTooLarge, at_most
 
-    def _entries(self, answer: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        if not answer:
-            return []
-        entries = answer[self.stream.encode()] if isinstance(answer, dict) else answer[0][1]
-        if isinstance(entries, list) and entries and isinstance(entries[0], list):
-            entries = entries[0]  # RESP3 shape
-        return [(bytes(entry_id), fields) for entry_id, fields in entries]
+        try:
+            # Only "news came": what came is read again within bounds. (Redis itself takes
+            # BLOCK 0 as "for ever".)
+            with at_most(MAX_WAKE):
+                came = self.client.xread({self.stream: after}, count=1, block=block_ms)
+        except ReplyTooLarge:
+            came = True  # an entry past the budget came: the read below takes its bounded form
+        return self._entries_after(after, count) if came else (oldest, newest, entries)
+
+    def _entries_after(self, after: bytes, count: int
+                       ) -> tuple[bytes | None, bytes | None, list[tuple[bytes, dict[bytes, bytes]]]]:
+        oldest, newest, found = self._read(keys=[self.stream], args=[after, count, bounded.MAX_FIELD,
+                                                                     bounded.MAX_WORK])
+        entries = []
+        for entry_id, data, signature in found:
+            fields = {name: bytes(value) for name, value in ((FIELD_DATA, data), (FIELD_SIGNATURE, signature))
+                      if value}
+            entries.append((bytes(entry_id), fields))
+        return (bytes(oldest) or None), (bytes(newest) or None), entries
 
     def active(self) -> Iterator[list[bytes]]:
-        """The signed decisions of the fleet's active bans, a batch at a time."""
-        cursor = 0
+        """The signed decisions of the fleet's active bans, a batch at a time (b"" for one past
+        MAX_FIELD, refused as malformed when applied)."""
+        cursor: bytes | int = 0
         while True:
-            cursor, found = self.client.hscan(self.bans_key, cursor, count=SNAPSHOT_BATCH)
+            cursor, found = self._active(keys=[self.bans_key],
+                                         args=[cursor, SNAPSHOT_BATCH, bounded.MAX_FIELD])
             if found:
-                yield [bytes(value) for value in found.values()]
-            if cursor == 0:
+                yield [bytes(value) for value in found]
+            if int(cursor) == 0:
                 return
 
     def active_count(self) -> int:
         return int(self.client.zcard(self.expiry_key))
 
     def prune(self, now: float, limit: int = 10_000) -> int:
-        """Forget active-set entries whose ban has ended; any host may do it, any number of times."""
-        return int(self._prune(keys=[self.bans_key, self.expiry_key], args=[repr(now), limit]))
+        """Forget active-set entries whose ban has ended by `now` and by Redis's clock; any host
+        may do it, any number of times."""
+        return int(self._prune(keys=[self.bans_key, self.expiry_key, self.stream], args=[repr(now), limit]))
+
+    def interrupt(self) -> None:
+        """From another thread (the stop): end the command this link's thread waits on, at
+        once; that thread sees a link error."""
+        with contextlib.suppress(Exception):
+            self.client.connection_pool.disconnect(inuse_connections=True)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a dead connection must not raise on the way out

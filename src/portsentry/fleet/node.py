@@ -28,7 +28,8 @@ on fleet-read), the state file (_save, from both threads and the stop), `status`
 loop), and all that fleet-publish runs (_publish_loop down to _decision). What fleet-read runs
 is fleet.reader (Reading, a part of FleetNode); the timings and state the two threads share are
 declared in fleet.node_state. The parts that need none of the node's lock, state file or marks
-are beside it (fleet.link, fleet.apply, fleet.gate, fleet.decision, fleet.tally).
+are beside it (fleet.link, fleet.bounded, fleet.budget, fleet.cursor, fleet.apply, fleet.gate,
+fleet.decision, fleet.tally).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class FleetNode(Reading):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._links: dict[str, Link] = {}  # each thread's link, under _lock: the stop interrupts them
         self._saved_at = 0.0
         self._state_file = StateFile(self.path, settings.name)
         state, problem = load_state(self.path, settings.name)
@@ -141,6 +143,12 @@ class FleetNode(Reading):
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        # A thread waiting on a Redis that stopped answering would hold the stop up to
+        # READ_TIMEOUT: its command is cut short, and the thread ends.
+        with self._lock:
+            links = list(self._links.values())
+        for link in links:
+            link.interrupt()
         for thread in self._threads:
             thread.join(timeout=BLOCK_MS / 1000 + 5.0)
         self._threads = []
@@ -179,10 +187,21 @@ class FleetNode(Reading):
         self._stop.wait(delay)
         return min(delay * 2, BACKOFF_MAX)
 
+    def _connect(self, which: str) -> Link:
+        """A new link for one thread (`which`: publish or read), known to the stop."""
+        link = self._link_factory(self.settings)
+        with self._lock:
+            self._links[which] = link
+        if self._stop.is_set():
+            link.interrupt()  # the stop came while it was made
+        return link
+
     def _link_lost(self, link: Link | None, which: str, error: BaseException, delay: float) -> float:
         """A Redis error in one thread's loop (`which`: publish_up or read_up): said through the
-        tally, the connection closed, the wait before the next try; the delay after it."""
-        self.tally.link(which, False, error)
+        tally (unless the stop cut the command short), the connection closed, the wait before the
+        next try; the delay after it."""
+        if not self._stop.is_set():
+            self.tally.link(which, False, error)
         if link is not None:
             link.close()
         return self._backoff(delay)
@@ -197,7 +216,7 @@ class FleetNode(Reading):
         while not self._stop.is_set():
             try:
                 if link is None:
-                    link = self._link_factory(self.settings)
+                    link = self._connect("publish")
                     link.ping()
                     self.connected(link)
                     fresh = True
@@ -228,6 +247,8 @@ class FleetNode(Reading):
                 self.tally.say_once("store", f"fleet: cannot read the ban store: {error}")
                 self._stop.wait(POLL)
             except Exception as error:  # a bug must not end publishing for the daemon's life
+                if self._stop.is_set():
+                    break  # the stop cut a command short (Link.interrupt)
                 self.log(f"adminalert: internal error in the fleet publisher: {error!r}")
                 link = None
                 delay = self._backoff(delay)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 
 from portsentry.bans.store import StoreError
-from portsentry.fleet.link import Link, just_before, link_errors, lost_past, stream_order
+from portsentry.fleet.cursor import just_before, lost_past, stream_order
+from portsentry.fleet.link import Link, link_errors
 from portsentry.fleet.node_state import BACKOFF_FIRST, BLOCK_MS, POLL, NodeState
 
 READ_BATCH = 1000
@@ -28,7 +29,7 @@ class Reading(NodeState):
         while not self._stop.is_set():
             try:
                 if link is None:
-                    link = self._link_factory(self.settings)
+                    link = self._connect("read")
                     link.ping()
                     self._catch_up(link)
                     fresh = True
@@ -43,6 +44,8 @@ class Reading(NodeState):
                 self.tally.say_once("store", f"fleet: cannot write the ban store: {error}")
                 self._stop.wait(POLL)
             except Exception as error:
+                if self._stop.is_set():
+                    break  # the stop cut a command short (Link.interrupt)
                 self.log(f"adminalert: internal error in the fleet reader: {error!r}")
                 link = None
                 delay = self._backoff(delay)
@@ -82,13 +85,9 @@ class Reading(NodeState):
         resume = self.stream is not None and first is not None
         last = just_before(first) if resume and first is not None else newest
         self._past = newest if resume else None
-        started, total = time.monotonic(), 0
-        values: list[bytes] = []
-        for batch in link.active():
-            total += len(batch)
-            values += batch
+        started = time.monotonic()
         # All at once: the kernel takes every ban in one batch before the store records them.
-        applied = self.applier.apply_active(values)
+        applied, total = self.applier.apply_active(link.active())
         self.stream = last
         self._commit_read()
         self._save(force=True)

@@ -149,3 +149,32 @@ def test_a_hostile_server_s_error_reply_is_described_in_printable_text(tmp_path)
         server.close()
     assert text is not None and text.isprintable(), repr(text)
     assert forged.decode() in text
+
+
+def test_a_host_whose_clock_runs_ahead_does_not_prune_running_bans(redis_url):
+    # Every host prunes the active set by its own clock: one set two hours ahead (an NTP gone
+    # wrong) took every ban ending within two hours out of it, so hosts joining later, or
+    # reading after a trim, never made them. A ban is pruned once Redis's clock says it ended too.
+    import time
+
+    link = Link(settings(redis_url))
+    now = time.time()
+    link.publish([ban("198.18.9.1", 1, now + 3600), ban("198.18.9.2", 2, now - 1)])
+    assert link.prune(now + 7200) == 1
+    assert {unpack(value, KEY, "unit").address.compressed for batch in link.active() for value in batch} == {
+        "198.18.9.1"}
+    link.close()
+
+
+@pytest.mark.parametrize("which", ["bans_key", "expiry_key", "hosts_key"])
+def test_a_publish_to_a_key_of_the_wrong_type_adds_nothing(redis_url, which):
+    # The script added the stream entry, then failed on a key of the wrong type (written by
+    # anyone with access): the publisher, told it failed, sent it again at every retry, a
+    # copy of each decision of the batch in the stream every few seconds, trimming its past.
+    link = Link(settings(redis_url))
+    link.client.set(getattr(link, which), "not what the fleet writes")
+    with pytest.raises(link_errors()) as caught:
+        link.publish([ban("198.18.9.1", 1, NOW + 100), ban("198.18.9.2", 2, None)])
+    assert "WRONGTYPE" in str(caught.value) and which.removesuffix("_key") in str(caught.value)
+    assert link.client.xlen(link.stream) == 0 and link.client.exists(link.stream) == 0
+    link.close()

@@ -436,7 +436,7 @@ def test_a_ban_lifted_here_only_stays_lifted_when_its_origin_sends_it_again(tmp_
     assert active_in_redis(admin) == {str(timed), str(forever), str(other)}
     deliver(one, two, redis_url)
     assert set(kernel2.held) == {other}
-    two.applier.apply_active([value for batch in admin.active() for value in batch])
+    two.applier.apply_active(admin.active())
     assert set(kernel2.held) == {other}
     # Host 1 sees the scanner again: a longer ban is another ban.
     local_ban(one, str(timed), 1200)

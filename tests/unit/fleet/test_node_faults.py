@@ -3,6 +3,8 @@ clock is set back under the publisher."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Sequence
 
@@ -142,3 +144,27 @@ def test_a_url_redis_py_cannot_read_is_a_link_error_not_an_internal_one():
     with pytest.raises(link_errors()) as caught:
         Link(FleetSettings("redis://198.18.0.1:6379/0?socket_timeout=soon", "unit", "h1", KEY))
     assert isinstance(caught.value, LinkError)
+
+
+def test_the_stop_does_not_wait_for_a_redis_that_stopped_answering(tmp_path, redis_url):
+    # A Redis that stopped answering (a partition that drops packets; here SIGSTOP): each fleet
+    # thread waits in its command up to READ_TIMEOUT (10 s). The stop joined each for 6 s, so
+    # `systemctl stop` took 6 to 12 s more and went on with a fleet thread still running.
+    one, _kernel, log = node(tmp_path, redis_url, "h1")
+    admin = Link(one.settings)
+    pid = int(admin.client.info("server")["process_id"])
+    one.start(Guards())
+    threads = list(one._threads)
+    try:
+        wait_until(lambda: one.status()["link"] == "up", "the link up")
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(1.5)  # the reader in its read, the publisher in its look at its mark
+        started = time.monotonic()
+        one.stop()
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        admin.close()
+    assert took < 1.0, f"the stop took {took:.1f} s"
+    assert not any(thread.is_alive() for thread in threads)
+    assert not any("internal error" in line or "is down" in line for line in log), log

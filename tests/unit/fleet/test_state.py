@@ -7,7 +7,8 @@ import json
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from portsentry.fleet.link import just_before, lost_past, parse_mark, trimmed_past
+from portsentry.fleet.cursor import just_before, lost_past, trimmed_past
+from portsentry.fleet.link import parse_mark
 from portsentry.fleet.state import FleetState, StateFile, load_state
 
 
