@@ -53,7 +53,7 @@ from portsentry.core.probe import IPAddress
 from portsentry.journal.failures import WriteFailures
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.backend import BanBackend
-from portsentry.responders.classic import ClassicResponder
+from portsentry.responders.classic import ClassicResponder, StepFailure
 from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.responders.shell import run_shell
 
@@ -157,54 +157,65 @@ class BanManager(NativeBans, Lifts):
 
     def enforce(self, block: Block, responder: ClassicResponder,
                 duration: float | UsePolicy | None = USE_POLICY, now: float | None = None,
-                counted: bool = False) -> bool | None:
+                counted: bool = False, failed: list[StepFailure] | None = None) -> bool | None:
         """The one way a ban is made, by a scan or by hand: record it, run the block's steps, and
         drop the record again if every step failed; a block of KILL_RUN_CMD alone only runs it.
         `duration` overrides the policy (seconds, or None = forever). `counted`: a scan's ban,
         under BAN_RATE_LIMIT, which the kernel's cap must let in too (_claim_slot). True when
-        done, False when it failed, None when the cap refused it before anything ran (said)."""
-        probe = block.probe
+        done, False when it failed, None when the cap refused it before anything ran (said).
+        The steps that failed, with the lines said of them, go to `failed` too."""
         if all(step.kind is StepKind.RUN_CMD for step in block.steps):
             # BLOCK_x = 2 (1.2: run KILL_RUN_CMD, block nothing): no ban to record. Recorded, it
             # was put in the native set and given KILL_ROUTE at the next start, listed, sent to
             # fleet peers as a ban and undone with KILL_ROUTE_UNDO at its end.
-            return responder.carry_out(block, None)
+            carried = responder.run_steps(block, None)
+            if failed is not None:
+                failed += carried.failed
+            return carried.done
         at = time.time() if now is None else now
+        with self._turns.turn(block.probe.source):
+            return self._enforce(block, responder, duration, at, counted, failed)
+
+    def _enforce(self, block: Block, responder: ClassicResponder, duration: float | UsePolicy | None,
+                 at: float, counted: bool, failed: list[StepFailure] | None) -> bool | None:
+        """enforce, in the address's turn."""
+        probe = block.probe
         route = any(step.kind is StepKind.ROUTE for step in block.steps)
-        with self._turns.turn(probe.source):
-            if counted and not self._claim_slot(block):
-                return None
-            # A ban this block extends keeps the mark an earlier block's KILL_ROUTE earned.
-            routed_before = route and self._routed(probe.source, at)
-            if isinstance(duration, UsePolicy):
-                duration = self.duration(probe.source, at)
-            # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
-            # that the next start completes (restore re-applies it), never a ban nobody knows of.
-            saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
-                                  now=at, duration=duration, hosts_deny_line=responder.intended_line(block),
-                                  native=any(step.kind is StepKind.NATIVE for step in block.steps),
-                                  route=route)
-            # A ban in force extended by this block counts its blocks on (a new one starts at 1):
-            # no second read of the store on the way to KILL_ROUTE.
-            extending = saved is not None and saved.count > 1
-            if saved is not None:
-                # The kernel gets the end the store keeps: extending a ban keeps the later end, and
-                # an element re-added with this block's shorter time left the set while `list`
-                # and the engine still held the address banned.
-                duration = None if saved.expires is None else max(saved.expires - at, 1.0)
-            carried = responder.run_steps(block, duration, self)
-            if route and not routed_before and StepKind.ROUTE not in carried.held_by:
-                self._unmark_route(probe.source)
-            if carried.done:
-                self._said_ban(probe.source, carried.held_by, duration, ban_reason(probe), saved)
-                return True
-            # Only a ban this block made is dropped again. One it extended is still in force
-            # through what its first block did (a KILL_ROUTE done again fails with "File
-            # exists"): dropping the record left that in place with nothing listing it, and no
-            # KILL_ROUTE_UNDO ever ran for it.
-            if not extending:
-                self.abandon(probe.source, at)
-            return False
+        if counted and not self._claim_slot(block):
+            return None
+        # A ban this block extends keeps the mark an earlier block's KILL_ROUTE earned.
+        routed_before = route and self._routed(probe.source, at)
+        if isinstance(duration, UsePolicy):
+            duration = self.duration(probe.source, at)
+        # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
+        # that the next start completes (restore re-applies it), never a ban nobody knows of.
+        saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
+                              now=at, duration=duration, hosts_deny_line=responder.intended_line(block),
+                              native=any(step.kind is StepKind.NATIVE for step in block.steps),
+                              route=route)
+        # A ban in force extended by this block counts its blocks on (a new one starts at 1):
+        # no second read of the store on the way to KILL_ROUTE.
+        extending = saved is not None and saved.count > 1
+        if saved is not None:
+            # The kernel gets the end the store keeps: extending a ban keeps the later end, and
+            # an element re-added with this block's shorter time left the set while `list`
+            # and the engine still held the address banned.
+            duration = None if saved.expires is None else max(saved.expires - at, 1.0)
+        carried = responder.run_steps(block, duration, self)
+        if failed is not None:
+            failed += carried.failed
+        if route and not routed_before and StepKind.ROUTE not in carried.held_by:
+            self._unmark_route(probe.source)
+        if carried.done:
+            self._said_ban(probe.source, carried.held_by, duration, ban_reason(probe), saved)
+            return True
+        # Only a ban this block made is dropped again. One it extended is still in force
+        # through what its first block did (a KILL_ROUTE done again fails with "File
+        # exists"): dropping the record left that in place with nothing listing it, and no
+        # KILL_ROUTE_UNDO ever ran for it.
+        if not extending:
+            self.abandon(probe.source, at)
+        return False
 
     def _routed(self, address: IPAddress, now: float) -> bool:
         try:
