@@ -372,3 +372,35 @@ def test_a_block_or_unblock_with_a_failed_step_says_which_and_exits_1(daemon_fac
     assert f"adminalert: ERROR: cannot remove 'ALL: {net.scanner_ip4}' from" in unblocked.stdout
     assert "its hosts.deny line could not be removed" in unblocked.stderr
 
+
+def test_block_for_of_a_banned_address_changes_its_end_and_nothing_else(daemon_factory, namespaces, syslog,
+                                                                       tmp_path):
+    # It said "has been blocked via wrappers" again (no line was written), ran KILL_ROUTE again
+    # and counted a second ban in portsentry_bans_total.
+    from tests.system.test_telemetry import scrape, total
+
+    net = namespaces
+    routes = tmp_path / "routes"
+    daemon = daemon_factory("-tcp", BLOCK_TCP="1", BAN_BACKEND="nftables", KILL_HOSTS_DENY="ALL: $TARGET$",
+                            KILL_ROUTE=f"echo $TARGET$ >> {routes}", METRICS_LISTEN="127.0.0.1:9476")
+    address = net.scanner2_ip4
+    assert cli(daemon, "block", address, "--for", "1h").returncode == 0
+    mark = syslog.mark()
+    changed = cli(daemon, "block", address, "--for", "2h")
+    assert changed.returncode == 0, changed.stderr
+    assert re.search(rf"adminalert: {re.escape(address)} was already blocked: its ban now lasts until .* "
+                     "instead of until ", changed.stdout)
+    syslog.wait_for(re.compile(rf"adminalert: block {re.escape(address)} for 7200 seconds by root"),
+                    since=mark)
+    said = syslog.messages(mark)
+    assert [line for line in said if "was already blocked" in line] == [changed.stdout.splitlines()[0]]
+    assert not [line for line in said if "has been blocked" in line], said
+    assert routes.read_text() == f"{address}\n"  # KILL_ROUTE ran once
+    assert daemon.hosts_deny_text() == f"ALL: {address}\n"
+    [row] = json.loads(cli(daemon, "list", "--json").stdout)
+    assert 7100 < row["remaining"] <= 7200 and row["count"] == 1
+    listed = run_in(net.target, ["nft", "-j", "list", "set", "inet", "portsentry", "blocked4"], check=True)
+    [entry] = [item for item in json.loads(listed.stdout)["nftables"] if "set" in item]
+    [element] = entry["set"]["elem"]
+    assert 7100 < element["elem"]["timeout"] <= 7200, element  # the kernel's entry got the new end
+    assert total(scrape(net.target, 9476), "portsentry_bans_total") == 1

@@ -49,11 +49,12 @@ class NativeBans(Recording):
         return False
 
     def ban_native(self, address: IPAddress, duration: float | None,
-                   failed: list[str] | None = None) -> bool:
+                   failed: list[str] | None = None, retimed: bool = False) -> bool:
         """Put `address` in the kernel for `duration` seconds, or for as long as its record says
         when that is longer: the store keeps the longer of two bans (a fleet peer's for good, a
         scan's for BLOCK_TIME), and the kernel must not drop the host before the record ends.
-        The line said of a failure goes to `failed` too."""
+        The line said of a failure goes to `failed` too. `retimed`: a ban in force given a later
+        end, said as that already; "has been blocked" would read as a new ban."""
         if self.backend is None:
             return False
         # Under the lock a fleet batch holds from its kernel add to its record, so the record read
@@ -68,7 +69,8 @@ class NativeBans(Recording):
                 if failed is not None:
                     failed.append(line)
                 return False
-        self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
+        if not retimed:
+            self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
         return True
 
     def _held_for(self, address: IPAddress, duration: float | None) -> float | None:

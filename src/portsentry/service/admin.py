@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
-from portsentry.bans.lifecycle import BanManager, BanPolicy
-from portsentry.bans.records import MANUAL_REASON
+from portsentry.bans.lifecycle import BanManager, BanPolicy, time_said
+from portsentry.bans.records import MANUAL_REASON, TimeChange
 from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore, StoreError
 from portsentry.config.ignore import IgnoreFileError, open_ignore
 from portsentry.config.settings import Config, ConfigError, engine_settings
@@ -130,10 +130,12 @@ class Spared:
 @dataclass(frozen=True)
 class Outcome:
     """What a block or unblock by hand did: `done` when recorded (the ban in force, or lifted),
-    and the steps that failed (said in the log; the admin sees the same lines)."""
+    the steps that failed (said in the log; the admin sees the same lines), and for a block of
+    an address banned already, what became of its end."""
 
     done: bool
     failed: tuple[StepFailure, ...] = ()
+    change: TimeChange | None = None
 
     @property
     def lines(self) -> list[str]:
@@ -184,7 +186,8 @@ class Admin:
 
 def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, address: IPAddress,
                  duration: float | None, now: float | None = None, spared: Spared | None = None) -> Outcome:
-    """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1)."""
+    """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1); an address banned
+    already only has its end moved (BanManager.block_by_hand)."""
     if (bad := impossible_source(address)) is not None:
         raise AdminError(f"{address} is a {bad} address: it cannot be the source of a real packet, "
                          "so there is nothing to block")
@@ -194,9 +197,11 @@ def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, 
         raise AdminError(f"{address} not blocked: {idle}")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind=MANUAL_REASON)
     failed: list[StepFailure] = []
-    # Not counted against BAN_RATE_LIMIT: never refused by it (None).
-    done = bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now,
-                        failed=failed) is True
+    # Not counted against BAN_RATE_LIMIT: never refused by it.
+    done = bans.block_by_hand(Block(probe, engine_settings(config).steps(1)), responder, duration,
+                              time.time() if now is None else now, failed)
+    if isinstance(done, TimeChange):
+        return Outcome(True, tuple(failed), done)
     return Outcome(done, tuple(failed))
 
 
@@ -249,8 +254,11 @@ def admin_request(
         outcome = unblock(bans, config, address, now, lines.append, request.local)
     else:
         return Response.failure(f"unknown command {request.command!r}")
-    # The lines of what failed, as the log has them: the admin asking reads the reply, not the log.
+    # The lines of what failed and of a ban's end moved, as the log has them: the admin asking
+    # reads the reply, not the log.
     said = [*outcome.lines, *lines]
+    if outcome.change is not None:
+        said.insert(0, time_said(outcome.change))
     error = outcome.error(request.command, address)
     return Response.success(lines=said) if error is None else Response.failure(error, lines=said)
 
