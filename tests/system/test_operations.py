@@ -330,3 +330,77 @@ def test_every_ban_change_by_an_admin_says_in_syslog_what_it_did_and_who(daemon_
     assert all(record.ident == "portsentry" for record in syslog.records(mark))
     assert daemon.history_text() == ""
     assert daemon.hosts_deny_text() == ""
+
+
+def test_a_block_or_unblock_with_a_failed_step_says_which_and_exits_1(daemon_factory, namespaces, syslog):
+    # It said "done" and exited 0: through the daemon the failure lines reached syslog only, and
+    # with the daemon stopped they were printed, but the exit was 0 (`block --file` exits 1).
+    net = namespaces
+    daemon = daemon_factory("-tcp", BLOCK_TCP="1", BAN_BACKEND="nftables", KILL_HOSTS_DENY="ALL: $TARGET$",
+                            KILL_ROUTE="false $TARGET$")
+    route_failed = (f"adminalert: ERROR: There was an error trying to block host (system fail) "
+                    f'{net.scanner2_ip4}: "false {net.scanner2_ip4}" exit status 1')
+    blocked = cli(daemon, "block", net.scanner2_ip4)
+    assert blocked.returncode == 1, (blocked.stdout, blocked.stderr)
+    assert route_failed in blocked.stdout.splitlines() and "done" not in blocked.stdout
+    assert (f"portsentry: {net.scanner2_ip4} is blocked, but not everywhere: KILL_ROUTE failed (never run "
+            "again for this ban") in blocked.stderr
+    syslog.wait_for(re.compile(rf"adminalert: ERROR: block {re.escape(net.scanner2_ip4)} by root \(.*\) "
+                               "failed: .* KILL_ROUTE failed"))
+    # Recorded, and held by what worked.
+    [row] = json.loads(cli(daemon, "list", "--json").stdout)
+    assert row["address"] == net.scanner2_ip4 and row["backends"] == ["nftables"]
+    assert daemon.hosts_deny_text() == f"ALL: {net.scanner2_ip4}\n"
+    # A flushed ruleset (the daemon's repair puts the table back within a minute).
+    run_in(net.target, ["nft", "delete", "table", "inet", "portsentry"], check=True)
+    unblocked = cli(daemon, "unblock", net.scanner2_ip4)
+    assert unblocked.returncode == 1, (unblocked.stdout, unblocked.stderr)
+    assert (f"adminalert: ERROR: There was an error trying to unblock host {net.scanner2_ip4}: "
+            in unblocked.stdout)
+    assert "its removal from BAN_BACKEND" in unblocked.stderr
+    syslog.wait_for(re.compile(rf"adminalert: ERROR: unblock {re.escape(net.scanner2_ip4)} by root"))
+    assert json.loads(cli(daemon, "list", "--json").stdout) == [] and daemon.hosts_deny_text() == ""
+    daemon.stop()
+    # The daemon stopped: the same words, and the same exit.
+    blocked = cli(daemon, "block", net.scanner_ip4)
+    assert blocked.returncode == 1, (blocked.stdout, blocked.stderr)
+    assert f'"false {net.scanner_ip4}" exit status 1' in blocked.stdout and "done" not in blocked.stdout
+    assert "KILL_ROUTE failed" in blocked.stderr
+    os.chmod(daemon.hosts_deny_path, 0o666)  # refused: world-writable
+    unblocked = cli(daemon, "unblock", net.scanner_ip4)
+    assert unblocked.returncode == 1, (unblocked.stdout, unblocked.stderr)
+    assert f"adminalert: ERROR: cannot remove 'ALL: {net.scanner_ip4}' from" in unblocked.stdout
+    assert "its hosts.deny line could not be removed" in unblocked.stderr
+
+
+def test_block_for_of_a_banned_address_changes_its_end_and_nothing_else(daemon_factory, namespaces, syslog,
+                                                                       tmp_path):
+    # It said "has been blocked via wrappers" again (no line was written), ran KILL_ROUTE again
+    # and counted a second ban in portsentry_bans_total.
+    from tests.system.test_telemetry import scrape, total
+
+    net = namespaces
+    routes = tmp_path / "routes"
+    daemon = daemon_factory("-tcp", BLOCK_TCP="1", BAN_BACKEND="nftables", KILL_HOSTS_DENY="ALL: $TARGET$",
+                            KILL_ROUTE=f"echo $TARGET$ >> {routes}", METRICS_LISTEN="127.0.0.1:9476")
+    address = net.scanner2_ip4
+    assert cli(daemon, "block", address, "--for", "1h").returncode == 0
+    mark = syslog.mark()
+    changed = cli(daemon, "block", address, "--for", "2h")
+    assert changed.returncode == 0, changed.stderr
+    assert re.search(rf"adminalert: {re.escape(address)} was already blocked: its ban now lasts until .* "
+                     "instead of until ", changed.stdout)
+    syslog.wait_for(re.compile(rf"adminalert: block {re.escape(address)} for 7200 seconds by root"),
+                    since=mark)
+    said = syslog.messages(mark)
+    assert [line for line in said if "was already blocked" in line] == [changed.stdout.splitlines()[0]]
+    assert not [line for line in said if "has been blocked" in line], said
+    assert routes.read_text() == f"{address}\n"  # KILL_ROUTE ran once
+    assert daemon.hosts_deny_text() == f"ALL: {address}\n"
+    [row] = json.loads(cli(daemon, "list", "--json").stdout)
+    assert 7100 < row["remaining"] <= 7200 and row["count"] == 1
+    listed = run_in(net.target, ["nft", "-j", "list", "set", "inet", "portsentry", "blocked4"], check=True)
+    [entry] = [item for item in json.loads(listed.stdout)["nftables"] if "set" in item]
+    [element] = entry["set"]["elem"]
+    assert 7100 < element["elem"]["timeout"] <= 7200, element  # the kernel's entry got the new end
+    assert total(scrape(net.target, 9476), "portsentry_bans_total") == 1

@@ -33,13 +33,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from portsentry.bans.connection import describe_expiry
 from portsentry.bans.lifts import Lifts
 from portsentry.bans.lifts import mode_of as mode_of
 from portsentry.bans.manager_state import Logger, Runner
 from portsentry.bans.native import NativeBans
 from portsentry.bans.recording import _Unsaved
 from portsentry.bans.recording import open_store as open_store
-from portsentry.bans.records import ban_reason
+from portsentry.bans.records import MANUAL_REASON, TimeChange, ban_reason, holder_of, time_change
 from portsentry.bans.store import (
     DEFAULT_MAX_ROWS,
     DEFAULT_RETENTION,
@@ -48,12 +49,13 @@ from portsentry.bans.store import (
 )
 from portsentry.bans.turns import AddressTurns
 from portsentry.config.settings import Config
+from portsentry.core import messages
 from portsentry.core.actions import Block, StepKind
 from portsentry.core.probe import IPAddress
 from portsentry.journal.failures import WriteFailures
 from portsentry.journal.telemetry import Telemetry
 from portsentry.responders.backend import BanBackend
-from portsentry.responders.classic import ClassicResponder
+from portsentry.responders.classic import ClassicResponder, StepFailure
 from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.responders.shell import run_shell
 
@@ -74,6 +76,15 @@ class BanPolicy:
         return cls(config.block_time, config.block_time_factor, config.block_time_max,
                    config.kill_route_undo, config.command_timeout, config.kill_route,
                    float(config.history_retention), config.history_max_rows)
+
+
+def time_said(change: TimeChange) -> str:
+    """The one line of a block by hand of an address banned already (BanManager.block_by_hand)."""
+    if change.changed:
+        return messages.ban_time_changed(str(change.address), describe_expiry(change.old_end),
+                                         describe_expiry(change.new_end))
+    return messages.ban_time_kept(str(change.address), describe_expiry(change.old_end),
+                                  describe_expiry(change.asked_end))
 
 
 class UsePolicy(enum.Enum):
@@ -157,54 +168,97 @@ class BanManager(NativeBans, Lifts):
 
     def enforce(self, block: Block, responder: ClassicResponder,
                 duration: float | UsePolicy | None = USE_POLICY, now: float | None = None,
-                counted: bool = False) -> bool | None:
+                counted: bool = False, failed: list[StepFailure] | None = None) -> bool | None:
         """The one way a ban is made, by a scan or by hand: record it, run the block's steps, and
         drop the record again if every step failed; a block of KILL_RUN_CMD alone only runs it.
         `duration` overrides the policy (seconds, or None = forever). `counted`: a scan's ban,
         under BAN_RATE_LIMIT, which the kernel's cap must let in too (_claim_slot). True when
-        done, False when it failed, None when the cap refused it before anything ran (said)."""
-        probe = block.probe
+        done, False when it failed, None when the cap refused it before anything ran (said).
+        The steps that failed, with the lines said of them, go to `failed` too."""
         if all(step.kind is StepKind.RUN_CMD for step in block.steps):
             # BLOCK_x = 2 (1.2: run KILL_RUN_CMD, block nothing): no ban to record. Recorded, it
             # was put in the native set and given KILL_ROUTE at the next start, listed, sent to
             # fleet peers as a ban and undone with KILL_ROUTE_UNDO at its end.
-            return responder.carry_out(block, None)
+            carried = responder.run_steps(block, None)
+            if failed is not None:
+                failed += carried.failed
+            return carried.done
         at = time.time() if now is None else now
+        with self._turns.turn(block.probe.source):
+            return self._enforce(block, responder, duration, at, counted, failed)
+
+    def block_by_hand(self, block: Block, responder: ClassicResponder, duration: float | None,
+                      now: float, failed: list[StepFailure]) -> bool | TimeChange:
+        """An admin's `block`: a ban made as `enforce` makes it (True when done) or, for an
+        address banned already, its end moved (the later end holds): a TimeChange, said in one
+        line, with no step run again but the native set's, which times its entries itself.
+        hosts.deny got its line and KILL_ROUTE ran at the ban, and neither has an end."""
+        address = block.probe.source
+        with self._turns.turn(address):
+            try:
+                ban = self.store.get(address)
+            except StoreError:
+                ban = None  # the ban says what is wrong with the store
+            if ban is None or not ban.active(now):
+                return self._enforce(block, responder, duration, now, False, failed) is True
+            change = time_change(ban, duration, now)
+            if not change.changed:
+                self._log(time_said(change))
+                return change
+            saved = self.store.set_end(address, change.new_end, now)  # a StoreError says why not
+            if saved is None:  # cannot be: the address's bans and lifts wait for this turn
+                return self._enforce(block, responder, duration, now, False, failed) is True
+            self.changed()
+            self._log(time_said(change))
+            left = None if change.new_end is None else change.new_end - now
+            if self.backend is not None and self.backend.name in saved.backends:
+                lines: list[str] = []
+                if not self.ban_native(address, left, lines, retimed=True):
+                    failed.append(StepFailure(StepKind.NATIVE, tuple(lines)))
+            self.telemetry.ban(address, holder_of(saved, None), left, MANUAL_REASON, now,
+                               count=max(saved.offences - 1, 0), new=False)
+            return change
+
+    def _enforce(self, block: Block, responder: ClassicResponder, duration: float | UsePolicy | None,
+                 at: float, counted: bool, failed: list[StepFailure] | None) -> bool | None:
+        """enforce, in the address's turn."""
+        probe = block.probe
         route = any(step.kind is StepKind.ROUTE for step in block.steps)
-        with self._turns.turn(probe.source):
-            if counted and not self._claim_slot(block):
-                return None
-            # A ban this block extends keeps the mark an earlier block's KILL_ROUTE earned.
-            routed_before = route and self._routed(probe.source, at)
-            if isinstance(duration, UsePolicy):
-                duration = self.duration(probe.source, at)
-            # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
-            # that the next start completes (restore re-applies it), never a ban nobody knows of.
-            saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
-                                  now=at, duration=duration, hosts_deny_line=responder.intended_line(block),
-                                  native=any(step.kind is StepKind.NATIVE for step in block.steps),
-                                  route=route)
-            # A ban in force extended by this block counts its blocks on (a new one starts at 1):
-            # no second read of the store on the way to KILL_ROUTE.
-            extending = saved is not None and saved.count > 1
-            if saved is not None:
-                # The kernel gets the end the store keeps: extending a ban keeps the later end, and
-                # an element re-added with this block's shorter time left the set while `list`
-                # and the engine still held the address banned.
-                duration = None if saved.expires is None else max(saved.expires - at, 1.0)
-            carried = responder.run_steps(block, duration, self)
-            if route and not routed_before and StepKind.ROUTE not in carried.held_by:
-                self._unmark_route(probe.source)
-            if carried.done:
-                self._said_ban(probe.source, carried.held_by, duration, ban_reason(probe), saved)
-                return True
-            # Only a ban this block made is dropped again. One it extended is still in force
-            # through what its first block did (a KILL_ROUTE done again fails with "File
-            # exists"): dropping the record left that in place with nothing listing it, and no
-            # KILL_ROUTE_UNDO ever ran for it.
-            if not extending:
-                self.abandon(probe.source, at)
-            return False
+        if counted and not self._claim_slot(block):
+            return None
+        # A ban this block extends keeps the mark an earlier block's KILL_ROUTE earned.
+        routed_before = route and self._routed(probe.source, at)
+        if isinstance(duration, UsePolicy):
+            duration = self.duration(probe.source, at)
+        # Recorded before the kernel or hosts.deny is touched: a crash half-way leaves a record
+        # that the next start completes (restore re-applies it), never a ban nobody knows of.
+        saved = self.remember(probe.source, reason=probe.kind, mode=str(probe.mode), port=probe.port,
+                              now=at, duration=duration, hosts_deny_line=responder.intended_line(block),
+                              native=any(step.kind is StepKind.NATIVE for step in block.steps),
+                              route=route)
+        # A ban in force extended by this block counts its blocks on (a new one starts at 1):
+        # no second read of the store on the way to KILL_ROUTE.
+        extending = saved is not None and saved.count > 1
+        if saved is not None:
+            # The kernel gets the end the store keeps: extending a ban keeps the later end, and
+            # an element re-added with this block's shorter time left the set while `list`
+            # and the engine still held the address banned.
+            duration = None if saved.expires is None else max(saved.expires - at, 1.0)
+        carried = responder.run_steps(block, duration, self)
+        if failed is not None:
+            failed += carried.failed
+        if route and not routed_before and StepKind.ROUTE not in carried.held_by:
+            self._unmark_route(probe.source)
+        if carried.done:
+            self._said_ban(probe.source, carried.held_by, duration, ban_reason(probe), saved)
+            return True
+        # Only a ban this block made is dropped again. One it extended is still in force
+        # through what its first block did (a KILL_ROUTE done again fails with "File
+        # exists"): dropping the record left that in place with nothing listing it, and no
+        # KILL_ROUTE_UNDO ever ran for it.
+        if not extending:
+            self.abandon(probe.source, at)
+        return False
 
     def _routed(self, address: IPAddress, now: float) -> bool:
         try:

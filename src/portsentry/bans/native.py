@@ -48,10 +48,13 @@ class NativeBans(Recording):
                                          "the kernel are taken by this minute's bans)"))
         return False
 
-    def ban_native(self, address: IPAddress, duration: float | None) -> bool:
+    def ban_native(self, address: IPAddress, duration: float | None,
+                   failed: list[str] | None = None, retimed: bool = False) -> bool:
         """Put `address` in the kernel for `duration` seconds, or for as long as its record says
         when that is longer: the store keeps the longer of two bans (a fleet peer's for good, a
-        scan's for BLOCK_TIME), and the kernel must not drop the host before the record ends."""
+        scan's for BLOCK_TIME), and the kernel must not drop the host before the record ends.
+        The line said of a failure goes to `failed` too. `retimed`: a ban in force given a later
+        end, said as that already; "has been blocked" would read as a new ban."""
         if self.backend is None:
             return False
         # Under the lock a fleet batch holds from its kernel add to its record, so the record read
@@ -61,9 +64,13 @@ class NativeBans(Recording):
             try:
                 self.backend.add(address, duration)
             except (BackendError, OSError) as error:
-                self._log(messages.native_block_failed(str(address), self.backend.describe(), str(error)))
+                line = messages.native_block_failed(str(address), self.backend.describe(), str(error))
+                self._log(line)
+                if failed is not None:
+                    failed.append(line)
                 return False
-        self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
+        if not retimed:
+            self._log(messages.blocked_via_native(str(address), self.backend.name, duration))
         return True
 
     def _held_for(self, address: IPAddress, duration: float | None) -> float | None:

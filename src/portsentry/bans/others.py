@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from portsentry.bans.lifecycle import BanManager
-from portsentry.bans.records import BLOCK_FAILED, MANUAL_REASON, ROUTE_MARK, Ban, Change
+from portsentry.bans.records import BLOCK_FAILED, MANUAL_REASON, Change, holder_of
 
 CLAIM_BATCH = 10_000  # changes reported per round; a larger `block --file` takes a few rounds
 
@@ -31,10 +31,12 @@ def report_others(bans: BanManager) -> int:
     for change in _said(claimed):
         if change.bans:
             ban = held.get(change.address)
-            bans.telemetry.ban(change.address, _holder(ban, native),
+            bans.telemetry.ban(change.address, holder_of(ban, native),
                                None if change.expires is None else change.expires - change.at,
                                MANUAL_REASON, change.at,
-                               count=None if ban is None else max(ban.offences - 1, 0))
+                               count=None if ban is None else max(ban.offences - 1, 0),
+                               # A ban given a later end (`block` of a banned address) is no new ban.
+                               new=change.kind == "ban")
         else:
             bans.telemetry.unban(change.address, change.detail, change.at)
     return len(claimed)
@@ -52,16 +54,3 @@ def _said(changes: Sequence[Change]) -> list[Change]:
         elif not change.bans and change.detail == BLOCK_FAILED and change.address in last_ban:
             dropped |= {last_ban.pop(change.address), index}
     return [change for index, change in enumerate(changes) if index not in dropped]
-
-
-def _holder(ban: Ban | None, native: str | None) -> str:
-    """What holds a ban, named as the daemon's own ban events name it: the native backend, else
-    hosts.deny, else KILL_ROUTE; for a ban already gone, the native backend if there is one."""
-    if ban is None:
-        return native or "none"
-    held = [name for name in ban.backends if name != ROUTE_MARK]
-    if held:
-        return held[0]
-    if ban.hosts_deny_line:
-        return "hosts_deny"
-    return "route" if ban.routed else "none"

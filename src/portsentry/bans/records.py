@@ -123,6 +123,42 @@ class Change:
         return self.kind in ("ban", "extend")
 
 
+@dataclass(frozen=True)
+class TimeChange:
+    """A block by hand of an address already banned: no new ban, only its end may move. The
+    later end holds, as when any two bans meet (a scan's, a peer's, an admin's); `unblock`
+    first makes a shorter one. Ends are times, None for forever."""
+
+    address: IPAddress
+    old_end: float | None
+    asked_end: float | None
+    new_end: float | None
+
+    @property
+    def changed(self) -> bool:
+        return self.new_end != self.old_end
+
+
+def time_change(ban: Ban, duration: float | None, now: float) -> TimeChange:
+    """What a block by hand for `duration` seconds (None: forever) at `now` does to `ban`, in force."""
+    asked = None if duration is None else now + duration
+    new_end = None if ban.expires is None or asked is None else max(ban.expires, asked)
+    return TimeChange(ban.address, ban.expires, asked, new_end)
+
+
+def holder_of(ban: Ban | None, native: str | None) -> str:
+    """What holds a ban, named as the daemon's own ban events name it: the native backend, else
+    hosts.deny, else KILL_ROUTE; for a ban already gone, the native backend if there is one."""
+    if ban is None:
+        return native or "none"
+    held = [name for name in ban.backends if name != ROUTE_MARK]
+    if held:
+        return held[0]
+    if ban.hosts_deny_line:
+        return "hosts_deny"
+    return "route" if ban.routed else "none"
+
+
 def normalise(address: IPAddress | str) -> IPAddress:
     """The address as stored: parsed if text, IPv4 inside IPv6 turned into IPv4 (addresses.canonical),
     without an IPv6 zone id."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from ipaddress import ip_address
 
 from portsentry.bans.connection import (
@@ -60,6 +61,25 @@ class BanWrites(StoreConnection):
                              tuple(backends))
         with self._transaction() as db:
             return self._ban(db, request, now, origin)
+
+    @store_errors
+    def set_end(self, address: IPAddress | str, expires: float | None, now: float,
+                origin: str = ORIGIN_LOCAL) -> Ban | None:
+        """Give the ban of `address` in force the end `expires` (None: forever), and nothing
+        else: its reason, mode, port, count of blocks and lines stay (an admin's `block --for`
+        of a banned address is no new block). Recorded as an "extend"; None, with nothing
+        written, when no ban of `address` is in force."""
+        key = str(normalise(address))
+        with self._transaction() as db:
+            old = self._get(db, key)
+            if old is None or not old.active(now):
+                return None
+            ban = replace(old, expires=expires, origin=origin if expires != old.expires else old.origin)
+            db.execute("UPDATE bans SET expires = ?, origin = ? WHERE address = ?",
+                       (ban.expires, ban.origin, key))
+            self._record(db, "extend", key, f"{ban.mode} port {ban.port}: {ban.reason}; "
+                         f"{describe_expiry(ban.expires)}", now, origin=origin, expires=ban.expires)
+        return ban
 
     @store_errors
     def ban_many(self, requests: Iterable[BanRequest], now: float, origin: str = ORIGIN_LOCAL,

@@ -202,19 +202,21 @@ def admin_main(argv: Sequence[str]) -> int:
                     duration = tool.bans.duration(address, now)
                 else:
                     args.parsed_duration = duration
-                done = tool.block(address, duration, now)
+                outcome = tool.block(address, duration, now)
             else:
-                done = tool.unblock(address, now, local=args.local)
+                outcome = tool.unblock(address, now, local=args.local)
             assert log is not None
-            said_by_me(args, log, tool.log, None if done else admin.not_done(args.command, address))
+            # Not done, or done with steps that failed (their lines are in tool.log): exit 1.
+            why = outcome.error(args.command, address)
+            said_by_me(args, log, tool.log, why)
             for line in tool.log:
                 print(line)
             # The words and exit codes through_daemon gives: scripts must not care which path ran.
-            if done:
+            if why is None:
                 print(f"{args.command}: {address} done")
             else:
-                print(f"portsentry: {admin.not_done(args.command, address)}", file=sys.stderr)
-            return 0 if done else 1
+                print(f"portsentry: {why}", file=sys.stderr)
+            return 0 if why is None else 1
         finally:
             tool.close()
     except BrokenPipeError:

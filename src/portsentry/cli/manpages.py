@@ -155,7 +155,10 @@ def command_page() -> str:
                "unblock end alike whether the daemon answers them or not: 0 with \"block: ADDRESS done\" (or "
                "unblock) on standard output; 1 with \"ADDRESS is not blocked\" from unblock, "
                "\"could not block ADDRESS\" or the reason for a refusal (the ignore list, this "
-               "host's own addresses, its gateways and resolvers) on standard error."),
+               "host's own addresses, its gateways and resolvers) on standard error; 1 also when the "
+               "ban was recorded (or lifted) but one of its steps failed: the failed steps' log lines "
+               "on standard output, and \"ADDRESS is blocked, but not everywhere: ...\" (or "
+               "unblocked) on standard error."),
         ".SH SEE ALSO",
         "portsentry.conf(5), hosts_access(5), nft(8), fail2ban(1), logrotate(8)",
     ]

@@ -271,6 +271,18 @@ def unblocked(target: str, reason: str) -> str:
     return f"attackalert: Host {target} has been unblocked: {reason}"
 
 
+def ban_time_changed(target: str, old: str, new: str) -> str:
+    """Ours: `block` of an address already banned moved its ban's end (`old` and `new` as
+    "until <time>" or "forever"); no new ban, no hosts.deny line, no KILL_ROUTE."""
+    return f"adminalert: {target} was already blocked: its ban now lasts {new} instead of {old}"
+
+
+def ban_time_kept(target: str, old: str, asked: str) -> str:
+    """Ours: `block` of an address already banned at least as long as asked: nothing changed."""
+    return (f"adminalert: {target} was already blocked {old}, not shorter than asked ({asked}): its "
+            "ban stays as it is (unblock it first for a shorter one)")
+
+
 def reloaded(source: str) -> str:
     return f"adminalert: PortSentry reloaded its configuration from {source}"
 

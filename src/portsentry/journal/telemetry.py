@@ -94,8 +94,11 @@ class Telemetry:
             self.event_log.write(events.probe_event(probe, decision, now, count=count, reason=reason))
 
     def ban(self, address: IPAddress, backend: str, duration: float | None, reason: str, now: float,
-            count: int | None = None) -> None:
-        self.metrics.ban(backend)
+            count: int | None = None, new: bool = True) -> None:
+        """`new` False: a ban in force given a later end, an event (docs/events.md: "or
+        extended") but no ban made for portsentry_bans_total."""
+        if new:
+            self.metrics.ban(backend)
         if self.event_log is not None:
             self.event_log.write(events.ban_event(address, backend, duration, reason, now, count=count))
 

@@ -33,17 +33,29 @@ class BanKeeper(Protocol):
     hosts.deny lines recorded as ours. Without one, NATIVE steps are skipped and hosts.deny is
     written directly (`check-config --test-block`)."""
 
-    def ban_native(self, address: IPAddress, duration: float | None) -> bool: ...
+    def ban_native(self, address: IPAddress, duration: float | None,
+                   failed: list[str] | None = None) -> bool: ...
     def add_line(self, address: IPAddress, line: str, now: float) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
+class StepFailure:
+    """A step that failed, with the lines said of it, word for word as the log has them: an
+    admin's `block` or `unblock` shows them (the daemon's log alone is not where they look)."""
+
+    kind: StepKind
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Carried:
-    """What a block's steps did: whether the host counts as blocked, and the blocking steps
-    that worked, in the block's order (what holds the ban: the ban event names the first)."""
+    """What a block's steps did: whether the host counts as blocked, the blocking steps that
+    worked, in the block's order (what holds the ban: the ban event names the first), and the
+    steps that failed."""
 
     done: bool
     held_by: tuple[StepKind, ...] = ()
+    failed: tuple[StepFailure, ...] = ()
 
 
 class ClassicResponder:
@@ -85,21 +97,25 @@ class ClassicResponder:
         probe = block.probe
         blocking_steps = 0
         held_by: list[StepKind] = []
+        failed: list[StepFailure] = []
         command_ok = True
         for step in block.steps:
             if step.kind is StepKind.NATIVE and keeper is None:
                 continue
             started = time.monotonic()
-            error = self._step(step, block, duration, keeper)
+            said: list[str] = []
+            error = self._step(step, block, duration, keeper, said)
             self.telemetry.action(probe.source, step.kind.value, time.monotonic() - started, error,
                                   self.clock(), probe)
+            if error is not None:
+                failed.append(StepFailure(step.kind, tuple(said)))
             if step.kind is StepKind.RUN_CMD:
                 command_ok = error is None
                 continue
             blocking_steps += 1
             if error is None:
                 held_by.append(step.kind)
-        return Carried(bool(held_by) if blocking_steps else command_ok, tuple(held_by))
+        return Carried(bool(held_by) if blocking_steps else command_ok, tuple(held_by), tuple(failed))
 
     def _time_left(self) -> float:
         """COMMAND_TIMEOUT, or less once the daemon is stopping (stop_by)."""
@@ -121,14 +137,20 @@ class ClassicResponder:
                 return hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
         return None
 
-    def _step(self, step: Step, block: Block, duration: float | None,
-              keeper: BanKeeper | None) -> str | None:
-        """Carry out one step and log it the 1.2 way; the error text, or None when it worked."""
+    def _step(self, step: Step, block: Block, duration: float | None, keeper: BanKeeper | None,
+              failed: list[str]) -> str | None:
+        """Carry out one step and log it the 1.2 way; the error text, or None when it worked.
+        The lines said of a failure go to `failed` too."""
         probe = block.probe
         target = str(probe.source)
+
+        def fail(line: str) -> None:
+            self._log(line)
+            failed.append(line)
+
         if step.kind is StepKind.NATIVE:
             assert keeper is not None
-            return None if keeper.ban_native(probe.source, duration) else "native ban failed"
+            return None if keeper.ban_native(probe.source, duration, failed) else "native ban failed"
         if step.kind is StepKind.HOSTS_DENY:
             line = hosts_deny_entry(step.template, probe.source, probe.port, probe.mode)
             try:
@@ -145,7 +167,8 @@ class ClassicResponder:
                     self.failures.failed(HOSTS_DENY, self.hosts_deny.path, str(error))
                 else:
                     self._log(admin_line)
-                self._log(security_line)  # which host is not blocked: said every time
+                failed.append(admin_line)  # the admin who asked is told why, each time
+                fail(security_line)  # which host is not blocked: said every time
                 return str(error)
             self._log(messages.blocked_via_wrappers(target, line))
             return None
@@ -165,11 +188,11 @@ class ClassicResponder:
             if result.ok:
                 self._log(messages.blocked_via_route(target, command))
                 return None
-            self._log(messages.route_failed(target, result.failure()))
+            fail(messages.route_failed(target, result.failure()))
             return result.failure()
         if result.ok:
             self._log(messages.external_command(target, command))
             return None
-        self._log(messages.command_failed(target, result.failure()))
+        fail(messages.command_failed(target, result.failure()))
         return result.failure()
 

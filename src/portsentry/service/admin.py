@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
-from portsentry.bans.lifecycle import BanManager, BanPolicy
-from portsentry.bans.records import MANUAL_REASON
+from portsentry.bans.lifecycle import BanManager, BanPolicy, time_said
+from portsentry.bans.records import MANUAL_REASON, TimeChange
 from portsentry.bans.store import ORIGIN_LOCAL, ORIGIN_LOCAL_ONLY, BanStore, StoreError
 from portsentry.config.ignore import IgnoreFileError, open_ignore
 from portsentry.config.settings import Config, ConfigError, engine_settings
@@ -19,7 +19,7 @@ from portsentry.core.addresses import impossible_source
 from portsentry.core.probe import IPAddress, Mode, Probe
 from portsentry.host import info as hostinfo
 from portsentry.responders.backend import AUTO_ORDER, BackendError, BanBackend, pick_backend
-from portsentry.responders.classic import ClassicResponder
+from portsentry.responders.classic import ClassicResponder, StepFailure
 from portsentry.responders.hostsdeny import HostsDeny
 from portsentry.service.adminio import AdminError as AdminError
 from portsentry.service.adminio import as_json as as_json
@@ -27,6 +27,7 @@ from portsentry.service.adminio import format_listing as format_listing
 from portsentry.service.adminio import not_done as not_done
 from portsentry.service.adminio import parse_address as parse_address
 from portsentry.service.adminio import parse_duration as parse_duration
+from portsentry.service.adminio import partly_done
 from portsentry.service.control import Request, Response
 
 
@@ -126,6 +127,29 @@ class Spared:
         return cls(own, ignore, protected_addresses(config))
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a block or unblock by hand did: `done` when recorded (the ban in force, or lifted),
+    the steps that failed (said in the log; the admin sees the same lines), and for a block of
+    an address banned already, what became of its end."""
+
+    done: bool
+    failed: tuple[StepFailure, ...] = ()
+    change: TimeChange | None = None
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for failure in self.failed for line in failure.lines]
+
+    def error(self, command: str, address: IPAddress) -> str | None:
+        """Why the command exits 1, or None: not done at all, or done with steps that failed."""
+        if not self.done:
+            return not_done(command, address)
+        if self.failed:
+            return partly_done(command, address, (failure.kind for failure in self.failed))
+        return None
+
+
 @dataclass
 class Admin:
     config: Config
@@ -144,13 +168,13 @@ class Admin:
                           BanPolicy.from_config(config), lines.append)
         return cls(config, store, bans, lines)
 
-    def block(self, address: IPAddress, duration: float | None, now: float) -> bool:
+    def block(self, address: IPAddress, duration: float | None, now: float) -> Outcome:
         responder = ClassicResponder(self.bans.hosts_deny, self.log.append, self.config.command_timeout,
                                      clock=lambda: now)
         return manual_block(self.bans, responder, self.config, address, duration, now,
                             Spared.of_host(self.config))
 
-    def unblock(self, address: IPAddress, now: float, local: bool = False) -> bool:
+    def unblock(self, address: IPAddress, now: float, local: bool = False) -> Outcome:
         return unblock(self.bans, self.config, address, now, self.log.append, local)
 
     def listing(self, now: float) -> list[dict[str, object]]:
@@ -161,8 +185,9 @@ class Admin:
 
 
 def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, address: IPAddress,
-                 duration: float | None, now: float | None = None, spared: Spared | None = None) -> bool:
-    """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1)."""
+                 duration: float | None, now: float | None = None, spared: Spared | None = None) -> Outcome:
+    """Block by hand with the same steps a scan would trigger (BLOCK_TCP=1); an address banned
+    already only has its end moved (BanManager.block_by_hand)."""
     if (bad := impossible_source(address)) is not None:
         raise AdminError(f"{address} is a {bad} address: it cannot be the source of a real packet, "
                          "so there is nothing to block")
@@ -171,8 +196,13 @@ def manual_block(bans: BanManager, responder: ClassicResponder, config: Config, 
     if (idle := nothing_blocks(config, bans)) is not None:
         raise AdminError(f"{address} not blocked: {idle}")
     probe = Probe(source=address, port=0, mode=Mode.TCP, kind=MANUAL_REASON)
-    # Not counted against BAN_RATE_LIMIT: never refused by it (None).
-    return bans.enforce(Block(probe, engine_settings(config).steps(1)), responder, duration, now) is True
+    failed: list[StepFailure] = []
+    # Not counted against BAN_RATE_LIMIT: never refused by it.
+    done = bans.block_by_hand(Block(probe, engine_settings(config).steps(1)), responder, duration,
+                              time.time() if now is None else now, failed)
+    if isinstance(done, TimeChange):
+        return Outcome(True, tuple(failed), done)
+    return Outcome(done, tuple(failed))
 
 
 def nothing_blocks(config: Config, bans: BanManager) -> str | None:
@@ -219,17 +249,22 @@ def admin_request(
     lines: list[str] = []
     if request.command == "block":
         duration = bans.duration(address, now) if request.duration == "policy" else request.duration
-        done = manual_block(bans, responder, config, address, duration, now, spared())
-        return Response.success() if done else Response.failure(not_done("block", address))
-    if request.command == "unblock":
-        if unblock(bans, config, address, now, lines.append, request.local):
-            return Response.success(lines=lines)
-        return Response.failure(not_done("unblock", address), lines=lines)
-    return Response.failure(f"unknown command {request.command!r}")
+        outcome = manual_block(bans, responder, config, address, duration, now, spared())
+    elif request.command == "unblock":
+        outcome = unblock(bans, config, address, now, lines.append, request.local)
+    else:
+        return Response.failure(f"unknown command {request.command!r}")
+    # The lines of what failed and of a ban's end moved, as the log has them: the admin asking
+    # reads the reply, not the log.
+    said = [*outcome.lines, *lines]
+    if outcome.change is not None:
+        said.insert(0, time_said(outcome.change))
+    error = outcome.error(request.command, address)
+    return Response.success(lines=said) if error is None else Response.failure(error, lines=said)
 
 
 def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
-            log: Callable[[str], None], local: bool = False) -> bool:
+            log: Callable[[str], None], local: bool = False) -> Outcome:
     # Only what the store says we did is undone: a hosts.deny line we did not append is the
     # admin's (or fail2ban's), even when it reads exactly like ours. A fleet hears of the lift
     # (its publisher sends lifts of origin "local") unless `local`.
@@ -237,14 +272,16 @@ def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
         held = bans.store.get(address)
     except StoreError:
         held = None  # the lift says what is wrong with the store
+    failed: list[StepFailure] = []
     if local:
-        lifted = bans.lift(address, now, "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY)
+        lifted = bans.lift(address, now, "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY,
+                           failed=failed)
     else:
-        lifted = bans.lift(address, now, "unblocked by admin", origin=ORIGIN_LOCAL)
+        lifted = bans.lift(address, now, "unblocked by admin", origin=ORIGIN_LOCAL, failed=failed)
     # Debian's file sets KILL_ROUTE and 1.2 has no undo: without this the admin reads "done"
     # while the reject route (or firewall rule) still cuts the host off. Only where KILL_ROUTE
     # ran for the ban: a fleet peer's ban or a kernel ban left no route behind.
     if lifted and config.kill_route and not config.kill_route_undo and (held is None or held.routed):
         log(f"note: KILL_ROUTE_UNDO is not set, so what KILL_ROUTE did for {address} "
             f"({config.kill_route!r}) is still in place; undo it by hand")
-    return lifted
+    return Outcome(lifted, tuple(failed))

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from ipaddress import ip_address
 
 from portsentry.bans.records import LONGEST_BAN, normalise
+from portsentry.core.actions import StepKind
 from portsentry.core.probe import IPAddress
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -50,6 +52,32 @@ def not_blocked(address: IPAddress) -> str:
 def not_done(command: str, address: IPAddress) -> str:
     """A block or unblock that did not happen: `portsentry: ` and this go to standard error."""
     return not_blocked(address) if command == "unblock" else f"could not block {address}"
+
+
+# What became of a step of `block` that failed, and of one of `unblock`: what the daemon does
+# about it as it is (bans.restore at its start, `hosts-deny tidy`), or that nothing does.
+_BLOCK_LEFT = {
+    StepKind.NATIVE: "its BAN_BACKEND ban failed (the daemon tries it again at its next start)",
+    StepKind.HOSTS_DENY: "its hosts.deny line failed (the daemon tries it again at its next start)",
+    StepKind.ROUTE: "KILL_ROUTE failed (never run again for this ban: fix it, then unblock and block again)",
+    StepKind.RUN_CMD: "KILL_RUN_CMD failed (not run again)",
+}
+_UNBLOCK_LEFT = {
+    StepKind.NATIVE: ("its removal from BAN_BACKEND failed (the daemon's next start leaves only the "
+                      "stored bans there)"),
+    StepKind.HOSTS_DENY: "its hosts.deny line could not be removed (`portsentry hosts-deny tidy` does it)",
+    StepKind.ROUTE: "KILL_ROUTE_UNDO failed (what KILL_ROUTE did is still in place: undo it by hand)",
+    StepKind.RUN_CMD: "KILL_RUN_CMD failed",
+}
+
+
+def partly_done(command: str, address: IPAddress, failed: Iterable[StepKind]) -> str:
+    """A block or unblock recorded, and so in force or lifted, with steps that failed (their
+    lines, as the log has them, come before this): which, and what becomes of each. Exit 1."""
+    words = _BLOCK_LEFT if command == "block" else _UNBLOCK_LEFT
+    done = "blocked" if command == "block" else "unblocked"
+    parts = [words[kind] for kind in dict.fromkeys(failed)]
+    return f"{address} is {done}, but not everywhere: {'; '.join(parts)}"
 
 
 def format_listing(rows: list[dict[str, object]]) -> str:

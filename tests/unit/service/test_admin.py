@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from ipaddress import ip_address, ip_network
@@ -295,3 +296,73 @@ def test_a_block_with_nothing_configured_to_block_is_refused_with_and_without_th
         "portsentry: block --file: nothing here blocks (BAN_BACKEND is none and none of KILL_ROUTE, "
         "KILL_HOSTS_DENY, KILL_RUN_CMD is set): nothing blocked"])
     assert _stored(tmp_path) == []
+
+
+def _daemon_side(tmp_path, runner):
+    """BanManager, responder and config as the daemon has them, with `runner` for the shell."""
+    from portsentry.bans.lifecycle import BanManager, BanPolicy
+    from portsentry.bans.store import MEMORY, BanStore
+    from portsentry.config.settings import Config
+    from portsentry.responders.classic import ClassicResponder
+    from portsentry.responders.hostsdeny import HostsDeny
+
+    said: list[str] = []
+    deny = HostsDeny(str(tmp_path / "hosts.deny"))
+    bans = BanManager(BanStore(MEMORY), None, deny, BanPolicy(undo="route del $TARGET$"), said.append,
+                      runner=runner)
+    responder = ClassicResponder(deny, said.append, 1.0, runner=runner)
+    config = Config(source="t", kill_hosts_deny="ALL: $TARGET$", kill_route="route add $TARGET$",
+                    kill_route_undo="route del $TARGET$")
+    return bans, responder, config, said
+
+
+def test_a_block_or_unblock_through_the_daemon_with_a_failed_step_fails_and_says_it(tmp_path):
+    # It answered "ok" (the CLI: "done", exit 0) and the failure lines reached syslog only.
+    from portsentry.responders.shell import CommandResult
+    from portsentry.service import admin
+    from portsentry.service.control import Request
+
+    def failing(command: str, timeout: float) -> CommandResult:
+        return CommandResult(command, 7, False, "no route", 0.0)
+
+    bans, responder, config, said = _daemon_side(tmp_path, failing)
+    route_line = ('adminalert: ERROR: There was an error trying to block host (system fail) 198.18.1.5: '
+                  '"route add 198.18.1.5" exit status 7: no route')
+    answer = admin.admin_request(bans, responder, config, Request("block", address="198.18.1.5"), 1000.0,
+                                 admin.Spared)
+    assert not answer.ok
+    assert answer.error == ("198.18.1.5 is blocked, but not everywhere: KILL_ROUTE failed (never run again "
+                            "for this ban: fix it, then unblock and block again)")
+    assert answer.fields["lines"] == [route_line] and route_line in said
+    assert [str(ban.address) for ban in bans.store.active(1000.0)] == ["198.18.1.5"]  # still recorded
+    assert (tmp_path / "hosts.deny").read_text() == "ALL: 198.18.1.5\n"
+    # KILL_ROUTE failed, so no undo runs; the hosts.deny line cannot be removed.
+    os.chmod(tmp_path / "hosts.deny", 0o666)
+    answer = admin.admin_request(bans, responder, config, Request("unblock", address="198.18.1.5"), 1001.0)
+    assert not answer.ok
+    assert answer.error == ("198.18.1.5 is unblocked, but not everywhere: its hosts.deny line could not be "
+                            "removed (`portsentry hosts-deny tidy` does it)")
+    [line] = answer.fields["lines"]
+    assert line.startswith("adminalert: ERROR: cannot remove 'ALL: 198.18.1.5' from ")
+    assert bans.store.active(1001.0) == []
+
+
+def test_a_block_without_the_daemon_with_a_failed_step_exits_1_as_block_file_does(
+        tmp_path, monkeypatch, capsys, command_syslog):
+    from portsentry.cli.main import main
+
+    conf = _host(tmp_path, monkeypatch)
+    with conf.open("a") as handle:
+        handle.write('KILL_ROUTE="false $TARGET$"\n')
+    assert main(["block", "198.18.1.5", "-c", str(conf)]) == 1
+    out, err = capsys.readouterr()
+    failed = ('adminalert: ERROR: There was an error trying to block host (system fail) 198.18.1.5: '
+              '"false 198.18.1.5" exit status 1')
+    assert failed in out.splitlines()
+    assert "done" not in out
+    why = ("198.18.1.5 is blocked, but not everywhere: KILL_ROUTE failed (never run again for this ban: "
+           "fix it, then unblock and block again)")
+    assert err.splitlines()[-1] == f"portsentry: {why}"
+    audit = command_syslog.messages()[-1]
+    assert audit.startswith("adminalert: ERROR: block 198.18.1.5 by ") and audit.endswith(f" failed: {why}")
+    assert _stored(tmp_path) == ["198.18.1.5"]
