@@ -6,6 +6,8 @@ import os
 import time
 from contextlib import contextmanager
 from ipaddress import ip_address, ip_network
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,7 +300,7 @@ def test_a_block_with_nothing_configured_to_block_is_refused_with_and_without_th
     assert _stored(tmp_path) == []
 
 
-def _daemon_side(tmp_path, runner):
+def _daemon_side(tmp_path: Path, runner: Any) -> tuple[Any, Any, Any, list[str]]:
     """BanManager, responder and config as the daemon has them, with `runner` for the shell."""
     from portsentry.bans.lifecycle import BanManager, BanPolicy
     from portsentry.bans.store import MEMORY, BanStore

@@ -307,12 +307,13 @@ def test_an_unblock_while_a_kernel_ban_is_recorded_late_leaves_no_ban_behind(tmp
     ban_native = kb.bans.ban_native
     unblocks: list[threading.Thread] = []
 
-    def unblock_meanwhile(address: IPAddress, duration: float | None) -> bool:
+    def unblock_meanwhile(address: IPAddress, duration: float | None, failed: list[str] | None = None,
+                          retimed: bool = False) -> bool:
         unblock = threading.Thread(target=kb.bans.lift, args=(SCANNER, 103.6, "unblocked by admin"))
         unblock.start()
         unblock.join(0.3)  # it either ran now (the bug) or waits for its turn
         unblocks.append(unblock)
-        return ban_native(address, duration)
+        return ban_native(address, duration, failed, retimed)
 
     kb.bans.ban_native = unblock_meanwhile  # type: ignore[method-assign]
     kb.settle(103.5)
