@@ -52,7 +52,15 @@ def feed_lines(handle: TextIO) -> Iterator[str]:
 
 
 def _shown(text: str) -> str:
-    return repr(text) if len(text) <= SHOWN else f"{text[:SHOWN]!r}..."
+    """`text` quoted in at most SHOWN characters and its quotes (then "..."): counted after
+    quoting, where a control character takes four ('\\x00')."""
+    quoted = repr(text)
+    if len(quoted) <= SHOWN + 2:
+        return quoted
+    cut = text[:SHOWN]
+    while len(quoted := repr(cut)) > SHOWN + 2:
+        cut = cut[:-1]
+    return f"{quoted}..."
 
 
 def read_addresses(lines: Iterable[str], source: str) -> list[IPAddress]:

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from portsentry.bans.bulk import AddressListError, ManualSteps, block_many, read_addresses, unblock_many
@@ -186,6 +186,8 @@ def test_a_feed_of_nothing_but_bad_lines_keeps_twenty_of_them():
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000))
+@example(b"\x00" * 23)  # each quoted as \x00: 23 characters made a line of 123
+@example(b"\x01" * 59 + b"\xff")
 def test_any_bytes_are_addresses_or_one_bounded_error(data):
     import io
 
