@@ -88,12 +88,17 @@ def test_a_block_whose_every_step_failed_says_each(tmp_path):
     assert bans.store.get(A) is None  # dropped again, as before
 
 
-def test_a_lift_whose_steps_fail_is_recorded_and_says_which_failed(tmp_path):
-    bans, _kernel, lines, _commands = manager(tmp_path, undo="route del $TARGET$")
+def banned_everywhere(bans: BanManager, lines: list[str]) -> None:
+    """A's ban, in the kernel and by KILL_ROUTE, every step of it done."""
     assert bans.enforce(manual(Step(StepKind.NATIVE, ""), Step(StepKind.ROUTE, ROUTE)),
                         ClassicResponder(bans.hosts_deny, lines.append, 1.0,
                                          runner=lambda c, t: CommandResult(c, 0, False, "", 0.0)),
                         60.0, now=10.0)
+
+
+def test_a_lift_whose_steps_fail_is_recorded_and_says_which_failed(tmp_path):
+    bans, _kernel, lines, _commands = manager(tmp_path, undo="route del $TARGET$")
+    banned_everywhere(bans, lines)
     bans.backend = Refusing()
     bans.run = bans._run = failing_shell
     failed: list[StepFailure] = []
@@ -110,10 +115,7 @@ def test_a_lift_whose_steps_fail_is_recorded_and_says_which_failed(tmp_path):
 
 def test_a_lift_that_worked_everywhere_reports_nothing(tmp_path):
     bans, _kernel, lines, _commands = manager(tmp_path, undo="route del $TARGET$")
-    assert bans.enforce(manual(Step(StepKind.NATIVE, ""), Step(StepKind.ROUTE, ROUTE)),
-                        ClassicResponder(bans.hosts_deny, lines.append, 1.0,
-                                         runner=lambda c, t: CommandResult(c, 0, False, "", 0.0)),
-                        60.0, now=10.0)
+    banned_everywhere(bans, lines)
     failed: list[StepFailure] = []
     assert bans.lift(A, 20.0, "unblocked by admin", failed=failed)
     assert failed == []

@@ -15,6 +15,7 @@ from ipaddress import ip_address
 from portsentry.fleet import link as link_module
 from portsentry.fleet.decision import Decision, encode, pack
 from portsentry.fleet.link import Link
+from portsentry.fleet.node import FleetNode
 from tests.unit.fleet.test_node import KEY, node
 
 HUGE = 48 * 2**20  # one field; the tests' peaks must stay far below it
@@ -35,6 +36,15 @@ def ban(address: str, seq: int) -> Decision:
     return Decision("h1", 1, seq, "ban", ip_address(address), None, time.time())
 
 
+
+def read_all_within_bound(reader: FleetNode, link: Link) -> None:
+    """`reader` reads all there is on `link`, holding at most BOUND bytes at any time."""
+    with peak() as most:
+        while reader.read_once(link, 0):
+            pass
+        used = most()
+    assert used < BOUND, f"the reader held {used >> 20} MiB"
+
 def test_huge_stream_entries_are_refused_as_malformed_without_being_read(tmp_path, redis_url):
     two, kernel, _log = node(tmp_path, redis_url, "h2")
     link = Link(two.settings)
@@ -45,11 +55,7 @@ def test_huge_stream_entries_are_refused_as_malformed_without_being_read(tmp_pat
     link.client.xadd(link.stream, {b"d": big, b"s": big, b"x": big})
     link.client.xadd(link.stream, encode(ban("198.18.9.7", 2), KEY, "unit"))
     del big
-    with peak() as most:
-        while two.read_once(link, 0):
-            pass
-        used = most()
-    assert used < BOUND, f"the reader held {used >> 20} MiB"
+    read_all_within_bound(two, link)
     assert two.status()["refused"] == {"malformed": 2, "unsigned": 1}
     assert set(kernel.held) == {ip_address("198.18.9.7")}  # and it went on past them
     link.close()
@@ -63,11 +69,7 @@ def test_an_entry_of_very_many_fields_is_read_as_its_two(tmp_path, redis_url):
     padding = [item for n in range(300_000) for item in (f"f{n}", "v")]
     link.client.execute_command("XADD", link.stream, "*", *padding, b"d", fields[b"d"], b"s", fields[b"s"])
     del padding
-    with peak() as most:
-        while two.read_once(link, 0):
-            pass
-        used = most()
-    assert used < BOUND, f"the reader held {used >> 20} MiB"
+    read_all_within_bound(two, link)
     assert set(kernel.held) == {ip_address("198.18.9.8")}
     link.close()
 

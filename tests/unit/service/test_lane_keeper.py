@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from portsentry.config.ignore import IgnoreSource
 from portsentry.config.settings import engine_settings
@@ -24,8 +27,8 @@ from tests.unit.service.test_lane import config, fake_sensor, lane_of_fake, sysl
 __all__ = ["lane_of_fake"]  # the fixture that lets fake_sensor carry the real lane
 
 
-def keeper_on(tmp_path: Path, rig: Rig, route: str) -> tuple[LaneKeeper, Engine, Any]:
-    conf = config(state_dir=str(tmp_path), kill_route=route)
+def keeper_on(tmp_path: Path, rig: Rig, route: str, **changes: Any) -> tuple[LaneKeeper, Engine, Any]:
+    conf = config(state_dir=str(tmp_path), kill_route=route, **changes)
     engine = Engine(engine_settings(conf), frozenset())
     sensor = fake_sensor(rig.lane)  # type: ignore[arg-type]
     keeper = LaneKeeper(lambda _line: None, str(tmp_path))
@@ -144,73 +147,65 @@ def test_the_record_is_emptied_once_the_blocks_of_a_stopped_lane_are_over(tmp_pa
         rig.pair.close()
 
 
-def test_a_connect_mode_ban_takes_its_slot_of_the_rate_cap_from_the_lane_at_once(tmp_path: Path) -> None:
+@pytest.fixture
+def capped(tmp_path: Path) -> Iterator[tuple[Rig, LaneKeeper, Engine]]:
+    """The lane on with BAN_RATE_LIMIT=1 (its share set at 1000.0: the minute's one ban)."""
+    rig = Rig(tmp_path)
+    keeper, engine, _sensor = keeper_on(tmp_path, rig, f"echo $TARGET$ >> {tmp_path / 'route.out'}",
+                                        ban_rate_limit=1)
+    try:
+        yield rig, keeper, engine
+    finally:
+        keeper.close()
+        rig.close()
+
+
+def connect_banned(engine: Engine, at: float) -> bool:
+    """Whether a connect-mode hit from a fresh source (-tcp beside -stcp) starts a ban at `at`."""
+    probe = Probe(ip_address("198.18.0.20"), 1080, Mode.TCP, KIND_CONNECT, HERE4)
+    return any(isinstance(a, Block) for a in engine.observe(probe, at).actions)
+
+
+def lane_ban(rig: Rig) -> Act:
+    """The scanner's SYN, banned by the lane (its report)."""
+    rig.send(syn(SCANNER4, HERE4, 80))
+    [item] = rig.items()
+    assert isinstance(item, Act)
+    return item
+
+
+def test_a_connect_mode_ban_takes_its_slot_of_the_rate_cap_from_the_lane_at_once(
+        capped: tuple[Rig, LaneKeeper, Engine]) -> None:
     # BAN_RATE_LIMIT=1 with -tcp beside -stcp: the lane was given the minute's one free ban.
     # A connect-mode ban then takes it; a SYN from another scanner before the next stealth read
     # or tick (when the lane's share is set again) must not make a second ban in the minute.
-    rig = Rig(tmp_path)
-    conf = config(state_dir=str(tmp_path), kill_route=f"echo $TARGET$ >> {tmp_path / 'route.out'}",
-                  ban_rate_limit=1)
-    engine = Engine(engine_settings(conf), frozenset())
-    keeper = LaneKeeper(lambda _line: None, str(tmp_path))
-    keeper.compile([fake_sensor(rig.lane)], conf, engine,  # type: ignore[arg-type]
-                   syslog_journal(tmp_path), IgnoreSource(None, lambda: []), frozenset(), 1000.0)
-    try:
-        assert keeper.reason is None, keeper.reason
-        connect = Probe(ip_address("198.18.0.20"), 1080, Mode.TCP, KIND_CONNECT, HERE4)
-        assert any(isinstance(a, Block) for a in engine.observe(connect, 1000.5).actions)
-        rig.send(syn(SCANNER4, HERE4, 80))
-        [item] = rig.items()
-        assert isinstance(item, bytes), "the lane made a second ban in a minute capped at one"
-        # Handed on, the daemon refuses it: the cap holds on both paths.
-        probe = Probe(SCANNER4, 80, Mode.STCP, KIND_SYN, HERE4)
-        assert not any(isinstance(a, Block) for a in engine.observe(probe, 1000.6).actions)
-    finally:
-        keeper.close()
-        rig.close()
+    rig, _keeper, engine = capped
+    assert connect_banned(engine, 1000.5)
+    rig.send(syn(SCANNER4, HERE4, 80))
+    [item] = rig.items()
+    assert isinstance(item, bytes), "the lane made a second ban in a minute capped at one"
+    # Handed on, the daemon refuses it: the cap holds on both paths.
+    probe = Probe(SCANNER4, 80, Mode.STCP, KIND_SYN, HERE4)
+    assert not any(isinstance(a, Block) for a in engine.observe(probe, 1000.6).actions)
 
 
-def test_a_connect_mode_ban_is_refused_when_the_lane_used_the_last_slot_unreported(tmp_path: Path) -> None:
+def test_a_connect_mode_ban_is_refused_when_the_lane_used_the_last_slot_unreported(
+        capped: tuple[Rig, LaneKeeper, Engine]) -> None:
     # The other way round: the lane made the minute's one ban and its report is not taken in
     # yet (the guard's window does not hold it): a connect-mode ban meanwhile is over the cap.
-    rig = Rig(tmp_path)
-    conf = config(state_dir=str(tmp_path), kill_route=f"echo $TARGET$ >> {tmp_path / 'route.out'}",
-                  ban_rate_limit=1)
-    engine = Engine(engine_settings(conf), frozenset())
-    keeper = LaneKeeper(lambda _line: None, str(tmp_path))
-    keeper.compile([fake_sensor(rig.lane)], conf, engine,  # type: ignore[arg-type]
-                   syslog_journal(tmp_path), IgnoreSource(None, lambda: []), frozenset(), 1000.0)
-    try:
-        rig.send(syn(SCANNER4, HERE4, 80))
-        [item] = rig.items()
-        assert isinstance(item, Act)
-        connect = Probe(ip_address("198.18.0.20"), 1080, Mode.TCP, KIND_CONNECT, HERE4)
-        assert not any(isinstance(a, Block) for a in engine.observe(connect, 1000.5).actions)
-    finally:
-        keeper.close()
-        rig.close()
+    rig, _keeper, engine = capped
+    lane_ban(rig)
+    assert not connect_banned(engine, 1000.5)
 
 
-def test_a_slot_the_minute_freed_is_the_daemons_before_the_next_tick(tmp_path: Path) -> None:
+def test_a_slot_the_minute_freed_is_the_daemons_before_the_next_tick(
+        capped: tuple[Rig, LaneKeeper, Engine]) -> None:
     # The lane's share is set at each stealth read and tick; a slot the window let go of since
     # then is free, and a connect-mode ban must get it, not be refused as over the cap.
-    rig = Rig(tmp_path)
-    conf = config(state_dir=str(tmp_path), kill_route=f"echo $TARGET$ >> {tmp_path / 'route.out'}",
-                  ban_rate_limit=1)
-    engine = Engine(engine_settings(conf), frozenset())
-    keeper = LaneKeeper(lambda _line: None, str(tmp_path))
-    keeper.compile([fake_sensor(rig.lane)], conf, engine,  # type: ignore[arg-type]
-                   syslog_journal(tmp_path), IgnoreSource(None, lambda: []), frozenset(), 1000.0)
-    try:
-        rig.send(syn(SCANNER4, HERE4, 80))
-        [item] = rig.items()
-        assert isinstance(item, Act)
-        keeper.started(item)
-        probe = Probe(SCANNER4, 80, Mode.STCP, KIND_SYN, HERE4)
-        assert any(isinstance(a, Block) for a in engine.observe(probe, 1000.1, made=True).actions)
-        keeper.handled(engine, 1000.2)  # the lane's share: none left this minute
-        connect = Probe(ip_address("198.18.0.20"), 1080, Mode.TCP, KIND_CONNECT, HERE4)
-        assert any(isinstance(a, Block) for a in engine.observe(connect, 1061.0).actions)
-    finally:
-        keeper.close()
-        rig.close()
+    rig, keeper, engine = capped
+    item = lane_ban(rig)
+    keeper.started(item)
+    probe = Probe(SCANNER4, 80, Mode.STCP, KIND_SYN, HERE4)
+    assert any(isinstance(a, Block) for a in engine.observe(probe, 1000.1, made=True).actions)
+    keeper.handled(engine, 1000.2)  # the lane's share: none left this minute
+    assert connect_banned(engine, 1061.0)
