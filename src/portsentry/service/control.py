@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from portsentry.bans.records import LONGEST_BAN
+from portsentry.service.control_client import NoAnswer as NoAnswer
+from portsentry.service.control_client import NotRunning as NotRunning
+from portsentry.service.control_client import exchange as exchange
+from portsentry.service.control_client import request as request
 
 DEFAULT_PATH = "/run/portsentry/control.sock"
 MAX_REQUEST = 64 * 1024
@@ -51,16 +55,6 @@ Command = Literal["status", "stats", "reload", "list", "block", "unblock"]
 COMMANDS: tuple[Command, ...] = ("status", "stats", "reload", "list", "block", "unblock")
 # "policy": as long as BLOCK_TIME and escalation say; None: forever; else seconds.
 Duration = float | None | Literal["policy"]
-
-
-class NotRunning(Exception):
-    """No daemon answers on the control socket."""
-
-
-class NoAnswer(ConnectionError):
-    """The daemon took the request but hung up without a reply (it is stopping, say).
-
-    An OSError, so the admin commands report it as they report the socket's other failures."""
 
 
 class BadRequest(ValueError):
@@ -379,36 +373,3 @@ class ControlServer:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(client.conn)
         return client.conn
-
-
-def exchange(path: str, data: bytes, timeout: float = 60.0) -> bytes:
-    """Send `data` (a request line) and read the reply line; NotRunning when nobody listens."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as error:
-            raise NotRunning(f"no daemon at {path}") from error
-        sock.sendall(data)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-    finally:
-        sock.close()
-    return reply
-
-
-def request(path: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-    """Send one request to the daemon; NotRunning when nobody listens there."""
-    reply = exchange(path, json.dumps(message).encode() + b"\n", timeout)
-    try:
-        response = json.loads(reply or b"null")
-    except ValueError:  # also UnicodeDecodeError
-        response = None
-    if not isinstance(response, dict):
-        raise NoAnswer(f"{path}: the daemon sent no answer")
-    return response
