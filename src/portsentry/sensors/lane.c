@@ -4,10 +4,11 @@
  * The daemon (service.lane) compiles what its engine, guards and ignore list would decide for a
  * fresh source into the tables below, as it compiles the kernel's first-probe rules. This thread
  * reads the capture socket; for a packet the tables decide completely (a SYN, FIN, NULL or XMAS
- * probe, as 1.2 names them, over IPv4 or IPv6 without options or extension headers, to a watched port with no socket that would take it,
- * from a source no table names and the daemon holds nothing about, within the ban-rate allowance,
- * with nothing else of the daemon's still unread) it writes the detection line to syslog, appends
- * the ban to its record file, starts KILL_ROUTE through /bin/sh and reports what it did. Every
+ * probe, as 1.2 names them, over IPv4 or IPv6 without options or extension headers, to a watched
+ * port with no socket that would take it, from a source no table names and the daemon holds
+ * nothing about, within the ban-rate allowance, with nothing else of the daemon's still unread)
+ * it writes the detection line to syslog, takes a line of its record file for the ban, starts
+ * KILL_ROUTE through /bin/sh and reports what it did. Every
  * other packet goes to the daemon unchanged, which decides it as before; so does every packet
  * while the lane is off. The daemon replays each report through its engine, which stays the
  * authority (records, hosts.deny, KILL_RUN_CMD, events, lifts).
@@ -82,7 +83,8 @@ _Static_assert(sizeof(struct act) == 88, "sensors/lane.py ACT reads 88 bytes");
  * the kind's field in the record file. Any other flag set (ACK or RST: part of a connection;
  * "Unknown Type" mixes such as SYN+FIN) goes to the daemon. */
 enum { KIND_SYN = 1, KIND_FIN, KIND_NULL, KIND_XMAS };
-static const char *KIND_TEXT[] = {"", "TCP SYN/Normal scan", "TCP FIN scan", "TCP NULL scan", "TCP XMAS scan"};
+static const char *KIND_TEXT[] = {"", "TCP SYN/Normal scan", "TCP FIN scan", "TCP NULL scan",
+                                  "TCP XMAS scan"};
 static const char KIND_LETTER[] = " SFNX";
 
 /* sensors.packet._classify for the six flag bits (ECE and CWR ignored, as in 1.2), 0: hand on. */
@@ -414,7 +416,8 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
     } else {
         return 0;
     }
-    if (tcp_room < 20 || (tcp[12] >> 4) < 5 || !(act.kind = (uint8_t)probe_kind(tcp[13] & 0x3F))) return 0;
+    if (tcp_room < 20 || (tcp[12] >> 4) < 5) return 0;
+    if (!(act.kind = (uint8_t)probe_kind(tcp[13] & 0x3F))) return 0;
     if (act.family == 4 ? (tcp[12] >> 4) * 4u > (unsigned)(packet[2] << 8 | packet[3]) - 20u
                         : (tcp[12] >> 4) * 4u > (unsigned)(packet[4] << 8 | packet[5])) return 0;
     act.port = (uint16_t)(tcp[2] << 8 | tcp[3]);
@@ -449,7 +452,8 @@ static int decide(struct lane *lane, const uint8_t *packet, size_t size, const s
         char text_line[RECORD_SLOT + 64];
         int n = snprintf(text_line, sizeof text_line, "%u %ld.%06ld %s %u %s %c", act.seq, (long)now.tv_sec,
                          now.tv_nsec / 1000, text, act.port, MODES[act.mode], KIND_LETTER[act.kind]);
-        if (n <= 0 || n >= RECORD_SLOT - 1) { act.record_errno = ENAMETOOLONG; act.line = -1; }  /* 81 at most */
+        /* 81 characters at most */
+        if (n <= 0 || n >= RECORD_SLOT - 1) { act.record_errno = ENAMETOOLONG; act.line = -1; }
         else {
             memcpy(slot + 1, text_line + 1, (size_t)n - 1);
             memset(slot + n, ' ', RECORD_SLOT - 1 - (size_t)n);
@@ -762,10 +766,10 @@ uint64_t lane_allow(struct lane *lane, uint64_t adopted, uint64_t free_bans) {
  * daemon's), 0 if the lane's bans in flight already took them all. */
 int lane_claim(struct lane *lane) {
     pthread_mutex_lock(&lane->lock);
-    int free = lane->acted < lane->allowance;
-    if (free) lane->allowance--;
+    int left = lane->acted < lane->allowance;
+    if (left) lane->allowance--;
     pthread_mutex_unlock(&lane->lock);
-    return free;
+    return left;
 }
 
 void lane_shell_done(struct lane *lane) {
