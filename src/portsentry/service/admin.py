@@ -273,11 +273,9 @@ def unblock(bans: BanManager, config: Config, address: IPAddress, now: float,
     except StoreError:
         held = None  # the lift says what is wrong with the store
     failed: list[StepFailure] = []
-    if local:
-        lifted = bans.lift(address, now, "unblocked by admin on this host only", origin=ORIGIN_LOCAL_ONLY,
-                           failed=failed)
-    else:
-        lifted = bans.lift(address, now, "unblocked by admin", origin=ORIGIN_LOCAL, failed=failed)
+    reason, origin = (("unblocked by admin on this host only", ORIGIN_LOCAL_ONLY) if local
+                      else ("unblocked by admin", ORIGIN_LOCAL))
+    lifted = bans.lift(address, now, reason, origin=origin, failed=failed)
     # Debian's file sets KILL_ROUTE and 1.2 has no undo: without this the admin reads "done"
     # while the reject route (or firewall rule) still cuts the host off. Only where KILL_ROUTE
     # ran for the ban: a fleet peer's ban or a kernel ban left no route behind.
